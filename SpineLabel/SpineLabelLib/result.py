@@ -1,0 +1,133 @@
+"""The result of labelling one spine image: what every writer, the CLI and the Slicer logic consume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .vertebrae import BY_NAME, Level
+
+__all__ = ["Geometry", "Vertebra", "SpineLabeling"]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The voxel grid of an image as ITK defines it.
+
+    Attributes:
+        size: number of voxels along (i, j, k), i.e. (x, y, z).
+        spacing: voxel size in mm along (i, j, k).
+        origin: physical position of voxel (0, 0, 0) in LPS mm.
+        direction: 3x3 direction cosines, row-major as ``sitk.Image.GetDirection()`` returns them.
+    """
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image) -> "Geometry":
+        """Geometry of a ``SimpleITK.Image``."""
+        return cls(
+            tuple(int(s) for s in image.GetSize()),
+            tuple(float(s) for s in image.GetSpacing()),
+            tuple(float(s) for s in image.GetOrigin()),
+            tuple(float(s) for s in image.GetDirection()),
+        )
+
+    def index_to_lps(self, ijk: np.ndarray) -> np.ndarray:
+        """Continuous voxel indices (..., 3) in (i, j, k) = (x, y, z) order -> LPS mm (..., 3)."""
+        d = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        return np.asarray(self.origin) + (np.asarray(ijk, dtype=float) * np.asarray(self.spacing)) @ d.T
+
+    def lps_to_index(self, lps: np.ndarray) -> np.ndarray:
+        """LPS mm (..., 3) -> continuous voxel indices (..., 3) in (i, j, k) order."""
+        d = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        return ((np.asarray(lps, dtype=float) - np.asarray(self.origin)) @ d) / np.asarray(self.spacing)
+
+    def as_dict(self) -> dict:
+        return {"size": list(self.size), "spacing_mm": list(self.spacing), "origin_lps_mm": list(self.origin),
+                "direction": list(self.direction)}
+
+
+@dataclass
+class Vertebra:
+    """One labelled vertebra.
+
+    Attributes:
+        id: component id, the value of this vertebra's voxels in ``SpineLabeling.components``; stable across
+            re-solves.
+        name: level name (``"L1"``); ``label``/``level`` follow from it.
+        centroid_lps_mm: vertebral-body centroid, LPS mm.
+        volume_ml: volume of the whole vertebra (body + posterior elements), millilitres.
+        confidence: posterior probability (0-1) of ``name`` under the sequence model.
+        level_log_scores: per-level log-likelihood of this component, float64 of length ``len(LEVELS)`` in
+            ``LEVELS`` order; what the sequence model re-solves from.
+        fixed: True when a user fixed this label; it is then kept in every re-solve.
+    """
+
+    id: int
+    name: str
+    centroid_lps_mm: tuple[float, float, float]
+    volume_ml: float
+    confidence: float
+    level_log_scores: np.ndarray
+    fixed: bool = False
+
+    @property
+    def level(self) -> Level:
+        return BY_NAME[self.name]
+
+    @property
+    def label(self) -> int:
+        return self.level.label
+
+
+@dataclass
+class SpineLabeling:
+    """Vertebrae found in one image, on the image's own grid.
+
+    Attributes:
+        geometry: the input image's grid.
+        components: int16 array (z, y, x) on the input grid; 0 background, otherwise the ``Vertebra.id`` of the
+            vertebra (body and posterior elements) the voxel belongs to.
+        vertebrae: the vertebrae, cranial to caudal (chain order).
+        gaps_mm: centroid distance between each pair of consecutive vertebrae in chain order (len n-1).
+        warnings: plain-language warnings about this scan ("sacrum not in view: ...").
+        model: ``{"name": ..., "version": ...}`` of the network that made it.
+        timings_s: seconds per stage.
+        source: where the image came from (path), for reports.
+        modality: "CT" or "MR" as detected or given.
+    """
+
+    geometry: Geometry
+    components: np.ndarray
+    vertebrae: list[Vertebra]
+    gaps_mm: list[float] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    model: dict = field(default_factory=dict)
+    timings_s: dict = field(default_factory=dict)
+    source: str = ""
+    modality: str = ""
+
+    def label_map(self) -> np.ndarray:
+        """VerSe label map, uint8 (z, y, x) on the input grid."""
+        lut = np.zeros(int(self.components.max(initial=0)) + 1, dtype=np.uint8)
+        for v in self.vertebrae:
+            if v.id < lut.size:
+                lut[v.id] = v.label
+        return lut[self.components]
+
+    def by_id(self, vertebra_id: int) -> Vertebra:
+        for v in self.vertebrae:
+            if v.id == vertebra_id:
+                return v
+        raise KeyError(f"no vertebra with id {vertebra_id}")
+
+    def copy(self, **changes) -> "SpineLabeling":
+        """Shallow copy with fresh Vertebra records (the component array is shared, never modified in place)."""
+        fresh = [replace(v) for v in self.vertebrae]
+        return replace(self, vertebrae=changes.pop("vertebrae", fresh), warnings=list(self.warnings), **changes)
+

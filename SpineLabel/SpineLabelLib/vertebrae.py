@@ -1,0 +1,119 @@
+"""The one definition of every vertebra SpineLabel knows: name, label value, colour and SNOMED CT code.
+
+Label values follow the VerSe challenge numbering (Sekuboyina et al., Medical Image Analysis 2021):
+1-7 C1-C7, 8-19 T1-T12, 20-25 L1-L6, 26 sacrum (S1), 28 T13, 0 background.
+
+``LEVELS`` lists the vertebrae in anatomical (cranio-caudal) order, T13 between T12 and L1 and L6 between L5
+and S1. The index of a level in ``LEVELS`` is also the channel index of the network's level head.
+
+SNOMED CT codes are the DICOM CID 7603 "Vertebra" codes (C1-L5) and 54735007 "Sacrum". T13 and L6 have no
+level-specific SNOMED CT concept; they carry 51282000 "Vertebra" and their level in the segment name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "Level",
+    "LEVELS",
+    "BY_NAME",
+    "BY_LABEL",
+    "level_index",
+    "terminology_entry",
+    "TRANSITIONAL",
+]
+
+
+@dataclass(frozen=True)
+class Level:
+    """One vertebral level.
+
+    Attributes:
+        name: level name as radiologists write it (``"C1"``, ``"T12"``, ``"S1"``).
+        label: VerSe label value (1..28) used in every label map SpineLabel reads or writes.
+        region: ``"cervical"``, ``"thoracic"``, ``"lumbar"`` or ``"sacral"``.
+        colour: display colour, RGB in 0-1.
+        snomed_code: SNOMED CT concept id of the bone structure.
+        snomed_meaning: the concept's display name.
+        transitional: True for the supernumerary levels T13 and L6.
+    """
+
+    name: str
+    label: int
+    region: str
+    colour: tuple[float, float, float]
+    snomed_code: str
+    snomed_meaning: str
+    transitional: bool = False
+
+
+def _rgb(hex_colour: str) -> tuple[float, float, float]:
+    return tuple(round(int(hex_colour[i : i + 2], 16) / 255.0, 4) for i in (0, 2, 4))  # type: ignore[return-value]
+
+
+# Neighbouring levels alternate between a light and a dark shade of their region's hue, so that two adjacent
+# vertebrae never share a colour in a slice view.
+LEVELS: tuple[Level, ...] = (
+    Level("C1", 1, "cervical", _rgb("4fa3e0"), "14806007", "C1 vertebra"),
+    Level("C2", 2, "cervical", _rgb("1f5f99"), "39976000", "C2 vertebra"),
+    Level("C3", 3, "cervical", _rgb("6fc3f0"), "113205007", "C3 vertebra"),
+    Level("C4", 4, "cervical", _rgb("2a78b8"), "5329002", "C4 vertebra"),
+    Level("C5", 5, "cervical", _rgb("8fd3ff"), "36978003", "C5 vertebra"),
+    Level("C6", 6, "cervical", _rgb("3a8ccc"), "36054005", "C6 vertebra"),
+    Level("C7", 7, "cervical", _rgb("a8dcff"), "87391001", "C7 vertebra"),
+    Level("T1", 8, "thoracic", _rgb("2e8b57"), "64864005", "T1 vertebra"),
+    Level("T2", 9, "thoracic", _rgb("7fd89f"), "53733008", "T2 vertebra"),
+    Level("T3", 10, "thoracic", _rgb("3c9d3c"), "1626008", "T3 vertebra"),
+    Level("T4", 11, "thoracic", _rgb("9be28b"), "73071006", "T4 vertebra"),
+    Level("T5", 12, "thoracic", _rgb("4f9f2f"), "56401006", "T5 vertebra"),
+    Level("T6", 13, "thoracic", _rgb("b5e86f"), "45296009", "T6 vertebra"),
+    Level("T7", 14, "thoracic", _rgb("5e8f1e"), "62487009", "T7 vertebra"),
+    Level("T8", 15, "thoracic", _rgb("c8ee7a"), "11068009", "T8 vertebra"),
+    Level("T9", 16, "thoracic", _rgb("2f7f6f"), "82687006", "T9 vertebra"),
+    Level("T10", 17, "thoracic", _rgb("80e0c8"), "7610001", "T10 vertebra"),
+    Level("T11", 18, "thoracic", _rgb("1f6f5a"), "12989004", "T11 vertebra"),
+    Level("T12", 19, "thoracic", _rgb("9ff0d0"), "23215003", "T12 vertebra"),
+    Level("T13", 28, "thoracic", _rgb("d0d040"), "51282000", "Vertebra", transitional=True),
+    Level("L1", 20, "lumbar", _rgb("e0782f"), "66794005", "L1 vertebra"),
+    Level("L2", 21, "lumbar", _rgb("ffc27f"), "14293000", "L2 vertebra"),
+    Level("L3", 22, "lumbar", _rgb("c8541e"), "36470004", "L3 vertebra"),
+    Level("L4", 23, "lumbar", _rgb("ffa860"), "11994002", "L4 vertebra"),
+    Level("L5", 24, "lumbar", _rgb("a8401a"), "49668003", "L5 vertebra"),
+    Level("L6", 25, "lumbar", _rgb("e04040"), "51282000", "Vertebra", transitional=True),
+    Level("S1", 26, "sacral", _rgb("9b59b6"), "54735007", "Sacrum"),
+)
+
+BY_NAME: dict[str, Level] = {level.name: level for level in LEVELS}
+BY_LABEL: dict[int, Level] = {level.label: level for level in LEVELS}
+TRANSITIONAL: frozenset[str] = frozenset(level.name for level in LEVELS if level.transitional)
+_INDEX: dict[str, int] = {level.name: i for i, level in enumerate(LEVELS)}
+
+
+def level_index(name_or_label: str | int) -> int:
+    """Position of a level in ``LEVELS`` (anatomical order), from its name or its VerSe label value."""
+    if isinstance(name_or_label, str):
+        key = name_or_label.strip().upper()
+        if key == "SACRUM":
+            key = "S1"
+        if key not in _INDEX:
+            raise KeyError(f"unknown vertebra name {name_or_label!r}; expected one of {', '.join(_INDEX)}")
+        return _INDEX[key]
+    if int(name_or_label) not in BY_LABEL:
+        raise KeyError(f"unknown VerSe label value {name_or_label!r}")
+    return _INDEX[BY_LABEL[int(name_or_label)].name]
+
+
+def terminology_entry(level: Level) -> str:
+    """Slicer terminology entry string for a level (``Segment<N>_Tags`` ``TerminologyEntry`` value).
+
+    Format: ``context~category~type~typeModifier~anatomicContext~region~regionModifier``, each coded part as
+    ``SCT^code^meaning``; category "Anatomical Structure" (SCT 123037004).
+    """
+    return (
+        "Segmentation category and type - 3D Slicer General Anatomy list"
+        "~SCT^123037004^Anatomical Structure"
+        f"~SCT^{level.snomed_code}^{level.snomed_meaning}"
+        "~^^"
+        "~Anatomic codes - DICOM master list~^^~^^"
+    )
