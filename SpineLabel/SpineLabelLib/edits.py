@@ -1,0 +1,292 @@
+"""User corrections of a labelling: rename, lock, move, delete and add vertebrae.
+
+Every function takes a :class:`~SpineLabelLib.result.SpineLabeling`, never modifies it (nor its component
+array), and returns a new one whose labels were re-solved by :func:`SpineLabelLib.sequence.relabel`: the vertebrae
+a user fixed keep their names and every other name, confidence and sequence warning follows from them.
+
+Chain order (cranial first) is recomputed from the centroids whenever a centroid moves or a vertebra is added:
+the vertebra goes where it lengthens the centroid polyline least, so curved spines keep their order.
+
+Coordinates are LPS millimetres; component arrays are int16 (z, y, x) on the input grid.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .result import Geometry, SpineLabeling, Vertebra
+from .sequence import relabel
+from .vertebrae import LEVELS, level_index
+
+__all__ = [
+    "ADD_BOX_MM",
+    "rename",
+    "set_locked",
+    "move_point",
+    "delete",
+    "add_vertebra",
+    "component_at",
+]
+
+log = logging.getLogger(__name__)
+
+# Region-growing box of ``add_vertebra``: full extent along L, P and S in mm (a lumbar body is about 45 mm wide,
+# 35 mm deep and 27 mm high; the box leaves room for the posterior elements without reaching the next level).
+ADD_BOX_MM = (50.0, 50.0, 40.0)
+# A grown region below this volume is not a vertebra (seed on a thin cortex, noise): a ball is used instead.
+_MIN_GROWN_ML = 1.0
+_FALLBACK_RADIUS_MM = 10.0
+
+
+def _fixed_names(result: SpineLabeling) -> dict[int, str]:
+    return {v.id: v.name for v in result.vertebrae if v.fixed}
+
+
+def _with_chain(result: SpineLabeling, vertebrae: list[Vertebra], components: np.ndarray | None = None) -> SpineLabeling:
+    """Copy of ``result`` with the given vertebrae (in chain order), fresh gaps and optionally new components."""
+    centroids = np.array([v.centroid_lps_mm for v in vertebrae], dtype=float).reshape(-1, 3)
+    gaps = np.linalg.norm(np.diff(centroids, axis=0), axis=1).tolist() if len(vertebrae) > 1 else []
+    changes: dict = {"vertebrae": vertebrae, "gaps_mm": [float(g) for g in gaps]}
+    if components is not None:
+        changes["components"] = components
+    return result.copy(**changes)
+
+
+def _insertion_position(chain: np.ndarray, point: np.ndarray) -> int:
+    """Where ``point`` goes in a polyline of centroids: the position that lengthens it least.
+
+    Args:
+        chain: float (n, 3) centroids in chain order, LPS mm.
+        point: float (3,) LPS mm.
+    """
+    n = chain.shape[0]
+    if n == 0:
+        return 0
+    dist = np.linalg.norm(chain - point, axis=1)
+    costs = [dist[0]]  # before the first
+    for k in range(1, n):
+        costs.append(dist[k - 1] + dist[k] - float(np.linalg.norm(chain[k] - chain[k - 1])))
+    costs.append(dist[-1])  # after the last
+    return int(np.argmin(costs))
+
+
+def _insert_in_chain(vertebrae: list[Vertebra], new: Vertebra) -> list[Vertebra]:
+    """``vertebrae`` (chain order) with ``new`` inserted where it fits; cranial first (largest S first)."""
+    chain = np.array([v.centroid_lps_mm for v in vertebrae], dtype=float).reshape(-1, 3)
+    pos = _insertion_position(chain, np.asarray(new.centroid_lps_mm, dtype=float))
+    out = vertebrae[:pos] + [new] + vertebrae[pos:]
+    if len(out) > 1 and out[0].centroid_lps_mm[2] < out[-1].centroid_lps_mm[2]:
+        out.reverse()
+    return out
+
+
+def _solve(result: SpineLabeling) -> SpineLabeling:
+    return relabel(result, _fixed_names(result))
+
+
+def component_at(result: SpineLabeling, point_lps: tuple[float, float, float]) -> int:
+    """Component id under a point (0 for background or outside the grid).
+
+    Args:
+        result: the labelling whose ``components`` (int16, (z, y, x)) are looked up.
+        point_lps: LPS position in mm.
+    """
+    ijk = np.rint(result.geometry.lps_to_index(np.asarray(point_lps, dtype=float))).astype(int)
+    zyx = ijk[::-1]
+    if np.any(zyx < 0) or np.any(zyx >= np.asarray(result.components.shape)):
+        return 0
+    return int(result.components[tuple(zyx)])
+
+
+def rename(result: SpineLabeling, vertebra_id: int, name: str, lock: bool = True) -> SpineLabeling:
+    """Give a vertebra a level name and re-solve the others around it.
+
+    Args:
+        result: the labelling.
+        vertebra_id: id of the vertebra to rename.
+        name: level name (``"L1"``, ``"S1"``/``"sacrum"``).
+        lock: keep the name fixed in later re-solves. With ``lock=False`` the name is forced for this re-solve
+            only (the neighbours are re-numbered around it) and the vertebra is left unfixed, so a later
+            correction elsewhere may change it again.
+
+    Another vertebra that was fixed to the same name loses that fix: the latest correction wins.
+
+    Raises:
+        KeyError: unknown vertebra id or level name.
+        ValueError: the fixed labels contradict each other (e.g. an L1 fixed above this new T12).
+    """
+    canonical = LEVELS[level_index(name)].name
+    target = result.by_id(vertebra_id)
+    out = result.copy()
+    for v in out.vertebrae:
+        if v.id != target.id and v.fixed and v.name == canonical:
+            log.info("vertebra %d loses its fixed name %s to vertebra %d", v.id, canonical, target.id)
+            v.fixed = False
+    fixed = _fixed_names(out)
+    fixed[target.id] = canonical
+    solved = relabel(out, fixed)
+    if not lock:
+        solved.by_id(target.id).fixed = False
+    return solved
+
+
+def set_locked(result: SpineLabeling, vertebra_id: int, locked: bool) -> SpineLabeling:
+    """Fix a vertebra's current name (``locked=True``) or release it to the sequence model (``False``).
+
+    Raises:
+        KeyError: unknown vertebra id.
+        ValueError: the fixed labels contradict each other.
+    """
+    out = result.copy()
+    out.by_id(vertebra_id).fixed = bool(locked)
+    return _solve(out)
+
+
+def move_point(result: SpineLabeling, vertebra_id: int, new_lps: tuple[float, float, float]) -> SpineLabeling:
+    """React to a vertebra's centroid marker being moved to ``new_lps`` (LPS mm).
+
+    * Dropped on another vertebra's component: the user is saying "this one is <name>". The component under
+      the point takes the moved vertebra's name, fixed; the moved vertebra keeps its own centroid and is
+      released (unfixed) so the sequence model re-numbers it. Both markers stay at their own components.
+    * Dropped anywhere else (its own component, background): the centroid moves there and the chain order is
+      recomputed.
+
+    Raises:
+        KeyError: unknown vertebra id.
+        ValueError: the fixed labels contradict each other.
+    """
+    moved = result.by_id(vertebra_id)
+    under = component_at(result, new_lps)
+    ids = {v.id for v in result.vertebrae}
+    if under and under != moved.id and under in ids:
+        out = result.copy()
+        for v in out.vertebrae:
+            if v.id == moved.id:
+                v.fixed = False
+            elif v.fixed and v.name == moved.name:
+                v.fixed = False
+        fixed = _fixed_names(out)
+        fixed[under] = moved.name
+        log.info("marker %s dropped on vertebra %d: it becomes %s", moved.name, under, moved.name)
+        return relabel(out, fixed)
+    out = result.copy()
+    vertebrae = [v for v in out.vertebrae if v.id != moved.id]
+    relocated = out.by_id(moved.id)
+    relocated.centroid_lps_mm = tuple(float(c) for c in new_lps)
+    return _solve(_with_chain(out, _insert_in_chain(vertebrae, relocated)))
+
+
+def delete(result: SpineLabeling, vertebra_id: int) -> SpineLabeling:
+    """Remove a vertebra: its voxels become background, its record goes, the rest is re-solved.
+
+    Raises:
+        KeyError: unknown vertebra id.
+    """
+    result.by_id(vertebra_id)
+    components = np.where(result.components == vertebra_id, 0, result.components).astype(result.components.dtype)
+    out = result.copy()
+    vertebrae = [v for v in out.vertebrae if v.id != vertebra_id]
+    return _solve(_with_chain(out, vertebrae, components))
+
+
+def _box_slices(geometry: Geometry, centre_ijk: np.ndarray) -> tuple[slice, slice, slice]:
+    """(z, y, x) slices of the ``ADD_BOX_MM`` box around a voxel, clipped to the grid."""
+    d = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
+    half = np.zeros(3)
+    for axis in range(3):  # voxel axis -> the anatomical axis it mostly runs along
+        half[axis] = ADD_BOX_MM[int(np.argmax(np.abs(d[:, axis])))] / 2.0 / geometry.spacing[axis]
+    lo = np.maximum(np.floor(centre_ijk - half).astype(int), 0)
+    hi = np.minimum(np.ceil(centre_ijk + half).astype(int) + 1, np.asarray(geometry.size))
+    return tuple(slice(int(lo[a]), int(hi[a])) for a in (2, 1, 0))  # type: ignore[return-value]
+
+
+def _grow(image_zyx: np.ndarray, free: np.ndarray, seed_zyx: tuple[int, int, int], spacing_xyz: tuple[float, ...]) -> np.ndarray:
+    """Region grown from a seed over voxels of similar intensity.
+
+    Args:
+        image_zyx: float32 (z, y, x) intensities of the box.
+        free: bool (z, y, x), voxels that may be taken (not part of another vertebra).
+        seed_zyx: seed voxel inside the box, (z, y, x) indices.
+        spacing_xyz: voxel size in mm along (x, y, z).
+
+    Returns:
+        bool (z, y, x): the connected region of voxels whose intensity lies within the seed neighbourhood's
+        statistics (``sitk.ConfidenceConnected``), restricted to ``free``, holes filled; a ball of
+        ``_FALLBACK_RADIUS_MM`` around the seed (within ``free``) when that region is smaller than 1 ml.
+    """
+    lowest = float(image_zyx.min()) - 1.0
+    masked = sitk.GetImageFromArray(np.where(free, image_zyx, lowest).astype(np.float32))
+    masked.SetSpacing(spacing_xyz)
+    seed_xyz = [int(s) for s in reversed(seed_zyx)]
+    grown = sitk.ConfidenceConnected(masked, seedList=[seed_xyz], numberOfIterations=3, multiplier=2.5,
+                                     initialNeighborhoodRadius=1, replaceValue=1)
+    region = ndimage.binary_fill_holes(sitk.GetArrayFromImage(grown).astype(bool)) & free
+    labels, _ = ndimage.label(region)
+    region = labels == labels[seed_zyx] if labels[seed_zyx] else np.zeros_like(region)
+    voxel_ml = float(np.prod(spacing_xyz)) / 1000.0
+    if region.sum() * voxel_ml < _MIN_GROWN_ML:
+        log.info("region growing found %.2f ml; using a %.0f mm ball", region.sum() * voxel_ml, _FALLBACK_RADIUS_MM)
+        zz, yy, xx = np.indices(image_zyx.shape, dtype=float)
+        sx, sy, sz = spacing_xyz
+        dist2 = ((zz - seed_zyx[0]) * sz) ** 2 + ((yy - seed_zyx[1]) * sy) ** 2 + ((xx - seed_zyx[2]) * sx) ** 2
+        region = (dist2 <= _FALLBACK_RADIUS_MM**2) & free
+    return region
+
+
+def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[float, float, float],
+                 name: str | None = None) -> SpineLabeling:
+    """Add a vertebra the network missed, from a point the user placed on its body.
+
+    A new component is grown from the point over voxels of similar intensity, within a vertebra-sized box
+    (``ADD_BOX_MM`` along L, P, S) and never taking voxels of existing vertebrae. The new vertebra has the point
+    as its centroid, uninformative level scores (zeros, the sequence model places it from its neighbours), goes
+    into the chain where it fits along the spine, and everything is re-solved.
+
+    Args:
+        result: the labelling.
+        image: the image it was made from (same grid as ``result.geometry``); intensities of any type.
+        point_lps: a point on the missed vertebra's body, LPS mm.
+        name: level name to fix for the new vertebra, or None to let the sequence model name it.
+
+    Raises:
+        ValueError: the image is not on the labelling's grid, the point is outside it or inside an existing
+            vertebra, or the fixed labels contradict each other.
+        KeyError: unknown level name.
+    """
+    if Geometry.of(image).size != result.geometry.size or not np.allclose(
+        Geometry.of(image).origin, result.geometry.origin, atol=1e-3
+    ):
+        raise ValueError("the image is not on the labelling's grid")
+    ijk = np.rint(result.geometry.lps_to_index(np.asarray(point_lps, dtype=float))).astype(int)
+    if np.any(ijk < 0) or np.any(ijk >= np.asarray(result.geometry.size)):
+        raise ValueError(f"point {tuple(point_lps)} (LPS mm) is outside the image")
+    existing = component_at(result, point_lps)
+    if existing:
+        raise ValueError(f"point {tuple(point_lps)} lies inside vertebra {existing}; rename or move it instead")
+    box = _box_slices(result.geometry, ijk)
+    seed = tuple(int(ijk[a] - box[2 - a].start) for a in (2, 1, 0))
+    intensities = sitk.GetArrayViewFromImage(image)[box].astype(np.float32)
+    free = result.components[box] == 0
+    region = _grow(intensities, free, seed, result.geometry.spacing)
+
+    new_id = max([int(result.components.max(initial=0))] + [v.id for v in result.vertebrae]) + 1
+    if new_id > np.iinfo(result.components.dtype).max:
+        raise ValueError(f"no component id left in {result.components.dtype}")
+    components = result.components.copy()
+    components[box][region] = new_id
+    volume_ml = float(region.sum() * np.prod(result.geometry.spacing) / 1000.0)
+    canonical = LEVELS[level_index(name)].name if name else LEVELS[0].name  # unnamed: solved below
+    vertebra = Vertebra(id=new_id, name=canonical, centroid_lps_mm=tuple(float(c) for c in point_lps),
+                        volume_ml=volume_ml, confidence=0.0, level_log_scores=np.zeros(len(LEVELS)),
+                        fixed=name is not None)
+    out = result.copy()
+    if name is not None:
+        for v in out.vertebrae:
+            if v.fixed and v.name == canonical:
+                v.fixed = False
+    log.info("added vertebra %d (%.1f ml) at %s", new_id, volume_ml, tuple(point_lps))
+    return _solve(_with_chain(out, _insert_in_chain(out.vertebrae, vertebra), components))

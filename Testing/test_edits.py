@@ -1,0 +1,129 @@
+"""Corrections of a labelling (SpineLabelLib.edits) on a synthetic spine of box-shaped bodies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import build_spine
+from SpineLabelLib import edits
+from SpineLabelLib.vertebrae import level_index
+
+
+def names(result) -> list[str]:
+    return [v.name for v in result.vertebrae]
+
+
+def assert_consistent(result) -> None:
+    """Names unique, in anatomical order, gaps matching the chain, components only of known vertebrae."""
+    order = [level_index(n) for n in names(result)]
+    assert order == sorted(order) and len(set(order)) == len(order)
+    assert len(result.gaps_mm) == max(len(result.vertebrae) - 1, 0)
+    ids = {v.id for v in result.vertebrae}
+    assert set(np.unique(result.components)) - {0} == ids
+
+
+def test_synthetic_spine_is_solved_as_built(spine):
+    assert names(spine.result) == ["T11", "T12", "L1", "L2", "L3", "L4"]
+    assert_consistent(spine.result)
+
+
+def test_rename_renumbers_neighbours_and_locks(spine):
+    before = spine.result.components.copy()
+    top = spine.result.vertebrae[0].id
+    out = edits.rename(spine.result, top, "T12")
+    assert names(out) == ["T12", "L1", "L2", "L3", "L4", "L5"]
+    assert out.by_id(top).fixed and not any(v.fixed for v in out.vertebrae[1:])
+    assert names(spine.result)[0] == "T11" and np.array_equal(spine.result.components, before)  # input untouched
+    assert_consistent(out)
+
+
+def test_rename_without_lock_leaves_vertebra_free(spine):
+    out = edits.rename(spine.result, spine.result.vertebrae[0].id, "T12", lock=False)
+    assert names(out)[0] == "T12" and not out.vertebrae[0].fixed
+
+
+def test_rename_takes_the_name_from_an_earlier_fix(spine):
+    first, second = spine.result.vertebrae[0].id, spine.result.vertebrae[1].id
+    out = edits.rename(spine.result, first, "T12")
+    out = edits.rename(out, second, "T12")
+    assert out.by_id(second).name == "T12" and out.by_id(second).fixed
+    assert not out.by_id(first).fixed and out.by_id(first).name != "T12"
+    assert_consistent(out)
+
+
+def test_contradicting_fixes_raise(spine):
+    out = edits.rename(spine.result, spine.result.vertebrae[0].id, "L1")
+    with pytest.raises(ValueError):
+        edits.rename(out, spine.result.vertebrae[1].id, "T11")
+
+
+def test_set_locked_keeps_name_through_later_corrections(spine):
+    bottom = spine.result.vertebrae[-1].id
+    out = edits.set_locked(spine.result, bottom, True)
+    assert out.by_id(bottom).fixed and out.by_id(bottom).name == "L4"
+    out = edits.rename(out, spine.result.vertebrae[0].id, "T12")  # would push L4 to L5 without the lock
+    assert out.by_id(bottom).name == "L4"
+    assert_consistent(out)
+    released = edits.set_locked(out, bottom, False)
+    assert not released.by_id(bottom).fixed
+
+
+def test_move_within_background_moves_centroid_and_reorders_chain(spine):
+    v = spine.result.vertebrae[1]
+    target = np.array(v.centroid_lps_mm) + np.array([0.0, 0.0, 2.2 * 30.0])  # above the top vertebra
+    out = edits.move_point(spine.result, v.id, tuple(target))
+    assert out.vertebrae[0].id == v.id
+    np.testing.assert_allclose(out.by_id(v.id).centroid_lps_mm, target)
+    np.testing.assert_allclose(out.gaps_mm[0], np.linalg.norm(target - np.array(out.vertebrae[1].centroid_lps_mm)))
+    assert_consistent(out)
+
+
+def test_move_onto_another_component_gives_it_the_name(spine):
+    l1 = next(v for v in spine.result.vertebrae if v.name == "L1")
+    l2 = next(v for v in spine.result.vertebrae if v.name == "L2")
+    out = edits.move_point(spine.result, l1.id, l2.centroid_lps_mm)
+    assert out.by_id(l2.id).name == "L1" and out.by_id(l2.id).fixed
+    assert not out.by_id(l1.id).fixed
+    np.testing.assert_allclose(out.by_id(l1.id).centroid_lps_mm, l1.centroid_lps_mm)
+    assert_consistent(out)
+
+
+def test_delete_removes_voxels_and_record(spine):
+    victim = spine.result.vertebrae[2]
+    out = edits.delete(spine.result, victim.id)
+    assert victim.id not in {v.id for v in out.vertebrae}
+    assert not np.any(out.components == victim.id) and np.any(spine.result.components == victim.id)
+    assert len(out.gaps_mm) == 4
+    assert_consistent(out)
+    with pytest.raises(KeyError):
+        edits.delete(out, victim.id)
+
+
+def test_add_vertebra_grows_the_missed_body_and_names_it():
+    case = build_spine(missing=("L2",))
+    assert names(case.result) != ["T11", "T12", "L1", "L2", "L3", "L4"]
+    body = case.bodies["L2"]
+    out = edits.add_vertebra(case.result, case.image, body_centre(case, "L2"))
+    assert names(out) == ["T11", "T12", "L1", "L2", "L3", "L4"]
+    new = out.vertebrae[3]
+    assert not new.fixed and np.all(new.level_log_scores == 0)
+    grown = out.components == new.id
+    dice = 2 * np.sum(grown & body) / (grown.sum() + body.sum())
+    assert dice > 0.9
+    assert new.volume_ml == pytest.approx(grown.sum() * 1.5**3 / 1000)
+    assert_consistent(out)
+
+
+def body_centre(case, name) -> tuple[float, float, float]:
+    """LPS mm centre of a synthetic body (identity direction, zero origin)."""
+    return tuple(float(c) for c in np.argwhere(case.bodies[name]).mean(axis=0)[::-1] * 1.5)
+
+
+def test_add_vertebra_with_name_fixes_it_and_refuses_occupied_points():
+    case = build_spine(names=("T10", "T11", "T12", "L1", "L2", "L3", "L4"), missing=("T10",))
+    out = edits.add_vertebra(case.result, case.image, body_centre(case, "T10"), name="T10")
+    assert names(out)[0] == "T10" and out.vertebrae[0].fixed
+    assert_consistent(out)
+    with pytest.raises(ValueError, match="inside vertebra"):
+        edits.add_vertebra(case.result, case.image, case.result.vertebrae[0].centroid_lps_mm)
