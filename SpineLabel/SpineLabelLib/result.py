@@ -95,7 +95,8 @@ class SpineLabeling:
             vertebra (body and posterior elements) the voxel belongs to.
         vertebrae: the vertebrae, cranial to caudal (chain order).
         gaps_mm: centroid distance between each pair of consecutive vertebrae in chain order (len n-1).
-        warnings: plain-language warnings about this scan ("sacrum not in view: ...").
+        warnings: every plain-language warning about this scan ("sacrum not in view: ...").
+        sequence_warnings: the part of ``warnings`` that the sequence model wrote (replaced on each re-solve).
         model: ``{"name": ..., "version": ...}`` of the network that made it.
         timings_s: seconds per stage.
         source: where the image came from (path), for reports.
@@ -107,6 +108,7 @@ class SpineLabeling:
     vertebrae: list[Vertebra]
     gaps_mm: list[float] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    sequence_warnings: list[str] = field(default_factory=list)
     model: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
     source: str = ""
@@ -129,5 +131,8 @@ class SpineLabeling:
     def copy(self, **changes) -> "SpineLabeling":
         """Shallow copy with fresh Vertebra records (the component array is shared, never modified in place)."""
         fresh = [replace(v) for v in self.vertebrae]
-        return replace(self, vertebrae=changes.pop("vertebrae", fresh), warnings=list(self.warnings), **changes)
+        changes.setdefault("vertebrae", fresh)
+        changes.setdefault("warnings", list(self.warnings))
+        changes.setdefault("sequence_warnings", list(self.sequence_warnings))
+        return replace(self, **changes)
 

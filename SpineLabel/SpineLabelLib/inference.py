@@ -1,0 +1,159 @@
+"""Network inference on the model grid: intensity normalisation and a sliding window with bounded memory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models import LoadedModel
+
+__all__ = ["Cancelled", "Prediction", "normalise", "resolve_device", "predict"]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+
+
+class Cancelled(Exception):
+    """Raised when the caller's cancel hook asked to stop."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def normalise(volume: np.ndarray) -> np.ndarray:
+    """Map intensities to about [0, 1]: the 0.5th and 99.5th percentiles go to 0 and 1, clipped.
+
+    Works for CT (air 0, bone near 1) and any MR contrast alike; the network was trained on randomised contrasts.
+
+    Args:
+        volume: (z, y, x) any real dtype, any units.
+
+    Returns:
+        float32 (z, y, x) in [0, 1].
+    """
+    sample = volume[:: max(1, volume.shape[0] // 64)].astype(np.float32, copy=False)
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    scale = 1.0 / max(float(hi - lo), 1e-6)
+    out = volume.astype(np.float32)  # copy
+    out -= lo
+    out *= scale
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+@dataclass
+class Prediction:
+    """Network output on the model grid.
+
+    Attributes:
+        tissue: uint8 (z, y, x) argmax tissue class (``network.TISSUE_NAMES``).
+        body_probability: float16 (z, y, x) probability of vertebral body.
+        level_log_probs: float16 (n_levels, z2, y2, x2) level log-probabilities at half resolution
+            (z2 = ceil(z / 2) ...).
+    """
+
+    tissue: np.ndarray
+    body_probability: np.ndarray
+    level_log_probs: np.ndarray
+
+
+def _starts(length: int, window: int, overlap: int) -> list[int]:
+    if length <= window:
+        return [0]
+    step = window - overlap
+    starts = list(range(0, length - window, step)) + [length - window]
+    return sorted(set(starts))
+
+
+def _ramp(length: int, margin: int) -> np.ndarray:
+    """1-D blending weight: linear ramp over ``margin`` voxels at both ends, never 0."""
+    w = np.ones(length, dtype=np.float32)
+    if margin > 0 and length > 2 * margin:
+        ramp = (np.arange(margin, dtype=np.float32) + 1) / (margin + 1)
+        w[:margin] = ramp
+        w[-margin:] = ramp[::-1]
+    return w
+
+
+def predict(
+    model: LoadedModel,
+    volume: np.ndarray,
+    device: torch.device,
+    window: tuple[int, int, int] = (128, 160, 160),
+    overlap: int = 32,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> Prediction:
+    """Run the network over a volume in overlapping windows, blending their logits.
+
+    Args:
+        model: loaded model.
+        volume: float32 (z, y, x), already normalised (``normalise``), on the model grid.
+        device: where to run.
+        window: largest window (z, y, x) in voxels; each is rounded up to the network's divisor.
+        overlap: voxels shared by neighbouring windows.
+        progress: called with (fraction 0-1 of the windows done, message).
+        cancel: polled before each window; True raises ``Cancelled``.
+
+    Peak memory is about 24 bytes per voxel of ``volume`` plus one window's activations.
+    """
+    net = model.network
+    div = net.divisor
+    shape = np.array(volume.shape)
+    win = np.minimum(np.array(window), ((shape + div - 1) // div) * div)
+    starts = [_starts(int(s), int(w), overlap) for s, w in zip(shape, win)]
+    boxes = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+    n_tissue = net.tissue_head.out_channels
+    n_levels = net.level_head.out_channels
+    half = (shape + 1) // 2
+    tissue_acc = np.zeros((n_tissue, *shape), dtype=np.float32)
+    tissue_w = np.zeros(tuple(shape), dtype=np.float32)
+    level_acc = np.zeros((n_levels, *half), dtype=np.float32)
+    level_w = np.zeros(tuple(half), dtype=np.float32)
+    weight = (
+        _ramp(int(win[0]), overlap // 2)[:, None, None]
+        * _ramp(int(win[1]), overlap // 2)[None, :, None]
+        * _ramp(int(win[2]), overlap // 2)[None, None, :]
+    )
+    with torch.inference_mode():
+        for n, (z, y, x) in enumerate(boxes):
+            if cancel is not None and cancel():
+                raise Cancelled()
+            patch = volume[z : z + win[0], y : y + win[1], x : x + win[2]]
+            real = patch.shape
+            pad = [(0, int(w - r)) for w, r in zip(win, real)]
+            patch = np.pad(patch, pad) if any(p[1] for p in pad) else patch
+            tensor = torch.from_numpy(np.ascontiguousarray(patch))[None, None].to(device)
+            tissue_logits, level_logits = net(tensor)
+            t = tissue_logits[0].float().cpu().numpy()[:, : real[0], : real[1], : real[2]]
+            wt = weight[: real[0], : real[1], : real[2]]
+            tissue_acc[:, z : z + real[0], y : y + real[1], x : x + real[2]] += t * wt
+            tissue_w[z : z + real[0], y : y + real[1], x : x + real[2]] += wt
+            lv = F.log_softmax(level_logits[0].float(), dim=0).cpu().numpy()
+            hz, hy, hx = z // 2, y // 2, x // 2
+            hr = [(r + 1) // 2 for r in real]
+            hw = weight[::2, ::2, ::2][: hr[0], : hr[1], : hr[2]]
+            level_acc[:, hz : hz + hr[0], hy : hy + hr[1], hx : hx + hr[2]] += lv[:, : hr[0], : hr[1], : hr[2]] * hw
+            level_w[hz : hz + hr[0], hy : hy + hr[1], hx : hx + hr[2]] += hw
+            if progress is not None:
+                progress((n + 1) / len(boxes), f"network window {n + 1}/{len(boxes)}")
+    tissue_acc /= tissue_w
+    level_acc /= np.maximum(level_w, 1e-6)
+    tissue = np.argmax(tissue_acc, axis=0).astype(np.uint8)
+    tissue_acc -= tissue_acc.max(axis=0, keepdims=True)
+    np.exp(tissue_acc, out=tissue_acc)
+    body = (tissue_acc[1] / tissue_acc.sum(axis=0)).astype(np.float16)
+    return Prediction(tissue, body, level_acc.astype(np.float16))

@@ -1,0 +1,163 @@
+"""Reading spine images, checking them, moving them onto the model's grid and back, and writing atomically.
+
+Conventions: a ``SimpleITK.Image`` keeps its own geometry (LPS mm). ``sitk.GetArrayFromImage`` gives arrays in
+(z, y, x) = (k, j, i) order; every numpy array in SpineLabel is in that order unless its docstring says otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = [
+    "InputError",
+    "IMAGE_SUFFIXES",
+    "case_name",
+    "read_image",
+    "canonical_grid",
+    "resample_to_grid",
+    "atomic_path",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+class InputError(ValueError):
+    """An input SpineLabel cannot label; the message names the file and the reason."""
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """NAME used for output files: the file name without its image extension (the folder name for DICOM)."""
+    p = Path(path)
+    if p.is_dir():
+        return p.resolve().name
+    for suffix in IMAGE_SUFFIXES:
+        if p.name.lower().endswith(suffix):
+            return p.name[: -len(suffix)]
+    return p.stem
+
+
+def _read_dicom_folder(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{folder}: folder holds no DICOM series")
+    if len(series) > 1:
+        raise InputError(f"{folder}: folder holds {len(series)} DICOM series; give a folder with exactly one")
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return reader.Execute()
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """Read and check a spine image.
+
+    Args:
+        path: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``) file, or a
+            folder holding one DICOM series.
+
+    Returns:
+        A 3D scalar image, pixel type float32 or its original integer type, geometry untouched.
+
+    Raises:
+        InputError: missing path, unsupported extension, unreadable or truncated file, not 3D (2D, 4D), not
+            scalar (RGB, vector), empty, or holding NaN/inf.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    if p.is_dir():
+        image = _read_dicom_folder(p)
+    else:
+        if not p.name.lower().endswith(IMAGE_SUFFIXES):
+            raise InputError(f"{p}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder")
+        try:
+            image = sitk.ReadImage(str(p))
+        except RuntimeError as err:
+            reason = str(err).strip().splitlines()
+            detail = next((line for line in reason if "rror" in line or "annot" in line), reason[-1] if reason else "")
+            raise InputError(f"{p}: unreadable image ({detail.strip()[:200]})") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{p}: {image.GetNumberOfComponentsPerPixel()}-component (RGB/vector) image; a scalar CT or MRI volume is needed")
+    if image.GetDimension() != 3:
+        raise InputError(f"{p}: {image.GetDimension()}D image; a 3D volume is needed")
+    if min(image.GetSize()) < 2:
+        raise InputError(f"{p}: image of size {image.GetSize()} is a single slice, not a 3D volume")
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+            raise InputError(f"{p}: image holds NaN or infinite values")
+    if image.GetPixelID() == sitk.sitkFloat64:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    return image
+
+
+def canonical_grid(image: sitk.Image, spacing_mm: float | tuple[float, float, float]) -> sitk.Image:
+    """An empty float32 image on the model's grid covering ``image``: axes along L, P, S (the input's axes
+    permuted and flipped to the closest of those, so an oblique input keeps its tilt), ``spacing_mm`` voxels.
+
+    The resulting arrays are (z, y, x) = (inferior->superior, anterior->posterior, right->left).
+    """
+    spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
+    d = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    # Column c of d is the LPS direction of input axis c. Output axis a takes the input axis closest to LPS axis a.
+    axis_of = np.argmax(np.abs(d), axis=1)
+    if len(set(axis_of.tolist())) != 3:  # strongly oblique: fall back to the plain LPS axes
+        new_d = np.eye(3)
+    else:
+        new_d = np.stack([d[:, axis_of[a]] * np.sign(d[a, axis_of[a]]) for a in range(3)], axis=1)
+    size = np.asarray(image.GetSize(), dtype=float)
+    in_spacing = np.asarray(image.GetSpacing(), dtype=float)
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=float) * (size - 1)
+    lps = np.asarray(image.GetOrigin()) + (corners * in_spacing) @ d.T
+    local = lps @ new_d  # coordinates along the new axes
+    lo, hi = local.min(axis=0), local.max(axis=0)
+    new_size = np.maximum(np.floor((hi - lo) / spacing + 1e-6).astype(int) + 1, 1)
+    grid = sitk.Image([int(s) for s in new_size], sitk.sitkFloat32)
+    grid.SetSpacing([float(s) for s in spacing])
+    grid.SetDirection([float(x) for x in new_d.ravel()])
+    grid.SetOrigin([float(x) for x in new_d @ lo])
+    return grid
+
+
+def resample_to_grid(image: sitk.Image, grid: sitk.Image, *, label: bool = False, default: float = 0.0) -> sitk.Image:
+    """Resample ``image`` onto the voxel grid of ``grid``.
+
+    Args:
+        image: any 3D image.
+        grid: image whose size, spacing, origin and direction define the output grid.
+        label: nearest-neighbour interpolation and the input's pixel type (for label maps); otherwise linear
+            interpolation to float32.
+        default: value outside ``image``.
+    """
+    if label:
+        return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, default, image.GetPixelID())
+    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, default, sitk.sitkFloat32)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success rename it to ``final``, on error remove it.
+
+    The temporary name keeps ``final``'s extensions (``.tmpXXXX.nii.gz``) so format-sniffing writers work.
+    Nobody ever sees a half-written ``final``.
+    """
+    final = Path(final)
+    suffix = "".join(final.suffixes[-2:]) if final.name.endswith((".nii.gz", ".seg.nrrd", ".mrk.json")) else final.suffix
+    base = final.name[: len(final.name) - len(suffix)] if suffix else final.name
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,184 @@
+"""Model files: weights plus a JSON model card, loading with hash verification, and a registry of user models.
+
+A model is two files side by side: ``NAME.pt`` (a torch ``state_dict``) and ``NAME.json``, its card::
+
+    {"name": "spinelabel-default", "version": "1.0.0", "architecture": {"channels": [8, 16, 32, 64, 96]},
+     "spacing_mm": 2.0, "normalisation": "percentile_0.5_99.5", "tissue_classes": [...], "level_classes": [...],
+     "training_data": "...", "evaluation": {...}, "weights": "spinelabel-default.pt", "sha256": "<hex>"}
+
+The default model ships inside the package (``weights/``). Fine-tuned models are registered in the user model folder
+(``$SPINELABEL_MODELS_DIR``, else ``~/.local/share/spinelabel/models``); registering never replaces a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .io import atomic_path
+from .network import TISSUE_NAMES, SpineUNet
+from .vertebrae import LEVELS
+
+__all__ = [
+    "ModelError",
+    "LoadedModel",
+    "default_model_path",
+    "user_models_dir",
+    "list_models",
+    "load_model",
+    "save_model",
+    "register_model",
+    "sha256_of",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "spinelabel-default"
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be used; the message names the file and the reason."""
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference, with its card."""
+
+    network: SpineUNet
+    card: dict
+    path: Path
+
+    @property
+    def spacing_mm(self) -> float:
+        return float(self.card["spacing_mm"])
+
+    @property
+    def info(self) -> dict:
+        return {"name": self.card["name"], "version": self.card["version"], "path": str(self.path)}
+
+
+def default_model_path() -> Path:
+    """Card of the model that ships with SpineLabel."""
+    return Path(__file__).resolve().parent / "weights" / f"{DEFAULT_MODEL_NAME}.json"
+
+
+def user_models_dir() -> Path:
+    """Folder where fine-tuned models are registered."""
+    env = os.environ.get("SPINELABEL_MODELS_DIR")
+    return Path(env) if env else Path.home() / ".local" / "share" / "spinelabel" / "models"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _card_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p.with_suffix(".json") if p.suffix == ".pt" else p
+
+
+def read_card(path: str | os.PathLike) -> dict:
+    """Read a model card (``.json``; a ``.pt`` path means the card beside it)."""
+    card_path = _card_path(path)
+    if not card_path.is_file():
+        raise ModelError(f"{card_path}: model card not found")
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelError(f"{card_path}: unreadable model card ({err})") from None
+    missing = [k for k in ("name", "version", "spacing_mm", "weights", "sha256", "architecture") if k not in card]
+    if missing:
+        raise ModelError(f"{card_path}: model card lacks {', '.join(missing)}")
+    return card
+
+
+def list_models() -> list[dict]:
+    """Cards of the default model and of every registered model, each with its ``"path"``."""
+    cards = []
+    for card_path in [default_model_path(), *sorted(user_models_dir().glob("*.json"))]:
+        try:
+            cards.append({**read_card(card_path), "path": str(card_path)})
+        except ModelError as err:
+            log.warning("skipping model: %s", err)
+    return cards
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model, verifying its weights against the card's sha256.
+
+    Args:
+        path: the card (``.json``) or weights (``.pt``); None for the default model.
+        device: torch device for the network.
+
+    Raises:
+        ModelError: card or weights missing, hash mismatch (corrupt or altered file), or weights that do not fit
+            the architecture.
+    """
+    card_path = _card_path(path) if path is not None else default_model_path()
+    card = read_card(card_path)
+    weights = card_path.parent / card["weights"]
+    if not weights.is_file():
+        raise ModelError(f"{weights}: model weights not found (card {card_path})")
+    digest = sha256_of(weights)
+    if digest != card["sha256"]:
+        raise ModelError(f"{weights}: weights are corrupt or altered (sha256 {digest[:12]}... does not match the card)")
+    network = SpineUNet(tuple(card["architecture"]["channels"]), n_levels=len(card.get("level_classes", LEVELS)))
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+    except Exception as err:  # torch raises several types for bad files
+        raise ModelError(f"{weights}: weights do not load into the model ({err})") from None
+    network.to(device).eval()
+    return LoadedModel(network, card, card_path)
+
+
+def save_model(network: SpineUNet, card: dict, card_path: str | os.PathLike) -> Path:
+    """Write weights + card (hash filled in) atomically; returns the card path."""
+    card_path = _card_path(card_path)
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    weights = card_path.with_suffix(".pt")
+    with atomic_path(weights) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, tmp)
+    full = {
+        "tissue_classes": list(TISSUE_NAMES),
+        "level_classes": [level.name for level in LEVELS],
+        **card,
+        "architecture": {"type": "SpineUNet", "channels": list(network.channels)},
+        "weights": weights.name,
+        "sha256": sha256_of(weights),
+    }
+    with atomic_path(card_path) as tmp:
+        tmp.write_text(json.dumps(full, indent=2) + "\n")
+    return card_path
+
+
+def register_model(card_path: str | os.PathLike, name: str | None = None) -> Path:
+    """Copy a model (card + weights) into the user model folder under a new name; returns the new card path.
+
+    Raises:
+        ModelError: invalid model, or a registered model of that name exists already.
+    """
+    loaded = load_model(card_path)  # verifies the files
+    name = name or loaded.card["name"]
+    target = user_models_dir() / f"{name}.json"
+    if target.exists() or target.with_suffix(".pt").exists():
+        raise ModelError(f"{target}: a model named {name!r} is registered already")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target.with_suffix(".pt")) as tmp:
+        shutil.copyfile(loaded.path.parent / loaded.card["weights"], tmp)
+    card = {**loaded.card, "name": name, "weights": target.with_suffix(".pt").name}
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(card, indent=2) + "\n")
+    log.info("registered model %s at %s", name, target)
+    return target

@@ -1,0 +1,190 @@
+"""``label_spine``: the whole SpineLabel pipeline as one call, used by the CLI and the Slicer logic.
+
+read -> model grid (LPS-aligned, model spacing) -> normalise -> network -> body components -> features -> chain ->
+sequence model -> components back on the input grid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import components as comp
+from . import features as feat
+from .inference import Cancelled, normalise, predict, resolve_device
+from .io import canonical_grid, read_image, resample_to_grid
+from .models import LoadedModel, load_model
+from .result import Geometry, SpineLabeling, Vertebra
+from .sequence import solve
+from .vertebrae import LEVELS
+
+__all__ = ["label_spine", "Cancelled", "get_model"]
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=4)
+def _cached_model(path: str | None, device: str) -> LoadedModel:
+    return load_model(path, device)
+
+
+def get_model(model: str | os.PathLike | LoadedModel | None = None, device: str = "auto") -> LoadedModel:
+    """A loaded model (cached per path and device); ``None`` is the default model."""
+    if isinstance(model, LoadedModel):
+        return model
+    return _cached_model(None if model is None else str(model), str(resolve_device(device)))
+
+
+def _modality(image: sitk.Image) -> str:
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    return "CT" if stats.GetMinimum() < -500 else "MR"
+
+
+def _foreground_box(volume: np.ndarray, margin: int = 6) -> tuple[slice, ...]:
+    """Bounding box of the voxels brighter than 5 % of the normalised range (the body), with a margin."""
+    fg = volume > 0.05
+    if not fg.any():
+        return tuple(slice(0, s) for s in volume.shape)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(fg.any(axis=other))
+        box.append(slice(max(0, hits[0] - margin), min(volume.shape[axis], hits[-1] + 1 + margin)))
+    return tuple(box)
+
+
+def label_spine(
+    image: sitk.Image | str | os.PathLike,
+    model: str | os.PathLike | LoadedModel | None = None,
+    device: str = "auto",
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> SpineLabeling:
+    """Label every vertebra of a CT or MR spine image.
+
+    Args:
+        image: a 3D scalar ``SimpleITK.Image`` or a path ``read_image`` accepts; any orientation and spacing.
+        model: model card path, a loaded model, or None for the default model.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        progress: called with (fraction 0-1 of the whole job, message).
+        cancel: polled between stages and network windows; returning True raises ``Cancelled``.
+
+    Returns:
+        The labelling on the input image's grid. An image without vertebrae (empty, constant, not a spine) gives
+        zero vertebrae and a warning.
+
+    Raises:
+        io.InputError: unreadable or unsupported input.
+        models.ModelError: missing or corrupt model.
+        Cancelled: the cancel hook returned True.
+    """
+    timings: dict[str, float] = {}
+    report = progress or (lambda fraction, message: None)
+
+    def stage(name: str, start: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - start, 3)
+        if cancel is not None and cancel():
+            raise Cancelled()
+        return now
+
+    t = t0 = time.perf_counter()
+    source = ""
+    if not isinstance(image, sitk.Image):
+        source = str(image)
+        image = read_image(image)
+    report(0.02, "reading")
+    loaded = get_model(model, device)
+    t = stage("load_model", t)
+    geometry = Geometry.of(image)
+    modality = _modality(image)
+    grid = canonical_grid(image, loaded.spacing_mm)
+    volume = sitk.GetArrayFromImage(resample_to_grid(image, grid, default=float(np.min(sitk.GetArrayViewFromImage(image)[::4, ::4, ::4]))))
+    t = stage("resample", t)
+    report(0.1, "normalising")
+    warnings: list[str] = []
+    if float(volume.max() - volume.min()) <= 1e-6:
+        warnings.append("image is constant: nothing to label")
+        return _empty(geometry, warnings, loaded, timings, source, modality, t0)
+    norm = normalise(volume)
+    del volume
+    box = _foreground_box(norm)
+    t = stage("normalise", t)
+    device_ = resolve_device(device)
+    prediction = predict(
+        loaded, norm[box], device_, progress=lambda f, m: report(0.1 + 0.7 * f, m), cancel=cancel
+    )
+    t = stage("network", t)
+    report(0.82, "separating vertebrae")
+    spacing_zyx = tuple(float(s) for s in grid.GetSpacing()[::-1])
+    bodies_box, whole_box = comp.vertebra_components(prediction.tissue, spacing_zyx)
+    t = stage("components", t)
+    grid_geometry = Geometry.of(grid)
+    bodies = np.zeros(norm.shape, dtype=np.int32)
+    whole = np.zeros(norm.shape, dtype=np.int32)
+    bodies[box], whole[box] = bodies_box, whole_box
+    measured = feat.measure(bodies, whole, norm, grid_geometry)
+    ordered, gaps = feat.chain_order(measured)
+    if len(ordered) > len(LEVELS):
+        ordered = sorted(ordered, key=lambda f: -f.volume_ml)[: len(LEVELS)]
+        ordered, gaps = feat.chain_order(ordered)
+        warnings.append(f"more components than vertebral levels; kept the {len(LEVELS)} largest")
+    scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
+    t = stage("features", t)
+    solution = solve(scores, gaps)
+    t = stage("sequence", t)
+    report(0.9, "writing labels on the input grid")
+    ids = np.zeros(int(whole.max(initial=0)) + 1, dtype=np.int16)
+    for f in ordered:
+        ids[f.id] = f.id
+    model_grid_components = sitk.GetImageFromArray(ids[whole])
+    model_grid_components.CopyInformation(grid)
+    on_input = sitk.GetArrayFromImage(resample_to_grid(model_grid_components, image, label=True))
+    vertebrae = [
+        Vertebra(
+            id=f.id,
+            name=LEVELS[k].name,
+            centroid_lps_mm=tuple(float(c) for c in f.body_centroid_lps_mm),
+            volume_ml=round(f.volume_ml, 3),
+            confidence=float(p),
+            level_log_scores=row,
+        )
+        for f, k, p, row in zip(ordered, solution.levels, solution.confidence, scores)
+    ]
+    timings["resample_back"] = round(time.perf_counter() - t, 3)
+    timings["total"] = round(time.perf_counter() - t0, 3)
+    report(1.0, f"{len(vertebrae)} vertebrae labelled")
+    return SpineLabeling(
+        geometry=geometry,
+        components=on_input,
+        vertebrae=vertebrae,
+        gaps_mm=[float(g) for g in gaps],
+        warnings=warnings + solution.warnings,
+        sequence_warnings=list(solution.warnings),
+        model=loaded.info,
+        timings_s=timings,
+        source=source,
+        modality=modality,
+    )
+
+
+def _empty(geometry, warnings, loaded, timings, source, modality, t0) -> SpineLabeling:
+    timings["total"] = round(time.perf_counter() - t0, 3)
+    return SpineLabeling(
+        geometry=geometry,
+        components=np.zeros(geometry.size[::-1], dtype=np.int16),
+        vertebrae=[],
+        warnings=warnings + ["no vertebrae found"],
+        sequence_warnings=["no vertebrae found"],
+        model=loaded.info,
+        timings_s=timings,
+        source=source,
+        modality=modality,
+    )
