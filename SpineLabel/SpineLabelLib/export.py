@@ -1,0 +1,180 @@
+"""Corrected labellings as training data: an nnU-Net v2 raw dataset, one case appended per export.
+
+Layout of ``dataset_dir`` (nnU-Net v2 "raw" format, directly usable by ``nnUNetv2_plan_and_preprocess`` and by
+``spinelabel train``)::
+
+    dataset.json                      channel_names, labels, numTraining, file_ending (rewritten on each append)
+    imagesTr/{CASE}_0000.nii.gz       the image, untouched (its own grid and pixel type)
+    labelsTr/{CASE}.nii.gz            uint8 VerSe label map on the image grid
+    centroids/{CASE}_ctd.json         VerSe centroid list (see :func:`SpineLabelLib.writers.write_centroids`)
+    provenance/{CASE}.json            model, corrections, fixed levels, source, timestamp, SpineLabel version
+
+Label values are the VerSe values of :mod:`SpineLabelLib.vertebrae`. nnU-Net v2 requires the label values in
+``dataset.json`` to be consecutive; VerSe reserves 27 for the coccyx, which SpineLabel never labels, so
+``dataset.json`` lists it too (no voxel ever carries it).
+
+A case is never overwritten: an existing ``case_id`` raises, and automatic ids continue the numbering.
+Every file is written under a temporary name and renamed when complete (:func:`SpineLabelLib.io.atomic_path`);
+``dataset.json`` is written last, so an interrupted export leaves the dataset as it was plus at most some files
+of a case that ``dataset.json`` does not count yet.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__, writers
+from .io import atomic_path
+from .result import Geometry, SpineLabeling
+from .vertebrae import LEVELS
+
+__all__ = ["CASE_PREFIX", "VERSE_COCCYX_LABEL", "dataset_labels", "next_case_id", "export_case", "read_dataset_json"]
+
+log = logging.getLogger(__name__)
+
+CASE_PREFIX = "spine"
+VERSE_COCCYX_LABEL = 27
+_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_FILE_ENDING = ".nii.gz"
+
+
+def dataset_labels() -> dict[str, int]:
+    """``dataset.json`` labels: background 0, every level of ``LEVELS`` with its VerSe value, and the unused
+    VerSe coccyx value so that the values are consecutive; ordered by value."""
+    labels = {"background": 0, "coccyx": VERSE_COCCYX_LABEL}
+    labels.update({level.name: level.label for level in LEVELS})
+    return dict(sorted(labels.items(), key=lambda item: item[1]))
+
+
+def _paths(dataset_dir: Path, case_id: str) -> dict[str, Path]:
+    return {
+        "image": dataset_dir / "imagesTr" / f"{case_id}_0000{_FILE_ENDING}",
+        "label": dataset_dir / "labelsTr" / f"{case_id}{_FILE_ENDING}",
+        "centroids": dataset_dir / "centroids" / f"{case_id}_ctd.json",
+        "provenance": dataset_dir / "provenance" / f"{case_id}.json",
+    }
+
+
+def _existing_cases(dataset_dir: Path) -> set[str]:
+    cases = {p.name[: -len(_FILE_ENDING)] for p in (dataset_dir / "labelsTr").glob(f"*{_FILE_ENDING}")}
+    cases |= {p.name[: -len("_0000" + _FILE_ENDING)] for p in (dataset_dir / "imagesTr").glob(f"*_0000{_FILE_ENDING}")}
+    cases |= {p.stem for p in (dataset_dir / "provenance").glob("*.json")}
+    return cases
+
+
+def next_case_id(dataset_dir: str | os.PathLike, prefix: str = CASE_PREFIX) -> str:
+    """First free ``{prefix}_{NNNN}`` id after the highest one already in the dataset (``spine_0001`` first)."""
+    numbers = [int(m.group(1)) for c in _existing_cases(Path(dataset_dir))
+               if (m := re.fullmatch(rf"{re.escape(prefix)}_(\d+)", c))]
+    return f"{prefix}_{max(numbers, default=0) + 1:04d}"
+
+
+def read_dataset_json(dataset_dir: str | os.PathLike) -> dict | None:
+    """The dataset's ``dataset.json`` as a dict, or None when there is none yet."""
+    path = Path(dataset_dir) / "dataset.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_json(document, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def _modality(result: SpineLabeling) -> str:
+    modality = (result.modality or "CT").upper()
+    if modality not in ("CT", "MR"):
+        raise ValueError(f"modality {result.modality!r}: expected CT or MR")
+    return modality
+
+
+def _check_same_grid(result: SpineLabeling, image: sitk.Image) -> None:
+    g, h = Geometry.of(image), result.geometry
+    if (g.size != h.size or not np.allclose(g.spacing, h.spacing, rtol=1e-5)
+            or not np.allclose(g.origin, h.origin, atol=1e-3) or not np.allclose(g.direction, h.direction, atol=1e-5)):
+        raise ValueError(f"image grid {g.as_dict()} differs from the labelling's {h.as_dict()}")
+
+
+def export_case(
+    result: SpineLabeling,
+    image: sitk.Image,
+    dataset_dir: str | os.PathLike,
+    case_id: str | None = None,
+    corrections: list[dict] | None = None,
+    model: dict | None = None,
+) -> Path:
+    """Append one labelled image to an nnU-Net v2 raw dataset (created when missing).
+
+    Args:
+        result: the (corrected) labelling, on the grid of ``image``.
+        image: the image it labels; written as it is.
+        dataset_dir: the dataset folder (``.../nnUNet_raw/Dataset123_Spine``).
+        case_id: case identifier (letters, digits, ``_``, ``-``); None for the next ``spine_NNNN``.
+        corrections: what the user changed, in order, e.g. ``[{"action": "rename", "vertebra_id": 3,
+            "from": "L1", "to": "L2"}]``; stored in the provenance record.
+        model: ``{"name", "version", ...}`` of the model that made the labelling; defaults to ``result.model``.
+
+    Returns:
+        Path of the written label map ``labelsTr/{CASE}.nii.gz``.
+
+    Raises:
+        FileExistsError: ``case_id`` is already in the dataset.
+        ValueError: invalid ``case_id``, image not on the labelling's grid, or a modality other than the
+            dataset's.
+    """
+    dataset_dir = Path(dataset_dir)
+    _check_same_grid(result, image)
+    modality = _modality(result)
+    dataset = read_dataset_json(dataset_dir)
+    if dataset is not None and dataset.get("channel_names", {}).get("0") != modality:
+        raise ValueError(f"{dataset_dir}: dataset holds {dataset['channel_names'].get('0')} images, this one is {modality}")
+    if case_id is None:
+        case_id = next_case_id(dataset_dir)
+    elif not _CASE_ID.match(case_id):
+        raise ValueError(f"case id {case_id!r}: use letters, digits, '_' and '-' only")
+    paths = _paths(dataset_dir, case_id)
+    if case_id in _existing_cases(dataset_dir) or any(p.exists() for p in paths.values()):
+        raise FileExistsError(f"{dataset_dir}: case {case_id!r} already exists; export never overwrites")
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    with atomic_path(paths["image"]) as tmp:
+        sitk.WriteImage(image, str(tmp), True)
+    writers.write_label_map(result, paths["label"])
+    writers.write_centroids(result, paths["centroids"])
+    _write_json({
+        "case_id": case_id,
+        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "spinelabel_version": __version__,
+        "model": dict(model if model is not None else result.model),
+        "source": result.source,
+        "modality": modality,
+        "vertebrae": [{"id": v.id, "name": v.name, "label": v.label, "fixed": v.fixed,
+                       "confidence": round(float(v.confidence), 4)} for v in result.vertebrae],
+        "corrected": sorted(v.name for v in result.vertebrae if v.fixed),
+        "corrections": list(corrections or []),
+        "warnings": list(result.warnings),
+    }, paths["provenance"])
+
+    num_training = len(list((dataset_dir / "labelsTr").glob(f"*{_FILE_ENDING}")))
+    document = dict(dataset or {})
+    document.update({
+        "name": document.get("name", dataset_dir.name),
+        "description": document.get("description", "Vertebrae labelled with SpineLabel and corrected by hand"),
+        "channel_names": {"0": modality},
+        "labels": dataset_labels(),
+        "numTraining": num_training,
+        "file_ending": _FILE_ENDING,
+    })
+    _write_json(document, dataset_dir / "dataset.json")
+    log.info("exported case %s to %s (%d cases)", case_id, dataset_dir, num_training)
+    return paths["label"]

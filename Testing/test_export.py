@@ -1,0 +1,75 @@
+"""nnU-Net v2 dataset export of corrected labellings (SpineLabelLib.export)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import build_spine
+from SpineLabelLib import edits, export
+from SpineLabelLib.vertebrae import BY_NAME, LEVELS
+
+
+def test_labels_are_consecutive_and_cover_every_level():
+    labels = export.dataset_labels()
+    assert list(labels.values()) == list(range(len(labels)))
+    assert all(labels[level.name] == level.label for level in LEVELS)
+
+
+def test_export_writes_nnunet_case_and_appends(tmp_path, spine):
+    corrected = edits.rename(spine.result, spine.result.vertebrae[0].id, "T12")
+    log = [{"action": "rename", "vertebra_id": spine.result.vertebrae[0].id, "from": "T11", "to": "T12"}]
+    label_path = export.export_case(corrected, spine.image, tmp_path, corrections=log)
+    assert label_path == tmp_path / "labelsTr" / "spine_0001.nii.gz"
+
+    image = sitk.ReadImage(str(tmp_path / "imagesTr" / "spine_0001_0000.nii.gz"))
+    label = sitk.ReadImage(str(label_path))
+    assert label.GetPixelID() == sitk.sitkUInt8
+    for got in (image, label):
+        assert got.GetSize() == spine.image.GetSize()
+        np.testing.assert_allclose(got.GetSpacing(), spine.image.GetSpacing())
+        np.testing.assert_allclose(got.GetOrigin(), spine.image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(spine.image), atol=1e-4)
+    labels = sitk.GetArrayFromImage(label)
+    np.testing.assert_array_equal(labels, corrected.label_map())
+    assert set(np.unique(labels)) == {0} | {BY_NAME[n].label for n in ("T12", "L1", "L2", "L3", "L4", "L5")}
+
+    dataset = json.loads((tmp_path / "dataset.json").read_text())
+    assert dataset["channel_names"] == {"0": "CT"}
+    assert dataset["labels"] == export.dataset_labels() and dataset["labels"]["background"] == 0
+    assert dataset["numTraining"] == 1 and dataset["file_ending"] == ".nii.gz"
+
+    centroids = json.loads((tmp_path / "centroids" / "spine_0001_ctd.json").read_text())
+    assert [c["name"] for c in centroids[1:]] == [v.name for v in corrected.vertebrae]
+    provenance = json.loads((tmp_path / "provenance" / "spine_0001.json").read_text())
+    assert provenance["model"] == {"name": "synthetic", "version": "0"}
+    assert provenance["corrections"] == log and provenance["corrected"] == ["T12"]
+    assert provenance["exported_at"].endswith("+00:00")
+
+    second = build_spine(names=("L1", "L2", "L3", "L4"), seed=1)
+    assert export.export_case(second.result, second.image, tmp_path).name == "spine_0002.nii.gz"
+    dataset = json.loads((tmp_path / "dataset.json").read_text())
+    assert dataset["numTraining"] == 2
+    assert sorted(p.name for p in (tmp_path / "imagesTr").iterdir()) == ["spine_0001_0000.nii.gz", "spine_0002_0000.nii.gz"]
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_export_never_overwrites_and_checks_inputs(tmp_path, spine):
+    export.export_case(spine.result, spine.image, tmp_path, case_id="case-A")
+    before = (tmp_path / "labelsTr" / "case-A.nii.gz").read_bytes()
+    with pytest.raises(FileExistsError):
+        export.export_case(spine.result, spine.image, tmp_path, case_id="case-A")
+    assert (tmp_path / "labelsTr" / "case-A.nii.gz").read_bytes() == before
+    with pytest.raises(ValueError, match="case id"):
+        export.export_case(spine.result, spine.image, tmp_path, case_id="../escape")
+    mr = spine.result.copy(modality="MR")
+    with pytest.raises(ValueError, match="CT images"):
+        export.export_case(mr, spine.image, tmp_path)
+    shifted = sitk.Image(spine.image)
+    shifted.SetOrigin((5.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="grid"):
+        export.export_case(spine.result, shifted, tmp_path)
+    assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == 1
