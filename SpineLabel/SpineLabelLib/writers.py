@@ -1,0 +1,539 @@
+"""Output files of one labelled image: label map, Slicer segmentation and markups, VerSe centroids, report, snapshot.
+
+For an input ``NAME`` the outputs are ``NAME`` + each of ``OUTPUT_SUFFIXES``:
+
+- ``NAME_seg.nii.gz``: uint8 VerSe label map on the input grid.
+- ``NAME.seg.nrrd``: 3D Slicer segmentation (one labelmap layer, VerSe label values, one segment per level with its
+  colour and SNOMED CT terminology), on the input grid.
+- ``NAME.mrk.json``: Slicer markups fiducial list, one control point per vertebra at its body centroid (LPS mm).
+- ``NAME_ctd.json``: VerSe centroid list. ``X, Y, Z`` are continuous voxel coordinates of the body centroid in the
+  image reoriented to the axis codes of ``direction`` (VerSe writes ``["P", "I", "R"]``: the first voxel axis points
+  posterior, the second inferior, the third to the right), i.e. the voxel coordinates
+  ``sitk.DICOMOrient(image, "PIR")`` would give; no resampling is involved, only an axis permutation and flips.
+  Each entry also carries ``name`` and ``world_lps_mm``.
+- ``NAME_report.json``: input geometry, model, per-vertebra results, warnings, timings, SpineLabel version.
+- ``NAME_snapshot.png``: mid-sagittal and mid-coronal views with the coloured labels and level names.
+
+Every file is written under a temporary name beside its final one and renamed when complete
+(:func:`SpineLabelLib.io.atomic_path`); :func:`write_all` renames the six only once all of them are written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import nrrd
+import SimpleITK as sitk
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+from . import __version__
+from .io import atomic_path
+from .result import Geometry, SpineLabeling
+from .vertebrae import terminology_entry
+
+__all__ = [
+    "OUTPUT_SUFFIXES",
+    "VERSE_DIRECTION",
+    "output_paths",
+    "write_label_map",
+    "segmentation_array_and_header",
+    "write_segmentation",
+    "write_markups",
+    "write_centroids",
+    "write_report",
+    "write_snapshot",
+    "write_all",
+    "verse_voxel_coordinates",
+]
+
+log = logging.getLogger(__name__)
+
+OUTPUT_SUFFIXES = ("_seg.nii.gz", ".seg.nrrd", ".mrk.json", "_ctd.json", "_report.json", "_snapshot.png")
+VERSE_DIRECTION = ("P", "I", "R")
+MARKUPS_SCHEMA = (
+    "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"
+    "markups-schema-v1.0.3.json#"
+)
+_OPPOSITE = {"L": "R", "R": "L", "P": "A", "A": "P", "S": "I", "I": "S"}
+_SNAPSHOT_ALPHA = 0.4
+_SNAPSHOT_SIDE_PX = (256, 1024)  # the longer side of a view lies in this range: small images are enlarged
+
+
+def output_paths(outdir: str | os.PathLike, name: str) -> list[Path]:
+    """The six output paths of case ``name`` in ``outdir``, in ``OUTPUT_SUFFIXES`` order."""
+    return [Path(outdir) / f"{name}{suffix}" for suffix in OUTPUT_SUFFIXES]
+
+
+def _check_grid(result: SpineLabeling) -> None:
+    expected = tuple(reversed(result.geometry.size))
+    if tuple(result.components.shape) != expected:
+        raise ValueError(
+            f"components array has shape {tuple(result.components.shape)} but the input grid of size "
+            f"{result.geometry.size} (i, j, k) needs (z, y, x) = {expected}"
+        )
+
+
+def _direction_matrix(geometry: Geometry) -> np.ndarray:
+    """3x3 direction cosines; column c is the LPS direction of voxel axis c."""
+    return np.asarray(geometry.direction, dtype=float).reshape(3, 3)
+
+
+def _axis_codes(geometry: Geometry) -> str:
+    """Closest anatomical direction letter of each voxel axis (i, j, k), e.g. ``"LPS"`` (toward L, P, S)."""
+    codes = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(x) for x in geometry.direction])
+    if len(codes) != 3 or len({_OPPOSITE[c] if c in "RAI" else c for c in codes}) != 3:
+        raise ValueError(f"direction {geometry.direction} does not map to three distinct anatomical axes ({codes!r})")
+    return codes
+
+
+# ---------------------------------------------------------------------------------------------------- label map
+
+
+def _label_map_image(result: SpineLabeling) -> sitk.Image:
+    _check_grid(result)
+    image = sitk.GetImageFromArray(result.label_map())
+    image.SetSpacing(result.geometry.spacing)
+    image.SetOrigin(result.geometry.origin)
+    image.SetDirection(result.geometry.direction)
+    return image
+
+
+def _write_label_map_to(result: SpineLabeling, path: Path) -> None:
+    sitk.WriteImage(_label_map_image(result), str(path), True)
+
+
+def write_label_map(result: SpineLabeling, path: str | os.PathLike) -> None:
+    """Write the uint8 VerSe label map (``result.label_map()``) on the input grid (``NAME_seg.nii.gz``)."""
+    with atomic_path(path) as tmp:
+        _write_label_map_to(result, tmp)
+    log.info("wrote label map %s", path)
+
+
+# ------------------------------------------------------------------------------------------- Slicer segmentation
+
+
+def _segments(result: SpineLabeling) -> list[tuple[str, list[int]]]:
+    """Level names in chain order, each with the ids of the components carrying it (normally exactly one)."""
+    segments: dict[str, list[int]] = {}
+    for v in result.vertebrae:
+        segments.setdefault(v.name, []).append(v.id)
+    for name, ids in segments.items():
+        if len(ids) > 1:
+            log.warning("components %s all carry level %s; they share one segment", ids, name)
+    return list(segments.items())
+
+
+def segmentation_array_and_header(result: SpineLabeling) -> tuple[np.ndarray, dict]:
+    """Voxels and NRRD header of the Slicer segmentation (``.seg.nrrd``) of ``result``.
+
+    One labelmap layer holds every segment; segment N (0-based, chain order) is one vertebral level with ID and
+    name the level name (``"L1"``), its VerSe label value, colour and SNOMED CT terminology entry, and its voxel
+    extent ``i0 i1 j0 j1 k0 k1`` (``0 -1 0 -1 0 -1`` when it has no voxel).
+
+    Returns:
+        ``(voxels, header)``: voxels is the uint8 VerSe label map, array axes (z, y, x) = (k, j, i) like every
+        SpineLabel array (``pynrrd.write`` wants its transpose, (i, j, k)); header is a pynrrd header dict with
+        ``space`` left-posterior-superior, ``space directions`` (one row per voxel axis i, j, k, in mm),
+        ``space origin`` (LPS mm) and the ``Segment*``/``Segmentation_*`` fields as strings.
+    """
+    _check_grid(result)
+    geometry = result.geometry
+    voxels = result.label_map()
+    boxes = ndimage.find_objects(np.asarray(result.components))
+    header: dict = {
+        "type": "uint8",
+        "dimension": 3,
+        "space": "left-posterior-superior",
+        "space directions": (_direction_matrix(geometry) * np.asarray(geometry.spacing)).T,
+        "space origin": np.asarray(geometry.origin, dtype=float),
+        "kinds": ["domain", "domain", "domain"],
+        "encoding": "gzip",
+    }
+    for n, (name, ids) in enumerate(_segments(result)):
+        level = result.by_id(ids[0]).level
+        lo = np.full(3, np.iinfo(np.int64).max)
+        hi = np.full(3, -1)
+        for component_id in ids:
+            box = boxes[component_id - 1] if 0 < component_id <= len(boxes) else None
+            if box is None:
+                continue
+            # box slices are along (z, y, x); the extent is along (i, j, k)
+            lo = np.minimum(lo, [box[2].start, box[1].start, box[0].start])
+            hi = np.maximum(hi, [box[2].stop - 1, box[1].stop - 1, box[0].stop - 1])
+        extent = [0, -1, 0, -1, 0, -1] if hi[0] < 0 else [int(x) for pair in zip(lo, hi) for x in pair]
+        header.update({
+            f"Segment{n}_ID": name,
+            f"Segment{n}_Name": name,
+            f"Segment{n}_NameAutoGenerated": "0",
+            f"Segment{n}_Color": " ".join(f"{c:.6g}" for c in level.colour),
+            f"Segment{n}_ColorAutoGenerated": "0",
+            f"Segment{n}_LabelValue": str(level.label),
+            f"Segment{n}_Layer": "0",
+            f"Segment{n}_Extent": " ".join(str(x) for x in extent),
+            f"Segment{n}_Tags": f"TerminologyEntry:{terminology_entry(level)}|",
+        })
+    header.update({
+        "Segmentation_MasterRepresentation": "Binary labelmap",
+        "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+        "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+    })
+    return voxels, header
+
+
+def _write_segmentation_to(result: SpineLabeling, path: Path) -> None:
+    voxels, header = segmentation_array_and_header(result)
+    nrrd.write(str(path), np.ascontiguousarray(voxels.T), header, index_order="F")
+
+
+def write_segmentation(result: SpineLabeling, path: str | os.PathLike) -> None:
+    """Write the 3D Slicer segmentation ``NAME.seg.nrrd`` (see :func:`segmentation_array_and_header`)."""
+    with atomic_path(path) as tmp:
+        _write_segmentation_to(result, tmp)
+    log.info("wrote segmentation %s", path)
+
+
+# ---------------------------------------------------------------------------------------------------- markups
+
+
+def _markups_document(result: SpineLabeling) -> dict:
+    points = [
+        {
+            "id": str(v.id),
+            "label": v.name,
+            "description": f"confidence {v.confidence:.2f}",
+            "associatedNodeID": "",
+            "position": [float(x) for x in v.centroid_lps_mm],
+            "orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0],
+            "selected": True,
+            "locked": bool(v.fixed),
+            "visibility": True,
+            "positionStatus": "defined",
+        }
+        for v in result.vertebrae
+    ]
+    display = {
+        "visibility": True,
+        "opacity": 1.0,
+        "color": [0.4, 1.0, 1.0],
+        "selectedColor": [1.0, 0.5, 0.5],
+        "activeColor": [0.4, 1.0, 0.0],
+        "propertiesLabelVisibility": False,
+        "pointLabelsVisibility": True,
+        "textScale": 3.0,
+        "glyphType": "Sphere3D",
+        "glyphScale": 2.0,
+        "glyphSize": 5.0,
+        "useGlyphScale": True,
+        "sliceProjection": False,
+        "handlesInteractive": False,
+        "snapMode": "toVisibleSurface",
+    }
+    markup = {
+        "type": "Fiducial",
+        "coordinateSystem": "LPS",
+        "coordinateUnits": "mm",
+        "locked": False,
+        "fixedNumberOfControlPoints": False,
+        "labelFormat": "%N-%d",
+        "lastUsedControlPointNumber": len(points),
+        "controlPoints": points,
+        "measurements": [],
+        "display": display,
+    }
+    return {"@schema": MARKUPS_SCHEMA, "markups": [markup]}
+
+
+def _write_json(document, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(document, f, indent=2)
+        f.write("\n")
+
+
+def write_markups(result: SpineLabeling, path: str | os.PathLike) -> None:
+    """Write ``NAME.mrk.json``: a Slicer fiducial list (schema markups-schema-v1.0.3), one control point per
+    vertebra in chain order: id = component id, label = level name, position = body centroid (LPS mm), locked
+    when the label was fixed by a user, description = the level's confidence."""
+    with atomic_path(path) as tmp:
+        _write_json(_markups_document(result), tmp)
+    log.info("wrote markups %s", path)
+
+
+# ---------------------------------------------------------------------------------------------- VerSe centroids
+
+
+def verse_voxel_coordinates(geometry: Geometry, lps_mm: np.ndarray, direction: tuple[str, str, str] = VERSE_DIRECTION) -> np.ndarray:
+    """Continuous voxel coordinates of LPS points in the image reoriented to ``direction``.
+
+    ``direction`` names where each voxel axis of the reoriented image points (VerSe: ``("P", "I", "R")``). The
+    reorientation is the axis permutation and flips ``sitk.DICOMOrient`` applies (an axis pointing the opposite
+    way is flipped: index ``n - 1 - i``); oblique images use their closest anatomical axes.
+
+    Args:
+        geometry: the image grid.
+        lps_mm: points (..., 3) in LPS mm, float.
+
+    Returns:
+        float64 array (..., 3): coordinates along the reoriented axes, in ``direction`` order (VerSe X, Y, Z).
+    """
+    codes = _axis_codes(geometry)
+    ijk = geometry.lps_to_index(lps_mm)
+    out = np.empty_like(ijk)
+    for t, letter in enumerate(direction):
+        if letter in codes:
+            out[..., t] = ijk[..., codes.index(letter)]
+        elif _OPPOSITE[letter] in codes:
+            axis = codes.index(_OPPOSITE[letter])
+            out[..., t] = geometry.size[axis] - 1 - ijk[..., axis]
+        else:
+            raise ValueError(f"direction {direction} is not a set of three anatomical axes")
+    return out
+
+
+def _centroid_document(result: SpineLabeling) -> list:
+    entries: list = [{"direction": list(VERSE_DIRECTION)}]
+    for v in result.vertebrae:
+        x, y, z = verse_voxel_coordinates(result.geometry, np.asarray(v.centroid_lps_mm, dtype=float))
+        entries.append({
+            "label": v.label,
+            "X": round(float(x), 2),
+            "Y": round(float(y), 2),
+            "Z": round(float(z), 2),
+            "name": v.name,
+            "world_lps_mm": [round(float(c), 3) for c in v.centroid_lps_mm],
+        })
+    return entries
+
+
+def write_centroids(result: SpineLabeling, path: str | os.PathLike) -> None:
+    """Write ``NAME_ctd.json`` in the VerSe centroid format: ``[{"direction": ["P", "I", "R"]}, {"label": 20,
+    "X": .., "Y": .., "Z": .., "name": "L1", "world_lps_mm": [..]}, ...]``; X, Y, Z as in
+    :func:`verse_voxel_coordinates` (voxels, 0.01 precision), ``world_lps_mm`` the body centroid in LPS mm."""
+    with atomic_path(path) as tmp:
+        _write_json(_centroid_document(result), tmp)
+    log.info("wrote centroids %s", path)
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+
+def _report_document(result: SpineLabeling, input_path: str | os.PathLike | None) -> dict:
+    source = input_path if input_path is not None else result.source
+    return {
+        "input": {"path": str(source) if source else "", **result.geometry.as_dict(), "modality": result.modality},
+        "model": dict(result.model),
+        "vertebrae": [
+            {
+                "id": int(v.id),
+                "name": v.name,
+                "label": v.label,
+                "centroid_lps_mm": [float(c) for c in v.centroid_lps_mm],
+                "volume_ml": float(v.volume_ml),
+                "confidence": float(v.confidence),
+                "fixed": bool(v.fixed),
+            }
+            for v in result.vertebrae
+        ],
+        "gaps_mm": [float(g) for g in result.gaps_mm],
+        "warnings": list(result.warnings),
+        "timings_s": {k: float(t) for k, t in result.timings_s.items()},
+        "spinelabel_version": __version__,
+    }
+
+
+def write_report(result: SpineLabeling, path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> None:
+    """Write ``NAME_report.json``: input (path, size, spacing_mm, origin_lps_mm, direction, modality), model,
+    vertebrae (id, name, label, centroid_lps_mm, volume_ml, confidence, fixed), gaps_mm, warnings, timings_s and
+    spinelabel_version. ``input_path`` defaults to ``result.source``."""
+    with atomic_path(path) as tmp:
+        _write_json(_report_document(result, input_path), tmp)
+    log.info("wrote report %s", path)
+
+
+# ---------------------------------------------------------------------------------------------------- snapshot
+
+
+def _view_axes(codes: str, fixed_pair: str, horizontal_pair: str) -> tuple[int, int, int, bool, bool]:
+    """Voxel axes (fixed, vertical, horizontal) of a view and whether rows/columns must be flipped so that
+    superior is at the top and the horizontal axis runs toward the second letter of ``horizontal_pair``."""
+
+    def axis(pair: str) -> int:
+        return next(c for c in range(3) if codes[c] in pair)
+
+    fixed, vertical, horizontal = axis(fixed_pair), axis("SI"), axis(horizontal_pair)
+    return fixed, vertical, horizontal, codes[vertical] == "S", codes[horizontal] == horizontal_pair[0]
+
+
+def _plane(volume: np.ndarray, fixed: int, vertical: int, horizontal: int, index: int, flip_rows: bool,
+           flip_cols: bool) -> np.ndarray:
+    """2D (rows = vertical voxel axis, columns = horizontal voxel axis) slice of a (z, y, x) volume at voxel
+    ``index`` along voxel axis ``fixed`` (0 = i/x, 1 = j/y, 2 = k/z); only that plane is read."""
+    view = np.transpose(volume, (2 - vertical, 2 - horizontal, 2 - fixed))[:, :, index]
+    return view[::-1 if flip_rows else 1, ::-1 if flip_cols else 1]
+
+
+def _resample_indices(n: int, spacing: float, display_spacing: float) -> tuple[int, np.ndarray]:
+    """Output length and nearest source index of each output pixel for a 1D axis."""
+    out = max(1, int(round(n * spacing / display_spacing)))
+    src = np.minimum(((np.arange(out) + 0.5) * display_spacing / spacing).astype(int), n - 1)
+    return out, src
+
+
+def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill, font, width: int) -> None:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x = min(max(xy[0], 1), width - (right - left) - 1)
+    draw.text((x, xy[1] - (bottom - top) / 2), text, fill=fill, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+
+
+def _snapshot_panel(result: SpineLabeling, image_zyx: np.ndarray, axes, index: int, window: tuple[float, float],
+                    colours: np.ndarray, title: str) -> Image.Image:
+    fixed, vertical, horizontal, flip_rows, flip_cols = axes
+    geometry = result.geometry
+    grey = _plane(image_zyx, fixed, vertical, horizontal, index, flip_rows, flip_cols).astype(np.float32)
+    ids = _plane(result.components, fixed, vertical, horizontal, index, flip_rows, flip_cols)
+    sp_v, sp_h = geometry.spacing[vertical], geometry.spacing[horizontal]
+    n_v, n_h = grey.shape
+    extent_mm = max(n_v * sp_v, n_h * sp_h)
+    display_spacing = min(max(min(sp_v, sp_h), extent_mm / _SNAPSHOT_SIDE_PX[1]), extent_mm / _SNAPSHOT_SIDE_PX[0])
+    height, rows = _resample_indices(n_v, sp_v, display_spacing)
+    width, cols = _resample_indices(n_h, sp_h, display_spacing)
+
+    lo, hi = window
+    scaled = np.clip((grey - lo) / (hi - lo), 0.0, 1.0)
+    scaled = np.asarray(Image.fromarray(scaled, mode="F").resize((width, height), Image.Resampling.BILINEAR))
+    rgb = np.repeat(scaled[:, :, None], 3, axis=2)
+    ids = np.clip(ids[rows][:, cols].astype(np.int64), 0, len(colours) - 1)
+    labelled = colours[ids, 3] > 0
+    rgb[labelled] = (1 - _SNAPSHOT_ALPHA) * rgb[labelled] + _SNAPSHOT_ALPHA * colours[ids[labelled], :3]
+    panel = Image.fromarray((rgb * 255).round().astype(np.uint8), mode="RGB")
+
+    draw = ImageDraw.Draw(panel)
+    font = ImageFont.load_default(size=max(10, min(height, width) // 25))
+    draw.text((4, 2), title, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+    for v in result.vertebrae:
+        ijk = geometry.lps_to_index(np.asarray(v.centroid_lps_mm, dtype=float))
+        r = n_v - 1 - ijk[vertical] if flip_rows else ijk[vertical]
+        c = n_h - 1 - ijk[horizontal] if flip_cols else ijk[horizontal]
+        y, x = (r + 0.5) * sp_v / display_spacing, (c + 0.5) * sp_h / display_spacing
+        in_view = np.nonzero((ids == v.id).any(axis=0))[0]
+        x_text = in_view.max() + 4 if in_view.size else x + 10 / display_spacing
+        colour = tuple(int(round(255 * ch)) for ch in v.level.colour)
+        _draw_text(draw, (x_text, y), v.name, colour, font, width)
+    if not result.vertebrae:
+        _draw_text(draw, (width / 2 - 60, height / 2), "no vertebrae found", (255, 255, 0), font, width)
+    return panel
+
+
+def _snapshot(result: SpineLabeling, image: sitk.Image) -> Image.Image:
+    _check_grid(result)
+    geometry = result.geometry
+    if tuple(image.GetSize()) != geometry.size:
+        raise ValueError(f"image size {image.GetSize()} differs from the labelling grid {geometry.size}")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError("snapshot needs a scalar image")
+    image_zyx = sitk.GetArrayViewFromImage(image)
+    codes = _axis_codes(geometry)
+    sagittal = _view_axes(codes, "LR", "AP")  # anterior left, superior up
+    coronal = _view_axes(codes, "AP", "RL")  # patient right on the left (radiological), superior up
+    if result.vertebrae:
+        centroids = np.array([v.centroid_lps_mm for v in result.vertebrae], dtype=float)
+        centre = np.median(geometry.lps_to_index(centroids), axis=0)
+    else:
+        centre = (np.asarray(geometry.size) - 1) / 2.0
+    index = {axis: int(np.clip(round(centre[axis]), 0, geometry.size[axis] - 1)) for axis in range(3)}
+
+    planes = [_plane(image_zyx, *view[:3], index[view[0]], *view[3:]) for view in (sagittal, coronal)]
+    sample = np.concatenate([p.ravel()[:: max(1, p.size // 200_000)] for p in planes]).astype(np.float64)
+    lo, hi = np.percentile(sample, [1.0, 99.0])
+    if hi <= lo:
+        hi = lo + 1.0
+
+    max_id = int(result.components.max(initial=0))
+    colours = np.zeros((max(max_id, max((v.id for v in result.vertebrae), default=0)) + 1, 4), dtype=np.float32)
+    for v in result.vertebrae:
+        colours[v.id] = (*v.level.colour, 1.0)
+
+    panels = [
+        _snapshot_panel(result, image_zyx, view, index[view[0]], (float(lo), float(hi)), colours, title)
+        for view, title in ((sagittal, "sagittal"), (coronal, "coronal"))
+    ]
+    gap = 4
+    canvas = Image.new("RGB", (sum(p.width for p in panels) + gap, max(p.height for p in panels)), (0, 0, 0))
+    canvas.paste(panels[0], (0, 0))
+    canvas.paste(panels[1], (panels[0].width + gap, 0))
+    return canvas
+
+
+def _write_snapshot_to(result: SpineLabeling, image: sitk.Image, path: Path) -> None:
+    _snapshot(result, image).save(path, format="PNG")
+
+
+def write_snapshot(result: SpineLabeling, image: sitk.Image, path: str | os.PathLike) -> None:
+    """Write ``NAME_snapshot.png``: mid-sagittal (anterior left) and mid-coronal (patient right on the left)
+    planes through the median vertebra centroid, side by side, superior at the top, at isotropic display spacing
+    (the finer in-plane spacing, but the longer side of a view kept within 256-1024 px), windowed to the 1st-99th intensity
+    percentile of the two planes, labels overlaid in their level colours (alpha 0.4) with each level's name beside
+    it. With no vertebra the planes pass through the image centre and read "no vertebrae found".
+
+    Args:
+        result: the labelling; ``result.components`` is (z, y, x) on ``image``'s grid.
+        image: the input image (scalar, any pixel type), whose size must equal ``result.geometry.size``.
+        path: the PNG to write.
+    """
+    with atomic_path(path) as tmp:
+        _write_snapshot_to(result, image, tmp)
+    log.info("wrote snapshot %s", path)
+
+
+# ------------------------------------------------------------------------------------------------------ all six
+
+
+def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLike, name: str,
+              input_path: str | os.PathLike | None = None) -> list[Path]:
+    """Write the six outputs of case ``name`` into ``outdir`` (created if missing), all or nothing.
+
+    Each file is first written under a temporary name; only when all six are complete are they renamed to their
+    final names. If anything fails, the temporaries are removed and so is any final file this call had already
+    put in place, and the error is raised.
+
+    Returns:
+        The six paths, in ``OUTPUT_SUFFIXES`` order.
+
+    Raises:
+        PermissionError: ``outdir`` is not writable.
+        OSError: ``outdir`` cannot be created (for example a path below a regular file) or a write failed.
+    """
+    outdir = Path(outdir)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot create output folder {outdir}: {err.strerror or err}", str(outdir)) from err
+    if not os.access(outdir, os.W_OK | os.X_OK):
+        raise PermissionError(13, f"output folder {outdir} is not writable", str(outdir))
+    paths = output_paths(outdir, name)
+    existed = {p for p in paths if p.exists()}
+    writers = (
+        lambda tmp: _write_label_map_to(result, tmp),
+        lambda tmp: _write_segmentation_to(result, tmp),
+        lambda tmp: _write_json(_markups_document(result), tmp),
+        lambda tmp: _write_json(_centroid_document(result), tmp),
+        lambda tmp: _write_json(_report_document(result, input_path), tmp),
+        lambda tmp: _write_snapshot_to(result, image, tmp),
+    )
+    try:
+        with contextlib.ExitStack() as stack:
+            temps = [stack.enter_context(atomic_path(p)) for p in paths]
+            for write, tmp in zip(writers, temps):
+                write(tmp)
+    except BaseException:
+        for p in paths:
+            if p not in existed:
+                p.unlink(missing_ok=True)
+        raise
+    log.info("wrote %d outputs of %s to %s", len(paths), name, outdir)
+    return paths

@@ -1,0 +1,365 @@
+"""Tests of the output writers, each file read back by an independent reader (SimpleITK, slicerio, slicer-core)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from SpineLabelLib import __version__, writers
+from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
+from SpineLabelLib.vertebrae import BY_NAME, LEVELS
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Column c = LPS direction of voxel axis c.
+PERMUTED = np.array([[0, 0, -1], [-1, 0, 0], [0, -1, 0]], dtype=float)  # i -> A, j -> I, k -> R ("AIR")
+IDENTITY = np.eye(3)  # i -> L, j -> P, k -> S ("LPS")
+NAMES = ("T12", "L1", "L2", "L3")
+IDS = (3, 1, 2, 5)  # component ids need not follow chain order
+
+
+def make_case(direction: np.ndarray, intensity: str = "noise", names=NAMES, ids=IDS) -> tuple[SpineLabeling, sitk.Image]:
+    """Box-shaped vertebrae stacked cranio-caudally along the voxel axis closest to S-I.
+
+    Grid (i, j, k) = (40, 60, 40) with the long axis mapped onto S-I; L1 is shifted posteriorly.
+    """
+    si_axis = int(np.argmax(np.abs(direction[2])))
+    sign_s = np.sign(direction[2, si_axis])
+    ap_axis = int(np.argmax(np.abs(direction[1])))
+    sign_p = np.sign(direction[1, ap_axis])
+    size = [40, 40, 40]
+    size[si_axis] = 60
+    spacing = [1.0, 1.2, 1.1]
+    spacing[si_axis] = 1.5
+    image = sitk.Image(size, sitk.sitkInt16)
+    image.SetSpacing(spacing)
+    image.SetOrigin((10.0, -20.0, 30.0))
+    image.SetDirection(direction.ravel().tolist())
+    geometry = Geometry.of(image)
+    components_ijk = np.zeros(size, dtype=np.int16)
+    rng = np.random.default_rng(0)
+    values_ijk = rng.normal(0, 50, size) if intensity == "noise" else np.zeros(size)  # bodies are +400
+    vertebrae = []
+    for n, (vid, name) in enumerate(zip(ids, names)):
+        lo = [12, 12, 12]
+        hi = [28, 28, 28]
+        # n-th from the top: superior first
+        top = 5 + n * 13
+        lo[si_axis], hi[si_axis] = (top, top + 10) if sign_s < 0 else (60 - top - 10, 60 - top)
+        if name == "L1":  # shifted posteriorly by 8 voxels
+            shift = 8 if sign_p > 0 else -8
+            lo[ap_axis] += shift
+            hi[ap_axis] += shift
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        components_ijk[box] = vid
+        values_ijk[box] += 400
+        centre = (np.array(lo) + np.array(hi) - 1) / 2.0
+        vertebrae.append(Vertebra(vid, name, tuple(geometry.index_to_lps(centre)), 1.0 + n,
+                                  0.9 - 0.1 * n, np.zeros(len(LEVELS)), fixed=(name == "L1")))
+    components = np.ascontiguousarray(components_ijk.transpose(2, 1, 0))
+    filled = sitk.GetImageFromArray(np.ascontiguousarray(values_ijk.transpose(2, 1, 0)).astype(np.int16))
+    filled.CopyInformation(image)
+    result = SpineLabeling(geometry, components, vertebrae, gaps_mm=[19.5] * (len(vertebrae) - 1),
+                           warnings=["sacrum not in view"], model={"name": "test", "version": "0"},
+                           timings_s={"network": 1.5}, source="/data/case.nii.gz", modality="CT")
+    return result, filled
+
+
+@pytest.fixture(params=["permuted", "identity"])
+def case(request):
+    return make_case(PERMUTED if request.param == "permuted" else IDENTITY)
+
+
+def ijk_to_lps_matrix(geometry: Geometry) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(geometry.direction).reshape(3, 3) * np.asarray(geometry.spacing)
+    m[:3, 3] = geometry.origin
+    return m
+
+
+def test_label_map_on_input_grid(case, tmp_path):
+    result, image = case
+    path = tmp_path / "c_seg.nii.gz"
+    writers.write_label_map(result, path)
+    back = sitk.ReadImage(str(path))
+    assert back.GetPixelID() == sitk.sitkUInt8
+    assert back.GetSize() == image.GetSize()
+    np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-6)
+    values = sitk.GetArrayFromImage(back)
+    np.testing.assert_array_equal(values, result.label_map())
+    assert sorted(np.unique(values).tolist()) == [0] + sorted(BY_NAME[n].label for n in NAMES)
+    assert [p.name for p in tmp_path.iterdir()] == ["c_seg.nii.gz"]
+
+
+def test_segmentation_read_by_slicerio(case, tmp_path):
+    slicerio = pytest.importorskip("slicerio")
+    result, _ = case
+    path = tmp_path / "c.seg.nrrd"
+    writers.write_segmentation(result, path)
+    seg = slicerio.read_segmentation(str(path))
+    assert seg["masterRepresentation"] == "Binary labelmap"
+    assert seg["containedRepresentationNames"] == ["Binary labelmap"]
+    assert seg["referenceImageExtentOffset"] == [0, 0, 0]
+    np.testing.assert_allclose(seg["ijkToLPS"], ijk_to_lps_matrix(result.geometry), atol=1e-6)
+    np.testing.assert_array_equal(seg["voxels"], result.label_map().transpose(2, 1, 0))  # slicerio: (i, j, k)
+    assert [s["id"] for s in seg["segments"]] == list(NAMES)
+    for s, v in zip(seg["segments"], result.vertebrae):
+        level = BY_NAME[v.name]
+        assert s["name"] == v.name and not s["nameAutoGenerated"] and not s["colorAutoGenerated"]
+        assert s["labelValue"] == level.label and s["layer"] == 0
+        np.testing.assert_allclose(s["color"], level.colour, atol=1e-4)
+        assert s["terminology"]["category"] == ["SCT", "123037004", "Anatomical Structure"]
+        assert s["terminology"]["type"] == ["SCT", level.snomed_code, level.snomed_meaning]
+        ijk = np.argwhere(seg["voxels"] == level.label)
+        assert s["extent"] == [int(x) for pair in zip(ijk.min(0), ijk.max(0)) for x in pair]
+    assert seg["segments"][1]["terminology"]["type"] == ["SCT", "66794005", "L1 vertebra"]
+
+
+def test_segmentation_duplicate_level_is_one_segment(tmp_path, caplog):
+    slicerio = pytest.importorskip("slicerio")
+    result, _ = make_case(PERMUTED, names=("L1", "L2", "L2", "L3"))
+    writers.write_segmentation(result, tmp_path / "d.seg.nrrd")
+    seg = slicerio.read_segmentation(str(tmp_path / "d.seg.nrrd"))
+    assert [s["id"] for s in seg["segments"]] == ["L1", "L2", "L3"]
+    assert "share one segment" in caplog.text
+
+
+def test_grid_mismatch_is_refused(tmp_path):
+    result, _ = make_case(PERMUTED)
+    result.components = result.components[:-1]
+    with pytest.raises(ValueError, match="shape"):
+        writers.write_label_map(result, tmp_path / "x_seg.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_markups_positions(case, tmp_path):
+    result, _ = case
+    path = tmp_path / "c.mrk.json"
+    writers.write_markups(result, path)
+    doc = json.loads(path.read_text())
+    assert doc["@schema"].endswith("markups-schema-v1.0.3.json#")
+    (markup,) = doc["markups"]
+    assert markup["type"] == "Fiducial" and markup["coordinateSystem"] == "LPS" and markup["coordinateUnits"] == "mm"
+    points = markup["controlPoints"]
+    assert [p["label"] for p in points] == list(NAMES)
+    assert [p["id"] for p in points] == [str(i) for i in IDS]
+    assert [p["locked"] for p in points] == [v.fixed for v in result.vertebrae]
+    for p, v in zip(points, result.vertebrae):
+        np.testing.assert_allclose(p["position"], v.centroid_lps_mm)
+        assert p["description"] == f"confidence {v.confidence:.2f}"
+
+
+def test_slicer_core_reads_segmentation_and_markups(mrml, tmp_path):
+    scene = mrml.scene
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    result, image = make_case(PERMUTED)
+    paths = writers.write_all(result, image, tmp_path, "c")
+
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(paths[1]))
+    assert storage.ReadData(node) == 1
+    segmentation = node.GetSegmentation()
+    assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == list(NAMES)
+    label_map = result.label_map()
+    ras_from_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    for name in NAMES:
+        segment = segmentation.GetSegment(name)
+        level = BY_NAME[name]
+        assert segment.GetName() == name and segment.GetLabelValue() == level.label
+        np.testing.assert_allclose(segment.GetColor(), level.colour, atol=1e-4)
+        assert f"SCT^{level.snomed_code}^{level.snomed_meaning}" in segment.GetTerminology()
+        labelmap = segment.GetRepresentation("Binary labelmap")
+        matrix = vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(matrix)
+        to_world = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+        np.testing.assert_allclose(to_world, ras_from_lps @ ijk_to_lps_matrix(result.geometry), atol=1e-5)
+        voxels = vtk_to_numpy(labelmap.GetPointData().GetScalars())
+        assert (voxels == level.label).sum() == (label_map == level.label).sum()
+
+    markups = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    markups_storage = scene.AddNewNodeByClass("vtkMRMLMarkupsJsonStorageNode")
+    markups_storage.SetFileName(str(paths[2]))
+    assert markups_storage.ReadData(markups) == 1
+    assert markups.GetNumberOfControlPoints() == len(NAMES)
+    for i, v in enumerate(result.vertebrae):
+        position = [0.0, 0.0, 0.0]
+        markups.GetNthControlPointPosition(i, position)
+        np.testing.assert_allclose(position, np.array(v.centroid_lps_mm) * [-1, -1, 1], atol=1e-6)  # RAS
+        assert markups.GetNthControlPointLabel(i) == v.name
+        assert bool(markups.GetNthControlPointLocked(i)) == v.fixed
+
+
+def test_centroids_round_trip_through_reoriented_image(case, tmp_path):
+    result, image = case
+    path = tmp_path / "c_ctd.json"
+    writers.write_centroids(result, path)
+    doc = json.loads(path.read_text())
+    assert doc[0] == {"direction": ["P", "I", "R"]}
+    pir = sitk.DICOMOrient(image, "PIR")
+    assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(pir.GetDirection()) == "PIR"
+    for entry, v in zip(doc[1:], result.vertebrae):
+        assert entry["label"] == v.label and entry["name"] == v.name
+        lps = pir.TransformContinuousIndexToPhysicalPoint((entry["X"], entry["Y"], entry["Z"]))
+        np.testing.assert_allclose(lps, v.centroid_lps_mm, atol=0.02)
+        np.testing.assert_allclose(entry["world_lps_mm"], v.centroid_lps_mm, atol=1e-3)
+    # superior to inferior: Y (toward I) grows down the chain
+    assert [e["Y"] for e in doc[1:]] == sorted(e["Y"] for e in doc[1:])
+
+
+def test_centroid_convention_matches_verse_file():
+    folder = DATA / "ct_verse"
+    if not (folder / "sub-verse014_seg-vert_msk.nii.gz").exists():
+        pytest.skip(f"real VerSe data not found at {folder}")
+    reference = json.loads((folder / "sub-verse014_seg-vb_ctd.json").read_text())
+    assert reference[0]["direction"] == list(writers.VERSE_DIRECTION)
+    # Move the mask off its PIR grid so the conversion has to permute and flip axes.
+    mask = sitk.DICOMOrient(sitk.ReadImage(str(folder / "sub-verse014_seg-vert_msk.nii.gz")), "LAS")
+    geometry = Geometry.of(mask)
+    values = sitk.GetArrayFromImage(mask)
+    for entry in reference[1:]:
+        kji = np.argwhere(values == entry["label"]).mean(axis=0)
+        lps = geometry.index_to_lps(kji[::-1])
+        x, y, z = writers.verse_voxel_coordinates(geometry, lps)
+        # whole-vertebra centroid vs body centroid: posterior elements pull X (toward P) by up to ~12 voxels
+        assert abs(x - entry["X"]) < 15 and abs(y - entry["Y"]) < 8 and abs(z - entry["Z"]) < 3, (entry, x, y, z)
+
+
+def test_report(case, tmp_path):
+    result, _ = case
+    path = tmp_path / "c_report.json"
+    writers.write_report(result, path, input_path="/in/c.nii.gz")
+    doc = json.loads(path.read_text())
+    assert doc["input"] == {"path": "/in/c.nii.gz", **result.geometry.as_dict(), "modality": "CT"}
+    assert doc["model"] == {"name": "test", "version": "0"}
+    assert doc["spinelabel_version"] == __version__
+    assert doc["warnings"] == ["sacrum not in view"] and doc["timings_s"] == {"network": 1.5}
+    assert [v["name"] for v in doc["vertebrae"]] == list(NAMES)
+    first = doc["vertebrae"][0]
+    assert set(first) == {"id", "name", "label", "centroid_lps_mm", "volume_ml", "confidence", "fixed"}
+    assert first["id"] == IDS[0] and first["label"] == BY_NAME[NAMES[0]].label
+    writers.write_report(result, path)
+    assert json.loads(path.read_text())["input"]["path"] == "/data/case.nii.gz"
+
+
+def test_snapshot_size(tmp_path):
+    result, image = make_case(PERMUTED)
+    path = tmp_path / "c_snapshot.png"
+    writers.write_snapshot(result, image, path)
+    png = Image.open(path)
+    png.load()
+    # S-I 60 x 1.5 = 90 mm is the longer side -> 256 px; sagittal A-P 40 mm -> 114 px; coronal R-L 44 mm -> 125 px
+    assert png.size == (114 + 4 + 125, 256)
+
+
+def _pixels_of(panel: np.ndarray, colour) -> np.ndarray:
+    """Pixels showing ``colour`` at alpha 0.4 over bone (window top, white) in an (H, W, 3) uint8 view."""
+    overlay = np.round(255 * (0.6 + 0.4 * np.asarray(colour)))
+    return np.argwhere(np.abs(panel.astype(float) - overlay).max(axis=2) <= 1)
+
+
+@pytest.mark.parametrize("direction", [PERMUTED, IDENTITY], ids=["permuted", "identity"])
+def test_snapshot_orientation(direction, tmp_path):
+    result, image = make_case(direction, intensity="zero")
+    path = tmp_path / "c_snapshot.png"
+    writers.write_snapshot(result, image, path)
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    sagittal = rgb[:, : rgb.shape[1] // 2]
+    rows = {name: _pixels_of(sagittal, BY_NAME[name].colour) for name in NAMES}
+    assert all(len(r) > 100 for r in rows.values())
+    centre_rows = [rows[name][:, 0].mean() for name in NAMES]
+    assert centre_rows == sorted(centre_rows)  # superior at the top
+    # L1 lies posterior of T12: further right in the sagittal view (anterior on the left)
+    assert rows["L1"][:, 1].mean() > rows["T12"][:, 1].mean() + 5
+
+
+def test_snapshot_without_vertebrae(tmp_path):
+    result, image = make_case(PERMUTED, names=(), ids=())
+    path = tmp_path / "e_snapshot.png"
+    writers.write_snapshot(result, image, path)
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert rgb.shape[:2] == (256, 243)
+    yellow = (rgb[:, :, 0] > 200) & (rgb[:, :, 1] > 200) & (rgb[:, :, 2] < 80)
+    assert yellow.sum() > 20  # the "no vertebrae found" note
+
+
+def test_write_all(tmp_path):
+    result, image = make_case(PERMUTED)
+    outdir = tmp_path / "new" / "out"
+    paths = writers.write_all(result, image, outdir, "case", input_path="/in/case.nii.gz")
+    assert paths == [outdir / f"case{s}" for s in writers.OUTPUT_SUFFIXES]
+    assert sorted(p.name for p in outdir.iterdir()) == sorted(p.name for p in paths)
+    assert json.loads(paths[4].read_text())["input"]["path"] == "/in/case.nii.gz"
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+@pytest.mark.parametrize("failing", ["_write_label_map_to", "_centroid_document", "_write_snapshot_to"])
+def test_write_all_leaves_nothing_on_failure(failing, tmp_path, monkeypatch):
+    result, image = make_case(PERMUTED)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(writers, failing, broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        writers.write_all(result, image, tmp_path, "case")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_all_keeps_earlier_outputs_on_failure(tmp_path, monkeypatch):
+    result, image = make_case(PERMUTED)
+    paths = writers.write_all(result, image, tmp_path, "case")
+    before = {p: p.read_bytes() for p in paths}
+    monkeypatch.setattr(writers, "_write_snapshot_to", lambda *a: (_ for _ in ()).throw(OSError("full")))
+    with pytest.raises(OSError, match="full"):
+        writers.write_all(result, image, tmp_path, "case")
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_write_all_unwritable_outdir(tmp_path):
+    result, image = make_case(PERMUTED)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    outdir = blocker / "sub"
+    with pytest.raises(OSError, match=str(outdir)):
+        writers.write_all(result, image, outdir, "case")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_single_writer_is_atomic(tmp_path, monkeypatch):
+    result, _ = make_case(PERMUTED)
+    path = tmp_path / "c_seg.nii.gz"
+    writers.write_label_map(result, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(writers.sitk, "WriteImage", lambda *a: (_ for _ in ()).throw(RuntimeError("crash")))
+    with pytest.raises(RuntimeError):
+        writers.write_label_map(result, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c_seg.nii.gz"]
+
+
+def test_write_all_removes_renamed_outputs_when_a_rename_fails(tmp_path, monkeypatch):
+    import os
+
+    result, image = make_case(PERMUTED)
+    real_replace = os.replace
+    calls = []
+
+    def flaky_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        writers.write_all(result, image, tmp_path, "case")
+    assert len(calls) >= 3 and list(tmp_path.iterdir()) == []
