@@ -363,3 +363,14 @@ def test_write_all_removes_renamed_outputs_when_a_rename_fails(tmp_path, monkeyp
     with pytest.raises(OSError, match="rename failed"):
         writers.write_all(result, image, tmp_path, "case")
     assert len(calls) >= 3 and list(tmp_path.iterdir()) == []
+
+
+def test_write_all_read_only_outdir(tmp_path, monkeypatch):
+    """A folder the user may not write to (simulated: the tests run as root, which may write anywhere)."""
+    import os
+
+    result, image = make_case(PERMUTED)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(PermissionError, match=f"{tmp_path} is not writable"):
+        writers.write_all(result, image, tmp_path, "case")
+    assert list(tmp_path.iterdir()) == []

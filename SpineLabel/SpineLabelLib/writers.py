@@ -21,6 +21,7 @@ Every file is written under a temporary name beside its final one and renamed wh
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -392,6 +393,10 @@ def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fi
 
 def _snapshot_panel(result: SpineLabeling, image_zyx: np.ndarray, axes, index: int, window: tuple[float, float],
                     colours: np.ndarray, title: str) -> Image.Image:
+    """One view: the plane at voxel ``index`` along ``axes[0]`` of ``image_zyx`` (the input intensities, any
+    numeric dtype, (z, y, x)) and of ``result.components``, windowed to ``window`` (intensity units), resampled to
+    isotropic display pixels, with ``colours`` (float32 (max id + 1, 4): RGB 0-1 and 1 where the id is a
+    vertebra, indexed by component id) blended in and the level names written beside the vertebrae."""
     fixed, vertical, horizontal, flip_rows, flip_cols = axes
     geometry = result.geometry
     grey = _plane(image_zyx, fixed, vertical, horizontal, index, flip_rows, flip_cols).astype(np.float32)
@@ -512,9 +517,9 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OSError(err.errno, f"cannot create output folder {outdir}: {err.strerror or err}", str(outdir)) from err
+        raise OSError(err.errno, f"cannot create output folder {outdir}: {err.strerror or err}") from err
     if not os.access(outdir, os.W_OK | os.X_OK):
-        raise PermissionError(13, f"output folder {outdir} is not writable", str(outdir))
+        raise PermissionError(errno.EACCES, f"output folder {outdir} is not writable")
     paths = output_paths(outdir, name)
     existed = {p for p in paths if p.exists()}
     writers = (
