@@ -1,0 +1,185 @@
+"""``spinelabel``: label spine images, make phantoms, train and evaluate models from the command line.
+
+Heavy modules (torch, SimpleITK) are imported inside the commands so that ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("spinelabel")
+
+
+def _label(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .io import InputError, case_name
+    from .models import ModelError
+    from .pipeline import get_model, label_spine
+    from .writers import write_all
+
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / ".spinelabel-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        print(f"spinelabel: error: {args.out}: output folder not writable ({err.strerror or err})", file=sys.stderr)
+        return 2
+    try:
+        model = get_model(args.model, args.device)
+    except (ModelError, RuntimeError) as err:
+        print(f"spinelabel: error: {err}", file=sys.stderr)
+        return 2
+    failures = 0
+    for path in args.inputs:
+        bar = tqdm(total=100, desc=case_name(path), disable=args.quiet, leave=False, unit="%")
+
+        def progress(fraction: float, message: str) -> None:
+            bar.n = int(100 * fraction)
+            bar.set_postfix_str(message, refresh=True)
+
+        try:
+            result = label_spine(path, model=model, device=args.device, progress=progress)
+            from .io import read_image
+
+            written = write_all(result, read_image(path), args.out, case_name(path), input_path=path)
+        except (InputError, OSError, ValueError, RuntimeError) as err:
+            failures += 1
+            if args.debug:
+                log.exception("failed: %s", path)
+            message = str(err) if str(path) in str(err) else f"{path}: {err}"
+            print(f"spinelabel: failed: {message}", file=sys.stderr)
+            continue
+        finally:
+            bar.close()
+        if not args.quiet:
+            names = " ".join(v.name for v in result.vertebrae) or "none"
+            print(f"{path}: {len(result.vertebrae)} vertebrae ({names}) in {result.timings_s['total']:.1f} s -> {written[0].parent}")
+            for warning in result.warnings:
+                print(f"  warning: {warning}")
+    return 1 if failures else 0
+
+
+def _phantom(args: argparse.Namespace) -> int:
+    from .phantom import make_phantom
+
+    phantom = make_phantom(modality=args.modality, fov=args.fov, size=args.size, spacing=args.spacing, seed=args.seed)
+    for path in phantom.save(args.output):
+        if not args.quiet:
+            print(path)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from SpineLabelTrainingLib.training import TrainConfig, train
+
+    data = []
+    for spec in args.data:
+        name, _, weight = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).isdigit() else (spec, "", "1")
+        data.append((name, float(weight)))
+    cfg = TrainConfig(
+        data=data, out=args.out, base_model=args.base_model, name=args.name, version=args.version,
+        epochs=args.epochs, iterations=args.iterations, batch=args.batch, patch=tuple(args.patch), lr=args.lr,
+        spacing_mm=args.spacing, device=args.device, seed=args.seed, resume=args.resume, data_dir=args.data_dir,
+    )
+
+    def progress(m: dict) -> None:
+        if not args.quiet:
+            print(f"epoch {m['epoch']}/{m['epochs']} loss {m['loss']:.4f} body_dice {m['body_dice']:.3f} "
+                  f"level_accuracy {m['level_accuracy']:.3f}", flush=True)
+
+    card = train(cfg, progress=progress)
+    print(card)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_folders, summary_markdown
+
+    summary = evaluate_folders(args.pred_dir, args.gt_dir, out_json=args.json, out_md=args.markdown)
+    if not args.quiet:
+        print(summary_markdown(summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spinelabel", description="Label every vertebra of a CT or MRI spine scan.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("label", help="label spine images", description="Label every vertebra of each input. "
+                       "Writes NAME_seg.nii.gz, NAME.seg.nrrd, NAME.mrk.json, NAME_ctd.json, NAME_report.json and "
+                       "NAME_snapshot.png into OUTDIR for each input.")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                   help="NIfTI, NRRD, MetaImage file, or a folder holding one DICOM series")
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR")
+    p.add_argument("--model", type=Path, help="model card (.json); default: the model shipped with SpineLabel")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--debug", action="store_true", help="tracebacks for failures")
+    p.set_defaults(func=_label)
+
+    p = sub.add_parser("phantom", help="write a procedural spine phantom and its label map")
+    p.add_argument("output", type=Path, metavar="OUT.nii.gz")
+    p.add_argument("--modality", default="ct", choices=["ct", "mr"])
+    p.add_argument("--fov", default="whole", choices=["whole", "cervical", "thoracic", "lumbar"])
+    p.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"))
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="mm")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=_phantom)
+
+    p = sub.add_parser("train", help="train or fine-tune a model")
+    p.add_argument("--data", action="append", required=True, metavar="SOURCE[:WEIGHT]",
+                   help="'synthetic', 'phantom', or a folder (nnU-Net imagesTr/labelsTr, VerSe, *_img/*_vert-verse); repeat to mix")
+    p.add_argument("--out", type=Path, required=True, help="model card to write (.json; weights beside it)")
+    p.add_argument("--base-model", type=Path, help="fine-tune from this model card")
+    p.add_argument("--name", default="spinelabel-finetuned")
+    p.add_argument("--version", default="0.1.0")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--patch", type=int, nargs=3, default=[128, 80, 80], metavar=("Z", "Y", "X"))
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--spacing", type=float, default=2.0, help="model grid spacing in mm (new models only)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    p.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="real anatomy for 'synthetic'")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="score predictions against ground truth (VerSe metrics)")
+    p.add_argument("pred_dir", type=Path)
+    p.add_argument("gt_dir", type=Path)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("spinelabel: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line per failure unless --debug
+        if args.debug:
+            raise
+        print(f"spinelabel: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""Training and fine-tuning SpineLabel networks: data sources, partial-label losses, the loop, checkpoints.
+
+Data sources (mixed by weight):
+
+* ``synthetic``: whole-spine images synthesised from real anatomy (``synthesis``), full tissue labels;
+* ``phantom``: the procedural phantom (``SpineLabelLib.phantom``);
+* a folder of real labelled scans, layout detected: nnU-Net (``imagesTr/X_0000.nii.gz`` + ``labelsTr/X.nii.gz``, as
+  the Slicer export writes), VerSe (``X_ct.nii.gz`` + ``X_seg-vert_msk.nii.gz``), or bodies-only MRI
+  (``X_img.nii.gz`` + ``X_vert-verse.nii.gz``).
+
+Real label maps say which vertebra a voxel belongs to, not always whether it is body or posterior element. The tissue
+loss therefore takes *sets* of allowed classes: a whole-vertebra voxel may be body or posterior (``VERTEBRA``), an
+unlabelled voxel background or disc (``NOT_VERTEBRA``), and in bodies-only data every voxel that is not body may be
+background, posterior element or disc (``NOT_BODY``). The loss is -log of the summed probability of the allowed
+classes, so a dataset never teaches what it does not know.
+
+Arrays are (z, y, x) on the LPS-aligned model grid (``SpineLabelLib.io.canonical_grid``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from SpineLabelLib.inference import Cancelled, normalise, resolve_device
+from SpineLabelLib.io import canonical_grid, read_image, resample_to_grid
+from SpineLabelLib.models import load_model, save_model
+from SpineLabelLib.network import BODY, DISC, POSTERIOR, TISSUE_NAMES, SpineUNet
+from SpineLabelLib.vertebrae import BY_LABEL, LEVELS, level_index
+
+__all__ = [
+    "NOT_VERTEBRA",
+    "VERTEBRA",
+    "NOT_BODY",
+    "IGNORE",
+    "Case",
+    "find_cases",
+    "load_case",
+    "TrainConfig",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+NOT_VERTEBRA, VERTEBRA, NOT_BODY, IGNORE = 252, 253, 254, 255
+_ALLOWED = np.zeros((256, len(TISSUE_NAMES)), dtype=bool)
+for _c in range(len(TISSUE_NAMES)):
+    _ALLOWED[_c, _c] = True
+_ALLOWED[NOT_VERTEBRA, [0, DISC]] = True
+_ALLOWED[VERTEBRA, [BODY, POSTERIOR]] = True
+_ALLOWED[NOT_BODY, [0, POSTERIOR, DISC]] = True
+_ALLOWED[IGNORE, :] = True
+# VerSe label value -> level index + 1 (0 = no level)
+_LEVEL_OF_LABEL = np.zeros(256, dtype=np.int64)
+for _level in LEVELS:
+    _LEVEL_OF_LABEL[_level.label] = level_index(_level.name) + 1
+
+
+@dataclass
+class Case:
+    """One training case on the model grid.
+
+    Attributes:
+        image: float32 (z, y, x), normalised to [0, 1] (``inference.normalise``).
+        tissue: uint8 (z, y, x) tissue target: a class of ``TISSUE_NAMES`` or one of the partial-label codes.
+        levels: uint8 (z, y, x) VerSe label of the vertebra each voxel belongs to, 0 elsewhere.
+        name: case name, for logs.
+    """
+
+    image: np.ndarray
+    tissue: np.ndarray
+    levels: np.ndarray
+    name: str = ""
+
+
+_LAYOUTS = (
+    ("imagesTr/*_0000.nii.gz", lambda p: p.parent.parent / "labelsTr" / p.name.replace("_0000.nii.gz", ".nii.gz"), False),
+    ("*_ct.nii.gz", lambda p: p.with_name(p.name.replace("_ct.nii.gz", "_seg-vert_msk.nii.gz")), False),
+    ("*_img.nii.gz", lambda p: p.with_name(p.name.replace("_img.nii.gz", "_vert-verse.nii.gz")), True),
+)
+
+
+def find_cases(folder: str | Path) -> list[tuple[Path, Path, bool]]:
+    """(image, label map, bodies_only) for every labelled case in a folder of a known layout."""
+    folder = Path(folder)
+    found = []
+    for pattern, label_of, bodies_only in _LAYOUTS:
+        for image in sorted(folder.glob(pattern)):
+            label = label_of(image)
+            if label.exists():
+                found.append((image, label, bodies_only))
+    if not found:
+        raise FileNotFoundError(f"{folder}: no labelled cases found (nnU-Net, VerSe or *_img/*_vert-verse layout)")
+    return found
+
+
+def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm: float) -> Case:
+    """Resample a real labelled scan onto the model grid and build its (partial) targets."""
+    image = read_image(image_path)
+    labels = sitk.ReadImage(str(label_path))
+    grid = canonical_grid(image, spacing_mm)
+    volume = sitk.GetArrayFromImage(resample_to_grid(image, grid))
+    verse = sitk.GetArrayFromImage(resample_to_grid(sitk.Cast(labels, sitk.sitkUInt8), grid, label=True))
+    verse = np.where(_LEVEL_OF_LABEL[verse] > 0, verse, 0).astype(np.uint8)
+    if bodies_only:
+        tissue = np.where(verse > 0, BODY, NOT_BODY).astype(np.uint8)
+    else:
+        tissue = np.where(verse > 0, VERTEBRA, NOT_VERTEBRA).astype(np.uint8)
+    return Case(normalise(volume), tissue, verse, image_path.name)
+
+
+def _crop(case: Case, size: tuple[int, int, int], rng: np.random.Generator) -> Case:
+    """Random crop (zero/ignore padded), centred on a vertebra voxel two times out of three."""
+    shape = np.array(case.image.shape)
+    size_a = np.array(size)
+    if rng.random() < 0.67 and case.levels.any():
+        zyx = np.argwhere(case.levels[::4, ::4, ::4]) * 4
+        centre = zyx[rng.integers(len(zyx))]
+    else:
+        centre = rng.integers(0, np.maximum(shape, 1))
+    start = centre - size_a // 2 + rng.integers(-size_a // 4, size_a // 4 + 1)
+    src = [slice(max(0, s), min(n, s + w)) for s, w, n in zip(start, size_a, shape)]
+    dst = [slice(a.start - s, a.stop - s) for a, s in zip(src, start)]
+    out = Case(
+        np.zeros(size, np.float32),
+        np.full(size, IGNORE, np.uint8),
+        np.zeros(size, np.uint8),
+        case.name,
+    )
+    for name in ("image", "tissue", "levels"):
+        getattr(out, name)[tuple(dst)] = getattr(case, name)[tuple(src)]
+    return out
+
+
+def _augment(case: Case, rng: np.random.Generator) -> Case:
+    """Intensity gamma, contrast inversion now and then, noise, left-right flip (anatomy is nearly symmetric)."""
+    img = np.clip(case.image, 0, 1) ** math.exp(rng.normal(0, 0.3))
+    if rng.random() < 0.15:
+        img = 1.0 - img
+    img = img + rng.normal(0, rng.uniform(0, 0.05), img.shape).astype(np.float32)
+    tissue, levels = case.tissue, case.levels
+    if rng.random() < 0.5:
+        img, tissue, levels = img[..., ::-1], tissue[..., ::-1], levels[..., ::-1]
+    return Case(np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(tissue), np.ascontiguousarray(levels), case.name)
+
+
+def _synthetic_source(spacing_mm: float, size: tuple[int, int, int], data_dir: Path) -> Callable[[np.random.Generator], Case]:
+    from . import synthesis
+    from .shapes import build_shape_library
+
+    library = build_shape_library(data_dir)
+
+    def draw(rng: np.random.Generator) -> Case:
+        c = synthesis.synthesize_case(rng, library, spacing_mm=spacing_mm, size_zyx=size)
+        return Case(normalise(c.image), c.tissue, c.levels, "synthetic")
+
+    return draw
+
+
+def _phantom_source(spacing_mm: float, size: tuple[int, int, int]) -> Callable[[np.random.Generator], Case]:
+    from SpineLabelLib.phantom import make_phantom
+
+    def draw(rng: np.random.Generator) -> Case:
+        fov = str(rng.choice(["whole", "cervical", "thoracic", "lumbar"]))
+        ph = make_phantom(modality=str(rng.choice(["ct", "mr"])), fov=fov, spacing=(spacing_mm,) * 3,
+                          seed=int(rng.integers(1 << 31)))
+        grid = canonical_grid(ph.image, spacing_mm)
+        vol = sitk.GetArrayFromImage(resample_to_grid(ph.image, grid))
+        tissue = sitk.GetArrayFromImage(resample_to_grid(ph.tissue, grid, label=True))
+        levels = sitk.GetArrayFromImage(resample_to_grid(ph.labels, grid, label=True))
+        return _crop(Case(normalise(vol), tissue, levels, f"phantom-{fov}"), size, rng)
+
+    return draw
+
+
+def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int]) -> Callable[[np.random.Generator], Case]:
+    cases = [load_case(i, l, b, spacing_mm) for i, l, b in tqdm(find_cases(folder), desc=f"loading {folder.name}", leave=False)]
+
+    def draw(rng: np.random.Generator) -> Case:
+        return _crop(cases[int(rng.integers(len(cases)))], size, rng)
+
+    return draw
+
+
+def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_dir: Path) -> Callable[[np.random.Generator], Case]:
+    """A sampler for one ``--data`` spec: ``synthetic``, ``phantom`` or a folder path."""
+    if spec == "synthetic":
+        return _synthetic_source(spacing_mm, size, data_dir)
+    if spec == "phantom":
+        return _phantom_source(spacing_mm, size)
+    return _folder_source(Path(spec), spacing_mm, size)
+
+
+def tissue_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Partial-label cross-entropy plus soft Dice of the body class.
+
+    Args:
+        logits: float (B, 4, Z, Y, X).
+        target: uint8/long (B, Z, Y, X) tissue codes (classes or partial-label codes).
+    """
+    allowed = torch.from_numpy(_ALLOWED).to(logits.device)[target.long()].permute(0, 4, 1, 2, 3)
+    log_p = F.log_softmax(logits, dim=1)
+    known = target != IGNORE
+    nll = -torch.logsumexp(log_p.masked_fill(~allowed, -1e4), dim=1)
+    ce = (nll * known).sum() / known.sum().clamp(min=1)
+    body_p = log_p[:, BODY].exp()
+    body_t = (target == BODY).float()
+    sure = (target <= DISC) | (target == NOT_BODY) | (target == NOT_VERTEBRA)
+    inter = (body_p * body_t * sure).sum()
+    dice = 1 - (2 * inter + 1) / ((body_p * sure).sum() + body_t.sum() + 1)
+    return ce + dice
+
+
+def level_loss(logits: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the level head on vertebra voxels.
+
+    Args:
+        logits: float (B, n_levels, Z/2, Y/2, X/2).
+        levels: long (B, Z, Y, X) VerSe labels; subsampled by 2 to the head's grid.
+    """
+    target = torch.from_numpy(_LEVEL_OF_LABEL).to(levels.device)[levels[:, ::2, ::2, ::2].long()] - 1
+    target = target[:, : logits.shape[2], : logits.shape[3], : logits.shape[4]]
+    if not (target >= 0).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target.clamp(min=-1), ignore_index=-1)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (see ``spinelabel train --help``)."""
+
+    data: list[tuple[str, float]]
+    out: Path
+    base_model: Path | None = None
+    name: str = "spinelabel-finetuned"
+    version: str = "0.1.0"
+    epochs: int = 10
+    iterations: int = 100
+    batch: int = 2
+    patch: tuple[int, int, int] = (128, 80, 80)
+    lr: float = 2e-3
+    spacing_mm: float = 2.0
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    validation_cases: int = 4
+    data_dir: Path = Path("../shared/data")
+    training_data_note: str = ""
+
+
+def _batches(sources, weights, cfg: TrainConfig, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+    while True:
+        cases = [_augment(sources[rng.choice(len(sources), p=weights)](rng), rng) for _ in range(cfg.batch)]
+        yield (
+            torch.from_numpy(np.stack([c.image for c in cases]))[:, None],
+            torch.from_numpy(np.stack([c.tissue for c in cases])),
+            torch.from_numpy(np.stack([c.levels for c in cases])),
+        )
+
+
+def _validate(net: SpineUNet, val: list[Case], device: torch.device) -> dict:
+    """Body Dice (where body is known) and level accuracy on vertebra voxels of fixed validation crops."""
+    net.eval()
+    inter = total = correct = counted = 0.0
+    with torch.inference_mode():
+        for c in val:
+            t_logits, l_logits = net(torch.from_numpy(c.image)[None, None].to(device))
+            pred = t_logits.argmax(1)[0].cpu().numpy()
+            sure = (c.tissue <= DISC) | (c.tissue == NOT_BODY)
+            inter += float(((pred == BODY) & (c.tissue == BODY) & sure).sum())
+            total += float(((pred == BODY) & sure).sum() + (c.tissue == BODY).sum())
+            target = _LEVEL_OF_LABEL[c.levels[::2, ::2, ::2]] - 1
+            lv = l_logits.argmax(1)[0].cpu().numpy()
+            mask = target >= 0
+            correct += float((lv[mask] == target[mask]).sum())
+            counted += float(mask.sum())
+    net.train()
+    return {"body_dice": inter * 2 / total if total else float("nan"),
+            "level_accuracy": correct / counted if counted else float("nan")}
+
+
+def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None) -> Path:
+    """Train (or fine-tune from ``cfg.base_model``) and write the model card + weights to ``cfg.out``.
+
+    A checkpoint (``<out>.ckpt``) is written after every epoch; ``cfg.resume`` continues from it.
+    ``progress`` receives ``{"epoch", "epochs", "loss", "body_dice", "level_accuracy"}`` after each epoch.
+    Returns the card path.
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out).with_suffix(".json")
+    ckpt = out.with_suffix(".ckpt")
+    if cfg.base_model is not None:
+        base = load_model(cfg.base_model)
+        net, spacing = base.network, base.spacing_mm
+        base_card = base.card
+    else:
+        net, spacing, base_card = SpineUNet(), cfg.spacing_mm, None
+    net.to(device).train()
+    specs = [s for s, _ in cfg.data]
+    weights = np.array([w for _, w in cfg.data], dtype=float)
+    weights /= weights.sum()
+    sources = [make_source(s, spacing, cfg.patch, cfg.data_dir) for s in specs]
+    val_rng = np.random.default_rng(10_000 + cfg.seed)
+    val = [sources[i % len(sources)](val_rng) for i in range(cfg.validation_cases)]
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    total_steps = cfg.epochs * cfg.iterations
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.05)
+    start_epoch, history = 0, []
+    if cfg.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        net.load_state_dict(state["network"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], state["history"]
+        rng = np.random.default_rng([cfg.seed, start_epoch])
+        log.info("resumed from %s at epoch %d", ckpt, start_epoch)
+    batches = _batches(sources, weights, cfg, rng)
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        losses = []
+        bar = tqdm(range(cfg.iterations), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for _ in bar:
+            if cancel is not None and cancel():
+                raise Cancelled()
+            image, tissue, levels = (t.to(device) for t in next(batches))
+            t_logits, l_logits = net(image)
+            loss = tissue_loss(t_logits, tissue) + 0.5 * level_loss(l_logits, levels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": float(np.mean(losses)), **_validate(net, val, device),
+                   "elapsed_s": round(time.time() - t0, 1)}
+        history.append(metrics)
+        log.info("epoch %d/%d loss %.4f body Dice %.3f level accuracy %.3f", epoch + 1, cfg.epochs, metrics["loss"],
+                 metrics["body_dice"], metrics["level_accuracy"])
+        torch.save({"network": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "epoch": epoch + 1, "history": history}, ckpt)
+        if progress is not None:
+            progress(metrics)
+    card = {
+        "name": cfg.name,
+        "version": cfg.version,
+        "spacing_mm": spacing,
+        "normalisation": "percentiles 0.5/99.5 of the volume mapped to 0/1, clipped",
+        "training_data": cfg.training_data_note or ", ".join(f"{s} (weight {w:.2f})" for s, w in zip(specs, weights)),
+        "training": {"epochs": cfg.epochs, "iterations_per_epoch": cfg.iterations, "batch": cfg.batch,
+                     "patch_zyx": list(cfg.patch), "lr": cfg.lr, "seed": cfg.seed, "device": str(device),
+                     "history": history},
+        "base_model": None if base_card is None else {"name": base_card["name"], "version": base_card["version"]},
+    }
+    net.cpu()
+    return save_model(net, card, out)
+
