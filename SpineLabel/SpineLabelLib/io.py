@@ -7,9 +7,12 @@ Conventions: a ``SimpleITK.Image`` keeps its own geometry (LPS mm). ``sitk.GetAr
 from __future__ import annotations
 
 import contextlib
+import gzip
 import logging
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -57,6 +60,59 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Header + voxel bytes a NIfTI-1/2 file must hold, from its header; None when it is not NIfTI."""
+    for endian in "<>":
+        size = struct.unpack(endian + "i", header[:4])[0]
+        if size == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if size == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    n = 1
+    for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]:
+        n *= max(int(d), 1)
+    return max(offset, 352) + n * bitpix // 8
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0): check the size."""
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            expected = _nifti_expected_bytes(f.read(540))
+    except (OSError, EOFError, struct.error, zlib.error) as err:
+        raise InputError(f"{path}: unreadable image ({err})") from None
+    if expected is None:
+        return
+    if not gz:
+        if path.stat().st_size < expected:
+            raise InputError(f"{path}: truncated file ({path.stat().st_size} of {expected} bytes)")
+        return
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        trailer_size = struct.unpack("<I", f.read(4))[0]
+    if trailer_size == expected % (1 << 32):
+        return
+    # not a single gzip member of the right size: count the decompressed bytes to be sure
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        total = -1
+    if total < expected:
+        raise InputError(f"{path}: truncated or corrupt compressed file")
+
+
 def read_image(path: str | os.PathLike) -> sitk.Image:
     """Read and check a spine image.
 
@@ -79,6 +135,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     else:
         if not p.name.lower().endswith(IMAGE_SUFFIXES):
             raise InputError(f"{p}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder")
+        if p.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_complete(p)
         try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as err:
@@ -119,7 +177,7 @@ def canonical_grid(image: sitk.Image, spacing_mm: float | tuple[float, float, fl
     lps = np.asarray(image.GetOrigin()) + (corners * in_spacing) @ d.T
     local = lps @ new_d  # coordinates along the new axes
     lo, hi = local.min(axis=0), local.max(axis=0)
-    new_size = np.maximum(np.floor((hi - lo) / spacing + 1e-6).astype(int) + 1, 1)
+    new_size = np.maximum(np.ceil((hi - lo) / spacing - 1e-6).astype(int) + 1, 1)
     grid = sitk.Image([int(s) for s in new_size], sitk.sitkFloat32)
     grid.SetSpacing([float(s) for s in spacing])
     grid.SetDirection([float(x) for x in new_d.ravel()])

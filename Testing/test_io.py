@@ -1,0 +1,114 @@
+"""Reading and checking inputs, the model grid in any orientation, and atomic writes."""
+
+import itertools
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SpineLabelLib.io import InputError, atomic_path, canonical_grid, case_name, read_image, resample_to_grid
+
+
+def oriented_image(direction, size=(20, 24, 30), spacing=(1.0, 1.5, 2.0)):
+    """A test volume whose value encodes the LPS position, on a grid with the given direction."""
+    img = sitk.Image(size, sitk.sitkFloat32)
+    img.SetSpacing(spacing)
+    img.SetDirection([float(x) for x in np.asarray(direction, float).ravel()])
+    img.SetOrigin((10.0, -20.0, 30.0))
+    idx = np.indices(size[::-1]).reshape(3, -1)[::-1].T  # (i, j, k)
+    d = np.asarray(direction, float).reshape(3, 3)
+    lps = np.asarray(img.GetOrigin()) + (idx * spacing) @ d.T
+    arr = (lps @ np.array([1.0, 10.0, 100.0])).reshape(size[::-1]).astype(np.float32)
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(img)
+    return out
+
+
+def signed_permutations():
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            d = np.zeros((3, 3))
+            for col, (row, s) in enumerate(zip(perm, signs)):
+                d[row, col] = s
+            yield d
+
+
+@pytest.mark.parametrize("direction", list(signed_permutations())[::5])
+def test_canonical_grid_is_lps_aligned_and_round_trips(direction):
+    img = oriented_image(direction)
+    grid = canonical_grid(img, 2.0)
+    assert np.allclose(np.asarray(grid.GetDirection()).reshape(3, 3), np.eye(3))
+    on_grid = sitk.GetArrayFromImage(resample_to_grid(img, grid))
+    # value = x + 10 y + 100 z in LPS mm: increasing along each array axis as LPS says (z->S, y->P, x->L)
+    inside = on_grid != 0
+    assert np.all(np.diff(on_grid, axis=2)[inside[:, :, 1:] & inside[:, :, :-1]] > 0)
+    assert np.all(np.diff(on_grid, axis=1)[inside[:, 1:] & inside[:, :-1]] > 0)
+    assert np.all(np.diff(on_grid, axis=0)[inside[1:] & inside[:-1]] > 0)
+    labels = sitk.Cast(img > float(np.median(sitk.GetArrayViewFromImage(img))), sitk.sitkUInt8)
+    back = resample_to_grid(resample_to_grid(labels, canonical_grid(img, 1.0), label=True), img, label=True)
+    assert back.GetSize() == img.GetSize() and back.GetDirection() == img.GetDirection()
+    agree = (sitk.GetArrayFromImage(back) == sitk.GetArrayFromImage(labels)).mean()
+    assert agree > 0.97
+
+
+def put(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def write(tmp_path, name, image):
+    path = tmp_path / name
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_reads_each_format(tmp_path):
+    img = oriented_image(np.eye(3))
+    for name in ("a.nii.gz", "b.nii", "c.nrrd", "d.mha", "e.mhd"):
+        out = read_image(write(tmp_path, name, img))
+        assert out.GetSize() == img.GetSize()
+    assert case_name(tmp_path / "a.nii.gz") == "a" and case_name(tmp_path / "c.nrrd") == "c"
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p / "missing.nii.gz", "no such file"),
+        (lambda p: put(p / "x.txt", b"hi"), "unsupported file type"),
+        (lambda p: put(p / "bad.nii.gz", b"\x1f\x8b garbage"), "unreadable"),
+        (lambda p: write(p, "flat.nii.gz", sitk.Image([16, 16], sitk.sitkInt16)), "2D image"),
+        (lambda p: write(p, "four.nii.gz", sitk.Image([4, 4, 4, 3], sitk.sitkInt16)), "4D image"),
+        (lambda p: write(p, "rgb.nii.gz", sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3)), "RGB"),
+        (lambda p: write(p, "slice.nii.gz", sitk.Image([8, 8, 1], sitk.sitkInt16)), "single slice"),
+        (lambda p: write(p, "nan.mha", sitk.GetImageFromArray(np.full((4, 4, 4), np.nan, np.float32))), "NaN"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "no DICOM series"),
+    ],
+)
+def test_bad_inputs_name_file_and_reason(tmp_path, make, reason):
+    path = make(tmp_path)
+    with pytest.raises(InputError) as err:
+        read_image(path)
+    assert str(path) in str(err.value) and reason in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["t.nii", "t.nii.gz", "t.nrrd", "t.mha"])
+def test_truncated_file(tmp_path, name):
+    path = tmp_path / name
+    sitk.WriteImage(oriented_image(np.eye(3)), str(path), useCompression=name.endswith("gz"))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="truncated|unreadable"):
+        read_image(path)
+
+
+def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):
+    final = tmp_path / "x_seg.nii.gz"
+    with atomic_path(final) as tmp:
+        assert tmp.name.endswith(".nii.gz") and tmp.parent == tmp_path
+        tmp.write_text("ok")
+    assert final.read_text() == "ok"
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "y.json") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_seg.nii.gz"]

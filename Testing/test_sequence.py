@@ -1,0 +1,137 @@
+"""The sequence model: consistent labels, transitional anatomy, missing levels, partial fields of view, relabel."""
+
+import numpy as np
+import pytest
+
+from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
+from SpineLabelLib.sequence import local_gap_ratios, relabel, solve
+from SpineLabelLib.vertebrae import LEVELS, level_index
+
+K = len(LEVELS)
+
+
+def scores_for(names, strength=4.0, neighbour=1.5):
+    """Log-scores that favour each given level, with some weight on its anatomical neighbours."""
+    s = np.full((len(names), K), -strength)
+    for i, name in enumerate(names):
+        k = level_index(name)
+        s[i, k] = 0.0
+        for j in (k - 1, k + 1):
+            if 0 <= j < K:
+                s[i, j] = -neighbour
+    return s
+
+
+def names_of(solution):
+    return [LEVELS[k].name for k in solution.levels]
+
+
+def test_clear_evidence_is_followed_and_confident():
+    names = ["T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    sol = solve(scores_for(names), np.full(7, 32.0))
+    assert names_of(sol) == names
+    assert (sol.confidence > 0.9).all()
+    assert not any("sacrum" in w for w in sol.warnings)
+
+
+def test_labels_never_repeat_even_when_evidence_does():
+    # every vertebra looks like L3: the chain still gets distinct, consecutive levels
+    sol = solve(scores_for(["L3"] * 5), np.full(4, 35.0))
+    got = [int(k) for k in sol.levels]
+    assert len(set(got)) == 5 and got == sorted(got)
+    assert any(w.startswith("L") and "uncertain" in w for w in sol.warnings)
+
+
+def test_one_wrong_vote_is_outvoted_by_the_chain():
+    names = ["L1", "L2", "L3", "L4", "L5", "S1"]
+    s = scores_for(names)
+    s[2] = scores_for(["L5"])[0]  # the network calls L3 an L5
+    sol = solve(s, np.full(5, 35.0))
+    assert names_of(sol) == names
+
+
+def test_missing_level_needs_a_gap():
+    names = ["L1", "L2", "L4", "L5", "S1"]  # L3 missed by the network
+    gaps = np.array([35.0, 70.0, 35.0, 35.0])
+    sol = solve(scores_for(names), gaps)
+    assert names_of(sol) == names
+    assert any("L3 not found between L2 and L4" in w for w in sol.warnings)
+    # without the gap the same evidence is better explained without a skip
+    sol2 = solve(scores_for(names, strength=1.0, neighbour=0.5), np.full(4, 35.0))
+    assert not any("not found" in w for w in sol2.warnings)
+
+
+def test_l6_is_allowed_with_its_prior():
+    names = ["L1", "L2", "L3", "L4", "L5", "L6", "S1"]
+    sol = solve(scores_for(names), np.full(6, 35.0))
+    assert names_of(sol) == names
+    weak = solve(scores_for(names, strength=0.6, neighbour=0.3), np.full(6, 35.0))
+    assert "L6" not in names_of(weak) or any("L5/L6" in w for w in weak.warnings)
+
+
+def test_t13_between_t12_and_l1():
+    names = ["T10", "T11", "T12", "T13", "L1", "L2"]
+    sol = solve(scores_for(names), np.full(5, 30.0))
+    assert names_of(sol) == names
+
+
+def test_partial_field_of_view_warnings():
+    lumbar = solve(scores_for(["L2", "L3", "L4", "L5"]), np.full(3, 35.0))
+    assert any("sacrum not in view" in w for w in lumbar.warnings)
+    cervical = solve(scores_for(["C2", "C3", "C4", "C5"]), np.full(3, 16.0))
+    assert names_of(cervical) == ["C2", "C3", "C4", "C5"]
+    assert not any("sacrum not in view" in w for w in cervical.warnings)
+    thoracic = solve(scores_for(["T4", "T5", "T6"]), np.full(2, 24.0))
+    assert any("neither C1/C2 nor the sacrum" in w for w in thoracic.warnings)
+
+
+def test_fixed_labels_are_kept_and_propagate():
+    names = ["L1", "L2", "L3", "L4", "L5"]
+    sol = solve(scores_for(names, strength=1.0, neighbour=0.5), np.full(4, 35.0), fixed={4: "S1"})
+    assert names_of(sol) == ["L2", "L3", "L4", "L5", "S1"]
+    with pytest.raises(ValueError):
+        solve(scores_for(names), np.full(4, 35.0), fixed={0: "L3", 1: "L3"})
+    with pytest.raises(ValueError):
+        solve(scores_for(names), np.full(4, 35.0), fixed={0: "L4", 1: "L2"})
+
+
+def test_empty_chain():
+    sol = solve(np.zeros((0, K)), np.zeros(0))
+    assert sol.levels.size == 0 and sol.warnings == ["no vertebrae found"]
+
+
+def test_gap_ratios():
+    r = local_gap_ratios(np.array([30.0, 30.0, 60.0, 30.0, 30.0]))
+    assert r[2] == pytest.approx(2.0) and r[0] == pytest.approx(1.0)
+    assert local_gap_ratios(np.array([20.0])).tolist() == [1.0]
+
+
+def make_result(names):
+    scores = scores_for(names, strength=1.0, neighbour=0.5)
+    vertebrae = [
+        Vertebra(id=10 + i, name=n, centroid_lps_mm=(0.0, 0.0, -35.0 * i), volume_ml=30.0, confidence=0.5,
+                 level_log_scores=scores[i])
+        for i, n in enumerate(names)
+    ]
+    comps = np.zeros((4, 4, 4), np.int16)
+    geom = Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    sol = solve(scores, np.full(len(names) - 1, 35.0))
+    return SpineLabeling(geom, comps, vertebrae, gaps_mm=[35.0] * (len(names) - 1),
+                         warnings=["input note"] + sol.warnings, sequence_warnings=sol.warnings)
+
+
+def test_relabel_fixes_one_and_renames_the_rest():
+    result = make_result(["L1", "L2", "L3", "L4", "L5"])
+    out = relabel(result, {12: "L4"})
+    assert [v.name for v in out.vertebrae] == ["L2", "L3", "L4", "L5", "S1"]
+    assert out.by_id(12).fixed and not out.by_id(10).fixed
+    assert [v.name for v in result.vertebrae] == ["L1", "L2", "L3", "L4", "L5"]  # input untouched
+    assert "input note" in out.warnings
+    # the fixed label survives a later correction elsewhere
+    again = relabel(out, {10: "L2"})
+    assert again.by_id(12).name == "L4" and again.by_id(10).name == "L2"
+    with pytest.raises(KeyError):
+        relabel(result, {99: "L1"})
+    with pytest.raises(KeyError):
+        relabel(result, {10: "X9"})
+
