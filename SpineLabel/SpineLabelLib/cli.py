@@ -85,6 +85,7 @@ def _train(args: argparse.Namespace) -> int:
         data=data, out=args.out, base_model=args.base_model, name=args.name, version=args.version,
         epochs=args.epochs, iterations=args.iterations, batch=args.batch, patch=tuple(args.patch), lr=args.lr,
         spacing_mm=args.spacing, device=args.device, seed=args.seed, resume=args.resume, data_dir=args.data_dir,
+        exclude=frozenset(args.exclude), training_data_note=args.note,
     )
 
     def progress(m: dict) -> None:
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="real anatomy for 'synthetic'")
+    p.add_argument("--exclude", nargs="*", default=[], metavar="CASE", help="case names to leave out (held-out tests)")
+    p.add_argument("--note", default="", help="free text for the model card's training data entry")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=_train)

@@ -90,14 +90,19 @@ _LAYOUTS = (
 )
 
 
-def find_cases(folder: str | Path) -> list[tuple[Path, Path, bool]]:
-    """(image, label map, bodies_only) for every labelled case in a folder of a known layout."""
+def find_cases(folder: str | Path, exclude: frozenset[str] = frozenset()) -> list[tuple[Path, Path, bool]]:
+    """(image, label map, bodies_only) for every labelled case in a folder of a known layout.
+
+    ``exclude`` holds case names (image file names without extension) to leave out, e.g. held-out test cases.
+    """
+    from SpineLabelLib.io import case_name
+
     folder = Path(folder)
     found = []
     for pattern, label_of, bodies_only in _LAYOUTS:
         for image in sorted(folder.glob(pattern)):
             label = label_of(image)
-            if label.exists():
+            if label.exists() and case_name(image) not in exclude:
                 found.append((image, label, bodies_only))
     if not found:
         raise FileNotFoundError(f"{folder}: no labelled cases found (nnU-Net, VerSe or *_img/*_vert-verse layout)")
@@ -183,8 +188,9 @@ def _phantom_source(spacing_mm: float, size: tuple[int, int, int]) -> Callable[[
     return draw
 
 
-def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int]) -> Callable[[np.random.Generator], Case]:
-    cases = [load_case(i, l, b, spacing_mm) for i, l, b in tqdm(find_cases(folder), desc=f"loading {folder.name}", leave=False)]
+def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int], exclude: frozenset[str]) -> Callable[[np.random.Generator], Case]:
+    found = find_cases(folder, exclude)
+    cases = [load_case(i, l, b, spacing_mm) for i, l, b in tqdm(found, desc=f"loading {folder.name}", leave=False)]
 
     def draw(rng: np.random.Generator) -> Case:
         return _crop(cases[int(rng.integers(len(cases)))], size, rng)
@@ -192,13 +198,14 @@ def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int]) 
     return draw
 
 
-def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_dir: Path) -> Callable[[np.random.Generator], Case]:
-    """A sampler for one ``--data`` spec: ``synthetic``, ``phantom`` or a folder path."""
+def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_dir: Path,
+                exclude: frozenset[str] = frozenset()) -> Callable[[np.random.Generator], Case]:
+    """A sampler for one ``--data`` spec: ``synthetic``, ``phantom`` or a folder path (minus ``exclude`` cases)."""
     if spec == "synthetic":
         return _synthetic_source(spacing_mm, size, data_dir)
     if spec == "phantom":
         return _phantom_source(spacing_mm, size)
-    return _folder_source(Path(spec), spacing_mm, size)
+    return _folder_source(Path(spec), spacing_mm, size, exclude)
 
 
 def tissue_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -255,6 +262,7 @@ class TrainConfig:
     resume: bool = False
     validation_cases: int = 4
     data_dir: Path = Path("../shared/data")
+    exclude: frozenset[str] = frozenset()
     training_data_note: str = ""
 
 
@@ -311,7 +319,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     specs = [s for s, _ in cfg.data]
     weights = np.array([w for _, w in cfg.data], dtype=float)
     weights /= weights.sum()
-    sources = [make_source(s, spacing, cfg.patch, cfg.data_dir) for s in specs]
+    sources = [make_source(s, spacing, cfg.patch, cfg.data_dir, cfg.exclude) for s in specs]
     val_rng = np.random.default_rng(10_000 + cfg.seed)
     val = [sources[i % len(sources)](val_rng) for i in range(cfg.validation_cases)]
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -358,7 +366,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
         "version": cfg.version,
         "spacing_mm": spacing,
         "normalisation": "percentiles 0.5/99.5 of the volume mapped to 0/1, clipped",
-        "training_data": cfg.training_data_note or ", ".join(f"{s} (weight {w:.2f})" for s, w in zip(specs, weights)),
+        "training_data": {"sources": [{"source": s, "weight": round(float(w), 3)} for s, w in zip(specs, weights)],
+                          "excluded_cases": sorted(cfg.exclude), "note": cfg.training_data_note},
         "training": {"epochs": cfg.epochs, "iterations_per_epoch": cfg.iterations, "batch": cfg.batch,
                      "patch_zyx": list(cfg.patch), "lr": cfg.lr, "seed": cfg.seed, "device": str(device),
                      "history": history},

@@ -1,0 +1,83 @@
+"""Body components, splitting merged bodies, attaching posterior elements, and per-component features."""
+
+import numpy as np
+import pytest
+
+from SpineLabelLib.components import attach_posterior, body_components, split_merged, vertebra_components
+from SpineLabelLib.features import chain_order, level_scores, measure
+from SpineLabelLib.network import BODY, DISC, POSTERIOR
+from SpineLabelLib.result import Geometry
+
+SPACING = (2.0, 2.0, 2.0)
+
+
+def stacked_spine(n=4, height=10, disc=3, shape_yx=(40, 40)):
+    """Tissue map (z, y, x) of n bodies stacked along z with discs between, a posterior block behind each."""
+    z_total = n * (height + disc) + 4
+    tissue = np.zeros((z_total, *shape_yx), np.uint8)
+    for i in range(n):
+        z0 = 2 + i * (height + disc)
+        tissue[z0 : z0 + height, 10:24, 12:28] = BODY
+        tissue[z0 + 2 : z0 + height - 2, 24:32, 17:23] = POSTERIOR
+        if i < n - 1:
+            tissue[z0 + height : z0 + height + disc, 10:24, 12:28] = DISC
+    return tissue
+
+
+def test_one_component_per_body_cranial_first():
+    tissue = stacked_spine()
+    bodies = body_components(tissue, SPACING)
+    assert bodies.max() == 4
+    z_means = [np.argwhere(bodies == i)[:, 0].mean() for i in range(1, 5)]
+    assert z_means == sorted(z_means, reverse=True)  # id 1 is the most cranial (highest z)
+
+
+def test_specks_are_dropped():
+    tissue = stacked_spine()
+    tissue[0, 0, 0] = BODY
+    tissue[0:2, 35:37, 35:37] = BODY
+    assert body_components(tissue, SPACING).max() == 4
+
+
+def test_merged_bodies_are_split():
+    tissue = stacked_spine(n=5)
+    # a collapsed disc: bodies 2 and 3 bridged by a thin column of body voxels
+    z0 = 2 + 1 * 13 + 10
+    tissue[z0 : z0 + 3, 15:19, 18:22] = BODY
+    bodies = body_components(tissue, SPACING)
+    assert bodies.max() == 4
+    split = split_merged(bodies, SPACING)
+    assert split.max() == 5
+    sizes = np.bincount(split.ravel())[1:]
+    assert sizes.min() > 0.5 * sizes.max()
+
+
+def test_posterior_elements_join_their_body():
+    tissue = stacked_spine()
+    tissue[5, 36:39, 1:3] = POSTERIOR  # a loose posterior fragment touching no body
+    bodies, whole = vertebra_components(tissue, SPACING)
+    for vid in range(1, 5):
+        body_z = np.argwhere(bodies == vid)[:, 0]
+        post = np.argwhere((whole == vid) & (tissue == POSTERIOR))
+        assert len(post) > 0 and body_z.min() <= post[:, 0].min() and post[:, 0].max() <= body_z.max()
+    assert whole[5, 36:39, 1:3].max() == 0
+    assert attach_posterior(np.zeros_like(bodies), tissue).max() == 0
+
+
+def test_features_and_chain():
+    tissue = stacked_spine()
+    bodies, whole = vertebra_components(tissue, SPACING)
+    grid = Geometry(tissue.shape[::-1], SPACING, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    feats = measure(bodies, whole, (tissue > 0).astype(np.float32), grid)
+    assert len(feats) == 4
+    f = feats[0]
+    assert f.body_volume_ml == pytest.approx(10 * 14 * 16 * 8 / 1000)
+    assert f.volume_ml > f.body_volume_ml
+    assert abs(f.principal_axis_lps[0]) > 0.9  # the body is widest along x (left-right)
+    ordered, gaps = chain_order(list(reversed(feats)))
+    assert [o.id for o in ordered] == [1, 2, 3, 4]
+    assert np.allclose(gaps, 13 * 2.0)
+    lp = np.log(np.full((27, *[(s + 1) // 2 for s in tissue.shape]), 1 / 27.0, np.float32))
+    lp[5] = 0.0
+    scores = level_scores(bodies, lp, [1, 2])
+    assert scores.shape == (2, 27) and np.allclose(scores[:, 5], 0.0)
