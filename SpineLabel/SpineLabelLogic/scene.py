@@ -1,0 +1,455 @@
+"""A labelling shown in a Slicer scene, kept in step with the user's corrections.
+
+:class:`LabelingScene` owns two nodes placed under the input volume in the subject hierarchy:
+
+* a ``vtkMRMLSegmentationNode`` with one segment per vertebra (segment ID ``vertebra_<id>``, name = level name,
+  colour, VerSe label value, SNOMED CT terminology), all in one shared labelmap layer whose voxel values are the
+  VerSe label values (what ``.seg.nrrd`` readers such as slicerio see);
+* a ``vtkMRMLMarkupsFiducialNode`` with one control point per vertebra at its body centroid: label = level name,
+  description = confidence, locked when the name is fixed.
+
+It observes the markups node and turns each user action into one :mod:`SpineLabelLib.edits` call: typing a new
+label renames (and fixes) a vertebra, locking/unlocking a point fixes/releases its name, dragging a point moves
+the centroid (or, dropped on another vertebra, hands that vertebra the name), deleting a point deletes the
+vertebra, placing a new point adds one. After each action both nodes are rewritten in one batch
+(``StartModify``/``EndModify``), so a relabel of 25 vertebrae costs one round of events, not 25. Voxel edits made
+with the Segment Editor are read back (:meth:`LabelingScene.readBackSegmentation`) before any correction that
+changes voxels and before export.
+
+Coordinates: the core works in LPS mm, MRML in RAS mm; the conversion flips the first two axes. Parent
+transforms of the volume are not applied.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+from slicer.util import NodeModify, VTKObservationMixin
+from vtk.util import numpy_support
+
+from SpineLabelLib import edits, export
+from SpineLabelLib.result import Geometry, SpineLabeling
+from SpineLabelLib.vertebrae import level_index, terminology_entry
+
+__all__ = [
+    "LabelingScene",
+    "ijkToRasMatrix",
+    "imageFromVolumeNode",
+    "addVolumeNodeFromImage",
+    "segmentIdOf",
+    "vertebraIdOf",
+]
+
+log = logging.getLogger(__name__)
+
+_LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+_SEGMENT_PREFIX = "vertebra_"
+_MOVE_TOLERANCE_MM = 0.01
+_MARKUPS_EVENTS = (
+    slicer.vtkMRMLMarkupsNode.PointAddedEvent,
+    slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
+    slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
+    slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+)
+
+
+def segmentIdOf(vertebraId: int) -> str:
+    """Segment ID of a vertebra (``vertebra_<id>``)."""
+    return f"{_SEGMENT_PREFIX}{int(vertebraId)}"
+
+
+def vertebraIdOf(segmentId: str) -> int | None:
+    """Vertebra id of a segment ID made by :func:`segmentIdOf`; None for any other segment."""
+    if segmentId.startswith(_SEGMENT_PREFIX) and segmentId[len(_SEGMENT_PREFIX):].isdigit():
+        return int(segmentId[len(_SEGMENT_PREFIX):])
+    return None
+
+
+def ijkToRasMatrix(geometry: Geometry) -> vtk.vtkMatrix4x4:
+    """IJK-to-RAS matrix of a grid (ITK/LPS geometry converted to Slicer's RAS)."""
+    direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
+    ijkToRas = np.eye(4)
+    ijkToRas[:3, :3] = (_LPS_TO_RAS[:, None] * direction) * np.asarray(geometry.spacing)[None, :]
+    ijkToRas[:3, 3] = _LPS_TO_RAS * np.asarray(geometry.origin)
+    matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for col in range(4):
+            matrix.SetElement(row, col, float(ijkToRas[row, col]))
+    return matrix
+
+
+def _geometryOfVolume(volumeNode) -> Geometry:
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    ijkToRas = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    spacing = np.asarray(volumeNode.GetSpacing(), dtype=float)
+    direction = _LPS_TO_RAS[:, None] * ijkToRas[:3, :3] / spacing[None, :]
+    return Geometry(tuple(int(d) for d in volumeNode.GetImageData().GetDimensions()), tuple(float(s) for s in spacing),
+                    tuple(float(o) for o in _LPS_TO_RAS * ijkToRas[:3, 3]), tuple(float(x) for x in direction.ravel()))
+
+
+def imageFromVolumeNode(volumeNode) -> sitk.Image:
+    """A scalar volume node as a ``SimpleITK.Image`` with the same voxels (copied) and LPS geometry."""
+    imageData = volumeNode.GetImageData()
+    dims = imageData.GetDimensions()
+    voxels = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+    image = sitk.GetImageFromArray(voxels)
+    geometry = _geometryOfVolume(volumeNode)
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    return image
+
+
+def addVolumeNodeFromImage(scene, image: sitk.Image, name: str):
+    """Add a ``vtkMRMLScalarVolumeNode`` holding a copy of a ``SimpleITK.Image`` (geometry converted to RAS)."""
+    voxels = np.ascontiguousarray(sitk.GetArrayViewFromImage(image))  # (z, y, x)
+    imageData = vtk.vtkImageData()
+    imageData.SetDimensions(*image.GetSize())
+    imageData.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels.ravel(), deep=True))
+    volumeNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    volumeNode.SetIJKToRASMatrix(ijkToRasMatrix(Geometry.of(image)))
+    volumeNode.SetAndObserveImageData(imageData)
+    volumeNode.CreateDefaultDisplayNodes()
+    return volumeNode
+
+
+def _orientedImage(geometry: Geometry, labels: np.ndarray | None) -> "slicer.vtkOrientedImageData":
+    """Oriented image on ``geometry``; ``labels`` (z, y, x) become its int16 voxels, None gives geometry only."""
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(0, geometry.size[0] - 1, 0, geometry.size[1] - 1, 0, geometry.size[2] - 1)
+    image.SetImageToWorldMatrix(ijkToRasMatrix(geometry))
+    if labels is not None:
+        image.AllocateScalars(vtk.VTK_SHORT, 1)
+        numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = labels.astype(np.int16).ravel()
+    return image
+
+
+def _voxelsOf(image) -> np.ndarray:
+    """Writable numpy view (z, y, x) of a ``vtkImageData``'s scalars."""
+    dims = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
+
+
+class LabelingScene(VTKObservationMixin):
+    """One labelling of one volume in an MRML scene, with its segmentation and markups nodes kept in step.
+
+    Args:
+        volumeNode: the scalar volume that was labelled.
+        result: its labelling (on the volume's grid).
+        image: the volume as a ``SimpleITK.Image``; read from ``volumeNode`` when needed if not given.
+        name: base name of the nodes (defaults to the volume's name).
+
+    Attributes:
+        result: the current labelling; replaced (never modified) by every correction.
+        corrections: log of the corrections applied, oldest first (stored in exported provenance).
+        lastError: message of the last correction that could not be applied from the markups ("" if none).
+        changedCallbacks: functions called with this object after every change made from the markups.
+    """
+
+    def __init__(self, volumeNode, result: SpineLabeling, image: sitk.Image | None = None, name: str | None = None):
+        VTKObservationMixin.__init__(self)
+        self.volumeNode = volumeNode
+        self.result = result
+        self.corrections: list[dict] = []
+        self.lastError = ""
+        self.changedCallbacks: list[Callable[["LabelingScene"], None]] = []
+        self._image = image
+        self._pointToVertebra: dict[str, int] = {}
+        self._updating = False
+        self._interacting = False
+        scene = volumeNode.GetScene()
+        base = name or volumeNode.GetName()
+        self.segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{base} vertebrae")
+        self.segmentationNode.CreateDefaultDisplayNodes()
+        self.segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        self.markupsNode = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{base} vertebra centroids")
+        self.markupsNode.CreateDefaultDisplayNodes()
+        self._placeUnderVolume()
+        self._writeSegments(voxels=True)
+        self._writePoints()
+        for event in _MARKUPS_EVENTS:
+            self.addObserver(self.markupsNode, event, self._onPointsChanged)
+        self.addObserver(self.markupsNode, slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent, self._onInteractionStart)
+        self.addObserver(self.markupsNode, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self._onInteractionEnd)
+
+    # ------------------------------------------------------------------------------------------------ public
+
+    @property
+    def image(self) -> sitk.Image:
+        """The labelled volume as a ``SimpleITK.Image`` (read from the volume node once)."""
+        if self._image is None:
+            self._image = imageFromVolumeNode(self.volumeNode)
+        return self._image
+
+    def cleanup(self) -> None:
+        """Stop observing the markups node (the nodes stay in the scene)."""
+        self.removeObservers()
+
+    def removeNodes(self) -> None:
+        """Stop observing and remove both nodes from the scene."""
+        self.cleanup()
+        scene = self.volumeNode.GetScene()
+        for node in (self.markupsNode, self.segmentationNode):
+            if node is not None and node.GetScene() is scene:
+                scene.RemoveNode(node)
+
+    def rename(self, vertebraId: int, name: str, lock: bool = True) -> None:
+        """Rename a vertebra (see :func:`SpineLabelLib.edits.rename`) and update both nodes."""
+        old = self.result.by_id(vertebraId).name
+        self._set(edits.rename(self.result, vertebraId, name, lock),
+                  {"action": "rename", "vertebra_id": vertebraId, "from": old, "to": name, "locked": lock}, voxels=False)
+
+    def setLocked(self, vertebraId: int, locked: bool) -> None:
+        """Fix or release a vertebra's name and update both nodes."""
+        name = self.result.by_id(vertebraId).name
+        self._set(edits.set_locked(self.result, vertebraId, locked),
+                  {"action": "lock" if locked else "unlock", "vertebra_id": vertebraId, "name": name}, voxels=False)
+
+    def movePoint(self, vertebraId: int, lps) -> None:
+        """Move a vertebra's centroid to ``lps`` (mm; see :func:`SpineLabelLib.edits.move_point`)."""
+        under = edits.component_at(self.result, lps)
+        self._set(edits.move_point(self.result, vertebraId, lps),
+                  {"action": "move", "vertebra_id": vertebraId, "name": self.result.by_id(vertebraId).name,
+                   "to_lps_mm": [round(float(c), 3) for c in lps], "onto_vertebra_id": under or None}, voxels=False)
+
+    def delete(self, vertebraId: int) -> None:
+        """Delete a vertebra (segment and point) and re-solve."""
+        self.readBackSegmentation()
+        name = self.result.by_id(vertebraId).name
+        self._set(edits.delete(self.result, vertebraId), {"action": "delete", "vertebra_id": vertebraId, "name": name},
+                  voxels=True)
+
+    def addVertebra(self, lps, name: str | None = None) -> int:
+        """Add a vertebra grown from a point on its body (LPS mm); returns its id."""
+        self.readBackSegmentation()
+        before = {v.id for v in self.result.vertebrae}
+        updated = edits.add_vertebra(self.result, self.image, lps, name)
+        newId = next(v.id for v in updated.vertebrae if v.id not in before)
+        self._set(updated, {"action": "add", "vertebra_id": newId, "at_lps_mm": [round(float(c), 3) for c in lps],
+                            "name": name}, voxels=True)
+        return newId
+
+    def readBackSegmentation(self) -> bool:
+        """Take voxel edits made in the segmentation node (Segment Editor) into ``result``.
+
+        Each ``vertebra_<id>`` segment's voxels become that vertebra's component (later segments win where they
+        overlap); vertebrae whose segment was removed or emptied are deleted; segments SpineLabel did not make
+        are ignored. Names are kept (a changed segment name is not read back: rename with the markups).
+
+        Returns:
+            True when the components changed.
+        """
+        segmentation = self.segmentationNode.GetSegmentation()
+        known = {v.id for v in self.result.vertebrae}
+        segmentIds, labelValues = vtk.vtkStringArray(), vtk.vtkIntArray()
+        for segmentId in segmentation.GetSegmentIDs():
+            vertebraId = vertebraIdOf(segmentId)
+            if vertebraId in known:
+                segmentIds.InsertNextValue(segmentId)
+                labelValues.InsertNextValue(vertebraId)
+            else:
+                log.info("segment %r was not made by SpineLabel; it is not exported", segmentId)
+        geometry = self.result.geometry
+        merged = slicer.vtkOrientedImageData()
+        if segmentIds.GetNumberOfValues():
+            ok = self.segmentationNode.GenerateMergedLabelmapForAllSegments(
+                merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, _orientedImage(geometry, None),
+                segmentIds, labelValues)
+            if not ok:
+                raise RuntimeError(f"{self.segmentationNode.GetName()}: could not merge the segments into a labelmap")
+            components = _voxelsOf(merged).astype(self.result.components.dtype)
+        else:
+            components = np.zeros_like(self.result.components)
+        if components.shape != self.result.components.shape:
+            raise RuntimeError(f"merged labelmap {components.shape} does not match the image grid "
+                               f"{self.result.components.shape}")
+        if np.array_equal(components, self.result.components):
+            return False
+        changed = sorted(int(i) for i in np.unique(components[components != self.result.components]) if i) + sorted(
+            int(i) for i in np.unique(self.result.components[components != self.result.components]) if i)
+        updated = self.result.copy(components=components)
+        voxelMl = float(np.prod(geometry.spacing)) / 1000.0
+        counts = np.bincount(components.ravel().astype(np.int64), minlength=max(known, default=0) + 1)
+        for v in updated.vertebrae:
+            v.volume_ml = round(float(counts[v.id]) * voxelMl, 3)
+        for vertebraId in sorted(v.id for v in updated.vertebrae if counts[v.id] == 0):
+            updated = edits.delete(updated, vertebraId)
+        self._set(updated, {"action": "segment_edit", "vertebra_ids": sorted(set(changed))}, voxels=False)
+        return True
+
+    def exportCase(self, datasetDir, caseId: str | None = None):
+        """Read back Segment Editor edits and append this labelling to an nnU-Net dataset
+        (:func:`SpineLabelLib.export.export_case`); returns the label map path."""
+        self.readBackSegmentation()
+        return export.export_case(self.result, self.image, datasetDir, caseId, self.corrections, self.result.model)
+
+    # ------------------------------------------------------------------------------------------- node output
+
+    def _placeUnderVolume(self) -> None:
+        """Make both nodes children of the volume's subject hierarchy item (creating items where the
+        application has not, as happens without Slicer's Qt subject hierarchy plugins)."""
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.volumeNode.GetScene())
+        if shNode is None:
+            return
+        volumeItem = shNode.GetItemByDataNode(self.volumeNode) or shNode.CreateItem(shNode.GetSceneItemID(),
+                                                                                    self.volumeNode)
+        for node in (self.segmentationNode, self.markupsNode):
+            item = shNode.GetItemByDataNode(node)
+            if item:
+                shNode.SetItemParent(item, volumeItem)
+            else:
+                shNode.CreateItem(volumeItem, node)
+
+    def _set(self, result: SpineLabeling, record: dict, voxels: bool) -> None:
+        """Adopt a corrected labelling, log the correction and update both nodes."""
+        self.result = result
+        self.corrections.append(record)
+        log.info("correction: %s", record)
+        self._writeSegments(voxels=voxels)
+        self._writePoints()
+
+    def _writeSegments(self, voxels: bool) -> None:
+        """Make the segments match ``result``: one per vertebra, names, colours, terminology, label values.
+
+        Args:
+            voxels: rewrite the voxels from ``result.components``; otherwise keep the node's voxels (which may
+                hold Segment Editor edits) and only re-map their label values to the new levels.
+        """
+        segmentation = self.segmentationNode.GetSegmentation()
+        wanted = {segmentIdOf(v.id): v for v in self.result.vertebrae}
+        with NodeModify(self.segmentationNode):
+            for segmentId in list(segmentation.GetSegmentIDs()):
+                if vertebraIdOf(segmentId) is not None and segmentId not in wanted:
+                    segmentation.RemoveSegment(segmentId)
+            if voxels:
+                shared = _orientedImage(self.result.geometry, self.result.label_map())
+            else:
+                self._remapLabelValues(wanted)
+            order = [segmentIdOf(v.id) for v in self.result.vertebrae]
+            for segmentId in order:
+                vertebra = wanted[segmentId]
+                segment = segmentation.GetSegment(segmentId)
+                isNew = segment is None
+                if isNew:
+                    segment = slicer.vtkSegment()
+                segment.SetName(vertebra.name)
+                segment.SetNameAutoGenerated(False)
+                segment.SetColor(*vertebra.level.colour)
+                segment.SetColorAutoGenerated(False)
+                segment.SetLabelValue(vertebra.label)
+                segment.SetTag(segment.GetTerminologyEntryTagName(), terminology_entry(vertebra.level))
+                if voxels:
+                    segment.AddRepresentation(
+                        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), shared)
+                if isNew:
+                    segmentation.AddSegment(segment, segmentId)
+            for position, segmentId in enumerate(order):  # segments listed in chain order, cranial first
+                if segmentation.GetSegmentIndex(segmentId) != position:
+                    segmentation.SetSegmentIndex(segmentId, position)
+
+    def _remapLabelValues(self, wanted: dict) -> None:
+        """Change the voxel values of each shared layer from the segments' old label values to the new ones."""
+        segmentation = self.segmentationNode.GetSegmentation()
+        for layer in range(segmentation.GetNumberOfLayers()):
+            mapping = {}
+            for segmentId in segmentation.GetSegmentIDsForLayer(layer):
+                if segmentId in wanted:
+                    old = segmentation.GetSegment(segmentId).GetLabelValue()
+                    if old != wanted[segmentId].label:
+                        mapping[old] = wanted[segmentId].label
+            if not mapping:
+                continue
+            image = segmentation.GetLayerDataObject(layer)
+            voxels = _voxelsOf(image)
+            lut = np.arange(max(int(voxels.max(initial=0)), *mapping.keys(), *mapping.values()) + 1, dtype=voxels.dtype)
+            for old, new in mapping.items():
+                lut[old] = new
+            voxels[...] = lut[voxels]
+            image.Modified()
+
+    def _writePoints(self) -> None:
+        """Rebuild the control points from ``result`` in chain order, in one batch, without reacting to it."""
+        node = self.markupsNode
+        self._updating = True
+        try:
+            with NodeModify(node):
+                node.RemoveAllControlPoints()
+                self._pointToVertebra = {}
+                for v in self.result.vertebrae:
+                    ras = _LPS_TO_RAS * np.asarray(v.centroid_lps_mm, dtype=float)
+                    index = node.AddControlPoint(vtk.vtkVector3d(*ras), v.name)
+                    node.SetNthControlPointDescription(index, f"confidence {v.confidence:.2f}")
+                    node.SetNthControlPointLocked(index, v.fixed)
+                    self._pointToVertebra[node.GetNthControlPointID(index)] = v.id
+        finally:
+            self._updating = False
+
+    # ---------------------------------------------------------------------------------------- markups input
+
+    def _onInteractionStart(self, caller, event) -> None:
+        self._interacting = True
+
+    def _onInteractionEnd(self, caller, event) -> None:
+        self._interacting = False
+        self._onPointsChanged(caller, event)
+
+    def _onPointsChanged(self, caller, event) -> None:
+        if self._updating or self._interacting:
+            return
+        actions = self._pendingActions()
+        if not actions:
+            return
+        self.lastError = ""
+        for action in actions:
+            try:
+                action()
+            except (KeyError, ValueError, RuntimeError) as err:
+                self.lastError = str(err).strip("'\"")
+                log.warning("correction not applied: %s", self.lastError)
+                self._writePoints()  # show the labelling as it is
+                break
+        for callback in self.changedCallbacks:
+            callback(self)
+
+    def _pendingActions(self) -> list[Callable[[], object]]:
+        """What the user did to the control points since they were last written, as correction calls."""
+        node = self.markupsNode
+        actions: list[Callable[[], object]] = []
+        present: set[str] = set()
+        for index in range(node.GetNumberOfControlPoints()):
+            pointId = node.GetNthControlPointID(index)
+            present.add(pointId)
+            lps = tuple(float(c) for c in _LPS_TO_RAS * np.asarray(node.GetNthControlPointPosition(index)))
+            label = node.GetNthControlPointLabel(index).strip()
+            vertebraId = self._pointToVertebra.get(pointId)
+            if vertebraId is None:
+                if node.GetNthControlPointPositionStatus(index) == slicer.vtkMRMLMarkupsNode.PositionDefined:
+                    actions.append(lambda lps=lps, name=_levelNameOrNone(label): self.addVertebra(lps, name))
+                continue
+            vertebra = self.result.by_id(vertebraId)
+            locked = bool(node.GetNthControlPointLocked(index))
+            if label != vertebra.name:
+                actions.append(lambda i=vertebraId, name=label: self.rename(i, name))
+            elif locked != vertebra.fixed:
+                actions.append(lambda i=vertebraId, locked=locked: self.setLocked(i, locked))
+            elif np.linalg.norm(np.subtract(lps, vertebra.centroid_lps_mm)) > _MOVE_TOLERANCE_MM:
+                actions.append(lambda i=vertebraId, lps=lps: self.movePoint(i, lps))
+        for pointId, vertebraId in self._pointToVertebra.items():
+            if pointId not in present:
+                actions.append(lambda i=vertebraId: self.delete(i))
+        return actions
+
+
+def _levelNameOrNone(label: str) -> str | None:
+    """The label if it names a level (a point the user placed and named), else None (Slicer's ``F-1`` names)."""
+    try:
+        level_index(label)
+    except KeyError:
+        return None
+    return label

@@ -1,0 +1,206 @@
+"""SpineLabelLogic.scene against the real MRML classes of slicer-core: nodes from a labelling, corrections made
+through the markups node, Segment Editor edits read back, export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+slicerio = pytest.importorskip("slicerio")
+
+import slicer  # noqa: E402
+import vtk  # noqa: E402
+from vtk.util import numpy_support  # noqa: E402
+
+from conftest import build_spine  # noqa: E402
+from SpineLabelLib.vertebrae import terminology_entry  # noqa: E402
+from SpineLabelLogic.scene import (  # noqa: E402
+    LabelingScene,
+    addVolumeNodeFromImage,
+    imageFromVolumeNode,
+    segmentIdOf,
+)
+
+LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+
+
+@pytest.fixture
+def labeled(mrml, spine):
+    volume = addVolumeNodeFromImage(mrml.scene, spine.image, "spine")
+    labeling = LabelingScene(volume, spine.result)
+    yield labeling
+    labeling.cleanup()
+
+
+def layer_voxels(labeling) -> np.ndarray:
+    """Voxels (z, y, x) of the segmentation's single shared layer."""
+    segmentation = labeling.segmentationNode.GetSegmentation()
+    assert segmentation.GetNumberOfLayers() == 1
+    image = segmentation.GetLayerDataObject(0)
+    dims = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
+
+
+def point_index(labeling, name: str) -> int:
+    node = labeling.markupsNode
+    return next(i for i in range(node.GetNumberOfControlPoints()) if node.GetNthControlPointLabel(i) == name)
+
+
+def assert_nodes_match(labeling) -> None:
+    """Segments and control points say exactly what ``labeling.result`` says."""
+    result = labeling.result
+    segmentation = labeling.segmentationNode.GetSegmentation()
+    assert list(segmentation.GetSegmentIDs()) == [segmentIdOf(v.id) for v in result.vertebrae]
+    node = labeling.markupsNode
+    assert node.GetNumberOfControlPoints() == len(result.vertebrae)
+    for index, v in enumerate(result.vertebrae):
+        segment = segmentation.GetSegment(segmentIdOf(v.id))
+        assert segment.GetName() == v.name and segment.GetLabelValue() == v.label
+        np.testing.assert_allclose(segment.GetColor(), v.level.colour, atol=1e-6)
+        tag = vtk.reference("")
+        assert segment.GetTag(segment.GetTerminologyEntryTagName(), tag) and str(tag) == terminology_entry(v.level)
+        assert node.GetNthControlPointLabel(index) == v.name
+        assert bool(node.GetNthControlPointLocked(index)) == v.fixed
+        assert node.GetNthControlPointDescription(index) == f"confidence {v.confidence:.2f}"
+        np.testing.assert_allclose(node.GetNthControlPointPosition(index), LPS_TO_RAS * v.centroid_lps_mm, atol=1e-6)
+    np.testing.assert_array_equal(layer_voxels(labeling), result.label_map())
+
+
+def test_volume_round_trip_keeps_geometry(mrml):
+    image = sitk.GetImageFromArray(np.arange(24, dtype=np.int16).reshape(2, 3, 4))
+    image.SetSpacing((0.5, 0.7, 2.0))
+    image.SetOrigin((10.0, -20.0, 30.0))
+    image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    back = imageFromVolumeNode(addVolumeNodeFromImage(mrml.scene, image, "v"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+    np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing())
+    np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin())
+    np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-12)
+
+
+def test_scene_from_labelling(labeled, mrml, tmp_path):
+    assert_nodes_match(labeled)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.scene)
+    volume_item = sh.GetItemByDataNode(labeled.volumeNode)
+    for node in (labeled.segmentationNode, labeled.markupsNode):
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == volume_item
+
+    storage = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    path = tmp_path / "spine.seg.nrrd"
+    storage.SetFileName(str(path))
+    assert storage.WriteData(labeled.segmentationNode)
+    seg = slicerio.read_segmentation(str(path))
+    assert [s["name"] for s in seg["segments"]] == [v.name for v in labeled.result.vertebrae]
+    assert [s["labelValue"] for s in seg["segments"]] == [v.label for v in labeled.result.vertebrae]
+    top = labeled.result.vertebrae[0].level
+    assert seg["segments"][0]["terminology"]["type"] == ["SCT", top.snomed_code, top.snomed_meaning]
+    voxels = seg["voxels"].transpose(2, 1, 0)  # slicerio (i, j, k) -> (z, y, x)
+    offset = [int(o) for o in np.rint(np.linalg.solve(seg["ijkToLPS"][:3, :3], -seg["ijkToLPS"][:3, 3]))]
+    assert offset == [0, 0, 0]  # origin of the written grid is the image origin
+    np.testing.assert_array_equal(voxels, labeled.result.label_map()[: voxels.shape[0], : voxels.shape[1], : voxels.shape[2]])
+
+
+def test_rename_from_point_label_renumbers_both_nodes(labeled):
+    events = []
+    node = labeled.markupsNode
+    tag = node.AddObserver(slicer.vtkMRMLMarkupsNode.PointModifiedEvent, lambda caller, event: events.append(event))
+    node.SetNthControlPointLabel(point_index(labeled, "T11"), "T12")
+    node.RemoveObserver(tag)
+    assert [v.name for v in labeled.result.vertebrae] == ["T12", "L1", "L2", "L3", "L4", "L5"]
+    assert labeled.result.vertebrae[0].fixed and labeled.lastError == ""
+    assert labeled.corrections[-1]["action"] == "rename"
+    assert_nodes_match(labeled)
+    assert len(events) <= 2  # the user's edit and one batched rewrite of six points, not one per point
+
+
+def test_lock_from_point_keeps_name(labeled):
+    labeled.markupsNode.SetNthControlPointLocked(point_index(labeled, "L4"), True)
+    l4 = labeled.result.vertebrae[-1]
+    assert l4.fixed and l4.name == "L4"
+    labeled.markupsNode.SetNthControlPointLabel(point_index(labeled, "T11"), "T12")
+    assert labeled.result.by_id(l4.id).name == "L4"
+    assert_nodes_match(labeled)
+
+
+def test_move_point_onto_other_vertebra_hands_over_name(labeled):
+    l1 = next(v for v in labeled.result.vertebrae if v.name == "L1")
+    l2 = next(v for v in labeled.result.vertebrae if v.name == "L2")
+    labeled.markupsNode.SetNthControlPointPosition(point_index(labeled, "L1"), *(LPS_TO_RAS * l2.centroid_lps_mm))
+    assert labeled.result.by_id(l2.id).name == "L1" and labeled.result.by_id(l2.id).fixed
+    assert labeled.corrections[-1]["onto_vertebra_id"] == l2.id
+    assert_nodes_match(labeled)
+
+
+def test_drag_is_applied_once_at_the_end(labeled):
+    node = labeled.markupsNode
+    v = labeled.result.vertebrae[1]
+    target = np.asarray(v.centroid_lps_mm) + [0.0, 0.0, 60.0]
+    node.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent)
+    for step in np.linspace(0.0, 1.0, 5)[1:]:
+        node.SetNthControlPointPosition(1, *(LPS_TO_RAS * (np.asarray(v.centroid_lps_mm) + step * np.array([0.0, 0.0, 60.0]))))
+    assert labeled.corrections == []
+    node.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    assert [c["action"] for c in labeled.corrections] == ["move"]
+    assert labeled.result.vertebrae[0].id == v.id
+    np.testing.assert_allclose(labeled.result.vertebrae[0].centroid_lps_mm, target)
+    assert_nodes_match(labeled)
+
+
+def test_delete_point_deletes_vertebra(labeled):
+    victim = next(v for v in labeled.result.vertebrae if v.name == "L2")
+    labeled.markupsNode.RemoveNthControlPoint(point_index(labeled, "L2"))
+    assert victim.id not in {v.id for v in labeled.result.vertebrae}
+    assert labeled.segmentationNode.GetSegmentation().GetSegment(segmentIdOf(victim.id)) is None
+    assert not np.any(labeled.result.components == victim.id)
+    assert_nodes_match(labeled)
+
+
+def test_placed_point_adds_vertebra(mrml):
+    case = build_spine(missing=("L2",))
+    labeled = LabelingScene(addVolumeNodeFromImage(mrml.scene, case.image, "spine"), case.result)
+    body = case.bodies["L2"]
+    centre_lps = np.argwhere(body).mean(axis=0)[::-1] * 1.5
+    labeled.markupsNode.AddControlPoint(*(LPS_TO_RAS * centre_lps), "F-1")
+    assert [v.name for v in labeled.result.vertebrae] == ["T11", "T12", "L1", "L2", "L3", "L4"]
+    new = labeled.result.vertebrae[3]
+    assert labeled.corrections[-1] == {"action": "add", "vertebra_id": new.id,
+                                       "at_lps_mm": [round(float(c), 3) for c in centre_lps], "name": None}
+    grown = labeled.result.components == new.id
+    assert 2 * np.sum(grown & body) / (grown.sum() + body.sum()) > 0.9
+    assert_nodes_match(labeled)
+    labeled.cleanup()
+
+
+def test_invalid_label_is_refused_and_restored(labeled):
+    before = [v.name for v in labeled.result.vertebrae]
+    labeled.markupsNode.SetNthControlPointLabel(0, "X9")
+    assert "X9" in labeled.lastError
+    assert [v.name for v in labeled.result.vertebrae] == before
+    assert_nodes_match(labeled)
+
+
+def test_segment_editor_edits_are_read_back_and_exported(labeled, tmp_path):
+    voxels = layer_voxels(labeled)
+    l1 = next(v for v in labeled.result.vertebrae if v.name == "L1")
+    l3 = next(v for v in labeled.result.vertebrae if v.name == "L3")
+    erased = (voxels == l1.label) & (np.arange(voxels.shape[2])[None, None, :] < voxels.shape[2] // 2)
+    voxels[erased] = 0  # what the Segment Editor's eraser does to the shared layer
+    labeled.segmentationNode.GetSegmentation().GetLayerDataObject(0).Modified()
+    labeled.segmentationNode.GetSegmentation().RemoveSegment(segmentIdOf(l3.id))
+
+    path = labeled.exportCase(tmp_path / "Dataset001_Spine")
+    assert labeled.corrections[-1]["action"] == "segment_edit"
+    assert l3.id not in {v.id for v in labeled.result.vertebrae}
+    assert labeled.result.by_id(l1.id).volume_ml < l1.volume_ml
+    exported = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    np.testing.assert_array_equal(exported, labeled.result.label_map())
+    assert not np.any(exported[erased])
+    assert_nodes_match(labeled)
+    provenance = json.loads((tmp_path / "Dataset001_Spine" / "provenance" / "spine_0001.json").read_text())
+    assert provenance["corrections"] == labeled.corrections
+    dataset = json.loads((tmp_path / "Dataset001_Spine" / "dataset.json").read_text())
+    assert dataset["numTraining"] == 1
