@@ -16,7 +16,7 @@ log = logging.getLogger("spinelabel")
 def _label(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .io import InputError, case_name
+    from .io import InputError, case_name, read_image
     from .models import ModelError
     from .pipeline import get_model, label_spine
     from .writers import write_all
@@ -43,10 +43,10 @@ def _label(args: argparse.Namespace) -> int:
             bar.set_postfix_str(message, refresh=True)
 
         try:
-            result = label_spine(path, model=model, device=args.device, progress=progress)
-            from .io import read_image
-
-            written = write_all(result, read_image(path), args.out, case_name(path), input_path=path)
+            image = read_image(path)
+            result = label_spine(image, model=model, device=args.device, progress=progress)
+            result.source = str(path)
+            written = write_all(result, image, args.out, case_name(path), input_path=path)
         except (InputError, OSError, ValueError, RuntimeError) as err:
             failures += 1
             if args.debug:

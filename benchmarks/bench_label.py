@@ -1,0 +1,93 @@
+"""Benchmark: end-to-end ``spinelabel label`` on a large whole-spine phantom, and ``relabel`` for 26 vertebrae.
+
+Targets on a 2-core CPU machine: labelling a 512x512x800 phantom at 0.8x0.8x1.0 mm in <= 20 s with <= 3 GB peak
+memory (stretch: 10 s / 2 GB); one ``relabel`` of 26 vertebrae in < 50 ms.
+
+Usage: python benchmarks/bench_label.py [--size X Y Z] [--spacing X Y Z] [--runs N] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def label_once(image: Path, out: Path) -> tuple[float, float, dict]:
+    """Wall seconds, peak RSS (GB) of the child process, and the stage timings from its report."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "SpineLabelLib.cli", "label", str(image), "-o", str(out), "--quiet"], check=True)
+    wall = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak_kb <= before:
+        print("note: peak RSS is the maximum over all child processes so far", file=sys.stderr)
+    report = json.loads(next(out.glob("*_report.json")).read_text())
+    return wall, peak_kb / 1024**2, report
+
+
+def relabel_time(runs: int = 200) -> float:
+    """Median seconds of one relabel of a 26-vertebra chain with one fixed label."""
+    from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
+    from SpineLabelLib.sequence import relabel
+    from SpineLabelLib.vertebrae import LEVELS
+
+    rng = np.random.default_rng(0)
+    regular = [lv.name for lv in LEVELS if not lv.transitional][:26]
+    vertebrae = [Vertebra(i + 1, n, (0.0, 0.0, -25.0 * i), 30.0, 0.9, rng.normal(size=len(LEVELS)))
+                 for i, n in enumerate(regular)]
+    result = SpineLabeling(Geometry((2, 2, 2), (1.0,) * 3, (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+                           np.zeros((2, 2, 2), np.int16), vertebrae, gaps_mm=[25.0] * 25)
+    times = []
+    for i in range(runs):
+        start = time.perf_counter()
+        relabel(result, {1 + i % 26: regular[i % 26]})
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, nargs=3, default=[512, 512, 800])
+    parser.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.0])
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    from SpineLabelLib.phantom import make_phantom
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        image = tmp / "bench.nrrd"
+        t = time.perf_counter()
+        phantom = make_phantom(modality="ct", fov="whole", size=tuple(args.size), spacing=tuple(args.spacing), seed=1)
+        import SimpleITK as sitk
+
+        sitk.WriteImage(phantom.image, str(image), useCompression=False)
+        del phantom
+        print(f"phantom {args.size} at {args.spacing} mm written in {time.perf_counter() - t:.1f} s")
+        results = []
+        for run in range(args.runs):
+            out = tmp / f"out{run}"
+            wall, peak_gb, report = label_once(image, out)
+            results.append({"wall_s": round(wall, 2), "peak_rss_gb": round(peak_gb, 2),
+                            "stages_s": report["timings_s"], "vertebrae": len(report["vertebrae"])})
+            print(f"run {run + 1}: {wall:.1f} s wall, {peak_gb:.2f} GB peak RSS, {len(report['vertebrae'])} vertebrae, "
+                  f"stages {report['timings_s']}")
+    relabel_s = relabel_time()
+    print(f"relabel, 26 vertebrae: {relabel_s * 1000:.1f} ms (median of 200)")
+    summary = {"size": args.size, "spacing_mm": args.spacing, "runs": results, "relabel_26_ms": round(relabel_s * 1000, 2)}
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
