@@ -4,6 +4,9 @@ through the markups node, Segment Editor edits read back, export."""
 from __future__ import annotations
 
 import json
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -18,12 +21,14 @@ from vtk.util import numpy_support  # noqa: E402
 
 from conftest import build_spine  # noqa: E402
 from SpineLabelLib.vertebrae import terminology_entry  # noqa: E402
+from SpineLabelLogic import process  # noqa: E402
 from SpineLabelLogic.scene import (  # noqa: E402
     LabelingScene,
     addVolumeNodeFromImage,
     imageFromVolumeNode,
     segmentIdOf,
 )
+from SpineLabelLogic.worker import loadResult, saveResult  # noqa: E402
 
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 
@@ -204,3 +209,75 @@ def test_segment_editor_edits_are_read_back_and_exported(labeled, tmp_path):
     assert provenance["corrections"] == labeled.corrections
     dataset = json.loads((tmp_path / "Dataset001_Spine" / "dataset.json").read_text())
     assert dataset["numTraining"] == 1
+
+
+# ------------------------------------------------------------------------------------- background process
+
+
+def test_training_and_worker_lines_are_parsed():
+    event = process.parseTrainingLine("epoch 3/10 loss 0.4120 body_dice 0.812 level_accuracy 0.640")
+    assert event == {"event": "epoch", "epoch": 3, "epochs": 10, "fraction": 0.3, "loss": 0.412,
+                     "metrics": {"body_dice": 0.812, "level_accuracy": 0.64}}
+    assert process.parseTrainingLine("INFO training: loading data") is None
+    assert process.parseWorkerLine('{"event": "progress", "fraction": 0.5, "message": "m"}')["fraction"] == 0.5
+    assert process.parseWorkerLine("{not json") is None and process.parseWorkerLine('{"x": 1}') is None
+
+
+def test_background_process_reports_events_and_output():
+    script = textwrap.dedent("""
+        import json, sys
+        for i in range(3):
+            print(json.dumps({"event": "progress", "fraction": i / 2, "message": f"step {i}"}), flush=True)
+        print("a log line", file=sys.stderr)
+        sys.exit(3)
+    """)
+    runner = process.BackgroundProcess([sys.executable, "-c", script], process.parseWorkerLine)
+    runner.start()
+    assert runner.wait(30) == 3
+    assert [e["fraction"] for e in runner.readEvents()] == [0.0, 0.5, 1.0]
+    assert runner.readEvents() == [] and "a log line" in runner.outputTail()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks the process tree through /proc")
+def test_cancel_ends_the_whole_process_tree():
+    script = textwrap.dedent("""
+        import json, subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        print(json.dumps({"event": "child", "pid": child.pid}), flush=True)
+        time.sleep(120)
+    """)
+    runner = process.BackgroundProcess([sys.executable, "-c", script], process.parseWorkerLine)
+    runner.start()
+    deadline = time.monotonic() + 30
+    events = []
+    while not events and time.monotonic() < deadline:
+        events = runner.readEvents()
+        time.sleep(0.05)
+    child = events[0]["pid"]
+    assert _alive(child) and runner.running
+    runner.cancel(timeout=2)
+    assert not runner.running and runner.cancelled
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def test_result_round_trip_through_files(tmp_path, spine):
+    result = spine.result.copy()
+    result.vertebrae[0].fixed = True
+    back = loadResult(saveResult(result, tmp_path / "out"))
+    assert back.geometry == result.geometry and back.components.dtype == result.components.dtype
+    np.testing.assert_array_equal(back.components, result.components)
+    for a, b in zip(back.vertebrae, result.vertebrae):
+        assert (a.id, a.name, a.fixed, a.centroid_lps_mm) == (b.id, b.name, b.fixed, b.centroid_lps_mm)
+        np.testing.assert_array_equal(a.level_log_scores, b.level_log_scores)
+    assert (back.warnings, back.model, back.modality) == (result.warnings, result.model, result.modality)

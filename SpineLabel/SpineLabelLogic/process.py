@@ -1,0 +1,214 @@
+"""Long work in a background process: labelling (``python -m SpineLabelLogic.worker``) and fine-tuning
+(``python -m SpineLabelLib.cli train``), with progress read from the process's output and a Cancel that ends the
+whole process tree.
+
+:class:`BackgroundProcess` starts the command in its own process group (a new session on POSIX), reads stdout and
+stderr on two threads into a queue, and turns each line into an event with a parser; the Slicer widget polls
+:meth:`BackgroundProcess.readEvents` from a timer, so the user interface never blocks. Nothing here imports
+``slicer`` or Qt.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+__all__ = [
+    "BackgroundProcess",
+    "parseWorkerLine",
+    "parseTrainingLine",
+    "pythonPathEnvironment",
+    "labelCommand",
+    "trainCommand",
+    "moduleRoot",
+]
+
+log = logging.getLogger(__name__)
+
+_TAIL_LINES = 200
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_EPOCH_LINE = re.compile(rf"^epoch\s+(\d+)\s*/\s*(\d+)\s+loss\s+({_NUMBER})(.*)$")
+_METRIC = re.compile(rf"([A-Za-z_][A-Za-z0-9_]*)\s+({_NUMBER})")
+
+
+def parseWorkerLine(line: str) -> dict | None:
+    """Event of one stdout line of ``SpineLabelLogic.worker`` (a JSON object with an ``"event"`` key), else None."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
+
+
+def parseTrainingLine(line: str) -> dict | None:
+    """Event of one line of ``spinelabel train`` output.
+
+    ``epoch 3/10 loss 0.4120 body_dice 0.812 level_accuracy 0.640`` gives ``{"event": "epoch", "epoch": 3,
+    "epochs": 10, "fraction": 0.3, "loss": 0.412, "metrics": {"body_dice": 0.812, "level_accuracy": 0.64}}``;
+    other lines give None.
+    """
+    match = _EPOCH_LINE.match(line.strip())
+    if not match:
+        return None
+    epoch, epochs = int(match.group(1)), int(match.group(2))
+    metrics = {name: float(value) for name, value in _METRIC.findall(match.group(4))}
+    return {"event": "epoch", "epoch": epoch, "epochs": epochs, "fraction": epoch / epochs if epochs else 0.0,
+            "loss": float(match.group(3)), "metrics": metrics}
+
+
+def pythonPathEnvironment(paths: Sequence[str | os.PathLike], base: dict | None = None) -> dict:
+    """A copy of the environment with ``paths`` put in front of ``PYTHONPATH`` (so the child imports the same
+    SpineLabelLib as the caller) and unbuffered Python output (so progress arrives as it happens)."""
+    env = dict(os.environ if base is None else base)
+    existing = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(p) for p in paths] + existing)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def labelCommand(python: str, inputPath: str | os.PathLike, outputDir: str | os.PathLike,
+                 model: str | os.PathLike | None = None, device: str = "auto") -> list[str]:
+    """Command line of the labelling worker."""
+    command = [python, "-m", "SpineLabelLogic.worker", str(inputPath), str(outputDir), "--device", device]
+    if model:
+        command += ["--model", str(model)]
+    return command
+
+
+def trainCommand(python: str, datasetDir: str | os.PathLike, outCard: str | os.PathLike,
+                 baseModel: str | os.PathLike | None = None, epochs: int = 10, name: str | None = None,
+                 device: str = "auto") -> list[str]:
+    """Command line of ``spinelabel train`` fine-tuning on an exported dataset."""
+    command = [python, "-m", "SpineLabelLib.cli", "train", "--data", str(datasetDir), "--out", str(outCard),
+               "--epochs", str(int(epochs)), "--device", device]
+    if baseModel:
+        command += ["--base-model", str(baseModel)]
+    if name:
+        command += ["--name", name]
+    return command
+
+
+class BackgroundProcess:
+    """A command running in its own process group, its output turned into events.
+
+    Args:
+        command: program and arguments.
+        parseLine: turns one output line (stdout or stderr, without the newline) into an event, or None for
+            lines that are not events (those are kept in :meth:`outputTail`).
+        env: environment of the process (default: this one).
+        cwd: working folder.
+    """
+
+    def __init__(self, command: Sequence[str], parseLine: Callable[[str], dict | None],
+                 env: dict | None = None, cwd: str | os.PathLike | None = None):
+        self.command = [str(c) for c in command]
+        self.parseLine = parseLine
+        self.env = env
+        self.cwd = cwd
+        self.process: subprocess.Popen | None = None
+        self.cancelled = False
+        self._events: queue.Queue = queue.Queue()
+        self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        self._readers: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Start the process and its two reader threads."""
+        if self.process is not None:
+            raise RuntimeError("process already started")
+        options: dict = {}
+        if sys.platform == "win32":
+            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            options["start_new_session"] = True
+        log.info("starting: %s", " ".join(self.command))
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        bufsize=1, env=self.env, cwd=self.cwd, **options)
+        for stream in (self.process.stdout, self.process.stderr):
+            reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
+            reader.start()
+            self._readers.append(reader)
+
+    def _read(self, stream) -> None:
+        for line in iter(stream.readline, ""):
+            line = line.rstrip("\r\n")
+            event = self.parseLine(line)
+            if event is None:
+                self._tail.append(line)
+            else:
+                self._events.put(event)
+        stream.close()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def readEvents(self) -> list[dict]:
+        """Events parsed since the last call, oldest first (never blocks)."""
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    def outputTail(self, lines: int = 20) -> str:
+        """The last output lines that were not events (errors, log messages)."""
+        return "\n".join(list(self._tail)[-lines:])
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the process to end and its output to be read; returns its exit code.
+
+        Raises:
+            subprocess.TimeoutExpired: still running after ``timeout`` seconds.
+        """
+        if self.process is None:
+            raise RuntimeError("process not started")
+        code = self.process.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        return code
+
+    def cancel(self, timeout: float = 5.0) -> None:
+        """End the process and every process it started: terminate, then kill after ``timeout`` seconds."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.cancelled = True
+        log.info("cancelling process %d and its children", self.process.pid)
+        if sys.platform == "win32":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True, check=False)
+        else:
+            self._signalGroup(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            self._signalGroup(signal.SIGKILL)  # whatever is left of the group, children that ignored SIGTERM too
+        self.process.wait()
+
+    def _signalGroup(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)  # the group id is the pid: the process leads its own session
+        except ProcessLookupError:
+            pass
+
+
+def moduleRoot() -> Path:
+    """The SpineLabel module folder, which holds SpineLabelLib and SpineLabelLogic (for a child's PYTHONPATH)."""
+    return Path(__file__).resolve().parents[1]

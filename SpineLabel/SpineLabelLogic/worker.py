@@ -1,0 +1,112 @@
+"""Labelling worker run by the Slicer module in a separate process::
+
+    python -m SpineLabelLogic.worker INPUT OUTDIR [--model CARD] [--device auto|cpu|cuda]
+
+It labels INPUT with :func:`SpineLabelLib.pipeline.label_spine` and writes the complete labelling (component ids,
+per-level scores, fixed flags: everything corrections need, unlike the user-facing outputs) to OUTDIR with
+:func:`saveResult`. Its stdout carries one JSON object per line, read by
+:func:`SpineLabelLogic.process.parseWorkerLine`::
+
+    {"event": "progress", "fraction": 0.42, "message": "network window 3/8"}
+    {"event": "done", "result": "OUTDIR", "vertebrae": 17, "warnings": [...]}
+    {"event": "error", "message": "..."}
+
+Log messages go to stderr. Imports neither ``slicer`` nor Qt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from SpineLabelLib.io import atomic_path
+from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
+
+__all__ = ["saveResult", "loadResult", "main"]
+
+log = logging.getLogger(__name__)
+
+_RESULT_JSON = "result.json"
+_COMPONENTS = "components.npy"
+
+
+def saveResult(result: SpineLabeling, folder: str | os.PathLike) -> Path:
+    """Write a labelling to ``folder``: ``components.npy`` (int16 (z, y, x)) and ``result.json`` (the rest)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / _COMPONENTS) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(result.components), allow_pickle=False)
+    document = {
+        "geometry": {"size": list(result.geometry.size), "spacing": list(result.geometry.spacing),
+                     "origin": list(result.geometry.origin), "direction": list(result.geometry.direction)},
+        "vertebrae": [{"id": v.id, "name": v.name, "centroid_lps_mm": list(v.centroid_lps_mm), "volume_ml": v.volume_ml,
+                       "confidence": v.confidence, "level_log_scores": np.asarray(v.level_log_scores, float).tolist(),
+                       "fixed": v.fixed} for v in result.vertebrae],
+        "gaps_mm": list(result.gaps_mm),
+        "warnings": list(result.warnings),
+        "sequence_warnings": list(result.sequence_warnings),
+        "model": result.model,
+        "timings_s": result.timings_s,
+        "source": result.source,
+        "modality": result.modality,
+    }
+    with atomic_path(folder / _RESULT_JSON) as tmp:
+        tmp.write_text(json.dumps(document), encoding="utf-8")
+    return folder
+
+
+def loadResult(folder: str | os.PathLike) -> SpineLabeling:
+    """Read a labelling written by :func:`saveResult`."""
+    folder = Path(folder)
+    document = json.loads((folder / _RESULT_JSON).read_text(encoding="utf-8"))
+    g = document["geometry"]
+    geometry = Geometry(tuple(g["size"]), tuple(g["spacing"]), tuple(g["origin"]), tuple(g["direction"]))
+    components = np.load(folder / _COMPONENTS, allow_pickle=False)
+    vertebrae = [Vertebra(id=v["id"], name=v["name"], centroid_lps_mm=tuple(v["centroid_lps_mm"]),
+                          volume_ml=v["volume_ml"], confidence=v["confidence"],
+                          level_log_scores=np.asarray(v["level_log_scores"], dtype=float), fixed=v["fixed"])
+                 for v in document["vertebrae"]]
+    return SpineLabeling(geometry=geometry, components=components, vertebrae=vertebrae, gaps_mm=document["gaps_mm"],
+                         warnings=document["warnings"], sequence_warnings=document["sequence_warnings"],
+                         model=document["model"], timings_s=document["timings_s"], source=document["source"],
+                         modality=document["modality"])
+
+
+def _emit(event: dict) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m SpineLabelLogic.worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("input", type=Path)
+    parser.add_argument("outdir", type=Path)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+    from SpineLabelLib.pipeline import label_spine
+
+    try:
+        result = label_spine(args.input, model=args.model, device=args.device,
+                             progress=lambda fraction, message: _emit(
+                                 {"event": "progress", "fraction": round(float(fraction), 4), "message": message}))
+        saveResult(result, args.outdir)
+    except Exception as err:  # reported to the Slicer module as one event, traceback in the log
+        log.exception("labelling failed")
+        _emit({"event": "error", "message": str(err) or type(err).__name__})
+        return 1
+    _emit({"event": "done", "result": str(args.outdir), "vertebrae": len(result.vertebrae), "warnings": result.warnings})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
