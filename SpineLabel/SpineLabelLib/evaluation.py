@@ -1,0 +1,679 @@
+"""Scoring SpineLabel predictions against reference vertebra labels (``spinelabel evaluate``).
+
+Inputs
+------
+Predictions: for each labelled image NAME, ``NAME_seg.nii.gz`` (VerSe label map on the input grid) and, optionally,
+``NAME_ctd.json`` (VerSe centroid json whose entries carry ``"label"`` and ``"world_lps_mm"``).
+
+Ground truth, one of these layouts (searched recursively under the GT folder):
+
+* ``X_vert-verse.nii.gz`` + ``X_ctd.json`` (``world_lps_mm`` per entry), e.g. ``mri_lumbar_bodies``;
+* VerSe: ``X_seg-vert_msk.nii.gz`` (any BIDS entities may follow ``seg-vert``, e.g. ``X_seg-vert_label-22_msk``)
+  + ``X_seg-vb_ctd.json`` or ``X_seg-subreg_ctd.json`` with voxel coordinates ``X, Y, Z`` along the axes whose
+  orientation code is ``"direction"`` (e.g. ``["P", "I", "R"]``: axis 0 runs towards posterior, ...), converted
+  to LPS mm with the mask's geometry reoriented to that code;
+* nnU-Net: ``labelsTr/X.nii.gz`` (no centroid file).
+
+A GT case without a centroid file gets its centroids from its mask (per-label centre of mass); its predicted
+centroids are then also taken from the predicted mask so that both sides use the same definition.
+
+Matching: a case's key is the file stem with known suffixes stripped: predictions ``NAME_seg.nii.gz`` -> NAME,
+GT masks -> X as above; then ``_img``, ``_ct``, ``_0000``, ``_T2w`` are removed from the end of both, repeatedly.
+So prediction ``sub-verse014_ct`` matches GT ``sub-verse014_seg-vert_msk``, ``VB1_02_AKa3_img`` matches
+``VB1_02_AKa3_vert-verse`` and ``X_0000`` matches ``labelsTr/X``.
+
+Metrics (all distances between centroids in LPS millimetres; labels are VerSe values, levels ordered by
+``vertebrae.LEVELS``; labels outside that table are ignored with a warning)
+----------------------------------------------------------------------------------------------------------
+
+* **Identification** (VerSe): a GT vertebra with centroid g and label L is *identified* when the predicted
+  centroid closest to g (over all predicted labels) carries label L and lies within ``ID_RADIUS_MM`` = 20 mm of g.
+  Case identification rate = identified / number of GT vertebrae; pooled rate = all identified / all GT
+  vertebrae (a missing prediction counts all its GT vertebrae as not identified).
+* **Localisation error**: for each GT vertebra whose label has a predicted centroid, the distance between the GT
+  centroid and the predicted centroid of the same label. Case value = mean over those vertebrae; pooled value =
+  mean over all such vertebrae of all cases. GT vertebrae whose label has no predicted centroid are counted
+  (``n_not_predicted``) and listed, not given an error.
+* **Dice** (whole-vertebra GT only): per GT label L, ``2 |P_L & G_L| / (|P_L| + |G_L|)`` where P_L, G_L are the
+  voxels labelled L in prediction and GT (0 when L is absent from the prediction). Case value = mean over GT
+  vertebrae; pooled = mean over all GT vertebrae of whole-vertebra cases.
+* **Body coverage** (bodies-only GT, where Dice would penalise the predicted posterior elements):
+  ``|P_L & G_L| / |G_L|``, the fraction of GT body voxels carrying the same label in the prediction. Averaged like
+  Dice, over bodies-only cases. A case is bodies-only when the caller says so, otherwise when any folder on its
+  GT mask's path (below and including the GT folder) has "bodies" in its name (``mri_lumbar_bodies``).
+* **Level shift / off-by-one scans**: every predicted centroid is paired with its closest GT centroid when that
+  lies within 20 mm; the level difference of a pair is ``level_index(pred) - level_index(gt)`` (anatomical order,
+  so T12 -> T13 or L5 -> L6 count as one level; positive = predicted label too caudal). The case *shift* is the
+  median difference over the pairs (None without pairs). A case is *off by one* when strictly more than half of
+  its pairs differ by exactly one level (either sign). ``sacrum_in_gt`` tells whether S1 (label 26) is in the GT.
+* **Summary**: the pooled values above, the number of off-by-one scans and of missing predictions, overall and per
+  group when the caller gives a group per case (e.g. ``{"VB1_02_AKa3": "MR"}``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import SimpleITK as sitk
+
+from .io import InputError, atomic_path
+from .result import Geometry
+from .vertebrae import BY_LABEL, level_index
+
+__all__ = [
+    "ID_RADIUS_MM",
+    "PredFiles",
+    "GtFiles",
+    "VertebraResult",
+    "CaseResult",
+    "GroupSummary",
+    "EvaluationSummary",
+    "case_key",
+    "match_cases",
+    "read_centroids",
+    "mask_centroids",
+    "evaluate_case",
+    "evaluate_folders",
+    "summary_markdown",
+]
+
+log = logging.getLogger(__name__)
+
+ID_RADIUS_MM = 20.0
+SACRUM_LABEL = 26
+_STRIP_SUFFIXES = ("_img", "_ct", "_0000", "_T2w")
+_NII = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class PredFiles:
+    """One prediction: ``seg`` = ``NAME_seg.nii.gz``, ``ctd`` = ``NAME_ctd.json`` or None when absent."""
+
+    name: str
+    seg: Path
+    ctd: Path | None
+
+
+@dataclass(frozen=True)
+class GtFiles:
+    """One reference case.
+
+    Attributes:
+        mask: label map (VerSe values).
+        ctd: centroid json, or None (centroids then come from the mask).
+        layout: ``"vert-verse"``, ``"verse"`` or ``"nnunet"``.
+        bodies_only: True when the mask holds vertebral bodies only (detected from the folder names).
+    """
+
+    mask: Path
+    ctd: Path | None
+    layout: str
+    bodies_only: bool
+
+
+@dataclass
+class VertebraResult:
+    """Scores of one GT vertebra (distances in mm; None where not applicable)."""
+
+    label: int
+    name: str
+    identified: bool
+    nearest_pred_label: int | None
+    nearest_pred_distance_mm: float | None
+    loc_error_mm: float | None
+    dice: float | None
+    body_coverage: float | None
+    gt_volume_ml: float
+
+
+@dataclass
+class CaseResult:
+    """Scores of one case; see the module docstring for the definition of each value."""
+
+    name: str
+    bodies_only: bool
+    vertebrae: list[VertebraResult]
+    n_gt: int
+    n_identified: int
+    id_rate: float | None
+    mean_loc_error_mm: float | None
+    n_not_predicted: int
+    not_predicted: list[str]
+    mean_dice: float | None
+    mean_body_coverage: float | None
+    extra_predicted: list[str]
+    shift: float | None
+    n_shift_pairs: int
+    off_by_one: bool
+    sacrum_in_gt: bool
+    prediction_missing: bool = False
+    group: str = ""
+    gt_mask: str = ""
+    pred_seg: str = ""
+    centroid_source: str = ""
+
+
+@dataclass
+class GroupSummary:
+    """Pooled scores over a set of cases (see the module docstring)."""
+
+    n_cases: int
+    n_gt: int
+    n_identified: int
+    id_rate: float | None
+    mean_loc_error_mm: float | None
+    n_not_predicted: int
+    mean_dice: float | None
+    mean_body_coverage: float | None
+    n_off_by_one: int
+    off_by_one_cases: list[str]
+    n_missing_predictions: int
+    missing_predictions: list[str]
+
+
+@dataclass
+class EvaluationSummary:
+    """Everything ``evaluate_folders`` found: per-case results, pooled scores overall and per group."""
+
+    cases: list[CaseResult]
+    overall: GroupSummary
+    groups: dict[str, GroupSummary] = field(default_factory=dict)
+    unmatched_predictions: list[str] = field(default_factory=list)
+    pred_dir: str = ""
+    gt_dir: str = ""
+
+    def to_dict(self) -> dict:
+        """Plain dict (``json.dumps``-able; NaN never occurs, missing values are None)."""
+        return {
+            "pred_dir": self.pred_dir,
+            "gt_dir": self.gt_dir,
+            "id_radius_mm": ID_RADIUS_MM,
+            "overall": asdict(self.overall),
+            "groups": {g: asdict(s) for g, s in self.groups.items()},
+            "unmatched_predictions": list(self.unmatched_predictions),
+            "cases": [asdict(c) for c in self.cases],
+        }
+
+
+# ----------------------------------------------------------------------------------------------- file matching
+
+
+def case_key(name: str) -> str:
+    """Matching key of a case name: ``_img``, ``_ct``, ``_0000``, ``_T2w`` stripped from the end, repeatedly."""
+    key = name
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in _STRIP_SUFFIXES:
+            if key.endswith(suffix) and len(key) > len(suffix):
+                key = key[: -len(suffix)]
+                stripped = True
+    return key
+
+
+def _strip_nii(name: str) -> str | None:
+    for ext in _NII:
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def _predictions(pred_dir: Path) -> dict[str, PredFiles]:
+    found: dict[str, PredFiles] = {}
+    for seg in sorted(pred_dir.glob("*_seg.nii*")):
+        stem = _strip_nii(seg.name)
+        if stem is None:
+            continue
+        name = stem[: -len("_seg")]
+        ctd = pred_dir / f"{name}_ctd.json"
+        key = case_key(name)
+        if key in found:
+            raise InputError(f"{seg}: predictions {found[key].seg.name} and {seg.name} both match case {key}")
+        found[key] = PredFiles(name, seg, ctd if ctd.is_file() else None)
+    return found
+
+
+def _bodies_only(mask: Path, gt_dir: Path) -> bool:
+    parts = [gt_dir.resolve().name, *mask.resolve().relative_to(gt_dir.resolve()).parts[:-1]]
+    return any("bodies" in p.lower() for p in parts)
+
+
+def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
+    found: dict[str, GtFiles] = {}
+
+    def add(key: str, files: GtFiles) -> None:
+        if key in found:
+            raise InputError(f"{files.mask}: GT masks {found[key].mask} and {files.mask} both define case {key}")
+        found[key] = files
+
+    for mask in sorted(gt_dir.rglob("*_vert-verse.nii*")):
+        stem = _strip_nii(mask.name)
+        if stem is None:
+            continue
+        base = stem[: -len("_vert-verse")]
+        ctd = mask.parent / f"{base}_ctd.json"
+        add(case_key(base), GtFiles(mask, ctd if ctd.is_file() else None, "vert-verse", _bodies_only(mask, gt_dir)))
+    for mask in sorted(gt_dir.rglob("*_seg-vert*_msk.nii*")):
+        stem = _strip_nii(mask.name)
+        if stem is None:
+            continue
+        before, after = stem[: -len("_msk")].split("_seg-vert", 1)
+        ctd = next((c for c in (mask.parent / f"{before}_seg-{kind}{after}_ctd.json" for kind in ("vb", "subreg"))
+                    if c.is_file()), None)
+        add(case_key(before + after), GtFiles(mask, ctd, "verse", _bodies_only(mask, gt_dir)))
+    for labels_dir in sorted(p for p in gt_dir.rglob("labelsTr") if p.is_dir()):
+        for mask in sorted(labels_dir.iterdir()):
+            stem = _strip_nii(mask.name)
+            if stem is not None and not mask.name.startswith("."):
+                add(case_key(stem), GtFiles(mask, None, "nnunet", _bodies_only(mask, gt_dir)))
+    return found
+
+
+def match_cases(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike) -> list[tuple[str, PredFiles | None, GtFiles]]:
+    """Pair the predictions in ``pred_dir`` with the GT cases in ``gt_dir`` (rules in the module docstring).
+
+    Returns:
+        ``(key, prediction or None when missing, GT)`` for every GT case, sorted by key. Predictions without a GT
+        case are logged and left out (``evaluate_folders`` lists them).
+
+    Raises:
+        InputError: a folder is missing, holds no GT case, or two files map to the same key.
+    """
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    for folder, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
+        if not folder.is_dir():
+            raise InputError(f"{folder}: {what} folder does not exist")
+    preds = _predictions(pred_dir)
+    gts = _ground_truth(gt_dir)
+    if not gts:
+        raise InputError(f"{gt_dir}: no ground-truth masks (*_vert-verse.nii.gz, *_seg-vert_msk.nii.gz or "
+                         "labelsTr/*.nii.gz) found")
+    for key in sorted(set(preds) - set(gts)):
+        log.warning("prediction %s has no ground truth in %s", preds[key].seg, gt_dir)
+    return [(key, preds.get(key), gts[key]) for key in sorted(gts)]
+
+
+# ------------------------------------------------------------------------------------------------- centroids
+
+
+def mask_centroids(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Centre of mass of every non-zero label.
+
+    Args:
+        labels: integer label map (z, y, x).
+
+    Returns:
+        label -> continuous voxel index (i, j, k) = (x, y, z), float64 of shape (3,).
+    """
+    flat = np.flatnonzero(labels)
+    if flat.size == 0:
+        return {}
+    values = labels.ravel()[flat].astype(np.int64)
+    if values.min() < 0:
+        raise ValueError("label maps must not hold negative values")
+    counts = np.bincount(values)
+    present = np.flatnonzero(counts)
+    zyx = np.unravel_index(flat, labels.shape)
+    sums = np.stack([np.bincount(values, weights=axis, minlength=counts.size) for axis in zyx[::-1]], axis=1)
+    return {int(v): sums[v] / counts[v] for v in present}
+
+
+def _mask_centroids_lps(labels: np.ndarray, geometry: Geometry) -> dict[int, np.ndarray]:
+    return {v: geometry.index_to_lps(ijk) for v, ijk in mask_centroids(labels).items()}
+
+
+def read_centroids(path: str | os.PathLike, reference: sitk.Image) -> dict[int, np.ndarray]:
+    """Centroids of a VerSe centroid json in LPS mm.
+
+    Entries with ``"world_lps_mm"`` are taken as they are; otherwise ``X, Y, Z`` are voxel coordinates of
+    ``reference`` reoriented to the file's ``"direction"`` code (a trailing ``?`` on a letter is ignored).
+
+    Args:
+        path: the json file.
+        reference: the image (mask) the voxel coordinates refer to.
+
+    Returns:
+        VerSe label -> LPS position in mm, float64 of shape (3,).
+
+    Raises:
+        InputError: unreadable file, or voxel coordinates without a ``direction`` header.
+    """
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: unreadable centroid file ({err})") from None
+    if isinstance(entries, dict):
+        entries = entries.get("centroids", [])
+    code = next(("".join(str(a).strip("?")[:1] for a in e["direction"]) for e in entries
+                 if isinstance(e, dict) and "direction" in e), None)
+    oriented: Geometry | None = None
+    out: dict[int, np.ndarray] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or "label" not in entry:
+            continue
+        label = int(entry["label"])
+        if "world_lps_mm" in entry:
+            out[label] = np.asarray(entry["world_lps_mm"], dtype=float)
+            continue
+        if code is None:
+            raise InputError(f"{path}: voxel centroids (X, Y, Z) without a 'direction' entry")
+        if oriented is None:
+            oriented = Geometry.of(sitk.DICOMOrient(reference, code))
+        out[label] = oriented.index_to_lps(np.array([entry["X"], entry["Y"], entry["Z"]], dtype=float))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ one case
+
+
+def _known_labels(labels, what: str) -> list[int]:
+    unknown = sorted(int(v) for v in labels if int(v) != 0 and int(v) not in BY_LABEL)
+    if unknown:
+        log.warning("%s: labels %s are not vertebrae in the VerSe table; ignored", what, unknown)
+    return sorted(int(v) for v in labels if int(v) in BY_LABEL)
+
+
+def _overlaps(pred_labels: np.ndarray, gt_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per label value v: (|P_v & G_v|, |P_v|, |G_v|), each int64 of length max label + 1."""
+    fg = (pred_labels != 0) | (gt_labels != 0)
+    p = pred_labels[fg].astype(np.int64)
+    g = gt_labels[fg].astype(np.int64)
+    if (p < 0).any() or (g < 0).any():
+        raise ValueError("label maps must not hold negative values")
+    n = int(max(p.max(initial=0), g.max(initial=0))) + 1
+    inter = np.bincount(g[p == g], minlength=n)
+    return inter, np.bincount(p, minlength=n), np.bincount(g, minlength=n)
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def evaluate_case(
+    pred_labels: np.ndarray,
+    gt_labels: np.ndarray,
+    spacing_zyx_mm,
+    pred_centroids: Mapping[int, np.ndarray] | None,
+    gt_centroids: Mapping[int, np.ndarray] | None,
+    bodies_only: bool,
+    *,
+    name: str = "",
+) -> CaseResult:
+    """Score one prediction against its reference (metrics defined in the module docstring).
+
+    Args:
+        pred_labels: predicted VerSe label map, integer array (z, y, x).
+        gt_labels: reference VerSe label map, integer array (z, y, x), same shape and grid.
+        spacing_zyx_mm: voxel size (z, y, x) in mm; gives volumes and, when centroids are None, the frame of the
+            mask-derived centroids.
+        pred_centroids: predicted label -> centroid, (3,) in LPS mm; None to take them from ``pred_labels``.
+        gt_centroids: GT label -> centroid, (3,) in LPS mm; None to take them from ``gt_labels``. Both dicts must use
+            the same frame; centroids computed from the masks are in mm along (x, y, z) voxel axes from voxel 0,
+            which only compares with centroids computed the same way.
+        bodies_only: the GT holds vertebral bodies only: report body coverage instead of Dice.
+        name: case name carried into the result.
+
+    Returns:
+        The case's scores; the GT vertebrae are the labels of ``gt_centroids`` (VerSe labels only), in anatomical
+        order.
+
+    Raises:
+        ValueError: the two label maps differ in shape.
+    """
+    if pred_labels.shape != gt_labels.shape:
+        raise ValueError(f"prediction shape {pred_labels.shape} differs from ground truth shape {gt_labels.shape}")
+    spacing_zyx = np.asarray(spacing_zyx_mm, dtype=float)
+    spacing_xyz = spacing_zyx[::-1]
+    if pred_centroids is None:
+        pred_centroids = {v: c * spacing_xyz for v, c in mask_centroids(pred_labels).items()}
+    if gt_centroids is None:
+        gt_centroids = {v: c * spacing_xyz for v, c in mask_centroids(gt_labels).items()}
+    inter, pred_count, gt_count = _overlaps(pred_labels, gt_labels)
+
+    gt_set = _known_labels(gt_centroids, f"{name or 'case'} ground truth")
+    gt_set.sort(key=level_index)
+    pred_set = _known_labels(pred_centroids, f"{name or 'case'} prediction")
+    pred_pos = np.array([pred_centroids[v] for v in pred_set], dtype=float).reshape(-1, 3)
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+
+    vertebrae: list[VertebraResult] = []
+    for label in gt_set:
+        g = np.asarray(gt_centroids[label], dtype=float)
+        nearest_label = nearest_dist = None
+        if len(pred_set):
+            d = np.linalg.norm(pred_pos - g, axis=1)
+            i = int(np.argmin(d))
+            nearest_label, nearest_dist = pred_set[i], float(d[i])
+        loc = float(np.linalg.norm(np.asarray(pred_centroids[label], dtype=float) - g)) if label in pred_set else None
+        g_n, p_n, both = (int(a[label]) if label < a.size else 0 for a in (gt_count, pred_count, inter))
+        dice = coverage = None
+        if bodies_only:
+            coverage = both / g_n if g_n else None
+        else:
+            dice = 2.0 * both / (g_n + p_n) if g_n + p_n else None
+        vertebrae.append(VertebraResult(
+            label=label, name=BY_LABEL[label].name,
+            identified=nearest_label == label and nearest_dist is not None and nearest_dist <= ID_RADIUS_MM,
+            nearest_pred_label=nearest_label, nearest_pred_distance_mm=nearest_dist, loc_error_mm=loc,
+            dice=dice, body_coverage=coverage, gt_volume_ml=g_n * voxel_ml))
+
+    # Level shift: pair each predicted centroid with its closest GT centroid within the identification radius.
+    diffs: list[int] = []
+    if gt_set:
+        gt_pos = np.array([gt_centroids[v] for v in gt_set], dtype=float)
+        for label, p in zip(pred_set, pred_pos):
+            d = np.linalg.norm(gt_pos - p, axis=1)
+            i = int(np.argmin(d))
+            if d[i] <= ID_RADIUS_MM:
+                diffs.append(level_index(label) - level_index(gt_set[i]))
+    n_one = sum(1 for d in diffs if abs(d) == 1)
+    n_identified = sum(v.identified for v in vertebrae)
+    not_predicted = [v.name for v in vertebrae if v.loc_error_mm is None]
+    return CaseResult(
+        name=name,
+        bodies_only=bool(bodies_only),
+        vertebrae=vertebrae,
+        n_gt=len(vertebrae),
+        n_identified=n_identified,
+        id_rate=n_identified / len(vertebrae) if vertebrae else None,
+        mean_loc_error_mm=_mean(v.loc_error_mm for v in vertebrae),
+        n_not_predicted=len(not_predicted),
+        not_predicted=not_predicted,
+        mean_dice=_mean(v.dice for v in vertebrae),
+        mean_body_coverage=_mean(v.body_coverage for v in vertebrae),
+        extra_predicted=[BY_LABEL[v].name for v in sorted(set(pred_set) - set(gt_set), key=level_index)],
+        shift=float(np.median(diffs)) if diffs else None,
+        n_shift_pairs=len(diffs),
+        off_by_one=bool(diffs) and 2 * n_one > len(diffs),
+        sacrum_in_gt=SACRUM_LABEL in gt_set,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ folders
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-3)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-2)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-3))
+
+
+def _read_mask(path: Path) -> sitk.Image:
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise InputError(f"{path}: unreadable label map ({str(err).strip().splitlines()[-1][:200]})") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: not a 3D scalar label map")
+    return image
+
+
+def _pool(cases: list[CaseResult]) -> GroupSummary:
+    verts = [v for c in cases for v in c.vertebrae]
+    n_gt = len(verts)
+    n_id = sum(v.identified for v in verts)
+    off = [c.name for c in cases if c.off_by_one]
+    missing = [c.name for c in cases if c.prediction_missing]
+    return GroupSummary(
+        n_cases=len(cases), n_gt=n_gt, n_identified=n_id, id_rate=n_id / n_gt if n_gt else None,
+        mean_loc_error_mm=_mean(v.loc_error_mm for v in verts),
+        n_not_predicted=sum(c.n_not_predicted for c in cases),
+        mean_dice=_mean(v.dice for v in verts), mean_body_coverage=_mean(v.body_coverage for v in verts),
+        n_off_by_one=len(off), off_by_one_cases=off, n_missing_predictions=len(missing), missing_predictions=missing)
+
+
+def _lookup(mapping: Mapping, key: str, pred: PredFiles | None, gt: GtFiles):
+    for k in (key, pred.name if pred else None, _strip_nii(gt.mask.name)):
+        if k is not None and k in mapping:
+            return mapping[k]
+    return None
+
+
+def evaluate_folders(
+    pred_dir: str | os.PathLike,
+    gt_dir: str | os.PathLike,
+    out_json: str | os.PathLike | None = None,
+    out_md: str | os.PathLike | None = None,
+    *,
+    groups: Mapping[str, str] | None = None,
+    bodies_only: bool | Mapping[str, bool] | None = None,
+) -> EvaluationSummary:
+    """Evaluate every GT case in ``gt_dir`` against the predictions in ``pred_dir``.
+
+    Args:
+        pred_dir: folder of ``NAME_seg.nii.gz`` (+ ``NAME_ctd.json``).
+        gt_dir: reference folder in one of the layouts of the module docstring.
+        out_json: where to write ``summary.to_dict()`` as JSON (written atomically), or None.
+        out_md: where to write ``summary_markdown(summary)``, or None.
+        groups: case -> group name (e.g. "MR"/"CT"), keyed by matching key, prediction NAME or GT mask stem; cases
+            not in it are in no group.
+        bodies_only: True/False for all cases, a per-case mapping (keyed like ``groups``), or None to detect.
+
+    Returns:
+        Per-case results and pooled scores.
+
+    Raises:
+        InputError: missing folders, no GT case, a prediction on another grid than its GT mask (the message names
+            both files), unreadable files.
+    """
+    pairs = match_cases(pred_dir, gt_dir)
+    cases: list[CaseResult] = []
+    for key, pred, gt in pairs:
+        gt_image = _read_mask(gt.mask)
+        geometry = Geometry.of(gt_image)
+        gt_labels = sitk.GetArrayViewFromImage(gt_image)
+        if isinstance(bodies_only, Mapping):
+            flag = _lookup(bodies_only, key, pred, gt)
+            is_bodies = gt.bodies_only if flag is None else bool(flag)
+        else:
+            is_bodies = gt.bodies_only if bodies_only is None else bool(bodies_only)
+        gt_ctd = _mask_centroids_lps(gt_labels, geometry)
+        if gt.ctd:
+            from_file = read_centroids(gt.ctd, gt_image)
+            if set(gt_ctd) - set(from_file):
+                log.warning("%s: mask labels %s have no centroid in %s; taken from the mask", key,
+                            sorted(set(gt_ctd) - set(from_file)), gt.ctd)
+            gt_ctd.update(from_file)
+        if pred is None:
+            log.warning("%s: no prediction for GT %s; all its vertebrae count as missed", key, gt.mask)
+            pred_labels = np.zeros(gt_labels.shape, dtype=np.uint8)
+            pred_ctd: dict[int, np.ndarray] = {}
+        else:
+            pred_image = _read_mask(pred.seg)
+            if not _same_grid(pred_image, gt_image):
+                raise InputError(
+                    f"{pred.seg}: prediction grid (size {pred_image.GetSize()}, spacing {pred_image.GetSpacing()}, "
+                    f"origin {pred_image.GetOrigin()}) differs from ground truth {gt.mask} (size {gt_image.GetSize()}, "
+                    f"spacing {gt_image.GetSpacing()}, origin {gt_image.GetOrigin()})")
+            pred_labels = sitk.GetArrayViewFromImage(pred_image)
+            if gt.ctd and pred.ctd:
+                pred_ctd = read_centroids(pred.ctd, pred_image)
+            else:
+                pred_ctd = _mask_centroids_lps(pred_labels, geometry)
+        result = evaluate_case(pred_labels, gt_labels, geometry.spacing[::-1], pred_ctd, gt_ctd, is_bodies,
+                               name=pred.name if pred else key)
+        result.prediction_missing = pred is None
+        result.group = (_lookup(groups, key, pred, gt) or "") if groups else ""
+        result.gt_mask = str(gt.mask)
+        result.pred_seg = str(pred.seg) if pred else ""
+        if not gt.ctd:
+            result.centroid_source = "masks"
+        else:
+            result.centroid_source = "centroid files" if pred and pred.ctd else "GT centroid file, predicted mask"
+        cases.append(result)
+        log.info("%s: %d of %d GT vertebrae identified", result.name, result.n_identified, result.n_gt)
+
+    matched = {key for key, _, _ in pairs}
+    unmatched = sorted(str(p.seg) for k, p in _predictions(Path(pred_dir)).items() if k not in matched)
+    group_names = sorted({c.group for c in cases if c.group})
+    summary = EvaluationSummary(
+        cases=cases, overall=_pool(cases), groups={g: _pool([c for c in cases if c.group == g]) for g in group_names},
+        unmatched_predictions=unmatched, pred_dir=str(pred_dir), gt_dir=str(gt_dir))
+    if out_json is not None:
+        with atomic_path(out_json) as tmp:
+            tmp.write_text(json.dumps(summary.to_dict(), indent=1))
+    if out_md is not None:
+        with atomic_path(out_md) as tmp:
+            tmp.write_text(summary_markdown(summary))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return format(value, spec)
+
+
+def summary_markdown(summary: EvaluationSummary) -> str:
+    """Markdown report: one row per case, then one row per group and the overall row."""
+    lines = [
+        f"# SpineLabel evaluation\n\nPredictions: `{summary.pred_dir}`; ground truth: `{summary.gt_dir}`. "
+        f"Identified = closest predicted centroid has the GT label and lies within {ID_RADIUS_MM:g} mm. "
+        "Dice for whole-vertebra GT, body coverage for bodies-only GT. Shift = median predicted minus GT level "
+        "(positive: labels too caudal).\n",
+        "## Cases\n",
+        "| case | group | GT vertebrae | identified | id rate | loc. error (mm) | not predicted | Dice "
+        "| body coverage | shift | off by one | sacrum in GT | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in summary.cases:
+        notes = []
+        if c.prediction_missing:
+            notes.append("prediction missing")
+        if c.not_predicted and not c.prediction_missing:
+            notes.append("not predicted: " + ", ".join(c.not_predicted))
+        if c.extra_predicted:
+            notes.append("extra: " + ", ".join(c.extra_predicted))
+        lines.append(
+            f"| {c.name} | {c.group or '-'} | {c.n_gt} | {c.n_identified} | {_fmt(c.id_rate)} "
+            f"| {_fmt(c.mean_loc_error_mm, '.1f')} | {c.n_not_predicted} | {_fmt(c.mean_dice, '.3f')} "
+            f"| {_fmt(c.mean_body_coverage, '.3f')} | {_fmt(c.shift, '+.1f')} | {_fmt(c.off_by_one)} "
+            f"| {_fmt(c.sacrum_in_gt)} | {'; '.join(notes)} |")
+    lines += [
+        "\n## Summary\n",
+        "| group | cases | GT vertebrae | id rate | loc. error (mm) | not predicted | Dice | body coverage "
+        "| off-by-one scans | missing predictions |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in [*summary.groups.items(), ("all", summary.overall)]:
+        lines.append(
+            f"| {name} | {s.n_cases} | {s.n_gt} | {_fmt(s.id_rate)} | {_fmt(s.mean_loc_error_mm, '.1f')} "
+            f"| {s.n_not_predicted} | {_fmt(s.mean_dice, '.3f')} | {_fmt(s.mean_body_coverage, '.3f')} | {s.n_off_by_one} "
+            f"| {s.n_missing_predictions} |")
+    if summary.unmatched_predictions:
+        lines.append("\nPredictions without ground truth: " + ", ".join(f"`{p}`" for p in summary.unmatched_predictions))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,254 @@
+"""Tests of SpineLabelLib.evaluation on small synthetic label maps (and one check on ../shared/data)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SpineLabelLib import evaluation as ev
+from SpineLabelLib.io import InputError
+from SpineLabelLib.result import Geometry
+from SpineLabelLib.vertebrae import BY_NAME
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+L1, L2, L3, L4, L5, L6, S1, T12, T13 = (BY_NAME[n].label for n in ("L1", "L2", "L3", "L4", "L5", "L6", "S1", "T12", "T13"))
+SPACING_ZYX = (2.0, 1.0, 1.0)
+
+
+def spine(labels: list[int], shape=(60, 12, 12), height: int = 10, body_only: bool = False) -> np.ndarray:
+    """Stack of boxes (z, y, x), one per label from top (z=0) down; 'posterior elements' in y >= 6."""
+    a = np.zeros(shape, dtype=np.uint8)
+    for n, label in enumerate(labels):
+        z0 = n * height
+        a[z0 + 1 : z0 + height - 1, 1:6, 2:10] = label  # body
+        if not body_only:
+            a[z0 + 3 : z0 + height - 3, 6:11, 4:8] = label  # posterior elements
+    return a
+
+
+def centroids(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Centroids in mm along (x, y, z), the frame evaluate_case uses when given None."""
+    return {v: c * np.array(SPACING_ZYX[::-1]) for v, c in ev.mask_centroids(labels).items()}
+
+
+def test_perfect_prediction():
+    gt = spine([L1, L2, L3, L4, L5])
+    r = ev.evaluate_case(gt.copy(), gt, SPACING_ZYX, centroids(gt), centroids(gt), bodies_only=False)
+    assert (r.n_gt, r.n_identified, r.id_rate) == (5, 5, 1.0)
+    assert r.mean_loc_error_mm == 0.0 and r.mean_dice == 1.0 and r.mean_body_coverage is None
+    assert r.n_not_predicted == 0 and r.extra_predicted == [] and r.shift == 0.0 and not r.off_by_one
+    assert not r.sacrum_in_gt
+    assert [v.name for v in r.vertebrae] == ["L1", "L2", "L3", "L4", "L5"]
+    assert r.vertebrae[0].gt_volume_ml == pytest.approx(np.count_nonzero(gt == L1) * 2.0 / 1000)
+    json.dumps(asdict(r))
+
+
+@pytest.mark.parametrize("pred_labels, shift", [([L2, L3, L4, L5, S1], 1.0), ([T12, L1, L2, L3, L4], -1.0)])
+def test_shifted_by_one_is_flagged(pred_labels, shift):
+    gt = spine([L1, L2, L3, L4, L5])
+    pred = spine(pred_labels)
+    r = ev.evaluate_case(pred, gt, SPACING_ZYX, None, None, bodies_only=False)
+    assert r.id_rate == 0.0 and r.n_identified == 0
+    assert r.off_by_one and r.shift == shift and r.n_shift_pairs == 5
+    assert r.mean_loc_error_mm == pytest.approx(20.0)  # same label one 10-slice (20 mm) box away, 4 of 5 labels
+    assert r.n_not_predicted == 1
+
+
+def test_transitional_levels_count_as_one_level():
+    # T12, L1 labelled T13, L2: both one level too caudal. T13 lies between T12 and L1 in anatomical order, so
+    # T12 -> T13 is one level (raw label arithmetic would say 28 - 19 = 9 and see one shifted pair of two).
+    gt = spine([T12, L1])
+    pred = spine([T13, L2])
+    r = ev.evaluate_case(pred, gt, SPACING_ZYX, None, None, bodies_only=False)
+    assert r.off_by_one and r.shift == 1.0
+    # L5 labelled L6 and S1 right: one of two pairs off -> not a shifted scan.
+    gt = spine([L5, S1])
+    r = ev.evaluate_case(spine([L6, S1]), gt, SPACING_ZYX, None, None, bodies_only=False)
+    assert r.sacrum_in_gt and not r.off_by_one and r.shift == 0.5 and r.n_identified == 1
+
+
+def test_missed_vertebra_and_extra_label():
+    gt = spine([L1, L2, L3, L4, L5])
+    pred = gt.copy()
+    pred[pred == L3] = 0
+    pred[57:60, :2, :2] = S1  # a spurious label > 20 mm below every GT vertebra
+    r = ev.evaluate_case(pred, gt, SPACING_ZYX, None, None, bodies_only=False)
+    assert r.n_identified == 4 and r.id_rate == pytest.approx(0.8)
+    assert r.not_predicted == ["L3"] and r.n_not_predicted == 1 and r.extra_predicted == ["S1"]
+    l3 = next(v for v in r.vertebrae if v.name == "L3")
+    assert l3.dice == 0.0 and l3.loc_error_mm is None and not l3.identified
+    assert r.mean_dice == pytest.approx(0.8)
+    assert r.mean_loc_error_mm == pytest.approx(0.0)
+
+
+def test_centroid_beyond_20_mm_is_not_identified():
+    gt = spine([L1, L2, L3], height=20)  # 40 mm apart: only the moved centroid can be the closest
+    gt_ctd = centroids(gt)
+    pred_ctd = dict(gt_ctd)
+    pred_ctd[L2] = gt_ctd[L2] + np.array([0.0, 20.5, 0.0])
+    r = ev.evaluate_case(gt.copy(), gt, SPACING_ZYX, pred_ctd, gt_ctd, bodies_only=False)
+    l2 = r.vertebrae[1]
+    assert not l2.identified and l2.loc_error_mm == pytest.approx(20.5) and l2.nearest_pred_label == L2
+    assert r.n_identified == 2 and r.mean_dice == 1.0
+    pred_ctd[L2] = gt_ctd[L2] + np.array([0.0, 19.5, 0.0])
+    assert ev.evaluate_case(gt.copy(), gt, SPACING_ZYX, pred_ctd, gt_ctd, bodies_only=False).n_identified == 3
+
+
+def test_bodies_only_coverage():
+    gt = spine([L3, L4], body_only=True)
+    pred = spine([L3, L4])  # whole vertebrae: Dice < 1 but every body voxel covered
+    r = ev.evaluate_case(pred, gt, SPACING_ZYX, None, None, bodies_only=True)
+    assert r.mean_body_coverage == 1.0 and r.mean_dice is None and r.vertebrae[0].dice is None
+    pred[:, :3][pred[:, :3] == L4] = 0  # remove the anterior 2 of 5 body rows of L4
+    r = ev.evaluate_case(pred, gt, SPACING_ZYX, None, None, bodies_only=True)
+    assert r.vertebrae[0].body_coverage == 1.0
+    assert r.vertebrae[1].body_coverage == pytest.approx(3 / 5)
+    assert ev.evaluate_case(pred, gt, SPACING_ZYX, None, None, bodies_only=False).vertebrae[0].dice < 1.0
+
+
+def test_empty_prediction_and_shape_mismatch():
+    gt = spine([L1, L2])
+    r = ev.evaluate_case(np.zeros_like(gt), gt, SPACING_ZYX, None, None, bodies_only=False)
+    assert r.n_identified == 0 and r.mean_loc_error_mm is None and r.n_not_predicted == 2 and r.mean_dice == 0.0
+    assert r.shift is None and not r.off_by_one
+    with pytest.raises(ValueError, match="shape"):
+        ev.evaluate_case(gt[:-1], gt, SPACING_ZYX, None, None, bodies_only=False)
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def write_mask(array: np.ndarray, path: Path, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), origin=(10.0, -5.0, 3.0)):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(SPACING_ZYX[::-1])
+    image.SetOrigin(origin)
+    image.SetDirection([float(d) for d in direction])
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+def write_ctd(path: Path, lps: dict[int, np.ndarray]):
+    entries = [{"direction": ["L", "P", "S"]}] + [
+        {"label": int(k), "world_lps_mm": [float(x) for x in v]} for k, v in lps.items()]
+    path.write_text(json.dumps(entries))
+
+
+def lps_centroids(image: sitk.Image) -> dict[int, np.ndarray]:
+    geometry = Geometry.of(image)
+    return {k: geometry.index_to_lps(v) for k, v in ev.mask_centroids(sitk.GetArrayFromImage(image)).items()}
+
+
+def test_verse_voxel_centroids_follow_direction_code(tmp_path):
+    gt = spine([L1, L2, L3])
+    image = write_mask(gt, tmp_path / "m.nii.gz")
+    nx, ny, nz = image.GetSize()
+    entries = [{"direction": ["P", "I", "R"]}]
+    for label, (i, j, k) in ev.mask_centroids(gt).items():
+        # Axis 0 runs towards P (= +j), axis 1 towards I (= -k), axis 2 towards R (= -i).
+        entries.append({"label": label, "X": j, "Y": nz - 1 - k, "Z": nx - 1 - i})
+    (tmp_path / "c.json").write_text(json.dumps(entries))
+    got = ev.read_centroids(tmp_path / "c.json", image)
+    want = lps_centroids(image)
+    assert set(got) == set(want)
+    for label in want:
+        np.testing.assert_allclose(got[label], want[label], atol=1e-6)
+
+
+def test_folders_verse_layout(tmp_path):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    (gt_dir / "derivatives").mkdir(parents=True)
+    pred_dir.mkdir()
+    direction = (0, 0, -1, 1, 0, 0, 0, -1, 0)  # an oblique-free but non-LPS grid
+    a = write_mask(spine([L1, L2, L3, L4, L5]), gt_dir / "derivatives" / "sub-a_seg-vert_msk.nii.gz", direction)
+    b = write_mask(spine([L3, L4, L5, S1]), gt_dir / "derivatives" / "sub-b_seg-vert_msk.nii.gz", direction)
+    c = write_mask(spine([T12, L1]), gt_dir / "derivatives" / "sub-c_seg-vert_msk.nii.gz", direction)
+    write_ctd(gt_dir / "derivatives" / "sub-a_seg-vb_ctd.json", lps_centroids(a))
+    # sub-a: perfect, with centroid file; sub-b: labels shifted down by one, no GT centroid file; sub-c: missing.
+    write_mask(sitk.GetArrayFromImage(a), pred_dir / "sub-a_ct_seg.nii.gz", direction)
+    write_ctd(pred_dir / "sub-a_ct_ctd.json", lps_centroids(a))
+    write_mask(spine([L4, L5, L6]), pred_dir / "sub-b_ct_seg.nii.gz", direction)
+    write_mask(spine([L1]), pred_dir / "other_ct_seg.nii.gz", direction)
+
+    pairs = ev.match_cases(pred_dir, gt_dir)
+    assert [(k, p.name if p else None, g.layout, g.ctd is not None) for k, p, g in pairs] == [
+        ("sub-a", "sub-a_ct", "verse", True), ("sub-b", "sub-b_ct", "verse", False), ("sub-c", None, "verse", False)]
+
+    summary = ev.evaluate_folders(pred_dir, gt_dir, tmp_path / "s.json", tmp_path / "s.md",
+                                  groups={"sub-a": "CT", "sub-b_ct": "CT", "sub-c": "MR"})
+    by_name = {c.name: c for c in summary.cases}
+    assert by_name["sub-a_ct"].id_rate == 1.0 and by_name["sub-a_ct"].mean_dice == 1.0
+    assert by_name["sub-a_ct"].centroid_source == "centroid files"
+    assert by_name["sub-b_ct"].off_by_one and by_name["sub-b_ct"].shift == 1.0 and by_name["sub-b_ct"].sacrum_in_gt
+    assert by_name["sub-b_ct"].centroid_source == "masks"
+    assert by_name["sub-c"].prediction_missing and by_name["sub-c"].n_identified == 0
+    assert by_name["sub-c"].n_not_predicted == 2
+    o = summary.overall
+    assert (o.n_cases, o.n_gt, o.n_identified) == (3, 11, 5)
+    assert o.n_off_by_one == 1 and o.missing_predictions == ["sub-c"]
+    assert summary.groups["CT"].n_cases == 2 and summary.groups["MR"].n_gt == 2
+    assert summary.unmatched_predictions == [str(pred_dir / "other_ct_seg.nii.gz")]
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["overall"]["n_identified"] == 5 and len(saved["cases"]) == 3
+    md = (tmp_path / "s.md").read_text()
+    assert "| sub-b_ct | CT | 4 | 0 | 0.00 |" in md and "prediction missing" in md and "| all | 3 | 11 |" in md
+
+
+def test_folders_bodies_and_nnunet_layouts(tmp_path):
+    bodies, nnunet, pred = tmp_path / "mri_lumbar_bodies", tmp_path / "Dataset001" / "labelsTr", tmp_path / "pred"
+    for d in (bodies, nnunet, pred):
+        d.mkdir(parents=True)
+    g = write_mask(spine([L4, L5, S1], body_only=True), bodies / "VB1_01_vert-verse.nii.gz")
+    write_ctd(bodies / "VB1_01_ctd.json", lps_centroids(g))
+    write_mask(spine([L4, L5, S1]), pred / "VB1_01_img_seg.nii.gz")
+    pairs = ev.match_cases(pred, bodies)
+    assert len(pairs) == 1 and pairs[0][2].bodies_only and pairs[0][2].layout == "vert-verse"
+    r = ev.evaluate_folders(pred, bodies).cases[0]
+    assert r.bodies_only and r.mean_body_coverage == 1.0 and r.mean_dice is None and r.id_rate == 1.0
+    # The centroids of the whole predicted vertebrae lie 1-2 mm behind those of the GT bodies.
+    assert 0.5 < r.mean_loc_error_mm < 3.0
+    assert ev.evaluate_folders(pred, bodies, bodies_only=False).cases[0].mean_dice < 1.0
+
+    write_mask(spine([L1, L2]), nnunet / "case7.nii.gz")
+    write_mask(spine([L1, L2]), pred / "case7_0000_seg.nii.gz")
+    summary = ev.evaluate_folders(pred, nnunet.parent)
+    assert [c.name for c in summary.cases] == ["case7_0000"] and summary.cases[0].id_rate == 1.0
+    assert not summary.cases[0].bodies_only
+
+    write_mask(spine([L1, L2])[:-2], pred / "case7_0000_seg.nii.gz")
+    with pytest.raises(InputError, match="case7_0000_seg.nii.gz.*case7.nii.gz"):
+        ev.evaluate_folders(pred, nnunet.parent)
+    with pytest.raises(InputError, match="no ground-truth"):
+        ev.evaluate_folders(pred, pred)
+
+
+def test_case_key():
+    assert ev.case_key("VB1_02_AKa3_img") == "VB1_02_AKa3"
+    assert ev.case_key("sub-verse014_ct") == "sub-verse014"
+    assert ev.case_key("X_0000") == "X" and ev.case_key("sub-mri_label-6_T2w") == "sub-mri_label-6"
+
+
+def test_ct_verse_against_itself(tmp_path):
+    src = DATA / "ct_verse"
+    if not src.is_dir():
+        pytest.skip(f"real data folder {src} is absent")
+    (key, pred, gt), = ev.match_cases(tmp_path, src)
+    assert pred is None and gt.layout == "verse" and gt.ctd is not None and not gt.bodies_only
+    mask = sitk.ReadImage(str(gt.mask))
+    sitk.WriteImage(mask, str(tmp_path / f"{key}_ct_seg.nii.gz"))
+    body_ctd = ev.read_centroids(gt.ctd, mask)
+    # Body centroids (file) lie within 20 mm of the whole-vertebra centroids of the mask, closest to the same label.
+    whole = lps_centroids(mask)
+    for label, p in body_ctd.items():
+        d = {k: np.linalg.norm(p - w) for k, w in whole.items()}
+        assert min(d, key=d.get) == label and d[label] < 20.0
+    write_ctd(tmp_path / f"{key}_ct_ctd.json", body_ctd)
+    summary = ev.evaluate_folders(tmp_path, src)
+    r = summary.cases[0]
+    assert r.name == "sub-verse014_ct" and r.n_gt == 5 and r.id_rate == 1.0
+    assert r.mean_loc_error_mm == 0.0 and r.mean_dice == 1.0 and not r.off_by_one
