@@ -15,7 +15,9 @@ Ground truth, one of these layouts (searched recursively under the GT folder):
 * nnU-Net: ``labelsTr/X.nii.gz`` (no centroid file).
 
 A GT case without a centroid file gets its centroids from its mask (per-label centre of mass); its predicted
-centroids are then also taken from the predicted mask so that both sides use the same definition.
+centroids are then also taken from the predicted mask so that both sides use the same definition. A label present
+in a GT mask but absent from its centroid file gets its mask centroid (logged). A prediction without
+``NAME_ctd.json`` gets centroids from its mask. The GT vertebrae of a case are the VerSe labels of its centroids.
 
 Matching: a case's key is the file stem with known suffixes stripped: predictions ``NAME_seg.nii.gz`` -> NAME,
 GT masks -> X as above; then ``_img``, ``_ct``, ``_0000``, ``_T2w`` are removed from the end of both, repeatedly.
@@ -349,8 +351,8 @@ def read_centroids(path: str | os.PathLike, reference: sitk.Image) -> dict[int, 
         entries = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise InputError(f"{path}: unreadable centroid file ({err})") from None
-    if isinstance(entries, dict):
-        entries = entries.get("centroids", [])
+    if not isinstance(entries, list):
+        raise InputError(f"{path}: a VerSe centroid file holds a list of entries")
     code = next(("".join(str(a).strip("?")[:1] for a in e["direction"]) for e in entries
                  if isinstance(e, dict) and "direction" in e), None)
     oriented: Geometry | None = None
