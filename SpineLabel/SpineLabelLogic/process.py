@@ -36,7 +36,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _TAIL_LINES = 200
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_NUMBER = r"[-+]?(?:nan|inf|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
 _EPOCH_LINE = re.compile(rf"^epoch\s+(\d+)\s*/\s*(\d+)\s+loss\s+({_NUMBER})(.*)$")
 _METRIC = re.compile(rf"([A-Za-z_][A-Za-z0-9_]*)\s+({_NUMBER})")
 
@@ -88,17 +88,18 @@ def labelCommand(python: str, inputPath: str | os.PathLike, outputDir: str | os.
     return command
 
 
-def trainCommand(python: str, datasetDir: str | os.PathLike, outCard: str | os.PathLike,
+def trainCommand(python: str, data: str | os.PathLike, outCard: str | os.PathLike,
                  baseModel: str | os.PathLike | None = None, epochs: int = 10, name: str | None = None,
-                 device: str = "auto") -> list[str]:
-    """Command line of ``spinelabel train`` fine-tuning on an exported dataset."""
-    command = [python, "-m", "SpineLabelLib.cli", "train", "--data", str(datasetDir), "--out", str(outCard),
+                 device: str = "auto", extra: Sequence[str] = ()) -> list[str]:
+    """Command line of ``spinelabel train``: fine-tune ``baseModel`` (or train a new model) on ``data`` (an
+    exported dataset folder) and write the model card ``outCard``; ``extra`` arguments are passed on."""
+    command = [python, "-m", "SpineLabelLib.cli", "train", "--data", str(data), "--out", str(outCard),
                "--epochs", str(int(epochs)), "--device", device]
     if baseModel:
         command += ["--base-model", str(baseModel)]
     if name:
         command += ["--name", name]
-    return command
+    return command + [str(a) for a in extra]
 
 
 class BackgroundProcess:

@@ -1,0 +1,500 @@
+"""SpineLabel: label every vertebra of a CT or MRI spine scan, correct the labels, export them as training data.
+
+Module, parameter node, widget, logic and test in the shape of Slicer's scripted-module template. The widget only
+binds ``Resources/UI/SpineLabel.ui`` to the logic; the logic delegates to the Qt-free ``SpineLabelLogic`` package
+(MRML nodes, corrections, background process) and to the ``SpineLabelLib`` core.
+"""
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# Python packages SpineLabelLib needs beyond what Slicer ships (numpy, SimpleITK): import name -> pip name.
+# torch is installed through the PyTorch extension (PyTorchUtils), which picks the build for the GPU.
+REQUIRED_PACKAGES = {"scipy": "scipy", "skimage": "scikit-image", "nrrd": "pynrrd", "tqdm": "tqdm", "PIL": "pillow"}
+_POLL_INTERVAL_MS = 200
+
+
+#
+# SpineLabel
+#
+
+
+class SpineLabel(ScriptedLoadableModule):
+    """Module metadata."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SpineLabel")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SpineLabel contributors"]
+        self.parent.helpText = _(
+            "Labels every vertebra of a CT or MRI spine scan: one segment and one centroid point per vertebra, "
+            "named C1 to S1 with a confidence. Correct a label by editing a point: type a new name, lock it, "
+            "drag it onto another vertebra, delete it, or place a new point on a missed vertebra; the other "
+            "labels follow. Corrected cases can be exported as an nnU-Net training dataset. "
+            "See <a href=\"https://github.com/SpineLabel/SlicerSpineLabel\">the project page</a>."
+        )
+        self.parent.acknowledgementText = _(
+            "Vertebra label values follow the VerSe challenge (Sekuboyina et al., Medical Image Analysis 2021)."
+        )
+
+
+#
+# SpineLabelParameterNode
+#
+
+
+@parameterNodeWrapper
+class SpineLabelParameterNode:
+    """Parameters of the SpineLabel module.
+
+    inputVolume - the CT or MRI volume to label.
+    modelPath - model card (.json) to use; empty for the model that ships with SpineLabel.
+    device - where the network runs.
+    datasetDirectory - nnU-Net dataset folder that corrected cases are appended to.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    modelPath: str = ""
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    datasetDirectory: Path = Path.home() / "SpineLabelDataset"
+
+
+#
+# SpineLabelWidget
+#
+
+
+class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Binds the .ui controls to the logic; holds no computation."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._process = None
+        self._outputDir = None
+        self._labeling = None
+        self._timer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SpineLabel.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = SpineLabelLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(_POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPollProcess)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
+        self.ui.addVertebraButton.connect("clicked(bool)", self.onAddVertebraButton)
+        self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.vertebraTable.connect("cellClicked(int,int)", self.onVertebraClicked)
+
+        self.initializeParameterNode()
+        self.updateModelList()
+        self.updateDependencyStatus()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        self.cancelProcess()
+        if self._labeling is not None:
+            self._labeling.cleanup()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.cancelProcess()
+        if self._labeling is not None:
+            self._labeling.cleanup()
+            self._labeling = None
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+        self.updateVertebraTable()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[SpineLabelParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        running = self._process is not None
+        self.ui.applyButton.enabled = running or bool(self._parameterNode and self._parameterNode.inputVolume)
+        self.ui.applyButton.text = _("Cancel") if running else _("Label vertebrae")
+        self.ui.applyButton.toolTip = (_("Stop labelling") if running else _("Label every vertebra of the input volume")
+                                       if self.ui.applyButton.enabled else _("Select an input volume"))
+        hasLabels = self._labeling is not None
+        self.ui.addVertebraButton.enabled = hasLabels and not running
+        self.ui.exportButton.enabled = hasLabels and not running
+
+    # -------------------------------------------------------------------------------------------- models
+
+    def updateModelList(self) -> None:
+        self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.clear()
+        self.ui.modelComboBox.addItem(_("Default model"), "")
+        for card in self.logic.availableModels():
+            self.ui.modelComboBox.addItem(f"{card['name']} {card['version']}", card["path"])
+        current = self.ui.modelComboBox.findData(self._parameterNode.modelPath if self._parameterNode else "")
+        self.ui.modelComboBox.setCurrentIndex(max(current, 0))
+        self.ui.modelComboBox.blockSignals(False)
+
+    def onModelChanged(self, index: int) -> None:
+        if self._parameterNode:
+            self._parameterNode.modelPath = self.ui.modelComboBox.itemData(index) or ""
+
+    # -------------------------------------------------------------------------------------- dependencies
+
+    def updateDependencyStatus(self) -> None:
+        missing = self.logic.missingPackages()
+        self.ui.installButton.visible = bool(missing)
+        self.ui.statusLabel.text = (_("Missing Python packages: {packages}").format(packages=", ".join(missing))
+                                    if missing else "")
+
+    def onInstallButton(self) -> None:
+        missing = self.logic.missingPackages()
+        if not missing:
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+            _("SpineLabel needs these Python packages: {packages}. Download and install them now? "
+              "This can take several minutes.").format(packages=", ".join(missing)),
+            windowTitle=_("Install dependencies"),
+        ):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to install dependencies."), waitCursor=True):
+            self.logic.installDependencies()
+        self.updateDependencyStatus()
+
+    # ------------------------------------------------------------------------------------------ labelling
+
+    def onApplyButton(self) -> None:
+        if self._process is not None:
+            self.cancelProcess()
+            self.ui.statusLabel.text = _("Cancelled.")
+            return
+        if self.logic.missingPackages():
+            self.onInstallButton()
+            if self.logic.missingPackages():
+                return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start labelling."), waitCursor=True):
+            if self._labeling is not None:
+                self._labeling.cleanup()
+                self._labeling = None
+            self._process, self._outputDir = self.logic.startLabelling(
+                self._parameterNode.inputVolume, self._parameterNode.modelPath or None, self._parameterNode.device)
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Starting...")
+            self._timer.start()
+        self._checkCanApply()
+
+    def onPollProcess(self) -> None:
+        if self._process is None:
+            self._timer.stop()
+            return
+        for event in self._process.readEvents():
+            if event["event"] == "progress":
+                self.ui.progressBar.value = int(100 * event["fraction"])
+                self.ui.statusLabel.text = event["message"]
+            elif event["event"] == "done":
+                self._finishLabelling()
+                return
+            elif event["event"] == "error":
+                tail = self._process.outputTail()
+                self._stopPolling()
+                slicer.util.errorDisplay(_("Labelling failed: {message}").format(message=event["message"]),
+                                         detailedText=tail)
+                return
+        if not self._process.running:
+            tail = self._process.outputTail()
+            self._stopPolling()
+            slicer.util.errorDisplay(_("The labelling process stopped unexpectedly."), detailedText=tail)
+
+    def _finishLabelling(self) -> None:
+        process, outputDir = self._process, self._outputDir
+        self._stopPolling()
+        process.wait()
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the labels."), waitCursor=True):
+            self._labeling = self.logic.finishLabelling(self._parameterNode.inputVolume, outputDir)
+            self._labeling.changedCallbacks.append(self.onLabelingChanged)
+            self.ui.progressBar.value = 100
+            self.onLabelingChanged(self._labeling)
+        self._checkCanApply()
+
+    def _stopPolling(self) -> None:
+        self._timer.stop()
+        self._process = None
+        self._checkCanApply()
+
+    def cancelProcess(self) -> None:
+        if self._process is not None:
+            self._process.cancel()
+        if self._timer is not None:
+            self._stopPolling()
+
+    # ---------------------------------------------------------------------------------------- corrections
+
+    def onLabelingChanged(self, labeling) -> None:
+        self.updateVertebraTable()
+        result = labeling.result
+        lines = list(result.warnings)
+        if labeling.lastError:
+            lines.insert(0, _("Correction not applied: {error}").format(error=labeling.lastError))
+        self.ui.warningsLabel.text = "\n".join(lines) if lines else _("No warnings.")
+        self.ui.statusLabel.text = _("{count} vertebrae labelled.").format(count=len(result.vertebrae))
+
+    def updateVertebraTable(self) -> None:
+        table = self.ui.vertebraTable
+        vertebrae = self._labeling.result.vertebrae if self._labeling is not None else []
+        table.setRowCount(len(vertebrae))
+        for row, v in enumerate(vertebrae):
+            for column, text in enumerate((v.name, f"{v.confidence:.2f}", _("yes") if v.fixed else "")):
+                item = qt.QTableWidgetItem(text)
+                item.setFlags(qt.Qt.ItemIsSelectable | qt.Qt.ItemIsEnabled)
+                table.setItem(row, column, item)
+
+    def onVertebraClicked(self, row: int, column: int) -> None:
+        if self._labeling is not None:
+            slicer.modules.markups.logic().JumpSlicesToNthPointInMarkup(self._labeling.markupsNode.GetID(), row, True)
+
+    def onAddVertebraButton(self) -> None:
+        """Enter place mode on the centroid points: the next click adds a vertebra there."""
+        markupsLogic = slicer.modules.markups.logic()
+        markupsLogic.SetActiveList(self._labeling.markupsNode)
+        markupsLogic.StartPlaceMode(False)
+
+    def onExportButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to export the case."), waitCursor=True):
+            path = self.logic.exportCase(self._labeling, self._parameterNode.datasetDirectory)
+            self.ui.statusLabel.text = _("Exported {path}").format(path=str(path))
+            self.onLabelingChanged(self._labeling)
+
+
+#
+# SpineLabelLogic
+#
+
+
+class SpineLabelLogic(ScriptedLoadableModuleLogic):
+    """Everything the module does, callable without the GUI (batch mode, tests).
+
+    The heavy lifting lives in ``SpineLabelLib`` (labelling, corrections, export) and the Qt-free
+    ``SpineLabelLogic`` package (MRML nodes, background process); both are imported only when used, so that
+    Slicer starts even before the dependencies are installed.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return SpineLabelParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def moduleDirectory() -> Path:
+        return Path(__file__).resolve().parent
+
+    # -------------------------------------------------------------------------------------- dependencies
+
+    @staticmethod
+    def missingPackages() -> list:
+        """pip names of the packages SpineLabel needs that are not importable (torch included)."""
+        import importlib.util
+
+        missing = [pipName for importName, pipName in REQUIRED_PACKAGES.items()
+                   if importlib.util.find_spec(importName) is None]
+        if importlib.util.find_spec("torch") is None:
+            missing.append("torch")
+        return missing
+
+    def installDependencies(self) -> None:
+        """Install the missing packages. Call only after the user agreed. torch comes from the PyTorch
+        extension (it picks the CUDA or CPU build); the others from PyPI. SimpleITK is never touched."""
+        missing = self.missingPackages()
+        if "torch" in missing:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                raise RuntimeError(_("PyTorch is needed: install the 'PyTorch' extension from the Extensions "
+                                     "Manager, restart Slicer, and try again.")) from None
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                torchLogic.installTorch(askConfirmation=False)
+            missing.remove("torch")
+        if missing:
+            slicer.util.pip_install(" ".join(missing))
+
+    # ------------------------------------------------------------------------------------------- models
+
+    @staticmethod
+    def availableModels() -> list:
+        """Cards of the registered fine-tuned models (the default model is listed separately by the widget)."""
+        from SpineLabelLib.models import default_model_path, list_models
+
+        default = str(default_model_path())
+        return [card for card in list_models() if card["path"] != default]
+
+    # ---------------------------------------------------------------------------------------- labelling
+
+    def pythonExecutable(self) -> str:
+        """Python that runs the worker: Slicer's ``PythonSlicer`` when available."""
+        return shutil.which("PythonSlicer") or sys.executable
+
+    def startLabelling(self, volumeNode, modelPath=None, device="auto"):
+        """Write the volume to a temporary file and label it in a background process.
+
+        Returns:
+            (process, outputDirectory): a started ``SpineLabelLogic.process.BackgroundProcess`` whose events are
+            ``{"event": "progress"|"done"|"error", ...}``, and where the worker writes its result.
+        """
+        import SimpleITK as sitk
+
+        from SpineLabelLogic.process import BackgroundProcess, labelCommand, moduleRoot, parseWorkerLine
+        from SpineLabelLogic.scene import imageFromVolumeNode
+
+        if volumeNode is None:
+            raise ValueError(_("Select an input volume."))
+        workDirectory = Path(tempfile.mkdtemp(prefix="SpineLabel-"))
+        inputPath = workDirectory / "input.nrrd"
+        sitk.WriteImage(imageFromVolumeNode(volumeNode), str(inputPath), True)
+        outputDirectory = workDirectory / "result"
+        process = BackgroundProcess(
+            labelCommand(self.pythonExecutable(), inputPath, outputDirectory, modelPath, device),
+            parseWorkerLine, env=_childEnvironment(moduleRoot()))
+        process.start()
+        return process, outputDirectory
+
+    def finishLabelling(self, volumeNode, outputDirectory):
+        """Show a finished worker's result: segmentation and centroid points under the volume.
+
+        Returns:
+            ``SpineLabelLogic.scene.LabelingScene``.
+        """
+        from SpineLabelLogic.scene import LabelingScene
+        from SpineLabelLogic.worker import loadResult
+
+        result = loadResult(outputDirectory)
+        shutil.rmtree(Path(outputDirectory).parent, ignore_errors=True)
+        return LabelingScene(volumeNode, result)
+
+    def label(self, volumeNode, modelPath=None, device="auto", progress=None):
+        """Label a volume in this process (batch mode, tests) and show the result.
+
+        Returns:
+            ``SpineLabelLogic.scene.LabelingScene``.
+        """
+        from SpineLabelLib.pipeline import label_spine
+        from SpineLabelLogic.scene import LabelingScene, imageFromVolumeNode
+
+        image = imageFromVolumeNode(volumeNode)
+        result = label_spine(image, model=modelPath, device=device, progress=progress)
+        result.source = volumeNode.GetName()
+        return LabelingScene(volumeNode, result, image=image)
+
+    def exportCase(self, labeling, datasetDirectory, caseId=None):
+        """Append the corrected labelling (Segment Editor edits included) to an nnU-Net dataset folder."""
+        return labeling.exportCase(datasetDirectory, caseId)
+
+
+def _childEnvironment(moduleRoot: Path) -> dict:
+    from SpineLabelLogic.process import pythonPathEnvironment
+
+    return pythonPathEnvironment([moduleRoot])
+
+
+#
+# SpineLabelTest
+#
+
+
+class SpineLabelTest(ScriptedLoadableModuleTest):
+    """Labels a small CT phantom with the shipped model, corrects it and exports it."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SpineLabel_phantom()
+
+    def test_SpineLabel_phantom(self):
+        from SpineLabelLib.phantom import make_phantom
+        from SpineLabelLogic.scene import addVolumeNodeFromImage
+
+        self.delayDisplay("Labelling a lumbar CT phantom")
+        phantom = make_phantom(modality="ct", fov="lumbar", seed=3)
+        volumeNode = addVolumeNodeFromImage(slicer.mrmlScene, phantom.image, "phantom")
+        logic = SpineLabelLogic()
+        labeling = logic.label(volumeNode, device="cpu")
+        vertebrae = labeling.result.vertebrae
+        self.assertGreaterEqual(len(vertebrae), 3)
+        segmentation = labeling.segmentationNode.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), len(vertebrae))
+
+        self.delayDisplay("Renaming the top vertebra through its point")
+        top = vertebrae[0]
+        labeling.markupsNode.SetNthControlPointLabel(0, "T11" if top.name != "T11" else "T10")
+        self.assertEqual(labeling.lastError, "")
+        self.assertTrue(labeling.result.vertebrae[0].fixed)
+        names = [v.name for v in labeling.result.vertebrae]
+        self.assertEqual(names, [segmentation.GetSegment(s).GetName() for s in segmentation.GetSegmentIDs()])
+
+        self.delayDisplay("Exporting")
+        with tempfile.TemporaryDirectory() as folder:
+            labelPath = logic.exportCase(labeling, folder)
+            self.assertTrue(os.path.exists(labelPath))
+            self.assertTrue(os.path.exists(os.path.join(folder, "dataset.json")))
+        labeling.cleanup()
+        logging.info("SpineLabel test passed")
+        self.delayDisplay("Test passed")

@@ -1,0 +1,354 @@
+"""SpineLabelTraining: fine-tune a SpineLabel model on cases corrected and exported with the SpineLabel module.
+
+Module, parameter node, widget, logic and test in the shape of Slicer's scripted-module template. Training runs
+in a background process (``spinelabel train``); the widget shows epoch, loss and metrics as they arrive and can
+stop it. A finished model is registered with ``SpineLabelLib.models.register_model`` and appears in SpineLabel's
+model list.
+"""
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import qt
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+_POLL_INTERVAL_MS = 500
+
+
+#
+# SpineLabelTraining
+#
+
+
+class SpineLabelTraining(ScriptedLoadableModule):
+    """Module metadata."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SpineLabel Training")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = ["SpineLabel"]
+        self.parent.contributors = ["SpineLabel contributors"]
+        self.parent.helpText = _(
+            "Fine-tunes a SpineLabel model on a dataset folder of corrected cases (exported from the SpineLabel "
+            "module, or any nnU-Net dataset with VerSe labels). The new model is registered and can be chosen in "
+            "SpineLabel's model list."
+        )
+        self.parent.acknowledgementText = _("Part of the SpineLabel extension.")
+
+
+#
+# SpineLabelTrainingParameterNode
+#
+
+
+@parameterNodeWrapper
+class SpineLabelTrainingParameterNode:
+    """Parameters of the SpineLabelTraining module.
+
+    datasetDirectory - nnU-Net dataset folder of corrected cases.
+    baseModelPath - model card to fine-tune; empty for the model that ships with SpineLabel.
+    modelName - name the new model is registered under.
+    epochs - training epochs.
+    device - where training runs.
+    """
+
+    datasetDirectory: Path = Path.home() / "SpineLabelDataset"
+    baseModelPath: str = ""
+    modelName: str = "spinelabel-finetuned"
+    epochs: Annotated[int, WithinRange(1, 1000)] = 10
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+
+
+#
+# SpineLabelTrainingWidget
+#
+
+
+class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Binds the .ui controls to the logic; holds no computation."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._process = None
+        self._outCard = None
+        self._timer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SpineLabelTraining.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = SpineLabelTrainingLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(_POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPollProcess)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.baseModelComboBox.connect("currentIndexChanged(int)", self.onBaseModelChanged)
+        self.ui.datasetDirectoryButton.connect("directoryChanged(QString)", self.updateDatasetSummary)
+
+        self.initializeParameterNode()
+        self.updateModelList()
+        self.updateDatasetSummary()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        self.stopTraining()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self.updateModelList()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode: Optional[SpineLabelTrainingParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._updateButtons()
+
+    def _updateButtons(self) -> None:
+        running = self._process is not None
+        self.ui.trainButton.text = _("Stop") if running else _("Start training")
+        for widget in (self.ui.datasetDirectoryButton, self.ui.baseModelComboBox, self.ui.modelNameLineEdit,
+                       self.ui.epochsSpinBox, self.ui.deviceComboBox):
+            widget.enabled = not running
+
+    def updateModelList(self) -> None:
+        self.ui.baseModelComboBox.blockSignals(True)
+        self.ui.baseModelComboBox.clear()
+        for card in self.logic.availableModels():
+            self.ui.baseModelComboBox.addItem(f"{card['name']} {card['version']}", card["path"])
+        current = self.ui.baseModelComboBox.findData(self._parameterNode.baseModelPath if self._parameterNode else "")
+        self.ui.baseModelComboBox.setCurrentIndex(max(current, 0))
+        self.ui.baseModelComboBox.blockSignals(False)
+        self.onBaseModelChanged(self.ui.baseModelComboBox.currentIndex)
+
+    def onBaseModelChanged(self, index: int) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.baseModelPath = self.ui.baseModelComboBox.itemData(index) or ""
+
+    def updateDatasetSummary(self, directory=None) -> None:
+        folder = directory or (str(self._parameterNode.datasetDirectory) if self._parameterNode else "")
+        self.ui.datasetSummaryLabel.text = self.logic.datasetSummary(folder)
+
+    def onTrainButton(self) -> None:
+        if self._process is not None:
+            self.stopTraining()
+            self.ui.statusLabel.text = _("Stopped; no model was registered.")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
+            p = self._parameterNode
+            self._process, self._outCard = self.logic.startTraining(
+                p.datasetDirectory, p.baseModelPath or None, p.modelName, p.epochs, p.device)
+            self.ui.progressBar.value = 0
+            self.ui.logTextEdit.clear()
+            self.ui.statusLabel.text = _("Training...")
+            self._timer.start()
+        self._updateButtons()
+
+    def onPollProcess(self) -> None:
+        if self._process is None:
+            self._timer.stop()
+            return
+        for event in self._process.readEvents():
+            self.ui.progressBar.value = int(100 * event["fraction"])
+            metrics = "  ".join(f"{name} {value:.3f}" for name, value in event["metrics"].items())
+            line = _("epoch {epoch}/{epochs}  loss {loss:.4f}  {metrics}").format(
+                epoch=event["epoch"], epochs=event["epochs"], loss=event["loss"], metrics=metrics)
+            self.ui.logTextEdit.appendPlainText(line)
+            self.ui.statusLabel.text = line
+        if self._process.running:
+            return
+        process, outCard = self._process, self._outCard
+        self._timer.stop()
+        self._process = None
+        self._updateButtons()
+        if process.wait() != 0:
+            slicer.util.errorDisplay(_("Training failed."), detailedText=process.outputTail())
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to register the model."), waitCursor=True):
+            registered = self.logic.finishTraining(outCard, self._parameterNode.modelName)
+            self.ui.progressBar.value = 100
+            self.ui.statusLabel.text = _("Model registered: {path}").format(path=str(registered))
+            self.updateModelList()
+
+    def stopTraining(self) -> None:
+        if self._process is not None:
+            self._process.cancel()
+            self._process = None
+        if self._timer is not None:
+            self._timer.stop()
+            self._updateButtons()
+
+
+#
+# SpineLabelTrainingLogic
+#
+
+
+class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
+    """Fine-tuning in a background process and model registration; usable without the GUI."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return SpineLabelTrainingParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def availableModels() -> list:
+        """Cards of the shipped model (first) and of every registered model."""
+        from SpineLabelLib.models import list_models
+
+        return list_models()
+
+    @staticmethod
+    def datasetSummary(directory) -> str:
+        """One line describing the dataset folder (number of cases, modality) or what is wrong with it."""
+        from SpineLabelLib.export import read_dataset_json
+
+        if not directory or not Path(directory).is_dir():
+            return _("Choose a dataset folder exported from SpineLabel.")
+        try:
+            dataset = read_dataset_json(directory)
+        except ValueError as err:
+            return _("dataset.json unreadable: {error}").format(error=str(err))
+        if dataset is None:
+            return _("No dataset.json in this folder.")
+        return _("{count} cases, {modality}").format(count=dataset.get("numTraining", 0),
+                                                      modality=dataset.get("channel_names", {}).get("0", "?"))
+
+    @staticmethod
+    def pythonExecutable() -> str:
+        return shutil.which("PythonSlicer") or sys.executable
+
+    @staticmethod
+    def _modulePaths() -> list:
+        """Folders the training process imports from: SpineLabel's (SpineLabelLib) and this module's."""
+        import SpineLabelLib
+
+        return [Path(SpineLabelLib.__file__).resolve().parents[1], Path(__file__).resolve().parent]
+
+    def startTraining(self, datasetDirectory, baseModelPath=None, modelName="spinelabel-finetuned", epochs=10,
+                      device="auto", extraArguments=()):
+        """Start ``spinelabel train`` on a dataset folder.
+
+        Returns:
+            (process, outCard): a started ``SpineLabelLogic.process.BackgroundProcess`` whose events are epoch
+            reports (``parseTrainingLine``), and the model card it will write.
+
+        Raises:
+            ValueError: no dataset.json in the folder, or a model of that name is registered already.
+        """
+        from SpineLabelLib.export import read_dataset_json
+        from SpineLabelLib.models import default_model_path, user_models_dir
+        from SpineLabelLogic.process import BackgroundProcess, parseTrainingLine, pythonPathEnvironment, trainCommand
+
+        if read_dataset_json(datasetDirectory) is None:
+            raise ValueError(_("{folder} holds no dataset.json: export cases with SpineLabel first.").format(
+                folder=str(datasetDirectory)))
+        if (user_models_dir() / f"{modelName}.json").exists():
+            raise ValueError(_("A model named {name} is registered already; choose another name.").format(
+                name=modelName))
+        outCard = Path(tempfile.mkdtemp(prefix="SpineLabelTraining-")) / f"{modelName}.json"
+        command = trainCommand(self.pythonExecutable(), datasetDirectory, outCard,
+                               baseModelPath or default_model_path(), epochs, modelName, device, extraArguments)
+        process = BackgroundProcess(command, parseTrainingLine, env=pythonPathEnvironment(self._modulePaths()))
+        process.start()
+        return process, outCard
+
+    def finishTraining(self, outCard, modelName):
+        """Register a finished model and remove the training folder; returns the registered card path."""
+        from SpineLabelLib.models import register_model
+
+        registered = register_model(outCard, modelName)
+        shutil.rmtree(Path(outCard).parent, ignore_errors=True)
+        return registered
+
+
+#
+# SpineLabelTrainingTest
+#
+
+
+class SpineLabelTrainingTest(ScriptedLoadableModuleTest):
+    """Exports a labelled phantom, fine-tunes the shipped model on it for one short epoch, registers it."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SpineLabelTraining_fineTune()
+
+    def test_SpineLabelTraining_fineTune(self):
+        previous = os.environ.get("SPINELABEL_MODELS_DIR")
+        with tempfile.TemporaryDirectory() as folder:
+            os.environ["SPINELABEL_MODELS_DIR"] = os.path.join(folder, "models")  # leave the user's models alone
+            try:
+                self._fineTune(folder)
+            finally:
+                if previous is None:
+                    del os.environ["SPINELABEL_MODELS_DIR"]
+                else:
+                    os.environ["SPINELABEL_MODELS_DIR"] = previous
+        logging.info("SpineLabelTraining test passed")
+        self.delayDisplay("Test passed")
+
+    def _fineTune(self, folder):
+        from SpineLabelLib.export import export_case
+        from SpineLabelLib.phantom import make_phantom
+        from SpineLabelLib.pipeline import label_spine
+
+        phantom = make_phantom(modality="ct", fov="lumbar", seed=5)
+        dataset = os.path.join(folder, "data")
+        export_case(label_spine(phantom.image, device="cpu"), phantom.image, dataset)
+        logic = SpineLabelTrainingLogic()
+        self.delayDisplay("Fine-tuning for one short epoch")
+        process, outCard = logic.startTraining(dataset, None, "selftest", 1, "cpu",
+                                               ["--iterations", "2", "--patch", "64", "64", "64"])
+        self.assertEqual(process.wait(600), 0, process.outputTail())
+        self.assertEqual([e["epoch"] for e in process.readEvents()], [1])
+        registered = logic.finishTraining(outCard, "selftest")
+        self.assertTrue(registered.exists())
+        self.assertIn(str(registered), [card["path"] for card in logic.availableModels()])
