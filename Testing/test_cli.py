@@ -1,0 +1,92 @@
+"""The spinelabel command line: outputs, exit status, one clear line per failure, nothing left behind."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SpineLabelLib.cli import main
+from SpineLabelLib.models import save_model
+from SpineLabelLib.network import SpineUNet
+from SpineLabelLib.writers import OUTPUT_SUFFIXES
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.manual_seed(1)
+    return save_model(SpineUNet(), {"name": "random", "version": "0", "spacing_mm": 4.0},
+                      tmp_path_factory.mktemp("model") / "random.json")
+
+
+@pytest.fixture(scope="module")
+def phantom_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("in") / "spine.nii.gz"
+    assert main(["phantom", str(path), "--fov", "lumbar", "--spacing", "2", "2", "2.5", "--seed", "3", "--quiet"]) == 0
+    assert path.exists() and (path.parent / "spine_label.nii.gz").exists()
+    return path
+
+
+def test_label_writes_every_output(tmp_path, model, phantom_file, capsys):
+    out = tmp_path / "out"
+    assert main(["label", str(phantom_file), "-o", str(out), "--model", str(model), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted("spine" + s for s in OUTPUT_SUFFIXES)
+    seg = sitk.ReadImage(str(out / "spine_seg.nii.gz"))
+    ref = sitk.ReadImage(str(phantom_file))
+    assert seg.GetSize() == ref.GetSize() and np.allclose(seg.GetOrigin(), ref.GetOrigin())
+    report = json.loads((out / "spine_report.json").read_text())
+    assert report["model"]["name"] == "random" and "total" in report["timings_s"]
+    assert "vertebrae" in capsys.readouterr().out
+
+
+def bad_inputs(tmp):
+    (tmp / "notes.txt").write_text("not an image")
+    (tmp / "trunc.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    sitk.WriteImage(sitk.Image([32, 32], sitk.sitkInt16), str(tmp / "flat.nii.gz"))
+    sitk.WriteImage(sitk.Image([8, 8, 8, 2], sitk.sitkInt16), str(tmp / "four.nii.gz"))
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3), str(tmp / "rgb.nrrd"))
+    return {
+        tmp / "missing.nii.gz": "no such file",
+        tmp / "notes.txt": "unsupported file type",
+        tmp / "trunc.nii.gz": "unreadable",
+        tmp / "flat.nii.gz": "2D image",
+        tmp / "four.nii.gz": "4D image",
+        tmp / "rgb.nrrd": "RGB",
+    }
+
+
+def test_each_bad_input_fails_alone_with_a_clear_line(tmp_path, model, phantom_file, capsys):
+    cases = bad_inputs(tmp_path)
+    out = tmp_path / "out"
+    argv = ["label", *map(str, cases), str(phantom_file), "-o", str(out), "--model", str(model), "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("spinelabel: failed")]
+    assert len(lines) == len(cases)
+    for path, reason in cases.items():
+        assert any(str(path) in line and reason in line for line in lines), (path, err)
+    assert "Traceback" not in err
+    names = {p.name for p in out.iterdir()}
+    assert names == {"spine" + s for s in OUTPUT_SUFFIXES}  # the good input still ran; nothing of the bad ones
+
+
+def test_unwritable_output_folder(tmp_path, model, phantom_file, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["label", str(phantom_file), "-o", str(blocker / "out"), "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert str(blocker / "out") in err and "not writable" in err
+
+
+def test_missing_model_is_a_clear_error(tmp_path, phantom_file, capsys):
+    assert main(["label", str(phantom_file), "-o", str(tmp_path), "--model", str(tmp_path / "none.json")]) == 2
+    assert "model card not found" in capsys.readouterr().err
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys; from SpineLabelLib.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -1,0 +1,117 @@
+"""label_spine end to end: geometry of the outputs in any orientation, progress, cancel, empty inputs, models."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SpineLabelLib.models import ModelError, load_model, register_model, save_model
+from SpineLabelLib.network import SpineUNet
+from SpineLabelLib.phantom import make_phantom
+from SpineLabelLib.pipeline import Cancelled, label_spine
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    """A model with random weights: exercises the plumbing, independent of what the default model learnt."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "random.json"
+    return save_model(SpineUNet(), {"name": "random", "version": "0", "spacing_mm": 4.0}, path)
+
+
+@pytest.fixture(scope="module")
+def small_phantom():
+    return make_phantom(modality="ct", fov="lumbar", spacing=(2.0, 2.0, 2.5), seed=4)
+
+
+def permuted(image: sitk.Image, order, flips) -> sitk.Image:
+    out = sitk.Flip(sitk.PermuteAxes(image, order), flips)
+    return out
+
+
+@pytest.mark.parametrize("order, flips", [((0, 1, 2), (False, False, False)), ((2, 0, 1), (True, False, True)),
+                                          ((1, 2, 0), (False, True, False))])
+def test_result_lies_on_the_input_grid_in_any_orientation(random_model, small_phantom, order, flips):
+    image = permuted(small_phantom.image, order, flips)
+    result = label_spine(image, model=random_model, device="cpu")
+    assert result.components.shape == sitk.GetArrayViewFromImage(image).shape
+    assert result.geometry.size == image.GetSize()
+    assert np.allclose(result.geometry.direction, image.GetDirection())
+    labels = result.label_map()
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0} | {v.label for v in result.vertebrae}
+    assert len({v.name for v in result.vertebrae}) == len(result.vertebrae)
+    assert set(result.timings_s) >= {"network", "components", "sequence", "total"}
+    assert result.modality == "CT" and result.model["name"] == "random"
+
+
+def test_progress_and_cancel(random_model, small_phantom):
+    seen = []
+    label_spine(small_phantom.image, model=random_model, device="cpu", progress=lambda f, m: seen.append(f))
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        label_spine(small_phantom.image, model=random_model, device="cpu", cancel=cancel)
+
+
+@pytest.mark.parametrize("fill", [0.0, 1234.0])
+def test_constant_volume_gives_no_vertebrae_and_a_warning(random_model, fill):
+    image = sitk.GetImageFromArray(np.full((40, 50, 50), fill, np.float32))
+    result = label_spine(image, model=random_model, device="cpu")
+    assert result.vertebrae == [] and "no vertebrae found" in result.warnings
+    assert not result.components.any()
+
+
+def test_model_card_hash_is_checked(tmp_path, random_model):
+    model = load_model(random_model)
+    card = tmp_path / "m.json"
+    save_model(model.network, {"name": "m", "version": "1", "spacing_mm": 4.0}, card)
+    weights = card.with_suffix(".pt")
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ModelError, match="corrupt"):
+        load_model(card)
+    weights.unlink()
+    with pytest.raises(ModelError, match="not found"):
+        load_model(card)
+    with pytest.raises(ModelError, match="card not found"):
+        load_model(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x"}))
+    with pytest.raises(ModelError, match="lacks"):
+        load_model(bad)
+
+
+def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
+    monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path / "registry"))
+    from SpineLabelLib.models import list_models
+
+    registered = register_model(random_model, name="mine")
+    assert load_model(registered).card["name"] == "mine"
+    assert "mine" in [c["name"] for c in list_models()]
+    with pytest.raises(ModelError, match="registered already"):
+        register_model(random_model, name="mine")
+
+
+def test_default_model_labels_a_phantom():
+    """The shipped model finds the lumbar vertebrae of a phantom it has never seen, with the right names."""
+    phantom = make_phantom(modality="ct", fov="lumbar", seed=123)
+    result = label_spine(phantom.image, device="cpu")
+    truth = sitk.GetArrayViewFromImage(phantom.labels)
+    found = {}
+    for v in result.vertebrae:
+        idx = np.round(result.geometry.lps_to_index(np.array(v.centroid_lps_mm))).astype(int)[::-1]
+        found[v.name] = int(truth[tuple(np.clip(idx, 0, np.array(truth.shape) - 1))])
+    correct = sum(1 for name, label in found.items() if label and name == _name_of(label))
+    assert correct >= 0.8 * len(np.setdiff1d(np.unique(truth), [0]))
+
+
+def _name_of(label):
+    from SpineLabelLib.vertebrae import BY_LABEL
+
+    return BY_LABEL[label].name
