@@ -1,0 +1,579 @@
+"""Library of real vertebra, sacrum and disc shapes for synthetic whole-spine training data.
+
+Method. Every whole-vertebra mask found in the development data (``masks_verse``, ``ct_verse``, ``crops_tptbox``)
+is resampled, one vertebra at a time, into a canonical frame at 1 mm: axes (z, y, x) = (superior, posterior, left)
+of that vertebra, the z axis along the local spine tangent (estimated from the neighbouring vertebrae of the same
+scan), origin at the centroid of its body. The vertebral body is separated from the posterior elements by a
+morphological opening with a ball sized to the level (the body is the only part thick enough to survive it), keeping
+the largest piece; the split can be checked against the TPTBox subregion labels (body = 49/50) with
+:func:`body_split_dice`. Sacra are made of a real S1 body (``mri_lumbar_bodies``) plus a parametric sacral mass (alae
+and a tapering, posteriorly curved body). Discs come from the real disc masks of ``discs_mri``, aligned on their thin
+axis. Levels missing from the data (T6-T8 there) are filled with the nearest levels' shapes rescaled by the ratio of
+typical adult body sizes (:data:`TYPICAL_BODY_MM`).
+
+The library feeds :mod:`synthesis`, which follows SynthSeg (Billot et al., Medical Image Analysis 2023: train only
+on images synthesised from label maps with randomised contrast and resolution). It is built once from
+``../shared/data`` and cached as an ``.npz`` outside the repository (default ``~/.cache/spinelabel``).
+
+Arrays are (z, y, x) throughout, as SimpleITK gives them; world vectors are written in that same order,
+(S, P, L) millimetres.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from SpineLabelLib.vertebrae import BY_LABEL, LEVELS
+
+__all__ = [
+    "BODY",
+    "POSTERIOR",
+    "TYPICAL_BODY_MM",
+    "S1_LABEL",
+    "Shape",
+    "ShapeLibrary",
+    "frame",
+    "size_ratio",
+    "build_shape_library",
+    "canonical_vertebrae",
+    "split_body",
+    "body_split_dice",
+]
+
+log = logging.getLogger(__name__)
+
+BODY = 1  # value of vertebral-body voxels in a Shape mask
+POSTERIOR = 2  # value of posterior-element voxels in a Shape mask
+SPACING_MM = 1.0  # voxel size of every stored shape
+_CACHE_VERSION = 4
+S1_LABEL = BY_LABEL[26].label
+_MAIN_LABELS = tuple(level.label for level in LEVELS if not level.transitional)  # C1..L5, S1
+
+# Typical adult vertebral body size per level: (central height, antero-posterior depth, left-right width), mm.
+# Rounded from published morphometry tables (e.g. Panjabi et al., Spine 1991/1992); used only for ratios between
+# levels (filling levels missing in the data, borrowing a neighbour's shape) and for synthetic test masks.
+TYPICAL_BODY_MM: dict[int, tuple[float, float, float]] = {
+    1: (10.0, 10.0, 45.0), 2: (20.0, 15.0, 18.0), 3: (13.0, 15.0, 20.0), 4: (13.0, 15.0, 21.0),
+    5: (13.0, 16.0, 22.0), 6: (13.0, 16.0, 24.0), 7: (14.0, 16.0, 26.0),
+    8: (15.0, 17.0, 28.0), 9: (16.0, 18.0, 28.0), 10: (17.0, 20.0, 28.0), 11: (17.5, 22.0, 29.0),
+    12: (18.0, 24.0, 30.0), 13: (18.5, 25.0, 31.0), 14: (19.0, 26.0, 32.0), 15: (20.0, 27.0, 33.0),
+    16: (21.0, 28.0, 35.0), 17: (22.0, 29.0, 38.0), 18: (23.0, 30.0, 40.0), 19: (24.0, 31.0, 42.0),
+    28: (24.5, 32.0, 43.0), 20: (25.0, 32.0, 44.0), 21: (26.0, 33.0, 46.0), 22: (27.0, 34.0, 48.0),
+    23: (27.0, 34.0, 50.0), 24: (26.0, 34.0, 51.0), 25: (26.0, 34.0, 51.0), 26: (28.0, 34.0, 50.0),
+}
+
+
+@dataclass
+class Shape:
+    """One vertebra (or sacrum, or disc) in its canonical frame.
+
+    Attributes:
+        label: VerSe label value (0 for a disc).
+        mask: uint8 (z, y, x) at 1 mm, axes (superior, posterior, left): 0 outside, ``BODY`` (1) body,
+            ``POSTERIOR`` (2) posterior elements; a disc uses 1 for its voxels.
+        centre: (3,) float, index (z, y, x) of the body centroid (disc centroid for a disc).
+        z_low, z_up: signed distance (mm) from the centre to the lower and upper endplate along the body's central
+            column (z_low < 0 < z_up).
+        depth_mm, width_mm: antero-posterior and left-right extent of the body (disc) in mm.
+        source: file the shape came from (for the log), plus how it was derived.
+    """
+
+    label: int
+    mask: np.ndarray
+    centre: np.ndarray
+    z_low: float
+    z_up: float
+    depth_mm: float
+    width_mm: float
+    source: str = ""
+
+
+@dataclass
+class ShapeLibrary:
+    """Real shapes by level, ready for whole-spine assembly.
+
+    Attributes:
+        vertebrae: VerSe label -> shapes; holds every level C1..L5 and S1 (the sacrum, label 26).
+        discs: intervertebral disc shapes (label 0).
+        c1_offsets: (n, 3) float, C1 body centroid minus C2 body centroid in the C2 frame (mm, z y x), measured on
+            scans that hold both; used to seat the atlas on the axis.
+        spacing_mm: voxel size of every stored mask (1 mm).
+    """
+
+    vertebrae: dict[int, list[Shape]] = field(default_factory=dict)
+    discs: list[Shape] = field(default_factory=list)
+    c1_offsets: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    spacing_mm: float = SPACING_MM
+
+    def shapes_for(self, label: int) -> list[Shape]:
+        """Shapes of a level; raises KeyError when the library holds none."""
+        shapes = self.vertebrae.get(int(label), [])
+        if not shapes:
+            raise KeyError(f"shape library holds no {BY_LABEL[int(label)].name} shape")
+        return shapes
+
+    def save(self, path: Path) -> None:
+        """Write the library as one compressed ``.npz`` (masks bit-packed)."""
+        arrays: dict[str, np.ndarray] = {"c1_offsets": np.asarray(self.c1_offsets, float)}
+        meta = []
+        entries = [(s, 0) for lst in self.vertebrae.values() for s in lst] + [(s, 1) for s in self.discs]
+        for i, (shape, is_disc) in enumerate(entries):
+            arrays[f"m{i}"] = np.packbits(shape.mask.ravel() & 1)
+            arrays[f"p{i}"] = np.packbits(shape.mask.ravel() >> 1)
+            meta.append([shape.label, *shape.mask.shape, *shape.centre, shape.z_low, shape.z_up, shape.depth_mm,
+                         shape.width_mm, is_disc])
+            arrays[f"s{i}"] = np.array(shape.source)
+        arrays["meta"] = np.asarray(meta, float).reshape(-1, 12)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "ShapeLibrary":
+        """Read a library written by :meth:`save`."""
+        library = cls()
+        with np.load(path) as data:
+            library.c1_offsets = data["c1_offsets"]
+            for i, row in enumerate(data["meta"]):
+                dims = tuple(int(v) for v in row[1:4])
+                n = int(np.prod(dims))
+                mask = (np.unpackbits(data[f"m{i}"])[:n] | (np.unpackbits(data[f"p{i}"])[:n] << 1)).reshape(dims)
+                shape = Shape(int(row[0]), mask.astype(np.uint8), row[4:7].copy(), float(row[7]), float(row[8]),
+                              float(row[9]), float(row[10]), str(data[f"s{i}"]))
+                if row[11]:
+                    library.discs.append(shape)
+                else:
+                    library.vertebrae.setdefault(shape.label, []).append(shape)
+        return library
+
+    def summary(self) -> str:
+        """One line: how many shapes per level and discs."""
+        parts = [f"{BY_LABEL[k].name}:{len(v)}" for k, v in sorted(self.vertebrae.items(), key=lambda kv: _order(kv[0]))]
+        return " ".join(parts) + f" discs:{len(self.discs)}"
+
+
+def _order(label: int) -> int:
+    return [level.label for level in LEVELS].index(label)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometry helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _index_to_world(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(A, b) with world (S, P, L mm) = A @ index(z, y, x) + b for a SimpleITK image."""
+    d = np.asarray(image.GetDirection(), float).reshape(3, 3) * np.asarray(image.GetSpacing(), float)[None, :]
+    return d[::-1, ::-1].copy(), np.asarray(image.GetOrigin(), float)[::-1].copy()
+
+
+def frame(tangent: np.ndarray) -> np.ndarray:
+    """Rotation whose columns are the local (superior, posterior, left) axes in world (S, P, L) coordinates, the
+    first along ``tangent``, the second the world posterior direction made orthogonal to it."""
+    ez = tangent / np.linalg.norm(tangent)
+    ey = np.array([0.0, 1.0, 0.0]) - ez[1] * ez
+    if np.linalg.norm(ey) < 1e-3:
+        ey = np.array([0.0, 0.0, 1.0]) - ez[2] * ez
+    ey /= np.linalg.norm(ey)
+    return np.stack([ez, ey, np.cross(ez, ey)], axis=1)
+
+
+def _ball_opening(mask: np.ndarray, radius_vox: float) -> np.ndarray:
+    """Opening of a boolean (z, y, x) mask by a ball of ``radius_vox`` voxels (Euclidean distance maps)."""
+    eroded = ndimage.distance_transform_edt(np.pad(mask, 1)) > radius_vox
+    opened = ndimage.distance_transform_edt(~eroded) <= radius_vox
+    return opened[1:-1, 1:-1, 1:-1] & mask
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(lab.ravel())[1:]
+    return lab == (1 + int(np.argmax(sizes)))
+
+
+def _opening_radius_mm(label: int) -> float:
+    region = BY_LABEL[label].region
+    if label <= 2:
+        return 3.0
+    return {"cervical": 3.5, "thoracic": 5.0, "lumbar": 6.0}.get(region, 6.0)
+
+
+def split_body(mask: np.ndarray, label: int, spacing_mm: float = SPACING_MM) -> np.ndarray:
+    """Split a whole-vertebra mask into body and posterior elements.
+
+    The body is what survives an opening by a ball sized to the level (only the body is that thick), restricted
+    to the part in front of the spinal canal (the hole the arch encloses, found slice by slice along z), largest
+    piece. For C1, which has no body, the anterior arch and lateral masses in front of the canal centre stand in.
+
+    Args:
+        mask: bool (z, y, x) whole vertebra, axes (superior, posterior, left), isotropic ``spacing_mm`` voxels.
+        label: VerSe label value of the vertebra (sets the ball radius: thicker bodies lower down).
+        spacing_mm: voxel size in mm.
+
+    Returns:
+        uint8 (z, y, x): 0 outside, ``BODY`` for the body, ``POSTERIOR`` for the rest of the vertebra.
+    """
+    opened = _ball_opening(mask, _opening_radius_mm(label) / spacing_mm)
+    canal = np.zeros_like(mask)
+    for z in range(mask.shape[0]):
+        if mask[z].any():
+            canal[z] = ndimage.binary_fill_holes(mask[z]) & ~mask[z]
+    canal = _largest_component(canal)
+    if canal.sum() >= 20:
+        canal_y = np.argwhere(canal)[:, 1]
+        limit = np.mean(canal_y) if label == 1 else np.percentile(canal_y, 5) + 1.0 / spacing_mm
+        opened &= (np.arange(mask.shape[1]) < limit)[None, :, None]
+    body = _largest_component(opened)
+    out = np.zeros(mask.shape, np.uint8)
+    out[mask] = POSTERIOR
+    out[body] = BODY
+    return out
+
+
+def _body_measures(mask: np.ndarray) -> tuple[np.ndarray, float, float, float, float]:
+    """Centroid index and (z_low, z_up, depth, width) in mm of the BODY part of a 1 mm canonical mask."""
+    body = mask == BODY
+    idx = np.argwhere(body)
+    centre = idx.mean(axis=0)
+    cy, cx = int(round(centre[1])), int(round(centre[2]))
+    column = body[:, max(cy - 2, 0) : cy + 3, max(cx - 2, 0) : cx + 3].any(axis=(1, 2))
+    zs = np.flatnonzero(column)
+    if zs.size == 0:
+        zs = idx[:, 0]
+    z_low, z_up = zs.min() - 0.5 - centre[0], zs.max() + 0.5 - centre[0]
+    mid = body[max(int(round(centre[0])) - 2, 0) : int(round(centre[0])) + 3]
+    proj_y, proj_x = np.flatnonzero(mid.any(axis=(0, 2))), np.flatnonzero(mid.any(axis=(0, 1)))
+    depth = float(proj_y.max() - proj_y.min() + 1) if proj_y.size else float(np.ptp(idx[:, 1]) + 1)
+    width = float(proj_x.max() - proj_x.min() + 1) if proj_x.size else float(np.ptp(idx[:, 2]) + 1)
+    return centre, float(z_low), float(z_up), depth, width
+
+
+def _resample_canonical(volume: np.ndarray, a: np.ndarray, b: np.ndarray, centre_w: np.ndarray, rot: np.ndarray,
+                        margin: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a float (z, y, x) volume into a 1 mm grid along the columns of ``rot`` around a world point.
+
+    Args:
+        volume: float32 (z, y, x); index -> world (S, P, L mm) is ``a @ index + b``.
+        centre_w: (3,) world point that becomes local coordinate 0.
+        rot: rotation whose columns are the local axes in world coordinates.
+        margin: empty voxels kept around the nonzero part.
+
+    Returns:
+        (resampled float32 (z, y, x) just big enough for the nonzero voxels, linear interpolation;
+        local coordinate in mm of its voxel 0).
+    """
+    nz = np.argwhere(volume > 0)
+    lo, hi = nz.min(axis=0) - 1.0, nz.max(axis=0) + 1.0
+    corners = np.array([[(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[k][2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    local = (corners @ a.T + b - centre_w) @ rot  # rows: local coordinates (rot is orthonormal)
+    qmin, qmax = np.floor(local.min(axis=0)) - margin, np.ceil(local.max(axis=0)) + margin
+    shape = tuple(int(v) for v in qmax - qmin + 1)
+    a_inv = np.linalg.inv(a)
+    out = ndimage.affine_transform(volume, a_inv @ rot, a_inv @ (centre_w + rot @ qmin - b), output_shape=shape,
+                                   order=1, mode="constant", cval=0.0)
+    return out, qmin
+
+
+def _crop_to_nonzero(mask: np.ndarray, margin: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    nz = np.argwhere(mask)
+    lo = np.maximum(nz.min(axis=0) - margin, 0)
+    hi = np.minimum(nz.max(axis=0) + margin + 1, mask.shape)
+    return mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], lo
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Readers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def canonical_vertebrae(image: sitk.Image, source: str = "") -> tuple[list[Shape], dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """Every complete vertebra of a whole-vertebra label map, in its canonical frame.
+
+    Args:
+        image: label map with VerSe values (1..28 kept, anything else ignored), any geometry.
+        source: name for the log.
+
+    Returns:
+        (shapes, frames): shapes with body/posterior split; frames maps label -> (body centroid in world S, P, L
+        mm, rotation whose columns are the vertebra's local axes). A vertebra whose body touches the edge of the
+        image (cut off) is skipped.
+    """
+    labels = sitk.GetArrayFromImage(image)
+    a, b = _index_to_world(image)
+    a_inv = np.linalg.inv(a)
+    present = sorted((int(v) for v in np.unique(labels) if int(v) in BY_LABEL), key=_order)
+    centroids = {value: np.argwhere(labels == value).mean(axis=0) @ a.T + b for value in present}
+    shapes: list[Shape] = []
+    frames: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for i, value in enumerate(present):
+        up = centroids[present[i - 1]] if i > 0 else centroids[value]
+        down = centroids[present[i + 1]] if i + 1 < len(present) else centroids[value]
+        tangent = up - down
+        if np.linalg.norm(tangent) < 1e-6 or tangent[0] <= 0:  # single vertebra or odd layout: scanner axis
+            tangent = np.array([1.0, 0.0, 0.0])
+        rot = frame(tangent)
+        sub, lo = _crop_to_nonzero(labels == value, margin=2)
+        canon, qmin = _resample_canonical(sub.astype(np.float32), a, b + a @ lo, centroids[value], rot)
+        canon = canon > 0.5
+        if canon.sum() < 200:
+            continue
+        split = split_body(canon, value)
+        body_idx = np.argwhere(split == BODY)
+        if body_idx.size == 0:
+            continue
+        body_src = (centroids[value] + (qmin + body_idx) @ rot.T - b) @ a_inv.T
+        if (body_src.min(axis=0) < 0.5).any() or (body_src.max(axis=0) > np.asarray(labels.shape) - 1.5).any():
+            log.info("%s: %s body touches the image edge; skipped", source, BY_LABEL[value].name)
+            continue
+        if value >= 8 and body_idx.shape[0] < 0.2 * np.count_nonzero(split):
+            log.info("%s: %s body split failed (body %d of %d voxels); skipped", source, BY_LABEL[value].name,
+                     body_idx.shape[0], np.count_nonzero(split))
+            continue
+        split, _ = _crop_to_nonzero(split, margin=1)
+        centre, z_low, z_up, depth, width = _body_measures(split)
+        shapes.append(Shape(value, split, centre, z_low, z_up, depth, width, f"{source}:{BY_LABEL[value].name}"))
+        frames[value] = (centroids[value] + rot @ (qmin + body_idx.mean(axis=0)), rot)
+    return shapes, frames
+
+
+def body_split_dice(vertebrae: sitk.Image, subregions: sitk.Image) -> dict[int, float]:
+    """Check :func:`split_body` against expert subregion labels (TPTBox/VerSe: 49 and 50 = vertebral body).
+
+    Args:
+        vertebrae: whole-vertebra label map (VerSe values) on an isotropic grid.
+        subregions: subregion label map on the same grid (41-48 posterior parts, 49/50 body).
+
+    Returns:
+        VerSe label -> Dice of the predicted body against the expert body, for every vertebra with an expert body.
+    """
+    labels = sitk.GetArrayFromImage(vertebrae)
+    expert = np.isin(sitk.GetArrayFromImage(subregions), (49, 50))
+    spacing = float(np.mean(vertebrae.GetSpacing()))
+    scores = {}
+    for value in (int(v) for v in np.unique(labels) if int(v) in BY_LABEL):
+        mask = labels == value
+        truth = expert & mask
+        if truth.sum() == 0:
+            continue
+        predicted = split_body(mask, value, spacing) == BODY
+        scores[value] = float(2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()))
+    return scores
+
+
+def _aligned_parts(image: sitk.Image, values: list[int], source: str, upward: dict[int, np.ndarray] | None = None) -> list[Shape]:
+    """Bodies-only or disc label parts, each resampled into its own frame: z along its thinnest principal axis
+    (pointing to world superior, or towards ``upward[value]`` when given), origin at its centroid. All voxels are
+    stored as ``BODY``; parts touching the image edge are skipped."""
+    labels = sitk.GetArrayFromImage(image)
+    a, b = _index_to_world(image)
+    shapes = []
+    for value in values:
+        region = labels == value
+        if region.sum() < 200:
+            continue
+        idx = np.argwhere(region)
+        on_edge = ((idx == 0) | (idx == np.asarray(labels.shape) - 1)).any(axis=1).mean()
+        if on_edge > 0.02:  # a few voxels on the edge are tolerated (a body just grazing a thin slab)
+            log.info("%s: part %d touches the image edge; skipped", source, value)
+            continue
+        world = idx @ a.T + b
+        centre_w = world.mean(axis=0)
+        _, vecs = np.linalg.eigh(np.cov((world - centre_w).T))
+        axis = vecs[:, 0]
+        reference = upward[value] - centre_w if upward and value in upward else np.array([1.0, 0.0, 0.0])
+        if axis @ reference < 0:
+            axis = -axis
+        rot = frame(axis)
+        sub, lo = _crop_to_nonzero(region, margin=2)
+        canon, _ = _resample_canonical(sub.astype(np.float32), a, b + a @ lo, centre_w, rot)
+        mask, _ = _crop_to_nonzero(canon > 0.5, margin=1)
+        mask = _largest_component(mask).astype(np.uint8) * BODY
+        centre, z_low, z_up, depth, width = _body_measures(mask)
+        shapes.append(Shape(0, mask, centre, z_low, z_up, depth, width, f"{source}:{value}"))
+    return shapes
+
+
+def _with_sacral_mass(s1: Shape, rng: np.random.Generator) -> Shape:
+    """A whole sacrum: the S1 body ``s1`` plus a parametric sacral mass below it (alae, a body tapering and curving
+    posteriorly over 4 more segments), all stored as ``BODY``, label 26."""
+    h = s1.z_up - s1.z_low
+    d, w = s1.depth_mm, s1.width_mm
+    length = rng.uniform(80.0, 105.0) * w / 50.0
+    bend = np.deg2rad(rng.uniform(50.0, 85.0))
+    ala = rng.uniform(35.0, 48.0) * w / 50.0
+    pad = int(np.ceil(length + ala + 20))
+    grid_shape = np.asarray(s1.mask.shape) + 2 * pad
+    origin = s1.centre + pad  # index of the body centroid in the big grid
+    out = np.zeros(tuple(int(v) for v in grid_shape), np.uint8)
+    zo, yo, xo = (int(v) for v in np.floor(origin - s1.centre))
+    out[zo : zo + s1.mask.shape[0], yo : yo + s1.mask.shape[1], xo : xo + s1.mask.shape[2]] = (s1.mask > 0) * BODY
+    # Sacral body: cross-sections perpendicular to a curve that starts under S1 and bends posteriorly.
+    ts = np.arange(0.0, length, 1.0)
+    angle = bend * (ts / length) ** 1.3
+    direction = np.stack([-np.cos(angle), np.sin(angle), np.zeros_like(angle)], axis=1)
+    normal = np.stack([np.sin(angle), np.cos(angle), np.zeros_like(angle)], axis=1)  # in the sagittal plane
+    path = np.array([s1.z_low + 2.0, 0.1 * d, 0.0]) + np.cumsum(direction, axis=0)
+    u, v = np.meshgrid(np.arange(-1.0, 1.0, 0.02), np.arange(-1.0, 1.0, 0.02), indexing="ij")
+    disk = (u**2 + v**2) <= 1.0
+    u, v = u[disk], v[disk]
+    points = []
+    for t, p, n in zip(ts / length, path, normal):
+        half_w, half_t = (w / 2) * (1.0 - 0.75 * t), (0.55 * d) * (1.0 - 0.6 * t)
+        points.append(p + np.outer(v * half_t, n) + np.outer(u * half_w, [0.0, 0.0, 1.0]))
+    pts = np.concatenate(points)
+    # Alae: a flattened ellipsoid either side of S1 reaching the sacro-iliac joints.
+    zz, yy, xx = np.meshgrid(*(np.arange(n) - o for n, o in zip(grid_shape, origin)), indexing="ij", sparse=True)
+    alae = (((zz - (s1.z_low - 8.0)) / (0.55 * h + 14.0)) ** 2 + ((yy - 0.3 * d) / (0.42 * d)) ** 2
+            + (xx / (w / 2 + ala)) ** 2) <= 1.0
+    alae &= zz <= s1.z_up - 4.0
+    out[alae] = BODY
+    index = np.round(pts + origin).astype(int)
+    keep = ((index >= 0) & (index < grid_shape)).all(axis=1)
+    out[tuple(index[keep].T)] = BODY
+    out = ndimage.binary_closing(out > 0, iterations=1).astype(np.uint8) * BODY
+    cropped, lo = _crop_to_nonzero(out, margin=1)
+    centre = origin - lo
+    return Shape(S1_LABEL, cropped, centre, s1.z_low, s1.z_up, d, w, s1.source + "+sacral mass")
+
+
+def _rescaled(shape: Shape, factors: tuple[float, float, float], label: int, note: str) -> Shape:
+    """``shape`` scaled by (z, y, x) ``factors`` about its centre (nearest neighbour), relabelled."""
+    f = np.asarray(factors, float)
+    out_shape = tuple(int(np.ceil(n * k)) + 1 for n, k in zip(shape.mask.shape, f))
+    mask = ndimage.affine_transform(shape.mask, 1.0 / f, 0.0, output_shape=out_shape, order=0)
+    return Shape(label, mask, shape.centre * f, shape.z_low * f[0], shape.z_up * f[0], shape.depth_mm * f[1],
+                 shape.width_mm * f[2], f"{shape.source}>{note}")
+
+
+def size_ratio(target: int, donor: int) -> tuple[float, float, float]:
+    """(z, y, x) factors that take a typical ``donor`` body to a typical ``target`` body (VerSe labels)."""
+    t, d = TYPICAL_BODY_MM[target], TYPICAL_BODY_MM[donor]
+    return (t[0] / d[0], t[1] / d[1], t[2] / d[2])
+
+
+def _fill_missing(library: ShapeLibrary) -> None:
+    """Give every level C1..L5 shapes: the nearest available levels' shapes, rescaled to the missing level."""
+    order = [lv for lv in _MAIN_LABELS if lv != S1_LABEL]
+    have = [lv for lv in order if library.vertebrae.get(lv)]
+    if not have:
+        raise ValueError("no whole vertebra found: cannot build a shape library")
+    for target in order:
+        if library.vertebrae.get(target):
+            continue
+        dist = {lv: abs(_order(lv) - _order(target)) for lv in have}
+        nearest = [lv for lv in have if dist[lv] == min(dist.values())]
+        library.vertebrae[target] = [
+            _rescaled(s, size_ratio(target, lv), target, f"{BY_LABEL[target].name}") for lv in nearest
+            for s in library.vertebrae[lv]
+        ]
+        log.info("shape library: %s filled from %s", BY_LABEL[target].name, ", ".join(BY_LABEL[lv].name for lv in nearest))
+
+
+def _default_disc(library: ShapeLibrary) -> Shape:
+    """A lens-shaped disc sized like an L4 body, for libraries built without disc masks."""
+    h, d, w = 10.0, TYPICAL_BODY_MM[23][1], TYPICAL_BODY_MM[23][2]
+    zz, yy, xx = np.meshgrid(*(np.arange(int(n) + 3) - (n + 2) / 2 for n in (h, d, w)), indexing="ij", sparse=True)
+    r2 = (yy / (d / 2)) ** 2 + (xx / (w / 2)) ** 2
+    mask = ((r2 <= 1.0) & (np.abs(zz) <= (h / 2) * (1.0 - 0.4 * r2))).astype(np.uint8)
+    centre, z_low, z_up, depth, width = _body_measures(mask)
+    return Shape(0, mask, centre, z_low, z_up, depth, width, "parametric disc")
+
+
+def _source_files(data_dir: Path) -> dict[str, list[Path]]:
+    return {
+        "whole": sorted(data_dir.glob("masks_verse/*_seg-vert_msk.nii.gz")) + sorted(data_dir.glob("ct_verse/*_seg-vert_msk.nii.gz"))
+        + sorted(data_dir.glob("crops_tptbox/*_seg-vert_*msk.nii.gz")),
+        "bodies": sorted(data_dir.glob("mri_lumbar_bodies/*_vert-verse.nii.gz")),
+        "discs": sorted(data_dir.glob("discs_mri/*_instance.nii.gz")),
+    }
+
+
+def _build(files: dict[str, list[Path]]) -> ShapeLibrary:
+    library = ShapeLibrary()
+    c1_offsets = []
+    for path in files["whole"]:
+        shapes, frames = canonical_vertebrae(sitk.ReadImage(str(path)), path.name)
+        for shape in shapes:
+            library.vertebrae.setdefault(shape.label, []).append(shape)
+        if 1 in frames and 2 in frames:
+            (c1, _), (c2, rot2) = frames[1], frames[2]
+            c1_offsets.append(rot2.T @ (c1 - c2))
+        log.info("%s: %d vertebrae", path.name, len(shapes))
+    library.c1_offsets = np.asarray(c1_offsets, float).reshape(-1, 3)
+    _fill_missing(library)
+    rng = np.random.default_rng(26)
+    for path in files["bodies"]:
+        image = sitk.ReadImage(str(path))
+        labels = sitk.GetArrayFromImage(image)
+        if not (labels == S1_LABEL).any() or not (labels == 24).any():
+            continue
+        a, b = _index_to_world(image)
+        l5 = np.argwhere(labels == 24).mean(axis=0) @ a.T + b
+        for part in _aligned_parts(image, [S1_LABEL], path.name, upward={S1_LABEL: l5}):
+            part.label = S1_LABEL
+            library.vertebrae.setdefault(S1_LABEL, []).append(_with_sacral_mass(part, rng))
+    if not library.vertebrae.get(S1_LABEL):
+        l5 = library.vertebrae[24][0]
+        body = _rescaled(l5, size_ratio(S1_LABEL, 24), S1_LABEL, "S1 body")
+        body.mask = (body.mask == BODY).astype(np.uint8) * BODY
+        library.vertebrae[S1_LABEL] = [_with_sacral_mass(body, rng)]
+        log.info("shape library: no S1 body masks; sacrum built on a rescaled L5 body")
+    for path in files["discs"]:
+        image = sitk.ReadImage(str(path))
+        values = [int(v) for v in np.unique(sitk.GetArrayFromImage(image)) if v > 0]
+        library.discs.extend(_aligned_parts(image, values, path.name))
+    if not library.discs:
+        library.discs.append(_default_disc(library))
+    return library
+
+
+def build_shape_library(data_dir: Path, cache_dir: Path | None = None) -> ShapeLibrary:
+    """Build (or load from cache) the shape library from the development data.
+
+    Args:
+        data_dir: the ``../shared/data`` folder (or any folder laid out like it: ``masks_verse/*_seg-vert_msk``,
+            ``ct_verse/*_seg-vert_msk``, ``crops_tptbox/*_seg-vert_*msk``, ``mri_lumbar_bodies/*_vert-verse``,
+            ``discs_mri/*_instance`` NIfTI files; only whole-vertebra masks are required).
+        cache_dir: where the ``.npz`` cache goes; default ``$SPINELABEL_CACHE`` or ``~/.cache/spinelabel``. The
+            cache key covers the file names, sizes and modification times and the library version.
+
+    Returns:
+        A library holding every level C1..L5 and S1 (sacrum) and at least one disc.
+
+    Raises:
+        ValueError: ``data_dir`` holds no whole-vertebra mask.
+    """
+    data_dir = Path(data_dir)
+    files = _source_files(data_dir)
+    if not files["whole"]:
+        raise ValueError(f"{data_dir}: no whole-vertebra masks (masks_verse/, ct_verse/, crops_tptbox/)")
+    digest = hashlib.sha1(str(_CACHE_VERSION).encode())
+    for group in files.values():
+        for path in group:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(data_dir)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("SPINELABEL_CACHE", Path.home() / ".cache" / "spinelabel"))
+    cache = Path(cache_dir) / f"shape_library_{digest.hexdigest()[:16]}.npz"
+    if cache.exists():
+        try:
+            library = ShapeLibrary.load(cache)
+            log.info("shape library loaded from %s: %s", cache, library.summary())
+            return library
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("shape library cache %s unreadable (%s); rebuilding", cache, err)
+    library = _build(files)
+    library.save(cache)
+    log.info("shape library built from %s, cached at %s: %s", data_dir, cache, library.summary())
+    return library

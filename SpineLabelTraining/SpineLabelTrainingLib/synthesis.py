@@ -1,0 +1,626 @@
+"""Synthetic whole-spine training cases: real vertebra shapes assembled into a whole spine, images synthesised from
+the label map with randomised contrast, resolution, bias, noise and field of view.
+
+Method (after SynthSeg, Billot et al., Medical Image Analysis 2023: a network trained only on images synthesised
+from label maps with fully randomised appearance learns shape and context rather than one scanner's contrast):
+
+1. Anatomy. A subject is a level sequence C1..L5 + sacrum with rare numbering variants (13th thoracic T13 ~3%, sixth
+   lumbar L6 ~4%, 11 thoracic ~2%, sacralised L5 ~3%). Each level gets a real shape from the
+   :class:`~SpineLabelTrainingLib.shapes.ShapeLibrary` (sometimes a neighbouring level's shape, rescaled), a subject
+   scale and per-vertebra jitter. Bodies are stacked along the arc of a spine curve with randomised cervical
+   lordosis, thoracic kyphosis, lumbar lordosis, sacral slope and scoliosis, separated by discs of level-appropriate
+   random height (real disc shapes fitted to the neighbouring endplates, with a nucleus). Ribs hang from T1-T12
+   (and T13), a canal holds CSF and cord, and the body around it gets skin, fat, muscle (paraspinal, psoas), lungs
+   with a diaphragm dome, heart, liver, kidneys, aorta, bowel blobs with gas, and iliac wings.
+2. Field of view. Only a crop of ``size_zyx`` voxels is rasterised, on an LPS-aligned grid (z, y, x) =
+   (inferior->superior, anterior->posterior, right->left), placed on a random part of the spine (extra weight on the
+   sacrum, C1/C2 and the thoraco-lumbar junction), sometimes partly outside the body.
+3. Appearance. Every tissue class gets a random Gaussian intensity: CT-like (HU), MR-like (T1, T2, STIR, Dixon water,
+   Dixon fat) presets with jitter, or fully random (SynthSeg); vertebrae and discs vary one by one (marrow, disc
+   degeneration). Then partial-volume blur, thick slices along a random axis (blur, subsample, re-interpolate), a
+   smooth multiplicative bias field, Gaussian (CT) or Rician (MR) noise and a random gamma (MR).
+
+Everything is drawn from the ``numpy.random.Generator`` given, so a seed gives the same case.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from SpineLabelLib.vertebrae import BY_LABEL
+from SpineLabelTrainingLib.shapes import BODY, POSTERIOR, S1_LABEL, Shape, ShapeLibrary, frame, size_ratio
+
+__all__ = [
+    "TISSUE_NAMES",
+    "NOT_BODY",
+    "IGNORE",
+    "MODALITIES",
+    "TrainingCase",
+    "synthesize_case",
+]
+
+log = logging.getLogger(__name__)
+
+TISSUE_NAMES = ("background", "vertebral body", "posterior elements", "intervertebral disc")  # values 0..3
+NOT_BODY = 254  # tissue target: background, posterior elements or disc, but not vertebral body
+IGNORE = 255  # tissue/level target: unknown, no loss
+MODALITIES = ("ct", "t1", "t2", "stir", "water", "fat", "random")
+_MODALITY_P = (0.3, 0.14, 0.2, 0.06, 0.05, 0.05, 0.2)
+
+
+@dataclass
+class TrainingCase:
+    """One synthetic training crop on an LPS-aligned isotropic grid.
+
+    Attributes:
+        image: float32 (z, y, x), raw synthetic intensities (HU-like for CT, arbitrary units for MR).
+        tissue: uint8 (z, y, x): 0 background, 1 vertebral body, 2 posterior elements, 3 disc (see TISSUE_NAMES).
+        levels: uint8 (z, y, x): VerSe label of the vertebra each body/posterior voxel belongs to, 0 elsewhere.
+        spacing_mm: isotropic voxel size of the arrays.
+    """
+
+    image: np.ndarray
+    tissue: np.ndarray
+    levels: np.ndarray
+    spacing_mm: float
+
+
+# Image classes of the synthetic label map (never returned; they drive the appearance).
+(AIR, FAT, MUSCLE, SKIN, LUNG, ORGAN_A, ORGAN_B, ORGAN_C, GAS, VESSEL, CSF, CORD, RIB, MARROW, POST, CORTEX, ANNULUS,
+ NUCLEUS, NUCLEUS_DARK, SACRUM, PELVIS, INTERIOR) = range(22)
+_N_CLASSES = 22
+
+# (mean, within-class std) per class and preset. CT in Hounsfield units, MR in arbitrary units (0..1000).
+_PRESETS: dict[str, np.ndarray] = {
+    name: np.asarray(rows, np.float32)
+    for name, rows in {
+        "ct": [(-1000, 10), (-100, 15), (50, 10), (40, 10), (-850, 40), (60, 10), (35, 10), (20, 20), (-950, 30),
+               (45, 10), (8, 5), (35, 5), (500, 150), (220, 50), (350, 80), (900, 150), (90, 10), (75, 10), (100, 15),
+               (250, 60), (400, 100), (30, 15)],
+        "t1": [(0, 5), (850, 60), (300, 30), (400, 40), (20, 10), (400, 40), (350, 40), (250, 60), (10, 5), (100, 50),
+               (120, 20), (380, 30), (450, 100), (600, 80), (550, 80), (40, 20), (250, 30), (300, 30), (230, 30),
+               (620, 80), (550, 80), (350, 50)],
+        "t2": [(0, 5), (700, 60), (180, 25), (300, 40), (15, 10), (250, 40), (450, 50), (500, 100), (10, 5), (60, 40),
+               (950, 50), (420, 40), (350, 80), (420, 60), (380, 60), (30, 15), (150, 30), (750, 80), (250, 40),
+               (430, 60), (400, 60), (300, 60)],
+        "stir": [(0, 5), (60, 20), (200, 25), (250, 30), (15, 10), (300, 40), (500, 60), (450, 100), (10, 5),
+                 (80, 40), (900, 60), (450, 40), (120, 40), (150, 40), (140, 40), (20, 10), (200, 30), (800, 80),
+                 (250, 40), (150, 40), (130, 40), (300, 60)],
+        "water": [(0, 5), (40, 15), (350, 30), (300, 30), (10, 5), (450, 40), (400, 40), (300, 60), (5, 5),
+                  (200, 80), (300, 40), (350, 30), (200, 60), (250, 60), (230, 60), (20, 10), (250, 30), (350, 40),
+                  (250, 30), (220, 60), (220, 60), (350, 50)],
+        "fat": [(0, 5), (900, 50), (60, 20), (200, 40), (5, 5), (80, 20), (50, 20), (100, 40), (5, 5), (20, 10),
+                (20, 10), (30, 10), (400, 100), (500, 100), (480, 100), (20, 10), (30, 10), (20, 10), (30, 10),
+                (550, 100), (500, 100), (120, 40)],
+    }.items()
+}
+
+_BONE_CLASSES = (MARROW, POST, SACRUM)
+
+# Sagittal tangent angle of the spine at each level (degrees; positive = leaning posteriorly going up), a typical
+# standing adult profile: sacral slope ~40 deg, lumbar lordosis ~50 deg, thoracic kyphosis ~35 deg, cervical
+# lordosis ~30 deg.
+_SAGITTAL_DEG = {1: 14, 2: 10, 3: 4, 4: -2, 5: -8, 6: -14, 7: -20, 8: -20, 9: -18, 10: -16, 11: -12, 12: -8,
+                 13: -4, 14: 0, 15: 5, 16: 8, 17: 10, 18: 13, 19: 14, 28: 14, 20: 12, 21: 8, 22: 0, 23: -12,
+                 24: -25, 25: -30, 26: -40}
+# Disc height (mm) below each level (the disc between it and the next caudal vertebra).
+_DISC_MM = {2: 4.5, 3: 5.0, 4: 5.0, 5: 5.5, 6: 5.5, 7: 5.0, 8: 4.0, 9: 4.0, 10: 4.0, 11: 4.5, 12: 4.5, 13: 5.0,
+            14: 5.0, 15: 5.5, 16: 5.5, 17: 6.0, 18: 6.5, 19: 7.5, 28: 8.0, 20: 9.0, 21: 10.0, 22: 11.0, 23: 11.5,
+            24: 10.5, 25: 10.5}
+# Thorax half-width (mm) at each rib and the angle (deg) around the thorax where the bony rib ends.
+_RIB = {8: (55, 150), 9: (75, 155), 10: (90, 160), 11: (100, 160), 12: (108, 160), 13: (115, 160), 14: (120, 155),
+        15: (125, 150), 16: (128, 140), 17: (130, 130), 18: (130, 100), 19: (128, 65), 28: (125, 45)}
+# Body outline along the spine: (level, half-width, half-depth, distance from body centre to the posterior skin), mm.
+_OUTLINE = ((1, 75, 90, 85), (4, 60, 60, 65), (8, 150, 90, 70), (13, 150, 110, 60), (19, 145, 110, 65),
+            (22, 140, 105, 75), (26, 165, 110, 90))
+
+
+@dataclass
+class _Placed:
+    """A shape placed in the world: local (z, y, x) mm -> world = centre + rot @ (scale * local)."""
+
+    label: int
+    shape: Shape
+    scale: np.ndarray
+    centre: np.ndarray
+    rot: np.ndarray
+    s: float = 0.0  # arc position of the centre
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small geometry helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
+    """Rotation matrix (Rodrigues) about a unit ``axis`` given in (z, y, x) coordinates, ``angle`` in radians."""
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
+
+
+class _Canvas:
+    """The crop being drawn: class map, tissue and level targets, and its world geometry (origin = world position
+    of voxel 0, (z, y, x) mm)."""
+
+    def __init__(self, shape: tuple[int, int, int], origin: np.ndarray, spacing: float):
+        self.shape = shape
+        self.origin = origin
+        self.spacing = spacing
+        self.cls = np.zeros(shape, np.uint8)
+        self.tissue = np.zeros(shape, np.uint8)
+        self.levels = np.zeros(shape, np.uint8)
+        self.axes = [origin[i] + spacing * np.arange(shape[i], dtype=np.float32) for i in range(3)]
+
+    def box(self, lo_w: np.ndarray, hi_w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Voxel index range [lo, hi) covering world box [lo_w, hi_w], clipped; None when outside the crop."""
+        lo = np.maximum(np.floor((lo_w - self.origin) / self.spacing).astype(int), 0)
+        hi = np.minimum(np.ceil((hi_w - self.origin) / self.spacing).astype(int) + 1, self.shape)
+        return None if (hi <= lo).any() else (lo, hi)
+
+    def rasterise(self, mask: np.ndarray, centre_idx: np.ndarray, placed: _Placed, scale: np.ndarray | None = None):
+        """Resample a 1 mm canonical mask (uint8 (z, y, x)) into the crop (nearest neighbour).
+
+        Returns ((slices), sub-array of mask values) or None when the shape misses the crop.
+        """
+        scale = placed.scale if scale is None else scale
+        n = np.asarray(mask.shape, float)
+        corners = np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])]) - centre_idx
+        world = placed.centre + (corners * scale) @ placed.rot.T
+        box = self.box(world.min(axis=0), world.max(axis=0))
+        if box is None:
+            return None
+        lo, hi = box
+        inv = placed.rot.T / scale[:, None]  # world offset -> local index offset (rot may hold a mirror: still orthogonal)
+        offset = centre_idx + inv @ (self.origin + lo * self.spacing - placed.centre)
+        sub = ndimage.affine_transform(mask, inv * self.spacing, offset, output_shape=tuple(hi - lo), order=0)
+        return tuple(slice(a, b) for a, b in zip(lo, hi)), sub
+
+    def ellipsoid(self, value: int, centre: np.ndarray, radii: np.ndarray, inner: float = 0.0,
+                  keep=None) -> None:
+        """Set class ``value`` inside an axis-aligned ellipsoid (world mm), outside ``inner`` of its size;
+        ``keep(zz, yy, xx)`` (world offsets from the centre) may restrict it further."""
+        box = self.box(centre - radii, centre + radii)
+        if box is None:
+            return
+        lo, hi = box
+        zz, yy, xx = (self.axes[i][lo[i] : hi[i]] - centre[i] for i in range(3))
+        r2 = (zz[:, None, None] / radii[0]) ** 2 + (yy[None, :, None] / radii[1]) ** 2 + (xx[None, None, :] / radii[2]) ** 2
+        m = (r2 <= 1.0) & (r2 >= inner**2)
+        if keep is not None:
+            m &= keep(zz[:, None, None], yy[None, :, None], xx[None, None, :])
+        self.cls[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]][m] = value
+
+    def tube(self, value: int, points: np.ndarray, radius_mm: float) -> None:
+        """Set class ``value`` within ``radius_mm`` of world points (N, 3) sampled densely along a curve."""
+        r = radius_mm / self.spacing
+        idx = (points - self.origin) / self.spacing
+        near = ((idx > -r - 1) & (idx < np.asarray(self.shape) + r + 1)).all(axis=1)
+        if not near.any():
+            return
+        idx = np.unique(np.round(idx[near]).astype(np.int32), axis=0)
+        k = int(np.ceil(r))
+        g = np.arange(-k, k + 1)
+        off = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3)
+        off = off[(off**2).sum(axis=1) <= r * r]
+        vox = (idx[:, None, :] + off[None, :, :]).reshape(-1, 3)
+        vox = vox[((vox >= 0) & (vox < np.asarray(self.shape))).all(axis=1)]
+        self.cls[vox[:, 0], vox[:, 1], vox[:, 2]] = value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Anatomy
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _level_sequence(rng: np.random.Generator) -> tuple[list[int], bool]:
+    """VerSe labels from caudal (sacrum) to cranial (C1), with the numbering variants; and whether L5 is
+    sacralised."""
+    thoracic = list(range(8, 20))
+    variant = rng.random()
+    if variant < 0.02:
+        thoracic = thoracic[:-1]  # 11 thoracic vertebrae
+    elif variant < 0.05:
+        thoracic.append(28)  # T13
+    lumbar = [20, 21, 22, 23, 24] + ([25] if rng.random() < 0.04 else [])
+    cranial_to_caudal = list(range(1, 8)) + thoracic + lumbar + [S1_LABEL]
+    return cranial_to_caudal[::-1], bool(rng.random() < 0.03)
+
+
+def _pick_shape(rng: np.random.Generator, library: ShapeLibrary, label: int) -> tuple[Shape, np.ndarray]:
+    """A library shape for ``label`` and the (z, y, x) factors that bring it to that level's typical size."""
+    donor = {28: 19, 25: 24}.get(label, label)
+    if donor == label and label not in (1, 2, S1_LABEL) and rng.random() < 0.25:
+        region = BY_LABEL[label].region
+        neighbours = [n for n in (label - 1, label + 1)
+                      if n in BY_LABEL and n not in (1, 2, 25, S1_LABEL) and BY_LABEL[n].region == region
+                      and library.vertebrae.get(n)]
+        if neighbours:
+            donor = neighbours[int(rng.integers(len(neighbours)))]
+    shapes = library.shapes_for(donor)
+    return shapes[int(rng.integers(len(shapes)))], np.asarray(size_ratio(label, donor))
+
+
+def _spine_curve(rng: np.random.Generator, s_levels: np.ndarray, labels: list[int], s_grid: np.ndarray):
+    """Tangents (N, 3) along the arc ``s_grid`` (mm): randomised sagittal profile through the level positions
+    ``s_levels`` plus a sinusoidal scoliosis. Also returns the coronal angle (radians) along the arc."""
+    base = np.array([_SAGITTAL_DEG[lv] for lv in labels], float)
+    region = np.array([0 if lv <= 7 else 1 if lv <= 19 or lv == 28 else 2 for lv in labels])
+    gains = rng.uniform([0.3, 0.5, 0.5], [1.6, 1.5, 1.4])
+    # Deviations from each region's mean angle are scaled by the region's gain (flatter or deeper curves).
+    sag = base.copy()
+    for r in range(3):
+        sel = region == r
+        sag[sel] = base[sel].mean() + gains[r] * (base[sel] - base[sel].mean())
+    sag += rng.normal(0.0, 2.0, sag.shape) + rng.normal(0.0, 5.0)
+    phi = np.deg2rad(np.interp(s_grid, s_levels, sag))
+    amplitude = rng.uniform(8.0, 25.0) if rng.random() < 0.15 else abs(rng.normal(0.0, 2.5))
+    period = rng.uniform(250.0, 500.0)
+    coronal = np.deg2rad(amplitude) * np.sin(2 * np.pi * s_grid / period + rng.uniform(0, 2 * np.pi))
+    t = np.stack([np.cos(phi) * np.cos(coronal), np.sin(phi) * np.cos(coronal), np.sin(coronal)], axis=1)
+    return t / np.linalg.norm(t, axis=1, keepdims=True), coronal
+
+
+class _Subject:
+    """A whole spine: placed vertebrae, discs (with nuclei) and the curve, in world mm (S at z=0 is S1)."""
+
+    def __init__(self, rng: np.random.Generator, library: ShapeLibrary):
+        labels, sacralised = _level_sequence(rng)
+        self.labels = labels
+        scale = rng.uniform(0.88, 1.12)
+        self.scale = scale
+        disc_gain = rng.uniform(0.75, 1.25)
+        picks = [_pick_shape(rng, library, lv) for lv in labels]
+        scales = [f * scale * (1.0 + rng.normal(0.0, 0.04, 3)) for _, f in picks]
+        # Arc positions, caudal to cranial; C1 sits on C2 by a measured offset instead of a disc.
+        s_pos = [0.0]
+        discs = []  # (label below which the disc lies, height mm, dark nucleus)
+        for i in range(1, len(labels)):
+            lower, upper = labels[i - 1], labels[i]
+            if upper == 1:
+                s_pos.append(s_pos[-1])
+                continue
+            height = _DISC_MM.get(upper, 5.0) * disc_gain * rng.uniform(0.85, 1.15)
+            dark = rng.random() < (0.25 if BY_LABEL[upper].region == "lumbar" else 0.1)
+            if dark:
+                height *= rng.uniform(0.4, 0.8)
+            if sacralised and lower == S1_LABEL:
+                height, dark = rng.uniform(0.0, 2.0), True
+            discs.append((upper, height, dark))
+            s_pos.append(s_pos[-1] + picks[i - 1][0].z_up * scales[i - 1][0] + height - picks[i][0].z_low * scales[i][0])
+        s_levels = np.asarray(s_pos)
+        self.s_grid = np.arange(-170.0, s_levels[-1] + 60.0, 1.0)
+        tangents, coronal = _spine_curve(rng, s_levels, labels, self.s_grid)
+        points = np.cumsum(tangents, axis=0)
+        points -= points[np.searchsorted(self.s_grid, 0.0)]
+        # Patient pose: small rotations about the three axes.
+        pose = (_rotation([1, 0, 0], rng.normal(0, np.deg2rad(5))) @ _rotation([0, 0, 1], rng.normal(0, np.deg2rad(3)))
+                @ _rotation([0, 1, 0], rng.normal(0, np.deg2rad(3))))
+        self.points = points @ pose.T
+        self.tangents = tangents @ pose.T
+        posterior = np.array([0.0, 1.0, 0.0]) @ pose.T
+        ey = posterior - (self.tangents @ posterior)[:, None] * self.tangents
+        self.posterior = ey / np.linalg.norm(ey, axis=1, keepdims=True)
+
+        def frame_at(s: float, roll: float, tilt: tuple[float, float]) -> np.ndarray:
+            i = int(np.clip(np.searchsorted(self.s_grid, s), 0, len(self.s_grid) - 1))
+            rot = pose @ frame(tangents[i])
+            rot = rot @ _rotation([1, 0, 0], roll)  # axial rotation about the local superior axis
+            return _rotation(rot[:, 2], tilt[0]) @ _rotation(rot[:, 1], tilt[1]) @ rot
+
+        def point_at(s: float) -> np.ndarray:
+            return np.stack([np.interp(s, self.s_grid, self.points[:, k]) for k in range(3)])
+
+        self.vertebrae: list[_Placed] = []
+        by_label: dict[int, _Placed] = {}
+        for i, lv in enumerate(labels):
+            shape, _ = picks[i]
+            ci = int(np.clip(np.searchsorted(self.s_grid, s_pos[i]), 0, len(self.s_grid) - 1))
+            roll = 0.5 * coronal[ci] + rng.normal(0, np.deg2rad(2))
+            rot = frame_at(s_pos[i], roll, tuple(rng.normal(0, np.deg2rad(2), 2)))
+            if rng.random() < 0.5:
+                rot = rot @ np.diag([1.0, 1.0, -1.0])  # left-right mirror of the shape
+            centre = point_at(s_pos[i])
+            if lv == 1 and 2 in by_label:
+                c2 = by_label[2]
+                if len(library.c1_offsets):
+                    offset = library.c1_offsets[int(rng.integers(len(library.c1_offsets)))] * scale
+                else:
+                    offset = np.array([0.8 * c2.shape.z_up * c2.scale[0], 0.0, 0.0])
+                centre = c2.centre + c2.rot @ offset
+                rot = c2.rot @ _rotation([1, 0, 0], rng.normal(0, np.deg2rad(3)))
+            placed = _Placed(lv, shape, scales[i], centre, rot, s_pos[i])
+            self.vertebrae.append(placed)
+            by_label[lv] = placed
+        self.by_label = by_label
+        # Discs: real disc shapes fitted between neighbouring bodies.
+        self.discs: list[tuple[_Placed, bool]] = []
+        for upper, height, dark in discs:
+            if height < 1.0:
+                continue
+            up = by_label[upper]
+            low = self.vertebrae[self.vertebrae.index(up) - 1]
+            s_mid = low.s + low.shape.z_up * low.scale[0] + height / 2
+            shape = library.discs[int(rng.integers(len(library.discs)))]
+            depth = 0.5 * (low.shape.depth_mm * low.scale[1] + up.shape.depth_mm * up.scale[1])
+            width = 0.5 * (low.shape.width_mm * low.scale[2] + up.shape.width_mm * up.scale[2])
+            disc_scale = np.array([(height + 2.0) / (shape.z_up - shape.z_low), 0.97 * depth / shape.depth_mm,
+                                   0.97 * width / shape.width_mm])
+            ci = int(np.clip(np.searchsorted(self.s_grid, s_mid), 0, len(self.s_grid) - 1))
+            rot = frame_at(s_mid, 0.5 * coronal[ci], (0.0, 0.0))
+            self.discs.append((_Placed(0, shape, disc_scale, point_at(s_mid), rot, s_mid), dark))
+
+    def s_at_z(self, z: np.ndarray) -> np.ndarray:
+        """Arc position of the spine point at each world height ``z`` (mm)."""
+        order = np.argsort(self.points[:, 0])
+        return np.interp(z, self.points[order, 0], self.s_grid[order])
+
+
+def _draw_body(rng: np.random.Generator, canvas: _Canvas, subject: _Subject) -> None:
+    """Skin, fat, muscle, organs, lungs, vessels and pelvis around the spine, slice by slice along z."""
+    z = canvas.axes[0]
+    s = subject.s_at_z(z)
+    spine = np.stack([np.interp(s, subject.s_grid, subject.points[:, k]) for k in (1, 2)], axis=1)
+    lv_s = {pl.label: pl.s for pl in subject.vertebrae}
+    knots = [lv_s.get(lv, lv_s[S1_LABEL]) for lv, *_ in _OUTLINE]
+    order = np.argsort(knots)
+    knots = np.asarray(knots)[order]
+    girth = rng.uniform(0.85, 1.3) * subject.scale
+    dims = [np.interp(s, knots, np.asarray([row[k] for row in _OUTLINE], float)[order]) for k in (1, 2, 3)]
+    half_w, half_d, post = dims[0] * girth, dims[1] * girth, dims[2] * (0.5 + 0.5 * girth)
+    fat = rng.uniform(4.0, 30.0) * girth
+    yc, xc = spine[:, 0] + post - half_d, spine[:, 1] + rng.normal(0, 5)
+    yy = canvas.axes[1][None, :, None] - yc[:, None, None]
+    xx = canvas.axes[2][None, None, :] - xc[:, None, None]
+
+    def inside(shrink: float, cy: float | np.ndarray = 0.0, cx: float | np.ndarray = 0.0,
+               w: np.ndarray | None = None, d: np.ndarray | None = None) -> np.ndarray:
+        w = half_w if w is None else w
+        d = half_d if d is None else d
+        ww, dd = np.maximum(w - shrink, 1.0)[:, None, None], np.maximum(d - shrink, 1.0)[:, None, None]
+        return ((yy - cy) / dd) ** 2 + ((xx - cx) / ww) ** 2 <= 1.0
+
+    cls = canvas.cls
+    cls[inside(0.0)] = SKIN
+    cls[inside(2.5)] = FAT
+    cls[inside(fat)] = MUSCLE
+    cls[inside(fat + rng.uniform(8.0, 15.0))] = INTERIOR
+    sy, sx = spine[:, 0][:, None, None] - yc[:, None, None], spine[:, 1][:, None, None] - xc[:, None, None]
+    thoracic = (s >= lv_s[19] - 15) & (s <= lv_s[8] + 25)
+    if thoracic.any():
+        dome = lv_s[19] + 15 + 45 * (1 - np.clip(np.abs(xx - sx) / np.maximum(half_w[:, None, None], 1), 0, 1) ** 2)
+        lung = inside(fat + 18.0) & (np.abs(xx - sx) > 22) & (s[:, None, None] >= dome) & thoracic[:, None, None]
+        lung &= (yy < sy + 30)
+        cls[lung] = LUNG
+    posterior_gap = np.maximum(post - fat - 22.0, 5.0)[:, None, None]
+    para = (((yy - sy - 22 - posterior_gap / 2) / (posterior_gap / 2 + 1)) ** 2
+            + ((np.abs(xx - sx) - 0.17 * half_w[:, None, None]) / (0.16 * half_w[:, None, None] + 4)) ** 2) <= 1.0
+    cls[para & inside(fat)] = MUSCLE
+    lumbar = (s >= lv_s[S1_LABEL] - 10) & (s <= lv_s[20])
+    if lumbar.any():
+        t = np.clip((lv_s[20] - s) / max(lv_s[20] - lv_s[S1_LABEL], 1.0), 0, 1)[:, None, None]
+        psoas = (((yy - sy + 5) / (6 + 16 * t)) ** 2 + ((np.abs(xx - sx) - 22 - 20 * t) / (6 + 18 * t)) ** 2 <= 1.0)
+        cls[psoas & lumbar[:, None, None]] = MUSCLE
+
+    def at(label: int, dy: float, dx: float, dz: float = 0.0) -> np.ndarray:
+        pl = subject.by_label.get(label, subject.by_label[S1_LABEL])
+        return pl.centre + np.array([dz, dy, dx])
+
+    g = girth
+    if rng.random() < 0.9:
+        canvas.ellipsoid(ORGAN_B, at(14, -75 * g, 20 * g), np.array([55, 50, 60]) * g)  # heart
+        canvas.ellipsoid(ORGAN_A, at(19, -55 * g, -65 * g, 10), np.array([75, 65, 75]) * g)  # liver
+        for side in (-1, 1):
+            canvas.ellipsoid(ORGAN_B, at(20, 15, side * 55 * g, -15), np.array([55, 28, 30]) * g)  # kidneys
+        canvas.ellipsoid(ORGAN_C, at(S1_LABEL, -80 * g, 0, -40), np.array([40, 40, 50]) * g)  # bladder
+    for _ in range(int(rng.integers(3, 10))):  # bowel loops, some with gas
+        c = at(int(rng.choice([20, 21, 22, 23, 24, S1_LABEL])), -rng.uniform(50, 120) * g, rng.uniform(-90, 90) * g)
+        canvas.ellipsoid(GAS if rng.random() < 0.3 else ORGAN_C, c, rng.uniform(12, 35, 3) * g)
+    aorta = (subject.s_grid > lv_s[23]) & (subject.s_grid < lv_s[10])
+    if aorta.any():
+        canvas.tube(VESSEL, subject.points[aorta] + np.array([0, -20 * g, 14]), 11 * g)
+    for side in (-1, 1):  # iliac wings: lateral halves of thick ellipsoidal shells beside the sacrum
+        centre = at(S1_LABEL, -5, side * 70 * g, 15)
+        canvas.ellipsoid(PELVIS, centre, np.array([75, 60, 40]) * g, inner=0.85,
+                         keep=lambda zz, yy_, xx_, side=side: (xx_ * side > 0) & (zz > -60 * g))
+
+
+def _draw_ribs(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) -> None:
+    """Ribs from each thoracic vertebra around a thorax ellipse, sloping down anteriorly."""
+    for pl in subject.vertebrae:
+        if pl.label not in _RIB:
+            continue
+        half_w, end_deg = _RIB[pl.label]
+        half_w *= subject.scale * rng.uniform(0.85, 1.15)
+        end = np.deg2rad(end_deg * rng.uniform(0.85, 1.1))
+        if abs(pl.centre[0] - canvas.origin[0] - canvas.spacing * canvas.shape[0] / 2) > canvas.spacing * canvas.shape[0] / 2 + 2.5 * half_w:
+            continue
+        depth = 0.68 * half_w
+        y_post = pl.shape.depth_mm * pl.scale[1] / 2 + 22.0
+        theta = np.linspace(np.deg2rad(20), end, max(int((end * half_w) / (canvas.spacing / 2)), 8))
+        drop = 0.35 * half_w * (theta / end) ** 1.2
+        width = pl.shape.width_mm * pl.scale[2] / 2
+        for side in (-1.0, 1.0):
+            arc = np.stack([2.0 - drop, y_post - depth * (1 - np.cos(theta)), side * half_w * np.sin(theta)], axis=1)
+            neck = np.linspace([4.0, 0.3 * pl.shape.depth_mm * pl.scale[1], side * (width + 2.0)], arc[0], 12)
+            local = np.concatenate([neck, arc])
+            rot = pl.rot.copy()
+            if np.linalg.det(rot) < 0:  # undo the shape mirror: ribs follow the true left-right axis
+                rot[:, 2] *= -1
+            canvas.tube(RIB, pl.centre + local @ rot.T, 4.0 * subject.scale)
+
+
+def _draw_spine(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) -> None:
+    """Canal (CSF and cord), discs with nuclei, then vertebrae with their tissue and level targets."""
+    lv_s = {pl.label: pl.s for pl in subject.vertebrae}
+    s = subject.s_grid
+    offset = np.interp(s, [lv_s[S1_LABEL], lv_s[22], lv_s[16], lv_s[7], lv_s[1]], [22, 26, 21, 16, 16]) * subject.scale
+    canal = subject.points + subject.posterior * offset[:, None]
+    csf = (s > lv_s[S1_LABEL] - 25) & (s < lv_s[1] + 40)
+    canvas.tube(CSF, canal[csf], 7.5 * subject.scale)
+    cord = s > 0.5 * (lv_s[20] + lv_s[21])
+    canvas.tube(CORD, canal[cord], 4.5 * subject.scale)
+    for disc, dark in subject.discs:
+        hit = canvas.rasterise(disc.shape.mask, disc.shape.centre, disc)
+        if hit is None:
+            continue
+        sl, sub = hit
+        canvas.cls[sl][sub > 0] = ANNULUS
+        canvas.tissue[sl][sub > 0] = 3
+        canvas.levels[sl][sub > 0] = 0
+        nucleus = canvas.rasterise(disc.shape.mask, disc.shape.centre, disc, disc.scale * np.array([0.6, 0.55, 0.6]))
+        if nucleus is not None:
+            nsl, nsub = nucleus
+            canvas.cls[nsl][nsub > 0] = NUCLEUS_DARK if dark else NUCLEUS
+    for pl in subject.vertebrae:
+        hit = canvas.rasterise(pl.shape.mask, pl.shape.centre, pl)
+        if hit is None:
+            continue
+        sl, sub = hit
+        body, post = sub == BODY, sub == POSTERIOR
+        sacrum = pl.label == S1_LABEL
+        canvas.cls[sl][body] = SACRUM if sacrum else MARROW
+        canvas.cls[sl][post] = SACRUM if sacrum else POST
+        canvas.tissue[sl][body] = 1
+        canvas.tissue[sl][post] = 1 if sacrum else 2
+        canvas.levels[sl][sub > 0] = pl.label
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Appearance
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _class_intensities(rng: np.random.Generator, modality: str) -> tuple[np.ndarray, np.ndarray]:
+    """(means, stds) float32 (n_classes,) for one case."""
+    if modality == "random":
+        return (rng.uniform(0, 1000, _N_CLASSES).astype(np.float32),
+                rng.uniform(0, 60, _N_CLASSES).astype(np.float32))
+    table = _PRESETS[modality]
+    means, stds = table[:, 0].copy(), table[:, 1] * rng.uniform(0.5, 1.5, _N_CLASSES).astype(np.float32)
+    if modality == "ct":
+        means += rng.normal(0, 1, _N_CLASSES).astype(np.float32) * np.maximum(10.0, 0.12 * np.abs(means))
+        means[AIR] = -1000.0
+        if rng.random() < 0.3:  # contrast-enhanced vessels and organs
+            means[VESSEL] = rng.uniform(150, 400)
+            means[[ORGAN_A, ORGAN_B]] += rng.uniform(30, 120)
+    else:
+        means *= rng.uniform(0.8, 1.2, _N_CLASSES).astype(np.float32)
+        means += rng.normal(0, 15, _N_CLASSES).astype(np.float32)
+    return means, stds
+
+
+def _thick_slices(img: np.ndarray, axis: int, factor: float, phase: float) -> np.ndarray:
+    """Simulate slices ``factor`` voxels thick along ``axis`` of a (z, y, x) float32 volume: blur along the axis,
+    keep one sample per slice, interpolate linearly back to the grid."""
+    n = img.shape[axis]
+    img = ndimage.gaussian_filter1d(img, sigma=factor / 2.355, axis=axis, mode="nearest")
+    pos = np.arange(phase * factor, n, factor)
+    if pos.size < 2:
+        return img
+    low = np.take(img, np.round(pos).astype(int).clip(0, n - 1), axis=axis)
+    t = np.clip((np.arange(n) - pos[0]) / factor, 0, pos.size - 1)
+    i0 = np.minimum(np.floor(t).astype(int), pos.size - 2)
+    w = (t - i0).astype(np.float32)
+    shape = [1, 1, 1]
+    shape[axis] = n
+    w = w.reshape(shape)
+    return np.take(low, i0, axis=axis) * (1 - w) + np.take(low, i0 + 1, axis=axis) * w
+
+
+def _appearance(rng: np.random.Generator, cls: np.ndarray, levels: np.ndarray, modality: str,
+                spacing: float) -> np.ndarray:
+    """Synthetic image, float32 (z, y, x), from the class map ``cls`` and the level map (per-vertebra marrow)."""
+    means, stds = _class_intensities(rng, modality)
+    img = means[cls] + stds[cls] * rng.standard_normal(cls.shape, dtype=np.float32)
+    marrow = (cls == MARROW) | (cls == SACRUM)
+    spread = float(np.abs(means[MARROW] - means[FAT])) * 0.15 + 10.0
+    per_level = rng.normal(0.0, spread, 29).astype(np.float32)
+    img[marrow] += per_level[levels[marrow]]
+    img = ndimage.gaussian_filter(img, sigma=rng.uniform(0.3, 1.0))
+    if rng.random() < (0.3 if modality == "ct" else 0.6):
+        # Thick slices: sagittal MR stacks are thick left-right (x), axial CT/MR thick along z.
+        axis = int(rng.choice([0, 1, 2], p=[0.7, 0.1, 0.2] if modality == "ct" else [0.25, 0.1, 0.65]))
+        thickness = rng.uniform(2.5, 6.0)
+        if thickness > 1.3 * spacing:
+            img = _thick_slices(img, axis, thickness / spacing, rng.uniform())
+    if modality != "ct":
+        field = rng.normal(0.0, rng.uniform(0.05, 0.35), (4, 4, 4))
+        zoom = np.asarray(img.shape) / np.asarray(field.shape)
+        img *= np.exp(ndimage.zoom(field, zoom, order=1, grid_mode=True, mode="nearest")[: img.shape[0], : img.shape[1], : img.shape[2]]).astype(np.float32)
+        top = float(np.percentile(img[::4, ::4, ::4], 99)) or 1.0
+        sigma = rng.uniform(0.005, 0.04) * top
+        img = np.sqrt((img + sigma * rng.standard_normal(img.shape, dtype=np.float32)) ** 2
+                      + (sigma * rng.standard_normal(img.shape, dtype=np.float32)) ** 2)
+        lo, hi = float(img.min()), float(img.max())
+        img = ((img - lo) / max(hi - lo, 1e-6)) ** np.exp(rng.normal(0.0, 0.25)) * rng.uniform(200.0, 4000.0)
+    else:
+        img += rng.uniform(3.0, 25.0) * rng.standard_normal(img.shape, dtype=np.float32)
+        img = np.maximum(img, -1024.0)
+    return img.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _crop_centre(rng: np.random.Generator, subject: _Subject, extent: np.ndarray) -> np.ndarray:
+    """World centre (z, y, x mm) of the crop: on a random part of the spine, extra weight on the sacrum, C1/C2 and
+    the thoraco-lumbar junction, sometimes shifted partly outside the body."""
+    u = rng.random()
+    if u < 0.15:
+        target = subject.by_label[S1_LABEL].centre
+    elif u < 0.25:
+        target = subject.by_label[2].centre
+    elif u < 0.4:
+        last_thoracic = max((pl for pl in subject.vertebrae if pl.label in _RIB), key=lambda pl: pl.s)
+        target = last_thoracic.centre
+    else:
+        s = rng.uniform(-60.0, subject.by_label[1].s)
+        target = np.stack([np.interp(s, subject.s_grid, subject.points[:, k]) for k in range(3)])
+    shift = np.array([rng.uniform(-0.35, 0.35) * extent[0], rng.uniform(-45.0, 10.0), rng.normal(0.0, 10.0)])
+    if rng.random() < 0.1:
+        shift[1:] += rng.uniform(-0.5, 0.5, 2) * extent[1:]
+    return target + shift
+
+
+def synthesize_case(rng: np.random.Generator, library: ShapeLibrary, spacing_mm: float = 2.0,
+                    size_zyx: tuple[int, int, int] = (160, 96, 96), modality: str | None = None) -> TrainingCase:
+    """One synthetic training crop of a random whole spine.
+
+    Args:
+        rng: the only source of randomness (same seed, same case).
+        library: real shapes (:func:`~SpineLabelTrainingLib.shapes.build_shape_library`).
+        spacing_mm: isotropic voxel size of the crop, mm.
+        size_zyx: crop size in voxels, (z, y, x) = (inferior->superior, anterior->posterior, right->left).
+        modality: one of :data:`MODALITIES` (``"ct"``, ``"t1"``, ``"t2"``, ``"stir"``, ``"water"``, ``"fat"``,
+            ``"random"``); None draws one.
+
+    Returns:
+        A :class:`TrainingCase` (image float32, tissue and levels uint8, all ``size_zyx``).
+
+    Raises:
+        ValueError: unknown modality.
+    """
+    if modality is None:
+        modality = str(rng.choice(MODALITIES, p=_MODALITY_P))
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+    subject = _Subject(rng, library)
+    shape = tuple(int(v) for v in size_zyx)
+    extent = np.asarray(shape, float) * spacing_mm
+    centre = _crop_centre(rng, subject, extent)
+    canvas = _Canvas(shape, centre - (np.asarray(shape) - 1) / 2 * spacing_mm, float(spacing_mm))
+    _draw_body(rng, canvas, subject)
+    _draw_ribs(canvas, subject, rng)
+    _draw_spine(canvas, subject, rng)
+    if rng.random() < 0.8:  # cortical shell of the vertebrae
+        bone = np.isin(canvas.cls, _BONE_CLASSES)
+        canvas.cls[bone & ~ndimage.binary_erosion(bone)] = CORTEX
+    image = _appearance(rng, canvas.cls, canvas.levels, modality, float(spacing_mm))
+    return TrainingCase(image, canvas.tissue, canvas.levels, float(spacing_mm))

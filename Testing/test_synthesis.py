@@ -1,0 +1,184 @@
+"""Shape library (SpineLabelTrainingLib.shapes) and synthetic whole-spine cases (SpineLabelTrainingLib.synthesis).
+
+Most tests run on a tiny library built from analytic vertebra masks written to tmp_path, so they need no data; the
+real-data test skips when ../shared/data is absent.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SpineLabelLib.vertebrae import BY_LABEL, LEVELS, level_index
+from SpineLabelTrainingLib import shapes, synthesis
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MAIN_LEVELS = [lv.label for lv in LEVELS if not lv.transitional]  # C1..L5, S1
+SMALL = (64, 48, 48)  # crop used by the quicker tests (at 3 mm: 19 x 14 x 14 cm)
+
+
+def _analytic_vertebra(shape_zyx: tuple[int, int, int], label: int, spacing: float) -> tuple[np.ndarray, np.ndarray]:
+    """Whole vertebra and its true body, bool (z, y, x) arrays centred in ``shape_zyx``: an elliptic-cylinder body
+    sized like the level, and behind it a ring-shaped arch around the canal with a spinous process."""
+    h, d, w = (v / spacing for v in shapes.TYPICAL_BODY_MM[label])
+    zz, yy, xx = np.meshgrid(*(np.arange(n) - (n - 1) / 2 for n in shape_zyx), indexing="ij")
+    yy = yy + d  # body centre anterior of the grid centre
+    body = (np.abs(zz) <= h / 2) & ((yy / (d / 2)) ** 2 + (xx / (w / 2)) ** 2 <= 1)
+    canal_r, ring = 0.3 * w, 0.3 * w + 3.0 / spacing
+    cy = d / 2 + canal_r - 1
+    arch_z = np.abs(zz) <= 0.3 * h
+    r = np.sqrt((yy - cy) ** 2 + xx**2)
+    arch = arch_z & (r > canal_r) & (r <= ring) & (yy > d / 2 - 2)
+    spinous = arch_z & (np.abs(xx) <= 1.5 / spacing + 0.5) & (yy > cy) & (yy <= cy + ring + 20 / spacing)
+    return body | arch | spinous, body
+
+
+@pytest.fixture(scope="module")
+def tiny_library(tmp_path_factory) -> shapes.ShapeLibrary:
+    """Library from one analytic 'scan' holding C1, C2, C5, T1, T8, L1 and L5 (the rest filled in by the library)."""
+    root = tmp_path_factory.mktemp("data")
+    spacing = 1.5
+    labels = [1, 2, 5, 8, 15, 20, 24]
+    block = (40, 64, 64)
+    volume = np.zeros((block[0] * len(labels), *block[1:]), np.uint8)
+    for i, label in enumerate(labels[::-1]):  # caudal first: z index grows towards the head
+        whole, _ = _analytic_vertebra(block, label, spacing)
+        volume[i * block[0] : (i + 1) * block[0]][whole] = label
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing((spacing,) * 3)
+    (root / "masks_verse").mkdir()
+    sitk.WriteImage(image, str(root / "masks_verse" / "sub-analytic_seg-vert_msk.nii.gz"))
+    return shapes.build_shape_library(root, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_split_body_recovers_analytic_body():
+    whole, body = _analytic_vertebra((48, 80, 80), 22, 1.0)
+    split = shapes.split_body(whole, 22)
+    predicted = split == shapes.BODY
+    dice = 2 * (predicted & body).sum() / (predicted.sum() + body.sum())
+    assert dice > 0.9
+    assert set(np.unique(split[whole])) == {shapes.BODY, shapes.POSTERIOR}
+    assert not split[~whole].any()
+
+
+def test_tiny_library_has_every_level_and_caches(tiny_library, tmp_path_factory):
+    for label in MAIN_LEVELS:
+        assert tiny_library.shapes_for(label), BY_LABEL[label].name
+        for shape in tiny_library.shapes_for(label):
+            assert shape.z_low < 0 < shape.z_up
+            assert (shape.mask == shapes.BODY).any()
+    assert tiny_library.discs
+    sacrum = tiny_library.shapes_for(shapes.S1_LABEL)[0]
+    assert sacrum.mask.shape[0] > 2 * (sacrum.z_up - sacrum.z_low)  # sacral mass below the S1 body
+    # Filled level (T3 from its neighbours) has the size of a T3, not of its donor.
+    t3 = tiny_library.shapes_for(10)[0]
+    assert abs(t3.depth_mm - shapes.TYPICAL_BODY_MM[10][1]) < 0.25 * shapes.TYPICAL_BODY_MM[10][1]
+    path = tmp_path_factory.mktemp("roundtrip") / "lib.npz"
+    tiny_library.save(path)
+    again = shapes.ShapeLibrary.load(path)
+    assert again.summary() == tiny_library.summary()
+    for label in MAIN_LEVELS:
+        np.testing.assert_array_equal(again.shapes_for(label)[0].mask, tiny_library.shapes_for(label)[0].mask)
+
+
+def test_case_contract(tiny_library):
+    valid_levels = {0} | {lv.label for lv in LEVELS}
+    for seed in range(4):
+        case = synthesis.synthesize_case(np.random.default_rng(seed), tiny_library, spacing_mm=3.0, size_zyx=SMALL)
+        assert case.spacing_mm == 3.0
+        for array, dtype in ((case.image, np.float32), (case.tissue, np.uint8), (case.levels, np.uint8)):
+            assert array.shape == SMALL and array.dtype == dtype
+        assert np.isfinite(case.image).all()
+        assert set(np.unique(case.tissue)) <= {0, 1, 2, 3}
+        assert set(np.unique(case.levels).tolist()) <= valid_levels
+        bone = (case.tissue == 1) | (case.tissue == 2)
+        np.testing.assert_array_equal(case.levels > 0, bone)  # bodies and posterior elements carry a level
+        assert not case.levels[case.tissue == 3].any()  # discs carry none
+
+
+def test_same_seed_same_case(tiny_library):
+    a = synthesis.synthesize_case(np.random.default_rng(7), tiny_library, 3.0, SMALL)
+    b = synthesis.synthesize_case(np.random.default_rng(7), tiny_library, 3.0, SMALL)
+    c = synthesis.synthesize_case(np.random.default_rng(8), tiny_library, 3.0, SMALL)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.tissue, b.tissue)
+    np.testing.assert_array_equal(a.levels, b.levels)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_levels_cranio_caudal_along_z(tiny_library):
+    """Higher z = more cranial = earlier in LEVELS; checked on the body centroids of every crop."""
+    seen = 0
+    for seed in range(6):
+        case = synthesis.synthesize_case(np.random.default_rng(100 + seed), tiny_library, modality="ct")
+        body = case.tissue == 1
+        z_of = {}
+        for label in np.unique(case.levels[body]):
+            zs = np.nonzero(body & (case.levels == label))[0]
+            if zs.size > 30:
+                z_of[int(label)] = zs.mean()
+        ordered = sorted(z_of, key=level_index)
+        heights = [z_of[label] for label in ordered]
+        assert all(a > b for a, b in zip(heights, heights[1:])), (seed, ordered, heights)
+        seen += len(ordered) >= 3
+    assert seen >= 3  # most crops show several vertebrae
+
+
+def test_numbering_variants_and_t13_order(tiny_library):
+    counts = {"T13": 0, "L6": 0, "T11 last": 0}
+    t13_seed = None
+    for seed in range(1500):
+        labels, _ = synthesis._level_sequence(np.random.default_rng(seed))
+        cranio_caudal = labels[::-1]
+        assert [level_index(lv) for lv in cranio_caudal] == sorted(level_index(lv) for lv in cranio_caudal)
+        counts["T13"] += 28 in labels
+        counts["L6"] += 25 in labels
+        counts["T11 last"] += 19 not in labels
+        if 28 in labels and t13_seed is None:
+            t13_seed = seed
+    assert 0.01 < counts["T13"] / 1500 < 0.06
+    assert 0.02 < counts["L6"] / 1500 < 0.07
+    assert 0.005 < counts["T11 last"] / 1500 < 0.04
+    subject = synthesis._Subject(np.random.default_rng(t13_seed), tiny_library)
+    z = {pl.label: pl.centre[0] for pl in subject.vertebrae}
+    assert z[19] > z[28] > z[20]  # T12 above T13 above L1
+
+
+@pytest.mark.parametrize("modality", synthesis.MODALITIES)
+def test_every_modality(tiny_library, modality):
+    case = synthesis.synthesize_case(np.random.default_rng(3), tiny_library, 3.0, SMALL, modality=modality)
+    assert np.isfinite(case.image).all() and case.image.std() > 0
+
+
+def test_unknown_modality(tiny_library):
+    with pytest.raises(ValueError, match="modality"):
+        synthesis.synthesize_case(np.random.default_rng(0), tiny_library, modality="pet")
+
+
+def test_speed_default_size(tiny_library):
+    synthesis.synthesize_case(np.random.default_rng(0), tiny_library)
+    start = time.perf_counter()
+    for seed in range(3):
+        synthesis.synthesize_case(np.random.default_rng(seed), tiny_library)
+    assert (time.perf_counter() - start) / 3 < 3.0
+
+
+def test_real_library(tmp_path):
+    if not DATA.is_dir():
+        pytest.skip(f"real data not available at {DATA}")
+    library = shapes.build_shape_library(DATA, cache_dir=tmp_path)
+    for label in MAIN_LEVELS:
+        assert library.shapes_for(label), BY_LABEL[label].name
+    assert len(library.discs) >= 10
+    assert len(library.c1_offsets) >= 1
+    assert 10 < library.c1_offsets[:, 0].mean() < 30  # atlas sits above the axis body
+    crops = DATA / "crops_tptbox"
+    for stem, complete in (("sub-ct_{}_label-22_msk", (22,)), ("sub-mri_{}_label-6_msk", (6, 7))):
+        dice = shapes.body_split_dice(sitk.ReadImage(str(crops / (stem.format("seg-vert") + ".nii.gz"))),
+                                      sitk.ReadImage(str(crops / (stem.format("seg-subreg") + ".nii.gz"))))
+        for label in complete:
+            assert dice[label] > 0.8, (stem, label, dice)
