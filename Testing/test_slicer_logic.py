@@ -7,6 +7,7 @@ import json
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,3 +282,25 @@ def test_result_round_trip_through_files(tmp_path, spine):
         assert (a.id, a.name, a.fixed, a.centroid_lps_mm) == (b.id, b.name, b.fixed, b.centroid_lps_mm)
         np.testing.assert_array_equal(a.level_log_scores, b.level_log_scores)
     assert (back.warnings, back.model, back.modality) == (result.warnings, result.model, result.modality)
+
+
+def test_training_process_reports_epochs_and_registers_model(tmp_path, monkeypatch):
+    """What SpineLabelTraining does, without Qt: ``spinelabel train`` in the background, epochs parsed from its
+    output, the model registered at the end."""
+    from SpineLabelLib.models import list_models, register_model
+
+    root = Path(__file__).resolve().parents[1]
+    card = tmp_path / "tiny.json"
+    command = process.trainCommand(sys.executable, "phantom", card, None, epochs=1, name="tiny", device="cpu",
+                                   extra=["--iterations", "1", "--batch", "1", "--patch", "32", "32", "32"])
+    runner = process.BackgroundProcess(
+        command, process.parseTrainingLine,
+        env=process.pythonPathEnvironment([root / "SpineLabel", root / "SpineLabelTraining"]))
+    runner.start()
+    assert runner.wait(300) == 0, runner.outputTail()
+    events = runner.readEvents()
+    assert [(e["epoch"], e["epochs"], e["fraction"]) for e in events] == [(1, 1, 1.0)]
+    assert np.isfinite(events[0]["loss"]) and set(events[0]["metrics"]) == {"body_dice", "level_accuracy"}
+    monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path / "models"))
+    registered = register_model(card, "tiny-registered")
+    assert str(registered) in [c["path"] for c in list_models()]
