@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 BODY = 1  # value of vertebral-body voxels in a Shape mask
 POSTERIOR = 2  # value of posterior-element voxels in a Shape mask
 SPACING_MM = 1.0  # voxel size of every stored shape
-_CACHE_VERSION = 4
+_CACHE_VERSION = 5
 S1_LABEL = BY_LABEL[26].label
 _MAIN_LABELS = tuple(level.label for level in LEVELS if not level.transitional)  # C1..L5, S1
 
@@ -312,8 +312,13 @@ def canonical_vertebrae(image: sitk.Image, source: str = "") -> tuple[list[Shape
     labels = sitk.GetArrayFromImage(image)
     a, b = _index_to_world(image)
     a_inv = np.linalg.inv(a)
-    present = sorted((int(v) for v in np.unique(labels) if int(v) in BY_LABEL), key=_order)
-    centroids = {value: np.argwhere(labels == value).mean(axis=0) @ a.T + b for value in present}
+    boxes = ndimage.find_objects(labels.astype(np.int32, copy=False) * (labels <= max(BY_LABEL)))
+    present = sorted((v for v in BY_LABEL if v <= len(boxes) and boxes[v - 1] is not None), key=_order)
+    centroids = {}
+    for value in present:
+        box = boxes[value - 1]
+        local = np.argwhere(labels[box] == value).mean(axis=0) + [sl.start for sl in box]
+        centroids[value] = local @ a.T + b
     shapes: list[Shape] = []
     frames: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for i, value in enumerate(present):
@@ -323,7 +328,9 @@ def canonical_vertebrae(image: sitk.Image, source: str = "") -> tuple[list[Shape
         if np.linalg.norm(tangent) < 1e-6 or tangent[0] <= 0:  # single vertebra or odd layout: scanner axis
             tangent = np.array([1.0, 0.0, 0.0])
         rot = frame(tangent)
-        sub, lo = _crop_to_nonzero(labels == value, margin=2)
+        box = tuple(slice(max(sl.start - 2, 0), sl.stop + 2) for sl in boxes[value - 1])
+        lo = np.array([sl.start for sl in box])
+        sub = labels[box] == value
         canon, qmin = _resample_canonical(sub.astype(np.float32), a, b + a @ lo, centroids[value], rot)
         canon = canon > 0.5
         if canon.sum() < 200:
@@ -412,9 +419,11 @@ def _with_sacral_mass(s1: Shape, rng: np.random.Generator) -> Shape:
     length = rng.uniform(80.0, 105.0) * w / 50.0
     bend = np.deg2rad(rng.uniform(50.0, 85.0))
     ala = rng.uniform(35.0, 48.0) * w / 50.0
-    pad = int(np.ceil(length + ala + 20))
-    grid_shape = np.asarray(s1.mask.shape) + 2 * pad
-    origin = s1.centre + pad  # index of the body centroid in the big grid
+    # Grid just big enough: below S1 by the sacral length, behind it by the bend, beside it by the alae.
+    before = np.ceil(np.array([length + 5.0, 5.0, ala + 5.0]))
+    after = np.ceil(np.array([5.0, length * np.sin(bend) + 5.0, ala + 5.0]))
+    grid_shape = (np.asarray(s1.mask.shape) + before + after).astype(int)
+    origin = s1.centre + before  # index of the body centroid in the grid
     out = np.zeros(tuple(int(v) for v in grid_shape), np.uint8)
     zo, yo, xo = (int(v) for v in np.floor(origin - s1.centre))
     out[zo : zo + s1.mask.shape[0], yo : yo + s1.mask.shape[1], xo : xo + s1.mask.shape[2]] = (s1.mask > 0) * BODY
