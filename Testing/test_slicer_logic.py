@@ -63,6 +63,8 @@ def assert_nodes_match(labeling) -> None:
     assert list(segmentation.GetSegmentIDs()) == [segmentIdOf(v.id) for v in result.vertebrae]
     node = labeling.markupsNode
     assert node.GetNumberOfControlPoints() == len(result.vertebrae)
+    if not result.vertebrae:
+        return
     for index, v in enumerate(result.vertebrae):
         segment = segmentation.GetSegment(segmentIdOf(v.id))
         assert segment.GetName() == v.name and segment.GetLabelValue() == v.label
@@ -304,3 +306,73 @@ def test_training_process_reports_epochs_and_registers_model(tmp_path, monkeypat
     monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path / "models"))
     registered = register_model(card, "tiny-registered")
     assert str(registered) in [c["path"] for c in list_models()]
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    """A model with random weights on a coarse grid: exercises the plumbing quickly."""
+    import torch
+
+    from SpineLabelLib.models import save_model
+    from SpineLabelLib.network import SpineUNet
+
+    torch.manual_seed(0)
+    return save_model(SpineUNet(), {"name": "random", "version": "0", "spacing_mm": 4.0},
+                      tmp_path_factory.mktemp("model") / "random.json")
+
+
+def _worker(image_path, out, model):
+    root = Path(__file__).resolve().parents[1]
+    runner = process.BackgroundProcess(process.labelCommand(sys.executable, image_path, out, model, "cpu"),
+                                       process.parseWorkerLine,
+                                       env=process.pythonPathEnvironment([root / "SpineLabel"]))
+    runner.start()
+    return runner
+
+
+@pytest.mark.parametrize("model_kind", ["random", "default"])
+def test_phantom_labelled_in_background_into_the_scene(mrml, tmp_path, random_model, model_kind):
+    from SpineLabelLib.models import default_model_path
+    from SpineLabelLib.phantom import make_phantom
+
+    model = random_model if model_kind == "random" else default_model_path()
+    if not Path(model).exists():
+        pytest.skip(f"no default model at {model}")
+
+    phantom = make_phantom(modality="ct", fov="lumbar", spacing=(2.0, 2.0, 2.5), seed=4)
+    volume = addVolumeNodeFromImage(mrml.scene, phantom.image, "phantom")
+    image_path = tmp_path / "input.nrrd"
+    sitk.WriteImage(imageFromVolumeNode(volume), str(image_path))  # what SpineLabelLogic.startLabelling does
+    runner = _worker(image_path, tmp_path / "result", model)
+    assert runner.wait(300) == 0, runner.outputTail()
+    events = runner.readEvents()
+    fractions = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert events[-1]["event"] == "done"
+
+    labeling = LabelingScene(volume, loadResult(events[-1]["result"]))
+    assert labeling.result.model["name"] == json.loads(Path(model).read_text())["name"]
+    assert len(labeling.result.vertebrae) == events[-1]["vertebrae"]
+    assert_nodes_match(labeling)
+    if model_kind == "default":  # a trained model finds the phantom's lumbar vertebrae
+        truth = {int(v) for v in np.unique(sitk.GetArrayViewFromImage(phantom.labels)) if v}
+        found = {v.label for v in labeling.result.vertebrae}
+        assert len(found & truth) >= len(truth) - 1
+    labeling.cleanup()
+
+
+def test_background_labelling_can_be_cancelled(tmp_path, random_model):
+    from SpineLabelLib.phantom import make_phantom
+
+    image_path = tmp_path / "input.nii.gz"
+    sitk.WriteImage(make_phantom(modality="mr", fov="lumbar", spacing=(2.0, 2.0, 2.5), seed=1).image, str(image_path))
+    runner = _worker(image_path, tmp_path / "result", random_model)
+    deadline = time.monotonic() + 120
+    while runner.running and time.monotonic() < deadline and not runner.readEvents():
+        time.sleep(0.05)
+    runner.cancel(timeout=2)
+    assert runner.cancelled and not runner.running and runner.returncode != 0
+    assert not (tmp_path / "result" / "result.json").exists()
