@@ -141,12 +141,12 @@ def label_spine(
     solution = solve(scores, gaps)
     t = stage("sequence", t)
     report(0.9, "writing labels on the input grid")
-    ids = np.zeros(int(whole.max(initial=0)) + 1, dtype=np.int16)
+    keep = np.zeros(int(whole.max(initial=0)) + 1, dtype=np.int16)
     for f in ordered:
-        ids[f.id] = f.id
-    model_grid_components = sitk.GetImageFromArray(ids[whole])
-    model_grid_components.CopyInformation(grid)
-    on_input = sitk.GetArrayFromImage(resample_to_grid(model_grid_components, image, label=True))
+        keep[f.id] = f.id
+    bone = np.zeros(norm.shape, dtype=np.float32)
+    bone[box] = prediction.bone_probability
+    on_input = components_on_input_grid(keep[whole], bone, grid, image)
     vertebrae = [
         Vertebra(
             id=f.id,
@@ -173,6 +173,48 @@ def label_spine(
         source=source,
         modality=modality,
     )
+
+
+def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarray, grid: sitk.Image,
+                             image: sitk.Image) -> np.ndarray:
+    """Bring vertebra components from the model grid onto the input grid with smooth surfaces.
+
+    Nearest-neighbour upsampling alone would give staircase surfaces at the model's 2 mm; instead the vertebra
+    probability is interpolated linearly onto the input grid and thresholded at 0.5, and each voxel inside takes the
+    id of the nearest model-grid component. Only the box around the components is resampled.
+
+    Args:
+        components: int16 (z, y, x) component ids on the model grid.
+        bone_probability: float32 (z, y, x) vertebra probability on the model grid.
+        grid: the model grid.
+        image: the input image.
+
+    Returns:
+        int16 (z, y, x) component ids on the input grid.
+    """
+    out = np.zeros(image.GetSize()[::-1], dtype=np.int16)
+    present = np.argwhere(components > 0)
+    if present.size == 0:
+        return out
+    grid_geometry, input_geometry = Geometry.of(grid), Geometry.of(image)
+    lo_zyx, hi_zyx = present.min(axis=0) - 1, present.max(axis=0) + 1
+    corners = np.array([[x, y, z] for z in (lo_zyx[0], hi_zyx[0]) for y in (lo_zyx[1], hi_zyx[1]) for x in (lo_zyx[2], hi_zyx[2])], float)
+    ijk = input_geometry.lps_to_index(grid_geometry.index_to_lps(corners))
+    lo = np.clip(np.floor(ijk.min(axis=0)).astype(int) - 1, 0, np.array(image.GetSize()) - 1)
+    hi = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 2, 1, np.array(image.GetSize()))
+    reference = sitk.Image([int(v) for v in hi - lo], sitk.sitkUInt8)
+    reference.SetSpacing(image.GetSpacing())
+    reference.SetDirection(image.GetDirection())
+    reference.SetOrigin(tuple(float(v) for v in input_geometry.index_to_lps(lo.astype(float))))
+    comp_image = sitk.GetImageFromArray(components.astype(np.int16))
+    comp_image.CopyInformation(grid)
+    prob_image = sitk.GetImageFromArray(bone_probability.astype(np.float32))
+    prob_image.CopyInformation(grid)
+    ids = sitk.GetArrayFromImage(resample_to_grid(comp_image, reference, label=True))
+    prob = sitk.GetArrayFromImage(resample_to_grid(prob_image, reference))
+    ids[prob < 0.5] = 0
+    out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]] = ids
+    return out
 
 
 def _empty(geometry, warnings, loaded, timings, source, modality, t0) -> SpineLabeling:

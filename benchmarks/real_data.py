@@ -1,0 +1,119 @@
+"""Train the default model and measure it on the real scans in ``../shared/data``.
+
+The real scans are split once, here: the cases in ``HOLDOUT`` never enter training and are the development test
+set, scored with ``spinelabel evaluate``. (The data's owners hold back more cases of every source for an independent
+score.)
+
+Usage (from the repository root):
+    python benchmarks/real_data.py train --out SpineLabel/SpineLabelLib/weights/spinelabel-default.json [--epochs N ...]
+    python benchmarks/real_data.py evaluate [--model CARD.json] [--workdir DIR]
+
+``evaluate`` labels every held-out scan with ``spinelabel label``, then writes ``evaluation.json`` and
+``evaluation.md`` (MR and CT separately) into the work folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Development test cases, never trained on: the last quarter (by name) of each MRI source, and every CT.
+HOLDOUT_MRI = ["VB1_07_AKs7_img", "VB1_08_AKs8_img", "VB2_19_img", "VB2_23_img",
+               "VB3_43_img", "VB3_46_img", "VB3_49_img", "VB3_52_img"]
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
+        os.symlink(src.resolve(), dst)
+
+
+def build_test_set(root: Path) -> tuple[dict[str, list[Path]], Path]:
+    """Images to label per modality, and a ground-truth folder in layouts ``spinelabel evaluate`` reads."""
+    gt = root / "gt"
+    images: dict[str, list[Path]] = {"MR": [], "CT": []}
+    bodies = gt / "mri_lumbar_bodies"
+    for name in HOLDOUT_MRI:
+        stem = name[: -len("_img")]
+        _link(DATA / "mri_lumbar_bodies" / f"{stem}_vert-verse.nii.gz", bodies / f"{stem}_vert-verse.nii.gz")
+        _link(DATA / "mri_lumbar_bodies" / f"{stem}_ctd.json", bodies / f"{stem}_ctd.json")
+        images["MR"].append(DATA / "mri_lumbar_bodies" / f"{name}.nii.gz")
+    # VerSe lumbar CT, whole vertebrae + body centroids
+    _link(DATA / "ct_verse" / "sub-verse014_seg-vert_msk.nii.gz", gt / "ct" / "sub-verse014_seg-vert_msk.nii.gz")
+    _link(DATA / "ct_verse" / "sub-verse014_seg-vb_ctd.json", gt / "ct" / "sub-verse014_seg-vb_ctd.json")
+    images["CT"].append(DATA / "ct_verse" / "sub-verse014_ct.nii.gz")
+    # small real crops (TPTBox): CT L2-L4 and T2 MRI C5-C7
+    crops = root / "images"
+    for src_image, src_mask, name, group in (
+        ("sub-ct_label-22_ct.nii.gz", "sub-ct_seg-vert_label-22_msk.nii.gz", "tptbox-ct_ct", "CT"),
+        ("sub-mri_label-6_T2w.nii.gz", "sub-mri_seg-vert_label-6_msk.nii.gz", "tptbox-mri_T2w", "MR"),
+    ):
+        _link(DATA / "crops_tptbox" / src_image, crops / f"{name}.nii.gz")
+        _link(DATA / "crops_tptbox" / src_mask, gt / "crops" / f"{name.rsplit('_', 1)[0]}_seg-vert_msk.nii.gz")
+        images[group].append(crops / f"{name}.nii.gz")
+    # abdominal CT with TotalSegmentator's vertebra labels (ids 27..50 = L5..C1, 25/26 = sacrum/S1) mapped to VerSe
+    ts = sitk.ReadImage(str(DATA / "ct_mr_totalsegmentator" / "example_seg.nii.gz"))
+    ids = sitk.GetArrayFromImage(ts)
+    verse = np.where((ids >= 27) & (ids <= 50), 51 - ids.astype(np.int16), 0)
+    verse[(ids == 25) | (ids == 26)] = 26
+    out = sitk.GetImageFromArray(verse.astype(np.uint8))
+    out.CopyInformation(ts)
+    (gt / "ct").mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(out, str(gt / "ct" / "example_ct_sm_seg-vert_msk.nii.gz"))
+    images["CT"].append(DATA / "ct_mr_totalsegmentator" / "example_ct_sm.nii.gz")
+    return images, gt
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from SpineLabelLib.evaluation import evaluate_folders, summary_markdown
+    from SpineLabelLib.io import case_name
+
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="spinelabel-eval-"))
+    images, gt = build_test_set(root)
+    pred = root / "pred"
+    all_images = [p for group in images.values() for p in group]
+    cmd = [sys.executable, "-m", "SpineLabelLib.cli", "label", *map(str, all_images), "-o", str(pred), "--quiet"]
+    if args.model:
+        cmd += ["--model", str(args.model)]
+    subprocess.run(cmd, check=False)
+    groups = {case_name(p): group for group, paths in images.items() for p in paths}
+    summary = evaluate_folders(pred, gt, out_json=root / "evaluation.json", out_md=root / "evaluation.md", groups=groups)
+    print(summary_markdown(summary))
+    print(f"\nwritten: {root / 'evaluation.json'}, {root / 'evaluation.md'}")
+    return 0
+
+
+def train(args: argparse.Namespace, extra: list[str]) -> int:
+    cmd = [sys.executable, "-m", "SpineLabelLib.cli", "train", "--out", str(args.out),
+           "--data", "synthetic:0.6", "--data", f"{DATA / 'mri_lumbar_bodies'}:0.3", "--data", "phantom:0.1",
+           "--data-dir", str(DATA), "--exclude", *HOLDOUT_MRI, *extra]
+    print(" ".join(cmd))
+    return subprocess.run(cmd).returncode
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train on synthetic + real data minus the held-out cases (extra args go to spinelabel train)")
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("evaluate", help="label the held-out real scans and score them")
+    p.add_argument("--model", type=Path)
+    p.add_argument("--workdir", type=Path)
+    args, extra = parser.parse_known_args()
+    if not DATA.is_dir():
+        print(f"{DATA}: real data folder not found", file=sys.stderr)
+        return 2
+    return train(args, extra) if args.command == "train" else evaluate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
