@@ -281,6 +281,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cancelProcess(self) -> None:
         if self._process is not None:
             self._process.cancel()
+            self.logic.discardLabelling(self._outputDir)
         if self._timer is not None:
             self._stopPolling()
 
@@ -425,8 +426,14 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         from SpineLabelLogic.worker import loadResult
 
         result = loadResult(outputDirectory)
-        shutil.rmtree(Path(outputDirectory).parent, ignore_errors=True)
+        self.discardLabelling(outputDirectory)
         return LabelingScene(volumeNode, result)
+
+    @staticmethod
+    def discardLabelling(outputDirectory) -> None:
+        """Remove the temporary folder of a labelling run (input copy and worker output)."""
+        if outputDirectory:
+            shutil.rmtree(Path(outputDirectory).parent, ignore_errors=True)
 
     def label(self, volumeNode, modelPath=None, device="auto", progress=None):
         """Label a volume in this process (batch mode, tests) and show the result.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from conftest import build_spine
 from SpineLabelLib import edits
@@ -127,3 +128,7 @@ def test_add_vertebra_with_name_fixes_it_and_refuses_occupied_points():
     assert_consistent(out)
     with pytest.raises(ValueError, match="inside vertebra"):
         edits.add_vertebra(case.result, case.image, case.result.vertebrae[0].centroid_lps_mm)
+    shifted = sitk.Image(case.image)
+    shifted.SetOrigin((0.0, 0.0, 3.0))
+    with pytest.raises(ValueError, match="grid"):
+        edits.add_vertebra(case.result, shifted, body_centre(case, "T10"))

@@ -65,6 +65,8 @@ def test_export_never_overwrites_and_checks_inputs(tmp_path, spine):
     assert (tmp_path / "labelsTr" / "case-A.nii.gz").read_bytes() == before
     with pytest.raises(ValueError, match="case id"):
         export.export_case(spine.result, spine.image, tmp_path, case_id="../escape")
+    with pytest.raises(ValueError, match="modality"):
+        export.export_case(spine.result.copy(modality=""), spine.image, tmp_path)
     mr = spine.result.copy(modality="MR")
     with pytest.raises(ValueError, match="CT images"):
         export.export_case(mr, spine.image, tmp_path)

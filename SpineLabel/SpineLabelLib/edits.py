@@ -30,6 +30,7 @@ __all__ = [
     "delete",
     "add_vertebra",
     "component_at",
+    "check_image_grid",
 ]
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,14 @@ def component_at(result: SpineLabeling, point_lps: tuple[float, float, float]) -
     if np.any(zyx < 0) or np.any(zyx >= np.asarray(result.components.shape)):
         return 0
     return int(result.components[tuple(zyx)])
+
+
+def check_image_grid(result: SpineLabeling, image: sitk.Image) -> None:
+    """Raise ``ValueError`` unless ``image`` lies on the labelling's grid (size, spacing, origin, direction)."""
+    g, h = Geometry.of(image), result.geometry
+    if (g.size != h.size or not np.allclose(g.spacing, h.spacing, rtol=1e-5)
+            or not np.allclose(g.origin, h.origin, atol=1e-3) or not np.allclose(g.direction, h.direction, atol=1e-5)):
+        raise ValueError(f"image grid {g.as_dict()} differs from the labelling's {h.as_dict()}")
 
 
 def rename(result: SpineLabeling, vertebra_id: int, name: str, lock: bool = True) -> SpineLabeling:
@@ -257,10 +266,7 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
             vertebra, or the fixed labels contradict each other.
         KeyError: unknown level name.
     """
-    if Geometry.of(image).size != result.geometry.size or not np.allclose(
-        Geometry.of(image).origin, result.geometry.origin, atol=1e-3
-    ):
-        raise ValueError("the image is not on the labelling's grid")
+    check_image_grid(result, image)
     ijk = np.rint(result.geometry.lps_to_index(np.asarray(point_lps, dtype=float))).astype(int)
     if np.any(ijk < 0) or np.any(ijk >= np.asarray(result.geometry.size)):
         raise ValueError(f"point {tuple(point_lps)} (LPS mm) is outside the image")

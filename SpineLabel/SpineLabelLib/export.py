@@ -32,8 +32,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__, writers
+from .edits import check_image_grid
 from .io import atomic_path
-from .result import Geometry, SpineLabeling
+from .result import SpineLabeling
 from .vertebrae import LEVELS
 
 __all__ = ["CASE_PREFIX", "VERSE_COCCYX_LABEL", "dataset_labels", "next_case_id", "export_case", "read_dataset_json"]
@@ -91,17 +92,10 @@ def _write_json(document, path: Path) -> None:
 
 
 def _modality(result: SpineLabeling) -> str:
-    modality = (result.modality or "CT").upper()
+    modality = result.modality.upper()
     if modality not in ("CT", "MR"):
-        raise ValueError(f"modality {result.modality!r}: expected CT or MR")
+        raise ValueError(f"modality {result.modality!r}: expected CT or MR (set SpineLabeling.modality)")
     return modality
-
-
-def _check_same_grid(result: SpineLabeling, image: sitk.Image) -> None:
-    g, h = Geometry.of(image), result.geometry
-    if (g.size != h.size or not np.allclose(g.spacing, h.spacing, rtol=1e-5)
-            or not np.allclose(g.origin, h.origin, atol=1e-3) or not np.allclose(g.direction, h.direction, atol=1e-5)):
-        raise ValueError(f"image grid {g.as_dict()} differs from the labelling's {h.as_dict()}")
 
 
 def export_case(
@@ -132,7 +126,7 @@ def export_case(
             dataset's.
     """
     dataset_dir = Path(dataset_dir)
-    _check_same_grid(result, image)
+    check_image_grid(result, image)
     modality = _modality(result)
     dataset = read_dataset_json(dataset_dir)
     if dataset is not None and dataset.get("channel_names", {}).get("0") != modality:
