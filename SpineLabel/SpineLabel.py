@@ -378,9 +378,12 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------------------------------- models
 
-    @staticmethod
-    def availableModels() -> list:
-        """Cards of the registered fine-tuned models (the default model is listed separately by the widget)."""
+    @classmethod
+    def availableModels(cls) -> list:
+        """Cards of the registered fine-tuned models (the default model is listed separately by the widget);
+        empty while the dependencies are missing (the model registry needs torch)."""
+        if cls.missingPackages():
+            return []
         from SpineLabelLib.models import default_model_path, list_models
 
         default = str(default_model_path())

@@ -236,15 +236,28 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
         return SpineLabelTrainingParameterNode(super().getParameterNode())
 
     @staticmethod
-    def availableModels() -> list:
-        """Cards of the shipped model (first) and of every registered model."""
+    def missingPackages() -> list:
+        """Python packages SpineLabel still needs (installed from the SpineLabel module)."""
+        from SpineLabel import SpineLabelLogic
+
+        return SpineLabelLogic.missingPackages()
+
+    @classmethod
+    def availableModels(cls) -> list:
+        """Cards of the shipped model (first) and of every registered model; empty while dependencies are missing."""
+        if cls.missingPackages():
+            return []
         from SpineLabelLib.models import list_models
 
         return list_models()
 
-    @staticmethod
-    def datasetSummary(directory) -> str:
+    @classmethod
+    def datasetSummary(cls, directory) -> str:
         """One line describing the dataset folder (number of cases, modality) or what is wrong with it."""
+        missing = cls.missingPackages()
+        if missing:
+            return _("Install the dependencies in the SpineLabel module first ({packages}).").format(
+                packages=", ".join(missing))
         from SpineLabelLib.export import read_dataset_json
 
         if not directory or not Path(directory).is_dir():
@@ -278,8 +291,13 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
             reports (``parseTrainingLine``), and the model card it will write.
 
         Raises:
+            RuntimeError: Python packages are missing.
             ValueError: no dataset.json in the folder, or a model of that name is registered already.
         """
+        missing = self.missingPackages()
+        if missing:
+            raise RuntimeError(_("Install the dependencies in the SpineLabel module first ({packages}).").format(
+                packages=", ".join(missing)))
         from SpineLabelLib.export import read_dataset_json
         from SpineLabelLib.models import default_model_path, user_models_dir
         from SpineLabelLogic.process import BackgroundProcess, parseTrainingLine, pythonPathEnvironment, trainCommand
