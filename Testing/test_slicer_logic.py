@@ -113,16 +113,20 @@ def test_scene_from_labelling(labeled, mrml, tmp_path):
 
 
 def test_rename_from_point_label_renumbers_both_nodes(labeled):
-    events = []
-    node = labeled.markupsNode
+    events, segment_events = [], []
+    node, segmentation_node = labeled.markupsNode, labeled.segmentationNode
     tag = node.AddObserver(slicer.vtkMRMLMarkupsNode.PointModifiedEvent, lambda caller, event: events.append(event))
+    segment_tag = segmentation_node.AddObserver(slicer.vtkSegmentation.SegmentModified,
+                                                lambda caller, event: segment_events.append(event))
     node.SetNthControlPointLabel(point_index(labeled, "T11"), "T12")
     node.RemoveObserver(tag)
+    segmentation_node.RemoveObserver(segment_tag)
     assert [v.name for v in labeled.result.vertebrae] == ["T12", "L1", "L2", "L3", "L4", "L5"]
     assert labeled.result.vertebrae[0].fixed and labeled.lastError == ""
     assert labeled.corrections[-1]["action"] == "rename"
     assert_nodes_match(labeled)
-    assert len(events) <= 2  # the user's edit and one batched rewrite of six points, not one per point
+    # the user's edit and one batched rewrite of six points and six segments, not one event per point or segment
+    assert len(events) <= 2 and len(segment_events) == 1
 
 
 def test_lock_from_point_keeps_name(labeled):
