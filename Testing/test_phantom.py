@@ -15,7 +15,7 @@ from SpineLabelLib.phantom import FOVS, TISSUE_NAMES, make_phantom  # noqa: E402
 from SpineLabelLib.vertebrae import BY_LABEL, BY_NAME  # noqa: E402
 
 SMALL = dict(size=(64, 64, 96), spacing=(2.5, 2.5, 2.5))
-STANDARD = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"] + [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)] + ["S1"]
+STANDARD = [f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)] + ["S1"]
 EXPECTED = {
     "whole": STANDARD,
     "cervical": STANDARD[: STANDARD.index("T2") + 1],

@@ -183,6 +183,7 @@ class _Anatomy:
 
 
 def _interp_table(pos: float | np.ndarray, anchors, table: dict) -> dict:
+    """Every column of ``table`` linearly interpolated at profile position(s) ``pos`` (clamped at the ends)."""
     return {key: np.interp(pos, anchors, values) for key, values in table.items()}
 
 
@@ -195,6 +196,7 @@ def _profile_position(name: str) -> float:
 
 
 def _check_levels(levels) -> tuple[str, ...]:
+    """Canonical level names from ``levels`` (default C1..L5 + S1); KeyError if unknown, ValueError if unordered."""
     if levels is None:
         return _STANDARD
     names = tuple(LEVELS[level_index(n)].name for n in levels)
@@ -247,7 +249,7 @@ def _build_anatomy(names: tuple[str, ...], rng: np.random.Generator) -> _Anatomy
         elif name == "S1":
             for piece, (h, wd, dp, ala, cw, cd) in enumerate(_SACRAL):
                 dims = {"height": k * h, "width": k * wd, "depth": k * dp, "ala": k * ala, "canal_w": k * cw,
-                        "canal_d": k * cd}
+                        "canal_d": k * cd, "first": float(piece == 0)}
                 elements.append(_Element(name, level.label, "sacral", level.region, pos + piece / 2,
                                          cursor + k * h / 2, k * h / 2, dims))
                 cursor += k * h
@@ -416,14 +418,17 @@ def _atlas_depth(u, v, w, d):
     return np.maximum(np.maximum(ring, lateral_mass), transverse)
 
 
-def _atlas_box(d):
+def _atlas_box(d) -> tuple[np.ndarray, np.ndarray]:
+    """Local (u, v, w) bounding box (mm) of ``_atlas_depth``."""
     k = d["width"] / 15
     return (np.array([-d["canal_w"] - 31 * k, -d["depth"] / 2 - 6 * k, -8 * k]),
             np.array([d["canal_w"] + 31 * k, d["depth"] / 2 + 2 * d["canal_d"] + 8 * k, 8 * k]))
 
 
-def _sacral_depth(u, v, w, d, first: bool):
-    """Depth (mm) of one fused sacral segment: body, alae, posterior wall around the sacral canal, median crest."""
+def _sacral_depth(u, v, w, d):
+    """Depth (mm) of one fused sacral segment: body, alae, posterior wall around the sacral canal, median crest,
+    and on S1 the superior articular processes. Coordinates as for ``_vertebra_depths``.
+    """
     w2, d2, h2 = d["width"] / 2, d["depth"] / 2, d["height"] / 2 + 0.6  # overlap fuses the segments
     cw, cd = d["canal_w"], d["canal_d"]
     au = np.abs(u)
@@ -436,16 +441,29 @@ def _sacral_depth(u, v, w, d, first: bool):
     wall = np.minimum(np.minimum(wall, v - d2 + 1), h2 - np.abs(w))
     crest = _box_depth((au, v, w), (0, vc + cd + 9, 0), (3, 3.5, 0.8 * h2))
     depth = np.maximum(depth, np.maximum(wall, crest))
-    if first:
+    if d["first"]:
         depth = np.maximum(depth, _box_depth((au, v, w), (cw + 4, vc, h2 + 4), (3, 3.5, 5)))
     return depth
 
 
-def _sacral_box(d, first: bool):
+def _sacral_box(d) -> tuple[np.ndarray, np.ndarray]:
+    """Local (u, v, w) bounding box (mm) of ``_sacral_depth``."""
     d2, h2 = d["depth"] / 2, d["height"] / 2 + 0.6
     u_max = max(d["ala"], d["width"] / 2, d["canal_w"] + 7) + 1
     return (np.array([-u_max, -d2 - 1, -h2 - 1]),
-            np.array([u_max, d2 + 2 * d["canal_d"] + 14, h2 + (10 if first else 1)]))
+            np.array([u_max, d2 + 2 * d["canal_d"] + 14, h2 + (10 if d["first"] else 1)]))
+
+
+def _element_box(el: _Element) -> tuple[np.ndarray, np.ndarray]:
+    """Local (u, v, w) bounding box (mm) of a spine element."""
+    box = {"atlas": _atlas_box, "sacral": _sacral_box, "vertebra": _vertebra_box}[el.kind]
+    return box(el.dims)
+
+
+def _box_corners(centre: np.ndarray, frame: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """LPS positions (8, 3) in mm of the corners of the local box [lo, hi] of a frame (columns u, v, w)."""
+    corners = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1).T
+    return centre + corners @ frame.T
 
 
 def _ilium_depth(u, v, w, k, top, bottom):
@@ -502,8 +520,7 @@ class _Volumes:
             None when the box misses the grid, else (slices in (z, y, x) order, [u, v, w]) with u, v, w float32
             arrays of the box's (z, y, x) shape.
         """
-        corners = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1).T
-        world = centre + corners @ frame.T
+        world = _box_corners(centre, frame, lo, hi)
         g = self.grid
         i0 = np.maximum(np.ceil((world.min(0) - g.origin) / g.spacing), 0).astype(int)
         i1 = np.minimum(np.floor((world.max(0) - g.origin) / g.spacing), np.array(g.size) - 1).astype(int)
@@ -613,7 +630,10 @@ def _paint_canal(vol: _Volumes, anat: _Anatomy) -> None:
     k0, k1 = ks[0], ks[-1] + 1
     if i1 <= i0 or j1 <= j0:
         return
-    col = lambda a: a[k0:k1, None, None].astype(np.float32)  # noqa: E731
+    def col(a: np.ndarray) -> np.ndarray:
+        """Per-slice values (nz,) of the canal's slab as a float32 (z, 1, 1) column."""
+        return a[k0:k1, None, None].astype(np.float32)
+
     dx = g.axis(0, i0, i1)[None, None, :] - col(cx)
     dy = g.axis(1, j0, j1)[None, :, None] - col(cy)
     canal = _ellipse_depth(dx, dy, col(rx), col(ry))
@@ -659,27 +679,19 @@ def _project(u, v, frame, axis, offset):
 
 def _paint_vertebrae(vol: _Volumes, anat: _Anatomy) -> None:
     """Every vertebra, C1 and sacral segment in its bounding box, then the iliac wings (unlabelled)."""
-    first_sacral = True
     for el in anat.elements:
-        if el.kind == "atlas":
-            lo, hi = _atlas_box(el.dims)
-        elif el.kind == "sacral":
-            lo, hi = _sacral_box(el.dims, first_sacral)
-        else:
-            lo, hi = _vertebra_box(el.dims)
-        box = vol.local_box(el.centre, el.frame, lo, hi)
+        box = vol.local_box(el.centre, el.frame, *_element_box(el))
         if box is not None:
             slices, (u, v, w) = box
             if el.kind == "atlas":
                 vol.paint_bone(slices, _atlas_depth(u, v, w, el.dims), el.label, _BODY)
             elif el.kind == "sacral":
-                vol.paint_bone(slices, _sacral_depth(u, v, w, el.dims, first_sacral), el.label, _BODY)
+                vol.paint_bone(slices, _sacral_depth(u, v, w, el.dims), el.label, _BODY)
             else:
                 body, posterior = _vertebra_depths(u, v, w, el.dims)
                 tissue = np.where(body >= posterior, _BODY, _POSTERIOR).astype(np.uint8)
                 vol.paint_bone(slices, np.maximum(body, posterior), el.label, tissue)
-        if el.kind == "sacral" and first_sacral:
-            first_sacral = False
+        if el.kind == "sacral" and el.dims["first"]:
             k = el.dims["width"] / 48
             top, bottom = el.half_height + 45 * k, -el.half_height - 65 * k
             box = vol.local_box(el.centre, el.frame, np.array([-135 * k, -60 * k, bottom]),
@@ -808,20 +820,13 @@ def _default_grid(fov: str, anat: _Anatomy, names: tuple[str, ...], size, spacin
         raise ValueError(f"spacing must be three positive numbers (x, y, z mm), got {spacing.tolist()}")
     wanted = set(_fov_levels(fov, names))
     z_lo, z_hi = np.inf, -np.inf
-    first_sacral = True
     for el in anat.elements:
         if el.name not in wanted:
             continue
-        if el.kind == "atlas":
-            lo, hi = _atlas_box(el.dims)
-        elif el.kind == "sacral":
-            lo, hi = _sacral_box(el.dims, first_sacral)
-            first_sacral = False
-        else:
-            lo, hi = _vertebra_box(el.dims)
+        lo, hi = _element_box(el)
+        if el.kind == "vertebra":
             lo[2] = max(lo[2], -el.half_height - 12)  # long spinous processes may reach below the field
-        corners = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1).T
-        z = el.centre[2] + corners @ el.frame[2]
+        z = _box_corners(el.centre, el.frame, lo, hi)[:, 2]
         z_lo, z_hi = min(z_lo, z.min()), max(z_hi, z.max())
     z_lo, z_hi = z_lo - 5, z_hi + 5
     if size is None:
@@ -855,8 +860,9 @@ def make_phantom(modality: str = "ct", fov: str = "whole", size=None, spacing=No
         size: (x, y, z) voxel counts; default from ``fov`` (z covers its levels).
         spacing: (x, y, z) voxel size in mm; default from ``fov``.
         seed: the anatomy (curvature, sizes, fat) and the noise are deterministic per seed.
-        levels: level names, cranio-caudal, replacing C1..L5 + S1 (e.g. with ``"T13"`` or ``"L6"``, or without
-            T12 for an 11-thoracic spine); ``"S1"`` stands for the whole sacrum.
+        levels: level names (or VerSe label values), cranio-caudal, replacing C1..L5 + S1 (e.g. with ``"T13"``
+            or ``"L6"``, or without T12 for an 11-thoracic spine); ``"S1"`` stands for the whole sacrum. The
+            levels are stacked as given.
 
     Returns:
         A ``Phantom`` whose three images share one axis-aligned LPS grid (see the module docstring).
