@@ -425,10 +425,11 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         Returns:
             ``SpineLabelLogic.scene.LabelingScene``.
         """
-        from SpineLabelLogic.scene import LabelingScene
+        from SpineLabelLogic.scene import LabelingScene, volumeSource
         from SpineLabelLogic.worker import loadResult
 
         result = loadResult(outputDirectory)
+        result.source = volumeSource(volumeNode)
         self.discardLabelling(outputDirectory)
         return LabelingScene(volumeNode, result)
 
@@ -445,11 +446,11 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
             ``SpineLabelLogic.scene.LabelingScene``.
         """
         from SpineLabelLib.pipeline import label_spine
-        from SpineLabelLogic.scene import LabelingScene, imageFromVolumeNode
+        from SpineLabelLogic.scene import LabelingScene, imageFromVolumeNode, volumeSource
 
         image = imageFromVolumeNode(volumeNode)
         result = label_spine(image, model=modelPath, device=device, progress=progress)
-        result.source = volumeNode.GetName()
+        result.source = volumeSource(volumeNode)
         return LabelingScene(volumeNode, result, image=image)
 
     def exportCase(self, labeling, datasetDirectory, caseId=None):

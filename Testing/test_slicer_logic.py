@@ -28,6 +28,7 @@ from SpineLabelLogic.scene import (  # noqa: E402
     addVolumeNodeFromImage,
     imageFromVolumeNode,
     segmentIdOf,
+    volumeSource,
 )
 from SpineLabelLogic.worker import loadResult, saveResult  # noqa: E402
 
@@ -83,7 +84,13 @@ def test_volume_round_trip_keeps_geometry(mrml):
     image.SetSpacing((0.5, 0.7, 2.0))
     image.SetOrigin((10.0, -20.0, 30.0))
     image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
-    back = imageFromVolumeNode(addVolumeNodeFromImage(mrml.scene, image, "v"))
+    volume = addVolumeNodeFromImage(mrml.scene, image, "v")
+    assert volumeSource(volume) == "v"
+    storage = mrml.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(Path("/data") / "ct.nrrd"))
+    volume.SetAndObserveStorageNodeID(storage.GetID())
+    assert volumeSource(volume) == str(Path("/data") / "ct.nrrd")
+    back = imageFromVolumeNode(volume)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
     np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing())
     np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin())
