@@ -99,6 +99,7 @@ def test_volume_round_trip_keeps_geometry(mrml):
 
 def test_scene_from_labelling(labeled, mrml, tmp_path):
     assert_nodes_match(labeled)
+    assert layer_voxels(labeled).dtype == np.uint8  # one byte per voxel for all vertebrae together
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.scene)
     volume_item = sh.GetItemByDataNode(labeled.volumeNode)
     for node in (labeled.segmentationNode, labeled.markupsNode):

@@ -128,13 +128,14 @@ def volumeSource(volumeNode) -> str:
 
 
 def _orientedImage(geometry: Geometry, labels: np.ndarray | None) -> "slicer.vtkOrientedImageData":
-    """Oriented image on ``geometry``; ``labels`` (z, y, x) become its int16 voxels, None gives geometry only."""
+    """Oriented image on ``geometry``; ``labels`` (integer array (z, y, x)) become its voxels with the same
+    type (uint8 for a VerSe label map), None gives an image with geometry only."""
     image = slicer.vtkOrientedImageData()
     image.SetExtent(0, geometry.size[0] - 1, 0, geometry.size[1] - 1, 0, geometry.size[2] - 1)
     image.SetImageToWorldMatrix(ijkToRasMatrix(geometry))
     if labels is not None:
-        image.AllocateScalars(vtk.VTK_SHORT, 1)
-        numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = labels.astype(np.int16).ravel()
+        image.AllocateScalars(numpy_support.get_vtk_array_type(labels.dtype), 1)
+        numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = labels.ravel()
     return image
 
 
