@@ -28,7 +28,6 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 from . import __version__, writers
