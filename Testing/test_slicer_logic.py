@@ -213,7 +213,7 @@ def test_segment_editor_edits_are_read_back_and_exported(labeled, tmp_path):
     labeled.segmentationNode.GetSegmentation().RemoveSegment(segmentIdOf(l3.id))
 
     path = labeled.exportCase(tmp_path / "Dataset001_Spine")
-    assert labeled.corrections[-1]["action"] == "segment_edit"
+    assert labeled.corrections[-1] == {"action": "segment_edit", "vertebra_ids": sorted([l1.id, l3.id])}
     assert l3.id not in {v.id for v in labeled.result.vertebrae}
     assert labeled.result.by_id(l1.id).volume_ml < l1.volume_ml
     exported = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))

@@ -200,14 +200,6 @@ class LabelingScene(VTKObservationMixin):
         """Stop observing the markups node (the nodes stay in the scene)."""
         self.removeObservers()
 
-    def removeNodes(self) -> None:
-        """Stop observing and remove both nodes from the scene."""
-        self.cleanup()
-        scene = self.volumeNode.GetScene()
-        for node in (self.markupsNode, self.segmentationNode):
-            if node is not None and node.GetScene() is scene:
-                scene.RemoveNode(node)
-
     def rename(self, vertebraId: int, name: str, lock: bool = True) -> None:
         """Rename a vertebra (see :func:`SpineLabelLib.edits.rename`) and update both nodes."""
         old = self.result.by_id(vertebraId).name
@@ -280,8 +272,9 @@ class LabelingScene(VTKObservationMixin):
                                f"{self.result.components.shape}")
         if np.array_equal(components, self.result.components):
             return False
-        changed = sorted(int(i) for i in np.unique(components[components != self.result.components]) if i) + sorted(
-            int(i) for i in np.unique(self.result.components[components != self.result.components]) if i)
+        differs = components != self.result.components
+        changed = sorted(({int(i) for i in np.unique(components[differs])}
+                          | {int(i) for i in np.unique(self.result.components[differs])}) - {0})
         updated = self.result.copy(components=components)
         voxelMl = float(np.prod(geometry.spacing)) / 1000.0
         counts = np.bincount(components.ravel().astype(np.int64), minlength=max(known, default=0) + 1)
@@ -289,7 +282,7 @@ class LabelingScene(VTKObservationMixin):
             v.volume_ml = round(float(counts[v.id]) * voxelMl, 3)
         for vertebraId in sorted(v.id for v in updated.vertebrae if counts[v.id] == 0):
             updated = edits.delete(updated, vertebraId)
-        self._set(updated, {"action": "segment_edit", "vertebra_ids": sorted(set(changed))}, voxels=False)
+        self._set(updated, {"action": "segment_edit", "vertebra_ids": changed}, voxels=False)
         return True
 
     def exportCase(self, datasetDir, caseId: str | None = None):
