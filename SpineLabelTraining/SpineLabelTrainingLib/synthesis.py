@@ -71,7 +71,7 @@ class TrainingCase:
 
 # Image classes of the synthetic label map (never returned; they drive the appearance).
 (AIR, FAT, MUSCLE, SKIN, LUNG, ORGAN_A, ORGAN_B, ORGAN_C, GAS, VESSEL, CSF, CORD, RIB, MARROW, POST, CORTEX, ANNULUS,
- NUCLEUS, NUCLEUS_DARK, SACRUM, PELVIS, INTERIOR) = range(22)
+ NUCLEUS, NUCLEUS_DARK, SACRUM, OTHER_BONE, INTERIOR) = range(22)
 _N_CLASSES = 22
 
 # (mean, within-class std) per class and preset. CT in Hounsfield units, MR in arbitrary units (0..1000).
@@ -115,8 +115,8 @@ _DISC_MM = {2: 4.5, 3: 5.0, 4: 5.0, 5: 5.5, 6: 5.5, 7: 5.0, 8: 4.0, 9: 4.0, 10: 
 _RIB = {8: (55, 150), 9: (75, 155), 10: (90, 160), 11: (100, 160), 12: (108, 160), 13: (115, 160), 14: (120, 155),
         15: (125, 150), 16: (128, 140), 17: (130, 130), 18: (130, 100), 19: (128, 65), 28: (125, 45)}
 # Body outline along the spine: (level, half-width, half-depth, distance from body centre to the posterior skin), mm.
-_OUTLINE = ((1, 75, 90, 85), (4, 60, 60, 65), (8, 150, 90, 70), (13, 150, 110, 60), (19, 145, 110, 65),
-            (22, 140, 105, 75), (26, 165, 110, 90))
+_OUTLINE = ((1, 75, 90, 85), (3, 60, 60, 65), (6, 65, 62, 66), (8, 120, 80, 68), (10, 150, 100, 64),
+            (13, 150, 110, 60), (18, 145, 110, 65), (22, 140, 105, 75), (26, 165, 110, 90))
 
 
 @dataclass
@@ -276,6 +276,9 @@ class _Subject:
         disc_gain = rng.uniform(0.75, 1.25)
         picks = [_pick_shape(rng, library, lv) for lv in labels]
         scales = [f * scale * (1.0 + rng.normal(0.0, 0.04, 3)) for _, f in picks]
+        for i, lv in enumerate(labels):  # compression fractures: lower body height, mostly thoraco-lumbar
+            if 11 <= lv <= 25 and rng.random() < 0.03:
+                scales[i][0] *= rng.uniform(0.55, 0.85)
         # Arc positions, caudal to cranial; C1 sits on C2 by a measured offset instead of a disc.
         s_pos = [0.0]
         discs = []  # (label below which the disc lies, height mm, dark nucleus)
@@ -337,6 +340,7 @@ class _Subject:
             self.vertebrae.append(placed)
             by_label[lv] = placed
         self.by_label = by_label
+        self.lowest_thoracic = min((pl for pl in self.vertebrae if pl.label in _RIB), key=lambda pl: pl.s)
         # Discs: real disc shapes fitted between neighbouring bodies.
         self.discs: list[tuple[_Placed, bool]] = []
         for upper, height, dark in discs:
@@ -372,6 +376,12 @@ def _draw_body(rng: np.random.Generator, canvas: _Canvas, subject: _Subject) -> 
     girth = rng.uniform(0.85, 1.3) * subject.scale
     dims = [np.interp(s, knots, np.asarray([row[k] for row in _OUTLINE], float)[order]) for k in (1, 2, 3)]
     half_w, half_d, post = dims[0] * girth, dims[1] * girth, dims[2] * (0.5 + 0.5 * girth)
+    # The head: a skull above the atlas; the outline closes over its vault (8 mm of scalp).
+    head = subject.by_label[1].centre + np.array([45.0, -15.0, 0.0]) * girth
+    head_radii = np.array([75.0, 85.0, 68.0]) * girth
+    t = np.clip((z - head[0]) / (head_radii[0] + 8.0), 0.0, 1.0)
+    vault = np.sqrt(1.0 - t**2)
+    half_w, half_d = half_w * vault, half_d * vault
     fat = rng.uniform(4.0, 30.0) * girth
     yc, xc = spine[:, 0] + post - half_d, spine[:, 1] + rng.normal(0, 5)
     yy = canvas.axes[1][None, :, None] - yc[:, None, None]
@@ -381,7 +391,7 @@ def _draw_body(rng: np.random.Generator, canvas: _Canvas, subject: _Subject) -> 
                w: np.ndarray | None = None, d: np.ndarray | None = None) -> np.ndarray:
         w = half_w if w is None else w
         d = half_d if d is None else d
-        ww, dd = np.maximum(w - shrink, 1.0)[:, None, None], np.maximum(d - shrink, 1.0)[:, None, None]
+        ww, dd = np.maximum(w - shrink, 1e-3)[:, None, None], np.maximum(d - shrink, 1e-3)[:, None, None]
         return ((yy - cy) / dd) ** 2 + ((xx - cx) / ww) ** 2 <= 1.0
 
     cls = canvas.cls
@@ -390,9 +400,10 @@ def _draw_body(rng: np.random.Generator, canvas: _Canvas, subject: _Subject) -> 
     cls[inside(fat)] = MUSCLE
     cls[inside(fat + rng.uniform(8.0, 15.0))] = INTERIOR
     sy, sx = spine[:, 0][:, None, None] - yc[:, None, None], spine[:, 1][:, None, None] - xc[:, None, None]
-    thoracic = (s >= lv_s[19] - 15) & (s <= lv_s[8] + 25)
+    s_t12 = subject.lowest_thoracic.s
+    thoracic = (s >= s_t12 - 15) & (s <= lv_s[8] + 25)
     if thoracic.any():
-        dome = lv_s[19] + 15 + 45 * (1 - np.clip(np.abs(xx - sx) / np.maximum(half_w[:, None, None], 1), 0, 1) ** 2)
+        dome = s_t12 + 15 + 45 * (1 - np.clip(np.abs(xx - sx) / np.maximum(half_w[:, None, None], 1), 0, 1) ** 2)
         lung = inside(fat + 18.0) & (np.abs(xx - sx) > 22) & (s[:, None, None] >= dome) & thoracic[:, None, None]
         lung &= (yy < sy + 30)
         cls[lung] = LUNG
@@ -407,7 +418,7 @@ def _draw_body(rng: np.random.Generator, canvas: _Canvas, subject: _Subject) -> 
         cls[psoas & lumbar[:, None, None]] = MUSCLE
 
     def at(label: int, dy: float, dx: float, dz: float = 0.0) -> np.ndarray:
-        pl = subject.by_label.get(label, subject.by_label[S1_LABEL])
+        pl = subject.by_label.get(label, subject.lowest_thoracic)
         return pl.centre + np.array([dz, dy, dx])
 
     g = girth
@@ -423,35 +434,49 @@ def _draw_body(rng: np.random.Generator, canvas: _Canvas, subject: _Subject) -> 
     aorta = (subject.s_grid > lv_s[23]) & (subject.s_grid < lv_s[10])
     if aorta.any():
         canvas.tube(VESSEL, subject.points[aorta] + np.array([0, -20 * g, 14]), 11 * g)
+    # Skull (base and vault) with brain.
+    canvas.ellipsoid(ORGAN_A, head, head_radii, keep=lambda zz, yy_, xx_: zz > -35 * g)
+    canvas.ellipsoid(OTHER_BONE, head, head_radii, inner=0.88, keep=lambda zz, yy_, xx_: zz > -35 * g)
+    foramen = np.array([-45.0 * g, 15.0 * g + 16.0])  # foramen magnum above the canal, relative to the head centre
+    canvas.ellipsoid(OTHER_BONE, head, head_radii,
+                     keep=lambda zz, yy_, xx_: (zz > -35 * g) & (zz < -27 * g) & ((yy_ - foramen[1]) ** 2 + xx_**2 > 256))
     for side in (-1, 1):  # iliac wings: lateral halves of thick ellipsoidal shells beside the sacrum
         centre = at(S1_LABEL, -5, side * 70 * g, 15)
-        canvas.ellipsoid(PELVIS, centre, np.array([75, 60, 40]) * g, inner=0.85,
+        canvas.ellipsoid(OTHER_BONE, centre, np.array([75, 60, 40]) * g, inner=0.85,
                          keep=lambda zz, yy_, xx_, side=side: (xx_ * side > 0) & (zz > -60 * g))
 
 
 def _draw_ribs(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) -> None:
-    """Ribs from each thoracic vertebra around a thorax ellipse, sloping down anteriorly."""
+    """Ribs from each thoracic vertebra around a thorax ellipse, sloping down anteriorly, and a sternum joining the
+    anterior ends of the upper ribs."""
+    half_crop = canvas.spacing * canvas.shape[0] / 2
+    sternum = []
     for pl in subject.vertebrae:
         if pl.label not in _RIB:
             continue
         half_w, end_deg = _RIB[pl.label]
         half_w *= subject.scale * rng.uniform(0.85, 1.15)
         end = np.deg2rad(end_deg * rng.uniform(0.85, 1.1))
-        if abs(pl.centre[0] - canvas.origin[0] - canvas.spacing * canvas.shape[0] / 2) > canvas.spacing * canvas.shape[0] / 2 + 2.5 * half_w:
-            continue
         depth = 0.68 * half_w
         y_post = pl.shape.depth_mm * pl.scale[1] / 2 + 22.0
+        rot = pl.rot.copy()
+        if np.linalg.det(rot) < 0:  # undo the shape mirror: ribs follow the true left-right axis
+            rot[:, 2] *= -1
+        if 9 <= pl.label <= 15:
+            sternum.append(pl.centre + rot @ np.array([2.0 - 0.35 * half_w, y_post - 2 * depth + 8.0, 0.0]))
+        if abs(pl.centre[0] - canvas.origin[0] - half_crop) > half_crop + 2.5 * half_w:
+            continue
         theta = np.linspace(np.deg2rad(20), end, max(int((end * half_w) / (canvas.spacing / 2)), 8))
         drop = 0.35 * half_w * (theta / end) ** 1.2
         width = pl.shape.width_mm * pl.scale[2] / 2
         for side in (-1.0, 1.0):
             arc = np.stack([2.0 - drop, y_post - depth * (1 - np.cos(theta)), side * half_w * np.sin(theta)], axis=1)
             neck = np.linspace([4.0, 0.3 * pl.shape.depth_mm * pl.scale[1], side * (width + 2.0)], arc[0], 12)
-            local = np.concatenate([neck, arc])
-            rot = pl.rot.copy()
-            if np.linalg.det(rot) < 0:  # undo the shape mirror: ribs follow the true left-right axis
-                rot[:, 2] *= -1
-            canvas.tube(RIB, pl.centre + local @ rot.T, 4.0 * subject.scale)
+            canvas.tube(RIB, pl.centre + np.concatenate([neck, arc]) @ rot.T, 4.0 * subject.scale)
+    if len(sternum) >= 2:
+        points = np.concatenate([np.linspace(a, b, int(np.linalg.norm(b - a) / (canvas.spacing / 2)) + 2)
+                                 for a, b in zip(sternum[:-1], sternum[1:])])
+        canvas.tube(RIB, points, 6.0 * subject.scale)
 
 
 def _draw_spine(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) -> None:
@@ -532,6 +557,21 @@ def _thick_slices(img: np.ndarray, axis: int, factor: float, phase: float) -> np
     return np.take(low, i0, axis=axis) * (1 - w) + np.take(low, i0 + 1, axis=axis) * w
 
 
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float, knots: int = 4) -> np.ndarray:
+    """Smooth random field, float32 of ``shape`` (z, y, x): Gaussian values (std ``sigma``) on a ``knots``^3
+    lattice spanning the volume, interpolated linearly along each axis in turn (separable, cheap)."""
+    field = rng.normal(0.0, sigma, (knots,) * 3).astype(np.float32)
+    for axis, n in enumerate(shape):
+        pos = np.linspace(0.0, knots - 1.0, n)
+        i0 = np.minimum(np.floor(pos).astype(int), knots - 2)
+        w = (pos - i0).astype(np.float32)
+        weights = np.zeros((n, knots), np.float32)
+        weights[np.arange(n), i0] = 1.0 - w
+        weights[np.arange(n), i0 + 1] = w
+        field = np.moveaxis(np.tensordot(weights, field, axes=([1], [axis])), 0, axis)
+    return field
+
+
 def _appearance(rng: np.random.Generator, cls: np.ndarray, levels: np.ndarray, modality: str,
                 spacing: float) -> np.ndarray:
     """Synthetic image, float32 (z, y, x), from the class map ``cls`` and the level map (per-vertebra marrow)."""
@@ -549,9 +589,7 @@ def _appearance(rng: np.random.Generator, cls: np.ndarray, levels: np.ndarray, m
         if thickness > 1.3 * spacing:
             img = _thick_slices(img, axis, thickness / spacing, rng.uniform())
     if modality != "ct":
-        field = rng.normal(0.0, rng.uniform(0.05, 0.35), (4, 4, 4))
-        zoom = np.asarray(img.shape) / np.asarray(field.shape)
-        img *= np.exp(ndimage.zoom(field, zoom, order=1, grid_mode=True, mode="nearest")[: img.shape[0], : img.shape[1], : img.shape[2]]).astype(np.float32)
+        img *= np.exp(_smooth_field(rng, img.shape, rng.uniform(0.05, 0.35)))
         top = float(np.percentile(img[::4, ::4, ::4], 99)) or 1.0
         sigma = rng.uniform(0.005, 0.04) * top
         img = np.sqrt((img + sigma * rng.standard_normal(img.shape, dtype=np.float32)) ** 2
@@ -578,8 +616,7 @@ def _crop_centre(rng: np.random.Generator, subject: _Subject, extent: np.ndarray
     elif u < 0.25:
         target = subject.by_label[2].centre
     elif u < 0.4:
-        last_thoracic = max((pl for pl in subject.vertebrae if pl.label in _RIB), key=lambda pl: pl.s)
-        target = last_thoracic.centre
+        target = subject.lowest_thoracic.centre
     else:
         s = rng.uniform(-60.0, subject.by_label[1].s)
         target = np.stack([np.interp(s, subject.s_grid, subject.points[:, k]) for k in range(3)])
