@@ -298,14 +298,17 @@ def test_result_round_trip_through_files(tmp_path, spine):
     assert (back.warnings, back.model, back.modality) == (result.warnings, result.model, result.modality)
 
 
-def test_training_process_reports_epochs_and_registers_model(tmp_path, monkeypatch):
-    """What SpineLabelTraining does, without Qt: ``spinelabel train`` in the background, epochs parsed from its
-    output, the model registered at the end."""
+def test_training_process_reports_epochs_and_registers_model(tmp_path, monkeypatch, spine):
+    """What SpineLabelTraining does, without Qt: ``spinelabel train`` on an exported dataset in the background,
+    epochs parsed from its output, the model registered at the end."""
+    from SpineLabelLib.export import export_case
     from SpineLabelLib.models import list_models, register_model
 
     root = Path(__file__).resolve().parents[1]
+    dataset = tmp_path / "Dataset001_Spine"
+    export_case(spine.result, spine.image, dataset)
     card = tmp_path / "tiny.json"
-    command = process.trainCommand(sys.executable, "phantom", card, None, epochs=1, name="tiny", device="cpu",
+    command = process.trainCommand(sys.executable, dataset, card, None, epochs=1, name="tiny", device="cpu",
                                    extra=["--iterations", "1", "--batch", "1", "--patch", "32", "32", "32"])
     runner = process.BackgroundProcess(
         command, process.parseTrainingLine,
