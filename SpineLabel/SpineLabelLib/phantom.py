@@ -279,8 +279,12 @@ def _build_anatomy(names: tuple[str, ...], rng: np.random.Generator) -> _Anatomy
         el.frame = curve.frame(el.s, roll[i])
         el.centre = curve.point(el.s)
 
-    conus = [el.s + el.half_height for el in elements if el.name == "L1"]
-    cord_end = conus[0] if conus else (elements[-1].s if elements[-1].region != "sacral" else s_end - 90)
+    # The cord ends at the L1/L2 disc; above the first element caudal of L1 when L1 is missing.
+    caudal = [el for el in elements if level_index(el.name) >= level_index("L1")]
+    if caudal:
+        cord_end = caudal[0].s + (caudal[0].half_height if caudal[0].name == "L1" else -caudal[0].half_height)
+    else:
+        cord_end = s_end
     sacral = [el for el in elements if el.kind == "sacral"]
     dura_end = sacral[1].s if len(sacral) > 1 else s_end
     return _Anatomy(elements, discs, curve, torso_scale, fat_mm, cord_end, dura_end)
@@ -813,7 +817,10 @@ def _intensities(material: np.ndarray, modality: str, grid: _Grid, rng: np.rando
 
 
 def _default_grid(fov: str, anat: _Anatomy, names: tuple[str, ...], size, spacing) -> _Grid:
-    """Grid centred on the field of view's levels, the skin of the back just inside the posterior edge."""
+    """Grid centred on the field of view's levels, the skin of the back just inside the posterior edge.
+
+    By default the z extent covers the bodies of the field's levels (whole C1 and sacrum) plus 4 mm.
+    """
     (nx_default, ny_default), spacing_default = _FOV_GRID[fov]
     spacing = np.asarray(spacing_default if spacing is None else spacing, dtype=float)
     if spacing.shape != (3,) or np.any(spacing <= 0):
@@ -823,12 +830,15 @@ def _default_grid(fov: str, anat: _Anatomy, names: tuple[str, ...], size, spacin
     for el in anat.elements:
         if el.name not in wanted:
             continue
-        lo, hi = _element_box(el)
-        if el.kind == "vertebra":
-            lo[2] = max(lo[2], -el.half_height - 12)  # long spinous processes may reach below the field
+        if el.kind == "vertebra":  # its body (and dens): the end levels' posterior elements may be cut
+            d = el.dims
+            lo = np.array([-d["width"] / 2, -d["depth"] / 2, -el.half_height])
+            hi = np.array([d["width"] / 2, d["depth"] / 2, el.half_height + (15 if d["axis"] else 0)])
+        else:
+            lo, hi = _element_box(el)
         z = _box_corners(el.centre, el.frame, lo, hi)[:, 2]
         z_lo, z_hi = min(z_lo, z.min()), max(z_hi, z.max())
-    z_lo, z_hi = z_lo - 5, z_hi + 5
+    z_lo, z_hi = z_lo - 4, z_hi + 4
     if size is None:
         fov_mm = np.array([nx_default * spacing_default[0], ny_default * spacing_default[1]])
         nx, ny = (int(round(fov_mm[a] / spacing[a])) for a in range(2))
