@@ -5,15 +5,18 @@ Coordinate conventions:
     * The grid is axis-aligned (direction identity), so an array from ``sitk.GetArrayFromImage`` is indexed
       (z, y, x) = (inferior->superior, anterior->posterior, right->left): the head is at high z, the back at
       high y, the patient's left at high x.
-    * The anatomy lives in a body frame in which z = 0 is the top of C1 and x = 0 the midline; the image origin
-      is the LPS position of voxel (0, 0, 0) in that frame. The same seed gives the same anatomy on every grid.
-    * The spine is a curve parametrised by arc length s (mm, 0 at the top of C1, growing caudally). Every
-      vertebra is modelled in its own local frame (u, v, w) = (towards the left, towards the back, cranially
-      along the curve), centred on its body (C1: on the dens axis), and rasterised only inside its bounding
-      box.
+    * The anatomy lives in a body frame in which z = 0 is the top of the first level (C1) and x = 0 the
+      midline; the image origin is the LPS position of voxel (0, 0, 0) in that frame. The same seed gives the
+      same anatomy on every grid.
+    * The spine is a curve parametrised by arc length s (mm, 0 at the top of the first level, growing
+      caudally). Every vertebra is modelled in its own local frame (u, v, w) = (towards the left, towards the
+      back, cranially along the curve), centred on its body (C1: on the curve at the middle of its ring), and
+      rasterised only inside its bounding box.
+    * By default the field of view spans the bodies of its levels plus 4 mm in z; the one or two levels beyond
+      each end may show in part (a spinous process, an endplate) and are labelled where visible.
 
-Labels follow ``vertebrae.py`` (VerSe values); vertebrae cut by the field of view are labelled where they are
-visible. Ribs and the iliac wings are bone in the image but background in ``labels`` and ``tissue``.
+Labels follow ``vertebrae.py`` (VerSe values). Ribs and the iliac wings are bone in the image but background in
+``labels`` and ``tissue``.
 """
 
 from __future__ import annotations
