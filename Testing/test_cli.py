@@ -86,7 +86,7 @@ def test_missing_model_is_a_clear_error(tmp_path, phantom_file, capsys):
     assert "model card not found" in capsys.readouterr().err
 
 
-def test_help_is_fast_and_does_not_import_torch():
+def test_help_does_not_import_torch():
     code = "import sys; from SpineLabelLib.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

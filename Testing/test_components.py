@@ -5,7 +5,7 @@ import pytest
 
 from SpineLabelLib.components import attach_posterior, body_components, split_merged, vertebra_components
 from SpineLabelLib.features import chain_order, level_scores, measure
-from SpineLabelLib.network import BODY, DISC, POSTERIOR
+from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
 from SpineLabelLib.result import Geometry
 
 SPACING = (2.0, 2.0, 2.0)

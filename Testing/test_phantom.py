@@ -1,7 +1,5 @@
 """Tests of the procedural spine phantom (SpineLabelLib.phantom)."""
 
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +7,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineLabel"))
-
-from SpineLabelLib.phantom import FOVS, TISSUE_NAMES, make_phantom  # noqa: E402
-from SpineLabelLib.vertebrae import BY_LABEL, BY_NAME  # noqa: E402
+from SpineLabelLib.phantom import FOVS, make_phantom
+from SpineLabelLib.vertebrae import BY_LABEL, BY_NAME, TISSUE_NAMES
 
 SMALL = dict(size=(64, 64, 96), spacing=(2.5, 2.5, 2.5))
 STANDARD = [f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)] + ["S1"]
@@ -200,9 +196,3 @@ def test_save_writes_image_and_labels(tmp_path):
         np.testing.assert_allclose(read.GetDirection(), original.GetDirection(), atol=1e-6)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(original))
 
-
-def test_small_phantom_is_fast():
-    make_phantom(size=(96, 96, 160), spacing=(2, 2, 2))  # warm-up (imports, caches)
-    start = time.perf_counter()
-    make_phantom(size=(96, 96, 160), spacing=(2, 2, 2), seed=1)
-    assert time.perf_counter() - start < 2.0  # spec: < 1 s; slack for a shared CPU

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from .network import BODY, POSTERIOR
+from .vertebrae import BODY, POSTERIOR
 
 __all__ = ["body_components", "split_merged", "attach_posterior", "vertebra_components"]
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import LoadedModel
-from .network import BODY, POSTERIOR
+from .vertebrae import BODY, POSTERIOR
 
 __all__ = ["Cancelled", "Prediction", "normalise", "resolve_device", "predict"]
 
@@ -60,7 +60,7 @@ class Prediction:
     """Network output on the model grid.
 
     Attributes:
-        tissue: uint8 (z, y, x) argmax tissue class (``network.TISSUE_NAMES``).
+        tissue: uint8 (z, y, x) argmax tissue class (``vertebrae.TISSUE_NAMES``).
         bone_probability: float16 (z, y, x) probability of vertebra (body or posterior elements).
         level_log_probs: float16 (n_levels, z2, y2, x2) level log-probabilities at half resolution
             (z2 = ceil(z / 2) ...).

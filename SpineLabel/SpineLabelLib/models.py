@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from .io import atomic_path
-from .network import TISSUE_NAMES, SpineUNet
-from .vertebrae import LEVELS
+from .network import SpineUNet
+from .vertebrae import LEVELS, TISSUE_NAMES
 
 __all__ = [
     "ModelError",

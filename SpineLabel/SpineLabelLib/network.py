@@ -13,12 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .vertebrae import LEVELS
+from .vertebrae import LEVELS, TISSUE_NAMES
 
-__all__ = ["TISSUE_NAMES", "BODY", "POSTERIOR", "DISC", "SpineUNet"]
-
-TISSUE_NAMES = ("background", "vertebral body", "posterior elements", "intervertebral disc")
-BODY, POSTERIOR, DISC = 1, 2, 3
+__all__ = ["SpineUNet"]
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

@@ -31,14 +31,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from .io import atomic_path, case_name
-from .vertebrae import BY_NAME, LEVELS, level_index
+from .vertebrae import BODY, BY_NAME, DISC, LEVELS, POSTERIOR, level_index
 
-__all__ = ["TISSUE_NAMES", "FOVS", "Phantom", "make_phantom"]
+__all__ = ["FOVS", "Phantom", "make_phantom"]
 
 log = logging.getLogger(__name__)
-
-TISSUE_NAMES = ("background", "vertebral body", "posterior elements", "intervertebral disc")
-_BODY, _POSTERIOR, _DISC = 1, 2, 3
 
 FOVS = ("whole", "cervical", "thoracic", "lumbar")
 
@@ -103,7 +100,7 @@ class Phantom:
     Attributes:
         image: float32 (MR-like, arbitrary units 0..~1000) or int16 (CT-like, Hounsfield units) image.
         labels: uint8 VerSe label map of whole vertebrae (body and posterior elements), 0 elsewhere.
-        tissue: uint8 tissue classes, values index ``TISSUE_NAMES``; C1 and the whole sacrum are class 1.
+        tissue: uint8 tissue classes, values index ``vertebrae.TISSUE_NAMES``; C1 and the whole sacrum are class 1.
     """
 
     image: sitk.Image
@@ -675,7 +672,7 @@ def _paint_discs(vol: _Volumes, anat: _Anatomy) -> None:
         free = inside & (vol.label[slices] == 0)
         nucleus = _ellipse_depth(u, v - 0.1 * b, 0.55 * a, 0.5 * b) > 0
         vol.material[slices][free] = np.where(nucleus[free], _NUCLEUS, _ANNULUS)
-        vol.tissue[slices][free] = _DISC
+        vol.tissue[slices][free] = DISC
 
 
 def _project(u, v, frame, axis, offset):
@@ -691,12 +688,12 @@ def _paint_vertebrae(vol: _Volumes, anat: _Anatomy) -> None:
         if box is not None:
             slices, (u, v, w) = box
             if el.kind == "atlas":
-                vol.paint_bone(slices, _atlas_depth(u, v, w, el.dims), el.label, _BODY)
+                vol.paint_bone(slices, _atlas_depth(u, v, w, el.dims), el.label, BODY)
             elif el.kind == "sacral":
-                vol.paint_bone(slices, _sacral_depth(u, v, w, el.dims), el.label, _BODY)
+                vol.paint_bone(slices, _sacral_depth(u, v, w, el.dims), el.label, BODY)
             else:
                 body, posterior = _vertebra_depths(u, v, w, el.dims)
-                tissue = np.where(body >= posterior, _BODY, _POSTERIOR).astype(np.uint8)
+                tissue = np.where(body >= posterior, BODY, POSTERIOR).astype(np.uint8)
                 vol.paint_bone(slices, np.maximum(body, posterior), el.label, tissue)
         if el.kind == "sacral" and el.dims["first"]:
             k = el.dims["width"] / 48

@@ -22,6 +22,10 @@ __all__ = [
     "level_index",
     "terminology_entry",
     "TRANSITIONAL",
+    "TISSUE_NAMES",
+    "BODY",
+    "POSTERIOR",
+    "DISC",
 ]
 
 
@@ -88,6 +92,12 @@ BY_NAME: dict[str, Level] = {level.name: level for level in LEVELS}
 BY_LABEL: dict[int, Level] = {level.label: level for level in LEVELS}
 TRANSITIONAL: frozenset[str] = frozenset(level.name for level in LEVELS if level.transitional)
 _INDEX: dict[str, int] = {level.name: i for i, level in enumerate(LEVELS)}
+
+
+# Tissue classes of the network's tissue head and of every training target (values 0..3). C1 (no body) and the
+# whole sacrum count as vertebral body, so that each vertebra has one body component.
+TISSUE_NAMES = ("background", "vertebral body", "posterior elements", "intervertebral disc")
+BODY, POSTERIOR, DISC = 1, 2, 3
 
 
 def level_index(name_or_label: str | int) -> int:

@@ -35,8 +35,8 @@ from tqdm import tqdm
 from SpineLabelLib.inference import Cancelled, normalise, resolve_device
 from SpineLabelLib.io import canonical_grid, read_image, resample_to_grid
 from SpineLabelLib.models import load_model, save_model
-from SpineLabelLib.network import BODY, DISC, POSTERIOR, TISSUE_NAMES, SpineUNet
-from SpineLabelLib.vertebrae import BY_LABEL, LEVELS, level_index
+from SpineLabelLib.network import SpineUNet
+from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
 
 __all__ = [
     "NOT_VERTEBRA",
