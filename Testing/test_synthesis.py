@@ -22,11 +22,12 @@ SMALL = (64, 48, 48)  # crop used by the quicker tests (at 3 mm: 19 x 14 x 14 cm
 
 
 def _analytic_vertebra(shape_zyx: tuple[int, int, int], label: int, spacing: float) -> tuple[np.ndarray, np.ndarray]:
-    """Whole vertebra and its true body, bool (z, y, x) arrays centred in ``shape_zyx``: an elliptic-cylinder body
-    sized like the level, and behind it a ring-shaped arch around the canal with a spinous process."""
+    """Whole vertebra and its true body, bool (z, y, x) arrays of ``shape_zyx``: an elliptic-cylinder body sized
+    like the level, 4 voxels from the anterior edge, and behind it a ring-shaped arch around the canal with a
+    spinous process."""
     h, d, w = (v / spacing for v in shapes.TYPICAL_BODY_MM[label])
     zz, yy, xx = np.meshgrid(*(np.arange(n) - (n - 1) / 2 for n in shape_zyx), indexing="ij")
-    yy = yy + d  # body centre anterior of the grid centre
+    yy = yy + (shape_zyx[1] - 1) / 2 - (d / 2 + 4)
     body = (np.abs(zz) <= h / 2) & ((yy / (d / 2)) ** 2 + (xx / (w / 2)) ** 2 <= 1)
     canal_r, ring = 0.3 * w, 0.3 * w + 3.0 / spacing
     cy = d / 2 + canal_r - 1
@@ -43,7 +44,7 @@ def tiny_library(tmp_path_factory) -> shapes.ShapeLibrary:
     root = tmp_path_factory.mktemp("data")
     spacing = 1.5
     labels = [1, 2, 5, 8, 15, 20, 24]
-    block = (40, 64, 64)
+    block = (40, 80, 64)
     volume = np.zeros((block[0] * len(labels), *block[1:]), np.uint8)
     for i, label in enumerate(labels[::-1]):  # caudal first: z index grows towards the head
         whole, _ = _analytic_vertebra(block, label, spacing)
@@ -52,6 +53,15 @@ def tiny_library(tmp_path_factory) -> shapes.ShapeLibrary:
     image.SetSpacing((spacing,) * 3)
     (root / "masks_verse").mkdir()
     sitk.WriteImage(image, str(root / "masks_verse" / "sub-analytic_seg-vert_msk.nii.gz"))
+    # Bodies-only scan (like mri_lumbar_bodies): L4, L5 and S1 bodies.
+    bodies = np.zeros((block[0] * 3, *block[1:]), np.uint8)
+    for i, label in enumerate([26, 24, 23]):
+        _, body = _analytic_vertebra(block, label, spacing)
+        bodies[i * block[0] : (i + 1) * block[0]][body] = label
+    image = sitk.GetImageFromArray(bodies)
+    image.SetSpacing((spacing,) * 3)
+    (root / "mri_lumbar_bodies").mkdir()
+    sitk.WriteImage(image, str(root / "mri_lumbar_bodies" / "analytic_vert-verse.nii.gz"))
     return shapes.build_shape_library(root, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
@@ -72,6 +82,8 @@ def test_tiny_library_has_every_level_and_caches(tiny_library, tmp_path_factory)
             assert shape.z_low < 0 < shape.z_up
             assert (shape.mask == shapes.BODY).any()
     assert tiny_library.discs
+    assert sorted(tiny_library.bodies) == [23, 24]  # S1 went into a sacrum
+    assert "analytic_vert-verse" in tiny_library.shapes_for(shapes.S1_LABEL)[0].source
     sacrum = tiny_library.shapes_for(shapes.S1_LABEL)[0]
     assert sacrum.mask.shape[0] > 2 * (sacrum.z_up - sacrum.z_low)  # sacral mass below the S1 body
     # Filled level (T3 from its neighbours) has the size of a T3, not of its donor.
@@ -174,6 +186,8 @@ def test_real_library(tmp_path):
     for label in MAIN_LEVELS:
         assert library.shapes_for(label), BY_LABEL[label].name
     assert len(library.discs) >= 10
+    assert len(library.shapes_for(shapes.S1_LABEL)) >= 3  # sacra built on real S1 bodies
+    assert all(len(library.bodies.get(label, [])) >= 5 for label in range(18, 25))  # T11..L5 real bodies
     assert len(library.c1_offsets) >= 1
     assert 10 < library.c1_offsets[:, 0].mean() < 30  # atlas sits above the axis body
     crops = DATA / "crops_tptbox"

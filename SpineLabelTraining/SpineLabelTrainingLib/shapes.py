@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 BODY = 1  # value of vertebral-body voxels in a Shape mask
 POSTERIOR = 2  # value of posterior-element voxels in a Shape mask
 SPACING_MM = 1.0  # voxel size of every stored shape
-_CACHE_VERSION = 5
+_CACHE_VERSION = 7
 S1_LABEL = BY_LABEL[26].label
 _MAIN_LABELS = tuple(level.label for level in LEVELS if not level.transitional)  # C1..L5, S1
 
@@ -103,6 +103,8 @@ class ShapeLibrary:
     Attributes:
         vertebrae: VerSe label -> shapes; holds every level C1..L5 and S1 (the sacrum, label 26).
         discs: intervertebral disc shapes (label 0).
+        bodies: VerSe label -> real vertebral bodies without posterior elements (all ``BODY``), from the bodies-only
+            MRI masks; the synthesis swaps them into whole vertebrae for more body shapes (wedges, fractures).
         c1_offsets: (n, 3) float, C1 body centroid minus C2 body centroid in the C2 frame (mm, z y x), measured on
             scans that hold both; used to seat the atlas on the axis.
         spacing_mm: voxel size of every stored mask (1 mm).
@@ -110,6 +112,7 @@ class ShapeLibrary:
 
     vertebrae: dict[int, list[Shape]] = field(default_factory=dict)
     discs: list[Shape] = field(default_factory=list)
+    bodies: dict[int, list[Shape]] = field(default_factory=dict)
     c1_offsets: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
     spacing_mm: float = SPACING_MM
 
@@ -124,12 +127,13 @@ class ShapeLibrary:
         """Write the library as one compressed ``.npz`` (masks bit-packed)."""
         arrays: dict[str, np.ndarray] = {"c1_offsets": np.asarray(self.c1_offsets, float)}
         meta = []
-        entries = [(s, 0) for lst in self.vertebrae.values() for s in lst] + [(s, 1) for s in self.discs]
-        for i, (shape, is_disc) in enumerate(entries):
+        entries = ([(s, 0) for lst in self.vertebrae.values() for s in lst] + [(s, 1) for s in self.discs]
+                   + [(s, 2) for lst in self.bodies.values() for s in lst])
+        for i, (shape, kind) in enumerate(entries):
             arrays[f"m{i}"] = np.packbits(shape.mask.ravel() & 1)
             arrays[f"p{i}"] = np.packbits(shape.mask.ravel() >> 1)
             meta.append([shape.label, *shape.mask.shape, *shape.centre, shape.z_low, shape.z_up, shape.depth_mm,
-                         shape.width_mm, is_disc])
+                         shape.width_mm, kind])
             arrays[f"s{i}"] = np.array(shape.source)
         arrays["meta"] = np.asarray(meta, float).reshape(-1, 12)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,8 +153,10 @@ class ShapeLibrary:
                 mask = (np.unpackbits(data[f"m{i}"])[:n] | (np.unpackbits(data[f"p{i}"])[:n] << 1)).reshape(dims)
                 shape = Shape(int(row[0]), mask.astype(np.uint8), row[4:7].copy(), float(row[7]), float(row[8]),
                               float(row[9]), float(row[10]), str(data[f"s{i}"]))
-                if row[11]:
+                if row[11] == 1:
                     library.discs.append(shape)
+                elif row[11] == 2:
+                    library.bodies.setdefault(shape.label, []).append(shape)
                 else:
                     library.vertebrae.setdefault(shape.label, []).append(shape)
         return library
@@ -158,7 +164,7 @@ class ShapeLibrary:
     def summary(self) -> str:
         """One line: how many shapes per level and discs."""
         parts = [f"{BY_LABEL[k].name}:{len(v)}" for k, v in sorted(self.vertebrae.items(), key=lambda kv: _order(kv[0]))]
-        return " ".join(parts) + f" discs:{len(self.discs)}"
+        return " ".join(parts) + f" discs:{len(self.discs)} bodies:{sum(len(v) for v in self.bodies.values())}"
 
 
 def _order(label: int) -> int:
@@ -378,10 +384,12 @@ def body_split_dice(vertebrae: sitk.Image, subregions: sitk.Image) -> dict[int, 
     return scores
 
 
-def _aligned_parts(image: sitk.Image, values: list[int], source: str, upward: dict[int, np.ndarray] | None = None) -> list[Shape]:
+def _aligned_parts(image: sitk.Image, values: list[int], source: str, upward: dict[int, np.ndarray] | None = None,
+                   labelled: bool = False, max_tilt_deg: float = 90.0) -> list[Shape]:
     """Bodies-only or disc label parts, each resampled into its own frame: z along its thinnest principal axis
     (pointing to world superior, or towards ``upward[value]`` when given), origin at its centroid. All voxels are
-    stored as ``BODY``; parts touching the image edge are skipped."""
+    stored as ``BODY``, with label ``value`` when ``labelled`` (else 0). Parts touching the image edge, and parts
+    whose thin axis is more than ``max_tilt_deg`` away from the direction to ``upward[value]``, are skipped."""
     labels = sitk.GetArrayFromImage(image)
     a, b = _index_to_world(image)
     shapes = []
@@ -401,13 +409,16 @@ def _aligned_parts(image: sitk.Image, values: list[int], source: str, upward: di
         reference = upward[value] - centre_w if upward and value in upward else np.array([1.0, 0.0, 0.0])
         if axis @ reference < 0:
             axis = -axis
+        if np.degrees(np.arccos(np.clip(axis @ reference / max(np.linalg.norm(reference), 1e-9), -1, 1))) > max_tilt_deg:
+            log.info("%s: part %d thin axis does not follow the spine; skipped", source, value)
+            continue
         rot = frame(axis)
         sub, lo = _crop_to_nonzero(region, margin=2)
         canon, _ = _resample_canonical(sub.astype(np.float32), a, b + a @ lo, centre_w, rot)
         mask, _ = _crop_to_nonzero(canon > 0.5, margin=1)
         mask = _largest_component(mask).astype(np.uint8) * BODY
         centre, z_low, z_up, depth, width = _body_measures(mask)
-        shapes.append(Shape(0, mask, centre, z_low, z_up, depth, width, f"{source}:{value}"))
+        shapes.append(Shape(value if labelled else 0, mask, centre, z_low, z_up, depth, width, f"{source}:{value}"))
     return shapes
 
 
@@ -525,13 +536,21 @@ def _build(files: dict[str, list[Path]]) -> ShapeLibrary:
     for path in files["bodies"]:
         image = sitk.ReadImage(str(path))
         labels = sitk.GetArrayFromImage(image)
-        if not (labels == S1_LABEL).any() or not (labels == 24).any():
-            continue
         a, b = _index_to_world(image)
-        l5 = np.argwhere(labels == 24).mean(axis=0) @ a.T + b
-        for part in _aligned_parts(image, [S1_LABEL], path.name, upward={S1_LABEL: l5}):
-            part.label = S1_LABEL
-            library.vertebrae.setdefault(S1_LABEL, []).append(_with_sacral_mass(part, rng))
+        present = sorted((int(v) for v in np.unique(labels) if int(v) in BY_LABEL), key=_order)
+        centroids = {v: np.argwhere(labels == v).mean(axis=0) @ a.T + b for v in present}
+        upward = {}  # a point cranial of each body: the next body up, or mirrored from the next body down
+        for i, v in enumerate(present):
+            if i > 0:
+                upward[v] = centroids[present[i - 1]]
+            elif len(present) > 1:
+                upward[v] = 2 * centroids[v] - centroids[present[1]]
+        lumbar = [v for v in present if v != S1_LABEL]
+        for part in _aligned_parts(image, lumbar, path.name, upward=upward, labelled=True, max_tilt_deg=35.0):
+            library.bodies.setdefault(part.label, []).append(part)
+        if S1_LABEL in present:  # S1 sits at the lumbo-sacral angle: its thin axis may lean far from L5
+            for part in _aligned_parts(image, [S1_LABEL], path.name, upward=upward, labelled=True):
+                library.vertebrae.setdefault(S1_LABEL, []).append(_with_sacral_mass(part, rng))
     if not library.vertebrae.get(S1_LABEL):
         l5 = library.vertebrae[24][0]
         body = _rescaled(l5, size_ratio(S1_LABEL, 24), S1_LABEL, "S1 body")

@@ -129,6 +129,8 @@ class _Placed:
     centre: np.ndarray
     rot: np.ndarray
     s: float = 0.0  # arc position of the centre
+    body: Shape | None = None  # a real body from another scan replacing the shape's own body
+    body_scale: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,6 +339,12 @@ class _Subject:
                 centre = c2.centre + c2.rot @ offset
                 rot = c2.rot @ _rotation([1, 0, 0], rng.normal(0, np.deg2rad(3)))
             placed = _Placed(lv, shape, scales[i], centre, rot, s_pos[i])
+            bodies = library.bodies.get({28: 19, 25: 24}.get(lv, lv), [])
+            if bodies and rng.random() < 0.5:
+                body = bodies[int(rng.integers(len(bodies)))]
+                placed.body = body
+                placed.body_scale = scales[i] * np.array([(shape.z_up - shape.z_low) / (body.z_up - body.z_low),
+                                                          shape.depth_mm / body.depth_mm, shape.width_mm / body.width_mm])
             self.vertebrae.append(placed)
             by_label[lv] = placed
         self.by_label = by_label
@@ -462,8 +470,9 @@ def _draw_ribs(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) -> 
         rot = pl.rot.copy()
         if np.linalg.det(rot) < 0:  # undo the shape mirror: ribs follow the true left-right axis
             rot[:, 2] *= -1
-        if 9 <= pl.label <= 15:
-            sternum.append(pl.centre + rot @ np.array([2.0 - 0.35 * half_w, y_post - 2 * depth + 8.0, 0.0]))
+        if 9 <= pl.label <= 15:  # anterior end of a typical rib at this level
+            nominal = _RIB[pl.label][0] * subject.scale
+            sternum.append(pl.centre + rot @ np.array([2.0 - 0.35 * nominal, y_post - 1.36 * nominal + 8.0, 0.0]))
         if abs(pl.centre[0] - canvas.origin[0] - half_crop) > half_crop + 2.5 * half_w:
             continue
         theta = np.linspace(np.deg2rad(20), end, max(int((end * half_w) / (canvas.spacing / 2)), 8))
@@ -473,9 +482,11 @@ def _draw_ribs(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) -> 
             arc = np.stack([2.0 - drop, y_post - depth * (1 - np.cos(theta)), side * half_w * np.sin(theta)], axis=1)
             neck = np.linspace([4.0, 0.3 * pl.shape.depth_mm * pl.scale[1], side * (width + 2.0)], arc[0], 12)
             canvas.tube(RIB, pl.centre + np.concatenate([neck, arc]) @ rot.T, 4.0 * subject.scale)
-    if len(sternum) >= 2:
-        points = np.concatenate([np.linspace(a, b, int(np.linalg.norm(b - a) / (canvas.spacing / 2)) + 2)
-                                 for a, b in zip(sternum[:-1], sternum[1:])])
+    if len(sternum) >= 3:  # a smooth bar through those ends (quadratic fit)
+        ends = np.asarray(sternum)
+        t = np.linspace(0.0, 1.0, len(ends))
+        fine = np.linspace(0.0, 1.0, int(np.linalg.norm(ends[-1] - ends[0]) / (canvas.spacing / 2)) + 2)
+        points = np.stack([np.polyval(np.polyfit(t, ends[:, k], 2), fine) for k in range(3)], axis=1)
         canvas.tube(RIB, points, 6.0 * subject.scale)
 
 
@@ -506,6 +517,8 @@ def _draw_spine(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) ->
         if hit is None:
             continue
         sl, sub = hit
+        if pl.body is not None:  # posterior elements from the shape, body from another scan (drawn below)
+            sub[sub == BODY] = 0
         body, post = sub == BODY, sub == POSTERIOR
         sacrum = pl.label == S1_LABEL
         canvas.cls[sl][body] = SACRUM if sacrum else MARROW
@@ -513,6 +526,12 @@ def _draw_spine(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) ->
         canvas.tissue[sl][body] = 1
         canvas.tissue[sl][post] = 1 if sacrum else 2
         canvas.levels[sl][sub > 0] = pl.label
+        swap = None if pl.body is None else canvas.rasterise(pl.body.mask, pl.body.centre, pl, pl.body_scale)
+        if swap is not None:
+            inside = swap[1] > 0
+            canvas.cls[swap[0]][inside] = MARROW
+            canvas.tissue[swap[0]][inside] = 1
+            canvas.levels[swap[0]][inside] = pl.label
 
 
 # ----------------------------------------------------------------------------------------------------------------
