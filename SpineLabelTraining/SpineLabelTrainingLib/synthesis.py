@@ -115,8 +115,8 @@ _DISC_MM = {2: 4.5, 3: 5.0, 4: 5.0, 5: 5.5, 6: 5.5, 7: 5.0, 8: 4.0, 9: 4.0, 10: 
 _RIB = {8: (55, 150), 9: (75, 155), 10: (90, 160), 11: (100, 160), 12: (108, 160), 13: (115, 160), 14: (120, 155),
         15: (125, 150), 16: (128, 140), 17: (130, 130), 18: (130, 100), 19: (128, 65), 28: (125, 45)}
 # Body outline along the spine: (level, half-width, half-depth, distance from body centre to the posterior skin), mm.
-_OUTLINE = ((1, 75, 90, 85), (3, 60, 60, 65), (6, 65, 62, 66), (8, 120, 80, 68), (10, 150, 100, 64),
-            (13, 150, 110, 60), (18, 145, 110, 65), (22, 140, 105, 75), (26, 165, 110, 90))
+_OUTLINE = ((1, 75, 90, 90), (3, 60, 62, 80), (6, 65, 66, 85), (8, 120, 85, 95), (10, 150, 100, 90),
+            (13, 150, 110, 85), (18, 145, 112, 95), (22, 140, 118, 115), (26, 165, 115, 120))
 
 
 @dataclass
@@ -610,7 +610,7 @@ def _appearance(rng: np.random.Generator, cls: np.ndarray, levels: np.ndarray, m
     if modality != "ct":
         img *= np.exp(_smooth_field(rng, img.shape, rng.uniform(0.05, 0.35)))
         top = float(np.percentile(img[::4, ::4, ::4], 99)) or 1.0
-        sigma = rng.uniform(0.005, 0.04) * top
+        sigma = rng.uniform(0.005, 0.03) * top
         img = np.sqrt((img + sigma * rng.standard_normal(img.shape, dtype=np.float32)) ** 2
                       + (sigma * rng.standard_normal(img.shape, dtype=np.float32)) ** 2)
         lo, hi = float(img.min()), float(img.max())
