@@ -1,6 +1,7 @@
 """label_spine end to end: geometry of the outputs in any orientation, progress, cancel, empty inputs, models."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,3 +116,21 @@ def _name_of(label):
     from SpineLabelLib.vertebrae import BY_LABEL
 
     return BY_LABEL[label].name
+
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (DATA / "ct_verse").is_dir(), reason="real data ../shared/data/ct_verse not present")
+def test_real_lumbar_ct_end_to_end(tmp_path):
+    """The shipped model on the real VerSe lumbar CT (L1-L5, held out from training), through the CLI."""
+    from SpineLabelLib.cli import main
+    from SpineLabelLib.evaluation import evaluate_folders
+
+    image = DATA / "ct_verse" / "sub-verse014_ct.nii.gz"
+    assert main(["label", str(image), "-o", str(tmp_path / "pred"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "pred" / "sub-verse014_ct_report.json").read_text())
+    names = [v["name"] for v in report["vertebrae"]]
+    assert len(names) == len(set(names)) >= 4
+    summary = evaluate_folders(tmp_path / "pred", DATA / "ct_verse")
+    assert summary.overall.id_rate >= 0.6

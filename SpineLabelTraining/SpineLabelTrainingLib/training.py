@@ -90,19 +90,14 @@ _LAYOUTS = (
 )
 
 
-def find_cases(folder: str | Path, exclude: frozenset[str] = frozenset()) -> list[tuple[Path, Path, bool]]:
-    """(image, label map, bodies_only) for every labelled case in a folder of a known layout.
-
-    ``exclude`` holds case names (image file names without extension) to leave out, e.g. held-out test cases.
-    """
-    from SpineLabelLib.io import case_name
-
+def find_cases(folder: str | Path) -> list[tuple[Path, Path, bool]]:
+    """(image, label map, bodies_only) for every labelled case in a folder of a known layout."""
     folder = Path(folder)
     found = []
     for pattern, label_of, bodies_only in _LAYOUTS:
         for image in sorted(folder.glob(pattern)):
             label = label_of(image)
-            if label.exists() and case_name(image) not in exclude:
+            if label.exists():
                 found.append((image, label, bodies_only))
     if not found:
         raise FileNotFoundError(f"{folder}: no labelled cases found (nnU-Net, VerSe or *_img/*_vert-verse layout)")
@@ -188,8 +183,8 @@ def _phantom_source(spacing_mm: float, size: tuple[int, int, int]) -> Callable[[
     return draw
 
 
-def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int], exclude: frozenset[str]) -> Callable[[np.random.Generator], Case]:
-    found = find_cases(folder, exclude)
+def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int]) -> Callable[[np.random.Generator], Case]:
+    found = find_cases(folder)
     cases = [load_case(i, l, b, spacing_mm) for i, l, b in tqdm(found, desc=f"loading {folder.name}", leave=False)]
 
     def draw(rng: np.random.Generator) -> Case:
@@ -198,14 +193,13 @@ def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int], 
     return draw
 
 
-def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_dir: Path,
-                exclude: frozenset[str] = frozenset()) -> Callable[[np.random.Generator], Case]:
-    """A sampler for one ``--data`` spec: ``synthetic``, ``phantom`` or a folder path (minus ``exclude`` cases)."""
+def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_dir: Path) -> Callable[[np.random.Generator], Case]:
+    """A sampler for one ``--data`` spec: ``synthetic``, ``phantom`` or a folder path."""
     if spec == "synthetic":
         return _synthetic_source(spacing_mm, size, data_dir)
     if spec == "phantom":
         return _phantom_source(spacing_mm, size)
-    return _folder_source(Path(spec), spacing_mm, size, exclude)
+    return _folder_source(Path(spec), spacing_mm, size)
 
 
 def tissue_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -262,7 +256,6 @@ class TrainConfig:
     resume: bool = False
     validation_cases: int = 4
     data_dir: Path = Path("../shared/data")
-    exclude: frozenset[str] = frozenset()
     training_data_note: str = ""
 
 
@@ -319,7 +312,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     specs = [s for s, _ in cfg.data]
     weights = np.array([w for _, w in cfg.data], dtype=float)
     weights /= weights.sum()
-    sources = [make_source(s, spacing, cfg.patch, cfg.data_dir, cfg.exclude) for s in specs]
+    sources = [make_source(s, spacing, cfg.patch, cfg.data_dir) for s in specs]
     val_rng = np.random.default_rng(10_000 + cfg.seed)
     val = [sources[i % len(sources)](val_rng) for i in range(cfg.validation_cases)]
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -350,7 +343,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": float(np.mean(losses)), **_validate(net, val, device),
                    "elapsed_s": round(time.time() - t0, 1)}
@@ -367,7 +360,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
         "spacing_mm": spacing,
         "normalisation": "percentiles 0.5/99.5 of the volume mapped to 0/1, clipped",
         "training_data": {"sources": [{"source": s, "weight": round(float(w), 3)} for s, w in zip(specs, weights)],
-                          "excluded_cases": sorted(cfg.exclude), "note": cfg.training_data_note},
+                          "shape_library": str(cfg.data_dir), "note": cfg.training_data_note},
         "training": {"epochs": cfg.epochs, "iterations_per_epoch": cfg.iterations, "batch": cfg.batch,
                      "patch_zyx": list(cfg.patch), "lr": cfg.lr, "seed": cfg.seed, "device": str(device),
                      "history": history},
