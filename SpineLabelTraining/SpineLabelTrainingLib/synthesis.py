@@ -637,7 +637,7 @@ def _crop_centre(rng: np.random.Generator, subject: _Subject, extent: np.ndarray
     elif u < 0.4:
         target = subject.lowest_thoracic.centre
     else:
-        s = rng.uniform(-60.0, subject.by_label[1].s)
+        s = rng.uniform(-60.0, subject.by_label[4].s)  # the skull is a sketch: head-heavy crops come from C1/C2 above
         target = np.stack([np.interp(s, subject.s_grid, subject.points[:, k]) for k in range(3)])
     shift = np.array([rng.uniform(-0.35, 0.35) * extent[0], rng.uniform(-45.0, 10.0), rng.normal(0.0, 10.0)])
     if rng.random() < 0.1:
