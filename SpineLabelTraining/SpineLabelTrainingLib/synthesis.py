@@ -679,4 +679,5 @@ def synthesize_case(rng: np.random.Generator, library: ShapeLibrary, spacing_mm:
         bone = np.isin(canvas.cls, _BONE_CLASSES)
         canvas.cls[bone & ~ndimage.binary_erosion(bone)] = CORTEX
     image = _appearance(rng, canvas.cls, canvas.levels, modality, float(spacing_mm))
+    log.debug("synthetic %s crop, levels %s", modality, ", ".join(BY_LABEL[int(v)].name for v in np.unique(canvas.levels) if v))
     return TrainingCase(image, canvas.tissue, canvas.levels, float(spacing_mm))
