@@ -32,11 +32,9 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from SpineLabelLib import io
-from SpineLabelLib.vertebrae import BY_LABEL, LEVELS
+from SpineLabelLib.vertebrae import BODY, BY_LABEL, LEVELS, POSTERIOR
 
 __all__ = [
-    "BODY",
-    "POSTERIOR",
     "TYPICAL_BODY_MM",
     "S1_LABEL",
     "Shape",
@@ -51,8 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BODY = 1  # value of vertebral-body voxels in a Shape mask
-POSTERIOR = 2  # value of posterior-element voxels in a Shape mask
 SPACING_MM = 1.0  # voxel size of every stored shape
 _CACHE_VERSION = 8
 S1_LABEL = BY_LABEL[26].label

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from SpineLabelLib.vertebrae import BY_LABEL
-from SpineLabelTrainingLib.shapes import BODY, POSTERIOR, S1_LABEL, Shape, ShapeLibrary, frame, size_ratio
+from SpineLabelLib.vertebrae import BODY, BY_LABEL, DISC, POSTERIOR, TISSUE_NAMES
+from SpineLabelTrainingLib.shapes import S1_LABEL, Shape, ShapeLibrary, frame, size_ratio
 
 __all__ = [
     "TISSUE_NAMES",
@@ -45,7 +45,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TISSUE_NAMES = ("background", "vertebral body", "posterior elements", "intervertebral disc")  # values 0..3
 NOT_BODY = 254  # tissue target: background, posterior elements or disc, but not vertebral body
 IGNORE = 255  # tissue/level target: unknown, no loss
 MODALITIES = ("ct", "t1", "t2", "stir", "water", "fat", "random")
@@ -506,7 +505,7 @@ def _draw_spine(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) ->
             continue
         sl, sub = hit
         canvas.cls[sl][sub > 0] = ANNULUS
-        canvas.tissue[sl][sub > 0] = 3
+        canvas.tissue[sl][sub > 0] = DISC
         canvas.levels[sl][sub > 0] = 0
         nucleus = canvas.rasterise(disc.shape.mask, disc.shape.centre, disc, disc.scale * np.array([0.6, 0.55, 0.6]))
         if nucleus is not None:
@@ -523,14 +522,14 @@ def _draw_spine(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) ->
         sacrum = pl.label == S1_LABEL
         canvas.cls[sl][body] = SACRUM if sacrum else MARROW
         canvas.cls[sl][post] = SACRUM if sacrum else POST
-        canvas.tissue[sl][body] = 1
-        canvas.tissue[sl][post] = 1 if sacrum else 2
+        canvas.tissue[sl][body] = BODY
+        canvas.tissue[sl][post] = BODY if sacrum else POSTERIOR
         canvas.levels[sl][sub > 0] = pl.label
         swap = None if pl.body is None else canvas.rasterise(pl.body.mask, pl.body.centre, pl, pl.body_scale)
         if swap is not None:
             inside = swap[1] > 0
             canvas.cls[swap[0]][inside] = MARROW
-            canvas.tissue[swap[0]][inside] = 1
+            canvas.tissue[swap[0]][inside] = BODY
             canvas.levels[swap[0]][inside] = pl.label
 
 
