@@ -98,13 +98,13 @@ def test_tiny_library_has_every_level_and_caches(tiny_library, tmp_path_factory)
 
 def test_case_contract(tiny_library):
     valid_levels = {0} | {lv.label for lv in LEVELS}
-    for seed in range(4):
+    for seed in range(8):
         case = synthesis.synthesize_case(np.random.default_rng(seed), tiny_library, spacing_mm=3.0, size_zyx=SMALL)
         assert case.spacing_mm == 3.0
         for array, dtype in ((case.image, np.float32), (case.tissue, np.uint8), (case.levels, np.uint8)):
             assert array.shape == SMALL and array.dtype == dtype
         assert np.isfinite(case.image).all()
-        assert set(np.unique(case.tissue)) <= {0, 1, 2, 3}
+        assert set(np.unique(case.tissue)) <= {0, 1, 2, 3, synthesis.IGNORE}
         assert set(np.unique(case.levels).tolist()) <= valid_levels
         bone = (case.tissue == 1) | (case.tissue == 2)
         np.testing.assert_array_equal(case.levels > 0, bone)  # bodies and posterior elements carry a level
@@ -157,6 +157,26 @@ def test_numbering_variants_and_t13_order(tiny_library):
     subject = synthesis._Subject(np.random.default_rng(t13_seed), tiny_library)
     z = {pl.label: pl.centre[0] for pl in subject.vertebrae}
     assert z[19] > z[28] > z[20]  # T12 above T13 above L1
+
+
+def test_limited_field_of_view(tiny_library):
+    case = synthesis.synthesize_case(np.random.default_rng(5), tiny_library, 3.0, SMALL, modality="t2")
+    image, tissue, levels = case.image.copy(), case.tissue.copy(), case.levels.copy()
+    synthesis._limit_field_of_view(np.random.default_rng(0), image, tissue, levels)
+    outside = tissue == synthesis.IGNORE
+    assert 0 < outside.mean() < 0.75
+    assert not levels[outside].any()
+    assert (image[outside] == case.image.min()).all()
+    np.testing.assert_array_equal(image[~outside], case.image[~outside])
+    np.testing.assert_array_equal(levels[~outside], case.levels[~outside])
+    # The unknown region is made of whole planes across one axis.
+    def planes(axis: int) -> bool:
+        profile = outside.any(axis=tuple(b for b in range(3) if b != axis))
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        return np.array_equal(outside, np.broadcast_to(profile.reshape(shape), outside.shape))
+
+    assert any(planes(axis) for axis in range(3))
 
 
 @pytest.mark.parametrize("modality", synthesis.MODALITIES)

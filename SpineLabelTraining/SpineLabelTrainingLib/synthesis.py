@@ -14,7 +14,8 @@ from label maps with fully randomised appearance learns shape and context rather
    with a diaphragm dome, heart, liver, kidneys, aorta, bowel blobs with gas, and iliac wings.
 2. Field of view. Only a crop of ``size_zyx`` voxels is rasterised, on an LPS-aligned grid (z, y, x) =
    (inferior->superior, anterior->posterior, right->left), placed on a random part of the spine (extra weight on the
-   sacrum, C1/C2 and the thoraco-lumbar junction), sometimes partly outside the body.
+   sacrum, C1/C2 and the thoraco-lumbar junction), sometimes partly outside the body; 15 % of crops keep only a
+   slab of it (a narrow scan: image at its minimum and targets ``IGNORE`` outside).
 3. Appearance. Every tissue class gets a random Gaussian intensity: CT-like (HU), MR-like (T1, T2, STIR, Dixon water,
    Dixon fat) presets with jitter, or fully random (SynthSeg); vertebrae and discs vary one by one (marrow, disc
    degeneration). Then partial-volume blur, thick slices along a random axis (blur, subsample, re-interpolate), a
@@ -57,7 +58,8 @@ class TrainingCase:
 
     Attributes:
         image: float32 (z, y, x), raw synthetic intensities (HU-like for CT, arbitrary units for MR).
-        tissue: uint8 (z, y, x): 0 background, 1 vertebral body, 2 posterior elements, 3 disc (see TISSUE_NAMES).
+        tissue: uint8 (z, y, x): 0 background, 1 vertebral body, 2 posterior elements, 3 disc (see TISSUE_NAMES);
+            ``IGNORE`` outside the scanned slab of a limited-field-of-view case (15 %).
         levels: uint8 (z, y, x): VerSe label of the vertebra each body/posterior voxel belongs to, 0 elsewhere.
         spacing_mm: isotropic voxel size of the arrays.
     """
@@ -625,6 +627,31 @@ def _appearance(rng: np.random.Generator, cls: np.ndarray, levels: np.ndarray, m
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _limit_field_of_view(rng: np.random.Generator, image: np.ndarray, tissue: np.ndarray, levels: np.ndarray) -> None:
+    """Keep only a slab of the crop, as in a scan narrower than the crop (a thin sagittal MR stack, short axial
+    coverage); in place. Outside the slab the image takes its minimum (0 after percentile normalisation, like
+    padding) and the targets are unknown: tissue ``IGNORE``, levels 0.
+
+    Args:
+        image: float32 (z, y, x).
+        tissue, levels: uint8 (z, y, x) targets.
+    """
+    axis = int(rng.choice([2, 0, 1], p=[0.7, 0.2, 0.1]))  # left-right (sagittal stack), z (axial), y
+    n = image.shape[axis]
+    width = max(int(n * rng.uniform(0.3, 0.7)), 1)
+    bone = np.flatnonzero(np.moveaxis(levels, axis, 0).reshape(n, -1).any(axis=1))
+    middle = int(np.median(bone)) if bone.size else n // 2
+    start = int(np.clip(middle - width // 2 + rng.integers(-width // 4, width // 4 + 1), 0, n - width))
+    outside = np.ones(n, bool)
+    outside[start : start + width] = False
+    index = [slice(None)] * 3
+    index[axis] = outside
+    index = tuple(index)
+    image[index] = image.min()
+    tissue[index] = IGNORE
+    levels[index] = 0
+
+
 def _crop_centre(rng: np.random.Generator, subject: _Subject, extent: np.ndarray) -> np.ndarray:
     """World centre (z, y, x mm) of the crop: on a random part of the spine, extra weight on the sacrum, C1/C2 and
     the thoraco-lumbar junction, sometimes shifted partly outside the body."""
@@ -678,5 +705,7 @@ def synthesize_case(rng: np.random.Generator, library: ShapeLibrary, spacing_mm:
         bone = np.isin(canvas.cls, _BONE_CLASSES)
         canvas.cls[bone & ~ndimage.binary_erosion(bone)] = CORTEX
     image = _appearance(rng, canvas.cls, canvas.levels, modality, float(spacing_mm))
+    if rng.random() < 0.15:
+        _limit_field_of_view(rng, image, canvas.tissue, canvas.levels)
     log.debug("synthetic %s crop, levels %s", modality, ", ".join(BY_LABEL[int(v)].name for v in np.unique(canvas.levels) if v))
     return TrainingCase(image, canvas.tissue, canvas.levels, float(spacing_mm))
