@@ -6,7 +6,7 @@ label maps with randomised contrast and resolution, SynthSeg-style (Billot et al
 """
 
 from SpineLabelTrainingLib.shapes import ShapeLibrary, build_shape_library
-from SpineLabelTrainingLib.synthesis import IGNORE, NOT_BODY, TISSUE_NAMES, TrainingCase, synthesize_case
+from SpineLabelTrainingLib.synthesis import IGNORE, TISSUE_NAMES, TrainingCase, synthesize_case
 
-__all__ = ["ShapeLibrary", "build_shape_library", "TISSUE_NAMES", "NOT_BODY", "IGNORE", "TrainingCase",
+__all__ = ["ShapeLibrary", "build_shape_library", "TISSUE_NAMES", "IGNORE", "TrainingCase",
            "synthesize_case"]

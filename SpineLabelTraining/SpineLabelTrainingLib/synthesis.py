@@ -37,7 +37,6 @@ from SpineLabelTrainingLib.shapes import S1_LABEL, Shape, ShapeLibrary, frame, s
 
 __all__ = [
     "TISSUE_NAMES",
-    "NOT_BODY",
     "IGNORE",
     "MODALITIES",
     "TrainingCase",
@@ -46,7 +45,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-NOT_BODY = 254  # tissue target: background, posterior elements or disc, but not vertebral body
 IGNORE = 255  # tissue/level target: unknown, no loss
 MODALITIES = ("ct", "t1", "t2", "stir", "water", "fat", "random")
 _MODALITY_P = (0.3, 0.14, 0.2, 0.06, 0.05, 0.05, 0.2)

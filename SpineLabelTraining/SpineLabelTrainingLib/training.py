@@ -38,6 +38,8 @@ from SpineLabelLib.models import load_model, save_model
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
 
+from .synthesis import IGNORE
+
 __all__ = [
     "NOT_VERTEBRA",
     "VERTEBRA",
@@ -52,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-NOT_VERTEBRA, VERTEBRA, NOT_BODY, IGNORE = 252, 253, 254, 255
+NOT_VERTEBRA, VERTEBRA, NOT_BODY = 252, 253, 254  # partial labels; IGNORE (255) comes from synthesis
 _ALLOWED = np.zeros((256, len(TISSUE_NAMES)), dtype=bool)
 for _c in range(len(TISSUE_NAMES)):
     _ALLOWED[_c, _c] = True
