@@ -411,7 +411,7 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Select an input volume."))
         workDirectory = Path(tempfile.mkdtemp(prefix="SpineLabel-"))
         inputPath = workDirectory / "input.nrrd"
-        sitk.WriteImage(imageFromVolumeNode(volumeNode), str(inputPath), True)
+        sitk.WriteImage(imageFromVolumeNode(volumeNode), str(inputPath), False)  # temporary: no compression
         outputDirectory = workDirectory / "result"
         process = BackgroundProcess(
             labelCommand(self.pythonExecutable(), inputPath, outputDirectory, modelPath, device),

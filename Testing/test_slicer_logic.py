@@ -97,6 +97,13 @@ def test_volume_round_trip_keeps_geometry(mrml):
     np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-12)
 
 
+def test_labelling_of_another_grid_is_refused(mrml, spine):
+    other = sitk.Image(spine.image)
+    other.SetSpacing((1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="grid"):
+        LabelingScene(addVolumeNodeFromImage(mrml.scene, other, "other"), spine.result)
+
+
 def test_scene_from_labelling(labeled, mrml, tmp_path):
     assert_nodes_match(labeled)
     assert layer_voxels(labeled).dtype == np.uint8  # one byte per voxel for all vertebrae together

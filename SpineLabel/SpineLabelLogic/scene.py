@@ -154,6 +154,9 @@ class LabelingScene(VTKObservationMixin):
         image: the volume as a ``SimpleITK.Image``; read from ``volumeNode`` when needed if not given.
         name: base name of the nodes (defaults to the volume's name).
 
+    Raises:
+        ValueError: the labelling is not on the volume's grid.
+
     Attributes:
         result: the current labelling; replaced (never modified) by every correction.
         corrections: log of the corrections applied, oldest first (stored in exported provenance).
@@ -163,6 +166,7 @@ class LabelingScene(VTKObservationMixin):
 
     def __init__(self, volumeNode, result: SpineLabeling, image: sitk.Image | None = None, name: str | None = None):
         VTKObservationMixin.__init__(self)
+        edits.check_image_grid(result, _geometryOfVolume(volumeNode))
         self.volumeNode = volumeNode
         self.result = result
         self.corrections: list[dict] = []
