@@ -323,6 +323,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     start_epoch, history = 0, []
     if cfg.resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["total_steps"] != total_steps:
+            raise ValueError(f"{ckpt}: checkpoint of a run of {state['total_steps']} iterations; resume it with the "
+                             "same --epochs and --iterations")
         net.load_state_dict(state["network"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -353,7 +356,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
         log.info("epoch %d/%d loss %.4f body Dice %.3f level accuracy %.3f", epoch + 1, cfg.epochs, metrics["loss"],
                  metrics["body_dice"], metrics["level_accuracy"])
         torch.save({"network": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "epoch": epoch + 1, "history": history}, ckpt)
+                    "epoch": epoch + 1, "history": history, "total_steps": total_steps}, ckpt)
         if progress is not None:
             progress(metrics)
     card = {

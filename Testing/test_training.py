@@ -1,0 +1,92 @@
+"""Training: partial-label losses, dataset layouts, and a tiny end-to-end run that writes a loadable model."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SpineLabelLib.inference import Cancelled
+from SpineLabelLib.models import load_model
+from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
+from SpineLabelTrainingLib.synthesis import IGNORE
+from SpineLabelTrainingLib.training import (NOT_BODY, NOT_VERTEBRA, VERTEBRA, TrainConfig, find_cases, level_loss,
+                                            load_case, tissue_loss, train)
+
+
+def logits_for(classes, confidence=8.0):
+    """(1, 4, n, 1, 1) logits that put most probability on the given class per voxel."""
+    out = torch.zeros(1, 4, len(classes), 1, 1)
+    for i, c in enumerate(classes):
+        out[0, c, i] = confidence
+    return out
+
+
+def test_partial_labels_accept_every_allowed_class():
+    target = torch.tensor([[NOT_BODY, NOT_BODY, NOT_BODY]]).view(1, 3, 1, 1)
+    ok = tissue_loss(logits_for([0, POSTERIOR, DISC]), target)
+    wrong = tissue_loss(logits_for([BODY, BODY, BODY]), target)
+    assert ok < 0.05 and wrong > 5
+    target = torch.tensor([[VERTEBRA, VERTEBRA, NOT_VERTEBRA]]).view(1, 3, 1, 1)
+    assert tissue_loss(logits_for([BODY, POSTERIOR, DISC]), target) < 0.05
+    assert tissue_loss(logits_for([0, 0, BODY]), target) > 5
+    ignored = torch.full((1, 3, 1, 1), IGNORE)
+    assert float(tissue_loss(logits_for([0, 1, 2]), ignored)) == pytest.approx(0.0, abs=1e-6)  # nothing known, no loss
+
+
+def test_level_loss_only_on_vertebra_voxels():
+    levels = torch.zeros(1, 4, 4, 4, dtype=torch.uint8)
+    logits = torch.zeros(1, 27, 2, 2, 2, requires_grad=True)
+    assert float(level_loss(logits, levels).detach()) == 0.0
+    levels[0, 0, 0, 0] = 20  # L1 -> level index of L1
+    loss = level_loss(logits, levels)
+    assert float(loss) == pytest.approx(np.log(27), rel=1e-4)
+
+
+def write_pair(folder, image_name, label_name, size=(40, 40, 60)):
+    arr = np.zeros(size[::-1], np.int16)
+    lab = np.zeros(size[::-1], np.uint8)
+    for i, label in enumerate((22, 23, 24)):
+        arr[10 + 15 * i : 20 + 15 * i, 10:30, 10:30] = 300
+        lab[10 + 15 * i : 20 + 15 * i, 10:30, 10:30] = label
+    for name, a in ((image_name, arr), (label_name, lab)):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(sitk.GetImageFromArray(a), str(folder / name))
+
+
+def test_dataset_layouts(tmp_path):
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    write_pair(tmp_path / "verse", "s1_ct.nii.gz", "s1_seg-vert_msk.nii.gz")
+    write_pair(tmp_path / "bodies", "b1_img.nii.gz", "b1_vert-verse.nii.gz")
+    assert [c[2] for c in find_cases(tmp_path / "nn")] == [False]
+    assert [c[2] for c in find_cases(tmp_path / "verse")] == [False]
+    (image, label, bodies_only), = find_cases(tmp_path / "bodies")
+    assert bodies_only
+    case = load_case(image, label, bodies_only, 2.0)
+    assert set(np.unique(case.tissue)) == {BODY, NOT_BODY}
+    assert set(np.unique(case.levels)) == {0, 22, 23, 24}
+    assert 0.0 <= case.image.min() and case.image.max() <= 1.0
+    whole = load_case(*find_cases(tmp_path / "verse")[0][:2], False, 2.0)
+    assert set(np.unique(whole.tissue)) == {VERTEBRA, NOT_VERTEBRA}
+    with pytest.raises(FileNotFoundError):
+        find_cases(tmp_path / "nn" / "imagesTr")
+
+
+def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path):
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    cfg = TrainConfig(data=[("phantom", 1.0), (str(tmp_path / "nn"), 1.0)], out=tmp_path / "m.json", epochs=2,
+                      iterations=2, batch=1, patch=(32, 32, 32), spacing_mm=4.0, device="cpu", validation_cases=1)
+    seen = []
+    with pytest.raises(Cancelled):  # stopped after the first epoch
+        train(cfg, progress=seen.append, cancel=lambda: len(seen) == 1)
+    assert cfg.out.with_suffix(".ckpt").exists() and not cfg.out.exists()
+    cfg.resume = True
+    card = train(cfg, progress=seen.append)
+    model = load_model(card)
+    assert [m["epoch"] for m in seen] == [1, 2]
+    assert model.card["spacing_mm"] == 4.0 and len(model.card["training"]["history"]) == 2
+    cfg.epochs = 3
+    with pytest.raises(ValueError, match="same --epochs"):
+        train(cfg)
+    finetuned = train(TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "f.json", base_model=card,
+                                  epochs=1, iterations=1, batch=1, patch=(32, 32, 32), device="cpu", validation_cases=1))
+    assert load_model(finetuned).card["base_model"]["name"] == "spinelabel-finetuned"
