@@ -46,16 +46,30 @@ def test_merged_bodies_are_split():
     tissue[z0 : z0 + 3, 15:19, 18:22] = BODY
     bodies = body_components(tissue, SPACING)
     assert bodies.max() == 4
-    split = split_merged(bodies, SPACING)
+    split = split_merged(bodies, (tissue == BODY).astype(np.float32), SPACING)
     assert split.max() == 5
     sizes = np.bincount(split.ravel())[1:]
     assert sizes.min() > 0.5 * sizes.max()
 
 
+def test_a_column_of_bodies_is_cut_at_its_discs_but_a_tall_sacrum_is_not():
+    tissue = stacked_spine(n=4)
+    prob = np.where(tissue == BODY, 0.95, 0.0).astype(np.float32)
+    prob[tissue == DISC] = 0.55  # the network saw the discs only faintly: all one body component
+    tissue[tissue == DISC] = BODY
+    merged = body_components(tissue, SPACING)
+    assert merged.max() == 1
+    split = split_merged(merged, prob, SPACING)
+    assert split.max() == 4
+    sacrum = np.zeros((60, 30, 30), np.uint8)
+    sacrum[5:55, 8:22, 8:22] = BODY  # 100 mm tall, uniform probability: stays one piece
+    assert split_merged(body_components(sacrum, SPACING), (sacrum == BODY) * 0.9, SPACING).max() == 1
+
+
 def test_posterior_elements_join_their_body():
     tissue = stacked_spine()
     tissue[5, 36:39, 1:3] = POSTERIOR  # a loose posterior fragment touching no body
-    bodies, whole = vertebra_components(tissue, SPACING)
+    bodies, whole = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING)
     for vid in range(1, 5):
         body_z = np.argwhere(bodies == vid)[:, 0]
         post = np.argwhere((whole == vid) & (tissue == POSTERIOR))
@@ -66,7 +80,7 @@ def test_posterior_elements_join_their_body():
 
 def test_features_and_chain():
     tissue = stacked_spine()
-    bodies, whole = vertebra_components(tissue, SPACING)
+    bodies, whole = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING)
     grid = Geometry(tissue.shape[::-1], SPACING, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     feats = measure(bodies, whole, (tissue > 0).astype(np.float32), grid)
     assert len(feats) == 4

@@ -1,9 +1,9 @@
 """From the network's tissue map to one connected component per vertebra.
 
 Vertebral bodies are separated by intervertebral discs, so the connected components of the body mask are the
-vertebrae. Specks are dropped; a component far taller than its neighbours (two bodies bridged by a thin or
-degenerated disc) is split by eroding it until it falls apart and flooding the pieces back (watershed). Posterior
-elements are then attached to the body they are connected to.
+vertebrae. Specks are dropped; a component taller than a vertebral body (bodies bridged by a thin, collapsed or
+poorly seen disc) is cut where its body-probability profile dips. Posterior elements are then attached to the
+body they are connected to.
 
 All arrays are (z, y, x) on the model grid; ``spacing_mm`` is (z, y, x) voxel size in mm.
 """
@@ -67,11 +67,26 @@ def _z_means(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return sums[ids] / np.maximum(counts[ids], 1)
 
 
-def split_merged(labels: np.ndarray, spacing_mm: tuple[float, float, float], ratio: float = 1.7, max_erosions: int = 4) -> np.ndarray:
-    """Split components whose cranio-caudal height exceeds ``ratio`` times the median height of all components.
+def split_merged(
+    labels: np.ndarray,
+    body_probability: np.ndarray,
+    spacing_mm: tuple[float, float, float],
+    max_height_mm: float = 40.0,
+    ratio: float = 1.7,
+    min_piece_mm: float = 10.0,
+    depth: float = 0.3,
+) -> np.ndarray:
+    """Cut components that span more than one vertebral body at the valleys of their body-probability profile.
+
+    A component is a candidate when it is taller (along z) than ``max_height_mm`` or than ``ratio`` times the
+    median height of the components. Its profile is the summed body probability of its voxels per z slice; a disc
+    or a thin bridge between two bodies is a valley of that profile. A valley at least ``depth`` (relative) below
+    the highest point within ``min_piece_mm`` on both sides becomes a cut, so the sacrum and single tall bodies,
+    whose profiles have no deep valley, stay whole.
 
     Args:
         labels: int32 (z, y, x) body components (``body_components``).
+        body_probability: float (z, y, x) vertebral-body probability from the network.
         spacing_mm: voxel size (z, y, x) in mm.
 
     Returns:
@@ -79,37 +94,35 @@ def split_merged(labels: np.ndarray, spacing_mm: tuple[float, float, float], rat
     """
     ids = np.unique(labels)
     ids = ids[ids > 0]
-    if ids.size < 2:
+    if ids.size == 0:
         return labels
     boxes = ndimage.find_objects(labels)
-    heights = np.array([(boxes[i - 1][0].stop - boxes[i - 1][0].start) for i in ids], dtype=float) * spacing_mm[0]
-    median = float(np.median(heights))
+    heights = np.array([boxes[i - 1][0].stop - boxes[i - 1][0].start for i in ids], dtype=float) * spacing_mm[0]
+    limit = min(max_height_mm, ratio * float(np.median(heights))) if ids.size >= 3 else max_height_mm
+    window = max(1, int(round(min_piece_mm / spacing_mm[0])))
     out = labels.copy()
     next_id = int(ids.max()) + 1
     for vid, height in zip(ids, heights):
-        if height <= ratio * median:
+        if height <= limit:
             continue
         box = boxes[vid - 1]
         mask = labels[box] == vid
-        eroded = mask
-        for _ in range(max_erosions):
-            eroded = ndimage.binary_erosion(eroded, structure=_SIX_CONNECTED)
-            markers, n = ndimage.label(eroded, structure=_SIX_CONNECTED)
-            if n >= 2:
-                sizes = np.bincount(markers.ravel())[1:]
-                big = np.flatnonzero(sizes >= 0.1 * sizes.max()) + 1
-                if big.size >= 2:
-                    markers = np.where(np.isin(markers, big), markers, 0)
-                    distance = ndimage.distance_transform_edt(mask, sampling=spacing_mm)
-                    pieces = watershed(-distance, markers, mask=mask)
-                    region = out[box]
-                    for piece in np.unique(pieces[pieces > 0])[1:]:
-                        region[pieces == piece] = next_id
-                        next_id += 1
-                    log.info("split a merged body of height %.0f mm into %d", height, big.size)
-                    break
-            if not eroded.any():
-                break
+        profile = ndimage.gaussian_filter1d((body_probability[box] * mask).sum(axis=(1, 2)).astype(float), 1.0)
+        cuts = []
+        for z in range(window, profile.size - window):
+            if profile[z] > min(profile[z - 1], profile[z + 1]) or (cuts and z - cuts[-1] < window):
+                continue
+            shoulder = min(profile[z - window : z].max(), profile[z + 1 : z + 1 + window].max())
+            if profile[z] < (1.0 - depth) * shoulder:
+                cuts.append(z)
+        if not cuts:
+            continue
+        piece = np.searchsorted(np.asarray(cuts), np.arange(profile.size), side="right")
+        region = out[box]
+        for k in range(1, len(cuts) + 1):
+            region[mask & (piece == k)[:, None, None]] = next_id
+            next_id += 1
+        log.info("split a body component %.0f mm tall into %d", height, len(cuts) + 1)
     return _renumber_cranial_first(out, np.unique(out[out > 0]))
 
 
@@ -136,11 +149,17 @@ def attach_posterior(bodies: np.ndarray, tissue: np.ndarray) -> np.ndarray:
     return out
 
 
-def vertebra_components(tissue: np.ndarray, spacing_mm: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Body components and whole-vertebra components from a tissue map.
+def vertebra_components(tissue: np.ndarray, body_probability: np.ndarray,
+                        spacing_mm: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Body components and whole-vertebra components from the network's tissue map and body probability.
+
+    Args:
+        tissue: uint8 (z, y, x) tissue classes.
+        body_probability: float (z, y, x) vertebral-body probability.
+        spacing_mm: voxel size (z, y, x) in mm.
 
     Returns:
         (bodies, vertebrae), both int32 (z, y, x) with the same ids, cranial first.
     """
-    bodies = split_merged(body_components(tissue, spacing_mm), spacing_mm)
+    bodies = split_merged(body_components(tissue, spacing_mm), body_probability, spacing_mm)
     return bodies, attach_posterior(bodies, tissue)

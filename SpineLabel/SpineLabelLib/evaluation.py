@@ -242,7 +242,8 @@ def _predictions(pred_dir: Path) -> dict[str, PredFiles]:
 
 
 def _bodies_only(mask: Path, gt_dir: Path) -> bool:
-    parts = [gt_dir.resolve().name, *mask.resolve().relative_to(gt_dir.resolve()).parts[:-1]]
+    # absolute(), not resolve(): the GT folder may be made of symbolic links to files elsewhere
+    parts = [gt_dir.absolute().name, *mask.absolute().relative_to(gt_dir.absolute()).parts[:-1]]
     return any("bodies" in p.lower() for p in parts)
 
 

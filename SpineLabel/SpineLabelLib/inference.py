@@ -61,12 +61,14 @@ class Prediction:
 
     Attributes:
         tissue: uint8 (z, y, x) argmax tissue class (``vertebrae.TISSUE_NAMES``).
+        body_probability: float16 (z, y, x) probability of vertebral body.
         bone_probability: float16 (z, y, x) probability of vertebra (body or posterior elements).
         level_log_probs: float16 (n_levels, z2, y2, x2) level log-probabilities at half resolution
             (z2 = ceil(z / 2) ...).
     """
 
     tissue: np.ndarray
+    body_probability: np.ndarray
     bone_probability: np.ndarray
     level_log_probs: np.ndarray
 
@@ -156,5 +158,7 @@ def predict(
     tissue = np.argmax(tissue_acc, axis=0).astype(np.uint8)
     tissue_acc -= tissue_acc.max(axis=0, keepdims=True)
     np.exp(tissue_acc, out=tissue_acc)
-    bone = ((tissue_acc[BODY] + tissue_acc[POSTERIOR]) / tissue_acc.sum(axis=0)).astype(np.float16)
-    return Prediction(tissue, bone, level_acc.astype(np.float16))
+    tissue_acc /= tissue_acc.sum(axis=0, keepdims=True)
+    body = tissue_acc[BODY].astype(np.float16)
+    bone = (tissue_acc[BODY] + tissue_acc[POSTERIOR]).astype(np.float16)
+    return Prediction(tissue, body, bone, level_acc.astype(np.float16))
