@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from SpineLabelLib.components import attach_posterior, body_components, split_merged, vertebra_components
+from SpineLabelLib.components import (attach_posterior, body_components, off_axis_components, split_merged,
+                                       vertebra_components)
 from SpineLabelLib.features import chain_order, level_scores, measure
 from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
 from SpineLabelLib.result import Geometry
@@ -95,3 +96,14 @@ def test_features_and_chain():
     lp[5] = 0.0
     scores = level_scores(bodies, lp, [1, 2])
     assert scores.shape == (2, 27) and np.allclose(scores[:, 5], 0.0)
+
+
+def test_fragments_off_the_column_become_posterior_elements():
+    tissue = stacked_spine(n=5)
+    tissue[18:26, 34:40, 15:25] = BODY  # a spinous process the network called body, far behind the column
+    bodies = body_components(tissue, SPACING)
+    assert bodies.max() == 6
+    stray = off_axis_components(bodies, SPACING)
+    assert stray.size == 1 and np.argwhere(bodies == stray[0])[:, 1].min() >= 34
+    clean, whole = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING)
+    assert clean.max() == 5

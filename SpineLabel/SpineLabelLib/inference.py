@@ -95,8 +95,8 @@ def predict(
     model: LoadedModel,
     volume: np.ndarray,
     device: torch.device,
-    window: tuple[int, int, int] = (128, 160, 160),
-    overlap: int = 32,
+    window: tuple[int, int, int] = (96, 224, 224),
+    overlap: int = 16,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
 ) -> Prediction:

@@ -213,8 +213,11 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the final file gets the usual permissions
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -20,11 +20,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from .io import atomic_path
-from .network import SpineUNet
 from .vertebrae import LEVELS, TISSUE_NAMES
+
+if TYPE_CHECKING:  # torch is imported only to load or save weights, so model lists work without it
+    import torch
+
+    from .network import SpineUNet
 
 __all__ = [
     "ModelError",
@@ -51,7 +55,7 @@ class ModelError(RuntimeError):
 class LoadedModel:
     """A network ready for inference, with its card."""
 
-    network: SpineUNet
+    network: "SpineUNet"
     card: dict
     path: Path
 
@@ -114,7 +118,7 @@ def list_models() -> list[dict]:
     return cards
 
 
-def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(path: str | os.PathLike | None = None, device: "str | torch.device" = "cpu") -> LoadedModel:
     """Load a model, verifying its weights against the card's sha256.
 
     Args:
@@ -125,6 +129,10 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
         ModelError: card or weights missing, hash mismatch (corrupt or altered file), or weights that do not fit
             the architecture.
     """
+    import torch
+
+    from .network import SpineUNet
+
     card_path = _card_path(path) if path is not None else default_model_path()
     card = read_card(card_path)
     weights = card_path.parent / card["weights"]
@@ -143,8 +151,10 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     return LoadedModel(network, card, card_path)
 
 
-def save_model(network: SpineUNet, card: dict, card_path: str | os.PathLike) -> Path:
+def save_model(network: "SpineUNet", card: dict, card_path: str | os.PathLike) -> Path:
     """Write weights + card (hash filled in) atomically; returns the card path."""
+    import torch
+
     card_path = _card_path(card_path)
     card_path.parent.mkdir(parents=True, exist_ok=True)
     weights = card_path.with_suffix(".pt")

@@ -75,4 +75,11 @@ class SpineUNet(nn.Module):
             y = merge(torch.cat([up(y), skips.pop()], dim=1))
             if len(skips) == 1:
                 level_logits = self.level_head(y)
-        return self.tissue_head(y), level_logits
+        return _pointwise(self.tissue_head, y), level_logits
+
+
+def _pointwise(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1x1 convolution as a channel matrix product: the same result, several times faster on a CPU for the
+    few channels of the full-resolution head."""
+    out = torch.einsum("oc,bczyx->bozyx", conv.weight[:, :, 0, 0, 0], x)
+    return out + conv.bias.view(1, -1, 1, 1, 1)

@@ -189,7 +189,8 @@ def segmentation_array_and_header(result: SpineLabeling) -> tuple[np.ndarray, di
 
 def _write_segmentation_to(result: SpineLabeling, path: Path) -> None:
     voxels, header = segmentation_array_and_header(result)
-    nrrd.write(str(path), np.ascontiguousarray(voxels.T), header, index_order="F")
+    # voxels.T is an (i, j, k) view whose memory is already in NRRD's order: no copy; fast gzip level
+    nrrd.write(str(path), voxels.T, header, index_order="F", compression_level=1)
 
 
 def write_segmentation(result: SpineLabeling, path: str | os.PathLike) -> None:

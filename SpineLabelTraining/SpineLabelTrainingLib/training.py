@@ -303,6 +303,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     rng = np.random.default_rng(cfg.seed)
     device = resolve_device(cfg.device)
     out = Path(cfg.out).with_suffix(".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     ckpt = out.with_suffix(".ckpt")
     if cfg.base_model is not None:
         base = load_model(cfg.base_model)
