@@ -15,11 +15,14 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from dataclasses import asdict
 
 import numpy as np
 import SimpleITK as sitk
@@ -91,6 +94,21 @@ def evaluate(args: argparse.Namespace) -> int:
     summary = evaluate_folders(pred, gt, out_json=root / "evaluation.json", out_md=root / "evaluation.md", groups=groups)
     print(summary_markdown(summary))
     print(f"\nwritten: {root / 'evaluation.json'}, {root / 'evaluation.md'}")
+    if args.write_card:
+        from SpineLabelLib.models import default_model_path
+
+        card_path = args.model or default_model_path()
+        card = json.loads(card_path.read_text())
+        groups_out = {name: asdict(group) for name, group in summary.groups.items()}
+        card["evaluation"] = {
+            "command": "python benchmarks/real_data.py evaluate --write-card" + (f" --model {card_path}" if args.model else ""),
+            "test_set": "held-out real scans of ../shared/data, never used in training: " + ", ".join(
+                [*HOLDOUT_MRI, *HOLDOUT_FOLDERS]),
+            "groups": {name: {k: v for k, v in g.items() if not isinstance(v, list)} for name, g in groups_out.items()},
+            "cases": [{"case": c.name, "group": c.group, "id_rate": c.id_rate, "shift": c.shift} for c in summary.cases],
+        }
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        print(f"evaluation written into {card_path}")
     return 0
 
 
@@ -124,6 +142,7 @@ def main() -> int:
     p = sub.add_parser("evaluate", help="label the held-out real scans and score them")
     p.add_argument("--model", type=Path)
     p.add_argument("--workdir", type=Path)
+    p.add_argument("--write-card", action="store_true", help="record the scores in the model card's evaluation entry")
     args, extra = parser.parse_known_args()
     if not DATA.is_dir():
         print(f"{DATA}: real data folder not found", file=sys.stderr)
