@@ -100,7 +100,7 @@ def test_features_and_chain():
 
 def test_fragments_off_the_column_become_posterior_elements():
     tissue = stacked_spine(n=5)
-    tissue[18:26, 34:40, 15:25] = BODY  # a spinous process the network called body, far behind the column
+    tissue[16:26, 34:40, 13:27] = BODY  # a spinous process the network called body, far behind the column
     bodies = body_components(tissue, SPACING)
     assert bodies.max() == 6
     stray = off_axis_components(bodies, SPACING)

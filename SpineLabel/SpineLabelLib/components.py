@@ -26,46 +26,46 @@ log = logging.getLogger(__name__)
 _SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
 
 
-def body_components(tissue: np.ndarray, spacing_mm: tuple[float, float, float], min_volume_ml: float = 0.25) -> np.ndarray:
-    """Label connected vertebral-body regions, dropping specks.
+def body_components(tissue: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
+    """Label connected vertebral-body regions, dropping specks (``drop_small``).
 
     Args:
         tissue: uint8 (z, y, x) tissue classes.
         spacing_mm: voxel size (z, y, x) in mm.
-        min_volume_ml: smaller components are dropped; so are components under 15 % of the median volume.
 
     Returns:
         int32 (z, y, x), 0 background, 1..n components numbered by decreasing z (cranial first).
     """
-    labels, n = ndimage.label(tissue == BODY, structure=_SIX_CONNECTED)
-    if n == 0:
-        return labels.astype(np.int32)
-    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] * voxel_ml
+    labels, _ = ndimage.label(tissue == BODY, structure=_SIX_CONNECTED)
+    return drop_small(labels, spacing_mm)
+
+
+def drop_small(labels: np.ndarray, spacing_mm: tuple[float, float, float], min_volume_ml: float = 0.25,
+               fraction: float = 0.25) -> np.ndarray:
+    """Drop components under ``min_volume_ml`` or under ``fraction`` of the median component volume.
+
+    Args:
+        labels: int (z, y, x) components.
+        spacing_mm: voxel size (z, y, x) in mm.
+
+    Returns:
+        int32 (z, y, x) remaining components, renumbered cranial first.
+    """
+    sizes = np.bincount(labels.ravel())[1:] * (float(np.prod(spacing_mm)) / 1000.0)
     keep = sizes >= min_volume_ml
     if keep.any():
-        keep &= sizes >= 0.15 * float(np.median(sizes[keep]))
+        keep &= sizes >= fraction * float(np.median(sizes[keep]))
     return _renumber_cranial_first(labels, np.flatnonzero(keep) + 1)
 
 
 def _renumber_cranial_first(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     if ids.size == 0:
         return np.zeros(labels.shape, dtype=np.int32)
-    z_mean = ndimage.mean(np.indices(labels.shape)[0], labels, ids) if labels.size < 2e7 else _z_means(labels, ids)
-    order = ids[np.argsort(-np.asarray(z_mean))]
+    z_mean = np.array([c[0] for c in ndimage.center_of_mass(labels > 0, labels, ids)])
+    order = ids[np.argsort(-z_mean)]
     lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)
     lut[order] = np.arange(1, order.size + 1)
     return lut[labels]
-
-
-def _z_means(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    counts = np.zeros(int(labels.max()) + 1)
-    sums = np.zeros_like(counts)
-    for z in range(labels.shape[0]):
-        c = np.bincount(labels[z].ravel(), minlength=counts.size)
-        counts += c
-        sums += c * z
-    return sums[ids] / np.maximum(counts[ids], 1)
 
 
 def _cut_positions(profile: np.ndarray, spacing_z_mm: float, min_pitch_mm: float = 12.0,
@@ -228,6 +228,7 @@ def vertebra_components(tissue: np.ndarray, body_probability: np.ndarray,
     if stray.size:
         log.info("%d body components off the vertebral column treated as posterior elements", stray.size)
         moved = np.isin(bodies, stray)
-        bodies = _renumber_cranial_first(np.where(moved, 0, bodies), np.setdiff1d(np.unique(bodies), [0, *stray]))
+        bodies = np.where(moved, 0, bodies)
         tissue = np.where(moved, POSTERIOR, tissue).astype(tissue.dtype)
+    bodies = drop_small(bodies, spacing_mm)  # end pieces of a cut column
     return bodies, attach_posterior(bodies, tissue)
