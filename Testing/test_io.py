@@ -112,3 +112,23 @@ def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x_seg.nii.gz"]
+
+
+def test_reads_a_dicom_series_folder(tmp_path):
+    volume = oriented_image(np.eye(3), size=(24, 20, 6), spacing=(1.0, 1.0, 2.5))
+    volume = sitk.Cast(volume, sitk.sitkInt16)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(volume.GetDepth()):
+        slice_ = volume[:, :, k]
+        for tag, value in (("0020|000e", "1.2.826.0.1.3680043.2.1125.1.4242"), ("0020|0013", str(k + 1)),
+                           ("0020|0032", "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, k))))),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0008|0060", "CT")):
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(slice_)
+    image = read_image(folder)
+    assert image.GetSize() == volume.GetSize() and np.allclose(image.GetSpacing(), volume.GetSpacing())
+    assert case_name(folder) == "series"
