@@ -41,7 +41,7 @@ def body_components(tissue: np.ndarray, spacing_mm: tuple[float, float, float]) 
 
 
 def drop_small(labels: np.ndarray, spacing_mm: tuple[float, float, float], min_volume_ml: float = 0.25,
-               fraction: float = 0.25) -> np.ndarray:
+               fraction: float = 0.15) -> np.ndarray:
     """Drop components under ``min_volume_ml`` or under ``fraction`` of the median component volume.
 
     Args:
@@ -68,56 +68,22 @@ def _renumber_cranial_first(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
-def _cut_positions(profile: np.ndarray, spacing_z_mm: float, min_pitch_mm: float = 12.0,
-                   max_pitch_mm: float = 50.0, depth: float = 0.15) -> list[int]:
-    """Slices at which to cut a column of bodies, from its body-probability profile along z.
-
-    The column's vertebral pitch is the first autocorrelation peak of the profile between ``min_pitch_mm`` and
-    ``max_pitch_mm``; without such a peak (a sacrum, one tall body) nothing is cut. Cuts go at the profile's
-    valleys at least ``depth`` below the neighbouring maxima (within half a pitch), deepest first, no closer than
-    0.6 pitch to each other or to the column's ends.
-
-    Args:
-        profile: float (n,) summed body probability per z slice of the component.
-        spacing_z_mm: slice spacing in mm.
-    """
-    n = profile.size
-    p = ndimage.gaussian_filter1d(profile.astype(float), 1.0)
-    x = p - p.mean()
-    ac = np.correlate(x, x, mode="full")[n - 1 :]
-    lo, hi = max(2, int(min_pitch_mm / spacing_z_mm)), min(int(max_pitch_mm / spacing_z_mm), n - 2)
-    peaks = [k for k in range(lo, hi + 1) if ac[k] > 0 and ac[k] >= ac[k - 1] and ac[k] >= ac[k + 1]]
-    if not peaks:
-        return []
-    pitch = peaks[0]
-    half = max(1, pitch // 2)
-    scored = []
-    for z in range(1, n - 1):
-        if p[z] > p[z - 1] or p[z] > p[z + 1]:
-            continue
-        shoulder = min(p[max(0, z - half) : z].max(), p[z + 1 : z + 1 + half].max())
-        if shoulder > 0 and p[z] <= (1.0 - depth) * shoulder:
-            scored.append((1.0 - p[z] / shoulder, z))
-    cuts: list[int] = []
-    for _, z in sorted(scored, reverse=True):
-        if min(z, n - z) >= 0.6 * pitch and all(abs(z - c) >= 0.6 * pitch for c in cuts):
-            cuts.append(z)
-    return sorted(cuts)
-
-
 def split_merged(
     labels: np.ndarray,
     body_probability: np.ndarray,
     spacing_mm: tuple[float, float, float],
     max_height_mm: float = 40.0,
     ratio: float = 1.7,
+    min_piece_mm: float = 10.0,
+    depth: float = 0.3,
 ) -> np.ndarray:
-    """Cut components that span more than one vertebral body at the discs seen in their body-probability profile.
+    """Cut components that span more than one vertebral body at the valleys of their body-probability profile.
 
     A component is a candidate when it is taller (along z) than ``max_height_mm`` or than ``ratio`` times the
-    median height of the components. Its profile is the summed body probability of its voxels per z slice; discs
-    or thin bridges between bodies are its periodic valleys (see ``_cut_positions``), so the sacrum and single
-    tall bodies stay whole.
+    median height of the components. Its profile is the summed body probability of its voxels per z slice; a disc
+    or a thin bridge between two bodies is a valley of that profile. A valley at least ``depth`` (relative) below
+    the highest point within ``min_piece_mm`` on both sides becomes a cut, so the sacrum and single tall bodies,
+    whose profiles have no deep valley, stay whole.
 
     Args:
         labels: int32 (z, y, x) body components (``body_components``).
@@ -134,6 +100,7 @@ def split_merged(
     boxes = ndimage.find_objects(labels)
     heights = np.array([boxes[i - 1][0].stop - boxes[i - 1][0].start for i in ids], dtype=float) * spacing_mm[0]
     limit = min(max_height_mm, ratio * float(np.median(heights))) if ids.size >= 3 else max_height_mm
+    window = max(1, int(round(min_piece_mm / spacing_mm[0])))
     out = labels.copy()
     next_id = int(ids.max()) + 1
     for vid, height in zip(ids, heights):
@@ -141,10 +108,17 @@ def split_merged(
             continue
         box = boxes[vid - 1]
         mask = labels[box] == vid
-        cuts = _cut_positions((body_probability[box] * mask).sum(axis=(1, 2)), spacing_mm[0])
+        profile = ndimage.gaussian_filter1d((body_probability[box] * mask).sum(axis=(1, 2)).astype(float), 1.0)
+        cuts = []
+        for z in range(window, profile.size - window):
+            if profile[z] > min(profile[z - 1], profile[z + 1]) or (cuts and z - cuts[-1] < window):
+                continue
+            shoulder = min(profile[z - window : z].max(), profile[z + 1 : z + 1 + window].max())
+            if profile[z] < (1.0 - depth) * shoulder:
+                cuts.append(z)
         if not cuts:
             continue
-        piece = np.searchsorted(np.asarray(cuts), np.arange(mask.shape[0]), side="right")
+        piece = np.searchsorted(np.asarray(cuts), np.arange(profile.size), side="right")
         region = out[box]
         for k in range(1, len(cuts) + 1):
             region[mask & (piece == k)[:, None, None]] = next_id
