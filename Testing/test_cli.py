@@ -24,7 +24,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def phantom_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("in") / "spine.nii.gz"
+    path = tmp_path_factory.mktemp("in") / "demo" / "spine.nii.gz"  # the folder does not exist yet
     assert main(["phantom", str(path), "--fov", "lumbar", "--spacing", "2", "2", "2.5", "--seed", "3", "--quiet"]) == 0
     assert path.exists() and (path.parent / "spine_label.nii.gz").exists()
     return path

@@ -114,6 +114,7 @@ class Phantom:
             The two paths written, image first.
         """
         image_path = Path(path)
+        image_path.parent.mkdir(parents=True, exist_ok=True)
         label_path = image_path.with_name(f"{case_name(image_path)}_label.nii.gz")
         for image, target in ((self.image, image_path), (self.labels, label_path)):
             with atomic_path(target) as tmp:
