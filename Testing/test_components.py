@@ -83,12 +83,13 @@ def test_features_and_chain():
     tissue = stacked_spine()
     bodies, whole = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING)
     grid = Geometry(tissue.shape[::-1], SPACING, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    feats = measure(bodies, whole, (tissue > 0).astype(np.float32), grid)
+    feats = measure(bodies, whole, (tissue > 0).astype(np.float32), (tissue == BODY).astype(np.float32), grid)
     assert len(feats) == 4
     f = feats[0]
     assert f.body_volume_ml == pytest.approx(10 * 14 * 16 * 8 / 1000)
     assert f.volume_ml > f.body_volume_ml
     assert abs(f.principal_axis_lps[0]) > 0.9  # the body is widest along x (left-right)
+    assert f.body_probability == pytest.approx(1.0)
     ordered, gaps = chain_order(list(reversed(feats)))
     assert [o.id for o in ordered] == [1, 2, 3, 4]
     assert np.allclose(gaps, 13 * 2.0)

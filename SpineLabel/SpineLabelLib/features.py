@@ -27,6 +27,7 @@ class ComponentFeatures:
         extent_mm: bounding-box size of the body (z, y, x) in mm.
         principal_axis_lps: unit vector of the body's longest axis, LPS.
         mean_intensity: mean normalised intensity (0-1) inside the body.
+        body_probability: mean network probability of vertebral body inside the body (0-1).
     """
 
     id: int
@@ -36,15 +37,18 @@ class ComponentFeatures:
     extent_mm: np.ndarray
     principal_axis_lps: np.ndarray
     mean_intensity: float
+    body_probability: float
 
 
-def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, grid: Geometry) -> list[ComponentFeatures]:
+def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_probability: np.ndarray,
+            grid: Geometry) -> list[ComponentFeatures]:
     """Measure every component.
 
     Args:
         bodies: int32 (z, y, x) body components, ids 1..n.
         vertebrae: int32 (z, y, x) whole-vertebra components, same ids.
         volume: float32 (z, y, x) normalised image.
+        body_probability: float (z, y, x) the network's vertebral-body probability.
         grid: geometry of the model grid (spacing in mm along x, y, z).
     """
     ids = np.unique(bodies)
@@ -76,6 +80,7 @@ def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, grid:
                 extent_mm=np.array([s.stop - s.start for s in box]) * spacing_zyx,
                 principal_axis_lps=axis_lps,
                 mean_intensity=float(volume[box][mask].mean()),
+                body_probability=float(body_probability[box][mask].astype(np.float32).mean()),
             )
         )
     return out
