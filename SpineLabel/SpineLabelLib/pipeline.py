@@ -28,8 +28,9 @@ __all__ = ["label_spine", "Cancelled", "get_model", "MIN_SPINE_PROBABILITY"]
 
 log = logging.getLogger(__name__)
 
-# Below this median body probability over the components, the image is not taken for a spine (measured with the
-# default model: noise and smooth blobs give 0.61-0.69, real CT and MRI vertebrae 0.73-0.88 with most above 0.75).
+# An image is taken for a spine when at least two vertebra-like components are found and their median body
+# probability reaches this value (measured with the default model: noise gives about 0.61, real CT and MRI
+# vertebrae 0.75-0.9). A crop holding a single vertebra is therefore not labelled.
 MIN_SPINE_PROBABILITY = 0.70
 
 
@@ -138,9 +139,10 @@ def label_spine(
     body_probability = np.zeros(norm.shape, dtype=np.float16)
     body_probability[box] = prediction.body_probability
     measured = feat.measure(bodies, whole, norm, body_probability, grid_geometry)
-    if measured and float(np.median([f.body_probability for f in measured])) < MIN_SPINE_PROBABILITY:
-        median = float(np.median([f.body_probability for f in measured]))
-        warnings.append(f"no spine recognised: the network's vertebral-body probability is low (median {median:.2f})")
+    median = float(np.median([f.body_probability for f in measured])) if measured else 0.0
+    if len(measured) == 1 or (measured and median < MIN_SPINE_PROBABILITY):
+        warnings.append(f"no spine recognised: {len(measured)} vertebra-like component(s), median vertebral-body "
+                        f"probability {median:.2f}")
         report(1.0, "no vertebrae found")
         return _empty(geometry, warnings, loaded, timings, source, modality, t0)
     ordered, gaps = feat.chain_order(measured)
