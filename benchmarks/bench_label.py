@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,14 +20,14 @@ import numpy as np
 
 
 def label_once(image: Path, out: Path) -> tuple[float, float, dict]:
-    """Wall seconds, peak RSS (GB) of the child process, and the stage timings from its report."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Wall seconds and peak RSS (GB) of one ``spinelabel label`` process, and the stage timings from its report."""
+    code = ("import resource, sys; from SpineLabelLib.cli import main; "
+            f"rc = main(['label', {str(image)!r}, '-o', {str(out)!r}, '--quiet']); "
+            "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "SpineLabelLib.cli", "label", str(image), "-o", str(out), "--quiet"], check=True)
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kb <= before:
-        print("note: peak RSS is the maximum over all child processes so far", file=sys.stderr)
+    peak_kb = int(done.stderr.split("peak_kb")[-1].split()[0])
     report = json.loads(next(out.glob("*_report.json")).read_text())
     return wall, peak_kb / 1024**2, report
 
@@ -61,17 +60,15 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    from SpineLabelLib.phantom import make_phantom
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         image = tmp / "bench.nrrd"
         t = time.perf_counter()
-        phantom = make_phantom(modality="ct", fov="whole", size=tuple(args.size), spacing=tuple(args.spacing), seed=1)
-        import SimpleITK as sitk
-
-        sitk.WriteImage(phantom.image, str(image), useCompression=False)
-        del phantom
+        # made in a child process: a large parent would inflate the children's peak RSS (fork copies its pages)
+        make = ("import SimpleITK as sitk; from SpineLabelLib.phantom import make_phantom; "
+                f"p = make_phantom(modality='ct', fov='whole', size={tuple(args.size)}, spacing={tuple(args.spacing)}, seed=1); "
+                f"sitk.WriteImage(p.image, {str(image)!r}, useCompression=False)")
+        subprocess.run([sys.executable, "-c", make], check=True)
         print(f"phantom {args.size} at {args.spacing} mm written in {time.perf_counter() - t:.1f} s")
         results = []
         for run in range(args.runs):
