@@ -136,20 +136,23 @@ class BackgroundProcess:
             options["start_new_session"] = True
         log.info("starting: %s", " ".join(self.command))
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        bufsize=1, env=self.env, cwd=self.cwd, **options)
+                                        encoding="utf-8", errors="replace", bufsize=1, env=self.env, cwd=self.cwd, **options)
         for stream in (self.process.stdout, self.process.stderr):
             reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
             reader.start()
             self._readers.append(reader)
 
     def _read(self, stream) -> None:
-        for line in iter(stream.readline, ""):
-            line = line.rstrip("\r\n")
-            event = self.parseLine(line)
-            if event is None:
-                self._tail.append(line)
-            else:
-                self._events.put(event)
+        try:
+            for line in iter(stream.readline, ""):
+                line = line.rstrip("\r\n")
+                event = self.parseLine(line)
+                if event is None:
+                    self._tail.append(line)
+                else:
+                    self._events.put(event)
+        except ValueError:  # the stream was closed by wait() or cancel() while this thread read it
+            return
         stream.close()
 
     @property
