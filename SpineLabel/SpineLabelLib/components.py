@@ -58,10 +58,24 @@ def drop_small(labels: np.ndarray, spacing_mm: tuple[float, float, float], min_v
     return _renumber_cranial_first(labels, np.flatnonzero(keep) + 1)
 
 
+def _centroids_and_sizes(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel centroid (z, y, x) and voxel count of each id, computed inside its bounding box (one pass over
+    the volume, not one per component)."""
+    boxes = ndimage.find_objects(labels)
+    centroids = np.zeros((ids.size, 3))
+    sizes = np.zeros(ids.size)
+    for row, vid in enumerate(ids):
+        box = boxes[vid - 1]
+        zyx = np.argwhere(labels[box] == vid)
+        centroids[row] = zyx.mean(axis=0) + [s.start for s in box]
+        sizes[row] = len(zyx)
+    return centroids, sizes
+
+
 def _renumber_cranial_first(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     if ids.size == 0:
         return np.zeros(labels.shape, dtype=np.int32)
-    z_mean = np.array([c[0] for c in ndimage.center_of_mass(labels > 0, labels, ids)])
+    z_mean = _centroids_and_sizes(labels, ids)[0][:, 0]
     order = ids[np.argsort(-z_mean)]
     lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)
     lut[order] = np.arange(1, order.size + 1)
@@ -146,8 +160,8 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
     ids = ids[ids > 0]
     if ids.size < 4:
         return np.zeros(0, dtype=int)
-    centroids = np.array(ndimage.center_of_mass(np.ones(bodies.shape, bool), bodies, ids)) * np.asarray(spacing_mm)
-    volumes = ndimage.sum_labels(np.ones(bodies.shape), bodies, ids)
+    centroids, volumes = _centroids_and_sizes(bodies, ids)
+    centroids = centroids * np.asarray(spacing_mm)
     inlier = np.ones(ids.size, dtype=bool)
     for _ in range(iterations):
         z = centroids[:, 0]
