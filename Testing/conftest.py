@@ -88,19 +88,10 @@ def mrml(monkeypatch):
     """A fresh MRML scene with the application logic and the module logics SpineLabelLogic uses, exposed as
     ``slicer.mrmlScene`` and ``slicer.modules.<name>.logic()`` the way the Slicer application exposes them."""
     slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    logics = {}
-    for name, cls in (("Colors", slicer.vtkSlicerColorLogic), ("Volumes", slicer.vtkSlicerVolumesLogic),
-                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
-                      ("Markups", slicer.vtkSlicerMarkupsLogic),
-                      ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic)):
-        logic = cls()
-        logic.SetMRMLApplicationLogic(app_logic)
-        logic.SetMRMLScene(scene)
-        app_logic.SetModuleLogic(name, logic)
-        logics[name.lower()] = logic
+    from SpineLabelLogic.scene import headlessScene
+
+    scene, app_logic, by_module = headlessScene()
+    logics = {name.lower(): logic for name, logic in by_module.items()}
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(
         **{key: types.SimpleNamespace(logic=(lambda lg=lg: lg)) for key, lg in logics.items()}), raising=False)

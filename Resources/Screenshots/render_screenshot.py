@@ -36,7 +36,7 @@ sys.path[:0] = [str(REPO / "SpineLabel")]
 
 from SpineLabelLib.phantom import make_phantom  # noqa: E402
 from SpineLabelLib.pipeline import label_spine  # noqa: E402
-from SpineLabelLogic.scene import LabelingScene, addVolumeNodeFromImage  # noqa: E402
+from SpineLabelLogic.scene import LabelingScene, addVolumeNodeFromImage, headlessScene  # noqa: E402
 
 log = logging.getLogger("render_screenshot")
 
@@ -47,27 +47,8 @@ THREED_ZOOM = 1.8  # the spine is tall and narrow: fill the view's height, not i
 
 
 def build_scene():
-    """An MRML scene with the application logic and the module logics the extension uses, set up as the Slicer
-    application sets them up (each logic registered with the application logic under its module name).
-
-    Returns:
-        Namespace with ``scene``, ``app`` (``vtkSlicerApplicationLogic``) and ``logics`` (module name -> logic;
-        holding them keeps them alive, the application logic does not).
-    """
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    app.SetSliceLogics(vtk.vtkCollection())
-    logics = {}
-    for name, cls in (("Colors", slicer.vtkSlicerColorLogic), ("Volumes", slicer.vtkSlicerVolumesLogic),
-                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
-                      ("Markups", slicer.vtkSlicerMarkupsLogic),
-                      ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic)):
-        logic = cls()
-        logic.SetMRMLApplicationLogic(app)
-        logic.SetMRMLScene(scene)
-        app.SetModuleLogic(name, logic)
-        logics[name] = logic
+    """``headlessScene()`` as a namespace: ``scene``, ``app`` and ``logics`` (kept alive by the namespace)."""
+    scene, app, logics = headlessScene()
     return types.SimpleNamespace(scene=scene, app=app, logics=logics)
 
 

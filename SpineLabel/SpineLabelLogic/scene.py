@@ -37,6 +37,7 @@ from SpineLabelLib.result import Geometry, SpineLabeling
 from SpineLabelLib.vertebrae import level_index, terminology_entry
 
 __all__ = [
+    "headlessScene",
     "LabelingScene",
     "ijkToRasMatrix",
     "imageFromVolumeNode",
@@ -57,6 +58,31 @@ _MARKUPS_EVENTS = (
     slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
     slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
 )
+
+
+def headlessScene():
+    """An MRML scene with the application logic and the module logics SpineLabelLogic uses, set up as the Slicer
+    application sets them up (each logic registered with the application logic under its module name), for use
+    outside the application: tests and offscreen rendering.
+
+    Returns:
+        (scene, application logic, {module name: logic}); hold on to the logics, the application logic does not.
+    """
+    scene = slicer.vtkMRMLScene()
+    appLogic = slicer.vtkSlicerApplicationLogic()
+    appLogic.SetMRMLScene(scene)
+    appLogic.SetSliceLogics(vtk.vtkCollection())
+    logics = {}
+    for name, cls in (("Colors", slicer.vtkSlicerColorLogic), ("Volumes", slicer.vtkSlicerVolumesLogic),
+                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+                      ("Markups", slicer.vtkSlicerMarkupsLogic),
+                      ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic)):
+        logic = cls()
+        logic.SetMRMLApplicationLogic(appLogic)
+        logic.SetMRMLScene(scene)
+        appLogic.SetModuleLogic(name, logic)
+        logics[name] = logic
+    return scene, appLogic, logics
 
 
 def segmentIdOf(vertebraId: int) -> str:
