@@ -106,8 +106,7 @@ def component_at(result: SpineLabeling, point_lps: tuple[float, float, float]) -
 def check_image_grid(result: SpineLabeling, image: sitk.Image | Geometry) -> None:
     """Raise ``ValueError`` unless ``image`` (or a grid) is the labelling's grid (size, spacing, origin, direction)."""
     g, h = image if isinstance(image, Geometry) else Geometry.of(image), result.geometry
-    if (g.size != h.size or not np.allclose(g.spacing, h.spacing, rtol=1e-5)
-            or not np.allclose(g.origin, h.origin, atol=1e-3) or not np.allclose(g.direction, h.direction, atol=1e-5)):
+    if not g.matches(h):
         raise ValueError(f"image grid {g.as_dict()} differs from the labelling's {h.as_dict()}")
 
 

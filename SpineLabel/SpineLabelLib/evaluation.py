@@ -503,13 +503,6 @@ def evaluate_case(
 # ------------------------------------------------------------------------------------------------ folders
 
 
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-3)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-2)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-3))
-
-
 def _read_mask(path: Path) -> sitk.Image:
     try:
         image = sitk.ReadImage(str(path))
@@ -592,7 +585,7 @@ def evaluate_folders(
             pred_ctd: dict[int, np.ndarray] = {}
         else:
             pred_image = _read_mask(pred.seg)
-            if not _same_grid(pred_image, gt_image):
+            if not Geometry.of(pred_image).matches(Geometry.of(gt_image)):
                 raise InputError(
                     f"{pred.seg}: prediction grid (size {pred_image.GetSize()}, spacing {pred_image.GetSpacing()}, "
                     f"origin {pred_image.GetOrigin()}) differs from ground truth {gt.mask} (size {gt_image.GetSize()}, "

@@ -47,6 +47,13 @@ class Geometry:
         d = np.asarray(self.direction, dtype=float).reshape(3, 3)
         return ((np.asarray(lps, dtype=float) - np.asarray(self.origin)) @ d) / np.asarray(self.spacing)
 
+    def matches(self, other: "Geometry") -> bool:
+        """Same grid: equal size; spacing, origin (mm) and direction equal to within rounding of file formats."""
+        return (self.size == other.size
+                and np.allclose(self.spacing, other.spacing, atol=1e-3)
+                and np.allclose(self.origin, other.origin, atol=1e-2)
+                and np.allclose(self.direction, other.direction, atol=1e-3))
+
     def as_dict(self) -> dict:
         return {"size": list(self.size), "spacing_mm": list(self.spacing), "origin_lps_mm": list(self.origin),
                 "direction": list(self.direction)}
