@@ -46,10 +46,10 @@ def get_model(model: str | os.PathLike | LoadedModel | None = None, device: str 
     return _cached_model(None if model is None else str(model), str(resolve_device(device)))
 
 
-def _modality(image: sitk.Image) -> str:
+def _minimum(image: sitk.Image) -> float:
     stats = sitk.MinimumMaximumImageFilter()
     stats.Execute(image)
-    return "CT" if stats.GetMinimum() < -500 else "MR"
+    return float(stats.GetMinimum())
 
 
 def _foreground_box(volume: np.ndarray, margin: int = 6) -> tuple[slice, ...]:
@@ -109,9 +109,10 @@ def label_spine(
     loaded = get_model(model, device)
     t = stage("load_model", t)
     geometry = Geometry.of(image)
-    modality = _modality(image)
+    minimum = _minimum(image)  # fills the model grid outside the image; CT air is below -500 HU
+    modality = "CT" if minimum < -500 else "MR"
     grid = canonical_grid(image, loaded.spacing_mm)
-    volume = sitk.GetArrayFromImage(resample_to_grid(image, grid, default=float(np.min(sitk.GetArrayViewFromImage(image)[::4, ::4, ::4]))))
+    volume = sitk.GetArrayFromImage(resample_to_grid(image, grid, default=minimum))
     t = stage("resample", t)
     report(0.1, "normalising")
     warnings: list[str] = []
