@@ -10,7 +10,7 @@ from SpineLabelLib.models import load_model
 from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
 from SpineLabelTrainingLib.synthesis import IGNORE
 from SpineLabelTrainingLib.training import (NOT_BODY, NOT_VERTEBRA, VERTEBRA, TrainConfig, find_cases, level_loss,
-                                            load_case, tissue_loss, train)
+                                            load_case, tissue_loss, train, unknown_beyond_labelled_ends)
 
 
 def logits_for(classes, confidence=8.0):
@@ -62,13 +62,29 @@ def test_dataset_layouts(tmp_path):
     (image, label, bodies_only), = find_cases(tmp_path / "bodies")
     assert bodies_only
     case = load_case(image, label, bodies_only, 2.0)
-    assert set(np.unique(case.tissue)) == {BODY, NOT_BODY}
+    assert set(np.unique(case.tissue)) == {BODY, NOT_BODY, IGNORE}
     assert set(np.unique(case.levels)) == {0, 22, 23, 24}
     assert 0.0 <= case.image.min() and case.image.max() <= 1.0
     whole = load_case(*find_cases(tmp_path / "verse")[0][:2], False, 2.0)
-    assert set(np.unique(whole.tissue)) == {VERTEBRA, NOT_VERTEBRA}
+    assert set(np.unique(whole.tissue)) == {VERTEBRA, NOT_VERTEBRA, IGNORE}
     with pytest.raises(FileNotFoundError):
         find_cases(tmp_path / "nn" / "imagesTr")
+
+
+def test_unlabelled_vertebrae_beyond_the_labelled_ones_are_not_taught_as_background():
+    # L3, L4, L5 labelled along z; the image would show L2 above and the sacrum below, unlabelled
+    verse = np.zeros((60, 8, 8), np.uint8)
+    for i, label in enumerate((22, 23, 24)):
+        verse[10 + 15 * i : 20 + 15 * i] = label
+    tissue = np.where(verse > 0, BODY, NOT_BODY).astype(np.uint8)
+    out = unknown_beyond_labelled_ends(tissue, verse)
+    assert (out[:15][verse[:15] == 0] == IGNORE).all()  # cranial of the L3 centroid
+    assert (out[46:][verse[46:] == 0] == IGNORE).all()  # caudal of the L5 centroid
+    assert (out[20:25] == NOT_BODY).all() and (out[35:40] == NOT_BODY).all()  # the discs between labelled levels
+    assert (out[verse > 0] == BODY).all()
+    assert (tissue != IGNORE).all()  # the input is left alone
+    single = np.where(verse == 23, 23, 0).astype(np.uint8)
+    assert (unknown_beyond_labelled_ends(tissue, single) == tissue).all()  # one level gives no direction
 
 
 def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path):

@@ -30,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from tqdm import tqdm
 
 from SpineLabelLib.inference import Cancelled, normalise, resolve_device
@@ -118,7 +119,36 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
         tissue = np.where(verse > 0, BODY, NOT_BODY).astype(np.uint8)
     else:
         tissue = np.where(verse > 0, VERTEBRA, NOT_VERTEBRA).astype(np.uint8)
-    return Case(normalise(volume), tissue, verse, image_path.name)
+    return Case(normalise(volume), unknown_beyond_labelled_ends(tissue, verse), verse, image_path.name)
+
+
+def unknown_beyond_labelled_ends(tissue: np.ndarray, verse: np.ndarray) -> np.ndarray:
+    """Mark the unlabelled voxels beyond the first and last labelled vertebra, along the spine, as ``IGNORE``.
+
+    Real label maps often stop short of what the image shows (lumbar MRI labelled L1-L5 shows T12 and the sacrum).
+    Those visible but unlabelled vertebrae must not be taught as background: beyond the centroid of each end
+    vertebra, in the direction away from its labelled neighbour, nothing unlabelled is known.
+
+    Args:
+        tissue: uint8 (z, y, x) tissue targets (classes or partial-label codes); not modified.
+        verse: uint8 (z, y, x) VerSe labels on the same isotropic grid.
+
+    Returns:
+        uint8 (z, y, x) tissue targets.
+    """
+    present = [int(v) for v in np.unique(verse) if _LEVEL_OF_LABEL[v] > 0]
+    if len(present) < 2:
+        return tissue
+    present.sort(key=lambda v: _LEVEL_OF_LABEL[v])
+    centroids = {v: np.array(ndimage.center_of_mass(verse == v)) for v in (*present[:2], *present[-2:])}
+    coords = np.indices(verse.shape, dtype=np.float32)
+    out = tissue.copy()
+    for end, neighbour in ((present[0], present[1]), (present[-1], present[-2])):
+        direction = centroids[end] - centroids[neighbour]
+        direction /= max(float(np.linalg.norm(direction)), 1e-6)
+        along = np.tensordot(direction.astype(np.float32), coords, axes=1) - float(direction @ centroids[end])
+        out[(along > 0) & (verse == 0)] = IGNORE
+    return out
 
 
 def _crop(case: Case, size: tuple[int, int, int], rng: np.random.Generator) -> Case:
