@@ -5,7 +5,7 @@ import pytest
 
 from SpineLabelLib.components import (attach_posterior, body_components, off_axis_components, split_merged,
                                        vertebra_components)
-from SpineLabelLib.features import chain_order, level_scores, measure
+from SpineLabelLib.features import chain_order, drop_detached_ends, level_scores, measure
 from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
 from SpineLabelLib.result import Geometry
 
@@ -97,6 +97,18 @@ def test_features_and_chain():
     lp[5] = 0.0
     scores = level_scores(bodies, lp, [1, 2])
     assert scores.shape == (2, 27) and np.allclose(scores[:, 5], 0.0)
+
+
+def test_components_detached_from_the_chain_ends_are_dropped():
+    items = list("abcdefg")
+    spacing = np.array([30.0, 31, 29, 30, 32, 30])
+    kept, gaps, dropped = drop_detached_ends(items, spacing)
+    assert kept == items and dropped == []
+    kept, gaps, dropped = drop_detached_ends(items, np.r_[130.0, spacing[1:-1], 62.0])  # 62 mm: one missed vertebra
+    assert kept == items[1:] and dropped == [130.0] and np.allclose(gaps, np.r_[spacing[1:-1], 62.0])
+    kept, _, dropped = drop_detached_ends(items, np.r_[spacing[:-1], 140.0])
+    assert kept == items[:-1] and dropped == [140.0]
+    assert drop_detached_ends(items[:3], np.array([30.0, 150.0]))[0] == items[:3]  # too short to judge
 
 
 def test_fragments_off_the_column_become_posterior_elements():

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from .result import Geometry
 
-__all__ = ["ComponentFeatures", "measure", "chain_order", "level_scores"]
+__all__ = ["ComponentFeatures", "measure", "chain_order", "drop_detached_ends", "level_scores"]
 
 
 @dataclass
@@ -99,6 +99,30 @@ def chain_order(features: list[ComponentFeatures]) -> tuple[list[ComponentFeatur
     cents = np.array([f.body_centroid_lps_mm for f in ordered]).reshape(-1, 3)
     gaps = np.linalg.norm(np.diff(cents, axis=0), axis=1)
     return ordered, gaps
+
+
+def drop_detached_ends(ordered: list[ComponentFeatures], gaps: np.ndarray, max_ratio: float = 3.0
+                       ) -> tuple[list[ComponentFeatures], np.ndarray, list[float]]:
+    """Drop components cut off from either end of the chain by a gap no missed vertebra explains.
+
+    A vertebra the network misses leaves a gap about twice the spacing, two missed three times; a component further
+    than ``max_ratio`` times the median spacing of the rest of the chain beyond its end is not part of that spine
+    (an artefact at the edge of the field of view, a bowel loop, the femoral head). Chains of fewer than four
+    components are left alone: their spacing is not known well enough.
+
+    Returns:
+        (kept features, their gaps in mm, the gaps in mm that cut off each dropped component).
+    """
+    dropped: list[float] = []
+    gaps = np.asarray(gaps, dtype=float)
+    while len(ordered) >= 4:
+        if gaps[0] >= gaps[-1] and gaps[0] > max_ratio * float(np.median(gaps[1:])):
+            ordered, dropped, gaps = ordered[1:], dropped + [float(gaps[0])], gaps[1:]
+        elif gaps[-1] > max_ratio * float(np.median(gaps[:-1])):
+            ordered, dropped, gaps = ordered[:-1], dropped + [float(gaps[-1])], gaps[:-1]
+        else:
+            break
+    return ordered, gaps, dropped
 
 
 def level_scores(bodies: np.ndarray, level_log_probs: np.ndarray, ids: list[int]) -> np.ndarray:

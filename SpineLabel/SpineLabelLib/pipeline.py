@@ -147,6 +147,8 @@ def label_spine(
         report(1.0, "no vertebrae found")
         return _empty(geometry, warnings, loaded, timings, source, modality, t0)
     ordered, gaps = feat.chain_order(measured)
+    ordered, gaps, detached = feat.drop_detached_ends(ordered, gaps)
+    warnings += [f"ignored a vertebra-like component {gap:.0f} mm beyond the end of the spine" for gap in detached]
     if len(ordered) > len(LEVELS):
         ordered = sorted(ordered, key=lambda f: -f.volume_ml)[: len(LEVELS)]
         ordered, gaps = feat.chain_order(ordered)
