@@ -50,6 +50,18 @@ def test_one_wrong_vote_is_outvoted_by_the_chain():
     assert names_of(sol) == names
 
 
+def test_sacral_segments_below_s1_are_more_sacrum_not_a_shift():
+    # the network found S2 and S3 as bodies of their own; they look sacral, not like lumbar vertebrae
+    names = ["L2", "L3", "L4", "L5", "S1", "S1", "S1"]
+    sol = solve(scores_for(names), np.array([35.0, 35, 35, 33, 25, 22]))
+    assert names_of(sol) == names
+    # relabel (interactive correction) never repeats a level
+    result = make_result(names[:5])
+    assert [v.name for v in relabel(result).vertebrae] == names[:5]
+    with pytest.raises(ValueError):
+        relabel(result, {14: "S1", 13: "S1"})
+
+
 def test_missing_level_needs_a_gap():
     names = ["L1", "L2", "L4", "L5", "S1"]  # L3 missed by the network
     gaps = np.array([35.0, 70.0, 35.0, 35.0])

@@ -22,7 +22,7 @@ from .io import canonical_grid, read_image, resample_to_grid
 from .models import LoadedModel, load_model
 from .result import Geometry, SpineLabeling, Vertebra
 from .sequence import solve
-from .vertebrae import LEVELS
+from .vertebrae import LEVELS, level_index
 
 __all__ = ["label_spine", "Cancelled", "get_model", "MIN_SPINE_PROBABILITY"]
 
@@ -156,11 +156,20 @@ def label_spine(
     scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
     t = stage("features", t)
     solution = solve(scores, gaps)
+    # the pieces the chain puts below S1 are more of the sacrum: their voxels join S1, the S1 body keeps its centroid
+    is_s1 = solution.levels == level_index("S1")
+    n_chain = int(np.argmax(is_s1)) + 1 if is_s1.any() else len(ordered)
+    sacral_pieces = ordered[n_chain:]
+    keep = np.zeros(int(whole.max(initial=0)) + 1, dtype=np.int16)
+    for f in ordered[:n_chain]:
+        keep[f.id] = f.id
+    for f in sacral_pieces:
+        keep[f.id] = ordered[n_chain - 1].id
+    ordered, scores, gaps = ordered[:n_chain], scores[:n_chain], gaps[: n_chain - 1]
+    volumes = [f.volume_ml for f in ordered]
+    volumes[-1] += sum(f.volume_ml for f in sacral_pieces)
     t = stage("sequence", t)
     report(0.9, "writing labels on the input grid")
-    keep = np.zeros(int(whole.max(initial=0)) + 1, dtype=np.int16)
-    for f in ordered:
-        keep[f.id] = f.id
     bone = np.zeros(norm.shape, dtype=np.float32)
     bone[box] = prediction.bone_probability
     on_input = components_on_input_grid(keep[whole], bone, grid, image)
@@ -169,11 +178,11 @@ def label_spine(
             id=f.id,
             name=LEVELS[k].name,
             centroid_lps_mm=tuple(float(c) for c in f.body_centroid_lps_mm),
-            volume_ml=round(f.volume_ml, 3),
+            volume_ml=round(volume, 3),
             confidence=float(p),
             level_log_scores=row,
         )
-        for f, k, p, row in zip(ordered, solution.levels, solution.confidence, scores)
+        for f, volume, k, p, row in zip(ordered, volumes, solution.levels, solution.confidence, scores)
     ]
     timings["resample_back"] = round(time.perf_counter() - t, 3)
     timings["total"] = round(time.perf_counter() - t0, 3)

@@ -8,7 +8,10 @@ voxels); transitions only go caudally, so no level can repeat and the order is a
 * the supernumerary levels T13 (between T12 and L1) and L6 (between L5 and S1) cost their prior;
 * skipping k regular levels costs k times the missing-level prior, and the gap between the two centroids must
   explain it: a missed vertebra leaves a gap about twice the local spacing, so the gap-to-spacing ratio r is scored
-  by a Gaussian around k + 1.
+  by a Gaussian around k + 1;
+* S1 may follow S1: the sacrum is one bone, but its fused segments (S2-S5) often come out of the network as
+  separate bodies below S1, above all on MRI. Each such piece costs its prior; ``label_spine`` merges the pieces
+  into the sacrum, so a finished labelling never repeats a level, and ``relabel`` never opens this transition.
 
 Viterbi gives the best labelling; forward-backward gives each vertebra's posterior probability of its label (the
 confidence) and the probability of transitional anatomy, from which the warnings come. ``relabel`` re-runs only
@@ -20,7 +23,7 @@ All priors live in ``PRIORS`` below, in one place.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -45,12 +48,18 @@ class SequencePriors:
         missing_level: one regular level absent from the chain (a vertebra the network missed, or 11 thoracic
             vertebrae / sacralised L5); 2 % per skipped level.
         gap_sigma: standard deviation of the gap-to-local-spacing ratio for one step.
+        sacral_piece: one more piece of the sacrum below S1 (its segments are body-like and partly separated by
+            rudimentary discs); 0 forbids it.
+        sacral_spacing: centroid distance between sacral segments relative to the spacing of the vertebrae above
+            (segments are about 20-25 mm apart, lumbar vertebrae about 35 mm).
     """
 
     t13: float = 0.03
     l6: float = 0.04
     missing_level: float = 0.02
     gap_sigma: float = 0.3
+    sacral_piece: float = 0.2
+    sacral_spacing: float = 0.7
 
 
 PRIORS = SequencePriors()
@@ -62,6 +71,7 @@ _SKIPS = _REGULAR_BEFORE[None, :] - _REGULAR_BEFORE[:, None] - (~_TRANSITIONAL)[
 _VALID = np.arange(K)[None, :] > np.arange(K)[:, None]
 _IS_T13 = np.arange(K) == level_index("T13")
 _IS_L6 = np.arange(K) == level_index("L6")
+_S1 = level_index("S1")
 
 
 def local_gap_ratios(gaps_mm: np.ndarray, window: int = 3) -> np.ndarray:
@@ -87,7 +97,11 @@ def _transition_scores(ratio: float, priors: SequencePriors) -> np.ndarray:
     scores = gap_term + (steps - 1.0) * np.log(priors.missing_level)
     scores = scores + np.where(_IS_T13, np.log(priors.t13), 0.0)[None, :]
     scores = scores + np.where(_IS_L6, np.log(priors.l6), 0.0)[None, :]
-    return np.where(_VALID, scores, -np.inf)
+    scores = np.where(_VALID, scores, -np.inf)
+    if priors.sacral_piece > 0:
+        gap_term = -0.5 * ((ratio - priors.sacral_spacing) / priors.gap_sigma) ** 2
+        scores[_S1, _S1] = gap_term + np.log(priors.sacral_piece)
+    return scores
 
 
 @dataclass
@@ -237,7 +251,7 @@ def relabel(result: SpineLabeling, fixed: dict[int, str] | None = None, priors: 
         if v.fixed:
             position_fixed[pos] = v.name
     scores = np.array([v.level_log_scores for v in out.vertebrae]).reshape(-1, K)
-    solution = solve(scores, np.asarray(out.gaps_mm, dtype=float), position_fixed, priors)
+    solution = solve(scores, np.asarray(out.gaps_mm, dtype=float), position_fixed, replace(priors, sacral_piece=0.0))
     for v, k, p in zip(out.vertebrae, solution.levels, solution.confidence):
         v.name = _NAMES[k]
         v.confidence = float(p)
