@@ -67,6 +67,22 @@ def test_a_column_of_bodies_is_cut_at_its_discs_but_a_tall_sacrum_is_not():
     assert split_merged(body_components(sacrum, SPACING), (sacrum == BODY) * 0.9, SPACING).max() == 1
 
 
+def test_bodies_bridged_across_a_tilted_disc_are_split_between_their_cores():
+    # L5 on a sacrum tilted 45 degrees: the bridge follows the tilt, so no z slice is a valley, but the network is
+    # surer of the two bodies than of the bridge between them
+    z, y, x = np.indices((60, 40, 30))
+    tilt = z - 30 - 0.8 * (y - 20)  # signed distance-like coordinate across the tilted disc plane
+    tissue = np.zeros(z.shape, np.uint8)
+    tissue[(np.abs(y - 20) < 10) & (np.abs(x - 15) < 8) & (np.abs(tilt) < 24)] = BODY
+    prob = np.where(tissue == BODY, np.where(np.abs(tilt) < 3, 0.6, 0.97), 0.0).astype(np.float32)
+    merged = body_components(tissue, SPACING)
+    assert merged.max() == 1
+    split = split_merged(merged, prob, SPACING)
+    assert split.max() == 2
+    upper, lower = (tilt[split == k] for k in (1, 2))
+    assert (upper > -3).all() and (lower < 3).all()  # cut along the tilted plane, not across z
+
+
 def test_posterior_elements_join_their_body():
     tissue = stacked_spine()
     tissue[5, 36:39, 1:3] = POSTERIOR  # a loose posterior fragment touching no body

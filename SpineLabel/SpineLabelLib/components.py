@@ -2,7 +2,7 @@
 
 Vertebral bodies are separated by intervertebral discs, so the connected components of the body mask are the
 vertebrae. Specks are dropped; a component taller than a vertebral body (bodies bridged by a thin, collapsed or
-poorly seen disc) is cut where its body-probability profile dips. Body components off the vertebral column
+poorly seen disc) is cut between its high-probability cores, or where its body-probability profile dips. Body components off the vertebral column
 (posterior-element or pelvis fragments) become posterior elements. Posterior elements are then attached to the
 body they are connected to.
 
@@ -90,14 +90,22 @@ def split_merged(
     ratio: float = 1.7,
     min_piece_mm: float = 10.0,
     depth: float = 0.3,
+    core_levels: tuple[float, ...] = (0.9, 0.95, 0.98),
+    min_core: float = 0.1,
 ) -> np.ndarray:
-    """Cut components that span more than one vertebral body at the valleys of their body-probability profile.
+    """Cut components that span more than one vertebral body.
 
     A component is a candidate when it is taller (along z) than ``max_height_mm`` or than ``ratio`` times the
-    median height of the components. Its profile is the summed body probability of its voxels per z slice; a disc
-    or a thin bridge between two bodies is a valley of that profile. A valley at least ``depth`` (relative) below
-    the highest point within ``min_piece_mm`` on both sides becomes a cut, so the sacrum and single tall bodies,
-    whose profiles have no deep valley, stay whole.
+    median height of the components. Two cuts are tried, in this order:
+
+    1. Cores: the voxels above a body probability of ``core_levels`` (lowest level first), eroded by one voxel.
+       When at least two cores hold ``min_core`` times the median component volume each, the component is split
+       between them by a watershed of the body probability, which follows a disc however tilted (L5/S1).
+    2. Valleys: the profile of summed body probability per z slice; a valley at least ``depth`` (relative) below
+       the highest point within ``min_piece_mm`` on both sides becomes a cut.
+
+    The sacrum and single tall bodies, with one core and no deep valley, stay whole; a sacrum cut into its
+    segments is merged again by the sequence model.
 
     Args:
         labels: int32 (z, y, x) body components (``body_components``).
@@ -114,6 +122,7 @@ def split_merged(
     boxes = ndimage.find_objects(labels)
     heights = np.array([boxes[i - 1][0].stop - boxes[i - 1][0].start for i in ids], dtype=float) * spacing_mm[0]
     limit = min(max_height_mm, ratio * float(np.median(heights))) if ids.size >= 3 else max_height_mm
+    core_voxels = max(4.0, min_core * float(np.median(np.bincount(labels.ravel())[ids])))
     window = max(1, int(round(min_piece_mm / spacing_mm[0])))
     out = labels.copy()
     next_id = int(ids.max()) + 1
@@ -122,23 +131,48 @@ def split_merged(
             continue
         box = boxes[vid - 1]
         mask = labels[box] == vid
-        profile = ndimage.gaussian_filter1d((body_probability[box] * mask).sum(axis=(1, 2)).astype(float), 1.0)
-        cuts = []
-        for z in range(window, profile.size - window):
-            if profile[z] > min(profile[z - 1], profile[z + 1]) or (cuts and z - cuts[-1] < window):
-                continue
-            shoulder = min(profile[z - window : z].max(), profile[z + 1 : z + 1 + window].max())
-            if profile[z] < (1.0 - depth) * shoulder:
-                cuts.append(z)
-        if not cuts:
+        probability = body_probability[box].astype(np.float32)
+        pieces = _split_at_cores(mask, probability, core_levels, core_voxels)
+        if pieces is None:
+            pieces = _split_at_valleys(mask, probability, window, depth)
+        if pieces is None:
             continue
-        piece = np.searchsorted(np.asarray(cuts), np.arange(profile.size), side="right")
         region = out[box]
-        for k in range(1, len(cuts) + 1):
-            region[mask & (piece == k)[:, None, None]] = next_id
+        for k in range(2, int(pieces.max()) + 1):
+            region[pieces == k] = next_id
             next_id += 1
-        log.info("split a body component %.0f mm tall into %d", height, len(cuts) + 1)
+        log.info("split a body component %.0f mm tall into %d", height, int(pieces.max()))
     return _renumber_cranial_first(out, np.unique(out[out > 0]))
+
+
+def _split_at_cores(mask: np.ndarray, probability: np.ndarray, levels: tuple[float, ...],
+                    min_voxels: float) -> np.ndarray | None:
+    """Pieces 1..n (0 outside ``mask``) grown by watershed from separate high-probability cores, or None."""
+    for level in levels:
+        cores, n = ndimage.label(ndimage.binary_erosion((probability > level) & mask))
+        sizes = np.bincount(cores.ravel(), minlength=n + 1)[1:]
+        big = np.flatnonzero(sizes >= min_voxels) + 1
+        if big.size >= 2:
+            markers = np.zeros(cores.shape, dtype=np.int32)
+            markers[np.isin(cores, big)] = np.searchsorted(big, cores[np.isin(cores, big)]) + 1
+            return watershed(-probability, markers, mask=mask)
+    return None
+
+
+def _split_at_valleys(mask: np.ndarray, probability: np.ndarray, window: int, depth: float) -> np.ndarray | None:
+    """Pieces 1..n (0 outside ``mask``) cut at the deep valleys of the z profile of body probability, or None."""
+    profile = ndimage.gaussian_filter1d((probability * mask).sum(axis=(1, 2)).astype(float), 1.0)
+    cuts: list[int] = []
+    for z in range(window, profile.size - window):
+        if profile[z] > min(profile[z - 1], profile[z + 1]) or (cuts and z - cuts[-1] < window):
+            continue
+        shoulder = min(profile[z - window : z].max(), profile[z + 1 : z + 1 + window].max())
+        if profile[z] < (1.0 - depth) * shoulder:
+            cuts.append(z)
+    if not cuts:
+        return None
+    piece = np.searchsorted(np.asarray(cuts), np.arange(profile.size), side="right") + 1
+    return np.where(mask, piece[:, None, None], 0)
 
 
 def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, float], tolerance_mm: float = 15.0,
