@@ -167,7 +167,8 @@ def label_spine(
         keep[f.id] = ordered[n_chain - 1].id
     ordered, scores, gaps = ordered[:n_chain], scores[:n_chain], gaps[: n_chain - 1]
     volumes = [f.volume_ml for f in ordered]
-    volumes[-1] += sum(f.volume_ml for f in sacral_pieces)
+    if sacral_pieces:
+        volumes[-1] += sum(f.volume_ml for f in sacral_pieces)
     t = stage("sequence", t)
     report(0.9, "writing labels on the input grid")
     bone = np.zeros(norm.shape, dtype=np.float32)
