@@ -147,8 +147,9 @@ def solve(
         The Viterbi labelling with posterior confidences and warnings.
 
     Raises:
-        ValueError: when the fixed labels contradict each other (a duplicate level or a caudal level above a
-            cranial one), or the chain is longer than the number of levels.
+        ValueError: when the fixed labels contradict each other (a duplicate level, other than S1 when
+            ``priors.sacral_piece`` allows sacral pieces, or a caudal level above a cranial one), or the chain is
+            longer than the number of levels.
     """
     emissions = np.array(log_scores, dtype=float, copy=True).reshape(-1, K)
     n = emissions.shape[0]
