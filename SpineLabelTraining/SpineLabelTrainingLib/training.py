@@ -49,6 +49,7 @@ __all__ = [
     "Case",
     "find_cases",
     "load_case",
+    "unknown_beyond_labelled_ends",
     "TrainConfig",
     "train",
 ]
