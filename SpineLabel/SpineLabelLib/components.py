@@ -2,9 +2,9 @@
 
 Vertebral bodies are separated by intervertebral discs, so the connected components of the body mask are the
 vertebrae. Specks are dropped; a component taller than a vertebral body (bodies bridged by a thin, collapsed or
-poorly seen disc) is cut between its high-probability cores, or where its body-probability profile dips. Body components off the vertebral column
-(posterior-element or pelvis fragments) become posterior elements. Posterior elements are then attached to the
-body they are connected to.
+poorly seen disc) is cut between its high-probability cores, or where its body-probability profile dips. Body
+components off the vertebral column (posterior-element or pelvis fragments) become posterior elements. Posterior
+elements are then attached to the body they are connected to.
 
 All arrays are (z, y, x) on the model grid; ``spacing_mm`` is (z, y, x) voxel size in mm.
 """
@@ -153,9 +153,9 @@ def _split_at_cores(mask: np.ndarray, probability: np.ndarray, levels: tuple[flo
         sizes = np.bincount(cores.ravel(), minlength=n + 1)[1:]
         big = np.flatnonzero(sizes >= min_voxels) + 1
         if big.size >= 2:
-            markers = np.zeros(cores.shape, dtype=np.int32)
-            markers[np.isin(cores, big)] = np.searchsorted(big, cores[np.isin(cores, big)]) + 1
-            return watershed(-probability, markers, mask=mask)
+            marker_of_core = np.zeros(n + 1, dtype=np.int32)
+            marker_of_core[big] = np.arange(1, big.size + 1)
+            return watershed(-probability, marker_of_core[cores], mask=mask)
     return None
 
 
