@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
-from SpineLabelLib.sequence import local_gap_ratios, relabel, solve
+from SpineLabelLib.sequence import expected_gaps_mm, relabel, solve
 from SpineLabelLib.vertebrae import LEVELS, level_index
 
 K = len(LEVELS)
@@ -112,10 +112,26 @@ def test_empty_chain():
     assert sol.levels.size == 0 and sol.warnings == ["no vertebrae found"]
 
 
-def test_gap_ratios():
-    r = local_gap_ratios(np.array([30.0, 30.0, 60.0, 30.0, 30.0]))
-    assert r[2] == pytest.approx(2.0) and r[0] == pytest.approx(1.0)
-    assert local_gap_ratios(np.array([20.0])).tolist() == [1.0]
+def test_expected_gaps_follow_the_ladder():
+    expected = expected_gaps_mm()
+    at = lambda a, b: expected[level_index(a), level_index(b)]
+    assert at("C4", "C5") < at("T6", "T7") < at("L2", "L3")
+    assert at("L2", "L4") == pytest.approx(at("L2", "L3") + at("L3", "L4"))  # a skipped level adds its pitch
+    assert at("T12", "T13") == at("T13", "L1") == at("T12", "L1")
+    assert np.isnan(at("L3", "L2")) and np.isnan(at("L3", "L3"))
+
+
+def test_spacing_tells_the_region_when_appearance_does_not():
+    # three vertebrae with no level evidence at all, 18 mm apart: a cervical crop, not a lumbar one
+    sol = solve(np.zeros((3, K)), np.full(2, 18.0))
+    assert all(LEVELS[k].region == "cervical" for k in sol.levels)
+    lumbar = solve(np.zeros((3, K)), np.full(2, 36.0))
+    assert all(LEVELS[k].region in ("lumbar", "thoracic") for k in lumbar.levels)
+    assert "L" in names_of(lumbar)[-1]
+    # the patient's size is absorbed by the scale: a small patient's lumbar spine stays lumbar
+    names = ["L1", "L2", "L3", "L4", "L5", "S1"]
+    small = solve(scores_for(names, strength=1.0, neighbour=0.5), np.full(5, 30.0))
+    assert names_of(small) == names
 
 
 def make_result(names):

@@ -6,16 +6,22 @@ voxels); transitions only go caudally, so no level can repeat and the order is a
 
 * one step down the regular ladder (C1 ... C7, T1 ... T12, L1 ... L5, S1) costs nothing;
 * the supernumerary levels T13 (between T12 and L1) and L6 (between L5 and S1) cost their prior;
-* skipping k regular levels costs k times the missing-level prior, and the gap between the two centroids must
-  explain it: a missed vertebra leaves a gap about twice the local spacing, so the gap-to-spacing ratio r is scored
-  by a Gaussian around k + 1;
-* S1 may follow S1: the sacrum is one bone, but its fused segments (S2-S5) often come out of the network as
-  separate bodies below S1, above all on MRI. Each such piece costs its prior; ``label_spine`` merges the pieces
-  into the sacrum, so a finished labelling never repeats a level, and ``relabel`` never opens this transition.
+* skipping k regular levels costs k times the missing-level prior;
+* S1 may follow S1: the sacrum is one bone, but its fused segments (S2-S5) sometimes come out of the network as
+  separate bodies below S1. Each such piece costs its prior; ``label_spine`` merges the pieces into the sacrum, so a
+  finished labelling never repeats a level, and ``relabel`` never opens this transition.
 
-Viterbi gives the best labelling; forward-backward gives each vertebra's posterior probability of its label (the
-confidence) and the probability of transitional anatomy, from which the warnings come. ``relabel`` re-runs only
-this model with some labels forced, which is what interactive correction uses.
+Every transition also has to explain the distance between the two body centroids. Vertebrae grow from about 18 mm
+apart in the neck to 37 mm in the lumbar spine (``SequencePriors.pitch_mm``), so the spacing says which region a
+chain is in whatever the image looks like, and a gap of two spacings says a vertebra was missed. Patients differ in
+size: the expected distances are multiplied by one scale per scan, which the model sums over (a grid of scales
+with a log-normal prior), so only the profile of the spacing along the chain counts, not the patient's height. A
+gap is scored by a log-normal around its expected value, with a small outlier share for components cut by the
+field of view or split badly.
+
+Viterbi gives the best labelling (at the best scale); forward-backward gives each vertebra's posterior probability
+of its label (the confidence, over all scales) and the probability of transitional anatomy, from which the warnings
+come. ``relabel`` re-runs only this model with some labels forced, which is what interactive correction uses.
 
 All priors live in ``PRIORS`` below, in one place.
 """
@@ -30,7 +36,7 @@ import numpy as np
 from .result import SpineLabeling
 from .vertebrae import BY_NAME, LEVELS, level_index
 
-__all__ = ["SequencePriors", "PRIORS", "Solution", "solve", "relabel", "local_gap_ratios"]
+__all__ = ["SequencePriors", "PRIORS", "Solution", "solve", "relabel", "expected_gaps_mm"]
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +46,41 @@ _NAMES = [level.name for level in LEVELS]
 
 @dataclass(frozen=True)
 class SequencePriors:
-    """Anatomical priors of the sequence model (probabilities per scan).
+    """Anatomical priors of the sequence model (probabilities per scan, distances in mm).
 
     Attributes:
         t13: a 13th thoracic vertebra (about 2-8 % of the population in CT series; 3 % used).
         l6: a sixth lumbar vertebra (lumbarised S1; about 4-7 %; 4 % used).
         missing_level: one regular level absent from the chain (a vertebra the network missed, or 11 thoracic
             vertebrae / sacralised L5); 2 % per skipped level.
-        gap_sigma: standard deviation of the gap-to-local-spacing ratio for one step.
+        pitch_mm: (level, distance) pairs: from the body centroid of each regular level to that of the next regular
+            level caudally, in an adult of average size. Measured on the label maps of the training data (mean over
+            scans; ``python benchmarks/real_data.py pitches``): C1-T5 on two whole-spine VerSe masks, T9-S1 on two
+            VerSe masks and 24 lumbar MRI; T5-T9, which no scan there covers, set to 25 mm. T13 and L6 take the
+            pitch of T12 and L5.
+        pitch_sigma: spread of one measured gap around its expected value (log units) once the scan's scale is
+            known: anatomy (about 0.07 in the data) plus centroid error of the network's components.
+        scale_sigma: spread of the per-scan size scale (log units; adults vary by about 10-15 %).
+        gap_outlier: share of gaps that follow no anatomy (a component cut by the field of view, a bad split).
         sacral_piece: one more piece of the sacrum below S1 (its segments are body-like and partly separated by
             rudimentary discs); 0 forbids it.
-        sacral_spacing: centroid distance between sacral segments relative to the spacing of the vertebrae above
-            (segments are about 20-25 mm apart, lumbar vertebrae about 35 mm).
+        sacral_spacing_mm: centroid distance between consecutive sacral segments (about 20-25 mm).
     """
 
     t13: float = 0.03
     l6: float = 0.04
     missing_level: float = 0.02
-    gap_sigma: float = 0.3
+    pitch_mm: tuple[tuple[str, float], ...] = (
+        ("C1", 19.4), ("C2", 21.2), ("C3", 17.8), ("C4", 18.5), ("C5", 18.4), ("C6", 18.7), ("C7", 20.5),
+        ("T1", 24.5), ("T2", 26.0), ("T3", 25.9), ("T4", 25.3), ("T5", 25.0), ("T6", 25.0), ("T7", 25.0),
+        ("T8", 25.0), ("T9", 23.5), ("T10", 26.6), ("T11", 31.2), ("T12", 33.5), ("L1", 35.0), ("L2", 36.7),
+        ("L3", 37.7), ("L4", 36.6), ("L5", 34.4), ("S1", 22.0),
+    )
+    pitch_sigma: float = 0.1
+    scale_sigma: float = 0.15
+    gap_outlier: float = 0.05
     sacral_piece: float = 0.2
-    sacral_spacing: float = 0.7
+    sacral_spacing_mm: float = 22.0
 
 
 PRIORS = SequencePriors()
@@ -72,36 +93,43 @@ _VALID = np.arange(K)[None, :] > np.arange(K)[:, None]
 _IS_T13 = np.arange(K) == level_index("T13")
 _IS_L6 = np.arange(K) == level_index("L6")
 _S1 = level_index("S1")
+# scales of the patient's size the model sums over, in units of scale_sigma (+-3 sigma)
+_SCALE_STEPS = np.linspace(-3.0, 3.0, 19)
+_LOG_GAP_RANGE = float(np.log(200.0 / 5.0))  # outliers: uniform in log gap over 5-200 mm
 
 
-def local_gap_ratios(gaps_mm: np.ndarray, window: int = 3) -> np.ndarray:
-    """Each gap divided by the median of the other gaps within ``window`` neighbours (1.0 when there are none).
+def expected_gaps_mm(priors: SequencePriors = PRIORS) -> np.ndarray:
+    """Expected centroid distance (K, K) from level a (row) to a caudal level b (column) at scale 1, in mm: the
+    pitches of a and of every regular level between them (a transitional level takes its regular neighbour's
+    pitch); ``sacral_spacing_mm`` on the S1 -> S1 diagonal; NaN elsewhere."""
+    pitch = dict(priors.pitch_mm)
+    pitch["T13"], pitch["L6"] = pitch["T12"], pitch["L5"]
+    own = np.array([pitch[name] for name in _NAMES])
+    regular = np.where(_TRANSITIONAL, 0.0, own)
+    before = np.concatenate([[0.0], np.cumsum(regular)])  # sum of regular pitches above each level
+    expected = own[:, None] + before[None, :K] - before[:K, None] - regular[:, None]
+    expected = np.where(_VALID, expected, np.nan)
+    expected[_S1, _S1] = priors.sacral_spacing_mm
+    return expected
 
-    Args:
-        gaps_mm: float (n-1,) centroid distances between consecutive vertebrae in chain order, mm.
-    """
-    gaps = np.asarray(gaps_mm, dtype=float)
-    ratios = np.ones_like(gaps)
-    for i in range(gaps.size):
-        others = np.concatenate([gaps[max(0, i - window) : i], gaps[i + 1 : i + 1 + window]])
-        if others.size:
-            ratios[i] = gaps[i] / max(float(np.median(others)), 1e-6)
-    return ratios
 
-
-def _transition_scores(ratio: float, priors: SequencePriors) -> np.ndarray:
-    """Log-score (K, K) of going from level a (row) to level b (column) across a gap with the given ratio."""
-    steps = np.maximum(_SKIPS, 0) + 1.0
-    sigma = priors.gap_sigma * steps
-    gap_term = -0.5 * ((ratio - steps) / sigma) ** 2 - np.log(steps)
-    scores = gap_term + (steps - 1.0) * np.log(priors.missing_level)
+def _transition_priors(priors: SequencePriors) -> np.ndarray:
+    """Log-prior (K, K) of going from level a (row) to level b (column), before the gap is seen."""
+    scores = np.maximum(_SKIPS, 0) * np.log(priors.missing_level)
     scores = scores + np.where(_IS_T13, np.log(priors.t13), 0.0)[None, :]
     scores = scores + np.where(_IS_L6, np.log(priors.l6), 0.0)[None, :]
     scores = np.where(_VALID, scores, -np.inf)
-    if priors.sacral_piece > 0:
-        gap_term = -0.5 * ((ratio - priors.sacral_spacing) / priors.gap_sigma) ** 2
-        scores[_S1, _S1] = gap_term + np.log(priors.sacral_piece)
+    scores[_S1, _S1] = np.log(priors.sacral_piece) if priors.sacral_piece > 0 else -np.inf
     return scores
+
+
+def _gap_scores(gap_mm: float, expected_mm: np.ndarray, priors: SequencePriors) -> np.ndarray:
+    """Log-likelihood of a measured gap for every expected gap (any shape; NaN gives -inf), in log-gap space."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = (np.log(max(gap_mm, 1e-3)) - np.log(expected_mm)) / priors.pitch_sigma
+    normal = np.exp(-0.5 * z**2) / (priors.pitch_sigma * np.sqrt(2 * np.pi))
+    score = np.log((1.0 - priors.gap_outlier) * normal + priors.gap_outlier / _LOG_GAP_RANGE)
+    return np.where(np.isnan(expected_mm), -np.inf, score)
 
 
 @dataclass
@@ -144,7 +172,8 @@ def solve(
         priors: the anatomical priors.
 
     Returns:
-        The Viterbi labelling with posterior confidences and warnings.
+        The Viterbi labelling (at the most probable patient scale) with posterior confidences (over all scales)
+        and warnings.
 
     Raises:
         ValueError: when the fixed labels contradict each other (a duplicate level, other than S1 when
@@ -161,24 +190,50 @@ def solve(
         keep = level_index(name)
         emissions[position, :] = -np.inf
         emissions[position, keep] = 0.0
-    ratios = local_gap_ratios(np.asarray(gaps_mm, dtype=float).reshape(-1))
-    transitions = [_transition_scores(r, priors) for r in ratios]
+    gaps = np.asarray(gaps_mm, dtype=float).reshape(-1)
+    prior = _transition_priors(priors)
+    expected = expected_gaps_mm(priors)
+    log_scale_prior = -0.5 * _SCALE_STEPS**2
+    log_scale_prior -= _logsumexp(log_scale_prior, axis=0)
 
-    # Viterbi
+    best_score, levels = -np.inf, np.zeros(n, dtype=int)
+    log_weights, per_scale = np.full(_SCALE_STEPS.size, -np.inf), []
+    for j, step in enumerate(_SCALE_STEPS):
+        scale = float(np.exp(step * priors.scale_sigma))
+        transitions = [prior + _gap_scores(g, expected * scale, priors) for g in gaps]
+        path, score = _viterbi(emissions, transitions)
+        if score + log_scale_prior[j] > best_score:
+            best_score, levels = score + log_scale_prior[j], path
+        log_z, marg = _forward_backward(emissions, transitions)
+        log_weights[j] = log_z + log_scale_prior[j]
+        per_scale.append(marg)
+    if not np.isfinite(best_score):
+        raise ValueError("the fixed labels cannot all hold: each level appears once, cranial to caudal")
+    weights = np.exp(log_weights - np.max(log_weights))
+    marginals = np.tensordot(weights / weights.sum(), np.asarray(per_scale), axes=1)
+    confidence = marginals[np.arange(n), levels]
+    return Solution(levels, confidence, marginals, _warnings(levels, confidence, marginals, gaps))
+
+
+def _viterbi(emissions: np.ndarray, transitions: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    """Best path (n,) and its log-score, for emissions (n, K) and transitions n-1 x (K, K)."""
+    n = emissions.shape[0]
     score = emissions[0].copy()
     back = np.zeros((n, K), dtype=int)
     for i in range(1, n):
         cand = score[:, None] + transitions[i - 1]
         back[i] = np.argmax(cand, axis=0)
         score = cand[back[i], np.arange(K)] + emissions[i]
-    if not np.isfinite(score).any():
-        raise ValueError("the fixed labels cannot all hold: each level appears once, cranial to caudal")
     levels = np.zeros(n, dtype=int)
     levels[-1] = int(np.argmax(score))
     for i in range(n - 1, 0, -1):
         levels[i - 1] = back[i, levels[i]]
+    return levels, float(score[levels[-1]])
 
-    # forward-backward in log space
+
+def _forward_backward(emissions: np.ndarray, transitions: list[np.ndarray]) -> tuple[float, np.ndarray]:
+    """Log-partition function and posterior marginals (n, K), in log space."""
+    n = emissions.shape[0]
     alpha = np.zeros((n, K))
     beta = np.zeros((n, K))
     alpha[0] = emissions[0]
@@ -186,11 +241,10 @@ def solve(
         alpha[i] = _logsumexp(alpha[i - 1][:, None] + transitions[i - 1], axis=0) + emissions[i]
     for i in range(n - 2, -1, -1):
         beta[i] = _logsumexp(transitions[i] + (emissions[i + 1] + beta[i + 1])[None, :], axis=1)
-    log_marg = alpha + beta
-    log_marg -= _logsumexp(log_marg, axis=1)[:, None]
-    marginals = np.exp(log_marg)
-    confidence = marginals[np.arange(n), levels]
-    return Solution(levels, confidence, marginals, _warnings(levels, confidence, marginals, np.asarray(gaps_mm, float)))
+    log_z = float(_logsumexp(alpha[-1], axis=0))
+    if not np.isfinite(log_z):
+        return log_z, np.zeros((n, K))
+    return log_z, np.exp(alpha + beta - log_z)
 
 
 def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray, gaps_mm: np.ndarray) -> list[str]:
