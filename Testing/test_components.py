@@ -136,3 +136,14 @@ def test_fragments_off_the_column_become_posterior_elements():
     assert stray.size == 1 and np.argwhere(bodies == stray[0])[:, 1].min() >= 34
     clean, whole = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING)
     assert clean.max() == 5
+
+
+def test_a_far_fragment_beside_a_short_chain_is_off_the_column():
+    # three lumbar bodies and a rib fragment 176 mm to one side (the TotalSegmentator abdominal CT): the fragment
+    # must not pull the column towards itself and push a real body off it
+    bodies = np.zeros((60, 50, 120), np.int32)
+    for vid, (z_mm, y_mm, x_mm, half) in enumerate([(104, 26, 200, 5), (140, 35, 200, 5), (148, 77, 24, 4),
+                                                     (175, 42, 200, 4)], start=1):
+        z, y, x = int((z_mm - 90) / 2), int(y_mm / 2), int(x_mm / 2)
+        bodies[z - half : z + half, y - half : y + half, x - half : x + half] = vid
+    assert off_axis_components(bodies, SPACING).tolist() == [3]

@@ -179,9 +179,12 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
                         iterations: int = 3) -> np.ndarray:
     """Ids of body components that lie off the vertebral column (posterior-element or pelvis fragments).
 
-    The column is a quadratic curve x(z), y(z) fitted through the body centroids, weighted by volume, refitted
-    without the outliers; a component whose centroid lies more than ``tolerance_mm`` (or 2.5 robust standard
-    deviations, if larger) from the curve is off axis. Needs at least four components.
+    First, locally: a component between two others (in z) is off axis when it lies further from the chord joining
+    them than ``tolerance_mm`` or half the chord's length, whichever is larger; the worst is dropped first, so a far
+    fragment cannot hide in a short chain. Then, over the whole chain (at least four components): the column is a
+    quadratic curve x(z), y(z) fitted through the body centroids, weighted by volume, refitted without the outliers;
+    a component whose centroid lies more than ``tolerance_mm`` (or 2.5 robust standard deviations, if larger) from
+    the curve is off axis.
 
     Args:
         bodies: int32 (z, y, x) body components.
@@ -192,11 +195,11 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
     """
     ids = np.unique(bodies)
     ids = ids[ids > 0]
-    if ids.size < 4:
-        return np.zeros(0, dtype=int)
     centroids, volumes = _centroids_and_sizes(bodies, ids)
     centroids = centroids * np.asarray(spacing_mm)
-    inlier = np.ones(ids.size, dtype=bool)
+    inlier = _on_chords(centroids, tolerance_mm)
+    if inlier.sum() < 4:
+        return ids[~inlier]
     for _ in range(iterations):
         z = centroids[:, 0]
         degree = 2 if inlier.sum() >= 5 else 1
@@ -208,6 +211,24 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
             break
         inlier = new
     return ids[~inlier]
+
+
+def _on_chords(centroids: np.ndarray, tolerance_mm: float) -> np.ndarray:
+    """Which centroids (n, 3) z, y, x mm stay after the local test of ``off_axis_components``; bool (n,)."""
+    keep = np.ones(len(centroids), dtype=bool)
+    while keep.sum() >= 3:
+        members = np.flatnonzero(keep)
+        members = members[np.argsort(centroids[members, 0])]
+        above, middle, below = centroids[members[2:]], centroids[members[1:-1]], centroids[members[:-2]]
+        chord = above - below
+        length = np.linalg.norm(chord, axis=1)
+        t = np.clip(np.einsum("ij,ij->i", middle - below, chord) / np.maximum(length, 1e-6) ** 2, 0.0, 1.0)
+        off = np.linalg.norm(middle - below - t[:, None] * chord, axis=1) / np.maximum(tolerance_mm, 0.5 * length)
+        worst = int(np.argmax(off))
+        if off[worst] <= 1.0:
+            break
+        keep[members[worst + 1]] = False
+    return keep
 
 
 def attach_posterior(bodies: np.ndarray, tissue: np.ndarray) -> np.ndarray:
