@@ -3,7 +3,7 @@
 A model is two files side by side: ``NAME.pt`` (a torch ``state_dict``) and ``NAME.json``, its card::
 
     {"name": "spinelabel-default", "version": "1.0.0", "architecture": {"channels": [8, 16, 32, 64, 96]},
-     "spacing_mm": 2.0, "normalisation": "percentile_0.5_99.5", "tissue_classes": [...], "level_classes": [...],
+     "spacing_mm": 2.0, "ct_window_hu": [-1000, 1200], "normalisation": "...", "tissue_classes": [...], "level_classes": [...],
      "training_data": "...", "evaluation": {...}, "weights": "spinelabel-default.pt", "sha256": "<hex>"}
 
 The default model ships inside the package (``weights/``). Fine-tuned models are registered in the user model folder
@@ -62,6 +62,12 @@ class LoadedModel:
     @property
     def spacing_mm(self) -> float:
         return float(self.card["spacing_mm"])
+
+    @property
+    def ct_window_hu(self) -> tuple[float, float] | None:
+        """Fixed CT intensity window (HU mapped to 0 and 1) of the model, or None: percentile mapping for CT too."""
+        window = self.card.get("ct_window_hu")
+        return None if window is None else (float(window[0]), float(window[1]))
 
     @property
     def info(self) -> dict:

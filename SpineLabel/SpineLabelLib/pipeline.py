@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from . import components as comp
 from . import features as feat
-from .inference import Cancelled, normalise, predict, resolve_device
+from .inference import Cancelled, modality_of, normalise, predict, resolve_device
 from .io import canonical_grid, read_image, resample_to_grid
 from .models import LoadedModel, load_model
 from .result import Geometry, SpineLabeling, Vertebra
@@ -110,7 +110,7 @@ def label_spine(
     t = stage("load_model", t)
     geometry = Geometry.of(image)
     minimum = _minimum(image)  # fills the model grid outside the image; CT air is below -500 HU
-    modality = "CT" if minimum < -500 else "MR"
+    modality = modality_of(minimum)
     grid = canonical_grid(image, loaded.spacing_mm)
     volume = sitk.GetArrayFromImage(resample_to_grid(image, grid, default=minimum))
     t = stage("resample", t)
@@ -120,7 +120,7 @@ def label_spine(
         warnings.append("image is constant: nothing to label")
         report(1.0, "no vertebrae found")
         return _empty(geometry, warnings, loaded, timings, source, modality, t0)
-    norm = normalise(volume)
+    norm = normalise(volume, loaded.ct_window_hu if modality == "CT" else None)
     del volume
     box = _foreground_box(norm)
     t = stage("normalise", t)

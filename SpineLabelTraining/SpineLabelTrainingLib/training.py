@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
-from SpineLabelLib.inference import Cancelled, normalise, resolve_device
+from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
 from SpineLabelLib.io import canonical_grid, read_image, resample_to_grid
 from SpineLabelLib.models import load_model, save_model
 from SpineLabelLib.network import SpineUNet
@@ -75,7 +75,7 @@ class Case:
     """One training case on the model grid.
 
     Attributes:
-        image: float32 (z, y, x), normalised to [0, 1] (``inference.normalise``).
+        image: float32 (z, y, x), normalised to [0, 1] (``inference.normalise``, CT with ``CT_WINDOW_HU``).
         tissue: uint8 (z, y, x) tissue target: a class of ``TISSUE_NAMES`` or one of the partial-label codes.
         levels: uint8 (z, y, x) VerSe label of the vertebra each voxel belongs to, 0 elsewhere.
         name: case name, for logs.
@@ -113,14 +113,26 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     image = read_image(image_path)
     labels = sitk.ReadImage(str(label_path))
     grid = canonical_grid(image, spacing_mm)
-    volume = sitk.GetArrayFromImage(resample_to_grid(image, grid))
+    volume = _model_input(image, grid)
     verse = sitk.GetArrayFromImage(resample_to_grid(sitk.Cast(labels, sitk.sitkUInt8), grid, label=True))
     verse = np.where(_LEVEL_OF_LABEL[verse] > 0, verse, 0).astype(np.uint8)
     if bodies_only:
         tissue = np.where(verse > 0, BODY, NOT_BODY).astype(np.uint8)
     else:
         tissue = np.where(verse > 0, VERTEBRA, NOT_VERTEBRA).astype(np.uint8)
-    return Case(normalise(volume), unknown_beyond_labelled_ends(tissue, verse), verse, image_path.name)
+    return Case(volume, unknown_beyond_labelled_ends(tissue, verse), verse, image_path.name)
+
+
+def _normalised(volume: np.ndarray, modality: str) -> np.ndarray:
+    """``inference.normalise`` as the pipeline applies it to a model trained here (modality ``"CT"`` or ``"MR"``)."""
+    return normalise(volume, CT_WINDOW_HU if modality == "CT" else None)
+
+
+def _model_input(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    """A real image as the pipeline gives it to the network: on ``grid`` (filled with the image minimum outside it),
+    normalised for its modality. float32 (z, y, x)."""
+    minimum = float(sitk.GetArrayViewFromImage(image).min())
+    return _normalised(sitk.GetArrayFromImage(resample_to_grid(image, grid, default=minimum)), modality_of(minimum))
 
 
 def unknown_beyond_labelled_ends(tissue: np.ndarray, verse: np.ndarray) -> np.ndarray:
@@ -195,7 +207,7 @@ def _synthetic_source(spacing_mm: float, size: tuple[int, int, int], data_dir: P
 
     def draw(rng: np.random.Generator) -> Case:
         c = synthesis.synthesize_case(rng, library, spacing_mm=spacing_mm, size_zyx=size)
-        return Case(normalise(c.image), c.tissue, c.levels, "synthetic")
+        return Case(_normalised(c.image, "CT" if c.modality == "ct" else "MR"), c.tissue, c.levels, f"synthetic-{c.modality}")
 
     return draw
 
@@ -208,10 +220,9 @@ def _phantom_source(spacing_mm: float, size: tuple[int, int, int]) -> Callable[[
         ph = make_phantom(modality=str(rng.choice(["ct", "mr"])), fov=fov, spacing=(spacing_mm,) * 3,
                           seed=int(rng.integers(1 << 31)))
         grid = canonical_grid(ph.image, spacing_mm)
-        vol = sitk.GetArrayFromImage(resample_to_grid(ph.image, grid))
         tissue = sitk.GetArrayFromImage(resample_to_grid(ph.tissue, grid, label=True))
         levels = sitk.GetArrayFromImage(resample_to_grid(ph.labels, grid, label=True))
-        return _crop(Case(normalise(vol), tissue, levels, f"phantom-{fov}"), size, rng)
+        return _crop(Case(_model_input(ph.image, grid), tissue, levels, f"phantom-{fov}"), size, rng)
 
     return draw
 
@@ -308,7 +319,8 @@ def _validate(net: SpineUNet, val: list[Case], device: torch.device) -> dict:
     inter = total = correct = counted = 0.0
     with torch.inference_mode():
         for c in val:
-            t_logits, l_logits = net(torch.from_numpy(c.image)[None, None].to(device))
+            with autocast(device):
+                t_logits, l_logits = net(torch.from_numpy(c.image)[None, None].to(device))
             pred = t_logits.argmax(1)[0].cpu().numpy()
             sure = (c.tissue <= DISC) | (c.tissue == NOT_BODY)
             inter += float(((pred == BODY) & (c.tissue == BODY) & sure).sum())
@@ -373,8 +385,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
             if cancel is not None and cancel():
                 raise Cancelled()
             image, tissue, levels = (t.to(device) for t in next(batches))
-            t_logits, l_logits = net(image)
-            loss = tissue_loss(t_logits, tissue) + 0.5 * level_loss(l_logits, levels)
+            with autocast(device):
+                t_logits, l_logits = net(image)
+            loss = tissue_loss(t_logits.float(), tissue) + 0.5 * level_loss(l_logits.float(), levels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -395,7 +408,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
         "name": cfg.name,
         "version": cfg.version,
         "spacing_mm": spacing,
-        "normalisation": "percentiles 0.5/99.5 of the volume mapped to 0/1, clipped",
+        "normalisation": f"CT: {CT_WINDOW_HU[0]:g} to {CT_WINDOW_HU[1]:g} HU mapped to 0/1; MR: percentiles 0.5/99.5 "
+                         "of the volume mapped to 0/1; clipped",
+        "ct_window_hu": list(CT_WINDOW_HU),
         "training_data": {"sources": [{"source": s, "weight": round(float(w), 3)} for s, w in zip(specs, weights)],
                           "shape_library": str(cfg.data_dir), "note": cfg.training_data_note},
         "training": {"epochs": cfg.epochs, "iterations_per_epoch": cfg.iterations, "batch": cfg.batch,
