@@ -127,7 +127,7 @@ def training_view(root: Path) -> Path:
 def train(args: argparse.Namespace, extra: list[str]) -> int:
     view = training_view(args.workdir or Path(tempfile.mkdtemp(prefix="spinelabel-train-")))
     cmd = [sys.executable, "-m", "SpineLabelLib.cli", "train", "--out", str(args.out),
-           "--data", "synthetic:0.5", "--data", f"{view / 'mri_lumbar_bodies'}:0.4", "--data", "phantom:0.1",
+           "--data", "synthetic:0.6", "--data", f"{view / 'mri_lumbar_bodies'}:0.35", "--data", "phantom:0.05",
            "--data-dir", str(view), *extra]
     print(" ".join(cmd))
     return subprocess.run(cmd).returncode

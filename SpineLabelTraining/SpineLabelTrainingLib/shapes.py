@@ -32,11 +32,13 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from SpineLabelLib import io
-from SpineLabelLib.vertebrae import BODY, BY_LABEL, LEVELS, POSTERIOR
+from SpineLabelLib.vertebrae import BODY, BY_LABEL, DISC, LEVELS, POSTERIOR
 
 __all__ = [
     "TYPICAL_BODY_MM",
     "S1_LABEL",
+    "SACRAL_DISC",
+    "SACRAL_CANAL",
     "Shape",
     "ShapeLibrary",
     "frame",
@@ -50,7 +52,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPACING_MM = 1.0  # voxel size of every stored shape
-_CACHE_VERSION = 8
+_CACHE_VERSION = 9
+_MASK_BITS = 3  # mask values go up to SACRAL_CANAL (4)
 S1_LABEL = BY_LABEL[26].label
 _MAIN_LABELS = tuple(level.label for level in LEVELS if not level.transitional)  # C1..L5, S1
 
@@ -75,7 +78,8 @@ class Shape:
     Attributes:
         label: VerSe label value (0 for a disc).
         mask: uint8 (z, y, x) at 1 mm, axes (superior, posterior, left): 0 outside, ``BODY`` (1) body,
-            ``POSTERIOR`` (2) posterior elements; a disc uses 1 for its voxels.
+            ``POSTERIOR`` (2) posterior elements; a sacrum also ``SACRAL_DISC`` and ``SACRAL_CANAL``; a disc uses 1
+            for its voxels.
         centre: (3,) float, index (z, y, x) of the body centroid (disc centroid for a disc).
         z_low, z_up: signed distance (mm) from the centre to the lower and upper endplate along the body's central
             column (z_low < 0 < z_up).
@@ -121,14 +125,14 @@ class ShapeLibrary:
         return shapes
 
     def save(self, path: Path) -> None:
-        """Write the library as one compressed ``.npz`` (masks bit-packed)."""
+        """Write the library as one compressed ``.npz`` (masks bit-packed, one array per bit of the mask values)."""
         arrays: dict[str, np.ndarray] = {"c1_offsets": np.asarray(self.c1_offsets, float)}
         meta = []
         entries = ([(s, 0) for lst in self.vertebrae.values() for s in lst] + [(s, 1) for s in self.discs]
                    + [(s, 2) for lst in self.bodies.values() for s in lst])
         for i, (shape, kind) in enumerate(entries):
-            arrays[f"m{i}"] = np.packbits(shape.mask.ravel() & 1)
-            arrays[f"p{i}"] = np.packbits(shape.mask.ravel() >> 1)
+            for bit in range(_MASK_BITS):
+                arrays[f"b{bit}_{i}"] = np.packbits((shape.mask.ravel() >> bit) & 1)
             meta.append([shape.label, *shape.mask.shape, *shape.centre, shape.z_low, shape.z_up, shape.depth_mm,
                          shape.width_mm, kind])
             arrays[f"s{i}"] = np.array(shape.source)
@@ -147,7 +151,7 @@ class ShapeLibrary:
             for i, row in enumerate(data["meta"]):
                 dims = tuple(int(v) for v in row[1:4])
                 n = int(np.prod(dims))
-                mask = (np.unpackbits(data[f"m{i}"])[:n] | (np.unpackbits(data[f"p{i}"])[:n] << 1)).reshape(dims)
+                mask = sum(np.unpackbits(data[f"b{bit}_{i}"])[:n] << bit for bit in range(_MASK_BITS)).reshape(dims)
                 shape = Shape(int(row[0]), mask.astype(np.uint8), row[4:7].copy(), float(row[7]), float(row[8]),
                               float(row[9]), float(row[10]), str(data[f"s{i}"]))
                 if row[11] == 1:
@@ -431,46 +435,73 @@ def _aligned_parts(image: sitk.Image, values: list[int], source: str, upward: di
     return shapes
 
 
+# Mask values of a sacrum beyond BODY (the S1 body) and POSTERIOR (the rest of the bone): its rudimentary discs and
+# its canal.
+SACRAL_DISC = DISC
+SACRAL_CANAL = 4
+# Arc positions of the rudimentary discs S2/S3, S3/S4 and S4/S5 as fractions of the sacral length below S1 (segment
+# heights of about 22, 18, 15 and 12 mm in an adult sacrum).
+_SACRAL_DISC_AT = (0.3, 0.52, 0.7)
+
+
 def _with_sacral_mass(s1: Shape, rng: np.random.Generator) -> Shape:
-    """A whole sacrum: the S1 body ``s1`` plus a parametric sacral mass below it (alae, a body tapering and curving
-    posteriorly over 4 more segments), all stored as ``BODY``, label 26."""
+    """A whole sacrum: the S1 body ``s1`` (``BODY``) plus a parametric sacral mass (``POSTERIOR``) below it, label 26.
+
+    The mass is a body tapering and curving posteriorly over four more segments, with rudimentary discs between the
+    segments (``SACRAL_DISC``; each visible or fused at random, S1/S2 most often visible), a sacral canal behind it
+    (``SACRAL_CANAL``) closed by a dorsal wall, and the alae either side of S1 and S2 reaching the sacro-iliac
+    joints. Only the S1 body is body tissue, as in the bodies-only MRI labels, so the S1 centroid stays on its body.
+    """
     h = s1.z_up - s1.z_low
     d, w = s1.depth_mm, s1.width_mm
     length = rng.uniform(80.0, 105.0) * w / 50.0
     bend = np.deg2rad(rng.uniform(50.0, 85.0))
     ala = rng.uniform(35.0, 48.0) * w / 50.0
-    # Grid just big enough: below S1 by the sacral length, behind it by the bend, beside it by the alae.
+    canal = rng.uniform(4.0, 7.0)  # canal radius at S1, mm
+    # Grid just big enough: below S1 by the sacral length, behind it by the bend and the canal, beside it by the alae.
     before = np.ceil(np.array([length + 5.0, 5.0, ala + 5.0]))
-    after = np.ceil(np.array([5.0, length * np.sin(bend) + 5.0, ala + 5.0]))
+    after = np.ceil(np.array([5.0, length * np.sin(bend) + 4 * canal + 12.0, ala + 5.0]))
     grid_shape = (np.asarray(s1.mask.shape) + before + after).astype(int)
     origin = s1.centre + before  # index of the body centroid in the grid
     out = np.zeros(tuple(int(v) for v in grid_shape), np.uint8)
-    zo, yo, xo = (int(v) for v in np.floor(origin - s1.centre))
-    out[zo : zo + s1.mask.shape[0], yo : yo + s1.mask.shape[1], xo : xo + s1.mask.shape[2]] = (s1.mask > 0) * BODY
-    # Sacral body: cross-sections perpendicular to a curve that starts under S1 and bends posteriorly.
+    zz, yy, xx = np.meshgrid(*(np.arange(n) - o for n, o in zip(grid_shape, origin)), indexing="ij", sparse=True)
+    alae = (((zz - (s1.z_low - 8.0)) / (0.55 * h + 14.0)) ** 2 + ((yy - 0.3 * d) / (0.42 * d)) ** 2
+            + (xx / (w / 2 + ala)) ** 2) <= 1.0
+    out[alae & (zz <= s1.z_up - 4.0)] = POSTERIOR
+    # Cross-sections perpendicular to a curve that starts under S1 and bends posteriorly: the sacral body (ellipse),
+    # the canal behind it and the dorsal wall behind the canal.
     ts = np.arange(0.0, length, 1.0)
-    angle = bend * (ts / length) ** 1.3
+    t = ts / length
+    angle = bend * t**1.3
     direction = np.stack([-np.cos(angle), np.sin(angle), np.zeros_like(angle)], axis=1)
     normal = np.stack([np.sin(angle), np.cos(angle), np.zeros_like(angle)], axis=1)  # in the sagittal plane
     path = np.array([s1.z_low + 2.0, 0.1 * d, 0.0]) + np.cumsum(direction, axis=0)
     u, v = np.meshgrid(np.arange(-1.0, 1.0, 0.02), np.arange(-1.0, 1.0, 0.02), indexing="ij")
     disk = (u**2 + v**2) <= 1.0
     u, v = u[disk], v[disk]
-    points = []
-    for t, p, n in zip(ts / length, path, normal):
-        half_w, half_t = (w / 2) * (1.0 - 0.75 * t), (0.55 * d) * (1.0 - 0.6 * t)
-        points.append(p + np.outer(v * half_t, n) + np.outer(u * half_w, [0.0, 0.0, 1.0]))
-    pts = np.concatenate(points)
-    # Alae: a flattened ellipsoid either side of S1 reaching the sacro-iliac joints.
-    zz, yy, xx = np.meshgrid(*(np.arange(n) - o for n, o in zip(grid_shape, origin)), indexing="ij", sparse=True)
-    alae = (((zz - (s1.z_low - 8.0)) / (0.55 * h + 14.0)) ** 2 + ((yy - 0.3 * d) / (0.42 * d)) ** 2
-            + (xx / (w / 2 + ala)) ** 2) <= 1.0
-    alae &= zz <= s1.z_up - 4.0
-    out[alae] = BODY
-    index = np.round(pts + origin).astype(int)
-    keep = ((index >= 0) & (index < grid_shape)).all(axis=1)
-    out[tuple(index[keep].T)] = BODY
-    out = ndimage.binary_closing(out > 0, iterations=1).astype(np.uint8) * BODY
+    disk, inner = np.ones(u.shape, bool), (u**2 + v**2) <= 0.8
+    visible = [rng.random() < 0.8] + [rng.random() < 0.5 for _ in _SACRAL_DISC_AT]
+    disc_at = np.array([1.0 / length, *_SACRAL_DISC_AT])  # S1/S2 right under the S1 body
+    half_disc = rng.uniform(0.8, 1.6) / length
+    for k, (tk, p, n) in enumerate(zip(t, path, normal)):
+        half_w, half_t = (w / 2) * (1.0 - 0.75 * tk), (0.55 * d) * (1.0 - 0.6 * tk)
+        rc = canal * (1.0 - 0.6 * tk)
+        parts = [(POSTERIOR, disk, half_w, half_t, 0.0)]
+        if np.any(visible & (np.abs(disc_at - tk) <= half_disc)):
+            parts.append((SACRAL_DISC, inner, half_w, half_t, 0.0))
+        if tk < 0.8:
+            parts += [(SACRAL_CANAL, disk, 1.3 * rc, rc, half_t + rc + 1.0),
+                      (POSTERIOR, disk, 0.25 * w * (1.0 - 0.5 * tk), 2.5, half_t + 2 * rc + 3.5)]
+        for value, sel, a, b, offset in parts:
+            pts = p + np.outer(v[sel] * b + offset, n) + np.outer(u[sel] * a, [0.0, 0.0, 1.0])
+            index = np.round(pts + origin).astype(int)
+            index = index[((index >= 0) & (index < grid_shape)).all(axis=1)]
+            out[tuple(index.T)] = value
+    closed = ndimage.binary_closing(out > 0, iterations=1)
+    out[closed & (out == 0)] = POSTERIOR
+    zo, yo, xo = (int(v) for v in np.floor(origin - s1.centre))
+    window = out[zo : zo + s1.mask.shape[0], yo : yo + s1.mask.shape[1], xo : xo + s1.mask.shape[2]]
+    window[s1.mask > 0] = BODY
     cropped, lo = _crop_to_nonzero(out, margin=1)
     centre = origin - lo
     return Shape(S1_LABEL, cropped, centre, s1.z_low, s1.z_up, d, w, s1.source + "+sacral mass")

@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from SpineLabelLib.vertebrae import BODY, BY_LABEL, DISC, POSTERIOR, TISSUE_NAMES
-from SpineLabelTrainingLib.shapes import S1_LABEL, Shape, ShapeLibrary, frame, size_ratio
+from SpineLabelTrainingLib.shapes import S1_LABEL, SACRAL_CANAL, SACRAL_DISC, Shape, ShapeLibrary, frame, size_ratio
 
 __all__ = [
     "TISSUE_NAMES",
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 IGNORE = 255  # tissue/level target: unknown, no loss
 MODALITIES = ("ct", "t1", "t2", "stir", "water", "fat", "random")
-_MODALITY_P = (0.3, 0.14, 0.2, 0.06, 0.05, 0.05, 0.2)
+_MODALITY_P = (0.45, 0.12, 0.15, 0.05, 0.04, 0.04, 0.15)
 
 
 @dataclass
@@ -60,12 +60,14 @@ class TrainingCase:
             ``IGNORE`` outside the scanned slab of a limited-field-of-view case (15 %).
         levels: uint8 (z, y, x): VerSe label of the vertebra each body/posterior voxel belongs to, 0 elsewhere.
         spacing_mm: isotropic voxel size of the arrays.
+        modality: the appearance preset it was drawn with (one of :data:`MODALITIES`).
     """
 
     image: np.ndarray
     tissue: np.ndarray
     levels: np.ndarray
     spacing_mm: float
+    modality: str
 
 
 # Image classes of the synthetic label map (never returned; they drive the appearance).
@@ -520,11 +522,15 @@ def _draw_spine(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) ->
             sub[sub == BODY] = 0
         body, post = sub == BODY, sub == POSTERIOR
         sacrum = pl.label == S1_LABEL
-        canvas.cls[sl][body] = SACRUM if sacrum else MARROW
+        canvas.cls[sl][body] = MARROW
         canvas.cls[sl][post] = SACRUM if sacrum else POST
         canvas.tissue[sl][body] = BODY
-        canvas.tissue[sl][post] = BODY if sacrum else POSTERIOR
-        canvas.levels[sl][sub > 0] = pl.label
+        canvas.tissue[sl][post] = POSTERIOR
+        canvas.levels[sl][body | post] = pl.label
+        if sacrum:  # its rudimentary discs and canal
+            canvas.cls[sl][sub == SACRAL_DISC] = ANNULUS
+            canvas.tissue[sl][sub == SACRAL_DISC] = DISC
+            canvas.cls[sl][sub == SACRAL_CANAL] = FAT
         swap = None if pl.body is None else canvas.rasterise(pl.body.mask, pl.body.centre, pl, pl.body_scale)
         if swap is not None:
             inside = swap[1] > 0
@@ -548,6 +554,11 @@ def _class_intensities(rng: np.random.Generator, modality: str) -> tuple[np.ndar
     if modality == "ct":
         means += rng.normal(0, 1, _N_CLASSES).astype(np.float32) * np.maximum(10.0, 0.12 * np.abs(means))
         means[AIR] = -1000.0
+        # Bone density: from osteoporotic (trabecular bone near 100 HU) to young dense bone (near 300 HU).
+        density = rng.uniform(0.35, 1.3)
+        bone = [MARROW, POST, SACRUM, RIB, OTHER_BONE]
+        means[bone] = 30.0 + (means[bone] - 30.0) * density
+        means[CORTEX] = 30.0 + (means[CORTEX] - 30.0) * (0.6 + 0.4 * density)
         if rng.random() < 0.3:  # contrast-enhanced vessels and organs
             means[VESSEL] = rng.uniform(150, 400)
             means[[ORGAN_A, ORGAN_B]] += rng.uniform(30, 120)
@@ -590,11 +601,20 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
     return field
 
 
+def _texture(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Unit-variance random texture, float32 of ``shape`` (z, y, x): white noise mixed with noise smoothed over one
+    to three voxels (trabecular bone, fat in muscle, organ parenchyma are textured, not flat)."""
+    white = rng.standard_normal(shape, dtype=np.float32)
+    smooth = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), rng.uniform(0.6, 1.5))
+    share = rng.uniform(0.0, 0.9)
+    return np.sqrt(1.0 - share**2) * white + share / max(float(smooth.std()), 1e-6) * smooth
+
+
 def _appearance(rng: np.random.Generator, cls: np.ndarray, levels: np.ndarray, modality: str,
                 spacing: float) -> np.ndarray:
     """Synthetic image, float32 (z, y, x), from the class map ``cls`` and the level map (per-vertebra marrow)."""
     means, stds = _class_intensities(rng, modality)
-    img = means[cls] + stds[cls] * rng.standard_normal(cls.shape, dtype=np.float32)
+    img = means[cls] + stds[cls] * _texture(rng, cls.shape)
     marrow = (cls == MARROW) | (cls == SACRUM)
     spread = float(np.abs(means[MARROW] - means[FAT])) * 0.15 + 10.0
     per_level = rng.normal(0.0, spread, 29).astype(np.float32)
@@ -614,8 +634,9 @@ def _appearance(rng: np.random.Generator, cls: np.ndarray, levels: np.ndarray, m
                       + (sigma * rng.standard_normal(img.shape, dtype=np.float32)) ** 2)
         lo, hi = float(img.min()), float(img.max())
         img = ((img - lo) / max(hi - lo, 1e-6)) ** np.exp(rng.normal(0.0, 0.25)) * rng.uniform(200.0, 4000.0)
-    else:
-        img += rng.uniform(3.0, 25.0) * rng.standard_normal(img.shape, dtype=np.float32)
+    else:  # reconstruction noise, correlated over about a voxel
+        noise = ndimage.gaussian_filter(rng.standard_normal(img.shape, dtype=np.float32), rng.uniform(0.0, 0.8))
+        img += rng.uniform(3.0, 25.0) / max(float(noise.std()), 1e-6) * noise
         img = np.maximum(img, -1024.0)
     return img.astype(np.float32)
 
@@ -706,4 +727,4 @@ def synthesize_case(rng: np.random.Generator, library: ShapeLibrary, spacing_mm:
     if rng.random() < 0.15:
         _limit_field_of_view(rng, image, canvas.tissue, canvas.levels)
     log.debug("synthetic %s crop, levels %s", modality, ", ".join(BY_LABEL[int(v)].name for v in np.unique(canvas.levels) if v))
-    return TrainingCase(image, canvas.tissue, canvas.levels, float(spacing_mm))
+    return TrainingCase(image, canvas.tissue, canvas.levels, float(spacing_mm), modality)
