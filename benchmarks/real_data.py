@@ -7,6 +7,10 @@ score.)
 Usage (from the repository root):
     python benchmarks/real_data.py train --out SpineLabel/SpineLabelLib/weights/spinelabel-default.json [--epochs N ...]
     python benchmarks/real_data.py evaluate [--model CARD.json] [--workdir DIR]
+    python benchmarks/real_data.py pitches
+
+``pitches`` prints the mean centroid distance between consecutive levels in the training label maps (the source of
+``SpineLabelLib.sequence.SequencePriors.pitch_mm``).
 
 ``evaluate`` labels every held-out scan with ``spinelabel label``, then writes ``evaluation.json`` and
 ``evaluation.md`` (MR and CT separately) into the work folder.
@@ -133,6 +137,29 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     return subprocess.run(cmd).returncode
 
 
+def pitches(args: argparse.Namespace) -> int:
+    from SpineLabelLib.vertebrae import BY_LABEL, LEVELS, level_index
+
+    view = training_view(args.workdir or Path(tempfile.mkdtemp(prefix="spinelabel-pitch-")))
+    regular = [lv.label for lv in LEVELS if not lv.transitional]
+    gaps: dict[int, list[float]] = {}
+    for path in sorted(view.glob("masks_verse/*_msk.nii.gz")) + sorted(view.glob("mri_lumbar_bodies/*_vert-verse.nii.gz")):
+        image = sitk.ReadImage(str(path))
+        labels = sitk.GetArrayFromImage(image)
+        centroid = {}
+        for value in np.unique(labels):
+            if int(value) in regular:
+                index = np.argwhere(labels == value).mean(axis=0)[::-1]
+                centroid[int(value)] = np.array(image.TransformContinuousIndexToPhysicalPoint(index.tolist()))
+        for upper, lower in zip(regular, regular[1:]):
+            if upper in centroid and lower in centroid:
+                gaps.setdefault(upper, []).append(float(np.linalg.norm(centroid[upper] - centroid[lower])))
+    for label in sorted(gaps, key=level_index):
+        values = np.array(gaps[label])
+        print(f"{BY_LABEL[label].name:>4} to next: {values.mean():5.1f} mm (sd {values.std():.1f}, {values.size} scans)")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,11 +170,13 @@ def main() -> int:
     p.add_argument("--model", type=Path)
     p.add_argument("--workdir", type=Path)
     p.add_argument("--write-card", action="store_true", help="record the scores in the model card's evaluation entry")
+    p = sub.add_parser("pitches", help="centroid distances between consecutive levels in the training label maps")
+    p.add_argument("--workdir", type=Path)
     args, extra = parser.parse_known_args()
     if not DATA.is_dir():
         print(f"{DATA}: real data folder not found", file=sys.stderr)
         return 2
-    return train(args, extra) if args.command == "train" else evaluate(args)
+    return {"train": lambda: train(args, extra), "evaluate": lambda: evaluate(args), "pitches": lambda: pitches(args)}[args.command]()
 
 
 if __name__ == "__main__":
