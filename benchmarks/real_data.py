@@ -6,7 +6,7 @@ score.)
 
 Usage (from the repository root):
     python benchmarks/real_data.py train --out SpineLabel/SpineLabelLib/weights/spinelabel-default.json [--epochs N ...]
-    python benchmarks/real_data.py evaluate [--model CARD.json] [--workdir DIR]
+    python benchmarks/real_data.py evaluate [--model CARD.json] [--workdir DIR] [--selection]
     python benchmarks/real_data.py pitches
 
 ``pitches`` prints the mean centroid distance between consecutive levels in the training label maps (the source of
@@ -46,16 +46,25 @@ def _link(src: Path, dst: Path) -> None:
         os.symlink(src.resolve(), dst)
 
 
+def _link_mri(names: list[str], gt: Path) -> list[Path]:
+    """Link the labels of these ``mri_lumbar_bodies`` cases into the ground-truth folder; their images."""
+    for name in names:
+        stem = name[: -len("_img")]
+        for suffix in ("_vert-verse.nii.gz", "_ctd.json"):
+            _link(DATA / "mri_lumbar_bodies" / f"{stem}{suffix}", gt / "mri_lumbar_bodies" / f"{stem}{suffix}")
+    return [DATA / "mri_lumbar_bodies" / f"{name}.nii.gz" for name in names]
+
+
+def build_selection_set(root: Path) -> tuple[dict[str, list[Path]], Path]:
+    """The training MRI (every ``mri_lumbar_bodies`` case not held out), on which model choices are made."""
+    names = sorted(p.name[: -len(".nii.gz")] for p in (DATA / "mri_lumbar_bodies").glob("*_img.nii.gz"))
+    return {"MR": _link_mri([n for n in names if n not in HOLDOUT_MRI], root / "gt")}, root / "gt"
+
+
 def build_test_set(root: Path) -> tuple[dict[str, list[Path]], Path]:
     """Images to label per modality, and a ground-truth folder in layouts ``spinelabel evaluate`` reads."""
     gt = root / "gt"
-    images: dict[str, list[Path]] = {"MR": [], "CT": []}
-    bodies = gt / "mri_lumbar_bodies"
-    for name in HOLDOUT_MRI:
-        stem = name[: -len("_img")]
-        _link(DATA / "mri_lumbar_bodies" / f"{stem}_vert-verse.nii.gz", bodies / f"{stem}_vert-verse.nii.gz")
-        _link(DATA / "mri_lumbar_bodies" / f"{stem}_ctd.json", bodies / f"{stem}_ctd.json")
-        images["MR"].append(DATA / "mri_lumbar_bodies" / f"{name}.nii.gz")
+    images: dict[str, list[Path]] = {"MR": _link_mri(HOLDOUT_MRI, gt), "CT": []}
     # VerSe lumbar CT, whole vertebrae + body centroids
     _link(DATA / "ct_verse" / "sub-verse014_seg-vert_msk.nii.gz", gt / "ct" / "sub-verse014_seg-vert_msk.nii.gz")
     _link(DATA / "ct_verse" / "sub-verse014_seg-vb_ctd.json", gt / "ct" / "sub-verse014_seg-vb_ctd.json")
@@ -87,7 +96,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from SpineLabelLib.io import case_name
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="spinelabel-eval-"))
-    images, gt = build_test_set(root)
+    images, gt = (build_selection_set if args.selection else build_test_set)(root)
     pred = root / "pred"
     all_images = [p for group in images.values() for p in group]
     cmd = [sys.executable, "-m", "SpineLabelLib.cli", "label", *map(str, all_images), "-o", str(pred), "--quiet"]
@@ -98,7 +107,7 @@ def evaluate(args: argparse.Namespace) -> int:
     summary = evaluate_folders(pred, gt, out_json=root / "evaluation.json", out_md=root / "evaluation.md", groups=groups)
     print(summary_markdown(summary))
     print(f"\nwritten: {root / 'evaluation.json'}, {root / 'evaluation.md'}")
-    if args.write_card:
+    if args.write_card and not args.selection:
         from SpineLabelLib.models import default_model_path
 
         card_path = args.model or default_model_path()
@@ -170,6 +179,8 @@ def main() -> int:
     p.add_argument("--model", type=Path)
     p.add_argument("--workdir", type=Path)
     p.add_argument("--write-card", action="store_true", help="record the scores in the model card's evaluation entry")
+    p.add_argument("--selection", action="store_true",
+                   help="score the training MRI instead (the set model choices are made on), not the held-out scans")
     p = sub.add_parser("pitches", help="centroid distances between consecutive levels in the training label maps")
     p.add_argument("--workdir", type=Path)
     args, extra = parser.parse_known_args()
