@@ -74,7 +74,7 @@ class SequencePriors:
         ("C1", 19.4), ("C2", 21.2), ("C3", 17.8), ("C4", 18.5), ("C5", 18.4), ("C6", 18.7), ("C7", 20.5),
         ("T1", 24.5), ("T2", 26.0), ("T3", 25.9), ("T4", 25.3), ("T5", 25.0), ("T6", 25.0), ("T7", 25.0),
         ("T8", 25.0), ("T9", 23.5), ("T10", 26.6), ("T11", 31.2), ("T12", 33.5), ("L1", 35.0), ("L2", 36.7),
-        ("L3", 37.7), ("L4", 36.6), ("L5", 34.4), ("S1", 22.0),
+        ("L3", 37.7), ("L4", 36.6), ("L5", 34.4),
     )
     pitch_sigma: float = 0.1
     scale_sigma: float = 0.15
@@ -103,13 +103,13 @@ def expected_gaps_mm(priors: SequencePriors = PRIORS) -> np.ndarray:
     pitches of a and of every regular level between them (a transitional level takes its regular neighbour's
     pitch); ``sacral_spacing_mm`` on the S1 -> S1 diagonal; NaN elsewhere."""
     pitch = dict(priors.pitch_mm)
-    pitch["T13"], pitch["L6"] = pitch["T12"], pitch["L5"]
+    pitch.update(T13=pitch["T12"], L6=pitch["L5"], S1=priors.sacral_spacing_mm)
     own = np.array([pitch[name] for name in _NAMES])
     regular = np.where(_TRANSITIONAL, 0.0, own)
     before = np.concatenate([[0.0], np.cumsum(regular)])  # sum of regular pitches above each level
     expected = own[:, None] + before[None, :K] - before[:K, None] - regular[:, None]
     expected = np.where(_VALID, expected, np.nan)
-    expected[_S1, _S1] = priors.sacral_spacing_mm
+    expected[_S1, _S1] = own[_S1]
     return expected
 
 
