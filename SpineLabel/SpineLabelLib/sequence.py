@@ -123,13 +123,18 @@ def _transition_priors(priors: SequencePriors) -> np.ndarray:
     return scores
 
 
-def _gap_scores(gap_mm: float, expected_mm: np.ndarray, priors: SequencePriors) -> np.ndarray:
-    """Log-likelihood of a measured gap for every expected gap (any shape; NaN gives -inf), in log-gap space."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = (np.log(max(gap_mm, 1e-3)) - np.log(expected_mm)) / priors.pitch_sigma
-    normal = np.exp(-0.5 * z**2) / (priors.pitch_sigma * np.sqrt(2 * np.pi))
-    score = np.log((1.0 - priors.gap_outlier) * normal + priors.gap_outlier / _LOG_GAP_RANGE)
-    return np.where(np.isnan(expected_mm), -np.inf, score)
+def _gap_scores(gaps_mm: np.ndarray, scales: np.ndarray, priors: SequencePriors) -> np.ndarray:
+    """Log-likelihood (n-1, scales, K, K) of each measured gap for each transition a -> b at each scale, in log-gap
+    space: a log-normal around the expected gap plus a uniform outlier share; -inf for transitions that cannot
+    happen."""
+    expected = expected_gaps_mm(priors)
+    valid = ~np.isnan(expected)
+    z = (np.log(np.maximum(gaps_mm, 1e-3))[:, None, None] - np.log(scales)[None, :, None]
+         - np.log(expected[valid])[None, None, :]) / priors.pitch_sigma
+    normal = np.log((1.0 - priors.gap_outlier) / (priors.pitch_sigma * np.sqrt(2 * np.pi))) - 0.5 * z**2
+    out = np.full((len(gaps_mm), len(scales), K, K), -np.inf)
+    out[:, :, valid] = np.logaddexp(normal, np.log(priors.gap_outlier / _LOG_GAP_RANGE))
+    return out
 
 
 @dataclass
@@ -191,60 +196,65 @@ def solve(
         emissions[position, :] = -np.inf
         emissions[position, keep] = 0.0
     gaps = np.asarray(gaps_mm, dtype=float).reshape(-1)
-    prior = _transition_priors(priors)
-    expected = expected_gaps_mm(priors)
-    log_scale_prior = -0.5 * _SCALE_STEPS**2
-    log_scale_prior -= _logsumexp(log_scale_prior, axis=0)
-
-    best_score, levels = -np.inf, np.zeros(n, dtype=int)
-    log_weights, per_scale = np.full(_SCALE_STEPS.size, -np.inf), []
-    for j, step in enumerate(_SCALE_STEPS):
-        scale = float(np.exp(step * priors.scale_sigma))
-        transitions = [prior + _gap_scores(g, expected * scale, priors) for g in gaps]
-        path, score = _viterbi(emissions, transitions)
-        if score + log_scale_prior[j] > best_score:
-            best_score, levels = score + log_scale_prior[j], path
-        log_z, marg = _forward_backward(emissions, transitions)
-        log_weights[j] = log_z + log_scale_prior[j]
-        per_scale.append(marg)
-    if not np.isfinite(best_score):
+    scales = np.exp(_SCALE_STEPS * priors.scale_sigma)
+    log_scale_prior = -0.5 * _SCALE_STEPS**2 - _logsumexp(-0.5 * _SCALE_STEPS**2, axis=0)
+    # (n-1, scales, K, K): log-score of a -> b across each gap at each scale
+    transitions = _transition_priors(priors) + _gap_scores(gaps, scales, priors)
+    paths, scores = _viterbi(emissions, transitions)
+    best = int(np.argmax(scores + log_scale_prior))
+    if not np.isfinite(scores[best]):
         raise ValueError("the fixed labels cannot all hold: each level appears once, cranial to caudal")
+    levels = paths[best]
+    log_z, per_scale = _forward_backward(emissions, transitions)
+    log_weights = log_z + log_scale_prior
     weights = np.exp(log_weights - np.max(log_weights))
-    marginals = np.tensordot(weights / weights.sum(), np.asarray(per_scale), axes=1)
+    marginals = np.tensordot(weights / weights.sum(), per_scale, axes=1)
     confidence = marginals[np.arange(n), levels]
     return Solution(levels, confidence, marginals, _warnings(levels, confidence, marginals, gaps))
 
 
-def _viterbi(emissions: np.ndarray, transitions: list[np.ndarray]) -> tuple[np.ndarray, float]:
-    """Best path (n,) and its log-score, for emissions (n, K) and transitions n-1 x (K, K)."""
-    n = emissions.shape[0]
-    score = emissions[0].copy()
-    back = np.zeros((n, K), dtype=int)
+def _viterbi(emissions: np.ndarray, transitions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best path at every scale (scales, n) and its log-score (scales,), for emissions (n, K) and transitions
+    (n-1, scales, K, K)."""
+    n, n_scales = emissions.shape[0], transitions.shape[1] if len(transitions) else _SCALE_STEPS.size
+    score = np.repeat(emissions[:1], n_scales, axis=0)
+    back = np.zeros((n, n_scales, K), dtype=int)
     for i in range(1, n):
-        cand = score[:, None] + transitions[i - 1]
-        back[i] = np.argmax(cand, axis=0)
-        score = cand[back[i], np.arange(K)] + emissions[i]
-    levels = np.zeros(n, dtype=int)
-    levels[-1] = int(np.argmax(score))
+        cand = score[:, :, None] + transitions[i - 1]
+        back[i] = np.argmax(cand, axis=1)
+        score = np.take_along_axis(cand, back[i][:, None, :], axis=1)[:, 0] + emissions[i]
+    levels = np.zeros((n_scales, n), dtype=int)
+    levels[:, -1] = np.argmax(score, axis=1)
     for i in range(n - 1, 0, -1):
-        levels[i - 1] = back[i, levels[i]]
-    return levels, float(score[levels[-1]])
+        levels[:, i - 1] = np.take_along_axis(back[i], levels[:, i : i + 1], axis=1)[:, 0]
+    return levels, np.take_along_axis(score, levels[:, -1:], axis=1)[:, 0]
 
 
-def _forward_backward(emissions: np.ndarray, transitions: list[np.ndarray]) -> tuple[float, np.ndarray]:
-    """Log-partition function and posterior marginals (n, K), in log space."""
-    n = emissions.shape[0]
-    alpha = np.zeros((n, K))
-    beta = np.zeros((n, K))
-    alpha[0] = emissions[0]
-    for i in range(1, n):
-        alpha[i] = _logsumexp(alpha[i - 1][:, None] + transitions[i - 1], axis=0) + emissions[i]
+def _forward_backward(emissions: np.ndarray, transitions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Log-partition function (scales,) and posterior marginals (scales, n, K) at every scale.
+
+    Scaled forward-backward in probability space: every step is normalised and the log of its scale kept, so
+    nothing underflows (transition probabilities are at least about 1e-40: skip priors and the outlier floor).
+    """
+    n, n_scales = emissions.shape[0], transitions.shape[1] if len(transitions) else _SCALE_STEPS.size
+    offset = np.max(emissions, axis=1, keepdims=True)
+    likelihood = np.exp(emissions - offset)
+    step = np.exp(transitions)
+    alpha = np.zeros((n_scales, n, K))
+    beta = np.ones((n_scales, n, K))
+    norm = np.zeros((n_scales, n))
+    alpha[:, 0] = likelihood[0]
+    for i in range(n):
+        if i > 0:
+            alpha[:, i] = np.einsum("sa,sab->sb", alpha[:, i - 1], step[i - 1]) * likelihood[i]
+        norm[:, i] = alpha[:, i].sum(axis=1)
+        alpha[:, i] /= np.maximum(norm[:, i], 1e-300)[:, None]
     for i in range(n - 2, -1, -1):
-        beta[i] = _logsumexp(transitions[i] + (emissions[i + 1] + beta[i + 1])[None, :], axis=1)
-    log_z = float(_logsumexp(alpha[-1], axis=0))
-    if not np.isfinite(log_z):
-        return log_z, np.zeros((n, K))
-    return log_z, np.exp(alpha + beta - log_z)
+        beta[:, i] = np.einsum("sab,sb->sa", step[i], likelihood[i + 1] * beta[:, i + 1])
+        beta[:, i] /= np.maximum(norm[:, i + 1], 1e-300)[:, None]
+    with np.errstate(divide="ignore"):
+        log_z = np.log(norm).sum(axis=1) + float(offset.sum())
+    return log_z, alpha * beta
 
 
 def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray, gaps_mm: np.ndarray) -> list[str]:
