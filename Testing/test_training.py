@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SpineLabelLib.inference import Cancelled
+from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled
 from SpineLabelLib.models import load_model
 from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
 from SpineLabelTrainingLib.synthesis import IGNORE
@@ -42,8 +42,8 @@ def test_level_loss_only_on_vertebra_voxels():
     assert float(loss.detach()) == pytest.approx(np.log(27), rel=1e-4)
 
 
-def write_pair(folder, image_name, label_name, size=(40, 40, 60)):
-    arr = np.zeros(size[::-1], np.int16)
+def write_pair(folder, image_name, label_name, size=(40, 40, 60), background=0):
+    arr = np.full(size[::-1], background, np.int16)
     lab = np.zeros(size[::-1], np.uint8)
     for i, label in enumerate((22, 23, 24)):
         arr[10 + 15 * i : 20 + 15 * i, 10:30, 10:30] = 300
@@ -69,6 +69,14 @@ def test_dataset_layouts(tmp_path):
     assert set(np.unique(whole.tissue)) == {VERTEBRA, NOT_VERTEBRA, IGNORE}
     with pytest.raises(FileNotFoundError):
         find_cases(tmp_path / "nn" / "imagesTr")
+
+
+def test_real_ct_goes_in_through_the_ct_window(tmp_path):
+    write_pair(tmp_path, "s1_ct.nii.gz", "s1_seg-vert_msk.nii.gz", background=-1000)
+    case = load_case(*find_cases(tmp_path)[0][:2], False, 2.0)
+    bone = case.levels > 0
+    expected = (300 - CT_WINDOW_HU[0]) / (CT_WINDOW_HU[1] - CT_WINDOW_HU[0])
+    assert np.median(case.image[bone]) == pytest.approx(expected, abs=0.02) and case.image.min() == 0.0
 
 
 def test_unlabelled_vertebrae_beyond_the_labelled_ones_are_not_taught_as_background():
@@ -100,6 +108,7 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path):
     model = load_model(card)
     assert [m["epoch"] for m in seen] == [1, 2]
     assert model.card["spacing_mm"] == 4.0 and len(model.card["training"]["history"]) == 2
+    assert model.ct_window_hu == CT_WINDOW_HU
     cfg.epochs = 3
     with pytest.raises(ValueError, match="same --epochs"):
         train(cfg)

@@ -1,0 +1,44 @@
+"""Network input and inference: intensity normalisation per modality, reduced-precision inference."""
+
+import contextlib
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SpineLabelLib import inference
+from SpineLabelLib.inference import CT_WINDOW_HU, modality_of, normalise, predict
+from SpineLabelLib.phantom import make_phantom
+from SpineLabelLib.pipeline import get_model
+
+
+def test_modality_from_the_image_minimum():
+    assert modality_of(-1024.0) == "CT" and modality_of(-3024.0) == "CT"
+    assert modality_of(0.0) == "MR" and modality_of(-47.0) == "MR"  # MR magnitude, a slightly negative offset
+
+
+def test_ct_window_is_the_same_whatever_the_field_of_view():
+    rng = np.random.default_rng(0)
+    body = rng.normal(40, 20, (20, 30, 30))  # soft tissue, HU
+    body[5:15, 10:20, 10:20] = 700  # bone
+    with_air = np.pad(body, 10, constant_values=-1000.0)
+    window = normalise(with_air, CT_WINDOW_HU)
+    crop = normalise(body, CT_WINDOW_HU)
+    assert window.dtype == np.float32 and window.min() == 0.0 and window.max() <= 1.0
+    assert crop[10, 15, 15] == pytest.approx(window[20, 25, 25]) == pytest.approx((700 + 1000) / 2200)
+    # the percentile mapping of the same two images differs: it follows the field of view
+    assert abs(normalise(body)[2, 2, 2] - normalise(with_air)[12, 12, 12]) > 0.2
+
+
+def test_reduced_precision_agrees_with_float32(monkeypatch):
+    """bfloat16 autocast (where the CPU runs it natively) labels the same tissue as float32 almost everywhere."""
+    model = get_model(None, "cpu")
+    phantom = make_phantom(modality="ct", fov="lumbar", spacing=(2.0, 2.0, 2.0), seed=2)
+    volume = normalise(sitk.GetArrayFromImage(phantom.image), model.ct_window_hu)
+    fast = predict(model, volume, torch.device("cpu"))
+    monkeypatch.setattr(inference, "autocast", lambda device: contextlib.nullcontext())
+    exact = predict(model, volume, torch.device("cpu"))
+    assert (fast.tissue == exact.tissue).mean() > 0.99
+    difference = np.abs(fast.body_probability.astype(np.float32) - exact.body_probability.astype(np.float32))
+    assert difference.mean() < 0.01
