@@ -6,8 +6,9 @@ of that vertebra, the z axis along the local spine tangent (estimated from the n
 scan), origin at the centroid of its body. The vertebral body is separated from the posterior elements by a
 morphological opening with a ball sized to the level (the body is the only part thick enough to survive it), keeping
 the largest piece; the split can be checked against the TPTBox subregion labels (body = 49/50) with
-:func:`body_split_dice`. Sacra are made of a real S1 body (``mri_lumbar_bodies``) plus a parametric sacral mass (alae
-and a tapering, posteriorly curved body). Discs come from the real disc masks of ``discs_mri``, aligned on their thin
+:func:`body_split_dice`. Sacra are made of a real S1 body (``mri_lumbar_bodies``) plus a parametric sacral mass (alae,
+a tapering, posteriorly curved body of four more segments with rudimentary discs, the sacral canal and its dorsal
+wall); only the S1 body is body tissue. Discs come from the real disc masks of ``discs_mri``, aligned on their thin
 axis. Levels missing from the data (T6-T8 there) are filled with the nearest levels' shapes rescaled by the ratio of
 typical adult body sizes (:data:`TYPICAL_BODY_MM`).
 

@@ -16,10 +16,12 @@ from label maps with fully randomised appearance learns shape and context rather
    (inferior->superior, anterior->posterior, right->left), placed on a random part of the spine (extra weight on the
    sacrum, C1/C2 and the thoraco-lumbar junction), sometimes partly outside the body; 15 % of crops keep only a
    slab of it (a narrow scan: image at its minimum and targets ``IGNORE`` outside).
-3. Appearance. Every tissue class gets a random Gaussian intensity: CT-like (HU), MR-like (T1, T2, STIR, Dixon water,
-   Dixon fat) presets with jitter, or fully random (SynthSeg); vertebrae and discs vary one by one (marrow, disc
-   degeneration). Then partial-volume blur, thick slices along a random axis (blur, subsample, re-interpolate), a
-   smooth multiplicative bias field, Gaussian (CT) or Rician (MR) noise and a random gamma (MR).
+3. Appearance. Every tissue class gets a random intensity with a random texture (white plus smoothed noise):
+   CT-like (HU, with a bone density from osteoporotic to dense drawn per case), MR-like (T1, T2, STIR, Dixon
+   water, Dixon fat) presets with jitter, or fully random (SynthSeg); vertebrae and discs vary one by one (marrow,
+   disc degeneration). Then partial-volume blur, thick slices along a random axis (blur, subsample,
+   re-interpolate), a smooth multiplicative bias field, correlated Gaussian (CT) or Rician (MR) noise and a random
+   gamma (MR).
 
 Everything is drawn from the ``numpy.random.Generator`` given, so a seed gives the same case.
 """
