@@ -175,16 +175,16 @@ def _split_at_valleys(mask: np.ndarray, probability: np.ndarray, window: int, de
     return np.where(mask, piece[:, None, None], 0)
 
 
-def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, float], tolerance_mm: float = 15.0,
-                        iterations: int = 3) -> np.ndarray:
-    """Ids of body components that lie off the vertebral column (posterior-element or pelvis fragments).
+def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, float], tolerance_mm: float = 15.0
+                        ) -> np.ndarray:
+    """Ids of body components that lie off the vertebral column (posterior-element, rib, vessel or pelvis fragments).
 
-    First, locally: a component between two others (in z) is off axis when it lies further from the chord joining
-    them than ``tolerance_mm`` or half the chord's length, whichever is larger; the worst is dropped first, so a far
-    fragment cannot hide in a short chain. Then, over the whole chain (at least four components): the column is a
-    quadratic curve x(z), y(z) fitted through the body centroids, weighted by volume, refitted without the outliers;
-    a component whose centroid lies more than ``tolerance_mm`` (or 2.5 robust standard deviations, if larger) from
-    the curve is off axis.
+    The column is a curve x(z), y(z) fitted through the body centroids, weighted by volume (a line through fewer
+    than five centroids, a quadratic through fewer than nine, a cubic through more, for the S-shaped whole spine).
+    The component furthest from it is dropped while it lies more than ``tolerance_mm``, or 2.5 robust standard
+    deviations of the distances, from the curve; the curve is then refitted without it. The spread is a
+    volume-weighted median, so small fragments cannot widen it: the vertebral bodies are the large components.
+    Needs at least four components; three always remain.
 
     Args:
         bodies: int32 (z, y, x) body components.
@@ -195,40 +195,29 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
     """
     ids = np.unique(bodies)
     ids = ids[ids > 0]
+    if ids.size < 4:
+        return np.zeros(0, dtype=int)
     centroids, volumes = _centroids_and_sizes(bodies, ids)
     centroids = centroids * np.asarray(spacing_mm)
-    inlier = _on_chords(centroids, tolerance_mm)
-    if inlier.sum() < 4:
-        return ids[~inlier]
-    for _ in range(iterations):
-        z = centroids[:, 0]
-        degree = 2 if inlier.sum() >= 5 else 1
-        fits = [np.polyfit(z[inlier], centroids[inlier, a], degree, w=np.sqrt(volumes[inlier])) for a in (1, 2)]
-        distance = np.hypot(*(centroids[:, a] - np.polyval(f, z) for a, f in zip((1, 2), fits)))
-        spread = 1.4826 * float(np.median(distance[inlier]))
-        new = distance <= max(tolerance_mm, 2.5 * spread)
-        if (new == inlier).all() or new.sum() < 3:
+    inlier = np.ones(ids.size, dtype=bool)
+    while inlier.sum() > 3:
+        n = int(inlier.sum())
+        degree = 1 if n < 5 else 2 if n < 9 else 3
+        z = centroids[inlier, 0]
+        fits = [np.polyfit(z, centroids[inlier, a], degree, w=np.sqrt(volumes[inlier])) for a in (1, 2)]
+        distance = np.hypot(*(centroids[:, a] - np.polyval(f, centroids[:, 0]) for a, f in zip((1, 2), fits)))
+        spread = 1.4826 * _weighted_median(distance[inlier], volumes[inlier])
+        worst = int(np.argmax(np.where(inlier, distance, -1.0)))
+        if distance[worst] <= max(tolerance_mm, 2.5 * spread):
             break
-        inlier = new
+        inlier[worst] = False
     return ids[~inlier]
 
 
-def _on_chords(centroids: np.ndarray, tolerance_mm: float) -> np.ndarray:
-    """Which centroids (n, 3) z, y, x mm stay after the local test of ``off_axis_components``; bool (n,)."""
-    keep = np.ones(len(centroids), dtype=bool)
-    while keep.sum() >= 3:
-        members = np.flatnonzero(keep)
-        members = members[np.argsort(centroids[members, 0])]
-        above, middle, below = centroids[members[2:]], centroids[members[1:-1]], centroids[members[:-2]]
-        chord = above - below
-        length = np.linalg.norm(chord, axis=1)
-        t = np.clip(np.einsum("ij,ij->i", middle - below, chord) / np.maximum(length, 1e-6) ** 2, 0.0, 1.0)
-        off = np.linalg.norm(middle - below - t[:, None] * chord, axis=1) / np.maximum(tolerance_mm, 0.5 * length)
-        worst = int(np.argmax(off))
-        if off[worst] <= 1.0:
-            break
-        keep[members[worst + 1]] = False
-    return keep
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    cumulative = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
 
 
 def attach_posterior(bodies: np.ndarray, tissue: np.ndarray) -> np.ndarray:
