@@ -179,12 +179,14 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
                         ) -> np.ndarray:
     """Ids of body components that lie off the vertebral column (posterior-element, rib, vessel or pelvis fragments).
 
-    The column is a curve x(z), y(z) fitted through the body centroids, weighted by volume (a line through fewer
-    than five centroids, a quadratic through fewer than nine, a cubic through more, for the S-shaped whole spine).
-    The component furthest from it is dropped while it lies more than ``tolerance_mm``, or 2.5 robust standard
-    deviations of the distances, from the curve; the curve is then refitted without it. The spread is a
-    volume-weighted median, so small fragments cannot widen it: the vertebral bodies are the large components.
-    Needs at least four components; three always remain.
+    The column is drawn through the larger half of the components (by volume): the vertebral bodies are the large
+    ones, so fragments, however many, do not shape it. A component is measured against the column at its own height,
+    interpolated between the nearest large components above and below it (or, level with an end of the column,
+    that end's body); components beyond the ends are left to the chain (``features.drop_detached_ends``), since
+    where the column goes beyond its last body is not known. The component furthest off is dropped while it lies
+    more than ``tolerance_mm`` from the column, then the others are measured again. Antero-posterior offsets count
+    half: the sagittal curve bends sharply at the lumbosacral junction, while the column hardly leaves its coronal
+    line, and the fragments it must catch lie 35 mm or more behind the bodies (spinous processes) or beside them.
 
     Args:
         bodies: int32 (z, y, x) body components.
@@ -195,29 +197,39 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
     """
     ids = np.unique(bodies)
     ids = ids[ids > 0]
-    if ids.size < 4:
+    if ids.size < 3:
         return np.zeros(0, dtype=int)
     centroids, volumes = _centroids_and_sizes(bodies, ids)
     centroids = centroids * np.asarray(spacing_mm)
-    inlier = np.ones(ids.size, dtype=bool)
-    while inlier.sum() > 3:
-        n = int(inlier.sum())
-        degree = 1 if n < 5 else 2 if n < 9 else 3
-        z = centroids[inlier, 0]
-        fits = [np.polyfit(z, centroids[inlier, a], degree, w=np.sqrt(volumes[inlier])) for a in (1, 2)]
-        distance = np.hypot(*(centroids[:, a] - np.polyval(f, centroids[:, 0]) for a, f in zip((1, 2), fits)))
-        spread = 1.4826 * _weighted_median(distance[inlier], volumes[inlier])
-        worst = int(np.argmax(np.where(inlier, distance, -1.0)))
-        if distance[worst] <= max(tolerance_mm, 2.5 * spread):
-            break
-        inlier[worst] = False
-    return ids[~inlier]
+    large = volumes >= np.median(volumes)
+    off = np.zeros(ids.size, dtype=bool)
+    while True:
+        distance = np.array([_off_column(centroids, large & ~off, i) for i in range(ids.size)])
+        worst = int(np.argmax(np.where(off, -1.0, distance)))
+        if distance[worst] <= tolerance_mm:
+            return ids[off]
+        off[worst] = True
 
 
-def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
-    order = np.argsort(values)
-    cumulative = np.cumsum(weights[order])
-    return float(values[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
+def _off_column(centroids: np.ndarray, column: np.ndarray, i: int) -> float:
+    """Distance (mm; antero-posterior offsets halved) of centroid ``i`` from the column through the centroids
+    selected by ``column`` (bool), other than itself; 0 when it lies beyond the column's ends. Centroids are (n, 3)
+    z, y, x mm."""
+    others = np.flatnonzero(column & (np.arange(len(centroids)) != i))
+    if others.size < 2:
+        return 0.0
+    others = others[np.argsort(centroids[others, 0])]
+    z = centroids[i, 0]
+    zs = centroids[others, 0]
+    k = int(np.searchsorted(zs, z))
+    if 0 < k < others.size:
+        lo, hi = centroids[others[k - 1]], centroids[others[k]]
+        reference = lo + (z - lo[0]) / max(hi[0] - lo[0], 1e-6) * (hi - lo)
+    elif abs(z - zs[min(k, others.size - 1)]) <= 0.5 * float(np.median(np.diff(zs))):
+        reference = centroids[others[min(k, others.size - 1)]]
+    else:
+        return 0.0
+    return float(np.hypot(0.5 * (centroids[i, 1] - reference[1]), centroids[i, 2] - reference[2]))
 
 
 def attach_posterior(bodies: np.ndarray, tissue: np.ndarray) -> np.ndarray:
