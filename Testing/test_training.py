@@ -115,3 +115,17 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path):
     finetuned = train(TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "f.json", base_model=card,
                                   epochs=1, iterations=1, batch=1, patch=(32, 32, 32), device="cpu", validation_cases=1))
     assert load_model(finetuned).card["base_model"]["name"] == "spinelabel-finetuned"
+
+
+def test_weights_averaged_over_the_last_epochs(tmp_path):
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    cfg = TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "a.json", epochs=3, iterations=2, batch=1,
+                      patch=(32, 32, 32), spacing_mm=4.0, device="cpu", validation_cases=1, average_last=2)
+    train(cfg)
+    state = torch.load(cfg.out.with_suffix(".ckpt"), weights_only=False)
+    model = load_model(cfg.out)
+    assert model.card["training"]["averaged_last_epochs"]["epochs"] == 2
+    name, last = next(iter(state["network"].items()))
+    written = model.network.state_dict()[name]
+    assert torch.allclose(written, state["averaged"][name]) and not torch.allclose(written, last)
+

@@ -85,7 +85,7 @@ def _train(args: argparse.Namespace) -> int:
         data=data, out=args.out, base_model=args.base_model, name=args.name, version=args.version,
         epochs=args.epochs, iterations=args.iterations, batch=args.batch, patch=tuple(args.patch), lr=args.lr,
         spacing_mm=args.spacing, device=args.device, seed=args.seed, resume=args.resume, data_dir=args.data_dir,
-        training_data_note=args.note, validation_cases=args.validation_cases,
+        training_data_note=args.note, validation_cases=args.validation_cases, average_last=args.average_last,
     )
 
     def progress(m: dict) -> None:
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="real anatomy for 'synthetic'")
     p.add_argument("--validation-cases", type=int, default=4, help="fixed crops scored after every epoch")
     p.add_argument("--note", default="", help="free text for the model card's training data entry")
+    p.add_argument("--average-last", type=int, default=0, metavar="N",
+                   help="write the mean of the weights of the last N epochs (stochastic weight averaging)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=_train)
