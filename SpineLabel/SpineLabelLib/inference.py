@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .models import LoadedModel
 from .vertebrae import BODY, POSTERIOR
 
-__all__ = ["Cancelled", "Prediction", "CT_WINDOW_HU", "modality_of", "normalise", "resolve_device", "predict", "autocast"]
+__all__ = ["Cancelled", "Prediction", "CT_WINDOW_HU", "modality_of", "normalise", "resolve_device", "predict", "native_bfloat16", "autocast"]
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,18 @@ def normalise(volume: np.ndarray, ct_window_hu: tuple[float, float] | None = Non
     return out
 
 
-def autocast(device: torch.device):
-    """bfloat16 autocast where the hardware runs it natively (recent CUDA GPUs; CPUs with AVX-512 BF16 or AMX, where
-    it is about twice as fast as float32), else a context that changes nothing."""
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether the hardware runs bfloat16 natively: recent CUDA GPUs, CPUs with AVX-512 BF16 or AMX (where it is
+    about twice as fast as float32). Elsewhere it is emulated and many times slower than float32."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_bf16_supported())
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=native)
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def autocast(device: torch.device):
+    """bfloat16 autocast where the hardware runs it natively (``native_bfloat16``), else a context that changes
+    nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=native_bfloat16(device))
 
 
 @dataclass
