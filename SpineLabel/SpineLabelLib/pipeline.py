@@ -29,9 +29,10 @@ __all__ = ["label_spine", "Cancelled", "get_model", "MIN_SPINE_PROBABILITY"]
 log = logging.getLogger(__name__)
 
 # An image is taken for a spine when at least two vertebra-like components are found and their median body
-# probability reaches this value (measured with the default model 1.3.0: noise, smoothed noise, uniform noise and
-# balls give at most 0.80; the 32 lumbar MRI, the discs MRI, the CT and MR crops, the cervical T1 MRI and phantoms of
-# ../shared/data at least 0.86). A crop holding a single vertebra is therefore not labelled.
+# probability reaches this value (measured with the default model 1.4.0: noise, smoothed noise, uniform noise, blobs
+# and balls give at most 0.82; the 32 lumbar MRI, the discs MRI, the CT and MR crops, the abdominal CT and MR and the
+# cervical T1 MRI of ../shared/data at least 0.86; procedural phantoms 0.85-0.95, except three of six cervical ones at
+# 0.81-0.82). A crop holding a single vertebra is therefore not labelled.
 MIN_SPINE_PROBABILITY = 0.83
 
 
