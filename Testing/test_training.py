@@ -128,4 +128,3 @@ def test_weights_averaged_over_the_last_epochs(tmp_path):
     name, last = next(iter(state["network"].items()))
     written = model.network.state_dict()[name]
     assert torch.allclose(written, state["averaged"][name]) and not torch.allclose(written, last)
-

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from .models import LoadedModel
 from .vertebrae import BODY, POSTERIOR
 
-__all__ = ["Cancelled", "Prediction", "CT_WINDOW_HU", "modality_of", "normalise", "resolve_device", "predict", "native_bfloat16", "autocast"]
+__all__ = ["Cancelled", "Prediction", "CT_WINDOW_HU", "modality_of", "normalise", "resolve_device", "predict",
+           "native_bfloat16", "autocast"]
 
 log = logging.getLogger(__name__)
 

@@ -382,6 +382,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
         rng = np.random.default_rng([cfg.seed, start_epoch])
         log.info("resumed from %s at epoch %d", ckpt, start_epoch)
     batches = _batches(sources, weights, cfg, rng)
+    first_averaged = max(0, cfg.epochs - cfg.average_last) if cfg.average_last else cfg.epochs
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         losses = []
@@ -403,7 +404,6 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
         metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": float(np.mean(losses)), **_validate(net, val, device),
                    "elapsed_s": round(time.time() - t0, 1)}
         history.append(metrics)
-        first_averaged = max(0, cfg.epochs - cfg.average_last) if cfg.average_last else cfg.epochs
         if epoch >= first_averaged:
             n = epoch + 1 - first_averaged  # epochs averaged so far, this one included
             for name, value in net.state_dict().items():
