@@ -225,10 +225,11 @@ def _off_column(centroids: np.ndarray, column: np.ndarray, i: int) -> float:
     if 0 < k < others.size:
         lo, hi = centroids[others[k - 1]], centroids[others[k]]
         reference = lo + (z - lo[0]) / max(hi[0] - lo[0], 1e-6) * (hi - lo)
-    elif abs(z - zs[min(k, others.size - 1)]) <= 0.5 * float(np.median(np.diff(zs))):
-        reference = centroids[others[min(k, others.size - 1)]]
     else:
-        return 0.0
+        end = min(k, others.size - 1)  # the column's end level with or beyond the component
+        if abs(z - zs[end]) > 0.5 * float(np.median(np.diff(zs))):
+            return 0.0
+        reference = centroids[others[end]]
     return float(np.hypot(0.5 * (centroids[i, 1] - reference[1]), centroids[i, 2] - reference[2]))
 
 
