@@ -11,7 +11,7 @@ import torch
 from SpineLabelLib.models import ModelError, load_model, register_model, save_model
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.phantom import make_phantom
-from SpineLabelLib.pipeline import Cancelled, label_spine
+from SpineLabelLib.pipeline import MIN_SPINE_PROBABILITY, Cancelled, label_spine
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_constant_volume_gives_no_vertebrae_and_a_warning(random_model, fill):
     image = sitk.GetImageFromArray(np.full((40, 50, 50), fill, np.float32))
     result = label_spine(image, model=random_model, device="cpu")
     assert result.vertebrae == [] and "no vertebrae found" in result.warnings
-    assert not result.components.any()
+    assert not result.components.any() and result.spine_probability is None
 
 
 def test_model_card_hash_is_checked(tmp_path, random_model):
@@ -110,6 +110,7 @@ def test_default_model_labels_a_phantom():
         found[v.name] = int(truth[tuple(np.clip(idx, 0, np.array(truth.shape) - 1))])
     correct = sum(1 for name, label in found.items() if label and name == _name_of(label))
     assert correct >= 0.5 * len(np.setdiff1d(np.unique(truth), [0]))
+    assert result.spine_probability >= MIN_SPINE_PROBABILITY
 
 
 def _name_of(label):
@@ -153,3 +154,4 @@ def test_non_spine_images_give_no_vertebrae_and_a_warning(kind):
     image.SetSpacing((2.0, 2.0, 2.0))
     result = label_spine(image, device="cpu")
     assert result.vertebrae == [] and "no vertebrae found" in result.warnings
+    assert result.spine_probability is None or result.spine_probability < MIN_SPINE_PROBABILITY

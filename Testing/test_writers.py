@@ -66,7 +66,8 @@ def make_case(direction: np.ndarray, intensity: str = "noise", names=NAMES, ids=
     filled.CopyInformation(image)
     result = SpineLabeling(geometry, components, vertebrae, gaps_mm=[19.5] * (len(vertebrae) - 1),
                            warnings=["sacrum not in view"], model={"name": "test", "version": "0"},
-                           timings_s={"network": 1.5}, source="/data/case.nii.gz", modality="CT")
+                           timings_s={"network": 1.5}, source="/data/case.nii.gz", modality="CT",
+                           spine_probability=0.9)
     return result, filled
 
 
@@ -243,6 +244,7 @@ def test_report(case, tmp_path):
     assert doc["model"] == {"name": "test", "version": "0"}
     assert doc["spinelabel_version"] == __version__
     assert doc["warnings"] == ["sacrum not in view"] and doc["timings_s"] == {"network": 1.5}
+    assert doc["spine_probability"] == 0.9
     assert [v["name"] for v in doc["vertebrae"]] == list(NAMES)
     first = doc["vertebrae"][0]
     assert set(first) == {"id", "name", "label", "centroid_lps_mm", "volume_ml", "confidence", "fixed"}

@@ -29,7 +29,8 @@ __all__ = ["label_spine", "Cancelled", "get_model", "MIN_SPINE_PROBABILITY"]
 log = logging.getLogger(__name__)
 
 # An image is taken for a spine when at least two vertebra-like components are found and their median body
-# probability reaches this value (measured with the default model 1.4.0: noise, smoothed noise, uniform noise, blobs
+# probability (``SpineLabeling.spine_probability``) reaches this value (``python benchmarks/spine_gate.py``; with the
+# default model 1.4.0: noise, smoothed noise, uniform noise, blobs
 # and balls give at most 0.82; the 32 lumbar MRI, the discs MRI, the CT and MR crops, the abdominal CT and MR and the
 # cervical T1 MRI of ../shared/data at least 0.86; procedural phantoms 0.85-0.95, except three of six cervical ones at
 # 0.81-0.82). A crop holding a single vertebra is therefore not labelled.
@@ -121,7 +122,7 @@ def label_spine(
     if float(volume.max() - volume.min()) <= 1e-6:
         warnings.append("image is constant: nothing to label")
         report(1.0, "no vertebrae found")
-        return _empty(geometry, warnings, loaded, timings, source, modality, t0)
+        return _empty(geometry, warnings, loaded, timings, source, modality, t0, None)
     norm = normalise(volume, loaded.ct_window_hu if modality == "CT" else None)
     del volume
     box = _foreground_box(norm)
@@ -142,12 +143,12 @@ def label_spine(
     body_probability = np.zeros(norm.shape, dtype=np.float16)
     body_probability[box] = prediction.body_probability
     measured = feat.measure(bodies, whole, norm, body_probability, grid_geometry)
-    median = float(np.median([f.body_probability for f in measured])) if measured else 0.0
-    if len(measured) == 1 or (measured and median < MIN_SPINE_PROBABILITY):
+    median = float(np.median([f.body_probability for f in measured])) if measured else None
+    if len(measured) == 1 or (median is not None and median < MIN_SPINE_PROBABILITY):
         warnings.append(f"no spine recognised: {len(measured)} vertebra-like component(s), median vertebral-body "
                         f"probability {median:.2f}")
         report(1.0, "no vertebrae found")
-        return _empty(geometry, warnings, loaded, timings, source, modality, t0)
+        return _empty(geometry, warnings, loaded, timings, source, modality, t0, median)
     ordered, gaps = feat.chain_order(measured)
     ordered, gaps, detached = feat.drop_detached_ends(ordered, gaps)
     warnings += [f"ignored a vertebra-like component {gap:.0f} mm beyond the end of the spine" for gap in detached]
@@ -201,6 +202,7 @@ def label_spine(
         timings_s=timings,
         source=source,
         modality=modality,
+        spine_probability=median,
     )
 
 
@@ -246,7 +248,7 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
     return out
 
 
-def _empty(geometry, warnings, loaded, timings, source, modality, t0) -> SpineLabeling:
+def _empty(geometry, warnings, loaded, timings, source, modality, t0, spine_probability) -> SpineLabeling:
     timings["total"] = round(time.perf_counter() - t0, 3)
     return SpineLabeling(
         geometry=geometry,
@@ -258,4 +260,5 @@ def _empty(geometry, warnings, loaded, timings, source, modality, t0) -> SpineLa
         timings_s=timings,
         source=source,
         modality=modality,
+        spine_probability=spine_probability,
     )

@@ -108,6 +108,8 @@ class SpineLabeling:
         timings_s: seconds per stage.
         source: where the image came from (path), for reports.
         modality: "CT" or "MR" as detected or given.
+        spine_probability: median vertebral-body probability of the vertebra-like components the network found, the
+            figure the spine gate (``pipeline.MIN_SPINE_PROBABILITY``) judges; None when no component was found.
     """
 
     geometry: Geometry
@@ -120,6 +122,7 @@ class SpineLabeling:
     timings_s: dict = field(default_factory=dict)
     source: str = ""
     modality: str = ""
+    spine_probability: float | None = None
 
     def label_map(self) -> np.ndarray:
         """VerSe label map, uint8 (z, y, x) on the input grid."""

@@ -342,6 +342,7 @@ def _report_document(result: SpineLabeling, input_path: str | os.PathLike | None
             for v in result.vertebrae
         ],
         "gaps_mm": [float(g) for g in result.gaps_mm],
+        "spine_probability": result.spine_probability,
         "warnings": list(result.warnings),
         "timings_s": {k: float(t) for k, t in result.timings_s.items()},
         "spinelabel_version": __version__,
@@ -350,8 +351,8 @@ def _report_document(result: SpineLabeling, input_path: str | os.PathLike | None
 
 def write_report(result: SpineLabeling, path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> None:
     """Write ``NAME_report.json``: input (path, size, spacing_mm, origin_lps_mm, direction, modality), model,
-    vertebrae (id, name, label, centroid_lps_mm, volume_ml, confidence, fixed), gaps_mm, warnings, timings_s and
-    spinelabel_version. ``input_path`` defaults to ``result.source``."""
+    vertebrae (id, name, label, centroid_lps_mm, volume_ml, confidence, fixed), gaps_mm, spine_probability (see
+    ``SpineLabeling``), warnings, timings_s and spinelabel_version. ``input_path`` defaults to ``result.source``."""
     with atomic_path(path) as tmp:
         _write_json(_report_document(result, input_path), tmp)
     log.info("wrote report %s", path)
