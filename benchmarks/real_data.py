@@ -1,8 +1,9 @@
 """Train the default model and measure it on the real scans in ``../shared/data``.
 
-The real scans are split once, here: the cases in ``HOLDOUT`` never enter training and are the development test
-set, scored with ``spinelabel evaluate``. (The data's owners hold back more cases of every source for an independent
-score.)
+The real scans are split once, here: the cases in ``HOLDOUT_MRI`` and ``HOLDOUT_FOLDERS`` never enter training and
+are the development test set, scored with ``spinelabel evaluate``, together with the ``discs_mri`` scans, whose images
+are never trained on either. The other real CT (``TRAINING_CT``) is trained on. (The data's owners hold back more
+cases of every source for an independent score.)
 
 Usage (from the repository root):
     python benchmarks/real_data.py train --out SpineLabel/SpineLabelLib/weights/spinelabel-default.json [--epochs N ...]
@@ -13,7 +14,7 @@ Usage (from the repository root):
 ``SpineLabelLib.sequence.SequencePriors.pitch_mm``).
 
 ``evaluate`` labels every held-out scan with ``spinelabel label``, then writes ``evaluation.json`` and
-``evaluation.md`` (MR and CT separately) into the work folder.
+``evaluation.md`` (groups CT, MR and "MR discs") into the work folder.
 """
 
 from __future__ import annotations
@@ -34,10 +35,17 @@ import SimpleITK as sitk
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # Development test cases, never trained on, not even as shapes for synthesis: the last quarter (by name) of each
-# MRI source and every folder with CT.
+# lumbar MRI source and the TPTBox crops (a CT and an MRI of a source that nothing else comes from).
 HOLDOUT_MRI = ["VB1_07_AKs7_img", "VB1_08_AKs8_img", "VB2_19_img", "VB2_23_img",
                "VB3_43_img", "VB3_46_img", "VB3_49_img", "VB3_52_img"]
-HOLDOUT_FOLDERS = ["ct_verse", "crops_tptbox", "ct_mr_totalsegmentator"]
+HOLDOUT_FOLDERS = ["crops_tptbox"]
+# Real CT trained on: name -> (image, VerSe label map; None for the TotalSegmentator one, converted by
+# _totalseg_to_verse), as real_ct/ in nnU-Net layout inside the training view
+TRAINING_CT = {
+    "sub-verse014": ("ct_verse/sub-verse014_ct.nii.gz", "ct_verse/sub-verse014_seg-vert_msk.nii.gz"),
+    "example_ct_sm": ("ct_mr_totalsegmentator/example_ct_sm.nii.gz", None),
+}
+DISC_MIDPOINT_RADIUS_MM = 4.0
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -55,20 +63,46 @@ def _link_mri(names: list[str], gt: Path) -> list[Path]:
     return [DATA / "mri_lumbar_bodies" / f"{name}.nii.gz" for name in names]
 
 
+def _totalseg_to_verse() -> sitk.Image:
+    """The TotalSegmentator abdominal CT's vertebra labels (ids 27..50 = L5..C1, 25/26 = sacrum/S1) in VerSe values."""
+    ts = sitk.ReadImage(str(DATA / "ct_mr_totalsegmentator" / "example_seg.nii.gz"))
+    ids = sitk.GetArrayFromImage(ts)
+    verse = np.where((ids >= 27) & (ids <= 50), 51 - ids.astype(np.int16), 0)
+    verse[(ids == 25) | (ids == 26)] = 26
+    out = sitk.GetImageFromArray(verse.astype(np.uint8))
+    out.CopyInformation(ts)
+    return out
+
+
+def _training_ct_labels(name: str, folder: Path) -> Path:
+    """The VerSe label map of a ``TRAINING_CT`` case, linked or (TotalSegmentator) written into ``folder``."""
+    label = TRAINING_CT[name][1]
+    path = folder / f"{name}.nii.gz"
+    if label is not None:
+        _link(DATA / label, path)
+    elif not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(_totalseg_to_verse(), str(path))
+    return path
+
+
 def build_selection_set(root: Path) -> tuple[dict[str, list[Path]], Path]:
-    """The training MRI (every ``mri_lumbar_bodies`` case not held out), on which model choices are made."""
+    """The training MRI (every ``mri_lumbar_bodies`` case not held out) and the training CT: the set on which model
+    choices are made."""
     names = sorted(p.name[: -len(".nii.gz")] for p in (DATA / "mri_lumbar_bodies").glob("*_img.nii.gz"))
-    return {"MR": _link_mri([n for n in names if n not in HOLDOUT_MRI], root / "gt")}, root / "gt"
+    gt = root / "gt"
+    images = {"MR": _link_mri([n for n in names if n not in HOLDOUT_MRI], gt), "CT": []}
+    for name, (image, _) in TRAINING_CT.items():
+        _training_ct_labels(name, gt / "ct")
+        _link(DATA / image, root / "images" / f"{name}.nii.gz")
+        images["CT"].append(root / "images" / f"{name}.nii.gz")
+    return images, gt
 
 
 def build_test_set(root: Path) -> tuple[dict[str, list[Path]], Path]:
     """Images to label per modality, and a ground-truth folder in layouts ``spinelabel evaluate`` reads."""
     gt = root / "gt"
     images: dict[str, list[Path]] = {"MR": _link_mri(HOLDOUT_MRI, gt), "CT": []}
-    # VerSe lumbar CT, whole vertebrae + body centroids
-    _link(DATA / "ct_verse" / "sub-verse014_seg-vert_msk.nii.gz", gt / "ct" / "sub-verse014_seg-vert_msk.nii.gz")
-    _link(DATA / "ct_verse" / "sub-verse014_seg-vb_ctd.json", gt / "ct" / "sub-verse014_seg-vb_ctd.json")
-    images["CT"].append(DATA / "ct_verse" / "sub-verse014_ct.nii.gz")
     # small real crops (TPTBox): CT L2-L4 and T2 MRI C5-C7
     crops = root / "images"
     for src_image, src_mask, name, group in (
@@ -78,17 +112,41 @@ def build_test_set(root: Path) -> tuple[dict[str, list[Path]], Path]:
         _link(DATA / "crops_tptbox" / src_image, crops / f"{name}.nii.gz")
         _link(DATA / "crops_tptbox" / src_mask, gt / "crops" / f"{name.rsplit('_', 1)[0]}_seg-vert_msk.nii.gz")
         images[group].append(crops / f"{name}.nii.gz")
-    # abdominal CT with TotalSegmentator's vertebra labels (ids 27..50 = L5..C1, 25/26 = sacrum/S1) mapped to VerSe
-    ts = sitk.ReadImage(str(DATA / "ct_mr_totalsegmentator" / "example_seg.nii.gz"))
-    ids = sitk.GetArrayFromImage(ts)
-    verse = np.where((ids >= 27) & (ids <= 50), 51 - ids.astype(np.int16), 0)
-    verse[(ids == 25) | (ids == 26)] = 26
-    out = sitk.GetImageFromArray(verse.astype(np.uint8))
-    out.CopyInformation(ts)
-    (gt / "ct").mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(out, str(gt / "ct" / "example_ct_sm_seg-vert_msk.nii.gz"))
-    images["CT"].append(DATA / "ct_mr_totalsegmentator" / "example_ct_sm.nii.gz")
+    images["MR discs"] = [_disc_midpoints(instance, gt / "discs") for instance in
+                          sorted((DATA / "discs_mri").glob("*_instance.nii.gz"))]
     return images, gt
+
+
+def _disc_midpoints(instance: Path, folder: Path) -> Path:
+    """Ground truth for a ``discs_mri`` case, whose images are never trained on (only their disc masks shape the
+    synthetic discs): each vertebra between two labelled discs (L2 between L1/L2 and L2/L3 ... L5) at the midpoint
+    of the two disc centroids, its mask a ball of ``DISC_MIDPOINT_RADIUS_MM`` there, so that body coverage is that
+    of the body's core. Writes ``X_vert-verse.nii.gz`` and ``X_ctd.json`` into ``folder``; returns the image."""
+    from SpineLabelLib.vertebrae import BY_NAME
+
+    case = instance.name[: -len("_instance.nii.gz")]
+    discs = {e["level"]: np.asarray(e["world_lps_mm"], dtype=float)
+             for e in json.loads((instance.parent / f"{case}_ctd.json").read_text()) if "level" in e}
+    centroids = {}
+    for upper, lower in zip(discs, list(discs)[1:]):
+        between = upper.split("/")[1]
+        if between == lower.split("/")[0]:
+            centroids[BY_NAME[between].label] = (discs[upper] + discs[lower]) / 2
+    reference = sitk.ReadImage(str(instance))
+    grid = np.indices(reference.GetSize()[::-1], dtype=np.float32)
+    spacing = np.asarray(reference.GetSpacing())[::-1]
+    mask = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
+    for label, lps in centroids.items():
+        index = np.asarray(reference.TransformPhysicalPointToContinuousIndex(lps.tolist()))[::-1]
+        distance = np.sqrt(sum(((g - i) * s) ** 2 for g, i, s in zip(grid, index, spacing)))
+        mask[distance <= DISC_MIDPOINT_RADIUS_MM] = label
+    out = sitk.GetImageFromArray(mask)
+    out.CopyInformation(reference)
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(out, str(folder / f"{case}_vert-verse.nii.gz"))
+    (folder / f"{case}_ctd.json").write_text(json.dumps(
+        [{"label": label, "world_lps_mm": lps.tolist()} for label, lps in centroids.items()], indent=1))
+    return instance.parent / f"{case}_img.nii.gz"
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -104,7 +162,9 @@ def evaluate(args: argparse.Namespace) -> int:
         cmd += ["--model", str(args.model)]
     subprocess.run(cmd, check=False)
     groups = {case_name(p): group for group, paths in images.items() for p in paths}
-    summary = evaluate_folders(pred, gt, out_json=root / "evaluation.json", out_md=root / "evaluation.md", groups=groups)
+    bodies_only = {case_name(p): True for p in images.get("MR discs", [])}
+    summary = evaluate_folders(pred, gt, out_json=root / "evaluation.json", out_md=root / "evaluation.md", groups=groups,
+                               bodies_only=bodies_only)
     print(summary_markdown(summary))
     print(f"\nwritten: {root / 'evaluation.json'}, {root / 'evaluation.md'}")
     if args.write_card and not args.selection:
@@ -115,8 +175,8 @@ def evaluate(args: argparse.Namespace) -> int:
         groups_out = {name: asdict(group) for name, group in summary.groups.items()}
         card["evaluation"] = {
             "command": "python benchmarks/real_data.py evaluate --write-card" + (f" --model {card_path}" if args.model else ""),
-            "test_set": "held-out real scans of ../shared/data, never used in training: " + ", ".join(
-                [*HOLDOUT_MRI, *HOLDOUT_FOLDERS]),
+            "test_set": "real scans of ../shared/data never used in training: " + ", ".join(
+                [*HOLDOUT_MRI, *HOLDOUT_FOLDERS]) + "; discs_mri, scored at the midpoints between its labelled discs",
             "groups": {name: {k: v for k, v in g.items() if not isinstance(v, list)} for name, g in groups_out.items()},
             "cases": [{"case": c.name, "group": c.group, "id_rate": c.id_rate, "shift": c.shift} for c in summary.cases],
         }
@@ -126,7 +186,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def training_view(root: Path) -> Path:
-    """A copy of ``../shared/data`` made of symbolic links, without the held-out cases."""
+    """A copy of ``../shared/data`` made of symbolic links, without the held-out cases, plus ``real_ct/``: the
+    training CT in nnU-Net layout with VerSe labels."""
     held = {f"{name[: -len('_img')]}_" for name in HOLDOUT_MRI}
     view = root / "training_data"
     for path in sorted(DATA.rglob("*")):
@@ -134,13 +195,17 @@ def training_view(root: Path) -> Path:
         if path.is_dir() or rel.parts[0] in HOLDOUT_FOLDERS or any(path.name.startswith(h) for h in held):
             continue
         _link(path, view / rel)
+    for name, (image, _) in TRAINING_CT.items():
+        _link(DATA / image, view / "real_ct" / "imagesTr" / f"{name}_0000.nii.gz")
+        _training_ct_labels(name, view / "real_ct" / "labelsTr")
     return view
 
 
 def train(args: argparse.Namespace, extra: list[str]) -> int:
     view = training_view(args.workdir or Path(tempfile.mkdtemp(prefix="spinelabel-train-")))
     cmd = [sys.executable, "-m", "SpineLabelLib.cli", "train", "--out", str(args.out),
-           "--data", "synthetic:0.6", "--data", f"{view / 'mri_lumbar_bodies'}:0.35", "--data", "phantom:0.05",
+           "--data", "synthetic:0.55", "--data", f"{view / 'mri_lumbar_bodies'}:0.27", "--data", f"{view / 'real_ct'}:0.13",
+           "--data", "phantom:0.05",
            "--data-dir", str(view), *extra]
     print(" ".join(cmd))
     return subprocess.run(cmd).returncode
@@ -180,7 +245,7 @@ def main() -> int:
     p.add_argument("--workdir", type=Path)
     p.add_argument("--write-card", action="store_true", help="record the scores in the model card's evaluation entry")
     p.add_argument("--selection", action="store_true",
-                   help="score the training MRI instead (the set model choices are made on), not the held-out scans")
+                   help="score the training MRI and CT instead (the set model choices are made on), not the held-out scans")
     p = sub.add_parser("pitches", help="centroid distances between consecutive levels in the training label maps")
     p.add_argument("--workdir", type=Path)
     args, extra = parser.parse_known_args()
