@@ -67,6 +67,39 @@ def test_a_column_of_bodies_is_cut_at_its_discs_but_a_tall_sacrum_is_not():
     assert split_merged(body_components(sacrum, SPACING), (sacrum == BODY) * 0.9, SPACING).max() == 1
 
 
+def _level_head(levels_zyx: np.ndarray, n_levels: int = 27, sure: float = 0.9) -> np.ndarray:
+    """Half-resolution level log-probabilities (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) that give each voxel the
+    level in ``levels_zyx`` (int, full resolution) with probability ``sure``."""
+    half = levels_zyx[::2, ::2, ::2]
+    probs = np.full((n_levels, *half.shape), (1 - sure) / (n_levels - 1), np.float32)
+    np.put_along_axis(probs, half[None].astype(np.int64), sure, axis=0)
+    return np.log(probs).astype(np.float16)
+
+
+def test_a_column_without_discs_or_valleys_is_cut_where_the_level_head_changes_level():
+    # thoracic CT: four bodies and the discs between them all one component of uniform probability
+    tissue = stacked_spine(n=4)
+    whole = tissue > 0
+    tissue[tissue == DISC] = BODY
+    merged = body_components(tissue, SPACING)
+    prob = np.where(tissue == BODY, 0.95, 0.0).astype(np.float32)
+    assert split_merged(merged, prob, SPACING).max() == 1
+    z = np.indices(tissue.shape)[0]
+    levels = np.where(whole, 14 - (z - 2) // 13, 0)  # T8 (index 14) at the top ... T5, one level per body
+    split = split_merged(merged, prob, SPACING, level_log_probs=_level_head(levels))
+    assert split.max() == 4
+    for k in range(1, 5):  # every piece holds one body, give or take a disc
+        assert np.unique(levels[split == k]).size <= 2 and np.bincount(levels[split == k]).max() > 0.6 * (split == k).sum()
+    # a tall body that looks like one level throughout (a sacrum) stays whole, and so does an unsure head
+    sacrum = np.zeros((60, 30, 30), np.uint8)
+    sacrum[5:55, 8:22, 8:22] = BODY
+    one_level = _level_head(np.full(sacrum.shape, 26))
+    assert split_merged(body_components(sacrum, SPACING), (sacrum == BODY) * 0.9, SPACING,
+                        level_log_probs=one_level).max() == 1
+    unsure = _level_head(levels, sure=0.3)
+    assert split_merged(merged, prob, SPACING, level_log_probs=unsure).max() == 1
+
+
 def test_bodies_bridged_across_a_tilted_disc_are_split_between_their_cores():
     # L5 on a sacrum tilted 45 degrees: the bridge follows the tilt, so no z slice is a valley, but the network is
     # surer of the two bodies than of the bridge between them

@@ -93,7 +93,7 @@ def build_selection_set(root: Path) -> tuple[dict[str, list[Path]], Path]:
     gt = root / "gt"
     images = {"MR": _link_mri([n for n in names if n not in HOLDOUT_MRI], gt), "CT": []}
     for name, (image, _) in TRAINING_CT.items():
-        _training_ct_labels(name, gt / "ct")
+        _training_ct_labels(name, gt / "real_ct" / "labelsTr")  # nnU-Net layout: centroids from the masks
         _link(DATA / image, root / "images" / f"{name}.nii.gz")
         images["CT"].append(root / "images" / f"{name}.nii.gz")
     return images, gt

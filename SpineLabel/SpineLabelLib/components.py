@@ -2,7 +2,8 @@
 
 Vertebral bodies are separated by intervertebral discs, so the connected components of the body mask are the
 vertebrae. Specks are dropped; a component taller than a vertebral body (bodies bridged by a thin, collapsed or
-poorly seen disc) is cut between its high-probability cores, or where its body-probability profile dips. Body
+poorly seen disc) is cut between its high-probability cores, where its body-probability profile dips, or between the
+parts that the network's level head gives different levels. Body
 components off the vertebral column (posterior-element or pelvis fragments) become posterior elements. Posterior
 elements are then attached to the body they are connected to.
 
@@ -92,25 +93,37 @@ def split_merged(
     depth: float = 0.3,
     core_levels: tuple[float, ...] = (0.9, 0.95, 0.98),
     min_core: float = 0.1,
+    level_log_probs: np.ndarray | None = None,
+    min_level_probability: float = 0.5,
+    min_level_core_ml: float = 0.4,
 ) -> np.ndarray:
     """Cut components that span more than one vertebral body.
 
     A component is a candidate when it is taller (along z) than ``max_height_mm`` or than ``ratio`` times the
-    median height of the components. Two cuts are tried, in this order:
+    median height of the components. Two cuts are tried, in this order, and a third on what is still too tall:
 
     1. Cores: the voxels above a body probability of ``core_levels`` (lowest level first), eroded by one voxel.
        When at least two cores hold ``min_core`` times the median component volume each, the component is split
        between them by a watershed of the body probability, which follows a disc however tilted (L5/S1).
     2. Valleys: the profile of summed body probability per z slice; a valley at least ``depth`` (relative) below
        the highest point within ``min_piece_mm`` on both sides becomes a cut.
+    3. Levels (with ``level_log_probs``): a run of bodies whose discs the network does not see at all (the
+       thoracic and cervical column of a CT, say) still looks like different levels to the level head. The
+       voxels whose most probable level has a probability of at least ``min_level_probability`` form one core per
+       level (its largest connected part, eroded by one voxel, of ``min_level_core_ml`` at least: a fixed size,
+       since the median component may itself be a merged column); two or more such cores split the piece by
+       watershed, as in 1. Which level a piece is, is left
+       to the sequence model: only the number of bodies and the cuts between them come from here.
 
-    The sacrum and single tall bodies, with one core and no deep valley, stay whole; a sacrum cut into its
-    segments is merged again by the sequence model.
+    The sacrum and single tall bodies, with one core, no deep valley and one level, stay whole; a sacrum cut into
+    its segments is merged again by the sequence model.
 
     Args:
         labels: int32 (z, y, x) body components (``body_components``).
         body_probability: float (z, y, x) vertebral-body probability from the network.
         spacing_mm: voxel size (z, y, x) in mm.
+        level_log_probs: float (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output at half resolution,
+            or None to cut by cores and valleys only.
 
     Returns:
         int32 (z, y, x) components, renumbered cranial first.
@@ -123,6 +136,7 @@ def split_merged(
     heights = np.array([boxes[i - 1][0].stop - boxes[i - 1][0].start for i in ids], dtype=float) * spacing_mm[0]
     limit = min(max_height_mm, ratio * float(np.median(heights))) if ids.size >= 3 else max_height_mm
     core_voxels = max(4.0, min_core * float(np.median(np.bincount(labels.ravel())[ids])))
+    level_core_voxels = min_level_core_ml * 1000.0 / float(np.prod(spacing_mm))
     window = max(1, int(round(min_piece_mm / spacing_mm[0])))
     out = labels.copy()
     next_id = int(ids.max()) + 1
@@ -136,6 +150,11 @@ def split_merged(
         if pieces is None:
             pieces = _split_at_valleys(mask, probability, window, depth)
         if pieces is None:
+            pieces = mask.astype(np.int32)
+        if level_log_probs is not None:
+            pieces = _split_tall_pieces_at_levels(pieces, probability, _full_resolution(level_log_probs, box), limit,
+                                                  spacing_mm[0], min_level_probability, level_core_voxels)
+        if pieces.max() < 2:
             continue
         region = out[box]
         for k in range(2, int(pieces.max()) + 1):
@@ -143,6 +162,53 @@ def split_merged(
             next_id += 1
         log.info("split a body component %.0f mm tall into %d", height, int(pieces.max()))
     return _renumber_cranial_first(out, np.unique(out[out > 0]))
+
+
+def _full_resolution(level_log_probs: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    """The half-resolution level head output under ``box`` (full-resolution slices), repeated to full resolution:
+    (n_levels, box z, box y, box x)."""
+    half = level_log_probs[(slice(None),) + tuple(slice(s.start // 2, (s.stop + 1) // 2) for s in box)]
+    for axis in (1, 2, 3):
+        half = np.repeat(half, 2, axis=axis)
+    return half[(slice(None),) + tuple(slice(s.start % 2, s.start % 2 + s.stop - s.start) for s in box)]
+
+
+def _split_tall_pieces_at_levels(pieces: np.ndarray, probability: np.ndarray, level_log_probs: np.ndarray,
+                                 limit_mm: float, spacing_z_mm: float, min_probability: float,
+                                 min_voxels: float) -> np.ndarray:
+    """``pieces`` (1..n, 0 outside) with each piece taller than ``limit_mm`` split by ``_split_at_levels``."""
+    out = pieces.copy()
+    next_id = int(pieces.max()) + 1
+    for k in range(1, int(pieces.max()) + 1):
+        mask = pieces == k
+        zs = np.flatnonzero(mask.any(axis=(1, 2)))
+        if zs.size == 0 or (zs[-1] - zs[0] + 1) * spacing_z_mm <= limit_mm:
+            continue
+        split = _split_at_levels(mask, probability, level_log_probs, min_probability, min_voxels)
+        if split is None:
+            continue
+        for j in range(2, int(split.max()) + 1):
+            out[split == j] = next_id
+            next_id += 1
+    return out
+
+
+def _split_at_levels(mask: np.ndarray, probability: np.ndarray, level_log_probs: np.ndarray, min_probability: float,
+                     min_voxels: float) -> np.ndarray | None:
+    """Pieces 1..n (0 outside ``mask``) grown by watershed from cores of different most-probable levels, or None."""
+    best = np.argmax(level_log_probs, axis=0)
+    sure = mask & (np.max(level_log_probs, axis=0).astype(np.float32) >= np.log(min_probability))
+    markers = np.zeros(mask.shape, dtype=np.int32)
+    for level in np.unique(best[sure]):
+        parts, n = ndimage.label(ndimage.binary_erosion(sure & (best == level)))
+        if n == 0:
+            continue
+        sizes = np.bincount(parts.ravel())[1:]
+        if sizes.max() >= min_voxels:
+            markers[parts == int(np.argmax(sizes)) + 1] = int(markers.max()) + 1
+    if markers.max() < 2:
+        return None
+    return watershed(-probability, markers, mask=mask)
 
 
 def _split_at_cores(mask: np.ndarray, probability: np.ndarray, levels: tuple[float, ...],
@@ -256,19 +322,22 @@ def attach_posterior(bodies: np.ndarray, tissue: np.ndarray) -> np.ndarray:
     return out
 
 
-def vertebra_components(tissue: np.ndarray, body_probability: np.ndarray,
-                        spacing_mm: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+def vertebra_components(tissue: np.ndarray, body_probability: np.ndarray, spacing_mm: tuple[float, float, float],
+                        level_log_probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Body components and whole-vertebra components from the network's tissue map and body probability.
 
     Args:
         tissue: uint8 (z, y, x) tissue classes.
         body_probability: float (z, y, x) vertebral-body probability.
         spacing_mm: voxel size (z, y, x) in mm.
+        level_log_probs: float (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output, or None
+            (``split_merged``).
 
     Returns:
         (bodies, vertebrae), both int32 (z, y, x) with the same ids, cranial first.
     """
-    bodies = split_merged(body_components(tissue, spacing_mm), body_probability, spacing_mm)
+    bodies = split_merged(body_components(tissue, spacing_mm), body_probability, spacing_mm,
+                          level_log_probs=level_log_probs)
     stray = off_axis_components(bodies, spacing_mm)
     if stray.size:
         log.info("%d body components off the vertebral column treated as posterior elements", stray.size)

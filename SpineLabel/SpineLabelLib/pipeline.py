@@ -134,7 +134,8 @@ def label_spine(
     t = stage("network", t)
     report(0.82, "separating vertebrae")
     spacing_zyx = tuple(float(s) for s in grid.GetSpacing()[::-1])
-    bodies_box, whole_box = comp.vertebra_components(prediction.tissue, prediction.body_probability, spacing_zyx)
+    bodies_box, whole_box = comp.vertebra_components(prediction.tissue, prediction.body_probability, spacing_zyx,
+                                                     prediction.level_log_probs)
     t = stage("components", t)
     grid_geometry = Geometry.of(grid)
     bodies = np.zeros(norm.shape, dtype=np.int32)
