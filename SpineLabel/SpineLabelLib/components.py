@@ -3,9 +3,9 @@
 Vertebral bodies are separated by intervertebral discs, so the connected components of the body mask are the
 vertebrae. Specks are dropped; a component taller than a vertebral body (bodies bridged by a thin, collapsed or
 poorly seen disc) is cut between its high-probability cores, where its body-probability profile dips, or between the
-parts that the network's level head gives different levels. Body
-components off the vertebral column (posterior-element or pelvis fragments) become posterior elements. Posterior
-elements are then attached to the body they are connected to.
+parts that the network's level head gives different levels. Body components off the vertebral column
+(posterior-element or pelvis fragments) become posterior elements. Posterior elements are then attached to the body
+they are connected to.
 
 All arrays are (z, y, x) on the model grid; ``spacing_mm`` is (z, y, x) voxel size in mm.
 """
@@ -112,8 +112,8 @@ def split_merged(
        voxels whose most probable level has a probability of at least ``min_level_probability`` form one core per
        level (its largest connected part, eroded by one voxel, of ``min_level_core_ml`` at least: a fixed size,
        since the median component may itself be a merged column); two or more such cores split the piece by
-       watershed, as in 1. Which level a piece is, is left
-       to the sequence model: only the number of bodies and the cuts between them come from here.
+       watershed, as in 1. Which level a piece is, is left to the sequence model: only the number of bodies and
+       the cuts between them come from here.
 
     The sacrum and single tall bodies, with one core, no deep valley and one level, stay whole; a sacrum cut into
     its segments is merged again by the sequence model.
@@ -156,10 +156,7 @@ def split_merged(
                                                   spacing_mm[0], min_level_probability, level_core_voxels)
         if pieces.max() < 2:
             continue
-        region = out[box]
-        for k in range(2, int(pieces.max()) + 1):
-            region[pieces == k] = next_id
-            next_id += 1
+        next_id = _new_ids_for_pieces(out[box], pieces, next_id)
         log.info("split a body component %.0f mm tall into %d", height, int(pieces.max()))
     return _renumber_cranial_first(out, np.unique(out[out > 0]))
 
@@ -185,12 +182,18 @@ def _split_tall_pieces_at_levels(pieces: np.ndarray, probability: np.ndarray, le
         if zs.size == 0 or (zs[-1] - zs[0] + 1) * spacing_z_mm <= limit_mm:
             continue
         split = _split_at_levels(mask, probability, level_log_probs, min_probability, min_voxels)
-        if split is None:
-            continue
-        for j in range(2, int(split.max()) + 1):
-            out[split == j] = next_id
-            next_id += 1
+        if split is not None:
+            next_id = _new_ids_for_pieces(out, split, next_id)
     return out
+
+
+def _new_ids_for_pieces(labels: np.ndarray, pieces: np.ndarray, next_id: int) -> int:
+    """Give pieces 2..n of ``pieces`` (int, same shape as ``labels``) ids from ``next_id`` on in ``labels``, in
+    place; piece 1 keeps the id it has. Returns the next free id."""
+    for k in range(2, int(pieces.max()) + 1):
+        labels[pieces == k] = next_id
+        next_id += 1
+    return next_id
 
 
 def _split_at_levels(mask: np.ndarray, probability: np.ndarray, level_log_probs: np.ndarray, min_probability: float,
