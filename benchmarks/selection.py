@@ -44,6 +44,13 @@ def _score(image: sitk.Image, truth: np.ndarray, model) -> tuple[int, int]:
     return scores.n_identified, scores.n_gt
 
 
+def _add(totals: dict[str, list[int]], group: str, found: int, n: int) -> None:
+    """Add one case's (identified, GT vertebrae) to its group's running totals."""
+    total = totals.setdefault(group, [0, 0])
+    total[0] += found
+    total[1] += n
+
+
 def phantoms(model) -> dict[str, list[int]]:
     totals: dict[str, list[int]] = {}
     for modality in ("ct", "mr"):
@@ -52,9 +59,7 @@ def phantoms(model) -> dict[str, list[int]]:
                 ph = make_phantom(modality=modality, fov=fov, seed=seed)
                 found, n = _score(ph.image, sitk.GetArrayFromImage(ph.labels), model)
                 logging.info("phantom %s %s %d: %d of %d", modality, fov, seed, found, n)
-                total = totals.setdefault(f"phantom {modality.upper()}", [0, 0])
-                total[0] += found
-                total[1] += n
+                _add(totals, f"phantom {modality.upper()}", found, n)
     return totals
 
 
@@ -73,9 +78,7 @@ def crops(model, n_per_modality: int, data_dir: Path) -> dict[str, list[int]]:
             image.SetSpacing((case.spacing_mm,) * 3)
             found, n = _score(image, case.levels, model)
             logging.info("crop %s %d: %d of %d", modality, seed, found, n)
-            total = totals.setdefault(f"synthetic {modality.upper()}", [0, 0])
-            total[0] += found
-            total[1] += n
+            _add(totals, f"synthetic {modality.upper()}", found, n)
     return totals
 
 

@@ -152,8 +152,8 @@ def split_merged(
         if pieces is None:
             pieces = mask.astype(np.int32)
         if level_log_probs is not None:
-            pieces = _split_tall_pieces_at_levels(pieces, probability, _full_resolution(level_log_probs, box), limit,
-                                                  spacing_mm[0], min_level_probability, level_core_voxels)
+            pieces = _split_tall_pieces_at_levels(pieces, probability, level_log_probs, box, limit, spacing_mm[0],
+                                                  min_level_probability, level_core_voxels)
         if pieces.max() < 2:
             continue
         next_id = _new_ids_for_pieces(out[box], pieces, next_id)
@@ -171,17 +171,22 @@ def _full_resolution(level_log_probs: np.ndarray, box: tuple[slice, ...]) -> np.
 
 
 def _split_tall_pieces_at_levels(pieces: np.ndarray, probability: np.ndarray, level_log_probs: np.ndarray,
-                                 limit_mm: float, spacing_z_mm: float, min_probability: float,
+                                 box: tuple[slice, ...], limit_mm: float, spacing_z_mm: float, min_probability: float,
                                  min_voxels: float) -> np.ndarray:
-    """``pieces`` (1..n, 0 outside) with each piece taller than ``limit_mm`` split by ``_split_at_levels``."""
+    """``pieces`` (1..n, 0 outside; the ``box`` of the model grid) with each piece taller than ``limit_mm`` split by
+    ``_split_at_levels``; ``level_log_probs`` is the whole half-resolution level head output, brought to full
+    resolution under ``box`` only when a piece needs it."""
     out = pieces.copy()
     next_id = int(pieces.max()) + 1
+    levels_in_box = None
     for k in range(1, int(pieces.max()) + 1):
         mask = pieces == k
         zs = np.flatnonzero(mask.any(axis=(1, 2)))
         if zs.size == 0 or (zs[-1] - zs[0] + 1) * spacing_z_mm <= limit_mm:
             continue
-        split = _split_at_levels(mask, probability, level_log_probs, min_probability, min_voxels)
+        if levels_in_box is None:
+            levels_in_box = _full_resolution(level_log_probs, box)
+        split = _split_at_levels(mask, probability, levels_in_box, min_probability, min_voxels)
         if split is not None:
             next_id = _new_ids_for_pieces(out, split, next_id)
     return out
