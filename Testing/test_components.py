@@ -40,6 +40,14 @@ def test_specks_are_dropped():
     assert body_components(tissue, SPACING).max() == 4
 
 
+def test_a_body_cut_by_the_field_of_view_is_kept_however_small():
+    tissue = stacked_spine()[:42]  # one slice of the most cranial body left: 1.8 ml, a tenth of a whole body
+    tissue[20, 26:36, 30:40] = BODY  # the same thin slab away from the edges: a speck
+    bodies = body_components(tissue, SPACING)
+    assert bodies.max() == 4
+    assert set(np.unique(np.argwhere(bodies == 1)[:, 0])) == {41}
+
+
 def test_merged_bodies_are_split():
     tissue = stacked_spine(n=5)
     # a collapsed disc: bodies 2 and 3 bridged by a thin column of body voxels

@@ -43,7 +43,9 @@ def body_components(tissue: np.ndarray, spacing_mm: tuple[float, float, float]) 
 
 def drop_small(labels: np.ndarray, spacing_mm: tuple[float, float, float], min_volume_ml: float = 0.25,
                fraction: float = 0.15) -> np.ndarray:
-    """Drop components under ``min_volume_ml`` or under ``fraction`` of the median component volume.
+    """Drop components under ``min_volume_ml`` or under ``fraction`` of the median component volume. A component
+    that reaches the first or last z slice is a body cut by the field of view, small because of the cut, and only
+    has to reach ``min_volume_ml``.
 
     Args:
         labels: int (z, y, x) components.
@@ -55,8 +57,16 @@ def drop_small(labels: np.ndarray, spacing_mm: tuple[float, float, float], min_v
     sizes = np.bincount(labels.ravel())[1:] * (float(np.prod(spacing_mm)) / 1000.0)
     keep = sizes >= min_volume_ml
     if keep.any():
-        keep &= sizes >= fraction * float(np.median(sizes[keep]))
+        keep &= (sizes >= fraction * float(np.median(sizes[keep]))) | _cut_by_field_of_view(labels)[1:sizes.size + 1]
     return _renumber_cranial_first(labels, np.flatnonzero(keep) + 1)
+
+
+def _cut_by_field_of_view(labels: np.ndarray) -> np.ndarray:
+    """bool (max id + 1,): which ids of ``labels`` (int, z, y, x) reach its first or last z slice."""
+    cut = np.zeros(int(labels.max(initial=0)) + 1, dtype=bool)
+    cut[np.unique(labels[[0, -1]])] = True
+    cut[0] = False
+    return cut
 
 
 def _centroids_and_sizes(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,8 +144,10 @@ def split_merged(
         return labels
     boxes = ndimage.find_objects(labels)
     heights = np.array([boxes[i - 1][0].stop - boxes[i - 1][0].start for i in ids], dtype=float) * spacing_mm[0]
-    limit = min(max_height_mm, ratio * float(np.median(heights))) if ids.size >= 3 else max_height_mm
-    core_voxels = max(4.0, min_core * float(np.median(np.bincount(labels.ravel())[ids])))
+    whole = ~_cut_by_field_of_view(labels)[ids]  # bodies cut by the field of view do not say how tall bodies are
+    limit = min(max_height_mm, ratio * float(np.median(heights[whole]))) if whole.sum() >= 3 else max_height_mm
+    voxels = np.bincount(labels.ravel())[ids]
+    core_voxels = max(4.0, min_core * float(np.median(voxels[whole] if whole.any() else voxels)))
     level_core_voxels = min_level_core_ml * 1000.0 / float(np.prod(spacing_mm))
     window = max(1, int(round(min_piece_mm / spacing_mm[0])))
     out = labels.copy()
@@ -352,5 +364,5 @@ def vertebra_components(tissue: np.ndarray, body_probability: np.ndarray, spacin
         moved = np.isin(bodies, stray)
         bodies = np.where(moved, 0, bodies)
         tissue = np.where(moved, POSTERIOR, tissue).astype(tissue.dtype)
-    bodies = drop_small(bodies, spacing_mm)  # end pieces of a cut column
+    bodies = drop_small(bodies, spacing_mm)  # slivers left by the splits
     return bodies, attach_posterior(bodies, tissue)
