@@ -8,9 +8,10 @@ import torch
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled
 from SpineLabelLib.models import load_model
 from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
+from SpineLabelTrainingLib.negatives import KINDS, non_spine_image
 from SpineLabelTrainingLib.synthesis import IGNORE
 from SpineLabelTrainingLib.training import (NOT_BODY, NOT_VERTEBRA, VERTEBRA, TrainConfig, find_cases, level_loss,
-                                            load_case, tissue_loss, train, unknown_beyond_labelled_ends)
+                                            load_case, make_source, tissue_loss, train, unknown_beyond_labelled_ends)
 
 
 def logits_for(classes, confidence=8.0):
@@ -77,6 +78,21 @@ def test_real_ct_goes_in_through_the_ct_window(tmp_path):
     bone = case.levels > 0
     expected = (300 - CT_WINDOW_HU[0]) / (CT_WINDOW_HU[1] - CT_WINDOW_HU[0])
     assert np.median(case.image[bone]) == pytest.approx(expected, abs=0.02) and case.image.min() == 0.0
+
+
+def test_images_without_a_spine_are_taught_as_background_everywhere():
+    draw = make_source("negative", 2.0, (24, 20, 16), None)
+    names = set()
+    for seed in range(12):
+        case = draw(np.random.default_rng(seed))
+        names.add(case.name)
+        assert case.image.shape == (24, 20, 16) and 0.0 <= case.image.min() < case.image.max() <= 1.0
+        assert not case.tissue.any() and not case.levels.any()  # every voxel known background, no level
+    assert len(names) >= 4
+    a, b = (non_spine_image(np.random.default_rng(3), KINDS[-1], (24, 20, 16), 2.0) for _ in range(2))
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="unknown kind"):
+        non_spine_image(np.random.default_rng(0), "spine", (8, 8, 8), 2.0)
 
 
 def test_unlabelled_vertebrae_beyond_the_labelled_ones_are_not_taught_as_background():

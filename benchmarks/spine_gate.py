@@ -1,12 +1,12 @@
 """Where the spine gate (``SpineLabelLib.pipeline.MIN_SPINE_PROBABILITY``) should sit for a model.
 
-Labels images that hold no spine (white, smoothed and uniform noise, random blobs, balls: CT-like and MR-like
-intensities) and every real scan in ``../shared/data``, and prints the median vertebral-body probability of each
-one's vertebra-like components (``SpineLabeling.spine_probability``). The gate belongs between the highest non-spine
-value and the lowest real-scan value.
+Labels images that hold no spine (white, smoothed and uniform noise, random blobs, balls: the kinds training draws
+as negatives; a limb and a head, which it never draws; CT-like and MR-like intensities) and every real scan in ``../shared/data``, and prints the median vertebral-body probability of each
+one's vertebra-like components (``SpineLabeling.spine_probability``, column p) and the number of vertebrae labelled
+with the gate open (n). The gate belongs between the highest non-spine value and the lowest real-scan value.
 
 Usage (from the repository root):
-    python benchmarks/spine_gate.py [--model CARD.json]
+    python benchmarks/spine_gate.py [--model CARD.json] [--seeds 3]
 """
 
 from __future__ import annotations
@@ -18,38 +18,49 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
-from SpineLabelLib.pipeline import MIN_SPINE_PROBABILITY, label_spine
+from SpineLabelLib import pipeline
+from SpineLabelTrainingLib.negatives import KINDS, non_spine_image
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # real images: every file of these patterns under ../shared/data (label maps and templates excluded by name)
 REAL_PATTERNS = ("*_img.nii.gz", "*_ct.nii.gz", "*_T2w.nii.gz", "example_*_sm.nii.gz", "t1w.nii.gz", "t2.nii.gz")
 
 
+def _limb_and_head(rng: np.random.Generator, shape: tuple[int, int, int], spacing: float) -> dict[str, np.ndarray]:
+    """Kinds that training never draws: a limb (a bone tube, cortex and marrow, in muscle and fat, along z) and a head
+    (a skull shell around brain), CT-like (HU) and MR-like."""
+    z, y, x = np.indices(shape, dtype=np.float32) * spacing
+    centre = np.asarray(shape) * spacing / 2 + rng.uniform(-10, 10, 3)
+    r = np.hypot(y - centre[1], x - centre[2])
+    bone_r = rng.uniform(10, 16)
+    limb = {"fat": r < 75, "muscle": r < 65, "cortex": r < bone_r, "marrow": r < bone_r - 4}
+    radii = rng.uniform(60, 80, 3)
+    e = np.sqrt(sum(((g - c) / a) ** 2 for g, c, a in zip((z, y, x), centre, radii)))
+    head = {"fat": e < 1.0, "muscle": e < 0.97, "cortex": e < 0.93, "marrow": e < 0.88}  # scalp, skull, brain
+    hu = {"fat": -100.0, "muscle": 40.0, "cortex": 1000.0, "marrow": 30.0}
+    mr = {"fat": 900.0, "muscle": 300.0, "cortex": 30.0, "marrow": 500.0}
+    out = {}
+    for name, parts in (("limb", limb), ("head", head)):
+        for modality, values, background in (("CT", hu, -1000.0), ("MR", mr, 0.0)):
+            image = np.full(shape, background, dtype=np.float32)
+            for part in ("fat", "muscle", "cortex", "marrow"):  # outer to inner
+                image[parts[part]] = values[part]
+            out[f"{name} ({modality})"] = image + rng.normal(0, 15, shape).astype(np.float32)
+    return out
+
+
 def non_spine_images(seed: int = 0) -> dict[str, sitk.Image]:
-    """Images without a spine, float32, 1.5 mm voxels, 120 x 160 x 160 (z, y, x)."""
+    """Images without a spine, float32, 1.5 mm voxels, 120 x 160 x 160 (z, y, x): every kind training draws
+    (``negatives.KINDS``, other draws than training's) and two it never draws (limb, head)."""
     rng = np.random.default_rng(seed)
-    shape = (120, 160, 160)
-    z, y, x = np.indices(shape)
-    arrays = {
-        "white noise": rng.normal(0, 100, shape),
-        "smoothed noise": ndimage.gaussian_filter(rng.normal(0, 100, shape), 3) * 10,
-        "uniform noise": rng.uniform(0, 255, shape),
-    }
-    blobs = ndimage.gaussian_filter(rng.normal(0, 1, shape), 6)
-    arrays["blobs (MR)"] = np.where(blobs > 0.02, 400.0, 50.0) + rng.normal(0, 20, shape)
-    arrays["blobs (CT)"] = np.where(blobs > 0.02, 300.0, -1000.0) + rng.normal(0, 20, shape)
-    balls = np.zeros(shape)
-    for _ in range(6):
-        c = rng.uniform(20, 100), rng.uniform(30, 130), rng.uniform(30, 130)
-        balls[(z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < rng.uniform(36, 225)] = 1
-    arrays["balls (MR)"] = balls * 1000 + rng.normal(0, 10, shape)
-    arrays["balls (CT)"] = balls * 1300 - 1000 + rng.normal(0, 10, shape)
+    shape, spacing = (120, 160, 160), 1.5
+    arrays = {kind: non_spine_image(rng, kind, shape, spacing) for kind in KINDS}
+    arrays.update(_limb_and_head(rng, shape, spacing))
     images = {}
     for name, array in arrays.items():
-        image = sitk.GetImageFromArray(array.astype(np.float32))
-        image.SetSpacing((1.5, 1.5, 1.5))
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((spacing,) * 3)
         images[name] = image
     return images
 
@@ -57,25 +68,31 @@ def non_spine_images(seed: int = 0) -> dict[str, sitk.Image]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="model card; default: the shipped model")
+    parser.add_argument("--seeds", type=int, default=3, help="draws of each kind of image without a spine")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rows: list[tuple[str, str, float | None]] = []
-    for name, image in non_spine_images().items():
-        rows.append(("no spine", name, label_spine(image, model=args.model, device="cpu").spine_probability))
+    gate = pipeline.MIN_SPINE_PROBABILITY
+    pipeline.MIN_SPINE_PROBABILITY = 0.0  # every image is measured with the gate open
+    rows: list[tuple[str, str, float | None, int]] = []
+    for seed in range(args.seeds):
+        for name, image in non_spine_images(seed).items():
+            result = pipeline.label_spine(image, model=args.model, device="cpu")
+            rows.append(("no spine", f"{name} {seed}", result.spine_probability, len(result.vertebrae)))
     if DATA.is_dir():
         paths = sorted({p for pattern in REAL_PATTERNS for p in DATA.rglob(pattern)})
         for path in paths:
-            result = label_spine(path, model=args.model, device="cpu")
-            rows.append(("real", str(path.relative_to(DATA)), result.spine_probability))
+            result = pipeline.label_spine(path, model=args.model, device="cpu")
+            rows.append(("real", str(path.relative_to(DATA)), result.spine_probability, len(result.vertebrae)))
     else:
         print(f"{DATA} not found: real scans skipped", file=sys.stderr)
-    for kind, name, p in rows:
-        print(f"{kind:9s} {'-' if p is None else f'{p:.3f}':>6s}  {name}")
-    fake = [p for kind, _, p in rows if kind == "no spine" and p is not None]
-    real = [p for kind, _, p in rows if kind == "real"]
+    print(f"{'':9s} {'p':>6s} {'n':>3s}")
+    for kind, name, p, n in rows:
+        print(f"{kind:9s} {'-' if p is None else f'{p:.3f}':>6s} {n:3d}  {name}")
+    fake = [p for kind, _, p, _ in rows if kind == "no spine" and p is not None]
+    real = [p for kind, _, p, _ in rows if kind == "real"]
     print(f"\nhighest without a spine: {max(fake, default=float('nan')):.3f}; lowest real scan: "
           f"{min((p for p in real if p is not None), default=float('nan')):.3f}; "
-          f"real scans without any component: {sum(p is None for p in real)}; gate now {MIN_SPINE_PROBABILITY}")
+          f"real scans without any component: {sum(p is None for p in real)}; gate now {gate}")
     return 0
 
 

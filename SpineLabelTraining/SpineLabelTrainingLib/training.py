@@ -4,6 +4,7 @@ Data sources (mixed by weight):
 
 * ``synthetic``: whole-spine images synthesised from real anatomy (``synthesis``), full tissue labels;
 * ``phantom``: the procedural phantom (``SpineLabelLib.phantom``);
+* ``negative``: images without a spine (``negatives``), every voxel background;
 * a folder of real labelled scans, layout detected: nnU-Net (``imagesTr/X_0000.nii.gz`` + ``labelsTr/X.nii.gz``, as
   the Slicer export writes), VerSe (``X_ct.nii.gz`` + ``X_seg-vert_msk.nii.gz``), or bodies-only MRI
   (``X_img.nii.gz`` + ``X_vert-verse.nii.gz``).
@@ -227,6 +228,18 @@ def _phantom_source(spacing_mm: float, size: tuple[int, int, int]) -> Callable[[
     return draw
 
 
+def _negative_source(spacing_mm: float, size: tuple[int, int, int]) -> Callable[[np.random.Generator], Case]:
+    from .negatives import KINDS, non_spine_image
+
+    def draw(rng: np.random.Generator) -> Case:
+        kind = str(rng.choice(KINDS))
+        raw = non_spine_image(rng, kind, size, spacing_mm)
+        return Case(_normalised(raw, modality_of(float(raw.min()))), np.zeros(size, np.uint8), np.zeros(size, np.uint8),
+                    f"negative-{kind}")
+
+    return draw
+
+
 def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int]) -> Callable[[np.random.Generator], Case]:
     found = find_cases(folder)
     cases = [load_case(i, l, b, spacing_mm) for i, l, b in tqdm(found, desc=f"loading {folder.name}", leave=False)]
@@ -238,11 +251,13 @@ def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int]) 
 
 
 def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_dir: Path) -> Callable[[np.random.Generator], Case]:
-    """A sampler for one ``--data`` spec: ``synthetic``, ``phantom`` or a folder path."""
+    """A sampler for one ``--data`` spec: ``synthetic``, ``phantom``, ``negative`` or a folder path."""
     if spec == "synthetic":
         return _synthetic_source(spacing_mm, size, data_dir)
     if spec == "phantom":
         return _phantom_source(spacing_mm, size)
+    if spec == "negative":
+        return _negative_source(spacing_mm, size)
     return _folder_source(Path(spec), spacing_mm, size)
 
 
