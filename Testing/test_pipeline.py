@@ -11,7 +11,8 @@ import torch
 from SpineLabelLib.models import ModelError, load_model, register_model, save_model
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.phantom import make_phantom
-from SpineLabelLib.pipeline import MIN_SPINE_PROBABILITY, Cancelled, label_spine
+from SpineLabelLib.pipeline import (LONG_COLUMN, MIN_SPINE_PROBABILITY, MIN_SPINE_PROBABILITY_LONG_COLUMN, Cancelled,
+                                    is_spine, label_spine)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
 
 
 def test_default_model_labels_a_phantom():
-    """The shipped model names most lumbar vertebrae of a phantom it has never seen (1.4.0 and 1.5.0 name 8 of 9)."""
+    """The shipped model names most lumbar vertebrae of a phantom it has never seen (1.4.0, 1.5.0 and 1.6.0 name 8 of 9)."""
     phantom = make_phantom(modality="ct", fov="lumbar", seed=123)
     result = label_spine(phantom.image, device="cpu")
     truth = sitk.GetArrayViewFromImage(phantom.labels)
@@ -140,6 +141,12 @@ def test_real_lumbar_ct_end_to_end(tmp_path):
     predicted = np.array([v["centroid_lps_mm"] for v in report["vertebrae"]])
     found = [np.linalg.norm(predicted - c, axis=1).min() <= 20.0 for c in truth.values()]
     assert sum(found) >= 4
+
+
+def test_the_spine_gate_asks_less_of_a_long_column_and_never_takes_one_component():
+    between = (MIN_SPINE_PROBABILITY + MIN_SPINE_PROBABILITY_LONG_COLUMN) / 2
+    assert not is_spine(between, LONG_COLUMN - 1) and is_spine(between, LONG_COLUMN)
+    assert is_spine(MIN_SPINE_PROBABILITY, 2) and not is_spine(0.99, 1)
 
 
 @pytest.mark.parametrize("kind", ["noise", "ball"])

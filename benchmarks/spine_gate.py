@@ -1,9 +1,11 @@
-"""Where the spine gate (``SpineLabelLib.pipeline.MIN_SPINE_PROBABILITY``) should sit for a model.
+"""Where the spine gate (``SpineLabelLib.pipeline.is_spine``) should sit for a model.
 
 Labels images that hold no spine (white, smoothed and uniform noise, random blobs, balls: the kinds training draws
-as negatives; a limb and a head, which it never draws; CT-like and MR-like intensities) and every real scan in ``../shared/data``, and prints the median vertebral-body probability of each
-one's vertebra-like components (``SpineLabeling.spine_probability``, column p) and the number of vertebrae labelled
-with the gate open (n). The gate belongs between the highest non-spine value and the lowest real-scan value.
+as negatives; a limb and a head, which it never draws; CT-like and MR-like intensities) and every real scan in
+``../shared/data``, and prints the median vertebral-body probability of each one's vertebra-like components
+(``SpineLabeling.spine_probability``, column p) and the number of vertebrae labelled with the gate open (n), then what
+the gate does with them. The gate belongs between the highest non-spine value and the lowest real-scan value, for
+short and for long columns of components.
 
 Usage (from the repository root):
     python benchmarks/spine_gate.py [--model CARD.json] [--seeds 3]
@@ -71,8 +73,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3, help="draws of each kind of image without a spine")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    gate = pipeline.MIN_SPINE_PROBABILITY
-    pipeline.MIN_SPINE_PROBABILITY = 0.0  # every image is measured with the gate open
+    is_spine = pipeline.is_spine
+    pipeline.is_spine = lambda p, n: True  # every image is measured with the gate open
     rows: list[tuple[str, str, float | None, int]] = []
     for seed in range(args.seeds):
         for name, image in non_spine_images(seed).items():
@@ -92,7 +94,13 @@ def main() -> int:
     real = [p for kind, _, p, _ in rows if kind == "real"]
     print(f"\nhighest without a spine: {max(fake, default=float('nan')):.3f}; lowest real scan: "
           f"{min((p for p in real if p is not None), default=float('nan')):.3f}; "
-          f"real scans without any component: {sum(p is None for p in real)}; gate now {gate}")
+          f"real scans without any component: {sum(p is None for p in real)}")
+    passed = [name for kind, name, p, n in rows if kind == "no spine" and p is not None and is_spine(p, n)]
+    stopped = [name for kind, name, p, n in rows if kind == "real" and p is not None and not is_spine(p, n)]
+    n_fake = sum(kind == "no spine" for kind, *_ in rows)
+    print(f"the gate now (pipeline.is_spine) lets {len(passed)} of {n_fake} images without a spine through"
+          f"{': ' + ', '.join(passed) if passed else ''}, and stops {len(stopped)} real scan(s)"
+          f"{': ' + ', '.join(stopped) if stopped else ''}")
     return 0
 
 

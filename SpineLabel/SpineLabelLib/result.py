@@ -109,7 +109,7 @@ class SpineLabeling:
         source: where the image came from (path), for reports.
         modality: "CT" or "MR" as detected or given.
         spine_probability: median vertebral-body probability of the vertebra-like components the network found, the
-            figure the spine gate (``pipeline.MIN_SPINE_PROBABILITY``) judges; None when no component was found.
+            figure the spine gate (``pipeline.is_spine``) judges; None when no component was found.
     """
 
     geometry: Geometry
