@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 # probability (``SpineLabeling.spine_probability``) reaches MIN_SPINE_PROBABILITY, or MIN_SPINE_PROBABILITY_LONG_COLUMN
 # when there are LONG_COLUMN components or more (a long column of them is evidence of a spine in itself). Set from
 # ``python benchmarks/spine_gate.py --seeds 6`` with the default model 1.6.0: of 66 images without a spine (noise,
-# blobs, balls, limbs, heads), two reach 0.84 (0.851 and 0.870, with two components each) and none with five
-# components or more reaches 0.76; the real scans of ../shared/data with two or more components reach at least 0.871,
+# blobs, balls, limbs, heads), two with more than one component reach 0.84 (0.851 and 0.870, two components each)
+# and none with five components or more reaches 0.76; the real scans of ../shared/data with two or more components reach at least 0.871,
 # except a 55 mm cervical T1 MRI (0.799, two components); of 48 synthetic crops (``benchmarks/selection.py``), one
 # long column (nine components) is at 0.838. A crop holding a single vertebra is not labelled.
 MIN_SPINE_PROBABILITY = 0.84
@@ -42,7 +42,8 @@ LONG_COLUMN = 5
 
 
 def is_spine(spine_probability: float, n_components: int) -> bool:
-    """The spine gate: whether vertebra-like components of this median body probability, so many, make a spine."""
+    """The spine gate: whether ``n_components`` vertebra-like components of median vertebral-body probability
+    ``spine_probability`` make a spine."""
     if n_components < 2:
         return False
     if n_components >= LONG_COLUMN:
