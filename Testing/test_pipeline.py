@@ -101,7 +101,8 @@ def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
 
 
 def test_default_model_labels_a_phantom():
-    """The shipped model names most lumbar vertebrae of a phantom it has never seen (1.4.0, 1.5.0 and 1.6.0 name 8 of 9)."""
+    """The shipped model names most lumbar vertebrae of a phantom it has never seen (1.4.0, 1.5.0 and 1.6.0 name 8
+    of 9)."""
     phantom = make_phantom(modality="ct", fov="lumbar", seed=123)
     result = label_spine(phantom.image, device="cpu")
     truth = sitk.GetArrayViewFromImage(phantom.labels)

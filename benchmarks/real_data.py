@@ -204,8 +204,8 @@ def training_view(root: Path) -> Path:
 def train(args: argparse.Namespace, extra: list[str]) -> int:
     view = training_view(args.workdir or Path(tempfile.mkdtemp(prefix="spinelabel-train-")))
     cmd = [sys.executable, "-m", "SpineLabelLib.cli", "train", "--out", str(args.out),
-           "--data", "synthetic:0.52", "--data", f"{view / 'mri_lumbar_bodies'}:0.26", "--data", f"{view / 'real_ct'}:0.13",
-           "--data", "phantom:0.04", "--data", "negative:0.05",
+           "--data", "synthetic:0.52", "--data", f"{view / 'mri_lumbar_bodies'}:0.26",
+           "--data", f"{view / 'real_ct'}:0.13", "--data", "phantom:0.04", "--data", "negative:0.05",
            "--data-dir", str(view), *extra]
     print(" ".join(cmd))
     return subprocess.run(cmd).returncode

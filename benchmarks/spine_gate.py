@@ -3,9 +3,9 @@
 Labels images that hold no spine (white, smoothed and uniform noise, random blobs, balls: the kinds training draws
 as negatives; a limb and a head, which it never draws; CT-like and MR-like intensities) and every real scan in
 ``../shared/data``, and prints the median vertebral-body probability of each one's vertebra-like components
-(``SpineLabeling.spine_probability``, column p) and the number of vertebrae labelled with the gate open (n), then what
-the gate does with them. The gate belongs between the highest non-spine value and the lowest real-scan value, for
-short and for long columns of components.
+(``SpineLabeling.spine_probability``, column p) and the number of those components (n), both as the gate sees them,
+then what the gate does with them. The gate belongs between the highest non-spine value and the lowest real-scan
+value, for short and for long columns of components.
 
 Usage (from the repository root):
     python benchmarks/spine_gate.py [--model CARD.json] [--seeds 3]
@@ -74,17 +74,26 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     is_spine = pipeline.is_spine
-    pipeline.is_spine = lambda p, n: True  # every image is measured with the gate open
+    judged: list[int] = []
+
+    def open_gate(p: float, n: int) -> bool:  # every image is measured with the gate open; n is what it counts
+        judged.append(n)
+        return True
+
+    pipeline.is_spine = open_gate
+
+    def measure(kind: str, name: str, image) -> None:
+        judged.clear()
+        p = pipeline.label_spine(image, model=args.model, device="cpu").spine_probability
+        rows.append((kind, name, p, judged[-1] if judged else 0))
+
     rows: list[tuple[str, str, float | None, int]] = []
     for seed in range(args.seeds):
         for name, image in non_spine_images(seed).items():
-            result = pipeline.label_spine(image, model=args.model, device="cpu")
-            rows.append(("no spine", f"{name} {seed}", result.spine_probability, len(result.vertebrae)))
+            measure("no spine", f"{name} {seed}", image)
     if DATA.is_dir():
-        paths = sorted({p for pattern in REAL_PATTERNS for p in DATA.rglob(pattern)})
-        for path in paths:
-            result = pipeline.label_spine(path, model=args.model, device="cpu")
-            rows.append(("real", str(path.relative_to(DATA)), result.spine_probability, len(result.vertebrae)))
+        for path in sorted({p for pattern in REAL_PATTERNS for p in DATA.rglob(pattern)}):
+            measure("real", str(path.relative_to(DATA)), path)
     else:
         print(f"{DATA} not found: real scans skipped", file=sys.stderr)
     print(f"{'':9s} {'p':>6s} {'n':>3s}")

@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train or fine-tune a model")
     p.add_argument("--data", action="append", required=True, metavar="SOURCE[:WEIGHT]",
-                   help="'synthetic', 'phantom', 'negative' (images without a spine), or a folder (nnU-Net imagesTr/labelsTr, VerSe, *_img/*_vert-verse); repeat to mix")
+                   help="'synthetic', 'phantom', 'negative' (images without a spine), or a folder (nnU-Net "
+                        "imagesTr/labelsTr, VerSe, *_img/*_vert-verse); repeat to mix")
     p.add_argument("--out", type=Path, required=True, help="model card to write (.json; weights beside it)")
     p.add_argument("--base-model", type=Path, help="fine-tune from this model card")
     p.add_argument("--name", default="spinelabel-finetuned")

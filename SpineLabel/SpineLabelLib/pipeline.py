@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 # when there are LONG_COLUMN components or more (a long column of them is evidence of a spine in itself). Set from
 # ``python benchmarks/spine_gate.py --seeds 6`` with the default model 1.6.0: of 66 images without a spine (noise,
 # blobs, balls, limbs, heads), two with more than one component reach 0.84 (0.851 and 0.870, two components each)
-# and none with five components or more reaches 0.76; the real scans of ../shared/data with two or more components reach at least 0.871,
-# except a 55 mm cervical T1 MRI (0.799, two components); of 48 synthetic crops (``benchmarks/selection.py``), one
-# long column (nine components) is at 0.838. A crop holding a single vertebra is not labelled.
+# and none with five components or more reaches 0.76; the real scans of ../shared/data with two or more components
+# reach at least 0.871, except a 55 mm cervical T1 MRI (0.799, two components); of 48 synthetic crops
+# (``benchmarks/selection.py``), one long column (nine components) is at 0.838. A crop holding a single vertebra is
+# not labelled.
 MIN_SPINE_PROBABILITY = 0.84
 MIN_SPINE_PROBABILITY_LONG_COLUMN = 0.78
 LONG_COLUMN = 5

@@ -234,8 +234,8 @@ def _negative_source(spacing_mm: float, size: tuple[int, int, int]) -> Callable[
     def draw(rng: np.random.Generator) -> Case:
         kind = str(rng.choice(KINDS))
         raw = non_spine_image(rng, kind, size, spacing_mm)
-        return Case(_normalised(raw, modality_of(float(raw.min()))), np.zeros(size, np.uint8), np.zeros(size, np.uint8),
-                    f"negative-{kind}")
+        background = np.zeros(size, np.uint8)
+        return Case(_normalised(raw, modality_of(float(raw.min()))), background, background.copy(), f"negative-{kind}")
 
     return draw
 
