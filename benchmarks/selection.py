@@ -113,8 +113,10 @@ def short_scans(model, n_per_modality: int, library) -> dict[str, list[int]]:
     return totals
 
 
-def _report(totals: dict[str, list[int]]) -> None:
-    for group, (found, n) in totals.items():
+def _report(totals: dict[str, list[int]], total_name: str) -> None:
+    """Print each group's (identified, GT vertebrae) and their sum as ``total_name``."""
+    rows = {**totals, total_name: [sum(v[i] for v in totals.values()) for i in range(2)]}
+    for group, (found, n) in rows.items():
         print(f"{group:14s} {found:4d} of {n:4d} identified ({found / max(n, 1):.0%})")
 
 
@@ -138,10 +140,8 @@ def main() -> int:
     totals = {**phantoms(model), **crops(model, args.crops, library)}
     short = short_scans(model, args.short, library)
     print(f"model {model.info['name']} {model.info['version']}")
-    for groups, name in ((totals, "all"), (short, "all short")):
-        _report(groups)
-        found, n = (sum(v[i] for v in groups.values()) for i in range(2))
-        _report({name: [found, n]})
+    _report(totals, "all")
+    _report(short, "all short")
     return 0
 
 

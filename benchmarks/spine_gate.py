@@ -81,13 +81,13 @@ def main() -> int:
         return True
 
     pipeline.is_spine = open_gate
+    rows: list[tuple[str, str, float | None, int]] = []
 
     def measure(kind: str, name: str, image) -> None:
         judged.clear()
         p = pipeline.label_spine(image, model=args.model, device="cpu").spine_probability
         rows.append((kind, name, p, judged[-1] if judged else 0))
 
-    rows: list[tuple[str, str, float | None, int]] = []
     for seed in range(args.seeds):
         for name, image in non_spine_images(seed).items():
             measure("no spine", f"{name} {seed}", image)
