@@ -11,6 +11,8 @@ of seeds that training never draws.
 
 Every case is labelled by ``label_spine`` and scored by ``evaluation.evaluate_case`` (VerSe identification: the
 closest predicted centroid carries the label and lies within 20 mm; centroids of whole vertebrae on both sides).
+The phantoms and synthetic crops also report bone Dice: the overlap of all labelled vertebrae with all reference
+vertebrae, whatever their names, which measures the segmentation apart from the numbering.
 Together with ``python benchmarks/real_data.py evaluate --selection`` (the training MRI and CT), this is the set on
 which the default model is chosen.
 
@@ -46,18 +48,22 @@ SHORT_ZYX = (35, 56, 56)  # 70 x 112 x 112 mm
 SHORT_MIN_ML = 5.0
 
 
-def _score(image: sitk.Image, truth: np.ndarray, model) -> tuple[int, int]:
-    """(identified, GT vertebrae) of one labelled image; ``truth`` is its VerSe label map (z, y, x)."""
-    result = label_spine(image, model=model, device="cpu")
-    scores = evaluate_case(result.label_map(), truth, image.GetSpacing()[::-1], None, None, False)
-    return scores.n_identified, scores.n_gt
+def _score(image: sitk.Image, truth: np.ndarray, model) -> tuple[int, int, float]:
+    """(identified, GT vertebrae, bone Dice) of one labelled image; ``truth`` is its VerSe label map (z, y, x)."""
+    predicted = label_spine(image, model=model, device="cpu").label_map()
+    scores = evaluate_case(predicted, truth, image.GetSpacing()[::-1], None, None, False)
+    overlap = np.count_nonzero((predicted > 0) & (truth > 0))
+    dice = 2 * overlap / max(np.count_nonzero(predicted) + np.count_nonzero(truth), 1)
+    return scores.n_identified, scores.n_gt, dice
 
 
-def _add(totals: dict[str, list[int]], group: str, found: int, n: int) -> None:
-    """Add one case's (identified, GT vertebrae) to its group's running totals."""
-    total = totals.setdefault(group, [0, 0])
+def _add(totals: dict[str, list], group: str, found: int, n: int, dice: float | None = None) -> None:
+    """Add one case's (identified, GT vertebrae) and bone Dice to its group's running totals."""
+    total = totals.setdefault(group, [0, 0, []])
     total[0] += found
     total[1] += n
+    if dice is not None:
+        total[2].append(dice)
 
 
 def phantoms(model) -> dict[str, list[int]]:
@@ -66,9 +72,9 @@ def phantoms(model) -> dict[str, list[int]]:
         for fov in ("whole", "cervical", "thoracic", "lumbar"):
             for seed in PHANTOM_SEEDS:
                 ph = make_phantom(modality=modality, fov=fov, seed=seed)
-                found, n = _score(ph.image, sitk.GetArrayFromImage(ph.labels), model)
-                logging.info("phantom %s %s %d: %d of %d", modality, fov, seed, found, n)
-                _add(totals, f"phantom {modality.upper()}", found, n)
+                found, n, dice = _score(ph.image, sitk.GetArrayFromImage(ph.labels), model)
+                logging.info("phantom %s %s %d: %d of %d, bone Dice %.3f", modality, fov, seed, found, n, dice)
+                _add(totals, f"phantom {modality.upper()}", found, n, dice)
     return totals
 
 
@@ -81,9 +87,9 @@ def crops(model, n_per_modality: int, library) -> dict[str, list[int]]:
                                    modality=modality)
             image = sitk.GetImageFromArray(case.image)  # LPS-aligned: identity direction
             image.SetSpacing((case.spacing_mm,) * 3)
-            found, n = _score(image, case.levels, model)
-            logging.info("crop %s %d: %d of %d", modality, seed, found, n)
-            _add(totals, f"synthetic {modality.upper()}", found, n)
+            found, n, dice = _score(image, case.levels, model)
+            logging.info("crop %s %d: %d of %d, bone Dice %.3f", modality, seed, found, n, dice)
+            _add(totals, f"synthetic {modality.upper()}", found, n, dice)
     return totals
 
 
@@ -107,17 +113,19 @@ def short_scans(model, n_per_modality: int, library) -> dict[str, list[int]]:
             in_view[0] = False
             image = sitk.GetImageFromArray(np.ascontiguousarray(case.image[box]))
             image.SetSpacing((case.spacing_mm,) * 3)
-            found, n = _score(image, np.where(in_view[levels], levels, 0), model)
+            found, n, _ = _score(image, np.where(in_view[levels], levels, 0), model)
             logging.info("short %s %d: %d of %d", modality, seed, found, n)
             _add(totals, f"short {modality.upper()}", found, n)
     return totals
 
 
-def _report(totals: dict[str, list[int]], total_name: str) -> None:
-    """Print each group's (identified, GT vertebrae) and their sum as ``total_name``."""
-    rows = {**totals, total_name: [sum(v[i] for v in totals.values()) for i in range(2)]}
-    for group, (found, n) in rows.items():
-        print(f"{group:14s} {found:4d} of {n:4d} identified ({found / max(n, 1):.0%})")
+def _report(totals: dict[str, list], total_name: str) -> None:
+    """Print each group's identified of GT vertebrae and mean bone Dice, and their sums as ``total_name``."""
+    rows = {**totals, total_name: [sum(v[0] for v in totals.values()), sum(v[1] for v in totals.values()),
+                                   [d for v in totals.values() for d in v[2]]]}
+    for group, (found, n, dice) in rows.items():
+        bone = f", bone Dice {np.mean(dice):.3f}" if dice else ""
+        print(f"{group:14s} {found:4d} of {n:4d} identified ({found / max(n, 1):.0%}){bone}")
 
 
 def main() -> int:
