@@ -11,8 +11,8 @@ of seeds that training never draws.
 
 Every case is labelled by ``label_spine`` and scored by ``evaluation.evaluate_case`` (VerSe identification: the
 closest predicted centroid carries the label and lies within 20 mm; centroids of whole vertebrae on both sides).
-The phantoms and synthetic crops also report bone Dice: the overlap of all labelled vertebrae with all reference
-vertebrae, whatever their names, which measures the segmentation apart from the numbering.
+The phantoms and synthetic crops also report bone Dice, the mean over cases of the overlap of all labelled
+vertebrae with all reference vertebrae whatever their names: the segmentation apart from the numbering.
 Together with ``python benchmarks/real_data.py evaluate --selection`` (the training MRI and CT), this is the set on
 which the default model is chosen.
 
@@ -66,8 +66,8 @@ def _add(totals: dict[str, list], group: str, found: int, n: int, dice: float | 
         total[2].append(dice)
 
 
-def phantoms(model) -> dict[str, list[int]]:
-    totals: dict[str, list[int]] = {}
+def phantoms(model) -> dict[str, list]:
+    totals: dict[str, list] = {}
     for modality in ("ct", "mr"):
         for fov in ("whole", "cervical", "thoracic", "lumbar"):
             for seed in PHANTOM_SEEDS:
@@ -78,8 +78,8 @@ def phantoms(model) -> dict[str, list[int]]:
     return totals
 
 
-def crops(model, n_per_modality: int, library) -> dict[str, list[int]]:
-    totals: dict[str, list[int]] = {}
+def crops(model, n_per_modality: int, library) -> dict[str, list]:
+    totals: dict[str, list] = {}
     for m, modality in enumerate(CROP_MODALITIES):
         for i in range(n_per_modality):
             seed = CROP_SEED + m * n_per_modality + i
@@ -93,10 +93,10 @@ def crops(model, n_per_modality: int, library) -> dict[str, list[int]]:
     return totals
 
 
-def short_scans(model, n_per_modality: int, library) -> dict[str, list[int]]:
+def short_scans(model, n_per_modality: int, library) -> dict[str, list]:
     """Short scans cut from synthetic crops, centred on the vertebrae; vertebrae under ``SHORT_MIN_ML`` in view are
     not scored."""
-    totals: dict[str, list[int]] = {}
+    totals: dict[str, list] = {}
     for m, modality in enumerate(CROP_MODALITIES):
         for i in range(n_per_modality):
             seed = SHORT_SEED + 100 * m + i
