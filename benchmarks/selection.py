@@ -26,6 +26,7 @@ import argparse
 import logging
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,17 +58,26 @@ def _score(image: sitk.Image, truth: np.ndarray, model) -> tuple[int, int, float
     return scores.n_identified, scores.n_gt, dice
 
 
-def _add(totals: dict[str, list], group: str, found: int, n: int, dice: float | None = None) -> None:
+@dataclass
+class _Group:
+    """Running totals of one group: vertebrae identified, GT vertebrae, bone Dice of each case that reports one."""
+
+    found: int = 0
+    n: int = 0
+    dice: list[float] = field(default_factory=list)
+
+
+def _add(totals: dict[str, _Group], group: str, found: int, n: int, dice: float | None = None) -> None:
     """Add one case's (identified, GT vertebrae) and bone Dice to its group's running totals."""
-    total = totals.setdefault(group, [0, 0, []])
-    total[0] += found
-    total[1] += n
+    total = totals.setdefault(group, _Group())
+    total.found += found
+    total.n += n
     if dice is not None:
-        total[2].append(dice)
+        total.dice.append(dice)
 
 
-def phantoms(model) -> dict[str, list]:
-    totals: dict[str, list] = {}
+def phantoms(model) -> dict[str, _Group]:
+    totals: dict[str, _Group] = {}
     for modality in ("ct", "mr"):
         for fov in ("whole", "cervical", "thoracic", "lumbar"):
             for seed in PHANTOM_SEEDS:
@@ -78,8 +88,8 @@ def phantoms(model) -> dict[str, list]:
     return totals
 
 
-def crops(model, n_per_modality: int, library) -> dict[str, list]:
-    totals: dict[str, list] = {}
+def crops(model, n_per_modality: int, library) -> dict[str, _Group]:
+    totals: dict[str, _Group] = {}
     for m, modality in enumerate(CROP_MODALITIES):
         for i in range(n_per_modality):
             seed = CROP_SEED + m * n_per_modality + i
@@ -93,10 +103,10 @@ def crops(model, n_per_modality: int, library) -> dict[str, list]:
     return totals
 
 
-def short_scans(model, n_per_modality: int, library) -> dict[str, list]:
+def short_scans(model, n_per_modality: int, library) -> dict[str, _Group]:
     """Short scans cut from synthetic crops, centred on the vertebrae; vertebrae under ``SHORT_MIN_ML`` in view are
     not scored."""
-    totals: dict[str, list] = {}
+    totals: dict[str, _Group] = {}
     for m, modality in enumerate(CROP_MODALITIES):
         for i in range(n_per_modality):
             seed = SHORT_SEED + 100 * m + i
@@ -119,13 +129,14 @@ def short_scans(model, n_per_modality: int, library) -> dict[str, list]:
     return totals
 
 
-def _report(totals: dict[str, list], total_name: str) -> None:
+def _report(totals: dict[str, _Group], total_name: str) -> None:
     """Print each group's identified of GT vertebrae and mean bone Dice, and their sums as ``total_name``."""
-    rows = {**totals, total_name: [sum(v[0] for v in totals.values()), sum(v[1] for v in totals.values()),
-                                   [d for v in totals.values() for d in v[2]]]}
-    for group, (found, n, dice) in rows.items():
-        bone = f", bone Dice {np.mean(dice):.3f}" if dice else ""
-        print(f"{group:14s} {found:4d} of {n:4d} identified ({found / max(n, 1):.0%}){bone}")
+    groups = list(totals.values())
+    rows = {**totals, total_name: _Group(sum(g.found for g in groups), sum(g.n for g in groups),
+                                         [d for g in groups for d in g.dice])}
+    for name, g in rows.items():
+        bone = f", bone Dice {np.mean(g.dice):.3f}" if g.dice else ""
+        print(f"{name:14s} {g.found:4d} of {g.n:4d} identified ({g.found / max(g.n, 1):.0%}){bone}")
 
 
 def main() -> int:
