@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from SpineLabelLib.components import (attach_posterior, body_components, off_axis_components, split_merged,
-                                       vertebra_components)
+from SpineLabelLib.components import (attach_posterior, body_components, dense_bone_as_posterior, off_axis_components,
+                                       split_merged, vertebra_components)
 from SpineLabelLib.features import chain_order, drop_detached_ends, level_scores, measure
 from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
 from SpineLabelLib.result import Geometry
@@ -134,6 +134,30 @@ def test_posterior_elements_join_their_body():
         assert len(post) > 0 and body_z.min() <= post[:, 0].min() and post[:, 0].max() <= body_z.max()
     assert whole[5, 36:39, 1:3].max() == 0
     assert attach_posterior(np.zeros_like(bodies), tissue).max() == 0
+
+
+def test_dense_bone_near_the_spine_joins_the_posterior_elements_but_a_rib_is_not_followed():
+    tissue = stacked_spine()
+    bone = np.where(tissue == DISC, 0.0, (tissue > 0) * 0.9).astype(np.float32)
+    hu = np.where(tissue > 0, 400.0, 30.0)
+    z = slice(4, 8)
+    # a dense bar from the first posterior block outwards (a rib, or a lamina the network under-called)
+    hu[z, 26:30, 23:40] = 700.0
+    bone[z, 26:30, 23:40] = 0.3
+    # dense but not vertebra to the network (a vessel with contrast) right next to a body
+    hu[z, 14:18, 28:31] = 300.0
+    bone[z, 14:18, 28:31] = 0.02
+    # vertebra-like to the network but soft tissue density
+    bone[z, 10:14, 28:31] = 0.4
+    new_tissue, new_bone = dense_bone_as_posterior(tissue, bone, hu, SPACING)
+    added = (new_tissue == POSTERIOR) & (tissue != POSTERIOR)
+    # the bar is taken up to 4 mm (2 voxels) from the posterior block that ends at x = 22, not beyond
+    assert added[z, 26:30, 23:25].all() and not added[:, :, 25:].any()
+    assert (new_bone[added] == 1).all() and (new_bone[~added] == bone[~added]).all()
+    assert (new_tissue[tissue > 0] == tissue[tissue > 0]).all()
+    assert added.sum() == 4 * 4 * 2
+    unchanged_tissue, _ = dense_bone_as_posterior(tissue, bone, np.full_like(hu, 30.0), SPACING)
+    assert (unchanged_tissue == tissue).all()
 
 
 def test_features_and_chain():

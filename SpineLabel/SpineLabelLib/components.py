@@ -5,7 +5,9 @@ vertebrae. Specks are dropped; a component taller than a vertebral body (bodies 
 poorly seen disc) is cut between its high-probability cores, where its body-probability profile dips, or between the
 parts that the network's level head gives different levels. Body components off the vertebral column
 (posterior-element or pelvis fragments) become posterior elements. Posterior elements are then attached to the body
-they are connected to.
+they are connected to. On CT, dense bone (Hounsfield units of cancellous or cortical bone) that the network gives
+some vertebra probability joins the posterior elements first: the thin posterior elements of real CT are often
+under-called at the network's 2 mm grid, while their bone density is unmistakable.
 
 All arrays are (z, y, x) on the model grid; ``spacing_mm`` is (z, y, x) voxel size in mm.
 """
@@ -20,7 +22,7 @@ from skimage.segmentation import watershed
 
 from .vertebrae import BODY, POSTERIOR
 
-__all__ = ["body_components", "split_merged", "attach_posterior", "vertebra_components"]
+__all__ = ["body_components", "split_merged", "dense_bone_as_posterior", "attach_posterior", "vertebra_components"]
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +319,41 @@ def _off_column(centroids: np.ndarray, column: np.ndarray, i: int) -> float:
             return 0.0
         reference = centroids[others[end]]
     return float(np.hypot(0.5 * (centroids[i, 1] - reference[1]), centroids[i, 2] - reference[2]))
+
+
+def dense_bone_as_posterior(tissue: np.ndarray, bone_probability: np.ndarray, hu: np.ndarray,
+                            spacing_mm: tuple[float, float, float], min_hu: float = 200.0,
+                            min_probability: float = 0.1, max_distance_mm: float = 4.0
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """CT only: background voxels of dense bone close to the network's vertebrae, which the network gives some
+    vertebra probability, become posterior elements with a vertebra probability of 1 (so that the final mask keeps
+    them).
+
+    Args:
+        tissue: uint8 (z, y, x) tissue classes.
+        bone_probability: float (z, y, x) vertebra probability (body or posterior elements).
+        hu: float (z, y, x) CT intensities in Hounsfield units (values clipped above ``min_hu`` are fine).
+        spacing_mm: voxel size (z, y, x) in mm.
+        min_hu: lowest density counted as bone.
+        min_probability: lowest vertebra probability at which a dense voxel may be vertebra.
+        max_distance_mm: how far from the network's own vertebra and disc voxels (not background, or vertebra
+            probability at least 0.5) a dense voxel may lie. Ribs and the pelvis touch the vertebrae; this keeps them
+            from being flooded along their length.
+
+    Returns:
+        (tissue, bone_probability), new arrays of the same dtypes. ``attach_posterior`` later keeps only what is
+        connected to a vertebral body.
+    """
+    spine = (tissue != 0) | (bone_probability >= 0.5)
+    dense = ~spine & (hu >= min_hu) & (bone_probability >= min_probability)
+    if dense.any():  # grow the spine by a ball of that radius, in the box around the candidates only
+        radius = np.floor(max_distance_mm / np.asarray(spacing_mm)).astype(int)
+        offsets = np.mgrid[tuple(slice(-r, r + 1) for r in radius)]
+        ball = sum((o * s) ** 2 for o, s in zip(offsets, spacing_mm)) <= max_distance_mm**2
+        box = tuple(slice(max(int(v.min()) - r, 0), int(v.max()) + r + 1) for v, r in zip(np.nonzero(dense), radius))
+        dense[box] &= ndimage.binary_dilation(spine[box], structure=ball)
+    return (np.where(dense, POSTERIOR, tissue).astype(tissue.dtype),
+            np.where(dense, 1, bone_probability).astype(bone_probability.dtype))
 
 
 def attach_posterior(bodies: np.ndarray, tissue: np.ndarray) -> np.ndarray:

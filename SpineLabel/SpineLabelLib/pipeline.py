@@ -149,7 +149,12 @@ def label_spine(
     t = stage("network", t)
     report(0.82, "separating vertebrae")
     spacing_zyx = tuple(float(s) for s in grid.GetSpacing()[::-1])
-    bodies_box, whole_box = comp.vertebra_components(prediction.tissue, prediction.body_probability, spacing_zyx,
+    tissue, bone_probability = prediction.tissue, prediction.bone_probability
+    if modality == "CT" and loaded.ct_window_hu is not None:
+        lo, hi = loaded.ct_window_hu
+        tissue, bone_probability = comp.dense_bone_as_posterior(tissue, bone_probability, lo + norm[box] * (hi - lo),
+                                                                spacing_zyx)
+    bodies_box, whole_box = comp.vertebra_components(tissue, prediction.body_probability, spacing_zyx,
                                                      prediction.level_log_probs)
     t = stage("components", t)
     grid_geometry = Geometry.of(grid)
@@ -191,7 +196,7 @@ def label_spine(
     t = stage("sequence", t)
     report(0.9, "writing labels on the input grid")
     bone = np.zeros(norm.shape, dtype=np.float32)
-    bone[box] = prediction.bone_probability
+    bone[box] = bone_probability
     on_input = components_on_input_grid(keep[whole], bone, grid, image)
     vertebrae = [
         Vertebra(
