@@ -184,12 +184,13 @@ def predict(
             level_w[hz : hz + hr[0], hy : hy + hr[1], hx : hx + hr[2]] += hw
             if progress is not None:
                 progress((n + 1) / len(boxes), f"network window {n + 1}/{len(boxes)}")
-    tissue_acc /= tissue_w
-    level_acc /= np.maximum(level_w, 1e-6)
-    tissue = np.argmax(tissue_acc, axis=0).astype(np.uint8)
-    tissue_acc -= tissue_acc.max(axis=0, keepdims=True)
-    np.exp(tissue_acc, out=tissue_acc)
-    tissue_acc /= tissue_acc.sum(axis=0, keepdims=True)
-    body = tissue_acc[BODY].astype(np.float16)
-    bone = (tissue_acc[BODY] + tissue_acc[POSTERIOR]).astype(np.float16)
-    return Prediction(tissue, body, bone, level_acc.astype(np.float16))
+    # the reductions over classes and the float16 casts in torch: in place, multi-threaded, several times faster than
+    # numpy's strided argmax and its float16 conversion on these volumes
+    logits = torch.from_numpy(tissue_acc).div_(torch.from_numpy(tissue_w))
+    tissue = logits.argmax(dim=0).to(torch.uint8).numpy()
+    probability = logits.sub_(logits.amax(dim=0, keepdim=True)).exp_()
+    probability.div_(probability.sum(dim=0, keepdim=True))
+    body = probability[BODY].half().numpy()
+    bone = (probability[BODY] + probability[POSTERIOR]).half().numpy()
+    level = torch.from_numpy(level_acc).div_(torch.from_numpy(np.maximum(level_w, 1e-6))).half().numpy()
+    return Prediction(tissue, body, bone, level)

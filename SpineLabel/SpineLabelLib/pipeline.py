@@ -262,10 +262,10 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
     comp_image.CopyInformation(grid)
     prob_image = sitk.GetImageFromArray(bone_probability.astype(np.float32))
     prob_image.CopyInformation(grid)
-    ids = sitk.GetArrayFromImage(resample_to_grid(comp_image, reference, label=True))
-    prob = sitk.GetArrayFromImage(resample_to_grid(prob_image, reference))
-    ids[prob < 0.5] = 0
-    out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]] = ids
+    ids_image = resample_to_grid(comp_image, reference, label=True)
+    prob_image = resample_to_grid(prob_image, reference)
+    ids, prob = sitk.GetArrayViewFromImage(ids_image), sitk.GetArrayViewFromImage(prob_image)  # no copies
+    np.multiply(ids, prob >= 0.5, out=out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]])
     return out
 
 
