@@ -260,11 +260,11 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
     reference.SetOrigin(tuple(float(v) for v in input_geometry.index_to_lps(lo.astype(float))))
     comp_image = sitk.GetImageFromArray(components.astype(np.int16))
     comp_image.CopyInformation(grid)
-    prob_image = sitk.GetImageFromArray(bone_probability.astype(np.float32))
+    prob_image = sitk.GetImageFromArray(bone_probability.astype(np.float32, copy=False))
     prob_image.CopyInformation(grid)
-    ids_image = resample_to_grid(comp_image, reference, label=True)
-    prob_image = resample_to_grid(prob_image, reference)
-    ids, prob = sitk.GetArrayViewFromImage(ids_image), sitk.GetArrayViewFromImage(prob_image)  # no copies
+    ids_on_input = resample_to_grid(comp_image, reference, label=True)
+    prob_on_input = resample_to_grid(prob_image, reference)
+    ids, prob = sitk.GetArrayViewFromImage(ids_on_input), sitk.GetArrayViewFromImage(prob_on_input)  # no copies
     np.multiply(ids, prob >= 0.5, out=out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]])
     return out
 
