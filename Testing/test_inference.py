@@ -11,6 +11,7 @@ from SpineLabelLib import inference
 from SpineLabelLib.inference import CT_WINDOW_HU, modality_of, native_bfloat16, normalise, predict
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import get_model
+from SpineLabelLib.vertebrae import BODY, POSTERIOR
 
 
 def test_modality_from_the_image_minimum():
@@ -44,3 +45,25 @@ def test_reduced_precision_agrees_with_float32(monkeypatch):
     assert (fast.tissue == exact.tissue).mean() > 0.99
     difference = np.abs(fast.body_probability.astype(np.float32) - exact.body_probability.astype(np.float32))
     assert difference.mean() < 0.01
+
+
+def test_blended_windows_give_consistent_probabilities():
+    """Over several overlapping windows: the tissue class is the most probable one, vertebra probability includes
+    body probability, the level output is a blend of log-probabilities, all on the documented grids and dtypes."""
+    model = get_model(None, "cpu")
+    phantom = make_phantom(modality="mr", fov="lumbar", spacing=(2.0, 2.0, 2.0), seed=3)
+    volume = normalise(sitk.GetArrayFromImage(phantom.image))
+    out = predict(model, volume, torch.device("cpu"), window=(48, 64, 64), overlap=16)
+    half = tuple((s + 1) // 2 for s in volume.shape)
+    assert out.tissue.shape == out.body_probability.shape == out.bone_probability.shape == volume.shape
+    assert out.level_log_probs.shape == (model.network.level_head.out_channels, *half)
+    assert (out.tissue.dtype, out.body_probability.dtype, out.level_log_probs.dtype) == (np.uint8, np.float16,
+                                                                                          np.float16)
+    body = out.body_probability.astype(np.float32)
+    bone = out.bone_probability.astype(np.float32)
+    assert (body >= 0).all() and (bone <= 1.001).all() and (bone >= body - 1e-3).all()
+    assert (body[out.tissue == BODY] >= 0.25 - 1e-3).all()  # the argmax of four classes holds a quarter at least
+    assert (body[out.tissue == 0] <= 0.5 + 1e-3).all()
+    assert (out.tissue == BODY).sum() > 1000 and (out.tissue == POSTERIOR).any()
+    total = np.exp(out.level_log_probs.astype(np.float32)).sum(axis=0)
+    assert (total <= 1.01).all() and total.max() > 0.99  # a geometric mean where windows overlap, 1 where one window
