@@ -184,8 +184,8 @@ def predict(
             level_w[hz : hz + hr[0], hy : hy + hr[1], hx : hx + hr[2]] += hw
             if progress is not None:
                 progress((n + 1) / len(boxes), f"network window {n + 1}/{len(boxes)}")
-    # the reductions over classes and the float16 casts in torch: in place, multi-threaded, several times faster than
-    # numpy's strided argmax and its float16 conversion on these volumes
+    # the reductions over the class axis and the float16 casts run in torch, in place and multi-threaded (numpy's are
+    # single-threaded, strided along that axis, and copy)
     logits = torch.from_numpy(tissue_acc).div_(torch.from_numpy(tissue_w))
     tissue = logits.argmax(dim=0).to(torch.uint8).numpy()
     probability = logits.sub_(logits.amax(dim=0, keepdim=True)).exp_()
