@@ -1,6 +1,7 @@
 """Network input and inference: intensity normalisation per modality, reduced-precision inference."""
 
 import contextlib
+import platform
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import SimpleITK as sitk
 import torch
 
 from SpineLabelLib import inference
-from SpineLabelLib.inference import CT_WINDOW_HU, modality_of, native_bfloat16, normalise, predict
+from SpineLabelLib.inference import (CT_WINDOW_HU, modality_of, native_bfloat16, normalise, predict,
+                                     reuse_freed_memory)
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import get_model
 from SpineLabelLib.vertebrae import BODY, POSTERIOR
@@ -67,3 +69,8 @@ def test_blended_windows_give_consistent_probabilities():
     assert (out.tissue == BODY).sum() > 1000 and (out.tissue == POSTERIOR).any()
     total = np.exp(out.level_log_probs.astype(np.float32)).sum(axis=0)
     assert (total <= 1.01).all() and total.max() > 0.99  # a geometric mean where windows overlap, 1 where one window
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is for glibc only")
+def test_reuse_freed_memory_is_accepted_by_glibc():
+    assert reuse_freed_memory()

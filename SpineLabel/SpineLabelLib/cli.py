@@ -16,11 +16,13 @@ log = logging.getLogger("spinelabel")
 def _label(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .inference import reuse_freed_memory
     from .io import InputError, case_name, read_image
     from .models import ModelError
     from .pipeline import get_model, label_spine
     from .writers import write_all
 
+    reuse_freed_memory()
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         probe = args.out / ".spinelabel-write-test"

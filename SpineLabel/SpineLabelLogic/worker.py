@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
+    from SpineLabelLib.inference import reuse_freed_memory
     from SpineLabelLib.pipeline import label_spine
 
+    reuse_freed_memory()
     try:
         result = label_spine(args.input, model=args.model, device=args.device,
                              progress=lambda fraction, message: _emit(
