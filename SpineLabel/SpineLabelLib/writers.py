@@ -96,23 +96,23 @@ def _axis_codes(geometry: Geometry) -> str:
 # ---------------------------------------------------------------------------------------------------- label map
 
 
-def _label_map_image(result: SpineLabeling) -> sitk.Image:
+def _label_map_image(result: SpineLabeling, labels: np.ndarray) -> sitk.Image:
     _check_grid(result)
-    image = sitk.GetImageFromArray(result.label_map())
+    image = sitk.GetImageFromArray(labels)
     image.SetSpacing(result.geometry.spacing)
     image.SetOrigin(result.geometry.origin)
     image.SetDirection(result.geometry.direction)
     return image
 
 
-def _write_label_map_to(result: SpineLabeling, path: Path) -> None:
-    sitk.WriteImage(_label_map_image(result), str(path), True)
+def _write_label_map_to(result: SpineLabeling, path: Path, labels: np.ndarray) -> None:
+    sitk.WriteImage(_label_map_image(result, labels), str(path), True)
 
 
 def write_label_map(result: SpineLabeling, path: str | os.PathLike) -> None:
     """Write the uint8 VerSe label map (``result.label_map()``) on the input grid (``NAME_seg.nii.gz``)."""
     with atomic_path(path) as tmp:
-        _write_label_map_to(result, tmp)
+        _write_label_map_to(result, tmp, result.label_map())
     log.info("wrote label map %s", path)
 
 
@@ -130,7 +130,8 @@ def _segments(result: SpineLabeling) -> list[tuple[str, list[int]]]:
     return list(segments.items())
 
 
-def segmentation_array_and_header(result: SpineLabeling) -> tuple[np.ndarray, dict]:
+def segmentation_array_and_header(result: SpineLabeling, labels: np.ndarray | None = None
+                                  ) -> tuple[np.ndarray, dict]:
     """Voxels and NRRD header of the Slicer segmentation (``.seg.nrrd``) of ``result``.
 
     One labelmap layer holds every segment; segment N (0-based, chain order) is one vertebral level with ID and
@@ -141,12 +142,13 @@ def segmentation_array_and_header(result: SpineLabeling) -> tuple[np.ndarray, di
         ``(voxels, header)``: voxels is the uint8 VerSe label map, array axes (z, y, x) = (k, j, i) like every
         SpineLabel array (``pynrrd.write`` wants its transpose, (i, j, k)); header is a pynrrd header dict with
         ``space`` left-posterior-superior, ``space directions`` (one row per voxel axis i, j, k, in mm),
-        ``space origin`` (LPS mm) and the ``Segment*``/``Segmentation_*`` fields as strings.
+        ``space origin`` (LPS mm) and the ``Segment*``/``Segmentation_*`` fields as strings. ``labels``, when given, is
+    ``result.label_map()`` already made (it is not made again).
     """
     _check_grid(result)
     geometry = result.geometry
-    voxels = result.label_map()
-    boxes = ndimage.find_objects(np.asarray(result.components))
+    voxels = result.label_map() if labels is None else labels
+    boxes = ndimage.find_objects(voxels)
     header: dict = {
         "type": "uint8",
         "dimension": 3,
@@ -158,16 +160,9 @@ def segmentation_array_and_header(result: SpineLabeling) -> tuple[np.ndarray, di
     }
     for n, (name, ids) in enumerate(_segments(result)):
         level = result.by_id(ids[0]).level
-        lo = np.full(3, np.iinfo(np.int64).max)
-        hi = np.full(3, -1)
-        for component_id in ids:
-            box = boxes[component_id - 1] if 0 < component_id <= len(boxes) else None
-            if box is None:
-                continue
-            # box slices are along (z, y, x); the extent is along (i, j, k)
-            lo = np.minimum(lo, [box[2].start, box[1].start, box[0].start])
-            hi = np.maximum(hi, [box[2].stop - 1, box[1].stop - 1, box[0].stop - 1])
-        extent = [0, -1, 0, -1, 0, -1] if hi[0] < 0 else [int(x) for pair in zip(lo, hi) for x in pair]
+        box = boxes[level.label - 1] if level.label <= len(boxes) else None
+        # box slices are along (z, y, x); the extent is along (i, j, k)
+        extent = [0, -1, 0, -1, 0, -1] if box is None else [int(x) for s in box[::-1] for x in (s.start, s.stop - 1)]
         header.update({
             f"Segment{n}_ID": name,
             f"Segment{n}_Name": name,
@@ -187,8 +182,8 @@ def segmentation_array_and_header(result: SpineLabeling) -> tuple[np.ndarray, di
     return voxels, header
 
 
-def _write_segmentation_to(result: SpineLabeling, path: Path) -> None:
-    voxels, header = segmentation_array_and_header(result)
+def _write_segmentation_to(result: SpineLabeling, path: Path, labels: np.ndarray) -> None:
+    voxels, header = segmentation_array_and_header(result, labels)
     # voxels.T is an (i, j, k) view whose memory is already in NRRD's order: no copy; fast gzip level
     nrrd.write(str(path), voxels.T, header, index_order="F", compression_level=1)
 
@@ -196,7 +191,7 @@ def _write_segmentation_to(result: SpineLabeling, path: Path) -> None:
 def write_segmentation(result: SpineLabeling, path: str | os.PathLike) -> None:
     """Write the 3D Slicer segmentation ``NAME.seg.nrrd`` (see :func:`segmentation_array_and_header`)."""
     with atomic_path(path) as tmp:
-        _write_segmentation_to(result, tmp)
+        _write_segmentation_to(result, tmp, result.label_map())
     log.info("wrote segmentation %s", path)
 
 
@@ -524,9 +519,10 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
         raise PermissionError(errno.EACCES, f"output folder {outdir} is not writable")
     paths = output_paths(outdir, name)
     existed = {p for p in paths if p.exists()}
+    labels = result.label_map()  # 1 byte per input voxel: made once for the two writers that need it
     writers = (
-        lambda tmp: _write_label_map_to(result, tmp),
-        lambda tmp: _write_segmentation_to(result, tmp),
+        lambda tmp: _write_label_map_to(result, tmp, labels),
+        lambda tmp: _write_segmentation_to(result, tmp, labels),
         lambda tmp: _write_json(_markups_document(result), tmp),
         lambda tmp: _write_json(_centroid_document(result), tmp),
         lambda tmp: _write_json(_report_document(result, input_path), tmp),
