@@ -79,6 +79,9 @@ def _phantom(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from SpineLabelTrainingLib.training import TrainConfig, train
 
+    from .inference import reuse_freed_memory
+
+    reuse_freed_memory()
     data = []
     for spec in args.data:
         name, _, weight = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).isdigit() else (spec, "", "1")

@@ -44,7 +44,8 @@ def reuse_freed_memory() -> bool:
     each large array or tensor is faulted in again page by page: every layer's activations, in every network window.
     Labelling the 512x512x800 benchmark took 1.65 million page faults and 9 s of system time that way. With these
     settings large blocks come from the heap, and freed memory stays there until the process exits. Only for a
-    process SpineLabel runs for one job (the CLI, the Slicer worker), never inside a host application.
+    process SpineLabel runs for one job (``spinelabel label`` and ``train``, the Slicer worker), never inside a host
+    application.
     """
     if not sys.platform.startswith("linux"):
         return False
