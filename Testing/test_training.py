@@ -7,7 +7,9 @@ import torch
 
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled
 from SpineLabelLib.models import load_model
+from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
+from SpineLabelTrainingLib import training
 from SpineLabelTrainingLib.negatives import KINDS, non_spine_image
 from SpineLabelTrainingLib.synthesis import IGNORE
 from SpineLabelTrainingLib.training import (NOT_BODY, NOT_VERTEBRA, VERTEBRA, TrainConfig, find_cases, level_loss,
@@ -144,3 +146,17 @@ def test_weights_averaged_over_the_last_epochs(tmp_path):
     name, last = next(iter(state["network"].items()))
     written = model.network.state_dict()[name]
     assert torch.allclose(written, state["averaged"][name]) and not torch.allclose(written, last)
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    exact = training.tissue_loss
+    monkeypatch.setattr(training, "tissue_loss", lambda logits, target: exact(logits, target) * float("inf"))
+    cfg = TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "a.json", epochs=1, iterations=2, batch=1,
+                      patch=(32, 32, 32), device="cpu", validation_cases=1, seed=5)
+    train(cfg)
+    state = torch.load(cfg.out.with_suffix(".ckpt"), weights_only=False)
+    assert state["history"][0]["skipped_steps"] == 2
+    torch.manual_seed(5)
+    untrained = SpineUNet().state_dict()
+    assert all(torch.equal(value, untrained[name]) for name, value in state["network"].items())
