@@ -142,8 +142,9 @@ def segmentation_array_and_header(result: SpineLabeling, labels: np.ndarray | No
         ``(voxels, header)``: voxels is the uint8 VerSe label map, array axes (z, y, x) = (k, j, i) like every
         SpineLabel array (``pynrrd.write`` wants its transpose, (i, j, k)); header is a pynrrd header dict with
         ``space`` left-posterior-superior, ``space directions`` (one row per voxel axis i, j, k, in mm),
-        ``space origin`` (LPS mm) and the ``Segment*``/``Segmentation_*`` fields as strings. ``labels``, when given, is
-    ``result.label_map()`` already made (it is not made again).
+        ``space origin`` (LPS mm) and the ``Segment*``/``Segmentation_*`` fields as strings.
+
+    ``labels`` is ``result.label_map()`` when the caller has made it already; otherwise it is made here.
     """
     _check_grid(result)
     geometry = result.geometry
