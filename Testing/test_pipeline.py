@@ -12,7 +12,7 @@ from SpineLabelLib.models import ModelError, load_model, register_model, save_mo
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import (LONG_COLUMN, MIN_SPINE_PROBABILITY, MIN_SPINE_PROBABILITY_LONG_COLUMN, Cancelled,
-                                    is_spine, label_spine)
+                                    components_on_input_grid, is_spine, label_spine)
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +163,30 @@ def test_non_spine_images_give_no_vertebrae_and_a_warning(kind):
     result = label_spine(image, device="cpu")
     assert result.vertebrae == [] and "no vertebrae found" in result.warnings
     assert result.spine_probability is None or result.spine_probability < MIN_SPINE_PROBABILITY
+
+
+def test_components_reach_the_input_grid_with_their_half_probability_surface():
+    """Two balls whose probability falls linearly from 1 at the centre to 0.5 at 8 mm, their components reaching
+    12 mm: on a grid twice as fine, every voxel within 7 mm of a centre carries that ball's id, and none beyond 9 mm
+    is labelled (the probability, not the component, draws the surface)."""
+    grid = sitk.Image([20, 20, 20], sitk.sitkFloat32)
+    grid.SetSpacing((2.0, 2.0, 2.0))
+    image = sitk.Image([40, 40, 40], sitk.sitkInt16)
+    image.SetOrigin((-0.5, -0.5, -0.5))
+    centres_mm = {3: np.array([10.0, 20.0, 20.0]), 5: np.array([30.0, 20.0, 20.0])}  # (x, y, z)
+
+    def distances(size: int, spacing: float, origin: float) -> dict[int, np.ndarray]:
+        zyx = np.indices((size,) * 3) * spacing + origin
+        return {i: np.sqrt(sum((zyx[a] - c[2 - a]) ** 2 for a in range(3))) for i, c in centres_mm.items()}
+
+    model = distances(20, 2.0, 0.0)
+    probability = np.clip(1 - np.minimum(*model.values()) / 16.0, 0, 1).astype(np.float32)
+    components = np.zeros((20, 20, 20), np.int16)
+    for i, r in model.items():
+        components[(r < 12.0) & (r == np.minimum(*model.values()))] = i
+    out = components_on_input_grid(components, probability, grid, image)
+    assert out.dtype == np.int16 and out.shape == (40, 40, 40)
+    fine = distances(40, 1.0, -0.5)
+    for i, r in fine.items():
+        assert (out[r < 7.0] == i).all()
+    assert not out[np.minimum(*fine.values()) > 9.0].any()
