@@ -356,8 +356,10 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
 
     A checkpoint (``<out>.ckpt``) is written after every epoch; ``cfg.resume`` continues from it.
     ``progress`` receives ``{"epoch", "epochs", "loss", "body_dice", "level_accuracy"}`` after each epoch.
-    A step whose gradient is not finite is skipped, so that one overflow cannot wipe out the weights; each epoch's
-    entry of the card's training history counts them (``skipped_steps``).
+    A step whose gradient is not finite is skipped, so that one overflow cannot wipe out the weights (the bfloat16
+    backward kernels of the CPU occasionally give one on tiny patches, though the same step in float32 does not);
+    each epoch's entry of the card's training history counts them (``skipped_steps``), and its loss is the mean
+    loss of all its batches, skipped or not.
     With ``cfg.average_last`` = N > 0 the model written is the mean of the weights at the end of the last N epochs
     (stochastic weight averaging, Izmailov et al. 2018: a flatter, steadier optimum than any single epoch's), scored
     once more on the validation crops.
@@ -416,15 +418,14 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
             if torch.isfinite(torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)):
                 opt.step()
                 sched.step()
-                losses.append(float(loss.detach()))
             else:  # an overflowing gradient would wipe out the weights: the step is skipped, as a gradient scaler does
                 skipped += 1
-            if losses:
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         if skipped:
             log.warning("epoch %d: %d of %d steps skipped for a non-finite gradient", epoch + 1, skipped, cfg.iterations)
-        metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": float(np.mean(losses)) if losses else float("nan"),
-                   "skipped_steps": skipped, **_validate(net, val, device), "elapsed_s": round(time.time() - t0, 1)}
+        metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": float(np.mean(losses)), "skipped_steps": skipped,
+                   **_validate(net, val, device), "elapsed_s": round(time.time() - t0, 1)}
         history.append(metrics)
         if epoch >= first_averaged:
             n = epoch + 1 - first_averaged  # epochs averaged so far, this one included
