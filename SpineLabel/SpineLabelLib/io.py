@@ -185,19 +185,21 @@ def canonical_grid(image: sitk.Image, spacing_mm: float | tuple[float, float, fl
     return grid
 
 
-def resample_to_grid(image: sitk.Image, grid: sitk.Image, *, label: bool = False, default: float = 0.0) -> sitk.Image:
+def resample_to_grid(image: sitk.Image, grid: sitk.Image, *, label: bool = False, default: float = 0.0,
+                     pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
     """Resample ``image`` onto the voxel grid of ``grid``.
 
     Args:
         image: any 3D image.
         grid: image whose size, spacing, origin and direction define the output grid.
         label: nearest-neighbour interpolation and the input's pixel type (for label maps); otherwise linear
-            interpolation to float32.
+            interpolation to ``pixel_type``.
         default: value outside ``image``.
+        pixel_type: SimpleITK pixel type of a linear interpolation's output.
     """
     if label:
         return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, default, image.GetPixelID())
-    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, default, sitk.sitkFloat32)
+    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, default, pixel_type)
 
 
 @contextlib.contextmanager

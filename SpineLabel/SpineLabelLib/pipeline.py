@@ -268,7 +268,7 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
     prob_image = sitk.GetImageFromArray(np.rint(bone_probability * _PROBABILITY_STEPS).astype(np.uint8))
     prob_image.CopyInformation(grid)
     ids_on_input = resample_to_grid(comp_image, reference, label=True)
-    prob_on_input = sitk.Resample(prob_image, reference, sitk.Transform(), sitk.sitkLinear, 0, sitk.sitkUInt8)
+    prob_on_input = resample_to_grid(prob_image, reference, pixel_type=sitk.sitkUInt8)
     ids, prob = sitk.GetArrayViewFromImage(ids_on_input), sitk.GetArrayViewFromImage(prob_on_input)  # no copies
     np.multiply(ids, prob >= _PROBABILITY_STEPS // 2, out=out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]])
     return out
