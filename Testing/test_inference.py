@@ -2,6 +2,7 @@
 
 import contextlib
 import platform
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -69,6 +70,35 @@ def test_blended_windows_give_consistent_probabilities():
     assert (out.tissue == BODY).sum() > 1000 and (out.tissue == POSTERIOR).any()
     total = np.exp(out.level_log_probs.astype(np.float32)).sum(axis=0)
     assert (total <= 1.01).all() and total.max() > 0.99  # a geometric mean where windows overlap, 1 where one window
+
+
+class _RampNetwork(torch.nn.Module):
+    """Stands in for the network: tissue logit c is c times the input, level logit l is l times the input sampled
+    at every other voxel, so every window gives the same value at a voxel and the blend must give it back there."""
+
+    divisor = 16
+    tissue_head = torch.nn.Conv3d(1, 4, 1)
+    level_head = torch.nn.Conv3d(1, 6, 1)
+
+    def forward(self, x):
+        tissue = x * torch.arange(4.0).view(1, 4, 1, 1, 1)
+        level = x[:, :, ::2, ::2, ::2] * torch.arange(6.0).view(1, 6, 1, 1, 1)
+        return tissue, level
+
+
+def test_every_voxel_gets_the_blend_of_the_windows_over_it():
+    """Windows in five rows along z, the last one 6 slices on: the blend held one row at a time puts each voxel's
+    value back in its place, at full and at half resolution."""
+    volume = np.random.default_rng(0).random((150, 70, 90), dtype=np.float32)
+    out = predict(SimpleNamespace(network=_RampNetwork()), volume, torch.device("cpu"), window=(48, 64, 64),
+                  overlap=16)
+    logits = torch.from_numpy(volume)[None] * torch.arange(4.0).view(4, 1, 1, 1)
+    probability = torch.softmax(logits, dim=0).numpy()
+    assert (out.tissue == 3).all()
+    assert np.allclose(out.body_probability, probability[BODY], atol=1e-3)
+    assert np.allclose(out.bone_probability, probability[BODY] + probability[POSTERIOR], atol=1e-3)
+    half = torch.from_numpy(volume[::2, ::2, ::2])[None] * torch.arange(6.0).view(6, 1, 1, 1)
+    assert np.allclose(out.level_log_probs, torch.log_softmax(half, dim=0).numpy(), atol=1e-2)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is for glibc only")

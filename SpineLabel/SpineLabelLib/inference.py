@@ -145,6 +145,24 @@ def _ramp(length: int, margin: int) -> np.ndarray:
     return w
 
 
+def _finish_tissue(logit_sum: torch.Tensor, weight_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tissue class (uint8), body and vertebra probability (float16) of blended logits, per voxel.
+
+    ``logit_sum`` (classes, z, y, x) is overwritten. The reductions over the class axis and the float16 casts run in
+    torch, in place and multi-threaded (numpy's are single-threaded, strided along that axis, and copy). The class is
+    found by comparing each class with the peak: torch's argmax along the leading axis takes seconds on a large
+    volume, its amax a fraction of one.
+    """
+    logits = logit_sum.div_(weight_sum)
+    peak = logits.amax(dim=0)
+    tissue = torch.zeros(peak.shape, dtype=torch.uint8)
+    for c in range(logits.shape[0] - 1, -1, -1):  # the lowest class wins a tie, as in argmax
+        tissue.masked_fill_(logits[c] == peak, c)
+    probability = logits.sub_(peak).exp_()
+    probability.div_(probability.sum(dim=0, keepdim=True))
+    return tissue, probability[BODY].half(), (probability[BODY] + probability[POSTERIOR]).half()
+
+
 def predict(
     model: LoadedModel,
     volume: np.ndarray,
@@ -156,6 +174,9 @@ def predict(
 ) -> Prediction:
     """Run the network over a volume in overlapping windows, blending their logits.
 
+    Windows run row by row along z. The blended logits are held for one row of windows only: the slices no later
+    window reaches are turned into the outputs before the next row starts, and the shared slices move to the front.
+
     Args:
         model: loaded model.
         volume: float32 (z, y, x), already normalised (``normalise``), on the model grid.
@@ -165,60 +186,74 @@ def predict(
         progress: called with (fraction 0-1 of the windows done, message).
         cancel: polled before each window; True raises ``Cancelled``.
 
-    Peak memory is about 24 bytes per voxel of ``volume`` plus one window's activations.
+    Peak memory is about 12 bytes per voxel of ``volume`` for the outputs, 34 bytes per voxel of one row of windows
+    for the blending, and one window's activations.
     """
     net = model.network
     div = net.divisor
     shape = np.array(volume.shape)
     win = np.minimum(np.array(window), ((shape + div - 1) // div) * div)
     starts = [_starts(int(s), int(w), overlap) for s, w in zip(shape, win)]
-    boxes = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+    in_plane = [(y, x) for y in starts[1] for x in starts[2]]
+    n_windows = len(starts[0]) * len(in_plane)
     n_tissue = net.tissue_head.out_channels
     n_levels = net.level_head.out_channels
     half = (shape + 1) // 2
+    # one row of windows spans win[0] slices, win[0] / 2 at half resolution; when the last row starts at an odd
+    # slice, the half-resolution slice after it is reached by no window, and is held too
+    rows, half_rows = int(win[0]), int(win[0]) // 2 + 1
     # accumulators are torch tensors: the blending below runs in place and multi-threaded, without temporaries
-    tissue_acc = torch.zeros((n_tissue, *shape), dtype=torch.float32)
-    tissue_w = torch.zeros(tuple(shape), dtype=torch.float32)
-    level_acc = torch.zeros((n_levels, *half), dtype=torch.float32)
-    level_w = torch.zeros(tuple(half), dtype=torch.float32)
+    tissue_acc = torch.zeros((n_tissue, rows, *shape[1:]), dtype=torch.float32)
+    tissue_w = torch.zeros((rows, *shape[1:]), dtype=torch.float32)
+    level_acc = torch.zeros((n_levels, half_rows, *half[1:]), dtype=torch.float32)
+    level_w = torch.zeros((half_rows, *half[1:]), dtype=torch.float32)
+    tissue = np.empty(volume.shape, dtype=np.uint8)
+    body = np.empty(volume.shape, dtype=np.float16)
+    bone = np.empty(volume.shape, dtype=np.float16)
+    level = np.empty((n_levels, *half), dtype=np.float16)
     weight = torch.from_numpy(
         _ramp(int(win[0]), overlap // 2)[:, None, None]
         * _ramp(int(win[1]), overlap // 2)[None, :, None]
         * _ramp(int(win[2]), overlap // 2)[None, None, :]
     )
+    n = 0
     with torch.inference_mode(), autocast(device):
-        for n, (z, y, x) in enumerate(boxes):
-            if cancel is not None and cancel():
-                raise Cancelled()
-            patch = volume[z : z + win[0], y : y + win[1], x : x + win[2]]
-            real = patch.shape
-            pad = [(0, int(w - r)) for w, r in zip(win, real)]
-            patch = np.pad(patch, pad) if any(p[1] for p in pad) else patch
-            tensor = torch.from_numpy(np.ascontiguousarray(patch))[None, None].to(device)
-            tissue_logits, level_logits = net(tensor)
-            t = tissue_logits[0].float().cpu()[:, : real[0], : real[1], : real[2]]
-            wt = weight[: real[0], : real[1], : real[2]]
-            tissue_acc[:, z : z + real[0], y : y + real[1], x : x + real[2]].addcmul_(t, wt)
-            tissue_w[z : z + real[0], y : y + real[1], x : x + real[2]].add_(wt)
-            lv = F.log_softmax(level_logits[0].float(), dim=0).cpu()
-            hz, hy, hx = z // 2, y // 2, x // 2
-            hr = [(r + 1) // 2 for r in real]
-            hw = weight[::2, ::2, ::2][: hr[0], : hr[1], : hr[2]]
-            level_acc[:, hz : hz + hr[0], hy : hy + hr[1], hx : hx + hr[2]].addcmul_(lv[:, : hr[0], : hr[1], : hr[2]], hw)
-            level_w[hz : hz + hr[0], hy : hy + hr[1], hx : hx + hr[2]].add_(hw)
-            if progress is not None:
-                progress((n + 1) / len(boxes), f"network window {n + 1}/{len(boxes)}")
-    # the reductions over the class axis and the float16 casts run in torch, in place and multi-threaded (numpy's are
-    # single-threaded, strided along that axis, and copy). The class is found by comparing each class with the peak:
-    # torch's argmax along the leading axis takes seconds on a large volume, its amax a fraction of one.
-    logits = tissue_acc.div_(tissue_w)
-    peak = logits.amax(dim=0)
-    tissue = torch.zeros(peak.shape, dtype=torch.uint8)
-    for c in range(n_tissue - 1, -1, -1):  # the lowest class wins a tie, as in argmax
-        tissue.masked_fill_(logits[c] == peak, c)
-    probability = logits.sub_(peak).exp_()
-    probability.div_(probability.sum(dim=0, keepdim=True))
-    body = probability[BODY].half().numpy()
-    bone = (probability[BODY] + probability[POSTERIOR]).half().numpy()
-    level = level_acc.div_(level_w.clamp_(min=1e-6)).half().numpy()
-    return Prediction(tissue.numpy(), body, bone, level)
+        for row, z in enumerate(starts[0]):
+            for y, x in in_plane:
+                if cancel is not None and cancel():
+                    raise Cancelled()
+                patch = volume[z : z + win[0], y : y + win[1], x : x + win[2]]
+                real = patch.shape
+                pad = [(0, int(w - r)) for w, r in zip(win, real)]
+                patch = np.pad(patch, pad) if any(p[1] for p in pad) else patch
+                tensor = torch.from_numpy(np.ascontiguousarray(patch))[None, None].to(device)
+                tissue_logits, level_logits = net(tensor)
+                t = tissue_logits[0].float().cpu()[:, : real[0], : real[1], : real[2]]
+                wt = weight[: real[0], : real[1], : real[2]]
+                tissue_acc[:, : real[0], y : y + real[1], x : x + real[2]].addcmul_(t, wt)
+                tissue_w[: real[0], y : y + real[1], x : x + real[2]].add_(wt)
+                lv = F.log_softmax(level_logits[0].float(), dim=0).cpu()
+                hy, hx = y // 2, x // 2
+                hr = [(r + 1) // 2 for r in real]
+                hw = weight[::2, ::2, ::2][: hr[0], : hr[1], : hr[2]]
+                level_acc[:, : hr[0], hy : hy + hr[1], hx : hx + hr[2]].addcmul_(lv[:, : hr[0], : hr[1], : hr[2]], hw)
+                level_w[: hr[0], hy : hy + hr[1], hx : hx + hr[2]].add_(hw)
+                n += 1
+                if progress is not None:
+                    progress(n / n_windows, f"network window {n}/{n_windows}")
+            # the slices below the next row's start are final
+            last = row == len(starts[0]) - 1
+            done = int(shape[0]) - z if last else starts[0][row + 1] - z
+            half_done = int(half[0]) - z // 2 if last else starts[0][row + 1] // 2 - z // 2
+            finished = _finish_tissue(tissue_acc[:, :done], tissue_w[:done])
+            for out, part in zip((tissue, body, bone), finished):
+                out[z : z + done] = part.numpy()
+            level[:, z // 2 : z // 2 + half_done] = level_acc[:, :half_done].div_(level_w[:half_done].clamp_(min=1e-6)).half().numpy()
+            if not last:
+                for acc, acc_w, d in ((tissue_acc, tissue_w, done), (level_acc, level_w, half_done)):
+                    kept = acc.shape[1] - d
+                    acc[:, :kept] = acc[:, d:].clone()
+                    acc[:, kept:] = 0
+                    acc_w[:kept] = acc_w[d:].clone()
+                    acc_w[kept:] = 0
+    return Prediction(tissue, body, bone, level)
