@@ -256,15 +256,21 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
     if present.size == 0:
         return out
     grid_geometry, input_geometry = Geometry.of(grid), Geometry.of(image)
-    lo_zyx, hi_zyx = present.min(axis=0) - 1, present.max(axis=0) + 1
+    # the model-grid box of the components with a margin of one voxel holds every voxel the resampling reads
+    lo_zyx = np.maximum(present.min(axis=0) - 1, 0)
+    hi_zyx = np.minimum(present.max(axis=0) + 1, np.array(components.shape) - 1)
+    crop = tuple(slice(a, b + 1) for a, b in zip(lo_zyx, hi_zyx))
+    crop_origin = tuple(float(v) for v in grid_geometry.index_to_lps(lo_zyx[::-1].astype(float)))
     corners = np.array([[x, y, z] for z in (lo_zyx[0], hi_zyx[0]) for y in (lo_zyx[1], hi_zyx[1]) for x in (lo_zyx[2], hi_zyx[2])], float)
     ijk = input_geometry.lps_to_index(grid_geometry.index_to_lps(corners))
     lo = np.clip(np.floor(ijk.min(axis=0)).astype(int) - 1, 0, np.array(image.GetSize()) - 1)
     hi = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 2, 1, np.array(image.GetSize()))
-    comp_image = sitk.GetImageFromArray(components.astype(np.int16))
-    comp_image.CopyInformation(grid)
-    prob_image = sitk.GetImageFromArray(np.rint(bone_probability * _PROBABILITY_STEPS).astype(np.uint8))
-    prob_image.CopyInformation(grid)
+    comp_image = sitk.GetImageFromArray(components[crop].astype(np.int16))
+    prob_image = sitk.GetImageFromArray(np.rint(bone_probability[crop] * _PROBABILITY_STEPS).astype(np.uint8))
+    for cropped in (comp_image, prob_image):
+        cropped.SetSpacing(grid.GetSpacing())
+        cropped.SetDirection(grid.GetDirection())
+        cropped.SetOrigin(crop_origin)
     for k in range(lo[2], hi[2], _SLAB_SLICES):
         reference = sitk.Image([int(hi[0] - lo[0]), int(hi[1] - lo[1]), int(min(_SLAB_SLICES, hi[2] - k))], sitk.sitkUInt8)
         reference.SetSpacing(image.GetSpacing())
