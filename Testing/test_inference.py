@@ -87,9 +87,10 @@ class _RampNetwork(torch.nn.Module):
 
 
 def test_every_voxel_gets_the_blend_of_the_windows_over_it():
-    """Windows in five rows along z, the last one 6 slices on: the blend held one row at a time puts each voxel's
-    value back in its place, at full and at half resolution."""
-    volume = np.random.default_rng(0).random((150, 70, 90), dtype=np.float32)
+    """Windows in five rows along z, the last one 8 slices on: the blend held one row at a time puts each voxel's
+    value back in its place, at full and at half resolution. Each axis is 7 voxels longer than a whole number of
+    steps, so the last windows would start at an odd voxel, half a voxel off the half-resolution grid."""
+    volume = np.random.default_rng(0).random((151, 71, 91), dtype=np.float32)
     out = predict(SimpleNamespace(network=_RampNetwork()), volume, torch.device("cpu"), window=(48, 64, 64),
                   overlap=16)
     logits = torch.from_numpy(volume)[None] * torch.arange(4.0).view(4, 1, 1, 1)

@@ -128,11 +128,14 @@ class Prediction:
 
 
 def _starts(length: int, window: int, overlap: int) -> list[int]:
+    """Window starts along one axis: even, so that the network's half-resolution output of every window lies on the
+    half-resolution grid of the volume. A last window that would start at an odd voxel starts one later and is
+    padded."""
     if length <= window:
         return [0]
     step = window - overlap
     starts = list(range(0, length - window, step)) + [length - window]
-    return sorted(set(starts))
+    return sorted({s + s % 2 for s in starts})
 
 
 def _ramp(length: int, margin: int) -> np.ndarray:
@@ -199,9 +202,7 @@ def predict(
     n_tissue = net.tissue_head.out_channels
     n_levels = net.level_head.out_channels
     half = (shape + 1) // 2
-    # one row of windows spans win[0] slices, win[0] / 2 at half resolution; when the last row starts at an odd
-    # slice, the half-resolution slice after it is reached by no window, and is held too
-    rows, half_rows = int(win[0]), int(win[0]) // 2 + 1
+    rows, half_rows = int(win[0]), int(win[0]) // 2  # slices of one row of windows, at full and half resolution
     # accumulators are torch tensors: the blending below runs in place and multi-threaded, without temporaries
     tissue_acc = torch.zeros((n_tissue, rows, *shape[1:]), dtype=torch.float32)
     tissue_w = torch.zeros((rows, *shape[1:]), dtype=torch.float32)
@@ -248,7 +249,7 @@ def predict(
             finished = _finish_tissue(tissue_acc[:, :done], tissue_w[:done])
             for out, part in zip((tissue, body, bone), finished):
                 out[z : z + done] = part.numpy()
-            level[:, z // 2 : z // 2 + half_done] = level_acc[:, :half_done].div_(level_w[:half_done].clamp_(min=1e-6)).half().numpy()
+            level[:, z // 2 : z // 2 + half_done] = level_acc[:, :half_done].div_(level_w[:half_done]).half().numpy()
             if not last:
                 for acc, acc_w, d in ((tissue_acc, tissue_w, done), (level_acc, level_w, half_done)):
                     kept = acc.shape[1] - d
