@@ -260,27 +260,31 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
     lo_zyx = np.maximum(present.min(axis=0) - 1, 0)
     hi_zyx = np.minimum(present.max(axis=0) + 1, np.array(components.shape) - 1)
     crop = tuple(slice(a, b + 1) for a, b in zip(lo_zyx, hi_zyx))
-    crop_origin = tuple(float(v) for v in grid_geometry.index_to_lps(lo_zyx[::-1].astype(float)))
+    crop_origin = grid_geometry.index_to_lps(lo_zyx[::-1].astype(float))
     corners = np.array([[x, y, z] for z in (lo_zyx[0], hi_zyx[0]) for y in (lo_zyx[1], hi_zyx[1]) for x in (lo_zyx[2], hi_zyx[2])], float)
     ijk = input_geometry.lps_to_index(grid_geometry.index_to_lps(corners))
     lo = np.clip(np.floor(ijk.min(axis=0)).astype(int) - 1, 0, np.array(image.GetSize()) - 1)
     hi = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 2, 1, np.array(image.GetSize()))
-    comp_image = sitk.GetImageFromArray(components[crop].astype(np.int16))
-    prob_image = sitk.GetImageFromArray(np.rint(bone_probability[crop] * _PROBABILITY_STEPS).astype(np.uint8))
-    for cropped in (comp_image, prob_image):
-        cropped.SetSpacing(grid.GetSpacing())
-        cropped.SetDirection(grid.GetDirection())
-        cropped.SetOrigin(crop_origin)
+    comp_image = _placed(sitk.GetImageFromArray(components[crop].astype(np.int16)), grid, crop_origin)
+    prob_image = _placed(sitk.GetImageFromArray(np.rint(bone_probability[crop] * _PROBABILITY_STEPS).astype(np.uint8)),
+                         grid, crop_origin)
     for k in range(lo[2], hi[2], _SLAB_SLICES):
-        reference = sitk.Image([int(hi[0] - lo[0]), int(hi[1] - lo[1]), int(min(_SLAB_SLICES, hi[2] - k))], sitk.sitkUInt8)
-        reference.SetSpacing(image.GetSpacing())
-        reference.SetDirection(image.GetDirection())
-        reference.SetOrigin(tuple(float(v) for v in input_geometry.index_to_lps(np.array([lo[0], lo[1], k], float))))
+        slab = [int(hi[0] - lo[0]), int(hi[1] - lo[1]), int(min(_SLAB_SLICES, hi[2] - k))]
+        reference = _placed(sitk.Image(slab, sitk.sitkUInt8), image,
+                            input_geometry.index_to_lps(np.array([lo[0], lo[1], k], float)))
         ids_on_input = resample_to_grid(comp_image, reference, label=True)
         prob_on_input = resample_to_grid(prob_image, reference, pixel_type=sitk.sitkUInt8)
         ids, prob = sitk.GetArrayViewFromImage(ids_on_input), sitk.GetArrayViewFromImage(prob_on_input)  # no copies
         np.multiply(ids, prob >= _PROBABILITY_STEPS // 2, out=out[k : k + ids.shape[0], lo[1] : hi[1], lo[0] : hi[0]])
     return out
+
+
+def _placed(image: sitk.Image, like: sitk.Image, origin: np.ndarray) -> sitk.Image:
+    """``image`` with the spacing and direction of ``like`` and its first voxel at ``origin`` (x, y, z LPS mm)."""
+    image.SetSpacing(like.GetSpacing())
+    image.SetDirection(like.GetDirection())
+    image.SetOrigin(tuple(float(v) for v in origin))
+    return image
 
 
 def _empty(geometry, warnings, loaded, timings, source, modality, t0, spine_probability) -> SpineLabeling:
