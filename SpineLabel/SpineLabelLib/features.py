@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .components import present_ids
 from .result import Geometry
 
 __all__ = ["ComponentFeatures", "measure", "chain_order", "drop_detached_ends", "level_scores"]
@@ -51,8 +52,7 @@ def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_
         body_probability: float (z, y, x) the network's vertebral-body probability.
         grid: geometry of the model grid (spacing in mm along x, y, z).
     """
-    ids = np.unique(bodies)
-    ids = ids[ids > 0]
+    ids = present_ids(bodies)
     voxel_ml = float(np.prod(grid.spacing)) / 1000.0
     whole_counts = np.bincount(vertebrae.ravel(), minlength=int(ids.max(initial=0)) + 1)
     direction = np.asarray(grid.direction, dtype=float).reshape(3, 3)
