@@ -88,8 +88,8 @@ class _RampNetwork(torch.nn.Module):
 
 def test_every_voxel_gets_the_blend_of_the_windows_over_it():
     """Windows in five rows along z, the last one 8 slices on: the blend held one row at a time puts each voxel's
-    value back in its place, at full and at half resolution. Each axis is 7 voxels longer than a whole number of
-    steps, so the last windows would start at an odd voxel, half a voxel off the half-resolution grid."""
+    value back in its place, at full and at half resolution. On every axis the last window would start at an odd
+    voxel (103, 7 and 27), half a voxel off the half-resolution grid."""
     volume = np.random.default_rng(0).random((151, 71, 91), dtype=np.float32)
     out = predict(SimpleNamespace(network=_RampNetwork()), volume, torch.device("cpu"), window=(48, 64, 64),
                   overlap=16)

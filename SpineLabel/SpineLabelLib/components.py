@@ -22,7 +22,8 @@ from skimage.segmentation import watershed
 
 from .vertebrae import BODY, POSTERIOR
 
-__all__ = ["present_ids", "body_components", "split_merged", "dense_bone_as_posterior", "attach_posterior", "vertebra_components"]
+__all__ = ["present_ids", "body_components", "split_merged", "dense_bone_as_posterior", "attach_posterior",
+           "vertebra_components"]
 
 log = logging.getLogger(__name__)
 

@@ -148,7 +148,8 @@ def _ramp(length: int, margin: int) -> np.ndarray:
     return w
 
 
-def _finish_tissue(logit_sum: torch.Tensor, weight_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _finish_tissue(logit_sum: torch.Tensor, weight_sum: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tissue class (uint8), body and vertebra probability (float16) of blended logits, per voxel.
 
     ``logit_sum`` (classes, z, y, x) is overwritten. The reductions over the class axis and the float16 casts run in
