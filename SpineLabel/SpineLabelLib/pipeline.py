@@ -65,12 +65,6 @@ def get_model(model: str | os.PathLike | LoadedModel | None = None, device: str 
     return _cached_model(None if model is None else str(model), str(resolve_device(device)))
 
 
-def _minimum(image: sitk.Image) -> float:
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(image)
-    return float(stats.GetMinimum())
-
-
 def _foreground_box(volume: np.ndarray, margin: int = 6) -> tuple[slice, ...]:
     """Bounding box of the voxels brighter than 5 % of the normalised range (the body), with a margin."""
     fg = volume > 0.05
@@ -128,7 +122,9 @@ def label_spine(
     loaded = get_model(model, device)
     t = stage("load_model", t)
     geometry = Geometry.of(image)
-    minimum = _minimum(image)  # fills the model grid outside the image; CT air is below -500 HU
+    # fills the model grid outside the image; CT air is below -500 HU. numpy's minimum of the pixel buffer, no copy,
+    # takes a tenth of the time of SimpleITK's filter
+    minimum = float(sitk.GetArrayViewFromImage(image).min())
     modality = modality_of(minimum)
     grid = canonical_grid(image, loaded.spacing_mm)
     volume = sitk.GetArrayFromImage(resample_to_grid(image, grid, default=minimum))
