@@ -21,7 +21,7 @@ from . import features as feat
 from .inference import Cancelled, modality_of, normalise, predict, resolve_device
 from .io import canonical_grid, read_image, resample_to_grid
 from .models import LoadedModel, load_model
-from .result import Geometry, SpineLabeling, Vertebra
+from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
 from .sequence import solve
 from .vertebrae import LEVELS, level_index
 
@@ -67,15 +67,10 @@ def get_model(model: str | os.PathLike | LoadedModel | None = None, device: str 
 
 def _foreground_box(volume: np.ndarray, margin: int = 6) -> tuple[slice, ...]:
     """Bounding box of the voxels brighter than 5 % of the normalised range (the body), with a margin."""
-    fg = volume > 0.05
-    if not fg.any():
+    box = nonzero_box(volume > 0.05)
+    if box is None:
         return tuple(slice(0, s) for s in volume.shape)
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(fg.any(axis=other))
-        box.append(slice(max(0, hits[0] - margin), min(volume.shape[axis], hits[-1] + 1 + margin)))
-    return tuple(box)
+    return tuple(slice(max(0, b.start - margin), min(s, b.stop + margin)) for b, s in zip(box, volume.shape))
 
 
 def label_spine(

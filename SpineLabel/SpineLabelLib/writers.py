@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from . import __version__
 from .io import atomic_path
-from .result import Geometry, SpineLabeling
+from .result import Geometry, SpineLabeling, nonzero_box
 from .vertebrae import terminology_entry
 
 __all__ = [
@@ -149,7 +149,11 @@ def segmentation_array_and_header(result: SpineLabeling, labels: np.ndarray | No
     _check_grid(result)
     geometry = result.geometry
     voxels = result.label_map() if labels is None else labels
-    boxes = ndimage.find_objects(voxels)
+    labelled = nonzero_box(voxels)
+    # each label value's box, found in the box of all labels and moved back to the whole grid
+    boxes = [] if labelled is None else [
+        None if box is None else tuple(slice(s.start + o.start, s.stop + o.start) for s, o in zip(box, labelled))
+        for box in ndimage.find_objects(voxels[labelled])]
     header: dict = {
         "type": "uint8",
         "dimension": 3,
