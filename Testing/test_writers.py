@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from SpineLabelLib import __version__, writers
-from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
+from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra, nonzero_box
 from SpineLabelLib.vertebrae import BY_NAME, LEVELS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -376,3 +376,11 @@ def test_write_all_read_only_outdir(tmp_path, monkeypatch):
     with pytest.raises(PermissionError, match=f"{tmp_path} is not writable"):
         writers.write_all(result, image, tmp_path, "case")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nonzero_box_is_the_smallest_box_around_every_labelled_voxel():
+    labels = np.zeros((20, 30, 40), dtype=np.int16)
+    assert nonzero_box(labels) is None
+    labels[3, 17, 5] = 2
+    labels[11, 4, 39] = 7
+    assert nonzero_box(labels) == (slice(3, 12), slice(4, 18), slice(5, 40))
