@@ -218,10 +218,9 @@ def predict(
         * _ramp(int(win[1]), overlap // 2)[None, :, None]
         * _ramp(int(win[2]), overlap // 2)[None, None, :]
     )
-    n = 0
     with torch.inference_mode(), autocast(device):
         for row, z in enumerate(starts[0]):
-            for y, x in in_plane:
+            for i, (y, x) in enumerate(in_plane):
                 if cancel is not None and cancel():
                     raise Cancelled()
                 patch = volume[z : z + win[0], y : y + win[1], x : x + win[2]]
@@ -240,7 +239,7 @@ def predict(
                 hw = weight[::2, ::2, ::2][: hr[0], : hr[1], : hr[2]]
                 level_acc[:, : hr[0], hy : hy + hr[1], hx : hx + hr[2]].addcmul_(lv[:, : hr[0], : hr[1], : hr[2]], hw)
                 level_w[: hr[0], hy : hy + hr[1], hx : hx + hr[2]].add_(hw)
-                n += 1
+                n = row * len(in_plane) + i + 1  # windows done
                 if progress is not None:
                     progress(n / n_windows, f"network window {n}/{n_windows}")
             # the slices below the next row's start are final
