@@ -30,7 +30,7 @@ from slicer.util import VTKObservationMixin
 
 # Python packages SpineLabelLib needs beyond what Slicer ships (numpy, SimpleITK): import name -> pip name.
 # torch is installed through the PyTorch extension (PyTorchUtils), which picks the build for the GPU.
-REQUIRED_PACKAGES = {"scipy": "scipy", "skimage": "scikit-image", "nrrd": "pynrrd", "tqdm": "tqdm", "PIL": "pillow"}
+REQUIRED_PACKAGES = {"scipy": "scipy", "skimage": "scikit-image", "nibabel": "nibabel", "tqdm": "tqdm", "PIL": "pillow"}
 _POLL_INTERVAL_MS = 200
 
 

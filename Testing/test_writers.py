@@ -19,6 +19,10 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Column c = LPS direction of voxel axis c.
 PERMUTED = np.array([[0, 0, -1], [-1, 0, 0], [0, -1, 0]], dtype=float)  # i -> A, j -> I, k -> R ("AIR")
 IDENTITY = np.eye(3)  # i -> L, j -> P, k -> S ("LPS")
+_C, _S = np.cos(np.radians(20)), np.sin(np.radians(20))
+# 20 degrees about L-R, then 20 degrees about S-I, with j flipped: an oblique, left-handed grid (about "LAS")
+OBLIQUE = (np.array([[_C, -_S, 0], [_S, _C, 0], [0, 0, 1]]) @ np.array([[1, 0, 0], [0, _C, -_S], [0, _S, _C]])
+           @ np.diag([1, -1, 1]))
 NAMES = ("T12", "L1", "L2", "L3")
 IDS = (3, 1, 2, 5)  # component ids need not follow chain order
 
@@ -71,9 +75,9 @@ def make_case(direction: np.ndarray, intensity: str = "noise", names=NAMES, ids=
     return result, filled
 
 
-@pytest.fixture(params=["permuted", "identity"])
+@pytest.fixture(params=["permuted", "identity", "oblique"])
 def case(request):
-    return make_case(PERMUTED if request.param == "permuted" else IDENTITY)
+    return make_case({"permuted": PERMUTED, "identity": IDENTITY, "oblique": OBLIQUE}[request.param])
 
 
 def ijk_to_lps_matrix(geometry: Geometry) -> np.ndarray:
@@ -342,7 +346,7 @@ def test_single_writer_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "c_seg.nii.gz"
     writers.write_label_map(result, path)
     before = path.read_bytes()
-    monkeypatch.setattr(writers.sitk, "WriteImage", lambda *a: (_ for _ in ()).throw(RuntimeError("crash")))
+    monkeypatch.setattr(writers.nibabel, "save", lambda *a: (_ for _ in ()).throw(RuntimeError("crash")))
     with pytest.raises(RuntimeError):
         writers.write_label_map(result, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c_seg.nii.gz"]

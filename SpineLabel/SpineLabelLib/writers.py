@@ -25,10 +25,11 @@ import errno
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
-import nrrd
+import nibabel
 import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
@@ -43,7 +44,7 @@ __all__ = [
     "VERSE_DIRECTION",
     "output_paths",
     "write_label_map",
-    "segmentation_array_and_header",
+    "segmentation_header",
     "write_segmentation",
     "write_markups",
     "write_centroids",
@@ -96,17 +97,19 @@ def _axis_codes(geometry: Geometry) -> str:
 # ---------------------------------------------------------------------------------------------------- label map
 
 
-def _label_map_image(result: SpineLabeling, labels: np.ndarray) -> sitk.Image:
-    _check_grid(result)
-    image = sitk.GetImageFromArray(labels)
-    image.SetSpacing(result.geometry.spacing)
-    image.SetOrigin(result.geometry.origin)
-    image.SetDirection(result.geometry.direction)
-    return image
-
-
 def _write_label_map_to(result: SpineLabeling, path: Path, labels: np.ndarray) -> None:
-    sitk.WriteImage(_label_map_image(result, labels), str(path), True)
+    _check_grid(result)
+    geometry = result.geometry
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = _direction_matrix(geometry) * np.asarray(geometry.spacing)
+    ijk_to_lps[:3, 3] = geometry.origin
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps  # NIfTI's world axes point to R, A, S
+    # labels.T is an (i, j, k) view of the (z, y, x) array: nibabel writes it slice by slice, without a copy
+    image = nibabel.Nifti1Image(labels.T, affine)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)  # scanner coordinates, in both the quaternion and the matrix form
+    image.set_sform(affine, code=1)
+    nibabel.save(image, path)
 
 
 def write_label_map(result: SpineLabeling, path: str | os.PathLike) -> None:
@@ -130,71 +133,79 @@ def _segments(result: SpineLabeling) -> list[tuple[str, list[int]]]:
     return list(segments.items())
 
 
-def segmentation_array_and_header(result: SpineLabeling, labels: np.ndarray | None = None
-                                  ) -> tuple[np.ndarray, dict]:
-    """Voxels and NRRD header of the Slicer segmentation (``.seg.nrrd``) of ``result``.
+def _vector(values) -> str:
+    return "(" + ",".join(repr(float(v)) for v in values) + ")"
 
-    One labelmap layer holds every segment; segment N (0-based, chain order) is one vertebral level with ID and
-    name the level name (``"L1"``), its VerSe label value, colour and SNOMED CT terminology entry, and its voxel
-    extent ``i0 i1 j0 j1 k0 k1`` (``0 -1 0 -1 0 -1`` when it has no voxel).
 
-    Returns:
-        ``(voxels, header)``: voxels is the uint8 VerSe label map, array axes (z, y, x) = (k, j, i) like every
-        SpineLabel array (``pynrrd.write`` wants its transpose, (i, j, k)); header is a pynrrd header dict with
-        ``space`` left-posterior-superior, ``space directions`` (one row per voxel axis i, j, k, in mm),
-        ``space origin`` (LPS mm) and the ``Segment*``/``Segmentation_*`` fields as strings.
+def segmentation_header(result: SpineLabeling, labels: np.ndarray) -> list[str]:
+    """Header lines of the Slicer segmentation (``.seg.nrrd``) of ``result``, without the blank line ending them.
 
-    ``labels`` is ``result.label_map()`` when the caller has made it already; otherwise it is made here.
+    One labelmap layer holds every segment: ``labels``, the uint8 VerSe label map ``result.label_map()``, (z, y, x)
+    on the input grid, gzip-compressed. Segment N (0-based, chain order) is one vertebral level with ID and name the
+    level name (``"L1"``), its VerSe label value, colour and SNOMED CT terminology entry, and its voxel extent
+    ``i0 i1 j0 j1 k0 k1`` (``0 -1 0 -1 0 -1`` when it has no voxel). Geometry: ``space`` left-posterior-superior,
+    ``space directions`` one vector per voxel axis i, j, k (mm), ``space origin`` (LPS mm).
     """
     _check_grid(result)
     geometry = result.geometry
-    voxels = result.label_map() if labels is None else labels
-    labelled = nonzero_box(voxels)
+    labelled = nonzero_box(labels)
     # each label value's box, found in the box of all labels and moved back to the whole grid
     boxes = [] if labelled is None else [
         None if box is None else tuple(slice(s.start + o.start, s.stop + o.start) for s, o in zip(box, labelled))
-        for box in ndimage.find_objects(voxels[labelled])]
-    header: dict = {
-        "type": "uint8",
-        "dimension": 3,
-        "space": "left-posterior-superior",
-        "space directions": (_direction_matrix(geometry) * np.asarray(geometry.spacing)).T,
-        "space origin": np.asarray(geometry.origin, dtype=float),
-        "kinds": ["domain", "domain", "domain"],
-        "encoding": "gzip",
-    }
+        for box in ndimage.find_objects(labels[labelled])]
+    axes = (_direction_matrix(geometry) * np.asarray(geometry.spacing)).T  # row c: voxel axis c in LPS mm
+    lines = [
+        "NRRD0004",
+        "# Complete NRRD file format specification at:",
+        "# http://teem.sourceforge.net/nrrd/format.html",
+        "type: uint8",
+        "dimension: 3",
+        "space: left-posterior-superior",
+        "sizes: " + " ".join(str(n) for n in geometry.size),
+        "space directions: " + " ".join(_vector(axis) for axis in axes),
+        "kinds: domain domain domain",
+        "encoding: gzip",
+        "space origin: " + _vector(geometry.origin),
+    ]
     for n, (name, ids) in enumerate(_segments(result)):
         level = result.by_id(ids[0]).level
         box = boxes[level.label - 1] if level.label <= len(boxes) else None
         # box slices are along (z, y, x); the extent is along (i, j, k)
         extent = [0, -1, 0, -1, 0, -1] if box is None else [int(x) for s in box[::-1] for x in (s.start, s.stop - 1)]
-        header.update({
-            f"Segment{n}_ID": name,
-            f"Segment{n}_Name": name,
-            f"Segment{n}_NameAutoGenerated": "0",
-            f"Segment{n}_Color": " ".join(f"{c:.6g}" for c in level.colour),
-            f"Segment{n}_ColorAutoGenerated": "0",
-            f"Segment{n}_LabelValue": str(level.label),
-            f"Segment{n}_Layer": "0",
-            f"Segment{n}_Extent": " ".join(str(x) for x in extent),
-            f"Segment{n}_Tags": f"TerminologyEntry:{terminology_entry(level)}|",
-        })
-    header.update({
-        "Segmentation_MasterRepresentation": "Binary labelmap",
-        "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
-        "Segmentation_ReferenceImageExtentOffset": "0 0 0",
-    })
-    return voxels, header
+        lines += [
+            f"Segment{n}_ID:={name}",
+            f"Segment{n}_Name:={name}",
+            f"Segment{n}_NameAutoGenerated:=0",
+            f"Segment{n}_Color:=" + " ".join(f"{c:.6g}" for c in level.colour),
+            f"Segment{n}_ColorAutoGenerated:=0",
+            f"Segment{n}_LabelValue:={level.label}",
+            f"Segment{n}_Layer:=0",
+            f"Segment{n}_Extent:=" + " ".join(str(x) for x in extent),
+            f"Segment{n}_Tags:=TerminologyEntry:{terminology_entry(level)}|",
+        ]
+    lines += [
+        "Segmentation_MasterRepresentation:=Binary labelmap",
+        "Segmentation_ContainedRepresentationNames:=Binary labelmap|",
+        "Segmentation_ReferenceImageExtentOffset:=0 0 0",
+    ]
+    return lines
 
 
 def _write_segmentation_to(result: SpineLabeling, path: Path, labels: np.ndarray) -> None:
-    voxels, header = segmentation_array_and_header(result, labels)
-    # voxels.T is an (i, j, k) view whose memory is already in NRRD's order: no copy; fast gzip level
-    nrrd.write(str(path), voxels.T, header, index_order="F", compression_level=1)
+    header = "\n".join(segmentation_header(result, labels)) + "\n\n"
+    # the (z, y, x) array's memory is in NRRD's order (i fastest): it is compressed a slab at a time, without a copy
+    voxels = np.ascontiguousarray(labels)
+    gzip = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS | 16)  # fast level; wbits: gzip framing
+    slab = max(1, (1 << 24) // voxels[0].size)  # about 16 MB
+    with open(path, "wb") as f:
+        f.write(header.encode("ascii"))
+        for z in range(0, voxels.shape[0], slab):
+            f.write(gzip.compress(voxels[z : z + slab]))
+        f.write(gzip.flush())
 
 
 def write_segmentation(result: SpineLabeling, path: str | os.PathLike) -> None:
-    """Write the 3D Slicer segmentation ``NAME.seg.nrrd`` (see :func:`segmentation_array_and_header`)."""
+    """Write the 3D Slicer segmentation ``NAME.seg.nrrd`` (see :func:`segmentation_header`)."""
     with atomic_path(path) as tmp:
         _write_segmentation_to(result, tmp, result.label_map())
     log.info("wrote segmentation %s", path)
