@@ -122,7 +122,8 @@ def label_spine(
     minimum = float(sitk.GetArrayViewFromImage(image).min())
     modality = modality_of(minimum)
     grid = canonical_grid(image, loaded.spacing_mm)
-    volume = sitk.GetArrayFromImage(resample_to_grid(image, grid, default=minimum))
+    resampled = resample_to_grid(image, grid, default=minimum)
+    volume = sitk.GetArrayViewFromImage(resampled)  # float32, read-only, no copy: normalise makes the one copy
     t = stage("resample", t)
     report(0.1, "normalising")
     warnings: list[str] = []
@@ -131,7 +132,7 @@ def label_spine(
         report(1.0, "no vertebrae found")
         return _empty(geometry, warnings, loaded, timings, source, modality, t0, None)
     norm = normalise(volume, loaded.ct_window_hu if modality == "CT" else None)
-    del volume
+    del volume, resampled
     box = _foreground_box(norm)
     t = stage("normalise", t)
     device_ = resolve_device(device)
