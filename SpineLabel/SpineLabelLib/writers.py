@@ -134,6 +134,7 @@ def _segments(result: SpineLabeling) -> list[tuple[str, list[int]]]:
 
 
 def _vector(values) -> str:
+    """An NRRD vector, ``(x,y,z)``."""
     return "(" + ",".join(repr(float(v)) for v in values) + ")"
 
 
