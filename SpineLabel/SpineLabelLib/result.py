@@ -55,6 +55,14 @@ class Geometry:
         d = np.asarray(self.direction, dtype=float).reshape(3, 3)
         return np.asarray(self.origin) + (np.asarray(ijk, dtype=float) * np.asarray(self.spacing)) @ d.T
 
+    def ijk_to_ras(self) -> np.ndarray:
+        """4x4 matrix from voxel indices (i, j, k, 1) to RAS mm (the world of NIfTI and of Slicer's scene)."""
+        d = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        matrix = np.eye(4)
+        matrix[:3, :3] = d * np.asarray(self.spacing)
+        matrix[:3, 3] = self.origin
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ matrix  # LPS -> RAS: L and P change sign
+
     def lps_to_index(self, lps: np.ndarray) -> np.ndarray:
         """LPS mm (..., 3) -> continuous voxel indices (..., 3) in (i, j, k) order."""
         d = np.asarray(self.direction, dtype=float).reshape(3, 3)

@@ -99,11 +99,7 @@ def _axis_codes(geometry: Geometry) -> str:
 
 def _write_label_map_to(result: SpineLabeling, path: Path, labels: np.ndarray) -> None:
     _check_grid(result)
-    geometry = result.geometry
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = _direction_matrix(geometry) * np.asarray(geometry.spacing)
-    ijk_to_lps[:3, 3] = geometry.origin
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps  # NIfTI's world axes point to R, A, S
+    affine = result.geometry.ijk_to_ras()
     # labels.T is an (i, j, k) view of the (z, y, x) array: nibabel writes it slice by slice, without a copy
     image = nibabel.Nifti1Image(labels.T, affine)
     image.header.set_xyzt_units("mm")

@@ -99,10 +99,7 @@ def vertebraIdOf(segmentId: str) -> int | None:
 
 def ijkToRasMatrix(geometry: Geometry) -> vtk.vtkMatrix4x4:
     """IJK-to-RAS matrix of a grid (ITK/LPS geometry converted to Slicer's RAS)."""
-    direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
-    ijkToRas = np.eye(4)
-    ijkToRas[:3, :3] = (_LPS_TO_RAS[:, None] * direction) * np.asarray(geometry.spacing)[None, :]
-    ijkToRas[:3, 3] = _LPS_TO_RAS * np.asarray(geometry.origin)
+    ijkToRas = geometry.ijk_to_ras()
     matrix = vtk.vtkMatrix4x4()
     for row in range(4):
         for col in range(4):
