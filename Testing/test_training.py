@@ -139,13 +139,14 @@ def test_weights_averaged_over_the_last_epochs(tmp_path):
     write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
     cfg = TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "a.json", epochs=3, iterations=2, batch=1,
                       patch=(32, 32, 32), spacing_mm=4.0, device="cpu", validation_cases=1, average_last=2)
-    train(cfg)
-    state = torch.load(cfg.out.with_suffix(".ckpt"), weights_only=False)
+    ckpt = cfg.out.with_suffix(".ckpt")
+    weights = []  # the network at the end of each epoch, read from the checkpoint written before progress is called
+    train(cfg, progress=lambda metrics: weights.append(torch.load(ckpt, weights_only=False)["network"]))
     model = load_model(cfg.out)
     assert model.card["training"]["averaged_last_epochs"]["epochs"] == 2
-    name, last = next(iter(state["network"].items()))
-    written = model.network.state_dict()[name]
-    assert torch.allclose(written, state["averaged"][name]) and not torch.allclose(written, last)
+    # a step can be skipped for a non-finite gradient (bfloat16 on some CPUs), so the last two epochs may end equal
+    for name, written in model.network.state_dict().items():
+        assert torch.allclose(written, (weights[1][name] + weights[2][name]) / 2, atol=1e-6), name
 
 
 def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
