@@ -248,7 +248,7 @@ def test_report(case, tmp_path):
     assert doc["model"] == {"name": "test", "version": "0"}
     assert doc["spinelabel_version"] == __version__
     assert doc["warnings"] == ["sacrum not in view"] and doc["timings_s"] == {"network": 1.5}
-    assert doc["spine_probability"] == 0.9
+    assert doc["spine_probability"] == 0.9 and doc["orientation_margin"] is None
     assert [v["name"] for v in doc["vertebrae"]] == list(NAMES)
     first = doc["vertebrae"][0]
     assert set(first) == {"id", "name", "label", "centroid_lps_mm", "volume_ml", "confidence", "fixed"}

@@ -46,7 +46,8 @@ def _label(args: argparse.Namespace) -> int:
 
         try:
             image = read_image(path)
-            result = label_spine(image, model=model, device=args.device, progress=progress)
+            result = label_spine(image, model=model, device=args.device, progress=progress,
+                                 check_orientation=args.check_orientation)
             result.source = str(path)
             written = write_all(result, image, args.out, case_name(path), input_path=path)
         except (InputError, OSError, ValueError, RuntimeError) as err:
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR")
     p.add_argument("--model", type=Path, help="model card (.json); default: the model shipped with SpineLabel")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--check-orientation", action="store_true",
+                   help="run the network a second time on each image turned head to feet and warn when it reads "
+                        "better that way (a wrong header); doubles the network time")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--debug", action="store_true", help="tracebacks for failures")
     p.set_defaults(func=_label)

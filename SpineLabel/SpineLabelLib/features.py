@@ -13,7 +13,7 @@ from scipy import ndimage
 from .components import present_ids
 from .result import Geometry
 
-__all__ = ["ComponentFeatures", "measure", "chain_order", "drop_detached_ends", "level_scores"]
+__all__ = ["ComponentFeatures", "measure", "chain_order", "drop_detached_ends", "level_scores", "level_sharpness"]
 
 
 @dataclass
@@ -147,3 +147,14 @@ def level_scores(bodies: np.ndarray, level_log_probs: np.ndarray, ids: list[int]
             mask[tuple(zyx.T)] = True
         out[row] = level_log_probs[:, mask].astype(np.float64).mean(axis=1)
     return out
+
+
+def level_sharpness(scores: np.ndarray) -> float:
+    """How decisively the level head names a chain: the mean, over its vertebrae, of the log share of each
+    vertebra's top level (0 when every vertebra has one certain level, more negative the more it hesitates).
+
+    Args:
+        scores: float (n_vertebrae, n_levels) mean level log-probabilities (``level_scores``), n_vertebrae >= 1.
+    """
+    shares = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
+    return float(shares.max(axis=1).mean())

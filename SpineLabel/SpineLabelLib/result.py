@@ -131,6 +131,8 @@ class SpineLabeling:
         modality: "CT" or "MR" as detected or given.
         spine_probability: median vertebral-body probability of the vertebra-like components the network found, the
             figure the spine gate (``pipeline.is_spine``) judges; None when no component was found.
+        orientation_margin: how much more decisively the level head names the vertebrae with the image turned head
+            to feet (``features.level_sharpness``, turned minus as read); None when not checked.
     """
 
     geometry: Geometry
@@ -144,6 +146,7 @@ class SpineLabeling:
     source: str = ""
     modality: str = ""
     spine_probability: float | None = None
+    orientation_margin: float | None = None
 
     def label_map(self) -> np.ndarray:
         """VerSe label map, uint8 (z, y, x) on the input grid."""

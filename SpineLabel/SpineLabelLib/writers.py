@@ -351,6 +351,7 @@ def _report_document(result: SpineLabeling, input_path: str | os.PathLike | None
         ],
         "gaps_mm": [float(g) for g in result.gaps_mm],
         "spine_probability": result.spine_probability,
+        "orientation_margin": result.orientation_margin,
         "warnings": list(result.warnings),
         "timings_s": {k: float(t) for k, t in result.timings_s.items()},
         "spinelabel_version": __version__,
@@ -359,8 +360,9 @@ def _report_document(result: SpineLabeling, input_path: str | os.PathLike | None
 
 def write_report(result: SpineLabeling, path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> None:
     """Write ``NAME_report.json``: input (path, size, spacing_mm, origin_lps_mm, direction, modality), model,
-    vertebrae (id, name, label, centroid_lps_mm, volume_ml, confidence, fixed), gaps_mm, spine_probability (see
-    ``SpineLabeling``), warnings, timings_s and spinelabel_version. ``input_path`` defaults to ``result.source``."""
+    vertebrae (id, name, label, centroid_lps_mm, volume_ml, confidence, fixed), gaps_mm, spine_probability and
+    orientation_margin (see ``SpineLabeling``), warnings, timings_s and spinelabel_version. ``input_path`` defaults
+    to ``result.source``."""
     with atomic_path(path) as tmp:
         _write_json(_report_document(result, input_path), tmp)
     log.info("wrote report %s", path)
