@@ -72,12 +72,14 @@ class SpineLabelParameterNode:
     inputVolume - the CT or MRI volume to label.
     modelPath - model card (.json) to use; empty for the model that ships with SpineLabel.
     device - where the network runs.
+    checkOrientation - also run the network on the volume turned head to feet and warn when it reads better that way.
     datasetDirectory - nnU-Net dataset folder that corrected cases are appended to.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     modelPath: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    checkOrientation: bool = False
     datasetDirectory: Path = Path.home() / "SpineLabelDataset"
 
 
@@ -234,7 +236,8 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._labeling.cleanup()
                 self._labeling = None
             self._process, self._outputDir = self.logic.startLabelling(
-                self._parameterNode.inputVolume, self._parameterNode.modelPath or None, self._parameterNode.device)
+                self._parameterNode.inputVolume, self._parameterNode.modelPath or None, self._parameterNode.device,
+                self._parameterNode.checkOrientation)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Starting...")
             self._timer.start()
@@ -395,7 +398,7 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         """Python that runs the worker: Slicer's ``PythonSlicer`` when available."""
         return shutil.which("PythonSlicer") or sys.executable
 
-    def startLabelling(self, volumeNode, modelPath=None, device="auto"):
+    def startLabelling(self, volumeNode, modelPath=None, device="auto", checkOrientation=False):
         """Write the volume to a temporary file and label it in a background process.
 
         Returns:
@@ -414,7 +417,7 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         sitk.WriteImage(imageFromVolumeNode(volumeNode), str(inputPath), False)  # temporary: no compression
         outputDirectory = workDirectory / "result"
         process = BackgroundProcess(
-            labelCommand(self.pythonExecutable(), inputPath, outputDirectory, modelPath, device),
+            labelCommand(self.pythonExecutable(), inputPath, outputDirectory, modelPath, device, checkOrientation),
             parseWorkerLine, env=_childEnvironment(moduleRoot()))
         process.start()
         return process, outputDirectory
@@ -439,7 +442,7 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         if outputDirectory:
             shutil.rmtree(Path(outputDirectory).parent, ignore_errors=True)
 
-    def label(self, volumeNode, modelPath=None, device="auto", progress=None):
+    def label(self, volumeNode, modelPath=None, device="auto", progress=None, checkOrientation=False):
         """Label a volume in this process (batch mode, tests) and show the result.
 
         Returns:
@@ -449,7 +452,8 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         from SpineLabelLogic.scene import LabelingScene, imageFromVolumeNode, volumeSource
 
         image = imageFromVolumeNode(volumeNode)
-        result = label_spine(image, model=modelPath, device=device, progress=progress)
+        result = label_spine(image, model=modelPath, device=device, progress=progress,
+                             check_orientation=checkOrientation)
         result.source = volumeSource(volumeNode)
         return LabelingScene(volumeNode, result, image=image)
 

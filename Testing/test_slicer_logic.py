@@ -346,9 +346,10 @@ def random_model(tmp_path_factory):
                       tmp_path_factory.mktemp("model") / "random.json")
 
 
-def _worker(image_path, out, model):
+def _worker(image_path, out, model, check_orientation=False):
     root = Path(__file__).resolve().parents[1]
-    runner = process.BackgroundProcess(process.labelCommand(sys.executable, image_path, out, model, "cpu"),
+    runner = process.BackgroundProcess(process.labelCommand(sys.executable, image_path, out, model, "cpu",
+                                                            check_orientation),
                                        process.parseWorkerLine,
                                        env=process.pythonPathEnvironment([root / "SpineLabel"]))
     runner.start()
@@ -368,7 +369,7 @@ def test_phantom_labelled_in_background_into_the_scene(mrml, tmp_path, random_mo
     volume = addVolumeNodeFromImage(mrml.scene, phantom.image, "phantom")
     image_path = tmp_path / "input.nrrd"
     sitk.WriteImage(imageFromVolumeNode(volume), str(image_path))  # what SpineLabelLogic.startLabelling does
-    runner = _worker(image_path, tmp_path / "result", model)
+    runner = _worker(image_path, tmp_path / "result", model, check_orientation=model_kind == "default")
     assert runner.wait(300) == 0, runner.outputTail()
     events = runner.readEvents()
     fractions = [e["fraction"] for e in events if e["event"] == "progress"]
@@ -387,6 +388,9 @@ def test_phantom_labelled_in_background_into_the_scene(mrml, tmp_path, random_mo
             under[int(truth[k, j, i])] = v.label
         lumbar = [BY_NAME[name].label for name in ("L1", "L2", "L3", "L4", "L5")]
         assert [under.get(label) for label in lumbar] == lumbar
+        # the orientation check ran in the worker and found the phantom the right way up
+        assert "orientation_check" in labeling.result.timings_s
+        assert not any("head to feet" in w for w in labeling.result.warnings)
     labeling.cleanup()
 
 
