@@ -201,8 +201,8 @@ def label_spine(
     t = stage("sequence", t)
     orientation_margin = None
     if check_orientation and ordered:
-        report(0.84, "checking the orientation")
-        turned = predict(loaded, np.ascontiguousarray(norm[box][::-1]), device_, cancel=cancel)
+        turned = predict(loaded, np.ascontiguousarray(norm[box][::-1]), device_,
+                         progress=lambda f, m: report(0.84 + 0.05 * f, f"orientation check: {m}"), cancel=cancel)
         turned_scores = feat.level_scores(np.ascontiguousarray(bodies_box[::-1]), turned.level_log_probs,
                                           [f.id for f in ordered])
         orientation_margin = feat.level_sharpness(turned_scores) - feat.level_sharpness(scores)
