@@ -201,10 +201,10 @@ def label_spine(
     t = stage("sequence", t)
     orientation_margin = None
     if check_orientation and ordered:
-        turned = predict(loaded, np.ascontiguousarray(norm[box][::-1]), device_,
+        # reversed views, no copies: predict copies each window it cuts
+        turned = predict(loaded, norm[box][::-1], device_,
                          progress=lambda f, m: report(0.84 + 0.05 * f, f"orientation check: {m}"), cancel=cancel)
-        turned_scores = feat.level_scores(np.ascontiguousarray(bodies_box[::-1]), turned.level_log_probs,
-                                          [f.id for f in ordered])
+        turned_scores = feat.level_scores(bodies_box[::-1], turned.level_log_probs, [f.id for f in ordered])
         orientation_margin = feat.level_sharpness(turned_scores) - feat.level_sharpness(scores)
         if orientation_margin > ORIENTATION_MARGIN:
             warnings.append(f"the vertebrae read more clearly with the image turned head to feet (by "
