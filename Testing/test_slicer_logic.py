@@ -294,7 +294,7 @@ def test_cancel_ends_the_whole_process_tree():
 
 
 def test_result_round_trip_through_files(tmp_path, spine):
-    result = spine.result.copy()
+    result = spine.result.copy(orientation_margin=-0.25)
     result.vertebrae[0].fixed = True
     back = loadResult(saveResult(result, tmp_path / "out"))
     assert back.geometry == result.geometry and back.components.dtype == result.components.dtype
@@ -302,7 +302,9 @@ def test_result_round_trip_through_files(tmp_path, spine):
     for a, b in zip(back.vertebrae, result.vertebrae):
         assert (a.id, a.name, a.fixed, a.centroid_lps_mm) == (b.id, b.name, b.fixed, b.centroid_lps_mm)
         np.testing.assert_array_equal(a.level_log_scores, b.level_log_scores)
-    assert (back.warnings, back.model, back.modality) == (result.warnings, result.model, result.modality)
+    for name in ("gaps_mm", "warnings", "sequence_warnings", "model", "timings_s", "source", "modality",
+                 "spine_probability", "orientation_margin"):
+        assert getattr(back, name) == getattr(result, name), name
 
 
 def test_training_process_reports_epochs_and_registers_model(tmp_path, monkeypatch, spine):

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 _RESULT_JSON = "result.json"
 _COMPONENTS = "components.npy"
+# the fields of SpineLabeling that go into result.json as they are (JSON types)
+_PLAIN_FIELDS = tuple(f.name for f in fields(SpineLabeling) if f.name not in ("geometry", "components", "vertebrae"))
 
 
 def saveResult(result: SpineLabeling, folder: str | os.PathLike) -> Path:
@@ -49,14 +52,8 @@ def saveResult(result: SpineLabeling, folder: str | os.PathLike) -> Path:
         "vertebrae": [{"id": v.id, "name": v.name, "centroid_lps_mm": list(v.centroid_lps_mm), "volume_ml": v.volume_ml,
                        "confidence": v.confidence, "level_log_scores": np.asarray(v.level_log_scores, float).tolist(),
                        "fixed": v.fixed} for v in result.vertebrae],
-        "gaps_mm": list(result.gaps_mm),
-        "warnings": list(result.warnings),
-        "sequence_warnings": list(result.sequence_warnings),
-        "model": result.model,
-        "timings_s": result.timings_s,
-        "source": result.source,
-        "modality": result.modality,
     }
+    document.update((name, getattr(result, name)) for name in _PLAIN_FIELDS)
     with atomic_path(folder / _RESULT_JSON) as tmp:
         tmp.write_text(json.dumps(document), encoding="utf-8")
     return folder
@@ -73,10 +70,8 @@ def loadResult(folder: str | os.PathLike) -> SpineLabeling:
                           volume_ml=v["volume_ml"], confidence=v["confidence"],
                           level_log_scores=np.asarray(v["level_log_scores"], dtype=float), fixed=v["fixed"])
                  for v in document["vertebrae"]]
-    return SpineLabeling(geometry=geometry, components=components, vertebrae=vertebrae, gaps_mm=document["gaps_mm"],
-                         warnings=document["warnings"], sequence_warnings=document["sequence_warnings"],
-                         model=document["model"], timings_s=document["timings_s"], source=document["source"],
-                         modality=document["modality"])
+    return SpineLabeling(geometry=geometry, components=components, vertebrae=vertebrae,
+                         **{name: document[name] for name in _PLAIN_FIELDS})
 
 
 def _emit(event: dict) -> None:
