@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
-from SpineLabelLib.sequence import expected_gaps_mm, relabel, solve
+from SpineLabelLib.sequence import UNCERTAIN_BELOW, expected_gaps_mm, relabel, solve
 from SpineLabelLib.vertebrae import LEVELS, level_index
 
 K = len(LEVELS)
@@ -40,6 +40,15 @@ def test_labels_never_repeat_even_when_evidence_does():
     got = [int(k) for k in sol.levels]
     assert len(set(got)) == 5 and got == sorted(got)
     assert any(w.startswith("L") and "uncertain" in w for w in sol.warnings)
+
+
+def test_every_vertebra_below_the_uncertainty_cut_is_named_in_a_warning():
+    # weak evidence: the chain's names are likely but not sure
+    sol = solve(scores_for(["L1", "L2", "L3", "L4"], strength=1.0, neighbour=0.5), np.full(3, 35.0))
+    uncertain = [w.split()[0] for w in sol.warnings if "uncertain" in w]
+    expected = [name for name, p in zip(names_of(sol), sol.confidence) if p < UNCERTAIN_BELOW]
+    assert uncertain == expected
+    assert any(0.5 <= p < UNCERTAIN_BELOW for p in sol.confidence)  # the band the 0.5 cut of old left silent
 
 
 def test_one_wrong_vote_is_outvoted_by_the_chain():

@@ -36,7 +36,7 @@ import numpy as np
 from .result import SpineLabeling
 from .vertebrae import BY_NAME, LEVELS, level_index
 
-__all__ = ["SequencePriors", "PRIORS", "Solution", "solve", "relabel", "expected_gaps_mm"]
+__all__ = ["SequencePriors", "PRIORS", "Solution", "solve", "relabel", "expected_gaps_mm", "UNCERTAIN_BELOW"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,12 @@ class SequencePriors:
 
 
 PRIORS = SequencePriors()
+
+# A vertebra whose confidence is below this gets an "uncertain" warning. The confidences run high: on the selection
+# set of the default model 1.6.0 (``python benchmarks/selection.py``: phantoms, synthetic crops and short scans), 91 %
+# of the 689 vertebrae named at 0.99 or more were named right, against 55 % of the 55 at 0.95-0.99 and 40 % of the
+# 99 below 0.95. 0.99 is the lowest of the cut points 0.5, 0.8, 0.95 and 0.99 with 90 % or more named right above it.
+UNCERTAIN_BELOW = 0.99
 
 _TRANSITIONAL = np.array([level.transitional for level in LEVELS])
 # regular levels strictly between a and b (a < b), the number a transition a -> b skips
@@ -286,7 +292,7 @@ def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray,
                 f"{names[i + 1]} (gap {gaps_mm[i]:.0f} mm)"
             )
     for i, (name, p) in enumerate(zip(names, confidence)):
-        if p < 0.5:
+        if p < UNCERTAIN_BELOW:
             alt = np.argsort(marginals[i])[::-1]
             other = next(_NAMES[k] for k in alt if k != levels[i])
             out.append(f"{name} uncertain (confidence {p:.2f}; next most likely {other})")
