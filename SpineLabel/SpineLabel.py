@@ -300,13 +300,21 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("{count} vertebrae labelled.").format(count=len(result.vertebrae))
 
     def updateVertebraTable(self) -> None:
+        """One row per vertebra: name, confidence, fixed. Rows whose name is uncertain (below
+        ``sequence.UNCERTAIN_BELOW`` and not fixed by the user) are highlighted: those are the names to check."""
+        from SpineLabelLib.sequence import UNCERTAIN_BELOW
+
         table = self.ui.vertebraTable
         vertebrae = self._labeling.result.vertebrae if self._labeling is not None else []
         table.setRowCount(len(vertebrae))
         for row, v in enumerate(vertebrae):
+            uncertain = v.confidence < UNCERTAIN_BELOW and not v.fixed
             for column, text in enumerate((v.name, f"{v.confidence:.2f}", _("yes") if v.fixed else "")):
                 item = qt.QTableWidgetItem(text)
                 item.setFlags(qt.Qt.ItemIsSelectable | qt.Qt.ItemIsEnabled)
+                if uncertain:
+                    item.setBackground(qt.QBrush(qt.QColor(255, 214, 153)))
+                    item.setToolTip(_("Uncertain name: check it, and fix it by renaming its point"))
                 table.setItem(row, column, item)
 
     def onVertebraClicked(self, row: int, column: int) -> None:
