@@ -227,6 +227,37 @@ def test_folders_bodies_and_nnunet_layouts(tmp_path):
         ev.evaluate_folders(pred, pred)
 
 
+def write_report(path: Path, confidences: dict[int, float]):
+    path.write_text(json.dumps({"vertebrae": [{"label": k, "confidence": c} for k, c in confidences.items()]}))
+
+
+def test_confidences_from_reports_split_the_identified(tmp_path):
+    gt_dir, pred_dir = tmp_path / "gt" / "labelsTr", tmp_path / "pred"
+    gt_dir.mkdir(parents=True)
+    pred_dir.mkdir()
+    for case in ("a", "b", "c"):
+        write_mask(spine([L1, L2, L3, L4, L5]), gt_dir / f"{case}.nii.gz")
+    write_mask(spine([L1, L2, L3, L4, L5]), pred_dir / "a_seg.nii.gz")  # right, sure of it
+    write_report(pred_dir / "a_report.json", {L1: 1.0, L2: 1.0, L3: 0.999, L4: 1.0, L5: 0.98})
+    write_mask(spine([L2, L3, L4, L5, S1]), pred_dir / "b_seg.nii.gz")  # one level off, unsure
+    write_report(pred_dir / "b_report.json", {L2: 0.6, L3: 0.62, L4: 0.7, L5: 0.995, S1: 0.9})
+    write_mask(spine([L1, L2, L3, L4, L5]), pred_dir / "c_seg.nii.gz")  # no report: not rated
+
+    summary = ev.evaluate_folders(pred_dir, gt_dir.parent, out_md=tmp_path / "s.md")
+    o = summary.overall
+    assert (o.n_confident, o.n_confident_identified) == (5, 4)  # a's L1-L4, b's L5 (wrong)
+    assert (o.n_uncertain, o.n_uncertain_identified) == (5, 1)  # a's L5 (right), b's other four
+    by_name = {c.name: c for c in summary.cases}
+    assert [v.nearest_pred_confidence for v in by_name["b"].vertebrae] == [0.6, 0.62, 0.7, 0.995, 0.9]
+    assert all(v.nearest_pred_confidence is None for v in by_name["c"].vertebrae)
+    assert "| all | 3 | 15 | 0.67 |" in (tmp_path / "s.md").read_text()
+    assert "| 1 of 5 | 4 of 5 |" in (tmp_path / "s.md").read_text()
+
+    (pred_dir / "b_report.json").write_text("{not json")
+    with pytest.raises(InputError, match="b_report.json"):
+        ev.evaluate_folders(pred_dir, gt_dir.parent)
+
+
 def test_case_key():
     assert ev.case_key("VB1_02_AKa3_img") == "VB1_02_AKa3"
     assert ev.case_key("sub-verse014_ct") == "sub-verse014"

@@ -3,7 +3,8 @@
 Inputs
 ------
 Predictions: for each labelled image NAME, ``NAME_seg.nii.gz`` (VerSe label map on the input grid) and, optionally,
-``NAME_ctd.json`` (VerSe centroid json whose entries carry ``"label"`` and ``"world_lps_mm"``).
+``NAME_ctd.json`` (VerSe centroid json whose entries carry ``"label"`` and ``"world_lps_mm"``) and ``NAME_report.json``
+(SpineLabel's report, whose ``"vertebrae"`` carry ``"label"`` and ``"confidence"``).
 
 Ground truth, one of these layouts (searched recursively under the GT folder):
 
@@ -48,6 +49,10 @@ Metrics (all distances between centroids in LPS millimetres; labels are VerSe va
   so T12 -> T13 or L5 -> L6 count as one level; positive = predicted label too caudal). The case *shift* is the
   median difference over the pairs (None without pairs). A case is *off by one* when strictly more than half of
   its pairs differ by exactly one level (either sign). ``sacrum_in_gt`` tells whether S1 (label 26) is in the GT.
+* **Confidence** (predictions with ``NAME_report.json``): each GT vertebra takes the confidence of the predicted
+  label closest to it when that lies within 20 mm. It is *uncertain* below ``sequence.UNCERTAIN_BELOW``, where
+  SpineLabel warns, and *confident* otherwise. The summary counts the uncertain and the confident GT vertebrae and
+  how many of each are identified: whether the warnings point at the errors.
 * **Summary**: the pooled values above, the number of off-by-one scans and of missing predictions, overall and per
   group when the caller gives a group per case (e.g. ``{"VB1_02_AKa3": "MR"}``).
 """
@@ -66,6 +71,7 @@ import SimpleITK as sitk
 
 from .io import InputError, atomic_path
 from .result import Geometry
+from .sequence import UNCERTAIN_BELOW
 from .vertebrae import BY_LABEL, level_index
 
 __all__ = [
@@ -79,6 +85,7 @@ __all__ = [
     "case_key",
     "match_cases",
     "read_centroids",
+    "read_confidences",
     "mask_centroids",
     "evaluate_case",
     "evaluate_folders",
@@ -95,11 +102,13 @@ _NII = (".nii.gz", ".nii")
 
 @dataclass(frozen=True)
 class PredFiles:
-    """One prediction: ``seg`` = ``NAME_seg.nii.gz``, ``ctd`` = ``NAME_ctd.json`` or None when absent."""
+    """One prediction: ``seg`` = ``NAME_seg.nii.gz``; ``ctd`` = ``NAME_ctd.json`` and ``report`` =
+    ``NAME_report.json``, or None when absent."""
 
     name: str
     seg: Path
     ctd: Path | None
+    report: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,7 @@ class VertebraResult:
     dice: float | None
     body_coverage: float | None
     gt_volume_ml: float
+    nearest_pred_confidence: float | None = None
 
 
 @dataclass
@@ -177,6 +187,10 @@ class GroupSummary:
     off_by_one_cases: list[str]
     n_missing_predictions: int
     missing_predictions: list[str]
+    n_uncertain: int
+    n_uncertain_identified: int
+    n_confident: int
+    n_confident_identified: int
 
 
 @dataclass
@@ -233,11 +247,11 @@ def _predictions(pred_dir: Path) -> dict[str, PredFiles]:
         if stem is None:
             continue
         name = stem[: -len("_seg")]
-        ctd = pred_dir / f"{name}_ctd.json"
+        ctd, report = pred_dir / f"{name}_ctd.json", pred_dir / f"{name}_report.json"
         key = case_key(name)
         if key in found:
             raise InputError(f"{seg}: predictions {found[key].seg.name} and {seg.name} both match case {key}")
-        found[key] = PredFiles(name, seg, ctd if ctd.is_file() else None)
+        found[key] = PredFiles(name, seg, ctd if ctd.is_file() else None, report if report.is_file() else None)
     return found
 
 
@@ -376,6 +390,19 @@ def read_centroids(path: str | os.PathLike, reference: sitk.Image) -> dict[int, 
 # ------------------------------------------------------------------------------------------------ one case
 
 
+def read_confidences(path: str | os.PathLike) -> dict[int, float]:
+    """VerSe label -> confidence of each vertebra of a SpineLabel report (``NAME_report.json``).
+
+    Raises:
+        InputError: unreadable file, or not a SpineLabel report.
+    """
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        return {int(v["label"]): float(v["confidence"]) for v in document["vertebrae"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: not a readable SpineLabel report ({type(err).__name__}: {err})") from None
+
+
 def _known_labels(labels, what: str) -> list[int]:
     unknown = sorted(int(v) for v in labels if int(v) != 0 and int(v) not in BY_LABEL)
     if unknown:
@@ -409,6 +436,7 @@ def evaluate_case(
     bodies_only: bool,
     *,
     name: str = "",
+    pred_confidences: Mapping[int, float] | None = None,
 ) -> CaseResult:
     """Score one prediction against its reference (metrics defined in the module docstring).
 
@@ -423,6 +451,7 @@ def evaluate_case(
             which only compares with centroids computed the same way.
         bodies_only: the GT holds vertebral bodies only: report body coverage instead of Dice.
         name: case name carried into the result.
+        pred_confidences: predicted label -> confidence (0-1), or None when unknown.
 
     Returns:
         The case's scores; the GT vertebrae are the labels of ``gt_centroids`` (VerSe labels only), in anatomical
@@ -466,7 +495,9 @@ def evaluate_case(
             label=label, name=BY_LABEL[label].name,
             identified=nearest_label == label and nearest_dist is not None and nearest_dist <= ID_RADIUS_MM,
             nearest_pred_label=nearest_label, nearest_pred_distance_mm=nearest_dist, loc_error_mm=loc,
-            dice=dice, body_coverage=coverage, gt_volume_ml=g_n * voxel_ml))
+            dice=dice, body_coverage=coverage, gt_volume_ml=g_n * voxel_ml,
+            nearest_pred_confidence=(pred_confidences.get(nearest_label) if pred_confidences is not None
+                                     and nearest_dist is not None and nearest_dist <= ID_RADIUS_MM else None)))
 
     # Level shift: pair each predicted centroid with its closest GT centroid within the identification radius.
     diffs: list[int] = []
@@ -519,12 +550,17 @@ def _pool(cases: list[CaseResult]) -> GroupSummary:
     n_id = sum(v.identified for v in verts)
     off = [c.name for c in cases if c.off_by_one]
     missing = [c.name for c in cases if c.prediction_missing]
+    rated = [v for v in verts if v.nearest_pred_confidence is not None]
+    uncertain = [v for v in rated if v.nearest_pred_confidence < UNCERTAIN_BELOW]
+    confident = [v for v in rated if v.nearest_pred_confidence >= UNCERTAIN_BELOW]
     return GroupSummary(
         n_cases=len(cases), n_gt=n_gt, n_identified=n_id, id_rate=n_id / n_gt if n_gt else None,
         mean_loc_error_mm=_mean(v.loc_error_mm for v in verts),
         n_not_predicted=sum(c.n_not_predicted for c in cases),
         mean_dice=_mean(v.dice for v in verts), mean_body_coverage=_mean(v.body_coverage for v in verts),
-        n_off_by_one=len(off), off_by_one_cases=off, n_missing_predictions=len(missing), missing_predictions=missing)
+        n_off_by_one=len(off), off_by_one_cases=off, n_missing_predictions=len(missing), missing_predictions=missing,
+        n_uncertain=len(uncertain), n_uncertain_identified=sum(v.identified for v in uncertain),
+        n_confident=len(confident), n_confident_identified=sum(v.identified for v in confident))
 
 
 def _lookup(mapping: Mapping, key: str, pred: PredFiles | None, gt: GtFiles):
@@ -596,7 +632,8 @@ def evaluate_folders(
             else:
                 pred_ctd = _mask_centroids_lps(pred_labels, geometry)
         result = evaluate_case(pred_labels, gt_labels, geometry.spacing[::-1], pred_ctd, gt_ctd, is_bodies,
-                               name=pred.name if pred else key)
+                               name=pred.name if pred else key,
+                               pred_confidences=read_confidences(pred.report) if pred and pred.report else None)
         result.prediction_missing = pred is None
         result.group = (_lookup(groups, key, pred, gt) or "") if groups else ""
         result.gt_mask = str(gt.mask)
@@ -634,13 +671,18 @@ def _fmt(value, spec: str = ".2f") -> str:
     return format(value, spec)
 
 
+def _of(part: int, whole: int) -> str:
+    return f"{part} of {whole}" if whole else "-"
+
+
 def summary_markdown(summary: EvaluationSummary) -> str:
     """Markdown report: one row per case, then one row per group and the overall row."""
     lines = [
         f"# SpineLabel evaluation\n\nPredictions: `{summary.pred_dir}`; ground truth: `{summary.gt_dir}`. "
         f"Identified = closest predicted centroid has the GT label and lies within {ID_RADIUS_MM:g} mm. "
         "Dice for whole-vertebra GT, body coverage for bodies-only GT. Shift = median predicted minus GT level "
-        "(positive: labels too caudal).\n",
+        "(positive: labels too caudal). Uncertain = the closest predicted label's confidence is below "
+        f"{UNCERTAIN_BELOW:g}, where SpineLabel warns (from `NAME_report.json`); confident = at or above it.\n",
         "## Cases\n",
         "| case | group | GT vertebrae | identified | id rate | loc. error (mm) | not predicted | Dice "
         "| body coverage | shift | off by one | sacrum in GT | note |",
@@ -662,14 +704,15 @@ def summary_markdown(summary: EvaluationSummary) -> str:
     lines += [
         "\n## Summary\n",
         "| group | cases | GT vertebrae | id rate | loc. error (mm) | not predicted | Dice | body coverage "
-        "| off-by-one scans | missing predictions |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| off-by-one scans | missing predictions | identified, uncertain | identified, confident |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in [*summary.groups.items(), ("all", summary.overall)]:
         lines.append(
             f"| {name} | {s.n_cases} | {s.n_gt} | {_fmt(s.id_rate)} | {_fmt(s.mean_loc_error_mm, '.1f')} "
             f"| {s.n_not_predicted} | {_fmt(s.mean_dice, '.3f')} | {_fmt(s.mean_body_coverage, '.3f')} | {s.n_off_by_one} "
-            f"| {s.n_missing_predictions} |")
+            f"| {s.n_missing_predictions} | {_of(s.n_uncertain_identified, s.n_uncertain)} "
+            f"| {_of(s.n_confident_identified, s.n_confident)} |")
     if summary.unmatched_predictions:
         lines.append("\nPredictions without ground truth: " + ", ".join(f"`{p}`" for p in summary.unmatched_predictions))
     return "\n".join(lines) + "\n"
