@@ -13,9 +13,9 @@ Every case is labelled by ``label_spine`` and scored by ``evaluation.evaluate_ca
 closest predicted centroid carries the label and lies within 20 mm; centroids of whole vertebrae on both sides).
 The phantoms and synthetic crops also report bone Dice, the mean over cases of the overlap of all labelled
 vertebrae with all reference vertebrae whatever their names: the segmentation apart from the numbering.
-Last comes a calibration table over all these cases: for each band of confidence, how many named vertebrae (within
-20 mm of a reference centroid) carry the name of the nearest reference vertebra; ``sequence.UNCERTAIN_BELOW`` comes
-from it. Together with ``python benchmarks/real_data.py evaluate --selection`` (the training MRI and CT), this is the
+Last comes a calibration table over all these cases: the reference vertebrae with a predicted label within 20 mm,
+by the confidence of the closest one (as ``spinelabel evaluate`` counts them), and how many are identified;
+``sequence.UNCERTAIN_BELOW`` comes from it. Together with ``python benchmarks/real_data.py evaluate --selection`` (the training MRI and CT), this is the
 set on which the default model is chosen.
 
 Usage (from the repository root):
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from SpineLabelLib.evaluation import ID_RADIUS_MM, evaluate_case, mask_centroids
+from SpineLabelLib.evaluation import evaluate_case
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import get_model, label_spine
 from SpineLabelTrainingLib.shapes import build_shape_library
@@ -53,45 +53,39 @@ SHORT_MIN_ML = 5.0
 
 def _score(image: sitk.Image, truth: np.ndarray, model) -> tuple[int, int, float]:
     """(identified, GT vertebrae, bone Dice) of one labelled image; ``truth`` is its VerSe label map (z, y, x). Also
-    adds each named vertebra within ``ID_RADIUS_MM`` of a reference centroid to ``CONFIDENCES``: its confidence, and
-    whether it carries the name of the nearest reference vertebra."""
+    adds to ``CONFIDENCES`` each GT vertebra with a predicted label within 20 mm: the confidence of the closest one,
+    and whether the vertebra is identified."""
     result = label_spine(image, model=model, device="cpu")
     predicted = result.label_map()
-    scores = evaluate_case(predicted, truth, image.GetSpacing()[::-1], None, None, False)
+    scores = evaluate_case(predicted, truth, image.GetSpacing()[::-1], None, None, False,
+                           pred_confidences={v.label: v.confidence for v in result.vertebrae})
+    CONFIDENCES.extend((v.nearest_pred_confidence, v.identified) for v in scores.vertebrae
+                       if v.nearest_pred_confidence is not None)
     overlap = np.count_nonzero((predicted > 0) & (truth > 0))
     dice = 2 * overlap / max(np.count_nonzero(predicted) + np.count_nonzero(truth), 1)
-    reference = mask_centroids(truth)
-    if reference:
-        labels = np.array(list(reference))
-        positions = np.array([reference[v] for v in labels]) * image.GetSpacing()
-        named = mask_centroids(predicted)
-        for v in result.vertebrae:
-            if v.label in named:
-                distance = np.linalg.norm(positions - named[v.label] * image.GetSpacing(), axis=1)
-                if distance.min() <= ID_RADIUS_MM:
-                    CONFIDENCES.append((v.confidence, bool(labels[np.argmin(distance)] == v.label)))
     return scores.n_identified, scores.n_gt, dice
 
 
-# (confidence, named right) of every scored vertebra, for the calibration table
+# (confidence of the closest predicted label, identified) of every GT vertebra with a predicted label within 20 mm
 CONFIDENCES: list[tuple[float, bool]] = []
 CONFIDENCE_CUTS = (0.5, 0.8, 0.95, 0.99)
 
 
 def _report_confidences() -> None:
-    """How often the vertebrae named at each confidence were named right (all cases above, short scans included)."""
+    """How many GT vertebrae are identified, by the confidence of the closest predicted label (all cases above,
+    short scans included)."""
     if not CONFIDENCES:
         return
     confidence, right = np.array(CONFIDENCES).T
     edges = (0.0, *CONFIDENCE_CUTS, 1.0 + 1e-9)
-    print("confidence     vertebrae  named right")
+    print("confidence     vertebrae  identified")
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = (confidence >= lo) & (confidence < hi)
         share = f"{right[inside].mean():.0%}" if inside.any() else "-"
         print(f"{lo:.2f}-{min(hi, 1.0):.2f}  {int(inside.sum()):13d}  {share:>11s}")
     for cut in CONFIDENCE_CUTS:
         above = confidence >= cut
-        print(f"at {cut:.2f} or more: {right[above].mean():.0%} of {int(above.sum())} named right; "
+        print(f"at {cut:.2f} or more: {right[above].mean():.0%} of {int(above.sum())} identified; "
               f"below: {right[~above].mean() if (~above).any() else float('nan'):.0%} of {int((~above).sum())}")
 
 
