@@ -15,8 +15,8 @@ The phantoms and synthetic crops also report bone Dice, the mean over cases of t
 vertebrae with all reference vertebrae whatever their names: the segmentation apart from the numbering.
 Last comes a calibration table over all these cases: the reference vertebrae with a predicted label within 20 mm,
 by the confidence of the closest one (as ``spinelabel evaluate`` counts them), and how many are identified;
-``sequence.UNCERTAIN_BELOW`` comes from it. Together with ``python benchmarks/real_data.py evaluate --selection`` (the training MRI and CT), this is the
-set on which the default model is chosen.
+``sequence.UNCERTAIN_BELOW`` comes from it. Together with ``python benchmarks/real_data.py evaluate --selection``
+(the training MRI and CT), this is the set on which the default model is chosen.
 
 Usage (from the repository root):
     python benchmarks/selection.py [--model CARD.json] [--crops 16] [--short 12] [--workdir DIR]
