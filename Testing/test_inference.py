@@ -72,6 +72,17 @@ def test_blended_windows_give_consistent_probabilities():
     assert (total <= 1.01).all() and total.max() > 0.99  # a geometric mean where windows overlap, 1 where one window
 
 
+def test_levels_only_pass_gives_the_same_levels_and_nothing_else():
+    model = get_model(None, "cpu")
+    phantom = make_phantom(modality="mr", fov="lumbar", spacing=(2.0, 2.0, 2.0), seed=3)
+    volume = normalise(sitk.GetArrayFromImage(phantom.image))
+    whole = predict(model, volume, torch.device("cpu"), window=(48, 64, 64), overlap=16)
+    levels = predict(model, volume, torch.device("cpu"), window=(48, 64, 64), overlap=16, levels_only=True)
+    assert levels.tissue is None and levels.body_probability is None and levels.bone_probability is None
+    np.testing.assert_allclose(levels.level_log_probs.astype(np.float32), whole.level_log_probs.astype(np.float32),
+                               atol=1e-2)
+
+
 class _RampNetwork(torch.nn.Module):
     """Stands in for the network: tissue logit c is c times the input, level logit l is l times the input sampled
     at every other voxel, so every window gives the same value at a voxel and the blend must give it back there."""
@@ -80,8 +91,8 @@ class _RampNetwork(torch.nn.Module):
     tissue_head = torch.nn.Conv3d(1, 4, 1)
     level_head = torch.nn.Conv3d(1, 6, 1)
 
-    def forward(self, x):
-        tissue = x * torch.arange(4.0).view(1, 4, 1, 1, 1)
+    def forward(self, x, levels_only=False):
+        tissue = None if levels_only else x * torch.arange(4.0).view(1, 4, 1, 1, 1)
         level = x[:, :, ::2, ::2, ::2] * torch.arange(6.0).view(1, 6, 1, 1, 1)
         return tissue, level
 

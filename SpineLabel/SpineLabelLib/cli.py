@@ -126,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="model card (.json); default: the model shipped with SpineLabel")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--check-orientation", action="store_true",
-                   help="run the network a second time on each image turned head to feet and warn when it reads "
-                        "better that way (a wrong header); doubles the network time")
+                   help="run the network's level head a second time on each image turned head to feet and warn when "
+                        "it reads better that way (a wrong header); about a third of the network time again")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--debug", action="store_true", help="tracebacks for failures")
     p.set_defaults(func=_label)

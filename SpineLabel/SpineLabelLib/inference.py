@@ -114,16 +114,17 @@ class Prediction:
     """Network output on the model grid.
 
     Attributes:
-        tissue: uint8 (z, y, x) argmax tissue class (``vertebrae.TISSUE_NAMES``).
-        body_probability: float16 (z, y, x) probability of vertebral body.
-        bone_probability: float16 (z, y, x) probability of vertebra (body or posterior elements).
+        tissue: uint8 (z, y, x) argmax tissue class (``vertebrae.TISSUE_NAMES``); None from a levels-only pass.
+        body_probability: float16 (z, y, x) probability of vertebral body; None from a levels-only pass.
+        bone_probability: float16 (z, y, x) probability of vertebra (body or posterior elements); None from a
+            levels-only pass.
         level_log_probs: float16 (n_levels, z2, y2, x2) level log-probabilities at half resolution
             (z2 = ceil(z / 2) ...).
     """
 
-    tissue: np.ndarray
-    body_probability: np.ndarray
-    bone_probability: np.ndarray
+    tissue: np.ndarray | None
+    body_probability: np.ndarray | None
+    bone_probability: np.ndarray | None
     level_log_probs: np.ndarray
 
 
@@ -175,6 +176,7 @@ def predict(
     overlap: int = 16,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    levels_only: bool = False,
 ) -> Prediction:
     """Run the network over a volume in overlapping windows, blending their logits.
 
@@ -189,6 +191,8 @@ def predict(
         overlap: voxels shared by neighbouring windows.
         progress: called with (fraction 0-1 of the windows done, message).
         cancel: polled before each window; True raises ``Cancelled``.
+        levels_only: run the network up to its level head only (``SpineUNet.forward``): the prediction holds the
+            level log-probabilities alone, for about a third of the network time.
 
     Peak memory is about 12 bytes per voxel of ``volume`` for the outputs, 34 bytes per voxel of one row of windows
     for the blending, and one window's activations.
@@ -205,13 +209,16 @@ def predict(
     half = (shape + 1) // 2
     rows, half_rows = int(win[0]), int(win[0]) // 2  # slices of one row of windows, at full and half resolution
     # accumulators are torch tensors: the blending below runs in place and multi-threaded, without temporaries
-    tissue_acc = torch.zeros((n_tissue, rows, *shape[1:]), dtype=torch.float32)
-    tissue_w = torch.zeros((rows, *shape[1:]), dtype=torch.float32)
+    tissue_acc = tissue_w = tissue = body = bone = None
+    if not levels_only:
+        tissue_acc = torch.zeros((n_tissue, rows, *shape[1:]), dtype=torch.float32)
+        tissue_w = torch.zeros((rows, *shape[1:]), dtype=torch.float32)
     level_acc = torch.zeros((n_levels, half_rows, *half[1:]), dtype=torch.float32)
     level_w = torch.zeros((half_rows, *half[1:]), dtype=torch.float32)
-    tissue = np.empty(volume.shape, dtype=np.uint8)
-    body = np.empty(volume.shape, dtype=np.float16)
-    bone = np.empty(volume.shape, dtype=np.float16)
+    if not levels_only:
+        tissue = np.empty(volume.shape, dtype=np.uint8)
+        body = np.empty(volume.shape, dtype=np.float16)
+        bone = np.empty(volume.shape, dtype=np.float16)
     level = np.empty((n_levels, *half), dtype=np.float16)
     weight = torch.from_numpy(
         _ramp(int(win[0]), overlap // 2)[:, None, None]
@@ -228,11 +235,12 @@ def predict(
                 pad = [(0, int(w - r)) for w, r in zip(win, real)]
                 patch = np.pad(patch, pad) if any(p[1] for p in pad) else patch
                 tensor = torch.from_numpy(np.ascontiguousarray(patch))[None, None].to(device)
-                tissue_logits, level_logits = net(tensor)
-                t = tissue_logits[0].float().cpu()[:, : real[0], : real[1], : real[2]]
-                wt = weight[: real[0], : real[1], : real[2]]
-                tissue_acc[:, : real[0], y : y + real[1], x : x + real[2]].addcmul_(t, wt)
-                tissue_w[: real[0], y : y + real[1], x : x + real[2]].add_(wt)
+                tissue_logits, level_logits = net(tensor, levels_only)
+                if not levels_only:
+                    t = tissue_logits[0].float().cpu()[:, : real[0], : real[1], : real[2]]
+                    wt = weight[: real[0], : real[1], : real[2]]
+                    tissue_acc[:, : real[0], y : y + real[1], x : x + real[2]].addcmul_(t, wt)
+                    tissue_w[: real[0], y : y + real[1], x : x + real[2]].add_(wt)
                 lv = F.log_softmax(level_logits[0].float(), dim=0).cpu()
                 hy, hx = y // 2, x // 2
                 hr = [(r + 1) // 2 for r in real]
@@ -246,12 +254,15 @@ def predict(
             last = row == len(starts[0]) - 1
             done = int(shape[0]) - z if last else starts[0][row + 1] - z
             half_done = int(half[0]) - z // 2 if last else starts[0][row + 1] // 2 - z // 2
-            finished = _finish_tissue(tissue_acc[:, :done], tissue_w[:done])
-            for out, part in zip((tissue, body, bone), finished):
-                out[z : z + done] = part.numpy()
+            if not levels_only:
+                finished = _finish_tissue(tissue_acc[:, :done], tissue_w[:done])
+                for out, part in zip((tissue, body, bone), finished):
+                    out[z : z + done] = part.numpy()
             level[:, z // 2 : z // 2 + half_done] = level_acc[:, :half_done].div_(level_w[:half_done]).half().numpy()
             if not last:
                 for acc, acc_w, d in ((tissue_acc, tissue_w, done), (level_acc, level_w, half_done)):
+                    if acc is None:  # levels_only
+                        continue
                     kept = acc.shape[1] - d
                     acc[:, :kept] = acc[:, d:].clone()
                     acc[:, kept:] = 0

@@ -42,8 +42,8 @@ MIN_SPINE_PROBABILITY = 0.84
 MIN_SPINE_PROBABILITY_LONG_COLUMN = 0.78
 LONG_COLUMN = 5
 
-# The orientation check (``label_spine(check_orientation=True)``) runs the network a second time on the volume turned
-# head to feet and warns when the level head names the same vertebrae more decisively that way
+# The orientation check (``label_spine(check_orientation=True)``) runs the network a second time, up to its level head
+# only, on the volume turned head to feet and warns when the level head names the same vertebrae more decisively that way
 # (``features.level_sharpness``) by more than ORIENTATION_MARGIN. The margin was read off 15 real scans and then fixed,
 # with the rule for adopting the check, before this measurement: ``python benchmarks/orientation_check.py`` with the
 # default model 1.6.0 on the 43 real scans of ../shared/data that have vertebrae (those 15 among them), each as
@@ -99,7 +99,8 @@ def label_spine(
         progress: called with (fraction 0-1 of the whole job, message).
         cancel: polled between stages and network windows; returning True raises ``Cancelled``.
         check_orientation: also run the network on the volume turned head to feet, and warn when it reads better
-            that way (a header that gives superior and inferior the wrong way round); doubles the network time.
+            that way (a header that gives superior and inferior the wrong way round); a second network pass, up to
+            the level head only (about a third of the network time again).
 
     Returns:
         The labelling on the input image's grid. An image without vertebrae (empty, constant, not a spine) gives
@@ -201,8 +202,8 @@ def label_spine(
     t = stage("sequence", t)
     orientation_margin = None
     if check_orientation and ordered:
-        # reversed views, no copies: predict copies each window it cuts
-        turned = predict(loaded, norm[box][::-1], device_,
+        # reversed views, no copies: predict copies each window it cuts. The level head is all the check reads.
+        turned = predict(loaded, norm[box][::-1], device_, levels_only=True,
                          progress=lambda f, m: report(0.84 + 0.05 * f, f"orientation check: {m}"), cancel=cancel)
         turned_scores = feat.level_scores(bodies_box[::-1], turned.level_log_probs, [f.id for f in ordered])
         orientation_margin = feat.level_sharpness(turned_scores) - feat.level_sharpness(scores)
