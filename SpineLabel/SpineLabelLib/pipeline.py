@@ -43,12 +43,12 @@ MIN_SPINE_PROBABILITY_LONG_COLUMN = 0.78
 LONG_COLUMN = 5
 
 # The orientation check (``label_spine(check_orientation=True)``) runs the network a second time, up to its level head
-# only, on the volume turned head to feet and warns when the level head names the same vertebrae more decisively that way
-# (``features.level_sharpness``) by more than ORIENTATION_MARGIN. The margin was read off 15 real scans and then fixed,
-# with the rule for adopting the check, before this measurement: ``python benchmarks/orientation_check.py`` with the
-# default model 1.6.0 on the 43 real scans of ../shared/data that have vertebrae (those 15 among them), each as
-# stored and turned head to feet under its unchanged header, warned on 29 of the 43 turned copies and on 2 of the 43
-# scans as stored.
+# only, on the volume turned head to feet and warns when the level head names the same vertebrae more decisively that
+# way (``features.level_sharpness``) by more than ORIENTATION_MARGIN. The margin was read off 15 real scans and then
+# fixed, with the rule for adopting the check, before this measurement: ``python benchmarks/orientation_check.py``
+# with the default model 1.6.0 on the 43 real scans of ../shared/data that have vertebrae (those 15 among them), each
+# as stored and turned head to feet under its unchanged header, warned on 29 of the 43 turned copies and on 2 of the
+# 43 scans as stored.
 ORIENTATION_MARGIN = 0.1
 
 
