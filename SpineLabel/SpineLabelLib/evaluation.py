@@ -491,13 +491,12 @@ def evaluate_case(
             coverage = both / g_n if g_n else None
         else:
             dice = 2.0 * both / (g_n + p_n) if g_n + p_n else None
+        within = nearest_dist is not None and nearest_dist <= ID_RADIUS_MM
         vertebrae.append(VertebraResult(
-            label=label, name=BY_LABEL[label].name,
-            identified=nearest_label == label and nearest_dist is not None and nearest_dist <= ID_RADIUS_MM,
+            label=label, name=BY_LABEL[label].name, identified=within and nearest_label == label,
             nearest_pred_label=nearest_label, nearest_pred_distance_mm=nearest_dist, loc_error_mm=loc,
             dice=dice, body_coverage=coverage, gt_volume_ml=g_n * voxel_ml,
-            nearest_pred_confidence=(pred_confidences.get(nearest_label) if pred_confidences is not None
-                                     and nearest_dist is not None and nearest_dist <= ID_RADIUS_MM else None)))
+            nearest_pred_confidence=pred_confidences.get(nearest_label) if within and pred_confidences else None))
 
     # Level shift: pair each predicted centroid with its closest GT centroid within the identification radius.
     diffs: list[int] = []

@@ -208,7 +208,9 @@ def predict(
     n_levels = net.level_head.out_channels
     half = (shape + 1) // 2
     rows, half_rows = int(win[0]), int(win[0]) // 2  # slices of one row of windows, at full and half resolution
-    # accumulators are torch tensors: the blending below runs in place and multi-threaded, without temporaries
+    # accumulators are torch tensors: the blending below runs in place and multi-threaded, without temporaries.
+    # Allocated in this order (tissue, then levels; sums, then outputs) whether or not levels_only: the order sets how
+    # the heap that reuse_freed_memory keeps is reused later, and another order cost a whole run system time.
     tissue_acc = tissue_w = tissue = body = bone = None
     if not levels_only:
         tissue_acc = torch.zeros((n_tissue, rows, *shape[1:]), dtype=torch.float32)
