@@ -42,6 +42,20 @@ def test_label_writes_every_output(tmp_path, model, phantom_file, capsys):
     assert "vertebrae" in capsys.readouterr().out
 
 
+def test_evaluate_labels_the_reference_images_first(tmp_path, model, phantom_file):
+    gt = tmp_path / "Dataset001"
+    (gt / "imagesTr").mkdir(parents=True)
+    (gt / "labelsTr").mkdir()
+    (gt / "imagesTr" / "spine_0000.nii.gz").write_bytes(phantom_file.read_bytes())
+    (gt / "labelsTr" / "spine.nii.gz").write_bytes((phantom_file.parent / "spine_label.nii.gz").read_bytes())
+    pred, summary = tmp_path / "pred", tmp_path / "summary.json"
+    argv = ["evaluate", str(pred), str(gt), "--label", "--model", str(model), "--json", str(summary), "--quiet"]
+    assert main(argv) == 0
+    assert (pred / "spine_0000_seg.nii.gz").exists() and (pred / "spine_0000_report.json").exists()
+    case = json.loads(summary.read_text())["cases"][0]
+    assert case["name"] == "spine_0000" and not case["prediction_missing"] and case["n_gt"] >= 5
+
+
 def bad_inputs(tmp):
     (tmp / "notes.txt").write_text("not an image")
     (tmp / "trunc.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")

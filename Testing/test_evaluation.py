@@ -227,6 +227,26 @@ def test_folders_bodies_and_nnunet_layouts(tmp_path):
         ev.evaluate_folders(pred, pred)
 
 
+def test_reference_images_are_found_beside_their_masks(tmp_path):
+    mask = spine([L1, L2])
+    for path in ("verse/sub-a_seg-vert_msk.nii.gz", "verse/sub-a_seg-subreg_msk.nii.gz", "bodies/VB1_01_vert-verse.nii.gz",
+                 "Dataset001/labelsTr/case7.nii.gz", "Dataset001/labelsTr/case8.nii.gz", "verse/sub-a_ct.nii.gz",
+                 "bodies/VB1_01_img.nii.gz", "Dataset001/imagesTr/case7_0000.nii.gz", "verse/sub-z_ct.nii.gz"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        write_mask(mask, tmp_path / path)
+    assert ev.reference_images(tmp_path) == {  # case8 has no image, sub-z no reference
+        "VB1_01": tmp_path / "bodies/VB1_01_img.nii.gz",
+        "case7": tmp_path / "Dataset001/imagesTr/case7_0000.nii.gz",
+        "sub-a": tmp_path / "verse/sub-a_ct.nii.gz",
+    }
+    (tmp_path / "other").mkdir()
+    write_mask(mask, tmp_path / "other" / "sub-a_img.nii.gz")
+    with pytest.raises(InputError, match="sub-a_img.nii.gz and .*sub-a_ct.nii.gz both match case sub-a"):
+        ev.reference_images(tmp_path)
+    with pytest.raises(InputError, match="no ground-truth"):
+        ev.reference_images(tmp_path / "other")
+
+
 def write_report(path: Path, confidences: dict[int, float]):
     path.write_text(json.dumps({"vertebrae": [{"label": k, "confidence": c} for k, c in confidences.items()]}))
 

@@ -14,6 +14,12 @@ log = logging.getLogger("spinelabel")
 
 
 def _label(args: argparse.Namespace) -> int:
+    return _label_files(args.inputs, args.out, args)
+
+
+def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int:
+    """Label each input into the folder ``out`` with the options of ``args`` (model, device, check_orientation,
+    quiet, debug). Returns the exit status: 0 all labelled, 1 some failed, 2 no output folder or no model."""
     from tqdm import tqdm
 
     from .inference import reuse_freed_memory
@@ -24,12 +30,12 @@ def _label(args: argparse.Namespace) -> int:
 
     reuse_freed_memory()
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
-        probe = args.out / ".spinelabel-write-test"
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".spinelabel-write-test"
         probe.touch()
         probe.unlink()
     except OSError as err:
-        print(f"spinelabel: error: {args.out}: output folder not writable ({err.strerror or err})", file=sys.stderr)
+        print(f"spinelabel: error: {out}: output folder not writable ({err.strerror or err})", file=sys.stderr)
         return 2
     try:
         model = get_model(args.model, args.device)
@@ -37,7 +43,7 @@ def _label(args: argparse.Namespace) -> int:
         print(f"spinelabel: error: {err}", file=sys.stderr)
         return 2
     failures = 0
-    for path in args.inputs:
+    for path in inputs:
         bar = tqdm(total=100, desc=case_name(path), disable=args.quiet, leave=False, unit="%")
 
         def progress(fraction: float, message: str) -> None:
@@ -49,7 +55,7 @@ def _label(args: argparse.Namespace) -> int:
             result = label_spine(image, model=model, device=args.device, progress=progress,
                                  check_orientation=args.check_orientation)
             result.source = str(path)
-            written = write_all(result, image, args.out, case_name(path), input_path=path)
+            written = write_all(result, image, out, case_name(path), input_path=path)
         except (InputError, OSError, ValueError, RuntimeError) as err:
             failures += 1
             if args.debug:
@@ -105,12 +111,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_folders, summary_markdown
+    from .evaluation import evaluate_folders, reference_images, summary_markdown
 
+    status = 0
+    if args.label:
+        status = _label_files(list(reference_images(args.gt_dir).values()), args.pred_dir, args)
+        if status == 2:
+            return status
     summary = evaluate_folders(args.pred_dir, args.gt_dir, out_json=args.json, out_md=args.markdown)
     if not args.quiet:
         print(summary_markdown(summary))
-    return 0
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,11 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="score predictions against ground truth (VerSe metrics)")
-    p.add_argument("pred_dir", type=Path)
-    p.add_argument("gt_dir", type=Path)
+    p = sub.add_parser("evaluate", help="score predictions against ground truth (VerSe metrics)",
+                       description="Score the predictions in PRED_DIR against the reference labels in GT_DIR. With "
+                       "--label, first label into PRED_DIR the image of every reference case (the image file beside "
+                       "its mask, or imagesTr/X_0000 for labelsTr/X).")
+    p.add_argument("pred_dir", type=Path, metavar="PRED_DIR")
+    p.add_argument("gt_dir", type=Path, metavar="GT_DIR")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
+    p.add_argument("--label", action="store_true", help="label the reference images into PRED_DIR first")
+    p.add_argument("--model", type=Path, help="with --label: model card (.json); default: the shipped model")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--check-orientation", action="store_true", help="with --label: as for spinelabel label")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=_evaluate)

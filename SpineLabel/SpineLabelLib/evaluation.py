@@ -69,7 +69,7 @@ from typing import Mapping
 import numpy as np
 import SimpleITK as sitk
 
-from .io import InputError, atomic_path
+from .io import IMAGE_SUFFIXES, InputError, atomic_path, case_name
 from .result import Geometry
 from .sequence import UNCERTAIN_BELOW
 from .vertebrae import BY_LABEL, level_index
@@ -84,6 +84,7 @@ __all__ = [
     "EvaluationSummary",
     "case_key",
     "match_cases",
+    "reference_images",
     "read_centroids",
     "read_confidences",
     "mask_centroids",
@@ -314,6 +315,39 @@ def match_cases(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike) -> list[
     for key in sorted(set(preds) - set(gts)):
         log.warning("prediction %s has no ground truth in %s", preds[key].seg, gt_dir)
     return [(key, preds.get(key), gts[key]) for key in sorted(gts)]
+
+
+def reference_images(gt_dir: str | os.PathLike) -> dict[str, Path]:
+    """The image of every reference case in ``gt_dir``, for labelling before scoring: the image file (a suffix of
+    ``io.IMAGE_SUFFIXES``) anywhere under ``gt_dir`` whose matching key is the case's, the GT masks themselves
+    aside. So ``X_ct.nii.gz`` goes with ``X_seg-vert_msk.nii.gz``, ``X_img.nii.gz`` with ``X_vert-verse.nii.gz`` and
+    ``imagesTr/X_0000.nii.gz`` with ``labelsTr/X.nii.gz``.
+
+    Returns:
+        matching key -> image, for the cases that have one (sorted by key).
+
+    Raises:
+        InputError: the folder is missing or holds no GT case, or two images match one case.
+    """
+    gt_dir = Path(gt_dir)
+    if not gt_dir.is_dir():
+        raise InputError(f"{gt_dir}: ground-truth folder does not exist")
+    cases = _ground_truth(gt_dir)
+    if not cases:
+        raise InputError(f"{gt_dir}: no ground-truth masks (*_vert-verse.nii.gz, *_seg-vert_msk.nii.gz or "
+                         "labelsTr/*.nii.gz) found")
+    masks = {files.mask for files in cases.values()}
+    found: dict[str, Path] = {}
+    for path in sorted(gt_dir.rglob("*")):
+        if not path.name.lower().endswith(IMAGE_SUFFIXES) or path in masks or not path.is_file():
+            continue
+        key = case_key(case_name(path))
+        if key not in cases:
+            continue
+        if key in found:
+            raise InputError(f"{path}: images {found[key]} and {path} both match case {key}")
+        found[key] = path
+    return dict(sorted(found.items()))
 
 
 # ------------------------------------------------------------------------------------------------- centroids
