@@ -7,14 +7,16 @@ cases of every source for an independent score.)
 
 Usage (from the repository root):
     python benchmarks/real_data.py train --out SpineLabel/SpineLabelLib/weights/spinelabel-default.json [--epochs N ...]
-    python benchmarks/real_data.py evaluate [--model CARD.json] [--workdir DIR] [--selection]
+    python benchmarks/real_data.py evaluate [--model CARD.json] [--workdir DIR] [--selection] [--slice-mm MM]
     python benchmarks/real_data.py pitches
 
 ``pitches`` prints the mean centroid distance between consecutive levels in the training label maps (the source of
 ``SpineLabelLib.sequence.SequencePriors.pitch_mm``).
 
 ``evaluate`` labels every held-out scan with ``spinelabel label``, then writes ``evaluation.json`` and
-``evaluation.md`` (groups CT, MR and "MR discs") into the work folder.
+``evaluation.md`` (groups CT, MR and "MR discs") into the work folder. With ``--slice-mm MM`` it labels copies made
+as thick-slice acquisitions are (MRI: MM-thick sagittal slices, CT: MM-thick axial slices, each the mean of the
+voxels it covers) and scores their labels, brought back onto the original grids, against the same references.
 """
 
 from __future__ import annotations
@@ -149,6 +151,57 @@ def _disc_midpoints(instance: Path, folder: Path) -> Path:
     return instance.parent / f"{case}_img.nii.gz"
 
 
+def thick_slices(image: sitk.Image, lps_axis: int, mm: float) -> sitk.Image:
+    """``image`` as a thick-slice acquisition: averaged over slabs ``mm`` thick (a whole number of voxels) along its
+    axis closest to LPS axis ``lps_axis`` (0 left-right: sagittal slices; 2 inferior-superior: axial slices), one
+    float32 slice per slab, centred on the slab."""
+    axis = int(np.argmax(np.abs(np.asarray(image.GetDirection()).reshape(3, 3)[lps_axis])))
+    k = max(1, int(round(mm / image.GetSpacing()[axis])))
+    array = np.moveaxis(sitk.GetArrayFromImage(image).astype(np.float32), 2 - axis, 0)
+    n = array.shape[0] // k
+    slabs = np.moveaxis(array[: n * k].reshape(n, k, *array.shape[1:]).mean(axis=1), 0, 2 - axis)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(slabs))
+    spacing, centre = list(image.GetSpacing()), [0.0, 0.0, 0.0]
+    spacing[axis], centre[axis] = spacing[axis] * k, (k - 1) / 2
+    out.SetSpacing(spacing)
+    out.SetDirection(image.GetDirection())
+    out.SetOrigin(image.TransformContinuousIndexToPhysicalPoint(centre))
+    return out
+
+
+def _label(images: list[Path], out: Path, model: Path | None) -> None:
+    cmd = [sys.executable, "-m", "SpineLabelLib.cli", "label", *map(str, images), "-o", str(out), "--quiet"]
+    if model:
+        cmd += ["--model", str(model)]
+    subprocess.run(cmd, check=False)
+
+
+def _label_thick(images: dict[str, list[Path]], root: Path, pred: Path, mm: float, model: Path | None) -> None:
+    """Label thick-slice copies of the images (MRI sagittal, CT axial; ``thick_slices``) and bring their label maps
+    back onto the original grids in ``pred``, beside their centroids and reports, for scoring against the
+    unchanged references."""
+    from SpineLabelLib.io import case_name
+
+    thick, raw = root / f"thick-{mm:g}mm", root / f"pred-thick-{mm:g}mm"
+    thick.mkdir(parents=True, exist_ok=True)
+    originals = {}
+    for group, paths in images.items():
+        for path in paths:
+            copy = thick / path.name
+            sitk.WriteImage(thick_slices(sitk.ReadImage(str(path)), 2 if group == "CT" else 0, mm), str(copy))
+            originals[case_name(copy)] = path
+    _label(sorted(thick.iterdir()), raw, model)
+    pred.mkdir(parents=True, exist_ok=True)
+    for name, original in originals.items():
+        if not (raw / f"{name}_seg.nii.gz").exists():
+            continue  # not labelled: scored as a missing prediction
+        seg = sitk.Resample(sitk.ReadImage(str(raw / f"{name}_seg.nii.gz")), sitk.ReadImage(str(original)),
+                            sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        sitk.WriteImage(seg, str(pred / f"{name}_seg.nii.gz"))
+        for suffix in ("_ctd.json", "_report.json"):
+            (pred / f"{name}{suffix}").write_bytes((raw / f"{name}{suffix}").read_bytes())
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from SpineLabelLib.evaluation import evaluate_folders, summary_markdown
     from SpineLabelLib.io import case_name
@@ -156,18 +209,17 @@ def evaluate(args: argparse.Namespace) -> int:
     root = args.workdir or Path(tempfile.mkdtemp(prefix="spinelabel-eval-"))
     images, gt = (build_selection_set if args.selection else build_test_set)(root)
     pred = root / "pred"
-    all_images = [p for group in images.values() for p in group]
-    cmd = [sys.executable, "-m", "SpineLabelLib.cli", "label", *map(str, all_images), "-o", str(pred), "--quiet"]
-    if args.model:
-        cmd += ["--model", str(args.model)]
-    subprocess.run(cmd, check=False)
+    if args.slice_mm:
+        _label_thick(images, root, pred, args.slice_mm, args.model)
+    else:
+        _label([p for group in images.values() for p in group], pred, args.model)
     groups = {case_name(p): group for group, paths in images.items() for p in paths}
     bodies_only = {case_name(p): True for p in images.get("MR discs", [])}
     summary = evaluate_folders(pred, gt, out_json=root / "evaluation.json", out_md=root / "evaluation.md", groups=groups,
                                bodies_only=bodies_only)
     print(summary_markdown(summary))
     print(f"\nwritten: {root / 'evaluation.json'}, {root / 'evaluation.md'}")
-    if args.write_card and not args.selection:
+    if args.write_card and not args.selection and not args.slice_mm:
         from SpineLabelLib.models import default_model_path
 
         card_path = args.model or default_model_path()
@@ -246,6 +298,9 @@ def main() -> int:
     p.add_argument("--write-card", action="store_true", help="record the scores in the model card's evaluation entry")
     p.add_argument("--selection", action="store_true",
                    help="score the training MRI and CT instead (the set model choices are made on), not the held-out scans")
+    p.add_argument("--slice-mm", type=float, metavar="MM",
+                   help="label thick-slice copies instead: MRI averaged into MM-thick sagittal slices, CT into MM-thick "
+                        "axial slices; scored on the original grids")
     p = sub.add_parser("pitches", help="centroid distances between consecutive levels in the training label maps")
     p.add_argument("--workdir", type=Path)
     args, extra = parser.parse_known_args()
