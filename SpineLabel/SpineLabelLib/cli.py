@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", type=Path)
     p.add_argument("--label", action="store_true", help="label the reference images into PRED_DIR first")
     p.add_argument("--model", type=Path, help="with --label: model card (.json); default: the shipped model")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="with --label")
     p.add_argument("--check-orientation", action="store_true", help="with --label: as for spinelabel label")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")

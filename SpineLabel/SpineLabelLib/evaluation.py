@@ -293,6 +293,17 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
     return found
 
 
+def _reference_cases(gt_dir: Path) -> dict[str, GtFiles]:
+    """``_ground_truth`` of a folder that must exist and hold at least one case (``InputError`` otherwise)."""
+    if not gt_dir.is_dir():
+        raise InputError(f"{gt_dir}: ground-truth folder does not exist")
+    found = _ground_truth(gt_dir)
+    if not found:
+        raise InputError(f"{gt_dir}: no ground-truth masks (*_vert-verse.nii.gz, *_seg-vert_msk.nii.gz or "
+                         "labelsTr/*.nii.gz) found")
+    return found
+
+
 def match_cases(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike) -> list[tuple[str, PredFiles | None, GtFiles]]:
     """Pair the predictions in ``pred_dir`` with the GT cases in ``gt_dir`` (rules in the module docstring).
 
@@ -303,15 +314,11 @@ def match_cases(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike) -> list[
     Raises:
         InputError: a folder is missing, holds no GT case, or two files map to the same key.
     """
-    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    for folder, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
-        if not folder.is_dir():
-            raise InputError(f"{folder}: {what} folder does not exist")
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise InputError(f"{pred_dir}: prediction folder does not exist")
+    gts = _reference_cases(Path(gt_dir))
     preds = _predictions(pred_dir)
-    gts = _ground_truth(gt_dir)
-    if not gts:
-        raise InputError(f"{gt_dir}: no ground-truth masks (*_vert-verse.nii.gz, *_seg-vert_msk.nii.gz or "
-                         "labelsTr/*.nii.gz) found")
     for key in sorted(set(preds) - set(gts)):
         log.warning("prediction %s has no ground truth in %s", preds[key].seg, gt_dir)
     return [(key, preds.get(key), gts[key]) for key in sorted(gts)]
@@ -330,12 +337,7 @@ def reference_images(gt_dir: str | os.PathLike) -> dict[str, Path]:
         InputError: the folder is missing or holds no GT case, or two images match one case.
     """
     gt_dir = Path(gt_dir)
-    if not gt_dir.is_dir():
-        raise InputError(f"{gt_dir}: ground-truth folder does not exist")
-    cases = _ground_truth(gt_dir)
-    if not cases:
-        raise InputError(f"{gt_dir}: no ground-truth masks (*_vert-verse.nii.gz, *_seg-vert_msk.nii.gz or "
-                         "labelsTr/*.nii.gz) found")
+    cases = _reference_cases(gt_dir)
     masks = {files.mask for files in cases.values()}
     found: dict[str, Path] = {}
     for path in sorted(gt_dir.rglob("*")):
