@@ -184,13 +184,13 @@ def _label_thick(images: dict[str, list[Path]], root: Path, pred: Path, mm: floa
 
     thick, raw = root / f"thick-{mm:g}mm", root / f"pred-thick-{mm:g}mm"
     thick.mkdir(parents=True, exist_ok=True)
-    originals = {}
+    originals, copies = {}, []
     for group, paths in images.items():
         for path in paths:
-            copy = thick / path.name
-            sitk.WriteImage(thick_slices(sitk.ReadImage(str(path)), 2 if group == "CT" else 0, mm), str(copy))
-            originals[case_name(copy)] = path
-    _label(sorted(thick.iterdir()), raw, model)
+            copies.append(thick / path.name)
+            sitk.WriteImage(thick_slices(sitk.ReadImage(str(path)), 2 if group == "CT" else 0, mm), str(copies[-1]))
+            originals[case_name(path)] = path
+    _label(copies, raw, model)
     pred.mkdir(parents=True, exist_ok=True)
     for name, original in originals.items():
         if not (raw / f"{name}_seg.nii.gz").exists():
