@@ -73,6 +73,7 @@ class SpineLabelParameterNode:
     modelPath - model card (.json) to use; empty for the model that ships with SpineLabel.
     device - where the network runs.
     checkOrientation - also run the network on the volume turned head to feet and warn when it reads better that way.
+    skipSpineGate - label the vertebra-like components even where the network does not take the image for a spine.
     datasetDirectory - nnU-Net dataset folder that corrected cases are appended to.
     """
 
@@ -80,6 +81,7 @@ class SpineLabelParameterNode:
     modelPath: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     checkOrientation: bool = False
+    skipSpineGate: bool = False
     datasetDirectory: Path = Path.home() / "SpineLabelDataset"
 
 
@@ -175,7 +177,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _checkCanApply(self, caller=None, event=None) -> None:
         running = self._process is not None
         self.ui.applyButton.enabled = running or bool(self._parameterNode and self._parameterNode.inputVolume)
-        self.ui.applyButton.text = _("Cancel") if running else _("Label vertebrae")
+        self.ui.applyButton.text = _("Cancel") if running else _("Label spine")
         self.ui.applyButton.toolTip = (_("Stop labelling") if running else _("Label every vertebra of the input volume")
                                        if self.ui.applyButton.enabled else _("Select an input volume"))
         hasLabels = self._labeling is not None
@@ -237,7 +239,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._labeling = None
             self._process, self._outputDir = self.logic.startLabelling(
                 self._parameterNode.inputVolume, self._parameterNode.modelPath or None, self._parameterNode.device,
-                self._parameterNode.checkOrientation)
+                self._parameterNode.checkOrientation, not self._parameterNode.skipSpineGate)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Starting...")
             self._timer.start()
@@ -406,7 +408,7 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         """Python that runs the worker: Slicer's ``PythonSlicer`` when available."""
         return shutil.which("PythonSlicer") or sys.executable
 
-    def startLabelling(self, volumeNode, modelPath=None, device="auto", checkOrientation=False):
+    def startLabelling(self, volumeNode, modelPath=None, device="auto", checkOrientation=False, spineGate=True):
         """Write the volume to a temporary file and label it in a background process.
 
         Returns:
@@ -425,7 +427,8 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         sitk.WriteImage(imageFromVolumeNode(volumeNode), str(inputPath), False)  # temporary: no compression
         outputDirectory = workDirectory / "result"
         process = BackgroundProcess(
-            labelCommand(self.pythonExecutable(), inputPath, outputDirectory, modelPath, device, checkOrientation),
+            labelCommand(self.pythonExecutable(), inputPath, outputDirectory, modelPath, device, checkOrientation,
+                         spineGate),
             parseWorkerLine, env=_childEnvironment(moduleRoot()))
         process.start()
         return process, outputDirectory
@@ -450,7 +453,8 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         if outputDirectory:
             shutil.rmtree(Path(outputDirectory).parent, ignore_errors=True)
 
-    def label(self, volumeNode, modelPath=None, device="auto", progress=None, checkOrientation=False):
+    def label(self, volumeNode, modelPath=None, device="auto", progress=None, checkOrientation=False,
+              spineGate=True):
         """Label a volume in this process (batch mode, tests) and show the result.
 
         Returns:
@@ -461,7 +465,7 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
 
         image = imageFromVolumeNode(volumeNode)
         result = label_spine(image, model=modelPath, device=device, progress=progress,
-                             check_orientation=checkOrientation)
+                             check_orientation=checkOrientation, spine_gate=spineGate)
         result.source = volumeSource(volumeNode)
         return LabelingScene(volumeNode, result, image=image)
 

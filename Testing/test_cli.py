@@ -32,13 +32,15 @@ def phantom_file(tmp_path_factory):
 
 def test_label_writes_every_output(tmp_path, model, phantom_file, capsys):
     out = tmp_path / "out"
-    assert main(["label", str(phantom_file), "-o", str(out), "--model", str(model), "--device", "cpu"]) == 0
+    argv = ["label", str(phantom_file), "-o", str(out), "--model", str(model), "--device", "cpu", "--no-spine-gate"]
+    assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted("spine" + s for s in OUTPUT_SUFFIXES)
     seg = sitk.ReadImage(str(out / "spine_seg.nii.gz"))
     ref = sitk.ReadImage(str(phantom_file))
     assert seg.GetSize() == ref.GetSize() and np.allclose(seg.GetOrigin(), ref.GetOrigin())
     report = json.loads((out / "spine_report.json").read_text())
     assert report["model"]["name"] == "random" and "total" in report["timings_s"]
+    assert report["vertebrae"]  # the gate would refuse the random model's components
     assert "vertebrae" in capsys.readouterr().out
 
 

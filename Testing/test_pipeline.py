@@ -163,6 +163,15 @@ def test_the_spine_gate_asks_less_of_a_long_column_and_never_takes_one_component
     assert is_spine(MIN_SPINE_PROBABILITY, 2) and not is_spine(0.99, 1)
 
 
+def test_the_spine_gate_can_be_switched_off(random_model, small_phantom):
+    # the random model's many components do not look like a spine to the gate
+    refused = label_spine(small_phantom.image, model=random_model, device="cpu")
+    assert refused.vertebrae == [] and any(w.startswith("no spine recognised") for w in refused.warnings)
+    labelled = label_spine(small_phantom.image, model=random_model, device="cpu", spine_gate=False)
+    assert labelled.vertebrae and labelled.spine_probability == refused.spine_probability
+    assert not any(w.startswith("no spine recognised") for w in labelled.warnings)
+
+
 @pytest.mark.parametrize("kind", ["noise", "ball"])
 def test_non_spine_images_give_no_vertebrae_and_a_warning(kind):
     rng = np.random.default_rng(0)

@@ -19,7 +19,7 @@ def _label(args: argparse.Namespace) -> int:
 
 def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int:
     """Label each input into the folder ``out`` with the options of ``args`` (model, device, check_orientation,
-    quiet, debug). Returns the exit status: 0 all labelled, 1 some failed, 2 no output folder or no model."""
+    no_spine_gate, quiet, debug). Returns the exit status: 0 all labelled, 1 some failed, 2 no output folder or no model."""
     from tqdm import tqdm
 
     from .inference import reuse_freed_memory
@@ -53,7 +53,7 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int
         try:
             image = read_image(path)
             result = label_spine(image, model=model, device=args.device, progress=progress,
-                                 check_orientation=args.check_orientation)
+                                 check_orientation=args.check_orientation, spine_gate=not args.no_spine_gate)
             result.source = str(path)
             written = write_all(result, image, out, case_name(path), input_path=path)
         except (InputError, OSError, ValueError, RuntimeError) as err:
@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-orientation", action="store_true",
                    help="run the network's level head a second time on each image turned head to feet and warn when "
                         "it reads better that way (a wrong header); about a third of the network time again")
+    p.add_argument("--no-spine-gate", action="store_true",
+                   help="label the vertebra-like components even where the network does not take the image for a "
+                        "spine (a spine the gate refuses: a small or unusual field of view)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--debug", action="store_true", help="tracebacks for failures")
     p.set_defaults(func=_label)
@@ -192,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="with --label: model card (.json); default: the shipped model")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="with --label")
     p.add_argument("--check-orientation", action="store_true", help="with --label: as for spinelabel label")
+    p.add_argument("--no-spine-gate", action="store_true", help="with --label: as for spinelabel label")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=_evaluate)

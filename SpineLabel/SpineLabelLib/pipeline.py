@@ -89,6 +89,7 @@ def label_spine(
     progress: Callable[[float, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     check_orientation: bool = False,
+    spine_gate: bool = True,
 ) -> SpineLabeling:
     """Label every vertebra of a CT or MR spine image.
 
@@ -101,6 +102,8 @@ def label_spine(
         check_orientation: also run the network on the volume turned head to feet, and warn when it reads better
             that way (a header that gives superior and inferior the wrong way round); a second network pass, up to
             the level head only (about a third of the network time again).
+        spine_gate: refuse images that the network does not take for a spine (``is_spine``). False labels whatever
+            vertebra-like components it finds: for a spine the gate refuses, such as a small or unusual field of view.
 
     Returns:
         The labelling on the input image's grid. An image without vertebrae (empty, constant, not a spine) gives
@@ -171,7 +174,7 @@ def label_spine(
     body_probability[box] = prediction.body_probability
     measured = feat.measure(bodies, whole, norm, body_probability, grid_geometry)
     median = float(np.median([f.body_probability for f in measured])) if measured else None
-    if median is not None and not is_spine(median, len(measured)):
+    if spine_gate and median is not None and not is_spine(median, len(measured)):
         warnings.append(f"no spine recognised: {len(measured)} vertebra-like component(s), median vertebral-body "
                         f"probability {median:.2f}")
         report(1.0, "no vertebrae found")

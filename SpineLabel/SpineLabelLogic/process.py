@@ -81,13 +81,15 @@ def pythonPathEnvironment(paths: Sequence[str | os.PathLike], base: dict | None 
 
 def labelCommand(python: str, inputPath: str | os.PathLike, outputDir: str | os.PathLike,
                  model: str | os.PathLike | None = None, device: str = "auto",
-                 checkOrientation: bool = False) -> list[str]:
+                 checkOrientation: bool = False, spineGate: bool = True) -> list[str]:
     """Command line of the labelling worker."""
     command = [python, "-m", "SpineLabelLogic.worker", str(inputPath), str(outputDir), "--device", device]
     if model:
         command += ["--model", str(model)]
     if checkOrientation:
         command.append("--check-orientation")
+    if not spineGate:
+        command.append("--no-spine-gate")
     return command
 
 
