@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from SpineLabelLib.components import (attach_posterior, body_components, dense_bone_as_posterior, off_axis_components,
-                                       split_merged, vertebra_components)
+from SpineLabelLib.components import (attach_posterior, body_components, dense_bone_as_posterior, join_sacrum,
+                                       off_axis_components, split_merged, vertebra_components)
 from SpineLabelLib.features import chain_order, drop_detached_ends, level_scores, measure
 from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
 from SpineLabelLib.result import Geometry
@@ -127,13 +127,36 @@ def test_bodies_bridged_across_a_tilted_disc_are_split_between_their_cores():
 def test_posterior_elements_join_their_body():
     tissue = stacked_spine()
     tissue[5, 36:39, 1:3] = POSTERIOR  # a loose posterior fragment touching no body
-    bodies, whole = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING)
+    bodies, whole, _ = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING)
     for vid in range(1, 5):
         body_z = np.argwhere(bodies == vid)[:, 0]
         post = np.argwhere((whole == vid) & (tissue == POSTERIOR))
         assert len(post) > 0 and body_z.min() <= post[:, 0].min() and post[:, 0].max() <= body_z.max()
     assert whole[5, 36:39, 1:3].max() == 0
     assert attach_posterior(np.zeros_like(bodies), tissue).max() == 0
+
+
+def test_sacrum_called_posterior_elements_joins_s1_not_l5():
+    # L4 and L5 (z grows cranially), and below L5 a sacral mass that the network calls posterior elements and the
+    # level head S1 (level index 26; L4 and L5 are 23 and 24)
+    tissue = np.pad(stacked_spine(n=2), ((16, 0), (0, 0), (0, 0)))
+    tissue[2:18, 10:32, 12:28] = POSTERIOR
+    levels = np.full(tissue.shape, 23)
+    levels[:30], levels[:16] = 24, 26
+    in_sacrum = (tissue == POSTERIOR) & (levels == 26)
+    bodies = body_components(tissue, SPACING)
+    assert (attach_posterior(bodies, tissue)[in_sacrum] == 2).all()  # without the level head it floods into L5
+    bodies, whole, sacrum = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING,
+                                                _level_head(levels))
+    assert (sacrum == in_sacrum).all() and (whole[sacrum] == 0).all()  # held back from L5 ...
+    assert ((whole == 2) & (tissue == POSTERIOR)).any()  # ... which keeps its own posterior elements
+    assert (join_sacrum(whole, sacrum, [2])[sacrum] == 2).all()  # ... unless the sequence model names it S1,
+    assert (join_sacrum(whole, sacrum)[sacrum] == 2).all()  # or names no vertebra S1
+    tissue[4:10, 10:24, 12:28] = BODY  # the S1 body comes into view
+    bodies, whole, sacrum = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING,
+                                                _level_head(levels))
+    joined = join_sacrum(whole, sacrum, [3])
+    assert sacrum.any() and (joined[sacrum] == 3).all() and (joined[~sacrum] == whole[~sacrum]).all()
 
 
 def test_dense_bone_near_the_spine_joins_the_posterior_elements_but_a_rib_is_not_followed():
@@ -162,7 +185,7 @@ def test_dense_bone_near_the_spine_joins_the_posterior_elements_but_a_rib_is_not
 
 def test_features_and_chain():
     tissue = stacked_spine()
-    bodies, whole = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING)
+    bodies, whole, _ = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING)
     grid = Geometry(tissue.shape[::-1], SPACING, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     feats = measure(bodies, whole, (tissue > 0).astype(np.float32), (tissue == BODY).astype(np.float32), grid)
     assert len(feats) == 4
@@ -199,7 +222,7 @@ def test_fragments_off_the_column_become_posterior_elements():
     assert bodies.max() == 6
     stray = off_axis_components(bodies, SPACING)
     assert stray.size == 1 and np.argwhere(bodies == stray[0])[:, 1].min() >= 34
-    clean, whole = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING)
+    clean, whole, _ = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING)
     assert clean.max() == 5
 
 

@@ -20,14 +20,15 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from .vertebrae import BODY, POSTERIOR
+from .vertebrae import BODY, POSTERIOR, level_index
 
 __all__ = ["present_ids", "body_components", "split_merged", "dense_bone_as_posterior", "attach_posterior",
-           "vertebra_components"]
+           "sacral_posterior", "join_sacrum", "vertebra_components"]
 
 log = logging.getLogger(__name__)
 
 _SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
+S1_LEVEL = level_index("S1")  # channel of the level head
 
 
 def present_ids(labels: np.ndarray) -> np.ndarray:
@@ -361,31 +362,77 @@ def dense_bone_as_posterior(tissue: np.ndarray, bone_probability: np.ndarray, hu
             np.where(dense, 1, bone_probability).astype(bone_probability.dtype))
 
 
-def attach_posterior(bodies: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+def attach_posterior(bodies: np.ndarray, tissue: np.ndarray, held_back: np.ndarray | None = None) -> np.ndarray:
     """Give posterior-element voxels the id of the body they are connected to (geodesic flooding).
 
     Args:
         bodies: int32 (z, y, x) body components.
         tissue: uint8 (z, y, x) tissue classes.
+        held_back: bool (z, y, x) posterior-element voxels to leave out (``sacral_posterior``), or None.
 
     Returns:
         int32 (z, y, x) whole-vertebra components with the ids of ``bodies``; posterior elements connected to no
         body are left out.
     """
     mask = (bodies > 0) | (tissue == POSTERIOR)
+    if held_back is not None:
+        mask &= ~held_back
     if not bodies.any():
         return bodies
+    return _flood(bodies, mask)
+
+
+def _flood(markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """int32 (z, y, x): every voxel of ``mask`` (bool) connected to a component of ``markers`` (int32, 0 none) within
+    ``mask`` takes the id of the geodesically closest one, in the box around ``mask``; 0 elsewhere."""
     zs, ys, xs = np.nonzero(mask)
-    lo = np.array([zs.min(), ys.min(), xs.min()])
-    hi = np.array([zs.max(), ys.max(), xs.max()]) + 1
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    out = np.zeros_like(bodies)
-    out[box] = watershed(np.zeros(mask[box].shape, dtype=np.uint8), bodies[box], mask=mask[box], connectivity=1)
+    box = tuple(slice(int(v.min()), int(v.max()) + 1) for v in (zs, ys, xs))
+    out = np.zeros_like(markers)
+    out[box] = watershed(np.zeros(mask[box].shape, dtype=np.uint8), markers[box], mask=mask[box], connectivity=1)
     return out
 
 
+def sacral_posterior(bodies: np.ndarray, tissue: np.ndarray, level_log_probs: np.ndarray) -> np.ndarray:
+    """Posterior-element voxels whose most probable level is S1: the sacrum, whose alae and mass the network often
+    calls posterior elements, and which touches L5 at its facet joints. Flooded with the rest, they make L5 twice its
+    size. ``join_sacrum`` gives them to the vertebra that the sequence model names S1, or, when it names none (the
+    level head's S1 is then not trusted), to the vertebra they touch.
+
+    Args:
+        bodies: int32 (z, y, x) body components.
+        tissue: uint8 (z, y, x) tissue classes.
+        level_log_probs: float (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output at half resolution.
+
+    Returns:
+        bool (z, y, x).
+    """
+    s1 = level_log_probs[S1_LEVEL] >= level_log_probs.max(axis=0)
+    whole = tuple(slice(0, n) for n in bodies.shape)
+    return _full_resolution(s1[None], whole)[0] & (tissue == POSTERIOR) & (bodies == 0)
+
+
+def join_sacrum(vertebrae: np.ndarray, sacrum: np.ndarray, ids: list[int] | None = None) -> np.ndarray:
+    """Give the held-back voxels of ``sacrum`` to the vertebrae: with ``ids`` (the vertebra named S1, then the sacral
+    pieces below it), those connected to them join the first and the rest stay out; without (no vertebra is named
+    S1), each joins the vertebra it is connected to, as if it had never been held back.
+
+    Args:
+        vertebrae: int32 (z, y, x) whole-vertebra components; not modified.
+        sacrum: bool (z, y, x) voxels held back (``sacral_posterior``).
+        ids: component ids, S1's first, or None.
+
+    Returns:
+        int32 (z, y, x) components.
+    """
+    markers = vertebrae if ids is None else np.where(np.isin(vertebrae, ids), ids[0], 0).astype(vertebrae.dtype)
+    if not markers.any() or not sacrum.any():
+        return vertebrae
+    grown = _flood(markers, (markers > 0) | sacrum)
+    return np.where(sacrum, grown, vertebrae).astype(vertebrae.dtype)
+
+
 def vertebra_components(tissue: np.ndarray, body_probability: np.ndarray, spacing_mm: tuple[float, float, float],
-                        level_log_probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        level_log_probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Body components and whole-vertebra components from the network's tissue map and body probability.
 
     Args:
@@ -393,10 +440,11 @@ def vertebra_components(tissue: np.ndarray, body_probability: np.ndarray, spacin
         body_probability: float (z, y, x) vertebral-body probability.
         spacing_mm: voxel size (z, y, x) in mm.
         level_log_probs: float (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output, or None
-            (``split_merged``).
+            (``split_merged``; and no sacrum is held back).
 
     Returns:
-        (bodies, vertebrae), both int32 (z, y, x) with the same ids, cranial first.
+        (bodies, vertebrae, sacrum): bodies and vertebrae int32 (z, y, x) with the same ids, cranial first; sacrum
+        bool (z, y, x), the posterior elements held back from the vertebrae for ``join_sacrum``.
     """
     bodies = split_merged(body_components(tissue, spacing_mm), body_probability, spacing_mm,
                           level_log_probs=level_log_probs)
@@ -407,4 +455,6 @@ def vertebra_components(tissue: np.ndarray, body_probability: np.ndarray, spacin
         bodies = np.where(moved, 0, bodies)
         tissue = np.where(moved, POSTERIOR, tissue).astype(tissue.dtype)
     bodies = drop_small(bodies, spacing_mm)  # slivers left by the splits
-    return bodies, attach_posterior(bodies, tissue)
+    sacrum = (sacral_posterior(bodies, tissue, level_log_probs) if level_log_probs is not None
+              else np.zeros(bodies.shape, dtype=bool))
+    return bodies, attach_posterior(bodies, tissue, sacrum), sacrum

@@ -163,8 +163,8 @@ def label_spine(
         lo, hi = loaded.ct_window_hu
         tissue, bone_probability = comp.dense_bone_as_posterior(tissue, bone_probability, lo + norm[box] * (hi - lo),
                                                                 spacing_zyx)
-    bodies_box, whole_box = comp.vertebra_components(tissue, prediction.body_probability, spacing_zyx,
-                                                     prediction.level_log_probs)
+    bodies_box, whole_box, sacrum_box = comp.vertebra_components(tissue, prediction.body_probability, spacing_zyx,
+                                                                 prediction.level_log_probs)
     t = stage("components", t)
     grid_geometry = Geometry.of(grid)
     bodies = np.zeros(norm.shape, dtype=np.int32)
@@ -189,19 +189,21 @@ def label_spine(
     scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
     t = stage("features", t)
     solution = solve(scores, gaps)
-    # the pieces the chain puts below S1 are more of the sacrum: their voxels join S1, the S1 body keeps its centroid
+    # the pieces the chain puts below S1 are more of the sacrum: their voxels join S1, the S1 body keeps its centroid;
+    # so do the posterior elements that the level head calls S1, when the chain has an S1 (comp.join_sacrum)
     is_s1 = solution.levels == level_index("S1")
     n_chain = int(np.argmax(is_s1)) + 1 if is_s1.any() else len(ordered)
     sacral_pieces = ordered[n_chain:]
+    s1_and_pieces = [f.id for f in ordered[n_chain - 1:]] if is_s1.any() else None
+    whole[box] = comp.join_sacrum(whole[box], sacrum_box, s1_and_pieces)
     keep = np.zeros(int(whole.max(initial=0)) + 1, dtype=np.int16)
     for f in ordered[:n_chain]:
         keep[f.id] = f.id
     for f in sacral_pieces:
         keep[f.id] = ordered[n_chain - 1].id
     ordered, scores, gaps = ordered[:n_chain], scores[:n_chain], gaps[: n_chain - 1]
-    volumes = [f.volume_ml for f in ordered]
-    if sacral_pieces:
-        volumes[-1] += sum(f.volume_ml for f in sacral_pieces)
+    voxels = np.bincount(keep[whole[box]].ravel(), minlength=keep.size)
+    volumes = [voxels[f.id] * float(np.prod(spacing_zyx)) / 1000.0 for f in ordered]
     t = stage("sequence", t)
     orientation_margin = None
     if check_orientation and ordered:
