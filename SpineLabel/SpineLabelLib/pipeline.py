@@ -176,7 +176,7 @@ def label_spine(
     median = float(np.median([f.body_probability for f in measured])) if measured else None
     if spine_gate and median is not None and not is_spine(median, len(measured)):
         warnings.append(f"no spine recognised: {len(measured)} vertebra-like component(s), median vertebral-body "
-                        f"probability {median:.2f}")
+                        f"probability {median:.2f}; if this is a spine, label it with the spine gate off")
         report(1.0, "no vertebrae found")
         return _empty(geometry, warnings, loaded, timings, source, modality, t0, median)
     ordered, gaps = feat.chain_order(measured)
