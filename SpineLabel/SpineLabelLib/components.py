@@ -5,9 +5,11 @@ vertebrae. Specks are dropped; a component taller than a vertebral body (bodies 
 poorly seen disc) is cut between its high-probability cores, where its body-probability profile dips, or between the
 parts that the network's level head gives different levels. Body components off the vertebral column
 (posterior-element or pelvis fragments) become posterior elements. Posterior elements are then attached to the body
-they are connected to. On CT, dense bone (Hounsfield units of cancellous or cortical bone) that the network gives
-some vertebra probability joins the posterior elements first: the thin posterior elements of real CT are often
-under-called at the network's 2 mm grid, while their bone density is unmistakable.
+they are connected to, except those that the level head calls S1 (sacrum): they wait until the sequence model has
+named the vertebrae, and then join the one named S1 (``join_sacrum``). On CT, dense bone (Hounsfield units of
+cancellous or cortical bone) that the network gives some vertebra probability joins the posterior elements first:
+the thin posterior elements of real CT are often under-called at the network's 2 mm grid, while their bone density
+is unmistakable.
 
 All arrays are (z, y, x) on the model grid; ``spacing_mm`` is (z, y, x) voxel size in mm.
 """
@@ -407,8 +409,8 @@ def sacral_posterior(bodies: np.ndarray, tissue: np.ndarray, level_log_probs: np
         bool (z, y, x).
     """
     s1 = level_log_probs[S1_LEVEL] >= level_log_probs.max(axis=0)
-    whole = tuple(slice(0, n) for n in bodies.shape)
-    return _full_resolution(s1[None], whole)[0] & (tissue == POSTERIOR) & (bodies == 0)
+    everywhere = tuple(slice(0, n) for n in bodies.shape)
+    return _full_resolution(s1[None], everywhere)[0] & (tissue == POSTERIOR) & (bodies == 0)
 
 
 def join_sacrum(vertebrae: np.ndarray, sacrum: np.ndarray, ids: list[int] | None = None) -> np.ndarray:
