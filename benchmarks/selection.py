@@ -12,7 +12,9 @@ of seeds that training never draws.
 Every case is labelled by ``label_spine`` and scored by ``evaluation.evaluate_case`` (VerSe identification: the
 closest predicted centroid carries the label and lies within 20 mm; centroids of whole vertebrae on both sides).
 The phantoms and synthetic crops also report bone Dice, the mean over cases of the overlap of all labelled
-vertebrae with all reference vertebrae whatever their names: the segmentation apart from the numbering.
+vertebrae with all reference vertebrae whatever their names: the segmentation apart from the numbering; and named
+Dice, the mean over cases of ``evaluate_case``'s per-vertebra Dice (each reference vertebra against the voxels
+labelled with its name): segmentation and numbering together.
 Last comes a calibration table over all these cases: the reference vertebrae with a predicted label within 20 mm,
 by the confidence of the closest one (as ``spinelabel evaluate`` counts them), and how many are identified;
 ``sequence.UNCERTAIN_BELOW`` comes from it. Together with ``python benchmarks/real_data.py evaluate --selection``
@@ -51,8 +53,9 @@ SHORT_ZYX = (35, 56, 56)  # 70 x 112 x 112 mm
 SHORT_MIN_ML = 5.0
 
 
-def _score(image: sitk.Image, truth: np.ndarray, model) -> tuple[int, int, float]:
-    """(identified, GT vertebrae, bone Dice) of one labelled image; ``truth`` is its VerSe label map (z, y, x). Also
+def _score(image: sitk.Image, truth: np.ndarray, model) -> tuple[int, int, tuple[float, float]]:
+    """(identified, GT vertebrae, (bone Dice, named Dice)) of one labelled image; ``truth`` is its VerSe label map
+    (z, y, x). Also
     adds to ``CONFIDENCES`` each GT vertebra with a predicted label within 20 mm: the confidence of the closest one,
     and whether the vertebra is identified."""
     result = label_spine(image, model=model, device="cpu")
@@ -62,8 +65,8 @@ def _score(image: sitk.Image, truth: np.ndarray, model) -> tuple[int, int, float
     CONFIDENCES.extend((v.nearest_pred_confidence, v.identified) for v in scores.vertebrae
                        if v.nearest_pred_confidence is not None)
     overlap = np.count_nonzero((predicted > 0) & (truth > 0))
-    dice = 2 * overlap / max(np.count_nonzero(predicted) + np.count_nonzero(truth), 1)
-    return scores.n_identified, scores.n_gt, dice
+    bone = 2 * overlap / max(np.count_nonzero(predicted) + np.count_nonzero(truth), 1)
+    return scores.n_identified, scores.n_gt, (bone, scores.mean_dice)
 
 
 # (confidence of the closest predicted label, identified) of every GT vertebra with a predicted label within 20 mm
@@ -91,15 +94,16 @@ def _report_confidences() -> None:
 
 @dataclass
 class _Group:
-    """Running totals of one group: vertebrae identified, GT vertebrae, bone Dice of each case that reports one."""
+    """Running totals of one group: vertebrae identified, GT vertebrae, (bone Dice, named Dice) of each case that
+    reports them."""
 
     found: int = 0
     n: int = 0
-    dice: list[float] = field(default_factory=list)
+    dice: list[tuple[float, float]] = field(default_factory=list)
 
 
-def _add(totals: dict[str, _Group], group: str, found: int, n: int, dice: float | None = None) -> None:
-    """Add one case's (identified, GT vertebrae) and bone Dice to its group's running totals."""
+def _add(totals: dict[str, _Group], group: str, found: int, n: int, dice: tuple[float, float] | None = None) -> None:
+    """Add one case's (identified, GT vertebrae) and (bone Dice, named Dice) to its group's running totals."""
     total = totals.setdefault(group, _Group())
     total.found += found
     total.n += n
@@ -114,7 +118,8 @@ def phantoms(model) -> dict[str, _Group]:
             for seed in PHANTOM_SEEDS:
                 ph = make_phantom(modality=modality, fov=fov, seed=seed)
                 found, n, dice = _score(ph.image, sitk.GetArrayFromImage(ph.labels), model)
-                logging.info("phantom %s %s %d: %d of %d, bone Dice %.3f", modality, fov, seed, found, n, dice)
+                logging.info("phantom %s %s %d: %d of %d, bone and named Dice %.3f %.3f", modality, fov, seed, found,
+                             n, *dice)
                 _add(totals, f"phantom {modality.upper()}", found, n, dice)
     return totals
 
@@ -129,7 +134,7 @@ def crops(model, n_per_modality: int, library) -> dict[str, _Group]:
             image = sitk.GetImageFromArray(case.image)  # LPS-aligned: identity direction
             image.SetSpacing((case.spacing_mm,) * 3)
             found, n, dice = _score(image, case.levels, model)
-            logging.info("crop %s %d: %d of %d, bone Dice %.3f", modality, seed, found, n, dice)
+            logging.info("crop %s %d: %d of %d, bone and named Dice %.3f %.3f", modality, seed, found, n, *dice)
             _add(totals, f"synthetic {modality.upper()}", found, n, dice)
     return totals
 
@@ -161,13 +166,14 @@ def short_scans(model, n_per_modality: int, library) -> dict[str, _Group]:
 
 
 def _report(totals: dict[str, _Group], total_name: str) -> None:
-    """Print each group's identified of GT vertebrae and mean bone Dice, and their sums as ``total_name``."""
+    """Print each group's identified of GT vertebrae and mean bone and named Dice, and their sums as ``total_name``."""
     groups = list(totals.values())
     rows = {**totals, total_name: _Group(sum(g.found for g in groups), sum(g.n for g in groups),
                                          [d for g in groups for d in g.dice])}
     for name, g in rows.items():
-        bone = f", bone Dice {np.mean(g.dice):.3f}" if g.dice else ""
-        print(f"{name:14s} {g.found:4d} of {g.n:4d} identified ({g.found / max(g.n, 1):.0%}){bone}")
+        bone, named = np.mean(g.dice, axis=0) if g.dice else (None, None)
+        dice = f", bone Dice {bone:.3f}, named {named:.3f}" if g.dice else ""
+        print(f"{name:14s} {g.found:4d} of {g.n:4d} identified ({g.found / max(g.n, 1):.0%}){dice}")
 
 
 def main() -> int:
