@@ -151,7 +151,7 @@ def _disc_midpoints(instance: Path, folder: Path) -> Path:
     return instance.parent / f"{case}_img.nii.gz"
 
 
-def thick_slices(image: sitk.Image, lps_axis: int, mm: float) -> sitk.Image:
+def _thick_slices(image: sitk.Image, lps_axis: int, mm: float) -> sitk.Image:
     """``image`` as a thick-slice acquisition: averaged over slabs ``mm`` thick (a whole number of voxels) along its
     axis closest to LPS axis ``lps_axis`` (0 left-right: sagittal slices; 2 inferior-superior: axial slices), one
     float32 slice per slab, centred on the slab."""
@@ -177,7 +177,7 @@ def _label(images: list[Path], out: Path, model: Path | None) -> None:
 
 
 def _label_thick(images: dict[str, list[Path]], root: Path, pred: Path, mm: float, model: Path | None) -> None:
-    """Label thick-slice copies of the images (MRI sagittal, CT axial; ``thick_slices``) and bring their label maps
+    """Label thick-slice copies of the images (MRI sagittal, CT axial; ``_thick_slices``) and bring their label maps
     back onto the original grids in ``pred``, beside their centroids and reports, for scoring against the
     unchanged references."""
     from SpineLabelLib.io import case_name
@@ -188,7 +188,7 @@ def _label_thick(images: dict[str, list[Path]], root: Path, pred: Path, mm: floa
     for group, paths in images.items():
         for path in paths:
             copies.append(thick / path.name)
-            sitk.WriteImage(thick_slices(sitk.ReadImage(str(path)), 2 if group == "CT" else 0, mm), str(copies[-1]))
+            sitk.WriteImage(_thick_slices(sitk.ReadImage(str(path)), 2 if group == "CT" else 0, mm), str(copies[-1]))
             originals[case_name(path)] = path
     _label(copies, raw, model)
     pred.mkdir(parents=True, exist_ok=True)

@@ -55,9 +55,8 @@ SHORT_MIN_ML = 5.0
 
 def _score(image: sitk.Image, truth: np.ndarray, model) -> tuple[int, int, tuple[float, float]]:
     """(identified, GT vertebrae, (bone Dice, named Dice)) of one labelled image; ``truth`` is its VerSe label map
-    (z, y, x). Also
-    adds to ``CONFIDENCES`` each GT vertebra with a predicted label within 20 mm: the confidence of the closest one,
-    and whether the vertebra is identified."""
+    (z, y, x). Also adds to ``CONFIDENCES`` each GT vertebra with a predicted label within 20 mm: the confidence of
+    the closest one, and whether the vertebra is identified."""
     result = label_spine(image, model=model, device="cpu")
     predicted = result.label_map()
     scores = evaluate_case(predicted, truth, image.GetSpacing()[::-1], None, None, False,
@@ -171,8 +170,10 @@ def _report(totals: dict[str, _Group], total_name: str) -> None:
     rows = {**totals, total_name: _Group(sum(g.found for g in groups), sum(g.n for g in groups),
                                          [d for g in groups for d in g.dice])}
     for name, g in rows.items():
-        bone, named = np.mean(g.dice, axis=0) if g.dice else (None, None)
-        dice = f", bone Dice {bone:.3f}, named {named:.3f}" if g.dice else ""
+        dice = ""
+        if g.dice:
+            bone, named = np.mean(g.dice, axis=0)
+            dice = f", bone Dice {bone:.3f}, named {named:.3f}"
         print(f"{name:14s} {g.found:4d} of {g.n:4d} identified ({g.found / max(g.n, 1):.0%}){dice}")
 
 

@@ -18,8 +18,8 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int:
-    """Label each input into the folder ``out`` with the options of ``args`` (model, device, check_orientation,
-    no_spine_gate, quiet, debug). Returns the exit status: 0 all labelled, 1 some failed, 2 no output folder or no model."""
+    """Label each input into the folder ``out`` with the options of ``args`` (``_add_labelling_options``, quiet,
+    debug). Returns the exit status: 0 all labelled, 1 some failed, 2 no output folder or no model."""
     from tqdm import tqdm
 
     from .inference import reuse_freed_memory
@@ -124,6 +124,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return status
 
 
+def _add_labelling_options(p: argparse.ArgumentParser, scope: str = "") -> None:
+    """The options that ``_label_files`` reads (model, device, orientation check, spine gate); ``scope`` opens their
+    help."""
+    p.add_argument("--model", type=Path, help=scope + "model card (.json); default: the model shipped with SpineLabel")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=scope + "where the network runs")
+    p.add_argument("--check-orientation", action="store_true",
+                   help=scope + "run the network's level head a second time on each image turned head to feet and "
+                        "warn when it reads better that way (a wrong header); about a third of the network time again")
+    p.add_argument("--no-spine-gate", action="store_true",
+                   help=scope + "label the vertebra-like components even where the network does not take the image "
+                        "for a spine (a spine the gate refuses: a small or unusual field of view)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinelabel", description="Label every vertebra of a CT or MRI spine scan.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,14 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                    help="NIfTI, NRRD, MetaImage file, or a folder holding one DICOM series")
     p.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR")
-    p.add_argument("--model", type=Path, help="model card (.json); default: the model shipped with SpineLabel")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--check-orientation", action="store_true",
-                   help="run the network's level head a second time on each image turned head to feet and warn when "
-                        "it reads better that way (a wrong header); about a third of the network time again")
-    p.add_argument("--no-spine-gate", action="store_true",
-                   help="label the vertebra-like components even where the network does not take the image for a "
-                        "spine (a spine the gate refuses: a small or unusual field of view)")
+    _add_labelling_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--debug", action="store_true", help="tracebacks for failures")
     p.set_defaults(func=_label)
@@ -192,10 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     p.add_argument("--label", action="store_true", help="label the reference images into PRED_DIR first")
-    p.add_argument("--model", type=Path, help="with --label: model card (.json); default: the shipped model")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="with --label")
-    p.add_argument("--check-orientation", action="store_true", help="with --label: as for spinelabel label")
-    p.add_argument("--no-spine-gate", action="store_true", help="with --label: as for spinelabel label")
+    _add_labelling_options(p, "with --label: ")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=_evaluate)
