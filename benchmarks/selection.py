@@ -20,8 +20,11 @@ by the confidence of the closest one (as ``spinelabel evaluate`` counts them), a
 ``sequence.UNCERTAIN_BELOW`` comes from it. Together with ``python benchmarks/real_data.py evaluate --selection``
 (the training MRI and CT), this is the set on which the default model is chosen.
 
+``--seed-offset K`` adds K to every seed above: a second sample, as fresh as the first (training draws its cases from
+a random stream, never from these seeds), on which to confirm a change that the first one left undecided.
+
 Usage (from the repository root):
-    python benchmarks/selection.py [--model CARD.json] [--crops 16] [--short 12] [--workdir DIR]
+    python benchmarks/selection.py [--model CARD.json] [--crops 16] [--short 12] [--seed-offset 0] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -110,11 +113,11 @@ def _add(totals: dict[str, _Group], group: str, found: int, n: int, dice: tuple[
         total.dice.append(dice)
 
 
-def phantoms(model) -> dict[str, _Group]:
+def phantoms(model, seed_offset: int) -> dict[str, _Group]:
     totals: dict[str, _Group] = {}
     for modality in ("ct", "mr"):
         for fov in ("whole", "cervical", "thoracic", "lumbar"):
-            for seed in PHANTOM_SEEDS:
+            for seed in (s + seed_offset for s in PHANTOM_SEEDS):
                 ph = make_phantom(modality=modality, fov=fov, seed=seed)
                 found, n, dice = _score(ph.image, sitk.GetArrayFromImage(ph.labels), model)
                 logging.info("phantom %s %s %d: %d of %d, bone and named Dice %.3f %.3f", modality, fov, seed, found,
@@ -123,11 +126,11 @@ def phantoms(model) -> dict[str, _Group]:
     return totals
 
 
-def crops(model, n_per_modality: int, library) -> dict[str, _Group]:
+def crops(model, n_per_modality: int, library, seed_offset: int) -> dict[str, _Group]:
     totals: dict[str, _Group] = {}
     for m, modality in enumerate(CROP_MODALITIES):
         for i in range(n_per_modality):
-            seed = CROP_SEED + m * n_per_modality + i
+            seed = CROP_SEED + seed_offset + m * n_per_modality + i
             case = synthesize_case(np.random.default_rng(seed), library, spacing_mm=2.0, size_zyx=CROP_SIZE_ZYX,
                                    modality=modality)
             image = sitk.GetImageFromArray(case.image)  # LPS-aligned: identity direction
@@ -138,13 +141,13 @@ def crops(model, n_per_modality: int, library) -> dict[str, _Group]:
     return totals
 
 
-def short_scans(model, n_per_modality: int, library) -> dict[str, _Group]:
+def short_scans(model, n_per_modality: int, library, seed_offset: int) -> dict[str, _Group]:
     """Short scans cut from synthetic crops, centred on the vertebrae; vertebrae under ``SHORT_MIN_ML`` in view are
     not scored."""
     totals: dict[str, _Group] = {}
     for m, modality in enumerate(CROP_MODALITIES):
         for i in range(n_per_modality):
-            seed = SHORT_SEED + 100 * m + i
+            seed = SHORT_SEED + seed_offset + 100 * m + i
             rng = np.random.default_rng(seed)
             case = synthesize_case(rng, library, spacing_mm=2.0, size_zyx=CROP_SIZE_ZYX, modality=modality)
             spine_z = np.flatnonzero(case.levels.any(axis=(1, 2)))
@@ -182,6 +185,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="model card; default: the shipped model")
     parser.add_argument("--crops", type=int, default=16, help="synthetic crops per modality")
     parser.add_argument("--short", type=int, default=12, help="short scans per modality")
+    parser.add_argument("--seed-offset", type=int, default=0, help="added to every seed: a second, fresh sample")
     parser.add_argument("--workdir", type=Path, help="where the view of the training data is made")
     parser.add_argument("--verbose", action="store_true", help="one line per case")
     args = parser.parse_args()
@@ -194,8 +198,8 @@ def main() -> int:
     model = get_model(args.model, "cpu")
     view = training_view(args.workdir or Path(tempfile.mkdtemp(prefix="spinelabel-selection-")))
     library = build_shape_library(view)
-    totals = {**phantoms(model), **crops(model, args.crops, library)}
-    short = short_scans(model, args.short, library)
+    totals = {**phantoms(model, args.seed_offset), **crops(model, args.crops, library, args.seed_offset)}
+    short = short_scans(model, args.short, library, args.seed_offset)
     print(f"model {model.info['name']} {model.info['version']}")
     _report(totals, "all")
     _report(short, "all short")
