@@ -17,9 +17,22 @@ from SpineLabelLib.pipeline import get_model
 from SpineLabelLib.vertebrae import BODY, POSTERIOR
 
 
-def test_modality_from_the_image_minimum():
-    assert modality_of(-1024.0) == "CT" and modality_of(-3024.0) == "CT"
-    assert modality_of(0.0) == "MR" and modality_of(-47.0) == "MR"  # MR magnitude, a slightly negative offset
+def test_modality_from_the_intensities():
+    rng = np.random.default_rng(0)
+    inside = rng.normal(40, 20, (30, 40, 40))  # soft tissue, HU
+    inside[:, :, :6] = -100  # fat
+    inside[10:20, 15:25, 15:25] = 700  # bone
+    assert modality_of(np.pad(inside, 4, constant_values=-1024.0)) == "CT"
+    assert modality_of(np.pad(inside, 4, constant_values=-3024.0)) == "CT"  # the scanner's padding
+    assert modality_of(inside) == "CT"  # cropped inside the body: no air, but fat and bone
+    assert modality_of(inside[:, :, 6:]) == "MR"  # neither air nor fat: nothing says Hounsfield units
+    mr = rng.uniform(0, 4000, (30, 40, 40))
+    assert modality_of(mr) == "MR"
+    assert modality_of(mr - 47) == "MR"  # a slightly negative offset
+    ringing = mr.copy()
+    ringing[::10, ::10, 0] = -300  # interpolation overshoot at a few sharp edges
+    assert modality_of(ringing) == "MR"
+    assert modality_of((mr - mr.mean()) / mr.std()) == "MR"  # normalised to zero mean and unit variance
 
 
 def test_ct_window_is_the_same_whatever_the_field_of_view():

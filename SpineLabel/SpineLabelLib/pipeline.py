@@ -133,10 +133,11 @@ def label_spine(
     loaded = get_model(model, device)
     t = stage("load_model", t)
     geometry = Geometry.of(image)
-    # fills the model grid outside the image; CT air is below -500 HU. numpy's minimum of the pixel buffer, no copy,
-    # takes a tenth of the time of SimpleITK's filter
-    minimum = float(sitk.GetArrayViewFromImage(image).min())
-    modality = modality_of(minimum)
+    # the minimum fills the model grid outside the image; numpy reads the pixel buffer without a copy, in a tenth of
+    # the time of SimpleITK's filter
+    pixels = sitk.GetArrayViewFromImage(image)
+    minimum = float(pixels.min())
+    modality = modality_of(pixels)
     grid = canonical_grid(image, loaded.spacing_mm)
     resampled = resample_to_grid(image, grid, default=minimum)
     volume = sitk.GetArrayViewFromImage(resampled)  # float32, read-only, no copy: normalise makes the one copy

@@ -132,8 +132,9 @@ def _normalised(volume: np.ndarray, modality: str) -> np.ndarray:
 def _model_input(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
     """A real image as the pipeline gives it to the network: on ``grid`` (filled with the image minimum outside it),
     normalised for its modality. float32 (z, y, x)."""
-    minimum = float(sitk.GetArrayViewFromImage(image).min())
-    return _normalised(sitk.GetArrayFromImage(resample_to_grid(image, grid, default=minimum)), modality_of(minimum))
+    pixels = sitk.GetArrayViewFromImage(image)
+    minimum = float(pixels.min())
+    return _normalised(sitk.GetArrayFromImage(resample_to_grid(image, grid, default=minimum)), modality_of(pixels))
 
 
 def unknown_beyond_labelled_ends(tissue: np.ndarray, verse: np.ndarray) -> np.ndarray:
@@ -235,7 +236,7 @@ def _negative_source(spacing_mm: float, size: tuple[int, int, int]) -> Callable[
         kind = str(rng.choice(KINDS))
         raw = non_spine_image(rng, kind, size, spacing_mm)
         background = np.zeros(size, np.uint8)
-        return Case(_normalised(raw, modality_of(float(raw.min()))), background, background.copy(), f"negative-{kind}")
+        return Case(_normalised(raw, modality_of(raw)), background, background.copy(), f"negative-{kind}")
 
     return draw
 
