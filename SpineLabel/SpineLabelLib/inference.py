@@ -76,13 +76,12 @@ def modality_of(volume: np.ndarray) -> str:
     units of zero.
 
     Args:
-        volume: the scan's intensities, any shape and real dtype (HU for CT); read, not copied, beyond a strided
+        volume: the scan's intensities, any shape, layout and real dtype (HU for CT); not copied beyond a strided
             sample of ``_MODALITY_SAMPLE`` voxels.
     """
     if float(volume.min()) < -500:
         return "CT"
-    flat = volume.reshape(-1)
-    sample = flat[:: max(1, flat.size // _MODALITY_SAMPLE)]
+    sample = volume.flat[:: max(1, volume.size // _MODALITY_SAMPLE)]
     return "CT" if np.mean(sample < -50) >= 0.01 and np.mean(sample > 200) >= 0.01 else "MR"
 
 
