@@ -72,6 +72,7 @@ class SpineLabelParameterNode:
     inputVolume - the CT or MRI volume to label.
     modelPath - model card (.json) to use; empty for the model that ships with SpineLabel.
     device - where the network runs.
+    modality - CT or MR; auto detects it from the intensities.
     checkOrientation - also run the network on the volume turned head to feet and warn when it reads better that way.
     skipSpineGate - label the vertebra-like components even where the network does not take the image for a spine.
     datasetDirectory - nnU-Net dataset folder that corrected cases are appended to.
@@ -80,6 +81,7 @@ class SpineLabelParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     modelPath: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    modality: Annotated[str, Choice(["auto", "ct", "mr"])] = "auto"
     checkOrientation: bool = False
     skipSpineGate: bool = False
     datasetDirectory: Path = Path.home() / "SpineLabelDataset"
@@ -239,7 +241,8 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._labeling = None
             self._process, self._outputDir = self.logic.startLabelling(
                 self._parameterNode.inputVolume, self._parameterNode.modelPath or None, self._parameterNode.device,
-                self._parameterNode.checkOrientation, not self._parameterNode.skipSpineGate)
+                self._parameterNode.checkOrientation, not self._parameterNode.skipSpineGate,
+                self._parameterNode.modality)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Starting...")
             self._timer.start()
@@ -408,7 +411,8 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         """Python that runs the worker: Slicer's ``PythonSlicer`` when available."""
         return shutil.which("PythonSlicer") or sys.executable
 
-    def startLabelling(self, volumeNode, modelPath=None, device="auto", checkOrientation=False, spineGate=True):
+    def startLabelling(self, volumeNode, modelPath=None, device="auto", checkOrientation=False, spineGate=True,
+                       modality="auto"):
         """Write the volume to a temporary file and label it in a background process.
 
         Returns:
@@ -428,7 +432,7 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         outputDirectory = workDirectory / "result"
         process = BackgroundProcess(
             labelCommand(self.pythonExecutable(), inputPath, outputDirectory, modelPath, device, checkOrientation,
-                         spineGate),
+                         spineGate, modality),
             parseWorkerLine, env=_childEnvironment(moduleRoot()))
         process.start()
         return process, outputDirectory
@@ -454,7 +458,7 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(Path(outputDirectory).parent, ignore_errors=True)
 
     def label(self, volumeNode, modelPath=None, device="auto", progress=None, checkOrientation=False,
-              spineGate=True):
+              spineGate=True, modality="auto"):
         """Label a volume in this process (batch mode, tests) and show the result.
 
         Returns:
@@ -465,7 +469,7 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
 
         image = imageFromVolumeNode(volumeNode)
         result = label_spine(image, model=modelPath, device=device, progress=progress,
-                             check_orientation=checkOrientation, spine_gate=spineGate)
+                             check_orientation=checkOrientation, spine_gate=spineGate, modality=modality)
         result.source = volumeSource(volumeNode)
         return LabelingScene(volumeNode, result, image=image)
 

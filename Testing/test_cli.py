@@ -32,7 +32,8 @@ def phantom_file(tmp_path_factory):
 
 def test_label_writes_every_output(tmp_path, model, phantom_file, capsys):
     out = tmp_path / "out"
-    argv = ["label", str(phantom_file), "-o", str(out), "--model", str(model), "--device", "cpu", "--no-spine-gate"]
+    argv = ["label", str(phantom_file), "-o", str(out), "--model", str(model), "--device", "cpu", "--no-spine-gate",
+            "--modality", "mr"]
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted("spine" + s for s in OUTPUT_SUFFIXES)
     seg = sitk.ReadImage(str(out / "spine_seg.nii.gz"))
@@ -41,6 +42,7 @@ def test_label_writes_every_output(tmp_path, model, phantom_file, capsys):
     report = json.loads((out / "spine_report.json").read_text())
     assert report["model"]["name"] == "random" and "total" in report["timings_s"]
     assert report["vertebrae"]  # the gate would refuse the random model's components
+    assert report["input"]["modality"] == "MR"  # a CT phantom, labelled as MR because the user said so
     assert "vertebrae" in capsys.readouterr().out
 
 

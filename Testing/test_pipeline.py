@@ -172,6 +172,16 @@ def test_the_spine_gate_can_be_switched_off(random_model, small_phantom):
     assert not any(w.startswith("no spine recognised") for w in labelled.warnings)
 
 
+def test_the_modality_can_be_given(small_phantom):
+    # the default model has a CT window: its CT and MR paths normalise differently
+    detected = label_spine(small_phantom.image, device="cpu", spine_gate=False)
+    as_mr = label_spine(small_phantom.image, device="cpu", spine_gate=False, modality="mr")
+    assert detected.modality == "CT" and as_mr.modality == "MR"
+    assert as_mr.spine_probability != detected.spine_probability  # the network saw the MR normalisation
+    with pytest.raises(ValueError, match="modality"):
+        label_spine(small_phantom.image, device="cpu", modality="PET")
+
+
 @pytest.mark.parametrize("kind", ["noise", "ball"])
 def test_non_spine_images_give_no_vertebrae_and_a_warning(kind):
     rng = np.random.default_rng(0)

@@ -348,10 +348,10 @@ def random_model(tmp_path_factory):
                       tmp_path_factory.mktemp("model") / "random.json")
 
 
-def _worker(image_path, out, model, check_orientation=False, spine_gate=True):
+def _worker(image_path, out, model, check_orientation=False, spine_gate=True, modality="auto"):
     root = Path(__file__).resolve().parents[1]
     runner = process.BackgroundProcess(process.labelCommand(sys.executable, image_path, out, model, "cpu",
-                                                            check_orientation, spine_gate),
+                                                            check_orientation, spine_gate, modality),
                                        process.parseWorkerLine,
                                        env=process.pythonPathEnvironment([root / "SpineLabel"]))
     runner.start()
@@ -372,8 +372,9 @@ def test_phantom_labelled_in_background_into_the_scene(mrml, tmp_path, random_mo
     image_path = tmp_path / "input.nrrd"
     sitk.WriteImage(imageFromVolumeNode(volume), str(image_path))  # what SpineLabelLogic.startLabelling does
     # the gate would refuse the random model's components, which do not look like a spine: the worker skips it
+    # and the random model's run is told to take the CT phantom for MR, as the module's Modality box can
     runner = _worker(image_path, tmp_path / "result", model, check_orientation=model_kind == "default",
-                     spine_gate=model_kind == "default")
+                     spine_gate=model_kind == "default", modality="auto" if model_kind == "default" else "mr")
     assert runner.wait(300) == 0, runner.outputTail()
     events = runner.readEvents()
     fractions = [e["fraction"] for e in events if e["event"] == "progress"]
@@ -382,6 +383,7 @@ def test_phantom_labelled_in_background_into_the_scene(mrml, tmp_path, random_mo
 
     labeling = LabelingScene(volume, loadResult(events[-1]["result"]))
     assert labeling.result.model["name"] == json.loads(Path(model).read_text())["name"]
+    assert labeling.result.modality == ("CT" if model_kind == "default" else "MR")
     assert len(labeling.result.vertebrae) == events[-1]["vertebrae"] > 0
     assert_nodes_match(labeling)
     if model_kind == "default":  # the shipped model finds and names the lumbar vertebrae of a lumbar phantom

@@ -53,7 +53,8 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int
         try:
             image = read_image(path)
             result = label_spine(image, model=model, device=args.device, progress=progress,
-                                 check_orientation=args.check_orientation, spine_gate=not args.no_spine_gate)
+                                 check_orientation=args.check_orientation, spine_gate=not args.no_spine_gate,
+                                 modality=args.modality)
             result.source = str(path)
             written = write_all(result, image, out, case_name(path), input_path=path)
         except (InputError, OSError, ValueError, RuntimeError) as err:
@@ -67,7 +68,8 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int
             bar.close()
         if not args.quiet:
             names = " ".join(v.name for v in result.vertebrae) or "none"
-            print(f"{path}: {len(result.vertebrae)} vertebrae ({names}) in {result.timings_s['total']:.1f} s -> {written[0].parent}")
+            print(f"{path}: {len(result.vertebrae)} vertebrae ({names}) in {result.timings_s['total']:.1f} s, as "
+                  f"{result.modality} -> {written[0].parent}")
             for warning in result.warnings:
                 print(f"  warning: {warning}")
     return 1 if failures else 0
@@ -125,8 +127,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_labelling_options(p: argparse.ArgumentParser, scope: str = "") -> None:
-    """The options that ``_label_files`` reads (model, device, orientation check, spine gate); ``scope`` opens their
-    help."""
+    """The options that ``_label_files`` reads (model, device, orientation check, spine gate, modality); ``scope``
+    opens their help."""
     p.add_argument("--model", type=Path, help=scope + "model card (.json); default: the model shipped with SpineLabel")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=scope + "where the network runs")
     p.add_argument("--check-orientation", action="store_true",
@@ -135,6 +137,9 @@ def _add_labelling_options(p: argparse.ArgumentParser, scope: str = "") -> None:
     p.add_argument("--no-spine-gate", action="store_true",
                    help=scope + "label the vertebra-like components even where the network does not take the image "
                         "for a spine (a spine the gate refuses: a small or unusual field of view)")
+    p.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"],
+                   help=scope + "CT (Hounsfield units) or MR; auto: CT when the image holds air, or fat and bone, in "
+                        "Hounsfield units")
 
 
 def build_parser() -> argparse.ArgumentParser:

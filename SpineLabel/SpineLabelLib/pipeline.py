@@ -90,6 +90,7 @@ def label_spine(
     cancel: Callable[[], bool] | None = None,
     check_orientation: bool = False,
     spine_gate: bool = True,
+    modality: str = "auto",
 ) -> SpineLabeling:
     """Label every vertebra of a CT or MR spine image.
 
@@ -104,6 +105,8 @@ def label_spine(
             the level head only (about a third of the network time again).
         spine_gate: refuse images that the network does not take for a spine (``is_spine``). False labels whatever
             vertebra-like components it finds: for a spine the gate refuses, such as a small or unusual field of view.
+        modality: ``"auto"`` detects it (``inference.modality_of``); ``"ct"`` (intensities in Hounsfield units) or
+            ``"mr"``, any case, overrides the detection for a scan it gets wrong.
 
     Returns:
         The labelling on the input image's grid. An image without vertebrae (empty, constant, not a spine) gives
@@ -124,6 +127,8 @@ def label_spine(
             raise Cancelled()
         return now
 
+    if modality.lower() not in ("auto", "ct", "mr"):
+        raise ValueError(f"modality must be 'auto', 'ct' or 'mr', not {modality!r}")
     t = t0 = time.perf_counter()
     source = ""
     if not isinstance(image, sitk.Image):
@@ -137,7 +142,7 @@ def label_spine(
     # the time of SimpleITK's filter
     pixels = sitk.GetArrayViewFromImage(image)
     minimum = float(pixels.min())
-    modality = modality_of(pixels)
+    modality = modality_of(pixels) if modality.lower() == "auto" else modality.upper()
     grid = canonical_grid(image, loaded.spacing_mm)
     resampled = resample_to_grid(image, grid, default=minimum)
     volume = sitk.GetArrayViewFromImage(resampled)  # float32, read-only, no copy: normalise makes the one copy

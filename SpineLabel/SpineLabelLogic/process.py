@@ -81,7 +81,7 @@ def pythonPathEnvironment(paths: Sequence[str | os.PathLike], base: dict | None 
 
 def labelCommand(python: str, inputPath: str | os.PathLike, outputDir: str | os.PathLike,
                  model: str | os.PathLike | None = None, device: str = "auto",
-                 checkOrientation: bool = False, spineGate: bool = True) -> list[str]:
+                 checkOrientation: bool = False, spineGate: bool = True, modality: str = "auto") -> list[str]:
     """Command line of the labelling worker."""
     command = [python, "-m", "SpineLabelLogic.worker", str(inputPath), str(outputDir), "--device", device]
     if model:
@@ -90,6 +90,8 @@ def labelCommand(python: str, inputPath: str | os.PathLike, outputDir: str | os.
         command.append("--check-orientation")
     if not spineGate:
         command.append("--no-spine-gate")
+    if modality != "auto":
+        command += ["--modality", modality.lower()]
     return command
 
 

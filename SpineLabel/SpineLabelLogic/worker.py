@@ -1,7 +1,7 @@
 """Labelling worker run by the Slicer module in a separate process::
 
     python -m SpineLabelLogic.worker INPUT OUTDIR [--model CARD] [--device auto|cpu|cuda] [--check-orientation]
-        [--no-spine-gate]
+        [--no-spine-gate] [--modality auto|ct|mr]
 
 It labels INPUT with :func:`SpineLabelLib.pipeline.label_spine` and writes the complete labelling (component ids,
 per-level scores, fixed flags: everything corrections need, unlike the user-facing outputs) to OUTDIR with
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--check-orientation", action="store_true", help="see spinelabel label --check-orientation")
     parser.add_argument("--no-spine-gate", action="store_true", help="see spinelabel label --no-spine-gate")
+    parser.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"], help="see spinelabel label --modality")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = label_spine(args.input, model=args.model, device=args.device,
                              check_orientation=args.check_orientation, spine_gate=not args.no_spine_gate,
+                             modality=args.modality,
                              progress=lambda fraction, message: _emit(
                                  {"event": "progress", "fraction": round(float(fraction), 4), "message": message}))
         saveResult(result, args.outdir)
