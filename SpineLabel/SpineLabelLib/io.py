@@ -124,8 +124,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         A 3D scalar image, pixel type float32 or its original integer type, geometry untouched.
 
     Raises:
-        InputError: missing path, unsupported extension, unreadable or truncated file, not 3D (2D, 4D), not
-            scalar (RGB, vector), empty, or holding NaN/inf.
+        InputError: missing path, unsupported extension, unreadable or truncated file, not 3D (2D; 4D of more than
+            one time point), not scalar (RGB, vector), empty, or holding NaN/inf.
     """
     p = Path(path)
     if not p.exists():
@@ -145,6 +145,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
             raise InputError(f"{p}: unreadable image ({detail.strip()[:200]})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{p}: {image.GetNumberOfComponentsPerPixel()}-component (RGB/vector) image; a scalar CT or MRI volume is needed")
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:  # one time point (NRRD, MetaImage): a 3D volume
+        image = image[:, :, :, 0]
     if image.GetDimension() != 3:
         raise InputError(f"{p}: {image.GetDimension()}D image; a 3D volume is needed")
     if min(image.GetSize()) < 2:
