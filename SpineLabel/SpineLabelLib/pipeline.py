@@ -127,7 +127,8 @@ def label_spine(
             raise Cancelled()
         return now
 
-    if modality.lower() not in ("auto", "ct", "mr"):
+    given = modality.upper()
+    if given not in ("AUTO", "CT", "MR"):
         raise ValueError(f"modality must be 'auto', 'ct' or 'mr', not {modality!r}")
     t = t0 = time.perf_counter()
     source = ""
@@ -142,7 +143,7 @@ def label_spine(
     # the time of SimpleITK's filter
     pixels = sitk.GetArrayViewFromImage(image)
     minimum = float(pixels.min())
-    modality = modality_of(pixels) if modality.lower() == "auto" else modality.upper()
+    modality = modality_of(pixels) if given == "AUTO" else given
     grid = canonical_grid(image, loaded.spacing_mm)
     resampled = resample_to_grid(image, grid, default=minimum)
     volume = sitk.GetArrayViewFromImage(resampled)  # float32, read-only, no copy: normalise makes the one copy
