@@ -75,6 +75,27 @@ def test_a_column_of_bodies_is_cut_at_its_discs_but_a_tall_sacrum_is_not():
     assert split_merged(body_components(sacrum, SPACING), (sacrum == BODY) * 0.9, SPACING).max() == 1
 
 
+def test_the_end_of_a_body_beyond_a_missed_disc_at_the_edge_of_the_view_is_cut_off():
+    # the view ends 6 mm into the most cranial body, and the network missed the disc below it: that end joins the
+    # whole body below, too short together (32 mm) to be taken for merged bodies
+    top = 2 + 4 * 13 + 3
+    tissue = stacked_spine(n=5)[:top]
+    prob = np.where(tissue == BODY, 0.95, 0.0).astype(np.float32)
+    missed = np.zeros(tissue.shape, bool)
+    missed[top - 6 : top - 3] = tissue[top - 6 : top - 3] == DISC
+    prob[missed] = 0.55
+    tissue[missed] = BODY
+    merged = body_components(tissue, SPACING)
+    assert merged.max() == 4
+    split = split_merged(merged, prob, SPACING)
+    assert split.max() == 5
+    assert set(np.unique(np.argwhere(split == 1)[:, 0])) <= set(range(top - 6, top))  # that end and part of its disc
+    # a body cut by the edge without a valley next to it stays whole, however tall
+    sacrum = np.zeros((60, 30, 30), np.uint8)
+    sacrum[0:55, 8:22, 8:22] = BODY
+    assert split_merged(body_components(sacrum, SPACING), (sacrum == BODY) * 0.9, SPACING).max() == 1
+
+
 def _level_head(levels_zyx: np.ndarray, n_levels: int = 27, sure: float = 0.9) -> np.ndarray:
     """Half-resolution level log-probabilities (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) that give each voxel the
     level in ``levels_zyx`` (int, full resolution) with probability ``sure``."""

@@ -118,6 +118,7 @@ def split_merged(
     level_log_probs: np.ndarray | None = None,
     min_level_probability: float = 0.5,
     min_level_core_ml: float = 0.4,
+    min_edge_piece_mm: float = 4.0,
 ) -> np.ndarray:
     """Cut components that span more than one vertebral body.
 
@@ -136,6 +137,11 @@ def split_merged(
        since the median component may itself be a merged column); two or more such cores split the piece by
        watershed, as in 1. Which level a piece is, is left to the sequence model: only the number of bodies and
        the cuts between them come from here.
+
+    4. Edges: a component that reaches the first or last z slice, whatever its height, is also cut at a deep
+       valley (as in 2) that may lie as close as ``min_edge_piece_mm`` to that slice. Next to the edge of the
+       field of view the network often misses a disc, and the few millimetres of the next body still in view join
+       a whole body without making it tall enough for the cuts above.
 
     The sacrum and single tall bodies, with one core, no deep valley and one level, stay whole; a sacrum cut into
     its segments is merged again by the sequence model.
@@ -161,22 +167,28 @@ def split_merged(
     core_voxels = max(4.0, min_core * float(np.median(voxels[whole] if whole.any() else voxels)))
     level_core_voxels = min_level_core_ml * 1000.0 / float(np.prod(spacing_mm))
     window = max(1, int(round(min_piece_mm / spacing_mm[0])))
+    edge_window = max(1, int(round(min_edge_piece_mm / spacing_mm[0])))
     out = labels.copy()
     next_id = int(ids.max()) + 1
     for vid, height in zip(ids, heights):
-        if height <= limit:
-            continue
         box = boxes[vid - 1]
+        cut = (box[0].start == 0, box[0].stop == labels.shape[0])  # (first, last) z slice reached
+        if height <= limit and not any(cut):
+            continue
         mask = labels[box] == vid
         probability = body_probability[box].astype(np.float32)
-        pieces = _split_at_cores(mask, probability, core_levels, core_voxels)
-        if pieces is None:
-            pieces = _split_at_valleys(mask, probability, window, depth)
+        pieces = None
+        if height > limit:
+            pieces = _split_at_cores(mask, probability, core_levels, core_voxels)
+            if pieces is None:
+                pieces = _split_at_valleys(mask, probability, window, depth)
         if pieces is None:
             pieces = mask.astype(np.int32)
-        if level_log_probs is not None:
+        if level_log_probs is not None:  # only pieces taller than the limit
             pieces = _split_tall_pieces_at_levels(pieces, probability, level_log_probs, box, limit, spacing_mm[0],
                                                   min_level_probability, level_core_voxels)
+        if any(cut):
+            pieces = _split_at_edge_valleys(pieces, probability, cut, window, edge_window, depth)
         if pieces.max() < 2:
             continue
         next_id = _new_ids_for_pieces(out[box], pieces, next_id)
@@ -210,6 +222,25 @@ def _split_tall_pieces_at_levels(pieces: np.ndarray, probability: np.ndarray, le
         if levels_in_box is None:
             levels_in_box = _full_resolution(level_log_probs, box)
         split = _split_at_levels(mask, probability, levels_in_box, min_probability, min_voxels)
+        if split is not None:
+            next_id = _new_ids_for_pieces(out, split, next_id)
+    return out
+
+
+def _split_at_edge_valleys(pieces: np.ndarray, probability: np.ndarray, cut: tuple[bool, bool], window: int,
+                           edge_window: int, depth: float) -> np.ndarray:
+    """``pieces`` (1..n, 0 outside; a component's box) with each piece that reaches a ``cut`` end of the box (first,
+    last z slice) cut by ``_split_at_valleys``, which may leave as few as ``edge_window`` slices on that side."""
+    out = pieces.copy()
+    next_id = int(pieces.max()) + 1
+    for k in range(1, int(pieces.max()) + 1):
+        mask = pieces == k
+        zs = np.flatnonzero(mask.any(axis=(1, 2)))
+        ends = (cut[0] and zs[0] == 0, cut[1] and zs[-1] == pieces.shape[0] - 1)
+        if not any(ends):
+            continue
+        split = _split_at_valleys(mask, probability, window, depth,
+                                  tuple(edge_window if end else window for end in ends))
         if split is not None:
             next_id = _new_ids_for_pieces(out, split, next_id)
     return out
@@ -256,14 +287,18 @@ def _split_at_cores(mask: np.ndarray, probability: np.ndarray, levels: tuple[flo
     return None
 
 
-def _split_at_valleys(mask: np.ndarray, probability: np.ndarray, window: int, depth: float) -> np.ndarray | None:
-    """Pieces 1..n (0 outside ``mask``) cut at the deep valleys of the z profile of body probability, or None."""
+def _split_at_valleys(mask: np.ndarray, probability: np.ndarray, window: int, depth: float,
+                      ends: tuple[int, int] | None = None) -> np.ndarray | None:
+    """Pieces 1..n (0 outside ``mask``) cut at the deep valleys of the z profile of body probability, or None. A cut
+    leaves at least ``window`` slices of ``mask`` below and above it, or ``ends`` (below, above) slices."""
     profile = ndimage.gaussian_filter1d((probability * mask).sum(axis=(1, 2)).astype(float), 1.0)
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    below, above = ends or (window, window)
     cuts: list[int] = []
-    for z in range(window, profile.size - window):
+    for z in range(max(zs[0] + below, 1), min(zs[-1] + 1 - above, profile.size - 1)):
         if profile[z] > min(profile[z - 1], profile[z + 1]) or (cuts and z - cuts[-1] < window):
             continue
-        shoulder = min(profile[z - window : z].max(), profile[z + 1 : z + 1 + window].max())
+        shoulder = min(profile[max(z - window, 0) : z].max(), profile[z + 1 : z + 1 + window].max())
         if profile[z] < (1.0 - depth) * shoulder:
             cuts.append(z)
     if not cuts:
