@@ -123,7 +123,8 @@ def split_merged(
     """Cut components that span more than one vertebral body.
 
     A component is a candidate when it is taller (along z) than ``max_height_mm`` or than ``ratio`` times the
-    median height of the components. Two cuts are tried, in this order, and a third on what is still too tall:
+    median height of the components. Two cuts are tried, in this order, and a third on what is still too tall; a
+    fourth looks at every component that reaches the edge of the field of view:
 
     1. Cores: the voxels above a body probability of ``core_levels`` (lowest level first), eroded by one voxel.
        When at least two cores hold ``min_core`` times the median component volume each, the component is split
