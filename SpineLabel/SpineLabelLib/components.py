@@ -206,45 +206,52 @@ def _full_resolution(level_log_probs: np.ndarray, box: tuple[slice, ...]) -> np.
     return half[(slice(None),) + tuple(slice(s.start % 2, s.start % 2 + s.stop - s.start) for s in box)]
 
 
+def _split_each_piece(pieces: np.ndarray, split) -> np.ndarray:
+    """``pieces`` (int, 1..n, 0 outside) with each piece cut by ``split(mask, zs)``: the piece's bool mask and the z
+    indices it spans, to pieces 1..m (0 outside the mask), or None to leave it whole."""
+    out = pieces.copy()
+    next_id = int(pieces.max()) + 1
+    for k in range(1, int(pieces.max()) + 1):
+        mask = pieces == k
+        zs = np.flatnonzero(mask.any(axis=(1, 2)))
+        parts = split(mask, zs) if zs.size else None
+        if parts is not None:
+            next_id = _new_ids_for_pieces(out, parts, next_id)
+    return out
+
+
 def _split_tall_pieces_at_levels(pieces: np.ndarray, probability: np.ndarray, level_log_probs: np.ndarray,
                                  box: tuple[slice, ...], limit_mm: float, spacing_z_mm: float, min_probability: float,
                                  min_voxels: float) -> np.ndarray:
     """``pieces`` (1..n, 0 outside; the ``box`` of the model grid) with each piece taller than ``limit_mm`` split by
     ``_split_at_levels``; ``level_log_probs`` is the whole half-resolution level head output, brought to full
     resolution under ``box`` only when a piece needs it."""
-    out = pieces.copy()
-    next_id = int(pieces.max()) + 1
-    levels_in_box = None
-    for k in range(1, int(pieces.max()) + 1):
-        mask = pieces == k
-        zs = np.flatnonzero(mask.any(axis=(1, 2)))
-        if zs.size == 0 or (zs[-1] - zs[0] + 1) * spacing_z_mm <= limit_mm:
-            continue
-        if levels_in_box is None:
-            levels_in_box = _full_resolution(level_log_probs, box)
-        split = _split_at_levels(mask, probability, levels_in_box, min_probability, min_voxels)
-        if split is not None:
-            next_id = _new_ids_for_pieces(out, split, next_id)
-    return out
+    levels_in_box: list[np.ndarray] = []
+
+    def split(mask: np.ndarray, zs: np.ndarray) -> np.ndarray | None:
+        if (zs[-1] - zs[0] + 1) * spacing_z_mm <= limit_mm:
+            return None
+        if not levels_in_box:
+            levels_in_box.append(_full_resolution(level_log_probs, box))
+        return _split_at_levels(mask, probability, levels_in_box[0], min_probability, min_voxels)
+
+    return _split_each_piece(pieces, split)
 
 
 def _split_at_edge_valleys(pieces: np.ndarray, probability: np.ndarray, cut: tuple[bool, bool], window: int,
                            edge_window: int, depth: float) -> np.ndarray:
     """``pieces`` (1..n, 0 outside; a component's box) with each piece that reaches a ``cut`` end of the box (first,
     last z slice) cut by ``_split_at_valleys``, which may leave as few as ``edge_window`` slices on that side."""
-    out = pieces.copy()
-    next_id = int(pieces.max()) + 1
-    for k in range(1, int(pieces.max()) + 1):
-        mask = pieces == k
-        zs = np.flatnonzero(mask.any(axis=(1, 2)))
-        ends = (cut[0] and zs[0] == 0, cut[1] and zs[-1] == pieces.shape[0] - 1)
+    last = pieces.shape[0] - 1
+
+    def split(mask: np.ndarray, zs: np.ndarray) -> np.ndarray | None:
+        ends = (cut[0] and zs[0] == 0, cut[1] and zs[-1] == last)
         if not any(ends):
-            continue
-        split = _split_at_valleys(mask, probability, window, depth,
-                                  tuple(edge_window if end else window for end in ends))
-        if split is not None:
-            next_id = _new_ids_for_pieces(out, split, next_id)
-    return out
+            return None
+        return _split_at_valleys(mask, probability, window, depth,
+                                 tuple(edge_window if end else window for end in ends))
+
+    return _split_each_piece(pieces, split)
 
 
 def _new_ids_for_pieces(labels: np.ndarray, pieces: np.ndarray, next_id: int) -> int:
