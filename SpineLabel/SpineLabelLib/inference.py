@@ -144,6 +144,14 @@ class Prediction:
     bone_probability: np.ndarray | None
     level_log_probs: np.ndarray
 
+    def inside(self, inner: tuple[slice, ...]) -> Prediction:
+        """The prediction on the part ``inner`` (full-resolution slices with even starts, ``with_context``) of the
+        volume it was made on."""
+        half = (slice(None),) + tuple(slice(s.start // 2, s.start // 2 + (s.stop - s.start + 1) // 2) for s in inner)
+        crop = lambda a: None if a is None else np.ascontiguousarray(a[inner])
+        return Prediction(crop(self.tissue), crop(self.body_probability), crop(self.bone_probability),
+                          np.ascontiguousarray(self.level_log_probs[half]))
+
 
 def _starts(length: int, window: int, overlap: int) -> list[int]:
     """Window starts along one axis: even, so that the network's half-resolution output of every window lies on the

@@ -76,12 +76,44 @@ def get_model(model: str | os.PathLike | LoadedModel | None = None, device: str 
     return _cached_model(None if model is None else str(model), str(resolve_device(device)))
 
 
+_FOREGROUND = 0.05  # of the normalised range: brighter is the body, darker air or background
+
+
 def _foreground_box(volume: np.ndarray, margin: int = 6) -> tuple[slice, ...]:
-    """Bounding box of the voxels brighter than 5 % of the normalised range (the body), with a margin."""
-    box = nonzero_box(volume > 0.05)
+    """Bounding box of the voxels brighter than ``_FOREGROUND`` (the body), with a margin."""
+    box = nonzero_box(volume > _FOREGROUND)
     if box is None:
         return tuple(slice(0, s) for s in volume.shape)
     return tuple(slice(max(0, b.start - margin), min(s, b.stop + margin)) for b, s in zip(box, volume.shape))
+
+
+# The least extent, in voxels of the model grid along z and y, that the network is given: the in-plane size of its
+# training patch (160 mm at 2 mm). A scan shorter than that and cut through the body there (a short scan) used to be
+# filled out with zeros, which the network reads as air around the spine: on 36 synthetic scans 70 mm tall it then
+# called about half as many voxels vertebral body as in a taller view of the same region. Where the body ends inside
+# the image (air at that side) zeros are what the world looks like, and a mirror would add a second body. Along x
+# (left-right) the zeros stay: training fills thin sagittal stacks with zeros (most of the slabs of
+# synthesis._limit_field_of_view), and mirrored, the real sagittal lumbar MRI (28-38 voxels wide) lost body coverage.
+MIN_CONTEXT_VOXELS = 80
+_CONTEXT_AXES = (0, 1)
+_CUT_FACE = 0.1  # a side is cut through the body when at least this fraction of its face is foreground
+
+
+def with_context(volume: np.ndarray, min_voxels: int = MIN_CONTEXT_VOXELS) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """``volume`` (z, y, x, normalised) extended by reflection, along z and y where shorter than ``min_voxels``, at the
+    sides where the field of view cuts through the body (half each when both are), and where the volume lies inside
+    the result (slices with even starts: the half-resolution level grid stays aligned). Returns ``volume`` itself
+    when nothing is extended."""
+    widths = []
+    for axis, size in enumerate(volume.shape):
+        total = max(0, min_voxels - size) if axis in _CONTEXT_AXES else 0
+        cut = [float(np.mean(np.take(volume, end, axis=axis) > _FOREGROUND)) >= _CUT_FACE for end in (0, -1)]
+        before = (total // 4 * 2 if cut[1] else total // 2 * 2) if cut[0] else 0
+        widths.append((before, total - before if cut[1] else 0))
+    inner = tuple(slice(b, b + size) for (b, _), size in zip(widths, volume.shape))
+    if not any(b or a for b, a in widths):
+        return volume, inner
+    return np.pad(volume, widths, mode="reflect"), inner
 
 
 def label_spine(
@@ -161,9 +193,10 @@ def label_spine(
     box = _foreground_box(norm)
     t = stage("normalise", t)
     device_ = resolve_device(device)
+    extended, inner = with_context(norm[box])
     prediction = predict(
-        loaded, norm[box], device_, progress=lambda f, m: report(0.1 + 0.7 * f, m), cancel=cancel
-    )
+        loaded, extended, device_, progress=lambda f, m: report(0.1 + 0.7 * f, m), cancel=cancel
+    ).inside(inner)
     t = stage("network", t)
     report(0.82, "separating vertebrae")
     spacing_zyx = tuple(float(s) for s in grid.GetSpacing()[::-1])
@@ -217,8 +250,10 @@ def label_spine(
     orientation_margin = None
     if check_orientation and ordered:
         # reversed views, no copies: predict copies each window it cuts. The level head is all the check reads.
-        turned = predict(loaded, norm[box][::-1], device_, levels_only=True,
-                         progress=lambda f, m: report(0.84 + 0.05 * f, f"orientation check: {m}"), cancel=cancel)
+        extended, inner = with_context(norm[box][::-1])
+        turned = predict(loaded, extended, device_, levels_only=True,
+                         progress=lambda f, m: report(0.84 + 0.05 * f, f"orientation check: {m}"),
+                         cancel=cancel).inside(inner)
         turned_scores = feat.level_scores(bodies_box[::-1], turned.level_log_probs, [f.id for f in ordered])
         orientation_margin = feat.level_sharpness(turned_scores) - feat.level_sharpness(scores)
         if orientation_margin > ORIENTATION_MARGIN:
