@@ -116,6 +116,8 @@ def with_context(volume: np.ndarray, min_voxels: int = MIN_CONTEXT_VOXELS) -> tu
     inner = tuple(slice(b, b + size) for (b, _), size in zip(widths, volume.shape))
     if not any(b or a for b, a in widths):
         return volume, inner
+    log.info("short field of view: extended by its mirror image to %s voxels (z, y, x) from %s",
+             tuple(s + b + a for s, (b, a) in zip(volume.shape, widths)), volume.shape)
     return np.pad(volume, widths, mode="reflect"), inner
 
 
