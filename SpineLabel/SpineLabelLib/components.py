@@ -226,14 +226,15 @@ def _split_tall_pieces_at_levels(pieces: np.ndarray, probability: np.ndarray, le
     """``pieces`` (1..n, 0 outside; the ``box`` of the model grid) with each piece taller than ``limit_mm`` split by
     ``_split_at_levels``; ``level_log_probs`` is the whole half-resolution level head output, brought to full
     resolution under ``box`` only when a piece needs it."""
-    levels_in_box: list[np.ndarray] = []
+    levels_in_box = None
 
     def split(mask: np.ndarray, zs: np.ndarray) -> np.ndarray | None:
+        nonlocal levels_in_box
         if (zs[-1] - zs[0] + 1) * spacing_z_mm <= limit_mm:
             return None
-        if not levels_in_box:
-            levels_in_box.append(_full_resolution(level_log_probs, box))
-        return _split_at_levels(mask, probability, levels_in_box[0], min_probability, min_voxels)
+        if levels_in_box is None:
+            levels_in_box = _full_resolution(level_log_probs, box)
+        return _split_at_levels(mask, probability, levels_in_box, min_probability, min_voxels)
 
     return _split_each_piece(pieces, split)
 

@@ -110,6 +110,9 @@ def with_context(volume: np.ndarray, min_voxels: int = MIN_CONTEXT_VOXELS) -> tu
     widths = []
     for axis, size in enumerate(volume.shape):
         total = max(0, min_voxels - size) if axis in _CONTEXT_AXES else 0
+        if total == 0:
+            widths.append((0, 0))
+            continue
         cut = [float(np.mean(np.take(volume, end, axis=axis) > _FOREGROUND)) >= _CUT_FACE for end in (0, -1)]
         before = (total // 4 * 2 if cut[1] else total // 2 * 2) if cut[0] else 0
         widths.append((before, total - before if cut[1] else 0))
