@@ -129,6 +129,22 @@ def test_a_column_without_discs_or_valleys_is_cut_where_the_level_head_changes_l
     assert split_merged(merged, prob, SPACING, level_log_probs=unsure).max() == 1
 
 
+def test_a_body_the_level_head_hesitates_over_stays_whole():
+    # the column above, the level head torn between two levels over the lowest body: its left half one level, its
+    # right half another. The two parts lie side by side, not one above the other, so they stay one body
+    tissue = stacked_spine(n=4)
+    whole = tissue > 0
+    tissue[tissue == DISC] = BODY
+    merged = body_components(tissue, SPACING)
+    prob = np.where(tissue == BODY, 0.95, 0.0).astype(np.float32)
+    z, _, x = np.indices(tissue.shape)
+    levels = np.where(whole, 14 - (z - 2) // 13, 0)
+    levels[(z < 13) & (x >= 20) & whole] = 20
+    split = split_merged(merged, prob, SPACING, level_log_probs=_level_head(levels))
+    assert split.max() == 4
+    assert np.unique(split[2:12, 10:24, 12:28]).size == 1
+
+
 def test_bodies_bridged_across_a_tilted_disc_are_split_between_their_cores():
     # L5 on a sacrum tilted 45 degrees: the bridge follows the tilt, so no z slice is a valley, but the network is
     # surer of the two bodies than of the bridge between them

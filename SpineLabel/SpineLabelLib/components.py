@@ -136,8 +136,9 @@ def split_merged(
        voxels whose most probable level has a probability of at least ``min_level_probability`` form one core per
        level (its largest connected part, eroded by one voxel, of ``min_level_core_ml`` at least: a fixed size,
        since the median component may itself be a merged column); two or more such cores split the piece by
-       watershed, as in 1. Which level a piece is, is left to the sequence model: only the number of bodies and
-       the cuts between them come from here.
+       watershed, as in 1. Pieces that lie side by side rather than one above the other are one body whose level
+       the head is unsure of, and are joined again. Which level a piece is, is left to the sequence model: only
+       the number of bodies and the cuts between them come from here.
 
     4. Edges: a component that reaches the first or last z slice, whatever its height, is also cut at a deep
        valley (as in 2) that may lie as close as ``min_edge_piece_mm`` to that slice. Next to the edge of the
@@ -279,7 +280,28 @@ def _split_at_levels(mask: np.ndarray, probability: np.ndarray, level_log_probs:
             markers[parts == int(np.argmax(sizes)) + 1] = int(markers.max()) + 1
     if markers.max() < 2:
         return None
-    return watershed(-probability, markers, mask=mask)
+    return _join_side_by_side(watershed(-probability, markers, mask=mask))
+
+
+def _join_side_by_side(pieces: np.ndarray) -> np.ndarray | None:
+    """``pieces`` (1..n, 0 outside) with the pieces that lie side by side rather than one above the other joined, or
+    None when that leaves one piece. Two pieces lie side by side when the z ranges of their middle 80 % of voxels
+    overlap by more than half the shorter range: bodies are stacked along z, however tilted, so such pieces are one
+    body that the level head hesitates over (two levels each taking a part of it)."""
+    n = int(pieces.max())
+    z = np.nonzero(pieces)[0]
+    ids = pieces[pieces > 0]
+    spans = np.array([np.percentile(z[ids == k], (10, 50, 90)) for k in range(1, n + 1)])
+    order = np.argsort(spans[:, 1])  # by median z
+    low, high = spans[order, 0], spans[order, 2]
+    overlap = np.minimum(high[:-1], high[1:]) - np.maximum(low[:-1], low[1:])
+    length = high - low
+    beside = overlap > 0.5 * np.minimum(length[:-1], length[1:])
+    if beside.all():
+        return None
+    lut = np.zeros(n + 1, dtype=np.int32)
+    lut[order + 1] = np.cumsum(np.concatenate([[True], ~beside]))
+    return lut[pieces]
 
 
 def _split_at_cores(mask: np.ndarray, probability: np.ndarray, levels: tuple[float, ...],

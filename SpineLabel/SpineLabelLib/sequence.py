@@ -90,9 +90,9 @@ class SequencePriors:
 PRIORS = SequencePriors()
 
 # A vertebra whose confidence is below this gets an "uncertain" warning. The confidences run high: on the selection
-# set of the default model 1.6.0 (``python benchmarks/selection.py``: phantoms, synthetic crops and short scans), 88 %
-# of the 761 reference vertebrae whose closest predicted label had a confidence of 0.99 or more were identified,
-# against 52 % of the 60 at 0.95-0.99 and 43 % of the 90 below 0.95: below 0.99, a name is a coin flip or worse.
+# set of the default model 1.6.0 (``python benchmarks/selection.py``: phantoms, synthetic crops and short scans), 89 %
+# of the 754 reference vertebrae whose closest predicted label had a confidence of 0.99 or more were identified,
+# against 52 % of the 46 at 0.95-0.99 and 52 % of the 111 below 0.95: below 0.99, a name is a coin flip.
 UNCERTAIN_BELOW = 0.99
 
 _TRANSITIONAL = np.array([level.transitional for level in LEVELS])
