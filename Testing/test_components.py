@@ -272,3 +272,14 @@ def test_a_far_fragment_beside_a_short_chain_is_off_the_column():
         z, y, x = int((z_mm - 90) / 2), int(y_mm / 2), int(x_mm / 2)
         bodies[z - half : z + half, y - half : y + half, x - half : x + half] = vid
     assert off_axis_components(bodies, SPACING).tolist() == [3]
+
+
+def test_a_blob_level_with_one_of_two_bodies_is_off_the_column():
+    # an axial abdominal MRI 60 mm tall (the TotalSegmentator MR): two thoracic bodies and, level with the lower
+    # one, a bowel blob as large as it 100 mm in front of it, the upper body cut smaller by the edge of the scan.
+    # Two bodies make a short column, but one that rises; a body and the blob level with it make none
+    bodies = np.zeros((30, 110, 90), np.int32)
+    for vid, (z_mm, y_mm, x_mm, half_z) in enumerate([(46, 190, 90, 5), (16, 184, 90, 6), (15, 86, 70, 6)], start=1):
+        z, y, x = int(z_mm / 2), int(y_mm / 2), int(x_mm / 2)
+        bodies[z - half_z : z + half_z, y - 8 : y + 8, x - 8 : x + 8] = vid
+    assert off_axis_components(bodies, SPACING).tolist() == [3]

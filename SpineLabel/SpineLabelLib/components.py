@@ -343,13 +343,16 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
     """Ids of body components that lie off the vertebral column (posterior-element, rib, vessel or pelvis fragments).
 
     The column is drawn through the larger half of the components (by volume): the vertebral bodies are the large
-    ones, so fragments, however many, do not shape it. A component is measured against the column at its own height,
-    interpolated between the nearest large components above and below it (or, level with an end of the column,
-    that end's body); components beyond the ends are left to the chain (``features.drop_detached_ends``), since
-    where the column goes beyond its last body is not known. The component furthest off is dropped while it lies
-    more than ``tolerance_mm`` from the column, then the others are measured again. Antero-posterior offsets count
-    half: the sagittal curve bends sharply at the lumbosacral junction, while the column hardly leaves its coronal
-    line, and the fragments it must catch lie 35 mm or more behind the bodies (spinous processes) or beside them.
+    ones, so fragments, however many, do not shape it; where fewer than two large ones are left besides the component
+    measured (a scan with three components), through all the others. A component is measured against the column at
+    its own height, interpolated between the nearest column components above and below it (or, level with an end of
+    the column, that end's body); components beyond the ends are left to the chain (``features.drop_detached_ends``),
+    since where the column goes beyond its last body is not known. Two column components that lie further apart
+    across than along z are no stretch of a column (one of them is off it, as a bowel loop level with a body is), so
+    nothing is measured between them. The component furthest off is dropped while it lies more than
+    ``tolerance_mm`` from the column, then the others are measured again. Antero-posterior offsets count half: the
+    sagittal curve bends sharply at the lumbosacral junction, while the column hardly leaves its coronal line, and
+    the fragments it must catch lie 35 mm or more behind the bodies (spinous processes) or beside them.
 
     Args:
         bodies: int32 (z, y, x) body components.
@@ -366,18 +369,22 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
     large = volumes >= np.median(volumes)
     off = np.zeros(ids.size, dtype=bool)
     while True:
-        distance = np.array([_off_column(centroids, large & ~off, i) for i in range(ids.size)])
+        distance = np.array([_off_column(centroids, large, ~off, i) for i in range(ids.size)])
         worst = int(np.argmax(np.where(off, -1.0, distance)))
         if distance[worst] <= tolerance_mm:
             return ids[off]
         off[worst] = True
 
 
-def _off_column(centroids: np.ndarray, column: np.ndarray, i: int) -> float:
-    """Distance (mm; antero-posterior offsets halved) of centroid ``i`` from the column through the centroids
-    selected by ``column`` (bool), other than itself; 0 when it lies beyond the column's ends. Centroids are (n, 3)
-    z, y, x mm."""
-    others = np.flatnonzero(column & (np.arange(len(centroids)) != i))
+def _off_column(centroids: np.ndarray, large: np.ndarray, kept: np.ndarray, i: int) -> float:
+    """Distance (mm; antero-posterior offsets halved) of centroid ``i`` from the column through the ``large`` and
+    ``kept`` centroids (bool), other than itself, or through all the ``kept`` others where fewer than two of them are
+    large; 0 when it lies beyond the column's ends, or between two centroids that lean further from each other than
+    they rise (no column: one of them is off it). Centroids are (n, 3) z, y, x mm."""
+    candidates = kept & (np.arange(len(centroids)) != i)
+    others = np.flatnonzero(large & candidates)
+    if others.size < 2:
+        others = np.flatnonzero(candidates)
     if others.size < 2:
         return 0.0
     others = others[np.argsort(centroids[others, 0])]
@@ -386,7 +393,9 @@ def _off_column(centroids: np.ndarray, column: np.ndarray, i: int) -> float:
     k = int(np.searchsorted(zs, z))
     if 0 < k < others.size:
         lo, hi = centroids[others[k - 1]], centroids[others[k]]
-        reference = lo + (z - lo[0]) / max(hi[0] - lo[0], 1e-6) * (hi - lo)
+        if np.hypot(0.5 * (hi[1] - lo[1]), hi[2] - lo[2]) >= hi[0] - lo[0]:
+            return 0.0
+        reference = lo + (z - lo[0]) / (hi[0] - lo[0]) * (hi - lo)
     else:
         end = min(k, others.size - 1)  # the column's end level with or beyond the component
         if abs(z - zs[end]) > 0.5 * float(np.median(np.diff(zs))):
