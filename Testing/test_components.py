@@ -105,16 +105,20 @@ def _level_head(levels_zyx: np.ndarray, n_levels: int = 27, sure: float = 0.9) -
     return np.log(probs).astype(np.float16)
 
 
-def test_a_column_without_discs_or_valleys_is_cut_where_the_level_head_changes_level():
-    # thoracic CT: four bodies and the discs between them all one component of uniform probability
+def _column_without_discs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A thoracic CT: four bodies and the discs between them all one component of uniform probability. Returns the
+    component, its body probability and the level of each voxel (T8, index 14, at the top ... T5; 0 outside)."""
     tissue = stacked_spine(n=4)
     whole = tissue > 0
     tissue[tissue == DISC] = BODY
-    merged = body_components(tissue, SPACING)
-    prob = np.where(tissue == BODY, 0.95, 0.0).astype(np.float32)
-    assert split_merged(merged, prob, SPACING).max() == 1
     z = np.indices(tissue.shape)[0]
-    levels = np.where(whole, 14 - (z - 2) // 13, 0)  # T8 (index 14) at the top ... T5, one level per body
+    levels = np.where(whole, 14 - (z - 2) // 13, 0)
+    return body_components(tissue, SPACING), np.where(tissue == BODY, 0.95, 0.0).astype(np.float32), levels
+
+
+def test_a_column_without_discs_or_valleys_is_cut_where_the_level_head_changes_level():
+    merged, prob, levels = _column_without_discs()
+    assert split_merged(merged, prob, SPACING).max() == 1
     split = split_merged(merged, prob, SPACING, level_log_probs=_level_head(levels))
     assert split.max() == 4
     for k in range(1, 5):  # every piece holds one body, give or take a disc
@@ -132,14 +136,9 @@ def test_a_column_without_discs_or_valleys_is_cut_where_the_level_head_changes_l
 def test_a_body_the_level_head_hesitates_over_stays_whole():
     # the column above, the level head torn between two levels over the lowest body: its left half one level, its
     # right half another. The two parts lie side by side, not one above the other, so they stay one body
-    tissue = stacked_spine(n=4)
-    whole = tissue > 0
-    tissue[tissue == DISC] = BODY
-    merged = body_components(tissue, SPACING)
-    prob = np.where(tissue == BODY, 0.95, 0.0).astype(np.float32)
-    z, _, x = np.indices(tissue.shape)
-    levels = np.where(whole, 14 - (z - 2) // 13, 0)
-    levels[(z < 13) & (x >= 20) & whole] = 20
+    merged, prob, levels = _column_without_discs()
+    z, _, x = np.indices(merged.shape)
+    levels[(z < 13) & (x >= 20) & (levels > 0)] = 20
     split = split_merged(merged, prob, SPACING, level_log_probs=_level_head(levels))
     assert split.max() == 4
     assert np.unique(split[2:12, 10:24, 12:28]).size == 1
