@@ -195,6 +195,21 @@ def test_sacrum_called_posterior_elements_joins_s1_not_l5():
     assert sacrum.any() and (joined[sacrum] == 3).all() and (joined[~sacrum] == whole[~sacrum]).all()
 
 
+def test_a_sacral_mass_apart_from_the_sliver_named_s1_joins_it():
+    # the network took the whole sacrum, S1 body included, for posterior elements, and only a sliver at the edge of
+    # the scan for a body, which the chain names S1: the held-back mass below L5 is not connected to that sliver
+    whole = np.zeros((44, 40, 40), np.int32)
+    whole[30:40, 10:24, 12:28] = 1  # L5 (z grows cranially)
+    whole[0:2, 5:8, 5:8] = 2  # the sliver named S1
+    sacrum = np.zeros(whole.shape, bool)
+    sacrum[5:25, 10:20, 10:20] = True  # the sacral mass, below L5's centroid
+    sacrum[38:40, 30:32, 30:32] = True  # held back level with L5, connected to nothing
+    joined = join_sacrum(whole, sacrum, [2], above=1)
+    assert (joined[5:25, 10:20, 10:20] == 2).all() and (joined[38:40, 30:32, 30:32] == 0).all()
+    assert (joined[~sacrum] == whole[~sacrum]).all()
+    assert (join_sacrum(whole, sacrum, [2])[sacrum] == 2).all()  # S1 is the whole chain: all of it is sacrum
+
+
 def test_dense_bone_near_the_spine_joins_the_posterior_elements_but_a_rib_is_not_followed():
     tissue = stacked_spine()
     bone = np.where(tissue == DISC, 0.0, (tissue > 0) * 0.9).astype(np.float32)

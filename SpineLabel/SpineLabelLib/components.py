@@ -489,15 +489,20 @@ def sacral_posterior(bodies: np.ndarray, tissue: np.ndarray, level_log_probs: np
     return _full_resolution(s1[None], everywhere)[0] & (tissue == POSTERIOR) & (bodies == 0)
 
 
-def join_sacrum(vertebrae: np.ndarray, sacrum: np.ndarray, ids: list[int] | None = None) -> np.ndarray:
+def join_sacrum(vertebrae: np.ndarray, sacrum: np.ndarray, ids: list[int] | None = None,
+                above: int | None = None) -> np.ndarray:
     """Give the held-back voxels of ``sacrum`` to the vertebrae: with ``ids`` (the vertebra named S1, then the sacral
-    pieces below it), those connected to them join the first and the rest stay out; without (no vertebra is named
-    S1), each joins the vertebra it is connected to, as if it had never been held back.
+    pieces below it), those connected to them join the first, and so do those below the centroid of ``above`` (the
+    vertebra named just above S1; all of them when there is none), since where the network takes the whole sacrum, S1
+    body included, for posterior elements, the S1 body it finds may be a sliver apart from that mass; the rest stay
+    out. Without ``ids`` (no vertebra is named S1), each joins the vertebra it is connected to, as if it had never been
+    held back.
 
     Args:
-        vertebrae: int32 (z, y, x) whole-vertebra components; not modified.
+        vertebrae: int32 (z, y, x) whole-vertebra components (z grows cranially); not modified.
         sacrum: bool (z, y, x) voxels held back (``sacral_posterior``).
         ids: component ids, S1's first, or None.
+        above: component id of the vertebra above S1, or None.
 
     Returns:
         int32 (z, y, x) components.
@@ -506,6 +511,10 @@ def join_sacrum(vertebrae: np.ndarray, sacrum: np.ndarray, ids: list[int] | None
     if not markers.any() or not sacrum.any():
         return vertebrae
     grown = _flood(markers, (markers > 0) | sacrum)
+    if ids is not None:
+        z = np.arange(sacrum.shape[0])[:, None, None]
+        below = z < np.nonzero(vertebrae == above)[0].mean() if above is not None else True
+        grown = np.where(sacrum & (grown == 0) & below, ids[0], grown)
     return np.where(sacrum, grown, vertebrae).astype(vertebrae.dtype)
 
 

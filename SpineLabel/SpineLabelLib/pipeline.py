@@ -245,7 +245,8 @@ def label_spine(
     n_chain = int(np.argmax(is_s1)) + 1 if is_s1.any() else len(ordered)
     sacral_pieces = ordered[n_chain:]
     s1_and_pieces = [f.id for f in ordered[n_chain - 1:]] if is_s1.any() else None
-    whole[box] = comp.join_sacrum(whole[box], sacrum_box, s1_and_pieces)
+    above_s1 = ordered[n_chain - 2].id if is_s1.any() and n_chain > 1 else None
+    whole[box] = comp.join_sacrum(whole[box], sacrum_box, s1_and_pieces, above_s1)
     keep = np.zeros(int(whole.max(initial=0)) + 1, dtype=np.int16)
     for f in ordered[:n_chain]:
         keep[f.id] = f.id
