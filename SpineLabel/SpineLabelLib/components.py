@@ -512,9 +512,10 @@ def join_sacrum(vertebrae: np.ndarray, sacrum: np.ndarray, ids: list[int] | None
         return vertebrae
     grown = _flood(markers, (markers > 0) | sacrum)
     if ids is not None:
-        z = np.arange(sacrum.shape[0])[:, None, None]
-        below = z < np.nonzero(vertebrae == above)[0].mean() if above is not None else True
-        grown = np.where(sacrum & (grown == 0) & below, ids[0], grown)
+        left = sacrum & (grown == 0)
+        if above is not None and left.any():
+            left &= (np.arange(left.shape[0]) < np.nonzero(vertebrae == above)[0].mean())[:, None, None]
+        grown = np.where(left, ids[0], grown)
     return np.where(sacrum, grown, vertebrae).astype(vertebrae.dtype)
 
 
