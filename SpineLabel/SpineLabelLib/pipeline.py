@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from . import components as comp
 from . import features as feat
-from .inference import Cancelled, modality_of, normalise, predict, resolve_device
+from .inference import Cancelled, Prediction, modality_of, normalise, predict, resolve_device
 from .io import canonical_grid, read_image, resample_to_grid
 from .models import LoadedModel, load_model
 from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
@@ -125,6 +125,12 @@ def with_context(volume: np.ndarray, min_voxels: int = MIN_CONTEXT_VOXELS) -> tu
     return np.pad(volume, widths, mode="reflect"), inner
 
 
+def _predict_in_context(loaded: LoadedModel, volume: np.ndarray, device: "torch.device", **kwargs) -> Prediction:
+    """``predict`` on ``volume`` (z, y, x, normalised) extended by ``with_context``, cut back to ``volume``."""
+    extended, inner = with_context(volume)
+    return predict(loaded, extended, device, **kwargs).inside(inner)
+
+
 def label_spine(
     image: sitk.Image | str | os.PathLike,
     model: str | os.PathLike | LoadedModel | None = None,
@@ -202,10 +208,8 @@ def label_spine(
     box = _foreground_box(norm)
     t = stage("normalise", t)
     device_ = resolve_device(device)
-    extended, inner = with_context(norm[box])
-    prediction = predict(
-        loaded, extended, device_, progress=lambda f, m: report(0.1 + 0.7 * f, m), cancel=cancel
-    ).inside(inner)
+    prediction = _predict_in_context(loaded, norm[box], device_, progress=lambda f, m: report(0.1 + 0.7 * f, m),
+                                     cancel=cancel)
     t = stage("network", t)
     report(0.82, "separating vertebrae")
     spacing_zyx = tuple(float(s) for s in grid.GetSpacing()[::-1])
@@ -260,10 +264,9 @@ def label_spine(
     orientation_margin = None
     if check_orientation and ordered:
         # reversed views, no copies: predict copies each window it cuts. The level head is all the check reads.
-        extended, inner = with_context(norm[box][::-1])
-        turned = predict(loaded, extended, device_, levels_only=True,
-                         progress=lambda f, m: report(0.84 + 0.05 * f, f"orientation check: {m}"),
-                         cancel=cancel).inside(inner)
+        turned = _predict_in_context(loaded, norm[box][::-1], device_, levels_only=True,
+                                     progress=lambda f, m: report(0.84 + 0.05 * f, f"orientation check: {m}"),
+                                     cancel=cancel)
         turned_scores = feat.level_scores(bodies_box[::-1], turned.level_log_probs, [f.id for f in ordered])
         orientation_margin = feat.level_sharpness(turned_scores) - feat.level_sharpness(scores)
         if orientation_margin > ORIENTATION_MARGIN:
