@@ -53,7 +53,8 @@ def test_evaluate_labels_the_reference_images_first(tmp_path, model, phantom_fil
     (gt / "imagesTr" / "spine_0000.nii.gz").write_bytes(phantom_file.read_bytes())
     (gt / "labelsTr" / "spine.nii.gz").write_bytes((phantom_file.parent / "spine_label.nii.gz").read_bytes())
     pred, summary = tmp_path / "pred", tmp_path / "summary.json"
-    argv = ["evaluate", str(pred), str(gt), "--label", "--model", str(model), "--json", str(summary), "--quiet"]
+    argv = ["evaluate", str(pred), str(gt), "--label", "--model", str(model), "--json", str(summary), "--quiet",
+            "--no-spine-gate"]  # the gate would refuse the random model's components
     assert main(argv) == 0
     assert (pred / "spine_0000_seg.nii.gz").exists() and (pred / "spine_0000_report.json").exists()
     case = json.loads(summary.read_text())["cases"][0]
@@ -66,6 +67,7 @@ def bad_inputs(tmp):
     sitk.WriteImage(sitk.Image([32, 32], sitk.sitkInt16), str(tmp / "flat.nii.gz"))
     sitk.WriteImage(sitk.Image([8, 8, 8, 2], sitk.sitkInt16), str(tmp / "four.nii.gz"))
     sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3), str(tmp / "rgb.nrrd"))
+    sitk.WriteImage(sitk.Image([24, 24, 24], sitk.sitkInt16), str(tmp / "blank.nii.gz"))  # readable, nothing to label
     return {
         tmp / "missing.nii.gz": "no such file",
         tmp / "notes.txt": "unsupported file type",
@@ -73,13 +75,15 @@ def bad_inputs(tmp):
         tmp / "flat.nii.gz": "2D image",
         tmp / "four.nii.gz": "4D image",
         tmp / "rgb.nrrd": "RGB",
+        tmp / "blank.nii.gz": "image is constant",
     }
 
 
 def test_each_bad_input_fails_alone_with_a_clear_line(tmp_path, model, phantom_file, capsys):
     cases = bad_inputs(tmp_path)
     out = tmp_path / "out"
-    argv = ["label", *map(str, cases), str(phantom_file), "-o", str(out), "--model", str(model), "--quiet"]
+    argv = ["label", *map(str, cases), str(phantom_file), "-o", str(out), "--model", str(model), "--quiet",
+            "--no-spine-gate", "--modality", "mr"]  # as in test_label_writes_every_output
     assert main(argv) == 1
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("spinelabel: failed")]

@@ -412,3 +412,13 @@ def test_background_labelling_can_be_cancelled(tmp_path, random_model):
     runner.cancel(timeout=2)
     assert runner.cancelled and not runner.running and runner.returncode != 0
     assert not (tmp_path / "result" / "result.json").exists()
+
+
+def test_worker_reports_an_image_without_vertebrae_as_an_error(tmp_path, random_model):
+    image_path = tmp_path / "input.nrrd"
+    sitk.WriteImage(sitk.Image([24, 24, 24], sitk.sitkInt16), str(image_path))
+    runner = _worker(image_path, tmp_path / "result", random_model)
+    assert runner.wait(120) == 1, runner.outputTail()
+    event = runner.readEvents()[-1]
+    assert event["event"] == "error" and event["message"] == f"{image_path}: image is constant: nothing to label"
+    assert not (tmp_path / "result" / "result.json").exists()

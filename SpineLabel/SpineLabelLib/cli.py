@@ -25,7 +25,7 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int
     from .inference import reuse_freed_memory
     from .io import InputError, case_name, read_image
     from .models import ModelError
-    from .pipeline import get_model, label_spine
+    from .pipeline import get_model, label_spine, require_vertebrae
     from .writers import write_all
 
     reuse_freed_memory()
@@ -56,6 +56,7 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int
                                  check_orientation=args.check_orientation, spine_gate=not args.no_spine_gate,
                                  modality=args.modality)
             result.source = str(path)
+            require_vertebrae(result, path)
             written = write_all(result, image, out, case_name(path), input_path=path)
         except (InputError, OSError, ValueError, RuntimeError) as err:
             failures += 1

@@ -19,13 +19,14 @@ from scipy import ndimage
 from . import components as comp
 from . import features as feat
 from .inference import Cancelled, Prediction, modality_of, normalise, predict, resolve_device
-from .io import canonical_grid, read_image, resample_to_grid
+from .io import InputError, canonical_grid, read_image, resample_to_grid
 from .models import LoadedModel, load_model
 from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
 from .sequence import solve
 from .vertebrae import LEVELS, level_index
 
-__all__ = ["label_spine", "Cancelled", "get_model", "is_spine", "MIN_SPINE_PROBABILITY", "ORIENTATION_MARGIN"]
+__all__ = ["label_spine", "require_vertebrae", "NoVertebrae", "Cancelled", "get_model", "is_spine",
+           "MIN_SPINE_PROBABILITY", "ORIENTATION_MARGIN"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,19 @@ def is_spine(spine_probability: float, n_components: int) -> bool:
     if n_components >= LONG_COLUMN:
         return spine_probability >= MIN_SPINE_PROBABILITY_LONG_COLUMN
     return spine_probability >= MIN_SPINE_PROBABILITY
+
+
+class NoVertebrae(InputError):
+    """No vertebra was labelled: the image is constant, holds nothing vertebra-like, or the spine gate refused it."""
+
+
+def require_vertebrae(result: SpineLabeling, path: str | os.PathLike) -> SpineLabeling:
+    """``result`` when it names at least one vertebra; otherwise raises ``NoVertebrae`` naming ``path`` and the reason
+    (the first of ``result.warnings``). ``label_spine`` returns such an empty labelling (its spine probability is what
+    the gate judged); the command line and the Slicer module refuse it as bad input, with nothing written."""
+    if not result.vertebrae:
+        raise NoVertebrae(f"{path}: {result.warnings[0]}")
+    return result
 
 
 @lru_cache(maxsize=4)

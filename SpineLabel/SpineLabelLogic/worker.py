@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
     from SpineLabelLib.inference import reuse_freed_memory
-    from SpineLabelLib.pipeline import label_spine
+    from SpineLabelLib.pipeline import label_spine, require_vertebrae
 
     reuse_freed_memory()
     try:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                              modality=args.modality,
                              progress=lambda fraction, message: _emit(
                                  {"event": "progress", "fraction": round(float(fraction), 4), "message": message}))
-        saveResult(result, args.outdir)
+        saveResult(require_vertebrae(result, args.input), args.outdir)
     except Exception as err:  # reported to the Slicer module as one event, traceback in the log
         log.exception("labelling failed")
         _emit({"event": "error", "message": str(err) or type(err).__name__})
