@@ -67,6 +67,9 @@ def test_transitional_levels_count_as_one_level():
     pred = spine([T13, L2])
     r = ev.evaluate_case(pred, gt, SPACING_ZYX, None, None, bodies_only=False)
     assert r.off_by_one and r.shift == 1.0
+    # T12, L1 labelled L1, L2 in a spine without T13: each is one level too caudal, not two.
+    r = ev.evaluate_case(spine([L1, L2]), gt, SPACING_ZYX, None, None, bodies_only=False)
+    assert r.off_by_one and r.shift == 1.0 and r.n_identified == 0
     # L5 labelled L6 and S1 right: one of two pairs off -> not a shifted scan.
     gt = spine([L5, S1])
     r = ev.evaluate_case(spine([L6, S1]), gt, SPACING_ZYX, None, None, bodies_only=False)
@@ -179,8 +182,9 @@ def test_folders_verse_layout(tmp_path):
     assert [(k, p.name if p else None, g.layout, g.ctd is not None) for k, p, g in pairs] == [
         ("sub-a", "sub-a_ct", "verse", True), ("sub-b", "sub-b_ct", "verse", False), ("sub-c", None, "verse", False)]
 
-    summary = ev.evaluate_folders(pred_dir, gt_dir, tmp_path / "s.json", tmp_path / "s.md",
-                                  groups={"sub-a": "CT", "sub-b_ct": "CT", "sub-c": "MR"})
+    # groups by any name of a case: sub-c's prediction is missing, so only its image's name could give its group
+    summary = ev.evaluate_folders(pred_dir, gt_dir, tmp_path / "s.json", tmp_path / "report" / "s.md",
+                                  groups={"sub-a": "CT", "sub-b_ct": "CT", "sub-c_ct": "MR"})
     by_name = {c.name: c for c in summary.cases}
     assert by_name["sub-a_ct"].id_rate == 1.0 and by_name["sub-a_ct"].mean_dice == 1.0
     assert by_name["sub-a_ct"].centroid_source == "centroid files"
@@ -195,7 +199,7 @@ def test_folders_verse_layout(tmp_path):
     assert summary.unmatched_predictions == [str(pred_dir / "other_ct_seg.nii.gz")]
     saved = json.loads((tmp_path / "s.json").read_text())
     assert saved["overall"]["n_identified"] == 5 and len(saved["cases"]) == 3
-    md = (tmp_path / "s.md").read_text()
+    md = (tmp_path / "report" / "s.md").read_text()
     assert "| sub-b_ct | CT | 4 | 0 | 0.00 |" in md and "prediction missing" in md and "| all | 3 | 11 |" in md
 
 
@@ -303,3 +307,25 @@ def test_ct_verse_against_itself(tmp_path):
     r = summary.cases[0]
     assert r.name == "sub-verse014_ct" and r.n_gt == 5 and r.id_rate == 1.0
     assert r.mean_loc_error_mm == 0.0 and r.mean_dice == 1.0 and not r.off_by_one
+
+
+def test_tptbox_endplates_belong_to_their_vertebra_and_discs_are_ignored(tmp_path):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    truth = spine([L3, L4])
+    mask = truth.copy()
+    mask[1, truth[1] == L3] = 200 + L3  # the top layer of L3's body is its endplate
+    mask[10, 1:6, 2:10] = 100 + L3  # the disc below L3
+    write_mask(mask, gt_dir / "sub-ct_seg-vert_label-22_msk.nii.gz")
+    write_mask(truth, pred_dir / "sub-ct_label-22_seg.nii.gz")
+    case = ev.evaluate_folders(pred_dir, gt_dir).cases[0]
+    assert case.n_gt == 2 and case.mean_dice == 1.0 and case.id_rate == 1.0
+
+
+def test_centroids_that_are_not_finite_are_ignored(tmp_path):
+    path = tmp_path / "x_ctd.json"
+    path.write_text(json.dumps([{"label": L1, "world_lps_mm": [1.0, 2.0, 3.0]},
+                                {"label": L2, "world_lps_mm": [float("nan"), 2.0, 3.0]}]))
+    reference = sitk.Image([4, 4, 4], sitk.sitkUInt8)
+    assert list(ev.read_centroids(path, reference)) == [L1]

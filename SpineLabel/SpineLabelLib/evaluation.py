@@ -45,8 +45,9 @@ Metrics (all distances between centroids in LPS millimetres; labels are VerSe va
   Dice, over bodies-only cases. A case is bodies-only when the caller says so, otherwise when any folder on its
   GT mask's path (below and including the GT folder) has "bodies" in its name (``mri_lumbar_bodies``).
 * **Level shift / off-by-one scans**: every predicted centroid is paired with its closest GT centroid when that
-  lies within 20 mm; the level difference of a pair is ``level_index(pred) - level_index(gt)`` (anatomical order,
-  so T12 -> T13 or L5 -> L6 count as one level; positive = predicted label too caudal). The case *shift* is the
+  lies within 20 mm; the level difference of a pair is the number of levels between them on the ladder of a spine
+  without transitional levels, where T13 takes L1's place and L6 takes S1's (``level_step``): T12 -> L1, T12 ->
+  T13, L5 -> S1 and L5 -> L6 all count as one level (positive = predicted label too caudal). The case *shift* is the
   median difference over the pairs (None without pairs). A case is *off by one* when strictly more than half of
   its pairs differ by exactly one level (either sign). ``sacrum_in_gt`` tells whether S1 (label 26) is in the GT.
 * **Confidence** (predictions with ``NAME_report.json``): each GT vertebra takes the confidence of the predicted
@@ -413,17 +414,28 @@ def read_centroids(path: str | os.PathLike, reference: sitk.Image) -> dict[int, 
             continue
         label = int(entry["label"])
         if "world_lps_mm" in entry:
-            out[label] = np.asarray(entry["world_lps_mm"], dtype=float)
-            continue
-        if code is None:
+            position = np.asarray(entry["world_lps_mm"], dtype=float)
+        elif code is None:
             raise InputError(f"{path}: voxel centroids (X, Y, Z) without a 'direction' entry")
-        if oriented is None:
-            oriented = Geometry.of(sitk.DICOMOrient(reference, code))
-        out[label] = oriented.index_to_lps(np.array([entry["X"], entry["Y"], entry["Z"]], dtype=float))
+        else:
+            if oriented is None:
+                oriented = Geometry.of(sitk.DICOMOrient(reference, code))
+            position = oriented.index_to_lps(np.array([entry["X"], entry["Y"], entry["Z"]], dtype=float))
+        if not np.isfinite(position).all():
+            log.warning("%s: centroid of label %d is not a finite position; ignored", path, label)
+            continue
+        out[label] = position
     return out
 
 
 # ------------------------------------------------------------------------------------------------ one case
+
+
+def level_step(label: int) -> int:
+    """Position of VerSe ``label`` on the ladder C1 ... T12, L1 ... L5, S1 of a spine without transitional levels;
+    T13 shares L1's position and L6 shares S1's (each is one step below its neighbour above)."""
+    index = level_index(BY_LABEL[label].name)
+    return index - (index > level_index("T13")) - (index > level_index("L6"))
 
 
 def read_confidences(path: str | os.PathLike) -> dict[int, float]:
@@ -542,7 +554,7 @@ def evaluate_case(
             d = np.linalg.norm(gt_pos - p, axis=1)
             i = int(np.argmin(d))
             if d[i] <= ID_RADIUS_MM:
-                diffs.append(level_index(label) - level_index(gt_set[i]))
+                diffs.append(level_step(label) - level_step(gt_set[i]))
     n_one = sum(1 for d in diffs if abs(d) == 1)
     n_identified = sum(v.identified for v in vertebrae)
     not_predicted = [v.name for v in vertebrae if v.loc_error_mm is None]
@@ -567,6 +579,18 @@ def evaluate_case(
 
 
 # ------------------------------------------------------------------------------------------------ folders
+
+
+_ENDPLATE = 200  # TPTBox masks: 200 + L is an endplate of vertebra L (100 + L the disc below it, not a vertebra)
+
+
+def _with_endplates(labels: np.ndarray) -> np.ndarray:
+    """GT ``labels`` (z, y, x, integer VerSe values) with TPTBox endplates (200 + L) given to their vertebra L."""
+    if labels.max(initial=0) <= _ENDPLATE:
+        return labels
+    vertebra = labels.astype(np.int32) - _ENDPLATE
+    endplate = np.isin(vertebra, list(BY_LABEL))
+    return np.where(endplate, vertebra, labels)
 
 
 def _read_mask(path: Path) -> sitk.Image:
@@ -602,7 +626,8 @@ def _lookup(mapping: Mapping, key: str, pred: PredFiles | None, gt: GtFiles):
     for k in (key, pred.name if pred else None, _strip_nii(gt.mask.name)):
         if k is not None and k in mapping:
             return mapping[k]
-    return None
+    # any other name of the case, such as its image's, which a missing prediction cannot supply
+    return next((value for k, value in mapping.items() if case_key(k) == key), None)
 
 
 def evaluate_folders(
@@ -621,8 +646,8 @@ def evaluate_folders(
         gt_dir: reference folder in one of the layouts of the module docstring.
         out_json: where to write ``summary.to_dict()`` as JSON (written atomically), or None.
         out_md: where to write ``summary_markdown(summary)``, or None.
-        groups: case -> group name (e.g. "MR"/"CT"), keyed by matching key, prediction NAME or GT mask stem; cases
-            not in it are in no group.
+        groups: case -> group name (e.g. "MR"/"CT"), keyed by matching key, prediction NAME, GT mask stem or any name
+            with the case's matching key (its image's); cases not in it are in no group.
         bodies_only: True/False for all cases, a per-case mapping (keyed like ``groups``), or None to detect.
 
     Returns:
@@ -633,11 +658,14 @@ def evaluate_folders(
             both files), unreadable files.
     """
     pairs = match_cases(pred_dir, gt_dir)
+    for out in (out_json, out_md):  # before the scoring, not after it
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
     cases: list[CaseResult] = []
     for key, pred, gt in pairs:
         gt_image = _read_mask(gt.mask)
         geometry = Geometry.of(gt_image)
-        gt_labels = sitk.GetArrayViewFromImage(gt_image)
+        gt_labels = _with_endplates(sitk.GetArrayViewFromImage(gt_image))
         if isinstance(bodies_only, Mapping):
             flag = _lookup(bodies_only, key, pred, gt)
             is_bodies = gt.bodies_only if flag is None else bool(flag)
@@ -678,6 +706,8 @@ def evaluate_folders(
         else:
             result.centroid_source = "centroid files" if pred and pred.ctd else "GT centroid file, predicted mask"
         cases.append(result)
+        if result.n_gt == 0:
+            log.warning("%s: GT %s holds no vertebra label; the case has nothing to score", key, gt.mask)
         log.info("%s: %d of %d GT vertebrae identified", result.name, result.n_identified, result.n_gt)
 
     matched = {key for key, _, _ in pairs}
@@ -688,7 +718,7 @@ def evaluate_folders(
         unmatched_predictions=unmatched, pred_dir=str(pred_dir), gt_dir=str(gt_dir))
     if out_json is not None:
         with atomic_path(out_json) as tmp:
-            tmp.write_text(json.dumps(summary.to_dict(), indent=1))
+            tmp.write_text(json.dumps(summary.to_dict(), indent=1, allow_nan=False))
     if out_md is not None:
         with atomic_path(out_md) as tmp:
             tmp.write_text(summary_markdown(summary))
