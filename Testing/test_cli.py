@@ -112,3 +112,34 @@ def test_help_does_not_import_torch():
     code = "import sys; from SpineLabelLib.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_an_unexpected_error_fails_only_its_input(tmp_path, model, phantom_file, monkeypatch, capsys):
+    from SpineLabelLib import pipeline
+
+    first = tmp_path / "first.nii.gz"
+    first.write_bytes(phantom_file.read_bytes())
+    calls, label_spine = [], pipeline.label_spine
+
+    def out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError()
+        return label_spine(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "label_spine", out_of_memory_once)
+    out = tmp_path / "out"
+    argv = ["label", str(first), str(phantom_file), "-o", str(out), "--model", str(model), "--quiet",
+            "--no-spine-gate", "--modality", "mr"]
+    assert main(argv) == 1
+    assert f"spinelabel: failed: {first}: MemoryError" in capsys.readouterr().err
+    assert {p.name for p in out.iterdir()} == {"spine" + s for s in OUTPUT_SUFFIXES}
+
+
+def test_two_inputs_of_one_name_are_refused_before_labelling(tmp_path, model, phantom_file, capsys):
+    other = tmp_path / "other" / phantom_file.name
+    other.parent.mkdir()
+    other.write_bytes(phantom_file.read_bytes())
+    out = tmp_path / "out"
+    assert main(["label", str(phantom_file), str(other), "-o", str(out), "--model", str(model)]) == 2
+    assert "would both write" in capsys.readouterr().err and not out.exists()

@@ -90,6 +90,7 @@ def test_reads_a_volume_stored_as_one_time_point(tmp_path):
         (lambda p: write(p, "rgb.nii.gz", sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3)), "RGB"),
         (lambda p: write(p, "slice.nii.gz", sitk.Image([8, 8, 1], sitk.sitkInt16)), "single slice"),
         (lambda p: write(p, "nan.mha", sitk.GetImageFromArray(np.full((4, 4, 4), np.nan, np.float32))), "NaN"),
+        (lambda p: write(p, "nan.nii.gz", sitk.GetImageFromArray(np.full((4, 4, 4), np.nan, np.float32))), "NaN"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "no DICOM series"),
     ],
 )
@@ -124,9 +125,23 @@ def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):
 
 
 def test_reads_a_dicom_series_folder(tmp_path):
+    folder = write_dicom_series(tmp_path / "series")
+    image = read_image(folder)
+    assert image.GetSize() == (24, 20, 6) and np.allclose(image.GetSpacing(), (1.0, 1.0, 2.5))
+    assert case_name(folder) == "series"
+
+
+def test_a_dicom_series_with_a_slice_missing_is_refused(tmp_path):
+    folder = write_dicom_series(tmp_path / "series")
+    (folder / "002.dcm").unlink()
+    with pytest.raises(InputError, match="series.*not evenly spaced"):
+        read_image(folder)
+
+
+def write_dicom_series(folder):
+    """A 24 x 20 x 6 CT series at 1 x 1 x 2.5 mm, one file per slice."""
     volume = oriented_image(np.eye(3), size=(24, 20, 6), spacing=(1.0, 1.0, 2.5))
     volume = sitk.Cast(volume, sitk.sitkInt16)
-    folder = tmp_path / "series"
     folder.mkdir()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -138,6 +153,4 @@ def test_reads_a_dicom_series_folder(tmp_path):
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{k:03d}.dcm"))
         writer.Execute(slice_)
-    image = read_image(folder)
-    assert image.GetSize() == volume.GetSize() and np.allclose(image.GetSpacing(), volume.GetSpacing())
-    assert case_name(folder) == "series"
+    return folder

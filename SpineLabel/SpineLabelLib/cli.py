@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger("spinelabel")
@@ -23,17 +25,27 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int
     from tqdm import tqdm
 
     from .inference import reuse_freed_memory
-    from .io import InputError, case_name, read_image
+    from .io import case_name, read_image
     from .models import ModelError
     from .pipeline import get_model, label_spine, require_vertebrae
     from .writers import write_all
 
     reuse_freed_memory()
+    first_of: dict[str, Path] = {}
+    for path in inputs:
+        other = first_of.setdefault(case_name(path), path)
+        if other != path:
+            print(f"spinelabel: error: {other} and {path} would both write {out / case_name(path)}*; label them into "
+                  "different folders", file=sys.stderr)
+            return 2
+    if out.exists() and not out.is_dir():
+        print(f"spinelabel: error: {out}: is a file, not an output folder", file=sys.stderr)
+        return 2
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".spinelabel-write-test"
-        probe.touch()
-        probe.unlink()
+        handle, probe = tempfile.mkstemp(dir=out, prefix=".spinelabel-write-test")
+        os.close(handle)
+        os.unlink(probe)
     except OSError as err:
         print(f"spinelabel: error: {out}: output folder not writable ({err.strerror or err})", file=sys.stderr)
         return 2
@@ -58,11 +70,12 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int
             result.source = str(path)
             require_vertebrae(result, path)
             written = write_all(result, image, out, case_name(path), input_path=path)
-        except (InputError, OSError, ValueError, RuntimeError) as err:
+        except Exception as err:  # this input failed; the others still run
             failures += 1
             if args.debug:
                 log.exception("failed: %s", path)
-            message = str(err) if str(path) in str(err) else f"{path}: {err}"
+            reason = str(err) or type(err).__name__
+            message = reason if str(path) in reason else f"{path}: {reason}"
             print(f"spinelabel: failed: {message}", file=sys.stderr)
             continue
         finally:

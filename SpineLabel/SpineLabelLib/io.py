@@ -57,20 +57,32 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
     if len(series) > 1:
         raise InputError(f"{folder}: folder holds {len(series)} DICOM series; give a folder with exactly one")
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    return reader.Execute()
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        detail = next((line for line in reversed(str(err).strip().splitlines()) if line.strip()), "")
+        raise InputError(f"{folder}: unreadable DICOM series ({detail.strip()[:200]})") from None
+    # ITK stacks the slices it could read and spaces them evenly, so a missing or unreadable slice would distort the
+    # grid; it says so in this key
+    if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation"):
+        raise InputError(f"{folder}: DICOM slices are not evenly spaced (a slice missing or unreadable?)")
+    return image
 
 
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """Header + voxel bytes a NIfTI-1/2 file must hold, from its header; None when it is not NIfTI."""
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64 voxels
+
+
+def _nifti_layout(header: bytes) -> tuple[str, int, int, int] | None:
+    """(byte order, datatype code, voxel offset, voxel bytes) of a NIfTI-1/2 header; None when it is not NIfTI."""
     for endian in "<>":
         size = struct.unpack(endian + "i", header[:4])[0]
         if size == 348:
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
             break
         if size == 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             offset = struct.unpack(endian + "q", header[168:176])[0]
             break
@@ -79,34 +91,45 @@ def _nifti_expected_bytes(header: bytes) -> int | None:
     n = 1
     for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]:
         n *= max(int(d), 1)
-    return max(offset, 352) + n * bitpix // 8
+    return endian, datatype, max(offset, 352), n * bitpix // 8
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0): check the size."""
+def _check_nifti(path: Path) -> None:
+    """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0), and turns NaN and infinite
+    voxels into 0: check the size, and stream float voxels through a finiteness test."""
     gz = path.name.lower().endswith(".gz")
+    opener = gzip.open if gz else open
     try:
-        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
-            expected = _nifti_expected_bytes(f.read(540))
+        with opener(path, "rb") as f:
+            layout = _nifti_layout(f.read(540))
     except (OSError, EOFError, struct.error, zlib.error) as err:
         raise InputError(f"{path}: unreadable image ({err})") from None
-    if expected is None:
+    if layout is None:
         return
-    if not gz:
-        if path.stat().st_size < expected:
-            raise InputError(f"{path}: truncated file ({path.stat().st_size} of {expected} bytes)")
+    endian, datatype, offset, voxel_bytes = layout
+    expected = offset + voxel_bytes
+    float_type = _NIFTI_FLOAT_TYPES.get(datatype)
+    if not gz and path.stat().st_size < expected:
+        raise InputError(f"{path}: truncated file ({path.stat().st_size} of {expected} bytes)")
+    if gz:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            trailer_size = struct.unpack("<I", f.read(4))[0]
+        if trailer_size == expected % (1 << 32) and float_type is None:
+            return
+    elif float_type is None:
         return
-    with open(path, "rb") as f:
-        f.seek(-4, os.SEEK_END)
-        trailer_size = struct.unpack("<I", f.read(4))[0]
-    if trailer_size == expected % (1 << 32):
-        return
-    # not a single gzip member of the right size: count the decompressed bytes to be sure
+    # read the voxels: to count them (not a single gzip member of the right size) or to test float voxels
     total = 0
     try:
-        with gzip.open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
+        with opener(path, "rb") as f:
+            total = len(f.read(offset))
+            while chunk := f.read(1 << 24):  # a multiple of 8 bytes: whole float voxels, until the end
                 total += len(chunk)
+                if float_type is not None:
+                    voxels = np.frombuffer(chunk, dtype=endian + float_type, count=len(chunk) // int(float_type[1]))
+                    if not np.isfinite(voxels).all():
+                        raise InputError(f"{path}: image holds NaN or infinite values")
     except (OSError, EOFError, zlib.error):
         total = -1
     if total < expected:
@@ -136,7 +159,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         if not p.name.lower().endswith(IMAGE_SUFFIXES):
             raise InputError(f"{p}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder")
         if p.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti_complete(p)
+            _check_nifti(p)
         try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as err:
@@ -151,11 +174,10 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         raise InputError(f"{p}: {image.GetDimension()}D image; a 3D volume is needed")
     if min(image.GetSize()) < 2:
         raise InputError(f"{p}: image of size {image.GetSize()} is a single slice, not a 3D volume")
-    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
-            raise InputError(f"{p}: image holds NaN or infinite values")
     if image.GetPixelID() == sitk.sitkFloat64:
         image = sitk.Cast(image, sitk.sitkFloat32)
+    if image.GetPixelID() == sitk.sitkFloat32 and not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+        raise InputError(f"{p}: image holds NaN or infinite values (or float64 values beyond float32)")
     return image
 
 
