@@ -74,4 +74,20 @@ def test_export_never_overwrites_and_checks_inputs(tmp_path, spine):
     shifted.SetOrigin((5.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="grid"):
         export.export_case(spine.result, shifted, tmp_path)
+    one = spine.result.copy(vertebrae=spine.result.vertebrae[:1])
+    with pytest.raises(ValueError, match="at least 2 labelled vertebrae"):
+        export.export_case(one, spine.image, tmp_path)
     assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == 1
+
+
+def test_a_failed_export_leaves_no_part_of_its_case(tmp_path, spine, monkeypatch):
+    export.export_case(spine.result, spine.image, tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export.writers, "write_centroids", disk_full)  # after the image and the label map
+    with pytest.raises(OSError, match="No space"):
+        export.export_case(spine.result, spine.image, tmp_path)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -4,6 +4,7 @@ through the markups node, Segment Editor edits read back, export."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
 import time
@@ -422,3 +423,12 @@ def test_worker_reports_an_image_without_vertebrae_as_an_error(tmp_path, random_
     event = runner.readEvents()[-1]
     assert event["event"] == "error" and event["message"] == f"{image_path}: image is constant: nothing to label"
     assert not (tmp_path / "result" / "result.json").exists()
+
+
+@pytest.mark.parametrize("module", ["SpineLabel", "SpineLabelTraining"])
+def test_cmake_lists_every_python_file_of_the_module(module):
+    """Slicer installs only the files in MODULE_PYTHON_SCRIPTS: one left out is an ImportError in Slicer alone."""
+    folder = Path(__file__).resolve().parents[1] / module
+    cmake = (folder / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", module)
+    listed = set(re.search(r"set\(MODULE_PYTHON_SCRIPTS(.*?)\)", cmake, re.S).group(1).split())
+    assert listed == {str(p.relative_to(folder)) for p in folder.rglob("*.py")}

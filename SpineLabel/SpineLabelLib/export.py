@@ -15,8 +15,8 @@ Label values are the VerSe values of :mod:`SpineLabelLib.vertebrae`. nnU-Net v2 
 
 A case is never overwritten: an existing ``case_id`` raises, and automatic ids continue the numbering.
 Every file is written under a temporary name and renamed when complete (:func:`SpineLabelLib.io.atomic_path`);
-``dataset.json`` is written last, so an interrupted export leaves the dataset as it was plus at most some files
-of a case that ``dataset.json`` does not count yet.
+an export that fails removes the files of its case it had written, and ``dataset.json`` is written last, so only a
+killed process can leave some files of a case that ``dataset.json`` does not count yet.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .io import atomic_path
 from .result import SpineLabeling
 from .vertebrae import LEVELS
 
-__all__ = ["CASE_PREFIX", "VERSE_COCCYX_LABEL", "dataset_labels", "next_case_id", "export_case", "read_dataset_json"]
+__all__ = ["CASE_PREFIX", "MIN_VERTEBRAE", "VERSE_COCCYX_LABEL", "dataset_labels", "next_case_id", "export_case", "read_dataset_json"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ CASE_PREFIX = "spine"
 VERSE_COCCYX_LABEL = 27
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _FILE_ENDING = ".nii.gz"
+# fewer, and training would take the rest of the spine for background (training.unknown_beyond_labelled_ends)
+MIN_VERTEBRAE = 2
 
 
 def dataset_labels() -> dict[str, int]:
@@ -97,6 +99,28 @@ def _modality(result: SpineLabeling) -> str:
     return modality
 
 
+def _write_case(result: SpineLabeling, image: sitk.Image, paths: dict[str, Path], case_id: str, modality: str,
+                corrections: list[dict] | None, model: dict | None) -> None:
+    """The four files of one exported case (``_paths``): image, label map, centroids, provenance."""
+    with atomic_path(paths["image"]) as tmp:
+        sitk.WriteImage(image, str(tmp), True)
+    writers.write_label_map(result, paths["label"])
+    writers.write_centroids(result, paths["centroids"])
+    _write_json({
+        "case_id": case_id,
+        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "spinelabel_version": __version__,
+        "model": dict(model if model is not None else result.model),
+        "source": result.source,
+        "modality": modality,
+        "vertebrae": [{"id": v.id, "name": v.name, "label": v.label, "fixed": v.fixed,
+                       "confidence": round(float(v.confidence), 4)} for v in result.vertebrae],
+        "corrected": sorted(v.name for v in result.vertebrae if v.fixed),
+        "corrections": list(corrections or []),
+        "warnings": list(result.warnings),
+    }, paths["provenance"])
+
+
 def export_case(
     result: SpineLabeling,
     image: sitk.Image,
@@ -121,11 +145,15 @@ def export_case(
 
     Raises:
         FileExistsError: ``case_id`` is already in the dataset.
-        ValueError: invalid ``case_id``, image not on the labelling's grid, or a modality other than the
-            dataset's.
+        ValueError: invalid ``case_id``, image not on the labelling's grid, fewer than ``MIN_VERTEBRAE``
+            vertebrae, or a modality other than the dataset's.
     """
     dataset_dir = Path(dataset_dir)
     check_image_grid(result, image)
+    if len(result.vertebrae) < MIN_VERTEBRAE:
+        raise ValueError(f"{dataset_dir}: a case for training needs at least {MIN_VERTEBRAE} labelled vertebrae (what "
+                         f"lies beyond the end vertebrae is left unknown in training); this one has "
+                         f"{len(result.vertebrae)}")
     modality = _modality(result)
     dataset = read_dataset_json(dataset_dir)
     if dataset is not None and dataset.get("channel_names", {}).get("0") != modality:
@@ -140,23 +168,12 @@ def export_case(
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
 
-    with atomic_path(paths["image"]) as tmp:
-        sitk.WriteImage(image, str(tmp), True)
-    writers.write_label_map(result, paths["label"])
-    writers.write_centroids(result, paths["centroids"])
-    _write_json({
-        "case_id": case_id,
-        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "spinelabel_version": __version__,
-        "model": dict(model if model is not None else result.model),
-        "source": result.source,
-        "modality": modality,
-        "vertebrae": [{"id": v.id, "name": v.name, "label": v.label, "fixed": v.fixed,
-                       "confidence": round(float(v.confidence), 4)} for v in result.vertebrae],
-        "corrected": sorted(v.name for v in result.vertebrae if v.fixed),
-        "corrections": list(corrections or []),
-        "warnings": list(result.warnings),
-    }, paths["provenance"])
+    try:
+        _write_case(result, image, paths, case_id, modality, corrections, model)
+    except BaseException:  # no half case: the next export would count it in numTraining and training would use it
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        raise
 
     num_training = len(list((dataset_dir / "labelsTr").glob(f"*{_FILE_ENDING}")))
     document = dict(dataset or {})
