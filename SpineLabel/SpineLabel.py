@@ -103,6 +103,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._process = None
         self._outputDir = None
+        self._labelledVolume = None  # the volume the running process labels
         self._labeling = None
         self._timer = None
 
@@ -140,6 +141,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.updateModelList()  # models registered by SpineLabelTraining since
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -182,6 +184,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.text = _("Cancel") if running else _("Label spine")
         self.ui.applyButton.toolTip = (_("Stop labelling") if running else _("Label every vertebra of the input volume")
                                        if self.ui.applyButton.enabled else _("Select an input volume"))
+        self.ui.inputVolumeSelector.enabled = not running  # the result goes to the volume that was labelled
         hasLabels = self._labeling is not None
         self.ui.addVertebraButton.enabled = hasLabels and not running
         self.ui.exportButton.enabled = hasLabels and not running
@@ -236,9 +239,8 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self.logic.missingPackages():
                 return
         with slicer.util.tryWithErrorDisplay(_("Failed to start labelling."), waitCursor=True):
-            if self._labeling is not None:
-                self._labeling.cleanup()
-                self._labeling = None
+            # the current labelling stays editable until the new one replaces it (Cancel keeps it)
+            self._labelledVolume = self._parameterNode.inputVolume
             self._process, self._outputDir = self.logic.startLabelling(
                 self._parameterNode.inputVolume, self._parameterNode.modelPath or None, self._parameterNode.device,
                 self._parameterNode.checkOrientation, not self._parameterNode.skipSpineGate,
@@ -261,29 +263,38 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             elif event["event"] == "error":
                 tail = self._process.outputTail()
-                self._stopPolling()
+                self._endProcess()
                 slicer.util.errorDisplay(_("Labelling failed: {message}").format(message=event["message"]),
                                          detailedText=tail)
                 return
         if not self._process.running:
             tail = self._process.outputTail()
-            self._stopPolling()
+            self._endProcess()
             slicer.util.errorDisplay(_("The labelling process stopped unexpectedly."), detailedText=tail)
 
     def _finishLabelling(self) -> None:
-        process, outputDir = self._process, self._outputDir
+        volume, outputDir = self._labelledVolume, self._outputDir
+        self._process.wait()
         self._stopPolling()
-        process.wait()
         with slicer.util.tryWithErrorDisplay(_("Failed to load the labels."), waitCursor=True):
-            self._labeling = self.logic.finishLabelling(self._parameterNode.inputVolume, outputDir)
+            labeling = self.logic.finishLabelling(volume, outputDir)
+            if self._labeling is not None:
+                self._labeling.cleanup()
+            self._labeling = labeling
             self._labeling.changedCallbacks.append(self.onLabelingChanged)
             self.ui.progressBar.value = 100
             self.onLabelingChanged(self._labeling)
         self._checkCanApply()
 
+    def _endProcess(self) -> None:
+        """Stop polling a process that ended without a result, and remove its temporary folder."""
+        self._process.wait()
+        self.logic.discardLabelling(self._outputDir)
+        self._stopPolling()
+
     def _stopPolling(self) -> None:
         self._timer.stop()
-        self._process = None
+        self._process = self._outputDir = self._labelledVolume = None
         self._checkCanApply()
 
     def cancelProcess(self) -> None:
@@ -438,7 +449,8 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         return process, outputDirectory
 
     def finishLabelling(self, volumeNode, outputDirectory):
-        """Show a finished worker's result: segmentation and centroid points under the volume.
+        """Show a finished worker's result: segmentation and centroid points under the volume; the run's temporary
+        folder is removed, whether or not its result can be read.
 
         Returns:
             ``SpineLabelLogic.scene.LabelingScene``.
@@ -446,9 +458,11 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         from SpineLabelLogic.scene import LabelingScene, volumeSource
         from SpineLabelLogic.worker import loadResult
 
-        result = loadResult(outputDirectory)
+        try:
+            result = loadResult(outputDirectory)
+        finally:
+            self.discardLabelling(outputDirectory)
         result.source = volumeSource(volumeNode)
-        self.discardLabelling(outputDirectory)
         return LabelingScene(volumeNode, result)
 
     @staticmethod

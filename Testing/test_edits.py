@@ -70,14 +70,25 @@ def test_set_locked_keeps_name_through_later_corrections(spine):
     assert not released.by_id(bottom).fixed
 
 
-def test_move_within_background_moves_centroid_and_reorders_chain(spine):
+def test_move_near_its_vertebra_moves_centroid(spine):
     v = spine.result.vertebrae[1]
-    target = np.array(v.centroid_lps_mm) + np.array([0.0, 0.0, 2.2 * 30.0])  # above the top vertebra
+    target = np.array(v.centroid_lps_mm) + np.array([0.0, 6.0, 3.0])  # behind the body: background or its own voxels
     out = edits.move_point(spine.result, v.id, tuple(target))
-    assert out.vertebrae[0].id == v.id
+    assert [u.id for u in out.vertebrae] == [u.id for u in spine.result.vertebrae]
     np.testing.assert_allclose(out.by_id(v.id).centroid_lps_mm, target)
-    np.testing.assert_allclose(out.gaps_mm[0], np.linalg.norm(target - np.array(out.vertebrae[1].centroid_lps_mm)))
+    np.testing.assert_allclose(out.gaps_mm[0], np.linalg.norm(target - np.array(out.vertebrae[0].centroid_lps_mm)))
     assert_consistent(out)
+
+
+def test_move_past_a_neighbour_or_out_of_the_image_is_refused(spine):
+    # the voxels stay, so a centroid above the top vertebra would put this vertebra's labels out of order
+    top, v = (np.array(u.centroid_lps_mm) for u in spine.result.vertebrae[:2])
+    above_top = top + 0.6 * (top - v)
+    assert edits.component_at(spine.result, above_top) == 0
+    with pytest.raises(ValueError, match="past a neighbour"):
+        edits.move_point(spine.result, spine.result.vertebrae[1].id, tuple(above_top))
+    with pytest.raises(ValueError, match="outside the image"):
+        edits.move_point(spine.result, spine.result.vertebrae[1].id, tuple(v + [0.0, -500.0, 0.0]))
 
 
 def test_move_onto_another_component_gives_it_the_name(spine):

@@ -166,15 +166,25 @@ def test_move_point_onto_other_vertebra_hands_over_name(labeled):
 def test_drag_is_applied_once_at_the_end(labeled):
     node = labeled.markupsNode
     v = labeled.result.vertebrae[1]
-    target = np.asarray(v.centroid_lps_mm) + [0.0, 0.0, 60.0]
+    shift = np.array([0.0, 6.0, 3.0])  # towards the back of its own vertebra
     node.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent)
     for step in np.linspace(0.0, 1.0, 5)[1:]:
-        node.SetNthControlPointPosition(1, *(LPS_TO_RAS * (np.asarray(v.centroid_lps_mm) + step * np.array([0.0, 0.0, 60.0]))))
+        node.SetNthControlPointPosition(1, *(LPS_TO_RAS * (np.asarray(v.centroid_lps_mm) + step * shift)))
     assert labeled.corrections == []
     node.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
     assert [c["action"] for c in labeled.corrections] == ["move"]
-    assert labeled.result.vertebrae[0].id == v.id
-    np.testing.assert_allclose(labeled.result.vertebrae[0].centroid_lps_mm, target)
+    np.testing.assert_allclose(labeled.result.vertebrae[1].centroid_lps_mm, np.asarray(v.centroid_lps_mm) + shift)
+    assert_nodes_match(labeled)
+
+
+def test_drop_past_a_neighbour_puts_the_point_back(labeled):
+    node = labeled.markupsNode
+    before = labeled.result
+    top, v = (np.asarray(u.centroid_lps_mm) for u in before.vertebrae[:2])
+    node.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent)
+    node.SetNthControlPointPosition(1, *(LPS_TO_RAS * (top + 0.6 * (top - v))))  # above the top vertebra
+    node.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    assert labeled.result is before and labeled.corrections == [] and "past a neighbour" in labeled.lastError
     assert_nodes_match(labeled)
 
 

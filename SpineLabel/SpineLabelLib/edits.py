@@ -160,12 +160,13 @@ def move_point(result: SpineLabeling, vertebra_id: int, new_lps: tuple[float, fl
     * Dropped on another vertebra's component: the user is saying "this one is <name>". The component under
       the point takes the moved vertebra's name, fixed; the moved vertebra keeps its own centroid and is
       released (unfixed) so the sequence model re-numbers it. Both markers stay at their own components.
-    * Dropped anywhere else (its own component, background): the centroid moves there and the chain order is
-      recomputed.
+    * Dropped anywhere else (its own component, background near it): the centroid moves there. The vertebra's
+      voxels do not move with it, so a drop that would change its place in the chain (past a neighbour) or that
+      lies outside the image is refused.
 
     Raises:
         KeyError: unknown vertebra id.
-        ValueError: the fixed labels contradict each other.
+        ValueError: the fixed labels contradict each other, or the drop is refused (above).
     """
     moved = result.by_id(vertebra_id)
     under = component_at(result, new_lps)
@@ -185,7 +186,14 @@ def move_point(result: SpineLabeling, vertebra_id: int, new_lps: tuple[float, fl
     vertebrae = [v for v in out.vertebrae if v.id != moved.id]
     relocated = out.by_id(moved.id)
     relocated.centroid_lps_mm = tuple(float(c) for c in new_lps)
-    return _solve(_with_chain(out, _insert_in_chain(vertebrae, relocated)))
+    chain = _insert_in_chain(vertebrae, relocated)
+    ijk = result.geometry.lps_to_index(np.asarray(new_lps, dtype=float))
+    inside = bool(np.all(ijk > -0.5) and np.all(ijk < np.asarray(result.geometry.size) - 0.5))
+    if not inside or [v.id for v in chain] != [v.id for v in result.vertebrae]:
+        raise ValueError(f"{moved.name}'s point was dropped {'outside the image' if not inside else 'past a neighbour'}"
+                         f", on no vertebra; its voxels stay where they are, so the point goes back (drop it on "
+                         f"another vertebra to give that one the name {moved.name})")
+    return _solve(_with_chain(out, chain))
 
 
 def delete(result: SpineLabeling, vertebra_id: int) -> SpineLabeling:
