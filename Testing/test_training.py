@@ -1,5 +1,8 @@
 """Training: partial-label losses, dataset layouts, and a tiny end-to-end run that writes a loadable model."""
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -127,9 +130,12 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path):
     assert [m["epoch"] for m in seen] == [1, 2]
     assert model.card["spacing_mm"] == 4.0 and len(model.card["training"]["history"]) == 2
     assert model.ct_window_hu == CT_WINDOW_HU
-    cfg.epochs = 3
-    with pytest.raises(ValueError, match="same --epochs"):
-        train(cfg)
+    # the same batches as a run that was never stopped: the same weights
+    straight = load_model(train(replace(cfg, out=tmp_path / "straight.json", resume=False)))
+    for name, value in straight.network.state_dict().items():
+        assert torch.equal(value, model.network.state_dict()[name]), name
+    with pytest.raises(ValueError, match=r"other settings \(epochs, lr\)"):
+        train(replace(cfg, epochs=3, lr=1e-3))
     finetuned = train(TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "f.json", base_model=card,
                                   epochs=1, iterations=1, batch=1, patch=(32, 32, 32), device="cpu", validation_cases=1))
     assert load_model(finetuned).card["base_model"]["name"] == "spinelabel-finetuned"
@@ -161,3 +167,29 @@ def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
     torch.manual_seed(5)
     untrained = SpineUNet().state_dict()
     assert all(torch.equal(value, untrained[name]) for name, value in state["network"].items())
+
+
+def test_bad_data_weights_and_patch_sizes_are_refused(tmp_path):
+    cfg = TrainConfig(data=[("phantom", 0.0)], out=tmp_path / "m.json", patch=(32, 32, 32), device="cpu")
+    with pytest.raises(ValueError, match="weights"):
+        train(cfg)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        train(replace(cfg, data=[("phantom", 1.0)], patch=(33, 32, 32)))
+
+
+def test_nnunet_labels_are_read_by_their_names_in_dataset_json(tmp_path):
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")  # L3, L4, L5 as VerSe 22-24
+    labels = tmp_path / "nn" / "labelsTr" / "c1.nii.gz"
+    verse = sitk.ReadImage(str(labels))
+    renumbered = sitk.GetArrayFromImage(verse).astype(np.uint16)
+    renumbered[renumbered > 0] += 300 - 22  # L3, L4, L5 as 300-302: beyond uint8
+    image = sitk.GetImageFromArray(renumbered)
+    image.CopyInformation(verse)
+    sitk.WriteImage(image, str(labels))
+    names = {"background": 0, **{f"x{v}": v for v in range(1, 300)}, "L3": 300, "L4": 301, "L5": 302}
+    (tmp_path / "nn" / "dataset.json").write_text(json.dumps({"labels": names}))
+    case = load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
+    assert set(np.unique(case.levels)) == {0, 22, 23, 24}
+    (tmp_path / "nn" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "vertebra": 1}}))
+    with pytest.raises(ValueError, match="no label is named after a vertebral level"):
+        load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)

@@ -99,18 +99,23 @@ def _phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_source(spec: str) -> tuple[str, float]:
+    """``SOURCE[:WEIGHT]`` -> (source, weight); a tail after ``:`` that is not a number is part of the source."""
+    source, colon, weight = spec.rpartition(":")
+    try:
+        return (source, float(weight)) if colon else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
 def _train(args: argparse.Namespace) -> int:
     from SpineLabelTrainingLib.training import TrainConfig, train
 
     from .inference import reuse_freed_memory
 
     reuse_freed_memory()
-    data = []
-    for spec in args.data:
-        name, _, weight = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).isdigit() else (spec, "", "1")
-        data.append((name, float(weight)))
     cfg = TrainConfig(
-        data=data, out=args.out, base_model=args.base_model, name=args.name, version=args.version,
+        data=[_data_source(spec) for spec in args.data], out=args.out, base_model=args.base_model, name=args.name, version=args.version,
         epochs=args.epochs, iterations=args.iterations, batch=args.batch, patch=tuple(args.patch), lr=args.lr,
         spacing_mm=args.spacing, device=args.device, seed=args.seed, resume=args.resume, data_dir=args.data_dir,
         training_data_note=args.note, validation_cases=args.validation_cases, average_last=args.average_last,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from SpineLabelLib.vertebrae import BODY, BY_LABEL, DISC, POSTERIOR, TISSUE_NAMES
+from SpineLabelLib.vertebrae import BODY, BY_LABEL, BY_NAME, DISC, POSTERIOR, TISSUE_NAMES
 from SpineLabelTrainingLib.shapes import S1_LABEL, SACRAL_CANAL, SACRAL_DISC, Shape, ShapeLibrary, frame, size_ratio
 
 __all__ = [
@@ -236,9 +236,13 @@ def _level_sequence(rng: np.random.Generator) -> tuple[list[int], bool]:
     return cranial_to_caudal[::-1], bool(rng.random() < 0.03)
 
 
+# the transitional levels take their shapes from the level they stand in for: T13 from T12, L6 from L5
+_SHAPE_DONOR = {BY_NAME["T13"].label: BY_NAME["T12"].label, BY_NAME["L6"].label: BY_NAME["L5"].label}
+
+
 def _pick_shape(rng: np.random.Generator, library: ShapeLibrary, label: int) -> tuple[Shape, np.ndarray]:
     """A library shape for ``label`` and the (z, y, x) factors that bring it to that level's typical size."""
-    donor = {28: 19, 25: 24}.get(label, label)
+    donor = _SHAPE_DONOR.get(label, label)
     if donor == label and label not in (1, 2, S1_LABEL) and rng.random() < 0.25:
         region = BY_LABEL[label].region
         neighbours = [n for n in (label - 1, label + 1)
@@ -342,7 +346,7 @@ class _Subject:
                 centre = c2.centre + c2.rot @ offset
                 rot = c2.rot @ _rotation([1, 0, 0], rng.normal(0, np.deg2rad(3)))
             placed = _Placed(lv, shape, scales[i], centre, rot, s_pos[i])
-            bodies = library.bodies.get({28: 19, 25: 24}.get(lv, lv), [])
+            bodies = library.bodies.get(_SHAPE_DONOR.get(lv, lv), [])
             if bodies and rng.random() < 0.5:
                 body = bodies[int(rng.integers(len(bodies)))]
                 placed.body = body

@@ -6,7 +6,7 @@ Data sources (mixed by weight):
 * ``phantom``: the procedural phantom (``SpineLabelLib.phantom``);
 * ``negative``: images without a spine (``negatives``), every voxel background;
 * a folder of real labelled scans, layout detected: nnU-Net (``imagesTr/X_0000.nii.gz`` + ``labelsTr/X.nii.gz``, as
-  the Slicer export writes), VerSe (``X_ct.nii.gz`` + ``X_seg-vert_msk.nii.gz``), or bodies-only MRI
+  the Slicer export writes; label values read by their names in ``dataset.json``), VerSe (``X_ct.nii.gz`` + ``X_seg-vert_msk.nii.gz``), or bodies-only MRI
   (``X_img.nii.gz`` + ``X_vert-verse.nii.gz``).
 
 Real label maps say which vertebra a voxel belongs to, not always whether it is body or posterior element. The tissue
@@ -20,6 +20,7 @@ Arrays are (z, y, x) on the LPS-aligned model grid (``SpineLabelLib.io.canonical
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -35,10 +36,10 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
-from SpineLabelLib.io import canonical_grid, read_image, resample_to_grid
+from SpineLabelLib.io import atomic_path, canonical_grid, read_image, resample_to_grid
 from SpineLabelLib.models import load_model, save_model
 from SpineLabelLib.network import SpineUNet
-from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
+from SpineLabelLib.vertebrae import BODY, BY_NAME, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
 
 from .synthesis import IGNORE
 
@@ -69,6 +70,12 @@ _ALLOWED[IGNORE, :] = True
 _LEVEL_OF_LABEL = np.zeros(256, dtype=np.int64)
 for _level in LEVELS:
     _LEVEL_OF_LABEL[_level.label] = level_index(_level.name) + 1
+
+
+def _level_target(levels: torch.Tensor) -> torch.Tensor:
+    """The level head's target: int64 (..., Z/2, Y/2, X/2) level index, -1 where no vertebra, from integer
+    (..., Z, Y, X) VerSe labels taken at every second voxel (the head's half-resolution grid)."""
+    return torch.from_numpy(_LEVEL_OF_LABEL).to(levels.device)[levels[..., ::2, ::2, ::2].long()] - 1
 
 
 @dataclass
@@ -109,14 +116,48 @@ def find_cases(folder: str | Path) -> list[tuple[Path, Path, bool]]:
     return found
 
 
+def _verse_values(label_path: Path, present: np.ndarray) -> np.ndarray:
+    """Lookup table from the values of a label map (``present``: those it holds, ascending) to VerSe labels, 0 for
+    what is no vertebral level. Values are VerSe labels, except in an nnU-Net dataset (``labelsTr/`` beside ``dataset.json``), whose
+    ``labels`` name them: the names of ``vertebrae.LEVELS`` (``C1`` ... ``S1``) are the levels, other names no level.
+
+    Raises:
+        ValueError: a ``dataset.json`` that names no level, or a value it does not name.
+    """
+    largest = int(present[-1])
+    lut = np.zeros(largest + 1, dtype=np.uint8)
+    dataset = label_path.parent.parent / "dataset.json"
+    if label_path.parent.name != "labelsTr" or not dataset.exists():
+        known = np.arange(min(largest + 1, _LEVEL_OF_LABEL.size))
+        lut[known] = np.where(_LEVEL_OF_LABEL[known] > 0, known, 0)
+        return lut
+    names = json.loads(dataset.read_text(encoding="utf-8")).get("labels", {})
+    values = {int(value): name for name, value in names.items() if isinstance(value, int)}
+    if not any(name in BY_NAME for name in values.values()):
+        raise ValueError(f"{dataset}: no label is named after a vertebral level ({LEVELS[0].name} ... "
+                         f"{LEVELS[-1].name})")
+    unnamed = [int(v) for v in present if int(v) not in values]
+    if unnamed:
+        raise ValueError(f"{label_path}: label values {unnamed[:5]} are not in {dataset}")
+    for value, name in values.items():
+        if name in BY_NAME and value <= largest:
+            lut[value] = BY_NAME[name].label
+    return lut
+
+
 def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm: float) -> Case:
     """Resample a real labelled scan onto the model grid and build its (partial) targets."""
     image = read_image(image_path)
     labels = sitk.ReadImage(str(label_path))
+    values = sitk.GetArrayViewFromImage(labels)
+    if values.dtype.kind not in "ui" or values.min() < 0:
+        raise ValueError(f"{label_path}: a label map holds integers of 0 or more")
+    present = np.flatnonzero(np.bincount(values.ravel()))
+    as_verse = sitk.GetImageFromArray(_verse_values(label_path, present)[values])
+    as_verse.CopyInformation(labels)
     grid = canonical_grid(image, spacing_mm)
     volume = _model_input(image, grid)
-    verse = sitk.GetArrayFromImage(resample_to_grid(sitk.Cast(labels, sitk.sitkUInt8), grid, label=True))
-    verse = np.where(_LEVEL_OF_LABEL[verse] > 0, verse, 0).astype(np.uint8)
+    verse = sitk.GetArrayFromImage(resample_to_grid(as_verse, grid, label=True))
     if bodies_only:
         tissue = np.where(verse > 0, BODY, NOT_BODY).astype(np.uint8)
     else:
@@ -289,11 +330,10 @@ def level_loss(logits: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         logits: float (B, n_levels, Z/2, Y/2, X/2).
         levels: long (B, Z, Y, X) VerSe labels; subsampled by 2 to the head's grid.
     """
-    target = torch.from_numpy(_LEVEL_OF_LABEL).to(levels.device)[levels[:, ::2, ::2, ::2].long()] - 1
-    target = target[:, : logits.shape[2], : logits.shape[3], : logits.shape[4]]
+    target = _level_target(levels)[:, : logits.shape[2], : logits.shape[3], : logits.shape[4]]
     if not (target >= 0).any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, target.clamp(min=-1), ignore_index=-1)
+    return F.cross_entropy(logits, target, ignore_index=-1)
 
 
 @dataclass
@@ -342,7 +382,7 @@ def _validate(net: SpineUNet, val: list[Case], device: torch.device) -> dict:
             sure = (c.tissue <= DISC) | (c.tissue == NOT_BODY)
             inter += float(((pred == BODY) & (c.tissue == BODY) & sure).sum())
             total += float(((pred == BODY) & sure).sum() + (c.tissue == BODY).sum())
-            target = _LEVEL_OF_LABEL[c.levels[::2, ::2, ::2]] - 1
+            target = _level_target(torch.from_numpy(c.levels)).numpy()
             lv = l_logits.argmax(1)[0].cpu().numpy()
             mask = target >= 0
             correct += float((lv[mask] == target[mask]).sum())
@@ -366,6 +406,13 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     once more on the validation crops.
     Returns the card path.
     """
+    weights = np.array([w for _, w in cfg.data], dtype=float)
+    if not cfg.data or (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
+        raise ValueError(f"data weights {[w for _, w in cfg.data]}: each must be 0 or more, and one more than 0")
+    divisor = SpineUNet().divisor
+    if any(size % divisor for size in cfg.patch):
+        raise ValueError(f"patch {tuple(cfg.patch)}: each size must be a multiple of {divisor} (the network's "
+                         "downsampling)")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = resolve_device(cfg.device)
@@ -380,7 +427,6 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
         net, spacing, base_card = SpineUNet(), cfg.spacing_mm, None
     net.to(device).train()
     specs = [s for s, _ in cfg.data]
-    weights = np.array([w for _, w in cfg.data], dtype=float)
     weights /= weights.sum()
     sources = [make_source(s, spacing, cfg.patch, cfg.data_dir) for s in specs]
     val_rng = np.random.default_rng(10_000 + cfg.seed)
@@ -390,20 +436,28 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.05)
     start_epoch, history = 0, []
     averaged: dict[str, torch.Tensor] = {}
+    # what a resumed run must share with the run that wrote the checkpoint
+    settings = {"data": [[str(spec), float(w)] for spec, w in cfg.data], "base_model": str(cfg.base_model),
+                "epochs": cfg.epochs, "iterations": cfg.iterations, "batch": cfg.batch, "patch": list(cfg.patch),
+                "lr": cfg.lr, "spacing_mm": spacing, "seed": cfg.seed, "average_last": cfg.average_last}
+    if cfg.resume and not ckpt.exists():
+        log.warning("no checkpoint at %s to resume from: training from the start", ckpt)
     if cfg.resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["total_steps"] != total_steps:
-            raise ValueError(f"{ckpt}: checkpoint of a run of {state['total_steps']} iterations; resume it with the "
-                             "same --epochs and --iterations")
+        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+        if changed:
+            raise ValueError(f"{ckpt}: checkpoint of a run with other settings ({', '.join(changed)}); resume it with "
+                             "the same options")
         net.load_state_dict(state["network"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        start_epoch, history, averaged = state["epoch"], state["history"], state.get("averaged", {})
-        rng = np.random.default_rng([cfg.seed, start_epoch])
+        start_epoch, history, averaged = state["epoch"], state["history"], state["averaged"]
+        rng.bit_generator.state = state["rng"]  # the batches continue as they would have without the stop
+        torch.set_rng_state(state["torch_rng"])
         log.info("resumed from %s at epoch %d", ckpt, start_epoch)
     batches = _batches(sources, weights, cfg, rng)
     first_averaged = max(0, cfg.epochs - cfg.average_last) if cfg.average_last else cfg.epochs
-    t0 = time.time()
+    t0 = time.time() - (history[-1]["elapsed_s"] if history else 0.0)  # elapsed_s counts the epochs before a stop
     for epoch in range(start_epoch, cfg.epochs):
         losses, skipped = [], 0
         bar = tqdm(range(cfg.iterations), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
@@ -435,8 +489,10 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
                 averaged[name] = previous + (value.detach().float().cpu() - previous) / n
         log.info("epoch %d/%d loss %.4f body Dice %.3f level accuracy %.3f", epoch + 1, cfg.epochs, metrics["loss"],
                  metrics["body_dice"], metrics["level_accuracy"])
-        torch.save({"network": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "epoch": epoch + 1, "history": history, "total_steps": total_steps, "averaged": averaged}, ckpt)
+        with atomic_path(ckpt) as tmp:  # a stop while saving must not leave half a checkpoint
+            torch.save({"network": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "epoch": epoch + 1, "history": history, "settings": settings, "averaged": averaged,
+                        "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
         if progress is not None:
             progress(metrics)
     training = {"epochs": cfg.epochs, "iterations_per_epoch": cfg.iterations, "batch": cfg.batch,
