@@ -201,13 +201,14 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             return
         process, outCard = self._process, self._outCard
         self._timer.stop()
-        self._process = None
+        self._process = self._outCard = None
         self._updateButtons()
         if process.wait() != 0:
+            self.logic.discardTraining(outCard)
             slicer.util.errorDisplay(_("Training failed."), detailedText=process.outputTail())
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to register the model."), waitCursor=True):
-            registered = self.logic.finishTraining(outCard, self._parameterNode.modelName)
+            registered = self.logic.finishTraining(outCard)
             self.ui.progressBar.value = 100
             self.ui.statusLabel.text = _("Model registered: {path}").format(path=str(registered))
             self.updateModelList()
@@ -215,7 +216,8 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def stopTraining(self) -> None:
         if self._process is not None:
             self._process.cancel()
-            self._process = None
+            self.logic.discardTraining(self._outCard)
+            self._process = self._outCard = None
         if self._timer is not None:
             self._timer.stop()
             self._updateButtons()
@@ -315,13 +317,19 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
         process.start()
         return process, outCard
 
-    def finishTraining(self, outCard, modelName):
-        """Register a finished model and remove the training folder; returns the registered card path."""
+    def finishTraining(self, outCard):
+        """Register a finished model under the name it was trained as (``startTraining``) and remove the training
+        folder (kept when registering fails, so the model is not lost); returns the registered card path."""
         from SpineLabelLib.models import register_model
 
-        registered = register_model(outCard, modelName)
-        shutil.rmtree(Path(outCard).parent, ignore_errors=True)
+        registered = register_model(outCard, Path(outCard).stem)
+        self.discardTraining(outCard)
         return registered
+
+    @staticmethod
+    def discardTraining(outCard) -> None:
+        """Remove the temporary folder of a training run (checkpoint, card and weights)."""
+        shutil.rmtree(Path(outCard).parent, ignore_errors=True)
 
 
 #
@@ -367,6 +375,6 @@ class SpineLabelTrainingTest(ScriptedLoadableModuleTest):
                                                ["--iterations", "2", "--patch", "64", "64", "64"])
         self.assertEqual(process.wait(600), 0, process.outputTail())
         self.assertEqual([e["epoch"] for e in process.readEvents()], [1])
-        registered = logic.finishTraining(outCard, "selftest")
+        registered = logic.finishTraining(outCard)
         self.assertTrue(registered.exists())
         self.assertIn(str(registered), [card["path"] for card in logic.availableModels()])
