@@ -224,6 +224,11 @@ def test_folders_bodies_and_nnunet_layouts(tmp_path):
     assert [c.name for c in summary.cases] == ["case7_0000"] and summary.cases[0].id_rate == 1.0
     assert not summary.cases[0].bodies_only
 
+    # a dataset.json names the values: here 1 and 2 are L1 and L2
+    write_mask(spine([1, 2]), nnunet / "case7.nii.gz")
+    (nnunet.parent / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "L1": 1, "L2": 2}}))
+    assert ev.evaluate_folders(pred, nnunet.parent).cases[0].id_rate == 1.0
+
     write_mask(spine([L1, L2])[:-2], pred / "case7_0000_seg.nii.gz")
     with pytest.raises(InputError, match="case7_0000_seg.nii.gz.*case7.nii.gz"):
         ev.evaluate_folders(pred, nnunet.parent)

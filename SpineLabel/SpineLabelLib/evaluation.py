@@ -70,6 +70,7 @@ from typing import Mapping
 import numpy as np
 import SimpleITK as sitk
 
+from .export import dataset_label_values
 from .io import IMAGE_SUFFIXES, InputError, atomic_path, case_name
 from .result import Geometry
 from .sequence import UNCERTAIN_BELOW
@@ -584,8 +585,12 @@ def evaluate_case(
 _ENDPLATE = 200  # TPTBox masks: 200 + L is an endplate of vertebra L (100 + L the disc below it, not a vertebra)
 
 
-def _with_endplates(labels: np.ndarray) -> np.ndarray:
-    """GT ``labels`` (z, y, x, integer VerSe values) with TPTBox endplates (200 + L) given to their vertebra L."""
+def _as_verse(labels: np.ndarray, path: Path) -> np.ndarray:
+    """GT ``labels`` (z, y, x, integers) of the mask ``path`` as VerSe values: an nnU-Net dataset's by their names in
+    its ``dataset.json`` (``export.dataset_label_values``), TPTBox endplates (200 + L) given to their vertebra L."""
+    lut = dataset_label_values(path, labels)
+    if lut is not None:
+        return lut[labels]
     if labels.max(initial=0) <= _ENDPLATE:
         return labels
     vertebra = labels.astype(np.int32) - _ENDPLATE
@@ -665,7 +670,7 @@ def evaluate_folders(
     for key, pred, gt in pairs:
         gt_image = _read_mask(gt.mask)
         geometry = Geometry.of(gt_image)
-        gt_labels = _with_endplates(sitk.GetArrayViewFromImage(gt_image))
+        gt_labels = _as_verse(sitk.GetArrayViewFromImage(gt_image), gt.mask)
         if isinstance(bodies_only, Mapping):
             flag = _lookup(bodies_only, key, pred, gt)
             is_bodies = gt.bodies_only if flag is None else bool(flag)

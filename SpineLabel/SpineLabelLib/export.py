@@ -28,15 +28,16 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from . import __version__, writers
 from .edits import check_image_grid
 from .io import atomic_path
 from .result import SpineLabeling
-from .vertebrae import LEVELS
+from .vertebrae import BY_NAME, LEVELS
 
-__all__ = ["CASE_PREFIX", "MIN_VERTEBRAE", "VERSE_COCCYX_LABEL", "dataset_labels", "next_case_id", "export_case", "read_dataset_json"]
+__all__ = ["CASE_PREFIX", "MIN_VERTEBRAE", "VERSE_COCCYX_LABEL", "dataset_labels", "dataset_label_values", "next_case_id", "export_case", "read_dataset_json"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,39 @@ def read_dataset_json(dataset_dir: str | os.PathLike) -> dict | None:
     if not path.exists():
         return None
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> np.ndarray | None:
+    """For a label map of an nnU-Net dataset (in ``labelsTr/`` beside ``dataset.json``): the lookup table, uint8
+    indexed by the map's values, to VerSe labels, by the names in ``dataset.json``'s ``labels`` (the names of
+    ``vertebrae.LEVELS``, ``C1`` ... ``S1``; other names map to 0). None for any other label map: its values are
+    VerSe labels.
+
+    Args:
+        label_path: the label map's file.
+        labels: its voxels, integers of 0 or more, any shape.
+
+    Raises:
+        ValueError: a ``dataset.json`` that names no level, or a value it does not name.
+    """
+    label_path = Path(label_path)
+    dataset = label_path.parent.parent / "dataset.json"
+    if label_path.parent.name != "labelsTr" or not dataset.exists():
+        return None
+    present = np.flatnonzero(np.bincount(np.asarray(labels).ravel()))
+    names = json.loads(dataset.read_text(encoding="utf-8")).get("labels", {})
+    named = {int(value): name for name, value in names.items() if isinstance(value, int)}
+    if not any(name in BY_NAME for name in named.values()):
+        raise ValueError(f"{dataset}: no label is named after a vertebral level ({LEVELS[0].name} ... "
+                         f"{LEVELS[-1].name})")
+    unnamed = [int(v) for v in present if int(v) not in named]
+    if unnamed:
+        raise ValueError(f"{label_path}: label values {unnamed[:5]} are not in {dataset}")
+    lut = np.zeros(int(present[-1]) + 1, dtype=np.uint8)
+    for value, name in named.items():
+        if name in BY_NAME and value < lut.size:
+            lut[value] = BY_NAME[name].label
+    return lut
 
 
 def _write_json(document, path: Path) -> None:

@@ -6,8 +6,8 @@ Data sources (mixed by weight):
 * ``phantom``: the procedural phantom (``SpineLabelLib.phantom``);
 * ``negative``: images without a spine (``negatives``), every voxel background;
 * a folder of real labelled scans, layout detected: nnU-Net (``imagesTr/X_0000.nii.gz`` + ``labelsTr/X.nii.gz``, as
-  the Slicer export writes; label values read by their names in ``dataset.json``), VerSe (``X_ct.nii.gz`` + ``X_seg-vert_msk.nii.gz``), or bodies-only MRI
-  (``X_img.nii.gz`` + ``X_vert-verse.nii.gz``).
+  the Slicer export writes; label values read by their names in ``dataset.json``), VerSe (``X_ct.nii.gz`` +
+  ``X_seg-vert_msk.nii.gz``), or bodies-only MRI (``X_img.nii.gz`` + ``X_vert-verse.nii.gz``).
 
 Real label maps say which vertebra a voxel belongs to, not always whether it is body or posterior element. The tissue
 loss therefore takes *sets* of allowed classes: a whole-vertebra voxel may be body or posterior (``VERTEBRA``), an
@@ -20,7 +20,6 @@ Arrays are (z, y, x) on the LPS-aligned model grid (``SpineLabelLib.io.canonical
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -35,11 +34,12 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
+from SpineLabelLib.export import dataset_label_values
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
 from SpineLabelLib.io import atomic_path, canonical_grid, read_image, resample_to_grid
 from SpineLabelLib.models import load_model, save_model
 from SpineLabelLib.network import SpineUNet
-from SpineLabelLib.vertebrae import BODY, BY_NAME, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
+from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
 
 from .synthesis import IGNORE
 
@@ -116,35 +116,6 @@ def find_cases(folder: str | Path) -> list[tuple[Path, Path, bool]]:
     return found
 
 
-def _verse_values(label_path: Path, present: np.ndarray) -> np.ndarray:
-    """Lookup table from the values of a label map (``present``: those it holds, ascending) to VerSe labels, 0 for
-    what is no vertebral level. Values are VerSe labels, except in an nnU-Net dataset (``labelsTr/`` beside ``dataset.json``), whose
-    ``labels`` name them: the names of ``vertebrae.LEVELS`` (``C1`` ... ``S1``) are the levels, other names no level.
-
-    Raises:
-        ValueError: a ``dataset.json`` that names no level, or a value it does not name.
-    """
-    largest = int(present[-1])
-    lut = np.zeros(largest + 1, dtype=np.uint8)
-    dataset = label_path.parent.parent / "dataset.json"
-    if label_path.parent.name != "labelsTr" or not dataset.exists():
-        known = np.arange(min(largest + 1, _LEVEL_OF_LABEL.size))
-        lut[known] = np.where(_LEVEL_OF_LABEL[known] > 0, known, 0)
-        return lut
-    names = json.loads(dataset.read_text(encoding="utf-8")).get("labels", {})
-    values = {int(value): name for name, value in names.items() if isinstance(value, int)}
-    if not any(name in BY_NAME for name in values.values()):
-        raise ValueError(f"{dataset}: no label is named after a vertebral level ({LEVELS[0].name} ... "
-                         f"{LEVELS[-1].name})")
-    unnamed = [int(v) for v in present if int(v) not in values]
-    if unnamed:
-        raise ValueError(f"{label_path}: label values {unnamed[:5]} are not in {dataset}")
-    for value, name in values.items():
-        if name in BY_NAME and value <= largest:
-            lut[value] = BY_NAME[name].label
-    return lut
-
-
 def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm: float) -> Case:
     """Resample a real labelled scan onto the model grid and build its (partial) targets."""
     image = read_image(image_path)
@@ -152,8 +123,11 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     values = sitk.GetArrayViewFromImage(labels)
     if values.dtype.kind not in "ui" or values.min() < 0:
         raise ValueError(f"{label_path}: a label map holds integers of 0 or more")
-    present = np.flatnonzero(np.bincount(values.ravel()))
-    as_verse = sitk.GetImageFromArray(_verse_values(label_path, present)[values])
+    lut = dataset_label_values(label_path, values)
+    if lut is None:  # VerSe values: those of a level, the rest no level
+        value = np.arange(int(values.max()) + 1)
+        lut = np.where(_LEVEL_OF_LABEL[np.minimum(value, _LEVEL_OF_LABEL.size - 1)] > 0, value, 0).astype(np.uint8)
+    as_verse = sitk.GetImageFromArray(lut[values])
     as_verse.CopyInformation(labels)
     grid = canonical_grid(image, spacing_mm)
     volume = _model_input(image, grid)
