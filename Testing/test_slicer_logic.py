@@ -22,7 +22,7 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from conftest import build_spine  # noqa: E402
-from SpineLabelLib.vertebrae import BY_NAME, terminology_entry  # noqa: E402
+from SpineLabelLib.vertebrae import BY_LABEL, BY_NAME, terminology_entry  # noqa: E402
 from SpineLabelLogic import process  # noqa: E402
 from SpineLabelLogic.scene import (  # noqa: E402
     LabelingScene,
@@ -442,3 +442,24 @@ def test_cmake_lists_every_python_file_of_the_module(module):
     cmake = (folder / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", module)
     listed = set(re.search(r"set\(MODULE_PYTHON_SCRIPTS(.*?)\)", cmake, re.S).group(1).split())
     assert listed == {str(p.relative_to(folder)) for p in folder.rglob("*.py")}
+
+
+def test_a_rename_leaves_a_segment_the_user_added_alone(labeled):
+    segmentation = labeled.segmentationNode.GetSegmentation()
+    tumour = segmentation.AddEmptySegment("tumour", "tumour")  # in the shared layer, as the Segment Editor adds it
+    value = segmentation.GetSegment(tumour).GetLabelValue()
+    voxels = layer_voxels(labeled)
+    painted = np.zeros(voxels.shape, bool)
+    painted[:2, :2, :2] = True
+    assert not voxels[painted].any()
+    voxels[painted] = value
+    segmentation.GetLayerDataObject(0).Modified()
+    components = labeled.result.components.copy()
+    labeled.markupsNode.SetNthControlPointLabel(0, BY_LABEL[value].name)  # the top vertebra takes the tumour's value
+    assert labeled.result.vertebrae[0].label == value
+    labeled.readBackSegmentation()
+    assert [c["action"] for c in labeled.corrections] == ["rename"]  # no voxel of a vertebra changed
+    np.testing.assert_array_equal(labeled.result.components, components)
+    layer = segmentation.GetLayerDataObject(segmentation.GetLayerIndex(tumour))
+    own = numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars())
+    assert int((own == segmentation.GetSegment(tumour).GetLabelValue()).sum()) == painted.sum()

@@ -383,7 +383,9 @@ class LabelingScene(VTKObservationMixin):
                     segmentation.SetSegmentIndex(segmentId, position)
 
     def _remapLabelValues(self, wanted: dict) -> None:
-        """Change the voxel values of each shared layer from the segments' old label values to the new ones."""
+        """Change the voxel values of each shared layer from the segments' old label values to the new ones. A
+        segment SpineLabel did not make that shares such a layer and one of those values (one the user added) is
+        first given a layer of its own, so that its voxels are neither renumbered nor merged into a vertebra."""
         segmentation = self.segmentationNode.GetSegmentation()
         for layer in range(segmentation.GetNumberOfLayers()):
             mapping = {}
@@ -394,6 +396,10 @@ class LabelingScene(VTKObservationMixin):
                         mapping[old] = wanted[segmentId].label
             if not mapping:
                 continue
+            for segmentId in segmentation.GetSegmentIDsForLayer(layer):
+                if segmentId not in wanted and segmentation.GetSegment(segmentId).GetLabelValue() in {*mapping,
+                                                                                                   *mapping.values()}:
+                    segmentation.SeparateSegmentLabelmap(segmentId)
             image = segmentation.GetLayerDataObject(layer)
             voxels = _voxelsOf(image)
             lut = np.arange(max(int(voxels.max(initial=0)), *mapping.keys(), *mapping.values()) + 1, dtype=voxels.dtype)
