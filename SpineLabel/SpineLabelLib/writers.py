@@ -516,7 +516,9 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
 
     Each file is first written under a temporary name; only when all six are complete are they renamed to their
     final names. If anything fails, the temporaries are removed and so is any final file this call had already
-    put in place, and the error is raised.
+    put in place, and the error is raised. The one gap: when an earlier run's outputs are being replaced and a
+    rename fails (all writes done; a rename within one folder fails only if the folder goes away), the outputs
+    renamed by then stay new and the others old.
 
     Returns:
         The six paths, in ``OUTPUT_SUFFIXES`` order.
