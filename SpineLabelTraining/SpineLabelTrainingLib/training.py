@@ -291,10 +291,16 @@ def tissue_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     ce = (nll * known).sum() / known.sum().clamp(min=1)
     body_p = log_p[:, BODY].exp()
     body_t = (target == BODY).float()
-    sure = (target <= DISC) | (target == NOT_BODY) | (target == NOT_VERTEBRA)
+    sure = _body_known(target)
     inter = (body_p * body_t * sure).sum()
     dice = 1 - (2 * inter + 1) / ((body_p * sure).sum() + body_t.sum() + 1)
     return ce + dice
+
+
+def _body_known(tissue):
+    """Where a tissue target (numpy array or tensor of codes) says whether the voxel is vertebral body: a tissue
+    class, or a partial label that rules body out (``VERTEBRA`` leaves it open)."""
+    return (tissue <= DISC) | (tissue == NOT_BODY) | (tissue == NOT_VERTEBRA)
 
 
 def level_loss(logits: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -353,7 +359,7 @@ def _validate(net: SpineUNet, val: list[Case], device: torch.device) -> dict:
             with autocast(device):
                 t_logits, l_logits = net(torch.from_numpy(c.image)[None, None].to(device))
             pred = t_logits.argmax(1)[0].cpu().numpy()
-            sure = (c.tissue <= DISC) | (c.tissue == NOT_BODY)
+            sure = _body_known(c.tissue)
             inter += float(((pred == BODY) & (c.tissue == BODY) & sure).sum())
             total += float(((pred == BODY) & sure).sum() + (c.tissue == BODY).sum())
             target = _level_target(torch.from_numpy(c.levels)).numpy()
