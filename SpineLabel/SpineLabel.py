@@ -254,6 +254,9 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._process is None:
             self._timer.stop()
             return
+        ended = not self._process.running
+        if ended:
+            self._process.wait()  # its output read to the end: a last "done" or "error" is among the events
         for event in self._process.readEvents():
             if event["event"] == "progress":
                 self.ui.progressBar.value = int(100 * event["fraction"])
@@ -267,7 +270,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(_("Labelling failed: {message}").format(message=event["message"]),
                                          detailedText=tail)
                 return
-        if not self._process.running:
+        if ended:
             tail = self._process.outputTail()
             self._endProcess()
             slicer.util.errorDisplay(_("The labelling process stopped unexpectedly."), detailedText=tail)

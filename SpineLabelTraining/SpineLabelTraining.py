@@ -190,6 +190,9 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if self._process is None:
             self._timer.stop()
             return
+        ended = not self._process.running
+        if ended:
+            self._process.wait()  # its output read to the end: the last epoch's report is among the events
         for event in self._process.readEvents():
             self.ui.progressBar.value = int(100 * event["fraction"])
             metrics = "  ".join(f"{name} {value:.3f}" for name, value in event["metrics"].items())
@@ -197,7 +200,7 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 epoch=event["epoch"], epochs=event["epochs"], loss=event["loss"], metrics=metrics)
             self.ui.logTextEdit.appendPlainText(line)
             self.ui.statusLabel.text = line
-        if self._process.running:
+        if not ended:
             return
         process, outCard = self._process, self._outCard
         self._timer.stop()
