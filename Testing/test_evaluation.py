@@ -201,6 +201,9 @@ def test_folders_verse_layout(tmp_path):
     assert saved["overall"]["n_identified"] == 5 and len(saved["cases"]) == 3
     md = (tmp_path / "report" / "s.md").read_text()
     assert "| sub-b_ct | CT | 4 | 0 | 0.00 |" in md and "prediction missing" in md and "| all | 3 | 11 |" in md
+    # without the prediction's centroid file, both sides' centroids come from the masks
+    (pred_dir / "sub-a_ct_ctd.json").unlink()
+    assert ev.evaluate_folders(pred_dir, gt_dir).cases[0].centroid_source == "masks"
 
 
 def test_folders_bodies_and_nnunet_layouts(tmp_path):

@@ -115,7 +115,8 @@ def _train(args: argparse.Namespace) -> int:
 
     reuse_freed_memory()
     cfg = TrainConfig(
-        data=[_data_source(spec) for spec in args.data], out=args.out, base_model=args.base_model, name=args.name, version=args.version,
+        data=[_data_source(spec) for spec in args.data], out=args.out, base_model=args.base_model, name=args.name,
+        version=args.version,
         epochs=args.epochs, iterations=args.iterations, batch=args.batch, patch=tuple(args.patch), lr=args.lr,
         spacing_mm=args.spacing, device=args.device, seed=args.seed, resume=args.resume, data_dir=args.data_dir,
         training_data_note=args.note, validation_cases=args.validation_cases, average_last=args.average_last,

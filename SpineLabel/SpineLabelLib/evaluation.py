@@ -15,10 +15,10 @@ Ground truth, one of these layouts (searched recursively under the GT folder):
   to LPS mm with the mask's geometry reoriented to that code;
 * nnU-Net: ``labelsTr/X.nii.gz`` (no centroid file).
 
-A GT case without a centroid file gets its centroids from its mask (per-label centre of mass); its predicted
-centroids are then also taken from the predicted mask so that both sides use the same definition. A label present
-in a GT mask but absent from its centroid file gets its mask centroid (logged). A prediction without
-``NAME_ctd.json`` gets centroids from its mask. The GT vertebrae of a case are the VerSe labels of its centroids.
+Centroids come from the centroid files when both the GT case and its prediction have one, and otherwise from both
+masks (per-label centre of mass), so that one distance never mixes two definitions (the centroids of VerSe files lie
+up to 15.6 mm from the centres of mass of their whole vertebrae). A label present in a GT mask but absent from its
+centroid file gets its mask centroid (logged). The GT vertebrae of a case are the VerSe labels of its centroids.
 
 Matching: a case's key is the file stem with known suffixes stripped: predictions ``NAME_seg.nii.gz`` -> NAME,
 GT masks -> X as above; then ``_img``, ``_ct``, ``_0000``, ``_T2w`` are removed from the end of both, repeatedly.
@@ -676,8 +676,10 @@ def evaluate_folders(
             is_bodies = gt.bodies_only if flag is None else bool(flag)
         else:
             is_bodies = gt.bodies_only if bodies_only is None else bool(bodies_only)
+        # both sides' centroids from their files, or both from their masks: never two definitions in one distance
+        from_files = gt.ctd is not None and (pred is None or pred.ctd is not None)
         gt_ctd = _mask_centroids_lps(gt_labels, geometry)
-        if gt.ctd:
+        if from_files:
             from_file = read_centroids(gt.ctd, gt_image)
             if set(gt_ctd) - set(from_file):
                 log.warning("%s: mask labels %s have no centroid in %s; taken from the mask", key,
@@ -695,7 +697,7 @@ def evaluate_folders(
                     f"origin {pred_image.GetOrigin()}) differs from ground truth {gt.mask} (size {gt_image.GetSize()}, "
                     f"spacing {gt_image.GetSpacing()}, origin {gt_image.GetOrigin()})")
             pred_labels = sitk.GetArrayViewFromImage(pred_image)
-            if gt.ctd and pred.ctd:
+            if from_files:
                 pred_ctd = read_centroids(pred.ctd, pred_image)
             else:
                 pred_ctd = _mask_centroids_lps(pred_labels, geometry)
@@ -706,10 +708,7 @@ def evaluate_folders(
         result.group = (_lookup(groups, key, pred, gt) or "") if groups else ""
         result.gt_mask = str(gt.mask)
         result.pred_seg = str(pred.seg) if pred else ""
-        if not gt.ctd:
-            result.centroid_source = "masks"
-        else:
-            result.centroid_source = "centroid files" if pred and pred.ctd else "GT centroid file, predicted mask"
+        result.centroid_source = "centroid files" if from_files else "masks"
         cases.append(result)
         if result.n_gt == 0:
             log.warning("%s: GT %s holds no vertebra label; the case has nothing to score", key, gt.mask)
