@@ -463,3 +463,13 @@ def test_a_rename_leaves_a_segment_the_user_added_alone(labeled):
     layer = segmentation.GetLayerDataObject(segmentation.GetLayerIndex(tumour))
     own = numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars())
     assert int((own == segmentation.GetSegment(tumour).GetLabelValue()).sum()) == painted.sum()
+
+
+def test_nodes_follow_the_volume_s_parent_transform(mrml, spine):
+    volume = addVolumeNodeFromImage(mrml.scene, spine.image, "spine")
+    transform = mrml.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    labeling = LabelingScene(volume, spine.result)
+    assert labeling.segmentationNode.GetTransformNodeID() == labeling.markupsNode.GetTransformNodeID() == transform.GetID()
+    assert_nodes_match(labeling)  # the points hold the volume's own coordinates
+    labeling.cleanup()

@@ -16,8 +16,9 @@ vertebra, placing a new point adds one. After each action both nodes are rewritt
 with the Segment Editor are read back (:meth:`LabelingScene.readBackSegmentation`) before any correction that
 changes voxels and before export.
 
-Coordinates: the core works in LPS mm, MRML in RAS mm; the conversion flips the first two axes. Parent
-transforms of the volume are not applied.
+Coordinates: the core works in LPS mm, MRML in RAS mm; the conversion flips the first two axes. Both nodes go under
+the volume's parent transform, if it has one, so they hold the volume's own (untransformed) coordinates and are shown
+where the volume is.
 """
 
 from __future__ import annotations
@@ -206,6 +207,8 @@ class LabelingScene(VTKObservationMixin):
         self.segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         self.markupsNode = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{base} vertebra centroids")
         self.markupsNode.CreateDefaultDisplayNodes()
+        for node in (self.segmentationNode, self.markupsNode):
+            node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
         self._placeUnderVolume()
         self._writeSegments(voxels=True)
         self._writePoints()
