@@ -109,17 +109,17 @@ def _check_nifti(path: Path) -> None:
     endian, datatype, offset, voxel_bytes = layout
     expected = offset + voxel_bytes
     float_type = _NIFTI_FLOAT_TYPES.get(datatype)
-    if not gz and path.stat().st_size < expected:
-        raise InputError(f"{path}: truncated file ({path.stat().st_size} of {expected} bytes)")
-    if gz:
+    if gz:  # a single gzip member ends with its size
         with open(path, "rb") as f:
             f.seek(-4, os.SEEK_END)
-            trailer_size = struct.unpack("<I", f.read(4))[0]
-        if trailer_size == expected % (1 << 32) and float_type is None:
-            return
-    elif float_type is None:
+            size_known = struct.unpack("<I", f.read(4))[0] == expected % (1 << 32)
+    elif path.stat().st_size < expected:
+        raise InputError(f"{path}: truncated file ({path.stat().st_size} of {expected} bytes)")
+    else:
+        size_known = True
+    if size_known and float_type is None:
         return
-    # read the voxels: to count them (not a single gzip member of the right size) or to test float voxels
+    # read the voxels: to count them (a gzip stream of another size) or to test float voxels
     total = 0
     try:
         with opener(path, "rb") as f:
