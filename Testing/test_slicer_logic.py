@@ -470,6 +470,7 @@ def test_nodes_follow_the_volume_s_parent_transform(mrml, spine):
     transform = mrml.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     volume.SetAndObserveTransformNodeID(transform.GetID())
     labeling = LabelingScene(volume, spine.result)
-    assert labeling.segmentationNode.GetTransformNodeID() == labeling.markupsNode.GetTransformNodeID() == transform.GetID()
+    nodes = (labeling.segmentationNode, labeling.markupsNode)
+    assert [node.GetTransformNodeID() for node in nodes] == [transform.GetID()] * 2
     assert_nodes_match(labeling)  # the points hold the volume's own coordinates
     labeling.cleanup()

@@ -37,8 +37,8 @@ from .io import atomic_path
 from .result import SpineLabeling
 from .vertebrae import BY_NAME, LEVELS
 
-__all__ = ["CASE_PREFIX", "MIN_VERTEBRAE", "VERSE_COCCYX_LABEL", "dataset_labels", "dataset_label_values", "next_case_id",
-           "export_case", "read_dataset_json"]
+__all__ = ["CASE_PREFIX", "MIN_VERTEBRAE", "VERSE_COCCYX_LABEL", "dataset_labels", "dataset_label_values",
+           "next_case_id", "export_case", "read_dataset_json"]
 
 log = logging.getLogger(__name__)
 
