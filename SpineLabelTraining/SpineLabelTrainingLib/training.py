@@ -389,10 +389,6 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     weights = np.array([w for _, w in cfg.data], dtype=float)
     if not cfg.data or (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
         raise ValueError(f"data weights {[w for _, w in cfg.data]}: each must be 0 or more, and one more than 0")
-    divisor = SpineUNet().divisor
-    if any(size % divisor for size in cfg.patch):
-        raise ValueError(f"patch {tuple(cfg.patch)}: each size must be a multiple of {divisor} (the network's "
-                         "downsampling)")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = resolve_device(cfg.device)
@@ -405,6 +401,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
         base_card = base.card
     else:
         net, spacing, base_card = SpineUNet(), cfg.spacing_mm, None
+    if any(size % net.divisor for size in cfg.patch):
+        raise ValueError(f"patch {tuple(cfg.patch)}: each size must be a multiple of {net.divisor} (the network's "
+                         "downsampling)")
     net.to(device).train()
     specs = [s for s, _ in cfg.data]
     weights /= weights.sum()
