@@ -93,6 +93,8 @@ def test_each_bad_input_fails_alone_with_a_clear_line(tmp_path, model, phantom_f
     assert "Traceback" not in err
     names = {p.name for p in out.iterdir()}
     assert names == {"spine" + s for s in OUTPUT_SUFFIXES}  # the good input still ran; nothing of the bad ones
+    assert main(["label", *map(str, cases), "-o", str(tmp_path / "none"), "--model", str(model), "--quiet"]) == 1
+    assert not (tmp_path / "none").exists()  # every input failed: not even the folder is left
 
 
 def test_unwritable_output_folder(tmp_path, model, phantom_file, capsys):

@@ -16,7 +16,11 @@ log = logging.getLogger("spinelabel")
 
 
 def _label(args: argparse.Namespace) -> int:
-    return _label_files(args.inputs, args.out, args)
+    made = not args.out.exists()
+    status = _label_files(args.inputs, args.out, args)
+    if made and args.out.is_dir() and not any(args.out.iterdir()):  # every input failed: no trace of this run
+        args.out.rmdir()
+    return status
 
 
 def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int:

@@ -392,7 +392,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = resolve_device(cfg.device)
-    out = Path(cfg.out).with_suffix(".json")
+    out = Path(cfg.out)
+    if out.suffix != ".json":  # "model.v2" is model.v2.json, not model.json
+        out = out.with_name(out.name + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpt = out.with_suffix(".ckpt")
     if cfg.base_model is not None:
