@@ -77,6 +77,23 @@ def test_dataset_layouts(tmp_path):
         find_cases(tmp_path / "nn" / "imagesTr")
 
 
+def test_cases_are_found_at_any_depth_as_evaluation_finds_them(tmp_path):
+    # TPTBox naming, one folder down; its endplates (200 + L) are vertebra L, its discs (100 + L) no vertebra
+    write_pair(tmp_path / "crops", "sub-ct_label-22_ct.nii.gz", "sub-ct_seg-vert_label-22_msk.nii.gz")
+    mask_path = tmp_path / "crops" / "sub-ct_seg-vert_label-22_msk.nii.gz"
+    mask = sitk.ReadImage(str(mask_path))
+    values = sitk.GetArrayFromImage(mask)
+    values[values == 22] = 222  # L3 given as its endplate label
+    values[20:25, 10:30, 10:30] = 122  # the disc below L3
+    relabelled = sitk.GetImageFromArray(values)
+    relabelled.CopyInformation(mask)
+    sitk.WriteImage(relabelled, str(mask_path))
+    (image, label, bodies_only), = find_cases(tmp_path)
+    assert image.name == "sub-ct_label-22_ct.nii.gz" and label == mask_path and not bodies_only
+    case = load_case(image, label, bodies_only, 2.0)
+    assert set(np.unique(case.levels)) == {0, 22, 23, 24}
+
+
 def test_real_ct_goes_in_through_the_ct_window(tmp_path):
     write_pair(tmp_path, "s1_ct.nii.gz", "s1_seg-vert_msk.nii.gz", background=-1000)
     case = load_case(*find_cases(tmp_path)[0][:2], False, 2.0)

@@ -87,6 +87,8 @@ __all__ = [
     "case_key",
     "match_cases",
     "reference_images",
+    "labelled_cases",
+    "reference_labels",
     "read_centroids",
     "read_confidences",
     "mask_centroids",
@@ -354,6 +356,20 @@ def reference_images(gt_dir: str | os.PathLike) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
+def labelled_cases(gt_dir: str | os.PathLike) -> list[tuple[Path, GtFiles]]:
+    """(image, reference) of every reference case in ``gt_dir`` that has an image (``reference_images``), sorted by
+    matching key; training reads its real data this way.
+
+    Raises:
+        InputError: as ``reference_images``.
+    """
+    cases, images = _reference_cases(Path(gt_dir)), reference_images(gt_dir)
+    without = sorted(str(cases[key].mask) for key in set(cases) - set(images))
+    if without:
+        log.warning("%s: %d reference masks have no image beside them, e.g. %s", gt_dir, len(without), without[0])
+    return [(image, cases[key]) for key, image in images.items()]
+
+
 # ------------------------------------------------------------------------------------------------- centroids
 
 
@@ -585,9 +601,10 @@ def evaluate_case(
 _ENDPLATE = 200  # TPTBox masks: 200 + L is an endplate of vertebra L (100 + L the disc below it, not a vertebra)
 
 
-def _as_verse(labels: np.ndarray, path: Path) -> np.ndarray:
-    """GT ``labels`` (z, y, x, integers) of the mask ``path`` as VerSe values: an nnU-Net dataset's by their names in
-    its ``dataset.json`` (``export.dataset_label_values``), TPTBox endplates (200 + L) given to their vertebra L."""
+def reference_labels(labels: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """Reference ``labels`` (integers, any shape, e.g. (z, y, x)) of the mask file ``path`` as VerSe values: an
+    nnU-Net dataset's by their names in its ``dataset.json`` (``export.dataset_label_values``), TPTBox endplates
+    (200 + L) given to their vertebra L; other values as they are. Evaluation and training read masks this way."""
     lut = dataset_label_values(path, labels)
     if lut is not None:
         return lut[labels]
@@ -670,7 +687,7 @@ def evaluate_folders(
     for key, pred, gt in pairs:
         gt_image = _read_mask(gt.mask)
         geometry = Geometry.of(gt_image)
-        gt_labels = _as_verse(sitk.GetArrayViewFromImage(gt_image), gt.mask)
+        gt_labels = reference_labels(sitk.GetArrayViewFromImage(gt_image), gt.mask)
         if isinstance(bodies_only, Mapping):
             flag = _lookup(bodies_only, key, pred, gt)
             is_bodies = gt.bodies_only if flag is None else bool(flag)

@@ -5,9 +5,10 @@ Data sources (mixed by weight):
 * ``synthetic``: whole-spine images synthesised from real anatomy (``synthesis``), full tissue labels;
 * ``phantom``: the procedural phantom (``SpineLabelLib.phantom``);
 * ``negative``: images without a spine (``negatives``), every voxel background;
-* a folder of real labelled scans, layout detected: nnU-Net (``imagesTr/X_0000.nii.gz`` + ``labelsTr/X.nii.gz``, as
-  the Slicer export writes; label values read by their names in ``dataset.json``), VerSe (``X_ct.nii.gz`` +
-  ``X_seg-vert_msk.nii.gz``), or bodies-only MRI (``X_img.nii.gz`` + ``X_vert-verse.nii.gz``).
+* a folder of real labelled scans, found at any depth as ``spinelabel evaluate --label`` finds them (``find_cases``):
+  nnU-Net (``imagesTr/X_0000.nii.gz`` + ``labelsTr/X.nii.gz``, as the Slicer export writes; label values read by
+  their names in ``dataset.json``), VerSe (``X_ct.nii.gz`` + ``X_seg-vert_msk.nii.gz``, TPTBox endplates counted to
+  their vertebra), or bodies-only MRI (``X_img.nii.gz`` + ``X_vert-verse.nii.gz``).
 
 Real label maps say which vertebra a voxel belongs to, not always whether it is body or posterior element. The tissue
 loss therefore takes *sets* of allowed classes: a whole-vertebra voxel may be body or posterior (``VERTEBRA``), an
@@ -34,9 +35,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
-from SpineLabelLib.export import dataset_label_values
+from SpineLabelLib.evaluation import labelled_cases, reference_labels
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
-from SpineLabelLib.io import atomic_path, canonical_grid, read_image, resample_to_grid
+from SpineLabelLib.io import InputError, atomic_path, canonical_grid, read_image, resample_to_grid
 from SpineLabelLib.models import load_model, save_model
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
@@ -95,25 +96,22 @@ class Case:
     name: str = ""
 
 
-_LAYOUTS = (
-    ("imagesTr/*_0000.nii.gz", lambda p: p.parent.parent / "labelsTr" / p.name.replace("_0000.nii.gz", ".nii.gz"), False),
-    ("*_ct.nii.gz", lambda p: p.with_name(p.name.replace("_ct.nii.gz", "_seg-vert_msk.nii.gz")), False),
-    ("*_img.nii.gz", lambda p: p.with_name(p.name.replace("_img.nii.gz", "_vert-verse.nii.gz")), True),
-)
-
-
 def find_cases(folder: str | Path) -> list[tuple[Path, Path, bool]]:
-    """(image, label map, bodies_only) for every labelled case in a folder of a known layout."""
-    folder = Path(folder)
-    found = []
-    for pattern, label_of, bodies_only in _LAYOUTS:
-        for image in sorted(folder.glob(pattern)):
-            label = label_of(image)
-            if label.exists():
-                found.append((image, label, bodies_only))
-    if not found:
-        raise FileNotFoundError(f"{folder}: no labelled cases found (nnU-Net, VerSe or *_img/*_vert-verse layout)")
-    return found
+    """(image, label map, bodies_only) for every labelled case under ``folder``, found as ``spinelabel evaluate
+    --label`` finds reference cases and their images (``evaluation.labelled_cases``: nnU-Net, VerSe and
+    ``*_img``/``*_vert-verse`` layouts, at any depth). Bodies-only: ``*_vert-verse`` masks (the layout of
+    ``mri_lumbar_bodies``) and masks under a folder named *bodies*.
+
+    Raises:
+        FileNotFoundError: no labelled case with its image in ``folder``.
+    """
+    try:
+        cases = labelled_cases(folder)
+    except InputError as err:
+        raise FileNotFoundError(str(err)) from None
+    if not cases:
+        raise FileNotFoundError(f"{folder}: no labelled case has its image beside it")
+    return [(image, gt.mask, gt.bodies_only or gt.layout == "vert-verse") for image, gt in cases]
 
 
 def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm: float) -> Case:
@@ -123,11 +121,10 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     values = sitk.GetArrayViewFromImage(labels)
     if values.dtype.kind not in "ui" or values.min() < 0:
         raise ValueError(f"{label_path}: a label map holds integers of 0 or more")
-    lut = dataset_label_values(label_path, values)
-    if lut is None:  # VerSe values: those of a level, the rest no level
-        value = np.arange(int(values.max()) + 1)
-        lut = np.where(_LEVEL_OF_LABEL[np.minimum(value, _LEVEL_OF_LABEL.size - 1)] > 0, value, 0).astype(np.uint8)
-    as_verse = sitk.GetImageFromArray(lut[values])
+    values = reference_labels(values, label_path)
+    value = np.arange(int(values.max()) + 1)
+    is_level = _LEVEL_OF_LABEL[np.minimum(value, _LEVEL_OF_LABEL.size - 1)] > 0
+    as_verse = sitk.GetImageFromArray(np.where(is_level, value, 0).astype(np.uint8)[values])  # the rest: no level
     as_verse.CopyInformation(labels)
     grid = canonical_grid(image, spacing_mm)
     volume = _model_input(image, grid)
