@@ -42,6 +42,26 @@ def test_labels_never_repeat_even_when_evidence_does():
     assert any(w.startswith("L") and "uncertain" in w for w in sol.warnings)
 
 
+def test_confidences_stay_probabilities_whatever_the_range_of_the_scores():
+    # both vertebrae look like L1 and like nothing else by 800 log-units: the chain must name one of them otherwise
+    scores = np.full((2, K), -800.0)
+    scores[:, level_index("L1")] = 0.0
+    sol = solve(scores, np.array([35.0]))
+    assert np.isfinite(sol.marginals).all() and np.allclose(sol.marginals.sum(axis=1), 1.0)
+    assert np.isfinite(sol.confidence).all() and (sol.confidence <= 1.0 + 1e-12).all()
+
+
+def test_unusable_gaps_scores_and_positions_are_named():
+    scores = scores_for(["L1", "L2", "L3"])
+    for gaps in ([35.0], [35.0, np.nan], [35.0, 35.0, 35.0]):
+        with pytest.raises(ValueError, match="2 finite gaps"):
+            solve(scores, np.array(gaps))
+    with pytest.raises(ValueError, match="without NaN"):
+        solve(np.where(scores == 0.0, np.nan, scores), np.full(2, 35.0))
+    with pytest.raises(ValueError, match="position 3 is outside"):
+        solve(scores, np.full(2, 35.0), fixed={3: "L4"})
+
+
 def test_every_vertebra_below_the_uncertainty_cut_is_named_in_a_warning():
     # weak evidence: the chain's names are likely but not sure
     sol = solve(scores_for(["L1", "L2", "L3", "L4"], strength=1.0, neighbour=0.5), np.full(3, 35.0))

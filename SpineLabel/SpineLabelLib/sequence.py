@@ -195,8 +195,9 @@ def solve(
 
     Raises:
         ValueError: when the fixed labels contradict each other (a duplicate level, other than S1 when
-            ``priors.sacral_piece`` allows sacral pieces, or a caudal level above a cranial one), or the chain is
-            longer than the number of levels.
+            ``priors.sacral_piece`` allows sacral pieces, or a caudal level above a cranial one), the chain is
+            longer than the number of levels, a fixed position is outside it, or the gaps (not n-1, or not finite)
+            or the scores (NaN) are not usable.
     """
     emissions = np.array(log_scores, dtype=float, copy=True).reshape(-1, K)
     n = emissions.shape[0]
@@ -204,11 +205,16 @@ def solve(
         return Solution(np.zeros(0, int), np.zeros(0), np.zeros((0, K)), ["no vertebrae found"])
     if n > K:
         raise ValueError(f"a chain of {n} vertebrae is longer than the {K} levels SpineLabel knows")
+    gaps = np.asarray(gaps_mm, dtype=float).reshape(-1)
+    if gaps.size != n - 1 or not np.isfinite(gaps).all() or np.isnan(emissions).any():
+        raise ValueError(f"a chain of {n} vertebrae needs {n - 1} finite gaps (got {gaps.tolist()}) and log-scores "
+                         "without NaN")
     for position, name in (fixed or {}).items():
+        if not 0 <= position < n:
+            raise ValueError(f"fixed position {position} is outside the chain of {n} vertebrae")
         keep = level_index(name)
         emissions[position, :] = -np.inf
         emissions[position, keep] = 0.0
-    gaps = np.asarray(gaps_mm, dtype=float).reshape(-1)
     scales = np.exp(_SCALE_STEPS * priors.scale_sigma)
     log_scale_prior = -0.5 * _SCALE_STEPS**2 - _logsumexp(-0.5 * _SCALE_STEPS**2, axis=0)
     # (n-1, scales, K, K): log-score of a -> b across each gap at each scale
@@ -222,7 +228,7 @@ def solve(
     log_weights = log_z + log_scale_prior
     weights = np.exp(log_weights - np.max(log_weights))
     marginals = np.tensordot(weights / weights.sum(), per_scale, axes=1)
-    confidence = marginals[np.arange(n), levels]
+    confidence = np.clip(marginals[np.arange(n), levels], 0.0, 1.0)
     return Solution(levels, confidence, marginals, _warnings(levels, confidence, marginals, gaps))
 
 
@@ -244,30 +250,26 @@ def _viterbi(emissions: np.ndarray, transitions: np.ndarray) -> tuple[np.ndarray
 
 
 def _forward_backward(emissions: np.ndarray, transitions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Log-partition function (scales,) and posterior marginals (scales, n, K) at every scale.
+    """Log-partition function (scales,) and posterior marginals (scales, n, K) at every scale, for emissions (n, K)
+    and transitions (n-1, scales, K, K), all log-scores.
 
-    Scaled forward-backward in probability space: every step is normalised and the log of its scale kept, so
-    nothing underflows (transition probabilities are at least about 1e-40: skip priors and the outlier floor).
+    In log space, so that no range of scores underflows (a scaled pass in probability space lost every path through
+    an emission 800 below its row's best; the marginals came out NaN); a scale at which no path is possible gets
+    zero marginals.
     """
     n, n_scales = emissions.shape[0], transitions.shape[1] if len(transitions) else _SCALE_STEPS.size
-    offset = np.max(emissions, axis=1, keepdims=True)
-    likelihood = np.exp(emissions - offset)
-    step = np.exp(transitions)
-    alpha = np.zeros((n_scales, n, K))
-    beta = np.ones((n_scales, n, K))
-    norm = np.zeros((n_scales, n))
-    alpha[:, 0] = likelihood[0]
-    for i in range(n):
-        if i > 0:
-            alpha[:, i] = np.einsum("sa,sab->sb", alpha[:, i - 1], step[i - 1]) * likelihood[i]
-        norm[:, i] = alpha[:, i].sum(axis=1)
-        alpha[:, i] /= np.maximum(norm[:, i], 1e-300)[:, None]
+    log_alpha = np.empty((n_scales, n, K))
+    log_beta = np.zeros((n_scales, n, K))
+    log_alpha[:, 0] = emissions[0]
+    for i in range(1, n):
+        log_alpha[:, i] = _logsumexp(log_alpha[:, i - 1, :, None] + transitions[i - 1], axis=1) + emissions[i]
     for i in range(n - 2, -1, -1):
-        beta[:, i] = np.einsum("sab,sb->sa", step[i], likelihood[i + 1] * beta[:, i + 1])
-        beta[:, i] /= np.maximum(norm[:, i + 1], 1e-300)[:, None]
-    with np.errstate(divide="ignore"):
-        log_z = np.log(norm).sum(axis=1) + float(offset.sum())
-    return log_z, alpha * beta
+        log_beta[:, i] = _logsumexp(transitions[i] + (emissions[i + 1] + log_beta[:, i + 1])[:, None, :], axis=2)
+    log_z = _logsumexp(log_alpha[:, -1], axis=1)
+    possible = np.isfinite(log_z)
+    with np.errstate(invalid="ignore"):
+        marginals = np.exp(log_alpha + log_beta - np.where(possible, log_z, 0.0)[:, None, None])
+    return log_z, np.where(possible[:, None, None], marginals, 0.0)
 
 
 def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray, gaps_mm: np.ndarray) -> list[str]:
