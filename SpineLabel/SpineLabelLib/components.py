@@ -456,7 +456,7 @@ def attach_posterior(bodies: np.ndarray, tissue: np.ndarray, held_back: np.ndarr
     if held_back is not None:
         mask &= ~held_back
     if not bodies.any():
-        return bodies
+        return bodies.copy()
     return _flood(bodies, mask)
 
 

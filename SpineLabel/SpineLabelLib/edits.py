@@ -110,6 +110,14 @@ def check_image_grid(result: SpineLabeling, image: sitk.Image | Geometry) -> Non
         raise ValueError(f"image grid {g.as_dict()} differs from the labelling's {h.as_dict()}")
 
 
+def _release(result: SpineLabeling, name: str) -> None:
+    """Unfix, in place, a vertebra of ``result`` fixed to ``name``: the latest correction takes the name."""
+    for v in result.vertebrae:
+        if v.fixed and v.name == name:
+            log.info("vertebra %d loses its fixed name %s", v.id, name)
+            v.fixed = False
+
+
 def rename(result: SpineLabeling, vertebra_id: int, name: str, lock: bool = True) -> SpineLabeling:
     """Give a vertebra a level name and re-solve the others around it.
 
@@ -130,10 +138,7 @@ def rename(result: SpineLabeling, vertebra_id: int, name: str, lock: bool = True
     canonical = LEVELS[level_index(name)].name
     target = result.by_id(vertebra_id)
     out = result.copy()
-    for v in out.vertebrae:
-        if v.id != target.id and v.fixed and v.name == canonical:
-            log.info("vertebra %d loses its fixed name %s to vertebra %d", v.id, canonical, target.id)
-            v.fixed = False
+    _release(out, canonical)
     fixed = _fixed_names(out)
     fixed[target.id] = canonical
     solved = relabel(out, fixed)
@@ -173,11 +178,8 @@ def move_point(result: SpineLabeling, vertebra_id: int, new_lps: tuple[float, fl
     ids = {v.id for v in result.vertebrae}
     if under and under != moved.id and under in ids:
         out = result.copy()
-        for v in out.vertebrae:
-            if v.id == moved.id:
-                v.fixed = False
-            elif v.fixed and v.name == moved.name:
-                v.fixed = False
+        out.by_id(moved.id).fixed = False
+        _release(out, moved.name)
         fixed = _fixed_names(out)
         fixed[under] = moved.name
         log.info("marker %s dropped on vertebra %d: it becomes %s", moved.name, under, moved.name)
@@ -292,14 +294,12 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
     components = result.components.copy()
     components[box][region] = new_id
     volume_ml = float(region.sum() * np.prod(result.geometry.spacing) / 1000.0)
-    canonical = LEVELS[level_index(name)].name if name else LEVELS[0].name  # unnamed: solved below
+    canonical = LEVELS[level_index(name)].name if name is not None else LEVELS[0].name  # unnamed: solved below
     vertebra = Vertebra(id=new_id, name=canonical, centroid_lps_mm=tuple(float(c) for c in point_lps),
                         volume_ml=volume_ml, confidence=0.0, level_log_scores=np.zeros(len(LEVELS)),
                         fixed=name is not None)
     out = result.copy()
     if name is not None:
-        for v in out.vertebrae:
-            if v.fixed and v.name == canonical:
-                v.fixed = False
+        _release(out, canonical)
     log.info("added vertebra %d (%.1f ml) at %s", new_id, volume_ml, tuple(point_lps))
     return _solve(_with_chain(out, _insert_in_chain(out.vertebrae, vertebra), components))

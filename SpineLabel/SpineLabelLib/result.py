@@ -172,6 +172,7 @@ class SpineLabeling:
         fresh = [replace(v) for v in self.vertebrae]
         changes.setdefault("vertebrae", fresh)
         changes.setdefault("warnings", list(self.warnings))
+        changes.setdefault("gaps_mm", list(self.gaps_mm))
         changes.setdefault("sequence_warnings", list(self.sequence_warnings))
         return replace(self, **changes)
 

@@ -28,17 +28,15 @@ All priors live in ``PRIORS`` below, in one place.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .result import SpineLabeling
-from .vertebrae import BY_NAME, LEVELS, level_index
+from .vertebrae import LEVELS, level_index
 
 __all__ = ["SequencePriors", "PRIORS", "Solution", "solve", "relabel", "expected_gaps_mm", "UNCERTAIN_BELOW"]
 
-log = logging.getLogger(__name__)
 
 K = len(LEVELS)
 _NAMES = [level.name for level in LEVELS]
@@ -318,10 +316,9 @@ def relabel(result: SpineLabeling, fixed: dict[int, str] | None = None, priors: 
         ValueError: fixed labels that cannot all hold.
     """
     fixed = dict(fixed or {})
-    for vid, name in fixed.items():
+    for vid, name in fixed.items():  # both checked before anything changes
         result.by_id(vid)
-        if name.strip().upper() not in BY_NAME and name.strip().lower() != "sacrum":
-            raise KeyError(f"unknown vertebra name {name!r}")
+        level_index(name)
     out = result.copy()
     position_fixed: dict[int, str] = {}
     for pos, v in enumerate(out.vertebrae):

@@ -21,7 +21,6 @@ __all__ = [
     "BY_LABEL",
     "level_index",
     "terminology_entry",
-    "TRANSITIONAL",
     "TISSUE_NAMES",
     "BODY",
     "POSTERIOR",
@@ -90,7 +89,6 @@ LEVELS: tuple[Level, ...] = (
 
 BY_NAME: dict[str, Level] = {level.name: level for level in LEVELS}
 BY_LABEL: dict[int, Level] = {level.label: level for level in LEVELS}
-TRANSITIONAL: frozenset[str] = frozenset(level.name for level in LEVELS if level.transitional)
 _INDEX: dict[str, int] = {level.name: i for i, level in enumerate(LEVELS)}
 
 
