@@ -179,3 +179,13 @@ def test_a_short_scan_is_segmented_with_mirrored_context(modality):
         mirrored = predict(model, extended, torch.device("cpu")).inside(inner)
         found["mirrored"] += np.count_nonzero(mirrored.tissue == BODY)
     assert found["mirrored"] > 1.3 * found["zeros"]
+
+
+def test_a_window_is_rounded_up_to_the_network_and_the_overlap_checked():
+    model = get_model(None, "cpu")
+    volume = np.random.default_rng(0).random((50, 70, 40), dtype=np.float32)
+    whole = predict(model, volume, torch.device("cpu"))
+    odd = predict(model, volume, torch.device("cpu"), window=(40, 64, 64), overlap=8)  # 40 -> 48
+    assert odd.tissue.shape == whole.tissue.shape == volume.shape
+    with pytest.raises(ValueError, match="overlap 48"):
+        predict(model, volume, torch.device("cpu"), window=(48, 48, 48), overlap=48)

@@ -79,6 +79,14 @@ def test_reads_a_volume_stored_as_one_time_point(tmp_path):
         assert np.allclose(out.GetSpacing(), img.GetSpacing())
 
 
+def sheared() -> sitk.Image:
+    """An image whose second axis leans 20 degrees towards its first (a tilted-gantry grid)."""
+    image = sitk.Image([8, 8, 8], sitk.sitkInt16)
+    lean = np.deg2rad(20)
+    image.SetDirection((1, np.sin(lean), 0, 0, np.cos(lean), 0, 0, 0, 1))
+    return image
+
+
 @pytest.mark.parametrize(
     "make, reason",
     [
@@ -92,6 +100,7 @@ def test_reads_a_volume_stored_as_one_time_point(tmp_path):
         (lambda p: write(p, "nan.mha", sitk.GetImageFromArray(np.full((4, 4, 4), np.nan, np.float32))), "NaN"),
         (lambda p: write(p, "nan.nii.gz", sitk.GetImageFromArray(np.full((4, 4, 4), np.nan, np.float32))), "NaN"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "no DICOM series"),
+        (lambda p: write(p, "sheared.nrrd", sheared()), "not perpendicular"),
     ],
 )
 def test_bad_inputs_name_file_and_reason(tmp_path, make, reason):

@@ -87,6 +87,25 @@ def test_model_card_hash_is_checked(tmp_path, random_model):
     bad.write_text(json.dumps({"name": "x"}))
     with pytest.raises(ModelError, match="lacks"):
         load_model(bad)
+    good = json.loads(card.read_text())
+    for change, reason in (({"level_classes": good["level_classes"][::-1]}, "level_classes"),
+                           ({"spacing_mm": 0}, "spacing_mm"), ({"architecture": {}}, "channels")):
+        bad.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ModelError, match=reason):
+            load_model(bad)
+    with pytest.raises(ValueError, match="three resolution levels"):
+        SpineUNet((8, 16))
+
+
+def test_a_model_written_again_is_loaded_again(tmp_path, random_model):
+    from SpineLabelLib.pipeline import get_model
+
+    card = tmp_path / "m.json"
+    first = load_model(random_model)
+    save_model(first.network, {"name": "m", "version": "1", "spacing_mm": 4.0}, card)
+    assert get_model(card, "cpu") is get_model(tmp_path / "m.pt", "cpu")  # cached, by card or by weights
+    save_model(first.network, {"name": "m", "version": "2", "spacing_mm": 4.0}, card)
+    assert get_model(card, "cpu").card["version"] == "2"
 
 
 def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):

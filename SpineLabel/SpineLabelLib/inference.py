@@ -113,11 +113,15 @@ def normalise(volume: np.ndarray, ct_window_hu: tuple[float, float] | None = Non
 
 
 def native_bfloat16(device: torch.device) -> bool:
-    """Whether the hardware runs bfloat16 natively: recent CUDA GPUs, CPUs with AVX-512 BF16 or AMX (where it is
-    about twice as fast as float32). Elsewhere it is emulated and many times slower than float32."""
+    """Whether the hardware runs bfloat16 natively: CUDA GPUs from Ampere on (compute capability 8), CPUs with the
+    AVX-512 BF16 or AMX instructions (where it is about twice as fast as float32). Elsewhere it is emulated: slower
+    than float32, or no faster, and less precise. (``torch.cuda.is_bf16_supported`` and oneDNN's own check also count
+    emulation: an AVX-512 CPU without BF16 ran bfloat16 no faster than float32.)"""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    instructions = (getattr(torch.cpu, name, lambda: False)() for name in
+                    ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(instructions) and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def autocast(device: torch.device):
@@ -225,7 +229,9 @@ def predict(
     net = model.network
     div = net.divisor
     shape = np.array(volume.shape)
-    win = np.minimum(np.array(window), ((shape + div - 1) // div) * div)
+    win = (np.minimum(np.array(window), shape) + div - 1) // div * div
+    if not 0 <= overlap < int(win.min()):
+        raise ValueError(f"overlap {overlap} must be 0 or more and less than the window {tuple(int(w) for w in win)}")
     starts = [_starts(int(s), int(w), overlap) for s, w in zip(shape, win)]
     in_plane = [(y, x) for y in starts[1] for x in starts[2]]
     n_windows = len(starts[0]) * len(in_plane)

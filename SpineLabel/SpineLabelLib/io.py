@@ -148,7 +148,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
 
     Raises:
         InputError: missing path, unsupported extension, unreadable or truncated file, not 3D (2D; 4D of more than
-            one time point), not scalar (RGB, vector), empty, or holding NaN/inf.
+            one time point), not scalar (RGB, vector), empty, holding NaN/inf, or on a sheared grid.
     """
     p = Path(path)
     if not p.exists():
@@ -174,6 +174,10 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         raise InputError(f"{p}: {image.GetDimension()}D image; a 3D volume is needed")
     if min(image.GetSize()) < 2:
         raise InputError(f"{p}: image of size {image.GetSize()} is a single slice, not a 3D volume")
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise InputError(f"{p}: its axes are not perpendicular (a sheared grid, as from a tilted gantry); resample it "
+                         "onto a grid with perpendicular axes first")
     if image.GetPixelID() == sitk.sitkFloat64:
         image = sitk.Cast(image, sitk.sitkFloat32)
     if image.GetPixelID() == sitk.sitkFloat32 and not np.isfinite(sitk.GetArrayViewFromImage(image)).all():

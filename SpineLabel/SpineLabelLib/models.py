@@ -34,6 +34,7 @@ __all__ = [
     "ModelError",
     "LoadedModel",
     "default_model_path",
+    "card_file",
     "user_models_dir",
     "list_models",
     "load_model",
@@ -44,6 +45,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_LEVEL_NAMES = [level.name for level in LEVELS]
 DEFAULT_MODEL_NAME = "spinelabel-default"
 
 
@@ -93,23 +95,43 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _card_path(path: str | os.PathLike) -> Path:
+def card_file(path: str | os.PathLike) -> Path:
+    """The card of a model given by its card (``.json``) or its weights (``.pt``)."""
     p = Path(path)
     return p.with_suffix(".json") if p.suffix == ".pt" else p
 
 
 def read_card(path: str | os.PathLike) -> dict:
     """Read a model card (``.json``; a ``.pt`` path means the card beside it)."""
-    card_path = _card_path(path)
+    card_path = card_file(path)
     if not card_path.is_file():
         raise ModelError(f"{card_path}: model card not found")
     try:
         card = json.loads(card_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ModelError(f"{card_path}: unreadable model card ({err})") from None
+    if not isinstance(card, dict):
+        raise ModelError(f"{card_path}: a model card is a JSON object")
     missing = [k for k in ("name", "version", "spacing_mm", "weights", "sha256", "architecture") if k not in card]
     if missing:
         raise ModelError(f"{card_path}: model card lacks {', '.join(missing)}")
+    channels = card["architecture"].get("channels") if isinstance(card["architecture"], dict) else None
+    problems = [
+        what for what, bad in (
+            ("architecture.channels must be three or more positive integers",
+             not (isinstance(channels, list) and len(channels) >= 3
+                  and all(isinstance(c, int) and c > 0 for c in channels))),
+            ("spacing_mm must be a positive number",
+             not (isinstance(card["spacing_mm"], (int, float)) and card["spacing_mm"] > 0)),
+            # the pipeline reads the network's outputs in the order of these tables
+            ("level_classes must be the levels of vertebrae.LEVELS, in order",
+             card.get("level_classes", _LEVEL_NAMES) != _LEVEL_NAMES),
+            ("tissue_classes must be vertebrae.TISSUE_NAMES, in order",
+             card.get("tissue_classes", list(TISSUE_NAMES)) != list(TISSUE_NAMES)),
+        ) if bad
+    ]
+    if problems:
+        raise ModelError(f"{card_path}: {'; '.join(problems)}")
     return card
 
 
@@ -139,15 +161,15 @@ def load_model(path: str | os.PathLike | None = None, device: "str | torch.devic
 
     from .network import SpineUNet
 
-    card_path = _card_path(path) if path is not None else default_model_path()
+    card_path = card_file(path) if path is not None else default_model_path()
     card = read_card(card_path)
     weights = card_path.parent / card["weights"]
     if not weights.is_file():
         raise ModelError(f"{weights}: model weights not found (card {card_path})")
     digest = sha256_of(weights)
-    if digest != card["sha256"]:
+    if digest != str(card["sha256"]).lower():
         raise ModelError(f"{weights}: weights are corrupt or altered (sha256 {digest[:12]}... does not match the card)")
-    network = SpineUNet(tuple(card["architecture"]["channels"]), n_levels=len(card.get("level_classes", LEVELS)))
+    network = SpineUNet(tuple(card["architecture"]["channels"]))
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
@@ -161,14 +183,14 @@ def save_model(network: "SpineUNet", card: dict, card_path: str | os.PathLike) -
     """Write weights + card (hash filled in) atomically; returns the card path."""
     import torch
 
-    card_path = _card_path(card_path)
+    card_path = card_file(card_path)
     card_path.parent.mkdir(parents=True, exist_ok=True)
     weights = card_path.with_suffix(".pt")
     with atomic_path(weights) as tmp:
         torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, tmp)
     full = {
         "tissue_classes": list(TISSUE_NAMES),
-        "level_classes": [level.name for level in LEVELS],
+        "level_classes": list(_LEVEL_NAMES),
         **card,
         "architecture": {"type": "SpineUNet", "channels": list(network.channels)},
         "weights": weights.name,

@@ -35,10 +35,15 @@ class SpineUNet(nn.Module):
         n_levels: classes of the level head (defaults to ``len(LEVELS)``).
 
     Input spatial size must be divisible by ``2 ** (len(channels) - 1)``.
+
+    Raises:
+        ValueError: fewer than three levels (the level head sits on the second, with a coarser one below it).
     """
 
     def __init__(self, channels: tuple[int, ...] = (8, 16, 32, 64, 96), n_levels: int = len(LEVELS)):
         super().__init__()
+        if len(channels) < 3:
+            raise ValueError(f"channels {tuple(channels)}: a SpineUNet has three resolution levels or more")
         self.channels = tuple(channels)
         self.stem = _conv(1, channels[0])
         self.down = nn.ModuleList(

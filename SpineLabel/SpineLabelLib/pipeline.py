@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from functools import lru_cache
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -20,7 +21,7 @@ from . import components as comp
 from . import features as feat
 from .inference import Cancelled, Prediction, modality_of, normalise, predict, resolve_device
 from .io import InputError, canonical_grid, read_image, resample_to_grid
-from .models import LoadedModel, load_model
+from .models import LoadedModel, card_file, default_model_path, load_model
 from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
 from .sequence import solve
 from .vertebrae import LEVELS, level_index
@@ -83,15 +84,18 @@ def require_vertebrae(result: SpineLabeling, path: str | os.PathLike) -> SpineLa
 
 
 @lru_cache(maxsize=4)
-def _cached_model(path: str | None, device: str) -> LoadedModel:
-    return load_model(path, device)
+def _cached_model(card: Path, device: str, stamp: tuple) -> LoadedModel:
+    return load_model(card, device)
 
 
 def get_model(model: str | os.PathLike | LoadedModel | None = None, device: str = "auto") -> LoadedModel:
-    """A loaded model (cached per path and device); ``None`` is the default model."""
+    """A loaded model, cached per card file, its version on disk (time and size of the card and of the files beside
+    it of the card's name: a model written again is loaded again) and device; ``None`` is the default model."""
     if isinstance(model, LoadedModel):
         return model
-    return _cached_model(None if model is None else str(model), str(resolve_device(device)))
+    card = (default_model_path() if model is None else card_file(model)).resolve()
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(card.parent.glob(f"{card.stem}.*")))
+    return _cached_model(card, str(resolve_device(device)), stamp)
 
 
 _FOREGROUND = 0.05  # of the normalised range: brighter is the body, darker air or background
@@ -159,8 +163,8 @@ def label_spine(
 
     Args:
         image: a 3D scalar ``SimpleITK.Image`` or a path ``read_image`` accepts; any orientation and spacing.
-        model: model card path, a loaded model, or None for the default model.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        model: model card path, a loaded model (which runs on the device it is on), or None for the default model.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``: where a model given by path (or the default) is loaded.
         progress: called with (fraction 0-1 of the whole job, message).
         cancel: polled between stages and network windows; returning True raises ``Cancelled``.
         check_orientation: also run the network on the volume turned head to feet, and warn when it reads better
@@ -221,7 +225,7 @@ def label_spine(
     del volume, resampled
     box = _foreground_box(norm)
     t = stage("normalise", t)
-    device_ = resolve_device(device)
+    device_ = next(loaded.network.parameters()).device
     prediction = _predict_in_context(loaded, norm[box], device_, progress=lambda f, m: report(0.1 + 0.7 * f, m),
                                      cancel=cancel)
     t = stage("network", t)
