@@ -212,7 +212,8 @@ def delete(result: SpineLabeling, vertebra_id: int) -> SpineLabeling:
 
 
 def _box_slices(geometry: Geometry, centre_ijk: np.ndarray) -> tuple[slice, slice, slice]:
-    """(z, y, x) slices of the ``ADD_BOX_MM`` box around a voxel, clipped to the grid."""
+    """(z, y, x) array slices of the ``ADD_BOX_MM`` box around the voxel whose float index is ``centre_ijk``
+    (i, j, k = x, y, z, as ``Geometry.lps_to_index`` gives it), clipped to the grid."""
     d = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
     half = np.zeros(3)
     for axis in range(3):  # voxel axis -> the anatomical axis it mostly runs along

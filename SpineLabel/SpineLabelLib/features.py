@@ -110,6 +110,11 @@ def drop_detached_ends(ordered: list[ComponentFeatures], gaps: np.ndarray, max_r
     (an artefact at the edge of the field of view, a bowel loop, the femoral head). Chains of fewer than four
     components are left alone: their spacing is not known well enough.
 
+    Args:
+        ordered: the components in chain order (``chain_order``).
+        gaps: float (len(ordered) - 1,) centroid distances between consecutive components, mm.
+        max_ratio: how many median spacings a gap may span before the end beyond it is dropped.
+
     Returns:
         (kept features, their gaps in mm, the gaps in mm that cut off each dropped component).
     """
