@@ -102,7 +102,8 @@ _FOREGROUND = 0.05  # of the normalised range: brighter is the body, darker air 
 
 
 def _foreground_box(volume: np.ndarray, margin: int = 6) -> tuple[slice, ...]:
-    """Bounding box of the voxels brighter than ``_FOREGROUND`` (the body), with a margin."""
+    """Bounding box (z, y, x slices) of the voxels of ``volume`` (float32 (z, y, x), normalised to 0-1) brighter
+    than ``_FOREGROUND`` (the body), with a margin of ``margin`` voxels."""
     box = nonzero_box(volume > _FOREGROUND)
     if box is None:
         return tuple(slice(0, s) for s in volume.shape)
@@ -122,7 +123,7 @@ _CUT_FACE = 0.1  # a side is cut through the body when at least this fraction of
 
 
 def with_context(volume: np.ndarray, min_voxels: int = MIN_CONTEXT_VOXELS) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """``volume`` (z, y, x, normalised) extended by reflection, along z and y where shorter than ``min_voxels``, at the
+    """``volume`` (float32 (z, y, x), normalised) extended by reflection, along z and y where shorter than ``min_voxels``, at the
     sides where the field of view cuts through the body (half each when both are), and where the volume lies inside
     the result (slices with even starts: the half-resolution level grid stays aligned). Returns ``volume`` itself
     when nothing is extended."""
@@ -342,7 +343,7 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
 
     Args:
         components: int16 (z, y, x) component ids on the model grid.
-        bone_probability: float (z, y, x) vertebra probability (0-1) on the model grid.
+        bone_probability: float16 (z, y, x) vertebra probability (0-1) on the model grid.
         grid: the model grid.
         image: the input image.
 
