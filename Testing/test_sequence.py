@@ -110,6 +110,16 @@ def test_l6_is_allowed_with_its_prior():
     assert "L6" not in names_of(weak) or any("L5/L6" in w for w in weak.warnings)
 
 
+@pytest.mark.parametrize("regular, transitional, below", [("L5", "L6", "S1"), ("T12", "T13", "L1")])
+def test_the_first_vertebra_pays_the_transitional_prior_too(regular, transitional, below):
+    # the top vertebra looks as much like L5 as like L6 (T12 as T13): its population rate decides, as mid-chain
+    scores = np.full((2, K), -10.0)
+    scores[0, [level_index(regular), level_index(transitional)]] = 0.0
+    scores[1, level_index(below)] = 0.0
+    sol = solve(scores, np.array([35.0]))
+    assert names_of(sol)[0] == regular and sol.marginals[0, level_index(transitional)] < 0.1
+
+
 def test_t13_between_t12_and_l1():
     names = ["T10", "T11", "T12", "T13", "L1", "L2"]
     sol = solve(scores_for(names), np.full(5, 30.0))

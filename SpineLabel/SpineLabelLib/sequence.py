@@ -131,6 +131,12 @@ def _transition_priors(priors: SequencePriors) -> np.ndarray:
     return scores
 
 
+def _start_priors(priors: SequencePriors) -> np.ndarray:
+    """Log-prior (K,) of the first vertebra's level: the transitional levels cost their population rate there as they
+    do when a later vertebra enters them (``_transition_priors``); the rest is uniform."""
+    return np.where(_IS_T13, np.log(priors.t13), 0.0) + np.where(_IS_L6, np.log(priors.l6), 0.0)
+
+
 def _gap_scores(gaps_mm: np.ndarray, scales: np.ndarray, priors: SequencePriors) -> np.ndarray:
     """Log-likelihood (n-1, scales, K, K) of each measured gap for each transition a -> b at each scale, in log-gap
     space: a log-normal around the expected gap (wider for the two end gaps) plus a uniform outlier share; -inf for
@@ -217,6 +223,7 @@ def solve(
     log_scale_prior = -0.5 * _SCALE_STEPS**2 - _logsumexp(-0.5 * _SCALE_STEPS**2, axis=0)
     # (n-1, scales, K, K): log-score of a -> b across each gap at each scale
     transitions = _transition_priors(priors) + _gap_scores(gaps, scales, priors)
+    emissions[0] += _start_priors(priors)
     paths, scores = _viterbi(emissions, transitions)
     best = int(np.argmax(scores + log_scale_prior))
     if not np.isfinite(scores[best]):
