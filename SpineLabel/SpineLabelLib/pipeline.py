@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # ``python benchmarks/spine_gate.py --seeds 6`` with the default model 1.6.0: of 66 images without a spine (noise,
 # blobs, balls, limbs, heads), two with more than one component reach 0.84 (0.851 and 0.870, two components each)
 # and none with five components or more reaches 0.76; the real scans of ../shared/data with two or more components
-# reach at least 0.871, except a 55 mm cervical T1 MRI (0.799, two components); of 48 synthetic crops
+# reach at least 0.871, except a cervical T1 MRI 77 mm tall (0.799, two components); of 48 synthetic crops
 # (``benchmarks/selection.py``), one long column (nine components) is at 0.838. A crop holding a single vertebra is
 # not labelled. Since ``split_merged`` also cuts at valleys next to the edge of the view, one blob image that had four
 # components (0.800) has five (0.805) and gets through as well: three of the 66. Since short scans are extended by
