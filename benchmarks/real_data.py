@@ -10,8 +10,9 @@ Usage (from the repository root):
     python benchmarks/real_data.py evaluate [--model CARD.json] [--workdir DIR] [--selection] [--slice-mm MM]
     python benchmarks/real_data.py pitches
 
-``pitches`` prints the mean centroid distance between consecutive levels in the training label maps (the source of
-``SpineLabelLib.sequence.SequencePriors.pitch_mm``).
+``pitches`` prints the mean centroid distance between consecutive levels in the whole-vertebra VerSe masks
+(``masks_verse``: centres of mass) and the lumbar MRI bodies (``mri_lumbar_bodies``: body centroids) of the training
+view, the source of ``SpineLabelLib.sequence.SequencePriors.pitch_mm``; the real CT is not read.
 
 ``evaluate`` labels every held-out scan with ``spinelabel label``, then writes ``evaluation.json`` and
 ``evaluation.md`` (groups CT, MR and "MR discs") into the work folder. With ``--slice-mm MM`` it labels copies made
@@ -48,6 +49,16 @@ TRAINING_CT = {
     "example_ct_sm": ("ct_mr_totalsegmentator/example_ct_sm.nii.gz", None),
 }
 DISC_MIDPOINT_RADIUS_MM = 4.0
+
+
+def _workdir(args: argparse.Namespace, prefix: str) -> Path:
+    """``--workdir``, which must be new or empty (files of an earlier run would be scored or trained on), or a new
+    temporary folder."""
+    if args.workdir is None:
+        return Path(tempfile.mkdtemp(prefix=prefix))
+    if args.workdir.exists() and any(args.workdir.iterdir()):
+        raise SystemExit(f"{args.workdir}: work folder not empty; give a new one (an earlier run's files would count)")
+    return args.workdir
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -152,9 +163,11 @@ def _disc_midpoints(instance: Path, folder: Path) -> Path:
 
 
 def _thick_slices(image: sitk.Image, lps_axis: int, mm: float) -> sitk.Image:
-    """``image`` as a thick-slice acquisition: averaged over slabs ``mm`` thick (a whole number of voxels) along its
-    axis closest to LPS axis ``lps_axis`` (0 left-right: sagittal slices; 2 inferior-superior: axial slices), one
-    float32 slice per slab, centred on the slab."""
+    """``image`` as a thick-slice acquisition: averaged over slabs of a whole number of voxels, the nearest to ``mm``
+    (at least one: a 3 mm CT stays 3 mm at 4 mm; 1.5 mm voxels make 4.5 mm slabs), along its axis closest to LPS
+    axis ``lps_axis`` (0 left-right: sagittal slices; 2 inferior-superior: axial slices), one float32 slice per slab,
+    centred on the slab. The voxels left over at the far end (fewer than a slab) are left out, and score as
+    background. The slice thickness used is the spacing of the result along that axis."""
     axis = int(np.argmax(np.abs(np.asarray(image.GetDirection()).reshape(3, 3)[lps_axis])))
     k = max(1, int(round(mm / image.GetSpacing()[axis])))
     array = np.moveaxis(sitk.GetArrayFromImage(image).astype(np.float32), 2 - axis, 0)
@@ -173,7 +186,9 @@ def _label(images: list[Path], out: Path, model: Path | None) -> None:
     cmd = [sys.executable, "-m", "SpineLabelLib.cli", "label", *map(str, images), "-o", str(out), "--quiet"]
     if model:
         cmd += ["--model", str(model)]
-    subprocess.run(cmd, check=False)
+    status = subprocess.run(cmd, check=False).returncode
+    if status == 2:  # no output folder or no model: nothing was labelled (1 is some inputs failed: scored as missed)
+        raise SystemExit("spinelabel label could not run (exit status 2); see its message above")
 
 
 def _label_thick(images: dict[str, list[Path]], root: Path, pred: Path, mm: float, model: Path | None) -> None:
@@ -188,7 +203,9 @@ def _label_thick(images: dict[str, list[Path]], root: Path, pred: Path, mm: floa
     for group, paths in images.items():
         for path in paths:
             copies.append(thick / path.name)
-            sitk.WriteImage(_thick_slices(sitk.ReadImage(str(path)), 2 if group == "CT" else 0, mm), str(copies[-1]))
+            copy = _thick_slices(sitk.ReadImage(str(path)), 2 if group == "CT" else 0, mm)
+            print(f"{path.name}: thick-slice copy at {' x '.join(f'{v:g}' for v in copy.GetSpacing())} mm (x, y, z)")
+            sitk.WriteImage(copy, str(copies[-1]))
             originals[case_name(path)] = path
     _label(copies, raw, model)
     pred.mkdir(parents=True, exist_ok=True)
@@ -206,7 +223,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from SpineLabelLib.evaluation import evaluate_folders, summary_markdown
     from SpineLabelLib.io import case_name
 
-    root = args.workdir or Path(tempfile.mkdtemp(prefix="spinelabel-eval-"))
+    root = _workdir(args, "spinelabel-eval-")
     images, gt = (build_selection_set if args.selection else build_test_set)(root)
     pred = root / "pred"
     if args.slice_mm:
@@ -228,7 +245,8 @@ def evaluate(args: argparse.Namespace) -> int:
         card["evaluation"] = {
             "command": "python benchmarks/real_data.py evaluate --write-card" + (f" --model {card_path}" if args.model else ""),
             "test_set": "real scans of ../shared/data never used in training: " + ", ".join(
-                [*HOLDOUT_MRI, *HOLDOUT_FOLDERS]) + "; discs_mri, scored at the midpoints between its labelled discs",
+                [*HOLDOUT_MRI, *HOLDOUT_FOLDERS]) + "; discs_mri, whose images are never trained on (its disc masks "
+                "are disc shapes for synthesis), scored at the midpoints between its labelled discs",
             "groups": {name: {k: v for k, v in g.items() if not isinstance(v, list)} for name, g in groups_out.items()},
             "cases": [{"case": c.name, "group": c.group, "id_rate": c.id_rate, "shift": c.shift} for c in summary.cases],
         }
@@ -254,7 +272,7 @@ def training_view(root: Path) -> Path:
 
 
 def train(args: argparse.Namespace, extra: list[str]) -> int:
-    view = training_view(args.workdir or Path(tempfile.mkdtemp(prefix="spinelabel-train-")))
+    view = training_view(_workdir(args, "spinelabel-train-"))
     cmd = [sys.executable, "-m", "SpineLabelLib.cli", "train", "--out", str(args.out),
            "--data", "synthetic:0.52", "--data", f"{view / 'mri_lumbar_bodies'}:0.26",
            "--data", f"{view / 'real_ct'}:0.13", "--data", "phantom:0.04", "--data", "negative:0.05",
@@ -266,7 +284,7 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
 def pitches(args: argparse.Namespace) -> int:
     from SpineLabelLib.vertebrae import BY_LABEL, LEVELS, level_index
 
-    view = training_view(args.workdir or Path(tempfile.mkdtemp(prefix="spinelabel-pitch-")))
+    view = training_view(_workdir(args, "spinelabel-pitch-"))
     regular = [lv.label for lv in LEVELS if not lv.transitional]
     gaps: dict[int, list[float]] = {}
     for path in sorted(view.glob("masks_verse/*_msk.nii.gz")) + sorted(view.glob("mri_lumbar_bodies/*_vert-verse.nii.gz")):
@@ -304,6 +322,8 @@ def main() -> int:
     p = sub.add_parser("pitches", help="centroid distances between consecutive levels in the training label maps")
     p.add_argument("--workdir", type=Path)
     args, extra = parser.parse_known_args()
+    if extra and args.command != "train":  # only train passes options on (to spinelabel train)
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
     if not DATA.is_dir():
         print(f"{DATA}: real data folder not found", file=sys.stderr)
         return 2

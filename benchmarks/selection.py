@@ -90,8 +90,10 @@ def _report_confidences() -> None:
         print(f"{lo:.2f}-{min(hi, 1.0):.2f}  {int(inside.sum()):13d}  {share:>11s}")
     for cut in CONFIDENCE_CUTS:
         above = confidence >= cut
-        print(f"at {cut:.2f} or more: {right[above].mean():.0%} of {int(above.sum())} identified; "
-              f"below: {right[~above].mean() if (~above).any() else float('nan'):.0%} of {int((~above).sum())}")
+        share_above = f"{right[above].mean():.0%}" if above.any() else "-"
+        share_below = f"{right[~above].mean():.0%}" if (~above).any() else "-"
+        print(f"at {cut:.2f} or more: {share_above} of {int(above.sum())} identified; "
+              f"below: {share_below} of {int((~above).sum())}")
 
 
 @dataclass
