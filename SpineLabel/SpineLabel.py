@@ -480,15 +480,19 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
 
         Returns:
             ``SpineLabelLogic.scene.LabelingScene``.
+
+        Raises:
+            SpineLabelLib.pipeline.NoVertebrae: no vertebra was labelled (nothing is added to the scene), as the
+                background worker reports it.
         """
-        from SpineLabelLib.pipeline import label_spine
+        from SpineLabelLib.pipeline import label_spine, require_vertebrae
         from SpineLabelLogic.scene import LabelingScene, imageFromVolumeNode, volumeSource
 
         image = imageFromVolumeNode(volumeNode)
         result = label_spine(image, model=modelPath, device=device, progress=progress,
                              check_orientation=checkOrientation, spine_gate=spineGate, modality=modality)
         result.source = volumeSource(volumeNode)
-        return LabelingScene(volumeNode, result, image=image)
+        return LabelingScene(volumeNode, require_vertebrae(result, volumeNode.GetName()), image=image)
 
     def exportCase(self, labeling, datasetDirectory, caseId=None):
         """Append the corrected labelling (Segment Editor edits included) to an nnU-Net dataset folder."""
