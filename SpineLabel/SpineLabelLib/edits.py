@@ -89,6 +89,13 @@ def _solve(result: SpineLabeling) -> SpineLabeling:
     return relabel(result, _fixed_names(result))
 
 
+def _voxel(result: SpineLabeling, point_lps) -> np.ndarray | None:
+    """Index (i, j, k = x, y, z; int) of the voxel of ``result``'s grid nearest to ``point_lps`` (LPS mm), or None
+    when that lies outside the grid."""
+    ijk = np.rint(result.geometry.lps_to_index(np.asarray(point_lps, dtype=float))).astype(int)
+    return ijk if np.all(ijk >= 0) and np.all(ijk < np.asarray(result.geometry.size)) else None
+
+
 def component_at(result: SpineLabeling, point_lps: tuple[float, float, float]) -> int:
     """Component id under a point (0 for background or outside the grid).
 
@@ -96,11 +103,8 @@ def component_at(result: SpineLabeling, point_lps: tuple[float, float, float]) -
         result: the labelling whose ``components`` (int16, (z, y, x)) are looked up.
         point_lps: LPS position in mm.
     """
-    ijk = np.rint(result.geometry.lps_to_index(np.asarray(point_lps, dtype=float))).astype(int)
-    zyx = ijk[::-1]
-    if np.any(zyx < 0) or np.any(zyx >= np.asarray(result.components.shape)):
-        return 0
-    return int(result.components[tuple(zyx)])
+    ijk = _voxel(result, point_lps)
+    return 0 if ijk is None else int(result.components[tuple(ijk[::-1])])
 
 
 def check_image_grid(result: SpineLabeling, image: sitk.Image | Geometry) -> None:
@@ -189,8 +193,7 @@ def move_point(result: SpineLabeling, vertebra_id: int, new_lps: tuple[float, fl
     relocated = out.by_id(moved.id)
     relocated.centroid_lps_mm = tuple(float(c) for c in new_lps)
     chain = _insert_in_chain(vertebrae, relocated)
-    ijk = result.geometry.lps_to_index(np.asarray(new_lps, dtype=float))
-    inside = bool(np.all(ijk > -0.5) and np.all(ijk < np.asarray(result.geometry.size) - 0.5))
+    inside = _voxel(result, new_lps) is not None
     if not inside or [v.id for v in chain] != [v.id for v in result.vertebrae]:
         raise ValueError(f"{moved.name}'s point was dropped {'outside the image' if not inside else 'past a neighbour'}"
                          f", on no vertebra; its voxels stay where they are, so the point goes back (drop it on "
@@ -277,8 +280,8 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
         KeyError: unknown level name.
     """
     check_image_grid(result, image)
-    ijk = np.rint(result.geometry.lps_to_index(np.asarray(point_lps, dtype=float))).astype(int)
-    if np.any(ijk < 0) or np.any(ijk >= np.asarray(result.geometry.size)):
+    ijk = _voxel(result, point_lps)
+    if ijk is None:
         raise ValueError(f"point {tuple(point_lps)} (LPS mm) is outside the image")
     existing = component_at(result, point_lps)
     if existing:

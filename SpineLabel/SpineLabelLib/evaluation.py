@@ -341,7 +341,11 @@ def reference_images(gt_dir: str | os.PathLike) -> dict[str, Path]:
         InputError: the folder is missing or holds no GT case, or two images match one case.
     """
     gt_dir = Path(gt_dir)
-    cases = _reference_cases(gt_dir)
+    return _images(gt_dir, _reference_cases(gt_dir))
+
+
+def _images(gt_dir: Path, cases: dict[str, GtFiles]) -> dict[str, Path]:
+    """``reference_images`` of the reference ``cases`` found in ``gt_dir``."""
     masks = {files.mask for files in cases.values()}
     found: dict[str, Path] = {}
     for path in sorted(gt_dir.rglob("*")):
@@ -363,7 +367,8 @@ def labelled_cases(gt_dir: str | os.PathLike) -> list[tuple[Path, GtFiles]]:
     Raises:
         InputError: as ``reference_images``.
     """
-    cases, images = _reference_cases(Path(gt_dir)), reference_images(gt_dir)
+    cases = _reference_cases(Path(gt_dir))
+    images = _images(Path(gt_dir), cases)
     without = sorted(str(cases[key].mask) for key in set(cases) - set(images))
     if without:
         log.warning("%s: %d reference masks have no image beside them, e.g. %s", gt_dir, len(without), without[0])

@@ -103,11 +103,13 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
         ValueError: a ``dataset.json`` that names no level, or a value it does not name.
     """
     label_path = Path(label_path)
-    dataset = label_path.parent.parent / "dataset.json"
-    if label_path.parent.name != "labelsTr" or not dataset.exists():
+    dataset_dir = label_path.parent.parent
+    document = read_dataset_json(dataset_dir) if label_path.parent.name == "labelsTr" else None
+    if document is None:
         return None
+    dataset = dataset_dir / "dataset.json"
     present = np.flatnonzero(np.bincount(np.asarray(labels).ravel()))
-    names = json.loads(dataset.read_text(encoding="utf-8")).get("labels", {})
+    names = document.get("labels", {})
     named = {int(value): name for name, value in names.items() if isinstance(value, int)}
     if not any(name in BY_NAME for name in named.values()):
         raise ValueError(f"{dataset}: no label is named after a vertebral level ({LEVELS[0].name} ... "

@@ -123,10 +123,10 @@ _CUT_FACE = 0.1  # a side is cut through the body when at least this fraction of
 
 
 def with_context(volume: np.ndarray, min_voxels: int = MIN_CONTEXT_VOXELS) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """``volume`` (float32 (z, y, x), normalised) extended by reflection, along z and y where shorter than ``min_voxels``, at the
-    sides where the field of view cuts through the body (half each when both are), and where the volume lies inside
-    the result (slices with even starts: the half-resolution level grid stays aligned). Returns ``volume`` itself
-    when nothing is extended."""
+    """``volume`` (float32 (z, y, x), normalised) extended by reflection, along z and y where shorter than
+    ``min_voxels``, at the sides where the field of view cuts through the body (half each when both are), and where the
+    volume lies inside the result (slices with even starts: the half-resolution level grid stays aligned). Returns
+    ``volume`` itself when nothing is extended."""
     widths = []
     for axis, size in enumerate(volume.shape):
         total = max(0, min_voxels - size) if axis in _CONTEXT_AXES else 0
