@@ -12,7 +12,7 @@ import torch
 
 from SpineLabelLib import inference
 from SpineLabelLib.inference import (CT_WINDOW_HU, Prediction, modality_of, native_bfloat16, normalise, predict,
-                                     reuse_freed_memory)
+                                     resolve_device, reuse_freed_memory)
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import MIN_CONTEXT_VOXELS, get_model, with_context
 from SpineLabelLib.vertebrae import BODY, POSTERIOR
@@ -189,3 +189,15 @@ def test_a_window_is_rounded_up_to_the_network_and_the_overlap_checked():
     assert odd.tissue.shape == whole.tissue.shape == volume.shape
     with pytest.raises(ValueError, match="overlap 48"):
         predict(model, volume, torch.device("cpu"), window=(48, 48, 48), overlap=48)
+
+
+def test_one_gpu_has_one_device_name(monkeypatch):
+    """"cuda" and "cuda:0" are the same GPU: both resolve to cuda:0, so the model cache holds one copy."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_device("cuda") == resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert str(resolve_device("auto")) == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        resolve_device("cuda:1")

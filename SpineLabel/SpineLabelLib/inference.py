@@ -29,12 +29,17 @@ class Cancelled(Exception):
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error. A CUDA device always comes
+    back with its index (``"cuda"`` is the current GPU, e.g. ``cuda:0``), so that one GPU has one name."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA GPU is available")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device} was asked for but no CUDA GPU is available")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
 
 
 def reuse_freed_memory() -> bool:
