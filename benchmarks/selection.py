@@ -21,7 +21,8 @@ by the confidence of the closest one (as ``spinelabel evaluate`` counts them), a
 (the training MRI and CT), this is the set on which the default model is chosen.
 
 ``--seed-offset K`` adds K to every seed above: a second sample, as fresh as the first (training draws its cases from
-a random stream, never from these seeds), on which to confirm a change that the first one left undecided.
+a random stream, never from these seeds), on which to confirm a change that the first one left undecided. An offset
+that would share seeds with the first sample is refused.
 
 Usage (from the repository root):
     python benchmarks/selection.py [--model CARD.json] [--crops 16] [--short 12] [--seed-offset 0] [--workdir DIR]
@@ -191,6 +192,11 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="where the view of the training data is made")
     parser.add_argument("--verbose", action="store_true", help="one line per case")
     args = parser.parse_args()
+    seeds_used = max(len(CROP_MODALITIES) * args.crops, 100 * (len(CROP_MODALITIES) - 1) + args.short,
+                     max(PHANTOM_SEEDS) + 1)  # each set's seeds span less than this from its start
+    if 0 < abs(args.seed_offset) < seeds_used:
+        parser.error(f"--seed-offset {args.seed_offset} would draw some of the cases of --seed-offset 0: use 0 or an "
+                     f"offset of at least {seeds_used}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     for name in ("SpineLabelLib", "SpineLabelTrainingLib"):
         logging.getLogger(name).setLevel(logging.WARNING)
