@@ -146,6 +146,7 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path):
     model = load_model(card)
     assert [m["epoch"] for m in seen] == [1, 2]
     assert model.card["spacing_mm"] == 4.0 and len(model.card["training"]["history"]) == 2
+    assert model.card["training"]["validation_crops"][0].startswith("phantom-")
     assert model.ct_window_hu == CT_WINDOW_HU
     # the same batches as a run that was never stopped: the same weights
     straight = load_model(train(replace(cfg, out=tmp_path / "straight.json", resume=False)))

@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="real anatomy for 'synthetic'")
-    p.add_argument("--validation-cases", type=int, default=4, help="fixed crops scored after every epoch")
+    p.add_argument("--validation-cases", type=int, default=4, help="fixed crops scored after every epoch, drawn "
+                   "from the --data sources in turn (for a folder: crops of its training scans)")
     p.add_argument("--note", default="", help="free text for the model card's training data entry")
     p.add_argument("--average-last", type=int, default=0, metavar="N",
                    help="write the mean of the weights of the last N epochs (stochastic weight averaging)")

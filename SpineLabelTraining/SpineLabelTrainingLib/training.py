@@ -348,7 +348,11 @@ def _batches(sources, weights, cfg: TrainConfig, rng: np.random.Generator) -> It
 
 
 def _validate(net: SpineUNet, val: list[Case], device: torch.device) -> dict:
-    """Body Dice (where body is known) and level accuracy on vertebra voxels of fixed validation crops."""
+    """Body Dice (where body is known) and level accuracy on vertebra voxels of fixed validation crops.
+
+    The crops are drawn from the training sources, one from each in turn: fresh cases of the generated sources, but
+    crops of its own training scans for a folder, where the figures measure fit, not generalisation. The card names
+    the crops (``training.validation_crops``)."""
     net.eval()
     inter = total = correct = counted = 0.0
     with torch.inference_mode():
@@ -474,7 +478,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
         if progress is not None:
             progress(metrics)
     training = {"epochs": cfg.epochs, "iterations_per_epoch": cfg.iterations, "batch": cfg.batch,
-                "patch_zyx": list(cfg.patch), "lr": cfg.lr, "seed": cfg.seed, "device": str(device), "history": history}
+                "patch_zyx": list(cfg.patch), "lr": cfg.lr, "seed": cfg.seed, "device": str(device),
+                "validation_crops": [c.name for c in val], "history": history}
     if averaged:
         net.load_state_dict({name: value.to(net.state_dict()[name].dtype) for name, value in averaged.items()})
         training["averaged_last_epochs"] = {"epochs": cfg.average_last, **_validate(net, val, device)}
