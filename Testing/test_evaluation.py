@@ -337,3 +337,17 @@ def test_centroids_that_are_not_finite_are_ignored(tmp_path):
                                 {"label": L2, "world_lps_mm": [float("nan"), 2.0, 3.0]}]))
     reference = sitk.Image([4, 4, 4], sitk.sitkUInt8)
     assert list(ev.read_centroids(path, reference)) == [L1]
+
+
+def test_folders_that_cannot_be_scored_leave_no_report(tmp_path):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    write_mask(spine([L1, L2, L3]), gt_dir / "sub-a_seg-vert_msk.nii.gz")
+    write_mask(spine([L1, L2, L3]), pred_dir / "sub-x_seg.nii.gz")
+    with pytest.raises(InputError, match=f"{pred_dir}: no prediction matches a reference case"):
+        ev.evaluate_folders(pred_dir, gt_dir, tmp_path / "r" / "s.json")
+    write_mask(spine([L1, L2, L3])[:-1], pred_dir / "sub-a_seg.nii.gz")  # on another grid than its reference
+    with pytest.raises(InputError, match="differs from ground truth"):
+        ev.evaluate_folders(pred_dir, gt_dir, tmp_path / "r" / "s.json", tmp_path / "r" / "md" / "s.md")
+    assert not (tmp_path / "r").exists()  # no report folder left behind, nothing half-written

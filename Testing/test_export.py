@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from conftest import build_spine
 from SpineLabelLib import edits, export
+from SpineLabelLib.io import InputError
 from SpineLabelLib.vertebrae import BY_NAME, LEVELS
 
 
@@ -91,3 +92,9 @@ def test_a_failed_export_leaves_no_part_of_its_case(tmp_path, spine, monkeypatch
     with pytest.raises(OSError, match="No space"):
         export.export_case(spine.result, spine.image, tmp_path)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_unreadable_dataset_json_is_named(tmp_path):
+    (tmp_path / "dataset.json").write_text("{broken")
+    with pytest.raises(InputError, match=r"dataset.json: unreadable dataset.json"):
+        export.read_dataset_json(tmp_path)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SpineLabelLib.io import InputError, atomic_path, canonical_grid, case_name, read_image, resample_to_grid
+from SpineLabelLib.io import (InputError, atomic_path, atomic_paths, canonical_grid, case_name, read_image, read_label_map,
+                              resample_to_grid)
 
 
 def oriented_image(direction, size=(20, 24, 30), spacing=(1.0, 1.5, 2.0)):
@@ -140,6 +141,15 @@ def test_reads_a_dicom_series_folder(tmp_path):
     assert case_name(folder) == "series"
 
 
+def test_an_evenly_spaced_sagittal_series_is_read(tmp_path):
+    """ITK flags rounding errors of the slice positions as uneven spacing; a sagittal series has them."""
+    sagittal = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)  # rows P, columns I, slices R
+    folder = write_dicom_series(tmp_path / "sagittal", sagittal, spacing=(0.7, 0.7, 1.2))
+    image = read_image(folder)
+    assert image.GetSize() == (24, 20, 6) and np.allclose(image.GetSpacing(), (0.7, 0.7, 1.2))
+    assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), sagittal)
+
+
 def test_a_dicom_series_with_a_slice_missing_is_refused(tmp_path):
     folder = write_dicom_series(tmp_path / "series")
     (folder / "002.dcm").unlink()
@@ -147,9 +157,9 @@ def test_a_dicom_series_with_a_slice_missing_is_refused(tmp_path):
         read_image(folder)
 
 
-def write_dicom_series(folder):
-    """A 24 x 20 x 6 CT series at 1 x 1 x 2.5 mm, one file per slice."""
-    volume = oriented_image(np.eye(3), size=(24, 20, 6), spacing=(1.0, 1.0, 2.5))
+def write_dicom_series(folder, direction=np.eye(3), spacing=(1.0, 1.0, 2.5)):
+    """A 24 x 20 x 6 CT series (1 x 1 x 2.5 mm, axial by default), one file per slice."""
+    volume = oriented_image(direction, size=(24, 20, 6), spacing=spacing)
     volume = sitk.Cast(volume, sitk.sitkInt16)
     folder.mkdir()
     writer = sitk.ImageFileWriter()
@@ -158,8 +168,47 @@ def write_dicom_series(folder):
         slice_ = volume[:, :, k]
         for tag, value in (("0020|000e", "1.2.826.0.1.3680043.2.1125.1.4242"), ("0020|0013", str(k + 1)),
                            ("0020|0032", "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, k))))),
-                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0008|0060", "CT")):
+                           ("0020|0037", "\\".join(map(str, np.asarray(direction).T[:2].ravel()))),
+                           ("0008|0060", "CT")):
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{k:03d}.dcm"))
         writer.Execute(slice_)
     return folder
+
+
+def test_atomic_paths_are_all_or_nothing(tmp_path):
+    old = tmp_path / "a.json"
+    old.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_paths([old, tmp_path / "b.md"]) as (a, b):
+            a.write_text("new")
+            b.write_text("new")
+            raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"] and old.read_text() == "old"
+    with atomic_paths([old, tmp_path / "b.md"]) as (a, b):
+        a.write_text("new")
+        b.write_text("new")
+    assert old.read_text() == "new" and (tmp_path / "b.md").read_text() == "new"
+
+
+@pytest.mark.parametrize("values, reason", [
+    (np.array([0, 1.5, 2], np.float32), "not whole numbers"),
+    (np.array([0, np.nan, 2], np.float32), "NaN"),
+    (np.array([0, -1, 2], np.int16), "negative"),
+])
+def test_bad_label_maps_name_file_and_reason(tmp_path, values, reason):
+    path = tmp_path / "bad_seg.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.resize(values, (4, 4, 4))), str(path))
+    with pytest.raises(InputError, match=f"{path}.*({reason})"):
+        read_label_map(path)
+
+
+def test_label_maps_are_checked_like_images(tmp_path):
+    path = tmp_path / "seg.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.resize(np.arange(30, dtype=np.float32), (8, 8, 8))), str(path))
+    whole = read_label_map(path)  # a float map of whole numbers is read as integers
+    assert whole.GetPixelID() == sitk.sitkUInt16 and sitk.GetArrayViewFromImage(whole).max() == 29
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=f"{path}: (truncated|unreadable label map)"):
+        read_label_map(path)

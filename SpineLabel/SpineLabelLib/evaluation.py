@@ -60,6 +60,7 @@ Metrics (all distances between centroids in LPS millimetres; labels are VerSe va
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -71,10 +72,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from .export import dataset_label_values
-from .io import IMAGE_SUFFIXES, InputError, atomic_path, case_name
+from .io import IMAGE_SUFFIXES, InputError, atomic_paths, case_name, read_label_map
 from .result import Geometry
 from .sequence import UNCERTAIN_BELOW
-from .vertebrae import BY_LABEL, level_index
+from .vertebrae import BY_LABEL, BY_NAME, level_index
 
 __all__ = [
     "ID_RADIUS_MM",
@@ -100,7 +101,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ID_RADIUS_MM = 20.0
-SACRUM_LABEL = 26
 _STRIP_SUFFIXES = ("_img", "_ct", "_0000", "_T2w")
 _NII = (".nii.gz", ".nii")
 
@@ -596,7 +596,7 @@ def evaluate_case(
         shift=float(np.median(diffs)) if diffs else None,
         n_shift_pairs=len(diffs),
         off_by_one=bool(diffs) and 2 * n_one > len(diffs),
-        sacrum_in_gt=SACRUM_LABEL in gt_set,
+        sacrum_in_gt=BY_NAME["S1"].label in gt_set,
     )
 
 
@@ -618,16 +618,6 @@ def reference_labels(labels: np.ndarray, path: str | os.PathLike) -> np.ndarray:
     vertebra = labels.astype(np.int32) - _ENDPLATE
     endplate = np.isin(vertebra, list(BY_LABEL))
     return np.where(endplate, vertebra, labels)
-
-
-def _read_mask(path: Path) -> sitk.Image:
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise InputError(f"{path}: unreadable label map ({str(err).strip().splitlines()[-1][:200]})") from None
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path}: not a 3D scalar label map")
-    return image
 
 
 def _pool(cases: list[CaseResult]) -> GroupSummary:
@@ -655,6 +645,76 @@ def _lookup(mapping: Mapping, key: str, pred: PredFiles | None, gt: GtFiles):
             return mapping[k]
     # any other name of the case, such as its image's, which a missing prediction cannot supply
     return next((value for k, value in mapping.items() if case_key(k) == key), None)
+
+
+def _make_folders(folders: list[Path]) -> list[Path]:
+    """Create ``folders`` and their missing parents; returns the folders created, outermost first.
+
+    Raises:
+        InputError: a folder that cannot be created or written to (the message names it).
+    """
+    created: list[Path] = []
+    for folder in folders:
+        missing = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"{folder}: cannot create the report folder ({err.strerror or err})") from None
+        created += missing
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"{folder}: report folder is not writable")
+    return created
+
+
+def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[str, str] | None,
+                bodies_only: bool | Mapping[str, bool] | None) -> CaseResult:
+    """One case of ``evaluate_folders`` (its arguments of the same names)."""
+    gt_image = read_label_map(gt.mask)
+    geometry = Geometry.of(gt_image)
+    gt_labels = reference_labels(sitk.GetArrayViewFromImage(gt_image), gt.mask)
+    if isinstance(bodies_only, Mapping):
+        flag = _lookup(bodies_only, key, pred, gt)
+        is_bodies = gt.bodies_only if flag is None else bool(flag)
+    else:
+        is_bodies = gt.bodies_only if bodies_only is None else bool(bodies_only)
+    # both sides' centroids from their files, or both from their masks: never two definitions in one distance
+    from_files = gt.ctd is not None and (pred is None or pred.ctd is not None)
+    gt_ctd = _mask_centroids_lps(gt_labels, geometry)
+    if from_files:
+        from_file = read_centroids(gt.ctd, gt_image)
+        if set(gt_ctd) - set(from_file):
+            log.warning("%s: mask labels %s have no centroid in %s; taken from the mask", key,
+                        sorted(set(gt_ctd) - set(from_file)), gt.ctd)
+        gt_ctd.update(from_file)
+    if pred is None:
+        log.warning("%s: no prediction for GT %s; all its vertebrae count as missed", key, gt.mask)
+        pred_labels = np.zeros(gt_labels.shape, dtype=np.uint8)
+        pred_ctd: dict[int, np.ndarray] = {}
+    else:
+        pred_image = read_label_map(pred.seg)
+        if not Geometry.of(pred_image).matches(Geometry.of(gt_image)):
+            raise InputError(
+                f"{pred.seg}: prediction grid (size {pred_image.GetSize()}, spacing {pred_image.GetSpacing()}, "
+                f"origin {pred_image.GetOrigin()}) differs from ground truth {gt.mask} (size {gt_image.GetSize()}, "
+                f"spacing {gt_image.GetSpacing()}, origin {gt_image.GetOrigin()})")
+        pred_labels = sitk.GetArrayViewFromImage(pred_image)
+        if from_files:
+            pred_ctd = read_centroids(pred.ctd, pred_image)
+        else:
+            pred_ctd = _mask_centroids_lps(pred_labels, geometry)
+    result = evaluate_case(pred_labels, gt_labels, geometry.spacing[::-1], pred_ctd, gt_ctd, is_bodies,
+                           name=pred.name if pred else key,
+                           pred_confidences=read_confidences(pred.report) if pred and pred.report else None)
+    result.prediction_missing = pred is None
+    result.group = (_lookup(groups, key, pred, gt) or "") if groups else ""
+    result.gt_mask = str(gt.mask)
+    result.pred_seg = str(pred.seg) if pred else ""
+    result.centroid_source = "centroid files" if from_files else "masks"
+    if result.n_gt == 0:
+        log.warning("%s: GT %s holds no vertebra label; the case has nothing to score", key, gt.mask)
+    log.info("%s: %d of %d GT vertebrae identified", result.name, result.n_identified, result.n_gt)
+
+    return result
 
 
 def evaluate_folders(
@@ -685,69 +745,30 @@ def evaluate_folders(
             both files), unreadable files.
     """
     pairs = match_cases(pred_dir, gt_dir)
-    for out in (out_json, out_md):  # before the scoring, not after it
-        if out is not None:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-    cases: list[CaseResult] = []
-    for key, pred, gt in pairs:
-        gt_image = _read_mask(gt.mask)
-        geometry = Geometry.of(gt_image)
-        gt_labels = reference_labels(sitk.GetArrayViewFromImage(gt_image), gt.mask)
-        if isinstance(bodies_only, Mapping):
-            flag = _lookup(bodies_only, key, pred, gt)
-            is_bodies = gt.bodies_only if flag is None else bool(flag)
-        else:
-            is_bodies = gt.bodies_only if bodies_only is None else bool(bodies_only)
-        # both sides' centroids from their files, or both from their masks: never two definitions in one distance
-        from_files = gt.ctd is not None and (pred is None or pred.ctd is not None)
-        gt_ctd = _mask_centroids_lps(gt_labels, geometry)
-        if from_files:
-            from_file = read_centroids(gt.ctd, gt_image)
-            if set(gt_ctd) - set(from_file):
-                log.warning("%s: mask labels %s have no centroid in %s; taken from the mask", key,
-                            sorted(set(gt_ctd) - set(from_file)), gt.ctd)
-            gt_ctd.update(from_file)
-        if pred is None:
-            log.warning("%s: no prediction for GT %s; all its vertebrae count as missed", key, gt.mask)
-            pred_labels = np.zeros(gt_labels.shape, dtype=np.uint8)
-            pred_ctd: dict[int, np.ndarray] = {}
-        else:
-            pred_image = _read_mask(pred.seg)
-            if not Geometry.of(pred_image).matches(Geometry.of(gt_image)):
-                raise InputError(
-                    f"{pred.seg}: prediction grid (size {pred_image.GetSize()}, spacing {pred_image.GetSpacing()}, "
-                    f"origin {pred_image.GetOrigin()}) differs from ground truth {gt.mask} (size {gt_image.GetSize()}, "
-                    f"spacing {gt_image.GetSpacing()}, origin {gt_image.GetOrigin()})")
-            pred_labels = sitk.GetArrayViewFromImage(pred_image)
-            if from_files:
-                pred_ctd = read_centroids(pred.ctd, pred_image)
-            else:
-                pred_ctd = _mask_centroids_lps(pred_labels, geometry)
-        result = evaluate_case(pred_labels, gt_labels, geometry.spacing[::-1], pred_ctd, gt_ctd, is_bodies,
-                               name=pred.name if pred else key,
-                               pred_confidences=read_confidences(pred.report) if pred and pred.report else None)
-        result.prediction_missing = pred is None
-        result.group = (_lookup(groups, key, pred, gt) or "") if groups else ""
-        result.gt_mask = str(gt.mask)
-        result.pred_seg = str(pred.seg) if pred else ""
-        result.centroid_source = "centroid files" if from_files else "masks"
-        cases.append(result)
-        if result.n_gt == 0:
-            log.warning("%s: GT %s holds no vertebra label; the case has nothing to score", key, gt.mask)
-        log.info("%s: %d of %d GT vertebrae identified", result.name, result.n_identified, result.n_gt)
-
-    matched = {key for key, _, _ in pairs}
-    unmatched = sorted(str(p.seg) for k, p in _predictions(Path(pred_dir)).items() if k not in matched)
-    group_names = sorted({c.group for c in cases if c.group})
-    summary = EvaluationSummary(
-        cases=cases, overall=_pool(cases), groups={g: _pool([c for c in cases if c.group == g]) for g in group_names},
-        unmatched_predictions=unmatched, pred_dir=str(pred_dir), gt_dir=str(gt_dir))
-    if out_json is not None:
-        with atomic_path(out_json) as tmp:
-            tmp.write_text(json.dumps(summary.to_dict(), indent=1, allow_nan=False))
-    if out_md is not None:
-        with atomic_path(out_md) as tmp:
-            tmp.write_text(summary_markdown(summary))
+    if all(pred is None for _, pred, _ in pairs):
+        raise InputError(f"{pred_dir}: no prediction matches a reference case of {gt_dir} (predictions are "
+                         "NAME_seg.nii.gz, NAME as the reference case or its image is named)")
+    outs = [Path(out) for out in (out_json, out_md) if out is not None]
+    created = _make_folders([out.parent for out in outs])  # before the scoring, not after it
+    try:
+        cases = [_score_pair(key, pred, gt, groups, bodies_only) for key, pred, gt in pairs]
+        matched = {key for key, _, _ in pairs}
+        unmatched = sorted(str(p.seg) for k, p in _predictions(Path(pred_dir)).items() if k not in matched)
+        group_names = sorted({c.group for c in cases if c.group})
+        summary = EvaluationSummary(
+            cases=cases, overall=_pool(cases),
+            groups={g: _pool([c for c in cases if c.group == g]) for g in group_names},
+            unmatched_predictions=unmatched, pred_dir=str(pred_dir), gt_dir=str(gt_dir))
+        documents = ([json.dumps(summary.to_dict(), indent=1, allow_nan=False)] if out_json is not None else []) + (
+            [summary_markdown(summary)] if out_md is not None else [])
+        with atomic_paths(outs) as temps:
+            for text, tmp in zip(documents, temps):
+                tmp.write_text(text, encoding="utf-8")
+    except BaseException:
+        for folder in reversed(created):  # no empty report folders left behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return summary
 
 

@@ -33,17 +33,16 @@ import SimpleITK as sitk
 
 from . import __version__, writers
 from .edits import check_image_grid
-from .io import atomic_path
+from .io import InputError, atomic_path
 from .result import SpineLabeling
-from .vertebrae import BY_NAME, LEVELS
+from .vertebrae import BY_NAME, COCCYX_LABEL, LEVELS
 
-__all__ = ["CASE_PREFIX", "MIN_VERTEBRAE", "VERSE_COCCYX_LABEL", "dataset_labels", "dataset_label_values",
+__all__ = ["CASE_PREFIX", "MIN_VERTEBRAE", "dataset_labels", "dataset_label_values",
            "next_case_id", "export_case", "read_dataset_json"]
 
 log = logging.getLogger(__name__)
 
 CASE_PREFIX = "spine"
-VERSE_COCCYX_LABEL = 27
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _FILE_ENDING = ".nii.gz"
 # fewer, and training would take the rest of the spine for background (training.unknown_beyond_labelled_ends)
@@ -53,7 +52,7 @@ MIN_VERTEBRAE = 2
 def dataset_labels() -> dict[str, int]:
     """``dataset.json`` labels: background 0, every level of ``LEVELS`` with its VerSe value, and the unused
     VerSe coccyx value so that the values are consecutive; ordered by value."""
-    labels = {"background": 0, "coccyx": VERSE_COCCYX_LABEL}
+    labels = {"background": 0, "coccyx": COCCYX_LABEL}
     labels.update({level.name: level.label for level in LEVELS})
     return dict(sorted(labels.items(), key=lambda item: item[1]))
 
@@ -82,11 +81,21 @@ def next_case_id(dataset_dir: str | os.PathLike, prefix: str = CASE_PREFIX) -> s
 
 
 def read_dataset_json(dataset_dir: str | os.PathLike) -> dict | None:
-    """The dataset's ``dataset.json`` as a dict, or None when there is none yet."""
+    """The dataset's ``dataset.json`` as a dict, or None when there is none yet.
+
+    Raises:
+        InputError: a ``dataset.json`` that is not a readable JSON object.
+    """
     path = Path(dataset_dir) / "dataset.json"
     if not path.exists():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: unreadable dataset.json ({err})") from None
+    if not isinstance(document, dict):
+        raise InputError(f"{path}: dataset.json holds no JSON object")
+    return document
 
 
 def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> np.ndarray | None:
@@ -124,11 +133,6 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
     return lut
 
 
-def _write_json(document, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-
-
 def _modality(result: SpineLabeling) -> str:
     modality = result.modality.upper()
     if modality not in ("CT", "MR"):
@@ -143,19 +147,20 @@ def _write_case(result: SpineLabeling, image: sitk.Image, paths: dict[str, Path]
         sitk.WriteImage(image, str(tmp), True)
     writers.write_label_map(result, paths["label"])
     writers.write_centroids(result, paths["centroids"])
-    _write_json({
-        "case_id": case_id,
-        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "spinelabel_version": __version__,
-        "model": dict(model if model is not None else result.model),
-        "source": result.source,
-        "modality": modality,
-        "vertebrae": [{"id": v.id, "name": v.name, "label": v.label, "fixed": v.fixed,
-                       "confidence": round(float(v.confidence), 4)} for v in result.vertebrae],
-        "corrected": sorted(v.name for v in result.vertebrae if v.fixed),
-        "corrections": list(corrections or []),
-        "warnings": list(result.warnings),
-    }, paths["provenance"])
+    with atomic_path(paths["provenance"]) as tmp:
+        writers.write_json({
+            "case_id": case_id,
+            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "spinelabel_version": __version__,
+            "model": dict(model if model is not None else result.model),
+            "source": result.source,
+            "modality": modality,
+            "vertebrae": [{"id": v.id, "name": v.name, "label": v.label, "fixed": v.fixed,
+                           "confidence": round(float(v.confidence), 4)} for v in result.vertebrae],
+            "corrected": sorted(v.name for v in result.vertebrae if v.fixed),
+            "corrections": list(corrections or []),
+            "warnings": list(result.warnings),
+        }, tmp)
 
 
 def export_case(
@@ -222,6 +227,7 @@ def export_case(
         "numTraining": num_training,
         "file_ending": _FILE_ENDING,
     })
-    _write_json(document, dataset_dir / "dataset.json")
+    with atomic_path(dataset_dir / "dataset.json") as tmp:
+        writers.write_json(document, tmp)
     log.info("exported case %s to %s (%d cases)", case_id, dataset_dir, num_training)
     return paths["label"]

@@ -234,9 +234,10 @@ def predict(
     net = model.network
     div = net.divisor
     shape = np.array(volume.shape)
-    win = (np.minimum(np.array(window), shape) + div - 1) // div * div
-    if not 0 <= overlap < int(win.min()):
-        raise ValueError(f"overlap {overlap} must be 0 or more and less than the window {tuple(int(w) for w in win)}")
+    largest = (np.array(window) + div - 1) // div * div
+    if not 0 <= overlap < int(largest.min()):
+        raise ValueError(f"overlap {overlap} must be 0 or more and less than the window {tuple(map(int, largest))}")
+    win = np.minimum(largest, (shape + div - 1) // div * div)  # an axis shorter than the window takes one window
     starts = [_starts(int(s), int(w), overlap) for s, w in zip(shape, win)]
     in_plane = [(y, x) for y in starts[1] for x in starts[2]]
     n_windows = len(starts[0]) * len(in_plane)

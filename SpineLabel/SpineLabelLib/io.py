@@ -24,9 +24,11 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "case_name",
     "read_image",
+    "read_label_map",
     "canonical_grid",
     "resample_to_grid",
     "atomic_path",
+    "atomic_paths",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,17 +58,39 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
         raise InputError(f"{folder}: folder holds no DICOM series")
     if len(series) > 1:
         raise InputError(f"{folder}: folder holds {len(series)} DICOM series; give a folder with exactly one")
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    reader.SetFileNames(files)
     try:
         image = reader.Execute()
     except RuntimeError as err:
         detail = next((line for line in reversed(str(err).strip().splitlines()) if line.strip()), "")
         raise InputError(f"{folder}: unreadable DICOM series ({detail.strip()[:200]})") from None
     # ITK stacks the slices it could read and spaces them evenly, so a missing or unreadable slice would distort the
-    # grid; it says so in this key
-    if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation"):
+    # grid. It sets this key for any deviation, rounding errors of the slice positions included: measure it.
+    if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation") and not _evenly_spaced(files):
         raise InputError(f"{folder}: DICOM slices are not evenly spaced (a slice missing or unreadable?)")
     return image
+
+
+def _evenly_spaced(files: tuple[str, ...], tolerance: float = 0.1) -> bool:
+    """Whether the slices of ``files`` (one series, in stacking order) are evenly spaced along their normal: every
+    step within ``tolerance`` of the median step, by their ImagePositionPatient and ImageOrientationPatient."""
+    positions = []
+    for name in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(name)
+        try:
+            header.ReadImageInformation()
+            position = [float(v) for v in header.GetMetaData("0020|0032").split("\\")]
+            orientation = [float(v) for v in header.GetMetaData("0020|0037").split("\\")]
+        except (RuntimeError, ValueError):
+            return False
+        positions.append(np.dot(position, np.cross(orientation[:3], orientation[3:])))
+    steps = np.diff(positions)
+    if steps.size == 0:
+        return True
+    median = float(np.median(steps))
+    return median != 0 and bool(np.all(np.abs(steps - median) <= tolerance * abs(median)))
 
 
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64 voxels
@@ -94,16 +118,17 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int] | None:
     return endian, datatype, max(offset, 352), n * bitpix // 8
 
 
-def _check_nifti(path: Path) -> None:
+def _check_nifti(path: Path, what: str = "image") -> None:
     """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0), and turns NaN and infinite
-    voxels into 0: check the size, and stream float voxels through a finiteness test."""
+    voxels into 0: check the size, and stream float voxels through a finiteness test. ``what`` names the file in the
+    messages ("image", "label map")."""
     gz = path.name.lower().endswith(".gz")
     opener = gzip.open if gz else open
     try:
         with opener(path, "rb") as f:
             layout = _nifti_layout(f.read(540))
     except (OSError, EOFError, struct.error, zlib.error) as err:
-        raise InputError(f"{path}: unreadable image ({err})") from None
+        raise InputError(f"{path}: unreadable {what} ({err})") from None
     if layout is None:
         return
     endian, datatype, offset, voxel_bytes = layout
@@ -129,11 +154,54 @@ def _check_nifti(path: Path) -> None:
                 if float_type is not None:
                     voxels = np.frombuffer(chunk, dtype=endian + float_type, count=len(chunk) // int(float_type[1]))
                     if not np.isfinite(voxels).all():
-                        raise InputError(f"{path}: image holds NaN or infinite values")
+                        raise InputError(f"{path}: {what} holds NaN or infinite values")
     except (OSError, EOFError, zlib.error):
         total = -1
     if total < expected:
         raise InputError(f"{path}: truncated or corrupt compressed file")
+
+
+def _read_file(path: Path, what: str) -> sitk.Image:
+    """``sitk.ReadImage`` with ITK's error turned into an ``InputError`` naming ``path`` and the reason."""
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()
+        detail = next((line for line in reason if "rror" in line or "annot" in line), reason[-1] if reason else "")
+        raise InputError(f"{path}: unreadable {what} ({detail.strip()[:200]})") from None
+
+
+def read_label_map(path: str | os.PathLike) -> sitk.Image:
+    """Read and check a label map (a reference or predicted vertebra mask).
+
+    Returns:
+        A 3D scalar image of integer voxels, 0 or more, geometry untouched. A float map whose values are all whole
+        numbers is cast to uint16.
+
+    Raises:
+        InputError: missing, unreadable or truncated file, not 3D scalar, values that are negative, NaN or not whole.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such file")
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti(p, "label map")  # truncation; NaN in a float map
+    image = _read_file(p, "label map")
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{p}: not a 3D scalar label map")
+    values = sitk.GetArrayViewFromImage(image)
+    if values.dtype.kind == "f":
+        if not np.isfinite(values).all() or (values != np.round(values)).any():
+            raise InputError(f"{p}: label map holds values that are not whole numbers")
+        if values.size and values.max() > np.iinfo(np.uint16).max:
+            raise InputError(f"{p}: label map holds values above {np.iinfo(np.uint16).max}")
+    elif values.dtype.kind not in "ui":
+        raise InputError(f"{p}: label map of {image.GetPixelIDTypeAsString()} voxels; integers are needed")
+    if values.size and values.min() < 0:
+        raise InputError(f"{p}: label map holds negative values")
+    if values.dtype.kind == "f":
+        image = sitk.Cast(image, sitk.sitkUInt16)
+    return image
 
 
 def read_image(path: str | os.PathLike) -> sitk.Image:
@@ -160,12 +228,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
             raise InputError(f"{p}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder")
         if p.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti(p)
-        try:
-            image = sitk.ReadImage(str(p))
-        except RuntimeError as err:
-            reason = str(err).strip().splitlines()
-            detail = next((line for line in reason if "rror" in line or "annot" in line), reason[-1] if reason else "")
-            raise InputError(f"{p}: unreadable image ({detail.strip()[:200]})") from None
+        image = _read_file(p, "image")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{p}: {image.GetNumberOfComponentsPerPixel()}-component (RGB/vector) image; a scalar CT or MRI volume is needed")
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:  # one time point (NRRD, MetaImage): a 3D volume
@@ -230,6 +293,16 @@ def resample_to_grid(image: sitk.Image, grid: sitk.Image, *, label: bool = False
     return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, default, pixel_type)
 
 
+def _process_umask() -> int:
+    """The process's umask. Reading it means setting it, which is process-wide: done once, at import."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _process_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on success rename it to ``final``, on error remove it.
@@ -240,15 +313,35 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     suffix = "".join(final.suffixes[-2:]) if final.name.endswith((".nii.gz", ".seg.nrrd", ".mrk.json")) else final.suffix
     base = final.name[: len(final.name) - len(suffix)] if suffix else final.name
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=final.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=final.parent)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from None
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the final file gets the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the final file gets the usual permissions
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_paths(finals: list[str | os.PathLike]) -> Iterator[list[Path]]:
+    """``atomic_path`` for several files, all or nothing: yield a temporary path beside each of ``finals``; when the
+    block succeeds all are renamed to their final names. If anything fails, the temporaries are removed and so is any
+    final file this call had already put in place, and the error is raised. The one gap: when earlier files are being
+    replaced and a rename fails (a rename within one folder fails only if the folder goes away), the files renamed by
+    then stay new and the others old."""
+    finals = [Path(p) for p in finals]
+    existed = {p for p in finals if p.exists()}
+    try:
+        with contextlib.ExitStack() as stack:
+            yield [stack.enter_context(atomic_path(p)) for p in finals]
+    except BaseException:
+        for p in finals:
+            if p not in existed:
+                p.unlink(missing_ok=True)
         raise

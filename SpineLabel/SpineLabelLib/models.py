@@ -22,7 +22,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from .io import atomic_path
+from .io import atomic_paths
 from .vertebrae import LEVELS, TISSUE_NAMES
 
 if TYPE_CHECKING:  # torch is imported only to load or save weights, so model lists work without it
@@ -180,24 +180,23 @@ def load_model(path: str | os.PathLike | None = None, device: "str | torch.devic
 
 
 def save_model(network: "SpineUNet", card: dict, card_path: str | os.PathLike) -> Path:
-    """Write weights + card (hash filled in) atomically; returns the card path."""
+    """Write weights + card (hash filled in), both or neither (``io.atomic_paths``); returns the card path."""
     import torch
 
     card_path = card_file(card_path)
     card_path.parent.mkdir(parents=True, exist_ok=True)
     weights = card_path.with_suffix(".pt")
-    with atomic_path(weights) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, tmp)
-    full = {
-        "tissue_classes": list(TISSUE_NAMES),
-        "level_classes": list(_LEVEL_NAMES),
-        **card,
-        "architecture": {"type": "SpineUNet", "channels": list(network.channels)},
-        "weights": weights.name,
-        "sha256": sha256_of(weights),
-    }
-    with atomic_path(card_path) as tmp:
-        tmp.write_text(json.dumps(full, indent=2) + "\n")
+    with atomic_paths([weights, card_path]) as (weights_tmp, card_tmp):
+        torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, weights_tmp)
+        full = {
+            "tissue_classes": list(TISSUE_NAMES),
+            "level_classes": list(_LEVEL_NAMES),
+            **card,
+            "architecture": {"type": "SpineUNet", "channels": list(network.channels)},
+            "weights": weights.name,
+            "sha256": sha256_of(weights_tmp),
+        }
+        card_tmp.write_text(json.dumps(full, indent=2, allow_nan=False) + "\n")
     return card_path
 
 
@@ -213,10 +212,9 @@ def register_model(card_path: str | os.PathLike, name: str | None = None) -> Pat
     if target.exists() or target.with_suffix(".pt").exists():
         raise ModelError(f"{target}: a model named {name!r} is registered already")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target.with_suffix(".pt")) as tmp:
-        shutil.copyfile(loaded.path.parent / loaded.card["weights"], tmp)
     card = {**loaded.card, "name": name, "weights": target.with_suffix(".pt").name}
-    with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(card, indent=2) + "\n")
+    with atomic_paths([target.with_suffix(".pt"), target]) as (weights_tmp, card_tmp):
+        shutil.copyfile(loaded.path.parent / loaded.card["weights"], weights_tmp)
+        card_tmp.write_text(json.dumps(card, indent=2) + "\n")
     log.info("registered model %s at %s", name, target)
     return target

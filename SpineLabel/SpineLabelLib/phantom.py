@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .io import atomic_path, case_name
+from .io import atomic_paths, case_name
 from .vertebrae import BODY, BY_NAME, DISC, LEVELS, POSTERIOR, level_index
 
 __all__ = ["FOVS", "Phantom", "make_phantom"]
@@ -38,6 +38,7 @@ __all__ = ["FOVS", "Phantom", "make_phantom"]
 log = logging.getLogger(__name__)
 
 FOVS = ("whole", "cervical", "thoracic", "lumbar")
+_SAVE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")  # one-file formats: written under a temporary name
 
 # Materials: what a voxel is made of; a modality maps each to an intensity.
 (_AIR, _SKIN, _FAT, _MUSCLE, _ORGAN, _LUNG, _CSF, _CORD, _ANNULUS, _NUCLEUS, _CANCELLOUS, _CORTICAL) = range(12)
@@ -108,16 +109,18 @@ class Phantom:
     tissue: sitk.Image
 
     def save(self, path: str | os.PathLike) -> list[Path]:
-        """Write the image to ``path`` and the labels to ``<stem>_label.nii.gz`` beside it, each atomically.
+        """Write the image to ``path`` and the labels to ``<stem>_label.nii.gz`` beside it, both or neither.
 
         Returns:
             The two paths written, image first.
         """
         image_path = Path(path)
+        if not image_path.name.lower().endswith(_SAVE_SUFFIXES):
+            raise ValueError(f"{image_path}: unsupported file type; expected one of {', '.join(_SAVE_SUFFIXES)}")
         image_path.parent.mkdir(parents=True, exist_ok=True)
         label_path = image_path.with_name(f"{case_name(image_path)}_label.nii.gz")
-        for image, target in ((self.image, image_path), (self.labels, label_path)):
-            with atomic_path(target) as tmp:
+        with atomic_paths([image_path, label_path]) as temps:
+            for image, tmp in zip((self.image, self.labels), temps):
                 sitk.WriteImage(image, str(tmp), True)
         return [image_path, label_path]
 

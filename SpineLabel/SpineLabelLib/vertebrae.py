@@ -21,6 +21,7 @@ __all__ = [
     "BY_LABEL",
     "level_index",
     "terminology_entry",
+    "COCCYX_LABEL",
     "TISSUE_NAMES",
     "BODY",
     "POSTERIOR",
@@ -91,6 +92,9 @@ BY_NAME: dict[str, Level] = {level.name: level for level in LEVELS}
 BY_LABEL: dict[int, Level] = {level.label: level for level in LEVELS}
 _INDEX: dict[str, int] = {level.name: i for i, level in enumerate(LEVELS)}
 
+
+# VerSe's value for the coccyx, which SpineLabel does not label; label lists that must run without a gap name it
+COCCYX_LABEL = 27
 
 # Tissue classes of the network's tissue head and of every training target (values 0..3). C1 (no body) and the
 # whole sacrum count as vertebral body, so that each vertebra has one body component.

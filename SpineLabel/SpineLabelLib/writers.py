@@ -20,7 +20,6 @@ Every file is written under a temporary name beside its final one and renamed wh
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -35,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from . import __version__
-from .io import atomic_path
+from .io import atomic_path, atomic_paths
 from .result import Geometry, SpineLabeling, nonzero_box
 from .vertebrae import terminology_entry
 
@@ -259,9 +258,10 @@ def _markups_document(result: SpineLabeling) -> dict:
     return {"@schema": MARKUPS_SCHEMA, "markups": [markup]}
 
 
-def _write_json(document, path: Path) -> None:
+def write_json(document, path: Path) -> None:
+    """Write ``document`` to ``path`` as indented JSON (non-finite numbers refused); callers make it atomic."""
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(document, f, indent=2)
+        json.dump(document, f, indent=2, allow_nan=False)
         f.write("\n")
 
 
@@ -270,7 +270,7 @@ def write_markups(result: SpineLabeling, path: str | os.PathLike) -> None:
     vertebra in chain order: id = component id, label = level name, position = body centroid (LPS mm), locked
     when the label was fixed by a user, description = the level's confidence."""
     with atomic_path(path) as tmp:
-        _write_json(_markups_document(result), tmp)
+        write_json(_markups_document(result), tmp)
     log.info("wrote markups %s", path)
 
 
@@ -325,7 +325,7 @@ def write_centroids(result: SpineLabeling, path: str | os.PathLike) -> None:
     "X": .., "Y": .., "Z": .., "name": "L1", "world_lps_mm": [..]}, ...]``; X, Y, Z as in
     :func:`verse_voxel_coordinates` (voxels, 0.01 precision), ``world_lps_mm`` the body centroid in LPS mm."""
     with atomic_path(path) as tmp:
-        _write_json(_centroid_document(result), tmp)
+        write_json(_centroid_document(result), tmp)
     log.info("wrote centroids %s", path)
 
 
@@ -364,7 +364,7 @@ def write_report(result: SpineLabeling, path: str | os.PathLike, input_path: str
     orientation_margin (see ``SpineLabeling``), warnings, timings_s and spinelabel_version. ``input_path`` defaults
     to ``result.source``."""
     with atomic_path(path) as tmp:
-        _write_json(_report_document(result, input_path), tmp)
+        write_json(_report_document(result, input_path), tmp)
     log.info("wrote report %s", path)
 
 
@@ -515,10 +515,7 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
     """Write the six outputs of case ``name`` into ``outdir`` (created if missing), all or nothing.
 
     Each file is first written under a temporary name; only when all six are complete are they renamed to their
-    final names. If anything fails, the temporaries are removed and so is any final file this call had already
-    put in place, and the error is raised. The one gap: when an earlier run's outputs are being replaced and a
-    rename fails (all writes done; a rename within one folder fails only if the folder goes away), the outputs
-    renamed by then stay new and the others old.
+    final names (:func:`SpineLabelLib.io.atomic_paths`, which says what happens on failure).
 
     Returns:
         The six paths, in ``OUTPUT_SUFFIXES`` order.
@@ -535,25 +532,17 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
     if not os.access(outdir, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, f"output folder {outdir} is not writable")
     paths = output_paths(outdir, name)
-    existed = {p for p in paths if p.exists()}
     labels = result.label_map()  # 1 byte per input voxel: made once for the two writers that need it
     writers = (
         lambda tmp: _write_label_map_to(result, tmp, labels),
         lambda tmp: _write_segmentation_to(result, tmp, labels),
-        lambda tmp: _write_json(_markups_document(result), tmp),
-        lambda tmp: _write_json(_centroid_document(result), tmp),
-        lambda tmp: _write_json(_report_document(result, input_path), tmp),
+        lambda tmp: write_json(_markups_document(result), tmp),
+        lambda tmp: write_json(_centroid_document(result), tmp),
+        lambda tmp: write_json(_report_document(result, input_path), tmp),
         lambda tmp: _write_snapshot_to(result, image, tmp),
     )
-    try:
-        with contextlib.ExitStack() as stack:
-            temps = [stack.enter_context(atomic_path(p)) for p in paths]
-            for write, tmp in zip(writers, temps):
-                write(tmp)
-    except BaseException:
-        for p in paths:
-            if p not in existed:
-                p.unlink(missing_ok=True)
-        raise
+    with atomic_paths(paths) as temps:
+        for write, tmp in zip(writers, temps):
+            write(tmp)
     log.info("wrote %d outputs of %s to %s", len(paths), name, outdir)
     return paths
