@@ -189,6 +189,8 @@ def test_a_window_is_rounded_up_to_the_network_and_the_overlap_checked():
     assert odd.tissue.shape == whole.tissue.shape == volume.shape
     with pytest.raises(ValueError, match="overlap 48"):
         predict(model, volume, torch.device("cpu"), window=(48, 48, 48), overlap=48)
+    slab = predict(model, volume[:, :, :6], torch.device("cpu"))  # a thin sagittal slab: one window across, no overlap
+    assert slab.tissue.shape == (50, 70, 6)
 
 
 def test_one_gpu_has_one_device_name(monkeypatch):

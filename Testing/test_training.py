@@ -103,7 +103,8 @@ def test_real_ct_goes_in_through_the_ct_window(tmp_path):
 
 
 def test_images_without_a_spine_are_taught_as_background_everywhere():
-    draw = make_source("negative", 2.0, (24, 20, 16), None)
+    draw, cases = make_source("negative", 2.0, (24, 20, 16), None)
+    assert cases is None
     names = set()
     for seed in range(12):
         case = draw(np.random.default_rng(seed))
@@ -147,6 +148,9 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path):
     assert [m["epoch"] for m in seen] == [1, 2]
     assert model.card["spacing_mm"] == 4.0 and len(model.card["training"]["history"]) == 2
     assert model.card["training"]["validation_crops"][0].startswith("phantom-")
+    assert model.card["training_data"]["sources"][1]["cases"] == ["imagesTr/c1_0000.nii.gz"]
+    assert "shape_library" not in model.card["training_data"]  # no synthetic source
+    json.loads(card.read_text(), parse_constant=pytest.fail)  # valid JSON: no NaN for the unknown body Dice
     assert model.ct_window_hu == CT_WINDOW_HU
     # the same batches as a run that was never stopped: the same weights
     straight = load_model(train(replace(cfg, out=tmp_path / "straight.json", resume=False)))
@@ -154,6 +158,11 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path):
         assert torch.equal(value, model.network.state_dict()[name]), name
     with pytest.raises(ValueError, match=r"other settings \(epochs, lr\)"):
         train(replace(cfg, epochs=3, lr=1e-3))
+    write_pair(tmp_path / "nn", "imagesTr/c2_0000.nii.gz", "labelsTr/c2.nii.gz")  # an export added a case
+    with pytest.raises(ValueError, match=r"other settings \(cases\)"):
+        train(cfg)
+    with pytest.raises(ValueError, match="'synthetic' needs --data-dir"):
+        train(replace(cfg, data=[("synthetic", 1.0)], resume=False))
     finetuned = train(TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "f.json", base_model=card,
                                   epochs=1, iterations=1, batch=1, patch=(32, 32, 32), device="cpu", validation_cases=1))
     assert load_model(finetuned).card["base_model"]["name"] == "spinelabel-finetuned"

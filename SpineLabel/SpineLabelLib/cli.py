@@ -113,7 +113,7 @@ def _data_source(spec: str) -> tuple[str, float]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from SpineLabelTrainingLib.training import TrainConfig, train
+    from SpineLabelTrainingLib.training import TrainConfig, epoch_text, train
 
     from .inference import reuse_freed_memory
 
@@ -124,12 +124,12 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs, iterations=args.iterations, batch=args.batch, patch=tuple(args.patch), lr=args.lr,
         spacing_mm=args.spacing, device=args.device, seed=args.seed, resume=args.resume, data_dir=args.data_dir,
         training_data_note=args.note, validation_cases=args.validation_cases, average_last=args.average_last,
+        progress_bars=not args.quiet,
     )
 
     def progress(m: dict) -> None:
         if not args.quiet:
-            print(f"epoch {m['epoch']}/{m['epochs']} loss {m['loss']:.4f} body_dice {m['body_dice']:.3f} "
-                  f"level_accuracy {m['level_accuracy']:.3f}", flush=True)
+            print(epoch_text(m), flush=True)
 
     card = train(cfg, progress=progress)
     print(card)
@@ -138,10 +138,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_folders, reference_images, summary_markdown
+    from .io import InputError
 
     status = 0
     if args.label:
-        status = _label_files(list(reference_images(args.gt_dir).values()), args.pred_dir, args)
+        images = list(reference_images(args.gt_dir).values())
+        if not images:
+            raise InputError(f"{args.gt_dir}: no reference case has its image beside it: nothing to label")
+        status = _label_files(images, args.pred_dir, args)
         if status == 2:
             return status
     summary = evaluate_folders(args.pred_dir, args.gt_dir, out_json=args.json, out_md=args.markdown)
@@ -209,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
-    p.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="real anatomy for 'synthetic'")
+    p.add_argument("--data-dir", type=Path, help="real labelled vertebrae, the shapes of --data synthetic (needed "
+                   "only for it)")
     p.add_argument("--validation-cases", type=int, default=4, help="fixed crops scored after every epoch, drawn "
                    "from the --data sources in turn (for a folder: crops of its training scans)")
     p.add_argument("--note", default="", help="free text for the model card's training data entry")

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from SpineLabelLib.evaluation import labelled_cases, reference_labels
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
-from SpineLabelLib.io import InputError, atomic_path, canonical_grid, read_image, resample_to_grid
+from SpineLabelLib.io import InputError, atomic_path, canonical_grid, read_image, read_label_map, resample_to_grid
 from SpineLabelLib.models import load_model, save_model
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
@@ -117,11 +117,8 @@ def find_cases(folder: str | Path) -> list[tuple[Path, Path, bool]]:
 def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm: float) -> Case:
     """Resample a real labelled scan onto the model grid and build its (partial) targets."""
     image = read_image(image_path)
-    labels = sitk.ReadImage(str(label_path))
-    values = sitk.GetArrayViewFromImage(labels)
-    if values.dtype.kind not in "ui" or values.min() < 0:
-        raise ValueError(f"{label_path}: a label map holds integers of 0 or more")
-    values = reference_labels(values, label_path)
+    labels = read_label_map(label_path)
+    values = reference_labels(sitk.GetArrayViewFromImage(labels), label_path)
     value = np.arange(int(values.max()) + 1)
     is_level = _LEVEL_OF_LABEL[np.minimum(value, _LEVEL_OF_LABEL.size - 1)] > 0
     as_verse = sitk.GetImageFromArray(np.where(is_level, value, 0).astype(np.uint8)[values])  # the rest: no level
@@ -253,25 +250,35 @@ def _negative_source(spacing_mm: float, size: tuple[int, int, int]) -> Callable[
     return draw
 
 
-def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int]) -> Callable[[np.random.Generator], Case]:
+def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int],
+                   progress_bars: bool) -> tuple[Callable[[np.random.Generator], Case], list[str]]:
     found = find_cases(folder)
-    cases = [load_case(i, l, b, spacing_mm) for i, l, b in tqdm(found, desc=f"loading {folder.name}", leave=False)]
+    cases = [load_case(i, l, b, spacing_mm)
+             for i, l, b in tqdm(found, desc=f"loading {folder.name}", leave=False, disable=not progress_bars)]
 
     def draw(rng: np.random.Generator) -> Case:
         return _crop(cases[int(rng.integers(len(cases)))], size, rng)
 
-    return draw
+    return draw, [image.relative_to(folder).as_posix() for image, _, _ in found]
 
 
-def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_dir: Path) -> Callable[[np.random.Generator], Case]:
-    """A sampler for one ``--data`` spec: ``synthetic``, ``phantom``, ``negative`` or a folder path."""
+def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_dir: Path | None,
+                progress_bars: bool = True) -> tuple[Callable[[np.random.Generator], Case], list[str] | None]:
+    """A sampler for one ``--data`` spec: ``synthetic``, ``phantom``, ``negative`` or a folder path; and, for a
+    folder, its cases (image paths relative to it), else None.
+
+    Raises:
+        ValueError: ``synthetic`` without ``data_dir``, the real labelled vertebrae its shapes come from.
+    """
     if spec == "synthetic":
-        return _synthetic_source(spacing_mm, size, data_dir)
+        if data_dir is None:
+            raise ValueError("data 'synthetic' needs --data-dir: a folder of real labelled vertebrae for its shapes")
+        return _synthetic_source(spacing_mm, size, data_dir), None
     if spec == "phantom":
-        return _phantom_source(spacing_mm, size)
+        return _phantom_source(spacing_mm, size), None
     if spec == "negative":
-        return _negative_source(spacing_mm, size)
-    return _folder_source(Path(spec), spacing_mm, size)
+        return _negative_source(spacing_mm, size), None
+    return _folder_source(Path(spec), spacing_mm, size, progress_bars)
 
 
 def tissue_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -332,7 +339,8 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     validation_cases: int = 4
-    data_dir: Path = Path("../shared/data")
+    data_dir: Path | None = None  # real labelled vertebrae: the shapes of ``synthetic``
+    progress_bars: bool = True
     training_data_note: str = ""
     average_last: int = 0
 
@@ -369,8 +377,24 @@ def _validate(net: SpineUNet, val: list[Case], device: torch.device) -> dict:
             correct += float((lv[mask] == target[mask]).sum())
             counted += float(mask.sum())
     net.train()
-    return {"body_dice": inter * 2 / total if total else float("nan"),
-            "level_accuracy": correct / counted if counted else float("nan")}
+    return {"body_dice": inter * 2 / total if total else None,
+            "level_accuracy": correct / counted if counted else None}
+
+
+def _finite_mean(values: list[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def epoch_text(metrics: dict) -> str:
+    """``epoch 3/10 loss 0.4120 body_dice 0.812 level_accuracy 0.640`` of one epoch's metrics; ``n/a`` for a loss
+    that no step had finite, or where the validation crops had nothing to score (no known body, as in
+    whole-vertebra labels)."""
+    def number(name: str, spec: str) -> str:
+        return "n/a" if metrics[name] is None else format(metrics[name], spec)
+
+    return (f"epoch {metrics['epoch']}/{metrics['epochs']} loss {number('loss', '.4f')} "
+            f"body_dice {number('body_dice', '.3f')} level_accuracy {number('level_accuracy', '.3f')}")
 
 
 def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None) -> Path:
@@ -381,7 +405,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     A step whose gradient is not finite is skipped, so that one overflow cannot wipe out the weights (the bfloat16
     backward kernels of the CPU occasionally give one on tiny patches, though the same step in float32 does not);
     each epoch's entry of the card's training history counts them (``skipped_steps``), and its loss is the mean
-    loss of all its batches, skipped or not.
+    loss of its batches whose loss was finite (None when none was).
     With ``cfg.average_last`` = N > 0 the model written is the mean of the weights at the end of the last N epochs
     (stochastic weight averaging, Izmailov et al. 2018: a flatter, steadier optimum than any single epoch's), scored
     once more on the validation crops.
@@ -410,7 +434,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     net.to(device).train()
     specs = [s for s, _ in cfg.data]
     weights /= weights.sum()
-    sources = [make_source(s, spacing, cfg.patch, cfg.data_dir) for s in specs]
+    sources, cases = zip(*(make_source(s, spacing, cfg.patch, cfg.data_dir, cfg.progress_bars) for s in specs))
     val_rng = np.random.default_rng(10_000 + cfg.seed)
     val = [sources[i % len(sources)](val_rng) for i in range(cfg.validation_cases)]
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -419,7 +443,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     start_epoch, history = 0, []
     averaged: dict[str, torch.Tensor] = {}
     # what a resumed run must share with the run that wrote the checkpoint
-    settings = {"data": [[str(spec), float(w)] for spec, w in cfg.data], "base_model": str(cfg.base_model),
+    settings = {"data": [[str(spec), float(w)] for spec, w in cfg.data], "cases": list(cases),
+                "base_model": str(cfg.base_model),
                 "epochs": cfg.epochs, "iterations": cfg.iterations, "batch": cfg.batch, "patch": list(cfg.patch),
                 "lr": cfg.lr, "spacing_mm": spacing, "seed": cfg.seed, "average_last": cfg.average_last}
     if cfg.resume and not ckpt.exists():
@@ -442,7 +467,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     t0 = time.time() - (history[-1]["elapsed_s"] if history else 0.0)  # elapsed_s counts the epochs before a stop
     for epoch in range(start_epoch, cfg.epochs):
         losses, skipped = [], 0
-        bar = tqdm(range(cfg.iterations), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        bar = tqdm(range(cfg.iterations), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not cfg.progress_bars)
         for _ in bar:
             if cancel is not None and cancel():
                 raise Cancelled()
@@ -461,7 +487,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         if skipped:
             log.warning("epoch %d: %d of %d steps skipped for a non-finite gradient", epoch + 1, skipped, cfg.iterations)
-        metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": float(np.mean(losses)), "skipped_steps": skipped,
+        metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": _finite_mean(losses), "skipped_steps": skipped,
                    **_validate(net, val, device), "elapsed_s": round(time.time() - t0, 1)}
         history.append(metrics)
         if epoch >= first_averaged:
@@ -469,8 +495,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
             for name, value in net.state_dict().items():
                 previous = averaged.get(name, torch.zeros(value.shape))
                 averaged[name] = previous + (value.detach().float().cpu() - previous) / n
-        log.info("epoch %d/%d loss %.4f body Dice %.3f level accuracy %.3f", epoch + 1, cfg.epochs, metrics["loss"],
-                 metrics["body_dice"], metrics["level_accuracy"])
+        log.info("%s", epoch_text(metrics))
         with atomic_path(ckpt) as tmp:  # a stop while saving must not leave half a checkpoint
             torch.save({"network": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "epoch": epoch + 1, "history": history, "settings": settings, "averaged": averaged,
@@ -490,8 +515,10 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
         "normalisation": f"CT: {CT_WINDOW_HU[0]:g} to {CT_WINDOW_HU[1]:g} HU mapped to 0/1; MR: percentiles 0.5/99.5 "
                          "of the volume mapped to 0/1; clipped",
         "ct_window_hu": list(CT_WINDOW_HU),
-        "training_data": {"sources": [{"source": s, "weight": round(float(w), 3)} for s, w in zip(specs, weights)],
-                          "shape_library": str(cfg.data_dir), "note": cfg.training_data_note},
+        "training_data": {"sources": [{"source": s, "weight": round(float(w), 3), **({"cases": c} if c else {})}
+                                      for s, w, c in zip(specs, weights, cases)],
+                          **({"shape_library": str(cfg.data_dir)} if "synthetic" in specs else {}),
+                          "note": cfg.training_data_note},
         "training": training,
         "base_model": None if base_card is None else {"name": base_card["name"], "version": base_card["version"]},
     }
