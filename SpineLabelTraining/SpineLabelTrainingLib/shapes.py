@@ -33,7 +33,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from SpineLabelLib import io
-from SpineLabelLib.vertebrae import BODY, BY_LABEL, DISC, LEVELS, POSTERIOR
+from SpineLabelLib.vertebrae import BODY, BY_LABEL, BY_NAME, DISC, LEVELS, POSTERIOR, level_index
 
 __all__ = [
     "TYPICAL_BODY_MM",
@@ -55,21 +55,22 @@ log = logging.getLogger(__name__)
 SPACING_MM = 1.0  # voxel size of every stored shape
 _CACHE_VERSION = 9
 _MASK_BITS = 3  # mask values go up to SACRAL_CANAL (4)
-S1_LABEL = BY_LABEL[26].label
+S1_LABEL = BY_NAME["S1"].label
 _MAIN_LABELS = tuple(level.label for level in LEVELS if not level.transitional)  # C1..L5, S1
 
 # Typical adult vertebral body size per level: (central height, antero-posterior depth, left-right width), mm.
 # Rounded from published morphometry tables (e.g. Panjabi et al., Spine 1991/1992); used only for ratios between
-# levels (filling levels missing in the data, borrowing a neighbour's shape) and for synthetic test masks.
-TYPICAL_BODY_MM: dict[int, tuple[float, float, float]] = {
-    1: (10.0, 10.0, 45.0), 2: (20.0, 15.0, 18.0), 3: (13.0, 15.0, 20.0), 4: (13.0, 15.0, 21.0),
-    5: (13.0, 16.0, 22.0), 6: (13.0, 16.0, 24.0), 7: (14.0, 16.0, 26.0),
-    8: (15.0, 17.0, 28.0), 9: (16.0, 18.0, 28.0), 10: (17.0, 20.0, 28.0), 11: (17.5, 22.0, 29.0),
-    12: (18.0, 24.0, 30.0), 13: (18.5, 25.0, 31.0), 14: (19.0, 26.0, 32.0), 15: (20.0, 27.0, 33.0),
-    16: (21.0, 28.0, 35.0), 17: (22.0, 29.0, 38.0), 18: (23.0, 30.0, 40.0), 19: (24.0, 31.0, 42.0),
-    28: (24.5, 32.0, 43.0), 20: (25.0, 32.0, 44.0), 21: (26.0, 33.0, 46.0), 22: (27.0, 34.0, 48.0),
-    23: (27.0, 34.0, 50.0), 24: (26.0, 34.0, 51.0), 25: (26.0, 34.0, 51.0), 26: (28.0, 34.0, 50.0),
-}
+# levels (filling levels missing in the data, borrowing a neighbour's shape) and for synthetic test masks. Written by
+# level name, keyed by VerSe label value.
+TYPICAL_BODY_MM: dict[int, tuple[float, float, float]] = {BY_NAME[name].label: size for name, size in {
+    "C1": (10.0, 10.0, 45.0), "C2": (20.0, 15.0, 18.0), "C3": (13.0, 15.0, 20.0), "C4": (13.0, 15.0, 21.0),
+    "C5": (13.0, 16.0, 22.0), "C6": (13.0, 16.0, 24.0), "C7": (14.0, 16.0, 26.0),
+    "T1": (15.0, 17.0, 28.0), "T2": (16.0, 18.0, 28.0), "T3": (17.0, 20.0, 28.0), "T4": (17.5, 22.0, 29.0),
+    "T5": (18.0, 24.0, 30.0), "T6": (18.5, 25.0, 31.0), "T7": (19.0, 26.0, 32.0), "T8": (20.0, 27.0, 33.0),
+    "T9": (21.0, 28.0, 35.0), "T10": (22.0, 29.0, 38.0), "T11": (23.0, 30.0, 40.0), "T12": (24.0, 31.0, 42.0),
+    "T13": (24.5, 32.0, 43.0), "L1": (25.0, 32.0, 44.0), "L2": (26.0, 33.0, 46.0), "L3": (27.0, 34.0, 48.0),
+    "L4": (27.0, 34.0, 50.0), "L5": (26.0, 34.0, 51.0), "L6": (26.0, 34.0, 51.0), "S1": (28.0, 34.0, 50.0),
+}.items()}
 
 
 @dataclass
@@ -139,9 +140,8 @@ class ShapeLibrary:
             arrays[f"s{i}"] = np.array(shape.source)
         arrays["meta"] = np.asarray(meta, float).reshape(-1, 12)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
+        with io.atomic_path(path) as tmp:  # keeps the .npz suffix, so numpy adds none
+            np.savez_compressed(tmp, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> "ShapeLibrary":
@@ -165,13 +165,9 @@ class ShapeLibrary:
 
     def summary(self) -> str:
         """One line: how many shapes per level and discs."""
-        parts = [f"{BY_LABEL[k].name}:{len(v)}" for k, v in sorted(self.vertebrae.items(), key=lambda kv: _order(kv[0]))]
+        parts = [f"{BY_LABEL[k].name}:{len(v)}" for k, v in sorted(self.vertebrae.items(),
+                                                                    key=lambda kv: level_index(kv[0]))]
         return " ".join(parts) + f" discs:{len(self.discs)} bodies:{sum(len(v) for v in self.bodies.values())}"
-
-
-def _order(label: int) -> int:
-    """Anatomical (cranio-caudal) position of a VerSe label."""
-    return [level.label for level in LEVELS].index(label)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,7 +211,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 def _opening_radius_mm(label: int) -> float:
     """Radius (mm) of the ball whose opening keeps only the vertebral body of a level."""
     region = BY_LABEL[label].region
-    if label <= 2:
+    if label in (BY_NAME["C1"].label, BY_NAME["C2"].label):
         return 3.0
     return {"cervical": 3.5, "thoracic": 5.0, "lumbar": 6.0}.get(region, 6.0)
 
@@ -244,7 +240,7 @@ def split_body(mask: np.ndarray, label: int, spacing_mm: float = SPACING_MM) -> 
     canal = _largest_component(canal)
     if canal.sum() >= 20:
         canal_y = np.argwhere(canal)[:, 1]
-        limit = np.mean(canal_y) if label == 1 else np.percentile(canal_y, 5) + 1.0 / spacing_mm
+        limit = np.mean(canal_y) if label == BY_NAME["C1"].label else np.percentile(canal_y, 5) + 1.0 / spacing_mm
         front = mask & (np.arange(mask.shape[1]) < limit)[None, :, None]
         opened = _ball_opening(front, 2.0 / spacing_mm)
     else:
@@ -329,7 +325,7 @@ def canonical_vertebrae(image: sitk.Image, source: str = "") -> tuple[list[Shape
     a, b = _index_to_world(image)
     a_inv = np.linalg.inv(a)
     boxes = ndimage.find_objects(labels.astype(np.int32, copy=False) * (labels <= max(BY_LABEL)))
-    present = sorted((v for v in BY_LABEL if v <= len(boxes) and boxes[v - 1] is not None), key=_order)
+    present = sorted((v for v in BY_LABEL if v <= len(boxes) and boxes[v - 1] is not None), key=level_index)
     centroids = {}
     for value in present:
         box = boxes[value - 1]
@@ -359,7 +355,7 @@ def canonical_vertebrae(image: sitk.Image, source: str = "") -> tuple[list[Shape
         if (body_src.min(axis=0) < 0.5).any() or (body_src.max(axis=0) > np.asarray(labels.shape) - 1.5).any():
             log.info("%s: %s body touches the image edge; skipped", source, BY_LABEL[value].name)
             continue
-        if value >= 8 and body_idx.shape[0] < 0.2 * np.count_nonzero(split):
+        if BY_LABEL[value].region != "cervical" and body_idx.shape[0] < 0.2 * np.count_nonzero(split):
             log.info("%s: %s body split failed (body %d of %d voxels); skipped", source, BY_LABEL[value].name,
                      body_idx.shape[0], np.count_nonzero(split))
             continue
@@ -532,7 +528,7 @@ def _fill_missing(library: ShapeLibrary) -> None:
     for target in order:
         if library.vertebrae.get(target):
             continue
-        dist = {lv: abs(_order(lv) - _order(target)) for lv in have}
+        dist = {lv: abs(level_index(lv) - level_index(target)) for lv in have}
         nearest = [lv for lv in have if dist[lv] == min(dist.values())]
         library.vertebrae[target] = [
             _rescaled(s, size_ratio(target, lv), target, f"{BY_LABEL[target].name}") for lv in nearest
@@ -543,7 +539,8 @@ def _fill_missing(library: ShapeLibrary) -> None:
 
 def _default_disc(library: ShapeLibrary) -> Shape:
     """A lens-shaped disc sized like an L4 body, for libraries built without disc masks."""
-    h, d, w = 10.0, TYPICAL_BODY_MM[23][1], TYPICAL_BODY_MM[23][2]
+    l4 = TYPICAL_BODY_MM[BY_NAME["L4"].label]
+    h, d, w = 10.0, l4[1], l4[2]
     zz, yy, xx = np.meshgrid(*(np.arange(int(n) + 3) - (n + 2) / 2 for n in (h, d, w)), indexing="ij", sparse=True)
     r2 = (yy / (d / 2)) ** 2 + (xx / (w / 2)) ** 2
     mask = ((r2 <= 1.0) & (np.abs(zz) <= (h / 2) * (1.0 - 0.4 * r2))).astype(np.uint8)
@@ -563,12 +560,13 @@ def _source_files(data_dir: Path) -> dict[str, list[Path]]:
 def _build(files: dict[str, list[Path]]) -> ShapeLibrary:
     library = ShapeLibrary()
     c1_offsets = []
+    c1_label, c2_label = BY_NAME["C1"].label, BY_NAME["C2"].label
     for path in files["whole"]:
         shapes, frames = canonical_vertebrae(sitk.ReadImage(str(path)), path.name)
         for shape in shapes:
             library.vertebrae.setdefault(shape.label, []).append(shape)
-        if 1 in frames and 2 in frames:
-            (c1, _), (c2, rot2) = frames[1], frames[2]
+        if c1_label in frames and c2_label in frames:
+            (c1, _), (c2, rot2) = frames[c1_label], frames[c2_label]
             c1_offsets.append(rot2.T @ (c1 - c2))
         log.info("%s: %d vertebrae", path.name, len(shapes))
     library.c1_offsets = np.asarray(c1_offsets, float).reshape(-1, 3)
@@ -578,7 +576,7 @@ def _build(files: dict[str, list[Path]]) -> ShapeLibrary:
         image = sitk.ReadImage(str(path))
         labels = sitk.GetArrayFromImage(image)
         a, b = _index_to_world(image)
-        present = sorted((int(v) for v in np.unique(labels) if int(v) in BY_LABEL), key=_order)
+        present = sorted((int(v) for v in np.unique(labels) if int(v) in BY_LABEL), key=level_index)
         centroids = {v: np.argwhere(labels == v).mean(axis=0) @ a.T + b for v in present}
         upward = {}  # a point cranial of each body: the next body up, or mirrored from the next body down
         for i, v in enumerate(present):
@@ -593,8 +591,8 @@ def _build(files: dict[str, list[Path]]) -> ShapeLibrary:
             for part in _aligned_parts(image, [S1_LABEL], path.name, upward=upward, labelled=True):
                 library.vertebrae.setdefault(S1_LABEL, []).append(_with_sacral_mass(part, rng))
     if not library.vertebrae.get(S1_LABEL):
-        l5 = library.vertebrae[24][0]
-        body = _rescaled(l5, size_ratio(S1_LABEL, 24), S1_LABEL, "S1 body")
+        l5_label = BY_NAME["L5"].label
+        body = _rescaled(library.vertebrae[l5_label][0], size_ratio(S1_LABEL, l5_label), S1_LABEL, "S1 body")
         body.mask = (body.mask == BODY).astype(np.uint8) * BODY
         library.vertebrae[S1_LABEL] = [_with_sacral_mass(body, rng)]
         log.info("shape library: no S1 body masks; sacrum built on a rescaled L5 body")

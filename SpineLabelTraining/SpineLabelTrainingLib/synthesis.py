@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from SpineLabelLib.vertebrae import BODY, BY_LABEL, BY_NAME, DISC, POSTERIOR, TISSUE_NAMES
+from SpineLabelLib.vertebrae import BODY, BY_LABEL, BY_NAME, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
 from SpineLabelTrainingLib.shapes import S1_LABEL, SACRAL_CANAL, SACRAL_DISC, Shape, ShapeLibrary, frame, size_ratio
 
 __all__ = [
@@ -106,20 +106,25 @@ _BONE_CLASSES = (MARROW, POST, SACRUM)
 
 # Sagittal tangent angle of the spine at each level (degrees; positive = leaning posteriorly going up), a typical
 # standing adult profile: sacral slope ~40 deg, lumbar lordosis ~50 deg, thoracic kyphosis ~35 deg, cervical
-# lordosis ~30 deg.
-_SAGITTAL_DEG = {1: 14, 2: 10, 3: 4, 4: -2, 5: -8, 6: -14, 7: -20, 8: -20, 9: -18, 10: -16, 11: -12, 12: -8,
-                 13: -4, 14: 0, 15: 5, 16: 8, 17: 10, 18: 13, 19: 14, 28: 14, 20: 12, 21: 8, 22: 0, 23: -12,
-                 24: -25, 25: -30, 26: -40}
+# lordosis ~30 deg. The tables are written by level name and keyed by VerSe label.
+_SAGITTAL_DEG = {BY_NAME[name].label: deg for name, deg in {
+    "C1": 14, "C2": 10, "C3": 4, "C4": -2, "C5": -8, "C6": -14, "C7": -20, "T1": -20, "T2": -18, "T3": -16, "T4": -12,
+    "T5": -8, "T6": -4, "T7": 0, "T8": 5, "T9": 8, "T10": 10, "T11": 13, "T12": 14, "T13": 14, "L1": 12, "L2": 8,
+    "L3": 0, "L4": -12, "L5": -25, "L6": -30, "S1": -40}.items()}
 # Disc height (mm) below each level (the disc between it and the next caudal vertebra).
-_DISC_MM = {2: 4.5, 3: 5.0, 4: 5.0, 5: 5.5, 6: 5.5, 7: 5.0, 8: 4.0, 9: 4.0, 10: 4.0, 11: 4.5, 12: 4.5, 13: 5.0,
-            14: 5.0, 15: 5.5, 16: 5.5, 17: 6.0, 18: 6.5, 19: 7.5, 28: 8.0, 20: 9.0, 21: 10.0, 22: 11.0, 23: 11.5,
-            24: 10.5, 25: 10.5}
+_DISC_MM = {BY_NAME[name].label: mm for name, mm in {
+    "C2": 4.5, "C3": 5.0, "C4": 5.0, "C5": 5.5, "C6": 5.5, "C7": 5.0, "T1": 4.0, "T2": 4.0, "T3": 4.0, "T4": 4.5,
+    "T5": 4.5, "T6": 5.0, "T7": 5.0, "T8": 5.5, "T9": 5.5, "T10": 6.0, "T11": 6.5, "T12": 7.5, "T13": 8.0, "L1": 9.0,
+    "L2": 10.0, "L3": 11.0, "L4": 11.5, "L5": 10.5, "L6": 10.5}.items()}
 # Thorax half-width (mm) at each rib and the angle (deg) around the thorax where the bony rib ends.
-_RIB = {8: (55, 150), 9: (75, 155), 10: (90, 160), 11: (100, 160), 12: (108, 160), 13: (115, 160), 14: (120, 155),
-        15: (125, 150), 16: (128, 140), 17: (130, 130), 18: (130, 100), 19: (128, 65), 28: (125, 45)}
-# Body outline along the spine: (level, half-width, half-depth, distance from body centre to the posterior skin), mm.
-_OUTLINE = ((1, 75, 90, 90), (3, 60, 62, 80), (6, 65, 66, 85), (8, 120, 85, 95), (10, 150, 100, 90),
-            (13, 150, 110, 85), (18, 145, 112, 95), (22, 140, 118, 115), (26, 165, 115, 120))
+_RIB = {BY_NAME[name].label: rib for name, rib in {
+    "T1": (55, 150), "T2": (75, 155), "T3": (90, 160), "T4": (100, 160), "T5": (108, 160), "T6": (115, 160),
+    "T7": (120, 155), "T8": (125, 150), "T9": (128, 140), "T10": (130, 130), "T11": (130, 100), "T12": (128, 65),
+    "T13": (125, 45)}.items()}
+# Body outline along the spine: (level name, half-width, half-depth, distance from body centre to the posterior
+# skin), mm.
+_OUTLINE = (("C1", 75, 90, 90), ("C3", 60, 62, 80), ("C6", 65, 66, 85), ("T1", 120, 85, 95), ("T3", 150, 100, 90),
+            ("T6", 150, 110, 85), ("T11", 145, 112, 95), ("L3", 140, 118, 115), ("S1", 165, 115, 120))
 
 
 @dataclass
@@ -225,29 +230,34 @@ class _Canvas:
 def _level_sequence(rng: np.random.Generator) -> tuple[list[int], bool]:
     """VerSe labels from caudal (sacrum) to cranial (C1), with the numbering variants; and whether L5 is
     sacralised."""
-    thoracic = list(range(8, 20))
+    cervical, thoracic, lumbar = ([lv.label for lv in LEVELS if lv.region == region and not lv.transitional]
+                                  for region in ("cervical", "thoracic", "lumbar"))  # C1-C7, T1-T12, L1-L5
     variant = rng.random()
     if variant < 0.02:
         thoracic = thoracic[:-1]  # 11 thoracic vertebrae
     elif variant < 0.05:
-        thoracic.append(28)  # T13
-    lumbar = [20, 21, 22, 23, 24] + ([25] if rng.random() < 0.04 else [])
-    cranial_to_caudal = list(range(1, 8)) + thoracic + lumbar + [S1_LABEL]
+        thoracic.append(BY_NAME["T13"].label)
+    if rng.random() < 0.04:
+        lumbar.append(BY_NAME["L6"].label)
+    cranial_to_caudal = cervical + thoracic + lumbar + [S1_LABEL]
     return cranial_to_caudal[::-1], bool(rng.random() < 0.03)
 
 
 # the transitional levels take their shapes from the level they stand in for: T13 from T12, L6 from L5
 _SHAPE_DONOR = {BY_NAME["T13"].label: BY_NAME["T12"].label, BY_NAME["L6"].label: BY_NAME["L5"].label}
+# levels that keep their own shapes, neither borrowing a neighbour's nor lending theirs
+_OWN_SHAPE_ONLY = (BY_NAME["C1"].label, BY_NAME["C2"].label, S1_LABEL)
 
 
 def _pick_shape(rng: np.random.Generator, library: ShapeLibrary, label: int) -> tuple[Shape, np.ndarray]:
     """A library shape for ``label`` and the (z, y, x) factors that bring it to that level's typical size."""
     donor = _SHAPE_DONOR.get(label, label)
-    if donor == label and label not in (1, 2, S1_LABEL) and rng.random() < 0.25:
+    if donor == label and label not in _OWN_SHAPE_ONLY and rng.random() < 0.25:
         region = BY_LABEL[label].region
-        neighbours = [n for n in (label - 1, label + 1)
-                      if n in BY_LABEL and n not in (1, 2, 25, S1_LABEL) and BY_LABEL[n].region == region
-                      and library.vertebrae.get(n)]
+        i = level_index(label)
+        neighbours = [n.label for n in (LEVELS[i - 1], LEVELS[i + 1])  # cranial, caudal
+                      if not n.transitional and n.label not in _OWN_SHAPE_ONLY and n.region == region
+                      and library.vertebrae.get(n.label)]
         if neighbours:
             donor = neighbours[int(rng.integers(len(neighbours)))]
     shapes = library.shapes_for(donor)
@@ -258,7 +268,8 @@ def _spine_curve(rng: np.random.Generator, s_levels: np.ndarray, labels: list[in
     """Tangents (N, 3) along the arc ``s_grid`` (mm): randomised sagittal profile through the level positions
     ``s_levels`` plus a sinusoidal scoliosis. Also returns the coronal angle (radians) along the arc."""
     base = np.array([_SAGITTAL_DEG[lv] for lv in labels], float)
-    region = np.array([0 if lv <= 7 else 1 if lv <= 19 or lv == 28 else 2 for lv in labels])
+    # gain groups: cervical, thoracic, and lumbar with the sacrum
+    region = np.array([{"cervical": 0, "thoracic": 1}.get(BY_LABEL[lv].region, 2) for lv in labels])
     gains = rng.uniform([0.3, 0.5, 0.5], [1.6, 1.5, 1.4])
     # Deviations from each region's mean angle are scaled by the region's gain (flatter or deeper curves).
     sag = base.copy()
@@ -285,15 +296,17 @@ class _Subject:
         disc_gain = rng.uniform(0.75, 1.25)
         picks = [_pick_shape(rng, library, lv) for lv in labels]
         scales = [f * scale * (1.0 + rng.normal(0.0, 0.04, 3)) for _, f in picks]
-        for i, lv in enumerate(labels):  # compression fractures: lower body height, mostly thoraco-lumbar
-            if 11 <= lv <= 25 and rng.random() < 0.03:
+        # Compression fractures: lower body height, mostly thoraco-lumbar. The test compares label values, T4 (11) to
+        # L6 (25), so T13 (label 28) is never fractured.
+        for i, lv in enumerate(labels):
+            if BY_NAME["T4"].label <= lv <= BY_NAME["L6"].label and rng.random() < 0.03:
                 scales[i][0] *= rng.uniform(0.55, 0.85)
         # Arc positions, caudal to cranial; C1 sits on C2 by a measured offset instead of a disc.
         s_pos = [0.0]
         discs = []  # (label below which the disc lies, height mm, dark nucleus)
         for i in range(1, len(labels)):
             lower, upper = labels[i - 1], labels[i]
-            if upper == 1:
+            if upper == BY_NAME["C1"].label:
                 s_pos.append(s_pos[-1])
                 continue
             height = _DISC_MM.get(upper, 5.0) * disc_gain * rng.uniform(0.85, 1.15)
@@ -337,8 +350,8 @@ class _Subject:
             if rng.random() < 0.5:
                 rot = rot @ np.diag([1.0, 1.0, -1.0])  # left-right mirror of the shape
             centre = point_at(s_pos[i])
-            if lv == 1 and 2 in by_label:
-                c2 = by_label[2]
+            if lv == BY_NAME["C1"].label and BY_NAME["C2"].label in by_label:
+                c2 = by_label[BY_NAME["C2"].label]
                 if len(library.c1_offsets):
                     offset = library.c1_offsets[int(rng.integers(len(library.c1_offsets)))] * scale
                 else:
@@ -384,15 +397,15 @@ def _draw_body(rng: np.random.Generator, canvas: _Canvas, subject: _Subject) -> 
     z = canvas.axes[0]
     s = subject.s_at_z(z)
     spine = np.stack([np.interp(s, subject.s_grid, subject.points[:, k]) for k in (1, 2)], axis=1)
-    lv_s = {pl.label: pl.s for pl in subject.vertebrae}
-    knots = [lv_s.get(lv, lv_s[S1_LABEL]) for lv, *_ in _OUTLINE]
+    lv_s = {BY_LABEL[pl.label].name: pl.s for pl in subject.vertebrae}  # arc position by level name
+    knots = [lv_s.get(name, lv_s["S1"]) for name, *_ in _OUTLINE]
     order = np.argsort(knots)
     knots = np.asarray(knots)[order]
     girth = rng.uniform(0.85, 1.3) * subject.scale
     dims = [np.interp(s, knots, np.asarray([row[k] for row in _OUTLINE], float)[order]) for k in (1, 2, 3)]
     half_w, half_d, post = dims[0] * girth, dims[1] * girth, dims[2] * (0.5 + 0.5 * girth)
     # The head: a skull above the atlas; the outline closes over its vault (8 mm of scalp).
-    head = subject.by_label[1].centre + np.array([45.0, -15.0, 0.0]) * girth
+    head = subject.by_label[BY_NAME["C1"].label].centre + np.array([45.0, -15.0, 0.0]) * girth
     head_radii = np.array([75.0, 85.0, 68.0]) * girth
     t = np.clip((z - head[0]) / (head_radii[0] + 8.0), 0.0, 1.0)
     vault = np.sqrt(1.0 - t**2)
@@ -416,7 +429,7 @@ def _draw_body(rng: np.random.Generator, canvas: _Canvas, subject: _Subject) -> 
     cls[inside(fat + rng.uniform(8.0, 15.0))] = INTERIOR
     sy, sx = spine[:, 0][:, None, None] - yc[:, None, None], spine[:, 1][:, None, None] - xc[:, None, None]
     s_t12 = subject.lowest_thoracic.s
-    thoracic = (s >= s_t12 - 15) & (s <= lv_s[8] + 25)
+    thoracic = (s >= s_t12 - 15) & (s <= lv_s["T1"] + 25)
     if thoracic.any():
         dome = s_t12 + 15 + 45 * (1 - np.clip(np.abs(xx - sx) / np.maximum(half_w[:, None, None], 1), 0, 1) ** 2)
         lung = inside(fat + 18.0) & (np.abs(xx - sx) > 22) & (s[:, None, None] >= dome) & thoracic[:, None, None]
@@ -426,27 +439,28 @@ def _draw_body(rng: np.random.Generator, canvas: _Canvas, subject: _Subject) -> 
     para = (((yy - sy - 22 - posterior_gap / 2) / (posterior_gap / 2 + 1)) ** 2
             + ((np.abs(xx - sx) - 0.17 * half_w[:, None, None]) / (0.16 * half_w[:, None, None] + 4)) ** 2) <= 1.0
     cls[para & inside(fat)] = MUSCLE
-    lumbar = (s >= lv_s[S1_LABEL] - 10) & (s <= lv_s[20])
+    lumbar = (s >= lv_s["S1"] - 10) & (s <= lv_s["L1"])
     if lumbar.any():
-        t = np.clip((lv_s[20] - s) / max(lv_s[20] - lv_s[S1_LABEL], 1.0), 0, 1)[:, None, None]
+        t = np.clip((lv_s["L1"] - s) / max(lv_s["L1"] - lv_s["S1"], 1.0), 0, 1)[:, None, None]
         psoas = (((yy - sy + 5) / (6 + 16 * t)) ** 2 + ((np.abs(xx - sx) - 22 - 20 * t) / (6 + 18 * t)) ** 2 <= 1.0)
         cls[psoas & lumbar[:, None, None]] = MUSCLE
 
-    def at(label: int, dy: float, dx: float, dz: float = 0.0) -> np.ndarray:
-        pl = subject.by_label.get(label, subject.lowest_thoracic)
+    def at(name: str, dy: float, dx: float, dz: float = 0.0) -> np.ndarray:
+        pl = subject.by_label.get(BY_NAME[name].label, subject.lowest_thoracic)
         return pl.centre + np.array([dz, dy, dx])
 
     g = girth
     if rng.random() < 0.9:
-        canvas.ellipsoid(ORGAN_B, at(14, -75 * g, 20 * g), np.array([55, 50, 60]) * g)  # heart
-        canvas.ellipsoid(ORGAN_A, at(19, -55 * g, -65 * g, 10), np.array([75, 65, 75]) * g)  # liver
+        canvas.ellipsoid(ORGAN_B, at("T7", -75 * g, 20 * g), np.array([55, 50, 60]) * g)  # heart
+        canvas.ellipsoid(ORGAN_A, at("T12", -55 * g, -65 * g, 10), np.array([75, 65, 75]) * g)  # liver
         for side in (-1, 1):
-            canvas.ellipsoid(ORGAN_B, at(20, 15, side * 55 * g, -15), np.array([55, 28, 30]) * g)  # kidneys
-        canvas.ellipsoid(ORGAN_C, at(S1_LABEL, -80 * g, 0, -40), np.array([40, 40, 50]) * g)  # bladder
+            canvas.ellipsoid(ORGAN_B, at("L1", 15, side * 55 * g, -15), np.array([55, 28, 30]) * g)  # kidneys
+        canvas.ellipsoid(ORGAN_C, at("S1", -80 * g, 0, -40), np.array([40, 40, 50]) * g)  # bladder
     for _ in range(int(rng.integers(3, 10))):  # bowel loops, some with gas
-        c = at(int(rng.choice([20, 21, 22, 23, 24, S1_LABEL])), -rng.uniform(50, 120) * g, rng.uniform(-90, 90) * g)
+        level = str(rng.choice(["L1", "L2", "L3", "L4", "L5", "S1"]))
+        c = at(level, -rng.uniform(50, 120) * g, rng.uniform(-90, 90) * g)
         canvas.ellipsoid(GAS if rng.random() < 0.3 else ORGAN_C, c, rng.uniform(12, 35, 3) * g)
-    aorta = (subject.s_grid > lv_s[23]) & (subject.s_grid < lv_s[10])
+    aorta = (subject.s_grid > lv_s["L4"]) & (subject.s_grid < lv_s["T3"])
     if aorta.any():
         canvas.tube(VESSEL, subject.points[aorta] + np.array([0, -20 * g, 14]), 11 * g)
     # Skull (base and vault) with brain.
@@ -456,7 +470,7 @@ def _draw_body(rng: np.random.Generator, canvas: _Canvas, subject: _Subject) -> 
     canvas.ellipsoid(OTHER_BONE, head, head_radii,
                      keep=lambda zz, yy_, xx_: (zz > -35 * g) & (zz < -27 * g) & ((yy_ - foramen[1]) ** 2 + xx_**2 > 256))
     for side in (-1, 1):  # iliac wings: lateral halves of thick ellipsoidal shells beside the sacrum
-        centre = at(S1_LABEL, -5, side * 70 * g, 15)
+        centre = at("S1", -5, side * 70 * g, 15)
         canvas.ellipsoid(OTHER_BONE, centre, np.array([75, 60, 40]) * g, inner=0.85,
                          keep=lambda zz, yy_, xx_, side=side: (xx_ * side > 0) & (zz > -60 * g))
 
@@ -477,7 +491,7 @@ def _draw_ribs(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) -> 
         rot = pl.rot.copy()
         if np.linalg.det(rot) < 0:  # undo the shape mirror: ribs follow the true left-right axis
             rot[:, 2] *= -1
-        if 9 <= pl.label <= 15:  # anterior end of a typical rib at this level
+        if BY_NAME["T2"].label <= pl.label <= BY_NAME["T8"].label:  # anterior end of a typical rib at this level
             nominal = _RIB[pl.label][0] * subject.scale
             sternum.append(pl.centre + rot @ np.array([2.0 - 0.35 * nominal, y_post - 1.36 * nominal + 8.0, 0.0]))
         if abs(pl.centre[0] - canvas.origin[0] - half_crop) > half_crop + 2.5 * half_w:
@@ -499,13 +513,13 @@ def _draw_ribs(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) -> 
 
 def _draw_spine(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) -> None:
     """Canal (CSF and cord), discs with nuclei, then vertebrae with their tissue and level targets."""
-    lv_s = {pl.label: pl.s for pl in subject.vertebrae}
+    lv_s = {BY_LABEL[pl.label].name: pl.s for pl in subject.vertebrae}  # arc position by level name
     s = subject.s_grid
-    offset = np.interp(s, [lv_s[S1_LABEL], lv_s[22], lv_s[16], lv_s[7], lv_s[1]], [22, 26, 21, 16, 16]) * subject.scale
+    offset = np.interp(s, [lv_s[name] for name in ("S1", "L3", "T9", "C7", "C1")], [22, 26, 21, 16, 16]) * subject.scale
     canal = subject.points + subject.posterior * offset[:, None]
-    csf = (s > lv_s[S1_LABEL] - 25) & (s < lv_s[1] + 40)
+    csf = (s > lv_s["S1"] - 25) & (s < lv_s["C1"] + 40)
     canvas.tube(CSF, canal[csf], 7.5 * subject.scale)
-    cord = s > 0.5 * (lv_s[20] + lv_s[21])
+    cord = s > 0.5 * (lv_s["L1"] + lv_s["L2"])
     canvas.tube(CORD, canal[cord], 4.5 * subject.scale)
     for disc, dark in subject.discs:
         hit = canvas.rasterise(disc.shape.mask, disc.shape.centre, disc)
@@ -624,7 +638,7 @@ def _appearance(rng: np.random.Generator, cls: np.ndarray, levels: np.ndarray, m
     img = means[cls] + stds[cls] * _texture(rng, cls.shape)
     marrow = (cls == MARROW) | (cls == SACRUM)
     spread = float(np.abs(means[MARROW] - means[FAT])) * 0.15 + 10.0
-    per_level = rng.normal(0.0, spread, 29).astype(np.float32)
+    per_level = rng.normal(0.0, spread, max(BY_LABEL) + 1).astype(np.float32)  # one per label value
     img[marrow] += per_level[levels[marrow]]
     img = ndimage.gaussian_filter(img, sigma=rng.uniform(0.3, 1.0))
     if rng.random() < (0.3 if modality == "ct" else 0.6):
@@ -685,11 +699,12 @@ def _crop_centre(rng: np.random.Generator, subject: _Subject, extent: np.ndarray
     if u < 0.15:
         target = subject.by_label[S1_LABEL].centre
     elif u < 0.25:
-        target = subject.by_label[2].centre
+        target = subject.by_label[BY_NAME["C2"].label].centre
     elif u < 0.4:
         target = subject.lowest_thoracic.centre
     else:
-        s = rng.uniform(-60.0, subject.by_label[4].s)  # the skull is a sketch: head-heavy crops come from C1/C2 above
+        # the skull is a sketch: head-heavy crops come from C1/C2 above
+        s = rng.uniform(-60.0, subject.by_label[BY_NAME["C4"].label].s)
         target = np.stack([np.interp(s, subject.s_grid, subject.points[:, k]) for k in range(3)])
     shift = np.array([rng.uniform(-0.35, 0.35) * extent[0], rng.uniform(-45.0, 10.0), rng.normal(0.0, 10.0)])
     if rng.random() < 0.1:
