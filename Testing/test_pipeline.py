@@ -8,6 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from SpineLabelLib.io import InputError
 from SpineLabelLib.models import ModelError, load_model, register_model, save_model
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.phantom import make_phantom
@@ -241,3 +242,12 @@ def test_components_reach_the_input_grid_with_their_half_probability_surface():
     for i, r in fine.items():
         assert (out[r < 7.0] == i).all()
     assert not out[np.minimum(*fine.values()) > 9.0].any()
+
+
+def test_an_image_in_memory_is_checked_as_a_file_is():
+    volume = np.zeros((20, 20, 20), np.float32)
+    volume[5, 5, 5] = np.inf
+    with pytest.raises(InputError, match="NaN or infinite"):
+        label_spine(sitk.GetImageFromArray(volume))
+    with pytest.raises(InputError, match="2D image"):
+        label_spine(sitk.GetImageFromArray(volume[0]))

@@ -24,6 +24,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "case_name",
     "read_image",
+    "checked_image",
     "read_label_map",
     "canonical_grid",
     "resample_to_grid",
@@ -221,6 +222,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
+    if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+        raise InputError(f"{p}: permission denied")
     if p.is_dir():
         image = _read_dicom_folder(p)
     else:
@@ -229,22 +232,37 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         if p.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti(p)
         image = _read_file(p, "image")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{p}: {image.GetNumberOfComponentsPerPixel()}-component (RGB/vector) image; a scalar CT or MRI volume is needed")
+    return checked_image(image, str(p))
+
+
+def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
+    """The checks of ``read_image`` on an image already in memory; ``name`` (its file, or what it is) opens the
+    messages.
+
+    Returns:
+        ``image``, a 4D image of one time point as 3D, float64 as float32.
+
+    Raises:
+        InputError: not 3D (2D; 4D of more than one time point), not scalar (RGB, vector, complex), a single slice,
+            holding NaN/inf, or on a sheared grid.
+    """
+    if image.GetNumberOfComponentsPerPixel() != 1 or "complex" in image.GetPixelIDTypeAsString():
+        raise InputError(f"{name}: {image.GetPixelIDTypeAsString()} image (RGB, vector or complex); a scalar CT or MRI "
+                         "volume is needed")
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:  # one time point (NRRD, MetaImage): a 3D volume
         image = image[:, :, :, 0]
     if image.GetDimension() != 3:
-        raise InputError(f"{p}: {image.GetDimension()}D image; a 3D volume is needed")
+        raise InputError(f"{name}: {image.GetDimension()}D image; a 3D volume is needed")
     if min(image.GetSize()) < 2:
-        raise InputError(f"{p}: image of size {image.GetSize()} is a single slice, not a 3D volume")
+        raise InputError(f"{name}: image of size {image.GetSize()} is a single slice, not a 3D volume")
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
-        raise InputError(f"{p}: its axes are not perpendicular (a sheared grid, as from a tilted gantry); resample it "
+        raise InputError(f"{name}: its axes are not perpendicular (a sheared grid, as from a tilted gantry); resample it "
                          "onto a grid with perpendicular axes first")
     if image.GetPixelID() == sitk.sitkFloat64:
         image = sitk.Cast(image, sitk.sitkFloat32)
     if image.GetPixelID() == sitk.sitkFloat32 and not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
-        raise InputError(f"{p}: image holds NaN or infinite values (or float64 values beyond float32)")
+        raise InputError(f"{name}: image holds NaN or infinite values (or float64 values beyond float32)")
     return image
 
 

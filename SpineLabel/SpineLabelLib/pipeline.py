@@ -20,7 +20,7 @@ from scipy import ndimage
 from . import components as comp
 from . import features as feat
 from .inference import Cancelled, Prediction, modality_of, normalise, predict, resolve_device
-from .io import InputError, canonical_grid, read_image, resample_to_grid
+from .io import InputError, canonical_grid, checked_image, read_image, resample_to_grid
 from .models import LoadedModel, card_file, default_model_path, load_model
 from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
 from .sequence import solve
@@ -200,7 +200,9 @@ def label_spine(
         raise ValueError(f"modality must be 'auto', 'ct' or 'mr', not {modality!r}")
     t = t0 = time.perf_counter()
     source = ""
-    if not isinstance(image, sitk.Image):
+    if isinstance(image, sitk.Image):
+        image = checked_image(image)
+    else:
         source = str(image)
         image = read_image(image)
     report(0.02, "reading")
