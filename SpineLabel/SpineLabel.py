@@ -8,7 +8,6 @@ binds ``Resources/UI/SpineLabel.ui`` to the logic; the logic delegates to the Qt
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -372,10 +371,6 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return SpineLabelParameterNode(super().getParameterNode())
 
-    @staticmethod
-    def moduleDirectory() -> Path:
-        return Path(__file__).resolve().parent
-
     # -------------------------------------------------------------------------------------- dependencies
 
     @staticmethod
@@ -421,10 +416,6 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
 
     # ---------------------------------------------------------------------------------------- labelling
 
-    def pythonExecutable(self) -> str:
-        """Python that runs the worker: Slicer's ``PythonSlicer`` when available."""
-        return shutil.which("PythonSlicer") or sys.executable
-
     def startLabelling(self, volumeNode, modelPath=None, device="auto", checkOrientation=False, spineGate=True,
                        modality="auto"):
         """Write the volume to a temporary file and label it in a background process.
@@ -435,7 +426,8 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         """
         import SimpleITK as sitk
 
-        from SpineLabelLogic.process import BackgroundProcess, labelCommand, moduleRoot, parseWorkerLine
+        from SpineLabelLogic.process import (BackgroundProcess, labelCommand, moduleRoot, parseWorkerLine,
+                                             pythonExecutable, pythonPathEnvironment)
         from SpineLabelLogic.scene import imageFromVolumeNode
 
         if volumeNode is None:
@@ -445,9 +437,9 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         sitk.WriteImage(imageFromVolumeNode(volumeNode), str(inputPath), False)  # temporary: no compression
         outputDirectory = workDirectory / "result"
         process = BackgroundProcess(
-            labelCommand(self.pythonExecutable(), inputPath, outputDirectory, modelPath, device, checkOrientation,
+            labelCommand(pythonExecutable(), inputPath, outputDirectory, modelPath, device, checkOrientation,
                          spineGate, modality),
-            parseWorkerLine, env=_childEnvironment(moduleRoot()))
+            parseWorkerLine, env=pythonPathEnvironment([moduleRoot()]))
         process.start()
         return process, outputDirectory
 
@@ -475,8 +467,9 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(Path(outputDirectory).parent, ignore_errors=True)
 
     def label(self, volumeNode, modelPath=None, device="auto", progress=None, checkOrientation=False,
-              spineGate=True, modality="auto"):
-        """Label a volume in this process (batch mode, tests) and show the result.
+              spineGate=True, modality="auto", cancel=None):
+        """Label a volume in this process (batch mode, tests) and show the result; ``progress`` and ``cancel`` are
+        ``label_spine``'s.
 
         Returns:
             ``SpineLabelLogic.scene.LabelingScene``.
@@ -489,7 +482,7 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         from SpineLabelLogic.scene import LabelingScene, imageFromVolumeNode, volumeSource
 
         image = imageFromVolumeNode(volumeNode)
-        result = label_spine(image, model=modelPath, device=device, progress=progress,
+        result = label_spine(image, model=modelPath, device=device, progress=progress, cancel=cancel,
                              check_orientation=checkOrientation, spine_gate=spineGate, modality=modality)
         result.source = volumeSource(volumeNode)
         return LabelingScene(volumeNode, require_vertebrae(result, volumeNode.GetName()), image=image)
@@ -497,12 +490,6 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
     def exportCase(self, labeling, datasetDirectory, caseId=None):
         """Append the corrected labelling (Segment Editor edits included) to an nnU-Net dataset folder."""
         return labeling.exportCase(datasetDirectory, caseId)
-
-
-def _childEnvironment(moduleRoot: Path) -> dict:
-    from SpineLabelLogic.process import pythonPathEnvironment
-
-    return pythonPathEnvironment([moduleRoot])
 
 
 #

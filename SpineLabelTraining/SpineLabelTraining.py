@@ -9,7 +9,6 @@ model list.
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -277,15 +276,11 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
                                                       modality=dataset.get("channel_names", {}).get("0", "?"))
 
     @staticmethod
-    def pythonExecutable() -> str:
-        return shutil.which("PythonSlicer") or sys.executable
-
-    @staticmethod
     def _modulePaths() -> list:
         """Folders the training process imports from: SpineLabel's (SpineLabelLib) and this module's."""
-        import SpineLabelLib
+        from SpineLabelLogic.process import moduleRoot
 
-        return [Path(SpineLabelLib.__file__).resolve().parents[1], Path(__file__).resolve().parent]
+        return [moduleRoot(), Path(__file__).resolve().parent]
 
     def startTraining(self, datasetDirectory, baseModelPath=None, modelName="spinelabel-finetuned", epochs=10,
                       device="auto", extraArguments=()):
@@ -305,7 +300,8 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
                 packages=", ".join(missing)))
         from SpineLabelLib.export import read_dataset_json
         from SpineLabelLib.models import default_model_path, user_models_dir
-        from SpineLabelLogic.process import BackgroundProcess, parseTrainingLine, pythonPathEnvironment, trainCommand
+        from SpineLabelLogic.process import (BackgroundProcess, parseTrainingLine, pythonExecutable, pythonPathEnvironment,
+                                             trainCommand)
 
         if read_dataset_json(datasetDirectory) is None:
             raise ValueError(_("{folder} holds no dataset.json: export cases with SpineLabel first.").format(
@@ -314,7 +310,7 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("A model named {name} is registered already; choose another name.").format(
                 name=modelName))
         outCard = Path(tempfile.mkdtemp(prefix="SpineLabelTraining-")) / f"{modelName}.json"
-        command = trainCommand(self.pythonExecutable(), datasetDirectory, outCard,
+        command = trainCommand(pythonExecutable(), datasetDirectory, outCard,
                                baseModelPath or default_model_path(), epochs, modelName, device, extraArguments)
         process = BackgroundProcess(command, parseTrainingLine, env=pythonPathEnvironment(self._modulePaths()))
         process.start()

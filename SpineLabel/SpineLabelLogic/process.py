@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ __all__ = [
     "labelCommand",
     "trainCommand",
     "moduleRoot",
+    "pythonExecutable",
 ]
 
 log = logging.getLogger(__name__)
@@ -223,3 +225,8 @@ class BackgroundProcess:
 def moduleRoot() -> Path:
     """The SpineLabel module folder, which holds SpineLabelLib and SpineLabelLogic (for a child's PYTHONPATH)."""
     return Path(__file__).resolve().parents[1]
+
+
+def pythonExecutable() -> str:
+    """Python that runs the background processes: Slicer's ``PythonSlicer`` when available."""
+    return shutil.which("PythonSlicer") or sys.executable
