@@ -82,8 +82,12 @@ def _cut_by_field_of_view(labels: np.ndarray) -> np.ndarray:
 
 
 def _centroids_and_sizes(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Voxel centroid (z, y, x) and voxel count of each id, computed inside its bounding box (one pass over
-    the volume, not one per component)."""
+    """Voxel centroid (z, y, x) and voxel count of each id of ``ids`` (int (n,), all present) in ``labels`` (int
+    (z, y, x)), computed inside its bounding box (one pass over the volume, not one per component).
+
+    Returns:
+        (centroids, sizes): float64 (n, 3) continuous voxel indices (z, y, x), not mm; float64 (n,) voxel counts.
+    """
     boxes = ndimage.find_objects(labels)
     centroids = np.zeros((ids.size, 3))
     sizes = np.zeros(ids.size)
@@ -96,6 +100,8 @@ def _centroids_and_sizes(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarra
 
 
 def _renumber_cranial_first(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """int32 (z, y, x): the components ``ids`` (int (n,)) of ``labels`` (int (z, y, x)) renumbered 1..n by decreasing
+    mean z index (cranial first); every other voxel 0."""
     if ids.size == 0:
         return np.zeros(labels.shape, dtype=np.int32)
     z_mean = _centroids_and_sizes(labels, ids)[0][:, 0]
@@ -208,8 +214,9 @@ def _full_resolution(level_log_probs: np.ndarray, box: tuple[slice, ...]) -> np.
 
 
 def _split_each_piece(pieces: np.ndarray, split) -> np.ndarray:
-    """``pieces`` (int, 1..n, 0 outside) with each piece cut by ``split(mask, zs)``: the piece's bool mask and the z
-    indices it spans, to pieces 1..m (0 outside the mask), or None to leave it whole."""
+    """``pieces`` (int (z, y, x) of a component's box, 1..n, 0 outside) with each piece cut by ``split(mask, zs)``:
+    the piece's bool (z, y, x) mask and the int (m,) z indices it spans, to int (z, y, x) pieces 1..m (0 outside the
+    mask), or None to leave it whole. Returns a new array of the dtype of ``pieces``; new pieces get ids n+1 on."""
     out = pieces.copy()
     next_id = int(pieces.max()) + 1
     for k in range(1, int(pieces.max()) + 1):
@@ -267,7 +274,19 @@ def _new_ids_for_pieces(labels: np.ndarray, pieces: np.ndarray, next_id: int) ->
 
 def _split_at_levels(mask: np.ndarray, probability: np.ndarray, level_log_probs: np.ndarray, min_probability: float,
                      min_voxels: float) -> np.ndarray | None:
-    """Pieces 1..n (0 outside ``mask``) grown by watershed from cores of different most-probable levels, or None."""
+    """Pieces 1..n (0 outside ``mask``) grown by watershed from cores of different most-probable levels, or None.
+
+    Args:
+        mask: bool (z, y, x) the piece, in its component's box.
+        probability: float32 (z, y, x) body probability in the same box.
+        level_log_probs: float16 (n_levels, z, y, x) level log-probabilities (natural log) at FULL resolution inside
+            the same box (``_full_resolution``), not the half-resolution whole-volume array of ``split_merged``.
+        min_probability: least probability (0-1) of a voxel's most probable level for it to join a core.
+        min_voxels: least core size, in voxels.
+
+    Returns:
+        int32 (z, y, x) pieces, after ``_join_side_by_side``; None for fewer than two cores or pieces.
+    """
     best = np.argmax(level_log_probs, axis=0)
     sure = mask & (np.max(level_log_probs, axis=0).astype(np.float32) >= np.log(min_probability))
     markers = np.zeros(mask.shape, dtype=np.int32)
@@ -284,10 +303,11 @@ def _split_at_levels(mask: np.ndarray, probability: np.ndarray, level_log_probs:
 
 
 def _join_side_by_side(pieces: np.ndarray) -> np.ndarray | None:
-    """``pieces`` (1..n, 0 outside) with the pieces that lie side by side rather than one above the other joined, or
-    None when that leaves one piece. Two pieces lie side by side when the z ranges of their middle 80 % of voxels
-    overlap by more than half the shorter range: bodies are stacked along z, however tilted, so such pieces are one
-    body that the level head hesitates over (two levels each taking a part of it)."""
+    """``pieces`` (int32 (z, y, x) of a box, 1..n, 0 outside) as int32, renumbered by median z, with the pieces that
+    lie side by side rather than one above the other joined, or None when that leaves one piece. Two pieces lie side
+    by side when the z ranges of their middle 80 % of voxels overlap by more than half the shorter range: bodies are
+    stacked along z, however tilted, so such pieces are one body that the level head hesitates over (two levels each
+    taking a part of it)."""
     n = int(pieces.max())
     z = np.nonzero(pieces)[0]
     ids = pieces[pieces > 0]
@@ -306,7 +326,17 @@ def _join_side_by_side(pieces: np.ndarray) -> np.ndarray | None:
 
 def _split_at_cores(mask: np.ndarray, probability: np.ndarray, levels: tuple[float, ...],
                     min_voxels: float) -> np.ndarray | None:
-    """Pieces 1..n (0 outside ``mask``) grown by watershed from separate high-probability cores, or None."""
+    """Pieces 1..n (0 outside ``mask``) grown by watershed from separate high-probability cores, or None.
+
+    Args:
+        mask: bool (z, y, x) the component, in its box.
+        probability: float32 (z, y, x) body probability in the same box.
+        levels: body-probability thresholds (0-1) to try, lowest first.
+        min_voxels: least size of a core, in voxels (after erosion).
+
+    Returns:
+        int32 (z, y, x) pieces, or None when no threshold gives two cores of that size.
+    """
     for level in levels:
         cores, n = ndimage.label(ndimage.binary_erosion((probability > level) & mask))
         sizes = np.bincount(cores.ravel(), minlength=n + 1)[1:]
@@ -321,7 +351,17 @@ def _split_at_cores(mask: np.ndarray, probability: np.ndarray, levels: tuple[flo
 def _split_at_valleys(mask: np.ndarray, probability: np.ndarray, window: int, depth: float,
                       ends: tuple[int, int] | None = None) -> np.ndarray | None:
     """Pieces 1..n (0 outside ``mask``) cut at the deep valleys of the z profile of body probability, or None. A cut
-    leaves at least ``window`` slices of ``mask`` below and above it, or ``ends`` (below, above) slices."""
+    leaves at least ``window`` slices of ``mask`` below and above it, or ``ends`` (below, above) slices.
+
+    Args:
+        mask: bool (z, y, x) the component (or piece), in its component's box.
+        probability: float32 (z, y, x) body probability in the same box.
+        window, ends: numbers of z slices (voxels, not mm).
+        depth: least relative depth (0-1) of a valley below its shoulders.
+
+    Returns:
+        int64 (z, y, x) pieces numbered along z (increasing z index), or None when there is no cut.
+    """
     profile = ndimage.gaussian_filter1d((probability * mask).sum(axis=(1, 2)).astype(float), 1.0)
     zs = np.flatnonzero(mask.any(axis=(1, 2)))
     below, above = ends or (window, window)

@@ -48,7 +48,9 @@ def _fixed_names(result: SpineLabeling) -> dict[int, str]:
 
 
 def _with_chain(result: SpineLabeling, vertebrae: list[Vertebra], components: np.ndarray | None = None) -> SpineLabeling:
-    """Copy of ``result`` with the given vertebrae (in chain order), fresh gaps and optionally new components."""
+    """Copy of ``result`` with the given vertebrae (in chain order), fresh gaps (mm, between consecutive
+    ``centroid_lps_mm``) and optionally new components (same dtype as ``result.components``: int16 (z, y, x) on the
+    input grid)."""
     centroids = np.array([v.centroid_lps_mm for v in vertebrae], dtype=float).reshape(-1, 3)
     gaps = np.linalg.norm(np.diff(centroids, axis=0), axis=1).tolist() if len(vertebrae) > 1 else []
     changes: dict = {"vertebrae": vertebrae, "gaps_mm": [float(g) for g in gaps]}

@@ -401,6 +401,8 @@ def mask_centroids(labels: np.ndarray) -> dict[int, np.ndarray]:
 
 
 def _mask_centroids_lps(labels: np.ndarray, geometry: Geometry) -> dict[int, np.ndarray]:
+    """``mask_centroids`` of ``labels`` (non-negative integer label map (z, y, x) on ``geometry``'s grid) in world
+    coordinates: label -> LPS mm, float64 of shape (3,)."""
     return {v: geometry.index_to_lps(ijk) for v, ijk in mask_centroids(labels).items()}
 
 

@@ -51,7 +51,8 @@ class Geometry:
         )
 
     def index_to_lps(self, ijk: np.ndarray) -> np.ndarray:
-        """Continuous voxel indices (..., 3) in (i, j, k) = (x, y, z) order -> LPS mm (..., 3)."""
+        """Continuous voxel indices (..., 3) in (i, j, k) = (x, y, z) order, not the (z, y, x) of numpy arrays, any
+        real dtype -> LPS mm (..., 3), float64."""
         d = np.asarray(self.direction, dtype=float).reshape(3, 3)
         return np.asarray(self.origin) + (np.asarray(ijk, dtype=float) * np.asarray(self.spacing)) @ d.T
 
@@ -64,7 +65,8 @@ class Geometry:
         return np.diag([-1.0, -1.0, 1.0, 1.0]) @ matrix  # LPS -> RAS: L and P change sign
 
     def lps_to_index(self, lps: np.ndarray) -> np.ndarray:
-        """LPS mm (..., 3) -> continuous voxel indices (..., 3) in (i, j, k) order."""
+        """LPS mm (..., 3), any real dtype -> continuous voxel indices (..., 3), float64, in (i, j, k) = (x, y, z)
+        order, not the (z, y, x) of numpy arrays."""
         d = np.asarray(self.direction, dtype=float).reshape(3, 3)
         return ((np.asarray(lps, dtype=float) - np.asarray(self.origin)) @ d) / np.asarray(self.spacing)
 

@@ -172,6 +172,8 @@ class Solution:
 
 
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    """log(sum(exp(a))) along ``axis`` of ``a`` (float log-scores, any shape; -inf allowed), that axis removed; -inf
+    where every term is -inf. float64 for the float64 arrays of this module."""
     m = np.max(a, axis=axis, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     with np.errstate(divide="ignore"):
@@ -278,6 +280,9 @@ def _forward_backward(emissions: np.ndarray, transitions: np.ndarray) -> tuple[n
 
 
 def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray, gaps_mm: np.ndarray) -> list[str]:
+    """Plain-language warnings about a solved chain: sacrum or C1/C2 not in view, T13/L6 ambiguous, skipped levels,
+    uncertain labels. ``levels`` int (n,) indices into ``LEVELS`` and ``confidence`` float64 (n,) probabilities, chain
+    order; ``marginals`` float64 (n, K) probabilities; ``gaps_mm`` float64 (n-1,) centroid distances in mm."""
     names = [_NAMES[k] for k in levels]
     out: list[str] = []
     lowest = LEVELS[levels[-1]]

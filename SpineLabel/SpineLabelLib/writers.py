@@ -97,6 +97,8 @@ def _axis_codes(geometry: Geometry) -> str:
 
 
 def _write_label_map_to(result: SpineLabeling, path: Path, labels: np.ndarray) -> None:
+    """Write ``labels``, the uint8 (z, y, x) VerSe label map on the input grid, as NIfTI at ``path`` (the input
+    grid's voxel-to-RAS mm affine as qform and sform, units mm)."""
     _check_grid(result)
     affine = result.geometry.ijk_to_ras()
     # labels.T is an (i, j, k) view of the (z, y, x) array: nibabel writes it slice by slice, without a copy
@@ -188,6 +190,8 @@ def segmentation_header(result: SpineLabeling, labels: np.ndarray) -> list[str]:
 
 
 def _write_segmentation_to(result: SpineLabeling, path: Path, labels: np.ndarray) -> None:
+    """Write ``labels``, the uint8 (z, y, x) VerSe label map on the input grid, as the ``.seg.nrrd`` at ``path``:
+    the :func:`segmentation_header` lines, then the voxels gzip-compressed (i fastest)."""
     header = "\n".join(segmentation_header(result, labels)) + "\n\n"
     # the (z, y, x) array's memory is in NRRD's order (i fastest): it is compressed a slab at a time, without a copy
     voxels = np.ascontiguousarray(labels)

@@ -164,7 +164,8 @@ def _orientedImage(geometry: Geometry, labels: np.ndarray | None) -> "slicer.vtk
 
 
 def _voxelsOf(image) -> np.ndarray:
-    """Writable numpy view (z, y, x) of a ``vtkImageData``'s scalars."""
+    """Writable numpy view (z, y, x), i.e. (k, j, i) of the extent, of a single-component ``vtkImageData``'s
+    scalars, no copy, in their own dtype (label values here: a segmentation layer or merged labelmap)."""
     dims = image.GetDimensions()
     return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
 

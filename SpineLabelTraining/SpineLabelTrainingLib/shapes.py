@@ -253,7 +253,8 @@ def split_body(mask: np.ndarray, label: int, spacing_mm: float = SPACING_MM) -> 
 
 
 def _body_measures(mask: np.ndarray) -> tuple[np.ndarray, float, float, float, float]:
-    """Centroid index and (z_low, z_up, depth, width) in mm of the BODY part of a 1 mm canonical mask."""
+    """Centroid index (float64 (3,), (z, y, x) voxels) and (z_low, z_up, depth, width) in mm of the BODY part of
+    ``mask``, a 1 mm canonical uint8 (z, y, x) mask (``Shape.mask``)."""
     body = mask == BODY
     idx = np.argwhere(body)
     centre = idx.mean(axis=0)

@@ -158,6 +158,9 @@ class _Canvas:
     of voxel 0, (z, y, x) mm)."""
 
     def __init__(self, shape: tuple[int, int, int], origin: np.ndarray, spacing: float):
+        """An empty crop of ``shape`` (z, y, x) voxels, voxel 0 at world ``origin`` (float (3,), (z, y, x) mm),
+        isotropic ``spacing`` mm: uint8 (z, y, x) ``cls``, ``tissue`` and ``levels`` of zeros, and ``axes``, the
+        world coordinates (mm; float64 for a float64 ``origin``) of the voxel centres along z, y and x."""
         self.shape = shape
         self.origin = origin
         self.spacing = spacing
@@ -167,7 +170,8 @@ class _Canvas:
         self.axes = [origin[i] + spacing * np.arange(shape[i], dtype=np.float32) for i in range(3)]
 
     def box(self, lo_w: np.ndarray, hi_w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """Voxel index range [lo, hi) covering world box [lo_w, hi_w], clipped; None when outside the crop."""
+        """Voxel index range [lo, hi) covering world box [lo_w, hi_w], clipped; None when outside the crop.
+        ``lo_w``, ``hi_w``: float (3,) world (z, y, x) mm; ``lo``, ``hi``: int64 (3,) voxel indices (z, y, x)."""
         lo = np.maximum(np.floor((lo_w - self.origin) / self.spacing).astype(int), 0)
         hi = np.minimum(np.ceil((hi_w - self.origin) / self.spacing).astype(int) + 1, self.shape)
         return None if (hi <= lo).any() else (lo, hi)
@@ -192,8 +196,9 @@ class _Canvas:
 
     def ellipsoid(self, value: int, centre: np.ndarray, radii: np.ndarray, inner: float = 0.0,
                   keep=None) -> None:
-        """Set class ``value`` inside an axis-aligned ellipsoid (world mm), outside ``inner`` of its size;
-        ``keep(zz, yy, xx)`` (world offsets from the centre) may restrict it further."""
+        """Set class ``value`` inside an axis-aligned ellipsoid, ``centre`` and semi-axes ``radii`` float (3,) world
+        (z, y, x) mm, outside ``inner`` (a fraction) of its size; ``keep(zz, yy, xx)`` (float world offsets in mm from
+        the centre, shaped (nz, 1, 1), (1, ny, 1), (1, 1, nx)) may restrict it further with a bool mask."""
         box = self.box(centre - radii, centre + radii)
         if box is None:
             return
@@ -265,8 +270,9 @@ def _pick_shape(rng: np.random.Generator, library: ShapeLibrary, label: int) -> 
 
 
 def _spine_curve(rng: np.random.Generator, s_levels: np.ndarray, labels: list[int], s_grid: np.ndarray):
-    """Tangents (N, 3) along the arc ``s_grid`` (mm): randomised sagittal profile through the level positions
-    ``s_levels`` plus a sinusoidal scoliosis. Also returns the coronal angle (radians) along the arc."""
+    """Tangents float64 (N, 3), unit vectors in (z, y, x) = (S, P, L) order, along the arc ``s_grid`` (float (N,)
+    mm): randomised sagittal profile through the level positions ``s_levels`` (float (n,) arc mm of ``labels``, same
+    order) plus a sinusoidal scoliosis. Also returns the coronal angle float64 (N,) (radians) along the arc."""
     base = np.array([_SAGITTAL_DEG[lv] for lv in labels], float)
     # gain groups: cervical, thoracic, and lumbar with the sacrum
     region = np.array([{"cervical": 0, "thoracic": 1}.get(BY_LABEL[lv].region, 2) for lv in labels])
@@ -417,6 +423,9 @@ def _draw_body(rng: np.random.Generator, canvas: _Canvas, subject: _Subject) -> 
 
     def inside(shrink: float, cy: float | np.ndarray = 0.0, cx: float | np.ndarray = 0.0,
                w: np.ndarray | None = None, d: np.ndarray | None = None) -> np.ndarray:
+        """bool (z, y, x) on the canvas: inside the body outline's ellipse in each z slice, shrunk by ``shrink`` mm
+        and its centre shifted by ``cy``, ``cx`` mm (scalars or arrays broadcasting to (z, y, x)); ``w``, ``d``:
+        float (z,) half-width and half-depth in mm per slice (default the outline's)."""
         w = half_w if w is None else w
         d = half_d if d is None else d
         ww, dd = np.maximum(w - shrink, 1e-3)[:, None, None], np.maximum(d - shrink, 1e-3)[:, None, None]
@@ -693,8 +702,9 @@ def _limit_field_of_view(rng: np.random.Generator, image: np.ndarray, tissue: np
 
 
 def _crop_centre(rng: np.random.Generator, subject: _Subject, extent: np.ndarray) -> np.ndarray:
-    """World centre (z, y, x mm) of the crop: on a random part of the spine, extra weight on the sacrum, C1/C2 and
-    the thoraco-lumbar junction, sometimes shifted partly outside the body."""
+    """World centre, float64 (3,) (z, y, x) mm, of a crop of ``extent`` (float (3,) size (z, y, x) in mm): on a
+    random part of the spine, extra weight on the sacrum, C1/C2 and the thoraco-lumbar junction, sometimes shifted
+    partly outside the body."""
     u = rng.random()
     if u < 0.15:
         target = subject.by_label[S1_LABEL].centre

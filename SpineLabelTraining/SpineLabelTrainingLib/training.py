@@ -134,7 +134,8 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
 
 
 def _normalised(volume: np.ndarray, modality: str) -> np.ndarray:
-    """``inference.normalise`` as the pipeline applies it to a model trained here (modality ``"CT"`` or ``"MR"``)."""
+    """``inference.normalise`` as the pipeline applies it to a model trained here (modality ``"CT"`` or ``"MR"``):
+    ``volume`` (z, y, x), any real dtype, Hounsfield units for CT -> float32 (z, y, x) in [0, 1]."""
     return normalise(volume, CT_WINDOW_HU if modality == "CT" else None)
 
 
@@ -346,6 +347,10 @@ class TrainConfig:
 
 
 def _batches(sources, weights, cfg: TrainConfig, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless CPU batches of ``cfg.batch`` augmented cases, each drawn from a source chosen by ``weights`` (float
+    (n_sources,) probabilities): (image float32 (B, 1, Z, Y, X), normalised, about [0, 1] after the augmentation's
+    noise; tissue uint8 (B, Z, Y, X) tissue codes; levels uint8 (B, Z, Y, X) VerSe labels), (Z, Y, X) = ``cfg.patch``
+    voxels."""
     while True:
         cases = [_augment(sources[rng.choice(len(sources), p=weights)](rng), rng) for _ in range(cfg.batch)]
         yield (
