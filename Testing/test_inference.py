@@ -135,8 +135,9 @@ def test_reuse_freed_memory_is_accepted_by_glibc():
 def test_short_axes_cut_through_the_body_are_extended_by_reflection():
     volume = np.random.default_rng(0).uniform(0.2, 1.0, (35, 57, 30)).astype(np.float32)
     extended, inner = with_context(volume)
-    # z and y are extended; x, the left-right axis of a thin sagittal stack, is left for the network's zeros
-    assert extended.shape == (MIN_CONTEXT_VOXELS, MIN_CONTEXT_VOXELS, 30)
+    # z and y are extended; x, the left-right axis of a sagittal stack, only when thinner than MIN_CONTEXT_VOXELS[2]
+    assert extended.shape == (*MIN_CONTEXT_VOXELS[:2], 30)
+    assert with_context(volume[:, :, :16])[0].shape == MIN_CONTEXT_VOXELS
     assert all(s.start % 2 == 0 for s in inner)  # the half-resolution level grid stays aligned
     np.testing.assert_array_equal(extended[inner], volume)
     z, y, x = inner
@@ -145,9 +146,9 @@ def test_short_axes_cut_through_the_body_are_extended_by_reflection():
     # air on one side (the body ends inside the image): only the cut side is extended
     volume[:, :4] = 0.0
     extended, inner = with_context(volume)
-    assert inner[1] == slice(0, 57) and extended.shape[1] == MIN_CONTEXT_VOXELS
+    assert inner[1] == slice(0, 57) and extended.shape[1] == MIN_CONTEXT_VOXELS[1]
     volume[:, -4:] = 0.0  # air on both sides: nothing to extend along y
-    assert with_context(volume)[0].shape == (MIN_CONTEXT_VOXELS, 57, 30)
+    assert with_context(volume)[0].shape == (MIN_CONTEXT_VOXELS[0], 57, 30)
     big = np.ones((90, 80, 30), dtype=np.float32)
     assert with_context(big)[0] is big
 

@@ -110,26 +110,31 @@ def _foreground_box(volume: np.ndarray, margin: int = 6) -> tuple[slice, ...]:
     return tuple(slice(max(0, b.start - margin), min(s, b.stop + margin)) for b, s in zip(box, volume.shape))
 
 
-# The least extent, in voxels of the model grid along z and y, that the network is given: the in-plane size of its
-# training patch (160 mm at 2 mm). A scan shorter than that and cut through the body there (a short scan) used to be
-# filled out with zeros, which the network reads as air around the spine: on 36 synthetic scans 70 mm tall it then
-# called about half as many voxels vertebral body as in a taller view of the same region. Where the body ends inside
-# the image (air at that side) zeros are what the world looks like, and a mirror would add a second body. Along x
-# (left-right) the zeros stay: training fills thin sagittal stacks with zeros (most of the slabs of
-# synthesis._limit_field_of_view), and mirrored, the real sagittal lumbar MRI (28-38 voxels wide) lost body coverage.
-MIN_CONTEXT_VOXELS = 80
-_CONTEXT_AXES = (0, 1)
+# The least extent, in voxels of the model grid (z, y, x), that the network is given. Along z and y: the in-plane size
+# of its training patch (160 mm at 2 mm). A scan shorter than that and cut through the body there (a short scan) used
+# to be filled out with zeros, which the network reads as air around the spine: on 36 synthetic scans 70 mm tall it
+# then called about half as many voxels vertebral body as in a taller view of the same region. Where the body ends
+# inside the image (air at that side) zeros are what the world looks like, and a mirror would add a second body.
+# Along x (left-right) only stacks narrower than 40 mm are extended, to 40 mm: training fills thin sagittal stacks with
+# zeros (most of the slabs of synthesis._limit_field_of_view, 48 mm and wider), and mirrored to 160 mm the real
+# sagittal lumbar MRI (57-77 mm, 29-39 voxels) lost body coverage; but a clinical stack of 11 slices of 3 mm (33 mm)
+# filled with zeros lost half its vertebrae. On the 24 training MRI of mri_lumbar_bodies cut to slabs of 3 mm slices
+# centred on the spine (a throwaway script, under rules Z and Z' of the closing note), 33 mm slabs had 81 of 146
+# bodies identified with zeros and 134 extended to 40 mm; 45 mm slabs are not extended (138). Extended to 48 mm or
+# more, the 42 mm cervical T1 MRI of cervical_sct lost its five vertebrae to the spine gate.
+MIN_CONTEXT_VOXELS = (80, 80, 20)
 _CUT_FACE = 0.1  # a side is cut through the body when at least this fraction of its face is foreground
 
 
-def with_context(volume: np.ndarray, min_voxels: int = MIN_CONTEXT_VOXELS) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """``volume`` (float32 (z, y, x), normalised) extended by reflection, along z and y where shorter than
-    ``min_voxels``, at the sides where the field of view cuts through the body (half each when both are), and where the
-    volume lies inside the result (slices with even starts: the half-resolution level grid stays aligned). Returns
-    ``volume`` itself when nothing is extended."""
+def with_context(volume: np.ndarray, min_voxels: tuple[int, int, int] = MIN_CONTEXT_VOXELS
+                 ) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """``volume`` (float32 (z, y, x), normalised) extended by reflection, along each axis where shorter than
+    ``min_voxels`` (z, y, x), at the sides where the field of view cuts through the body (half each when both are), and
+    where the volume lies inside the result (slices with even starts: the half-resolution level grid stays aligned).
+    Returns ``volume`` itself when nothing is extended."""
     widths = []
-    for axis, size in enumerate(volume.shape):
-        total = max(0, min_voxels - size) if axis in _CONTEXT_AXES else 0
+    for axis, (size, least) in enumerate(zip(volume.shape, min_voxels)):
+        total = max(0, least - size)
         if total == 0:
             widths.append((0, 0))
             continue
@@ -145,7 +150,10 @@ def with_context(volume: np.ndarray, min_voxels: int = MIN_CONTEXT_VOXELS) -> tu
 
 
 def _predict_in_context(loaded: LoadedModel, volume: np.ndarray, device: "torch.device", **kwargs) -> Prediction:
-    """``predict`` on ``volume`` (z, y, x, normalised) extended by ``with_context``, cut back to ``volume``."""
+    """``predict`` on ``volume`` (float32 (z, y, x) on the model grid, normalised to [0, 1]) extended by
+    ``with_context``, cut back to ``volume``: a ``Prediction`` of ``volume``'s shape (uint8 tissue, float16
+    probabilities, None with ``levels_only``; float16 level log-probabilities at half resolution, (n_levels,
+    ceil(z/2), ceil(y/2), ceil(x/2)))."""
     extended, inner = with_context(volume)
     return predict(loaded, extended, device, **kwargs).inside(inner)
 
