@@ -98,3 +98,17 @@ def test_an_unreadable_dataset_json_is_named(tmp_path):
     (tmp_path / "dataset.json").write_text("{broken")
     with pytest.raises(InputError, match=r"dataset.json: unreadable dataset.json"):
         export.read_dataset_json(tmp_path)
+
+
+def test_exporting_a_scan_again_replaces_its_case(tmp_path, spine):
+    export.export_case(spine.result, spine.image, tmp_path)
+    other = build_spine(names=("L1", "L2", "L3", "L4"), seed=1)
+    export.export_case(other.result, other.image, tmp_path)
+    corrected = edits.rename(spine.result, spine.result.vertebrae[0].id, "T12")  # corrected once more, exported again
+    assert export.export_case(corrected, spine.image, tmp_path).name == "spine_0003.nii.gz"
+    assert sorted(p.name for p in (tmp_path / "labelsTr").iterdir()) == ["spine_0002.nii.gz", "spine_0003.nii.gz"]
+    assert not (tmp_path / "provenance" / "spine_0001.json").exists()
+    assert not (tmp_path / "imagesTr" / "spine_0001_0000.nii.gz").exists()
+    assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == 2
+    provenance = json.loads((tmp_path / "provenance" / "spine_0003.json").read_text())
+    assert provenance["replaces"] == ["spine_0001"] and provenance["corrected"] == ["T12"]

@@ -13,7 +13,10 @@ Label values are the VerSe values of :mod:`SpineLabelLib.vertebrae`. nnU-Net v2 
 ``dataset.json`` to be consecutive; VerSe reserves 27 for the coccyx, which SpineLabel never labels, so
 ``dataset.json`` lists it too (no voxel ever carries it).
 
-A case is never overwritten: an existing ``case_id`` raises, and automatic ids continue the numbering.
+A case is never overwritten: an existing ``case_id`` raises, and automatic ids continue the numbering. Exporting an
+image the dataset holds already (the same voxels on the same grid, by the ``image_sha256`` of its provenance record)
+replaces that case: the new case is written in full under its new id first, then the earlier one is removed, so a
+scan corrected and exported twice trains once, with its latest labels.
 Every file is written under a temporary name and renamed when complete (:func:`SpineLabelLib.io.atomic_path`);
 an export that fails removes the files of its case it had written, and ``dataset.json`` is written last, so only a
 killed process can leave some files of a case that ``dataset.json`` does not count yet.
@@ -22,6 +25,7 @@ killed process can leave some files of a case that ``dataset.json`` does not cou
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -140,8 +144,28 @@ def _modality(result: SpineLabeling) -> str:
     return modality
 
 
+def _image_digest(image: sitk.Image) -> str:
+    """sha256 of an image's grid (size, spacing, origin, direction), pixel type and voxels: the same scan."""
+    digest = hashlib.sha256(repr((image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
+                                  image.GetPixelIDTypeAsString())).encode())
+    digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).data)
+    return digest.hexdigest()
+
+
+def _cases_of_image(dataset_dir: Path, digest: str) -> list[str]:
+    """Ids of the cases whose provenance records the image ``digest``."""
+    cases = []
+    for record in sorted((dataset_dir / "provenance").glob("*.json")):
+        try:
+            if json.loads(record.read_text(encoding="utf-8")).get("image_sha256") == digest:
+                cases.append(record.stem)
+        except (OSError, ValueError, AttributeError):
+            log.warning("%s: unreadable provenance record; not checked for the same image", record)
+    return cases
+
+
 def _write_case(result: SpineLabeling, image: sitk.Image, paths: dict[str, Path], case_id: str, modality: str,
-                corrections: list[dict] | None, model: dict | None) -> None:
+                corrections: list[dict] | None, model: dict | None, digest: str, replaces: list[str]) -> None:
     """The four files of one exported case (``_paths``): image, label map, centroids, provenance."""
     with atomic_path(paths["image"]) as tmp:
         sitk.WriteImage(image, str(tmp), True)
@@ -154,6 +178,8 @@ def _write_case(result: SpineLabeling, image: sitk.Image, paths: dict[str, Path]
             "spinelabel_version": __version__,
             "model": dict(model if model is not None else result.model),
             "source": result.source,
+            "image_sha256": digest,
+            "replaces": replaces,
             "modality": modality,
             "vertebrae": [{"id": v.id, "name": v.name, "label": v.label, "fixed": v.fixed,
                            "confidence": round(float(v.confidence), 4)} for v in result.vertebrae],
@@ -183,7 +209,8 @@ def export_case(
         model: ``{"name", "version", ...}`` of the model that made the labelling; defaults to ``result.model``.
 
     Returns:
-        Path of the written label map ``labelsTr/{CASE}.nii.gz``.
+        Path of the written label map ``labelsTr/{CASE}.nii.gz``. A case of the same image exported before is
+        removed once this one is complete (its id is in the provenance record's ``replaces``).
 
     Raises:
         FileExistsError: ``case_id`` is already in the dataset.
@@ -207,15 +234,21 @@ def export_case(
     paths = _paths(dataset_dir, case_id)
     if case_id in _existing_cases(dataset_dir) or any(p.exists() for p in paths.values()):
         raise FileExistsError(f"{dataset_dir}: case {case_id!r} already exists; export never overwrites")
+    digest = _image_digest(image)
+    replaces = _cases_of_image(dataset_dir, digest)
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
 
     try:
-        _write_case(result, image, paths, case_id, modality, corrections, model)
+        _write_case(result, image, paths, case_id, modality, corrections, model, digest, replaces)
     except BaseException:  # no half case: the next export would count it in numTraining and training would use it
         for path in paths.values():
             path.unlink(missing_ok=True)
         raise
+    for old in replaces:  # the same scan exported before: the new case, now complete, takes its place
+        for path in _paths(dataset_dir, old).values():
+            path.unlink(missing_ok=True)
+        log.info("case %s replaces case %s of the same image", case_id, old)
 
     num_training = len(list((dataset_dir / "labelsTr").glob(f"*{_FILE_ENDING}")))
     document = dict(dataset or {})
