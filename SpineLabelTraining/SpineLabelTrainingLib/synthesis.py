@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from SpineLabelLib.sequence import PRIORS
 from SpineLabelLib.vertebrae import BODY, BY_LABEL, BY_NAME, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
 from SpineLabelTrainingLib.shapes import S1_LABEL, SACRAL_CANAL, SACRAL_DISC, Shape, ShapeLibrary, frame, size_ratio
 
@@ -232,20 +233,24 @@ class _Canvas:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_ELEVEN_THORACIC = 0.02  # share of subjects with 11 thoracic vertebrae
+_SACRALISED_L5 = 0.03  # share with L5 fused to the sacrum
+
+
 def _level_sequence(rng: np.random.Generator) -> tuple[list[int], bool]:
     """VerSe labels from caudal (sacrum) to cranial (C1), with the numbering variants; and whether L5 is
-    sacralised."""
+    sacralised. T13 and L6 come at the population rates of the sequence model (``sequence.PRIORS``)."""
     cervical, thoracic, lumbar = ([lv.label for lv in LEVELS if lv.region == region and not lv.transitional]
                                   for region in ("cervical", "thoracic", "lumbar"))  # C1-C7, T1-T12, L1-L5
     variant = rng.random()
-    if variant < 0.02:
-        thoracic = thoracic[:-1]  # 11 thoracic vertebrae
-    elif variant < 0.05:
+    if variant < _ELEVEN_THORACIC:
+        thoracic = thoracic[:-1]
+    elif variant < _ELEVEN_THORACIC + PRIORS.t13:
         thoracic.append(BY_NAME["T13"].label)
-    if rng.random() < 0.04:
+    if rng.random() < PRIORS.l6:
         lumbar.append(BY_NAME["L6"].label)
     cranial_to_caudal = cervical + thoracic + lumbar + [S1_LABEL]
-    return cranial_to_caudal[::-1], bool(rng.random() < 0.03)
+    return cranial_to_caudal[::-1], bool(rng.random() < _SACRALISED_L5)
 
 
 # the transitional levels take their shapes from the level they stand in for: T13 from T12, L6 from L5
