@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
 from SpineLabelLib.sequence import relabel
 from SpineLabelLib.vertebrae import LEVELS, level_index
 
+# the real scans (read-only), beside the repository; tests that need them skip when it is absent
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPACING_MM = 1.5
 PITCH_MM = 30.0  # centroid distance between consecutive vertebrae
 BODY_MM = (40.0, 30.0, 24.0)  # body extent along L, P, S

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import DATA
 from SpineLabelLib import evaluation as ev
 from SpineLabelLib.io import InputError
 from SpineLabelLib.result import Geometry
 from SpineLabelLib.vertebrae import BY_NAME
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 L1, L2, L3, L4, L5, L6, S1, T12, T13 = (BY_NAME[n].label for n in ("L1", "L2", "L3", "L4", "L5", "L6", "S1", "T12", "T13"))
 SPACING_ZYX = (2.0, 1.0, 1.0)

@@ -1,13 +1,13 @@
 """label_spine end to end: geometry of the outputs in any orientation, progress, cancel, empty inputs, models."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
+from conftest import DATA
 from SpineLabelLib.io import InputError
 from SpineLabelLib.models import ModelError, load_model, register_model, save_model
 from SpineLabelLib.network import SpineUNet
@@ -154,7 +154,6 @@ def _name_of(label):
     return BY_LABEL[label].name
 
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.mark.skipif(not (DATA / "ct_verse").is_dir(), reason="real data ../shared/data/ct_verse not present")

@@ -6,16 +6,15 @@ real-data test skips when ../shared/data is absent.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import DATA
 from SpineLabelLib.vertebrae import BODY, BY_LABEL, LEVELS, POSTERIOR, level_index
 from SpineLabelTrainingLib import shapes, synthesis
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MAIN_LEVELS = [lv.label for lv in LEVELS if not lv.transitional]  # C1..L5, S1
 SMALL = (64, 48, 48)  # crop used by the quicker tests (at 3 mm: 19 x 14 x 14 cm)
 

@@ -10,11 +10,11 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
+from conftest import DATA
 from SpineLabelLib import __version__, writers
 from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra, nonzero_box
 from SpineLabelLib.vertebrae import BY_NAME, LEVELS
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # Column c = LPS direction of voxel axis c.
 PERMUTED = np.array([[0, 0, -1], [-1, 0, 0], [0, -1, 0]], dtype=float)  # i -> A, j -> I, k -> R ("AIR")

@@ -24,7 +24,8 @@ import SimpleITK as sitk
 from SpineLabelLib import pipeline
 from SpineLabelTrainingLib.negatives import KINDS, non_spine_image
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from real_data import DATA
+
 # real images: every file of these patterns under ../shared/data (label maps and templates excluded by name)
 REAL_PATTERNS = ("*_img.nii.gz", "*_ct.nii.gz", "*_T2w.nii.gz", "example_*_sm.nii.gz", "t1w.nii.gz", "t2.nii.gz")
 
