@@ -212,3 +212,14 @@ def test_label_maps_are_checked_like_images(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match=f"{path}: (truncated|unreadable label map)"):
         read_label_map(path)
+
+
+def test_a_nifti_without_a_voxel_size_is_refused(tmp_path):
+    """ITK takes 1 mm for a pixdim of 0: a scan of unknown voxel size would be labelled at a made-up scale."""
+    nibabel = pytest.importorskip("nibabel")
+    image = nibabel.Nifti1Image(np.ones((4, 4, 4), np.int16), None)
+    image.header["pixdim"][1:4] = 0
+    path = tmp_path / "nosize.nii.gz"
+    nibabel.save(image, path)
+    with pytest.raises(InputError, match="nosize.nii.gz: the header gives no voxel size"):
+        read_image(path)

@@ -97,31 +97,41 @@ def _evenly_spaced(files: tuple[str, ...], tolerance: float = 0.1) -> bool:
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64 voxels
 
 
-def _nifti_layout(header: bytes) -> tuple[str, int, int, int] | None:
-    """(byte order, datatype code, voxel offset, voxel bytes) of a NIfTI-1/2 header; None when it is not NIfTI."""
+def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool] | None:
+    """(byte order, datatype code, voxel offset, voxel bytes, whether the voxel size is known) of a NIfTI-1/2 header;
+    None when it is not NIfTI. The voxel size is known from an sform, or from pixdim when its spatial entries are
+    finite and not 0 (ITK takes 1 mm for a 0)."""
     for endian in "<>":
         size = struct.unpack(endian + "i", header[:4])[0]
         if size == 348:
             datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             dims = struct.unpack(endian + "8h", header[40:56])
+            pixdim = struct.unpack(endian + "8f", header[76:108])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            sform_code = struct.unpack(endian + "h", header[254:256])[0]
             break
         if size == 540:
             datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
+            pixdim = struct.unpack(endian + "8d", header[104:168])
             offset = struct.unpack(endian + "q", header[168:176])[0]
+            sform_code = struct.unpack(endian + "i", header[348:352])[0]
             break
     else:
         return None
+    n_dims = max(0, min(int(dims[0]), 7))
     n = 1
-    for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]:
+    for d in dims[1 : 1 + n_dims]:
         n *= max(int(d), 1)
-    return endian, datatype, max(offset, 352), n * bitpix // 8
+    spatial = np.asarray(pixdim[1 : 1 + min(n_dims, 3)], dtype=float)
+    spacing_known = sform_code > 0 or bool(np.all(np.isfinite(spatial) & (spatial != 0)))
+    return endian, datatype, max(offset, 352), n * bitpix // 8, spacing_known
 
 
 def _check_nifti(path: Path, what: str = "image") -> None:
-    """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0), and turns NaN and infinite
-    voxels into 0: check the size, and stream float voxels through a finiteness test. ``what`` names the file in the
+    """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0), turns NaN and infinite
+    voxels into 0, and takes 1 mm for a voxel size of 0: check the header and the size, and stream float voxels
+    through a finiteness test. ``what`` names the file in the
     messages ("image", "label map")."""
     gz = path.name.lower().endswith(".gz")
     opener = gzip.open if gz else open
@@ -132,7 +142,9 @@ def _check_nifti(path: Path, what: str = "image") -> None:
         raise InputError(f"{path}: unreadable {what} ({err})") from None
     if layout is None:
         return
-    endian, datatype, offset, voxel_bytes = layout
+    endian, datatype, offset, voxel_bytes, spacing_known = layout
+    if not spacing_known:
+        raise InputError(f"{path}: the header gives no voxel size (pixdim 0 and no sform)")
     expected = offset + voxel_bytes
     float_type = _NIFTI_FLOAT_TYPES.get(datatype)
     if gz:  # a single gzip member ends with its size
