@@ -300,8 +300,8 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
                 packages=", ".join(missing)))
         from SpineLabelLib.export import read_dataset_json
         from SpineLabelLib.models import default_model_path, user_models_dir
-        from SpineLabelLogic.process import (BackgroundProcess, parseTrainingLine, pythonExecutable, pythonPathEnvironment,
-                                             trainCommand)
+        from SpineLabelLogic.process import (BackgroundProcess, parseTrainingLine, pythonExecutable,
+                                             pythonPathEnvironment, trainCommand)
 
         if read_dataset_json(datasetDirectory) is None:
             raise ValueError(_("{folder} holds no dataset.json: export cases with SpineLabel first.").format(

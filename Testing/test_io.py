@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SpineLabelLib.io import (InputError, atomic_path, atomic_paths, canonical_grid, case_name, read_image, read_label_map,
-                              resample_to_grid)
+from SpineLabelLib.io import (InputError, atomic_path, atomic_paths, canonical_grid, case_name, read_image,
+                              read_label_map, resample_to_grid)
 
 
 def oriented_image(direction, size=(20, 24, 30), spacing=(1.0, 1.5, 2.0)):

@@ -715,7 +715,6 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
     if result.n_gt == 0:
         log.warning("%s: GT %s holds no vertebra label; the case has nothing to score", key, gt.mask)
     log.info("%s: %d of %d GT vertebrae identified", result.name, result.n_identified, result.n_gt)
-
     return result
 
 

@@ -131,8 +131,7 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool] | None:
 def _check_nifti(path: Path, what: str = "image") -> None:
     """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0), turns NaN and infinite
     voxels into 0, and takes 1 mm for a voxel size of 0: check the header and the size, and stream float voxels
-    through a finiteness test. ``what`` names the file in the
-    messages ("image", "label map")."""
+    through a finiteness test. ``what`` names the file in the messages ("image", "label map")."""
     gz = path.name.lower().endswith(".gz")
     opener = gzip.open if gz else open
     try:
@@ -269,8 +268,8 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
         raise InputError(f"{name}: image of size {image.GetSize()} is a single slice, not a 3D volume")
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
-        raise InputError(f"{name}: its axes are not perpendicular (a sheared grid, as from a tilted gantry); resample it "
-                         "onto a grid with perpendicular axes first")
+        raise InputError(f"{name}: its axes are not perpendicular (a sheared grid, as from a tilted gantry); "
+                         "resample it onto a grid with perpendicular axes first")
     if image.GetPixelID() == sitk.sitkFloat64:
         image = sitk.Cast(image, sitk.sitkFloat32)
     if image.GetPixelID() == sitk.sitkFloat32 and not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
