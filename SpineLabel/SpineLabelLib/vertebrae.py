@@ -120,7 +120,8 @@ def terminology_entry(level: Level) -> str:
     """Slicer terminology entry string for a level (``Segment<N>_Tags`` ``TerminologyEntry`` value).
 
     Format: ``context~category~type~typeModifier~anatomicContext~region~regionModifier``, each coded part as
-    ``SCT^code^meaning``; category "Anatomical Structure" (SCT 123037004).
+    ``SCT^code^meaning``; category "Anatomical Structure" coded SCT 123037004 as in Slicer's General Anatomy list,
+    the context the entry names, so that Slicer matches the entry to its list.
     """
     return (
         "Segmentation category and type - 3D Slicer General Anatomy list"
