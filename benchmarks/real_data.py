@@ -8,6 +8,7 @@ cases of every source for an independent score.)
 Usage (from the repository root):
     python benchmarks/real_data.py train --out SpineLabel/SpineLabelLib/weights/spinelabel-default.json [--epochs N ...]
     python benchmarks/real_data.py evaluate [--model CARD.json] [--workdir DIR] [--selection] [--slice-mm MM]
+                                            [--slab-mm MM]
     python benchmarks/real_data.py pitches
 
 ``pitches`` prints the mean centroid distance between consecutive levels in the whole-vertebra VerSe masks
@@ -17,7 +18,10 @@ view, the source of ``SpineLabelLib.sequence.SequencePriors.pitch_mm``; the real
 ``evaluate`` labels every held-out scan with ``spinelabel label``, then writes ``evaluation.json`` and
 ``evaluation.md`` (groups CT, MR and "MR discs") into the work folder. With ``--slice-mm MM`` it labels copies made
 as thick-slice acquisitions are (MRI: MM-thick sagittal slices, CT: MM-thick axial slices, each the mean of the
-voxels it covers) and scores their labels, brought back onto the original grids, against the same references.
+voxels it covers) and scores their labels, brought back onto the original grids, against the same references. With
+``--slab-mm MM`` the MRI copies are also cut to a sagittal stack MM wide left to right (the whole number of slices
+nearest it), centred on the reference vertebrae where a body mask lies beside the image, else on the image: a clinical
+stack of 11 slices of 3 mm is ``--slice-mm 3 --slab-mm 33``. The voxels outside the stack score as background.
 """
 
 from __future__ import annotations
@@ -182,6 +186,28 @@ def _thick_slices(image: sitk.Image, lps_axis: int, mm: float) -> sitk.Image:
     return out
 
 
+def _slab(image: sitk.Image, mm: float, centre_lps: np.ndarray) -> sitk.Image:
+    """``image`` cut along its axis closest to left-right to the whole number of slices nearest ``mm`` (at least one),
+    centred on the LPS point ``centre_lps`` (as far as the image allows)."""
+    axis = int(np.argmax(np.abs(np.asarray(image.GetDirection()).reshape(3, 3)[0])))
+    n = min(max(1, int(round(mm / image.GetSpacing()[axis]))), image.GetSize()[axis])
+    middle = image.TransformPhysicalPointToContinuousIndex([float(v) for v in centre_lps])[axis]
+    start = int(np.clip(round(middle - (n - 1) / 2), 0, image.GetSize()[axis] - n))
+    index, size = [0, 0, 0], list(image.GetSize())
+    index[axis], size[axis] = start, n
+    return sitk.RegionOfInterest(image, size, index)
+
+
+def _spine_centre(image_path: Path, image: sitk.Image) -> np.ndarray:
+    """LPS centre of the reference bodies beside an ``mri_lumbar_bodies`` image, else of the image."""
+    mask = image_path.with_name(image_path.name.replace("_img.nii.gz", "_vert-verse.nii.gz"))
+    if mask != image_path and mask.exists():
+        labels = sitk.ReadImage(str(mask))
+        centre = np.argwhere(sitk.GetArrayViewFromImage(labels) > 0).mean(axis=0)[::-1]
+        return np.asarray(labels.TransformContinuousIndexToPhysicalPoint([float(v) for v in centre]))
+    return np.asarray(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+
+
 def _label(images: list[Path], out: Path, model: Path | None) -> None:
     cmd = [sys.executable, "-m", "SpineLabelLib.cli", "label", *map(str, images), "-o", str(out), "--quiet"]
     if model:
@@ -191,20 +217,25 @@ def _label(images: list[Path], out: Path, model: Path | None) -> None:
         raise SystemExit("spinelabel label could not run (exit status 2); see its message above")
 
 
-def _label_thick(images: dict[str, list[Path]], root: Path, pred: Path, mm: float, model: Path | None) -> None:
-    """Label thick-slice copies of the images (MRI sagittal, CT axial; ``_thick_slices``) and bring their label maps
-    back onto the original grids in ``pred``, beside their centroids and reports, for scoring against the
-    unchanged references."""
+def _label_thick(images: dict[str, list[Path]], root: Path, pred: Path, mm: float | None, slab_mm: float | None,
+                 model: Path | None) -> None:
+    """Label thick-slice copies of the images (MRI sagittal, CT axial; ``_thick_slices``; voxels as they are without
+    ``mm``), the MRI cut to a stack ``slab_mm`` wide (``_slab``), and bring their label maps back onto the original
+    grids in ``pred``, beside their centroids and reports, for scoring against the unchanged references."""
     from SpineLabelLib.io import case_name
 
-    thick, raw = root / f"thick-{mm:g}mm", root / f"pred-thick-{mm:g}mm"
+    tag = f"{mm or 0:g}mm-{slab_mm or 0:g}mm"
+    thick, raw = root / f"thick-{tag}", root / f"pred-thick-{tag}"
     thick.mkdir(parents=True, exist_ok=True)
     originals, copies = {}, []
     for group, paths in images.items():
         for path in paths:
             copies.append(thick / path.name)
-            copy = _thick_slices(sitk.ReadImage(str(path)), 2 if group == "CT" else 0, mm)
-            print(f"{path.name}: thick-slice copy at {' x '.join(f'{v:g}' for v in copy.GetSpacing())} mm (x, y, z)")
+            image = sitk.ReadImage(str(path))
+            copy = _thick_slices(image, 2 if group == "CT" else 0, mm) if mm else sitk.Cast(image, sitk.sitkFloat32)
+            if slab_mm and group != "CT":
+                copy = _slab(copy, slab_mm, _spine_centre(path, image))
+            print(f"{path.name}: copy of {copy.GetSize()} voxels at {' x '.join(f'{v:g}' for v in copy.GetSpacing())} mm (x, y, z)")
             sitk.WriteImage(copy, str(copies[-1]))
             originals[case_name(path)] = path
     _label(copies, raw, model)
@@ -226,8 +257,8 @@ def evaluate(args: argparse.Namespace) -> int:
     root = _workdir(args, "spinelabel-eval-")
     images, gt = (build_selection_set if args.selection else build_test_set)(root)
     pred = root / "pred"
-    if args.slice_mm:
-        _label_thick(images, root, pred, args.slice_mm, args.model)
+    if args.slice_mm or args.slab_mm:
+        _label_thick(images, root, pred, args.slice_mm, args.slab_mm, args.model)
     else:
         _label([p for group in images.values() for p in group], pred, args.model)
     groups = {case_name(p): group for group, paths in images.items() for p in paths}
@@ -236,7 +267,7 @@ def evaluate(args: argparse.Namespace) -> int:
                                bodies_only=bodies_only)
     print(summary_markdown(summary))
     print(f"\nwritten: {root / 'evaluation.json'}, {root / 'evaluation.md'}")
-    if args.write_card and not args.selection and not args.slice_mm:
+    if args.write_card and not args.selection and not args.slice_mm and not args.slab_mm:
         from SpineLabelLib.models import default_model_path
 
         card_path = args.model or default_model_path()
@@ -319,6 +350,8 @@ def main() -> int:
     p.add_argument("--slice-mm", type=float, metavar="MM",
                    help="label thick-slice copies instead: MRI averaged into MM-thick sagittal slices, CT into MM-thick "
                         "axial slices; scored on the original grids")
+    p.add_argument("--slab-mm", type=float, metavar="MM",
+                   help="cut the MRI copies to a sagittal stack MM wide left to right, centred on the spine")
     p = sub.add_parser("pitches", help="centroid distances between consecutive levels in the training label maps")
     p.add_argument("--workdir", type=Path)
     args, extra = parser.parse_known_args()

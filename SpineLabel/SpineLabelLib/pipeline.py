@@ -118,10 +118,9 @@ def _foreground_box(volume: np.ndarray, margin: int = 6) -> tuple[slice, ...]:
 # Along x (left-right) only stacks narrower than 40 mm are extended, to 40 mm: training fills thin sagittal stacks with
 # zeros (most of the slabs of synthesis._limit_field_of_view, 48 mm and wider), and mirrored to 160 mm the real
 # sagittal lumbar MRI (57-77 mm, 29-39 voxels) lost body coverage; but a clinical stack of 11 slices of 3 mm (33 mm)
-# filled with zeros lost half its vertebrae. On the 24 training MRI of mri_lumbar_bodies cut to slabs of 3 mm slices
-# centred on the spine (a throwaway script, under rules Z and Z' of the closing note), 33 mm slabs had 81 of 146
-# bodies identified with zeros and 134 extended to 40 mm; 45 mm slabs are not extended (138). Extended to 48 mm or
-# more, the 42 mm cervical T1 MRI of cervical_sct lost its five vertebrae to the spine gate.
+# filled with zeros lost half its vertebrae: ``python benchmarks/real_data.py evaluate --selection --slice-mm 3
+# --slab-mm 33`` (the 24 training MRI so cut) identifies 64 of 146 with zeros and 135 extended to 40 mm. Extended to
+# 48 mm or more, the 42 mm cervical T1 MRI of cervical_sct lost its five vertebrae to the spine gate.
 MIN_CONTEXT_VOXELS = (80, 80, 20)
 _CUT_FACE = 0.1  # a side is cut through the body when at least this fraction of its face is foreground
 
