@@ -8,7 +8,9 @@ import SimpleITK as sitk
 
 from conftest import build_spine
 from SpineLabelLib import edits
-from SpineLabelLib.vertebrae import level_index
+from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
+from SpineLabelLib.sequence import relabel
+from SpineLabelLib.vertebrae import LEVELS, level_index
 
 
 def names(result) -> list[str]:
@@ -89,6 +91,11 @@ def test_move_past_a_neighbour_or_out_of_the_image_is_refused(spine):
         edits.move_point(spine.result, spine.result.vertebrae[1].id, tuple(above_top))
     with pytest.raises(ValueError, match="outside the image"):
         edits.move_point(spine.result, spine.result.vertebrae[1].id, tuple(v + [0.0, -500.0, 0.0]))
+    # above the top vertebra, in order, but no place for that vertebra's centroid
+    high = top + [0.0, 29.0, 20.0]  # 16 mm from the body's back upper edge
+    assert edits.component_at(spine.result, high) == 0
+    with pytest.raises(ValueError, match="more than 15 mm from its vertebra"):
+        edits.move_point(spine.result, spine.result.vertebrae[0].id, tuple(high))
 
 
 def test_move_onto_another_component_gives_it_the_name(spine):
@@ -132,14 +139,39 @@ def body_centre(case, name) -> tuple[float, float, float]:
     return tuple(float(c) for c in np.argwhere(case.bodies[name]).mean(axis=0)[::-1] * 1.5)
 
 
-def test_add_vertebra_with_name_fixes_it_and_refuses_occupied_points():
+def test_add_vertebra_with_name_fixes_it_and_refuses_occupied_points(monkeypatch):
     case = build_spine(names=("T10", "T11", "T12", "L1", "L2", "L3", "L4"), missing=("T10",))
     out = edits.add_vertebra(case.result, case.image, body_centre(case, "T10"), name="T10")
     assert names(out)[0] == "T10" and out.vertebrae[0].fixed
     assert_consistent(out)
-    with pytest.raises(ValueError, match="inside vertebra"):
+    with pytest.raises(ValueError, match="inside T11"):
         edits.add_vertebra(case.result, case.image, case.result.vertebrae[0].centroid_lps_mm)
+
+    above = np.array(case.result.vertebrae[0].centroid_lps_mm) + [0.0, 0.0, 20.0]  # beside the chain
+    monkeypatch.setattr(edits, "ADD_REACH_MM", 15.0)  # the image is too small for a point 55 mm from the chain
+    with pytest.raises(ValueError, match="more than 15 mm from every labelled vertebra"):
+        edits.add_vertebra(case.result, case.image, tuple(above))
     shifted = sitk.Image(case.image)
     shifted.SetOrigin((0.0, 0.0, 3.0))
     with pytest.raises(ValueError, match="grid"):
         edits.add_vertebra(case.result, shifted, body_centre(case, "T10"))
+
+
+def test_adding_a_vertebra_keeps_the_order_of_the_others():
+    """A point below a short, curved chain, nearer its top vertebra: the other vertebrae keep their order (the whole
+    chain used to be turned round when the new one went in at an end that left it upside down)."""
+    size = (120, 120, 120)  # 1 mm voxels, LPS-aligned: index (x, y, z) = (L, P, S) mm
+    components = np.zeros(size[::-1], np.int16)
+    image = np.zeros(size[::-1], np.float32)
+    vertebrae = []
+    for vid, name, (x, y, z) in ((1, "L4", (60, 60, 90)), (2, "L5", (60, 80, 58))):  # L5 20 mm behind L4: lordosis
+        components[z - 10 : z + 10, y - 12 : y + 12, x - 15 : x + 15] = vid
+        image[z - 10 : z + 10, y - 12 : y + 12, x - 15 : x + 15] = 400.0
+        scores = np.full(len(LEVELS), -4.0)
+        scores[level_index(name)] = 0.0
+        vertebrae.append(Vertebra(vid, name, (float(x), float(y), float(z)), 10.0, 0.0, scores))
+    geometry = Geometry(size, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    result = relabel(SpineLabeling(geometry, components, vertebrae, gaps_mm=[37.7]), {})
+    out = edits.add_vertebra(result, sitk.GetImageFromArray(image), (60.0, 20.0, 55.0))
+    assert [v.id for v in out.vertebrae if v.id in (1, 2)] == [1, 2]
+    assert [out.by_id(1).name, out.by_id(2).name] in (["L4", "L5"], ["L3", "L4"], ["L5", "S1"])

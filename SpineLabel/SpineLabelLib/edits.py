@@ -24,6 +24,8 @@ from .vertebrae import LEVELS, level_index
 
 __all__ = [
     "ADD_BOX_MM",
+    "ADD_REACH_MM",
+    "MOVE_REACH_MM",
     "rename",
     "set_locked",
     "move_point",
@@ -41,6 +43,12 @@ ADD_BOX_MM = (50.0, 50.0, 40.0)
 # A grown region below this volume is not a vertebra (seed on a thin cortex, noise): a ball is used instead.
 _MIN_GROWN_ML = 1.0
 _FALLBACK_RADIUS_MM = 10.0
+# A moved centroid marker stays within this distance of its own vertebra's voxels (mm): a better place for the
+# centroid, not a vertebra elsewhere.
+MOVE_REACH_MM = 15.0
+# A vertebra is added within this distance of the centroid of an existing one (mm): one and a half lumbar pitches
+# (``sequence.PRIORS.pitch_mm``), room for one missed level beside the chain, not a click elsewhere in the image.
+ADD_REACH_MM = 55.0
 
 
 def _fixed_names(result: SpineLabeling) -> dict[int, str]:
@@ -78,13 +86,14 @@ def _insertion_position(chain: np.ndarray, point: np.ndarray) -> int:
 
 
 def _insert_in_chain(vertebrae: list[Vertebra], new: Vertebra) -> list[Vertebra]:
-    """``vertebrae`` (chain order) with ``new`` inserted where it fits; cranial first (largest S first)."""
-    chain = np.array([v.centroid_lps_mm for v in vertebrae], dtype=float).reshape(-1, 3)
-    pos = _insertion_position(chain, np.asarray(new.centroid_lps_mm, dtype=float))
-    out = vertebrae[:pos] + [new] + vertebrae[pos:]
-    if len(out) > 1 and out[0].centroid_lps_mm[2] < out[-1].centroid_lps_mm[2]:
-        out.reverse()
-    return out
+    """``vertebrae`` (chain order, cranial first) with ``new`` inserted where it fits, their own order kept: beside a
+    single vertebra by height (largest S first), else where it lengthens the centroid polyline least."""
+    point = np.asarray(new.centroid_lps_mm, dtype=float)
+    if len(vertebrae) == 1:
+        pos = 0 if point[2] > vertebrae[0].centroid_lps_mm[2] else 1
+    else:
+        pos = _insertion_position(np.array([v.centroid_lps_mm for v in vertebrae], dtype=float).reshape(-1, 3), point)
+    return vertebrae[:pos] + [new] + vertebrae[pos:]
 
 
 def _solve(result: SpineLabeling) -> SpineLabeling:
@@ -172,8 +181,8 @@ def move_point(result: SpineLabeling, vertebra_id: int, new_lps: tuple[float, fl
       the point takes the moved vertebra's name, fixed; the moved vertebra keeps its own centroid and is
       released (unfixed) so the sequence model re-numbers it. Both markers stay at their own components.
     * Dropped anywhere else (its own component, background near it): the centroid moves there. The vertebra's
-      voxels do not move with it, so a drop that would change its place in the chain (past a neighbour) or that
-      lies outside the image is refused.
+      voxels do not move with it, so a drop that lies outside the image, that would change its place in the chain
+      (past a neighbour), or farther than ``MOVE_REACH_MM`` from the vertebra's voxels is refused.
 
     Raises:
         KeyError: unknown vertebra id.
@@ -195,12 +204,26 @@ def move_point(result: SpineLabeling, vertebra_id: int, new_lps: tuple[float, fl
     relocated = out.by_id(moved.id)
     relocated.centroid_lps_mm = tuple(float(c) for c in new_lps)
     chain = _insert_in_chain(vertebrae, relocated)
-    inside = _voxel(result, new_lps) is not None
-    if not inside or [v.id for v in chain] != [v.id for v in result.vertebrae]:
-        raise ValueError(f"{moved.name}'s point was dropped {'outside the image' if not inside else 'past a neighbour'}"
-                         f", on no vertebra; its voxels stay where they are, so the point goes back (drop it on "
-                         f"another vertebra to give that one the name {moved.name})")
-    return _solve(_with_chain(out, chain))
+    if _voxel(result, new_lps) is None:
+        where = "outside the image"
+    elif [v.id for v in chain] != [v.id for v in result.vertebrae]:
+        where = "past a neighbour"
+    elif _distance_to_component(result, moved.id, new_lps) > MOVE_REACH_MM:
+        where = f"more than {MOVE_REACH_MM:g} mm from its vertebra"
+    else:
+        return _solve(_with_chain(out, chain))
+    raise ValueError(f"{moved.name}'s point was dropped {where}, on no vertebra; its voxels stay where they are, so "
+                     f"the point goes back (drop it on another vertebra to give that one the name {moved.name})")
+
+
+def _distance_to_component(result: SpineLabeling, vertebra_id: int, point_lps) -> float:
+    """Distance (mm) from ``point_lps`` (LPS mm) to the nearest voxel centre of the vertebra's component; 0 when the
+    component has no voxels (nothing to measure against)."""
+    zyx = np.argwhere(result.components == vertebra_id)
+    if zyx.size == 0:
+        return 0.0
+    lps = result.geometry.index_to_lps(zyx[:, ::-1].astype(float))
+    return float(np.min(np.linalg.norm(lps - np.asarray(point_lps, dtype=float), axis=1)))
 
 
 def delete(result: SpineLabeling, vertebra_id: int) -> SpineLabeling:
@@ -277,17 +300,22 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
         name: level name to fix for the new vertebra, or None to let the sequence model name it.
 
     Raises:
-        ValueError: the image is not on the labelling's grid, the point is outside it or inside an existing
-            vertebra, or the fixed labels contradict each other.
+        ValueError: the image is not on the labelling's grid, the point is outside it, inside an existing vertebra or
+            farther than ``ADD_REACH_MM`` from every vertebra's centroid, or the fixed labels contradict each other.
         KeyError: unknown level name.
     """
     check_image_grid(result, image)
     ijk = _voxel(result, point_lps)
     if ijk is None:
-        raise ValueError(f"point {tuple(point_lps)} (LPS mm) is outside the image")
+        raise ValueError("the point is outside the image")
     existing = component_at(result, point_lps)
     if existing:
-        raise ValueError(f"point {tuple(point_lps)} lies inside vertebra {existing}; rename or move it instead")
+        inside = next((v.name for v in result.vertebrae if v.id == existing), "an existing segment")
+        raise ValueError(f"the point lies inside {inside}; rename or move that vertebra instead")
+    centroids = np.array([v.centroid_lps_mm for v in result.vertebrae], dtype=float).reshape(-1, 3)
+    if len(centroids) and np.min(np.linalg.norm(centroids - np.asarray(point_lps, dtype=float), axis=1)) > ADD_REACH_MM:
+        raise ValueError(f"the point is more than {ADD_REACH_MM:g} mm from every labelled vertebra: place it on the body "
+                         "of a vertebra missed beside them")
     box = _box_slices(result.geometry, ijk)
     seed = tuple(int(ijk[a] - box[2 - a].start) for a in (2, 1, 0))
     intensities = sitk.GetArrayViewFromImage(image)[box].astype(np.float32)
