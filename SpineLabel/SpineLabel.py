@@ -280,7 +280,9 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._stopPolling()
         with slicer.util.tryWithErrorDisplay(_("Failed to load the labels."), waitCursor=True):
             labeling = self.logic.finishLabelling(volume, outputDir)
-            if self._labeling is not None:
+            if self._labeling is not None and self._labeling.volumeNode is volume:
+                self._labeling.removeNodes()  # the new labelling of this volume replaces the old one
+            elif self._labeling is not None:
                 self._labeling.cleanup()
             self._labeling = labeling
             self._labeling.changedCallbacks.append(self.onLabelingChanged)

@@ -175,3 +175,9 @@ def test_adding_a_vertebra_keeps_the_order_of_the_others():
     out = edits.add_vertebra(result, sitk.GetImageFromArray(image), (60.0, 20.0, 55.0))
     assert [v.id for v in out.vertebrae if v.id in (1, 2)] == [1, 2]
     assert [out.by_id(1).name, out.by_id(2).name] in (["L4", "L5"], ["L3", "L4"], ["L5", "S1"])
+
+
+@pytest.mark.parametrize("name", [None, 21.9, True])
+def test_a_name_that_is_neither_a_level_nor_a_label_value_is_refused(spine, name):
+    with pytest.raises(KeyError, match="a level is named"):
+        edits.rename(spine.result, spine.result.vertebrae[0].id, name)

@@ -474,3 +474,23 @@ def test_nodes_follow_the_volume_s_parent_transform(mrml, spine):
     assert [node.GetTransformNodeID() for node in nodes] == [transform.GetID()] * 2
     assert_nodes_match(labeling)  # the points hold the volume's own coordinates
     labeling.cleanup()
+
+
+def test_corrections_after_the_nodes_were_deleted_are_refused(labeled, tmp_path):
+    scene = labeled.volumeNode.GetScene()
+    scene.RemoveNode(labeled.segmentationNode)
+    before = [v.name for v in labeled.result.vertebrae]
+    with pytest.raises(RuntimeError, match="were deleted; label the volume again"):
+        labeled.rename(labeled.result.vertebrae[0].id, "T12")
+    assert [v.name for v in labeled.result.vertebrae] == before
+    with pytest.raises(RuntimeError, match="were deleted"):
+        labeled.exportCase(tmp_path / "dataset")
+    assert not (tmp_path / "dataset").exists()
+
+
+def test_a_new_labelling_of_the_volume_can_replace_the_old_nodes(labeled):
+    scene = labeled.volumeNode.GetScene()
+    count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    labeled.removeNodes()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count - 1
+    assert labeled.markupsNode.GetScene() is None

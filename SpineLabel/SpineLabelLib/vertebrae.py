@@ -12,6 +12,7 @@ level-specific SNOMED CT concept; they carry 51282000 "Vertebra" and their level
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 __all__ = [
@@ -111,6 +112,8 @@ def level_index(name_or_label: str | int) -> int:
         if key not in _INDEX:
             raise KeyError(f"unknown vertebra name {name_or_label!r}; expected one of {', '.join(_INDEX)}")
         return _INDEX[key]
+    if isinstance(name_or_label, bool) or not isinstance(name_or_label, numbers.Integral):
+        raise KeyError(f"{name_or_label!r}: a level is named ('L1') or given by its VerSe label value (an integer)")
     if int(name_or_label) not in BY_LABEL:
         raise KeyError(f"unknown VerSe label value {name_or_label!r}")
     return _INDEX[BY_LABEL[int(name_or_label)].name]

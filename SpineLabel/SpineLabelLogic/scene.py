@@ -231,6 +231,20 @@ class LabelingScene(VTKObservationMixin):
         """Stop observing the markups node (the nodes stay in the scene)."""
         self.removeObservers()
 
+    def removeNodes(self) -> None:
+        """Stop observing and remove both nodes from the scene (a new labelling of the same volume replaces this
+        one)."""
+        self.cleanup()
+        for node in (self.segmentationNode, self.markupsNode):
+            if node.GetScene() is not None:
+                node.GetScene().RemoveNode(node)
+
+    def _requireNodes(self) -> None:
+        """Raise when the user has deleted the segmentation or the points: there is nothing left to correct."""
+        if self.segmentationNode.GetScene() is None or self.markupsNode.GetScene() is None:
+            raise RuntimeError(f"the vertebra segmentation or points of {self.volumeNode.GetName()} were deleted; "
+                               "label the volume again")
+
     def rename(self, vertebraId: int, name: str, lock: bool = True) -> None:
         """Rename a vertebra (see :func:`SpineLabelLib.edits.rename`) and update both nodes."""
         old = self.result.by_id(vertebraId).name
@@ -319,6 +333,7 @@ class LabelingScene(VTKObservationMixin):
     def exportCase(self, datasetDir, caseId: str | None = None):
         """Read back Segment Editor edits and append this labelling to an nnU-Net dataset
         (:func:`SpineLabelLib.export.export_case`); returns the label map path."""
+        self._requireNodes()
         self.readBackSegmentation()
         return export.export_case(self.result, self.image, datasetDir, caseId, self.corrections, self.result.model)
 
@@ -341,6 +356,7 @@ class LabelingScene(VTKObservationMixin):
 
     def _set(self, result: SpineLabeling, record: dict, voxels: bool) -> None:
         """Adopt a corrected labelling, log the correction and update both nodes."""
+        self._requireNodes()
         self.result = result
         self.corrections.append(record)
         log.info("correction: %s", record)
