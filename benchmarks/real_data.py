@@ -235,7 +235,8 @@ def _label_thick(images: dict[str, list[Path]], root: Path, pred: Path, mm: floa
             copy = _thick_slices(image, 2 if group == "CT" else 0, mm) if mm else sitk.Cast(image, sitk.sitkFloat32)
             if slab_mm and group != "CT":
                 copy = _slab(copy, slab_mm, _spine_centre(path, image))
-            print(f"{path.name}: copy of {copy.GetSize()} voxels at {' x '.join(f'{v:g}' for v in copy.GetSpacing())} mm (x, y, z)")
+            spacing = " x ".join(f"{v:g}" for v in copy.GetSpacing())
+            print(f"{path.name}: copy of {copy.GetSize()} voxels at {spacing} mm (x, y, z)")
             sitk.WriteImage(copy, str(copies[-1]))
             originals[case_name(path)] = path
     _label(copies, raw, model)

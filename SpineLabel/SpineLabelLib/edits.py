@@ -314,8 +314,8 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
         raise ValueError(f"the point lies inside {inside}; rename or move that vertebra instead")
     centroids = np.array([v.centroid_lps_mm for v in result.vertebrae], dtype=float).reshape(-1, 3)
     if len(centroids) and np.min(np.linalg.norm(centroids - np.asarray(point_lps, dtype=float), axis=1)) > ADD_REACH_MM:
-        raise ValueError(f"the point is more than {ADD_REACH_MM:g} mm from every labelled vertebra: place it on the body "
-                         "of a vertebra missed beside them")
+        raise ValueError(f"the point is more than {ADD_REACH_MM:g} mm from every labelled vertebra: place it on the "
+                         "body of a vertebra missed beside them")
     box = _box_slices(result.geometry, ijk)
     seed = tuple(int(ijk[a] - box[2 - a].start) for a in (2, 1, 0))
     intensities = sitk.GetArrayViewFromImage(image)[box].astype(np.float32)

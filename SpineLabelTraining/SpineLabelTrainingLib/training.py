@@ -387,6 +387,7 @@ def _validate(net: SpineUNet, val: list[Case], device: torch.device) -> dict:
 
 
 def _finite_mean(values: list[float]) -> float | None:
+    """Mean of the finite ``values``; None when there is none."""
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else None
 
