@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
-from SpineLabelLib.sequence import UNCERTAIN_BELOW, expected_gaps_mm, relabel, solve
+from SpineLabelLib.sequence import K, UNCERTAIN_BELOW, expected_gaps_mm, relabel, solve
 from SpineLabelLib.vertebrae import LEVELS, level_index
 
 K = len(LEVELS)
@@ -202,3 +202,15 @@ def test_relabel_fixes_one_and_renames_the_rest():
     with pytest.raises(KeyError):
         relabel(result, {10: "X9"})
 
+
+
+def test_a_forced_name_renumbers_rather_than_skips_a_level_at_a_normal_gap():
+    """Forcing L3 on the vertebra the evidence calls L2: the vertebra above, called L1, becomes L2, because no level
+    can be missing at a normal lumbar gap (with the gap model's outlier share, L2 was skipped at a 35 mm gap)."""
+    names = ["T11", "T12", "L1", "L2", "L3", "L4", "L5"]
+    scores = np.full((len(names), K), -5.0)
+    for i, name in enumerate(names):
+        scores[i, level_index(name)] = 0.0
+    gaps = [31.0, 33.0, 35.0, 36.0, 37.0, 36.0]
+    solution = solve(scores, np.array(gaps), fixed={3: "L3"})
+    assert [LEVELS[i].name for i in solution.levels] == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
