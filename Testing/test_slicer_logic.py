@@ -494,3 +494,19 @@ def test_a_new_labelling_of_the_volume_can_replace_the_old_nodes(labeled):
     labeled.removeNodes()
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count - 1
     assert labeled.markupsNode.GetScene() is None
+
+
+def test_voxels_painted_into_a_segment_over_its_neighbour_go_to_that_segment(labeled, tmp_path):
+    """The Segment Editor puts a segment painted over its neighbour in a layer of its own; the export gives the
+    overlap to the segment painted (it went to the later segment, whichever was edited)."""
+    from slicer.util import arrayFromSegmentBinaryLabelmap, updateSegmentBinaryLabelmapFromArray
+
+    node, volume = labeled.segmentationNode, labeled.volumeNode
+    l2, l3 = (next(v for v in labeled.result.vertebrae if v.name == name) for name in ("L2", "L3"))
+    a2 = arrayFromSegmentBinaryLabelmap(node, segmentIdOf(l2.id), volume).astype(bool)
+    a3 = arrayFromSegmentBinaryLabelmap(node, segmentIdOf(l3.id), volume).astype(bool)
+    top = np.flatnonzero(a3.any(axis=(1, 2)))[-4:]  # the upper 4 slices of L3 (z = superior)
+    painted = a3 & np.isin(np.arange(a3.shape[0]), top)[:, None, None]
+    updateSegmentBinaryLabelmapFromArray((a2 | painted).astype(np.uint8), node, segmentIdOf(l2.id), volume)
+    exported = sitk.GetArrayFromImage(sitk.ReadImage(str(labeled.exportCase(tmp_path / "Dataset001_Spine"))))
+    assert painted.any() and np.all(exported[painted] == BY_NAME["L2"].label)

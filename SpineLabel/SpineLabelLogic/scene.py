@@ -284,9 +284,10 @@ class LabelingScene(VTKObservationMixin):
     def readBackSegmentation(self) -> bool:
         """Take voxel edits made in the segmentation node (Segment Editor) into ``result``.
 
-        Each ``vertebra_<id>`` segment's voxels become that vertebra's component (later segments win where they
-        overlap); vertebrae whose segment was removed or emptied are deleted; segments SpineLabel did not make
-        are ignored. Names are kept (a changed segment name is not read back: rename with the markups).
+        Each ``vertebra_<id>`` segment's voxels become that vertebra's component; where two segments overlap, the
+        voxel goes to the one that did not hold it before (the segment the user painted it into; the later segment
+        when neither did). Vertebrae whose segment was removed or emptied are deleted; segments SpineLabel did not
+        make are ignored. Names are kept (a changed segment name is not read back: rename with the markups).
 
         Returns:
             True when the components changed.
@@ -302,14 +303,16 @@ class LabelingScene(VTKObservationMixin):
             else:
                 log.info("segment %r was not made by SpineLabel; it is not exported", segmentId)
         geometry = self.result.geometry
-        merged = slicer.vtkOrientedImageData()
         if segmentIds.GetNumberOfValues():
-            ok = self.segmentationNode.GenerateMergedLabelmapForAllSegments(
-                merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, _orientedImage(geometry, None),
-                segmentIds, labelValues)
-            if not ok:
-                raise RuntimeError(f"{self.segmentationNode.GetName()}: could not merge the segments into a labelmap")
-            components = _voxelsOf(merged).astype(self.result.components.dtype)
+            later = self._merged(segmentIds, labelValues)  # later segments win where segments overlap
+            reversedIds, reversedValues = vtk.vtkStringArray(), vtk.vtkIntArray()
+            for i in reversed(range(segmentIds.GetNumberOfValues())):
+                reversedIds.InsertNextValue(segmentIds.GetValue(i))
+                reversedValues.InsertNextValue(labelValues.GetValue(i))
+            earlier = self._merged(reversedIds, reversedValues)  # earlier segments win
+            # overlap: the two merges differ; the segment the voxel was painted into is the one that did not hold it
+            keepEarlier = (later != earlier) & (later == self.result.components)
+            components = np.where(keepEarlier, earlier, later)
         else:
             components = np.zeros_like(self.result.components)
         if components.shape != self.result.components.shape:
@@ -329,6 +332,16 @@ class LabelingScene(VTKObservationMixin):
             updated = edits.delete(updated, vertebraId)
         self._set(updated, {"action": "segment_edit", "vertebra_ids": changed}, voxels=False)
         return True
+
+    def _merged(self, segmentIds, labelValues) -> np.ndarray:
+        """The segments ``segmentIds`` merged into one label map with ``labelValues`` (the later segment wins where
+        they overlap): (z, y, x) on the result's grid, the dtype of ``result.components``."""
+        merged = slicer.vtkOrientedImageData()
+        if not self.segmentationNode.GenerateMergedLabelmapForAllSegments(
+                merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, _orientedImage(self.result.geometry, None),
+                segmentIds, labelValues):
+            raise RuntimeError(f"{self.segmentationNode.GetName()}: could not merge the segments into a labelmap")
+        return _voxelsOf(merged).astype(self.result.components.dtype)
 
     def exportCase(self, datasetDir, caseId: str | None = None):
         """Read back Segment Editor edits and append this labelling to an nnU-Net dataset
