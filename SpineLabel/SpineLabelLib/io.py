@@ -202,16 +202,15 @@ def read_label_map(path: str | os.PathLike) -> sitk.Image:
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{p}: not a 3D scalar label map")
     values = sitk.GetArrayViewFromImage(image)
-    if values.dtype.kind == "f":
-        if not np.isfinite(values).all() or (values != np.round(values)).any():
-            raise InputError(f"{p}: label map holds values that are not whole numbers")
-        if values.size and values.max() > np.iinfo(np.uint16).max:
-            raise InputError(f"{p}: label map holds values above {np.iinfo(np.uint16).max}")
-    elif values.dtype.kind not in "ui":
+    if values.dtype.kind not in "uif":
         raise InputError(f"{p}: label map of {image.GetPixelIDTypeAsString()} voxels; integers are needed")
+    if values.dtype.kind == "f" and (not np.isfinite(values).all() or (values != np.round(values)).any()):
+        raise InputError(f"{p}: label map holds values that are not whole numbers")
     if values.size and values.min() < 0:
         raise InputError(f"{p}: label map holds negative values")
     if values.dtype.kind == "f":
+        if values.size and values.max() > np.iinfo(np.uint16).max:
+            raise InputError(f"{p}: label map holds values above {np.iinfo(np.uint16).max}")
         image = sitk.Cast(image, sitk.sitkUInt16)
     return image
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .io import atomic_paths, case_name
+from .io import IMAGE_SUFFIXES, atomic_paths, case_name
 from .vertebrae import BODY, BY_NAME, DISC, LEVELS, POSTERIOR, level_index
 
 __all__ = ["FOVS", "Phantom", "make_phantom"]
@@ -38,7 +38,8 @@ __all__ = ["FOVS", "Phantom", "make_phantom"]
 log = logging.getLogger(__name__)
 
 FOVS = ("whole", "cervical", "thoracic", "lumbar")
-_SAVE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")  # one-file formats: written under a temporary name
+# one-file formats: a header with a detached data file (.nhdr, .mhd) cannot be written under a temporary name
+_SAVE_SUFFIXES = tuple(suffix for suffix in IMAGE_SUFFIXES if suffix not in (".nhdr", ".mhd"))
 
 # Materials: what a voxel is made of; a modality maps each to an intensity.
 (_AIR, _SKIN, _FAT, _MUSCLE, _ORGAN, _LUNG, _CSF, _CORD, _ANNULUS, _NUCLEUS, _CANCELLOUS, _CORTICAL) = range(12)

@@ -294,27 +294,22 @@ class LabelingScene(VTKObservationMixin):
         """
         segmentation = self.segmentationNode.GetSegmentation()
         known = {v.id for v in self.result.vertebrae}
-        segmentIds, labelValues = vtk.vtkStringArray(), vtk.vtkIntArray()
+        segmentIds = []
         for segmentId in segmentation.GetSegmentIDs():
-            vertebraId = vertebraIdOf(segmentId)
-            if vertebraId in known:
-                segmentIds.InsertNextValue(segmentId)
-                labelValues.InsertNextValue(vertebraId)
+            if vertebraIdOf(segmentId) in known:
+                segmentIds.append(segmentId)
             else:
                 log.info("segment %r was not made by SpineLabel; it is not exported", segmentId)
         geometry = self.result.geometry
-        if segmentIds.GetNumberOfValues():
-            later = self._merged(segmentIds, labelValues)  # later segments win where segments overlap
-            reversedIds, reversedValues = vtk.vtkStringArray(), vtk.vtkIntArray()
-            for i in reversed(range(segmentIds.GetNumberOfValues())):
-                reversedIds.InsertNextValue(segmentIds.GetValue(i))
-                reversedValues.InsertNextValue(labelValues.GetValue(i))
-            earlier = self._merged(reversedIds, reversedValues)  # earlier segments win
-            # overlap: the two merges differ; the segment the voxel was painted into is the one that did not hold it
-            keepEarlier = (later != earlier) & (later == self.result.components)
-            components = np.where(keepEarlier, earlier, later)
-        else:
+        if not segmentIds:
             components = np.zeros_like(self.result.components)
+        else:
+            components = self._merged(segmentIds)  # later segments win where segments overlap
+            if segmentation.GetNumberOfLayers() > 1:  # segments of one shared layer cannot overlap
+                earlier = self._merged(segmentIds[::-1])
+                # where the two merges differ, the segment painted is the one that did not hold the voxel before
+                keepEarlier = (components != earlier) & (components == self.result.components)
+                components = np.where(keepEarlier, earlier, components)
         if components.shape != self.result.components.shape:
             raise RuntimeError(f"merged labelmap {components.shape} does not match the image grid "
                                f"{self.result.components.shape}")
@@ -333,13 +328,17 @@ class LabelingScene(VTKObservationMixin):
         self._set(updated, {"action": "segment_edit", "vertebra_ids": changed}, voxels=False)
         return True
 
-    def _merged(self, segmentIds, labelValues) -> np.ndarray:
-        """The segments ``segmentIds`` merged into one label map with ``labelValues`` (the later segment wins where
-        they overlap): (z, y, x) on the result's grid, the dtype of ``result.components``."""
+    def _merged(self, segmentIds: list[str]) -> np.ndarray:
+        """The vertebra segments ``segmentIds`` merged into one map of vertebra ids (the later segment wins where they
+        overlap): (z, y, x) on the result's grid, the dtype of ``result.components``."""
+        ids, labelValues = vtk.vtkStringArray(), vtk.vtkIntArray()
+        for segmentId in segmentIds:
+            ids.InsertNextValue(segmentId)
+            labelValues.InsertNextValue(vertebraIdOf(segmentId))
         merged = slicer.vtkOrientedImageData()
         if not self.segmentationNode.GenerateMergedLabelmapForAllSegments(
                 merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, _orientedImage(self.result.geometry, None),
-                segmentIds, labelValues):
+                ids, labelValues):
             raise RuntimeError(f"{self.segmentationNode.GetName()}: could not merge the segments into a labelmap")
         return _voxelsOf(merged).astype(self.result.components.dtype)
 
