@@ -206,3 +206,13 @@ def test_real_library(tmp_path):
                                       sitk.ReadImage(str(crops / (stem.format("seg-subreg") + ".nii.gz"))))
         for label in complete:
             assert dice[label] > 0.95, (stem, label, dice)
+
+
+@pytest.mark.parametrize("factor, phase", [(2.7, 0.37), (1.9, 0.9), (3.0, 0.5)])
+def test_thick_slices_do_not_shift_the_image(factor, phase):
+    # A ramp stays a ramp where slices lie on both sides: the slices are centred where they are sampled. Rounding the
+    # sample positions to whole voxels shifted the image by up to half a voxel against the labels.
+    ramp = np.broadcast_to(np.arange(40, dtype=np.float32), (3, 5, 40)).copy()
+    out = synthesis._thick_slices(ramp, 2, factor, phase)
+    first, last = int(np.ceil(phase * factor)) + 4, 40 - int(2 * factor) - 4  # away from the blur's edge effects
+    np.testing.assert_allclose(out[:, :, first:last], ramp[:, :, first:last], atol=1e-3)

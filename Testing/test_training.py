@@ -118,6 +118,15 @@ def test_images_without_a_spine_are_taught_as_background_everywhere():
         non_spine_image(np.random.default_rng(0), "spine", (8, 8, 8), 2.0)
 
 
+@pytest.mark.parametrize("spacing_mm", [1.0, 2.0])
+@pytest.mark.parametrize("kind", ["blobs (MR)", "blobs (CT)"])
+def test_blob_images_have_blobs_at_any_voxel_size(kind, spacing_mm):
+    # the smoothed noise's spread shrinks with finer voxels: a fixed threshold left 1 mm images empty
+    image = non_spine_image(np.random.default_rng(5), kind, (60, 60, 60), spacing_mm)
+    bright = image > np.median(image) + 100
+    assert 0.08 < bright.mean() < 0.3
+
+
 def test_unlabelled_vertebrae_beyond_the_labelled_ones_are_not_taught_as_background():
     # L3, L4, L5 labelled along z; the image would show L2 above and the sacrum below, unlabelled
     verse = np.zeros((60, 8, 8), np.uint8)

@@ -22,7 +22,8 @@ def non_spine_image(rng: np.random.Generator, kind: str, shape_zyx: tuple[int, i
     Args:
         rng: the random generator (a seed gives the same image).
         kind: one of ``KINDS``. Noise is Gaussian (sd 100), Gaussian smoothed over 4.5 mm, or uniform 0-255;
-            blobs are the bright half of Gaussian noise smoothed over 9 mm; balls are six spheres of 9-22 mm radius.
+            blobs are where Gaussian noise smoothed over 9 mm lies one standard deviation above its mean (a sixth
+            of the image); balls are six spheres of 9-22 mm radius.
             "(CT)" kinds are in HU (bright parts 300 HU, the rest air), "(MR)" kinds in arbitrary units.
         shape_zyx: image size (z, y, x) in voxels.
         spacing_mm: isotropic voxel size, mm.
@@ -37,7 +38,8 @@ def non_spine_image(rng: np.random.Generator, kind: str, shape_zyx: tuple[int, i
     elif kind == "uniform noise":
         out = rng.uniform(0, 255, shape_zyx)
     elif kind.startswith("blobs"):
-        bright = ndimage.gaussian_filter(rng.normal(0, 1, shape_zyx), 9.0 / spacing_mm) > 0.02
+        field = ndimage.gaussian_filter(rng.normal(0, 1, shape_zyx), 9.0 / spacing_mm)
+        bright = field > field.std()  # in units of its spread: a fixed threshold left 1 mm images empty
         high, low = (300.0, -1000.0) if kind.endswith("(CT)") else (400.0, 50.0)
         out = np.where(bright, high, low) + rng.normal(0, 20, shape_zyx)
     elif kind.startswith("balls"):

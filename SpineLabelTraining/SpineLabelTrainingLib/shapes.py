@@ -53,7 +53,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPACING_MM = 1.0  # voxel size of every stored shape
-_CACHE_VERSION = 9
+_CACHE_VERSION = 10
 _MASK_BITS = 3  # mask values go up to SACRAL_CANAL (4)
 S1_LABEL = BY_NAME["S1"].label
 _MAIN_LABELS = tuple(level.label for level in LEVELS if not level.transitional)  # C1..L5, S1
@@ -220,10 +220,12 @@ def split_body(mask: np.ndarray, label: int, spacing_mm: float = SPACING_MM) -> 
     """Split a whole-vertebra mask into body and posterior elements.
 
     The body is the part of the vertebra in front of the spinal canal (the hole the arch encloses, found slice by
-    slice along z), opened by a 2 mm ball to cut thin bridges, largest piece. When no closed canal is found the
-    opening ball is sized to the level instead (only the body is that thick). For C1, which has no body, the
-    anterior arch and lateral masses in front of the canal centre stand in. On the TPTBox subregion labels this
-    gives a body Dice of 0.98-0.99 (L3, L4, C6, C7; see :func:`body_split_dice`).
+    slice along z), opened by a 2 mm ball to cut thin bridges, largest piece. The transverse processes of
+    C2-C7 and of L5 leave the body in front of the canal, so there the ball is sized to the level, as
+    it is when no closed canal is found (only the body is that thick); with 2 mm they stayed in the body, which was
+    then 38-66 mm wide at C3-C7 and 64-77 mm at L5 (VerSe masks; 25-40 and 52-57 mm now). For C1, which has no
+    body, the anterior arch and lateral masses in front of the canal centre stand in. On the TPTBox subregion
+    labels this gives a body Dice of 0.98-0.99 at L3 and L4 and 0.97 at C6 and C7 (:func:`body_split_dice`).
 
     Args:
         mask: bool (z, y, x) whole vertebra, axes (superior, posterior, left), isotropic ``spacing_mm`` voxels.
@@ -242,7 +244,8 @@ def split_body(mask: np.ndarray, label: int, spacing_mm: float = SPACING_MM) -> 
         canal_y = np.argwhere(canal)[:, 1]
         limit = np.mean(canal_y) if label == BY_NAME["C1"].label else np.percentile(canal_y, 5) + 1.0 / spacing_mm
         front = mask & (np.arange(mask.shape[1]) < limit)[None, :, None]
-        opened = _ball_opening(front, 2.0 / spacing_mm)
+        thin_processes = BY_NAME["C2"].label <= label <= BY_NAME["C7"].label or label == BY_NAME["L5"].label
+        opened = _ball_opening(front, (_opening_radius_mm(label) if thin_processes else 2.0) / spacing_mm)
     else:
         opened = _ball_opening(mask, _opening_radius_mm(label) / spacing_mm)
     body = _largest_component(opened)

@@ -611,14 +611,18 @@ def _thick_slices(img: np.ndarray, axis: int, factor: float, phase: float) -> np
     pos = np.arange(phase * factor, n, factor)
     if pos.size < 2:
         return img
-    low = np.take(img, np.round(pos).astype(int).clip(0, n - 1), axis=axis)
-    t = np.clip((np.arange(n) - pos[0]) / factor, 0, pos.size - 1)
-    i0 = np.minimum(np.floor(t).astype(int), pos.size - 2)
-    w = (t - i0).astype(np.float32)
-    shape = [1, 1, 1]
-    shape[axis] = n
-    w = w.reshape(shape)
-    return np.take(low, i0, axis=axis) * (1 - w) + np.take(low, i0 + 1, axis=axis) * w
+    low = _linear_at(img, pos, axis)  # the slices, centred exactly at pos
+    return _linear_at(low, np.clip((np.arange(n) - pos[0]) / factor, 0, pos.size - 1), axis)
+
+
+def _linear_at(img: np.ndarray, pos: np.ndarray, axis: int) -> np.ndarray:
+    """Linear interpolation of ``img`` at the continuous indices ``pos`` (float (m,), within the axis) along
+    ``axis``, constant beyond the ends; the other axes are kept."""
+    i0 = np.clip(np.floor(pos).astype(int), 0, img.shape[axis] - 2)
+    shape = [1] * img.ndim
+    shape[axis] = pos.size
+    w = np.clip(pos - i0, 0.0, 1.0).astype(np.float32).reshape(shape)
+    return np.take(img, i0, axis=axis) * (1 - w) + np.take(img, i0 + 1, axis=axis) * w
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float, knots: int = 4) -> np.ndarray:
