@@ -61,6 +61,23 @@ def test_evaluate_labels_the_reference_images_first(tmp_path, model, phantom_fil
     assert case["name"] == "spine_0000" and not case["prediction_missing"] and case["n_gt"] >= 5
 
 
+def test_evaluate_shows_a_progress_bar_unless_quiet(tmp_path, capsys):
+    gt, pred = tmp_path / "Dataset001" / "labelsTr", tmp_path / "pred"
+    gt.mkdir(parents=True)
+    pred.mkdir()
+    labels = np.zeros((40, 8, 8), dtype=np.uint8)
+    labels[2:18, 2:6, 2:6], labels[22:38, 2:6, 2:6] = 20, 21  # L1 above L2
+    for case in ("a", "b"):
+        sitk.WriteImage(sitk.GetImageFromArray(labels), str(gt / f"{case}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(labels), str(pred / f"{case}_seg.nii.gz"))
+    assert main(["evaluate", str(pred), str(gt.parent)]) == 0
+    captured = capsys.readouterr()
+    assert "scoring: 100%" in captured.err and "scored b" in captured.err
+    assert "| all | 2 | 4 | 1.00 |" in captured.out
+    assert main(["evaluate", str(pred), str(gt.parent), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
 def bad_inputs(tmp):
     (tmp / "notes.txt").write_text("not an image")
     (tmp / "trunc.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")

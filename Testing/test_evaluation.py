@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from conftest import DATA
 from SpineLabelLib import evaluation as ev
 from SpineLabelLib.io import InputError
+from SpineLabelLib.pipeline import Cancelled
 from SpineLabelLib.result import Geometry
 from SpineLabelLib.vertebrae import BY_NAME
 
@@ -351,3 +352,40 @@ def test_folders_that_cannot_be_scored_leave_no_report(tmp_path):
     with pytest.raises(InputError, match="differs from ground truth"):
         ev.evaluate_folders(pred_dir, gt_dir, tmp_path / "r" / "s.json", tmp_path / "r" / "md" / "s.md")
     assert not (tmp_path / "r").exists()  # no report folder left behind, nothing half-written
+
+
+def three_cases(tmp_path: Path) -> tuple[Path, Path]:
+    """(prediction folder, GT folder) of three nnU-Net cases a, b, c, each predicted right."""
+    gt_dir, pred_dir = tmp_path / "gt" / "labelsTr", tmp_path / "pred"
+    gt_dir.mkdir(parents=True)
+    pred_dir.mkdir()
+    for case in ("a", "b", "c"):
+        write_mask(spine([L1, L2, L3]), gt_dir / f"{case}.nii.gz")
+        write_mask(spine([L1, L2, L3]), pred_dir / f"{case}_seg.nii.gz")
+    return pred_dir, gt_dir.parent
+
+
+def test_folders_report_progress_once_per_case(tmp_path):
+    pred_dir, gt_dir = three_cases(tmp_path)
+    calls: list[tuple[float, str]] = []
+    summary = ev.evaluate_folders(pred_dir, gt_dir, progress=lambda *call: calls.append(call))
+    assert [fraction for fraction, _ in calls] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert [message for _, message in calls] == ["scored a", "scored b", "scored c"]
+    assert summary.overall.n_identified == 9
+
+
+def test_cancelled_folders_leave_no_report(tmp_path):
+    pred_dir, gt_dir = three_cases(tmp_path)
+    polls: list[int] = []
+
+    def cancel() -> bool:
+        polls.append(1)
+        return len(polls) == 2  # stop before the second case
+
+    calls: list[float] = []
+    out_json, out_md = tmp_path / "r" / "s.json", tmp_path / "r" / "md" / "s.md"
+    with pytest.raises(Cancelled):
+        ev.evaluate_folders(pred_dir, gt_dir, out_json, out_md, progress=lambda fraction, _: calls.append(fraction),
+                            cancel=cancel)
+    assert len(polls) == 2 and calls == pytest.approx([1 / 3])
+    assert not (tmp_path / "r").exists()  # no report, no empty report folder

@@ -6,13 +6,33 @@ Heavy modules (torch, SimpleITK) are imported inside the commands so that ``--he
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterator
 
 log = logging.getLogger("spinelabel")
+
+
+@contextlib.contextmanager
+def _progress_bar(desc: str, quiet: bool) -> Iterator[Callable[[float, str], None]]:
+    """A progress bar on stderr named ``desc`` (none when ``quiet``), removed on exit; yields the ``progress`` hook
+    of the library (fraction 0-1 of the job, message) that moves it."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc=desc, disable=quiet, leave=False, unit="%")
+
+    def progress(fraction: float, message: str) -> None:
+        bar.n = int(100 * fraction)
+        bar.set_postfix_str(message, refresh=True)
+
+    try:
+        yield progress
+    finally:
+        bar.close()
 
 
 def _label(args: argparse.Namespace) -> int:
@@ -26,8 +46,6 @@ def _label(args: argparse.Namespace) -> int:
 def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int:
     """Label each input into the folder ``out`` with the options of ``args`` (``_add_labelling_options``, quiet,
     debug). Returns the exit status: 0 all labelled, 1 some failed, 2 no output folder or no model."""
-    from tqdm import tqdm
-
     from .inference import reuse_freed_memory
     from .io import case_name, read_image
     from .models import ModelError
@@ -60,30 +78,23 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int
         return 2
     failures = 0
     for path in inputs:
-        bar = tqdm(total=100, desc=case_name(path), disable=args.quiet, leave=False, unit="%")
-
-        def progress(fraction: float, message: str) -> None:
-            bar.n = int(100 * fraction)
-            bar.set_postfix_str(message, refresh=True)
-
-        try:
-            image = read_image(path)
-            result = label_spine(image, model=model, device=args.device, progress=progress,
-                                 check_orientation=args.check_orientation, spine_gate=not args.no_spine_gate,
-                                 modality=args.modality)
-            result.source = str(path)
-            require_vertebrae(result, path)
-            written = write_all(result, image, out, case_name(path), input_path=path)
-        except Exception as err:  # this input failed; the others still run
-            failures += 1
-            if args.debug:
-                log.exception("failed: %s", path)
-            reason = str(err) or type(err).__name__
-            message = reason if str(path) in reason else f"{path}: {reason}"
-            print(f"spinelabel: failed: {message}", file=sys.stderr)
-            continue
-        finally:
-            bar.close()
+        with _progress_bar(case_name(path), args.quiet) as progress:
+            try:
+                image = read_image(path)
+                result = label_spine(image, model=model, device=args.device, progress=progress,
+                                     check_orientation=args.check_orientation, spine_gate=not args.no_spine_gate,
+                                     modality=args.modality)
+                result.source = str(path)
+                require_vertebrae(result, path)
+                written = write_all(result, image, out, case_name(path), input_path=path)
+            except Exception as err:  # this input failed; the others still run
+                failures += 1
+                if args.debug:
+                    log.exception("failed: %s", path)
+                reason = str(err) or type(err).__name__
+                message = reason if str(path) in reason else f"{path}: {reason}"
+                print(f"spinelabel: failed: {message}", file=sys.stderr)
+                continue
         if not args.quiet:
             names = " ".join(v.name for v in result.vertebrae) or "none"
             print(f"{path}: {len(result.vertebrae)} vertebrae ({names}) in {result.timings_s['total']:.1f} s, as "
@@ -148,7 +159,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         status = _label_files(images, args.pred_dir, args)
         if status == 2:
             return status
-    summary = evaluate_folders(args.pred_dir, args.gt_dir, out_json=args.json, out_md=args.markdown)
+    with _progress_bar("scoring", args.quiet) as progress:
+        summary = evaluate_folders(args.pred_dir, args.gt_dir, out_json=args.json, out_md=args.markdown,
+                                   progress=progress)
     if not args.quiet:
         print(summary_markdown(summary))
     return status
@@ -234,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", type=Path)
     p.add_argument("--label", action="store_true", help="label the reference images into PRED_DIR first")
     _add_labelling_options(p, "with --label: ")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=_evaluate)
     return parser

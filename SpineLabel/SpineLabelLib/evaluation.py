@@ -66,13 +66,13 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import SimpleITK as sitk
 
 from .export import dataset_label_values
-from .io import IMAGE_SUFFIXES, InputError, atomic_paths, case_name, read_label_map
+from .io import IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, case_name, read_label_map
 from .result import Geometry
 from .sequence import UNCERTAIN_BELOW
 from .vertebrae import BY_LABEL, BY_NAME, level_index
@@ -726,6 +726,8 @@ def evaluate_folders(
     *,
     groups: Mapping[str, str] | None = None,
     bodies_only: bool | Mapping[str, bool] | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> EvaluationSummary:
     """Evaluate every GT case in ``gt_dir`` against the predictions in ``pred_dir``.
 
@@ -737,6 +739,9 @@ def evaluate_folders(
         groups: case -> group name (e.g. "MR"/"CT"), keyed by matching key, prediction NAME, GT mask stem or any name
             with the case's matching key (its image's); cases not in it are in no group.
         bodies_only: True/False for all cases, a per-case mapping (keyed like ``groups``), or None to detect.
+        progress: called after each case with (fraction 0-1 of the cases scored, message naming the case).
+        cancel: polled before each case; returning True raises ``Cancelled`` (no report written, the report folders
+            this call created removed).
 
     Returns:
         Per-case results and pooled scores.
@@ -744,6 +749,7 @@ def evaluate_folders(
     Raises:
         InputError: missing folders, no GT case, a prediction on another grid than its GT mask (the message names
             both files), unreadable files.
+        Cancelled: the cancel hook returned True (``io.Cancelled``, the class ``pipeline.label_spine`` raises).
     """
     pairs = match_cases(pred_dir, gt_dir)
     if all(pred is None for _, pred, _ in pairs):
@@ -751,8 +757,14 @@ def evaluate_folders(
                          "NAME_seg.nii.gz, NAME as the reference case or its image is named)")
     outs = [Path(out) for out in (out_json, out_md) if out is not None]
     created = _make_folders([out.parent for out in outs])  # before the scoring, not after it
+    report = progress or (lambda fraction, message: None)
     try:
-        cases = [_score_pair(key, pred, gt, groups, bodies_only) for key, pred, gt in pairs]
+        cases: list[CaseResult] = []
+        for key, pred, gt in pairs:
+            if cancel is not None and cancel():
+                raise Cancelled()
+            cases.append(_score_pair(key, pred, gt, groups, bodies_only))
+            report(len(cases) / len(pairs), f"scored {cases[-1].name}")
         matched = {key for key, _, _ in pairs}
         unmatched = sorted(str(p.seg) for k, p in _predictions(Path(pred_dir)).items() if k not in matched)
         group_names = sorted({c.group for c in cases if c.group})

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .io import Cancelled
 from .models import LoadedModel
 from .vertebrae import BODY, POSTERIOR
 
@@ -22,10 +23,6 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
-
-
-class Cancelled(Exception):
-    """Raised when the caller's cancel hook asked to stop."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 __all__ = [
     "InputError",
+    "Cancelled",
     "IMAGE_SUFFIXES",
     "case_name",
     "read_image",
@@ -39,6 +40,11 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 class InputError(ValueError):
     """An input SpineLabel cannot label; the message names the file and the reason."""
+
+
+class Cancelled(Exception):
+    """Raised when the caller's cancel hook asked to stop. Defined here, without torch, for the modules that do not
+    need it (``evaluation``); ``inference`` and ``pipeline`` export the same class."""
 
 
 def case_name(path: str | os.PathLike) -> str:
