@@ -16,9 +16,10 @@ vertebrae with all reference vertebrae whatever their names: the segmentation ap
 Dice, the mean over cases of ``evaluate_case``'s per-vertebra Dice (each reference vertebra against the voxels
 labelled with its name): segmentation and numbering together.
 Last comes a calibration table over all these cases: the reference vertebrae with a predicted label within 20 mm,
-by the confidence of the closest one (as ``spinelabel evaluate`` counts them), and how many are identified;
-``sequence.UNCERTAIN_BELOW`` comes from it. Together with ``python benchmarks/real_data.py evaluate --selection``
-(the training MRI and CT), this is the set on which the default model is chosen.
+by the confidence of the closest one (as ``spinelabel evaluate`` counts them), how many are identified and how many
+carry a wrong name; ``sequence.UNCERTAIN_BELOW`` comes from it. Together with
+``python benchmarks/real_data.py evaluate --selection`` (the training MRI and CT), this is the set on which the default
+model is chosen.
 
 ``--seed-offset K`` adds K to every seed above: a second sample, as fresh as the first (training draws its cases from
 a random stream, never from these seeds), on which to confirm a change that the first one left undecided. An offset
@@ -84,11 +85,12 @@ def _report_confidences() -> None:
         return
     confidence, right = np.array(CONFIDENCES).T
     edges = (0.0, *CONFIDENCE_CUTS, 1.0 + 1e-9)
-    print("confidence     vertebrae  identified")
+    print("confidence     vertebrae  identified  wrong")
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = (confidence >= lo) & (confidence < hi)
         share = f"{right[inside].mean():.0%}" if inside.any() else "-"
-        print(f"{lo:.2f}-{min(hi, 1.0):.2f}  {int(inside.sum()):13d}  {share:>11s}")
+        wrong = int(inside.sum() - right[inside].sum())
+        print(f"{lo:.2f}-{min(hi, 1.0):.2f}  {int(inside.sum()):13d}  {share:>11s}  {wrong:5d}")
     for cut in CONFIDENCE_CUTS:
         above = confidence >= cut
         share_above = f"{right[above].mean():.0%}" if above.any() else "-"
