@@ -88,10 +88,10 @@ class SequencePriors:
 PRIORS = SequencePriors()
 
 # A vertebra whose confidence is below this gets an "uncertain" warning. The confidences run high: on the selection
-# set of the default model 1.6.0 (``python benchmarks/selection.py``: phantoms, synthetic crops and short scans), 88 %
-# of the 804 reference vertebrae whose closest predicted label had a confidence of 0.99 or more were identified,
-# against 52 % of the 27 at 0.95-0.99 and 31 % of the 80 below 0.95: below 0.99, a name is more likely wrong than
-# right.
+# set of the default model 1.7.0 (``python benchmarks/selection.py``: phantoms, synthetic crops and short scans), 88 %
+# of the 809 reference vertebrae whose closest predicted label had a confidence of 0.99 or more were identified,
+# against 49 % of the 35 at 0.95-0.99 and 51 % of the 77 below 0.95 (89 %, 42 % and 58 % of 781, 40 and 96 in a
+# second sample, ``--seed-offset 50000``): below 0.99, a name is about as likely wrong as right.
 UNCERTAIN_BELOW = 0.99
 
 _TRANSITIONAL = np.array([level.transitional for level in LEVELS])
