@@ -220,12 +220,12 @@ def split_body(mask: np.ndarray, label: int, spacing_mm: float = SPACING_MM) -> 
     """Split a whole-vertebra mask into body and posterior elements.
 
     The body is the part of the vertebra in front of the spinal canal (the hole the arch encloses, found slice by
-    slice along z), opened by a 2 mm ball to cut thin bridges, largest piece. The transverse processes of
-    C2-C7 and of L5 leave the body in front of the canal, so there the ball is sized to the level, as
-    it is when no closed canal is found (only the body is that thick); with 2 mm they stayed in the body, which was
-    then 38-66 mm wide at C3-C7 and 64-77 mm at L5 (VerSe masks; 25-40 and 52-57 mm now). For C1, which has no
-    body, the anterior arch and lateral masses in front of the canal centre stand in. On the TPTBox subregion
-    labels this gives a body Dice of 0.98-0.99 at L3 and L4 and 0.97 at C6 and C7 (:func:`body_split_dice`).
+    slice along z), opened by a 2 mm ball to cut thin bridges, largest piece. The transverse processes of C2-C7 and
+    of L5 leave the body in front of the canal, so there the ball is sized to the level, as it is when no closed
+    canal is found (only the body is that thick); with 2 mm they stayed in the body, which was then 38-66 mm wide at
+    C3-C7 and 64-77 mm at L5 (VerSe masks; 25-40 and 52-57 mm now). For C1, which has no body, the anterior arch and
+    lateral masses in front of the canal centre stand in. On the TPTBox subregion labels this gives a body Dice of
+    0.98-0.99 at L3 and L4 and 0.97 at C6 and C7 (:func:`body_split_dice`).
 
     Args:
         mask: bool (z, y, x) whole vertebra, axes (superior, posterior, left), isotropic ``spacing_mm`` voxels.
