@@ -114,6 +114,19 @@ def test_each_bad_input_fails_alone_with_a_clear_line(tmp_path, model, phantom_f
     assert not (tmp_path / "none").exists()  # every input failed: not even the folder is left
 
 
+def test_a_failed_input_names_the_outputs_an_earlier_run_left(tmp_path, model, capsys):
+    bad = tmp_path / "blank.nii.gz"
+    sitk.WriteImage(sitk.Image([40, 40, 40], sitk.sitkFloat32), str(bad))
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = out / "blank_seg.nii.gz"
+    earlier.write_bytes(b"an earlier run")
+    assert main(["label", str(bad), "-o", str(out), "--model", str(model), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"the outputs of an earlier run in {out} were left as they were: blank_seg.nii.gz" in err, err
+    assert earlier.read_bytes() == b"an earlier run"
+
+
 def test_unwritable_output_folder(tmp_path, model, phantom_file, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")

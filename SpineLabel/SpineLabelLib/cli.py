@@ -50,7 +50,7 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int
     from .io import case_name, read_image
     from .models import ModelError
     from .pipeline import get_model, label_spine, require_vertebrae
-    from .writers import write_all
+    from .writers import output_paths, write_all
 
     reuse_freed_memory()
     first_of: dict[str, Path] = {}
@@ -93,6 +93,10 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int
                     log.exception("failed: %s", path)
                 reason = str(err) or type(err).__name__
                 message = reason if str(path) in reason else f"{path}: {reason}"
+                earlier = [p for p in output_paths(out, case_name(path)) if p.exists()]
+                if earlier:  # not this run's: say so, and leave them as they are
+                    message += (f"; the outputs of an earlier run in {out} were left as they were: "
+                                + ", ".join(p.name for p in earlier))
                 print(f"spinelabel: failed: {message}", file=sys.stderr)
                 continue
         if not args.quiet:
