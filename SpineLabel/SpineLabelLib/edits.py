@@ -208,7 +208,7 @@ def move_point(result: SpineLabeling, vertebra_id: int, new_lps: tuple[float, fl
         where = "outside the image"
     elif [v.id for v in chain] != [v.id for v in result.vertebrae]:
         where = "past a neighbour"
-    elif _distance_to_component(result, moved.id, new_lps) > MOVE_REACH_MM:
+    elif not _near_component(result, moved.id, new_lps, MOVE_REACH_MM):
         where = f"more than {MOVE_REACH_MM:g} mm from its vertebra"
     else:
         return _solve(_with_chain(out, chain))
@@ -216,14 +216,17 @@ def move_point(result: SpineLabeling, vertebra_id: int, new_lps: tuple[float, fl
                      f"the point goes back (drop it on another vertebra to give that one the name {moved.name})")
 
 
-def _distance_to_component(result: SpineLabeling, vertebra_id: int, point_lps) -> float:
-    """Distance (mm) from ``point_lps`` (LPS mm) to the nearest voxel centre of the vertebra's component; 0 when the
-    component has no voxels (nothing to measure against)."""
-    zyx = np.argwhere(result.components == vertebra_id)
+def _near_component(result: SpineLabeling, vertebra_id: int, point_lps, reach_mm: float) -> bool:
+    """Whether a voxel centre of the vertebra's component lies within ``reach_mm`` of ``point_lps`` (LPS mm, inside
+    the grid); True when the component has no voxels (nothing to measure against). Only the box of that reach around
+    the point is searched, not the whole volume."""
+    point = np.asarray(point_lps, dtype=float)
+    box = _box_slices(result.geometry, result.geometry.lps_to_index(point), (2 * reach_mm,) * 3)
+    zyx = np.argwhere(result.components[box] == vertebra_id) + [s.start for s in box]
     if zyx.size == 0:
-        return 0.0
+        return not (result.components == vertebra_id).any()
     lps = result.geometry.index_to_lps(zyx[:, ::-1].astype(float))
-    return float(np.min(np.linalg.norm(lps - np.asarray(point_lps, dtype=float), axis=1)))
+    return bool(np.min(np.linalg.norm(lps - point, axis=1)) <= reach_mm)
 
 
 def delete(result: SpineLabeling, vertebra_id: int) -> SpineLabeling:
@@ -239,13 +242,14 @@ def delete(result: SpineLabeling, vertebra_id: int) -> SpineLabeling:
     return _solve(_with_chain(out, vertebrae, components))
 
 
-def _box_slices(geometry: Geometry, centre_ijk: np.ndarray) -> tuple[slice, slice, slice]:
-    """(z, y, x) array slices of the ``ADD_BOX_MM`` box around the voxel whose float index is ``centre_ijk``
-    (i, j, k = x, y, z, as ``Geometry.lps_to_index`` gives it), clipped to the grid."""
+def _box_slices(geometry: Geometry, centre_ijk: np.ndarray,
+                size_mm: tuple[float, float, float] = ADD_BOX_MM) -> tuple[slice, slice, slice]:
+    """(z, y, x) array slices of the box of ``size_mm`` (along L, P, S) around the voxel whose float index is
+    ``centre_ijk`` (i, j, k = x, y, z, as ``Geometry.lps_to_index`` gives it), clipped to the grid."""
     d = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
     half = np.zeros(3)
     for axis in range(3):  # voxel axis -> the anatomical axis it mostly runs along
-        half[axis] = ADD_BOX_MM[int(np.argmax(np.abs(d[:, axis])))] / 2.0 / geometry.spacing[axis]
+        half[axis] = size_mm[int(np.argmax(np.abs(d[:, axis])))] / 2.0 / geometry.spacing[axis]
     lo = np.maximum(np.floor(centre_ijk - half).astype(int), 0)
     hi = np.minimum(np.ceil(centre_ijk + half).astype(int) + 1, np.asarray(geometry.size))
     return tuple(slice(int(lo[a]), int(hi[a])) for a in (2, 1, 0))  # type: ignore[return-value]
