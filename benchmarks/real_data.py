@@ -9,6 +9,7 @@ Usage (from the repository root):
     python benchmarks/real_data.py train --out SpineLabel/SpineLabelLib/weights/spinelabel-default.json [--epochs N ...]
     python benchmarks/real_data.py evaluate [--model CARD.json] [--workdir DIR] [--selection] [--slice-mm MM]
                                             [--slab-mm MM]
+    python benchmarks/real_data.py evaluate --selection --length-mm MM [--model CARD.json] [--workdir DIR]
     python benchmarks/real_data.py pitches
 
 ``pitches`` prints the mean centroid distance between consecutive levels in the whole-vertebra VerSe masks
@@ -22,6 +23,12 @@ voxels it covers) and scores their labels, brought back onto the original grids,
 ``--slab-mm MM`` the MRI copies are also cut to a sagittal stack MM wide left to right (the whole number of slices
 nearest it), centred on the reference vertebrae where a body mask lies beside the image, else on the image: a clinical
 stack of 11 slices of 3 mm is ``--slice-mm 3 --slab-mm 33``. The voxels outside the stack score as background.
+
+``--selection --length-mm MM`` scores short scans of real images: from each training scan, one copy per reference
+vertebra, cut along its axis closest to head-feet to the whole number of slices nearest MM centred on that vertebra's
+centroid (as far as the image allows), like a targeted scan of a few vertebrae. Each copy is scored against the
+reference cut the same way, on the vertebrae whose centroid lies in the copy; the others are left out of its
+reference. The training scans only: the held-out set is too small to cut this way and stays untouched.
 """
 
 from __future__ import annotations
@@ -208,6 +215,61 @@ def _spine_centre(image_path: Path, image: sitk.Image) -> np.ndarray:
     return np.asarray(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
 
 
+def _reference_of(image: Path, group: str, gt: Path) -> tuple[Path, Path | None]:
+    """(label map, centroid json or None) of a scan of ``build_selection_set``."""
+    if group == "CT":
+        return gt / "real_ct" / "labelsTr" / image.name, None
+    stem = image.name[: -len("_img.nii.gz")]
+    return gt / "mri_lumbar_bodies" / f"{stem}_vert-verse.nii.gz", gt / "mri_lumbar_bodies" / f"{stem}_ctd.json"
+
+
+def _short_copies(images: dict[str, list[Path]], gt: Path, root: Path, mm: float
+                  ) -> tuple[dict[str, list[Path]], Path]:
+    """Copies of the selection scans cut to MM along head-feet, one centred on each reference vertebra, with their
+    references cut the same way and holding only the vertebrae whose centroid is in the copy (module docstring);
+    their images per group and their ground-truth folder, in the layouts of ``build_selection_set``."""
+    from SpineLabelLib.evaluation import read_centroids, reference_labels
+
+    out_images: dict[str, list[Path]] = {group: [] for group in images}
+    short_gt = root / f"gt-{mm:g}mm"
+    for group, paths in images.items():
+        for path in paths:
+            image = sitk.ReadImage(str(path))
+            mask_path, ctd_path = _reference_of(path, group, gt)
+            mask = sitk.ReadImage(str(mask_path))
+            labels = reference_labels(sitk.GetArrayViewFromImage(mask), mask_path)
+            centroids = (read_centroids(ctd_path, mask) if ctd_path else
+                         {int(v): np.asarray(mask.TransformContinuousIndexToPhysicalPoint(
+                             np.argwhere(labels == v).mean(axis=0)[::-1].tolist())) for v in np.unique(labels) if v})
+            axis = int(np.argmax(np.abs(np.asarray(image.GetDirection()).reshape(3, 3)[2])))
+            n = min(max(1, int(round(mm / image.GetSpacing()[axis]))), image.GetSize()[axis])
+            position = {v: image.TransformPhysicalPointToContinuousIndex(c.tolist())[axis] for v, c in centroids.items()}
+            for v, middle in sorted(position.items()):
+                start = int(np.clip(round(middle - (n - 1) / 2), 0, image.GetSize()[axis] - n))
+                index, size = [0, 0, 0], list(image.GetSize())
+                index[axis], size[axis] = start, n
+                inside = [u for u, p in position.items() if start - 0.5 <= p < start + n - 0.5]
+                cut = sitk.RegionOfInterest(image, size, index)
+                reference = sitk.GetImageFromArray(np.where(np.isin(labels, inside), labels, 0).astype(np.uint8))
+                reference.CopyInformation(mask)
+                reference = sitk.RegionOfInterest(reference, size, index)
+                if group == "CT":
+                    name = f"{path.name[: -len('.nii.gz')]}-at{v}.nii.gz"
+                    image_out, mask_out = root / f"images-{mm:g}mm" / name, short_gt / "real_ct" / "labelsTr" / name
+                else:
+                    stem = f"{path.name[: -len('_img.nii.gz')]}-at{v}"
+                    image_out = root / f"images-{mm:g}mm" / f"{stem}_img.nii.gz"
+                    mask_out = short_gt / "mri_lumbar_bodies" / f"{stem}_vert-verse.nii.gz"
+                    mask_out.parent.mkdir(parents=True, exist_ok=True)
+                    (mask_out.parent / f"{stem}_ctd.json").write_text(json.dumps(
+                        [{"label": u, "world_lps_mm": centroids[u].tolist()} for u in sorted(inside)], indent=1))
+                for target, volume in ((image_out, cut), (mask_out, reference)):
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    sitk.WriteImage(volume, str(target))
+                out_images[group].append(image_out)
+    return out_images, short_gt
+
+
 def _label(images: list[Path], out: Path, model: Path | None) -> None:
     cmd = [sys.executable, "-m", "SpineLabelLib.cli", "label", *map(str, images), "-o", str(out), "--quiet"]
     if model:
@@ -258,6 +320,10 @@ def evaluate(args: argparse.Namespace) -> int:
     root = _workdir(args, "spinelabel-eval-")
     images, gt = (build_selection_set if args.selection else build_test_set)(root)
     pred = root / "pred"
+    if args.length_mm:
+        if not args.selection or args.slice_mm or args.slab_mm:
+            raise SystemExit("--length-mm goes with --selection only, without --slice-mm or --slab-mm")
+        images, gt = _short_copies(images, gt, root, args.length_mm)
     if args.slice_mm or args.slab_mm:
         _label_thick(images, root, pred, args.slice_mm, args.slab_mm, args.model)
     else:
@@ -353,6 +419,8 @@ def main() -> int:
                         "axial slices; scored on the original grids")
     p.add_argument("--slab-mm", type=float, metavar="MM",
                    help="cut the MRI copies to a sagittal stack MM wide left to right, centred on the spine")
+    p.add_argument("--length-mm", type=float, metavar="MM",
+                   help="with --selection: label short copies, MM along head-feet, one centred on each reference vertebra")
     p = sub.add_parser("pitches", help="centroid distances between consecutive levels in the training label maps")
     p.add_argument("--workdir", type=Path)
     args, extra = parser.parse_known_args()
