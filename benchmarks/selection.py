@@ -75,10 +75,10 @@ def _score(image: sitk.Image, truth: np.ndarray, model) -> tuple[int, int, tuple
                        if v.nearest_pred_confidence is not None)
     reference = mask_centroids(truth)  # centroids of whole vertebrae on both sides, as evaluate_case takes them
     if reference:
-        labels = np.array(list(reference))
+        labels, centres = np.array(list(reference)), np.array(list(reference.values()))
         spacing = np.asarray(image.GetSpacing())
         for label, ijk in mask_centroids(predicted).items():
-            distance = np.linalg.norm((np.array(list(reference.values())) - ijk) * spacing, axis=1)
+            distance = np.linalg.norm((centres - ijk) * spacing, axis=1)
             if distance.min() <= ID_RADIUS_MM:
                 NAMED.append((confidences[label], bool(labels[distance.argmin()] == label)))
     overlap = np.count_nonzero((predicted > 0) & (truth > 0))
