@@ -193,10 +193,10 @@ def _thick_slices(image: sitk.Image, lps_axis: int, mm: float) -> sitk.Image:
     return out
 
 
-def _slab(image: sitk.Image, mm: float, centre_lps: np.ndarray) -> sitk.Image:
-    """``image`` cut along its axis closest to left-right to the whole number of slices nearest ``mm`` (at least one),
-    centred on the LPS point ``centre_lps`` (as far as the image allows)."""
-    axis = int(np.argmax(np.abs(np.asarray(image.GetDirection()).reshape(3, 3)[0])))
+def _slab(image: sitk.Image, mm: float, centre_lps: np.ndarray, lps_axis: int = 0) -> sitk.Image:
+    """``image`` cut along its axis closest to LPS axis ``lps_axis`` (0 left-right, 2 head-feet) to the whole number of
+    slices nearest ``mm`` (at least one), centred on the LPS point ``centre_lps`` (as far as the image allows)."""
+    axis = int(np.argmax(np.abs(np.asarray(image.GetDirection()).reshape(3, 3)[lps_axis])))
     n = min(max(1, int(round(mm / image.GetSpacing()[axis]))), image.GetSize()[axis])
     middle = image.TransformPhysicalPointToContinuousIndex([float(v) for v in centre_lps])[axis]
     start = int(np.clip(round(middle - (n - 1) / 2), 0, image.GetSize()[axis] - n))
@@ -225,10 +225,11 @@ def _reference_of(image: Path, group: str, gt: Path) -> tuple[Path, Path | None]
 
 def _short_copies(images: dict[str, list[Path]], gt: Path, root: Path, mm: float
                   ) -> tuple[dict[str, list[Path]], Path]:
-    """Copies of the selection scans cut to MM along head-feet, one centred on each reference vertebra, with their
-    references cut the same way and holding only the vertebrae whose centroid is in the copy (module docstring);
-    their images per group and their ground-truth folder, in the layouts of ``build_selection_set``."""
-    from SpineLabelLib.evaluation import read_centroids, reference_labels
+    """Copies of the selection scans cut to MM along head-feet (``_slab``), one centred on each reference vertebra,
+    with their references cut the same way and holding only the vertebrae whose centroid is in the copy (module
+    docstring); their images per group and their ground-truth folder, in the layouts of ``build_selection_set``."""
+    from SpineLabelLib.evaluation import mask_centroids, read_centroids, reference_labels
+    from SpineLabelLib.result import Geometry
 
     out_images: dict[str, list[Path]] = {group: [] for group in images}
     short_gt = root / f"gt-{mm:g}mm"
@@ -237,22 +238,21 @@ def _short_copies(images: dict[str, list[Path]], gt: Path, root: Path, mm: float
             image = sitk.ReadImage(str(path))
             mask_path, ctd_path = _reference_of(path, group, gt)
             mask = sitk.ReadImage(str(mask_path))
-            labels = reference_labels(sitk.GetArrayViewFromImage(mask), mask_path)
+            labels = sitk.GetImageFromArray(reference_labels(sitk.GetArrayViewFromImage(mask), mask_path).astype(np.uint8))
+            labels.CopyInformation(mask)
             centroids = (read_centroids(ctd_path, mask) if ctd_path else
-                         {int(v): np.asarray(mask.TransformContinuousIndexToPhysicalPoint(
-                             np.argwhere(labels == v).mean(axis=0)[::-1].tolist())) for v in np.unique(labels) if v})
-            axis = int(np.argmax(np.abs(np.asarray(image.GetDirection()).reshape(3, 3)[2])))
-            n = min(max(1, int(round(mm / image.GetSpacing()[axis]))), image.GetSize()[axis])
-            position = {v: image.TransformPhysicalPointToContinuousIndex(c.tolist())[axis] for v, c in centroids.items()}
-            for v, middle in sorted(position.items()):
-                start = int(np.clip(round(middle - (n - 1) / 2), 0, image.GetSize()[axis] - n))
-                index, size = [0, 0, 0], list(image.GetSize())
-                index[axis], size[axis] = start, n
-                inside = [u for u, p in position.items() if start - 0.5 <= p < start + n - 0.5]
-                cut = sitk.RegionOfInterest(image, size, index)
-                reference = sitk.GetImageFromArray(np.where(np.isin(labels, inside), labels, 0).astype(np.uint8))
-                reference.CopyInformation(mask)
-                reference = sitk.RegionOfInterest(reference, size, index)
+                         {v: Geometry.of(mask).index_to_lps(ijk)
+                          for v, ijk in mask_centroids(sitk.GetArrayViewFromImage(labels)).items()})
+            for v, centre in sorted(centroids.items()):
+                cut = _slab(image, mm, centre, lps_axis=2)
+                axis = int(np.argmax(np.abs(np.asarray(cut.GetDirection()).reshape(3, 3)[2])))
+                inside = [u for u, c in centroids.items()
+                          if -0.5 <= cut.TransformPhysicalPointToContinuousIndex(c.tolist())[axis] < cut.GetSize()[axis] - 0.5]
+                reference = _slab(labels, mm, centre, lps_axis=2)
+                kept = sitk.GetArrayFromImage(reference)
+                kept[~np.isin(kept, inside)] = 0
+                reference = sitk.GetImageFromArray(kept)
+                reference.CopyInformation(cut)
                 if group == "CT":
                     name = f"{path.name[: -len('.nii.gz')]}-at{v}.nii.gz"
                     image_out, mask_out = root / f"images-{mm:g}mm" / name, short_gt / "real_ct" / "labelsTr" / name

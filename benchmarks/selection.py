@@ -69,16 +69,17 @@ def _score(image: sitk.Image, truth: np.ndarray, model) -> tuple[int, int, tuple
     result = label_spine(image, model=model, device="cpu")
     predicted = result.label_map()
     confidences = {v.label: v.confidence for v in result.vertebrae}
-    scores = evaluate_case(predicted, truth, image.GetSpacing()[::-1], None, None, False,
-                           pred_confidences=confidences)
+    # centroids of whole vertebrae on both sides, in mm along the voxel axes, as evaluate_case takes them from masks
+    spacing = np.asarray(image.GetSpacing())
+    reference = {v: c * spacing for v, c in mask_centroids(truth).items()}
+    found = {v: c * spacing for v, c in mask_centroids(predicted).items()}
+    scores = evaluate_case(predicted, truth, spacing[::-1], found, reference, False, pred_confidences=confidences)
     CONFIDENCES.extend((v.nearest_pred_confidence, v.identified) for v in scores.vertebrae
                        if v.nearest_pred_confidence is not None)
-    reference = mask_centroids(truth)  # centroids of whole vertebrae on both sides, as evaluate_case takes them
     if reference:
         labels, centres = np.array(list(reference)), np.array(list(reference.values()))
-        spacing = np.asarray(image.GetSpacing())
-        for label, ijk in mask_centroids(predicted).items():
-            distance = np.linalg.norm((centres - ijk) * spacing, axis=1)
+        for label, mm in found.items():
+            distance = np.linalg.norm(centres - mm, axis=1)
             if distance.min() <= ID_RADIUS_MM:
                 NAMED.append((confidences[label], bool(labels[distance.argmin()] == label)))
     overlap = np.count_nonzero((predicted > 0) & (truth > 0))
