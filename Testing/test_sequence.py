@@ -7,8 +7,6 @@ from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
 from SpineLabelLib.sequence import K, UNCERTAIN_BELOW, expected_gaps_mm, relabel, solve
 from SpineLabelLib.vertebrae import LEVELS, level_index
 
-K = len(LEVELS)
-
 
 def scores_for(names, strength=4.0, neighbour=1.5):
     """Log-scores that favour each given level, with some weight on its anatomical neighbours."""
@@ -51,6 +49,21 @@ def test_confidences_stay_probabilities_whatever_the_range_of_the_scores():
     assert np.isfinite(sol.confidence).all() and (sol.confidence <= 1.0 + 1e-12).all()
 
 
+def test_the_temperature_changes_how_sure_the_chain_is_not_its_labels():
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 8):
+        for _ in range(10):
+            scores, gaps = rng.normal(0.0, 3.0, (n, K)), rng.uniform(15.0, 45.0, n - 1)
+            cold, warm = solve(scores, gaps, temperature=1.0), solve(scores, gaps, temperature=2.5)
+            assert names_of(cold) == names_of(warm)
+            np.testing.assert_allclose(warm.marginals.sum(axis=1), 1.0)
+    # a short chain without sacrum or C1/C2, read clearly: fully sure when cold, less so when warm
+    scores, gaps = scores_for(["L1", "L2", "L3"]), np.full(2, 36.0)
+    cold, warm = solve(scores, gaps, temperature=1.0), solve(scores, gaps, temperature=2.5)
+    assert names_of(cold) == names_of(warm) == ["L1", "L2", "L3"]
+    assert (warm.confidence < cold.confidence).all()
+
+
 def test_unusable_gaps_scores_and_positions_are_named():
     scores = scores_for(["L1", "L2", "L3"])
     for gaps in ([35.0], [35.0, np.nan], [35.0, 35.0, 35.0]):
@@ -64,7 +77,7 @@ def test_unusable_gaps_scores_and_positions_are_named():
 
 def test_every_vertebra_below_the_uncertainty_cut_is_named_in_a_warning():
     # weak evidence: the chain's names are likely but not sure
-    sol = solve(scores_for(["L1", "L2", "L3", "L4"], strength=1.0, neighbour=0.5), np.full(3, 35.0))
+    sol = solve(scores_for(["L1", "L2", "L3", "L4"], strength=2.0, neighbour=1.0), np.full(3, 35.0))
     uncertain = [w.split()[0] for w in sol.warnings if "uncertain" in w]
     expected = [name for name, p in zip(names_of(sol), sol.confidence) if p < UNCERTAIN_BELOW]
     assert uncertain == expected

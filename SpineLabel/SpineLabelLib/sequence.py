@@ -20,8 +20,9 @@ gap is scored by a log-normal around its expected value, wider at the two ends o
 cut by the field of view), with a small outlier share for badly split components.
 
 Viterbi gives the best labelling (at the best scale); forward-backward gives each vertebra's posterior probability
-of its label (the confidence, over all scales) and the probability of transitional anatomy, from which the warnings
-come. ``relabel`` re-runs only this model with some labels forced, which is what interactive correction uses.
+of its label (the confidence, over all scales, with the level evidence tempered by ``TEMPERATURE``) and the
+probability of transitional anatomy, from which the warnings come. ``relabel`` re-runs only this model with some
+labels forced, which is what interactive correction uses.
 
 All priors live in ``PRIORS`` below, in one place.
 """
@@ -35,7 +36,8 @@ import numpy as np
 from .result import SpineLabeling
 from .vertebrae import LEVELS, level_index
 
-__all__ = ["SequencePriors", "PRIORS", "Solution", "solve", "relabel", "expected_gaps_mm", "UNCERTAIN_BELOW"]
+__all__ = ["SequencePriors", "PRIORS", "Solution", "solve", "relabel", "expected_gaps_mm", "UNCERTAIN_BELOW",
+           "TEMPERATURE"]
 
 
 K = len(LEVELS)
@@ -87,12 +89,28 @@ class SequencePriors:
 
 PRIORS = SequencePriors()
 
-# A vertebra whose confidence is below this gets an "uncertain" warning. The confidences run high: on the selection
-# set of the default model 1.7.0 (``python benchmarks/selection.py``: phantoms, synthetic crops and short scans), 91 %
-# of the 764 predicted vertebrae named at a confidence of 0.99 or more carry the label of the closest reference
-# vertebra, against 45 % of the 29 at 0.95-0.99 and 56 % of the 77 below 0.95 (92 %, 44 % and 60 % of 744, 32 and 87 in
-# a second sample, ``--seed-offset 50000``): below 0.99, a name is about as likely wrong as right.
+# A vertebra whose confidence is below this gets an "uncertain" warning. On the selection set of the default model 1.7.0
+# (``python benchmarks/selection.py``: phantoms, synthetic crops and short scans), with the evidence tempered by
+# ``TEMPERATURE``, 95 % of the 662 predicted vertebrae named at a confidence of 0.99 or more carry the label of the
+# closest reference vertebra, against 64 % of the 74 at 0.95-0.99 and 60 % of the 134 below 0.95 (95 %, 75 % and 53 %
+# of 673, 55 and 135 in a second sample, ``--seed-offset 50000``): below 0.99, a name is wrong about one time in three.
 UNCERTAIN_BELOW = 0.99
+
+# Temperature of the level head's evidence in the confidences: forward-backward divides each vertebra's level
+# log-scores by it (the population priors, the gap likelihoods and the scale prior stay as they are), while the labels
+# come from the Viterbi path of the evidence as it is, so no name depends on it. The level head reads every vertebra of
+# a chain from one image and its errors go together: a short chain without the sacrum or C1/C2 is often shifted
+# whole, yet the chain counted its vertebrae as independent witnesses and was as sure of such a shift as of a whole
+# spine. Re-solving the chains of 1.7.0 offline: 2 is the warmest of 1, 1.5, 2, 2.5, 3 and 4 that leaves at most 8 of
+# the 206 vertebrae of the whole training scans (``real_data.py evaluate --selection``, all named right where they have
+# a reference) below 0.99 (1, 7, 7, 9, 12, 30). At 2, of the vertebrae named at 0.99 or more, 35 of 662 are wrong on
+# selection sample 1 (65 of 764 at 1) and 33 of 673 on sample 2 (57 of 744). Of the reference vertebrae whose closest
+# label has 0.99 or more, 5 of 48 are not identified on the real short copies of ``real_data.py evaluate --selection
+# --length-mm 70`` (38 of 119 at 1), and 4 of 71 on the held-out set of ``real_data.py evaluate`` (7 of 74): the disc
+# scan IVD_25, numbered one level off with the sacrum in view. Dividing the whole chain's log-score instead (priors
+# too) raised the population rates of L6 and T13 with it, to about 0.2: 35 of the 206 fell below 0.99 at 2, most of
+# them an S1 next to L6 or a T12 next to T13.
+TEMPERATURE = 2.0
 
 _TRANSITIONAL = np.array([level.transitional for level in LEVELS])
 # regular levels strictly between a and b (a < b), the number a transition a -> b skips
@@ -189,6 +207,7 @@ def solve(
     gaps_mm: np.ndarray,
     fixed: dict[int, str] | None = None,
     priors: SequencePriors = PRIORS,
+    temperature: float | None = None,
 ) -> Solution:
     """Label a chain of vertebrae.
 
@@ -198,6 +217,7 @@ def solve(
         gaps_mm: float (n-1,) centroid distance between consecutive vertebrae, mm.
         fixed: chain position -> level name that must be kept.
         priors: the anatomical priors.
+        temperature: of the level evidence in the confidences (``TEMPERATURE`` when None).
 
     Returns:
         The Viterbi labelling (at the most probable patient scale) with posterior confidences (over all scales)
@@ -229,13 +249,15 @@ def solve(
     log_scale_prior = -0.5 * _SCALE_STEPS**2 - _logsumexp(-0.5 * _SCALE_STEPS**2, axis=0)
     # (n-1, scales, K, K): log-score of a -> b across each gap at each scale
     transitions = _transition_priors(priors) + _gap_scores(gaps, scales, priors)
+    tempered = emissions / (TEMPERATURE if temperature is None else temperature)
     emissions[0] += _start_priors(priors)
+    tempered[0] += _start_priors(priors)
     paths, scores = _viterbi(emissions, transitions)
     best = int(np.argmax(scores + log_scale_prior))
     if not np.isfinite(scores[best]):
         raise ValueError("the fixed labels cannot all hold: each level appears once, cranial to caudal")
     levels = paths[best]
-    log_z, per_scale = _forward_backward(emissions, transitions)
+    log_z, per_scale = _forward_backward(tempered, transitions)
     log_weights = log_z + log_scale_prior
     weights = np.exp(log_weights - np.max(log_weights))
     marginals = np.tensordot(weights / weights.sum(), per_scale, axes=1)
