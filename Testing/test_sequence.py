@@ -57,7 +57,7 @@ def test_the_temperature_changes_how_sure_the_chain_is_not_its_labels():
             cold, warm = solve(scores, gaps, temperature=1.0), solve(scores, gaps, temperature=2.5)
             assert names_of(cold) == names_of(warm)
             np.testing.assert_allclose(warm.marginals.sum(axis=1), 1.0)
-    # a short chain without sacrum or C1/C2, read clearly: fully sure when cold, less so when warm
+    # a short chain without sacrum or C1/C2, read clearly: less sure when warm than when cold
     scores, gaps = scores_for(["L1", "L2", "L3"]), np.full(2, 36.0)
     cold, warm = solve(scores, gaps, temperature=1.0), solve(scores, gaps, temperature=2.5)
     assert names_of(cold) == names_of(warm) == ["L1", "L2", "L3"]
