@@ -173,13 +173,18 @@ def _disc_midpoints(instance: Path, folder: Path) -> Path:
     return instance.parent / f"{case}_img.nii.gz"
 
 
+def _axis_along(image: sitk.Image, lps_axis: int) -> int:
+    """The voxel axis of ``image`` closest to LPS axis ``lps_axis`` (0 left-right, 2 head-feet)."""
+    return int(np.argmax(np.abs(np.asarray(image.GetDirection()).reshape(3, 3)[lps_axis])))
+
+
 def _thick_slices(image: sitk.Image, lps_axis: int, mm: float) -> sitk.Image:
     """``image`` as a thick-slice acquisition: averaged over slabs of a whole number of voxels, the nearest to ``mm``
     (at least one: a 3 mm CT stays 3 mm at 4 mm; 1.5 mm voxels make 4.5 mm slabs), along its axis closest to LPS
     axis ``lps_axis`` (0 left-right: sagittal slices; 2 inferior-superior: axial slices), one float32 slice per slab,
     centred on the slab. The voxels left over at the far end (fewer than a slab) are left out, and score as
     background. The slice thickness used is the spacing of the result along that axis."""
-    axis = int(np.argmax(np.abs(np.asarray(image.GetDirection()).reshape(3, 3)[lps_axis])))
+    axis = _axis_along(image, lps_axis)
     k = max(1, int(round(mm / image.GetSpacing()[axis])))
     array = np.moveaxis(sitk.GetArrayFromImage(image).astype(np.float32), 2 - axis, 0)
     n = array.shape[0] // k
@@ -194,9 +199,9 @@ def _thick_slices(image: sitk.Image, lps_axis: int, mm: float) -> sitk.Image:
 
 
 def _slab(image: sitk.Image, mm: float, centre_lps: np.ndarray, lps_axis: int = 0) -> sitk.Image:
-    """``image`` cut along its axis closest to LPS axis ``lps_axis`` (0 left-right, 2 head-feet) to the whole number of
-    slices nearest ``mm`` (at least one), centred on the LPS point ``centre_lps`` (as far as the image allows)."""
-    axis = int(np.argmax(np.abs(np.asarray(image.GetDirection()).reshape(3, 3)[lps_axis])))
+    """``image`` cut along its axis closest to LPS axis ``lps_axis`` (``_axis_along``) to the whole number of slices
+    nearest ``mm`` (at least one), centred on the LPS point ``centre_lps`` (as far as the image allows)."""
+    axis = _axis_along(image, lps_axis)
     n = min(max(1, int(round(mm / image.GetSpacing()[axis]))), image.GetSize()[axis])
     middle = image.TransformPhysicalPointToContinuousIndex([float(v) for v in centre_lps])[axis]
     start = int(np.clip(round(middle - (n - 1) / 2), 0, image.GetSize()[axis] - n))
@@ -245,7 +250,7 @@ def _short_copies(images: dict[str, list[Path]], gt: Path, root: Path, mm: float
                           for v, ijk in mask_centroids(sitk.GetArrayViewFromImage(labels)).items()})
             for v, centre in sorted(centroids.items()):
                 cut = _slab(image, mm, centre, lps_axis=2)
-                axis = int(np.argmax(np.abs(np.asarray(cut.GetDirection()).reshape(3, 3)[2])))
+                axis = _axis_along(cut, 2)
                 inside = [u for u, c in centroids.items()
                           if -0.5 <= cut.TransformPhysicalPointToContinuousIndex(c.tolist())[axis] < cut.GetSize()[axis] - 0.5]
                 reference = _slab(labels, mm, centre, lps_axis=2)

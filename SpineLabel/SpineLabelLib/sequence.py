@@ -250,8 +250,9 @@ def solve(
     # (n-1, scales, K, K): log-score of a -> b across each gap at each scale
     transitions = _transition_priors(priors) + _gap_scores(gaps, scales, priors)
     tempered = emissions / (TEMPERATURE if temperature is None else temperature)
-    emissions[0] += _start_priors(priors)
-    tempered[0] += _start_priors(priors)
+    start = _start_priors(priors)
+    emissions[0] += start
+    tempered[0] += start
     paths, scores = _viterbi(emissions, transitions)
     best = int(np.argmax(scores + log_scale_prior))
     if not np.isfinite(scores[best]):
