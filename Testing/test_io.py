@@ -80,6 +80,38 @@ def test_reads_a_volume_stored_as_one_time_point(tmp_path):
         assert np.allclose(out.GetSpacing(), img.GetSpacing())
 
 
+def test_reads_nifti2_with_the_geometry_of_nifti1(tmp_path):
+    """ITK reads NIfTI-1 only; a NIfTI-2 file (nibabel's reader) comes back with the same voxels, type and geometry
+    as the same volume stored as NIfTI-1 (ITK's reader), on an oblique anisotropic grid."""
+    nibabel = pytest.importorskip("nibabel")
+    turn = sitk.Euler3DTransform((0, 0, 0), 0.2, -0.35, 0.5).GetMatrix()
+    affine = np.eye(4)
+    affine[:3, :3] = np.reshape(turn, (3, 3)) @ np.diag([0.8, 0.9, 3.0])
+    affine[:3, 3] = (-10.0, 20.0, 30.0)
+    voxels = np.random.default_rng(0).integers(0, 2000, (20, 21, 22)).astype(np.int16)  # (i, j, k)
+    for kind, name in ((nibabel.Nifti1Image, "one.nii.gz"), (nibabel.Nifti2Image, "two.nii.gz"), (nibabel.Nifti2Image, "two.nii")):
+        nibabel.save(kind(voxels, affine), tmp_path / name)
+    one = read_image(tmp_path / "one.nii.gz")
+    for two in (read_image(tmp_path / "two.nii.gz"), read_image(tmp_path / "two.nii"), read_label_map(tmp_path / "two.nii")):
+        assert two.GetPixelID() == one.GetPixelID() and two.GetSize() == one.GetSize()
+        assert np.array_equal(sitk.GetArrayViewFromImage(two), sitk.GetArrayViewFromImage(one))
+        for get in (sitk.Image.GetSpacing, sitk.Image.GetOrigin, sitk.Image.GetDirection):
+            assert np.allclose(get(two), get(one))
+
+
+@pytest.mark.parametrize("voxels, reason", [(np.ones((5, 6, 7, 2), np.float32), "4D image"),
+                                            (np.full((5, 6, 7), np.nan, np.float32), "NaN"),
+                                            (np.ones((5, 6, 7), np.int16), "truncated")])
+def test_bad_nifti2_names_file_and_reason(tmp_path, voxels, reason):
+    nibabel = pytest.importorskip("nibabel")
+    path = tmp_path / "two.nii"
+    nibabel.save(nibabel.Nifti2Image(voxels, np.eye(4)), path)
+    if reason == "truncated":
+        path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(InputError, match=f"{path}: .*{reason}"):
+        read_image(path)
+
+
 def sheared() -> sitk.Image:
     """An image whose second axis leans 20 degrees towards its first (a tilted-gantry grid)."""
     image = sitk.Image([8, 8, 8], sitk.sitkInt16)

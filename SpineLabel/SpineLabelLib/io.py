@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+import nibabel
 import numpy as np
 import SimpleITK as sitk
 
@@ -109,10 +110,10 @@ def _all_finite(values: np.ndarray) -> bool:
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64 voxels
 
 
-def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool] | None:
-    """(byte order, datatype code, voxel offset, voxel bytes, whether the voxel size is known) of a NIfTI-1/2 header;
-    None when it is not NIfTI. The voxel size is known from an sform, or from pixdim when its spatial entries are
-    finite and not 0 (ITK takes 1 mm for a 0)."""
+def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int] | None:
+    """(byte order, datatype code, voxel offset, voxel bytes, whether the voxel size is known, NIfTI version 1 or 2) of
+    a NIfTI header; None when it is not NIfTI. The voxel size is known from an sform, or from pixdim when its spatial
+    entries are finite and not 0 (ITK takes 1 mm for a 0)."""
     for endian in "<>":
         size = struct.unpack(endian + "i", header[:4])[0]
         if size == 348:
@@ -137,13 +138,14 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool] | None:
         n *= max(int(d), 1)
     spatial = np.asarray(pixdim[1 : 1 + min(n_dims, 3)], dtype=float)
     spacing_known = sform_code > 0 or bool(np.all(np.isfinite(spatial) & (spatial != 0)))
-    return endian, datatype, max(offset, 352), n * bitpix // 8, spacing_known
+    return endian, datatype, max(offset, 352), n * bitpix // 8, spacing_known, 1 if size == 348 else 2
 
 
-def _check_nifti(path: Path, what: str = "image") -> None:
+def _check_nifti(path: Path, what: str = "image") -> int:
     """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0), turns NaN and infinite
     voxels into 0, and takes 1 mm for a voxel size of 0: check the header and the size, and stream float voxels
-    through a finiteness test. ``what`` names the file in the messages ("image", "label map")."""
+    through a finiteness test. ``what`` names the file in the messages ("image", "label map"). Returns the NIfTI
+    version (1 or 2; 0 for a file that is not NIfTI, which the reader will turn down)."""
     gz = path.name.lower().endswith(".gz")
     opener = gzip.open if gz else open
     try:
@@ -152,8 +154,8 @@ def _check_nifti(path: Path, what: str = "image") -> None:
     except (OSError, EOFError, struct.error, zlib.error) as err:
         raise InputError(f"{path}: unreadable {what} ({err})") from None
     if layout is None:
-        return
-    endian, datatype, offset, voxel_bytes, spacing_known = layout
+        return 0
+    endian, datatype, offset, voxel_bytes, spacing_known, version = layout
     if not spacing_known:
         raise InputError(f"{path}: the header gives no voxel size (pixdim 0 and no sform)")
     expected = offset + voxel_bytes
@@ -167,7 +169,7 @@ def _check_nifti(path: Path, what: str = "image") -> None:
     else:
         size_known = True
     if size_known and float_type is None:
-        return
+        return version
     # read the voxels: to count them (a gzip stream of another size) or to test float voxels
     total = 0
     try:
@@ -183,6 +185,28 @@ def _check_nifti(path: Path, what: str = "image") -> None:
         total = -1
     if total < expected:
         raise InputError(f"{path}: truncated or corrupt compressed file")
+    return version
+
+
+def _read_nifti2(path: Path, what: str) -> sitk.Image:
+    """A NIfTI-2 file (which ITK does not read) read with nibabel: voxels as stored (scaled when the header gives a
+    slope), geometry from nibabel's affine (the sform, else the qform, else pixdim; RAS mm) turned into LPS.
+    Trailing axes of length 1 are dropped; other shapes come back as they are for ``checked_image`` to turn down."""
+    try:
+        nii = nibabel.load(str(path))
+        voxels = np.asanyarray(nii.dataobj)
+    except Exception as err:  # nibabel raises many types on a corrupt file
+        raise InputError(f"{path}: unreadable {what} ({str(err).strip()[:200]})") from None
+    while voxels.ndim > 3 and voxels.shape[-1] == 1:
+        voxels = voxels[..., 0]
+    image = sitk.GetImageFromArray(np.ascontiguousarray(voxels.T), isVector=False)  # nibabel's (i, j, k) -> (k, j, i)
+    if voxels.ndim == 3:
+        lps = np.diag([-1.0, -1.0, 1.0]) @ nii.affine[:3]
+        spacing = np.linalg.norm(lps[:, :3], axis=0)
+        image.SetSpacing(spacing.tolist())
+        image.SetDirection((lps[:, :3] / spacing).ravel().tolist())
+        image.SetOrigin(lps[:, 3].tolist())
+    return image
 
 
 def _read_file(path: Path, what: str) -> sitk.Image:
@@ -208,9 +232,8 @@ def read_label_map(path: str | os.PathLike) -> sitk.Image:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
-    if p.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti(p, "label map")  # truncation; NaN in a float map
-    image = _read_file(p, "label map")
+    nifti = _check_nifti(p, "label map") if p.name.lower().endswith((".nii", ".nii.gz")) else 0  # truncation, NaN
+    image = _read_nifti2(p, "label map") if nifti == 2 else _read_file(p, "label map")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{p}: not a 3D scalar label map")
     values = sitk.GetArrayViewFromImage(image)
@@ -231,7 +254,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     """Read and check a spine image.
 
     Args:
-        path: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``) file, or a
+        path: NIfTI-1 or NIfTI-2 (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``) file, or a
             folder holding one DICOM series.
 
     Returns:
@@ -251,9 +274,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     else:
         if not p.name.lower().endswith(IMAGE_SUFFIXES):
             raise InputError(f"{p}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder")
-        if p.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti(p)
-        image = _read_file(p, "image")
+        nifti = _check_nifti(p) if p.name.lower().endswith((".nii", ".nii.gz")) else 0
+        image = _read_nifti2(p, "image") if nifti == 2 else _read_file(p, "image")
     return checked_image(image, str(p))
 
 
