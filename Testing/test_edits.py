@@ -134,6 +134,18 @@ def test_add_vertebra_grows_the_missed_body_and_names_it():
     assert_consistent(out)
 
 
+def test_an_added_vertebra_never_takes_the_id_of_a_deleted_one():
+    """Edit logs and Slicer segment IDs name vertebrae by id: after the vertebra of the highest id is deleted, the next
+    one added gets a new id."""
+    case = build_spine(missing=("L2",))
+    last = max(case.result.vertebrae, key=lambda v: v.id)
+    deleted = edits.delete(case.result, last.id)
+    out = edits.add_vertebra(deleted, case.image, body_centre(case, "L2"))
+    (new,) = [v for v in out.vertebrae if v.id not in {u.id for u in deleted.vertebrae}]
+    assert new.id > last.id and out.removed_up_to == last.id
+    assert_consistent(out)
+
+
 def body_centre(case, name) -> tuple[float, float, float]:
     """LPS mm centre of a synthetic body (identity direction, zero origin)."""
     return tuple(float(c) for c in np.argwhere(case.bodies[name]).mean(axis=0)[::-1] * 1.5)

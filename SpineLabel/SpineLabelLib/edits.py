@@ -57,11 +57,13 @@ def _fixed_names(result: SpineLabeling) -> dict[int, str]:
 
 def _with_chain(result: SpineLabeling, vertebrae: list[Vertebra], components: np.ndarray | None = None) -> SpineLabeling:
     """Copy of ``result`` with the given vertebrae (in chain order), fresh gaps (mm, between consecutive
-    ``centroid_lps_mm``) and optionally new components (same dtype as ``result.components``: int16 (z, y, x) on the
-    input grid)."""
+    ``centroid_lps_mm``), the ids of the vertebrae left out counted in ``removed_up_to``, and optionally new
+    components (same dtype as ``result.components``: int16 (z, y, x) on the input grid)."""
     centroids = np.array([v.centroid_lps_mm for v in vertebrae], dtype=float).reshape(-1, 3)
     gaps = np.linalg.norm(np.diff(centroids, axis=0), axis=1).tolist() if len(vertebrae) > 1 else []
-    changes: dict = {"vertebrae": vertebrae, "gaps_mm": [float(g) for g in gaps]}
+    kept = {v.id for v in vertebrae}
+    removed = max([result.removed_up_to] + [v.id for v in result.vertebrae if v.id not in kept])
+    changes: dict = {"vertebrae": vertebrae, "gaps_mm": [float(g) for g in gaps], "removed_up_to": removed}
     if components is not None:
         changes["components"] = components
     return result.copy(**changes)
@@ -326,7 +328,7 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
     free = result.components[box] == 0
     region = _grow(intensities, free, seed, result.geometry.spacing)
 
-    new_id = max([int(result.components.max(initial=0))] + [v.id for v in result.vertebrae]) + 1
+    new_id = max([int(result.components.max(initial=0)), result.removed_up_to] + [v.id for v in result.vertebrae]) + 1
     if new_id > np.iinfo(result.components.dtype).max:
         raise ValueError(f"no component id left in {result.components.dtype}")
     components = result.components.copy()

@@ -135,6 +135,8 @@ class SpineLabeling:
             figure the spine gate (``pipeline.is_spine``) judges; None when no component was found.
         orientation_margin: how much more decisively the level head names the vertebrae with the image turned head
             to feet (``features.level_sharpness``, turned minus as read); None when not checked.
+        removed_up_to: the highest id of the vertebrae that edits removed (0: none), so that an added vertebra never
+            takes the id of a deleted one (edit logs and Slicer segment IDs name vertebrae by id).
     """
 
     geometry: Geometry
@@ -149,6 +151,7 @@ class SpineLabeling:
     modality: str = ""
     spine_probability: float | None = None
     orientation_margin: float | None = None
+    removed_up_to: int = 0
 
     def label_map(self) -> np.ndarray:
         """VerSe label map, uint8 (z, y, x) on the input grid."""
