@@ -198,10 +198,16 @@ def test_folders_verse_layout(tmp_path):
     assert o.n_off_by_one == 1 and o.missing_predictions == ["sub-c"]
     assert summary.groups["CT"].n_cases == 2 and summary.groups["MR"].n_gt == 2
     assert summary.unmatched_predictions == [str(pred_dir / "other_ct_seg.nii.gz")]
+    # by level: sub-b's L3-L5 were called L4-L6 (its S1 lies within 20 mm of that L6); sub-c's T12 and L1, no label
+    levels = {name: (s.n_gt, s.n_identified, s.named_instead) for name, s in summary.levels.items()}
+    assert levels == {"T12": (1, 0, {"none": 1}), "L1": (2, 1, {"none": 1}), "L2": (1, 1, {}),
+                      "L3": (2, 1, {"L4": 1}), "L4": (2, 1, {"L5": 1}), "L5": (2, 1, {"L6": 1}), "S1": (1, 0, {"L6": 1})}
     saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["levels"]["L3"]["named_instead"] == {"L4": 1}
     assert saved["overall"]["n_identified"] == 5 and len(saved["cases"]) == 3
     md = (tmp_path / "report" / "s.md").read_text()
     assert "| sub-b_ct | CT | 4 | 0 | 0.00 |" in md and "prediction missing" in md and "| all | 3 | 11 |" in md
+    assert "| L3 | 2 | 1 | 0.0 | L4 x1 |" in md
     # without the prediction's centroid file, both sides' centroids come from the masks
     (pred_dir / "sub-a_ct_ctd.json").unlink()
     assert ev.evaluate_folders(pred_dir, gt_dir).cases[0].centroid_source == "masks"

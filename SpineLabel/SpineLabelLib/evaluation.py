@@ -56,12 +56,16 @@ Metrics (all distances between centroids in LPS millimetres; labels are VerSe va
   how many of each are identified: whether the warnings point at the errors.
 * **Summary**: the pooled values above, the number of off-by-one scans and of missing predictions, overall and per
   group when the caller gives a group per case (e.g. ``{"VB1_02_AKa3": "MR"}``).
+* **By level**: over all cases, per GT level (in ``vertebrae.LEVELS`` order): GT vertebrae, identified, localisation
+  error, and what the GT vertebrae not identified were called instead (the label of the closest predicted centroid
+  when that lies within 20 mm, else "none"), so that a level the model confuses with a neighbour shows which one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -84,6 +88,7 @@ __all__ = [
     "VertebraResult",
     "CaseResult",
     "GroupSummary",
+    "LevelSummary",
     "EvaluationSummary",
     "case_key",
     "match_cases",
@@ -199,12 +204,24 @@ class GroupSummary:
 
 
 @dataclass
+class LevelSummary:
+    """Pooled scores of the GT vertebrae of one level (see the module docstring)."""
+
+    n_gt: int
+    n_identified: int
+    mean_loc_error_mm: float | None
+    named_instead: dict[str, int]
+
+
+@dataclass
 class EvaluationSummary:
-    """Everything ``evaluate_folders`` found: per-case results, pooled scores overall and per group."""
+    """Everything ``evaluate_folders`` found: per-case results, pooled scores overall, per group and per GT level
+    (level name -> scores, in ``vertebrae.LEVELS`` order)."""
 
     cases: list[CaseResult]
     overall: GroupSummary
     groups: dict[str, GroupSummary] = field(default_factory=dict)
+    levels: dict[str, LevelSummary] = field(default_factory=dict)
     unmatched_predictions: list[str] = field(default_factory=list)
     pred_dir: str = ""
     gt_dir: str = ""
@@ -217,6 +234,7 @@ class EvaluationSummary:
             "id_radius_mm": ID_RADIUS_MM,
             "overall": asdict(self.overall),
             "groups": {g: asdict(s) for g, s in self.groups.items()},
+            "levels": {name: asdict(s) for name, s in self.levels.items()},
             "unmatched_predictions": list(self.unmatched_predictions),
             "cases": [asdict(c) for c in self.cases],
         }
@@ -641,6 +659,23 @@ def _pool(cases: list[CaseResult]) -> GroupSummary:
         n_confident=len(confident), n_confident_identified=sum(v.identified for v in confident))
 
 
+def _called_instead(v: VertebraResult) -> str:
+    """Name of the predicted label closest to a GT vertebra when within ``ID_RADIUS_MM``, else "none"."""
+    near = v.nearest_pred_distance_mm is not None and v.nearest_pred_distance_mm <= ID_RADIUS_MM
+    return BY_LABEL[v.nearest_pred_label].name if near and v.nearest_pred_label in BY_LABEL else "none"
+
+
+def _by_level(cases: list[CaseResult]) -> dict[str, LevelSummary]:
+    by_name: dict[str, list[VertebraResult]] = {}
+    for v in sorted((v for c in cases for v in c.vertebrae), key=lambda v: level_index(v.label)):
+        by_name.setdefault(v.name, []).append(v)
+    return {name: LevelSummary(n_gt=len(verts), n_identified=sum(v.identified for v in verts),
+                               mean_loc_error_mm=_mean(v.loc_error_mm for v in verts),
+                               named_instead=dict(Counter(_called_instead(v) for v in verts
+                                                          if not v.identified).most_common()))
+            for name, verts in by_name.items()}
+
+
 def _lookup(mapping: Mapping, key: str, pred: PredFiles | None, gt: GtFiles):
     for k in (key, pred.name if pred else None, _strip_nii(gt.mask.name)):
         if k is not None and k in mapping:
@@ -770,7 +805,7 @@ def evaluate_folders(
         group_names = sorted({c.group for c in cases if c.group})
         summary = EvaluationSummary(
             cases=cases, overall=_pool(cases),
-            groups={g: _pool([c for c in cases if c.group == g]) for g in group_names},
+            groups={g: _pool([c for c in cases if c.group == g]) for g in group_names}, levels=_by_level(cases),
             unmatched_predictions=unmatched, pred_dir=str(pred_dir), gt_dir=str(gt_dir))
         documents = ([json.dumps(summary.to_dict(), indent=1, allow_nan=False)] if out_json is not None else []) + (
             [summary_markdown(summary)] if out_md is not None else [])
@@ -801,7 +836,7 @@ def _of(part: int, whole: int) -> str:
 
 
 def summary_markdown(summary: EvaluationSummary) -> str:
-    """Markdown report: one row per case, then one row per group and the overall row."""
+    """Markdown report: one row per case, then one row per group and the overall row, then one row per GT level."""
     lines = [
         f"# SpineLabel evaluation\n\nPredictions: `{summary.pred_dir}`; ground truth: `{summary.gt_dir}`. "
         f"Identified = closest predicted centroid has the GT label and lies within {ID_RADIUS_MM:g} mm. "
@@ -838,6 +873,15 @@ def summary_markdown(summary: EvaluationSummary) -> str:
             f"| {s.n_not_predicted} | {_fmt(s.mean_dice, '.3f')} | {_fmt(s.mean_body_coverage, '.3f')} | {s.n_off_by_one} "
             f"| {s.n_missing_predictions} | {_of(s.n_uncertain_identified, s.n_uncertain)} "
             f"| {_of(s.n_confident_identified, s.n_confident)} |")
+    lines += [
+        "\n## By level (all cases)\n",
+        "| level | GT vertebrae | identified | loc. error (mm) | not identified: called instead |",
+        "|---|---|---|---|---|",
+    ]
+    for name, level in summary.levels.items():
+        instead = ", ".join(f"{label} x{n}" for label, n in level.named_instead.items())
+        lines.append(f"| {name} | {level.n_gt} | {level.n_identified} | {_fmt(level.mean_loc_error_mm, '.1f')} "
+                     f"| {instead} |")
     if summary.unmatched_predictions:
         lines.append("\nPredictions without ground truth: " + ", ".join(f"`{p}`" for p in summary.unmatched_predictions))
     return "\n".join(lines) + "\n"
