@@ -65,9 +65,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections import Counter
 import logging
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping

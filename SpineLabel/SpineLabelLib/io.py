@@ -254,8 +254,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     """Read and check a spine image.
 
     Args:
-        path: NIfTI-1 or NIfTI-2 (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``) file, or a
-            folder holding one DICOM series.
+        path: NIfTI-1 or NIfTI-2 (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``,
+            ``.mhd``) file, or a folder holding one DICOM series.
 
     Returns:
         A 3D scalar image, pixel type float32 or its original integer type, geometry untouched.
