@@ -245,6 +245,12 @@ def test_features_and_chain():
     assert f.volume_ml > f.body_volume_ml
     assert abs(f.principal_axis_lps[0]) > 0.9  # the body is widest along x (left-right)
     assert f.body_probability == pytest.approx(1.0)
+    assert not any(f.at_view_end for f in feats)
+    top = int(np.argwhere(bodies == 1)[:, 0].max())  # body 1 is the most superior: cut it with the top of the view
+    view = np.s_[: top - 2]
+    cut = measure(bodies[view], whole[view], (tissue[view] > 0).astype(np.float32),
+                  (tissue[view] == BODY).astype(np.float32), grid)
+    assert [f.at_view_end for f in cut] == [True, False, False, False]
     ordered, gaps = chain_order(list(reversed(feats)))
     assert [o.id for o in ordered] == [1, 2, 3, 4]
     assert np.allclose(gaps, 13 * 2.0)

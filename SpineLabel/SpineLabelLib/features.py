@@ -29,6 +29,7 @@ class ComponentFeatures:
         principal_axis_lps: unit vector of the body's longest axis, LPS.
         mean_intensity: mean normalised intensity (0-1) inside the body.
         body_probability: mean network probability of vertebral body inside the body (0-1).
+        at_view_end: the body touches the first or last head-feet plane of the model grid: cut by the field of view.
     """
 
     id: int
@@ -39,6 +40,7 @@ class ComponentFeatures:
     principal_axis_lps: np.ndarray
     mean_intensity: float
     body_probability: float
+    at_view_end: bool = False
 
 
 def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_probability: np.ndarray,
@@ -46,7 +48,7 @@ def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_
     """Measure every component.
 
     Args:
-        bodies: int32 (z, y, x) body components, ids 1..n.
+        bodies: int32 (z, y, x) body components, ids 1..n, on the model grid (``io.canonical_grid``: z runs inferior to superior).
         vertebrae: int32 (z, y, x) whole-vertebra components, same ids.
         volume: float32 (z, y, x) normalised image.
         body_probability: float (z, y, x) the network's vertebral-body probability.
@@ -81,6 +83,7 @@ def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_
                 principal_axis_lps=axis_lps,
                 mean_intensity=float(volume[box][mask].mean()),
                 body_probability=float(body_probability[box][mask].astype(np.float32).mean()),
+                at_view_end=box[0].start == 0 or box[0].stop == bodies.shape[0],
             )
         )
     return out

@@ -131,8 +131,9 @@ class SpineLabeling:
         timings_s: seconds per stage.
         source: where the image came from (path), for reports.
         modality: "CT" or "MR" as detected or given.
-        spine_probability: median vertebral-body probability of the vertebra-like components the network found, the
-            figure the spine gate (``pipeline.is_spine``) judges; None when no component was found.
+        spine_probability: median vertebral-body probability of the vertebra-like components the network found that
+            the field of view leaves whole (all of them when it cuts every one), the figure the spine gate
+            (``pipeline.is_spine``) judges; None when no component was found.
         orientation_margin: how much more decisively the level head names the vertebrae with the image turned head
             to feet (``features.level_sharpness``, turned minus as read); None when not checked.
         removed_up_to: the highest id of the vertebrae that edits removed (0: none), so that an added vertebra never
