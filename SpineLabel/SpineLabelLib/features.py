@@ -40,7 +40,7 @@ class ComponentFeatures:
     principal_axis_lps: np.ndarray
     mean_intensity: float
     body_probability: float
-    at_view_end: bool = False
+    at_view_end: bool
 
 
 def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_probability: np.ndarray,
@@ -48,7 +48,8 @@ def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_
     """Measure every component.
 
     Args:
-        bodies: int32 (z, y, x) body components, ids 1..n, on the model grid (``io.canonical_grid``: z runs inferior to superior).
+        bodies: int32 (z, y, x) body components, ids 1..n, on the model grid (``io.canonical_grid``: z runs inferior
+            to superior).
         vertebrae: int32 (z, y, x) whole-vertebra components, same ids.
         volume: float32 (z, y, x) normalised image.
         body_probability: float (z, y, x) the network's vertebral-body probability.

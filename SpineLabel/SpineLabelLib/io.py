@@ -141,7 +141,7 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int] | None:
     return endian, datatype, max(offset, 352), n * bitpix // 8, spacing_known, 1 if size == 348 else 2
 
 
-def _check_nifti(path: Path, what: str = "image") -> int:
+def _check_nifti(path: Path, what: str) -> int:
     """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0), turns NaN and infinite
     voxels into 0, and takes 1 mm for a voxel size of 0: check the header and the size, and stream float voxels
     through a finiteness test. ``what`` names the file in the messages ("image", "label map"). Returns the NIfTI
@@ -210,7 +210,11 @@ def _read_nifti2(path: Path, what: str) -> sitk.Image:
 
 
 def _read_file(path: Path, what: str) -> sitk.Image:
-    """``sitk.ReadImage`` with ITK's error turned into an ``InputError`` naming ``path`` and the reason."""
+    """One image file: a NIfTI checked first (``_check_nifti``) and read by nibabel when it is NIfTI-2
+    (``_read_nifti2``); otherwise ``sitk.ReadImage`` with ITK's error turned into an ``InputError`` naming ``path``
+    and the reason. ``what`` names the file in the messages ("image", "label map")."""
+    if path.name.lower().endswith((".nii", ".nii.gz")) and _check_nifti(path, what) == 2:
+        return _read_nifti2(path, what)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as err:
@@ -232,8 +236,7 @@ def read_label_map(path: str | os.PathLike) -> sitk.Image:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
-    nifti = _check_nifti(p, "label map") if p.name.lower().endswith((".nii", ".nii.gz")) else 0  # truncation, NaN
-    image = _read_nifti2(p, "label map") if nifti == 2 else _read_file(p, "label map")
+    image = _read_file(p, "label map")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{p}: not a 3D scalar label map")
     values = sitk.GetArrayViewFromImage(image)
@@ -274,8 +277,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     else:
         if not p.name.lower().endswith(IMAGE_SUFFIXES):
             raise InputError(f"{p}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder")
-        nifti = _check_nifti(p) if p.name.lower().endswith((".nii", ".nii.gz")) else 0
-        image = _read_nifti2(p, "image") if nifti == 2 else _read_file(p, "image")
+        image = _read_file(p, "image")
     return checked_image(image, str(p))
 
 
