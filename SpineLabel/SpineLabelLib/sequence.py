@@ -67,7 +67,11 @@ class SequencePriors:
         gap_outlier: share of gaps that follow no anatomy (a component cut by the field of view, a bad split).
         sacral_piece: one more piece of the sacrum below S1 (its segments are body-like and partly separated by
             rudimentary discs); 0 forbids it.
-        sacral_spacing_mm: centroid distance between consecutive sacral segments (about 20-25 mm).
+        sacral_spacing_mm: centroid distance between consecutive sacral segments (about 20-25 mm). The pieces that
+            model 1.7.0 leaves below S1 on real MRI lie further apart (4 of the 24 training MRI of
+            ``mri_lumbar_bodies`` have them; their 10 gaps are 28-76 mm), but a prior fitted to those (47 mm, with a
+            log spread of 0.35 of its own) took the L6 of a synthetic crop for S1 and its S1 for a piece, and lost two
+            vertebrae on ``benchmarks/selection.py``: an L6 sits about as far above S1.
     """
 
     t13: float = 0.03
