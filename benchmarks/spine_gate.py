@@ -4,8 +4,8 @@ Labels images that hold no spine (white, smoothed and uniform noise, random blob
 as negatives; a limb and a head, which it never draws; CT-like and MR-like intensities) and every real scan in
 ``../shared/data``, and prints the median vertebral-body probability of each one's vertebra-like components that the
 field of view leaves whole (``SpineLabeling.spine_probability``, column p) and the number of all its components (n),
-both as the gate sees them, then what the gate does with them. The gate belongs between the highest non-spine value and the lowest real-scan
-value, for short and for long columns of components.
+both as the gate sees them, then what the gate does with them. The gate belongs between the highest non-spine value
+and the lowest real-scan value, for short and for long columns of components.
 
 Usage (from the repository root):
     python benchmarks/spine_gate.py [--model CARD.json] [--seeds 3]

@@ -24,8 +24,8 @@ from skimage.segmentation import watershed
 
 from .vertebrae import BODY, POSTERIOR, level_index
 
-__all__ = ["present_ids", "body_components", "split_merged", "dense_bone_as_posterior", "attach_posterior",
-           "sacral_posterior", "join_sacrum", "vertebra_components"]
+__all__ = ["present_ids", "cut_by_field_of_view", "body_components", "split_merged", "dense_bone_as_posterior",
+           "attach_posterior", "sacral_posterior", "join_sacrum", "vertebra_components"]
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,11 @@ def drop_small(labels: np.ndarray, spacing_mm: tuple[float, float, float], min_v
     sizes = np.bincount(labels.ravel())[1:] * (float(np.prod(spacing_mm)) / 1000.0)
     keep = sizes >= min_volume_ml
     if keep.any():
-        keep &= (sizes >= fraction * float(np.median(sizes[keep]))) | _cut_by_field_of_view(labels)[1:sizes.size + 1]
+        keep &= (sizes >= fraction * float(np.median(sizes[keep]))) | cut_by_field_of_view(labels)[1:sizes.size + 1]
     return _renumber_cranial_first(labels, np.flatnonzero(keep) + 1)
 
 
-def _cut_by_field_of_view(labels: np.ndarray) -> np.ndarray:
+def cut_by_field_of_view(labels: np.ndarray) -> np.ndarray:
     """bool (max id + 1,): which ids of ``labels`` (int, z, y, x) reach its first or last z slice."""
     cut = np.zeros(int(labels.max(initial=0)) + 1, dtype=bool)
     cut[np.unique(labels[[0, -1]])] = True
@@ -169,7 +169,7 @@ def split_merged(
         return labels
     boxes = ndimage.find_objects(labels)
     heights = np.array([boxes[i - 1][0].stop - boxes[i - 1][0].start for i in ids], dtype=float) * spacing_mm[0]
-    whole = ~_cut_by_field_of_view(labels)[ids]  # bodies cut by the field of view do not say how tall bodies are
+    whole = ~cut_by_field_of_view(labels)[ids]  # bodies cut by the field of view do not say how tall bodies are
     limit = min(max_height_mm, ratio * float(np.median(heights[whole]))) if whole.sum() >= 3 else max_height_mm
     voxels = np.bincount(labels.ravel())[ids]
     core_voxels = max(4.0, min_core * float(np.median(voxels[whole] if whole.any() else voxels)))

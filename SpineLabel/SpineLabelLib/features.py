@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .components import present_ids
+from .components import cut_by_field_of_view, present_ids
 from .result import Geometry
 
 __all__ = ["ComponentFeatures", "measure", "chain_order", "drop_detached_ends", "level_scores", "level_sharpness"]
@@ -62,6 +62,7 @@ def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_
     spacing_zyx = np.asarray(grid.spacing[::-1])
     out = []
     boxes = ndimage.find_objects(bodies)
+    cut = cut_by_field_of_view(bodies)
     for vid in ids:
         box = boxes[vid - 1]
         mask = bodies[box] == vid
@@ -84,7 +85,7 @@ def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_
                 principal_axis_lps=axis_lps,
                 mean_intensity=float(volume[box][mask].mean()),
                 body_probability=float(body_probability[box][mask].astype(np.float32).mean()),
-                at_view_end=box[0].start == 0 or box[0].stop == bodies.shape[0],
+                at_view_end=bool(cut[vid]),
             )
         )
     return out

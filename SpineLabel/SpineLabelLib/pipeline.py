@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 # An image is taken for a spine when at least two vertebra-like components are found and the median body probability
 # of those the field of view leaves whole (not touching its top or bottom plane; all of them when every one does:
-# ``SpineLabeling.spine_probability``) reaches MIN_SPINE_PROBABILITY, or MIN_SPINE_PROBABILITY_LONG_COLUMN when there are
-# LONG_COLUMN components or more (a long column of them is evidence of a spine in itself). Placed with the default
+# ``SpineLabeling.spine_probability``) reaches MIN_SPINE_PROBABILITY, or MIN_SPINE_PROBABILITY_LONG_COLUMN when there
+# are LONG_COLUMN components or more (a long column of them is evidence of a spine in itself). Placed with the default
 # model 1.7.0 by ``python benchmarks/spine_gate.py --seeds 6``: images without a spine reach at most 0.819 with two to
 # four components and 0.774 with five or more, the real scans of ../shared/data at least 0.861 (the cervical T1 MRI of
 # cervical_sct, four components) and 0.866 (VB3_49); the thresholds sit in the middle of those gaps. Then checked on
