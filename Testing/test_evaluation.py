@@ -266,8 +266,11 @@ def test_reference_images_are_found_beside_their_masks(tmp_path):
         ev.reference_images(tmp_path / "other")
 
 
-def write_report(path: Path, confidences: dict[int, float]):
-    path.write_text(json.dumps({"vertebrae": [{"label": k, "confidence": c} for k, c in confidences.items()]}))
+def write_report(path: Path, confidences: dict[int, float], modality: str | None = None):
+    document = {"vertebrae": [{"label": k, "confidence": c} for k, c in confidences.items()]}
+    if modality is not None:
+        document["input"] = {"modality": modality}
+    path.write_text(json.dumps(document))
 
 
 def test_confidences_from_reports_split_the_identified(tmp_path):
@@ -295,6 +298,25 @@ def test_confidences_from_reports_split_the_identified(tmp_path):
     (pred_dir / "b_report.json").write_text("{not json")
     with pytest.raises(InputError, match="b_report.json"):
         ev.evaluate_folders(pred_dir, gt_dir.parent)
+
+
+def test_cases_are_grouped_by_the_modality_of_their_reports(tmp_path):
+    gt_dir, pred_dir = tmp_path / "gt" / "labelsTr", tmp_path / "pred"
+    gt_dir.mkdir(parents=True)
+    pred_dir.mkdir()
+    for case, modality, levels in (("a", "CT", [L1, L2, L3]), ("b", "MR", [L2, L3, L4]), ("c", "MR", [L3, L4, L5]),
+                                   ("d", None, [L1, L2, L3])):
+        write_mask(spine([L1, L2, L3, L4, L5]), gt_dir / f"{case}.nii.gz")
+        write_mask(spine(levels), pred_dir / f"{case}_seg.nii.gz")
+        if modality is not None:
+            write_report(pred_dir / f"{case}_report.json", dict.fromkeys(levels, 1.0), modality)
+
+    summary = ev.evaluate_folders(pred_dir, gt_dir.parent)
+    assert {c.name: c.group for c in summary.cases} == {"a": "CT", "b": "MR", "c": "MR", "d": ""}
+    assert (summary.groups["CT"].n_cases, summary.groups["MR"].n_cases, summary.overall.n_cases) == (1, 2, 4)
+    # groups the caller gives replace the reports' modalities
+    summary = ev.evaluate_folders(pred_dir, gt_dir.parent, groups={"a": "x", "b": "x"})
+    assert sorted(summary.groups) == ["x"] and summary.groups["x"].n_cases == 2
 
 
 def test_case_key():

@@ -55,7 +55,8 @@ Metrics (all distances between centroids in LPS millimetres; labels are VerSe va
   SpineLabel warns, and *confident* otherwise. The summary counts the uncertain and the confident GT vertebrae and
   how many of each are identified: whether the warnings point at the errors.
 * **Summary**: the pooled values above, the number of off-by-one scans and of missing predictions, overall and per
-  group when the caller gives a group per case (e.g. ``{"VB1_02_AKa3": "MR"}``).
+  group: the group the caller gives per case (e.g. ``{"VB1_02_AKa3": "MR"}``), else the modality its SpineLabel
+  report says the image was labelled as, so MRI and CT are scored apart.
 * **By level**: over all cases, per GT level (in ``vertebrae.LEVELS`` order): GT vertebrae, identified, localisation
   error, and what the GT vertebrae not identified were called instead (the label of the closest predicted centroid
   when that lies within 20 mm, else "none"), so that a level the model confuses with a neighbour shows which one.
@@ -96,7 +97,7 @@ __all__ = [
     "labelled_cases",
     "reference_labels",
     "read_centroids",
-    "read_confidences",
+    "read_report",
     "mask_centroids",
     "evaluate_case",
     "evaluate_folders",
@@ -480,16 +481,18 @@ def level_step(label: int) -> int:
     return index - (index > level_index("T13")) - (index > level_index("L6"))
 
 
-def read_confidences(path: str | os.PathLike) -> dict[int, float]:
-    """VerSe label -> confidence of each vertebra of a SpineLabel report (``NAME_report.json``).
+def read_report(path: str | os.PathLike) -> tuple[dict[int, float], str]:
+    """VerSe label -> confidence of each vertebra of a SpineLabel report (``NAME_report.json``), and the modality the
+    image was labelled as ("CT" or "MR"; "" when the report does not say).
 
     Raises:
         InputError: unreadable file, or not a SpineLabel report.
     """
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
-        return {int(v["label"]): float(v["confidence"]) for v in document["vertebrae"]}
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        confidences = {int(v["label"]): float(v["confidence"]) for v in document["vertebrae"]}
+        return confidences, str(document.get("input", {}).get("modality") or "")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise InputError(f"{path}: not a readable SpineLabel report ({type(err).__name__}: {err})") from None
 
 
@@ -739,11 +742,11 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
             pred_ctd = read_centroids(pred.ctd, pred_image)
         else:
             pred_ctd = _mask_centroids_lps(pred_labels, geometry)
+    confidences, modality = read_report(pred.report) if pred and pred.report else (None, "")
     result = evaluate_case(pred_labels, gt_labels, geometry.spacing[::-1], pred_ctd, gt_ctd, is_bodies,
-                           name=pred.name if pred else key,
-                           pred_confidences=read_confidences(pred.report) if pred and pred.report else None)
+                           name=pred.name if pred else key, pred_confidences=confidences)
     result.prediction_missing = pred is None
-    result.group = (_lookup(groups, key, pred, gt) or "") if groups else ""
+    result.group = (_lookup(groups, key, pred, gt) or "") if groups else modality
     result.gt_mask = str(gt.mask)
     result.pred_seg = str(pred.seg) if pred else ""
     result.centroid_source = "centroid files" if from_files else "masks"
@@ -772,7 +775,8 @@ def evaluate_folders(
         out_json: where to write ``summary.to_dict()`` as JSON (written atomically), or None.
         out_md: where to write ``summary_markdown(summary)``, or None.
         groups: case -> group name (e.g. "MR"/"CT"), keyed by matching key, prediction NAME, GT mask stem or any name
-            with the case's matching key (its image's); cases not in it are in no group.
+            with the case's matching key (its image's); cases not in it are in no group. None: each case's group is
+            the modality of its prediction's ``NAME_report.json`` (none without a report).
         bodies_only: True/False for all cases, a per-case mapping (keyed like ``groups``), or None to detect.
         progress: called after each case with (fraction 0-1 of the cases scored, message naming the case).
         cancel: polled before each case; returning True raises ``Cancelled`` (no report written, the report folders
