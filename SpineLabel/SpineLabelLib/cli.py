@@ -22,15 +22,18 @@ def _progress_bar(desc: str, quiet: bool) -> Iterator[Callable[[float, str], Non
     """A progress bar on stderr named ``desc`` (none when ``quiet``), removed on exit; yields the ``progress`` hook
     of the library (fraction 0-1 of the job, message) that moves it."""
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    bar = tqdm(total=100, desc=desc, disable=quiet, leave=False, unit="%")
+    bar = tqdm(total=100, desc=desc, disable=quiet, leave=False,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
 
     def progress(fraction: float, message: str) -> None:
         bar.n = int(100 * fraction)
         bar.set_postfix_str(message, refresh=True)
 
     try:
-        yield progress
+        with logging_redirect_tqdm():  # log lines go above the bar instead of into it
+            yield progress
     finally:
         bar.close()
 
