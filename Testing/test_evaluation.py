@@ -368,6 +368,19 @@ def test_centroids_that_are_not_finite_are_ignored(tmp_path):
     assert list(ev.read_centroids(path, reference)) == [L1]
 
 
+@pytest.mark.parametrize("entries, reason", [
+    ([{"direction": ["L", "P", "S"]}, {"label": L1, "X": 1, "Y": 2}], "KeyError: 'Z'"),
+    ([{"direction": ["L", "P", "S"]}, {"label": "L1", "X": 1, "Y": 2, "Z": 3}], "ValueError"),
+    ([{"direction": ["P", "I", "X"]}, {"label": L1, "X": 1, "Y": 2, "Z": 3}], "'PIX'"),
+    ([{"label": L1, "world_lps_mm": [1.0, 2.0]}], "ValueError"),
+])
+def test_centroid_entries_that_are_not_centroids_name_file_and_entry(tmp_path, entries, reason):
+    path = tmp_path / "x_ctd.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(InputError, match=f"x_ctd.json: entry {len(entries) - 1} is not a centroid.*{reason}"):
+        ev.read_centroids(path, sitk.Image([4, 4, 4], sitk.sitkUInt8))
+
+
 def test_folders_that_cannot_be_scored_leave_no_report(tmp_path):
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
     gt_dir.mkdir()

@@ -94,6 +94,21 @@ def test_a_failed_export_leaves_no_part_of_its_case(tmp_path, spine, monkeypatch
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+def test_a_dataset_json_without_channel_names_is_named(tmp_path, spine):
+    """An nnU-Net v1 dataset.json says "modality", not "channel_names": the modality of its images is unknown."""
+    (tmp_path / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}, "labels": {"background": 0}}))
+    with pytest.raises(ValueError, match="names no channel '0' under 'channel_names'"):
+        export.export_case(spine.result, spine.image, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset.json"]
+
+
+def test_dataset_json_labels_must_map_names_to_values(tmp_path):
+    (tmp_path / "labelsTr").mkdir()
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": ["L1", "L2"]}))
+    with pytest.raises(ValueError, match="'labels' must map each name"):
+        export.dataset_label_values(tmp_path / "labelsTr" / "a.nii.gz", np.ones((2, 2, 2), np.uint8))
+
+
 def test_an_unreadable_dataset_json_is_named(tmp_path):
     (tmp_path / "dataset.json").write_text("{broken")
     with pytest.raises(InputError, match=r"dataset.json: unreadable dataset.json"):

@@ -1,6 +1,7 @@
 """Reading and checking inputs, the model grid in any orientation, and atomic writes."""
 
 import itertools
+import struct
 
 import numpy as np
 import pytest
@@ -110,6 +111,51 @@ def test_bad_nifti2_names_file_and_reason(tmp_path, voxels, reason):
         path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(InputError, match=f"{path}: .*{reason}"):
         read_image(path)
+
+
+def test_odd_nifti2_and_corrupt_headers_name_file_and_reason(tmp_path):
+    nibabel = pytest.importorskip("nibabel")
+    rgb = np.zeros((4, 5, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    for name, voxels, reason in (("rgb.nii", rgb, "not a 3D scalar"), ("line.nii", np.ones(10, np.int16), "1D"),
+                                 ("six.nii", np.ones((3, 3, 3, 1, 2, 2), np.int16), "6D")):
+        nibabel.save(nibabel.Nifti2Image(voxels, np.eye(4)), tmp_path / name)
+        for reader in (read_image, read_label_map):
+            with pytest.raises(InputError, match=f"{name}: .*{reason}"):
+                reader(tmp_path / name)
+    path = tmp_path / "nan_offset.nii"  # a NIfTI-1 header whose voxel offset is NaN
+    nibabel.save(nibabel.Nifti1Image(np.ones((4, 4, 4), np.int16), np.eye(4)), path)
+    data = bytearray(path.read_bytes())
+    data[108:112] = struct.pack("<f", float("nan"))
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="nan_offset.nii: unreadable image"):
+        read_image(path)
+
+
+def test_nifti2_without_qform_or_sform_reads_as_itk_reads_nifti1(tmp_path):
+    """Without either transform nibabel makes up an affine of its own (j flipped, centred); ITK takes pixdim spacing,
+    origin 0 and the identity direction, and a NIfTI-2 copy must come back on the same grid as the NIfTI-1."""
+    nibabel = pytest.importorskip("nibabel")
+    voxels = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    for kind, name in ((nibabel.Nifti1Image, "one.nii"), (nibabel.Nifti2Image, "two.nii")):
+        image = kind(voxels, None)
+        image.header.set_zooms((2.0, 3.0, 4.0))
+        image.header.set_qform(None, code=0)
+        image.header.set_sform(None, code=0)
+        nibabel.save(image, tmp_path / name)
+    one, two = read_image(tmp_path / "one.nii"), read_image(tmp_path / "two.nii")
+    assert np.array_equal(sitk.GetArrayViewFromImage(two), sitk.GetArrayViewFromImage(one))
+    for get in (sitk.Image.GetSpacing, sitk.Image.GetOrigin, sitk.Image.GetDirection):
+        assert np.allclose(get(two), get(one)), get.__name__
+    assert two.GetSpacing() == (2.0, 3.0, 4.0)
+
+
+def test_float_nifti_with_bytes_after_its_voxels_is_read(tmp_path):
+    """Bytes after the voxels (some writers append them) are not voxels: the NaN test stops at the voxels' end."""
+    nibabel = pytest.importorskip("nibabel")
+    path = tmp_path / "tail.nii"
+    nibabel.save(nibabel.Nifti1Image(np.ones((6, 7, 8), np.float32), np.eye(4)), path)
+    path.write_bytes(path.read_bytes() + b"\xff\xff\xff\xff")  # a NaN, were it a voxel
+    assert sitk.GetArrayViewFromImage(read_image(path)).max() == 1.0
 
 
 def sheared() -> sitk.Image:
@@ -246,10 +292,14 @@ def test_label_maps_are_checked_like_images(tmp_path):
         read_label_map(path)
 
 
-def test_a_nifti_without_a_voxel_size_is_refused(tmp_path):
-    """ITK takes 1 mm for a pixdim of 0: a scan of unknown voxel size would be labelled at a made-up scale."""
+@pytest.mark.parametrize("sform", [None, np.diag([2.0, 3.0, 4.0, 1.0])])
+def test_a_nifti_without_a_voxel_size_is_refused(tmp_path, sform):
+    """ITK takes 1 mm for a pixdim of 0, even beside an sform that gives the voxel size: a scan of unknown voxel size
+    would be labelled at a made-up scale."""
     nibabel = pytest.importorskip("nibabel")
     image = nibabel.Nifti1Image(np.ones((4, 4, 4), np.int16), None)
+    if sform is not None:
+        image.header.set_sform(sform, code=1)
     image.header["pixdim"][1:4] = 0
     path = tmp_path / "nosize.nii.gz"
     nibabel.save(image, path)

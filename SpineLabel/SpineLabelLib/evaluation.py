@@ -439,7 +439,8 @@ def read_centroids(path: str | os.PathLike, reference: sitk.Image) -> dict[int, 
         VerSe label -> LPS position in mm, float64 of shape (3,).
 
     Raises:
-        InputError: unreadable file, or voxel coordinates without a ``direction`` header.
+        InputError: unreadable file, an entry without a whole-number label or three coordinates, voxel coordinates
+            without a ``direction`` header or with a direction code that is not one.
     """
     path = Path(path)
     try:
@@ -452,18 +453,24 @@ def read_centroids(path: str | os.PathLike, reference: sitk.Image) -> dict[int, 
                  if isinstance(e, dict) and "direction" in e), None)
     oriented: Geometry | None = None
     out: dict[int, np.ndarray] = {}
-    for entry in entries:
+    for n, entry in enumerate(entries):
         if not isinstance(entry, dict) or "label" not in entry:
             continue
-        label = int(entry["label"])
-        if "world_lps_mm" in entry:
-            position = np.asarray(entry["world_lps_mm"], dtype=float)
-        elif code is None:
+        if "world_lps_mm" not in entry and code is None:
             raise InputError(f"{path}: voxel centroids (X, Y, Z) without a 'direction' entry")
-        else:
-            if oriented is None:
-                oriented = Geometry.of(sitk.DICOMOrient(reference, code))
-            position = oriented.index_to_lps(np.array([entry["X"], entry["Y"], entry["Z"]], dtype=float))
+        try:
+            label = int(entry["label"])
+            if "world_lps_mm" in entry:
+                position = np.asarray(entry["world_lps_mm"], dtype=float).reshape(3)
+            else:
+                if oriented is None:
+                    oriented = Geometry.of(sitk.DICOMOrient(reference, code))
+                position = oriented.index_to_lps(np.array([entry["X"], entry["Y"], entry["Z"]], dtype=float))
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:  # RuntimeError: ITK on a bad direction code
+            detail = (str(err).strip().splitlines() or [""])[0][:120]
+            raise InputError(f"{path}: entry {n} is not a centroid: it needs a whole-number 'label' and 'X', 'Y', 'Z' "
+                             f"along a valid 'direction' (here {code!r}) or three 'world_lps_mm' "
+                             f"({type(err).__name__}: {detail})") from None
         if not np.isfinite(position).all():
             log.warning("%s: centroid of label %d is not a finite position; ignored", path, label)
             continue

@@ -123,6 +123,8 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
     dataset = dataset_dir / "dataset.json"
     present = np.flatnonzero(np.bincount(np.asarray(labels).ravel()))
     names = document.get("labels", {})
+    if not isinstance(names, dict):
+        raise ValueError(f"{dataset}: 'labels' must map each name to its label value")
     named = {int(value): name for name, value in names.items() if isinstance(value, int)}
     if not any(name in BY_NAME for name in named.values()):
         raise ValueError(f"{dataset}: no label is named after a vertebral level ({LEVELS[0].name} ... "
@@ -225,8 +227,14 @@ def export_case(
                          f"{len(result.vertebrae)}")
     modality = _modality(result)
     dataset = read_dataset_json(dataset_dir)
-    if dataset is not None and dataset.get("channel_names", {}).get("0") != modality:
-        raise ValueError(f"{dataset_dir}: dataset holds {dataset['channel_names'].get('0')} images, this one is {modality}")
+    if dataset is not None:
+        channels = dataset.get("channel_names")
+        held = channels.get("0") if isinstance(channels, dict) else None
+        if held is None:
+            raise ValueError(f"{dataset_dir}: its dataset.json names no channel '0' under 'channel_names' (nnU-Net v2), "
+                             "so the modality of its images is unknown")
+        if held != modality:
+            raise ValueError(f"{dataset_dir}: dataset holds {held} images, this one is {modality}")
     if case_id is None:
         case_id = next_case_id(dataset_dir)
     elif not _CASE_ID.match(case_id):

@@ -112,8 +112,12 @@ _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and
 
 def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int] | None:
     """(byte order, datatype code, voxel offset, voxel bytes, whether the voxel size is known, NIfTI version 1 or 2) of
-    a NIfTI header; None when it is not NIfTI. The voxel size is known from an sform, or from pixdim when its spatial
-    entries are finite and not 0 (ITK takes 1 mm for a 0)."""
+    a NIfTI header; None when it is not NIfTI. The voxel size is known from pixdim when its spatial entries are finite
+    and not 0 (ITK takes 1 mm for a 0, even beside an sform that gives the size), or for NIfTI-2, which nibabel reads,
+    from an sform.
+
+    Raises:
+        ValueError: a voxel offset that is not a finite number."""
     for endian in "<>":
         size = struct.unpack(endian + "i", header[:4])[0]
         if size == 348:
@@ -137,7 +141,7 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int] | None:
     for d in dims[1 : 1 + n_dims]:
         n *= max(int(d), 1)
     spatial = np.asarray(pixdim[1 : 1 + min(n_dims, 3)], dtype=float)
-    spacing_known = sform_code > 0 or bool(np.all(np.isfinite(spatial) & (spatial != 0)))
+    spacing_known = bool(np.all(np.isfinite(spatial) & (spatial != 0))) or (size == 540 and sform_code > 0)
     return endian, datatype, max(offset, 352), n * bitpix // 8, spacing_known, 1 if size == 348 else 2
 
 
@@ -151,13 +155,13 @@ def _check_nifti(path: Path, what: str) -> int:
     try:
         with opener(path, "rb") as f:
             layout = _nifti_layout(f.read(540))
-    except (OSError, EOFError, struct.error, zlib.error) as err:
+    except (OSError, EOFError, struct.error, zlib.error, ValueError) as err:
         raise InputError(f"{path}: unreadable {what} ({err})") from None
     if layout is None:
         return 0
     endian, datatype, offset, voxel_bytes, spacing_known, version = layout
     if not spacing_known:
-        raise InputError(f"{path}: the header gives no voxel size (pixdim 0 and no sform)")
+        raise InputError(f"{path}: the header gives no voxel size (pixdim 0)")
     expected = offset + voxel_bytes
     float_type = _NIFTI_FLOAT_TYPES.get(datatype)
     if gz:  # a single gzip member ends with its size
@@ -175,7 +179,9 @@ def _check_nifti(path: Path, what: str) -> int:
     try:
         with opener(path, "rb") as f:
             total = len(f.read(offset))
-            while chunk := f.read(1 << 24):  # a multiple of 8 bytes: whole float voxels, until the end
+            # a multiple of 8 bytes (whole float voxels) at a time, up to the end of the voxels: bytes after them
+            # (an extension some writers append) are not voxels
+            while chunk := f.read(min(1 << 24, expected - total)):
                 total += len(chunk)
                 if float_type is not None:
                     voxels = np.frombuffer(chunk, dtype=endian + float_type, count=len(chunk) // int(float_type[1]))
@@ -190,8 +196,9 @@ def _check_nifti(path: Path, what: str) -> int:
 
 def _read_nifti2(path: Path, what: str) -> sitk.Image:
     """A NIfTI-2 file (which ITK does not read) read with nibabel: voxels as stored (scaled when the header gives a
-    slope), geometry from nibabel's affine (the sform, else the qform, else pixdim; RAS mm) turned into LPS.
-    Trailing axes of length 1 are dropped; other shapes come back as they are for ``checked_image`` to turn down."""
+    slope), geometry from nibabel's affine (the sform, else the qform; RAS mm) turned into LPS, or, with neither, as
+    ITK reads such a NIfTI-1 file: pixdim spacing, origin 0, identity direction. Trailing axes of length 1 are
+    dropped; other 2D to 5D scalar shapes come back as they are for ``checked_image`` to turn down."""
     try:
         nii = nibabel.load(str(path))
         voxels = np.asanyarray(nii.dataobj)
@@ -199,8 +206,13 @@ def _read_nifti2(path: Path, what: str) -> sitk.Image:
         raise InputError(f"{path}: unreadable {what} ({str(err).strip()[:200]})") from None
     while voxels.ndim > 3 and voxels.shape[-1] == 1:
         voxels = voxels[..., 0]
+    if not 2 <= voxels.ndim <= 5 or voxels.dtype.kind not in "buif":
+        raise InputError(f"{path}: not a 3D scalar {what} ({voxels.ndim}D, {voxels.dtype} voxels)")
     image = sitk.GetImageFromArray(np.ascontiguousarray(voxels.T), isVector=False)  # nibabel's (i, j, k) -> (k, j, i)
-    if voxels.ndim == 3:
+    header = nii.header
+    if voxels.ndim == 3 and int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        image.SetSpacing([abs(float(v)) for v in header["pixdim"][1:4]])
+    elif voxels.ndim == 3:
         lps = np.diag([-1.0, -1.0, 1.0]) @ nii.affine[:3]
         spacing = np.linalg.norm(lps[:, :3], axis=0)
         image.SetSpacing(spacing.tolist())
