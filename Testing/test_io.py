@@ -74,8 +74,8 @@ def test_reads_each_format(tmp_path):
 
 def test_reads_a_volume_stored_as_one_time_point(tmp_path):
     img = oriented_image(np.eye(3))
-    for name in ("a.nrrd", "b.mha"):
-        out = read_image(write(tmp_path, name, sitk.JoinSeries([img])))  # 4D, fourth size 1
+    for name, reader in itertools.product(("a.nrrd", "b.mha"), (read_image, read_label_map)):
+        out = reader(write(tmp_path, name, sitk.JoinSeries([sitk.Cast(img, sitk.sitkUInt8)])))  # 4D, fourth size 1
         assert out.GetDimension() == 3 and out.GetSize() == img.GetSize()
         assert np.allclose(out.GetOrigin(), img.GetOrigin()) and np.allclose(out.GetDirection(), img.GetDirection())
         assert np.allclose(out.GetSpacing(), img.GetSpacing())

@@ -221,6 +221,12 @@ def _read_nifti2(path: Path, what: str) -> sitk.Image:
     return image
 
 
+def _as_3d(image: sitk.Image) -> sitk.Image:
+    """A 4D image of one time point (as NRRD and MetaImage can store a volume) as the 3D volume it is; any other
+    image as it is."""
+    return image[:, :, :, 0] if image.GetDimension() == 4 and image.GetSize()[3] == 1 else image
+
+
 def _read_file(path: Path, what: str) -> sitk.Image:
     """One image file: a NIfTI checked first (``_check_nifti``) and read by nibabel when it is NIfTI-2
     (``_read_nifti2``); otherwise ``sitk.ReadImage`` with ITK's error turned into an ``InputError`` naming ``path``
@@ -239,8 +245,8 @@ def read_label_map(path: str | os.PathLike) -> sitk.Image:
     """Read and check a label map (a reference or predicted vertebra mask).
 
     Returns:
-        A 3D scalar image of integer voxels, 0 or more, geometry untouched. A float map whose values are all whole
-        numbers is cast to uint16.
+        A 3D scalar image of integer voxels, 0 or more, geometry untouched (a 4D map of one time point as 3D). A
+        float map whose values are all whole numbers is cast to uint16.
 
     Raises:
         InputError: missing, unreadable or truncated file, not 3D scalar, values that are negative, NaN or not whole.
@@ -248,7 +254,7 @@ def read_label_map(path: str | os.PathLike) -> sitk.Image:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
-    image = _read_file(p, "label map")
+    image = _as_3d(_read_file(p, "label map"))
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{p}: not a 3D scalar label map")
     values = sitk.GetArrayViewFromImage(image)
@@ -307,8 +313,7 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
     if image.GetNumberOfComponentsPerPixel() != 1 or "complex" in image.GetPixelIDTypeAsString():
         raise InputError(f"{name}: {image.GetPixelIDTypeAsString()} image (RGB, vector or complex); a scalar CT or MRI "
                          "volume is needed")
-    if image.GetDimension() == 4 and image.GetSize()[3] == 1:  # one time point (NRRD, MetaImage): a 3D volume
-        image = image[:, :, :, 0]
+    image = _as_3d(image)
     if image.GetDimension() != 3:
         raise InputError(f"{name}: {image.GetDimension()}D image; a 3D volume is needed")
     if min(image.GetSize()) < 2:
