@@ -251,6 +251,8 @@ def test_training_and_worker_lines_are_parsed():
     event = process.parseTrainingLine("epoch 3/10 loss 0.4120 body_dice 0.812 level_accuracy 0.640")
     assert event == {"event": "epoch", "epoch": 3, "epochs": 10, "fraction": 0.3, "loss": 0.412,
                      "metrics": {"body_dice": 0.812, "level_accuracy": 0.64}}
+    event = process.parseTrainingLine("epoch 4/10 loss n/a body_dice n/a level_accuracy 0.500")  # no finite loss
+    assert event["epoch"] == 4 and np.isnan(event["loss"]) and event["metrics"] == {"level_accuracy": 0.5}
     assert process.parseTrainingLine("INFO training: loading data") is None
     assert process.parseWorkerLine('{"event": "progress", "fraction": 0.5, "message": "m"}')["fraction"] == 0.5
     assert process.parseWorkerLine("{not json") is None and process.parseWorkerLine('{"x": 1}') is None

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled
+from SpineLabelLib.io import InputError
 from SpineLabelLib.models import load_model
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
@@ -208,12 +209,53 @@ def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
     assert all(torch.equal(value, untrained[name]) for name, value in state["network"].items())
 
 
-def test_bad_data_weights_and_patch_sizes_are_refused(tmp_path):
-    cfg = TrainConfig(data=[("phantom", 0.0)], out=tmp_path / "m.json", patch=(32, 32, 32), device="cpu")
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
+    cfg = TrainConfig(data=[("phantom", 0.0)], out=tmp_path / "run" / "m.json", patch=(32, 32, 32), device="cpu")
     with pytest.raises(ValueError, match="weights"):
         train(cfg)
+    cfg = replace(cfg, data=[("phantom", 1.0)])
     with pytest.raises(ValueError, match="multiple of 16"):
-        train(replace(cfg, data=[("phantom", 1.0)], patch=(33, 32, 32)))
+        train(replace(cfg, patch=(33, 32, 32)))
+    for change, message in ((dict(patch=(0, 32, 32)), "1 or more"), (dict(patch=(-16, 32, 32)), "1 or more"),
+                            (dict(epochs=0), "epochs 0"), (dict(iterations=0), "iterations 0"),
+                            (dict(batch=0), "batch 0"), (dict(validation_cases=-1), "validation cases -1"),
+                            (dict(average_last=-1), "average-last -1")):
+        with pytest.raises(ValueError, match=message):
+            train(replace(cfg, **change))
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run" / "m.json").mkdir(parents=True)  # a folder where the card would go: found before training
+    with pytest.raises(ValueError, match="m.json: is a folder"):
+        train(cfg)
+
+
+def test_short_runs_and_a_bad_checkpoint(tmp_path):
+    """A run of 20 steps had a warm-up of 0 steps, and torch divided by it; a checkpoint that is not one is named."""
+    cfg = TrainConfig(data=[("phantom", 1.0)], out=tmp_path / "m.json", epochs=1, iterations=1, batch=1,
+                      patch=(32, 32, 32), spacing_mm=4.0, device="cpu", validation_cases=0, average_last=5)
+    for iterations in (1, 2, 20):
+        card = train(replace(cfg, iterations=iterations))
+    assert load_model(card).card["training"]["averaged_last_epochs"]["epochs"] == 1  # of 1 epoch, not 5
+    cfg.out.with_suffix(".ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="m.ckpt: not a SpineLabel training checkpoint"):
+        train(replace(cfg, resume=True))
+
+
+def test_a_label_map_on_another_grid_is_refused(tmp_path):
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    labels = tmp_path / "nn" / "labelsTr" / "c1.nii.gz"
+    moved = sitk.ReadImage(str(labels))
+    moved.SetOrigin((0.0, 0.0, 500.0))
+    sitk.WriteImage(moved, str(labels))
+    with pytest.raises(InputError, match="c1.nii.gz: label map grid .* differs from its image"):
+        load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
+
+
+def test_a_case_whose_labels_miss_every_fourth_voxel_can_be_cropped():
+    levels = np.zeros((40, 40, 40), np.uint8)
+    levels[5, 5, 5] = 22  # off the grid of every fourth voxel
+    case = training.Case(np.zeros(levels.shape, np.float32), np.zeros(levels.shape, np.uint8), levels, "tiny")
+    for seed in range(5):
+        assert training._crop(case, (16, 16, 16), np.random.default_rng(seed)).image.shape == (16, 16, 16)
 
 
 def test_nnunet_labels_are_read_by_their_names_in_dataset_json(tmp_path):

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 _TAIL_LINES = 200
 _NUMBER = r"[-+]?(?:nan|inf|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
-_EPOCH_LINE = re.compile(rf"^epoch\s+(\d+)\s*/\s*(\d+)\s+loss\s+({_NUMBER})(.*)$")
+_EPOCH_LINE = re.compile(rf"^epoch\s+(\d+)\s*/\s*(\d+)\s+loss\s+({_NUMBER}|n/a)(.*)$")
 _METRIC = re.compile(rf"([A-Za-z_][A-Za-z0-9_]*)\s+({_NUMBER})")
 
 
@@ -59,8 +59,9 @@ def parseTrainingLine(line: str) -> dict | None:
     """Event of one line of ``spinelabel train`` output.
 
     ``epoch 3/10 loss 0.4120 body_dice 0.812 level_accuracy 0.640`` gives ``{"event": "epoch", "epoch": 3,
-    "epochs": 10, "fraction": 0.3, "loss": 0.412, "metrics": {"body_dice": 0.812, "level_accuracy": 0.64}}``;
-    other lines give None.
+    "epochs": 10, "fraction": 0.3, "loss": 0.412, "metrics": {"body_dice": 0.812, "level_accuracy": 0.64}}``; a
+    loss or metric written ``n/a`` (no finite value) gives a loss of NaN and no entry in ``metrics``; other lines give
+    None.
     """
     match = _EPOCH_LINE.match(line.strip())
     if not match:
@@ -68,7 +69,7 @@ def parseTrainingLine(line: str) -> dict | None:
     epoch, epochs = int(match.group(1)), int(match.group(2))
     metrics = {name: float(value) for name, value in _METRIC.findall(match.group(4))}
     return {"event": "epoch", "epoch": epoch, "epochs": epochs, "fraction": epoch / epochs if epochs else 0.0,
-            "loss": float(match.group(3)), "metrics": metrics}
+            "loss": float("nan") if match.group(3) == "n/a" else float(match.group(3)), "metrics": metrics}
 
 
 def pythonPathEnvironment(paths: Sequence[str | os.PathLike], base: dict | None = None) -> dict:

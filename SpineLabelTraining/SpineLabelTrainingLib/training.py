@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_
 from SpineLabelLib.io import InputError, atomic_path, canonical_grid, read_image, read_label_map, resample_to_grid
 from SpineLabelLib.models import load_model, save_model
 from SpineLabelLib.network import SpineUNet
+from SpineLabelLib.result import Geometry
 from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
 
 from .synthesis import IGNORE
@@ -118,6 +120,10 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     """Resample a real labelled scan onto the model grid and build its (partial) targets."""
     image = read_image(image_path)
     labels = read_label_map(label_path)
+    if not Geometry.of(labels).matches(Geometry.of(image)):
+        raise InputError(f"{label_path}: label map grid (size {labels.GetSize()}, spacing {labels.GetSpacing()}, origin "
+                         f"{labels.GetOrigin()}) differs from its image {image_path} (size {image.GetSize()}, spacing "
+                         f"{image.GetSpacing()}, origin {image.GetOrigin()})")
     values = reference_labels(sitk.GetArrayViewFromImage(labels), label_path)
     value = np.arange(int(values.max()) + 1)
     is_level = _LEVEL_OF_LABEL[np.minimum(value, _LEVEL_OF_LABEL.size - 1)] > 0
@@ -182,6 +188,8 @@ def _crop(case: Case, size: tuple[int, int, int], rng: np.random.Generator) -> C
     size_a = np.array(size)
     if rng.random() < 0.67 and case.levels.any():
         zyx = np.argwhere(case.levels[::4, ::4, ::4]) * 4
+        if not len(zyx):  # labels too small to meet every fourth voxel
+            zyx = np.argwhere(case.levels)
         centre = zyx[rng.integers(len(zyx))]
     else:
         centre = rng.integers(0, np.maximum(shape, 1))
@@ -420,14 +428,22 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     weights = np.array([w for _, w in cfg.data], dtype=float)
     if not cfg.data or (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
         raise ValueError(f"data weights {[w for _, w in cfg.data]}: each must be 0 or more, and one more than 0")
+    for name, value, least in (("epochs", cfg.epochs, 1), ("iterations", cfg.iterations, 1), ("batch", cfg.batch, 1),
+                               ("validation cases", cfg.validation_cases, 0), ("average-last", cfg.average_last, 0)):
+        if value < least:
+            raise ValueError(f"{name} {value}: must be {least} or more")
+    if min(cfg.patch) < 1:
+        raise ValueError(f"patch {tuple(cfg.patch)}: each size must be 1 or more")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     if out.suffix != ".json":  # "model.v2" is model.v2.json, not model.json
         out = out.with_name(out.name + ".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     ckpt = out.with_suffix(".ckpt")
+    for path in (out, ckpt):  # found now, not after the epochs
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder; give a model card path (.json)")
     if cfg.base_model is not None:
         base = load_model(cfg.base_model)
         net, spacing = base.network, base.spacing_mm
@@ -437,6 +453,11 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     if any(size % net.divisor for size in cfg.patch):
         raise ValueError(f"patch {tuple(cfg.patch)}: each size must be a multiple of {net.divisor} (the network's "
                          "downsampling)")
+    try:  # a file written and removed: what the checkpoint after the first epoch will need
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        raise ValueError(f"{out.parent}: cannot write the model and its checkpoint there ({err.strerror or err})") from None
     net.to(device).train()
     specs = [s for s, _ in cfg.data]
     weights /= weights.sum()
@@ -445,19 +466,26 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     val = [sources[i % len(sources)](val_rng) for i in range(cfg.validation_cases)]
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     total_steps = cfg.epochs * cfg.iterations
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.05)
+    # 5 % warm-up; at least 1.5 steps of it in a short run (torch divides by the warm-up's length in steps, less 1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
+                                                pct_start=min(max(0.05, 1.5 / total_steps), 0.75))
     start_epoch, history = 0, []
     averaged: dict[str, torch.Tensor] = {}
     # what a resumed run must share with the run that wrote the checkpoint
     settings = {"data": [[str(spec), float(w)] for spec, w in cfg.data], "cases": list(cases),
                 "base_model": str(cfg.base_model),
                 "epochs": cfg.epochs, "iterations": cfg.iterations, "batch": cfg.batch, "patch": list(cfg.patch),
-                "lr": cfg.lr, "spacing_mm": spacing, "seed": cfg.seed, "average_last": cfg.average_last}
+                "lr": cfg.lr, "spacing_mm": spacing, "seed": cfg.seed, "average_last": cfg.average_last,
+                "data_dir": str(cfg.data_dir) if "synthetic" in specs else None}
     if cfg.resume and not ckpt.exists():
         log.warning("no checkpoint at %s to resume from: training from the start", ckpt)
     if cfg.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+        except Exception as err:  # torch.load raises many types on a file that is not its own
+            raise ValueError(f"{ckpt}: not a SpineLabel training checkpoint ({type(err).__name__}: "
+                             f"{str(err).strip()[:200]}); remove it to train from the start") from None
         if changed:
             raise ValueError(f"{ckpt}: checkpoint of a run with other settings ({', '.join(changed)}); resume it with "
                              "the same options")
@@ -513,7 +541,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
                 "validation_crops": [c.name for c in val], "history": history}
     if averaged:
         net.load_state_dict({name: value.to(net.state_dict()[name].dtype) for name, value in averaged.items()})
-        training["averaged_last_epochs"] = {"epochs": cfg.average_last, **_validate(net, val, device)}
+        training["averaged_last_epochs"] = {"epochs": cfg.epochs - first_averaged, **_validate(net, val, device)}
     card = {
         "name": cfg.name,
         "version": cfg.version,
