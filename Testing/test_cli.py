@@ -1,6 +1,8 @@
 """The spinelabel command line: outputs, exit status, one clear line per failure, nothing left behind."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -110,8 +112,28 @@ def test_each_bad_input_fails_alone_with_a_clear_line(tmp_path, model, phantom_f
     assert "Traceback" not in err
     names = {p.name for p in out.iterdir()}
     assert names == {"spine" + s for s in OUTPUT_SUFFIXES}  # the good input still ran; nothing of the bad ones
-    assert main(["label", *map(str, cases), "-o", str(tmp_path / "none"), "--model", str(model), "--quiet"]) == 1
-    assert not (tmp_path / "none").exists()  # every input failed: not even the folder is left
+    assert main(["label", *map(str, cases), "-o", str(tmp_path / "none" / "a" / "b"), "--model", str(model),
+                 "--quiet"]) == 1
+    assert not (tmp_path / "none").exists()  # every input failed: not even the folders this run made are left
+
+
+def test_a_terminated_run_leaves_nothing(tmp_path, model, phantom_file, monkeypatch, capsys):
+    """SIGTERM (timeout, a batch scheduler) while the outputs are being written: their temporary files are removed
+    and so is the folder the run made, as for Ctrl-C."""
+    from SpineLabelLib import io, writers
+
+    def write_and_be_terminated(result, image, out, name, input_path=None):
+        with io.atomic_paths([out / f"{name}_seg.nii.gz"]) as (tmp,):
+            tmp.write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(writers, "write_all", write_and_be_terminated)
+    out = tmp_path / "run" / "out"
+    argv = ["label", str(phantom_file), "-o", str(out), "--model", str(model), "--quiet", "--no-spine-gate"]
+    assert main(argv) == 128 + signal.SIGTERM
+    assert "spinelabel: terminated" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
 
 
 def test_a_failed_input_names_the_outputs_an_earlier_run_left(tmp_path, model, capsys):

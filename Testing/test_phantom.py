@@ -181,6 +181,10 @@ def test_bad_arguments():
         make_phantom(fov="lumbar", levels=["C1", "C2", "C3"])
     with pytest.raises(ValueError):
         make_phantom(size=(10, 10), spacing=(1, 1, 1))
+    with pytest.raises(ValueError, match="three positive numbers"):
+        make_phantom(spacing=(float("nan"), 1, 1))
+    with pytest.raises(ValueError, match="spacing .* leaves fewer than 2 voxels"):
+        make_phantom(spacing=(1e6, 1e6, 1e6))
 
 
 def test_save_writes_image_and_labels(tmp_path):

@@ -71,6 +71,22 @@ def test_constant_volume_gives_no_vertebrae_and_a_warning(random_model, fill):
     assert not result.components.any() and result.spine_probability is None
 
 
+def test_mr_in_any_units_and_a_tiny_bright_object(small_phantom, random_model):
+    """MR intensities have no unit: a scan stored at 1e-9 times its values is labelled as the scan itself (it was
+    taken for a constant image), and a one-component vector image as its scalar one. An object so small that the
+    network's window would shrink to one voxel at its bottleneck is not a spine (instance normalisation failed)."""
+    image = sitk.Cast(small_phantom.image, sitk.sitkFloat32)
+    plain = label_spine(image, model=random_model, device="cpu", modality="mr", spine_gate=False)
+    for variant in (image * 1e-9, sitk.Compose([image])):
+        other = label_spine(variant, model=random_model, device="cpu", modality="mr", spine_gate=False)
+        assert np.array_equal(other.components, plain.components)
+        assert [v.name for v in other.vertebrae] == [v.name for v in plain.vertebrae]
+    spike = np.zeros((60, 60, 60), np.float32)
+    spike[30, 30, 30] = 1000.0
+    result = label_spine(sitk.GetImageFromArray(spike), model=random_model, device="cpu")
+    assert result.vertebrae == [] and "no vertebrae found" in result.warnings
+
+
 def test_model_card_hash_is_checked(tmp_path, random_model):
     model = load_model(random_model)
     card = tmp_path / "m.json"

@@ -9,8 +9,10 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -39,11 +41,14 @@ def _progress_bar(desc: str, quiet: bool) -> Iterator[Callable[[float, str], Non
 
 
 def _label(args: argparse.Namespace) -> int:
-    made = not args.out.exists()
-    status = _label_files(args.inputs, args.out, args)
-    if made and args.out.is_dir() and not any(args.out.iterdir()):  # every input failed: no trace of this run
-        args.out.rmdir()
-    return status
+    created = [p for p in (args.out, *args.out.parents) if not p.exists()]  # the output folder first, then its parents
+    try:
+        return _label_files(args.inputs, args.out, args)
+    finally:  # every input failed, or the run was stopped before writing: no trace of this run
+        for folder in created:
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
 
 
 def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int:
@@ -260,20 +265,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM (``timeout``, a batch scheduler, a parent process), raised where the process is, so that the
+    temporary files of unfinished outputs are removed on the way out as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    handles_sigterm = threading.current_thread() is threading.main_thread()  # where Python lets it set a handler
+    previous = signal.signal(signal.SIGTERM, _terminate) if handles_sigterm else None
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("spinelabel: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("spinelabel: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception as err:  # one line per failure unless --debug
         if args.debug:
             raise
         print(f"spinelabel: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if handles_sigterm:  # None: a handler not set from Python
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def normalise(volume: np.ndarray, ct_window_hu: tuple[float, float] | None = Non
     else:
         sample = volume[:: max(1, volume.shape[0] // 64)].astype(np.float32, copy=False)
         lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
-    scale = 1.0 / max(hi - lo, 1e-6)
+    scale = 1.0 / (hi - lo) if hi > lo else 1.0  # any units: MR magnitudes can be 1e-6 and less
     out = volume.astype(np.float32)  # copy
     out -= lo
     out *= scale
@@ -234,7 +234,9 @@ def predict(
     largest = (np.array(window) + div - 1) // div * div
     if not 0 <= overlap < int(largest.min()):
         raise ValueError(f"overlap {overlap} must be 0 or more and less than the window {tuple(map(int, largest))}")
-    win = np.minimum(largest, (shape + div - 1) // div * div)  # an axis shorter than the window takes one window
+    # an axis shorter than the window takes one window, of at least two divisors: one would leave the network's
+    # bottleneck a single voxel, which instance normalisation cannot normalise
+    win = np.minimum(largest, np.maximum((shape + div - 1) // div * div, 2 * div))
     starts = [_starts(int(s), int(w), overlap) for s, w in zip(shape, win)]
     in_plane = [(y, x) for y in starts[1] for x in starts[2]]
     n_windows = len(starts[0]) * len(in_plane)

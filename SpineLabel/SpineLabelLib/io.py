@@ -304,12 +304,14 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
     messages.
 
     Returns:
-        ``image``, a 4D image of one time point as 3D, float64 as float32.
+        ``image``, a 4D image of one time point as 3D, a vector image of one component as scalar, float64 as float32.
 
     Raises:
         InputError: not 3D (2D; 4D of more than one time point), not scalar (RGB, vector, complex), a single slice,
             holding NaN/inf, or on a sheared grid.
     """
+    if image.GetNumberOfComponentsPerPixel() == 1 and "vector" in image.GetPixelIDTypeAsString():
+        image = sitk.VectorIndexSelectionCast(image, 0)  # a vector of one component is the scalar image it holds
     if image.GetNumberOfComponentsPerPixel() != 1 or "complex" in image.GetPixelIDTypeAsString():
         raise InputError(f"{name}: {image.GetPixelIDTypeAsString()} image (RGB, vector or complex); a scalar CT or MRI "
                          "volume is needed")

@@ -828,7 +828,7 @@ def _default_grid(fov: str, anat: _Anatomy, names: tuple[str, ...], size, spacin
     """
     (nx_default, ny_default), spacing_default = _FOV_GRID[fov]
     spacing = np.asarray(spacing_default if spacing is None else spacing, dtype=float)
-    if spacing.shape != (3,) or np.any(spacing <= 0):
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing) & (spacing > 0)):
         raise ValueError(f"spacing must be three positive numbers (x, y, z mm), got {spacing.tolist()}")
     wanted = set(_fov_levels(fov, names))
     z_lo, z_hi = np.inf, -np.inf
@@ -844,13 +844,16 @@ def _default_grid(fov: str, anat: _Anatomy, names: tuple[str, ...], size, spacin
         z = _box_corners(el.centre, el.frame, lo, hi)[:, 2]
         z_lo, z_hi = min(z_lo, z.min()), max(z_hi, z.max())
     z_lo, z_hi = z_lo - 4, z_hi + 4
-    if size is None:
+    given = size is not None
+    if not given:
         fov_mm = np.array([nx_default * spacing_default[0], ny_default * spacing_default[1]])
         nx, ny = (int(round(fov_mm[a] / spacing[a])) for a in range(2))
         size = (nx, ny, int(math.ceil((z_hi - z_lo) / spacing[2])) + 1)
     size = tuple(int(n) for n in size)
     if len(size) != 3 or min(size) < 2:
-        raise ValueError(f"size must be three voxel counts >= 2 (x, y, z), got {size}")
+        raise ValueError(f"size must be three voxel counts >= 2 (x, y, z), got {size}" if given else
+                         f"spacing {spacing.tolist()} mm leaves fewer than 2 voxels along an axis of the {fov} field of "
+                         f"view (size {size}); give a finer spacing")
     extent = (np.array(size) - 1) * spacing
     z0 = (z_lo + z_hi) / 2 - extent[2] / 2
     centres = np.array([el.centre for el in anat.elements if el.name in wanted])

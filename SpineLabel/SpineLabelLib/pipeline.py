@@ -228,7 +228,8 @@ def label_spine(
     t = stage("resample", t)
     report(0.1, "normalising")
     warnings: list[str] = []
-    if float(volume.max() - volume.min()) <= 1e-6:
+    darkest, brightest = float(volume.min()), float(volume.max())
+    if brightest - darkest <= 1e-6 * max(abs(darkest), abs(brightest)):  # constant but for rounding, in any units
         warnings.append("image is constant: nothing to label")
         report(1.0, "no vertebrae found")
         return _empty(geometry, warnings, loaded, timings, source, modality, t0, None)
