@@ -63,14 +63,30 @@ def tiny_library(tmp_path_factory) -> shapes.ShapeLibrary:
     return shapes.build_shape_library(root, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
-def test_split_body_recovers_analytic_body():
-    whole, body = _analytic_vertebra((48, 80, 80), 22, 1.0)
-    split = shapes.split_body(whole, 22)
+@pytest.mark.parametrize("label", [5, 22, 24])  # C5 and L5 take the large ball, L3 the 2 mm one
+def test_split_body_recovers_analytic_body(label):
+    """The large ball that cuts the transverse processes of C2-C7 and L5 off the body also rounded off its endplate
+    rims (body Dice 0.947 at C5 and 0.956 at L5, 0.988 at L3); the body is grown back in front of the canal."""
+    whole, body = _analytic_vertebra((48, 80, 80), label, 1.0)
+    split = shapes.split_body(whole, label)
     predicted = split == BODY
     dice = 2 * (predicted & body).sum() / (predicted.sum() + body.sum())
-    assert dice > 0.9
+    assert dice > 0.98
     assert set(np.unique(split[whole])) == {BODY, POSTERIOR}
     assert not split[~whole].any()
+
+
+def test_collapsed_or_out_of_region_bodies_are_no_shapes():
+    typical = shapes.TYPICAL_BODY_MM
+
+    def shape(label, factors):
+        h, d, w = (t * f for t, f in zip(typical[label], factors))
+        return shapes.Shape(label, np.zeros((2, 2, 2), np.uint8), np.zeros(3), -h / 2, h / 2, d, w, "test")
+
+    assert shapes._plausible(shape(20, (0.72, 1.1, 0.9)))
+    assert not shapes._plausible(shape(20, (0.4, 1.2, 1.2)))  # a fractured L1
+    assert not shapes._plausible(shape(6, (2.0, 2.25, 1.92)))  # a lumbar-sized body labelled C6
+    assert shapes._plausible(shape(1, (2.6, 2.6, 1.7)))  # C1 (no body) is not measured
 
 
 def test_tiny_library_has_every_level_and_caches(tiny_library, tmp_path_factory):
@@ -205,7 +221,9 @@ def test_real_library(tmp_path):
         dice = shapes.body_split_dice(sitk.ReadImage(str(crops / (stem.format("seg-vert") + ".nii.gz"))),
                                       sitk.ReadImage(str(crops / (stem.format("seg-subreg") + ".nii.gz"))))
         for label in complete:
-            assert dice[label] > 0.95, (stem, label, dice)
+            assert dice[label] > 0.975, (stem, label, dice)  # 0.981-0.991 (0.97 at C6/C7 before the rims grew back)
+    l1 = [shape.source for shape in library.shapes_for(20)]
+    assert l1 and not any("verse004" in source for source in l1)  # its L1 is fractured: 10 mm tall
 
 
 @pytest.mark.parametrize("factor, phase", [(2.7, 0.37), (1.9, 0.9), (3.0, 0.5)])

@@ -53,7 +53,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPACING_MM = 1.0  # voxel size of every stored shape
-_CACHE_VERSION = 10
+_CACHE_VERSION = 11
 _MASK_BITS = 3  # mask values go up to SACRAL_CANAL (4)
 S1_LABEL = BY_NAME["S1"].label
 _MAIN_LABELS = tuple(level.label for level in LEVELS if not level.transitional)  # C1..L5, S1
@@ -223,9 +223,12 @@ def split_body(mask: np.ndarray, label: int, spacing_mm: float = SPACING_MM) -> 
     slice along z), opened by a 2 mm ball to cut thin bridges, largest piece. The transverse processes of C2-C7 and
     of L5 leave the body in front of the canal, so there the ball is sized to the level, as it is when no closed
     canal is found (only the body is that thick); with 2 mm they stayed in the body, which was then 38-66 mm wide at
-    C3-C7 and 64-77 mm at L5 (VerSe masks; 25-40 and 52-57 mm now). For C1, which has no body, the anterior arch and
-    lateral masses in front of the canal centre stand in. On the TPTBox subregion labels this gives a body Dice of
-    0.98-0.99 at L3 and L4 and 0.97 at C6 and C7 (:func:`body_split_dice`).
+    C3-C7 and 64-77 mm at L5 (VerSe masks; 26-41 and 52-58 mm now). That ball also rounds off the endplate rims
+    and corners of the body (5-25 % of its volume at C3-C7, 8-20 % at L5, taught as posterior elements), so the body
+    is then grown back by the ball's radius within the vertebra in front of the canal, no wider than the opened body
+    (0.1-7.7 % left). For C1, which has no body, the anterior arch and lateral masses in front of the canal centre
+    stand in. On the TPTBox subregion labels this gives a body Dice of 0.98-0.99 at L3 and L4 and 0.99 at the crop
+    labelled C6 and C7 (0.97 before the regrowth; :func:`body_split_dice`).
 
     Args:
         mask: bool (z, y, x) whole vertebra, axes (superior, posterior, left), isotropic ``spacing_mm`` voxels.
@@ -245,10 +248,18 @@ def split_body(mask: np.ndarray, label: int, spacing_mm: float = SPACING_MM) -> 
         limit = np.mean(canal_y) if label == BY_NAME["C1"].label else np.percentile(canal_y, 5) + 1.0 / spacing_mm
         front = mask & (np.arange(mask.shape[1]) < limit)[None, :, None]
         thin_processes = BY_NAME["C2"].label <= label <= BY_NAME["C7"].label or label == BY_NAME["L5"].label
-        opened = _ball_opening(front, (_opening_radius_mm(label) if thin_processes else 2.0) / spacing_mm)
+        radius = (_opening_radius_mm(label) if thin_processes else 2.0) / spacing_mm
+        body = _largest_component(_ball_opening(front, radius))
+        if thin_processes and body.any():
+            # the large ball also rounds off the body's endplate rims and corners: grow the body back into the
+            # vertebra in front of the canal by the ball's radius, but not sideways past the opened body, where
+            # the transverse processes leave it
+            columns = np.flatnonzero(body.any(axis=(0, 1)))
+            beside = np.zeros(mask.shape[2], bool)
+            beside[columns[0] : columns[-1] + 1] = True
+            body = ndimage.binary_dilation(body, iterations=max(int(round(radius)), 1), mask=front & beside[None, None, :])
     else:
-        opened = _ball_opening(mask, _opening_radius_mm(label) / spacing_mm)
-    body = _largest_component(opened)
+        body = _largest_component(_ball_opening(mask, _opening_radius_mm(label) / spacing_mm))
     out = np.zeros(mask.shape, np.uint8)
     out[mask] = POSTERIOR
     out[body] = BODY
@@ -552,6 +563,23 @@ def _default_disc(library: ShapeLibrary) -> Shape:
     return Shape(0, mask, centre, z_low, z_up, depth, width, "parametric disc")
 
 
+def _plausible(shape: Shape) -> bool:
+    """Whether a vertebra's body can stand for its level: not collapsed (height at least 0.6 of the level's typical
+    body, :data:`TYPICAL_BODY_MM`; synthesis draws fractures at their own rate) and not of another region's size (no
+    extent beyond 1.9 times typical). C1 (no body) and C2 (the dens) are not measured. On ``../shared/data`` this
+    turns down the fractured L1 of sub-verse004 (10 mm tall, 0.40; it was 1 of the 3 L1 shapes) and the TPTBox MRI
+    crop's 'C6', lumbar-sized (1.9-2.25 times a C6); every other shape lies within 0.72-1.75."""
+    if shape.label in (BY_NAME["C1"].label, BY_NAME["C2"].label):
+        return True
+    typical = TYPICAL_BODY_MM[shape.label]
+    ratios = np.array([shape.z_up - shape.z_low, shape.depth_mm, shape.width_mm]) / np.array(typical)
+    if ratios[0] >= 0.6 and ratios.max() <= 1.9:
+        return True
+    log.info("%s: body %.0f x %.0f x %.0f mm is no typical %s; not a shape", shape.source, shape.z_up - shape.z_low,
+             shape.depth_mm, shape.width_mm, BY_LABEL[shape.label].name)
+    return False
+
+
 def _source_files(data_dir: Path) -> dict[str, list[Path]]:
     return {
         "whole": sorted(data_dir.glob("masks_verse/*_seg-vert_msk.nii.gz")) + sorted(data_dir.glob("ct_verse/*_seg-vert_msk.nii.gz"))
@@ -568,7 +596,8 @@ def _build(files: dict[str, list[Path]]) -> ShapeLibrary:
     for path in files["whole"]:
         shapes, frames = canonical_vertebrae(sitk.ReadImage(str(path)), path.name)
         for shape in shapes:
-            library.vertebrae.setdefault(shape.label, []).append(shape)
+            if _plausible(shape):
+                library.vertebrae.setdefault(shape.label, []).append(shape)
         if c1_label in frames and c2_label in frames:
             (c1, _), (c2, rot2) = frames[c1_label], frames[c2_label]
             c1_offsets.append(rot2.T @ (c1 - c2))
