@@ -97,8 +97,10 @@ _INDEX: dict[str, int] = {level.name: i for i, level in enumerate(LEVELS)}
 # VerSe's value for the coccyx, which SpineLabel does not label; label lists that must run without a gap name it
 COCCYX_LABEL = 27
 
-# Tissue classes of the network's tissue head and of every training target (values 0..3). C1 (no body) and the
-# whole sacrum count as vertebral body, so that each vertebra has one body component.
+# Tissue classes of the network's tissue head and of every training target (values 0..3). C1 has no body and the
+# sacrum is one bone; the two sources of whole-spine targets differ there: the procedural phantoms count C1 and the
+# whole sacrum as vertebral body, the synthetic spines C1's anterior arch and lateral masses and the S1 body only (the
+# rest of the sacrum is posterior elements, which is what the network has learnt to call it).
 TISSUE_NAMES = ("background", "vertebral body", "posterior elements", "intervertebral disc")
 BODY, POSTERIOR, DISC = 1, 2, 3
 
