@@ -257,7 +257,8 @@ def split_body(mask: np.ndarray, label: int, spacing_mm: float = SPACING_MM) -> 
             columns = np.flatnonzero(body.any(axis=(0, 1)))
             beside = np.zeros(mask.shape[2], bool)
             beside[columns[0] : columns[-1] + 1] = True
-            body = ndimage.binary_dilation(body, iterations=max(int(round(radius)), 1), mask=front & beside[None, None, :])
+            body = ndimage.binary_dilation(body, iterations=max(int(round(radius)), 1),
+                                           mask=front & beside[None, None, :])
     else:
         body = _largest_component(_ball_opening(mask, _opening_radius_mm(label) / spacing_mm))
     out = np.zeros(mask.shape, np.uint8)
@@ -568,7 +569,7 @@ def _plausible(shape: Shape) -> bool:
     body, :data:`TYPICAL_BODY_MM`; synthesis draws fractures at their own rate) and not of another region's size (no
     extent beyond 1.9 times typical). C1 (no body) and C2 (the dens) are not measured. On ``../shared/data`` this
     turns down the fractured L1 of sub-verse004 (10 mm tall, 0.40; it was 1 of the 3 L1 shapes) and the TPTBox MRI
-    crop's 'C6', lumbar-sized (1.9-2.25 times a C6); every other shape lies within 0.72-1.75."""
+    crop's 'C6', lumbar-sized (1.92-2.25 times a C6); every other shape lies within 0.72-1.75."""
     if shape.label in (BY_NAME["C1"].label, BY_NAME["C2"].label):
         return True
     typical = TYPICAL_BODY_MM[shape.label]

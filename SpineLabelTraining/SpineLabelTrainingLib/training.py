@@ -457,7 +457,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
         out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out.parent).close()
     except OSError as err:
-        raise ValueError(f"{out.parent}: cannot write the model and its checkpoint there ({err.strerror or err})") from None
+        raise ValueError(f"{out.parent}: cannot write the model and its checkpoint there "
+                         f"({err.strerror or err})") from None
     net.to(device).train()
     specs = [s for s, _ in cfg.data]
     weights /= weights.sum()
