@@ -109,6 +109,29 @@ def test_dataset_json_labels_must_map_names_to_values(tmp_path):
         export.dataset_label_values(tmp_path / "labelsTr" / "a.nii.gz", np.ones((2, 2, 2), np.uint8))
 
 
+def test_case_ids_that_readers_would_take_for_another_case_are_refused(tmp_path, spine):
+    """evaluate and train match cases by their names less _img, _ct, _0000 and _T2w: p1 and p1_ct would be one case,
+    and the whole dataset unreadable."""
+    export.export_case(spine.result, spine.image, tmp_path, case_id="p1")
+    for case_id in ("p1_ct", "a_img", "b_T2w"):
+        with pytest.raises(ValueError, match=f"case id '{case_id}': readers of the dataset take it for case"):
+            export.export_case(spine.result, spine.image, tmp_path, case_id=case_id)
+    (tmp_path / "labelsTr" / "q_ct.nii.gz").write_bytes(b"")  # a case another tool wrote
+    with pytest.raises(ValueError, match="as they take q_ct"):
+        export.export_case(spine.result, spine.image, tmp_path, case_id="q")
+
+
+def test_temporaries_of_an_interrupted_export_are_no_case(tmp_path, spine):
+    export.export_case(spine.result, spine.image, tmp_path)
+    (tmp_path / "labelsTr" / ".spine_0002.abc123.tmp.nii.gz").write_bytes(b"half")  # a killed export's leftover
+    other = sitk.Image(spine.image)
+    other.SetOrigin((1.0, 2.0, 3.0))  # another scan: not a replacement of the first case
+    moved = spine.result.copy(geometry=spine.result.geometry.__class__.of(other))
+    export.export_case(moved, other, tmp_path)
+    assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == 2
+    assert export.next_case_id(tmp_path) == "spine_0003"
+
+
 def test_an_unreadable_dataset_json_is_named(tmp_path):
     (tmp_path / "dataset.json").write_text("{broken")
     with pytest.raises(InputError, match=r"dataset.json: unreadable dataset.json"):

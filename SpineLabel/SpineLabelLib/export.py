@@ -70,10 +70,16 @@ def _paths(dataset_dir: Path, case_id: str) -> dict[str, Path]:
     }
 
 
+def _files(folder: Path, pattern: str) -> list[Path]:
+    """The files of ``folder`` matching ``pattern``, without hidden ones (the temporaries of an interrupted write,
+    which readers of the dataset skip too)."""
+    return [p for p in folder.glob(pattern) if not p.name.startswith(".")]
+
+
 def _existing_cases(dataset_dir: Path) -> set[str]:
-    cases = {p.name[: -len(_FILE_ENDING)] for p in (dataset_dir / "labelsTr").glob(f"*{_FILE_ENDING}")}
-    cases |= {p.name[: -len("_0000" + _FILE_ENDING)] for p in (dataset_dir / "imagesTr").glob(f"*_0000{_FILE_ENDING}")}
-    cases |= {p.stem for p in (dataset_dir / "provenance").glob("*.json")}
+    cases = {p.name[: -len(_FILE_ENDING)] for p in _files(dataset_dir / "labelsTr", f"*{_FILE_ENDING}")}
+    cases |= {p.name[: -len("_0000" + _FILE_ENDING)] for p in _files(dataset_dir / "imagesTr", f"*_0000{_FILE_ENDING}")}
+    cases |= {p.stem for p in _files(dataset_dir / "provenance", "*.json")}
     return cases
 
 
@@ -157,7 +163,7 @@ def _image_digest(image: sitk.Image) -> str:
 def _cases_of_image(dataset_dir: Path, digest: str) -> list[str]:
     """Ids of the cases whose provenance records the image ``digest``."""
     cases = []
-    for record in sorted((dataset_dir / "provenance").glob("*.json")):
+    for record in sorted(_files(dataset_dir / "provenance", "*.json")):
         try:
             if json.loads(record.read_text(encoding="utf-8")).get("image_sha256") == digest:
                 cases.append(record.stem)
@@ -239,6 +245,14 @@ def export_case(
         case_id = next_case_id(dataset_dir)
     elif not _CASE_ID.match(case_id):
         raise ValueError(f"case id {case_id!r}: use letters, digits, '_' and '-' only")
+    else:
+        from .evaluation import case_key  # here: evaluation imports this module
+
+        same = sorted(c for c in _existing_cases(dataset_dir) if c != case_id and case_key(c) == case_key(case_id))
+        if case_key(case_id) != case_id or same:  # evaluate and train match cases by that key
+            raise ValueError(f"case id {case_id!r}: readers of the dataset take it for case {case_key(case_id)!r}"
+                             + (f", as they take {', '.join(same)}" if same else " (they strip _img, _ct, _0000 "
+                                "and _T2w from the end)") + "; choose another")
     paths = _paths(dataset_dir, case_id)
     if case_id in _existing_cases(dataset_dir) or any(p.exists() for p in paths.values()):
         raise FileExistsError(f"{dataset_dir}: case {case_id!r} already exists; export never overwrites")
@@ -258,7 +272,7 @@ def export_case(
             path.unlink(missing_ok=True)
         log.info("case %s replaces case %s of the same image", case_id, old)
 
-    num_training = len(list((dataset_dir / "labelsTr").glob(f"*{_FILE_ENDING}")))
+    num_training = len(_files(dataset_dir / "labelsTr", f"*{_FILE_ENDING}"))
     document = dict(dataset or {})
     document.update({
         "name": document.get("name", dataset_dir.name),
