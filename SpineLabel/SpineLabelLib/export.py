@@ -237,8 +237,8 @@ def export_case(
         channels = dataset.get("channel_names")
         held = channels.get("0") if isinstance(channels, dict) else None
         if held is None:
-            raise ValueError(f"{dataset_dir}: its dataset.json names no channel '0' under 'channel_names' (nnU-Net v2), "
-                             "so the modality of its images is unknown")
+            raise ValueError(f"{dataset_dir}: its dataset.json names no channel '0' under 'channel_names' "
+                             "(nnU-Net v2), so the modality of its images is unknown")
         if held != modality:
             raise ValueError(f"{dataset_dir}: dataset holds {held} images, this one is {modality}")
     if case_id is None:
