@@ -8,10 +8,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -55,7 +53,7 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int
     """Label each input into the folder ``out`` with the options of ``args`` (``_add_labelling_options``, quiet,
     debug). Returns the exit status: 0 all labelled, 1 some failed, 2 no output folder or no model."""
     from .inference import reuse_freed_memory
-    from .io import case_name, read_image
+    from .io import case_name, make_writable_folder, read_image
     from .models import ModelError
     from .pipeline import get_model, label_spine, require_vertebrae
     from .writers import output_paths, write_all
@@ -72,10 +70,7 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int
         print(f"spinelabel: error: {out}: is a file, not an output folder", file=sys.stderr)
         return 2
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=out, prefix=".spinelabel-write-test")
-        os.close(handle)
-        os.unlink(probe)
+        make_writable_folder(out)
     except OSError as err:
         print(f"spinelabel: error: {out}: output folder not writable ({err.strerror or err})", file=sys.stderr)
         return 2

@@ -77,7 +77,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .export import dataset_label_values
-from .io import IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, case_name, read_label_map
+from .io import IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, case_key, case_name, read_label_map
 from .result import Geometry
 from .sequence import UNCERTAIN_BELOW
 from .vertebrae import BY_LABEL, BY_NAME, level_index
@@ -107,7 +107,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ID_RADIUS_MM = 20.0
-_STRIP_SUFFIXES = ("_img", "_ct", "_0000", "_T2w")
 _NII = (".nii.gz", ".nii")
 
 
@@ -242,19 +241,6 @@ class EvaluationSummary:
 
 
 # ----------------------------------------------------------------------------------------------- file matching
-
-
-def case_key(name: str) -> str:
-    """Matching key of a case name: ``_img``, ``_ct``, ``_0000``, ``_T2w`` stripped from the end, repeatedly."""
-    key = name
-    stripped = True
-    while stripped:
-        stripped = False
-        for suffix in _STRIP_SUFFIXES:
-            if key.endswith(suffix) and len(key) > len(suffix):
-                key = key[: -len(suffix)]
-                stripped = True
-    return key
 
 
 def _strip_nii(name: str) -> str | None:

@@ -37,7 +37,7 @@ import SimpleITK as sitk
 
 from . import __version__, writers
 from .edits import check_image_grid
-from .io import InputError, atomic_path
+from .io import CASE_SUFFIXES, InputError, atomic_path, case_key
 from .result import SpineLabeling
 from .vertebrae import BY_NAME, COCCYX_LABEL, LEVELS
 
@@ -241,20 +241,20 @@ def export_case(
                              "(nnU-Net v2), so the modality of its images is unknown")
         if held != modality:
             raise ValueError(f"{dataset_dir}: dataset holds {held} images, this one is {modality}")
+    existing = _existing_cases(dataset_dir)
     if case_id is None:
         case_id = next_case_id(dataset_dir)
     elif not _CASE_ID.match(case_id):
         raise ValueError(f"case id {case_id!r}: use letters, digits, '_' and '-' only")
     else:
-        from .evaluation import case_key  # here: evaluation imports this module
-
-        same = sorted(c for c in _existing_cases(dataset_dir) if c != case_id and case_key(c) == case_key(case_id))
-        if case_key(case_id) != case_id or same:  # evaluate and train match cases by that key
-            raise ValueError(f"case id {case_id!r}: readers of the dataset take it for case {case_key(case_id)!r}"
-                             + (f", as they take {', '.join(same)}" if same else " (they strip _img, _ct, _0000 "
-                                "and _T2w from the end)") + "; choose another")
+        key = case_key(case_id)
+        same = sorted(c for c in existing if c != case_id and case_key(c) == key)
+        if key != case_id or same:  # evaluate and train match cases by that key
+            raise ValueError(f"case id {case_id!r}: readers of the dataset take it for case {key!r}"
+                             + (f", as they take {', '.join(same)}" if same else
+                                f" (they strip {', '.join(CASE_SUFFIXES)} from the end)") + "; choose another")
     paths = _paths(dataset_dir, case_id)
-    if case_id in _existing_cases(dataset_dir) or any(p.exists() for p in paths.values()):
+    if case_id in existing or any(p.exists() for p in paths.values()):
         raise FileExistsError(f"{dataset_dir}: case {case_id!r} already exists; export never overwrites")
     digest = _image_digest(image)
     replaces = _cases_of_image(dataset_dir, digest)

@@ -25,6 +25,9 @@ __all__ = [
     "Cancelled",
     "IMAGE_SUFFIXES",
     "case_name",
+    "CASE_SUFFIXES",
+    "case_key",
+    "make_writable_folder",
     "read_image",
     "checked_image",
     "read_label_map",
@@ -57,6 +60,23 @@ def case_name(path: str | os.PathLike) -> str:
         if p.name.lower().endswith(suffix):
             return p.name[: -len(suffix)]
     return p.stem
+
+
+# what a case's files add to its name (VerSe, bodies and nnU-Net layouts): a case is matched by its name without them
+CASE_SUFFIXES = ("_img", "_ct", "_0000", "_T2w")
+
+
+def case_key(name: str) -> str:
+    """Matching key of a case name: ``CASE_SUFFIXES`` stripped from the end, repeatedly."""
+    key = name
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in CASE_SUFFIXES:
+            if key.endswith(suffix) and len(key) > len(suffix):
+                key = key[: -len(suffix)]
+                stripped = True
+    return key
 
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:
@@ -384,6 +404,16 @@ def _process_umask() -> int:
 
 
 _UMASK = _process_umask()
+
+
+def make_writable_folder(folder: str | os.PathLike) -> None:
+    """Create ``folder`` (and its parents) and write and remove a file in it: what the outputs to come will need.
+
+    Raises:
+        OSError: the folder cannot be made or written to (a permission test alone passes root, or a read-only mount).
+    """
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=folder).close()
 
 
 @contextlib.contextmanager

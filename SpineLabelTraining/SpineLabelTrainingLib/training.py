@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,8 @@ from tqdm import tqdm
 
 from SpineLabelLib.evaluation import labelled_cases, reference_labels
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
-from SpineLabelLib.io import InputError, atomic_path, canonical_grid, read_image, read_label_map, resample_to_grid
+from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writable_folder, read_image,
+                              read_label_map, resample_to_grid)
 from SpineLabelLib.models import load_model, save_model
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.result import Geometry
@@ -453,9 +453,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     if any(size % net.divisor for size in cfg.patch):
         raise ValueError(f"patch {tuple(cfg.patch)}: each size must be a multiple of {net.divisor} (the network's "
                          "downsampling)")
-    try:  # a file written and removed: what the checkpoint after the first epoch will need
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
+    try:  # found now, not when the first checkpoint is written
+        make_writable_folder(out.parent)
     except OSError as err:
         raise ValueError(f"{out.parent}: cannot write the model and its checkpoint there "
                          f"({err.strerror or err})") from None
