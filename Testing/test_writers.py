@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -308,17 +309,27 @@ def test_write_all(tmp_path):
     assert all(p.stat().st_size > 0 for p in paths)
 
 
-@pytest.mark.parametrize("failing", ["_write_label_map_to", "_centroid_document", "_write_snapshot_to"])
-def test_write_all_leaves_nothing_on_failure(failing, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing, output", [("_write_label_map_to", 0), ("_centroid_document", 3),
+                                             ("_write_snapshot_to", 5)])
+def test_write_all_leaves_nothing_on_failure_and_names_the_output(failing, output, tmp_path, monkeypatch):
     result, image = make_case(PERMUTED)
 
     def broken(*args, **kwargs):
-        raise RuntimeError("disk on fire")
+        raise RuntimeError("disk on fire")  # as SimpleITK reports a failed write
 
     monkeypatch.setattr(writers, failing, broken)
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    final = writers.output_paths(tmp_path, "case")[output]
+    with pytest.raises(OSError, match=f"cannot write {re.escape(str(final))}: disk on fire"):
         writers.write_all(result, image, tmp_path, "case")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_case_name_whose_outputs_fit_the_file_system_is_written(tmp_path):
+    """The temporaries' names do not grow with the case name (they were 14 bytes longer than the outputs')."""
+    result, image = make_case(PERMUTED)
+    name = "c" * (255 - max(len(s) for s in writers.OUTPUT_SUFFIXES))
+    paths = writers.write_all(result, image, tmp_path, name)
+    assert sorted(tmp_path.iterdir()) == sorted(paths)
 
 
 def test_write_all_keeps_earlier_outputs_on_failure(tmp_path, monkeypatch):

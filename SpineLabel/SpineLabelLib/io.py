@@ -420,14 +420,14 @@ def make_writable_folder(folder: str | os.PathLike) -> None:
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on success rename it to ``final``, on error remove it.
 
-    The temporary name keeps ``final``'s extensions (``.tmpXXXX.nii.gz``) so format-sniffing writers work.
-    Nobody ever sees a half-written ``final``.
+    The temporary is hidden and keeps ``final``'s extensions (``.spinelabel-XXXXXXXX.tmp.nii.gz``) so that
+    format-sniffing writers work, and its length does not grow with ``final``'s name. Nobody ever sees a half-written
+    ``final``.
     """
     final = Path(final)
     suffix = "".join(final.suffixes[-2:]) if final.name.endswith((".nii.gz", ".seg.nrrd", ".mrk.json")) else final.suffix
-    base = final.name[: len(final.name) - len(suffix)] if suffix else final.name
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=final.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=".spinelabel-", suffix=f".tmp{suffix}", dir=final.parent)
     except OSError as err:
         raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from None
     os.close(fd)

@@ -126,7 +126,8 @@ def terminology_entry(level: Level) -> str:
 
     Format: ``context~category~type~typeModifier~anatomicContext~region~regionModifier``, each coded part as
     ``SCT^code^meaning``; category "Anatomical Structure" coded SCT 123037004 as in Slicer's General Anatomy list,
-    the context the entry names, so that Slicer matches the entry to its list.
+    the context the entry names. Slicer shows the type from the code and meaning the entry carries (the vertebra
+    codes of DICOM CID 7603, ``Level.snomed_code``), whether or not that list holds it.
     """
     return (
         "Segmentation category and type - 3D Slicer General Anatomy list"

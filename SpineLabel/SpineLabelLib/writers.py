@@ -546,7 +546,12 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
         lambda tmp: _write_snapshot_to(result, image, tmp),
     )
     with atomic_paths(paths) as temps:
-        for write, tmp in zip(writers, temps):
-            write(tmp)
+        for write, tmp, final in zip(writers, temps, paths):
+            try:
+                write(tmp)
+            except OSError as err:
+                raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from err
+            except RuntimeError as err:  # SimpleITK's failed writes
+                raise OSError(f"cannot write {final}: {err}") from err
     log.info("wrote %d outputs of %s to %s", len(paths), name, outdir)
     return paths
