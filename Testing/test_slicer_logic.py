@@ -244,6 +244,41 @@ def test_segment_editor_edits_are_read_back_and_exported(labeled, tmp_path):
     assert dataset["numTraining"] == 1
 
 
+def test_a_segment_removed_in_the_editor_is_taken_in_before_a_correction(labeled, tmp_path):
+    """It came back (empty, renamed) on the next rename, and the names changed at export."""
+    segmentation = labeled.segmentationNode.GetSegmentation()
+    l1 = next(v for v in labeled.result.vertebrae if v.name == "L1")
+    segmentation.RemoveSegment(segmentIdOf(l1.id))
+    labeled.markupsNode.SetNthControlPointLabel(point_index(labeled, "L4"), "L5")
+    assert labeled.lastError == ""
+    assert l1.id not in {v.id for v in labeled.result.vertebrae} and segmentation.GetSegment(segmentIdOf(l1.id)) is None
+    assert [c["action"] for c in labeled.corrections] == ["segment_edit", "rename"]
+    assert_nodes_match(labeled)
+    shown = [v.name for v in labeled.result.vertebrae]
+    labeled.exportCase(tmp_path / "Dataset001_Spine")
+    assert [v.name for v in labeled.result.vertebrae] == shown
+
+
+def test_a_segment_erased_in_the_editor_is_taken_in_before_a_correction(labeled):
+    l2 = next(v for v in labeled.result.vertebrae if v.name == "L2")
+    voxels = layer_voxels(labeled)
+    voxels[voxels == l2.label] = 0  # the Segment Editor's eraser over the whole segment
+    labeled.segmentationNode.GetSegmentation().GetLayerDataObject(0).Modified()
+    labeled.markupsNode.SetNthControlPointLocked(point_index(labeled, "T11"), True)
+    assert l2.id not in {v.id for v in labeled.result.vertebrae}
+    assert [c["action"] for c in labeled.corrections] == ["segment_edit", "lock"]
+    assert_nodes_match(labeled)
+
+
+def test_deleting_the_point_of_a_removed_segment_is_no_error(labeled):
+    l2 = next(v for v in labeled.result.vertebrae if v.name == "L2")
+    index = point_index(labeled, "L2")
+    labeled.segmentationNode.GetSegmentation().RemoveSegment(segmentIdOf(l2.id))
+    labeled.delete(l2.id)
+    assert l2.id not in {v.id for v in labeled.result.vertebrae} and index < labeled.markupsNode.GetNumberOfControlPoints()
+    assert_nodes_match(labeled)
+
+
 # ------------------------------------------------------------------------------------- background process
 
 

@@ -201,6 +201,7 @@ class LabelingScene(VTKObservationMixin):
         self._pointToVertebra: dict[str, int] = {}
         self._updating = False
         self._interacting = False
+        self._voxelStateKnown: tuple = ()
         scene = volumeNode.GetScene()
         base = name or volumeNode.GetName()
         self.segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{base} vertebrae")
@@ -247,18 +248,24 @@ class LabelingScene(VTKObservationMixin):
 
     def rename(self, vertebraId: int, name: str, lock: bool = True) -> None:
         """Rename a vertebra (see :func:`SpineLabelLib.edits.rename`) and update both nodes."""
+        if not self._readBackKeeps(vertebraId):
+            return
         old = self.result.by_id(vertebraId).name
         self._set(edits.rename(self.result, vertebraId, name, lock),
                   {"action": "rename", "vertebra_id": vertebraId, "from": old, "to": name, "locked": lock}, voxels=False)
 
     def setLocked(self, vertebraId: int, locked: bool) -> None:
         """Fix or release a vertebra's name and update both nodes."""
+        if not self._readBackKeeps(vertebraId):
+            return
         name = self.result.by_id(vertebraId).name
         self._set(edits.set_locked(self.result, vertebraId, locked),
                   {"action": "lock" if locked else "unlock", "vertebra_id": vertebraId, "name": name}, voxels=False)
 
     def movePoint(self, vertebraId: int, lps) -> None:
         """Move a vertebra's centroid to ``lps`` (mm; see :func:`SpineLabelLib.edits.move_point`)."""
+        if not self._readBackKeeps(vertebraId):
+            return
         under = edits.component_at(self.result, lps)
         self._set(edits.move_point(self.result, vertebraId, lps),
                   {"action": "move", "vertebra_id": vertebraId, "name": self.result.by_id(vertebraId).name,
@@ -266,7 +273,8 @@ class LabelingScene(VTKObservationMixin):
 
     def delete(self, vertebraId: int) -> None:
         """Delete a vertebra (segment and point) and re-solve."""
-        self.readBackSegmentation()
+        if not self._readBackKeeps(vertebraId):
+            return
         name = self.result.by_id(vertebraId).name
         self._set(edits.delete(self.result, vertebraId), {"action": "delete", "vertebra_id": vertebraId, "name": name},
                   voxels=True)
@@ -280,6 +288,23 @@ class LabelingScene(VTKObservationMixin):
         self._set(updated, {"action": "add", "vertebra_id": newId, "at_lps_mm": [round(float(c), 3) for c in lps],
                             "name": name}, voxels=True)
         return newId
+
+    def _readBackKeeps(self, vertebraId: int) -> bool:
+        """Take Segment Editor edits in before a correction is solved (a segment removed there would otherwise come
+        back, and the names change at export); False when they removed this vertebra (its segment was deleted or
+        emptied), which leaves nothing to correct. Reads back only when the segments or their voxels changed since
+        SpineLabel last wrote or read them (a read-back takes seconds on a large volume; a rename should not)."""
+        self._requireNodes()
+        if self._voxelState() != self._voxelStateKnown:
+            self.readBackSegmentation()
+        return any(v.id == vertebraId for v in self.result.vertebrae)
+
+    def _voxelState(self) -> tuple:
+        """What changes when segments are removed or added or their voxels edited: the segment ids and the modified
+        time of each layer's voxels."""
+        segmentation = self.segmentationNode.GetSegmentation()
+        return (tuple(segmentation.GetSegmentIDs()),
+                tuple(segmentation.GetLayerDataObject(i).GetMTime() for i in range(segmentation.GetNumberOfLayers())))
 
     def readBackSegmentation(self) -> bool:
         """Take voxel edits made in the segmentation node (Segment Editor) into ``result``.
@@ -314,6 +339,7 @@ class LabelingScene(VTKObservationMixin):
             raise RuntimeError(f"merged labelmap {components.shape} does not match the image grid "
                                f"{self.result.components.shape}")
         if np.array_equal(components, self.result.components):
+            self._voxelStateKnown = self._voxelState()
             return False
         differs = components != self.result.components
         changed = sorted(({int(i) for i in np.unique(components[differs])}
@@ -413,6 +439,7 @@ class LabelingScene(VTKObservationMixin):
             for position, segmentId in enumerate(order):  # segments listed in chain order, cranial first
                 if segmentation.GetSegmentIndex(segmentId) != position:
                     segmentation.SetSegmentIndex(segmentId, position)
+        self._voxelStateKnown = self._voxelState()
 
     def _remapLabelValues(self, wanted: dict) -> None:
         """Change the voxel values of each shared layer from the segments' old label values to the new ones. A
