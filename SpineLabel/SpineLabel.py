@@ -103,7 +103,8 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._process = None
         self._outputDir = None
         self._labelledVolume = None  # the volume the running process labels
-        self._labeling = None
+        self._labelings = {}  # volume node ID -> the LabelingScene of that volume, each followed until replaced
+        self._shownLabeling = None  # the labelling the table and messages show
         self._timer = None
 
     def setup(self) -> None:
@@ -129,18 +130,15 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.vertebraTable.connect("cellClicked(int,int)", self.onVertebraClicked)
 
         self.initializeParameterNode()
-        self.updateModelList()
         self.updateDependencyStatus()
 
     def cleanup(self) -> None:
         self.removeObservers()
         self.cancelProcess()
-        if self._labeling is not None:
-            self._labeling.cleanup()
+        self._forgetLabelings()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
-        self.updateModelList()  # models registered by SpineLabelTraining since
+        self.initializeParameterNode()  # lists the models again: SpineLabelTraining may have registered some since
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -150,10 +148,23 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.cancelProcess()
-        if self._labeling is not None:
-            self._labeling.cleanup()
-            self._labeling = None
+        self._forgetLabelings()
         self.setParameterNode(None)
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = ""
+        self.ui.warningsLabel.text = ""
+
+    def _forgetLabelings(self) -> None:
+        for labeling in self._labelings.values():
+            labeling.cleanup()
+        self._labelings.clear()
+        self._shownLabeling = None
+
+    @property
+    def _labeling(self):
+        """The labelling of the selected input volume (None when it has none)."""
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        return self._labelings.get(volume.GetID()) if volume is not None else None
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -175,6 +186,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.updateModelList()  # the combo box is not bound to the parameter node: show its model
             self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
@@ -187,6 +199,8 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasLabels = self._labeling is not None
         self.ui.addVertebraButton.enabled = hasLabels and not running
         self.ui.exportButton.enabled = hasLabels and not running
+        if self._labeling is not self._shownLabeling:  # another input volume: show its labelling, if any
+            self.onLabelingChanged(self._labeling)
 
     # -------------------------------------------------------------------------------------------- models
 
@@ -280,14 +294,13 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._stopPolling()
         with slicer.util.tryWithErrorDisplay(_("Failed to load the labels."), waitCursor=True):
             labeling = self.logic.finishLabelling(volume, outputDir)
-            if self._labeling is not None and self._labeling.volumeNode is volume:
-                self._labeling.removeNodes()  # the new labelling of this volume replaces the old one
-            elif self._labeling is not None:
-                self._labeling.cleanup()
-            self._labeling = labeling
-            self._labeling.changedCallbacks.append(self.onLabelingChanged)
+            replaced = self._labelings.pop(volume.GetID(), None)
+            if replaced is not None:
+                replaced.removeNodes()  # the new labelling of this volume replaces the old one
+            self._labelings[volume.GetID()] = labeling
+            labeling.changedCallbacks.append(self.onLabelingChanged)
             self.ui.progressBar.value = 100
-            self.onLabelingChanged(self._labeling)
+            self.onLabelingChanged(labeling)
         self._checkCanApply()
 
     def _endProcess(self) -> None:
@@ -311,7 +324,14 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---------------------------------------------------------------------------------------- corrections
 
     def onLabelingChanged(self, labeling) -> None:
+        """Show ``labeling`` (a correction of it, or a new one) when it is that of the selected input volume."""
+        if labeling is not self._labeling:
+            return
+        self._shownLabeling = labeling
         self.updateVertebraTable()
+        if labeling is None:
+            self.ui.warningsLabel.text = ""
+            return
         result = labeling.result
         lines = list(result.warnings)
         if labeling.lastError:
@@ -350,8 +370,8 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onExportButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to export the case."), waitCursor=True):
             path = self.logic.exportCase(self._labeling, self._parameterNode.datasetDirectory)
+            self.onLabelingChanged(self._labeling)  # export takes in Segment Editor edits, which may re-solve
             self.ui.statusLabel.text = _("Exported {path}").format(path=str(path))
-            self.onLabelingChanged(self._labeling)
 
 
 #
