@@ -22,7 +22,8 @@ cut by the field of view), with a small outlier share for badly split components
 Viterbi gives the best labelling (at the best scale); forward-backward gives each vertebra's posterior probability
 of its label (the confidence, over all scales, with the level evidence tempered by ``TEMPERATURE``) and the
 probability of transitional anatomy, from which the warnings come. ``relabel`` re-runs only this model with some
-labels forced, which is what interactive correction uses.
+labels forced, which is what interactive correction uses; with a label forced, the names too come from the tempered
+evidence.
 
 All priors live in ``PRIORS`` below, in one place.
 """
@@ -51,8 +52,10 @@ class SequencePriors:
     Attributes:
         t13: a 13th thoracic vertebra (about 2-8 % of the population in CT series; 3 % used).
         l6: a sixth lumbar vertebra (lumbarised S1; about 4-7 %; 4 % used).
-        missing_level: one regular level absent from the chain (a vertebra the network missed, or 11 thoracic
-            vertebrae / sacralised L5); 2 % per skipped level.
+        missing_level: one regular level absent from the chain, a vertebra the network missed; 2 % per skipped
+            level. Its gap is expected to span the missing vertebra, so at a normal spacing a skip costs far more
+            than that: 11 thoracic vertebrae or a sacralised L5, which leave no gap, are numbered as a regular
+            spine counted from its anchor (C2 or the sacrum) unless the user fixes a name.
         pitch_mm: (level, distance) pairs: from the body centroid of each regular level to that of the next regular
             level caudally, in an adult of average size. Measured on the label maps of the training data (mean over
             scans; ``python benchmarks/real_data.py pitches``): C1-T5 on two whole-spine VerSe masks, T9-S1 on two
@@ -102,7 +105,12 @@ UNCERTAIN_BELOW = 0.99
 
 # Temperature of the level head's evidence in the confidences: forward-backward divides each vertebra's level
 # log-scores by it (the population priors, the gap likelihoods and the scale prior stay as they are), while the labels
-# come from the Viterbi path of the evidence as it is, so no name depends on it. The level head reads every vertebra of
+# come from the Viterbi path of the evidence as it is, so no name of an uncorrected chain depends on it. Once the user
+# forces a name, the path too is taken on the tempered evidence: a correction says the level head misread this image,
+# and at full weight its evidence made skipping a level at a normal spacing cheaper than renumbering three or four
+# neighbours (an L2 forced to L3 on a labelled lumbar phantom gave T12 L1 L3 L4, the renumbered ones at confidence
+# 0.00). Decoding every chain that way lost 8 and 6 identified vertebrae on the two samples of
+# ``benchmarks/selection.py`` (670 and 688 of 860 and 863). The level head reads every vertebra of
 # a chain from one image and its errors go together: a short chain without the sacrum or C1/C2 is often shifted
 # whole, yet the chain counted its vertebrae as independent witnesses and was as sure of such a shift as of a whole
 # spine. Re-solving the chains of 1.7.0 offline: 2 is the warmest of 1, 1.5, 2, 2.5, 3 and 4 that leaves at most 8 of
@@ -224,8 +232,8 @@ def solve(
         temperature: of the level evidence in the confidences (``TEMPERATURE`` when None).
 
     Returns:
-        The Viterbi labelling (at the most probable patient scale) with posterior confidences (over all scales)
-        and warnings.
+        The Viterbi labelling (at the most probable patient scale; on the tempered evidence when labels are fixed)
+        with posterior confidences (over all scales) and warnings.
 
     Raises:
         ValueError: when the fixed labels contradict each other (a duplicate level, other than S1 when
@@ -257,7 +265,7 @@ def solve(
     start = _start_priors(priors)
     emissions[0] += start
     tempered[0] += start
-    paths, scores = _viterbi(emissions, transitions)
+    paths, scores = _viterbi(tempered if fixed else emissions, transitions)
     best = int(np.argmax(scores + log_scale_prior))
     if not np.isfinite(scores[best]):
         raise ValueError("the fixed labels cannot all hold: each level appears once, cranial to caudal")
