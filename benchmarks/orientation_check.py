@@ -3,7 +3,8 @@
 Labels every real image of ``../shared/data`` (the patterns of ``spine_gate.py``, and the PAM50 T2 template) twice
 with the check on: as stored, and turned head to feet with the header left unchanged (what a wrong header looks
 like). Prints each scan's ``orientation_margin`` both ways and counts the warnings: a warning on a scan as stored is
-a false alarm, a warning on a turned copy is a catch. ``--phantoms`` does the same on the procedural phantoms of
+a false alarm, a warning on a turned copy is a catch. Scans of the development test set of ``real_data.py evaluate``
+are marked "(held out)": a margin placed on these figures should be placed without them. ``--phantoms`` does the same on the procedural phantoms of
 ``selection.py`` (CT and MR; whole, cervical, thoracic and lumbar; seeds 101-103) instead of the real scans.
 
 Usage (from the repository root):
@@ -20,6 +21,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_data import is_test_image  # noqa: E402
 from spine_gate import DATA, REAL_PATTERNS  # noqa: E402
 
 from SpineLabelLib import pipeline  # noqa: E402
@@ -48,7 +50,8 @@ def main() -> int:
                   for seed in (101, 102, 103)}
     elif DATA.is_dir():
         paths = sorted({p for pattern in REAL_PATTERNS for p in DATA.rglob(pattern)} | {DATA / TEMPLATE})
-        images = {str(p.relative_to(DATA)): lambda p=p: sitk.ReadImage(str(p)) for p in paths}
+        images = {str(p.relative_to(DATA)) + (" (held out)" if is_test_image(p) else ""):
+                  lambda p=p: sitk.ReadImage(str(p)) for p in paths}
     else:
         print(f"no data at {DATA}", file=sys.stderr)
         return 1

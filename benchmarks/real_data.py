@@ -53,6 +53,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HOLDOUT_MRI = ["VB1_07_AKs7_img", "VB1_08_AKs8_img", "VB2_19_img", "VB2_23_img",
                "VB3_43_img", "VB3_46_img", "VB3_49_img", "VB3_52_img"]
 HOLDOUT_FOLDERS = ["crops_tptbox"]
+_HOLDOUT_MRI_PREFIXES = tuple(f"{name[: -len('_img')]}_" for name in HOLDOUT_MRI)  # the image's mask, centroids...
 # Real CT trained on: name -> (image, VerSe label map; None for the TotalSegmentator one, converted by
 # _totalseg_to_verse), as real_ct/ in nnU-Net layout inside the training view
 TRAINING_CT = {
@@ -67,6 +68,8 @@ def _workdir(args: argparse.Namespace, prefix: str) -> Path:
     temporary folder."""
     if args.workdir is None:
         return Path(tempfile.mkdtemp(prefix=prefix))
+    if args.workdir.exists() and not args.workdir.is_dir():
+        raise SystemExit(f"{args.workdir}: not a folder; give a new or empty folder as --workdir")
     if args.workdir.exists() and any(args.workdir.iterdir()):
         raise SystemExit(f"{args.workdir}: work folder not empty; give a new one (an earlier run's files would count)")
     return args.workdir
@@ -280,8 +283,9 @@ def _label(images: list[Path], out: Path, model: Path | None) -> None:
     if model:
         cmd += ["--model", str(model)]
     status = subprocess.run(cmd, check=False).returncode
-    if status == 2:  # no output folder or no model: nothing was labelled (1 is some inputs failed: scored as missed)
-        raise SystemExit("spinelabel label could not run (exit status 2); see its message above")
+    if status not in (0, 1):  # 1: some inputs failed, scored as missed; else it could not run or was killed
+        raise SystemExit(f"spinelabel label did not finish (exit status {status}); see its message above. Nothing "
+                         "was scored")
 
 
 def _label_thick(images: dict[str, list[Path]], root: Path, pred: Path, mm: float | None, slab_mm: float | None,
@@ -326,8 +330,6 @@ def evaluate(args: argparse.Namespace) -> int:
     images, gt = (build_selection_set if args.selection else build_test_set)(root)
     pred = root / "pred"
     if args.length_mm:
-        if not args.selection or args.slice_mm or args.slab_mm:
-            raise SystemExit("--length-mm goes with --selection only, without --slice-mm or --slab-mm")
         images, gt = _short_copies(images, gt, root, args.length_mm)
     if args.slice_mm or args.slab_mm:
         _label_thick(images, root, pred, args.slice_mm, args.slab_mm, args.model)
@@ -339,7 +341,7 @@ def evaluate(args: argparse.Namespace) -> int:
                                bodies_only=bodies_only)
     print(summary_markdown(summary))
     print(f"\nwritten: {root / 'evaluation.json'}, {root / 'evaluation.md'}")
-    if args.write_card and not args.selection and not args.slice_mm and not args.slab_mm:
+    if args.write_card:
         from SpineLabelLib.models import default_model_path
 
         card_path = args.model or default_model_path()
@@ -358,14 +360,20 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_test_image(path: Path) -> bool:
+    """Whether a file under ``DATA`` belongs to the development test set that ``evaluate`` scores (the held-out cases
+    and the ``discs_mri`` images): a threshold placed on real scans should be placed without these."""
+    rel = path.relative_to(DATA)
+    return rel.parts[0] in (*HOLDOUT_FOLDERS, "discs_mri") or path.name.startswith(_HOLDOUT_MRI_PREFIXES)
+
+
 def training_view(root: Path) -> Path:
     """A copy of ``../shared/data`` made of symbolic links, without the held-out cases, plus ``real_ct/``: the
     training CT in nnU-Net layout with VerSe labels."""
-    held = {f"{name[: -len('_img')]}_" for name in HOLDOUT_MRI}
     view = root / "training_data"
     for path in sorted(DATA.rglob("*")):
         rel = path.relative_to(DATA)
-        if path.is_dir() or rel.parts[0] in HOLDOUT_FOLDERS or any(path.name.startswith(h) for h in held):
+        if path.is_dir() or rel.parts[0] in HOLDOUT_FOLDERS or path.name.startswith(_HOLDOUT_MRI_PREFIXES):
             continue
         _link(path, view / rel)
     for name, (image, _) in TRAINING_CT.items():
@@ -407,6 +415,13 @@ def pitches(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_mm(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: a length in mm above 0")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -419,18 +434,24 @@ def main() -> int:
     p.add_argument("--write-card", action="store_true", help="record the scores in the model card's evaluation entry")
     p.add_argument("--selection", action="store_true",
                    help="score the training MRI and CT instead (the set model choices are made on), not the held-out scans")
-    p.add_argument("--slice-mm", type=float, metavar="MM",
+    p.add_argument("--slice-mm", type=_positive_mm, metavar="MM",
                    help="label thick-slice copies instead: MRI averaged into MM-thick sagittal slices, CT into MM-thick "
                         "axial slices; scored on the original grids")
-    p.add_argument("--slab-mm", type=float, metavar="MM",
+    p.add_argument("--slab-mm", type=_positive_mm, metavar="MM",
                    help="cut the MRI copies to a sagittal stack MM wide left to right, centred on the spine")
-    p.add_argument("--length-mm", type=float, metavar="MM",
+    p.add_argument("--length-mm", type=_positive_mm, metavar="MM",
                    help="with --selection: label short copies, MM along head-feet, one centred on each reference vertebra")
     p = sub.add_parser("pitches", help="centroid distances between consecutive levels in the training label maps")
     p.add_argument("--workdir", type=Path)
     args, extra = parser.parse_known_args()
     if extra and args.command != "train":  # only train passes options on (to spinelabel train)
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    if args.command == "evaluate":
+        if args.length_mm and (not args.selection or args.slice_mm or args.slab_mm):
+            parser.error("--length-mm goes with --selection only, without --slice-mm or --slab-mm")
+        if args.write_card and (args.selection or args.slice_mm or args.slab_mm):
+            parser.error("--write-card records the held-out scores as stored: not with --selection, --slice-mm or "
+                         "--slab-mm")
     if not DATA.is_dir():
         print(f"{DATA}: real data folder not found", file=sys.stderr)
         return 2

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from SpineLabelLib.pipeline import get_model, label_spine
 from SpineLabelTrainingLib.shapes import build_shape_library
 from SpineLabelTrainingLib.synthesis import synthesize_case
 
-from real_data import DATA, training_view
+from real_data import DATA, _workdir, training_view
 
 PHANTOM_SEEDS = (101, 102, 103)
 CROP_SEED = 900_000
@@ -209,20 +208,27 @@ def _report(totals: dict[str, _Group], total_name: str) -> None:
         print(f"{name:14s} {g.found:4d} of {g.n:4d} identified ({g.found / max(g.n, 1):.0%}){dice}")
 
 
+def _seeds(args: argparse.Namespace, offset: int) -> set[tuple[str, int]]:
+    """Every case seed a run with ``offset`` draws: phantoms by ``make_phantom`` seed, crops and short scans by the seed
+    of their ``synthesize_case`` draw (one namespace: the same seed is the same synthetic subject)."""
+    return ({("phantom", s + offset) for s in PHANTOM_SEEDS}
+            | {("synthetic", CROP_SEED + offset + j) for j in range(len(CROP_MODALITIES) * args.crops)}
+            | {("synthetic", SHORT_SEED + offset + 100 * m + i) for m in range(len(CROP_MODALITIES))
+               for i in range(args.short)})
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="model card; default: the shipped model")
     parser.add_argument("--crops", type=int, default=16, help="synthetic crops per modality")
     parser.add_argument("--short", type=int, default=12, help="short scans per modality")
     parser.add_argument("--seed-offset", type=int, default=0, help="added to every seed: a second, fresh sample")
-    parser.add_argument("--workdir", type=Path, help="where the view of the training data is made")
+    parser.add_argument("--workdir", type=Path, help="where the view of the training data is made (new or empty)")
     parser.add_argument("--verbose", action="store_true", help="one line per case")
     args = parser.parse_args()
-    seeds_used = max(len(CROP_MODALITIES) * args.crops, 100 * (len(CROP_MODALITIES) - 1) + args.short,
-                     max(PHANTOM_SEEDS) + 1)  # each set's seeds span less than this from its start
-    if 0 < abs(args.seed_offset) < seeds_used:
-        parser.error(f"--seed-offset {args.seed_offset} would draw some of the cases of --seed-offset 0: use 0 or an "
-                     f"offset of at least {seeds_used}")
+    if args.seed_offset and _seeds(args, args.seed_offset) & _seeds(args, 0):
+        parser.error(f"--seed-offset {args.seed_offset} would draw some of the cases of --seed-offset 0: use 0 or "
+                     "another offset (50000 is the second sample's)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     for name in ("SpineLabelLib", "SpineLabelTrainingLib"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -230,7 +236,7 @@ def main() -> int:
         print(f"{DATA}: real data folder not found (the synthetic crops need its shapes)", file=sys.stderr)
         return 2
     model = get_model(args.model, "cpu")
-    view = training_view(args.workdir or Path(tempfile.mkdtemp(prefix="spinelabel-selection-")))
+    view = training_view(_workdir(args, "spinelabel-selection-"))
     library = build_shape_library(view)
     totals = {**phantoms(model, args.seed_offset), **crops(model, args.crops, library, args.seed_offset)}
     short = short_scans(model, args.short, library, args.seed_offset)

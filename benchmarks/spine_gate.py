@@ -5,7 +5,8 @@ as negatives; a limb and a head, which it never draws; CT-like and MR-like inten
 ``../shared/data``, and prints the median vertebral-body probability of each one's vertebra-like components that the
 field of view leaves whole (``SpineLabeling.spine_probability``, column p) and the number of all its components (n),
 both as the gate sees them, then what the gate does with them. The gate belongs between the highest non-spine value
-and the lowest real-scan value, for short and for long columns of components.
+and the lowest real-scan value, for short and for long columns of components, placed without the scans marked "held
+out" (the development test set of ``real_data.py evaluate``), whose lowest value is printed apart.
 
 Usage (from the repository root):
     python benchmarks/spine_gate.py [--model CARD.json] [--seeds 3]
@@ -24,7 +25,7 @@ import SimpleITK as sitk
 from SpineLabelLib import pipeline
 from SpineLabelTrainingLib.negatives import KINDS, non_spine_image
 
-from real_data import DATA
+from real_data import DATA, is_test_image
 
 # real images: every file of these patterns under ../shared/data (label maps and templates excluded by name)
 REAL_PATTERNS = ("*_img.nii.gz", "*_ct.nii.gz", "*_T2w.nii.gz", "example_*_sm.nii.gz", "t1w.nii.gz", "t2.nii.gz")
@@ -94,19 +95,23 @@ def main() -> int:
             measure("no spine", f"{name} {seed}", image)
     if DATA.is_dir():
         for path in sorted({p for pattern in REAL_PATTERNS for p in DATA.rglob(pattern)}):
-            measure("real", str(path.relative_to(DATA)), path)
+            measure("held out" if is_test_image(path) else "real", str(path.relative_to(DATA)), path)
     else:
         print(f"{DATA} not found: real scans skipped", file=sys.stderr)
     print(f"{'':9s} {'p':>6s} {'n':>3s}")
     for kind, name, p, n in rows:
         print(f"{kind:9s} {'-' if p is None else f'{p:.3f}':>6s} {n:3d}  {name}")
-    fake = [p for kind, _, p, _ in rows if kind == "no spine" and p is not None]
-    real = [p for kind, _, p, _ in rows if kind == "real"]
-    print(f"\nhighest without a spine: {max(fake, default=float('nan')):.3f}; lowest real scan: "
-          f"{min((p for p in real if p is not None), default=float('nan')):.3f}; "
-          f"real scans without any component: {sum(p is None for p in real)}")
+    print()
+    for long_column, what in ((False, f"fewer than {pipeline.LONG_COLUMN}"), (True, f"{pipeline.LONG_COLUMN} or more")):
+        def values(kinds):
+            return [p for kind, _, p, n in rows if kind in kinds and p is not None
+                    and (n >= pipeline.LONG_COLUMN) == long_column]
+        print(f"{what} components: highest without a spine {max(values(['no spine']), default=float('nan')):.3f}; "
+              f"lowest real scan {min(values(['real']), default=float('nan')):.3f}, held out included "
+              f"{min(values(['real', 'held out']), default=float('nan')):.3f}")
+    print(f"real scans without any component: {sum(p is None for kind, _, p, _ in rows if kind != 'no spine')}")
     passed = [name for kind, name, p, n in rows if kind == "no spine" and p is not None and is_spine(p, n)]
-    stopped = [name for kind, name, p, n in rows if kind == "real" and p is not None and not is_spine(p, n)]
+    stopped = [name for kind, name, p, n in rows if kind != "no spine" and p is not None and not is_spine(p, n)]
     n_fake = sum(kind == "no spine" for kind, *_ in rows)
     print(f"the gate now (pipeline.is_spine) lets {len(passed)} of {n_fake} images without a spine through"
           f"{': ' + ', '.join(passed) if passed else ''}, and stops {len(stopped)} real scan(s)"
