@@ -169,9 +169,12 @@ def test_add_vertebra_with_name_fixes_it_and_refuses_occupied_points(monkeypatch
         edits.add_vertebra(case.result, shifted, body_centre(case, "T10"))
 
 
-def test_adding_a_vertebra_keeps_the_order_of_the_others():
+def test_adding_a_vertebra_keeps_the_order_of_the_others(monkeypatch):
     """A point below a short, curved chain, nearer its top vertebra: the other vertebrae keep their order (the whole
-    chain used to be turned round when the new one went in at an end that left it upside down)."""
+    chain used to be turned round when the new one went in at an end that left it upside down). Such a point lies
+    level with L5, in front of it, and is refused (``_level_with``); that check is off here, so that the chain's
+    order on insertion is what is tested."""
+    monkeypatch.setattr(edits, "_level_with", lambda result, point: None)
     size = (120, 120, 120)  # 1 mm voxels, LPS-aligned: index (x, y, z) = (L, P, S) mm
     components = np.zeros(size[::-1], np.int16)
     image = np.zeros(size[::-1], np.float32)
@@ -193,3 +196,14 @@ def test_adding_a_vertebra_keeps_the_order_of_the_others():
 def test_a_name_that_is_neither_a_level_nor_a_label_value_is_refused(spine, name):
     with pytest.raises(KeyError, match="a level is named"):
         edits.rename(spine.result, spine.result.vertebrae[0].id, name)
+
+
+def test_a_point_level_with_a_vertebra_but_outside_it_is_refused():
+    """A click beside L1 (outside its body, in soft tissue) grew a 'vertebra' level with it and renumbered the chain."""
+    case = build_spine()
+    l1 = next(v for v in case.result.vertebrae if v.name == "L1")
+    for offset in ([21.5, 0.0, 0.0], [0.0, -25.0, 4.0]):  # beside its left face; in front of its body
+        point = tuple(np.array(l1.centroid_lps_mm) + offset)
+        assert not edits.component_at(case.result, point)
+        with pytest.raises(ValueError, match="level with L1"):
+            edits.add_vertebra(case.result, case.image, point)

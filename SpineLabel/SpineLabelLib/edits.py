@@ -290,6 +290,24 @@ def _grow(image_zyx: np.ndarray, free: np.ndarray, seed_zyx: tuple[int, int, int
     return region
 
 
+def _level_with(result: SpineLabeling, point_lps: tuple[float, float, float]) -> str | None:
+    """The name of the vertebra nearest ``point_lps`` (LPS mm) when the point lies level with it: along the chain's
+    local direction, closer to its centroid than a third of its shorter gap to a chain neighbour. A missed vertebra
+    lies about one spacing from its neighbours (whose gap across it is two spacings); a point beside a vertebra
+    (outside its component, in soft tissue or air) does not. None for a chain of fewer than two vertebrae."""
+    vertebrae = result.vertebrae
+    if len(vertebrae) < 2:
+        return None
+    centroids = np.array([v.centroid_lps_mm for v in vertebrae], dtype=float)
+    point = np.asarray(point_lps, dtype=float)
+    i = int(np.argmin(np.linalg.norm(centroids - point, axis=1)))
+    neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(vertebrae)]
+    axis = centroids[neighbours[-1]] - centroids[neighbours[0] if len(neighbours) == 2 else i]
+    gap = min(np.linalg.norm(centroids[j] - centroids[i]) for j in neighbours)
+    along = abs(float(np.dot(point - centroids[i], axis / max(np.linalg.norm(axis), 1e-6))))
+    return vertebrae[i].name if along < gap / 3 else None
+
+
 def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[float, float, float],
                  name: str | None = None) -> SpineLabeling:
     """Add a vertebra the network missed, from a point the user placed on its body.
@@ -306,8 +324,9 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
         name: level name to fix for the new vertebra, or None to let the sequence model name it.
 
     Raises:
-        ValueError: the image is not on the labelling's grid, the point is outside it, inside an existing vertebra or
-            farther than ``ADD_REACH_MM`` from every vertebra's centroid, or the fixed labels contradict each other.
+        ValueError: the image is not on the labelling's grid, the point is outside it, inside an existing vertebra,
+            farther than ``ADD_REACH_MM`` from every vertebra's centroid or level with one (``_level_with``), or the
+            fixed labels contradict each other.
         KeyError: unknown level name.
     """
     check_image_grid(result, image)
@@ -322,6 +341,10 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
     if len(centroids) and np.min(np.linalg.norm(centroids - np.asarray(point_lps, dtype=float), axis=1)) > ADD_REACH_MM:
         raise ValueError(f"the point is more than {ADD_REACH_MM:g} mm from every labelled vertebra: place it on the "
                          "body of a vertebra missed beside them")
+    level_with = _level_with(result, point_lps)
+    if level_with is not None:
+        raise ValueError(f"the point lies level with {level_with} along the spine, beside it rather than between two "
+                         "vertebrae: place it on the body of the missed vertebra")
     box = _box_slices(result.geometry, ijk)
     seed = tuple(int(ijk[a] - box[2 - a].start) for a in (2, 1, 0))
     intensities = sitk.GetArrayViewFromImage(image)[box].astype(np.float32)
