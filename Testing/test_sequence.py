@@ -73,6 +73,9 @@ def test_unusable_gaps_scores_and_positions_are_named():
         solve(np.where(scores == 0.0, np.nan, scores), np.full(2, 35.0))
     with pytest.raises(ValueError, match="position 3 is outside"):
         solve(scores, np.full(2, 35.0), fixed={3: "L4"})
+    scores[1] = -np.inf
+    with pytest.raises(ValueError, match="rule out every level"):
+        solve(scores, np.full(2, 35.0))
 
 
 def test_every_vertebra_below_the_uncertainty_cut_is_named_in_a_warning():

@@ -268,7 +268,8 @@ def solve(
     paths, scores = _viterbi(tempered if fixed else emissions, transitions)
     best = int(np.argmax(scores + log_scale_prior))
     if not np.isfinite(scores[best]):
-        raise ValueError("the fixed labels cannot all hold: each level appears once, cranial to caudal")
+        raise ValueError("the fixed labels cannot all hold: each level appears once, cranial to caudal" if fixed else
+                         "no labelling is possible: the log-scores rule out every level of some vertebra")
     levels = paths[best]
     log_z, per_scale = _forward_backward(tempered, transitions)
     log_weights = log_z + log_scale_prior
