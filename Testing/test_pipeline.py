@@ -1,6 +1,7 @@
 """label_spine end to end: geometry of the outputs in any orientation, progress, cancel, empty inputs, models."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -106,10 +107,20 @@ def test_model_card_hash_is_checked(tmp_path, random_model):
         load_model(bad)
     good = json.loads(card.read_text())
     for change, reason in (({"level_classes": good["level_classes"][::-1]}, "level_classes"),
-                           ({"spacing_mm": 0}, "spacing_mm"), ({"architecture": {}}, "channels")):
+                           ({"spacing_mm": 0}, "spacing_mm"), ({"spacing_mm": True}, "spacing_mm"),
+                           ({"spacing_mm": 1e400}, "spacing_mm"), ({"architecture": {}}, "channels"),
+                           ({"architecture": {"channels": [True, True, True]}}, "channels"),
+                           ({"ct_window_hu": [1200, -1000]}, "ct_window_hu"),
+                           ({"ct_window_hu": "wide"}, "ct_window_hu"), ({"ct_window_hu": [0]}, "ct_window_hu"),
+                           ({"weights": 5}, "weights"),
+                           ({"weights": None}, "weights"), ({"weights": "../other/m.pt"}, "weights"),
+                           ({"weights": str(card.with_suffix(".pt"))}, "weights")):
         bad.write_text(json.dumps({**good, **change}))
-        with pytest.raises(ModelError, match=reason):
+        with pytest.raises(ModelError, match=f"{re.escape(str(bad))}: .*{reason}"):
             load_model(bad)
+    bad.write_bytes(json.dumps({**good, "notes": "vertebra é"}, ensure_ascii=False).encode("latin-1"))  # not UTF-8
+    with pytest.raises(ModelError, match="unreadable model card"):
+        load_model(bad)
     with pytest.raises(ValueError, match="three resolution levels"):
         SpineUNet((8, 16))
 
@@ -123,6 +134,11 @@ def test_a_model_written_again_is_loaded_again(tmp_path, random_model):
     assert get_model(card, "cpu") is get_model(tmp_path / "m.pt", "cpu")  # cached, by card or by weights
     save_model(first.network, {"name": "m", "version": "2", "spacing_mm": 4.0}, card)
     assert get_model(card, "cpu").card["version"] == "2"
+    bracketed = tmp_path / "spine[v2].json"  # a glob pattern, were the name not escaped
+    save_model(first.network, {"name": "b", "version": "1", "spacing_mm": 4.0}, bracketed)
+    assert get_model(bracketed, "cpu").card["version"] == "1"
+    save_model(first.network, {"name": "b", "version": "2", "spacing_mm": 4.0}, bracketed)
+    assert get_model(bracketed, "cpu").card["version"] == "2"
 
 
 def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
@@ -134,6 +150,12 @@ def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
     assert "mine" in [c["name"] for c in list_models()]
     with pytest.raises(ModelError, match="registered already"):
         register_model(random_model, name="mine")
+    for name in ("team/spine-v2", "../escaped", ".hidden", " "):
+        with pytest.raises(ModelError, match="a model name is a file name"):
+            register_model(random_model, name=name)
+    assert sorted(p.name for p in (tmp_path / "registry").iterdir()) == ["mine.json", "mine.pt"]
+    (tmp_path / "registry" / "broken.json").write_bytes(b'{"name": "\xe9"}')  # one unreadable card is skipped
+    assert [c["name"] for c in list_models()][-1] == "mine"
 
 
 def test_default_model_labels_a_phantom():

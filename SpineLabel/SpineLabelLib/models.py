@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -107,8 +108,8 @@ def read_card(path: str | os.PathLike) -> dict:
     if not card_path.is_file():
         raise ModelError(f"{card_path}: model card not found")
     try:
-        card = json.loads(card_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise ModelError(f"{card_path}: unreadable model card ({err})") from None
     if not isinstance(card, dict):
         raise ModelError(f"{card_path}: a model card is a JSON object")
@@ -116,13 +117,20 @@ def read_card(path: str | os.PathLike) -> dict:
     if missing:
         raise ModelError(f"{card_path}: model card lacks {', '.join(missing)}")
     channels = card["architecture"].get("channels") if isinstance(card["architecture"], dict) else None
+    window = card.get("ct_window_hu")
     problems = [
         what for what, bad in (
             ("architecture.channels must be three or more positive integers",
              not (isinstance(channels, list) and len(channels) >= 3
-                  and all(isinstance(c, int) and c > 0 for c in channels))),
-            ("spacing_mm must be a positive number",
-             not (isinstance(card["spacing_mm"], (int, float)) and card["spacing_mm"] > 0)),
+                  and all(_is_number(c) and isinstance(c, int) and c > 0 for c in channels))),
+            ("spacing_mm must be a positive number", not (_is_number(card["spacing_mm"]) and card["spacing_mm"] > 0)),
+            ("ct_window_hu must be null or two numbers, low then high",
+             window is not None and not (isinstance(window, list) and len(window) == 2
+                                         and all(map(_is_number, window)) and window[0] < window[1])),
+            ("weights must be the name of a file beside the card",
+             not (isinstance(card["weights"], str) and card["weights"] not in ("", ".", "..")
+                  and Path(card["weights"]).name == card["weights"])),
+            ("sha256 must be a string", not isinstance(card["sha256"], str)),
             # the pipeline reads the network's outputs in the order of these tables
             ("level_classes must be the levels of vertebrae.LEVELS, in order",
              card.get("level_classes", _LEVEL_NAMES) != _LEVEL_NAMES),
@@ -133,6 +141,11 @@ def read_card(path: str | os.PathLike) -> dict:
     if problems:
         raise ModelError(f"{card_path}: {'; '.join(problems)}")
     return card
+
+
+def _is_number(value) -> bool:
+    """A finite int or float of JSON, not a boolean."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def list_models() -> list[dict]:
@@ -208,6 +221,8 @@ def register_model(card_path: str | os.PathLike, name: str | None = None) -> Pat
     """
     loaded = load_model(card_path)  # verifies the files
     name = name or loaded.card["name"]
+    if not isinstance(name, str) or not name.strip() or name.startswith(".") or Path(name).name != name:
+        raise ModelError(f"{name!r}: a model name is a file name (no folder, not hidden)")
     target = user_models_dir() / f"{name}.json"
     if target.exists() or target.with_suffix(".pt").exists():
         raise ModelError(f"{target}: a model named {name!r} is registered already")

@@ -6,6 +6,7 @@ sequence model -> components back on the input grid.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -97,7 +98,8 @@ def get_model(model: str | os.PathLike | LoadedModel | None = None, device: str 
     if isinstance(model, LoadedModel):
         return model
     card = (default_model_path() if model is None else card_file(model)).resolve()
-    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(card.parent.glob(f"{card.stem}.*")))
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size)
+                  for f in sorted(card.parent.glob(f"{glob.escape(card.stem)}.*")))
     return _cached_model(card, str(resolve_device(device)), stamp)
 
 
