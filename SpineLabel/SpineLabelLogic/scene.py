@@ -295,6 +295,7 @@ class LabelingScene(VTKObservationMixin):
         emptied), which leaves nothing to correct. Reads back only when the segments or their voxels changed since
         SpineLabel last wrote or read them (a read-back takes seconds on a large volume; a rename should not)."""
         self._requireNodes()
+        self.result.by_id(vertebraId)  # KeyError for an id that is not in the labelling before the read-back
         if self._voxelState() != self._voxelStateKnown:
             self.readBackSegmentation()
         return any(v.id == vertebraId for v in self.result.vertebrae)
