@@ -27,9 +27,11 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-# Python packages SpineLabelLib needs beyond what Slicer ships (numpy, SimpleITK): import name -> pip name.
-# torch is installed through the PyTorch extension (PyTorchUtils), which picks the build for the GPU.
-REQUIRED_PACKAGES = {"scipy": "scipy", "skimage": "scikit-image", "nibabel": "nibabel", "tqdm": "tqdm", "PIL": "pillow"}
+# Python packages SpineLabelLib needs beyond what Slicer ships (numpy, SimpleITK): import name -> pip requirement,
+# with the version floors of pyproject.toml. torch is installed through the PyTorch extension (PyTorchUtils), which
+# picks the build for the GPU.
+REQUIRED_PACKAGES = {"scipy": "scipy>=1.10", "skimage": "scikit-image>=0.22", "nibabel": "nibabel>=5",
+                     "tqdm": "tqdm>=4.60", "PIL": "pillow>=10.1", "torch": "torch>=2.2"}
 _POLL_INTERVAL_MS = 200
 
 
@@ -397,31 +399,42 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def missingPackages() -> list:
-        """pip names of the packages SpineLabel needs that are not importable (torch included)."""
+        """pip requirements of the packages SpineLabel needs that are not importable or older than its floor
+        (torch included)."""
+        import importlib.metadata
         import importlib.util
+        import re
 
-        missing = [pipName for importName, pipName in REQUIRED_PACKAGES.items()
-                   if importlib.util.find_spec(importName) is None]
-        if importlib.util.find_spec("torch") is None:
-            missing.append("torch")
-        return missing
+        def release(version: str) -> tuple:  # "2.13.0+cpu" -> (2, 13, 0)
+            return tuple(int(part) for part in re.match(r"\d+(\.\d+)*", version).group().split("."))
+
+        def unmet(importName: str, requirement: str) -> bool:
+            if importlib.util.find_spec(importName) is None:
+                return True
+            name, _, floor = requirement.partition(">=")
+            try:
+                return release(importlib.metadata.version(name)) < release(floor)
+            except importlib.metadata.PackageNotFoundError:  # importable without metadata: take it as it is
+                return False
+
+        return [requirement for importName, requirement in REQUIRED_PACKAGES.items() if unmet(importName, requirement)]
 
     def installDependencies(self) -> None:
         """Install the missing packages. Call only after the user agreed. torch comes from the PyTorch
         extension (it picks the CUDA or CPU build); the others from PyPI. SimpleITK is never touched."""
         missing = self.missingPackages()
-        if "torch" in missing:
+        torch = REQUIRED_PACKAGES["torch"]
+        if torch in missing:
             try:
                 import PyTorchUtils
             except ImportError:
                 raise RuntimeError(_("PyTorch is needed: install the 'PyTorch' extension from the Extensions "
                                      "Manager, restart Slicer, and try again.")) from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                torchLogic.installTorch(askConfirmation=False)
-            missing.remove("torch")
+            PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                         torchVersionRequirement=torch[len("torch"):])
+            missing.remove(torch)
         if missing:
-            slicer.util.pip_install(" ".join(missing))
+            slicer.util.pip_install(missing)  # a list: each requirement one argument of pip, floor included
 
     # ------------------------------------------------------------------------------------------- models
 
@@ -530,6 +543,9 @@ class SpineLabelTest(ScriptedLoadableModuleTest):
         self.test_SpineLabel_phantom()
 
     def test_SpineLabel_phantom(self):
+        missing = SpineLabelLogic.missingPackages()
+        if missing:  # a Slicer build or test machine without them: Slicer ships neither torch nor nibabel
+            self.skipTest(f"Python packages missing: {', '.join(missing)}")
         from SpineLabelLib.phantom import make_phantom
         from SpineLabelLogic.scene import addVolumeNodeFromImage
 
