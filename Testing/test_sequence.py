@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
-from SpineLabelLib.sequence import K, UNCERTAIN_BELOW, expected_gaps_mm, relabel, solve
+from SpineLabelLib.sequence import K, TEMPERATURE, UNCERTAIN_BELOW, expected_gaps_mm, relabel, solve
 from SpineLabelLib.vertebrae import LEVELS, level_index
 
 
@@ -62,6 +62,21 @@ def test_the_temperature_changes_how_sure_the_chain_is_not_its_labels():
     cold, warm = solve(scores, gaps, temperature=1.0), solve(scores, gaps, temperature=2.5)
     assert names_of(cold) == names_of(warm) == ["L1", "L2", "L3"]
     assert (warm.confidence < cold.confidence).all()
+
+
+def test_fixing_a_name_the_chain_already_has_changes_no_name():
+    """A lock confirms a name: the other names stay, also on chains whose tempered path (taken once a fixed name
+    overrules the level head) differs from the path of the evidence as it is."""
+    rng = np.random.default_rng(1)
+    tempered_differs = 0
+    for _ in range(40):
+        n = int(rng.integers(3, 9))
+        scores, gaps = rng.normal(0.0, 3.0, (n, K)), rng.uniform(15.0, 45.0, n - 1)
+        own = names_of(solve(scores, gaps))
+        tempered_differs += names_of(solve(scores / TEMPERATURE, gaps)) != own
+        for position in range(n):
+            assert names_of(solve(scores, gaps, fixed={position: own[position]})) == own
+    assert tempered_differs  # the case that matters is among them
 
 
 def test_unusable_gaps_scores_and_positions_are_named():

@@ -22,8 +22,8 @@ cut by the field of view), with a small outlier share for badly split components
 Viterbi gives the best labelling (at the best scale); forward-backward gives each vertebra's posterior probability
 of its label (the confidence, over all scales, with the level evidence tempered by ``TEMPERATURE``) and the
 probability of transitional anatomy, from which the warnings come. ``relabel`` re-runs only this model with some
-labels forced, which is what interactive correction uses; with a label forced, the names too come from the tempered
-evidence.
+labels forced, which is what interactive correction uses; once a forced label overrules the level head's own
+labelling, the names too come from the tempered evidence.
 
 All priors live in ``PRIORS`` below, in one place.
 """
@@ -106,11 +106,13 @@ UNCERTAIN_BELOW = 0.99
 # Temperature of the level head's evidence in the confidences: forward-backward divides each vertebra's level
 # log-scores by it (the population priors, the gap likelihoods and the scale prior stay as they are), while the labels
 # come from the Viterbi path of the evidence as it is, so no name of an uncorrected chain depends on it. Once the user
-# forces a name, the path too is taken on the tempered evidence: a correction says the level head misread this image,
-# and at full weight its evidence made skipping a level at a normal spacing cheaper than renumbering three or four
-# neighbours (an L2 forced to L3 on a labelled lumbar phantom gave T12 L1 L3 L4, the renumbered ones at confidence
-# 0.00). Decoding every chain that way lost 8 and 6 identified vertebrae on the two samples of
-# ``benchmarks/selection.py`` (670 and 688 of 860 and 863). The level head reads every vertebra of
+# forces a name that path does not give, the path too is taken on the tempered evidence: such a correction says the
+# level head misread this image, and at full weight its evidence made skipping a level at a normal spacing cheaper than
+# renumbering three or four neighbours (an L2 forced to L3 on a labelled lumbar phantom gave T12 L1 L3 L4, the
+# renumbered ones at confidence 0.00). A name forced as it was (a lock) keeps the path: the tempered one renamed other
+# vertebrae on 44 of 329 such locks on the procedural phantoms of ``benchmarks/selection.py``. Decoding every chain
+# on the tempered evidence lost 8 and 6 identified vertebrae on the two samples of ``benchmarks/selection.py`` (670 and
+# 688 of 860 and 863). The level head reads every vertebra of
 # a chain from one image and its errors go together: a short chain without the sacrum or C1/C2 is often shifted
 # whole, yet the chain counted its vertebrae as independent witnesses and was as sure of such a shift as of a whole
 # spine. Re-solving the chains of 1.7.0 offline: 2 is the warmest of 1, 1.5, 2, 2.5, 3 and 4 that leaves at most 8 of
@@ -232,8 +234,8 @@ def solve(
         temperature: of the level evidence in the confidences (``TEMPERATURE`` when None).
 
     Returns:
-        The Viterbi labelling (at the most probable patient scale; on the tempered evidence when labels are fixed)
-        with posterior confidences (over all scales) and warnings.
+        The Viterbi labelling (at the most probable patient scale; on the tempered evidence when a fixed label
+        differs from the labelling without fixed labels) with posterior confidences (over all scales) and warnings.
 
     Raises:
         ValueError: when the fixed labels contradict each other (a duplicate level, other than S1 when
@@ -251,6 +253,7 @@ def solve(
     if gaps.size != n - 1 or not np.isfinite(gaps).all() or np.isnan(emissions).any():
         raise ValueError(f"a chain of {n} vertebrae needs {n - 1} finite gaps (got {gaps.tolist()}) and log-scores "
                          "without NaN")
+    free = emissions.copy()  # the evidence without the fixed labels
     for position, name in (fixed or {}).items():
         if not 0 <= position < n:
             raise ValueError(f"fixed position {position} is outside the chain of {n} vertebrae")
@@ -263,9 +266,14 @@ def solve(
     transitions = _transition_priors(priors) + _gap_scores(gaps, scales, priors)
     tempered = emissions / (TEMPERATURE if temperature is None else temperature)
     start = _start_priors(priors)
-    emissions[0] += start
-    tempered[0] += start
-    paths, scores = _viterbi(tempered if fixed else emissions, transitions)
+    for e in (emissions, tempered, free):
+        e[0] += start
+    overruled = False  # a fixed label the level head's own labelling does not give: the names follow the tempered path
+    if fixed:
+        free_paths, free_scores = _viterbi(free, transitions)
+        own = free_paths[int(np.argmax(free_scores + log_scale_prior))]
+        overruled = any(own[position] != level_index(name) for position, name in fixed.items())
+    paths, scores = _viterbi(tempered if overruled else emissions, transitions)
     best = int(np.argmax(scores + log_scale_prior))
     if not np.isfinite(scores[best]):
         raise ValueError("the fixed labels cannot all hold: each level appears once, cranial to caudal" if fixed else
