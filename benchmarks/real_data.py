@@ -92,11 +92,15 @@ def _link_mri(names: list[str], gt: Path) -> list[Path]:
 
 def _totalseg_to_verse() -> sitk.Image:
     """The TotalSegmentator abdominal CT's vertebra labels (ids 27..50 = L5..C1, 25/26 = sacrum/S1) in VerSe values."""
+    from SpineLabelLib.vertebrae import BY_NAME, LEVELS
+
     ts = sitk.ReadImage(str(DATA / "ct_mr_totalsegmentator" / "example_seg.nii.gz"))
-    ids = sitk.GetArrayFromImage(ts)
-    verse = np.where((ids >= 27) & (ids <= 50), 51 - ids.astype(np.int16), 0)
-    verse[(ids == 25) | (ids == 26)] = 26
-    out = sitk.GetImageFromArray(verse.astype(np.uint8))
+    lut = np.zeros(256, np.uint8)
+    regular = [level.name for level in LEVELS if not level.transitional and level.name != "S1"]  # C1 ... L5
+    for ts_id, name in zip(range(50, 26, -1), regular):  # TotalSegmentator: 50 = C1 ... 27 = L5
+        lut[ts_id] = BY_NAME[name].label
+    lut[[25, 26]] = BY_NAME["S1"].label
+    out = sitk.GetImageFromArray(lut[sitk.GetArrayFromImage(ts)])
     out.CopyInformation(ts)
     return out
 
