@@ -171,6 +171,9 @@ def test_default_model_labels_a_phantom():
     correct = sum(1 for name, label in found.items() if label and name == _name_of(label))
     assert correct >= 0.5 * len(np.setdiff1d(np.unique(truth), [0]))
     assert result.spine_probability >= MIN_SPINE_PROBABILITY
+    voxel_ml = float(np.prod(result.geometry.spacing)) / 1000.0  # volumes are those of the written label map
+    assert [v.volume_ml for v in result.vertebrae] == [
+        round(int((result.components == v.id).sum()) * voxel_ml, 3) for v in result.vertebrae]
 
 
 def test_orientation_check_warns_on_a_phantom_turned_head_to_feet():
@@ -274,8 +277,9 @@ def test_components_reach_the_input_grid_with_their_half_probability_surface():
     components = np.zeros((20, 20, 20), np.int16)
     for i, r in model.items():
         components[(r < 12.0) & (r == np.minimum(*model.values()))] = i
-    out = components_on_input_grid(components, probability, grid, image)
+    out, voxels = components_on_input_grid(components, probability, grid, image)
     assert out.dtype == np.int16 and out.shape == (40, 40, 40)
+    assert voxels == {i: int((out == i).sum()) for i in model}
     fine = distances(40, 1.0, -0.5)
     for i, r in fine.items():
         assert (out[r < 7.0] == i).all()

@@ -295,8 +295,6 @@ def label_spine(
     for f in sacral_pieces:
         keep[f.id] = ordered[n_chain - 1].id
     ordered, scores, gaps = ordered[:n_chain], scores[:n_chain], gaps[: n_chain - 1]
-    voxels = np.bincount(keep[whole[box]].ravel(), minlength=keep.size)
-    volumes = [voxels[f.id] * float(np.prod(spacing_zyx)) / 1000.0 for f in ordered]
     t = stage("sequence", t)
     orientation_margin = None
     if check_orientation and ordered:
@@ -314,17 +312,18 @@ def label_spine(
     report(0.9, "writing labels on the input grid")
     bone = np.zeros(norm.shape, dtype=np.float16)
     bone[box] = bone_probability
-    on_input = components_on_input_grid(keep[whole], bone, grid, image)
+    on_input, voxels = components_on_input_grid(keep[whole], bone, grid, image)
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     vertebrae = [
         Vertebra(
             id=f.id,
             name=LEVELS[k].name,
             centroid_lps_mm=tuple(float(c) for c in f.body_centroid_lps_mm),
-            volume_ml=round(volume, 3),
+            volume_ml=round(voxels.get(f.id, 0) * voxel_ml, 3),  # of the written label map
             confidence=float(p),
             level_log_scores=row,
         )
-        for f, volume, k, p, row in zip(ordered, volumes, solution.levels, solution.confidence, scores)
+        for f, k, p, row in zip(ordered, solution.levels, solution.confidence, scores)
     ]
     timings["resample_back"] = round(time.perf_counter() - t, 3)
     timings["total"] = round(time.perf_counter() - t0, 3)
@@ -349,7 +348,7 @@ _PROBABILITY_STEPS = 254  # uint8 steps of the vertebra probability brought to t
 
 
 def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarray, grid: sitk.Image,
-                             image: sitk.Image) -> np.ndarray:
+                             image: sitk.Image) -> tuple[np.ndarray, dict[int, int]]:
     """Bring vertebra components from the model grid onto the input grid with smooth surfaces.
 
     Nearest-neighbour upsampling alone would give staircase surfaces at the model's 2 mm; instead the vertebra
@@ -366,15 +365,16 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
         image: the input image.
 
     Returns:
-        int16 (z, y, x) component ids on the input grid.
+        int16 (z, y, x) component ids on the input grid, and the number of input voxels of each id.
     """
     out = np.zeros(image.GetSize()[::-1], dtype=np.int16)
+    voxels: dict[int, int] = {}
     # each component's model-grid box, with a margin of one voxel: every voxel the resampling reads for it
     last = np.array(components.shape) - 1
     boxes = [(vid, np.maximum([s.start - 1 for s in box], 0), np.minimum([s.stop for s in box], last))
              for vid, box in enumerate(ndimage.find_objects(components), start=1) if box is not None]
     if not boxes:
-        return out
+        return out, voxels
     grid_geometry, input_geometry = Geometry.of(grid), Geometry.of(image)
     lo_all = np.min([lo for _, lo, _ in boxes], axis=0)
     crop = tuple(slice(a, b + 1) for a, b in zip(lo_all, np.max([hi for _, _, hi in boxes], axis=0)))
@@ -394,9 +394,10 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
         ids_on_input = resample_to_grid(comp_image, reference, label=True)
         prob_on_input = resample_to_grid(prob_image, reference, pixel_type=sitk.sitkUInt8)
         ids, prob = sitk.GetArrayViewFromImage(ids_on_input), sitk.GetArrayViewFromImage(prob_on_input)  # no copies
-        inside = (ids == vid) & (prob >= _PROBABILITY_STEPS // 2)
+        inside = (ids == vid) & (prob >= _PROBABILITY_STEPS // 2)  # each voxel has one nearest id: boxes may overlap
         np.copyto(out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]], vid, where=inside)
-    return out
+        voxels[vid] = int(np.count_nonzero(inside))
+    return out, voxels
 
 
 def _placed(image: sitk.Image, like: sitk.Image, origin: np.ndarray) -> sitk.Image:
