@@ -14,6 +14,7 @@ import torch
 from SpineLabelLib.cli import main
 from SpineLabelLib.models import save_model
 from SpineLabelLib.network import SpineUNet
+from SpineLabelLib.vertebrae import BY_NAME
 from SpineLabelLib.writers import OUTPUT_SUFFIXES
 
 
@@ -68,7 +69,7 @@ def test_evaluate_shows_a_progress_bar_unless_quiet(tmp_path, capsys):
     gt.mkdir(parents=True)
     pred.mkdir()
     labels = np.zeros((40, 8, 8), dtype=np.uint8)
-    labels[2:18, 2:6, 2:6], labels[22:38, 2:6, 2:6] = 20, 21  # L1 above L2
+    labels[2:18, 2:6, 2:6], labels[22:38, 2:6, 2:6] = BY_NAME["L1"].label, BY_NAME["L2"].label
     for case in ("a", "b"):
         sitk.WriteImage(sitk.GetImageFromArray(labels), str(gt / f"{case}.nii.gz"))
         sitk.WriteImage(sitk.GetImageFromArray(labels), str(pred / f"{case}_seg.nii.gz"))

@@ -6,7 +6,7 @@ import pytest
 from SpineLabelLib.components import (attach_posterior, body_components, dense_bone_as_posterior, join_sacrum,
                                        off_axis_components, split_merged, vertebra_components)
 from SpineLabelLib.features import chain_order, drop_detached_ends, level_scores, measure
-from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
+from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, level_index
 from SpineLabelLib.result import Geometry
 
 SPACING = (2.0, 2.0, 2.0)
@@ -96,9 +96,9 @@ def test_the_end_of_a_body_beyond_a_missed_disc_at_the_edge_of_the_view_is_cut_o
     assert split_merged(body_components(sacrum, SPACING), (sacrum == BODY) * 0.9, SPACING).max() == 1
 
 
-def _level_head(levels_zyx: np.ndarray, n_levels: int = 27, sure: float = 0.9) -> np.ndarray:
+def _level_head(levels_zyx: np.ndarray, n_levels: int = len(LEVELS), sure: float = 0.9) -> np.ndarray:
     """Half-resolution level log-probabilities (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) that give each voxel the
-    level in ``levels_zyx`` (int, full resolution) with probability ``sure``."""
+    level in ``levels_zyx`` (int level indices into ``LEVELS``, full resolution) with probability ``sure``."""
     half = levels_zyx[::2, ::2, ::2]
     probs = np.full((n_levels, *half.shape), (1 - sure) / (n_levels - 1), np.float32)
     np.put_along_axis(probs, half[None].astype(np.int64), sure, axis=0)
@@ -107,12 +107,12 @@ def _level_head(levels_zyx: np.ndarray, n_levels: int = 27, sure: float = 0.9) -
 
 def _column_without_discs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A thoracic CT: four bodies and the discs between them all one component of uniform probability. Returns the
-    component, its body probability and the level of each voxel (T8, index 14, at the top ... T5; 0 outside)."""
+    component, its body probability and the level index of each voxel (T8 at the top ... T5; 0 outside)."""
     tissue = stacked_spine(n=4)
     whole = tissue > 0
     tissue[tissue == DISC] = BODY
     z = np.indices(tissue.shape)[0]
-    levels = np.where(whole, 14 - (z - 2) // 13, 0)
+    levels = np.where(whole, level_index("T8") - (z - 2) // 13, 0)
     return body_components(tissue, SPACING), np.where(tissue == BODY, 0.95, 0.0).astype(np.float32), levels
 
 
@@ -126,7 +126,7 @@ def test_a_column_without_discs_or_valleys_is_cut_where_the_level_head_changes_l
     # a tall body that looks like one level throughout (a sacrum) stays whole, and so does an unsure head
     sacrum = np.zeros((60, 30, 30), np.uint8)
     sacrum[5:55, 8:22, 8:22] = BODY
-    one_level = _level_head(np.full(sacrum.shape, 26))
+    one_level = _level_head(np.full(sacrum.shape, level_index("S1")))
     assert split_merged(body_components(sacrum, SPACING), (sacrum == BODY) * 0.9, SPACING,
                         level_log_probs=one_level).max() == 1
     unsure = _level_head(levels, sure=0.3)
@@ -138,7 +138,7 @@ def test_a_body_the_level_head_hesitates_over_stays_whole():
     # right half another. The two parts lie side by side, not one above the other, so they stay one body
     merged, prob, levels = _column_without_discs()
     z, _, x = np.indices(merged.shape)
-    levels[(z < 13) & (x >= 20) & (levels > 0)] = 20
+    levels[(z < 13) & (x >= 20) & (levels > 0)] = level_index("L1")
     split = split_merged(merged, prob, SPACING, level_log_probs=_level_head(levels))
     assert split.max() == 4
     assert np.unique(split[2:12, 10:24, 12:28]).size == 1
@@ -174,12 +174,12 @@ def test_posterior_elements_join_their_body():
 
 def test_sacrum_called_posterior_elements_joins_s1_not_l5():
     # L4 and L5 (z grows cranially), and below L5 a sacral mass that the network calls posterior elements and the
-    # level head S1 (level index 26; L4 and L5 are 23 and 24)
+    # level head S1 (``levels`` holds level indices into LEVELS, as the level head's channels do)
     tissue = np.pad(stacked_spine(n=2), ((16, 0), (0, 0), (0, 0)))
     tissue[2:18, 10:32, 12:28] = POSTERIOR
-    levels = np.full(tissue.shape, 23)
-    levels[:30], levels[:16] = 24, 26
-    in_sacrum = (tissue == POSTERIOR) & (levels == 26)
+    levels = np.full(tissue.shape, level_index("L4"))
+    levels[:30], levels[:16] = level_index("L5"), level_index("S1")
+    in_sacrum = (tissue == POSTERIOR) & (levels == level_index("S1"))
     bodies = body_components(tissue, SPACING)
     assert (attach_posterior(bodies, tissue)[in_sacrum] == 2).all()  # without the level head it floods into L5
     bodies, whole, sacrum = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING,
@@ -254,10 +254,11 @@ def test_features_and_chain():
     ordered, gaps = chain_order(list(reversed(feats)))
     assert [o.id for o in ordered] == [1, 2, 3, 4]
     assert np.allclose(gaps, 13 * 2.0)
-    lp = np.log(np.full((27, *[(s + 1) // 2 for s in tissue.shape]), 1 / 27.0, np.float32))
-    lp[5] = 0.0
+    c6 = level_index("C6")
+    lp = np.log(np.full((len(LEVELS), *[(s + 1) // 2 for s in tissue.shape]), 1 / len(LEVELS), np.float32))
+    lp[c6] = 0.0
     scores = level_scores(bodies, lp, [1, 2])
-    assert scores.shape == (2, 27) and np.allclose(scores[:, 5], 0.0)
+    assert scores.shape == (2, len(LEVELS)) and np.allclose(scores[:, c6], 0.0)
 
 
 def test_components_detached_from_the_chain_ends_are_dropped():

@@ -8,10 +8,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from SpineLabelLib.phantom import FOVS, make_phantom
-from SpineLabelLib.vertebrae import BY_LABEL, BY_NAME, TISSUE_NAMES
+from SpineLabelLib.vertebrae import BY_LABEL, BY_NAME, LEVELS, TISSUE_NAMES
 
 SMALL = dict(size=(64, 64, 96), spacing=(2.5, 2.5, 2.5))
-STANDARD = [f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)] + ["S1"]
+STANDARD = [lv.name for lv in LEVELS if not lv.transitional]  # C1..L5, S1
 EXPECTED = {
     "whole": STANDARD,
     "cervical": STANDARD[: STANDARD.index("T2") + 1],

@@ -12,11 +12,16 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import DATA
-from SpineLabelLib.vertebrae import BODY, BY_LABEL, LEVELS, POSTERIOR, level_index
+from SpineLabelLib.vertebrae import BODY, BY_LABEL, BY_NAME, LEVELS, POSTERIOR, level_index
 from SpineLabelTrainingLib import shapes, synthesis
 
 MAIN_LEVELS = [lv.label for lv in LEVELS if not lv.transitional]  # C1..L5, S1
 SMALL = (64, 48, 48)  # crop used by the quicker tests (at 3 mm: 19 x 14 x 14 cm)
+
+
+def labels_of(*names: str) -> list[int]:
+    """VerSe label values of the named levels, in the order given."""
+    return [BY_NAME[name].label for name in names]
 
 
 def _analytic_vertebra(shape_zyx: tuple[int, int, int], label: int, spacing: float) -> tuple[np.ndarray, np.ndarray]:
@@ -41,7 +46,7 @@ def tiny_library(tmp_path_factory) -> shapes.ShapeLibrary:
     """Library from one analytic 'scan' holding C1, C2, C5, T1, T8, L1 and L5 (the rest filled in by the library)."""
     root = tmp_path_factory.mktemp("data")
     spacing = 1.5
-    labels = [1, 2, 5, 8, 15, 20, 24]
+    labels = labels_of("C1", "C2", "C5", "T1", "T8", "L1", "L5")
     block = (40, 80, 64)
     volume = np.zeros((block[0] * len(labels), *block[1:]), np.uint8)
     for i, label in enumerate(labels[::-1]):  # caudal first: z index grows towards the head
@@ -53,7 +58,7 @@ def tiny_library(tmp_path_factory) -> shapes.ShapeLibrary:
     sitk.WriteImage(image, str(root / "masks_verse" / "sub-analytic_seg-vert_msk.nii.gz"))
     # Bodies-only scan (like mri_lumbar_bodies): L4, L5 and S1 bodies.
     bodies = np.zeros((block[0] * 3, *block[1:]), np.uint8)
-    for i, label in enumerate([26, 24, 23]):
+    for i, label in enumerate(labels_of("S1", "L5", "L4")):
         _, body = _analytic_vertebra(block, label, spacing)
         bodies[i * block[0] : (i + 1) * block[0]][body] = label
     image = sitk.GetImageFromArray(bodies)
@@ -63,7 +68,7 @@ def tiny_library(tmp_path_factory) -> shapes.ShapeLibrary:
     return shapes.build_shape_library(root, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
-@pytest.mark.parametrize("label", [5, 22, 24])  # C5 and L5 take the large ball, L3 the 2 mm one
+@pytest.mark.parametrize("label", labels_of("C5", "L3", "L5"))  # C5 and L5 take the large ball, L3 the 2 mm one
 def test_split_body_recovers_analytic_body(label):
     """The large ball that cuts the transverse processes of C2-C7 and L5 off the body also rounded off its endplate
     rims (body Dice 0.947 at C5 and 0.956 at L5, 0.988 at L3); the body is grown back in front of the canal."""
@@ -83,10 +88,11 @@ def test_collapsed_or_out_of_region_bodies_are_no_shapes():
         h, d, w = (t * f for t, f in zip(typical[label], factors))
         return shapes.Shape(label, np.zeros((2, 2, 2), np.uint8), np.zeros(3), -h / 2, h / 2, d, w, "test")
 
-    assert shapes._plausible(shape(20, (0.72, 1.1, 0.9)))
-    assert not shapes._plausible(shape(20, (0.4, 1.2, 1.2)))  # a fractured L1
-    assert not shapes._plausible(shape(6, (2.0, 2.25, 1.92)))  # a lumbar-sized body labelled C6
-    assert shapes._plausible(shape(1, (2.6, 2.6, 1.7)))  # C1 (no body) is not measured
+    l1, c6, c1 = labels_of("L1", "C6", "C1")
+    assert shapes._plausible(shape(l1, (0.72, 1.1, 0.9)))
+    assert not shapes._plausible(shape(l1, (0.4, 1.2, 1.2)))  # a fractured L1
+    assert not shapes._plausible(shape(c6, (2.0, 2.25, 1.92)))  # a lumbar-sized body labelled C6
+    assert shapes._plausible(shape(c1, (2.6, 2.6, 1.7)))  # C1 (no body) is not measured
 
 
 def test_tiny_library_has_every_level_and_caches(tiny_library, tmp_path_factory):
@@ -96,13 +102,14 @@ def test_tiny_library_has_every_level_and_caches(tiny_library, tmp_path_factory)
             assert shape.z_low < 0 < shape.z_up
             assert (shape.mask == BODY).any()
     assert tiny_library.discs
-    assert sorted(tiny_library.bodies) == [23, 24]  # S1 went into a sacrum
+    assert sorted(tiny_library.bodies) == labels_of("L4", "L5")  # S1 went into a sacrum
     assert "analytic_vert-verse" in tiny_library.shapes_for(shapes.S1_LABEL)[0].source
     sacrum = tiny_library.shapes_for(shapes.S1_LABEL)[0]
     assert sacrum.mask.shape[0] > 2 * (sacrum.z_up - sacrum.z_low)  # sacral mass below the S1 body
     # Filled level (T3 from its neighbours) has the size of a T3, not of its donor.
-    t3 = tiny_library.shapes_for(10)[0]
-    assert abs(t3.depth_mm - shapes.TYPICAL_BODY_MM[10][1]) < 0.25 * shapes.TYPICAL_BODY_MM[10][1]
+    t3_label = BY_NAME["T3"].label
+    t3 = tiny_library.shapes_for(t3_label)[0]
+    assert abs(t3.depth_mm - shapes.TYPICAL_BODY_MM[t3_label][1]) < 0.25 * shapes.TYPICAL_BODY_MM[t3_label][1]
     path = tmp_path_factory.mktemp("roundtrip") / "lib.npz"
     tiny_library.save(path)
     again = shapes.ShapeLibrary.load(path)
@@ -155,23 +162,24 @@ def test_levels_cranio_caudal_along_z(tiny_library):
 
 
 def test_numbering_variants_and_t13_order(tiny_library):
+    t12, t13, l1, l6 = labels_of("T12", "T13", "L1", "L6")
     counts = {"T13": 0, "L6": 0, "T11 last": 0}
     t13_seed = None
     for seed in range(1500):
         labels, _ = synthesis._level_sequence(np.random.default_rng(seed))
         cranio_caudal = labels[::-1]
         assert [level_index(lv) for lv in cranio_caudal] == sorted(level_index(lv) for lv in cranio_caudal)
-        counts["T13"] += 28 in labels
-        counts["L6"] += 25 in labels
-        counts["T11 last"] += 19 not in labels
-        if 28 in labels and t13_seed is None:
+        counts["T13"] += t13 in labels
+        counts["L6"] += l6 in labels
+        counts["T11 last"] += t12 not in labels
+        if t13 in labels and t13_seed is None:
             t13_seed = seed
     assert 0.01 < counts["T13"] / 1500 < 0.06
     assert 0.02 < counts["L6"] / 1500 < 0.07
     assert 0.005 < counts["T11 last"] / 1500 < 0.04
     subject = synthesis._Subject(np.random.default_rng(t13_seed), tiny_library)
     z = {pl.label: pl.centre[0] for pl in subject.vertebrae}
-    assert z[19] > z[28] > z[20]  # T12 above T13 above L1
+    assert z[t12] > z[t13] > z[l1]  # T12 above T13 above L1
 
 
 def test_limited_field_of_view(tiny_library):
@@ -213,16 +221,19 @@ def test_real_library(tmp_path):
         assert library.shapes_for(label), BY_LABEL[label].name
     assert len(library.discs) >= 10
     assert len(library.shapes_for(shapes.S1_LABEL)) >= 3  # sacra built on real S1 bodies
-    assert all(len(library.bodies.get(label, [])) >= 5 for label in range(18, 25))  # T11..L5 real bodies
+    t11_to_l5 = [lv.label for lv in LEVELS[level_index("T11") : level_index("L5") + 1] if not lv.transitional]
+    assert all(len(library.bodies.get(label, [])) >= 5 for label in t11_to_l5)  # T11..L5 real bodies
     assert len(library.c1_offsets) >= 1
     assert 10 < library.c1_offsets[:, 0].mean() < 30  # atlas sits above the axis body
     crops = DATA / "crops_tptbox"
-    for stem, complete in (("sub-ct_{}_label-22_msk", (22, 23)), ("sub-mri_{}_label-6_msk", (6, 7))):
+    # the crops' file names carry the VerSe label of the level each is centred on (L3, C6)
+    for stem, complete in (("sub-ct_{}_label-22_msk", labels_of("L3", "L4")),
+                           ("sub-mri_{}_label-6_msk", labels_of("C6", "C7"))):
         dice = shapes.body_split_dice(sitk.ReadImage(str(crops / (stem.format("seg-vert") + ".nii.gz"))),
                                       sitk.ReadImage(str(crops / (stem.format("seg-subreg") + ".nii.gz"))))
         for label in complete:
             assert dice[label] > 0.975, (stem, label, dice)  # 0.981-0.991 (0.97 at C6/C7 before the rims grew back)
-    l1 = [shape.source for shape in library.shapes_for(20)]
+    l1 = [shape.source for shape in library.shapes_for(BY_NAME["L1"].label)]
     assert l1 and not any("verse004" in source for source in l1)  # its L1 is fractured: 10 mm tall
 
 

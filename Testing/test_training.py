@@ -13,12 +13,14 @@ from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled
 from SpineLabelLib.io import InputError
 from SpineLabelLib.models import load_model
 from SpineLabelLib.network import SpineUNet
-from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
+from SpineLabelLib.vertebrae import BODY, BY_NAME, DISC, LEVELS, POSTERIOR
 from SpineLabelTrainingLib import training
 from SpineLabelTrainingLib.negatives import KINDS, non_spine_image
 from SpineLabelTrainingLib.synthesis import IGNORE
 from SpineLabelTrainingLib.training import (NOT_BODY, NOT_VERTEBRA, VERTEBRA, TrainConfig, find_cases, level_loss,
                                             load_case, make_source, tissue_loss, train, unknown_beyond_labelled_ends)
+
+L3, L4, L5 = (BY_NAME[name].label for name in ("L3", "L4", "L5"))  # VerSe labels of the levels write_pair draws
 
 
 def logits_for(classes, confidence=8.0):
@@ -43,17 +45,17 @@ def test_partial_labels_accept_every_allowed_class():
 
 def test_level_loss_only_on_vertebra_voxels():
     levels = torch.zeros(1, 4, 4, 4, dtype=torch.uint8)
-    logits = torch.zeros(1, 27, 2, 2, 2, requires_grad=True)
+    logits = torch.zeros(1, len(LEVELS), 2, 2, 2, requires_grad=True)
     assert float(level_loss(logits, levels).detach()) == 0.0
-    levels[0, 0, 0, 0] = 20  # L1 -> level index of L1
+    levels[0, 0, 0, 0] = BY_NAME["L1"].label  # L1 -> level index of L1
     loss = level_loss(logits, levels)
-    assert float(loss.detach()) == pytest.approx(np.log(27), rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(np.log(len(LEVELS)), rel=1e-4)
 
 
 def write_pair(folder, image_name, label_name, size=(40, 40, 60), background=0):
     arr = np.full(size[::-1], background, np.int16)
     lab = np.zeros(size[::-1], np.uint8)
-    for i, label in enumerate((22, 23, 24)):
+    for i, label in enumerate((L3, L4, L5)):
         arr[10 + 15 * i : 20 + 15 * i, 10:30, 10:30] = 300
         lab[10 + 15 * i : 20 + 15 * i, 10:30, 10:30] = label
     for name, a in ((image_name, arr), (label_name, lab)):
@@ -71,7 +73,7 @@ def test_dataset_layouts(tmp_path):
     assert bodies_only
     case = load_case(image, label, bodies_only, 2.0)
     assert set(np.unique(case.tissue)) == {BODY, NOT_BODY, IGNORE}
-    assert set(np.unique(case.levels)) == {0, 22, 23, 24}
+    assert set(np.unique(case.levels)) == {0, L3, L4, L5}
     assert 0.0 <= case.image.min() and case.image.max() <= 1.0
     whole = load_case(*find_cases(tmp_path / "verse")[0][:2], False, 2.0)
     assert set(np.unique(whole.tissue)) == {VERTEBRA, NOT_VERTEBRA, IGNORE}
@@ -85,15 +87,15 @@ def test_cases_are_found_at_any_depth_as_evaluation_finds_them(tmp_path):
     mask_path = tmp_path / "crops" / "sub-ct_seg-vert_label-22_msk.nii.gz"
     mask = sitk.ReadImage(str(mask_path))
     values = sitk.GetArrayFromImage(mask)
-    values[values == 22] = 222  # L3 given as its endplate label
-    values[20:25, 10:30, 10:30] = 122  # the disc below L3
+    values[values == L3] = 200 + L3  # L3 given as its endplate label
+    values[20:25, 10:30, 10:30] = 100 + L3  # the disc below L3
     relabelled = sitk.GetImageFromArray(values)
     relabelled.CopyInformation(mask)
     sitk.WriteImage(relabelled, str(mask_path))
     (image, label, bodies_only), = find_cases(tmp_path)
     assert image.name == "sub-ct_label-22_ct.nii.gz" and label == mask_path and not bodies_only
     case = load_case(image, label, bodies_only, 2.0)
-    assert set(np.unique(case.levels)) == {0, 22, 23, 24}
+    assert set(np.unique(case.levels)) == {0, L3, L4, L5}
 
 
 def test_real_ct_goes_in_through_the_ct_window(tmp_path):
@@ -132,7 +134,7 @@ def test_blob_images_have_blobs_at_any_voxel_size(kind, spacing_mm):
 def test_unlabelled_vertebrae_beyond_the_labelled_ones_are_not_taught_as_background():
     # L3, L4, L5 labelled along z; the image would show L2 above and the sacrum below, unlabelled
     verse = np.zeros((60, 8, 8), np.uint8)
-    for i, label in enumerate((22, 23, 24)):
+    for i, label in enumerate((L3, L4, L5)):
         verse[10 + 15 * i : 20 + 15 * i] = label
     tissue = np.where(verse > 0, BODY, NOT_BODY).astype(np.uint8)
     out = unknown_beyond_labelled_ends(tissue, verse)
@@ -141,7 +143,7 @@ def test_unlabelled_vertebrae_beyond_the_labelled_ones_are_not_taught_as_backgro
     assert (out[20:25] == NOT_BODY).all() and (out[35:40] == NOT_BODY).all()  # the discs between labelled levels
     assert (out[verse > 0] == BODY).all()
     assert (tissue != IGNORE).all()  # the input is left alone
-    single = np.where(verse == 23, 23, 0).astype(np.uint8)
+    single = np.where(verse == L4, L4, 0).astype(np.uint8)
     assert (unknown_beyond_labelled_ends(tissue, single) == tissue).all()  # one level gives no direction
 
 
@@ -252,25 +254,25 @@ def test_a_label_map_on_another_grid_is_refused(tmp_path):
 
 def test_a_case_whose_labels_miss_every_fourth_voxel_can_be_cropped():
     levels = np.zeros((40, 40, 40), np.uint8)
-    levels[5, 5, 5] = 22  # off the grid of every fourth voxel
+    levels[5, 5, 5] = L3  # off the grid of every fourth voxel
     case = training.Case(np.zeros(levels.shape, np.float32), np.zeros(levels.shape, np.uint8), levels, "tiny")
     for seed in range(5):
         assert training._crop(case, (16, 16, 16), np.random.default_rng(seed)).image.shape == (16, 16, 16)
 
 
 def test_nnunet_labels_are_read_by_their_names_in_dataset_json(tmp_path):
-    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")  # L3, L4, L5 as VerSe 22-24
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")  # L3, L4, L5 as their VerSe labels
     labels = tmp_path / "nn" / "labelsTr" / "c1.nii.gz"
     verse = sitk.ReadImage(str(labels))
     renumbered = sitk.GetArrayFromImage(verse).astype(np.uint16)
-    renumbered[renumbered > 0] += 300 - 22  # L3, L4, L5 as 300-302: beyond uint8
+    renumbered[renumbered > 0] += 300 - L3  # L3, L4, L5 as 300-302: beyond uint8
     image = sitk.GetImageFromArray(renumbered)
     image.CopyInformation(verse)
     sitk.WriteImage(image, str(labels))
     names = {"background": 0, **{f"x{v}": v for v in range(1, 300)}, "L3": 300, "L4": 301, "L5": 302}
     (tmp_path / "nn" / "dataset.json").write_text(json.dumps({"labels": names}))
     case = load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
-    assert set(np.unique(case.levels)) == {0, 22, 23, 24}
+    assert set(np.unique(case.levels)) == {0, L3, L4, L5}
     (tmp_path / "nn" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "vertebra": 1}}))
     with pytest.raises(ValueError, match="no label is named after a vertebral level"):
         load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
