@@ -34,8 +34,8 @@ S1_LEVEL = level_index("S1")  # channel of the level head
 
 
 def present_ids(labels: np.ndarray) -> np.ndarray:
-    """Sorted ids above 0 present in a non-negative integer label array of any shape. A count per id: linear time,
-    where ``np.unique`` sorts every voxel."""
+    """Sorted ids above 0, int64 (n,), present in a non-negative integer label array of any shape. A count per id:
+    linear time, where ``np.unique`` sorts every voxel."""
     return np.flatnonzero(np.bincount(labels.ravel())[1:]) + 1
 
 
@@ -158,8 +158,8 @@ def split_merged(
         labels: int32 (z, y, x) body components (``body_components``).
         body_probability: float (z, y, x) vertebral-body probability from the network.
         spacing_mm: voxel size (z, y, x) in mm.
-        level_log_probs: float (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output at half resolution,
-            or None to cut by cores and valleys only.
+        level_log_probs: float16 (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output at half resolution
+            (natural-log probabilities, ``inference.Prediction``), or None to cut by cores and valleys only.
 
     Returns:
         int32 (z, y, x) components, renumbered cranial first.
@@ -206,7 +206,8 @@ def split_merged(
 
 def _full_resolution(level_log_probs: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
     """The half-resolution level head output under ``box`` (full-resolution slices), repeated to full resolution:
-    (n_levels, box z, box y, box x)."""
+    (n_levels, box z, box y, box x), of the dtype of ``level_log_probs`` (float16 log-probabilities from the network;
+    bool from ``sacral_posterior``)."""
     half = level_log_probs[(slice(None),) + tuple(slice(s.start // 2, (s.stop + 1) // 2) for s in box)]
     for axis in (1, 2, 3):
         half = np.repeat(half, 2, axis=axis)
@@ -231,9 +232,11 @@ def _split_each_piece(pieces: np.ndarray, split) -> np.ndarray:
 def _split_tall_pieces_at_levels(pieces: np.ndarray, probability: np.ndarray, level_log_probs: np.ndarray,
                                  box: tuple[slice, ...], limit_mm: float, spacing_z_mm: float, min_probability: float,
                                  min_voxels: float) -> np.ndarray:
-    """``pieces`` (1..n, 0 outside; the ``box`` of the model grid) with each piece taller than ``limit_mm`` split by
-    ``_split_at_levels``; ``level_log_probs`` is the whole half-resolution level head output, brought to full
-    resolution under ``box`` only when a piece needs it."""
+    """``pieces`` (int32, or int64 from ``_split_at_valleys``, (z, y, x) of the ``box`` of the model grid; 1..n, 0
+    outside) with each piece taller than ``limit_mm`` split by ``_split_at_levels``; a new array of the dtype of
+    ``pieces``. ``probability`` is float32 (z, y, x) body probability (0-1) in the box; ``level_log_probs`` is the
+    whole half-resolution level head output (float16 natural-log probabilities), brought to full resolution under
+    ``box`` only when a piece needs it."""
     levels_in_box = None
 
     def split(mask: np.ndarray, zs: np.ndarray) -> np.ndarray | None:
@@ -249,8 +252,10 @@ def _split_tall_pieces_at_levels(pieces: np.ndarray, probability: np.ndarray, le
 
 def _split_at_edge_valleys(pieces: np.ndarray, probability: np.ndarray, cut: tuple[bool, bool], window: int,
                            edge_window: int, depth: float) -> np.ndarray:
-    """``pieces`` (1..n, 0 outside; a component's box) with each piece that reaches a ``cut`` end of the box (first,
-    last z slice) cut by ``_split_at_valleys``, which may leave as few as ``edge_window`` slices on that side."""
+    """``pieces`` (int32, or int64 from ``_split_at_valleys``, (z, y, x) of a component's box; 1..n, 0 outside) with
+    each piece that reaches a ``cut`` end of the box (first, last z slice) cut by ``_split_at_valleys``, which may
+    leave as few as ``edge_window`` slices on that side; a new array of the dtype of ``pieces``. ``probability`` is
+    float32 (z, y, x) body probability (0-1) in the box."""
     last = pieces.shape[0] - 1
 
     def split(mask: np.ndarray, zs: np.ndarray) -> np.ndarray | None:
@@ -264,8 +269,9 @@ def _split_at_edge_valleys(pieces: np.ndarray, probability: np.ndarray, cut: tup
 
 
 def _new_ids_for_pieces(labels: np.ndarray, pieces: np.ndarray, next_id: int) -> int:
-    """Give pieces 2..n of ``pieces`` (int, same shape as ``labels``) ids from ``next_id`` on in ``labels``, in
-    place; piece 1 keeps the id it has. Returns the next free id."""
+    """Give pieces 2..n of ``pieces`` (int, same shape as ``labels``) ids from ``next_id`` on in ``labels``, int32
+    (z, y, x) of a component's box (in ``_split_each_piece`` a copy of int32 or int64 pieces), modified in place;
+    piece 1 keeps the id it has. Returns the next free id."""
     for k in range(2, int(pieces.max()) + 1):
         labels[pieces == k] = next_id
         next_id += 1
@@ -421,7 +427,7 @@ def _off_column(centroids: np.ndarray, large: np.ndarray, kept: np.ndarray, i: i
     """Distance (mm; antero-posterior offsets halved) of centroid ``i`` from the column through the ``large`` and
     ``kept`` centroids (bool), other than itself, or through all the ``kept`` others where fewer than two of them are
     large; 0 when it lies beyond the column's ends, or between two centroids that lean further from each other than
-    they rise (no column: one of them is off it). Centroids are (n, 3) z, y, x mm."""
+    they rise (no column: one of them is off it). Centroids are float64 (n, 3) z, y, x mm."""
     candidates = kept & (np.arange(len(centroids)) != i)
     others = np.flatnonzero(large & candidates)
     if others.size < 2:
@@ -519,7 +525,8 @@ def sacral_posterior(bodies: np.ndarray, tissue: np.ndarray, level_log_probs: np
     Args:
         bodies: int32 (z, y, x) body components.
         tissue: uint8 (z, y, x) tissue classes.
-        level_log_probs: float (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output at half resolution.
+        level_log_probs: float16 (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output at half resolution
+            (natural-log probabilities).
 
     Returns:
         bool (z, y, x).
@@ -567,8 +574,8 @@ def vertebra_components(tissue: np.ndarray, body_probability: np.ndarray, spacin
         tissue: uint8 (z, y, x) tissue classes.
         body_probability: float (z, y, x) vertebral-body probability.
         spacing_mm: voxel size (z, y, x) in mm.
-        level_log_probs: float (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output, or None
-            (``split_merged``; and no sacrum is held back).
+        level_log_probs: float16 (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output (natural-log
+            probabilities), or None (``split_merged``; and no sacrum is held back).
 
     Returns:
         (bodies, vertebrae, sacrum): bodies and vertebrae int32 (z, y, x) with the same ids, cranial first; sacrum

@@ -497,7 +497,8 @@ def _known_labels(labels, what: str) -> list[int]:
 
 
 def _overlaps(pred_labels: np.ndarray, gt_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per label value v: (|P_v & G_v|, |P_v|, |G_v|), each int64 of length max label + 1."""
+    """Per label value v: (|P_v & G_v|, |P_v|, |G_v|), each int64 of length max label + 1, for two non-negative
+    integer label maps of the same shape (any dtype, e.g. (z, y, x))."""
     fg = (pred_labels != 0) | (gt_labels != 0)
     p = pred_labels[fg].astype(np.int64)
     g = gt_labels[fg].astype(np.int64)
@@ -625,7 +626,9 @@ _ENDPLATE = 200  # TPTBox masks: 200 + L is an endplate of vertebra L (100 + L t
 def reference_labels(labels: np.ndarray, path: str | os.PathLike) -> np.ndarray:
     """Reference ``labels`` (integers, any shape, e.g. (z, y, x)) of the mask file ``path`` as VerSe values: an
     nnU-Net dataset's by their names in its ``dataset.json`` (``export.dataset_label_values``), TPTBox endplates
-    (200 + L) given to their vertebra L; other values as they are. Evaluation and training read masks this way."""
+    (200 + L) given to their vertebra L; other values as they are. Evaluation and training read masks this way.
+    Returns uint8 for an nnU-Net dataset, ``labels`` itself when no value exceeds 200, else the dtype int32 and that
+    of ``labels`` promote to (int32 for uint8, int16, uint16 or int32 masks; int64 for uint32 or int64)."""
     lut = dataset_label_values(path, labels)
     if lut is not None:
         return lut[labels]

@@ -22,11 +22,11 @@ class ComponentFeatures:
 
     Attributes:
         id: component id.
-        body_centroid_lps_mm: centroid of the vertebral body, LPS mm.
+        body_centroid_lps_mm: float64 (3,) centroid of the vertebral body, LPS mm.
         volume_ml: whole vertebra (body + posterior elements), ml.
         body_volume_ml: vertebral body, ml.
-        extent_mm: bounding-box size of the body (z, y, x) in mm.
-        principal_axis_lps: unit vector of the body's longest axis, LPS.
+        extent_mm: float64 (3,) bounding-box size of the body (z, y, x) in mm.
+        principal_axis_lps: float64 (3,) unit vector of the body's longest axis, LPS.
         mean_intensity: mean normalised intensity (0-1) inside the body.
         body_probability: mean network probability of vertebral body inside the body (0-1).
         at_view_end: the body touches the first or last head-feet plane of the model grid: cut by the field of view.
@@ -140,7 +140,8 @@ def level_scores(bodies: np.ndarray, level_log_probs: np.ndarray, ids: list[int]
 
     Args:
         bodies: int32 (z, y, x) body components on the model grid.
-        level_log_probs: float (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output at half resolution.
+        level_log_probs: float16 (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output at half resolution
+            (natural-log probabilities).
         ids: component ids, in the order of the returned rows.
 
     Returns:

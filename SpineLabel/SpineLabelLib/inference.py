@@ -171,7 +171,7 @@ def _starts(length: int, window: int, overlap: int) -> list[int]:
 
 
 def _ramp(length: int, margin: int) -> np.ndarray:
-    """1-D blending weight: linear ramp over ``margin`` voxels at both ends, never 0."""
+    """1-D blending weight, float32 (length,): linear ramp over ``margin`` voxels at both ends, never 0."""
     w = np.ones(length, dtype=np.float32)
     if margin > 0 and length > 2 * margin:
         ramp = (np.arange(margin, dtype=np.float32) + 1) / (margin + 1)
@@ -182,9 +182,10 @@ def _ramp(length: int, margin: int) -> np.ndarray:
 
 def _finish_tissue(logit_sum: torch.Tensor, weight_sum: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tissue class (uint8), body and vertebra probability (float16) of blended logits, per voxel.
+    """Tissue class (uint8), body and vertebra probability (float16) of blended logits, per voxel, each (z, y, x).
 
-    ``logit_sum`` (classes, z, y, x) is overwritten. The reductions over the class axis and the float16 casts run in
+    ``logit_sum`` float32 (classes, z, y, x), the weighted sum of logits, is overwritten; ``weight_sum`` float32
+    (z, y, x) is the sum of the weights. The reductions over the class axis and the float16 casts run in
     torch, in place and multi-threaded (numpy's are single-threaded, strided along that axis, and copy). The class is
     found by comparing each class with the peak: torch's argmax along the leading axis takes seconds on a large
     volume, its amax a fraction of one.

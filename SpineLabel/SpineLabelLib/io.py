@@ -299,7 +299,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
             ``.mhd``) file, or a folder holding one DICOM series.
 
     Returns:
-        A 3D scalar image, pixel type float32 or its original integer type, geometry untouched.
+        A 3D scalar image, pixel type float32 or its original integer type, geometry untouched; voxel values as
+        stored, scaled by the file's slope and intercept where it gives them (Hounsfield units for CT).
 
     Raises:
         InputError: missing path, unsupported extension, unreadable or truncated file, not 3D (2D; 4D of more than

@@ -74,6 +74,8 @@ class SpineUNet(nn.Module):
 
         Returns:
             tissue logits (B, 4, Z, Y, X), or None with ``levels_only``, and level logits (B, n_levels, Z/2, Y/2, X/2).
+            float32; under bfloat16 autocast the level logits are bfloat16, the tissue logits still float32 (the
+            float32 bias of ``_pointwise`` promotes them).
         """
         skips = [self.stem(x)]
         for block in self.down:
@@ -91,6 +93,7 @@ class SpineUNet(nn.Module):
 
 def _pointwise(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     """A 1x1x1 convolution as a channel matrix product: the same result, several times faster on a CPU for the
-    few channels of the full-resolution head."""
+    few channels of the full-resolution head. ``x`` float (B, C, Z, Y, X) -> (B, out_channels, Z, Y, X): float32 with
+    ``conv``'s float32 parameters, also for a bfloat16 ``x`` under autocast (the bias add promotes)."""
     out = torch.einsum("oc,bczyx->bozyx", conv.weight[:, :, 0, 0, 0], x)
     return out + conv.bias.view(1, -1, 1, 1, 1)

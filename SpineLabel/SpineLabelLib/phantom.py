@@ -100,7 +100,8 @@ class Phantom:
     """A synthetic spine image with its ground truth, all three on the same grid.
 
     Attributes:
-        image: float32 (MR-like, arbitrary units 0..~1000) or int16 (CT-like, Hounsfield units) image.
+        image: float32 (MR-like, arbitrary units 0..~1700 with the bias field) or int16 (CT-like, Hounsfield units)
+            image.
         labels: uint8 VerSe label map of whole vertebrae (body and posterior elements), 0 elsewhere.
         tissue: uint8 tissue classes, values index ``vertebrae.TISSUE_NAMES``; C1 and the whole sacrum are class 1.
     """
@@ -130,7 +131,8 @@ class Phantom:
 class _Element:
     """One rigid piece of the spine: a vertebra, C1 or one sacral segment.
 
-    ``dims`` are mm; ``centre`` is LPS mm in the body frame; ``frame`` columns are the local u, v, w axes.
+    ``dims`` are mm; ``centre`` is float64 (3,) LPS mm in the body frame; ``frame`` is float64 (3, 3), its columns
+    the local u, v, w axes.
     """
 
     name: str
@@ -147,7 +149,8 @@ class _Element:
 
 @dataclass
 class _Curve:
-    """Spine centre line sampled every ``_CURVE_STEP`` mm of arc length (all arrays (n,), tangent (n, 3))."""
+    """Spine centre line sampled every ``_CURVE_STEP`` mm of arc length: ``s`` and the body-frame LPS ``x``, ``y``,
+    ``z`` float64 (n,) mm, ``tangent`` float64 (n, 3)."""
 
     s: np.ndarray
     x: np.ndarray
@@ -156,11 +159,11 @@ class _Curve:
     tangent: np.ndarray  # unit vectors pointing cranially
 
     def point(self, s: float | np.ndarray) -> np.ndarray:
-        """LPS point(s) (..., 3) at arc length(s) ``s`` (mm)."""
+        """LPS point(s) float64 (..., 3) mm at arc length(s) ``s`` (mm)."""
         return np.stack([np.interp(s, self.s, c) for c in (self.x, self.y, self.z)], axis=-1)
 
     def frame(self, s: float, roll: float = 0.0) -> np.ndarray:
-        """3x3 matrix whose columns are the local (u, v, w) axes at ``s``, rotated by ``roll`` rad about w."""
+        """float64 (3, 3) whose columns are the local (u, v, w) axes at ``s``, rotated by ``roll`` rad about w."""
         t = np.array([np.interp(s, self.s, self.tangent[:, a]) for a in range(3)])
         t /= np.linalg.norm(t)
         u = np.array([1.0, 0.0, 0.0]) - t[0] * t
@@ -170,7 +173,7 @@ class _Curve:
         return np.stack([c * u + sn * v, -sn * u + c * v, t], axis=1)
 
     def s_at_z(self, z: np.ndarray) -> np.ndarray:
-        """Arc length (mm) where the curve reaches height(s) ``z`` (mm); z falls monotonically along s."""
+        """Arc length (mm, float64) where the curve reaches height(s) ``z`` (mm); z falls monotonically along s."""
         return np.interp(z, self.z[::-1], self.s[::-1])
 
 
@@ -335,13 +338,15 @@ def _build_curve(spans, amplitude, sacral_tip_slope, lateral, s_end) -> _Curve:
 # ---------------------------------------------------------------------------------------------------------------
 # Shape primitives. All take float32 coordinate arrays (any broadcastable shape, mm) and return an approximate
 # depth in mm: positive inside, growing towards the middle, negative outside. A union is np.maximum, an
-# intersection np.minimum.
+# intersection np.minimum. The depth is float64 wherever a size is a float64 scalar, as the dims are (every bone
+# shape); ``_ellipse_depth`` stays float32 with float32 sizes (soft tissue, canal).
 
 
 def _ellipse_depth(a, b, ra, rb):
     """Depth inside the axis-aligned ellipse with semi-axes ``ra``, ``rb`` (mm) centred at a = b = 0.
 
-    Measured along the ray from the centre, which is exact on circles and close on mild ellipses.
+    Measured along the ray from the centre, which is exact on circles and close on mild ellipses. float64 when any
+    input is float64 (a NumPy float64 scalar included), float32 for float32 arrays and Python floats.
     """
     r = np.sqrt((a / ra) ** 2 + (b / rb) ** 2)
     boundary = np.hypot(a, b) / np.maximum(r, 1e-6)  # distance from the centre to the outline along the ray
@@ -350,7 +355,8 @@ def _ellipse_depth(a, b, ra, rb):
 
 
 def _box_depth(coords, centre, half):
-    """Depth inside the axis-aligned box ``centre`` +- ``half`` (three coordinate arrays, mm)."""
+    """Depth inside the axis-aligned box ``centre`` +- ``half`` (three coordinate arrays, mm); float64 with the
+    float64 dims used here."""
     depth = None
     for c, m, h in zip(coords, centre, half):
         d = h - np.abs(c - m)
@@ -366,7 +372,7 @@ def _vertebra_depths(u, v, w, d):
         d: the vertebra's dims (mm).
 
     Returns:
-        (body depth, posterior-elements depth), float32 arrays.
+        (body depth, posterior-elements depth), float64 arrays.
     """
     w2, d2, h2 = d["width"] / 2, d["depth"] / 2, d["height"] / 2
     cw, cd, pw, lt = d["canal_w"], d["canal_d"], d["pedicle"], d["lamina"]
@@ -397,7 +403,7 @@ def _vertebra_depths(u, v, w, d):
 
 
 def _vertebra_box(d) -> tuple[np.ndarray, np.ndarray]:
-    """Local (u, v, w) bounding box (mm) of ``_vertebra_depths``."""
+    """Local (u, v, w) bounding box (lo, hi), float64 (3,) mm each, of ``_vertebra_depths``."""
     w2, d2, h2 = d["width"] / 2, d["depth"] / 2, d["height"] / 2
     vc = d2 + d["canal_d"]
     v0 = vc + d["canal_d"] + d["lamina"] / 2
@@ -410,7 +416,8 @@ def _vertebra_box(d) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _atlas_depth(u, v, w, d):
-    """Depth (mm) of C1: a ring in front of the dens and behind the canal, lateral masses, transverse processes.
+    """Depth (mm, float64) of C1: a ring in front of the dens and behind the canal, lateral masses, transverse
+    processes.
 
     ``d`` are the dims of a C2 at the same scale (the ring is fitted around the dens and canal of C2).
     """
@@ -428,15 +435,15 @@ def _atlas_depth(u, v, w, d):
 
 
 def _atlas_box(d) -> tuple[np.ndarray, np.ndarray]:
-    """Local (u, v, w) bounding box (mm) of ``_atlas_depth``."""
+    """Local (u, v, w) bounding box (lo, hi), float64 (3,) mm each, of ``_atlas_depth``."""
     k = d["width"] / 15
     return (np.array([-d["canal_w"] - 31 * k, -d["depth"] / 2 - 6 * k, -8 * k]),
             np.array([d["canal_w"] + 31 * k, d["depth"] / 2 + 2 * d["canal_d"] + 8 * k, 8 * k]))
 
 
 def _sacral_depth(u, v, w, d):
-    """Depth (mm) of one fused sacral segment: body, alae, posterior wall around the sacral canal, median crest,
-    and on S1 the superior articular processes. Coordinates as for ``_vertebra_depths``.
+    """Depth (mm, float64) of one fused sacral segment: body, alae, posterior wall around the sacral canal, median
+    crest, and on S1 the superior articular processes. Coordinates as for ``_vertebra_depths``.
     """
     w2, d2, h2 = d["width"] / 2, d["depth"] / 2, d["height"] / 2 + 0.6  # overlap fuses the segments
     cw, cd = d["canal_w"], d["canal_d"]
@@ -456,7 +463,7 @@ def _sacral_depth(u, v, w, d):
 
 
 def _sacral_box(d) -> tuple[np.ndarray, np.ndarray]:
-    """Local (u, v, w) bounding box (mm) of ``_sacral_depth``."""
+    """Local (u, v, w) bounding box (lo, hi), float64 (3,) mm each, of ``_sacral_depth``."""
     d2, h2 = d["depth"] / 2, d["height"] / 2 + 0.6
     u_max = max(d["ala"], d["width"] / 2, d["canal_w"] + 7) + 1
     return (np.array([-u_max, -d2 - 1, -h2 - 1]),
@@ -464,20 +471,20 @@ def _sacral_box(d) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _element_box(el: _Element) -> tuple[np.ndarray, np.ndarray]:
-    """Local (u, v, w) bounding box (mm) of a spine element."""
+    """Local (u, v, w) bounding box (lo, hi), float64 (3,) mm each, of a spine element."""
     box = {"atlas": _atlas_box, "sacral": _sacral_box, "vertebra": _vertebra_box}[el.kind]
     return box(el.dims)
 
 
 def _box_corners(centre: np.ndarray, frame: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """LPS positions (8, 3) in mm of the corners of the local box [lo, hi] of a frame (columns u, v, w)."""
+    """LPS positions float64 (8, 3) in mm of the corners of the local box [lo, hi] of a frame (columns u, v, w)."""
     corners = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1).T
     return centre + corners @ frame.T
 
 
 def _ilium_depth(u, v, w, k, top, bottom):
-    """Depth (mm) of both iliac wings, in the frame of S1: arcs of a cylinder from the sacroiliac joint round the
-    pelvis, flaring outwards cranially and thickening caudally towards the acetabulum.
+    """Depth (mm, float64) of both iliac wings, in the frame of S1: arcs of a cylinder from the sacroiliac joint
+    round the pelvis, flaring outwards cranially and thickening caudally towards the acetabulum.
     """
     centre_u = k * 78 + 0.15 * w
     du, dv = np.abs(u) - centre_u, v + k * 15
@@ -494,7 +501,7 @@ def _ilium_depth(u, v, w, k, top, bottom):
 
 @dataclass
 class _Grid:
-    """Axis-aligned voxel grid: size (nx, ny, nz), spacing and origin in LPS mm (x, y, z)."""
+    """Axis-aligned voxel grid: size (nx, ny, nz), spacing and origin float64 (3,) in LPS mm (x, y, z)."""
 
     size: tuple[int, int, int]
     spacing: np.ndarray
@@ -545,7 +552,8 @@ class _Volumes:
     def paint_bone(self, slices, depth, label: int = 0, tissue=0):
         """Bone where ``depth`` > 0 and no vertebra is yet: cortex within ``cortex_mm`` of the surface.
 
-        ``tissue`` is a class or a (z, y, x) array of classes for the box; ``label`` 0 paints unlabelled bone.
+        ``depth`` is float (z, y, x) mm over the box ``slices`` (float64 from the shape primitives). ``tissue`` is a
+        class or a (z, y, x) array of classes for the box; ``label`` 0 paints unlabelled bone.
         """
         labels = self.label[slices]
         mask = (depth > 0) & (labels == 0)
@@ -555,7 +563,8 @@ class _Volumes:
 
 
 def _torso_profile(anat: _Anatomy, z: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-height body outline (mm) and spine position for heights ``z`` (mm, (n,)): arrays (n,)."""
+    """Per-height body outline (mm) and spine position for heights ``z`` (mm, float (n,)): float64 arrays (n,), in mm
+    except ``pos`` (profile position, as ``_Element.pos``) and ``tilt_cos`` (z component of the tangent, no unit)."""
     els = anat.elements
     ez = np.array([el.centre[2] for el in els])[::-1]
     epos = np.array([el.pos for el in els])[::-1]
@@ -681,7 +690,11 @@ def _paint_discs(vol: _Volumes, anat: _Anatomy) -> None:
 
 
 def _project(u, v, frame, axis, offset):
-    """Component along ``axis`` of (offset + u * frame_u + v * frame_v), float32 (u, v: arrays, mm)."""
+    """Component along ``axis`` of (offset + u * frame_u + v * frame_v), float32 (u, v: float32 arrays, mm).
+
+    ``frame``: float64 (3, 3), columns the local u, v, w axes in LPS; ``axis``: float64 (3,) LPS unit vector;
+    ``offset``: float64 (3,) LPS mm, the frame's origin minus the point measured from (an element's centre).
+    """
     return (np.float32(frame[:, 0] @ axis) * u + np.float32(frame[:, 1] @ axis) * v
             + np.float32(offset @ axis))
 

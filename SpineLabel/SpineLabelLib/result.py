@@ -57,7 +57,8 @@ class Geometry:
         return np.asarray(self.origin) + (np.asarray(ijk, dtype=float) * np.asarray(self.spacing)) @ d.T
 
     def ijk_to_ras(self) -> np.ndarray:
-        """4x4 matrix from voxel indices (i, j, k, 1) to RAS mm (the world of NIfTI and of Slicer's scene)."""
+        """float64 (4, 4) matrix from voxel indices (i, j, k, 1) to RAS mm (the world of NIfTI and of Slicer's
+        scene)."""
         d = np.asarray(self.direction, dtype=float).reshape(3, 3)
         matrix = np.eye(4)
         matrix[:3, :3] = d * np.asarray(self.spacing)

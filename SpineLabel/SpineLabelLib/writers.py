@@ -81,7 +81,7 @@ def _check_grid(result: SpineLabeling) -> None:
 
 
 def _direction_matrix(geometry: Geometry) -> np.ndarray:
-    """3x3 direction cosines; column c is the LPS direction of voxel axis c."""
+    """float64 (3, 3) direction cosines; column c is the LPS direction of voxel axis c."""
     return np.asarray(geometry.direction, dtype=float).reshape(3, 3)
 
 
@@ -388,14 +388,15 @@ def _view_axes(codes: str, fixed_pair: str, horizontal_pair: str) -> tuple[int, 
 
 def _plane(volume: np.ndarray, fixed: int, vertical: int, horizontal: int, index: int, flip_rows: bool,
            flip_cols: bool) -> np.ndarray:
-    """2D (rows = vertical voxel axis, columns = horizontal voxel axis) slice of a (z, y, x) volume at voxel
-    ``index`` along voxel axis ``fixed`` (0 = i/x, 1 = j/y, 2 = k/z); only that plane is read."""
+    """2D (rows = vertical voxel axis, columns = horizontal voxel axis) slice of a (z, y, x) volume of any dtype
+    (intensities, component ids) at voxel ``index`` along voxel axis ``fixed`` (0 = i/x, 1 = j/y, 2 = k/z), a view
+    of the same dtype; only that plane is read."""
     view = np.transpose(volume, (2 - vertical, 2 - horizontal, 2 - fixed))[:, :, index]
     return view[::-1 if flip_rows else 1, ::-1 if flip_cols else 1]
 
 
 def _resample_indices(n: int, spacing: float, display_spacing: float) -> tuple[int, np.ndarray]:
-    """Output length and nearest source index of each output pixel for a 1D axis."""
+    """Output length and nearest source index (int64 (length,)) of each output pixel for a 1D axis."""
     out = max(1, int(round(n * spacing / display_spacing)))
     src = np.minimum(((np.arange(out) + 0.5) * display_spacing / spacing).astype(int), n - 1)
     return out, src

@@ -176,14 +176,14 @@ class ShapeLibrary:
 
 
 def _index_to_world(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """(A, b) with world (S, P, L mm) = A @ index(z, y, x) + b for a SimpleITK image."""
+    """(A, b), float64 (3, 3) and (3,), with world (S, P, L mm) = A @ index(z, y, x) + b for a SimpleITK image."""
     d = np.asarray(image.GetDirection(), float).reshape(3, 3) * np.asarray(image.GetSpacing(), float)[None, :]
     return d[::-1, ::-1].copy(), np.asarray(image.GetOrigin(), float)[::-1].copy()
 
 
 def frame(tangent: np.ndarray) -> np.ndarray:
-    """Rotation whose columns are the local (superior, posterior, left) axes in world (S, P, L) coordinates, the
-    first along ``tangent``, the second the world posterior direction made orthogonal to it."""
+    """Rotation, float64 (3, 3), whose columns are the local (superior, posterior, left) axes in world (S, P, L)
+    coordinates, the first along ``tangent``, the second the world posterior direction made orthogonal to it."""
     ez = tangent / np.linalg.norm(tangent)
     ey = np.array([0.0, 1.0, 0.0]) - ez[1] * ez
     if np.linalg.norm(ey) < 1e-3:
@@ -193,7 +193,7 @@ def frame(tangent: np.ndarray) -> np.ndarray:
 
 
 def _ball_opening(mask: np.ndarray, radius_vox: float) -> np.ndarray:
-    """Opening of a boolean (z, y, x) mask by a ball of ``radius_vox`` voxels (Euclidean distance maps)."""
+    """Opening of a boolean (z, y, x) mask by a ball of ``radius_vox`` voxels (Euclidean distance maps); bool."""
     eroded = ndimage.distance_transform_edt(np.pad(mask, 1)) > radius_vox
     opened = ndimage.distance_transform_edt(~eroded) <= radius_vox
     return opened[1:-1, 1:-1, 1:-1] & mask
@@ -313,7 +313,8 @@ def _resample_canonical(volume: np.ndarray, a: np.ndarray, b: np.ndarray, centre
 
 
 def _crop_to_nonzero(mask: np.ndarray, margin: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(z, y, x) array cut to the bounding box of its nonzero voxels plus ``margin``, and the box's start index."""
+    """(z, y, x) array of any dtype (uint8 or bool here) cut to the bounding box of its nonzero voxels plus
+    ``margin`` (a view of the same dtype), and the box's start index, int64 (3,) (z, y, x)."""
     nz = np.argwhere(mask)
     lo = np.maximum(nz.min(axis=0) - margin, 0)
     hi = np.minimum(nz.max(axis=0) + margin + 1, mask.shape)
@@ -333,9 +334,9 @@ def canonical_vertebrae(image: sitk.Image, source: str = "") -> tuple[list[Shape
         source: name for the log.
 
     Returns:
-        (shapes, frames): shapes with body/posterior split; frames maps label -> (body centroid in world S, P, L
-        mm, rotation whose columns are the vertebra's local axes). A vertebra whose body touches the edge of the
-        image (cut off) is skipped.
+        (shapes, frames): shapes with body/posterior split; frames maps label -> (float64 (3,) body centroid in
+        world S, P, L mm, float64 (3, 3) rotation whose columns are the vertebra's local axes). A vertebra whose body
+        touches the edge of the image (cut off) is skipped.
     """
     labels = sitk.GetArrayFromImage(image)
     a, b = _index_to_world(image)

@@ -130,7 +130,11 @@ _OUTLINE = (("C1", 75, 90, 90), ("C3", 60, 62, 80), ("C6", 65, 66, 85), ("T1", 1
 
 @dataclass
 class _Placed:
-    """A shape placed in the world: local (z, y, x) mm -> world = centre + rot @ (scale * local)."""
+    """A shape placed in the world: local (z, y, x) mm -> world = centre + rot @ (scale * local).
+
+    ``scale`` (and ``body_scale``): float64 (3,) size factors along local z, y, x; ``centre``: float64 (3,) world
+    (z, y, x) mm; ``rot``: float64 (3, 3), columns the local axes in world coordinates (may hold a mirror).
+    """
 
     label: int
     shape: Shape
@@ -148,7 +152,8 @@ class _Placed:
 
 
 def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
-    """Rotation matrix (Rodrigues) about a unit ``axis`` given in (z, y, x) coordinates, ``angle`` in radians."""
+    """Rotation matrix, float64 (3, 3) (Rodrigues), about a unit ``axis`` given in (z, y, x) coordinates, ``angle``
+    in radians."""
     axis = np.asarray(axis, float) / np.linalg.norm(axis)
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
@@ -180,7 +185,10 @@ class _Canvas:
     def rasterise(self, mask: np.ndarray, centre_idx: np.ndarray, placed: _Placed, scale: np.ndarray | None = None):
         """Resample a 1 mm canonical mask (uint8 (z, y, x)) into the crop (nearest neighbour).
 
-        Returns ((slices), sub-array of mask values) or None when the shape misses the crop.
+        ``centre_idx``: float (3,) voxel index (z, y, x) in ``mask`` of the point placed at ``placed.centre``
+        (``Shape.centre``); ``scale``: float64 (3,) (z, y, x) size factors, ``placed.scale`` when None.
+
+        Returns ((slices), uint8 sub-array of mask values) or None when the shape misses the crop.
         """
         scale = placed.scale if scale is None else scale
         n = np.asarray(mask.shape, float)
@@ -212,7 +220,8 @@ class _Canvas:
         self.cls[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]][m] = value
 
     def tube(self, value: int, points: np.ndarray, radius_mm: float) -> None:
-        """Set class ``value`` within ``radius_mm`` of world points (N, 3) sampled densely along a curve."""
+        """Set class ``value`` within ``radius_mm`` of world points float (N, 3), (z, y, x) mm, sampled densely along
+        a curve."""
         r = radius_mm / self.spacing
         idx = (points - self.origin) / self.spacing
         near = ((idx > -r - 1) & (idx < np.asarray(self.shape) + r + 1)).all(axis=1)
@@ -260,7 +269,8 @@ _OWN_SHAPE_ONLY = (BY_NAME["C1"].label, BY_NAME["C2"].label, S1_LABEL)
 
 
 def _pick_shape(rng: np.random.Generator, library: ShapeLibrary, label: int) -> tuple[Shape, np.ndarray]:
-    """A library shape for ``label`` and the (z, y, x) factors that bring it to that level's typical size."""
+    """A library shape for ``label`` and the float64 (3,) (z, y, x) factors that bring it to that level's typical
+    size."""
     donor = _SHAPE_DONOR.get(label, label)
     if donor == label and label not in _OWN_SHAPE_ONLY and rng.random() < 0.25:
         region = BY_LABEL[label].region
@@ -297,7 +307,12 @@ def _spine_curve(rng: np.random.Generator, s_levels: np.ndarray, labels: list[in
 
 
 class _Subject:
-    """A whole spine: placed vertebrae, discs (with nuclei) and the curve, in world mm (S at z=0 is S1)."""
+    """A whole spine: placed vertebrae, discs (with nuclei) and the curve, in world mm (S at z=0 is S1).
+
+    The curve: ``s_grid`` float64 (N,) arc positions (mm, 1 mm apart); ``points`` float64 (N, 3) world (z, y, x) mm
+    and ``tangents`` float64 (N, 3) unit vectors at them; ``posterior`` float64 (N, 3) unit vectors, the world
+    posterior direction made orthogonal to the tangent.
+    """
 
     def __init__(self, rng: np.random.Generator, library: ShapeLibrary):
         labels, sacralised = _level_sequence(rng)
@@ -398,7 +413,7 @@ class _Subject:
             self.discs.append((_Placed(0, shape, disc_scale, point_at(s_mid), rot, s_mid), dark))
 
     def s_at_z(self, z: np.ndarray) -> np.ndarray:
-        """Arc position of the spine point at each world height ``z`` (mm)."""
+        """Arc position (mm, float64) of the spine point at each world height ``z`` (mm, float (n,))."""
         order = np.argsort(self.points[:, 0])
         return np.interp(z, self.points[order, 0], self.s_grid[order])
 
@@ -460,6 +475,8 @@ def _draw_body(rng: np.random.Generator, canvas: _Canvas, subject: _Subject) -> 
         cls[psoas & lumbar[:, None, None]] = MUSCLE
 
     def at(name: str, dy: float, dx: float, dz: float = 0.0) -> np.ndarray:
+        """Centre of level ``name`` (else the lowest thoracic) shifted by ``dz``, ``dy``, ``dx``: (z, y, x) world mm,
+        float64."""
         pl = subject.by_label.get(BY_NAME[name].label, subject.lowest_thoracic)
         return pl.centre + np.array([dz, dy, dx])
 
@@ -579,7 +596,8 @@ def _draw_spine(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) ->
 
 
 def _class_intensities(rng: np.random.Generator, modality: str) -> tuple[np.ndarray, np.ndarray]:
-    """(means, stds) float32 (n_classes,) for one case."""
+    """(means, stds) float32 (n_classes,) for one case: Hounsfield units for ``"ct"``, arbitrary units for the MR
+    presets and ``"random"``."""
     if modality == "random":
         return (rng.uniform(0, 1000, _N_CLASSES).astype(np.float32),
                 rng.uniform(0, 60, _N_CLASSES).astype(np.float32))
@@ -604,8 +622,9 @@ def _class_intensities(rng: np.random.Generator, modality: str) -> tuple[np.ndar
 
 
 def _thick_slices(img: np.ndarray, axis: int, factor: float, phase: float) -> np.ndarray:
-    """Simulate slices ``factor`` voxels thick along ``axis`` of a (z, y, x) float32 volume: blur along the axis,
-    keep one sample per slice, interpolate linearly back to the grid."""
+    """Simulate slices ``factor`` voxels thick along ``axis`` of a float (z, y, x) volume (float64 from
+    ``_appearance``): blur along the axis, keep one sample per slice, interpolate linearly back to the grid. Returns
+    the dtype of ``img``."""
     n = img.shape[axis]
     img = ndimage.gaussian_filter1d(img, sigma=factor / 2.355, axis=axis, mode="nearest")
     pos = np.arange(phase * factor, n, factor)
@@ -616,8 +635,9 @@ def _thick_slices(img: np.ndarray, axis: int, factor: float, phase: float) -> np
 
 
 def _linear_at(img: np.ndarray, pos: np.ndarray, axis: int) -> np.ndarray:
-    """Linear interpolation of ``img`` at the continuous indices ``pos`` (float (m,), within the axis) along
-    ``axis``, constant beyond the ends; the other axes are kept."""
+    """Linear interpolation of ``img`` (float, float64 from ``_thick_slices``) at the continuous indices ``pos``
+    (float (m,), within the axis) along ``axis``, constant beyond the ends; the other axes are kept. Returns the
+    dtype of ``img``."""
     i0 = np.clip(np.floor(pos).astype(int), 0, img.shape[axis] - 2)
     shape = [1] * img.ndim
     shape[axis] = pos.size
@@ -641,8 +661,9 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
 
 
 def _texture(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Unit-variance random texture, float32 of ``shape`` (z, y, x): white noise mixed with noise smoothed over one
-    to three voxels (trabecular bone, fat in muscle, organ parenchyma are textured, not flat)."""
+    """Unit-variance random texture, float64 of ``shape`` (z, y, x) (the float64 mixing weight promotes the float32
+    noise): white noise mixed with noise smoothed over one to three voxels (trabecular bone, fat in muscle, organ
+    parenchyma are textured, not flat)."""
     white = rng.standard_normal(shape, dtype=np.float32)
     smooth = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), rng.uniform(0.6, 1.5))
     share = rng.uniform(0.0, 0.9)
@@ -651,7 +672,8 @@ def _texture(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 def _appearance(rng: np.random.Generator, cls: np.ndarray, levels: np.ndarray, modality: str,
                 spacing: float) -> np.ndarray:
-    """Synthetic image, float32 (z, y, x), from the class map ``cls`` and the level map (per-vertebra marrow)."""
+    """Synthetic image, float32 (z, y, x), Hounsfield units for ``"ct"``, arbitrary units otherwise, from the uint8
+    (z, y, x) class map ``cls`` and the uint8 (z, y, x) VerSe level map ``levels`` (per-vertebra marrow)."""
     means, stds = _class_intensities(rng, modality)
     img = means[cls] + stds[cls] * _texture(rng, cls.shape)
     marrow = (cls == MARROW) | (cls == SACRUM)
