@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
-from SpineLabelLib.sequence import K, TEMPERATURE, UNCERTAIN_BELOW, expected_gaps_mm, relabel, solve
+from SpineLabelLib.sequence import K, TEMPERATURE, UNCERTAIN_BELOW, _warnings, expected_gaps_mm, relabel, solve
 from SpineLabelLib.vertebrae import LEVELS, level_index
 
 
@@ -100,6 +100,13 @@ def test_every_vertebra_below_the_uncertainty_cut_is_named_in_a_warning():
     expected = [name for name, p in zip(names_of(sol), sol.confidence) if p < UNCERTAIN_BELOW]
     assert uncertain == expected
     assert any(0.5 <= p < UNCERTAIN_BELOW for p in sol.confidence)  # the band the 0.5 cut of old left silent
+
+
+def test_an_uncertain_confidence_is_never_shown_as_the_cut():
+    marginals = np.zeros((1, K))
+    marginals[0, level_index("L1")], marginals[0, level_index("L2")] = 0.9855, 0.0145
+    warnings = _warnings(np.array([level_index("L1")]), np.array([0.9855]), marginals, np.zeros(0))
+    assert "L1 uncertain (confidence 0.98; next most likely L2)" in warnings  # it read 0.99, the cut itself
 
 
 def test_one_wrong_vote_is_outvoted_by_the_chain():

@@ -140,9 +140,9 @@ _LOG_GAP_RANGE = float(np.log(200.0 / 5.0))  # outliers: uniform in log gap over
 
 
 def expected_gaps_mm(priors: SequencePriors = PRIORS) -> np.ndarray:
-    """Expected centroid distance (K, K) from level a (row) to a caudal level b (column) at scale 1, in mm: the
-    pitches of a and of every regular level between them (a transitional level takes its regular neighbour's
-    pitch); ``sacral_spacing_mm`` on the S1 -> S1 diagonal; NaN elsewhere."""
+    """Expected centroid distance, float64 (K, K), from level a (row) to a caudal level b (column) at scale 1, in
+    mm: the pitches of a and of every regular level between them (a transitional level takes its regular
+    neighbour's pitch); ``sacral_spacing_mm`` on the S1 -> S1 diagonal; NaN elsewhere."""
     pitch = dict(priors.pitch_mm)
     pitch.update(T13=pitch["T12"], L6=pitch["L5"], S1=priors.sacral_spacing_mm)
     own = np.array([pitch[name] for name in _NAMES])
@@ -155,7 +155,7 @@ def expected_gaps_mm(priors: SequencePriors = PRIORS) -> np.ndarray:
 
 
 def _transition_priors(priors: SequencePriors) -> np.ndarray:
-    """Log-prior (K, K) of going from level a (row) to level b (column), before the gap is seen."""
+    """Log-prior, float64 (K, K), of going from level a (row) to level b (column), before the gap is seen."""
     scores = np.maximum(_SKIPS, 0) * np.log(priors.missing_level)
     scores = scores + np.where(_IS_T13, np.log(priors.t13), 0.0)[None, :]
     scores = scores + np.where(_IS_L6, np.log(priors.l6), 0.0)[None, :]
@@ -165,15 +165,16 @@ def _transition_priors(priors: SequencePriors) -> np.ndarray:
 
 
 def _start_priors(priors: SequencePriors) -> np.ndarray:
-    """Log-prior (K,) of the first vertebra's level: the transitional levels cost their population rate there as they
-    do when a later vertebra enters them (``_transition_priors``); the rest is uniform."""
+    """Log-prior, float64 (K,), of the first vertebra's level: the transitional levels cost their population rate
+    there as they do when a later vertebra enters them (``_transition_priors``); the rest is uniform."""
     return np.where(_IS_T13, np.log(priors.t13), 0.0) + np.where(_IS_L6, np.log(priors.l6), 0.0)
 
 
 def _gap_scores(gaps_mm: np.ndarray, scales: np.ndarray, priors: SequencePriors) -> np.ndarray:
-    """Log-likelihood (n-1, scales, K, K) of each measured gap for each transition a -> b at each scale, in log-gap
-    space: a log-normal around the expected gap (wider for the two end gaps) plus a uniform outlier share; -inf for
-    transitions that cannot happen."""
+    """Log-likelihood, float64 (n-1, scales, K, K), of each measured gap for each transition a -> b at each scale, in
+    log-gap space: a log-normal around the expected gap (wider for the two end gaps) plus a uniform outlier share;
+    -inf for transitions that cannot happen. ``gaps_mm``: float (n-1,) centroid distances in mm; ``scales``: float
+    (scales,) patient size factors on the expected gaps (no unit)."""
     expected = expected_gaps_mm(priors)
     valid = ~np.isnan(expected)
     sigma = np.full(len(gaps_mm), priors.pitch_sigma)
@@ -288,8 +289,8 @@ def solve(
 
 
 def _viterbi(emissions: np.ndarray, transitions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Best path at every scale (scales, n) and its log-score (scales,), for emissions (n, K) and transitions
-    (n-1, scales, K, K)."""
+    """Best path at every scale, int64 (scales, n) indices into ``LEVELS``, and its log-score, float64 (scales,), for
+    float64 log-score emissions (n, K) and transitions (n-1, scales, K, K)."""
     n, n_scales = emissions.shape[0], transitions.shape[1] if len(transitions) else _SCALE_STEPS.size
     score = np.repeat(emissions[:1], n_scales, axis=0)
     back = np.zeros((n, n_scales, K), dtype=int)
@@ -305,8 +306,8 @@ def _viterbi(emissions: np.ndarray, transitions: np.ndarray) -> tuple[np.ndarray
 
 
 def _forward_backward(emissions: np.ndarray, transitions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Log-partition function (scales,) and posterior marginals (scales, n, K) at every scale, for emissions (n, K)
-    and transitions (n-1, scales, K, K), all log-scores.
+    """Log-partition function, float64 (scales,), and posterior marginals, float64 (scales, n, K), at every scale, for
+    emissions (n, K) and transitions (n-1, scales, K, K), all float64 log-scores.
 
     In log space, so that no range of scores underflows (a scaled pass in probability space lost every path through
     an emission 800 below its row's best; the marginals came out NaN); a scale at which no path is possible gets
@@ -355,7 +356,7 @@ def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray,
         if p < UNCERTAIN_BELOW:
             alt = np.argsort(marginals[i])[::-1]
             other = next(_NAMES[k] for k in alt if k != levels[i])
-            out.append(f"{name} uncertain (confidence {p:.2f}; next most likely {other})")
+            out.append(f"{name} uncertain (confidence {np.floor(p * 100) / 100:.2f}; next most likely {other})")
     return out
 
 

@@ -86,7 +86,8 @@ class Case:
     """One training case on the model grid.
 
     Attributes:
-        image: float32 (z, y, x), normalised to [0, 1] (``inference.normalise``, CT with ``CT_WINDOW_HU``).
+        image: float32 (z, y, x), normalised to [0, 1] (``inference.normalise``, CT with ``CT_WINDOW_HU``); about
+            [0, 1] after ``_augment``, whose noise leaves that range.
         tissue: uint8 (z, y, x) tissue target: a class of ``TISSUE_NAMES`` or one of the partial-label codes.
         levels: uint8 (z, y, x) VerSe label of the vertebra each voxel belongs to, 0 elsewhere.
         name: case name, for logs.
@@ -272,7 +273,7 @@ def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int],
 
 
 def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_dir: Path | None,
-                progress_bars: bool = True) -> tuple[Callable[[np.random.Generator], Case], list[str] | None]:
+                progress_bars: bool = False) -> tuple[Callable[[np.random.Generator], Case], list[str] | None]:
     """A sampler for one ``--data`` spec: ``synthetic``, ``phantom``, ``negative`` or a folder path; and, for a
     folder, its cases (image paths relative to it), else None.
 
@@ -312,7 +313,8 @@ def tissue_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _body_known(tissue):
     """Where a tissue target (numpy array or tensor of codes) says whether the voxel is vertebral body: a tissue
-    class, or a partial label that rules body out (``VERTEBRA`` leaves it open)."""
+    class, or a partial label that rules body out (``VERTEBRA`` leaves it open). bool, same shape and kind as
+    ``tissue``."""
     return (tissue <= DISC) | (tissue == NOT_BODY) | (tissue == NOT_VERTEBRA)
 
 
@@ -321,7 +323,7 @@ def level_loss(logits: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 
     Args:
         logits: float (B, n_levels, Z/2, Y/2, X/2).
-        levels: long (B, Z, Y, X) VerSe labels; subsampled by 2 to the head's grid.
+        levels: integer (B, Z, Y, X) VerSe labels (uint8 from ``_batches``); subsampled by 2 to the head's grid.
     """
     target = _level_target(levels)[:, : logits.shape[2], : logits.shape[3], : logits.shape[4]]
     if not (target >= 0).any():
@@ -349,7 +351,7 @@ class TrainConfig:
     resume: bool = False
     validation_cases: int = 4
     data_dir: Path | None = None  # real labelled vertebrae: the shapes of ``synthetic``
-    progress_bars: bool = True
+    progress_bars: bool = False  # tqdm bars on stderr: the CLI's (a library logs, it does not draw)
     training_data_note: str = ""
     average_last: int = 0
 
