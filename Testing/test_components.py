@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from SpineLabelLib.components import (attach_posterior, body_components, dense_bone_as_posterior, join_sacrum,
-                                       off_axis_components, split_merged, vertebra_components)
+from SpineLabelLib.components import (attach_posterior, body_components, confine_posterior, dense_bone_as_posterior,
+                                       join_sacrum, off_axis_components, split_merged, vertebra_components)
 from SpineLabelLib.features import chain_order, drop_detached_ends, level_scores, measure
 from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, level_index
 from SpineLabelLib.result import Geometry
@@ -170,6 +170,26 @@ def test_posterior_elements_join_their_body():
         assert len(post) > 0 and body_z.min() <= post[:, 0].min() and post[:, 0].max() <= body_z.max()
     assert whole[5, 36:39, 1:3].max() == 0
     assert attach_posterior(np.zeros_like(bodies), tissue).max() == 0
+
+
+def test_a_posterior_column_touching_one_body_is_shared_along_the_spine():
+    """Posterior elements that run as one column along the spine and touch only the top body (faint pedicles on MRI)
+    were flooded whole to that vertebra; each vertebra now keeps those within its band along the spine."""
+    tissue = stacked_spine(n=6)
+    tissue[tissue == POSTERIOR] = 0
+    tissue[2:-2, 26:32, 17:23] = POSTERIOR  # the column, apart from the bodies (they end at y = 24) ...
+    top = np.argwhere(tissue == BODY)[:, 0].max()
+    tissue[top - 8 : top - 2, 24:26, 17:23] = POSTERIOR  # ... but for a bridge to the top body
+    bodies, whole, _ = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING)
+    column = tissue == POSTERIOR
+    assert set(np.unique(whole[column])) == {1}
+    confined = confine_posterior(whole, bodies, list(range(1, 7)), SPACING, last_is_s1=False)
+    assert {3, 4, 5, 6} <= set(np.unique(confined[column]))  # 1 keeps what lies within its band, 2's level included
+    for vid in range(1, 7):  # within 1 gap (13 voxels) above and 1.5 gaps below its body centre (z grows cranially)
+        centre, z = np.argwhere(bodies == vid)[:, 0].mean(), np.argwhere(column & (confined == vid))[:, 0]
+        assert not z.size or (centre - 1.5 * 13 - 1 <= z.min() and z.max() <= centre + 13 + 1)
+    assert np.array_equal(confined[~column], whole[~column])
+    assert confine_posterior(whole, bodies, [1], SPACING, last_is_s1=False) is whole
 
 
 def test_sacrum_called_posterior_elements_joins_s1_not_l5():

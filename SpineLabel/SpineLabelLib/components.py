@@ -25,7 +25,7 @@ from skimage.segmentation import watershed
 from .vertebrae import BODY, POSTERIOR, level_index
 
 __all__ = ["present_ids", "cut_by_field_of_view", "body_components", "split_merged", "dense_bone_as_posterior",
-           "attach_posterior", "sacral_posterior", "join_sacrum", "vertebra_components"]
+           "attach_posterior", "sacral_posterior", "confine_posterior", "join_sacrum", "vertebra_components"]
 
 log = logging.getLogger(__name__)
 
@@ -534,6 +534,68 @@ def sacral_posterior(bodies: np.ndarray, tissue: np.ndarray, level_log_probs: np
     s1 = level_log_probs[S1_LEVEL] >= level_log_probs.max(axis=0)
     everywhere = tuple(slice(0, n) for n in bodies.shape)
     return _full_resolution(s1[None], everywhere)[0] & (tissue == POSTERIOR) & (bodies == 0)
+
+
+def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int], spacing_mm: tuple[float, ...],
+                      last_is_s1: bool, above: float = 1.0, below: float = 1.5) -> np.ndarray:
+    """Keep each vertebra's posterior elements within its band along the spine.
+
+    The flood of ``attach_posterior`` gives a connected posterior-element region to the body it touches first: where
+    the posterior elements run as one column along the spine and touch few bodies (MRI with faint pedicles), one
+    vertebra takes the whole column. Along the chain's local direction at each vertebra, its band runs from ``above``
+    times its gap to the vertebra above, above its body centroid, to ``below`` times its gap to the vertebra below,
+    below it (spinous processes slope caudally); S1's band has no lower end. A posterior voxel outside its vertebra's
+    band goes to the vertebra of the chain whose band holds it and whose body centroid is nearest, or to none.
+
+    Args:
+        vertebrae: int32 (z, y, x) whole-vertebra components; not modified.
+        bodies: int32 (z, y, x) their body components (same ids).
+        chain: the ids of the chained vertebrae, cranial first.
+        spacing_mm: voxel size (z, y, x) in mm.
+        last_is_s1: the last of ``chain`` is named S1.
+        above, below: the band's reach, in gaps.
+
+    Returns:
+        int32 (z, y, x) components.
+    """
+    if len(chain) < 2:
+        return vertebrae
+    spacing = np.asarray(spacing_mm, dtype=float)
+    centres = np.array(ndimage.center_of_mass(bodies > 0, bodies, chain)) * spacing  # (n, 3) z, y, x mm
+    steps = np.diff(centres, axis=0)
+    gaps = np.linalg.norm(steps, axis=1)
+    up = np.concatenate([[gaps[0]], gaps])  # the gap above each vertebra (the first takes the one below)
+    down = np.concatenate([gaps, [np.inf if last_is_s1 else gaps[-1]]])
+    direction = np.gradient(centres, axis=0)  # local caudal direction of the chain
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    position = np.full(max(int(vertebrae.max()), *chain) + 1, -1)  # chain position of each id, -1 off the chain
+    position[chain] = np.arange(len(chain))
+    voxels = np.nonzero((vertebrae > 0) & (bodies == 0))
+    owner = position[vertebrae[voxels]]
+    voxels = tuple(v[owner >= 0] for v in voxels)
+    owner = owner[owner >= 0]
+    points = np.stack(voxels, axis=1) * spacing
+
+    def inside(at: np.ndarray, of: np.ndarray) -> np.ndarray:
+        along = np.einsum("...k,...k->...", at - centres[of], direction[of])
+        return (along >= -above * up[of]) & (along <= below * down[of])
+
+    stray = np.flatnonzero(~inside(points, owner))
+    if not stray.size:
+        return vertebrae
+    new = np.zeros(stray.size, dtype=vertebrae.dtype)
+    every = np.arange(len(chain))
+    for start in range(0, stray.size, 65536):  # against every vertebra of the chain, a block of voxels at a time
+        at = points[stray[start : start + 65536], None, :]
+        distance = np.where(inside(at, np.broadcast_to(every, (len(at), len(chain)))),
+                            np.linalg.norm(at - centres[None], axis=2), np.inf)
+        new[start : start + 65536] = np.where(np.isfinite(distance.min(axis=1)),
+                                              np.asarray(chain)[np.argmin(distance, axis=1)], 0)
+    out = vertebrae.copy()
+    out[tuple(v[stray] for v in voxels)] = new
+    log.info("%d posterior-element voxels outside their vertebra's band along the spine moved (%d to none)",
+             stray.size, int((new == 0).sum()))
+    return out
 
 
 def join_sacrum(vertebrae: np.ndarray, sacrum: np.ndarray, ids: list[int] | None = None,

@@ -281,13 +281,16 @@ def label_spine(
     scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
     t = stage("features", t)
     solution = solve(scores, gaps)
-    # the pieces the chain puts below S1 are more of the sacrum: their voxels join S1, the S1 body keeps its centroid;
-    # so do the posterior elements that the level head calls S1, when the chain has an S1 (comp.join_sacrum)
+    # each vertebra's posterior elements stay within its band along the spine (comp.confine_posterior). The pieces the
+    # chain puts below S1 are more of the sacrum: their voxels join S1, the S1 body keeps its centroid; so do the
+    # posterior elements that the level head calls S1, when the chain has an S1 (comp.join_sacrum)
     is_s1 = solution.levels == level_index("S1")
     n_chain = int(np.argmax(is_s1)) + 1 if is_s1.any() else len(ordered)
     sacral_pieces = ordered[n_chain:]
     s1_and_pieces = [f.id for f in ordered[n_chain - 1:]] if is_s1.any() else None
     above_s1 = ordered[n_chain - 2].id if is_s1.any() and n_chain > 1 else None
+    whole[box] = comp.confine_posterior(whole[box], bodies_box, [f.id for f in ordered[:n_chain]], spacing_zyx,
+                                        last_is_s1=bool(is_s1.any()))
     whole[box] = comp.join_sacrum(whole[box], sacrum_box, s1_and_pieces, above_s1)
     keep = np.zeros(int(whole.max(initial=0)) + 1, dtype=np.int16)
     for f in ordered[:n_chain]:
