@@ -123,6 +123,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
@@ -155,6 +156,13 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = ""
         self.ui.warningsLabel.text = ""
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeRemoved(self, caller, event, node) -> None:
+        """A removed volume's labelling is no longer followed (its arrays are freed)."""
+        labeling = self._labelings.pop(node.GetID(), None)
+        if labeling is not None:
+            labeling.cleanup()
 
     def _forgetLabelings(self) -> None:
         for labeling in self._labelings.values():
@@ -215,6 +223,8 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         current = self.ui.modelComboBox.findData(self._parameterNode.modelPath if self._parameterNode else "")
         self.ui.modelComboBox.setCurrentIndex(max(current, 0))
         self.ui.modelComboBox.blockSignals(False)
+        if current < 0 and self._parameterNode:  # a model no longer listed (removed, or its card refused): the default
+            self._parameterNode.modelPath = ""
 
     def onModelChanged(self, index: int) -> None:
         if self._parameterNode:
@@ -332,7 +342,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shownLabeling = labeling
         self.updateVertebraTable()
         if labeling is None:
-            self.ui.warningsLabel.text = ""
+            self.ui.warningsLabel.text = self.ui.statusLabel.text = ""
             return
         result = labeling.result
         lines = list(result.warnings)

@@ -270,13 +270,20 @@ def test_a_segment_erased_in_the_editor_is_taken_in_before_a_correction(labeled)
     assert_nodes_match(labeled)
 
 
-def test_deleting_the_point_of_a_removed_segment_is_no_error(labeled):
-    l2 = next(v for v in labeled.result.vertebrae if v.name == "L2")
-    index = point_index(labeled, "L2")
+def test_deleting_the_points_of_a_removed_segment_and_its_neighbour_is_no_error(labeled):
+    """Both points go in one edit: the first deletion takes in the removed segment (and its vertebra), the second
+    finds its vertebra gone already; it said 'no vertebra with id N'."""
+    l1, l2 = (next(v for v in labeled.result.vertebrae if v.name == name) for name in ("L1", "L2"))
     labeled.segmentationNode.GetSegmentation().RemoveSegment(segmentIdOf(l2.id))
-    labeled.delete(l2.id)
-    assert l2.id not in {v.id for v in labeled.result.vertebrae} and index < labeled.markupsNode.GetNumberOfControlPoints()
+    node = labeled.markupsNode
+    with slicer.util.NodeModify(node):
+        node.RemoveNthControlPoint(point_index(labeled, "L2"))
+        node.RemoveNthControlPoint(point_index(labeled, "L1"))
+    assert labeled.lastError == ""
+    assert not {l1.id, l2.id} & {v.id for v in labeled.result.vertebrae}
     assert_nodes_match(labeled)
+    with pytest.raises(KeyError, match="no vertebra with id 999"):
+        labeled.rename(999, "L1")
 
 
 # ------------------------------------------------------------------------------------- background process

@@ -226,7 +226,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="where the view of the training data is made (new or empty)")
     parser.add_argument("--verbose", action="store_true", help="one line per case")
     args = parser.parse_args()
-    if args.seed_offset and _seeds(args, args.seed_offset) & _seeds(args, 0):
+    first = argparse.Namespace(crops=parser.get_default("crops"), short=parser.get_default("short"))
+    if args.seed_offset and _seeds(args, args.seed_offset) & (_seeds(args, 0) | _seeds(first, 0)):
         parser.error(f"--seed-offset {args.seed_offset} would draw some of the cases of --seed-offset 0: use 0 or "
                      "another offset (50000 is the second sample's)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")

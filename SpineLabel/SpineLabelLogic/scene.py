@@ -202,6 +202,7 @@ class LabelingScene(VTKObservationMixin):
         self._updating = False
         self._interacting = False
         self._voxelStateKnown: tuple = ()
+        self._everIds = {v.id for v in result.vertebrae}  # every vertebra this labelling has had
         scene = volumeNode.GetScene()
         base = name or volumeNode.GetName()
         self.segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{base} vertebrae")
@@ -291,11 +292,17 @@ class LabelingScene(VTKObservationMixin):
 
     def _readBackKeeps(self, vertebraId: int) -> bool:
         """Take Segment Editor edits in before a correction is solved (a segment removed there would otherwise come
-        back, and the names change at export); False when they removed this vertebra (its segment was deleted or
-        emptied), which leaves nothing to correct. Reads back only when the segments or their voxels changed since
-        SpineLabel last wrote or read them (a read-back takes seconds on a large volume; a rename should not)."""
+        back, and the names change at export); False when this vertebra is gone (its segment was deleted or emptied,
+        taken in now or by an earlier correction of the same edit), which leaves nothing to correct. Reads back only
+        when the segments or their voxels changed since SpineLabel last wrote or read them (a read-back takes seconds
+        on a large volume; a rename should not).
+
+        Raises:
+            KeyError: an id this labelling never had.
+        """
         self._requireNodes()
-        self.result.by_id(vertebraId)  # KeyError for an id that is not in the labelling before the read-back
+        if vertebraId not in self._everIds:
+            raise KeyError(f"no vertebra with id {vertebraId}")
         if self._voxelState() != self._voxelStateKnown:
             self.readBackSegmentation()
         return any(v.id == vertebraId for v in self.result.vertebrae)
@@ -397,6 +404,7 @@ class LabelingScene(VTKObservationMixin):
         """Adopt a corrected labelling, log the correction and update both nodes."""
         self._requireNodes()
         self.result = result
+        self._everIds |= {v.id for v in result.vertebrae}
         self.corrections.append(record)
         log.info("correction: %s", record)
         self._writeSegments(voxels=voxels)
