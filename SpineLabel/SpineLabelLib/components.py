@@ -562,8 +562,7 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
         return vertebrae
     spacing = np.asarray(spacing_mm, dtype=float)
     centres = np.array(ndimage.center_of_mass(bodies > 0, bodies, chain)) * spacing  # (n, 3) z, y, x mm
-    steps = np.diff(centres, axis=0)
-    gaps = np.linalg.norm(steps, axis=1)
+    gaps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
     up = np.concatenate([[gaps[0]], gaps])  # the gap above each vertebra (the first takes the one below)
     down = np.concatenate([gaps, [np.inf if last_is_s1 else gaps[-1]]])
     direction = np.gradient(centres, axis=0)  # local caudal direction of the chain
