@@ -545,7 +545,9 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
     vertebra takes the whole column. Along the chain's local direction at each vertebra, its band runs from ``above``
     times its gap to the vertebra above, above its body centroid, to ``below`` times its gap to the vertebra below,
     below it (spinous processes slope caudally); S1's band has no lower end. A posterior voxel outside its vertebra's
-    band goes to the vertebra of the chain whose band holds it and whose body centroid is nearest, or to none.
+    band goes to the vertebra of the chain whose band holds it and whose body centroid is nearest, or to none; so do all
+    the posterior voxels of a vertebra whose posterior elements reach more than a further gap beyond its band (a flood
+    that crossed a whole level).
 
     Args:
         vertebrae: int32 (z, y, x) whole-vertebra components; not modified.
@@ -575,11 +577,21 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
     owner = owner[owner >= 0]
     points = np.stack(voxels, axis=1) * spacing
 
-    def inside(at: np.ndarray, of: np.ndarray) -> np.ndarray:
+    def beyond(at: np.ndarray, of: np.ndarray) -> np.ndarray:
+        """How far (mm, float64) each point lies outside the band of vertebra ``of``; 0 or less inside it."""
         along = np.einsum("...k,...k->...", at - centres[of], direction[of])
-        return (along >= -above * up[of]) & (along <= below * down[of])
+        return np.maximum(-above * up[of] - along, along - below * down[of])
 
-    stray = np.flatnonzero(~inside(points, owner))
+    def inside(at: np.ndarray, of: np.ndarray) -> np.ndarray:
+        return beyond(at, of) <= 0
+
+    outside = beyond(points, owner)
+    # a vertebra whose posterior elements reach a further gap beyond its band took a column across a level: all of
+    # them are shared out, not only those outside its band
+    reach = np.zeros(len(chain))
+    np.maximum.at(reach, owner, outside)
+    crossed = reach > np.minimum(up, down)
+    stray = np.flatnonzero((outside > 0) | crossed[owner])
     if not stray.size:
         return vertebrae
     new = np.zeros(stray.size, dtype=vertebrae.dtype)
