@@ -192,6 +192,22 @@ def test_a_posterior_column_touching_one_body_is_shared_along_the_spine():
     assert confine_posterior(whole, bodies, [1], SPACING, last_is_s1=False) is whole
 
 
+def test_posterior_elements_inside_their_band_stay_and_those_in_no_band_go():
+    """Four vertebrae 26, 30 and 34 mm apart, z growing cranially as on the model grid, each with a process sloping 1.4
+    gaps below its body (the gap below it; the last takes the one above): inside its band, kept. A piece 40 mm above
+    the top body lies in no band and is left out."""
+    centres, below = [82, 69, 54, 37], [13, 15, 17, 17]
+    bodies = np.zeros((112, 20, 10), np.int32)
+    for i, centre in enumerate(centres):
+        bodies[centre - 4 : centre + 5, 2:8, 2:8] = i + 1
+    vertebrae = bodies.copy()
+    for i, centre in enumerate(centres):  # side by side, so that no process covers another
+        vertebrae[centre - round(1.4 * below[i]) : centre + 3, 10:14, 2 * i + 1 : 2 * i + 3] = i + 1
+    assert np.array_equal(confine_posterior(vertebrae, bodies, [1, 2, 3, 4], SPACING, last_is_s1=False), vertebrae)
+    vertebrae[102, 10:12, 1:3] = 1
+    assert not confine_posterior(vertebrae, bodies, [1, 2, 3, 4], SPACING, last_is_s1=False)[102].any()
+
+
 def test_sacrum_called_posterior_elements_joins_s1_not_l5():
     # L4 and L5 (z grows cranially), and below L5 a sacral mass that the network calls posterior elements and the
     # level head S1 (``levels`` holds level indices into LEVELS, as the level head's channels do)

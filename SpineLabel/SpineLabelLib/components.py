@@ -536,6 +536,9 @@ def sacral_posterior(bodies: np.ndarray, tissue: np.ndarray, level_log_probs: np
     return _full_resolution(s1[None], everywhere)[0] & (tissue == POSTERIOR) & (bodies == 0)
 
 
+CROSSED_SHARE = 0.05  # of a vertebra's posterior voxels, a further gap beyond its band: its flood crossed a level
+
+
 def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int], spacing_mm: tuple[float, ...],
                       last_is_s1: bool, above: float = 1.0, below: float = 1.5) -> np.ndarray:
     """Keep each vertebra's posterior elements within its band along the spine.
@@ -545,9 +548,9 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
     vertebra takes the whole column. Along the chain's local direction at each vertebra, its band runs from ``above``
     times its gap to the vertebra above, above its body centroid, to ``below`` times its gap to the vertebra below,
     below it (spinous processes slope caudally); S1's band has no lower end. A posterior voxel outside its vertebra's
-    band goes to the vertebra of the chain whose band holds it and whose body centroid is nearest, or to none; so do all
-    the posterior voxels of a vertebra whose posterior elements reach more than a further gap beyond its band (a flood
-    that crossed a whole level).
+    band goes to the vertebra of the chain whose band holds it and whose body centroid is nearest, or to none (it is
+    left out of the labelling); so do all the posterior voxels of a vertebra with ``CROSSED_SHARE`` of them more than
+    a further gap beyond its band (a flood that crossed a whole level; a thin spur does not count).
 
     Args:
         vertebrae: int32 (z, y, x) whole-vertebra components; not modified.
@@ -567,8 +570,10 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
     gaps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
     up = np.concatenate([[gaps[0]], gaps])  # the gap above each vertebra (the first takes the one below)
     down = np.concatenate([gaps, [np.inf if last_is_s1 else gaps[-1]]])
-    direction = np.gradient(centres, axis=0)  # local caudal direction of the chain
-    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    direction = np.gradient(centres, axis=0)  # local caudal direction of the chain; the whole chain's where that is 0
+    norms = np.linalg.norm(direction, axis=1, keepdims=True)
+    direction = (np.where(norms > 0, direction, centres[-1] - centres[0])
+                 / np.where(norms > 0, norms, max(gaps.sum(), 1e-6)))
     position = np.full(max(int(vertebrae.max()), *chain) + 1, -1)  # chain position of each id, -1 off the chain
     position[chain] = np.arange(len(chain))
     voxels = np.nonzero((vertebrae > 0) & (bodies == 0))
@@ -586,11 +591,10 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
         return beyond(at, of) <= 0
 
     outside = beyond(points, owner)
-    # a vertebra whose posterior elements reach a further gap beyond its band took a column across a level: all of
-    # them are shared out, not only those outside its band
-    reach = np.zeros(len(chain))
-    np.maximum.at(reach, owner, outside)
-    crossed = reach > np.minimum(up, down)
+    # a vertebra with CROSSED_SHARE of its posterior elements a further gap beyond its band took a column across a
+    # level: all of them are shared out, not only those outside its band
+    far = np.bincount(owner, weights=outside > np.minimum(up, down)[owner], minlength=len(chain))
+    crossed = far > CROSSED_SHARE * np.bincount(owner, minlength=len(chain))
     stray = np.flatnonzero((outside > 0) | crossed[owner])
     if not stray.size:
         return vertebrae
@@ -603,9 +607,11 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
         new[start : start + 65536] = np.where(np.isfinite(distance.min(axis=1)),
                                               np.asarray(chain)[np.argmin(distance, axis=1)], 0)
     out = vertebrae.copy()
-    out[tuple(v[stray] for v in voxels)] = new
-    log.info("%d posterior-element voxels outside their vertebra's band along the spine moved (%d to none)",
-             stray.size, int((new == 0).sum()))
+    where = tuple(v[stray] for v in voxels)
+    moved = new != vertebrae[where]
+    out[where] = new
+    log.info("%d posterior-element voxels moved to the vertebra whose band along the spine holds them (%d to none)",
+             int(moved.sum()), int((moved & (new == 0)).sum()))
     return out
 
 
