@@ -103,12 +103,11 @@ def main() -> int:
         print(f"{kind:9s} {'-' if p is None else f'{p:.3f}':>6s} {n:3d}  {name}")
     print()
     for long_column, what in ((False, f"fewer than {pipeline.LONG_COLUMN}"), (True, f"{pipeline.LONG_COLUMN} or more")):
-        def values(kinds):
-            return [p for kind, _, p, n in rows if kind in kinds and p is not None
-                    and (n >= pipeline.LONG_COLUMN) == long_column]
-        print(f"{what} components: highest without a spine {max(values(['no spine']), default=float('nan')):.3f}; "
-              f"lowest real scan {min(values(['real']), default=float('nan')):.3f}, held out included "
-              f"{min(values(['real', 'held out']), default=float('nan')):.3f}")
+        values = {kind: [p for k, _, p, n in rows if k == kind and p is not None
+                         and (n >= pipeline.LONG_COLUMN) == long_column] for kind in ("no spine", "real", "held out")}
+        print(f"{what} components: highest without a spine {max(values['no spine'], default=float('nan')):.3f}; "
+              f"lowest real scan {min(values['real'], default=float('nan')):.3f}, held out included "
+              f"{min(values['real'] + values['held out'], default=float('nan')):.3f}")
     print(f"real scans without any component: {sum(p is None for kind, _, p, _ in rows if kind != 'no spine')}")
     passed = [name for kind, name, p, n in rows if kind == "no spine" and p is not None and is_spine(p, n)]
     stopped = [name for kind, name, p, n in rows if kind != "no spine" and p is not None and not is_spine(p, n)]
