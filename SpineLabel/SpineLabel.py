@@ -159,7 +159,10 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @vtk.calldata_type(vtk.VTK_OBJECT)
     def onNodeRemoved(self, caller, event, node) -> None:
-        """A removed volume's labelling is no longer followed (its arrays are freed)."""
+        """A removed volume's labelling is no longer followed (its arrays are freed); its running labelling stops."""
+        if node is self._labelledVolume:
+            self.cancelProcess()
+            self.ui.statusLabel.text = _("Labelling stopped: its volume was removed.")
         labeling = self._labelings.pop(node.GetID(), None)
         if labeling is not None:
             labeling.cleanup()
@@ -290,19 +293,22 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._finishLabelling()
                 return
             elif event["event"] == "error":
+                # the worker names its input, a temporary copy of the volume
+                message = event["message"].replace(str(self.logic.inputPath(self._outputDir)),
+                                                   self._labelledVolume.GetName())
                 tail = self._process.outputTail()
                 self._endProcess()
-                slicer.util.errorDisplay(_("Labelling failed: {message}").format(message=event["message"]),
-                                         detailedText=tail)
+                slicer.util.errorDisplay(_("Labelling failed: {message}").format(message=message), detailedText=tail)
                 return
         if ended:
-            tail = self._process.outputTail()
+            tail, how = self._process.outputTail(), self._process.exitDescription()
             self._endProcess()
-            slicer.util.errorDisplay(_("The labelling process stopped unexpectedly."), detailedText=tail)
+            slicer.util.errorDisplay(_("The labelling process stopped unexpectedly ({how}).").format(how=how),
+                                     detailedText=tail)
 
     def _finishLabelling(self) -> None:
         volume, outputDir = self._labelledVolume, self._outputDir
-        self._process.wait()
+        self._process.finish()
         self._stopPolling()
         with slicer.util.tryWithErrorDisplay(_("Failed to load the labels."), waitCursor=True):
             labeling = self.logic.finishLabelling(volume, outputDir)
@@ -317,7 +323,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _endProcess(self) -> None:
         """Stop polling a process that ended without a result, and remove its temporary folder."""
-        self._process.wait()
+        self._process.finish()
         self.logic.discardLabelling(self._outputDir)
         self._stopPolling()
 
@@ -477,16 +483,24 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
 
         if volumeNode is None:
             raise ValueError(_("Select an input volume."))
-        workDirectory = Path(tempfile.mkdtemp(prefix="SpineLabel-"))
-        inputPath = workDirectory / "input.nrrd"
-        sitk.WriteImage(imageFromVolumeNode(volumeNode), str(inputPath), False)  # temporary: no compression
-        outputDirectory = workDirectory / "result"
-        process = BackgroundProcess(
-            labelCommand(pythonExecutable(), inputPath, outputDirectory, modelPath, device, checkOrientation,
-                         spineGate, modality),
-            parseWorkerLine, env=pythonPathEnvironment([moduleRoot()]))
-        process.start()
+        outputDirectory = Path(tempfile.mkdtemp(prefix="SpineLabel-")) / "result"
+        inputPath = self.inputPath(outputDirectory)
+        try:
+            sitk.WriteImage(imageFromVolumeNode(volumeNode), str(inputPath), False)  # temporary: no compression
+            process = BackgroundProcess(
+                labelCommand(pythonExecutable(), inputPath, outputDirectory, modelPath, device, checkOrientation,
+                             spineGate, modality),
+                parseWorkerLine, env=pythonPathEnvironment([moduleRoot()]))
+            process.start()
+        except BaseException:
+            self.discardLabelling(outputDirectory)  # the copy of the volume with it
+            raise
         return process, outputDirectory
+
+    @staticmethod
+    def inputPath(outputDirectory) -> Path:
+        """The worker's input: the volume copied into the run's temporary folder."""
+        return Path(outputDirectory).parent / "input.nrrd"
 
     def finishLabelling(self, volumeNode, outputDirectory):
         """Show a finished worker's result: segmentation and centroid points under the volume; the run's temporary

@@ -207,7 +207,8 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._updateButtons()
         if process.wait() != 0:
             self.logic.discardTraining(outCard)
-            slicer.util.errorDisplay(_("Training failed."), detailedText=process.outputTail())
+            slicer.util.errorDisplay(_("Training failed ({how}).").format(how=process.exitDescription()),
+                                     detailedText=process.outputTail())
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to register the model."), waitCursor=True):
             registered = self.logic.finishTraining(outCard)
@@ -310,10 +311,14 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("A model named {name} is registered already; choose another name.").format(
                 name=modelName))
         outCard = Path(tempfile.mkdtemp(prefix="SpineLabelTraining-")) / f"{modelName}.json"
-        command = trainCommand(pythonExecutable(), datasetDirectory, outCard,
-                               baseModelPath or default_model_path(), epochs, modelName, device, extraArguments)
-        process = BackgroundProcess(command, parseTrainingLine, env=pythonPathEnvironment(self._modulePaths()))
-        process.start()
+        try:
+            command = trainCommand(pythonExecutable(), datasetDirectory, outCard,
+                                   baseModelPath or default_model_path(), epochs, modelName, device, extraArguments)
+            process = BackgroundProcess(command, parseTrainingLine, env=pythonPathEnvironment(self._modulePaths()))
+            process.start()
+        except BaseException:
+            self.discardTraining(outCard)
+            raise
         return process, outCard
 
     def finishTraining(self, outCard):

@@ -4,6 +4,7 @@ through the markups node, Segment Editor edits read back, export."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import textwrap
@@ -298,6 +299,8 @@ def test_training_and_worker_lines_are_parsed():
     assert process.parseTrainingLine("INFO training: loading data") is None
     assert process.parseWorkerLine('{"event": "progress", "fraction": 0.5, "message": "m"}')["fraction"] == 0.5
     assert process.parseWorkerLine("{not json") is None and process.parseWorkerLine('{"x": 1}') is None
+    # after a library's output that lacked its own newline
+    assert process.parseWorkerLine('[lib] note {x}{"event": "done", "result": "r"}') == {"event": "done", "result": "r"}
 
 
 def test_background_process_reports_events_and_output():
@@ -313,6 +316,51 @@ def test_background_process_reports_events_and_output():
     assert runner.wait(30) == 3
     assert [e["fraction"] for e in runner.readEvents()] == [0.0, 0.5, 1.0]
     assert runner.readEvents() == [] and "a log line" in runner.outputTail()
+
+
+def test_progress_bars_leave_their_last_state_and_text_is_utf8():
+    script = textwrap.dedent("""
+        import json, sys
+        sys.stderr.write("\\r 10%|#  \\r 50%|##### \\r100%|##########\\n")
+        sys.stdout.write("\\r 20%" + json.dumps({"event": "progress", "fraction": 0.2, "message": "m"}) + "\\n")
+        print("model spine-\u03b2 written")
+    """)
+    # a pipe in a Windows code page could not take the model name, and the run would fail at its end
+    env = process.pythonPathEnvironment([], base={**os.environ, "PYTHONIOENCODING": "cp1252"})
+    runner = process.BackgroundProcess([sys.executable, "-c", script], process.parseWorkerLine, env=env)
+    runner.start()
+    assert runner.wait(30) == 0, runner.outputTail()
+    assert [e["fraction"] for e in runner.readEvents()] == [0.2]
+    tail = runner.outputTail().splitlines()
+    assert sorted(tail) == ["100%|##########", "model spine-\u03b2 written"], tail
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks the process tree through /proc")
+def test_how_a_process_ended_and_what_it_left_running_end_with_it():
+    script = textwrap.dedent("""
+        import json, os, signal, subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # holds the output open
+        print(json.dumps({"event": "child", "pid": child.pid}), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    runner = process.BackgroundProcess([sys.executable, "-c", script], process.parseWorkerLine)
+    runner.start()
+    start = time.monotonic()
+    assert runner.wait(30) == -9 and time.monotonic() - start < 10  # the readers did not wait for the child
+    assert runner.exitDescription().startswith("killed by SIGKILL")
+    child = runner.readEvents()[0]["pid"]
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+    # a process that hangs after its result is ended by finish()
+    script = 'import json, time; print(json.dumps({"event": "done"}), flush=True); time.sleep(120)'
+    runner = process.BackgroundProcess([sys.executable, "-c", script], process.parseWorkerLine)
+    runner.start()
+    start = time.monotonic()
+    runner.finish(timeout=1)
+    assert not runner.running and time.monotonic() - start < 10
+    assert runner.readEvents() == [{"event": "done"}] and runner.exitDescription() == "killed by SIGTERM"
 
 
 def _alive(pid: int) -> bool:

@@ -38,18 +38,21 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _TAIL_LINES = 200
+_READ_TIMEOUT_S = 5.0  # for the output readers once the process and its group are gone
 _NUMBER = r"[-+]?(?:nan|inf|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
 _EPOCH_LINE = re.compile(rf"^epoch\s+(\d+)\s*/\s*(\d+)\s+loss\s+({_NUMBER}|n/a)(.*)$")
 _METRIC = re.compile(rf"([A-Za-z_][A-Za-z0-9_]*)\s+({_NUMBER})")
 
 
 def parseWorkerLine(line: str) -> dict | None:
-    """Event of one stdout line of ``SpineLabelLogic.worker`` (a JSON object with an ``"event"`` key), else None."""
-    line = line.strip()
-    if not line.startswith("{"):
+    """Event of one stdout line of ``SpineLabelLogic.worker`` (a JSON object with an ``"event"`` key), else None.
+
+    The object may follow other text on the line (a library's output without a newline of its own)."""
+    start = line.find('{"event"')
+    if start < 0:
         return None
     try:
-        event = json.loads(line)
+        event = json.loads(line[start:])
     except json.JSONDecodeError:
         return None
     return event if isinstance(event, dict) and "event" in event else None
@@ -74,11 +77,14 @@ def parseTrainingLine(line: str) -> dict | None:
 
 def pythonPathEnvironment(paths: Sequence[str | os.PathLike], base: dict | None = None) -> dict:
     """A copy of the environment with ``paths`` put in front of ``PYTHONPATH`` (so the child imports the same
-    SpineLabelLib as the caller) and unbuffered Python output (so progress arrives as it happens)."""
+    SpineLabelLib as the caller), unbuffered Python output (so progress arrives as it happens) and UTF-8 output (the
+    reader decodes UTF-8; a Windows pipe would otherwise take the code page, and printing a model name it cannot
+    encode would fail the run)."""
     env = dict(os.environ if base is None else base)
     existing = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([str(p) for p in paths] + existing)
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
     return env
 
 
@@ -140,27 +146,33 @@ class BackgroundProcess:
         if self.process is not None:
             raise RuntimeError("process already started")
         options: dict = {}
-        if sys.platform == "win32":
-            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        if sys.platform == "win32":  # no console window of its own (closing it would end the run)
+            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
         else:
             options["start_new_session"] = True
         log.info("starting: %s", " ".join(self.command))
-        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        encoding="utf-8", errors="replace", bufsize=1, env=self.env, cwd=self.cwd, **options)
+        # bytes, split at newlines only: a progress bar's carriage-return refreshes stay one line (see _read)
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+                                        cwd=self.cwd, **options)
         for stream in (self.process.stdout, self.process.stderr):
             reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
             reader.start()
             self._readers.append(reader)
 
     def _read(self, stream) -> None:
+        """Parse each carriage-return part of each line; of the parts that are neither events nor blank, only the
+        last goes into the tail (of a progress bar's refreshes, its final state)."""
         try:
-            for line in iter(stream.readline, ""):
-                line = line.rstrip("\r\n")
-                event = self.parseLine(line)
-                if event is None:
-                    self._tail.append(line)
-                else:
-                    self._events.put(event)
+            for raw in iter(stream.readline, b""):
+                kept = None
+                for part in raw.decode("utf-8", errors="replace").rstrip("\r\n").split("\r"):
+                    event = self.parseLine(part)
+                    if event is not None:
+                        self._events.put(event)
+                    elif part.strip():
+                        kept = part
+                if kept is not None:
+                    self._tail.append(kept)
         except ValueError:  # the stream was closed by wait() or cancel() while this thread read it
             return
         stream.close()
@@ -186,8 +198,23 @@ class BackgroundProcess:
         """The last output lines that were not events (errors, log messages)."""
         return "\n".join(list(self._tail)[-lines:])
 
+    def exitDescription(self) -> str:
+        """How the process ended, for a message: ``exit code 1``, ``killed by SIGKILL (...)``."""
+        code = self.returncode
+        if code is None:
+            return "still running"
+        if code >= 0:
+            return f"exit code {code}"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        oom = " (often the system ending a process that ran out of memory)" if name == "SIGKILL" else ""
+        return f"killed by {name}{oom}"
+
     def wait(self, timeout: float | None = None) -> int:
-        """Wait for the process to end and its output to be read; returns its exit code.
+        """Wait for the process to end and its output to be read; returns its exit code. Processes it started and
+        left running are ended (they would hold its output open).
 
         Raises:
             subprocess.TimeoutExpired: still running after ``timeout`` seconds.
@@ -195,18 +222,31 @@ class BackgroundProcess:
         if self.process is None:
             raise RuntimeError("process not started")
         code = self.process.wait(timeout)
+        # at once after the exit: a group that still has members keeps its id, so only they are signalled
+        self._signalGroup(signal.SIGKILL)
         for reader in self._readers:
-            reader.join(timeout)
+            reader.join(_READ_TIMEOUT_S)
         return code
+
+    def finish(self, timeout: float = 10.0) -> int:
+        """Wait for a process that has delivered its result to exit, ending it after ``timeout`` seconds (a hang
+        on its way out must not block the caller); returns its exit code."""
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("process %d still running %g s after its result; ending it", self.process.pid, timeout)
+            self.cancel()
+            return self.wait()
 
     def cancel(self, timeout: float = 5.0) -> None:
         """End the process and every process it started: terminate, then kill after ``timeout`` seconds."""
         if self.process is None or self.process.poll() is not None:
-            return
+            return  # an ended process's leftover children are ended by wait()
         self.cancelled = True
         log.info("cancelling process %d and its children", self.process.pid)
         if sys.platform == "win32":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True, check=False)
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True, check=False,
+                           creationflags=subprocess.CREATE_NO_WINDOW)
         else:
             self._signalGroup(signal.SIGTERM)
             try:
@@ -217,6 +257,9 @@ class BackgroundProcess:
         self.process.wait()
 
     def _signalGroup(self, sig: int) -> None:
+        """Signal every process of the group (POSIX; on Windows only ``cancel``'s ``taskkill`` ends a tree)."""
+        if sys.platform == "win32":
+            return
         try:
             os.killpg(self.process.pid, sig)  # the group id is the pid: the process leads its own session
         except ProcessLookupError:
