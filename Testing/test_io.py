@@ -166,6 +166,13 @@ def sheared() -> sitk.Image:
     return image
 
 
+def spaced(spacing_mm: float) -> sitk.Image:
+    """A 64 x 64 x 40 image at ``spacing_mm``: a lumbar spine's view with its spacing in micrometres or metres."""
+    image = sitk.Image([64, 64, 40], sitk.sitkInt16)
+    image.SetSpacing([spacing_mm] * 3)
+    return image
+
+
 @pytest.mark.parametrize(
     "make, reason",
     [
@@ -180,6 +187,8 @@ def sheared() -> sitk.Image:
         (lambda p: write(p, "nan.nii.gz", sitk.GetImageFromArray(np.full((4, 4, 4), np.nan, np.float32))), "NaN"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "no DICOM series"),
         (lambda p: write(p, "sheared.nrrd", sheared()), "not perpendicular"),
+        (lambda p: write(p, "micron.nrrd", spaced(0.001)), "cannot be a scan of a body; are the spacing's units"),
+        (lambda p: write(p, "metre.nrrd", spaced(1000.0)), "cannot be a scan of a body; are the spacing's units"),
     ],
 )
 def test_bad_inputs_name_file_and_reason(tmp_path, make, reason):

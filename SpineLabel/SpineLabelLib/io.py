@@ -40,6 +40,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# bounds of the longest side of an image's field of view: outside them the header's spacing is in the wrong units
+# (micrometres, metres), whatever the image shows
+MIN_EXTENT_MM, MAX_EXTENT_MM = 5.0, 3000.0
 
 
 class InputError(ValueError):
@@ -329,7 +332,7 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
 
     Raises:
         InputError: not 3D (2D; 4D of more than one time point), not scalar (RGB, vector, complex), a single slice,
-            holding NaN/inf, or on a sheared grid.
+            holding NaN/inf, on a sheared grid, or of a size no body has (spacing in the wrong units).
     """
     if image.GetNumberOfComponentsPerPixel() == 1 and "vector" in image.GetPixelIDTypeAsString():
         image = sitk.VectorIndexSelectionCast(image, 0)  # a vector of one component is the scalar image it holds
@@ -349,6 +352,11 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
         image = sitk.Cast(image, sitk.sitkFloat32)
     if image.GetPixelID() == sitk.sitkFloat32 and not _all_finite(sitk.GetArrayViewFromImage(image)):
         raise InputError(f"{name}: image holds NaN or infinite values (or float64 values beyond float32)")
+    extent = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
+    if not MIN_EXTENT_MM <= extent.max() <= MAX_EXTENT_MM:
+        raise InputError(f"{name}: a field of view of {' x '.join(f'{e:.3g}' for e in extent)} mm (spacing "
+                         f"{' x '.join(f'{s:.3g}' for s in image.GetSpacing())} mm) cannot be a scan of a body; "
+                         "are the spacing's units in the header right?")
     return image
 
 
