@@ -198,3 +198,28 @@ def test_two_inputs_of_one_name_are_refused_before_labelling(tmp_path, model, ph
     out = tmp_path / "out"
     assert main(["label", str(phantom_file), str(other), "-o", str(out), "--model", str(model)]) == 2
     assert "would both write" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_output_that_would_replace_an_input_is_refused(tmp_path, model, phantom_file, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    image, mask = out / "case.nii.gz", out / "case_seg.nii.gz"  # the user's own mask, named as an output would be
+    image.write_bytes(phantom_file.read_bytes())
+    mask.write_bytes(b"the user's mask")
+    assert main(["label", str(image), str(mask), "-o", str(out), "--model", str(model), "--quiet"]) == 2
+    assert f"{mask} would replace the input {mask}" in capsys.readouterr().err
+    assert mask.read_bytes() == b"the user's mask" and sorted(p.name for p in out.iterdir()) == [image.name, mask.name]
+
+
+def test_labelling_options_without_label_are_refused(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path), str(tmp_path), "--model", "m.json", "--modality", "ct"]) == 2
+    assert "--model, --modality only apply with --label" in capsys.readouterr().err
+
+
+def test_train_register_refuses_a_registered_name_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path))
+    (tmp_path / "mine.json").write_text("{}")
+    argv = ["train", "--data", "phantom", "--out", str(tmp_path / "new" / "mine.json"), "--name", "mine", "--register"]
+    assert main(argv) == 2
+    assert "a model named 'mine' is registered already" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

@@ -51,7 +51,8 @@ def _label(args: argparse.Namespace) -> int:
 
 def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int:
     """Label each input into the folder ``out`` with the options of ``args`` (``_add_labelling_options``, quiet,
-    debug). Returns the exit status: 0 all labelled, 1 some failed, 2 no output folder or no model."""
+    debug). Returns the exit status: 0 all labelled, 1 some failed, 2 no output folder, no model, or an output
+    that would replace an input."""
     from .inference import reuse_freed_memory
     from .io import case_name, make_writable_folder, read_image
     from .models import ModelError
@@ -66,6 +67,13 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int
             print(f"spinelabel: error: {other} and {path} would both write {out / case_name(path)}*; label them into "
                   "different folders", file=sys.stderr)
             return 2
+    given = {path.resolve(): path for path in inputs}
+    for path in inputs:
+        for output in output_paths(out, case_name(path)):
+            if output.resolve() in given:
+                print(f"spinelabel: error: {output} would replace the input {given[output.resolve()]}; choose "
+                      "another output folder", file=sys.stderr)
+                return 2
     if out.exists() and not out.is_dir():
         print(f"spinelabel: error: {out}: is a file, not an output folder", file=sys.stderr)
         return 2
@@ -149,8 +157,19 @@ def _train(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(epoch_text(m), flush=True)
 
+    if args.register:  # refused now rather than after the training
+        from .models import user_models_dir
+
+        if (user_models_dir() / f"{args.name}.json").exists():
+            print(f"spinelabel: error: a model named {args.name!r} is registered already in {user_models_dir()}; "
+                  "choose another --name", file=sys.stderr)
+            return 2
     card = train(cfg, progress=progress)
     print(card)
+    if args.register:
+        from .models import register_model
+
+        print(register_model(card))
     return 0
 
 
@@ -159,6 +178,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .io import InputError
 
     status = 0
+    given = [option for option, value, default in (
+        ("--model", args.model, None), ("--device", args.device, "auto"), ("--modality", args.modality, "auto"),
+        ("--check-orientation", args.check_orientation, False), ("--no-spine-gate", args.no_spine_gate, False))
+        if value != default]
+    if given and not args.label:
+        print(f"spinelabel: error: {', '.join(given)} only apply with --label (which labels the reference images)",
+              file=sys.stderr)
+        return 2
     if args.label:
         images = list(reference_images(args.gt_dir).values())
         if not images:
@@ -205,11 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="tracebacks for failures")
     p.set_defaults(func=_label)
 
-    p = sub.add_parser("phantom", help="write a procedural spine phantom and its label map")
+    p = sub.add_parser("phantom", help="write a procedural spine phantom and its label map",
+                       description="Write a procedural spine phantom to OUT.nii.gz and its VerSe label map to "
+                       "OUT_label.nii.gz beside it.")
     p.add_argument("output", type=Path, metavar="OUT.nii.gz")
     p.add_argument("--modality", default="ct", choices=["ct", "mr"])
     p.add_argument("--fov", default="whole", choices=["whole", "cervical", "thoracic", "lumbar"])
-    p.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"))
+    p.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="voxels; default: enough for the levels of --fov (fewer show fewer levels)")
     p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="mm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -240,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default="", help="free text for the model card's training data entry")
     p.add_argument("--average-last", type=int, default=0, metavar="N",
                    help="write the mean of the weights of the last N epochs (stochastic weight averaging)")
+    p.add_argument("--register", action="store_true", help="also register the model under --name in the user model "
+                   "folder ($SPINELABEL_MODELS_DIR), where the Slicer module lists it")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=_train)
