@@ -5,6 +5,7 @@ binds ``Resources/UI/SpineLabel.ui`` to the logic; the logic delegates to the Qt
 (MRML nodes, corrections, background process) and to the ``SpineLabelLib`` core.
 """
 
+import json
 import logging
 import os
 import shutil
@@ -59,6 +60,21 @@ class SpineLabel(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "Vertebra label values follow the VerSe challenge (Sekuboyina et al., Medical Image Analysis 2021)."
         )
+        slicer.app.connect("startupCompleted()", loadTerminologyContext)
+
+
+def loadTerminologyContext() -> None:
+    """Load SpineLabel's terminology context, the one the vertebra segments' terminology entries name, into Slicer's
+    terminologies logic. It is generated from ``SpineLabelLib.vertebrae`` (no dependency needed) into a temporary
+    file, which Slicer reads completely."""
+    from SpineLabelLib.vertebrae import terminology_context
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "SpineLabel.term.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(terminology_context(), f)
+        if not slicer.modules.terminologies.logic().LoadTerminologyFromFile(path):
+            logging.error("SpineLabel: Slicer did not load the vertebra terminology context")
 
 
 #

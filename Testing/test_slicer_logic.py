@@ -23,7 +23,14 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from conftest import build_spine  # noqa: E402
-from SpineLabelLib.vertebrae import BY_LABEL, BY_NAME, terminology_entry  # noqa: E402
+from SpineLabelLib.vertebrae import (  # noqa: E402
+    BY_LABEL,
+    BY_NAME,
+    LEVELS,
+    TERMINOLOGY_CONTEXT,
+    terminology_context,
+    terminology_entry,
+)
 from SpineLabelLogic import process  # noqa: E402
 from SpineLabelLogic.scene import (  # noqa: E402
     LabelingScene,
@@ -127,6 +134,36 @@ def test_scene_from_labelling(labeled, mrml, tmp_path):
     offset = [int(o) for o in np.rint(np.linalg.solve(seg["ijkToLPS"][:3, :3], -seg["ijkToLPS"][:3, 3]))]
     assert offset == [0, 0, 0]  # origin of the written grid is the image origin
     np.testing.assert_array_equal(voxels, labeled.result.label_map()[: voxels.shape[0], : voxels.shape[1], : voxels.shape[2]])
+
+
+@pytest.mark.skipif(not hasattr(slicer, "vtkSlicerTerminologiesModuleLogic"),
+                    reason="this slicer-core has no terminologies logic")
+def test_terminology_entries_resolve_in_spinelabel_context(tmp_path):
+    """Loaded as the module loads it at start-up, SpineLabel's context holds every level's type, with the level's
+    colour, and Slicer keeps each entry in it even where another loaded context (here one like Slicer's DICOM master
+    list: the same codes, no colour) holds the same type."""
+    context = terminology_context()
+    other = json.loads(json.dumps(context))
+    other["SegmentationCategoryTypeContextName"] = "Segmentation category and type - DICOM master list"
+    for type_ in other["SegmentationCodes"]["Category"][0]["Type"]:
+        del type_["recommendedDisplayRGBValue"]
+    logic = slicer.vtkSlicerTerminologiesModuleLogic()
+    for n, document in enumerate((other, context)):
+        path = tmp_path / f"{n}.term.json"
+        path.write_text(json.dumps(document), encoding="utf-8")
+        assert logic.LoadTerminologyFromFile(str(path)) == document["SegmentationCategoryTypeContextName"]
+
+    for level in LEVELS:
+        entry = slicer.vtkSlicerTerminologyEntry()
+        assert logic.DeserializeTerminologyEntry(terminology_entry(level), entry)
+        assert logic.UpdateEntryFromLoadedTerminologies(entry, [], [])
+        assert entry.GetTerminologyContextName() == TERMINOLOGY_CONTEXT, level.name
+        found = entry.GetTypeObject()
+        assert (found.GetCodeValue(), found.GetCodeMeaning()) == (level.snomed_code, level.snomed_meaning)
+        # T13 and L6 share a code, hence a type: the first level with the code (T13) gives its colour
+        first = next(x for x in LEVELS if x.snomed_code == level.snomed_code)
+        np.testing.assert_allclose(np.array(found.GetRecommendedDisplayRGBValue()) / 255, first.colour,
+                                   atol=0.5 / 255, err_msg=level.name)
 
 
 def test_rename_from_point_label_renumbers_both_nodes(labeled):

@@ -8,6 +8,10 @@ and S1. The index of a level in ``LEVELS`` is also the channel index of the netw
 
 SNOMED CT codes are the DICOM CID 7603 "Vertebra" codes (C1-L5) and 54735007 "Sacrum". T13 and L6 have no
 level-specific SNOMED CT concept; they carry 51282000 "Vertebra" and their level in the segment name.
+
+The same definition gives 3D Slicer its terminology: :func:`terminology_context` is SpineLabel's terminology context
+(named ``TERMINOLOGY_CONTEXT``), which the Slicer module loads at start-up, and :func:`terminology_entry` is a
+segment's entry in it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ __all__ = [
     "BY_NAME",
     "BY_LABEL",
     "level_index",
+    "TERMINOLOGY_CONTEXT",
+    "terminology_context",
     "terminology_entry",
     "COCCYX_LABEL",
     "TISSUE_NAMES",
@@ -121,17 +127,48 @@ def level_index(name_or_label: str | int) -> int:
     return _INDEX[BY_LABEL[int(name_or_label)].name]
 
 
-def terminology_entry(level: Level) -> str:
-    """Slicer terminology entry string for a level (``Segment<N>_Tags`` ``TerminologyEntry`` value).
+# SpineLabel's terminology context: its name, its schema (dcmqi segment context, which Slicer 5.6 and later load) and
+# its one category, "Anatomical Structure"
+TERMINOLOGY_CONTEXT = "Segmentation category and type - SpineLabel"
+_CONTEXT_SCHEMA = "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/segment-context-schema.json#"
+_CATEGORY = {"CodingSchemeDesignator": "SCT", "CodeValue": "123037004", "CodeMeaning": "Anatomical Structure"}
 
-    Format: ``context~category~type~typeModifier~anatomicContext~region~regionModifier``, each coded part as
-    ``SCT^code^meaning``; category "Anatomical Structure" coded SCT 123037004 as in Slicer's General Anatomy list,
-    the context the entry names. Slicer shows the type from the code and meaning the entry carries (the vertebra
-    codes of DICOM CID 7603, ``Level.snomed_code``), whether or not that list holds it.
+
+def terminology_context() -> dict:
+    """SpineLabel's 3D Slicer terminology context, the JSON document Slicer's
+    ``vtkSlicerTerminologiesModuleLogic.LoadTerminologyFromFile`` reads.
+
+    One category, "Anatomical Structure" (SCT 123037004), with one type per SNOMED CT code of ``LEVELS``: code and
+    meaning of the level, its colour as the recommended display colour (RGB 0-255). Slicer tells types apart by
+    their code alone, so T13 and L6, which share 51282000 "Vertebra", share one type: the one of the first level
+    carrying that code (T13), with T13's colour.
+    """
+    types: dict[str, dict] = {}
+    for level in LEVELS:
+        if level.snomed_code not in types:
+            types[level.snomed_code] = {
+                "CodingSchemeDesignator": "SCT",
+                "CodeValue": level.snomed_code,
+                "CodeMeaning": level.snomed_meaning,
+                "recommendedDisplayRGBValue": [round(c * 255) for c in level.colour],
+            }
+    return {
+        "@schema": _CONTEXT_SCHEMA,
+        "SegmentationCategoryTypeContextName": TERMINOLOGY_CONTEXT,
+        "SegmentationCodes": {"Category": [{**_CATEGORY, "showAnatomy": False, "Type": list(types.values())}]},
+    }
+
+
+def terminology_entry(level: Level) -> str:
+    """Slicer terminology entry string for a level (``Segment<N>_Tags`` ``TerminologyEntry`` value): the level's
+    type in SpineLabel's terminology context (:func:`terminology_context`), without type modifier or region.
+
+    Format: ``context~category~type~typeModifier~regionContext~region~regionModifier``, each coded part as
+    ``SCT^code^meaning``.
     """
     return (
-        "Segmentation category and type - 3D Slicer General Anatomy list"
-        "~SCT^123037004^Anatomical Structure"
+        f"{TERMINOLOGY_CONTEXT}"
+        f"~SCT^{_CATEGORY['CodeValue']}^{_CATEGORY['CodeMeaning']}"
         f"~SCT^{level.snomed_code}^{level.snomed_meaning}"
         "~^^"
         "~Anatomic codes - DICOM master list~^^~^^"
