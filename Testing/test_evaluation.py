@@ -246,6 +246,21 @@ def test_folders_bodies_and_nnunet_layouts(tmp_path):
         ev.evaluate_folders(pred, pred)
 
 
+def test_bodies_only_comes_from_the_layout_and_dataset_json_not_from_folder_names(tmp_path):
+    """An exported dataset of whole vertebrae in a folder named ...Bodies was scored as bodies only."""
+    dataset = tmp_path / "Dataset777_SpineBodies"
+    for folder in (dataset / "labelsTr", tmp_path / "other"):
+        folder.mkdir(parents=True)
+    write_mask(spine([L1, L2]), dataset / "labelsTr" / "case7.nii.gz")
+    write_mask(spine([L1, L2], body_only=True), tmp_path / "other" / "VB1_01_vert-verse.nii.gz")
+    gt = {key: files.bodies_only for key, files in ev._ground_truth(tmp_path).items()}
+    assert gt == {"case7": False, "VB1_01": True}
+    for flag in (False, True):
+        (dataset / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "L1": L1, "L2": L2},
+                                                          "bodies_only": flag}))
+        assert ev._ground_truth(dataset)["case7"].bodies_only is flag
+
+
 def test_reference_images_are_found_beside_their_masks(tmp_path):
     mask = spine([L1, L2])
     for path in ("verse/sub-a_seg-vert_msk.nii.gz", "verse/sub-a_seg-subreg_msk.nii.gz", "bodies/VB1_01_vert-verse.nii.gz",

@@ -42,6 +42,7 @@ def test_export_writes_nnunet_case_and_appends(tmp_path, spine):
     assert dataset["channel_names"] == {"0": "CT"}
     assert dataset["labels"] == export.dataset_labels() and dataset["labels"]["background"] == 0
     assert dataset["numTraining"] == 1 and dataset["file_ending"] == ".nii.gz"
+    assert dataset["bodies_only"] is False  # whole vertebrae, whatever the folder is called
 
     centroids = json.loads((tmp_path / "centroids" / "spine_0001_ctd.json").read_text())
     assert [c["name"] for c in centroids[1:]] == [v.name for v in corrected.vertebrae]

@@ -1,24 +1,29 @@
 """Training: partial-label losses, dataset layouts, and a tiny end-to-end run that writes a loadable model."""
 
 import contextlib
+import hashlib
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
+from SpineLabelLib.export import dataset_labels, export_case
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled
 from SpineLabelLib.io import InputError
-from SpineLabelLib.models import load_model
+from SpineLabelLib.models import load_model, save_model
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.vertebrae import BODY, BY_NAME, DISC, LEVELS, POSTERIOR
 from SpineLabelTrainingLib import training
 from SpineLabelTrainingLib.negatives import KINDS, non_spine_image
 from SpineLabelTrainingLib.synthesis import IGNORE
-from SpineLabelTrainingLib.training import (NOT_BODY, NOT_VERTEBRA, VERTEBRA, TrainConfig, find_cases, level_loss,
-                                            load_case, make_source, tissue_loss, train, unknown_beyond_labelled_ends)
+from SpineLabelTrainingLib.training import (NOT_BODY, NOT_VERTEBRA, UNSURE_MM, VERTEBRA, TrainConfig, find_cases,
+                                            level_loss, load_case, make_source, tissue_loss, train,
+                                            unknown_beyond_labelled_ends)
 
 L3, L4, L5 = (BY_NAME[name].label for name in ("L3", "L4", "L5"))  # VerSe labels of the levels write_pair draws
 
@@ -106,6 +111,30 @@ def test_real_ct_goes_in_through_the_ct_window(tmp_path):
     assert np.median(case.image[bone]) == pytest.approx(expected, abs=0.02) and case.image.min() == 0.0
 
 
+def test_the_modality_an_export_recorded_is_the_one_trained(tmp_path):
+    """A CT that the automatic rule takes for MR (no air, no fat), labelled as CT: trained as CT, not as MR."""
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")  # background 0: detected as MR
+    dataset = {"channel_names": {"0": "CT"}, "labels": dataset_labels()}
+    (tmp_path / "nn" / "dataset.json").write_text(json.dumps(dataset))
+    case = load_case(*find_cases(tmp_path / "nn")[0], 2.0)
+    expected = (300 - CT_WINDOW_HU[0]) / (CT_WINDOW_HU[1] - CT_WINDOW_HU[0])
+    assert np.median(case.image[case.levels > 0]) == pytest.approx(expected, abs=0.02)
+
+
+def test_voxels_near_exported_vertebrae_whose_voxels_were_not_edited_are_unknown(tmp_path, spine):
+    """The network's vertebrae miss voxels of the real ones: exported unedited, they were taught as background."""
+    edited = [{"action": "segment_edit", "vertebra_ids": [v.id for v in spine.result.vertebrae]}]
+    for folder, corrections in (("auto", None), ("edited", edited)):
+        export_case(spine.result, spine.image, tmp_path / folder, corrections=corrections)
+    auto, painted = (load_case(*find_cases(tmp_path / folder)[0], 2.0) for folder in ("auto", "edited"))
+    distance = ndimage.distance_transform_edt(auto.levels == 0, sampling=2.0)  # mm to the nearest vertebra voxel
+    changed = auto.tissue != painted.tissue
+    assert changed.any() and distance[changed].max() <= UNSURE_MM
+    assert (auto.tissue[changed] == IGNORE).all() and (painted.tissue[changed] == NOT_VERTEBRA).all()
+    assert not ((auto.tissue == NOT_VERTEBRA) & (distance <= UNSURE_MM)).any()
+    assert ((auto.tissue == NOT_VERTEBRA) & (distance > UNSURE_MM + 2)).any()  # farther away, still background
+
+
 def test_images_without_a_spine_are_taught_as_background_everywhere():
     draw, cases = make_source("negative", 2.0, (24, 20, 16), None)
     assert cases is None
@@ -150,6 +179,7 @@ def test_unlabelled_vertebrae_beyond_the_labelled_ones_are_not_taught_as_backgro
 def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeypatch):
     # float32: the bfloat16 kernels of an AVX-512 BF16 CPU give gradients that differ run to run (by 2e-5 here)
     monkeypatch.setattr(training, "autocast", lambda device: contextlib.nullcontext())
+    monkeypatch.chdir(tmp_path)
     write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
     cfg = TrainConfig(data=[("phantom", 1.0), (str(tmp_path / "nn"), 1.0)], out=tmp_path / "m.json", epochs=2,
                       iterations=2, batch=1, patch=(32, 32, 32), spacing_mm=4.0, device="cpu", validation_cases=1)
@@ -157,7 +187,7 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeyp
     with pytest.raises(Cancelled):  # stopped after the first epoch
         train(cfg, progress=seen.append, cancel=lambda: len(seen) == 1)
     assert cfg.out.with_suffix(".ckpt").exists() and not cfg.out.exists()
-    cfg.resume = True
+    cfg = replace(cfg, resume=True, data=[("phantom", 1.0), ("./nn", 1.0)])  # the same folder, spelt otherwise
     card = train(cfg, progress=seen.append)
     model = load_model(card)
     assert [m["epoch"] for m in seen] == [1, 2]
@@ -181,6 +211,52 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeyp
     finetuned = train(TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "f.json", base_model=card,
                                   epochs=1, iterations=1, batch=1, patch=(32, 32, 32), device="cpu", validation_cases=1))
     assert load_model(finetuned).card["base_model"]["name"] == "spinelabel-finetuned"
+
+
+def test_a_fine_tune_never_replaces_its_base_model_or_the_shipped_one(tmp_path, monkeypatch):
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    torch.manual_seed(0)
+    base = save_model(SpineUNet(), {"name": "base", "version": "1", "spacing_mm": 4.0}, tmp_path / "base" / "m.json")
+    shipped = tmp_path / "shipped" / "spinelabel-default.json"  # a copy: a failing test must not replace the real one
+    shipped.parent.mkdir()
+    for suffix in (".json", ".pt"):
+        shutil.copyfile(base.with_suffix(suffix), shipped.with_suffix(suffix))
+    monkeypatch.setattr(training, "default_model_path", lambda: shipped)
+    before = {p: p.read_bytes() for p in (*tmp_path.glob("base/*"), *tmp_path.glob("shipped/*"))}
+    cfg = TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "x.json", base_model=base, epochs=1,
+                      iterations=1, batch=1, patch=(32, 32, 32), device="cpu", validation_cases=0)
+    respelt = tmp_path / "base" / ".." / "base" / "m"  # m.json, spelt otherwise
+    for out in (base, base.with_suffix(".pt"), respelt, shipped, shipped.with_suffix(".pt")):
+        with pytest.raises(ValueError, match="is a file of the model .*give --out another path") as refused:
+            train(replace(cfg, out=out))
+        assert str(refused.value).startswith(str(out))
+    assert {p: p.read_bytes() for p in before} == before and len(list(tmp_path.glob("*/*.ckpt"))) == 0
+
+
+def test_body_dice_is_unknown_without_a_body_target():
+    """Whole-vertebra crops say nothing of body; a network predicting body everywhere scored 0, not n/a."""
+
+    class AllBody(torch.nn.Module):
+        def forward(self, image):
+            tissue = torch.zeros(1, 4, *image.shape[2:])
+            tissue[:, BODY] = 1.0
+            return tissue, torch.zeros(1, len(LEVELS), *(n // 2 for n in image.shape[2:]))
+
+    levels = np.zeros((8, 8, 8), np.uint8)
+    whole = training.Case(np.zeros(levels.shape, np.float32), np.full(levels.shape, NOT_VERTEBRA, np.uint8), levels)
+    whole.tissue[:4] = VERTEBRA
+    assert training._validate(AllBody(), [whole], torch.device("cpu"))["body_dice"] is None
+    bodies = replace(whole, tissue=np.where(whole.tissue == VERTEBRA, BODY, NOT_BODY).astype(np.uint8))
+    assert training._validate(AllBody(), [whole, bodies], torch.device("cpu"))["body_dice"] == pytest.approx(0.5)
+
+
+def test_the_same_weights_make_the_same_file(tmp_path):
+    """torch.save given a path names the archive's records after it: the random temporary name changed the sha256."""
+    network = SpineUNet()
+    about = {"name": "m", "version": "1", "spacing_mm": 2.0}
+    cards = [save_model(network, about, tmp_path / f"{n}.json") for n in "ab"]
+    digests = {hashlib.sha256(card.with_suffix(".pt").read_bytes()).hexdigest() for card in cards}
+    assert len(digests) == 1 and len({json.loads(card.read_text())["sha256"] for card in cards}) == 1
 
 
 def test_weights_averaged_over_the_last_epochs(tmp_path):

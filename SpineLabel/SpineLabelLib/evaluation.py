@@ -42,8 +42,9 @@ Metrics (all distances between centroids in LPS millimetres; labels are VerSe va
   vertebrae; pooled = mean over all GT vertebrae of whole-vertebra cases.
 * **Body coverage** (bodies-only GT, where Dice would penalise the predicted posterior elements):
   ``|P_L & G_L| / |G_L|``, the fraction of GT body voxels carrying the same label in the prediction. Averaged like
-  Dice, over bodies-only cases. A case is bodies-only when the caller says so, otherwise when any folder on its
-  GT mask's path (below and including the GT folder) has "bodies" in its name (``mri_lumbar_bodies``).
+  Dice, over bodies-only cases. A case is bodies-only when the caller says so, otherwise by its layout: every
+  ``X_vert-verse`` mask (the layout of ``mri_lumbar_bodies``), no VerSe mask, and an nnU-Net mask when its
+  ``dataset.json`` says ``"bodies_only": true`` (SpineLabel's export writes false). Folder names play no part.
 * **Level shift / off-by-one scans**: every predicted centroid is paired with its closest GT centroid when that
   lies within 20 mm; the level difference of a pair is the number of levels between them on the ladder of a spine
   without transitional levels, where T13 takes L1's place and L6 takes S1's (``level_step``): T12 -> L1, T12 ->
@@ -76,7 +77,7 @@ from typing import Callable, Mapping
 import numpy as np
 import SimpleITK as sitk
 
-from .export import dataset_label_values
+from .export import dataset_label_values, read_dataset_json
 from .io import IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, case_key, case_name, read_label_map
 from .result import Geometry
 from .sequence import UNCERTAIN_BELOW
@@ -129,7 +130,7 @@ class GtFiles:
         mask: label map (VerSe values).
         ctd: centroid json, or None (centroids then come from the mask).
         layout: ``"vert-verse"``, ``"verse"`` or ``"nnunet"``.
-        bodies_only: True when the mask holds vertebral bodies only (detected from the folder names).
+        bodies_only: True when the mask holds vertebral bodies only (from the layout, see the module docstring).
     """
 
     mask: Path
@@ -265,12 +266,6 @@ def _predictions(pred_dir: Path) -> dict[str, PredFiles]:
     return found
 
 
-def _bodies_only(mask: Path, gt_dir: Path) -> bool:
-    # absolute(), not resolve(): the GT folder may be made of symbolic links to files elsewhere
-    parts = [gt_dir.absolute().name, *mask.absolute().relative_to(gt_dir.absolute()).parts[:-1]]
-    return any("bodies" in p.lower() for p in parts)
-
-
 def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
     found: dict[str, GtFiles] = {}
 
@@ -285,7 +280,7 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
             continue
         base = stem[: -len("_vert-verse")]
         ctd = mask.parent / f"{base}_ctd.json"
-        add(case_key(base), GtFiles(mask, ctd if ctd.is_file() else None, "vert-verse", _bodies_only(mask, gt_dir)))
+        add(case_key(base), GtFiles(mask, ctd if ctd.is_file() else None, "vert-verse", True))
     for mask in sorted(gt_dir.rglob("*_seg-vert*_msk.nii*")):
         stem = _strip_nii(mask.name)
         if stem is None:
@@ -293,12 +288,14 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
         before, after = stem[: -len("_msk")].split("_seg-vert", 1)
         ctd = next((c for c in (mask.parent / f"{before}_seg-{kind}{after}_ctd.json" for kind in ("vb", "subreg"))
                     if c.is_file()), None)
-        add(case_key(before + after), GtFiles(mask, ctd, "verse", _bodies_only(mask, gt_dir)))
+        add(case_key(before + after), GtFiles(mask, ctd, "verse", False))
     for labels_dir in sorted(p for p in gt_dir.rglob("labelsTr") if p.is_dir()):
+        dataset = read_dataset_json(labels_dir.parent)
+        bodies_only = dataset is not None and dataset.get("bodies_only") is True
         for mask in sorted(labels_dir.iterdir()):
             stem = _strip_nii(mask.name)
             if stem is not None and not mask.name.startswith("."):
-                add(case_key(stem), GtFiles(mask, None, "nnunet", _bodies_only(mask, gt_dir)))
+                add(case_key(stem), GtFiles(mask, None, "nnunet", bodies_only))
     return found
 
 

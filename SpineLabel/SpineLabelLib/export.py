@@ -3,11 +3,16 @@
 Layout of ``dataset_dir`` (nnU-Net v2 "raw" format, directly usable by ``nnUNetv2_plan_and_preprocess`` and by
 ``spinelabel train``)::
 
-    dataset.json                      channel_names, labels, numTraining, file_ending (rewritten on each append)
+    dataset.json                      channel_names, labels, numTraining, file_ending, bodies_only (rewritten on
+                                      each append)
     imagesTr/{CASE}_0000.nii.gz       the image, untouched (its own grid and pixel type)
     labelsTr/{CASE}.nii.gz            uint8 VerSe label map on the image grid
     centroids/{CASE}_ctd.json         VerSe centroid list (see :func:`SpineLabelLib.writers.write_centroids`)
     provenance/{CASE}.json            model, corrections, fixed levels, source, timestamp, SpineLabel version
+
+``bodies_only`` (false: the label maps hold whole vertebrae) tells readers that the labels are not vertebral bodies
+only, whatever the folder is called (``evaluation``, ``spinelabel train``); another nnU-Net dataset of bodies only
+says ``"bodies_only": true``.
 
 Label values are the VerSe values of :mod:`SpineLabelLib.vertebrae`. nnU-Net v2 requires the label values in
 ``dataset.json`` to be consecutive; VerSe reserves 27 for the coccyx, which SpineLabel never labels, so
@@ -41,8 +46,8 @@ from .io import CASE_SUFFIXES, InputError, atomic_path, case_key
 from .result import SpineLabeling
 from .vertebrae import BY_NAME, COCCYX_LABEL, LEVELS
 
-__all__ = ["CASE_PREFIX", "MIN_VERTEBRAE", "dataset_labels", "dataset_label_values",
-           "next_case_id", "export_case", "read_dataset_json"]
+__all__ = ["CASE_PREFIX", "MIN_VERTEBRAE", "dataset_labels", "dataset_label_values", "recorded_modality",
+           "provenance_of", "next_case_id", "export_case", "read_dataset_json"]
 
 log = logging.getLogger(__name__)
 
@@ -90,22 +95,71 @@ def next_case_id(dataset_dir: str | os.PathLike, prefix: str = CASE_PREFIX) -> s
     return f"{prefix}_{max(numbers, default=0) + 1:04d}"
 
 
+def _read_object(path: Path, what: str) -> dict | None:
+    """The JSON object in file ``path`` (a ``what``), or None when there is no such file.
+
+    Raises:
+        InputError: a file that is not a readable JSON object.
+    """
+    if not path.exists():
+        return None
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: unreadable {what} ({err})") from None
+    if not isinstance(document, dict):
+        raise InputError(f"{path}: {what} holds no JSON object")
+    return document
+
+
 def read_dataset_json(dataset_dir: str | os.PathLike) -> dict | None:
     """The dataset's ``dataset.json`` as a dict, or None when there is none yet.
 
     Raises:
         InputError: a ``dataset.json`` that is not a readable JSON object.
     """
-    path = Path(dataset_dir) / "dataset.json"
-    if not path.exists():
+    return _read_object(Path(dataset_dir) / "dataset.json", "dataset.json")
+
+
+def _dataset_of(label_path: str | os.PathLike) -> dict | None:
+    """The ``dataset.json`` (``read_dataset_json``) of the nnU-Net dataset whose ``labelsTr/`` holds the label map
+    ``label_path``; None for any other label map, or a dataset without one."""
+    label_path = Path(label_path)
+    return read_dataset_json(label_path.parent.parent) if label_path.parent.name == "labelsTr" else None
+
+
+def _channel(document: dict) -> str | None:
+    """What a ``dataset.json`` calls its images: channel ``"0"`` of its ``channel_names`` (``"CT"`` or ``"MR"`` as
+    ``export_case`` writes it, or any other name of nnU-Net's), None when it names no channel 0."""
+    channels = document.get("channel_names")
+    return channels.get("0") if isinstance(channels, dict) else None
+
+
+def recorded_modality(label_path: str | os.PathLike) -> str | None:
+    """``"CT"`` or ``"MR"``: the modality that the nnU-Net dataset of label map ``label_path`` records for its images
+    (``export_case`` records the one the labelling took the image for, which may be the user's choice, not what
+    ``inference.modality_of`` detects); None when its ``dataset.json`` records neither, or for another label map.
+
+    Raises:
+        InputError: an unreadable ``dataset.json``.
+    """
+    document = _dataset_of(label_path)
+    channel = _channel(document) if document is not None else None
+    return channel if channel in ("CT", "MR") else None
+
+
+def provenance_of(label_path: str | os.PathLike) -> dict | None:
+    """The provenance record ``export_case`` wrote for the case of label map ``labelsTr/{CASE}.nii.gz``; None for a
+    label map without one (a case SpineLabel did not export, or any other label map).
+
+    Raises:
+        InputError: a record that is not a readable JSON object.
+    """
+    label_path = Path(label_path)
+    if label_path.parent.name != "labelsTr" or not label_path.name.endswith(_FILE_ENDING):
         return None
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: unreadable dataset.json ({err})") from None
-    if not isinstance(document, dict):
-        raise InputError(f"{path}: dataset.json holds no JSON object")
-    return document
+    case_id = label_path.name[: -len(_FILE_ENDING)]
+    return _read_object(_paths(label_path.parent.parent, case_id)["provenance"], "provenance record")
 
 
 def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> np.ndarray | None:
@@ -121,12 +175,10 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
     Raises:
         ValueError: a ``dataset.json`` that names no level, or a value it does not name.
     """
-    label_path = Path(label_path)
-    dataset_dir = label_path.parent.parent
-    document = read_dataset_json(dataset_dir) if label_path.parent.name == "labelsTr" else None
+    document = _dataset_of(label_path)
     if document is None:
         return None
-    dataset = dataset_dir / "dataset.json"
+    dataset = Path(label_path).parent.parent / "dataset.json"
     present = np.flatnonzero(np.bincount(np.asarray(labels).ravel()))
     names = document.get("labels", {})
     if not isinstance(names, dict):
@@ -234,8 +286,7 @@ def export_case(
     modality = _modality(result)
     dataset = read_dataset_json(dataset_dir)
     if dataset is not None:
-        channels = dataset.get("channel_names")
-        held = channels.get("0") if isinstance(channels, dict) else None
+        held = _channel(dataset)
         if held is None:
             raise ValueError(f"{dataset_dir}: its dataset.json names no channel '0' under 'channel_names' "
                              "(nnU-Net v2), so the modality of its images is unknown")
@@ -278,6 +329,7 @@ def export_case(
         "name": document.get("name", dataset_dir.name),
         "description": document.get("description", "Vertebrae labelled with SpineLabel and corrected by hand"),
         "channel_names": {"0": modality},
+        "bodies_only": False,
         "labels": dataset_labels(),
         "numTraining": num_training,
         "file_ending": _FILE_ENDING,

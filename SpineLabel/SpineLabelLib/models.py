@@ -200,7 +200,8 @@ def save_model(network: "SpineUNet", card: dict, card_path: str | os.PathLike) -
     card_path.parent.mkdir(parents=True, exist_ok=True)
     weights = card_path.with_suffix(".pt")
     with atomic_paths([weights, card_path]) as (weights_tmp, card_tmp):
-        torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, weights_tmp)
+        with open(weights_tmp, "wb") as file:  # a path would name the archive's records after the random temporary
+            torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, file)
         full = {
             "tissue_classes": list(TISSUE_NAMES),
             "level_classes": list(_LEVEL_NAMES),
