@@ -223,3 +223,22 @@ def test_train_register_refuses_a_registered_name_before_training(tmp_path, monk
     assert main(argv) == 2
     assert "a model named 'mine' is registered already" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_evaluate_labels_an_exported_case_as_its_dataset_records(tmp_path, phantom_file, monkeypatch):
+    gt = tmp_path / "Dataset001"
+    for folder, name in (("imagesTr", "spine_0001_0000.nii.gz"), ("labelsTr", "spine_0001.nii.gz")):
+        (gt / folder).mkdir(parents=True)
+        (gt / folder / name).write_bytes(phantom_file.read_bytes())
+    (gt / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0}}))
+    asked = []
+
+    def label_spine(image, **kwargs):
+        asked.append(kwargs["modality"])
+        raise RuntimeError("not labelled here")
+
+    monkeypatch.setattr("SpineLabelLib.pipeline.label_spine", label_spine)
+    main(["evaluate", str(tmp_path / "pred"), str(gt), "--label", "--quiet"])
+    assert asked == ["ct"]  # the export's record, not what auto would detect
+    main(["evaluate", str(tmp_path / "pred"), str(gt), "--label", "--modality", "mr", "--quiet"])
+    assert asked == ["ct", "mr"]  # the user's choice first

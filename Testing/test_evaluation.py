@@ -268,17 +268,17 @@ def test_reference_images_are_found_beside_their_masks(tmp_path):
                  "bodies/VB1_01_img.nii.gz", "Dataset001/imagesTr/case7_0000.nii.gz", "verse/sub-z_ct.nii.gz"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         write_mask(mask, tmp_path / path)
-    assert ev.reference_images(tmp_path) == {  # case8 has no image, sub-z no reference
-        "VB1_01": tmp_path / "bodies/VB1_01_img.nii.gz",
-        "case7": tmp_path / "Dataset001/imagesTr/case7_0000.nii.gz",
-        "sub-a": tmp_path / "verse/sub-a_ct.nii.gz",
-    }
+    assert [image for image, _ in ev.labelled_cases(tmp_path)] == [  # case8 has no image, sub-z no reference
+        tmp_path / "bodies/VB1_01_img.nii.gz",
+        tmp_path / "Dataset001/imagesTr/case7_0000.nii.gz",
+        tmp_path / "verse/sub-a_ct.nii.gz",
+    ]
     (tmp_path / "other").mkdir()
     write_mask(mask, tmp_path / "other" / "sub-a_img.nii.gz")
     with pytest.raises(InputError, match="sub-a_img.nii.gz and .*sub-a_ct.nii.gz both match case sub-a"):
-        ev.reference_images(tmp_path)
+        ev.labelled_cases(tmp_path)
     with pytest.raises(InputError, match="no ground-truth"):
-        ev.reference_images(tmp_path / "other")
+        ev.labelled_cases(tmp_path / "other")
 
 
 def write_report(path: Path, confidences: dict[int, float], modality: str | None = None):

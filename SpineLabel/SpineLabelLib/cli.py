@@ -49,9 +49,10 @@ def _label(args: argparse.Namespace) -> int:
             folder.rmdir()
 
 
-def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int:
+def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modalities: dict[Path, str] | None = None
+                 ) -> int:
     """Label each input into the folder ``out`` with the options of ``args`` (``_add_labelling_options``, quiet,
-    debug). Returns the exit status: 0 all labelled, 1 some failed, 2 no output folder, no model, or an output
+    debug), an input in ``modalities`` as the modality given there (``"ct"``, ``"mr"``). Returns the exit status: 0 all labelled, 1 some failed, 2 no output folder, no model, or an output
     that would replace an input."""
     from .inference import reuse_freed_memory
     from .io import case_name, make_writable_folder, read_image
@@ -94,7 +95,7 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace) -> int
                 image = read_image(path)
                 result = label_spine(image, model=model, device=args.device, progress=progress,
                                      check_orientation=args.check_orientation, spine_gate=not args.no_spine_gate,
-                                     modality=args.modality)
+                                     modality=(modalities or {}).get(path, args.modality))
                 result.source = str(path)
                 require_vertebrae(result, path)
                 written = write_all(result, image, out, case_name(path), input_path=path)
@@ -174,7 +175,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_folders, reference_images, summary_markdown
+    from .evaluation import evaluate_folders, labelled_cases, summary_markdown
+    from .export import recorded_modality
     from .io import InputError
 
     status = 0
@@ -187,10 +189,13 @@ def _evaluate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.label:
-        images = list(reference_images(args.gt_dir).values())
-        if not images:
+        cases = labelled_cases(args.gt_dir)
+        if not cases:
             raise InputError(f"{args.gt_dir}: no reference case has its image beside it: nothing to label")
-        status = _label_files(images, args.pred_dir, args)
+        # an exported case as its export was labelled (the user's choice of modality, where auto would differ)
+        recorded = {image: recorded_modality(gt.mask) for image, gt in cases} if args.modality == "auto" else {}
+        status = _label_files([image for image, _ in cases], args.pred_dir, args,
+                              {image: m.lower() for image, m in recorded.items() if m is not None})
         if status == 2:
             return status
     with _progress_bar("scoring", args.quiet) as progress:
@@ -258,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--patch", type=int, nargs=3, default=[128, 80, 80], metavar=("Z", "Y", "X"))
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, help="peak learning rate; default 2e-3 for a new model, 3e-4 to fine-tune")
     p.add_argument("--spacing", type=float, default=2.0, help="model grid spacing in mm (new models only)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)

@@ -94,7 +94,6 @@ __all__ = [
     "EvaluationSummary",
     "case_key",
     "match_cases",
-    "reference_images",
     "labelled_cases",
     "reference_labels",
     "read_centroids",
@@ -330,24 +329,8 @@ def match_cases(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike) -> list[
     return [(key, preds.get(key), gts[key]) for key in sorted(gts)]
 
 
-def reference_images(gt_dir: str | os.PathLike) -> dict[str, Path]:
-    """The image of every reference case in ``gt_dir``, for labelling before scoring: the image file (a suffix of
-    ``io.IMAGE_SUFFIXES``) anywhere under ``gt_dir`` whose matching key is the case's, the GT masks themselves
-    aside. So ``X_ct.nii.gz`` goes with ``X_seg-vert_msk.nii.gz``, ``X_img.nii.gz`` with ``X_vert-verse.nii.gz`` and
-    ``imagesTr/X_0000.nii.gz`` with ``labelsTr/X.nii.gz``.
-
-    Returns:
-        matching key -> image, for the cases that have one (sorted by key).
-
-    Raises:
-        InputError: the folder is missing or holds no GT case, or two images match one case.
-    """
-    gt_dir = Path(gt_dir)
-    return _images(gt_dir, _reference_cases(gt_dir))
-
-
 def _images(gt_dir: Path, cases: dict[str, GtFiles]) -> dict[str, Path]:
-    """``reference_images`` of the reference ``cases`` found in ``gt_dir``."""
+    """Matching key -> image of the reference ``cases`` found in ``gt_dir`` that have one (``labelled_cases``)."""
     masks = {files.mask for files in cases.values()}
     found: dict[str, Path] = {}
     for path in sorted(gt_dir.rglob("*")):
@@ -363,11 +346,14 @@ def _images(gt_dir: Path, cases: dict[str, GtFiles]) -> dict[str, Path]:
 
 
 def labelled_cases(gt_dir: str | os.PathLike) -> list[tuple[Path, GtFiles]]:
-    """(image, reference) of every reference case in ``gt_dir`` that has an image (``reference_images``), sorted by
-    matching key; training reads its real data this way.
+    """(image, reference) of every reference case in ``gt_dir`` that has an image, sorted by matching key: for
+    labelling before scoring (``spinelabel evaluate --label``) and for training. The image is the file (a suffix of
+    ``io.IMAGE_SUFFIXES``) anywhere under ``gt_dir`` whose matching key is the case's, the GT masks themselves aside:
+    ``X_ct.nii.gz`` goes with ``X_seg-vert_msk.nii.gz``, ``X_img.nii.gz`` with ``X_vert-verse.nii.gz`` and
+    ``imagesTr/X_0000.nii.gz`` with ``labelsTr/X.nii.gz``.
 
     Raises:
-        InputError: as ``reference_images``.
+        InputError: the folder is missing or holds no GT case, or two images match one case.
     """
     cases = _reference_cases(Path(gt_dir))
     images = _images(Path(gt_dir), cases)
