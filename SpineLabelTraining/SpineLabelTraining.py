@@ -194,6 +194,8 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._process.wait()  # its output read to the end: the last epoch's report is among the events
         for event in self._process.readEvents():
             self.ui.progressBar.value = int(100 * event["fraction"])
+            if event["event"] == "progress":  # within an epoch
+                continue
             metrics = "  ".join(f"{name} {value:.3f}" for name, value in event["metrics"].items())
             line = _("epoch {epoch}/{epochs}  loss {loss:.4f}  {metrics}").format(
                 epoch=event["epoch"], epochs=event["epochs"], loss=event["loss"], metrics=metrics)

@@ -334,6 +334,8 @@ def test_training_and_worker_lines_are_parsed():
     event = process.parseTrainingLine("epoch 4/10 loss n/a body_dice n/a level_accuracy 0.500")  # no finite loss
     assert event["epoch"] == 4 and np.isnan(event["loss"]) and event["metrics"] == {"level_accuracy": 0.5}
     assert process.parseTrainingLine("INFO training: loading data") is None
+    assert process.parseTrainingLine("epoch 3/10:  40%|####      | 40/100 [00:10<00:15]") == {
+        "event": "progress", "fraction": 0.24}
     assert process.parseWorkerLine('{"event": "progress", "fraction": 0.5, "message": "m"}')["fraction"] == 0.5
     assert process.parseWorkerLine("{not json") is None and process.parseWorkerLine('{"x": 1}') is None
     # after a library's output that lacked its own newline
@@ -464,7 +466,7 @@ def test_training_process_reports_epochs_and_registers_model(tmp_path, monkeypat
         env=process.pythonPathEnvironment([root / "SpineLabel", root / "SpineLabelTraining"]))
     runner.start()
     assert runner.wait(300) == 0, runner.outputTail()
-    events = runner.readEvents()
+    events = [e for e in runner.readEvents() if e["event"] == "epoch"]  # and progress within it
     assert [(e["epoch"], e["epochs"], e["fraction"]) for e in events] == [(1, 1, 1.0)]
     # whole-vertebra labels hold no body target: body Dice is n/a, so not among the metrics
     assert np.isfinite(events[0]["loss"]) and set(events[0]["metrics"]) == {"level_accuracy"}

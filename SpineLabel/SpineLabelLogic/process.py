@@ -42,6 +42,7 @@ _READ_TIMEOUT_S = 5.0  # for the output readers once the process and its group a
 _NUMBER = r"[-+]?(?:nan|inf|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
 _EPOCH_LINE = re.compile(rf"^epoch\s+(\d+)\s*/\s*(\d+)\s+loss\s+({_NUMBER}|n/a)(.*)$")
 _METRIC = re.compile(rf"([A-Za-z_][A-Za-z0-9_]*)\s+({_NUMBER})")
+_EPOCH_BAR = re.compile(r"^epoch\s+(\d+)\s*/\s*(\d+):\s*(\d+)%")  # a refresh of the progress bar within an epoch
 
 
 def parseWorkerLine(line: str) -> dict | None:
@@ -63,9 +64,14 @@ def parseTrainingLine(line: str) -> dict | None:
 
     ``epoch 3/10 loss 0.4120 body_dice 0.812 level_accuracy 0.640`` gives ``{"event": "epoch", "epoch": 3,
     "epochs": 10, "fraction": 0.3, "loss": 0.412, "metrics": {"body_dice": 0.812, "level_accuracy": 0.64}}``; a
-    loss or metric written ``n/a`` (no finite value) gives a loss of NaN and no entry in ``metrics``; other lines give
-    None.
+    loss or metric written ``n/a`` (no finite value) gives a loss of NaN and no entry in ``metrics``. A refresh of the
+    progress bar of an epoch, ``epoch 3/10:  40%|...``, gives ``{"event": "progress", "fraction": 0.24}``. Other
+    lines give None.
     """
+    bar = _EPOCH_BAR.match(line.strip())
+    if bar:
+        epoch, epochs, percent = (int(g) for g in bar.groups())
+        return {"event": "progress", "fraction": (epoch - 1 + percent / 100) / epochs if epochs else 0.0}
     match = _EPOCH_LINE.match(line.strip())
     if not match:
         return None
