@@ -133,6 +133,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = SpineLabelLogic()
+        loadTerminologyContext()  # a module loaded after Slicer's start-up never sees startupCompleted()
         self._timer = qt.QTimer()
         self._timer.setInterval(_POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollProcess)
@@ -284,11 +285,11 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
         with slicer.util.tryWithErrorDisplay(_("Failed to start labelling."), waitCursor=True):
             # the current labelling stays editable until the new one replaces it (Cancel keeps it)
-            self._labelledVolume = self._parameterNode.inputVolume
             self._process, self._outputDir = self.logic.startLabelling(
                 self._parameterNode.inputVolume, self._parameterNode.modelPath or None, self._parameterNode.device,
                 self._parameterNode.checkOrientation, not self._parameterNode.skipSpineGate,
                 self._parameterNode.modality)
+            self._labelledVolume = self._parameterNode.inputVolume  # once its labelling runs
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Starting...")
             self._timer.start()

@@ -295,23 +295,22 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
 
         Raises:
             RuntimeError: Python packages are missing.
-            ValueError: no dataset.json in the folder, or a model of that name is registered already.
+            ValueError: no dataset.json in the folder.
+            SpineLabelLib.models.ModelError: the name is no plain file name, or a model of that name is registered.
         """
         missing = self.missingPackages()
         if missing:
             raise RuntimeError(_("Install the dependencies in the SpineLabel module first ({packages}).").format(
                 packages=", ".join(missing)))
         from SpineLabelLib.export import read_dataset_json
-        from SpineLabelLib.models import default_model_path, user_models_dir
+        from SpineLabelLib.models import default_model_path, registration_path
         from SpineLabelLogic.process import (BackgroundProcess, parseTrainingLine, pythonExecutable,
                                              pythonPathEnvironment, trainCommand)
 
         if read_dataset_json(datasetDirectory) is None:
             raise ValueError(_("{folder} holds no dataset.json: export cases with SpineLabel first.").format(
                 folder=str(datasetDirectory)))
-        if (user_models_dir() / f"{modelName}.json").exists():
-            raise ValueError(_("A model named {name} is registered already; choose another name.").format(
-                name=modelName))
+        registration_path(modelName)  # refused now rather than after the training
         outCard = Path(tempfile.mkdtemp(prefix="SpineLabelTraining-")) / f"{modelName}.json"
         try:
             command = trainCommand(pythonExecutable(), datasetDirectory, outCard,

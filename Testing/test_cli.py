@@ -222,6 +222,8 @@ def test_train_register_refuses_a_registered_name_before_training(tmp_path, monk
     argv = ["train", "--data", "phantom", "--out", str(tmp_path / "new" / "mine.json"), "--name", "mine", "--register"]
     assert main(argv) == 2
     assert "a model named 'mine' is registered already" in capsys.readouterr().err
+    assert main([*argv[:-3], "--name", "sub/mine", "--register"]) == 2
+    assert "'sub/mine': a model name is a file name" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
 

@@ -261,7 +261,7 @@ def test_bodies_only_comes_from_the_layout_and_dataset_json_not_from_folder_name
         assert ev._ground_truth(dataset)["case7"].bodies_only is flag
 
 
-def test_reference_images_are_found_beside_their_masks(tmp_path):
+def test_labelled_cases_find_images_beside_their_masks(tmp_path):
     mask = spine([L1, L2])
     for path in ("verse/sub-a_seg-vert_msk.nii.gz", "verse/sub-a_seg-subreg_msk.nii.gz", "bodies/VB1_01_vert-verse.nii.gz",
                  "Dataset001/labelsTr/case7.nii.gz", "Dataset001/labelsTr/case8.nii.gz", "verse/sub-a_ct.nii.gz",

@@ -103,6 +103,13 @@ def test_a_dataset_json_without_channel_names_is_named(tmp_path, spine):
     assert [p.name for p in tmp_path.iterdir()] == ["dataset.json"]
 
 
+def test_a_bodies_only_dataset_takes_no_export(tmp_path, spine):
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "bodies_only": True}))
+    with pytest.raises(ValueError, match="vertebral bodies only; an export labels whole vertebrae"):
+        export.export_case(spine.result, spine.image, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset.json"]
+
+
 def test_dataset_json_labels_must_map_names_to_values(tmp_path):
     (tmp_path / "labelsTr").mkdir()
     (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": ["L1", "L2"]}))

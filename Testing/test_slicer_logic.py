@@ -374,6 +374,23 @@ def test_progress_bars_leave_their_last_state_and_text_is_utf8():
     assert sorted(tail) == ["100%|##########", "model spine-\u03b2 written"], tail
 
 
+def test_a_progress_bar_refresh_arrives_while_the_process_runs(tmp_path):
+    script = textwrap.dedent("""
+        import sys, time
+        sys.stderr.write("epoch 1/2:  50%|#####     | 5/10\\r")  # a bar's refresh: no newline
+        sys.stderr.flush()
+        time.sleep(60)
+    """)
+    runner = process.BackgroundProcess([sys.executable, "-c", script], process.parseTrainingLine)
+    runner.start()
+    deadline, events = time.monotonic() + 30, []
+    while not events and time.monotonic() < deadline:
+        events = runner.readEvents()
+        time.sleep(0.05)
+    assert runner.running and events == [{"event": "progress", "fraction": 0.25}]
+    runner.cancel(timeout=2)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks the process tree through /proc")
 def test_how_a_process_ended_and_what_it_left_running_end_with_it():
     script = textwrap.dedent("""

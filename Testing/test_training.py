@@ -135,6 +135,15 @@ def test_voxels_near_exported_vertebrae_whose_voxels_were_not_edited_are_unknown
     assert ((auto.tissue == NOT_VERTEBRA) & (distance > UNSURE_MM + 2)).any()  # farther away, still background
 
 
+def test_a_malformed_provenance_record_is_named(tmp_path, spine):
+    export_case(spine.result, spine.image, tmp_path)
+    record = next((tmp_path / "provenance").iterdir())
+    record.write_text(json.dumps({"vertebrae": [{"id": 1}]}))  # no label
+    image, labels, bodies_only = find_cases(tmp_path)[0]
+    with pytest.raises(InputError, match="provenance record of this exported case is malformed"):
+        load_case(image, labels, bodies_only, 2.0)
+
+
 def test_images_without_a_spine_are_taught_as_background_everywhere():
     draw, cases = make_source("negative", 2.0, (24, 20, 16), None)
     assert cases is None

@@ -52,8 +52,8 @@ def _label(args: argparse.Namespace) -> int:
 def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modalities: dict[Path, str] | None = None
                  ) -> int:
     """Label each input into the folder ``out`` with the options of ``args`` (``_add_labelling_options``, quiet,
-    debug), an input in ``modalities`` as the modality given there (``"ct"``, ``"mr"``). Returns the exit status: 0 all labelled, 1 some failed, 2 no output folder, no model, or an output
-    that would replace an input."""
+    debug), an input in ``modalities`` as the modality given there (``"ct"``, ``"mr"``). Returns the exit status: 0
+    all labelled, 1 some failed, 2 no output folder, no model, or an output that would replace an input."""
     from .inference import reuse_freed_memory
     from .io import case_name, make_writable_folder, read_image
     from .models import ModelError
@@ -159,11 +159,12 @@ def _train(args: argparse.Namespace) -> int:
             print(epoch_text(m), flush=True)
 
     if args.register:  # refused now rather than after the training
-        from .models import user_models_dir
+        from .models import ModelError, registration_path
 
-        if (user_models_dir() / f"{args.name}.json").exists():
-            print(f"spinelabel: error: a model named {args.name!r} is registered already in {user_models_dir()}; "
-                  "choose another --name", file=sys.stderr)
+        try:
+            registration_path(args.name)
+        except ModelError as err:
+            print(f"spinelabel: error: {err}; choose another --name", file=sys.stderr)
             return 2
     card = train(cfg, progress=progress)
     print(card)
@@ -284,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score predictions against ground truth (VerSe metrics)",
                        description="Score the predictions in PRED_DIR against the reference labels in GT_DIR. With "
                        "--label, first label into PRED_DIR the image of every reference case (the image file beside "
-                       "its mask, or imagesTr/X_0000 for labelsTr/X).")
+                       "its mask, or imagesTr/X_0000 for labelsTr/X); a case whose dataset.json records CT or MR is "
+                       "labelled as that unless --modality says otherwise.")
     p.add_argument("pred_dir", type=Path, metavar="PRED_DIR")
     p.add_argument("gt_dir", type=Path, metavar="GT_DIR")
     p.add_argument("--json", type=Path)

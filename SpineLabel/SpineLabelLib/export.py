@@ -292,6 +292,9 @@ def export_case(
                              "(nnU-Net v2), so the modality of its images is unknown")
         if held != modality:
             raise ValueError(f"{dataset_dir}: dataset holds {held} images, this one is {modality}")
+        if dataset.get("bodies_only") is True:
+            raise ValueError(f"{dataset_dir}: its dataset.json says its labels are vertebral bodies only; an export "
+                             "labels whole vertebrae: export into another dataset")
     existing = _existing_cases(dataset_dir)
     if case_id is None:
         case_id = next_case_id(dataset_dir)

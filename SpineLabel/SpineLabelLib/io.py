@@ -307,7 +307,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
 
     Raises:
         InputError: missing path, unsupported extension, unreadable or truncated file, not 3D (2D; 4D of more than
-            one time point), not scalar (RGB, vector), empty, holding NaN/inf, or on a sheared grid.
+            one time point), not scalar (RGB, vector), empty, holding NaN/inf, on a sheared grid, or of a size no body
+            has (``checked_image``).
     """
     p = Path(path)
     if not p.exists():

@@ -40,6 +40,7 @@ __all__ = [
     "list_models",
     "load_model",
     "save_model",
+    "registration_path",
     "register_model",
     "sha256_of",
 ]
@@ -214,6 +215,20 @@ def save_model(network: "SpineUNet", card: dict, card_path: str | os.PathLike) -
     return card_path
 
 
+def registration_path(name: str) -> Path:
+    """The card path a model registered as ``name`` would take (``register_model``), checked before any training.
+
+    Raises:
+        ModelError: ``name`` is not a plain file name, or a registered model of that name exists already.
+    """
+    if not isinstance(name, str) or not name.strip() or name.startswith(".") or Path(name).name != name:
+        raise ModelError(f"{name!r}: a model name is a file name (no folder, not hidden)")
+    target = user_models_dir() / f"{name}.json"
+    if target.exists() or target.with_suffix(".pt").exists():
+        raise ModelError(f"{target}: a model named {name!r} is registered already")
+    return target
+
+
 def register_model(card_path: str | os.PathLike, name: str | None = None) -> Path:
     """Copy a model (card + weights) into the user model folder under a new name; returns the new card path.
 
@@ -222,11 +237,7 @@ def register_model(card_path: str | os.PathLike, name: str | None = None) -> Pat
     """
     loaded = load_model(card_path)  # verifies the files
     name = name or loaded.card["name"]
-    if not isinstance(name, str) or not name.strip() or name.startswith(".") or Path(name).name != name:
-        raise ModelError(f"{name!r}: a model name is a file name (no folder, not hidden)")
-    target = user_models_dir() / f"{name}.json"
-    if target.exists() or target.with_suffix(".pt").exists():
-        raise ModelError(f"{target}: a model named {name!r} is registered already")
+    target = registration_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     card = {**loaded.card, "name": name, "weights": target.with_suffix(".pt").name}
     with atomic_paths([target.with_suffix(".pt"), target]) as (weights_tmp, card_tmp):

@@ -157,7 +157,7 @@ class BackgroundProcess:
         else:
             options["start_new_session"] = True
         log.info("starting: %s", " ".join(self.command))
-        # bytes, split at newlines only: a progress bar's carriage-return refreshes stay one line (see _read)
+        # bytes, split by _read (a progress bar ends its refreshes with a carriage return, not a newline)
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
                                         cwd=self.cwd, **options)
         for stream in (self.process.stdout, self.process.stderr):
@@ -166,22 +166,31 @@ class BackgroundProcess:
             self._readers.append(reader)
 
     def _read(self, stream) -> None:
-        """Parse each carriage-return part of each line; of the parts that are neither events nor blank, only the
+        """Parse each part of the output ended by a newline or a carriage return as it arrives (a progress bar's
+        refreshes end with a carriage return); of the parts of a line that are neither events nor blank, only the
         last goes into the tail (of a progress bar's refreshes, its final state)."""
-        try:
-            for raw in iter(stream.readline, b""):
-                kept = None
-                for part in raw.decode("utf-8", errors="replace").rstrip("\r\n").split("\r"):
-                    event = self.parseLine(part)
-                    if event is not None:
-                        self._events.put(event)
-                    elif part.strip():
-                        kept = part
-                if kept is not None:
+        pending, kept = b"", None
+        for chunk in iter(lambda: stream.read1(1 << 16), b""):
+            *parts, pending = re.split(rb"([\r\n])", pending + chunk)  # part, separator, part, ..., unfinished part
+            for part, separator in zip(parts[::2], parts[1::2]):
+                kept = self._take(part, kept)
+                if separator == b"\n" and kept is not None:
                     self._tail.append(kept)
-        except ValueError:  # the stream was closed by wait() or cancel() while this thread read it
-            return
+                    kept = None
+        kept = self._take(pending, kept)
+        if kept is not None:
+            self._tail.append(kept)
         stream.close()
+
+    def _take(self, part: bytes, kept: str | None) -> str | None:
+        """Queue the event of one output part; returns the part to keep for the tail (this one, unless it is an
+        event or blank, else ``kept``)."""
+        text = part.decode("utf-8", errors="replace")  # whole: the separators are never inside a UTF-8 character
+        event = self.parseLine(text)
+        if event is not None:
+            self._events.put(event)
+            return kept
+        return text if text.strip() else kept
 
     @property
     def running(self) -> bool:
@@ -219,8 +228,8 @@ class BackgroundProcess:
         return f"killed by {name}{oom}"
 
     def wait(self, timeout: float | None = None) -> int:
-        """Wait for the process to end and its output to be read; returns its exit code. Processes it started and
-        left running are ended (they would hold its output open).
+        """Wait for the process to end and its output to be read; returns its exit code. On POSIX, processes it
+        started and left running are ended (they would hold its output open).
 
         Raises:
             subprocess.TimeoutExpired: still running after ``timeout`` seconds.
@@ -228,8 +237,9 @@ class BackgroundProcess:
         if self.process is None:
             raise RuntimeError("process not started")
         code = self.process.wait(timeout)
-        # at once after the exit: a group that still has members keeps its id, so only they are signalled
-        self._signalGroup(signal.SIGKILL)
+        if sys.platform != "win32":
+            # at once after the exit: a group that still has members keeps its id, so only they are signalled
+            self._signalGroup(signal.SIGKILL)
         for reader in self._readers:
             reader.join(_READ_TIMEOUT_S)
         return code
@@ -263,9 +273,7 @@ class BackgroundProcess:
         self.process.wait()
 
     def _signalGroup(self, sig: int) -> None:
-        """Signal every process of the group (POSIX; on Windows only ``cancel``'s ``taskkill`` ends a tree)."""
-        if sys.platform == "win32":
-            return
+        """Signal every process of the group (POSIX only; on Windows ``cancel``'s ``taskkill`` ends the tree)."""
         try:
             os.killpg(self.process.pid, sig)  # the group id is the pid: the process leads its own session
         except ProcessLookupError:

@@ -158,7 +158,12 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
         tissue = np.where(verse > 0, VERTEBRA, NOT_VERTEBRA).astype(np.uint8)
     record = provenance_of(label_path)
     if record is not None:
-        tissue = unknown_near(tissue, verse, _unedited_labels(record), spacing_mm)
+        try:
+            unedited = _unedited_labels(record)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise InputError(f"{label_path}: the provenance record of this exported case is malformed "
+                             f"({type(err).__name__}: {err})") from None
+        tissue = unknown_near(tissue, verse, unedited, spacing_mm)
     return Case(volume, unknown_beyond_labelled_ends(tissue, verse), verse, image_path.name)
 
 
