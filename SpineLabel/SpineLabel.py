@@ -311,9 +311,9 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             elif event["event"] == "error":
                 # the worker names its input, a temporary copy of the volume
-                message = event["message"].replace(str(self.logic.inputPath(self._outputDir)),
-                                                   self._labelledVolume.GetName())
-                tail = self._process.outputTail()
+                temporary, name = str(self.logic.inputPath(self._outputDir)), self._labelledVolume.GetName()
+                message, tail = (text.replace(temporary, name)
+                                 for text in (event["message"], self._process.outputTail()))
                 self._endProcess()
                 slicer.util.errorDisplay(_("Labelling failed: {message}").format(message=message), detailedText=tail)
                 return
@@ -343,6 +343,8 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._process.finish()
         self.logic.discardLabelling(self._outputDir)
         self._stopPolling()
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = _("Labelling failed.")
 
     def _stopPolling(self) -> None:
         self._timer.stop()
@@ -403,9 +405,12 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         markupsLogic.StartPlaceMode(False)
 
     def onExportButton(self) -> None:
+        labeling = self._labeling
         with slicer.util.tryWithErrorDisplay(_("Failed to export the case."), waitCursor=True):
-            path = self.logic.exportCase(self._labeling, self._parameterNode.datasetDirectory)
-            self.onLabelingChanged(self._labeling)  # export takes in Segment Editor edits, which may re-solve
+            try:
+                path = self.logic.exportCase(labeling, self._parameterNode.datasetDirectory)
+            finally:  # export takes in Segment Editor edits, which may re-solve, whether or not it then writes
+                self.onLabelingChanged(labeling)
             self.ui.statusLabel.text = _("Exported {path}").format(path=str(path))
 
 

@@ -121,6 +121,7 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def enter(self) -> None:
         self.initializeParameterNode()
         self.updateModelList()
+        self.updateDatasetSummary()  # cases exported since the panel was last shown
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -209,14 +210,20 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._updateButtons()
         if process.wait() != 0:
             self.logic.discardTraining(outCard)
+            self.ui.statusLabel.text = _("Training failed.")
             slicer.util.errorDisplay(_("Training failed ({how}).").format(how=process.exitDescription()),
                                      detailedText=process.outputTail())
             return
-        with slicer.util.tryWithErrorDisplay(_("Failed to register the model."), waitCursor=True):
+        try:
             registered = self.logic.finishTraining(outCard)
-            self.ui.progressBar.value = 100
-            self.ui.statusLabel.text = _("Model registered: {path}").format(path=str(registered))
-            self.updateModelList()
+        except Exception as err:  # the trained model stays where it is, and the user is told where
+            kept = _("Not registered: the trained model is kept in {folder}").format(folder=str(Path(outCard).parent))
+            self.ui.statusLabel.text = kept
+            slicer.util.errorDisplay(_("Failed to register the model: {error}").format(error=err) + "\n" + kept)
+            return
+        self.ui.progressBar.value = 100
+        self.ui.statusLabel.text = _("Model registered: {path}").format(path=str(registered))
+        self.updateModelList()
 
     def stopTraining(self) -> None:
         if self._process is not None:
@@ -382,7 +389,7 @@ class SpineLabelTrainingTest(ScriptedLoadableModuleTest):
         process, outCard = logic.startTraining(dataset, None, "selftest", 1, "cpu",
                                                ["--iterations", "2", "--patch", "64", "64", "64"])
         self.assertEqual(process.wait(600), 0, process.outputTail())
-        self.assertEqual([e["epoch"] for e in process.readEvents()], [1])
+        self.assertEqual([e["epoch"] for e in process.readEvents() if e["event"] == "epoch"], [1])
         registered = logic.finishTraining(outCard)
         self.assertTrue(registered.exists())
         self.assertIn(str(registered), [card["path"] for card in logic.availableModels()])
