@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from SpineLabelLib.cli import main
+from SpineLabelLib.io import case_name
 from SpineLabelLib.models import save_model
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.vertebrae import BY_NAME
@@ -118,23 +119,28 @@ def test_each_bad_input_fails_alone_with_a_clear_line(tmp_path, model, phantom_f
     assert not (tmp_path / "none").exists()  # every input failed: not even the folders this run made are left
 
 
-def test_a_terminated_run_leaves_nothing(tmp_path, model, phantom_file, monkeypatch, capsys):
-    """SIGTERM (timeout, a batch scheduler) while the outputs are being written: their temporary files are removed
-    and so is the folder the run made, as for Ctrl-C."""
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_terminated_run_leaves_nothing(tmp_path, model, phantom_file, monkeypatch, capsys, name):
+    """SIGTERM (timeout, a batch scheduler) or SIGHUP (the terminal closed) while the outputs are being written:
+    their temporary files are removed and so is the folder the run made, as for Ctrl-C."""
     from SpineLabelLib import io, writers
+
+    if not hasattr(signal, name):
+        pytest.skip(f"no {name} on this platform")
+    sig = getattr(signal, name)
 
     def write_and_be_terminated(result, image, out, name, input_path=None):
         with io.atomic_paths([out / f"{name}_seg.nii.gz"]) as (tmp,):
             tmp.write_bytes(b"half")
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
 
     monkeypatch.setattr(writers, "write_all", write_and_be_terminated)
     out = tmp_path / "run" / "out"
     argv = ["label", str(phantom_file), "-o", str(out), "--model", str(model), "--quiet", "--no-spine-gate"]
-    assert main(argv) == 128 + signal.SIGTERM
+    assert main(argv) == 128 + sig
     assert "spinelabel: terminated" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    assert signal.getsignal(sig) is signal.SIG_DFL  # the handler is put back
 
 
 def test_a_failed_input_names_the_outputs_an_earlier_run_left(tmp_path, model, capsys):
@@ -244,3 +250,45 @@ def test_evaluate_labels_an_exported_case_as_its_dataset_records(tmp_path, phant
     assert asked == ["ct"]  # the export's record, not what auto would detect
     main(["evaluate", str(tmp_path / "pred"), str(gt), "--label", "--modality", "mr", "--quiet"])
     assert asked == ["ct", "mr"]  # the user's choice first
+
+
+def test_an_input_whose_outputs_the_file_system_cannot_name_fails_alone(tmp_path, model, phantom_file, capsys):
+    long = tmp_path / ("n" * 248 + ".nii.gz")  # a legal name; NAME_snapshot.png would be 261 characters
+    long.write_bytes(phantom_file.read_bytes())
+    out = tmp_path / "out"
+    argv = ["label", str(long), str(phantom_file), "-o", str(out), "--model", str(model), "--quiet", "--no-spine-gate"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.startswith(f"spinelabel: failed: {long}")
+    assert {p.name for p in out.iterdir()} == {case_name(phantom_file) + s for s in OUTPUT_SUFFIXES}
+
+
+def test_evaluate_label_scores_a_case_it_failed_to_label_as_not_predicted(tmp_path, model, phantom_file,
+                                                                         monkeypatch):
+    from SpineLabelLib import pipeline
+
+    gt, pred = tmp_path / "Dataset001", tmp_path / "pred"
+    labels = (phantom_file.parent / "spine_label.nii.gz").read_bytes()
+    pred.mkdir()
+    for case in ("spine_0001", "spine_0002"):
+        for folder, name, data in (("imagesTr", f"{case}_0000.nii.gz", phantom_file.read_bytes()),
+                                   ("labelsTr", f"{case}.nii.gz", labels)):
+            (gt / folder).mkdir(parents=True, exist_ok=True)
+            (gt / folder / name).write_bytes(data)
+        (pred / f"{case}_0000_seg.nii.gz").write_bytes(labels)  # an earlier run's: perfect
+    original = pipeline.label_spine
+
+    calls = []
+
+    def label_spine(image, **kwargs):
+        calls.append(image)
+        if len(calls) == 1:  # the cases are labelled in order: spine_0001
+            raise RuntimeError("not labelled this time")
+        return original(image, **kwargs)
+
+    monkeypatch.setattr(pipeline, "label_spine", label_spine)
+    summary = tmp_path / "summary.json"
+    argv = ["evaluate", str(pred), str(gt), "--label", "--model", str(model), "--no-spine-gate", "--json", str(summary),
+            "--quiet"]
+    assert main(argv) == 1
+    missing = [c["prediction_missing"] for c in json.loads(summary.read_text())["cases"]]  # spine_0001, spine_0002
+    assert missing == [True, False]

@@ -1,5 +1,6 @@
 """Reading and checking inputs, the model grid in any orientation, and atomic writes."""
 
+import gzip
 import itertools
 import struct
 
@@ -179,6 +180,7 @@ def spaced(spacing_mm: float) -> sitk.Image:
         (lambda p: p / "missing.nii.gz", "no such file"),
         (lambda p: put(p / "x.txt", b"hi"), "unsupported file type"),
         (lambda p: put(p / "bad.nii.gz", b"\x1f\x8b garbage"), "unreadable"),
+        (lambda p: put(p / "empty.nii.gz", gzip.compress(b"")), "0 bytes: too short for a NIfTI header"),
         (lambda p: write(p, "flat.nii.gz", sitk.Image([16, 16], sitk.sitkInt16)), "2D image"),
         (lambda p: write(p, "four.nii.gz", sitk.Image([4, 4, 4, 3], sitk.sitkInt16)), "4D image"),
         (lambda p: write(p, "rgb.nii.gz", sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3)), "RGB"),
@@ -226,6 +228,8 @@ def test_reads_a_dicom_series_folder(tmp_path):
     image = read_image(folder)
     assert image.GetSize() == (24, 20, 6) and np.allclose(image.GetSpacing(), (1.0, 1.0, 2.5))
     assert case_name(folder) == "series"
+    (tmp_path / "case001").symlink_to(folder)  # the common study/DICOM layout, linked under the case's name
+    assert case_name(tmp_path / "case001") == "case001"
 
 
 def test_an_evenly_spaced_sagittal_series_is_read(tmp_path):

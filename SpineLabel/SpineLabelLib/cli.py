@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -41,7 +42,7 @@ def _progress_bar(desc: str, quiet: bool) -> Iterator[Callable[[float, str], Non
 def _label(args: argparse.Namespace) -> int:
     created = [p for p in (args.out, *args.out.parents) if not p.exists()]  # the output folder first, then its parents
     try:
-        return _label_files(args.inputs, args.out, args)
+        return _label_files(args.inputs, args.out, args)[0]
     finally:  # every input failed, or the run was stopped before writing: no trace of this run
         for folder in created:
             if not folder.is_dir() or any(folder.iterdir()):
@@ -50,10 +51,13 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modalities: dict[Path, str] | None = None
-                 ) -> int:
+                 ) -> tuple[int, list[Path]]:
     """Label each input into the folder ``out`` with the options of ``args`` (``_add_labelling_options``, quiet,
-    debug), an input in ``modalities`` as the modality given there (``"ct"``, ``"mr"``). Returns the exit status: 0
-    all labelled, 1 some failed, 2 no output folder, no model, or an output that would replace an input."""
+    debug), an input in ``modalities`` as the modality given there (``"ct"``, ``"mr"``). Returns the exit status (0
+    all labelled, 1 some failed, 2 no output folder, no model, or an output that would replace an input) and the
+    inputs that failed."""
+    import SimpleITK as sitk
+
     from .inference import reuse_freed_memory
     from .io import case_name, make_writable_folder, read_image
     from .models import ModelError
@@ -61,35 +65,38 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
     from .writers import output_paths, write_all
 
     reuse_freed_memory()
+    if args.quiet:  # ITK's multi-line warnings too: what is left is one line per failure
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
     first_of: dict[str, Path] = {}
     for path in inputs:
         other = first_of.setdefault(case_name(path), path)
         if other != path:
             print(f"spinelabel: error: {other} and {path} would both write {out / case_name(path)}*; label them into "
                   "different folders", file=sys.stderr)
-            return 2
+            return 2, []
     given = {path.resolve(): path for path in inputs}
     for path in inputs:
         for output in output_paths(out, case_name(path)):
             if output.resolve() in given:
                 print(f"spinelabel: error: {output} would replace the input {given[output.resolve()]}; choose "
                       "another output folder", file=sys.stderr)
-                return 2
+                return 2, []
     if out.exists() and not out.is_dir():
         print(f"spinelabel: error: {out}: is a file, not an output folder", file=sys.stderr)
-        return 2
+        return 2, []
     try:
         make_writable_folder(out)
     except OSError as err:
         print(f"spinelabel: error: {out}: output folder not writable ({err.strerror or err})", file=sys.stderr)
-        return 2
+        return 2, []
     try:
         model = get_model(args.model, args.device)
     except (ModelError, RuntimeError) as err:
         print(f"spinelabel: error: {err}", file=sys.stderr)
-        return 2
-    failures = 0
+        return 2, []
+    failed: list[Path] = []
     for path in inputs:
+        image = result = failure = None  # the last input's arrays freed before this one is read
         with _progress_bar(case_name(path), args.quiet) as progress:
             try:
                 image = read_image(path)
@@ -100,24 +107,26 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
                 require_vertebrae(result, path)
                 written = write_all(result, image, out, case_name(path), input_path=path)
             except Exception as err:  # this input failed; the others still run
-                failures += 1
                 if args.debug:
                     log.exception("failed: %s", path)
                 reason = str(err) or type(err).__name__
-                message = reason if str(path) in reason else f"{path}: {reason}"
-                earlier = [p for p in output_paths(out, case_name(path)) if p.exists()]
+                failure = reason if str(path) in reason else f"{path}: {reason}"
+                # os.path: False, not an error, for a name too long for the file system
+                earlier = [p for p in output_paths(out, case_name(path)) if os.path.exists(p)]
                 if earlier:  # not this run's: say so, and leave them as they are
-                    message += (f"; the outputs of an earlier run in {out} were left as they were: "
+                    failure += (f"; the outputs of an earlier run in {out} were left as they were: "
                                 + ", ".join(p.name for p in earlier))
-                print(f"spinelabel: failed: {message}", file=sys.stderr)
-                continue
+        if failure is not None:  # once its progress bar is gone: one line of its own
+            failed.append(path)
+            print(f"spinelabel: failed: {failure}", file=sys.stderr)
+            continue
         if not args.quiet:
             names = " ".join(v.name for v in result.vertebrae) or "none"
             print(f"{path}: {len(result.vertebrae)} vertebrae ({names}) in {result.timings_s['total']:.1f} s, as "
                   f"{result.modality} -> {written[0].parent}")
             for warning in result.warnings:
                 print(f"  warning: {warning}")
-    return 1 if failures else 0
+    return (1 if failed else 0), failed
 
 
 def _phantom(args: argparse.Namespace) -> int:
@@ -178,9 +187,9 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_folders, labelled_cases, summary_markdown
     from .export import recorded_modality
-    from .io import InputError
+    from .io import InputError, case_key, case_name
 
-    status = 0
+    status, stale = 0, set()
     given = [option for option, value, default in (
         ("--model", args.model, None), ("--device", args.device, "auto"), ("--modality", args.modality, "auto"),
         ("--check-orientation", args.check_orientation, False), ("--no-spine-gate", args.no_spine_gate, False))
@@ -195,13 +204,15 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise InputError(f"{args.gt_dir}: no reference case has its image beside it: nothing to label")
         # an exported case as its export was labelled (the user's choice of modality, where auto would differ)
         recorded = {image: recorded_modality(gt.mask) for image, gt in cases} if args.modality == "auto" else {}
-        status = _label_files([image for image, _ in cases], args.pred_dir, args,
-                              {image: m.lower() for image, m in recorded.items() if m is not None})
+        status, failed = _label_files([image for image, _ in cases], args.pred_dir, args,
+                                      {image: m.lower() for image, m in recorded.items() if m is not None})
         if status == 2:
             return status
+        # a case this run failed to label is not predicted, whatever an earlier run left in PRED_DIR
+        stale = {case_key(case_name(image)) for image in failed}
     with _progress_bar("scoring", args.quiet) as progress:
         summary = evaluate_folders(args.pred_dir, args.gt_dir, out_json=args.json, out_md=args.markdown,
-                                   progress=progress)
+                                   progress=progress, stale=stale)
     if not args.quiet:
         print(summary_markdown(summary))
     return status
@@ -300,36 +311,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Terminated(BaseException):
-    """SIGTERM (``timeout``, a batch scheduler, a parent process), raised where the process is, so that the
-    temporary files of unfinished outputs are removed on the way out as for Ctrl-C."""
+    """SIGTERM (``timeout``, a batch scheduler, a parent process) or SIGHUP (the terminal closed, a dropped ssh
+    connection), raised where the process is, so that the temporary files of unfinished outputs are removed on the way
+    out as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame) -> None:
-    raise _Terminated()
+    raise _Terminated(signum)
+
+
+# the signals that end a run as Ctrl-C does (SIGHUP is POSIX only)
+_ENDING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    handles_sigterm = threading.current_thread() is threading.main_thread()  # where Python lets it set a handler
-    previous = signal.signal(signal.SIGTERM, _terminate) if handles_sigterm else None
+    handles_signals = threading.current_thread() is threading.main_thread()  # where Python lets it set a handler
+    previous = {sig: signal.signal(sig, _terminate) for sig in _ENDING} if handles_signals else {}
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("spinelabel: interrupted", file=sys.stderr)
         return 130
-    except _Terminated:
+    except _Terminated as ended:
         print("spinelabel: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return 128 + ended.signum
     except Exception as err:  # one line per failure unless --debug
         if args.debug:
             raise
         print(f"spinelabel: error: {err}", file=sys.stderr)
         return 1
     finally:
-        if handles_sigterm:  # None: a handler not set from Python
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for sig, handler in previous.items():  # None: a handler not set from Python
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,8 @@ class Cancelled(Exception):
 def case_name(path: str | os.PathLike) -> str:
     """NAME used for output files: the file name without its image extension (the folder name for DICOM)."""
     p = Path(path)
-    if p.is_dir():
-        return p.resolve().name
+    if p.is_dir():  # named as given (a link's own name), "." and ".." resolved
+        return Path(os.path.abspath(p)).name
     for suffix in IMAGE_SUFFIXES:
         if p.name.lower().endswith(suffix):
             return p.name[: -len(suffix)]
@@ -140,7 +140,9 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int] | None:
     from an sform.
 
     Raises:
-        ValueError: a voxel offset that is not a finite number."""
+        ValueError: a voxel offset that is not a finite number, or a header too short for NIfTI's."""
+    if len(header) < 348:  # the shorter NIfTI-1 header; checked here so that unpacking cannot fail obscurely
+        raise ValueError(f"{len(header)} bytes: too short for a NIfTI header (348)")
     for endian in "<>":
         size = struct.unpack(endian + "i", header[:4])[0]
         if size == 348:
