@@ -1,11 +1,13 @@
 """Body components, splitting merged bodies, attaching posterior elements, and per-component features."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from SpineLabelLib.components import (attach_posterior, body_components, confine_posterior, dense_bone_as_posterior,
                                        join_sacrum, off_axis_components, split_merged, vertebra_components)
-from SpineLabelLib.features import chain_order, drop_detached_ends, level_scores, measure
+from SpineLabelLib.features import chain_order, drop_detached_ends, level_scores, measure, off_the_line
 from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, level_index
 from SpineLabelLib.result import Geometry
 
@@ -307,6 +309,20 @@ def test_components_detached_from_the_chain_ends_are_dropped():
     kept, _, dropped = drop_detached_ends(items, np.r_[spacing[:-1], 140.0])
     assert kept == items[:-1] and dropped == [140.0]
     assert drop_detached_ends(items[:3], np.array([30.0, 150.0]))[0] == items[:3]  # too short to judge
+
+
+def test_a_component_off_the_line_of_its_neighbours_is_found():
+    def chain(*centroids):
+        return [SimpleNamespace(body_centroid_lps_mm=np.asarray(c, float)) for c in centroids]
+
+    angles = np.linspace(0.0, 1.2, 6)  # a lordosis: 30 mm spacing on an arc of 120 mm radius
+    arc = chain(*[(0.0, 120 * np.sin(a), -120 * (1 - np.cos(a))) for a in angles])
+    assert off_the_line(arc) is None and off_the_line(arc[:2]) is None
+    straight = chain(*[(0.0, 0.0, -30.0 * k) for k in range(6)])
+    assert off_the_line(straight[:3] + straight[4:]) is None  # a missed vertebra is no detour
+    beside = straight[:3] + chain((0.0, 25.0, -75.0)) + straight[3:]  # 25 mm behind, between the 3rd and 4th
+    position, off_mm = off_the_line(beside)
+    assert position == 3 and off_mm == pytest.approx(25.0)
 
 
 def test_fragments_off_the_column_become_posterior_elements():

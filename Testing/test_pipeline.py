@@ -293,3 +293,32 @@ def test_an_image_in_memory_is_checked_as_a_file_is():
         label_spine(sitk.GetImageFromArray(volume))
     with pytest.raises(InputError, match="2D image"):
         label_spine(sitk.GetImageFromArray(volume[0]))
+
+
+def test_a_component_beside_the_spine_takes_no_level(monkeypatch):
+    """A body-like blob in front of the column (as a bowel loop might come out of the network) is sorted into the
+    chain beside a vertebra; left in, it took a level (an L6 here, 10 vertebrae) and renamed the vertebrae below it."""
+    from scipy import ndimage
+
+    from SpineLabelLib import pipeline
+    from SpineLabelLib.inference import Prediction
+    from SpineLabelLib.vertebrae import BODY
+
+    phantom = make_phantom(modality="ct", fov="lumbar", seed=123)
+    clean = label_spine(phantom.image, device="cpu")
+    predict = pipeline._predict_in_context
+
+    def with_blob(loaded, volume, device, **kwargs):
+        p = predict(loaded, volume, device, **kwargs)
+        bodies, n = ndimage.label(p.tissue == BODY)
+        z, y, x = sorted(ndimage.center_of_mass(bodies > 0, bodies, range(1, n + 1)))[n // 2]  # a middle body
+        zz, yy, xx = np.ogrid[tuple(slice(0, s) for s in p.tissue.shape)]  # 2 mm voxels: 28 mm in front of it
+        blob = ((zz - z) / 6) ** 2 + ((yy - y + 14) / 4.5) ** 2 + ((xx - x) / 7) ** 2 <= 1
+        tissue, body, bone = p.tissue.copy(), p.body_probability.copy(), p.bone_probability.copy()
+        tissue[blob], body[blob], bone[blob] = BODY, 0.95, 0.95
+        return Prediction(tissue, body, bone, p.level_log_probs)
+
+    monkeypatch.setattr(pipeline, "_predict_in_context", with_blob)
+    result = label_spine(phantom.image, device="cpu")
+    assert [v.name for v in result.vertebrae] == [v.name for v in clean.vertebrae]
+    assert any("27 mm off the line of the vertebrae above and below it" in w for w in result.warnings), result.warnings
