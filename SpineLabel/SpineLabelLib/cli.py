@@ -56,8 +56,6 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
     debug), an input in ``modalities`` as the modality given there (``"ct"``, ``"mr"``). Returns the exit status (0
     all labelled, 1 some failed, 2 no output folder, no model, or an output that would replace an input) and the
     inputs that failed."""
-    import SimpleITK as sitk
-
     from .inference import reuse_freed_memory
     from .io import case_name, make_writable_folder, read_image
     from .models import ModelError
@@ -65,8 +63,6 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
     from .writers import output_paths, write_all
 
     reuse_freed_memory()
-    if args.quiet:  # ITK's multi-line warnings too: what is left is one line per failure
-        sitk.ProcessObject.SetGlobalWarningDisplay(False)
     first_of: dict[str, Path] = {}
     for path in inputs:
         other = first_of.setdefault(case_name(path), path)
@@ -328,12 +324,22 @@ def _terminate(signum, frame) -> None:
 _ENDING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+def _itk_warnings(show: bool) -> bool:
+    """Whether ITK prints its warnings (process-wide); returns the setting it replaces."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(show)
+    return shown
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     handles_signals = threading.current_thread() is threading.main_thread()  # where Python lets it set a handler
     previous = {sig: signal.signal(sig, _terminate) for sig in _ENDING} if handles_signals else {}
+    itk_warnings = _itk_warnings(not args.quiet)  # quiet: ITK's multi-line warnings too, so one line per failure
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -348,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spinelabel: error: {err}", file=sys.stderr)
         return 1
     finally:
+        _itk_warnings(itk_warnings)
         for sig, handler in previous.items():  # None: a handler not set from Python
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
