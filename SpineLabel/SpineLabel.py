@@ -327,6 +327,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume, outputDir = self._labelledVolume, self._outputDir
         self._process.finish()
         self._stopPolling()
+        labeling = None
         with slicer.util.tryWithErrorDisplay(_("Failed to load the labels."), waitCursor=True):
             labeling = self.logic.finishLabelling(volume, outputDir)
             replaced = self._labelings.pop(volume.GetID(), None)
@@ -336,6 +337,8 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             labeling.changedCallbacks.append(self.onLabelingChanged)
             self.ui.progressBar.value = 100
             self.onLabelingChanged(labeling)
+        if labeling is None or self._labelings.get(volume.GetID()) is not labeling:  # its result could not be shown
+            self._showFailure()
         self._checkCanApply()
 
     def _endProcess(self) -> None:
@@ -343,6 +346,9 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._process.finish()
         self.logic.discardLabelling(self._outputDir)
         self._stopPolling()
+        self._showFailure()
+
+    def _showFailure(self) -> None:
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = _("Labelling failed.")
 

@@ -128,6 +128,9 @@ def test_a_terminated_run_leaves_nothing(tmp_path, model, phantom_file, monkeypa
     if not hasattr(signal, name):
         pytest.skip(f"no {name} on this platform")
     sig = getattr(signal, name)
+    before = signal.getsignal(sig)
+    if before is signal.SIG_IGN:
+        pytest.skip(f"{name} is ignored here (nohup), and stays so for spinelabel")
 
     def write_and_be_terminated(result, image, out, name, input_path=None):
         with io.atomic_paths([out / f"{name}_seg.nii.gz"]) as (tmp,):
@@ -140,7 +143,7 @@ def test_a_terminated_run_leaves_nothing(tmp_path, model, phantom_file, monkeypa
     assert main(argv) == 128 + sig
     assert "spinelabel: terminated" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-    assert signal.getsignal(sig) is signal.SIG_DFL  # the handler is put back
+    assert signal.getsignal(sig) == before  # the handler is put back
 
 
 def test_a_failed_input_names_the_outputs_an_earlier_run_left(tmp_path, model, capsys):
@@ -292,3 +295,24 @@ def test_evaluate_label_scores_a_case_it_failed_to_label_as_not_predicted(tmp_pa
     assert main(argv) == 1
     missing = [c["prediction_missing"] for c in json.loads(summary.read_text())["cases"]]  # spine_0001, spine_0002
     assert missing == [True, False]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP is POSIX")
+def test_a_run_under_nohup_outlives_the_terminal(tmp_path, model, phantom_file, monkeypatch):
+    from SpineLabelLib import writers
+
+    write_all = writers.write_all
+
+    def hang_up_then_write(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGHUP)  # the terminal closes while the run writes
+        return write_all(*args, **kwargs)
+
+    monkeypatch.setattr(writers, "write_all", hang_up_then_write)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts it
+    try:
+        out = tmp_path / "out"
+        argv = ["label", str(phantom_file), "-o", str(out), "--model", str(model), "--quiet", "--no-spine-gate"]
+        assert main(argv) == 0 and len(list(out.iterdir())) == len(OUTPUT_SUFFIXES)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)

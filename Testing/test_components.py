@@ -323,6 +323,10 @@ def test_a_component_off_the_line_of_its_neighbours_is_found():
     beside = straight[:3] + chain((0.0, 25.0, -75.0)) + straight[3:]  # 25 mm behind, between the 3rd and 4th
     position, off_mm = off_the_line(beside)
     assert position == 3 and off_mm == pytest.approx(25.0)
+    past_the_end = straight + chain((0.0, 25.0, -152.0))  # sorted last, it makes the last vertebra the detour
+    assert off_the_line(past_the_end) == (6, pytest.approx(25.0))
+    assert off_the_line(chain((0.0, 25.0, 2.0)) + straight)[0] == 0
+    assert off_the_line(past_the_end, last_fixed=True)[0] == 5  # S1 stays, whatever it does to its neighbour
 
 
 def test_fragments_off_the_column_become_posterior_elements():

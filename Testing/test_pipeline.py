@@ -321,4 +321,4 @@ def test_a_component_beside_the_spine_takes_no_level(monkeypatch):
     monkeypatch.setattr(pipeline, "_predict_in_context", with_blob)
     result = label_spine(phantom.image, device="cpu")
     assert [v.name for v in result.vertebrae] == [v.name for v in clean.vertebrae]
-    assert any("27 mm off the line of the vertebrae above and below it" in w for w in result.warnings), result.warnings
+    assert any("27 mm off the line of the spine" in w for w in result.warnings), result.warnings

@@ -185,7 +185,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .export import recorded_modality
     from .io import InputError, case_key, case_name
 
-    status, stale = 0, set()
+    status, fresh = 0, None
     given = [option for option, value, default in (
         ("--model", args.model, None), ("--device", args.device, "auto"), ("--modality", args.modality, "auto"),
         ("--check-orientation", args.check_orientation, False), ("--no-spine-gate", args.no_spine_gate, False))
@@ -204,11 +204,15 @@ def _evaluate(args: argparse.Namespace) -> int:
                                       {image: m.lower() for image, m in recorded.items() if m is not None})
         if status == 2:
             return status
-        # a case this run failed to label is not predicted, whatever an earlier run left in PRED_DIR
-        stale = {case_key(case_name(image)) for image in failed}
+        # only this run's predictions are scored: a case it did not label (its image failed, or it has none) is not
+        # predicted, whatever an earlier run left in PRED_DIR
+        fresh = {case_key(case_name(image)) for image, _ in cases if image not in failed}
+        if not fresh:
+            print(f"spinelabel: error: no reference case of {args.gt_dir} could be labelled", file=sys.stderr)
+            return 1
     with _progress_bar("scoring", args.quiet) as progress:
         summary = evaluate_folders(args.pred_dir, args.gt_dir, out_json=args.json, out_md=args.markdown,
-                                   progress=progress, stale=stale)
+                                   progress=progress, fresh=fresh)
     if not args.quiet:
         print(summary_markdown(summary))
     return status
@@ -338,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     handles_signals = threading.current_thread() is threading.main_thread()  # where Python lets it set a handler
-    previous = {sig: signal.signal(sig, _terminate) for sig in _ENDING} if handles_signals else {}
+    # a signal ignored when the run started (nohup ignores SIGHUP) stays ignored
+    previous = {sig: signal.signal(sig, _terminate) for sig in _ENDING
+                if handles_signals and signal.getsignal(sig) is not signal.SIG_IGN}
     itk_warnings = _itk_warnings(not args.quiet)  # quiet: ITK's multi-line warnings too, so one line per failure
     try:
         return args.func(args)

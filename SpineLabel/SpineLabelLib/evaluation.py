@@ -309,11 +309,11 @@ def _reference_cases(gt_dir: Path) -> dict[str, GtFiles]:
     return found
 
 
-def match_cases(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, stale: Collection[str] = ()
+def match_cases(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, fresh: Collection[str] | None = None
                 ) -> list[tuple[str, PredFiles | None, GtFiles]]:
-    """Pair the predictions in ``pred_dir`` with the GT cases in ``gt_dir`` (rules in the module docstring); the
-    predictions of the cases whose matching key is in ``stale`` are not this run's (its labelling of them failed, an
-    earlier run's outputs stayed) and count as missing.
+    """Pair the predictions in ``pred_dir`` with the GT cases in ``gt_dir`` (rules in the module docstring). Given
+    ``fresh``, the matching keys of the cases a run has just labelled, only their predictions are taken: the others
+    (an earlier run's outputs) count as missing.
 
     Returns:
         ``(key, prediction or None when missing, GT)`` for every GT case, sorted by key. Predictions without a GT
@@ -326,7 +326,7 @@ def match_cases(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, stale: C
     if not pred_dir.is_dir():
         raise InputError(f"{pred_dir}: prediction folder does not exist")
     gts = _reference_cases(Path(gt_dir))
-    preds = {key: pred for key, pred in _predictions(pred_dir).items() if key not in stale}
+    preds = {key: pred for key, pred in _predictions(pred_dir).items() if fresh is None or key in fresh}
     for key in sorted(set(preds) - set(gts)):
         log.warning("prediction %s has no ground truth in %s", preds[key].seg, gt_dir)
     return [(key, preds.get(key), gts[key]) for key in sorted(gts)]
@@ -748,7 +748,7 @@ def evaluate_folders(
     bodies_only: bool | Mapping[str, bool] | None = None,
     progress: Callable[[float, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
-    stale: Collection[str] = (),
+    fresh: Collection[str] | None = None,
 ) -> EvaluationSummary:
     """Evaluate every GT case in ``gt_dir`` against the predictions in ``pred_dir``.
 
@@ -764,7 +764,7 @@ def evaluate_folders(
         progress: called after each case with (fraction 0-1 of the cases scored, message naming the case).
         cancel: polled before each case; returning True raises ``Cancelled`` (no report written, the report folders
             this call created removed).
-        stale: matching keys of cases whose predictions in ``pred_dir`` are not to be scored (``match_cases``).
+        fresh: only the predictions of these cases (matching keys) are scored (``match_cases``); None: all.
 
     Returns:
         Per-case results and pooled scores.
@@ -774,7 +774,7 @@ def evaluate_folders(
             both files), unreadable files.
         Cancelled: the cancel hook returned True (``io.Cancelled``, the class ``pipeline.label_spine`` raises).
     """
-    pairs = match_cases(pred_dir, gt_dir, stale)
+    pairs = match_cases(pred_dir, gt_dir, fresh)
     if all(pred is None for _, pred, _ in pairs):
         raise InputError(f"{pred_dir}: no prediction matches a reference case of {gt_dir} (predictions are "
                          "NAME_seg.nii.gz, NAME as the reference case or its image is named)")

@@ -136,33 +136,50 @@ def drop_detached_ends(ordered: list[ComponentFeatures], gaps: np.ndarray, max_r
     return ordered, gaps, dropped
 
 
-def off_the_line(ordered: list[ComponentFeatures], max_detour: float = 1.3) -> tuple[int, float] | None:
-    """The inner chain member that lies furthest off the line of its two neighbours, when it is off by more than
-    ``max_detour``: the way from the neighbour above through it to the one below, over the straight way between them.
+def _detours(cents: np.ndarray) -> np.ndarray:
+    """float (n-2,) detour of each inner point of a chain of ``cents`` (float (n, 3), mm): the way from the point
+    before it through it to the point after it, over the straight way between those two."""
+    before, here, after = cents[:-2], cents[1:-1], cents[2:]
+    straight = np.maximum(np.linalg.norm(after - before, axis=1), 1e-6)
+    return (np.linalg.norm(here - before, axis=1) + np.linalg.norm(after - here, axis=1)) / straight
+
+
+def off_the_line(ordered: list[ComponentFeatures], max_detour: float = 1.3, last_fixed: bool = False
+                 ) -> tuple[int, float] | None:
+    """A chain member off the line of the others, when one is: where an inner member's detour (the way from the member
+    above it through it to the one below, over the straight way between them) exceeds ``max_detour``, the member
+    whose removal leaves the straightest chain: the inner member with the largest detour, or, next to an end, that end
+    (a component sorted past the last vertebra makes the vertebra look like the detour).
 
     A vertebra between two others lies on the way from one to the other, whatever the curvature (1.01 on an arc of
     120 mm radius at 30 mm spacing; at most 1.04 on the real training chains above the sacrum); a component beside the
-    spine (a bowel loop, a rib head) sorted between two vertebrae is a detour.
+    spine (a bowel loop, a rib head) sorted into the chain is a detour.
 
     Args:
         ordered: the components in chain order (``chain_order``), body centroids in LPS mm.
-        max_detour: the largest detour ratio a vertebra may have.
+        max_detour: the largest detour a vertebra may have.
+        last_fixed: the last member stays (S1).
 
     Returns:
-        (position in ``ordered``, its distance in mm from the straight line between its neighbours), or None.
+        (position in ``ordered``, its distance in mm from the line through its two nearest members), or None.
     """
     cents = np.array([f.body_centroid_lps_mm for f in ordered], dtype=float).reshape(-1, 3)
-    if len(cents) < 3:
+    n = len(cents)
+    if n < 3 or _detours(cents).max() <= max_detour:
         return None
-    before, here, after = cents[:-2], cents[1:-1], cents[2:]
-    straight = np.linalg.norm(after - before, axis=1)
-    ratio = (np.linalg.norm(here - before, axis=1) + np.linalg.norm(after - here, axis=1)) / np.maximum(straight, 1e-6)
-    worst = int(np.argmax(ratio))
-    if ratio[worst] <= max_detour:
-        return None
-    direction = (after[worst] - before[worst]) / max(straight[worst], 1e-6)
-    offset = here[worst] - before[worst]
-    return worst + 1, float(np.linalg.norm(offset - (offset @ direction) * direction))
+    worst = int(np.argmax(_detours(cents))) + 1
+    candidates = [worst] + [end for end, beside in ((0, 1), (n - 1, n - 2))
+                            if worst == beside and not (end == n - 1 and last_fixed)]
+
+    def left(position: int) -> float:  # the largest detour without it
+        rest = _detours(np.delete(cents, position, axis=0))
+        return float(rest.max()) if rest.size else 0.0
+
+    drop = min(candidates, key=left)  # the inner member when removing it does as well
+    a, b = (drop - 1, drop + 1) if 0 < drop < n - 1 else (1, 2) if drop == 0 else (n - 2, n - 3)
+    direction = (cents[b] - cents[a]) / max(float(np.linalg.norm(cents[b] - cents[a])), 1e-6)
+    offset = cents[drop] - cents[a]
+    return drop, float(np.linalg.norm(offset - (offset @ direction) * direction))
 
 
 def level_scores(bodies: np.ndarray, level_log_probs: np.ndarray, ids: list[int]) -> np.ndarray:

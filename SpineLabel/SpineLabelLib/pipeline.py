@@ -281,25 +281,26 @@ def label_spine(
     scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
     t = stage("features", t)
     solution = solve(scores, gaps)
-    # a component beside the spine sorted between two vertebrae would take a level from them: above S1 (the sacral
-    # pieces below it are no vertebrae), the one furthest off the line of its neighbours is left out, and so on
-    while (astray := feat.off_the_line(ordered[:_chain_length(solution)])) is not None:
+    # a component beside the spine sorted into the chain would take a level from the vertebrae: down to S1 (the
+    # sacral pieces below it are no vertebrae), the one off the line of the others is left out, and so on
+    while True:
+        n_chain, has_s1 = _chain_end(solution)
+        astray = feat.off_the_line(ordered[:n_chain], last_fixed=has_s1)
+        if astray is None:
+            break
         position, off_mm = astray
-        warnings.append(f"ignored a vertebra-like component {off_mm:.0f} mm off the line of the vertebrae above and "
-                        "below it")
+        warnings.append(f"ignored a vertebra-like component {off_mm:.0f} mm off the line of the spine")
         ordered, gaps = feat.chain_order(ordered[:position] + ordered[position + 1:])
         scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
         solution = solve(scores, gaps)
     # each vertebra's posterior elements stay within its band along the spine (comp.confine_posterior). The pieces the
     # chain puts below S1 are more of the sacrum: their voxels join S1, the S1 body keeps its centroid; so do the
     # posterior elements that the level head calls S1, when the chain has an S1 (comp.join_sacrum)
-    is_s1 = solution.levels == level_index("S1")
-    n_chain = _chain_length(solution)
     sacral_pieces = ordered[n_chain:]
-    s1_and_pieces = [f.id for f in ordered[n_chain - 1:]] if is_s1.any() else None
-    above_s1 = ordered[n_chain - 2].id if is_s1.any() and n_chain > 1 else None
+    s1_and_pieces = [f.id for f in ordered[n_chain - 1:]] if has_s1 else None
+    above_s1 = ordered[n_chain - 2].id if has_s1 and n_chain > 1 else None
     whole[box] = comp.confine_posterior(whole[box], bodies_box, [f.id for f in ordered[:n_chain]], spacing_zyx,
-                                        last_is_s1=bool(is_s1.any()))
+                                        last_is_s1=has_s1)
     whole[box] = comp.join_sacrum(whole[box], sacrum_box, s1_and_pieces, above_s1)
     keep = np.zeros(int(whole.max(initial=0)) + 1, dtype=np.int16)
     for f in ordered[:n_chain]:
@@ -356,11 +357,11 @@ def label_spine(
     )
 
 
-def _chain_length(solution) -> int:
-    """How many of the solved chain's components are vertebrae: up to S1 (the components below it are pieces of the
-    sacrum), or all of them."""
+def _chain_end(solution) -> tuple[int, bool]:
+    """How many of the solved chain's components are vertebrae (up to S1: the components below it are pieces of the
+    sacrum; else all of them), and whether the last of those is S1."""
     is_s1 = solution.levels == level_index("S1")
-    return int(np.argmax(is_s1)) + 1 if is_s1.any() else len(solution.levels)
+    return (int(np.argmax(is_s1)) + 1, True) if is_s1.any() else (len(solution.levels), False)
 
 
 _PROBABILITY_STEPS = 254  # uint8 steps of the vertebra probability brought to the input grid
