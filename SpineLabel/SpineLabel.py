@@ -5,6 +5,7 @@ binds ``Resources/UI/SpineLabel.ui`` to the logic; the logic delegates to the Qt
 (MRML nodes, corrections, background process) and to the ``SpineLabelLib`` core.
 """
 
+import functools
 import json
 import logging
 import os
@@ -63,6 +64,7 @@ class SpineLabel(ScriptedLoadableModule):
         slicer.app.connect("startupCompleted()", loadTerminologyContext)
 
 
+@functools.cache  # once per Slicer session, whichever of start-up and the panel's set-up comes first
 def loadTerminologyContext() -> None:
     """Load SpineLabel's terminology context, the one the vertebra segments' terminology entries name, into Slicer's
     terminologies logic. It is generated from ``SpineLabelLib.vertebrae`` (no dependency needed) into a temporary
@@ -327,7 +329,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume, outputDir = self._labelledVolume, self._outputDir
         self._process.finish()
         self._stopPolling()
-        labeling = None
+        shown = False
         with slicer.util.tryWithErrorDisplay(_("Failed to load the labels."), waitCursor=True):
             labeling = self.logic.finishLabelling(volume, outputDir)
             replaced = self._labelings.pop(volume.GetID(), None)
@@ -337,7 +339,8 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             labeling.changedCallbacks.append(self.onLabelingChanged)
             self.ui.progressBar.value = 100
             self.onLabelingChanged(labeling)
-        if labeling is None or self._labelings.get(volume.GetID()) is not labeling:  # its result could not be shown
+            shown = True
+        if not shown:  # its result could not be read
             self._showFailure()
         self._checkCanApply()
 

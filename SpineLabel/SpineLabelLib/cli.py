@@ -199,9 +199,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not cases:
             raise InputError(f"{args.gt_dir}: no reference case has its image beside it: nothing to label")
         # an exported case as its export was labelled (the user's choice of modality, where auto would differ)
-        recorded = {image: recorded_modality(gt.mask) for image, gt in cases} if args.modality == "auto" else {}
-        status, failed = _label_files([image for image, _ in cases], args.pred_dir, args,
-                                      {image: m.lower() for image, m in recorded.items() if m is not None})
+        recorded = {image: m.lower() for image, gt in cases if (m := recorded_modality(gt.mask)) is not None
+                    } if args.modality == "auto" else {}
+        status, failed = _label_files([image for image, _ in cases], args.pred_dir, args, recorded)
         if status == 2:
             return status
         # only this run's predictions are scored: a case it did not label (its image failed, or it has none) is not

@@ -165,9 +165,10 @@ def off_the_line(ordered: list[ComponentFeatures], max_detour: float = 1.3, last
     """
     cents = np.array([f.body_centroid_lps_mm for f in ordered], dtype=float).reshape(-1, 3)
     n = len(cents)
-    if n < 3 or _detours(cents).max() <= max_detour:
+    detours = _detours(cents) if n >= 3 else np.zeros(0)
+    if detours.size == 0 or detours.max() <= max_detour:
         return None
-    worst = int(np.argmax(_detours(cents))) + 1
+    worst = int(np.argmax(detours)) + 1
     candidates = [worst] + [end for end, beside in ((0, 1), (n - 1, n - 2))
                             if worst == beside and not (end == n - 1 and last_fixed)]
 
