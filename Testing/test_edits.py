@@ -39,6 +39,8 @@ def test_rename_renumbers_neighbours_and_locks(spine):
     assert out.by_id(top).fixed and not any(v.fixed for v in out.vertebrae[1:])
     assert names(spine.result)[0] == "T11" and np.array_equal(spine.result.components, before)  # input untouched
     assert_consistent(out)
+    with pytest.raises(ValueError, match="read-only"):  # the two share the voxels: neither can change the other's
+        out.components[out.components == top] = 0
 
 
 def test_rename_without_lock_leaves_vertebra_free(spine):

@@ -204,3 +204,6 @@ def test_one_gpu_has_one_device_name(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         resolve_device("cuda:1")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'auto', 'cpu', 'cuda' or 'cuda:N', not 'gpu'"):
+        resolve_device("GPU")

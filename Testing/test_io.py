@@ -2,6 +2,7 @@
 
 import gzip
 import itertools
+import os
 import struct
 
 import numpy as np
@@ -221,6 +222,18 @@ def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x_seg.nii.gz"]
+
+
+def test_atomic_path_gives_the_permissions_of_the_umask_at_write_time(tmp_path):
+    """A host that tightens its umask after import (patient data) gets private files, not world-readable ones."""
+    for umask, mode in ((0o077, 0o600), (0o022, 0o644)):
+        previous = os.umask(umask)
+        try:
+            with atomic_path(tmp_path / f"{umask:o}.json") as tmp:
+                tmp.write_text("{}")
+        finally:
+            os.umask(previous)
+        assert (tmp_path / f"{umask:o}.json").stat().st_mode & 0o777 == mode
 
 
 def test_reads_a_dicom_series_folder(tmp_path):

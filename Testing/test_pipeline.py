@@ -50,6 +50,11 @@ def test_result_lies_on_the_input_grid_in_any_orientation(random_model, small_ph
     assert result.modality == "CT" and result.model["name"] == "random"
 
 
+
+def test_an_array_is_refused_with_what_to_pass_instead():
+    with pytest.raises(TypeError, match="SimpleITK.Image or a path, not ndarray.*GetImageFromArray"):
+        label_spine(np.zeros((8, 8, 8), np.float32))
+
 def test_progress_and_cancel(random_model, small_phantom):
     seen = []
     label_spine(small_phantom.image, model=random_model, device="cpu", progress=lambda f, m: seen.append(f))

@@ -146,6 +146,22 @@ def test_grid_mismatch_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+
+def test_an_image_off_the_labellings_grid_or_a_misleading_extension_is_refused(tmp_path):
+    """A snapshot of another grid (here the same voxels mirrored) would draw the labels on the wrong anatomy; a
+    segmentation named .seg.nii.gz would hold NRRD that no NIfTI reader opens."""
+    result, image = make_case(PERMUTED)
+    mirrored = sitk.Flip(image, [True, False, False], flipAboutOrigin=False)
+    mirrored.CopyInformation(image)
+    mirrored.SetDirection((-np.reshape(image.GetDirection(), (3, 3)) @ np.diag([1, -1, -1])).ravel().tolist())
+    with pytest.raises(ValueError, match="differs from the labelling"):
+        writers.write_all(result, mirrored, tmp_path, "case")
+    with pytest.raises(ValueError, match="seg.nii.gz: a 3D Slicer segmentation is written as .seg.nrrd"):
+        writers.write_segmentation(result, tmp_path / "x.seg.nii.gz")
+    with pytest.raises(ValueError, match="a NIfTI label map is written as .nii.gz or .nii"):
+        writers.write_label_map(result, tmp_path / "x_seg.nrrd")
+    assert list(tmp_path.iterdir()) == []
+
 def test_markups_positions(case, tmp_path):
     result, _ = case
     path = tmp_path / "c.mrk.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -26,14 +27,23 @@ CancelFn = Callable[[], bool]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error. A CUDA device always comes
-    back with its index (``"cuda"`` is the current GPU, e.g. ``cuda:0``), so that one GPU has one name."""
+    """``"auto"`` -> CUDA when available, else CPU; ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (any case) as named.
+    A CUDA device always comes back with its index (``"cuda"`` is the current GPU, e.g. ``cuda:0``), so that one GPU
+    has one name.
+
+    Raises:
+        ValueError: another name.
+        RuntimeError: a CUDA device asked for without a CUDA GPU.
+    """
+    device = str(device).strip().lower()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {device!r}")
     resolved = torch.device(device)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device} was asked for but no CUDA GPU is available")
+            raise RuntimeError(f"device {device!r} was asked for but no CUDA GPU is available")
         if resolved.index is None:
             resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved

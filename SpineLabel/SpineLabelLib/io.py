@@ -7,9 +7,11 @@ Conventions: a ``SimpleITK.Image`` keeps its own geometry (LPS mm). ``sitk.GetAr
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import logging
 import os
+import secrets
 import struct
 import tempfile
 import zlib
@@ -408,16 +410,6 @@ def resample_to_grid(image: sitk.Image, grid: sitk.Image, *, label: bool = False
     return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, default, pixel_type)
 
 
-def _process_umask() -> int:
-    """The process's umask. Reading it means setting it, which is process-wide: done once, at import."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _process_umask()
-
-
 def make_writable_folder(folder: str | os.PathLike) -> None:
     """Create ``folder`` (and its parents) and write and remove a file in it: what the outputs to come will need.
 
@@ -426,6 +418,21 @@ def make_writable_folder(folder: str | os.PathLike) -> None:
     """
     Path(folder).mkdir(parents=True, exist_ok=True)
     tempfile.TemporaryFile(dir=folder).close()
+
+
+def _new_file_beside(final: Path, suffix: str) -> Path:
+    """Create an empty file ``.spinelabel-XXXXXXXX{suffix}`` in ``final``'s folder that no other file had, with the
+    permissions the process's umask gives a new file at this moment (``tempfile.mkstemp`` would make it private)."""
+    for _ in range(100):
+        path = final.parent / f".spinelabel-{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from None
+    raise FileExistsError(errno.EEXIST, f"cannot write {final}: no free temporary name beside it")
 
 
 @contextlib.contextmanager
@@ -438,15 +445,9 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     suffix = "".join(final.suffixes[-2:]) if final.name.endswith((".nii.gz", ".seg.nrrd", ".mrk.json")) else final.suffix
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=".spinelabel-", suffix=f".tmp{suffix}", dir=final.parent)
-    except OSError as err:
-        raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_file_beside(final, f".tmp{suffix}")
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the final file gets the usual permissions
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

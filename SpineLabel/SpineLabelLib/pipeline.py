@@ -177,7 +177,8 @@ def label_spine(
     Args:
         image: a 3D scalar ``SimpleITK.Image`` or a path ``read_image`` accepts; any orientation and spacing.
         model: model card path, a loaded model (which runs on the device it is on), or None for the default model.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``: where a model given by path (or the default) is loaded.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``: where a model given by path (or the default) is
+            loaded.
         progress: called with (fraction 0-1 of the whole job, message).
         cancel: polled between stages and network windows; returning True raises ``Cancelled``.
         check_orientation: also run the network on the volume turned head to feet, and warn when it reads better
@@ -194,6 +195,9 @@ def label_spine(
 
     Raises:
         io.InputError: unreadable or unsupported input.
+        TypeError: ``image`` is neither an image nor a path.
+        ValueError: an unknown ``device`` or ``modality``.
+        RuntimeError: ``device`` names a CUDA GPU and there is none.
         models.ModelError: missing or corrupt model.
         Cancelled: the cancel hook returned True.
     """
@@ -214,6 +218,9 @@ def label_spine(
     source = ""
     if isinstance(image, sitk.Image):
         image = checked_image(image)
+    elif not isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"image must be a SimpleITK.Image or a path, not {type(image).__name__}: make an array an "
+                        "image with SimpleITK.GetImageFromArray (z, y, x) and set its spacing, origin and direction")
     else:
         source = str(image)
         image = read_image(image)

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from . import __version__
+from .edits import check_image_grid
 from .io import atomic_path, atomic_paths
 from .result import Geometry, SpineLabeling, nonzero_box
 from .vertebrae import terminology_entry
@@ -80,6 +81,12 @@ def _check_grid(result: SpineLabeling) -> None:
         )
 
 
+def _check_suffix(path: str | os.PathLike, suffixes: tuple[str, ...], what: str) -> None:
+    """Refuse a ``path`` that a reader would take for another format than the ``what`` written there."""
+    if not str(path).lower().endswith(suffixes):
+        raise ValueError(f"{path}: a {what} is written as {' or '.join(suffixes)}")
+
+
 def _direction_matrix(geometry: Geometry) -> np.ndarray:
     """float64 (3, 3) direction cosines; column c is the LPS direction of voxel axis c."""
     return np.asarray(geometry.direction, dtype=float).reshape(3, 3)
@@ -110,7 +117,9 @@ def _write_label_map_to(result: SpineLabeling, path: Path, labels: np.ndarray) -
 
 
 def write_label_map(result: SpineLabeling, path: str | os.PathLike) -> None:
-    """Write the uint8 VerSe label map (``result.label_map()``) on the input grid (``NAME_seg.nii.gz``)."""
+    """Write the uint8 VerSe label map (``result.label_map()``) on the input grid (``NAME_seg.nii.gz``; NIfTI, so
+    ``path`` ends in ``.nii.gz`` or ``.nii``)."""
+    _check_suffix(path, (".nii.gz", ".nii"), "NIfTI label map")
     with atomic_path(path) as tmp:
         _write_label_map_to(result, tmp, result.label_map())
     log.info("wrote label map %s", path)
@@ -206,6 +215,7 @@ def _write_segmentation_to(result: SpineLabeling, path: Path, labels: np.ndarray
 
 def write_segmentation(result: SpineLabeling, path: str | os.PathLike) -> None:
     """Write the 3D Slicer segmentation ``NAME.seg.nrrd`` (see :func:`segmentation_header`)."""
+    _check_suffix(path, (".seg.nrrd",), "3D Slicer segmentation")
     with atomic_path(path) as tmp:
         _write_segmentation_to(result, tmp, result.label_map())
     log.info("wrote segmentation %s", path)
@@ -504,9 +514,13 @@ def write_snapshot(result: SpineLabeling, image: sitk.Image, path: str | os.Path
 
     Args:
         result: the labelling; ``result.components`` is (z, y, x) on ``image``'s grid.
-        image: the input image (scalar, any pixel type), whose size must equal ``result.geometry.size``.
+        image: the input image (scalar, any pixel type), on the labelling's grid (size, spacing, origin, direction).
         path: the PNG to write.
+
+    Raises:
+        ValueError: ``image`` is not on the labelling's grid.
     """
+    check_image_grid(result, image)
     with atomic_path(path) as tmp:
         _write_snapshot_to(result, image, tmp)
     log.info("wrote snapshot %s", path)
@@ -525,10 +539,19 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
     Returns:
         The six paths, in ``OUTPUT_SUFFIXES`` order.
 
+    Args:
+        result: the labelling.
+        image: the labelled image, on the labelling's grid (size, spacing, origin, direction): the snapshot draws it.
+        outdir: output folder.
+        name: case name, the start of each file name.
+        input_path: the image's file or folder, recorded in the report (``result.source`` when None).
+
     Raises:
+        ValueError: ``image`` is not on the labelling's grid.
         PermissionError: ``outdir`` is not writable.
         OSError: ``outdir`` cannot be created (for example a path below a regular file) or a write failed.
     """
+    check_image_grid(result, image)
     outdir = Path(outdir)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
