@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from SpineLabelLib.io import (InputError, atomic_path, atomic_paths, canonical_grid, case_name, read_image,
                               read_label_map, resample_to_grid)
@@ -254,6 +255,18 @@ def test_an_evenly_spaced_sagittal_series_is_read(tmp_path):
     assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), sagittal)
 
 
+def test_a_folder_of_two_series_or_of_series_folders_is_refused_saying_what_it_holds(tmp_path):
+    folder = write_dicom_series(tmp_path / "study" / "series", number=3)
+    with pytest.raises(InputError, match="study: folder holds no DICOM series; its subfolders hold files "
+                                         "[(]as series[)]: give the folder of one series"):
+        read_image(tmp_path / "study")
+    for path in write_dicom_series(tmp_path / "other", number=4).iterdir():
+        path.rename(folder / f"4-{path.name}")
+    with pytest.raises(InputError, match=r"series: folder holds 2 DICOM series [(]number [34] CT, 6 files; "
+                                         r"number [34] CT, 6 files[)]; give a folder with exactly one"):
+        read_image(folder)
+
+
 def test_a_dicom_series_with_a_slice_missing_is_refused(tmp_path):
     folder = write_dicom_series(tmp_path / "series")
     (folder / "002.dcm").unlink()
@@ -261,17 +274,37 @@ def test_a_dicom_series_with_a_slice_missing_is_refused(tmp_path):
         read_image(folder)
 
 
-def write_dicom_series(folder, direction=np.eye(3), spacing=(1.0, 1.0, 2.5)):
-    """A 24 x 20 x 6 CT series (1 x 1 x 2.5 mm, axial by default), one file per slice."""
+def test_a_gantry_tilted_series_is_put_where_its_slices_are(tmp_path, caplog):
+    """Slices that step along the table, not along their normal (here 0.7 mm sideways per 2.5 mm slice, 15.6
+    degrees): ITK stacks them along the normal, 3.5 mm off by the last slice. Read, every voxel sits where its file
+    puts it: the values, a linear function of the true position, match the position on the grid returned."""
+    folder = write_dicom_series(tmp_path / "tilted", drift=(0.0, 0.7, 0.0))
+    image = read_image(folder)
+    assert "15.6 degrees off their normal" in caplog.text
+    assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.eye(3)) and np.allclose(image.GetSpacing(), (1, 1, 2.5))
+    values = sitk.GetArrayFromImage(image).astype(float)
+    idx = np.indices(values.shape).reshape(3, -1)[::-1].T
+    lps = np.asarray(image.GetOrigin()) + idx * image.GetSpacing()
+    expected = (lps @ [1.0, 10.0, 100.0]).reshape(values.shape)
+    # the widened grid's corners lie outside every slice, and the voxels next to them are partly outside
+    inside = ndimage.binary_erosion(values > values.min(), np.ones((1, 3, 1)))
+    assert inside.mean() > 0.6 and np.abs(values - expected)[inside].max() <= 1.0  # int16 rounding
+
+
+def write_dicom_series(folder, direction=np.eye(3), spacing=(1.0, 1.0, 2.5), drift=(0.0, 0.0, 0.0), number=1):
+    """A 24 x 20 x 6 CT series (1 x 1 x 2.5 mm, axial by default), one file per slice; each slice moved by
+    ``drift`` LPS mm from the one before, as a tilted gantry does, and its values encoding its true positions."""
     volume = oriented_image(direction, size=(24, 20, 6), spacing=spacing)
+    position = lambda k: np.add(volume.TransformIndexToPhysicalPoint((0, 0, k)), np.multiply(k, drift))
     volume = sitk.Cast(volume, sitk.sitkInt16)
-    folder.mkdir()
+    folder.mkdir(parents=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(volume.GetDepth()):
-        slice_ = volume[:, :, k]
-        for tag, value in (("0020|000e", "1.2.826.0.1.3680043.2.1125.1.4242"), ("0020|0013", str(k + 1)),
-                           ("0020|0032", "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, k))))),
+        slice_ = volume[:, :, k] + int(round(np.dot(np.multiply(k, drift), [1.0, 10.0, 100.0])))
+        for tag, value in (("0020|000e", f"1.2.826.0.1.3680043.2.1125.1.4242.{number}"), ("0020|0013", str(k + 1)),
+                           ("0020|0011", str(number)),
+                           ("0020|0032", "\\".join(map(str, position(k)))),
                            ("0020|0037", "\\".join(map(str, np.asarray(direction).T[:2].ravel()))),
                            ("0008|0060", "CT")):
             slice_.SetMetaData(tag, value)
