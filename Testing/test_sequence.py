@@ -32,6 +32,16 @@ def test_clear_evidence_is_followed_and_confident():
     assert not any("sacrum" in w for w in sol.warnings)
 
 
+
+def test_the_warnings_speak_of_the_vertebrae_not_of_the_sacral_pieces_below_s1():
+    """A piece of the sacrum below S1 takes S1's level in the chain; an 'S1 uncertain' about it, beside S1's own,
+    read as two contradicting warnings about the one S1 the labelling has."""
+    scores = np.zeros((2, K))
+    scores[:, level_index("S1")] = 6.0, 3.0  # the pair as on a real MR taken for CT: S1 and the piece both unsure
+    sol = solve(scores, np.array([30.0]))
+    assert names_of(sol) == ["S1", "S1"] and (sol.confidence < UNCERTAIN_BELOW).all()
+    assert [w for w in sol.warnings if "uncertain" in w] == ["S1 uncertain (confidence 0.31; next most likely L5)"]
+
 def test_labels_never_repeat_even_when_evidence_does():
     # every vertebra looks like L3: the chain still gets distinct, consecutive levels
     sol = solve(scores_for(["L3"] * 5), np.full(4, 35.0))

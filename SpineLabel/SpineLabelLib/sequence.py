@@ -199,7 +199,7 @@ class Solution:
         levels: int (n,) index into ``LEVELS`` per vertebra, chain order.
         confidence: float (n,) posterior probability of that level.
         marginals: float (n, K) posterior probability of every level per vertebra.
-        warnings: plain-language warnings.
+        warnings: plain-language warnings about the vertebrae (down to the first S1; not the sacral pieces below).
     """
 
     levels: np.ndarray
@@ -285,7 +285,9 @@ def solve(
     weights = np.exp(log_weights - np.max(log_weights))
     marginals = np.tensordot(weights / weights.sum(), per_scale, axes=1)
     confidence = np.clip(marginals[np.arange(n), levels], 0.0, 1.0)
-    return Solution(levels, confidence, marginals, _warnings(levels, confidence, marginals, gaps))
+    # the components below the first S1 are pieces of the sacrum, no vertebrae: the warnings speak of the vertebrae
+    n = int(np.argmax(levels == _S1)) + 1 if (levels == _S1).any() else len(levels)
+    return Solution(levels, confidence, marginals, _warnings(levels[:n], confidence[:n], marginals[:n], gaps[: n - 1]))
 
 
 def _viterbi(emissions: np.ndarray, transitions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
