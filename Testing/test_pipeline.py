@@ -14,7 +14,8 @@ from SpineLabelLib.models import ModelError, load_model, register_model, save_mo
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import (LONG_COLUMN, MIN_SPINE_PROBABILITY, MIN_SPINE_PROBABILITY_LONG_COLUMN,
-                                    ORIENTATION_MARGIN, Cancelled, components_on_input_grid, is_spine, label_spine)
+                                    ORIENTATION_MARGIN, Cancelled, NoVertebrae, components_on_input_grid, is_spine,
+                                    label_spine, require_vertebrae)
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +234,12 @@ def test_the_spine_gate_can_be_switched_off(random_model, small_phantom):
     # the random model's many components do not look like a spine to the gate
     refused = label_spine(small_phantom.image, model=random_model, device="cpu")
     assert refused.vertebrae == [] and any(w.startswith("no spine recognised") for w in refused.warnings)
+    # a scan the detection takes for the wrong modality finds no spine: the refusal says how it was read
+    with pytest.raises(NoVertebrae, match="no spine recognised.*; read as CT from its intensities; if it is MR, "
+                                          r"label it as MR \(modality mr\)"):
+        require_vertebrae(refused, "phantom.nii.gz")
+    given = label_spine(small_phantom.image, model=random_model, device="cpu", modality="ct")
+    assert given.vertebrae == [] and not any("read as" in w for w in given.warnings)
     labelled = label_spine(small_phantom.image, model=random_model, device="cpu", spine_gate=False)
     assert labelled.vertebrae and labelled.spine_probability == refused.spine_probability
     assert not any(w.startswith("no spine recognised") for w in labelled.warnings)

@@ -79,11 +79,11 @@ class NoVertebrae(InputError):
 
 
 def require_vertebrae(result: SpineLabeling, path: str | os.PathLike) -> SpineLabeling:
-    """``result`` when it names at least one vertebra; otherwise raises ``NoVertebrae`` naming ``path`` and the reason
-    (the first of ``result.warnings``). ``label_spine`` returns such an empty labelling (its spine probability is what
-    the gate judged); the command line and the Slicer module refuse it as bad input, with nothing written."""
+    """``result`` when it names at least one vertebra; otherwise raises ``NoVertebrae`` naming ``path`` and the
+    reasons (``result.warnings``). ``label_spine`` returns such an empty labelling (its spine probability is what the
+    gate judged); the command line and the Slicer module refuse it as bad input, with nothing written."""
     if not result.vertebrae:
-        raise NoVertebrae(f"{path}: {result.warnings[0]}")
+        raise NoVertebrae(f"{path}: {'; '.join(result.warnings)}")
     return result
 
 
@@ -233,6 +233,10 @@ def label_spine(
     pixels = sitk.GetArrayViewFromImage(image)
     minimum = float(pixels.min())
     modality = modality_of(pixels) if given == "AUTO" else given
+    # an MR taken for CT, or a CT for MR, finds no spine: then the warnings say how the scan was read
+    other = "MR" if modality == "CT" else "CT"
+    read_as = [f"read as {modality} from its intensities; if it is {other}, label it as {other} (modality "
+               f"{other.lower()})"] if given == "AUTO" else []
     grid = canonical_grid(image, loaded.spacing_mm)
     resampled = resample_to_grid(image, grid, default=minimum)
     volume = sitk.GetArrayViewFromImage(resampled)  # float32, read-only, no copy: normalise makes the one copy
@@ -277,7 +281,7 @@ def label_spine(
         warnings.append(f"no spine recognised: {len(measured)} vertebra-like component(s), median vertebral-body "
                         f"probability {median:.2f}; if this is a spine, label it with the spine gate off")
         report(1.0, "no vertebrae found")
-        return _empty(geometry, warnings, loaded, timings, source, modality, t0, median)
+        return _empty(geometry, warnings + read_as, loaded, timings, source, modality, t0, median)
     ordered, gaps = feat.chain_order(measured)
     ordered, gaps, detached = feat.drop_detached_ends(ordered, gaps)
     warnings += [f"ignored a vertebra-like component {gap:.0f} mm beyond the end of the spine" for gap in detached]
@@ -353,7 +357,7 @@ def label_spine(
         components=on_input,
         vertebrae=vertebrae,
         gaps_mm=[float(g) for g in gaps],
-        warnings=warnings + solution.warnings,
+        warnings=warnings + solution.warnings + (read_as if not vertebrae else []),
         sequence_warnings=list(solution.warnings),
         model=loaded.info,
         timings_s=timings,
