@@ -33,6 +33,8 @@ def test_modality_from_the_intensities():
     ringing = mr.copy()
     ringing[::10, ::10, 0] = -300  # interpolation overshoot at a few sharp edges
     assert modality_of(ringing) == "MR"
+    ringing[::10, ::10, 0] = -700  # ... of an MR in thousands, resampled with B-splines: few voxels, not air
+    assert modality_of(ringing) == "MR"
     assert modality_of((mr - mr.mean()) / mr.std()) == "MR"  # normalised to zero mean and unit variance
 
 

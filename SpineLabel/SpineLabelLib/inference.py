@@ -81,19 +81,21 @@ _MODALITY_SAMPLE = 1_000_000
 def modality_of(volume: np.ndarray) -> str:
     """``"CT"`` or ``"MR"``, from the intensities of a scan.
 
-    CT when the minimum is below -500 (air, or the scanner's padding, in Hounsfield units), or when at least 1 % of
-    the voxels are below -50 and at least 1 % above 200: fat and bone in HU, as in a CT cropped to the inside of the
-    body, where no air is left (the TPTBox CT crop keeps 22 voxels of air out of 250,000). Else MR: magnitude MR is
-    not negative beyond a small offset or interpolation ringing, and an MR normalised to zero mean stays within a few
-    units of zero.
+    CT when at least 0.5 % of the voxels lie below -500 and half of those at -800 or below: air (-1000 HU) or the
+    scanner's padding, in Hounsfield units. Or when at least 1 % of the voxels are below -50 and at least 1 % above
+    200: fat and bone in HU, as in a CT cropped to the inside of the body, where no air is left (the TPTBox CT crop
+    keeps 22 voxels of air out of 250,000). Else MR: magnitude MR is not negative beyond a small offset or the ringing
+    of a resampling (a real MR scaled to thousands and resampled with B-splines rings below -500 in a few voxels; it
+    was read as CT by its minimum alone), and an MR normalised to zero mean stays within a few units of zero.
 
     Args:
         volume: the scan's intensities, any shape, layout and real dtype (HU for CT); not copied beyond a strided
             sample of ``_MODALITY_SAMPLE`` voxels.
     """
-    if float(volume.min()) < -500:
-        return "CT"
     sample = volume.flat[:: max(1, volume.size // _MODALITY_SAMPLE)]
+    air = sample[sample < -500]
+    if air.size >= 0.005 * sample.size and np.median(air) <= -800:
+        return "CT"
     return "CT" if np.mean(sample < -50) >= 0.01 and np.mean(sample > 200) >= 0.01 else "MR"
 
 
