@@ -5,6 +5,7 @@ import itertools
 import os
 import struct
 
+import nibabel
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -87,7 +88,6 @@ def test_reads_a_volume_stored_as_one_time_point(tmp_path):
 def test_reads_nifti2_with_the_geometry_of_nifti1(tmp_path):
     """ITK reads NIfTI-1 only; a NIfTI-2 file (nibabel's reader) comes back with the same voxels, type and geometry
     as the same volume stored as NIfTI-1 (ITK's reader), on an oblique anisotropic grid."""
-    nibabel = pytest.importorskip("nibabel")
     turn = sitk.Euler3DTransform((0, 0, 0), 0.2, -0.35, 0.5).GetMatrix()
     affine = np.eye(4)
     affine[:3, :3] = np.reshape(turn, (3, 3)) @ np.diag([0.8, 0.9, 3.0])
@@ -107,7 +107,6 @@ def test_reads_nifti2_with_the_geometry_of_nifti1(tmp_path):
                                             (np.full((5, 6, 7), np.nan, np.float32), "NaN"),
                                             (np.ones((5, 6, 7), np.int16), "truncated")])
 def test_bad_nifti2_names_file_and_reason(tmp_path, voxels, reason):
-    nibabel = pytest.importorskip("nibabel")
     path = tmp_path / "two.nii"
     nibabel.save(nibabel.Nifti2Image(voxels, np.eye(4)), path)
     if reason == "truncated":
@@ -117,7 +116,6 @@ def test_bad_nifti2_names_file_and_reason(tmp_path, voxels, reason):
 
 
 def test_odd_nifti2_and_corrupt_headers_name_file_and_reason(tmp_path):
-    nibabel = pytest.importorskip("nibabel")
     rgb = np.zeros((4, 5, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
     for name, voxels, reason in (("rgb.nii", rgb, "not a 3D scalar"), ("line.nii", np.ones(10, np.int16), "1D"),
                                  ("six.nii", np.ones((3, 3, 3, 1, 2, 2), np.int16), "6D")):
@@ -137,8 +135,7 @@ def test_odd_nifti2_and_corrupt_headers_name_file_and_reason(tmp_path):
 def test_nifti2_without_qform_or_sform_reads_as_itk_reads_nifti1(tmp_path):
     """Without either transform nibabel makes up an affine of its own (j flipped, centred); ITK takes pixdim spacing,
     origin 0 and the identity direction, and a NIfTI-2 copy must come back on the same grid as the NIfTI-1."""
-    nibabel = pytest.importorskip("nibabel")
-    voxels = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    voxels = np.arange(6 * 5 * 6, dtype=np.int16).reshape(6, 5, 6)
     for kind, name in ((nibabel.Nifti1Image, "one.nii"), (nibabel.Nifti2Image, "two.nii")):
         image = kind(voxels, None)
         image.header.set_zooms((2.0, 3.0, 4.0))
@@ -154,9 +151,8 @@ def test_nifti2_without_qform_or_sform_reads_as_itk_reads_nifti1(tmp_path):
 
 def test_float_nifti_with_bytes_after_its_voxels_is_read(tmp_path):
     """Bytes after the voxels (some writers append them) are not voxels: the NaN test stops at the voxels' end."""
-    nibabel = pytest.importorskip("nibabel")
     path = tmp_path / "tail.nii"
-    nibabel.save(nibabel.Nifti1Image(np.ones((6, 7, 8), np.float32), np.eye(4)), path)
+    nibabel.save(nibabel.Nifti1Image(np.ones((10, 11, 12), np.float32), np.eye(4)), path)
     path.write_bytes(path.read_bytes() + b"\xff\xff\xff\xff")  # a NaN, were it a voxel
     assert sitk.GetArrayViewFromImage(read_image(path)).max() == 1.0
 
@@ -193,6 +189,8 @@ def spaced(spacing_mm: float) -> sitk.Image:
         (lambda p: write(p, "sheared.nrrd", sheared()), "not perpendicular"),
         (lambda p: write(p, "micron.nrrd", spaced(0.001)), "cannot be a scan of a body; are the spacing's units"),
         (lambda p: write(p, "metre.nrrd", spaced(1000.0)), "cannot be a scan of a body; are the spacing's units"),
+        (lambda p: write(p, "slab.nrrd", sitk.Image([64, 64, 2], sitk.sitkInt16)),
+         "a slab 2 mm thick (2 slices) is too thin to label; a scan 10 mm or more across is needed"),
     ],
 )
 def test_bad_inputs_name_file_and_reason(tmp_path, make, reason):
@@ -210,6 +208,22 @@ def test_truncated_file(tmp_path, name):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="truncated|unreadable"):
         read_image(path)
+
+
+def test_a_nifti_whose_qform_and_sform_disagree_is_read_with_a_warning(tmp_path, caplog):
+    """Both readers follow the sform; a header whose two forms point the spine different ways numbers it from the
+    wrong end, so the reader says so."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    flipped = affine @ np.diag([1.0, 1.0, -1.0, 1.0])
+    for name, qform, warned in (("agree.nii.gz", affine, False), ("disagree.nii.gz", flipped, True)):
+        nii = nibabel.Nifti1Image(np.zeros((20, 20, 20), np.int16), affine)
+        nii.set_sform(affine, code=1)
+        nii.set_qform(qform, code=1)
+        nibabel.save(nii, tmp_path / name)
+        caplog.clear()
+        image = read_image(tmp_path / name)
+        assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.diag([-1.0, -1.0, 1.0]))  # the sform, in LPS
+        assert ("qform and sform disagree (axes toward RAI and RAS)" in caplog.text) == warned
 
 
 def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):
@@ -249,9 +263,9 @@ def test_reads_a_dicom_series_folder(tmp_path):
 def test_an_evenly_spaced_sagittal_series_is_read(tmp_path):
     """ITK flags rounding errors of the slice positions as uneven spacing; a sagittal series has them."""
     sagittal = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)  # rows P, columns I, slices R
-    folder = write_dicom_series(tmp_path / "sagittal", sagittal, spacing=(0.7, 0.7, 1.2))
+    folder = write_dicom_series(tmp_path / "sagittal", sagittal, spacing=(0.7, 0.7, 1.7))
     image = read_image(folder)
-    assert image.GetSize() == (24, 20, 6) and np.allclose(image.GetSpacing(), (0.7, 0.7, 1.2))
+    assert image.GetSize() == (24, 20, 6) and np.allclose(image.GetSpacing(), (0.7, 0.7, 1.7))
     assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), sagittal)
 
 
@@ -355,7 +369,6 @@ def test_label_maps_are_checked_like_images(tmp_path):
 def test_a_nifti_without_a_voxel_size_is_refused(tmp_path, sform):
     """ITK takes 1 mm for a pixdim of 0, even beside an sform that gives the voxel size: a scan of unknown voxel size
     would be labelled at a made-up scale."""
-    nibabel = pytest.importorskip("nibabel")
     image = nibabel.Nifti1Image(np.ones((4, 4, 4), np.int16), None)
     if sform is not None:
         image.header.set_sform(sform, code=1)
