@@ -55,12 +55,16 @@ def reuse_freed_memory() -> bool:
     glibc gives every block over 32 MB fresh pages from the kernel and hands them back when the block is freed, so
     each large array or tensor is faulted in again page by page: every layer's activations, in every network window.
     Labelling the 512x512x800 benchmark took 1.65 million page faults and 9 s of system time that way. With these
-    settings large blocks come from the heap, and freed memory stays there until the process exits. Only for a
-    process SpineLabel runs for one job (``spinelabel label`` and ``train``, the Slicer worker), never inside a host
-    application.
+    settings large blocks come from the heap, and freed memory stays there until the process exits. numpy's arrays
+    are also kept off 2 MB pages: on them a full-volume array of which little is written (the label maps) is resident
+    in full, 2 MB for every page touched. Only for a process SpineLabel runs for one job (``spinelabel label`` and
+    ``train``, the Slicer worker), never inside a host application.
     """
     if not sys.platform.startswith("linux"):
         return False
+    hugepages = getattr(getattr(np, "_core", np.core).multiarray, "_set_madvise_hugepage", None)
+    if hugepages is not None:
+        hugepages(False)
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
@@ -298,6 +302,10 @@ def predict(
                 hw = weight[::2, ::2, ::2][: hr[0], : hr[1], : hr[2]]
                 level_acc[:, : hr[0], hy : hy + hr[1], hx : hx + hr[2]].addcmul_(lv[:, : hr[0], : hr[1], : hr[2]], hw)
                 level_w[: hr[0], hy : hy + hr[1], hx : hx + hr[2]].add_(hw)
+                # this window's outputs and input freed before the next window runs (not kept over its forward)
+                del tensor, patch, tissue_logits, level_logits, lv
+                if not levels_only:
+                    del t
                 n = row * len(in_plane) + i + 1  # windows done
                 if progress is not None:
                     progress(n / n_windows, f"network window {n}/{n_windows}")

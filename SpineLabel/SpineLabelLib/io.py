@@ -478,7 +478,7 @@ def canonical_grid(image: sitk.Image, spacing_mm: float | tuple[float, float, fl
     local = lps @ new_d  # coordinates along the new axes
     lo, hi = local.min(axis=0), local.max(axis=0)
     new_size = np.maximum(np.ceil((hi - lo) / spacing - 1e-6).astype(int) + 1, 1)
-    grid = sitk.Image([int(s) for s in new_size], sitk.sitkFloat32)
+    grid = sitk.Image([int(s) for s in new_size], sitk.sitkUInt8)  # its geometry is all that is used
     grid.SetSpacing([float(s) for s in spacing])
     grid.SetDirection([float(x) for x in new_d.ravel()])
     grid.SetOrigin([float(x) for x in new_d @ lo])

@@ -336,7 +336,11 @@ def label_spine(
     report(0.9, "writing labels on the input grid")
     bone = np.zeros(norm.shape, dtype=np.float16)
     bone[box] = bone_probability
-    on_input, voxels = components_on_input_grid(keep[whole], bone, grid, image)
+    components = keep[whole]
+    # the model-grid arrays no longer needed are freed before the input-grid labels are made (their memory is reused)
+    del norm, bodies, whole, body_probability, prediction, tissue, bone_probability, bodies_box, whole_box, sacrum_box
+    on_input, voxels = components_on_input_grid(components, bone, grid, image)
+    del components, bone
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     vertebrae = [
         Vertebra(
