@@ -47,7 +47,12 @@ def test_label_writes_every_output(tmp_path, model, phantom_file, capsys):
     assert report["model"]["name"] == "random" and "total" in report["timings_s"]
     assert report["vertebrae"]  # the gate would refuse the random model's components
     assert report["input"]["modality"] == "MR"  # a CT phantom, labelled as MR because the user said so
-    assert "vertebrae" in capsys.readouterr().out
+    # the summary line names the vertebrae, and every warning of the report is shown, each on a line of its own
+    lines = capsys.readouterr().out.splitlines()
+    names = " ".join(v["name"] for v in report["vertebrae"])
+    assert lines[0].startswith(f"{phantom_file}: {len(report['vertebrae'])} vertebrae ({names}) in ")
+    assert report["warnings"]  # the random model's chain is read from appearance alone, at least
+    assert lines[1:] == [f"  warning: {w}" for w in report["warnings"]]
 
 
 def test_evaluate_labels_the_reference_images_first(tmp_path, model, phantom_file):
@@ -117,6 +122,28 @@ def test_each_bad_input_fails_alone_with_a_clear_line(tmp_path, model, phantom_f
     assert main(["label", *map(str, cases), "-o", str(tmp_path / "none" / "a" / "b"), "--model", str(model),
                  "--quiet"]) == 1
     assert not (tmp_path / "none").exists()  # every input failed: not even the folders this run made are left
+
+
+def test_ctrl_c_stops_the_run_with_status_130_and_leaves_nothing(tmp_path, model, phantom_file, monkeypatch, capsys):
+    """Ctrl-C while an input is labelled stops the whole run (it is no failure of that input, to be passed over):
+    one line, the shell's status for SIGINT (130, so that scripts and make stop too), and no output folder."""
+    from SpineLabelLib import pipeline
+
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "label_spine", interrupted)
+    second = tmp_path / "second.nii.gz"
+    second.write_bytes(phantom_file.read_bytes())
+    out = tmp_path / "run" / "out"
+    argv = ["label", str(phantom_file), str(second), "-o", str(out), "--model", str(model), "--quiet"]
+    assert main(argv) == 130 and len(calls) == 1  # the second input is not started
+    err = capsys.readouterr().err
+    assert err.strip() == "spinelabel: interrupted" and "failed" not in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])

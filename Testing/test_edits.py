@@ -209,3 +209,65 @@ def test_a_point_level_with_a_vertebra_but_outside_it_is_refused():
         assert not edits.component_at(case.result, point)
         with pytest.raises(ValueError, match="level with L1"):
             edits.add_vertebra(case.result, case.image, point)
+
+
+def test_deleting_a_vertebra_keeps_the_other_corrections(spine):
+    """A lock is the user's word on a name: deleting another vertebra re-solves the chain around it, it does not undo
+    the corrections made so far (the top renamed T12 shifts every name by one level; without its lock the chain falls
+    back to T11 ... from the level evidence)."""
+    top, bottom = spine.result.vertebrae[0].id, spine.result.vertebrae[-1].id
+    renamed = edits.rename(spine.result, top, "T12")
+    out = edits.delete(renamed, bottom)
+    assert names(out) == ["T12", "L1", "L2", "L3", "L4"]
+    assert out.by_id(top).fixed and not any(v.fixed for v in out.vertebrae[1:])
+    assert_consistent(out)
+
+
+def test_the_sacrum_is_a_name_too(spine):
+    """'sacrum' names S1 wherever a level name is taken (the Slicer module's rename box, the Python API)."""
+    bottom = spine.result.vertebrae[-1].id
+    out = edits.rename(spine.result, bottom, "sacrum")
+    assert out.by_id(bottom).name == "S1" and out.by_id(bottom).fixed
+    assert names(out) == ["L1", "L2", "L3", "L4", "L5", "S1"]
+    assert_consistent(out)
+
+
+def test_a_vertebra_added_above_the_only_one_goes_above_it():
+    """With a single vertebra there is no polyline to lengthen: the new one is placed by height, above it when its
+    point is higher, and named as the vertebra above (L2 over L3)."""
+    case = build_spine(names=("L2", "L3"), missing=("L2",))
+    (l3,) = case.result.vertebrae
+    assert l3.name == "L3"
+    out = edits.add_vertebra(case.result, case.image, body_centre(case, "L2"))
+    assert [v.id for v in out.vertebrae][1] == l3.id
+    assert names(out) == ["L2", "L3"]
+    assert_consistent(out)
+
+
+def test_adding_a_vertebra_with_a_name_fixed_elsewhere_moves_the_name():
+    """The latest correction wins, as for rename: a vertebra added as L2 while another is locked as L2 takes the name;
+    the other loses its lock and is re-numbered (the two fixed L2s contradicted each other and the addition failed)."""
+    case = build_spine(missing=("L2",))
+    l3 = next(v for v in case.result.vertebrae if v.name == "L3")
+    wrong = edits.rename(case.result, l3.id, "L2")  # the user first took L3 for L2
+    assert wrong.by_id(l3.id).fixed
+    out = edits.add_vertebra(wrong, case.image, body_centre(case, "L2"), name="L2")
+    assert names(out) == ["T11", "T12", "L1", "L2", "L3", "L4"]
+    (new,) = [v for v in out.vertebrae if v.id not in {u.id for u in wrong.vertebrae}]
+    assert new.name == "L2" and new.fixed
+    assert out.by_id(l3.id).name == "L3" and not out.by_id(l3.id).fixed
+    assert_consistent(out)
+
+
+def test_a_point_far_from_every_vertebra_is_refused():
+    """A vertebra is added beside the chain, where one was missed; a click 80 mm above the top vertebra (in the
+    image, on no labelled vertebra's neighbour) is a click elsewhere, and adds nothing."""
+    case = build_spine(missing=("T11", "T12"))
+    top = np.array(case.result.vertebrae[0].centroid_lps_mm)
+    far = top + [0.0, 0.0, 80.0]
+    ijk = case.result.geometry.lps_to_index(far)
+    assert (ijk >= 0).all() and (ijk <= np.array(case.result.geometry.size) - 1).all()  # refused for its distance
+    with pytest.raises(ValueError, match="more than 55 mm from every labelled vertebra"):
+        edits.add_vertebra(case.result, case.image, tuple(far))
+    out = edits.add_vertebra(case.result, case.image, body_centre(case, "T12"))  # one spacing above: taken
+    assert names(out) == ["T12", "L1", "L2", "L3", "L4"]

@@ -315,6 +315,37 @@ def test_confidences_from_reports_split_the_identified(tmp_path):
         ev.evaluate_folders(pred_dir, gt_dir.parent)
 
 
+def test_the_report_a_labelling_writes_rates_its_vertebrae(tmp_path):
+    """The confidences that split the identified vertebrae are those SpineLabel wrote: a labelling's own report and
+    label map, from ``writers``, read back by the evaluation (an L5 at 0.6 rated uncertain, the rest confident)."""
+    from SpineLabelLib import writers
+    from SpineLabelLib.result import SpineLabeling, Vertebra
+    from SpineLabelLib.vertebrae import BY_LABEL, LEVELS
+
+    gt_dir, pred_dir = tmp_path / "gt" / "labelsTr", tmp_path / "pred"
+    gt_dir.mkdir(parents=True)
+    pred_dir.mkdir()
+    labels = [L1, L2, L3, L4, L5]
+    reference = write_mask(spine(labels), gt_dir / "a.nii.gz")
+    components = spine(labels).astype(np.int16)
+    components[components > 0] -= L1 - 1  # component ids 1-5: the labelling's own, not label values
+    confidences = [1.0, 0.999, 0.995, 0.99, 0.6]
+    geometry = Geometry.of(reference)
+    vertebrae = [Vertebra(k + 1, BY_LABEL[label].name, tuple(geometry.index_to_lps(
+        np.argwhere(components == k + 1).mean(axis=0)[::-1])), 1.0, confidence, np.zeros(len(LEVELS)))
+        for k, (label, confidence) in enumerate(zip(labels, confidences))]
+    result = SpineLabeling(geometry, components, vertebrae, gaps_mm=[20.0] * 4, modality="CT")
+    writers.write_label_map(result, pred_dir / "a_seg.nii.gz")
+    writers.write_report(result, pred_dir / "a_report.json")
+
+    summary = ev.evaluate_folders(pred_dir, gt_dir.parent)
+    (case,) = summary.cases
+    assert case.n_identified == 5 and case.group == "CT"
+    assert [v.nearest_pred_confidence for v in case.vertebrae] == pytest.approx(confidences)
+    o = summary.overall
+    assert (o.n_confident, o.n_confident_identified, o.n_uncertain, o.n_uncertain_identified) == (4, 4, 1, 1)
+
+
 def test_cases_are_grouped_by_the_modality_of_their_reports(tmp_path):
     gt_dir, pred_dir = tmp_path / "gt" / "labelsTr", tmp_path / "pred"
     gt_dir.mkdir(parents=True)

@@ -32,7 +32,6 @@ def test_clear_evidence_is_followed_and_confident():
     assert not any("sacrum" in w for w in sol.warnings)
 
 
-
 def test_the_warnings_speak_of_the_vertebrae_not_of_the_sacral_pieces_below_s1():
     """A piece of the sacrum below S1 takes S1's level in the chain; an 'S1 uncertain' about it, beside S1's own,
     read as two contradicting warnings about the one S1 the labelling has."""
@@ -150,12 +149,30 @@ def test_missing_level_needs_a_gap():
     assert not any("not found" in w for w in sol2.warnings)
 
 
+def test_a_gap_of_one_and_a_half_spacings_is_no_missed_level():
+    """A missed vertebra leaves a gap of two spacings; one of 55 mm in a lumbar chain (1.5 spacings: a large disc, a
+    centroid pulled by a cut) is no reason to skip a level, even on weak evidence. At a missing-level prior of 0.2
+    instead of 0.02 this clean L1-L5 became T12 L1 L3 L4 L5 with 'L2 not found'; at 70 mm the skip is right."""
+    names = ["L1", "L2", "L3", "L4", "L5"]
+    weak = scores_for(names, strength=1.0, neighbour=0.5)
+    sol = solve(weak, np.array([35.0, 55.0, 35.0, 35.0]))
+    assert names_of(sol) == names
+    assert not any("not found" in w for w in sol.warnings)
+    missed = solve(weak, np.array([35.0, 70.0, 35.0, 35.0]))
+    assert "level L2 not found between L1 and L3 (gap 70 mm)" in missed.warnings
+
+
 def test_l6_is_allowed_with_its_prior():
     names = ["L1", "L2", "L3", "L4", "L5", "L6", "S1"]
     sol = solve(scores_for(names), np.full(6, 35.0))
     assert names_of(sol) == names
-    weak = solve(scores_for(names, strength=0.6, neighbour=0.3), np.full(6, 35.0))
-    assert "L6" not in names_of(weak) or any("L5/L6" in w for w in weak.warnings)
+    # an L6 the level head is not sure of (3 log-units for it, 1.5 for L5): named, and the doubt said
+    doubtful = solve(scores_for(names, strength=3.0), np.full(6, 35.0))
+    assert names_of(doubtful) == names
+    assert "L5/L6 ambiguous: probability of a L6 is 0.77" in doubtful.warnings
+    # a short chain whose evidence hardly hints at an L6 (probability 0.04): no word of one
+    unlikely = solve(scores_for(["L4", "L5", "L6", "S1"], strength=1.0), np.full(3, 35.0))
+    assert not any("ambiguous" in w for w in unlikely.warnings)
 
 
 @pytest.mark.parametrize("regular, transitional, below", [("L5", "L6", "S1"), ("T12", "T13", "L1")])
@@ -182,6 +199,21 @@ def test_partial_field_of_view_warnings():
     assert not any("sacrum not in view" in w for w in cervical.warnings)
     thoracic = solve(scores_for(["T4", "T5", "T6"]), np.full(2, 24.0))
     assert any("neither C1/C2 nor the sacrum" in w for w in thoracic.warnings)
+
+
+def test_only_c1_c2_or_the_sacrum_anchor_the_numbering():
+    """Counting from C1/C2 or from the sacrum is what makes the numbering sure; a chain that reaches neither is named
+    from appearance only, and says so, whichever region it lies in: C3-T1 as much as T4-T6. Lumbar numbering is only
+    assumed for a chain that ends in the lumbar spine."""
+    cervical = solve(scores_for(["C3", "C4", "C5", "C6", "C7", "T1"]), np.full(5, 19.0))
+    assert names_of(cervical) == ["C3", "C4", "C5", "C6", "C7", "T1"]
+    assert any("neither C1/C2 nor the sacrum is in view" in w for w in cervical.warnings)
+    anchored = solve(scores_for(["C1", "C2", "C3", "C4"]), np.full(3, 19.0))
+    assert not any("neither C1/C2" in w for w in anchored.warnings)
+    thoracic = solve(scores_for(["T8", "T9", "T10", "T11", "T12"]), np.full(4, 27.0))
+    assert names_of(thoracic) == ["T8", "T9", "T10", "T11", "T12"]
+    assert any("neither C1/C2 nor the sacrum is in view" in w for w in thoracic.warnings)
+    assert not any("lumbar numbering assumed" in w for w in thoracic.warnings)  # it ends at T12: nothing lumbar
 
 
 def test_fixed_labels_are_kept_and_propagate():
@@ -250,6 +282,19 @@ def test_relabel_fixes_one_and_renames_the_rest():
     with pytest.raises(KeyError):
         relabel(result, {10: "X9"})
 
+
+def test_each_relabel_replaces_the_sequence_warnings_and_keeps_the_others():
+    """Corrections come one after another: each re-solve's sequence warnings replace the last ones, so a warning
+    the correction answered (the sacrum not in view, once S1 is named) goes and none is listed twice; the warnings
+    of other origin ("input note") stay."""
+    result = make_result(["L1", "L2", "L3", "L4", "L5"])
+    assert any("sacrum not in view" in w for w in result.warnings)
+    once = relabel(result, {12: "L4"})  # the chain now ends at S1
+    twice = relabel(once, {10: "L2"})
+    for out in (once, twice):
+        assert out.warnings == ["input note"] + out.sequence_warnings
+        assert not any("sacrum not in view" in w for w in out.warnings)
+        assert len(set(out.warnings)) == len(out.warnings)
 
 
 @pytest.mark.parametrize("margin", [5.0, 8.0])

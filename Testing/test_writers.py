@@ -129,6 +129,16 @@ def test_segmentation_read_by_slicerio(case, tmp_path):
     assert seg["segments"][1]["terminology"]["type"] == ["SCT", "66794005", "L1 vertebra"]
 
 
+def test_neighbouring_levels_never_share_a_colour():
+    """Two adjacent vertebrae in one colour read as one bone in the segmentation, the snapshot and Slicer's views:
+    each level's colour differs from its neighbours' (the transitional T13 and L6 included) and no two regular
+    levels share one."""
+    for above, below in zip(LEVELS, LEVELS[1:]):
+        assert above.colour != below.colour, (above.name, below.name)
+    regular = [level.colour for level in LEVELS if not level.transitional]
+    assert len(set(regular)) == len(regular)
+
+
 def test_segmentation_duplicate_level_is_one_segment(tmp_path, caplog):
     slicerio = pytest.importorskip("slicerio")
     result, _ = make_case(PERMUTED, names=("L1", "L2", "L2", "L3"))
@@ -271,6 +281,14 @@ def test_report(case, tmp_path):
     first = doc["vertebrae"][0]
     assert set(first) == {"id", "name", "label", "centroid_lps_mm", "volume_ml", "confidence", "fixed"}
     assert first["id"] == IDS[0] and first["label"] == BY_NAME[NAMES[0]].label
+    # what the user reads off each vertebra is the labelling's own: how sure the chain is, and whether they locked it
+    # (the case's confidences fall from 0.9 down the chain; L1 alone is fixed)
+    for entry, v in zip(doc["vertebrae"], result.vertebrae):
+        assert entry["confidence"] == pytest.approx(v.confidence) and entry["fixed"] is v.fixed
+        assert entry["volume_ml"] == pytest.approx(v.volume_ml)
+        np.testing.assert_allclose(entry["centroid_lps_mm"], v.centroid_lps_mm)
+    assert [e["fixed"] for e in doc["vertebrae"]] == [False, True, False, False]
+    assert len({e["confidence"] for e in doc["vertebrae"]}) == len(NAMES)
     writers.write_report(result, path)
     assert json.loads(path.read_text())["input"]["path"] == "/data/case.nii.gz"
 
