@@ -16,6 +16,7 @@ from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import (LONG_COLUMN, MIN_SPINE_PROBABILITY, MIN_SPINE_PROBABILITY_LONG_COLUMN,
                                     ORIENTATION_MARGIN, Cancelled, NoVertebrae, components_on_input_grid, is_spine,
                                     label_spine, require_vertebrae)
+from SpineLabelLib.vertebrae import BY_NAME
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +166,9 @@ def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
 
 
 def test_default_model_labels_a_phantom():
-    """The shipped model names most lumbar vertebrae of a phantom it has never seen (1.4.0, 1.5.0 and 1.6.0 name 8
-    of 9, 1.7.0 all 9)."""
+    """The shipped model names the lumbar vertebrae of a phantom it has never seen (1.4.0, 1.5.0 and 1.6.0 name 8
+    of 9, 1.7.0 all 9: T10-S1, each centroid inside the vertebra of its name). The network leaves the sacrum in
+    pieces below S1 here; they are labelled S1 with it (98 % of the phantom's sacrum; 60 % when they were dropped)."""
     phantom = make_phantom(modality="ct", fov="lumbar", seed=123)
     result = label_spine(phantom.image, device="cpu")
     truth = sitk.GetArrayViewFromImage(phantom.labels)
@@ -174,8 +176,10 @@ def test_default_model_labels_a_phantom():
     for v in result.vertebrae:
         idx = np.round(result.geometry.lps_to_index(np.array(v.centroid_lps_mm))).astype(int)[::-1]
         found[v.name] = int(truth[tuple(np.clip(idx, 0, np.array(truth.shape) - 1))])
-    correct = sum(1 for name, label in found.items() if label and name == _name_of(label))
-    assert correct >= 0.5 * len(np.setdiff1d(np.unique(truth), [0]))
+    levels = np.setdiff1d(np.unique(truth), [0])
+    assert len(levels) == 9 and found == {_name_of(label): int(label) for label in levels}
+    sacrum = truth == BY_NAME["S1"].label
+    assert np.mean(result.label_map()[sacrum] == BY_NAME["S1"].label) > 0.9
     assert result.spine_probability >= MIN_SPINE_PROBABILITY
     voxel_ml = float(np.prod(result.geometry.spacing)) / 1000.0  # volumes are those of the written label map
     assert [v.volume_ml for v in result.vertebrae] == [
@@ -306,6 +310,47 @@ def test_an_image_in_memory_is_checked_as_a_file_is():
     with pytest.raises(InputError, match="2D image"):
         label_spine(sitk.GetImageFromArray(volume[0]))
 
+
+def test_a_component_far_beyond_the_end_of_the_spine_is_left_out_and_named(random_model, monkeypatch):
+    """A body-like component four spacings below the last vertebra (an artefact at the edge of the view, a femoral
+    head) is no vertebra a miss explains: it gets no level and no voxels in the label map, and the warnings say it
+    was left out, so that a user who sees a vertebra there knows to add it. The network's output is made up here:
+    five bodies 32 mm apart and the component 128 mm below them, on the 4 mm grid of the random model."""
+    from SpineLabelLib import pipeline
+    from SpineLabelLib.inference import Prediction
+    from SpineLabelLib.vertebrae import BODY, DISC, LEVELS
+
+    def made_up(loaded, volume, device, **kwargs):
+        z, y, x = volume.shape
+        tissue = np.zeros(volume.shape, np.uint8)
+        for k in range(5):  # 24 mm bodies under 8 mm discs, from the top down
+            top = z - 4 - 8 * k
+            tissue[top - 6 : top, 6:14, 5:15] = BODY
+            tissue[top - 8 : top - 6, 6:14, 5:15] = DISC
+        tissue[z - 74 : z - 68, 6:14, 5:15] = BODY  # its centre 32 voxels below the last body's (z - 39.5)
+        body = (tissue == BODY).astype(np.float16) * np.float16(0.95)
+        levels = np.zeros((len(LEVELS), *((n + 1) // 2 for n in volume.shape)), np.float16)  # no level evidence
+        return Prediction(tissue, body, body.copy(), levels)
+
+    monkeypatch.setattr(pipeline, "_predict_in_context", made_up)
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100.0, 5.0, (170, 40, 40)).astype(np.float32))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    result = label_spine(image, model=random_model, device="cpu", modality="mr")
+    assert len(result.vertebrae) == 5 and result.gaps_mm == pytest.approx([32.0] * 4)
+    assert "ignored a vertebra-like component 128 mm beyond the end of the spine" in result.warnings
+    assert set(np.unique(result.components)) == {0} | {v.id for v in result.vertebrae}
+
+
+
+def test_voxels_coarser_than_the_names_were_checked_on_are_said(random_model):
+    """The names were checked on slices up to 6 mm thick; an image of 8 mm slices is labelled with a warning."""
+    image = sitk.Image([40, 40, 20], sitk.sitkInt16)
+    image.SetSpacing((1.0, 1.0, 8.0))
+    coarse = label_spine(image, model=random_model, device="cpu")
+    assert ("voxels 8 mm apart along one axis: the names were checked on slices up to 6 mm; check them"
+            in coarse.warnings)
+    image.SetSpacing((1.0, 1.0, 6.0))
+    assert not any("apart along one axis" in w for w in label_spine(image, model=random_model, device="cpu").warnings)
 
 def test_a_component_beside_the_spine_takes_no_level(monkeypatch):
     """A body-like blob in front of the column (as a bowel loop might come out of the network) is sorted into the
