@@ -295,7 +295,8 @@ def test_a_gantry_tilted_series_is_put_where_its_slices_are(tmp_path, caplog):
     folder = write_dicom_series(tmp_path / "tilted", drift=(0.0, 0.7, 0.0))
     image = read_image(folder)
     assert "15.6 degrees off their normal" in caplog.text
-    assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.eye(3)) and np.allclose(image.GetSpacing(), (1, 1, 2.5))
+    assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.eye(3))
+    assert np.allclose(image.GetSpacing(), (1, 1, 2.5))
     values = sitk.GetArrayFromImage(image).astype(float)
     idx = np.indices(values.shape).reshape(3, -1)[::-1].T
     lps = np.asarray(image.GetOrigin()) + idx * image.GetSpacing()

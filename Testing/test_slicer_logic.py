@@ -580,7 +580,8 @@ def test_worker_reports_an_image_without_vertebrae_as_an_error(tmp_path, random_
     runner = _worker(image_path, tmp_path / "result", random_model)
     assert runner.wait(120) == 1, runner.outputTail()
     event = runner.readEvents()[-1]
-    assert event["event"] == "error" and event["message"] == f"{image_path}: image is constant: nothing to label; no vertebrae found"
+    assert event["event"] == "error"
+    assert event["message"] == f"{image_path}: image is constant: nothing to label; no vertebrae found"
     assert not (tmp_path / "result" / "result.json").exists()
 
 

@@ -135,7 +135,8 @@ def _slice_geometry(name: str) -> tuple[np.ndarray, np.ndarray] | None:
     header.SetFileName(name)
     try:
         header.ReadImageInformation()
-        return tuple(np.array([float(v) for v in header.GetMetaData(tag).split("\\")]) for tag in ("0020|0032", "0020|0037"))
+        return tuple(np.array([float(v) for v in header.GetMetaData(tag).split("\\")])
+                     for tag in ("0020|0032", "0020|0037"))
     except (RuntimeError, ValueError):
         return None
 
@@ -327,7 +328,7 @@ def _warn_if_forms_disagree(path: Path) -> None:
         return
     if int(header["qform_code"]) > 0 and int(header["sform_code"]) > 0 and forms[0] != forms[1]:
         log.warning("%s: its qform and sform disagree (axes toward %s and %s); it is read by the sform: if the "
-                    "vertebrae come out in the wrong order, correct the header", path, "".join(forms[0]), "".join(forms[1]))
+                    "vertebrae come out in the wrong order, correct the header", path, *("".join(f) for f in forms))
 
 
 def _as_3d(image: sitk.Image) -> sitk.Image:

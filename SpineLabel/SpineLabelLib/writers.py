@@ -536,15 +536,15 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
     Each file is first written under a temporary name; only when all six are complete are they renamed to their
     final names (:func:`SpineLabelLib.io.atomic_paths`, which says what happens on failure).
 
-    Returns:
-        The six paths, in ``OUTPUT_SUFFIXES`` order.
-
     Args:
         result: the labelling.
         image: the labelled image, on the labelling's grid (size, spacing, origin, direction): the snapshot draws it.
         outdir: output folder.
         name: case name, the start of each file name.
         input_path: the image's file or folder, recorded in the report (``result.source`` when None).
+
+    Returns:
+        The six paths, in ``OUTPUT_SUFFIXES`` order.
 
     Raises:
         ValueError: ``image`` is not on the labelling's grid.
