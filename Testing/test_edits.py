@@ -41,6 +41,9 @@ def test_rename_renumbers_neighbours_and_locks(spine):
     assert_consistent(out)
     with pytest.raises(ValueError, match="read-only"):  # the two share the voxels: neither can change the other's
         out.components[out.components == top] = 0
+    mine = np.zeros((2, 2, 2), np.int16)
+    SpineLabeling(spine.result.geometry, mine, [])
+    mine[0, 0, 0] = 1  # the caller's own array stays theirs to write
 
 
 def test_rename_without_lock_leaves_vertebra_free(spine):

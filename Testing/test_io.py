@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from SpineLabelLib.io import (InputError, atomic_path, atomic_paths, canonical_grid, case_name, read_image,
-                              read_label_map, resample_to_grid)
+                              read_label_map, read_notes, resample_to_grid)
 
 
 def oriented_image(direction, size=(20, 24, 30), spacing=(1.0, 1.5, 2.0)):
@@ -211,19 +211,30 @@ def test_truncated_file(tmp_path, name):
 
 
 def test_a_nifti_whose_qform_and_sform_disagree_is_read_with_a_warning(tmp_path, caplog):
-    """Both readers follow the sform; a header whose two forms point the spine different ways numbers it from the
-    wrong end, so the reader says so."""
+    """A header whose two forms point the spine different ways numbers it from the wrong end; the reader says so and
+    names the form it followed (ITK takes the sform, unless the sform is not orthonormal), and the note reaches the
+    labelling's warnings. A label map (read for evaluation) gets no such note."""
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     flipped = affine @ np.diag([1.0, 1.0, -1.0, 1.0])
-    for name, qform, warned in (("agree.nii.gz", affine, False), ("disagree.nii.gz", flipped, True)):
-        nii = nibabel.Nifti1Image(np.zeros((20, 20, 20), np.int16), affine)
-        nii.set_sform(affine, code=1)
+    sheared = flipped.copy()
+    sheared[0, 1] = 0.4  # not orthonormal: ITK falls back on the qform
+    for name, qform, sform, note in (
+        ("agree.nii.gz", affine, affine, None),
+        ("flipped.nii.gz", flipped, affine, "its qform and sform disagree (axes toward RAI and RAS); it was read by "
+                                            "the sform: if the vertebrae come out in the wrong order, correct the header"),
+        ("sheared.nii.gz", affine, sheared, "it was read by the qform"),
+    ):
+        nii = nibabel.Nifti1Image(np.zeros((20, 20, 20), np.int16), None)
+        nii.set_sform(sform, code=1)
         nii.set_qform(qform, code=1)
         nibabel.save(nii, tmp_path / name)
         caplog.clear()
         image = read_image(tmp_path / name)
-        assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.diag([-1.0, -1.0, 1.0]))  # the sform, in LPS
-        assert ("qform and sform disagree (axes toward RAI and RAS)" in caplog.text) == warned
+        notes = read_notes(image)
+        assert (note is None and notes == [] and not caplog.text) or (len(notes) == 1 and note in notes[0]
+                                                                    and notes[0] in caplog.text), name
+    assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.diag([-1.0, -1.0, 1.0]))  # the qform, in LPS
+    assert read_notes(read_label_map(tmp_path / "flipped.nii.gz")) == []
 
 
 def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):
@@ -231,6 +242,9 @@ def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):
     with atomic_path(final) as tmp:
         assert tmp.name.endswith(".nii.gz") and tmp.parent == tmp_path
         tmp.write_text("ok")
+    with atomic_path(tmp_path / "X_SEG.NII.GZ") as tmp:  # the writers tell formats by both extensions, in any case
+        assert tmp.name.endswith(".tmp.NII.GZ")
+    (tmp_path / "X_SEG.NII.GZ").unlink()
     assert final.read_text() == "ok"
     with pytest.raises(RuntimeError):
         with atomic_path(tmp_path / "y.json") as tmp:
@@ -294,7 +308,9 @@ def test_a_gantry_tilted_series_is_put_where_its_slices_are(tmp_path, caplog):
     puts it: the values, a linear function of the true position, match the position on the grid returned."""
     folder = write_dicom_series(tmp_path / "tilted", drift=(0.0, 0.7, 0.0))
     image = read_image(folder)
-    assert "15.6 degrees off their normal" in caplog.text
+    assert read_notes(image) == ["the slices stand 15.6 degrees off their normal (a tilted gantry): the image was "
+                                 "resampled onto a grid with perpendicular axes, on which the outputs lie"]
+    assert read_notes(image)[0] in caplog.text
     assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.eye(3))
     assert np.allclose(image.GetSpacing(), (1, 1, 2.5))
     values = sitk.GetArrayFromImage(image).astype(float)

@@ -349,8 +349,20 @@ def test_voxels_coarser_than_the_names_were_checked_on_are_said(random_model):
     coarse = label_spine(image, model=random_model, device="cpu")
     assert ("voxels 8 mm apart along one axis: the names were checked on slices up to 6 mm; check them"
             in coarse.warnings)
-    image.SetSpacing((1.0, 1.0, 6.0))
+    image.SetSpacing((1.0, 1.0, 6.000000000000002))  # 6 mm as computed from DICOM slice positions
     assert not any("apart along one axis" in w for w in label_spine(image, model=random_model, device="cpu").warnings)
+
+
+def test_what_the_reader_noted_is_among_the_warnings(tmp_path, random_model):
+    """How a file was read (here a NIfTI header whose qform and sform point the spine different ways) is said with
+    the labelling's warnings, in the report as on the screen, not only in the log."""
+    nibabel = pytest.importorskip("nibabel")
+    nii = nibabel.Nifti1Image(np.zeros((20, 20, 20), np.int16), None)
+    nii.set_sform(np.diag([2.0, 2.0, 2.0, 1.0]), code=1)
+    nii.set_qform(np.diag([2.0, 2.0, -2.0, 1.0]), code=1)
+    nibabel.save(nii, tmp_path / "flipped.nii.gz")
+    result = label_spine(tmp_path / "flipped.nii.gz", model=random_model, device="cpu")
+    assert result.warnings[0].startswith("its qform and sform disagree (axes toward RAI and RAS); it was read by the sform")
 
 def test_a_component_beside_the_spine_takes_no_level(monkeypatch):
     """A body-like blob in front of the column (as a bowel loop might come out of the network) is sorted into the

@@ -62,7 +62,8 @@ def reuse_freed_memory() -> bool:
     """
     if not sys.platform.startswith("linux"):
         return False
-    hugepages = getattr(getattr(np, "_core", np.core).multiarray, "_set_madvise_hugepage", None)
+    core = getattr(np, "_core", None) or np.core  # numpy 2 names it _core, numpy 1 core
+    hugepages = getattr(core.multiarray, "_set_madvise_hugepage", None)
     if hugepages is not None:
         hugepages(False)
     try:

@@ -23,6 +23,8 @@ import nibabel
 import numpy as np
 import SimpleITK as sitk
 
+from .result import Geometry
+
 __all__ = [
     "InputError",
     "Cancelled",
@@ -32,6 +34,7 @@ __all__ = [
     "case_key",
     "make_writable_folder",
     "read_image",
+    "read_notes",
     "checked_image",
     "read_label_map",
     "canonical_grid",
@@ -50,6 +53,8 @@ MIN_EXTENT_MM, MAX_EXTENT_MM = 5.0, 3000.0
 # found or not at random and named wrongly at full confidence (sub-verse014 at 4 mm: L1-L3 for T12-L2); from 10 mm on
 # as in the whole scan but for the end vertebrae (VB2_02, IVD_11, sub-verse014, the TotalSegmentator CT)
 MIN_THICKNESS_MM = 10.0
+# the metadata key under which read_image keeps its notes with the image (read_notes)
+_READ_NOTES_KEY = "SpineLabel_read_notes"
 
 
 class InputError(ValueError):
@@ -89,7 +94,7 @@ def case_key(name: str) -> str:
     return key
 
 
-def _read_dicom_folder(folder: Path) -> sitk.Image:
+def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
@@ -112,7 +117,7 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
     # grid. It sets this key for any deviation, rounding errors of the slice positions included: measure it.
     if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation") and not _evenly_spaced(files):
         raise InputError(f"{folder}: DICOM slices are not evenly spaced (a slice missing or unreadable?)")
-    return _unsheared(image, files, folder)
+    return _unsheared(image, files, folder, notes)
 
 
 def _series_description(files: tuple[str, ...]) -> str:
@@ -141,12 +146,13 @@ def _slice_geometry(name: str) -> tuple[np.ndarray, np.ndarray] | None:
         return None
 
 
-def _unsheared(image: sitk.Image, files: tuple[str, ...], folder: Path) -> sitk.Image:
+def _unsheared(image: sitk.Image, files: tuple[str, ...], folder: Path, notes: list[str]) -> sitk.Image:
     """``image`` as ITK stacked the slices of ``files``: along their normal, each at its in-plane position. A
     tilted gantry moves the slices along the table instead, so ITK's grid puts the last slice of a 19 degree tilt
-    66 mm from where its file says it is. When the slices drift sideways by more than half a pixel over the stack,
-    the image is resampled (linearly) onto a grid with perpendicular axes that puts every voxel where its file says:
-    in-plane axes and spacing as read, slices along their normal at their true distance, widened to hold the drift."""
+    66 mm from where its file says it is. When the slices drift sideways by more than a pixel over the stack, the
+    image is resampled (linearly) onto a grid with perpendicular axes that puts every voxel where its file says:
+    in-plane axes and spacing as read, slices along their normal at their true distance, widened to hold the drift;
+    ``notes`` gets a line saying so."""
     first, last = _slice_geometry(files[0]), _slice_geometry(files[-1])
     if len(files) < 2 or first is None or last is None:
         return image
@@ -155,7 +161,7 @@ def _unsheared(image: sitk.Image, files: tuple[str, ...], folder: Path) -> sitk.
     step = (last[0] - first[0]) / (len(files) - 1)  # LPS mm from one slice to the next, as the files say
     along = float(step @ axes[:, 2])
     drift = step - along * axes[:, 2]  # sideways, per slice
-    if along == 0 or np.linalg.norm(drift) * (len(files) - 1) <= 0.5 * spacing[:2].min():
+    if along == 0 or np.linalg.norm(drift) * (len(files) - 1) <= spacing[:2].min():
         return image
     # a point p of the true grid lies in ITK's image at p - k * (step - spacing_z * normal), k = its slice
     shift = (step - spacing[2] * axes[:, 2]) / along
@@ -174,8 +180,8 @@ def _unsheared(image: sitk.Image, files: tuple[str, ...], folder: Path) -> sitk.
     grid.SetOrigin((axes_out @ low).tolist())
     minimum = float(sitk.GetArrayViewFromImage(image).min())
     angle = np.degrees(np.arctan2(np.linalg.norm(drift), abs(along)))
-    log.warning("%s: its slices stand %.1f degrees off their normal (a tilted gantry): resampled onto a grid with "
-                "perpendicular axes, on which the outputs lie", folder, angle)
+    notes.append(f"the slices stand {angle:.1f} degrees off their normal (a tilted gantry): the image was resampled "
+                 "onto a grid with perpendicular axes, on which the outputs lie")
     return sitk.Resample(image, grid, transform, sitk.sitkLinear, minimum, image.GetPixelID())
 
 
@@ -318,17 +324,22 @@ def _read_nifti2(path: Path, what: str) -> sitk.Image:
     return image
 
 
-def _warn_if_forms_disagree(path: Path) -> None:
-    """Log a warning when a NIfTI file's qform and sform both hold and point its axes different ways: both readers
-    follow the sform, and a header turned the wrong way numbers a spine from the wrong end, at full confidence."""
+def _forms_note(path: Path, image: sitk.Image) -> str | None:
+    """A line for the user when NIfTI file ``path``'s qform and sform both hold and point its axes different ways
+    (a header turned the wrong way numbers a spine from the wrong end, at full confidence), naming the one ``image``
+    was read by (ITK takes the sform unless it is not orthonormal; nibabel, for NIfTI-2, the sform)."""
     try:
         header = nibabel.load(str(path)).header
-        forms = [nibabel.aff2axcodes(header.get_qform()), nibabel.aff2axcodes(header.get_sform())]
+        forms = {"qform": header.get_qform(coded=True), "sform": header.get_sform(coded=True)}
     except Exception:  # a header nibabel cannot read has no forms to compare: the reader judges the file
-        return
-    if int(header["qform_code"]) > 0 and int(header["sform_code"]) > 0 and forms[0] != forms[1]:
-        log.warning("%s: its qform and sform disagree (axes toward %s and %s); it is read by the sform: if the "
-                    "vertebrae come out in the wrong order, correct the header", path, *("".join(f) for f in forms))
+        return None
+    codes = {name: "".join(nibabel.aff2axcodes(affine)) for name, (affine, code) in forms.items() if code > 0}
+    if len(set(codes.values())) < 2:
+        return None
+    read = "".join(nibabel.aff2axcodes(Geometry.of(image).ijk_to_ras()))
+    used = next((name for name, axes in codes.items() if axes == read), "neither")
+    return (f"its qform and sform disagree (axes toward {codes['qform']} and {codes['sform']}); it was read by the "
+            f"{used}: if the vertebrae come out in the wrong order, correct the header")
 
 
 def _as_3d(image: sitk.Image) -> sitk.Image:
@@ -337,22 +348,24 @@ def _as_3d(image: sitk.Image) -> sitk.Image:
     return image[:, :, :, 0] if image.GetDimension() == 4 and image.GetSize()[3] == 1 else image
 
 
-def _read_file(path: Path, what: str) -> sitk.Image:
+def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Image:
     """One image file: a NIfTI checked first (``_check_nifti``) and read by nibabel when it is NIfTI-2
     (``_read_nifti2``); otherwise ``sitk.ReadImage`` with ITK's error turned into an ``InputError`` naming ``path``
-    and the reason. ``what`` names the file in the messages ("image", "label map")."""
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        version = _check_nifti(path, what)
-        if version:
-            _warn_if_forms_disagree(path)
-        if version == 2:
-            return _read_nifti2(path, what)
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        reason = str(err).strip().splitlines()
-        detail = next((line for line in reason if "rror" in line or "annot" in line), reason[-1] if reason else "")
-        raise InputError(f"{path}: unreadable {what} ({detail.strip()[:200]})") from None
+    and the reason. ``what`` names the file in the messages ("image", "label map"); ``notes``, when given, gets a line
+    when a 3D NIfTI file's qform and sform disagree (``_forms_note``)."""
+    version = _check_nifti(path, what) if path.name.lower().endswith((".nii", ".nii.gz")) else 0
+    if version == 2:
+        image = _read_nifti2(path, what)
+    else:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as err:
+            reason = str(err).strip().splitlines()
+            detail = next((line for line in reason if "rror" in line or "annot" in line), reason[-1] if reason else "")
+            raise InputError(f"{path}: unreadable {what} ({detail.strip()[:200]})") from None
+    if version and notes is not None and image.GetDimension() == 3 and (note := _forms_note(path, image)):
+        notes.append(note)
+    return image
 
 
 def read_label_map(path: str | os.PathLike) -> sitk.Image:
@@ -395,7 +408,9 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     Returns:
         A 3D scalar image, pixel type float32 or its original integer type, geometry untouched (but for a DICOM
         series from a tilted gantry, resampled onto a grid with perpendicular axes); voxel values as stored, scaled
-        by the file's slope and intercept where it gives them (Hounsfield units for CT).
+        by the file's slope and intercept where it gives them (Hounsfield units for CT). What the user should know of
+        how it was read (that resampling; a NIfTI file's disagreeing qform and sform) is logged as a warning and kept
+        with the image (``read_notes``), for ``label_spine`` to list among its warnings.
 
     Raises:
         InputError: missing path, unsupported extension, unreadable or truncated file, not 3D (2D; 4D of more than
@@ -407,13 +422,24 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         raise InputError(f"{p}: no such file or folder")
     if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
         raise InputError(f"{p}: permission denied")
+    notes: list[str] = []
     if p.is_dir():
-        image = _read_dicom_folder(p)
+        image = _read_dicom_folder(p, notes)
     else:
         if not p.name.lower().endswith(IMAGE_SUFFIXES):
             raise InputError(f"{p}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder")
-        image = _read_file(p, "image")
-    return checked_image(image, str(p))
+        image = _read_file(p, "image", notes)
+    image = checked_image(image, str(p))
+    for note in notes:
+        log.warning("%s: %s", p, note)
+    if notes:
+        image.SetMetaData(_READ_NOTES_KEY, "\n".join(notes))
+    return image
+
+
+def read_notes(image: sitk.Image) -> list[str]:
+    """What ``read_image`` noted of how ``image`` was read (see there); [] for any other image."""
+    return image.GetMetaData(_READ_NOTES_KEY).split("\n") if image.HasMetaDataKey(_READ_NOTES_KEY) else []
 
 
 def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
@@ -451,7 +477,7 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
         raise InputError(f"{name}: a field of view of {' x '.join(f'{e:.3g}' for e in extent)} mm (spacing "
                          f"{' x '.join(f'{s:.3g}' for s in image.GetSpacing())} mm) cannot be a scan of a body; "
                          "are the spacing's units in the header right?")
-    if extent.min() < MIN_THICKNESS_MM:
+    if extent.min() < MIN_THICKNESS_MM - 1e-3:  # spacings computed from positions carry rounding
         axis = int(np.argmin(extent))
         raise InputError(f"{name}: a slab {extent[axis]:.3g} mm thick ({image.GetSize()[axis]} slices) is too thin to "
                          f"label; a scan {MIN_THICKNESS_MM:g} mm or more across is needed")
@@ -459,7 +485,7 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
 
 
 def canonical_grid(image: sitk.Image, spacing_mm: float | tuple[float, float, float]) -> sitk.Image:
-    """An empty float32 image on the model's grid covering ``image``: axes along L, P, S (the input's axes
+    """An empty uint8 image on the model's grid covering ``image``: axes along L, P, S (the input's axes
     permuted and flipped to the closest of those, so an oblique input keeps its tilt), ``spacing_mm`` voxels.
 
     The resulting arrays are (z, y, x) = (inferior->superior, anterior->posterior, right->left).
@@ -537,7 +563,8 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     ``final``.
     """
     final = Path(final)
-    suffix = "".join(final.suffixes[-2:]) if final.name.endswith((".nii.gz", ".seg.nrrd", ".mrk.json")) else final.suffix
+    suffix = "".join(final.suffixes[-2:]) if final.name.lower().endswith((".nii.gz", ".seg.nrrd", ".mrk.json")) \
+        else final.suffix
     tmp = _new_file_beside(final, f".tmp{suffix}")
     try:
         yield tmp

@@ -21,7 +21,7 @@ from scipy import ndimage
 from . import components as comp
 from . import features as feat
 from .inference import Cancelled, Prediction, modality_of, normalise, predict, resolve_device
-from .io import InputError, canonical_grid, checked_image, read_image, resample_to_grid
+from .io import InputError, canonical_grid, checked_image, read_image, read_notes, resample_to_grid
 from .models import LoadedModel, card_file, default_model_path, load_model
 from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
 from .sequence import solve
@@ -247,8 +247,8 @@ def label_spine(
     volume = sitk.GetArrayViewFromImage(resampled)  # float32, read-only, no copy: normalise makes the one copy
     t = stage("resample", t)
     report(0.1, "normalising")
-    warnings: list[str] = []
-    if max(geometry.spacing) > CHECKED_SPACING_MM:
+    warnings = read_notes(image)  # how the file was read (a tilted gantry resampled, disagreeing NIfTI forms)
+    if max(geometry.spacing) > CHECKED_SPACING_MM + 1e-3:  # spacings computed from positions carry rounding
         warnings.append(f"voxels {max(geometry.spacing):.3g} mm apart along one axis: the names were checked on "
                         f"slices up to {CHECKED_SPACING_MM:g} mm; check them")
     darkest, brightest = float(volume.min()), float(volume.max())

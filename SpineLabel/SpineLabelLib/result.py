@@ -157,6 +157,7 @@ class SpineLabeling:
     removed_up_to: int = 0
 
     def __post_init__(self) -> None:
+        self.components = self.components.view()  # a read-only view: the caller's own array stays writable
         self.components.flags.writeable = False
 
     def label_map(self) -> np.ndarray:
