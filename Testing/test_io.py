@@ -135,7 +135,7 @@ def test_odd_nifti2_and_corrupt_headers_name_file_and_reason(tmp_path):
 def test_nifti2_without_qform_or_sform_reads_as_itk_reads_nifti1(tmp_path):
     """Without either transform nibabel makes up an affine of its own (j flipped, centred); ITK takes pixdim spacing,
     origin 0 and the identity direction, and a NIfTI-2 copy must come back on the same grid as the NIfTI-1."""
-    voxels = np.arange(6 * 5 * 6, dtype=np.int16).reshape(6, 5, 6)
+    voxels = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
     for kind, name in ((nibabel.Nifti1Image, "one.nii"), (nibabel.Nifti2Image, "two.nii")):
         image = kind(voxels, None)
         image.header.set_zooms((2.0, 3.0, 4.0))
@@ -152,7 +152,7 @@ def test_nifti2_without_qform_or_sform_reads_as_itk_reads_nifti1(tmp_path):
 def test_float_nifti_with_bytes_after_its_voxels_is_read(tmp_path):
     """Bytes after the voxels (some writers append them) are not voxels: the NaN test stops at the voxels' end."""
     path = tmp_path / "tail.nii"
-    nibabel.save(nibabel.Nifti1Image(np.ones((10, 11, 12), np.float32), np.eye(4)), path)
+    nibabel.save(nibabel.Nifti1Image(np.ones((6, 7, 8), np.float32), np.eye(4)), path)
     path.write_bytes(path.read_bytes() + b"\xff\xff\xff\xff")  # a NaN, were it a voxel
     assert sitk.GetArrayViewFromImage(read_image(path)).max() == 1.0
 
@@ -189,8 +189,6 @@ def spaced(spacing_mm: float) -> sitk.Image:
         (lambda p: write(p, "sheared.nrrd", sheared()), "not perpendicular"),
         (lambda p: write(p, "micron.nrrd", spaced(0.001)), "cannot be a scan of a body; are the spacing's units"),
         (lambda p: write(p, "metre.nrrd", spaced(1000.0)), "cannot be a scan of a body; are the spacing's units"),
-        (lambda p: write(p, "slab.nrrd", sitk.Image([64, 64, 2], sitk.sitkInt16)),
-         "a slab 2 mm thick (2 slices) is too thin to label; a scan 10 mm or more across is needed"),
     ],
 )
 def test_bad_inputs_name_file_and_reason(tmp_path, make, reason):
@@ -277,9 +275,9 @@ def test_reads_a_dicom_series_folder(tmp_path):
 def test_an_evenly_spaced_sagittal_series_is_read(tmp_path):
     """ITK flags rounding errors of the slice positions as uneven spacing; a sagittal series has them."""
     sagittal = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)  # rows P, columns I, slices R
-    folder = write_dicom_series(tmp_path / "sagittal", sagittal, spacing=(0.7, 0.7, 1.7))
+    folder = write_dicom_series(tmp_path / "sagittal", sagittal, spacing=(0.7, 0.7, 1.2))
     image = read_image(folder)
-    assert image.GetSize() == (24, 20, 6) and np.allclose(image.GetSpacing(), (0.7, 0.7, 1.7))
+    assert image.GetSize() == (24, 20, 6) and np.allclose(image.GetSpacing(), (0.7, 0.7, 1.2))
     assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), sagittal)
 
 
