@@ -85,10 +85,12 @@ class NoVertebrae(InputError):
 
 def require_vertebrae(result: SpineLabeling, path: str | os.PathLike) -> SpineLabeling:
     """``result`` when it names at least one vertebra; otherwise raises ``NoVertebrae`` naming ``path`` and the
-    reasons (``result.warnings``). ``label_spine`` returns such an empty labelling (its spine probability is what the
-    gate judged); the command line and the Slicer module refuse it as bad input, with nothing written."""
+    reasons (``result.warnings``, without a closing "no vertebrae found" that the others explain). ``label_spine``
+    returns such an empty labelling (its spine probability is what the gate judged); the command line and the Slicer
+    module refuse it as bad input, with nothing written."""
     if not result.vertebrae:
-        raise NoVertebrae(f"{path}: {'; '.join(result.warnings)}")
+        reasons = result.warnings[:-1] if result.warnings[-1:] == ["no vertebrae found"] else result.warnings
+        raise NoVertebrae(f"{path}: {'; '.join(reasons or result.warnings)}")
     return result
 
 
