@@ -233,6 +233,8 @@ def test_a_nifti_whose_qform_and_sform_disagree_is_read_with_a_warning(tmp_path,
                                                                     and notes[0] in caplog.text), name
     assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.diag([-1.0, -1.0, 1.0]))  # the qform, in LPS
     assert read_notes(read_label_map(tmp_path / "flipped.nii.gz")) == []
+    sitk.WriteImage(read_image(tmp_path / "flipped.nii.gz"), str(tmp_path / "copy.nrrd"))  # NRRD keeps the key
+    assert read_notes(read_image(tmp_path / "copy.nrrd")) == []  # but a note speaks of the file it was made for
 
 
 def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):

@@ -430,6 +430,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         log.warning("%s: %s", p, note)
     if notes:
         image.SetMetaData(_READ_NOTES_KEY, "\n".join(notes))
+    elif image.HasMetaDataKey(_READ_NOTES_KEY):  # written into a NRRD or MetaImage file with an image read before
+        image.EraseMetaData(_READ_NOTES_KEY)
     return image
 
 
