@@ -362,7 +362,8 @@ def test_what_the_reader_noted_is_among_the_warnings(tmp_path, random_model):
     nii.set_qform(np.diag([2.0, 2.0, -2.0, 1.0]), code=1)
     nibabel.save(nii, tmp_path / "flipped.nii.gz")
     result = label_spine(tmp_path / "flipped.nii.gz", model=random_model, device="cpu")
-    assert result.warnings[0].startswith("its qform and sform disagree (axes toward RAI and RAS); it was read by the sform")
+    assert result.warnings[0].startswith("its qform and sform disagree (axes toward RAI and RAS), and it was read by "
+                                         "the sform")
 
 def test_a_component_beside_the_spine_takes_no_level(monkeypatch):
     """A body-like blob in front of the column (as a bowel loop might come out of the network) is sorted into the

@@ -171,6 +171,10 @@ def test_an_image_off_the_labellings_grid_or_a_misleading_extension_is_refused(t
     with pytest.raises(ValueError, match="a NIfTI label map is written as .nii.gz or .nii"):
         writers.write_label_map(result, tmp_path / "x_seg.nrrd")
     assert list(tmp_path.iterdir()) == []
+    writers.write_label_map(result, tmp_path / "x_seg.Nii.Gz")  # any case: nibabel once wrote it under another name
+    assert [p.name for p in tmp_path.iterdir()] == ["x_seg.Nii.Gz"]
+    written = (tmp_path / "x_seg.Nii.Gz").rename(tmp_path / "x_seg.nii.gz")  # for ITK, which reads lower case only
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(written))), result.label_map())
 
 def test_markups_positions(case, tmp_path):
     result, _ = case

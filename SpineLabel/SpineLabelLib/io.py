@@ -329,13 +329,14 @@ def _forms_note(path: Path, image: sitk.Image) -> str | None:
         forms = {"qform": header.get_qform(coded=True), "sform": header.get_sform(coded=True)}
     except Exception:  # a header nibabel cannot read has no forms to compare: the reader judges the file
         return None
-    codes = {name: "".join(nibabel.aff2axcodes(affine)) for name, (affine, code) in forms.items() if code > 0}
-    if len(set(codes.values())) < 2:
+    axes = {name: nibabel.aff2axcodes(affine) for name, (affine, code) in forms.items() if code > 0}
+    codes = {name: "".join(a) for name, a in axes.items() if None not in a}  # a degenerate form points nowhere
+    if len(codes) < 2 or len(set(codes.values())) < 2:
         return None
     read = "".join(nibabel.aff2axcodes(Geometry.of(image).ijk_to_ras()))
     used = next((name for name, axes in codes.items() if axes == read), "neither")
-    return (f"its qform and sform disagree (axes toward {codes['qform']} and {codes['sform']}); it was read by the "
-            f"{used}: if the vertebrae come out in the wrong order, correct the header")
+    return (f"its qform and sform disagree (axes toward {codes['qform']} and {codes['sform']}), and it was read by "
+            f"the {used}: if the vertebrae come out in the wrong order, correct the header")
 
 
 def _as_3d(image: sitk.Image) -> sitk.Image:
@@ -405,8 +406,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         A 3D scalar image, pixel type float32 or its original integer type, geometry untouched (but for a DICOM
         series from a tilted gantry, resampled onto a grid with perpendicular axes); voxel values as stored, scaled
         by the file's slope and intercept where it gives them (Hounsfield units for CT). What the user should know of
-        how it was read (that resampling; a NIfTI file's disagreeing qform and sform) is logged as a warning and kept
-        with the image (``read_notes``), for ``label_spine`` to list among its warnings.
+        how it was read (that resampling; a NIfTI file's disagreeing qform and sform) is kept with the image
+        (``read_notes``), for ``label_spine`` to list among its warnings, and logged.
 
     Raises:
         InputError: missing path, unsupported extension, unreadable or truncated file, not 3D (2D; 4D of more than
@@ -426,8 +427,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
             raise InputError(f"{p}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder")
         image = _read_file(p, "image", notes)
     image = checked_image(image, str(p))
-    for note in notes:
-        log.warning("%s: %s", p, note)
+    for note in notes:  # the user reads them among the labelling's warnings
+        log.info("%s: %s", p, note)
     if notes:
         image.SetMetaData(_READ_NOTES_KEY, "\n".join(notes))
     elif image.HasMetaDataKey(_READ_NOTES_KEY):  # written into a NRRD or MetaImage file with an image read before
@@ -436,7 +437,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
 
 
 def read_notes(image: sitk.Image) -> list[str]:
-    """What ``read_image`` noted of how ``image`` was read (see there); [] for any other image."""
+    """What ``read_image`` noted of how ``image`` was read (see there); [] for any other image. The notes are the
+    image's metadata, which SimpleITK's filters (a crop, a cast, a resampling) do not carry to their outputs."""
     return image.GetMetaData(_READ_NOTES_KEY).split("\n") if image.HasMetaDataKey(_READ_NOTES_KEY) else []
 
 
@@ -556,8 +558,9 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     ``final``.
     """
     final = Path(final)
-    suffix = "".join(final.suffixes[-2:]) if final.name.lower().endswith((".nii.gz", ".seg.nrrd", ".mrk.json")) \
-        else final.suffix
+    # lower case: writers tell the format by the extension, and nibabel writes ".Nii.Gz" under another name
+    suffix = ("".join(final.suffixes[-2:]) if final.name.lower().endswith((".nii.gz", ".seg.nrrd", ".mrk.json"))
+              else final.suffix).lower()
     tmp = _new_file_beside(final, f".tmp{suffix}")
     try:
         yield tmp

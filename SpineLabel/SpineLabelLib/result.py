@@ -123,8 +123,8 @@ class SpineLabeling:
     Attributes:
         geometry: the input image's grid.
         components: int16 array (z, y, x) on the input grid; 0 background, otherwise the ``Vertebra.id`` of the
-            vertebra (body and posterior elements) the voxel belongs to. Made read-only here: the labellings that
-            ``relabel`` and the edits return share it (an edit of voxels makes a new array).
+            vertebra (body and posterior elements) the voxel belongs to. A read-only view of the array given: the
+            labellings that ``relabel`` and the edits return share it (an edit of voxels makes a new array).
         vertebrae: the vertebrae, cranial to caudal (chain order).
         gaps_mm: centroid distance between each pair of consecutive vertebrae in chain order (len n-1).
         warnings: every plain-language warning about this scan ("sacrum not in view: ...").
