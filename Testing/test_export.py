@@ -24,9 +24,9 @@ def test_export_writes_nnunet_case_and_appends(tmp_path, spine):
     corrected = edits.rename(spine.result, spine.result.vertebrae[0].id, "T12")
     log = [{"action": "rename", "vertebra_id": spine.result.vertebrae[0].id, "from": "T11", "to": "T12"}]
     label_path = export.export_case(corrected, spine.image, tmp_path, corrections=log)
-    assert label_path == tmp_path / "labelsTr" / "spine_0001.nii.gz"
+    assert label_path == tmp_path / "labelsTr" / "spine_ct_0001.nii.gz"
 
-    image = sitk.ReadImage(str(tmp_path / "imagesTr" / "spine_0001_0000.nii.gz"))
+    image = sitk.ReadImage(str(tmp_path / "imagesTr" / "spine_ct_0001_0000.nii.gz"))
     label = sitk.ReadImage(str(label_path))
     assert label.GetPixelID() == sitk.sitkUInt8
     for got in (image, label):
@@ -44,18 +44,18 @@ def test_export_writes_nnunet_case_and_appends(tmp_path, spine):
     assert dataset["numTraining"] == 1 and dataset["file_ending"] == ".nii.gz"
     assert dataset["bodies_only"] is False  # whole vertebrae, whatever the folder is called
 
-    centroids = json.loads((tmp_path / "centroids" / "spine_0001_ctd.json").read_text())
+    centroids = json.loads((tmp_path / "centroids" / "spine_ct_0001_ctd.json").read_text())
     assert [c["name"] for c in centroids[1:]] == [v.name for v in corrected.vertebrae]
-    provenance = json.loads((tmp_path / "provenance" / "spine_0001.json").read_text())
+    provenance = json.loads((tmp_path / "provenance" / "spine_ct_0001.json").read_text())
     assert provenance["model"] == {"name": "synthetic", "version": "0"}
     assert provenance["corrections"] == log and provenance["corrected"] == ["T12"]
     assert provenance["exported_at"].endswith("+00:00")
 
     second = build_spine(names=("L1", "L2", "L3", "L4"), seed=1)
-    assert export.export_case(second.result, second.image, tmp_path).name == "spine_0002.nii.gz"
+    assert export.export_case(second.result, second.image, tmp_path).name == "spine_ct_0002.nii.gz"
     dataset = json.loads((tmp_path / "dataset.json").read_text())
     assert dataset["numTraining"] == 2
-    assert sorted(p.name for p in (tmp_path / "imagesTr").iterdir()) == ["spine_0001_0000.nii.gz", "spine_0002_0000.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "imagesTr").iterdir()) == ["spine_ct_0001_0000.nii.gz", "spine_ct_0002_0000.nii.gz"]
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
@@ -131,14 +131,27 @@ def test_case_ids_that_readers_would_take_for_another_case_are_refused(tmp_path,
 
 def test_temporaries_of_an_interrupted_export_are_no_case(tmp_path, spine):
     export.export_case(spine.result, spine.image, tmp_path)
-    (tmp_path / "labelsTr" / ".spine_0002.abc123.tmp.nii.gz").write_bytes(b"half")  # a killed export's leftover
+    (tmp_path / "labelsTr" / ".spine_ct_0002.abc123.tmp.nii.gz").write_bytes(b"half")  # a killed export's leftover
     other = sitk.Image(spine.image)
     other.SetOrigin((1.0, 2.0, 3.0))  # another scan: not a replacement of the first case
     moved = spine.result.copy(geometry=spine.result.geometry.__class__.of(other))
     export.export_case(moved, other, tmp_path)
     assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == 2
-    assert export.next_case_id(tmp_path) == "spine_0003"
+    assert export.next_case_id(tmp_path, "spine_ct") == "spine_ct_0003"
 
+
+
+def test_a_ct_and_an_mr_dataset_under_one_folder_are_read_together(tmp_path, spine):
+    """Export refuses to mix modalities in one dataset, so a user keeps a CT and an MR dataset side by side; training
+    and evaluation given their parent read both. Numbered alike (spine_0001 in each), the two cases were taken for one
+    and the folder refused; the modality in the automatic ids keeps them apart."""
+    from SpineLabelLib.evaluation import labelled_cases
+
+    export.export_case(spine.result, spine.image, tmp_path / "ct")
+    mr = spine.result.copy(modality="MR")
+    assert export.export_case(mr, spine.image, tmp_path / "mr").name == "spine_mr_0001.nii.gz"
+    cases = labelled_cases(tmp_path)
+    assert sorted(gt.mask.name for _, gt in cases) == ["spine_ct_0001.nii.gz", "spine_mr_0001.nii.gz"]
 
 def test_an_unreadable_dataset_json_is_named(tmp_path):
     (tmp_path / "dataset.json").write_text("{broken")
@@ -151,10 +164,10 @@ def test_exporting_a_scan_again_replaces_its_case(tmp_path, spine):
     other = build_spine(names=("L1", "L2", "L3", "L4"), seed=1)
     export.export_case(other.result, other.image, tmp_path)
     corrected = edits.rename(spine.result, spine.result.vertebrae[0].id, "T12")  # corrected once more, exported again
-    assert export.export_case(corrected, spine.image, tmp_path).name == "spine_0003.nii.gz"
-    assert sorted(p.name for p in (tmp_path / "labelsTr").iterdir()) == ["spine_0002.nii.gz", "spine_0003.nii.gz"]
-    assert not (tmp_path / "provenance" / "spine_0001.json").exists()
-    assert not (tmp_path / "imagesTr" / "spine_0001_0000.nii.gz").exists()
+    assert export.export_case(corrected, spine.image, tmp_path).name == "spine_ct_0003.nii.gz"
+    assert sorted(p.name for p in (tmp_path / "labelsTr").iterdir()) == ["spine_ct_0002.nii.gz", "spine_ct_0003.nii.gz"]
+    assert not (tmp_path / "provenance" / "spine_ct_0001.json").exists()
+    assert not (tmp_path / "imagesTr" / "spine_ct_0001_0000.nii.gz").exists()
     assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == 2
-    provenance = json.loads((tmp_path / "provenance" / "spine_0003.json").read_text())
-    assert provenance["replaces"] == ["spine_0001"] and provenance["corrected"] == ["T12"]
+    provenance = json.loads((tmp_path / "provenance" / "spine_ct_0003.json").read_text())
+    assert provenance["replaces"] == ["spine_ct_0001"] and provenance["corrected"] == ["T12"]

@@ -276,7 +276,7 @@ def test_segment_editor_edits_are_read_back_and_exported(labeled, tmp_path):
     np.testing.assert_array_equal(exported, labeled.result.label_map())
     assert not np.any(exported[erased])
     assert_nodes_match(labeled)
-    provenance = json.loads((tmp_path / "Dataset001_Spine" / "provenance" / "spine_0001.json").read_text())
+    provenance = json.loads((tmp_path / "Dataset001_Spine" / "provenance" / "spine_ct_0001.json").read_text())
     assert provenance["corrections"] == labeled.corrections
     dataset = json.loads((tmp_path / "Dataset001_Spine" / "dataset.json").read_text())
     assert dataset["numTraining"] == 1

@@ -263,7 +263,9 @@ def export_case(
         result: the (corrected) labelling, on the grid of ``image``.
         image: the image it labels; written as it is.
         dataset_dir: the dataset folder (``.../nnUNet_raw/Dataset123_Spine``).
-        case_id: case identifier (letters, digits, ``_``, ``-``); None for the next ``spine_NNNN``.
+        case_id: case identifier (letters, digits, ``_``, ``-``); None for the next ``spine_ct_NNNN`` or
+            ``spine_mr_NNNN``: the modality in the name keeps the cases of a CT and an MR dataset apart when one
+            ``spinelabel train --data`` or ``evaluate --label`` reads both from their parent folder.
         corrections: what the user changed, in order, e.g. ``[{"action": "rename", "vertebra_id": 3,
             "from": "L1", "to": "L2"}]``; stored in the provenance record.
         model: ``{"name", "version", ...}`` of the model that made the labelling; defaults to ``result.model``.
@@ -297,7 +299,7 @@ def export_case(
                              "labels whole vertebrae: export into another dataset")
     existing = _existing_cases(dataset_dir)
     if case_id is None:
-        case_id = next_case_id(dataset_dir)
+        case_id = next_case_id(dataset_dir, f"{CASE_PREFIX}_{modality.lower()}")
     elif not _CASE_ID.match(case_id):
         raise ValueError(f"case id {case_id!r}: use letters, digits, '_' and '-' only")
     else:
