@@ -157,7 +157,7 @@ def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
     assert "mine" in [c["name"] for c in list_models()]
     with pytest.raises(ModelError, match="registered already"):
         register_model(random_model, name="mine")
-    for name in ("team/spine-v2", "../escaped", ".hidden", " "):
+    for name in ("team/spine-v2", "../escaped", ".hidden", " ", "v2?", "spine.", 'a"b'):  # the last three: Windows
         with pytest.raises(ModelError, match="a model name is a file name"):
             register_model(random_model, name=name)
     assert sorted(p.name for p in (tmp_path / "registry").iterdir()) == ["mine.json", "mine.pt"]

@@ -64,8 +64,8 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
 
     reuse_freed_memory()
     first_of: dict[str, Path] = {}
-    for path in inputs:
-        other = first_of.setdefault(case_name(path), path)
+    for path in inputs:  # names that differ only in case are one file on Windows and macOS
+        other = first_of.setdefault(case_name(path).casefold(), path)
         if other != path:
             print(f"spinelabel: error: {other} and {path} would both write {out / case_name(path)}*; label them into "
                   "different folders", file=sys.stderr)
@@ -338,6 +338,9 @@ def _itk_warnings(show: bool) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a path the console's code page cannot print must not end the run
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
