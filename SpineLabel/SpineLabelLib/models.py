@@ -221,8 +221,8 @@ def registration_path(name: str) -> Path:
     Raises:
         ModelError: ``name`` is not a plain file name, or a registered model of that name exists already.
     """
-    if (not isinstance(name, str) or not name.strip() or name.startswith(".") or Path(name).name != name
-            or any(c in name for c in '<>:"/\\|?*') or name.rstrip(" .") != name):
+    if (not isinstance(name, str) or not name.strip() or name.startswith(".")
+            or any(c in name for c in '<>:"/\\|?*') or name.rstrip(" .") != name):  # / and \: no folder
         raise ModelError(f"{name!r}: a model name is a file name (no folder, not hidden, none of <>:\"/\\|?*, not "
                          "ending in a space or dot, which Windows does not allow)")
     target = user_models_dir() / f"{name}.json"

@@ -24,7 +24,7 @@ from .inference import Cancelled, Prediction, modality_of, normalise, predict, r
 from .io import InputError, canonical_grid, checked_image, read_image, read_notes, resample_to_grid
 from .models import LoadedModel, card_file, default_model_path, load_model
 from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
-from .sequence import solve
+from .sequence import solve, vertebrae_in
 from .vertebrae import LEVELS, level_index
 
 __all__ = ["label_spine", "require_vertebrae", "NoVertebrae", "Cancelled", "get_model", "is_spine",
@@ -383,10 +383,10 @@ def label_spine(
 
 
 def _chain_end(solution) -> tuple[int, bool]:
-    """How many of the solved chain's components are vertebrae (up to S1: the components below it are pieces of the
-    sacrum; else all of them), and whether the last of those is S1."""
-    is_s1 = solution.levels == level_index("S1")
-    return (int(np.argmax(is_s1)) + 1, True) if is_s1.any() else (len(solution.levels), False)
+    """How many of the solved chain's components are vertebrae (``sequence.vertebrae_in``), and whether the last of
+    those is S1."""
+    n = vertebrae_in(solution.levels)
+    return n, n > 0 and int(solution.levels[n - 1]) == level_index("S1")
 
 
 _PROBABILITY_STEPS = 254  # uint8 steps of the vertebra probability brought to the input grid

@@ -37,8 +37,8 @@ import numpy as np
 from .result import SpineLabeling
 from .vertebrae import LEVELS, level_index
 
-__all__ = ["SequencePriors", "PRIORS", "Solution", "solve", "relabel", "expected_gaps_mm", "UNCERTAIN_BELOW",
-           "TEMPERATURE"]
+__all__ = ["SequencePriors", "PRIORS", "Solution", "solve", "vertebrae_in", "relabel", "expected_gaps_mm",
+           "UNCERTAIN_BELOW", "TEMPERATURE"]
 
 
 K = len(LEVELS)
@@ -285,9 +285,15 @@ def solve(
     weights = np.exp(log_weights - np.max(log_weights))
     marginals = np.tensordot(weights / weights.sum(), per_scale, axes=1)
     confidence = np.clip(marginals[np.arange(n), levels], 0.0, 1.0)
-    # the components below the first S1 are pieces of the sacrum, no vertebrae: the warnings speak of the vertebrae
-    n = int(np.argmax(levels == _S1)) + 1 if (levels == _S1).any() else len(levels)
+    n = vertebrae_in(levels)  # the warnings speak of the vertebrae, not of the sacral pieces below them
     return Solution(levels, confidence, marginals, _warnings(levels[:n], confidence[:n], marginals[:n], gaps[: n - 1]))
+
+
+def vertebrae_in(levels: np.ndarray) -> int:
+    """How many of a solved chain's components are vertebrae: those down to the first S1 (the components below it are
+    pieces of the sacrum), else all. ``levels`` int (n,) indices into ``LEVELS``, chain order."""
+    is_s1 = np.asarray(levels) == _S1
+    return int(np.argmax(is_s1)) + 1 if is_s1.any() else len(is_s1)
 
 
 def _viterbi(emissions: np.ndarray, transitions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
