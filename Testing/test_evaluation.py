@@ -170,8 +170,8 @@ def test_folders_verse_layout(tmp_path):
     pred_dir.mkdir()
     direction = (0, 0, -1, 1, 0, 0, 0, -1, 0)  # an oblique-free but non-LPS grid
     a = write_mask(spine([L1, L2, L3, L4, L5]), gt_dir / "derivatives" / "sub-a_seg-vert_msk.nii.gz", direction)
-    b = write_mask(spine([L3, L4, L5, S1]), gt_dir / "derivatives" / "sub-b_seg-vert_msk.nii.gz", direction)
-    c = write_mask(spine([T12, L1]), gt_dir / "derivatives" / "sub-c_seg-vert_msk.nii.gz", direction)
+    write_mask(spine([L3, L4, L5, S1]), gt_dir / "derivatives" / "sub-b_seg-vert_msk.nii.gz", direction)
+    write_mask(spine([T12, L1]), gt_dir / "derivatives" / "sub-c_seg-vert_msk.nii.gz", direction)
     write_ctd(gt_dir / "derivatives" / "sub-a_seg-vb_ctd.json", lps_centroids(a))
     # sub-a: perfect, with centroid file; sub-b: labels shifted down by one, no GT centroid file; sub-c: missing.
     write_mask(sitk.GetArrayFromImage(a), pred_dir / "sub-a_ct_seg.nii.gz", direction)

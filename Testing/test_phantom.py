@@ -1,7 +1,5 @@
 """Tests of the procedural spine phantom (SpineLabelLib.phantom)."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import SimpleITK as sitk

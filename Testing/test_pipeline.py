@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,6 +239,10 @@ def test_the_spine_gate_can_be_switched_off(random_model, small_phantom):
     # the random model's many components do not look like a spine to the gate
     refused = label_spine(small_phantom.image, model=random_model, device="cpu")
     assert refused.vertebrae == [] and any(w.startswith("no spine recognised") for w in refused.warnings)
+    # the refusal names the switch in both interfaces, as the Slicer panel spells it
+    panel = (Path(__file__).resolve().parents[1] / "SpineLabel" / "Resources" / "UI" / "SpineLabel.ui").read_text()
+    switch = re.search(r'name="skipSpineGateCheckBox".*?<property name="text">\s*<string>(.*?)</string>', panel, re.S)
+    assert any("--no-spine-gate" in w and f"'{switch.group(1)}'" in w for w in refused.warnings)
     # a scan the detection takes for the wrong modality finds no spine: the refusal says how it was read
     with pytest.raises(NoVertebrae, match="no spine recognised.*; read as CT from its intensities; if it is MR, "
                                           r"label it as MR \(modality mr\)$"):  # no closing 'no vertebrae found'

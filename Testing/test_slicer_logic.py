@@ -193,7 +193,6 @@ def test_lock_from_point_keeps_name(labeled):
 
 
 def test_move_point_onto_other_vertebra_hands_over_name(labeled):
-    l1 = next(v for v in labeled.result.vertebrae if v.name == "L1")
     l2 = next(v for v in labeled.result.vertebrae if v.name == "L2")
     labeled.markupsNode.SetNthControlPointPosition(point_index(labeled, "L1"), *(LPS_TO_RAS * l2.centroid_lps_mm))
     assert labeled.result.by_id(l2.id).name == "L1" and labeled.result.by_id(l2.id).fixed

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 from scipy import ndimage
 
 from . import components as comp
@@ -160,7 +161,7 @@ def with_context(volume: np.ndarray, min_voxels: tuple[int, int, int] = MIN_CONT
     return np.pad(volume, widths, mode="reflect"), inner
 
 
-def _predict_in_context(loaded: LoadedModel, volume: np.ndarray, device: "torch.device", **kwargs) -> Prediction:
+def _predict_in_context(loaded: LoadedModel, volume: np.ndarray, device: torch.device, **kwargs) -> Prediction:
     """``predict`` on ``volume`` (float32 (z, y, x) on the model grid, normalised to [0, 1]) extended by
     ``with_context``, cut back to ``volume``: a ``Prediction`` of ``volume``'s shape (uint8 tissue, float16
     probabilities, None with ``levels_only``; float16 level log-probabilities at half resolution, (n_levels,
@@ -289,7 +290,8 @@ def label_spine(
     median = float(np.median([f.body_probability for f in whole_in_view])) if measured else None
     if spine_gate and median is not None and not is_spine(median, len(measured)):
         warnings.append(f"no spine recognised: {len(measured)} vertebra-like component(s), median vertebral-body "
-                        f"probability {median:.2f}; if this is a spine, label it with the spine gate off")
+                        f"probability {median:.2f}; if this is a spine, label it with the spine gate off (--no-spine-gate; "
+                        "in Slicer: 'Label even if no spine is recognised')")
         report(1.0, "no vertebrae found")
         return _empty(geometry, warnings + read_as, loaded, timings, source, modality, t0, median)
     ordered, gaps = feat.chain_order(measured)
