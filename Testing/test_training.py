@@ -182,7 +182,11 @@ def test_unlabelled_vertebrae_beyond_the_labelled_ones_are_not_taught_as_backgro
     assert (out[verse > 0] == BODY).all()
     assert (tissue != IGNORE).all()  # the input is left alone
     single = np.where(verse == L4, L4, 0).astype(np.uint8)
-    assert (unknown_beyond_labelled_ends(tissue, single) == tissue).all()  # one level gives no direction
+    # one labelled level: every direction leads beyond it, and L3 and L5 beside it are not taught as background
+    out = unknown_beyond_labelled_ends(tissue, single)
+    assert (out[single == 0] == IGNORE).all() and (out[single > 0] == BODY).all()
+    unlabelled = np.zeros_like(verse)
+    assert (unknown_beyond_labelled_ends(tissue, unlabelled) == tissue).all()  # no level: nothing to go beyond
 
 
 def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeypatch):
@@ -210,16 +214,19 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeyp
     straight = load_model(train(replace(cfg, out=tmp_path / "straight.json", resume=False)))
     for name, value in straight.network.state_dict().items():
         assert torch.equal(value, model.network.state_dict()[name]), name
-    with pytest.raises(ValueError, match=r"other settings \(epochs, lr\)"):
-        train(replace(cfg, epochs=3, lr=1e-3))
+    with pytest.raises(ValueError, match=r"other settings \(epochs, lr, validation_cases\)"):
+        train(replace(cfg, epochs=3, lr=1e-3, validation_cases=2))  # one history, one validation set
     write_pair(tmp_path / "nn", "imagesTr/c2_0000.nii.gz", "labelsTr/c2.nii.gz")  # an export added a case
     with pytest.raises(ValueError, match=r"other settings \(cases\)"):
         train(cfg)
     with pytest.raises(ValueError, match="'synthetic' needs --data-dir"):
         train(replace(cfg, data=[("synthetic", 1.0)], resume=False))
-    finetuned = train(TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "f.json", base_model=card,
-                                  epochs=1, iterations=1, batch=1, patch=(32, 32, 32), device="cpu", validation_cases=1))
+    finetuned = train(TrainConfig(data=[("phantom", 0.0), (str(tmp_path / "nn"), 1.0)], out=tmp_path / "f.json",
+                                  base_model=card, epochs=1, iterations=1, batch=1, patch=(32, 32, 32), device="cpu",
+                                  validation_cases=2))
     assert load_model(finetuned).card["base_model"]["name"] == "spinelabel-finetuned"
+    # a source of weight 0 is not trained on, so it is not scored either
+    assert not any(name.startswith("phantom") for name in load_model(finetuned).card["training"]["validation_crops"])
 
 
 def test_a_fine_tune_never_replaces_its_base_model_or_the_shipped_one(tmp_path, monkeypatch):

@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="real labelled vertebrae, the shapes of --data synthetic (needed "
                    "only for it)")
     p.add_argument("--validation-cases", type=int, default=4, help="fixed crops scored after every epoch, drawn "
-                   "from the --data sources in turn (for a folder: crops of its training scans)")
+                   "in turn from the --data sources of weight above 0 (for a folder: crops of its training scans)")
     p.add_argument("--note", default="", help="free text for the model card's training data entry")
     p.add_argument("--average-last", type=int, default=0, metavar="N",
                    help="write the mean of the weights of the last N epochs (stochastic weight averaging)")

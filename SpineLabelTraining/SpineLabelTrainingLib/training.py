@@ -223,7 +223,8 @@ def unknown_beyond_labelled_ends(tissue: np.ndarray, verse: np.ndarray) -> np.nd
 
     Real label maps often stop short of what the image shows (lumbar MRI labelled L1-L5 shows T12 and the sacrum).
     Those visible but unlabelled vertebrae must not be taught as background: beyond the centroid of each end
-    vertebra, in the direction away from its labelled neighbour, nothing unlabelled is known.
+    vertebra, in the direction away from its labelled neighbour, nothing unlabelled is known. A map with one
+    labelled vertebra has no neighbour: every direction leads beyond it, so all its unlabelled voxels are unknown.
 
     Args:
         tissue: uint8 (z, y, x) tissue targets (classes or partial-label codes); not modified.
@@ -234,7 +235,7 @@ def unknown_beyond_labelled_ends(tissue: np.ndarray, verse: np.ndarray) -> np.nd
     """
     present = [int(v) for v in np.unique(verse) if _LEVEL_OF_LABEL[v] > 0]
     if len(present) < 2:
-        return tissue
+        return np.where(verse == 0, IGNORE, tissue).astype(np.uint8) if present else tissue
     present.sort(key=lambda v: _LEVEL_OF_LABEL[v])
     centroids = {v: np.array(ndimage.center_of_mass(verse == v)) for v in (*present[:2], *present[-2:])}
     coords = np.indices(verse.shape, dtype=np.float32)
@@ -541,7 +542,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     weights /= weights.sum()
     sources, cases = zip(*(make_source(s, spacing, cfg.patch, cfg.data_dir, cfg.progress_bars) for s in specs))
     val_rng = np.random.default_rng(10_000 + cfg.seed)
-    val = [sources[i % len(sources)](val_rng) for i in range(cfg.validation_cases)]
+    trained_on = [source for source, weight in zip(sources, weights) if weight > 0]  # a weight of 0 leaves it out
+    val = [trained_on[i % len(trained_on)](val_rng) for i in range(cfg.validation_cases)]
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     total_steps = cfg.epochs * cfg.iterations
     # 5 % warm-up; at least 1.5 steps of it in a short run (torch divides by the warm-up's length in steps, less 1)
@@ -555,6 +557,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
                 "base_model": base_path,
                 "epochs": cfg.epochs, "iterations": cfg.iterations, "batch": cfg.batch, "patch": list(cfg.patch),
                 "lr": cfg.lr, "spacing_mm": spacing, "seed": cfg.seed, "average_last": cfg.average_last,
+                "validation_cases": cfg.validation_cases,
                 "data_dir": str(Path(cfg.data_dir).resolve()) if "synthetic" in specs else None}
     if cfg.resume and not ckpt.exists():
         log.warning("no checkpoint at %s to resume from: training from the start", ckpt)
