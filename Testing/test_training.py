@@ -361,7 +361,8 @@ def test_nnunet_labels_are_read_by_their_names_in_dataset_json(tmp_path):
     image = sitk.GetImageFromArray(renumbered)
     image.CopyInformation(verse)
     sitk.WriteImage(image, str(labels))
-    names = {"background": 0, **{f"x{v}": v for v in range(1, 300)}, "L3": 300, "L4": 301, "L5": 302}
+    # spelt as SpineLabel, TotalSegmentator and a lower-case writer name them
+    names = {"background": 0, **{f"x{v}": v for v in range(1, 300)}, "L3": 300, "vertebrae_L4": 301, "l5": 302}
     (tmp_path / "nn" / "dataset.json").write_text(json.dumps({"labels": names}))
     case = load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
     assert set(np.unique(case.levels)) == {0, L3, L4, L5}

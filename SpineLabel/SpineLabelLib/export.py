@@ -44,7 +44,7 @@ from . import __version__, writers
 from .edits import check_image_grid
 from .io import CASE_SUFFIXES, InputError, atomic_path, case_key
 from .result import SpineLabeling
-from .vertebrae import BY_NAME, COCCYX_LABEL, LEVELS
+from .vertebrae import COCCYX_LABEL, LEVELS, Level, level_index
 
 __all__ = ["CASE_PREFIX", "MIN_VERTEBRAE", "dataset_labels", "dataset_label_values", "recorded_modality",
            "provenance_of", "next_case_id", "export_case", "read_dataset_json"]
@@ -164,9 +164,9 @@ def provenance_of(label_path: str | os.PathLike) -> dict | None:
 
 def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> np.ndarray | None:
     """For a label map of an nnU-Net dataset (in ``labelsTr/`` beside ``dataset.json``): the lookup table, uint8
-    indexed by the map's values, to VerSe labels, by the names in ``dataset.json``'s ``labels`` (the names of
-    ``vertebrae.LEVELS``, ``C1`` ... ``S1``; other names map to 0). None for any other label map: its values are
-    VerSe labels.
+    indexed by the map's values, to VerSe labels, by the names in ``dataset.json``'s ``labels`` (``_level_named``:
+    ``C1`` ... ``S1`` in any case, ``sacrum``, TotalSegmentator's ``vertebrae_L5``; other names map to 0). None for
+    any other label map: its values are VerSe labels.
 
     Args:
         label_path: the label map's file.
@@ -183,18 +183,30 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
     names = document.get("labels", {})
     if not isinstance(names, dict):
         raise ValueError(f"{dataset}: 'labels' must map each name to its label value")
-    named = {int(value): name for name, value in names.items() if isinstance(value, int)}
-    if not any(name in BY_NAME for name in named.values()):
+    named = {int(value): _level_named(name) for name, value in names.items() if isinstance(value, int)}
+    if not any(named.values()):
         raise ValueError(f"{dataset}: no label is named after a vertebral level ({LEVELS[0].name} ... "
                          f"{LEVELS[-1].name})")
     unnamed = [int(v) for v in present if int(v) not in named]
     if unnamed:
         raise ValueError(f"{label_path}: label values {unnamed[:5]} are not in {dataset}")
     lut = np.zeros(int(present[-1]) + 1, dtype=np.uint8)
-    for value, name in named.items():
-        if name in BY_NAME and value < lut.size:
-            lut[value] = BY_NAME[name].label
+    for value, level in named.items():
+        if level is not None and value < lut.size:
+            lut[value] = level.label
     return lut
+
+
+def _level_named(name) -> Level | None:
+    """The level a ``dataset.json`` label name stands for (``vertebrae.level_index``: any case, ``sacrum`` for S1;
+    TotalSegmentator's prefix ``vertebrae_`` dropped), or None."""
+    text = str(name).strip()
+    if text.lower().startswith("vertebrae_"):
+        text = text[len("vertebrae_"):]
+    try:
+        return LEVELS[level_index(text)]
+    except KeyError:
+        return None
 
 
 def _modality(result: SpineLabeling) -> str:
