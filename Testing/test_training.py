@@ -189,7 +189,7 @@ def test_unlabelled_vertebrae_beyond_the_labelled_ones_are_not_taught_as_backgro
     assert (unknown_beyond_labelled_ends(tissue, unlabelled) == tissue).all()  # no level: nothing to go beyond
 
 
-def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeypatch):
+def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeypatch, caplog):
     # float32: the bfloat16 kernels of an AVX-512 BF16 CPU give gradients that differ run to run (by 2e-5 here)
     monkeypatch.setattr(training, "autocast", lambda device: contextlib.nullcontext())
     monkeypatch.chdir(tmp_path)
@@ -225,6 +225,7 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeyp
                                   base_model=card, epochs=1, iterations=1, batch=1, patch=(32, 32, 32), device="cpu",
                                   validation_cases=2))
     assert load_model(finetuned).card["base_model"]["name"] == "spinelabel-finetuned"
+    assert "can forget what the base model knew" in caplog.text  # a fine-tune on a folder alone
     # a source of weight 0 is not trained on, so it is not scored either
     assert not any(name.startswith("phantom") for name in load_model(finetuned).card["training"]["validation_crops"])
 

@@ -527,6 +527,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
             if path.resolve() in owner:
                 raise ValueError(f"{path}: is a file of {owner[path.resolve()]}; a fine-tune never replaces it: give "
                                  "--out another path")
+        if not any(spec in ("synthetic", "phantom") and w > 0 for spec, w in cfg.data):
+            log.warning("fine-tuning on labelled folders alone can forget what the base model knew of other spines; "
+                        "mix in --data phantom:0.3 --data negative:0.1 (what SpineLabelTraining does; see README)")
     else:
         net, spacing, base_card, base_path = SpineUNet(), cfg.spacing_mm, None, None
     if any(size % net.divisor for size in cfg.patch):
