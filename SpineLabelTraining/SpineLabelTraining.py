@@ -45,8 +45,9 @@ class SpineLabelTraining(ScriptedLoadableModule):
         self.parent.contributors = ["SpineLabel contributors"]
         self.parent.helpText = _(
             "Fine-tunes a SpineLabel model on a dataset folder of corrected cases (exported from the SpineLabel "
-            "module, or any nnU-Net dataset with VerSe labels). The new model is registered and can be chosen in "
-            "SpineLabel's model list."
+            "module, or an nnU-Net dataset whose dataset.json names its labels after the vertebrae), mixed with "
+            "procedural phantoms and images without a spine so that the model keeps what it knew of other spines. "
+            "The new model is registered and can be chosen in SpineLabel's model list."
         )
         self.parent.acknowledgementText = _("Part of the SpineLabel extension.")
 

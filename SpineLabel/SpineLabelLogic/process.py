@@ -110,7 +110,7 @@ def labelCommand(python: str, inputPath: str | os.PathLike, outputDir: str | os.
     return command
 
 
-# The share of the batches the exported dataset gets in a training started here, and the sources that fill the rest
+# The share of the training crops the exported dataset gets in a training started here, and the sources of the rest
 # (``spinelabel train --data SOURCE:WEIGHT``): procedural phantoms (CT and MR, every field of view) and images without
 # a spine, which need no data beyond SpineLabel, so that the model keeps what it knew of the spines the export does not
 # show. Model 1.7.0 fine-tuned with this module's defaults (10 epochs of 100 steps) on two exported real CT alone

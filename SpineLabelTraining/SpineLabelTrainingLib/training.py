@@ -528,8 +528,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
                 raise ValueError(f"{path}: is a file of {owner[path.resolve()]}; a fine-tune never replaces it: give "
                                  "--out another path")
         if not any(spec in ("synthetic", "phantom") and w > 0 for spec, w in cfg.data):
-            log.warning("fine-tuning on labelled folders alone can forget what the base model knew of other spines; "
-                        "mix in --data phantom:0.3 --data negative:0.1 (what SpineLabelTraining does; see README)")
+            log.warning("fine-tuning without phantoms or synthetic spines can forget what the base model knew of other "
+                        "spines; mix in --data phantom:0.3 --data negative:0.1 (what SpineLabelTraining does; see README)")
     else:
         net, spacing, base_card, base_path = SpineUNet(), cfg.spacing_mm, None, None
     if any(size % net.divisor for size in cfg.patch):
@@ -567,7 +567,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     if cfg.resume and ckpt.exists():
         try:
             state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+            # a setting the checkpoint lacks was added to this list after it was written: not a difference
+            changed = sorted(k for k in settings if state["settings"].get(k, settings[k]) != settings[k])
         except Exception as err:  # torch.load raises many types on a file that is not its own
             raise ValueError(f"{ckpt}: not a SpineLabel training checkpoint ({type(err).__name__}: "
                              f"{str(err).strip()[:200]}); remove it to train from the start") from None
