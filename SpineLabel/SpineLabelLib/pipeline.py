@@ -290,8 +290,8 @@ def label_spine(
     median = float(np.median([f.body_probability for f in whole_in_view])) if measured else None
     if spine_gate and median is not None and not is_spine(median, len(measured)):
         warnings.append(f"no spine recognised: {len(measured)} vertebra-like component(s), median vertebral-body "
-                        f"probability {median:.2f}; if this is a spine, label it with the spine gate off (--no-spine-gate; "
-                        "in Slicer: 'Label even if no spine is recognised')")
+                        f"probability {median:.2f}; if this is a spine, label it with the spine gate off "
+                        "(--no-spine-gate; in Slicer: 'Label even if no spine is recognised')")
         report(1.0, "no vertebrae found")
         return _empty(geometry, warnings + read_as, loaded, timings, source, modality, t0, median)
     ordered, gaps = feat.chain_order(measured)

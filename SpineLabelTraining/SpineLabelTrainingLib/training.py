@@ -529,7 +529,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
                                  "--out another path")
         if not any(spec in ("synthetic", "phantom") and w > 0 for spec, w in cfg.data):
             log.warning("fine-tuning without phantoms or synthetic spines can forget what the base model knew of other "
-                        "spines; mix in --data phantom:0.3 --data negative:0.1 (what SpineLabelTraining does; see README)")
+                        "spines; mix as SpineLabelTraining does: --data FOLDER:0.6 --data phantom:0.3 --data "
+                        "negative:0.1 (see README)")
     else:
         net, spacing, base_card, base_path = SpineUNet(), cfg.spacing_mm, None, None
     if any(size % net.divisor for size in cfg.patch):
