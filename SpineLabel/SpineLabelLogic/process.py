@@ -118,7 +118,8 @@ def labelCommand(python: str, inputPath: str | os.PathLike, outputDir: str | os.
 # (``real_data.py evaluate --selection``: 146 before) and 7 of 9 on those two CT themselves (8 before); with this mix
 # 702, 146 and 8 (the same rule on both, written before either was scored). On three exported real lumbar MRI instead:
 # alone 495 of 860, 132 of 146, the CT 4 of 9 and the held-out MRI of ``real_data.py evaluate`` 44 of 55 (52 before);
-# with this mix 697, 146, 8 and 52.
+# with this mix 697, 146, 8 and 52. The price: on four corrected short MRI that 1.7.0 numbered wrong, 10 epochs fit 3 of
+# their 10 vertebrae with this mix, 8 alone (README, Models).
 EXPORT_SHARE = 0.6
 REPLAY = (("phantom", 0.3), ("negative", 0.1))
 
