@@ -197,10 +197,10 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
     return lut
 
 
-def _level_named(name) -> Level | None:
+def _level_named(name: str) -> Level | None:
     """The level a ``dataset.json`` label name stands for (``vertebrae.level_index``: any case, ``sacrum`` for S1;
     TotalSegmentator's prefix ``vertebrae_`` dropped), or None."""
-    text = str(name).strip()
+    text = name.strip()
     if text.lower().startswith("vertebrae_"):
         text = text[len("vertebrae_"):]
     try:

@@ -113,13 +113,9 @@ def labelCommand(python: str, inputPath: str | os.PathLike, outputDir: str | os.
 # The share of the training crops the exported dataset gets in a training started here, and the sources of the rest
 # (``spinelabel train --data SOURCE:WEIGHT``): procedural phantoms (CT and MR, every field of view) and images without
 # a spine, which need no data beyond SpineLabel, so that the model keeps what it knew of the spines the export does not
-# show. Model 1.7.0 fine-tuned with this module's defaults (10 epochs of 100 steps) on two exported real CT alone
-# identified 476 of the 860 vertebrae of ``benchmarks/selection.py`` (702 before), 139 of the 146 of the training MRI
-# (``real_data.py evaluate --selection``: 146 before) and 7 of 9 on those two CT themselves (8 before); with this mix
-# 702, 146 and 8 (the same rule on both, written before either was scored). On three exported real lumbar MRI instead:
-# alone 495 of 860, 132 of 146, the CT 4 of 9 and the held-out MRI of ``real_data.py evaluate`` 44 of 55 (52 before);
-# with this mix 697, 146, 8 and 52. The price: on four corrected short MRI that 1.7.0 numbered wrong, 10 epochs fit 3 of
-# their 10 vertebrae with this mix, 8 alone (README, Models).
+# show. Measured in the README (Models): fine-tuned on two exported CT or three exported MRI alone, model 1.7.0 lost a
+# third of the vertebrae of ``benchmarks/selection.py`` and up to 8 of 55 held-out MRI vertebrae; with this mix about
+# none, at the price of learning corrections more slowly. ``spinelabel train`` names this mix when it warns.
 EXPORT_SHARE = 0.6
 REPLAY = (("phantom", 0.3), ("negative", 0.1))
 

@@ -527,6 +527,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
             if path.resolve() in owner:
                 raise ValueError(f"{path}: is a file of {owner[path.resolve()]}; a fine-tune never replaces it: give "
                                  "--out another path")
+        # the mix is SpineLabelLogic.process's EXPORT_SHARE and REPLAY, which this package cannot import
         if not any(spec in ("synthetic", "phantom") and w > 0 for spec, w in cfg.data):
             log.warning("fine-tuning without phantoms or synthetic spines can forget what the base model knew of other "
                         "spines; mix as SpineLabelTraining does: --data FOLDER:0.6 --data phantom:0.3 --data "
