@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from conftest import DATA
 from SpineLabelLib.io import InputError
 from SpineLabelLib.models import ModelError, load_model, register_model, save_model
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.phantom import make_phantom
-from SpineLabelLib.pipeline import (LONG_COLUMN, MIN_SPINE_PROBABILITY, MIN_SPINE_PROBABILITY_LONG_COLUMN,
-                                    ORIENTATION_MARGIN, Cancelled, NoVertebrae, components_on_input_grid, is_spine,
-                                    label_spine, require_vertebrae)
+from SpineLabelLib.pipeline import (DENSE_BONE_REACH_MM, LONG_COLUMN, MIN_SPINE_PROBABILITY,
+                                    MIN_SPINE_PROBABILITY_LONG_COLUMN, ORIENTATION_MARGIN, Cancelled, NoVertebrae,
+                                    components_on_input_grid, is_spine, label_spine, require_vertebrae)
 from SpineLabelLib.vertebrae import BY_NAME
 
 
@@ -305,6 +306,32 @@ def test_components_reach_the_input_grid_with_their_half_probability_surface():
     for i, r in fine.items():
         assert (out[r < 7.0] == i).all()
     assert not out[np.minimum(*fine.values()) > 9.0].any()
+
+
+def test_on_ct_dense_bone_next_to_a_vertebra_joins_it_on_the_input_grid():
+    """A ball labelled to 8 mm on the model grid (2 mm) inside dense bone (400 HU) to 15 mm, on a 1 mm CT grid: with
+    ``dense_bone_hu`` the vertebra takes the dense voxels within ``DENSE_BONE_REACH_MM`` of its label and no further,
+    never a voxel below that density, and the counts follow; without it (MR) nothing grows."""
+    grid = sitk.Image([20, 20, 20], sitk.sitkFloat32)
+    grid.SetSpacing((2.0, 2.0, 2.0))
+    centre = np.array([20.0, 20.0, 20.0])
+    r_model = np.sqrt(((np.indices((20,) * 3) * 2.0 - centre[:, None, None, None]) ** 2).sum(axis=0))
+    probability = (r_model <= 8.0).astype(np.float32)
+    components = (r_model <= 10.0).astype(np.int16) * 4
+    r = np.sqrt(((np.indices((40,) * 3) * 1.0 - 0.5 - centre[:, None, None, None]) ** 2).sum(axis=0))
+    hu = np.where(r <= 15.0, 400, 50).astype(np.int16)
+    hu[:, :, :20] = np.where(r[:, :, :20] <= 15.0, 150, 50)  # one half: dense, but below the bone density
+    image = sitk.GetImageFromArray(hu)
+    image.SetOrigin((-0.5, -0.5, -0.5))
+    plain, plain_voxels = components_on_input_grid(components, probability, grid, image)
+    out, voxels = components_on_input_grid(components, probability, grid, image, dense_bone_hu=200.0)
+    assert voxels == {4: int((out == 4).sum())} and plain_voxels == {4: int((plain == 4).sum())}
+    added = (out == 4) & (plain == 0)
+    assert added.any() and (hu[added] >= 200).all()
+    assert not (out[plain == 4] != 4).any()  # nothing taken away
+    distance = ndimage.distance_transform_edt(plain != 4)
+    assert (distance[added] <= DENSE_BONE_REACH_MM).all()
+    assert (out[(distance <= DENSE_BONE_REACH_MM) & (hu >= 200)] == 4).all()
 
 
 def test_an_image_in_memory_is_checked_as_a_file_is():

@@ -24,12 +24,14 @@ from skimage.segmentation import watershed
 
 from .vertebrae import BODY, POSTERIOR, level_index
 
-__all__ = ["present_ids", "cut_by_field_of_view", "body_components", "split_merged", "dense_bone_as_posterior",
-           "attach_posterior", "sacral_posterior", "confine_posterior", "join_sacrum", "vertebra_components"]
+__all__ = ["DENSE_BONE_HU", "present_ids", "cut_by_field_of_view", "body_components", "split_merged", "ball",
+           "dense_bone_as_posterior", "attach_posterior", "sacral_posterior", "confine_posterior", "join_sacrum",
+           "vertebra_components"]
 
 log = logging.getLogger(__name__)
 
 _SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
+DENSE_BONE_HU = 200.0  # CT: the density from which a voxel next to the network's vertebrae is taken for bone
 S1_LEVEL = level_index("S1")  # channel of the level head
 
 
@@ -451,8 +453,16 @@ def _off_column(centroids: np.ndarray, large: np.ndarray, kept: np.ndarray, i: i
     return float(np.hypot(0.5 * (centroids[i, 1] - reference[1]), centroids[i, 2] - reference[2]))
 
 
+def ball(radius_mm: float, spacing_mm) -> np.ndarray:
+    """Boolean structuring element: the voxel offsets within ``radius_mm`` of the centre on a grid of ``spacing_mm``
+    (per array axis, mm); odd along every axis, its centre at ``shape // 2``."""
+    radius = np.floor(radius_mm / np.asarray(spacing_mm, float)).astype(int)
+    offsets = np.mgrid[tuple(slice(-r, r + 1) for r in radius)]
+    return sum((o * s) ** 2 for o, s in zip(offsets, spacing_mm)) <= radius_mm**2
+
+
 def dense_bone_as_posterior(tissue: np.ndarray, bone_probability: np.ndarray, hu: np.ndarray,
-                            spacing_mm: tuple[float, float, float], min_hu: float = 200.0,
+                            spacing_mm: tuple[float, float, float], min_hu: float = DENSE_BONE_HU,
                             min_probability: float = 0.1, max_distance_mm: float = 4.0
                             ) -> tuple[np.ndarray, np.ndarray]:
     """CT only: background voxels of dense bone close to the network's vertebrae, which the network gives some
@@ -477,11 +487,10 @@ def dense_bone_as_posterior(tissue: np.ndarray, bone_probability: np.ndarray, hu
     spine = (tissue != 0) | (bone_probability >= 0.5)
     dense = ~spine & (hu >= min_hu) & (bone_probability >= min_probability)
     if dense.any():  # grow the spine by a ball of that radius, in the box around the candidates only
-        radius = np.floor(max_distance_mm / np.asarray(spacing_mm)).astype(int)
-        offsets = np.mgrid[tuple(slice(-r, r + 1) for r in radius)]
-        ball = sum((o * s) ** 2 for o, s in zip(offsets, spacing_mm)) <= max_distance_mm**2
+        structure = ball(max_distance_mm, spacing_mm)
+        radius = np.array(structure.shape) // 2
         box = tuple(slice(max(int(v.min()) - r, 0), int(v.max()) + r + 1) for v, r in zip(np.nonzero(dense), radius))
-        dense[box] &= ndimage.binary_dilation(spine[box], structure=ball)
+        dense[box] &= ndimage.binary_dilation(spine[box], structure=structure)
     return (np.where(dense, POSTERIOR, tissue).astype(tissue.dtype),
             np.where(dense, 1, bone_probability).astype(bone_probability.dtype))
 
