@@ -308,30 +308,44 @@ def test_components_reach_the_input_grid_with_their_half_probability_surface():
     assert not out[np.minimum(*fine.values()) > 9.0].any()
 
 
-def test_on_ct_dense_bone_next_to_a_vertebra_joins_it_on_the_input_grid():
-    """A ball labelled to 8 mm on the model grid (2 mm) inside dense bone (400 HU) to 15 mm, on a 1 mm CT grid: with
-    ``dense_bone_hu`` the vertebra takes the dense voxels within ``DENSE_BONE_REACH_MM`` of its label and no further,
-    never a voxel below that density, and the counts follow; without it (MR) nothing grows."""
+@pytest.mark.parametrize("spacing_xyz", [(1.0, 1.0, 1.0), (1.0, 1.0, 2.0), (0.5, 0.5, 3.0000001)])
+def test_on_ct_dense_bone_next_to_a_vertebra_joins_it_on_the_input_grid(spacing_xyz):
+    """Two balls labelled to 8 mm on the model grid (2 mm), 18 mm apart, the second cut by the edge of the view,
+    inside dense bone (400 HU) to 15 mm, on CT grids of any spacing: with ``dense_bone_hu`` each vertebra takes the
+    dense voxels within ``DENSE_BONE_REACH_MM`` of its label and no others (a voxel within reach of both goes to the
+    lower id), never a voxel below that density, and the counts are those of the label map; without it (MR) nothing
+    grows."""
     grid = sitk.Image([20, 20, 20], sitk.sitkFloat32)
     grid.SetSpacing((2.0, 2.0, 2.0))
-    centre = np.array([20.0, 20.0, 20.0])
-    r_model = np.sqrt(((np.indices((20,) * 3) * 2.0 - centre[:, None, None, None]) ** 2).sum(axis=0))
-    probability = (r_model <= 8.0).astype(np.float32)
-    components = (r_model <= 10.0).astype(np.int16) * 4
-    r = np.sqrt(((np.indices((40,) * 3) * 1.0 - 0.5 - centre[:, None, None, None]) ** 2).sum(axis=0))
+    centres = {3: np.array([20.0, 20.0, 12.0]), 5: np.array([20.0, 20.0, 30.0])}  # (z, y, x) mm
+    model_zyx = np.indices((20,) * 3) * 2.0
+    r_model = {i: np.sqrt(((model_zyx - c[:, None, None, None]) ** 2).sum(axis=0)) for i, c in centres.items()}
+    probability = (np.minimum(*r_model.values()) <= 8.0).astype(np.float32)
+    components = np.zeros((20, 20, 20), np.int16)
+    for i, r in r_model.items():
+        components[(r <= 10.0) & (r == np.minimum(*r_model.values()))] = i
+    spacing_zyx = np.array(spacing_xyz[::-1])
+    shape = tuple(int(v) for v in np.floor(np.array([40.0, 40.0, 34.0]) / spacing_zyx))  # the view ends at x = 34 mm
+    zyx = np.indices(shape) * spacing_zyx[:, None, None, None]
+    r = np.minimum(*(np.sqrt(((zyx - c[:, None, None, None]) ** 2).sum(axis=0)) for c in centres.values()))
     hu = np.where(r <= 15.0, 400, 50).astype(np.int16)
-    hu[:, :, :20] = np.where(r[:, :, :20] <= 15.0, 150, 50)  # one half: dense, but below the bone density
+    hu[zyx[1] < 20.0] = np.where(r[zyx[1] < 20.0] <= 15.0, 150, 50)  # one half: dense, but below the bone density
     image = sitk.GetImageFromArray(hu)
-    image.SetOrigin((-0.5, -0.5, -0.5))
+    image.SetSpacing(spacing_xyz)
     plain, plain_voxels = components_on_input_grid(components, probability, grid, image)
     out, voxels = components_on_input_grid(components, probability, grid, image, dense_bone_hu=200.0)
-    assert voxels == {4: int((out == 4).sum())} and plain_voxels == {4: int((plain == 4).sum())}
-    added = (out == 4) & (plain == 0)
+    assert voxels == {i: int((out == i).sum()) for i in centres}
+    assert plain_voxels == {i: int((plain == i).sum()) for i in centres}
+    assert (out[plain != 0] == plain[plain != 0]).all()  # nothing taken away or renamed
+    added = (out != 0) & (plain == 0)
     assert added.any() and (hu[added] >= 200).all()
-    assert not (out[plain == 4] != 4).any()  # nothing taken away
-    distance = ndimage.distance_transform_edt(plain != 4)
-    assert (distance[added] <= DENSE_BONE_REACH_MM).all()
-    assert (out[(distance <= DENSE_BONE_REACH_MM) & (hu >= 200)] == 4).all()
+    near = {i: ndimage.distance_transform_edt(plain != i, sampling=spacing_zyx) <= DENSE_BONE_REACH_MM * (1 + 1e-5)
+            for i in centres}
+    for i in centres:
+        assert (out[added & (out == i)] == i).all() and near[i][added & (out == i)].all()
+        assert (out[near[i] & (plain == 0) & (hu >= 200)] != 0).all()
+    assert (out[near[3] & near[5] & (plain == 0) & (hu >= 200)] == 3).all()
+    assert (added & (out == 5)).any()  # the vertebra at the edge of the view grows too
 
 
 def test_an_image_in_memory_is_checked_as_a_file_is():

@@ -455,10 +455,11 @@ def _off_column(centroids: np.ndarray, large: np.ndarray, kept: np.ndarray, i: i
 
 def ball(radius_mm: float, spacing_mm) -> np.ndarray:
     """Boolean structuring element: the voxel offsets within ``radius_mm`` of the centre on a grid of ``spacing_mm``
-    (per array axis, mm); odd along every axis, its centre at ``shape // 2``."""
-    radius = np.floor(radius_mm / np.asarray(spacing_mm, float)).astype(int)
+    (per array axis, mm); odd along every axis, its centre at ``shape // 2``. An offset at the radius but for the
+    rounding of a header's spacing (1.0000001 mm) is inside."""
+    radius = np.floor(radius_mm / np.asarray(spacing_mm, float) + 1e-5).astype(int)
     offsets = np.mgrid[tuple(slice(-r, r + 1) for r in radius)]
-    return sum((o * s) ** 2 for o, s in zip(offsets, spacing_mm)) <= radius_mm**2
+    return sum((o * s) ** 2 for o, s in zip(offsets, spacing_mm)) <= radius_mm**2 * (1 + 1e-5)
 
 
 def dense_bone_as_posterior(tissue: np.ndarray, bone_probability: np.ndarray, hu: np.ndarray,

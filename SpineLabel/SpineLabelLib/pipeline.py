@@ -454,8 +454,11 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
         ids_on_input = resample_to_grid(comp_image, reference, label=True)
         prob_on_input = resample_to_grid(prob_image, reference, pixel_type=sitk.sitkUInt8)
         ids, prob = sitk.GetArrayViewFromImage(ids_on_input), sitk.GetArrayViewFromImage(prob_on_input)  # no copies
-        inside = (ids == vid) & (prob >= _PROBABILITY_STEPS // 2)  # each voxel has one nearest id: boxes may overlap
-        np.copyto(out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]], vid, where=inside)
+        target = out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]]
+        # boxes overlap, and a voxel equally near two model-grid voxels may take either id in either box's resampling:
+        # it goes to the first id that takes it, so that every voxel is counted once
+        inside = (ids == vid) & (prob >= _PROBABILITY_STEPS // 2) & (target == 0)
+        target[inside] = vid
         voxels[vid] = int(np.count_nonzero(inside))
         placed.append((vid, lo[::-1], hi[::-1]))
     if dense_bone_hu is not None:
@@ -478,14 +481,9 @@ def _grow_into_dense_bone(out: np.ndarray, vid: int, lo_zyx: np.ndarray, hi_zyx:
     region = out[box]  # a view: writes go to ``out``
     free = region == 0
     free &= hu[box] >= min_hu
-    dense = ndimage.find_objects(free.view(np.uint8))
-    if not dense:
-        return 0
-    # the dilation, most of the time taken, only where dense voxels are
-    sub = tuple(slice(max(s.start - r, 0), s.stop + r) for s, r in zip(dense[0], reach))
-    grown = ndimage.binary_dilation(region[sub] == vid, structure=structure)
-    grown &= free[sub]
-    region[sub][grown] = vid
+    grown = ndimage.binary_dilation(region == vid, structure=structure, mask=free)  # the mask spares most of the work
+    grown &= free
+    region[grown] = vid
     return int(np.count_nonzero(grown))
 
 
