@@ -59,6 +59,25 @@ def test_shifted_by_one_is_flagged(pred_labels, shift):
     assert r.off_by_one and r.shift == shift and r.n_shift_pairs == 5
     assert r.mean_loc_error_mm == pytest.approx(20.0)  # same label one 10-slice (20 mm) box away, 4 of 5 labels
     assert r.n_not_predicted == 1
+    assert r.mean_dice == 0.0 and r.mean_dice_names_aside == 1.0  # every vertebra outlined right, named wrong
+
+
+def test_dice_names_aside_takes_the_predicted_vertebra_overlapping_most():
+    """A GT vertebra whose voxels the prediction splits between two labels is scored against the one holding most
+    of them, whatever its name; one no predicted vertebra touches scores 0; bodies-only GT has none."""
+    gt = spine([L1, L2, L3])
+    pred = spine([T12, L1, L2])
+    pred[10:14][pred[10:14] == L1] = L4  # the top 3 body slices and the top posterior slice of the second vertebra
+    pred[pred == L2] = 0
+    r = ev.evaluate_case(pred, gt, SPACING_ZYX, None, None, bodies_only=False)
+    first, second, third = r.vertebrae
+    assert first.dice == 0.0 and first.dice_names_aside == 1.0
+    shared, size = np.count_nonzero(pred == L1), np.count_nonzero(gt == L2)
+    assert second.dice_names_aside == pytest.approx(2 * shared / (shared + size)) and shared > size / 2
+    assert third.dice_names_aside == 0.0
+    assert r.mean_dice_names_aside == pytest.approx(np.mean([v.dice_names_aside for v in r.vertebrae]))
+    bodies = ev.evaluate_case(pred, spine([L1, L2, L3], body_only=True), SPACING_ZYX, None, None, bodies_only=True)
+    assert bodies.mean_dice_names_aside is None and bodies.vertebrae[0].dice_names_aside is None
 
 
 def test_transitional_levels_count_as_one_level():

@@ -40,6 +40,9 @@ Metrics (all distances between centroids in LPS millimetres; labels are VerSe va
 * **Dice** (whole-vertebra GT only): per GT label L, ``2 |P_L & G_L| / (|P_L| + |G_L|)`` where P_L, G_L are the
   voxels labelled L in prediction and GT (0 when L is absent from the prediction). Case value = mean over GT
   vertebrae; pooled = mean over all GT vertebrae of whole-vertebra cases.
+* **Dice, names aside** (whole-vertebra GT only): per GT label L, the Dice of G_L with the predicted vertebra that
+  shares most voxels with it, whatever its label (0 when none does): the segmentation apart from the numbering, so
+  that a scan numbered one level off still shows how well its vertebrae were outlined. Averaged like Dice.
 * **Body coverage** (bodies-only GT, where Dice would penalise the predicted posterior elements):
   ``|P_L & G_L| / |G_L|``, the fraction of GT body voxels carrying the same label in the prediction. Averaged like
   Dice, over bodies-only cases. A case is bodies-only when the caller says so, otherwise by its layout: every
@@ -152,6 +155,7 @@ class VertebraResult:
     body_coverage: float | None
     gt_volume_ml: float
     nearest_pred_confidence: float | None = None
+    dice_names_aside: float | None = None
 
 
 @dataclass
@@ -168,6 +172,7 @@ class CaseResult:
     n_not_predicted: int
     not_predicted: list[str]
     mean_dice: float | None
+    mean_dice_names_aside: float | None
     mean_body_coverage: float | None
     extra_predicted: list[str]
     shift: float | None
@@ -192,6 +197,7 @@ class GroupSummary:
     mean_loc_error_mm: float | None
     n_not_predicted: int
     mean_dice: float | None
+    mean_dice_names_aside: float | None
     mean_body_coverage: float | None
     n_off_by_one: int
     off_by_one_cases: list[str]
@@ -495,6 +501,20 @@ def _overlaps(pred_labels: np.ndarray, gt_labels: np.ndarray) -> tuple[np.ndarra
     return inter, np.bincount(p, minlength=n), np.bincount(g, minlength=n)
 
 
+def _largest_overlaps(pred_labels: np.ndarray, gt_labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per GT label value v < ``n``: the number of voxels it shares with the non-zero predicted label that shares most
+    with it, and that label (0 and 0 where none does); each int64 of length ``n``. Label maps as ``_overlaps`` takes
+    them, with every value below ``n``."""
+    both = (pred_labels != 0) & (gt_labels != 0)
+    pairs, counts = np.unique(gt_labels[both].astype(np.int64) * n + pred_labels[both], return_counts=True)
+    shared, label = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for pair, count in zip(pairs.tolist(), counts.tolist()):
+        gt, pred = divmod(pair, n)
+        if count > shared[gt]:
+            shared[gt], label[gt] = count, pred
+    return shared, label
+
+
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
@@ -542,6 +562,7 @@ def evaluate_case(
     if gt_centroids is None:
         gt_centroids = {v: c * spacing_xyz for v, c in mask_centroids(gt_labels).items()}
     inter, pred_count, gt_count = _overlaps(pred_labels, gt_labels)
+    shared, best = _largest_overlaps(pred_labels, gt_labels, inter.size)
 
     gt_set = _known_labels(gt_centroids, f"{name or 'case'} ground truth")
     gt_set.sort(key=level_index)
@@ -559,17 +580,20 @@ def evaluate_case(
             nearest_label, nearest_dist = pred_set[i], float(d[i])
         loc = float(np.linalg.norm(np.asarray(pred_centroids[label], dtype=float) - g)) if label in pred_set else None
         g_n, p_n, both = (int(a[label]) if label < a.size else 0 for a in (gt_count, pred_count, inter))
-        dice = coverage = None
+        dice = coverage = aside = None
         if bodies_only:
             coverage = both / g_n if g_n else None
         else:
             dice = 2.0 * both / (g_n + p_n) if g_n + p_n else None
+            if g_n:
+                aside = 2.0 * int(shared[label]) / (g_n + int(pred_count[best[label]])) if shared[label] else 0.0
         within = nearest_dist is not None and nearest_dist <= ID_RADIUS_MM
         vertebrae.append(VertebraResult(
             label=label, name=BY_LABEL[label].name, identified=within and nearest_label == label,
             nearest_pred_label=nearest_label, nearest_pred_distance_mm=nearest_dist, loc_error_mm=loc,
             dice=dice, body_coverage=coverage, gt_volume_ml=g_n * voxel_ml,
-            nearest_pred_confidence=pred_confidences.get(nearest_label) if within and pred_confidences else None))
+            nearest_pred_confidence=pred_confidences.get(nearest_label) if within and pred_confidences else None,
+            dice_names_aside=aside))
 
     # Level shift: pair each predicted centroid with its closest GT centroid within the identification radius.
     diffs: list[int] = []
@@ -594,6 +618,7 @@ def evaluate_case(
         n_not_predicted=len(not_predicted),
         not_predicted=not_predicted,
         mean_dice=_mean(v.dice for v in vertebrae),
+        mean_dice_names_aside=_mean(v.dice_names_aside for v in vertebrae),
         mean_body_coverage=_mean(v.body_coverage for v in vertebrae),
         extra_predicted=[BY_LABEL[v].name for v in sorted(set(pred_set) - set(gt_set), key=level_index)],
         shift=float(np.median(diffs)) if diffs else None,
@@ -638,7 +663,8 @@ def _pool(cases: list[CaseResult]) -> GroupSummary:
         n_cases=len(cases), n_gt=n_gt, n_identified=n_id, id_rate=n_id / n_gt if n_gt else None,
         mean_loc_error_mm=_mean(v.loc_error_mm for v in verts),
         n_not_predicted=sum(c.n_not_predicted for c in cases),
-        mean_dice=_mean(v.dice for v in verts), mean_body_coverage=_mean(v.body_coverage for v in verts),
+        mean_dice=_mean(v.dice for v in verts), mean_dice_names_aside=_mean(v.dice_names_aside for v in verts),
+        mean_body_coverage=_mean(v.body_coverage for v in verts),
         n_off_by_one=len(off), off_by_one_cases=off, n_missing_predictions=len(missing), missing_predictions=missing,
         n_uncertain=len(uncertain), n_uncertain_identified=sum(v.identified for v in uncertain),
         n_confident=len(confident), n_confident_identified=sum(v.identified for v in confident))
@@ -828,13 +854,14 @@ def summary_markdown(summary: EvaluationSummary) -> str:
     lines = [
         f"# SpineLabel evaluation\n\nPredictions: `{summary.pred_dir}`; ground truth: `{summary.gt_dir}`. "
         f"Identified = closest predicted centroid has the GT label and lies within {ID_RADIUS_MM:g} mm. "
-        "Dice for whole-vertebra GT, body coverage for bodies-only GT. Shift = median predicted minus GT level "
+        "Dice for whole-vertebra GT (names aside: against the predicted vertebra overlapping each GT vertebra most, "
+        "whatever its label), body coverage for bodies-only GT. Shift = median predicted minus GT level "
         "(positive: labels too caudal). Uncertain = the closest predicted label's confidence is below "
         f"{UNCERTAIN_BELOW:g}, where SpineLabel warns (from `NAME_report.json`); confident = at or above it.\n",
         "## Cases\n",
         "| case | group | GT vertebrae | identified | id rate | loc. error (mm) | not predicted | Dice "
-        "| body coverage | shift | off by one | sacrum in GT | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Dice, names aside | body coverage | shift | off by one | sacrum in GT | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in summary.cases:
         notes = []
@@ -847,18 +874,20 @@ def summary_markdown(summary: EvaluationSummary) -> str:
         lines.append(
             f"| {c.name} | {c.group or '-'} | {c.n_gt} | {c.n_identified} | {_fmt(c.id_rate)} "
             f"| {_fmt(c.mean_loc_error_mm, '.1f')} | {c.n_not_predicted} | {_fmt(c.mean_dice, '.3f')} "
-            f"| {_fmt(c.mean_body_coverage, '.3f')} | {_fmt(c.shift, '+.1f')} | {_fmt(c.off_by_one)} "
+            f"| {_fmt(c.mean_dice_names_aside, '.3f')} | {_fmt(c.mean_body_coverage, '.3f')} | {_fmt(c.shift, '+.1f')} "
+            f"| {_fmt(c.off_by_one)} "
             f"| {_fmt(c.sacrum_in_gt)} | {'; '.join(notes)} |")
     lines += [
         "\n## Summary\n",
-        "| group | cases | GT vertebrae | id rate | loc. error (mm) | not predicted | Dice | body coverage "
-        "| off-by-one scans | missing predictions | identified, uncertain | identified, confident |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| group | cases | GT vertebrae | id rate | loc. error (mm) | not predicted | Dice | Dice, names aside "
+        "| body coverage | off-by-one scans | missing predictions | identified, uncertain | identified, confident |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in [*summary.groups.items(), ("all", summary.overall)]:
         lines.append(
             f"| {name} | {s.n_cases} | {s.n_gt} | {_fmt(s.id_rate)} | {_fmt(s.mean_loc_error_mm, '.1f')} "
-            f"| {s.n_not_predicted} | {_fmt(s.mean_dice, '.3f')} | {_fmt(s.mean_body_coverage, '.3f')} | {s.n_off_by_one} "
+            f"| {s.n_not_predicted} | {_fmt(s.mean_dice, '.3f')} | {_fmt(s.mean_dice_names_aside, '.3f')} "
+            f"| {_fmt(s.mean_body_coverage, '.3f')} | {s.n_off_by_one} "
             f"| {s.n_missing_predictions} | {_of(s.n_uncertain_identified, s.n_uncertain)} "
             f"| {_of(s.n_confident_identified, s.n_confident)} |")
     lines += [
@@ -871,5 +900,6 @@ def summary_markdown(summary: EvaluationSummary) -> str:
         lines.append(f"| {name} | {level.n_gt} | {level.n_identified} | {_fmt(level.mean_loc_error_mm, '.1f')} "
                      f"| {instead} |")
     if summary.unmatched_predictions:
-        lines.append("\nPredictions without ground truth: " + ", ".join(f"`{p}`" for p in summary.unmatched_predictions))
+        lines.append("\nPredictions without ground truth: "
+                     + ", ".join(f"`{p}`" for p in summary.unmatched_predictions))
     return "\n".join(lines) + "\n"
