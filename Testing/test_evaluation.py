@@ -78,6 +78,8 @@ def test_dice_names_aside_takes_the_predicted_vertebra_overlapping_most():
     assert r.mean_dice_names_aside == pytest.approx(np.mean([v.dice_names_aside for v in r.vertebrae]))
     bodies = ev.evaluate_case(pred, spine([L1, L2, L3], body_only=True), SPACING_ZYX, None, None, bodies_only=True)
     assert bodies.mean_dice_names_aside is None and bodies.vertebrae[0].dice_names_aside is None
+    wide = ev.evaluate_case(pred.astype(np.uint64), gt.astype(np.uint64), SPACING_ZYX, None, None, bodies_only=False)
+    assert wide.mean_dice_names_aside == r.mean_dice_names_aside  # int64 + uint64 is float64 in numpy
 
 
 def test_transitional_levels_count_as_one_level():

@@ -40,9 +40,11 @@ Metrics (all distances between centroids in LPS millimetres; labels are VerSe va
 * **Dice** (whole-vertebra GT only): per GT label L, ``2 |P_L & G_L| / (|P_L| + |G_L|)`` where P_L, G_L are the
   voxels labelled L in prediction and GT (0 when L is absent from the prediction). Case value = mean over GT
   vertebrae; pooled = mean over all GT vertebrae of whole-vertebra cases.
-* **Dice, names aside** (whole-vertebra GT only): per GT label L, the Dice of G_L with the predicted vertebra that
-  shares most voxels with it, whatever its label (0 when none does): the segmentation apart from the numbering, so
-  that a scan numbered one level off still shows how well its vertebrae were outlined. Averaged like Dice.
+* **Dice, names aside** (whole-vertebra GT only): per GT label L, the Dice of G_L with the predicted label that
+  shares most voxels with it, whatever its value (0 when none does; on a tie, the lower value): the segmentation
+  apart from the numbering, so that a scan numbered one level off still shows how well its vertebrae were outlined.
+  The match is not one to one: a predicted vertebra spanning two GT vertebrae is scored against each. Where Dice has
+  no voxels to compare (a GT label with a centroid and no voxels), it takes Dice's value. Averaged like Dice.
 * **Body coverage** (bodies-only GT, where Dice would penalise the predicted posterior elements):
   ``|P_L & G_L| / |G_L|``, the fraction of GT body voxels carrying the same label in the prediction. Averaged like
   Dice, over bodies-only cases. A case is bodies-only when the caller says so, otherwise by its layout: every
@@ -503,10 +505,11 @@ def _overlaps(pred_labels: np.ndarray, gt_labels: np.ndarray) -> tuple[np.ndarra
 
 def _largest_overlaps(pred_labels: np.ndarray, gt_labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Per GT label value v < ``n``: the number of voxels it shares with the non-zero predicted label that shares most
-    with it, and that label (0 and 0 where none does); each int64 of length ``n``. Label maps as ``_overlaps`` takes
-    them, with every value below ``n``."""
+    with it (the lower value on a tie), and that label (0 and 0 where none does); each int64 of length ``n``. Label
+    maps as ``_overlaps`` takes them, with every value below ``n``."""
     both = (pred_labels != 0) & (gt_labels != 0)
-    pairs, counts = np.unique(gt_labels[both].astype(np.int64) * n + pred_labels[both], return_counts=True)
+    pairs, counts = np.unique(gt_labels[both].astype(np.int64) * n + pred_labels[both].astype(np.int64),
+                              return_counts=True)
     shared, label = np.zeros(n, np.int64), np.zeros(n, np.int64)
     for pair, count in zip(pairs.tolist(), counts.tolist()):
         gt, pred = divmod(pair, n)
@@ -585,6 +588,7 @@ def evaluate_case(
             coverage = both / g_n if g_n else None
         else:
             dice = 2.0 * both / (g_n + p_n) if g_n + p_n else None
+            aside = dice
             if g_n:
                 aside = 2.0 * int(shared[label]) / (g_n + int(pred_count[best[label]])) if shared[label] else 0.0
         within = nearest_dist is not None and nearest_dist <= ID_RADIUS_MM
