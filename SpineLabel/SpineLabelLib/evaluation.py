@@ -490,9 +490,11 @@ def _known_labels(labels, what: str) -> list[int]:
     return sorted(int(v) for v in labels if int(v) in BY_LABEL)
 
 
-def _overlaps(pred_labels: np.ndarray, gt_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per label value v: (|P_v & G_v|, |P_v|, |G_v|), each int64 of length max label + 1, for two non-negative
-    integer label maps of the same shape (any dtype, e.g. (z, y, x))."""
+def _overlaps(pred_labels: np.ndarray, gt_labels: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per label value v, each int64 of length max label + 1, for two non-negative integer label maps of the same
+    shape (any dtype, e.g. (z, y, x)): |P_v & G_v|, |P_v|, |G_v|, then the number of voxels GT label v shares with the
+    non-zero predicted label that shares most with it (the lower value on a tie), and that label (0 and 0 where none
+    does)."""
     fg = (pred_labels != 0) | (gt_labels != 0)
     p = pred_labels[fg].astype(np.int64)
     g = gt_labels[fg].astype(np.int64)
@@ -500,22 +502,14 @@ def _overlaps(pred_labels: np.ndarray, gt_labels: np.ndarray) -> tuple[np.ndarra
         raise ValueError("label maps must not hold negative values")
     n = int(max(p.max(initial=0), g.max(initial=0))) + 1
     inter = np.bincount(g[p == g], minlength=n)
-    return inter, np.bincount(p, minlength=n), np.bincount(g, minlength=n)
-
-
-def _largest_overlaps(pred_labels: np.ndarray, gt_labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per GT label value v < ``n``: the number of voxels it shares with the non-zero predicted label that shares most
-    with it (the lower value on a tie), and that label (0 and 0 where none does); each int64 of length ``n``. Label
-    maps as ``_overlaps`` takes them, with every value below ``n``."""
-    both = (pred_labels != 0) & (gt_labels != 0)
-    pairs, counts = np.unique(gt_labels[both].astype(np.int64) * n + pred_labels[both].astype(np.int64),
-                              return_counts=True)
-    shared, label = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    both = (p != 0) & (g != 0)
+    pairs, counts = np.unique(g[both] * n + p[both], return_counts=True)
+    shared, best = np.zeros(n, np.int64), np.zeros(n, np.int64)
     for pair, count in zip(pairs.tolist(), counts.tolist()):
         gt, pred = divmod(pair, n)
         if count > shared[gt]:
-            shared[gt], label[gt] = count, pred
-    return shared, label
+            shared[gt], best[gt] = count, pred
+    return inter, np.bincount(p, minlength=n), np.bincount(g, minlength=n), shared, best
 
 
 def _mean(values) -> float | None:
@@ -564,8 +558,7 @@ def evaluate_case(
         pred_centroids = {v: c * spacing_xyz for v, c in mask_centroids(pred_labels).items()}
     if gt_centroids is None:
         gt_centroids = {v: c * spacing_xyz for v, c in mask_centroids(gt_labels).items()}
-    inter, pred_count, gt_count = _overlaps(pred_labels, gt_labels)
-    shared, best = _largest_overlaps(pred_labels, gt_labels, inter.size)
+    inter, pred_count, gt_count, shared, best = _overlaps(pred_labels, gt_labels)
 
     gt_set = _known_labels(gt_centroids, f"{name or 'case'} ground truth")
     gt_set.sort(key=level_index)

@@ -463,19 +463,19 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
         placed.append((vid, lo[::-1], hi[::-1]))
     if dense_bone_hu is not None:
         hu = sitk.GetArrayViewFromImage(image)  # no copy
-        spacing_zyx = np.array(image.GetSpacing()[::-1], float)
+        structure = comp.ball(DENSE_BONE_REACH_MM, image.GetSpacing()[::-1])
         for vid, lo_zyx, hi_zyx in placed:
-            voxels[vid] += _grow_into_dense_bone(out, vid, lo_zyx, hi_zyx, hu, spacing_zyx, dense_bone_hu)
+            voxels[vid] += _grow_into_dense_bone(out, vid, lo_zyx, hi_zyx, hu, structure, dense_bone_hu)
     return out, voxels
 
 
 def _grow_into_dense_bone(out: np.ndarray, vid: int, lo_zyx: np.ndarray, hi_zyx: np.ndarray, hu: np.ndarray,
-                          spacing_zyx: np.ndarray, min_hu: float) -> int:
-    """Give vertebra ``vid`` the unlabelled voxels of at least ``min_hu`` within ``DENSE_BONE_REACH_MM`` of it, in its
-    box ``lo_zyx``-``hi_zyx`` (input voxel indices, stop exclusive) widened by that reach; ``out`` (int16 (z, y, x)
-    vertebra ids on the input grid) is modified in place, ``hu`` (z, y, x, Hounsfield units) is not. A voxel within
-    reach of two vertebrae goes to the one grown first (the lower id). Returns the number of voxels added."""
-    structure = comp.ball(DENSE_BONE_REACH_MM, spacing_zyx)
+                          structure: np.ndarray, min_hu: float) -> int:
+    """Give vertebra ``vid`` the unlabelled voxels of at least ``min_hu`` within ``structure`` (``components.ball`` of
+    ``DENSE_BONE_REACH_MM`` on the input grid) of it, in its box ``lo_zyx``-``hi_zyx`` (input voxel indices, stop
+    exclusive) widened by that reach; ``out`` (int16 (z, y, x) vertebra ids on the input grid) is modified in place,
+    ``hu`` (z, y, x, Hounsfield units) is not. A voxel within reach of two vertebrae goes to the one grown first (the
+    lower id). Returns the number of voxels added."""
     reach = np.array(structure.shape) // 2
     box = tuple(slice(max(int(a) - r, 0), int(b) + r) for a, b, r in zip(lo_zyx, hi_zyx, reach))
     region = out[box]  # a view: writes go to ``out``
