@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from SpineLabelLib.components import (attach_posterior, body_components, confine_posterior, dense_bone_as_posterior,
-                                       join_sacrum, off_axis_components, split_merged, vertebra_components)
+                                       join_sacrum, off_axis_components, present_ids, split_merged, vertebra_components)
 from SpineLabelLib.features import chain_order, drop_detached_ends, level_scores, measure, off_the_line
 from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, level_index
 from SpineLabelLib.result import Geometry
@@ -25,6 +25,15 @@ def stacked_spine(n=4, height=10, disc=3, shape_yx=(40, 40)):
         if i < n - 1:
             tissue[z0 + height : z0 + height + disc, 10:24, 12:28] = DISC
     return tissue
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.int64, np.uint8])
+def test_present_ids(dtype):
+    labels = np.zeros((4, 5, 6), dtype)
+    labels[0, 0, 0], labels[3, 4, 5], labels[1, 2, 3] = 7, 2, 7  # id 7 twice, ids 1 and 3-6 absent
+    ids = present_ids(labels)
+    assert ids.dtype == np.int64 and ids.tolist() == [2, 7]
+    assert present_ids(np.zeros((3, 3, 3), dtype)).tolist() == []
 
 
 def test_one_component_per_body_cranial_first():

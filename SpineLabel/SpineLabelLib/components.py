@@ -36,9 +36,10 @@ S1_LEVEL = level_index("S1")  # channel of the level head
 
 
 def present_ids(labels: np.ndarray) -> np.ndarray:
-    """Sorted ids above 0, int64 (n,), present in a non-negative integer label array of any shape. A count per id:
-    linear time, where ``np.unique`` sorts every voxel."""
-    return np.flatnonzero(np.bincount(labels.ravel())[1:]) + 1
+    """Sorted ids above 0, int64 (n,), present in a non-negative integer label array of any shape. One pass without a
+    copy (``ndimage.find_objects``), where ``np.unique`` sorts every voxel and ``np.bincount`` copies them to int64."""
+    return np.array([vid for vid, box in enumerate(ndimage.find_objects(labels), start=1) if box is not None],
+                    dtype=np.int64)
 
 
 def body_components(tissue: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
@@ -576,7 +577,7 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
     if len(chain) < 2:
         return vertebrae
     spacing = np.asarray(spacing_mm, dtype=float)
-    centres = np.array(ndimage.center_of_mass(bodies > 0, bodies, chain)) * spacing  # (n, 3) z, y, x mm
+    centres = _centroids_and_sizes(bodies, np.asarray(chain))[0] * spacing  # (n, 3) z, y, x mm
     gaps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
     up = np.concatenate([[gaps[0]], gaps])  # the gap above each vertebra (the first takes the one below)
     down = np.concatenate([gaps, [np.inf if last_is_s1 else gaps[-1]]])
