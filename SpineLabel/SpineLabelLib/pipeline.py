@@ -64,7 +64,7 @@ LONG_COLUMN = 5
 # catches of 44 turned copies with vertebrae, 3 false alarms of 45 (the cervical T2 MRI, IVD_25, IVD_46).
 ORIENTATION_MARGIN = 0.1
 
-# The coarsest voxel spacing the names were checked on: real scans averaged into 6 mm slices (README, --slice-mm)
+# The coarsest voxel spacing the names were checked on: real scans averaged into 6 mm slices (README, thick slices)
 # kept their names but for one vertebra. A reviewer's CT phantom with 8 mm axial slices got 8 of 22 names right at
 # confidence 0.998-1.0 (0.8 mm slices: 17 of 17); scans with coarser voxels are labelled with a warning.
 CHECKED_SPACING_MM = 6.0

@@ -112,10 +112,11 @@ def labelCommand(python: str, inputPath: str | os.PathLike, outputDir: str | os.
 
 # The share of the training crops the exported dataset gets in a training started here, and the sources of the rest
 # (``spinelabel train --data SOURCE:WEIGHT``): procedural phantoms (CT and MR, every field of view) and images without
-# a spine, which need no data beyond SpineLabel, so that the model keeps what it knew of the spines the export does not
-# show. Measured in the README (Models): fine-tuned on two exported CT or three exported MRI alone, model 1.7.0 lost a
-# third of the vertebrae of ``benchmarks/selection.py`` and up to 8 of 55 held-out MRI vertebrae; with this mix about
-# none, at the price of learning corrections more slowly. ``spinelabel train`` names this mix when it warns.
+# a spine, which need no data beyond SpineLabel, so that the model keeps what it knew of the spines the export does
+# not show. Measured in benchmarks/RESULTS.md (fine-tuning): fine-tuned on two exported CT or three exported MRI
+# alone, model 1.7.0 lost a third of the vertebrae of ``benchmarks/selection.py`` and up to 8 of 55 held-out MRI
+# vertebrae; with this mix about none, at the price of learning corrections more slowly. ``spinelabel train`` names
+# this mix when it warns.
 EXPORT_SHARE = 0.6
 REPLAY = (("phantom", 0.3), ("negative", 0.1))
 
