@@ -8,7 +8,7 @@ same way (``evaluation.evaluate_case``: the closest predicted centroid carries t
 Prints, per angle, the vertebrae identified, the copies refused by the spine gate and the copies numbered off by one.
 
 Usage (from the repository root):
-    python benchmarks/tilt.py [--angles=-25,-20,-15,15,20,25] [--model CARD.json] [--cases N]
+    python benchmarks/tilt.py [--angles=-25,-20,-15,0,15,20,25] [--model CARD.json] [--cases N]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from SpineLabelLib.evaluation import evaluate_case, mask_centroids
 from SpineLabelLib.pipeline import get_model, label_spine
+from SpineLabelLib.vertebrae import BY_NAME
 
 from real_data import DATA, HOLDOUT_MRI
 
@@ -46,20 +47,22 @@ def tilted(image: sitk.Image, degrees: float, label: bool) -> sitk.Image:
 
 
 def score(image: sitk.Image, truth: sitk.Image, model) -> tuple[int, int, bool, bool]:
-    """(identified, reference vertebrae, refused by the spine gate, numbered off by one) of one copy."""
+    """(identified, reference vertebrae, refused by the spine gate, numbered off by one) of one copy: the body
+    centroids SpineLabel reports against those of the body mask, as ``real_data.py evaluate`` scores these scans."""
     result = label_spine(image, model=model, device="cpu")
     spacing = np.asarray(image.GetSpacing())
     reference = sitk.GetArrayFromImage(truth)
-    predicted = result.label_map()
-    case = evaluate_case(predicted, reference, spacing[::-1],
-                         {v: c * spacing for v, c in mask_centroids(predicted).items()},
+    predicted = {BY_NAME[v.name].label: np.asarray(image.TransformPhysicalPointToContinuousIndex(v.centroid_lps_mm))
+                 * spacing for v in result.vertebrae}
+    case = evaluate_case(result.label_map(), reference, spacing[::-1], predicted,
                          {v: c * spacing for v, c in mask_centroids(reference).items()}, True)
-    return case.n_identified, case.n_gt, not result.vertebrae, case.off_by_one
+    refused = any(w.startswith("no spine recognised") for w in result.warnings)
+    return case.n_identified, case.n_gt, refused, case.off_by_one
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--angles", default="-25,-20,-15,15,20,25",
+    p.add_argument("--angles", default="-25,-20,-15,0,15,20,25",
                    help="comma-separated degrees about left-right (default: %(default)s)")
     p.add_argument("--model", help="model card (default: the default model)")
     p.add_argument("--cases", type=int, help="only the first N training MRI (by name)")
