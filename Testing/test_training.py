@@ -219,6 +219,11 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeyp
         assert torch.equal(value, model.network.state_dict()[name]), name
     with pytest.raises(ValueError, match=r"other settings \(epochs, lr, validation_cases\)"):
         train(replace(cfg, epochs=3, lr=1e-3, validation_cases=2))  # one history, one validation set
+    state = torch.load(cfg.out.with_suffix(".ckpt"), weights_only=False)
+    del state["settings"]["tilt_deg"]  # as a checkpoint written before crops could be tilted: it had none
+    torch.save(state, cfg.out.with_suffix(".ckpt"))
+    with pytest.raises(ValueError, match=r"other settings \(tilt_deg\)"):
+        train(replace(cfg, tilt_deg=20.0))
     write_pair(tmp_path / "nn", "imagesTr/c2_0000.nii.gz", "labelsTr/c2.nii.gz")  # an export added a case
     with pytest.raises(ValueError, match=r"other settings \(cases\)"):
         train(cfg)
@@ -282,12 +287,14 @@ def test_the_same_weights_make_the_same_file(tmp_path):
 def test_weights_averaged_over_the_last_epochs(tmp_path):
     write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
     cfg = TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "a.json", epochs=3, iterations=2, batch=1,
-                      patch=(32, 32, 32), spacing_mm=4.0, device="cpu", validation_cases=1, average_last=2)
+                      patch=(32, 32, 32), spacing_mm=4.0, device="cpu", validation_cases=1, average_last=2,
+                      tilt_deg=20.0)
     ckpt = cfg.out.with_suffix(".ckpt")
     weights = []  # the network at the end of each epoch, read from the checkpoint written before progress is called
     train(cfg, progress=lambda metrics: weights.append(torch.load(ckpt, weights_only=False)["network"]))
     model = load_model(cfg.out)
     assert model.card["training"]["averaged_last_epochs"]["epochs"] == 2
+    assert model.card["training"]["tilt_deg"] == 20.0
     # a step can be skipped for a non-finite gradient (bfloat16 on some CPUs), so the last two epochs may end equal
     for name, written in model.network.state_dict().items():
         assert torch.allclose(written, (weights[1][name] + weights[2][name]) / 2, atol=1e-6), name
@@ -307,6 +314,27 @@ def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
     assert all(torch.equal(value, untrained[name]) for name, value in state["network"].items())
 
 
+def test_tilted_crops_turn_image_and_labels_together():
+    shape = (64, 48, 48)
+    image, tissue, levels = np.zeros(shape, np.float32), np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    image[8:56, 22:26, 22:26], tissue[8:56, 22:26, 22:26], levels[8:56, 22:26, 22:26] = 0.8, BODY, L4  # a rod along z
+    case = training.Case(image, tissue, levels, "rod")
+    same = training._tilted(case, 0.0, 0.0)
+    assert all(np.array_equal(getattr(same, n), getattr(case, n)) for n in ("image", "tissue", "levels"))
+    turned = training._tilted(case, 30.0, 0.0)
+    assert turned.image.shape == shape and turned.tissue.dtype == np.uint8 and turned.levels.dtype == np.uint8
+    assert set(np.unique(turned.levels)) == {0, L4} and set(np.unique(turned.tissue)) == {0, BODY}
+    zyx = np.argwhere(turned.levels == L4).astype(float)
+    axis = np.linalg.svd(zyx - zyx.mean(axis=0))[2][0]
+    assert np.degrees(np.arccos(abs(axis[0]))) == pytest.approx(30, abs=3)  # leans 30 degrees from z ...
+    assert abs(axis[2]) < 0.05  # ... in the z-y plane (about left-right)
+    assert np.mean((turned.image > 0.4) != (turned.levels == L4)) < 0.002  # the image moved with its labels
+    sideways = training._tilted(case, 0.0, 20.0)
+    zyx = np.argwhere(sideways.levels == L4).astype(float)
+    axis = np.linalg.svd(zyx - zyx.mean(axis=0))[2][0]
+    assert np.degrees(np.arccos(abs(axis[0]))) == pytest.approx(20, abs=3) and abs(axis[1]) < 0.05
+
+
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
     cfg = TrainConfig(data=[("phantom", 0.0)], out=tmp_path / "run" / "m.json", patch=(32, 32, 32), device="cpu")
     with pytest.raises(ValueError, match="weights"):
@@ -317,7 +345,8 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
     for change, message in ((dict(patch=(0, 32, 32)), "1 or more"), (dict(patch=(-16, 32, 32)), "1 or more"),
                             (dict(epochs=0), "epochs 0"), (dict(iterations=0), "iterations 0"),
                             (dict(batch=0), "batch 0"), (dict(validation_cases=-1), "validation cases -1"),
-                            (dict(average_last=-1), "average-last -1")):
+                            (dict(average_last=-1), "average-last -1"), (dict(tilt_deg=-1), "tilt-deg -1"),
+                            (dict(tilt_deg=float("nan")), "tilt-deg nan"), (dict(tilt_deg=float("inf")), "tilt-deg inf")):
         with pytest.raises(ValueError, match=message):
             train(replace(cfg, **change))
     assert not (tmp_path / "run").exists()

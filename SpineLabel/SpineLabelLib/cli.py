@@ -156,6 +156,7 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs, iterations=args.iterations, batch=args.batch, patch=tuple(args.patch), lr=args.lr,
         spacing_mm=args.spacing, device=args.device, seed=args.seed, resume=args.resume, data_dir=args.data_dir,
         training_data_note=args.note, validation_cases=args.validation_cases, average_last=args.average_last,
+        tilt_deg=args.tilt_deg,
         progress_bars=not args.quiet,
     )
 
@@ -287,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default="", help="free text for the model card's training data entry")
     p.add_argument("--average-last", type=int, default=0, metavar="N",
                    help="write the mean of the weights of the last N epochs (stochastic weight averaging)")
+    p.add_argument("--tilt-deg", type=float, default=0.0, metavar="DEG",
+                   help="turn half the training crops about left-right by up to DEG degrees and about front-back by "
+                   "up to DEG/2, for spines that lean against the slices (default 0: crops as drawn)")
     p.add_argument("--register", action="store_true", help="also register the model under --name in the user model "
                    "folder ($SPINELABEL_MODELS_DIR), where the Slicer module lists it")
     p.add_argument("--quiet", action="store_true")

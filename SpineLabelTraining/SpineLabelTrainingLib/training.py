@@ -273,8 +273,11 @@ def _crop(case: Case, size: tuple[int, int, int], rng: np.random.Generator) -> C
     return out
 
 
-def _augment(case: Case, rng: np.random.Generator) -> Case:
-    """Intensity gamma, contrast inversion now and then, noise, left-right flip (anatomy is nearly symmetric)."""
+def _augment(case: Case, rng: np.random.Generator, tilt_deg: float = 0.0) -> Case:
+    """Intensity gamma, contrast inversion now and then, noise, left-right flip (anatomy is nearly symmetric); with
+    ``tilt_deg`` > 0, half the crops are also turned (``_tilted``)."""
+    if tilt_deg > 0 and rng.random() < 0.5:
+        case = _tilted(case, rng.uniform(-tilt_deg, tilt_deg), rng.uniform(-tilt_deg / 2, tilt_deg / 2))
     img = np.clip(case.image, 0, 1) ** math.exp(rng.normal(0, 0.3))
     if rng.random() < 0.15:
         img = 1.0 - img
@@ -283,6 +286,18 @@ def _augment(case: Case, rng: np.random.Generator) -> Case:
     if rng.random() < 0.5:
         img, tissue, levels = img[..., ::-1], tissue[..., ::-1], levels[..., ::-1]
     return Case(np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(tissue), np.ascontiguousarray(levels), case.name)
+
+
+def _tilted(case: Case, sagittal_deg: float, coronal_deg: float) -> Case:
+    """``case`` turned about its centre by ``sagittal_deg`` about the left-right axis (in the z-y plane) and
+    ``coronal_deg`` about the front-back axis (z-x), as a spine leans against the slices of a scan not planned along
+    it; same shape, the corners filled by reflection (as ``pipeline.with_context`` extends a short scan), the image
+    interpolated linearly, the tissue and level labels by nearest neighbour."""
+    arrays = {"image": case.image, "tissue": case.tissue, "levels": case.levels}
+    for angle, axes in ((sagittal_deg, (0, 1)), (coronal_deg, (0, 2))):
+        arrays = {name: ndimage.rotate(a, angle, axes=axes, reshape=False, order=1 if name == "image" else 0,
+                                       mode="reflect") for name, a in arrays.items()}
+    return Case(arrays["image"], arrays["tissue"], arrays["levels"], case.name)
 
 
 def _synthetic_source(spacing_mm: float, size: tuple[int, int, int], data_dir: Path) -> Callable[[np.random.Generator], Case]:
@@ -419,6 +434,11 @@ class TrainConfig:
     progress_bars: bool = False  # tqdm bars on stderr: the CLI's (a library logs, it does not draw)
     training_data_note: str = ""
     average_last: int = 0
+    tilt_deg: float = 0.0  # half the crops turned about left-right by up to this (degrees), front-back by half
+
+
+# settings added to the checkpoint after the first checkpoints were written, with the value those runs had
+_ADDED_SETTINGS = {"tilt_deg": 0.0}
 
 
 def _batches(sources, weights, cfg: TrainConfig, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -427,7 +447,8 @@ def _batches(sources, weights, cfg: TrainConfig, rng: np.random.Generator) -> It
     noise; tissue uint8 (B, Z, Y, X) tissue codes; levels uint8 (B, Z, Y, X) VerSe labels), (Z, Y, X) = ``cfg.patch``
     voxels."""
     while True:
-        cases = [_augment(sources[rng.choice(len(sources), p=weights)](rng), rng) for _ in range(cfg.batch)]
+        cases = [_augment(sources[rng.choice(len(sources), p=weights)](rng), rng, cfg.tilt_deg)
+                 for _ in range(cfg.batch)]
         yield (
             torch.from_numpy(np.stack([c.image for c in cases]))[:, None],
             torch.from_numpy(np.stack([c.tissue for c in cases])),
@@ -498,8 +519,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     if not cfg.data or (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
         raise ValueError(f"data weights {[w for _, w in cfg.data]}: each must be 0 or more, and one more than 0")
     for name, value, least in (("epochs", cfg.epochs, 1), ("iterations", cfg.iterations, 1), ("batch", cfg.batch, 1),
-                               ("validation cases", cfg.validation_cases, 0), ("average-last", cfg.average_last, 0)):
-        if value < least:
+                               ("validation cases", cfg.validation_cases, 0), ("average-last", cfg.average_last, 0),
+                               ("tilt-deg", cfg.tilt_deg, 0)):
+        if not value >= least or not math.isfinite(value):  # NaN compares false
             raise ValueError(f"{name} {value}: must be {least} or more")
     if min(cfg.patch) < 1:
         raise ValueError(f"patch {tuple(cfg.patch)}: each size must be 1 or more")
@@ -562,6 +584,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
                 "base_model": base_path,
                 "epochs": cfg.epochs, "iterations": cfg.iterations, "batch": cfg.batch, "patch": list(cfg.patch),
                 "lr": cfg.lr, "spacing_mm": spacing, "seed": cfg.seed, "average_last": cfg.average_last,
+                "tilt_deg": cfg.tilt_deg,
                 "validation_cases": cfg.validation_cases,
                 "data_dir": str(Path(cfg.data_dir).resolve()) if "synthetic" in specs else None}
     if cfg.resume and not ckpt.exists():
@@ -569,8 +592,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     if cfg.resume and ckpt.exists():
         try:
             state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            # a setting the checkpoint lacks was added to this list after it was written: not a difference
-            changed = sorted(k for k in settings if state["settings"].get(k, settings[k]) != settings[k])
+            # a setting the checkpoint lacks was added to this list after it was written, and had its default then
+            changed = sorted(k for k in settings
+                             if state["settings"].get(k, _ADDED_SETTINGS.get(k, settings[k])) != settings[k])
         except Exception as err:  # torch.load raises many types on a file that is not its own
             raise ValueError(f"{ckpt}: not a SpineLabel training checkpoint ({type(err).__name__}: "
                              f"{str(err).strip()[:200]}); remove it to train from the start") from None
@@ -627,6 +651,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     training = {"epochs": cfg.epochs, "iterations_per_epoch": cfg.iterations, "batch": cfg.batch,
                 "patch_zyx": list(cfg.patch), "lr": cfg.lr, "seed": cfg.seed, "device": str(device),
                 "validation_crops": [c.name for c in val], "history": history}
+    if cfg.tilt_deg:
+        training["tilt_deg"] = cfg.tilt_deg
     if averaged:
         net.load_state_dict({name: value.to(net.state_dict()[name].dtype) for name, value in averaged.items()})
         training["averaged_last_epochs"] = {"epochs": cfg.epochs - first_averaged, **_validate(net, val, device)}
