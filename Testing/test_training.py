@@ -346,7 +346,8 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
                             (dict(epochs=0), "epochs 0"), (dict(iterations=0), "iterations 0"),
                             (dict(batch=0), "batch 0"), (dict(validation_cases=-1), "validation cases -1"),
                             (dict(average_last=-1), "average-last -1"), (dict(tilt_deg=-1), "tilt-deg -1"),
-                            (dict(tilt_deg=float("nan")), "tilt-deg nan"), (dict(tilt_deg=float("inf")), "tilt-deg inf")):
+                            (dict(tilt_deg=float("nan")), "tilt-deg nan"),
+                            (dict(tilt_deg=float("inf")), "tilt-deg inf: must be a finite number")):
         with pytest.raises(ValueError, match=message):
             train(replace(cfg, **change))
     assert not (tmp_path / "run").exists()

@@ -522,7 +522,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
                                ("validation cases", cfg.validation_cases, 0), ("average-last", cfg.average_last, 0),
                                ("tilt-deg", cfg.tilt_deg, 0)):
         if not value >= least or not math.isfinite(value):  # NaN compares false
-            raise ValueError(f"{name} {value}: must be {least} or more")
+            raise ValueError(f"{name} {value}: must be a finite number, {least} or more")
     if min(cfg.patch) < 1:
         raise ValueError(f"patch {tuple(cfg.patch)}: each size must be 1 or more")
     torch.manual_seed(cfg.seed)
