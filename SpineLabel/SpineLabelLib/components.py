@@ -167,14 +167,15 @@ def split_merged(
     Returns:
         int32 (z, y, x) components, renumbered cranial first.
     """
-    ids = present_ids(labels)
+    counts = np.bincount(labels.ravel())
+    ids = np.flatnonzero(counts[1:]) + 1
     if ids.size == 0:
         return labels
     boxes = ndimage.find_objects(labels)
     heights = np.array([boxes[i - 1][0].stop - boxes[i - 1][0].start for i in ids], dtype=float) * spacing_mm[0]
     whole = ~cut_by_field_of_view(labels)[ids]  # bodies cut by the field of view do not say how tall bodies are
     limit = min(max_height_mm, ratio * float(np.median(heights[whole]))) if whole.sum() >= 3 else max_height_mm
-    voxels = np.bincount(labels.ravel())[ids]
+    voxels = counts[ids]
     core_voxels = max(4.0, min_core * float(np.median(voxels[whole] if whole.any() else voxels)))
     level_core_voxels = min_level_core_ml * 1000.0 / float(np.prod(spacing_mm))
     window = max(1, int(round(min_piece_mm / spacing_mm[0])))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .components import cut_by_field_of_view, present_ids
+from .components import cut_by_field_of_view
 from .result import Geometry
 
 __all__ = ["ComponentFeatures", "measure", "chain_order", "drop_detached_ends", "off_the_line",
@@ -56,16 +56,16 @@ def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_
         body_probability: float (z, y, x) the network's vertebral-body probability.
         grid: geometry of the model grid (spacing in mm along x, y, z).
     """
-    ids = present_ids(bodies)
     voxel_ml = float(np.prod(grid.spacing)) / 1000.0
-    whole_counts = np.bincount(vertebrae.ravel(), minlength=int(ids.max(initial=0)) + 1)
     direction = np.asarray(grid.direction, dtype=float).reshape(3, 3)
     spacing_zyx = np.asarray(grid.spacing[::-1])
     out = []
     boxes = ndimage.find_objects(bodies)
+    whole_counts = np.bincount(vertebrae.ravel(), minlength=len(boxes) + 1)
     cut = cut_by_field_of_view(bodies)
-    for vid in ids:
-        box = boxes[vid - 1]
+    for vid, box in enumerate(boxes, start=1):
+        if box is None:
+            continue
         mask = bodies[box] == vid
         zyx = np.argwhere(mask) + np.array([s.start for s in box])
         centroid_zyx = zyx.mean(axis=0)
@@ -78,7 +78,7 @@ def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_
         axis_lps = direction @ (axis_zyx[::-1] / np.linalg.norm(axis_zyx))
         out.append(
             ComponentFeatures(
-                id=int(vid),
+                id=vid,
                 body_centroid_lps_mm=grid.index_to_lps(centroid_zyx[::-1]),
                 volume_ml=float(whole_counts[vid]) * voxel_ml,
                 body_volume_ml=float(len(zyx)) * voxel_ml,
