@@ -171,3 +171,41 @@ def test_exporting_a_scan_again_replaces_its_case(tmp_path, spine):
     assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == 2
     provenance = json.loads((tmp_path / "provenance" / "spine_ct_0003.json").read_text())
     assert provenance["replaces"] == ["spine_ct_0001"] and provenance["corrected"] == ["T12"]
+
+
+@pytest.mark.parametrize("document, reason", [
+    ({"labels": {"background": 0, "vertebrae_L5": 1, "sacrum": 2}}, "numbers the vertebrae otherwise"),
+    ({"file_ending": ".mha"}, "gives its files the ending '.mha'"),
+])
+def test_a_dataset_numbered_or_stored_otherwise_takes_no_export(tmp_path, spine, document, reason):
+    # its earlier cases would change meaning (L5 read as C1) or drop out of numTraining
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, **document}))
+    with pytest.raises(ValueError, match=reason):
+        export.export_case(spine.result, spine.image, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset.json"]
+
+
+def test_a_failed_dataset_json_write_leaves_the_dataset_as_it_was(tmp_path, spine, monkeypatch):
+    export.export_case(spine.result, spine.image, tmp_path)
+    corrected = edits.rename(spine.result, spine.result.vertebrae[0].id, "T12")  # would replace the first case
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    write_json = export.writers.write_json
+
+    def interrupted(document, path):
+        if "numTraining" in document:
+            raise KeyboardInterrupt
+        write_json(document, path)
+
+    monkeypatch.setattr(export.writers, "write_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_case(corrected, spine.image, tmp_path)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_the_label_map_takes_the_image_grid_exactly(tmp_path, spine):
+    image = sitk.Image(spine.image)
+    image.SetSpacing([s + 0.0008 for s in image.GetSpacing()])  # within the grid check's tolerance
+    image.SetOrigin([o + 0.008 for o in image.GetOrigin()])
+    label = sitk.ReadImage(str(export.export_case(spine.result, image, tmp_path)))
+    written = sitk.ReadImage(str(tmp_path / "imagesTr" / "spine_ct_0001_0000.nii.gz"))
+    assert label.GetSpacing() == written.GetSpacing() and label.GetOrigin() == written.GetOrigin()

@@ -23,8 +23,9 @@ image the dataset holds already (the same voxels on the same grid, by the ``imag
 replaces that case: the new case is written in full under its new id first, then the earlier one is removed, so a
 scan corrected and exported twice trains once, with its latest labels.
 Every file is written under a temporary name and renamed when complete (:func:`SpineLabelLib.io.atomic_path`);
-an export that fails removes the files of its case it had written, and ``dataset.json`` is written last, so only a
-killed process can leave some files of a case that ``dataset.json`` does not count yet.
+an export that fails removes the files of its case it had written, ``dataset.json`` is written after them, and an
+earlier case of the same image is removed only after that, so only a killed process can leave some files of a case
+that ``dataset.json`` does not count, or the earlier case of a replaced image.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import SimpleITK as sitk
 from . import __version__, writers
 from .edits import check_image_grid
 from .io import CASE_SUFFIXES, InputError, atomic_path, case_key
-from .result import SpineLabeling
+from .result import Geometry, SpineLabeling
 from .vertebrae import COCCYX_LABEL, LEVELS, Level, level_index
 
 __all__ = ["CASE_PREFIX", "MIN_VERTEBRAE", "dataset_labels", "dataset_label_values", "recorded_modality",
@@ -238,7 +239,9 @@ def _cases_of_image(dataset_dir: Path, digest: str) -> list[str]:
 
 def _write_case(result: SpineLabeling, image: sitk.Image, paths: dict[str, Path], case_id: str, modality: str,
                 corrections: list[dict] | None, model: dict | None, digest: str, replaces: list[str]) -> None:
-    """The four files of one exported case (``_paths``): image, label map, centroids, provenance."""
+    """The four files of one exported case (``_paths``): image, label map, centroids, provenance. The label map and
+    the centroids take the image's grid exactly (the labelling's may differ within ``check_image_grid``'s tolerance)."""
+    result = result.copy(geometry=Geometry.of(image))
     with atomic_path(paths["image"]) as tmp:
         sitk.WriteImage(image, str(tmp), True)
     writers.write_label_map(result, paths["label"])
@@ -309,6 +312,16 @@ def export_case(
         if dataset.get("bodies_only") is True:
             raise ValueError(f"{dataset_dir}: its dataset.json says its labels are vertebral bodies only; an export "
                              "labels whole vertebrae: export into another dataset")
+        if dataset.get("file_ending", _FILE_ENDING) != _FILE_ENDING:
+            raise ValueError(f"{dataset_dir}: its dataset.json gives its files the ending "
+                             f"{dataset['file_ending']!r}; an export writes {_FILE_ENDING}: export into another dataset")
+        labels = dataset.get("labels", {})
+        other = sorted(name for name, value in (labels.items() if isinstance(labels, dict) else [])
+                       if (level := _level_named(name)) is not None and value != level.label)
+        if not isinstance(labels, dict) or other:
+            raise ValueError(f"{dataset_dir}: its dataset.json numbers the vertebrae otherwise than SpineLabel (VerSe "
+                             f"values; {', '.join(other[:3]) or 'labels'}): an export would change what its cases "
+                             "mean; export into another dataset")
     existing = _existing_cases(dataset_dir)
     if case_id is None:
         case_id = next_case_id(dataset_dir, f"{CASE_PREFIX}_{modality.lower()}")
@@ -329,18 +342,10 @@ def export_case(
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
 
-    try:
-        _write_case(result, image, paths, case_id, modality, corrections, model, digest, replaces)
-    except BaseException:  # no half case: the next export would count it in numTraining and training would use it
-        for path in paths.values():
-            path.unlink(missing_ok=True)
-        raise
-    for old in replaces:  # the same scan exported before: the new case, now complete, takes its place
-        for path in _paths(dataset_dir, old).values():
-            path.unlink(missing_ok=True)
-        log.info("case %s replaces case %s of the same image", case_id, old)
-
-    num_training = len(_files(dataset_dir / "labelsTr", f"*{_FILE_ENDING}"))
+    # the dataset's earlier cases are counted as they are, less the earlier cases of this image, which go once
+    # dataset.json counts the new case in their place
+    num_training = (len(_files(dataset_dir / "labelsTr", f"*{_FILE_ENDING}")) + 1
+                    - sum(_paths(dataset_dir, old)["label"].exists() for old in replaces))
     document = dict(dataset or {})
     document.update({
         "name": document.get("name", dataset_dir.name),
@@ -351,7 +356,17 @@ def export_case(
         "numTraining": num_training,
         "file_ending": _FILE_ENDING,
     })
-    with atomic_path(dataset_dir / "dataset.json") as tmp:
-        writers.write_json(document, tmp)
+    try:
+        _write_case(result, image, paths, case_id, modality, corrections, model, digest, replaces)
+        with atomic_path(dataset_dir / "dataset.json") as tmp:
+            writers.write_json(document, tmp)
+    except BaseException:  # no half case: the dataset stays as it was
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        raise
+    for old in replaces:  # the same scan exported before: the new case, now counted, takes its place
+        for path in _paths(dataset_dir, old).values():
+            path.unlink(missing_ok=True)
+        log.info("case %s replaces case %s of the same image", case_id, old)
     log.info("exported case %s to %s (%d cases)", case_id, dataset_dir, num_training)
     return paths["label"]

@@ -579,8 +579,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     start_epoch, history = 0, []
     averaged: dict[str, torch.Tensor] = {}
     # what a resumed run must share with the run that wrote the checkpoint; paths resolved (./ds and ds are one)
-    settings = {"data": [[str(spec) if listed is None else str(Path(spec).resolve()), float(w)]
-                         for (spec, w), listed in zip(cfg.data, cases)], "cases": list(cases),
+    named = [spec if listed is None else str(Path(spec).resolve()) for spec, listed in zip(specs, cases)]
+    settings = {"data": [[name, float(w)] for name, (_, w) in zip(named, cfg.data)], "cases": list(cases),
                 "base_model": base_path,
                 "epochs": cfg.epochs, "iterations": cfg.iterations, "batch": cfg.batch, "patch": list(cfg.patch),
                 "lr": cfg.lr, "spacing_mm": spacing, "seed": cfg.seed, "average_last": cfg.average_last,
@@ -664,7 +664,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
                          "of the volume mapped to 0/1; clipped",
         "ct_window_hu": list(CT_WINDOW_HU),
         "training_data": {"sources": [{"source": s, "weight": round(float(w), 3), **({"cases": c} if c else {})}
-                                      for s, w, c in zip(specs, weights, cases)],
+                                      for s, w, c in zip(named, weights, cases)],
                           **({"shape_library": str(cfg.data_dir)} if "synthetic" in specs else {}),
                           "note": cfg.training_data_note},
         "training": training,
