@@ -94,7 +94,8 @@ def bad_inputs(tmp):
     sitk.WriteImage(sitk.Image([8, 8, 8, 2], sitk.sitkInt16), str(tmp / "four.nii.gz"))
     sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3), str(tmp / "rgb.nrrd"))
     sitk.WriteImage(sitk.Image([24, 24, 24], sitk.sitkInt16), str(tmp / "blank.nii.gz"))  # readable, nothing to label
-    return {
+    (tmp / "loop").symlink_to("loop")
+    cases = {
         tmp / "missing.nii.gz": "no such file",
         tmp / "notes.txt": "unsupported file type",
         tmp / "trunc.nii.gz": "unreadable",
@@ -102,7 +103,15 @@ def bad_inputs(tmp):
         tmp / "four.nii.gz": "4D image",
         tmp / "rgb.nrrd": "RGB",
         tmp / "blank.nii.gz": "image is constant",
+        tmp / "loop": "no such file",
     }
+    undecodable = tmp / os.fsdecode(b"bad\xffname.nii.gz")  # ITK's readers abort the process on such a name
+    try:
+        undecodable.write_bytes(b"")
+        cases[undecodable] = "not valid UTF-8"
+    except OSError:  # a file system that takes UTF-8 names only
+        pass
+    return cases
 
 
 def test_each_bad_input_fails_alone_with_a_clear_line(tmp_path, model, phantom_file, capsys):
@@ -115,7 +124,8 @@ def test_each_bad_input_fails_alone_with_a_clear_line(tmp_path, model, phantom_f
     lines = [line for line in err.splitlines() if line.startswith("spinelabel: failed")]
     assert len(lines) == len(cases)
     for path, reason in cases.items():
-        assert any(str(path) in line and reason in line for line in lines), (path, err)
+        shown = str(path).encode("utf-8", "backslashreplace").decode()  # as the console shows an undecodable name
+        assert any(shown in line and reason in line for line in lines), (path, err)
     assert "Traceback" not in err
     names = {p.name for p in out.iterdir()}
     assert names == {"spine" + s for s in OUTPUT_SUFFIXES}  # the good input still ran; nothing of the bad ones
@@ -363,3 +373,35 @@ def test_a_run_under_nohup_outlives_the_terminal(tmp_path, model, phantom_file, 
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_evaluate_refuses_a_report_path_that_would_overwrite_a_scored_file(tmp_path, model, phantom_file, capsys):
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    mask = gt / "spine_seg-vert_msk.nii.gz"
+    mask.write_bytes((phantom_file.parent / "spine_label.nii.gz").read_bytes())
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / "spine_seg.nii.gz").write_bytes(mask.read_bytes())
+    for option, path in (("--markdown", mask), ("--json", pred / "spine_seg.nii.gz")):
+        assert main(["evaluate", str(pred), str(gt), option, str(path), "--quiet"]) == 1
+        assert "a file being scored" in capsys.readouterr().err
+    assert main(["evaluate", str(pred), str(gt), "--json", str(tmp_path / "r"), "--markdown", str(tmp_path / "r"),
+                 "--quiet"]) == 1
+    assert "both the JSON and the Markdown report" in capsys.readouterr().err
+    assert mask.read_bytes() == (pred / "spine_seg.nii.gz").read_bytes() and not (tmp_path / "r").exists()
+
+
+def test_failed_evaluate_label_and_train_leave_no_folder_they_made(tmp_path, phantom_file):
+    gt = tmp_path / "gt"
+    (gt / "imagesTr").mkdir(parents=True)
+    (gt / "labelsTr").mkdir()
+    (gt / "imagesTr" / "spine_0000.nii.gz").write_bytes(phantom_file.read_bytes())
+    (gt / "labelsTr" / "spine.nii.gz").write_bytes((phantom_file.parent / "spine_label.nii.gz").read_bytes())
+    missing = str(tmp_path / "none.json")
+    assert main(["evaluate", str(tmp_path / "new" / "pred"), str(gt), "--label", "--model", missing, "--quiet"]) == 2
+    assert main(["train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "new" / "m.json"),
+                 "--epochs", "1", "--iterations", "1", "--quiet"]) != 0
+    assert main(["train", "--data", "phantom", "--out", str(tmp_path / "new" / "m.json"), "--spacing", "0",
+                 "--quiet"]) != 0
+    assert not (tmp_path / "new").exists()

@@ -250,6 +250,10 @@ def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x_seg.nii.gz"]
+    (tmp_path / "folder.json").mkdir()  # the rename onto it would fail after the work: refused before it
+    with pytest.raises(IsADirectoryError, match="folder.json: it is a folder"):
+        with atomic_path(tmp_path / "folder.json"):
+            pytest.fail("the block ran")
 
 
 def test_atomic_path_gives_the_permissions_of_the_umask_at_write_time(tmp_path):

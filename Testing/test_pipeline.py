@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from conftest import DATA
 from SpineLabelLib.io import InputError
-from SpineLabelLib.models import ModelError, load_model, register_model, save_model
+from SpineLabelLib.models import ModelError, load_model, register_model, save_model, sha256_of
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import (DENSE_BONE_REACH_MM, LONG_COLUMN, MIN_SPINE_PROBABILITY,
@@ -117,7 +117,8 @@ def test_model_card_hash_is_checked(tmp_path, random_model):
     good = json.loads(card.read_text())
     for change, reason in (({"level_classes": good["level_classes"][::-1]}, "level_classes"),
                            ({"spacing_mm": 0}, "spacing_mm"), ({"spacing_mm": True}, "spacing_mm"),
-                           ({"spacing_mm": 1e400}, "spacing_mm"), ({"architecture": {}}, "channels"),
+                           ({"spacing_mm": 1e400}, "spacing_mm"), ({"spacing_mm": 1e-4}, "spacing_mm"),
+                           ({"architecture": {}}, "channels"),
                            ({"architecture": {"channels": [True, True, True]}}, "channels"),
                            ({"ct_window_hu": [1200, -1000]}, "ct_window_hu"),
                            ({"ct_window_hu": "wide"}, "ct_window_hu"), ({"ct_window_hu": [0]}, "ct_window_hu"),
@@ -132,6 +133,10 @@ def test_model_card_hash_is_checked(tmp_path, random_model):
         load_model(bad)
     with pytest.raises(ValueError, match="three resolution levels"):
         SpineUNet((8, 16))
+    card.with_suffix(".pt").write_bytes(b"")  # the hash of these weights, in a card whose network cannot be built
+    bad.write_text(json.dumps({**good, "architecture": {"channels": [10**6] * 3}, "sha256": sha256_of(weights)}))
+    with pytest.raises(ModelError, match="do not load"):
+        load_model(bad)
 
 
 def test_a_model_written_again_is_loaded_again(tmp_path, random_model):
@@ -261,8 +266,9 @@ def test_the_modality_can_be_given(small_phantom):
     as_mr = label_spine(small_phantom.image, device="cpu", spine_gate=False, modality="mr")
     assert detected.modality == "CT" and as_mr.modality == "MR"
     assert as_mr.spine_probability != detected.spine_probability  # the network saw the MR normalisation
-    with pytest.raises(ValueError, match="modality"):
-        label_spine(small_phantom.image, device="cpu", modality="PET")
+    for wrong in ("PET", None):
+        with pytest.raises(ValueError, match="modality"):
+            label_spine(small_phantom.image, device="cpu", modality=wrong)
 
 
 @pytest.mark.parametrize("kind", ["noise", "ball"])

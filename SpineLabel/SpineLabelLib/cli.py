@@ -40,14 +40,18 @@ def _progress_bar(desc: str, quiet: bool) -> Iterator[Callable[[float, str], Non
 
 
 def _label(args: argparse.Namespace) -> int:
-    created = [p for p in (args.out, *args.out.parents) if not p.exists()]  # the output folder first, then its parents
-    try:
+    from .io import no_empty_new_folders
+
+    with no_empty_new_folders(args.out):  # every input failed, or the run was stopped: no trace of this run
         return _label_files(args.inputs, args.out, args)[0]
-    finally:  # every input failed, or the run was stopped before writing: no trace of this run
-        for folder in created:
-            if not folder.is_dir() or any(folder.iterdir()):
-                break
-            folder.rmdir()
+
+
+def _resolved(path: Path) -> Path:
+    """``path`` resolved; as an absolute path where it cannot be (a symlink loop: that input fails on its own)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
 
 
 def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modalities: dict[Path, str] | None = None
@@ -70,11 +74,11 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
             print(f"spinelabel: error: {other} and {path} would both write {out / case_name(path)}*; label them into "
                   "different folders", file=sys.stderr)
             return 2, []
-    given = {path.resolve(): path for path in inputs}
+    given = {_resolved(path): path for path in inputs}
     for path in inputs:
         for output in output_paths(out, case_name(path)):
-            if output.resolve() in given:
-                print(f"spinelabel: error: {output} would replace the input {given[output.resolve()]}; choose "
+            if _resolved(output) in given:
+                print(f"spinelabel: error: {output} would replace the input {given[_resolved(output)]}; choose "
                       "another output folder", file=sys.stderr)
                 return 2, []
     if out.exists() and not out.is_dir():
@@ -184,7 +188,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_folders, labelled_cases, summary_markdown
     from .export import recorded_modality
-    from .io import InputError, case_key, case_name
+    from .io import InputError, case_key, case_name, no_empty_new_folders
 
     status, fresh = 0, None
     given = [option for option, value, default in (
@@ -202,7 +206,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         # an exported case as its export was labelled (the user's choice of modality, where auto would differ)
         recorded = {image: m.lower() for image, gt in cases if (m := recorded_modality(gt.mask)) is not None
                     } if args.modality == "auto" else {}
-        status, failed = _label_files([image for image, _ in cases], args.pred_dir, args, recorded)
+        with no_empty_new_folders(args.pred_dir):
+            status, failed = _label_files([image for image, _ in cases], args.pred_dir, args, recorded)
         if status == 2:
             return status
         # only this run's predictions are scored: a case it did not label (its image failed, or it has none) is not

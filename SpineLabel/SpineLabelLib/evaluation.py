@@ -309,7 +309,7 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
 def _reference_cases(gt_dir: Path) -> dict[str, GtFiles]:
     """``_ground_truth`` of a folder that must exist and hold at least one case (``InputError`` otherwise)."""
     if not gt_dir.is_dir():
-        raise InputError(f"{gt_dir}: ground-truth folder does not exist")
+        raise InputError(f"{gt_dir}: ground-truth folder " + ("is a file" if gt_dir.exists() else "does not exist"))
     found = _ground_truth(gt_dir)
     if not found:
         raise InputError(f"{gt_dir}: no ground-truth masks (*_vert-verse.nii.gz, *_seg-vert_msk.nii.gz or "
@@ -332,7 +332,7 @@ def match_cases(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, fresh: C
     """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
-        raise InputError(f"{pred_dir}: prediction folder does not exist")
+        raise InputError(f"{pred_dir}: prediction folder " + ("is a file" if pred_dir.exists() else "does not exist"))
     gts = _reference_cases(Path(gt_dir))
     preds = {key: pred for key, pred in _predictions(pred_dir).items() if fresh is None or key in fresh}
     for key in sorted(set(preds) - set(gts)):
@@ -761,6 +761,23 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
     return result
 
 
+def _check_report_paths(outs: list[Path], pairs: list[tuple[str, PredFiles | None, GtFiles]]) -> None:
+    """Refuse report paths that would overwrite a file being scored, each other, or a folder, before any scoring.
+
+    Raises:
+        InputError: one of those.
+    """
+    scored = {path.resolve(): path for _, pred, gt in pairs
+              for path in (gt.mask, gt.ctd, *((pred.seg, pred.ctd, pred.report) if pred else ())) if path is not None}
+    if len(outs) == 2 and outs[0].resolve() == outs[1].resolve():
+        raise InputError(f"{outs[0]}: given for both the JSON and the Markdown report; give two paths")
+    for out in outs:
+        if out.resolve() in scored:
+            raise InputError(f"{out}: is {scored[out.resolve()]}, a file being scored; write the report elsewhere")
+        if out.exists() and not out.is_file():
+            raise InputError(f"{out}: is a folder (or another non-file), not a report file")
+
+
 def evaluate_folders(
     pred_dir: str | os.PathLike,
     gt_dir: str | os.PathLike,
@@ -802,6 +819,7 @@ def evaluate_folders(
         raise InputError(f"{pred_dir}: no prediction matches a reference case of {gt_dir} (predictions are "
                          "NAME_seg.nii.gz, NAME as the reference case or its image is named)")
     outs = [Path(out) for out in (out_json, out_md) if out is not None]
+    _check_report_paths(outs, pairs)
     created = _make_folders([out.parent for out in outs])  # before the scoring, not after it
     report = progress or (lambda fraction, message: None)
     try:

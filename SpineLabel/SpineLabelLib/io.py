@@ -33,6 +33,7 @@ __all__ = [
     "CASE_SUFFIXES",
     "case_key",
     "make_writable_folder",
+    "no_empty_new_folders",
     "read_image",
     "read_notes",
     "checked_image",
@@ -365,6 +366,24 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
     return image
 
 
+def _given_path(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path``, refused when empty (which would name the current folder) or when its name is not
+    valid UTF-8 (ITK's readers abort the whole process on such a name).
+
+    Raises:
+        InputError: either of those.
+    """
+    if not os.fspath(path):
+        raise InputError("no file given (an empty path)")
+    p = Path(path)
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{p}: the file name is not valid UTF-8, which the image readers cannot open; rename "
+                         "it") from None
+    return p
+
+
 def read_label_map(path: str | os.PathLike) -> sitk.Image:
     """Read and check a label map (a reference or predicted vertebra mask).
 
@@ -375,7 +394,7 @@ def read_label_map(path: str | os.PathLike) -> sitk.Image:
     Raises:
         InputError: missing, unreadable or truncated file, not 3D scalar, values that are negative, NaN or not whole.
     """
-    p = Path(path)
+    p = _given_path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
     image = _as_3d(_read_file(p, "label map"))
@@ -414,7 +433,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
             one time point), not scalar (RGB, vector), empty, holding NaN/inf, on a sheared grid, or of a size no body
             has (``checked_image``).
     """
-    p = Path(path)
+    p = _given_path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
     if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
@@ -534,6 +553,21 @@ def make_writable_folder(folder: str | os.PathLike) -> None:
     tempfile.TemporaryFile(dir=folder).close()
 
 
+@contextlib.contextmanager
+def no_empty_new_folders(folder: str | os.PathLike) -> Iterator[None]:
+    """Around work that writes into ``folder``: the folders of ``folder``'s path that do not exist now and are empty
+    when the block ends (it failed or was stopped before writing anything) are removed, innermost first."""
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        yield
+    finally:
+        for path in created:
+            if not path.is_dir() or any(path.iterdir()):
+                break
+            path.rmdir()
+
+
 def _new_file_beside(final: Path, suffix: str) -> Path:
     """Create an empty file ``.spinelabel-XXXXXXXX{suffix}`` in ``final``'s folder that no other file had, with the
     permissions the process's umask gives a new file at this moment (``tempfile.mkstemp`` would make it private)."""
@@ -555,9 +589,16 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 
     The temporary is hidden and keeps ``final``'s extensions (``.spinelabel-XXXXXXXX.tmp.nii.gz``) so that
     format-sniffing writers work, and its length does not grow with ``final``'s name. Nobody ever sees a half-written
-    ``final``.
+    ``final``. A ``final`` that exists and is not a file (a folder) is refused before anything is written: the rename
+    onto it would fail only after the work, and after ``atomic_paths`` had renamed the files before it.
+
+    Raises:
+        IsADirectoryError: ``final`` exists and is not a file.
     """
     final = Path(final)
+    if final.exists() and not final.is_file():
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {final}: it is a folder (or another non-file); remove it "
+                                              "or write elsewhere")
     # lower case: writers tell the format by the extension, and nibabel writes ".Nii.Gz" under another name
     suffix = ("".join(final.suffixes[-2:]) if final.name.lower().endswith((".nii.gz", ".seg.nrrd", ".mrk.json"))
               else final.suffix).lower()

@@ -103,6 +103,9 @@ def card_file(path: str | os.PathLike) -> Path:
     return p.with_suffix(".json") if p.suffix == ".pt" else p
 
 
+MODEL_SPACING_MM = (0.25, 10.0)  # the model grid spacings a card may give: finer, a whole spine's grid would not fit
+
+
 def read_card(path: str | os.PathLike) -> dict:
     """Read a model card (``.json``; a ``.pt`` path means the card beside it)."""
     card_path = card_file(path)
@@ -124,7 +127,8 @@ def read_card(path: str | os.PathLike) -> dict:
             ("architecture.channels must be three or more positive integers",
              not (isinstance(channels, list) and len(channels) >= 3
                   and all(_is_number(c) and isinstance(c, int) and c > 0 for c in channels))),
-            ("spacing_mm must be a positive number", not (_is_number(card["spacing_mm"]) and card["spacing_mm"] > 0)),
+            (f"spacing_mm must be a number from {MODEL_SPACING_MM[0]} to {MODEL_SPACING_MM[1]} (mm)",
+             not (_is_number(card["spacing_mm"]) and MODEL_SPACING_MM[0] <= card["spacing_mm"] <= MODEL_SPACING_MM[1])),
             ("ct_window_hu must be null or two numbers, low then high",
              window is not None and not (isinstance(window, list) and len(window) == 2
                                          and all(map(_is_number, window)) and window[0] < window[1])),
@@ -183,8 +187,8 @@ def load_model(path: str | os.PathLike | None = None, device: "str | torch.devic
     digest = sha256_of(weights)
     if digest != str(card["sha256"]).lower():
         raise ModelError(f"{weights}: weights are corrupt or altered (sha256 {digest[:12]}... does not match the card)")
-    network = SpineUNet(tuple(card["architecture"]["channels"]))
     try:
+        network = SpineUNet(tuple(card["architecture"]["channels"]))  # channels too many for memory fail here
         state = torch.load(weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
     except Exception as err:  # torch raises several types for bad files

@@ -219,7 +219,7 @@ def label_spine(
             raise Cancelled()
         return now
 
-    given = modality.upper()
+    given = modality.upper() if isinstance(modality, str) else None
     if given not in ("AUTO", "CT", "MR"):
         raise ValueError(f"modality must be 'auto', 'ct' or 'mr', not {modality!r}")
     t = t0 = time.perf_counter()

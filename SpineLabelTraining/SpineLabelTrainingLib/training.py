@@ -40,9 +40,9 @@ from tqdm import tqdm
 from SpineLabelLib.evaluation import labelled_cases, reference_labels
 from SpineLabelLib.export import provenance_of, recorded_modality
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
-from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writable_folder, read_image,
-                              read_label_map, resample_to_grid)
-from SpineLabelLib.models import default_model_path, load_model, save_model
+from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writable_folder, no_empty_new_folders,
+                              read_image, read_label_map, resample_to_grid)
+from SpineLabelLib.models import MODEL_SPACING_MM, default_model_path, load_model, save_model
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.result import Geometry
 from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
@@ -513,8 +513,15 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     With ``cfg.average_last`` = N > 0 the model written is the mean of the weights at the end of the last N epochs
     (stochastic weight averaging, Izmailov et al. 2018: a flatter, steadier optimum than any single epoch's), scored
     once more on the validation crops.
+    A run that fails before writing anything leaves no folder it made for ``cfg.out``.
     Returns the card path.
     """
+    with no_empty_new_folders(Path(cfg.out).parent):
+        return _train(cfg, progress, cancel)
+
+
+def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Callable[[], bool] | None) -> Path:
+    """``train``'s work."""
     weights = np.array([w for _, w in cfg.data], dtype=float)
     if not cfg.data or (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
         raise ValueError(f"data weights {[w for _, w in cfg.data]}: each must be 0 or more, and one more than 0")
@@ -525,6 +532,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
             raise ValueError(f"{name} {value}: must be a finite number, {least} or more")
     if min(cfg.patch) < 1:
         raise ValueError(f"patch {tuple(cfg.patch)}: each size must be 1 or more")
+    if cfg.base_model is None and not MODEL_SPACING_MM[0] <= cfg.spacing_mm <= MODEL_SPACING_MM[1]:  # NaN too
+        raise ValueError(f"spacing {cfg.spacing_mm}: a model grid spacing is from {MODEL_SPACING_MM[0]} to "
+                         f"{MODEL_SPACING_MM[1]} mm")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = resolve_device(cfg.device)
