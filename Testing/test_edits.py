@@ -60,10 +60,14 @@ def test_rename_takes_the_name_from_an_earlier_fix(spine):
     assert_consistent(out)
 
 
-def test_contradicting_fixes_raise(spine):
-    out = edits.rename(spine.result, spine.result.vertebrae[0].id, "L1")
-    with pytest.raises(ValueError):
-        edits.rename(out, spine.result.vertebrae[1].id, "T11")
+def test_contradicting_fixes_raise_naming_the_vertebrae(spine):
+    first, second = spine.result.vertebrae[:2]
+    out = edits.rename(spine.result, first.id, "L1")
+    with pytest.raises(ValueError, match=f"vertebra {first.id} as L1 and vertebra {second.id} below it as T11 cannot "
+                                         "both hold"):
+        edits.rename(out, second.id, "T11")
+    with pytest.raises(ValueError, match=f"vertebra {second.id} cannot be C1: 1 vertebra lies above it"):
+        edits.rename(spine.result, second.id, "C1")
 
 
 def test_set_locked_keeps_name_through_later_corrections(spine):
@@ -101,6 +105,24 @@ def test_move_past_a_neighbour_or_out_of_the_image_is_refused(spine):
     assert edits.component_at(spine.result, high) == 0
     with pytest.raises(ValueError, match="more than 15 mm from its vertebra"):
         edits.move_point(spine.result, spine.result.vertebrae[0].id, tuple(high))
+
+
+def test_a_drop_on_its_own_voxels_is_taken_wherever_they_reach(spine):
+    # a process of the second vertebra reaching behind the first: the polyline would put a point there above the
+    # first vertebra, but the point lies on the second's own voxels
+    result = spine.result.copy()
+    top, second = result.vertebrae[:2]
+    point = np.array(top.centroid_lps_mm) + [0.0, 18.0, 0.0]
+    x, y, z = np.rint(result.geometry.lps_to_index(point)).astype(int)
+    components = result.components.copy()
+    assert components[z, y, x] == 0
+    components[z - 1 : z + 2, y - 1 : y + 2, x - 1 : x + 2] = second.id
+    result = result.copy(components=components)
+    out = edits.move_point(result, second.id, tuple(point))
+    assert [u.id for u in out.vertebrae] == [u.id for u in result.vertebrae]
+    np.testing.assert_allclose(out.by_id(second.id).centroid_lps_mm, point)
+    with pytest.raises(ValueError, match="past a neighbour, on no vertebra"):  # beside those voxels it is refused
+        edits.move_point(spine.result, second.id, tuple(point))
 
 
 def test_move_onto_another_component_gives_it_the_name(spine):

@@ -309,3 +309,14 @@ def test_a_forced_name_renumbers_rather_than_skips_a_level_at_a_normal_gap(margi
     gaps = [31.0, 33.0, 35.0, 36.0, 37.0, 36.0]
     solution = solve(scores, np.array(gaps), fixed={3: "L3"})
     assert [LEVELS[i].name for i in solution.levels] == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+
+
+def test_fixed_labels_that_cannot_hold_are_named():
+    scores, gaps = np.zeros((5, K)), [30.0] * 4
+    with pytest.raises(ValueError, match="vertebra 2 from the top cannot be C1: 1 vertebra lies above it"):
+        solve(scores, gaps, {1: "C1"})
+    with pytest.raises(ValueError, match="vertebra 1 from the top as L2 and vertebra 3 from the top below it as L1 "
+                                         "cannot both hold: levels run cranial to caudal"):
+        solve(scores, gaps, {0: "L2", 2: "L1"})
+    with pytest.raises(ValueError, match="1 vertebra lies between them"):
+        solve(scores, gaps, {0: "L2", 2: "L3"})

@@ -31,6 +31,7 @@ All priors live in ``PRIORS`` below, in one place.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
@@ -223,6 +224,7 @@ def solve(
     fixed: dict[int, str] | None = None,
     priors: SequencePriors = PRIORS,
     temperature: float | None = None,
+    describe: Callable[[int], str] | None = None,
 ) -> Solution:
     """Label a chain of vertebrae.
 
@@ -233,6 +235,8 @@ def solve(
         fixed: chain position -> level name that must be kept.
         priors: the anatomical priors.
         temperature: of the level evidence in the confidences (``TEMPERATURE`` when None).
+        describe: names the vertebra at a chain position in the message of fixed labels that cannot all hold
+            (default: its place from the top).
 
     Returns:
         The Viterbi labelling (at the most probable patient scale; on the tempered evidence when a fixed label
@@ -277,8 +281,10 @@ def solve(
     paths, scores = _viterbi(tempered if overruled else emissions, transitions)
     best = int(np.argmax(scores + log_scale_prior))
     if not np.isfinite(scores[best]):
-        raise ValueError("the fixed labels cannot all hold: each level appears once, cranial to caudal" if fixed else
-                         "no labelling is possible: the log-scores rule out every level of some vertebra")
+        if fixed:
+            raise ValueError(_conflict(fixed, n, transitions, start, describe or (lambda p: f"vertebra {p + 1} from "
+                                                                                                "the top")))
+        raise ValueError("no labelling is possible: the log-scores rule out every level of some vertebra")
     levels = paths[best]
     log_z, per_scale = _forward_backward(tempered, transitions)
     log_weights = log_z + log_scale_prior
@@ -287,6 +293,44 @@ def solve(
     confidence = np.clip(marginals[np.arange(n), levels], 0.0, 1.0)
     n = vertebrae_in(levels)  # the warnings speak of the vertebrae, not of the sacral pieces below them
     return Solution(levels, confidence, marginals, _warnings(levels[:n], confidence[:n], marginals[:n], gaps[: n - 1]))
+
+
+def _conflict(fixed: dict[int, str], n: int, transitions: np.ndarray, start: np.ndarray,
+              describe: Callable[[int], str]) -> str:
+    """Why fixed labels (chain position -> level name) of a chain of ``n`` cannot all hold: the first one that
+    cannot hold alone, else the first pair that cannot hold together; ``transitions`` and ``start`` as ``solve``
+    chains them, ``describe`` names the vertebra at a position."""
+
+    def possible(subset: dict[int, str]) -> bool:
+        evidence = np.zeros((n, K))
+        evidence[0] += start
+        for position, name in subset.items():
+            evidence[position, :] = -np.inf
+            evidence[position, level_index(name)] = 0.0
+        return bool(np.isfinite(_viterbi(evidence, transitions)[1]).any())
+
+    items = sorted(fixed.items())
+    for position, name in items:
+        if not possible({position: name}):
+            if position > level_index(name):
+                why = f"{_vertebrae(position)} above it, and fewer levels come before {name}"
+            else:
+                why = f"{_vertebrae(n - 1 - position)} below it, more than can be named after {name}"
+            return f"{describe(position)} cannot be {name}: {why}"
+    for i, (upper, upper_name) in enumerate(items):
+        for lower, lower_name in items[i + 1:]:
+            if not possible({upper: upper_name, lower: lower_name}):
+                if level_index(lower_name) <= level_index(upper_name):
+                    why = f"levels run cranial to caudal, each once, and {lower_name} is not below {upper_name}"
+                else:
+                    why = f"{_vertebrae(lower - upper - 1)} between them, more than can be named between the two"
+                return (f"{describe(upper)} as {upper_name} and {describe(lower)} below it as {lower_name} cannot "
+                        f"both hold: {why}; rename or unlock one of them")
+    return "the fixed labels cannot all hold: each level appears once, cranial to caudal; rename or unlock some"
+
+
+def _vertebrae(count: int) -> str:
+    return "1 vertebra lies" if count == 1 else f"{count} vertebrae lie"
 
 
 def vertebrae_in(levels: np.ndarray) -> int:
@@ -397,7 +441,8 @@ def relabel(result: SpineLabeling, fixed: dict[int, str] | None = None, priors: 
         if v.fixed:
             position_fixed[pos] = v.name
     scores = np.array([v.level_log_scores for v in out.vertebrae]).reshape(-1, K)
-    solution = solve(scores, np.asarray(out.gaps_mm, dtype=float), position_fixed, replace(priors, sacral_piece=0.0))
+    solution = solve(scores, np.asarray(out.gaps_mm, dtype=float), position_fixed, replace(priors, sacral_piece=0.0),
+                     describe=lambda p: f"vertebra {out.vertebrae[p].id}")
     for v, k, p in zip(out.vertebrae, solution.levels, solution.confidence):
         v.name = _NAMES[k]
         v.confidence = float(p)
