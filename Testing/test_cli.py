@@ -405,3 +405,10 @@ def test_failed_evaluate_label_and_train_leave_no_folder_they_made(tmp_path, pha
     assert main(["train", "--data", "phantom", "--out", str(tmp_path / "new" / "m.json"), "--spacing", "0",
                  "--quiet"]) != 0
     assert not (tmp_path / "new").exists()
+
+
+def test_phantom_into_a_path_through_a_file_names_the_folder(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    argv = ["phantom", str(tmp_path / "afile" / "x.nii.gz"), "--fov", "lumbar", "--spacing", "2", "2", "2.5", "--quiet"]
+    assert main(argv) == 1
+    assert f"{tmp_path / 'afile'}: cannot make this folder" in capsys.readouterr().err

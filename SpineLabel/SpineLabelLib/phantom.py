@@ -119,7 +119,10 @@ class Phantom:
         image_path = Path(path)
         if not image_path.name.lower().endswith(_SAVE_SUFFIXES):
             raise ValueError(f"{image_path}: unsupported file type; expected one of {', '.join(_SAVE_SUFFIXES)}")
-        image_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            image_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a file on the way: say which folder could not be made
+            raise OSError(err.errno, f"{image_path.parent}: cannot make this folder ({err.strerror})") from None
         label_path = image_path.with_name(f"{case_name(image_path)}_label.nii.gz")
         with atomic_paths([image_path, label_path]) as temps:
             for image, tmp in zip((self.image, self.labels), temps):
