@@ -311,6 +311,22 @@ def test_a_forced_name_renumbers_rather_than_skips_a_level_at_a_normal_gap(margi
     assert [LEVELS[i].name for i in solution.levels] == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
 
 
+@pytest.mark.parametrize("end, name, expected", [(0, "T3", ["T3", "T4", "T5", "T6", "T7", "T8", "T9"]),
+                                                 (-1, "T11", ["T5", "T6", "T7", "T8", "T9", "T10", "T11"])])
+def test_a_name_forced_on_an_end_vertebra_renumbers_the_chain_too(end, name, expected):
+    # the end gaps are wider (a cut end vertebra), but a level skipped there must be explained by the gap as well:
+    # T4 forced to T3 gave T3 T5 T6 ..., a skip at a normal 25 mm gap
+    names = ["T4", "T5", "T6", "T7", "T8", "T9", "T10"]
+    scores = np.full((len(names), K), -5.0)
+    for i, level in enumerate(names):
+        scores[i, level_index(level)] = 0.0
+    solution = solve(scores, np.full(len(names) - 1, 25.0), fixed={end % len(names): name})
+    assert [LEVELS[i].name for i in solution.levels] == expected
+    assert not any("not found" in w for w in solution.warnings)
+    missed = solve(scores, np.array([50.0] + [25.0] * 5), fixed={0: "T3", 1: "T5"})  # a real missed level still is
+    assert any("T4 not found" in w for w in missed.warnings)
+
+
 def test_fixed_labels_that_cannot_hold_are_named():
     scores, gaps = np.zeros((5, K)), [30.0] * 4
     with pytest.raises(ValueError, match="vertebra 2 from the top cannot be C1: 1 vertebra lies above it"):
