@@ -392,6 +392,29 @@ def test_evaluate_refuses_a_report_path_that_would_overwrite_a_scored_file(tmp_p
     assert mask.read_bytes() == (pred / "spine_seg.nii.gz").read_bytes() and not (tmp_path / "r").exists()
 
 
+def test_evaluate_label_checks_the_report_paths_before_labelling(tmp_path, model, phantom_file, capsys):
+    gt = tmp_path / "gt"
+    (gt / "imagesTr").mkdir(parents=True)
+    (gt / "labelsTr").mkdir()
+    image = gt / "imagesTr" / "spine_0000.nii.gz"
+    image.write_bytes(phantom_file.read_bytes())
+    (gt / "labelsTr" / "spine.nii.gz").write_bytes((phantom_file.parent / "spine_label.nii.gz").read_bytes())
+    (tmp_path / "folder").mkdir()
+    for option, path, reason in (("--markdown", image, "a file being scored"), ("--json", tmp_path / "folder",
+                                                                                "is a folder")):
+        argv = ["evaluate", str(tmp_path / "pred"), str(gt), "--label", "--model", str(model), option, str(path),
+                "--quiet"]
+        assert main(argv) == 1
+        assert reason in capsys.readouterr().err
+    assert image.read_bytes() == phantom_file.read_bytes() and not (tmp_path / "pred").exists()
+
+
+def test_an_empty_path_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["label", "", "-o", "out"])
+    assert "an empty path names no file or folder" in capsys.readouterr().err
+
+
 def test_failed_evaluate_label_and_train_leave_no_folder_they_made(tmp_path, phantom_file):
     gt = tmp_path / "gt"
     (gt / "imagesTr").mkdir(parents=True)
@@ -411,4 +434,4 @@ def test_phantom_into_a_path_through_a_file_names_the_folder(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     argv = ["phantom", str(tmp_path / "afile" / "x.nii.gz"), "--fov", "lumbar", "--spacing", "2", "2", "2.5", "--quiet"]
     assert main(argv) == 1
-    assert f"{tmp_path / 'afile'}: cannot make this folder" in capsys.readouterr().err
+    assert f"{tmp_path / 'afile'}: cannot make this folder: {tmp_path / 'afile'} is a file" in capsys.readouterr().err

@@ -175,6 +175,7 @@ def test_exporting_a_scan_again_replaces_its_case(tmp_path, spine):
 
 @pytest.mark.parametrize("document, reason", [
     ({"labels": {"background": 0, "vertebrae_L5": 1, "sacrum": 2}}, "numbers the vertebrae otherwise"),
+    ({"labels": {"background": 0, "spine": 1}}, "numbers the vertebrae otherwise"),
     ({"file_ending": ".mha"}, "gives its files the ending '.mha'"),
 ])
 def test_a_dataset_numbered_or_stored_otherwise_takes_no_export(tmp_path, spine, document, reason):

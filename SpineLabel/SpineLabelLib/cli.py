@@ -186,9 +186,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_folders, labelled_cases, summary_markdown
+    from .evaluation import check_report_paths, evaluate_folders, labelled_cases, summary_markdown
     from .export import recorded_modality
     from .io import InputError, case_key, case_name, no_empty_new_folders
+    from .writers import output_paths
 
     status, fresh = 0, None
     given = [option for option, value, default in (
@@ -203,6 +204,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         cases = labelled_cases(args.gt_dir)
         if not cases:
             raise InputError(f"{args.gt_dir}: no reference case has its image beside it: nothing to label")
+        check_report_paths([p for p in (args.json, args.markdown) if p is not None],  # before any labelling
+                           [p for image, gt in cases
+                            for p in (image, gt.mask, gt.ctd, *output_paths(args.pred_dir, case_name(image)))])
         # an exported case as its export was labelled (the user's choice of modality, where auto would differ)
         recorded = {image: m.lower() for image, gt in cases if (m := recorded_modality(gt.mask)) is not None
                     } if args.modality == "auto" else {}
@@ -224,10 +228,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     return status
 
 
+def _path(text: str) -> Path:
+    """A path argument; an empty one is refused (``Path("")`` would be the current folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names no file or folder")
+    return Path(text)
+
+
 def _add_labelling_options(p: argparse.ArgumentParser, scope: str = "") -> None:
     """The options that ``_label_files`` reads (model, device, orientation check, spine gate, modality); ``scope``
     opens their help."""
-    p.add_argument("--model", type=Path, help=scope + "model card (.json); default: the model shipped with SpineLabel")
+    p.add_argument("--model", type=_path, help=scope + "model card (.json); default: the model shipped with SpineLabel")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=scope + "where the network runs")
     p.add_argument("--check-orientation", action="store_true",
                    help=scope + "run the network's level head a second time on each image turned head to feet and "
@@ -247,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("label", help="label spine images", description="Label every vertebra of each input. "
                        "Writes NAME_seg.nii.gz, NAME.seg.nrrd, NAME.mrk.json, NAME_ctd.json, NAME_report.json and "
                        "NAME_snapshot.png into OUTDIR for each input.")
-    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+    p.add_argument("inputs", nargs="+", type=_path, metavar="INPUT",
                    help="NIfTI, NRRD, MetaImage file, or a folder holding one DICOM series")
-    p.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR")
+    p.add_argument("-o", "--out", type=_path, required=True, metavar="OUTDIR")
     _add_labelling_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--debug", action="store_true", help="tracebacks for failures")
@@ -258,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("phantom", help="write a procedural spine phantom and its label map",
                        description="Write a procedural spine phantom to OUT.nii.gz and its VerSe label map to "
                        "OUT_label.nii.gz beside it.")
-    p.add_argument("output", type=Path, metavar="OUT.nii.gz")
+    p.add_argument("output", type=_path, metavar="OUT.nii.gz")
     p.add_argument("--modality", default="ct", choices=["ct", "mr"])
     p.add_argument("--fov", default="whole", choices=["whole", "cervical", "thoracic", "lumbar"])
     p.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"),
@@ -273,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", required=True, metavar="SOURCE[:WEIGHT]",
                    help="'synthetic', 'phantom', 'negative' (images without a spine), or a folder (nnU-Net "
                         "imagesTr/labelsTr, VerSe, *_img/*_vert-verse); repeat to mix")
-    p.add_argument("--out", type=Path, required=True, help="model card to write (.json; weights beside it)")
-    p.add_argument("--base-model", type=Path, help="fine-tune from this model card")
+    p.add_argument("--out", type=_path, required=True, help="model card to write (.json; weights beside it)")
+    p.add_argument("--base-model", type=_path, help="fine-tune from this model card")
     p.add_argument("--name", default="spinelabel-finetuned")
     p.add_argument("--version", default="0.1.0")
     p.add_argument("--epochs", type=int, default=10)
@@ -286,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
-    p.add_argument("--data-dir", type=Path, help="real labelled vertebrae, the shapes of --data synthetic (needed "
+    p.add_argument("--data-dir", type=_path, help="real labelled vertebrae, the shapes of --data synthetic (needed "
                    "only for it)")
     p.add_argument("--validation-cases", type=int, default=4, help="fixed crops scored after every epoch, drawn "
                    "in turn from the --data sources of weight above 0 (for a folder: crops of its training scans)")
@@ -307,10 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "--label, first label into PRED_DIR the image of every reference case (the image file beside "
                        "its mask, or imagesTr/X_0000 for labelsTr/X); a case whose dataset.json records CT or MR is "
                        "labelled as that unless --modality says otherwise.")
-    p.add_argument("pred_dir", type=Path, metavar="PRED_DIR")
-    p.add_argument("gt_dir", type=Path, metavar="GT_DIR")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--markdown", type=Path)
+    p.add_argument("pred_dir", type=_path, metavar="PRED_DIR")
+    p.add_argument("gt_dir", type=_path, metavar="GT_DIR")
+    p.add_argument("--json", type=_path)
+    p.add_argument("--markdown", type=_path)
     p.add_argument("--label", action="store_true", help="label the reference images into PRED_DIR first")
     _add_labelling_options(p, "with --label: ")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")

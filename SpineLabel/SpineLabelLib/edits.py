@@ -182,10 +182,10 @@ def move_point(result: SpineLabeling, vertebra_id: int, new_lps: tuple[float, fl
     * Dropped on another vertebra's component: the user is saying "this one is <name>". The component under
       the point takes the moved vertebra's name, fixed; the moved vertebra keeps its own centroid and is
       released (unfixed) so the sequence model re-numbers it. Both markers stay at their own components.
-    * Dropped on its own component: the centroid moves there, the vertebra keeps its place in the chain.
-    * Dropped anywhere else (background near it): the centroid moves there. The vertebra's voxels do not move with
-      it, so a drop that lies outside the image, that would change its place in the chain (past a neighbour), or
-      farther than ``MOVE_REACH_MM`` from the vertebra's voxels is refused.
+    * Dropped anywhere else (its own component, background near it): the centroid moves there, and the chain's
+      gaps with it. The vertebra's voxels do not move with it, so a drop that lies outside the image, that would
+      change its place in the chain (past a neighbour; also on its own voxels, such as a spinous process reaching
+      behind the vertebra above), or farther than ``MOVE_REACH_MM`` from the vertebra's voxels is refused.
 
     Raises:
         KeyError: unknown vertebra id.
@@ -203,11 +203,10 @@ def move_point(result: SpineLabeling, vertebra_id: int, new_lps: tuple[float, fl
         log.info("marker %s dropped on vertebra %d: it becomes %s", moved.name, under, moved.name)
         return relabel(out, fixed)
     out = result.copy()
+    vertebrae = [v for v in out.vertebrae if v.id != moved.id]
     relocated = out.by_id(moved.id)
     relocated.centroid_lps_mm = tuple(float(c) for c in new_lps)
-    if under == moved.id:  # on its own voxels: its place in the chain stays, wherever the polyline would put it
-        return _solve(_with_chain(out, list(out.vertebrae)))
-    chain = _insert_in_chain([v for v in out.vertebrae if v.id != moved.id], relocated)
+    chain = _insert_in_chain(vertebrae, relocated)
     if _voxel(result, new_lps) is None:
         where = "outside the image"
     elif [v.id for v in chain] != [v.id for v in result.vertebrae]:
@@ -216,8 +215,9 @@ def move_point(result: SpineLabeling, vertebra_id: int, new_lps: tuple[float, fl
         where = f"more than {MOVE_REACH_MM:g} mm from its vertebra"
     else:
         return _solve(_with_chain(out, chain))
-    raise ValueError(f"{moved.name}'s point was dropped {where}, on no vertebra; its voxels stay where they are, so "
-                     f"the point goes back (drop it on another vertebra to give that one the name {moved.name})")
+    on = "on its own voxels" if under == moved.id else "on no vertebra"
+    raise ValueError(f"{moved.name}'s point was dropped {where}, {on}; its voxels stay where they are, so the point "
+                     f"goes back (drop it on another vertebra to give that one the name {moved.name})")
 
 
 def _near_component(result: SpineLabeling, vertebra_id: int, point_lps, reach_mm: float) -> bool:

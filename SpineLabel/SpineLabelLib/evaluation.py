@@ -77,7 +77,7 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Mapping
+from typing import Callable, Collection, Iterable, Mapping
 
 import numpy as np
 import SimpleITK as sitk
@@ -761,19 +761,20 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
     return result
 
 
-def _check_report_paths(outs: list[Path], pairs: list[tuple[str, PredFiles | None, GtFiles]]) -> None:
-    """Refuse report paths that would overwrite a file being scored, each other, or a folder, before any scoring.
+def check_report_paths(outs: list[Path], protected: Iterable[Path | None]) -> None:
+    """Refuse report paths (``outs``: the JSON and Markdown reports asked for) that would overwrite one of the files
+    ``protected`` (those being scored, or labelled and scored; None entries ignored), each other, or a folder: before
+    any work.
 
     Raises:
         InputError: one of those.
     """
-    scored = {path.resolve(): path for _, pred, gt in pairs
-              for path in (gt.mask, gt.ctd, *((pred.seg, pred.ctd, pred.report) if pred else ())) if path is not None}
+    kept = {path.resolve(): path for path in protected if path is not None}
     if len(outs) == 2 and outs[0].resolve() == outs[1].resolve():
         raise InputError(f"{outs[0]}: given for both the JSON and the Markdown report; give two paths")
     for out in outs:
-        if out.resolve() in scored:
-            raise InputError(f"{out}: is {scored[out.resolve()]}, a file being scored; write the report elsewhere")
+        if out.resolve() in kept:
+            raise InputError(f"{out}: is {kept[out.resolve()]}, a file being scored; write the report elsewhere")
         if out.exists() and not out.is_file():
             raise InputError(f"{out}: is a folder (or another non-file), not a report file")
 
@@ -819,7 +820,8 @@ def evaluate_folders(
         raise InputError(f"{pred_dir}: no prediction matches a reference case of {gt_dir} (predictions are "
                          "NAME_seg.nii.gz, NAME as the reference case or its image is named)")
     outs = [Path(out) for out in (out_json, out_md) if out is not None]
-    _check_report_paths(outs, pairs)
+    check_report_paths(outs, (path for _, pred, gt in pairs
+                              for path in (gt.mask, gt.ctd, *((pred.seg, pred.ctd, pred.report) if pred else ()))))
     created = _make_folders([out.parent for out in outs])  # before the scoring, not after it
     report = progress or (lambda fraction, message: None)
     try:

@@ -315,9 +315,9 @@ def export_case(
         if dataset.get("file_ending", _FILE_ENDING) != _FILE_ENDING:
             raise ValueError(f"{dataset_dir}: its dataset.json gives its files the ending "
                              f"{dataset['file_ending']!r}; an export writes {_FILE_ENDING}: export into another dataset")
-        labels = dataset.get("labels", {})
+        labels, ours = dataset.get("labels", {}), dataset_labels()
         other = sorted(name for name, value in (labels.items() if isinstance(labels, dict) else [])
-                       if (level := _level_named(name)) is not None and value != level.label)
+                       if value != (level.label if (level := _level_named(name)) is not None else ours.get(name)))
         if not isinstance(labels, dict) or other:
             raise ValueError(f"{dataset_dir}: its dataset.json numbers the vertebrae otherwise than SpineLabel (VerSe "
                              f"values; {', '.join(other[:3]) or 'labels'}): an export would change what its cases "

@@ -188,7 +188,12 @@ def load_model(path: str | os.PathLike | None = None, device: "str | torch.devic
     if digest != str(card["sha256"]).lower():
         raise ModelError(f"{weights}: weights are corrupt or altered (sha256 {digest[:12]}... does not match the card)")
     try:
-        network = SpineUNet(tuple(card["architecture"]["channels"]))  # channels too many for memory fail here
+        network = SpineUNet(tuple(card["architecture"]["channels"]))
+    except (RuntimeError, MemoryError) as err:  # channels too many for memory
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ModelError(f"{card_path}: architecture.channels {card['architecture']['channels']} cannot be built "
+                         f"({reason})") from None
+    try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
     except Exception as err:  # torch raises several types for bad files

@@ -121,8 +121,10 @@ class Phantom:
             raise ValueError(f"{image_path}: unsupported file type; expected one of {', '.join(_SAVE_SUFFIXES)}")
         try:
             image_path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:  # a file on the way: say which folder could not be made
-            raise OSError(err.errno, f"{image_path.parent}: cannot make this folder ({err.strerror})") from None
+        except OSError as err:  # say which folder could not be made, and the file in its way
+            blocker = next((p for p in (image_path.parent, *image_path.parent.parents) if p.is_file()), None)
+            raise OSError(f"{image_path.parent}: cannot make this folder"
+                          + (f": {blocker} is a file" if blocker else f" ({err.strerror or err})")) from None
         label_path = image_path.with_name(f"{case_name(image_path)}_label.nii.gz")
         with atomic_paths([image_path, label_path]) as temps:
             for image, tmp in zip((self.image, self.labels), temps):
