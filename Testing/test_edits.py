@@ -133,6 +133,18 @@ def test_move_onto_another_component_gives_it_the_name(spine):
     assert_consistent(out)
 
 
+def test_a_removed_vertebra_is_restored_where_it_fits(spine):
+    v = spine.result.vertebrae[2]
+    deleted = edits.delete(spine.result, v.id)
+    back = edits.restore(deleted.copy(components=spine.result.components), [v])  # its voxels back (an undo)
+    assert [u.id for u in back.vertebrae] == [u.id for u in spine.result.vertebrae]
+    assert names(back) == names(spine.result)
+    assert_consistent(back)
+    for result in (back, deleted):  # still there; no voxels
+        with pytest.raises(ValueError, match="cannot be restored"):
+            edits.restore(result, [v])
+
+
 def test_delete_removes_voxels_and_record(spine):
     victim = spine.result.vertebrae[2]
     out = edits.delete(spine.result, victim.id)

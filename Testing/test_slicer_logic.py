@@ -661,3 +661,31 @@ def test_voxels_painted_into_a_segment_over_its_neighbour_go_to_that_segment(lab
     updateSegmentBinaryLabelmapFromArray((a2 | painted).astype(np.uint8), node, segmentIdOf(l2.id), volume)
     exported = sitk.GetArrayFromImage(sitk.ReadImage(str(labeled.exportCase(tmp_path / "Dataset001_Spine"))))
     assert painted.any() and np.all(exported[painted] == BY_NAME["L2"].label)
+    # resolved once: the scene shows it so, and a second read-back (another export) gives the voxels back to nobody
+    assert_nodes_match(labeled)
+    again = sitk.GetArrayFromImage(sitk.ReadImage(str(labeled.exportCase(tmp_path / "Dataset002_Spine"))))
+    assert np.all(again[painted] == BY_NAME["L2"].label) and len(labeled.corrections) == 1
+
+
+def test_the_segment_editor_s_undo_is_brought_in_line_with_the_points(labeled, tmp_path):
+    segmentation = labeled.segmentationNode.GetSegmentation()
+    history = slicer.vtkSegmentationHistory()  # what the Segment Editor's Undo restores
+    history.SetSegmentation(segmentation)
+    history.SaveState()
+    segmentation.AddEmptySegment("note", "note")  # the editor's Add saves the state first
+    labeled.markupsNode.SetNthControlPointLabel(point_index(labeled, "T11"), "T12")
+    assert history.RestorePreviousState()  # brings back the segments' old names and label values
+    labeled.exportCase(tmp_path / "Dataset001_Spine")
+    assert [v.name for v in labeled.result.vertebrae] == ["T12", "L1", "L2", "L3", "L4", "L5"]
+    assert_nodes_match(labeled)
+
+    l2 = next(v for v in labeled.result.vertebrae if v.name == "L2")
+    history.SaveState()
+    layer_voxels(labeled)[layer_voxels(labeled) == l2.label] = 0  # erased in the editor
+    segmentation.GetLayerDataObject(0).Modified()
+    labeled.markupsNode.SetNthControlPointLocked(point_index(labeled, "L4"), True)  # a correction takes it in
+    assert l2.id not in {v.id for v in labeled.result.vertebrae}
+    assert history.RestorePreviousState()  # the erase undone: the vertebra comes back, with its point
+    exported = sitk.GetArrayFromImage(sitk.ReadImage(str(labeled.exportCase(tmp_path / "Dataset001_Spine"))))
+    assert l2.id in {v.id for v in labeled.result.vertebrae} and BY_NAME["L2"].label in exported
+    assert_nodes_match(labeled)

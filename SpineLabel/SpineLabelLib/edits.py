@@ -13,6 +13,7 @@ Coordinates are LPS millimetres; component arrays are int16 (z, y, x) on the inp
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,6 +30,7 @@ __all__ = [
     "rename",
     "set_locked",
     "move_point",
+    "restore",
     "delete",
     "add_vertebra",
     "component_at",
@@ -244,6 +246,23 @@ def delete(result: SpineLabeling, vertebra_id: int) -> SpineLabeling:
     out = result.copy()
     vertebrae = [v for v in out.vertebrae if v.id != vertebra_id]
     return _solve(_with_chain(out, vertebrae, components))
+
+
+def restore(result: SpineLabeling, vertebrae: list[Vertebra]) -> SpineLabeling:
+    """Put back vertebrae that an earlier correction removed, whose voxels ``result.components`` holds again (an
+    undo in the Segment Editor): each record goes where it fits in the chain, released (its name not fixed), and the
+    names are re-solved.
+
+    Raises:
+        ValueError: an id the labelling still has, or one whose voxels are not in ``result.components``.
+    """
+    out = result.copy()
+    chain = list(out.vertebrae)
+    for vertebra in vertebrae:
+        if any(v.id == vertebra.id for v in chain) or not (result.components == vertebra.id).any():
+            raise ValueError(f"vertebra {vertebra.id} cannot be restored: it is still there, or has no voxels")
+        chain = _insert_in_chain(chain, replace(vertebra, fixed=False))
+    return _solve(_with_chain(out, chain))
 
 
 def _box_slices(geometry: Geometry, centre_ijk: np.ndarray,

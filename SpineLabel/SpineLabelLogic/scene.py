@@ -203,6 +203,7 @@ class LabelingScene(VTKObservationMixin):
         self._interacting = False
         self._voxelStateKnown: tuple = ()
         self._everIds = {v.id for v in result.vertebrae}  # every vertebra this labelling has had
+        self._removed: dict = {}  # id -> record of each vertebra a correction removed (an undo may bring it back)
         scene = volumeNode.GetScene()
         base = name or volumeNode.GetName()
         self.segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{base} vertebrae")
@@ -319,18 +320,24 @@ class LabelingScene(VTKObservationMixin):
 
         Each ``vertebra_<id>`` segment's voxels become that vertebra's component; where two segments overlap, the
         voxel goes to the one that did not hold it before (the segment the user painted it into; the later segment
-        when neither did). Vertebrae whose segment was removed or emptied are deleted; segments SpineLabel did not
-        make are ignored. Names are kept (a changed segment name is not read back: rename with the markups).
+        when neither did), and the segments are rewritten so resolved. Vertebrae whose segment was removed or emptied
+        are deleted; a vertebra that a correction removed and whose segment is back (the Segment Editor's undo) is
+        restored; segments SpineLabel did not make are ignored. Names, colours and values are the labelling's (a
+        changed segment name, or one an undo brought back, is not read back: rename with the markups).
 
         Returns:
             True when the components changed.
         """
         segmentation = self.segmentationNode.GetSegmentation()
         known = {v.id for v in self.result.vertebrae}
-        segmentIds = []
+        segmentIds, restored = [], []
         for segmentId in segmentation.GetSegmentIDs():
-            if vertebraIdOf(segmentId) in known:
+            vertebraId = vertebraIdOf(segmentId)
+            if vertebraId in known:
                 segmentIds.append(segmentId)
+            elif vertebraId in self._removed:  # an undo in the Segment Editor brought back a removed vertebra
+                segmentIds.append(segmentId)
+                restored.append(vertebraId)
             else:
                 log.info("segment %r was not made by SpineLabel; it is not exported", segmentId)
         geometry = self.result.geometry
@@ -347,19 +354,26 @@ class LabelingScene(VTKObservationMixin):
             raise RuntimeError(f"merged labelmap {components.shape} does not match the image grid "
                                f"{self.result.components.shape}")
         if np.array_equal(components, self.result.components):
+            self._writeSegments(voxels=False)  # names, colours and values an undo may have brought back
             self._voxelStateKnown = self._voxelState()
             return False
         differs = components != self.result.components
         changed = sorted(({int(i) for i in np.unique(components[differs])}
                           | {int(i) for i in np.unique(self.result.components[differs])}) - {0})
         updated = self.result.copy(components=components)
+        counts = np.bincount(components.ravel().astype(np.int64), minlength=max(known | set(restored), default=0) + 1)
+        restored = [self._removed[i] for i in restored if counts[i]]
+        if restored:
+            updated = edits.restore(updated, restored)
         voxelMl = float(np.prod(geometry.spacing)) / 1000.0
-        counts = np.bincount(components.ravel().astype(np.int64), minlength=max(known, default=0) + 1)
         for v in updated.vertebrae:
             v.volume_ml = round(float(counts[v.id]) * voxelMl, 3)
         for vertebraId in sorted(v.id for v in updated.vertebrae if counts[v.id] == 0):
             updated = edits.delete(updated, vertebraId)
-        self._set(updated, {"action": "segment_edit", "vertebra_ids": changed}, voxels=False)
+        # overlapping segments (the Segment Editor's layers) are rewritten as resolved, so that the next read-back
+        # finds no overlap to resolve again
+        self._set(updated, {"action": "segment_edit", "vertebra_ids": changed},
+                  voxels=segmentation.GetNumberOfLayers() > 1)
         return True
 
     def _merged(self, segmentIds: list[str]) -> np.ndarray:
@@ -403,8 +417,12 @@ class LabelingScene(VTKObservationMixin):
     def _set(self, result: SpineLabeling, record: dict, voxels: bool) -> None:
         """Adopt a corrected labelling, log the correction and update both nodes."""
         self._requireNodes()
+        ids = {v.id for v in result.vertebrae}
+        self._removed.update({v.id: v for v in self.result.vertebrae if v.id not in ids})
+        for vertebraId in ids:
+            self._removed.pop(vertebraId, None)
         self.result = result
-        self._everIds |= {v.id for v in result.vertebrae}
+        self._everIds |= ids
         self.corrections.append(record)
         log.info("correction: %s", record)
         self._writeSegments(voxels=voxels)
