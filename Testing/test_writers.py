@@ -438,3 +438,15 @@ def test_nonzero_box_is_the_smallest_box_around_every_labelled_voxel():
     labels[3, 17, 5] = 2
     labels[11, 4, 39] = 7
     assert nonzero_box(labels) == (slice(3, 12), slice(4, 18), slice(5, 40))
+
+
+@pytest.mark.parametrize("y", [0.0, 39.0])
+def test_a_level_name_at_the_edge_of_a_snapshot_panel_is_drawn_whole(y):
+    from PIL import ImageDraw, ImageFont
+
+    def lit(xy):
+        panel = Image.new("RGB", (60, 40))
+        writers._draw_text(ImageDraw.Draw(panel), xy, "S1", (255, 255, 255), ImageFont.load_default(size=12), (60, 40))
+        return int(np.asarray(panel).astype(bool).sum())
+
+    assert lit((5.0, y)) == lit((5.0, 20.0))  # as many pixels as in the middle: nothing cut off

@@ -412,10 +412,14 @@ def _resample_indices(n: int, spacing: float, display_spacing: float) -> tuple[i
     return out, src
 
 
-def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill, font, width: int) -> None:
+def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill, font, size: tuple[int, int]
+               ) -> None:
+    """``text`` centred vertically on ``xy`` (x, y pixels), its left edge at x, moved inside a panel of ``size``
+    (width, height pixels) where it would cross an edge."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    x = min(max(xy[0], 1), width - (right - left) - 1)
-    draw.text((x, xy[1] - (bottom - top) / 2), text, fill=fill, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+    x = min(max(xy[0], 1), size[0] - (right - left) - 1)
+    y = min(max(xy[1] - (bottom - top) / 2, 1), size[1] - bottom - 1)
+    draw.text((x, y), text, fill=fill, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
 
 
 def _snapshot_panel(result: SpineLabeling, image_zyx: np.ndarray, axes, index: int, window: tuple[float, float],
@@ -455,9 +459,9 @@ def _snapshot_panel(result: SpineLabeling, image_zyx: np.ndarray, axes, index: i
         in_view = np.nonzero((ids == v.id).any(axis=0))[0]
         x_text = in_view.max() + 4 if in_view.size else x + 10 / display_spacing
         colour = tuple(int(round(255 * ch)) for ch in v.level.colour)
-        _draw_text(draw, (x_text, y), v.name, colour, font, width)
+        _draw_text(draw, (x_text, y), v.name, colour, font, (width, height))
     if not result.vertebrae:
-        _draw_text(draw, (width / 2 - 60, height / 2), "no vertebrae found", (255, 255, 0), font, width)
+        _draw_text(draw, (width / 2 - 60, height / 2), "no vertebrae found", (255, 255, 0), font, (width, height))
     return panel
 
 
