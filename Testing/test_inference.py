@@ -14,7 +14,7 @@ from SpineLabelLib import inference
 from SpineLabelLib.inference import (CT_WINDOW_HU, Prediction, modality_of, native_bfloat16, normalise, predict,
                                      resolve_device, reuse_freed_memory)
 from SpineLabelLib.phantom import make_phantom
-from SpineLabelLib.pipeline import MIN_CONTEXT_VOXELS, get_model, with_context
+from SpineLabelLib.pipeline import LEFT_RIGHT_VOXELS, MIN_CONTEXT_VOXELS, get_model, with_context
 from SpineLabelLib.vertebrae import BODY, POSTERIOR
 
 
@@ -151,8 +151,17 @@ def test_short_axes_cut_through_the_body_are_extended_by_reflection():
     assert inner[1] == slice(0, 57) and extended.shape[1] == MIN_CONTEXT_VOXELS[1]
     volume[:, -4:] = 0.0  # air on both sides: nothing to extend along y
     assert with_context(volume)[0].shape == (MIN_CONTEXT_VOXELS[0], 57, 30)
-    big = np.ones((90, 80, 30), dtype=np.float32)
+    big = np.ones((90, 80, LEFT_RIGHT_VOXELS), dtype=np.float32)
     assert with_context(big)[0] is big
+
+
+def test_a_narrow_stack_is_padded_with_zeros_left_and_right_as_in_training():
+    volume = np.random.default_rng(0).uniform(0.2, 1.0, (90, 80, 30)).astype(np.float32)
+    extended, inner = with_context(volume)
+    assert extended.shape == (90, 80, LEFT_RIGHT_VOXELS) and inner[2].start % 2 == 0
+    np.testing.assert_array_equal(extended[inner], volume)
+    assert not extended[:, :, : inner[2].start].any() and not extended[:, :, inner[2].stop :].any()
+    assert with_context(volume[:40])[0].shape[2] == 30  # a small field of view all round: not padded left and right
 
 
 def test_prediction_inside_keeps_the_half_resolution_grid_aligned():
