@@ -61,7 +61,8 @@ LONG_COLUMN = 5
 # scans extended by their mirror image (``with_context``), the two cervical MRI have vertebrae as stored (none turned)
 # and the two TPTBox crops are caught: 30 catches of 43, 4 false alarms of 45; 3 since a bowel loop level with a body
 # of the TotalSegmentator MR is no longer taken for a vertebra (``components.off_axis_components``). With 1.7.0: 31
-# catches of 44 turned copies with vertebrae, 3 false alarms of 45 (the cervical T2 MRI, IVD_25, IVD_46).
+# catches of 44 turned copies with vertebrae, 3 false alarms of 45 (the cervical T2 MRI, IVD_25, IVD_46); with narrow
+# stacks padded left and right (``LEFT_RIGHT_VOXELS``), 26 catches of 44 and 1 false alarm (the cervical T2 MRI).
 ORIENTATION_MARGIN = 0.1
 
 # The coarsest voxel spacing the names were checked on: real scans averaged into 6 mm slices (README, thick slices)
