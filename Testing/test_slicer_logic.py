@@ -689,3 +689,21 @@ def test_the_segment_editor_s_undo_is_brought_in_line_with_the_points(labeled, t
     exported = sitk.GetArrayFromImage(sitk.ReadImage(str(labeled.exportCase(tmp_path / "Dataset001_Spine"))))
     assert l2.id in {v.id for v in labeled.result.vertebrae} and BY_NAME["L2"].label in exported
     assert_nodes_match(labeled)
+
+
+def test_an_undone_erase_whose_name_can_no_longer_stand_is_not_restored(labeled, tmp_path):
+    segmentation = labeled.segmentationNode.GetSegmentation()
+    history = slicer.vtkSegmentationHistory()
+    history.SetSegmentation(segmentation)
+    l2 = next(v for v in labeled.result.vertebrae if v.name == "L2")
+    history.SaveState()
+    layer_voxels(labeled)[layer_voxels(labeled) == l2.label] = 0  # erased in the editor
+    segmentation.GetLayerDataObject(0).Modified()
+    labeled.markupsNode.SetNthControlPointLocked(point_index(labeled, "L1"), True)  # takes the erase in
+    labeled.markupsNode.SetNthControlPointLabel(point_index(labeled, "L3"), "L2")  # the vertebra below L1 is L2 now
+    assert history.RestorePreviousState()  # the erased vertebra's segment is back, between L1 and L2
+    exported = sitk.GetArrayFromImage(sitk.ReadImage(str(labeled.exportCase(tmp_path / "Dataset001_Spine"))))
+    assert l2.id not in {v.id for v in labeled.result.vertebrae} and not exported[layer_voxels(labeled) == 0].any()
+    assert_nodes_match(labeled)
+    labeled.markupsNode.SetNthControlPointLocked(point_index(labeled, "L1"), False)  # corrections still work
+    assert labeled.lastError == "" and not labeled.result.by_id(3).fixed

@@ -254,7 +254,8 @@ def restore(result: SpineLabeling, vertebrae: list[Vertebra]) -> SpineLabeling:
     names are re-solved.
 
     Raises:
-        ValueError: an id the labelling still has, or one whose voxels are not in ``result.components``.
+        ValueError: an id the labelling still has, one whose voxels are not in ``result.components``, or names fixed
+            since that cannot stand with the vertebrae put back.
     """
     out = result.copy()
     chain = list(out.vertebrae)

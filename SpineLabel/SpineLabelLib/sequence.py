@@ -122,7 +122,8 @@ UNCERTAIN_BELOW = 0.99
 # selection sample 1 (65 of 764 at 1) and 33 of 673 on sample 2 (57 of 744). Of the reference vertebrae whose closest
 # label has 0.99 or more, 5 of 48 are not identified on the real short copies of ``real_data.py evaluate --selection
 # --length-mm 70`` (38 of 119 at 1), and 4 of 71 on the held-out set of ``real_data.py evaluate`` (7 of 74): the disc
-# scan IVD_25, numbered one level off with the sacrum in view (until narrow stacks were padded left and right, 3c2438d). Dividing the whole chain's log-score instead (priors
+# scan IVD_25, numbered one level off with the sacrum in view (at 3c2438d, which pads narrow stacks left and right, 0
+# of the 70 there). Dividing the whole chain's log-score instead (priors
 # too) raised the population rates of L6 and T13 with it, to about 0.2: 35 of the 206 fell below 0.99 at 2, most of
 # them an S1 next to L6 or a T12 next to T13.
 TEMPERATURE = 2.0

@@ -364,7 +364,13 @@ class LabelingScene(VTKObservationMixin):
         counts = np.bincount(components.ravel().astype(np.int64), minlength=max(known | set(restored), default=0) + 1)
         restored = [self._removed[i] for i in restored if counts[i]]
         if restored:
-            updated = edits.restore(updated, restored)
+            try:
+                updated = edits.restore(updated, restored)
+            except ValueError as err:  # its name cannot stand beside names fixed since it was removed
+                log.warning("vertebrae %s, brought back by an undo, are not restored (%s); their segments are removed",
+                            [v.id for v in restored], err)
+                components = np.where(np.isin(components, [v.id for v in restored]), 0, components)
+                updated = self.result.copy(components=components.astype(self.result.components.dtype))
         voxelMl = float(np.prod(geometry.spacing)) / 1000.0
         for v in updated.vertebrae:
             v.volume_ml = round(float(counts[v.id]) * voxelMl, 3)
