@@ -322,14 +322,19 @@ def _read_nifti2(path: Path, what: str) -> sitk.Image:
 
 
 def _forms_note(path: Path, image: sitk.Image) -> str | None:
-    """A line for the user when NIfTI file ``path``'s qform and sform both hold and point its axes different ways
-    (a header turned the wrong way numbers a spine from the wrong end, at full confidence), naming the one ``image``
-    was read by (ITK takes the sform unless it is not orthonormal; nibabel, for NIfTI-2, the sform)."""
+    """A line for the user when NIfTI file ``path``'s header does not settle which way its axes point (a header
+    turned the wrong way numbers a spine from the wrong end, at full confidence): when it gives neither a qform nor an
+    sform (read with the axes of the voxel array, as ITK does), or when both hold and point its axes different ways,
+    naming the one ``image`` was read by (ITK takes the sform unless it is not orthonormal; nibabel, for NIfTI-2, the
+    sform)."""
     try:
         header = nibabel.load(str(path)).header
         forms = {"qform": header.get_qform(coded=True), "sform": header.get_sform(coded=True)}
     except Exception:  # a header nibabel cannot read has no forms to compare: the reader judges the file
         return None
+    if all(code == 0 for _, code in forms.values()):
+        return ("its header gives no orientation (neither a qform nor an sform), so it was read with the axes of its "
+                "voxel array: if the vertebrae come out in the wrong order, or none, correct the header")
     axes = {name: nibabel.aff2axcodes(affine) for name, (affine, code) in forms.items() if code > 0}
     codes = {name: "".join(a) for name, a in axes.items() if None not in a}  # a degenerate form points nowhere
     if len(codes) < 2 or len(set(codes.values())) < 2:
@@ -350,7 +355,7 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
     """One image file: a NIfTI checked first (``_check_nifti``) and read by nibabel when it is NIfTI-2
     (``_read_nifti2``); otherwise ``sitk.ReadImage`` with ITK's error turned into an ``InputError`` naming ``path``
     and the reason. ``what`` names the file in the messages ("image", "label map"); ``notes``, when given, gets a line
-    when a 3D NIfTI file's qform and sform disagree (``_forms_note``)."""
+    when a 3D NIfTI file's header gives no orientation, or its qform and sform disagree (``_forms_note``)."""
     version = _check_nifti(path, what) if path.name.lower().endswith((".nii", ".nii.gz")) else 0
     if version == 2:
         image = _read_nifti2(path, what)
