@@ -77,9 +77,9 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
     given = {_resolved(path): path for path in inputs}
     for path in inputs:
         for output in output_paths(out, case_name(path)):
-            if _resolved(output) in given:
-                print(f"spinelabel: error: {output} would replace the input {given[_resolved(output)]}; choose "
-                      "another output folder", file=sys.stderr)
+            if (replaced := given.get(_resolved(output))) is not None:
+                print(f"spinelabel: error: {output} would replace the input {replaced}; choose another output folder",
+                      file=sys.stderr)
                 return 2, []
     if out.exists() and not out.is_dir():
         print(f"spinelabel: error: {out}: is a file, not an output folder", file=sys.stderr)

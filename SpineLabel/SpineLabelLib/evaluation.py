@@ -773,8 +773,8 @@ def check_report_paths(outs: list[Path], protected: Iterable[Path | None]) -> No
     if len(outs) == 2 and outs[0].resolve() == outs[1].resolve():
         raise InputError(f"{outs[0]}: given for both the JSON and the Markdown report; give two paths")
     for out in outs:
-        if out.resolve() in kept:
-            raise InputError(f"{out}: is {kept[out.resolve()]}, a file being scored; write the report elsewhere")
+        if (scored := kept.get(out.resolve())) is not None:
+            raise InputError(f"{out}: is {scored}, a file being scored; write the report elsewhere")
         if out.exists() and not out.is_file():
             raise InputError(f"{out}: is a folder (or another non-file), not a report file")
 

@@ -165,11 +165,12 @@ def with_context(volume: np.ndarray, min_voxels: tuple[int, int, int] = MIN_CONT
         before = (total // 4 * 2 if cut[1] else total // 2 * 2) if cut[0] else 0
         widths.append((before, total - before if cut[1] else 0))
     inner = tuple(slice(b, b + size) for (b, _), size in zip(widths, volume.shape))
-    if any(b or a for b, a in widths):
+    extended = [bool(b or a) for b, a in widths]
+    if any(extended):
         log.info("short field of view: extended by its mirror image to %s voxels (z, y, x) from %s",
                  tuple(s + b + a for s, (b, a) in zip(volume.shape, widths)), volume.shape)
         volume = np.pad(volume, widths, mode="reflect")
-    total = max(0, LEFT_RIGHT_VOXELS - volume.shape[2]) if not any(b or a for b, a in widths[:2]) else 0
+    total = 0 if extended[0] or extended[1] else max(0, LEFT_RIGHT_VOXELS - volume.shape[2])
     if total:  # a narrow stack, as training shows it: in a patch of zeros
         before = total // 4 * 2
         volume = np.pad(volume, ((0, 0), (0, 0), (before, total - before)))

@@ -123,9 +123,8 @@ UNCERTAIN_BELOW = 0.99
 # label has 0.99 or more, 5 of 48 are not identified on the real short copies of ``real_data.py evaluate --selection
 # --length-mm 70`` (38 of 119 at 1), and 4 of 71 on the held-out set of ``real_data.py evaluate`` (7 of 74): the disc
 # scan IVD_25, numbered one level off with the sacrum in view (at 3c2438d, which pads narrow stacks left and right, 0
-# of the 70 there). Dividing the whole chain's log-score instead (priors
-# too) raised the population rates of L6 and T13 with it, to about 0.2: 35 of the 206 fell below 0.99 at 2, most of
-# them an S1 next to L6 or a T12 next to T13.
+# of the 70 there). Dividing the whole chain's log-score instead (priors too) raised the population rates of L6 and
+# T13 with it, to about 0.2: 35 of the 206 fell below 0.99 at 2, most of them an S1 next to L6 or a T12 next to T13.
 TEMPERATURE = 2.0
 
 _TRANSITIONAL = np.array([level.transitional for level in LEVELS])
@@ -277,7 +276,8 @@ def solve(
     scales = np.exp(_SCALE_STEPS * priors.scale_sigma)
     log_scale_prior = -0.5 * _SCALE_STEPS**2 - _logsumexp(-0.5 * _SCALE_STEPS**2, axis=0)
     # (n-1, scales, K, K): log-score of a -> b across each gap at each scale
-    transitions = _transition_priors(priors) + _gap_scores(gaps, scales, priors)
+    level_priors = _transition_priors(priors)
+    transitions = level_priors + _gap_scores(gaps, scales, priors)
     tempered = emissions / (TEMPERATURE if temperature is None else temperature)
     start = _start_priors(priors)
     for e in (emissions, tempered, free):
@@ -288,7 +288,7 @@ def solve(
         own = free_paths[int(np.argmax(free_scores + log_scale_prior))]
         overruled = any(own[position] != level_index(name) for position, name in fixed.items())
     if overruled:
-        transitions = _transition_priors(priors) + _gap_scores(gaps, scales, priors, corrected=True)
+        transitions = level_priors + _gap_scores(gaps, scales, priors, corrected=True)
     paths, scores = _viterbi(tempered if overruled else emissions, transitions)
     best = int(np.argmax(scores + log_scale_prior))
     if not np.isfinite(scores[best]):
