@@ -383,9 +383,15 @@ def test_evaluate_refuses_a_report_path_that_would_overwrite_a_scored_file(tmp_p
     pred = tmp_path / "pred"
     pred.mkdir()
     (pred / "spine_seg.nii.gz").write_bytes(mask.read_bytes())
-    for option, path in (("--markdown", mask), ("--json", pred / "spine_seg.nii.gz")):
+    image, markups = gt / "spine_ct.nii.gz", pred / "spine.mrk.json"  # not scored, but the case's
+    image.write_bytes(phantom_file.read_bytes())
+    markups.write_text("{}")
+    for option, path, reason in (("--markdown", mask, "a file being scored"),
+                                 ("--json", pred / "spine_seg.nii.gz", "a file being scored"),
+                                 ("--markdown", image, "is an image"), ("--json", markups, "a file being scored")):
         assert main(["evaluate", str(pred), str(gt), option, str(path), "--quiet"]) == 1
-        assert "a file being scored" in capsys.readouterr().err
+        assert reason in capsys.readouterr().err
+    assert image.read_bytes() == phantom_file.read_bytes() and markups.read_text() == "{}"
     assert main(["evaluate", str(pred), str(gt), "--json", str(tmp_path / "r"), "--markdown", str(tmp_path / "r"),
                  "--quiet"]) == 1
     assert "both the JSON and the Markdown report" in capsys.readouterr().err

@@ -381,6 +381,18 @@ def test_cases_are_grouped_by_the_modality_of_their_reports(tmp_path):
     summary = ev.evaluate_folders(pred_dir, gt_dir.parent)
     assert {c.name: c.group for c in summary.cases} == {"a": "CT", "b": "MR", "c": "MR", "d": ""}
     assert (summary.groups["CT"].n_cases, summary.groups["MR"].n_cases, summary.overall.n_cases) == (1, 2, 4)
+    # without a report (d), or without a prediction (e: its labelling failed), the image beside the mask gives the
+    # modality, so the missed vertebrae count in their group
+    images = gt_dir.parent / "imagesTr"
+    images.mkdir()
+    write_mask(np.full((6, 8, 8), 80, dtype=np.uint8), images / "d_0000.nii.gz")  # MR-like intensities
+    write_mask(spine([L1, L2, L3, L4, L5]), gt_dir / "e.nii.gz")
+    ct = np.full((6, 8, 8), -1000, dtype=np.int16)
+    ct[2:] = 400  # air and bone in Hounsfield units
+    write_mask(ct, images / "e_0000.nii.gz")
+    summary = ev.evaluate_folders(pred_dir, gt_dir.parent)
+    assert {c.name: c.group for c in summary.cases} == {"a": "CT", "b": "MR", "c": "MR", "d": "MR", "e": "CT"}
+    assert summary.groups["CT"].n_missing_predictions == 1 and summary.groups["CT"].n_gt == 5 + 5
     # groups the caller gives replace the reports' modalities
     summary = ev.evaluate_folders(pred_dir, gt_dir.parent, groups={"a": "x", "b": "x"})
     assert sorted(summary.groups) == ["x"] and summary.groups["x"].n_cases == 2

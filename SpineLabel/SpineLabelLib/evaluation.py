@@ -29,8 +29,12 @@ Metrics (all distances between centroids in LPS millimetres; labels are VerSe va
 ``vertebrae.LEVELS``; labels outside that table are ignored with a warning)
 ----------------------------------------------------------------------------------------------------------
 
-* **Identification** (VerSe): a GT vertebra with centroid g and label L is *identified* when the predicted
-  centroid closest to g (over all predicted labels) carries label L and lies within ``ID_RADIUS_MM`` = 20 mm of g.
+* **Identification** (the VerSe identification rate as the VerSe papers state it): a GT vertebra with centroid g and
+  label L is *identified* when the predicted centroid closest to g (over all predicted labels) carries label L and
+  lies within ``ID_RADIUS_MM`` = 20 mm of g. (The VerSe challenge's scoring code looks from the other side: predicted
+  L counts when the GT centroid closest to it, over the labels both sides have, is L's. The two differ only where a
+  predicted centroid lies nearer another GT vertebra than its own, or an extra predicted label lies nearest a GT
+  vertebra.)
   Case identification rate = identified / number of GT vertebrae; pooled rate = all identified / all GT
   vertebrae (a missing prediction counts all its GT vertebrae as not identified).
 * **Localisation error**: for each GT vertebra whose label has a predicted centroid, the distance between the GT
@@ -62,7 +66,9 @@ Metrics (all distances between centroids in LPS millimetres; labels are VerSe va
   how many of each are identified: whether the warnings point at the errors.
 * **Summary**: the pooled values above, the number of off-by-one scans and of missing predictions, overall and per
   group: the group the caller gives per case (e.g. ``{"VB1_02_AKa3": "MR"}``), else the modality its SpineLabel
-  report says the image was labelled as, so MRI and CT are scored apart.
+  report says the image was labelled as, so MRI and CT are scored apart; a case without a report (its labelling
+  failed or was refused) takes the modality ``inference.modality_of`` reads from its image beside the GT mask, so its
+  missed vertebrae count in its group too.
 * **By level**: over all cases, per GT level (in ``vertebrae.LEVELS`` order): GT vertebrae, identified, localisation
   error, and what the GT vertebrae not identified were called instead (the label of the closest predicted centroid
   when that lies within 20 mm, else "none"), so that a level the model confuses with a neighbour shows which one.
@@ -83,10 +89,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from .export import dataset_label_values, read_dataset_json
-from .io import IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, case_key, case_name, read_label_map
+from .inference import modality_of
+from .io import (IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, case_key, case_name, read_image,
+                 read_label_map)
 from .result import Geometry
 from .sequence import UNCERTAIN_BELOW
 from .vertebrae import BY_LABEL, BY_NAME, level_index
+from .writers import output_paths
 
 __all__ = [
     "ID_RADIUS_MM",
@@ -761,10 +770,21 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
     return result
 
 
+def _modality_of_image(path: Path) -> str:
+    """The modality ``inference.modality_of`` reads from the image at ``path`` ("" with a warning when it cannot be
+    read): the group of a case that has no SpineLabel report."""
+    try:
+        image = read_image(path)
+    except InputError as err:
+        log.warning("%s; its case is in no group", err)
+        return ""
+    return modality_of(sitk.GetArrayViewFromImage(image))
+
+
 def check_report_paths(outs: list[Path], protected: Iterable[Path | None]) -> None:
     """Refuse report paths (``outs``: the JSON and Markdown reports asked for) that would overwrite one of the files
-    ``protected`` (those being scored, or labelled and scored; None entries ignored), each other, or a folder: before
-    any work.
+    ``protected`` (those being scored, or labelled and scored; None entries ignored), an image, each other, or a
+    folder: before any work.
 
     Raises:
         InputError: one of those.
@@ -775,6 +795,8 @@ def check_report_paths(outs: list[Path], protected: Iterable[Path | None]) -> No
     for out in outs:
         if (scored := kept.get(out.resolve())) is not None:
             raise InputError(f"{out}: is {scored}, a file being scored; write the report elsewhere")
+        if out.name.lower().endswith(IMAGE_SUFFIXES) and out.exists():
+            raise InputError(f"{out}: is an image; write the report elsewhere")
         if out.exists() and not out.is_file():
             raise InputError(f"{out}: is a folder (or another non-file), not a report file")
 
@@ -800,7 +822,8 @@ def evaluate_folders(
         out_md: where to write ``summary_markdown(summary)``, or None.
         groups: case -> group name (e.g. "MR"/"CT"), keyed by matching key, prediction NAME, GT mask stem or any name
             with the case's matching key (its image's); cases not in it are in no group. None: each case's group is
-            the modality of its prediction's ``NAME_report.json`` (none without a report).
+            the modality of its prediction's ``NAME_report.json``, or without a report the modality read from the
+            case's image beside its GT mask (none when it has no readable image).
         bodies_only: True/False for all cases, a per-case mapping (keyed like ``groups``), or None to detect.
         progress: called after each case with (fraction 0-1 of the cases scored, message naming the case).
         cancel: polled before each case; returning True raises ``Cancelled`` (no report written, the report folders
@@ -820,16 +843,25 @@ def evaluate_folders(
         raise InputError(f"{pred_dir}: no prediction matches a reference case of {gt_dir} (predictions are "
                          "NAME_seg.nii.gz, NAME as the reference case or its image is named)")
     outs = [Path(out) for out in (out_json, out_md) if out is not None]
+    # a case's files (its image aside: an image is never overwritten, check_report_paths) and all a prediction's outputs
     check_report_paths(outs, (path for _, pred, gt in pairs
-                              for path in (gt.mask, gt.ctd, *((pred.seg, pred.ctd, pred.report) if pred else ()))))
+                              for path in (gt.mask, gt.ctd, *(output_paths(pred.seg.parent, pred.name) if pred else ()))))
     created = _make_folders([out.parent for out in outs])  # before the scoring, not after it
     report = progress or (lambda fraction, message: None)
     try:
+        unreported = {key: gt for key, pred, gt in pairs if groups is None and (pred is None or pred.report is None)}
+        try:
+            images = _images(Path(gt_dir), unreported) if unreported else {}
+        except InputError as err:  # two images match one case
+            log.warning("%s: the cases without a SpineLabel report are in no group", err)
+            images = {}
         cases: list[CaseResult] = []
         for key, pred, gt in pairs:
             if cancel is not None and cancel():
                 raise Cancelled()
             cases.append(_score_pair(key, pred, gt, groups, bodies_only))
+            if not cases[-1].group and key in images:
+                cases[-1].group = _modality_of_image(images[key])
             report(len(cases) / len(pairs), f"scored {cases[-1].name}")
         matched = {key for key, _, _ in pairs}
         unmatched = sorted(str(p.seg) for k, p in _predictions(Path(pred_dir)).items() if k not in matched)
