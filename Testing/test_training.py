@@ -3,6 +3,7 @@
 import contextlib
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import replace
 
@@ -241,7 +242,8 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeyp
 def test_a_fine_tune_never_replaces_its_base_model_or_the_shipped_one(tmp_path, monkeypatch):
     write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
     torch.manual_seed(0)
-    base = save_model(SpineUNet(), {"name": "base", "version": "1", "spacing_mm": 4.0}, tmp_path / "base" / "m.json")
+    base = save_model(SpineUNet(), {"name": "base", "version": "1", "spacing_mm": 4.0, "ct_window_hu": list(CT_WINDOW_HU)},
+                      tmp_path / "base" / "m.json")
     shipped = tmp_path / "shipped" / "spinelabel-default.json"  # a copy: a failing test must not replace the real one
     shipped.parent.mkdir()
     for suffix in (".json", ".pt"):
@@ -251,10 +253,18 @@ def test_a_fine_tune_never_replaces_its_base_model_or_the_shipped_one(tmp_path, 
     cfg = TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "x.json", base_model=base, epochs=1,
                       iterations=1, batch=1, patch=(32, 32, 32), device="cpu", validation_cases=0)
     respelt = tmp_path / "base" / ".." / "base" / "m"  # m.json, spelt otherwise
-    for out in (base, base.with_suffix(".pt"), respelt, shipped, shipped.with_suffix(".pt")):
+    for out, start in ((base, base), (base.with_suffix(".pt"), base), (respelt, base), (shipped, base),
+                       (shipped.with_suffix(".pt"), base), (shipped, None)):  # a new model neither
         with pytest.raises(ValueError, match="is a file of the model .*give --out another path") as refused:
-            train(replace(cfg, out=out))
+            train(replace(cfg, out=out, base_model=start))
         assert str(refused.value).startswith(str(out))
+    # a base that reads CT otherwise than this version trains it
+    card = json.loads(base.read_text())
+    for window, reads in ((None, "by its percentiles"), ([-500, 1500], r"through \(-500.0, 1500.0\) HU")):
+        other = tmp_path / "base" / f"window-{window is None}.json"
+        other.write_text(json.dumps({**card, "ct_window_hu": window}))
+        with pytest.raises(ValueError, match=f"reads CT {reads}, and this version"):
+            train(replace(cfg, base_model=other))
     assert {p: p.read_bytes() for p in before} == before and len(list(tmp_path.glob("*/*.ckpt"))) == 0
 
 
@@ -306,7 +316,9 @@ def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "tissue_loss", lambda logits, target: exact(logits, target) * float("inf"))
     cfg = TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "a.json", epochs=1, iterations=2, batch=1,
                       patch=(32, 32, 32), device="cpu", validation_cases=1, seed=5)
-    train(cfg)
+    with pytest.raises(ValueError, match="training diverged: every step of the last epoch"):  # no model of it
+        train(cfg)
+    assert not cfg.out.exists() and not cfg.out.with_suffix(".pt").exists()
     state = torch.load(cfg.out.with_suffix(".ckpt"), weights_only=False)
     assert state["history"][0]["skipped_steps"] == 2
     torch.manual_seed(5)
@@ -347,13 +359,16 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
                             (dict(batch=0), "batch 0"), (dict(validation_cases=-1), "validation cases -1"),
                             (dict(average_last=-1), "average-last -1"), (dict(tilt_deg=-1), "tilt-deg -1"),
                             (dict(tilt_deg=float("nan")), "tilt-deg nan"),
-                            (dict(tilt_deg=float("inf")), "tilt-deg inf: must be a finite number")):
+                            (dict(tilt_deg=float("inf")), "tilt-deg inf: must be a finite number"),
+                            *((dict(lr=lr), f"learning rate {lr}: must be") for lr in (0.0, -1e-3, math.nan, math.inf))):
         with pytest.raises(ValueError, match=message):
             train(replace(cfg, **change))
     assert not (tmp_path / "run").exists()
-    (tmp_path / "run" / "m.json").mkdir(parents=True)  # a folder where the card would go: found before training
-    with pytest.raises(ValueError, match="m.json: is a folder"):
-        train(cfg)
+    for name in ("m.pt", "m.json"):  # a folder where the weights or the card would go: found before training
+        (tmp_path / "run" / name).mkdir(parents=True)
+        with pytest.raises(ValueError, match=f"{name}: is a folder"):
+            train(cfg)
+        (tmp_path / "run" / name).rmdir()
 
 
 def test_short_runs_and_a_bad_checkpoint(tmp_path):
@@ -375,6 +390,17 @@ def test_a_label_map_on_another_grid_is_refused(tmp_path):
     moved.SetOrigin((0.0, 0.0, 500.0))
     sitk.WriteImage(moved, str(labels))
     with pytest.raises(InputError, match="c1.nii.gz: label map grid .* differs from its image"):
+        load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
+
+
+@pytest.mark.parametrize("value", [0, 99])
+def test_a_label_map_without_a_vertebra_is_refused(tmp_path, value):
+    """Empty, or only values that are no vertebra: its whole spine would be taught as background."""
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    labels = tmp_path / "nn" / "labelsTr" / "c1.nii.gz"
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(labels)))
+    sitk.WriteImage(sitk.GetImageFromArray(np.where(array > 0, value, 0).astype(np.uint8)), str(labels))
+    with pytest.raises(InputError, match="c1.nii.gz: holds no vertebra label SpineLabel knows"):
         load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
 
 

@@ -152,6 +152,9 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     grid = canonical_grid(image, spacing_mm)
     volume = _model_input(image, grid, recorded_modality(label_path))
     verse = sitk.GetArrayFromImage(resample_to_grid(as_verse, grid, label=True))
+    if not verse.any():
+        raise InputError(f"{label_path}: holds no vertebra label SpineLabel knows (VerSe values, or the names of its "
+                         "dataset.json): training on it would teach its spine as background")
     if bodies_only:
         tissue = np.where(verse > 0, BODY, NOT_BODY).astype(np.uint8)
     else:
@@ -540,25 +543,27 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     device = resolve_device(cfg.device)
     if cfg.lr is None:
         cfg = replace(cfg, lr=NEW_MODEL_LR if cfg.base_model is None else FINE_TUNE_LR)
+    if not 0 < cfg.lr < math.inf:  # NaN compares false
+        raise ValueError(f"learning rate {cfg.lr}: must be a finite number above 0")
     out = Path(cfg.out)
     if out.suffix != ".json":  # "model.v2" is model.v2.json, not model.json
         out = out.with_name(out.name + ".json")
     ckpt = out.with_suffix(".ckpt")
-    for path in (out, ckpt):  # found now, not after the epochs
+    for path in (out, ckpt, out.with_suffix(".pt")):  # found now, not after the epochs
         if path.is_dir():
             raise ValueError(f"{path}: is a folder; give a model card path (.json)")
+    default = default_model_path()  # its weights are named as save_model names them
+    owner = {path.resolve(): "the model shipped with SpineLabel" for path in (default, default.with_suffix(".pt"))}
     if cfg.base_model is not None:
         base = load_model(cfg.base_model)
         net, spacing = base.network, base.spacing_mm
         base_card, base_path = base.card, str(base.path.resolve())
-        default = default_model_path()  # its weights are named as save_model names them
-        owner = {path.resolve(): "the model shipped with SpineLabel" for path in (default, default.with_suffix(".pt"))}
+        if base.ct_window_hu is None or tuple(base.ct_window_hu) != CT_WINDOW_HU:
+            reads = "by its percentiles" if base.ct_window_hu is None else f"through {tuple(base.ct_window_hu)} HU"
+            raise ValueError(f"{base.path}: reads CT {reads}, and this version trains CT through {CT_WINDOW_HU} HU: a "
+                             "fine-tune would read CT otherwise than its base")
         owner.update({path.resolve(): f"the model it starts from ({base.path})"
                       for path in (base.path, base.path.parent / base.card["weights"])})
-        for path in (Path(cfg.out), out, out.with_suffix(".pt")):  # as given too: NAME.pt means those weights
-            if path.resolve() in owner:
-                raise ValueError(f"{path}: is a file of {owner[path.resolve()]}; a fine-tune never replaces it: give "
-                                 "--out another path")
         # the mix is SpineLabelLogic.process's EXPORT_SHARE and REPLAY, which this package cannot import
         if not any(spec in ("synthetic", "phantom") and w > 0 for spec, w in cfg.data):
             log.warning("fine-tuning without phantoms or synthetic spines can forget what the base model knew of other "
@@ -566,6 +571,10 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                         "negative:0.1 (see README)")
     else:
         net, spacing, base_card, base_path = SpineUNet(), cfg.spacing_mm, None, None
+    for path in (Path(cfg.out), out, out.with_suffix(".pt")):  # as given too: NAME.pt means those weights
+        if path.resolve() in owner:
+            raise ValueError(f"{path}: is a file of {owner[path.resolve()]}; training never replaces it: give --out "
+                             "another path")
     if any(size % net.divisor for size in cfg.patch):
         raise ValueError(f"patch {tuple(cfg.patch)}: each size must be a multiple of {net.divisor} (the network's "
                          "downsampling)")
@@ -658,6 +667,9 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                         "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
         if progress is not None:
             progress(metrics)
+    if history[-1]["skipped_steps"] == cfg.iterations:
+        raise ValueError(f"training diverged: every step of the last epoch had a non-finite gradient (learning rate "
+                         f"{cfg.lr:g}); no model written (the checkpoint {ckpt} is kept)")
     training = {"epochs": cfg.epochs, "iterations_per_epoch": cfg.iterations, "batch": cfg.batch,
                 "patch_zyx": list(cfg.patch), "lr": cfg.lr, "seed": cfg.seed, "device": str(device),
                 "validation_crops": [c.name for c in val], "history": history}
