@@ -70,7 +70,21 @@ def test_evaluate_labels_the_reference_images_first(tmp_path, model, phantom_fil
     assert case["name"] == "spine_0000" and not case["prediction_missing"] and case["n_gt"] >= 5
 
 
-def test_evaluate_shows_a_progress_bar_unless_quiet(tmp_path, capsys):
+def test_version_and_log_levels(capsys):
+    from SpineLabelLib import __version__
+    from SpineLabelLib.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"spinelabel {__version__}"
+    parser = build_parser()
+    for command in (["label", "x", "-o", "o"], ["phantom", "x"], ["train", "--data", "phantom", "--out", "m.json"],
+                    ["evaluate", "p", "g"]):  # every command takes the same output options
+        args = parser.parse_args([*command, "--verbose", "--quiet", "--debug"])
+        assert args.verbose and args.quiet and args.debug
+
+
+def test_evaluate_shows_a_progress_bar_on_a_terminal_unless_quiet(tmp_path, capsys, monkeypatch):
     gt, pred = tmp_path / "Dataset001" / "labelsTr", tmp_path / "pred"
     gt.mkdir(parents=True)
     pred.mkdir()
@@ -79,6 +93,10 @@ def test_evaluate_shows_a_progress_bar_unless_quiet(tmp_path, capsys):
     for case in ("a", "b"):
         sitk.WriteImage(sitk.GetImageFromArray(labels), str(gt / f"{case}.nii.gz"))
         sitk.WriteImage(sitk.GetImageFromArray(labels), str(pred / f"{case}_seg.nii.gz"))
+    assert main(["evaluate", str(pred), str(gt.parent)]) == 0
+    captured = capsys.readouterr()  # stderr is no terminal here: no bar frames in a log file
+    assert captured.err == "" and "| all | 2 | 4 | 1.00 |" in captured.out
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main(["evaluate", str(pred), str(gt.parent)]) == 0
     captured = capsys.readouterr()
     assert "scoring: 100%" in captured.err and "scored b" in captured.err

@@ -11,8 +11,8 @@ import SimpleITK as sitk
 import torch
 
 from SpineLabelLib import inference
-from SpineLabelLib.inference import (CT_WINDOW_HU, Prediction, modality_of, native_bfloat16, normalise, predict,
-                                     resolve_device, reuse_freed_memory)
+from SpineLabelLib.inference import (CT_WINDOW_HU, Prediction, autocast, modality_of, native_bfloat16, normalise,
+                                     predict, resolve_device, reuse_freed_memory)
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import LEFT_RIGHT_VOXELS, MIN_CONTEXT_VOXELS, get_model, with_context
 from SpineLabelLib.vertebrae import BODY, POSTERIOR
@@ -218,3 +218,14 @@ def test_one_gpu_has_one_device_name(monkeypatch):
     assert resolve_device(" CPU ") == torch.device("cpu")
     with pytest.raises(ValueError, match="'auto', 'cpu', 'cuda' or 'cuda:N', not 'gpu'"):
         resolve_device("GPU")
+
+
+def test_float32_can_be_forced_where_bfloat16_is_native(monkeypatch):
+    from SpineLabelLib import inference
+
+    monkeypatch.setattr(inference, "native_bfloat16", lambda device: True)
+    with autocast(torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu")
+    monkeypatch.setenv(inference.FLOAT32_VARIABLE, "1")
+    with autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")

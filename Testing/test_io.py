@@ -293,6 +293,13 @@ def test_a_folder_of_two_series_or_of_series_folders_is_refused_saying_what_it_h
     with pytest.raises(InputError, match="study: folder holds no DICOM series; its subfolders hold files "
                                          "[(]as series[)]: give the folder of one series"):
         read_image(tmp_path / "study")
+    nifti = tmp_path / "niftis"
+    nifti.mkdir()
+    for name in ("b.nii.gz", "a.nrrd"):
+        sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkInt16), str(nifti / name))
+    with pytest.raises(InputError, match="niftis: folder holds no DICOM series; it holds 2 image files [(]as a.nrrd[)]: "
+                                         "give the files themselves"):
+        read_image(nifti)
     for path in write_dicom_series(tmp_path / "other", number=4).iterdir():
         path.rename(folder / f"4-{path.name}")
     with pytest.raises(InputError, match=r"series: folder holds 2 DICOM series [(]number [34] CT, 6 files; "

@@ -11,6 +11,7 @@ import torch
 from scipy import ndimage
 
 from conftest import DATA
+from SpineLabelLib.inference import looks_like_label_map
 from SpineLabelLib.io import InputError
 from SpineLabelLib.models import ModelError, load_model, register_model, save_model, sha256_of
 from SpineLabelLib.network import SpineUNet
@@ -153,6 +154,26 @@ def test_a_model_written_again_is_loaded_again(tmp_path, random_model):
     assert get_model(bracketed, "cpu").card["version"] == "1"
     save_model(first.network, {"name": "b", "version": "2", "spacing_mm": 4.0}, bracketed)
     assert get_model(bracketed, "cpu").card["version"] == "2"
+    # weights of another name than the card's, altered after the model was loaded: checked again
+    renamed = tmp_path / "other.pt"
+    bracketed.with_suffix(".pt").rename(renamed)
+    bracketed.write_text(json.dumps({**json.loads(bracketed.read_text()), "weights": renamed.name}))
+    get_model(bracketed, "cpu")
+    renamed.write_bytes(renamed.read_bytes()[: renamed.stat().st_size // 2])
+    with pytest.raises(ModelError, match="corrupt or altered"):
+        get_model(bracketed, "cpu")
+    # a loaded model is not checked again, but the device asked for is
+    with pytest.raises(ValueError, match="device must be"):
+        get_model(first, "gpu")
+
+
+def test_weights_that_are_not_finite_are_refused(tmp_path, random_model):
+    network = load_model(random_model).network
+    with torch.no_grad():
+        next(network.parameters()).fill_(float("nan"))
+    card = save_model(network, {"name": "nan", "version": "1", "spacing_mm": 4.0}, tmp_path / "nan.json")
+    with pytest.raises(ModelError, match="nan.pt: weights hold values that are not finite"):
+        load_model(card)
 
 
 def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
@@ -258,6 +279,18 @@ def test_the_spine_gate_can_be_switched_off(random_model, small_phantom):
     labelled = label_spine(small_phantom.image, model=random_model, device="cpu", spine_gate=False)
     assert labelled.vertebrae and labelled.spine_probability == refused.spine_probability
     assert not any(w.startswith("no spine recognised") for w in labelled.warnings)
+    # ... but says that the gate would have refused it
+    assert any(w.startswith("labelled with the spine gate off, which would have refused it") for w in labelled.warnings)
+
+
+def test_a_label_map_given_as_the_image_is_named(random_model, small_phantom):
+    labels = sitk.Cast(small_phantom.labels, sitk.sitkInt16)
+    result = label_spine(labels, model=random_model, device="cpu", spine_gate=False)
+    assert any("is it a label map rather than a scan?" in w for w in result.warnings)
+    assert looks_like_label_map(np.array([0, 1, 2, 26], dtype=np.float32))  # stored as floats too
+    assert not looks_like_label_map(np.array([0, 0.5, 1]))  # not whole numbers
+    assert not looks_like_label_map(np.zeros(8, dtype=np.int16))  # constant: said so otherwise
+    assert not looks_like_label_map(np.arange(-1000, 1000, dtype=np.int16))  # a scan
 
 
 def test_the_modality_can_be_given(small_phantom):

@@ -242,8 +242,8 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeyp
 def test_a_fine_tune_never_replaces_its_base_model_or_the_shipped_one(tmp_path, monkeypatch):
     write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
     torch.manual_seed(0)
-    base = save_model(SpineUNet(), {"name": "base", "version": "1", "spacing_mm": 4.0, "ct_window_hu": list(CT_WINDOW_HU)},
-                      tmp_path / "base" / "m.json")
+    base = save_model(SpineUNet(), {"name": "base", "version": "1", "spacing_mm": 4.0,
+                                    "ct_window_hu": list(CT_WINDOW_HU)}, tmp_path / "base" / "m.json")
     shipped = tmp_path / "shipped" / "spinelabel-default.json"  # a copy: a failing test must not replace the real one
     shipped.parent.mkdir()
     for suffix in (".json", ".pt"):
@@ -360,7 +360,8 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
                             (dict(average_last=-1), "average-last -1"), (dict(tilt_deg=-1), "tilt-deg -1"),
                             (dict(tilt_deg=float("nan")), "tilt-deg nan"),
                             (dict(tilt_deg=float("inf")), "tilt-deg inf: must be a finite number"),
-                            *((dict(lr=lr), f"learning rate {lr}: must be") for lr in (0.0, -1e-3, math.nan, math.inf))):
+                            *((dict(lr=lr), f"learning rate {lr}: must be")
+                              for lr in (0.0, -1e-3, math.nan, math.inf))):
         with pytest.raises(ValueError, match=message):
             train(replace(cfg, **change))
     assert not (tmp_path / "run").exists()

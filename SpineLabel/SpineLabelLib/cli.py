@@ -15,17 +15,19 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
+from . import __version__
+
 log = logging.getLogger("spinelabel")
 
 
 @contextlib.contextmanager
 def _progress_bar(desc: str, quiet: bool) -> Iterator[Callable[[float, str], None]]:
-    """A progress bar on stderr named ``desc`` (none when ``quiet``), removed on exit; yields the ``progress`` hook
-    of the library (fraction 0-1 of the job, message) that moves it."""
+    """A progress bar on stderr named ``desc`` (none when ``quiet`` or stderr is no terminal), removed on exit; yields
+    the ``progress`` hook of the library (fraction 0-1 of the job, message) that moves it."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    bar = tqdm(total=100, desc=desc, disable=quiet, leave=False,
+    bar = tqdm(total=100, desc=desc, disable=True if quiet else None, leave=False,  # None: none where not a terminal
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
 
     def progress(fraction: float, message: str) -> None:
@@ -251,8 +253,15 @@ def _add_labelling_options(p: argparse.ArgumentParser, scope: str = "") -> None:
                         "Hounsfield units")
 
 
+def _add_output_options(p: argparse.ArgumentParser, quiet: str = "no progress bar or summary") -> None:
+    p.add_argument("--quiet", action="store_true", help=quiet)
+    p.add_argument("--verbose", action="store_true", help="also log what each step did")
+    p.add_argument("--debug", action="store_true", help="debug log, and tracebacks for failures")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinelabel", description="Label every vertebra of a CT or MRI spine scan.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("label", help="label spine images", description="Label every vertebra of each input. "
@@ -260,24 +269,25 @@ def build_parser() -> argparse.ArgumentParser:
                        "NAME_snapshot.png into OUTDIR for each input.")
     p.add_argument("inputs", nargs="+", type=_path, metavar="INPUT",
                    help="NIfTI, NRRD, MetaImage file, or a folder holding one DICOM series")
-    p.add_argument("-o", "--out", type=_path, required=True, metavar="OUTDIR")
+    p.add_argument("-o", "--out", type=_path, required=True, metavar="OUTDIR",
+                   help="folder for the outputs (made if missing)")
     _add_labelling_options(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.add_argument("--debug", action="store_true", help="tracebacks for failures")
+    _add_output_options(p)
     p.set_defaults(func=_label)
 
     p = sub.add_parser("phantom", help="write a procedural spine phantom and its label map",
                        description="Write a procedural spine phantom to OUT.nii.gz and its VerSe label map to "
                        "OUT_label.nii.gz beside it.")
     p.add_argument("output", type=_path, metavar="OUT.nii.gz")
-    p.add_argument("--modality", default="ct", choices=["ct", "mr"])
-    p.add_argument("--fov", default="whole", choices=["whole", "cervical", "thoracic", "lumbar"])
+    p.add_argument("--modality", default="ct", choices=["ct", "mr"], help="CT (Hounsfield units) or MR-like "
+                   "intensities (default ct)")
+    p.add_argument("--fov", default="whole", choices=["whole", "cervical", "thoracic", "lumbar"],
+                   help="the levels in view (default whole: C1 to the sacrum)")
     p.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="voxels; default: enough for the levels of --fov (fewer show fewer levels)")
     p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="mm")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="another seed, another spine (default 0)")
+    _add_output_options(p, "no summary")
     p.set_defaults(func=_phantom)
 
     p = sub.add_parser("train", help="train or fine-tune a model")
@@ -286,12 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "imagesTr/labelsTr, VerSe, *_img/*_vert-verse); repeat to mix")
     p.add_argument("--out", type=_path, required=True, help="model card to write (.json; weights beside it)")
     p.add_argument("--base-model", type=_path, help="fine-tune from this model card")
-    p.add_argument("--name", default="spinelabel-finetuned")
-    p.add_argument("--version", default="0.1.0")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--name", default="spinelabel-finetuned", help="the model's name in its card (and registry)")
+    p.add_argument("--version", default="0.1.0", help="the model's version in its card")
+    p.add_argument("--epochs", type=int, default=10, help="each ends with a checkpoint and a validation line")
     p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--patch", type=int, nargs=3, default=[128, 80, 80], metavar=("Z", "Y", "X"))
+    p.add_argument("--batch", type=int, default=2, help="crops per iteration")
+    p.add_argument("--patch", type=int, nargs=3, default=[128, 80, 80], metavar=("Z", "Y", "X"),
+                   help="crop size in model voxels, each a multiple of 16")
     p.add_argument("--lr", type=float, help="peak learning rate; default 2e-3 for a new model, 3e-4 to fine-tune")
     p.add_argument("--spacing", type=float, default=2.0, help="model grid spacing in mm (new models only)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -309,8 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "up to DEG/2, for spines that lean against the slices (default 0: crops as drawn)")
     p.add_argument("--register", action="store_true", help="also register the model under --name in the user model "
                    "folder ($SPINELABEL_MODELS_DIR), where the Slicer module lists it")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--debug", action="store_true")
+    _add_output_options(p, "no progress bars or epoch lines")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="score predictions against ground truth (VerSe metrics)",
@@ -318,14 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "--label, first label into PRED_DIR the image of every reference case (the image file beside "
                        "its mask, or imagesTr/X_0000 for labelsTr/X); a case whose dataset.json records CT or MR is "
                        "labelled as that unless --modality says otherwise.")
-    p.add_argument("pred_dir", type=_path, metavar="PRED_DIR")
-    p.add_argument("gt_dir", type=_path, metavar="GT_DIR")
-    p.add_argument("--json", type=_path)
-    p.add_argument("--markdown", type=_path)
+    p.add_argument("pred_dir", type=_path, metavar="PRED_DIR", help="NAME_seg.nii.gz (+ NAME_ctd.json, "
+                   "NAME_report.json) of each case, as spinelabel label writes them")
+    p.add_argument("gt_dir", type=_path, metavar="GT_DIR", help="reference masks: VerSe (X_seg-vert_msk.nii.gz + "
+                   "X_seg-vb_ctd.json), bodies only (X_vert-verse.nii.gz) or nnU-Net (labelsTr/X.nii.gz + "
+                   "dataset.json)")
+    p.add_argument("--json", type=_path, metavar="OUT.json", help="write the per-case results and summary as JSON")
+    p.add_argument("--markdown", type=_path, metavar="OUT.md", help="write the report as Markdown")
     p.add_argument("--label", action="store_true", help="label the reference images into PRED_DIR first")
     _add_labelling_options(p, "with --label: ")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
-    p.add_argument("--debug", action="store_true")
+    _add_output_options(p, "no progress bars or summary")
     p.set_defaults(func=_evaluate)
     return parser
 
@@ -362,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     handles_signals = threading.current_thread() is threading.main_thread()  # where Python lets it set a handler
     # a signal ignored when the run started (nohup ignores SIGHUP) stays ignored

@@ -844,8 +844,8 @@ def evaluate_folders(
                          "NAME_seg.nii.gz, NAME as the reference case or its image is named)")
     outs = [Path(out) for out in (out_json, out_md) if out is not None]
     # a case's files (its image aside: an image is never overwritten, check_report_paths) and all a prediction's outputs
-    check_report_paths(outs, (path for _, pred, gt in pairs
-                              for path in (gt.mask, gt.ctd, *(output_paths(pred.seg.parent, pred.name) if pred else ()))))
+    check_report_paths(outs, (path for _, pred, gt in pairs for path in (
+        gt.mask, gt.ctd, *(output_paths(pred.seg.parent, pred.name) if pred else ()))))
     created = _make_folders([out.parent for out in outs])  # before the scoring, not after it
     report = progress or (lambda fraction, message: None)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -104,6 +105,18 @@ def modality_of(volume: np.ndarray) -> str:
     return "CT" if np.mean(sample < -50) >= 0.01 and np.mean(sample > 200) >= 0.01 else "MR"
 
 
+# Fewer distinct values than this, all whole numbers, make an image more likely a label map than a scan: a VerSe label
+# map holds 29 at most, an 8-bit MRI hundreds
+LABEL_MAP_VALUES = 32
+
+
+def looks_like_label_map(volume: np.ndarray) -> bool:
+    """Whether a strided sample of ``_MODALITY_SAMPLE`` voxels of ``volume`` (any shape, layout and real dtype) holds
+    only whole numbers, from 2 to ``LABEL_MAP_VALUES`` - 1 distinct ones (one is a constant image)."""
+    values = np.unique(volume.flat[:: max(1, volume.size // _MODALITY_SAMPLE)])
+    return 1 < values.size < LABEL_MAP_VALUES and bool(np.all(values == np.round(values)))
+
+
 def normalise(volume: np.ndarray, ct_window_hu: tuple[float, float] | None = None) -> np.ndarray:
     """Map intensities to [0, 1], clipped.
 
@@ -143,10 +156,16 @@ def native_bfloat16(device: torch.device) -> bool:
     return any(instructions) and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+# Set to 1, the network runs in float32 on every machine: bfloat16 rounds the network's probabilities otherwise than
+# float32, so a scan's labels can differ in places between a machine with native bfloat16 and one without
+FLOAT32_VARIABLE = "SPINELABEL_FLOAT32"
+
+
 def autocast(device: torch.device):
-    """bfloat16 autocast where the hardware runs it natively (``native_bfloat16``), else a context that changes
-    nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=native_bfloat16(device))
+    """bfloat16 autocast where the hardware runs it natively (``native_bfloat16``) unless ``FLOAT32_VARIABLE`` is 1 in
+    the environment, else a context that changes nothing."""
+    float32 = os.environ.get(FLOAT32_VARIABLE, "").strip() == "1"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=not float32 and native_bfloat16(device))
 
 
 @dataclass

@@ -96,9 +96,11 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
         below = next((Path(d) for d, _, names in sorted(os.walk(folder))[1:] if names), None)
+        images = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
         raise InputError(f"{folder}: folder holds no DICOM series" + (
             f"; its subfolders hold files (as {below.relative_to(folder)}): give the folder of one series"
-            if below else ""))
+            if below else "") + (f"; it holds {len(images)} image files (as {images[0]}): give the files themselves"
+                                 if images else ""))
     if len(series) > 1:
         described = "; ".join(_series_description(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in series)
         raise InputError(f"{folder}: folder holds {len(series)} DICOM series ({described}); give a folder with "

@@ -172,8 +172,8 @@ def load_model(path: str | os.PathLike | None = None, device: "str | torch.devic
         device: torch device for the network.
 
     Raises:
-        ModelError: card or weights missing, hash mismatch (corrupt or altered file), or weights that do not fit
-            the architecture.
+        ModelError: card or weights missing, hash mismatch (corrupt or altered file), weights that do not fit
+            the architecture or are not finite.
     """
     import torch
 
@@ -197,7 +197,9 @@ def load_model(path: str | os.PathLike | None = None, device: "str | torch.devic
         state = torch.load(weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
     except Exception as err:  # torch raises several types for bad files
-        raise ModelError(f"{weights}: weights do not load into the model ({err})") from None
+        raise ModelError(f"{weights}: weights do not load into the model ({err or type(err).__name__})") from None
+    if not all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point()):
+        raise ModelError(f"{weights}: weights hold values that are not finite numbers (a diverged training run?)")
     network.to(device).eval()
     return LoadedModel(network, card, card_path)
 

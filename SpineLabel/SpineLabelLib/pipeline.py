@@ -21,9 +21,10 @@ from scipy import ndimage
 
 from . import components as comp
 from . import features as feat
-from .inference import Cancelled, Prediction, modality_of, normalise, predict, resolve_device
+from .inference import (LABEL_MAP_VALUES, Cancelled, Prediction, looks_like_label_map, modality_of, normalise,
+                        predict, resolve_device)
 from .io import InputError, canonical_grid, checked_image, read_image, read_notes, resample_to_grid
-from .models import LoadedModel, card_file, default_model_path, load_model
+from .models import LoadedModel, card_file, default_model_path, load_model, read_card
 from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
 from .sequence import solve, vertebrae_in
 from .vertebrae import LEVELS, level_index
@@ -102,14 +103,16 @@ def _cached_model(card: Path, device: str, stamp: tuple) -> LoadedModel:
 
 
 def get_model(model: str | os.PathLike | LoadedModel | None = None, device: str = "auto") -> LoadedModel:
-    """A loaded model, cached per card file, its version on disk (time and size of the card and of the files beside
-    it of the card's name: a model written again is loaded again) and device; ``None`` is the default model."""
+    """A loaded model, cached per card file, its version on disk (time and size of the card, of the files beside it
+    of the card's name and of the weights it names: a model written again is loaded again) and device; ``None`` is
+    the default model. ``device`` is checked for a loaded model too (which stays where it is)."""
+    resolved = resolve_device(device)
     if isinstance(model, LoadedModel):
         return model
     card = (default_model_path() if model is None else card_file(model)).resolve()
-    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size)
-                  for f in sorted(card.parent.glob(f"{glob.escape(card.stem)}.*")))
-    return _cached_model(card, str(resolve_device(device)), stamp)
+    files = set(card.parent.glob(f"{glob.escape(card.stem)}.*")) | {card.parent / read_card(card)["weights"]}
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(files) if f.is_file())
+    return _cached_model(card, str(resolved), stamp)
 
 
 _FOREGROUND = 0.05  # of the normalised range: brighter is the body, darker air or background
@@ -268,6 +271,9 @@ def label_spine(
     t = stage("resample", t)
     report(0.1, "normalising")
     warnings = read_notes(image)  # how the file was read (a tilted gantry resampled, disagreeing NIfTI forms)
+    if looks_like_label_map(pixels):
+        warnings.append(f"the image holds fewer than {LABEL_MAP_VALUES} distinct whole-number values: is it a label "
+                        "map rather than a scan?")
     if max(geometry.spacing) > CHECKED_SPACING_MM + 1e-3:  # spacings computed from positions carry rounding
         warnings.append(f"voxels {max(geometry.spacing):.3g} mm apart along one axis: the names were checked on "
                         f"slices up to {CHECKED_SPACING_MM:g} mm; check them")
@@ -312,6 +318,9 @@ def label_spine(
                         "(--no-spine-gate; in Slicer: 'Label even if no spine is recognised')")
         report(1.0, "no vertebrae found")
         return _empty(geometry, warnings + read_as, loaded, timings, source, modality, t0, median)
+    if not spine_gate and median is not None and not is_spine(median, len(measured)):
+        warnings.append(f"labelled with the spine gate off, which would have refused it as no spine: {len(measured)} "
+                        f"vertebra-like component(s), median vertebral-body probability {median:.2f}")
     ordered, gaps = feat.chain_order(measured)
     ordered, gaps, detached = feat.drop_detached_ends(ordered, gaps)
     warnings += [f"ignored a vertebra-like component {gap:.0f} mm beyond the end of the spine" for gap in detached]

@@ -347,7 +347,8 @@ def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int],
                    progress_bars: bool) -> tuple[Callable[[np.random.Generator], Case], list[str]]:
     found = find_cases(folder)
     cases = [load_case(i, l, b, spacing_mm)
-             for i, l, b in tqdm(found, desc=f"loading {folder.name}", leave=False, disable=not progress_bars)]
+             for i, l, b in tqdm(found, desc=f"loading {folder.name}", leave=False,
+                                 disable=None if progress_bars else True)]
 
     def draw(rng: np.random.Generator) -> Case:
         return _crop(cases[int(rng.integers(len(cases)))], size, rng)
@@ -434,7 +435,7 @@ class TrainConfig:
     resume: bool = False
     validation_cases: int = 4
     data_dir: Path | None = None  # real labelled vertebrae: the shapes of ``synthetic``
-    progress_bars: bool = False  # tqdm bars on stderr: the CLI's (a library logs, it does not draw)
+    progress_bars: bool = False  # tqdm bars on stderr, where a terminal: the CLI's (a library logs, it does not draw)
     training_data_note: str = ""
     average_last: int = 0
     tilt_deg: float = 0.0  # half the crops turned about left-right by up to this (degrees), front-back by half
@@ -633,7 +634,7 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     for epoch in range(start_epoch, cfg.epochs):
         losses, skipped = [], 0
         bar = tqdm(range(cfg.iterations), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not cfg.progress_bars)
+                   disable=None if cfg.progress_bars else True)
         for _ in bar:
             if cancel is not None and cancel():
                 raise Cancelled()
