@@ -145,6 +145,7 @@ def test_each_bad_input_fails_alone_with_a_clear_line(tmp_path, model, phantom_f
         shown = str(path).encode("utf-8", "backslashreplace").decode()  # as the console shows an undecodable name
         assert any(shown in line and reason in line for line in lines), (path, err)
     assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"spinelabel: 1 of {len(cases) + 1} inputs labelled; failed: ")
     names = {p.name for p in out.iterdir()}
     assert names == {"spine" + s for s in OUTPUT_SUFFIXES}  # the good input still ran; nothing of the bad ones
     assert main(["label", *map(str, cases), "-o", str(tmp_path / "none" / "a" / "b"), "--model", str(model),
@@ -298,6 +299,17 @@ def test_an_output_that_would_replace_an_input_is_refused(tmp_path, model, phant
 def test_labelling_options_without_label_are_refused(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path), str(tmp_path), "--model", "m.json", "--modality", "ct"]) == 2
     assert "--model, --modality only apply with --label" in capsys.readouterr().err
+
+
+def test_models_lists_the_shipped_and_the_registered_models(tmp_path, monkeypatch, capsys, model):
+    from SpineLabelLib.models import DEFAULT_MODEL_NAME, default_model_path, register_model
+
+    monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path))
+    registered = register_model(model, name="mine")
+    assert main(["models"]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [(name, path) for name, _, path in lines] == [(DEFAULT_MODEL_NAME, str(default_model_path())),
+                                                        ("mine", str(registered))]
 
 
 def test_train_register_refuses_a_registered_name_before_training(tmp_path, monkeypatch, capsys):

@@ -182,6 +182,11 @@ def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
 
     registered = register_model(random_model, name="mine")
     assert load_model(registered).card["name"] == "mine"
+    assert load_model("mine").path == registered  # by its name, where no file of that name is
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").write_text("{}")  # a file of that name is what the name means
+    with pytest.raises(ModelError, match="mine: model card lacks"):
+        load_model("mine")
     assert "mine" in [c["name"] for c in list_models()]
     with pytest.raises(ModelError, match="registered already"):
         register_model(random_model, name="mine")

@@ -128,6 +128,9 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
                   f"{result.modality} -> {written[0].parent}")
             for warning in result.warnings:
                 print(f"  warning: {warning}")
+    if failed and len(inputs) > 1:  # the failures' lines may lie far above, among the others' output
+        print(f"spinelabel: {len(inputs) - len(failed)} of {len(inputs)} inputs labelled; failed: "
+              + ", ".join(map(str, failed)), file=sys.stderr)
     return (1 if failed else 0), failed
 
 
@@ -138,6 +141,14 @@ def _phantom(args: argparse.Namespace) -> int:
     for path in phantom.save(args.output):
         if not args.quiet:
             print(path)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models import list_models
+
+    for card in list_models():
+        print(f"{card['name']}\t{card['version']}\t{card['path']}")
     return 0
 
 
@@ -240,7 +251,8 @@ def _path(text: str) -> Path:
 def _add_labelling_options(p: argparse.ArgumentParser, scope: str = "") -> None:
     """The options that ``_label_files`` reads (model, device, orientation check, spine gate, modality); ``scope``
     opens their help."""
-    p.add_argument("--model", type=_path, help=scope + "model card (.json); default: the model shipped with SpineLabel")
+    p.add_argument("--model", type=_path, help=scope + "model card (.json) or the name of a registered model "
+                   "(spinelabel models); default: the model shipped with SpineLabel")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=scope + "where the network runs")
     p.add_argument("--check-orientation", action="store_true",
                    help=scope + "run the network's level head a second time on each image turned head to feet and "
@@ -289,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="another seed, another spine (default 0)")
     _add_output_options(p, "no summary")
     p.set_defaults(func=_phantom)
+
+    p = sub.add_parser("models", help="list the shipped and the registered models",
+                       description="List the model shipped with SpineLabel and those registered (train --register), "
+                       "one per line: name, version, card. --model takes a registered model's name.")
+    p.set_defaults(func=_models, quiet=False, verbose=False, debug=False)
 
     p = sub.add_parser("train", help="train or fine-tune a model")
     p.add_argument("--data", action="append", required=True, metavar="SOURCE[:WEIGHT]",

@@ -98,8 +98,11 @@ def sha256_of(path: Path) -> str:
 
 
 def card_file(path: str | os.PathLike) -> Path:
-    """The card of a model given by its card (``.json``) or its weights (``.pt``)."""
+    """The card of a model given by its card (``.json``), its weights (``.pt``), or the name it was registered under
+    (``register_model``) where no such file exists."""
     p = Path(path)
+    if not p.exists() and p.name == str(path) and (registered := user_models_dir() / f"{p.name}.json").is_file():
+        return registered
     return p.with_suffix(".json") if p.suffix == ".pt" else p
 
 
