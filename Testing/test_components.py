@@ -219,6 +219,28 @@ def test_posterior_elements_inside_their_band_stay_and_those_in_no_band_go():
     assert not confine_posterior(vertebrae, bodies, [1, 2, 3, 4], SPACING, last_is_s1=False)[102].any()
 
 
+def test_an_arch_flooded_to_the_vertebra_above_goes_back_to_its_own_level():
+    """Lumbar MRI: the network misses L4's pedicles, its arch touches only L3's through the facet joints, and the flood
+    gives it to L3, whose band (1.5 gaps below) holds it. Past the half-way plane to a neighbour that holds less
+    posterior tissue than it does there, a vertebra keeps none; where the neighbour has its own arch, a process
+    reaching over is kept (``test_posterior_elements_inside_their_band_stay_and_those_in_no_band_go``)."""
+    tissue = np.zeros((70, 50, 30), np.uint8)
+    for zc in (58, 40, 22):  # body centres 36 mm apart, z growing cranially: ids 1, 2, 3
+        tissue[zc - 6 : zc + 6, 5:20, 8:22] = BODY
+    tissue[47:64, 20:24, 13:17] = POSTERIOR  # body 1's pedicle
+    tissue[28:64, 24:40, 10:20] = POSTERIOR  # the arches of 1 and 2 as one column, touching body 2 nowhere
+    bodies = body_components(tissue, SPACING)
+    whole = attach_posterior(bodies, tissue)
+    column = (tissue == POSTERIOR) & (bodies == 0)
+    assert set(np.unique(whole[column])) == {1}
+    confined = confine_posterior(whole, bodies, [1, 2, 3], SPACING, last_is_s1=False)
+    z = np.arange(70)[:, None, None]
+    # the half-way planes: z 49 between 1 and 2, z 31 between 2 and 3 (which the column also reaches)
+    assert (confined[column & (z >= 49)] == 1).all() and (confined[column & (z < 31)] == 3).all()
+    assert (confined[column & (z >= 31) & (z < 49)] == 2).all()
+    assert np.array_equal(confined[~column], whole[~column])
+
+
 def test_sacrum_called_posterior_elements_joins_s1_not_l5():
     # L4 and L5 (z grows cranially), and below L5 a sacral mass that the network calls posterior elements and the
     # level head S1 (``levels`` holds level indices into LEVELS, as the level head's channels do)

@@ -562,7 +562,9 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
     below it (spinous processes slope caudally); S1's band has no lower end. A posterior voxel outside its vertebra's
     band goes to the vertebra of the chain whose band holds it and whose body centroid is nearest, or to none (it is
     left out of the labelling); so do all the posterior voxels of a vertebra with ``CROSSED_SHARE`` of them more than
-    a further gap beyond its band (a flood that crossed a whole level; a thin spur does not count).
+    a further gap beyond its band (a flood that crossed a whole level; a thin spur does not count). Then a vertebra
+    gives up what lies two levels away, or at a neighbour's level where it holds more than the neighbour
+    (``_claim_own_level``).
 
     Args:
         vertebrae: int32 (z, y, x) whole-vertebra components; not modified.
@@ -609,7 +611,7 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
     crossed = far > CROSSED_SHARE * np.bincount(owner, minlength=len(chain))
     stray = np.flatnonzero((outside > 0) | crossed[owner])
     if not stray.size:
-        return vertebrae
+        return _claim_own_level(vertebrae, bodies, chain, spacing, centres, last_is_s1)
     new = np.zeros(stray.size, dtype=vertebrae.dtype)
     every = np.arange(len(chain))
     for start in range(0, stray.size, 65536):  # against every vertebra of the chain, a block of voxels at a time
@@ -624,6 +626,63 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
     out[where] = new
     log.info("%d posterior-element voxels moved to the vertebra whose band along the spine holds them (%d to none)",
              int(moved.sum()), int((moved & (new == 0)).sum()))
+    return _claim_own_level(out, bodies, chain, spacing, centres, last_is_s1)
+
+
+def _claim_own_level(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int], spacing: np.ndarray,
+                     centres: np.ndarray, last_is_s1: bool) -> np.ndarray:
+    """A vertebra's arch lies at the level of its body. The level of a voxel is the chain vertebra between whose
+    half-way planes (to the body centroids above and below) it lies. A vertebra keeps nothing two levels away (its
+    band, which must hold sloping spinous processes, can reach past the next level on a curved spine). At a
+    neighbour's level it holds only what reaches over (articular processes, the tip of a sloping spinous process),
+    few next to the neighbour's own arch: where it holds more there than the neighbour holds at all, its flood took
+    the neighbour's arch (on MRI the network often misses a vertebra's pedicles, and its arch then reaches no body but
+    through the facet joints of the vertebra above or below), and those voxels go to the neighbour. S1
+    (``last_is_s1``) takes none this way (its level counts as L5's): its posterior elements come from
+    ``join_sacrum``.
+
+    Args:
+        vertebrae: int32 (z, y, x) components; not modified.
+        bodies: int32 (z, y, x) body components (same ids).
+        chain: the ids of the chained vertebrae, cranial first.
+        spacing: voxel size (z, y, x) in mm.
+        centres: (len(chain), 3) body centroids in mm (z, y, x).
+        last_is_s1: the last of ``chain`` is named S1.
+
+    Returns:
+        int32 (z, y, x) components.
+    """
+    position = np.full(max(int(vertebrae.max()), *chain) + 1, -1)  # chain position of each id, -1 off the chain
+    position[chain] = np.arange(len(chain))
+    voxels = np.nonzero((vertebrae > 0) & (bodies == 0))
+    owner = position[vertebrae[voxels]]
+    voxels = tuple(v[owner >= 0] for v in voxels)
+    owner = owner[owner >= 0]
+    if not owner.size:
+        return vertebrae
+    points = np.stack(voxels, axis=1) * spacing
+    # the chain position at whose level each voxel lies: the half-way planes between neighbouring body centroids that
+    # it lies beyond, on the caudal side
+    level = np.zeros(owner.size, dtype=np.int64)
+    for k in range(len(chain) - 1):
+        level += (points - (centres[k] + centres[k + 1]) / 2) @ (centres[k + 1] - centres[k]) > 0
+    if last_is_s1:  # S1 takes none: its posterior elements come from join_sacrum
+        level = np.minimum(level, len(chain) - 2)
+    new = owner.copy()
+    new[np.abs(level - owner) > 1] = level[np.abs(level - owner) > 1]  # two levels away: never a vertebra's own
+    held = np.bincount(new, minlength=len(chain))
+    taken = np.bincount(level * len(chain) + new, minlength=len(chain) ** 2).reshape(len(chain), len(chain))
+    before = new.copy()
+    for k in range(len(chain)):  # taken[k, j]: vertebra j's voxels at the level of vertebra k
+        for j in (k - 1, k + 1):
+            if 0 <= j < len(chain) and taken[k, j] > held[k]:
+                new[(level == k) & (before == j)] = k
+    if np.array_equal(new, owner):
+        return vertebrae
+    out = vertebrae.copy()
+    out[voxels] = np.asarray(chain)[new]
+    moved = np.count_nonzero(new != owner)
+    log.info("%d posterior-element voxels moved to the vertebra at whose level they lie, which held fewer", moved)
     return out
 
 
