@@ -49,7 +49,7 @@ class SpineLabel(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("SpineLabel")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["Markups", "Terminologies"]
         self.parent.contributors = ["SpineLabel contributors"]
         self.parent.helpText = _(
             "Labels every vertebra of a CT or MRI spine scan: one segment and one centroid point per vertebra, "
@@ -206,9 +206,11 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
+            # the first scan: a label map is a scalar volume too, and the input selector does not list label maps
+            volumes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+            scans = [node for node in volumes if not node.IsA("vtkMRMLLabelMapVolumeNode")]
+            if scans:
+                self._parameterNode.inputVolume = scans[0]
 
     def setParameterNode(self, inputParameterNode: Optional[SpineLabelParameterNode]) -> None:
         if self._parameterNode:
@@ -245,7 +247,9 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         current = self.ui.modelComboBox.findData(self._parameterNode.modelPath if self._parameterNode else "")
         self.ui.modelComboBox.setCurrentIndex(max(current, 0))
         self.ui.modelComboBox.blockSignals(False)
-        if current < 0 and self._parameterNode:  # a model no longer listed (removed, or its card refused): the default
+        # a model no longer listed (removed, or its card refused) gives way to the default; while the dependencies are
+        # missing no model can be listed, and the choice is kept for when they are installed
+        if current < 0 and self._parameterNode and not self.logic.missingPackages():
             self._parameterNode.modelPath = ""
 
     def onModelChanged(self, index: int) -> None:
@@ -273,6 +277,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to install dependencies."), waitCursor=True):
             self.logic.installDependencies()
         self.updateDependencyStatus()
+        self.updateModelList()  # the registered models can be read now
 
     # ------------------------------------------------------------------------------------------ labelling
 
@@ -404,8 +409,11 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 table.setItem(row, column, item)
 
     def onVertebraClicked(self, row: int, column: int) -> None:
-        if self._labeling is not None:
-            slicer.modules.markups.logic().JumpSlicesToNthPointInMarkup(self._labeling.markupsNode.GetID(), row, True)
+        if self._labeling is None:
+            return
+        index = self._labeling.pointIndexOf(self._labeling.result.vertebrae[row].id)
+        if index >= 0:
+            slicer.modules.markups.logic().JumpSlicesToNthPointInMarkup(self._labeling.markupsNode.GetID(), index, True)
 
     def onAddVertebraButton(self) -> None:
         """Enter place mode on the centroid points: the next click adds a vertebra there."""

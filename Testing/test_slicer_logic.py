@@ -183,6 +183,16 @@ def test_rename_from_point_label_renumbers_both_nodes(labeled):
     assert len(events) <= 2 and len(segment_events) == 1
 
 
+def test_a_vertebra_s_point_is_found_after_the_points_were_reordered(labeled):
+    node = labeled.markupsNode
+    first, second = labeled.result.vertebrae[:2]
+    assert (labeled.pointIndexOf(first.id), labeled.pointIndexOf(second.id)) == (0, 1)
+    node.SwapControlPoints(0, 1)  # the Markups module's Move down
+    assert (labeled.pointIndexOf(first.id), labeled.pointIndexOf(second.id)) == (1, 0)
+    assert node.GetNthControlPointLabel(labeled.pointIndexOf(first.id)) == first.name
+    assert labeled.pointIndexOf(10**6) == -1
+
+
 def test_lock_from_point_keeps_name(labeled):
     labeled.markupsNode.SetNthControlPointLocked(point_index(labeled, "L4"), True)
     l4 = labeled.result.vertebrae[-1]

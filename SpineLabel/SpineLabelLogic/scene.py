@@ -291,6 +291,14 @@ class LabelingScene(VTKObservationMixin):
                             "name": name}, voxels=True)
         return newId
 
+    def pointIndexOf(self, vertebraId: int) -> int:
+        """Index of the control point of vertebra ``vertebraId`` in the markups node, -1 without one. The points are
+        found by their ids: the Markups module's Move up / Move down reorder them."""
+        for pointId, vertebra in self._pointToVertebra.items():
+            if vertebra == vertebraId:
+                return self.markupsNode.GetNthControlPointIndexByID(pointId)
+        return -1
+
     def _readBackKeeps(self, vertebraId: int) -> bool:
         """Take Segment Editor edits in before a correction is solved (a segment removed there would otherwise come
         back, and the names change at export); False when this vertebra is gone (its segment was deleted or emptied,
