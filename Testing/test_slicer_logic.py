@@ -120,6 +120,8 @@ def test_scene_from_labelling(labeled, mrml, tmp_path):
     volume_item = sh.GetItemByDataNode(labeled.volumeNode)
     for node in (labeled.segmentationNode, labeled.markupsNode):
         assert sh.GetItemParent(sh.GetItemByDataNode(node)) == volume_item
+    display = labeled.markupsNode.GetDisplayNode()  # every name shows in a slice view, in the points' colour
+    assert display.GetSliceProjection() and display.GetSliceProjectionUseFiducialColor()
 
     storage = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
     path = tmp_path / "spine.seg.nrrd"

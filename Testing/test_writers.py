@@ -129,14 +129,22 @@ def test_segmentation_read_by_slicerio(case, tmp_path):
     assert seg["segments"][1]["terminology"]["type"] == ["SCT", "66794005", "L1 vertebra"]
 
 
-def test_neighbouring_levels_never_share_a_colour():
-    """Two adjacent vertebrae in one colour read as one bone in the segmentation, the snapshot and Slicer's views:
-    each level's colour differs from its neighbours' (the transitional T13 and L6 included) and no two regular
-    levels share one."""
-    for above, below in zip(LEVELS, LEVELS[1:]):
-        assert above.colour != below.colour, (above.name, below.name)
-    regular = [level.colour for level in LEVELS if not level.transitional]
-    assert len(set(regular)) == len(regular)
+def test_vertebrae_up_to_two_levels_apart_never_look_alike():
+    """Two nearby vertebrae in similar colours read as one bone in the segmentation, the snapshot and Slicer's views
+    (posterior elements reach the next level): levels up to two apart differ by a CIEDE2000 difference of 15 or more,
+    with and without the transitional T13 and L6, and no two regular levels share a colour."""
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    def difference(a, b) -> float:
+        return float(deltaE_ciede2000(rgb2lab(np.array([[a.colour]])), rgb2lab(np.array([[b.colour]])))[0, 0])
+
+    regular = [level for level in LEVELS if not level.transitional]
+    for chain in (list(LEVELS), regular, [lv for lv in LEVELS if lv.name != "L6"],
+                  [lv for lv in LEVELS if lv.name != "T13"]):
+        for step in (1, 2):
+            for a, b in zip(chain, chain[step:]):
+                assert difference(a, b) >= 15, (a.name, b.name)
+    assert len({level.colour for level in regular}) == len(regular)
 
 
 def test_segmentation_duplicate_level_is_one_segment(tmp_path, caplog):

@@ -63,36 +63,38 @@ def _rgb(hex_colour: str) -> tuple[float, float, float]:
     return tuple(round(int(hex_colour[i : i + 2], 16) / 255.0, 4) for i in (0, 2, 4))  # type: ignore[return-value]
 
 
-# Neighbouring levels alternate between a light and a dark shade of their region's hue, so that two adjacent
-# vertebrae never share a colour in a slice view.
+# Each region keeps a family of hues (cervical blue, thoracic green, lumbar orange, the sacrum purple; T13 yellow, L6
+# red) drifting along it, and the levels cycle through a middle, a light and a dark shade (CIELAB lightness 58, 84,
+# 36): vertebrae up to two levels apart, whose posterior elements meet, differ by a CIEDE2000 colour difference of 17
+# or more (with light and dark shades only in turn, levels two apart differed by 3).
 LEVELS: tuple[Level, ...] = (
-    Level("C1", 1, "cervical", _rgb("4fa3e0"), "14806007", "C1 vertebra"),
-    Level("C2", 2, "cervical", _rgb("1f5f99"), "39976000", "C2 vertebra"),
-    Level("C3", 3, "cervical", _rgb("6fc3f0"), "113205007", "C3 vertebra"),
-    Level("C4", 4, "cervical", _rgb("2a78b8"), "5329002", "C4 vertebra"),
-    Level("C5", 5, "cervical", _rgb("8fd3ff"), "36978003", "C5 vertebra"),
-    Level("C6", 6, "cervical", _rgb("3a8ccc"), "36054005", "C6 vertebra"),
-    Level("C7", 7, "cervical", _rgb("a8dcff"), "87391001", "C7 vertebra"),
-    Level("T1", 8, "thoracic", _rgb("2e8b57"), "64864005", "T1 vertebra"),
-    Level("T2", 9, "thoracic", _rgb("7fd89f"), "53733008", "T2 vertebra"),
-    Level("T3", 10, "thoracic", _rgb("3c9d3c"), "1626008", "T3 vertebra"),
-    Level("T4", 11, "thoracic", _rgb("9be28b"), "73071006", "T4 vertebra"),
-    Level("T5", 12, "thoracic", _rgb("4f9f2f"), "56401006", "T5 vertebra"),
-    Level("T6", 13, "thoracic", _rgb("b5e86f"), "45296009", "T6 vertebra"),
-    Level("T7", 14, "thoracic", _rgb("5e8f1e"), "62487009", "T7 vertebra"),
-    Level("T8", 15, "thoracic", _rgb("c8ee7a"), "11068009", "T8 vertebra"),
-    Level("T9", 16, "thoracic", _rgb("2f7f6f"), "82687006", "T9 vertebra"),
-    Level("T10", 17, "thoracic", _rgb("80e0c8"), "7610001", "T10 vertebra"),
-    Level("T11", 18, "thoracic", _rgb("1f6f5a"), "12989004", "T11 vertebra"),
-    Level("T12", 19, "thoracic", _rgb("9ff0d0"), "23215003", "T12 vertebra"),
-    Level("T13", 28, "thoracic", _rgb("d0d040"), "51282000", "Vertebra", transitional=True),
-    Level("L1", 20, "lumbar", _rgb("e0782f"), "66794005", "L1 vertebra"),
-    Level("L2", 21, "lumbar", _rgb("ffc27f"), "14293000", "L2 vertebra"),
-    Level("L3", 22, "lumbar", _rgb("c8541e"), "36470004", "L3 vertebra"),
-    Level("L4", 23, "lumbar", _rgb("ffa860"), "11994002", "L4 vertebra"),
-    Level("L5", 24, "lumbar", _rgb("a8401a"), "49668003", "L5 vertebra"),
-    Level("L6", 25, "lumbar", _rgb("e04040"), "51282000", "Vertebra", transitional=True),
-    Level("S1", 26, "sacral", _rgb("9b59b6"), "54735007", "Sacrum"),
+    Level("C1", 1, "cervical", _rgb("009dc2"), "14806007", "C1 vertebra"),
+    Level("C2", 2, "cervical", _rgb("33e2ff"), "39976000", "C2 vertebra"),
+    Level("C3", 3, "cervical", _rgb("006096"), "113205007", "C3 vertebra"),
+    Level("C4", 4, "cervical", _rgb("0095d7"), "5329002", "C4 vertebra"),
+    Level("C5", 5, "cervical", _rgb("86d8ff"), "36978003", "C5 vertebra"),
+    Level("C6", 6, "cervical", _rgb("00579d"), "36054005", "C6 vertebra"),
+    Level("C7", 7, "cervical", _rgb("6d89d7"), "87391001", "C7 vertebra"),
+    Level("T1", 8, "thoracic", _rgb("bfdd7e"), "64864005", "T1 vertebra"),
+    Level("T2", 9, "thoracic", _rgb("375f04"), "53733008", "T2 vertebra"),
+    Level("T3", 10, "thoracic", _rgb("689844"), "1626008", "T3 vertebra"),
+    Level("T4", 11, "thoracic", _rgb("a6e18b"), "73071006", "T4 vertebra"),
+    Level("T5", 12, "thoracic", _rgb("1a621a"), "56401006", "T5 vertebra"),
+    Level("T6", 13, "thoracic", _rgb("4d9c54"), "45296009", "T6 vertebra"),
+    Level("T7", 14, "thoracic", _rgb("8be59d"), "62487009", "T7 vertebra"),
+    Level("T8", 15, "thoracic", _rgb("00642c"), "11068009", "T8 vertebra"),
+    Level("T9", 16, "thoracic", _rgb("259e67"), "82687006", "T9 vertebra"),
+    Level("T10", 17, "thoracic", _rgb("6ce8b1"), "7610001", "T10 vertebra"),
+    Level("T11", 18, "thoracic", _rgb("00663f"), "12989004", "T11 vertebra"),
+    Level("T12", 19, "thoracic", _rgb("00a07b"), "23215003", "T12 vertebra"),
+    Level("T13", 28, "thoracic", _rgb("dfc738"), "51282000", "Vertebra", transitional=True),
+    Level("L1", 20, "lumbar", _rgb("ffad8c"), "66794005", "L1 vertebra"),
+    Level("L2", 21, "lumbar", _rgb("973407"), "14293000", "L2 vertebra"),
+    Level("L3", 22, "lumbar", _rgb("d17331"), "36470004", "L3 vertebra"),
+    Level("L4", 23, "lumbar", _rgb("ffbe69"), "11994002", "L4 vertebra"),
+    Level("L5", 24, "lumbar", _rgb("7b4a00"), "49668003", "L5 vertebra"),
+    Level("L6", 25, "lumbar", _rgb("dc3749"), "51282000", "Vertebra", transitional=True),
+    Level("S1", 26, "sacral", _rgb("a05cb4"), "54735007", "Sacrum"),
 )
 
 BY_NAME: dict[str, Level] = {level.name: level for level in LEVELS}
