@@ -136,8 +136,9 @@ def _foreground_box(volume: np.ndarray, margin: int = 6) -> tuple[slice, ...]:
 # zeros (most of the slabs of synthesis._limit_field_of_view, 48 mm and wider), and mirrored to 160 mm the real
 # sagittal lumbar MRI (57-77 mm, 29-39 voxels) lost body coverage; but a clinical stack of 11 slices of 3 mm (33 mm)
 # filled with zeros lost half its vertebrae: ``python benchmarks/real_data.py evaluate --selection --slice-mm 3
-# --slab-mm 33`` (the 24 training MRI so cut) identifies 64 of 146 with zeros and 135 extended to 40 mm. Extended to
-# 48 mm or more, the 42 mm cervical T1 MRI of cervical_sct lost its five vertebrae to the spine gate.
+# --slab-mm 33`` (the 24 training MRI so cut) identifies 64 of 146 with zeros and 141 extended to 40 mm (model
+# 1.7.0). Extended to 48 mm or more, the 42 mm cervical T1 MRI of cervical_sct lost its five vertebrae to the spine
+# gate.
 MIN_CONTEXT_VOXELS = (80, 80, 20)
 # A volume narrower than this left to right (x, model-grid voxels) and not extended along z or y is then padded with
 # zeros (the normalised minimum) on both sides to this width: training shows a narrow stack so, inside its 80-voxel
