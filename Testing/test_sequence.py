@@ -95,6 +95,8 @@ def test_unusable_gaps_scores_and_positions_are_named():
             solve(scores, np.array(gaps))
     with pytest.raises(ValueError, match="without NaN"):
         solve(np.where(scores == 0.0, np.nan, scores), np.full(2, 35.0))
+    with pytest.raises(ValueError, match="without NaN or [+]inf"):
+        solve(np.where(scores == 0.0, np.inf, scores), np.full(2, 35.0))
     with pytest.raises(ValueError, match="position 3 is outside"):
         solve(scores, np.full(2, 35.0), fixed={3: "L4"})
     scores[1] = -np.inf
@@ -169,10 +171,21 @@ def test_l6_is_allowed_with_its_prior():
     # an L6 the level head is not sure of (3 log-units for it, 1.5 for L5): named, and the doubt said
     doubtful = solve(scores_for(names, strength=3.0), np.full(6, 35.0))
     assert names_of(doubtful) == names
-    assert "L5/L6 ambiguous: probability of a L6 is 0.77" in doubtful.warnings
+    assert "L5/L6 ambiguous: probability of a L6 is 0.78" in doubtful.warnings  # 0.77 the L6 here, 0.01 elsewhere
     # a short chain whose evidence hardly hints at an L6 (probability 0.04): no word of one
     unlikely = solve(scores_for(["L4", "L5", "L6", "S1"], strength=1.0), np.full(3, 35.0))
     assert not any("ambiguous" in w for w in unlikely.warnings)
+
+
+def test_the_chance_of_a_transitional_level_is_the_chain_s_not_one_vertebra_s():
+    """A chain holds at most one T13: its chance is the sum over the vertebrae of each one's, not the largest."""
+    levels = np.array([level_index(n) for n in ("T11", "T12", "T13", "L1")])
+    marginals = np.zeros((4, len(LEVELS)))
+    marginals[np.arange(4), levels] = 1.0
+    marginals[2:, level_index("T13")] = 0.45  # the T13 may be the third or the fourth vertebra: a T13 at 0.9
+    assert not any("ambiguous" in w for w in _warnings(levels, np.ones(4), marginals, np.full(3, 30.0)))
+    marginals[2:, level_index("T13")] = 0.15  # at 0.3
+    assert "T12/T13 ambiguous: probability of a T13 is 0.30" in _warnings(levels, np.ones(4), marginals, np.full(3, 30.0))
 
 
 @pytest.mark.parametrize("regular, transitional, below", [("L5", "L6", "S1"), ("T12", "T13", "L1")])

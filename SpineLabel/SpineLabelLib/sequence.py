@@ -254,7 +254,7 @@ def solve(
         ValueError: when the fixed labels contradict each other (a duplicate level, other than S1 when
             ``priors.sacral_piece`` allows sacral pieces, or a caudal level above a cranial one), the chain is
             longer than the number of levels, a fixed position is outside it, or the gaps (not n-1, or not finite)
-            or the scores (NaN) are not usable.
+            or the scores (NaN or +inf) are not usable.
     """
     emissions = np.array(log_scores, dtype=float, copy=True).reshape(-1, K)
     n = emissions.shape[0]
@@ -263,9 +263,9 @@ def solve(
     if n > K:
         raise ValueError(f"a chain of {n} vertebrae is longer than the {K} levels SpineLabel knows")
     gaps = np.asarray(gaps_mm, dtype=float).reshape(-1)
-    if gaps.size != n - 1 or not np.isfinite(gaps).all() or np.isnan(emissions).any():
+    if gaps.size != n - 1 or not np.isfinite(gaps).all() or np.isnan(emissions).any() or (emissions == np.inf).any():
         raise ValueError(f"a chain of {n} vertebrae needs {n - 1} finite gaps (got {gaps.tolist()}) and log-scores "
-                         "without NaN")
+                         "without NaN or +inf")
     free = emissions.copy()  # the evidence without the fixed labels
     for position, name in (fixed or {}).items():
         if not 0 <= position < n:
@@ -404,7 +404,7 @@ def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray,
     if "S1" not in names and not has_anchor_top:
         out.append("neither C1/C2 nor the sacrum is in view: numbering inferred from vertebra appearance; check it")
     for name, alt_a, alt_b in (("L6", "L5", "L6"), ("T13", "T12", "T13")):
-        p = float(marginals[:, level_index(name)].max(initial=0.0))
+        p = min(float(marginals[:, level_index(name)].sum()), 1.0)  # a labelling has at most one: the chain's chance
         if 0.2 <= p <= 0.8:
             out.append(f"{alt_a}/{alt_b} ambiguous: probability of a {name} is {p:.2f}")
     for i in range(len(levels) - 1):
