@@ -30,7 +30,7 @@ def model(tmp_path_factory):
 def phantom_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("in") / "demo" / "spine.nii.gz"  # the folder does not exist yet
     assert main(["phantom", str(path), "--fov", "lumbar", "--spacing", "2", "2", "2.5", "--seed", "3", "--quiet"]) == 0
-    assert path.exists() and (path.parent / "spine_label.nii.gz").exists()
+    assert path.exists() and (path.parent / "spine_seg-vert_msk.nii.gz").exists()
     return path
 
 
@@ -60,7 +60,7 @@ def test_evaluate_labels_the_reference_images_first(tmp_path, model, phantom_fil
     (gt / "imagesTr").mkdir(parents=True)
     (gt / "labelsTr").mkdir()
     (gt / "imagesTr" / "spine_0000.nii.gz").write_bytes(phantom_file.read_bytes())
-    (gt / "labelsTr" / "spine.nii.gz").write_bytes((phantom_file.parent / "spine_label.nii.gz").read_bytes())
+    (gt / "labelsTr" / "spine.nii.gz").write_bytes((phantom_file.parent / "spine_seg-vert_msk.nii.gz").read_bytes())
     pred, summary = tmp_path / "pred", tmp_path / "summary.json"
     argv = ["evaluate", str(pred), str(gt), "--label", "--model", str(model), "--json", str(summary), "--quiet",
             "--no-spine-gate"]  # the gate would refuse the random model's components
@@ -357,7 +357,7 @@ def test_evaluate_label_scores_a_case_it_failed_to_label_as_not_predicted(tmp_pa
     from SpineLabelLib import pipeline
 
     gt, pred = tmp_path / "Dataset001", tmp_path / "pred"
-    labels = (phantom_file.parent / "spine_label.nii.gz").read_bytes()
+    labels = (phantom_file.parent / "spine_seg-vert_msk.nii.gz").read_bytes()
     pred.mkdir()
     for case in ("spine_0001", "spine_0002"):
         for folder, name, data in (("imagesTr", f"{case}_0000.nii.gz", phantom_file.read_bytes()),
@@ -409,7 +409,7 @@ def test_evaluate_refuses_a_report_path_that_would_overwrite_a_scored_file(tmp_p
     gt = tmp_path / "gt"
     gt.mkdir()
     mask = gt / "spine_seg-vert_msk.nii.gz"
-    mask.write_bytes((phantom_file.parent / "spine_label.nii.gz").read_bytes())
+    mask.write_bytes((phantom_file.parent / "spine_seg-vert_msk.nii.gz").read_bytes())
     pred = tmp_path / "pred"
     pred.mkdir()
     (pred / "spine_seg.nii.gz").write_bytes(mask.read_bytes())
@@ -434,7 +434,7 @@ def test_evaluate_label_checks_the_report_paths_before_labelling(tmp_path, model
     (gt / "labelsTr").mkdir()
     image = gt / "imagesTr" / "spine_0000.nii.gz"
     image.write_bytes(phantom_file.read_bytes())
-    (gt / "labelsTr" / "spine.nii.gz").write_bytes((phantom_file.parent / "spine_label.nii.gz").read_bytes())
+    (gt / "labelsTr" / "spine.nii.gz").write_bytes((phantom_file.parent / "spine_seg-vert_msk.nii.gz").read_bytes())
     (tmp_path / "folder").mkdir()
     for option, path, reason in (("--markdown", image, "a file being scored"), ("--json", tmp_path / "folder",
                                                                                 "is a folder")):
@@ -456,7 +456,7 @@ def test_failed_evaluate_label_and_train_leave_no_folder_they_made(tmp_path, pha
     (gt / "imagesTr").mkdir(parents=True)
     (gt / "labelsTr").mkdir()
     (gt / "imagesTr" / "spine_0000.nii.gz").write_bytes(phantom_file.read_bytes())
-    (gt / "labelsTr" / "spine.nii.gz").write_bytes((phantom_file.parent / "spine_label.nii.gz").read_bytes())
+    (gt / "labelsTr" / "spine.nii.gz").write_bytes((phantom_file.parent / "spine_seg-vert_msk.nii.gz").read_bytes())
     missing = str(tmp_path / "none.json")
     assert main(["evaluate", str(tmp_path / "new" / "pred"), str(gt), "--label", "--model", missing, "--quiet"]) == 2
     assert main(["train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "new" / "m.json"),

@@ -188,8 +188,8 @@ def test_bad_arguments():
 def test_save_writes_image_and_labels(tmp_path):
     phantom = make_phantom("mr", "cervical", seed=5, **SMALL)
     paths = phantom.save(tmp_path / "case.nii.gz")
-    assert paths == [tmp_path / "case.nii.gz", tmp_path / "case_label.nii.gz"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.nii.gz", "case_label.nii.gz"]  # no temporaries
+    assert paths == [tmp_path / "case.nii.gz", tmp_path / "case_seg-vert_msk.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.nii.gz", "case_seg-vert_msk.nii.gz"]  # no temporaries
     image, labels = (sitk.ReadImage(str(p)) for p in paths)
     for read, original in ((image, phantom.image), (labels, phantom.labels)):
         assert read.GetSize() == original.GetSize()

@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("phantom", help="write a procedural spine phantom and its label map",
                        description="Write a procedural spine phantom to OUT.nii.gz and its VerSe label map to "
-                       "OUT_label.nii.gz beside it.")
+                       "OUT_seg-vert_msk.nii.gz beside it (the VerSe layout that evaluate and train read).")
     p.add_argument("output", type=_path, metavar="OUT.nii.gz")
     p.add_argument("--modality", default="ct", choices=["ct", "mr"], help="CT (Hounsfield units) or MR-like "
                    "intensities (default ct)")

@@ -111,7 +111,8 @@ class Phantom:
     tissue: sitk.Image
 
     def save(self, path: str | os.PathLike) -> list[Path]:
-        """Write the image to ``path`` and the labels to ``<stem>_label.nii.gz`` beside it, both or neither.
+        """Write the image to ``path`` and the labels to ``<stem>_seg-vert_msk.nii.gz`` beside it (the VerSe layout
+        ``spinelabel evaluate`` and ``train`` read), both or neither.
 
         Returns:
             The two paths written, image first.
@@ -125,7 +126,7 @@ class Phantom:
             blocker = next((p for p in (image_path.parent, *image_path.parent.parents) if p.is_file()), None)
             raise OSError(f"{image_path.parent}: cannot make this folder"
                           + (f": {blocker} is a file" if blocker else f" ({err.strerror or err})")) from None
-        label_path = image_path.with_name(f"{case_name(image_path)}_label.nii.gz")
+        label_path = image_path.with_name(f"{case_name(image_path)}_seg-vert_msk.nii.gz")
         with atomic_paths([image_path, label_path]) as temps:
             for image, tmp in zip((self.image, self.labels), temps):
                 sitk.WriteImage(image, str(tmp), True)
