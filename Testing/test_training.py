@@ -239,6 +239,19 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeyp
     assert not any(name.startswith("phantom") for name in load_model(finetuned).card["training"]["validation_crops"])
 
 
+def test_a_cancel_stops_the_loading_of_a_folder_between_cases(tmp_path, monkeypatch):
+    for case in ("c1", "c2", "c3"):
+        write_pair(tmp_path / "nn", f"imagesTr/{case}_0000.nii.gz", f"labelsTr/{case}.nii.gz")
+    loaded = []
+    exact = training.load_case
+    monkeypatch.setattr(training, "load_case", lambda *args: loaded.append(args[0]) or exact(*args))
+    cfg = TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "m.json", epochs=1, iterations=1, batch=1,
+                      patch=(32, 32, 32), device="cpu", validation_cases=0)
+    with pytest.raises(Cancelled):
+        train(cfg, cancel=lambda: len(loaded) == 1)
+    assert len(loaded) == 1 and not cfg.out.exists()
+
+
 def test_a_fine_tune_never_replaces_its_base_model_or_the_shipped_one(tmp_path, monkeypatch):
     write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
     torch.manual_seed(0)

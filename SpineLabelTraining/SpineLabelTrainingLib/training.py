@@ -343,12 +343,15 @@ def _negative_source(spacing_mm: float, size: tuple[int, int, int]) -> Callable[
     return draw
 
 
-def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int],
-                   progress_bars: bool) -> tuple[Callable[[np.random.Generator], Case], list[str]]:
+def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int], progress_bars: bool,
+                   cancel: Callable[[], bool] | None = None) -> tuple[Callable[[np.random.Generator], Case], list[str]]:
     found = find_cases(folder)
-    cases = [load_case(i, l, b, spacing_mm)
-             for i, l, b in tqdm(found, desc=f"loading {folder.name}", leave=False,
-                                 disable=None if progress_bars else True)]
+    cases = []
+    for image, labels, bodies_only in tqdm(found, desc=f"loading {folder.name}", leave=False,
+                                           disable=None if progress_bars else True):
+        if cancel is not None and cancel():  # a case takes about a second to load
+            raise Cancelled()
+        cases.append(load_case(image, labels, bodies_only, spacing_mm))
 
     def draw(rng: np.random.Generator) -> Case:
         return _crop(cases[int(rng.integers(len(cases)))], size, rng)
@@ -357,12 +360,15 @@ def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int],
 
 
 def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_dir: Path | None,
-                progress_bars: bool = False) -> tuple[Callable[[np.random.Generator], Case], list[str] | None]:
+                progress_bars: bool = False, cancel: Callable[[], bool] | None = None
+                ) -> tuple[Callable[[np.random.Generator], Case], list[str] | None]:
     """A sampler for one ``--data`` spec: ``synthetic``, ``phantom``, ``negative`` or a folder path; and, for a
-    folder, its cases (image paths relative to it), else None.
+    folder, its cases (image paths relative to it), else None. ``cancel`` is polled before each case of a folder is
+    loaded.
 
     Raises:
         ValueError: ``synthetic`` without ``data_dir``, the real labelled vertebrae its shapes come from.
+        Cancelled: ``cancel`` returned True.
     """
     if spec == "synthetic":
         if data_dir is None:
@@ -372,7 +378,7 @@ def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_d
         return _phantom_source(spacing_mm, size), None
     if spec == "negative":
         return _negative_source(spacing_mm, size), None
-    return _folder_source(Path(spec), spacing_mm, size, progress_bars)
+    return _folder_source(Path(spec), spacing_mm, size, progress_bars, cancel)
 
 
 def tissue_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -587,7 +593,8 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     net.to(device).train()
     specs = [s for s, _ in cfg.data]
     weights /= weights.sum()
-    sources, cases = zip(*(make_source(s, spacing, cfg.patch, cfg.data_dir, cfg.progress_bars) for s in specs))
+    sources, cases = zip(*(make_source(s, spacing, cfg.patch, cfg.data_dir, cfg.progress_bars, cancel)
+                           for s in specs))
     val_rng = np.random.default_rng(10_000 + cfg.seed)
     trained_on = [source for source, weight in zip(sources, weights) if weight > 0]  # a weight of 0 leaves it out
     val = [trained_on[i % len(trained_on)](val_rng) for i in range(cfg.validation_cases)]
