@@ -297,8 +297,8 @@ def test_a_folder_of_two_series_or_of_series_folders_is_refused_saying_what_it_h
     nifti.mkdir()
     for name in ("b.nii.gz", "a.nrrd"):
         sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkInt16), str(nifti / name))
-    with pytest.raises(InputError, match="niftis: folder holds no DICOM series; it holds 2 image files [(]as a.nrrd[)]: "
-                                         "give the files themselves"):
+    with pytest.raises(InputError, match="niftis: folder holds no DICOM series; it holds 2 image files "
+                                         "[(]as a.nrrd[)]: give the files themselves"):
         read_image(nifti)
     for path in write_dicom_series(tmp_path / "other", number=4).iterdir():
         path.rename(folder / f"4-{path.name}")

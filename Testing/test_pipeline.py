@@ -167,6 +167,14 @@ def test_a_model_written_again_is_loaded_again(tmp_path, random_model):
         get_model(first, "gpu")
 
 
+def test_weights_that_do_not_load_name_the_reason(tmp_path, random_model):
+    card = json.loads(Path(random_model).read_text())
+    (tmp_path / "m.pt").write_bytes(b"")  # empty, with its hash in the card: torch's error has no message
+    (tmp_path / "m.json").write_text(json.dumps({**card, "weights": "m.pt", "sha256": sha256_of(tmp_path / "m.pt")}))
+    with pytest.raises(ModelError, match=r"m.pt: weights do not load into the model \(EOFError\)"):
+        load_model(tmp_path / "m.json")
+
+
 def test_weights_that_are_not_finite_are_refused(tmp_path, random_model):
     network = load_model(random_model).network
     with torch.no_grad():
@@ -182,8 +190,10 @@ def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
 
     registered = register_model(random_model, name="mine")
     assert load_model(registered).card["name"] == "mine"
-    assert load_model("mine").path == registered  # by its name, where no file of that name is
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()  # a folder of that name is no model card
+    assert load_model("mine").path == registered  # by its name, where no file of that name is
+    (tmp_path / "mine").rmdir()
     (tmp_path / "mine").write_text("{}")  # a file of that name is what the name means
     with pytest.raises(ModelError, match="mine: model card lacks"):
         load_model("mine")

@@ -185,7 +185,8 @@ def test_the_chance_of_a_transitional_level_is_the_chain_s_not_one_vertebra_s():
     marginals[2:, level_index("T13")] = 0.45  # the T13 may be the third or the fourth vertebra: a T13 at 0.9
     assert not any("ambiguous" in w for w in _warnings(levels, np.ones(4), marginals, np.full(3, 30.0)))
     marginals[2:, level_index("T13")] = 0.15  # at 0.3
-    assert "T12/T13 ambiguous: probability of a T13 is 0.30" in _warnings(levels, np.ones(4), marginals, np.full(3, 30.0))
+    warnings = _warnings(levels, np.ones(4), marginals, np.full(3, 30.0))
+    assert "T12/T13 ambiguous: probability of a T13 is 0.30" in warnings
 
 
 @pytest.mark.parametrize("regular, transitional, below", [("L5", "L6", "S1"), ("T12", "T13", "L1")])

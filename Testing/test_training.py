@@ -361,7 +361,8 @@ def test_tilted_crops_turn_image_and_labels_together():
 
 
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
-    cfg = TrainConfig(data=[("phantom", 0.0)], out=tmp_path / "run" / "m.json", patch=(32, 32, 32), device="cpu")
+    cfg = TrainConfig(data=[("phantom", 0.0)], out=tmp_path / "run" / "m.json", patch=(32, 32, 32), device="cpu",
+                      epochs=1, iterations=1)  # a check that slips fails in seconds, not after a whole run
     with pytest.raises(ValueError, match="weights"):
         train(cfg)
     cfg = replace(cfg, data=[("phantom", 1.0)])
@@ -416,6 +417,16 @@ def test_a_label_map_without_a_vertebra_is_refused(tmp_path, value):
     sitk.WriteImage(sitk.GetImageFromArray(np.where(array > 0, value, 0).astype(np.uint8)), str(labels))
     with pytest.raises(InputError, match="c1.nii.gz: holds no vertebra label SpineLabel knows"):
         load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
+
+
+def test_a_label_map_whose_vertebrae_vanish_on_the_model_grid_says_so(tmp_path):
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    labels = tmp_path / "nn" / "labelsTr" / "c1.nii.gz"
+    tiny = np.zeros((60, 40, 40), np.uint8)
+    tiny[31, 21, 21] = L3  # one voxel of 1 mm, off the 8 mm grid's points
+    sitk.WriteImage(sitk.GetImageFromArray(tiny), str(labels))
+    with pytest.raises(InputError, match="c1.nii.gz: its vertebra labels vanish on the model's 8 mm grid"):
+        load_case(*find_cases(tmp_path / "nn")[0][:2], False, 8.0)
 
 
 def test_a_case_whose_labels_miss_every_fourth_voxel_can_be_cropped():

@@ -266,6 +266,8 @@ def _add_labelling_options(p: argparse.ArgumentParser, scope: str = "") -> None:
 
 
 def _add_output_options(p: argparse.ArgumentParser, quiet: str = "no progress bar or summary") -> None:
+    """The options that ``main`` reads to set the log level and the output (quiet, verbose, debug); ``quiet`` is what
+    --quiet leaves out."""
     p.add_argument("--quiet", action="store_true", help=quiet)
     p.add_argument("--verbose", action="store_true", help="also log what each step did")
     p.add_argument("--debug", action="store_true", help="debug log, and tracebacks for failures")

@@ -99,9 +99,9 @@ def sha256_of(path: Path) -> str:
 
 def card_file(path: str | os.PathLike) -> Path:
     """The card of a model given by its card (``.json``), its weights (``.pt``), or the name it was registered under
-    (``register_model``) where no such file exists."""
+    (``register_model``) where no file of that name exists."""
     p = Path(path)
-    if not p.exists() and p.name == str(path) and (registered := user_models_dir() / f"{p.name}.json").is_file():
+    if not p.is_file() and p.name == str(path) and (registered := user_models_dir() / f"{p.name}.json").is_file():
         return registered
     return p.with_suffix(".json") if p.suffix == ".pt" else p
 
@@ -200,7 +200,7 @@ def load_model(path: str | os.PathLike | None = None, device: "str | torch.devic
         state = torch.load(weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
     except Exception as err:  # torch raises several types for bad files
-        raise ModelError(f"{weights}: weights do not load into the model ({err or type(err).__name__})") from None
+        raise ModelError(f"{weights}: weights do not load into the model ({str(err) or type(err).__name__})") from None
     if not all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point()):
         raise ModelError(f"{weights}: weights hold values that are not finite numbers (a diverged training run?)")
     network.to(device).eval()

@@ -313,13 +313,14 @@ def label_spine(
     # reads as much or as little like a body as the cut leaves of it
     whole_in_view = [f for f in measured if not f.at_view_end] or measured
     median = float(np.median([f.body_probability for f in whole_in_view])) if measured else None
-    if spine_gate and median is not None and not is_spine(median, len(measured)):
+    refused = median is not None and not is_spine(median, len(measured))
+    if spine_gate and refused:
         warnings.append(f"no spine recognised: {len(measured)} vertebra-like component(s), median vertebral-body "
                         f"probability {median:.2f}; if this is a spine, label it with the spine gate off "
                         "(--no-spine-gate; in Slicer: 'Label even if no spine is recognised')")
         report(1.0, "no vertebrae found")
         return _empty(geometry, warnings + read_as, loaded, timings, source, modality, t0, median)
-    if not spine_gate and median is not None and not is_spine(median, len(measured)):
+    if refused:  # and the gate off
         warnings.append(f"labelled with the spine gate off, which would have refused it as no spine: {len(measured)} "
                         f"vertebra-like component(s), median vertebral-body probability {median:.2f}")
     ordered, gaps = feat.chain_order(measured)

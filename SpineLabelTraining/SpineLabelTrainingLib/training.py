@@ -147,14 +147,18 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     values = reference_labels(sitk.GetArrayViewFromImage(labels), label_path)
     value = np.arange(int(values.max()) + 1)
     is_level = _LEVEL_OF_LABEL[np.minimum(value, _LEVEL_OF_LABEL.size - 1)] > 0
-    as_verse = sitk.GetImageFromArray(np.where(is_level, value, 0).astype(np.uint8)[values])  # the rest: no level
+    verse = np.where(is_level, value, 0).astype(np.uint8)[values]  # the rest: no level
+    if not verse.any():
+        raise InputError(f"{label_path}: holds no vertebra label SpineLabel knows (VerSe values, or the names of its "
+                         "dataset.json): training on it would teach its spine as background")
+    as_verse = sitk.GetImageFromArray(verse)
     as_verse.CopyInformation(labels)
     grid = canonical_grid(image, spacing_mm)
     volume = _model_input(image, grid, recorded_modality(label_path))
     verse = sitk.GetArrayFromImage(resample_to_grid(as_verse, grid, label=True))
     if not verse.any():
-        raise InputError(f"{label_path}: holds no vertebra label SpineLabel knows (VerSe values, or the names of its "
-                         "dataset.json): training on it would teach its spine as background")
+        raise InputError(f"{label_path}: its vertebra labels vanish on the model's {spacing_mm:g} mm grid (too small "
+                         "or too thin): training on it would teach its spine as background")
     if bodies_only:
         tissue = np.where(verse > 0, BODY, NOT_BODY).astype(np.uint8)
     else:
