@@ -241,6 +241,21 @@ def test_an_arch_flooded_to_the_vertebra_above_goes_back_to_its_own_level():
     assert np.array_equal(confined[~column], whole[~column])
 
 
+def test_s1_keeps_what_lies_at_its_own_level_and_claims_nothing():
+    """The same column, the lowest vertebra named S1: L5 (id 2) still claims its level from the vertebra above, but
+    what lies at S1's level stays where it is, and S1's own posterior mass there stays S1's however small L5's arch."""
+    vertebrae = np.zeros((90, 30, 30), np.int32)
+    for i, zc in ((1, 75), (2, 50), (3, 25)):  # L4, L5, S1 bodies 25 mm apart, z growing cranially
+        vertebrae[zc - 5 : zc + 5, 5:15, 10:20] = i
+    bodies = vertebrae.copy()
+    vertebrae[45:55, 15:18, 13:17] = 2  # L5's small arch at its own level
+    vertebrae[12:30, 15:25, 10:20] = 3  # S1's posterior mass at and below its level
+    mass = (bodies == 0) & (vertebrae == 3)
+    for last_is_s1 in (False, True):
+        confined = confine_posterior(vertebrae, bodies, [1, 2, 3], (1.0, 1.0, 1.0), last_is_s1=last_is_s1)
+        assert (confined[mass] == 3).all() and np.array_equal(confined[~mass], vertebrae[~mass])
+
+
 def test_sacrum_called_posterior_elements_joins_s1_not_l5():
     # L4 and L5 (z grows cranially), and below L5 a sacral mass that the network calls posterior elements and the
     # level head S1 (``levels`` holds level indices into LEVELS, as the level head's channels do)

@@ -611,7 +611,7 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
     crossed = far > CROSSED_SHARE * np.bincount(owner, minlength=len(chain))
     stray = np.flatnonzero((outside > 0) | crossed[owner])
     if not stray.size:
-        return _claim_own_level(vertebrae, bodies, chain, spacing, centres, last_is_s1)
+        return _claim_own_level(vertebrae, voxels, points, owner, chain, centres, last_is_s1)
     new = np.zeros(stray.size, dtype=vertebrae.dtype)
     every = np.arange(len(chain))
     for start in range(0, stray.size, 65536):  # against every vertebra of the chain, a block of voxels at a time
@@ -626,11 +626,13 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
     out[where] = new
     log.info("%d posterior-element voxels moved to the vertebra whose band along the spine holds them (%d to none)",
              int(moved.sum()), int((moved & (new == 0)).sum()))
-    return _claim_own_level(out, bodies, chain, spacing, centres, last_is_s1)
+    owner = owner.copy()
+    owner[stray] = position[new]  # -1: left out
+    return _claim_own_level(out, voxels, points, owner, chain, centres, last_is_s1)
 
 
-def _claim_own_level(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int], spacing: np.ndarray,
-                     centres: np.ndarray, last_is_s1: bool) -> np.ndarray:
+def _claim_own_level(vertebrae: np.ndarray, voxels: tuple[np.ndarray, ...], points: np.ndarray, owner: np.ndarray,
+                     chain: list[int], centres: np.ndarray, last_is_s1: bool) -> np.ndarray:
     """A vertebra's arch lies at the level of its body. The level of a voxel is the chain vertebra between whose
     half-way planes (to the body centroids above and below) it lies. A vertebra keeps nothing two levels away (its
     band, which must hold sloping spinous processes, can reach past the next level on a curved spine). At a
@@ -638,42 +640,37 @@ def _claim_own_level(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int]
     few next to the neighbour's own arch: where it holds more there than the neighbour holds at all, its flood took
     the neighbour's arch (on MRI the network often misses a vertebra's pedicles, and its arch then reaches no body but
     through the facet joints of the vertebra above or below), and those voxels go to the neighbour. S1
-    (``last_is_s1``) takes none this way (its level counts as L5's): its posterior elements come from
-    ``join_sacrum``.
+    (``last_is_s1``) takes none this way (what lies two levels above it goes to L5, and it claims nothing at its own
+    level from L5): its posterior elements come from ``join_sacrum``; it keeps those at its own level.
 
     Args:
         vertebrae: int32 (z, y, x) components; not modified.
-        bodies: int32 (z, y, x) body components (same ids).
+        voxels: the (z, y, x) indices, int64 arrays, of the posterior-element voxels of the chain's vertebrae.
+        points: float64 (len(voxels[0]), 3) their positions in mm (z, y, x).
+        owner: int64 (len(voxels[0]),) the chain position of the vertebra each belongs to in ``vertebrae``, -1 none.
         chain: the ids of the chained vertebrae, cranial first.
-        spacing: voxel size (z, y, x) in mm.
-        centres: (len(chain), 3) body centroids in mm (z, y, x).
+        centres: float64 (len(chain), 3) body centroids in mm (z, y, x).
         last_is_s1: the last of ``chain`` is named S1.
 
     Returns:
         int32 (z, y, x) components.
     """
-    position = np.full(max(int(vertebrae.max()), *chain) + 1, -1)  # chain position of each id, -1 off the chain
-    position[chain] = np.arange(len(chain))
-    voxels = np.nonzero((vertebrae > 0) & (bodies == 0))
-    owner = position[vertebrae[voxels]]
-    voxels = tuple(v[owner >= 0] for v in voxels)
-    owner = owner[owner >= 0]
-    if not owner.size:
+    kept = owner >= 0
+    if not kept.any():
         return vertebrae
-    points = np.stack(voxels, axis=1) * spacing
+    voxels, points, owner = tuple(v[kept] for v in voxels), points[kept], owner[kept]
     # the chain position at whose level each voxel lies: the half-way planes between neighbouring body centroids that
     # it lies beyond, on the caudal side
     level = np.zeros(owner.size, dtype=np.int64)
     for k in range(len(chain) - 1):
         level += (points - (centres[k] + centres[k + 1]) / 2) @ (centres[k + 1] - centres[k]) > 0
-    if last_is_s1:  # S1 takes none: its posterior elements come from join_sacrum
-        level = np.minimum(level, len(chain) - 2)
     new = owner.copy()
-    new[np.abs(level - owner) > 1] = level[np.abs(level - owner) > 1]  # two levels away: never a vertebra's own
+    far = np.abs(level - owner) > 1  # two levels away: never a vertebra's own
+    new[far] = (np.minimum(level, len(chain) - 2) if last_is_s1 else level)[far]
     held = np.bincount(new, minlength=len(chain))
     taken = np.bincount(level * len(chain) + new, minlength=len(chain) ** 2).reshape(len(chain), len(chain))
     before = new.copy()
-    for k in range(len(chain)):  # taken[k, j]: vertebra j's voxels at the level of vertebra k
+    for k in range(len(chain) - 1 if last_is_s1 else len(chain)):  # taken[k, j]: j's voxels at k's level
         for j in (k - 1, k + 1):
             if 0 <= j < len(chain) and taken[k, j] > held[k]:
                 new[(level == k) & (before == j)] = k
