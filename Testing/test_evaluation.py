@@ -248,6 +248,12 @@ def test_folders_bodies_and_nnunet_layouts(tmp_path):
     # The centroids of the whole predicted vertebrae lie 1-2 mm behind those of the GT bodies.
     assert 0.5 < r.mean_loc_error_mm < 3.0
     assert ev.evaluate_folders(pred, bodies, bodies_only=False).cases[0].mean_dice < 1.0
+    # without the GT's centroid file its body masks give body centroids, scored against the prediction's file (body
+    # centroids, as SpineLabel writes them), not against the whole predicted vertebrae
+    (bodies / "VB1_01_ctd.json").unlink()
+    write_ctd(pred / "VB1_01_img_ctd.json", lps_centroids(g))
+    r = ev.evaluate_folders(pred, bodies).cases[0]
+    assert r.centroid_source == "GT body masks, predicted centroid file" and r.mean_loc_error_mm < 1e-6
 
     write_mask(spine([L1, L2]), nnunet / "case7.nii.gz")
     write_mask(spine([L1, L2]), pred / "case7_0000_seg.nii.gz")

@@ -13,7 +13,7 @@ from scipy import ndimage
 from conftest import DATA
 from SpineLabelLib.inference import looks_like_label_map
 from SpineLabelLib.io import InputError
-from SpineLabelLib.models import ModelError, load_model, register_model, save_model, sha256_of
+from SpineLabelLib.models import ModelError, card_file, load_model, register_model, save_model, sha256_of
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import (DENSE_BONE_REACH_MM, LONG_COLUMN, MIN_SPINE_PROBABILITY,
@@ -191,6 +191,9 @@ def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
     registered = register_model(random_model, name="mine")
     assert load_model(registered).card["name"] == "mine"
     monkeypatch.chdir(tmp_path)
+    from SpineLabelLib.models import DEFAULT_MODEL_NAME, default_model_path
+
+    assert card_file(DEFAULT_MODEL_NAME) == default_model_path()  # the shipped model by its name too
     (tmp_path / "mine").mkdir()  # a folder of that name is no model card
     assert load_model("mine").path == registered  # by its name, where no file of that name is
     (tmp_path / "mine").rmdir()

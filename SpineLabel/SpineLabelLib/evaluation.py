@@ -17,7 +17,10 @@ Ground truth, one of these layouts (searched recursively under the GT folder):
 
 Centroids come from the centroid files when both the GT case and its prediction have one, and otherwise from both
 masks (per-label centre of mass), so that one distance never mixes two definitions (the centroids of VerSe files lie
-up to 15.6 mm from the centres of mass of their whole vertebrae). A label present in a GT mask but absent from its
+up to 15.6 mm from the centres of mass of their whole vertebrae); but a bodies-only GT mask without a centroid file
+gives vertebral-body centroids, which the prediction's centroid file holds too (SpineLabel's are body centroids),
+and is scored against that file (against the whole predicted vertebrae's centres of mass, a lumbar MRI's centroids
+were 8.5 mm off where its file gave 1.0 mm). A label present in a GT mask but absent from its
 centroid file gets its mask centroid (logged). The GT vertebrae of a case are the VerSe labels of its centroids.
 
 Matching: a case's key is the file stem with known suffixes stripped: predictions ``NAME_seg.nii.gz`` -> NAME,
@@ -733,6 +736,7 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
         is_bodies = gt.bodies_only if bodies_only is None else bool(bodies_only)
     # both sides' centroids from their files, or both from their masks: never two definitions in one distance
     from_files = gt.ctd is not None and (pred is None or pred.ctd is not None)
+    bodies_to_file = is_bodies and gt.ctd is None and pred is not None and pred.ctd is not None
     gt_ctd = _mask_centroids_lps(gt_labels, geometry)
     if from_files:
         from_file = read_centroids(gt.ctd, gt_image)
@@ -752,7 +756,7 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
                 f"origin {pred_image.GetOrigin()}) differs from ground truth {gt.mask} (size {gt_image.GetSize()}, "
                 f"spacing {gt_image.GetSpacing()}, origin {gt_image.GetOrigin()})")
         pred_labels = sitk.GetArrayViewFromImage(pred_image)
-        if from_files:
+        if from_files or bodies_to_file:
             pred_ctd = read_centroids(pred.ctd, pred_image)
         else:
             pred_ctd = _mask_centroids_lps(pred_labels, geometry)
@@ -763,7 +767,8 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
     result.group = (_lookup(groups, key, pred, gt) or "") if groups else modality
     result.gt_mask = str(gt.mask)
     result.pred_seg = str(pred.seg) if pred else ""
-    result.centroid_source = "centroid files" if from_files else "masks"
+    result.centroid_source = ("centroid files" if from_files else "GT body masks, predicted centroid file"
+                              if bodies_to_file else "masks")
     if result.n_gt == 0:
         log.warning("%s: GT %s holds no vertebra label; the case has nothing to score", key, gt.mask)
     log.info("%s: %d of %d GT vertebrae identified", result.name, result.n_identified, result.n_gt)

@@ -98,11 +98,14 @@ def sha256_of(path: Path) -> str:
 
 
 def card_file(path: str | os.PathLike) -> Path:
-    """The card of a model given by its card (``.json``), its weights (``.pt``), or the name it was registered under
-    (``register_model``) where no file of that name exists."""
+    """The card of a model given by its card (``.json``), its weights (``.pt``), or, where no file of that name
+    exists, the name of the shipped model or one it was registered under (``register_model``)."""
     p = Path(path)
-    if not p.is_file() and p.name == str(path) and (registered := user_models_dir() / f"{p.name}.json").is_file():
-        return registered
+    if not p.is_file() and p.name == str(path):
+        if p.name == DEFAULT_MODEL_NAME:
+            return default_model_path()
+        if (registered := user_models_dir() / f"{p.name}.json").is_file():
+            return registered
     return p.with_suffix(".json") if p.suffix == ".pt" else p
 
 
