@@ -913,7 +913,7 @@ def summary_markdown(summary: EvaluationSummary) -> str:
         "(positive: labels too caudal). Uncertain = the closest predicted label's confidence is below "
         f"{UNCERTAIN_BELOW:g}, where SpineLabel warns (from `NAME_report.json`); confident = at or above it.\n",
         "## Cases\n",
-        "| case | group | GT vertebrae | identified | id rate | loc. error (mm) | not predicted | Dice "
+        "| case | group | GT vertebrae | identified | id rate | loc. error (mm) | vertebrae not predicted | Dice "
         "| Dice, names aside | body coverage | shift | off by one | sacrum in GT | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -933,8 +933,9 @@ def summary_markdown(summary: EvaluationSummary) -> str:
             f"| {_fmt(c.sacrum_in_gt)} | {'; '.join(notes)} |")
     lines += [
         "\n## Summary\n",
-        "| group | cases | GT vertebrae | id rate | loc. error (mm) | not predicted | Dice | Dice, names aside "
-        "| body coverage | off-by-one scans | missing predictions | identified, uncertain | identified, confident |",
+        "| group | cases | GT vertebrae | id rate | loc. error (mm) | vertebrae not predicted | Dice "
+        "| Dice, names aside | body coverage | off-by-one scans | cases without prediction | identified, uncertain "
+        "| identified, confident |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in [*summary.groups.items(), ("all", summary.overall)]:
