@@ -251,8 +251,8 @@ def _path(text: str) -> Path:
 def _add_labelling_options(p: argparse.ArgumentParser, scope: str = "") -> None:
     """The options that ``_label_files`` reads (model, device, orientation check, spine gate, modality); ``scope``
     opens their help."""
-    p.add_argument("--model", type=_path, help=scope + "model card (.json) or the name of a registered model "
-                   "(spinelabel models); default: the model shipped with SpineLabel")
+    p.add_argument("--model", type=_path, help=scope + "model card (.json) or a model's name (spinelabel models); "
+                   "default: the model shipped with SpineLabel")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=scope + "where the network runs")
     p.add_argument("--check-orientation", action="store_true",
                    help=scope + "run the network's level head a second time on each image turned head to feet and "
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the shipped and the registered models",
                        description="List the model shipped with SpineLabel and those registered (train --register), "
-                       "one per line: name, version, card. --model takes a registered model's name.")
+                       "one per line: name, version, card. --model and --base-model take a model's name.")
     p.set_defaults(func=_models, quiet=False, verbose=False, debug=False)
 
     p = sub.add_parser("train", help="train or fine-tune a model")
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'synthetic', 'phantom', 'negative' (images without a spine), or a folder (nnU-Net "
                         "imagesTr/labelsTr, VerSe, *_img/*_vert-verse); repeat to mix")
     p.add_argument("--out", type=_path, required=True, help="model card to write (.json; weights beside it)")
-    p.add_argument("--base-model", type=_path, help="fine-tune from this model card")
+    p.add_argument("--base-model", type=_path, help="fine-tune from this model card (or a model's name)")
     p.add_argument("--name", default="spinelabel-finetuned", help="the model's name in its card (and registry)")
     p.add_argument("--version", default="0.1.0", help="the model's version in its card")
     p.add_argument("--epochs", type=int, default=10, help="each ends with a checkpoint and a validation line")
