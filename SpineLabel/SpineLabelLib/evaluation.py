@@ -20,7 +20,7 @@ masks (per-label centre of mass), so that one distance never mixes two definitio
 up to 15.6 mm from the centres of mass of their whole vertebrae); but a bodies-only GT mask without a centroid file
 gives vertebral-body centroids, which the prediction's centroid file holds too (SpineLabel's are body centroids),
 and is scored against that file (against the whole predicted vertebrae's centres of mass, a lumbar MRI's centroids
-were 8.5 mm off where its file gave 1.0 mm). A label present in a GT mask but absent from its
+were 8.5 mm off, where its reference centroid file gave 1.0 mm). A label present in a GT mask but absent from its
 centroid file gets its mask centroid (logged). The GT vertebrae of a case are the VerSe labels of its centroids.
 
 Matching: a case's key is the file stem with known suffixes stripped: predictions ``NAME_seg.nii.gz`` -> NAME,
