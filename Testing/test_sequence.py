@@ -1,10 +1,12 @@
 """The sequence model: consistent labels, transitional anatomy, missing levels, partial fields of view, relabel."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
-from SpineLabelLib.sequence import K, TEMPERATURE, UNCERTAIN_BELOW, _warnings, expected_gaps_mm, relabel, solve
+from SpineLabelLib.sequence import K, PRIORS, TEMPERATURE, UNCERTAIN_BELOW, _warnings, expected_gaps_mm, relabel, solve
 from SpineLabelLib.vertebrae import LEVELS, level_index
 
 
@@ -162,6 +164,18 @@ def test_a_gap_of_one_and_a_half_spacings_is_no_missed_level():
     assert not any("not found" in w for w in sol.warnings)
     missed = solve(weak, np.array([35.0, 70.0, 35.0, 35.0]))
     assert "level L2 not found between L1 and L3 (gap 70 mm)" in missed.warnings
+
+
+def test_a_whole_spine_with_sacral_pieces_may_be_longer_than_the_levels():
+    """C1-S1 and three sacral pieces below: 28 components for 27 levels. The pieces are S1 again (the labelling merges
+    them into the sacrum); without sacral pieces (a correction) a chain that long cannot be named."""
+    regular = [lv.name for lv in LEVELS if not lv.transitional]
+    names = regular + ["S1"] * 3
+    gaps = np.array([dict(PRIORS.pitch_mm).get(n, 22.0) for n in names[:-1]])
+    sol = solve(scores_for(names), gaps)
+    assert names_of(sol) == names and len(names) > K
+    with pytest.raises(ValueError, match="longer than the 27 levels"):
+        solve(scores_for(names), gaps, priors=replace(PRIORS, sacral_piece=0.0))
 
 
 def test_l6_is_allowed_with_its_prior():

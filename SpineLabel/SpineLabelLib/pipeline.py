@@ -326,10 +326,11 @@ def label_spine(
     ordered, gaps = feat.chain_order(measured)
     ordered, gaps, detached = feat.drop_detached_ends(ordered, gaps)
     warnings += [f"ignored a vertebra-like component {gap:.0f} mm beyond the end of the spine" for gap in detached]
-    if len(ordered) > len(LEVELS):
-        ordered = sorted(ordered, key=lambda f: -f.volume_ml)[: len(LEVELS)]
+    most = len(LEVELS) + SACRAL_SEGMENTS_BELOW_S1  # the sacrum's lower segments may come out as bodies of their own
+    if len(ordered) > most:
+        ordered = sorted(ordered, key=lambda f: -f.volume_ml)[:most]
         ordered, gaps = feat.chain_order(ordered)
-        warnings.append(f"more components than vertebral levels; kept the {len(LEVELS)} largest")
+        warnings.append(f"more components than vertebral levels and sacral segments; kept the {most} largest")
     scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
     t = stage("features", t)
     solution = solve(scores, gaps)
@@ -421,6 +422,10 @@ def _chain_end(solution) -> tuple[int, bool]:
     return n, n > 0 and int(solution.levels[n - 1]) == level_index("S1")
 
 
+# S2-S5: the sacral segments below S1 that may come out of the network as bodies of their own (sacral pieces, which
+# the sequence model names S1 and the labelling merges into the sacrum). A whole spine (C2-S1, 24 bodies) with four of
+# them has more components than there are levels; kept to the levels' number, it lost its smallest vertebra, C7
+SACRAL_SEGMENTS_BELOW_S1 = 4
 _PROBABILITY_STEPS = 254  # uint8 steps of the vertebra probability brought to the input grid
 # On CT, how far beyond the network's vertebra (brought to the input grid) a voxel of dense bone still belongs to it:
 # at 2 mm the model grid leaves out about a voxel of each vertebra's surface. On the training CT sub-verse014 (VerSe,

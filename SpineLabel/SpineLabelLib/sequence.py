@@ -253,14 +253,14 @@ def solve(
     Raises:
         ValueError: when the fixed labels contradict each other (a duplicate level, other than S1 when
             ``priors.sacral_piece`` allows sacral pieces, or a caudal level above a cranial one), the chain is
-            longer than the number of levels, a fixed position is outside it, or the gaps (not n-1, or not finite)
-            or the scores (NaN or +inf) are not usable.
+            longer than the number of levels where no sacral piece is allowed, a fixed position is outside it, or
+            the gaps (not n-1, or not finite) or the scores (NaN or +inf) are not usable.
     """
     emissions = np.array(log_scores, dtype=float, copy=True).reshape(-1, K)
     n = emissions.shape[0]
     if n == 0:
         return Solution(np.zeros(0, int), np.zeros(0), np.zeros((0, K)), ["no vertebrae found"])
-    if n > K:
+    if n > K and priors.sacral_piece <= 0:  # without sacral pieces every level appears once at most
         raise ValueError(f"a chain of {n} vertebrae is longer than the {K} levels SpineLabel knows")
     gaps = np.asarray(gaps_mm, dtype=float).reshape(-1)
     if gaps.size != n - 1 or not np.isfinite(gaps).all() or np.isnan(emissions).any() or (emissions == np.inf).any():
