@@ -674,11 +674,11 @@ def _claim_own_level(vertebrae: np.ndarray, voxels: tuple[np.ndarray, ...], poin
         for j in (k - 1, k + 1):
             if 0 <= j < len(chain) and taken[k, j] > held[k]:
                 new[(level == k) & (before == j)] = k
-    if np.array_equal(new, owner):
+    moved = np.count_nonzero(new != owner)
+    if not moved:
         return vertebrae
     out = vertebrae.copy()
     out[voxels] = np.asarray(chain)[new]
-    moved = np.count_nonzero(new != owner)
     log.info("%d posterior-element voxels moved to the vertebra at whose level they lie, which held fewer", moved)
     return out
 

@@ -202,8 +202,9 @@ class LabelingScene(VTKObservationMixin):
         self._updating = False
         self._interacting = False
         self._voxelStateKnown: tuple = ()
-        self._everIds = {v.id for v in result.vertebrae}  # every vertebra this labelling has had
-        self._removed: dict = {}  # id -> record of each vertebra a correction removed (an undo may bring it back)
+        # id -> record of each vertebra a correction removed (an undo may bring it back); with the vertebrae of
+        # ``result``, every vertebra this labelling has had
+        self._removed: dict = {}
         scene = volumeNode.GetScene()
         base = name or volumeNode.GetName()
         self.segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{base} vertebrae")
@@ -314,7 +315,7 @@ class LabelingScene(VTKObservationMixin):
             KeyError: an id this labelling never had.
         """
         self._requireNodes()
-        if vertebraId not in self._everIds:
+        if vertebraId not in self._removed and all(v.id != vertebraId for v in self.result.vertebrae):
             raise KeyError(f"no vertebra with id {vertebraId}")
         if self._voxelState() != self._voxelStateKnown:
             self.readBackSegmentation()
@@ -440,7 +441,6 @@ class LabelingScene(VTKObservationMixin):
         for vertebraId in ids:
             self._removed.pop(vertebraId, None)
         self.result = result
-        self._everIds |= ids
         self.corrections.append(record)
         log.info("correction: %s", record)
         self._writeSegments(voxels=voxels)
