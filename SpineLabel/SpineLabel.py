@@ -150,6 +150,11 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.vertebraTable.connect("cellClicked(int,int)", self.onVertebraClicked)
+        # Segment Editor's own "Show 3D" button: surfaces are rebuilt after every correction while it is on
+        self.show3DButton = slicer.qMRMLSegmentationShow3DButton()
+        self.show3DButton.enabled = False
+        vertebraeLayout = self.ui.vertebraeCollapsibleButton.layout()
+        vertebraeLayout.insertWidget(vertebraeLayout.indexOf(self.ui.addVertebraButton) + 1, self.show3DButton)
 
         self.initializeParameterNode()
         self.updateDependencyStatus()
@@ -233,6 +238,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasLabels = self._labeling is not None
         self.ui.addVertebraButton.enabled = hasLabels and not running
         self.ui.exportButton.enabled = hasLabels and not running
+        self.show3DButton.enabled = hasLabels
         if self._labeling is not self._shownLabeling:  # another input volume: show its labelling, if any
             self.onLabelingChanged(self._labeling)
 
@@ -380,6 +386,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._shownLabeling = labeling
         self.updateVertebraTable()
+        self.show3DButton.setSegmentationNode(labeling.segmentationNode if labeling is not None else None)
         if labeling is None:
             self.ui.warningsLabel.text = self.ui.statusLabel.text = ""
             return
