@@ -65,6 +65,7 @@ class SpineLabelTrainingParameterNode:
     baseModelPath - model card to fine-tune; empty for the model that ships with SpineLabel.
     modelName - name the new model is registered under.
     epochs - training epochs.
+    validationCases - fixed crops scored after every epoch.
     device - where training runs.
     """
 
@@ -72,6 +73,7 @@ class SpineLabelTrainingParameterNode:
     baseModelPath: str = ""
     modelName: str = "spinelabel-finetuned"
     epochs: Annotated[int, WithinRange(1, 1000)] = 10
+    validationCases: Annotated[int, WithinRange(1, 200)] = 4
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
 
 
@@ -151,7 +153,7 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         running = self._process is not None
         self.ui.trainButton.text = _("Stop") if running else _("Start training")
         for widget in (self.ui.datasetDirectoryButton, self.ui.baseModelComboBox, self.ui.modelNameLineEdit,
-                       self.ui.epochsSpinBox, self.ui.deviceComboBox):
+                       self.ui.epochsSpinBox, self.ui.validationCasesSpinBox, self.ui.deviceComboBox):
             widget.enabled = not running
 
     def updateModelList(self) -> None:
@@ -180,7 +182,8 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
             p = self._parameterNode
             self._process, self._outCard = self.logic.startTraining(
-                p.datasetDirectory, p.baseModelPath or None, p.modelName, p.epochs, p.device)
+                p.datasetDirectory, p.baseModelPath or None, p.modelName, p.epochs, p.device,
+                extraArguments=("--validation-cases", p.validationCases))
             self.ui.progressBar.value = 0
             self.ui.logTextEdit.clear()
             self.ui.statusLabel.text = _("Training...")
