@@ -287,7 +287,7 @@ class LabelingScene(VTKObservationMixin):
                   voxels=True)
 
     def addVertebra(self, lps, name: str | None = None) -> int:
-        """Add a vertebra grown from a point on its body (LPS mm); returns its id."""
+        """Add a vertebra at a point on its body (LPS mm), shaped like its nearest neighbour; returns its id."""
         self.readBackSegmentation()
         before = {v.id for v in self.result.vertebrae}
         updated = edits.add_vertebra(self.result, self.image, lps, name)
