@@ -321,6 +321,9 @@ def test_train_register_refuses_a_registered_name_before_training(tmp_path, monk
     assert main([*argv[:-3], "--name", "sub/mine", "--register"]) == 2
     assert "'sub/mine': a model name is a file name" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+    (tmp_path / "spinelabel-trained.json").write_text("{}")  # without --name: a model trained from scratch
+    assert main([*argv[:-3], "--register"]) == 2
+    assert "a model named 'spinelabel-trained' is registered already" in capsys.readouterr().err
 
 
 def test_evaluate_labels_an_exported_case_as_its_dataset_records(tmp_path, phantom_file, monkeypatch):

@@ -167,6 +167,8 @@ def _train(args: argparse.Namespace) -> int:
     from .inference import reuse_freed_memory
 
     reuse_freed_memory()
+    if args.name is None:
+        args.name = "spinelabel-finetuned" if args.base_model else "spinelabel-trained"
     cfg = TrainConfig(
         data=[_data_source(spec) for spec in args.data], out=args.out, base_model=args.base_model, name=args.name,
         version=args.version,
@@ -315,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "imagesTr/labelsTr, VerSe, *_img/*_vert-verse); repeat to mix")
     p.add_argument("--out", type=_path, required=True, help="model card to write (.json; weights beside it)")
     p.add_argument("--base-model", type=_path, help="fine-tune from this model card (or a model's name)")
-    p.add_argument("--name", default="spinelabel-finetuned", help="the model's name in its card (and registry)")
+    p.add_argument("--name", help="the model's name in its card (and registry); default spinelabel-finetuned with "
+                   "--base-model, spinelabel-trained without")
     p.add_argument("--version", default="0.1.0", help="the model's version in its card")
     p.add_argument("--epochs", type=int, default=10, help="each ends with a checkpoint and a validation line")
     p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
