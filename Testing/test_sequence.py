@@ -227,6 +227,10 @@ def test_partial_field_of_view_warnings():
     assert not any("sacrum not in view" in w for w in cervical.warnings)
     thoracic = solve(scores_for(["T4", "T5", "T6"]), np.full(2, 24.0))
     assert any("neither C1/C2 nor the sacrum" in w for w in thoracic.warnings)
+    # a name the user fixed numbers the chain: no warning says the numbering comes from the vertebrae's appearance
+    for names, gap in ((["L2", "L3", "L4", "L5"], 35.0), (["T4", "T5", "T6"], 24.0)):
+        fixed = solve(scores_for(names), np.full(len(names) - 1, gap), {0: names[0]})
+        assert names_of(fixed) == names and not any("appearance" in w for w in fixed.warnings)
 
 
 def test_only_c1_c2_or_the_sacrum_anchor_the_numbering():

@@ -303,7 +303,8 @@ def solve(
     marginals = np.tensordot(weights / weights.sum(), per_scale, axes=1)
     confidence = np.clip(marginals[np.arange(n), levels], 0.0, 1.0)
     n = vertebrae_in(levels)  # the warnings speak of the vertebrae, not of the sacral pieces below them
-    return Solution(levels, confidence, marginals, _warnings(levels[:n], confidence[:n], marginals[:n], gaps[: n - 1]))
+    return Solution(levels, confidence, marginals,
+                    _warnings(levels[:n], confidence[:n], marginals[:n], gaps[: n - 1], anchored=bool(fixed)))
 
 
 def _conflict(fixed: dict[int, str], n: int, transitions: np.ndarray, start: np.ndarray,
@@ -391,17 +392,19 @@ def _forward_backward(emissions: np.ndarray, transitions: np.ndarray) -> tuple[n
     return log_z, np.where(possible[:, None, None], marginals, 0.0)
 
 
-def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray, gaps_mm: np.ndarray) -> list[str]:
-    """Plain-language warnings about a solved chain: sacrum or C1/C2 not in view, T13/L6 ambiguous, skipped levels,
-    uncertain labels. ``levels`` int (n,) indices into ``LEVELS`` and ``confidence`` float64 (n,) probabilities, chain
-    order; ``marginals`` float64 (n, K) probabilities; ``gaps_mm`` float64 (n-1,) centroid distances in mm."""
+def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray, gaps_mm: np.ndarray,
+              anchored: bool = False) -> list[str]:
+    """Plain-language warnings about a solved chain: sacrum or C1/C2 not in view (unless ``anchored``: a user's fixed
+    name numbers the chain, not the vertebrae's appearance), T13/L6 ambiguous, skipped levels, uncertain labels.
+    ``levels`` int (n,) indices into ``LEVELS`` and ``confidence`` float64 (n,) probabilities, chain order;
+    ``marginals`` float64 (n, K) probabilities; ``gaps_mm`` float64 (n-1,) centroid distances in mm."""
     names = [_NAMES[k] for k in levels]
     out: list[str] = []
     lowest = LEVELS[levels[-1]]
     has_anchor_top = any(n in ("C1", "C2") for n in names)
-    if "S1" not in names and lowest.region == "lumbar":
+    if "S1" not in names and lowest.region == "lumbar" and not anchored:
         out.append("sacrum not in view: lumbar numbering assumed from vertebra appearance")
-    if "S1" not in names and not has_anchor_top:
+    if "S1" not in names and not has_anchor_top and not anchored:
         out.append("neither C1/C2 nor the sacrum is in view: numbering inferred from vertebra appearance; check it")
     for name, alt_a, alt_b in (("L6", "L5", "L6"), ("T13", "T12", "T13")):
         p = min(float(marginals[:, level_index(name)].sum()), 1.0)  # a labelling has at most one: the chain's chance
