@@ -171,6 +171,10 @@ def test_exporting_a_scan_again_replaces_its_case(tmp_path, spine):
     assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == 2
     provenance = json.loads((tmp_path / "provenance" / "spine_ct_0003.json").read_text())
     assert provenance["replaces"] == ["spine_ct_0001"] and provenance["corrected"] == ["T12"]
+    # exported under an id of the user's, the highest automatic case goes; its number is not given to another scan
+    # (model cards name the cases they were trained on)
+    export.export_case(corrected, spine.image, tmp_path, case_id="mine")
+    assert export.next_case_id(tmp_path, "spine_ct") == "spine_ct_0004"
 
 
 @pytest.mark.parametrize("document, reason", [

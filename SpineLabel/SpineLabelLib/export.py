@@ -90,9 +90,12 @@ def _existing_cases(dataset_dir: Path) -> set[str]:
 
 
 def next_case_id(dataset_dir: str | os.PathLike, prefix: str = CASE_PREFIX) -> str:
-    """First free ``{prefix}_{NNNN}`` id after the highest one already in the dataset (``spine_0001`` first)."""
-    numbers = [int(m.group(1)) for c in _existing_cases(Path(dataset_dir))
-               if (m := re.fullmatch(rf"{re.escape(prefix)}_(\d+)", c))]
+    """First free ``{prefix}_{NNNN}`` id after the highest one the dataset holds or held (a case replaced by a later
+    export of its image keeps its number: model cards name the cases they were trained on; ``spine_0001`` first)."""
+    dataset_dir = Path(dataset_dir)
+    replaced = {old for _, record in _provenance_records(dataset_dir) for old in record.get("replaces") or ()}
+    numbers = [int(m.group(1)) for c in _existing_cases(dataset_dir) | replaced
+               if isinstance(c, str) and (m := re.fullmatch(rf"{re.escape(prefix)}_(\d+)", c))]
     return f"{prefix}_{max(numbers, default=0) + 1:04d}"
 
 
@@ -225,16 +228,24 @@ def _image_digest(image: sitk.Image) -> str:
     return digest.hexdigest()
 
 
+def _provenance_records(dataset_dir: Path) -> list[tuple[str, dict]]:
+    """(case id, record) of every readable provenance record of the dataset, by case id."""
+    records = []
+    for path in sorted(_files(dataset_dir / "provenance", "*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict):
+            records.append((path.stem, record))
+        else:
+            log.warning("%s: unreadable provenance record; not checked for the same image or replaced cases", path)
+    return records
+
+
 def _cases_of_image(dataset_dir: Path, digest: str) -> list[str]:
     """Ids of the cases whose provenance records the image ``digest``."""
-    cases = []
-    for record in sorted(_files(dataset_dir / "provenance", "*.json")):
-        try:
-            if json.loads(record.read_text(encoding="utf-8")).get("image_sha256") == digest:
-                cases.append(record.stem)
-        except (OSError, ValueError, AttributeError):
-            log.warning("%s: unreadable provenance record; not checked for the same image", record)
-    return cases
+    return [case for case, record in _provenance_records(dataset_dir) if record.get("image_sha256") == digest]
 
 
 def _write_case(result: SpineLabeling, image: sitk.Image, paths: dict[str, Path], case_id: str, modality: str,
