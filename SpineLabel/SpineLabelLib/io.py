@@ -62,6 +62,9 @@ class Cancelled(Exception):
     """Raised when the caller's cancel hook asked to stop. Defined here, without torch, for the modules that do not
     need it (``evaluation``); ``inference`` and ``pipeline`` export the same class."""
 
+    def __init__(self, message: str = "cancelled") -> None:
+        super().__init__(message)
+
 
 def case_name(path: str | os.PathLike) -> str:
     """NAME used for output files: the file name without its image extension (the folder name for DICOM)."""

@@ -528,6 +528,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     (stochastic weight averaging, Izmailov et al. 2018: a flatter, steadier optimum than any single epoch's), scored
     once more on the validation crops.
     A run that fails before writing anything leaves no folder it made for ``cfg.out``.
+    ``cancel`` is polled before each training step, each validation crop and each case of a folder; when it returns
+    True the run raises ``Cancelled``, leaving the checkpoint of the last whole epoch (``cfg.resume`` continues it).
     Returns the card path.
     """
     with no_empty_new_folders(Path(cfg.out).parent):
@@ -601,7 +603,11 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                            for s in specs))
     val_rng = np.random.default_rng(10_000 + cfg.seed)
     trained_on = [source for source, weight in zip(sources, weights) if weight > 0]  # a weight of 0 leaves it out
-    val = [trained_on[i % len(trained_on)](val_rng) for i in range(cfg.validation_cases)]
+    val = []
+    for i in range(cfg.validation_cases):  # a synthetic crop takes seconds to make
+        if cancel is not None and cancel():
+            raise Cancelled()
+        val.append(trained_on[i % len(trained_on)](val_rng))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     total_steps = cfg.epochs * cfg.iterations
     # 5 % warm-up; at least 1.5 steps of it in a short run (torch divides by the warm-up's length in steps, less 1)
