@@ -41,18 +41,23 @@ def permuted(image: sitk.Image, order, flips) -> sitk.Image:
 
 
 @pytest.mark.parametrize("order, flips", [((0, 1, 2), (False, False, False)), ((2, 0, 1), (True, False, True)),
-                                          ((1, 2, 0), (False, True, False))])
-def test_result_lies_on_the_input_grid_in_any_orientation(random_model, small_phantom, order, flips):
+                                          ((1, 2, 0), (False, True, False)), ((0, 1, 2), (False, True, True))])
+def test_result_lies_on_the_input_grid_in_any_orientation(small_phantom, order, flips):
+    """The shipped model's label map lands on the anatomy whatever the order and direction of the input's axes: the
+    labels agree voxel by voxel with the phantom's reference stored the same way (a label map that ignored the
+    input's direction, or came back mirrored, passed when this test used a random model that found no vertebra)."""
     image = permuted(small_phantom.image, order, flips)
-    result = label_spine(image, model=random_model, device="cpu")
-    assert result.components.shape == sitk.GetArrayViewFromImage(image).shape
+    reference = sitk.GetArrayFromImage(permuted(small_phantom.labels, order, flips))
+    result = label_spine(image, device="cpu")
+    assert result.components.shape == reference.shape
     assert result.geometry.size == image.GetSize()
     assert np.allclose(result.geometry.direction, image.GetDirection())
     labels = result.label_map()
     assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0} | {v.label for v in result.vertebrae}
-    assert len({v.name for v in result.vertebrae}) == len(result.vertebrae)
+    assert [v.name for v in result.vertebrae] == ["T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    assert np.mean(labels[reference > 0] == reference[reference > 0]) > 0.85  # 0.93 in every orientation
     assert set(result.timings_s) >= {"resample", "network", "components", "total"}
-    assert result.modality == "CT" and result.model["name"] == "random"
+    assert result.modality == "CT"
 
 
 
