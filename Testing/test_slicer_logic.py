@@ -455,8 +455,10 @@ def test_cancel_ends_the_whole_process_tree():
         time.sleep(0.05)
     child = events[0]["pid"]
     assert _alive(child) and runner.running
+    started = time.monotonic()
     runner.cancel(timeout=2)
     assert not runner.running and runner.cancelled
+    assert time.monotonic() - started < 30  # not the two minutes the process would have run
     deadline = time.monotonic() + 10
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -573,15 +575,18 @@ def test_phantom_labelled_in_background_into_the_scene(mrml, tmp_path, random_mo
     labeling.cleanup()
 
 
-def test_background_labelling_can_be_cancelled(tmp_path, random_model):
+def test_background_labelling_can_be_cancelled(tmp_path):
+    """A labelling that would succeed (the shipped model on a phantom), cancelled at its first progress event."""
+    from SpineLabelLib.models import default_model_path
     from SpineLabelLib.phantom import make_phantom
 
     image_path = tmp_path / "input.nii.gz"
     sitk.WriteImage(make_phantom(modality="mr", fov="lumbar", spacing=(2.0, 2.0, 2.5), seed=1).image, str(image_path))
-    runner = _worker(image_path, tmp_path / "result", random_model)
+    runner = _worker(image_path, tmp_path / "result", default_model_path())
     deadline = time.monotonic() + 120
     while runner.running and time.monotonic() < deadline and not runner.readEvents():
         time.sleep(0.05)
+    assert runner.running, runner.outputTail()
     runner.cancel(timeout=2)
     assert runner.cancelled and not runner.running and runner.returncode != 0
     assert not (tmp_path / "result" / "result.json").exists()
