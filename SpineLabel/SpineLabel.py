@@ -395,7 +395,8 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if labeling.lastError:
             lines.insert(0, _("Correction not applied: {error}").format(error=labeling.lastError))
         self.ui.warningsLabel.text = "\n".join(lines) if lines else _("No warnings.")
-        self.ui.statusLabel.text = _("{count} vertebrae labelled.").format(count=len(result.vertebrae))
+        self.ui.statusLabel.text = _("{count} vertebrae labelled, read as {modality}.").format(
+            count=len(result.vertebrae), modality=result.modality)
 
     def updateVertebraTable(self) -> None:
         """One row per vertebra: name, confidence, fixed. Rows whose name is uncertain (below

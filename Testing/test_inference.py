@@ -12,7 +12,7 @@ import torch
 
 from SpineLabelLib import inference
 from SpineLabelLib.inference import (CT_WINDOW_HU, Prediction, autocast, modality_of, native_bfloat16, normalise,
-                                     predict, resolve_device, reuse_freed_memory)
+                                     predict, read_modality, resolve_device, reuse_freed_memory)
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import LEFT_RIGHT_VOXELS, MIN_CONTEXT_VOXELS, get_model, with_context
 from SpineLabelLib.vertebrae import BODY, POSTERIOR
@@ -36,6 +36,22 @@ def test_modality_from_the_intensities():
     ringing[::10, ::10, 0] = -700  # ... of an MR in thousands, resampled with B-splines: few voxels, not air
     assert modality_of(ringing) == "MR"
     assert modality_of((mr - mr.mean()) / mr.std()) == "MR"  # normalised to zero mean and unit variance
+
+
+def test_the_modality_read_says_whether_the_intensities_say_it_clearly():
+    rng = np.random.default_rng(0)
+    body = rng.normal(40, 20, (30, 40, 40))  # soft tissue, HU
+    body[:, :, :6] = -100  # fat
+    body[10:20, 15:25, 15:25] = 700  # bone
+    air = rng.normal(-1000, 20, (30, 40, 8))
+    assert read_modality(np.concatenate([air, body], axis=2)) == ("CT", True)
+    assert read_modality(np.pad(body, 4, constant_values=-1024.0)) == ("CT", False)  # padding, no air: any image
+    assert read_modality(body) == ("CT", False)  # fat and bone alone
+    mr = rng.uniform(0, 1000, (30, 40, 40))
+    assert read_modality(mr) == ("MR", True)
+    assert read_modality(np.pad(mr, 4, constant_values=-1024.0)) == ("CT", False)  # an MR padded as a CT is
+    assert read_modality(mr - mr.mean()) == ("CT", False)  # an MR shifted to zero mean in its own units
+    assert read_modality(mr / 10 - 60) == ("MR", False)  # negative beyond an offset, no bone in HU
 
 
 def test_ct_window_is_the_same_whatever_the_field_of_view():

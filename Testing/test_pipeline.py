@@ -327,6 +327,20 @@ def test_the_modality_can_be_given(small_phantom):
             label_spine(small_phantom.image, device="cpu", modality=wrong)
 
 
+def test_a_modality_read_from_unclear_intensities_or_a_ct_without_hounsfield_units_is_warned(small_phantom):
+    """An MR padded with -1024 is read as CT (padding looks like air) and labelled without a word but 'as CT' on the
+    summary line: the warnings now say how it was read. A CT stored as HU + 1024, labelled as CT, is told so."""
+    mr = make_phantom(modality="mr", fov="lumbar", spacing=(2.0, 2.0, 2.5), seed=4).image
+    padded = sitk.ConstantPad(sitk.Cast(mr, sitk.sitkFloat32), (6, 6, 0), (6, 6, 0), -1024.0)
+    result = label_spine(padded, device="cpu", spine_gate=False)
+    assert result.modality == "CT" and any(w.startswith("read as CT from its intensities") for w in result.warnings)
+    clear = label_spine(small_phantom.image, device="cpu")
+    assert not any("read as" in w for w in clear.warnings)
+    raw = sitk.Cast(sitk.Cast(small_phantom.image, sitk.sitkFloat32) + 1024.0, sitk.sitkUInt16)
+    result = label_spine(raw, device="cpu", spine_gate=False, modality="ct")
+    assert any("are they Hounsfield units?" in w for w in result.warnings)
+
+
 @pytest.mark.parametrize("kind", ["noise", "ball"])
 def test_non_spine_images_give_no_vertebrae_and_a_warning(kind):
     rng = np.random.default_rng(0)

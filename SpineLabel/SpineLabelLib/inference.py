@@ -18,8 +18,8 @@ from .io import Cancelled
 from .models import LoadedModel
 from .vertebrae import BODY, POSTERIOR
 
-__all__ = ["Cancelled", "Prediction", "CT_WINDOW_HU", "modality_of", "normalise", "resolve_device", "predict",
-           "native_bfloat16", "autocast", "reuse_freed_memory"]
+__all__ = ["Cancelled", "Prediction", "CT_WINDOW_HU", "modality_of", "read_modality", "normalise", "resolve_device",
+           "predict", "native_bfloat16", "autocast", "reuse_freed_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,12 @@ _MODALITY_SAMPLE = 1_000_000
 
 
 def modality_of(volume: np.ndarray) -> str:
-    """``"CT"`` or ``"MR"``, from the intensities of a scan.
+    """``"CT"`` or ``"MR"``, from the intensities of a scan: ``read_modality``'s reading."""
+    return read_modality(volume)[0]
+
+
+def read_modality(volume: np.ndarray) -> tuple[str, bool]:
+    """``"CT"`` or ``"MR"``, from the intensities of a scan, and whether they say so clearly.
 
     CT when at least 0.5 % of the voxels lie below -500 and half of those at -800 or below: air (-1000 HU) or the
     scanner's padding, in Hounsfield units. Or when at least 1 % of the voxels are below -50 and at least 1 % above
@@ -94,6 +99,10 @@ def modality_of(volume: np.ndarray) -> str:
     of a resampling (a real MR scaled to thousands and resampled with B-splines rings below -500 in a few voxels; it
     was read as CT by its minimum alone), and an MR normalised to zero mean stays within a few units of zero.
 
+    Not clearly: CT from fat and bone alone, or from "air" of a single value (the padding of a resampled or rotated
+    image of any kind, an MR padded with -1024 among them); MR with intensities below -50 in 1 % of its voxels (an MR
+    shifted to zero mean in units of hundreds).
+
     Args:
         volume: the scan's intensities, any shape, layout and real dtype (HU for CT); not copied beyond a strided
             sample of ``_MODALITY_SAMPLE`` voxels.
@@ -101,8 +110,9 @@ def modality_of(volume: np.ndarray) -> str:
     sample = volume.flat[:: max(1, volume.size // _MODALITY_SAMPLE)]
     air = sample[sample < -500]
     if air.size >= 0.005 * sample.size and np.median(air) <= -800:
-        return "CT"
-    return "CT" if np.mean(sample < -50) >= 0.01 and np.mean(sample > 200) >= 0.01 else "MR"
+        return "CT", np.mean(air == np.min(air)) < 0.9  # real air is noisy
+    negative = np.mean(sample < -50) >= 0.01
+    return ("CT", False) if negative and np.mean(sample > 200) >= 0.01 else ("MR", not negative)
 
 
 # Fewer distinct values than this, all whole numbers, make an image more likely a label map than a scan: a VerSe label

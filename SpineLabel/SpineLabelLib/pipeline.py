@@ -21,8 +21,8 @@ from scipy import ndimage
 
 from . import components as comp
 from . import features as feat
-from .inference import (LABEL_MAP_VALUES, Cancelled, Prediction, looks_like_label_map, modality_of, normalise,
-                        predict, resolve_device)
+from .inference import (LABEL_MAP_VALUES, Cancelled, Prediction, looks_like_label_map, normalise, predict,
+                        read_modality, resolve_device)
 from .io import InputError, canonical_grid, checked_image, read_image, read_notes, resample_to_grid
 from .models import LoadedModel, card_file, default_model_path, load_model, read_card
 from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
@@ -215,8 +215,9 @@ def label_spine(
             the level head only (about a third of the network time again).
         spine_gate: refuse images that the network does not take for a spine (``is_spine``). False labels whatever
             vertebra-like components it finds: for a spine the gate refuses, such as a small or unusual field of view.
-        modality: ``"auto"`` detects it (``inference.modality_of``); ``"ct"`` (intensities in Hounsfield units) or
-            ``"mr"``, any case, overrides the detection for a scan it gets wrong.
+        modality: ``"auto"`` detects it (``inference.read_modality``; a warning says how the scan was read when its
+            intensities do not say it clearly); ``"ct"`` (intensities in Hounsfield units) or ``"mr"``, any case,
+            overrides the detection for a scan it gets wrong.
 
     Returns:
         The labelling on the input image's grid. An image without vertebrae (empty, constant, not a spine) gives
@@ -261,8 +262,9 @@ def label_spine(
     # the time of SimpleITK's filter
     pixels = sitk.GetArrayViewFromImage(image)
     minimum = float(pixels.min())
-    modality = modality_of(pixels) if given == "AUTO" else given
-    # an MR taken for CT, or a CT for MR, finds no spine: then the warnings say how the scan was read
+    modality, clear = read_modality(pixels) if given == "AUTO" else (given, True)
+    # an MR taken for CT, or a CT for MR, finds no spine, or adds fat to the bone: the warnings say how the scan was
+    # read when its intensities do not say it clearly, or when no spine was found
     other = "MR" if modality == "CT" else "CT"
     read_as = [f"read as {modality} from its intensities; if it is {other}, label it as {other} (modality "
                f"{other.lower()})"] if given == "AUTO" else []
@@ -272,6 +274,11 @@ def label_spine(
     t = stage("resample", t)
     report(0.1, "normalising")
     warnings = read_notes(image)  # how the file was read (a tilted gantry resampled, disagreeing NIfTI forms)
+    if not clear:
+        warnings += read_as
+    if given == "CT" and not (pixels[:: max(1, pixels.shape[0] // 64)] < -50).any():
+        warnings.append("no intensity below -50 for a CT: are they Hounsfield units? (a CT stored without its rescale "
+                        "intercept reads 1024 too high)")
     if looks_like_label_map(pixels):
         warnings.append(f"the image holds fewer than {LABEL_MAP_VALUES} distinct whole-number values: is it a label "
                         "map rather than a scan?")
@@ -319,7 +326,7 @@ def label_spine(
                         f"probability {median:.2f}; if this is a spine, label it with the spine gate off "
                         "(--no-spine-gate; in Slicer: 'Label even if no spine is recognised')")
         report(1.0, "no vertebrae found")
-        return _empty(geometry, warnings + read_as, loaded, timings, source, modality, t0, median)
+        return _empty(geometry, warnings + (read_as if clear else []), loaded, timings, source, modality, t0, median)
     if refused:  # and the gate off
         warnings.append(f"labelled with the spine gate off, which would have refused it as no spine: {len(measured)} "
                         f"vertebra-like component(s), median vertebral-body probability {median:.2f}")
