@@ -232,6 +232,11 @@ def test_a_nifti_whose_qform_and_sform_disagree_is_read_with_a_warning(tmp_path)
         assert read_notes(image) == [] if note is None else note in read_notes(image)[0], name
     assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.diag([-1.0, -1.0, 1.0]))  # the qform, in LPS
     assert read_notes(read_label_map(tmp_path / "flipped.nii.gz")) == []
+    turned = sitk.Image([20, 20, 20], sitk.sitkInt16)  # turned 45 degrees: equal forms whose nearest axes are a tie
+    c = np.cos(np.radians(45.0))
+    turned.SetDirection([c, -c, 0.0, c, c, 0.0, 0.0, 0.0, 1.0])
+    sitk.WriteImage(turned, str(tmp_path / "turned.nii.gz"))
+    assert read_notes(read_image(tmp_path / "turned.nii.gz")) == []
     nibabel.save(nibabel.Nifti1Image(np.zeros((20, 20, 20), np.int16), None), tmp_path / "none.nii.gz")  # codes 0
     assert "its header gives no orientation" in read_notes(read_image(tmp_path / "none.nii.gz"))[0]
     sitk.WriteImage(read_image(tmp_path / "flipped.nii.gz"), str(tmp_path / "copy.nrrd"))  # NRRD keeps the key

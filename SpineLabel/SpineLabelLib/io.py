@@ -326,6 +326,11 @@ def _read_nifti2(path: Path, what: str) -> sitk.Image:
     return image
 
 
+# A qform and an sform whose voxel axes lie within this angle of each other agree (degrees): rounding and small
+# shears between the two forms are not a header turned the wrong way.
+_FORMS_AGREE_DEG = 30.0
+
+
 def _forms_note(path: Path, image: sitk.Image) -> str | None:
     """A line for the user when NIfTI file ``path``'s header does not settle which way its axes point (a header
     turned the wrong way numbers a spine from the wrong end, at full confidence): when it gives neither a qform nor an
@@ -342,7 +347,12 @@ def _forms_note(path: Path, image: sitk.Image) -> str | None:
                 "voxel array: if the vertebrae come out in the wrong order, or none, correct the header")
     axes = {name: nibabel.aff2axcodes(affine) for name, (affine, code) in forms.items() if code > 0}
     codes = {name: "".join(a) for name, a in axes.items() if None not in a}  # a degenerate form points nowhere
-    if len(codes) < 2 or len(set(codes.values())) < 2:
+    if len(codes) < 2:
+        return None
+    # the forms' voxel axes as unit vectors: they disagree where one axis turns by more than _FORMS_AGREE_DEG (their
+    # nearest anatomical axes alone can differ for two equal forms turned 45 degrees, a tie)
+    units = [m / np.linalg.norm(m, axis=0) for m in (forms[name][0][:3, :3] for name in ("qform", "sform"))]
+    if np.all(np.sum(units[0] * units[1], axis=0) >= np.cos(np.radians(_FORMS_AGREE_DEG))):
         return None
     read = "".join(nibabel.aff2axcodes(Geometry.of(image).ijk_to_ras()))
     used = next((name for name, axes in codes.items() if axes == read), "neither")
