@@ -179,6 +179,7 @@ def spaced(spacing_mm: float) -> sitk.Image:
         (lambda p: put(p / "x.txt", b"hi"), "unsupported file type"),
         (lambda p: put(p / "bad.nii.gz", b"\x1f\x8b garbage"), "unreadable"),
         (lambda p: put(p / "empty.nii.gz", gzip.compress(b"")), "0 bytes: too short for a NIfTI header"),
+        (lambda p: put(p / "packed.nii", gzip.compress(b"x" * 400)), "named without .gz"),
         (lambda p: write(p, "flat.nii.gz", sitk.Image([16, 16], sitk.sitkInt16)), "2D image"),
         (lambda p: write(p, "four.nii.gz", sitk.Image([4, 4, 4, 3], sitk.sitkInt16)), "4D image"),
         (lambda p: write(p, "rgb.nii.gz", sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3)), "RGB"),
@@ -196,6 +197,12 @@ def test_bad_inputs_name_file_and_reason(tmp_path, make, reason):
     with pytest.raises(InputError) as err:
         read_image(path)
     assert str(path) in str(err.value) and reason in str(err.value)
+
+
+def test_a_plain_nifti_named_nii_gz_is_read(tmp_path):
+    """ITK reads it; the header check took it for gzip by its name and refused it ('Not a gzipped file')."""
+    write(tmp_path, "plain.nii", sitk.Image([8, 8, 8], sitk.sitkInt16)).rename(tmp_path / "plain.nii.gz")
+    assert read_image(tmp_path / "plain.nii.gz").GetSize() == (8, 8, 8)
 
 
 @pytest.mark.parametrize("name", ["t.nii", "t.nii.gz", "t.nrrd", "t.mha"])

@@ -255,7 +255,14 @@ def _check_nifti(path: Path, what: str) -> int:
     voxels into 0, and takes 1 mm for a voxel size of 0: check the header and the size, and stream float voxels
     through a finiteness test. ``what`` names the file in the messages ("image", "label map"). Returns the NIfTI
     version (1 or 2; 0 for a file that is not NIfTI, which the reader will turn down)."""
-    gz = path.name.lower().endswith(".gz")
+    try:  # compressed or not by its first bytes: ITK reads a plain NIfTI named .nii.gz as well
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+    except OSError as err:
+        raise InputError(f"{path}: unreadable {what} ({err.strerror or err})") from None
+    if gz and not path.name.lower().endswith(".gz"):
+        raise InputError(f"{path}: a gzip-compressed file named without .gz, which the image reader does not open: "
+                         "name it .nii.gz")
     opener = gzip.open if gz else open
     try:
         with opener(path, "rb") as f:
