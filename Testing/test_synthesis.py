@@ -95,6 +95,40 @@ def test_collapsed_or_out_of_region_bodies_are_no_shapes():
     assert shapes._plausible(shape(c1, (2.6, 2.6, 1.7)))  # C1 (no body) is not measured
 
 
+def test_body_short_for_its_spine_is_no_shape():
+    """sub-verse004's T9 and T10 are 0.81 and 0.86 of the height the rest of its spine gives them (17 and 19 mm)."""
+    typical = shapes.TYPICAL_BODY_MM
+
+    def shape(name, height_ratio):
+        label = BY_NAME[name].label
+        h, d, w = typical[label]
+        return shapes.Shape(label, np.zeros((2, 2, 2), np.uint8), np.zeros(3), -h * height_ratio / 2,
+                            h * height_ratio / 2, d, w, "test")
+
+    spine = [shape("T9", 0.81), shape("T10", 0.86), shape("T11", 1.0), shape("T12", 1.0), shape("L2", 1.0)]
+    ratio = shapes._spine_height_ratio(spine)
+    assert ratio == pytest.approx(1.0)
+    assert [shapes._plausible(s, ratio) for s in spine] == [False, False, True, True, True]
+    assert shapes._plausible(spine[1])  # alone, 0.86 of a typical T10 passes
+
+
+def test_vertebra_cut_by_the_field_of_view_is_skipped():
+    """A vertebra reaching the image edge (sub-verse014's transverse processes, cut flat) is no shape."""
+    spacing, block = 1.5, (40, 80, 64)
+    labels = labels_of("T12", "L1", "L2")
+    volume = np.zeros((block[0] * len(labels), *block[1:]), np.uint8)
+    for i, label in enumerate(labels[::-1]):
+        whole, _ = _analytic_vertebra(block, label, spacing)
+        volume[i * block[0] : (i + 1) * block[0]][whole] = label
+    last = np.flatnonzero(volume.any(axis=(0, 2)))[-1]  # tip of the spinous processes (posterior)
+    counts = []
+    for cut in (volume, volume[:, : last - 5]):
+        image = sitk.GetImageFromArray(np.ascontiguousarray(cut))
+        image.SetSpacing((spacing,) * 3)
+        counts.append(len(shapes.canonical_vertebrae(image, "analytic")[0]))
+    assert counts == [3, 0]
+
+
 def test_tiny_library_has_every_level_and_caches(tiny_library, tmp_path_factory):
     for label in MAIN_LEVELS:
         assert tiny_library.shapes_for(label), BY_LABEL[label].name

@@ -9,7 +9,8 @@ the largest piece; the split can be checked against the TPTBox subregion labels 
 :func:`body_split_dice`. Sacra are made of a real S1 body (``mri_lumbar_bodies``) plus a parametric sacral mass (alae,
 a tapering, posteriorly curved body of four more segments with rudimentary discs, the sacral canal and its dorsal
 wall); only the S1 body is body tissue. Discs come from the real disc masks of ``discs_mri``, aligned on their thin
-axis. Levels missing from the data (T6-T8 there) are filled with the nearest levels' shapes rescaled by the ratio of
+axis. Vertebrae cut by the field of view, collapsed, or much shorter than the rest of their spine are left out
+(:func:`_plausible`). Levels missing then (T6-T10 there) are filled with the nearest levels' shapes rescaled by the ratio of
 typical adult body sizes (:data:`TYPICAL_BODY_MM`).
 
 The library feeds :mod:`synthesis`, which follows SynthSeg (Billot et al., Medical Image Analysis 2023: train only
@@ -53,7 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPACING_MM = 1.0  # voxel size of every stored shape
-_CACHE_VERSION = 11
+_CACHE_VERSION = 12
 _MASK_BITS = 3  # mask values go up to SACRAL_CANAL (4)
 S1_LABEL = BY_NAME["S1"].label
 _MAIN_LABELS = tuple(level.label for level in LEVELS if not level.transitional)  # C1..L5, S1
@@ -335,22 +336,30 @@ def canonical_vertebrae(image: sitk.Image, source: str = "") -> tuple[list[Shape
 
     Returns:
         (shapes, frames): shapes with body/posterior split; frames maps label -> (float64 (3,) body centroid in
-        world S, P, L mm, float64 (3, 3) rotation whose columns are the vertebra's local axes). A vertebra whose body
-        touches the edge of the image (cut off) is skipped.
+        world S, P, L mm, float64 (3, 3) rotation whose columns are the vertebra's local axes). A vertebra with more
+        than 0.1 % of its voxels on the edge of the image, or whose body touches it, is cut off and skipped: the
+        transverse processes of sub-verse014's L2-L5 (``ct_verse``, a field 80 mm wide left-right) were cut flat, 79-80
+        mm across against 84-101 mm in the other scans (its L1, with 1 voxel on the edge, is kept).
     """
     labels = sitk.GetArrayFromImage(image)
     a, b = _index_to_world(image)
     a_inv = np.linalg.inv(a)
     boxes = ndimage.find_objects(labels.astype(np.int32, copy=False) * (labels <= max(BY_LABEL)))
     present = sorted((v for v in BY_LABEL if v <= len(boxes) and boxes[v - 1] is not None), key=level_index)
-    centroids = {}
+    centroids, cut = {}, set()
     for value in present:
         box = boxes[value - 1]
-        local = np.argwhere(labels[box] == value).mean(axis=0) + [sl.start for sl in box]
-        centroids[value] = local @ a.T + b
+        idx = np.argwhere(labels[box] == value) + [sl.start for sl in box]
+        centroids[value] = idx.mean(axis=0) @ a.T + b
+        if ((idx == 0) | (idx == np.asarray(labels.shape) - 1)).any(axis=1).mean() > 0.001:
+            cut.add(value)
     shapes: list[Shape] = []
     frames: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for i, value in enumerate(present):
+        if value in cut:
+            log.info("%s: %s touches the image edge (cut off by the field of view); skipped", source,
+                     BY_LABEL[value].name)
+            continue
         up = centroids[present[i - 1]] if i > 0 else centroids[value]
         down = centroids[present[i + 1]] if i + 1 < len(present) else centroids[value]
         tangent = up - down
@@ -565,17 +574,38 @@ def _default_disc(library: ShapeLibrary) -> Shape:
     return Shape(0, mask, centre, z_low, z_up, depth, width, "parametric disc")
 
 
-def _plausible(shape: Shape) -> bool:
-    """Whether a vertebra's body can stand for its level: not collapsed (height at least 0.6 of the level's typical
-    body, :data:`TYPICAL_BODY_MM`; synthesis draws fractures at their own rate) and not of another region's size (no
-    extent beyond 1.9 times typical). C1 (no body) and C2 (the dens) are not measured. On ``../shared/data`` this
-    turns down the fractured L1 of sub-verse004 (10 mm tall, 0.40; it was 1 of the 3 L1 shapes) and the TPTBox MRI
-    crop's 'C6', lumbar-sized (1.92-2.25 times a C6); every other shape lies within 0.72-1.75."""
+def _height_ratio(shape: Shape) -> float:
+    """Central body height of a vertebra over its level's typical height (:data:`TYPICAL_BODY_MM`)."""
+    return (shape.z_up - shape.z_low) / TYPICAL_BODY_MM[shape.label][0]
+
+
+def _spine_height_ratio(shapes: list[Shape]) -> float | None:
+    """Median :func:`_height_ratio` of the thoracic and lumbar vertebrae of one scan (None for fewer than three):
+    how tall this spine's bodies are against the typical table. Cervical ones are left out: the masks' C3-C7 bodies
+    measure up to 1.54 times the table, more than their thoracic ones, and made a normal T4 look short (sub-gl017's
+    T4 was 0.87 of its median over C3-T4)."""
+    ratios = [_height_ratio(s) for s in shapes if BY_LABEL[s.label].region in ("thoracic", "lumbar")]
+    return float(np.median(ratios)) if len(ratios) >= 3 else None
+
+
+def _plausible(shape: Shape, spine_ratio: float | None = None) -> bool:
+    """Whether a vertebra's body can stand for its level: not collapsed and not of another region's size.
+
+    Collapsed: height below 0.6 of the level's typical body (:data:`TYPICAL_BODY_MM`), or, given ``spine_ratio``
+    (:func:`_spine_height_ratio` of its scan), below 0.88 of the height the rest of its own spine gives it: a body
+    that much shorter than its neighbours is wedged or compressed (a Genant grade 1 fracture is 20-25 % short), and
+    synthesis draws fractures at their own rate. Another region's size: an extent beyond 1.9 times typical. C1 (no
+    body) and C2 (the dens) are not measured. On ``../shared/data`` the first rule turns down the fractured L1 of
+    sub-verse004 (10 mm tall, 0.40; it was 1 of the 3 L1 shapes) and the TPTBox MRI crop's 'C6', lumbar-sized
+    (1.92-2.25 times a C6). The second turns down sub-verse004's T9 and T10 (0.81 and 0.86 of its spine, which is
+    1.00 typical: 17 and 19 mm against 23-24 mm at T11-T12), which were the only T8-T10 shapes and left those levels'
+    synthetic bodies 16-19 mm tall against 22-24 mm at T6-T7 and T11-T12, and sub-verse010's L1 (18 mm, 0.71 of its
+    spine); every other vertebra lies within 0.89-1.09 of its spine."""
     if shape.label in (BY_NAME["C1"].label, BY_NAME["C2"].label):
         return True
     typical = TYPICAL_BODY_MM[shape.label]
     ratios = np.array([shape.z_up - shape.z_low, shape.depth_mm, shape.width_mm]) / np.array(typical)
-    if ratios[0] >= 0.6 and ratios.max() <= 1.9:
+    if ratios[0] >= 0.6 and ratios.max() <= 1.9 and (spine_ratio is None or ratios[0] >= 0.88 * spine_ratio):
         return True
     log.info("%s: body %.0f x %.0f x %.0f mm is no typical %s; not a shape", shape.source, shape.z_up - shape.z_low,
              shape.depth_mm, shape.width_mm, BY_LABEL[shape.label].name)
@@ -597,8 +627,9 @@ def _build(files: dict[str, list[Path]]) -> ShapeLibrary:
     c1_label, c2_label = BY_NAME["C1"].label, BY_NAME["C2"].label
     for path in files["whole"]:
         shapes, frames = canonical_vertebrae(sitk.ReadImage(str(path)), path.name)
+        spine_ratio = _spine_height_ratio(shapes)
         for shape in shapes:
-            if _plausible(shape):
+            if _plausible(shape, spine_ratio):
                 library.vertebrae.setdefault(shape.label, []).append(shape)
         if c1_label in frames and c2_label in frames:
             (c1, _), (c2, rot2) = frames[c1_label], frames[c2_label]
