@@ -112,9 +112,13 @@ _SAGITTAL_DEG = {BY_NAME[name].label: deg for name, deg in {
     "C1": 14, "C2": 10, "C3": 4, "C4": -2, "C5": -8, "C6": -14, "C7": -20, "T1": -20, "T2": -18, "T3": -16, "T4": -12,
     "T5": -8, "T6": -4, "T7": 0, "T8": 5, "T9": 8, "T10": 10, "T11": 13, "T12": 14, "T13": 14, "L1": 12, "L2": 8,
     "L3": 0, "L4": -12, "L5": -25, "L6": -30, "S1": -40}.items()}
-# Disc height (mm) below each level (the disc between it and the next caudal vertebra).
+# Disc height (mm) below each level (the disc between it and the next caudal vertebra). C2-C7: the mean gap between
+# the body masks' endplates (centroid distance less the two half-heights that Shape.z_up/z_low measure) on the two
+# whole cervical spines the cervical shapes come from (sub-gl003, sub-gl017: 1.2-3.6 mm), not the 4.5-5.5 mm of
+# anatomy: those masks' bodies take up the rest, and anatomical discs on them stretched the synthetic neck (C2-C7
+# centroid spacings 2-3 mm longer than on the masks).
 _DISC_MM = {BY_NAME[name].label: mm for name, mm in {
-    "C2": 4.5, "C3": 5.0, "C4": 5.0, "C5": 5.5, "C6": 5.5, "C7": 5.0, "T1": 4.0, "T2": 4.0, "T3": 4.0, "T4": 4.5,
+    "C2": 2.0, "C3": 1.5, "C4": 2.5, "C5": 2.5, "C6": 3.5, "C7": 3.0, "T1": 4.0, "T2": 4.0, "T3": 4.0, "T4": 4.5,
     "T5": 4.5, "T6": 5.0, "T7": 5.0, "T8": 5.5, "T9": 5.5, "T10": 6.0, "T11": 6.5, "T12": 7.5, "T13": 8.0, "L1": 9.0,
     "L2": 10.0, "L3": 11.0, "L4": 11.5, "L5": 10.5, "L6": 10.5}.items()}
 # Thorax half-width (mm) at each rib and the angle (deg) around the thorax where the bony rib ends.
