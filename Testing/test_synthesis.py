@@ -269,6 +269,31 @@ def test_real_library(tmp_path):
             assert dice[label] > 0.975, (stem, label, dice)  # 0.981-0.991 (0.97 at C6/C7 before the rims grew back)
     l1 = [shape.source for shape in library.shapes_for(BY_NAME["L1"].label)]
     assert l1 and not any("verse004" in source for source in l1)  # its L1 is fractured: 10 mm tall
+    l5 = [shape.source for shape in library.shapes_for(BY_NAME["L5"].label)]
+    assert l5 and not any("verse014" in source for source in l5)  # cut by its 80 mm field of view
+    # Synthetic subjects: T8-T10 bodies as tall as T7 and T11 (16-19 mm when sub-verse004's short T9/T10 stood in),
+    # C3-C4 centroids 19.6 mm apart as on the masks (23 mm with anatomical cervical discs on them).
+    heights, c3_c4 = {name: [] for name in ("T7", "T9", "T11")}, []
+    for seed in range(200):
+        subject = synthesis._Subject(np.random.default_rng(seed), library)
+        for name, values in heights.items():
+            pl = subject.by_label.get(BY_NAME[name].label)
+            if pl is not None:
+                values.append((pl.shape.z_up - pl.shape.z_low) * pl.scale[0] / subject.scale)
+        c3, c4 = (subject.by_label[label].centre for label in labels_of("C3", "C4"))
+        c3_c4.append(np.linalg.norm(c3 - c4))
+    median = {name: np.median(values) for name, values in heights.items()}
+    assert median["T9"] > 0.9 * min(median["T7"], median["T11"]), median
+    assert 18.0 < np.median(c3_c4) < 21.0
+
+
+def test_mr_presets_disc_to_body_contrast():
+    """Nominal nucleus-to-marrow ratios of the MR presets, which the synthetic disc-to-body ratios follow: real
+    training scans give water 1.51-3.03, T1 0.71, TIRM 1.29 (they were 1.4, 0.5 and 5.3)."""
+    presets = synthesis._PRESETS
+    ratio = {name: presets[name][synthesis.NUCLEUS, 0] / presets[name][synthesis.MARROW, 0]
+             for name in ("water", "t1", "stir")}
+    assert 2.0 < ratio["water"] < 3.0 and 0.6 < ratio["t1"] < 0.8 and 2.0 < ratio["stir"] < 3.0, ratio
 
 
 @pytest.mark.parametrize("factor, phase", [(2.7, 0.37), (1.9, 0.9), (3.0, 0.5)])

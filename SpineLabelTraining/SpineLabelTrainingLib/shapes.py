@@ -9,9 +9,9 @@ the largest piece; the split can be checked against the TPTBox subregion labels 
 :func:`body_split_dice`. Sacra are made of a real S1 body (``mri_lumbar_bodies``) plus a parametric sacral mass (alae,
 a tapering, posteriorly curved body of four more segments with rudimentary discs, the sacral canal and its dorsal
 wall); only the S1 body is body tissue. Discs come from the real disc masks of ``discs_mri``, aligned on their thin
-axis. Vertebrae cut by the field of view, collapsed, or much shorter than the rest of their spine are left out
-(:func:`_plausible`). Levels missing then (T6-T10 there) are filled with the nearest levels' shapes rescaled by the ratio of
-typical adult body sizes (:data:`TYPICAL_BODY_MM`).
+axis. Vertebrae cut by the field of view, collapsed, or much shorter than the rest of their spine are left
+out (:func:`_plausible`). Levels missing then (T6-T10 there) are filled with the nearest levels' shapes rescaled by
+the ratio of typical adult body sizes (:data:`TYPICAL_BODY_MM`).
 
 The library feeds :mod:`synthesis`, which follows SynthSeg (Billot et al., Medical Image Analysis 2023: train only
 on images synthesised from label maps with randomised contrast and resolution). It is built once from
