@@ -209,6 +209,7 @@ def test_a_failed_input_names_the_outputs_an_earlier_run_left(tmp_path, model, c
     out.mkdir()
     earlier = out / "blank_seg.nii.gz"
     earlier.write_bytes(b"an earlier run")
+    (out / "blank_report.json").write_text("{}")  # an earlier run's outputs come with its report
     assert main(["label", str(bad), "-o", str(out), "--model", str(model), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert f"the outputs of an earlier run in {out} were left as they were: blank_seg.nii.gz" in err, err
@@ -294,6 +295,13 @@ def test_an_output_that_would_replace_an_input_is_refused(tmp_path, model, phant
     assert main(["label", str(image), str(mask), "-o", str(out), "--model", str(model), "--quiet"]) == 2
     assert f"{mask} would replace the input {mask}" in capsys.readouterr().err
     assert mask.read_bytes() == b"the user's mask" and sorted(p.name for p in out.iterdir()) == [image.name, mask.name]
+    # the scan alone: its mask is no input, but no earlier run's output either (no report beside it): kept
+    assert main(["label", str(image), "-o", str(out), "--model", str(model), "--quiet"]) == 2
+    assert f"{mask} would be replaced, and it is no output of an earlier run" in capsys.readouterr().err
+    assert mask.read_bytes() == b"the user's mask"
+    mask.unlink()  # an earlier run's outputs, report and all, are replaced
+    assert main(["label", str(image), "-o", str(out), "--model", str(model), "--quiet", "--no-spine-gate"]) == 0
+    assert main(["label", str(image), "-o", str(out), "--model", str(model), "--quiet", "--no-spine-gate"]) == 0
 
 
 def test_labelling_options_without_label_are_refused(tmp_path, capsys):
@@ -368,6 +376,7 @@ def test_evaluate_label_scores_a_case_it_failed_to_label_as_not_predicted(tmp_pa
             (gt / folder).mkdir(parents=True, exist_ok=True)
             (gt / folder / name).write_bytes(data)
         (pred / f"{case}_0000_seg.nii.gz").write_bytes(labels)  # an earlier run's: perfect
+        (pred / f"{case}_0000_report.json").write_text("{}")
     original = pipeline.label_spine
 
     calls = []

@@ -336,6 +336,9 @@ def test_a_modality_read_from_unclear_intensities_or_a_ct_without_hounsfield_uni
     assert result.modality == "CT" and any(w.startswith("read as CT from its intensities") for w in result.warnings)
     clear = label_spine(small_phantom.image, device="cpu")
     assert not any("read as" in w for w in clear.warnings)
+    box = sitk.ConstantPad(sitk.Image([30, 30, 30], sitk.sitkFloat32) + 300.0, (8, 8, 8), (8, 8, 8), -1024.0)
+    empty = label_spine(box, device="cpu", spine_gate=False)  # no spine: said once, not again with 'no vertebrae'
+    assert not empty.vertebrae and sum(w.startswith("read as CT") for w in empty.warnings) == 1
     raw = sitk.Cast(sitk.Cast(small_phantom.image, sitk.sitkFloat32) + 1024.0, sitk.sitkUInt16)
     result = label_spine(raw, device="cpu", spine_gate=False, modality="ct")
     assert any("are they Hounsfield units?" in w for w in result.warnings)

@@ -274,8 +274,8 @@ def label_spine(
     t = stage("resample", t)
     report(0.1, "normalising")
     warnings = read_notes(image)  # how the file was read (a tilted gantry resampled, disagreeing NIfTI forms)
-    if not clear:
-        warnings += read_as
+    if not clear:  # said now, not again when no spine is found
+        warnings, read_as = warnings + read_as, []
     if given == "CT" and not (pixels[:: max(1, pixels.shape[0] // 64)] < -50).any():
         warnings.append("no intensity below -50 for a CT: are they Hounsfield units? (a CT stored without its rescale "
                         "intercept reads 1024 too high)")
@@ -326,7 +326,7 @@ def label_spine(
                         f"probability {median:.2f}; if this is a spine, label it with the spine gate off "
                         "(--no-spine-gate; in Slicer: 'Label even if no spine is recognised')")
         report(1.0, "no vertebrae found")
-        return _empty(geometry, warnings + (read_as if clear else []), loaded, timings, source, modality, t0, median)
+        return _empty(geometry, warnings + read_as, loaded, timings, source, modality, t0, median)
     if refused:  # and the gate off
         warnings.append(f"labelled with the spine gate off, which would have refused it as no spine: {len(measured)} "
                         f"vertebra-like component(s), median vertebral-body probability {median:.2f}")
