@@ -311,8 +311,9 @@ def test_snapshot_size(tmp_path):
     writers.write_snapshot(result, image, path)
     png = Image.open(path)
     png.load()
-    # S-I 60 x 1.5 = 90 mm is the longer side -> 256 px; sagittal A-P 40 mm -> 114 px; coronal R-L 44 mm -> 125 px
-    assert png.size == (114 + 4 + 125, 256)
+    # S-I 60 x 1.5 = 90 mm is the longer side -> 256 px; sagittal A-P 40 mm -> 114 px; coronal R-L 44 mm -> 125 px,
+    # which a level name written right of a vertebra near its edge widens by a margin of 5 px
+    assert png.size == (114 + 4 + 125 + 5, 256)
 
 
 def _pixels_of(panel: np.ndarray, colour) -> np.ndarray:

@@ -446,11 +446,8 @@ def _snapshot_panel(result: SpineLabeling, image_zyx: np.ndarray, axes, index: i
     ids = np.clip(ids[rows][:, cols].astype(np.int64), 0, len(colours) - 1)
     labelled = colours[ids, 3] > 0
     rgb[labelled] = (1 - _SNAPSHOT_ALPHA) * rgb[labelled] + _SNAPSHOT_ALPHA * colours[ids[labelled], :3]
-    panel = Image.fromarray((rgb * 255).round().astype(np.uint8), mode="RGB")
-
-    draw = ImageDraw.Draw(panel)
     font = ImageFont.load_default(size=max(10, min(height, width) // 25))
-    draw.text((4, 2), title, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+    names = []  # (x, y) pixels, name, colour: each level name right of its vertebra
     for v in result.vertebrae:
         ijk = geometry.lps_to_index(np.asarray(v.centroid_lps_mm, dtype=float))
         r = n_v - 1 - ijk[vertical] if flip_rows else ijk[vertical]
@@ -458,10 +455,17 @@ def _snapshot_panel(result: SpineLabeling, image_zyx: np.ndarray, axes, index: i
         y, x = (r + 0.5) * sp_v / display_spacing, (c + 0.5) * sp_h / display_spacing
         in_view = np.nonzero((ids == v.id).any(axis=0))[0]
         x_text = in_view.max() + 4 if in_view.size else x + 10 / display_spacing
-        colour = tuple(int(round(255 * ch)) for ch in v.level.colour)
-        _draw_text(draw, (x_text, y), v.name, colour, font, (width, height))
+        names.append(((x_text, y), v.name, tuple(int(round(255 * ch)) for ch in v.level.colour)))
+    # a black margin on the right where names would run off a narrow view (a sagittal stack of a few centimetres)
+    right = max((xy[0] + font.getlength(name) + 2 for xy, name, _ in names), default=0.0)
+    panel = Image.new("RGB", (max(width, int(np.ceil(right))), height), (0, 0, 0))
+    panel.paste(Image.fromarray((rgb * 255).round().astype(np.uint8), mode="RGB"), (0, 0))
+    draw = ImageDraw.Draw(panel)
+    draw.text((4, 2), title, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+    for xy, name, colour in names:
+        _draw_text(draw, xy, name, colour, font, panel.size)
     if not result.vertebrae:
-        _draw_text(draw, (width / 2 - 60, height / 2), "no vertebrae found", (255, 255, 0), font, (width, height))
+        _draw_text(draw, (width / 2 - 60, height / 2), "no vertebrae found", (255, 255, 0), font, panel.size)
     return panel
 
 
