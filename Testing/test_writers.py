@@ -303,6 +303,8 @@ def test_report(case, tmp_path):
     assert len({e["confidence"] for e in doc["vertebrae"]}) == len(NAMES)
     writers.write_report(result, path)
     assert json.loads(path.read_text())["input"]["path"] == "/data/case.nii.gz"
+    writers.write_report(result, path, input_path="in/case.nii.gz")  # as typed: found again from any folder
+    assert json.loads(path.read_text())["input"]["path"] == str(Path.cwd() / "in" / "case.nii.gz")
 
 
 def test_snapshot_size(tmp_path):

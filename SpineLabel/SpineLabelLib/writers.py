@@ -349,7 +349,8 @@ def write_centroids(result: SpineLabeling, path: str | os.PathLike) -> None:
 def _report_document(result: SpineLabeling, input_path: str | os.PathLike | None) -> dict:
     source = input_path if input_path is not None else result.source
     return {
-        "input": {"path": str(source) if source else "", **result.geometry.as_dict(), "modality": result.modality},
+        "input": {"path": os.path.abspath(source) if source else "", **result.geometry.as_dict(),
+                  "modality": result.modality},
         "model": dict(result.model),
         "vertebrae": [
             {
