@@ -49,7 +49,7 @@ class SpineLabel(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("SpineLabel")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = ["Markups", "Terminologies"]
+        self.parent.dependencies = ["Markups", "Segmentations", "Terminologies"]
         self.parent.contributors = ["SpineLabel contributors"]
         self.parent.helpText = _(
             "Labels every vertebra of a CT or MRI spine scan: one segment and one centroid point per vertebra, "
@@ -150,11 +150,16 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.vertebraTable.connect("cellClicked(int,int)", self.onVertebraClicked)
-        # Segment Editor's own "Show 3D" button: surfaces are rebuilt after every correction while it is on
+        # Segment Editor's own "Show 3D" button, beside "Add missed vertebra"; it is enabled while it has a
+        # segmentation node, and surfaces are rebuilt after every correction while it is on
         self.show3DButton = slicer.qMRMLSegmentationShow3DButton()
-        self.show3DButton.enabled = False
+        self.show3DButton.toolTip = _("Show the vertebrae as surfaces in the 3D view (rebuilt after every correction)")
         vertebraeLayout = self.ui.vertebraeCollapsibleButton.layout()
-        vertebraeLayout.insertWidget(vertebraeLayout.indexOf(self.ui.addVertebraButton) + 1, self.show3DButton)
+        buttons = qt.QHBoxLayout()
+        vertebraeLayout.insertLayout(vertebraeLayout.indexOf(self.ui.addVertebraButton), buttons)
+        vertebraeLayout.removeWidget(self.ui.addVertebraButton)
+        buttons.addWidget(self.ui.addVertebraButton)
+        buttons.addWidget(self.show3DButton)
 
         self.initializeParameterNode()
         self.updateDependencyStatus()
@@ -183,13 +188,18 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @vtk.calldata_type(vtk.VTK_OBJECT)
     def onNodeRemoved(self, caller, event, node) -> None:
-        """A removed volume's labelling is no longer followed (its arrays are freed); its running labelling stops."""
+        """A removed volume's labelling is no longer followed (its arrays are freed); its running labelling stops.
+        So is a labelling whose segmentation or points were removed (in the Data module): its buttons would act on
+        a node no longer in the scene."""
         if node is self._labelledVolume:
             self.cancelProcess()
             self.ui.statusLabel.text = _("Labelling stopped: its volume was removed.")
-        labeling = self._labelings.pop(node.GetID(), None)
+        volumeId = next((key for key, labeling in self._labelings.items()
+                         if node in (labeling.segmentationNode, labeling.markupsNode)), node.GetID())
+        labeling = self._labelings.pop(volumeId, None)
         if labeling is not None:
             labeling.cleanup()
+            self._checkCanApply()
 
     def _forgetLabelings(self) -> None:
         for labeling in self._labelings.values():
@@ -238,7 +248,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasLabels = self._labeling is not None
         self.ui.addVertebraButton.enabled = hasLabels and not running
         self.ui.exportButton.enabled = hasLabels and not running
-        self.show3DButton.enabled = hasLabels
+        self.show3DButton.locked = running  # building surfaces would hold up the polling of the running labelling
         if self._labeling is not self._shownLabeling:  # another input volume: show its labelling, if any
             self.onLabelingChanged(self._labeling)
 
