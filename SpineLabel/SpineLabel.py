@@ -353,7 +353,15 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         shown = False
         with slicer.util.tryWithErrorDisplay(_("Failed to load the labels."), waitCursor=True):
             labeling = self.logic.finishLabelling(volume, outputDir)
-            replaced = self._labelings.pop(volume.GetID(), None)
+            replaced = self._labelings.get(volume.GetID())
+            if replaced is not None and replaced.corrections and not slicer.util.confirmYesNoDisplay(
+                    _("Replace the labelling of {volume}, with the {count} corrections made to it, by the new "
+                      "one?").format(volume=volume.GetName(), count=len(replaced.corrections))):
+                labeling.removeNodes()
+                self.ui.progressBar.value = 0
+                self.ui.statusLabel.text = _("New labelling discarded; the corrected one is kept.")
+                self._checkCanApply()
+                return
             if replaced is not None:
                 replaced.removeNodes()  # the new labelling of this volume replaces the old one
             self._labelings[volume.GetID()] = labeling
