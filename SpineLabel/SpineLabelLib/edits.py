@@ -320,10 +320,10 @@ def _grow(image_zyx: np.ndarray, free: np.ndarray, seed_zyx: tuple[int, int, int
 def _shifted_neighbour(result: SpineLabeling, point_lps: tuple[float, float, float]
                        ) -> tuple[tuple[slice, slice, slice], np.ndarray]:
     """The voxels of the labelled vertebra nearest ``point_lps`` (LPS mm), moved so that its body centroid lands on
-    the point (whole voxels), where they are free (no other vertebra's): the shape of a missed
-    vertebra is that of its neighbour, near enough for training labels and far nearer than a region grown on
-    intensity, which on CT runs into the soft tissue around the spine. C1, C2 and S1, whose shapes are their own,
-    lend theirs only when no other vertebra is labelled.
+    the point (whole voxels), where they are free (no other vertebra's): the shape of a missed vertebra is that of its
+    neighbour, near enough for training labels and far nearer than a region grown on intensity, which on CT runs into
+    the soft tissue around the spine. C1, C2 and S1, whose shapes are their own, lend theirs only when no other
+    vertebra is labelled.
 
     Returns:
         ((z, y, x) slices of the box of ``SHAPE_BOX_MM`` about the point, clipped to the grid), bool (z, y, x) mask
@@ -372,9 +372,8 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
     The new component takes the shape of the nearest labelled vertebra, moved onto the point
     (``_shifted_neighbour``); in a labelling without vertebrae it is grown from the point over voxels of similar
     intensity within a vertebra-sized box (``ADD_BOX_MM`` along L, P, S). It never takes voxels of existing
-    vertebrae. The new vertebra has the point
-    as its centroid, uninformative level scores (zeros, the sequence model places it from its neighbours), goes
-    into the chain where it fits along the spine, and everything is re-solved.
+    vertebrae. The new vertebra has the point as its centroid, uninformative level scores (zeros, the sequence model
+    places it from its neighbours), goes into the chain where it fits along the spine, and everything is re-solved.
 
     Args:
         result: the labelling.

@@ -110,8 +110,8 @@ def read_modality(volume: np.ndarray) -> tuple[str, bool]:
     sample = volume.flat[:: max(1, volume.size // _MODALITY_SAMPLE)]
     air = sample[sample < -500]
     if air.size >= 0.005 * sample.size and np.median(air) <= -800:
-        return "CT", np.mean(air == np.min(air)) < 0.9  # real air is noisy
-    negative = np.mean(sample < -50) >= 0.01
+        return "CT", bool(np.mean(air == np.min(air)) < 0.9)  # real air is noisy
+    negative = bool(np.mean(sample < -50) >= 0.01)
     return ("CT", False) if negative and np.mean(sample > 200) >= 0.01 else ("MR", not negative)
 
 
