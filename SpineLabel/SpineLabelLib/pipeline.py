@@ -324,7 +324,7 @@ def label_spine(
     if spine_gate and refused:
         warnings.append(f"no spine recognised: {len(measured)} vertebra-like component(s), median vertebral-body "
                         f"probability {median:.2f}; if this is a spine, check that its header orients it right (one "
-                        "turned front to back can read as no spine), or label it with the spine gate off "
+                        "turned front to back can be taken for no spine), or label it with the spine gate off "
                         "(--no-spine-gate; in Slicer: 'Label even if no spine is recognised')")
         report(1.0, "no vertebrae found")
         return _empty(geometry, warnings + read_as, loaded, timings, source, modality, t0, median)
