@@ -3,6 +3,7 @@ through the markups node, Segment Editor edits read back, export."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -610,6 +611,18 @@ def test_cmake_lists_every_python_file_of_the_module(module):
     cmake = (folder / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", module)
     listed = set(re.search(r"set\(MODULE_PYTHON_SCRIPTS(.*?)\)", cmake, re.S).group(1).split())
     assert listed == {str(p.relative_to(folder)) for p in folder.rglob("*.py")}
+
+
+def test_the_slicer_module_asks_for_the_package_versions_pyproject_asks_for():
+    """SpineLabel.py installs into Slicer's Python what pyproject.toml requires (Slicer cannot read pyproject.toml);
+    the two lists are written apart, so a raised floor in one must be raised in the other."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python 3.11 and later")
+    root = Path(__file__).resolve().parents[1]
+    required = set(tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"])
+    module = ast.parse((root / "SpineLabel" / "SpineLabel.py").read_text())
+    (assigned,) = [node.value for node in module.body if isinstance(node, ast.Assign)
+                   and any(getattr(t, "id", None) == "REQUIRED_PACKAGES" for t in node.targets)]
+    assert set(ast.literal_eval(assigned).values()) <= required
 
 
 def test_a_rename_leaves_a_segment_the_user_added_alone(labeled):
