@@ -248,7 +248,10 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasLabels = self._labeling is not None
         self.ui.addVertebraButton.enabled = hasLabels and not running
         self.ui.exportButton.enabled = hasLabels and not running
-        self.show3DButton.locked = running  # building surfaces would hold up the polling of the running labelling
+        # building surfaces would hold up the polling of the running labelling; Slicer 5.6's setLocked does not
+        # update the button itself
+        self.show3DButton.locked = running
+        self.show3DButton.enabled = hasLabels and not running
         if self._labeling is not self._shownLabeling:  # another input volume: show its labelling, if any
             self.onLabelingChanged(self._labeling)
 

@@ -175,6 +175,9 @@ def test_exporting_a_scan_again_replaces_its_case(tmp_path, spine):
     # (model cards name the cases they were trained on)
     export.export_case(corrected, spine.image, tmp_path, case_id="mine")
     assert export.next_case_id(tmp_path, "spine_ct") == "spine_ct_0004"
+    for replaces in (5, [["spine_ct_0007"]], "spine_ct_0009"):  # hand-edited records: not ids, and no error
+        (tmp_path / "provenance" / "odd.json").write_text(json.dumps({"replaces": replaces}))
+        assert export.next_case_id(tmp_path, "spine_ct") == "spine_ct_0004"
 
 
 @pytest.mark.parametrize("document, reason", [

@@ -71,6 +71,8 @@ def main() -> int:
                         "the process's RSS, not the GPU's")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be 1 or more")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -93,9 +93,10 @@ def next_case_id(dataset_dir: str | os.PathLike, prefix: str = CASE_PREFIX) -> s
     """First free ``{prefix}_{NNNN}`` id after the highest one the dataset holds or held (a case replaced by a later
     export of its image keeps its number: model cards name the cases they were trained on; ``spine_0001`` first)."""
     dataset_dir = Path(dataset_dir)
-    replaced = {old for _, record in _provenance_records(dataset_dir) for old in record.get("replaces") or ()}
+    replaced = {old for _, record in _provenance_records(dataset_dir) if isinstance(record.get("replaces"), list)
+                for old in record["replaces"] if isinstance(old, str)}  # a hand-edited record may hold anything
     numbers = [int(m.group(1)) for c in _existing_cases(dataset_dir) | replaced
-               if isinstance(c, str) and (m := re.fullmatch(rf"{re.escape(prefix)}_(\d+)", c))]
+               if (m := re.fullmatch(rf"{re.escape(prefix)}_(\d+)", c))]
     return f"{prefix}_{max(numbers, default=0) + 1:04d}"
 
 

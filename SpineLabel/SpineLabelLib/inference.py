@@ -99,18 +99,21 @@ def read_modality(volume: np.ndarray) -> tuple[str, bool]:
     of a resampling (a real MR scaled to thousands and resampled with B-splines rings below -500 in a few voxels; it
     was read as CT by its minimum alone), and an MR normalised to zero mean stays within a few units of zero.
 
-    Not clearly: CT from fat and bone alone, or from "air" of a single value (the padding of a resampled or rotated
-    image of any kind, an MR padded with -1024 among them); MR with intensities below -50 in 1 % of its voxels (an MR
-    shifted to zero mean in units of hundreds).
+    Not clearly: CT from fat and bone alone, or from "air" of a single value without fat (-200 to -30) in 1 % of the
+    voxels (the padding of a resampled or rotated image of any kind, an MR padded with -1024 among them); MR with
+    intensities below -50 in 1 % of its voxels (an MR shifted to zero mean in units of hundreds).
 
     Args:
         volume: the scan's intensities, any shape, layout and real dtype (HU for CT); not copied beyond a strided
             sample of ``_MODALITY_SAMPLE`` voxels.
     """
     sample = volume.flat[:: max(1, volume.size // _MODALITY_SAMPLE)]
-    air = sample[sample < -500]
+    air = sample[sample < -500].astype(np.float64)  # float64: the median of two float32 minima overflows
     if air.size >= 0.005 * sample.size and np.median(air) <= -800:
-        return "CT", bool(np.mean(air == np.min(air)) < 0.9)  # real air is noisy
+        # clear when the air is noisy, as real air is, or the body holds fat in HU (a CT clipped at -1000 has air of
+        # one value, an MR padded with -1024 no fat)
+        fat = np.mean((sample >= -200) & (sample <= -30)) >= 0.01
+        return "CT", bool(np.mean(air == np.min(air)) < 0.9 or fat)
     negative = bool(np.mean(sample < -50) >= 0.01)
     return ("CT", False) if negative and np.mean(sample > 200) >= 0.01 else ("MR", not negative)
 

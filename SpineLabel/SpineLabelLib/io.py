@@ -352,19 +352,30 @@ def _forms_note(path: Path, image: sitk.Image) -> str | None:
     if all(code == 0 for _, code in forms.values()):
         return ("its header gives no orientation (neither a qform nor an sform), so it was read with the axes of its "
                 "voxel array: if the vertebrae come out in the wrong order, or none, correct the header")
-    axes = {name: nibabel.aff2axcodes(affine) for name, (affine, code) in forms.items() if code > 0}
-    codes = {name: "".join(a) for name, a in axes.items() if None not in a}  # a degenerate form points nowhere
-    if len(codes) < 2:
+    units = {}  # each form's voxel axes as unit vectors (RAS), columns
+    for name, (affine, code) in forms.items():
+        if code > 0:
+            axes = np.asarray(affine, dtype=float)[:3, :3]
+            norms = np.linalg.norm(axes, axis=0)
+            if np.isfinite(axes).all() and (norms > 0).all():  # a degenerate form points nowhere
+                units[name] = axes / norms
+    if len(units) < 2:
         return None
-    # the forms' voxel axes as unit vectors: they disagree where one axis turns by more than _FORMS_AGREE_DEG (their
-    # nearest anatomical axes alone can differ for two equal forms turned 45 degrees, a tie)
-    units = [m / np.linalg.norm(m, axis=0) for m in (forms[name][0][:3, :3] for name in ("qform", "sform"))]
-    if np.all(np.sum(units[0] * units[1], axis=0) >= np.cos(np.radians(_FORMS_AGREE_DEG))):
+    agree = np.cos(np.radians(_FORMS_AGREE_DEG))
+
+    def alike(a: np.ndarray, b: np.ndarray) -> bool:  # no voxel axis turned more than _FORMS_AGREE_DEG
+        return bool(np.all(np.sum(a * b, axis=0) >= agree))
+
+    if alike(units["qform"], units["sform"]):  # their nearest anatomical axes alone may differ: a tie at 45 degrees
         return None
-    read = "".join(nibabel.aff2axcodes(Geometry.of(image).ijk_to_ras()))
-    used = next((name for name, axes in codes.items() if axes == read), "neither")
-    return (f"its qform and sform disagree (axes toward {codes['qform']} and {codes['sform']}), and it was read by "
-            f"the {used}: if the vertebrae come out in the wrong order, correct the header")
+    read = np.asarray(Geometry.of(image).ijk_to_ras(), dtype=float)[:3, :3]
+    read = read / np.linalg.norm(read, axis=0)
+    used = next((name for name, axes in units.items() if alike(axes, read)), "neither")
+    codes = {name: "".join(nibabel.aff2axcodes(forms[name][0])) for name in units}
+    towards = (f"axes toward {codes['qform']} and {codes['sform']}" if codes["qform"] != codes["sform"] else
+               f"axes more than {_FORMS_AGREE_DEG:g} degrees apart")
+    return (f"its qform and sform disagree ({towards}), and it was read by the {used}: if the vertebrae come out in "
+            "the wrong order, correct the header")
 
 
 def _as_3d(image: sitk.Image) -> sitk.Image:
