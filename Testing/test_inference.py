@@ -38,6 +38,18 @@ def test_modality_from_the_intensities():
     assert modality_of((mr - mr.mean()) / mr.std()) == "MR"  # normalised to zero mean and unit variance
 
 
+def test_mr_padding_is_left_out_of_the_percentiles():
+    """An MR of 0-1000 padded with -1024 (read as CT, warned; then given as MR) was mapped with the padding as its
+    0.5th percentile, and the network found no spine; its own background of 0 is no padding and stays in."""
+    rng = np.random.default_rng(1)
+    mr = rng.uniform(0.0, 1000.0, (20, 30, 30)).astype(np.float32)
+    mr[:, :, :5] = 0.0  # background
+    padded = np.pad(mr, ((0, 0), (6, 6), (6, 6)), constant_values=-1024.0)
+    np.testing.assert_allclose(normalise(padded)[:, 6:-6, 6:-6], normalise(mr), atol=1e-6)
+    assert not normalise(padded)[:, :6].any()
+    assert normalise(mr).min() == 0.0 and np.percentile(mr, 0.5) == 0.0  # the background is the scan's own 0
+
+
 def test_the_modality_read_says_whether_the_intensities_say_it_clearly():
     rng = np.random.default_rng(0)
     body = rng.normal(40, 20, (30, 40, 40))  # soft tissue, HU
@@ -60,6 +72,7 @@ def test_ct_window_is_the_same_whatever_the_field_of_view():
     body = rng.normal(40, 20, (20, 30, 30))  # soft tissue, HU
     body[5:15, 10:20, 10:20] = 700  # bone
     with_air = np.pad(body, 10, constant_values=-1000.0)
+    with_air[with_air == -1000.0] += rng.normal(0, 20, int((with_air == -1000.0).sum()))  # air, not padding
     window = normalise(with_air, CT_WINDOW_HU)
     crop = normalise(body, CT_WINDOW_HU)
     assert window.dtype == np.float32 and window.min() == 0.0 and window.max() <= 1.0

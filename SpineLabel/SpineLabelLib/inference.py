@@ -135,7 +135,9 @@ def normalise(volume: np.ndarray, ct_window_hu: tuple[float, float] | None = Non
 
     CT with a window (``ct_window_hu``, from the model card) is mapped linearly from that fixed Hounsfield range,
     so that bone, soft tissue and air look the same in every scan whatever its field of view. Everything else (MR of
-    any contrast, or CT for a model without a window) maps its own 0.5th and 99.5th percentiles to 0 and 1.
+    any contrast, or CT for a model without a window) maps its own 0.5th and 99.5th percentiles to 0 and 1; a
+    minimum that fills 0.5 % of the voxels or more and lies further below the others than they spread (padding, such
+    as -1024 around an MR of 0-1000) is left out of those percentiles and maps to 0.
 
     Args:
         volume: (z, y, x) any real dtype; Hounsfield units when ``ct_window_hu`` is given.
@@ -149,6 +151,10 @@ def normalise(volume: np.ndarray, ct_window_hu: tuple[float, float] | None = Non
     else:
         sample = volume[:: max(1, volume.shape[0] // 64)].astype(np.float32, copy=False)
         lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
+        if lo == float(sample.min()):  # the minimum fills 0.5 % of the voxels: background, or padding
+            rest = sample[sample > lo]
+            if rest.size and lo < rest.min() - (hi - rest.min()):  # padding: the percentiles of the scan alone
+                lo, hi = (float(v) for v in np.percentile(rest, [0.5, 99.5]))
     scale = 1.0 / (hi - lo) if hi > lo else 1.0  # any units: MR magnitudes can be 1e-6 and less
     out = volume.astype(np.float32)  # copy
     out -= lo
