@@ -422,14 +422,14 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateVertebraTable(self) -> None:
         """One row per vertebra: name, confidence, fixed. Rows whose name is uncertain (below
         ``sequence.UNCERTAIN_BELOW`` and not fixed by the user) are highlighted: those are the names to check."""
-        from SpineLabelLib.sequence import UNCERTAIN_BELOW
+        from SpineLabelLib.sequence import UNCERTAIN_BELOW, confidence_text
 
         table = self.ui.vertebraTable
         vertebrae = self._labeling.result.vertebrae if self._labeling is not None else []
         table.setRowCount(len(vertebrae))
         for row, v in enumerate(vertebrae):
             uncertain = v.confidence < UNCERTAIN_BELOW and not v.fixed
-            for column, text in enumerate((v.name, f"{v.confidence:.2f}", _("yes") if v.fixed else "")):
+            for column, text in enumerate((v.name, confidence_text(v.confidence), _("yes") if v.fixed else "")):
                 item = qt.QTableWidgetItem(text)
                 item.setFlags(qt.Qt.ItemIsSelectable | qt.Qt.ItemIsEnabled)
                 if uncertain:

@@ -84,7 +84,7 @@ def assert_nodes_match(labeling) -> None:
         assert segment.GetTag(segment.GetTerminologyEntryTagName(), tag) and str(tag) == terminology_entry(v.level)
         assert node.GetNthControlPointLabel(index) == v.name
         assert bool(node.GetNthControlPointLocked(index)) == v.fixed
-        assert node.GetNthControlPointDescription(index) == f"confidence {v.confidence:.2f}"
+        assert node.GetNthControlPointDescription(index) == f"confidence {np.floor(v.confidence * 100) / 100:.2f}"
         np.testing.assert_allclose(node.GetNthControlPointPosition(index), LPS_TO_RAS * v.centroid_lps_mm, atol=1e-6)
     np.testing.assert_array_equal(layer_voxels(labeling), result.label_map())
 

@@ -198,7 +198,10 @@ def test_markups_positions(case, tmp_path):
     assert [p["locked"] for p in points] == [v.fixed for v in result.vertebrae]
     for p, v in zip(points, result.vertebrae):
         np.testing.assert_allclose(p["position"], v.centroid_lps_mm)
-        assert p["description"] == f"confidence {v.confidence:.2f}"
+        assert p["description"] == f"confidence {np.floor(v.confidence * 100) / 100:.2f}"
+    result.vertebrae[0].confidence = 0.9899  # below the 'uncertain' cut: not shown as 0.99
+    writers.write_markups(result, path)
+    assert json.loads(path.read_text())["markups"][0]["controlPoints"][0]["description"] == "confidence 0.98"
 
 
 def test_slicer_core_reads_segmentation_and_markups(mrml, tmp_path):

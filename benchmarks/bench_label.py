@@ -103,7 +103,7 @@ def main() -> int:
     met = wall <= TARGET_S and peak <= TARGET_GB and fewest >= MIN_VERTEBRAE
     print(f"median {wall:.1f} s, {peak:.2f} GB, fewest vertebrae {fewest}: targets ({TARGET_S:g} s, {TARGET_GB:g} GB, "
           f"{MIN_VERTEBRAE} vertebrae) {'met' if met else 'MISSED'}; stretch ({STRETCH_S:g} s, {STRETCH_GB:g} GB) "
-          f"{'met' if wall <= STRETCH_S and peak <= STRETCH_GB else 'missed'}")
+          f"{'met' if met and wall <= STRETCH_S and peak <= STRETCH_GB else 'missed'}")
     return 0 if met else 1
 
 

@@ -39,7 +39,7 @@ from .result import SpineLabeling
 from .vertebrae import LEVELS, level_index
 
 __all__ = ["SequencePriors", "PRIORS", "Solution", "solve", "vertebrae_in", "relabel", "expected_gaps_mm",
-           "UNCERTAIN_BELOW", "TEMPERATURE"]
+           "UNCERTAIN_BELOW", "TEMPERATURE", "confidence_text"]
 
 
 K = len(LEVELS)
@@ -103,6 +103,12 @@ PRIORS = SequencePriors()
 # closest reference vertebra, against 64 % of the 74 at 0.95-0.99 and 60 % of the 134 below 0.95 (95 %, 75 % and 53 %
 # of 673, 55 and 135 in a second sample, ``--seed-offset 50000``): below 0.99, a name is wrong about one time in three.
 UNCERTAIN_BELOW = 0.99
+
+
+def confidence_text(p: float) -> str:
+    """A confidence (0-1) as shown everywhere: two decimals, rounded down, so that one shown as 0.99 is never below
+    ``UNCERTAIN_BELOW`` (0.9899 read 0.99 in Slicer beside an 'uncertain' warning)."""
+    return f"{np.floor(float(p) * 100) / 100:.2f}"
 
 # Temperature of the level head's evidence in the confidences: forward-backward divides each vertebra's level
 # log-scores by it (the population priors, the gap likelihoods and the scale prior stay as they are), while the labels
@@ -422,7 +428,7 @@ def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray,
         if p < UNCERTAIN_BELOW:
             alt = np.argsort(marginals[i])[::-1]
             other = next(_NAMES[k] for k in alt if k != levels[i])
-            out.append(f"{name} uncertain (confidence {np.floor(p * 100) / 100:.2f}; next most likely {other})")
+            out.append(f"{name} uncertain (confidence {confidence_text(p)}; next most likely {other})")
     return out
 
 

@@ -37,6 +37,7 @@ from . import __version__
 from .edits import check_image_grid
 from .io import atomic_path, atomic_paths
 from .result import Geometry, SpineLabeling, nonzero_box
+from .sequence import confidence_text
 from .vertebrae import terminology_entry
 
 __all__ = [
@@ -229,7 +230,7 @@ def _markups_document(result: SpineLabeling) -> dict:
         {
             "id": str(v.id),
             "label": v.name,
-            "description": f"confidence {v.confidence:.2f}",
+            "description": f"confidence {confidence_text(v.confidence)}",
             "associatedNodeID": "",
             "position": [float(x) for x in v.centroid_lps_mm],
             "orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0],

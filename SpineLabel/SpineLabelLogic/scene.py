@@ -35,6 +35,7 @@ from vtk.util import numpy_support
 
 from SpineLabelLib import edits, export
 from SpineLabelLib.result import Geometry, SpineLabeling
+from SpineLabelLib.sequence import confidence_text
 from SpineLabelLib.vertebrae import level_index, terminology_entry
 
 __all__ = [
@@ -523,7 +524,7 @@ class LabelingScene(VTKObservationMixin):
                 for v in self.result.vertebrae:
                     ras = _LPS_TO_RAS * np.asarray(v.centroid_lps_mm, dtype=float)
                     index = node.AddControlPoint(vtk.vtkVector3d(*ras), v.name)
-                    node.SetNthControlPointDescription(index, f"confidence {v.confidence:.2f}")
+                    node.SetNthControlPointDescription(index, f"confidence {confidence_text(v.confidence)}")
                     node.SetNthControlPointLocked(index, v.fixed)
                     self._pointToVertebra[node.GetNthControlPointID(index)] = v.id
         finally:
