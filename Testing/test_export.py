@@ -103,6 +103,17 @@ def test_a_dataset_json_without_channel_names_is_named(tmp_path, spine):
     assert [p.name for p in tmp_path.iterdir()] == ["dataset.json"]
 
 
+def test_a_dataset_that_lost_its_dataset_json_takes_no_export(tmp_path, spine):
+    """Its cases' modality and label values are unknown: an export would write a dataset.json that says what the new
+    case is for all of them."""
+    export.export_case(spine.result, spine.image, tmp_path)
+    (tmp_path / "dataset.json").unlink()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="holds cases .* but no dataset.json"):
+        export.export_case(spine.result, spine.image, tmp_path, case_id="again")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_a_bodies_only_dataset_takes_no_export(tmp_path, spine):
     (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "bodies_only": True}))
     with pytest.raises(ValueError, match="vertebral bodies only; an export labels whole vertebrae"):

@@ -18,7 +18,7 @@ from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled
 from SpineLabelLib.io import InputError
 from SpineLabelLib.models import load_model, save_model
 from SpineLabelLib.network import SpineUNet
-from SpineLabelLib.vertebrae import BODY, BY_NAME, DISC, LEVELS, POSTERIOR
+from SpineLabelLib.vertebrae import BODY, BY_NAME, COCCYX_LABEL, DISC, LEVELS, POSTERIOR
 from SpineLabelTrainingLib import training
 from SpineLabelTrainingLib.negatives import KINDS, non_spine_image
 from SpineLabelTrainingLib.synthesis import IGNORE
@@ -408,15 +408,31 @@ def test_a_label_map_on_another_grid_is_refused(tmp_path):
         load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
 
 
-@pytest.mark.parametrize("value", [0, 99])
-def test_a_label_map_without_a_vertebra_is_refused(tmp_path, value):
+@pytest.mark.parametrize("value, reason", [(0, "holds no vertebra label SpineLabel knows"),
+                                           (COCCYX_LABEL, "holds no vertebra label SpineLabel knows"),
+                                           (99, r"label values \[99\] are no VerSe vertebra value")])
+def test_a_label_map_without_a_vertebra_is_refused(tmp_path, value, reason):
     """Empty, or only values that are no vertebra: its whole spine would be taught as background."""
     write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
     labels = tmp_path / "nn" / "labelsTr" / "c1.nii.gz"
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(labels)))
     sitk.WriteImage(sitk.GetImageFromArray(np.where(array > 0, value, 0).astype(np.uint8)), str(labels))
-    with pytest.raises(InputError, match="c1.nii.gz: holds no vertebra label SpineLabel knows"):
+    with pytest.raises(InputError, match="c1.nii.gz: " + reason):
         load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
+
+
+def test_a_value_that_is_no_vertebra_beside_vertebrae_is_refused_not_taught_as_background(tmp_path):
+    """L5 relabelled 40 beside L3 and L4; a TPTBox disc value (100 + L3) and the coccyx are no vertebra and pass."""
+    write_pair(tmp_path / "verse", "s1_ct.nii.gz", "s1_seg-vert_msk.nii.gz")
+    labels = tmp_path / "verse" / "s1_seg-vert_msk.nii.gz"
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(labels)))
+    array[0, 0, :2] = 100 + L3, COCCYX_LABEL
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(labels))
+    assert set(np.unique(load_case(*find_cases(tmp_path / "verse")[0][:2], False, 2.0).levels)) == {0, L3, L4, L5}
+    array[array == L5] = 40
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(labels))
+    with pytest.raises(InputError, match=r"s1_seg-vert_msk.nii.gz: label values \[40\] are no VerSe vertebra value"):
+        load_case(*find_cases(tmp_path / "verse")[0][:2], False, 2.0)
 
 
 def test_a_label_map_whose_vertebrae_vanish_on_the_model_grid_says_so(tmp_path):

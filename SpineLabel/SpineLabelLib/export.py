@@ -314,6 +314,11 @@ def export_case(
                          f"{len(result.vertebrae)}")
     modality = _modality(result)
     dataset = read_dataset_json(dataset_dir)
+    existing = _existing_cases(dataset_dir)
+    if dataset is None and existing:
+        raise ValueError(f"{dataset_dir}: holds cases ({', '.join(sorted(existing)[:3])}) but no dataset.json, so the "
+                         "modality of its images and what its label values mean are unknown: restore its dataset.json "
+                         "or export into another dataset")
     if dataset is not None:
         held = _channel(dataset)
         if held is None:
@@ -334,7 +339,6 @@ def export_case(
             raise ValueError(f"{dataset_dir}: its dataset.json numbers the vertebrae otherwise than SpineLabel (VerSe "
                              f"values; {', '.join(other[:3]) or 'labels'}): an export would change what its cases "
                              "mean; export into another dataset")
-    existing = _existing_cases(dataset_dir)
     if case_id is None:
         case_id = next_case_id(dataset_dir, f"{CASE_PREFIX}_{modality.lower()}")
     elif not _CASE_ID.match(case_id):

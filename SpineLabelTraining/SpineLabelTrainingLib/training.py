@@ -45,7 +45,7 @@ from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writ
 from SpineLabelLib.models import MODEL_SPACING_MM, default_model_path, load_model, save_model
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.result import Geometry
-from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
+from SpineLabelLib.vertebrae import BODY, BY_LABEL, COCCYX_LABEL, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
 
 from .synthesis import IGNORE
 
@@ -85,6 +85,9 @@ _ALLOWED[IGNORE, :] = True
 _LEVEL_OF_LABEL = np.zeros(256, dtype=np.int64)
 for _level in LEVELS:
     _LEVEL_OF_LABEL[_level.label] = level_index(_level.name) + 1
+# label values of real masks that are no vertebra SpineLabel labels, taught as not vertebra: VerSe's coccyx and the
+# TPTBox discs (100 + the label of the vertebra above); any other value is refused, not taught as background
+_NOT_A_LEVEL = {COCCYX_LABEL} | {100 + label for label in BY_LABEL}
 
 
 def _level_target(levels: torch.Tensor) -> torch.Tensor:
@@ -147,6 +150,11 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     values = reference_labels(sitk.GetArrayViewFromImage(labels), label_path)
     value = np.arange(int(values.max()) + 1)
     is_level = _LEVEL_OF_LABEL[np.minimum(value, _LEVEL_OF_LABEL.size - 1)] > 0
+    unknown = [int(v) for v in np.flatnonzero(np.bincount(values.ravel()))
+               if v and not is_level[v] and v not in _NOT_A_LEVEL]
+    if unknown:
+        raise InputError(f"{label_path}: label values {unknown[:5]} are no VerSe vertebra value (1-26, 28; 27 the "
+                         "coccyx): training would teach that bone as background")
     verse = np.where(is_level, value, 0).astype(np.uint8)[values]  # the rest: no level
     if not verse.any():
         raise InputError(f"{label_path}: holds no vertebra label SpineLabel knows (VerSe values, or the names of its "
