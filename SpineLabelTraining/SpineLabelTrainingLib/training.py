@@ -634,6 +634,9 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                 "data_dir": str(Path(cfg.data_dir).resolve()) if "synthetic" in specs else None}
     if cfg.resume and not ckpt.exists():
         log.warning("no checkpoint at %s to resume from: training from the start", ckpt)
+    if not cfg.resume and ckpt.exists():
+        log.warning("training from the start: the checkpoint of an earlier run at %s will be replaced (resume would "
+                    "continue it)", ckpt)
     if cfg.resume and ckpt.exists():
         try:
             state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -716,7 +719,8 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                           **({"shape_library": str(cfg.data_dir)} if "synthetic" in specs else {}),
                           "note": cfg.training_data_note},
         "training": training,
-        "base_model": None if base_card is None else {"name": base_card["name"], "version": base_card["version"]},
+        "base_model": None if base_card is None else {key: base_card.get(key) for key in ("name", "version",
+                                                                                          "sha256")},
     }
     net.cpu()
     return save_model(net, card, out)
