@@ -361,6 +361,26 @@ def test_a_name_forced_on_an_end_vertebra_renumbers_the_chain_too(end, name, exp
         assert any("T4 not found" in w for w in missed.warnings)
 
 
+@pytest.mark.parametrize("sacrum_margin, renumbered", [(5.0, ["T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5"]),
+                                                       (40.0, ["T10", "T11", "L1", "L2", "L3", "L4", "L5", "S1"])])
+def test_a_name_forced_on_the_top_of_a_chain_with_its_sacrum_can_leave_a_level_missing(sacrum_margin, renumbered):
+    """As the README says of corrections: T10 forced on the top vertebra of a chain read T11 ... S1 leaves T11 missing
+    below it, with a warning; T11 forced on the next one as well renumbers the rest, the sacrum too, unless the
+    network reads the sacrum surely: then the missing level moves down beside the forced names."""
+    names = ["T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    scores = np.full((len(names), K), -5.0)
+    scores[-1] = -sacrum_margin
+    for i, name in enumerate(names):
+        scores[i, level_index(name)] = 0.0
+    gaps = np.array([33.0, 35.0, 36.0, 37.0, 37.0, 36.0, 35.0])
+    top = solve(scores, gaps, fixed={0: "T10"})
+    assert [LEVELS[i].name for i in top.levels] == ["T10", "T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    assert "level T11 not found between T10 and T12 (gap 33 mm)" in top.warnings
+    both = solve(scores, gaps, fixed={0: "T10", 1: "T11"})
+    assert [LEVELS[i].name for i in both.levels] == renumbered
+    assert any("T12 not found" in w for w in both.warnings) == (renumbered[-1] == "S1")
+
+
 def test_fixed_labels_that_cannot_hold_are_named():
     scores, gaps = np.zeros((5, K)), [30.0] * 4
     with pytest.raises(ValueError, match="vertebra 2 from the top cannot be C1: 1 vertebra lies above it"):
