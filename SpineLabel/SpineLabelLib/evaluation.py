@@ -20,8 +20,11 @@ masks (per-label centre of mass), so that one distance never mixes two definitio
 up to 15.6 mm from the centres of mass of their whole vertebrae); but a bodies-only GT mask without a centroid file
 gives vertebral-body centroids, which the prediction's centroid file holds too (SpineLabel's are body centroids),
 and is scored against that file (against the whole predicted vertebrae's centres of mass, a lumbar MRI's centroids
-were 8.5 mm off, where its reference centroid file gave 1.0 mm). A label present in a GT mask but absent from its
-centroid file gets its mask centroid (logged). The GT vertebrae of a case are the VerSe labels of its centroids.
+were 8.5 mm off, where its reference centroid file gave 1.0 mm). A bodies-only GT whose prediction has no
+centroid file is scored against the whole predicted vertebrae's centres of mass, with a warning (the case's
+``centroid_source`` says so). A label present in a GT mask but absent from its centroid file gets its mask centroid
+(logged). The GT vertebrae of a case are the VerSe labels of its centroids. A prediction on another grid than its
+GT mask is resampled onto the GT's (nearest neighbour), with a warning.
 
 Matching: a case's key is the file stem with known suffixes stripped: predictions ``NAME_seg.nii.gz`` -> NAME,
 GT masks -> X as above; then ``_img``, ``_ct``, ``_0000``, ``_T2w`` are removed from the end of both, repeatedly.
@@ -94,7 +97,7 @@ import SimpleITK as sitk
 from .export import dataset_label_values, read_dataset_json
 from .inference import modality_of
 from .io import (IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, case_key, case_name, read_image,
-                 read_label_map)
+                 read_label_map, resample_to_grid)
 from .result import Geometry
 from .sequence import UNCERTAIN_BELOW
 from .vertebrae import BY_LABEL, BY_NAME, level_index
@@ -485,14 +488,18 @@ def read_report(path: str | os.PathLike) -> tuple[dict[int, float], str]:
     image was labelled as ("CT" or "MR"; "" when the report does not say).
 
     Raises:
-        InputError: unreadable file, or not a SpineLabel report.
+        InputError: unreadable file, not a SpineLabel report, or a confidence outside 0-1 (NaN too).
     """
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
         confidences = {int(v["label"]): float(v["confidence"]) for v in document["vertebrae"]}
-        return confidences, str(document.get("input", {}).get("modality") or "")
+        modality = str(document.get("input", {}).get("modality") or "")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise InputError(f"{path}: not a readable SpineLabel report ({type(err).__name__}: {err})") from None
+    wrong = sorted(label for label, p in confidences.items() if not 0.0 <= p <= 1.0)  # NaN included
+    if wrong:
+        raise InputError(f"{path}: confidences that are no probability (labels {wrong[:5]})")
+    return confidences, modality
 
 
 def _known_labels(labels, what: str) -> list[int]:
@@ -751,11 +758,17 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
     else:
         pred_image = read_label_map(pred.seg)
         if not Geometry.of(pred_image).matches(Geometry.of(gt_image)):
-            raise InputError(
-                f"{pred.seg}: prediction grid (size {pred_image.GetSize()}, spacing {pred_image.GetSpacing()}, "
-                f"origin {pred_image.GetOrigin()}) differs from ground truth {gt.mask} (size {gt_image.GetSize()}, "
-                f"spacing {gt_image.GetSpacing()}, origin {gt_image.GetOrigin()})")
+            log.warning("%s: prediction grid (size %s, spacing %s, origin %s) differs from ground truth %s (size %s, "
+                        "spacing %s, origin %s): the prediction is resampled onto it (nearest neighbour)", pred.seg,
+                        pred_image.GetSize(), pred_image.GetSpacing(), pred_image.GetOrigin(), gt.mask,
+                        gt_image.GetSize(), gt_image.GetSpacing(), gt_image.GetOrigin())
+            pred_image = resample_to_grid(pred_image, gt_image, label=True)
         pred_labels = sitk.GetArrayViewFromImage(pred_image)
+        if is_bodies and pred.ctd is None:
+            log.warning("%s: the ground truth marks vertebral bodies and the prediction %s has no centroid file: the "
+                        "centres of its whole vertebrae are compared with those of the bodies (about 2-15 mm apart); "
+                        "a centroid file of body centres beside it (NAME_ctd.json) scores localisation fairly", key,
+                        pred.seg)
         if from_files or bodies_to_file:
             pred_ctd = read_centroids(pred.ctd, pred_image)
         else:
@@ -768,7 +781,8 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
     result.gt_mask = str(gt.mask)
     result.pred_seg = str(pred.seg) if pred else ""
     result.centroid_source = ("centroid files" if from_files else "GT body masks, predicted centroid file"
-                              if bodies_to_file else "masks")
+                              if bodies_to_file else "GT body masks, predicted whole-vertebra masks"
+                              if is_bodies and pred is not None else "masks")
     if result.n_gt == 0:
         log.warning("%s: GT %s holds no vertebra label; the case has nothing to score", key, gt.mask)
     log.info("%s: %d of %d GT vertebrae identified", result.name, result.n_identified, result.n_gt)
