@@ -18,6 +18,7 @@ from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled
 from SpineLabelLib.io import InputError
 from SpineLabelLib.models import load_model, save_model
 from SpineLabelLib.network import SpineUNet
+from SpineLabelLib.pipeline import with_context
 from SpineLabelLib.vertebrae import BODY, BY_NAME, COCCYX_LABEL, DISC, LEVELS, POSTERIOR
 from SpineLabelTrainingLib import training
 from SpineLabelTrainingLib.negatives import KINDS, non_spine_image
@@ -444,6 +445,27 @@ def test_a_label_map_whose_vertebrae_vanish_on_the_model_grid_says_so(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(tiny), str(labels))
     with pytest.raises(InputError, match="c1.nii.gz: its vertebra labels vanish on the model's 8 mm grid"):
         load_case(*find_cases(tmp_path / "nn")[0][:2], False, 8.0)
+
+
+def test_a_short_window_is_extended_as_labelling_extends_a_short_scan():
+    """A slab of the crop through a vertebra, mirrored out to the extent labelling gives a short scan
+    (``pipeline.with_context``), targets known inside the slab only; a crop without a vertebra stays as it is."""
+    rng = np.random.default_rng(0)
+    crop = training._phantom_source(2.0, (128, 80, 80))(rng)
+    for _ in range(4):
+        short = training._short_window(crop, rng, 2.0)
+        known = np.flatnonzero((short.tissue != IGNORE).any(axis=(1, 2)))
+        top, width = known[0], len(known)
+        assert 15 <= width <= 55 and top % 2 == 0 and short.levels[known].any()
+        start = next(z for z in range(128 - width + 1) if np.array_equal(crop.image[z : z + width],
+                                                                          short.image[top : top + width]))
+        np.testing.assert_array_equal(short.levels[top : top + width], crop.levels[start : start + width])
+        assert not short.levels[: top].any() and not short.levels[top + width :].any()
+        extended, inner = with_context(crop.image[start : start + width])
+        placed = np.flatnonzero(short.image.any(axis=(1, 2)))
+        assert placed[-1] - placed[0] + 1 <= extended.shape[0] == 80
+    empty = training.Case(crop.image, crop.tissue, np.zeros_like(crop.levels), "none")
+    assert training._short_window(empty, rng, 2.0) is empty
 
 
 def test_a_case_whose_labels_miss_every_fourth_voxel_can_be_cropped():

@@ -184,7 +184,7 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs, iterations=args.iterations, batch=args.batch, patch=tuple(args.patch), lr=args.lr,
         spacing_mm=args.spacing, device=args.device, seed=args.seed, resume=args.resume, data_dir=args.data_dir,
         training_data_note=args.note, validation_cases=args.validation_cases, average_last=args.average_last,
-        tilt_deg=args.tilt_deg,
+        tilt_deg=args.tilt_deg, short_window=args.short_window,
         progress_bars=not args.quiet,
     )
 
@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tilt-deg", type=float, default=0.0, metavar="DEG",
                    help="turn half the training crops about left-right by up to DEG degrees and about front-back by "
                    "up to DEG/2, for spines that lean against the slices (default 0: crops as drawn)")
+    p.add_argument("--short-window", type=float, default=0.0, metavar="P",
+                   help="cut this share of the training crops to a short head-feet window (30-110 mm) through a "
+                   "vertebra, extended by its mirror image as labelling extends a scan that short (default 0)")
     p.add_argument("--register", action="store_true", help="also register the model under --name in the user model "
                    "folder ($SPINELABEL_MODELS_DIR), where the Slicer module lists it")
     _add_output_options(p, "no progress bars or epoch lines")

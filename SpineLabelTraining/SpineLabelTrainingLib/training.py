@@ -43,6 +43,7 @@ from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_
 from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writable_folder, no_empty_new_folders,
                               read_image, read_label_map, resample_to_grid)
 from SpineLabelLib.models import MODEL_SPACING_MM, default_model_path, load_model, save_model
+from SpineLabelLib.pipeline import with_context
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.result import Geometry
 from SpineLabelLib.vertebrae import BODY, BY_LABEL, COCCYX_LABEL, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
@@ -288,6 +289,35 @@ def _crop(case: Case, size: tuple[int, int, int], rng: np.random.Generator) -> C
     return out
 
 
+# The head-feet extent (mm) of the short windows of ``TrainConfig.short_window``: targeted scans and small crops, the
+# TPTBox crops of ../shared/data among them (70 mm).
+SHORT_WINDOW_MM = (30.0, 110.0)
+
+
+def _short_window(case: Case, rng: np.random.Generator, spacing_mm: float) -> Case:
+    """The crop cut to a short head-feet window (``SHORT_WINDOW_MM``) through one of its vertebrae, extended by its
+    mirror image as labelling extends a scan that short (``pipeline.with_context``), in the middle of a crop of zeros
+    of the same size; targets unknown (``IGNORE``, level 0) outside the window. The crop as it is when it holds no
+    vertebra or is too short for the extension."""
+    vertebra_z = np.flatnonzero(case.levels.any(axis=(1, 2)))
+    n = case.image.shape[0]
+    width = min(n, max(1, round(rng.uniform(*SHORT_WINDOW_MM) / spacing_mm)))
+    if not vertebra_z.size:
+        return case
+    start = int(np.clip(rng.choice(vertebra_z) - width // 2 + rng.integers(-(width // 4), width // 4 + 1), 0,
+                        n - width))
+    extended, inner = with_context(case.image[start : start + width])
+    if extended.shape[0] > n or extended.shape[1:] != case.image.shape[1:]:
+        return case
+    top = (n - extended.shape[0]) // 4 * 2  # even: the level head's half-resolution grid stays aligned, as in labelling
+    window = slice(top + inner[0].start, top + inner[0].stop)
+    out = Case(np.zeros_like(case.image), np.full_like(case.tissue, IGNORE), np.zeros_like(case.levels), case.name)
+    out.image[top : top + extended.shape[0]] = extended
+    out.tissue[window] = case.tissue[start : start + width]
+    out.levels[window] = case.levels[start : start + width]
+    return out
+
+
 def _augment(case: Case, rng: np.random.Generator, tilt_deg: float = 0.0) -> Case:
     """Intensity gamma, contrast inversion now and then, noise, left-right flip (anatomy is nearly symmetric); with
     ``tilt_deg`` > 0, half the crops are also turned (``_tilted``)."""
@@ -457,20 +487,27 @@ class TrainConfig:
     training_data_note: str = ""
     average_last: int = 0
     tilt_deg: float = 0.0  # half the crops turned about left-right by up to this (degrees), front-back by half
+    short_window: float = 0.0  # share of crops cut to a short head-feet window and extended as labelling extends it
 
 
 # settings added to the checkpoint after the first checkpoints were written, with the value those runs had
-_ADDED_SETTINGS = {"tilt_deg": 0.0}
+_ADDED_SETTINGS = {"tilt_deg": 0.0, "short_window": 0.0}
 
 
-def _batches(sources, weights, cfg: TrainConfig, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+def _batches(sources, weights, cfg: TrainConfig, spacing_mm: float, rng: np.random.Generator
+             ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless CPU batches of ``cfg.batch`` augmented cases, each drawn from a source chosen by ``weights`` (float
     (n_sources,) probabilities): (image float32 (B, 1, Z, Y, X), normalised, about [0, 1] after the augmentation's
     noise; tissue uint8 (B, Z, Y, X) tissue codes; levels uint8 (B, Z, Y, X) VerSe labels), (Z, Y, X) = ``cfg.patch``
-    voxels."""
+    voxels of ``spacing_mm``."""
+    def drawn() -> Case:
+        case = sources[rng.choice(len(sources), p=weights)](rng)
+        if cfg.short_window and rng.random() < cfg.short_window:
+            case = _short_window(case, rng, spacing_mm)
+        return _augment(case, rng, cfg.tilt_deg)
+
     while True:
-        cases = [_augment(sources[rng.choice(len(sources), p=weights)](rng), rng, cfg.tilt_deg)
-                 for _ in range(cfg.batch)]
+        cases = [drawn() for _ in range(cfg.batch)]
         yield (
             torch.from_numpy(np.stack([c.image for c in cases]))[:, None],
             torch.from_numpy(np.stack([c.tissue for c in cases])),
@@ -551,7 +588,7 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
         raise ValueError(f"data weights {[w for _, w in cfg.data]}: each must be 0 or more, and one more than 0")
     for name, value, least in (("epochs", cfg.epochs, 1), ("iterations", cfg.iterations, 1), ("batch", cfg.batch, 1),
                                ("validation cases", cfg.validation_cases, 0), ("average-last", cfg.average_last, 0),
-                               ("tilt-deg", cfg.tilt_deg, 0)):
+                               ("tilt-deg", cfg.tilt_deg, 0), ("short-window", cfg.short_window, 0)):
         if not value >= least or not math.isfinite(value):  # NaN compares false
             raise ValueError(f"{name} {value}: must be a finite number, {least} or more")
     if min(cfg.patch) < 1:
@@ -629,7 +666,7 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                 "base_model": base_path,
                 "epochs": cfg.epochs, "iterations": cfg.iterations, "batch": cfg.batch, "patch": list(cfg.patch),
                 "lr": cfg.lr, "spacing_mm": spacing, "seed": cfg.seed, "average_last": cfg.average_last,
-                "tilt_deg": cfg.tilt_deg,
+                "tilt_deg": cfg.tilt_deg, "short_window": cfg.short_window,
                 "validation_cases": cfg.validation_cases,
                 "data_dir": str(Path(cfg.data_dir).resolve()) if "synthetic" in specs else None}
     if cfg.resume and not ckpt.exists():
@@ -656,7 +693,7 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
         rng.bit_generator.state = state["rng"]  # the batches continue as they would have without the stop
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed from %s at epoch %d", ckpt, start_epoch)
-    batches = _batches(sources, weights, cfg, rng)
+    batches = _batches(sources, weights, cfg, spacing, rng)
     first_averaged = max(0, cfg.epochs - cfg.average_last) if cfg.average_last else cfg.epochs
     t0 = time.time() - (history[-1]["elapsed_s"] if history else 0.0)  # elapsed_s counts the epochs before a stop
     for epoch in range(start_epoch, cfg.epochs):
@@ -704,6 +741,8 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                 "validation_crops": [c.name for c in val], "history": history}
     if cfg.tilt_deg:
         training["tilt_deg"] = cfg.tilt_deg
+    if cfg.short_window:
+        training["short_window"] = cfg.short_window
     if averaged:
         net.load_state_dict({name: value.to(net.state_dict()[name].dtype) for name, value in averaged.items()})
         training["averaged_last_epochs"] = {"epochs": cfg.epochs - first_averaged, **_validate(net, val, device)}
