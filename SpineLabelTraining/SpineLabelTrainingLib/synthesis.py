@@ -301,11 +301,16 @@ def _spine_curve(rng: np.random.Generator, s_levels: np.ndarray, labels: list[in
     # gain groups: cervical, thoracic, and lumbar with the sacrum
     region = np.array([{"cervical": 0, "thoracic": 1}.get(BY_LABEL[lv].region, 2) for lv in labels])
     gains = rng.uniform([0.3, 0.5, 0.5], [1.6, 1.5, 1.4])
-    # Deviations from each region's mean angle are scaled by the region's gain (flatter or deeper curves).
-    sag = base.copy()
-    for r in range(3):
-        sel = region == r
-        sag[sel] = base[sel].mean() + gains[r] * (base[sel] - base[sel].mean())
+    # Deviations from each region's mean angle are scaled by the region's gain (flatter or deeper curves). Gain and
+    # mean change linearly from the middle of one region to the middle of the next: set per region, they bent the
+    # spine at the last thoracic level of one spine in four (over 10 degrees between two vertebrae, against 1-2 % at
+    # the joints beside it), a numbering cue that real spines do not give.
+    order = np.arange(len(labels), dtype=float)
+    middles = np.array([order[region == r].mean() for r in range(3)])
+    by_place = np.argsort(middles)  # labels run caudal to cranial
+    means = np.array([base[region == r].mean() for r in range(3)])
+    mean = np.interp(order, middles[by_place], means[by_place])
+    sag = mean + np.interp(order, middles[by_place], gains[by_place]) * (base - mean)
     sag += rng.normal(0.0, 2.0, sag.shape) + rng.normal(0.0, 5.0)
     phi = np.deg2rad(np.interp(s_grid, s_levels, sag))
     amplitude = rng.uniform(8.0, 25.0) if rng.random() < 0.15 else abs(rng.normal(0.0, 2.5))
@@ -580,6 +585,7 @@ def _draw_spine(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) ->
         sl, sub = hit
         if pl.body is not None:  # posterior elements from the shape, body from another scan (drawn below)
             sub[sub == BODY] = 0
+            before = canvas.cls[sl].copy(), canvas.tissue[sl].copy(), canvas.levels[sl].copy()
         body, post = sub == BODY, sub == POSTERIOR
         sacrum = pl.label == S1_LABEL
         canvas.cls[sl][body] = MARROW
@@ -597,6 +603,15 @@ def _draw_spine(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) ->
             canvas.cls[swap[0]][inside] = MARROW
             canvas.tissue[swap[0]][inside] = BODY
             canvas.levels[swap[0]][inside] = pl.label
+        if pl.body is not None:
+            # the rim of the shape's own body that its masks call posterior elements floated in front of the other
+            # body as posterior-element specks (in 88 % of such vertebrae, 0.2 ml at the median): the pieces of the
+            # vertebra apart from its largest go back to what lay there
+            pieces, n = ndimage.label(canvas.levels[sl] == pl.label, structure=np.ones((3, 3, 3)))
+            if n > 1:
+                stray = (pieces != np.argmax(np.bincount(pieces.ravel())[1:]) + 1) & (pieces > 0) & post
+                for array, old in zip((canvas.cls, canvas.tissue, canvas.levels), before):
+                    array[sl][stray] = old[stray]
 
 
 # ----------------------------------------------------------------------------------------------------------------
