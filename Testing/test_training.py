@@ -376,6 +376,8 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
                             (dict(average_last=-1), "average-last -1"), (dict(tilt_deg=-1), "tilt-deg -1"),
                             (dict(tilt_deg=float("nan")), "tilt-deg nan"),
                             (dict(tilt_deg=float("inf")), "tilt-deg inf: must be a finite number"),
+                            (dict(short_window=-0.1), "short-window -0.1"),
+                            (dict(short_window=1.5), "short-window 1.5: a share"),
                             *((dict(lr=lr), f"learning rate {lr}: must be")
                               for lr in (0.0, -1e-3, math.nan, math.inf))):
         with pytest.raises(ValueError, match=message):

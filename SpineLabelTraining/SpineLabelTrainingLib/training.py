@@ -43,8 +43,8 @@ from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_
 from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writable_folder, no_empty_new_folders,
                               read_image, read_label_map, resample_to_grid)
 from SpineLabelLib.models import MODEL_SPACING_MM, default_model_path, load_model, save_model
-from SpineLabelLib.pipeline import with_context
 from SpineLabelLib.network import SpineUNet
+from SpineLabelLib.pipeline import with_context
 from SpineLabelLib.result import Geometry
 from SpineLabelLib.vertebrae import BODY, BY_LABEL, COCCYX_LABEL, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
 
@@ -300,16 +300,16 @@ def _short_window(case: Case, rng: np.random.Generator, spacing_mm: float) -> Ca
     of the same size; targets unknown (``IGNORE``, level 0) outside the window. The crop as it is when it holds no
     vertebra or is too short for the extension."""
     vertebra_z = np.flatnonzero(case.levels.any(axis=(1, 2)))
-    n = case.image.shape[0]
-    width = min(n, max(1, round(rng.uniform(*SHORT_WINDOW_MM) / spacing_mm)))
     if not vertebra_z.size:
         return case
+    n = case.image.shape[0]
+    width = min(n, max(1, round(rng.uniform(*SHORT_WINDOW_MM) / spacing_mm)))
     start = int(np.clip(rng.choice(vertebra_z) - width // 2 + rng.integers(-(width // 4), width // 4 + 1), 0,
                         n - width))
     extended, inner = with_context(case.image[start : start + width])
     if extended.shape[0] > n or extended.shape[1:] != case.image.shape[1:]:
         return case
-    top = (n - extended.shape[0]) // 4 * 2  # even: the level head's half-resolution grid stays aligned, as in labelling
+    top = (n - extended.shape[0]) // 4 * 2  # even: the level head's half-resolution grid stays as in labelling
     window = slice(top + inner[0].start, top + inner[0].stop)
     out = Case(np.zeros_like(case.image), np.full_like(case.tissue, IGNORE), np.zeros_like(case.levels), case.name)
     out.image[top : top + extended.shape[0]] = extended
@@ -591,6 +591,8 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                                ("tilt-deg", cfg.tilt_deg, 0), ("short-window", cfg.short_window, 0)):
         if not value >= least or not math.isfinite(value):  # NaN compares false
             raise ValueError(f"{name} {value}: must be a finite number, {least} or more")
+    if cfg.short_window > 1:
+        raise ValueError(f"short-window {cfg.short_window}: a share of the crops, from 0 to 1")
     if min(cfg.patch) < 1:
         raise ValueError(f"patch {tuple(cfg.patch)}: each size must be 1 or more")
     if cfg.base_model is None and not MODEL_SPACING_MM[0] <= cfg.spacing_mm <= MODEL_SPACING_MM[1]:  # NaN too
