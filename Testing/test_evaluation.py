@@ -491,6 +491,14 @@ def test_a_prediction_on_another_grid_is_resampled_onto_its_reference(tmp_path, 
     case = ev.evaluate_folders(pred_dir, gt_dir).cases[0]
     assert "is resampled onto it" in caplog.text
     assert case.n_identified == 3 and case.mean_dice > 0.9
+    # centroid files in voxel coordinates are read on their own mask's grid, not on the reference's
+    grown = np.concatenate([np.zeros((10, 12, 12), np.uint8), spine([L1, L2, L3])])
+    write_mask(grown, pred_dir / "sub-a_seg.nii.gz", origin=np.subtract(reference.GetOrigin(), [0, 0, 10 * SPACING_ZYX[0]]))
+    for mask, path in ((spine([L1, L2, L3]), gt_dir / "sub-a_seg-vb_ctd.json"), (grown, pred_dir / "sub-a_ctd.json")):
+        path.write_text(json.dumps([{"direction": ["L", "P", "S"]}] + [
+            {"label": int(k), "X": float(x), "Y": float(y), "Z": float(z)} for k, (x, y, z) in ev.mask_centroids(mask).items()]))
+    case = ev.evaluate_folders(pred_dir, gt_dir).cases[0]
+    assert case.centroid_source == "centroid files" and case.n_identified == 3 and case.mean_loc_error_mm < 1e-6
 
 
 def three_cases(tmp_path: Path) -> tuple[Path, Path]:

@@ -378,6 +378,7 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
                             (dict(tilt_deg=float("inf")), "tilt-deg inf: must be a finite number"),
                             (dict(short_window=-0.1), "short-window -0.1"),
                             (dict(short_window=1.5), "short-window 1.5: a share"),
+                            (dict(short_window=0.1), r"short-window with patch \(32, 32, 32\)"),
                             *((dict(lr=lr), f"learning rate {lr}: must be")
                               for lr in (0.0, -1e-3, math.nan, math.inf))):
         with pytest.raises(ValueError, match=message):

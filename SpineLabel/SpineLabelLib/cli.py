@@ -415,15 +415,17 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, _terminate) for sig in _ENDING
                 if handles_signals and signal.getsignal(sig) is not signal.SIG_IGN}
     itk_warnings = _itk_warnings(not args.quiet)  # quiet: ITK's multi-line warnings too, so one line per failure
-    # a stopped training keeps the checkpoint of its last finished epoch beside --out
-    resumable = " (the same command with --resume continues from its last epoch)" if args.func is _train else ""
+    def resumable() -> str:  # a stopped training keeps the checkpoint of its last finished epoch beside --out
+        ckpt = Path(args.out).with_suffix(".ckpt") if args.func is _train else None
+        return f" (the same command with --resume continues from {ckpt})" if ckpt and ckpt.exists() else ""
+
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("spinelabel: interrupted" + resumable, file=sys.stderr)
+        print("spinelabel: interrupted" + resumable(), file=sys.stderr)
         return 130
     except _Terminated as ended:
-        print("spinelabel: terminated" + resumable, file=sys.stderr)
+        print("spinelabel: terminated" + resumable(), file=sys.stderr)
         return 128 + ended.signum
     except Exception as err:  # one line per failure unless --debug
         if args.debug:

@@ -762,8 +762,9 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
                         "spacing %s, origin %s): the prediction is resampled onto it (nearest neighbour)", pred.seg,
                         pred_image.GetSize(), pred_image.GetSpacing(), pred_image.GetOrigin(), gt.mask,
                         gt_image.GetSize(), gt_image.GetSpacing(), gt_image.GetOrigin())
-            pred_image = resample_to_grid(pred_image, gt_image, label=True)
-        pred_labels = sitk.GetArrayViewFromImage(pred_image)
+            pred_labels = sitk.GetArrayFromImage(resample_to_grid(pred_image, gt_image, label=True))
+        else:
+            pred_labels = sitk.GetArrayViewFromImage(pred_image)
         if is_bodies and pred.ctd is None:
             log.warning("%s: the ground truth marks vertebral bodies and the prediction %s has no centroid file: the "
                         "centres of its whole vertebrae are compared with those of the bodies (about 2-15 mm apart); "

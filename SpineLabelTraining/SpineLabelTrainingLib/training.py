@@ -44,7 +44,7 @@ from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writ
                               read_image, read_label_map, resample_to_grid)
 from SpineLabelLib.models import MODEL_SPACING_MM, default_model_path, load_model, save_model
 from SpineLabelLib.network import SpineUNet
-from SpineLabelLib.pipeline import with_context
+from SpineLabelLib.pipeline import MIN_CONTEXT_VOXELS, with_context
 from SpineLabelLib.result import Geometry
 from SpineLabelLib.vertebrae import BODY, BY_LABEL, COCCYX_LABEL, DISC, LEVELS, POSTERIOR, TISSUE_NAMES, level_index
 
@@ -593,6 +593,9 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
             raise ValueError(f"{name} {value}: must be a finite number, {least} or more")
     if cfg.short_window > 1:
         raise ValueError(f"short-window {cfg.short_window}: a share of the crops, from 0 to 1")
+    if cfg.short_window and (cfg.patch[0] < MIN_CONTEXT_VOXELS[0] or cfg.patch[1] < MIN_CONTEXT_VOXELS[1]):
+        raise ValueError(f"short-window with patch {tuple(cfg.patch)}: labelling extends a short scan to "
+                         f"{MIN_CONTEXT_VOXELS[0]} voxels along z and y, which the patch must hold")
     if min(cfg.patch) < 1:
         raise ValueError(f"patch {tuple(cfg.patch)}: each size must be 1 or more")
     if cfg.base_model is None and not MODEL_SPACING_MM[0] <= cfg.spacing_mm <= MODEL_SPACING_MM[1]:  # NaN too
