@@ -3,6 +3,7 @@
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import shutil
 from dataclasses import replace
@@ -479,7 +480,7 @@ def test_a_case_whose_labels_miss_every_fourth_voxel_can_be_cropped():
         assert training._crop(case, (16, 16, 16), np.random.default_rng(seed)).image.shape == (16, 16, 16)
 
 
-def test_nnunet_labels_are_read_by_their_names_in_dataset_json(tmp_path):
+def test_nnunet_labels_are_read_by_their_names_in_dataset_json(tmp_path, caplog):
     write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")  # L3, L4, L5 as their VerSe labels
     labels = tmp_path / "nn" / "labelsTr" / "c1.nii.gz"
     verse = sitk.ReadImage(str(labels))
@@ -496,3 +497,10 @@ def test_nnunet_labels_are_read_by_their_names_in_dataset_json(tmp_path):
     (tmp_path / "nn" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "vertebra": 1}}))
     with pytest.raises(ValueError, match="no label is named after a vertebral level"):
         load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
+    # a name with a level inside that SpineLabel does not read: background, and said
+    names = {"background": 0, **{f"x{v}": v for v in range(1, 300)}, "L3": 300, "vertebrae_L4": 301, "vertebra_L5": 302}
+    (tmp_path / "nn" / "dataset.json").write_text(json.dumps({"labels": names}))
+    with caplog.at_level(logging.WARNING):
+        case = load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
+    assert set(np.unique(case.levels)) == {0, L3, L4}
+    assert "label names ['vertebra_L5'] look like vertebral levels" in caplog.text

@@ -170,8 +170,9 @@ def provenance_of(label_path: str | os.PathLike) -> dict | None:
 def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> np.ndarray | None:
     """For a label map of an nnU-Net dataset (in ``labelsTr/`` beside ``dataset.json``): the lookup table, uint8
     indexed by the map's values, to VerSe labels, by the names in ``dataset.json``'s ``labels`` (``_level_named``:
-    ``C1`` ... ``S1`` in any case, ``sacrum``, TotalSegmentator's ``vertebrae_L5``; other names map to 0). None for
-    any other label map: its values are VerSe labels.
+    ``C1`` ... ``S1`` in any case, ``sacrum``, TotalSegmentator's ``vertebrae_L5``; other names map to 0, with a
+    logged warning for those in the map that hold a level, such as ``vertebra_L5``). None for any other label map: its
+    values are VerSe labels.
 
     Args:
         label_path: the label map's file.
@@ -195,11 +196,22 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
     unnamed = [int(v) for v in present if int(v) not in named]
     if unnamed:
         raise ValueError(f"{label_path}: label values {unnamed[:5]} are not in {dataset}")
+    value_names = {value: name for name, value in names.items() if isinstance(value, int)}
+    unread = sorted(value_names[int(v)] for v in present
+                    if named.get(int(v)) is None and _LEVEL_TOKEN.search(value_names[int(v)]))
+    if unread:
+        log.warning("%s: label names %s look like vertebral levels but name none SpineLabel reads (such as L5, "
+                    "vertebrae_L5 or sacrum): the voxels of %s are taken as background", dataset, unread[:5],
+                    label_path)
     lut = np.zeros(int(present[-1]) + 1, dtype=np.uint8)
     for value, level in named.items():
         if level is not None and value < lut.size:
             lut[value] = level.label
     return lut
+
+
+# a level written inside a longer label name ("vertebra_L5", "L5 body"), which ``_level_named`` does not read
+_LEVEL_TOKEN = re.compile(r"(?<![a-z0-9])(c[1-7]|t1[0-3]|t[1-9]|l[1-6]|s1|sacrum)(?![a-z0-9])", re.IGNORECASE)
 
 
 def _level_named(name: str) -> Level | None:
