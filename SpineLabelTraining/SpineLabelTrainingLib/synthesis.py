@@ -560,7 +560,11 @@ def _draw_spine(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) ->
     """Canal (CSF and cord), discs with nuclei, then vertebrae with their tissue and level targets."""
     lv_s = {BY_LABEL[pl.label].name: pl.s for pl in subject.vertebrae}  # arc position by level name
     s = subject.s_grid
-    offset = np.interp(s, [lv_s[name] for name in ("S1", "L3", "T9", "C7", "C1")], [22, 26, 21, 16, 16]) * subject.scale
+    # the canal's centre behind the body centroid (mm): about the medians of the closed canals of the library's shapes
+    # (C2-C7 12.5-14.9, T7-T10 17.1-20.2, L1-L4 19.8-22.4); 26 mm at L3 left 2-4 mm of soft tissue between the lumbar
+    # bodies and the CSF
+    knots = [lv_s[name] for name in ("S1", "L3", "T9", "C7", "C1")]
+    offset = np.interp(s, knots, [20.0, 21.0, 18.5, 14.5, 14.0]) * subject.scale
     canal = subject.points + subject.posterior * offset[:, None]
     csf = (s > lv_s["S1"] - 25) & (s < lv_s["C1"] + 40)
     canvas.tube(CSF, canal[csf], 7.5 * subject.scale)
