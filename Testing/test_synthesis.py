@@ -208,12 +208,27 @@ def test_numbering_variants_and_t13_order(tiny_library):
         counts["T11 last"] += t12 not in labels
         if t13 in labels and t13_seed is None:
             t13_seed = seed
+        if t12 not in labels:
+            t11_last_seed = seed
     assert 0.01 < counts["T13"] / 1500 < 0.06
     assert 0.02 < counts["L6"] / 1500 < 0.07
     assert 0.005 < counts["T11 last"] / 1500 < 0.04
     subject = synthesis._Subject(np.random.default_rng(t13_seed), tiny_library)
     z = {pl.label: pl.centre[0] for pl in subject.vertebrae}
     assert z[t12] > z[t13] > z[l1]  # T12 above T13 above L1
+    # with 11 thoracic vertebrae T11 carries the last rib, a short one: fewer rib voxels than its own long rib gives
+    drawn = {}
+    for last in (True, False):
+        subject = synthesis._Subject(np.random.default_rng(t11_last_seed), tiny_library)
+        t11 = subject.by_label[labels_of("T11")[0]]
+        assert subject.lowest_thoracic is t11
+        subject.vertebrae = [t11]
+        if not last:
+            subject.lowest_thoracic = None
+        canvas = synthesis._Canvas((60, 160, 160), t11.centre - np.array([30.0, 80.0, 80.0]) * 2.0, 2.0)
+        synthesis._draw_ribs(canvas, subject, np.random.default_rng(0))
+        drawn[last] = int((canvas.cls == synthesis.RIB).sum())
+    assert 0 < drawn[True] < 0.8 * drawn[False], drawn
 
 
 def test_the_curve_bends_at_the_region_junctions_as_it_does_beside_them(tiny_library):

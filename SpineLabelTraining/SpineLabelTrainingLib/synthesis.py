@@ -528,7 +528,9 @@ def _draw_ribs(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) -> 
     for pl in subject.vertebrae:
         if pl.label not in _RIB:
             continue
-        half_w, end_deg = _RIB[pl.label]
+        # the lowest rib is a short floating one, also where T11 is the last thoracic vertebra
+        last = pl is subject.lowest_thoracic and pl.label != BY_NAME["T13"].label
+        half_w, end_deg = _RIB[BY_NAME["T12"].label if last else pl.label]
         half_w *= subject.scale * rng.uniform(0.85, 1.15)
         end = np.deg2rad(end_deg * rng.uniform(0.85, 1.1))
         depth = 0.68 * half_w
