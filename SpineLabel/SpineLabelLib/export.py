@@ -189,16 +189,16 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
     names = document.get("labels", {})
     if not isinstance(names, dict):
         raise ValueError(f"{dataset}: 'labels' must map each name to its label value")
-    named = {int(value): _level_named(name) for name, value in names.items() if isinstance(value, int)}
+    value_names = {int(value): name for name, value in names.items() if isinstance(value, int)}
+    named = {value: _level_named(name) for value, name in value_names.items()}
     if not any(named.values()):
         raise ValueError(f"{dataset}: no label is named after a vertebral level ({LEVELS[0].name} ... "
                          f"{LEVELS[-1].name})")
     unnamed = [int(v) for v in present if int(v) not in named]
     if unnamed:
         raise ValueError(f"{label_path}: label values {unnamed[:5]} are not in {dataset}")
-    value_names = {value: name for name, value in names.items() if isinstance(value, int)}
     unread = sorted(value_names[int(v)] for v in present
-                    if named.get(int(v)) is None and _LEVEL_TOKEN.search(value_names[int(v)]))
+                    if named[int(v)] is None and _LEVEL_TOKEN.search(value_names[int(v)]))
     if unread:
         log.warning("%s: label names %s look like vertebral levels but name none SpineLabel reads (such as L5, "
                     "vertebrae_L5 or sacrum): the voxels of %s are taken as background", dataset, unread[:5],
