@@ -211,7 +211,8 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
 
 
 # a level written inside a longer label name ("vertebra_L5", "L5 body"), which ``_level_named`` does not read
-_LEVEL_TOKEN = re.compile(r"(?<![a-z0-9])(c[1-7]|t1[0-3]|t[1-9]|l[1-6]|s1|sacrum)(?![a-z0-9])", re.IGNORECASE)
+_LEVEL_TOKEN = re.compile(r"(?<![a-z0-9])(%s|sacrum)(?![a-z0-9])" % "|".join(level.name for level in LEVELS),
+                          re.IGNORECASE)
 
 
 def _level_named(name: str) -> Level | None:
