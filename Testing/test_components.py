@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from SpineLabelLib.components import (attach_posterior, body_components, confine_posterior, dense_bone_as_posterior,
-                                       join_sacrum, off_axis_components, present_ids, split_merged, vertebra_components)
+                                       join_sacrum, off_axis_components, posterior_by_level, present_ids, split_merged,
+                                       vertebra_components)
 from SpineLabelLib.features import chain_order, drop_detached_ends, level_scores, measure, off_the_line
 from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, level_index
 from SpineLabelLib.result import Geometry
@@ -254,6 +255,45 @@ def test_s1_keeps_what_lies_at_its_own_level_and_claims_nothing():
     for last_is_s1 in (False, True):
         confined = confine_posterior(vertebrae, bodies, [1, 2, 3], (1.0, 1.0, 1.0), last_is_s1=last_is_s1)
         assert (confined[mass] == 3).all() and np.array_equal(confined[~mass], vertebrae[~mass])
+
+
+def _three_arches() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """L2, L3 and L4 (ids 1, 2, 3; z grows cranially) whose arches the flood cut too high: each vertebra below holds
+    the lower arch of the one above. Returns (vertebrae, bodies) int32 (z, y, x) and the level each voxel truly
+    has, int (z, y, x) indices into ``LEVELS`` (L2 from z 40, L3 from z 20, L4 below)."""
+    bodies = np.zeros((60, 30, 20), np.int32)
+    for vid, z0 in ((1, 44), (2, 25), (3, 6)):
+        bodies[z0 : z0 + 10, 2:12, 5:15] = vid
+    vertebrae = bodies.copy()
+    for vid, (z0, z1) in ((1, (46, 56)), (2, (28, 46)), (3, (10, 28))):
+        vertebrae[z0:z1, 15:25, 8:12] = vid
+    truth = np.full(bodies.shape, level_index("L4"))
+    truth[20:], truth[40:] = level_index("L3"), level_index("L2")
+    return vertebrae, bodies, truth
+
+
+def test_arch_voxels_go_to_the_neighbour_whose_level_the_level_head_gives_them():
+    vertebrae, bodies, truth = _three_arches()
+    arch = (vertebrae > 0) & (bodies == 0)
+    z = np.arange(60)[:, None, None] + np.zeros_like(vertebrae)
+    out = posterior_by_level(vertebrae, bodies, [1, 2, 3], _level_head(truth), last_is_s1=False)
+    assert (out[arch & (z >= 40)] == 1).all() and (out[arch & (z >= 20) & (z < 40)] == 2).all()
+    assert (out[arch & (z < 20)] == 3).all() and np.array_equal(out[~arch], vertebrae[~arch])
+    # a level head that cannot tell the levels apart moves nothing; nor does one below the margin
+    assert posterior_by_level(vertebrae, bodies, [1, 2, 3], _level_head(truth, sure=1 / len(LEVELS)),
+                              last_is_s1=False) is vertebrae
+    assert posterior_by_level(vertebrae, bodies, [1, 2, 3], _level_head(truth), last_is_s1=False,
+                              margin=10.0) is vertebrae
+
+
+def test_s1_neither_gives_nor_takes_arch_voxels_by_level():
+    """Named S1, the lowest vertebra keeps what it holds at the level above (``join_sacrum`` gives S1 its posterior
+    elements); the two above it still trade."""
+    vertebrae, bodies, truth = _three_arches()
+    arch = (vertebrae > 0) & (bodies == 0)
+    out = posterior_by_level(vertebrae, bodies, [1, 2, 3], _level_head(truth), last_is_s1=True)
+    assert np.array_equal(out == 3, vertebrae == 3)
+    assert (out[arch & (np.arange(60)[:, None, None] >= 40)] == 1).all()
 
 
 def test_sacrum_called_posterior_elements_joins_s1_not_l5():

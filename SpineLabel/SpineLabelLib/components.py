@@ -6,10 +6,12 @@ poorly seen disc) is cut between its high-probability cores, where its body-prob
 parts that the network's level head gives different levels. Body components off the vertebral column
 (posterior-element or pelvis fragments) become posterior elements. Posterior elements are then attached to the body
 they are connected to, except those that the level head calls S1 (sacrum): they wait until the sequence model has
-named the vertebrae, and then join the one named S1 (``join_sacrum``). On CT, dense bone (Hounsfield units of
-cancellous or cortical bone) that the network gives some vertebra probability joins the posterior elements first:
-the thin posterior elements of real CT are often under-called at the network's 2 mm grid, while their bone density
-is unmistakable.
+named the vertebrae, and then join the one named S1 (``join_sacrum``). Once the chain is known, each vertebra keeps
+the posterior elements within its band along the spine (``confine_posterior``), and a posterior-element voxel goes to
+the neighbour whose level the level head clearly gives it (``posterior_by_level``). On CT, dense bone (Hounsfield
+units of cancellous or cortical bone) that the network gives some vertebra probability joins the posterior elements
+first: the thin posterior elements of real CT are often under-called at the network's 2 mm grid, while their bone
+density is unmistakable.
 
 All arrays are (z, y, x) on the model grid; ``spacing_mm`` is (z, y, x) voxel size in mm.
 """
@@ -25,8 +27,8 @@ from skimage.segmentation import watershed
 from .vertebrae import BODY, POSTERIOR, level_index
 
 __all__ = ["DENSE_BONE_HU", "present_ids", "cut_by_field_of_view", "body_components", "split_merged", "ball",
-           "dense_bone_as_posterior", "attach_posterior", "sacral_posterior", "confine_posterior", "join_sacrum",
-           "vertebra_components"]
+           "dense_bone_as_posterior", "attach_posterior", "sacral_posterior", "confine_posterior",
+           "posterior_by_level", "join_sacrum", "vertebra_components"]
 
 log = logging.getLogger(__name__)
 
@@ -680,6 +682,79 @@ def _claim_own_level(vertebrae: np.ndarray, voxels: tuple[np.ndarray, ...], poin
     out = vertebrae.copy()
     out[voxels] = np.asarray(chain)[new]
     log.info("%d posterior-element voxels moved to the vertebra at whose level they lie, which held fewer", moved)
+    return out
+
+
+# In favour of the vertebra a posterior-element voxel already belongs to (natural log): the level head must find the
+# voxel's level that much likelier to be a neighbour's than its own for it to move (``posterior_by_level``).
+LEVEL_MARGIN = 1.0
+
+
+def posterior_by_level(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int], level_log_probs: np.ndarray,
+                       last_is_s1: bool, margin: float = LEVEL_MARGIN) -> np.ndarray:
+    """Give each posterior-element voxel to the chain neighbour whose level the level head gives it, where it does so
+    clearly. The flood and the bands (``attach_posterior``, ``confine_posterior``) go by distance; but the arch of a
+    vertebra reaches down past its disc (inferior articular processes, a sloping spinous process) to the facet joints,
+    where, at the network's 2 mm grid, it touches the arch below: on real CT the flood gives a vertebra's lower arch
+    to the vertebra below. The level head was trained on whole vertebrae, arches included, and reads those voxels'
+    level from what surrounds them. A voxel belongs to chain vertebra i with a likelihood ``p . q_i``: ``p`` the level
+    probabilities of its half-resolution cell, ``q_i`` the mean level probabilities over i's body voxels; a voxel
+    moves to the vertebra above or below its own when that likelihood's log beats its own vertebra's by ``margin``.
+    S1 (``last_is_s1``) neither gains nor loses voxels this way: its posterior elements come from ``join_sacrum``.
+
+    Args:
+        vertebrae: int32 (z, y, x) whole-vertebra components; not modified.
+        bodies: int32 (z, y, x) their body components (same ids).
+        chain: the ids of the chained vertebrae, cranial first.
+        level_log_probs: float16 (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output at half resolution
+            (natural-log probabilities).
+        last_is_s1: the last of ``chain`` is named S1.
+        margin: natural-log likelihood ratio a move needs.
+
+    Returns:
+        int32 (z, y, x) components.
+    """
+    n = len(chain)
+    movable = n - 1 if last_is_s1 else n  # chain positions that may give or take voxels
+    if movable < 2:
+        return vertebrae
+    position = np.full(max(int(vertebrae.max()), *chain) + 1, -1)
+    position[chain[:movable]] = np.arange(movable)
+    voxels = np.nonzero((vertebrae > 0) & (bodies == 0))
+    owner = position[vertebrae[voxels]]
+    voxels, owner = tuple(v[owner >= 0] for v in voxels), owner[owner >= 0]
+    if not owner.size:
+        return vertebrae
+
+    def probabilities(zyx: tuple[np.ndarray, ...]) -> np.ndarray:
+        """float32 (len(zyx[0]), n_levels) level probabilities of the half-resolution cells of full-resolution
+        voxels."""
+        log_p = level_log_probs[(slice(None), *(v // 2 for v in zyx))].T.astype(np.float32)
+        p = np.exp(log_p - log_p.max(axis=1, keepdims=True))
+        return p / p.sum(axis=1, keepdims=True)
+
+    body_voxels = np.nonzero(bodies)
+    body_position = position[bodies[body_voxels]]
+    at = body_position >= 0
+    p_body = probabilities(tuple(v[at] for v in body_voxels))
+    counts = np.bincount(body_position[at], minlength=movable)
+    shares = np.stack([np.bincount(body_position[at], weights=column, minlength=movable)
+                       for column in p_body.T], axis=1) / np.maximum(counts, 1)[:, None]  # (movable, n_levels)
+    with np.errstate(divide="ignore"):
+        score = np.log(probabilities(voxels) @ shares.T)  # (voxels, movable)
+    candidates = owner[:, None] + np.array([-1, 0, 1])
+    possible = (candidates >= 0) & (candidates < movable) & (counts[np.clip(candidates, 0, movable - 1)] > 0)
+    choice = np.where(possible, np.take_along_axis(score, np.clip(candidates, 0, movable - 1), axis=1), -np.inf)
+    # the own vertebra's never -inf (level probabilities that underflow): a voxel stays where nothing is likelier
+    choice[:, 1] = np.maximum(score[np.arange(owner.size), owner] + margin, np.finfo(score.dtype).min)
+    new = np.take_along_axis(candidates, np.argmax(choice, axis=1)[:, None], axis=1)[:, 0]
+    moved = new != owner
+    if not moved.any():
+        return vertebrae
+    out = vertebrae.copy()
+    out[tuple(v[moved] for v in voxels)] = np.asarray(chain)[new[moved]]
+    log.info("%d posterior-element voxels moved to the neighbouring vertebra whose level the level head gives them",
+             int(moved.sum()))
     return out
 
 

@@ -354,14 +354,17 @@ def label_spine(
         ordered, gaps = feat.chain_order(ordered[:position] + ordered[position + 1:])
         scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
         solution = solve(scores, gaps)
-    # each vertebra's posterior elements stay within its band along the spine (comp.confine_posterior). The pieces the
-    # chain puts below S1 are more of the sacrum: their voxels join S1, the S1 body keeps its centroid; so do the
-    # posterior elements that the level head calls S1, when the chain has an S1 (comp.join_sacrum)
+    # each vertebra's posterior elements stay within its band along the spine (comp.confine_posterior), and go to the
+    # neighbour whose level the level head clearly gives them (comp.posterior_by_level). The pieces the chain puts
+    # below S1 are more of the sacrum: their voxels join S1, the S1 body keeps its centroid; so do the posterior
+    # elements that the level head calls S1, when the chain has an S1 (comp.join_sacrum)
     sacral_pieces = ordered[n_chain:]
     s1_and_pieces = [f.id for f in ordered[n_chain - 1:]] if has_s1 else None
     above_s1 = ordered[n_chain - 2].id if has_s1 and n_chain > 1 else None
-    whole[box] = comp.confine_posterior(whole[box], bodies_box, [f.id for f in ordered[:n_chain]], spacing_zyx,
-                                        last_is_s1=has_s1)
+    chain_ids = [f.id for f in ordered[:n_chain]]
+    whole[box] = comp.confine_posterior(whole[box], bodies_box, chain_ids, spacing_zyx, last_is_s1=has_s1)
+    whole[box] = comp.posterior_by_level(whole[box], bodies_box, chain_ids, prediction.level_log_probs,
+                                         last_is_s1=has_s1)
     whole[box] = comp.join_sacrum(whole[box], sacrum_box, s1_and_pieces, above_s1)
     keep = np.zeros(int(whole.max(initial=0)) + 1, dtype=np.int16)
     for f in ordered[:n_chain]:
