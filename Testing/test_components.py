@@ -279,6 +279,10 @@ def test_arch_voxels_go_to_the_neighbour_whose_level_the_level_head_gives_them()
     out = posterior_by_level(vertebrae, bodies, [1, 2, 3], _level_head(truth), last_is_s1=False)
     assert (out[arch & (z >= 40)] == 1).all() and (out[arch & (z >= 20) & (z < 40)] == 2).all()
     assert (out[arch & (z < 20)] == 3).all() and np.array_equal(out[~arch], vertebrae[~arch])
+    far = vertebrae.copy()
+    far[12:14, 26:28, 8:12] = 1  # L2 arch voxels at L4's level: two levels away, not a neighbour's; they stay
+    assert (posterior_by_level(far, bodies, [1, 2, 3], _level_head(truth), last_is_s1=False)[12:14, 26:28, 8:12]
+            == 1).all()
     # a level head that cannot tell the levels apart moves nothing; nor does one below the margin
     assert posterior_by_level(vertebrae, bodies, [1, 2, 3], _level_head(truth, sure=1 / len(LEVELS)),
                               last_is_s1=False) is vertebrae

@@ -740,8 +740,8 @@ def posterior_by_level(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[in
     counts = np.bincount(body_position[at], minlength=movable)
     shares = np.stack([np.bincount(body_position[at], weights=column, minlength=movable)
                        for column in p_body.T], axis=1) / np.maximum(counts, 1)[:, None]  # (movable, n_levels)
-    with np.errstate(divide="ignore"):
-        score = np.log(probabilities(voxels) @ shares.T)  # (voxels, movable)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a non-finite level output says nothing: -inf
+        score = np.nan_to_num(np.log(probabilities(voxels) @ shares.T), nan=-np.inf)  # (voxels, movable)
     candidates = owner[:, None] + np.array([-1, 0, 1])
     possible = (candidates >= 0) & (candidates < movable) & (counts[np.clip(candidates, 0, movable - 1)] > 0)
     choice = np.where(possible, np.take_along_axis(score, np.clip(candidates, 0, movable - 1), axis=1), -np.inf)
