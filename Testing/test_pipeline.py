@@ -17,8 +17,9 @@ from SpineLabelLib.models import ModelError, card_file, load_model, register_mod
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import (DENSE_BONE_REACH_MM, LONG_COLUMN, MIN_SPINE_PROBABILITY,
-                                    MIN_SPINE_PROBABILITY_LONG_COLUMN, ORIENTATION_MARGIN, Cancelled, NoVertebrae,
-                                    components_on_input_grid, is_spine, label_spine, require_vertebrae)
+                                    MIN_SPINE_PROBABILITY_LONG_COLUMN, MIN_SPINE_PROBABILITY_REGULAR_COLUMN,
+                                    ORIENTATION_MARGIN, REGULAR_COLUMN, Cancelled, NoVertebrae,
+                                    components_on_input_grid, is_spine, label_spine, regular_column, require_vertebrae)
 from SpineLabelLib.vertebrae import BY_NAME
 
 
@@ -283,6 +284,17 @@ def test_the_spine_gate_asks_less_of_a_long_column_and_never_takes_one_component
     between = (MIN_SPINE_PROBABILITY + MIN_SPINE_PROBABILITY_LONG_COLUMN) / 2
     assert not is_spine(between, LONG_COLUMN - 1) and is_spine(between, LONG_COLUMN)
     assert is_spine(MIN_SPINE_PROBABILITY, 2) and not is_spine(0.99, 1)
+
+
+def test_the_spine_gate_asks_least_of_a_column_spaced_like_vertebrae():
+    # a neck and a lumbar spine are regular columns; an even spacing far beyond a vertebra's, or one broken up, is not
+    assert regular_column([19.0, 18.0, 17.5, 18.5, 20.0]) == 6 and regular_column([30.0, 34.0, 36.0]) == 4
+    assert regular_column([]) == 0 and regular_column([80.0, 90.0]) == 0
+    assert regular_column([25.0, 25.0, 120.0, 25.0, 25.0, 25.0, 9.0, 25.0]) == 4
+    assert regular_column([40.0, 20.0, 42.0, 21.0, 44.0]) == 2  # in range, each gap far from the one before
+    low = MIN_SPINE_PROBABILITY_REGULAR_COLUMN
+    assert is_spine(low, REGULAR_COLUMN, column=REGULAR_COLUMN) and not is_spine(low, 20, column=REGULAR_COLUMN - 1)
+    assert not is_spine(low - 0.01, REGULAR_COLUMN, column=REGULAR_COLUMN)
 
 
 def test_the_spine_gate_can_be_switched_off(random_model, small_phantom):

@@ -3,8 +3,9 @@
 Labels images that hold no spine (white, smoothed and uniform noise, random blobs, balls: the kinds training draws
 as negatives; a limb and a head, which it never draws; CT-like and MR-like intensities) and every real scan in
 ``../shared/data``, and prints the median vertebral-body probability of each one's vertebra-like components that the
-field of view leaves whole (``SpineLabeling.spine_probability``, column p) and the number of all its components (n),
-both as the gate sees them, then what the gate does with them. The gate belongs between the highest non-spine value
+field of view leaves whole (``SpineLabeling.spine_probability``, column p), the number of all its components (n) and
+of those in its longest regular column (c, ``pipeline.regular_column``), as the gate sees them, then what the gate
+does with them. The gate belongs between the highest non-spine value
 and the lowest real-scan value, for short and for long columns of components, placed without the scans marked "held
 out" (the development test set of ``real_data.py evaluate``), whose lowest value is printed apart.
 
@@ -76,19 +77,19 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     is_spine = pipeline.is_spine
-    judged: list[int] = []
+    judged: list[tuple[int, int]] = []
 
-    def open_gate(p: float, n: int) -> bool:  # every image is measured with the gate open; n is what it counts
-        judged.append(n)
+    def open_gate(p: float, n: int, column: int = 0) -> bool:  # every image is measured with the gate open
+        judged.append((n, column))
         return True
 
     pipeline.is_spine = open_gate
-    rows: list[tuple[str, str, float | None, int]] = []
+    rows: list[tuple[str, str, float | None, int, int]] = []
 
     def measure(kind: str, name: str, image) -> None:
         judged.clear()
         p = pipeline.label_spine(image, model=args.model, device="cpu").spine_probability
-        rows.append((kind, name, p, judged[-1] if judged else 0))
+        rows.append((kind, name, p, *(judged[-1] if judged else (0, 0))))
 
     for seed in range(args.seeds):
         for name, image in non_spine_images(seed).items():
@@ -98,19 +99,22 @@ def main() -> int:
             measure("held out" if is_test_image(path) else "real", str(path.relative_to(DATA)), path)
     else:
         print(f"{DATA} not found: real scans skipped", file=sys.stderr)
-    print(f"{'':9s} {'p':>6s} {'n':>3s}")
-    for kind, name, p, n in rows:
-        print(f"{kind:9s} {'-' if p is None else f'{p:.3f}':>6s} {n:3d}  {name}")
+    print(f"{'':9s} {'p':>6s} {'n':>3s} {'c':>3s}")
+    for kind, name, p, n, column in rows:
+        print(f"{kind:9s} {'-' if p is None else f'{p:.3f}':>6s} {n:3d} {column:3d}  {name}")
     print()
     for long_column, what in ((False, f"fewer than {pipeline.LONG_COLUMN}"), (True, f"{pipeline.LONG_COLUMN} or more")):
-        values = {kind: [p for k, _, p, n in rows if k == kind and p is not None
+        values = {kind: [p for k, _, p, n, _ in rows if k == kind and p is not None
                          and (n >= pipeline.LONG_COLUMN) == long_column] for kind in ("no spine", "real", "held out")}
         print(f"{what} components: highest without a spine {max(values['no spine'], default=float('nan')):.3f}; "
               f"lowest real scan {min(values['real'], default=float('nan')):.3f}, held out included "
               f"{min(values['real'] + values['held out'], default=float('nan')):.3f}")
-    print(f"real scans without any component: {sum(p is None for kind, _, p, _ in rows if kind != 'no spine')}")
-    passed = [name for kind, name, p, n in rows if kind == "no spine" and p is not None and is_spine(p, n)]
-    stopped = [name for kind, name, p, n in rows if kind != "no spine" and p is not None and not is_spine(p, n)]
+    print(f"longest regular column without a spine: {max((c for k, *_, c in rows if k == 'no spine'), default=0)} "
+          f"components (the gate asks {pipeline.MIN_SPINE_PROBABILITY_REGULAR_COLUMN} of {pipeline.REGULAR_COLUMN} or "
+          "more)")
+    print(f"real scans without any component: {sum(p is None for kind, _, p, *_ in rows if kind != 'no spine')}")
+    passed = [name for kind, name, p, n, c in rows if kind == "no spine" and p is not None and is_spine(p, n, c)]
+    stopped = [name for kind, name, p, n, c in rows if kind != "no spine" and p is not None and not is_spine(p, n, c)]
     n_fake = sum(kind == "no spine" for kind, *_ in rows)
     print(f"the gate now (pipeline.is_spine) lets {len(passed)} of {n_fake} images without a spine through"
           f"{': ' + ', '.join(passed) if passed else ''}, and stops {len(stopped)} real scan(s)"
