@@ -1,13 +1,13 @@
 """Where the spine gate (``SpineLabelLib.pipeline.is_spine``) should sit for a model.
 
-Labels images that hold no spine (white, smoothed and uniform noise, random blobs, balls: the kinds training draws
-as negatives; a limb and a head, which it never draws; CT-like and MR-like intensities) and every real scan in
+Labels images that hold no spine (white, smoothed and uniform noise, random blobs, balls: the kinds training draws as
+negatives; a limb and a head, which it never draws; CT-like and MR-like intensities) and every real scan in
 ``../shared/data``, and prints the median vertebral-body probability of each one's vertebra-like components that the
 field of view leaves whole (``SpineLabeling.spine_probability``, column p), the number of all its components (n) and
 of those in its longest regular column (c, ``pipeline.regular_column``), as the gate sees them, then what the gate
-does with them. The gate belongs between the highest non-spine value
-and the lowest real-scan value, for short and for long columns of components, placed without the scans marked "held
-out" (the development test set of ``real_data.py evaluate``), whose lowest value is printed apart.
+does with them. The gate belongs between the highest non-spine value and the lowest real-scan value, for short and
+for long columns of components, placed without the scans marked "held out" (the development test set of
+``real_data.py evaluate``), whose lowest value is printed apart.
 
 Usage (from the repository root):
     python benchmarks/spine_gate.py [--model CARD.json] [--seeds 3]
