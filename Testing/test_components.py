@@ -441,6 +441,24 @@ def test_a_far_fragment_beside_a_short_chain_is_off_the_column():
     assert off_axis_components(bodies, SPACING).tolist() == [3]
 
 
+def test_pieces_in_a_line_beside_the_spine_do_not_push_its_bodies_off_the_column():
+    """A synthetic T2 crop (selection.py, seed 900018): beside six lumbar bodies (ids 1, 2, 5, 8, 14, 15; centroids z,
+    y, x in mm and volumes in voxels of 2 mm, each box an eighth of it) lies a line of background pieces, some as large
+    as the smaller bodies. A body and a piece level with it each measure the other off the column alike; dropping the
+    further of the two dropped bodies (L1-L3), dropping the smaller keeps every body."""
+    pieces = [(179.2, 115.2, 124.1, 1997), (150.5, 111.4, 123.5, 3569), (143.3, 179.5, 46.5, 733),
+              (126.6, 174.5, 38.5, 1190), (117.1, 106.4, 124.7, 3257), (109.8, 179.9, 43.2, 1223),
+              (95.9, 176.2, 34.3, 420), (80.7, 103.3, 126.0, 3954), (77.8, 183.2, 41.9, 777), (75.0, 202.9, 101.3, 260),
+              (63.7, 158.2, 10.9, 162), (53.7, 174.0, 24.4, 79), (48.6, 208.6, 95.8, 1122), (45.2, 105.9, 130.1, 3388),
+              (10.7, 120.0, 133.8, 514)]
+    bodies = np.zeros((95, 112, 112), np.int32)
+    for vid, (*centroid_mm, volume) in enumerate(pieces, start=1):
+        half = max(0, round(((volume / 8) ** (1 / 3) - 1) / 2))
+        lo = np.round(np.array(centroid_mm) / 2).astype(int) - half
+        bodies[lo[0] : lo[0] + 2 * half + 1, lo[1] : lo[1] + 2 * half + 1, lo[2] : lo[2] + 2 * half + 1] = vid
+    assert not set(off_axis_components(bodies, SPACING).tolist()) & {1, 2, 5, 8, 14, 15}
+
+
 def test_a_blob_level_with_one_of_two_bodies_is_off_the_column():
     # an axial abdominal MRI 60 mm tall (the TotalSegmentator MR): two thoracic bodies and, level with the lower
     # one, a bowel blob as large as it 100 mm in front of it, the upper body cut smaller by the edge of the scan.

@@ -390,6 +390,9 @@ def _split_at_valleys(mask: np.ndarray, probability: np.ndarray, window: int, de
     return np.where(mask, piece[:, None, None], 0)
 
 
+NEARLY_AS_FAR = 0.9  # ``off_axis_components``: components this share of the furthest one's distance off or more
+
+
 def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, float], tolerance_mm: float = 15.0
                         ) -> np.ndarray:
     """Ids of body components that lie off the vertebral column (posterior-element, rib, vessel or pelvis fragments).
@@ -401,8 +404,10 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
     an end of the column, that end's body); components beyond the ends are left to the chain
     (``features.drop_detached_ends``), since where the column goes beyond its last body is not known. Two column
     components that lie further apart across than along z are no stretch of a column (one of them is off it, as a
-    bowel loop level with a body is), so nothing is measured between them. The component furthest off is dropped
-    while it lies more than ``tolerance_mm`` from the column, then the others are measured again. Antero-posterior
+    bowel loop level with a body is), so nothing is measured between them. While a component lies more than
+    ``tolerance_mm`` from the column, the smallest of those within ``NEARLY_AS_FAR`` of the furthest off is dropped (two
+    components level with each other measure each other off the column alike; the body is the larger), then the
+    others are measured again. Antero-posterior
     offsets count half: the sagittal curve bends sharply at the lumbosacral junction, while the column hardly leaves
     its coronal line, and the fragments it must catch lie 35 mm or more behind the bodies (spinous processes) or
     beside them.
@@ -422,11 +427,11 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
     large = volumes >= np.median(volumes)
     off = np.zeros(ids.size, dtype=bool)
     while True:
-        distance = np.array([_off_column(centroids, large, ~off, i) for i in range(ids.size)])
-        worst = int(np.argmax(np.where(off, -1.0, distance)))
-        if distance[worst] <= tolerance_mm:
+        distance = np.where(off, -1.0, [_off_column(centroids, large, ~off, i) for i in range(ids.size)])
+        if distance.max() <= tolerance_mm:
             return ids[off]
-        off[worst] = True
+        far = np.flatnonzero(distance >= NEARLY_AS_FAR * distance.max())
+        off[far[np.argmin(volumes[far])]] = True
 
 
 def _off_column(centroids: np.ndarray, large: np.ndarray, kept: np.ndarray, i: int) -> float:
