@@ -479,6 +479,35 @@ def test_a_component_far_beyond_the_end_of_the_spine_is_left_out_and_named(rando
 
 
 
+def test_a_regular_column_of_faint_bodies_is_taken_for_a_spine(random_model, monkeypatch):
+    """Six bodies 32 mm apart at a vertebral-body probability of 0.75, under the 0.82 that five or more components
+    need, lie in a regular column, which the gate takes (``regular_column``); five do not. The network's output is
+    made up, as in the test above."""
+    from SpineLabelLib import pipeline
+    from SpineLabelLib.inference import Prediction
+    from SpineLabelLib.vertebrae import BODY, DISC, LEVELS
+
+    def made_up(n):
+        def predict(loaded, volume, device, **kwargs):
+            z = volume.shape[0]
+            tissue = np.zeros(volume.shape, np.uint8)
+            for k in range(n):  # 24 mm bodies under 8 mm discs, from the top down
+                top = z - 4 - 8 * k
+                tissue[top - 6 : top, 6:14, 5:15] = BODY
+                tissue[top - 8 : top - 6, 6:14, 5:15] = DISC
+            body = (tissue == BODY).astype(np.float16) * np.float16(0.75)
+            levels = np.zeros((len(LEVELS), *((m + 1) // 2 for m in volume.shape)), np.float16)
+            return Prediction(tissue, body, body.copy(), levels)
+        return predict
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100.0, 5.0, (170, 40, 40)).astype(np.float32))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    for n, labelled in ((REGULAR_COLUMN, REGULAR_COLUMN), (REGULAR_COLUMN - 1, 0)):
+        monkeypatch.setattr(pipeline, "_predict_in_context", made_up(n))
+        result = label_spine(image, model=random_model, device="cpu", modality="mr")
+        assert len(result.vertebrae) == labelled and result.spine_probability == pytest.approx(0.75, abs=1e-3)
+
+
 def test_voxels_coarser_than_the_names_were_checked_on_are_said(random_model):
     """The names were checked on slices up to 6 mm thick; an image of 8 mm slices is labelled with a warning."""
     image = sitk.Image([40, 40, 20], sitk.sitkInt16)

@@ -405,12 +405,11 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
     (``features.drop_detached_ends``), since where the column goes beyond its last body is not known. Two column
     components that lie further apart across than along z are no stretch of a column (one of them is off it, as a
     bowel loop level with a body is), so nothing is measured between them. While a component lies more than
-    ``tolerance_mm`` from the column, the smallest of those within ``NEARLY_AS_FAR`` of the furthest off is dropped (two
-    components level with each other measure each other off the column alike; the body is the larger), then the
-    others are measured again. Antero-posterior
-    offsets count half: the sagittal curve bends sharply at the lumbosacral junction, while the column hardly leaves
-    its coronal line, and the fragments it must catch lie 35 mm or more behind the bodies (spinous processes) or
-    beside them.
+    ``tolerance_mm`` from the column, the smallest of those beyond it and within ``NEARLY_AS_FAR`` of the furthest off
+    is dropped (two components level with each other measure each other off the column alike; the body is the
+    larger), then the others are measured again. Antero-posterior offsets count half: the sagittal curve bends sharply
+    at the lumbosacral junction, while the column hardly leaves its coronal line, and the fragments it must catch lie
+    35 mm or more behind the bodies (spinous processes) or beside them.
 
     Args:
         bodies: int32 (z, y, x) body components.
@@ -430,7 +429,7 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
         distance = np.where(off, -1.0, [_off_column(centroids, large, ~off, i) for i in range(ids.size)])
         if distance.max() <= tolerance_mm:
             return ids[off]
-        far = np.flatnonzero(distance >= NEARLY_AS_FAR * distance.max())
+        far = np.flatnonzero((distance >= NEARLY_AS_FAR * distance.max()) & (distance > tolerance_mm))
         off[far[np.argmin(volumes[far])]] = True
 
 
