@@ -20,7 +20,7 @@ from SpineLabelLib.pipeline import (DENSE_BONE_REACH_MM, LONG_COLUMN, MIN_SPINE_
                                     MIN_SPINE_PROBABILITY_LONG_COLUMN, MIN_SPINE_PROBABILITY_REGULAR_COLUMN,
                                     ORIENTATION_MARGIN, REGULAR_COLUMN, Cancelled, NoVertebrae,
                                     components_on_input_grid, is_spine, label_spine, regular_column, require_vertebrae)
-from SpineLabelLib.vertebrae import BY_NAME
+from SpineLabelLib.vertebrae import BY_NAME, level_index
 
 
 @pytest.fixture(scope="module")
@@ -506,6 +506,37 @@ def test_a_regular_column_of_faint_bodies_is_taken_for_a_spine(random_model, mon
         monkeypatch.setattr(pipeline, "_predict_in_context", made_up(n))
         result = label_spine(image, model=random_model, device="cpu", modality="mr")
         assert len(result.vertebrae) == labelled and result.spine_probability == pytest.approx(0.75, abs=1e-3)
+
+
+def test_a_body_holding_two_vertebrae_beside_a_skipped_level_is_cut_in_two(random_model, monkeypatch):
+    """Six bodies 32 mm apart, the fourth and fifth one component 56 mm tall (their disc unseen): the chain would skip a
+    level beside it. The level evidence names the levels C3-C6 and T1 from the top, the tall one C6 throughout, so the
+    chain reads C3 C4 C5 C6 T1: C7 not found. Cut across at its centroid, six vertebrae are named C3-T1."""
+    from SpineLabelLib import pipeline
+    from SpineLabelLib.inference import Prediction
+    from SpineLabelLib.vertebrae import BODY, DISC, LEVELS
+
+    names = ["C3", "C4", "C5", "C6", "C7", "T1"]
+
+    def predict(loaded, volume, device, **kwargs):
+        z = volume.shape[0]
+        tissue = np.zeros(volume.shape, np.uint8)
+        levels = np.full((len(LEVELS), *((m + 1) // 2 for m in volume.shape)), np.float16(np.log(0.2 / len(LEVELS))))
+        for k, name in enumerate(names):  # 24 mm bodies under 8 mm discs, from the top down (4 mm grid)
+            top = z - 4 - 8 * k
+            tissue[top - 6 : top, 6:14, 5:15] = BODY
+            tissue[top - 8 : top - 6, 6:14, 5:15] = DISC if k != 3 else BODY  # no disc between the 4th and 5th
+            level = level_index("C6" if name == "C7" else name)  # the one component reads as C6 throughout
+            levels[level, (top - 8) // 2 : top // 2] = np.float16(np.log(0.8))
+        body = (tissue == BODY).astype(np.float16) * np.float16(0.95)
+        return Prediction(tissue, body, body.copy(), levels)
+
+    monkeypatch.setattr(pipeline, "_predict_in_context", predict)
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100.0, 5.0, (170, 40, 40)).astype(np.float32))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    result = label_spine(image, model=random_model, device="cpu", modality="mr")
+    assert [v.name for v in result.vertebrae] == names
+    assert not any("not found" in w for w in result.warnings)
 
 
 def test_voxels_coarser_than_the_names_were_checked_on_are_said(random_model):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
-from SpineLabelLib.sequence import K, PRIORS, TEMPERATURE, UNCERTAIN_BELOW, _warnings, expected_gaps_mm, relabel, solve
+from SpineLabelLib.sequence import (K, PRIORS, TEMPERATURE, UNCERTAIN_BELOW, _warnings, expected_gaps_mm, relabel,
+                                    skipped_levels, solve)
 from SpineLabelLib.vertebrae import LEVELS, level_index
 
 
@@ -390,3 +391,10 @@ def test_fixed_labels_that_cannot_hold_are_named():
         solve(scores, gaps, {0: "L2", 2: "L1"})
     with pytest.raises(ValueError, match="1 vertebra lies between them"):
         solve(scores, gaps, {0: "L2", 2: "L3"})
+
+
+def test_skipped_levels_count_regular_levels_only():
+    chain = [level_index(n) for n in ("T11", "T12", "L2", "L5", "L6", "S1", "S1")]
+    assert skipped_levels(chain).tolist() == [0, 1, 2, 0, 0, 0]  # T13 and L6 are no regular levels; S1 pieces none
+    assert skipped_levels([level_index("T12"), level_index("T13"), level_index("L1")]).tolist() == [0, 0]
+    assert skipped_levels([level_index("L1")]).size == 0

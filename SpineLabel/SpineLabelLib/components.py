@@ -28,7 +28,7 @@ from .vertebrae import BODY, POSTERIOR, level_index
 
 __all__ = ["DENSE_BONE_HU", "present_ids", "cut_by_field_of_view", "body_components", "split_merged", "ball",
            "dense_bone_as_posterior", "attach_posterior", "sacral_posterior", "confine_posterior",
-           "posterior_by_level", "join_sacrum", "vertebra_components"]
+           "posterior_by_level", "cut_across", "join_sacrum", "vertebra_components"]
 
 log = logging.getLogger(__name__)
 
@@ -760,6 +760,25 @@ def posterior_by_level(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[in
     log.info("%d posterior-element voxels moved to the neighbouring vertebra whose level the level head gives them",
              int(moved.sum()))
     return out
+
+
+def cut_across(bodies: np.ndarray, vertebrae: np.ndarray, vid: int, new_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut vertebra ``vid`` in two at the head-feet plane through its body centroid: its voxels below the plane, body
+    and posterior elements, take ``new_id`` (a vertebra the network did not part from its neighbour).
+
+    Args:
+        bodies: int32 (z, y, x) body components, z growing cranially; not modified.
+        vertebrae: int32 (z, y, x) whole-vertebra components, same ids; not modified.
+        vid: the component to cut.
+        new_id: the id of its caudal part, unused in both arrays.
+
+    Returns:
+        (bodies, vertebrae), int32 (z, y, x) copies.
+    """
+    z_centre = np.nonzero(bodies == vid)[0].mean()
+    below = np.arange(bodies.shape[0])[:, None, None] < z_centre
+    return (np.where((bodies == vid) & below, new_id, bodies).astype(bodies.dtype),
+            np.where((vertebrae == vid) & below, new_id, vertebrae).astype(vertebrae.dtype))
 
 
 def join_sacrum(vertebrae: np.ndarray, sacrum: np.ndarray, ids: list[int] | None = None,

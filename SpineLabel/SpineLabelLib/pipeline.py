@@ -26,7 +26,7 @@ from .inference import (LABEL_MAP_VALUES, Cancelled, Prediction, looks_like_labe
 from .io import InputError, canonical_grid, checked_image, read_image, read_notes, resample_to_grid
 from .models import LoadedModel, card_file, default_model_path, load_model, read_card
 from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
-from .sequence import solve, vertebrae_in
+from .sequence import skipped_levels, solve, vertebrae_in
 from .vertebrae import LEVELS, level_index
 
 __all__ = ["label_spine", "require_vertebrae", "NoVertebrae", "Cancelled", "get_model", "is_spine",
@@ -384,6 +384,21 @@ def label_spine(
         ordered, gaps = feat.chain_order(ordered[:position] + ordered[position + 1:])
         scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
         solution = solve(scores, gaps)
+    # a regular level the chain skips beside a body tall enough for two: two vertebrae the network did not part; each
+    # such body is cut across at its centroid, and the chain measured and solved again (once)
+    merged = _merged_beside_skip(solution.levels[:n_chain], ordered[:n_chain])
+    if merged:
+        kept = {f.id for f in ordered}
+        for f in merged:
+            kept.add(int(bodies_box.max()) + 1)
+            bodies_box, whole[box] = comp.cut_across(bodies_box, whole[box], f.id, max(kept))
+            log.info("cut a body %.0f mm tall beside a skipped level in two", f.extent_mm[0])
+        bodies[box] = bodies_box
+        ordered, gaps = feat.chain_order([f for f in feat.measure(bodies, whole, norm, body_probability, grid_geometry)
+                                          if f.id in kept])
+        scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
+        solution = solve(scores, gaps)
+        n_chain, has_s1 = _chain_end(solution)
     # each vertebra's posterior elements stay within its band along the spine (comp.confine_posterior), and go to the
     # neighbour whose level the level head clearly gives them (comp.posterior_by_level). The pieces the chain puts
     # below S1 are more of the sacrum: their voxels join S1, the S1 body keeps its centroid; so do the posterior
@@ -454,6 +469,24 @@ def label_spine(
         spine_probability=median,
         orientation_margin=orientation_margin,
     )
+
+
+# A body beside a skipped level that is this many times as tall as the body on the gap's other side (and at least the
+# chain's median height) holds two vertebrae (``_merged_beside_skip``)
+MERGED_HEIGHT_RATIO = 1.25
+
+
+def _merged_beside_skip(levels: np.ndarray, chain: list[feat.ComponentFeatures]) -> list[feat.ComponentFeatures]:
+    """The components of a solved chain that hold two vertebrae: beside each skip of one regular level, the neighbour
+    whose body is ``MERGED_HEIGHT_RATIO`` times as tall (head-feet extent) as the other's and at least the chain's
+    median height. ``levels`` int (n,) indices into ``LEVELS`` of ``chain``, in chain order."""
+    heights = np.array([f.extent_mm[0] for f in chain])
+    out: dict[int, feat.ComponentFeatures] = {}
+    for i in np.flatnonzero(skipped_levels(levels) == 1):
+        j = i if heights[i] >= heights[i + 1] else i + 1
+        if heights[j] >= MERGED_HEIGHT_RATIO * min(heights[i], heights[i + 1]) and heights[j] >= np.median(heights):
+            out[chain[j].id] = chain[j]
+    return list(out.values())
 
 
 def _chain_end(solution) -> tuple[int, bool]:

@@ -38,8 +38,8 @@ import numpy as np
 from .result import SpineLabeling
 from .vertebrae import LEVELS, level_index
 
-__all__ = ["SequencePriors", "PRIORS", "Solution", "solve", "vertebrae_in", "relabel", "expected_gaps_mm",
-           "UNCERTAIN_BELOW", "TEMPERATURE", "confidence_text"]
+__all__ = ["SequencePriors", "PRIORS", "Solution", "solve", "vertebrae_in", "skipped_levels", "relabel",
+           "expected_gaps_mm", "UNCERTAIN_BELOW", "TEMPERATURE", "confidence_text"]
 
 
 K = len(LEVELS)
@@ -349,6 +349,13 @@ def _conflict(fixed: dict[int, str], n: int, transitions: np.ndarray, start: np.
 
 def _vertebrae(count: int) -> str:
     return "1 vertebra lies" if count == 1 else f"{count} vertebrae lie"
+
+
+def skipped_levels(levels: np.ndarray) -> np.ndarray:
+    """int (n-1,) how many regular levels a solved chain skips between each vertebra and the next (0 for none; T13
+    and L6 are no regular levels). ``levels`` int (n,) indices into ``LEVELS``, chain order."""
+    levels = np.asarray(levels, dtype=int)
+    return np.maximum(_SKIPS[levels[:-1], levels[1:]], 0) if levels.size > 1 else np.zeros(0, dtype=int)
 
 
 def vertebrae_in(levels: np.ndarray) -> int:
