@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from SpineLabelLib.components import (attach_posterior, body_components, confine_posterior, dense_bone_as_posterior,
-                                       join_sacrum, off_axis_components, posterior_by_level, present_ids, split_merged,
-                                       vertebra_components)
+from SpineLabelLib.components import (attach_posterior, body_components, confine_posterior, cut_across,
+                                       dense_bone_as_posterior, join_sacrum, off_axis_components, posterior_by_level,
+                                       present_ids, split_merged, vertebra_components)
 from SpineLabelLib.features import chain_order, drop_detached_ends, level_scores, measure, off_the_line
 from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, level_index
 from SpineLabelLib.result import Geometry
@@ -298,6 +298,19 @@ def test_s1_neither_gives_nor_takes_arch_voxels_by_level():
     out = posterior_by_level(vertebrae, bodies, [1, 2, 3], _level_head(truth), last_is_s1=True)
     assert np.array_equal(out == 3, vertebrae == 3)
     assert (out[arch & (np.arange(60)[:, None, None] >= 40)] == 1).all()
+
+
+def test_a_vertebra_is_cut_across_at_its_body_centroid():
+    bodies = np.zeros((30, 10, 10), np.int32)
+    bodies[5:25, 2:6, 2:8] = 1  # a body 20 slices tall, z 5-24: centroid 14.5
+    vertebrae = bodies.copy()
+    vertebrae[8:22, 6:9, 4:6] = 1
+    cut_bodies, cut_vertebrae = cut_across(bodies, vertebrae, 1, 2)
+    assert (cut_bodies[5:15] == 2 * (bodies[5:15] > 0)).all() and (cut_bodies[15:] == bodies[15:]).all()
+    assert (cut_vertebrae[8:15, 6:9, 4:6] == 2).all() and (cut_vertebrae[15:22, 6:9, 4:6] == 1).all()
+    flat = np.zeros_like(bodies)
+    flat[10, 2:6, 2:8] = 1  # a body in one plane is left whole
+    assert cut_across(flat, flat, 1, 2)[0] is flat
 
 
 def test_sacrum_called_posterior_elements_joins_s1_not_l5():

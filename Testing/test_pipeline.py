@@ -539,6 +539,18 @@ def test_a_body_holding_two_vertebrae_beside_a_skipped_level_is_cut_in_two(rando
     assert not any("not found" in w for w in result.warnings)
 
 
+def test_s1_is_never_the_body_cut_for_a_skipped_level():
+    """L5 skipped between L4 and S1: the sacrum's box is the tallest of a chain, and a merged L4+L5 beside it is not
+    told apart by height; nothing is cut. A tall L2 beside a skipped L3 is cut."""
+    from types import SimpleNamespace
+
+    from SpineLabelLib.pipeline import _merged_beside_skip
+    chain = [SimpleNamespace(id=k + 1, extent_mm=np.array([h, 30.0, 40.0])) for k, h in enumerate([30, 30, 52, 70])]
+    assert _merged_beside_skip(np.array([level_index(n) for n in ("L2", "L3", "L4", "S1")]), chain) == []
+    assert [f.id for f in _merged_beside_skip(np.array([level_index(n) for n in ("T12", "L1", "L2", "L4")]),
+                                              chain[:2] + chain[2:][::-1])] == [4]
+
+
 def test_voxels_coarser_than_the_names_were_checked_on_are_said(random_model):
     """The names were checked on slices up to 6 mm thick; an image of 8 mm slices is labelled with a warning."""
     image = sitk.Image([40, 40, 20], sitk.sitkInt16)

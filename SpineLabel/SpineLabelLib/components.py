@@ -764,7 +764,8 @@ def posterior_by_level(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[in
 
 def cut_across(bodies: np.ndarray, vertebrae: np.ndarray, vid: int, new_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Cut vertebra ``vid`` in two at the head-feet plane through its body centroid: its voxels below the plane, body
-    and posterior elements, take ``new_id`` (a vertebra the network did not part from its neighbour).
+    and posterior elements, take ``new_id`` (a vertebra the network did not part from its neighbour). A body that
+    lies in one plane is left whole.
 
     Args:
         bodies: int32 (z, y, x) body components, z growing cranially; not modified.
@@ -773,10 +774,12 @@ def cut_across(bodies: np.ndarray, vertebrae: np.ndarray, vid: int, new_id: int)
         new_id: the id of its caudal part, unused in both arrays.
 
     Returns:
-        (bodies, vertebrae), int32 (z, y, x) copies.
+        (bodies, vertebrae), int32 (z, y, x): copies, or the arrays given where the body lies in one plane.
     """
-    z_centre = np.nonzero(bodies == vid)[0].mean()
-    below = np.arange(bodies.shape[0])[:, None, None] < z_centre
+    z = np.nonzero(bodies == vid)[0]
+    if z.min() == z.max():
+        return bodies, vertebrae
+    below = np.arange(bodies.shape[0])[:, None, None] < z.mean()
     return (np.where((bodies == vid) & below, new_id, bodies).astype(bodies.dtype),
             np.where((vertebrae == vid) & below, new_id, vertebrae).astype(vertebrae.dtype))
 

@@ -390,7 +390,7 @@ def label_spine(
     if merged:
         kept = {f.id for f in ordered}
         for f in merged:
-            kept.add(int(bodies_box.max()) + 1)
+            kept.add(max(int(bodies_box.max()), int(whole[box].max())) + 1)
             bodies_box, whole[box] = comp.cut_across(bodies_box, whole[box], f.id, max(kept))
             log.info("cut a body %.0f mm tall beside a skipped level in two", f.extent_mm[0])
         bodies[box] = bodies_box
@@ -479,12 +479,14 @@ MERGED_HEIGHT_RATIO = 1.25
 def _merged_beside_skip(levels: np.ndarray, chain: list[feat.ComponentFeatures]) -> list[feat.ComponentFeatures]:
     """The components of a solved chain that hold two vertebrae: beside each skip of one regular level, the neighbour
     whose body is ``MERGED_HEIGHT_RATIO`` times as tall (head-feet extent) as the other's and at least the chain's
-    median height. ``levels`` int (n,) indices into ``LEVELS`` of ``chain``, in chain order."""
+    median height, unless it is S1 (the sacrum's box is the tallest of a chain, tilted and often with S2 in it).
+    ``levels`` int (n,) indices into ``LEVELS`` of ``chain``, in chain order."""
     heights = np.array([f.extent_mm[0] for f in chain])
     out: dict[int, feat.ComponentFeatures] = {}
     for i in np.flatnonzero(skipped_levels(levels) == 1):
         j = i if heights[i] >= heights[i + 1] else i + 1
-        if heights[j] >= MERGED_HEIGHT_RATIO * min(heights[i], heights[i + 1]) and heights[j] >= np.median(heights):
+        if (levels[j] != comp.S1_LEVEL and heights[j] >= MERGED_HEIGHT_RATIO * min(heights[i], heights[i + 1])
+                and heights[j] >= np.median(heights)):
             out[chain[j].id] = chain[j]
     return list(out.values())
 
