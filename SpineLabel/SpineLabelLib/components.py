@@ -554,6 +554,19 @@ def sacral_posterior(bodies: np.ndarray, tissue: np.ndarray, level_log_probs: np
     return _full_resolution(s1[None], everywhere)[0] & (tissue == POSTERIOR) & (bodies == 0)
 
 
+def _chain_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int]
+                     ) -> tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray]:
+    """The posterior-element voxels of the vertebrae of ``chain`` (ids, cranial first): (position, voxels, owner) with
+    position int64 (max id + 1,) the chain position of each id (-1 off the chain), voxels the (z, y, x) index arrays
+    (int64) of those voxels in ``vertebrae`` and ``bodies`` (int32 (z, y, x), same ids), owner int64 their vertebra's
+    chain position."""
+    position = np.full(max(int(vertebrae.max()), *chain) + 1, -1)
+    position[chain] = np.arange(len(chain))
+    voxels = np.nonzero((vertebrae > 0) & (bodies == 0))
+    owner = position[vertebrae[voxels]]
+    return position, tuple(v[owner >= 0] for v in voxels), owner[owner >= 0]
+
+
 CROSSED_SHARE = 0.05  # of a vertebra's posterior voxels, a further gap beyond its band: its flood crossed a level
 
 
@@ -594,12 +607,7 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
     norms = np.linalg.norm(direction, axis=1, keepdims=True)
     direction = (np.where(norms > 0, direction, centres[-1] - centres[0])
                  / np.where(norms > 0, norms, max(gaps.sum(), 1e-6)))
-    position = np.full(max(int(vertebrae.max()), *chain) + 1, -1)  # chain position of each id, -1 off the chain
-    position[chain] = np.arange(len(chain))
-    voxels = np.nonzero((vertebrae > 0) & (bodies == 0))
-    owner = position[vertebrae[voxels]]
-    voxels = tuple(v[owner >= 0] for v in voxels)
-    owner = owner[owner >= 0]
+    position, voxels, owner = _chain_posterior(vertebrae, bodies, chain)
     points = np.stack(voxels, axis=1) * spacing
 
     def beyond(at: np.ndarray, of: np.ndarray) -> np.ndarray:
@@ -722,11 +730,7 @@ def posterior_by_level(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[in
     movable = n - 1 if last_is_s1 else n  # chain positions that may give or take voxels
     if movable < 2:
         return vertebrae
-    position = np.full(max(int(vertebrae.max()), *chain) + 1, -1)
-    position[chain[:movable]] = np.arange(movable)
-    voxels = np.nonzero((vertebrae > 0) & (bodies == 0))
-    owner = position[vertebrae[voxels]]
-    voxels, owner = tuple(v[owner >= 0] for v in voxels), owner[owner >= 0]
+    position, voxels, owner = _chain_posterior(vertebrae, bodies, chain[:movable])
     if not owner.size:
         return vertebrae
 

@@ -423,8 +423,7 @@ def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray,
         p = min(float(marginals[:, level_index(name)].sum()), 1.0)  # a labelling has at most one: the chain's chance
         if 0.2 <= p <= 0.8:
             out.append(f"{alt_a}/{alt_b} ambiguous: probability of a {name} is {p:.2f}")
-    for i in range(len(levels) - 1):
-        skipped = int(_SKIPS[levels[i], levels[i + 1]])
+    for i, skipped in enumerate(skipped_levels(levels)):
         if skipped > 0:
             missing = [lv.name for lv in LEVELS[levels[i] + 1 : levels[i + 1]] if not lv.transitional]
             out.append(
