@@ -539,6 +539,48 @@ def test_a_body_holding_two_vertebrae_beside_a_skipped_level_is_cut_in_two(rando
     assert not any("not found" in w for w in result.warnings)
 
 
+def test_the_arch_of_a_vertebra_above_the_view_is_labelled_the_level_above(random_model, monkeypatch):
+    """T12 to L3 from the top, T12's body cut by the top of the view; behind it, in the top three planes, a spinous
+    process that the level head reads as T11 (3 ml on the 4 mm grid): it is named T11, the others keep their names.
+    Read as T12, it stays T12's."""
+    from SpineLabelLib import pipeline
+    from SpineLabelLib.inference import Prediction
+    from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR
+
+    names = ["T12", "L1", "L2", "L3"]
+
+    def made_up(spinous: str):
+        def predict(loaded, volume, device, **kwargs):
+            z = volume.shape[0]
+            tissue = np.zeros(volume.shape, np.uint8)
+            levels = np.full((len(LEVELS), *((m + 1) // 2 for m in volume.shape)),
+                             np.float16(np.log(0.2 / len(LEVELS))))
+            for k, name in enumerate(names):  # 24 mm bodies under 8 mm discs, the first cut by the top of the view
+                top = z - 8 * k
+                tissue[top - 6 : top, 2:8, 5:15] = BODY
+                tissue[top - 6 : top, 8:14, 8:12] = POSTERIOR
+                tissue[top - 8 : top - 6, 2:8, 5:15] = DISC
+                levels[level_index(name), (top - 8) // 2 : (top + 1) // 2] = np.float16(np.log(0.8))
+            tissue[z - 3 :, 14:18, 8:12] = POSTERIOR
+            cells = (slice((z - 3) // 2, None), slice(7, 9), slice(4, 6))
+            levels[(level_index("T12"), *cells)] = np.float16(np.log(0.2 / len(LEVELS)))
+            levels[(level_index(spinous), *cells)] = np.float16(np.log(0.8))
+            body = (tissue == BODY).astype(np.float16) * np.float16(0.95)
+            return Prediction(tissue, body, (tissue > 0).astype(np.float16) * np.float16(0.95), levels)
+        return predict
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100.0, 5.0, (120, 40, 40)).astype(np.float32))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    for spinous, expected in (("T11", ["T11", *names]), ("T12", names)):
+        monkeypatch.setattr(pipeline, "_predict_in_context", made_up(spinous))
+        result = label_spine(image, model=random_model, device="cpu", modality="mr", spine_gate=False)
+        assert [v.name for v in result.vertebrae] == expected
+    monkeypatch.setattr(pipeline, "_predict_in_context", made_up("T11"))
+    result = label_spine(image, model=random_model, device="cpu", modality="mr", spine_gate=False)
+    arch = result.label_map() == result.vertebrae[0].label
+    assert arch.any() and result.vertebrae[0].volume_ml < 5.0
+
+
 def test_s1_is_never_the_body_cut_for_a_skipped_level():
     """L5 skipped between L4 and S1: the sacrum's box is the tallest of a chain, and a merged L4+L5 beside it is not
     told apart by height; nothing is cut. A tall L2 beside a skipped L3 is cut."""

@@ -410,6 +410,28 @@ def label_spine(
     whole[box] = comp.confine_posterior(whole[box], bodies_box, chain_ids, spacing_zyx, last_is_s1=has_s1)
     whole[box] = comp.posterior_by_level(whole[box], bodies_box, chain_ids, prediction.level_log_probs,
                                          last_is_s1=has_s1)
+    # the top planes can hold the lower arch of a vertebra whose body lies above the view (comp.arch_above_view): it
+    # becomes a vertebra of its own, named the level above the top one, where the chain solved with it keeps every
+    # other name
+    above = _regular_level_above(int(solution.levels[0])) if ordered else None
+    piece = None if above is None else comp.arch_above_view(whole[box], bodies_box, ordered[0].id,
+                                                             prediction.level_log_probs, int(solution.levels[0]),
+                                                             above, spacing_zyx)
+    if piece is not None:
+        new_id = max(int(whole.max()), int(bodies_box.max())) + 1
+        alone = np.zeros(norm.shape, dtype=np.int32)
+        alone[box][piece] = new_id
+        arch = feat.measure(alone, alone, norm, body_probability, grid_geometry)[0]
+        del alone
+        row = feat.level_scores(np.where(piece, new_id, 0).astype(np.int32), prediction.level_log_probs, [new_id])
+        gap = float(np.linalg.norm(arch.body_centroid_lps_mm - ordered[0].body_centroid_lps_mm))
+        extended = solve(np.vstack([row, scores]), np.concatenate([[gap], gaps]))
+        if int(extended.levels[0]) == above and np.array_equal(extended.levels[1:], solution.levels):
+            whole[box][piece] = new_id
+            bodies_box[piece] = new_id  # its level is read from these voxels (the orientation check)
+            ordered, scores, gaps = [arch, *ordered], np.vstack([row, scores]), np.concatenate([[gap], gaps])
+            solution, n_chain = extended, n_chain + 1
+            log.info("the top planes hold the arch of a vertebra above the view: named %s", LEVELS[above].name)
     whole[box] = comp.join_sacrum(whole[box], sacrum_box, s1_and_pieces, above_s1)
     keep = np.zeros(int(whole.max(initial=0)) + 1, dtype=np.int16)
     for f in ordered[:n_chain]:
@@ -489,6 +511,11 @@ def _merged_beside_skip(levels: np.ndarray, chain: list[feat.ComponentFeatures])
                 and heights[j] >= np.median(heights)):
             out[chain[j].id] = chain[j]
     return list(out.values())
+
+
+def _regular_level_above(level: int) -> int | None:
+    """The index into ``LEVELS`` of the regular level above ``level`` (T12 above L1, L5 above S1), None above C1."""
+    return next((k for k in range(level - 1, -1, -1) if not LEVELS[k].transitional), None)
 
 
 def _chain_end(solution) -> tuple[int, bool]:

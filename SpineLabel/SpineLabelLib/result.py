@@ -91,7 +91,8 @@ class Vertebra:
         id: component id, the value of this vertebra's voxels in ``SpineLabeling.components``; stable across
             re-solves.
         name: level name (``"L1"``); ``label``/``level`` follow from it.
-        centroid_lps_mm: vertebral-body centroid, LPS mm.
+        centroid_lps_mm: vertebral-body centroid, LPS mm (of the arch, for the arch of a vertebra whose body lies
+            above the view).
         volume_ml: volume of the whole vertebra (body + posterior elements), millilitres.
         confidence: posterior probability (0-1) of ``name`` under the sequence model.
         level_log_scores: per-level log-likelihood of this component, float64 of length ``len(LEVELS)`` in
