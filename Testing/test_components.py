@@ -302,29 +302,29 @@ def test_s1_neither_gives_nor_takes_arch_voxels_by_level():
 
 def test_the_arch_of_the_vertebra_above_the_view_is_found_in_the_top_planes():
     """T12 (id 1) at the top of the view, its body reaching the top plane; behind it, in the top planes, the sloping
-    spinous process of T11, whose body is out of view, which the flood gave to T12 (1 mm voxels)."""
+    spinous process of T11, whose body is out of view, which the flood gave to T12."""
     vertebrae = np.zeros((40, 40, 20), np.int32)
     vertebrae[10:40, 2:16, 5:15] = 1  # the body
     bodies = vertebrae.copy()
     vertebrae[20:40, 16:30, 8:12] = 1  # T12's own arch
-    vertebrae[30:40, 30:38, 8:12] = 1  # T11's spinous process: 10 x 8 x 4 = 0.32 ml at 1 mm
-    truth = np.full(vertebrae.shape, level_index("T12"))
-    truth[30:, 30:] = level_index("T11")
+    vertebrae[30:40, 30:38, 8:12] = 1  # T11's spinous process: 10 x 8 x 4 voxels, 0.32 ml at 1 mm, 2.56 ml at 2 mm
     t11, t12 = level_index("T11"), level_index("T12")
-    piece = arch_above_view(vertebrae, bodies, 1, _level_head(truth), t12, t11, (1.0, 1.0, 1.0))
-    assert piece is None  # under 1 ml
-    piece = arch_above_view(vertebrae, bodies, 1, _level_head(truth), t12, t11, (2.0, 2.0, 2.0))
-    assert piece is not None and np.array_equal(np.argwhere(piece), np.argwhere(vertebrae[30:, 30:] > 0) + [30, 30, 0])
-    # where the level head reads the top vertebra's own level, or the piece stops short of the top plane: nothing
-    assert arch_above_view(vertebrae, bodies, 1, _level_head(np.full_like(truth, t12)), t12, t11, (2.0,) * 3) is None
-    assert arch_above_view(vertebrae[:-2], bodies[:-2], 1, _level_head(np.where(np.arange(40)[:, None, None] < 38,
-                                                                               truth, t12)[:-2]),
-                           t12, t11, (2.0,) * 3) is not None
-    shifted = np.where(np.arange(40)[:, None, None] >= 38, t12, truth)  # T11 read in z 30-37 only
-    assert arch_above_view(vertebrae, bodies, 1, _level_head(shifted), t12, t11, (2.0,) * 3) is None
+    truth = np.full(vertebrae.shape, t12)
+    truth[30:, 30:] = t11
+
+    def find(levels, view_top=39, spacing=(2.0, 2.0, 2.0)):
+        return arch_above_view(vertebrae, bodies, 1, _level_head(levels), t12, t11, spacing, view_top)
+
+    assert find(truth, spacing=(1.0, 1.0, 1.0)) is None  # under 1 ml
+    assert np.array_equal(np.argwhere(find(truth)), np.argwhere(vertebrae[30:, 30:] > 0) + [30, 30, 0])
+    # where the level head reads the top vertebra's own level there: nothing
+    assert find(np.full_like(truth, t12)) is None
+    # T11 read in z 30-37 only: the piece stops short of the top plane, unless that is the scan's top plane (the model
+    # grid reaching beyond the scan)
+    shifted = np.where(np.arange(40)[:, None, None] >= 38, t12, truth)
+    assert find(shifted) is None and find(shifted, view_top=37) is not None
     # a level head that reads the body as T11 too disagrees with the chain's name for it: no vertebra above
-    assert arch_above_view(vertebrae, bodies, 1, _level_head(np.where(bodies > 0, t11, truth)), t12, t11,
-                           (2.0,) * 3) is None
+    assert find(np.where(bodies > 0, t11, truth)) is None
 
 
 def test_a_vertebra_is_cut_across_at_its_body_centroid():
