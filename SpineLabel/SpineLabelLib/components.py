@@ -777,11 +777,11 @@ def arch_above_view(vertebrae: np.ndarray, bodies: np.ndarray, top: int, level_l
     Spinous processes slope down and the inferior articular processes reach below their own body, so the top slices
     of a scan can hold the arch of a vertebra whose body lies above them; the flood gives it to the vertebra below.
     Those of ``top``'s posterior-element voxels whose level the level head finds ``margin`` likelier to be ``above``
-    than ``own``, connected (26-neighbourhood) to the top plane of the view, when they make ``ARCH_ABOVE_MIN_ML`` at
-    least; and
-    only where the level head reads ``top``'s body as ``own`` over ``above`` by ``margin`` (mean over its voxels):
-    where it reads the body as the level above too, it disagrees with the chain's name for the vertebra (a synthetic
-    CT whose top vertebra, named T1, it read as C7 throughout lost T1 to such a piece), not that one lies above.
+    than ``own``, connected (26-neighbourhood) to the top plane of the scan, when they make ``ARCH_ABOVE_MIN_ML`` at
+    least; and only where the level head reads ``top``'s body as ``own`` over ``above`` by ``margin`` (mean over its
+    voxels): where it reads the body as the level above too, it disagrees with the chain's name for the vertebra (a
+    synthetic CT whose top vertebra, named T1, it read as C7 throughout lost T1 to such a piece), not that one lies
+    above.
 
     Args:
         vertebrae: int32 (z, y, x) whole-vertebra components, z growing cranially; not modified.
