@@ -185,6 +185,25 @@ def test_short_axes_cut_through_the_body_are_extended_by_reflection():
     assert with_context(big)[0] is big
 
 
+def test_the_planes_of_the_grid_beyond_the_scan_take_the_plane_next_to_them():
+    """88 slices 1 mm apart span 87 mm; the 2 mm model grid rounds that up to 88 mm, so its top plane lies beyond the
+    scan's last slice and holds the fill value. It takes the values of the plane below it; a scan of 87 slices
+    (86 mm, a whole number of model voxels) has no such plane."""
+    from SpineLabelLib.io import canonical_grid, resample_to_grid
+    from SpineLabelLib.pipeline import _extend_to_grid_ends
+
+    for slices, beyond in ((88, True), (87, False)):
+        image = sitk.GetImageFromArray(np.random.default_rng(0).uniform(1.0, 2.0, (slices, 10, 10)).astype(np.float32))
+        image.SetSpacing((2.0, 2.0, 1.0))
+        grid = canonical_grid(image, 2.0)
+        volume = sitk.GetArrayFromImage(resample_to_grid(image, grid, default=0.0))
+        before = volume.copy()
+        assert volume.shape == (44 + beyond, 10, 10) and volume[-1].any() != beyond and volume[0].all()
+        _extend_to_grid_ends(volume, image, grid)
+        np.testing.assert_array_equal(volume[:-1], before[:-1])
+        np.testing.assert_array_equal(volume[-1], volume[-2] if beyond else before[-1])
+
+
 def test_a_narrow_stack_is_padded_with_zeros_left_and_right_as_in_training():
     volume = np.random.default_rng(0).uniform(0.2, 1.0, (90, 80, 30)).astype(np.float32)
     extended, inner = with_context(volume)

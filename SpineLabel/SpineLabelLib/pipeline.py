@@ -321,6 +321,7 @@ def label_spine(
         report(1.0, "no vertebrae found")
         return _empty(geometry, warnings, loaded, timings, source, modality, t0, None)
     norm = normalise(volume, loaded.ct_window_hu if modality == "CT" else None)
+    _extend_to_grid_ends(norm, image, grid)
     del volume, resampled
     box = _foreground_box(norm)
     t = stage("normalise", t)
@@ -513,6 +514,29 @@ def _merged_beside_skip(levels: np.ndarray, chain: list[feat.ComponentFeatures])
                 and heights[j] >= np.median(heights)):
             out[chain[j].id] = chain[j]
     return list(out.values())
+
+
+def _extend_to_grid_ends(volume: np.ndarray, image: sitk.Image, grid: sitk.Image) -> None:
+    """Give the planes of the model grid that lie beyond the scan (``canonical_grid`` rounds its extent up, by less than
+    a model voxel) the values of the plane next to them, in place. Filled with the scan's minimum, such a plane read to
+    the network as air beyond a body the scan cuts: the field of view's edge read as the body's (a short scan was then
+    not extended by its mirror image there, ``with_context``), depending on whether the scan's extent is a whole number
+    of model voxels. ``volume``: float32 (z, y, x) on ``grid``."""
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=float)
+    corners = corners * np.asarray(image.GetSize(), dtype=float) - 0.5  # the scan's outer voxel faces
+    inside = np.array([grid.TransformPhysicalPointToContinuousIndex(image.TransformContinuousIndexToPhysicalPoint(
+        [float(c) for c in corner])) for corner in corners])[:, ::-1]  # (corners, z y x)
+    for axis, (first, last) in enumerate(zip(inside.min(axis=0), inside.max(axis=0))):
+        n = volume.shape[axis]
+        before, after = int(np.clip(np.ceil(first - 1e-6), 0, n - 1)), int(np.clip(np.floor(last + 1e-6), 0, n - 1))
+        if before > after:
+            continue
+        index = [slice(None)] * 3
+        for planes, source in ((slice(0, before), before), (slice(after + 1, n), after)):
+            index[axis] = planes
+            target = tuple(index)
+            index[axis] = slice(source, source + 1)
+            volume[target] = volume[tuple(index)]
 
 
 def _regular_level_above(level: int) -> int | None:
