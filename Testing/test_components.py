@@ -312,17 +312,17 @@ def test_the_arch_of_the_vertebra_above_the_view_is_found_in_the_top_planes():
     truth = np.full(vertebrae.shape, t12)
     truth[30:, 30:] = t11
 
-    def find(levels, view_top=39, spacing=(2.0, 2.0, 2.0)):
-        return arch_above_view(vertebrae, bodies, 1, _level_head(levels), t12, t11, spacing, view_top)
+    def find(levels, top_plane=39, spacing=(2.0, 2.0, 2.0)):
+        cut = slice(0, top_plane + 1)
+        return arch_above_view(vertebrae[cut], bodies[cut], 1, _level_head(levels[cut]), t12, t11, spacing)
 
     assert find(truth, spacing=(1.0, 1.0, 1.0)) is None  # under 1 ml
     assert np.array_equal(np.argwhere(find(truth)), np.argwhere(vertebrae[30:, 30:] > 0) + [30, 30, 0])
     # where the level head reads the top vertebra's own level there: nothing
     assert find(np.full_like(truth, t12)) is None
-    # T11 read in z 30-37 only: the piece stops short of the top plane, unless that is the scan's top plane (the model
-    # grid reaching beyond the scan)
+    # T11 read in z 30-37 only: the piece stops short of the top plane, unless the scan ends there
     shifted = np.where(np.arange(40)[:, None, None] >= 38, t12, truth)
-    assert find(shifted) is None and find(shifted, view_top=37) is not None
+    assert find(shifted) is None and find(shifted, top_plane=37) is not None
     # a level head that reads the body as T11 too disagrees with the chain's name for it: no vertebra above
     assert find(np.where(bodies > 0, t11, truth)) is None
 

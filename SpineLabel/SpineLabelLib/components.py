@@ -771,7 +771,7 @@ ARCH_ABOVE_MIN_ML = 1.0
 
 
 def arch_above_view(vertebrae: np.ndarray, bodies: np.ndarray, top: int, level_log_probs: np.ndarray, own: int,
-                    above: int, spacing_mm: tuple[float, float, float], view_top: int, margin: float = LEVEL_MARGIN
+                    above: int, spacing_mm: tuple[float, float, float], margin: float = LEVEL_MARGIN
                     ) -> np.ndarray | None:
     """The lower arch of the vertebra above the field of view, among the posterior elements of the topmost vertebra.
     Spinous processes slope down and the inferior articular processes reach below their own body, so the top slices
@@ -784,14 +784,14 @@ def arch_above_view(vertebrae: np.ndarray, bodies: np.ndarray, top: int, level_l
     above.
 
     Args:
-        vertebrae: int32 (z, y, x) whole-vertebra components, z growing cranially; not modified.
+        vertebrae: int32 (z, y, x) whole-vertebra components, z growing cranially (the last plane is the top of the
+            scan: the model grid's planes beyond it repeat it, ``pipeline._extend_to_grid_ends``); not modified.
         bodies: int32 (z, y, x) their body components (same ids).
         top: the id of the chain's topmost vertebra.
         level_log_probs: float16 (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output at half resolution
             (natural-log probabilities).
         own, above: indices into ``LEVELS``: the top vertebra's level and the one above it.
         spacing_mm: voxel size (z, y, x) in mm.
-        view_top: the index of the topmost plane inside the scan (the model grid can reach up to a voxel beyond it).
         margin: natural-log likelihood ratio the level head must give.
 
     Returns:
@@ -806,7 +806,7 @@ def arch_above_view(vertebrae: np.ndarray, bodies: np.ndarray, top: int, level_l
     theirs = np.zeros(vertebrae.shape, dtype=bool)
     theirs[tuple(v[log_p[0] - log_p[1] >= margin] for v in zyx)] = True
     pieces, _ = ndimage.label(theirs, structure=np.ones((3, 3, 3), dtype=bool))
-    at_top = np.unique(pieces[view_top])
+    at_top = np.unique(pieces[-1])
     piece = np.isin(pieces, at_top[at_top > 0])
     if np.count_nonzero(piece) * float(np.prod(spacing_mm)) / 1000.0 < ARCH_ABOVE_MIN_ML:
         return None

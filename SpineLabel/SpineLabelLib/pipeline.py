@@ -415,11 +415,9 @@ def label_spine(
     # becomes a vertebra of its own, named the level above the top one, where the chain solved with it keeps every
     # other name
     above = _regular_level_above(int(solution.levels[0])) if ordered else None
-    # the grid can reach up to a voxel beyond the scan, where it holds the fill value (0 once normalised)
-    in_scan = np.flatnonzero(norm[box].any(axis=(1, 2))) if above is not None else np.zeros(0, dtype=int)
-    piece = None if not in_scan.size else comp.arch_above_view(whole[box], bodies_box, ordered[0].id,
-                                                                prediction.level_log_probs, int(solution.levels[0]),
-                                                                above, spacing_zyx, int(in_scan[-1]))
+    piece = None if above is None else comp.arch_above_view(whole[box], bodies_box, ordered[0].id,
+                                                             prediction.level_log_probs, int(solution.levels[0]),
+                                                             above, spacing_zyx)
     if piece is not None:
         new_id = max(int(whole.max()), int(bodies_box.max())) + 1
         alone = np.zeros(norm.shape, dtype=np.int32)  # the piece alone, measured and read as the bodies are
