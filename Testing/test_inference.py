@@ -189,8 +189,7 @@ def test_the_planes_of_the_grid_beyond_the_scan_take_the_plane_next_to_them():
     """88 slices 1 mm apart span 87 mm; the 2 mm model grid rounds that up to 88 mm, so its top plane lies beyond the
     scan's last slice and holds the fill value. It takes the values of the plane below it; a scan of 87 slices
     (86 mm, a whole number of model voxels) has no such plane."""
-    from SpineLabelLib.io import canonical_grid, resample_to_grid
-    from SpineLabelLib.pipeline import _extend_to_grid_ends
+    from SpineLabelLib.io import canonical_grid, extend_to_grid_ends, resample_to_grid
 
     for slices, beyond in ((88, True), (87, False)):
         image = sitk.GetImageFromArray(np.random.default_rng(0).uniform(1.0, 2.0, (slices, 10, 10)).astype(np.float32))
@@ -199,7 +198,7 @@ def test_the_planes_of_the_grid_beyond_the_scan_take_the_plane_next_to_them():
         volume = sitk.GetArrayFromImage(resample_to_grid(image, grid, default=0.0))
         before = volume.copy()
         assert volume.shape == (44 + beyond, 10, 10) and volume[-1].any() != beyond and volume[0].all()
-        _extend_to_grid_ends(volume, image, grid)
+        extend_to_grid_ends(volume, image, grid)
         np.testing.assert_array_equal(volume[:-1], before[:-1])
         np.testing.assert_array_equal(volume[-1], volume[-2] if beyond else before[-1])
 

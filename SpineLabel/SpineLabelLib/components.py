@@ -785,7 +785,7 @@ def arch_above_view(vertebrae: np.ndarray, bodies: np.ndarray, top: int, level_l
 
     Args:
         vertebrae: int32 (z, y, x) whole-vertebra components, z growing cranially (the last plane is the top of the
-            scan: the model grid's planes beyond it repeat it, ``pipeline._extend_to_grid_ends``); not modified.
+            scan: the model grid's planes beyond it repeat it, ``io.extend_to_grid_ends``); not modified.
         bodies: int32 (z, y, x) their body components (same ids).
         top: the id of the chain's topmost vertebra.
         level_log_probs: float16 (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output at half resolution

@@ -39,6 +39,7 @@ __all__ = [
     "checked_image",
     "read_label_map",
     "canonical_grid",
+    "extend_to_grid_ends",
     "resample_to_grid",
     "atomic_path",
     "atomic_paths",
@@ -536,6 +537,9 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
     return image
 
 
+_CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=float)  # of the unit cube
+
+
 def canonical_grid(image: sitk.Image, spacing_mm: float | tuple[float, float, float]) -> sitk.Image:
     """An empty uint8 image on the model's grid covering ``image``: axes along L, P, S (the input's axes
     permuted and flipped to the closest of those, so an oblique input keeps its tilt), ``spacing_mm`` voxels.
@@ -552,8 +556,7 @@ def canonical_grid(image: sitk.Image, spacing_mm: float | tuple[float, float, fl
         new_d = np.stack([d[:, axis_of[a]] * np.sign(d[a, axis_of[a]]) for a in range(3)], axis=1)
     size = np.asarray(image.GetSize(), dtype=float)
     in_spacing = np.asarray(image.GetSpacing(), dtype=float)
-    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=float) * (size - 1)
-    lps = np.asarray(image.GetOrigin()) + (corners * in_spacing) @ d.T
+    lps = np.asarray(image.GetOrigin()) + (_CORNERS * (size - 1) * in_spacing) @ d.T  # the corner voxels' centres
     local = lps @ new_d  # coordinates along the new axes
     lo, hi = local.min(axis=0), local.max(axis=0)
     new_size = np.maximum(np.ceil((hi - lo) / spacing - 1e-6).astype(int) + 1, 1)
@@ -562,6 +565,29 @@ def canonical_grid(image: sitk.Image, spacing_mm: float | tuple[float, float, fl
     grid.SetDirection([float(x) for x in new_d.ravel()])
     grid.SetOrigin([float(x) for x in new_d @ lo])
     return grid
+
+
+def extend_to_grid_ends(volume: np.ndarray, image: sitk.Image, grid: sitk.Image) -> None:
+    """Give the planes of the model grid that lie beyond the scan (``canonical_grid`` rounds its extent up, by less than
+    a model voxel) the values of the plane next to them, in place. Filled with the scan's minimum, such a plane read to
+    the network as air beyond a body the scan cuts: the field of view's edge read as the body's (a short scan was then
+    not extended by its mirror image there, ``pipeline.with_context``), depending on whether the scan's extent is a
+    whole number of model voxels. ``volume``: float32 (z, y, x) on ``grid`` (``canonical_grid``), resampled from
+    ``image``."""
+    corners = _CORNERS * np.asarray(image.GetSize(), dtype=float) - 0.5  # the scan's outer voxel faces
+    inside = np.array([grid.TransformPhysicalPointToContinuousIndex(image.TransformContinuousIndexToPhysicalPoint(
+        [float(c) for c in corner])) for corner in corners])[:, ::-1]  # (corners, z y x)
+    for axis, (first, last) in enumerate(zip(inside.min(axis=0), inside.max(axis=0))):
+        n = volume.shape[axis]
+        before, after = int(np.clip(np.ceil(first - 1e-6), 0, n - 1)), int(np.clip(np.floor(last + 1e-6), 0, n - 1))
+        if before > after:
+            continue
+        index = [slice(None)] * 3
+        for planes, source in ((slice(0, before), before), (slice(after + 1, n), after)):
+            index[axis] = planes
+            target = tuple(index)
+            index[axis] = slice(source, source + 1)
+            volume[target] = volume[tuple(index)]
 
 
 def resample_to_grid(image: sitk.Image, grid: sitk.Image, *, label: bool = False, default: float = 0.0,

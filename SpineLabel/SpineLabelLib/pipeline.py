@@ -23,7 +23,8 @@ from . import components as comp
 from . import features as feat
 from .inference import (LABEL_MAP_VALUES, Cancelled, Prediction, looks_like_label_map, normalise, predict,
                         read_modality, resolve_device)
-from .io import InputError, canonical_grid, checked_image, read_image, read_notes, resample_to_grid
+from .io import (InputError, canonical_grid, checked_image, extend_to_grid_ends, read_image, read_notes,
+                 resample_to_grid)
 from .models import LoadedModel, card_file, default_model_path, load_model, read_card
 from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
 from .sequence import skipped_levels, solve, vertebrae_in
@@ -321,7 +322,7 @@ def label_spine(
         report(1.0, "no vertebrae found")
         return _empty(geometry, warnings, loaded, timings, source, modality, t0, None)
     norm = normalise(volume, loaded.ct_window_hu if modality == "CT" else None)
-    _extend_to_grid_ends(norm, image, grid)
+    extend_to_grid_ends(norm, image, grid)
     del volume, resampled
     box = _foreground_box(norm)
     t = stage("normalise", t)
@@ -391,7 +392,7 @@ def label_spine(
     if merged:
         kept = {f.id for f in ordered}
         for f in merged:
-            kept.add(max(int(bodies_box.max()), int(whole[box].max())) + 1)
+            kept.add(_unused_id(bodies_box, whole))
             bodies_box, whole[box] = comp.cut_across(bodies_box, whole[box], f.id, max(kept))
             log.info("cut a body %.0f mm tall beside a skipped level in two", f.extent_mm[0])
         bodies[box] = bodies_box
@@ -419,7 +420,7 @@ def label_spine(
                                                              prediction.level_log_probs, int(solution.levels[0]),
                                                              above, spacing_zyx)
     if piece is not None:
-        new_id = max(int(whole.max()), int(bodies_box.max())) + 1
+        new_id = _unused_id(bodies_box, whole)
         alone = np.zeros(norm.shape, dtype=np.int32)  # the piece alone, measured and read as the bodies are
         alone[box][piece] = new_id
         arch = feat.measure(alone, alone, norm, body_probability, grid_geometry)[0]
@@ -514,27 +515,9 @@ def _merged_beside_skip(levels: np.ndarray, chain: list[feat.ComponentFeatures])
     return list(out.values())
 
 
-def _extend_to_grid_ends(volume: np.ndarray, image: sitk.Image, grid: sitk.Image) -> None:
-    """Give the planes of the model grid that lie beyond the scan (``canonical_grid`` rounds its extent up, by less than
-    a model voxel) the values of the plane next to them, in place. Filled with the scan's minimum, such a plane read to
-    the network as air beyond a body the scan cuts: the field of view's edge read as the body's (a short scan was then
-    not extended by its mirror image there, ``with_context``), depending on whether the scan's extent is a whole number
-    of model voxels. ``volume``: float32 (z, y, x) on ``grid``."""
-    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=float)
-    corners = corners * np.asarray(image.GetSize(), dtype=float) - 0.5  # the scan's outer voxel faces
-    inside = np.array([grid.TransformPhysicalPointToContinuousIndex(image.TransformContinuousIndexToPhysicalPoint(
-        [float(c) for c in corner])) for corner in corners])[:, ::-1]  # (corners, z y x)
-    for axis, (first, last) in enumerate(zip(inside.min(axis=0), inside.max(axis=0))):
-        n = volume.shape[axis]
-        before, after = int(np.clip(np.ceil(first - 1e-6), 0, n - 1)), int(np.clip(np.floor(last + 1e-6), 0, n - 1))
-        if before > after:
-            continue
-        index = [slice(None)] * 3
-        for planes, source in ((slice(0, before), before), (slice(after + 1, n), after)):
-            index[axis] = planes
-            target = tuple(index)
-            index[axis] = slice(source, source + 1)
-            volume[target] = volume[tuple(index)]
+def _unused_id(*components: np.ndarray) -> int:
+    """An id that none of the int component arrays given holds (one above their largest)."""
+    return max(int(c.max(initial=0)) for c in components) + 1
 
 
 def _regular_level_above(level: int) -> int | None:
