@@ -10,11 +10,16 @@ Usage (from the repository root):
     python benchmarks/real_data.py evaluate [--model CARD.json] [--workdir DIR] [--selection] [--slice-mm MM]
                                             [--slab-mm MM]
     python benchmarks/real_data.py evaluate --selection --length-mm MM [--model CARD.json] [--workdir DIR]
+    python benchmarks/real_data.py cervical [--model CARD.json] [--workdir DIR]
     python benchmarks/real_data.py pitches
 
 ``pitches`` prints the mean centroid distance between consecutive levels in the whole-vertebra VerSe masks
 (``masks_verse``: centres of mass) and the lumbar MRI bodies (``mri_lumbar_bodies``: body centroids) of the training
 view, the source of ``SpineLabelLib.sequence.SequencePriors.pitch_mm``; the real CT is not read.
+
+``cervical`` labels the three MRI of ``cervical_sct``, which have no vertebra masks (the PAM50 template and the small
+cervical T1 and T2 MRI; never trained on), and prints the label closest to each vertebra its disc labels place
+(``_disc_references``; VerSe identification, along head-feet only where a single disc is known).
 
 ``evaluate`` labels every held-out scan with ``spinelabel label``, then writes ``evaluation.json`` and
 ``evaluation.md`` (groups CT, MR and "MR discs") into the work folder. With ``--slice-mm MM`` it labels copies made
@@ -364,6 +369,67 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Real MRI whose vertebrae are known only from disc labels (SCT convention: disc value n lies above vertebra n, 3 is
+# C2/C3), never trained on: the PAM50 T2 template of the Spinal Cord Toolbox (an average of whole-spine MRI; discs C1/C2
+# to T12/L1) and its small cervical T1 and T2 MRI, whose one disc (C2/C3) is the slice of their
+# init_label_vertebrae.txt ("-initz SLICE,3": counted from the feet).
+CERVICAL_SCT = DATA / "cervical_sct"
+HALF_PITCH_MM = 9.0  # a cervical vertebra's centroid lies about half its pitch (17.8-18.7 mm, sequence.PRIORS) from a disc
+
+
+def _disc_references(image_path: Path) -> tuple[dict[str, np.ndarray], bool]:
+    """Reference centroids (level name -> LPS mm) of a ``CERVICAL_SCT`` image, and whether only their head-feet
+    coordinate is known: vertebra n at the midpoint of discs n and n + 1 (C2-T11 on the template), or, beside a single
+    disc n (a slice number), vertebrae n - 1 and n ``HALF_PITCH_MM`` above and below it."""
+    from SpineLabelLib.vertebrae import LEVELS
+
+    regular = [level.name for level in LEVELS if not level.transitional]  # regular[n - 1] is vertebra n
+    image = sitk.ReadImage(str(image_path))
+    if image_path.parent.name == "template":
+        labels = sitk.ReadImage(str(image_path.parent / "PAM50_small_label_disc.nii.gz"))
+        values = sitk.GetArrayFromImage(labels)
+        discs = {int(values[tuple(i)]): np.array(labels.TransformIndexToPhysicalPoint([int(v) for v in i[::-1]]))
+                 for i in np.argwhere(values > 0)}
+        return {regular[n - 1]: (discs[n] + discs[n + 1]) / 2 for n in sorted(discs) if n + 1 in discs}, False
+    slice_, value = map(int, (image_path.parent / "init_label_vertebrae.txt").read_text().split()[1].split(","))
+    axis = _axis_along(image, 2)  # SCT counts slices from the feet along the image's head-feet axis
+    upward = np.array(image.GetDirection()).reshape(3, 3)[:, axis]
+    index = [0] * 3
+    index[axis] = slice_ if upward[2] > 0 else image.GetSize()[axis] - 1 - slice_
+    disc = np.array(image.TransformIndexToPhysicalPoint(index)) * [0, 0, 1]
+    head = np.array([0.0, 0.0, HALF_PITCH_MM])
+    return {regular[value - 2]: disc + head, regular[value - 1]: disc - head}, True
+
+
+def cervical(args: argparse.Namespace) -> int:
+    """Label the ``CERVICAL_SCT`` images and score their names against ``_disc_references`` (VerSe identification)."""
+    from SpineLabelLib.evaluation import ID_RADIUS_MM
+    from SpineLabelLib.io import case_name
+
+    root = _workdir(args, "spinelabel-cervical-")
+    images = [CERVICAL_SCT / "template" / "template" / "PAM50_small_t2.nii.gz", CERVICAL_SCT / "t1" / "t1w.nii.gz",
+              CERVICAL_SCT / "t2" / "t2.nii.gz"]
+    _label(images, root, args.model)
+    total = found = 0
+    for image in images:
+        reference, head_feet_only = _disc_references(image)
+        ctd = root / f"{case_name(image)}_ctd.json"
+        predicted = [(e["name"], np.array(e["world_lps_mm"])) for e in
+                     (json.loads(ctd.read_text())[1:] if ctd.exists() else [])]
+        named = []
+        for name, lps in reference.items():
+            distance = [float(abs(p[2] - lps[2]) if head_feet_only else np.linalg.norm(p - lps)) for _, p in predicted]
+            closest = int(np.argmin(distance)) if predicted else None
+            hit = closest is not None and distance[closest] <= ID_RADIUS_MM
+            named.append(f"{name}:{predicted[closest][0] if hit else '-'}")
+            found += hit and predicted[closest][0] == name
+        total += len(reference)
+        print(f"{image.name}: {' '.join(named) if predicted else 'no vertebrae'} (reference:closest label within "
+              f"{ID_RADIUS_MM:g} mm)")
+    print(f"identified {found} of {total} reference vertebrae")
+    return 0
+
+
 def is_test_image(path: Path) -> bool:
     """Whether a file under ``DATA`` belongs to the development test set that ``evaluate`` scores (the held-out cases
     and the ``discs_mri`` images): a threshold placed on real scans should be placed without these."""
@@ -445,6 +511,10 @@ def main() -> int:
                    help="cut the MRI copies to a sagittal stack MM wide left to right, centred on the spine")
     p.add_argument("--length-mm", type=_positive_mm, metavar="MM",
                    help="with --selection: label short copies, MM along head-feet, one centred on each reference vertebra")
+    p = sub.add_parser("cervical", help="label the cervical MRI of the Spinal Cord Toolbox and score their names "
+                                      "against its disc labels")
+    p.add_argument("--model", type=Path)
+    p.add_argument("--workdir", type=Path)
     p = sub.add_parser("pitches", help="centroid distances between consecutive levels in the training label maps")
     p.add_argument("--workdir", type=Path)
     args, extra = parser.parse_known_args()
@@ -459,7 +529,8 @@ def main() -> int:
     if not DATA.is_dir():
         print(f"{DATA}: real data folder not found", file=sys.stderr)
         return 2
-    return {"train": lambda: train(args, extra), "evaluate": lambda: evaluate(args), "pitches": lambda: pitches(args)}[args.command]()
+    return {"train": lambda: train(args, extra), "evaluate": lambda: evaluate(args), "cervical": lambda: cervical(args),
+            "pitches": lambda: pitches(args)}[args.command]()
 
 
 if __name__ == "__main__":

@@ -178,7 +178,8 @@ MIN_CONTEXT_VOXELS = (80, 80, 20)
 # water-fat MRI 0.91, 0.82 before), the 5 discs MRI of the held-out set are all numbered right (the transitional
 # sacrum of IVD_25 was one level off) and the clinical 33 mm stacks keep 146 of 146 (141). A small field of view all
 # round (extended along z or y) stays as it was: padded too, the cervical T1 MRI of cervical_sct went from C2-C5 to
-# T5-T8.
+# T5-T8 (since the model grid's planes beyond the scan copy its last one, it is read T5-T8 unpadded as well: ``python
+# benchmarks/real_data.py cervical``).
 LEFT_RIGHT_VOXELS = 80
 _CUT_FACE = 0.1  # a side is cut through the body when at least this fraction of its face is foreground
 
