@@ -20,7 +20,8 @@ from SpineLabelLib.pipeline import (DENSE_BONE_REACH_MM, LONG_COLUMN, MIN_SPINE_
                                     MIN_SPINE_PROBABILITY_LONG_COLUMN, MIN_SPINE_PROBABILITY_REGULAR_COLUMN,
                                     ORIENTATION_MARGIN, REGULAR_COLUMN, Cancelled, NoVertebrae,
                                     components_on_input_grid, is_spine, label_spine, regular_column, require_vertebrae)
-from SpineLabelLib.vertebrae import BY_NAME, level_index
+from SpineLabelLib.sequence import solve
+from SpineLabelLib.vertebrae import BY_NAME, LEVELS, level_index
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +242,24 @@ def test_default_model_labels_a_phantom():
         round(int((result.components == v.id).sum()) * voxel_ml, 3) for v in result.vertebrae]
 
 
+def test_a_short_view_is_read_twice_for_its_confidences():
+    """A view extended along head-feet has its level head read again with zeros beyond its ends: the names are those of
+    the first reading, the confidences the posterior of the mean of both; a view tall enough is read once."""
+    image = make_phantom(modality="ct", fov="lumbar", seed=123).image
+    slices = int(round(70 / image.GetSpacing()[2]))
+    start = (image.GetSize()[2] - slices) // 2
+    short = label_spine(image[:, :, start : start + slices], device="cpu", spine_gate=False)
+    assert short.vertebrae and "short_view_reading" in short.timings_s
+    first = np.array([v.level_log_scores for v in short.vertebrae])
+    both = np.array([v.confidence_log_scores for v in short.vertebrae])
+    assert not np.allclose(first, both)
+    solved = solve(first, np.asarray(short.gaps_mm), confidence_scores=both)
+    assert [v.name for v in short.vertebrae] == [LEVELS[k].name for k in solve(first, np.asarray(short.gaps_mm)).levels]
+    np.testing.assert_allclose([v.confidence for v in short.vertebrae], solved.confidence)
+    whole = label_spine(image, device="cpu")
+    assert all(v.confidence_log_scores is None for v in whole.vertebrae) and "short_view_reading" not in whole.timings_s
+
+
 def test_orientation_check_warns_on_a_phantom_turned_head_to_feet():
     """With ``check_orientation``, the shipped model warns on a lumbar phantom whose voxels run head to feet under an
     unchanged header, and not on the phantom as made (margins -0.08 and +0.20 with 1.6.0, -0.06 and +0.16 with
@@ -452,7 +471,7 @@ def test_a_component_far_beyond_the_end_of_the_spine_is_left_out_and_named(rando
     five bodies 32 mm apart and the component 128 mm below them, on the 4 mm grid of the random model."""
     from SpineLabelLib import pipeline
     from SpineLabelLib.inference import Prediction
-    from SpineLabelLib.vertebrae import BODY, DISC, LEVELS
+    from SpineLabelLib.vertebrae import BODY, DISC
 
     def made_up(loaded, volume, device, **kwargs):
         z, y, x = volume.shape
@@ -482,7 +501,7 @@ def test_a_regular_column_of_faint_bodies_is_taken_for_a_spine(random_model, mon
     made up, as in the test above."""
     from SpineLabelLib import pipeline
     from SpineLabelLib.inference import Prediction
-    from SpineLabelLib.vertebrae import BODY, DISC, LEVELS
+    from SpineLabelLib.vertebrae import BODY, DISC
 
     def made_up(n):
         def predict(loaded, volume, device, **kwargs):
@@ -511,7 +530,7 @@ def test_a_body_holding_two_vertebrae_beside_a_skipped_level_is_cut_in_two(rando
     chain reads C3 C4 C5 C6 T1: C7 not found. Cut across at its centroid, six vertebrae are named C3-T1."""
     from SpineLabelLib import pipeline
     from SpineLabelLib.inference import Prediction
-    from SpineLabelLib.vertebrae import BODY, DISC, LEVELS
+    from SpineLabelLib.vertebrae import BODY, DISC
 
     names = ["C3", "C4", "C5", "C6", "C7", "T1"]
 
@@ -542,7 +561,7 @@ def test_the_arch_of_a_vertebra_above_the_view_is_labelled_the_level_above(rando
     Read as T12, it stays T12's."""
     from SpineLabelLib import pipeline
     from SpineLabelLib.inference import Prediction
-    from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR
+    from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
 
     names = ["T12", "L1", "L2", "L3"]
 

@@ -286,6 +286,23 @@ def test_spacing_tells_the_region_when_appearance_does_not():
     assert names_of(small) == names
 
 
+def test_confidences_can_be_read_from_other_evidence_than_the_names():
+    """A short view read twice (pipeline: mirrored and zero-filled beyond its ends): the names follow the first
+    reading, the confidences the evidence given for them, here a second reading one level lower."""
+    names, lower = ["L1", "L2", "L3"], ["L2", "L3", "L4"]
+    first = scores_for(names)
+    alone, both = solve(first, np.full(2, 35.0)), solve(first, np.full(2, 35.0), confidence_scores=scores_for(lower))
+    assert names_of(both) == names_of(alone) == names
+    assert (alone.confidence > 0.8).all() and (both.confidence < 0.2).all()
+    assert [LEVELS[k].name for k in both.marginals.argmax(axis=1)] == lower
+    # the readings agreeing, the confidences are those of the one reading
+    same = solve(first, np.full(2, 35.0), confidence_scores=first)
+    np.testing.assert_allclose(same.confidence, alone.confidence)
+    # a fixed name holds in the confidence evidence too
+    fixed = solve(first, np.full(2, 35.0), {0: "L1"}, confidence_scores=scores_for(lower))
+    assert names_of(fixed) == names and fixed.confidence[0] == pytest.approx(1.0)
+
+
 def make_result(names):
     scores = scores_for(names, strength=1.0, neighbour=0.5)
     vertebrae = [
@@ -298,6 +315,19 @@ def make_result(names):
     sol = solve(scores, np.full(len(names) - 1, 35.0))
     return SpineLabeling(geom, comps, vertebrae, gaps_mm=[35.0] * (len(names) - 1),
                          warnings=["input note"] + sol.warnings, sequence_warnings=sol.warnings)
+
+
+def test_relabel_reads_confidences_from_the_confidence_evidence():
+    result = make_result(["L1", "L2", "L3", "L4", "L5"])
+    lower = scores_for(["L2", "L3", "L4", "L5", "S1"], strength=1.0, neighbour=0.5)
+    for v, row in zip(result.vertebrae, lower):
+        v.confidence_log_scores = row
+    out, plain = relabel(result, {}), relabel(make_result(["L1", "L2", "L3", "L4", "L5"]), {})
+    assert [v.name for v in out.vertebrae] == [v.name for v in plain.vertebrae] == ["L1", "L2", "L3", "L4", "L5"]
+    assert all(a.confidence < b.confidence for a, b in zip(out.vertebrae, plain.vertebrae))
+    # an added vertebra (no confidence evidence of its own) is read from its level scores in the same chain
+    result.vertebrae[2].confidence_log_scores = None
+    assert [v.name for v in relabel(result, {}).vertebrae] == ["L1", "L2", "L3", "L4", "L5"]
 
 
 def test_relabel_fixes_one_and_renames_the_rest():

@@ -469,12 +469,16 @@ def test_cancel_ends_the_whole_process_tree():
 def test_result_round_trip_through_files(tmp_path, spine):
     result = spine.result.copy(orientation_margin=-0.25)
     result.vertebrae[0].fixed = True
+    result.vertebrae[1].confidence_log_scores = result.vertebrae[1].level_log_scores - 1.0
     back = loadResult(saveResult(result, tmp_path / "out"))
     assert back.geometry == result.geometry and back.components.dtype == result.components.dtype
     np.testing.assert_array_equal(back.components, result.components)
     for a, b in zip(back.vertebrae, result.vertebrae):
         assert (a.id, a.name, a.fixed, a.centroid_lps_mm) == (b.id, b.name, b.fixed, b.centroid_lps_mm)
         np.testing.assert_array_equal(a.level_log_scores, b.level_log_scores)
+        assert (a.confidence_log_scores is None) == (b.confidence_log_scores is None)
+        if a.confidence_log_scores is not None:
+            np.testing.assert_array_equal(a.confidence_log_scores, b.confidence_log_scores)
     for name in ("gaps_mm", "warnings", "sequence_warnings", "model", "timings_s", "source", "modality",
                  "spine_probability", "orientation_margin"):
         assert getattr(back, name) == getattr(result, name), name

@@ -184,13 +184,10 @@ LEFT_RIGHT_VOXELS = 80
 _CUT_FACE = 0.1  # a side is cut through the body when at least this fraction of its face is foreground
 
 
-def with_context(volume: np.ndarray, min_voxels: tuple[int, int, int] = MIN_CONTEXT_VOXELS
-                 ) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """``volume`` (float32 (z, y, x), normalised) extended by reflection, along each axis where shorter than
-    ``min_voxels`` (z, y, x), at the sides where the field of view cuts through the body (half each when both are);
-    then, when it was not extended along z or y, padded with zeros left and right to ``LEFT_RIGHT_VOXELS``. Also
-    returns where the volume lies inside the result (slices with even starts: the half-resolution level grid stays
-    aligned). Returns ``volume`` itself when nothing is added."""
+def _context_widths(volume: np.ndarray, min_voxels: tuple[int, int, int]) -> list[tuple[int, int]]:
+    """(before, after) voxels that ``with_context`` adds along each axis (z, y, x) of ``volume`` before padding left
+    and right: along an axis shorter than ``min_voxels``, at the sides where the field of view cuts through the body
+    (half each when both are; even numbers before)."""
     widths = []
     for axis, (size, least) in enumerate(zip(volume.shape, min_voxels)):
         total = max(0, least - size)
@@ -200,12 +197,24 @@ def with_context(volume: np.ndarray, min_voxels: tuple[int, int, int] = MIN_CONT
         cut = [float(np.mean(np.take(volume, end, axis=axis) > _FOREGROUND)) >= _CUT_FACE for end in (0, -1)]
         before = (total // 4 * 2 if cut[1] else total // 2 * 2) if cut[0] else 0
         widths.append((before, total - before if cut[1] else 0))
+    return widths
+
+
+def with_context(volume: np.ndarray, min_voxels: tuple[int, int, int] = MIN_CONTEXT_VOXELS, fill: str = "reflect"
+                 ) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """``volume`` (float32 (z, y, x), normalised) extended by reflection (``fill`` "reflect"; "constant": zeros, the
+    normalised minimum), along each axis where shorter than ``min_voxels`` (z, y, x), at the sides where the field of
+    view cuts through the body (``_context_widths``); then, when it was not extended along z or y, padded with zeros
+    left and right to ``LEFT_RIGHT_VOXELS``. Also returns where the volume lies inside the result (slices with even
+    starts: the half-resolution level grid stays aligned). Returns ``volume`` itself when nothing is added."""
+    widths = _context_widths(volume, min_voxels)
     inner = tuple(slice(b, b + size) for (b, _), size in zip(widths, volume.shape))
     extended = [bool(b or a) for b, a in widths]
     if any(extended):
-        log.info("short field of view: extended by its mirror image to %s voxels (z, y, x) from %s",
+        log.info("short field of view: extended by %s to %s voxels (z, y, x) from %s",
+                 "its mirror image" if fill == "reflect" else "zeros",
                  tuple(s + b + a for s, (b, a) in zip(volume.shape, widths)), volume.shape)
-        volume = np.pad(volume, widths, mode="reflect")
+        volume = np.pad(volume, widths, mode=fill)
     total = 0 if extended[0] or extended[1] else max(0, LEFT_RIGHT_VOXELS - volume.shape[2])
     if total:  # a narrow stack, as training shows it: in a patch of zeros
         before = total // 4 * 2
@@ -214,12 +223,13 @@ def with_context(volume: np.ndarray, min_voxels: tuple[int, int, int] = MIN_CONT
     return volume, inner
 
 
-def _predict_in_context(loaded: LoadedModel, volume: np.ndarray, device: torch.device, **kwargs) -> Prediction:
+def _predict_in_context(loaded: LoadedModel, volume: np.ndarray, device: torch.device, fill: str = "reflect",
+                        **kwargs) -> Prediction:
     """``predict`` on ``volume`` (float32 (z, y, x) on the model grid, normalised to [0, 1]) extended by
     ``with_context``, cut back to ``volume``: a ``Prediction`` of ``volume``'s shape (uint8 tissue, float16
     probabilities, None with ``levels_only``; float16 level log-probabilities at half resolution, (n_levels,
     ceil(z/2), ceil(y/2), ceil(x/2)))."""
-    extended, inner = with_context(volume)
+    extended, inner = with_context(volume, fill=fill)
     return predict(loaded, extended, device, **kwargs).inside(inner)
 
 
@@ -441,6 +451,18 @@ def label_spine(
         keep[f.id] = f.id
     for f in sacral_pieces:
         keep[f.id] = ordered[n_chain - 1].id
+    # a view extended along head-feet (a short scan cut through the body) is numbered by how it is filled out beyond
+    # its ends as much as by what it shows: its level head is read again with zeros there instead of the mirror image,
+    # the names stay the first reading's, and the confidences are read from the mean of the two
+    confidence_scores = None
+    if ordered and any(_context_widths(norm[box], MIN_CONTEXT_VOXELS)[0]):
+        report(0.83, "short view: reading its levels again filled with zeros")
+        zero_filled = _predict_in_context(loaded, norm[box], device_, fill="constant", levels_only=True, cancel=cancel)
+        other = feat.level_scores(bodies_box, zero_filled.level_log_probs, [f.id for f in ordered])
+        confidence_scores = (scores + other) / 2
+        solution = solve(scores, gaps, confidence_scores=confidence_scores)
+        t = stage("short_view_reading", t)
+    evidence = [None] * len(ordered) if confidence_scores is None else list(confidence_scores)
     ordered, scores, gaps = ordered[:n_chain], scores[:n_chain], gaps[: n_chain - 1]
     t = stage("sequence", t)
     orientation_margin = None
@@ -474,8 +496,9 @@ def label_spine(
             volume_ml=round(voxels.get(f.id, 0) * voxel_ml, 3),  # of the written label map
             confidence=float(p),
             level_log_scores=row,
+            confidence_log_scores=own,
         )
-        for f, k, p, row in zip(ordered, solution.levels, solution.confidence, scores)
+        for f, k, p, row, own in zip(ordered, solution.levels, solution.confidence, scores, evidence)
     ]
     timings["resample_back"] = round(time.perf_counter() - t, 3)
     timings["total"] = round(time.perf_counter() - t0, 3)

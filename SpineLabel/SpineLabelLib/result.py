@@ -98,6 +98,8 @@ class Vertebra:
         level_log_scores: per-level log-likelihood of this component, float64 of length ``len(LEVELS)`` in
             ``LEVELS`` order; what the sequence model re-solves from.
         fixed: True when a user fixed this label; it is then kept in every re-solve.
+        confidence_log_scores: the evidence the confidences are read from when it differs from
+            ``level_log_scores`` (a short view read twice: the mean of both readings), same layout; else None.
     """
 
     id: int
@@ -107,6 +109,7 @@ class Vertebra:
     confidence: float
     level_log_scores: np.ndarray
     fixed: bool = False
+    confidence_log_scores: np.ndarray | None = None
 
     @property
     def level(self) -> Level:

@@ -239,6 +239,7 @@ def solve(
     priors: SequencePriors = PRIORS,
     temperature: float | None = None,
     describe: Callable[[int], str] | None = None,
+    confidence_scores: np.ndarray | None = None,
 ) -> Solution:
     """Label a chain of vertebrae.
 
@@ -251,6 +252,7 @@ def solve(
         temperature: of the level evidence in the confidences (``TEMPERATURE`` when None).
         describe: names the vertebra at a chain position in the message of fixed labels that cannot all hold
             (default: its place from the top).
+        confidence_scores: float (n, K) evidence the confidences are read from, tempered (default ``log_scores``).
 
     Returns:
         The Viterbi labelling (at the most probable patient scale; on the tempered evidence when a fixed label
@@ -273,20 +275,23 @@ def solve(
         raise ValueError(f"a chain of {n} vertebrae needs {n - 1} finite gaps (got {gaps.tolist()}) and log-scores "
                          "without NaN or +inf")
     free = emissions.copy()  # the evidence without the fixed labels
+    evidence = emissions.copy() if confidence_scores is None else np.array(confidence_scores, float).reshape(-1, K)
     for position, name in (fixed or {}).items():
         if not 0 <= position < n:
             raise ValueError(f"fixed position {position} is outside the chain of {n} vertebrae")
         keep = level_index(name)
-        emissions[position, :] = -np.inf
-        emissions[position, keep] = 0.0
+        for e in (emissions, evidence):
+            e[position, :] = -np.inf
+            e[position, keep] = 0.0
     scales = np.exp(_SCALE_STEPS * priors.scale_sigma)
     log_scale_prior = -0.5 * _SCALE_STEPS**2 - _logsumexp(-0.5 * _SCALE_STEPS**2, axis=0)
     # (n-1, scales, K, K): log-score of a -> b across each gap at each scale
     level_priors = _transition_priors(priors)
     transitions = level_priors + _gap_scores(gaps, scales, priors)
-    tempered = emissions / (TEMPERATURE if temperature is None else temperature)
+    temperature = TEMPERATURE if temperature is None else temperature
+    tempered, tempered_evidence = emissions / temperature, evidence / temperature
     start = _start_priors(priors)
-    for e in (emissions, tempered, free):
+    for e in (emissions, tempered, free, tempered_evidence):
         e[0] += start
     overruled = False  # a fixed label the level head's own labelling does not give: the names follow the tempered path
     if fixed:
@@ -303,7 +308,7 @@ def solve(
                                                                                                 "the top")))
         raise ValueError("no labelling is possible: the log-scores rule out every level of some vertebra")
     levels = paths[best]
-    log_z, per_scale = _forward_backward(tempered, transitions)
+    log_z, per_scale = _forward_backward(tempered_evidence, transitions)
     log_weights = log_z + log_scale_prior
     weights = np.exp(log_weights - np.max(log_weights))
     marginals = np.tensordot(weights / weights.sum(), per_scale, axes=1)
@@ -467,8 +472,12 @@ def relabel(result: SpineLabeling, fixed: dict[int, str] | None = None, priors: 
         if v.fixed:
             position_fixed[pos] = v.name
     scores = np.array([v.level_log_scores for v in out.vertebrae]).reshape(-1, K)
+    evidence = None
+    if any(v.confidence_log_scores is not None for v in out.vertebrae):
+        evidence = np.array([v.level_log_scores if v.confidence_log_scores is None else v.confidence_log_scores
+                             for v in out.vertebrae]).reshape(-1, K)
     solution = solve(scores, np.asarray(out.gaps_mm, dtype=float), position_fixed, replace(priors, sacral_piece=0.0),
-                     describe=lambda p: f"vertebra {out.vertebrae[p].id}")
+                     describe=lambda p: f"vertebra {out.vertebrae[p].id}", confidence_scores=evidence)
     for v, k, p in zip(out.vertebrae, solution.levels, solution.confidence):
         v.name = _NAMES[k]
         v.confidence = float(p)

@@ -52,7 +52,8 @@ def saveResult(result: SpineLabeling, folder: str | os.PathLike) -> Path:
                      "origin": list(result.geometry.origin), "direction": list(result.geometry.direction)},
         "vertebrae": [{"id": v.id, "name": v.name, "centroid_lps_mm": list(v.centroid_lps_mm), "volume_ml": v.volume_ml,
                        "confidence": v.confidence, "level_log_scores": np.asarray(v.level_log_scores, float).tolist(),
-                       "fixed": v.fixed} for v in result.vertebrae],
+                       "confidence_log_scores": None if v.confidence_log_scores is None else
+                       np.asarray(v.confidence_log_scores, float).tolist(), "fixed": v.fixed} for v in result.vertebrae],
     }
     document.update((name, getattr(result, name)) for name in _PLAIN_FIELDS)
     with atomic_path(folder / _RESULT_JSON) as tmp:
@@ -69,7 +70,9 @@ def loadResult(folder: str | os.PathLike) -> SpineLabeling:
     components = np.load(folder / _COMPONENTS, allow_pickle=False)
     vertebrae = [Vertebra(id=v["id"], name=v["name"], centroid_lps_mm=tuple(v["centroid_lps_mm"]),
                           volume_ml=v["volume_ml"], confidence=v["confidence"],
-                          level_log_scores=np.asarray(v["level_log_scores"], dtype=float), fixed=v["fixed"])
+                          level_log_scores=np.asarray(v["level_log_scores"], dtype=float), fixed=v["fixed"],
+                          confidence_log_scores=None if v["confidence_log_scores"] is None else
+                          np.asarray(v["confidence_log_scores"], dtype=float))
                  for v in document["vertebrae"]]
     return SpineLabeling(geometry=geometry, components=components, vertebrae=vertebrae,
                          **{name: document[name] for name in _PLAIN_FIELDS})
