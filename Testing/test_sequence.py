@@ -301,6 +301,11 @@ def test_confidences_can_be_read_from_other_evidence_than_the_names():
     # a fixed name holds in the confidence evidence too
     fixed = solve(first, np.full(2, 35.0), {0: "L1"}, confidence_scores=scores_for(lower))
     assert names_of(fixed) == names and fixed.confidence[0] == pytest.approx(1.0)
+    ruled_out = scores_for(lower)
+    ruled_out[1] = -np.inf
+    for bad in (scores_for(lower)[:2], ruled_out, np.full((3, K), np.nan)):
+        with pytest.raises(ValueError, match="confidence scores"):
+            solve(first, np.full(2, 35.0), confidence_scores=bad)
 
 
 def make_result(names):

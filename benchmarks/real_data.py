@@ -384,7 +384,6 @@ def _disc_references(image_path: Path) -> tuple[dict[str, np.ndarray], bool]:
     from SpineLabelLib.vertebrae import LEVELS
 
     regular = [level.name for level in LEVELS if not level.transitional]  # regular[n - 1] is vertebra n
-    image = sitk.ReadImage(str(image_path))
     if image_path.parent.name == "template":
         labels = sitk.ReadImage(str(image_path.parent / "PAM50_small_label_disc.nii.gz"))
         values = sitk.GetArrayFromImage(labels)
@@ -392,6 +391,7 @@ def _disc_references(image_path: Path) -> tuple[dict[str, np.ndarray], bool]:
                  for i in np.argwhere(values > 0)}
         return {regular[n - 1]: (discs[n] + discs[n + 1]) / 2 for n in sorted(discs) if n + 1 in discs}, False
     slice_, value = map(int, (image_path.parent / "init_label_vertebrae.txt").read_text().split()[1].split(","))
+    image = sitk.ReadImage(str(image_path))
     axis = _axis_along(image, 2)  # SCT counts slices from the feet along the image's head-feet axis
     upward = np.array(image.GetDirection()).reshape(3, 3)[:, axis]
     index = [0] * 3

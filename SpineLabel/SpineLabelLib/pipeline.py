@@ -200,21 +200,25 @@ def _context_widths(volume: np.ndarray, min_voxels: tuple[int, int, int]) -> lis
     return widths
 
 
-def with_context(volume: np.ndarray, min_voxels: tuple[int, int, int] = MIN_CONTEXT_VOXELS, fill: str = "reflect"
+def with_context(volume: np.ndarray, min_voxels: tuple[int, int, int] = MIN_CONTEXT_VOXELS, zero_ends: bool = False
                  ) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """``volume`` (float32 (z, y, x), normalised) extended by reflection (``fill`` "reflect"; "constant": zeros, the
-    normalised minimum), along each axis where shorter than ``min_voxels`` (z, y, x), at the sides where the field of
-    view cuts through the body (``_context_widths``); then, when it was not extended along z or y, padded with zeros
-    left and right to ``LEFT_RIGHT_VOXELS``. Also returns where the volume lies inside the result (slices with even
-    starts: the half-resolution level grid stays aligned). Returns ``volume`` itself when nothing is added."""
+    """``volume`` (float32 (z, y, x), normalised) extended by reflection, along each axis where shorter than
+    ``min_voxels`` (z, y, x), at the sides where the field of view cuts through the body (``_context_widths``), with
+    zeros (the normalised minimum) instead beyond its head-feet ends where ``zero_ends``; then, when it was not
+    extended along z or y, padded with zeros left and right to ``LEFT_RIGHT_VOXELS``. Also returns where the volume
+    lies inside the result (slices with even starts: the half-resolution level grid stays aligned). Returns ``volume``
+    itself when nothing is added."""
     widths = _context_widths(volume, min_voxels)
     inner = tuple(slice(b, b + size) for (b, _), size in zip(widths, volume.shape))
     extended = [bool(b or a) for b, a in widths]
     if any(extended):
-        log.info("short field of view: extended by %s to %s voxels (z, y, x) from %s",
-                 "its mirror image" if fill == "reflect" else "zeros",
+        log.info("short field of view: extended by its mirror image%s to %s voxels (z, y, x) from %s",
+                 " (zeros beyond its head-feet ends)" if zero_ends else "",
                  tuple(s + b + a for s, (b, a) in zip(volume.shape, widths)), volume.shape)
-        volume = np.pad(volume, widths, mode=fill)
+        volume = np.pad(volume, widths, mode="reflect")
+        if zero_ends:
+            volume[: inner[0].start] = 0.0
+            volume[inner[0].stop :] = 0.0
     total = 0 if extended[0] or extended[1] else max(0, LEFT_RIGHT_VOXELS - volume.shape[2])
     if total:  # a narrow stack, as training shows it: in a patch of zeros
         before = total // 4 * 2
@@ -223,13 +227,13 @@ def with_context(volume: np.ndarray, min_voxels: tuple[int, int, int] = MIN_CONT
     return volume, inner
 
 
-def _predict_in_context(loaded: LoadedModel, volume: np.ndarray, device: torch.device, fill: str = "reflect",
+def _predict_in_context(loaded: LoadedModel, volume: np.ndarray, device: torch.device, zero_ends: bool = False,
                         **kwargs) -> Prediction:
     """``predict`` on ``volume`` (float32 (z, y, x) on the model grid, normalised to [0, 1]) extended by
     ``with_context``, cut back to ``volume``: a ``Prediction`` of ``volume``'s shape (uint8 tissue, float16
     probabilities, None with ``levels_only``; float16 level log-probabilities at half resolution, (n_levels,
     ceil(z/2), ceil(y/2), ceil(x/2)))."""
-    extended, inner = with_context(volume, fill=fill)
+    extended, inner = with_context(volume, zero_ends=zero_ends)
     return predict(loaded, extended, device, **kwargs).inside(inner)
 
 
@@ -451,20 +455,20 @@ def label_spine(
         keep[f.id] = f.id
     for f in sacral_pieces:
         keep[f.id] = ordered[n_chain - 1].id
+    t = stage("sequence", t)
     # a view extended along head-feet (a short scan cut through the body) is numbered by how it is filled out beyond
     # its ends as much as by what it shows: its level head is read again with zeros there instead of the mirror image,
     # the names stay the first reading's, and the confidences are read from the mean of the two
     confidence_scores = None
     if ordered and any(_context_widths(norm[box], MIN_CONTEXT_VOXELS)[0]):
-        report(0.83, "short view: reading its levels again filled with zeros")
-        zero_filled = _predict_in_context(loaded, norm[box], device_, fill="constant", levels_only=True, cancel=cancel)
-        other = feat.level_scores(bodies_box, zero_filled.level_log_probs, [f.id for f in ordered])
+        report(0.83, "short view: reading its levels again with zeros beyond its ends")
+        second = _predict_in_context(loaded, norm[box], device_, zero_ends=True, levels_only=True, cancel=cancel)
+        other = feat.level_scores(bodies_box, second.level_log_probs, [f.id for f in ordered])
         confidence_scores = (scores + other) / 2
         solution = solve(scores, gaps, confidence_scores=confidence_scores)
         t = stage("short_view_reading", t)
     evidence = [None] * len(ordered) if confidence_scores is None else list(confidence_scores)
     ordered, scores, gaps = ordered[:n_chain], scores[:n_chain], gaps[: n_chain - 1]
-    t = stage("sequence", t)
     orientation_margin = None
     if check_orientation and ordered:
         # reversed views, no copies: predict copies each window it cuts. The level head is all the check reads.

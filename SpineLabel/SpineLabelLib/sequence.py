@@ -274,8 +274,12 @@ def solve(
     if gaps.size != n - 1 or not np.isfinite(gaps).all() or np.isnan(emissions).any() or (emissions == np.inf).any():
         raise ValueError(f"a chain of {n} vertebrae needs {n - 1} finite gaps (got {gaps.tolist()}) and log-scores "
                          "without NaN or +inf")
+    evidence = emissions.copy() if confidence_scores is None else np.array(confidence_scores, dtype=float)
+    if confidence_scores is not None and (evidence.shape != emissions.shape or np.isnan(evidence).any()
+                                          or (evidence == np.inf).any() or (evidence == -np.inf).all(axis=1).any()):
+        raise ValueError(f"confidence scores of shape {evidence.shape} for a chain of {n}: (n, {K}) without NaN, +inf "
+                         "or a row ruling out every level")
     free = emissions.copy()  # the evidence without the fixed labels
-    evidence = emissions.copy() if confidence_scores is None else np.array(confidence_scores, float).reshape(-1, K)
     for position, name in (fixed or {}).items():
         if not 0 <= position < n:
             raise ValueError(f"fixed position {position} is outside the chain of {n} vertebrae")
