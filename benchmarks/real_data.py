@@ -18,8 +18,8 @@ Usage (from the repository root):
 view, the source of ``SpineLabelLib.sequence.SequencePriors.pitch_mm``; the real CT is not read.
 
 ``cervical`` labels the three MRI of ``cervical_sct``, which have no vertebra masks (the PAM50 template and the small
-cervical T1 and T2 MRI; never trained on), and prints the label closest to each vertebra its disc labels place
-(``_disc_references``; VerSe identification, along head-feet only where a single disc is known).
+cervical T1 and T2 MRI; never trained on), and prints the label closest to each vertebra its level labels place
+(``_sct_references``; VerSe identification, along head-feet only on the small MRI).
 
 ``evaluate`` labels every held-out scan with ``spinelabel label``, then writes ``evaluation.json`` and
 ``evaluation.md`` (groups CT, MR and "MR discs") into the work folder. With ``--slice-mm MM`` it labels copies made
@@ -369,27 +369,39 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-# Real MRI whose vertebrae are known only from disc labels (SCT convention: disc value n lies above vertebra n, 3 is
-# C2/C3), never trained on: the PAM50 T2 template of the Spinal Cord Toolbox (an average of whole-spine MRI; discs C1/C2
-# to T12/L1) and its small cervical T1 and T2 MRI, whose one disc (C2/C3) is the slice of their
-# init_label_vertebrae.txt ("-initz SLICE,3": counted from the feet).
+# Real MRI without vertebra masks, never trained on, whose levels the Spinal Cord Toolbox (SCT) labels: its PAM50 T2
+# template (an average of whole-spine MRI) by its discs C1/C2 to T12/L1 (value n lies above vertebra n, 3 is C2/C3), and
+# its small cervical T1 and T2 MRI of one subject in one frame: the T1 by the C2/C3 disc that its
+# init_label_vertebrae.txt gives ("-initz SLICE,3": the slice counted from the feet), the T2 by points at the middle of
+# the C3, C4 and C5 bodies, on the cord (t2_labeled_center_manual). The T2's own init file and level-labelled cord
+# follow SCT's older disc numbering, one level lower (value 3 the C3/C4 disc), and are not read: its C3 point lies
+# midway between the T1's C2/C3 disc and the next.
 CERVICAL_SCT = DATA / "cervical_sct"
 HALF_PITCH_MM = 9.0  # a cervical vertebra's centroid lies about half its pitch (17.8-18.7 mm, sequence.PRIORS) from a disc
 
 
-def _disc_references(image_path: Path) -> tuple[dict[str, np.ndarray], bool]:
+def _points(path: Path) -> dict[int, np.ndarray]:
+    """Value -> LPS mm of each labelled voxel of a point-label image."""
+    labels = sitk.ReadImage(str(path))
+    values = sitk.GetArrayFromImage(labels)
+    return {int(values[tuple(i)]): np.array(labels.TransformIndexToPhysicalPoint([int(v) for v in i[::-1]]))
+            for i in np.argwhere(values > 0)}
+
+
+def _sct_references(image_path: Path) -> tuple[dict[str, np.ndarray], bool]:
     """Reference centroids (level name -> LPS mm) of a ``CERVICAL_SCT`` image, and whether only their head-feet
-    coordinate is known: vertebra n at the midpoint of discs n and n + 1 (C2-T11 on the template), or, beside a single
-    disc n (a slice number), vertebrae n - 1 and n ``HALF_PITCH_MM`` above and below it."""
+    coordinate is known: on the template vertebra n at the midpoint of discs n and n + 1 (C2-T11); on the T2 MRI its
+    mid-body points (on the cord, behind the bodies); on the T1 MRI, beside its one disc n, vertebrae n - 1 and n
+    ``HALF_PITCH_MM`` above and below it."""
     from SpineLabelLib.vertebrae import LEVELS
 
     regular = [level.name for level in LEVELS if not level.transitional]  # regular[n - 1] is vertebra n
     if image_path.parent.name == "template":
-        labels = sitk.ReadImage(str(image_path.parent / "PAM50_small_label_disc.nii.gz"))
-        values = sitk.GetArrayFromImage(labels)
-        discs = {int(values[tuple(i)]): np.array(labels.TransformIndexToPhysicalPoint([int(v) for v in i[::-1]]))
-                 for i in np.argwhere(values > 0)}
+        discs = _points(image_path.parent / "PAM50_small_label_disc.nii.gz")
         return {regular[n - 1]: (discs[n] + discs[n + 1]) / 2 for n in sorted(discs) if n + 1 in discs}, False
+    centres = image_path.parent / "t2_labeled_center_manual.nii.gz"
+    if centres.exists():
+        return {regular[n - 1]: lps for n, lps in sorted(_points(centres).items())}, True
     slice_, value = map(int, (image_path.parent / "init_label_vertebrae.txt").read_text().split()[1].split(","))
     image = sitk.ReadImage(str(image_path))
     axis = _axis_along(image, 2)  # SCT counts slices from the feet along the image's head-feet axis
@@ -402,7 +414,7 @@ def _disc_references(image_path: Path) -> tuple[dict[str, np.ndarray], bool]:
 
 
 def cervical(args: argparse.Namespace) -> int:
-    """Label the ``CERVICAL_SCT`` images and score their names against ``_disc_references`` (VerSe identification)."""
+    """Label the ``CERVICAL_SCT`` images and score their names against ``_sct_references`` (VerSe identification)."""
     from SpineLabelLib.evaluation import ID_RADIUS_MM
     from SpineLabelLib.io import case_name
 
@@ -412,7 +424,7 @@ def cervical(args: argparse.Namespace) -> int:
     _label(images, root, args.model)
     total = found = 0
     for image in images:
-        reference, head_feet_only = _disc_references(image)
+        reference, head_feet_only = _sct_references(image)
         ctd = root / f"{case_name(image)}_ctd.json"
         predicted = [(e["name"], np.array(e["world_lps_mm"])) for e in
                      (json.loads(ctd.read_text())[1:] if ctd.exists() else [])]
@@ -512,7 +524,7 @@ def main() -> int:
     p.add_argument("--length-mm", type=_positive_mm, metavar="MM",
                    help="with --selection: label short copies, MM along head-feet, one centred on each reference vertebra")
     p = sub.add_parser("cervical", help="label the cervical MRI of the Spinal Cord Toolbox and score their names "
-                                      "against its disc labels")
+                                      "against its level labels")
     p.add_argument("--model", type=Path)
     p.add_argument("--workdir", type=Path)
     p = sub.add_parser("pitches", help="centroid distances between consecutive levels in the training label maps")
