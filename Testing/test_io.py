@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from SpineLabelLib.io import (InputError, atomic_path, atomic_paths, canonical_grid, case_name, read_image,
                               read_label_map, read_notes, resample_to_grid)
+from SpineLabelLib.result import Geometry
 
 
 def oriented_image(direction, size=(20, 24, 30), spacing=(1.0, 1.5, 2.0)):
@@ -74,6 +75,28 @@ def test_reads_each_format(tmp_path):
         out = read_image(write(tmp_path, name, img))
         assert out.GetSize() == img.GetSize()
     assert case_name(tmp_path / "a.nii.gz") == "a" and case_name(tmp_path / "c.nrrd") == "c"
+
+
+def test_reads_metaimage_and_cosines_of_few_decimals_whatever_the_case_of_the_suffix(tmp_path):
+    """ITK knows MetaImage's suffixes in lower case only; direction cosines written with three decimals (an oblique
+    grid's, not quite orthonormal) are taken as they are, and a 5 degree shear is still refused."""
+    img = oriented_image(np.eye(3))
+    for name in ("A.MHA", "B.Mhd", "C.NRRD"):  # written in lower case (ITK's writers too know no other), renamed
+        path = write(tmp_path, name.lower(), img).rename(tmp_path / name)
+        assert read_image(path).GetSize() == img.GetSize()
+    turn = np.deg2rad(17)
+    rounded = np.round([np.cos(turn), -np.sin(turn), 0, np.sin(turn), np.cos(turn), 0, 0, 0, 1], 3)
+    img.SetDirection([float(x) for x in rounded])
+    for name in ("r.mha", "r.nrrd"):
+        out = read_image(write(tmp_path, name, img))
+        assert np.allclose(out.GetDirection(), rounded, atol=2e-3)  # as written (NRRD) or straightened by ITK (.mha)
+        geometry = Geometry.of(out)
+        ijk = np.array([3.0, 4.0, 5.0])
+        assert np.allclose(geometry.lps_to_index(geometry.index_to_lps(ijk)), ijk)
+    lean = np.deg2rad(5)
+    img.SetDirection((1, np.sin(lean), 0, 0, np.cos(lean), 0, 0, 0, 1))
+    with pytest.raises(InputError, match="not perpendicular"):
+        read_image(write(tmp_path, "lean.mha", img))
 
 
 def test_reads_a_volume_stored_as_one_time_point(tmp_path):
@@ -190,6 +213,7 @@ def spaced(spacing_mm: float) -> sitk.Image:
         (lambda p: write(p, "sheared.nrrd", sheared()), "not perpendicular"),
         (lambda p: write(p, "micron.nrrd", spaced(0.001)), "cannot be a scan of a body; are the spacing's units"),
         (lambda p: write(p, "metre.nrrd", spaced(1000.0)), "cannot be a scan of a body; are the spacing's units"),
+        (lambda p: write(p, "cm.nrrd", spaced(20.0)), "1.28e+03 x 1.28e+03 x 800 mm (spacing 20 x 20 x 20 mm) cannot be"),
     ],
 )
 def test_bad_inputs_name_file_and_reason(tmp_path, make, reason):

@@ -325,6 +325,11 @@ def test_the_spine_gate_can_be_switched_off(random_model, small_phantom):
     with pytest.raises(NoVertebrae, match="no spine recognised.*; read as CT from its intensities; if it is MR, "
                                           r"label it as MR \(modality mr\)$"):  # no closing 'no vertebrae found'
         require_vertebrae(refused, "phantom.nii.gz")
+    # where no warning says why nothing was found, the refusal says that first
+    empty = refused.copy(warnings=["read as MR from its intensities; if it is CT, label it as CT (modality ct)",
+                                   "no vertebrae found"])
+    with pytest.raises(NoVertebrae, match=r"^tiny.nii.gz: no vertebrae found; read as MR"):
+        require_vertebrae(empty, "tiny.nii.gz")
     given = label_spine(small_phantom.image, model=random_model, device="cpu", modality="ct")
     assert given.vertebrae == [] and not any("read as" in w for w in given.warnings)
     labelled = label_spine(small_phantom.image, model=random_model, device="cpu", spine_gate=False)

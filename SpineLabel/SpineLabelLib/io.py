@@ -49,8 +49,14 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # bounds of the longest side of an image's field of view: outside them the header's spacing is in the wrong units
-# (micrometres, metres), whatever the image shows
-MIN_EXTENT_MM, MAX_EXTENT_MM = 5.0, 3000.0
+# (micrometres, metres), whatever the image shows; and of its second longest, a body's cross-section or length (a CT
+# bore is about 800 mm wide): a 186 x 186 voxel CT given 10 mm voxels spans 1860 mm both ways, and was labelled for
+# 108 s with 8.9 GB of memory before the spine gate refused it
+MIN_EXTENT_MM, MAX_EXTENT_MM, MAX_SECOND_EXTENT_MM = 5.0, 3000.0, 1000.0
+# how far from perpendicular (in the dot products of the direction cosines) a grid's axes may be: cosines written with
+# three decimals are off by up to about 0.002 and are taken as they are (ITK resamples through the matrix's inverse);
+# a tilted gantry's shear (5 degrees: 0.087) is refused
+SHEAR_TOLERANCE = 0.01
 # the metadata key under which read_image keeps its notes with the image (read_notes)
 _READ_NOTES_KEY = "SpineLabel_read_notes"
 
@@ -394,8 +400,10 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
     if version == 2:
         image = _read_nifti2(path, what)
     else:
+        # ITK picks its reader by the suffix as written, and knows MetaImage's in lower case only
+        metaimage = path.suffix.lower() in (".mha", ".mhd")
         try:
-            image = sitk.ReadImage(str(path))
+            image = sitk.ReadImage(str(path), imageIO="MetaImageIO" if metaimage else "")
         except RuntimeError as err:
             reason = str(err).strip().splitlines()
             detail = next((line for line in reason if "rror" in line or "annot" in line), reason[-1] if reason else "")
@@ -522,7 +530,7 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
     if min(image.GetSize()) < 2:
         raise InputError(f"{name}: image of size {image.GetSize()} is a single slice, not a 3D volume")
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=SHEAR_TOLERANCE):
         raise InputError(f"{name}: its axes are not perpendicular (a sheared grid, as from a tilted gantry); "
                          "resample it onto a grid with perpendicular axes first")
     if image.GetPixelID() == sitk.sitkFloat64:
@@ -530,7 +538,7 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
     if image.GetPixelID() == sitk.sitkFloat32 and not _all_finite(sitk.GetArrayViewFromImage(image)):
         raise InputError(f"{name}: image holds NaN or infinite values (or float64 values beyond float32)")
     extent = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
-    if not MIN_EXTENT_MM <= extent.max() <= MAX_EXTENT_MM:
+    if not MIN_EXTENT_MM <= extent.max() <= MAX_EXTENT_MM or np.sort(extent)[1] > MAX_SECOND_EXTENT_MM:
         raise InputError(f"{name}: a field of view of {' x '.join(f'{e:.3g}' for e in extent)} mm (spacing "
                          f"{' x '.join(f'{s:.3g}' for s in image.GetSpacing())} mm) cannot be a scan of a body; "
                          "are the spacing's units in the header right?")

@@ -27,7 +27,7 @@ from .io import (InputError, canonical_grid, checked_image, extend_to_grid_ends,
                  resample_to_grid)
 from .models import LoadedModel, card_file, default_model_path, load_model, read_card
 from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
-from .sequence import skipped_levels, solve, vertebrae_in
+from .sequence import NOTHING_FOUND, skipped_levels, solve, vertebrae_in
 from .vertebrae import LEVELS, level_index
 
 __all__ = ["label_spine", "require_vertebrae", "NoVertebrae", "Cancelled", "get_model", "is_spine",
@@ -113,18 +113,22 @@ def is_spine(spine_probability: float, n_components: int, column: int = 0) -> bo
     return spine_probability >= MIN_SPINE_PROBABILITY
 
 
+_CONSTANT, _NO_SPINE = "image is constant", "no spine recognised"  # what the refusals' warnings begin with
+
+
 class NoVertebrae(InputError):
     """No vertebra was labelled: the image is constant, holds nothing vertebra-like, or the spine gate refused it."""
 
 
 def require_vertebrae(result: SpineLabeling, path: str | os.PathLike) -> SpineLabeling:
     """``result`` when it names at least one vertebra; otherwise raises ``NoVertebrae`` naming ``path`` and the
-    reasons (``result.warnings``, without a closing "no vertebrae found" that the others explain). ``label_spine``
-    returns such an empty labelling (its spine probability is what the gate judged); the command line and the Slicer
-    module refuse it as bad input, with nothing written."""
+    reasons (``result.warnings``; "no vertebrae found" first, or left out where a refusal says why: the image is
+    constant, or no spine was recognised). ``label_spine`` returns such an empty labelling (its spine probability is
+    what the gate judged); the command line and the Slicer module refuse it as bad input, with nothing written."""
     if not result.vertebrae:
-        reasons = result.warnings[:-1] if result.warnings[-1:] == ["no vertebrae found"] else result.warnings
-        raise NoVertebrae(f"{path}: {'; '.join(reasons or result.warnings)}")
+        others = [w for w in result.warnings if w != NOTHING_FOUND]
+        explained = any(w.startswith((_CONSTANT, _NO_SPINE)) for w in others)
+        raise NoVertebrae(f"{path}: {'; '.join(others if explained else [NOTHING_FOUND, *others])}")
     return result
 
 
@@ -333,8 +337,8 @@ def label_spine(
                         f"slices up to {CHECKED_SPACING_MM:g} mm; check them")
     darkest, brightest = float(volume.min()), float(volume.max())
     if brightest - darkest <= 1e-6 * max(abs(darkest), abs(brightest)):  # constant but for rounding, in any units
-        warnings.append("image is constant: nothing to label")
-        report(1.0, "no vertebrae found")
+        warnings.append(f"{_CONSTANT}: nothing to label")
+        report(1.0, NOTHING_FOUND)
         return _empty(geometry, warnings, loaded, timings, source, modality, t0, None)
     norm = normalise(volume, loaded.ct_window_hu if modality == "CT" else None)
     extend_to_grid_ends(norm, image, grid)
@@ -371,11 +375,11 @@ def label_spine(
     ordered, gaps, detached = feat.drop_detached_ends(ordered, gaps)
     refused = median is not None and not is_spine(median, len(measured), regular_column(gaps))
     if spine_gate and refused:
-        warnings.append(f"no spine recognised: {len(measured)} vertebra-like component(s), median vertebral-body "
+        warnings.append(f"{_NO_SPINE}: {len(measured)} vertebra-like component(s), median vertebral-body "
                         f"probability {median:.2f}; if this is a spine, check that its header orients it right (one "
                         "turned front to back can be taken for no spine), or label it with the spine gate off "
                         "(--no-spine-gate; in Slicer: 'Label even if no spine is recognised')")
-        report(1.0, "no vertebrae found")
+        report(1.0, NOTHING_FOUND)
         return _empty(geometry, warnings + read_as, loaded, timings, source, modality, t0, median)
     if refused:  # and the gate off
         warnings.append(f"labelled with the spine gate off, which would have refused it as no spine: {len(measured)} "
@@ -672,8 +676,8 @@ def _empty(geometry, warnings, loaded, timings, source, modality, t0, spine_prob
         geometry=geometry,
         components=np.zeros(geometry.size[::-1], dtype=np.int16),
         vertebrae=[],
-        warnings=warnings + ["no vertebrae found"],
-        sequence_warnings=["no vertebrae found"],
+        warnings=warnings + [NOTHING_FOUND],
+        sequence_warnings=[NOTHING_FOUND],
         model=loaded.info,
         timings_s=timings,
         source=source,

@@ -68,8 +68,10 @@ class Geometry:
     def lps_to_index(self, lps: np.ndarray) -> np.ndarray:
         """LPS mm (..., 3), any real dtype -> continuous voxel indices (..., 3), float64, in (i, j, k) = (x, y, z)
         order, not the (z, y, x) of numpy arrays."""
-        d = np.asarray(self.direction, dtype=float).reshape(3, 3)
-        return ((np.asarray(lps, dtype=float) - np.asarray(self.origin)) @ d) / np.asarray(self.spacing)
+        d = np.asarray(self.direction, dtype=float).reshape(3, 3)  # its inverse, not its transpose: cosines written
+        # with a few decimals are not quite orthonormal (io.SHEAR_TOLERANCE)
+        return np.linalg.solve(d, (np.asarray(lps, dtype=float) - np.asarray(self.origin))[..., None])[..., 0] / \
+            np.asarray(self.spacing)
 
     def matches(self, other: "Geometry") -> bool:
         """Same grid: equal size; spacing, origin (mm) and direction equal to within rounding of file formats."""

@@ -39,7 +39,7 @@ from .result import SpineLabeling
 from .vertebrae import LEVELS, level_index
 
 __all__ = ["SequencePriors", "PRIORS", "Solution", "solve", "vertebrae_in", "skipped_levels", "relabel",
-           "expected_gaps_mm", "UNCERTAIN_BELOW", "TEMPERATURE", "confidence_text"]
+           "expected_gaps_mm", "UNCERTAIN_BELOW", "NOTHING_FOUND", "TEMPERATURE", "confidence_text"]
 
 
 K = len(LEVELS)
@@ -103,6 +103,7 @@ PRIORS = SequencePriors()
 # closest reference vertebra, against 64 % of the 74 at 0.95-0.99 and 60 % of the 134 below 0.95 (95 %, 75 % and 53 %
 # of 673, 55 and 135 in a second sample, ``--seed-offset 50000``): below 0.99, a name is wrong about one time in three.
 UNCERTAIN_BELOW = 0.99
+NOTHING_FOUND = "no vertebrae found"  # the warning of a chain without vertebrae, the last of a labelling without any
 
 
 def confidence_text(p: float) -> str:
@@ -267,7 +268,7 @@ def solve(
     emissions = np.array(log_scores, dtype=float, copy=True).reshape(-1, K)
     n = emissions.shape[0]
     if n == 0:
-        return Solution(np.zeros(0, int), np.zeros(0), np.zeros((0, K)), ["no vertebrae found"])
+        return Solution(np.zeros(0, int), np.zeros(0), np.zeros((0, K)), [NOTHING_FOUND])
     if n > K and priors.sacral_piece <= 0:  # without sacral pieces every level appears once at most
         raise ValueError(f"a chain of {n} vertebrae is longer than the {K} levels SpineLabel knows")
     gaps = np.asarray(gaps_mm, dtype=float).reshape(-1)

@@ -37,7 +37,7 @@ from . import __version__
 from .edits import check_image_grid
 from .io import atomic_path, atomic_paths
 from .result import Geometry, SpineLabeling, nonzero_box
-from .sequence import confidence_text
+from .sequence import NOTHING_FOUND, confidence_text
 from .vertebrae import terminology_entry
 
 __all__ = [
@@ -467,7 +467,7 @@ def _snapshot_panel(result: SpineLabeling, image_zyx: np.ndarray, axes, index: i
     for xy, name, colour in names:
         _draw_text(draw, xy, name, colour, font, panel.size)
     if not result.vertebrae:
-        _draw_text(draw, (width / 2 - 60, height / 2), "no vertebrae found", (255, 255, 0), font, panel.size)
+        _draw_text(draw, (width / 2 - 60, height / 2), NOTHING_FOUND, (255, 255, 0), font, panel.size)
     return panel
 
 
