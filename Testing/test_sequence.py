@@ -332,7 +332,9 @@ def test_relabel_reads_confidences_from_the_confidence_evidence():
     assert all(a.confidence < b.confidence for a, b in zip(out.vertebrae, plain.vertebrae))
     # an added vertebra (no confidence evidence of its own) is read from its level scores in the same chain
     result.vertebrae[2].confidence_log_scores = None
-    assert [v.name for v in relabel(result, {}).vertebrae] == ["L1", "L2", "L3", "L4", "L5"]
+    mixed = relabel(result, {})
+    assert [v.name for v in mixed.vertebrae] == ["L1", "L2", "L3", "L4", "L5"]
+    assert mixed.vertebrae[2].confidence > out.vertebrae[2].confidence
 
 
 def test_relabel_fixes_one_and_renames_the_rest():

@@ -370,14 +370,14 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 # Real MRI without vertebra masks, never trained on, whose levels the Spinal Cord Toolbox (SCT) labels: its PAM50 T2
-# template (an average of whole-spine MRI) by its discs C1/C2 to T12/L1 (value n lies above vertebra n, 3 is C2/C3), and
-# its small cervical T1 and T2 MRI of one subject in one frame: the T1 by the C2/C3 disc that its
+# template (an average of whole-spine MRI) by its discs C1/C2 to T11/T12 (value n lies above vertebra n, 3 is
+# C2/C3), and its small cervical T1 and T2 MRI of one subject in one frame: the T1 by the C2/C3 disc that its
 # init_label_vertebrae.txt gives ("-initz SLICE,3": the slice counted from the feet), the T2 by points at the middle of
 # the C3, C4 and C5 bodies, on the cord (t2_labeled_center_manual). The T2's own init file and level-labelled cord
 # follow SCT's older disc numbering, one level lower (value 3 the C3/C4 disc), and are not read: its C3 point lies
 # midway between the T1's C2/C3 disc and the next.
 CERVICAL_SCT = DATA / "cervical_sct"
-HALF_PITCH_MM = 9.0  # a cervical vertebra's centroid lies about half its pitch (17.8-18.7 mm, sequence.PRIORS) from a disc
+HALF_PITCH_MM = 9.0  # half a cervical pitch (C3-C6: 17.8-18.7 mm, sequence.PRIORS): a centroid's distance from a disc
 
 
 def _points(path: Path) -> dict[int, np.ndarray]:

@@ -234,9 +234,9 @@ def with_context(volume: np.ndarray, min_voxels: tuple[int, int, int] = MIN_CONT
 def _predict_in_context(loaded: LoadedModel, volume: np.ndarray, device: torch.device, zero_ends: bool = False,
                         **kwargs) -> Prediction:
     """``predict`` on ``volume`` (float32 (z, y, x) on the model grid, normalised to [0, 1]) extended by
-    ``with_context``, cut back to ``volume``: a ``Prediction`` of ``volume``'s shape (uint8 tissue, float16
-    probabilities, None with ``levels_only``; float16 level log-probabilities at half resolution, (n_levels,
-    ceil(z/2), ceil(y/2), ceil(x/2)))."""
+    ``with_context`` (with zeros beyond its head-feet ends where ``zero_ends``), cut back to ``volume``: a
+    ``Prediction`` of ``volume``'s shape (uint8 tissue, float16 probabilities, None with ``levels_only``; float16 level
+    log-probabilities at half resolution, (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)))."""
     extended, inner = with_context(volume, zero_ends=zero_ends)
     return predict(loaded, extended, device, **kwargs).inside(inner)
 
@@ -504,9 +504,9 @@ def label_spine(
             volume_ml=round(voxels.get(f.id, 0) * voxel_ml, 3),  # of the written label map
             confidence=float(p),
             level_log_scores=row,
-            confidence_log_scores=own,
+            confidence_log_scores=confidence_row,
         )
-        for f, k, p, row, own in zip(ordered, solution.levels, solution.confidence, scores, evidence)
+        for f, k, p, row, confidence_row in zip(ordered, solution.levels, solution.confidence, scores, evidence)
     ]
     timings["resample_back"] = round(time.perf_counter() - t, 3)
     timings["total"] = round(time.perf_counter() - t0, 3)

@@ -257,13 +257,15 @@ def solve(
 
     Returns:
         The Viterbi labelling (at the most probable patient scale; on the tempered evidence when a fixed label
-        differs from the labelling without fixed labels) with posterior confidences (over all scales) and warnings.
+        differs from the labelling without fixed labels) with the posterior confidences of its names (over all scales,
+        on ``confidence_scores``) and warnings.
 
     Raises:
         ValueError: when the fixed labels contradict each other (a duplicate level, other than S1 when
             ``priors.sacral_piece`` allows sacral pieces, or a caudal level above a cranial one), the chain is
             longer than the number of levels where no sacral piece is allowed, a fixed position is outside it, or
-            the gaps (not n-1, or not finite) or the scores (NaN or +inf) are not usable.
+            the gaps (not n-1, or not finite), the scores (NaN or +inf) or the confidence scores (not (n, K), NaN,
+            +inf, or a row ruling out every level) are not usable.
     """
     emissions = np.array(log_scores, dtype=float, copy=True).reshape(-1, K)
     n = emissions.shape[0]

@@ -53,7 +53,8 @@ def saveResult(result: SpineLabeling, folder: str | os.PathLike) -> Path:
         "vertebrae": [{"id": v.id, "name": v.name, "centroid_lps_mm": list(v.centroid_lps_mm), "volume_ml": v.volume_ml,
                        "confidence": v.confidence, "level_log_scores": np.asarray(v.level_log_scores, float).tolist(),
                        "confidence_log_scores": None if v.confidence_log_scores is None else
-                       np.asarray(v.confidence_log_scores, float).tolist(), "fixed": v.fixed} for v in result.vertebrae],
+                       np.asarray(v.confidence_log_scores, float).tolist(),
+                       "fixed": v.fixed} for v in result.vertebrae],
     }
     document.update((name, getattr(result, name)) for name in _PLAIN_FIELDS)
     with atomic_path(folder / _RESULT_JSON) as tmp:
