@@ -376,6 +376,10 @@ def test_a_sacral_mass_apart_from_the_sliver_named_s1_joins_it():
     assert (joined[5:25, 10:20, 10:20] == 2).all() and (joined[38:40, 30:32, 30:32] == 0).all()
     assert (joined[~sacrum] == whole[~sacrum]).all()
     assert (join_sacrum(whole, sacrum, [2])[sacrum] == 2).all()  # S1 is the whole chain: all of it is sacrum
+    sacrum[38:40] = False
+    sacrum[42:44, 30:32, 30:32] = True  # held back in the grid's last planes, above L5's centroid: the box ends there
+    joined = join_sacrum(whole, sacrum, [2], above=1)
+    assert (joined[5:25, 10:20, 10:20] == 2).all() and (joined[42:44, 30:32, 30:32] == 0).all()
 
 
 def test_dense_bone_near_the_spine_joins_the_posterior_elements_but_a_rib_is_not_followed():

@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
+from .result import nonzero_box
 from .vertebrae import BODY, POSTERIOR, level_index
 
 __all__ = ["DENSE_BONE_HU", "present_ids", "cut_by_field_of_view", "body_components", "split_merged", "ball",
@@ -852,17 +853,27 @@ def join_sacrum(vertebrae: np.ndarray, sacrum: np.ndarray, ids: list[int] | None
 
     Returns:
         int32 (z, y, x) components.
+
+    Only the box around ``sacrum`` and one voxel more is flooded: a vertebra reaches the held-back voxels through the
+    voxels of its own that touch them, all inside it (on a CT phantom 1800 mm long the flood over the whole grid had
+    been the labelling's peak of memory).
     """
-    markers = vertebrae if ids is None else np.where(np.isin(vertebrae, ids), ids[0], 0).astype(vertebrae.dtype)
-    if not markers.any() or not sacrum.any():
+    found = nonzero_box(sacrum)
+    if found is None or (ids is not None and not np.isin(vertebrae, ids).any()):
         return vertebrae
-    grown = _flood(markers, (markers > 0) | sacrum)
+    box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(found, sacrum.shape))
+    inside, held = vertebrae[box], sacrum[box]
+    markers = inside if ids is None else np.where(np.isin(inside, ids), ids[0], 0).astype(inside.dtype)
+    grown = _flood(markers, (markers > 0) | held) if markers.any() else np.zeros_like(markers)
     if ids is not None:
-        left = sacrum & (grown == 0)
+        left = held & (grown == 0)
         if above is not None and left.any():
-            left &= (np.arange(left.shape[0]) < np.nonzero(vertebrae == above)[0].mean())[:, None, None]
+            below = np.arange(box[0].start, box[0].stop) < np.nonzero(vertebrae == above)[0].mean()
+            left &= below[:, None, None]
         grown = np.where(left, ids[0], grown)
-    return np.where(sacrum, grown, vertebrae).astype(vertebrae.dtype)
+    out = vertebrae.copy()
+    out[box] = np.where(held, grown, inside)
+    return out
 
 
 def vertebra_components(tissue: np.ndarray, body_probability: np.ndarray, spacing_mm: tuple[float, float, float],
