@@ -703,6 +703,13 @@ def _claim_own_level(vertebrae: np.ndarray, voxels: tuple[np.ndarray, ...], poin
 LEVEL_MARGIN = 1.0
 
 
+def _level_cells(level_log_probs: np.ndarray, zyx: tuple[np.ndarray, ...]) -> np.ndarray:
+    """float32 (n_levels, len(zyx[0])) level log-probabilities of the half-resolution cells holding the full-resolution
+    voxels ``zyx`` (``np.nonzero`` order, z, y, x); ``level_log_probs`` (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)):
+    the level head's output."""
+    return level_log_probs[(slice(None), *(v // 2 for v in zyx))].astype(np.float32)
+
+
 def posterior_by_level(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int], level_log_probs: np.ndarray,
                        last_is_s1: bool, margin: float = LEVEL_MARGIN) -> np.ndarray:
     """Give each posterior-element voxel to the chain neighbour whose level the level head gives it, where it does so
@@ -738,7 +745,7 @@ def posterior_by_level(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[in
     def probabilities(zyx: tuple[np.ndarray, ...]) -> np.ndarray:
         """float32 (len(zyx[0]), n_levels) level probabilities of the half-resolution cells of full-resolution
         voxels."""
-        log_p = level_log_probs[(slice(None), *(v // 2 for v in zyx))].T.astype(np.float32)
+        log_p = _level_cells(level_log_probs, zyx).T
         p = np.exp(log_p - log_p.max(axis=1, keepdims=True))
         return p / p.sum(axis=1, keepdims=True)
 
@@ -799,11 +806,11 @@ def arch_above_view(vertebrae: np.ndarray, bodies: np.ndarray, top: int, level_l
         bool (z, y, x) the piece, or None.
     """
     pair = level_log_probs[[above, own]]
-    body = pair[(slice(None), *(v // 2 for v in np.nonzero(bodies == top)))].astype(np.float32)
+    body = _level_cells(pair, np.nonzero(bodies == top))
     if not np.mean(body[1] - body[0]) >= margin:
         return None
     zyx = np.nonzero((vertebrae == top) & (bodies == 0))
-    log_p = pair[(slice(None), *(v // 2 for v in zyx))].astype(np.float32)
+    log_p = _level_cells(pair, zyx)
     theirs = np.zeros(vertebrae.shape, dtype=bool)
     theirs[tuple(v[log_p[0] - log_p[1] >= margin] for v in zyx)] = True
     pieces, _ = ndimage.label(theirs, structure=np.ones((3, 3, 3), dtype=bool))
@@ -859,11 +866,13 @@ def join_sacrum(vertebrae: np.ndarray, sacrum: np.ndarray, ids: list[int] | None
     been the labelling's peak of memory).
     """
     found = nonzero_box(sacrum)
-    if found is None or (ids is not None and not np.isin(vertebrae, ids).any()):
+    if found is None:
         return vertebrae
     box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(found, sacrum.shape))
     inside, held = vertebrae[box], sacrum[box]
     markers = inside if ids is None else np.where(np.isin(inside, ids), ids[0], 0).astype(inside.dtype)
+    if not markers.any() and (ids is None or not np.isin(vertebrae, ids).any()):
+        return vertebrae  # no vertebra reaches them (held back beside none), or none is named S1
     grown = _flood(markers, (markers > 0) | held) if markers.any() else np.zeros_like(markers)
     if ids is not None:
         left = held & (grown == 0)
