@@ -447,12 +447,22 @@ def test_tptbox_endplates_belong_to_their_vertebra_and_discs_are_ignored(tmp_pat
     assert case.n_gt == 2 and case.mean_dice == 1.0 and case.id_rate == 1.0
 
 
-def test_centroids_that_are_not_finite_are_ignored(tmp_path):
+@pytest.mark.parametrize("second, reason", [
+    ({"label": L2, "world_lps_mm": [float("nan"), 2.0, 3.0]}, "the centroid of label 21 is not a position"),
+    ({"label": L2, "world_lps_mm": [1e308, 2.0, 3.0]}, "the centroid of label 21 is not a position"),
+    ({"label": L1, "world_lps_mm": [1.0, 2.0, 4.0]}, "label 20 has two centroids"),
+    ({"label": 21.7, "world_lps_mm": [1.0, 2.0, 4.0]}, "entry 1 is not a centroid.*label 21.7 is not a whole number"),
+    ({"label": True, "world_lps_mm": [1.0, 2.0, 4.0]}, "entry 1 is not a centroid.*label True"),
+])
+def test_centroid_files_that_do_not_say_one_position_per_label_are_refused(tmp_path, second, reason):
+    """A NaN (or a position whose distances overflow) would be dropped or skew the mean; a second centroid of a
+    label, or a label rounded from 21.7 or read from true, would score a vertebra the file does not name."""
     path = tmp_path / "x_ctd.json"
-    path.write_text(json.dumps([{"label": L1, "world_lps_mm": [1.0, 2.0, 3.0]},
-                                {"label": L2, "world_lps_mm": [float("nan"), 2.0, 3.0]}]))
-    reference = sitk.Image([4, 4, 4], sitk.sitkUInt8)
-    assert list(ev.read_centroids(path, reference)) == [L1]
+    path.write_text(json.dumps([{"label": L1, "world_lps_mm": [1.0, 2.0, 3.0]}, second]))
+    with pytest.raises(InputError, match=f"x_ctd.json: {reason}"):
+        ev.read_centroids(path, sitk.Image([4, 4, 4], sitk.sitkUInt8))
+    path.write_text(json.dumps([{"label": L1, "world_lps_mm": [1, 2, 3]}, {"label": 21.0, "world_lps_mm": [1, 2, 5]}]))
+    assert list(ev.read_centroids(path, sitk.Image([4, 4, 4], sitk.sitkUInt8))) == [L1, L2]
 
 
 @pytest.mark.parametrize("entries, reason", [
@@ -499,6 +509,50 @@ def test_a_prediction_on_another_grid_is_resampled_onto_its_reference(tmp_path, 
             {"label": int(k), "X": float(x), "Y": float(y), "Z": float(z)} for k, (x, y, z) in ev.mask_centroids(mask).items()]))
     case = ev.evaluate_folders(pred_dir, gt_dir).cases[0]
     assert case.centroid_source == "centroid files" and case.n_identified == 3 and case.mean_loc_error_mm < 1e-6
+
+
+def test_a_prediction_or_centroid_file_of_another_image_is_refused(tmp_path):
+    """A prediction that lies wholly outside its reference's grid, or a centroid file whose centroids are far from
+    its own mask's vertebrae, was scored as identified from the centroid files while covering nothing."""
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    reference = write_mask(spine([L1, L2, L3]), gt_dir / "sub-a_seg-vert_msk.nii.gz")
+    write_ctd(gt_dir / "sub-a_seg-vb_ctd.json", ev._mask_centroids_lps(spine([L1, L2, L3]), Geometry.of(reference)))
+    elsewhere = np.add(reference.GetOrigin(), [0.0, 0.0, 500.0]).tolist()
+    moved = write_mask(spine([L1, L2, L3]), pred_dir / "sub-a_seg.nii.gz", origin=elsewhere)
+    write_ctd(pred_dir / "sub-a_ctd.json", ev._mask_centroids_lps(spine([L1, L2, L3]), Geometry.of(reference)))
+    with pytest.raises(InputError, match=r"sub-a_seg.nii.gz: no labelled voxel of this prediction lies inside the grid "
+                                         r"of its reference .*sub-a_seg-vert_msk.nii.gz"):
+        ev.evaluate_folders(pred_dir, gt_dir)
+    write_mask(spine([L1, L2, L3]), pred_dir / "sub-a_seg.nii.gz", origin=reference.GetOrigin())
+    write_ctd(pred_dir / "sub-a_ctd.json", ev._mask_centroids_lps(spine([L1, L2, L3]), Geometry.of(moved)))
+    with pytest.raises(InputError, match=r"sub-a_ctd.json: the centroid of label 20 lies 500 mm from that label in "
+                                         r".*sub-a_seg.nii.gz"):
+        ev.evaluate_folders(pred_dir, gt_dir)
+
+
+def test_masks_in_other_image_formats_are_found(tmp_path):
+    """Reference masks and predictions in .nrrd or .mha, in the VerSe, bodies-only and nnU-Net layouts."""
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    (gt_dir / "nn" / "labelsTr").mkdir(parents=True)
+    pred_dir.mkdir()
+    write_mask(spine([L1, L2, L3]), gt_dir / "sub-a_seg-vert_msk.nrrd")
+    write_mask(spine([L1, L2, L3], body_only=True), gt_dir / "b_vert-verse.MHA")
+    write_mask(spine([L1, L2, L3]), gt_dir / "nn" / "labelsTr" / "c.mha")
+    for case in ("sub-a", "b_img", "c_0000"):
+        write_mask(spine([L1, L2, L3]), pred_dir / f"{case}_seg.nrrd")
+    summary = ev.evaluate_folders(pred_dir, gt_dir)
+    assert sorted(c.name for c in summary.cases) == ["b_img", "c_0000", "sub-a"]
+    assert summary.overall.n_identified == 9
+
+
+def test_a_report_folder_that_cannot_be_made_leaves_none_behind(tmp_path):
+    pred_dir, gt_dir = three_cases(tmp_path)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(InputError, match="afile/r: cannot create the report folder"):
+        ev.evaluate_folders(pred_dir, gt_dir, tmp_path / "new" / "sub" / "r.json", tmp_path / "afile" / "r" / "r.md")
+    assert not (tmp_path / "new").exists()
 
 
 def three_cases(tmp_path: Path) -> tuple[Path, Path]:

@@ -15,6 +15,8 @@ Ground truth, one of these layouts (searched recursively under the GT folder):
   to LPS mm with the mask's geometry reoriented to that code;
 * nnU-Net: ``labelsTr/X.nii.gz`` (no centroid file).
 
+Masks may be stored in any format of ``io.IMAGE_SUFFIXES`` (``.nrrd``, ``.mha``, ...) instead of ``.nii.gz``.
+
 Centroids come from the centroid files when both the GT case and its prediction have one, and otherwise from both
 masks (per-label centre of mass), so that one distance never mixes two definitions (the centroids of VerSe files lie
 up to 15.6 mm from the centres of mass of their whole vertebrae); but a bodies-only GT mask without a centroid file
@@ -24,7 +26,9 @@ were 8.5 mm off, where its reference centroid file gave 1.0 mm). A bodies-only G
 centroid file is scored against the whole predicted vertebrae's centres of mass, with a warning (the case's
 ``centroid_source`` says so). A label present in a GT mask but absent from its centroid file gets its mask centroid
 (logged). The GT vertebrae of a case are the VerSe labels of its centroids. A prediction on another grid than its
-GT mask is resampled onto the GT's (nearest neighbour), with a warning.
+GT mask is resampled onto the GT's (nearest neighbour), with a warning; one that leaves nothing of it there (a
+prediction of another image, or a header turned) is refused, as is a centroid file whose centroid of a label lies
+further than ``CENTROID_MASK_MM`` from that label in its own mask.
 
 Matching: a case's key is the file stem with known suffixes stripped: predictions ``NAME_seg.nii.gz`` -> NAME,
 GT masks -> X as above; then ``_img``, ``_ct``, ``_0000``, ``_T2w`` are removed from the end of both, repeatedly.
@@ -127,7 +131,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ID_RADIUS_MM = 20.0
-_NII = (".nii.gz", ".nii")
+# A centroid file and its mask disagree (the file belongs to another image, or the mask's header was changed) when a
+# label's centroid lies further than this from the centre of mass of that label in the mask: a body centroid lies up
+# to 28 mm from its whole vertebra's centre of mass (S1 and the sacrum's; 78 cases of ../shared/data and their
+# predictions by model 1.7.0)
+CENTROID_MASK_MM = 60.0
+# no position in millimetres is this far out: larger ones overflow the distances
+_FAR_MM = 1e12
 
 
 @dataclass(frozen=True)
@@ -266,17 +276,18 @@ class EvaluationSummary:
 # ----------------------------------------------------------------------------------------------- file matching
 
 
-def _strip_nii(name: str) -> str | None:
-    for ext in _NII:
-        if name.endswith(ext):
+def _strip_image_suffix(name: str) -> str | None:
+    """``name`` without its image suffix (one of ``io.IMAGE_SUFFIXES``, any case); None when it has none."""
+    for ext in IMAGE_SUFFIXES:
+        if name.lower().endswith(ext):
             return name[: -len(ext)]
     return None
 
 
 def _predictions(pred_dir: Path) -> dict[str, PredFiles]:
     found: dict[str, PredFiles] = {}
-    for seg in sorted(pred_dir.glob("*_seg.nii*")):
-        stem = _strip_nii(seg.name)
+    for seg in sorted(pred_dir.glob("*_seg.*")):
+        stem = _strip_image_suffix(seg.name)
         if stem is None:
             continue
         name = stem[: -len("_seg")]
@@ -296,15 +307,15 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
             raise InputError(f"{files.mask}: GT masks {found[key].mask} and {files.mask} both define case {key}")
         found[key] = files
 
-    for mask in sorted(gt_dir.rglob("*_vert-verse.nii*")):
-        stem = _strip_nii(mask.name)
+    for mask in sorted(gt_dir.rglob("*_vert-verse.*")):
+        stem = _strip_image_suffix(mask.name)
         if stem is None:
             continue
         base = stem[: -len("_vert-verse")]
         ctd = mask.parent / f"{base}_ctd.json"
         add(case_key(base), GtFiles(mask, ctd if ctd.is_file() else None, "vert-verse", True))
-    for mask in sorted(gt_dir.rglob("*_seg-vert*_msk.nii*")):
-        stem = _strip_nii(mask.name)
+    for mask in sorted(gt_dir.rglob("*_seg-vert*_msk.*")):
+        stem = _strip_image_suffix(mask.name)
         if stem is None:
             continue
         before, after = stem[: -len("_msk")].split("_seg-vert", 1)
@@ -315,7 +326,7 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
         dataset = read_dataset_json(labels_dir.parent)
         bodies_only = dataset is not None and dataset.get("bodies_only") is True
         for mask in sorted(labels_dir.iterdir()):
-            stem = _strip_nii(mask.name)
+            stem = _strip_image_suffix(mask.name)
             if stem is not None and not mask.name.startswith("."):
                 add(case_key(stem), GtFiles(mask, None, "nnunet", bodies_only))
     return found
@@ -435,7 +446,8 @@ def read_centroids(path: str | os.PathLike, reference: sitk.Image) -> dict[int, 
 
     Raises:
         InputError: unreadable file, an entry without a whole-number label or three coordinates, voxel coordinates
-            without a ``direction`` header or with a direction code that is not one.
+            without a ``direction`` header or with a direction code that is not one, a centroid that is not a
+            finite position, a label with two centroids.
     """
     path = Path(path)
     try:
@@ -454,21 +466,26 @@ def read_centroids(path: str | os.PathLike, reference: sitk.Image) -> dict[int, 
         if "world_lps_mm" not in entry and code is None:
             raise InputError(f"{path}: voxel centroids (X, Y, Z) without a 'direction' entry")
         try:
-            label = int(entry["label"])
+            label = entry["label"]
+            if isinstance(label, bool) or not isinstance(label, (int, float)) or label != round(label):
+                raise ValueError(f"label {label!r} is not a whole number")
+            label = int(label)
             if "world_lps_mm" in entry:
                 position = np.asarray(entry["world_lps_mm"], dtype=float).reshape(3)
             else:
                 if oriented is None:
                     oriented = Geometry.of(sitk.DICOMOrient(reference, code))
                 position = oriented.index_to_lps(np.array([entry["X"], entry["Y"], entry["Z"]], dtype=float))
-        except (KeyError, ValueError, TypeError, RuntimeError) as err:  # RuntimeError: ITK on a bad direction code
+        # RuntimeError: ITK on a bad direction code; OverflowError: an infinite label
+        except (KeyError, ValueError, TypeError, OverflowError, RuntimeError) as err:
             detail = (str(err).strip().splitlines() or [""])[0][:120]
             raise InputError(f"{path}: entry {n} is not a centroid: it needs a whole-number 'label' and 'X', 'Y', 'Z' "
                              f"along a valid 'direction' (here {code!r}) or three 'world_lps_mm' "
                              f"({type(err).__name__}: {detail})") from None
-        if not np.isfinite(position).all():
-            log.warning("%s: centroid of label %d is not a finite position; ignored", path, label)
-            continue
+        if not (np.abs(position) < _FAR_MM).all():  # NaN and infinities too
+            raise InputError(f"{path}: the centroid of label {label} is not a position ({position.tolist()})")
+        if label in out:
+            raise InputError(f"{path}: label {label} has two centroids")
         out[label] = position
     return out
 
@@ -704,7 +721,7 @@ def _by_level(cases: list[CaseResult]) -> dict[str, LevelSummary]:
 
 
 def _lookup(mapping: Mapping, key: str, pred: PredFiles | None, gt: GtFiles):
-    for k in (key, pred.name if pred else None, _strip_nii(gt.mask.name)):
+    for k in (key, pred.name if pred else None, _strip_image_suffix(gt.mask.name)):
         if k is not None and k in mapping:
             return mapping[k]
     # any other name of the case, such as its image's, which a missing prediction cannot supply
@@ -715,19 +732,50 @@ def _make_folders(folders: list[Path]) -> list[Path]:
     """Create ``folders`` and their missing parents; returns the folders created, outermost first.
 
     Raises:
-        InputError: a folder that cannot be created or written to (the message names it).
+        InputError: a folder that cannot be created or written to (the message names it); the folders this call
+            created are removed first.
     """
     created: list[Path] = []
-    for folder in folders:
-        missing = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise InputError(f"{folder}: cannot create the report folder ({err.strerror or err})") from None
-        created += missing
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise InputError(f"{folder}: report folder is not writable")
+    try:
+        for folder in folders:
+            missing = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise InputError(f"{folder}: cannot create the report folder ({err.strerror or err})") from None
+            finally:
+                created += [p for p in missing if p.is_dir()]
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise InputError(f"{folder}: report folder is not writable")
+    except InputError:
+        _remove_folders(created)
+        raise
     return created
+
+
+def _remove_folders(created: list[Path]) -> None:
+    """Remove the empty folders of ``created`` (outermost first, as ``_make_folders`` returns them)."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _centroids_of_mask(ctd: Path, image: sitk.Image, mask: Path, of_mask: dict[int, np.ndarray]
+                       ) -> dict[int, np.ndarray]:
+    """``read_centroids`` of ``ctd`` (its voxel coordinates on ``image``, read from ``mask``), checked against the
+    centres of mass ``of_mask`` (VerSe label -> LPS mm) of the same labels in that mask.
+
+    Raises:
+        InputError: as ``read_centroids``, or a centroid further than ``CENTROID_MASK_MM`` from its label's centre of
+            mass (the message names both files).
+    """
+    centroids = read_centroids(ctd, image)
+    for label, position in centroids.items():
+        distance = float(np.linalg.norm(position - of_mask[label])) if label in of_mask else 0.0
+        if distance > CENTROID_MASK_MM:
+            raise InputError(f"{ctd}: the centroid of label {label} lies {distance:.0f} mm from that label in {mask}: "
+                             "do the two belong to one image?")
+    return centroids
 
 
 def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[str, str] | None,
@@ -746,7 +794,7 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
     bodies_to_file = is_bodies and gt.ctd is None and pred is not None and pred.ctd is not None
     gt_ctd = _mask_centroids_lps(gt_labels, geometry)
     if from_files:
-        from_file = read_centroids(gt.ctd, gt_image)
+        from_file = _centroids_of_mask(gt.ctd, gt_image, gt.mask, gt_ctd)
         if set(gt_ctd) - set(from_file):
             log.warning("%s: mask labels %s have no centroid in %s; taken from the mask", key,
                         sorted(set(gt_ctd) - set(from_file)), gt.ctd)
@@ -763,6 +811,9 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
                         pred_image.GetSize(), pred_image.GetSpacing(), pred_image.GetOrigin(), gt.mask,
                         gt_image.GetSize(), gt_image.GetSpacing(), gt_image.GetOrigin())
             pred_labels = sitk.GetArrayFromImage(resample_to_grid(pred_image, gt_image, label=True))
+            if not pred_labels.any() and sitk.GetArrayViewFromImage(pred_image).any():
+                raise InputError(f"{pred.seg}: no labelled voxel of this prediction lies inside the grid of its "
+                                 f"reference {gt.mask}: is it a prediction of another image, or was a header changed?")
         else:
             pred_labels = sitk.GetArrayViewFromImage(pred_image)
         if is_bodies and pred.ctd is None:
@@ -771,7 +822,8 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
                         "a centroid file of body centres beside it (NAME_ctd.json) scores localisation fairly", key,
                         pred.seg)
         if from_files or bodies_to_file:
-            pred_ctd = read_centroids(pred.ctd, pred_image)
+            own = _mask_centroids_lps(sitk.GetArrayViewFromImage(pred_image), Geometry.of(pred_image))
+            pred_ctd = _centroids_of_mask(pred.ctd, pred_image, pred.seg, own)
         else:
             pred_ctd = _mask_centroids_lps(pred_labels, geometry)
     confidences, modality = read_report(pred.report) if pred and pred.report else (None, "")
@@ -854,8 +906,8 @@ def evaluate_folders(
         Per-case results and pooled scores.
 
     Raises:
-        InputError: missing folders, no GT case, a prediction on another grid than its GT mask (the message names
-            both files), unreadable files.
+        InputError: missing folders, no GT case, a prediction none of which lies on its GT mask's grid or a centroid
+            file that does not fit its mask (the messages name both files), unreadable files.
         Cancelled: the cancel hook returned True (``io.Cancelled``, the class ``pipeline.label_spine`` raises).
     """
     pairs = match_cases(pred_dir, gt_dir, fresh)
@@ -896,9 +948,7 @@ def evaluate_folders(
             for text, tmp in zip(documents, temps):
                 tmp.write_text(text, encoding="utf-8")
     except BaseException:
-        for folder in reversed(created):  # no empty report folders left behind
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _remove_folders(created)  # no empty report folders left behind
         raise
     return summary
 
