@@ -483,3 +483,29 @@ def test_phantom_into_a_path_through_a_file_names_the_folder(tmp_path, capsys):
     argv = ["phantom", str(tmp_path / "afile" / "x.nii.gz"), "--fov", "lumbar", "--spacing", "2", "2", "2.5", "--quiet"]
     assert main(argv) == 1
     assert f"{tmp_path / 'afile'}: cannot make this folder: {tmp_path / 'afile'} is a file" in capsys.readouterr().err
+
+
+def test_an_interrupted_training_points_to_its_own_checkpoint_only(tmp_path, monkeypatch, capsys):
+    """The hint to resume names the checkpoint of this run's --out as training names it (model.v2 ->
+    model.v2.ckpt), and only one this run wrote or resumed from: one left by another run may hold other settings."""
+    from SpineLabelTrainingLib import training
+
+    out = tmp_path / "model.v2"
+    ckpt = tmp_path / "model.v2.ckpt"
+
+    def interrupted(cfg, progress=None, cancel=None, write=True):
+        if write:
+            ckpt.write_bytes(b"epoch 1")
+        raise KeyboardInterrupt
+
+    argv = ["train", "--data", "phantom", "--out", str(out), "--quiet"]
+    monkeypatch.setattr(training, "train", interrupted)
+    assert main(argv) == 130
+    hint = f"spinelabel: interrupted (the same command with --resume continues from {ckpt})"
+    assert capsys.readouterr().err.strip() == hint
+    os.utime(ckpt, (1e9, 1e9))  # left by an earlier run
+    monkeypatch.setattr(training, "train", lambda cfg, progress=None, cancel=None: interrupted(cfg, write=False))
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == "spinelabel: interrupted"
+    assert main([*argv, "--resume"]) == 130
+    assert "--resume continues from" in capsys.readouterr().err

@@ -338,3 +338,10 @@ def test_thick_slices_do_not_shift_the_image(factor, phase):
     out = synthesis._thick_slices(ramp, 2, factor, phase)
     first, last = int(np.ceil(phase * factor)) + 4, 40 - int(2 * factor) - 4  # away from the blur's edge effects
     np.testing.assert_allclose(out[:, :, first:last], ramp[:, :, first:last], atol=1e-3)
+
+
+def test_a_shape_folder_that_is_none_or_holds_no_vertebra_is_named(tmp_path):
+    with pytest.raises(ValueError, match="nowhere: no such folder of labelled vertebrae"):
+        shapes.build_shape_library(tmp_path / "nowhere", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="no whole-vertebra masks"):
+        shapes.build_shape_library(tmp_path, cache_dir=tmp_path)

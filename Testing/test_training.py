@@ -61,6 +61,11 @@ def test_level_loss_only_on_vertebra_voxels():
 
 
 def write_pair(folder, image_name, label_name, size=(40, 40, 60), background=0):
+    """An image of three boxes and their label map (L3-L5), at ``folder / image_name`` and ``folder / label_name``;
+    in an nnU-Net layout (``labelsTr/``) with the dataset.json naming the levels by their VerSe values."""
+    if label_name.startswith("labelsTr/"):
+        (folder / "dataset.json").parent.mkdir(parents=True, exist_ok=True)
+        (folder / "dataset.json").write_text(json.dumps({"labels": dataset_labels()}))
     arr = np.full(size[::-1], background, np.int16)
     lab = np.zeros(size[::-1], np.uint8)
     for i, label in enumerate((L3, L4, L5)):
@@ -390,6 +395,12 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
         with pytest.raises(ValueError, match=f"{name}: is a folder"):
             train(cfg)
         (tmp_path / "run" / name).rmdir()
+    with pytest.raises(ValueError, match="run: is a folder"):  # --out run/ wrote run.json beside it
+        train(replace(cfg, out=str(tmp_path / "run") + "/"))
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    with pytest.raises(ValueError, match="dataset.json: lies inside the training data"):  # it replaced the dataset.json
+        train(replace(cfg, data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "nn" / "dataset.json"))
+    assert json.loads((tmp_path / "nn" / "dataset.json").read_text())["labels"] == dataset_labels()
 
 
 def test_short_runs_and_a_bad_checkpoint(tmp_path):
@@ -419,12 +430,35 @@ def test_a_label_map_on_another_grid_is_refused(tmp_path):
                                            (99, r"label values \[99\] are no VerSe vertebra value")])
 def test_a_label_map_without_a_vertebra_is_refused(tmp_path, value, reason):
     """Empty, or only values that are no vertebra: its whole spine would be taught as background."""
-    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
-    labels = tmp_path / "nn" / "labelsTr" / "c1.nii.gz"
+    write_pair(tmp_path / "verse", "s1_ct.nii.gz", "s1_seg-vert_msk.nii.gz")
+    labels = tmp_path / "verse" / "s1_seg-vert_msk.nii.gz"
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(labels)))
     sitk.WriteImage(sitk.GetImageFromArray(np.where(array > 0, value, 0).astype(np.uint8)), str(labels))
-    with pytest.raises(InputError, match="c1.nii.gz: " + reason):
-        load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
+    with pytest.raises(InputError, match="s1_seg-vert_msk.nii.gz: " + reason):
+        load_case(*find_cases(tmp_path / "verse")[0][:2], False, 2.0)
+
+
+def test_label_maps_whose_values_cannot_be_read_as_levels_are_refused(tmp_path):
+    """An nnU-Net labelsTr without its dataset.json (its values were read as VerSe values whatever they meant), and
+    one voxel of value 300,000,000 (a table of that many values took 7 GB before the refusal)."""
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    case = find_cases(tmp_path / "nn")[0][:2]
+    (tmp_path / "nn" / "dataset.json").unlink()
+    with pytest.raises(InputError, match="labelsTr: an nnU-Net labelsTr folder without its dataset.json"):
+        load_case(*case, False, 2.0)
+    write_pair(tmp_path / "verse", "s1_ct.nii.gz", "s1_seg-vert_msk.nii.gz")
+    for folder, label_path, error, message in (
+            (tmp_path / "verse", tmp_path / "verse" / "s1_seg-vert_msk.nii.gz", InputError,
+             "label value 300000000 is no VerSe vertebra value"),
+            (tmp_path / "big", tmp_path / "big" / "labelsTr" / "c1.nii.gz", ValueError,
+             r"label values \[300000000\] are not in .*dataset.json")):
+        if folder.name == "big":
+            write_pair(folder, "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path))).astype(np.uint32)
+        array[0, 0, 0] = 300_000_000
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(label_path))
+        with pytest.raises(error, match=message):
+            load_case(*find_cases(folder)[0][:2], False, 2.0)
 
 
 def test_a_value_that_is_no_vertebra_beside_vertebrae_is_refused_not_taught_as_background(tmp_path):

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -415,9 +416,17 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, _terminate) for sig in _ENDING
                 if handles_signals and signal.getsignal(sig) is not signal.SIG_IGN}
     itk_warnings = _itk_warnings(not args.quiet)  # quiet: ITK's multi-line warnings too, so one line per failure
+    started = time.time() - 1.0  # a file's time comes from a coarser clock, up to a few milliseconds behind this one
+
     def resumable() -> str:  # a stopped training keeps the checkpoint of its last finished epoch beside --out
-        ckpt = Path(args.out).with_suffix(".ckpt") if args.func is _train else None
-        return f" (the same command with --resume continues from {ckpt})" if ckpt and ckpt.exists() else ""
+        if args.func is not _train:
+            return ""
+        from SpineLabelTrainingLib.training import model_card_path
+
+        ckpt = model_card_path(args.out).with_suffix(".ckpt")
+        # this run's checkpoint, or the one it resumed from: not one another run left there with other settings
+        ours = ckpt.is_file() and (args.resume or ckpt.stat().st_mtime >= started)
+        return f" (the same command with --resume continues from {ckpt})" if ours else ""
 
     try:
         return args.func(args)

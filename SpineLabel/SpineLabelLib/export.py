@@ -185,7 +185,7 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
     if document is None:
         return None
     dataset = Path(label_path).parent.parent / "dataset.json"
-    present = np.flatnonzero(np.bincount(np.asarray(labels).ravel()))
+    values = np.asarray(labels).ravel()
     names = document.get("labels", {})
     if not isinstance(names, dict):
         raise ValueError(f"{dataset}: 'labels' must map each name to its label value")
@@ -194,6 +194,10 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
     if not any(named.values()):
         raise ValueError(f"{dataset}: no label is named after a vertebral level ({LEVELS[0].name} ... "
                          f"{LEVELS[-1].name})")
+    top = int(values.max()) if values.size else 0
+    if top > max(named):  # found before counting the values up to it
+        raise ValueError(f"{label_path}: label values [{top}] are not in {dataset}")
+    present = np.flatnonzero(np.bincount(values))
     unnamed = [int(v) for v in present if int(v) not in named]
     if unnamed:
         raise ValueError(f"{label_path}: label values {unnamed[:5]} are not in {dataset}")

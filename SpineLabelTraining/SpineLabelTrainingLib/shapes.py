@@ -685,9 +685,11 @@ def build_shape_library(data_dir: Path, cache_dir: Path | None = None) -> ShapeL
         A library holding every level C1..L5 and S1 (sacrum) and at least one disc.
 
     Raises:
-        ValueError: ``data_dir`` holds no whole-vertebra mask.
+        ValueError: ``data_dir`` is no folder or holds no whole-vertebra mask.
     """
     data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ValueError(f"{data_dir}: no such folder of labelled vertebrae")
     files = _source_files(data_dir)
     if not files["whole"]:
         raise ValueError(f"{data_dir}: no whole-vertebra masks (masks_verse/, ct_verse/, crops_tptbox/)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,7 +39,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from SpineLabelLib.evaluation import labelled_cases, reference_labels
-from SpineLabelLib.export import provenance_of, recorded_modality
+from SpineLabelLib.export import provenance_of, read_dataset_json, recorded_modality
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
 from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writable_folder, no_empty_new_folders,
                               read_image, read_label_map, resample_to_grid)
@@ -89,6 +90,8 @@ for _level in LEVELS:
 # label values of real masks that are no vertebra SpineLabel labels, taught as not vertebra: VerSe's coccyx and the
 # TPTBox discs (100 + the label of the vertebra above); any other value is refused, not taught as background
 _NOT_A_LEVEL = {COCCYX_LABEL} | {100 + label for label in BY_LABEL}
+# the --data sources SpineLabel makes itself; any other is a folder of labelled scans
+_GENERATED = ("synthetic", "phantom", "negative")
 
 
 def _level_target(levels: torch.Tensor) -> torch.Tensor:
@@ -148,8 +151,14 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
         raise InputError(f"{label_path}: label map grid (size {labels.GetSize()}, spacing {labels.GetSpacing()}, origin "
                          f"{labels.GetOrigin()}) differs from its image {image_path} (size {image.GetSize()}, spacing "
                          f"{image.GetSpacing()}, origin {image.GetOrigin()})")
+    if label_path.parent.name == "labelsTr" and read_dataset_json(label_path.parent.parent) is None:
+        raise InputError(f"{label_path.parent}: an nnU-Net labelsTr folder without its dataset.json, so what its label "
+                         "values mean is unknown: restore the dataset.json whose 'labels' name the levels")
     values = reference_labels(sitk.GetArrayViewFromImage(labels), label_path)
-    value = np.arange(int(values.max()) + 1)
+    top = int(values.max())
+    if top >= _LEVEL_OF_LABEL.size:  # refused before a table of that many values is made
+        raise InputError(f"{label_path}: label value {top} is no VerSe vertebra value (1-26, 28; 27 the coccyx)")
+    value = np.arange(top + 1)
     is_level = _LEVEL_OF_LABEL[np.minimum(value, _LEVEL_OF_LABEL.size - 1)] > 0
     unknown = [int(v) for v in np.flatnonzero(np.bincount(values.ravel()))
                if v and not is_level[v] and v not in _NOT_A_LEVEL]
@@ -560,6 +569,13 @@ def epoch_text(metrics: dict) -> str:
             f"body_dice {number('body_dice', '.3f')} level_accuracy {number('level_accuracy', '.3f')}")
 
 
+def model_card_path(out: str | os.PathLike) -> Path:
+    """The model card ``spinelabel train --out OUT`` writes: OUT, with ``.json`` added unless it ends so ("model.v2"
+    is model.v2.json, not model.json); its checkpoint is the same path with ``.ckpt``."""
+    out = Path(out)
+    return out if out.suffix == ".json" else out.with_name(out.name + ".json")
+
+
 def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None) -> Path:
     """Train (or fine-tune from ``cfg.base_model``) and write the model card + weights to ``cfg.out``.
 
@@ -608,13 +624,14 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
         cfg = replace(cfg, lr=NEW_MODEL_LR if cfg.base_model is None else FINE_TUNE_LR)
     if not 0 < cfg.lr < math.inf:  # NaN compares false
         raise ValueError(f"learning rate {cfg.lr}: must be a finite number above 0")
-    out = Path(cfg.out)
-    if out.suffix != ".json":  # "model.v2" is model.v2.json, not model.json
-        out = out.with_name(out.name + ".json")
+    out = model_card_path(cfg.out)
     ckpt = out.with_suffix(".ckpt")
-    for path in (out, ckpt, out.with_suffix(".pt")):  # found now, not after the epochs
+    for path in (Path(cfg.out), out, ckpt, out.with_suffix(".pt")):  # found now, not after the epochs
         if path.is_dir():
             raise ValueError(f"{path}: is a folder; give a model card path (.json)")
+    for spec, _ in cfg.data:  # a folder of real cases: the model's files could replace its dataset.json or an image
+        if spec not in _GENERATED and Path(spec).is_dir() and Path(spec).resolve() in out.resolve().parents:
+            raise ValueError(f"{out}: lies inside the training data {spec}; write the model elsewhere")
     default = default_model_path()  # its weights are named as save_model names them
     owner = {path.resolve(): "the model shipped with SpineLabel" for path in (default, default.with_suffix(".pt"))}
     if cfg.base_model is not None:
