@@ -18,8 +18,9 @@ Usage (from the repository root):
 view, the source of ``SpineLabelLib.sequence.SequencePriors.pitch_mm``; the real CT is not read.
 
 ``cervical`` labels the three MRI of ``cervical_sct``, which have no vertebra masks (the PAM50 template and the small
-cervical T1 and T2 MRI; never trained on), and prints the label closest to each vertebra its level labels place
-(``_sct_references``; VerSe identification, along head-feet only on the small MRI).
+cervical T1 and T2 MRI; never trained on, but the T1 set one edge of the gap in which the spine gate's
+``pipeline.MIN_SPINE_PROBABILITY`` was placed), and prints the label closest to each vertebra its level labels place
+(``_sct_references``; VerSe identification, along head-feet only).
 
 ``evaluate`` labels every held-out scan with ``spinelabel label``, then writes ``evaluation.json`` and
 ``evaluation.md`` (groups CT, MR and "MR discs") into the work folder. With ``--slice-mm MM`` it labels copies made
@@ -388,20 +389,20 @@ def _points(path: Path) -> dict[int, np.ndarray]:
             for i in np.argwhere(values > 0)}
 
 
-def _sct_references(image_path: Path) -> tuple[dict[str, np.ndarray], bool]:
-    """Reference centroids (level name -> LPS mm) of a ``CERVICAL_SCT`` image, and whether only their head-feet
-    coordinate is known: on the template vertebra n at the midpoint of discs n and n + 1 (C2-T11); on the T2 MRI its
-    mid-body points (on the cord, behind the bodies); on the T1 MRI, beside its one disc n, vertebrae n - 1 and n
-    ``HALF_PITCH_MM`` above and below it."""
+def _sct_references(image_path: Path) -> dict[str, np.ndarray]:
+    """Reference centroids (level name -> LPS mm) of a ``CERVICAL_SCT`` image, of which only the head-feet
+    coordinate is known (the points lie on the cord: the template's 13-21 mm behind the predicted body centres): on
+    the template vertebra n at the midpoint of discs n and n + 1 (C2-T11); on the T2 MRI its mid-body points; on the
+    T1 MRI, beside its one disc n, vertebrae n - 1 and n ``HALF_PITCH_MM`` above and below it."""
     from SpineLabelLib.vertebrae import LEVELS
 
     regular = [level.name for level in LEVELS if not level.transitional]  # regular[n - 1] is vertebra n
     if image_path.parent.name == "template":
         discs = _points(image_path.parent / "PAM50_small_label_disc.nii.gz")
-        return {regular[n - 1]: (discs[n] + discs[n + 1]) / 2 for n in sorted(discs) if n + 1 in discs}, False
+        return {regular[n - 1]: (discs[n] + discs[n + 1]) / 2 for n in sorted(discs) if n + 1 in discs}
     centres = image_path.parent / "t2_labeled_center_manual.nii.gz"
     if centres.exists():
-        return {regular[n - 1]: lps for n, lps in sorted(_points(centres).items())}, True
+        return {regular[n - 1]: lps for n, lps in sorted(_points(centres).items())}
     slice_, value = map(int, (image_path.parent / "init_label_vertebrae.txt").read_text().split()[1].split(","))
     image = sitk.ReadImage(str(image_path))
     axis = _axis_along(image, 2)  # SCT counts slices from the feet along the image's head-feet axis
@@ -410,7 +411,7 @@ def _sct_references(image_path: Path) -> tuple[dict[str, np.ndarray], bool]:
     index[axis] = slice_ if upward[2] > 0 else image.GetSize()[axis] - 1 - slice_
     disc = np.array(image.TransformIndexToPhysicalPoint(index)) * [0, 0, 1]
     head = np.array([0.0, 0.0, HALF_PITCH_MM])
-    return {regular[value - 2]: disc + head, regular[value - 1]: disc - head}, True
+    return {regular[value - 2]: disc + head, regular[value - 1]: disc - head}
 
 
 def cervical(args: argparse.Namespace) -> int:
@@ -424,20 +425,20 @@ def cervical(args: argparse.Namespace) -> int:
     _label(images, root, args.model)
     total = found = 0
     for image in images:
-        reference, head_feet_only = _sct_references(image)
+        reference = _sct_references(image)
         ctd = root / f"{case_name(image)}_ctd.json"
         predicted = [(e["name"], np.array(e["world_lps_mm"])) for e in
                      (json.loads(ctd.read_text())[1:] if ctd.exists() else [])]
         named = []
         for name, lps in reference.items():
-            distance = [float(abs(p[2] - lps[2]) if head_feet_only else np.linalg.norm(p - lps)) for _, p in predicted]
+            distance = [float(abs(p[2] - lps[2])) for _, p in predicted]  # head-feet: the references lie on the cord
             closest = int(np.argmin(distance)) if predicted else None
             hit = closest is not None and distance[closest] <= ID_RADIUS_MM
             named.append(f"{name}:{predicted[closest][0] if hit else '-'}")
             found += hit and predicted[closest][0] == name
         total += len(reference)
         print(f"{image.name}: {' '.join(named) if predicted else 'no vertebrae'} (reference:closest label within "
-              f"{ID_RADIUS_MM:g} mm)")
+              f"{ID_RADIUS_MM:g} mm head-feet)")
     print(f"identified {found} of {total} reference vertebrae")
     return 0
 

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 # a doubtful spine). Then checked on six fresh draws (``--seeds 12``): 1 of the 132 images without a spine gets through
 # (a blob image, 0.872, four components), where the median over all components with thresholds 0.82 and 0.78 let 5
 # through; no real scan is stopped, and of the 155 real short copies of ``real_data.py evaluate --selection --length-mm
-# 70`` 7 are refused (8 before). A crop holding a single vertebra is not labelled.
+# 70`` 7 were refused (8 before; 5 since the model grid's planes beyond the scan copy its last one). A crop holding a
+# single vertebra is not labelled.
 MIN_SPINE_PROBABILITY = 0.84
 MIN_SPINE_PROBABILITY_LONG_COLUMN = 0.82
 LONG_COLUMN = 5
