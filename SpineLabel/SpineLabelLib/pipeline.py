@@ -27,7 +27,7 @@ from .io import (InputError, canonical_grid, checked_image, extend_to_grid_ends,
                  resample_to_grid)
 from .models import LoadedModel, card_file, default_model_path, load_model, read_card
 from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
-from .sequence import NOTHING_FOUND, skipped_levels, solve, vertebrae_in
+from .sequence import expected_gaps_mm, NOTHING_FOUND, skipped_levels, solve, vertebrae_in
 from .vertebrae import LEVELS, level_index
 
 __all__ = ["label_spine", "require_vertebrae", "NoVertebrae", "Cancelled", "get_model", "is_spine",
@@ -406,6 +406,23 @@ def label_spine(
         ordered, gaps = feat.chain_order(ordered[:position] + ordered[position + 1:])
         scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
         solution = solve(scores, gaps)
+    # two neighbours far closer than their levels' spacing, together no taller than one body: one body split in two;
+    # joined, and the chain measured and solved again (once)
+    split = _split_in_two(solution.levels[:n_chain], ordered[:n_chain], gaps[: n_chain - 1])
+    if split:
+        dropped = set()
+        for keep_id, drop_id in split:
+            bodies_box = np.where(bodies_box == drop_id, keep_id, bodies_box).astype(bodies_box.dtype)
+            whole[box] = np.where(whole[box] == drop_id, keep_id, whole[box])
+            dropped.add(drop_id)
+            log.info("joined two bodies that are one split in two")
+        bodies[box] = bodies_box
+        kept = {f.id for f in ordered} - dropped
+        ordered, gaps = feat.chain_order([f for f in feat.measure(bodies, whole, norm, body_probability, grid_geometry)
+                                          if f.id in kept])
+        scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
+        solution = solve(scores, gaps)
+        n_chain, has_s1 = _chain_end(solution)
     # a regular level the chain skips beside a body tall enough for two: two vertebrae the network did not part; each
     # such body is cut across at its centroid, and the chain measured and solved again (once)
     merged = _merged_beside_skip(solution.levels[:n_chain], ordered[:n_chain])
@@ -546,6 +563,44 @@ def _merged_beside_skip(levels: np.ndarray, chain: list[feat.ComponentFeatures])
                 and heights[j] >= np.median(heights)):
             out[chain[j].id] = chain[j]
     return list(out.values())
+
+
+SPLIT_GAP_RATIO = 0.6
+SPLIT_VOLUME_RATIO = 1.3
+
+
+def _split_in_two(levels: np.ndarray, chain: list[feat.ComponentFeatures], gaps: np.ndarray) -> list[tuple[int, int]]:
+    """(kept id, joined id) of each pair of neighbours of a solved chain that is one body split in two: above S1,
+    neither cut by the view, their centroids under SPLIT_GAP_RATIO of the expected gap of their levels at the chain's
+    scale apart, and their volumes together at most SPLIT_VOLUME_RATIO times the median volume of the chain's other
+    vertebrae not cut by the view."""
+    n = len(chain)
+    if n < 4:
+        return []
+    expected = expected_gaps_mm()[levels[:-1], levels[1:]]
+    ratio = gaps / expected
+    volumes = np.array([f.volume_ml for f in chain])
+    cut = np.array([f.at_view_end for f in chain])
+    candidates = []
+    for i in range(n - 1):
+        if cut[i] or cut[i + 1] or levels[i + 1] == comp.S1_LEVEL or not np.isfinite(ratio[i]):
+            continue
+        others = np.delete(ratio, i)
+        others = others[np.isfinite(others)]
+        whole_ones = np.delete(volumes, [i, i + 1])[~np.delete(cut, [i, i + 1])]
+        if others.size < 2 or whole_ones.size < 1:
+            continue
+        union = volumes[i] + volumes[i + 1]
+        if ratio[i] < SPLIT_GAP_RATIO * np.median(others) and union <= SPLIT_VOLUME_RATIO * np.median(whole_ones):
+            candidates.append((ratio[i] / np.median(others), i))
+    out, used = [], set()
+    for _, i in sorted(candidates):
+        if i in used or i + 1 in used:
+            continue
+        used |= {i, i + 1}
+        big, small = (i, i + 1) if chain[i].volume_ml >= chain[i + 1].volume_ml else (i + 1, i)
+        out.append((chain[big].id, chain[small].id))
+    return out
 
 
 def _unused_id(*components: np.ndarray) -> int:
