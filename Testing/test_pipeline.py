@@ -688,3 +688,6 @@ def test_a_body_split_in_two_is_joined():
     assert _split_in_two(levels, chain([30, 32, 33, 34, 20, 11, 30]), np.full(6, 36.0)) == []
     beside_s1 = np.array([35.0, 37.0, 38.0, 37.0, 36.0, 14.0])
     assert _split_in_two(levels, chain([30, 32, 33, 34, 34, 11, 20]), beside_s1) == []
+    # one pitch apart across a skipped level: half the expected gap of L2 -> L4, but two vertebrae, not one split
+    skipping = np.array([level_index(n) for n in ("T12", "L1", "L2", "L4", "L5", "S1")])
+    assert _split_in_two(skipping, chain([30, 32, 14, 20, 33, 30]), np.array([33.0, 36.0, 37.0, 36.0, 34.0])) == []

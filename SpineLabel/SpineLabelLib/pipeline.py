@@ -406,26 +406,25 @@ def label_spine(
         ordered, gaps = feat.chain_order(ordered[:position] + ordered[position + 1:])
         scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
         solution = solve(scores, gaps)
-    # two neighbours far closer than their levels' spacing, together no taller than one body: one body split in two;
-    # joined, and the chain measured and solved again (once)
+    # two neighbours far closer than their levels' spacing, together no bigger than one vertebra: one body split in
+    # two; joined, and the chain measured and solved again (once)
     split = _split_in_two(solution.levels[:n_chain], ordered[:n_chain], gaps[: n_chain - 1])
     if split:
-        dropped = set()
         for keep_id, drop_id in split:
             bodies_box = np.where(bodies_box == drop_id, keep_id, bodies_box).astype(bodies_box.dtype)
             whole[box] = np.where(whole[box] == drop_id, keep_id, whole[box])
-            dropped.add(drop_id)
-            log.info("joined two bodies that are one split in two")
+            log.info("joined component %d into %d: one body split in two", drop_id, keep_id)
         bodies[box] = bodies_box
-        kept = {f.id for f in ordered} - dropped
+        kept = {f.id for f in ordered} - {drop_id for _, drop_id in split}
         ordered, gaps = feat.chain_order([f for f in feat.measure(bodies, whole, norm, body_probability, grid_geometry)
                                           if f.id in kept])
         scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
         solution = solve(scores, gaps)
         n_chain, has_s1 = _chain_end(solution)
     # a regular level the chain skips beside a body tall enough for two: two vertebrae the network did not part; each
-    # such body is cut across at its centroid, and the chain measured and solved again (once)
-    merged = _merged_beside_skip(solution.levels[:n_chain], ordered[:n_chain])
+    # such body (not one just joined) is cut across at its centroid, and the chain measured and solved again (once)
+    joined = {keep_id for keep_id, _ in split}
+    merged = [f for f in _merged_beside_skip(solution.levels[:n_chain], ordered[:n_chain]) if f.id not in joined]
     if merged:
         kept = {f.id for f in ordered}
         for f in merged:
@@ -571,9 +570,10 @@ SPLIT_VOLUME_RATIO = 1.3
 
 def _split_in_two(levels: np.ndarray, chain: list[feat.ComponentFeatures], gaps: np.ndarray) -> list[tuple[int, int]]:
     """(kept id, joined id) of each pair of neighbours of a solved chain that is one body split in two: above S1,
-    neither cut by the view, their centroids under SPLIT_GAP_RATIO of the expected gap of their levels at the chain's
-    scale apart, and their volumes together at most SPLIT_VOLUME_RATIO times the median volume of the chain's other
-    vertebrae not cut by the view."""
+    neither cut by the view, no level skipped between them, their centroids under SPLIT_GAP_RATIO of the expected gap
+    of their levels at the chain's scale apart, and their volumes together at most SPLIT_VOLUME_RATIO times the median
+    volume of the chain's other vertebrae not cut by the view. ``levels`` int (n,) indices into ``LEVELS`` of
+    ``chain``, in chain order; ``gaps`` float (n-1,) centroid distances in mm."""
     n = len(chain)
     if n < 4:
         return []
@@ -581,9 +581,10 @@ def _split_in_two(levels: np.ndarray, chain: list[feat.ComponentFeatures], gaps:
     ratio = gaps / expected
     volumes = np.array([f.volume_ml for f in chain])
     cut = np.array([f.at_view_end for f in chain])
+    skips = skipped_levels(levels)
     candidates = []
     for i in range(n - 1):
-        if cut[i] or cut[i + 1] or levels[i + 1] == comp.S1_LEVEL or not np.isfinite(ratio[i]):
+        if cut[i] or cut[i + 1] or skips[i] or levels[i + 1] == comp.S1_LEVEL or not np.isfinite(ratio[i]):
             continue
         others = np.delete(ratio, i)
         others = others[np.isfinite(others)]
