@@ -353,8 +353,10 @@ class _Subject:
             dark = rng.random() < (0.25 if BY_LABEL[upper].region == "lumbar" else 0.1)
             if dark:
                 height *= rng.uniform(0.4, 0.8)
-            if sacralised and lower == S1_LABEL:
+            if sacralised and lower == S1_LABEL:  # below 1 mm: fused to the sacrum, no disc
                 height, dark = rng.uniform(0.0, 2.0), True
+            else:  # the thin cervical discs (1.5 mm at C3) made thinner still were left out: the bodies touched
+                height = max(height, 1.0)
             discs.append((upper, height, dark))
             s_pos.append(s_pos[-1] + picks[i - 1][0].z_up * scales[i - 1][0] + height - picks[i][0].z_low * scales[i][0])
         s_levels = np.asarray(s_pos)
@@ -412,7 +414,7 @@ class _Subject:
         # Discs: real disc shapes fitted between neighbouring bodies.
         self.discs: list[tuple[_Placed, bool]] = []
         for upper, height, dark in discs:
-            if height < 1.0:
+            if height < 1.0:  # a sacralised L5 fused to the sacrum
                 continue
             up = by_label[upper]
             low = self.vertebrae[self.vertebrae.index(up) - 1]
@@ -790,6 +792,13 @@ def _crop_centre(rng: np.random.Generator, subject: _Subject, extent: np.ndarray
     return target + shift
 
 
+def _add_cortex(cls: np.ndarray) -> None:
+    """Give the vertebrae's bone in tissue-class map ``cls`` (uint8 (z, y, x)) its cortical shell, in place: its
+    surface towards what is not bone. Beyond the crop lies more of the body, so a face the crop cuts gets none."""
+    bone = np.isin(cls, _BONE_CLASSES)
+    cls[bone & ~ndimage.binary_erosion(bone, border_value=1)] = CORTEX
+
+
 def synthesize_case(rng: np.random.Generator, library: ShapeLibrary, spacing_mm: float = 2.0,
                     size_zyx: tuple[int, int, int] = (160, 96, 96), modality: str | None = None) -> TrainingCase:
     """One synthetic training crop of a random whole spine.
@@ -820,9 +829,8 @@ def synthesize_case(rng: np.random.Generator, library: ShapeLibrary, spacing_mm:
     _draw_body(rng, canvas, subject)
     _draw_ribs(canvas, subject, rng)
     _draw_spine(canvas, subject, rng)
-    if rng.random() < 0.8:  # cortical shell of the vertebrae
-        bone = np.isin(canvas.cls, _BONE_CLASSES)
-        canvas.cls[bone & ~ndimage.binary_erosion(bone)] = CORTEX
+    if rng.random() < 0.8:
+        _add_cortex(canvas.cls)
     image = _appearance(rng, canvas.cls, canvas.levels, modality, float(spacing_mm))
     if rng.random() < 0.15:
         _limit_field_of_view(rng, image, canvas.tissue, canvas.levels)
