@@ -183,6 +183,8 @@ def test_l6_is_allowed_with_its_prior():
     names = ["L1", "L2", "L3", "L4", "L5", "L6", "S1"]
     sol = solve(scores_for(names), np.full(6, 35.0))
     assert names_of(sol) == names
+    # named at a probability above the ambiguous band (a correction can make it 1.00): said all the same
+    assert "L6 named, a transitional vertebra (probability 0.81): check the count" in sol.warnings
     # an L6 the level head is not sure of (3 log-units for it, 1.5 for L5): named, and the doubt said
     doubtful = solve(scores_for(names, strength=3.0), np.full(6, 35.0))
     assert names_of(doubtful) == names
@@ -198,7 +200,9 @@ def test_the_chance_of_a_transitional_level_is_the_chain_s_not_one_vertebra_s():
     marginals = np.zeros((4, len(LEVELS)))
     marginals[np.arange(4), levels] = 1.0
     marginals[2:, level_index("T13")] = 0.45  # the T13 may be the third or the fourth vertebra: a T13 at 0.9
-    assert not any("ambiguous" in w for w in _warnings(levels, np.ones(4), marginals, np.full(3, 30.0)))
+    warnings = _warnings(levels, np.ones(4), marginals, np.full(3, 30.0))
+    assert not any("ambiguous" in w for w in warnings)
+    assert "T13 named, a transitional vertebra (probability 0.90): check the count" in warnings
     marginals[2:, level_index("T13")] = 0.15  # at 0.3
     warnings = _warnings(levels, np.ones(4), marginals, np.full(3, 30.0))
     assert "T12/T13 ambiguous: probability of a T13 is 0.30" in warnings

@@ -178,6 +178,13 @@ def test_an_image_off_the_labellings_grid_or_a_misleading_extension_is_refused(t
         writers.write_segmentation(result, tmp_path / "x.seg.nii.gz")
     with pytest.raises(ValueError, match="a NIfTI label map is written as .nii.gz or .nii"):
         writers.write_label_map(result, tmp_path / "x_seg.nrrd")
+    for write, path, what in ((writers.write_markups, "x.json", "3D Slicer markups file is written as .mrk.json"),
+                              (writers.write_centroids, "x_ctd.nii.gz", "centroid file is written as .json"),
+                              (writers.write_report, "x_report.txt", "report is written as .json")):
+        with pytest.raises(ValueError, match=f"{path}: a {what}"):
+            write(result, tmp_path / path)
+    with pytest.raises(ValueError, match="x.jpg: a snapshot is written as .png"):  # it wrote PNG bytes there
+        writers.write_snapshot(result, image, tmp_path / "x.jpg")
     assert list(tmp_path.iterdir()) == []
     writers.write_label_map(result, tmp_path / "x_seg.Nii.Gz")  # any case: nibabel once wrote it under another name
     assert [p.name for p in tmp_path.iterdir()] == ["x_seg.Nii.Gz"]
@@ -375,6 +382,22 @@ def test_write_all_leaves_nothing_on_failure_and_names_the_output(failing, outpu
     with pytest.raises(OSError, match=f"cannot write {re.escape(str(final))}: disk on fire"):
         writers.write_all(result, image, tmp_path, "case")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_all_takes_a_4d_image_of_one_time_point_and_refuses_a_name_with_folders(tmp_path, monkeypatch):
+    """label_spine reads a 4D image of one time point as its volume, so the writers take it too (they refused its
+    grid); an empty name wrote hidden files (.mrk.json), and a failed write left the folder it had made."""
+    result, image = make_case(PERMUTED)
+    four = sitk.JoinSeries([image])
+    assert four.GetDimension() == 4
+    assert len(writers.write_all(result, four, tmp_path / "four", "case")) == len(writers.OUTPUT_SUFFIXES)
+    for name in ("", ".", "..", "a/b"):
+        with pytest.raises(ValueError, match=f"case name {re.escape(repr(name))}: the start of a file name"):
+            writers.write_all(result, image, tmp_path / "named", name)
+    monkeypatch.setattr(writers, "_write_snapshot_to", lambda *args: (_ for _ in ()).throw(OSError(28, "disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        writers.write_all(result, image, tmp_path / "new" / "out", "case")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["four"]
 
 
 def test_a_case_name_whose_outputs_fit_the_file_system_is_written(tmp_path):

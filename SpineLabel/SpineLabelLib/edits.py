@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .io import as_3d
 from .result import Geometry, SpineLabeling, Vertebra
 from .sequence import relabel
 from .vertebrae import LEVELS, level_index
@@ -127,11 +128,15 @@ def component_at(result: SpineLabeling, point_lps: tuple[float, float, float]) -
     return 0 if ijk is None else int(result.components[tuple(ijk[::-1])])
 
 
-def check_image_grid(result: SpineLabeling, image: sitk.Image | Geometry) -> None:
-    """Raise ``ValueError`` unless ``image`` (or a grid) is the labelling's grid (size, spacing, origin, direction)."""
+def check_image_grid(result: SpineLabeling, image: sitk.Image | Geometry) -> sitk.Image | Geometry:
+    """Raise ``ValueError`` unless ``image`` (or a grid) is the labelling's grid (size, spacing, origin, direction);
+    return it, a 4D image of one time point as the 3D volume it holds (as ``label_spine`` reads it)."""
+    if isinstance(image, sitk.Image):
+        image = as_3d(image)
     g, h = image if isinstance(image, Geometry) else Geometry.of(image), result.geometry
     if not g.matches(h):
         raise ValueError(f"image grid {g.as_dict()} differs from the labelling's {h.as_dict()}")
+    return image
 
 
 def _release(result: SpineLabeling, name: str) -> None:
@@ -387,7 +392,7 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
             fixed labels contradict each other.
         KeyError: unknown level name.
     """
-    check_image_grid(result, image)
+    image = check_image_grid(result, image)
     ijk = _voxel(result, point_lps)
     if ijk is None:
         raise ValueError("the point is outside the image")

@@ -324,7 +324,7 @@ def export_case(
             vertebrae, or a modality other than the dataset's.
     """
     dataset_dir = Path(dataset_dir)
-    check_image_grid(result, image)
+    image = check_image_grid(result, image)
     if len(result.vertebrae) < MIN_VERTEBRAE:
         raise ValueError(f"{dataset_dir}: a case for training needs at least {MIN_VERTEBRAE} labelled vertebrae (what "
                          f"lies beyond the end vertebrae is left unknown in training); this one has "

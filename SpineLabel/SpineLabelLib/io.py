@@ -35,6 +35,7 @@ __all__ = [
     "make_writable_folder",
     "no_empty_new_folders",
     "read_image",
+    "as_3d",
     "read_notes",
     "checked_image",
     "read_label_map",
@@ -103,7 +104,12 @@ def case_key(name: str) -> str:
 
 def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # a folder without a series: said below, not printed by ITK
+    try:
+        series = reader.GetGDCMSeriesIDs(str(folder))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not series:
         below = next((Path(d) for d, _, names in sorted(os.walk(folder))[1:] if names), None)
         images = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
@@ -385,7 +391,7 @@ def _forms_note(path: Path, image: sitk.Image) -> str | None:
             "the wrong order, correct the header")
 
 
-def _as_3d(image: sitk.Image) -> sitk.Image:
+def as_3d(image: sitk.Image) -> sitk.Image:
     """A 4D image of one time point (as NRRD and MetaImage can store a volume) as the 3D volume it is; any other
     image as it is."""
     return image[:, :, :, 0] if image.GetDimension() == 4 and image.GetSize()[3] == 1 else image
@@ -444,7 +450,7 @@ def read_label_map(path: str | os.PathLike) -> sitk.Image:
     p = _given_path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
-    image = _as_3d(_read_file(p, "label map"))
+    image = as_3d(_read_file(p, "label map"))
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{p}: not a 3D scalar label map")
     values = sitk.GetArrayViewFromImage(image)
@@ -524,7 +530,7 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
     if image.GetNumberOfComponentsPerPixel() != 1 or "complex" in image.GetPixelIDTypeAsString():
         raise InputError(f"{name}: {image.GetPixelIDTypeAsString()} image (RGB, vector or complex); a scalar CT or MRI "
                          "volume is needed")
-    image = _as_3d(image)
+    image = as_3d(image)
     if image.GetDimension() != 3:
         raise InputError(f"{name}: {image.GetDimension()}D image; a 3D volume is needed")
     if min(image.GetSize()) < 2:

@@ -420,7 +420,8 @@ def _forward_backward(emissions: np.ndarray, transitions: np.ndarray) -> tuple[n
 def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray, gaps_mm: np.ndarray,
               anchored: bool = False) -> list[str]:
     """Plain-language warnings about a solved chain: sacrum or C1/C2 not in view (unless ``anchored``: a user's fixed
-    name numbers the chain, not the vertebrae's appearance), T13/L6 ambiguous, skipped levels, uncertain labels.
+    name numbers the chain, not the vertebrae's appearance), T13/L6 ambiguous or named, skipped levels, uncertain
+    labels.
     ``levels`` int (n,) indices into ``LEVELS`` and ``confidence`` float64 (n,) probabilities, chain order;
     ``marginals`` float64 (n, K) probabilities; ``gaps_mm`` float64 (n-1,) centroid distances in mm."""
     names = [_NAMES[k] for k in levels]
@@ -435,6 +436,8 @@ def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray,
         p = min(float(marginals[:, level_index(name)].sum()), 1.0)  # a labelling has at most one: the chain's chance
         if 0.2 <= p <= 0.8:
             out.append(f"{alt_a}/{alt_b} ambiguous: probability of a {name} is {p:.2f}")
+        elif name in names:  # a correction can make one as sure as any other name: never named without a word
+            out.append(f"{name} named, a transitional vertebra (probability {p:.2f}): check the count")
     for i, skipped in enumerate(skipped_levels(levels)):
         if skipped > 0:
             missing = [lv.name for lv in LEVELS[levels[i] + 1 : levels[i + 1]] if not lv.transitional]

@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from . import __version__
 from .edits import check_image_grid
-from .io import atomic_path, atomic_paths
+from .io import atomic_path, atomic_paths, no_empty_new_folders
 from .result import Geometry, SpineLabeling, nonzero_box
 from .sequence import NOTHING_FOUND, confidence_text
 from .vertebrae import terminology_entry
@@ -284,6 +284,7 @@ def write_markups(result: SpineLabeling, path: str | os.PathLike) -> None:
     """Write ``NAME.mrk.json``: a Slicer fiducial list (schema markups-schema-v1.0.3), one control point per
     vertebra in chain order: id = component id, label = level name, position = body centroid (LPS mm), locked
     when the label was fixed by a user, description = the level's confidence."""
+    _check_suffix(path, (".mrk.json",), "3D Slicer markups file")
     with atomic_path(path) as tmp:
         write_json(_markups_document(result), tmp)
     log.info("wrote markups %s", path)
@@ -339,6 +340,7 @@ def write_centroids(result: SpineLabeling, path: str | os.PathLike) -> None:
     """Write ``NAME_ctd.json`` in the VerSe centroid format: ``[{"direction": ["P", "I", "R"]}, {"label": 20,
     "X": .., "Y": .., "Z": .., "name": "L1", "world_lps_mm": [..]}, ...]``; X, Y, Z as in
     :func:`verse_voxel_coordinates` (voxels, 0.01 precision), ``world_lps_mm`` the body centroid in LPS mm."""
+    _check_suffix(path, (".json",), "centroid file")
     with atomic_path(path) as tmp:
         write_json(_centroid_document(result), tmp)
     log.info("wrote centroids %s", path)
@@ -379,6 +381,7 @@ def write_report(result: SpineLabeling, path: str | os.PathLike, input_path: str
     vertebrae (id, name, label, centroid_lps_mm, volume_ml, confidence, fixed), gaps_mm, spine_probability and
     orientation_margin (see ``SpineLabeling``), warnings, timings_s and spinelabel_version. ``input_path`` defaults
     to ``result.source``."""
+    _check_suffix(path, (".json",), "report")
     with atomic_path(path) as tmp:
         write_json(_report_document(result, input_path), tmp)
     log.info("wrote report %s", path)
@@ -530,7 +533,8 @@ def write_snapshot(result: SpineLabeling, image: sitk.Image, path: str | os.Path
     Raises:
         ValueError: ``image`` is not on the labelling's grid.
     """
-    check_image_grid(result, image)
+    _check_suffix(path, (".png",), "snapshot")
+    image = check_image_grid(result, image)
     with atomic_path(path) as tmp:
         _write_snapshot_to(result, image, tmp)
     log.info("wrote snapshot %s", path)
@@ -557,35 +561,38 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
         The six paths, in ``OUTPUT_SUFFIXES`` order.
 
     Raises:
-        ValueError: ``image`` is not on the labelling's grid.
+        ValueError: ``image`` is not on the labelling's grid, or ``name`` is empty, ``.``, ``..`` or holds a folder.
         PermissionError: ``outdir`` is not writable.
         OSError: ``outdir`` cannot be created (for example a path below a regular file) or a write failed.
     """
-    check_image_grid(result, image)
+    image = check_image_grid(result, image)
+    if name in ("", ".", "..") or any(sep in name for sep in ("/", "\\", os.sep)):
+        raise ValueError(f"case name {name!r}: the start of a file name is needed, without folders")
     outdir = Path(outdir)
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OSError(err.errno, f"cannot create output folder {outdir}: {err.strerror or err}") from err
-    if not os.access(outdir, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, f"output folder {outdir} is not writable")
-    paths = output_paths(outdir, name)
-    labels = result.label_map()  # 1 byte per input voxel: made once for the two writers that need it
-    writers = (
-        lambda tmp: _write_label_map_to(result, tmp, labels),
-        lambda tmp: _write_segmentation_to(result, tmp, labels),
-        lambda tmp: write_json(_markups_document(result), tmp),
-        lambda tmp: write_json(_centroid_document(result), tmp),
-        lambda tmp: write_json(_report_document(result, input_path), tmp),
-        lambda tmp: _write_snapshot_to(result, image, tmp),
-    )
-    with atomic_paths(paths) as temps:
-        for write, tmp, final in zip(writers, temps, paths):
-            try:
-                write(tmp)
-            except OSError as err:
-                raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from err
-            except RuntimeError as err:  # SimpleITK's failed writes
-                raise OSError(f"cannot write {final}: {err}") from err
+    with no_empty_new_folders(outdir):  # a failed write leaves no folder it made
+        try:
+            outdir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot create output folder {outdir}: {err.strerror or err}") from err
+        if not os.access(outdir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, f"output folder {outdir} is not writable")
+        paths = output_paths(outdir, name)
+        labels = result.label_map()  # 1 byte per input voxel: made once for the two writers that need it
+        writers = (
+            lambda tmp: _write_label_map_to(result, tmp, labels),
+            lambda tmp: _write_segmentation_to(result, tmp, labels),
+            lambda tmp: write_json(_markups_document(result), tmp),
+            lambda tmp: write_json(_centroid_document(result), tmp),
+            lambda tmp: write_json(_report_document(result, input_path), tmp),
+            lambda tmp: _write_snapshot_to(result, image, tmp),
+        )
+        with atomic_paths(paths) as temps:
+            for write, tmp, final in zip(writers, temps, paths):
+                try:
+                    write(tmp)
+                except OSError as err:
+                    raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from err
+                except RuntimeError as err:  # SimpleITK's failed writes
+                    raise OSError(f"cannot write {final}: {err}") from err
     log.info("wrote %d outputs of %s to %s", len(paths), name, outdir)
     return paths
