@@ -341,6 +341,37 @@ def test_relabel_reads_confidences_from_the_confidence_evidence():
     assert mixed.vertebrae[2].confidence > out.vertebrae[2].confidence
 
 
+def test_relabel_solves_with_the_sacral_pieces_below_s1_as_the_labelling_did():
+    """The pieces of the sacrum below S1 are evidence the labelling solved its chain with; a correction that left
+    them out took away the doubt of an S1 that may be an L6 (VB1_02: 0.79 before a lock of T12, 1.00 after)."""
+    names = ["L2", "L3", "L4", "L5", "S1", "S1", "S1"]
+    scores = scores_for(names)
+    scores[4, level_index("L6")], scores[4, level_index("S1")] = 0.0, -1.0  # the S1 might be an L6
+    gaps = np.array([35.0, 35.0, 35.0, 33.0, 25.0, 22.0])
+    labelled = solve(scores, gaps)
+    assert names_of(labelled) == names
+    result = make_result(names[:5])
+    for v, row in zip(result.vertebrae, scores):
+        v.level_log_scores = row
+    z = [0.0, -35.0, -70.0, -105.0, -138.0, -163.0, -185.0]
+    for v, at in zip(result.vertebrae, z):
+        v.centroid_lps_mm = (0.0, 0.0, at)
+    result.gaps_mm = gaps[:4].tolist()
+    result.sacral_pieces = [{"centroid_lps_mm": [0.0, 0.0, at], "level_log_scores": row.tolist(),
+                             "confidence_log_scores": None} for at, row in zip(z[5:], scores[5:])]
+    result.sacral_pieces_below = result.vertebrae[-1].id
+    np.testing.assert_allclose([v.confidence for v in relabel(result, {}).vertebrae], labelled.confidence[:5])
+    locked = relabel(result, {10: "L2"})  # a lock that changes no name keeps the doubt
+    np.testing.assert_allclose(locked.vertebrae[-1].confidence, solve(scores, gaps, {0: "L2"}).confidence[4])
+    without = solve(scores[:5], gaps[:4], priors=replace(PRIORS, sacral_piece=0.0))
+    assert abs(without.confidence[4] - labelled.confidence[4]) > 0.005
+    result.sacral_pieces_below = 99  # the last vertebra is no longer the one they lie below: left out
+    np.testing.assert_allclose([v.confidence for v in relabel(result, {}).vertebrae], without.confidence)
+    result.sacral_pieces_below = result.vertebrae[-1].id
+    with pytest.raises(ValueError):  # L5 named S1 above the S1: no vertebra is made a piece of the sacrum
+        relabel(result, {13: "S1"})
+
+
 def test_relabel_fixes_one_and_renames_the_rest():
     result = make_result(["L1", "L2", "L3", "L4", "L5"])
     out = relabel(result, {12: "L4"})

@@ -467,7 +467,9 @@ def test_cancel_ends_the_whole_process_tree():
 
 
 def test_result_round_trip_through_files(tmp_path, spine):
-    result = spine.result.copy(orientation_margin=-0.25)
+    piece = {"centroid_lps_mm": [0.0, 1.0, -250.0], "level_log_scores": [-float("inf")] + [-1.0] * 26,
+             "confidence_log_scores": None}
+    result = spine.result.copy(orientation_margin=-0.25, sacral_pieces=[piece], sacral_pieces_below=7)
     result.vertebrae[0].fixed = True
     result.vertebrae[1].confidence_log_scores = result.vertebrae[1].level_log_scores - 1.0
     back = loadResult(saveResult(result, tmp_path / "out"))
@@ -480,7 +482,7 @@ def test_result_round_trip_through_files(tmp_path, spine):
         if a.confidence_log_scores is not None:
             np.testing.assert_array_equal(a.confidence_log_scores, b.confidence_log_scores)
     for name in ("gaps_mm", "warnings", "sequence_warnings", "model", "timings_s", "source", "modality",
-                 "spine_probability", "orientation_margin"):
+                 "spine_probability", "orientation_margin", "sacral_pieces", "sacral_pieces_below"):
         assert getattr(back, name) == getattr(result, name), name
 
 

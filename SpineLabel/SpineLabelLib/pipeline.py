@@ -489,6 +489,10 @@ def label_spine(
         solution = solve(scores, gaps, confidence_scores=confidence_scores)
         t = stage("short_view_reading", t)
     evidence = [None] * len(ordered) if confidence_scores is None else list(confidence_scores)
+    # the sacral pieces' evidence stays with the result: a correction solves the chain with it again
+    pieces = [{"centroid_lps_mm": [float(c) for c in f.body_centroid_lps_mm], "level_log_scores": row.tolist(),
+               "confidence_log_scores": None if confidence_row is None else confidence_row.tolist()}
+              for f, row, confidence_row in zip(ordered[n_chain:], scores[n_chain:], evidence[n_chain:])]
     ordered, scores, gaps = ordered[:n_chain], scores[:n_chain], gaps[: n_chain - 1]
     orientation_margin = None
     if check_orientation and ordered:
@@ -541,6 +545,8 @@ def label_spine(
         modality=modality,
         spine_probability=median,
         orientation_margin=orientation_margin,
+        sacral_pieces=pieces,
+        sacral_pieces_below=vertebrae[-1].id if pieces else 0,
     )
 
 

@@ -146,6 +146,11 @@ class SpineLabeling:
             to feet (``features.level_sharpness``, turned minus as read); None when not checked.
         removed_up_to: the highest id of the vertebrae that edits removed (0: none), so that an added vertebra never
             takes the id of a deleted one (edit logs and Slicer segment IDs name vertebrae by id).
+        sacral_pieces: the pieces of the sacrum the network left below S1, caudal first from S1 (their voxels are
+            the S1 vertebra's), each ``{"centroid_lps_mm": [3 floats], "level_log_scores": [len(LEVELS) floats],
+            "confidence_log_scores": [len(LEVELS) floats] or None}``: evidence the chain was solved with, which
+            ``relabel`` solves with again while the last vertebra is still ``sacral_pieces_below``.
+        sacral_pieces_below: the id of the vertebra the sacral pieces lie below (0: none).
     """
 
     geometry: Geometry
@@ -161,6 +166,8 @@ class SpineLabeling:
     spine_probability: float | None = None
     orientation_margin: float | None = None
     removed_up_to: int = 0
+    sacral_pieces: list[dict] = field(default_factory=list)
+    sacral_pieces_below: int = 0
 
     def __post_init__(self) -> None:
         self.components = self.components.view()  # a read-only view: the caller's own array stays writable

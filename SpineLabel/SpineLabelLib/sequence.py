@@ -463,7 +463,9 @@ def relabel(result: SpineLabeling, fixed: dict[int, str] | None = None, priors: 
 
     Returns:
         A new ``SpineLabeling`` (the component array is shared) with every vertebra's name and confidence
-        re-solved, the forced ones marked ``fixed``, and fresh sequence warnings (other warnings are kept).
+        re-solved, the forced ones marked ``fixed``, and fresh sequence warnings (other warnings are kept). The
+        chain is solved with the pieces of the sacrum below its S1 (``SpineLabeling.sacral_pieces``) as
+        ``label_spine`` solved it, unless the fixed names end the spine above them; never with a vertebra made one.
 
     Raises:
         KeyError: unknown vertebra id or level name.
@@ -481,13 +483,34 @@ def relabel(result: SpineLabeling, fixed: dict[int, str] | None = None, priors: 
             v.fixed = True
         if v.fixed:
             position_fixed[pos] = v.name
-    scores = np.array([v.level_log_scores for v in out.vertebrae]).reshape(-1, K)
+    n = len(out.vertebrae)
+    rows = [(v.level_log_scores, v.confidence_log_scores) for v in out.vertebrae]
+    gaps = list(out.gaps_mm)
+    # the sacral pieces below the last vertebra (while it is still the one they lie below) are solved with as the
+    # labelling solved them: left out, a lock that changed nothing took away the doubt of an S1 that may be an L6
+    pieces = out.sacral_pieces if n and out.vertebrae[-1].id == out.sacral_pieces_below else []
+    if pieces:
+        rows += [(np.asarray(p["level_log_scores"], float), None if p["confidence_log_scores"] is None
+                  else np.asarray(p["confidence_log_scores"], float)) for p in pieces]
+        points = np.array([out.vertebrae[-1].centroid_lps_mm] + [p["centroid_lps_mm"] for p in pieces], float)
+        gaps += np.linalg.norm(np.diff(points, axis=0), axis=1).tolist()
+    scores = np.array([r for r, _ in rows]).reshape(-1, K)
     evidence = None
-    if any(v.confidence_log_scores is not None for v in out.vertebrae):
-        evidence = np.array([v.level_log_scores if v.confidence_log_scores is None else v.confidence_log_scores
-                             for v in out.vertebrae]).reshape(-1, K)
-    solution = solve(scores, np.asarray(out.gaps_mm, dtype=float), position_fixed, replace(priors, sacral_piece=0.0),
-                     describe=lambda p: f"vertebra {out.vertebrae[p].id}", confidence_scores=evidence)
+    if any(c is not None for _, c in rows):
+        evidence = np.array([r if c is None else c for r, c in rows]).reshape(-1, K)
+    solution = None
+    if pieces:
+        try:
+            solution = solve(scores, np.asarray(gaps, dtype=float), position_fixed, priors,
+                             describe=lambda p: f"vertebra {out.vertebrae[p].id}", confidence_scores=evidence)
+        except ValueError:  # said by the solve without them, if they are not the cause
+            solution = None
+        if solution is not None and vertebrae_in(solution.levels) != n:  # the fixed names end the spine elsewhere
+            solution = None
+    if solution is None:
+        solution = solve(scores[:n], np.asarray(gaps[: n - 1], dtype=float), position_fixed,
+                         replace(priors, sacral_piece=0.0), describe=lambda p: f"vertebra {out.vertebrae[p].id}",
+                         confidence_scores=None if evidence is None else evidence[:n])
     for v, k, p in zip(out.vertebrae, solution.levels, solution.confidence):
         v.name = _NAMES[k]
         v.confidence = float(p)
