@@ -82,6 +82,15 @@ def test_progress_and_cancel(random_model, small_phantom):
         label_spine(small_phantom.image, model=random_model, device="cpu", cancel=cancel)
 
 
+def test_a_cancel_while_the_labels_are_written_on_the_input_grid_stops_it(small_phantom):
+    """The last stage, labels brought back to the input grid, polled nothing: a cancel there took its whole time."""
+    at = []
+    with pytest.raises(Cancelled):
+        label_spine(small_phantom.image, device="cpu", progress=lambda f, m: at.append(f),
+                    cancel=lambda: bool(at) and at[-1] >= 0.9)
+    assert at[-1] == 0.9
+
+
 @pytest.mark.parametrize("fill", [0.0, 1234.0])
 def test_constant_volume_gives_no_vertebrae_and_a_warning(random_model, fill):
     image = sitk.GetImageFromArray(np.full((40, 50, 50), fill, np.float32))
@@ -104,6 +113,13 @@ def test_mr_in_any_units_and_a_tiny_bright_object(small_phantom, random_model):
     spike[30, 30, 30] = 1000.0
     result = label_spine(sitk.GetImageFromArray(spike), model=random_model, device="cpu")
     assert result.vertebrae == [] and "no vertebrae found" in result.warnings
+
+
+def test_a_model_of_no_kind_is_named_as_such():
+    from SpineLabelLib.pipeline import get_model
+
+    with pytest.raises(TypeError, match="model must be a model card's path, a model's name or a LoadedModel, not int"):
+        get_model(123, "cpu")
 
 
 def test_model_card_hash_is_checked(tmp_path, random_model):

@@ -145,6 +145,9 @@ def get_model(model: str | os.PathLike | LoadedModel | None = None, device: str 
     resolved = resolve_device(device)
     if isinstance(model, LoadedModel):
         return model
+    if not (model is None or isinstance(model, (str, os.PathLike))):
+        raise TypeError(f"model must be a model card's path, a model's name or a LoadedModel, not "
+                        f"{type(model).__name__}")
     card = (default_model_path() if model is None else card_file(model)).resolve()
     files = set(card.parent.glob(f"{glob.escape(card.stem)}.*")) | {card.parent / read_card(card)["weights"]}
     stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(files) if f.is_file())
@@ -260,7 +263,8 @@ def label_spine(
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``: where a model given by path (or the default) is
             loaded.
         progress: called with (fraction 0-1 of the whole job, message).
-        cancel: polled between stages and network windows; returning True raises ``Cancelled``.
+        cancel: polled between stages, network windows and the vertebrae brought back to the input grid; returning
+            True raises ``Cancelled``.
         check_orientation: also run the network on the volume turned head to feet, and warn when it reads better
             that way (a header that gives superior and inferior the wrong way round); a second network pass, up to
             the level head only (about a third of the network time again).
@@ -514,7 +518,7 @@ def label_spine(
     # the model-grid arrays no longer needed are freed before the input-grid labels are made (their memory is reused)
     del norm, bodies, whole, body_probability, prediction, tissue, bone_probability, bodies_box, whole_box, sacrum_box
     on_input, voxels = components_on_input_grid(components, bone, grid, image,
-                                                dense_bone_hu=comp.DENSE_BONE_HU if dense_bone else None)
+                                                dense_bone_hu=comp.DENSE_BONE_HU if dense_bone else None, cancel=cancel)
     del components, bone
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     vertebrae = [
@@ -639,8 +643,8 @@ DENSE_BONE_REACH_MM = 2.0
 
 
 def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarray, grid: sitk.Image,
-                             image: sitk.Image, dense_bone_hu: float | None = None
-                             ) -> tuple[np.ndarray, dict[int, int]]:
+                             image: sitk.Image, dense_bone_hu: float | None = None,
+                             cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, dict[int, int]]:
     """Bring vertebra components from the model grid onto the input grid with smooth surfaces.
 
     Nearest-neighbour upsampling alone would give staircase surfaces at the model's 2 mm; instead the vertebra
@@ -660,6 +664,7 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
         grid: the model grid.
         image: the input image (Hounsfield units when ``dense_bone_hu`` is given).
         dense_bone_hu: on CT, the density from which a voxel beside a vertebra is bone; None (MR) grows nothing.
+        cancel: polled before each component; returning True raises ``Cancelled``.
 
     Returns:
         int16 (z, y, x) component ids on the input grid, and the number of input voxels of each id.
@@ -682,6 +687,8 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
     size = np.array(image.GetSize())
     placed = []
     for vid, lo_zyx, hi_zyx in boxes:
+        if cancel is not None and cancel():
+            raise Cancelled()
         corners = np.array([[x, y, z] for z in (lo_zyx[0], hi_zyx[0]) for y in (lo_zyx[1], hi_zyx[1])
                             for x in (lo_zyx[2], hi_zyx[2])], float)
         ijk = input_geometry.lps_to_index(grid_geometry.index_to_lps(corners))
