@@ -542,6 +542,8 @@ def test_masks_in_other_image_formats_are_found(tmp_path):
     write_mask(spine([L1, L2, L3]), gt_dir / "nn" / "labelsTr" / "c.mha")
     for case in ("sub-a", "b_img", "c_0000"):
         write_mask(spine([L1, L2, L3]), pred_dir / f"{case}_seg.nrrd")
+    (gt_dir / "sub-a_seg-vert_msk.seg.nrrd").write_bytes(b"")  # a 3D Slicer save beside the mask: no case "sub-a_msk"
+    (pred_dir / "sub-a.seg.nrrd").write_bytes(b"")
     summary = ev.evaluate_folders(pred_dir, gt_dir)
     assert sorted(c.name for c in summary.cases) == ["b_img", "c_0000", "sub-a"]
     assert summary.overall.n_identified == 9

@@ -449,7 +449,7 @@ def test_label_maps_whose_values_cannot_be_read_as_levels_are_refused(tmp_path):
     write_pair(tmp_path / "verse", "s1_ct.nii.gz", "s1_seg-vert_msk.nii.gz")
     for folder, label_path, error, message in (
             (tmp_path / "verse", tmp_path / "verse" / "s1_seg-vert_msk.nii.gz", InputError,
-             "label value 300000000 is no VerSe vertebra value"),
+             r"label values \[300000000\] are no VerSe vertebra value"),
             (tmp_path / "big", tmp_path / "big" / "labelsTr" / "c1.nii.gz", ValueError,
              r"label values \[300000000\] are not in .*dataset.json")):
         if folder.name == "big":

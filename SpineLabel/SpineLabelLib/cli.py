@@ -421,9 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     def resumable() -> str:  # a stopped training keeps the checkpoint of its last finished epoch beside --out
         if args.func is not _train:
             return ""
-        from SpineLabelTrainingLib.training import model_card_path
+        from SpineLabelTrainingLib.training import checkpoint_path
 
-        ckpt = model_card_path(args.out).with_suffix(".ckpt")
+        ckpt = checkpoint_path(args.out)
         # this run's checkpoint, or the one it resumed from: not one another run left there with other settings
         ours = ckpt.is_file() and (args.resume or ckpt.stat().st_mtime >= started)
         return f" (the same command with --resume continues from {ckpt})" if ours else ""

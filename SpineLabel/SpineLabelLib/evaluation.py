@@ -100,8 +100,8 @@ import SimpleITK as sitk
 
 from .export import dataset_label_values, read_dataset_json
 from .inference import modality_of
-from .io import (IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, case_key, case_name, read_image,
-                 read_label_map, resample_to_grid)
+from .io import (IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, case_key, case_name, image_stem,
+                 no_empty_new_folders, read_image, read_label_map, resample_to_grid)
 from .result import Geometry
 from .sequence import UNCERTAIN_BELOW
 from .vertebrae import BY_LABEL, BY_NAME, level_index
@@ -276,21 +276,19 @@ class EvaluationSummary:
 # ----------------------------------------------------------------------------------------------- file matching
 
 
-def _strip_image_suffix(name: str) -> str | None:
-    """``name`` without its image suffix (one of ``io.IMAGE_SUFFIXES``, any case); None when it has none."""
-    for ext in IMAGE_SUFFIXES:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return None
+def _stem_ending(name: str, ending: str) -> str | None:
+    """The stem of image file ``name`` (``io.image_stem``) without ``ending``, when it ends so; else None (a 3D Slicer
+    save ``X_seg-vert_msk.seg.nrrd`` beside the mask is no second case ``X_msk``)."""
+    stem = image_stem(name)
+    return stem[: -len(ending)] if stem is not None and stem.endswith(ending) else None
 
 
 def _predictions(pred_dir: Path) -> dict[str, PredFiles]:
     found: dict[str, PredFiles] = {}
     for seg in sorted(pred_dir.glob("*_seg.*")):
-        stem = _strip_image_suffix(seg.name)
-        if stem is None:
+        name = _stem_ending(seg.name, "_seg")
+        if name is None:
             continue
-        name = stem[: -len("_seg")]
         ctd, report = pred_dir / f"{name}_ctd.json", pred_dir / f"{name}_report.json"
         key = case_key(name)
         if key in found:
@@ -308,17 +306,16 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
         found[key] = files
 
     for mask in sorted(gt_dir.rglob("*_vert-verse.*")):
-        stem = _strip_image_suffix(mask.name)
-        if stem is None:
+        base = _stem_ending(mask.name, "_vert-verse")
+        if base is None:
             continue
-        base = stem[: -len("_vert-verse")]
         ctd = mask.parent / f"{base}_ctd.json"
         add(case_key(base), GtFiles(mask, ctd if ctd.is_file() else None, "vert-verse", True))
     for mask in sorted(gt_dir.rglob("*_seg-vert*_msk.*")):
-        stem = _strip_image_suffix(mask.name)
-        if stem is None:
+        stem = _stem_ending(mask.name, "_msk")
+        if stem is None or "_seg-vert" not in stem:
             continue
-        before, after = stem[: -len("_msk")].split("_seg-vert", 1)
+        before, after = stem.split("_seg-vert", 1)
         ctd = next((c for c in (mask.parent / f"{before}_seg-{kind}{after}_ctd.json" for kind in ("vb", "subreg"))
                     if c.is_file()), None)
         add(case_key(before + after), GtFiles(mask, ctd, "verse", False))
@@ -326,7 +323,7 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
         dataset = read_dataset_json(labels_dir.parent)
         bodies_only = dataset is not None and dataset.get("bodies_only") is True
         for mask in sorted(labels_dir.iterdir()):
-            stem = _strip_image_suffix(mask.name)
+            stem = image_stem(mask.name)
             if stem is not None and not mask.name.startswith("."):
                 add(case_key(stem), GtFiles(mask, None, "nnunet", bodies_only))
     return found
@@ -339,7 +336,7 @@ def _reference_cases(gt_dir: Path) -> dict[str, GtFiles]:
     found = _ground_truth(gt_dir)
     if not found:
         raise InputError(f"{gt_dir}: no ground-truth masks (*_vert-verse.nii.gz, *_seg-vert_msk.nii.gz or "
-                         "labelsTr/*.nii.gz) found")
+                         "labelsTr/*.nii.gz, or the same in another image format) found")
     return found
 
 
@@ -721,43 +718,26 @@ def _by_level(cases: list[CaseResult]) -> dict[str, LevelSummary]:
 
 
 def _lookup(mapping: Mapping, key: str, pred: PredFiles | None, gt: GtFiles):
-    for k in (key, pred.name if pred else None, _strip_image_suffix(gt.mask.name)):
+    for k in (key, pred.name if pred else None, image_stem(gt.mask.name)):
         if k is not None and k in mapping:
             return mapping[k]
     # any other name of the case, such as its image's, which a missing prediction cannot supply
     return next((value for k, value in mapping.items() if case_key(k) == key), None)
 
 
-def _make_folders(folders: list[Path]) -> list[Path]:
-    """Create ``folders`` and their missing parents; returns the folders created, outermost first.
+def _make_folders(folders: list[Path]) -> None:
+    """Create ``folders`` and their missing parents.
 
     Raises:
-        InputError: a folder that cannot be created or written to (the message names it); the folders this call
-            created are removed first.
+        InputError: a folder that cannot be created or written to (the message names it).
     """
-    created: list[Path] = []
-    try:
-        for folder in folders:
-            missing = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise InputError(f"{folder}: cannot create the report folder ({err.strerror or err})") from None
-            finally:
-                created += [p for p in missing if p.is_dir()]
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise InputError(f"{folder}: report folder is not writable")
-    except InputError:
-        _remove_folders(created)
-        raise
-    return created
-
-
-def _remove_folders(created: list[Path]) -> None:
-    """Remove the empty folders of ``created`` (outermost first, as ``_make_folders`` returns them)."""
-    for folder in reversed(created):
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"{folder}: cannot create the report folder ({err.strerror or err})") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"{folder}: report folder is not writable")
 
 
 def _centroids_of_mask(ctd: Path, image: sitk.Image, mask: Path, of_mask: dict[int, np.ndarray]
@@ -918,9 +898,11 @@ def evaluate_folders(
     # a case's files (its image aside: an image is never overwritten, check_report_paths) and all a prediction's outputs
     check_report_paths(outs, (path for _, pred, gt in pairs for path in (
         gt.mask, gt.ctd, *(output_paths(pred.seg.parent, pred.name) if pred else ()))))
-    created = _make_folders([out.parent for out in outs])  # before the scoring, not after it
     report = progress or (lambda fraction, message: None)
-    try:
+    with contextlib.ExitStack() as folders:  # a failed or stopped run leaves none of the report folders it made
+        for folder in {out.parent for out in outs}:
+            folders.enter_context(no_empty_new_folders(folder))
+        _make_folders([out.parent for out in outs])  # before the scoring, not after it
         unreported = {key: gt for key, pred, gt in pairs if groups is None and (pred is None or pred.report is None)}
         try:
             images = _images(Path(gt_dir), unreported) if unreported else {}
@@ -947,9 +929,6 @@ def evaluate_folders(
         with atomic_paths(outs) as temps:
             for text, tmp in zip(documents, temps):
                 tmp.write_text(text, encoding="utf-8")
-    except BaseException:
-        _remove_folders(created)  # no empty report folders left behind
-        raise
     return summary
 
 

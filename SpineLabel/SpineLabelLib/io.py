@@ -35,6 +35,7 @@ __all__ = [
     "make_writable_folder",
     "no_empty_new_folders",
     "read_image",
+    "image_stem",
     "as_3d",
     "read_notes",
     "checked_image",
@@ -79,10 +80,16 @@ def case_name(path: str | os.PathLike) -> str:
     p = Path(path)
     if p.is_dir():  # named as given (a link's own name), "." and ".." resolved
         return Path(os.path.abspath(p)).name
+    stem = image_stem(p.name)
+    return p.stem if stem is None else stem
+
+
+def image_stem(name: str) -> str | None:
+    """File name ``name`` without its image suffix (one of ``IMAGE_SUFFIXES``, any case); None when it has none."""
     for suffix in IMAGE_SUFFIXES:
-        if p.name.lower().endswith(suffix):
-            return p.name[: -len(suffix)]
-    return p.stem
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
 
 
 # what a case's files add to its name (VerSe, bodies and nnU-Net layouts): a case is matched by its name without them

@@ -496,7 +496,7 @@ def label_spine(
     # the sacral pieces' evidence stays with the result: a correction solves the chain with it again
     pieces = [{"centroid_lps_mm": [float(c) for c in f.body_centroid_lps_mm], "level_log_scores": row.tolist(),
                "confidence_log_scores": None if confidence_row is None else confidence_row.tolist()}
-              for f, row, confidence_row in zip(ordered[n_chain:], scores[n_chain:], evidence[n_chain:])]
+              for f, row, confidence_row in zip(sacral_pieces, scores[n_chain:], evidence[n_chain:])]
     ordered, scores, gaps = ordered[:n_chain], scores[:n_chain], gaps[: n_chain - 1]
     orientation_margin = None
     if check_orientation and ordered:
@@ -574,6 +574,9 @@ def _merged_beside_skip(levels: np.ndarray, chain: list[feat.ComponentFeatures])
     return list(out.values())
 
 
+# Two neighbours closer than SPLIT_GAP_RATIO of their levels' spacing, together at most SPLIT_VOLUME_RATIO of the
+# chain's median vertebra, are one body split in two (``_split_in_two``; Rule J2 in benchmarks/RESULTS.md: an L5 of a
+# clinical stack of 3 mm slices came out as 20 and 11 ml, 15.8 mm apart where L4-L5 is about 35 mm)
 SPLIT_GAP_RATIO = 0.6
 SPLIT_VOLUME_RATIO = 1.3
 
@@ -585,19 +588,16 @@ def _split_in_two(levels: np.ndarray, chain: list[feat.ComponentFeatures], gaps:
     volume of the chain's other vertebrae not cut by the view. ``levels`` int (n,) indices into ``LEVELS`` of
     ``chain``, in chain order; ``gaps`` float (n-1,) centroid distances in mm."""
     n = len(chain)
-    if n < 4:
-        return []
-    expected = expected_gaps_mm()[levels[:-1], levels[1:]]
+    expected = expected_gaps_mm()[levels[:-1], levels[1:]]  # finite for each transition of a solved chain
     ratio = gaps / expected
     volumes = np.array([f.volume_ml for f in chain])
     cut = np.array([f.at_view_end for f in chain])
     skips = skipped_levels(levels)
     candidates = []
     for i in range(n - 1):
-        if cut[i] or cut[i + 1] or skips[i] or levels[i + 1] == comp.S1_LEVEL or not np.isfinite(ratio[i]):
+        if cut[i] or cut[i + 1] or skips[i] or levels[i + 1] == comp.S1_LEVEL:
             continue
         others = np.delete(ratio, i)
-        others = others[np.isfinite(others)]
         whole_ones = np.delete(volumes, [i, i + 1])[~np.delete(cut, [i, i + 1])]
         if others.size < 2 or whole_ones.size < 1:
             continue

@@ -146,10 +146,10 @@ class SpineLabeling:
             to feet (``features.level_sharpness``, turned minus as read); None when not checked.
         removed_up_to: the highest id of the vertebrae that edits removed (0: none), so that an added vertebra never
             takes the id of a deleted one (edit logs and Slicer segment IDs name vertebrae by id).
-        sacral_pieces: the pieces of the sacrum the network left below S1, caudal first from S1 (their voxels are
-            the S1 vertebra's), each ``{"centroid_lps_mm": [3 floats], "level_log_scores": [len(LEVELS) floats],
-            "confidence_log_scores": [len(LEVELS) floats] or None}``: evidence the chain was solved with, which
-            ``relabel`` solves with again while the last vertebra is still ``sacral_pieces_below``.
+        sacral_pieces: the pieces of the sacrum the network left below S1, in chain order, the one next to S1 first
+            (their voxels are the S1 vertebra's), each ``{"centroid_lps_mm": [3 floats], "level_log_scores":
+            [len(LEVELS) floats], "confidence_log_scores": [len(LEVELS) floats] or None}``: evidence the chain was
+            solved with, which ``relabel`` solves with again while the last vertebra is still ``sacral_pieces_below``.
         sacral_pieces_below: the id of the vertebra the sacral pieces lie below (0: none).
     """
 

@@ -566,7 +566,7 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
         OSError: ``outdir`` cannot be created (for example a path below a regular file) or a write failed.
     """
     image = check_image_grid(result, image)
-    if name in ("", ".", "..") or any(sep in name for sep in ("/", "\\", os.sep)):
+    if name in ("", ".", "..") or any(sep in name for sep in ("/", "\\")):
         raise ValueError(f"case name {name!r}: the start of a file name is needed, without folders")
     outdir = Path(outdir)
     with no_empty_new_folders(outdir):  # a failed write leaves no folder it made

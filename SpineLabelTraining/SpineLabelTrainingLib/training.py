@@ -156,16 +156,15 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
                          "values mean is unknown: restore the dataset.json whose 'labels' name the levels")
     values = reference_labels(sitk.GetArrayViewFromImage(labels), label_path)
     top = int(values.max())
-    if top >= _LEVEL_OF_LABEL.size:  # refused before a table of that many values is made
-        raise InputError(f"{label_path}: label value {top} is no VerSe vertebra value (1-26, 28; 27 the coccyx)")
-    value = np.arange(top + 1)
-    is_level = _LEVEL_OF_LABEL[np.minimum(value, _LEVEL_OF_LABEL.size - 1)] > 0
-    unknown = [int(v) for v in np.flatnonzero(np.bincount(values.ravel()))
-               if v and not is_level[v] and v not in _NOT_A_LEVEL]
+    # a value beyond the table is refused before a count of that many values is made
+    present = [top] if top >= _LEVEL_OF_LABEL.size else np.flatnonzero(np.bincount(values.ravel()))
+    unknown = [int(v) for v in present
+               if v and (v >= _LEVEL_OF_LABEL.size or not _LEVEL_OF_LABEL[v]) and v not in _NOT_A_LEVEL]
     if unknown:
         raise InputError(f"{label_path}: label values {unknown[:5]} are no VerSe vertebra value (1-26, 28; 27 the "
                          "coccyx): training would teach that bone as background")
-    verse = np.where(is_level, value, 0).astype(np.uint8)[values]  # the rest: no level
+    value = np.arange(top + 1)
+    verse = np.where(_LEVEL_OF_LABEL[value] > 0, value, 0).astype(np.uint8)[values]  # the rest: no level
     if not verse.any():
         raise InputError(f"{label_path}: holds no vertebra label SpineLabel knows (VerSe values, or the names of its "
                          "dataset.json): training on it would teach its spine as background")
@@ -571,9 +570,14 @@ def epoch_text(metrics: dict) -> str:
 
 def model_card_path(out: str | os.PathLike) -> Path:
     """The model card ``spinelabel train --out OUT`` writes: OUT, with ``.json`` added unless it ends so ("model.v2"
-    is model.v2.json, not model.json); its checkpoint is the same path with ``.ckpt``."""
+    is model.v2.json, not model.json)."""
     out = Path(out)
     return out if out.suffix == ".json" else out.with_name(out.name + ".json")
+
+
+def checkpoint_path(out: str | os.PathLike) -> Path:
+    """The checkpoint of ``spinelabel train --out OUT``: its model card's path with ``.ckpt``."""
+    return model_card_path(out).with_suffix(".ckpt")
 
 
 def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None) -> Path:
@@ -625,7 +629,7 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     if not 0 < cfg.lr < math.inf:  # NaN compares false
         raise ValueError(f"learning rate {cfg.lr}: must be a finite number above 0")
     out = model_card_path(cfg.out)
-    ckpt = out.with_suffix(".ckpt")
+    ckpt = checkpoint_path(out)
     for path in (Path(cfg.out), out, ckpt, out.with_suffix(".pt")):  # found now, not after the epochs
         if path.is_dir():
             raise ValueError(f"{path}: is a folder; give a model card path (.json)")
