@@ -213,10 +213,12 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._process = self._outCard = None
         self._updateButtons()
         if process.wait() != 0:
-            self.logic.discardTraining(outCard)
+            kept = self.logic.keptAfterFailure(outCard)
             self.ui.statusLabel.text = _("Training failed.")
-            slicer.util.errorDisplay(_("Training failed ({how}).").format(how=process.exitDescription()),
-                                     detailedText=process.outputTail())
+            message = _("Training failed ({how}).").format(how=process.exitDescription())
+            if kept:  # the command's hint to resume names it
+                message += "\n" + _("The checkpoint of its last finished epoch is kept: {path}").format(path=str(kept))
+            slicer.util.errorDisplay(message, detailedText=process.outputTail())
             return
         try:
             registered = self.logic.finishTraining(outCard)
@@ -346,6 +348,17 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
     def discardTraining(outCard) -> None:
         """Remove the temporary folder of a training run (checkpoint, card and weights)."""
         shutil.rmtree(Path(outCard).parent, ignore_errors=True)
+
+    def keptAfterFailure(self, outCard):
+        """After a failed run: its checkpoint, kept with its folder so that the run can be resumed (``spinelabel
+        train`` says how), or None when it wrote none (the folder is then removed)."""
+        from SpineLabelTrainingLib.training import checkpoint_path
+
+        checkpoint = checkpoint_path(outCard)
+        if checkpoint.is_file():
+            return checkpoint
+        self.discardTraining(outCard)
+        return None
 
 
 #

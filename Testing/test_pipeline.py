@@ -230,6 +230,9 @@ def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
     for name in ("team/spine-v2", "../escaped", ".hidden", " ", "v2?", "spine.", 'a"b'):  # the last three: Windows
         with pytest.raises(ModelError, match="a model name is a file name"):
             register_model(random_model, name=name)
+    for name in (DEFAULT_MODEL_NAME, DEFAULT_MODEL_NAME.upper()):  # listed twice, reachable by its name never
+        with pytest.raises(ModelError, match="is the name of the model shipped with SpineLabel"):
+            register_model(random_model, name=name)
     assert sorted(p.name for p in (tmp_path / "registry").iterdir()) == ["mine.json", "mine.pt"]
     (tmp_path / "registry" / "broken.json").write_bytes(b'{"name": "\xe9"}')  # one unreadable card is skipped
     assert [c["name"] for c in list_models()][-1] == "mine"

@@ -429,6 +429,11 @@ def test_how_a_process_ended_and_what_it_left_running_end_with_it():
     runner.finish(timeout=1)
     assert not runner.running and time.monotonic() - start < 10
     assert runner.readEvents() == [{"event": "done"}] and runner.exitDescription() == "killed by SIGTERM"
+    # spinelabel ends with 128 + the signal's number when one stops it, as a shell does
+    for code, said in ((143, "exit code 143: stopped by SIGTERM"), (2, "exit code 2"), (200, "exit code 200")):
+        runner = process.BackgroundProcess([sys.executable, "-c", f"raise SystemExit({code})"], process.parseWorkerLine)
+        runner.start()
+        assert runner.wait(30) == code and runner.exitDescription() == said
 
 
 def _alive(pid: int) -> bool:
@@ -503,8 +508,11 @@ def test_training_process_reports_epochs_and_registers_model(tmp_path, monkeypat
         env=process.pythonPathEnvironment([root / "SpineLabel", root / "SpineLabelTraining"]))
     runner.start()
     assert runner.wait(300) == 0, runner.outputTail()
-    events = [e for e in runner.readEvents() if e["event"] == "epoch"]  # and progress within it
+    read = runner.readEvents()
+    events = [e for e in read if e["event"] == "epoch"]
     assert [(e["epoch"], e["epochs"], e["fraction"]) for e in events] == [(1, 1, 1.0)]
+    # and progress within it, though the process writes into a pipe, where tqdm draws no bar of its own accord
+    assert any(e["event"] == "progress" for e in read), runner.outputTail()
     assert np.isfinite(events[0]["loss"]) and "level_accuracy" in events[0]["metrics"]
     # the export is mixed with data that keeps what the base model knew of other spines
     sources = json.loads(card.read_text())["training_data"]["sources"]

@@ -186,7 +186,7 @@ def _train(args: argparse.Namespace) -> int:
         spacing_mm=args.spacing, device=args.device, seed=args.seed, resume=args.resume, data_dir=args.data_dir,
         training_data_note=args.note, validation_cases=args.validation_cases, average_last=args.average_last,
         tilt_deg=args.tilt_deg, short_window=args.short_window,
-        progress_bars=not args.quiet,
+        progress_bars=False if args.quiet else True if args.progress_bars else None,
     )
 
     def progress(m: dict) -> None:
@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "vertebra, extended by its mirror image as labelling extends a scan that short (default 0)")
     p.add_argument("--register", action="store_true", help="also register the model under --name in the user model "
                    "folder ($SPINELABEL_MODELS_DIR), where the Slicer module lists it")
+    p.add_argument("--progress-bars", action="store_true", help="draw the progress bars where the output is no "
+                   "terminal too, for a program that reads them (the SpineLabelTraining module)")
     _add_output_options(p, "no progress bars or epoch lines")
     p.set_defaults(func=_train)
 

@@ -236,12 +236,15 @@ def registration_path(name: str) -> Path:
     """The card path a model registered as ``name`` would take (``register_model``), checked before any training.
 
     Raises:
-        ModelError: ``name`` is not a plain file name, or a registered model of that name exists already.
+        ModelError: ``name`` is not a plain file name, is the shipped model's (which its name always loads), or a
+            registered model of that name exists already.
     """
     if (not isinstance(name, str) or not name.strip() or name.startswith(".")
             or any(c in name for c in '<>:"/\\|?*') or name.rstrip(" .") != name):  # / and \: no folder
         raise ModelError(f"{name!r}: a model name is a file name (no folder, not hidden, none of <>:\"/\\|?*, not "
                          "ending in a space or dot, which Windows does not allow)")
+    if name.lower() == DEFAULT_MODEL_NAME:  # any case: a file system may not tell the two apart
+        raise ModelError(f"{name!r} is the name of the model shipped with SpineLabel; choose another")
     target = user_models_dir() / f"{name}.json"
     if target.exists() or target.with_suffix(".pt").exists():
         raise ModelError(f"{target}: a model named {name!r} is registered already")

@@ -129,7 +129,8 @@ def trainCommand(python: str, data: str | os.PathLike, outCard: str | os.PathLik
     passed on."""
     sources = [f"{data}:{EXPORT_SHARE}", *(f"{source}:{weight}" for source, weight in REPLAY)]
     command = [python, "-m", "SpineLabelLib.cli", "train", *(a for s in sources for a in ("--data", s)),
-               "--out", str(outCard), "--epochs", str(int(epochs)), "--device", device]
+               "--out", str(outCard), "--epochs", str(int(epochs)), "--device", device,
+               "--progress-bars"]  # a pipe is no terminal: without it no bar within an epoch would be drawn
     if baseModel:
         command += ["--base-model", str(baseModel)]
     if name:
@@ -227,12 +228,17 @@ class BackgroundProcess:
         return "\n".join(list(self._tail)[-lines:])
 
     def exitDescription(self) -> str:
-        """How the process ended, for a message: ``exit code 1``, ``killed by SIGKILL (...)``."""
+        """How the process ended, for a message: ``exit code 1``, ``exit code 143: stopped by SIGTERM`` (how
+        ``spinelabel`` says a signal ended it), ``killed by SIGKILL (...)``."""
         code = self.returncode
         if code is None:
             return "still running"
         if code >= 0:
-            return f"exit code {code}"
+            try:
+                return f"exit code {code}: stopped by {signal.Signals(code - 128).name}" if code > 128 else \
+                    f"exit code {code}"
+            except ValueError:
+                return f"exit code {code}"
         try:
             name = signal.Signals(-code).name
         except ValueError:

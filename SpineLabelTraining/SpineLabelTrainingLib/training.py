@@ -393,12 +393,17 @@ def _negative_source(spacing_mm: float, size: tuple[int, int, int]) -> Callable[
     return draw
 
 
-def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int], progress_bars: bool,
+def _bars_off(progress_bars: bool | None) -> bool | None:
+    """tqdm's ``disable`` for ``TrainConfig.progress_bars`` (None: tqdm draws where stderr is a terminal)."""
+    return None if progress_bars is None else not progress_bars
+
+
+def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int], progress_bars: bool | None,
                    cancel: Callable[[], bool] | None = None) -> tuple[Callable[[np.random.Generator], Case], list[str]]:
     found = find_cases(folder)
     cases = []
     for image, labels, bodies_only in tqdm(found, desc=f"loading {folder.name}", leave=False,
-                                           disable=None if progress_bars else True):
+                                           disable=_bars_off(progress_bars)):
         if cancel is not None and cancel():  # a case takes about a second to load
             raise Cancelled()
         cases.append(load_case(image, labels, bodies_only, spacing_mm))
@@ -410,7 +415,7 @@ def _folder_source(folder: Path, spacing_mm: float, size: tuple[int, int, int], 
 
 
 def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_dir: Path | None,
-                progress_bars: bool = False, cancel: Callable[[], bool] | None = None
+                progress_bars: bool | None = False, cancel: Callable[[], bool] | None = None
                 ) -> tuple[Callable[[np.random.Generator], Case], list[str] | None]:
     """A sampler for one ``--data`` spec: ``synthetic``, ``phantom``, ``negative`` or a folder path; and, for a
     folder, its cases (image paths relative to it), else None. ``cancel`` is polled before each case of a folder is
@@ -491,7 +496,9 @@ class TrainConfig:
     resume: bool = False
     validation_cases: int = 4
     data_dir: Path | None = None  # real labelled vertebrae: the shapes of ``synthetic``
-    progress_bars: bool = False  # tqdm bars on stderr, where a terminal: the CLI's (a library logs, it does not draw)
+    # tqdm bars on stderr: None where it is a terminal (the CLI's), True always (for a program that reads them, as the
+    # SpineLabelTraining module does), False never (a library logs, it does not draw)
+    progress_bars: bool | None = False
     training_data_note: str = ""
     average_last: int = 0
     tilt_deg: float = 0.0  # half the crops turned about left-right by up to this (degrees), front-back by half
@@ -725,7 +732,7 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     for epoch in range(start_epoch, cfg.epochs):
         losses, skipped = [], 0
         bar = tqdm(range(cfg.iterations), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=None if cfg.progress_bars else True)
+                   disable=_bars_off(cfg.progress_bars))
         for _ in bar:
             if cancel is not None and cancel():
                 raise Cancelled()
