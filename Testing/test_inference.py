@@ -261,8 +261,12 @@ def test_one_gpu_has_one_device_name(monkeypatch):
     """"cuda" and "cuda:0" are the same GPU: both resolve to cuda:0, so the model cache holds one copy."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda") == resolve_device("cuda:0") == torch.device("cuda", 0)
     assert str(resolve_device("auto")) == "cuda:0"
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(RuntimeError, match="'cuda:99' was asked for but there are 2 CUDA GPUs"):  # not at its first use
+        resolve_device("cuda:99")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(RuntimeError, match="no CUDA GPU"):

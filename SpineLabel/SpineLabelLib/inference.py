@@ -34,7 +34,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
     Raises:
         ValueError: another name.
-        RuntimeError: a CUDA device asked for without a CUDA GPU.
+        RuntimeError: a CUDA device asked for without a CUDA GPU, or of an index beyond the GPUs there are.
     """
     device = str(device).strip().lower()
     if device == "auto":
@@ -47,6 +47,9 @@ def resolve_device(device: str = "auto") -> torch.device:
             raise RuntimeError(f"device {device!r} was asked for but no CUDA GPU is available")
         if resolved.index is None:
             resolved = torch.device("cuda", torch.cuda.current_device())
+        elif resolved.index >= torch.cuda.device_count():  # found now, not at the first tensor put there
+            raise RuntimeError(f"device {device!r} was asked for but there are {torch.cuda.device_count()} CUDA GPUs "
+                               f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return resolved
 
 
