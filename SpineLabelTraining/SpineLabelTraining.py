@@ -352,7 +352,7 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
     def keptAfterFailure(self, outCard):
         """After a failed run: its checkpoint, kept with its folder so that the run can be resumed (``spinelabel
         train`` says how), or None when it wrote none (the folder is then removed)."""
-        from SpineLabelTrainingLib.training import checkpoint_path
+        from SpineLabelLib.models import checkpoint_path
 
         checkpoint = checkpoint_path(outCard)
         if checkpoint.is_file():

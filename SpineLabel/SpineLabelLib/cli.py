@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     def resumable() -> str:  # a stopped training keeps the checkpoint of its last finished epoch beside --out
         if args.func is not _train:
             return ""
-        from SpineLabelTrainingLib.training import checkpoint_path
+        from .models import checkpoint_path
 
         ckpt = checkpoint_path(args.out)
         # this run's checkpoint, or the one it resumed from: not one another run left there with other settings

@@ -36,6 +36,8 @@ __all__ = [
     "LoadedModel",
     "default_model_path",
     "card_file",
+    "model_card_path",
+    "checkpoint_path",
     "user_models_dir",
     "list_models",
     "load_model",
@@ -95,6 +97,18 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def model_card_path(out: str | os.PathLike) -> Path:
+    """The model card ``spinelabel train --out OUT`` writes: OUT, with ``.json`` added unless it ends so ("model.v2"
+    is model.v2.json, not model.json)."""
+    out = Path(out)
+    return out if out.suffix == ".json" else out.with_name(out.name + ".json")
+
+
+def checkpoint_path(out: str | os.PathLike) -> Path:
+    """The checkpoint of ``spinelabel train --out OUT``: its model card's path with ``.ckpt``."""
+    return model_card_path(out).with_suffix(".ckpt")
 
 
 def card_file(path: str | os.PathLike) -> Path:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,7 +42,8 @@ from SpineLabelLib.export import provenance_of, read_dataset_json, recorded_moda
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
 from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writable_folder, no_empty_new_folders,
                               read_image, read_label_map, resample_to_grid)
-from SpineLabelLib.models import MODEL_SPACING_MM, default_model_path, load_model, save_model
+from SpineLabelLib.models import (MODEL_SPACING_MM, checkpoint_path, default_model_path, load_model, model_card_path,
+                                  save_model)
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.pipeline import MIN_CONTEXT_VOXELS, with_context
 from SpineLabelLib.result import Geometry
@@ -573,18 +573,6 @@ def epoch_text(metrics: dict) -> str:
 
     return (f"epoch {metrics['epoch']}/{metrics['epochs']} loss {number('loss', '.4f')} "
             f"body_dice {number('body_dice', '.3f')} level_accuracy {number('level_accuracy', '.3f')}")
-
-
-def model_card_path(out: str | os.PathLike) -> Path:
-    """The model card ``spinelabel train --out OUT`` writes: OUT, with ``.json`` added unless it ends so ("model.v2"
-    is model.v2.json, not model.json)."""
-    out = Path(out)
-    return out if out.suffix == ".json" else out.with_name(out.name + ".json")
-
-
-def checkpoint_path(out: str | os.PathLike) -> Path:
-    """The checkpoint of ``spinelabel train --out OUT``: its model card's path with ``.ckpt``."""
-    return model_card_path(out).with_suffix(".ckpt")
 
 
 def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None) -> Path:
