@@ -27,7 +27,7 @@ from .io import (InputError, canonical_grid, checked_image, extend_to_grid_ends,
                  resample_to_grid)
 from .models import LoadedModel, card_file, default_model_path, load_model, read_card
 from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
-from .sequence import expected_gaps_mm, NOTHING_FOUND, skipped_levels, solve, vertebrae_in
+from .sequence import NOTHING_FOUND, expected_gaps_mm, skipped_levels, solve, vertebrae_in
 from .vertebrae import LEVELS, level_index
 
 __all__ = ["label_spine", "require_vertebrae", "NoVertebrae", "Cancelled", "get_model", "is_spine",

@@ -498,18 +498,21 @@ def relabel(result: SpineLabeling, fixed: dict[int, str] | None = None, priors: 
     evidence = None
     if any(c is not None for _, c in rows):
         evidence = np.array([r if c is None else c for r, c in rows]).reshape(-1, K)
+    def describe(position: int) -> str:
+        return f"vertebra {out.vertebrae[position].id}"
+
     solution = None
     if pieces:
         try:
-            solution = solve(scores, np.asarray(gaps, dtype=float), position_fixed, priors,
-                             describe=lambda p: f"vertebra {out.vertebrae[p].id}", confidence_scores=evidence)
+            solution = solve(scores, np.asarray(gaps, dtype=float), position_fixed, priors, describe=describe,
+                             confidence_scores=evidence)
         except ValueError:  # said by the solve without them, if they are not the cause
             solution = None
         if solution is not None and vertebrae_in(solution.levels) != n:  # the fixed names end the spine elsewhere
             solution = None
     if solution is None:
         solution = solve(scores[:n], np.asarray(gaps[: n - 1], dtype=float), position_fixed,
-                         replace(priors, sacral_piece=0.0), describe=lambda p: f"vertebra {out.vertebrae[p].id}",
+                         replace(priors, sacral_piece=0.0), describe=describe,
                          confidence_scores=None if evidence is None else evidence[:n])
     for v, k, p in zip(out.vertebrae, solution.levels, solution.confidence):
         v.name = _NAMES[k]
