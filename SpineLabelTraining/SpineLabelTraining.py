@@ -8,6 +8,7 @@ model list.
 
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -216,8 +217,10 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             kept = self.logic.keptAfterFailure(outCard)
             self.ui.statusLabel.text = _("Training failed.")
             message = _("Training failed ({how}).").format(how=process.exitDescription())
-            if kept:  # the command's hint to resume names it
-                message += "\n" + _("The checkpoint of its last finished epoch is kept: {path}").format(path=str(kept))
+            if kept:  # a run that failed late need not start again
+                message += "\n" + _("The checkpoint of its last finished epoch is kept: {path}\nThe same command with "
+                                     "--resume continues it: {command}").format(
+                    path=str(kept), command=shlex.join([*process.command, "--resume"]))
             slicer.util.errorDisplay(message, detailedText=process.outputTail())
             return
         try:
@@ -350,8 +353,8 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
         shutil.rmtree(Path(outCard).parent, ignore_errors=True)
 
     def keptAfterFailure(self, outCard):
-        """After a failed run: its checkpoint, kept with its folder so that the run can be resumed (``spinelabel
-        train`` says how), or None when it wrote none (the folder is then removed)."""
+        """After a failed run: its checkpoint, kept with its folder so that the run can be resumed (its command with
+        ``--resume``), or None when it wrote none (the folder is then removed)."""
         from SpineLabelLib.models import checkpoint_path
 
         checkpoint = checkpoint_path(outCard)

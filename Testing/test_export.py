@@ -107,7 +107,7 @@ def test_a_dataset_of_two_channels_takes_no_export(tmp_path, spine):
     """An export writes one image per case, and rewrote such a dataset.json with channel 0 alone."""
     document = {"channel_names": {"0": spine.result.modality, "1": "PET"}, "labels": export.dataset_labels()}
     (tmp_path / "dataset.json").write_text(json.dumps(document))
-    with pytest.raises(ValueError, match=r"names 2 channels \(0, 1\); an export writes one"):
+    with pytest.raises(ValueError, match=r"names 2 channels \(0: CT, 1: PET\); an export writes one"):
         export.export_case(spine.result, spine.image, tmp_path)
     assert json.loads((tmp_path / "dataset.json").read_text()) == document
 

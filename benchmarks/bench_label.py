@@ -8,8 +8,8 @@ Usage: python benchmarks/bench_label.py [--size X Y Z] [--spacing X Y Z] [--runs
 The last line says whether the median run (by wall time; an even number of runs takes the slower of the middle two)
 met the targets; the exit status is 1 when it did not, or when a run labelled fewer than ``MIN_VERTEBRAE`` of the
 phantom's 25 vertebrae (a labelling that stops early is no benchmark). Memory is in GB of 10^9 bytes, the peak
-resident set of the labelling process (``ru_maxrss``, in kB of 1024 bytes); the script once printed GiB as GB, 7.4 %
-less (benchmarks/RESULTS.md says which figures those are).
+resident set of the labelling process (``ru_maxrss``, in kB of 1024 bytes); the script once printed GiB as GB, figures
+6.9 % below GB (benchmarks/RESULTS.md says which those are).
 """
 
 from __future__ import annotations

@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", action="store_true", help="also register the model under --name in the user model "
                    "folder ($SPINELABEL_MODELS_DIR), where the Slicer module lists it")
     p.add_argument("--progress-bars", action="store_true", help="draw the progress bars where the output is no "
-                   "terminal too, for a program that reads them (the SpineLabelTraining module)")
+                   "terminal too, for a program that reads them (the SpineLabelTraining module); not with --quiet")
     _add_output_options(p, "no progress bars or epoch lines")
     p.set_defaults(func=_train)
 

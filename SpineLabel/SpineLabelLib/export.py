@@ -345,8 +345,9 @@ def export_case(
             raise ValueError(f"{dataset_dir}: dataset holds {held} images, this one is {modality}")
         channels = dataset.get("channel_names")
         if len(channels) > 1:  # an export writes one image per case: the dataset would lose its other channels
-            raise ValueError(f"{dataset_dir}: its dataset.json names {len(channels)} channels ({', '.join(channels)}); "
-                             "an export writes one: export into another dataset")
+            named = ", ".join(f"{k}: {v}" for k, v in channels.items())
+            raise ValueError(f"{dataset_dir}: its dataset.json names {len(channels)} channels ({named}); an export "
+                             "writes one: export into another dataset")
         if dataset.get("bodies_only") is True:
             raise ValueError(f"{dataset_dir}: its dataset.json says its labels are vertebral bodies only; an export "
                              "labels whole vertebrae: export into another dataset")
