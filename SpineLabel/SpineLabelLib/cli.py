@@ -397,27 +397,20 @@ def _terminate(signum, frame) -> None:
 _ENDING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-def _itk_warnings(show: bool) -> bool:
-    """Whether ITK prints its warnings (process-wide); returns the setting it replaces."""
-    import SimpleITK as sitk
-
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(show)
-    return shown
-
-
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a path the console's code page cannot print must not end the run
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
+    from .io import show_itk_warnings
+
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     handles_signals = threading.current_thread() is threading.main_thread()  # where Python lets it set a handler
     # a signal ignored when the run started (nohup ignores SIGHUP) stays ignored
     previous = {sig: signal.signal(sig, _terminate) for sig in _ENDING
                 if handles_signals and signal.getsignal(sig) is not signal.SIG_IGN}
-    itk_warnings = _itk_warnings(not args.quiet)  # quiet: ITK's multi-line warnings too, so one line per failure
+    itk_warnings = show_itk_warnings(not args.quiet)  # quiet: ITK's multi-line warnings too, so one line per failure
     started = time.time() - 1.0  # a file's time comes from a coarser clock, up to a few milliseconds behind this one
 
     def resumable() -> str:  # a stopped training keeps the checkpoint of its last finished epoch beside --out
@@ -444,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spinelabel: error: {err}", file=sys.stderr)
         return 1
     finally:
-        _itk_warnings(itk_warnings)
+        show_itk_warnings(itk_warnings)
         for sig, handler in previous.items():  # None: a handler not set from Python
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 

@@ -36,6 +36,7 @@ __all__ = [
     "no_empty_new_folders",
     "read_image",
     "image_stem",
+    "show_itk_warnings",
     "as_3d",
     "read_notes",
     "checked_image",
@@ -109,14 +110,20 @@ def case_key(name: str) -> str:
     return key
 
 
+def show_itk_warnings(show: bool) -> bool:
+    """Whether ITK prints its warnings (process-wide), set to ``show``; returns the setting it replaces."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(show)
+    return shown
+
+
 def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # a folder without a series: said below, not printed by ITK
+    shown = show_itk_warnings(False)  # a folder without a series: said below, not printed by ITK
     try:
         series = reader.GetGDCMSeriesIDs(str(folder))
     finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+        show_itk_warnings(shown)
     if not series:
         below = next((Path(d) for d, _, names in sorted(os.walk(folder))[1:] if names), None)
         images = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
