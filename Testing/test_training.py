@@ -237,14 +237,17 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeyp
         train(cfg)
     with pytest.raises(ValueError, match="'synthetic' needs --data-dir"):
         train(replace(cfg, data=[("synthetic", 1.0)], resume=False))
-    finetuned = train(TrainConfig(data=[("phantom", 0.0), (str(tmp_path / "nn"), 1.0)], out=tmp_path / "f.json",
+    unread = [("phantom", 0.0), (str(tmp_path / "missing"), 0.0)]
+    finetuned = train(TrainConfig(data=[*unread, (str(tmp_path / "nn"), 1.0)], out=tmp_path / "f.json",
                                   base_model=card, epochs=1, iterations=1, batch=1, patch=(32, 32, 32), device="cpu",
                                   validation_cases=2))
     base = load_model(card).card  # the weights a fine-tune started from are named by their hash too
     assert load_model(finetuned).card["base_model"] == {key: base[key] for key in ("name", "version", "sha256")}
     assert "can forget what the base model knew" in caplog.text  # a fine-tune on a folder alone
-    # a source of weight 0 is not trained on, so it is not scored either
+    # a source of weight 0 is not read (a missing folder does not stop the run), trained on, scored or listed
     assert not any(name.startswith("phantom") for name in load_model(finetuned).card["training"]["validation_crops"])
+    listed = [source["source"] for source in load_model(finetuned).card["training_data"]["sources"]]
+    assert listed == [str((tmp_path / "nn").resolve())]
 
 
 def test_a_cancel_stops_the_loading_of_a_folder_between_cases(tmp_path, monkeypatch):

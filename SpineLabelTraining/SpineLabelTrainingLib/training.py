@@ -601,6 +601,11 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     weights = np.array([w for _, w in cfg.data], dtype=float)
     if not cfg.data or (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
         raise ValueError(f"data weights {[w for _, w in cfg.data]}: each must be 0 or more, and one more than 0")
+    left_out = [spec for spec, w in cfg.data if w == 0]
+    if left_out:  # not read either: a source that is not trained on cannot stop the run
+        log.info("left out, weight 0: %s", ", ".join(left_out))
+        cfg = replace(cfg, data=[(spec, w) for spec, w in cfg.data if w > 0])
+        weights = weights[weights > 0]
     for name, value, least in (("epochs", cfg.epochs, 1), ("iterations", cfg.iterations, 1), ("batch", cfg.batch, 1),
                                ("validation cases", cfg.validation_cases, 0), ("average-last", cfg.average_last, 0),
                                ("tilt-deg", cfg.tilt_deg, 0), ("short-window", cfg.short_window, 0)):
@@ -668,12 +673,11 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     sources, cases = zip(*(make_source(s, spacing, cfg.patch, cfg.data_dir, cfg.progress_bars, cancel)
                            for s in specs))
     val_rng = np.random.default_rng(10_000 + cfg.seed)
-    trained_on = [source for source, weight in zip(sources, weights) if weight > 0]  # a weight of 0 leaves it out
     val = []
     for i in range(cfg.validation_cases):  # a synthetic crop takes seconds to make
         if cancel is not None and cancel():
             raise Cancelled()
-        val.append(trained_on[i % len(trained_on)](val_rng))
+        val.append(sources[i % len(sources)](val_rng))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     total_steps = cfg.epochs * cfg.iterations
     # 5 % warm-up; at least 1.5 steps of it in a short run (torch divides by the warm-up's length in steps, less 1)
