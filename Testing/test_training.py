@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import shutil
 from dataclasses import replace
 
@@ -534,6 +535,11 @@ def test_nnunet_labels_are_read_by_their_names_in_dataset_json(tmp_path, caplog)
     (tmp_path / "nn" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "vertebra": 1}}))
     with pytest.raises(ValueError, match="no label is named after a vertebral level"):
         load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
+    # a level's value written as text, or as an nnU-Net region's list: said so, not "no level named"
+    for value in ("300", [300], True, 300.0):
+        (tmp_path / "nn" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "L3": value}}))
+        with pytest.raises(ValueError, match=re.escape(f"must be whole numbers, not 'L3': {value!r}")):
+            load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
     # a name with a level inside that SpineLabel does not read: background, and said
     names = {"background": 0, **{f"x{v}": v for v in range(1, 300)}, "L3": 300, "vertebrae_L4": 301, "vertebra_L5": 302}
     (tmp_path / "nn" / "dataset.json").write_text(json.dumps({"labels": names}))

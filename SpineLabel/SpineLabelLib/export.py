@@ -179,7 +179,8 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
         labels: its voxels, integers of 0 or more, any shape.
 
     Raises:
-        ValueError: a ``dataset.json`` that names no level, or a value it does not name.
+        ValueError: a ``dataset.json`` that names no level or gives a level a value that is no whole number, or a
+            value it does not name.
     """
     document = _dataset_of(label_path)
     if document is None:
@@ -189,7 +190,11 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
     names = document.get("labels", {})
     if not isinstance(names, dict):
         raise ValueError(f"{dataset}: 'labels' must map each name to its label value")
-    value_names = {int(value): name for name, value in names.items() if isinstance(value, int)}
+    whole = {name: isinstance(value, int) and not isinstance(value, bool) for name, value in names.items()}
+    unread = [f"{name!r}: {names[name]!r}" for name, ok in whole.items() if not ok and _level_named(name)]
+    if unread:  # "20" rather than 20, or an nnU-Net region's list of values
+        raise ValueError(f"{dataset}: label values must be whole numbers, not {', '.join(unread)}")
+    value_names = {value: name for name, value in names.items() if whole[name]}
     named = {value: _level_named(name) for value, name in value_names.items()}
     if not any(named.values()):
         raise ValueError(f"{dataset}: no label is named after a vertebral level ({LEVELS[0].name} ... "
