@@ -552,7 +552,7 @@ def test_masks_in_other_image_formats_are_found(tmp_path):
 def test_a_report_folder_that_cannot_be_made_leaves_none_behind(tmp_path):
     pred_dir, gt_dir = three_cases(tmp_path)
     (tmp_path / "afile").write_text("")
-    with pytest.raises(InputError, match="afile/r: cannot create the report folder"):
+    with pytest.raises(InputError, match="afile/r: cannot write the report there"):
         ev.evaluate_folders(pred_dir, gt_dir, tmp_path / "new" / "sub" / "r.json", tmp_path / "afile" / "r" / "r.md")
     assert not (tmp_path / "new").exists()
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -460,11 +462,16 @@ def test_write_all_removes_renamed_outputs_when_a_rename_fails(tmp_path, monkeyp
 
 def test_write_all_read_only_outdir(tmp_path, monkeypatch):
     """A folder the user may not write to (simulated: the tests run as root, which may write anywhere)."""
-    import os
-
     result, image = make_case(PERMUTED)
-    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
-    with pytest.raises(PermissionError, match=f"{tmp_path} is not writable"):
+    exact = tempfile.TemporaryFile
+
+    def denied(*args, dir=None, **kwargs):
+        if Path(dir) == tmp_path:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return exact(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", denied)
+    with pytest.raises(PermissionError, match=f"output folder {tmp_path}: Permission denied"):
         writers.write_all(result, image, tmp_path, "case")
     assert list(tmp_path.iterdir()) == []
 

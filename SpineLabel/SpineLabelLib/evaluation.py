@@ -101,7 +101,7 @@ import SimpleITK as sitk
 from .export import dataset_label_values, read_dataset_json
 from .inference import modality_of
 from .io import (IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, case_key, case_name, image_stem,
-                 no_empty_new_folders, read_image, read_label_map, resample_to_grid)
+                 make_writable_folder, no_empty_new_folders, read_image, read_label_map, resample_to_grid)
 from .result import Geometry
 from .sequence import UNCERTAIN_BELOW
 from .vertebrae import BY_LABEL, BY_NAME, level_index
@@ -733,11 +733,9 @@ def _make_folders(folders: list[Path]) -> None:
     """
     for folder in folders:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            make_writable_folder(folder)
         except OSError as err:
-            raise InputError(f"{folder}: cannot create the report folder ({err.strerror or err})") from None
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise InputError(f"{folder}: report folder is not writable")
+            raise InputError(f"{folder}: cannot write the report there ({err.strerror or err})") from None
 
 
 def _centroids_of_mask(ctd: Path, image: sitk.Image, mask: Path, of_mask: dict[int, np.ndarray]

@@ -20,7 +20,6 @@ Every file is written under a temporary name beside its final one and renamed wh
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from scipy import ndimage
 
 from . import __version__
 from .edits import check_image_grid
-from .io import atomic_path, atomic_paths, no_empty_new_folders
+from .io import atomic_path, atomic_paths, make_writable_folder, no_empty_new_folders
 from .result import Geometry, SpineLabeling, nonzero_box
 from .sequence import NOTHING_FOUND, confidence_text
 from .vertebrae import terminology_entry
@@ -563,7 +562,8 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
     Raises:
         ValueError: ``image`` is not on the labelling's grid, or ``name`` is empty, ``.``, ``..`` or holds a folder.
         PermissionError: ``outdir`` is not writable.
-        OSError: ``outdir`` cannot be created (for example a path below a regular file) or a write failed.
+        OSError: ``outdir`` cannot be created (for example a path below a regular file) or written to, or a write
+            failed.
     """
     image = check_image_grid(result, image)
     if name in ("", ".", "..") or any(sep in name for sep in ("/", "\\")):
@@ -571,11 +571,9 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
     outdir = Path(outdir)
     with no_empty_new_folders(outdir):  # a failed write leaves no folder it made
         try:
-            outdir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OSError(err.errno, f"cannot create output folder {outdir}: {err.strerror or err}") from err
-        if not os.access(outdir, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, f"output folder {outdir} is not writable")
+            make_writable_folder(outdir)
+        except OSError as err:  # OSError(EACCES, ...) is a PermissionError
+            raise OSError(err.errno, f"cannot write to output folder {outdir}: {err.strerror or err}") from err
         paths = output_paths(outdir, name)
         labels = result.label_map()  # 1 byte per input voxel: made once for the two writers that need it
         writers = (
