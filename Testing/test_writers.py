@@ -254,6 +254,8 @@ def test_slicer_core_reads_segmentation_and_markups(mrml, tmp_path):
         np.testing.assert_allclose(position, np.array(v.centroid_lps_mm) * [-1, -1, 1], atol=1e-6)  # RAS
         assert markups.GetNthControlPointLabel(i) == v.name
         assert bool(markups.GetNthControlPointLocked(i)) == v.fixed
+    added = markups.AddControlPoint(vtk.vtkVector3d(0.0, 0.0, 0.0), "new")  # Slicer numbers it past the file's last
+    assert markups.GetNthControlPointID(added) not in {str(i) for i in IDS}
 
 
 def test_centroids_round_trip_through_reoriented_image(case, tmp_path):

@@ -264,7 +264,8 @@ def _markups_document(result: SpineLabeling) -> dict:
         "locked": False,
         "fixedNumberOfControlPoints": False,
         "labelFormat": "%N-%d",
-        "lastUsedControlPointNumber": len(points),
+        # Slicer numbers a point added later one past this, unchecked: the ids have gaps after a delete
+        "lastUsedControlPointNumber": max((v.id for v in result.vertebrae), default=0),
         "controlPoints": points,
         "measurements": [],
         "display": display,
