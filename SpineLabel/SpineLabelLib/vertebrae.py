@@ -161,17 +161,23 @@ def terminology_context() -> dict:
     }
 
 
+# the anatomic region (DICOM CID 4) that tells T13 and L6, both coded "Vertebra" (SCT 51282000), apart
+_TRANSITIONAL_REGION = {"thoracic": "SCT^122495006^Thoracic spine", "lumbar": "SCT^122496007^Lumbar spine"}
+
+
 def terminology_entry(level: Level) -> str:
     """Slicer terminology entry string for a level (``Segment<N>_Tags`` ``TerminologyEntry`` value): the level's
-    type in SpineLabel's terminology context (:func:`terminology_context`), without type modifier or region.
+    type in SpineLabel's terminology context (:func:`terminology_context`), without type modifier; with a region,
+    thoracic or lumbar spine, for T13 and L6 only.
 
     Format: ``context~category~type~typeModifier~regionContext~region~regionModifier``, each coded part as
     ``SCT^code^meaning``.
     """
+    region = _TRANSITIONAL_REGION[level.region] if level.transitional else "^^"
     return (
         f"{TERMINOLOGY_CONTEXT}"
         f"~SCT^{_CATEGORY['CodeValue']}^{_CATEGORY['CodeMeaning']}"
         f"~SCT^{level.snomed_code}^{level.snomed_meaning}"
         "~^^"
-        "~Anatomic codes - DICOM master list~^^~^^"
+        f"~Anatomic codes - DICOM master list~{region}~^^"
     )
