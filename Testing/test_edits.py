@@ -274,6 +274,17 @@ def test_a_point_level_with_a_vertebra_but_outside_it_is_refused():
             edits.add_vertebra(case.result, case.image, point)
 
 
+def test_a_point_between_two_vertebrae_without_room_for_a_third_is_refused():
+    """A click in the disc between L2 and L3 (on a real lumbar MRI) was taken for a missed vertebra of disc tissue,
+    and every name above it moved up one level at confidence 1.00; a missed vertebra leaves about twice the gap."""
+    case = build_spine()
+    l2, l3 = (np.array(next(v for v in case.result.vertebrae if v.name == n).centroid_lps_mm) for n in ("L2", "L3"))
+    disc = tuple((l2 + l3) / 2)
+    assert not edits.component_at(case.result, disc)
+    with pytest.raises(ValueError, match=r"between L2 and L3, \d+ mm apart, as close as the vertebrae beside them"):
+        edits.add_vertebra(case.result, case.image, disc)
+
+
 def test_deleting_a_vertebra_keeps_the_other_corrections(spine):
     """A lock is the user's word on a name: deleting another vertebra re-solves the chain around it, it does not undo
     the corrections made so far (the top renamed T12 shifts every name by one level; without its lock the chain falls

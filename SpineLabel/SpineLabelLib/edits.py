@@ -57,6 +57,9 @@ MOVE_REACH_MM = 15.0
 # A vertebra is added within this distance of the centroid of an existing one (mm): one and a half lumbar pitches
 # (``sequence.PRIORS.pitch_mm``), room for one missed level beside the chain, not a click elsewhere in the image.
 ADD_REACH_MM = 55.0
+# A vertebra is added between two others only where their gap is at least this many times the gaps beside them: a
+# missed vertebra leaves about twice its neighbours' gap, a click in the disc between two found ones about one.
+ROOM_FOR_MISSED = 1.5
 
 
 def _fixed_names(result: SpineLabeling) -> dict[int, str]:
@@ -370,6 +373,22 @@ def _level_with(result: SpineLabeling, point_lps: tuple[float, float, float]) ->
     return vertebrae[i].name if along < gap / 3 else None
 
 
+def _no_room_between(result: SpineLabeling, point_lps: tuple[float, float, float]) -> tuple[str, str, float] | None:
+    """(upper name, lower name, their gap in mm) when ``point_lps`` (LPS mm) goes into the chain between two
+    vertebrae that lie too close for a vertebra between them: less than ``ROOM_FOR_MISSED`` times the median of up
+    to two gaps on either side (a missed vertebra leaves about twice its neighbours' gap; a point in the disc between
+    two found ones, about one). None where it lies between none, or the chain has no other gap to compare with."""
+    gaps = np.asarray(result.gaps_mm, dtype=float)
+    chain = np.array([v.centroid_lps_mm for v in result.vertebrae], dtype=float).reshape(-1, 3)
+    pos = _insertion_position(chain, np.asarray(point_lps, dtype=float))
+    if not 0 < pos < len(chain) or len(gaps) < 2:
+        return None
+    beside = np.concatenate([gaps[max(pos - 3, 0) : pos - 1], gaps[pos : pos + 2]])
+    if gaps[pos - 1] >= ROOM_FOR_MISSED * float(np.median(beside)):
+        return None
+    return result.vertebrae[pos - 1].name, result.vertebrae[pos].name, float(gaps[pos - 1])
+
+
 def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[float, float, float],
                  name: str | None = None) -> SpineLabeling:
     """Add a vertebra the network missed, from a point the user placed on its body.
@@ -388,8 +407,8 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
 
     Raises:
         ValueError: the image is not on the labelling's grid, the point is outside it, inside an existing vertebra,
-            farther than ``ADD_REACH_MM`` from every vertebra's centroid or level with one (``_level_with``), or the
-            fixed labels contradict each other.
+            farther than ``ADD_REACH_MM`` from every vertebra's centroid, level with one (``_level_with``) or between
+            two without room for a third (``_no_room_between``), or the fixed labels contradict each other.
         KeyError: unknown level name.
     """
     image = check_image_grid(result, image)
@@ -408,6 +427,10 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
     if level_with is not None:
         raise ValueError(f"the point lies level with {level_with} along the spine, beside it rather than between two "
                          "vertebrae: place it on the body of the missed vertebra")
+    no_room = _no_room_between(result, point_lps)
+    if no_room is not None:
+        raise ValueError("the point lies between {} and {}, {:.0f} mm apart, as close as the vertebrae beside them: no "
+                         "vertebra is missed there (a click in the disc?)".format(*no_room))
     if result.vertebrae:
         box, region = _shifted_neighbour(result, point_lps)
     else:
