@@ -357,9 +357,10 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to load the labels."), waitCursor=True):
             labeling = self.logic.finishLabelling(volume, outputDir)
             replaced = self._labelings.get(volume.GetID())
-            if replaced is not None and replaced.corrections and not slicer.util.confirmYesNoDisplay(
+            count = replaced.correctionCount() if replaced is not None else 0
+            if count and not slicer.util.confirmYesNoDisplay(
                     _("Replace the labelling of {volume}, with the {count} corrections made to it, by the new "
-                      "one?").format(volume=volume.GetName(), count=len(replaced.corrections))):
+                      "one?").format(volume=volume.GetName(), count=count)):
                 labeling.removeNodes()
                 self.ui.progressBar.value = 0
                 self.ui.statusLabel.text = _("New labelling discarded; the corrected one is kept.")

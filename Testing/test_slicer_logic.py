@@ -297,6 +297,17 @@ def test_segment_editor_edits_are_read_back_and_exported(labeled, tmp_path):
     assert dataset["numTraining"] == 1
 
 
+def test_segment_editor_work_counts_as_a_correction_before_a_new_labelling_replaces_it(labeled):
+    """The module asks before a new labelling of the volume replaces one with corrections; voxels erased in the
+    Segment Editor and not yet taken in were not counted, and were lost without a question."""
+    assert labeled.correctionCount() == 0
+    voxels = layer_voxels(labeled)
+    l2 = next(v for v in labeled.result.vertebrae if v.name == "L2")
+    voxels[(voxels == l2.label) & (np.arange(voxels.shape[2])[None, None, :] < voxels.shape[2] // 2)] = 0
+    labeled.segmentationNode.GetSegmentation().GetLayerDataObject(0).Modified()
+    assert labeled.correctionCount() == 1 and labeled.corrections[0]["action"] == "segment_edit"
+
+
 def test_a_segment_removed_in_the_editor_is_taken_in_before_a_correction(labeled, tmp_path):
     """It came back (empty, renamed) on the next rename, and the names changed at export."""
     segmentation = labeled.segmentationNode.GetSegmentation()

@@ -305,6 +305,13 @@ class LabelingScene(VTKObservationMixin):
                 return self.markupsNode.GetNthControlPointIndexByID(pointId)
         return -1
 
+    def correctionCount(self) -> int:
+        """How many corrections this labelling holds, voxel edits in the Segment Editor not yet taken in included
+        (read back now, as before a correction): what a new labelling of the volume would replace."""
+        if self.segmentationNode.GetScene() is not None and self._voxelState() != self._voxelStateKnown:
+            self.readBackSegmentation()
+        return len(self.corrections)
+
     def _readBackKeeps(self, vertebraId: int) -> bool:
         """Take Segment Editor edits in before a correction is solved (a segment removed there would otherwise come
         back, and the names change at export); False when this vertebra is gone (its segment was deleted or emptied,
