@@ -93,6 +93,9 @@ def test_a_failed_export_leaves_no_part_of_its_case(tmp_path, spine, monkeypatch
     with pytest.raises(OSError, match="No space"):
         export.export_case(spine.result, spine.image, tmp_path)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    with pytest.raises(OSError, match="No space"):  # the first export into a new dataset: no folder of it stays
+        export.export_case(spine.result, spine.image, tmp_path / "new" / "Dataset002_Spine")
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_dataset_json_without_channel_names_is_named(tmp_path, spine):

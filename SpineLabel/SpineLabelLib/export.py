@@ -30,6 +30,7 @@ that ``dataset.json`` does not count, or the earlier case of a replaced image.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -43,7 +44,7 @@ import SimpleITK as sitk
 
 from . import __version__, writers
 from .edits import check_image_grid
-from .io import CASE_SUFFIXES, InputError, atomic_path, case_key
+from .io import CASE_SUFFIXES, InputError, atomic_path, case_key, no_empty_new_folders
 from .result import Geometry, SpineLabeling
 from .vertebrae import COCCYX_LABEL, LEVELS, Level, level_index
 
@@ -382,9 +383,6 @@ def export_case(
         raise FileExistsError(f"{dataset_dir}: case {case_id!r} already exists; export never overwrites")
     digest = _image_digest(image)
     replaces = _cases_of_image(dataset_dir, digest)
-    for path in paths.values():
-        path.parent.mkdir(parents=True, exist_ok=True)
-
     # the dataset's earlier cases are counted as they are, less the earlier cases of this image, which go once
     # dataset.json counts the new case in their place
     num_training = (len(_files(dataset_dir / "labelsTr", f"*{_FILE_ENDING}")) + 1
@@ -399,14 +397,18 @@ def export_case(
         "numTraining": num_training,
         "file_ending": _FILE_ENDING,
     })
-    try:
-        _write_case(result, image, paths, case_id, modality, corrections, model, digest, replaces)
-        with atomic_path(dataset_dir / "dataset.json") as tmp:
-            writers.write_json(document, tmp)
-    except BaseException:  # no half case: the dataset stays as it was
-        for path in paths.values():
-            path.unlink(missing_ok=True)
-        raise
+    with contextlib.ExitStack() as folders:  # a failed export leaves no folder it made
+        for folder in dict.fromkeys(path.parent for path in paths.values()):
+            folders.enter_context(no_empty_new_folders(folder))
+            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            _write_case(result, image, paths, case_id, modality, corrections, model, digest, replaces)
+            with atomic_path(dataset_dir / "dataset.json") as tmp:
+                writers.write_json(document, tmp)
+        except BaseException:  # no half case: the dataset stays as it was
+            for path in paths.values():
+                path.unlink(missing_ok=True)
+            raise
     for old in replaces:  # the same scan exported before: the new case, now counted, takes its place
         for path in _paths(dataset_dir, old).values():
             path.unlink(missing_ok=True)
