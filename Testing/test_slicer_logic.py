@@ -698,10 +698,13 @@ def test_corrections_after_the_nodes_were_deleted_are_refused(labeled, tmp_path)
 
 
 def test_a_new_labelling_of_the_volume_can_replace_the_old_nodes(labeled):
+    """Their display nodes go too (one of each was left behind per new labelling)."""
     scene = labeled.volumeNode.GetScene()
-    count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    classes = ("vtkMRMLSegmentationNode", "vtkMRMLSegmentationDisplayNode", "vtkMRMLMarkupsFiducialNode",
+               "vtkMRMLMarkupsFiducialDisplayNode")
+    counts = [scene.GetNumberOfNodesByClass(c) for c in classes]
     labeled.removeNodes()
-    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count - 1
+    assert [scene.GetNumberOfNodesByClass(c) for c in classes] == [n - 1 for n in counts]
     assert labeled.markupsNode.GetScene() is None
 
 

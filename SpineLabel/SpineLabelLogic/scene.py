@@ -241,12 +241,19 @@ class LabelingScene(VTKObservationMixin):
         self.removeObservers()
 
     def removeNodes(self) -> None:
-        """Stop observing and remove both nodes from the scene (a new labelling of the same volume replaces this
-        one)."""
+        """Stop observing and remove both nodes from the scene, with their display and storage nodes (a new
+        labelling of the same volume replaces this one)."""
         self.cleanup()
         for node in (self.segmentationNode, self.markupsNode):
-            if node.GetScene() is not None:
-                node.GetScene().RemoveNode(node)
+            scene = node.GetScene()
+            if scene is None:
+                continue
+            helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+            helpers.append(node.GetStorageNode())
+            scene.RemoveNode(node)  # MRML leaves the nodes it refers to in the scene
+            for helper in helpers:
+                if helper is not None and helper.GetScene() is not None:
+                    scene.RemoveNode(helper)
 
     def _requireNodes(self) -> None:
         """Raise when the user has deleted the segmentation or the points: there is nothing left to correct."""
