@@ -250,6 +250,22 @@ def test_delete_point_deletes_vertebra(labeled):
     assert_nodes_match(labeled)
 
 
+def test_a_point_placed_where_a_deleted_vertebra_was_brings_it_back(labeled):
+    """There is no undo of a deleted point; placed again, it made a copy of a neighbour's shape (Dice 0.77 against
+    the vertebra deleted on a real MRI). Now the vertebra comes back as it was: voxels, id, name."""
+    victim = next(v for v in labeled.result.vertebrae if v.name == "L2")
+    voxels = labeled.result.components == victim.id
+    position = labeled.markupsNode.GetNthControlPointPosition(point_index(labeled, "L2"))
+    labeled.markupsNode.RemoveNthControlPoint(point_index(labeled, "L2"))
+    assert not np.any(labeled.result.components == victim.id)
+    labeled.markupsNode.AddControlPoint(vtk.vtkVector3d(*position), "F-1")
+    assert labeled.lastError == ""
+    assert labeled.corrections[-1]["action"] == "restore" and labeled.corrections[-1]["vertebra_id"] == victim.id
+    np.testing.assert_array_equal(labeled.result.components == victim.id, voxels)
+    assert labeled.result.by_id(victim.id).name == "L2"
+    assert_nodes_match(labeled)
+
+
 def test_placed_point_adds_vertebra(mrml):
     case = build_spine(missing=("L2",))
     labeled = LabelingScene(addVolumeNodeFromImage(mrml.scene, case.image, "spine"), case.result)

@@ -11,10 +11,10 @@
 It observes the markups node and turns each user action into one :mod:`SpineLabelLib.edits` call: typing a new
 label renames (and fixes) a vertebra, locking/unlocking a point fixes/releases its name, dragging a point moves
 the centroid (or, dropped on another vertebra, hands that vertebra the name), deleting a point deletes the
-vertebra, placing a new point adds one. After each action both nodes are rewritten in one batch
-(``StartModify``/``EndModify``), so a relabel of 25 vertebrae costs one round of events, not 25. Voxel edits made
-with the Segment Editor are read back (:meth:`LabelingScene.readBackSegmentation`) before any correction that
-changes voxels and before export.
+vertebra, placing a new point adds one (or, on the voxels of one deleted, brings that back). After each action both
+nodes are rewritten in one batch (``StartModify``/``EndModify``), so a relabel of 25 vertebrae costs one round of
+events, not 25. Voxel edits made with the Segment Editor are read back (:meth:`LabelingScene.readBackSegmentation`)
+before any correction that changes voxels and before export.
 
 Coordinates: the core works in LPS mm, MRML in RAS mm; the conversion flips the first two axes. Both nodes go under
 the volume's parent transform, if it has one, so they hold the volume's own (untransformed) coordinates and are shown
@@ -206,6 +206,8 @@ class LabelingScene(VTKObservationMixin):
         # id -> record of each vertebra a correction removed (an undo may bring it back); with the vertebrae of
         # ``result``, every vertebra this labelling has had
         self._removed: dict = {}
+        # id -> flat indices (int64, into ``result.components``) of the voxels each of them had when removed
+        self._removedVoxels: dict[int, np.ndarray] = {}
         scene = volumeNode.GetScene()
         base = name or volumeNode.GetName()
         self.segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{base} vertebrae")
@@ -295,14 +297,43 @@ class LabelingScene(VTKObservationMixin):
                   voxels=True)
 
     def addVertebra(self, lps, name: str | None = None) -> int:
-        """Add a vertebra at a point on its body (LPS mm), shaped like its nearest neighbour; returns its id."""
+        """Add a vertebra at a point on its body (LPS mm), shaped like its nearest neighbour; returns its id. A point
+        on the free voxels of a vertebra that a correction removed brings that one back instead, its voxels and its
+        level evidence with it (there is no undo of a deleted point)."""
         self.readBackSegmentation()
+        removedId = self._removedAt(lps)
+        if removedId is not None:
+            components = self.result.components.copy()
+            voxels = components.reshape(-1)  # a view: components is C-contiguous
+            back = self._removedVoxels[removedId]
+            voxels[back[voxels[back] == 0]] = removedId
+            updated = edits.restore(self.result.copy(components=components), [self._removed[removedId]])
+            if name is not None:
+                updated = edits.rename(updated, removedId, name)
+            self._set(updated, {"action": "restore", "vertebra_id": removedId,
+                                "at_lps_mm": [round(float(c), 3) for c in lps], "name": name}, voxels=True)
+            return removedId
         before = {v.id for v in self.result.vertebrae}
         updated = edits.add_vertebra(self.result, self.image, lps, name)
         newId = next(v.id for v in updated.vertebrae if v.id not in before)
         self._set(updated, {"action": "add", "vertebra_id": newId, "at_lps_mm": [round(float(c), 3) for c in lps],
                             "name": name}, voxels=True)
         return newId
+
+    def _removedAt(self, lps) -> int | None:
+        """The id of the vertebra a correction removed whose voxels held the point (LPS mm), where no vertebra holds
+        it now; None for any other point."""
+        ijk = np.rint(self.result.geometry.lps_to_index(np.asarray(lps, dtype=float))).astype(int)
+        shape = self.result.components.shape
+        zyx = tuple(int(c) for c in ijk[::-1])
+        if not all(0 <= c < n for c, n in zip(zyx, shape)) or self.result.components[zyx]:
+            return None
+        flat = np.ravel_multi_index(zyx, shape)
+        for vertebraId, voxels in self._removedVoxels.items():  # sorted indices
+            at = np.searchsorted(voxels, flat)
+            if at < voxels.size and voxels[at] == flat:
+                return vertebraId
+        return None
 
     def pointIndexOf(self, vertebraId: int) -> int:
         """Index of the control point of vertebra ``vertebraId`` in the markups node, -1 without one. The points are
@@ -452,9 +483,13 @@ class LabelingScene(VTKObservationMixin):
         """Adopt a corrected labelling, log the correction and update both nodes."""
         self._requireNodes()
         ids = {v.id for v in result.vertebrae}
-        self._removed.update({v.id: v for v in self.result.vertebrae if v.id not in ids})
+        for v in self.result.vertebrae:
+            if v.id not in ids:
+                self._removed[v.id] = v
+                self._removedVoxels[v.id] = np.flatnonzero(self.result.components == v.id)
         for vertebraId in ids:
             self._removed.pop(vertebraId, None)
+            self._removedVoxels.pop(vertebraId, None)
         self.result = result
         self.corrections.append(record)
         log.info("correction: %s", record)
