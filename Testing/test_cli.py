@@ -216,6 +216,22 @@ def test_a_failed_input_names_the_outputs_an_earlier_run_left(tmp_path, model, c
     assert earlier.read_bytes() == b"an earlier run"
 
 
+@pytest.mark.parametrize("name", ["spine.nii.gz", "spine.nrrd"])
+def test_a_phantom_that_the_disk_cannot_hold_fails_and_leaves_nothing(tmp_path, name):
+    """A file-size limit stands in for a full disk: ITK's NIfTI writer said so on stderr only, and the command exited
+    0 with a truncated image and an empty label map beside it."""
+    import resource
+
+    def full_disk_at_100_kb():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) rather than the process
+
+    run = subprocess.run([sys.executable, "-m", "SpineLabelLib.cli", "phantom", str(tmp_path / name), "--fov", "lumbar",
+                          "--spacing", "2", "2", "2.5"], capture_output=True, text=True, preexec_fn=full_disk_at_100_kb)
+    assert run.returncode != 0 and f"cannot write {tmp_path / name}" in run.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unwritable_output_folder(tmp_path, model, phantom_file, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -8,6 +8,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -437,7 +438,7 @@ def test_single_writer_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "c_seg.nii.gz"
     writers.write_label_map(result, path)
     before = path.read_bytes()
-    monkeypatch.setattr(writers.nibabel, "save", lambda *a: (_ for _ in ()).throw(RuntimeError("crash")))
+    monkeypatch.setattr(nibabel, "save", lambda *a: (_ for _ in ()).throw(RuntimeError("crash")))
     with pytest.raises(RuntimeError):
         writers.write_label_map(result, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c_seg.nii.gz"]

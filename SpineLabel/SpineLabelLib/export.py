@@ -44,7 +44,7 @@ import SimpleITK as sitk
 
 from . import __version__, writers
 from .edits import check_image_grid
-from .io import CASE_SUFFIXES, InputError, atomic_path, case_key, no_empty_new_folders
+from .io import CASE_SUFFIXES, InputError, atomic_path, case_key, no_empty_new_folders, write_image
 from .result import Geometry, SpineLabeling
 from .vertebrae import COCCYX_LABEL, LEVELS, Level, level_index
 
@@ -278,7 +278,7 @@ def _write_case(result: SpineLabeling, image: sitk.Image, paths: dict[str, Path]
     the centroids take the image's grid exactly (the labelling's may differ within ``check_image_grid``'s tolerance)."""
     result = result.copy(geometry=Geometry.of(image))
     with atomic_path(paths["image"]) as tmp:
-        sitk.WriteImage(image, str(tmp), True)
+        write_image(image, tmp, paths["image"])
     writers.write_label_map(result, paths["label"])
     writers.write_centroids(result, paths["centroids"])
     with atomic_path(paths["provenance"]) as tmp:

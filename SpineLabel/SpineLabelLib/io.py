@@ -12,6 +12,7 @@ import gzip
 import itertools
 import logging
 import os
+import re
 import secrets
 import struct
 import tempfile
@@ -425,12 +426,17 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
         try:
             image = sitk.ReadImage(str(path), imageIO="MetaImageIO" if metaimage else "")
         except RuntimeError as err:
-            reason = str(err).strip().splitlines()
-            detail = next((line for line in reason if "rror" in line or "annot" in line), reason[-1] if reason else "")
-            raise InputError(f"{path}: unreadable {what} ({detail.strip()[:200]})") from None
+            raise InputError(f"{path}: unreadable {what} ({_itk_reason(err)})") from None
     if version and notes is not None and image.GetDimension() == 3 and (note := _forms_note(path, image)):
         notes.append(note)
     return image
+
+
+def _itk_reason(err: RuntimeError) -> str:
+    """The line of an ITK exception's many that says what went wrong, without the addresses of ITK's objects."""
+    lines = str(err).strip().splitlines()
+    line = next((line for line in lines if "rror" in line or "annot" in line), lines[-1] if lines else "")
+    return re.sub(r"\(0x[0-9a-fA-F]+\)", "", line).strip().rstrip(":")[:200]
 
 
 def _given_path(path: str | os.PathLike) -> Path:
@@ -658,6 +664,41 @@ def no_empty_new_folders(folder: str | os.PathLike) -> Iterator[None]:
             if not path.is_dir() or any(path.iterdir()):
                 break
             path.rmdir()
+
+
+def write_nifti(voxels: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> None:
+    """Write ``voxels`` (a (z, y, x) array of one value per voxel, any dtype NIfTI-1 holds) on ``geometry``'s grid
+    as NIfTI-1 at ``path`` (its voxel-to-RAS mm affine as qform and sform, units mm), by nibabel: ITK's NIfTI writer
+    reports a full disk on stderr only and returns as if it had written the file.
+
+    Raises:
+        OSError: the write failed.
+    """
+    affine = geometry.ijk_to_ras()
+    # voxels.T is an (i, j, k) view of the (z, y, x) array: nibabel writes it slice by slice, without a copy
+    image = nibabel.Nifti1Image(voxels.T, affine)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)  # scanner coordinates, in both the quaternion and the matrix form
+    image.set_sform(affine, code=1)
+    nibabel.save(image, path)
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, final: str | os.PathLike | None = None) -> None:
+    """Write a 3D image of one value per voxel at ``path``: NIfTI (``.nii``, ``.nii.gz``) by ``write_nifti``, any
+    other format ITK writes (``.nrrd``, ``.mha`` ...) by ITK, compressed.
+
+    Raises:
+        OSError: the write failed; the message names ``final`` (the name ``path`` is to be renamed to) or ``path``.
+    """
+    try:
+        if str(path).lower().endswith((".nii", ".nii.gz")):
+            write_nifti(sitk.GetArrayViewFromImage(image), Geometry.of(image), path)
+        else:
+            sitk.WriteImage(image, str(path), True)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write {final or path}: {err.strerror or err}") from None
+    except RuntimeError as err:  # ITK's
+        raise OSError(f"cannot write {final or path}: {_itk_reason(err).replace(str(path), 'it')}") from None
 
 
 def _new_file_beside(final: Path, suffix: str) -> Path:

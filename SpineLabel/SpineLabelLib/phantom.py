@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .io import IMAGE_SUFFIXES, atomic_paths, case_name
+from .io import IMAGE_SUFFIXES, atomic_paths, case_name, write_image
 from .vertebrae import BODY, BY_NAME, DISC, LEVELS, POSTERIOR, level_index
 
 __all__ = ["FOVS", "Phantom", "make_phantom"]
@@ -128,8 +128,8 @@ class Phantom:
                           + (f": {blocker} is a file" if blocker else f" ({err.strerror or err})")) from None
         label_path = image_path.with_name(f"{case_name(image_path)}_seg-vert_msk.nii.gz")
         with atomic_paths([image_path, label_path]) as temps:
-            for image, tmp in zip((self.image, self.labels), temps):
-                sitk.WriteImage(image, str(tmp), True)
+            for image, tmp, final in zip((self.image, self.labels), temps, (image_path, label_path)):
+                write_image(image, tmp, final)
         return [image_path, label_path]
 
 

@@ -27,14 +27,13 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import nibabel
 import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from . import __version__
 from .edits import check_image_grid
-from .io import atomic_path, atomic_paths, make_writable_folder, no_empty_new_folders
+from .io import atomic_path, atomic_paths, make_writable_folder, no_empty_new_folders, write_nifti
 from .result import Geometry, SpineLabeling, nonzero_box
 from .sequence import NOTHING_FOUND, confidence_text
 from .vertebrae import terminology_entry
@@ -107,13 +106,7 @@ def _write_label_map_to(result: SpineLabeling, path: Path, labels: np.ndarray) -
     """Write ``labels``, the uint8 (z, y, x) VerSe label map on the input grid, as NIfTI at ``path`` (the input
     grid's voxel-to-RAS mm affine as qform and sform, units mm)."""
     _check_grid(result)
-    affine = result.geometry.ijk_to_ras()
-    # labels.T is an (i, j, k) view of the (z, y, x) array: nibabel writes it slice by slice, without a copy
-    image = nibabel.Nifti1Image(labels.T, affine)
-    image.header.set_xyzt_units("mm")
-    image.set_qform(affine, code=1)  # scanner coordinates, in both the quaternion and the matrix form
-    image.set_sform(affine, code=1)
-    nibabel.save(image, path)
+    write_nifti(labels, result.geometry, path)
 
 
 def write_label_map(result: SpineLabeling, path: str | os.PathLike) -> None:
