@@ -285,6 +285,19 @@ def test_two_inputs_of_one_name_are_refused_before_labelling(tmp_path, model, ph
         other.unlink()
 
 
+def test_an_input_given_twice_is_labelled_once(tmp_path, model, phantom_file, capsys):
+    """It was labelled twice; spelt another way (through ..) it was refused as two inputs of one name."""
+    detour = phantom_file.parent / ".." / phantom_file.parent.name / phantom_file.name
+    out = tmp_path / "out"
+    argv = ["label", str(phantom_file), str(phantom_file), str(detour), "-o", str(out), "--model", str(model),
+            "--no-spine-gate", "--modality", "mr"]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert f"{phantom_file} given more than once: labelled once" in printed.err
+    assert f"{detour} is {phantom_file}, given before: labelled once" in printed.err
+    assert printed.out.count(" vertebrae ") == 1  # one summary line
+
+
 def test_a_path_the_console_cannot_print_does_not_end_the_run(tmp_path, model, phantom_file, monkeypatch):
     """Redirected output on Windows is cp1252: an input named in another script raised UnicodeEncodeError at its
     summary line and the inputs after it were never labelled."""

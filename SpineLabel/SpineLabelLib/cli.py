@@ -70,6 +70,13 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
     from .writers import OUTPUT_SUFFIXES, output_paths, write_all
 
     reuse_freed_memory()
+    once: dict[Path, Path] = {}
+    for path in inputs:  # the same file or folder given twice, spelt alike or not
+        first = once.setdefault(_resolved(path), path)
+        if first is not path and not args.quiet:
+            same = "given more than once" if first == path else f"is {first}, given before"
+            print(f"spinelabel: {path} {same}: labelled once", file=sys.stderr)
+    inputs = list(once.values())
     first_of: dict[str, Path] = {}
     for path in inputs:  # names that differ only in case are one file on Windows and macOS
         other = first_of.setdefault(case_name(path).casefold(), path)
