@@ -2,6 +2,7 @@
 
 import gzip
 import itertools
+import logging
 import os
 import struct
 
@@ -272,6 +273,18 @@ def test_a_nifti_whose_qform_and_sform_disagree_is_read_with_a_warning(tmp_path)
     assert "its header gives no orientation" in read_notes(read_image(tmp_path / "none.nii.gz"))[0]
     sitk.WriteImage(read_image(tmp_path / "flipped.nii.gz"), str(tmp_path / "copy.nrrd"))  # NRRD keeps the key
     assert read_notes(read_image(tmp_path / "copy.nrrd")) == []  # but a note speaks of the file it was made for
+
+
+def test_nibabel_s_complaint_about_a_header_is_logged_not_printed(tmp_path, caplog, monkeypatch):
+    """nibabel's own handler printed it on stderr, and the log printed it again: twice on the command line."""
+    nii = nibabel.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.diag([2.0, 2.0, 2.0, 1.0]))
+    nii.header["pixdim"][1:4] = [-2.0, 2.0, 2.0]
+    nibabel.save(nii, tmp_path / "negative.nii.gz")
+    printed = logging.Handler()
+    printed.emit = lambda record: pytest.fail(f"printed: {record.getMessage()}")
+    monkeypatch.setattr(nibabel.imageglobals.logger, "handlers", [printed])
+    read_image(tmp_path / "negative.nii.gz")
+    assert "pixdim[1,2,3] should be positive" in caplog.text
 
 
 def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):

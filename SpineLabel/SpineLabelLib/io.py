@@ -334,13 +334,19 @@ def _check_nifti(path: Path, what: str) -> int:
     return version
 
 
+def _load_nifti(path: Path) -> nibabel.Nifti1Image | nibabel.Nifti2Image:
+    """``nibabel.load``, whose complaints about a header go to the log only: nibabel prints them as well."""
+    with nibabel.imageglobals.LoggingOutputSuppressor():
+        return nibabel.load(str(path))
+
+
 def _read_nifti2(path: Path, what: str) -> sitk.Image:
     """A NIfTI-2 file (which ITK does not read) read with nibabel: voxels as stored (scaled when the header gives a
     slope), geometry from nibabel's affine (the sform, else the qform; RAS mm) turned into LPS, or, with neither, as
     ITK reads such a NIfTI-1 file: pixdim spacing, origin 0, identity direction. Trailing axes of length 1 are
     dropped; other 2D to 5D scalar shapes come back as they are for ``checked_image`` to turn down."""
     try:
-        nii = nibabel.load(str(path))
+        nii = _load_nifti(path)
         voxels = np.asanyarray(nii.dataobj)
     except Exception as err:  # nibabel raises many types on a corrupt file
         raise InputError(f"{path}: unreadable {what} ({str(err).strip()[:200]})") from None
@@ -373,7 +379,7 @@ def _forms_note(path: Path, image: sitk.Image) -> str | None:
     naming the one ``image`` was read by (ITK takes the sform unless it is not orthonormal; nibabel, for NIfTI-2, the
     sform)."""
     try:
-        header = nibabel.load(str(path)).header
+        header = _load_nifti(path).header
         forms = {"qform": header.get_qform(coded=True), "sform": header.get_sform(coded=True)}
     except Exception:  # a header nibabel cannot read has no forms to compare: the reader judges the file
         return None
