@@ -183,6 +183,12 @@ def test_bad_arguments():
         make_phantom(spacing=(float("nan"), 1, 1))
     with pytest.raises(ValueError, match="spacing .* leaves fewer than 2 voxels"):
         make_phantom(spacing=(1e6, 1e6, 1e6))
+    for seed in (-1, 1.5, True):  # numpy's message for -1 named no argument
+        with pytest.raises(ValueError, match="seed must be a whole number, 0 or more"):
+            make_phantom(seed=seed, **SMALL)
+    for spacing in (0.001, 1000.0):  # an image of no vertebra was written
+        with pytest.raises(ValueError, match="holds no vertebra of the lumbar field of view"):
+            make_phantom(fov="lumbar", size=(48, 48, 80), spacing=(spacing,) * 3)
 
 
 def test_save_writes_image_and_labels(tmp_path):

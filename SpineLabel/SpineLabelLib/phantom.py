@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -905,11 +906,13 @@ def make_phantom(modality: str = "ct", fov: str = "whole", size=None, spacing=No
         A ``Phantom`` whose three images share one axis-aligned LPS grid (see the module docstring).
 
     Raises:
-        ValueError: unknown modality or fov, bad size or spacing, levels out of order or unknown, or a fov
-            whose region is missing from ``levels``.
+        ValueError: unknown modality or fov, a seed below 0, bad size or spacing (or a grid that holds no
+            vertebra), levels out of order or unknown, or a fov whose region is missing from ``levels``.
     """
     if modality not in ("ct", "mr"):
         raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a whole number, 0 or more, got {seed!r}")
     if fov not in FOVS:
         raise ValueError(f"fov must be one of {', '.join(FOVS)}, got {fov!r}")
     try:
@@ -926,6 +929,9 @@ def make_phantom(modality: str = "ct", fov: str = "whole", size=None, spacing=No
     _paint_discs(vol, anat)
     _paint_vertebrae(vol, anat)
     _paint_ribs(vol, anat)
+    if not vol.label.any():
+        raise ValueError(f"a grid of {grid.size} voxels of {grid.spacing.tolist()} mm holds no vertebra of the {fov} "
+                         "field of view; give another size or spacing")
     image = _intensities(vol.material, modality, grid, np.random.default_rng(noise_seed))
     del vol.material
     out = []
