@@ -211,6 +211,7 @@ def spaced(spacing_mm: float) -> sitk.Image:
         (lambda p: write(p, "nan.mha", sitk.GetImageFromArray(np.full((4, 4, 4), np.nan, np.float32))), "NaN"),
         (lambda p: write(p, "nan.nii.gz", sitk.GetImageFromArray(np.full((4, 4, 4), np.nan, np.float32))), "NaN"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "no DICOM series"),
+        (lambda p: os.mkfifo(p / "pipe.nii.gz") or p / "pipe.nii.gz", "not a file (a pipe"),  # read for ever
         (lambda p: write(p, "sheared.nrrd", sheared()), "not perpendicular"),
         (lambda p: write(p, "micron.nrrd", spaced(0.001)), "cannot be a scan of a body; are the spacing's units"),
         (lambda p: write(p, "metre.nrrd", spaced(1000.0)), "cannot be a scan of a body; are the spacing's units"),

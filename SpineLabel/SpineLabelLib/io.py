@@ -520,6 +520,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     notes: list[str] = []
     if p.is_dir():
         image = _read_dicom_folder(p, notes)
+    elif not p.is_file():  # a pipe would be waited on for ever
+        raise InputError(f"{p}: not a file (a pipe, socket or device) nor a folder")
     else:
         if not p.name.lower().endswith(IMAGE_SUFFIXES):
             raise InputError(f"{p}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder")
