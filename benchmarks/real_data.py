@@ -453,6 +453,8 @@ def is_test_image(path: Path) -> bool:
 def training_view(root: Path) -> Path:
     """A copy of ``../shared/data`` made of symbolic links, without the held-out cases, plus ``real_ct/``: the
     training CT in nnU-Net layout with VerSe labels."""
+    from SpineLabelLib.export import dataset_labels
+
     view = root / "training_data"
     for path in sorted(DATA.rglob("*")):
         rel = path.relative_to(DATA)
@@ -462,6 +464,10 @@ def training_view(root: Path) -> Path:
     for name, (image, _) in TRAINING_CT.items():
         _link(DATA / image, view / "real_ct" / "imagesTr" / f"{name}_0000.nii.gz")
         _training_ct_labels(name, view / "real_ct" / "labelsTr")
+    # what its label values mean, as an export says it (training refuses a labelsTr/ without it)
+    (view / "real_ct" / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": dataset_labels(), "numTraining": len(TRAINING_CT),
+        "file_ending": ".nii.gz"}, indent=2) + "\n", encoding="utf-8")
     return view
 
 
