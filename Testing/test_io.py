@@ -225,6 +225,16 @@ def test_bad_inputs_name_file_and_reason(tmp_path, make, reason):
     assert str(path) in str(err.value) and reason in str(err.value)
 
 
+@pytest.mark.parametrize("header, data", [("a.mhd", "a.raw"), ("b.nhdr", "b.raw")])
+def test_a_header_whose_data_file_is_missing_says_so(tmp_path, header, data):
+    """ITK said only that the header could not be read."""
+    write(tmp_path, header, sitk.Image([8, 8, 8], sitk.sitkInt16))
+    assert read_image(tmp_path / header).GetSize() == (8, 8, 8)
+    (tmp_path / data).unlink()
+    with pytest.raises(InputError, match=f"{header}: its voxels are in {data}, which is missing beside it"):
+        read_image(tmp_path / header)
+
+
 def test_a_plain_nifti_named_nii_gz_is_read(tmp_path):
     """ITK reads it; the header check took it for gzip by its name and refused it ('Not a gzipped file')."""
     write(tmp_path, "plain.nii", sitk.Image([8, 8, 8], sitk.sitkInt16)).rename(tmp_path / "plain.nii.gz")

@@ -427,6 +427,7 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
     if version == 2:
         image = _read_nifti2(path, what)
     else:
+        _check_data_file(path)
         # ITK picks its reader by the suffix as written, and knows MetaImage's in lower case only
         metaimage = path.suffix.lower() in (".mha", ".mhd")
         try:
@@ -436,6 +437,31 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
     if version and notes is not None and image.GetDimension() == 3 and (note := _forms_note(path, image)):
         notes.append(note)
     return image
+
+
+def _check_data_file(path: Path) -> None:
+    """A MetaImage (``.mhd``) or NRRD (``.nhdr``) header names the file that holds its voxels; ITK says only that the
+    header cannot be read when that file is missing.
+
+    Raises:
+        InputError: the data file a header names is missing (one file; lists and numbered series are not checked).
+    """
+    key = {".mhd": "ElementDataFile", ".nhdr": "data file"}.get(path.suffix.lower())
+    if key is None:
+        return
+    try:
+        with open(path, "rb") as header:
+            lines = header.read(65536).decode("latin-1").splitlines()
+    except OSError:
+        return  # the reader says why
+    for line in lines:
+        name, sep, value = line.partition("=" if key == "ElementDataFile" else ":")
+        value = value.strip()
+        if sep and name.strip().lower() in (key.lower(), "datafile") and value:
+            if value.upper() not in ("LOCAL", "LIST") and "%" not in value and " " not in value:
+                if not (path.parent / value).exists():
+                    raise InputError(f"{path}: its voxels are in {value}, which is missing beside it")
+            return
 
 
 def _itk_reason(err: RuntimeError) -> str:
