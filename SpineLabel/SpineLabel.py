@@ -559,7 +559,9 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
             process = BackgroundProcess(
                 labelCommand(pythonExecutable(), inputPath, outputDirectory, modelPath, device, checkOrientation,
                              spineGate, modality),
-                parseWorkerLine, env=pythonPathEnvironment([moduleRoot()]))
+                # the run's own folder: "-m" puts the working folder first on the path, where a random.py or a
+                # SpineLabelLogic/ of the folder Slicer was started from would shadow the modules
+                parseWorkerLine, env=pythonPathEnvironment([moduleRoot()]), cwd=outputDirectory.parent)
             process.start()
         except BaseException:
             self.discardLabelling(outputDirectory)  # the copy of the volume with it

@@ -331,7 +331,10 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
         try:
             command = trainCommand(pythonExecutable(), datasetDirectory, outCard,
                                    baseModelPath or default_model_path(), epochs, modelName, device, extraArguments)
-            process = BackgroundProcess(command, parseTrainingLine, env=pythonPathEnvironment(self._modulePaths()))
+            # in the run's own folder: "-m" puts the working folder first on the path, and modules there would
+            # shadow SpineLabel's
+            process = BackgroundProcess(command, parseTrainingLine, env=pythonPathEnvironment(self._modulePaths()),
+                                        cwd=outCard.parent)
             process.start()
         except BaseException:
             self.discardTraining(outCard)

@@ -519,6 +519,10 @@ def test_result_round_trip_through_files(tmp_path, spine):
     for name in ("gaps_mm", "warnings", "sequence_warnings", "model", "timings_s", "source", "modality",
                  "spine_probability", "orientation_margin", "sacral_pieces", "sacral_pieces_below"):
         assert getattr(back, name) == getattr(result, name), name
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(TypeError, match="not JSON serializable"):  # the second file failed after the first was in place
+        saveResult(result.copy(source=np.float32(1.0), components=result.components * 0), tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
 def test_training_process_reports_epochs_and_registers_model(tmp_path, monkeypatch, spine):
@@ -646,6 +650,21 @@ def test_worker_reports_an_image_without_vertebrae_as_an_error(tmp_path, random_
     assert event["event"] == "error"
     assert event["message"] == f"{image_path}: image is constant: nothing to label"
     assert not (tmp_path / "result" / "result.json").exists()
+
+
+def test_worker_reports_a_failed_import_as_an_error(tmp_path, random_model):
+    """A broken torch (or memory running out while importing) ended the worker with a traceback before it could say
+    why: the module showed "the labelling process stopped unexpectedly"."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('this torch is broken')")
+    root = Path(__file__).resolve().parents[1]
+    runner = process.BackgroundProcess(process.labelCommand(sys.executable, tmp_path / "in.nrrd", tmp_path / "result",
+                                                            random_model, "cpu"),
+                                       process.parseWorkerLine,
+                                       env=process.pythonPathEnvironment([tmp_path, root / "SpineLabel"]))
+    runner.start()
+    assert runner.wait(120) == 1, runner.outputTail()
+    assert runner.readEvents()[-1] == {"event": "error", "message": "this torch is broken"}
 
 
 @pytest.mark.parametrize("module", ["SpineLabel", "SpineLabelTraining"])

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from SpineLabelLib.io import atomic_path
+from SpineLabelLib.io import atomic_paths
 from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
 
 __all__ = ["saveResult", "loadResult", "main"]
@@ -41,12 +41,10 @@ _PLAIN_FIELDS = tuple(f.name for f in fields(SpineLabeling) if f.name not in ("g
 
 
 def saveResult(result: SpineLabeling, folder: str | os.PathLike) -> Path:
-    """Write a labelling to ``folder``: ``components.npy`` (int16 (z, y, x)) and ``result.json`` (the rest)."""
+    """Write a labelling to ``folder``: ``components.npy`` (int16 (z, y, x)) and ``result.json`` (the rest), both or
+    neither (an earlier result there is never left half replaced)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / _COMPONENTS) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(result.components), allow_pickle=False)
     document = {
         "geometry": {"size": list(result.geometry.size), "spacing": list(result.geometry.spacing),
                      "origin": list(result.geometry.origin), "direction": list(result.geometry.direction)},
@@ -57,8 +55,11 @@ def saveResult(result: SpineLabeling, folder: str | os.PathLike) -> Path:
                        "fixed": v.fixed} for v in result.vertebrae],
     }
     document.update((name, getattr(result, name)) for name in _PLAIN_FIELDS)
-    with atomic_path(folder / _RESULT_JSON) as tmp:
-        tmp.write_text(json.dumps(document), encoding="utf-8")
+    text = json.dumps(document)  # before anything is written: what JSON cannot hold fails here
+    with atomic_paths([folder / _COMPONENTS, folder / _RESULT_JSON]) as (components, tmp):
+        with open(components, "wb") as f:
+            np.save(f, np.ascontiguousarray(result.components), allow_pickle=False)
+        tmp.write_text(text, encoding="utf-8")
     return folder
 
 
@@ -96,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
-    from SpineLabelLib.inference import reuse_freed_memory
-    from SpineLabelLib.pipeline import label_spine, require_vertebrae
+    try:  # a failing import (a broken torch, memory running out) is reported as any other failure
+        from SpineLabelLib.inference import reuse_freed_memory
+        from SpineLabelLib.pipeline import label_spine, require_vertebrae
 
-    reuse_freed_memory()
-    try:
+        reuse_freed_memory()
         result = label_spine(args.input, model=args.model, device=args.device,
                              check_orientation=args.check_orientation, spine_gate=not args.no_spine_gate,
                              modality=args.modality,
