@@ -126,6 +126,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._labelings = {}  # volume node ID -> the LabelingScene of that volume, each followed until replaced
         self._shownLabeling = None  # the labelling the table and messages show
         self._timer = None
+        self._dependencyStatus = ""  # the status line's text while packages are missing
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -171,6 +172,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()  # lists the models again: SpineLabelTraining may have registered some since
+        self.updateDependencyStatus()  # the packages may have come another way (the PyTorch module, pip)
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -217,13 +219,15 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:
             self.initializeParameterNode()
         self.updateVertebraTable()
+        self.updateDependencyStatus()  # its message was cleared with the scene's
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            # the first scan: a label map is a scalar volume too, and the input selector does not list label maps
+            # the first scan: label maps, vector and diffusion volumes are scalar volumes too, and the input selector
+            # lists none of them
             volumes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-            scans = [node for node in volumes if not node.IsA("vtkMRMLLabelMapVolumeNode")]
+            scans = [node for node in volumes if node.GetClassName() == "vtkMRMLScalarVolumeNode"]
             if scans:
                 self._parameterNode.inputVolume = scans[0]
 
@@ -280,12 +284,16 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateDependencyStatus(self) -> None:
         missing = self.logic.missingPackages()
         self.ui.installButton.visible = bool(missing)
-        self.ui.statusLabel.text = (_("Missing Python packages: {packages}").format(packages=", ".join(missing))
-                                    if missing else "")
+        if missing:
+            self._dependencyStatus = _("Missing Python packages: {packages}").format(packages=", ".join(missing))
+            self.ui.statusLabel.text = self._dependencyStatus
+        elif self.ui.statusLabel.text == self._dependencyStatus:  # another status stays
+            self.ui.statusLabel.text = ""
 
     def onInstallButton(self) -> None:
         missing = self.logic.missingPackages()
         if not missing:
+            self.updateDependencyStatus()
             return
         if not slicer.util.confirmOkCancelDisplay(
             _("SpineLabel needs these Python packages: {packages}. Download and install them now? "
@@ -293,10 +301,12 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             windowTitle=_("Install dependencies"),
         ):
             return
-        with slicer.util.tryWithErrorDisplay(_("Failed to install dependencies."), waitCursor=True):
-            self.logic.installDependencies()
-        self.updateDependencyStatus()
-        self.updateModelList()  # the registered models can be read now
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Failed to install dependencies."), waitCursor=True):
+                self.logic.installDependencies()
+        finally:  # what a failed install did install counts too
+            self.updateDependencyStatus()
+            self.updateModelList()  # the registered models can be read now
 
     # ------------------------------------------------------------------------------------------ labelling
 
@@ -353,27 +363,37 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume, outputDir = self._labelledVolume, self._outputDir
         self._process.finish()
         self._stopPolling()
-        shown = False
-        with slicer.util.tryWithErrorDisplay(_("Failed to load the labels."), waitCursor=True):
-            labeling = self.logic.finishLabelling(volume, outputDir)
-            replaced = self._labelings.get(volume.GetID())
+        replaced = self._labelings.get(volume.GetID())
+        try:
             count = replaced.correctionCount() if replaced is not None else 0
-            if count and not slicer.util.confirmYesNoDisplay(
-                    _("Replace the labelling of {volume}, with the {count} corrections made to it, by the new "
-                      "one?").format(volume=volume.GetName(), count=count)):
+        except Exception:  # Segment Editor work that cannot be read back: ask all the same
+            logging.exception("reading back the segmentation of %s", volume.GetName())
+            count = max(len(replaced.corrections), 1)
+        if count and not slicer.util.confirmYesNoDisplay(  # asked before the wait cursor is on
+                _("Replace the labelling of {volume}, with the {count} corrections made to it, by the new "
+                  "one?").format(volume=volume.GetName(), count=count)):
+            self.logic.discardLabelling(outputDir)
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("New labelling discarded; the corrected one is kept.")
+            self._checkCanApply()
+            return
+        shown, labeling = False, None
+        try:  # Slicer 5.6 and later raise again what tryWithErrorDisplay showed
+            with slicer.util.tryWithErrorDisplay(_("Failed to load the labels."), waitCursor=True):
+                labeling = self.logic.finishLabelling(volume, outputDir)
+                if replaced is not None:
+                    replaced.removeNodes()  # the new labelling of this volume replaces the old one
+                self._labelings[volume.GetID()] = labeling
+                labeling.changedCallbacks.append(self.onLabelingChanged)
+                self.ui.progressBar.value = 100
+                self.onLabelingChanged(labeling)
+                shown = True
+        except Exception:  # shown to the user already
+            pass
+        if not shown:  # its result could not be read, or not shown: nothing of it stays in the scene
+            self.logic.discardLabelling(outputDir)
+            if labeling is not None and self._labelings.get(volume.GetID()) is not labeling:
                 labeling.removeNodes()
-                self.ui.progressBar.value = 0
-                self.ui.statusLabel.text = _("New labelling discarded; the corrected one is kept.")
-                self._checkCanApply()
-                return
-            if replaced is not None:
-                replaced.removeNodes()  # the new labelling of this volume replaces the old one
-            self._labelings[volume.GetID()] = labeling
-            labeling.changedCallbacks.append(self.onLabelingChanged)
-            self.ui.progressBar.value = 100
-            self.onLabelingChanged(labeling)
-            shown = True
-        if not shown:  # its result could not be read
             self._showFailure()
         self._checkCanApply()
 
