@@ -399,6 +399,16 @@ def test_background_process_reports_events_and_output():
     assert runner.readEvents() == [] and "a log line" in runner.outputTail()
 
 
+def test_a_line_of_many_megabytes_is_cut_in_the_tail():
+    """Each chunk of 64 KiB split the whole unfinished line again (20 MB took 9 s), and the dialog got all of it."""
+    script = "import sys; sys.stderr.write('x' * 20_000_000 + '\\n'); print('{\"event\": \"done\"}')"
+    runner = process.BackgroundProcess([sys.executable, "-c", script], process.parseWorkerLine)
+    runner.start()
+    assert runner.wait(60) == 0
+    assert [e["event"] for e in runner.readEvents()] == ["done"]
+    assert runner.outputTail() == "x" * 2000 + "... (19998000 more characters)"
+
+
 def test_progress_bars_leave_their_last_state_and_text_is_utf8():
     script = textwrap.dedent("""
         import json, sys

@@ -38,6 +38,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _TAIL_LINES = 200
+_TAIL_LINE_CHARS = 2000
 _READ_TIMEOUT_S = 5.0  # for the output readers once the process and its group are gone
 _NUMBER = r"[-+]?(?:nan|inf|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
 _EPOCH_LINE = re.compile(rf"^epoch\s+(\d+)\s*/\s*(\d+)\s+loss\s+({_NUMBER}|n/a)(.*)$")
@@ -183,15 +184,19 @@ class BackgroundProcess:
         """Parse each part of the output ended by a newline or a carriage return as it arrives (a progress bar's
         refreshes end with a carriage return); of the parts of a line that are neither events nor blank, only the
         last goes into the tail (of a progress bar's refreshes, its final state)."""
-        pending, kept = b"", None
+        pending, kept = [], None  # the unfinished part, in pieces: joined once it ends, not at every chunk
         for chunk in iter(lambda: stream.read1(1 << 16), b""):
-            *parts, pending = re.split(rb"([\r\n])", pending + chunk)  # part, separator, part, ..., unfinished part
+            *parts, unfinished = re.split(rb"([\r\n])", chunk)  # part, separator, part, ..., unfinished part
+            if parts:
+                parts[0] = b"".join(pending) + parts[0]
+                pending = []
+            pending.append(unfinished)
             for part, separator in zip(parts[::2], parts[1::2]):
                 kept = self._take(part, kept)
                 if separator == b"\n" and kept is not None:
                     self._tail.append(kept)
                     kept = None
-        kept = self._take(pending, kept)
+        kept = self._take(b"".join(pending), kept)
         if kept is not None:
             self._tail.append(kept)
         stream.close()
@@ -204,6 +209,8 @@ class BackgroundProcess:
         if event is not None:
             self._events.put(event)
             return kept
+        if len(text) > _TAIL_LINE_CHARS:  # what an error dialog can show
+            text = text[:_TAIL_LINE_CHARS] + f"... ({len(text) - _TAIL_LINE_CHARS} more characters)"
         return text if text.strip() else kept
 
     @property
