@@ -283,6 +283,10 @@ def test_a_point_between_two_vertebrae_without_room_for_a_third_is_refused():
     assert not edits.component_at(case.result, disc)
     with pytest.raises(ValueError, match=r"between L2 and L3, \d+ mm apart, as close as the vertebrae beside them"):
         edits.add_vertebra(case.result, case.image, disc)
+    two_missed = build_spine(missing=("L1", "L3"))  # the other missed one's long gap beside it does not hide it
+    for name in ("L1", "L3"):
+        out = edits.add_vertebra(two_missed.result, two_missed.image, body_centre(two_missed, name))
+        assert name in names(out)
 
 
 def test_deleting_a_vertebra_keeps_the_other_corrections(spine):

@@ -57,8 +57,8 @@ MOVE_REACH_MM = 15.0
 # A vertebra is added within this distance of the centroid of an existing one (mm): one and a half lumbar pitches
 # (``sequence.PRIORS.pitch_mm``), room for one missed level beside the chain, not a click elsewhere in the image.
 ADD_REACH_MM = 55.0
-# A vertebra is added between two others only where their gap is at least this many times the gaps beside them: a
-# missed vertebra leaves about twice its neighbours' gap, a click in the disc between two found ones about one.
+# A vertebra is added between two others only where their gap is at least this many times the gaps beside them
+# (``_no_room_between``): a missed vertebra leaves about twice its neighbours' gap, a click in the disc about one.
 ROOM_FOR_MISSED = 1.5
 
 
@@ -375,16 +375,18 @@ def _level_with(result: SpineLabeling, point_lps: tuple[float, float, float]) ->
 
 def _no_room_between(result: SpineLabeling, point_lps: tuple[float, float, float]) -> tuple[str, str, float] | None:
     """(upper name, lower name, their gap in mm) when ``point_lps`` (LPS mm) goes into the chain between two
-    vertebrae that lie too close for a vertebra between them: less than ``ROOM_FOR_MISSED`` times the median of up
+    vertebrae that lie too close for a vertebra between them: less than ``ROOM_FOR_MISSED`` times the shortest of up
     to two gaps on either side (a missed vertebra leaves about twice its neighbours' gap; a point in the disc between
-    two found ones, about one). None where it lies between none, or the chain has no other gap to compare with."""
-    gaps = np.asarray(result.gaps_mm, dtype=float)
+    two found ones, about one), leaving out gaps under 0.6 times their median (a body split in two; one missed
+    vertebra more beside it does not hide this one). None where it lies between none, or the chain has no other gap
+    to compare with."""
     chain = np.array([v.centroid_lps_mm for v in result.vertebrae], dtype=float).reshape(-1, 3)
+    gaps = np.linalg.norm(np.diff(chain, axis=0), axis=1)
     pos = _insertion_position(chain, np.asarray(point_lps, dtype=float))
     if not 0 < pos < len(chain) or len(gaps) < 2:
         return None
     beside = np.concatenate([gaps[max(pos - 3, 0) : pos - 1], gaps[pos : pos + 2]])
-    if gaps[pos - 1] >= ROOM_FOR_MISSED * float(np.median(beside)):
+    if gaps[pos - 1] >= ROOM_FOR_MISSED * beside[beside >= 0.6 * np.median(beside)].min():
         return None
     return result.vertebrae[pos - 1].name, result.vertebrae[pos].name, float(gaps[pos - 1])
 
