@@ -264,6 +264,13 @@ def test_a_point_placed_where_a_deleted_vertebra_was_brings_it_back(labeled):
     np.testing.assert_array_equal(labeled.result.components == victim.id, voxels)
     assert labeled.result.by_id(victim.id).name == "L2"
     assert_nodes_match(labeled)
+    # placed elsewhere on its old voxels (a segment that held two bodies, deleted to be replaced), a new one is added
+    labeled.markupsNode.RemoveNthControlPoint(point_index(labeled, "L2"))
+    on_body = labeled.result.geometry.index_to_lps(np.argwhere(voxels)[:, ::-1].astype(float))  # LPS mm
+    far = on_body[np.linalg.norm(on_body - victim.centroid_lps_mm, axis=1) > 11.0]
+    labeled.markupsNode.AddControlPoint(vtk.vtkVector3d(*(LPS_TO_RAS * far[len(far) // 2])), "F-1")
+    assert labeled.lastError == "" and labeled.corrections[-1]["action"] == "add"
+    assert_nodes_match(labeled)
 
 
 def test_placed_point_adds_vertebra(mrml):

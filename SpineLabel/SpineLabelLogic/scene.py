@@ -11,7 +11,7 @@
 It observes the markups node and turns each user action into one :mod:`SpineLabelLib.edits` call: typing a new
 label renames (and fixes) a vertebra, locking/unlocking a point fixes/releases its name, dragging a point moves
 the centroid (or, dropped on another vertebra, hands that vertebra the name), deleting a point deletes the
-vertebra, placing a new point adds one (or, on the voxels of one deleted, brings that back). After each action both
+vertebra, placing a new point adds one (or, where a deleted one had its point, brings that back). After each action both
 nodes are rewritten in one batch (``StartModify``/``EndModify``), so a relabel of 25 vertebrae costs one round of
 events, not 25. Voxel edits made with the Segment Editor are read back (:meth:`LabelingScene.readBackSegmentation`)
 before any correction that changes voxels and before export.
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 _LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 _SEGMENT_PREFIX = "vertebra_"
 _MOVE_TOLERANCE_MM = 0.01
+# a point placed this close (mm) to where a removed vertebra had its point brings that vertebra back
+_RESTORE_REACH_MM = 10.0
 _MARKUPS_EVENTS = (
     slicer.vtkMRMLMarkupsNode.PointAddedEvent,
     slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
@@ -298,8 +300,8 @@ class LabelingScene(VTKObservationMixin):
 
     def addVertebra(self, lps, name: str | None = None) -> int:
         """Add a vertebra at a point on its body (LPS mm), shaped like its nearest neighbour; returns its id. A point
-        on the free voxels of a vertebra that a correction removed brings that one back instead, its voxels and its
-        level evidence with it (there is no undo of a deleted point)."""
+        placed where a vertebra that a correction removed had its point (``_removedAt``) brings that one back instead,
+        its free voxels and its level evidence with it, its name not fixed (there is no undo of a deleted point)."""
         self.readBackSegmentation()
         removedId = self._removedAt(lps)
         if removedId is not None:
@@ -321,19 +323,15 @@ class LabelingScene(VTKObservationMixin):
         return newId
 
     def _removedAt(self, lps) -> int | None:
-        """The id of the vertebra a correction removed whose voxels held the point (LPS mm), where no vertebra holds
-        it now; None for any other point."""
-        ijk = np.rint(self.result.geometry.lps_to_index(np.asarray(lps, dtype=float))).astype(int)
-        shape = self.result.components.shape
-        zyx = tuple(int(c) for c in ijk[::-1])
-        if not all(0 <= c < n for c, n in zip(zyx, shape)) or self.result.components[zyx]:
+        """The id of the vertebra a correction removed whose body centroid lies within ``_RESTORE_REACH_MM`` of the
+        point (LPS mm), where no vertebra is now: placed where its point was, it comes back; placed elsewhere on its
+        old voxels (a deleted segment that held two vertebrae, say), a new vertebra is added."""
+        if edits.component_at(self.result, lps):
             return None
-        flat = np.ravel_multi_index(zyx, shape)
-        for vertebraId, voxels in self._removedVoxels.items():  # sorted indices
-            at = np.searchsorted(voxels, flat)
-            if at < voxels.size and voxels[at] == flat:
-                return vertebraId
-        return None
+        point = np.asarray(lps, dtype=float)
+        distance, vertebraId = min(((float(np.linalg.norm(np.asarray(v.centroid_lps_mm) - point)), i)
+                                    for i, v in self._removed.items()), default=(np.inf, None))
+        return vertebraId if distance <= _RESTORE_REACH_MM else None
 
     def pointIndexOf(self, vertebraId: int) -> int:
         """Index of the control point of vertebra ``vertebraId`` in the markups node, -1 without one. The points are
