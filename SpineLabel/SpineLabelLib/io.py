@@ -335,9 +335,17 @@ def _check_nifti(path: Path, what: str) -> int:
 
 
 def _load_nifti(path: Path) -> nibabel.Nifti1Image | nibabel.Nifti2Image:
-    """``nibabel.load``, whose complaints about a header go to the log only: nibabel prints them as well."""
-    with nibabel.imageglobals.LoggingOutputSuppressor():
+    """``nibabel.load``, whose complaints about a header go to the log only: nibabel's own handler prints them as
+    well (its ``LoggingOutputSuppressor`` would remove that handler for good)."""
+    logger = nibabel.imageglobals.logger
+    handlers = list(logger.handlers)
+    for handler in handlers:
+        logger.removeHandler(handler)
+    try:
         return nibabel.load(str(path))
+    finally:
+        for handler in handlers:
+            logger.addHandler(handler)
 
 
 def _read_nifti2(path: Path, what: str) -> sitk.Image:
@@ -460,7 +468,7 @@ def _check_data_file(path: Path) -> None:
         if sep and name.strip().lower() in (key.lower(), "datafile") and value:
             if value.upper() not in ("LOCAL", "LIST") and "%" not in value and " " not in value:
                 if not (path.parent / value).exists():
-                    raise InputError(f"{path}: its voxels are in {value}, which is missing beside it")
+                    raise InputError(f"{path}: its voxels are in {path.parent / value}, which is missing")
             return
 
 
