@@ -669,6 +669,24 @@ def test_worker_reports_an_image_without_vertebrae_as_an_error(tmp_path, random_
     assert not (tmp_path / "result" / "result.json").exists()
 
 
+def test_a_run_in_its_own_folder_takes_the_paths_given_relative_to_the_callers(tmp_path, random_model, monkeypatch):
+    """As the module starts it: in the run's own folder, away from the modules of Slicer's working folder (a
+    random.py there failed every run), with the input, the model and PYTHONPATH given relative to the caller's."""
+    (tmp_path / "random.py").write_text("raise SystemExit('the random.py of the working folder was imported')")
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path)
+    sitk.WriteImage(sitk.Image([24, 24, 24], sitk.sitkInt16), "input.nrrd")
+    spinelabel = os.path.relpath(Path(__file__).resolve().parents[1] / "SpineLabel")
+    model = os.path.relpath(random_model)
+    runner = process.BackgroundProcess(process.labelCommand(sys.executable, "input.nrrd", "run/result", model, "cpu"),
+                                       process.parseWorkerLine, env=process.pythonPathEnvironment([spinelabel]),
+                                       cwd=tmp_path / "run")
+    runner.start()
+    assert runner.wait(120) == 1, runner.outputTail()
+    assert runner.readEvents()[-1] == {"event": "error",
+                                       "message": f"{tmp_path / 'input.nrrd'}: image is constant: nothing to label"}
+
+
 def test_worker_reports_a_failed_import_as_an_error(tmp_path, random_model):
     """A broken torch (or memory running out while importing) ended the worker with a traceback before it could say
     why: the module showed "the labelling process stopped unexpectedly"."""

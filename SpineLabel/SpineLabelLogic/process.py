@@ -89,19 +89,25 @@ def pythonPathEnvironment(paths: Sequence[str | os.PathLike], base: dict | None 
     encode would fail the run)."""
     env = dict(os.environ if base is None else base)
     existing = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join([str(p) for p in paths] + existing)
+    # absolute: the child runs in another folder (its run's own)
+    env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in [*paths, *existing])
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
     return env
 
 
+def _absolute(path: str | os.PathLike) -> str:
+    """``path`` made absolute where it names a file or folder (a model may be named by its name instead)."""
+    return os.path.abspath(path) if os.path.exists(path) else str(path)
+
+
 def labelCommand(python: str, inputPath: str | os.PathLike, outputDir: str | os.PathLike,
                  model: str | os.PathLike | None = None, device: str = "auto",
                  checkOrientation: bool = False, spineGate: bool = True, modality: str = "auto") -> list[str]:
-    """Command line of the labelling worker."""
-    command = [python, "-m", "SpineLabelLogic.worker", str(inputPath), str(outputDir), "--device", device]
+    """Command line of the labelling worker, its paths absolute (it runs in its run's folder)."""
+    command = [python, "-m", "SpineLabelLogic.worker", _absolute(inputPath), _absolute(outputDir), "--device", device]
     if model:
-        command += ["--model", str(model)]
+        command += ["--model", _absolute(model)]
     if checkOrientation:
         command.append("--check-orientation")
     if not spineGate:
@@ -127,13 +133,13 @@ def trainCommand(python: str, data: str | os.PathLike, outCard: str | os.PathLik
                  device: str = "auto", extra: Sequence[str] = ()) -> list[str]:
     """Command line of ``spinelabel train``: fine-tune ``baseModel`` (or train a new model) on ``data`` (an
     exported dataset folder) mixed with ``REPLAY``, and write the model card ``outCard``; ``extra`` arguments are
-    passed on."""
-    sources = [f"{data}:{EXPORT_SHARE}", *(f"{source}:{weight}" for source, weight in REPLAY)]
+    passed on. Its paths are absolute (it runs in its run's folder)."""
+    sources = [f"{_absolute(data)}:{EXPORT_SHARE}", *(f"{source}:{weight}" for source, weight in REPLAY)]
     command = [python, "-m", "SpineLabelLib.cli", "train", *(a for s in sources for a in ("--data", s)),
-               "--out", str(outCard), "--epochs", str(int(epochs)), "--device", device,
+               "--out", _absolute(outCard), "--epochs", str(int(epochs)), "--device", device,
                "--progress-bars"]  # a pipe is no terminal: without it no bar within an epoch would be drawn
     if baseModel:
-        command += ["--base-model", str(baseModel)]
+        command += ["--base-model", _absolute(baseModel)]
     if name:
         command += ["--name", name]
     return command + [str(a) for a in extra]
