@@ -390,10 +390,9 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 shown = True
         except Exception:  # shown to the user already
             pass
-        if not shown:  # its result could not be read, or not shown: nothing of it stays in the scene
-            self.logic.discardLabelling(outputDir)
+        if not shown:  # its result could not be read or shown (finishLabelling removed the run's folder either way)
             if labeling is not None and self._labelings.get(volume.GetID()) is not labeling:
-                labeling.removeNodes()
+                labeling.removeNodes()  # no nodes that the panel does not follow
             self._showFailure()
         self._checkCanApply()
 

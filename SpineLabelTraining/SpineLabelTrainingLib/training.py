@@ -649,7 +649,7 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
         owner.update({path.resolve(): f"the model it starts from ({base.path})"
                       for path in (base.path, base.path.parent / base.card["weights"])})
         # the mix is SpineLabelLogic.process's EXPORT_SHARE and REPLAY, which this package cannot import
-        if not any(spec in ("synthetic", "phantom") and w > 0 for spec, w in cfg.data):
+        if not any(spec in ("synthetic", "phantom") for spec, _ in cfg.data):
             log.warning("fine-tuning without phantoms or synthetic spines can forget what the base model knew of other "
                         "spines; mix as SpineLabelTraining does: --data FOLDER:0.6 --data phantom:0.3 --data "
                         "negative:0.1 (see README)")
