@@ -113,6 +113,7 @@ def bad_inputs(tmp):
     sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3), str(tmp / "rgb.nrrd"))
     sitk.WriteImage(sitk.Image([24, 24, 24], sitk.sitkInt16), str(tmp / "blank.nii.gz"))  # readable, nothing to label
     (tmp / "loop").symlink_to("loop")
+    sitk.WriteImage(sitk.Image([24, 24, 24], sitk.sitkInt16), str(tmp / ".nii.gz"))
     cases = {
         tmp / "missing.nii.gz": "no such file",
         tmp / "notes.txt": "unsupported file type",
@@ -122,6 +123,7 @@ def bad_inputs(tmp):
         tmp / "rgb.nrrd": "RGB",
         tmp / "blank.nii.gz": "image is constant",
         tmp / "loop": "no such file",
+        tmp / ".nii.gz": "nothing before its extension",  # refused before labelling, not when its outputs are named
     }
     undecodable = tmp / os.fsdecode(b"bad\xffname.nii.gz")  # ITK's readers abort the process on such a name
     try:

@@ -64,7 +64,7 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
     all labelled, 1 some failed, 2 no output folder, no model, or an output that would replace an input) and the
     inputs that failed."""
     from .inference import reuse_freed_memory
-    from .io import case_name, make_writable_folder, read_image
+    from .io import InputError, case_name, make_writable_folder, read_image
     from .models import ModelError
     from .pipeline import get_model, label_spine, require_vertebrae
     from .writers import OUTPUT_SUFFIXES, output_paths, write_all
@@ -118,6 +118,9 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
         image = result = failure = None  # the last input's arrays freed before this one is read
         with _progress_bar(case_name(path), args.quiet) as progress:
             try:
+                if not case_name(path):
+                    raise InputError(f"{path}: the file name has nothing before its extension to name the outputs "
+                                     "by; rename it")
                 image = read_image(path)
                 result = label_spine(image, model=model, device=args.device, progress=progress,
                                      check_orientation=args.check_orientation, spine_gate=not args.no_spine_gate,
