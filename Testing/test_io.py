@@ -369,11 +369,28 @@ def test_a_folder_of_two_series_or_of_series_folders_is_refused_saying_what_it_h
         read_image(folder)
 
 
-def test_a_dicom_series_with_a_slice_missing_is_refused(tmp_path):
+def test_a_dicom_file_given_alone_is_told_to_give_its_folder(tmp_path):
     folder = write_dicom_series(tmp_path / "series")
+    (folder / "000.dcm").rename(folder / "IM000003")  # as a PACS export names them: no extension
+    for path in (folder / "001.dcm", folder / "IM000003"):
+        with pytest.raises(InputError, match=f"{path.name}: a DICOM file; give the folder of its series"):
+            read_image(path)
+
+
+def test_a_dicom_series_with_a_slice_missing_is_refused(tmp_path, capfd):
+    folder = write_dicom_series(tmp_path / "series")
+    capfd.readouterr()
     (folder / "002.dcm").unlink()
-    with pytest.raises(InputError, match="series.*not evenly spaced"):
+    with pytest.raises(InputError, match="series: DICOM slices are not evenly spaced: steps of 2.5 to 5 mm where most "
+                                         "are 2.5 mm, the first off before 003.dcm"):
         read_image(folder)
+    (tmp_path / "twice").mkdir()  # a slice given twice (or two echoes at each position) is no missing one
+    for name in ("000", "001", "003", "004", "005"):
+        (tmp_path / "twice" / f"{name}.dcm").write_bytes((folder / f"{name}.dcm").read_bytes())
+    (tmp_path / "twice" / "001b.dcm").write_bytes((folder / "001.dcm").read_bytes())
+    with pytest.raises(InputError, match="001.dcm and 001b.dcm lie at one position"):
+        read_image(tmp_path / "twice")
+    assert "WARNING" not in capfd.readouterr().err  # ITK's warning of non-uniform sampling: said in the message
 
 
 def test_a_gantry_tilted_series_is_put_where_its_slices_are(tmp_path):

@@ -138,30 +138,34 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
                          "exactly one")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
     reader.SetFileNames(files)
+    shown = show_itk_warnings(False)  # uneven slices: said below, not printed by ITK
     try:
         image = reader.Execute()
     except RuntimeError as err:
         detail = next((line for line in reversed(str(err).strip().splitlines()) if line.strip()), "")
         raise InputError(f"{folder}: unreadable DICOM series ({detail.strip()[:200]})") from None
+    finally:
+        show_itk_warnings(shown)
     # ITK stacks the slices it could read and spaces them evenly, so a missing or unreadable slice would distort the
     # grid. It sets this key for any deviation, rounding errors of the slice positions included: measure it.
-    if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation") and not _evenly_spaced(files):
-        raise InputError(f"{folder}: DICOM slices are not evenly spaced (a slice missing or unreadable?)")
+    if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation") and (problem := _uneven_slices(files)):
+        raise InputError(f"{folder}: DICOM slices are not evenly spaced: {problem}")
     return _unsheared(image, files, folder, notes)
 
 
 def _series_description(files: tuple[str, ...]) -> str:
     """``number 3 "T2 sag" MR, 15 files``: what a user knows a series by, from the first of its ``files``."""
+    count = f"{len(files)} file{'' if len(files) == 1 else 's'}"
     header = sitk.ImageFileReader()
     header.SetFileName(files[0])
     try:
         header.ReadImageInformation()
     except RuntimeError:
-        return f"{len(files)} files"
+        return count
     tag = lambda key: header.GetMetaData(key).strip() if header.HasMetaDataKey(key) else ""
     number, text, modality = tag("0020|0011"), tag("0008|103e"), tag("0008|0060")
     return " ".join(part for part in (f"number {number}" if number else "", f'"{text}"' if text else "", modality)
-                    if part) + f"{',' if number or text or modality else ''} {len(files)} files"
+                    if part) + f"{',' if number or text or modality else ''} {count}"
 
 
 def _slice_geometry(name: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -215,21 +219,29 @@ def _unsheared(image: sitk.Image, files: tuple[str, ...], folder: Path, notes: l
     return sitk.Resample(image, grid, transform, sitk.sitkLinear, minimum, image.GetPixelID())
 
 
-def _evenly_spaced(files: tuple[str, ...], tolerance: float = 0.1) -> bool:
-    """Whether the slices of ``files`` (one series, in stacking order) are evenly spaced along their normal: every
-    step within ``tolerance`` of the median step, by their ImagePositionPatient and ImageOrientationPatient."""
+def _uneven_slices(files: tuple[str, ...], tolerance: float = 0.1) -> str | None:
+    """What keeps the slices of ``files`` (one series, in stacking order) from being evenly spaced along their normal
+    (by their ImagePositionPatient and ImageOrientationPatient), or None where every step is within ``tolerance`` of
+    the median step."""
     positions = []
     for name in files:
         geometry = _slice_geometry(name)
         if geometry is None:
-            return False
+            return f"{Path(name).name} gives no slice position"
         position, orientation = geometry
         positions.append(np.dot(position, np.cross(orientation[:3], orientation[3:])))
-    steps = np.diff(positions)
-    if steps.size == 0:
-        return True
-    median = float(np.median(steps))
-    return median != 0 and bool(np.all(np.abs(steps - median) <= tolerance * abs(median)))
+    steps = np.abs(np.diff(positions))  # mm
+    same = np.flatnonzero(steps < 1e-3)
+    if same.size:
+        first, second = (Path(files[i]).name for i in (same[0], same[0] + 1))
+        return (f"{first} and {second} lie at one position (a slice given twice, or several echoes or time points in "
+                "one series)")
+    median = float(np.median(steps)) if steps.size else 0.0
+    off = np.flatnonzero(np.abs(steps - median) > tolerance * median)
+    if not off.size:
+        return None
+    return (f"steps of {steps.min():.3g} to {steps.max():.3g} mm where most are {median:.3g} mm, the first off "
+            f"before {Path(files[off[0] + 1]).name} (a slice missing or unreadable?)")
 
 
 def _all_finite(values: np.ndarray) -> bool:
@@ -558,6 +570,9 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         raise InputError(f"{p}: not a file (a pipe, socket or device) nor a folder")
     else:
         if not p.name.lower().endswith(IMAGE_SUFFIXES):
+            with open(p, "rb") as file:
+                if file.read(132)[128:] == b"DICM":  # the DICOM preamble's mark
+                    raise InputError(f"{p}: a DICOM file; give the folder of its series ({p.parent})")
             raise InputError(f"{p}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder")
         image = _read_file(p, "image", notes)
     image = checked_image(image, str(p))
