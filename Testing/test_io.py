@@ -367,6 +367,12 @@ def test_a_folder_of_two_series_or_of_series_folders_is_refused_saying_what_it_h
     with pytest.raises(InputError, match=r"series: folder holds 2 DICOM series [(]number [34] CT, 6 files; "
                                          r"number [34] CT, 6 files[)]; give a folder with exactly one"):
         read_image(folder)
+    for path in folder.glob("4-*"):  # the other series of one image only, as a scout exported beside its volume
+        if path.name != "4-000.dcm":
+            path.unlink()
+    image = read_image(folder)
+    assert image.GetSize() == (24, 20, 6)
+    assert read_notes(image) == ["the folder's series of one image were left out (number 4 CT, 1 file)"]
 
 
 def test_a_dicom_file_given_alone_is_told_to_give_its_folder(tmp_path):

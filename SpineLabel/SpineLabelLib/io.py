@@ -132,11 +132,16 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
             f"; its subfolders hold files (as {below.relative_to(folder)}): give the folder of one series"
             if below else "") + (f"; it holds {len(images)} image files (as {images[0]}): give the files themselves"
                                  if images else ""))
-    if len(series) > 1:
-        described = "; ".join(_series_description(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in series)
+    files_of = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
+    volumes = [uid for uid in series if len(files_of[uid]) > 1]
+    if len(series) > 1 and len(volumes) == 1:  # a scout or a screen capture exported beside its volume
+        others = "; ".join(_series_description(files_of[uid]) for uid in series if uid != volumes[0])
+        notes.append(f"the folder's series of one image were left out ({others})")
+    elif len(series) > 1:
+        described = "; ".join(_series_description(files_of[uid]) for uid in series)
         raise InputError(f"{folder}: folder holds {len(series)} DICOM series ({described}); give a folder with "
                          "exactly one")
-    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    files = files_of[volumes[0] if volumes else series[0]]
     reader.SetFileNames(files)
     shown = show_itk_warnings(False)  # uneven slices: said below, not printed by ITK
     try:
