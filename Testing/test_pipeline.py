@@ -122,6 +122,15 @@ def test_a_model_of_no_kind_is_named_as_such():
         get_model(123, "cpu")
 
 
+def test_load_model_names_a_bad_device(random_model):
+    """torch's own error for "gpu", and an AssertionError for "cuda" on a machine without CUDA."""
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not 'gpu'"):
+        load_model(random_model, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU is available"):
+            load_model(random_model, device="cuda")
+
+
 def test_model_card_hash_is_checked(tmp_path, random_model):
     model = load_model(random_model)
     card = tmp_path / "m.json"

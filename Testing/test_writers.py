@@ -159,6 +159,22 @@ def test_segmentation_duplicate_level_is_one_segment(tmp_path, caplog):
     assert "share one segment" in caplog.text
 
 
+def test_a_labelling_that_files_cannot_hold_is_refused_naming_what(tmp_path):
+    """A NaN centroid got JSON's own message, naming neither the vertebra nor the file; float components were
+    indexed as ids, and a negative id labelled its voxels from the end of the table (as L5, say)."""
+    result, image = make_case(PERMUTED)
+    result.vertebrae[1].centroid_lps_mm = (float("nan"), 0.0, 0.0)
+    with pytest.raises(ValueError, match=rf"vertebrae \[{IDS[1]}\]: a centroid is three finite numbers"):
+        writers.write_all(result, image, tmp_path, "case")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="components: an integer array of vertebra ids, not float32"):
+        result.copy(components=result.components.astype(np.float32))
+    negative = result.components.astype(np.int16)
+    negative[negative == IDS[0]] = -1
+    with pytest.raises(ValueError, match="vertebra ids are 0 or more, not -1"):
+        result.copy(components=negative).label_map()
+
+
 def test_grid_mismatch_is_refused(tmp_path):
     result, _ = make_case(PERMUTED)
     result.components = result.components[:-1]

@@ -189,16 +189,20 @@ def load_model(path: str | os.PathLike | None = None, device: "str | torch.devic
 
     Args:
         path: the card (``.json``) or weights (``.pt``); None for the default model.
-        device: torch device for the network.
+        device: torch device for the network (as ``inference.resolve_device`` takes it).
 
     Raises:
         ModelError: card or weights missing, hash mismatch (corrupt or altered file), weights that do not fit
             the architecture or are not finite.
+        ValueError, RuntimeError: a device that is no device name, or a CUDA device there is no GPU for
+            (``inference.resolve_device``).
     """
     import torch
 
+    from .inference import resolve_device
     from .network import SpineUNet
 
+    device = resolve_device(device)
     card_path = card_file(path) if path is not None else default_model_path()
     card = read_card(card_path)
     weights = card_path.parent / card["weights"]

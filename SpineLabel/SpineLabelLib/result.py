@@ -151,6 +151,9 @@ class SpineLabeling:
             [len(LEVELS) floats], "confidence_log_scores": [len(LEVELS) floats] or None}``: evidence the chain was
             solved with, which ``relabel`` solves with again while the last vertebra is still ``sacral_pieces_below``.
         sacral_pieces_below: the id of the vertebra the sacral pieces lie below (0: none).
+
+    Raises:
+        ValueError: ``components`` of a dtype that is no integer.
     """
 
     geometry: Geometry
@@ -170,20 +173,29 @@ class SpineLabeling:
     sacral_pieces_below: int = 0
 
     def __post_init__(self) -> None:
+        if not np.issubdtype(self.components.dtype, np.integer):
+            raise ValueError(f"components: an integer array of vertebra ids, not {self.components.dtype}")
         self.components = self.components.view()  # a read-only view: the caller's own array stays writable
         self.components.flags.writeable = False
 
     def label_map(self) -> np.ndarray:
-        """VerSe label map, uint8 (z, y, x) on the input grid."""
+        """VerSe label map, uint8 (z, y, x) on the input grid.
+
+        Raises:
+            ValueError: a negative component id.
+        """
         out = np.zeros(self.components.shape, dtype=np.uint8)
         box = nonzero_box(self.components)
         if box is None:
             return out
-        lut = np.zeros(int(self.components[box].max()) + 1, dtype=np.uint8)
+        ids = self.components[box]
+        if ids.min() < 0:  # it would index the table from its end
+            raise ValueError(f"components: vertebra ids are 0 or more, not {int(ids.min())}")
+        lut = np.zeros(int(ids.max()) + 1, dtype=np.uint8)
         for v in self.vertebrae:
             if v.id < lut.size:
                 lut[v.id] = v.label
-        out[box] = lut[self.components[box]]
+        out[box] = lut[ids]
         return out
 
     def by_id(self, vertebra_id: int) -> Vertebra:

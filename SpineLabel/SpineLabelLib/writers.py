@@ -80,6 +80,14 @@ def _check_grid(result: SpineLabeling) -> None:
         )
 
 
+def _check_centroids(result: SpineLabeling) -> None:
+    """Refuse vertebrae whose centroid is not three finite numbers (LPS mm): JSON has no NaN."""
+    bad = [v.id for v in result.vertebrae
+           if len(v.centroid_lps_mm) != 3 or not np.all(np.isfinite(v.centroid_lps_mm))]
+    if bad:
+        raise ValueError(f"vertebrae {bad}: a centroid is three finite numbers (LPS mm)")
+
+
 def _check_suffix(path: str | os.PathLike, suffixes: tuple[str, ...], what: str) -> None:
     """Refuse a ``path`` that a reader would take for another format than the ``what`` written there."""
     if not str(path).lower().endswith(suffixes):
@@ -218,6 +226,7 @@ def write_segmentation(result: SpineLabeling, path: str | os.PathLike) -> None:
 
 
 def _markups_document(result: SpineLabeling) -> dict:
+    _check_centroids(result)
     points = [
         {
             "id": str(v.id),
@@ -315,6 +324,7 @@ def verse_voxel_coordinates(geometry: Geometry, lps_mm: np.ndarray, direction: t
 
 
 def _centroid_document(result: SpineLabeling) -> list:
+    _check_centroids(result)
     entries: list = [{"direction": list(VERSE_DIRECTION)}]
     for v in result.vertebrae:
         x, y, z = verse_voxel_coordinates(result.geometry, np.asarray(v.centroid_lps_mm, dtype=float))
@@ -343,6 +353,7 @@ def write_centroids(result: SpineLabeling, path: str | os.PathLike) -> None:
 
 
 def _report_document(result: SpineLabeling, input_path: str | os.PathLike | None) -> dict:
+    _check_centroids(result)
     source = input_path if input_path is not None else result.source
     return {
         "input": {"path": os.path.abspath(source) if source else "", **result.geometry.as_dict(),
