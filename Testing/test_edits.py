@@ -289,6 +289,17 @@ def test_a_point_between_two_vertebrae_without_room_for_a_third_is_refused():
         assert name in names(out)
 
 
+@pytest.mark.parametrize("point", [(1.0, 2.0), (1.0, 2.0, float("nan"))])
+def test_a_point_that_is_no_point_is_refused_as_such(spine, point):
+    """numpy's broadcast error, or a NaN taken for a place outside the image."""
+    victim = spine.result.vertebrae[0]
+    for edit in (lambda: edits.component_at(spine.result, point),
+                 lambda: edits.move_point(spine.result, victim.id, point),
+                 lambda: edits.add_vertebra(spine.result, spine.image, point)):
+        with pytest.raises(ValueError, match="a point is three finite numbers"):
+            edit()
+
+
 def test_deleting_a_vertebra_keeps_the_other_corrections(spine):
     """A lock is the user's word on a name: deleting another vertebra re-solves the chain around it, it does not undo
     the corrections made so far (the top renamed T12 shifts every name by one level; without its lock the chain falls

@@ -115,8 +115,15 @@ def _solve(result: SpineLabeling) -> SpineLabeling:
 
 def _voxel(result: SpineLabeling, point_lps) -> np.ndarray | None:
     """Index (i, j, k = x, y, z; int) of the voxel of ``result``'s grid nearest to ``point_lps`` (LPS mm), or None
-    when that lies outside the grid."""
-    ijk = np.rint(result.geometry.lps_to_index(np.asarray(point_lps, dtype=float))).astype(int)
+    when that lies outside the grid.
+
+    Raises:
+        ValueError: a point that is not three finite numbers.
+    """
+    point = np.asarray(point_lps, dtype=float)
+    if point.shape != (3,) or not np.all(np.isfinite(point)):
+        raise ValueError(f"a point is three finite numbers (LPS mm), not {point_lps!r}")
+    ijk = np.rint(result.geometry.lps_to_index(point)).astype(int)
     return ijk if np.all(ijk >= 0) and np.all(ijk < np.asarray(result.geometry.size)) else None
 
 
@@ -126,6 +133,9 @@ def component_at(result: SpineLabeling, point_lps: tuple[float, float, float]) -
     Args:
         result: the labelling whose ``components`` (int16, (z, y, x)) are looked up.
         point_lps: LPS position in mm.
+
+    Raises:
+        ValueError: a point that is not three finite numbers.
     """
     ijk = _voxel(result, point_lps)
     return 0 if ijk is None else int(result.components[tuple(ijk[::-1])])
