@@ -279,6 +279,12 @@ def test_every_modality(tiny_library, modality):
 def test_unknown_modality(tiny_library):
     with pytest.raises(ValueError, match="modality"):
         synthesis.synthesize_case(np.random.default_rng(0), tiny_library, modality="pet")
+    for spacing in (0.0, -2.0, float("nan")):  # a ZeroDivisionError, numpy's "Number of samples, -163", ...
+        with pytest.raises(ValueError, match=f"spacing {spacing}: a finite number of mm above 0"):
+            synthesis.synthesize_case(np.random.default_rng(0), tiny_library, spacing_mm=spacing)
+    for size in ((0, 32, 32), (32, 32)):  # empty arrays, or a broadcast error
+        with pytest.raises(ValueError, match="three whole numbers of voxels"):
+            synthesis.synthesize_case(np.random.default_rng(0), tiny_library, size_zyx=size)
 
 
 def test_real_library(tmp_path):

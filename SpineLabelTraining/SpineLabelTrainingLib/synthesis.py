@@ -29,6 +29,8 @@ Everything is drawn from the ``numpy.random.Generator`` given, so a seed gives t
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -815,8 +817,13 @@ def synthesize_case(rng: np.random.Generator, library: ShapeLibrary, spacing_mm:
         A :class:`TrainingCase` (image float32, tissue and levels uint8, all ``size_zyx``).
 
     Raises:
-        ValueError: unknown modality.
+        ValueError: unknown modality, a spacing that is no finite number above 0, or a size that is not three whole
+            numbers of 1 or more.
     """
+    if not 0 < spacing_mm < math.inf:  # NaN compares false
+        raise ValueError(f"spacing {spacing_mm}: a finite number of mm above 0")
+    if len(size_zyx) != 3 or not all(isinstance(n, numbers.Integral) and n >= 1 for n in size_zyx):
+        raise ValueError(f"size {tuple(size_zyx)}: three whole numbers of voxels (z, y, x), each 1 or more")
     if modality is None:
         modality = str(rng.choice(MODALITIES, p=_MODALITY_P))
     if modality not in MODALITIES:

@@ -480,17 +480,17 @@ def level_loss(logits: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 class TrainConfig:
     """Settings of one training run (see ``spinelabel train --help``)."""
 
-    data: list[tuple[str, float]]
-    out: Path
+    data: list[tuple[str, float]]  # (source, weight): "synthetic", "phantom", "negative" or a folder of cases
+    out: Path  # the model card to write (.json), its weights beside it
     base_model: Path | None = None
     name: str = "spinelabel-finetuned"
     version: str = "0.1.0"
     epochs: int = 10
-    iterations: int = 100
-    batch: int = 2
-    patch: tuple[int, int, int] = (128, 80, 80)
+    iterations: int = 100  # per epoch
+    batch: int = 2  # crops per iteration
+    patch: tuple[int, int, int] = (128, 80, 80)  # crop size in model voxels, (z, y, x), each a multiple of 16
     lr: float | None = None  # peak learning rate; None: NEW_MODEL_LR, or FINE_TUNE_LR with a base model
-    spacing_mm: float = 2.0
+    spacing_mm: float = 2.0  # the model grid's isotropic voxel size, mm (a new model's; a fine-tune keeps its base's)
     device: str = "auto"
     seed: int = 0
     resume: bool = False
