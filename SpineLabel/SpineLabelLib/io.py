@@ -522,7 +522,8 @@ def read_label_map(path: str | os.PathLike) -> sitk.Image:
         float map whose values are all whole numbers is cast to uint16.
 
     Raises:
-        InputError: missing, unreadable or truncated file, not 3D scalar, values that are negative, NaN or not whole.
+        InputError: missing, unreadable or truncated file, not 3D scalar, values that are negative, NaN, not whole or
+            above 65535.
     """
     p = _given_path(path)
     if not p.is_file():

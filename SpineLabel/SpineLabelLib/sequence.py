@@ -458,7 +458,8 @@ def relabel(result: SpineLabeling, fixed: dict[int, str] | None = None, priors: 
 
     Args:
         result: a labelling; its vertebrae must be in chain order (cranial first).
-        fixed: vertebra id -> level name to force. Vertebrae already marked ``fixed`` keep their labels too.
+        fixed: vertebra id -> level to force, by name (``"L3"``, any case; ``"sacrum"`` for S1) or VerSe label value
+            (22). Vertebrae already marked ``fixed`` keep their labels too.
         priors: the anatomical priors.
 
     Returns:
