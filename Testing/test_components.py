@@ -512,3 +512,18 @@ def test_a_blob_level_with_one_of_two_bodies_is_off_the_column():
         z, y, x = int(z_mm / 2), int(y_mm / 2), int(x_mm / 2)
         bodies[z - half_z : z + half_z, y - 8 : y + 8, x - 8 : x + 8] = vid
     assert off_axis_components(bodies, SPACING).tolist() == [3]
+
+
+def test_count_ids_is_bincount_slab_by_slab(monkeypatch):
+    import SpineLabelLib.components as comp
+
+    monkeypatch.setattr(comp, "_COUNT_SLAB_VOXELS", 50)  # many slabs, the later ones holding larger ids
+    rng = np.random.default_rng(3)
+    labels = np.zeros((12, 5, 7), dtype=np.int32)
+    labels[8:] = rng.integers(0, 40, size=(4, 5, 7))
+    labels[:3] = rng.integers(0, 6, size=(3, 5, 7))
+    for array in (labels, labels[:, 1:4, 2:], labels[:0]):
+        for minlength in (0, 3, 60):
+            expected = np.bincount(array.ravel(), minlength=minlength)
+            got = comp.count_ids(array, minlength=minlength)
+            assert got.dtype == expected.dtype and np.array_equal(got, expected)

@@ -513,3 +513,13 @@ def test_a_level_name_at_the_edge_of_a_snapshot_panel_is_drawn_whole(y):
         return int(np.asarray(panel).astype(bool).sum())
 
     assert lit((5.0, y)) == lit((5.0, 20.0))  # as many pixels as in the middle: nothing cut off
+
+
+def test_zeros_on_demand_is_zeros():
+    from SpineLabelLib.result import zeros_on_demand
+
+    for shape, dtype in (((3, 4, 5), np.uint8), ((64, 512, 512), np.int16)):  # below and above the 16 MB threshold
+        a = zeros_on_demand(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype and a.flags.writeable and not a.any()
+        a[1, 2, 3] = 7
+        assert int(a.sum()) == 7

@@ -72,11 +72,30 @@ def drop_small(labels: np.ndarray, spacing_mm: tuple[float, float, float], min_v
     Returns:
         int32 (z, y, x) remaining components, renumbered cranial first.
     """
-    sizes = np.bincount(labels.ravel())[1:] * (float(np.prod(spacing_mm)) / 1000.0)
+    sizes = count_ids(labels)[1:] * (float(np.prod(spacing_mm)) / 1000.0)
     keep = sizes >= min_volume_ml
     if keep.any():
         keep &= (sizes >= fraction * float(np.median(sizes[keep]))) | cut_by_field_of_view(labels)[1:sizes.size + 1]
     return _renumber_cranial_first(labels, np.flatnonzero(keep) + 1)
+
+
+_COUNT_SLAB_VOXELS = 1 << 22  # about 4 million voxels: np.bincount's int64 copy of a slab is 32 MB
+
+
+def count_ids(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """``np.bincount(labels.ravel(), minlength=minlength)`` (int, any shape, no negative values), counted a slab
+    along the first axis at a time: np.bincount casts its input to int64, a copy of 8 bytes per voxel (0.3 GB of an
+    int32 model grid of the 1800 mm phantom) where a slab's is 32 MB."""
+    if labels.ndim == 0:
+        return np.bincount(labels.ravel(), minlength=minlength)
+    step = max(1, _COUNT_SLAB_VOXELS // max(1, int(np.prod(labels.shape[1:]))))
+    counts = np.zeros(minlength, dtype=np.intp)
+    for z in range(0, labels.shape[0], step):
+        part = np.bincount(labels[z : z + step].ravel(), minlength=counts.size)
+        if part.size > counts.size:
+            counts = np.concatenate([counts, np.zeros(part.size - counts.size, dtype=counts.dtype)])
+        counts += part
+    return counts
 
 
 def cut_by_field_of_view(labels: np.ndarray) -> np.ndarray:
@@ -170,7 +189,7 @@ def split_merged(
     Returns:
         int32 (z, y, x) components, renumbered cranial first.
     """
-    counts = np.bincount(labels.ravel())
+    counts = count_ids(labels)
     ids = np.flatnonzero(counts[1:]) + 1
     if ids.size == 0:
         return labels

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .components import cut_by_field_of_view
+from .components import count_ids, cut_by_field_of_view
 from .result import Geometry
 
 __all__ = ["ComponentFeatures", "measure", "chain_order", "drop_detached_ends", "off_the_line",
@@ -61,7 +61,7 @@ def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_
     spacing_zyx = np.asarray(grid.spacing[::-1])
     out = []
     boxes = ndimage.find_objects(bodies)
-    whole_counts = np.bincount(vertebrae.ravel(), minlength=len(boxes) + 1)
+    whole_counts = count_ids(vertebrae, minlength=len(boxes) + 1)  # slab by slab: no int64 copy of the grid
     cut = cut_by_field_of_view(bodies)
     for vid, box in enumerate(boxes, start=1):
         if box is None:

@@ -10,6 +10,7 @@ import glob
 import logging
 import os
 import time
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -22,11 +23,11 @@ from scipy import ndimage
 from . import components as comp
 from . import features as feat
 from .inference import (LABEL_MAP_VALUES, Cancelled, Prediction, looks_like_label_map, normalise, predict,
-                        read_modality, resolve_device)
+                        read_modality, release_freed_memory, resolve_device)
 from .io import (InputError, canonical_grid, checked_image, extend_to_grid_ends, read_image, read_notes,
                  resample_to_grid)
 from .models import LoadedModel, card_file, default_model_path, load_model, read_card
-from .result import Geometry, SpineLabeling, Vertebra, nonzero_box
+from .result import Geometry, SpineLabeling, Vertebra, nonzero_box, zeros_on_demand
 from .sequence import NOTHING_FOUND, expected_gaps_mm, skipped_levels, solve, vertebrae_in
 from .vertebrae import LEVELS, level_index
 
@@ -366,11 +367,18 @@ def label_spine(
                                                                  prediction.level_log_probs)
     t = stage("components", t)
     grid_geometry = Geometry.of(grid)
-    bodies = np.zeros(norm.shape, dtype=np.int32)
-    whole = np.zeros(norm.shape, dtype=np.int32)
-    bodies[box], whole[box] = bodies_box, whole_box
-    body_probability = np.zeros(norm.shape, dtype=np.float16)
-    body_probability[box] = prediction.body_probability
+    # the box's arrays go onto the whole model grid one at a time, each freed once copied (the box is often the whole
+    # grid, then nothing is copied: on the 1800 mm phantom 0.5 GB were held twice). Of the network's outputs the
+    # level head's alone is read from here on. bodies_box becomes a view of bodies, which no step reads after the
+    # last measure below, where bodies_box may still change
+    prediction = replace(prediction, tissue=None, bone_probability=None)
+    del tissue
+    bodies = _on_model_grid(bodies_box, box, norm.shape, np.int32)
+    bodies_box = bodies[box]
+    whole = _on_model_grid(whole_box, box, norm.shape, np.int32)
+    del whole_box
+    body_probability = _on_model_grid(prediction.body_probability, box, norm.shape, np.float16)
+    prediction = replace(prediction, body_probability=None)
     measured = feat.measure(bodies, whole, norm, body_probability, grid_geometry)
     # the gate judges the components the field of view leaves whole: a piece cut by the top or bottom of the scan
     # reads as much or as little like a body as the cut leaves of it
@@ -516,7 +524,8 @@ def label_spine(
     bone[box] = bone_probability
     components = keep[whole]
     # the model-grid arrays no longer needed are freed before the input-grid labels are made (their memory is reused)
-    del norm, bodies, whole, body_probability, prediction, tissue, bone_probability, bodies_box, whole_box, sacrum_box
+    del norm, bodies, whole, body_probability, prediction, bone_probability, bodies_box, sacrum_box
+    release_freed_memory()  # their pages too: the input-grid labels take memory of their own (zeros_on_demand)
     on_input, voxels = components_on_input_grid(components, bone, grid, image,
                                                 dense_bone_hu=comp.DENSE_BONE_HU if dense_bone else None, cancel=cancel)
     del components, bone
@@ -557,6 +566,16 @@ def label_spine(
 # A body beside a skipped level that is this many times as tall as the body on the gap's other side (and at least the
 # chain's median height) holds two vertebrae (``_merged_beside_skip``)
 MERGED_HEIGHT_RATIO = 1.25
+
+
+def _on_model_grid(part: np.ndarray, box: tuple[slice, ...], shape: tuple[int, ...], dtype) -> np.ndarray:
+    """``part``, an array of the foreground box ``box``, on the whole model grid of ``shape`` as ``dtype``, 0 outside
+    the box: ``part`` itself (no copy) when the box is the whole grid and ``part`` is of ``dtype``."""
+    if part.shape == tuple(shape) and part.dtype == np.dtype(dtype):
+        return part
+    out = np.zeros(shape, dtype=dtype)
+    out[box] = part
+    return out
 
 
 def _merged_beside_skip(levels: np.ndarray, chain: list[feat.ComponentFeatures]) -> list[feat.ComponentFeatures]:
@@ -669,7 +688,7 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
     Returns:
         int16 (z, y, x) component ids on the input grid, and the number of input voxels of each id.
     """
-    out = np.zeros(image.GetSize()[::-1], dtype=np.int16)
+    out = zeros_on_demand(image.GetSize()[::-1], np.int16)  # its pages outside the vertebrae take no memory
     voxels: dict[int, int] = {}
     # each component's model-grid box, with a margin of one voxel: every voxel the resampling reads for it
     last = np.array(components.shape) - 1

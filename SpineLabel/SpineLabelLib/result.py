@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .vertebrae import BY_NAME, Level
 
-__all__ = ["Geometry", "Vertebra", "SpineLabeling", "nonzero_box"]
+__all__ = ["Geometry", "Vertebra", "SpineLabeling", "nonzero_box", "zeros_on_demand"]
+
+_ON_DEMAND_BYTES = 1 << 24  # arrays from 16 MB: a label volume on a scan's input grid
+
+
+def zeros_on_demand(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array (as ``np.zeros``) of at least 16 MB in memory of its own that the system gives a page at a time
+    as it is written (an anonymous map): the pages never written, most of a label volume outside the spine, take no
+    memory, and all of it goes back to the system when the array is freed. ``inference.reuse_freed_memory`` makes
+    every ``np.zeros`` come from a heap that keeps freed memory, where an array as large as the input takes freshly
+    faulted memory or whole reused pages; on the 512x512x1800 phantom the input-grid label volumes so placed raised the
+    peak above 3 GB. Smaller arrays are ``np.zeros``."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes < _ON_DEMAND_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: np.zeros
+        return np.zeros(shape, dtype=dtype)
+    # private: a shared anonymous map gets a page for every page read, even one never written
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(memory, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)  # 4 kB pages: a 2 MB page would be resident for one voxel written
+    return np.frombuffer(memory, dtype=dtype).reshape(shape)  # writable; the map is closed with the last view
 
 
 def nonzero_box(array: np.ndarray) -> tuple[slice, ...] | None:
@@ -184,7 +205,7 @@ class SpineLabeling:
         Raises:
             ValueError: a negative component id.
         """
-        out = np.zeros(self.components.shape, dtype=np.uint8)
+        out = zeros_on_demand(self.components.shape, np.uint8)
         box = nonzero_box(self.components)
         if box is None:
             return out
@@ -195,7 +216,11 @@ class SpineLabeling:
         for v in self.vertebrae:
             if v.id < lut.size:
                 lut[v.id] = v.label
-        out[box] = lut[ids]
+        # a slab at a time: lut[...] of the whole box would be a second uint8 copy of it
+        target = out[box]
+        step = max(1, (1 << 24) // max(1, ids[0].size))
+        for z in range(0, ids.shape[0], step):
+            target[z : z + step] = lut[ids[z : z + step]]
         return out
 
     def by_id(self, vertebra_id: int) -> Vertebra:
