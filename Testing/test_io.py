@@ -373,6 +373,13 @@ def test_a_folder_of_two_series_or_of_series_folders_is_refused_saying_what_it_h
     image = read_image(folder)
     assert image.GetSize() == (24, 20, 6)
     assert read_notes(image) == ["the folder's series of one image were left out (number 4 CT, 1 file)"]
+    (folder / "4-000.dcm").unlink()  # a volume in one multi-frame file is no single image
+    multiframe = sitk.Image([24, 20, 40], sitk.sitkInt16)
+    for tag, value in (("0020|000e", "1.2.826.0.1.3680043.2.1125.1.4242.7"), ("0020|0011", "7"), ("0008|0060", "CT")):
+        multiframe.SetMetaData(tag, value)
+    sitk.WriteImage(multiframe, str(folder / "volume.dcm"))
+    with pytest.raises(InputError, match=r"folder holds 2 DICOM series"):
+        read_image(folder)
 
 
 def test_a_dicom_file_given_alone_is_told_to_give_its_folder(tmp_path):

@@ -515,7 +515,9 @@ def test_a_level_name_at_the_edge_of_a_snapshot_panel_is_drawn_whole(y):
     assert lit((5.0, y)) == lit((5.0, 20.0))  # as many pixels as in the middle: nothing cut off
 
 
-def test_zeros_on_demand_is_zeros():
+def test_zeros_on_demand_is_zeros(monkeypatch):
+    import mmap
+
     from SpineLabelLib.result import zeros_on_demand
 
     for shape, dtype in (((3, 4, 5), np.uint8), ((64, 512, 512), np.int16)):  # below and above the 16 MB threshold
@@ -523,3 +525,10 @@ def test_zeros_on_demand_is_zeros():
         assert a.shape == shape and a.dtype == dtype and a.flags.writeable and not a.any()
         a[1, 2, 3] = 7
         assert int(a.sum()) == 7
+
+    def no_memory(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", no_memory)  # out of memory is a MemoryError, as np.zeros says it
+    with pytest.raises(MemoryError, match=r"cannot allocate 0.03 GB for an array of shape \(64, 512, 512\)"):
+        zeros_on_demand((64, 512, 512), np.int16)

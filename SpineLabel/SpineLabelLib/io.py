@@ -133,7 +133,7 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
             if below else "") + (f"; it holds {len(images)} image files (as {images[0]}): give the files themselves"
                                  if images else ""))
     files_of = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
-    volumes = [uid for uid in series if len(files_of[uid]) > 1]
+    volumes = [uid for uid in series if len(files_of[uid]) > 1 or _frames(files_of[uid][0]) > 1]
     if len(series) > 1 and len(volumes) == 1:  # a scout or a screen capture exported beside its volume
         others = "; ".join(_series_description(files_of[uid]) for uid in series if uid != volumes[0])
         notes.append(f"the folder's series of one image were left out ({others})")
@@ -156,6 +156,17 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation") and (problem := _uneven_slices(files)):
         raise InputError(f"{folder}: DICOM slices are not evenly spaced: {problem}")
     return _unsheared(image, files, folder, notes)
+
+
+def _frames(name: str) -> int:
+    """How many images a DICOM file holds: its NumberOfFrames (a multi-frame file can hold a whole volume), else 1."""
+    header = sitk.ImageFileReader()
+    header.SetFileName(name)
+    try:
+        header.ReadImageInformation()
+        return int(header.GetMetaData("0028|0008").strip()) if header.HasMetaDataKey("0028|0008") else 1
+    except (RuntimeError, ValueError):
+        return 1
 
 
 def _series_description(files: tuple[str, ...]) -> str:

@@ -569,8 +569,9 @@ MERGED_HEIGHT_RATIO = 1.25
 
 
 def _on_model_grid(part: np.ndarray, box: tuple[slice, ...], shape: tuple[int, ...], dtype) -> np.ndarray:
-    """``part``, an array of the foreground box ``box``, on the whole model grid of ``shape`` as ``dtype``, 0 outside
-    the box: ``part`` itself (no copy) when the box is the whole grid and ``part`` is of ``dtype``."""
+    """``part``, an array of the foreground box ``box`` ((z, y, x) slices), on the whole model grid of ``shape``
+    (z, y, x) as ``dtype``, 0 outside the box: ``part`` itself (no copy) when the box is the whole grid and ``part``
+    is of ``dtype``."""
     if part.shape == tuple(shape) and part.dtype == np.dtype(dtype):
         return part
     out = np.zeros(shape, dtype=dtype)

@@ -26,7 +26,11 @@ def zeros_on_demand(shape: tuple[int, ...], dtype) -> np.ndarray:
     if nbytes < _ON_DEMAND_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: np.zeros
         return np.zeros(shape, dtype=dtype)
     # private: a shared anonymous map gets a page for every page read, even one never written
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as err:  # as np.zeros says it
+        raise MemoryError(f"cannot allocate {nbytes / 1e9:.2f} GB for an array of shape {tuple(shape)} and type "
+                          f"{dtype} ({err.strerror or err})") from None
     if hasattr(memory, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
         memory.madvise(mmap.MADV_NOHUGEPAGE)  # 4 kB pages: a 2 MB page would be resident for one voxel written
     return np.frombuffer(memory, dtype=dtype).reshape(shape)  # writable; the map is closed with the last view
@@ -218,7 +222,7 @@ class SpineLabeling:
                 lut[v.id] = v.label
         # a slab at a time: lut[...] of the whole box would be a second uint8 copy of it
         target = out[box]
-        step = max(1, (1 << 24) // max(1, ids[0].size))
+        step = max(1, _ON_DEMAND_BYTES // max(1, ids[0].size))  # 16 MB of labels a slab
         for z in range(0, ids.shape[0], step):
             target[z : z + step] = lut[ids[z : z + step]]
         return out
