@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
-    from .io import show_itk_warnings
+    from .io import itk_warnings
 
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -420,7 +420,6 @@ def main(argv: list[str] | None = None) -> int:
     # a signal ignored when the run started (nohup ignores SIGHUP) stays ignored
     previous = {sig: signal.signal(sig, _terminate) for sig in _ENDING
                 if handles_signals and signal.getsignal(sig) is not signal.SIG_IGN}
-    itk_warnings = show_itk_warnings(not args.quiet)  # quiet: ITK's multi-line warnings too, so one line per failure
     started = time.time() - 1.0  # a file's time comes from a coarser clock, up to a few milliseconds behind this one
 
     def resumable() -> str:  # a stopped training keeps the checkpoint of its last finished epoch beside --out
@@ -434,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         return f" (the same command with --resume continues from {ckpt})" if ours else ""
 
     try:
-        return args.func(args)
+        with itk_warnings(not args.quiet):  # quiet: ITK's multi-line warnings too, so one line per failure
+            return args.func(args)
     except KeyboardInterrupt:
         print("spinelabel: interrupted" + resumable(), file=sys.stderr)
         return 130
@@ -447,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spinelabel: error: {err}", file=sys.stderr)
         return 1
     finally:
-        show_itk_warnings(itk_warnings)
         for sig, handler in previous.items():  # None: a handler not set from Python
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 

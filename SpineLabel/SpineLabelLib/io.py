@@ -18,7 +18,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import nibabel
 import numpy as np
@@ -37,7 +37,7 @@ __all__ = [
     "no_empty_new_folders",
     "read_image",
     "image_stem",
-    "show_itk_warnings",
+    "itk_warnings",
     "as_3d",
     "read_notes",
     "checked_image",
@@ -111,20 +111,21 @@ def case_key(name: str) -> str:
     return key
 
 
-def show_itk_warnings(show: bool) -> bool:
-    """Whether ITK prints its warnings (process-wide), set to ``show``; returns the setting it replaces."""
+@contextlib.contextmanager
+def itk_warnings(show: bool) -> Iterator[None]:
+    """Whether ITK prints its warnings (process-wide) within the block; the setting before it is restored after."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(show)
-    return shown
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    shown = show_itk_warnings(False)  # a folder without a series: said below, not printed by ITK
-    try:
+    with itk_warnings(False):  # a folder without a series: said below, not printed by ITK
         series = reader.GetGDCMSeriesIDs(str(folder))
-    finally:
-        show_itk_warnings(shown)
     if not series:
         below = next((Path(d) for d, _, names in sorted(os.walk(folder))[1:] if names), None)
         images = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
@@ -143,14 +144,12 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
                          "exactly one")
     files = files_of[volumes[0] if volumes else series[0]]
     reader.SetFileNames(files)
-    shown = show_itk_warnings(False)  # uneven slices: said below, not printed by ITK
     try:
-        image = reader.Execute()
+        with itk_warnings(False):  # uneven slices: said below, not printed by ITK
+            image = reader.Execute()
     except RuntimeError as err:
         detail = next((line for line in reversed(str(err).strip().splitlines()) if line.strip()), "")
         raise InputError(f"{folder}: unreadable DICOM series ({detail.strip()[:200]})") from None
-    finally:
-        show_itk_warnings(shown)
     # ITK stacks the slices it could read and spaces them evenly, so a missing or unreadable slice would distort the
     # grid. It sets this key for any deviation, rounding errors of the slice positions included: measure it.
     if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation") and (problem := _uneven_slices(files)):
@@ -158,41 +157,40 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     return _unsheared(image, files, folder, notes)
 
 
-def _frames(name: str) -> int:
-    """How many images a DICOM file holds: its NumberOfFrames (a multi-frame file can hold a whole volume), else 1."""
+def _dicom_tags(name: str) -> Callable[[str], str]:
+    """The header tags of DICOM file ``name``: a function of a tag's key (``"0020|0011"``) that gives its value,
+    stripped, or "" when the file lacks it or its header cannot be read."""
     header = sitk.ImageFileReader()
     header.SetFileName(name)
     try:
         header.ReadImageInformation()
-        return int(header.GetMetaData("0028|0008").strip()) if header.HasMetaDataKey("0028|0008") else 1
-    except (RuntimeError, ValueError):
-        return 1
+    except RuntimeError:
+        return lambda key: ""
+    return lambda key: header.GetMetaData(key).strip() if header.HasMetaDataKey(key) else ""
+
+
+def _frames(name: str) -> int:
+    """How many images a DICOM file holds: its NumberOfFrames (a multi-frame file can hold a whole volume), else 1."""
+    frames = _dicom_tags(name)("0028|0008")
+    return int(frames) if frames.isdigit() else 1
 
 
 def _series_description(files: tuple[str, ...]) -> str:
     """``number 3 "T2 sag" MR, 15 files``: what a user knows a series by, from the first of its ``files``."""
     count = f"{len(files)} file{'' if len(files) == 1 else 's'}"
-    header = sitk.ImageFileReader()
-    header.SetFileName(files[0])
-    try:
-        header.ReadImageInformation()
-    except RuntimeError:
-        return count
-    tag = lambda key: header.GetMetaData(key).strip() if header.HasMetaDataKey(key) else ""
+    tag = _dicom_tags(files[0])
     number, text, modality = tag("0020|0011"), tag("0008|103e"), tag("0008|0060")
-    return " ".join(part for part in (f"number {number}" if number else "", f'"{text}"' if text else "", modality)
-                    if part) + f"{',' if number or text or modality else ''} {count}"
+    named = " ".join(part for part in (f"number {number}" if number else "", f'"{text}"' if text else "", modality)
+                     if part)
+    return f"{named}, {count}" if named else count
 
 
 def _slice_geometry(name: str) -> tuple[np.ndarray, np.ndarray] | None:
     """ImagePositionPatient (3,) and ImageOrientationPatient (6,), LPS mm, of DICOM file ``name``; None if absent."""
-    header = sitk.ImageFileReader()
-    header.SetFileName(name)
+    tag = _dicom_tags(name)
     try:
-        header.ReadImageInformation()
-        return tuple(np.array([float(v) for v in header.GetMetaData(tag).split("\\")])
-                     for tag in ("0020|0032", "0020|0037"))
-    except (RuntimeError, ValueError):
+        return tuple(np.array([float(v) for v in tag(key).split("\\")]) for key in ("0020|0032", "0020|0037"))
+    except ValueError:  # absent ("") or not numbers
         return None
 
 
