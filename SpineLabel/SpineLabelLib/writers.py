@@ -226,7 +226,6 @@ def write_segmentation(result: SpineLabeling, path: str | os.PathLike) -> None:
 
 
 def _markups_document(result: SpineLabeling) -> dict:
-    _check_centroids(result)
     points = [
         {
             "id": str(v.id),
@@ -287,6 +286,7 @@ def write_markups(result: SpineLabeling, path: str | os.PathLike) -> None:
     vertebra in chain order: id = component id, label = level name, position = body centroid (LPS mm), locked
     when the label was fixed by a user, description = the level's confidence."""
     _check_suffix(path, (".mrk.json",), "3D Slicer markups file")
+    _check_centroids(result)
     with atomic_path(path) as tmp:
         write_json(_markups_document(result), tmp)
     log.info("wrote markups %s", path)
@@ -324,7 +324,6 @@ def verse_voxel_coordinates(geometry: Geometry, lps_mm: np.ndarray, direction: t
 
 
 def _centroid_document(result: SpineLabeling) -> list:
-    _check_centroids(result)
     entries: list = [{"direction": list(VERSE_DIRECTION)}]
     for v in result.vertebrae:
         x, y, z = verse_voxel_coordinates(result.geometry, np.asarray(v.centroid_lps_mm, dtype=float))
@@ -344,6 +343,7 @@ def write_centroids(result: SpineLabeling, path: str | os.PathLike) -> None:
     "X": .., "Y": .., "Z": .., "name": "L1", "world_lps_mm": [..]}, ...]``; X, Y, Z as in
     :func:`verse_voxel_coordinates` (voxels, 0.01 precision), ``world_lps_mm`` the body centroid in LPS mm."""
     _check_suffix(path, (".json",), "centroid file")
+    _check_centroids(result)
     with atomic_path(path) as tmp:
         write_json(_centroid_document(result), tmp)
     log.info("wrote centroids %s", path)
@@ -353,7 +353,6 @@ def write_centroids(result: SpineLabeling, path: str | os.PathLike) -> None:
 
 
 def _report_document(result: SpineLabeling, input_path: str | os.PathLike | None) -> dict:
-    _check_centroids(result)
     source = input_path if input_path is not None else result.source
     return {
         "input": {"path": os.path.abspath(source) if source else "", **result.geometry.as_dict(),
@@ -386,6 +385,7 @@ def write_report(result: SpineLabeling, path: str | os.PathLike, input_path: str
     orientation_margin (see ``SpineLabeling``), warnings, timings_s and spinelabel_version. ``input_path`` defaults
     to ``result.source``."""
     _check_suffix(path, (".json",), "report")
+    _check_centroids(result)
     with atomic_path(path) as tmp:
         write_json(_report_document(result, input_path), tmp)
     log.info("wrote report %s", path)
@@ -571,6 +571,7 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
             failed.
     """
     image = check_image_grid(result, image)
+    _check_centroids(result)  # before the label map is made
     if name in ("", ".", "..") or any(sep in name for sep in ("/", "\\")):
         raise ValueError(f"case name {name!r}: the start of a file name is needed, without folders")
     outdir = Path(outdir)
