@@ -86,7 +86,6 @@ Metrics (all distances between centroids in LPS millimetres; labels are VerSe va
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -897,9 +896,7 @@ def evaluate_folders(
     check_report_paths(outs, (path for _, pred, gt in pairs for path in (
         gt.mask, gt.ctd, *(output_paths(pred.seg.parent, pred.name) if pred else ()))))
     report = progress or (lambda fraction, message: None)
-    with contextlib.ExitStack() as folders:  # a failed or stopped run leaves none of the report folders it made
-        for folder in {out.parent for out in outs}:
-            folders.enter_context(no_empty_new_folders(folder))
+    with no_empty_new_folders(*{out.parent for out in outs}):  # a failed or stopped run leaves none it made
         _make_folders([out.parent for out in outs])  # before the scoring, not after it
         unreported = {key: gt for key, pred, gt in pairs if groups is None and (pred is None or pred.report is None)}
         try:

@@ -30,7 +30,6 @@ that ``dataset.json`` does not count, or the earlier case of a replaced image.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -397,9 +396,9 @@ def export_case(
         "numTraining": num_training,
         "file_ending": _FILE_ENDING,
     })
-    with contextlib.ExitStack() as folders:  # a failed export leaves no folder it made
-        for folder in dict.fromkeys(path.parent for path in paths.values()):
-            folders.enter_context(no_empty_new_folders(folder))
+    folders = {path.parent for path in paths.values()}
+    with no_empty_new_folders(*folders):  # a failed export leaves no folder it made
+        for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
         try:
             _write_case(result, image, paths, case_id, modality, corrections, model, digest, replaces)

@@ -724,18 +724,17 @@ def make_writable_folder(folder: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def no_empty_new_folders(folder: str | os.PathLike) -> Iterator[None]:
-    """Around work that writes into ``folder``: the folders of ``folder``'s path that do not exist now and are empty
-    when the block ends (it failed or was stopped before writing anything) are removed, innermost first."""
-    folder = Path(folder)
-    created = [p for p in (folder, *folder.parents) if not p.exists()]
+def no_empty_new_folders(*folders: str | os.PathLike) -> Iterator[None]:
+    """Around work that writes into ``folders``: the folders of their paths that do not exist now and are empty when
+    the block ends (it failed or was stopped before writing anything) are removed, innermost first."""
+    created = sorted({p for folder in map(Path, folders) for p in (folder, *folder.parents) if not p.exists()},
+                     key=lambda p: len(p.parts), reverse=True)
     try:
         yield
     finally:
         for path in created:
-            if not path.is_dir() or any(path.iterdir()):
-                break
-            path.rmdir()
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
 
 
 def write_nifti(voxels: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> None:
