@@ -23,6 +23,7 @@ Arrays are (z, y, x) on the LPS-aligned model grid (``SpineLabelLib.io.canonical
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -530,6 +531,16 @@ def _batches(sources, weights, cfg: TrainConfig, spacing_mm: float, rng: np.rand
         )
 
 
+def _training_autocast(device: torch.device):
+    """bfloat16 autocast for the training steps on a CUDA GPU (``inference.autocast``); float32 on a CPU. On a CPU that
+    runs bfloat16 natively, oneDNN's bfloat16 weight gradients of a convolution over a grid two voxels deep (the
+    network's deepest level under a patch 32 voxels deep) came out with garbage now and then, the forward pass the same
+    every time (PyTorch 2.13, AVX-512 BF16: 1e32 in one step of three, so a run of one step failed as diverged, and
+    smaller garbage that passes for a gradient), where float32 costs about a tenth more time a step. Validation and
+    labelling, forward passes only, keep bfloat16."""
+    return autocast(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _validate(net: SpineUNet, val: list[Case], device: torch.device) -> dict:
     """Body Dice (where body is known; None when no crop has a body target, as whole-vertebra labels have not) and
     level accuracy on vertebra voxels (None without any) of fixed validation crops.
@@ -729,7 +740,7 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
             if cancel is not None and cancel():
                 raise Cancelled()
             image, tissue, levels = (t.to(device) for t in next(batches))
-            with autocast(device):
+            with _training_autocast(device):
                 t_logits, l_logits = net(image)
             loss = tissue_loss(t_logits.float(), tissue) + 0.5 * level_loss(l_logits.float(), levels)
             opt.zero_grad(set_to_none=True)
