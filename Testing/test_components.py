@@ -5,9 +5,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from SpineLabelLib.components import (arch_above_view, attach_posterior, body_components, confine_posterior,
-                                       cut_across, dense_bone_as_posterior, join_sacrum, off_axis_components,
-                                       posterior_by_level, present_ids, split_merged, vertebra_components)
+from SpineLabelLib.components import (arch_above_view, atlas_beside_dens, attach_posterior, body_components,
+                                       confine_posterior, cut_across, dense_bone_as_posterior, join_sacrum,
+                                       off_axis_components, posterior_by_level, present_ids, split_merged,
+                                       vertebra_components)
 from SpineLabelLib.features import chain_order, drop_detached_ends, level_scores, measure, off_the_line
 from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, level_index
 from SpineLabelLib.result import Geometry
@@ -325,6 +326,35 @@ def test_the_arch_of_the_vertebra_above_the_view_is_found_in_the_top_planes():
     assert find(shifted) is None and find(shifted, top_plane=37) is not None
     # a level head that reads the body as T11 too disagrees with the chain's name for it: no vertebra above
     assert find(np.where(bodies > 0, t11, truth)) is None
+
+
+def test_c1_beside_the_dens_is_parted_from_c2():
+    """A top vertebra named C2 that holds C1: the network's body mask joined C1's anterior arch and lateral masses,
+    which lie around the dens at its height, to C2; no cut across the spine could part them."""
+    vertebrae = np.zeros((40, 40, 40), np.int32)
+    vertebrae[0:20, 10:20, 14:26] = 1  # C2's body
+    vertebrae[20:32, 12:18, 18:22] = 1  # its dens
+    atlas = np.zeros(vertebrae.shape, bool)
+    atlas[24:30, 8:12, 12:28] = True  # C1's anterior arch, in front of the dens
+    atlas[24:30, 12:20, 12:16] = atlas[24:30, 12:20, 24:28] = True  # its lateral masses, beside it
+    bodies = np.where(atlas, 1, vertebrae)
+    vertebrae = bodies.copy()
+    vertebrae[4:20, 20:30, 18:22] = 1  # C2's arch
+    c1, c2 = level_index("C1"), level_index("C2")
+    truth = np.where(atlas, c1, c2)  # 768 voxels: 6.1 ml at 2 mm, 0.8 ml at 1 mm
+
+    def find(levels, spacing=SPACING):
+        return atlas_beside_dens(vertebrae, bodies, 1, _level_head(levels), spacing)
+
+    assert np.array_equal(find(truth), atlas)
+    assert find(truth, spacing=(1.0, 1.0, 1.0)) is None  # under 2 ml
+    assert find(np.full_like(truth, c2)) is None
+    # a level head that reads the whole vertebra as C1 disagrees with the chain's C2: nothing is parted
+    assert find(np.full_like(truth, c1)) is None
+    # C1 voxels beyond the largest piece stay with C2
+    stray = truth.copy()
+    stray[2:4, 10:12, 14:16] = c1
+    assert np.array_equal(find(stray), atlas)
 
 
 def test_a_vertebra_is_cut_across_at_its_body_centroid():

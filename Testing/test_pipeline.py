@@ -630,6 +630,49 @@ def test_the_arch_of_a_vertebra_above_the_view_is_labelled_the_level_above(rando
     assert arch.any() and result.vertebrae[0].volume_ml < 5.0
 
 
+def test_c1_beside_the_dens_is_labelled_c1(random_model, monkeypatch):
+    """C2 to C5 from the top; in front of C2's body, at its height and joined to it in the body mask, C1's anterior
+    arch, which the level head reads as C1 (15 ml on the 4 mm grid): it is named C1, the others keep their names, and
+    C2 no longer holds it. Read as C2, it stays C2's."""
+    from SpineLabelLib import pipeline
+    from SpineLabelLib.inference import Prediction
+    from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
+
+    names = ["C2", "C3", "C4", "C5"]
+
+    def made_up(arch: str):
+        def predict(loaded, volume, device, **kwargs):
+            z = volume.shape[0]
+            tissue = np.zeros(volume.shape, np.uint8)
+            levels = np.full((len(LEVELS), *((m + 1) // 2 for m in volume.shape)),
+                             np.float16(np.log(0.2 / len(LEVELS))))
+            for k, name in enumerate(names):  # 24 mm bodies under 8 mm discs, below 8 mm of neck
+                top = z - 2 - 8 * k
+                tissue[top - 6 : top, 4:10, 5:15] = BODY
+                tissue[top - 6 : top, 10:16, 8:12] = POSTERIOR
+                tissue[top - 8 : top - 6, 4:10, 5:15] = DISC
+                levels[level_index(name), (top - 8) // 2 : (top + 1) // 2] = np.float16(np.log(0.8))
+            tissue[z - 8 : z - 2, 0:4, 5:15] = BODY
+            cells = (slice((z - 8) // 2, (z - 1) // 2), slice(0, 2), slice(None))
+            levels[(level_index("C2"), *cells)] = np.float16(np.log(0.2 / len(LEVELS)))
+            levels[(level_index(arch), *cells)] = np.float16(np.log(0.8))
+            body = (tissue == BODY).astype(np.float16) * np.float16(0.95)
+            return Prediction(tissue, body, (tissue > 0).astype(np.float16) * np.float16(0.95), levels)
+        return predict
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100.0, 5.0, (128, 40, 40)).astype(np.float32))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    for arch, expected in (("C1", ["C1", *names]), ("C2", names)):
+        monkeypatch.setattr(pipeline, "_predict_in_context", made_up(arch))
+        result = label_spine(image, model=random_model, device="cpu", modality="mr", spine_gate=False)
+        assert [v.name for v in result.vertebrae] == expected
+    monkeypatch.setattr(pipeline, "_predict_in_context", made_up("C1"))
+    result = label_spine(image, model=random_model, device="cpu", modality="mr", spine_gate=False)
+    c1, c2 = result.vertebrae[:2]
+    assert 8.0 < c1.volume_ml < 16.0
+    assert c1.centroid_lps_mm[1] < c2.centroid_lps_mm[1] - 10.0  # C1 in front of C2 (anterior: smaller LPS y)
+
+
 def test_s1_is_never_the_body_cut_for_a_skipped_level():
     """L5 skipped between L4 and S1: the sacrum's box is the tallest of a chain, and a merged L4+L5 beside it is not
     told apart by height; nothing is cut. A tall L2 beside a skipped L3 is cut."""

@@ -29,7 +29,8 @@ from .vertebrae import BODY, POSTERIOR, level_index
 
 __all__ = ["DENSE_BONE_HU", "present_ids", "cut_by_field_of_view", "body_components", "split_merged", "ball",
            "dense_bone_as_posterior", "attach_posterior", "sacral_posterior", "confine_posterior",
-           "posterior_by_level", "arch_above_view", "cut_across", "join_sacrum", "vertebra_components"]
+           "posterior_by_level", "arch_above_view", "atlas_beside_dens", "cut_across", "join_sacrum",
+           "vertebra_components"]
 
 log = logging.getLogger(__name__)
 
@@ -835,6 +836,54 @@ def arch_above_view(vertebrae: np.ndarray, bodies: np.ndarray, top: int, level_l
     piece = np.isin(pieces, at_top[at_top > 0])
     if np.count_nonzero(piece) * float(np.prod(spacing_mm)) / 1000.0 < ARCH_ABOVE_MIN_ML:
         return None
+    return piece
+
+
+# C1 that ``atlas_beside_dens`` parts from C2 is at least this big (a C1 is about 10-20 ml; the network's C1 voxels
+# in the C2 of synthetic necks, where it gave C1 no component of its own, made 4-9 ml)
+ATLAS_MIN_ML = 2.0
+
+
+def atlas_beside_dens(vertebrae: np.ndarray, bodies: np.ndarray, top: int, level_log_probs: np.ndarray,
+                      spacing_mm: tuple[float, float, float], margin: float = LEVEL_MARGIN) -> np.ndarray | None:
+    """C1 (the atlas) inside the topmost vertebra, named C2. C1 has no body: its ring lies around the dens of C2, at the
+    dens's height, so the two are not stacked along the spine as other vertebrae are, and where the network's body mask
+    joins C1's anterior arch and lateral masses to the dens, no cut across the spine (``split_merged``) can part them.
+    Those of ``top``'s voxels, body and posterior elements, whose level the level head finds ``margin`` likelier to be
+    C1 than C2: their largest connected piece (26-neighbourhood), when it makes ``ATLAS_MIN_ML`` at least; and only
+    where the level head reads the rest of ``top``'s body as C2 over C1 by ``margin`` (mean over its voxels).
+
+    Args:
+        vertebrae: int32 (z, y, x) whole-vertebra components; not modified.
+        bodies: int32 (z, y, x) their body components (same ids).
+        top: the id of the chain's topmost vertebra, named C2.
+        level_log_probs: float16 (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output at half resolution
+            (natural-log probabilities).
+        spacing_mm: voxel size (z, y, x) in mm.
+        margin: natural-log likelihood ratio the level head must give.
+
+    Returns:
+        bool (z, y, x) the piece, or None.
+    """
+    zyx = np.nonzero(vertebrae == top)
+    if zyx[0].size == 0:
+        return None
+    log_p = _level_cells(level_log_probs[[level_index("C1"), level_index("C2")]], zyx)
+    atlas = log_p[0] - log_p[1] >= margin
+    rest = ~atlas & (bodies[zyx] == top)
+    if not rest.any() or not np.mean(log_p[1, rest] - log_p[0, rest]) >= margin:
+        return None
+    box = tuple(slice(int(v.min()), int(v.max()) + 1) for v in zyx)
+    inside = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
+    inside[tuple(v[atlas] - s.start for v, s in zip(zyx, box))] = True
+    pieces, n = ndimage.label(inside, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return None
+    sizes = np.bincount(pieces.ravel())[1:]
+    if sizes.max() * float(np.prod(spacing_mm)) / 1000.0 < ATLAS_MIN_ML:
+        return None
+    piece = np.zeros(vertebrae.shape, dtype=bool)
+    piece[box] = pieces == int(np.argmax(sizes)) + 1
     return piece
 
 

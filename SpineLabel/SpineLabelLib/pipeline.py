@@ -369,8 +369,8 @@ def label_spine(
     grid_geometry = Geometry.of(grid)
     # the box's arrays go onto the whole model grid one at a time, each freed once copied (the box is often the whole
     # grid, then nothing is copied: on the 1800 mm phantom 0.5 GB were held twice). Of the network's outputs the
-    # level head's alone is read from here on. bodies_box becomes a view of bodies, which no step reads after the
-    # last measure below, where bodies_box may still change
+    # level head's alone is read from here on. bodies_box becomes a view of bodies, and stays one: a change to either is
+    # a change to both
     prediction = replace(prediction, tissue=None, bone_probability=None)
     del tissue
     bodies = _on_model_grid(bodies_box, box, norm.shape, np.int32)
@@ -423,10 +423,9 @@ def label_spine(
     split = _split_in_two(solution.levels[:n_chain], ordered[:n_chain], gaps[: n_chain - 1])
     if split:
         for keep_id, drop_id in split:
-            bodies_box = np.where(bodies_box == drop_id, keep_id, bodies_box).astype(bodies_box.dtype)
+            bodies_box[bodies_box == drop_id] = keep_id
             whole[box] = np.where(whole[box] == drop_id, keep_id, whole[box])
             log.info("joined component %d into %d: one body split in two", drop_id, keep_id)
-        bodies[box] = bodies_box
         kept = {f.id for f in ordered} - {drop_id for _, drop_id in split}
         ordered, gaps = feat.chain_order([f for f in feat.measure(bodies, whole, norm, body_probability, grid_geometry)
                                           if f.id in kept])
@@ -441,9 +440,8 @@ def label_spine(
         kept = {f.id for f in ordered}
         for f in merged:
             kept.add(_unused_id(bodies_box, whole))
-            bodies_box, whole[box] = comp.cut_across(bodies_box, whole[box], f.id, max(kept))
+            bodies_box[...], whole[box] = comp.cut_across(bodies_box, whole[box], f.id, max(kept))
             log.info("cut a body %.0f mm tall beside a skipped level in two", f.extent_mm[0])
-        bodies[box] = bodies_box
         ordered, gaps = feat.chain_order([f for f in feat.measure(bodies, whole, norm, body_probability, grid_geometry)
                                           if f.id in kept])
         scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
@@ -460,28 +458,38 @@ def label_spine(
     whole[box] = comp.confine_posterior(whole[box], bodies_box, chain_ids, spacing_zyx, last_is_s1=has_s1)
     whole[box] = comp.posterior_by_level(whole[box], bodies_box, chain_ids, prediction.level_log_probs,
                                          last_is_s1=has_s1)
-    # the top planes can hold the lower arch of a vertebra whose body lies above the view (comp.arch_above_view): it
-    # becomes a vertebra of its own, named the level above the top one, where the chain solved with it keeps every
-    # other name
+    # a piece of the top vertebra that the level head reads as the level above becomes a vertebra of its own, named that
+    # level, where the chain solved with it keeps every other name: C1 beside the dens of a top vertebra named C2
+    # (comp.atlas_beside_dens), or else the lower arch, in the top planes, of a vertebra whose body lies above the view
+    # (comp.arch_above_view)
     above = _regular_level_above(int(solution.levels[0])) if ordered else None
-    piece = None if above is None else comp.arch_above_view(whole[box], bodies_box, ordered[0].id,
-                                                             prediction.level_log_probs, int(solution.levels[0]),
-                                                             above, spacing_zyx)
+    top = ordered[0].id if ordered else None
+    if above == level_index("C1"):
+        piece = comp.atlas_beside_dens(whole[box], bodies_box, top, prediction.level_log_probs, spacing_zyx)
+    else:
+        piece = None if above is None else comp.arch_above_view(whole[box], bodies_box, top,
+                                                                 prediction.level_log_probs, int(solution.levels[0]),
+                                                                 above, spacing_zyx)
     if piece is not None:
         new_id = _unused_id(bodies_box, whole)
-        alone = np.zeros(norm.shape, dtype=np.int32)  # the piece alone, measured and read as the bodies are
-        alone[box][piece] = new_id
-        arch = feat.measure(alone, alone, norm, body_probability, grid_geometry)[0]
-        row = feat.level_scores(alone[box], prediction.level_log_probs, [new_id])
-        del alone
-        gap = float(np.linalg.norm(arch.body_centroid_lps_mm - ordered[0].body_centroid_lps_mm))
-        extended = solve(np.vstack([row, scores]), np.concatenate([[gap], gaps]))
+        was_body = piece & (bodies_box == top)
+        bodies_box[piece] = new_id  # its level is read from these voxels (the orientation check)
+        whole[box][piece] = new_id
+        remeasured = {f.id: f for f in feat.measure(bodies, whole, norm, body_probability, grid_geometry)
+                      if f.id in (new_id, top)}
+        new, rest = remeasured[new_id], remeasured[top]  # the top vertebra without the piece
+        rows = feat.level_scores(bodies_box, prediction.level_log_probs, [new_id, top])
+        centroids = [f.body_centroid_lps_mm for f in (new, rest, *ordered[1:2])]
+        tried_gaps = np.concatenate([np.linalg.norm(np.diff(centroids, axis=0), axis=1), gaps[1:]])
+        tried_scores = np.vstack([rows, scores[1:]])
+        extended = solve(tried_scores, tried_gaps)
         if int(extended.levels[0]) == above and np.array_equal(extended.levels[1:], solution.levels):
-            whole[box][piece] = new_id
-            bodies_box[piece] = new_id  # its level is read from these voxels (the orientation check)
-            ordered, scores, gaps = [arch, *ordered], np.vstack([row, scores]), np.concatenate([[gap], gaps])
+            ordered, scores, gaps = [new, rest, *ordered[1:]], tried_scores, tried_gaps
             solution, n_chain = extended, n_chain + 1
-            log.info("the top planes hold the arch of a vertebra above the view: named %s", LEVELS[above].name)
+            log.info("a piece of the top vertebra is a vertebra of its own: named %s", LEVELS[above].name)
+        else:
+            bodies_box[piece] = np.where(was_body[piece], top, 0)
+            whole[box][piece] = top
     whole[box] = comp.join_sacrum(whole[box], sacrum_box, s1_and_pieces, above_s1)
     keep = np.zeros(int(whole.max(initial=0)) + 1, dtype=np.int16)
     for f in ordered[:n_chain]:
