@@ -631,9 +631,10 @@ def test_the_arch_of_a_vertebra_above_the_view_is_labelled_the_level_above(rando
 
 
 def test_c1_beside_the_dens_is_labelled_c1(random_model, monkeypatch):
-    """C2 to C5 from the top; in front of C2's body, at its height and joined to it in the body mask, C1's anterior
-    arch, which the level head reads as C1 (15 ml on the 4 mm grid): it is named C1, the others keep their names, and
-    C2 no longer holds it. Read as C2, it stays C2's."""
+    """C2 to C5 from the top; in front of C2's upper body, joined to it in the body mask, C1's anterior arch, which the
+    level head reads as C1 (10 ml on the 4 mm grid): it is named C1, the others keep their names, and
+    C2 no longer holds it. Read as C2, it stays C2's; and so does a lower half of C2 read as C1 below an upper half
+    read as C2 (C1 cannot lie below C2)."""
     from SpineLabelLib import pipeline
     from SpineLabelLib.inference import Prediction
     from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
@@ -652,24 +653,26 @@ def test_c1_beside_the_dens_is_labelled_c1(random_model, monkeypatch):
                 tissue[top - 6 : top, 10:16, 8:12] = POSTERIOR
                 tissue[top - 8 : top - 6, 4:10, 5:15] = DISC
                 levels[level_index(name), (top - 8) // 2 : (top + 1) // 2] = np.float16(np.log(0.8))
-            tissue[z - 8 : z - 2, 0:4, 5:15] = BODY
-            cells = (slice((z - 8) // 2, (z - 1) // 2), slice(0, 2), slice(None))
+            tissue[z - 6 : z - 2, 0:4, 5:15] = BODY  # C1's ring lies around the dens, above C2's body
+            cells = (slice((z - 6) // 2, (z - 1) // 2), slice(0, 2), slice(None))
+            if arch == "C1 below":
+                cells = (slice((z - 8) // 2, (z - 5) // 2), slice(None), slice(None))
             levels[(level_index("C2"), *cells)] = np.float16(np.log(0.2 / len(LEVELS)))
-            levels[(level_index(arch), *cells)] = np.float16(np.log(0.8))
+            levels[(level_index(arch[:2]), *cells)] = np.float16(np.log(0.8))
             body = (tissue == BODY).astype(np.float16) * np.float16(0.95)
             return Prediction(tissue, body, (tissue > 0).astype(np.float16) * np.float16(0.95), levels)
         return predict
 
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100.0, 5.0, (128, 40, 40)).astype(np.float32))
     image.SetSpacing((2.0, 2.0, 2.0))
-    for arch, expected in (("C1", ["C1", *names]), ("C2", names)):
+    for arch, expected in (("C1", ["C1", *names]), ("C2", names), ("C1 below", names)):
         monkeypatch.setattr(pipeline, "_predict_in_context", made_up(arch))
         result = label_spine(image, model=random_model, device="cpu", modality="mr", spine_gate=False)
         assert [v.name for v in result.vertebrae] == expected
     monkeypatch.setattr(pipeline, "_predict_in_context", made_up("C1"))
     result = label_spine(image, model=random_model, device="cpu", modality="mr", spine_gate=False)
     c1, c2 = result.vertebrae[:2]
-    assert 8.0 < c1.volume_ml < 16.0
+    assert 5.0 < c1.volume_ml < 12.0
     assert c1.centroid_lps_mm[1] < c2.centroid_lps_mm[1] - 10.0  # C1 in front of C2 (anterior: smaller LPS y)
 
 

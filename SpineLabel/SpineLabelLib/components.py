@@ -851,7 +851,8 @@ def atlas_beside_dens(vertebrae: np.ndarray, bodies: np.ndarray, top: int, level
     joins C1's anterior arch and lateral masses to the dens, no cut across the spine (``split_merged``) can part them.
     Those of ``top``'s voxels, body and posterior elements, whose level the level head finds ``margin`` likelier to be
     C1 than C2: their largest connected piece (26-neighbourhood), when it makes ``ATLAS_MIN_ML`` at least; and only
-    where the level head reads the rest of ``top``'s body as C2 over C1 by ``margin`` (mean over its voxels).
+    where the level head reads the rest of ``top``'s body, the body voxels it does not read so, as C2 over C1 by
+    ``margin`` (mean over them).
 
     Args:
         vertebrae: int32 (z, y, x) whole-vertebra components; not modified.

@@ -458,38 +458,11 @@ def label_spine(
     whole[box] = comp.confine_posterior(whole[box], bodies_box, chain_ids, spacing_zyx, last_is_s1=has_s1)
     whole[box] = comp.posterior_by_level(whole[box], bodies_box, chain_ids, prediction.level_log_probs,
                                          last_is_s1=has_s1)
-    # a piece of the top vertebra that the level head reads as the level above becomes a vertebra of its own, named that
-    # level, where the chain solved with it keeps every other name: C1 beside the dens of a top vertebra named C2
-    # (comp.atlas_beside_dens), or else the lower arch, in the top planes, of a vertebra whose body lies above the view
-    # (comp.arch_above_view)
-    above = _regular_level_above(int(solution.levels[0])) if ordered else None
-    top = ordered[0].id if ordered else None
-    if above == level_index("C1"):
-        piece = comp.atlas_beside_dens(whole[box], bodies_box, top, prediction.level_log_probs, spacing_zyx)
-    else:
-        piece = None if above is None else comp.arch_above_view(whole[box], bodies_box, top,
-                                                                 prediction.level_log_probs, int(solution.levels[0]),
-                                                                 above, spacing_zyx)
-    if piece is not None:
-        new_id = _unused_id(bodies_box, whole)
-        was_body = piece & (bodies_box == top)
-        bodies_box[piece] = new_id  # its level is read from these voxels (the orientation check)
-        whole[box][piece] = new_id
-        remeasured = {f.id: f for f in feat.measure(bodies, whole, norm, body_probability, grid_geometry)
-                      if f.id in (new_id, top)}
-        new, rest = remeasured[new_id], remeasured[top]  # the top vertebra without the piece
-        rows = feat.level_scores(bodies_box, prediction.level_log_probs, [new_id, top])
-        centroids = [f.body_centroid_lps_mm for f in (new, rest, *ordered[1:2])]
-        tried_gaps = np.concatenate([np.linalg.norm(np.diff(centroids, axis=0), axis=1), gaps[1:]])
-        tried_scores = np.vstack([rows, scores[1:]])
-        extended = solve(tried_scores, tried_gaps)
-        if int(extended.levels[0]) == above and np.array_equal(extended.levels[1:], solution.levels):
-            ordered, scores, gaps = [new, rest, *ordered[1:]], tried_scores, tried_gaps
-            solution, n_chain = extended, n_chain + 1
-            log.info("a piece of the top vertebra is a vertebra of its own: named %s", LEVELS[above].name)
-        else:
-            bodies_box[piece] = np.where(was_body[piece], top, 0)
-            whole[box][piece] = top
+    if ordered:
+        ordered, scores, gaps, extended = _vertebra_above(bodies, whole, box, norm, body_probability, grid_geometry,
+                                                          prediction.level_log_probs, ordered, scores, gaps, solution)
+        n_chain += len(extended.levels) - len(solution.levels)
+        solution = extended
     whole[box] = comp.join_sacrum(whole[box], sacrum_box, s1_and_pieces, above_s1)
     keep = np.zeros(int(whole.max(initial=0)) + 1, dtype=np.int16)
     for f in ordered[:n_chain]:
@@ -640,6 +613,60 @@ def _split_in_two(levels: np.ndarray, chain: list[feat.ComponentFeatures], gaps:
         big, small = (i, i + 1) if chain[i].volume_ml >= chain[i + 1].volume_ml else (i + 1, i)
         out.append((chain[big].id, chain[small].id))
     return out
+
+
+def _vertebra_above(bodies: np.ndarray, whole: np.ndarray, box: tuple[slice, ...], norm: np.ndarray,
+                    body_probability: np.ndarray, grid: Geometry, level_log_probs: np.ndarray,
+                    ordered: list[feat.ComponentFeatures], scores: np.ndarray, gaps: np.ndarray, solution):
+    """A piece of the chain's top vertebra that the level head reads as the regular level above, made a vertebra of its
+    own, named that level, where it lies above the rest of the vertebra and the chain solved with it keeps every other
+    name: C1 beside the dens of a top vertebra named C2 (``comp.atlas_beside_dens``), or else the lower arch, in the
+    top planes, of a vertebra whose body lies above the view (``comp.arch_above_view``).
+
+    Args:
+        bodies, whole: int32 (z, y, x) body and whole-vertebra components on the model grid, z growing cranially; the
+            piece takes a new id in both, in place, when it is kept.
+        box: the network's box on the model grid (z, y, x slices).
+        norm: float32 (z, y, x) normalised image; body_probability: float16 (z, y, x) on the model grid.
+        grid: the model grid's geometry.
+        level_log_probs: float16 (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output over ``box``
+            (natural-log probabilities).
+        ordered, scores, gaps, solution: the chain, cranial first, at least one vertebra: its components, level scores
+            (n, n_levels), gaps in mm (n - 1) and ``sequence.solve`` solution.
+
+    Returns:
+        (ordered, scores, gaps, solution), the new vertebra first, or the ones given.
+    """
+    above = _regular_level_above(int(solution.levels[0]))
+    if above is None:
+        return ordered, scores, gaps, solution
+    top, bodies_box, spacing_zyx = ordered[0].id, bodies[box], tuple(float(s) for s in grid.spacing[::-1])
+    if above == level_index("C1"):
+        piece = comp.atlas_beside_dens(whole[box], bodies_box, top, level_log_probs, spacing_zyx)
+    else:
+        piece = comp.arch_above_view(whole[box], bodies_box, top, level_log_probs, int(solution.levels[0]), above,
+                                     spacing_zyx)
+    if piece is None:
+        return ordered, scores, gaps, solution
+    new_id = _unused_id(bodies_box, whole)
+    was_body = bodies_box[piece] == top
+    bodies_box[piece] = new_id  # its level is read from these voxels (the orientation check)
+    whole[box][piece] = new_id
+    remeasured = {f.id: f for f in feat.measure(bodies, whole, norm, body_probability, grid) if f.id in (new_id, top)}
+    new, rest = remeasured[new_id], remeasured[top]  # the top vertebra without the piece
+    rows = feat.level_scores(bodies_box, level_log_probs, [new_id, top])
+    centroids = [f.body_centroid_lps_mm for f in (new, rest, *ordered[1:2])]
+    tried_gaps = np.concatenate([np.linalg.norm(np.diff(centroids, axis=0), axis=1), gaps[1:]])
+    tried_scores = np.vstack([rows, scores[1:]])
+    extended = solve(tried_scores, tried_gaps)
+    up = np.asarray(grid.direction, dtype=float).reshape(3, 3)[:, 2]  # the grid's z axis in LPS: cranial
+    if (float(np.dot(new.body_centroid_lps_mm - rest.body_centroid_lps_mm, up)) > 0
+            and int(extended.levels[0]) == above and np.array_equal(extended.levels[1:], solution.levels)):
+        log.info("a piece of the top vertebra is a vertebra of its own: named %s", LEVELS[above].name)
+        return [new, rest, *ordered[1:]], tried_scores, tried_gaps, extended
+    bodies_box[piece] = np.where(was_body, top, 0)
+    whole[box][piece] = top
+    return ordered, scores, gaps, solution
 
 
 def _unused_id(*components: np.ndarray) -> int:
