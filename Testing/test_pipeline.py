@@ -588,34 +588,51 @@ def test_a_body_holding_two_vertebrae_beside_a_skipped_level_is_cut_in_two(rando
     assert not any("not found" in w for w in result.warnings)
 
 
+def _made_up_column(shape: tuple[int, int, int], names: list[str], first_top: int, front: int):
+    """A made-up network output for a volume of ``shape`` (z, y, x) on the 4 mm grid of the random model: ``names``,
+    cranial first, as 24 mm bodies (y from ``front``, 6 voxels deep) with an arch behind each and 8 mm discs below,
+    the first body's top plane at ``first_top``, each read by the level head as its level (0.8). Returns the uint8
+    tissue map and the float16 half-resolution level log-probabilities, for the caller to add to."""
+    from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
+
+    tissue = np.zeros(shape, np.uint8)
+    levels = np.full((len(LEVELS), *((m + 1) // 2 for m in shape)), np.float16(np.log(0.2 / len(LEVELS))))
+    for k, name in enumerate(names):
+        top = first_top - 8 * k
+        tissue[top - 6 : top, front : front + 6, 5:15] = BODY
+        tissue[top - 6 : top, front + 6 : front + 12, 8:12] = POSTERIOR
+        tissue[top - 8 : top - 6, front : front + 6, 5:15] = DISC
+        levels[level_index(name), (top - 8) // 2 : (top + 1) // 2] = np.float16(np.log(0.8))
+    return tissue, levels
+
+
+def _prediction(tissue: np.ndarray, levels: np.ndarray):
+    """The ``Prediction`` of a made-up tissue map and level head output (body and bone probability 0.95 inside)."""
+    from SpineLabelLib.inference import Prediction
+    from SpineLabelLib.vertebrae import BODY
+
+    body = (tissue == BODY).astype(np.float16) * np.float16(0.95)
+    return Prediction(tissue, body, (tissue > 0).astype(np.float16) * np.float16(0.95), levels)
+
+
 def test_the_arch_of_a_vertebra_above_the_view_is_labelled_the_level_above(random_model, monkeypatch):
     """T12 to L3 from the top, T12's body cut by the top of the view; behind it, in the top three planes, a spinous
     process that the level head reads as T11 (3 ml on the 4 mm grid): it is named T11, the others keep their names.
     Read as T12, it stays T12's."""
     from SpineLabelLib import pipeline
-    from SpineLabelLib.inference import Prediction
-    from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
+    from SpineLabelLib.vertebrae import POSTERIOR
 
     names = ["T12", "L1", "L2", "L3"]
 
     def made_up(spinous: str):
         def predict(loaded, volume, device, **kwargs):
             z = volume.shape[0]
-            tissue = np.zeros(volume.shape, np.uint8)
-            levels = np.full((len(LEVELS), *((m + 1) // 2 for m in volume.shape)),
-                             np.float16(np.log(0.2 / len(LEVELS))))
-            for k, name in enumerate(names):  # 24 mm bodies under 8 mm discs, the first cut by the top of the view
-                top = z - 8 * k
-                tissue[top - 6 : top, 2:8, 5:15] = BODY
-                tissue[top - 6 : top, 8:14, 8:12] = POSTERIOR
-                tissue[top - 8 : top - 6, 2:8, 5:15] = DISC
-                levels[level_index(name), (top - 8) // 2 : (top + 1) // 2] = np.float16(np.log(0.8))
+            tissue, levels = _made_up_column(volume.shape, names, z, front=2)  # T12 cut by the top of the view
             tissue[z - 3 :, 14:18, 8:12] = POSTERIOR
             cells = (slice((z - 3) // 2, None), slice(7, 9), slice(4, 6))
             levels[(level_index("T12"), *cells)] = np.float16(np.log(0.2 / len(LEVELS)))
             levels[(level_index(spinous), *cells)] = np.float16(np.log(0.8))
-            body = (tissue == BODY).astype(np.float16) * np.float16(0.95)
-            return Prediction(tissue, body, (tissue > 0).astype(np.float16) * np.float16(0.95), levels)
+            return _prediction(tissue, levels)
         return predict
 
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100.0, 5.0, (120, 40, 40)).astype(np.float32))
@@ -636,31 +653,21 @@ def test_c1_beside_the_dens_is_labelled_c1(random_model, monkeypatch):
     C2 no longer holds it. Read as C2, it stays C2's; and so does a lower half of C2 read as C1 below an upper half
     read as C2 (C1 cannot lie below C2)."""
     from SpineLabelLib import pipeline
-    from SpineLabelLib.inference import Prediction
-    from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
+    from SpineLabelLib.vertebrae import BODY
 
     names = ["C2", "C3", "C4", "C5"]
 
     def made_up(arch: str):
         def predict(loaded, volume, device, **kwargs):
             z = volume.shape[0]
-            tissue = np.zeros(volume.shape, np.uint8)
-            levels = np.full((len(LEVELS), *((m + 1) // 2 for m in volume.shape)),
-                             np.float16(np.log(0.2 / len(LEVELS))))
-            for k, name in enumerate(names):  # 24 mm bodies under 8 mm discs, below 8 mm of neck
-                top = z - 2 - 8 * k
-                tissue[top - 6 : top, 4:10, 5:15] = BODY
-                tissue[top - 6 : top, 10:16, 8:12] = POSTERIOR
-                tissue[top - 8 : top - 6, 4:10, 5:15] = DISC
-                levels[level_index(name), (top - 8) // 2 : (top + 1) // 2] = np.float16(np.log(0.8))
+            tissue, levels = _made_up_column(volume.shape, names, z - 2, front=4)  # below 8 mm of neck
             tissue[z - 6 : z - 2, 0:4, 5:15] = BODY  # C1's ring lies around the dens, above C2's body
             cells = (slice((z - 6) // 2, (z - 1) // 2), slice(0, 2), slice(None))
             if arch == "C1 below":
                 cells = (slice((z - 8) // 2, (z - 5) // 2), slice(None), slice(None))
             levels[(level_index("C2"), *cells)] = np.float16(np.log(0.2 / len(LEVELS)))
             levels[(level_index(arch[:2]), *cells)] = np.float16(np.log(0.8))
-            body = (tissue == BODY).astype(np.float16) * np.float16(0.95)
-            return Prediction(tissue, body, (tissue > 0).astype(np.float16) * np.float16(0.95), levels)
+            return _prediction(tissue, levels)
         return predict
 
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100.0, 5.0, (128, 40, 40)).astype(np.float32))
