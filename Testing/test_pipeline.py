@@ -591,8 +591,8 @@ def test_a_body_holding_two_vertebrae_beside_a_skipped_level_is_cut_in_two(rando
 def _made_up_column(shape: tuple[int, int, int], names: list[str], first_top: int, front: int):
     """A made-up network output for a volume of ``shape`` (z, y, x) on the 4 mm grid of the random model: ``names``,
     cranial first, as 24 mm bodies (y from ``front``, 6 voxels deep) with an arch behind each and 8 mm discs below,
-    the first body's top plane at ``first_top``, each read by the level head as its level (0.8). Returns the uint8
-    tissue map and the float16 half-resolution level log-probabilities, for the caller to add to."""
+    the first body ending just below plane ``first_top``, each read by the level head as its level (0.8). Returns the
+    uint8 tissue map and the float16 half-resolution level log-probabilities, for the caller to add to."""
     from SpineLabelLib.vertebrae import BODY, DISC, POSTERIOR
 
     tissue = np.zeros(shape, np.uint8)
@@ -645,6 +645,33 @@ def test_the_arch_of_a_vertebra_above_the_view_is_labelled_the_level_above(rando
     result = label_spine(image, model=random_model, device="cpu", modality="mr", spine_gate=False)
     arch = result.label_map() == result.vertebrae[0].label
     assert arch.any() and result.vertebrae[0].volume_ml < 5.0
+
+
+def test_an_arch_above_the_view_that_reaches_below_the_top_body_centroid_is_labelled(random_model, monkeypatch):
+    """T12 whole, one disc below the top of the view; behind it T11's lamina in the top planes and its bulky spinous
+    process sloping down past T12's body centroid, all read as T11: named T11 (only C1 must lie above the rest of the
+    vertebra it is parted from)."""
+    from SpineLabelLib import pipeline
+    from SpineLabelLib.vertebrae import POSTERIOR
+
+    names = ["T12", "L1", "L2", "L3"]
+
+    def predict(loaded, volume, device, **kwargs):
+        z = volume.shape[0]
+        tissue, levels = _made_up_column(volume.shape, names, z - 2, front=2)
+        tissue[z - 3 :, 14:16, 9:11] = POSTERIOR  # the lamina, in the top planes
+        tissue[z - 12 : z - 3, 14:18, 6:14] = POSTERIOR  # the spinous process below it
+        cells = (slice((z - 12) // 2, None), slice(7, 9), slice(3, 7))
+        levels[(level_index("T12"), *cells)] = np.float16(np.log(0.2 / len(LEVELS)))
+        levels[(level_index("T11"), *cells)] = np.float16(np.log(0.8))
+        return _prediction(tissue, levels)
+
+    monkeypatch.setattr(pipeline, "_predict_in_context", predict)
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100.0, 5.0, (120, 40, 40)).astype(np.float32))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    result = label_spine(image, model=random_model, device="cpu", modality="mr", spine_gate=False)
+    assert [v.name for v in result.vertebrae] == ["T11", *names]
+    assert result.vertebrae[0].centroid_lps_mm[2] < result.vertebrae[1].centroid_lps_mm[2]  # below T12's centroid
 
 
 def test_c1_beside_the_dens_is_labelled_c1(random_model, monkeypatch):

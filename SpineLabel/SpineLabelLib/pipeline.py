@@ -619,9 +619,10 @@ def _vertebra_above(bodies: np.ndarray, whole: np.ndarray, box: tuple[slice, ...
                     body_probability: np.ndarray, grid: Geometry, level_log_probs: np.ndarray,
                     ordered: list[feat.ComponentFeatures], scores: np.ndarray, gaps: np.ndarray, solution):
     """A piece of the chain's top vertebra that the level head reads as the regular level above, made a vertebra of its
-    own, named that level, where it lies above the rest of the vertebra and the chain solved with it keeps every other
-    name: C1 beside the dens of a top vertebra named C2 (``comp.atlas_beside_dens``), or else the lower arch, in the
-    top planes, of a vertebra whose body lies above the view (``comp.arch_above_view``).
+    own, named that level, where the chain solved with it keeps every other name: C1 beside the dens of a top vertebra
+    named C2 (``comp.atlas_beside_dens``), where it lies above the rest of the vertebra (C1 is never below C2), or else
+    the lower arch, in the top planes, of a vertebra whose body lies above the view (``comp.arch_above_view``: it
+    reaches the scan's top plane, and its spinous process can reach below the top vertebra's body centroid).
 
     Args:
         bodies, whole: int32 (z, y, x) body and whole-vertebra components on the model grid, z growing cranially; the
@@ -660,8 +661,8 @@ def _vertebra_above(bodies: np.ndarray, whole: np.ndarray, box: tuple[slice, ...
     tried_scores = np.vstack([rows, scores[1:]])
     extended = solve(tried_scores, tried_gaps)
     up = np.asarray(grid.direction, dtype=float).reshape(3, 3)[:, 2]  # the grid's z axis in LPS: cranial
-    if (float(np.dot(new.body_centroid_lps_mm - rest.body_centroid_lps_mm, up)) > 0
-            and int(extended.levels[0]) == above and np.array_equal(extended.levels[1:], solution.levels)):
+    cranial = above != level_index("C1") or float(np.dot(new.body_centroid_lps_mm - rest.body_centroid_lps_mm, up)) > 0
+    if cranial and int(extended.levels[0]) == above and np.array_equal(extended.levels[1:], solution.levels):
         log.info("a piece of the top vertebra is a vertebra of its own: named %s", LEVELS[above].name)
         return [new, rest, *ordered[1:]], tried_scores, tried_gaps, extended
     bodies_box[piece] = np.where(was_body, top, 0)
