@@ -422,9 +422,10 @@ def label_spine(
     # two; joined, and the chain measured and solved again (once)
     split = _split_in_two(solution.levels[:n_chain], ordered[:n_chain], gaps[: n_chain - 1])
     if split:
+        whole_in_box = whole[box]  # a view: changed in place
         for keep_id, drop_id in split:
             bodies_box[bodies_box == drop_id] = keep_id
-            whole[box] = np.where(whole[box] == drop_id, keep_id, whole[box])
+            whole_in_box[whole_in_box == drop_id] = keep_id
             log.info("joined component %d into %d: one body split in two", drop_id, keep_id)
         kept = {f.id for f in ordered} - {drop_id for _, drop_id in split}
         ordered, gaps = feat.chain_order([f for f in feat.measure(bodies, whole, norm, body_probability, grid_geometry)
