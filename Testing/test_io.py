@@ -12,8 +12,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from SpineLabelLib.io import (InputError, atomic_path, atomic_paths, canonical_grid, case_name, read_image,
-                              read_label_map, read_notes, resample_to_grid)
+from SpineLabelLib.io import (InputError, atomic_path, atomic_paths, canonical_grid, case_name, checked_image,
+                              read_image, read_label_map, read_notes, resample_to_grid)
 from SpineLabelLib.result import Geometry
 
 
@@ -497,3 +497,34 @@ def test_a_nifti_without_a_voxel_size_is_refused(tmp_path, sform):
     nibabel.save(image, path)
     with pytest.raises(InputError, match="nosize.nii.gz: the header gives no voxel size"):
         read_image(path)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("form", ["qform", "sform"])
+def test_a_nifti_whose_transform_holds_nan_is_refused(tmp_path, version, form):
+    """ITK read a NaN offset as 0 (nibabel, for NIfTI-2, as NaN): the scan placed elsewhere, or no scan at all."""
+    image = (nibabel.Nifti1Image if version == 1 else nibabel.Nifti2Image)(np.ones((4, 4, 4), np.int16), None)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[0, 3] = np.nan
+    (image.header.set_qform if form == "qform" else image.header.set_sform)(affine, code=1)
+    path = tmp_path / f"nan_{form}.nii"
+    nibabel.save(image, path)
+    with pytest.raises(InputError, match=f"nan_{form}.nii: unreadable image .*{form} holds NaN"):
+        read_image(path)
+
+
+def test_a_nifti_whose_header_size_is_corrupt_is_refused(tmp_path):
+    """ITK read it all the same, without the checks of its size and voxels: a truncated file was labelled."""
+    path = write(tmp_path, "badsize.nii", sitk.Image([8, 8, 8], sitk.sitkInt16))
+    data = bytearray(path.read_bytes())
+    data[0:4] = bytes(4)
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(InputError, match="badsize.nii: corrupt NIfTI header"):
+        read_image(path)
+
+
+def test_an_image_whose_geometry_holds_nan_is_refused():
+    image = sitk.Image([8, 8, 8], sitk.sitkInt16)
+    image.SetOrigin((float("nan"), 0.0, 0.0))
+    with pytest.raises(InputError, match="scan: its voxel size, origin or axis directions hold NaN"):
+        checked_image(image, "scan")

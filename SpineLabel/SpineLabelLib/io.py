@@ -274,7 +274,8 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int] | None:
     from an sform.
 
     Raises:
-        ValueError: a voxel offset that is not a finite number, or a header too short for NIfTI's."""
+        ValueError: a voxel offset that is not a finite number, a qform or sform in use (code above 0) with NaN or
+            infinite entries, or a header too short for NIfTI's."""
     if len(header) < 348:  # the shorter NIfTI-1 header; checked here so that unpacking cannot fail obscurely
         raise ValueError(f"{len(header)} bytes: too short for a NIfTI header (348)")
     for endian in "<>":
@@ -284,17 +285,22 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int] | None:
             dims = struct.unpack(endian + "8h", header[40:56])
             pixdim = struct.unpack(endian + "8f", header[76:108])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
-            sform_code = struct.unpack(endian + "h", header[254:256])[0]
+            qform_code, sform_code = struct.unpack(endian + "2h", header[252:256])
+            qform, sform = struct.unpack(endian + "6f", header[256:280]), struct.unpack(endian + "12f", header[280:328])
             break
         if size == 540:
             datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             pixdim = struct.unpack(endian + "8d", header[104:168])
             offset = struct.unpack(endian + "q", header[168:176])[0]
-            sform_code = struct.unpack(endian + "i", header[348:352])[0]
+            qform_code, sform_code = struct.unpack(endian + "2i", header[344:352])
+            qform, sform = struct.unpack(endian + "6d", header[352:400]), struct.unpack(endian + "12d", header[400:496])
             break
     else:
         return None
+    for name, code, values in (("qform", qform_code, qform), ("sform", sform_code, sform)):
+        if code > 0 and not np.all(np.isfinite(values)):  # ITK reads such an entry as 0: the scan placed elsewhere
+            raise ValueError(f"its header's {name} holds NaN or infinite values")
     n_dims = max(0, min(int(dims[0]), 7))
     n = 1
     for d in dims[1 : 1 + n_dims]:
@@ -307,8 +313,9 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int] | None:
 def _check_nifti(path: Path, what: str) -> int:
     """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0), turns NaN and infinite
     voxels into 0, and takes 1 mm for a voxel size of 0: check the header and the size, and stream float voxels
-    through a finiteness test. ``what`` names the file in the messages ("image", "label map"). Returns the NIfTI
-    version (1 or 2; 0 for a file that is not NIfTI, which the reader will turn down)."""
+    through a finiteness test; it reads a header of the wrong size, or with NaN in its qform or sform, as well: such a
+    header is refused. ``what`` names the file in the messages ("image", "label map"). Returns the NIfTI version (1 or
+    2)."""
     try:  # compressed or not by its first bytes: ITK reads a plain NIfTI named .nii.gz as well
         with open(path, "rb") as f:
             gz = f.read(2) == b"\x1f\x8b"
@@ -323,8 +330,9 @@ def _check_nifti(path: Path, what: str) -> int:
             layout = _nifti_layout(f.read(540))
     except (OSError, EOFError, struct.error, zlib.error, ValueError) as err:
         raise InputError(f"{path}: unreadable {what} ({err})") from None
-    if layout is None:
-        return 0
+    if layout is None:  # ITK reads such a file all the same, unchecked
+        raise InputError(f"{path}: corrupt NIfTI header: its first 4 bytes give a header size of neither 348 (NIfTI-1) "
+                         "nor 540 (NIfTI-2)")
     endian, datatype, offset, voxel_bytes, spacing_known, version = layout
     if not spacing_known:
         raise InputError(f"{path}: the header gives no voxel size (pixdim 0)")
@@ -615,7 +623,8 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
 
     Raises:
         InputError: not 3D (2D; 4D of more than one time point), not scalar (RGB, vector, complex), a single slice,
-            holding NaN/inf, on a sheared grid, or of a size no body has (spacing in the wrong units).
+            holding NaN/inf voxels or geometry, on a sheared grid, or of a size no body has (spacing in the wrong
+            units).
     """
     if image.GetNumberOfComponentsPerPixel() == 1 and "vector" in image.GetPixelIDTypeAsString():
         image = sitk.VectorIndexSelectionCast(image, 0)  # a vector of one component is the scalar image it holds
@@ -627,6 +636,8 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
         raise InputError(f"{name}: {image.GetDimension()}D image; a 3D volume is needed")
     if min(image.GetSize()) < 2:
         raise InputError(f"{name}: image of size {image.GetSize()} is a single slice, not a 3D volume")
+    if not np.isfinite([*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection()]).all():
+        raise InputError(f"{name}: its voxel size, origin or axis directions hold NaN or infinite values")
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     if not np.allclose(direction.T @ direction, np.eye(3), atol=SHEAR_TOLERANCE):
         raise InputError(f"{name}: its axes are not perpendicular (a sheared grid, as from a tilted gantry); "
