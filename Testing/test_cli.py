@@ -177,6 +177,17 @@ def test_ctrl_c_stops_the_run_with_status_130_and_leaves_nothing(tmp_path, model
     assert not (tmp_path / "run").exists()
 
 
+def test_ctrl_c_while_the_command_line_is_read_gives_no_traceback(monkeypatch, capsys):
+    """The first second of a run imports the libraries; Ctrl-C there printed Python's traceback."""
+    from SpineLabelLib import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["label", "x.nii.gz"]) == 130 and capsys.readouterr().err.strip() == "spinelabel: interrupted"
+
+
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
 def test_a_terminated_run_leaves_nothing(tmp_path, model, phantom_file, monkeypatch, capsys, name):
     """SIGTERM (timeout, a batch scheduler) or SIGHUP (the terminal closed) while the outputs are being written:

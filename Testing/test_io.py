@@ -462,13 +462,14 @@ def test_atomic_paths_are_all_or_nothing(tmp_path):
     assert old.read_text() == "new" and (tmp_path / "b.md").read_text() == "new"
 
 
+@pytest.mark.parametrize("name", ["bad_seg.nii.gz", "bad_seg.nrrd"])
 @pytest.mark.parametrize("values, reason", [
     (np.array([0, 1.5, 2], np.float32), "not whole numbers"),
-    (np.array([0, np.nan, 2], np.float32), "NaN"),
+    (np.array([0, np.nan, 2], np.float32), "NaN or infinite"),
     (np.array([0, -1, 2], np.int16), "negative"),
 ])
-def test_bad_label_maps_name_file_and_reason(tmp_path, values, reason):
-    path = tmp_path / "bad_seg.nii.gz"
+def test_bad_label_maps_name_file_and_reason(tmp_path, name, values, reason):
+    path = tmp_path / name
     sitk.WriteImage(sitk.GetImageFromArray(np.resize(values, (4, 4, 4))), str(path))
     with pytest.raises(InputError, match=f"{path}.*({reason})"):
         read_label_map(path)

@@ -411,9 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a path the console's code page cannot print must not end the run
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
-    from .io import itk_warnings
-
+    try:  # Ctrl-C this early (the imports take a second) ends the run as it does later: no traceback
+        args = build_parser().parse_args(argv)
+        from .io import itk_warnings
+    except KeyboardInterrupt:
+        print("spinelabel: interrupted", file=sys.stderr)
+        return 130
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     handles_signals = threading.current_thread() is threading.main_thread()  # where Python lets it set a handler

@@ -551,7 +551,9 @@ def read_label_map(path: str | os.PathLike) -> sitk.Image:
     values = sitk.GetArrayViewFromImage(image)
     if values.dtype.kind not in "uif":
         raise InputError(f"{p}: label map of {image.GetPixelIDTypeAsString()} voxels; integers are needed")
-    if values.dtype.kind == "f" and (not _all_finite(values) or (values != np.round(values)).any()):
+    if values.dtype.kind == "f" and not _all_finite(values):
+        raise InputError(f"{p}: label map holds NaN or infinite values")
+    if values.dtype.kind == "f" and (values != np.round(values)).any():
         raise InputError(f"{p}: label map holds values that are not whole numbers")
     if values.size and values.min() < 0:
         raise InputError(f"{p}: label map holds negative values")
