@@ -551,3 +551,15 @@ def test_an_interrupted_training_points_to_its_own_checkpoint_only(tmp_path, mon
     assert capsys.readouterr().err.strip() == "spinelabel: interrupted"
     assert main([*argv, "--resume"]) == 130
     assert "--resume continues from" in capsys.readouterr().err
+
+
+def test_a_training_source_is_read_with_its_weight_unless_a_folder_has_the_whole_name(tmp_path, monkeypatch):
+    """``--data SOURCE[:WEIGHT]``: a folder named ``export_12:30`` was taken for ``export_12`` at weight 30."""
+    from SpineLabelLib.cli import _data_source
+
+    monkeypatch.chdir(tmp_path)
+    assert _data_source("export_12:30") == ("export_12", 30.0)
+    assert _data_source("synthetic:0.5") == ("synthetic", 0.5) and _data_source("C:data") == ("C:data", 1.0)
+    (tmp_path / "export_12:30").mkdir()
+    assert _data_source("export_12:30") == ("export_12:30", 1.0)
+    assert _data_source("export_12:30:2") == ("export_12:30", 2.0)

@@ -173,10 +173,11 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _data_source(spec: str) -> tuple[str, float]:
-    """``SOURCE[:WEIGHT]`` -> (source, weight); a tail after ``:`` that is not a number is part of the source."""
+    """``SOURCE[:WEIGHT]`` -> (source, weight); a tail after ``:`` that is not a number is part of the source, and so
+    is one after a folder that exists by the whole name (``export_12:30``)."""
     source, colon, weight = spec.rpartition(":")
     try:
-        return (source, float(weight)) if colon else (spec, 1.0)
+        return (source, float(weight)) if colon and not Path(spec).exists() else (spec, 1.0)
     except ValueError:
         return spec, 1.0
 
