@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -410,6 +411,20 @@ def test_case_key():
     assert ev.case_key("VB1_02_AKa3_img") == "VB1_02_AKa3"
     assert ev.case_key("sub-verse014_ct") == "sub-verse014"
     assert ev.case_key("X_0000") == "X" and ev.case_key("sub-mri_label-6_T2w") == "sub-mri_label-6"
+    assert ev.case_key("sub-b_T1w") == "sub-b" and ev.case_key("C_CT") == "C"  # were dropped from training
+
+
+def test_hidden_files_beside_the_cases_are_passed_over(tmp_path, caplog):
+    """The ``._X`` files macOS writes on a shared drive stopped the whole run as unreadable images; a reference mask
+    without an image is named, not only counted."""
+    cases = ("sub-a_seg-vert_msk.nii.gz", "sub-a_ct.nii.gz", "VB1_01_vert-verse.nii.gz", "sub-c_seg-vert_msk.nii.gz")
+    for path in cases:
+        write_mask(spine([L1, L2]), tmp_path / path)
+    for path in ("._" + cases[0], "._" + cases[1], "._" + cases[2], "._VB1_01_img.nii.gz"):
+        (tmp_path / path).write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    with caplog.at_level(logging.WARNING):
+        assert [image for image, _ in ev.labelled_cases(tmp_path)] == [tmp_path / "sub-a_ct.nii.gz"]
+    assert "VB1_01_vert-verse.nii.gz" in caplog.text and "sub-c_seg-vert_msk.nii.gz" in caplog.text
 
 
 def test_ct_verse_against_itself(tmp_path):

@@ -31,7 +31,8 @@ prediction of another image, or a header turned) is refused, as is a centroid fi
 further than ``CENTROID_MASK_MM`` from that label in its own mask.
 
 Matching: a case's key is the file stem with known suffixes stripped: predictions ``NAME_seg.nii.gz`` -> NAME,
-GT masks -> X as above; then ``_img``, ``_ct``, ``_0000``, ``_T2w`` are removed from the end of both, repeatedly.
+GT masks -> X as above; then ``_img``, ``_ct``, ``_0000``, ``_T1w``, ``_T2w`` (in any case) are removed from the end of
+both, repeatedly.
 So prediction ``sub-verse014_ct`` matches GT ``sub-verse014_seg-vert_msk``, ``VB1_02_AKa3_img`` matches
 ``VB1_02_AKa3_vert-verse`` and ``X_0000`` matches ``labelsTr/X``.
 
@@ -296,6 +297,12 @@ def _predictions(pred_dir: Path) -> dict[str, PredFiles]:
     return found
 
 
+def _visible(paths: Iterable[Path]) -> list[Path]:
+    """``paths`` sorted, without hidden files (a name starting with a dot: the ``._X.nii.gz`` that macOS writes beside
+    ``X.nii.gz`` on a shared drive is no image)."""
+    return sorted(p for p in paths if not p.name.startswith("."))
+
+
 def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
     found: dict[str, GtFiles] = {}
 
@@ -304,13 +311,13 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
             raise InputError(f"{files.mask}: GT masks {found[key].mask} and {files.mask} both define case {key}")
         found[key] = files
 
-    for mask in sorted(gt_dir.rglob("*_vert-verse.*")):
+    for mask in _visible(gt_dir.rglob("*_vert-verse.*")):
         base = _stem_ending(mask.name, "_vert-verse")
         if base is None:
             continue
         ctd = mask.parent / f"{base}_ctd.json"
         add(case_key(base), GtFiles(mask, ctd if ctd.is_file() else None, "vert-verse", True))
-    for mask in sorted(gt_dir.rglob("*_seg-vert*_msk.*")):
+    for mask in _visible(gt_dir.rglob("*_seg-vert*_msk.*")):
         stem = _stem_ending(mask.name, "_msk")
         if stem is None or "_seg-vert" not in stem:
             continue
@@ -321,9 +328,9 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
     for labels_dir in sorted(p for p in gt_dir.rglob("labelsTr") if p.is_dir()):
         dataset = read_dataset_json(labels_dir.parent)
         bodies_only = dataset is not None and dataset.get("bodies_only") is True
-        for mask in sorted(labels_dir.iterdir()):
+        for mask in _visible(labels_dir.iterdir()):
             stem = image_stem(mask.name)
-            if stem is not None and not mask.name.startswith("."):
+            if stem is not None:
                 add(case_key(stem), GtFiles(mask, None, "nnunet", bodies_only))
     return found
 
@@ -366,7 +373,7 @@ def _images(gt_dir: Path, cases: dict[str, GtFiles]) -> dict[str, Path]:
     """Matching key -> image of the reference ``cases`` found in ``gt_dir`` that have one (``labelled_cases``)."""
     masks = {files.mask for files in cases.values()}
     found: dict[str, Path] = {}
-    for path in sorted(gt_dir.rglob("*")):
+    for path in _visible(gt_dir.rglob("*")):
         if not path.name.lower().endswith(IMAGE_SUFFIXES) or path in masks or not path.is_file():
             continue
         key = case_key(case_name(path))
@@ -392,7 +399,8 @@ def labelled_cases(gt_dir: str | os.PathLike) -> list[tuple[Path, GtFiles]]:
     images = _images(Path(gt_dir), cases)
     without = sorted(str(cases[key].mask) for key in set(cases) - set(images))
     if without:
-        log.warning("%s: %d reference masks have no image beside them, e.g. %s", gt_dir, len(without), without[0])
+        log.warning("%s: %d reference masks have no image beside them, left out: %s", gt_dir, len(without),
+                    ", ".join(without))
     return [(image, cases[key]) for key, image in images.items()]
 
 

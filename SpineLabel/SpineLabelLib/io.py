@@ -95,17 +95,17 @@ def image_stem(name: str) -> str | None:
 
 
 # what a case's files add to its name (VerSe, bodies and nnU-Net layouts): a case is matched by its name without them
-CASE_SUFFIXES = ("_img", "_ct", "_0000", "_T2w")
+CASE_SUFFIXES = ("_img", "_ct", "_0000", "_T1w", "_T2w")
 
 
 def case_key(name: str) -> str:
-    """Matching key of a case name: ``CASE_SUFFIXES`` stripped from the end, repeatedly."""
+    """Matching key of a case name: ``CASE_SUFFIXES`` stripped from the end (in any case), repeatedly."""
     key = name
     stripped = True
     while stripped:
         stripped = False
         for suffix in CASE_SUFFIXES:
-            if key.endswith(suffix) and len(key) > len(suffix):
+            if key.lower().endswith(suffix.lower()) and len(key) > len(suffix):
                 key = key[: -len(suffix)]
                 stripped = True
     return key
