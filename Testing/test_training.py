@@ -111,6 +111,25 @@ def test_cases_are_found_at_any_depth_as_evaluation_finds_them(tmp_path):
     assert set(np.unique(case.levels)) == {0, L3, L4, L5}
 
 
+def test_nnunet_s_ignore_label_costs_nothing_and_a_blank_image_is_refused(tmp_path):
+    """Voxels of nnU-Net's ignore label (nobody annotated them) were taught as background, and a constant image was
+    trained on."""
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    label = tmp_path / "nn" / "labelsTr" / "c1.nii.gz"
+    values = sitk.GetArrayFromImage(sitk.ReadImage(str(label)))
+    values[values == L4] = 250  # L4 not annotated
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(label))
+    (tmp_path / "nn" / "dataset.json").write_text(json.dumps({"labels": {**dataset_labels(), "ignore": 250}}))
+    case = load_case(*find_cases(tmp_path / "nn")[0], 2.0)
+    assert set(np.unique(case.levels)) == {0, L3, L5}
+    assert np.all(case.tissue[13:17, 6:14, 6:14] == IGNORE)  # inside L4's box (z 25-35, y and x 10-30 mm)
+    assert np.count_nonzero(case.tissue == VERTEBRA) > 0 and np.count_nonzero(case.tissue == NOT_VERTEBRA) > 0
+    image = tmp_path / "nn" / "imagesTr" / "c1_0000.nii.gz"
+    sitk.WriteImage(sitk.Image([40, 40, 60], sitk.sitkInt16), str(image))
+    with pytest.raises(InputError, match=f"{image}: image is constant"):
+        load_case(*find_cases(tmp_path / "nn")[0], 2.0)
+
+
 def test_real_ct_goes_in_through_the_ct_window(tmp_path):
     write_pair(tmp_path, "s1_ct.nii.gz", "s1_seg-vert_msk.nii.gz", background=-1000)
     case = load_case(*find_cases(tmp_path)[0][:2], False, 2.0)

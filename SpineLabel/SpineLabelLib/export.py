@@ -47,8 +47,8 @@ from .io import CASE_SUFFIXES, InputError, atomic_path, case_key, no_empty_new_f
 from .result import Geometry, SpineLabeling
 from .vertebrae import COCCYX_LABEL, LEVELS, Level, level_index
 
-__all__ = ["CASE_PREFIX", "MIN_VERTEBRAE", "dataset_labels", "dataset_label_values", "recorded_modality",
-           "provenance_of", "next_case_id", "export_case", "read_dataset_json"]
+__all__ = ["CASE_PREFIX", "MIN_VERTEBRAE", "dataset_labels", "dataset_ignore_value", "dataset_label_values",
+           "recorded_modality", "provenance_of", "next_case_id", "export_case", "read_dataset_json"]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,15 @@ def provenance_of(label_path: str | os.PathLike) -> dict | None:
         return None
     case_id = label_path.name[: -len(_FILE_ENDING)]
     return _read_object(_paths(label_path.parent.parent, case_id)["provenance"], "provenance record")
+
+
+def dataset_ignore_value(label_path: str | os.PathLike) -> int | None:
+    """The value of nnU-Net's ignore label (named ``ignore`` in ``dataset.json``'s ``labels``: voxels nobody
+    annotated) in the dataset whose ``labelsTr/`` holds the label map ``label_path``; None when there is none."""
+    document = _dataset_of(label_path)
+    names = document.get("labels") if document is not None else None
+    value = names.get("ignore") if isinstance(names, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> np.ndarray | None:

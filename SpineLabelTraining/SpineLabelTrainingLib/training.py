@@ -39,7 +39,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from SpineLabelLib.evaluation import labelled_cases, reference_labels
-from SpineLabelLib.export import provenance_of, read_dataset_json, recorded_modality
+from SpineLabelLib.export import dataset_ignore_value, provenance_of, read_dataset_json, recorded_modality
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
 from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writable_folder, no_empty_new_folders,
                               read_image, read_label_map, resample_to_grid)
@@ -144,9 +144,13 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     The image is normalised for the modality its nnU-Net dataset records (``export.recorded_modality``: what the
     export's labelling took it for), else for the one ``inference.modality_of`` detects. In a case
     with an export's provenance record (``export.provenance_of``), the unlabelled voxels near its vertebrae whose
-    voxels the user did not edit are unknown (``unknown_near``).
+    voxels the user did not edit are unknown (``unknown_near``); so are the voxels of nnU-Net's ignore label
+    (``export.dataset_ignore_value``).
     """
     image = read_image(image_path)
+    pixels = sitk.GetArrayViewFromImage(image)
+    if pixels.min() == pixels.max():
+        raise InputError(f"{image_path}: image is constant: training on it would teach its labels in a blank image")
     labels = read_label_map(label_path)
     if not Geometry.of(labels).matches(Geometry.of(image)):
         raise InputError(f"{label_path}: label map grid (size {labels.GetSize()}, spacing {labels.GetSpacing()}, origin "
@@ -189,7 +193,13 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
             raise InputError(f"{label_path}: the provenance record of this exported case is malformed "
                              f"({type(err).__name__}: {err})") from None
         tissue = unknown_near(tissue, verse, unedited, spacing_mm)
-    return Case(volume, unknown_beyond_labelled_ends(tissue, verse), verse, image_path.name)
+    tissue = unknown_beyond_labelled_ends(tissue, verse)
+    ignore = dataset_ignore_value(label_path)
+    if ignore is not None:
+        unannotated = sitk.GetImageFromArray((sitk.GetArrayViewFromImage(labels) == ignore).astype(np.uint8))
+        unannotated.CopyInformation(labels)
+        tissue[sitk.GetArrayViewFromImage(resample_to_grid(unannotated, grid, label=True)) > 0] = IGNORE
+    return Case(volume, tissue, verse, image_path.name)
 
 
 def _unedited_labels(record: dict) -> list[int]:
