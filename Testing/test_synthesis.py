@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import DATA
+from SpineLabelLib.inference import Cancelled
 from SpineLabelLib.vertebrae import BODY, BY_LABEL, BY_NAME, LEVELS, POSTERIOR, level_index
 from SpineLabelTrainingLib import shapes, synthesis
 
@@ -351,6 +352,16 @@ def test_a_shape_folder_that_is_none_or_holds_no_vertebra_is_named(tmp_path):
         shapes.build_shape_library(tmp_path / "nowhere", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="no whole-vertebra masks"):
         shapes.build_shape_library(tmp_path, cache_dir=tmp_path)
+
+
+def test_a_shape_library_build_can_be_cancelled_and_caches_nothing(tmp_path):
+    """A build takes about a minute; Cancel in Slicer's training went unheard until it was done."""
+    (tmp_path / "data" / "masks_verse").mkdir(parents=True)
+    mask = tmp_path / "data" / "masks_verse" / "a_seg-vert_msk.nii.gz"
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkUInt8), str(mask))
+    with pytest.raises(Cancelled):
+        shapes.build_shape_library(tmp_path / "data", cache_dir=tmp_path / "cache", cancel=lambda: True)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_every_disc_is_drawn_but_a_fused_sacralised_one(tiny_library):

@@ -364,11 +364,12 @@ def _tilted(case: Case, sagittal_deg: float, coronal_deg: float) -> Case:
     return Case(arrays["image"], arrays["tissue"], arrays["levels"], case.name)
 
 
-def _synthetic_source(spacing_mm: float, size: tuple[int, int, int], data_dir: Path) -> Callable[[np.random.Generator], Case]:
+def _synthetic_source(spacing_mm: float, size: tuple[int, int, int], data_dir: Path, progress_bars: bool | None,
+                      cancel: Callable[[], bool] | None) -> Callable[[np.random.Generator], Case]:
     from . import synthesis
     from .shapes import build_shape_library
 
-    library = build_shape_library(data_dir)
+    library = build_shape_library(data_dir, cancel=cancel, bar_disable=_bars_off(progress_bars))
 
     def draw(rng: np.random.Generator) -> Case:
         c = synthesis.synthesize_case(rng, library, spacing_mm=spacing_mm, size_zyx=size)
@@ -430,7 +431,7 @@ def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_d
                 ) -> tuple[Callable[[np.random.Generator], Case], list[str] | None]:
     """A sampler for one ``--data`` spec: ``synthetic``, ``phantom``, ``negative`` or a folder path; and, for a
     folder, its cases (image paths relative to it), else None. ``cancel`` is polled before each case of a folder is
-    loaded.
+    loaded, and before each file of a shape library built for ``synthetic``.
 
     Raises:
         ValueError: ``synthetic`` without ``data_dir``, the real labelled vertebrae its shapes come from.
@@ -439,7 +440,7 @@ def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_d
     if spec == "synthetic":
         if data_dir is None:
             raise ValueError("data 'synthetic' needs --data-dir: a folder of real labelled vertebrae for its shapes")
-        return _synthetic_source(spacing_mm, size, data_dir), None
+        return _synthetic_source(spacing_mm, size, data_dir, progress_bars, cancel), None
     if spec == "phantom":
         return _phantom_source(spacing_mm, size), None
     if spec == "negative":
@@ -609,8 +610,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     (stochastic weight averaging, Izmailov et al. 2018: a flatter, steadier optimum than any single epoch's), scored
     once more on the validation crops.
     A run that fails before writing anything leaves no folder it made for ``cfg.out``.
-    ``cancel`` is polled before each training step, each validation crop and each case of a folder; when it returns
-    True the run raises ``Cancelled``, leaving the checkpoint of the last whole epoch (``cfg.resume`` continues it).
+    ``cancel`` is polled before each training step, each validation crop, each case of a folder and each file of a
+    shape library being built; when it returns True the run raises ``Cancelled``, leaving the checkpoint of the last
+    whole epoch (``cfg.resume`` continues it).
     Returns the card path.
     """
     with no_empty_new_folders(Path(cfg.out).parent):
