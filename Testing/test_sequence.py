@@ -465,6 +465,32 @@ def test_fixed_labels_that_cannot_hold_are_named():
         solve(scores, gaps, {0: "L2", 2: "L3"})
 
 
+def test_the_conflict_named_is_between_fixed_labels_next_to_each_other():
+    """With L1, L2 and L3 locked and L4 forced two below L3, the message named L1 and L4: unlocking L1 as it advised
+    changed nothing, and every pair was tried (a second of CPU on a locked whole spine)."""
+    with pytest.raises(ValueError, match="vertebra 4 from the top as L3 and vertebra 6 from the top below it as L4 "
+                                         "cannot both hold: 1 vertebra lies between them"):
+        solve(np.zeros((6, K)), [35.0] * 5, {1: "L1", 2: "L2", 3: "L3", 5: "L4"})
+
+
+def test_a_corrected_chain_s_confidences_count_no_vertebra_made_a_sacral_piece():
+    """L3 renamed L4 above a sure S1 leaves L5 and L6 for the two vertebrae between: the L6 is certain. With a sacral
+    piece below S1 the solve also counted labellings that end the vertebrae early (two named S1), which relabel never
+    returns, and the L6 read 0.58 with an 'L5/L6 ambiguous' warning."""
+    names = ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    result = make_result(names)
+    z = np.concatenate([[0.0], -np.cumsum([34.0, 37.0, 38.0, 40.0, 38.0, 52.0])])
+    for v, at, row in zip(result.vertebrae, z, scores_for(names)):
+        v.centroid_lps_mm, v.level_log_scores = (0.0, 0.0, at), row
+    result.gaps_mm = np.diff(-z).tolist()
+    result.sacral_pieces = [{"centroid_lps_mm": [0.0, 0.0, z[-1] - 25.0],
+                             "level_log_scores": scores_for(["S1"])[0].tolist(), "confidence_log_scores": None}]
+    result.sacral_pieces_below = result.vertebrae[-1].id
+    out = relabel(result, {13: "L4"})
+    assert [v.name for v in out.vertebrae] == ["L1", "L2", "L3", "L4", "L5", "L6", "S1"]
+    assert out.vertebrae[5].confidence > 0.99 and not any("ambiguous" in w for w in out.warnings)
+
+
 def test_skipped_levels_count_regular_levels_only():
     chain = [level_index(n) for n in ("T11", "T12", "L2", "L5", "L6", "S1", "S1")]
     assert skipped_levels(chain).tolist() == [0, 1, 2, 0, 0, 0]  # T13 and L6 are no regular levels; S1 pieces none

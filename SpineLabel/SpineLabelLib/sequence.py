@@ -328,8 +328,8 @@ def solve(
 def _conflict(fixed: dict[int, str], n: int, transitions: np.ndarray, start: np.ndarray,
               describe: Callable[[int], str]) -> str:
     """Why fixed labels (chain position -> level name) of a chain of ``n`` cannot all hold: the first one that
-    cannot hold alone, else the first pair that cannot hold together; ``transitions`` and ``start`` as ``solve``
-    chains them, ``describe`` names the vertebra at a position."""
+    cannot hold alone, else the first two next to each other among them that cannot hold together; ``transitions``
+    and ``start`` as ``solve`` chains them, ``describe`` names the vertebra at a position."""
 
     def possible(subset: dict[int, str]) -> bool:
         evidence = np.zeros((n, K))
@@ -339,23 +339,22 @@ def _conflict(fixed: dict[int, str], n: int, transitions: np.ndarray, start: np.
             evidence[position, level_index(name)] = 0.0
         return bool(np.isfinite(_viterbi(evidence, transitions)[1]).any())
 
-    items = sorted(fixed.items())
-    for position, name in items:
+    items = sorted(fixed.items())  # given the fixed labels, the stretches between them are solved apart: a conflict
+    for position, name in items:  # lies in one fixed label alone or between two next to each other
         if not possible({position: name}):
             if position > level_index(name):
                 why = f"{_vertebrae(position)} above it, and fewer levels come before {name}"
             else:
                 why = f"{_vertebrae(n - 1 - position)} below it, more than can be named after {name}"
             return f"{describe(position)} cannot be {name}: {why}"
-    for i, (upper, upper_name) in enumerate(items):
-        for lower, lower_name in items[i + 1:]:
-            if not possible({upper: upper_name, lower: lower_name}):
-                if level_index(lower_name) <= level_index(upper_name):
-                    why = f"levels run cranial to caudal, each once, and {lower_name} is not below {upper_name}"
-                else:
-                    why = f"{_vertebrae(lower - upper - 1)} between them, more than can be named between the two"
-                return (f"{describe(upper)} as {upper_name} and {describe(lower)} below it as {lower_name} cannot "
-                        f"both hold: {why}; rename or unlock one of them")
+    for (upper, upper_name), (lower, lower_name) in zip(items, items[1:]):
+        if not possible({upper: upper_name, lower: lower_name}):
+            if level_index(lower_name) <= level_index(upper_name):
+                why = f"levels run cranial to caudal, each once, and {lower_name} is not below {upper_name}"
+            else:
+                why = f"{_vertebrae(lower - upper - 1)} between them, more than can be named between the two"
+            return (f"{describe(upper)} as {upper_name} and {describe(lower)} below it as {lower_name} cannot "
+                    f"both hold: {why}; rename or unlock one of them")
     return "the fixed labels cannot all hold: each level appears once, cranial to caudal; rename or unlock some"
 
 
@@ -499,6 +498,13 @@ def relabel(result: SpineLabeling, fixed: dict[int, str] | None = None, priors: 
     evidence = None
     if any(c is not None for _, c in rows):
         evidence = np.array([r if c is None else c for r, c in rows]).reshape(-1, K)
+    if pieces and position_fixed:
+        # with the pieces, the solve may end the vertebrae early (S1 after S1 above the last one), a labelling never
+        # kept below; in a corrected chain it must not count in the confidences either (an L6 that the fixed names
+        # leave certain read 0.58). Uncorrected, the confidences stay those of the labelling's own solve
+        for e in (scores, evidence) if evidence is not None else (scores,):
+            e[: n - 1, _S1] = -np.inf
+
     def describe(position: int) -> str:
         return f"vertebra {out.vertebrae[position].id}"
 
