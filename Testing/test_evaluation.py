@@ -258,11 +258,20 @@ def test_folders_bodies_and_nnunet_layouts(tmp_path):
     r = ev.evaluate_folders(pred, bodies).cases[0]
     assert r.centroid_source == "GT body masks, predicted centroid file" and r.mean_loc_error_mm < 1e-6
 
-    write_mask(spine([L1, L2]), nnunet / "case7.nii.gz")
+    gt = write_mask(spine([L1, L2]), nnunet / "case7.nii.gz")
     write_mask(spine([L1, L2]), pred / "case7_0000_seg.nii.gz")
     summary = ev.evaluate_folders(pred, nnunet.parent)
     assert [c.name for c in summary.cases] == ["case7_0000"] and summary.cases[0].id_rate == 1.0
     assert not summary.cases[0].bodies_only
+    # an export's centroid file (centroids/ beside labelsTr/: the body centroids, moved points included) is read
+    moved = lps_centroids(gt)
+    moved[L1] = moved[L1] + [0.0, 0.0, 4.0]
+    (nnunet.parent / "centroids").mkdir()
+    write_ctd(nnunet.parent / "centroids" / "case7_ctd.json", moved)
+    write_ctd(pred / "case7_0000_ctd.json", lps_centroids(gt))
+    r = ev.evaluate_folders(pred, nnunet.parent).cases[0]
+    assert r.centroid_source == "centroid files" and r.mean_loc_error_mm == pytest.approx(2.0)
+    (nnunet.parent / "centroids" / "case7_ctd.json").unlink()
 
     # a dataset.json names the values: here 1 and 2 are L1 and L2
     write_mask(spine([1, 2]), nnunet / "case7.nii.gz")

@@ -13,7 +13,8 @@ Ground truth, one of these layouts (searched recursively under the GT folder):
   + ``X_seg-vb_ctd.json`` or ``X_seg-subreg_ctd.json`` with voxel coordinates ``X, Y, Z`` along the axes whose
   orientation code is ``"direction"`` (e.g. ``["P", "I", "R"]``: axis 0 runs towards posterior, ...), converted
   to LPS mm with the mask's geometry reoriented to that code;
-* nnU-Net: ``labelsTr/X.nii.gz`` (no centroid file).
+* nnU-Net: ``labelsTr/X.nii.gz`` + ``centroids/X_ctd.json`` beside ``labelsTr/`` when there (an export writes the
+  body centroids of the corrected labelling, points the user moved included).
 
 Masks may be stored in any format of ``io.IMAGE_SUFFIXES`` (``.nrrd``, ``.mha``, ...) instead of ``.nii.gz``.
 
@@ -331,7 +332,8 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
         for mask in _visible(labels_dir.iterdir()):
             stem = image_stem(mask.name)
             if stem is not None:
-                add(case_key(stem), GtFiles(mask, None, "nnunet", bodies_only))
+                ctd = labels_dir.parent / "centroids" / f"{stem}_ctd.json"  # as an export writes it
+                add(case_key(stem), GtFiles(mask, ctd if ctd.is_file() else None, "nnunet", bodies_only))
     return found
 
 

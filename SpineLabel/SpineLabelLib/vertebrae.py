@@ -132,7 +132,7 @@ def level_index(name_or_label: str | int) -> int:
 # SpineLabel's terminology context: its name, its schema (dcmqi segment context, which Slicer 5.6 and later load) and
 # its one category, "Anatomical Structure"
 TERMINOLOGY_CONTEXT = "Segmentation category and type - SpineLabel"
-_CONTEXT_SCHEMA = "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/segment-context-schema.json#"
+_CONTEXT_SCHEMA = "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/schemas/segment-context-schema.json#"
 _CATEGORY = {"CodingSchemeDesignator": "SCT", "CodeValue": "123037004", "CodeMeaning": "Anatomical Structure"}
 
 
