@@ -5,6 +5,7 @@ binds ``Resources/UI/SpineLabel.ui`` to the logic; the logic delegates to the Qt
 (MRML nodes, corrections, background process) and to the ``SpineLabelLib`` core.
 """
 
+import contextlib
 import functools
 import json
 import logging
@@ -12,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import qt
 import slicer
@@ -35,6 +36,18 @@ from slicer.util import VTKObservationMixin
 REQUIRED_PACKAGES = {"scipy": "scipy>=1.10", "skimage": "scikit-image>=0.22", "nibabel": "nibabel>=5",
                      "tqdm": "tqdm>=4.60", "PIL": "pillow>=10.1", "torch": "torch>=2.2"}
 _POLL_INTERVAL_MS = 200
+
+
+@contextlib.contextmanager
+def errorsShown(message: str) -> Iterator[None]:
+    """``slicer.util.tryWithErrorDisplay`` (``message`` and the error in a message box, a wait cursor meanwhile),
+    after which the error goes no further: Slicer 5.6 and later raise it again, and out of a button's handler it
+    reached the Python console as a traceback. Code after the block runs either way."""
+    try:
+        with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
+            yield
+    except Exception:  # shown to the user already
+        pass
 
 
 #
@@ -301,12 +314,10 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             windowTitle=_("Install dependencies"),
         ):
             return
-        try:
-            with slicer.util.tryWithErrorDisplay(_("Failed to install dependencies."), waitCursor=True):
-                self.logic.installDependencies()
-        finally:  # what a failed install did install counts too
-            self.updateDependencyStatus()
-            self.updateModelList()  # the registered models can be read now
+        with errorsShown(_("Failed to install dependencies.")):
+            self.logic.installDependencies()
+        self.updateDependencyStatus()  # what a failed install did install counts too
+        self.updateModelList()  # the registered models can be read now
 
     # ------------------------------------------------------------------------------------------ labelling
 
@@ -319,7 +330,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onInstallButton()
             if self.logic.missingPackages():
                 return
-        with slicer.util.tryWithErrorDisplay(_("Failed to start labelling."), waitCursor=True):
+        with errorsShown(_("Failed to start labelling.")):
             # the current labelling stays editable until the new one replaces it (Cancel keeps it)
             self._process, self._outputDir = self.logic.startLabelling(
                 self._parameterNode.inputVolume, self._parameterNode.modelPath or None, self._parameterNode.device,
@@ -355,9 +366,10 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
         if ended:
             tail, how = self._process.outputTail(), self._process.exitDescription()
+            name = self._labelledVolume.GetName()
             self._endProcess()
-            slicer.util.errorDisplay(_("The labelling process stopped unexpectedly ({how}).").format(how=how),
-                                     detailedText=tail)
+            slicer.util.errorDisplay(_("The labelling process of {volume} stopped unexpectedly ({how}).").format(
+                volume=name, how=how), detailedText=tail)
 
     def _finishLabelling(self) -> None:
         volume, outputDir = self._labelledVolume, self._outputDir
@@ -378,18 +390,15 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
             return
         shown, labeling = False, None
-        try:  # Slicer 5.6 and later raise again what tryWithErrorDisplay showed
-            with slicer.util.tryWithErrorDisplay(_("Failed to load the labels."), waitCursor=True):
-                labeling = self.logic.finishLabelling(volume, outputDir)
-                if replaced is not None:
-                    replaced.removeNodes()  # the new labelling of this volume replaces the old one
-                self._labelings[volume.GetID()] = labeling
-                labeling.changedCallbacks.append(self.onLabelingChanged)
-                self.ui.progressBar.value = 100
-                self.onLabelingChanged(labeling)
-                shown = True
-        except Exception:  # shown to the user already
-            pass
+        with errorsShown(_("Failed to load the labels.")):
+            labeling = self.logic.finishLabelling(volume, outputDir)
+            if replaced is not None:
+                replaced.removeNodes()  # the new labelling of this volume replaces the old one
+            self._labelings[volume.GetID()] = labeling
+            labeling.changedCallbacks.append(self.onLabelingChanged)
+            self.ui.progressBar.value = 100
+            self.onLabelingChanged(labeling)
+            shown = True
         if not shown:  # its result could not be read or shown (finishLabelling removed the run's folder either way)
             if labeling is not None and self._labelings.get(volume.GetID()) is not labeling:
                 labeling.removeNodes()  # no nodes that the panel does not follow
@@ -472,7 +481,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExportButton(self) -> None:
         labeling = self._labeling
-        with slicer.util.tryWithErrorDisplay(_("Failed to export the case."), waitCursor=True):
+        with errorsShown(_("Failed to export the case.")):
             try:
                 path = self.logic.exportCase(labeling, self._parameterNode.datasetDirectory)
             finally:  # export takes in Segment Editor edits, which may re-solve, whether or not it then writes
@@ -627,10 +636,11 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
             SpineLabelLib.pipeline.NoVertebrae: no vertebra was labelled (nothing is added to the scene), as the
                 background worker reports it.
         """
+        from SpineLabelLib.io import checked_image
         from SpineLabelLib.pipeline import label_spine, require_vertebrae
         from SpineLabelLogic.scene import LabelingScene, imageFromVolumeNode, volumeSource
 
-        image = imageFromVolumeNode(volumeNode)
+        image = checked_image(imageFromVolumeNode(volumeNode), volumeNode.GetName())
         result = label_spine(image, model=modelPath, device=device, progress=progress, cancel=cancel,
                              check_orientation=checkOrientation, spine_gate=spineGate, modality=modality)
         result.source = volumeSource(volumeNode)

@@ -180,7 +180,9 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.stopTraining()
             self.ui.statusLabel.text = _("Stopped; no model was registered.")
             return
-        with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
+        from SpineLabel import errorsShown
+
+        with errorsShown(_("Failed to start training.")):
             p = self._parameterNode
             self._process, self._outCard = self.logic.startTraining(
                 p.datasetDirectory, p.baseModelPath or None, p.modelName, p.epochs, p.device,

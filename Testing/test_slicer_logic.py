@@ -24,6 +24,7 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from conftest import build_spine  # noqa: E402
+from SpineLabelLib.io import InputError  # noqa: E402
 from SpineLabelLib.vertebrae import (  # noqa: E402
     BY_LABEL,
     BY_NAME,
@@ -105,6 +106,21 @@ def test_volume_round_trip_keeps_geometry(mrml):
     np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing())
     np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin())
     np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-12)
+
+
+def test_a_volume_without_voxels_or_of_several_components_is_refused_by_name(mrml):
+    """An RGB volume failed to start with numpy's 'cannot reshape array', one without voxels (its file not found) with
+    'NoneType has no attribute GetDimensions'."""
+    empty = mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(InputError, match="empty: the volume holds no voxels"):
+        imageFromVolumeNode(empty)
+    rgb = addVolumeNodeFromImage(mrml.scene, sitk.Image([4, 5, 6], sitk.sitkInt16), "rgb")
+    data = vtk.vtkImageData()
+    data.SetDimensions(4, 5, 6)
+    data.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    rgb.SetAndObserveImageData(data)
+    with pytest.raises(InputError, match="rgb: a volume of 3 components per voxel"):
+        imageFromVolumeNode(rgb)
 
 
 def test_labelling_of_another_grid_is_refused(mrml, spine):

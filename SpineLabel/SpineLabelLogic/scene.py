@@ -34,6 +34,7 @@ from slicer.util import NodeModify, VTKObservationMixin
 from vtk.util import numpy_support
 
 from SpineLabelLib import edits, export
+from SpineLabelLib.io import InputError
 from SpineLabelLib.result import Geometry, SpineLabeling
 from SpineLabelLib.sequence import confidence_text
 from SpineLabelLib.vertebrae import level_index, terminology_entry
@@ -122,8 +123,17 @@ def _geometryOfVolume(volumeNode) -> Geometry:
 
 
 def imageFromVolumeNode(volumeNode) -> sitk.Image:
-    """A scalar volume node as a ``SimpleITK.Image`` with the same voxels (copied) and LPS geometry."""
-    imageData = volumeNode.GetImageData()
+    """A scalar volume node as a ``SimpleITK.Image`` with the same voxels (copied) and LPS geometry.
+
+    Raises:
+        InputError: a node without voxels, or with more than one component per voxel, naming the volume.
+    """
+    imageData, name = volumeNode.GetImageData(), volumeNode.GetName()
+    if imageData is None:
+        raise InputError(f"{name}: the volume holds no voxels (was its file not found?)")
+    if imageData.GetNumberOfScalarComponents() != 1:
+        raise InputError(f"{name}: a volume of {imageData.GetNumberOfScalarComponents()} components per voxel (RGB "
+                         "or vector); a scalar CT or MRI volume is needed")
     dims = imageData.GetDimensions()
     voxels = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
     image = sitk.GetImageFromArray(voxels)
