@@ -148,7 +148,8 @@ def check_image_grid(result: SpineLabeling, image: sitk.Image | Geometry) -> sit
         image = as_3d(image)
     g, h = image if isinstance(image, Geometry) else Geometry.of(image), result.geometry
     if not g.matches(h):
-        raise ValueError(f"image grid {g.as_dict()} differs from the labelling's {h.as_dict()}")
+        raise ValueError("the image is not on the grid it was labelled on (moved, cropped or resampled since? label it "
+                         f"again): its grid {g.as_dict()} differs from the labelling's {h.as_dict()}")
     return image
 
 
