@@ -768,6 +768,18 @@ def test_nodes_follow_the_volume_s_parent_transform(mrml, spine):
     nodes = (labeling.segmentationNode, labeling.markupsNode)
     assert [node.GetTransformNodeID() for node in nodes] == [transform.GetID()] * 2
     assert_nodes_match(labeling)  # the points hold the volume's own coordinates
+    # a transform set, changed or removed after labelling is followed (the nodes stayed where they were)
+    other = mrml.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    for set_to in (other.GetID(), None, transform.GetID()):
+        volume.SetAndObserveTransformNodeID(set_to)
+        assert [node.GetTransformNodeID() for node in nodes] == [set_to] * 2
+    # hardened, the volume's grid moves: the nodes keep the transform that still puts them on it
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 50.0)
+    transform.SetMatrixTransformToParent(matrix)
+    slicer.vtkSlicerTransformLogic.hardenTransform(volume)
+    assert volume.GetTransformNodeID() is None
+    assert [node.GetTransformNodeID() for node in nodes] == [transform.GetID()] * 2
     labeling.cleanup()
 
 

@@ -231,8 +231,7 @@ class LabelingScene(VTKObservationMixin):
         # showed 2 of 9 on a lumbar MRI)
         self.markupsNode.GetDisplayNode().SetSliceProjection(True)
         self.markupsNode.GetDisplayNode().SetSliceProjectionUseFiducialColor(True)
-        for node in (self.segmentationNode, self.markupsNode):
-            node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        self._followVolumeTransform()
         self._placeUnderVolume()
         self._writeSegments(voxels=True)
         self._writePoints()
@@ -240,6 +239,8 @@ class LabelingScene(VTKObservationMixin):
             self.addObserver(self.markupsNode, event, self._onPointsChanged)
         self.addObserver(self.markupsNode, slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent, self._onInteractionStart)
         self.addObserver(self.markupsNode, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self._onInteractionEnd)
+        self.addObserver(volumeNode, slicer.vtkMRMLTransformableNode.TransformModifiedEvent,
+                         self._followVolumeTransform)
 
     # ------------------------------------------------------------------------------------------------ public
 
@@ -268,6 +269,18 @@ class LabelingScene(VTKObservationMixin):
             for helper in helpers:
                 if helper is not None and helper.GetScene() is not None:
                     scene.RemoveNode(helper)
+
+    def _followVolumeTransform(self, caller=None, event=None) -> None:
+        """Put the segmentation and the points under the volume's transform, also one set, changed or removed after
+        labelling (they stayed where they were: the first point 50 mm from its vertebra). A volume hardened since
+        (its grid moved) leaves them under the transform that still puts them on it; a correction then asks for a new
+        labelling."""
+        if not _geometryOfVolume(self.volumeNode).matches(self.result.geometry):
+            return
+        transformId = self.volumeNode.GetTransformNodeID()
+        for node in (self.segmentationNode, self.markupsNode):
+            if node.GetScene() is not None and node.GetTransformNodeID() != transformId:
+                node.SetAndObserveTransformNodeID(transformId)
 
     def _requireNodes(self) -> None:
         """Raise when the user has deleted the segmentation or the points: there is nothing left to correct."""
