@@ -406,7 +406,7 @@ def test_cases_are_grouped_by_the_modality_of_their_reports(tmp_path):
     write_mask(np.full((6, 8, 8), 80, dtype=np.uint8), images / "d_0000.nii.gz")  # MR-like intensities
     write_mask(spine([L1, L2, L3, L4, L5]), gt_dir / "e.nii.gz")
     ct = np.full((6, 8, 8), -1000, dtype=np.int16)
-    ct[2:] = 400  # air and bone in Hounsfield units
+    ct[2], ct[3:] = -100, 400  # air, fat and bone in Hounsfield units
     write_mask(ct, images / "e_0000.nii.gz")
     summary = ev.evaluate_folders(pred_dir, gt_dir.parent)
     assert {c.name: c.group for c in summary.cases} == {"a": "CT", "b": "MR", "c": "MR", "d": "MR", "e": "CT"}

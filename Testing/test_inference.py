@@ -62,7 +62,11 @@ def test_the_modality_read_says_whether_the_intensities_say_it_clearly():
     assert read_modality(body) == ("CT", False)  # fat and bone alone
     mr = rng.uniform(0, 1000, (30, 40, 40))
     assert read_modality(mr) == ("MR", True)
-    assert read_modality(np.pad(mr, 4, constant_values=-1024.0)) == ("CT", False)  # an MR padded as a CT is
+    # an MR padded as a CT is (a real MR padded so lost two vertebrae as a CT): nothing else lies below -50. A CT
+    # whose air is one value and that holds no fat in HU has its skin between air and tissue
+    assert read_modality(np.pad(mr, 4, constant_values=-1024.0)) == ("MR", False)
+    lean = np.concatenate([np.full((30, 40, 8), -1000.0), np.full((30, 40, 1), -500.0), body[:, :, 6:]], axis=2)
+    assert read_modality(lean) == ("CT", False)
     assert read_modality(mr - mr.mean()) == ("CT", False)  # an MR shifted to zero mean in its own units
     assert read_modality(mr / 10 - 60) == ("MR", False)  # negative beyond an offset, no bone in HU
 

@@ -389,17 +389,18 @@ def test_the_modality_can_be_given(small_phantom):
 
 
 def test_a_modality_read_from_unclear_intensities_or_a_ct_without_hounsfield_units_is_warned(small_phantom):
-    """An MR padded with -1024 is read as CT (padding looks like air) and labelled without a word but 'as CT' on the
-    summary line: the warnings now say how it was read. A CT stored as HU + 1024, labelled as CT, is told so."""
+    """An MR padded with -1024 was read as CT (padding looks like air) and labelled without a word but 'as CT' on the
+    summary line; the warnings say how an image was read when its intensities do not say it clearly (padding alone
+    below -50 reads as MR now). A CT stored as HU + 1024, labelled as CT, is told so."""
     mr = make_phantom(modality="mr", fov="lumbar", spacing=(2.0, 2.0, 2.5), seed=4).image
     padded = sitk.ConstantPad(sitk.Cast(mr, sitk.sitkFloat32), (6, 6, 0), (6, 6, 0), -1024.0)
     result = label_spine(padded, device="cpu", spine_gate=False)
-    assert result.modality == "CT" and any(w.startswith("read as CT from its intensities") for w in result.warnings)
+    assert result.modality == "MR" and any(w.startswith("read as MR from its intensities") for w in result.warnings)
     clear = label_spine(small_phantom.image, device="cpu")
     assert not any("read as" in w for w in clear.warnings)
     box = sitk.ConstantPad(sitk.Image([30, 30, 30], sitk.sitkFloat32) + 300.0, (8, 8, 8), (8, 8, 8), -1024.0)
     empty = label_spine(box, device="cpu", spine_gate=False)  # no spine: said once, not again with 'no vertebrae'
-    assert not empty.vertebrae and sum(w.startswith("read as CT") for w in empty.warnings) == 1
+    assert not empty.vertebrae and sum(w.startswith("read as MR") for w in empty.warnings) == 1
     raw = sitk.Cast(sitk.Cast(small_phantom.image, sitk.sitkFloat32) + 1024.0, sitk.sitkUInt16)
     result = label_spine(raw, device="cpu", spine_gate=False, modality="ct")
     assert any("are they Hounsfield units?" in w for w in result.warnings)

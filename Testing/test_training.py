@@ -132,6 +132,10 @@ def test_nnunet_s_ignore_label_costs_nothing_and_a_blank_image_is_refused(tmp_pa
 
 def test_real_ct_goes_in_through_the_ct_window(tmp_path):
     write_pair(tmp_path, "s1_ct.nii.gz", "s1_seg-vert_msk.nii.gz", background=-1000)
+    image = sitk.ReadImage(str(tmp_path / "s1_ct.nii.gz"))
+    voxels = sitk.GetArrayFromImage(image)
+    voxels[:, :, :5] = -100  # fat: air of one value and bone alone could be an MR padded with -1024
+    sitk.WriteImage(sitk.GetImageFromArray(voxels), str(tmp_path / "s1_ct.nii.gz"))
     case = load_case(*find_cases(tmp_path)[0][:2], False, 2.0)
     bone = case.levels > 0
     expected = (300 - CT_WINDOW_HU[0]) / (CT_WINDOW_HU[1] - CT_WINDOW_HU[0])

@@ -118,7 +118,8 @@ def read_modality(volume: np.ndarray) -> tuple[str, bool]:
     was read as CT by its minimum alone), and an MR normalised to zero mean stays within a few units of zero.
 
     Not clearly: CT from fat and bone alone, or from "air" of a single value without fat (-200 to -30) in 1 % of the
-    voxels (the padding of a resampled or rotated image of any kind, an MR padded with -1024 among them); MR with
+    voxels (the padding of a resampled or rotated image of any kind); MR from such "air" with nothing else below -50
+    (in under 0.1 % of the voxels: a CT's skin, lungs and bowel gas lie there; an MR padded with -1024), or with
     intensities below -50 in 1 % of its voxels (an MR shifted to zero mean in units of hundreds).
 
     Args:
@@ -131,7 +132,10 @@ def read_modality(volume: np.ndarray) -> tuple[str, bool]:
         # clear when the air is noisy, as real air is, or the body holds fat in HU (a CT clipped at -1000 has air of
         # one value, an MR padded with -1024 no fat)
         fat = np.mean((sample >= -200) & (sample <= -30)) >= 0.01
-        return "CT", bool(np.mean(air == np.min(air)) < 0.9 or fat)
+        padding = np.mean(air == np.min(air)) >= 0.9
+        if padding and not fat and np.mean((sample > np.min(air)) & (sample < -50)) < 0.001:
+            return "MR", False  # nothing else below -50: no skin, lung or bowel gas of a CT, a padded MR
+        return "CT", bool(not padding or fat)
     negative = bool(np.mean(sample < -50) >= 0.01)
     return ("CT", False) if negative and np.mean(sample > 200) >= 0.01 else ("MR", not negative)
 
