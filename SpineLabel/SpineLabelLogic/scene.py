@@ -275,9 +275,10 @@ class LabelingScene(VTKObservationMixin):
         labelling (they stayed where they were: the first point 50 mm from its vertebra). A volume hardened since
         (its grid moved) leaves them under the transform that still puts them on it; a correction then asks for a new
         labelling."""
-        if not _geometryOfVolume(self.volumeNode).matches(self.result.geometry):
+        volume = self.volumeNode
+        if volume.GetImageData() is None or not _geometryOfVolume(volume).matches(self.result.geometry):
             return
-        transformId = self.volumeNode.GetTransformNodeID()
+        transformId = volume.GetTransformNodeID()
         for node in (self.segmentationNode, self.markupsNode):
             if node.GetScene() is not None and node.GetTransformNodeID() != transformId:
                 node.SetAndObserveTransformNodeID(transformId)
