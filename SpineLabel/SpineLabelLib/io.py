@@ -462,15 +462,13 @@ def as_3d(image: sitk.Image) -> sitk.Image:
 
 def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Image:
     """One image file: a NIfTI checked first (``_check_nifti``) and read by nibabel when it is NIfTI-2
-    (``_read_nifti2``); otherwise ``sitk.ReadImage`` with ITK's error turned into an ``InputError`` naming ``path``
-    and the reason. ``what`` names the file in the messages ("image", "label map"); ``notes``, when given, gets a line
-    when a 3D NIfTI file's header gives no orientation, or its qform and sform disagree (``_forms_note``)."""
+    (``_read_nifti2``), a slab at a time when it is a 3D float64 NIfTI-1 (``_read_float64_nifti1``); otherwise
+    ``sitk.ReadImage`` with ITK's error turned into an ``InputError`` naming ``path`` and the reason. ``what`` names
+    the file in the messages ("image", "label map"); ``notes``, when given, gets a line when a 3D NIfTI file's header
+    gives no orientation, or its qform and sform disagree (``_forms_note``)."""
     version = _check_nifti(path, what) if path.name.lower().endswith((".nii", ".nii.gz")) else 0
-    if version == 2:
-        image = _read_nifti2(path, what)
-    elif version == 1 and (image := _read_float64_nifti1(path)) is not None:
-        pass
-    else:
+    image = _read_nifti2(path, what) if version == 2 else _read_float64_nifti1(path) if version == 1 else None
+    if image is None:
         _check_data_file(path)
         # ITK picks its reader by the suffix as written, and knows MetaImage's in lower case only
         metaimage = path.suffix.lower() in (".mha", ".mhd")
