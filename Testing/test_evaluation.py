@@ -277,6 +277,15 @@ def test_folders_bodies_and_nnunet_layouts(tmp_path):
     write_mask(spine([1, 2]), nnunet / "case7.nii.gz")
     (nnunet.parent / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "L1": 1, "L2": 2}}))
     assert ev.evaluate_folders(pred, nnunet.parent).cases[0].id_rate == 1.0
+    # nnU-Net's ignore label: a prediction in voxels nobody annotated is neither right nor wrong (an L1 reaching into
+    # the unannotated L2 had Dice 0.67)
+    unannotated = np.where(spine([1, 2]) == 2, 3, spine([1, 2]))
+    write_mask(unannotated, nnunet / "case7.nii.gz")
+    (nnunet.parent / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "L1": 1, "ignore": 3}}))
+    write_mask(spine([L1, L1]), pred / "case7_0000_seg.nii.gz")
+    (pred / "case7_0000_ctd.json").unlink()
+    r = ev.evaluate_folders(pred, nnunet.parent).cases[0]
+    assert (r.n_gt, r.n_identified, r.mean_dice) == (1, 1, 1.0)
 
     with pytest.raises(InputError, match="no ground-truth"):
         ev.evaluate_folders(pred, pred)

@@ -14,7 +14,8 @@ Ground truth, one of these layouts (searched recursively under the GT folder):
   orientation code is ``"direction"`` (e.g. ``["P", "I", "R"]``: axis 0 runs towards posterior, ...), converted
   to LPS mm with the mask's geometry reoriented to that code;
 * nnU-Net: ``labelsTr/X.nii.gz`` + ``centroids/X_ctd.json`` beside ``labelsTr/`` when there (an export writes the
-  body centroids of the corrected labelling, points the user moved included).
+  body centroids of the corrected labelling, points the user moved included). Voxels of nnU-Net's ignore label (named
+  ``ignore`` in ``dataset.json``: not annotated) are left out of the prediction.
 
 Masks may be stored in any format of ``io.IMAGE_SUFFIXES`` (``.nrrd``, ``.mha``, ...) instead of ``.nii.gz``.
 
@@ -99,7 +100,7 @@ from typing import Callable, Collection, Iterable, Mapping
 import numpy as np
 import SimpleITK as sitk
 
-from .export import dataset_label_values, read_dataset_json
+from .export import dataset_ignore_value, dataset_label_values, read_dataset_json
 from .inference import modality_of
 from .io import (IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, case_key, case_name, image_stem,
                  make_writable_folder, no_empty_new_folders, read_image, read_label_map, resample_to_grid)
@@ -803,6 +804,9 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
                                  f"reference {gt.mask}: is it a prediction of another image, or was a header changed?")
         else:
             pred_labels = sitk.GetArrayViewFromImage(pred_image)
+        ignore = dataset_ignore_value(gt.mask)
+        if ignore is not None:  # nnU-Net's ignore label: voxels nobody annotated, where no prediction is wrong
+            pred_labels = np.where(sitk.GetArrayViewFromImage(gt_image) == ignore, 0, pred_labels)
         if is_bodies and pred.ctd is None:
             log.warning("%s: the ground truth marks vertebral bodies and the prediction %s has no centroid file: the "
                         "centres of its whole vertebrae are compared with those of the bodies (about 2-15 mm apart); "
