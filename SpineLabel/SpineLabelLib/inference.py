@@ -132,8 +132,9 @@ def read_modality(volume: np.ndarray) -> tuple[str, bool]:
         # clear when the air is noisy, as real air is, or the body holds fat in HU (a CT clipped at -1000 has air of
         # one value, an MR padded with -1024 no fat)
         fat = np.mean((sample >= -200) & (sample <= -30)) >= 0.01
-        padding = np.mean(air == np.min(air)) >= 0.9
-        if padding and not fat and np.mean((sample > np.min(air)) & (sample < -50)) < 0.001:
+        floor = air.min()
+        padding = np.mean(air == floor) >= 0.9
+        if padding and not fat and np.mean((sample > floor) & (sample < -50)) < 0.001:
             return "MR", False  # nothing else below -50: no skin, lung or bowel gas of a CT, a padded MR
         return "CT", bool(not padding or fat)
     negative = bool(np.mean(sample < -50) >= 0.01)

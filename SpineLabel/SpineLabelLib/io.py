@@ -267,11 +267,11 @@ def _all_finite(values: np.ndarray) -> bool:
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64 voxels
 
 
-def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int] | None:
-    """(byte order, datatype code, voxel offset, voxel bytes, whether the voxel size is known, NIfTI version 1 or 2) of
-    a NIfTI header; None when it is not NIfTI. The voxel size is known from pixdim when its spatial entries are finite
-    and not 0 (ITK takes 1 mm for a 0, even beside an sform that gives the size), or for NIfTI-2, which nibabel reads,
-    from an sform.
+def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int, int] | None:
+    """(byte order, datatype code, voxel offset, voxel bytes, whether the voxel size is known, NIfTI version 1 or 2,
+    number of dimensions) of a NIfTI header; None when it is not NIfTI. The voxel size is known from pixdim when its
+    spatial entries are finite and not 0 (ITK takes 1 mm for a 0, even beside an sform that gives the size), or for
+    NIfTI-2, which nibabel reads, from an sform.
 
     Raises:
         ValueError: a voxel offset that is not a finite number, a qform or sform in use (code above 0) with NaN or
@@ -307,15 +307,15 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int] | None:
         n *= max(int(d), 1)
     spatial = np.asarray(pixdim[1 : 1 + min(n_dims, 3)], dtype=float)
     spacing_known = bool(np.all(np.isfinite(spatial) & (spatial != 0))) or (size == 540 and sform_code > 0)
-    return endian, datatype, max(offset, 352), n * bitpix // 8, spacing_known, 1 if size == 348 else 2
+    return endian, datatype, max(offset, 352), n * bitpix // 8, spacing_known, 1 if size == 348 else 2, n_dims
 
 
 def _check_nifti(path: Path, what: str) -> int:
     """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0), turns NaN and infinite
     voxels into 0, and takes 1 mm for a voxel size of 0: check the header and the size, and stream float voxels
-    through a finiteness test; it reads a header of the wrong size, or with NaN in its qform or sform, as well: such a
-    header is refused. ``what`` names the file in the messages ("image", "label map"). Returns the NIfTI version (1 or
-    2)."""
+    through a finiteness test (but a 3D float64 NIfTI-1, read as float32 and checked so: ``_read_float64_nifti1``);
+    it reads a header of the wrong size, or with NaN in its qform or sform, as well: such a header is refused. ``what``
+    names the file in the messages ("image", "label map"). Returns the NIfTI version (1 or 2)."""
     try:  # compressed or not by its first bytes: ITK reads a plain NIfTI named .nii.gz as well
         with open(path, "rb") as f:
             gz = f.read(2) == b"\x1f\x8b"
@@ -333,7 +333,7 @@ def _check_nifti(path: Path, what: str) -> int:
     if layout is None:  # ITK reads such a file all the same, unchecked
         raise InputError(f"{path}: corrupt NIfTI header: its first 4 bytes give a header size of neither 348 (NIfTI-1) "
                          "nor 540 (NIfTI-2)")
-    endian, datatype, offset, voxel_bytes, spacing_known, version = layout
+    endian, datatype, offset, voxel_bytes, spacing_known, version, n_dims = layout
     if not spacing_known:
         raise InputError(f"{path}: the header gives no voxel size (pixdim 0)")
     expected = offset + voxel_bytes
@@ -346,7 +346,9 @@ def _check_nifti(path: Path, what: str) -> int:
         raise InputError(f"{path}: truncated file ({path.stat().st_size} of {expected} bytes)")
     else:
         size_known = True
-    if size_known and float_type is None:
+    # a 3D float64 NIfTI-1 is read a slab at a time into float32 (``_read_float64_nifti1``), whose NaN and infinities
+    # (float64 values beyond float32 among them) the reader's check of float32 voxels finds: not streamed twice
+    if size_known and (float_type is None or (version == 1 and datatype == 64 and n_dims == 3)):
         return version
     # read the voxels: to count them (a gzip stream of another size) or to test float voxels
     total = 0
@@ -485,7 +487,8 @@ def _read_float64_nifti1(path: Path) -> sitk.Image | None:
     """A 3D NIfTI-1 file of float64 voxels (as nibabel writes them by default) read as float32 a slab at a time, scaled
     by its slope and intercept, on the grid ITK reads from its header; None for any other NIfTI-1 file. ITK held two
     float64 copies of the voxels (3.5 GB for 512 x 512 x 800) before the float32 copy labelling makes; this holds a
-    float32 array and its copy in the image (1.7 GB). ``path`` has passed ``_check_nifti`` (header, size, finiteness).
+    float32 array and its copy in the image (1.7 GB). ``path`` has passed ``_check_nifti`` (header and size); NaN and
+    infinities (float64 values beyond float32 among them) are left for the readers' check of float32 voxels.
     """
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"  # by its first bytes, as _check_nifti
@@ -502,9 +505,11 @@ def _read_float64_nifti1(path: Path) -> sitk.Image | None:
         f.read(max(int(offset), 352) - 348)
         voxels = np.empty(int(np.prod(dims[1:4])), dtype=np.float32)  # x fastest: (z, y, x) in C order
         step = 1 << 21  # voxels (16 MB of float64) at a time
-        for start in range(0, voxels.size, step):
-            count = min(step, voxels.size - start)
-            voxels[start : start + count] = np.frombuffer(f.read(8 * count), dtype=endian + "f8") * slope + intercept
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, which the reader's check refuses
+            for start in range(0, voxels.size, step):
+                count = min(step, voxels.size - start)
+                chunk = np.frombuffer(f.read(8 * count), dtype=endian + "f8")
+                voxels[start : start + count] = chunk * slope + intercept
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()

@@ -173,11 +173,16 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     if not verse.any():
         raise InputError(f"{label_path}: holds no vertebra label SpineLabel knows (VerSe values, or the names of its "
                          "dataset.json): training on it would teach its spine as background")
+    ignore = dataset_ignore_value(label_path)
+    if ignore is not None:  # resampled with the levels, as a value no level has
+        verse[sitk.GetArrayViewFromImage(labels) == ignore] = IGNORE
     as_verse = sitk.GetImageFromArray(verse)
     as_verse.CopyInformation(labels)
     grid = canonical_grid(image, spacing_mm)
     volume = _model_input(image, grid, recorded_modality(label_path))
     verse = sitk.GetArrayFromImage(resample_to_grid(as_verse, grid, label=True))
+    unannotated = verse == IGNORE
+    verse[unannotated] = 0
     if not verse.any():
         raise InputError(f"{label_path}: its vertebra labels vanish on the model's {spacing_mm:g} mm grid (too small "
                          "or too thin): training on it would teach its spine as background")
@@ -194,11 +199,7 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
                              f"({type(err).__name__}: {err})") from None
         tissue = unknown_near(tissue, verse, unedited, spacing_mm)
     tissue = unknown_beyond_labelled_ends(tissue, verse)
-    ignore = dataset_ignore_value(label_path)
-    if ignore is not None:
-        unannotated = sitk.GetImageFromArray((sitk.GetArrayViewFromImage(labels) == ignore).astype(np.uint8))
-        unannotated.CopyInformation(labels)
-        tissue[sitk.GetArrayViewFromImage(resample_to_grid(unannotated, grid, label=True)) > 0] = IGNORE
+    tissue[unannotated] = IGNORE
     return Case(volume, tissue, verse, image_path.name)
 
 
