@@ -97,6 +97,9 @@ def test_transitional_levels_count_as_one_level():
     gt = spine([L5, S1])
     r = ev.evaluate_case(spine([L6, S1]), gt, SPACING_ZYX, None, None, bodies_only=False)
     assert r.sacrum_in_gt and not r.off_by_one and r.shift == 0.5 and r.n_identified == 1
+    # L4, L5 labelled L5, L4: each one level off, but the other way round -> two swapped names, no shifted scan.
+    r = ev.evaluate_case(spine([L5, L4]), spine([L4, L5]), SPACING_ZYX, None, None, bodies_only=False)
+    assert not r.off_by_one and r.shift == 0.0 and r.n_shift_pairs == 2
 
 
 def test_missed_vertebra_and_extra_label():
