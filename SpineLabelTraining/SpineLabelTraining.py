@@ -6,6 +6,7 @@ stop it. A finished model is registered with ``SpineLabelLib.models.register_mod
 model list.
 """
 
+import json
 import logging
 import os
 import shlex
@@ -283,7 +284,7 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
         if missing:
             return _("Install the dependencies in the SpineLabel module first ({packages}).").format(
                 packages=", ".join(missing))
-        from SpineLabelLib.export import read_dataset_json
+        from SpineLabelLib.export import dataset_channel, read_dataset_json
 
         if not directory or not Path(directory).is_dir():
             return _("Choose a dataset folder exported from SpineLabel.")
@@ -294,7 +295,7 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
         if dataset is None:
             return _("No dataset.json in this folder.")
         return _("{count} cases, {modality}").format(count=dataset.get("numTraining", 0),
-                                                      modality=dataset.get("channel_names", {}).get("0", "?"))
+                                                      modality=dataset_channel(dataset) or "?")
 
     @staticmethod
     def _modulePaths() -> list:
@@ -410,6 +411,12 @@ class SpineLabelTrainingTest(ScriptedLoadableModuleTest):
         dataset = os.path.join(folder, "data")
         export_case(label_spine(phantom.image, device="cpu"), phantom.image, dataset)
         logic = SpineLabelTrainingLogic()
+        self.assertEqual(logic.datasetSummary(dataset), "1 cases, CT")
+        handMade = os.path.join(folder, "handmade")  # channel_names as a list: no modality, no exception
+        os.makedirs(handMade)
+        with open(os.path.join(handMade, "dataset.json"), "w") as f:
+            json.dump({"channel_names": ["CT"], "numTraining": 2}, f)
+        self.assertEqual(logic.datasetSummary(handMade), "2 cases, ?")
         self.delayDisplay("Fine-tuning for one short epoch")
         process, outCard = logic.startTraining(dataset, None, "selftest", 1, "cpu",
                                                ["--iterations", "2", "--patch", "64", "64", "64"])

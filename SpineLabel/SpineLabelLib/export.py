@@ -48,7 +48,7 @@ from .result import Geometry, SpineLabeling
 from .vertebrae import COCCYX_LABEL, LEVELS, Level, level_index
 
 __all__ = ["CASE_PREFIX", "MIN_VERTEBRAE", "dataset_labels", "dataset_ignore_value", "dataset_label_values",
-           "recorded_modality", "provenance_of", "next_case_id", "export_case", "read_dataset_json"]
+           "dataset_channel", "recorded_modality", "provenance_of", "next_case_id", "export_case", "read_dataset_json"]
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _dataset_of(label_path: str | os.PathLike) -> dict | None:
     return read_dataset_json(label_path.parent.parent) if label_path.parent.name == "labelsTr" else None
 
 
-def _channel(document: dict) -> str | None:
+def dataset_channel(document: dict) -> str | None:
     """What a ``dataset.json`` calls its images: channel ``"0"`` of its ``channel_names`` (``"CT"`` or ``"MR"`` as
     ``export_case`` writes it, or any other name of nnU-Net's), None when it names no channel 0."""
     channels = document.get("channel_names")
@@ -149,7 +149,7 @@ def recorded_modality(label_path: str | os.PathLike) -> str | None:
         InputError: an unreadable ``dataset.json``.
     """
     document = _dataset_of(label_path)
-    channel = _channel(document) if document is not None else None
+    channel = dataset_channel(document) if document is not None else None
     return channel if channel in ("CT", "MR") else None
 
 
@@ -351,7 +351,7 @@ def export_case(
                          "modality of its images and what its label values mean are unknown: restore its dataset.json "
                          "or export into another dataset")
     if dataset is not None:
-        held = _channel(dataset)
+        held = dataset_channel(dataset)
         if held is None:
             raise ValueError(f"{dataset_dir}: its dataset.json names no channel '0' under 'channel_names' "
                              "(nnU-Net v2), so the modality of its images is unknown")
