@@ -1,9 +1,10 @@
 """Train the default model and measure it on the real scans in ``../shared/data``.
 
-The real scans are split once, here: the cases in ``HOLDOUT_MRI`` and ``HOLDOUT_FOLDERS`` never enter training and
-are the development test set, scored with ``spinelabel evaluate``, together with the ``discs_mri`` scans, whose images
-are never trained on either. The other real CT (``TRAINING_CT``) is trained on. (The data's owners hold back more
-cases of every source for an independent score.)
+The real scans are split once, here: the cases in ``HOLDOUT_MRI`` and ``HOLDOUT_FOLDERS`` never enter training and are
+the development test set, scored by ``spinelabel evaluate``'s ``evaluation.evaluate_folders`` (in this process, to score
+the ``discs_mri`` scans as a group of their own), together with those scans, whose images are never trained on either
+(their disc masks shape the synthetic discs). The other real CT (``TRAINING_CT``) is trained on. (The data's owners hold
+back more cases of every source for an independent score.)
 
 Usage (from the repository root):
     python benchmarks/real_data.py train --out SpineLabel/SpineLabelLib/weights/spinelabel-default.json [--epochs N ...]
