@@ -256,6 +256,8 @@ def test_unwritable_output_folder(tmp_path, model, phantom_file, capsys):
 def test_missing_model_is_a_clear_error(tmp_path, phantom_file, capsys):
     assert main(["label", str(phantom_file), "-o", str(tmp_path), "--model", str(tmp_path / "none.json")]) == 2
     assert "model card not found" in capsys.readouterr().err
+    assert main(["label", str(phantom_file), "-o", str(tmp_path), "--model", "nosuch-model"]) == 2
+    assert "nosuch-model: no model card of that name here and no model registered under it" in capsys.readouterr().err
 
 
 def test_help_does_not_import_torch():
@@ -349,6 +351,8 @@ def test_an_output_that_would_replace_an_input_is_refused(tmp_path, model, phant
 def test_labelling_options_without_label_are_refused(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path), str(tmp_path), "--model", "m.json", "--modality", "ct"]) == 2
     assert "--model, --modality only apply with --label" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path), str(tmp_path), "--device", "cpu"]) == 2
+    assert "--device only applies with --label" in capsys.readouterr().err
 
 
 def test_models_lists_the_shipped_and_the_registered_models(tmp_path, monkeypatch, capsys, model):

@@ -233,7 +233,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         ("--check-orientation", args.check_orientation, False), ("--no-spine-gate", args.no_spine_gate, False))
         if value != default]
     if given and not args.label:
-        print(f"spinelabel: error: {', '.join(given)} only apply with --label (which labels the reference images)",
+        verb = "applies" if len(given) == 1 else "apply"
+        print(f"spinelabel: error: {', '.join(given)} only {verb} with --label (which labels the reference images)",
               file=sys.stderr)
         return 2
     if args.label:
@@ -276,10 +277,11 @@ def _add_labelling_options(p: argparse.ArgumentParser, scope: str = "") -> None:
     opens their help."""
     p.add_argument("--model", type=_path, help=scope + "model card (.json) or a model's name (spinelabel models); "
                    "default: the model shipped with SpineLabel")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=scope + "where the network runs")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help=scope + "where the network runs (default auto: a CUDA GPU when there is one)")
     p.add_argument("--check-orientation", action="store_true",
                    help=scope + "run the network's level head a second time on each image turned head to feet and "
-                        "warn when it reads better that way (a wrong header); about a third of the network time again")
+                        "warn when it reads better that way (a wrong header); about half the network time again")
     p.add_argument("--no-spine-gate", action="store_true",
                    help=scope + "label the vertebra-like components even where the network does not take the image "
                         "for a spine (a spine the gate refuses: a small or unusual field of view)")
@@ -319,10 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default="ct", choices=["ct", "mr"], help="CT (Hounsfield units) or MR-like "
                    "intensities (default ct)")
     p.add_argument("--fov", default="whole", choices=["whole", "cervical", "thoracic", "lumbar"],
-                   help="the levels in view (default whole: C1 to the sacrum)")
+                   help="the region in view, neighbouring levels in part (default whole: C1 to the sacrum)")
     p.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="voxels; default: enough for the levels of --fov (fewer show fewer levels)")
-    p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="mm")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="mm; default: that of --fov")
     p.add_argument("--seed", type=int, default=0, help="another seed, another spine (default 0)")
     _add_output_options(p, "no summary")
     p.set_defaults(func=_phantom)
@@ -340,21 +342,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", type=_path, help="fine-tune from this model card (or a model's name)")
     p.add_argument("--name", help="the model's name in its card (and registry); default spinelabel-finetuned with "
                    "--base-model, spinelabel-trained without")
-    p.add_argument("--version", default="0.1.0", help="the model's version in its card")
-    p.add_argument("--epochs", type=int, default=10, help="each ends with a checkpoint and a validation line")
-    p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
-    p.add_argument("--batch", type=int, default=2, help="crops per iteration")
+    p.add_argument("--version", default="0.1.0", help="the model's version in its card (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="each ends with a checkpoint and a validation line (default %(default)s)")
+    p.add_argument("--iterations", type=int, default=100, help="iterations per epoch (default %(default)s)")
+    p.add_argument("--batch", type=int, default=2, help="crops per iteration (default %(default)s)")
     p.add_argument("--patch", type=int, nargs=3, default=[128, 80, 80], metavar=("Z", "Y", "X"),
-                   help="crop size in model voxels, each a multiple of 16")
+                   help="crop size in model voxels, each a multiple of 16 (default 128 80 80)")
     p.add_argument("--lr", type=float, help="peak learning rate; default 2e-3 for a new model, 3e-4 to fine-tune")
-    p.add_argument("--spacing", type=float, default=2.0, help="model grid spacing in mm (new models only)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spacing", type=float, default=2.0,
+                   help="model grid spacing in mm, new models only (default %(default)s)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where training runs (default auto: a CUDA GPU when there is one)")
+    p.add_argument("--seed", type=int, default=0, help="of the crops drawn and the new weights (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--data-dir", type=_path, help="real labelled vertebrae, the shapes of --data synthetic (needed "
                    "only for it)")
     p.add_argument("--validation-cases", type=int, default=4, help="fixed crops scored after every epoch, drawn "
-                   "in turn from the --data sources of weight above 0 (for a folder: crops of its training scans)")
+                   "in turn from the --data sources of weight above 0 (for a folder: crops of its training scans; "
+                   "default %(default)s)")
     p.add_argument("--note", default="", help="free text for the model card's training data entry")
     p.add_argument("--average-last", type=int, default=0, metavar="N",
                    help="write the mean of the weights of the last N epochs (stochastic weight averaging)")
@@ -378,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "labelled as that unless --modality says otherwise.")
     p.add_argument("pred_dir", type=_path, metavar="PRED_DIR", help="NAME_seg.nii.gz (+ NAME_ctd.json, "
                    "NAME_report.json) of each case, as spinelabel label writes them")
-    p.add_argument("gt_dir", type=_path, metavar="GT_DIR", help="reference masks: VerSe (X_seg-vert_msk.nii.gz + "
-                   "X_seg-vb_ctd.json), bodies only (X_vert-verse.nii.gz) or nnU-Net (labelsTr/X.nii.gz + "
+    p.add_argument("gt_dir", type=_path, metavar="GT_DIR", help="reference masks: VerSe (X_seg-vert_msk.nii.gz, "
+                   "optionally X_seg-vb_ctd.json), bodies only (X_vert-verse.nii.gz) or nnU-Net (labelsTr/X.nii.gz + "
                    "dataset.json)")
     p.add_argument("--json", type=_path, metavar="OUT.json", help="write the per-case results and summary as JSON")
     p.add_argument("--markdown", type=_path, metavar="OUT.md", help="write the report as Markdown")

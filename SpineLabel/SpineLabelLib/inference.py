@@ -302,7 +302,7 @@ def predict(
         progress: called with (fraction 0-1 of the windows done, message).
         cancel: polled before each window; True raises ``Cancelled``.
         levels_only: run the network up to its level head only (``SpineUNet.forward``): the prediction holds the
-            level log-probabilities alone, for about a third of the network time.
+            level log-probabilities alone, for about half the network time.
 
     Peak memory is about 12 bytes per voxel of ``volume`` for the outputs, 34 bytes per voxel of one row of windows
     for the blending, and one window's activations.

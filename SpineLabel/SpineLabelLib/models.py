@@ -2,9 +2,13 @@
 
 A model is two files side by side: ``NAME.pt`` (a torch ``state_dict``) and ``NAME.json``, its card::
 
-    {"name": "spinelabel-default", "version": "1.0.0", "architecture": {"channels": [8, 16, 32, 64, 96]},
-     "spacing_mm": 2.0, "ct_window_hu": [-1000, 1200], "normalisation": "...", "tissue_classes": [...], "level_classes": [...],
-     "training_data": "...", "evaluation": {...}, "weights": "spinelabel-default.pt", "sha256": "<hex>"}
+    {"name": "spinelabel-default", "version": "1.0.0", "architecture": {"type": "SpineUNet", "channels": [8, 16, 32,
+     64, 96]}, "spacing_mm": 2.0, "ct_window_hu": [-1000, 1200], "normalisation": "...", "tissue_classes": [...],
+     "level_classes": [...], "training_data": {"sources": [...], ...}, "training": {...}, "weights":
+     "spinelabel-default.pt", "sha256": "<hex>"}
+
+``spinelabel train`` writes these; the default model's card adds ``evaluation`` (``benchmarks/real_data.py evaluate
+--write-card``), ``selection`` and ``limitations``.
 
 The default model ships inside the package (``weights/``). Fine-tuned models are registered in the user model folder
 (``$SPINELABEL_MODELS_DIR``, else ``~/.local/share/spinelabel/models``); registering never replaces a model.
@@ -130,6 +134,9 @@ def read_card(path: str | os.PathLike) -> dict:
     """Read a model card (``.json``; a ``.pt`` path means the card beside it)."""
     card_path = card_file(path)
     if not card_path.is_file():
+        if Path(path).name == str(path) and card_path.suffix != ".json":  # a bare name: a model's, mistyped
+            raise ModelError(f"{path}: no model card of that name here and no model registered under it "
+                             "(spinelabel models lists them)")
         raise ModelError(f"{card_path}: model card not found")
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))

@@ -69,7 +69,7 @@ class SpineUNet(nn.Module):
         """x: float32 (B, 1, Z, Y, X), normalised intensities.
 
         Args:
-            levels_only: stop at the level head: no full-resolution decoder, no tissue logits (about a third of
+            levels_only: stop at the level head: no full-resolution decoder, no tissue logits (about half
                 the time of a whole pass on a CPU).
 
         Returns:

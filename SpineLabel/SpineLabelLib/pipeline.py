@@ -149,8 +149,10 @@ def get_model(model: str | os.PathLike | LoadedModel | None = None, device: str 
     if not (model is None or isinstance(model, (str, os.PathLike))):
         raise TypeError(f"model must be a model card's path, a model's name or a LoadedModel, not "
                         f"{type(model).__name__}")
-    card = (default_model_path() if model is None else card_file(model)).resolve()
-    files = set(card.parent.glob(f"{glob.escape(card.stem)}.*")) | {card.parent / read_card(card)["weights"]}
+    card = default_model_path() if model is None else card_file(model)
+    weights = read_card(card)["weights"]  # read before resolving: a bare name that names no model is said to be one
+    card = card.resolve()
+    files = set(card.parent.glob(f"{glob.escape(card.stem)}.*")) | {card.parent / weights}
     stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(files) if f.is_file())
     return _cached_model(card, str(resolved), stamp)
 
@@ -268,7 +270,7 @@ def label_spine(
             True raises ``Cancelled``.
         check_orientation: also run the network on the volume turned head to feet, and warn when it reads better
             that way (a header that gives superior and inferior the wrong way round); a second network pass, up to
-            the level head only (about a third of the network time again).
+            the level head only (about half the network time again).
         spine_gate: refuse images that the network does not take for a spine (``is_spine``). False labels whatever
             vertebra-like components it finds: for a spine the gate refuses, such as a small or unusual field of view.
         modality: ``"auto"`` detects it (``inference.read_modality``; a warning says how the scan was read when its
