@@ -544,6 +544,21 @@ def test_a_blob_level_with_one_of_two_bodies_is_off_the_column():
     assert off_axis_components(bodies, SPACING).tolist() == [3]
 
 
+@pytest.mark.parametrize("amplitude_mm", [30.0, 45.0, 50.0])
+def test_a_scoliotic_column_keeps_its_bodies(amplitude_mm):
+    # eight bodies 25 mm tall every 33 mm on a coronal arc (a C-curve whose ends lean 20-31 degrees), larger and
+    # smaller in turn, so that the column through the larger half skips every other level: the end body, beyond the
+    # column's last one, was measured against that body's centroid and dropped (45 and 50 mm); it is measured against
+    # the column going on along its slope
+    length = 8 * 33.0
+    bodies = np.zeros((int(length / 2) + 4, 40, 120), np.int32)
+    for vid, half in enumerate([9, 7] * 4, start=1):
+        z_mm = 2 + (vid - 0.5) * 33.0
+        x = int((120 + amplitude_mm * np.sin(np.pi * z_mm / length)) / 2)
+        bodies[int((z_mm - 12.5) / 2) : int((z_mm + 12.5) / 2), 20 - half : 20 + half, x - half : x + half] = vid
+    assert off_axis_components(bodies, SPACING).tolist() == []
+
+
 def test_count_ids_is_bincount_slab_by_slab(monkeypatch):
     import SpineLabelLib.components as comp
 

@@ -456,28 +456,53 @@ def _off_column(centroids: np.ndarray, large: np.ndarray, kept: np.ndarray, i: i
     """Distance (mm; antero-posterior offsets halved) of centroid ``i`` from the column through the ``large`` and
     ``kept`` centroids (bool), other than itself, or through all the ``kept`` others where fewer than two of them are
     large; 0 when it lies beyond the column's ends, or between two centroids that lean further from each other than
-    they rise (no column: one of them is off it). Centroids are float64 (n, 3) z, y, x mm."""
+    they rise (no column: one of them is off it). Centroids are float64 (n, 3) z, y, x mm.
+
+    The column is a curve through its centroids (``_column_at``), so that a body on a scoliotic curve between two
+    column bodies a few levels apart is not measured off the straight line between them; level with an end of the
+    column it goes on along that end's slope."""
     candidates = kept & (np.arange(len(centroids)) != i)
     others = np.flatnonzero(large & candidates)
     if others.size < 2:
         others = np.flatnonzero(candidates)
     if others.size < 2:
         return 0.0
-    others = others[np.argsort(centroids[others, 0])]
+    points = centroids[others[np.argsort(centroids[others, 0])]]
     z = centroids[i, 0]
-    zs = centroids[others, 0]
-    k = int(np.searchsorted(zs, z))
-    if 0 < k < others.size:
-        lo, hi = centroids[others[k - 1]], centroids[others[k]]
+    k = int(np.searchsorted(points[:, 0], z))
+    if 0 < k < len(points):
+        lo, hi = points[k - 1], points[k]
         if np.hypot(0.5 * (hi[1] - lo[1]), hi[2] - lo[2]) >= hi[0] - lo[0]:
             return 0.0
-        reference = lo + (z - lo[0]) / (hi[0] - lo[0]) * (hi - lo)
-    else:
-        end = min(k, others.size - 1)  # the column's end level with or beyond the component
-        if abs(z - zs[end]) > 0.5 * float(np.median(np.diff(zs))):
-            return 0.0
-        reference = centroids[others[end]]
-    return float(np.hypot(0.5 * (centroids[i, 1] - reference[1]), centroids[i, 2] - reference[2]))
+    elif abs(z - points[min(k, len(points) - 1), 0]) > 0.5 * float(np.median(np.diff(points[:, 0]))):
+        return 0.0  # beyond the column's end
+    reference = _column_at(points, z)
+    return float(np.hypot(0.5 * (centroids[i, 1] - reference[0]), centroids[i, 2] - reference[1]))
+
+
+def _column_at(points: np.ndarray, z: float) -> np.ndarray:
+    """(y, x) mm of the column through ``points`` (float64 (n, 3) z, y, x mm, n >= 2, z ascending) at height ``z``: a
+    cubic Hermite curve whose slope (dy/dz, dx/dz) at each point is that of the line through its neighbours (of the
+    line to its one neighbour at the ends), straight beyond the ends. A slope that leans further than it rises (a
+    column point off the column, points level with each other) is taken as the straight line between the points."""
+    zs, yx = points[:, 0], points[:, 1:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slopes = np.gradient(yx, zs, axis=0, edge_order=1) if len(points) > 2 else np.repeat(
+            (yx[1:] - yx[:1]) / (zs[1] - zs[0]), 2, axis=0)
+    k = int(np.clip(np.searchsorted(zs, z), 1, len(points) - 1))
+    z0, z1, h = zs[k - 1], zs[k], zs[k] - zs[k - 1]
+    m0, m1 = slopes[k - 1], slopes[k]
+    steep = not np.isfinite([m0, m1]).all() or max(np.hypot(0.5 * m[0], m[1]) for m in (m0, m1)) >= 1.0
+    if h <= 0 or steep:
+        chord = (yx[k] - yx[k - 1]) / h if h > 0 else np.zeros(2)
+        return yx[k - 1] + (z - z0) * chord
+    if z < z0:
+        return yx[k - 1] + (z - z0) * m0
+    if z > z1:
+        return yx[k] + (z - z1) * m1
+    t = (z - z0) / h
+    return ((2 * t**3 - 3 * t**2 + 1) * yx[k - 1] + (t**3 - 2 * t**2 + t) * h * m0
+            + (-2 * t**3 + 3 * t**2) * yx[k] + (t**3 - t**2) * h * m1)
 
 
 def ball(radius_mm: float, spacing_mm) -> np.ndarray:
