@@ -559,6 +559,29 @@ def test_a_scoliotic_column_keeps_its_bodies(amplitude_mm):
     assert off_axis_components(bodies, SPACING).tolist() == []
 
 
+@pytest.mark.xfail(strict=True, reason="a known limit (benchmarks/RESULTS.md, Rules Y2-Y6): the curve through a "
+                   "column with no point between T1 and T6 swings out across the apex of a tight S-curve")
+def test_the_small_bodies_of_an_s_curve_stay_on_the_column():
+    """The body components of a whole-spine CT phantom bent into an S-curve of 30 mm either way over 250 mm (centroids
+    z, y, x in mm and volumes in voxels of 2 mm, each a cube of that volume). The column, drawn through the larger
+    half of the components, the lumbar ones, has no point between T1 and T6, and the curve through it drops two
+    bodies at the apex (the straight line between its points, before Rule Y, dropped none)."""
+    components = [(663.9, 109.7, 118.5, 1540), (628.8, 105.7, 119.5, 874), (604.3, 105.4, 122.1, 574),
+                  (577.3, 109.7, 122.9, 1493), (551.9, 116.4, 123.6, 1093), (521.9, 126.2, 121.1, 2590),
+                  (490.6, 135.1, 118.1, 1296), (467.0, 140.5, 116.4, 1251), (445.7, 142.8, 113.1, 925),
+                  (426.2, 146.4, 94.2, 1240), (399.8, 145.5, 86.8, 2068), (369.7, 141.8, 90.2, 2281),
+                  (347.4, 136.5, 100.9, 1071), (324.4, 126.9, 125.2, 1526), (300.7, 117.5, 142.2, 2541),
+                  (271.0, 107.2, 149.8, 3188), (239.2, 97.2, 143.3, 3146), (210.1, 91.4, 119.6, 4445),
+                  (173.6, 93.7, 114.9, 5003), (136.2, 103.4, 116.4, 5246), (97.3, 114.3, 118.3, 10831),
+                  (61.1, 120.6, 122.7, 12626)]
+    bodies = np.zeros((349, 121, 121), np.int32)
+    for vid, (*centroid_mm, volume) in enumerate(components, start=1):
+        side = round(volume ** (1 / 3))
+        lo = np.round(np.array(centroid_mm) / 2).astype(int) - side // 2
+        bodies[lo[0] : lo[0] + side, lo[1] : lo[1] + side, lo[2] : lo[2] + side] = vid
+    assert off_axis_components(bodies, SPACING).tolist() == []
+
+
 def test_count_ids_is_bincount_slab_by_slab(monkeypatch):
     import SpineLabelLib.components as comp
 
