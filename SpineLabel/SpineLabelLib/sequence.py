@@ -56,7 +56,9 @@ class SequencePriors:
         missing_level: one regular level absent from the chain, a vertebra the network missed; 2 % per skipped
             level. Its gap is expected to span the missing vertebra, so at a normal spacing a skip costs far more
             than that: 11 thoracic vertebrae or a sacralised L5, which leave no gap, are numbered as a regular
-            spine counted from its anchor (C2 or the sacrum) unless the user fixes a name.
+            spine unless the user fixes a name, not always counted from the sacrum (a lumbar MRI with L3 cut out and
+            the gap closed came out numbered from its top: its L4, L5 and S1 called L3, L4 and L5, the sacral piece
+            below S1 called S1).
         pitch_mm: (level, distance) pairs: from the body centroid of each regular level to that of the next regular
             level caudally, in an adult of average size. Measured on the label maps of the training data (mean over
             scans; ``python benchmarks/real_data.py pitches``): C1-T5 on two whole-spine VerSe masks, T9-S1 on two
