@@ -417,18 +417,18 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
     """Ids of body components that lie off the vertebral column (posterior-element, rib, vessel or pelvis fragments).
 
     The column is drawn through the larger half of the components (by volume): the vertebral bodies are the large
-    ones, so fragments, however many, do not shape it; where fewer than two large ones are left besides the component
-    measured (a scan of three or four components), through all the others. A component is measured against the
-    column at its own height, interpolated between the nearest column components above and below it (or, level with
-    an end of the column, that end's body); components beyond the ends are left to the chain
-    (``features.drop_detached_ends``), since where the column goes beyond its last body is not known. Two column
-    components that lie further apart across than along z are no stretch of a column (one of them is off it, as a
-    bowel loop level with a body is), so nothing is measured between them. While a component lies more than
-    ``tolerance_mm`` from the column, the smallest of those beyond it and within ``NEARLY_AS_FAR`` of the furthest off
-    is dropped (two components level with each other measure each other off the column alike; the body is the
-    larger), then the others are measured again. Antero-posterior offsets count half: the sagittal curve bends sharply
-    at the lumbosacral junction, while the column hardly leaves its coronal line, and the fragments it must catch lie
-    35 mm or more behind the bodies (spinous processes) or beside them.
+    ones, so fragments, however many, do not shape it; where fewer than two large ones are left besides the
+    component measured (a scan of three or four components), through all the others. A component is measured against
+    the column at its own height (``_off_column``: a curve through the column components above and below it, or,
+    level with an end of the column, the column going on along that end's slope); components beyond the ends are
+    left to the chain (``features.drop_detached_ends``), since where the column goes beyond its last body is not
+    known. Two column components that lie further apart across than along z are no stretch of a column (one of them
+    is off it, as a bowel loop level with a body is), so nothing is measured between them. While a component lies
+    more than ``tolerance_mm`` from the column, the smallest of those beyond it and within ``NEARLY_AS_FAR`` of the
+    furthest off is dropped (two components level with each other measure each other off the column alike; the body
+    is the larger), then the others are measured again. Antero-posterior offsets count half: the sagittal curve
+    bends sharply at the lumbosacral junction, while the column hardly leaves its coronal line, and the fragments it
+    must catch lie 35 mm or more behind the bodies (spinous processes) or beside them.
 
     Args:
         bodies: int32 (z, y, x) body components.

@@ -72,7 +72,8 @@ Metrics (all distances between centroids in LPS millimetres; labels are VerSe va
   without transitional levels, where T13 takes L1's place and L6 takes S1's (``level_step``): T12 -> L1, T12 ->
   T13, L5 -> S1 and L5 -> L6 all count as one level (positive = predicted label too caudal). The case *shift* is the
   median difference over the pairs (None without pairs). A case is *off by one* when strictly more than half of
-  its pairs differ by one level the same way (all +1 or all -1: two swapped names are no shifted scan). ``sacrum_in_gt`` tells whether S1 (label 26) is in the GT.
+  its pairs differ by one level the same way (+1, or -1: two swapped names are no shifted scan). ``sacrum_in_gt``
+  tells whether S1 (label 26) is in the GT.
 * **Confidence** (predictions with ``NAME_report.json``): each GT vertebra takes the confidence of the predicted
   label closest to it when that lies within 20 mm. It is *uncertain* below ``sequence.UNCERTAIN_BELOW``, where
   SpineLabel warns, and *confident* otherwise. The summary counts the uncertain and the confident GT vertebrae and
