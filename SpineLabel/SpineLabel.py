@@ -524,7 +524,7 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         def unmet(importName: str, requirement: str) -> bool:
             if importlib.util.find_spec(importName) is None:
                 return True
-            name, _, floor = requirement.partition(">=")
+            name, _sep, floor = requirement.partition(">=")
             try:
                 return release(importlib.metadata.version(name)) < release(floor)
             except importlib.metadata.PackageNotFoundError:  # importable without metadata: take it as it is
