@@ -11,6 +11,7 @@ import errno
 import gzip
 import itertools
 import logging
+import math
 import os
 import re
 import secrets
@@ -18,7 +19,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import nibabel
 import numpy as np
@@ -267,11 +268,28 @@ def _all_finite(values: np.ndarray) -> bool:
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64 voxels
 
 
-def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int, int] | None:
-    """(byte order, datatype code, voxel offset, voxel bytes, whether the voxel size is known, NIfTI version 1 or 2,
-    number of dimensions) of a NIfTI header; None when it is not NIfTI. The voxel size is known from pixdim when its
-    spatial entries are finite and not 0 (ITK takes 1 mm for a 0, even beside an sform that gives the size), or for
-    NIfTI-2, which nibabel reads, from an sform.
+class _NiftiLayout(NamedTuple):
+    """What SpineLabel reads of a NIfTI header (``_nifti_layout``)."""
+
+    endian: str  # "<" or ">"
+    datatype: int  # NIfTI datatype code
+    offset: int  # bytes before the voxels
+    voxel_bytes: int
+    spacing_known: bool
+    version: int  # 1 or 2
+    sizes: tuple[int, ...]  # voxels along each of its dimensions, x first
+    scaling: tuple[float, float]  # scl_slope, scl_inter as stored
+
+    @property
+    def float64_3d_nifti1(self) -> bool:
+        """Read a slab at a time into float32 (``_read_float64_nifti1``), not by ITK."""
+        return self.version == 1 and self.datatype == 64 and len(self.sizes) == 3
+
+
+def _nifti_layout(header: bytes) -> _NiftiLayout | None:
+    """The layout of a NIfTI header; None when it is not NIfTI. The voxel size is known from pixdim when its spatial
+    entries are finite and not 0 (ITK takes 1 mm for a 0, even beside an sform that gives the size), or for NIfTI-2,
+    which nibabel reads, from an sform.
 
     Raises:
         ValueError: a voxel offset that is not a finite number, a qform or sform in use (code above 0) with NaN or
@@ -285,6 +303,7 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int, int] | 
             dims = struct.unpack(endian + "8h", header[40:56])
             pixdim = struct.unpack(endian + "8f", header[76:108])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            scaling = struct.unpack(endian + "2f", header[112:120])
             qform_code, sform_code = struct.unpack(endian + "2h", header[252:256])
             qform, sform = struct.unpack(endian + "6f", header[256:280]), struct.unpack(endian + "12f", header[280:328])
             break
@@ -293,6 +312,7 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int, int] | 
             dims = struct.unpack(endian + "8q", header[16:80])
             pixdim = struct.unpack(endian + "8d", header[104:168])
             offset = struct.unpack(endian + "q", header[168:176])[0]
+            scaling = struct.unpack(endian + "2d", header[176:192])
             qform_code, sform_code = struct.unpack(endian + "2i", header[344:352])
             qform, sform = struct.unpack(endian + "6d", header[352:400]), struct.unpack(endian + "12d", header[400:496])
             break
@@ -302,20 +322,20 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int, bool, int, int] | 
         if code > 0 and not np.all(np.isfinite(values)):  # ITK reads such an entry as 0: the scan placed elsewhere
             raise ValueError(f"its header's {name} holds NaN or infinite values")
     n_dims = max(0, min(int(dims[0]), 7))
-    n = 1
-    for d in dims[1 : 1 + n_dims]:
-        n *= max(int(d), 1)
+    sizes = tuple(max(int(d), 1) for d in dims[1 : 1 + n_dims])
     spatial = np.asarray(pixdim[1 : 1 + min(n_dims, 3)], dtype=float)
     spacing_known = bool(np.all(np.isfinite(spatial) & (spatial != 0))) or (size == 540 and sform_code > 0)
-    return endian, datatype, max(offset, 352), n * bitpix // 8, spacing_known, 1 if size == 348 else 2, n_dims
+    return _NiftiLayout(endian, datatype, max(offset, 352), math.prod(sizes) * bitpix // 8, spacing_known,
+                        1 if size == 348 else 2, sizes, scaling)
 
 
-def _check_nifti(path: Path, what: str) -> int:
+def _check_nifti(path: Path, what: str) -> tuple[_NiftiLayout, bool]:
     """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0), turns NaN and infinite
     voxels into 0, and takes 1 mm for a voxel size of 0: check the header and the size, and stream float voxels
     through a finiteness test (but a 3D float64 NIfTI-1, read as float32 and checked so: ``_read_float64_nifti1``);
     it reads a header of the wrong size, or with NaN in its qform or sform, as well: such a header is refused. ``what``
-    names the file in the messages ("image", "label map"). Returns the NIfTI version (1 or 2)."""
+    names the file in the messages ("image", "label map"). Returns the header's layout and whether the file is
+    gzip-compressed."""
     try:  # compressed or not by its first bytes: ITK reads a plain NIfTI named .nii.gz as well
         with open(path, "rb") as f:
             gz = f.read(2) == b"\x1f\x8b"
@@ -333,7 +353,7 @@ def _check_nifti(path: Path, what: str) -> int:
     if layout is None:  # ITK reads such a file all the same, unchecked
         raise InputError(f"{path}: corrupt NIfTI header: its first 4 bytes give a header size of neither 348 (NIfTI-1) "
                          "nor 540 (NIfTI-2)")
-    endian, datatype, offset, voxel_bytes, spacing_known, version, n_dims = layout
+    endian, datatype, offset, voxel_bytes, spacing_known = layout[:5]
     if not spacing_known:
         raise InputError(f"{path}: the header gives no voxel size (pixdim 0)")
     expected = offset + voxel_bytes
@@ -348,8 +368,8 @@ def _check_nifti(path: Path, what: str) -> int:
         size_known = True
     # a 3D float64 NIfTI-1 is read a slab at a time into float32 (``_read_float64_nifti1``), whose NaN and infinities
     # (float64 values beyond float32 among them) the reader's check of float32 voxels finds: not streamed twice
-    if size_known and (float_type is None or (version == 1 and datatype == 64 and n_dims == 3)):
-        return version
+    if size_known and (float_type is None or layout.float64_3d_nifti1):
+        return layout, gz
     # read the voxels: to count them (a gzip stream of another size) or to test float voxels
     total = 0
     try:
@@ -367,7 +387,7 @@ def _check_nifti(path: Path, what: str) -> int:
         total = -1
     if total < expected:
         raise InputError(f"{path}: truncated or corrupt compressed file")
-    return version
+    return layout, gz
 
 
 def _load_nifti(path: Path) -> nibabel.Nifti1Image | nibabel.Nifti2Image:
@@ -468,9 +488,13 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
     ``sitk.ReadImage`` with ITK's error turned into an ``InputError`` naming ``path`` and the reason. ``what`` names
     the file in the messages ("image", "label map"); ``notes``, when given, gets a line when a 3D NIfTI file's header
     gives no orientation, or its qform and sform disagree (``_forms_note``)."""
-    version = _check_nifti(path, what) if path.name.lower().endswith((".nii", ".nii.gz")) else 0
-    image = _read_nifti2(path, what) if version == 2 else _read_float64_nifti1(path) if version == 1 else None
-    if image is None:
+    nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+    layout, gz = _check_nifti(path, what) if nifti else (None, False)
+    if nifti and layout.version == 2:
+        image = _read_nifti2(path, what)
+    elif nifti and layout.float64_3d_nifti1:
+        image = _read_float64_nifti1(path, layout, gz)
+    else:
         _check_data_file(path)
         # ITK picks its reader by the suffix as written, and knows MetaImage's in lower case only
         metaimage = path.suffix.lower() in (".mha", ".mhd")
@@ -478,32 +502,26 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
             image = sitk.ReadImage(str(path), imageIO="MetaImageIO" if metaimage else "")
         except RuntimeError as err:
             raise InputError(f"{path}: unreadable {what} ({_itk_reason(err)})") from None
-    if version and notes is not None and image.GetDimension() == 3 and (note := _forms_note(path, image)):
+    if nifti and notes is not None and image.GetDimension() == 3 and (note := _forms_note(path, image)):
         notes.append(note)
     return image
 
 
-def _read_float64_nifti1(path: Path) -> sitk.Image | None:
+def _read_float64_nifti1(path: Path, layout: _NiftiLayout, gz: bool) -> sitk.Image:
     """A 3D NIfTI-1 file of float64 voxels (as nibabel writes them by default) read as float32 a slab at a time, scaled
-    by its slope and intercept, on the grid ITK reads from its header; None for any other NIfTI-1 file. ITK held two
-    float64 copies of the voxels (3.5 GB for 512 x 512 x 800) before the float32 copy labelling makes; this holds a
-    float32 array and its copy in the image (1.7 GB). ``path`` has passed ``_check_nifti`` (header and size); NaN and
-    infinities (float64 values beyond float32 among them) are left for the readers' check of float32 voxels.
+    by its slope and intercept, on the grid ITK reads from its header. ITK held two float64 copies of the voxels (3.5
+    GB for 512 x 512 x 800) before the float32 copy labelling makes; this holds a float32 array and its copy in the
+    image (1.7 GB). ``path`` has passed ``_check_nifti``, which gives its ``layout`` and whether it is ``gz``
+    compressed; NaN and infinities (float64 values beyond float32 among them) are left for the readers' check of
+    float32 voxels.
     """
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"  # by its first bytes, as _check_nifti
+    endian = layout.endian
+    slope, intercept = layout.scaling
+    if not np.isfinite(slope) or slope == 0:  # NIfTI: no scaling
+        slope, intercept = 1.0, 0.0
     with (gzip.open if gz else open)(path, "rb") as f:
-        header = f.read(348)
-        endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-        dims = struct.unpack(endian + "8h", header[40:56])
-        datatype = struct.unpack(endian + "h", header[70:72])[0]
-        offset, slope, intercept = struct.unpack(endian + "3f", header[108:120])
-        if datatype != 64 or dims[0] != 3:
-            return None
-        if not np.isfinite(slope) or slope == 0:  # NIfTI: no scaling
-            slope, intercept = 1.0, 0.0
-        f.read(max(int(offset), 352) - 348)
-        voxels = np.empty(int(np.prod(dims[1:4])), dtype=np.float32)  # x fastest: (z, y, x) in C order
+        f.read(layout.offset)
+        voxels = np.empty(math.prod(layout.sizes), dtype=np.float32)  # x fastest: (z, y, x) in C order
         step = 1 << 21  # voxels (16 MB of float64) at a time
         with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, which the reader's check refuses
             for start in range(0, voxels.size, step):
@@ -513,7 +531,7 @@ def _read_float64_nifti1(path: Path) -> sitk.Image | None:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
-    image = sitk.GetImageFromArray(voxels.reshape(dims[3], dims[2], dims[1]))
+    image = sitk.GetImageFromArray(voxels.reshape(layout.sizes[::-1]))
     image.SetSpacing(reader.GetSpacing())
     image.SetOrigin(reader.GetOrigin())
     image.SetDirection(reader.GetDirection())
