@@ -442,6 +442,8 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         result = labeling.result
         lines = list(result.warnings)
+        if labeling.lastNotice:
+            lines.insert(0, labeling.lastNotice)
         if labeling.lastError:
             lines.insert(0, _("Correction not applied: {error}").format(error=labeling.lastError))
         self.ui.warningsLabel.text = "\n".join(lines) if lines else _("No warnings.")

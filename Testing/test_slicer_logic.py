@@ -739,6 +739,20 @@ def test_the_slicer_module_asks_for_the_package_versions_pyproject_asks_for():
     assert set(ast.literal_eval(assigned).values()) <= required
 
 
+def test_a_rename_to_a_name_locked_elsewhere_says_that_point_is_unlocked(labeled):
+    node = labeled.markupsNode
+    l2 = labeled.result.vertebrae[point_index(labeled, "L2")]
+    node.SetNthControlPointLocked(point_index(labeled, "L2"), True)
+    assert labeled.result.by_id(l2.id).fixed and labeled.lastNotice == ""
+    node.SetNthControlPointLabel(point_index(labeled, "L1"), "L2")
+    assert not labeled.result.by_id(l2.id).fixed and labeled.result.by_id(l2.id).name == "L3"
+    assert labeled.corrections[-1]["unlocked_vertebra_ids"] == [l2.id]
+    assert labeled.lastNotice == "L2 was locked on another point, which is unlocked and now named L3"
+    assert_nodes_match(labeled)
+    node.SetNthControlPointLabel(point_index(labeled, "T12"), "T11")  # nothing locked on T11: no notice
+    assert labeled.lastNotice == "" and "unlocked_vertebra_ids" not in labeled.corrections[-1]
+
+
 def test_a_rename_leaves_a_segment_the_user_added_alone(labeled):
     segmentation = labeled.segmentationNode.GetSegmentation()
     tumour = segmentation.AddEmptySegment("tumour", "tumour")  # in the shared layer, as the Segment Editor adds it

@@ -37,7 +37,7 @@ from SpineLabelLib import edits, export
 from SpineLabelLib.io import InputError
 from SpineLabelLib.result import Geometry, SpineLabeling
 from SpineLabelLib.sequence import confidence_text
-from SpineLabelLib.vertebrae import level_index, terminology_entry
+from SpineLabelLib.vertebrae import LEVELS, level_index, terminology_entry
 
 __all__ = [
     "headlessScene",
@@ -199,6 +199,8 @@ class LabelingScene(VTKObservationMixin):
         result: the current labelling; replaced (never modified) by every correction.
         corrections: log of the corrections applied, oldest first (stored in exported provenance).
         lastError: message of the last correction that could not be applied from the markups ("" if none).
+        lastNotice: what a rename did beyond what was asked, cleared with ``lastError`` ("" if nothing): a name
+            locked on another point moves to the renamed one and unlocks that point.
         changedCallbacks: functions called with this object after every change made from the markups.
     """
 
@@ -208,7 +210,7 @@ class LabelingScene(VTKObservationMixin):
         self.volumeNode = volumeNode
         self.result = result
         self.corrections: list[dict] = []
-        self.lastError = ""
+        self.lastError = self.lastNotice = ""
         self.changedCallbacks: list[Callable[["LabelingScene"], None]] = []
         self._image = image
         self._pointToVertebra: dict[str, int] = {}
@@ -294,8 +296,15 @@ class LabelingScene(VTKObservationMixin):
         if not self._readBackKeeps(vertebraId):
             return
         old = self.result.by_id(vertebraId).name
-        self._set(edits.rename(self.result, vertebraId, name, lock),
-                  {"action": "rename", "vertebra_id": vertebraId, "from": old, "to": name, "locked": lock}, voxels=False)
+        canonical = LEVELS[level_index(name)].name
+        unlocked = [v.id for v in self.result.vertebrae if v.fixed and v.name == canonical and v.id != vertebraId]
+        record = {"action": "rename", "vertebra_id": vertebraId, "from": old, "to": name, "locked": lock}
+        result = edits.rename(self.result, vertebraId, name, lock)
+        if unlocked:  # the latest correction takes the name (edits.rename)
+            record["unlocked_vertebra_ids"] = unlocked
+            self.lastNotice = (f"{canonical} was locked on another point, which is unlocked and now named "
+                               + ", ".join(result.by_id(i).name for i in unlocked))
+        self._set(result, record, voxels=False)
 
     def setLocked(self, vertebraId: int, locked: bool) -> None:
         """Fix or release a vertebra's name and update both nodes."""
@@ -616,7 +625,7 @@ class LabelingScene(VTKObservationMixin):
         actions = self._pendingActions()
         if not actions:
             return
-        self.lastError = ""
+        self.lastError = self.lastNotice = ""
         for action in actions:
             try:
                 action()
