@@ -157,6 +157,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
@@ -177,6 +178,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.initializeParameterNode()
         self.updateDependencyStatus()
+        self.onSceneEndImport()  # a scene loaded before the panel was first shown
 
     def cleanup(self) -> None:
         self.removeObservers()
@@ -215,6 +217,21 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if labeling is not None:
             labeling.cleanup()
             self._checkCanApply()
+
+    def onSceneEndImport(self, caller=None, event=None) -> None:
+        """Follow again the labellings of a loaded scene (.mrb, .mrml) that are not followed yet, one per volume:
+        corrections re-solve them, and they can be exported, as before the scene was saved."""
+        if self.logic.missingPackages():  # followed once they are installed and a scene is loaded
+            return
+        followed = [labeling.segmentationNode for labeling in self._labelings.values()]
+        with errorsShown(_("Failed to restore the saved vertebra labels.")):
+            for labeling in self.logic.savedLabelings(followed):
+                if labeling.volumeNode.GetID() in self._labelings:  # a copy of the segmentation of one followed
+                    labeling.cleanup()
+                    continue
+                self._labelings[labeling.volumeNode.GetID()] = labeling
+                labeling.changedCallbacks.append(self.onLabelingChanged)
+        self._checkCanApply()
 
     def _forgetLabelings(self) -> None:
         for labeling in self._labelings.values():
@@ -647,6 +664,14 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
                              check_orientation=checkOrientation, spine_gate=spineGate, modality=modality)
         result.source = volumeSource(volumeNode)
         return LabelingScene(volumeNode, require_vertebrae(result, volumeNode.GetName()), image=image)
+
+    @staticmethod
+    def savedLabelings(followed=()):
+        """The labellings saved with the scene (``SpineLabelLogic.scene.savedLabelings``) but those whose
+        segmentation node is in ``followed``, each followed again."""
+        from SpineLabelLogic.scene import savedLabelings
+
+        return savedLabelings(slicer.mrmlScene, followed)
 
     def exportCase(self, labeling, datasetDirectory, caseId=None):
         """Append the corrected labelling (Segment Editor edits included) to an nnU-Net dataset folder."""

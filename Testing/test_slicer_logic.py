@@ -24,6 +24,7 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from conftest import build_spine  # noqa: E402
+from SpineLabelLib.export import provenance_of  # noqa: E402
 from SpineLabelLib.io import InputError  # noqa: E402
 from SpineLabelLib.vertebrae import (  # noqa: E402
     BY_LABEL,
@@ -880,3 +881,79 @@ def test_an_undone_erase_whose_name_can_no_longer_stand_is_not_restored(labeled,
     assert_nodes_match(labeled)
     labeled.markupsNode.SetNthControlPointLocked(point_index(labeled, "L1"), False)  # corrections still work
     assert labeled.lastError == "" and not labeled.result.by_id(3).fixed
+
+
+def save_and_load(mrml, labeling, folder: Path, bundle: bool) -> list:
+    """Save the scene as Slicer saves it (each node's file through its storage node, then the .mrml; or one .mrb),
+    close it and load it back; returns the labellings ``savedLabelings`` followed again when the scene's import ended,
+    as the module does."""
+    from SpineLabelLogic.scene import savedLabelings
+
+    scene = mrml.scene
+    folder.mkdir()
+    if bundle:
+        assert mrml.app_logic.SaveSceneToSlicerDataBundleDirectory(str(folder), None)
+        assert mrml.app_logic.Zip(str(folder.with_suffix(".mrb")), str(folder))
+    else:
+        for node in (labeling.volumeNode, labeling.segmentationNode, labeling.markupsNode):
+            node.AddDefaultStorageNode()
+            storage = node.GetStorageNode()
+            storage.SetFileName(str(folder / f"{node.GetName()}.{storage.GetDefaultWriteFileExtension()}"))
+            assert storage.WriteData(node)
+        scene.SetURL(str(folder / "scene.mrml"))
+        assert scene.Commit()
+    labeling.cleanup()
+    scene.Clear(0)
+    loaded = []
+    tag = scene.AddObserver(scene.EndImportEvent, lambda caller, event: loaded.extend(savedLabelings(scene)))
+    if bundle:
+        (folder.parent / "unpacked").mkdir()
+        assert mrml.app_logic.OpenSlicerDataBundle(str(folder.with_suffix(".mrb")), str(folder.parent / "unpacked"))
+    else:
+        scene.SetURL(str(folder / "scene.mrml"))
+        assert scene.Import()
+    scene.RemoveObserver(tag)
+    return loaded
+
+
+@pytest.mark.parametrize("bundle", [False, True], ids=["mrml", "mrb"])
+def test_a_labelling_saved_with_the_scene_is_corrected_again_once_loaded(labeled, mrml, tmp_path, bundle):
+    """Loaded back, the segmentation and points showed the labelling, but a renamed point no longer renamed its
+    neighbours (nothing followed the nodes) and the case could no longer be exported."""
+    from SpineLabelLogic.scene import savedLabelings
+
+    labeled.markupsNode.SetNthControlPointLabel(point_index(labeled, "L1"), "L2")
+    saved = labeled.result
+    assert [v.name for v in saved.vertebrae] == ["T12", "L1", "L2", "L3", "L4", "L5"]
+    (loaded,) = save_and_load(mrml, labeled, tmp_path / "scene", bundle)
+    try:
+        assert loaded.volumeNode.GetImageData() is not None and loaded.markupsNode.GetScene() is mrml.scene
+        assert [(v.id, v.name, v.fixed) for v in loaded.result.vertebrae] == [(v.id, v.name, v.fixed)
+                                                                              for v in saved.vertebrae]
+        np.testing.assert_array_equal(loaded.result.components, saved.components)
+        for a, b in zip(loaded.result.vertebrae, saved.vertebrae):
+            np.testing.assert_array_equal(a.level_log_scores, b.level_log_scores)
+        assert loaded.corrections == labeled.corrections
+        assert_nodes_match(loaded)
+        assert savedLabelings(mrml.scene, [loaded.segmentationNode]) == []  # one labelling is followed once
+
+        loaded.markupsNode.SetNthControlPointLocked(point_index(loaded, "L2"), False)  # its neighbours follow it back
+        assert [v.name for v in loaded.result.vertebrae] == ["T11", "T12", "L1", "L2", "L3", "L4"]
+        assert_nodes_match(loaded)
+        loaded.markupsNode.RemoveNthControlPoint(0)
+        assert [v.name for v in loaded.result.vertebrae] == ["T12", "L1", "L2", "L3", "L4"]
+        assert_nodes_match(loaded)
+        assert [c["action"] for c in provenance_of(loaded.exportCase(tmp_path / "dataset"))["corrections"]] == [
+            "rename", "unlock", "delete"]
+    finally:
+        loaded.cleanup()
+
+
+def test_a_segment_removed_before_the_scene_was_saved_is_taken_in_once_loaded(labeled, mrml, tmp_path):
+    removed = labeled.result.vertebrae[-1].id
+    labeled.segmentationNode.GetSegmentation().RemoveSegment(segmentIdOf(removed))
+    (loaded,) = save_and_load(mrml, labeled, tmp_path / "scene", bundle=False)
+    assert [v.name for v in loaded.result.vertebrae] == ["T11", "T12", "L1", "L2", "L3"]
+    assert loaded.corrections == [{"action": "segment_edit", "vertebra_ids": [removed]}]
+    assert_nodes_match(loaded)
+    loaded.cleanup()

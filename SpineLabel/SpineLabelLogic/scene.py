@@ -16,6 +16,11 @@ nodes are rewritten in one batch (``StartModify``/``EndModify``), so a relabel o
 events, not 25. Voxel edits made with the Segment Editor are read back (:meth:`LabelingScene.readBackSegmentation`)
 before any correction that changes voxels and before export.
 
+The labelling (all of it but its voxels, which are the segments') and its corrections are kept, as JSON, in the
+segmentation node's ``SpineLabel.Labeling`` attribute, and the points are the segmentation node's ``spineLabelPoints``
+reference, so that MRML saves them with the scene (.mrml, .mrb); :func:`savedLabelings` follows them again once
+such a scene is loaded.
+
 Coordinates: the core works in LPS mm, MRML in RAS mm; the conversion flips the first two axes. Both nodes go under
 the volume's parent transform, if it has one, so they hold the volume's own (untransformed) coordinates and are shown
 where the volume is.
@@ -23,6 +28,7 @@ where the volume is.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Callable
 
@@ -38,10 +44,12 @@ from SpineLabelLib.io import InputError
 from SpineLabelLib.result import Geometry, SpineLabeling
 from SpineLabelLib.sequence import confidence_text
 from SpineLabelLib.vertebrae import LEVELS, level_index, terminology_entry
+from SpineLabelLogic.worker import geometryOfDocument, resultDocument, resultFromDocument
 
 __all__ = [
     "headlessScene",
     "LabelingScene",
+    "savedLabelings",
     "ijkToRasMatrix",
     "imageFromVolumeNode",
     "addVolumeNodeFromImage",
@@ -54,6 +62,10 @@ log = logging.getLogger(__name__)
 
 _LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 _SEGMENT_PREFIX = "vertebra_"
+# the segmentation node's attribute holding the labelling but its voxels, and its corrections (JSON), and its
+# reference to the points
+STATE_ATTRIBUTE = "SpineLabel.Labeling"
+_POINTS_ROLE = "spineLabelPoints"
 _MOVE_TOLERANCE_MM = 0.01
 # a point placed this close (mm) to where a removed vertebra had its point brings that vertebra back
 _RESTORE_REACH_MM = 10.0
@@ -176,6 +188,20 @@ def _orientedImage(geometry: Geometry, labels: np.ndarray | None) -> "slicer.vtk
     return image
 
 
+def _mergedSegments(segmentationNode, segmentIds: list[str], geometry: Geometry) -> np.ndarray:
+    """The vertebra segments ``segmentIds`` merged into one map of vertebra ids (the later segment wins where they
+    overlap): (z, y, x) on ``geometry``, the merged labelmap's integer dtype."""
+    ids, labelValues = vtk.vtkStringArray(), vtk.vtkIntArray()
+    for segmentId in segmentIds:
+        ids.InsertNextValue(segmentId)
+        labelValues.InsertNextValue(vertebraIdOf(segmentId))
+    merged = slicer.vtkOrientedImageData()
+    if not segmentationNode.GenerateMergedLabelmapForAllSegments(
+            merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, _orientedImage(geometry, None), ids, labelValues):
+        raise RuntimeError(f"{segmentationNode.GetName()}: could not merge the segments into a labelmap")
+    return _voxelsOf(merged)
+
+
 def _voxelsOf(image) -> np.ndarray:
     """Writable numpy view (z, y, x), i.e. (k, j, i) of the extent, of a single-component ``vtkImageData``'s
     scalars, no copy, in their own dtype (label values here: a segmentation layer or merged labelmap)."""
@@ -191,6 +217,9 @@ class LabelingScene(VTKObservationMixin):
         result: its labelling (on the volume's grid).
         image: the volume as a ``SimpleITK.Image``; read from ``volumeNode`` when needed if not given.
         name: base name of the nodes (defaults to the volume's name).
+        segmentationNode, markupsNode: nodes of this labelling to follow again (a saved scene loaded back), instead of
+            new ones; the segments hold its voxels.
+        corrections: the corrections it had (``corrections`` of the labelling saved).
 
     Raises:
         ValueError: the labelling is not on the volume's grid.
@@ -204,12 +233,13 @@ class LabelingScene(VTKObservationMixin):
         changedCallbacks: functions called with this object after every change made from the markups.
     """
 
-    def __init__(self, volumeNode, result: SpineLabeling, image: sitk.Image | None = None, name: str | None = None):
+    def __init__(self, volumeNode, result: SpineLabeling, image: sitk.Image | None = None, name: str | None = None,
+                 segmentationNode=None, markupsNode=None, corrections: list[dict] | None = None):
         VTKObservationMixin.__init__(self)
         edits.check_image_grid(result, _geometryOfVolume(volumeNode))
         self.volumeNode = volumeNode
         self.result = result
-        self.corrections: list[dict] = []
+        self.corrections: list[dict] = list(corrections or [])
         self.lastError = self.lastNotice = ""
         self.changedCallbacks: list[Callable[["LabelingScene"], None]] = []
         self._image = image
@@ -224,25 +254,62 @@ class LabelingScene(VTKObservationMixin):
         self._removedVoxels: dict[int, np.ndarray] = {}
         scene = volumeNode.GetScene()
         base = name or volumeNode.GetName()
-        self.segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{base} vertebrae")
-        self.segmentationNode.CreateDefaultDisplayNodes()
-        self.segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        self.markupsNode = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{base} vertebra centroids")
-        self.markupsNode.CreateDefaultDisplayNodes()
+        newSegments = segmentationNode is None
+        if newSegments:
+            segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{base} vertebrae")
+            segmentationNode.CreateDefaultDisplayNodes()
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        if markupsNode is None:
+            markupsNode = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{base} vertebra centroids")
+            markupsNode.CreateDefaultDisplayNodes()
+        self.segmentationNode, self.markupsNode = segmentationNode, markupsNode
+        segmentationNode.SetNodeReferenceID(_POINTS_ROLE, markupsNode.GetID())
         # every name shows in a slice view, not only those of the points within half a slice of it (a sagittal view
         # showed 2 of 9 on a lumbar MRI)
         self.markupsNode.GetDisplayNode().SetSliceProjection(True)
         self.markupsNode.GetDisplayNode().SetSliceProjectionUseFiducialColor(True)
         self._followVolumeTransform()
         self._placeUnderVolume()
-        self._writeSegments(voxels=True)
+        self._writeSegments(voxels=newSegments)
         self._writePoints()
+        self._storeState()
         for event in _MARKUPS_EVENTS:
             self.addObserver(self.markupsNode, event, self._onPointsChanged)
         self.addObserver(self.markupsNode, slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent, self._onInteractionStart)
         self.addObserver(self.markupsNode, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self._onInteractionEnd)
         self.addObserver(volumeNode, slicer.vtkMRMLTransformableNode.TransformModifiedEvent,
                          self._followVolumeTransform)
+
+    @classmethod
+    def fromSavedNodes(cls, segmentationNode) -> "LabelingScene | None":
+        """Follow again the labelling of a segmentation node saved with the scene and loaded back, from its
+        ``STATE_ATTRIBUTE`` and its segments. A vertebra whose segment was removed or emptied in the Segment Editor
+        before the scene was saved is deleted (as a correction would have read it back). None for a segmentation
+        node that holds no SpineLabel labelling or whose volume is gone.
+
+        Raises:
+            ValueError: the volume is no longer on the labelling's grid.
+        """
+        text = segmentationNode.GetAttribute(STATE_ATTRIBUTE)
+        volumeNode = segmentationNode.GetNodeReference(
+            slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+        if not text or volumeNode is None:
+            return None
+        state = json.loads(text)
+        segmentation = segmentationNode.GetSegmentation()
+        segmentIds = [segmentIdOf(v["id"]) for v in state["result"]["vertebrae"]
+                      if segmentation.GetSegment(segmentIdOf(v["id"])) is not None]
+        geometry = geometryOfDocument(state["result"])
+        components = (_mergedSegments(segmentationNode, segmentIds, geometry).astype(np.int16) if segmentIds
+                      else np.zeros(geometry.size[::-1], dtype=np.int16))
+        result = resultFromDocument(state["result"], components)
+        counts = np.bincount(components.ravel(), minlength=max((v.id for v in result.vertebrae), default=0) + 1)
+        emptied = [v.id for v in result.vertebrae if counts[v.id] == 0]
+        for vertebraId in emptied:
+            result = edits.delete(result, vertebraId)
+        corrections = state["corrections"] + ([{"action": "segment_edit", "vertebra_ids": emptied}] if emptied else [])
+        return cls(volumeNode, result, segmentationNode=segmentationNode,
+                   markupsNode=segmentationNode.GetNodeReference(_POINTS_ROLE), corrections=corrections)
 
     # ------------------------------------------------------------------------------------------------ public
 
@@ -473,18 +540,9 @@ class LabelingScene(VTKObservationMixin):
         return True
 
     def _merged(self, segmentIds: list[str]) -> np.ndarray:
-        """The vertebra segments ``segmentIds`` merged into one map of vertebra ids (the later segment wins where they
-        overlap): (z, y, x) on the result's grid, the dtype of ``result.components``."""
-        ids, labelValues = vtk.vtkStringArray(), vtk.vtkIntArray()
-        for segmentId in segmentIds:
-            ids.InsertNextValue(segmentId)
-            labelValues.InsertNextValue(vertebraIdOf(segmentId))
-        merged = slicer.vtkOrientedImageData()
-        if not self.segmentationNode.GenerateMergedLabelmapForAllSegments(
-                merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, _orientedImage(self.result.geometry, None),
-                ids, labelValues):
-            raise RuntimeError(f"{self.segmentationNode.GetName()}: could not merge the segments into a labelmap")
-        return _voxelsOf(merged).astype(self.result.components.dtype)
+        """:func:`_mergedSegments` of this labelling's segmentation, in the dtype of ``result.components``."""
+        return _mergedSegments(self.segmentationNode, segmentIds, self.result.geometry).astype(
+            self.result.components.dtype)
 
     def exportCase(self, datasetDir, caseId: str | None = None):
         """Read back Segment Editor edits and append this labelling to an nnU-Net dataset
@@ -526,6 +584,13 @@ class LabelingScene(VTKObservationMixin):
         log.info("correction: %s", record)
         self._writeSegments(voxels=voxels)
         self._writePoints()
+        self._storeState()
+
+    def _storeState(self) -> None:
+        """Keep the labelling and its corrections in the segmentation node's ``STATE_ATTRIBUTE``, which the scene
+        saves."""
+        self.segmentationNode.SetAttribute(STATE_ATTRIBUTE, json.dumps(
+            {"result": resultDocument(self.result), "corrections": self.corrections}))
 
     def _writeSegments(self, voxels: bool) -> None:
         """Make the segments match ``result``: one per vertebra, names, colours, terminology, label values.
@@ -664,6 +729,27 @@ class LabelingScene(VTKObservationMixin):
             if pointId not in present:
                 actions.append(lambda i=vertebraId: self.delete(i))
         return actions
+
+
+def savedLabelings(scene, followed=()) -> list[LabelingScene]:
+    """The labellings of a loaded scene's segmentation nodes (:meth:`LabelingScene.fromSavedNodes`), each followed
+    again, but those of the segmentation nodes in ``followed``, those no longer on their volume's grid, and a copy of
+    a segmentation node (the Data module's Clone) whose points another one holds (both would rewrite them)."""
+    labelings, pointsTaken = [], {node.GetNodeReferenceID(_POINTS_ROLE) for node in followed}
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
+        points = node.GetNodeReferenceID(_POINTS_ROLE)
+        if node in followed or (points is not None and points in pointsTaken):
+            continue
+        try:
+            labeling = LabelingScene.fromSavedNodes(node)
+        except ValueError as err:  # its volume resampled or hardened since: label it again
+            log.warning("%s: the saved labelling is not followed again (%s)", node.GetName(), err)
+            continue
+        if labeling is not None:
+            labelings.append(labeling)
+            pointsTaken.add(labeling.markupsNode.GetID())
+    return labelings
 
 
 def _levelNameOrNone(label: str) -> str | None:

@@ -30,7 +30,7 @@ import numpy as np
 from SpineLabelLib.io import atomic_paths
 from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
 
-__all__ = ["saveResult", "loadResult", "main"]
+__all__ = ["resultDocument", "geometryOfDocument", "resultFromDocument", "saveResult", "loadResult", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,9 @@ _COMPONENTS = "components.npy"
 _PLAIN_FIELDS = tuple(f.name for f in fields(SpineLabeling) if f.name not in ("geometry", "components", "vertebrae"))
 
 
-def saveResult(result: SpineLabeling, folder: str | os.PathLike) -> Path:
-    """Write a labelling to ``folder``: ``components.npy`` (int16 (z, y, x)) and ``result.json`` (the rest), both or
-    neither (an earlier result there is never left half replaced)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def resultDocument(result: SpineLabeling) -> dict:
+    """A labelling as a JSON-serialisable dict: everything but its components (geometry, vertebrae with their level
+    evidence, chain and sacral pieces, provenance), as ``result.json`` holds it."""
     document = {
         "geometry": {"size": list(result.geometry.size), "spacing": list(result.geometry.spacing),
                      "origin": list(result.geometry.origin), "direction": list(result.geometry.direction)},
@@ -55,7 +53,33 @@ def saveResult(result: SpineLabeling, folder: str | os.PathLike) -> Path:
                        "fixed": v.fixed} for v in result.vertebrae],
     }
     document.update((name, getattr(result, name)) for name in _PLAIN_FIELDS)
-    text = json.dumps(document)  # before anything is written: what JSON cannot hold fails here
+    return document
+
+
+def geometryOfDocument(document: dict) -> Geometry:
+    """The grid of a labelling written by :func:`resultDocument`."""
+    g = document["geometry"]
+    return Geometry(tuple(g["size"]), tuple(g["spacing"]), tuple(g["origin"]), tuple(g["direction"]))
+
+
+def resultFromDocument(document: dict, components: np.ndarray) -> SpineLabeling:
+    """The labelling of a :func:`resultDocument` with its components (int16 (z, y, x) on its grid)."""
+    vertebrae = [Vertebra(id=v["id"], name=v["name"], centroid_lps_mm=tuple(v["centroid_lps_mm"]),
+                          volume_ml=v["volume_ml"], confidence=v["confidence"],
+                          level_log_scores=np.asarray(v["level_log_scores"], dtype=float), fixed=v["fixed"],
+                          confidence_log_scores=None if v["confidence_log_scores"] is None else
+                          np.asarray(v["confidence_log_scores"], dtype=float))
+                 for v in document["vertebrae"]]
+    return SpineLabeling(geometry=geometryOfDocument(document), components=components, vertebrae=vertebrae,
+                         **{name: document[name] for name in _PLAIN_FIELDS})
+
+
+def saveResult(result: SpineLabeling, folder: str | os.PathLike) -> Path:
+    """Write a labelling to ``folder``: ``components.npy`` (int16 (z, y, x)) and ``result.json`` (the rest), both or
+    neither (an earlier result there is never left half replaced)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(resultDocument(result))  # before anything is written: what JSON cannot hold fails here
     with atomic_paths([folder / _COMPONENTS, folder / _RESULT_JSON]) as (components, tmp):
         with open(components, "wb") as f:
             np.save(f, np.ascontiguousarray(result.components), allow_pickle=False)
@@ -67,17 +91,7 @@ def loadResult(folder: str | os.PathLike) -> SpineLabeling:
     """Read a labelling written by :func:`saveResult`."""
     folder = Path(folder)
     document = json.loads((folder / _RESULT_JSON).read_text(encoding="utf-8"))
-    g = document["geometry"]
-    geometry = Geometry(tuple(g["size"]), tuple(g["spacing"]), tuple(g["origin"]), tuple(g["direction"]))
-    components = np.load(folder / _COMPONENTS, allow_pickle=False)
-    vertebrae = [Vertebra(id=v["id"], name=v["name"], centroid_lps_mm=tuple(v["centroid_lps_mm"]),
-                          volume_ml=v["volume_ml"], confidence=v["confidence"],
-                          level_log_scores=np.asarray(v["level_log_scores"], dtype=float), fixed=v["fixed"],
-                          confidence_log_scores=None if v["confidence_log_scores"] is None else
-                          np.asarray(v["confidence_log_scores"], dtype=float))
-                 for v in document["vertebrae"]]
-    return SpineLabeling(geometry=geometry, components=components, vertebrae=vertebrae,
-                         **{name: document[name] for name in _PLAIN_FIELDS})
+    return resultFromDocument(document, np.load(folder / _COMPONENTS, allow_pickle=False))
 
 
 def _emit(event: dict) -> None:
