@@ -319,6 +319,7 @@ def test_the_sacrum_is_a_name_too(spine):
     assert out.by_id(bottom).name == "S1" and out.by_id(bottom).fixed
     assert names(out) == ["L1", "L2", "L3", "L4", "L5", "S1"]
     assert_consistent(out)
+    assert edits.rename(spine.result, bottom, " s1 ").by_id(bottom).name == "S1"  # as typed, spaces around it
 
 
 def test_a_vertebra_added_above_the_only_one_goes_above_it():
@@ -360,3 +361,23 @@ def test_a_point_far_from_every_vertebra_is_refused():
         edits.add_vertebra(case.result, case.image, tuple(far))
     out = edits.add_vertebra(case.result, case.image, body_centre(case, "T12"))  # one spacing above: taken
     assert names(out) == ["T12", "L1", "L2", "L3", "L4"]
+
+
+def test_a_point_just_past_the_last_voxel_is_outside_the_image(spine):
+    """A point whose nearest voxel index is the grid's size (past the last voxel's face) lies outside the image: no
+    component under it, and no vertebra is added or moved there."""
+    g = spine.result.geometry
+    past = tuple(float(c) for c in g.index_to_lps(np.asarray(g.size, dtype=float) - [20.0, 20.0, 0.0]))
+    assert edits.component_at(spine.result, past) == 0
+    with pytest.raises(ValueError, match="outside the image"):
+        edits.add_vertebra(spine.result, spine.image, past)
+
+
+def test_an_added_vertebra_never_takes_the_voxels_of_another():
+    """A point on the missed L2 near L1: the neighbour's shape moved onto it reaches into L1, whose voxels stay L1's."""
+    case = build_spine(missing=("L2",))
+    point = tuple(np.array(body_centre(case, "L2")) + [0.0, 0.0, 10.0])  # 10 mm towards L1
+    out = edits.add_vertebra(case.result, case.image, point)
+    labelled = case.result.components != 0
+    np.testing.assert_array_equal(out.components[labelled], case.result.components[labelled])
+    assert np.any(out.components == max(v.id for v in out.vertebrae))

@@ -628,3 +628,19 @@ def test_cancelled_folders_leave_no_report(tmp_path):
                             cancel=cancel)
     assert len(polls) == 2 and calls == pytest.approx([1 / 3])
     assert not (tmp_path / "r").exists()  # no report, no empty report folder
+
+
+def test_the_vertebrae_of_a_case_are_listed_in_anatomical_order():
+    """T13 (VerSe 28) lies between T12 and L1, not after every other label value."""
+    gt = spine([T12, T13, L1, L2])
+    r = ev.evaluate_case(gt.copy(), gt, SPACING_ZYX, None, None, bodies_only=False)
+    assert [v.name for v in r.vertebrae] == ["T12", "T13", "L1", "L2"]
+
+
+def test_the_predicted_label_sharing_most_with_a_vertebra_is_the_lower_value_on_a_tie():
+    gt = np.array([L1, L1, L1, L1, 0, 0, 0, 0, 0, 0])
+    pred = np.array([L1, L1, L2, L2, L2, L2, L2, L2, L2, L2])
+    inter, pred_count, gt_count, shared, best = ev._overlaps(pred, gt)
+    assert shared[L1] == 2 and best[L1] == L1
+    r = ev.evaluate_case(pred.reshape(1, 1, -1), gt.reshape(1, 1, -1), (1.0, 1.0, 1.0), None, None, bodies_only=False)
+    assert r.vertebrae[0].dice_names_aside == pytest.approx(2 * 2 / (4 + 2))

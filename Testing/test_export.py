@@ -240,3 +240,20 @@ def test_the_label_map_takes_the_image_grid_exactly(tmp_path, spine):
     label = sitk.ReadImage(str(export.export_case(spine.result, image, tmp_path)))
     written = sitk.ReadImage(str(tmp_path / "imagesTr" / "spine_ct_0001_0000.nii.gz"))
     assert label.GetSpacing() == written.GetSpacing() and label.GetOrigin() == written.GetOrigin()
+
+
+def test_export_never_overwrites_a_centroid_file_of_its_case(tmp_path, spine):
+    (tmp_path / "centroids").mkdir()
+    stray = tmp_path / "centroids" / "case-B_ctd.json"
+    stray.write_text("[]")
+    with pytest.raises(FileExistsError):
+        export.export_case(spine.result, spine.image, tmp_path, case_id="case-B")
+    assert stray.read_text() == "[]"
+
+
+def test_a_value_dataset_json_does_not_name_is_refused_below_its_highest_value(tmp_path):
+    (tmp_path / "labelsTr").mkdir()
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"},
+                                                       "labels": {"background": 0, "L1": 1, "L3": 3}}))
+    with pytest.raises(ValueError, match=r"label values \[2\] are not in"):
+        export.dataset_label_values(tmp_path / "labelsTr" / "a.nii.gz", np.array([0, 1, 2, 3], np.uint8))

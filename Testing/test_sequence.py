@@ -274,6 +274,8 @@ def test_expected_gaps_follow_the_ladder():
     assert at("C4", "C5") < at("T6", "T7") < at("L2", "L3")
     assert at("L2", "L4") == pytest.approx(at("L2", "L3") + at("L3", "L4"))  # a skipped level adds its pitch
     assert at("T12", "T13") == at("T13", "L1") == at("T12", "L1")
+    # L6 takes the pitch of L5, as T13 that of T12
+    assert at("L5", "L6") == pytest.approx(at("L6", "S1")) and at("L5", "L6") == pytest.approx(at("L5", "S1"))
     assert np.isnan(at("L3", "L2")) and np.isnan(at("L3", "L3"))
 
 

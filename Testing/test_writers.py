@@ -105,6 +105,8 @@ def test_label_map_on_input_grid(case, tmp_path):
     np.testing.assert_array_equal(values, result.label_map())
     assert sorted(np.unique(values).tolist()) == [0] + sorted(BY_NAME[n].label for n in NAMES)
     assert [p.name for p in tmp_path.iterdir()] == ["c_seg.nii.gz"]
+    header = nibabel.load(path).header  # both forms give the grid, for readers that take only one of them
+    assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 1)
 
 
 def test_segmentation_read_by_slicerio(case, tmp_path):
@@ -320,6 +322,7 @@ def test_report(case, tmp_path):
     assert doc["spinelabel_version"] == __version__
     assert doc["warnings"] == ["sacrum not in view"] and doc["timings_s"] == {"network": 1.5}
     assert doc["spine_probability"] == 0.9 and doc["orientation_margin"] is None
+    assert doc["gaps_mm"] == pytest.approx(result.gaps_mm)
     assert [v["name"] for v in doc["vertebrae"]] == list(NAMES)
     first = doc["vertebrae"][0]
     assert set(first) == {"id", "name", "label", "centroid_lps_mm", "volume_ml", "confidence", "fixed"}
@@ -532,3 +535,13 @@ def test_zeros_on_demand_is_zeros(monkeypatch):
     monkeypatch.setattr(mmap, "mmap", no_memory)  # out of memory is a MemoryError, as np.zeros says it
     with pytest.raises(MemoryError, match=r"cannot allocate 0.03 GB for an array of shape \(64, 512, 512\)"):
         zeros_on_demand((64, 512, 512), np.int16)
+
+
+def test_each_level_carries_its_own_snomed_code():
+    """DICOM CID 7603 codes of C1-L5 (a swap of two keeps every other check of the terminology true)."""
+    codes = ("14806007 39976000 113205007 5329002 36978003 36054005 87391001 64864005 53733008 1626008 73071006 "
+             "56401006 45296009 62487009 11068009 82687006 7610001 12989004 23215003 66794005 14293000 36470004 "
+             "11994002 49668003").split()
+    regular = [level for level in LEVELS if not level.transitional and level.name != "S1"]
+    assert [(level.name, level.snomed_code) for level in regular] == list(zip([level.name for level in regular], codes))
+    assert all(level.snomed_meaning == f"{level.name} vertebra" for level in regular)
