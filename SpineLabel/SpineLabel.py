@@ -226,9 +226,6 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         followed = [labeling.segmentationNode for labeling in self._labelings.values()]
         with errorsShown(_("Failed to restore the saved vertebra labels.")):
             for labeling in self.logic.savedLabelings(followed):
-                if labeling.volumeNode.GetID() in self._labelings:  # a copy of the segmentation of one followed
-                    labeling.cleanup()
-                    continue
                 self._labelings[labeling.volumeNode.GetID()] = labeling
                 labeling.changedCallbacks.append(self.onLabelingChanged)
         self._checkCanApply()

@@ -299,6 +299,12 @@ class LabelingScene(VTKObservationMixin):
         segmentation = segmentationNode.GetSegmentation()
         segmentIds = [segmentIdOf(v["id"]) for v in state["result"]["vertebrae"]
                       if segmentation.GetSegment(segmentIdOf(v["id"])) is not None]
+        if state["result"]["vertebrae"] and not segmentIds:
+            # no segment at all: its file was not read (moved, unreadable, a download still pending), not emptied in
+            # the Segment Editor; deleting every vertebra would overwrite the saved labelling and its points
+            log.warning("%s: none of its vertebra segments was loaded; the saved labelling is not followed again",
+                        segmentationNode.GetName())
+            return None
         geometry = geometryOfDocument(state["result"])
         components = (_mergedSegments(segmentationNode, segmentIds, geometry).astype(np.int16) if segmentIds
                       else np.zeros(geometry.size[::-1], dtype=np.int16))
@@ -733,22 +739,24 @@ class LabelingScene(VTKObservationMixin):
 
 def savedLabelings(scene, followed=()) -> list[LabelingScene]:
     """The labellings of a loaded scene's segmentation nodes (:meth:`LabelingScene.fromSavedNodes`), each followed
-    again, but those of the segmentation nodes in ``followed``, those no longer on their volume's grid, and a copy of
-    a segmentation node (the Data module's Clone) whose points another one holds (both would rewrite them)."""
-    labelings, pointsTaken = [], {node.GetNodeReferenceID(_POINTS_ROLE) for node in followed}
+    again, one per volume: not those of a volume whose labelling is followed (its segmentation node in ``followed``)
+    or taken already (a copy of a segmentation node would rewrite the same points), nor those no longer on their
+    volume's grid."""
+    volumeRole = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    labelings, volumesTaken = [], {node.GetNodeReferenceID(volumeRole) for node in followed}
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
         node = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
-        points = node.GetNodeReferenceID(_POINTS_ROLE)
-        if node in followed or (points is not None and points in pointsTaken):
+        if node.GetNodeReferenceID(volumeRole) in volumesTaken:
             continue
         try:
             labeling = LabelingScene.fromSavedNodes(node)
-        except ValueError as err:  # its volume resampled or hardened since: label it again
+        except Exception as err:  # its volume resampled since (ValueError), a state another version wrote: the
+            # others are still followed; this one is labelled again
             log.warning("%s: the saved labelling is not followed again (%s)", node.GetName(), err)
             continue
         if labeling is not None:
             labelings.append(labeling)
-            pointsTaken.add(labeling.markupsNode.GetID())
+            volumesTaken.add(labeling.volumeNode.GetID())
     return labelings
 
 
