@@ -199,6 +199,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.cancelProcess()
         self._forgetLabelings()
         self.setParameterNode(None)
+        self._checkCanApply()  # no labelling left: Export, Add and Show 3D off, also while the panel is not shown
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = ""
         self.ui.warningsLabel.text = ""
