@@ -53,6 +53,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# 2D picture files (screenshots, JPEG exports of a series), which a user may take for a scan
+_PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif")
 # bounds of the longest side of an image's field of view: outside them the header's spacing is in the wrong units
 # (micrometres, metres), whatever the image shows; and of its second longest, a body's cross-section or length (a CT
 # bore is about 800 mm wide): a 186 x 186 voxel CT given 10 mm voxels spans 1860 mm both ways, and was labelled for
@@ -130,7 +132,11 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     if not series:
         below = next((Path(d) for d, _, names in sorted(os.walk(folder))[1:] if names), None)
         images = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
+        pictures = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(_PICTURE_SUFFIXES))
         raise InputError(f"{folder}: folder holds no DICOM series" + (
+            f"; it holds {len(pictures)} picture file{'s' * (len(pictures) > 1)} (as {pictures[0]}): pictures have "
+            "no voxel size or position; export "
+            "the series as DICOM or as one NIfTI/NRRD volume" if pictures and not images else "") + (
             f"; its subfolders hold files (as {below.relative_to(folder)}): give the folder of one series"
             if below else "") + (f"; it holds {len(images)} image files (as {images[0]}): give the files themselves"
                                  if images else ""))
@@ -200,8 +206,8 @@ def _unsheared(image: sitk.Image, files: tuple[str, ...], folder: Path, notes: l
     tilted gantry moves the slices along the table instead, so ITK's grid puts the last slice of a 19 degree tilt
     66 mm from where its file says it is. When the slices drift sideways by more than a pixel over the stack, the
     image is resampled (linearly) onto a grid with perpendicular axes that puts every voxel where its file says:
-    in-plane axes and spacing as read, slices along their normal at their true distance, widened to hold the drift;
-    ``notes`` gets a line saying so."""
+    slices along the table at their true distance, rows as read, columns perpendicular to both, the in-plane spacing
+    as read, widened to hold the drift; ``notes`` gets a line saying so."""
     first, last = _slice_geometry(files[0]), _slice_geometry(files[-1])
     if len(files) < 2 or first is None or last is None:
         return image
@@ -220,8 +226,13 @@ def _unsheared(image: sitk.Image, files: tuple[str, ...], folder: Path, notes: l
     size = np.asarray(image.GetSize())
     corners = np.array([np.asarray(image.GetOrigin()) + axes[:, :2] @ (c[:2] * (size[:2] - 1) * spacing[:2])
                         + c[2] * (size[2] - 1) * step for c in itertools.product((0, 1), repeat=3)])
-    spacing_out = np.array([spacing[0], spacing[1], abs(along)])
-    axes_out = axes * [1, 1, np.sign(along)]
+    # the patient's axes, not the gantry's: on a grid along the slice normal the spine stood turned by the tilt, and
+    # a real CT given a 15 degree tilt lost T12 and had three vertebrae 6-9 mm off those of its axial copy
+    table = step / np.linalg.norm(step) * np.sign(along)
+    column = np.cross(table, axes[:, 0])
+    column *= np.sign(column @ axes[:, 1]) / np.linalg.norm(column)
+    axes_out = np.stack([np.cross(column, table), column, table], axis=1)
+    spacing_out = np.array([spacing[0], spacing[1], float(np.linalg.norm(step))])
     low, high = (corners @ axes_out).min(axis=0), (corners @ axes_out).max(axis=0)
     grid = sitk.Image([int(n) for n in np.round((high - low) / spacing_out) + 1], image.GetPixelID())
     grid.SetSpacing(spacing_out.tolist())
@@ -230,7 +241,7 @@ def _unsheared(image: sitk.Image, files: tuple[str, ...], folder: Path, notes: l
     minimum = float(sitk.GetArrayViewFromImage(image).min())
     angle = np.degrees(np.arctan2(np.linalg.norm(drift), abs(along)))
     notes.append(f"the slices stand {angle:.1f} degrees off their normal (a tilted gantry): the image was resampled "
-                 "onto a grid with perpendicular axes, on which the outputs lie")
+                 "onto a grid with perpendicular axes, slices along the table, on which the outputs lie")
     return sitk.Resample(image, grid, transform, sitk.sitkLinear, minimum, image.GetPixelID())
 
 
@@ -245,7 +256,11 @@ def _uneven_slices(files: tuple[str, ...], tolerance: float = 0.1) -> str | None
             return f"{Path(name).name} gives no slice position"
         position, orientation = geometry
         positions.append(np.dot(position, np.cross(orientation[:3], orientation[3:])))
-    steps = np.abs(np.diff(positions))  # mm
+    # in position order: GDCM leaves files in name order when two share a position, so that a slice given twice
+    # read as a large step before the last file ("a slice missing")
+    order = np.argsort(positions, kind="stable")
+    files = [files[i] for i in order]
+    steps = np.abs(np.diff(np.asarray(positions)[order]))  # mm
     same = np.flatnonzero(steps < 1e-3)
     if same.size:
         first, second = (Path(files[i]).name for i in (same[0], same[0] + 1))
