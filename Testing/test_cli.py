@@ -374,6 +374,9 @@ def test_train_register_refuses_a_registered_name_before_training(tmp_path, monk
     assert "a model named 'mine' is registered already" in capsys.readouterr().err
     assert main([*argv[:-3], "--name", "sub/mine", "--register"]) == 2
     assert "'sub/mine': a model name is a file name" in capsys.readouterr().err
+    assert main([*argv[:-3], "--name", "spinelabel-default", "--register"]) == 2
+    assert capsys.readouterr().err == ("spinelabel: error: 'spinelabel-default' is the name of the model shipped with "
+                                       "SpineLabel; choose another --name\n")
     assert not (tmp_path / "new").exists()
     (tmp_path / "spinelabel-trained.json").write_text("{}")  # without --name: a model trained from scratch
     assert main([*argv[:-3], "--register"]) == 2

@@ -327,7 +327,31 @@ def test_a_fine_tune_never_replaces_its_base_model_or_the_shipped_one(tmp_path, 
         other.write_text(json.dumps({**card, "ct_window_hu": window}))
         with pytest.raises(ValueError, match=f"reads CT {reads}, and this version"):
             train(replace(cfg, base_model=other))
+    # nor a registered model (that folder is --register's), and it keeps its base's grid
+    monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path / "base"))
+    with pytest.raises(ValueError, match="lies in the folder of registered models"):
+        train(replace(cfg, out=tmp_path / "base" / "other.json"))
+    with pytest.raises(ValueError, match="spacing 2.0: a fine-tune keeps the grid spacing of its base model"):
+        train(replace(cfg, spacing_mm=2.0))
     assert {p: p.read_bytes() for p in before} == before and len(list(tmp_path.glob("*/*.ckpt"))) == 0
+
+
+def test_a_fine_tune_resumes_only_from_the_base_weights_it_started_from(tmp_path):
+    """A base model replaced at its path since: the run would go on from the first base's weights, and the card name
+    the second as its base."""
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    card = {"name": "base", "version": "1", "spacing_mm": 4.0, "ct_window_hu": list(CT_WINDOW_HU)}
+    torch.manual_seed(0)
+    base = save_model(SpineUNet(), card, tmp_path / "base.json")
+    cfg = TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "f.json", base_model=base, epochs=2,
+                      iterations=1, batch=1, patch=(32, 32, 32), device="cpu", validation_cases=0)
+    seen = []
+    with pytest.raises(Cancelled):  # stopped after the first epoch
+        train(cfg, progress=seen.append, cancel=lambda: len(seen) == 1)
+    torch.manual_seed(1)
+    save_model(SpineUNet(), card, base)
+    with pytest.raises(ValueError, match=r"other settings \(base_sha256\)"):
+        train(replace(cfg, resume=True))
 
 
 def test_body_dice_is_unknown_without_a_body_target():

@@ -350,14 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=int, nargs=3, default=[128, 80, 80], metavar=("Z", "Y", "X"),
                    help="crop size in model voxels, each a multiple of 16 (default 128 80 80)")
     p.add_argument("--lr", type=float, help="peak learning rate; default 2e-3 for a new model, 3e-4 to fine-tune")
-    p.add_argument("--spacing", type=float, default=2.0,
-                   help="model grid spacing in mm, new models only (default %(default)s)")
+    p.add_argument("--spacing", type=float,
+                   help="model grid spacing in mm, new models only (default 2.0; a fine-tune keeps its base model's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where training runs (default auto: a CUDA GPU when there is one)")
     p.add_argument("--seed", type=int, default=0, help="of the crops drawn and the new weights (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--data-dir", type=_path, help="real labelled vertebrae, the shapes of --data synthetic (needed "
-                   "only for it)")
+                   "only for it): a folder laid out like ../shared/data, whose masks_verse/, ct_verse/ or "
+                   "crops_tptbox/ subfolders hold the whole-vertebra masks")
     p.add_argument("--validation-cases", type=int, default=4, help="fixed crops scored after every epoch, drawn "
                    "in turn from the --data sources of weight above 0 (for a folder: crops of its training scans; "
                    "default %(default)s)")

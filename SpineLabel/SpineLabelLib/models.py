@@ -269,7 +269,7 @@ def registration_path(name: str) -> Path:
         raise ModelError(f"{name!r}: a model name is a file name (no folder, not hidden, none of <>:\"/\\|?*, not "
                          "ending in a space or dot, which Windows does not allow)")
     if name.lower() == DEFAULT_MODEL_NAME:  # any case: a file system may not tell the two apart
-        raise ModelError(f"{name!r} is the name of the model shipped with SpineLabel; choose another")
+        raise ModelError(f"{name!r} is the name of the model shipped with SpineLabel")
     target = user_models_dir() / f"{name}.json"
     if target.exists() or target.with_suffix(".pt").exists():
         raise ModelError(f"{target}: a model named {name!r} is registered already")

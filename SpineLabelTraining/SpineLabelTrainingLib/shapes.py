@@ -709,7 +709,8 @@ def build_shape_library(data_dir: Path, cache_dir: Path | None = None, cancel: C
         raise ValueError(f"{data_dir}: no such folder of labelled vertebrae")
     files = _source_files(data_dir)
     if not files["whole"]:
-        raise ValueError(f"{data_dir}: no whole-vertebra masks (masks_verse/, ct_verse/, crops_tptbox/)")
+        raise ValueError(f"{data_dir}: no whole-vertebra masks in its subfolders masks_verse/, ct_verse/ or "
+                         "crops_tptbox/ (give the folder that holds them, such as ../shared/data)")
     digest = hashlib.sha1(str(_CACHE_VERSION).encode())
     for group in files.values():
         for path in group:

@@ -44,7 +44,7 @@ from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_
 from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writable_folder, no_empty_new_folders,
                               read_image, read_label_map, resample_to_grid)
 from SpineLabelLib.models import (MODEL_SPACING_MM, checkpoint_path, default_model_path, load_model, model_card_path,
-                                  save_model)
+                                  save_model, user_models_dir)
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.pipeline import MIN_CONTEXT_VOXELS, with_context
 from SpineLabelLib.result import Geometry
@@ -77,6 +77,7 @@ UNSURE_MM = 6.0
 # default peak learning rates: a fine-tune at the new-model rate forgets what its base knew (two exported phantoms,
 # 50 steps at 2e-3: 15 of 28 held-out real MRI vertebrae identified, 28 before; the shipped model was tuned at 3e-4)
 NEW_MODEL_LR, FINE_TUNE_LR = 2e-3, 3e-4
+NEW_MODEL_SPACING_MM = 2.0  # a new model's grid spacing
 _ALLOWED = np.zeros((256, len(TISSUE_NAMES)), dtype=bool)
 for _c in range(len(TISSUE_NAMES)):
     _ALLOWED[_c, _c] = True
@@ -503,7 +504,8 @@ class TrainConfig:
     batch: int = 2  # crops per iteration
     patch: tuple[int, int, int] = (128, 80, 80)  # crop size in model voxels, (z, y, x), each a multiple of 16
     lr: float | None = None  # peak learning rate; None: NEW_MODEL_LR, or FINE_TUNE_LR with a base model
-    spacing_mm: float = 2.0  # the model grid's isotropic voxel size, mm (a new model's; a fine-tune keeps its base's)
+    spacing_mm: float | None = None  # a new model's isotropic grid spacing, mm; None: NEW_MODEL_SPACING_MM (a fine-tune
+    # keeps its base model's and refuses another)
     device: str = "auto"
     seed: int = 0
     resume: bool = False
@@ -642,6 +644,11 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                          f"{MIN_CONTEXT_VOXELS[0]} voxels along z and y, which the patch must hold")
     if min(cfg.patch) < 1:
         raise ValueError(f"patch {tuple(cfg.patch)}: each size must be 1 or more")
+    if cfg.base_model is not None and cfg.spacing_mm is not None:
+        raise ValueError(f"spacing {cfg.spacing_mm}: a fine-tune keeps the grid spacing of its base model "
+                         f"{cfg.base_model}; a spacing is given to a new model only")
+    if cfg.spacing_mm is None and cfg.base_model is None:
+        cfg = replace(cfg, spacing_mm=NEW_MODEL_SPACING_MM)
     if cfg.base_model is None and not MODEL_SPACING_MM[0] <= cfg.spacing_mm <= MODEL_SPACING_MM[1]:  # NaN too
         raise ValueError(f"spacing {cfg.spacing_mm}: a model grid spacing is from {MODEL_SPACING_MM[0]} to "
                          f"{MODEL_SPACING_MM[1]} mm")
@@ -679,6 +686,11 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                         "negative:0.1 (see README)")
     else:
         net, spacing, base_card, base_path = SpineUNet(), cfg.spacing_mm, None, None
+    registry = user_models_dir().resolve()
+    if registry in out.resolve().parents:
+        raise ValueError(f"{out}: lies in the folder of registered models ({registry}), where it could replace one "
+                         "(and that folder lists it under another name): give --out another path, and --register "
+                         "to register it")
     for path in (Path(cfg.out), out, out.with_suffix(".pt")):  # as given too: NAME.pt means those weights
         if path.resolve() in owner:
             raise ValueError(f"{path}: is a file of {owner[path.resolve()]}; training never replaces it: give --out "
@@ -712,7 +724,7 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     # what a resumed run must share with the run that wrote the checkpoint; paths resolved (./ds and ds are one)
     named = [spec if listed is None else str(Path(spec).resolve()) for spec, listed in zip(specs, cases)]
     settings = {"data": [[name, float(w)] for name, (_, w) in zip(named, cfg.data)], "cases": list(cases),
-                "base_model": base_path,
+                "base_model": base_path, "base_sha256": None if base_card is None else base_card.get("sha256"),
                 "epochs": cfg.epochs, "iterations": cfg.iterations, "batch": cfg.batch, "patch": list(cfg.patch),
                 "lr": cfg.lr, "spacing_mm": spacing, "seed": cfg.seed, "average_last": cfg.average_last,
                 "tilt_deg": cfg.tilt_deg, "short_window": cfg.short_window,
