@@ -135,8 +135,8 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
         pictures = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(_PICTURE_SUFFIXES))
         raise InputError(f"{folder}: folder holds no DICOM series" + (
             f"; it holds {len(pictures)} picture file{'s' * (len(pictures) > 1)} (as {pictures[0]}): pictures have "
-            "no voxel size or position; export "
-            "the series as DICOM or as one NIfTI/NRRD volume" if pictures and not images else "") + (
+            "no voxel size or position; export the series as DICOM or as one NIfTI/NRRD volume"
+            if pictures and not images else "") + (
             f"; its subfolders hold files (as {below.relative_to(folder)}): give the folder of one series"
             if below else "") + (f"; it holds {len(images)} image files (as {images[0]}): give the files themselves"
                                  if images else ""))
