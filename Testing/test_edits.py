@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -44,6 +47,9 @@ def test_rename_renumbers_neighbours_and_locks(spine):
     mine = np.zeros((2, 2, 2), np.int16)
     SpineLabeling(spine.result.geometry, mine, [])
     mine[0, 0, 0] = 1  # the caller's own array stays theirs to write
+    for copied in (pickle.loads(pickle.dumps(out)), copy.deepcopy(out)):  # which skip the dataclass's __post_init__
+        with pytest.raises(ValueError, match="read-only"):
+            copied.components[0, 0, 0] = 1
 
 
 def test_rename_without_lock_leaves_vertebra_free(spine):

@@ -127,6 +127,9 @@ def test_centroid_beyond_20_mm_is_not_identified():
     assert r.n_identified == 2 and r.mean_dice == 1.0
     pred_ctd[L2] = gt_ctd[L2] + np.array([0.0, 19.5, 0.0])
     assert ev.evaluate_case(gt.copy(), gt, SPACING_ZYX, pred_ctd, gt_ctd, bodies_only=False).n_identified == 3
+    for given in ((pred_ctd, None), (None, gt_ctd)):  # centroids from a mask are in another frame than those given
+        with pytest.raises(ValueError, match="one of each compares two frames"):
+            ev.evaluate_case(gt.copy(), gt, SPACING_ZYX, *given, bodies_only=False)
 
 
 def test_bodies_only_coverage():

@@ -67,6 +67,10 @@ def test_result_lies_on_the_input_grid_in_any_orientation(small_phantom, order, 
 def test_an_array_is_refused_with_what_to_pass_instead():
     with pytest.raises(TypeError, match="SimpleITK.Image or a path, not ndarray.*GetImageFromArray"):
         label_spine(np.zeros((8, 8, 8), np.float32))
+    for hooks, named in (({"progress": 1}, "progress must be a callable or None, not int"),
+                         ({"cancel": True}, "cancel must be a callable or None, not bool")):
+        with pytest.raises(TypeError, match=named):  # said before the image is read, not "'int' object is not callable"
+            label_spine("/nonexistent.nii.gz", **hooks)
 
 def test_progress_and_cancel(random_model, small_phantom):
     seen = []

@@ -391,6 +391,12 @@ def test_write_all(tmp_path):
     assert sorted(p.name for p in outdir.iterdir()) == sorted(p.name for p in paths)
     assert json.loads(paths[4].read_text())["input"]["path"] == "/in/case.nii.gz"
     assert all(p.stat().st_size > 0 for p in paths)
+    assert writers.write_all(result, image, outdir, "case") == paths  # an earlier run's outputs, with its report
+    theirs = outdir / "other_seg.nii.gz"  # a reference mask named as an output, beside its scan
+    theirs.write_bytes(b"reference")
+    with pytest.raises(FileExistsError, match="other_seg.nii.gz would be replaced, and it is no output of an earlier"):
+        writers.write_all(result, image, outdir, "other")
+    assert theirs.read_bytes() == b"reference" and not (outdir / "other_report.json").exists()
 
 
 @pytest.mark.parametrize("failing, output", [("_write_label_map_to", 0), ("_centroid_document", 3),

@@ -67,7 +67,7 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
     from .io import InputError, case_name, make_writable_folder, read_image
     from .models import ModelError
     from .pipeline import get_model, label_spine, require_vertebrae
-    from .writers import OUTPUT_SUFFIXES, output_paths, write_all
+    from .writers import check_replaceable, output_paths, write_all
 
     reuse_freed_memory()
     once: dict[Path, Path] = {}
@@ -86,19 +86,15 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
             return 2, []
     given = {_resolved(path): path for path in inputs}
     for path in inputs:
-        outputs = output_paths(out, case_name(path))
-        for output in outputs:
+        for output in output_paths(out, case_name(path)):
             if (replaced := given.get(_resolved(output))) is not None:
                 print(f"spinelabel: error: {output} would replace the input {replaced}; choose another output folder",
                       file=sys.stderr)
                 return 2, []
-        # an earlier run's outputs come with its report; a file of that name without one is someone else's (a
-        # reference mask named NAME_seg.nii.gz beside its scan)
-        report = outputs[OUTPUT_SUFFIXES.index("_report.json")]
-        theirs = [p for p in outputs if p.is_file()] if not report.exists() else []
-        if theirs:
-            print(f"spinelabel: error: {theirs[0]} would be replaced, and it is no output of an earlier run (no "
-                  f"{report.name} beside it); choose another output folder", file=sys.stderr)
+        try:  # found now, not after labelling
+            check_replaceable(out, case_name(path))
+        except FileExistsError as err:
+            print(f"spinelabel: error: {err}; choose another output folder", file=sys.stderr)
             return 2, []
     if out.exists() and not out.is_dir():
         print(f"spinelabel: error: {out}: is a file, not an output folder", file=sys.stderr)

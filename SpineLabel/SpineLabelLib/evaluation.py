@@ -592,12 +592,15 @@ def evaluate_case(
         order.
 
     Raises:
-        ValueError: the two label maps differ in shape.
+        ValueError: the two label maps differ in shape, or only one of the centroid dicts is None.
     """
     if pred_labels.shape != gt_labels.shape:
         raise ValueError(f"prediction shape {pred_labels.shape} differs from ground truth shape {gt_labels.shape}")
     spacing_zyx = np.asarray(spacing_zyx_mm, dtype=float)
     spacing_xyz = spacing_zyx[::-1]
+    if (pred_centroids is None) != (gt_centroids is None):
+        raise ValueError("pred_centroids and gt_centroids are both given (in one frame, such as LPS mm) or both None "
+                         "(taken from the masks, in mm from voxel 0): one of each compares two frames")
     if pred_centroids is None:
         pred_centroids = {v: c * spacing_xyz for v, c in mask_centroids(pred_labels).items()}
     if gt_centroids is None:

@@ -262,7 +262,8 @@ def label_spine(
 
     Args:
         image: a 3D scalar ``SimpleITK.Image`` or a path ``read_image`` accepts; any orientation and spacing.
-        model: model card path, a loaded model (which runs on the device it is on), or None for the default model.
+        model: model card path, a registered model's name (``spinelabel models``), a loaded model (which runs on
+            the device it is on), or None for the default model.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``: where a model given by path (or the default) is
             loaded.
         progress: called with (fraction 0-1 of the whole job, message).
@@ -283,7 +284,7 @@ def label_spine(
 
     Raises:
         io.InputError: unreadable or unsupported input.
-        TypeError: ``image`` is neither an image nor a path.
+        TypeError: ``image`` is neither an image nor a path, or ``progress`` or ``cancel`` is not callable.
         ValueError: an unknown ``device`` or ``modality``.
         RuntimeError: ``device`` names a CUDA GPU and there is none.
         models.ModelError: missing or corrupt model.
@@ -299,6 +300,9 @@ def label_spine(
             raise Cancelled()
         return now
 
+    for hook, value in (("progress", progress), ("cancel", cancel)):
+        if value is not None and not callable(value):
+            raise TypeError(f"{hook} must be a callable or None, not {type(value).__name__}")
     given = modality.upper() if isinstance(modality, str) else None
     if given not in ("AUTO", "CT", "MR"):
         raise ValueError(f"modality must be 'auto', 'ct' or 'mr', not {modality!r}")

@@ -203,6 +203,11 @@ class SpineLabeling:
         self.components = self.components.view()  # a read-only view: the caller's own array stays writable
         self.components.flags.writeable = False
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling and ``copy.deepcopy`` (which skip ``__post_init__``): the components stay read-only."""
+        self.__dict__.update(state)
+        self.__post_init__()
+
     def label_map(self) -> np.ndarray:
         """VerSe label map, uint8 (z, y, x) on the input grid.
 

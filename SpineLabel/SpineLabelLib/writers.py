@@ -42,6 +42,7 @@ __all__ = [
     "OUTPUT_SUFFIXES",
     "VERSE_DIRECTION",
     "output_paths",
+    "check_replaceable",
     "write_label_map",
     "segmentation_header",
     "write_segmentation",
@@ -69,6 +70,18 @@ _SNAPSHOT_SIDE_PX = (256, 1024)  # the longer side of a view lies in this range:
 def output_paths(outdir: str | os.PathLike, name: str) -> list[Path]:
     """The six output paths of case ``name`` in ``outdir``, in ``OUTPUT_SUFFIXES`` order."""
     return [Path(outdir) / f"{name}{suffix}" for suffix in OUTPUT_SUFFIXES]
+
+
+def check_replaceable(outdir: str | os.PathLike, name: str) -> None:
+    """Raise ``FileExistsError`` when an output of case ``name`` would replace a file in ``outdir`` that is no output
+    of an earlier run: an earlier run's outputs come with its report, and a file of an output's name without one is
+    someone else's (a reference mask named ``NAME_seg.nii.gz`` beside its scan)."""
+    outputs = output_paths(outdir, name)
+    report = outputs[OUTPUT_SUFFIXES.index("_report.json")]
+    theirs = [p for p in outputs if p.is_file()] if not report.exists() else []
+    if theirs:
+        raise FileExistsError(f"{theirs[0]} would be replaced, and it is no output of an earlier run (no {report.name} "
+                              "beside it)")
 
 
 def _check_grid(result: SpineLabeling) -> None:
@@ -567,6 +580,7 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
     Raises:
         ValueError: ``image`` is not on the labelling's grid, or ``name`` is empty, ``.``, ``..`` or holds a folder.
         PermissionError: ``outdir`` is not writable.
+        FileExistsError: an output would replace a file that is no output of an earlier run (``check_replaceable``).
         OSError: ``outdir`` cannot be created (for example a path below a regular file) or written to, or a write
             failed.
     """
@@ -575,6 +589,7 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
     if name in ("", ".", "..") or any(sep in name for sep in ("/", "\\")):
         raise ValueError(f"case name {name!r}: the start of a file name is needed, without folders")
     outdir = Path(outdir)
+    check_replaceable(outdir, name)
     with no_empty_new_folders(outdir):  # a failed write leaves no folder it made
         try:
             make_writable_folder(outdir)
