@@ -294,6 +294,12 @@ def _add_output_options(p: argparse.ArgumentParser, quiet: str = "no progress ba
     p.add_argument("--debug", action="store_true", help="debug log, and tracebacks for failures")
 
 
+_EXIT_STATUS = ("exit status: 0 done; 1 an input failed (a line each, naming the file and the reason) or another "
+                "error; 2 refused before any labelling (a wrong option, no model, an output folder that is a file or "
+                "not writable, two inputs of one name, an output that would replace an input or a file no earlier run "
+                "wrote); 130 Ctrl-C; 128 + N on signal N (143 SIGTERM)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinelabel", description="Label every vertebra of a CT or MRI spine scan.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -301,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("label", help="label spine images", description="Label every vertebra of each input. "
                        "Writes NAME_seg.nii.gz, NAME.seg.nrrd, NAME.mrk.json, NAME_ctd.json, NAME_report.json and "
-                       "NAME_snapshot.png into OUTDIR for each input.")
+                       "NAME_snapshot.png into OUTDIR for each input.", epilog=_EXIT_STATUS)
     p.add_argument("inputs", nargs="+", type=_path, metavar="INPUT",
                    help="NIfTI, NRRD, MetaImage file, or a folder holding one DICOM series")
     p.add_argument("-o", "--out", type=_path, required=True, metavar="OUTDIR",
@@ -378,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score the predictions in PRED_DIR against the reference labels in GT_DIR. With "
                        "--label, first label into PRED_DIR the image of every reference case (the image file beside "
                        "its mask, or imagesTr/X_0000 for labelsTr/X); a case whose dataset.json records CT or MR is "
-                       "labelled as that unless --modality says otherwise.")
+                       "labelled as that unless --modality says otherwise.", epilog=_EXIT_STATUS)
     p.add_argument("pred_dir", type=_path, metavar="PRED_DIR", help="NAME_seg.nii.gz (+ NAME_ctd.json, "
                    "NAME_report.json) of each case, as spinelabel label writes them")
     p.add_argument("gt_dir", type=_path, metavar="GT_DIR", help="reference masks: VerSe (X_seg-vert_msk.nii.gz, "
