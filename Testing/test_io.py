@@ -440,6 +440,16 @@ def test_a_gantry_tilted_series_is_put_where_its_slices_are(tmp_path):
     assert inside.mean() > 0.4 and np.abs(values - expected)[inside].max() <= 1.0  # int16 rounding
 
 
+def test_a_gantry_tilted_series_is_put_on_the_patients_axes(tmp_path):
+    """A real gantry tilt: slice planes tilted about left-right, positions stepping along the table (z) only."""
+    t = np.radians(15)
+    tilted = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    image = read_image(write_dicom_series(tmp_path / "t", direction=tilted, drift=[0, 0, 2.5 / np.cos(t)]
+                                          - 2.5 * tilted[:, 2]))
+    assert read_notes(image) and np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.eye(3))
+    assert np.allclose(image.GetSpacing(), (1, 1, 2.5 / np.cos(t)))
+
+
 def write_dicom_series(folder, direction=np.eye(3), spacing=(1.0, 1.0, 2.5), drift=(0.0, 0.0, 0.0), number=1):
     """A 24 x 20 x 6 CT series (1 x 1 x 2.5 mm, axial by default), one file per slice; each slice moved by
     ``drift`` LPS mm from the one before, as a tilted gantry does, and its values encoding its true positions."""

@@ -206,8 +206,9 @@ def _unsheared(image: sitk.Image, files: tuple[str, ...], folder: Path, notes: l
     tilted gantry moves the slices along the table instead, so ITK's grid puts the last slice of a 19 degree tilt
     66 mm from where its file says it is. When the slices drift sideways by more than a pixel over the stack, the
     image is resampled (linearly) onto a grid with perpendicular axes that puts every voxel where its file says:
-    slices along the table at their true distance, rows as read, columns perpendicular to both, the in-plane spacing
-    as read, widened to hold the drift; ``notes`` gets a line saying so."""
+    slices along the table at their true distance, columns perpendicular to the table and the rows, rows
+    perpendicular to both (as read where the table is perpendicular to them: a tilt about the rows, as a gantry's),
+    the in-plane spacing as read, widened to hold the drift; ``notes`` gets a line saying so."""
     first, last = _slice_geometry(files[0]), _slice_geometry(files[-1])
     if len(files) < 2 or first is None or last is None:
         return image
@@ -246,7 +247,7 @@ def _unsheared(image: sitk.Image, files: tuple[str, ...], folder: Path, notes: l
 
 
 def _uneven_slices(files: tuple[str, ...], tolerance: float = 0.1) -> str | None:
-    """What keeps the slices of ``files`` (one series, in stacking order) from being evenly spaced along their normal
+    """What keeps the slices of ``files`` (one series, in any order) from being evenly spaced along their normal
     (by their ImagePositionPatient and ImageOrientationPatient), or None where every step is within ``tolerance`` of
     the median step."""
     positions = []
