@@ -55,8 +55,9 @@ import SimpleITK as sitk
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-# Development test cases, never trained on, not even as shapes for synthesis: the last quarter (by name) of each
-# lumbar MRI source and the TPTBox crops (a CT and an MRI of a source that nothing else comes from).
+# Development test cases, never trained on, not even as shapes for synthesis: the last cases (by name) of each lumbar
+# MRI source (VB1 2 of 5, VB2 2 of 9, VB3 4 of 18) and the TPTBox crops (a CT and an MRI of a source that nothing else
+# comes from).
 HOLDOUT_MRI = ["VB1_07_AKs7_img", "VB1_08_AKs8_img", "VB2_19_img", "VB2_23_img",
                "VB3_43_img", "VB3_46_img", "VB3_49_img", "VB3_52_img"]
 HOLDOUT_FOLDERS = ["crops_tptbox"]
@@ -290,7 +291,8 @@ def _short_copies(images: dict[str, list[Path]], gt: Path, root: Path, mm: float
 
 
 def _label(images: list[Path], out: Path, model: Path | None) -> None:
-    cmd = [sys.executable, "-m", "SpineLabelLib.cli", "label", *map(str, images), "-o", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "SpineLabelLib.cli", "label", *map(str, images), "-o", str(out), "--quiet",
+           "--device", "cpu"]  # the figures are CPU ones, as the other benchmarks'
     if model:
         cmd += ["--model", str(model)]
     status = subprocess.run(cmd, check=False).returncode
@@ -461,6 +463,8 @@ def training_view(root: Path) -> Path:
         rel = path.relative_to(DATA)
         if path.is_dir() or rel.parts[0] in HOLDOUT_FOLDERS or path.name.startswith(_HOLDOUT_MRI_PREFIXES):
             continue
+        if rel.parts[0] == "discs_mri" and not path.name.endswith("_instance.nii.gz"):
+            continue  # scored as never trained on: only the disc masks may shape the synthetic discs
         _link(path, view / rel)
     for name, (image, _) in TRAINING_CT.items():
         _link(DATA / image, view / "real_ct" / "imagesTr" / f"{name}_0000.nii.gz")
