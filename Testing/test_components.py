@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from SpineLabelLib.components import (arch_above_view, atlas_beside_dens, attach_posterior, body_components,
-                                       confine_posterior, cut_across, dense_bone_as_posterior, join_sacrum,
+                                       confine_across, confine_posterior, cut_across, dense_bone_as_posterior,
+                                       join_sacrum,
                                        off_axis_components, posterior_by_level, present_ids, split_merged,
                                        vertebra_components)
 from SpineLabelLib.features import chain_order, drop_detached_ends, level_scores, measure, off_the_line
@@ -219,6 +220,24 @@ def test_posterior_elements_inside_their_band_stay_and_those_in_no_band_go():
     assert np.array_equal(confine_posterior(vertebrae, bodies, [1, 2, 3, 4], SPACING, last_is_s1=False), vertebrae)
     vertebrae[102, 10:12, 1:3] = 1
     assert not confine_posterior(vertebrae, bodies, [1, 2, 3, 4], SPACING, last_is_s1=False)[102].any()
+
+
+def test_rib_pieces_beyond_the_widest_transverse_processes_leave_their_vertebra():
+    """A thoracic vertebra whose rib runs on 120 mm to one side (joined to it by dense bone on the CT phantom) keeps
+    what lies within 60 mm left and right of its body centroid; S1 keeps its alae."""
+    bodies = np.zeros((20, 20, 140), np.int32)
+    bodies[2:8, 2:12, 60:80] = 1  # centred at x = 69.5 voxels (2 mm)
+    bodies[12:18, 2:12, 60:80] = 2
+    vertebrae = bodies.copy()
+    vertebrae[4:6, 12:14, 10:130] = 1  # a rib and its twin reaching 119 mm to either side
+    vertebrae[14:16, 12:14, 10:130] = 2
+    for last_is_s1 in (False, True):
+        out = confine_across(vertebrae, bodies, [1, 2], SPACING, last_is_s1=last_is_s1)
+        xs = np.flatnonzero((out == 1).any(axis=(0, 1)))
+        assert xs.min() == 40 and xs.max() == 99  # 60 mm either way of 69.5: x 40-99 (59 mm off at the ends)
+        assert np.array_equal(out[bodies > 0], bodies[bodies > 0])
+        assert (out == 2).any(axis=(0, 1)).sum() == (120 if last_is_s1 else 60)
+    assert confine_across(vertebrae, bodies, [1], SPACING, last_is_s1=True) is vertebrae
 
 
 def test_an_arch_flooded_to_the_vertebra_above_goes_back_to_its_own_level():

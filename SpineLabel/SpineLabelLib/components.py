@@ -614,6 +614,40 @@ def _chain_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int]
 CROSSED_SHARE = 0.05  # of a vertebra's posterior voxels, a further gap beyond its band: its flood crossed a level
 
 
+MAX_ACROSS_MM = 60.0  # ``confine_across``: the widest transverse processes (L3) reach about 45-50 mm from the midline
+
+
+def confine_across(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int], spacing_mm: tuple[float, ...],
+                   last_is_s1: bool, reach_mm: float = MAX_ACROSS_MM) -> np.ndarray:
+    """Leave out the voxels of each vertebra of ``chain`` lying more than ``reach_mm`` left or right (along x) of its
+    body centroid: rib pieces joined to it. S1 (``last_is_s1``) keeps its alae.
+
+    Args:
+        vertebrae: int32 (z, y, x) whole-vertebra components; not modified.
+        bodies: int32 (z, y, x) their body components (same ids).
+        chain: the ids of the chained vertebrae, cranial first.
+        spacing_mm: voxel size (z, y, x) in mm.
+        last_is_s1: the last of ``chain`` is named S1.
+
+    Returns:
+        int32 (z, y, x) components.
+    """
+    ids = chain[:-1] if last_is_s1 else chain
+    if not ids:
+        return vertebrae
+    out = vertebrae.copy()
+    centres = _centroids_and_sizes(bodies, np.asarray(ids))[0]  # voxel indices (z, y, x)
+    boxes = ndimage.find_objects(out)
+    for vid, centre in zip(ids, centres):
+        if vid > len(boxes) or boxes[vid - 1] is None:
+            continue
+        box = boxes[vid - 1]
+        across = np.abs(np.arange(box[2].start, box[2].stop) - centre[2]) * spacing_mm[2] > reach_mm
+        region = out[box]  # a view: writes go to ``out``
+        region[(region == vid) & across[None, None, :]] = 0
+    return out
+
+
 def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int], spacing_mm: tuple[float, ...],
                       last_is_s1: bool, above: float = 1.0, below: float = 1.5) -> np.ndarray:
     """Keep each vertebra's posterior elements within its band along the spine.

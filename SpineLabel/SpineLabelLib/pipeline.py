@@ -465,6 +465,7 @@ def label_spine(
     whole[box] = comp.confine_posterior(whole[box], bodies_box, chain_ids, spacing_zyx, last_is_s1=has_s1)
     whole[box] = comp.posterior_by_level(whole[box], bodies_box, chain_ids, prediction.level_log_probs,
                                          last_is_s1=has_s1)
+    whole[box] = comp.confine_across(whole[box], bodies_box, chain_ids, spacing_zyx, last_is_s1=has_s1)
     if ordered:
         ordered, scores, gaps, extended = _vertebra_above(bodies, whole, box, norm, body_probability, grid_geometry,
                                                           prediction.level_log_probs, ordered, scores, gaps, solution)
