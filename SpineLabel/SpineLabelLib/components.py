@@ -619,19 +619,9 @@ MAX_ACROSS_MM = 60.0  # ``confine_across``: the widest transverse processes (L3)
 
 def confine_across(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int], spacing_mm: tuple[float, ...],
                    last_is_s1: bool, reach_mm: float = MAX_ACROSS_MM) -> np.ndarray:
-    """Leave out the voxels of each vertebra of ``chain`` lying more than ``reach_mm`` left or right (along x) of its
-    body centroid: rib pieces joined to it. S1 (``last_is_s1``) keeps its alae.
-
-    Args:
-        vertebrae: int32 (z, y, x) whole-vertebra components; not modified.
-        bodies: int32 (z, y, x) their body components (same ids).
-        chain: the ids of the chained vertebrae, cranial first.
-        spacing_mm: voxel size (z, y, x) in mm.
-        last_is_s1: the last of ``chain`` is named S1.
-
-    Returns:
-        int32 (z, y, x) components.
-    """
+    """Leave out the voxels of each vertebra of ``chain`` lying more than ``reach_mm`` left or right (along x, mm) of
+    its body centroid: rib pieces joined to it. S1 (``last_is_s1``) keeps its alae. Arguments (int32 (z, y, x) arrays,
+    spacing (z, y, x) in mm) and result as :func:`confine_posterior`'s."""
     ids = chain[:-1] if last_is_s1 else chain
     if not ids:
         return vertebrae
