@@ -628,9 +628,7 @@ def confine_across(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int], 
     out = vertebrae.copy()
     centres = _centroids_and_sizes(bodies, np.asarray(ids))[0]  # voxel indices (z, y, x)
     boxes = ndimage.find_objects(out)
-    for vid, centre in zip(ids, centres):
-        if vid > len(boxes) or boxes[vid - 1] is None:
-            continue
+    for vid, centre in zip(ids, centres):  # every id of the chain has its body, so a box
         box = boxes[vid - 1]
         across = np.abs(np.arange(box[2].start, box[2].stop) - centre[2]) * spacing_mm[2] > reach_mm
         region = out[box]  # a view: writes go to ``out``

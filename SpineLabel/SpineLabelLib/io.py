@@ -131,8 +131,9 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
         series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
         below = next((Path(d) for d, _, names in sorted(os.walk(folder))[1:] if names), None)
-        images = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
-        pictures = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(_PICTURE_SUFFIXES))
+        names = sorted(p.name for p in folder.iterdir())
+        images = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+        pictures = [n for n in names if n.lower().endswith(_PICTURE_SUFFIXES)]
         raise InputError(f"{folder}: folder holds no DICOM series" + (
             f"; it holds {len(pictures)} picture file{'s' * (len(pictures) > 1)} (as {pictures[0]}): pictures have "
             "no voxel size or position; export the series as DICOM or as one NIfTI/NRRD volume"

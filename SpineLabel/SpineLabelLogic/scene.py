@@ -40,10 +40,11 @@ from slicer.util import NodeModify, VTKObservationMixin
 from vtk.util import numpy_support
 
 from SpineLabelLib import edits, export
+from SpineLabelLib.components import present_ids
 from SpineLabelLib.io import InputError
 from SpineLabelLib.result import Geometry, SpineLabeling
 from SpineLabelLib.sequence import confidence_text
-from SpineLabelLib.vertebrae import LEVELS, level_index, terminology_entry
+from SpineLabelLib.vertebrae import level_index, terminology_entry
 from SpineLabelLogic.worker import geometryOfDocument, resultDocument, resultFromDocument
 
 __all__ = [
@@ -309,8 +310,8 @@ class LabelingScene(VTKObservationMixin):
         components = (_mergedSegments(segmentationNode, segmentIds, geometry).astype(np.int16) if segmentIds
                       else np.zeros(geometry.size[::-1], dtype=np.int16))
         result = resultFromDocument(state["result"], components)
-        counts = np.bincount(components.ravel(), minlength=max((v.id for v in result.vertebrae), default=0) + 1)
-        emptied = [v.id for v in result.vertebrae if counts[v.id] == 0]
+        present = set(present_ids(components).tolist())  # no int64 copy of the volume, as np.bincount makes
+        emptied = [v.id for v in result.vertebrae if v.id not in present]
         for vertebraId in emptied:
             result = edits.delete(result, vertebraId)
         corrections = state["corrections"] + ([{"action": "segment_edit", "vertebra_ids": emptied}] if emptied else [])
@@ -369,14 +370,15 @@ class LabelingScene(VTKObservationMixin):
         if not self._readBackKeeps(vertebraId):
             return
         old = self.result.by_id(vertebraId).name
-        canonical = LEVELS[level_index(name)].name
-        unlocked = [v.id for v in self.result.vertebrae if v.fixed and v.name == canonical and v.id != vertebraId]
         record = {"action": "rename", "vertebra_id": vertebraId, "from": old, "to": name, "locked": lock}
         result = edits.rename(self.result, vertebraId, name, lock)
-        if unlocked:  # the latest correction takes the name (edits.rename)
-            record["unlocked_vertebra_ids"] = unlocked
-            self.lastNotice = (f"{canonical} was locked on another point, which is unlocked and now named "
-                               + ", ".join(result.by_id(i).name for i in unlocked))
+        # the latest correction takes the name: another point locked to it is unlocked (edits.rename)
+        unlocked = [v for v in self.result.vertebrae
+                    if v.fixed and v.id != vertebraId and not result.by_id(v.id).fixed]
+        if unlocked:
+            record["unlocked_vertebra_ids"] = [v.id for v in unlocked]
+            self.lastNotice = (f"{unlocked[0].name} was locked on another point, which is unlocked and now named "
+                               + ", ".join(result.by_id(v.id).name for v in unlocked))
         self._set(result, record, voxels=False)
 
     def setLocked(self, vertebraId: int, locked: bool) -> None:
