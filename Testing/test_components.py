@@ -459,18 +459,16 @@ def test_features_and_chain():
     tissue = stacked_spine()
     bodies, whole, _ = vertebra_components(tissue, (tissue == BODY).astype(np.float32), SPACING)
     grid = Geometry(tissue.shape[::-1], SPACING, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    feats = measure(bodies, whole, (tissue > 0).astype(np.float32), (tissue == BODY).astype(np.float32), grid)
+    feats = measure(bodies, whole, (tissue == BODY).astype(np.float32), grid)
     assert len(feats) == 4
     f = feats[0]
-    assert f.body_volume_ml == pytest.approx(10 * 14 * 16 * 8 / 1000)
-    assert f.volume_ml > f.body_volume_ml
-    assert abs(f.principal_axis_lps[0]) > 0.9  # the body is widest along x (left-right)
+    assert np.allclose(f.extent_mm, [20, 28, 32])  # the body's box: 10 x 14 x 16 voxels of 2 mm
+    assert f.volume_ml > 10 * 14 * 16 * 8 / 1000  # more than the body alone
     assert f.body_probability == pytest.approx(1.0)
     assert not any(f.at_view_end for f in feats)
     top = int(np.argwhere(bodies == 1)[:, 0].max())  # body 1 is the most superior: cut it with the top of the view
     view = np.s_[: top - 2]
-    cut = measure(bodies[view], whole[view], (tissue[view] > 0).astype(np.float32),
-                  (tissue[view] == BODY).astype(np.float32), grid)
+    cut = measure(bodies[view], whole[view], (tissue[view] == BODY).astype(np.float32), grid)
     assert [f.at_view_end for f in cut] == [True, False, False, False]
     ordered, gaps = chain_order(list(reversed(feats)))
     assert [o.id for o in ordered] == [1, 2, 3, 4]

@@ -25,10 +25,7 @@ class ComponentFeatures:
         id: component id.
         body_centroid_lps_mm: float64 (3,) centroid of the vertebral body, LPS mm.
         volume_ml: whole vertebra (body + posterior elements), ml.
-        body_volume_ml: vertebral body, ml.
         extent_mm: float64 (3,) bounding-box size of the body (z, y, x) in mm.
-        principal_axis_lps: float64 (3,) unit vector of the body's longest axis, LPS.
-        mean_intensity: mean normalised intensity (0-1) inside the body.
         body_probability: mean network probability of vertebral body inside the body (0-1).
         at_view_end: the body touches the first or last head-feet plane of the model grid: cut by the field of view.
     """
@@ -36,15 +33,12 @@ class ComponentFeatures:
     id: int
     body_centroid_lps_mm: np.ndarray
     volume_ml: float
-    body_volume_ml: float
     extent_mm: np.ndarray
-    principal_axis_lps: np.ndarray
-    mean_intensity: float
     body_probability: float
     at_view_end: bool
 
 
-def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_probability: np.ndarray,
+def measure(bodies: np.ndarray, vertebrae: np.ndarray, body_probability: np.ndarray,
             grid: Geometry) -> list[ComponentFeatures]:
     """Measure every component.
 
@@ -52,12 +46,10 @@ def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_
         bodies: int32 (z, y, x) body components, ids 1..n, on the model grid (``io.canonical_grid``: z runs inferior
             to superior).
         vertebrae: int32 (z, y, x) whole-vertebra components, same ids.
-        volume: float32 (z, y, x) normalised image.
         body_probability: float (z, y, x) the network's vertebral-body probability.
         grid: geometry of the model grid (spacing in mm along x, y, z).
     """
     voxel_ml = float(np.prod(grid.spacing)) / 1000.0
-    direction = np.asarray(grid.direction, dtype=float).reshape(3, 3)
     spacing_zyx = np.asarray(grid.spacing[::-1])
     out = []
     boxes = ndimage.find_objects(bodies)
@@ -67,24 +59,13 @@ def measure(bodies: np.ndarray, vertebrae: np.ndarray, volume: np.ndarray, body_
         if box is None:
             continue
         mask = bodies[box] == vid
-        zyx = np.argwhere(mask) + np.array([s.start for s in box])
-        centroid_zyx = zyx.mean(axis=0)
-        centred = (zyx - centroid_zyx) * spacing_zyx
-        if len(zyx) >= 3:
-            _, _, vt = np.linalg.svd(centred[:: max(1, len(zyx) // 5000)], full_matrices=False)
-            axis_zyx = vt[0]
-        else:
-            axis_zyx = np.array([1.0, 0.0, 0.0])
-        axis_lps = direction @ (axis_zyx[::-1] / np.linalg.norm(axis_zyx))
+        centroid_zyx = (np.argwhere(mask) + np.array([s.start for s in box])).mean(axis=0)
         out.append(
             ComponentFeatures(
                 id=vid,
                 body_centroid_lps_mm=grid.index_to_lps(centroid_zyx[::-1]),
                 volume_ml=float(whole_counts[vid]) * voxel_ml,
-                body_volume_ml=float(len(zyx)) * voxel_ml,
                 extent_mm=np.array([s.stop - s.start for s in box]) * spacing_zyx,
-                principal_axis_lps=axis_lps,
-                mean_intensity=float(volume[box][mask].mean()),
                 body_probability=float(body_probability[box][mask].astype(np.float32).mean()),
                 at_view_end=bool(cut[vid]),
             )

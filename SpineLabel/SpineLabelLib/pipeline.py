@@ -385,7 +385,7 @@ def label_spine(
     del whole_box
     body_probability = _on_model_grid(prediction.body_probability, box, norm.shape, np.float16)
     prediction = replace(prediction, body_probability=None)
-    measured = feat.measure(bodies, whole, norm, body_probability, grid_geometry)
+    measured = feat.measure(bodies, whole, body_probability, grid_geometry)
     # the gate judges the components the field of view leaves whole: a piece cut by the top or bottom of the scan
     # reads as much or as little like a body as the cut leaves of it
     whole_in_view = [f for f in measured if not f.at_view_end] or measured
@@ -434,7 +434,7 @@ def label_spine(
             whole_in_box[whole_in_box == drop_id] = keep_id
             log.info("joined component %d into %d: one body split in two", drop_id, keep_id)
         kept = {f.id for f in ordered} - {drop_id for _, drop_id in split}
-        ordered, gaps = feat.chain_order([f for f in feat.measure(bodies, whole, norm, body_probability, grid_geometry)
+        ordered, gaps = feat.chain_order([f for f in feat.measure(bodies, whole, body_probability, grid_geometry)
                                           if f.id in kept])
         scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
         solution = solve(scores, gaps)
@@ -449,7 +449,7 @@ def label_spine(
             kept.add(_unused_id(bodies_box, whole))
             bodies_box[...], whole[box] = comp.cut_across(bodies_box, whole[box], f.id, max(kept))
             log.info("cut a body %.0f mm tall beside a skipped level in two", f.extent_mm[0])
-        ordered, gaps = feat.chain_order([f for f in feat.measure(bodies, whole, norm, body_probability, grid_geometry)
+        ordered, gaps = feat.chain_order([f for f in feat.measure(bodies, whole, body_probability, grid_geometry)
                                           if f.id in kept])
         scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
         solution = solve(scores, gaps)
@@ -467,7 +467,7 @@ def label_spine(
                                          last_is_s1=has_s1)
     whole[box] = comp.confine_across(whole[box], bodies_box, chain_ids, spacing_zyx, last_is_s1=has_s1)
     if ordered:
-        ordered, scores, gaps, extended = _vertebra_above(bodies, whole, box, norm, body_probability, grid_geometry,
+        ordered, scores, gaps, extended = _vertebra_above(bodies, whole, box, body_probability, grid_geometry,
                                                           prediction.level_log_probs, ordered, scores, gaps, solution)
         n_chain += len(extended.levels) - len(solution.levels)
         solution = extended
@@ -623,9 +623,9 @@ def _split_in_two(levels: np.ndarray, chain: list[feat.ComponentFeatures], gaps:
     return out
 
 
-def _vertebra_above(bodies: np.ndarray, whole: np.ndarray, box: tuple[slice, ...], norm: np.ndarray,
-                    body_probability: np.ndarray, grid: Geometry, level_log_probs: np.ndarray,
-                    ordered: list[feat.ComponentFeatures], scores: np.ndarray, gaps: np.ndarray, solution):
+def _vertebra_above(bodies: np.ndarray, whole: np.ndarray, box: tuple[slice, ...], body_probability: np.ndarray,
+                    grid: Geometry, level_log_probs: np.ndarray, ordered: list[feat.ComponentFeatures],
+                    scores: np.ndarray, gaps: np.ndarray, solution):
     """A piece of the chain's top vertebra that the level head reads as the regular level above, made a vertebra of its
     own, named that level, where the chain solved with it keeps every other name: C1 beside the dens of a top vertebra
     named C2 (``comp.atlas_beside_dens``), where it lies above the rest of the vertebra (C1 is never below C2), or else
@@ -636,7 +636,7 @@ def _vertebra_above(bodies: np.ndarray, whole: np.ndarray, box: tuple[slice, ...
         bodies, whole: int32 (z, y, x) body and whole-vertebra components on the model grid, z growing cranially; the
             piece takes a new id in both, in place, when it is kept.
         box: the network's box on the model grid (z, y, x slices).
-        norm: float32 (z, y, x) normalised image; body_probability: float16 (z, y, x) on the model grid.
+        body_probability: float16 (z, y, x) on the model grid.
         grid: the model grid's geometry.
         level_log_probs: float16 (n_levels, ceil(z/2), ceil(y/2), ceil(x/2)) level head output over ``box``
             (natural-log probabilities).
@@ -661,7 +661,7 @@ def _vertebra_above(bodies: np.ndarray, whole: np.ndarray, box: tuple[slice, ...
     was_body = bodies_box[piece] == top
     bodies_box[piece] = new_id  # its level is read from these voxels (the orientation check)
     whole[box][piece] = new_id
-    remeasured = {f.id: f for f in feat.measure(bodies, whole, norm, body_probability, grid) if f.id in (new_id, top)}
+    remeasured = {f.id: f for f in feat.measure(bodies, whole, body_probability, grid) if f.id in (new_id, top)}
     new, rest = remeasured[new_id], remeasured[top]  # the top vertebra without the piece
     rows = feat.level_scores(bodies_box, level_log_probs, [new_id, top])
     centroids = [f.body_centroid_lps_mm for f in (new, rest, *ordered[1:2])]
