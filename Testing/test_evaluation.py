@@ -297,6 +297,19 @@ def test_folders_bodies_and_nnunet_layouts(tmp_path):
         ev.evaluate_folders(pred, pred)
 
 
+def test_a_folder_of_other_label_conventions_is_refused_with_the_way_to_score_it(tmp_path):
+    # TotalSegmentator's ids (31 is its L1, VerSe's 31 is nothing), disc masks, spinal-cord levels: no layout read
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir()
+    pred.mkdir()
+    write_mask(spine([31, 30]), gt / "example_seg.nii.gz")
+    write_mask(spine([5, 4]), gt / "IVD_11_instance.nii.gz")
+    write_mask(spine([20, 21]), pred / "example_seg_seg.nii.gz")
+    with pytest.raises(InputError, match=r"no ground-truth masks .* found; other conventions \(TotalSegmentator's "
+                                         r"class ids, disc or spinal-cord labels\) are not read.*dataset\.json naming"):
+        ev.evaluate_folders(pred, gt)
+
+
 def test_bodies_only_comes_from_the_layout_and_dataset_json_not_from_folder_names(tmp_path):
     """An exported dataset of whole vertebrae in a folder named ...Bodies was scored as bodies only."""
     dataset = tmp_path / "Dataset777_SpineBodies"

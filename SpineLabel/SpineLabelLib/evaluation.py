@@ -346,7 +346,10 @@ def _reference_cases(gt_dir: Path) -> dict[str, GtFiles]:
     found = _ground_truth(gt_dir)
     if not found:
         raise InputError(f"{gt_dir}: no ground-truth masks (*_vert-verse.nii.gz, *_seg-vert_msk.nii.gz or "
-                         "labelsTr/*.nii.gz, or the same in another image format) found")
+                         "labelsTr/*.nii.gz, or the same in another image format) found; other conventions "
+                         "(TotalSegmentator's class ids, disc or spinal-cord labels) are not read: give vertebrae as "
+                         "VerSe values, or in labelsTr/ beside a dataset.json naming each value (such as "
+                         "TotalSegmentator's vertebrae_L1)")
     return found
 
 
