@@ -11,8 +11,9 @@ import SimpleITK as sitk
 import torch
 
 from SpineLabelLib import inference
-from SpineLabelLib.inference import (CT_WINDOW_HU, Prediction, autocast, modality_of, native_bfloat16, normalise,
-                                     predict, read_modality, resolve_device, reuse_freed_memory)
+from SpineLabelLib.inference import (CT_WINDOW_HU, Prediction, autocast, looks_like_offset_ct, modality_of,
+                                     native_bfloat16, normalise, predict, read_modality, resolve_device,
+                                     reuse_freed_memory)
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import LEFT_RIGHT_VOXELS, MIN_CONTEXT_VOXELS, get_model, with_context
 from SpineLabelLib.vertebrae import BODY, POSTERIOR
@@ -50,6 +51,23 @@ def test_mr_padding_is_left_out_of_the_percentiles():
     assert normalise(mr).min() == 0.0 and np.percentile(mr, 0.5) == 0.0  # the background is the scan's own 0
 
 
+def test_hot_voxels_far_above_the_scan_are_left_out_of_the_percentiles():
+    """1 % of an MR's voxels at 50 times its maximum (hot voxels, a fill value) made its 99.5th percentile: the scan
+    was mapped into [0, 0.02] and three real MRI lost their spine (one gained two misnamed vertebrae). They map to 1
+    now, the scan as without them; a maximum the scan reaches itself (saturation) stays in the percentiles."""
+    rng = np.random.default_rng(2)
+    mr = rng.uniform(0.0, 1000.0, (20, 30, 30)).astype(np.float32)
+    mr[:, :, :5] = 0.0  # background
+    spots = rng.random(mr.shape) < 0.01
+    hot = np.where(spots, np.float32(50_000.0), mr)
+    np.testing.assert_allclose(normalise(hot)[~spots], normalise(mr)[~spots], atol=0.01)
+    assert (normalise(hot)[spots] == 1.0).all()
+    saturated = np.minimum(mr, 990.0)  # 1 % of the voxels at the maximum, next to the rest
+    lo, hi = np.percentile(saturated, [0.5, 99.5])
+    assert hi == 990.0
+    np.testing.assert_allclose(normalise(saturated), np.clip((saturated - lo) / (hi - lo), 0, 1), atol=1e-6)
+
+
 def test_the_modality_read_says_whether_the_intensities_say_it_clearly():
     rng = np.random.default_rng(0)
     body = rng.normal(40, 20, (30, 40, 40))  # soft tissue, HU
@@ -69,6 +87,23 @@ def test_the_modality_read_says_whether_the_intensities_say_it_clearly():
     assert read_modality(lean) == ("CT", False)
     assert read_modality(mr - mr.mean()) == ("CT", False)  # an MR shifted to zero mean in its own units
     assert read_modality(mr / 10 - 60) == ("MR", False)  # negative beyond an offset, no bone in HU
+
+
+def test_a_ct_stored_1024_above_hounsfield_units_is_recognised():
+    """A CT stored as HU + 1024 without a rescale intercept reads as MR, clearly (no voxel below 0): the real ones so
+    stored were labelled as MR without a word. Its body of soft tissue near 1024 tells it from an MR of 8 or 12 bits."""
+    rng = np.random.default_rng(0)
+    body = rng.normal(40, 20, (30, 40, 40))  # soft tissue, HU
+    body[:, :, :6] = -100  # fat
+    body[10:20, 15:25, 15:25] = 700  # bone
+    ct = np.concatenate([rng.normal(-1000, 20, (30, 40, 8)), body], axis=2)
+    stored = np.clip(np.round(ct) + 1024, 0, 4095).astype(np.uint16)
+    assert read_modality(stored) == ("MR", True)
+    assert looks_like_offset_ct(stored)
+    assert not looks_like_offset_ct(ct)  # in Hounsfield units: read as CT already
+    mr = np.concatenate([np.abs(rng.normal(0, 5, (30, 40, 8))), rng.uniform(200, 1000, (30, 40, 40))], axis=2)
+    for scale in (0.25, 1.0, 4.0):  # 8-bit, 10-bit and 12-bit magnitudes
+        assert not looks_like_offset_ct(np.round(mr * scale))
 
 
 def test_ct_window_is_the_same_whatever_the_field_of_view():

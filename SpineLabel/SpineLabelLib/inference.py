@@ -18,8 +18,9 @@ from .io import Cancelled
 from .models import LoadedModel
 from .vertebrae import BODY, POSTERIOR
 
-__all__ = ["Cancelled", "Prediction", "CT_WINDOW_HU", "modality_of", "read_modality", "normalise", "resolve_device",
-           "predict", "native_bfloat16", "autocast", "reuse_freed_memory", "release_freed_memory"]
+__all__ = ["Cancelled", "Prediction", "CT_WINDOW_HU", "modality_of", "read_modality", "looks_like_offset_ct",
+           "normalise", "resolve_device", "predict", "native_bfloat16", "autocast", "reuse_freed_memory",
+           "release_freed_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,29 @@ def read_modality(volume: np.ndarray) -> tuple[str, bool]:
     return ("CT", False) if negative and np.mean(sample > 200) >= 0.01 else ("MR", not negative)
 
 
+def looks_like_offset_ct(volume: np.ndarray) -> bool:
+    """Whether the intensities of a scan that ``read_modality`` reads as MR are those of a CT stored 1024 above
+    Hounsfield units with no rescale intercept (unsigned, 0-4095, as some converters write NIfTI, NRRD or MetaImage):
+    nothing below 0 or above 4095; minus 1024 they read as CT clearly (``read_modality``); and the voxels above -500
+    HU that way, at least a fifth of them, are a body of soft tissue: their median within 50 below and 100 above 0 HU,
+    their interquartile range under 250. The real CT so stored (sub-verse014, example_ct_sm) were read as MR without
+    a word, their vertebrae 24 % and 5 % smaller; 8-bit and 12-bit MR (up to 4080, training MRI scaled) fail the test
+    of the body.
+
+    Args:
+        volume: the scan's intensities, any shape, layout and real dtype; not copied beyond a strided sample of
+            ``_MODALITY_SAMPLE`` voxels.
+    """
+    sample = volume.flat[:: max(1, volume.size // _MODALITY_SAMPLE)].astype(np.float64)
+    if sample.size == 0 or sample.min() < 0 or sample.max() > 4095:
+        return False
+    body = sample[sample > 1024 - 500]
+    if body.size < 0.2 * sample.size:
+        return False
+    low, median, high = np.percentile(body, [25, 50, 75]) - 1024
+    return bool(-50 <= median <= 100 and high - low < 250 and read_modality(sample - 1024) == ("CT", True))
+
+
 # Fewer distinct values than this, all whole numbers, make an image more likely a label map than a scan: a VerSe label
 # map holds 29 at most, an 8-bit MRI hundreds
 LABEL_MAP_VALUES = 32
@@ -160,7 +184,10 @@ def normalise(volume: np.ndarray, ct_window_hu: tuple[float, float] | None = Non
     so that bone, soft tissue and air look the same in every scan whatever its field of view. Everything else (MR of
     any contrast, or CT for a model without a window) maps its own 0.5th and 99.5th percentiles to 0 and 1; a
     minimum that fills 0.5 % of the voxels or more and lies further below the others than they spread (padding, such
-    as -1024 around an MR of 0-1000) is left out of those percentiles and maps to 0.
+    as -1024 around an MR of 0-1000) is left out of those percentiles and maps to 0; so is a maximum that fills 0.5 %
+    of the voxels or more and lies ten times further above the others than they spread, which maps to 1: hot voxels
+    or a fill value (at 50 times the scan's maximum in 0.6 % of the voxels they mapped three real MRI into [0, 0.02]:
+    no spine found, or two vertebrae misnamed). A bright structure of one value (a phantom's bone) is no such value.
 
     Args:
         volume: (z, y, x) any real dtype; Hounsfield units when ``ct_window_hu`` is given.
@@ -177,6 +204,11 @@ def normalise(volume: np.ndarray, ct_window_hu: tuple[float, float] | None = Non
         if lo == float(sample.min()):  # the minimum fills 0.5 % of the voxels: background, or padding
             rest = sample[sample > lo]
             if rest.size and lo < rest.min() - (hi - rest.min()):  # padding: the percentiles of the scan alone
+                sample = rest
+                lo, hi = (float(v) for v in np.percentile(rest, [0.5, 99.5]))
+        if hi == float(sample.max()):  # the maximum fills 0.5 % of the voxels: saturation, a fill value, hot voxels
+            rest = sample[sample < hi]
+            if rest.size and hi > rest.max() + 10 * (rest.max() - lo):  # far above: the scan's percentiles alone
                 lo, hi = (float(v) for v in np.percentile(rest, [0.5, 99.5]))
     scale = 1.0 / (hi - lo) if hi > lo else 1.0  # any units: MR magnitudes can be 1e-6 and less
     out = volume.astype(np.float32)  # copy

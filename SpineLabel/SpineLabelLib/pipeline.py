@@ -22,8 +22,8 @@ from scipy import ndimage
 
 from . import components as comp
 from . import features as feat
-from .inference import (LABEL_MAP_VALUES, Cancelled, Prediction, looks_like_label_map, normalise, predict,
-                        read_modality, release_freed_memory, resolve_device)
+from .inference import (LABEL_MAP_VALUES, Cancelled, Prediction, looks_like_label_map, looks_like_offset_ct, normalise,
+                        predict, read_modality, release_freed_memory, resolve_device)
 from .io import (InputError, canonical_grid, checked_image, extend_to_grid_ends, read_image, read_notes,
                  resample_to_grid)
 from .models import LoadedModel, card_file, default_model_path, load_model, read_card
@@ -341,6 +341,10 @@ def label_spine(
     if given == "CT" and not (pixels[:: max(1, pixels.shape[0] // 64)] < -50).any():
         warnings.append("no intensity below -50 for a CT: are they Hounsfield units? (a CT stored without its rescale "
                         "intercept reads 1024 too high)")
+    if given == "AUTO" and modality == "MR" and looks_like_offset_ct(pixels):
+        warnings.append("read as MR, but its intensities look like a CT stored 1024 above Hounsfield units (air near "
+                        "0, soft tissue near 1024: a header without its rescale intercept of -1024); if it is CT, "
+                        "subtract 1024 or set the intercept, and label it again")
     if looks_like_label_map(pixels):
         warnings.append(f"the image holds fewer than {LABEL_MAP_VALUES} distinct whole-number values: is it a label "
                         "map rather than a scan?")
