@@ -177,6 +177,21 @@ def test_add_vertebra_grows_the_missed_body_and_names_it():
     assert_consistent(out)
 
 
+def test_a_vertebra_added_to_a_labelling_without_vertebrae_is_grown_from_the_point():
+    """With no vertebra to take a shape from (the network found none), the added one is grown over the voxels of the
+    point's intensity: the box-shaped body, not the noise around it; a name given is locked."""
+    case = build_spine(names=("L1", "L2", "L3"))
+    empty = case.result
+    for v in case.result.vertebrae:
+        empty = edits.delete(empty, v.id)
+    assert not empty.vertebrae and not empty.components.any()
+    out = edits.add_vertebra(empty, case.image, body_centre(case, "L2"), name="L2")
+    (new,) = out.vertebrae
+    grown, body = out.components == new.id, case.bodies["L2"]
+    assert new.name == "L2" and new.fixed
+    assert 2 * np.sum(grown & body) / (grown.sum() + body.sum()) > 0.95
+
+
 def test_an_added_vertebra_takes_its_neighbours_shape_not_the_tissue_around_it():
     """Where the missed vertebra looks like what surrounds it (here: no contrast at all; on CT, bone marrow against
     muscle), a region grown on intensity fills the box about the point; the neighbour's shape moved onto it does not."""
