@@ -11,8 +11,8 @@ import SimpleITK as sitk
 import torch
 
 from SpineLabelLib import inference
-from SpineLabelLib.inference import (CT_WINDOW_HU, Prediction, autocast, looks_like_offset_ct, modality_of,
-                                     native_bfloat16, normalise, predict, read_modality, resolve_device,
+from SpineLabelLib.inference import (CT_WINDOW_HU, Cancelled, Prediction, autocast, looks_like_offset_ct,
+                                     modality_of, native_bfloat16, normalise, predict, read_modality, resolve_device,
                                      reuse_freed_memory)
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import LEFT_RIGHT_VOXELS, MIN_CONTEXT_VOXELS, get_model, with_context
@@ -282,6 +282,16 @@ def test_a_short_scan_is_segmented_with_mirrored_context(modality):
         mirrored = predict(model, extended, torch.device("cpu")).inside(inner)
         found["mirrored"] += np.count_nonzero(mirrored.tissue == BODY)
     assert found["mirrored"] > 1.3 * found["zeros"]
+
+
+def test_a_cancel_stops_the_network_between_its_windows():
+    """``cancel`` is polled before each window: True after the first two stops the run there."""
+    volume = np.random.default_rng(0).random((151, 71, 91), dtype=np.float32)  # five rows of four windows
+    done = []
+    with pytest.raises(Cancelled):
+        predict(SimpleNamespace(network=_RampNetwork()), volume, torch.device("cpu"), window=(48, 64, 64), overlap=16,
+                progress=lambda fraction, message: done.append(fraction), cancel=lambda: len(done) == 2)
+    assert len(done) == 2 and done[-1] < 1.0
 
 
 def test_a_window_is_rounded_up_to_the_network_and_the_overlap_checked():
