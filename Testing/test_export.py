@@ -216,6 +216,23 @@ def test_a_dataset_numbered_or_stored_otherwise_takes_no_export(tmp_path, spine,
     assert [p.name for p in tmp_path.iterdir()] == ["dataset.json"]
 
 
+def test_a_dataset_that_lists_its_cases_takes_no_export(tmp_path, spine):
+    """nnU-Net v2 reads the cases of a dataset.json with a "dataset" key from that list, not from imagesTr/ and
+    labelsTr/: an appended case would go untrained, and nnUNetv2_plan_and_preprocess --verify_dataset_integrity
+    refuses the dataset (numTraining counts it, the list does not)."""
+    export.export_case(spine.result, spine.image, tmp_path)
+    document = json.loads((tmp_path / "dataset.json").read_text())
+    document["dataset"] = {"spine_ct_0001": {"images": ["imagesTr/spine_ct_0001_0000.nii.gz"],
+                                             "label": "labelsTr/spine_ct_0001.nii.gz"}}
+    (tmp_path / "dataset.json").write_text(json.dumps(document))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    other = build_spine(names=("L1", "L2", "L3", "L4"), seed=1)
+    with pytest.raises(ValueError, match="lists its cases under 'dataset'"):
+        export.export_case(other.result, other.image, tmp_path)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert json.loads((tmp_path / "dataset.json").read_text()) == document
+
+
 def test_a_failed_dataset_json_write_leaves_the_dataset_as_it_was(tmp_path, spine, monkeypatch):
     export.export_case(spine.result, spine.image, tmp_path)
     corrected = edits.rename(spine.result, spine.result.vertebrae[0].id, "T12")  # would replace the first case

@@ -335,7 +335,8 @@ def export_case(
     Raises:
         FileExistsError: ``case_id`` is already in the dataset.
         ValueError: invalid ``case_id``, image not on the labelling's grid, fewer than ``MIN_VERTEBRAE``
-            vertebrae, or a modality other than the dataset's.
+            vertebrae, a modality other than the dataset's, or a ``dataset.json`` an export would change the
+            meaning of or that nnU-Net reads its cases from (a ``dataset`` list of files).
     """
     dataset_dir = Path(dataset_dir)
     image = check_image_grid(result, image)
@@ -368,6 +369,10 @@ def export_case(
         if dataset.get("file_ending", _FILE_ENDING) != _FILE_ENDING:
             raise ValueError(f"{dataset_dir}: its dataset.json gives its files the ending "
                              f"{dataset['file_ending']!r}; an export writes {_FILE_ENDING}: export into another dataset")
+        if "dataset" in dataset:  # nnU-Net v2 then trains on the files listed there, not on imagesTr/ and labelsTr/
+            raise ValueError(f"{dataset_dir}: its dataset.json lists its cases under 'dataset', which nnU-Net reads "
+                             "instead of imagesTr/ and labelsTr/: an exported case would not be listed there (nor "
+                             "would nnU-Net accept numTraining): export into another dataset")
         labels, ours = dataset.get("labels", {}), dataset_labels()
         other = sorted(name for name, value in (labels.items() if isinstance(labels, dict) else [])
                        if value != (level.label if (level := _level_named(name)) is not None else ours.get(name)))
