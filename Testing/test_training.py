@@ -61,12 +61,14 @@ def test_level_loss_only_on_vertebra_voxels():
 
 
 def write_pair(folder, image_name, label_name, size=(40, 40, 60), background=0):
-    """An image of three boxes and their label map (L3-L5), at ``folder / image_name`` and ``folder / label_name``;
-    in an nnU-Net layout (``labelsTr/``) with the dataset.json naming the levels by their VerSe values."""
+    """An image of three boxes in soft tissue and their label map (L3-L5), at ``folder / image_name`` and
+    ``folder / label_name``; in an nnU-Net layout (``labelsTr/``) with the dataset.json naming the levels by their
+    VerSe values."""
     if label_name.startswith("labelsTr/"):
         (folder / "dataset.json").parent.mkdir(parents=True, exist_ok=True)
         (folder / "dataset.json").write_text(json.dumps({"labels": dataset_labels()}))
     arr = np.full(size[::-1], background, np.int16)
+    arr[:, 5:35, 5:35] = 100  # soft tissue: of background and bone alone the network reads a blank image
     lab = np.zeros(size[::-1], np.uint8)
     for i, label in enumerate((L3, L4, L5)):
         arr[10 + 15 * i : 20 + 15 * i, 10:30, 10:30] = 300
@@ -488,6 +490,66 @@ def test_a_label_map_on_another_grid_is_refused(tmp_path):
     sitk.WriteImage(moved, str(labels))
     with pytest.raises(InputError, match="c1.nii.gz: label map grid .* differs from its image"):
         load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
+    moved.SetOrigin((0.0, 0.0, 0.0))
+    moved.SetDirection((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # flipped left-right, all else the same
+    sitk.WriteImage(moved, str(labels))
+    with pytest.raises(InputError) as refused:  # the message showed size, spacing and origin, all equal
+        load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
+    assert re.search(r"label map grid \(.*direction \(-1\.0, 0\.0.*\) differs from its image .*direction "
+                     r"\(1\.0, 0\.0", str(refused.value)), str(refused.value)
+
+
+def test_an_image_blank_once_normalised_is_refused(tmp_path):
+    """Zero but for one voxel: not constant, so trained on, though the network read it as a blank image (every voxel
+    0 after the percentile mapping) under 3 vertebrae of labels."""
+    write_pair(tmp_path / "verse", "s1.nii.gz", "s1_seg-vert_msk.nii.gz")
+    image = tmp_path / "verse" / "s1.nii.gz"
+    blank = np.zeros((60, 40, 40), np.int16)
+    blank[0, 0, 0] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(blank), str(image))
+    with pytest.raises(InputError, match=f"{image}: image is blank as the network reads it"):
+        load_case(*find_cases(tmp_path / "verse")[0], 2.0)
+
+
+def test_a_broken_folder_case_is_named_before_a_shape_library_is_built(tmp_path, monkeypatch):
+    """--data synthetic --data FOLDER: the shape library (a minute's build without its cache) came first, the broken
+    case after it; the sources keep their order."""
+    write_pair(tmp_path / "verse", "s1_ct.nii.gz", "s1_seg-vert_msk.nii.gz")
+    image = tmp_path / "verse" / "s1_ct.nii.gz"
+    sitk.WriteImage(sitk.Image([40, 40, 60], sitk.sitkInt16), str(image))  # constant
+    built = []
+    monkeypatch.setattr(training, "_synthetic_source", lambda *args: built.append(args) or (lambda rng: None))
+    cfg = TrainConfig(data=[("synthetic", 1.0), (str(tmp_path / "verse"), 1.0)], out=tmp_path / "m.json",
+                      data_dir=tmp_path, epochs=1, iterations=1, batch=1, patch=(32, 32, 32), device="cpu",
+                      validation_cases=0)
+    with pytest.raises(InputError, match=f"{image}: image is constant"):
+        train(cfg)
+    assert not built
+    order = []
+    monkeypatch.setattr(training, "make_source", lambda spec, *args: order.append(spec) or (spec, None))
+    monkeypatch.setattr(training, "_batches", lambda sources, *args: pytest.fail(f"sources {sources}"))
+    with pytest.raises(pytest.fail.Exception, match=r"sources \('phantom', 'synthetic', 'negative'\)"):
+        train(replace(cfg, data=[("phantom", 1.0), ("synthetic", 1.0), ("negative", 1.0)]))
+    assert order == ["phantom", "negative", "synthetic"]
+
+
+def test_a_file_at_the_model_s_names_that_training_did_not_write_is_not_replaced(tmp_path):
+    """--out over the user's notes.json, or beside weights of another model: both were replaced without a word
+    after the epochs; an earlier run's model is replaced."""
+    cfg = TrainConfig(data=[("phantom", 1.0)], out=tmp_path / "m.json", epochs=1, iterations=1, batch=1,
+                      patch=(32, 32, 32), spacing_mm=4.0, device="cpu", validation_cases=0)
+    (tmp_path / "m.json").write_text('{"my": "notes"}')
+    with pytest.raises(ValueError, match="m.json: exists and is no model card that training wrote there"):
+        train(cfg)
+    assert (tmp_path / "m.json").read_text() == '{"my": "notes"}' and not (tmp_path / "m.pt").exists()
+    (tmp_path / "m.json").unlink()
+    (tmp_path / "m.pt").write_bytes(b"other weights")
+    with pytest.raises(ValueError, match="m.pt: exists and is no model card that training wrote there"):
+        train(cfg)
+    assert (tmp_path / "m.pt").read_bytes() == b"other weights" and not (tmp_path / "m.json").exists()
+    (tmp_path / "m.pt").unlink()
+    first = load_model(train(cfg)).card["sha256"]
+    assert load_model(train(replace(cfg, seed=1))).card["sha256"] != first  # an earlier run's model: replaced
 
 
 @pytest.mark.parametrize("value, reason", [(0, "holds no vertebra label SpineLabel knows"),
@@ -608,3 +670,15 @@ def test_nnunet_labels_are_read_by_their_names_in_dataset_json(tmp_path, caplog)
         case = load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
     assert set(np.unique(case.levels)) == {0, L3, L4}
     assert "label names ['vertebra_L5'] look like vertebral levels" in caplog.text
+
+
+def test_an_nnunet_image_without_its_label_map_is_left_out_with_a_warning(tmp_path, caplog):
+    """imagesTr/c2_0000 without labelsTr/c2 was left out without a word (a label map without its image is named); a
+    second channel (c1_0001) is no case."""
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    for name in ("c2_0000.nii.gz", "c1_0001.nii.gz"):
+        shutil.copy(tmp_path / "nn" / "imagesTr" / "c1_0000.nii.gz", tmp_path / "nn" / "imagesTr" / name)
+    with caplog.at_level(logging.WARNING):
+        assert [image.name for image, _, _ in find_cases(tmp_path / "nn")] == ["c1_0000.nii.gz"]
+    assert "1 images in imagesTr/ have no label map in labelsTr/, left out: " in caplog.text
+    assert "c2_0000.nii.gz" in caplog.text and "c1_0001" not in caplog.text

@@ -408,6 +408,13 @@ def labelled_cases(gt_dir: str | os.PathLike) -> list[tuple[Path, GtFiles]]:
     if without:
         log.warning("%s: %d reference masks have no image beside them, left out: %s", gt_dir, len(without),
                     ", ".join(without))
+    # an nnU-Net case's image (channel 0) without its label map is a case too, left out as the masks above are
+    unlabelled = sorted(str(path) for path in _visible(Path(gt_dir).rglob("imagesTr/*"))
+                        if (stem := image_stem(path.name)) is not None and stem.endswith("_0000")
+                        and case_key(stem) not in cases)
+    if unlabelled:
+        log.warning("%s: %d images in imagesTr/ have no label map in labelsTr/, left out: %s", gt_dir,
+                    len(unlabelled), ", ".join(unlabelled))
     return [(image, cases[key]) for key, image in images.items()]
 
 

@@ -24,6 +24,7 @@ Arrays are (z, y, x) on the LPS-aligned model grid (``SpineLabelLib.io.canonical
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -154,9 +155,13 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
         raise InputError(f"{image_path}: image is constant: training on it would teach its labels in a blank image")
     labels = read_label_map(label_path)
     if not Geometry.of(labels).matches(Geometry.of(image)):
-        raise InputError(f"{label_path}: label map grid (size {labels.GetSize()}, spacing {labels.GetSpacing()}, origin "
-                         f"{labels.GetOrigin()}) differs from its image {image_path} (size {image.GetSize()}, spacing "
-                         f"{image.GetSpacing()}, origin {image.GetOrigin()})")
+        def described(im: sitk.Image) -> str:  # rounded as Geometry.matches compares: the difference shows
+            return (f"size {im.GetSize()}, spacing {tuple(round(v, 3) for v in im.GetSpacing())}, origin "
+                    f"{tuple(round(v, 2) for v in im.GetOrigin())}, direction "
+                    f"{tuple(round(v, 3) + 0.0 for v in im.GetDirection())}")
+
+        raise InputError(f"{label_path}: label map grid ({described(labels)}) differs from its image {image_path} "
+                         f"({described(image)})")
     if label_path.parent.name == "labelsTr" and read_dataset_json(label_path.parent.parent) is None:
         raise InputError(f"{label_path.parent}: an nnU-Net labelsTr folder without its dataset.json, so what its label "
                          "values mean is unknown: restore the dataset.json whose 'labels' name the levels")
@@ -181,6 +186,9 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     as_verse.CopyInformation(labels)
     grid = canonical_grid(image, spacing_mm)
     volume = _model_input(image, grid, recorded_modality(label_path))
+    if volume.min() == volume.max():  # constant but for a few voxels, or two-valued (a mask given as the image)
+        raise InputError(f"{image_path}: image is blank as the network reads it (every voxel the same once "
+                         "normalised): training on it would teach its labels in a blank image")
     verse = sitk.GetArrayFromImage(resample_to_grid(as_verse, grid, label=True))
     unannotated = verse == IGNORE
     verse[unannotated] = 0
@@ -202,6 +210,17 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     tissue = unknown_beyond_labelled_ends(tissue, verse)
     tissue[unannotated] = IGNORE
     return Case(volume, tissue, verse, image_path.name)
+
+
+def _written_by_training(card: Path) -> bool:
+    """Whether ``card`` is a model card as ``models.save_model`` writes it at that path: a JSON object with the
+    network's architecture, naming the weights beside it (``card`` with ``.pt``)."""
+    try:
+        document = json.loads(card.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not JSON, not text
+        return False
+    return (isinstance(document, dict) and "architecture" in document
+            and document.get("weights") == card.with_suffix(".pt").name)
 
 
 def _unedited_labels(record: dict) -> list[int]:
@@ -695,6 +714,12 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
         if path.resolve() in owner:
             raise ValueError(f"{path}: is a file of {owner[path.resolve()]}; training never replaces it: give --out "
                              "another path")
+    # a file at the model's names that no training wrote (notes named m.json, other weights named m.pt) is someone
+    # else's: refused now, as labelling refuses one, not replaced after the epochs; an earlier run's model is replaced
+    clash = next((path for path in (out, out.with_suffix(".pt")) if path.exists()), None)
+    if clash is not None and not _written_by_training(out):
+        raise ValueError(f"{clash}: exists and is no model card that training wrote there (with its weights "
+                         f"{out.with_suffix('.pt').name}); training never replaces it: give --out another path")
     if any(size % net.divisor for size in cfg.patch):
         raise ValueError(f"patch {tuple(cfg.patch)}: each size must be a multiple of {net.divisor} (the network's "
                          "downsampling)")
@@ -706,8 +731,10 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     net.to(device).train()
     specs = [s for s, _ in cfg.data]
     weights /= weights.sum()
-    sources, cases = zip(*(make_source(s, spacing, cfg.patch, cfg.data_dir, cfg.progress_bars, cancel)
-                           for s in specs))
+    # the folders first: a broken case is named in seconds, not after a shape library's build (a minute uncached)
+    made = {i: make_source(specs[i], spacing, cfg.patch, cfg.data_dir, cfg.progress_bars, cancel)
+            for i in sorted(range(len(specs)), key=lambda i: specs[i] == "synthetic")}
+    sources, cases = zip(*(made[i] for i in range(len(specs))))
     val_rng = np.random.default_rng(10_000 + cfg.seed)
     val = []
     for i in range(cfg.validation_cases):  # a synthetic crop takes seconds to make
