@@ -682,3 +682,12 @@ def test_an_nnunet_image_without_its_label_map_is_left_out_with_a_warning(tmp_pa
         assert [image.name for image, _, _ in find_cases(tmp_path / "nn")] == ["c1_0000.nii.gz"]
     assert "1 images in imagesTr/ have no label map in labelsTr/, left out: " in caplog.text
     assert "c2_0000.nii.gz" in caplog.text and "c1_0001" not in caplog.text
+
+
+def test_a_missing_data_folder_is_named_as_such(tmp_path):
+    """It was called a "ground-truth folder", the words of ``spinelabel evaluate``, in a training run."""
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(tmp_path / 'nowhere'))}: folder does not exist$"):
+        find_cases(tmp_path / "nowhere")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(FileNotFoundError, match="afile: a file, not a folder$"):
+        find_cases(tmp_path / "afile")

@@ -342,7 +342,7 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
 def _reference_cases(gt_dir: Path) -> dict[str, GtFiles]:
     """``_ground_truth`` of a folder that must exist and hold at least one case (``InputError`` otherwise)."""
     if not gt_dir.is_dir():
-        raise InputError(f"{gt_dir}: ground-truth folder " + ("is a file" if gt_dir.exists() else "does not exist"))
+        raise InputError(f"{gt_dir}: " + ("a file, not a folder" if gt_dir.exists() else "folder does not exist"))
     found = _ground_truth(gt_dir)
     if not found:
         raise InputError(f"{gt_dir}: no ground-truth masks (*_vert-verse.nii.gz, *_seg-vert_msk.nii.gz or "
