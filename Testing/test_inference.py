@@ -100,9 +100,11 @@ def test_a_ct_stored_1024_above_hounsfield_units_is_recognised():
     stored = np.clip(np.round(ct) + 1024, 0, 4095).astype(np.uint16)
     assert read_modality(stored) == ("MR", True)
     assert looks_like_offset_ct(stored)
+    stored[15, 20, 20:24] = 13_000  # a screw on an extended CT scale: a few voxels beyond 12 bits
+    assert looks_like_offset_ct(stored)
     assert not looks_like_offset_ct(ct)  # in Hounsfield units: read as CT already
     mr = np.concatenate([np.abs(rng.normal(0, 5, (30, 40, 8))), rng.uniform(200, 1000, (30, 40, 40))], axis=2)
-    for scale in (0.25, 1.0, 4.0):  # 8-bit, 10-bit and 12-bit magnitudes
+    for scale in (0.25, 1.0, 1.7, 4.0):  # 8-bit, 10-bit and 12-bit magnitudes; at 1.7 its median lies near 1024
         assert not looks_like_offset_ct(np.round(mr * scale))
 
 
@@ -334,3 +336,21 @@ def test_float32_can_be_forced_where_bfloat16_is_native(monkeypatch):
     monkeypatch.setenv(inference.FLOAT32_VARIABLE, "1")
     with autocast(torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_hot_voxels_are_left_out_beside_padding_or_a_few_brighter_voxels():
+    """A fill value far above the scan is left out when the scan is padded far below as well (each hid the other: the
+    padding's spread made the fill value near, the fill value's made the padding near), or when a few voxels lie above
+    it (its value no longer the maximum)."""
+    rng = np.random.default_rng(3)
+    mr = rng.uniform(0.0, 1000.0, (20, 30, 30)).astype(np.float32)
+    spots = rng.random(mr.shape) < 0.01
+    padded = mr.copy()
+    padded[:, :, :5] = -1024.0
+    hot = np.where(spots, np.float32(50_000.0), padded)
+    scan = ~spots & (padded > -1024)
+    np.testing.assert_allclose(normalise(hot)[scan], normalise(padded)[scan], atol=0.01)
+    brighter = np.where(spots, np.float32(50_000.0), mr)
+    brighter[0, 0, :3] = 60_000.0
+    scan = ~spots & (brighter < 60_000)
+    np.testing.assert_allclose(normalise(brighter)[scan], normalise(mr)[scan], atol=0.01)

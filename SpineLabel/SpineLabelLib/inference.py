@@ -145,18 +145,18 @@ def read_modality(volume: np.ndarray) -> tuple[str, bool]:
 def looks_like_offset_ct(volume: np.ndarray) -> bool:
     """Whether the intensities of a scan that ``read_modality`` reads as MR are those of a CT stored 1024 above
     Hounsfield units with no rescale intercept (unsigned, 0-4095, as some converters write NIfTI, NRRD or MetaImage):
-    nothing below 0 or above 4095; minus 1024 they read as CT clearly (``read_modality``); and the voxels above -500
-    HU that way, at least a fifth of them, are a body of soft tissue: their median within 50 below and 100 above 0 HU,
-    their interquartile range under 250. The real CT so stored (sub-verse014, example_ct_sm) were read as MR without
-    a word, their vertebrae 24 % and 5 % smaller; 8-bit and 12-bit MR (up to 4080, training MRI scaled) fail the test
-    of the body.
+    nothing below 0, nothing above 4095 but metal (0.1 % of the voxels at most); minus 1024 they read as CT clearly
+    (``read_modality``); and the voxels above -500 HU that way, at least a fifth of them, are a body of soft tissue:
+    their median within 50 below and 100 above 0 HU, their interquartile range under 250. The real CT so stored
+    (sub-verse014, example_ct_sm) were read as MR without a word, their vertebrae 24 % and 5 % smaller; 8-bit and
+    12-bit MR (up to 4080, training MRI scaled) fail the test of the body.
 
     Args:
         volume: the scan's intensities, any shape, layout and real dtype; not copied beyond a strided sample of
             ``_MODALITY_SAMPLE`` voxels.
     """
     sample = volume.flat[:: max(1, volume.size // _MODALITY_SAMPLE)].astype(np.float64)
-    if sample.size == 0 or sample.min() < 0 or sample.max() > 4095:
+    if sample.size == 0 or sample.min() < 0 or np.mean(sample > 4095) > 0.001:  # beyond 12 bits: metal at most
         return False
     body = sample[sample > 1024 - 500]
     if body.size < 0.2 * sample.size:
@@ -185,9 +185,11 @@ def normalise(volume: np.ndarray, ct_window_hu: tuple[float, float] | None = Non
     any contrast, or CT for a model without a window) maps its own 0.5th and 99.5th percentiles to 0 and 1; a
     minimum that fills 0.5 % of the voxels or more and lies further below the others than they spread (padding, such
     as -1024 around an MR of 0-1000) is left out of those percentiles and maps to 0; so is a maximum that fills 0.5 %
-    of the voxels or more and lies ten times further above the others than they spread, which maps to 1: hot voxels
-    or a fill value (at 50 times the scan's maximum in 0.6 % of the voxels they mapped three real MRI into [0, 0.02]:
-    no spine found, or two vertebrae misnamed). A bright structure of one value (a phantom's bone) is no such value.
+    of the voxels or more and lies ten times further above the others than they spread, which maps to 1: a fill
+    value or hot voxels of one value, also beside padding or below a few brighter voxels (at 50 times the scan's
+    maximum in 0.6 % of the voxels they mapped three real MRI into [0, 0.02]: no spine found). Hot voxels of many
+    values are not found. A bright structure of one value less than ten times above the rest (a phantom's bone) is no
+    such value.
 
     Args:
         volume: (z, y, x) any real dtype; Hounsfield units when ``ct_window_hu`` is given.
@@ -201,15 +203,19 @@ def normalise(volume: np.ndarray, ct_window_hu: tuple[float, float] | None = Non
     else:
         sample = volume[:: max(1, volume.shape[0] // 64)].astype(np.float32, copy=False)
         lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
-        if lo == float(sample.min()):  # the minimum fills 0.5 % of the voxels: background, or padding
-            rest = sample[sample > lo]
-            if rest.size and lo < rest.min() - (hi - rest.min()):  # padding: the percentiles of the scan alone
-                sample = rest
-                lo, hi = (float(v) for v in np.percentile(rest, [0.5, 99.5]))
-        if hi == float(sample.max()):  # the maximum fills 0.5 % of the voxels: saturation, a fill value, hot voxels
-            rest = sample[sample < hi]
-            if rest.size and hi > rest.max() + 10 * (rest.max() - lo):  # far above: the scan's percentiles alone
-                lo, hi = (float(v) for v in np.percentile(rest, [0.5, 99.5]))
+        padded = hot = False
+        for _ in range(2):  # each of padding and hot voxels judged again without the other (they hid each other)
+            if not padded and lo == float(sample.min()):  # the minimum fills 0.5 % of the voxels: background, padding
+                rest = sample[sample > lo]
+                if rest.size and lo < rest.min() - (hi - rest.min()):  # padding: the percentiles of the scan alone
+                    sample, padded = rest, True
+                    lo, hi = (float(v) for v in np.percentile(rest, [0.5, 99.5]))
+            if not hot:  # 0.5 % of the voxels at or above hi: saturation, a fill value, hot voxels (a few brighter)
+                rest = sample[sample < hi]
+                above = rest[rest > rest.min()] if rest.size else rest  # its spread measured above any padding
+                if above.size and hi > rest.max() + 10 * (rest.max() - above.min()):  # far above: the scan alone
+                    sample, hot = rest, True
+                    lo, hi = (float(v) for v in np.percentile(rest, [0.5, 99.5]))
     scale = 1.0 / (hi - lo) if hi > lo else 1.0  # any units: MR magnitudes can be 1e-6 and less
     out = volume.astype(np.float32)  # copy
     out -= lo
