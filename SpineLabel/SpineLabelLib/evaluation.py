@@ -376,20 +376,24 @@ def match_cases(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, fresh: C
     return [(key, preds.get(key), gts[key]) for key in sorted(gts)]
 
 
-def _images(gt_dir: Path, cases: dict[str, GtFiles]) -> dict[str, Path]:
-    """Matching key -> image of the reference ``cases`` found in ``gt_dir`` that have one (``labelled_cases``)."""
+def _images(gt_dir: Path, cases: dict[str, GtFiles]) -> tuple[dict[str, Path], list[Path]]:
+    """Matching key -> image of the reference ``cases`` found in ``gt_dir`` that have one (``labelled_cases``), and
+    the nnU-Net images (``imagesTr/X_0000``, channel 0) of no case in ``cases``: images without their label map."""
     masks = {files.mask for files in cases.values()}
     found: dict[str, Path] = {}
+    unmatched: list[Path] = []
     for path in _visible(gt_dir.rglob("*")):
         if not path.name.lower().endswith(IMAGE_SUFFIXES) or path in masks or not path.is_file():
             continue
         key = case_key(case_name(path))
         if key not in cases:
+            if path.parent.name == "imagesTr" and (image_stem(path.name) or "").endswith("_0000"):
+                unmatched.append(path)
             continue
         if key in found:
             raise InputError(f"{path}: images {found[key]} and {path} both match case {key}")
         found[key] = path
-    return dict(sorted(found.items()))
+    return dict(sorted(found.items())), sorted(unmatched)
 
 
 def labelled_cases(gt_dir: str | os.PathLike) -> list[tuple[Path, GtFiles]]:
@@ -403,18 +407,14 @@ def labelled_cases(gt_dir: str | os.PathLike) -> list[tuple[Path, GtFiles]]:
         InputError: the folder is missing or holds no GT case, or two images match one case.
     """
     cases = _reference_cases(Path(gt_dir))
-    images = _images(Path(gt_dir), cases)
+    images, unlabelled = _images(Path(gt_dir), cases)
     without = sorted(str(cases[key].mask) for key in set(cases) - set(images))
     if without:
         log.warning("%s: %d reference masks have no image beside them, left out: %s", gt_dir, len(without),
                     ", ".join(without))
-    # an nnU-Net case's image (channel 0) without its label map is a case too, left out as the masks above are
-    unlabelled = sorted(str(path) for path in _visible(Path(gt_dir).rglob("imagesTr/*"))
-                        if (stem := image_stem(path.name)) is not None and stem.endswith("_0000")
-                        and case_key(stem) not in cases)
-    if unlabelled:
+    if unlabelled:  # an nnU-Net case too, left out as the masks above are
         log.warning("%s: %d images in imagesTr/ have no label map in labelsTr/, left out: %s", gt_dir,
-                    len(unlabelled), ", ".join(unlabelled))
+                    len(unlabelled), ", ".join(map(str, unlabelled)))
     return [(image, cases[key]) for key, image in images.items()]
 
 
@@ -928,7 +928,7 @@ def evaluate_folders(
         _make_folders([out.parent for out in outs])  # before the scoring, not after it
         unreported = {key: gt for key, pred, gt in pairs if groups is None and (pred is None or pred.report is None)}
         try:
-            images = _images(Path(gt_dir), unreported) if unreported else {}
+            images = _images(Path(gt_dir), unreported)[0] if unreported else {}
         except InputError as err:  # two images match one case
             log.warning("%s: the cases without a SpineLabel report are in no group", err)
             images = {}

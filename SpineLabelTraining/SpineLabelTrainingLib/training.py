@@ -24,7 +24,6 @@ Arrays are (z, y, x) on the LPS-aligned model grid (``SpineLabelLib.io.canonical
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -44,8 +43,8 @@ from SpineLabelLib.export import dataset_ignore_value, provenance_of, read_datas
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
 from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writable_folder, no_empty_new_folders,
                               read_image, read_label_map, resample_to_grid)
-from SpineLabelLib.models import (MODEL_SPACING_MM, checkpoint_path, default_model_path, load_model, model_card_path,
-                                  save_model, user_models_dir)
+from SpineLabelLib.models import (MODEL_SPACING_MM, ModelError, checkpoint_path, default_model_path, load_model,
+                                  model_card_path, read_card, save_model, user_models_dir)
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.pipeline import MIN_CONTEXT_VOXELS, with_context
 from SpineLabelLib.result import Geometry
@@ -213,14 +212,12 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
 
 
 def _written_by_training(card: Path) -> bool:
-    """Whether ``card`` is a model card as ``models.save_model`` writes it at that path: a JSON object with the
-    network's architecture, naming the weights beside it (``card`` with ``.pt``)."""
+    """Whether ``card`` is a model card (``models.read_card``) naming the weights beside it (``card`` with ``.pt``),
+    as ``models.save_model`` writes it at that path."""
     try:
-        document = json.loads(card.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing, unreadable, not JSON, not text
+        return read_card(card)["weights"] == card.with_suffix(".pt").name
+    except ModelError:  # missing, unreadable, not a model card
         return False
-    return (isinstance(document, dict) and "architecture" in document
-            and document.get("weights") == card.with_suffix(".pt").name)
 
 
 def _unedited_labels(record: dict) -> list[int]:
