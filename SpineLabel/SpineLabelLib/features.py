@@ -165,7 +165,8 @@ def off_the_line(ordered: list[ComponentFeatures], max_detour: float = 1.3, last
 
 
 def level_scores(bodies: np.ndarray, level_log_probs: np.ndarray, ids: list[int]) -> np.ndarray:
-    """Mean level log-probability over each component's body voxels.
+    """Mean level log-probability over each component's body voxels at even (z, y, x) indices, one per
+    half-resolution cell (over every cell holding a body voxel, for a component with none at even indices).
 
     Args:
         bodies: int32 (z, y, x) body components on the model grid.
