@@ -10,7 +10,8 @@ Usage (from the repository root):
     python benchmarks/real_data.py train --out SpineLabel/SpineLabelLib/weights/spinelabel-default.json [--epochs N ...]
     python benchmarks/real_data.py evaluate [--model CARD.json] [--workdir DIR] [--selection] [--slice-mm MM]
                                             [--slab-mm MM]
-    python benchmarks/real_data.py evaluate --selection --length-mm MM [--model CARD.json] [--workdir DIR]
+    python benchmarks/real_data.py evaluate --selection --length-mm MM [--correct-one] [--model CARD.json]
+                                            [--workdir DIR]
     python benchmarks/real_data.py cervical [--model CARD.json] [--workdir DIR]
     python benchmarks/real_data.py pitches
 
@@ -36,6 +37,11 @@ vertebra, cut along its axis closest to head-feet to the whole number of slices 
 centroid (as far as the image allows), like a targeted scan of a few vertebrae. Each copy is scored against the
 reference cut the same way, on the vertebrae whose centroid lies in the copy; the others are left out of its
 reference. The training scans only: the held-out set is too small to cut this way and stays untouched.
+With ``--correct-one`` each copy is labelled in this process, as ``spinelabel label`` labels it, and then corrected
+as a user would correct it: where the vertebra holding most of the reference vertebra the copy is centred on is named
+otherwise, it is renamed to the reference's name (``edits.rename``, locked) and the rest re-solved around it. Both
+are scored (``evaluation.json`` as labelled, ``evaluation-corrected.json`` after the correction), with the number of
+copies renamed and the time of each rename.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from dataclasses import asdict
@@ -244,14 +251,16 @@ def _reference_of(image: Path, group: str, gt: Path) -> tuple[Path, Path | None]
 
 
 def _short_copies(images: dict[str, list[Path]], gt: Path, root: Path, mm: float
-                  ) -> tuple[dict[str, list[Path]], Path]:
+                  ) -> tuple[dict[str, list[Path]], Path, dict[Path, tuple[int, Path]]]:
     """Copies of the selection scans cut to MM along head-feet (``_slab``), one centred on each reference vertebra,
     with their references cut the same way and holding only the vertebrae whose centroid is in the copy (module
-    docstring); their images per group and their ground-truth folder, in the layouts of ``build_selection_set``."""
+    docstring); their images per group and their ground-truth folder, in the layouts of ``build_selection_set``, and
+    for each copy the VerSe label of the vertebra it is centred on and the copy's reference label map."""
     from SpineLabelLib.evaluation import mask_centroids, read_centroids, reference_labels
     from SpineLabelLib.result import Geometry
 
     out_images: dict[str, list[Path]] = {group: [] for group in images}
+    centred: dict[Path, tuple[int, Path]] = {}
     short_gt = root / f"gt-{mm:g}mm"
     for group, paths in images.items():
         for path in paths:
@@ -287,7 +296,8 @@ def _short_copies(images: dict[str, list[Path]], gt: Path, root: Path, mm: float
                     target.parent.mkdir(parents=True, exist_ok=True)
                     sitk.WriteImage(volume, str(target))
                 out_images[group].append(image_out)
-    return out_images, short_gt
+                centred[image_out] = (v, mask_out)
+    return out_images, short_gt, centred
 
 
 def _label(images: list[Path], out: Path, model: Path | None) -> None:
@@ -299,6 +309,38 @@ def _label(images: list[Path], out: Path, model: Path | None) -> None:
     if status not in (0, 1):  # 1: some inputs failed, scored as missed; else it could not run or was killed
         raise SystemExit(f"spinelabel label did not finish (exit status {status}); see its message above. Nothing "
                          "was scored")
+
+
+def _label_and_correct(copies: dict[Path, tuple[int, Path]], pred: Path, corrected: Path, model: Path | None
+                       ) -> list[float]:
+    """``--correct-one`` (module docstring): label each copy in this process into ``pred`` (a copy without vertebrae
+    gets no outputs, as with ``spinelabel label``) and write into ``corrected`` the labelling after the one rename a
+    user would make, which ``copies`` (copy -> label of the vertebra it is centred on, reference label map) decides.
+    Returns the seconds of each rename."""
+    from SpineLabelLib.edits import rename
+    from SpineLabelLib.io import case_name, read_image
+    from SpineLabelLib.pipeline import get_model, label_spine
+    from SpineLabelLib.vertebrae import BY_LABEL
+    from SpineLabelLib.writers import write_all
+
+    loaded = get_model(model, device="cpu")
+    seconds = []
+    for path, (label, reference) in copies.items():
+        result = label_spine(path, loaded)
+        if not result.vertebrae:
+            continue
+        image, name = read_image(path), case_name(path)
+        write_all(result, image, pred, name, input_path=path)
+        under = result.components[sitk.GetArrayFromImage(sitk.ReadImage(str(reference))) == label]
+        under = under[under > 0]
+        vertebra = int(np.bincount(under).argmax()) if under.size else None
+        wanted = BY_LABEL[label].name
+        if vertebra is not None and result.by_id(vertebra).name != wanted:
+            start = time.perf_counter()
+            result = rename(result, vertebra, wanted)
+            seconds.append(time.perf_counter() - start)
+        write_all(result, image, corrected, name, input_path=path)
+    return seconds
 
 
 def _label_thick(images: dict[str, list[Path]], root: Path, pred: Path, mm: float | None, slab_mm: float | None,
@@ -343,9 +385,11 @@ def evaluate(args: argparse.Namespace) -> int:
     images, gt = (build_selection_set if args.selection else build_test_set)(root)
     pred = root / "pred"
     if args.length_mm:
-        images, gt = _short_copies(images, gt, root, args.length_mm)
+        images, gt, centred = _short_copies(images, gt, root, args.length_mm)
     if args.slice_mm or args.slab_mm:
         _label_thick(images, root, pred, args.slice_mm, args.slab_mm, args.model)
+    elif args.correct_one:
+        seconds = _label_and_correct(centred, pred, root / "pred-corrected", args.model)
     else:
         _label([p for group in images.values() for p in group], pred, args.model)
     groups = {case_name(p): group for group, paths in images.items() for p in paths}
@@ -354,6 +398,14 @@ def evaluate(args: argparse.Namespace) -> int:
                                bodies_only=bodies_only)
     print(summary_markdown(summary))
     print(f"\nwritten: {root / 'evaluation.json'}, {root / 'evaluation.md'}")
+    if args.correct_one:
+        corrected = evaluate_folders(root / "pred-corrected", gt, out_json=root / "evaluation-corrected.json",
+                                     out_md=root / "evaluation-corrected.md", groups=groups)
+        print(f"\n# After one correction per copy\n\n{len(seconds)} of {len(centred)} copies renamed"
+              + (f" (each rename {1e3 * np.median(seconds):.1f} ms median, {1e3 * max(seconds):.1f} ms at most)"
+                 if seconds else "") + "\n")
+        print(summary_markdown(corrected))
+        print(f"\nwritten: {root / 'evaluation-corrected.json'}, {root / 'evaluation-corrected.md'}")
     if args.write_card:
         from SpineLabelLib.models import default_model_path
 
@@ -535,6 +587,9 @@ def main() -> int:
                    help="cut the MRI copies to a sagittal stack MM wide left to right, centred on the spine")
     p.add_argument("--length-mm", type=_positive_mm, metavar="MM",
                    help="with --selection: label short copies, MM along head-feet, one centred on each reference vertebra")
+    p.add_argument("--correct-one", action="store_true",
+                   help="with --length-mm: also score each copy after renaming the vertebra it is centred on to its "
+                        "reference name where it is named otherwise, as a user correcting it would")
     p = sub.add_parser("cervical", help="label the cervical MRI of the Spinal Cord Toolbox and score their names "
                                       "against its level labels")
     p.add_argument("--model", type=Path)
@@ -547,6 +602,8 @@ def main() -> int:
     if args.command == "evaluate":
         if args.length_mm and (not args.selection or args.slice_mm or args.slab_mm):
             parser.error("--length-mm goes with --selection only, without --slice-mm or --slab-mm")
+        if args.correct_one and not args.length_mm:
+            parser.error("--correct-one goes with --length-mm")
         if args.write_card and (args.selection or args.slice_mm or args.slab_mm):
             parser.error("--write-card records the held-out scores as stored: not with --selection, --slice-mm or "
                          "--slab-mm")
