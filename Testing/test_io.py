@@ -288,7 +288,7 @@ def test_a_nifti_whose_qform_and_sform_disagree_is_read_with_a_warning(tmp_path)
 
 def test_nibabel_s_complaint_about_a_header_is_logged_not_printed(tmp_path, caplog, monkeypatch):
     """nibabel's own handler printed it on stderr, and the log printed it again: twice on the command line."""
-    nii = nibabel.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.diag([2.0, 2.0, 2.0, 1.0]))
+    nii = nibabel.Nifti2Image(np.zeros((20, 20, 20), np.int16), np.diag([2.0, 2.0, 2.0, 1.0]))  # nibabel reads it
     nii.header["pixdim"][1:4] = [-2.0, 2.0, 2.0]
     nibabel.save(nii, tmp_path / "negative.nii.gz")
     printed = logging.Handler()
@@ -572,3 +572,60 @@ def test_a_float64_nifti_is_read_as_float32_on_itk_s_grid(tmp_path, name, monkey
     assert read.GetPixelID() == sitk.sitkFloat32 and itk.GetPixelID() == sitk.sitkFloat64
     np.testing.assert_allclose(sitk.GetArrayViewFromImage(read), sitk.GetArrayViewFromImage(itk), rtol=1e-6)
     assert Geometry.of(read).matches(Geometry.of(itk)) and read.GetSize() == itk.GetSize()
+
+
+@pytest.mark.parametrize("qform_code, sform_code", [(0, 2), (1, 0), (1, 1)])
+def test_a_nifti1_with_a_negative_voxel_size_is_refused(tmp_path, qform_code, sform_code):
+    """ITK turned the axes of a negative pixdim round, against both forms (nibabel reads the size as positive): a
+    real lumbar MRI so written, its sform right, was labelled T9-T13, L1-L5 without S1, every centroid 430-530 mm from
+    the sform's, with no word of the header."""
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    nii = nibabel.Nifti1Image(np.zeros((20, 20, 20), np.int16), None)
+    nii.set_qform(affine, code=qform_code)
+    nii.set_sform(affine, code=sform_code)
+    nibabel.save(nii, tmp_path / "negative.nii")
+    data = bytearray((tmp_path / "negative.nii").read_bytes())
+    data[80:92] = struct.pack("<3f", -1.0, -1.0, -1.0)  # pixdim[1:4], which nibabel will not write negative
+    (tmp_path / "negative.nii").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="negative voxel size"):
+        read_image(tmp_path / "negative.nii")
+
+
+def test_a_nifti_whose_sform_itk_cannot_follow_is_read_with_a_warning(tmp_path, capfd):
+    """A tilted gantry's NIfTI (the slices drifting 15 degrees along the table, in the sform; the qform rigid): ITK
+    reads the qform, and the outputs lay up to 24 mm (a real CT) and 42 mm (a real MRI) from where the sform puts the
+    scan, with no warning, since the forms' axes lie within 30 degrees of each other; so too an sform whose axes are
+    longer than the voxel size (ITK printed its own warning, which it no longer does)."""
+    affine = np.diag([-1.0, -1.0, 2.0, 1.0])
+    sheared = affine.copy()
+    sheared[1, 2] = 2.0 * np.tan(np.radians(15.0))
+    nii = nibabel.Nifti1Image(np.zeros((20, 20, 40), np.int16), None)
+    nii.set_sform(sheared, code=1)
+    nii.set_qform(sheared, code=1)  # nibabel stores the rigid part
+    nibabel.save(nii, tmp_path / "tilted.nii.gz")
+    notes = read_notes(read_image(tmp_path / "tilted.nii.gz"))
+    assert len(notes) == 1 and "not perpendicular" in notes[0] and "read by its qform" in notes[0], notes
+    assert "WARNING" not in capfd.readouterr().err
+    nii.set_sform(affine @ np.diag([1.0, 1.0, 1.5, 1.0]), code=1)  # perpendicular, but not the voxel size long
+    nii.set_qform(affine, code=1)
+    nibabel.save(nii, tmp_path / "scaled.nii.gz")
+    notes = read_notes(read_image(tmp_path / "scaled.nii.gz"))
+    assert len(notes) == 1 and "not as long as the voxel size" in notes[0] and "up to 39 mm" in notes[0], notes  # 39 slices 1 mm too short
+    nii.set_sform(affine @ np.diag([1.0, 1.0, 1.0 + 1e-4, 1.0]), code=1)  # orthonormal: read by the sform, no note
+    nii.set_qform(affine, code=1)
+    nibabel.save(nii, tmp_path / "plain.nii.gz")
+    assert read_notes(read_image(tmp_path / "plain.nii.gz")) == []
+
+
+def test_a_direction_matrix_with_a_scale_is_refused_as_such(tmp_path):
+    """A MetaImage TransformMatrix of perpendicular axes 1.5 long was refused as 'not perpendicular (a sheared
+    grid)'."""
+    image = oriented_image(np.diag([1.5, 1.0, 1.0]))
+    sitk.WriteImage(image, str(tmp_path / "scaled.mha"))
+    with pytest.raises(InputError, match="not unit vectors"):
+        read_image(tmp_path / "scaled.mha")
+    sheared = np.eye(3)
+    sheared[0, 2] = 0.3  # a sheared grid whose direction columns are not unit vectors either: said to be sheared
+    sitk.WriteImage(oriented_image(sheared), str(tmp_path / "sheared.mha"))
+    with pytest.raises(InputError, match="not perpendicular"):
+        read_image(tmp_path / "sheared.mha")

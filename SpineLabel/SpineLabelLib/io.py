@@ -294,6 +294,7 @@ class _NiftiLayout(NamedTuple):
     voxel_bytes: int
     spacing_known: bool
     version: int  # 1 or 2
+    negative_spacing: bool  # a spatial pixdim below 0
     sizes: tuple[int, ...]  # voxels along each of its dimensions, x first
     scaling: tuple[float, float]  # scl_slope, scl_inter as stored
 
@@ -343,7 +344,7 @@ def _nifti_layout(header: bytes) -> _NiftiLayout | None:
     spatial = np.asarray(pixdim[1 : 1 + min(n_dims, 3)], dtype=float)
     spacing_known = bool(np.all(np.isfinite(spatial) & (spatial != 0))) or (size == 540 and sform_code > 0)
     return _NiftiLayout(endian, datatype, max(offset, 352), math.prod(sizes) * bitpix // 8, spacing_known,
-                        1 if size == 348 else 2, sizes, scaling)
+                        1 if size == 348 else 2, bool(np.any(spatial < 0)), sizes, scaling)
 
 
 def _check_nifti(path: Path, what: str) -> tuple[_NiftiLayout, bool]:
@@ -373,6 +374,11 @@ def _check_nifti(path: Path, what: str) -> tuple[_NiftiLayout, bool]:
     endian, datatype, offset, voxel_bytes, spacing_known = layout[:5]
     if not spacing_known:
         raise InputError(f"{path}: the header gives no voxel size (pixdim 0)")
+    if layout.version == 1 and layout.negative_spacing:  # ITK turns such an axis round, against either form
+        raise InputError(f"{path}: the header gives a negative voxel size (pixdim), which image readers take "
+                         "differently (ITK turns those axes round, nibabel and the NIfTI library read the size as "
+                         "positive), so which way the spine points is not settled; write the header with positive "
+                         "voxel sizes (the qform's handedness goes in pixdim[0], the sform holds its own)")
     expected = offset + voxel_bytes
     float_type = _NIFTI_FLOAT_TYPES.get(datatype)
     if gz:  # a single gzip member ends with its size
@@ -482,7 +488,7 @@ def _forms_note(path: Path, image: sitk.Image) -> str | None:
         return bool(np.all(np.sum(a * b, axis=0) >= agree))
 
     if alike(units["qform"], units["sform"]):  # their nearest anatomical axes alone may differ: a tie at 45 degrees
-        return None
+        return _unfollowed_sform_note(forms["sform"][0], image)
     read = np.asarray(Geometry.of(image).ijk_to_ras(), dtype=float)[:3, :3]
     read = read / np.linalg.norm(read, axis=0)
     used = next((name for name, axes in units.items() if alike(axes, read)), "neither")
@@ -491,6 +497,28 @@ def _forms_note(path: Path, image: sitk.Image) -> str | None:
                f"axes more than {_FORMS_AGREE_DEG:g} degrees apart")
     return (f"its qform and sform disagree ({towards}), and it was read by the {used}: if the vertebrae come out in "
             "the wrong order, correct the header")
+
+
+def _unfollowed_sform_note(sform: np.ndarray, image: sitk.Image) -> str | None:
+    """A line for the user when ITK read a NIfTI-1 file by its qform because it could not follow its ``sform`` (axes
+    not perpendicular, as a tilted gantry's written by a converter that does not resample it, or lengths other than
+    the voxel size), and the two put some voxel more than 1 mm apart: the labels then lie that far from where a viewer
+    that follows the sform shows the image (a 15 degree tilt: 24 mm on a real CT, 42 mm on a real MRI). None
+    otherwise."""
+    sform = np.asarray(sform, dtype=float)
+    corners = np.c_[_CORNERS * (np.asarray(image.GetSize(), dtype=float) - 1), np.ones(8)]  # voxel indices
+    read = np.asarray(Geometry.of(image).ijk_to_ras(), dtype=float)
+    apart = float(np.linalg.norm(corners @ (sform - read).T[:, :3], axis=1).max())
+    if apart <= 1.0:
+        return None
+    units = sform[:3, :3] / np.linalg.norm(sform[:3, :3], axis=0)
+    sheared = not np.allclose(units.T @ units, np.eye(3), atol=SHEAR_TOLERANCE)
+    why, remedy = (("its axes are not perpendicular, as from a tilted gantry", "resample the image onto a grid with "
+                    "perpendicular axes first") if sheared else
+                   ("its axes are not as long as the voxel size (pixdim)", "correct the voxel size in the header"))
+    return (f"its sform could not be followed ({why}), so it was read by its qform, which puts voxels up to "
+            f"{apart:.0f} mm from where the sform does: the outputs lie where the qform puts the scan; if the sform is "
+            f"the right one, {remedy}")
 
 
 def as_3d(image: sitk.Image) -> sitk.Image:
@@ -516,7 +544,8 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
         # ITK picks its reader by the suffix as written, and knows MetaImage's in lower case only
         metaimage = path.suffix.lower() in (".mha", ".mhd")
         try:
-            image = sitk.ReadImage(str(path), imageIO="MetaImageIO" if metaimage else "")
+            with itk_warnings(False):  # "unexpected scales in sform": said by the note or the error
+                image = sitk.ReadImage(str(path), imageIO="MetaImageIO" if metaimage else "")
         except RuntimeError as err:
             raise InputError(f"{path}: unreadable {what} ({_itk_reason(err)})") from None
     if nifti and notes is not None and image.GetDimension() == 3 and (note := _forms_note(path, image)):
@@ -547,7 +576,8 @@ def _read_float64_nifti1(path: Path, layout: _NiftiLayout, gz: bool) -> sitk.Ima
                 voxels[start : start + count] = chunk * slope + intercept
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    reader.ReadImageInformation()
+    with itk_warnings(False):
+        reader.ReadImageInformation()
     image = sitk.GetImageFromArray(voxels.reshape(layout.sizes[::-1]))
     image.SetSpacing(reader.GetSpacing())
     image.SetOrigin(reader.GetOrigin())
@@ -715,6 +745,15 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
     if not np.isfinite([*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection()]).all():
         raise InputError(f"{name}: its voxel size, origin or axis directions hold NaN or infinite values")
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    lengths = np.linalg.norm(direction, axis=0)
+    units = direction / np.where(lengths > 0, lengths, 1.0)
+    perpendicular = (lengths > 0).all() and np.allclose(units.T @ units, np.eye(3), atol=SHEAR_TOLERANCE)
+    if perpendicular and not np.allclose(direction.T @ direction, np.eye(3), atol=SHEAR_TOLERANCE):
+        # perpendicular axes of other lengths: a MetaImage TransformMatrix can hold a scale, which ITK keeps apart
+        # from the spacing
+        raise InputError(f"{name}: its axis directions are not unit vectors (lengths "
+                         f"{', '.join(f'{x:.4g}' for x in lengths)}): the header's direction matrix holds a scale "
+                         "that belongs in the voxel size; write the sizes into the spacing and unit directions")
     if not np.allclose(direction.T @ direction, np.eye(3), atol=SHEAR_TOLERANCE):
         raise InputError(f"{name}: its axes are not perpendicular (a sheared grid, as from a tilted gantry); "
                          "resample it onto a grid with perpendicular axes first")
