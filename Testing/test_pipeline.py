@@ -2,6 +2,7 @@
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -362,6 +363,11 @@ def test_the_spine_gate_can_be_switched_off(random_model, small_phantom):
                                    "no vertebrae found"])
     with pytest.raises(NoVertebrae, match=r"^tiny.nii.gz: no vertebrae found; read as MR"):
         require_vertebrae(empty, "tiny.nii.gz")
+    # an image too small to show a vertebra, as one whose header gives its voxel size in cm: the refusal says so
+    in_cm = empty.copy(geometry=replace(empty.geometry, spacing=tuple(0.1 * s for s in empty.geometry.spacing)))
+    with pytest.raises(NoVertebrae, match=r"; the image spans only [0-9.]+ x [0-9.]+ x [0-9.]+ mm: is the voxel size "
+                                          r"in its header in mm\?$"):
+        require_vertebrae(in_cm, "in_cm.nii.gz")
     given = label_spine(small_phantom.image, model=random_model, device="cpu", modality="ct")
     assert given.vertebrae == [] and not any("read as" in w for w in given.warnings)
     labelled = label_spine(small_phantom.image, model=random_model, device="cpu", spine_gate=False)

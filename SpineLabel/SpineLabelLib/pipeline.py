@@ -116,6 +116,9 @@ def is_spine(spine_probability: float, n_components: int, column: int = 0) -> bo
 
 
 _CONSTANT, _NO_SPINE = "image is constant", "no spine recognised"  # what the refusals' warnings begin with
+# a field of view whose longest side is shorter (mm) shows no vertebra with the neighbours it is told by: where nothing
+# is found in one, its header's spacing is more likely in other units (cm) than the image free of vertebrae
+SMALL_VIEW_MM = 50.0
 
 
 class NoVertebrae(InputError):
@@ -125,11 +128,16 @@ class NoVertebrae(InputError):
 def require_vertebrae(result: SpineLabeling, path: str | os.PathLike) -> SpineLabeling:
     """``result`` when it names at least one vertebra; otherwise raises ``NoVertebrae`` naming ``path`` and the
     reasons (``result.warnings``; "no vertebrae found" first, or left out where a refusal says why: the image is
-    constant, or no spine was recognised). ``label_spine`` returns such an empty labelling (its spine probability is
-    what the gate judged); the command line and the Slicer module refuse it as bad input, with nothing written."""
+    constant, or no spine was recognised), and the extent of an image not constant but smaller than ``SMALL_VIEW_MM``.
+    ``label_spine`` returns such an empty labelling (its spine probability is what the gate judged); the command line
+    and the Slicer module refuse it as bad input, with nothing written."""
     if not result.vertebrae:
         others = [w for w in result.warnings if w != NOTHING_FOUND]
         explained = any(w.startswith((_CONSTANT, _NO_SPINE)) for w in others)
+        extent = np.asarray(result.geometry.size) * np.asarray(result.geometry.spacing)
+        if extent.max() < SMALL_VIEW_MM and not any(w.startswith(_CONSTANT) for w in others):
+            others.append(f"the image spans only {' x '.join(f'{e:.3g}' for e in extent)} mm: is the voxel size in "
+                          "its header in mm?")
         raise NoVertebrae(f"{path}: {'; '.join(others if explained else [NOTHING_FOUND, *others])}")
     return result
 
