@@ -563,6 +563,30 @@ def test_a_prediction_on_another_grid_is_resampled_onto_its_reference(tmp_path, 
     assert case.centroid_source == "centroid files" and case.n_identified == 3 and case.mean_loc_error_mm < 1e-6
 
 
+def test_a_prediction_centroid_file_unlike_its_map_is_scored_with_a_warning(tmp_path, caplog):
+    """A prediction's centroid file of no entries (or leaving out L3) scored its vertebrae as not predicted, and a
+    centroid of a label with no voxel (T12, put on the reference L3) took L3's identification, without a word."""
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    reference = write_mask(spine([L1, L2, L3]), gt_dir / "sub-a_seg-vert_msk.nii.gz")
+    truth = ev._mask_centroids_lps(spine([L1, L2, L3]), Geometry.of(reference))
+    write_ctd(gt_dir / "sub-a_seg-vb_ctd.json", truth)
+    write_mask(spine([L1, L2, L3]), pred_dir / "sub-a_seg.nii.gz")
+    write_ctd(pred_dir / "sub-a_ctd.json", truth)
+    with caplog.at_level(logging.WARNING):
+        assert ev.evaluate_folders(pred_dir, gt_dir).cases[0].n_identified == 3
+    assert "does not name the vertebrae" not in caplog.text
+    write_ctd(pred_dir / "sub-a_ctd.json", {L1: truth[L1], L2: truth[L2], T12: truth[L3] + 0.5})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        case = ev.evaluate_folders(pred_dir, gt_dir).cases[0]
+    assert case.n_identified == 2 and case.not_predicted == ["L3"]  # scored as the file says
+    assert (f"sub-a_ctd.json does not name the vertebrae of its label map sub-a_seg.nii.gz: no centroid for labels "
+            f"[{L3}] of the map (counted as not predicted); centroids of labels [{T12}] that the map has no voxel of"
+            in caplog.text)
+
+
 def test_a_prediction_or_centroid_file_of_another_image_is_refused(tmp_path):
     """A prediction that lies wholly outside its reference's grid, or a centroid file whose centroids are far from
     its own mask's vertebrae, was scored as identified from the centroid files while covering nothing."""

@@ -27,10 +27,12 @@ and is scored against that file (against the whole predicted vertebrae's centres
 were 8.5 mm off, where its reference centroid file gave 1.0 mm). A bodies-only GT whose prediction has no
 centroid file is scored against the whole predicted vertebrae's centres of mass, with a warning (the case's
 ``centroid_source`` says so). A label present in a GT mask but absent from its centroid file gets its mask centroid
-(logged). The GT vertebrae of a case are the VerSe labels of its centroids. A prediction on another grid than its
-GT mask is resampled onto the GT's (nearest neighbour), with a warning; one that leaves nothing of it there (a
-prediction of another image, or a header turned) is refused, as is a centroid file whose centroid of a label lies
-further than ``CENTROID_MASK_MM`` from that label in its own mask.
+(logged). The GT vertebrae of a case are the VerSe labels of its centroids. A prediction's centroid file is scored
+as it is, with a warning where it leaves out labels of its label map (counted as not predicted) or names labels the
+map has no voxel of. A prediction on another grid than its GT mask is resampled onto the GT's (nearest neighbour),
+with a warning; one that leaves nothing of it there (a prediction of another image, or a header turned) is refused,
+as is a centroid file whose centroid of a label lies further than ``CENTROID_MASK_MM`` from that label in its own
+mask.
 
 Matching: a case's key is the file stem with known suffixes stripped: predictions ``NAME_seg.nii.gz`` -> NAME,
 GT masks -> X as above; then ``_img``, ``_ct``, ``_0000``, ``_T1w``, ``_T2w`` (in any case) are removed from the end of
@@ -780,6 +782,21 @@ def _centroids_of_mask(ctd: Path, image: sitk.Image, mask: Path, of_mask: dict[i
     return centroids
 
 
+def _warn_unlike_map(centroids: Mapping[int, np.ndarray], of_map: Mapping[int, np.ndarray], ctd: Path, seg: Path
+                     ) -> None:
+    """Warn when a prediction's centroid file ``ctd`` and its label map ``seg`` (their VerSe labels: ``centroids``
+    and ``of_map``) do not name the same vertebrae: the centroids are scored as they are, so a label of the map the
+    file leaves out counts as not predicted, and a centroid of a label the map has no voxel of can take a
+    vertebra's identification (SpineLabel writes the two from one labelling; an edited or mismatched file differs)."""
+    unnamed = sorted(v for v in set(of_map) - set(centroids) if v in BY_LABEL)
+    empty = sorted(v for v in set(centroids) - set(of_map) if v in BY_LABEL)
+    if unnamed or empty:
+        log.warning("%s does not name the vertebrae of its label map %s:%s%s; scored as the file says", ctd, seg.name,
+                    f" no centroid for labels {unnamed} of the map (counted as not predicted)" if unnamed else "",
+                    f"{';' if unnamed else ''} centroids of labels {empty} that the map has no voxel of" if empty
+                    else "")
+
+
 def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[str, str] | None,
                 bodies_only: bool | Mapping[str, bool] | None) -> CaseResult:
     """One case of ``evaluate_folders`` (its arguments of the same names)."""
@@ -829,6 +846,7 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
         if from_files or bodies_to_file:
             own = _mask_centroids_lps(sitk.GetArrayViewFromImage(pred_image), Geometry.of(pred_image))
             pred_ctd = _centroids_of_mask(pred.ctd, pred_image, pred.seg, own)
+            _warn_unlike_map(pred_ctd, own, pred.ctd, pred.seg)
         else:
             pred_ctd = _mask_centroids_lps(pred_labels, geometry)
     confidences, modality = read_report(pred.report) if pred and pred.report else (None, "")
