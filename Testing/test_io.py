@@ -610,7 +610,12 @@ def test_a_nifti_whose_sform_itk_cannot_follow_is_read_with_a_warning(tmp_path, 
     nii.set_qform(affine, code=1)
     nibabel.save(nii, tmp_path / "scaled.nii.gz")
     notes = read_notes(read_image(tmp_path / "scaled.nii.gz"))
-    assert len(notes) == 1 and "not as long as the voxel size" in notes[0] and "up to 39 mm" in notes[0], notes  # 39 slices 1 mm too short
+    # 39 slices, each 1 mm too short
+    assert len(notes) == 1 and "not as long as the voxel size" in notes[0] and "up to 39 mm" in notes[0], notes
+    nii.set_qform(affine, code=0)  # the sform alone: ITK took its axes at pixdim's size, without a word
+    nibabel.save(nii, tmp_path / "scaled-sform-only.nii.gz")
+    notes = read_notes(read_image(tmp_path / "scaled-sform-only.nii.gz"))
+    assert len(notes) == 1 and "not as long as the voxel size" in notes[0] and "up to 39 mm" in notes[0], notes
     nii.set_sform(affine @ np.diag([1.0, 1.0, 1.0 + 1e-4, 1.0]), code=1)  # orthonormal: read by the sform, no note
     nii.set_qform(affine, code=1)
     nibabel.save(nii, tmp_path / "plain.nii.gz")

@@ -351,9 +351,9 @@ def _check_nifti(path: Path, what: str) -> tuple[_NiftiLayout, bool]:
     """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0), turns NaN and infinite
     voxels into 0, and takes 1 mm for a voxel size of 0: check the header and the size, and stream float voxels
     through a finiteness test (but a 3D float64 NIfTI-1, read as float32 and checked so: ``_read_float64_nifti1``);
-    it reads a header of the wrong size, or with NaN in its qform or sform, as well: such a header is refused. ``what``
-    names the file in the messages ("image", "label map"). Returns the header's layout and whether the file is
-    gzip-compressed."""
+    it reads a header of the wrong size, or with NaN in its qform or sform, as well, and turns round the axes of a
+    NIfTI-1 header's negative voxel size: such a header is refused. ``what`` names the file in the messages ("image",
+    "label map"). Returns the header's layout and whether the file is gzip-compressed."""
     try:  # compressed or not by its first bytes: ITK reads a plain NIfTI named .nii.gz as well
         with open(path, "rb") as f:
             gz = f.read(2) == b"\x1f\x8b"
@@ -464,7 +464,8 @@ def _forms_note(path: Path, image: sitk.Image) -> str | None:
     turned the wrong way numbers a spine from the wrong end, at full confidence): when it gives neither a qform nor an
     sform (read with the axes of the voxel array, as ITK does), or when both hold and point its axes different ways,
     naming the one ``image`` was read by (ITK takes the sform unless it is not orthonormal; nibabel, for NIfTI-2, the
-    sform)."""
+    sform); and when ITK read a NIfTI-1 file otherwise than its sform, which it could not follow: by the qform, or with
+    no qform along the sform's axes at pixdim's size (``_unfollowed_sform_note``)."""
     try:
         header = _load_nifti(path).header
         forms = {"qform": header.get_qform(coded=True), "sform": header.get_sform(coded=True)}
@@ -480,15 +481,16 @@ def _forms_note(path: Path, image: sitk.Image) -> str | None:
             norms = np.linalg.norm(axes, axis=0)
             if np.isfinite(axes).all() and (norms > 0).all():  # a degenerate form points nowhere
                 units[name] = axes / norms
-    if len(units) < 2:
-        return None
+    if len(units) < 2:  # an sform alone whose axes are not the voxel size: ITK takes its axes at pixdim's size
+        return _unfollowed_sform_note(forms["sform"][0], image, "along its axes at the voxel size of pixdim") if (
+            "sform" in units) else None
     agree = np.cos(np.radians(_FORMS_AGREE_DEG))
 
     def alike(a: np.ndarray, b: np.ndarray) -> bool:  # no voxel axis turned more than _FORMS_AGREE_DEG
         return bool(np.all(np.sum(a * b, axis=0) >= agree))
 
     if alike(units["qform"], units["sform"]):  # their nearest anatomical axes alone may differ: a tie at 45 degrees
-        return _unfollowed_sform_note(forms["sform"][0], image)
+        return _unfollowed_sform_note(forms["sform"][0], image, "by its qform")
     read = np.asarray(Geometry.of(image).ijk_to_ras(), dtype=float)[:3, :3]
     read = read / np.linalg.norm(read, axis=0)
     used = next((name for name, axes in units.items() if alike(axes, read)), "neither")
@@ -499,12 +501,12 @@ def _forms_note(path: Path, image: sitk.Image) -> str | None:
             "the wrong order, correct the header")
 
 
-def _unfollowed_sform_note(sform: np.ndarray, image: sitk.Image) -> str | None:
-    """A line for the user when ITK read a NIfTI-1 file by its qform because it could not follow its ``sform`` (axes
-    not perpendicular, as a tilted gantry's written by a converter that does not resample it, or lengths other than
-    the voxel size), and the two put some voxel more than 1 mm apart: the labels then lie that far from where a viewer
-    that follows the sform shows the image (a 15 degree tilt: 24 mm on a real CT, 42 mm on a real MRI). None
-    otherwise."""
+def _unfollowed_sform_note(sform: np.ndarray, image: sitk.Image, read_by: str) -> str | None:
+    """A line for the user when ITK read a NIfTI-1 file as ``read_by`` says (by its qform; with no qform, along the
+    sform's axes at pixdim's size) because it could not follow its ``sform`` (axes not perpendicular, as a tilted
+    gantry's written by a converter that does not resample it, or lengths other than the voxel size), and the two put
+    some voxel more than 1 mm apart: the labels then lie that far from where a viewer that follows the sform shows the
+    image (a 15 degree tilt: 24 mm on a real CT, 42 mm on a real MRI). None otherwise."""
     sform = np.asarray(sform, dtype=float)
     corners = np.c_[_CORNERS * (np.asarray(image.GetSize(), dtype=float) - 1), np.ones(8)]  # voxel indices
     read = np.asarray(Geometry.of(image).ijk_to_ras(), dtype=float)
@@ -516,9 +518,9 @@ def _unfollowed_sform_note(sform: np.ndarray, image: sitk.Image) -> str | None:
     why, remedy = (("its axes are not perpendicular, as from a tilted gantry", "resample the image onto a grid with "
                     "perpendicular axes first") if sheared else
                    ("its axes are not as long as the voxel size (pixdim)", "correct the voxel size in the header"))
-    return (f"its sform could not be followed ({why}), so it was read by its qform, which puts voxels up to "
-            f"{apart:.0f} mm from where the sform does: the outputs lie where the qform puts the scan; if the sform is "
-            f"the right one, {remedy}")
+    return (f"its sform could not be followed ({why}), so it was read {read_by}, which puts voxels up to "
+            f"{apart:.0f} mm from where the sform does: the outputs lie where this reading puts the scan; if the "
+            f"sform is the right one, {remedy}")
 
 
 def as_3d(image: sitk.Image) -> sitk.Image:
@@ -532,7 +534,7 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
     (``_read_nifti2``), a slab at a time when it is a 3D float64 NIfTI-1 (``_read_float64_nifti1``); otherwise
     ``sitk.ReadImage`` with ITK's error turned into an ``InputError`` naming ``path`` and the reason. ``what`` names
     the file in the messages ("image", "label map"); ``notes``, when given, gets a line when a 3D NIfTI file's header
-    gives no orientation, or its qform and sform disagree (``_forms_note``)."""
+    gives no orientation, its qform and sform disagree, or ITK could not follow its sform (``_forms_note``)."""
     nifti = path.name.lower().endswith((".nii", ".nii.gz"))
     layout, gz = _check_nifti(path, what) if nifti else (None, False)
     if nifti and layout.version == 2:
@@ -679,13 +681,14 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         A 3D scalar image, pixel type float32 or its original integer type, geometry untouched (but for a DICOM
         series from a tilted gantry, resampled onto a grid with perpendicular axes); voxel values as stored, scaled
         by the file's slope and intercept where it gives them (Hounsfield units for CT). What the user should know of
-        how it was read (that resampling; a NIfTI file's disagreeing qform and sform) is kept with the image
-        (``read_notes``), for ``label_spine`` to list among its warnings, and logged.
+        how it was read (that resampling; a NIfTI file's disagreeing qform and sform, or an sform ITK could not
+        follow) is kept with the image (``read_notes``), for ``label_spine`` to list among its warnings, and logged.
 
     Raises:
-        InputError: missing path, unsupported extension, unreadable or truncated file, not 3D (2D; 4D of more than
-            one time point), not scalar (RGB, vector), empty, holding NaN/inf, on a sheared grid, or of a size no body
-            has (``checked_image``).
+        InputError: missing path, unsupported extension, unreadable or truncated file, a NIfTI-1 file with a negative
+            voxel size, not 3D (2D; 4D of more than one time point), not scalar (RGB, vector), empty, holding NaN/inf,
+            on a sheared grid or axis directions that are not unit vectors, or of a size no body has
+            (``checked_image``).
     """
     p = _given_path(path)
     if not p.exists():
@@ -729,8 +732,8 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
 
     Raises:
         InputError: not 3D (2D; 4D of more than one time point), not scalar (RGB, vector, complex), a single slice,
-            holding NaN/inf voxels or geometry, on a sheared grid, or of a size no body has (spacing in the wrong
-            units).
+            holding NaN/inf voxels or geometry, on a sheared grid, with axis directions that are not unit vectors (a
+            scale in the direction matrix), or of a size no body has (spacing in the wrong units).
     """
     if image.GetNumberOfComponentsPerPixel() == 1 and "vector" in image.GetPixelIDTypeAsString():
         image = sitk.VectorIndexSelectionCast(image, 0)  # a vector of one component is the scalar image it holds
@@ -753,7 +756,8 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
         # from the spacing
         raise InputError(f"{name}: its axis directions are not unit vectors (lengths "
                          f"{', '.join(f'{x:.4g}' for x in lengths)}): the header's direction matrix holds a scale "
-                         "that belongs in the voxel size; write the sizes into the spacing and unit directions")
+                         "that belongs in the voxel size, or cosines written with too few decimals; write the sizes "
+                         "into the spacing and unit directions")
     if not np.allclose(direction.T @ direction, np.eye(3), atol=SHEAR_TOLERANCE):
         raise InputError(f"{name}: its axes are not perpendicular (a sheared grid, as from a tilted gantry); "
                          "resample it onto a grid with perpendicular axes first")
