@@ -29,6 +29,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 _POLL_INTERVAL_MS = 500
+_CLI_ERROR = "spinelabel: error: "  # how spinelabel begins the line that says why it failed
 
 
 #
@@ -178,6 +179,9 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def onTrainButton(self) -> None:
         if self._process is not None:
+            if not self._process.running:  # it ended since the timer last looked: its result stands, not a Stop
+                self.onPollProcess()
+                return
             self.stopTraining()
             self.ui.statusLabel.text = _("Stopped; no model was registered.")
             return
@@ -220,10 +224,17 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             kept = self.logic.keptAfterFailure(outCard)
             self.ui.statusLabel.text = _("Training failed.")
             message = _("Training failed ({how}).").format(how=process.exitDescription())
+            reasons = [line for line in process.outputTail().splitlines() if line.startswith(_CLI_ERROR)]
+            if reasons:  # what spinelabel said was wrong, rather than only its exit code
+                message += "\n" + reasons[-1][len(_CLI_ERROR):]
             if kept:  # a run that failed late need not start again
-                message += "\n" + _("The checkpoint of its last finished epoch is kept: {path}\nThe same command with "
-                                     "--resume continues it: {command}").format(
-                    path=str(kept), command=shlex.join([*process.command, "--resume"]))
+                command = [*process.command, "--resume", "--register"]  # registered as a finished run would be
+                pythonPath = (process.env or {}).get("PYTHONPATH")
+                if pythonPath and os.name != "nt":  # SpineLabelLib lies in the module's folder, not in site-packages
+                    command = ["env", f"PYTHONPATH={pythonPath}", *command]
+                message += "\n" + _("The checkpoint of its last finished epoch is kept: {path}\nThis command, run in a "
+                                     "terminal, continues it and registers the model: {command}").format(
+                    path=str(kept), command=shlex.join(command))
             slicer.util.errorDisplay(message, detailedText=process.outputTail())
             return
         try:
@@ -326,6 +337,9 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
         from SpineLabelLogic.process import (BackgroundProcess, parseTrainingLine, pythonExecutable,
                                              pythonPathEnvironment, trainCommand)
 
+        if not Path(datasetDirectory).is_dir():
+            raise ValueError(_("{folder} is no folder: choose a dataset folder exported from SpineLabel.").format(
+                folder=str(datasetDirectory)))
         if read_dataset_json(datasetDirectory) is None:
             raise ValueError(_("{folder} holds no dataset.json: export cases with SpineLabel first.").format(
                 folder=str(datasetDirectory)))
