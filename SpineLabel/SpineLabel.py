@@ -218,6 +218,13 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if labeling is not None:
             labeling.cleanup()
             self._checkCanApply()
+            if node is not labeling.volumeNode and labeling.volumeNode is (
+                    self._parameterNode.inputVolume if self._parameterNode else None):
+                # the table emptied without a word: the user deleted the segmentation or the points (the panel's
+                # own replacement of a labelling shows the new one right after)
+                self.ui.statusLabel.text = _(
+                    "The vertebra segmentation or points of {volume} were deleted: its labels are no longer corrected "
+                    "or exported. Label it again.").format(volume=labeling.volumeNode.GetName())
 
     def onSceneEndImport(self, caller=None, event=None) -> None:
         """Follow again the labellings of a loaded scene (.mrb, .mrml) that are not followed yet, one per volume:

@@ -951,6 +951,26 @@ def test_a_labelling_saved_with_the_scene_is_corrected_again_once_loaded(labeled
         loaded.cleanup()
 
 
+def test_a_volume_labelled_again_after_its_points_were_deleted_is_followed_with_the_new_labelling(labeled, mrml,
+                                                                                                    tmp_path):
+    """The points deleted in the Data module leave the segmentation, labelling state and all; the volume labelled
+    again and corrected, the scene saved and opened again: the old segmentation node, first in the scene, was followed
+    (with new points, none of the corrections) and the corrected labelling was left as dead nodes."""
+    mrml.scene.RemoveNode(labeled.markupsNode)
+    labeled.cleanup()
+    again = LabelingScene(labeled.volumeNode, labeled.result.copy())
+    again.markupsNode.SetNthControlPointLabel(point_index(again, "L1"), "L2")
+    renamed = [(v.id, v.name, v.fixed) for v in again.result.vertebrae]
+    (loaded,) = save_and_load(mrml, again, tmp_path / "scene", bundle=True)
+    try:
+        assert [(v.id, v.name, v.fixed) for v in loaded.result.vertebrae] == renamed
+        assert [c["action"] for c in loaded.corrections] == ["rename"]
+        assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == 1  # no new points made
+        assert_nodes_match(loaded)
+    finally:
+        loaded.cleanup()
+
+
 def test_a_segment_removed_before_the_scene_was_saved_is_taken_in_once_loaded(labeled, mrml, tmp_path):
     removed = labeled.result.vertebrae[-1].id
     labeled.segmentationNode.GetSegmentation().RemoveSegment(segmentIdOf(removed))

@@ -743,11 +743,14 @@ def savedLabelings(scene, followed=()) -> list[LabelingScene]:
     """The labellings of a loaded scene's segmentation nodes (:meth:`LabelingScene.fromSavedNodes`), each followed
     again, one per volume: not those of a volume whose labelling is followed (its segmentation node in ``followed``)
     or taken already (a copy of a segmentation node would rewrite the same points), nor those no longer on their
-    volume's grid."""
+    volume's grid. Of the labellings of one volume, one whose points were deleted (in the Data module) comes after
+    those that have theirs: the volume was labelled again since, and that labelling, corrections and all, is the one
+    followed (the first segmentation node of the scene, the old one, was followed instead, with new points)."""
     volumeRole = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
     labelings, volumesTaken = [], {node.GetNodeReferenceID(volumeRole) for node in followed}
-    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
-        node = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
+    nodes = [scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
+             for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"))]
+    for node in sorted(nodes, key=lambda node: node.GetNodeReference(_POINTS_ROLE) is None):  # stable
         if node.GetNodeReferenceID(volumeRole) in volumesTaken:
             continue
         try:
