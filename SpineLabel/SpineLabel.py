@@ -404,8 +404,9 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("reading back the segmentation of %s", volume.GetName())
             count = max(len(replaced.corrections), 1)
         if count and not slicer.util.confirmYesNoDisplay(  # asked before the wait cursor is on
-                _("Replace the labelling of {volume}, with the {count} corrections made to it, by the new "
-                  "one?").format(volume=volume.GetName(), count=count)):
+                (_("Replace the labelling of {volume}, with the correction made to it, by the new one?") if count == 1
+                 else _("Replace the labelling of {volume}, with the {count} corrections made to it, by the new "
+                        "one?")).format(volume=volume.GetName(), count=count)):
             self.logic.discardLabelling(outputDir)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("New labelling discarded; the corrected one is kept.")

@@ -305,8 +305,9 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
             return _("dataset.json unreadable: {error}").format(error=str(err))
         if dataset is None:
             return _("No dataset.json in this folder.")
-        return _("{count} cases, {modality}").format(count=dataset.get("numTraining", 0),
-                                                      modality=dataset_channel(dataset) or "?")
+        count = dataset.get("numTraining", 0)
+        return (_("{count} case, {modality}") if count == 1 else _("{count} cases, {modality}")).format(
+            count=count, modality=dataset_channel(dataset) or "?")
 
     @staticmethod
     def _modulePaths() -> list:
@@ -425,7 +426,7 @@ class SpineLabelTrainingTest(ScriptedLoadableModuleTest):
         dataset = os.path.join(folder, "data")
         export_case(label_spine(phantom.image, device="cpu"), phantom.image, dataset)
         logic = SpineLabelTrainingLogic()
-        self.assertEqual(logic.datasetSummary(dataset), "1 cases, CT")
+        self.assertEqual(logic.datasetSummary(dataset), "1 case, CT")
         handMade = os.path.join(folder, "handmade")  # channel_names as a list: no modality, no exception
         os.makedirs(handMade)
         with open(os.path.join(handMade, "dataset.json"), "w") as f:
