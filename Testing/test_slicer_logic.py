@@ -775,6 +775,25 @@ def test_a_rename_leaves_a_segment_the_user_added_alone(labeled):
     assert int((own == segmentation.GetSegment(tumour).GetLabelValue()).sum()) == painted.sum()
 
 
+def test_an_export_says_which_segments_added_in_the_editor_it_leaves_out(labeled, tmp_path):
+    """A segment added by hand in the Segment Editor (a missed vertebra painted as 'T10') was left out of the export
+    with nothing but an info line in the log, and the panel said 'Exported ...'."""
+    segmentation = labeled.segmentationNode.GetSegmentation()
+    added = segmentation.AddEmptySegment("T10", "T10")  # in the shared layer, as the Segment Editor adds it
+    segmentation.AddEmptySegment("note", "note")  # left empty: nothing of it is lost
+    voxels = layer_voxels(labeled)
+    painted = np.zeros(voxels.shape, bool)
+    painted[:2, :2, :2] = True
+    assert not voxels[painted].any()
+    voxels[painted] = segmentation.GetSegment(added).GetLabelValue()
+    segmentation.GetLayerDataObject(0).Modified()
+    exported = sitk.GetArrayFromImage(sitk.ReadImage(str(labeled.exportCase(tmp_path / "Dataset001_Spine"))))
+    assert not exported[painted].any()  # a segment SpineLabel did not make is not exported
+    assert "'T10'" in labeled.lastNotice and "note" not in labeled.lastNotice
+    labeled.markupsNode.SetNthControlPointLocked(0, True)  # the next correction clears it
+    assert labeled.lastNotice == ""
+
+
 def test_nodes_follow_the_volume_s_parent_transform(mrml, spine):
     volume = addVolumeNodeFromImage(mrml.scene, spine.image, "spine")
     transform = mrml.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")

@@ -554,10 +554,36 @@ class LabelingScene(VTKObservationMixin):
 
     def exportCase(self, datasetDir, caseId: str | None = None):
         """Read back Segment Editor edits and append this labelling to an nnU-Net dataset
-        (:func:`SpineLabelLib.export.export_case`); returns the label map path."""
+        (:func:`SpineLabelLib.export.export_case`); returns the label map path. Segments the user added that hold
+        voxels are not exported; ``lastNotice`` names them."""
         self._requireNodes()
         self.readBackSegmentation()
-        return export.export_case(self.result, self.image, datasetDir, caseId, self.corrections, self.result.model)
+        path = export.export_case(self.result, self.image, datasetDir, caseId, self.corrections, self.result.model)
+        left = self._segmentsNotExported()
+        if left:  # shown in the panel's warnings until the next correction
+            named = ", ".join(repr(name) for name in left)
+            self.lastNotice = ((f"segment {named}, added in the Segment Editor, is" if len(left) == 1 else
+                                f"segments {named}, added in the Segment Editor, are")
+                               + " not exported: place a point on a missed vertebra to add it, then refine its segment")
+            log.warning("%s: %s", path, self.lastNotice)
+        return path
+
+    def _segmentsNotExported(self) -> list[str]:
+        """Names of the segments that hold voxels but are none of this labelling's vertebrae (segments the user
+        added in the Segment Editor): an export leaves them out."""
+        segmentation = self.segmentationNode.GetSegmentation()
+        vertebrae = {segmentIdOf(v.id) for v in self.result.vertebrae}
+        names = []
+        for segmentId in segmentation.GetSegmentIDs():
+            if segmentId in vertebrae:
+                continue
+            segment = segmentation.GetSegment(segmentId)
+            image = segmentation.GetLayerDataObject(segmentation.GetLayerIndex(segmentId))
+            if image is None or image.GetPointData().GetScalars() is None:
+                continue
+            if np.any(_voxelsOf(image) == segment.GetLabelValue()):
+                names.append(segment.GetName())
+        return names
 
     # ------------------------------------------------------------------------------------------- node output
 
