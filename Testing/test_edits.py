@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -402,3 +403,40 @@ def test_an_added_vertebra_never_takes_the_voxels_of_another():
     labelled = case.result.components != 0
     np.testing.assert_array_equal(out.components[labelled], case.result.components[labelled])
     assert np.any(out.components == max(v.id for v in out.vertebrae))
+
+
+@pytest.mark.parametrize("image", ["array", "path"])
+def test_an_image_that_is_no_image_is_refused_as_such(spine, image, tmp_path):
+    """A numpy array or a path for the image raised AttributeError ('numpy.ndarray' object has no attribute 'GetSize')
+    from add_vertebra, write_all and write_snapshot, whose docstrings name ValueError for an image of another grid."""
+    from SpineLabelLib import writers
+
+    given = sitk.GetArrayFromImage(spine.image) if image == "array" else str(tmp_path / "spine.nii.gz")
+    for call in (lambda: edits.add_vertebra(spine.result, given, (30.0, 30.0, 30.0)),
+                 lambda: writers.write_all(spine.result, given, tmp_path, "case"),
+                 lambda: writers.write_snapshot(spine.result, given, tmp_path / "case_snapshot.png")):
+        with pytest.raises(TypeError, match="must be the SimpleITK.Image that was labelled"):
+            call()
+    with pytest.raises(TypeError, match="case name must be a string"):
+        writers.write_all(spine.result, spine.image, tmp_path, tmp_path / "case")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_click_in_a_disc_beside_a_vertebra_cut_by_the_view_is_refused():
+    """The end vertebra that the image cuts has its centroid on the part in view, its gap short (on sub-verse014's CT
+    the S1's is 21 mm, the lumbar ones 32-35 mm): the shortest gap beside a click in the disc two levels above let the
+    click through as a missed vertebra, renaming the two below it."""
+    case = build_spine()  # T11 ... L4, 30 mm apart
+    components = np.array(case.result.components)
+    last = case.result.vertebrae[-1]
+    top = np.flatnonzero(case.bodies["L4"].any(axis=(1, 2)))[-1]
+    components[: top + 1, case.bodies["L4"].any(axis=0)] = last.id  # L4 reaches the feet plane of the image
+    centroid = np.array(last.centroid_lps_mm) + [0.0, 0.0, 0.35 * 30.0]  # the part in view lies higher: 19.5 mm gap
+    vertebrae = [replace(v) for v in case.result.vertebrae[:-1]] + [replace(last, centroid_lps_mm=tuple(centroid))]
+    chain = np.array([v.centroid_lps_mm for v in vertebrae])
+    cut = relabel(case.result.copy(components=components, vertebrae=vertebrae,
+                                   gaps_mm=np.linalg.norm(np.diff(chain, axis=0), axis=1).tolist()), {})
+    assert (cut.components[0] == last.id).any() and cut.gaps_mm[-1] < 0.7 * cut.gaps_mm[-2]
+    l2, l3 = (np.array(next(v for v in cut.vertebrae if v.name == n).centroid_lps_mm) for n in ("L2", "L3"))
+    with pytest.raises(ValueError, match=r"between L2 and L3, \d+ mm apart, as close as the vertebrae beside them"):
+        edits.add_vertebra(cut, case.image, tuple((l2 + l3) / 2))

@@ -143,9 +143,13 @@ def component_at(result: SpineLabeling, point_lps: tuple[float, float, float]) -
 
 def check_image_grid(result: SpineLabeling, image: sitk.Image | Geometry) -> sitk.Image | Geometry:
     """Raise ``ValueError`` unless ``image`` (or a grid) is the labelling's grid (size, spacing, origin, direction);
-    return it, a 4D image of one time point as the 3D volume it holds (as ``label_spine`` reads it)."""
+    return it, a 4D image of one time point as the 3D volume it holds (as ``label_spine`` reads it). ``TypeError`` for
+    anything else than a ``SimpleITK.Image`` or a ``Geometry`` (a numpy array, a path)."""
     if isinstance(image, sitk.Image):
         image = as_3d(image)
+    elif not isinstance(image, Geometry):
+        raise TypeError(f"image must be the SimpleITK.Image that was labelled, not {type(image).__name__} (read a path "
+                        "with io.read_image; an array has no grid)")
     g, h = image if isinstance(image, Geometry) else Geometry.of(image), result.geometry
     if not g.matches(h):
         raise ValueError("the image is not on the grid it was labelled on (moved, cropped or resampled since? label it "
@@ -384,19 +388,36 @@ def _level_with(result: SpineLabeling, point_lps: tuple[float, float, float]) ->
     return vertebrae[i].name if along < gap / 3 else None
 
 
+def _cut_by_view(result: SpineLabeling) -> set[int]:
+    """Ids of the vertebrae whose voxels reach the first or last plane of the image along its head-feet axis (the
+    voxel axis that runs most along S): cut by the field of view. Only those two planes are read."""
+    d = np.asarray(result.geometry.direction, dtype=float).reshape(3, 3)
+    axis = 2 - int(np.argmax(np.abs(d[2])))  # numpy axis of (z, y, x)
+    ends = np.take(result.components, [0, result.components.shape[axis] - 1], axis=axis)
+    return {int(i) for i in np.unique(ends) if i}
+
+
 def _no_room_between(result: SpineLabeling, point_lps: tuple[float, float, float]) -> tuple[str, str, float] | None:
     """(upper name, lower name, their gap in mm) when ``point_lps`` (LPS mm) goes into the chain between two
     vertebrae that lie too close for a vertebra between them: less than ``ROOM_FOR_MISSED`` times the shortest of up
     to two gaps on either side (a missed vertebra leaves about twice its neighbours' gap; a point in the disc between
     two found ones, about one), leaving out gaps under 0.6 times their median (a body split in two; one missed
-    vertebra more beside it does not hide this one). None where it lies between none, or the chain has no other gap
-    to compare with."""
+    vertebra more beside it does not hide this one) and, while others remain, the gaps to a vertebra that the head or
+    feet end of the image cuts (``_cut_by_view``: its centroid is that of the part in view, so its gap is short; on
+    sub-verse014's CT the cut S1's 21 mm let a click in the L3/L4 disc add an 'L4' and rename the two below). None
+    where it lies between none, or the chain has no other gap to compare with."""
     chain = np.array([v.centroid_lps_mm for v in result.vertebrae], dtype=float).reshape(-1, 3)
     gaps = np.linalg.norm(np.diff(chain, axis=0), axis=1)
     pos = _insertion_position(chain, np.asarray(point_lps, dtype=float))
     if not 0 < pos < len(chain) or len(gaps) < 2:
         return None
-    beside = np.concatenate([gaps[max(pos - 3, 0) : pos - 1], gaps[pos : pos + 2]])
+    cut = _cut_by_view(result)
+    whole = np.array([result.vertebrae[k].id not in cut and result.vertebrae[k + 1].id not in cut
+                      for k in range(len(gaps))])
+    parts = (slice(max(pos - 3, 0), pos - 1), slice(pos, pos + 2))
+    beside = np.concatenate([gaps[p] for p in parts])
+    if np.concatenate([whole[p] for p in parts]).any():
+        beside = beside[np.concatenate([whole[p] for p in parts])]
     if gaps[pos - 1] >= ROOM_FOR_MISSED * beside[beside >= 0.6 * np.median(beside)].min():
         return None
     return result.vertebrae[pos - 1].name, result.vertebrae[pos].name, float(gaps[pos - 1])
@@ -419,6 +440,7 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
         name: level name to fix for the new vertebra, or None to let the sequence model name it.
 
     Raises:
+        TypeError: ``image`` is no ``SimpleITK.Image`` (a numpy array, a path).
         ValueError: the image is not on the labelling's grid, the point is outside it, inside an existing vertebra,
             farther than ``ADD_REACH_MM`` from every vertebra's centroid, level with one (``_level_with``) or between
             two without room for a third (``_no_room_between``), or the fixed labels contradict each other.

@@ -334,6 +334,7 @@ def export_case(
 
     Raises:
         FileExistsError: ``case_id`` is already in the dataset.
+        TypeError: ``image`` is no ``SimpleITK.Image``.
         ValueError: invalid ``case_id``, image not on the labelling's grid, fewer than ``MIN_VERTEBRAE``
             vertebrae, a modality other than the dataset's, or a ``dataset.json`` an export would change the
             meaning of or that nnU-Net reads its cases from (a ``dataset`` list of files).

@@ -548,6 +548,7 @@ def write_snapshot(result: SpineLabeling, image: sitk.Image, path: str | os.Path
         path: the PNG to write.
 
     Raises:
+        TypeError: ``image`` is no ``SimpleITK.Image``.
         ValueError: ``image`` is not on the labelling's grid.
     """
     _check_suffix(path, (".png",), "snapshot")
@@ -578,6 +579,7 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
         The six paths, in ``OUTPUT_SUFFIXES`` order.
 
     Raises:
+        TypeError: ``image`` is no ``SimpleITK.Image`` (a numpy array, a path), or ``name`` is no string.
         ValueError: ``image`` is not on the labelling's grid, or ``name`` is empty, ``.``, ``..`` or holds a folder.
         PermissionError: ``outdir`` is not writable.
         FileExistsError: an output would replace a file that is no output of an earlier run (``check_replaceable``).
@@ -586,6 +588,8 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
     """
     image = check_image_grid(result, image)
     _check_centroids(result)  # before the label map is made
+    if not isinstance(name, str):
+        raise TypeError(f"case name must be a string, not {type(name).__name__}")
     if name in ("", ".", "..") or any(sep in name for sep in ("/", "\\")):
         raise ValueError(f"case name {name!r}: the start of a file name is needed, without folders")
     outdir = Path(outdir)
