@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -159,6 +160,7 @@ def test_model_card_hash_is_checked(tmp_path, random_model):
                            ({"spacing_mm": 1e400}, "spacing_mm"), ({"spacing_mm": 1e-4}, "spacing_mm"),
                            ({"architecture": {}}, "channels"),
                            ({"architecture": {"channels": [True, True, True]}}, "channels"),
+                           ({"architecture": {**good["architecture"], "type": "SpineUNetV9"}}, "architecture.type"),
                            ({"ct_window_hu": [1200, -1000]}, "ct_window_hu"),
                            ({"ct_window_hu": "wide"}, "ct_window_hu"), ({"ct_window_hu": [0]}, "ct_window_hu"),
                            ({"weights": 5}, "weights"),
@@ -250,6 +252,30 @@ def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
     assert sorted(p.name for p in (tmp_path / "registry").iterdir()) == ["mine.json", "mine.pt"]
     (tmp_path / "registry" / "broken.json").write_bytes(b'{"name": "\xe9"}')  # one unreadable card is skipped
     assert [c["name"] for c in list_models()][-1] == "mine"
+
+
+def test_two_registering_one_name_at_once_do_not_replace_each_other(tmp_path, monkeypatch, random_model):
+    """Both pass the check for a registered model of that name; the one that comes second is refused, and the
+    model the first registered is kept (a rename of the second's files replaced it, and both said registered)."""
+    from SpineLabelLib import models
+
+    monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path / "registry"))
+    other = json.loads(Path(random_model).read_text())
+    shutil.copy(Path(random_model).with_name(other["weights"]), tmp_path / "other.pt")
+    (tmp_path / "other.json").write_text(json.dumps({**other, "version": "other", "weights": "other.pt"}))
+    check = models.registration_path
+
+    def checked_then_overtaken(name):
+        target = check(name)
+        monkeypatch.setattr(models, "registration_path", check)
+        models.register_model(tmp_path / "other.json", name)  # the other process, between the check and the write
+        return target
+
+    monkeypatch.setattr(models, "registration_path", checked_then_overtaken)
+    with pytest.raises(ModelError, match="'race' is registered already"):
+        models.register_model(random_model, "race")
+    assert load_model("race").card["version"] == "other"
+    assert sorted(p.name for p in (tmp_path / "registry").iterdir()) == ["race.json", "race.pt"]
 
 
 def test_default_model_labels_a_phantom():

@@ -148,9 +148,13 @@ def read_card(path: str | os.PathLike) -> dict:
     if missing:
         raise ModelError(f"{card_path}: model card lacks {', '.join(missing)}")
     channels = card["architecture"].get("channels") if isinstance(card["architecture"], dict) else None
+    kind = card["architecture"].get("type", "SpineUNet") if isinstance(card["architecture"], dict) else None
     window = card.get("ct_window_hu")
     problems = [
         what for what, bad in (
+            # another network (a later SpineLabel's) would be built as a SpineUNet, and run if its weights fitted
+            (f"architecture.type {kind!r} is a network this SpineLabel does not know (it builds SpineUNet)",
+             isinstance(card["architecture"], dict) and kind != "SpineUNet"),
             ("architecture.channels must be three or more positive integers",
              not (isinstance(channels, list) and len(channels) >= 3
                   and all(_is_number(c) and isinstance(c, int) and c > 0 for c in channels))),
@@ -286,9 +290,19 @@ def register_model(card_path: str | os.PathLike, name: str | None = None) -> Pat
     name = name or loaded.card["name"]
     target = registration_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    card = {**loaded.card, "name": name, "weights": target.with_suffix(".pt").name}
-    with atomic_paths([target.with_suffix(".pt"), target]) as (weights_tmp, card_tmp):
-        shutil.copyfile(loaded.path.parent / loaded.card["weights"], weights_tmp)
-        card_tmp.write_text(json.dumps(card, indent=2) + "\n")
+    weights = target.with_suffix(".pt")
+    card = {**loaded.card, "name": name, "weights": weights.name}
+    try:  # the name claimed, not only checked: of two registering it at once both passed the check, and the later
+        # rename replaced the model the earlier had registered
+        os.close(os.open(weights, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        raise ModelError(f"{target}: a model named {name!r} is registered already") from None
+    try:
+        with atomic_paths([weights, target]) as (weights_tmp, card_tmp):
+            shutil.copyfile(loaded.path.parent / loaded.card["weights"], weights_tmp)
+            card_tmp.write_text(json.dumps(card, indent=2) + "\n")
+    except BaseException:
+        weights.unlink(missing_ok=True)  # the claim (or these weights, without their card)
+        raise
     log.info("registered model %s at %s", name, target)
     return target
