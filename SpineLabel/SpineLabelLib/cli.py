@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 from . import __version__
 
 log = logging.getLogger("spinelabel")
+MAX_FILE_NAME_BYTES = 255  # the longest file name ext4 and APFS take (NTFS: 255 UTF-16 units, never fewer)
 
 
 @contextlib.contextmanager
@@ -86,6 +87,12 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
             return 2, []
     given = {_resolved(path): path for path in inputs}
     for path in inputs:
+        longest = max(output_paths(out, case_name(path)), key=lambda output: len(os.fsencode(output.name)))
+        if len(os.fsencode(longest.name)) > MAX_FILE_NAME_BYTES:  # found now, not when writing after the labelling
+            print(f"spinelabel: error: {path}: its output {longest.name} would be a file name of more than "
+                  f"{MAX_FILE_NAME_BYTES} bytes, which file systems refuse; give the input a shorter name",
+                  file=sys.stderr)
+            return 2, []
         for output in output_paths(out, case_name(path)):
             if (replaced := given.get(_resolved(output))) is not None:
                 print(f"spinelabel: error: {output} would replace the input {replaced}; choose another output folder",
