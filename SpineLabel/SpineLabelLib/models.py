@@ -296,7 +296,9 @@ def register_model(card_path: str | os.PathLike, name: str | None = None) -> Pat
         # rename replaced the model the earlier had registered
         os.close(os.open(weights, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except FileExistsError:
-        raise ModelError(f"{target}: a model named {name!r} is registered already") from None
+        raise ModelError(f"{weights} exists: a model named {name!r} is registered already, or being registered (a "
+                         f"run killed while registering leaves that file without {target.name}: delete it then)"
+                         ) from None
     try:
         with atomic_paths([weights, target]) as (weights_tmp, card_tmp):
             shutil.copyfile(loaded.path.parent / loaded.card["weights"], weights_tmp)
