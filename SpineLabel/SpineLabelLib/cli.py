@@ -87,12 +87,6 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
             return 2, []
     given = {_resolved(path): path for path in inputs}
     for path in inputs:
-        longest = max(output_paths(out, case_name(path)), key=lambda output: len(os.fsencode(output.name)))
-        if len(os.fsencode(longest.name)) > MAX_FILE_NAME_BYTES:  # found now, not when writing after the labelling
-            print(f"spinelabel: error: {path}: its output {longest.name} would be a file name of more than "
-                  f"{MAX_FILE_NAME_BYTES} bytes, which file systems refuse; give the input a shorter name",
-                  file=sys.stderr)
-            return 2, []
         for output in output_paths(out, case_name(path)):
             if (replaced := given.get(_resolved(output))) is not None:
                 print(f"spinelabel: error: {output} would replace the input {replaced}; choose another output folder",
@@ -124,6 +118,11 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
                 if not case_name(path):
                     raise InputError(f"{path}: the file name has nothing before its extension to name the outputs "
                                      "by; rename it")
+                longest = max((p.name for p in output_paths(out, case_name(path))), key=lambda n: len(os.fsencode(n)))
+                if len(os.fsencode(longest)) > MAX_FILE_NAME_BYTES:  # found before the labelling, not after it
+                    raise InputError(f"{path}: its output {longest} would be a file name of more than "
+                                     f"{MAX_FILE_NAME_BYTES} bytes, which file systems refuse; give the input a "
+                                     "shorter name")
                 image = read_image(path)
                 result = label_spine(image, model=model, device=args.device, progress=progress,
                                      check_orientation=args.check_orientation, spine_gate=not args.no_spine_gate,
