@@ -356,7 +356,7 @@ def test_labelling_options_without_label_are_refused(tmp_path, capsys):
 
 
 def test_models_lists_the_shipped_and_the_registered_models(tmp_path, monkeypatch, capsys, model):
-    from SpineLabelLib.models import DEFAULT_MODEL_NAME, default_model_path, register_model
+    from SpineLabelLib.models import DEFAULT_MODEL_NAME, card_file, default_model_path, register_model
 
     monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path))
     registered = register_model(model, name="mine")
@@ -364,6 +364,12 @@ def test_models_lists_the_shipped_and_the_registered_models(tmp_path, monkeypatc
     lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
     assert [(name, path) for name, _, path in lines] == [(DEFAULT_MODEL_NAME, str(default_model_path())),
                                                         ("mine", str(registered))]
+    # a card copied into the registry by hand, its name not its file's: listed by the name --model takes
+    (tmp_path / "copied.json").write_text(registered.read_text())
+    assert main(["models"]) == 0
+    listed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [DEFAULT_MODEL_NAME, "copied", "mine"]
+    assert card_file("copied") == tmp_path / "copied.json"  # what --model copied loads
 
 
 def test_train_register_refuses_a_registered_name_before_training(tmp_path, monkeypatch, capsys):

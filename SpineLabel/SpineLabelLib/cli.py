@@ -169,8 +169,9 @@ def _phantom(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from .models import list_models
 
-    for card in list_models():
-        print(f"{card['name']}\t{card['version']}\t{card['path']}")
+    for card in list_models():  # a registered model by its file's name, which --model finds (a card copied in by
+        # hand may hold another)
+        print(f"{Path(card['path']).stem}\t{card['version']}\t{card['path']}")
     return 0
 
 
