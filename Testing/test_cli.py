@@ -330,6 +330,15 @@ def test_a_path_the_console_cannot_print_does_not_end_the_run(tmp_path, model, p
     assert "\\u0141ód\\u017a.nii.gz: " in console.buffer.getvalue().decode("cp1252")  # what cp1252 lacks, escaped
 
 
+def test_an_output_folder_that_is_a_dangling_link_is_refused_as_such(tmp_path, model, phantom_file, capsys):
+    """It was said to be not writable because its 'File exists'."""
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "gone")
+    assert main(["label", str(phantom_file), "-o", str(out), "--model", str(model), "--quiet"]) == 2
+    assert f"{out}: output folder not writable (a link to {tmp_path / 'gone'}, which does not exist)" in (
+        capsys.readouterr().err)
+
+
 def test_an_output_that_would_replace_an_input_is_refused(tmp_path, model, phantom_file, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -847,8 +847,11 @@ def make_writable_folder(folder: str | os.PathLike) -> None:
     """Create ``folder`` (and its parents) and write and remove a file in it: what the outputs to come will need.
 
     Raises:
-        OSError: the folder cannot be made or written to (a permission test alone passes root, or a read-only mount).
+        OSError: the folder cannot be made or written to (a permission test alone passes root, or a read-only mount),
+            or is a link to nothing.
     """
+    if Path(folder).is_symlink() and not Path(folder).exists():  # mkdir says only "File exists"
+        raise FileNotFoundError(errno.ENOENT, f"a link to {os.readlink(folder)}, which does not exist")
     Path(folder).mkdir(parents=True, exist_ok=True)
     tempfile.TemporaryFile(dir=folder).close()
 
