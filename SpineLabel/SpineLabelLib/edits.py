@@ -415,9 +415,9 @@ def _no_room_between(result: SpineLabeling, point_lps: tuple[float, float, float
     whole = np.array([result.vertebrae[k].id not in cut and result.vertebrae[k + 1].id not in cut
                       for k in range(len(gaps))])
     parts = (slice(max(pos - 3, 0), pos - 1), slice(pos, pos + 2))
-    beside = np.concatenate([gaps[p] for p in parts])
-    if np.concatenate([whole[p] for p in parts]).any():
-        beside = beside[np.concatenate([whole[p] for p in parts])]
+    beside, uncut = (np.concatenate([values[p] for p in parts]) for values in (gaps, whole))
+    if uncut.any():
+        beside = beside[uncut]
     if gaps[pos - 1] >= ROOM_FOR_MISSED * beside[beside >= 0.6 * np.median(beside)].min():
         return None
     return result.vertebrae[pos - 1].name, result.vertebrae[pos].name, float(gaps[pos - 1])

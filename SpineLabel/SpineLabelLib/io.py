@@ -501,6 +501,15 @@ def _forms_note(path: Path, image: sitk.Image) -> str | None:
             "the wrong order, correct the header")
 
 
+def _perpendicular(axes: np.ndarray) -> bool:
+    """Whether the columns of ``axes`` (float (3, 3), any lengths) are perpendicular within ``SHEAR_TOLERANCE``."""
+    lengths = np.linalg.norm(axes, axis=0)
+    if not (lengths > 0).all():
+        return False
+    units = axes / lengths
+    return bool(np.allclose(units.T @ units, np.eye(3), atol=SHEAR_TOLERANCE))
+
+
 def _unfollowed_sform_note(sform: np.ndarray, image: sitk.Image, read_by: str) -> str | None:
     """A line for the user when ITK read a NIfTI-1 file as ``read_by`` says (by its qform; with no qform, along the
     sform's axes at pixdim's size) because it could not follow its ``sform`` (axes not perpendicular, as a tilted
@@ -513,10 +522,8 @@ def _unfollowed_sform_note(sform: np.ndarray, image: sitk.Image, read_by: str) -
     apart = float(np.linalg.norm(corners @ (sform - read).T[:, :3], axis=1).max())
     if apart <= 1.0:
         return None
-    units = sform[:3, :3] / np.linalg.norm(sform[:3, :3], axis=0)
-    sheared = not np.allclose(units.T @ units, np.eye(3), atol=SHEAR_TOLERANCE)
     why, remedy = (("its axes are not perpendicular, as from a tilted gantry", "resample the image onto a grid with "
-                    "perpendicular axes first") if sheared else
+                    "perpendicular axes first") if not _perpendicular(sform[:3, :3]) else
                    ("its axes are not as long as the voxel size (pixdim)", "correct the voxel size in the header"))
     return (f"its sform could not be followed ({why}), so it was read {read_by}, which puts voxels up to "
             f"{apart:.0f} mm from where the sform does: the outputs lie where this reading puts the scan; if the "
@@ -748,17 +755,13 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
     if not np.isfinite([*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection()]).all():
         raise InputError(f"{name}: its voxel size, origin or axis directions hold NaN or infinite values")
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    lengths = np.linalg.norm(direction, axis=0)
-    units = direction / np.where(lengths > 0, lengths, 1.0)
-    perpendicular = (lengths > 0).all() and np.allclose(units.T @ units, np.eye(3), atol=SHEAR_TOLERANCE)
-    if perpendicular and not np.allclose(direction.T @ direction, np.eye(3), atol=SHEAR_TOLERANCE):
-        # perpendicular axes of other lengths: a MetaImage TransformMatrix can hold a scale, which ITK keeps apart
-        # from the spacing
-        raise InputError(f"{name}: its axis directions are not unit vectors (lengths "
-                         f"{', '.join(f'{x:.4g}' for x in lengths)}): the header's direction matrix holds a scale "
-                         "that belongs in the voxel size, or cosines written with too few decimals; write the sizes "
-                         "into the spacing and unit directions")
     if not np.allclose(direction.T @ direction, np.eye(3), atol=SHEAR_TOLERANCE):
+        if _perpendicular(direction):  # axes of other lengths: a MetaImage TransformMatrix can hold a scale, which
+            # ITK keeps apart from the spacing
+            lengths = ", ".join(f"{x:.4g}" for x in np.linalg.norm(direction, axis=0))
+            raise InputError(f"{name}: its axis directions are not unit vectors (lengths {lengths}): the header's "
+                             "direction matrix holds a scale that belongs in the voxel size, or cosines written with "
+                             "too few decimals; write the sizes into the spacing and unit directions")
         raise InputError(f"{name}: its axes are not perpendicular (a sheared grid, as from a tilted gantry); "
                          "resample it onto a grid with perpendicular axes first")
     if image.GetPixelID() == sitk.sitkFloat64:
