@@ -326,10 +326,10 @@ def _label_and_correct(copies: dict[Path, tuple[int, Path]], pred: Path, correct
     loaded = get_model(model, device="cpu")
     seconds = []
     for path, (label, reference) in copies.items():
-        result = label_spine(path, loaded)
+        image, name = read_image(path), case_name(path)  # read once, labelled as spinelabel label labels it
+        result = label_spine(image, loaded)
         if not result.vertebrae:
             continue
-        image, name = read_image(path), case_name(path)
         write_all(result, image, pred, name, input_path=path)
         under = result.components[sitk.GetArrayFromImage(sitk.ReadImage(str(reference))) == label]
         under = under[under > 0]
