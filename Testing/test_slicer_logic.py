@@ -794,6 +794,25 @@ def test_an_export_says_which_segments_added_in_the_editor_it_leaves_out(labeled
     assert labeled.lastNotice == ""
 
 
+def test_an_export_names_a_point_the_segment_editor_left_off_its_segment(labeled, tmp_path):
+    """A point is exported as its vertebra's centroid: when the Segment Editor moved the voxels under L3's point to
+    L2, the export wrote a centroid 'L3' inside L2 without a word."""
+    voxels = layer_voxels(labeled)
+    l2, l3 = (next(v for v in labeled.result.vertebrae if v.name == name) for name in ("L2", "L3"))
+    centre = np.rint(labeled.result.geometry.lps_to_index(np.asarray(l3.centroid_lps_mm))).astype(int)[::-1]
+    around = tuple(slice(c - 3, c + 4) for c in centre)
+    voxels[around][voxels[around] == l3.label] = l2.label  # painted into L2 with the Segment Editor
+    labeled.segmentationNode.GetSegmentation().GetLayerDataObject(0).Modified()
+    labeled.exportCase(tmp_path / "Dataset001_Spine")
+    assert "L3" in labeled.lastNotice and "L2" not in labeled.lastNotice
+    still = np.argwhere(layer_voxels(labeled) == l3.label)[0][::-1]  # (i, j, k) of a voxel L3 kept
+    labeled.markupsNode.SetNthControlPointPosition(
+        point_index(labeled, "L3"), *(LPS_TO_RAS * labeled.result.geometry.index_to_lps(still.astype(float))))
+    assert labeled.corrections[-1]["action"] == "move" and labeled.lastNotice == ""
+    labeled.exportCase(tmp_path / "Dataset001_Spine")
+    assert labeled.lastNotice == ""
+
+
 def test_nodes_follow_the_volume_s_parent_transform(mrml, spine):
     volume = addVolumeNodeFromImage(mrml.scene, spine.image, "spine")
     transform = mrml.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")

@@ -229,8 +229,9 @@ class LabelingScene(VTKObservationMixin):
         result: the current labelling; replaced (never modified) by every correction.
         corrections: log of the corrections applied, oldest first (stored in exported provenance).
         lastError: message of the last correction that could not be applied from the markups ("" if none).
-        lastNotice: what a rename did beyond what was asked, cleared with ``lastError`` ("" if nothing): a name
-            locked on another point moves to the renamed one and unlocks that point.
+        lastNotice: what a rename or an export did beyond what was asked, cleared with ``lastError`` ("" if
+            nothing): a name locked on another point moves to the renamed one and unlocks that point; an export
+            leaves out segments added in the Segment Editor and writes points that lie off their segments.
         changedCallbacks: functions called with this object after every change made from the markups.
     """
 
@@ -555,16 +556,26 @@ class LabelingScene(VTKObservationMixin):
     def exportCase(self, datasetDir, caseId: str | None = None):
         """Read back Segment Editor edits and append this labelling to an nnU-Net dataset
         (:func:`SpineLabelLib.export.export_case`); returns the label map path. Segments the user added that hold
-        voxels are not exported; ``lastNotice`` names them."""
+        voxels are not exported, and points that lie off their own segment (the segment edited away from the point)
+        are exported as their vertebra's centroid; ``lastNotice`` names both."""
         self._requireNodes()
         self.readBackSegmentation()
         path = export.export_case(self.result, self.image, datasetDir, caseId, self.corrections, self.result.model)
+        notices = []
         left = self._segmentsNotExported()
-        if left:  # shown in the panel's warnings until the next correction
+        if left:
             named = ", ".join(repr(name) for name in left)
-            self.lastNotice = ((f"segment {named}, added in the Segment Editor, is" if len(left) == 1 else
-                                f"segments {named}, added in the Segment Editor, are")
-                               + " not exported: place a point on a missed vertebra to add it, then refine its segment")
+            notices.append((f"segment {named}, added in the Segment Editor, is" if len(left) == 1 else
+                            f"segments {named}, added in the Segment Editor, are")
+                           + " not exported: place a point on a missed vertebra to add it, then refine its segment")
+        astray = [v.name for v in self.result.vertebrae if edits.component_at(self.result, v.centroid_lps_mm) != v.id]
+        if astray:  # a point is its vertebra's exported centroid
+            many = len(astray) > 1
+            notices.append(f"{'points' if many else 'point'} {', '.join(astray)} {'lie' if many else 'lies'} off "
+                           f"{'their segments' if many else 'its segment'} and {'are' if many else 'is'} exported as "
+                           f"the centroid: move {'them' if many else 'it'} onto the vertebral body and export again")
+        if notices:  # shown in the panel's warnings until the next correction
+            self.lastNotice = "; ".join(notices)
             log.warning("%s: %s", path, self.lastNotice)
         return path
 
