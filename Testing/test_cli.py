@@ -514,7 +514,8 @@ def test_evaluate_label_checks_the_report_paths_before_labelling(tmp_path, model
     (gt / "labelsTr" / "spine.nii.gz").write_bytes((phantom_file.parent / "spine_seg-vert_msk.nii.gz").read_bytes())
     (tmp_path / "folder").mkdir()
     for option, path, reason in (("--markdown", image, "a file being scored"), ("--json", tmp_path / "folder",
-                                                                                "is a folder")):
+                                                                                "is a folder"),
+                                 ("--json", tmp_path / "pred" / "x_ctd.json", "x_ctd.json")):  # a later run's input
         argv = ["evaluate", str(tmp_path / "pred"), str(gt), "--label", "--model", str(model), option, str(path),
                 "--quiet"]
         assert main(argv) == 1

@@ -684,3 +684,60 @@ def test_the_predicted_label_sharing_most_with_a_vertebra_is_the_lower_value_on_
     assert shared[L1] == 2 and best[L1] == L1
     r = ev.evaluate_case(pred.reshape(1, 1, -1), gt.reshape(1, 1, -1), (1.0, 1.0, 1.0), None, None, bodies_only=False)
     assert r.vertebrae[0].dice_names_aside == pytest.approx(2 * 2 / (4 + 2))
+
+
+def test_a_report_path_evaluate_would_read_as_an_input_is_refused(tmp_path):
+    """A report named like a prediction's file in the prediction folder, or like a reference file under the reference
+    folder, would be read by the next evaluation (or would replace a dataset.json): refused before any work."""
+    pred_dir, gt_dir = three_cases(tmp_path)
+    dataset = json.dumps({"labels": {"background": 0, "L1": L1, "L2": L2, "L3": L3}})
+    (gt_dir / "dataset.json").write_text(dataset)
+    for out in (pred_dir / "x_seg.nii.gz", pred_dir / "x_ctd.json", pred_dir / "x_report.json",
+                gt_dir / "dataset.json", gt_dir / "labelsTr" / "d.nii.gz", gt_dir / "centroids" / "a_ctd.json"):
+        with pytest.raises(InputError, match=out.name):
+            ev.evaluate_folders(pred_dir, gt_dir, out_json=out)
+        assert not out.exists() or out.read_text() == dataset
+        with pytest.raises(InputError, match=out.name):
+            ev.evaluate_folders(pred_dir, gt_dir, out_md=out)
+    assert not (gt_dir / "centroids").exists()
+    ev.evaluate_folders(pred_dir, gt_dir, pred_dir / "evaluation.json", gt_dir / "evaluation.md")  # no input's name
+    assert ev.evaluate_folders(pred_dir, gt_dir).unmatched_predictions == []
+
+
+def test_warnings_name_a_case_as_its_row_does(tmp_path, caplog):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    write_mask(spine([L1, L2, L3], body_only=True), gt_dir / "VB1_01_vert-verse.nii.gz")  # bodies, no centroid file
+    write_mask(spine([L1, L2, L3]), pred_dir / "VB1_01_img_seg.nii.gz")
+    b = write_mask(spine([L1, L2, L3]), gt_dir / "sub-b_seg-vert_msk.nii.gz")
+    write_ctd(gt_dir / "sub-b_seg-vb_ctd.json", {k: v for k, v in lps_centroids(b).items() if k != L3})
+    write_mask(spine([L1, L2, L3]), pred_dir / "sub-b_ct_seg.nii.gz")
+    write_ctd(pred_dir / "sub-b_ct_ctd.json", lps_centroids(b))
+    write_mask(spine([L1, L2, L3]), gt_dir / "sub-c_seg-vert_msk.nii.gz")  # no prediction
+    with caplog.at_level(logging.WARNING, logger="SpineLabelLib.evaluation"):
+        summary = ev.evaluate_folders(pred_dir, gt_dir)
+    named = {record.getMessage().split(": ")[0] for record in caplog.records}
+    assert sorted(named) == sorted(c.name for c in summary.cases) == ["VB1_01_img", "sub-b_ct", "sub-c"]
+
+
+@pytest.mark.parametrize("link", ["pred/a_ctd.json", "pred/a_report.json", "gt/centroids/a_ctd.json"])
+def test_a_centroid_file_or_report_that_links_to_nothing_is_refused(tmp_path, link):
+    pred_dir, gt_dir = three_cases(tmp_path)
+    (tmp_path / "gt" / "centroids").mkdir()
+    (tmp_path / link).symlink_to(tmp_path / "gone.json")
+    with pytest.raises(InputError, match=Path(link).name):
+        ev.evaluate_folders(pred_dir, gt_dir, tmp_path / "r" / "s.json")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("label", [L1 + 0.7, True, str(L1), float("inf")])
+def test_a_report_label_that_is_no_whole_number_is_refused(tmp_path, label):
+    path = tmp_path / "a_report.json"
+    write_report(path, {L1: 0.9})
+    assert ev.read_report(path)[0] == {L1: 0.9}
+    path.write_text(json.dumps({"vertebrae": [{"label": label, "confidence": 0.9}]}))
+    with pytest.raises(InputError, match="a_report.json"):
+        ev.read_report(path)
+    path.write_text(json.dumps({"vertebrae": [{"label": float(L1), "confidence": 0.9}]}))
+    assert ev.read_report(path)[0] == {L1: 0.9}

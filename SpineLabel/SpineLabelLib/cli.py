@@ -246,7 +246,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise InputError(f"{args.gt_dir}: no reference case has its image beside it: nothing to label")
         check_report_paths([p for p in (args.json, args.markdown) if p is not None],  # before any labelling
                            [p for image, gt in cases
-                            for p in (image, gt.mask, gt.ctd, *output_paths(args.pred_dir, case_name(image)))])
+                            for p in (image, gt.mask, gt.ctd, *output_paths(args.pred_dir, case_name(image)))],
+                           args.pred_dir, args.gt_dir)
         # an exported case as its export was labelled (the user's choice of modality, where auto would differ)
         recorded = {image: m.lower() for image, gt in cases if (m := recorded_modality(gt.mask)) is not None
                     } if args.modality == "auto" else {}

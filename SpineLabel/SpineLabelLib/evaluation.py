@@ -288,6 +288,18 @@ def _stem_ending(name: str, ending: str) -> str | None:
     return stem[: -len(ending)] if stem is not None and stem.endswith(ending) else None
 
 
+def _beside(path: Path) -> Path | None:
+    """``path``, an optional file found beside a mask (a centroid file, a report), when it is one; None when there is
+    none.
+
+    Raises:
+        InputError: a link to nothing (taken for no file, its case would be scored otherwise than meant).
+    """
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{path}: a link to a file that does not exist; restore its target or remove the link")
+    return path if path.is_file() else None
+
+
 def _predictions(pred_dir: Path) -> dict[str, PredFiles]:
     found: dict[str, PredFiles] = {}
     for seg in sorted(pred_dir.glob("*_seg.*")):
@@ -298,7 +310,7 @@ def _predictions(pred_dir: Path) -> dict[str, PredFiles]:
         key = case_key(name)
         if key in found:
             raise InputError(f"{seg}: predictions {found[key].seg.name} and {seg.name} both match case {key}")
-        found[key] = PredFiles(name, seg, ctd if ctd.is_file() else None, report if report.is_file() else None)
+        found[key] = PredFiles(name, seg, _beside(ctd), _beside(report))
     return found
 
 
@@ -321,14 +333,14 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
         if base is None:
             continue
         ctd = mask.parent / f"{base}_ctd.json"
-        add(case_key(base), GtFiles(mask, ctd if ctd.is_file() else None, "vert-verse", True))
+        add(case_key(base), GtFiles(mask, _beside(ctd), "vert-verse", True))
     for mask in _visible(gt_dir.rglob("*_seg-vert*_msk.*")):
         stem = _stem_ending(mask.name, "_msk")
         if stem is None or "_seg-vert" not in stem:
             continue
         before, after = stem.split("_seg-vert", 1)
         ctd = next((c for c in (mask.parent / f"{before}_seg-{kind}{after}_ctd.json" for kind in ("vb", "subreg"))
-                    if c.is_file()), None)
+                    if _beside(c)), None)
         add(case_key(before + after), GtFiles(mask, ctd, "verse", False))
     for labels_dir in sorted(p for p in gt_dir.rglob("labelsTr") if p.is_dir()):
         dataset = read_dataset_json(labels_dir.parent)
@@ -337,7 +349,7 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
             stem = image_stem(mask.name)
             if stem is not None:
                 ctd = labels_dir.parent / "centroids" / f"{stem}_ctd.json"  # as an export writes it
-                add(case_key(stem), GtFiles(mask, ctd if ctd.is_file() else None, "nnunet", bodies_only))
+                add(case_key(stem), GtFiles(mask, _beside(ctd), "nnunet", bodies_only))
     return found
 
 
@@ -451,6 +463,17 @@ def _mask_centroids_lps(labels: np.ndarray, geometry: Geometry) -> dict[int, np.
     return {v: geometry.index_to_lps(ijk) for v, ijk in mask_centroids(labels).items()}
 
 
+def _whole_label(label) -> int:
+    """A JSON ``label`` as an int.
+
+    Raises:
+        ValueError: not a whole number (a string, a bool, 18.7, NaN), OverflowError: an infinity.
+    """
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or label != round(label):
+        raise ValueError(f"label {label!r} is not a whole number")
+    return int(label)
+
+
 def read_centroids(path: str | os.PathLike, reference: sitk.Image) -> dict[int, np.ndarray]:
     """Centroids of a VerSe centroid json in LPS mm.
 
@@ -486,10 +509,7 @@ def read_centroids(path: str | os.PathLike, reference: sitk.Image) -> dict[int, 
         if "world_lps_mm" not in entry and code is None:
             raise InputError(f"{path}: voxel centroids (X, Y, Z) without a 'direction' entry")
         try:
-            label = entry["label"]
-            if isinstance(label, bool) or not isinstance(label, (int, float)) or label != round(label):
-                raise ValueError(f"label {label!r} is not a whole number")
-            label = int(label)
+            label = _whole_label(entry["label"])
             if "world_lps_mm" in entry:
                 position = np.asarray(entry["world_lps_mm"], dtype=float).reshape(3)
             else:
@@ -525,13 +545,14 @@ def read_report(path: str | os.PathLike) -> tuple[dict[int, float], str]:
     image was labelled as ("CT" or "MR"; "" when the report does not say).
 
     Raises:
-        InputError: unreadable file, not a SpineLabel report, or a confidence outside 0-1 (NaN too).
+        InputError: unreadable file, not a SpineLabel report, a label that is no whole number, or a confidence
+            outside 0-1 (NaN too).
     """
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
-        confidences = {int(v["label"]): float(v["confidence"]) for v in document["vertebrae"]}
+        confidences = {_whole_label(v["label"]): float(v["confidence"]) for v in document["vertebrae"]}
         modality = str(document.get("input", {}).get("modality") or "")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as err:
         raise InputError(f"{path}: not a readable SpineLabel report ({type(err).__name__}: {err})") from None
     wrong = sorted(label for label, p in confidences.items() if not 0.0 <= p <= 1.0)  # NaN included
     if wrong:
@@ -800,6 +821,7 @@ def _warn_unlike_map(centroids: Mapping[int, np.ndarray], of_map: Mapping[int, n
 def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[str, str] | None,
                 bodies_only: bool | Mapping[str, bool] | None) -> CaseResult:
     """One case of ``evaluate_folders`` (its arguments of the same names)."""
+    name = pred.name if pred else key  # as the tables name the case, its warnings too
     gt_image = read_label_map(gt.mask)
     geometry = Geometry.of(gt_image)
     gt_labels = reference_labels(sitk.GetArrayViewFromImage(gt_image), gt.mask)
@@ -815,11 +837,11 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
     if from_files:
         from_file = _centroids_of_mask(gt.ctd, gt_image, gt.mask, gt_ctd)
         if set(gt_ctd) - set(from_file):
-            log.warning("%s: mask labels %s have no centroid in %s; taken from the mask", key,
+            log.warning("%s: mask labels %s have no centroid in %s; taken from the mask", name,
                         sorted(set(gt_ctd) - set(from_file)), gt.ctd)
         gt_ctd.update(from_file)
     if pred is None:
-        log.warning("%s: no prediction for GT %s; all its vertebrae count as missed", key, gt.mask)
+        log.warning("%s: no prediction for GT %s; all its vertebrae count as missed", name, gt.mask)
         pred_labels = np.zeros(gt_labels.shape, dtype=np.uint8)
         pred_ctd: dict[int, np.ndarray] = {}
     else:
@@ -841,7 +863,7 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
         if is_bodies and pred.ctd is None:
             log.warning("%s: the ground truth marks vertebral bodies and the prediction %s has no centroid file: the "
                         "centres of its whole vertebrae are compared with those of the bodies (about 2-15 mm apart); "
-                        "a centroid file of body centres beside it (NAME_ctd.json) scores localisation fairly", key,
+                        "a centroid file of body centres beside it (NAME_ctd.json) scores localisation fairly", name,
                         pred.seg)
         if from_files or bodies_to_file:
             own = _mask_centroids_lps(sitk.GetArrayViewFromImage(pred_image), Geometry.of(pred_image))
@@ -851,7 +873,7 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
             pred_ctd = _mask_centroids_lps(pred_labels, geometry)
     confidences, modality = read_report(pred.report) if pred and pred.report else (None, "")
     result = evaluate_case(pred_labels, gt_labels, geometry.spacing[::-1], pred_ctd, gt_ctd, is_bodies,
-                           name=pred.name if pred else key, pred_confidences=confidences)
+                           name=name, pred_confidences=confidences)
     result.prediction_missing = pred is None
     result.group = (_lookup(groups, key, pred, gt) or "") if groups else modality
     result.gt_mask = str(gt.mask)
@@ -860,7 +882,7 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
                               if bodies_to_file else "GT body masks, predicted whole-vertebra masks"
                               if is_bodies and pred is not None else "masks")
     if result.n_gt == 0:
-        log.warning("%s: GT %s holds no vertebra label; the case has nothing to score", key, gt.mask)
+        log.warning("%s: GT %s holds no vertebra label; the case has nothing to score", name, gt.mask)
     log.info("%s: %d of %d GT vertebrae identified", result.name, result.n_identified, result.n_gt)
     return result
 
@@ -876,10 +898,26 @@ def _modality_of_image(path: Path) -> str:
     return modality_of(sitk.GetArrayViewFromImage(image))
 
 
-def check_report_paths(outs: list[Path], protected: Iterable[Path | None]) -> None:
+def _read_as(out: Path, pred_dir: Path, gt_dir: Path) -> str | None:
+    """What a later evaluation of ``pred_dir`` against ``gt_dir`` would read the file ``out`` as, by its name and
+    folder (a prediction's ``NAME_seg``, ``NAME_ctd.json`` or ``NAME_report.json``; an image, a centroid file or a
+    ``dataset.json`` under the reference folder), or None."""
+    name = out.name.lower()
+    if out.parent.resolve() == pred_dir.resolve() and (
+            _stem_ending(out.name, "_seg") is not None or name.endswith(("_ctd.json", "_report.json"))):
+        return f"a prediction's file in {pred_dir}"
+    if gt_dir.resolve() in out.resolve().parents and (
+            image_stem(out.name) is not None or name.endswith("_ctd.json") or name == "dataset.json"):
+        return f"a reference file under {gt_dir}"
+    return None
+
+
+def check_report_paths(outs: list[Path], protected: Iterable[Path | None], pred_dir: str | os.PathLike,
+                       gt_dir: str | os.PathLike) -> None:
     """Refuse report paths (``outs``: the JSON and Markdown reports asked for) that would overwrite one of the files
     ``protected`` (those being scored, or labelled and scored; None entries ignored), an image, each other, or a
-    folder: before any work.
+    folder, or that a later evaluation of ``pred_dir`` against ``gt_dir`` would read as one of its inputs
+    (``_read_as``): before any work.
 
     Raises:
         InputError: one of those.
@@ -894,6 +932,8 @@ def check_report_paths(outs: list[Path], protected: Iterable[Path | None]) -> No
             raise InputError(f"{out}: is an image; write the report elsewhere")
         if out.exists() and not out.is_file():
             raise InputError(f"{out}: is a folder (or another non-file), not a report file")
+        if (what := _read_as(out, Path(pred_dir), Path(gt_dir))) is not None:
+            raise InputError(f"{out}: evaluate would read a file of this name as {what}; write the report elsewhere")
 
 
 def evaluate_folders(
@@ -940,7 +980,7 @@ def evaluate_folders(
     outs = [Path(out) for out in (out_json, out_md) if out is not None]
     # a case's files (its image aside: an image is never overwritten, check_report_paths) and all a prediction's outputs
     check_report_paths(outs, (path for _, pred, gt in pairs for path in (
-        gt.mask, gt.ctd, *(output_paths(pred.seg.parent, pred.name) if pred else ()))))
+        gt.mask, gt.ctd, *(output_paths(pred.seg.parent, pred.name) if pred else ()))), pred_dir, gt_dir)
     report = progress or (lambda fraction, message: None)
     with no_empty_new_folders(*{out.parent for out in outs}):  # a failed or stopped run leaves none it made
         _make_folders([out.parent for out in outs])  # before the scoring, not after it
