@@ -229,6 +229,28 @@ def test_a_failed_input_names_the_outputs_an_earlier_run_left(tmp_path, model, c
     assert earlier.read_bytes() == b"an earlier run"
 
 
+def test_a_file_of_another_program_appearing_during_a_run_is_no_earlier_runs_output(tmp_path, model, phantom_file,
+                                                                                    monkeypatch, capsys):
+    """A file of an output's name without the report beside it is no earlier run's output (check_replaceable); one
+    that appears after the check made at the start fails the input, and the line said it was both."""
+    from SpineLabelLib import writers
+
+    write_all = writers.write_all
+
+    def appears_first(result, image, out, name, input_path=None):
+        (out / f"{name}_seg.nii.gz").write_bytes(b"someone else's mask")
+        return write_all(result, image, out, name, input_path=input_path)
+
+    monkeypatch.setattr(writers, "write_all", appears_first)
+    out = tmp_path / "out"
+    argv = ["label", str(phantom_file), "-o", str(out), "--model", str(model), "--quiet", "--no-spine-gate"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "it is no output of an earlier run" in err and "spine_seg.nii.gz" in err.split("left as they were:")[1], err
+    assert "the outputs of an earlier run" not in err, err
+    assert (out / "spine_seg.nii.gz").read_bytes() == b"someone else's mask"
+
+
 @pytest.mark.parametrize("name", ["spine.nii.gz", "spine.nrrd"])
 def test_a_phantom_that_the_disk_cannot_hold_fails_and_leaves_nothing(tmp_path, name):
     """A file-size limit stands in for a full disk: ITK's NIfTI writer said so on stderr only, and the command exited

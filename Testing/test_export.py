@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,6 +164,35 @@ def test_temporaries_of_an_interrupted_export_are_no_case(tmp_path, spine):
     assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == 2
     assert export.next_case_id(tmp_path, "spine_ct") == "spine_ct_0003"
 
+
+
+def test_an_export_killed_while_writing_leaves_no_file_nnunet_takes_for_a_case(tmp_path, spine, monkeypatch):
+    """A killed export removes nothing: it leaves the dataset as it is while the image is written. nnU-Net v2 takes
+    every file of imagesTr/ ending in file_ending for a case, hidden ones included (batchgenerators' subfiles), and
+    its dataset check failed on a temporary there: more cases than numTraining, one without a label map."""
+    export.export_case(spine.result, spine.image, tmp_path)
+    writing, go_on = threading.Event(), threading.Event()
+    write_image = export.write_image
+
+    def slow(image, path, final=None):
+        Path(path).write_bytes(b"half")
+        writing.set()
+        go_on.wait(60)
+        write_image(image, path, final)
+
+    monkeypatch.setattr(export, "write_image", slow)
+    other = build_spine(names=("L1", "L2", "L3", "L4"), seed=1)
+    thread = threading.Thread(target=export.export_case, args=(other.result, other.image, tmp_path))
+    thread.start()
+    try:
+        assert writing.wait(60)
+        images = tmp_path / "imagesTr"
+        assert [p.name for p in images.iterdir() if p.is_file() and p.name.endswith(".nii.gz")] == [
+            "spine_ct_0001_0000.nii.gz"]
+    finally:
+        go_on.set()
+        thread.join()
+    assert sorted(p.name for p in images.iterdir()) == ["spine_ct_0001_0000.nii.gz", "spine_ct_0002_0000.nii.gz"]
 
 
 def test_a_ct_and_an_mr_dataset_under_one_folder_are_read_together(tmp_path, spine):

@@ -302,7 +302,7 @@ def test_nibabel_s_complaint_about_a_header_is_logged_not_printed(tmp_path, capl
 def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):
     final = tmp_path / "x_seg.nii.gz"
     with atomic_path(final) as tmp:
-        assert tmp.name.endswith(".nii.gz") and tmp.parent == tmp_path
+        assert tmp.name.endswith(".nii.gz") and tmp.parent.parent == tmp_path  # the rename stays in one file system
         tmp.write_text("ok")
     with atomic_path(tmp_path / "X_SEG.Nii.Gz") as tmp:  # the writers tell formats by both extensions, in any case
         assert tmp.name.endswith(".tmp.nii.gz")
@@ -317,6 +317,18 @@ def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):
     with pytest.raises(IsADirectoryError, match="folder.json: it is a folder"):
         with atomic_path(tmp_path / "folder.json"):
             pytest.fail("the block ran")
+
+
+def test_a_write_killed_midway_leaves_no_file_in_the_folder_of_its_output(tmp_path):
+    """A killed process removes nothing: it leaves the folder as it is while the file is written. nnU-Net v2 takes
+    every file of imagesTr/ that ends in the dataset's file ending for a case, hidden ones included (not the files
+    of its subfolders), and a temporary kept that ending for the writers."""
+    (tmp_path / "a_0000.nii.gz").write_bytes(b"done")
+    writing = atomic_path(tmp_path / "b_0000.nii.gz")
+    writing.__enter__().write_bytes(b"half")  # the block is not left: as in a process killed here
+    assert [p.name for p in tmp_path.iterdir() if p.is_file() and p.name.endswith(".nii.gz")] == ["a_0000.nii.gz"]
+    writing.__exit__(None, None, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_0000.nii.gz", "b_0000.nii.gz"]
 
 
 def test_atomic_path_gives_the_permissions_of_the_umask_at_write_time(tmp_path):

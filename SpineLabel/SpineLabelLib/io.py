@@ -15,6 +15,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import struct
 import tempfile
 import zlib
@@ -909,17 +910,25 @@ def write_image(image: sitk.Image, path: str | os.PathLike, final: str | os.Path
 
 
 def _new_file_beside(final: Path, suffix: str) -> Path:
-    """Create an empty file ``.spinelabel-XXXXXXXX{suffix}`` in ``final``'s folder that no other file had, with the
-    permissions the process's umask gives a new file at this moment (``tempfile.mkstemp`` would make it private)."""
+    """Create an empty file ``.tmp{suffix}`` in a new hidden folder ``.spinelabel-XXXXXXXX.tmp`` of ``final``'s
+    folder, with the permissions the process's umask gives a new file at this moment (``tempfile.mkstemp`` would make
+    it private). In a folder of its own, the file of a process killed while writing it is none of the folder's files:
+    nnU-Net v2 counts the files of ``imagesTr/`` by their ending, hidden ones included, and took one for a case."""
     for _ in range(100):
-        path = final.parent / f".spinelabel-{secrets.token_hex(4)}{suffix}"
+        folder = final.parent / f".spinelabel-{secrets.token_hex(4)}.tmp"
+        path = folder / f".tmp{suffix}"
         try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return path
+            folder.mkdir()
         except FileExistsError:
             continue
         except OSError as err:
             raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from None
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except OSError as err:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from None
+        return path
     raise FileExistsError(errno.EEXIST, f"cannot write {final}: no free temporary name beside it")
 
 
@@ -927,10 +936,13 @@ def _new_file_beside(final: Path, suffix: str) -> Path:
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on success rename it to ``final``, on error remove it.
 
-    The temporary is hidden and keeps ``final``'s extensions (``.spinelabel-XXXXXXXX.tmp.nii.gz``) so that
-    format-sniffing writers work, and its length does not grow with ``final``'s name. Nobody ever sees a half-written
-    ``final``. A ``final`` that exists and is not a file (a folder) is refused before anything is written: the rename
-    onto it would fail only after the work, and after ``atomic_paths`` had renamed the files before it.
+    The temporary is hidden and keeps ``final``'s extensions (``.tmp.nii.gz``) so that format-sniffing writers work,
+    and its length does not grow with ``final``'s name. It lies in a hidden folder of its own in ``final``'s folder
+    (``.spinelabel-XXXXXXXX.tmp/``, removed after), so that a process killed while writing leaves no file in
+    ``final``'s folder for a reader that lists its files by ending (nnU-Net); the rename to ``final`` stays within one
+    file system. Nobody ever sees a half-written ``final``. A ``final`` that exists and is not a file (a folder) is
+    refused before anything is written: the rename onto it would fail only after the work, and after
+    ``atomic_paths`` had renamed the files before it.
 
     Raises:
         IsADirectoryError: ``final`` exists and is not a file.
@@ -942,13 +954,15 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     # lower case: writers tell the format by the extension, and nibabel writes ".Nii.Gz" under another name
     suffix = ("".join(final.suffixes[-2:]) if final.name.lower().endswith((".nii.gz", ".seg.nrrd", ".mrk.json"))
               else final.suffix).lower()
-    tmp = _new_file_beside(final, f".tmp{suffix}")
+    tmp = _new_file_beside(final, suffix)
     try:
         yield tmp
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:  # with anything a writer put beside its file
+        shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 @contextlib.contextmanager
