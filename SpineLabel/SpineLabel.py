@@ -316,11 +316,19 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -------------------------------------------------------------------------------------- dependencies
 
+    def _packagesText(self, missing) -> str:
+        """The requirements ``missing``, each that fails to import with its error."""
+        broken = self.logic.brokenPackages()
+        return ", ".join(_("{requirement} (installed, but its import fails: {error})").format(
+            requirement=requirement, error=broken[requirement]) if requirement in broken else requirement
+            for requirement in missing)
+
     def updateDependencyStatus(self) -> None:
         missing = self.logic.missingPackages()
         self.ui.installButton.visible = bool(missing)
         if missing:
-            self._dependencyStatus = _("Missing Python packages: {packages}").format(packages=", ".join(missing))
+            self._dependencyStatus = _("Missing Python packages: {packages}").format(
+                packages=self._packagesText(missing))
             self.ui.statusLabel.text = self._dependencyStatus
         elif self.ui.statusLabel.text == self._dependencyStatus:  # another status stays
             self.ui.statusLabel.text = ""
@@ -332,7 +340,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not slicer.util.confirmOkCancelDisplay(
             _("SpineLabel needs these Python packages: {packages}. Download and install them now? "
-              "This can take several minutes.").format(packages=", ".join(missing)),
+              "This can take several minutes.").format(packages=self._packagesText(missing)),
             windowTitle=_("Install dependencies"),
         ):
             return
@@ -353,13 +361,13 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self.logic.missingPackages():
                 return
         with errorsShown(_("Failed to start labelling.")):
+            self.ui.progressBar.value = 0  # also when the start fails: not the last run's 100
             # the current labelling stays editable until the new one replaces it (Cancel keeps it)
             self._process, self._outputDir = self.logic.startLabelling(
                 self._parameterNode.inputVolume, self._parameterNode.modelPath or None, self._parameterNode.device,
                 self._parameterNode.checkOrientation, not self._parameterNode.skipSpineGate,
                 self._parameterNode.modality)
             self._labelledVolume = self._parameterNode.inputVolume  # once its labelling runs
-            self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Starting...")
             self._timer.start()
         self._checkCanApply()
@@ -462,6 +470,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.show3DButton.setSegmentationNode(labeling.segmentationNode if labeling is not None else None)
         if labeling is None:
             self.ui.warningsLabel.text = self.ui.statusLabel.text = ""
+            self.ui.progressBar.value = 0
             return
         result = labeling.result
         lines = list(result.warnings)
@@ -536,18 +545,39 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
     # -------------------------------------------------------------------------------------- dependencies
 
     @staticmethod
-    def missingPackages() -> list:
-        """pip requirements of the packages SpineLabel needs that are not importable or older than its floor
-        (torch included)."""
+    def brokenPackages() -> dict:
+        """pip requirement -> the error its import raises, of the packages SpineLabel needs that are installed (their
+        folder is found) but fail to import: a half-finished install, a dependency of theirs missing. Not torch: its
+        import takes seconds and memory that Slicer's process does not otherwise spend, and the labelling process
+        reports a torch that fails to import."""
+        import importlib
+        import importlib.util
+
+        broken = {}
+        for importName, requirement in REQUIRED_PACKAGES.items():
+            if importName == "torch" or importlib.util.find_spec(importName) is None:
+                continue
+            try:
+                importlib.import_module(importName)
+            except Exception as err:
+                broken[requirement] = f"{type(err).__name__}: {err}"
+        return broken
+
+    @classmethod
+    def missingPackages(cls) -> list:
+        """pip requirements of the packages SpineLabel needs that are not installed, fail to import
+        (``brokenPackages``) or are older than its floor (torch included)."""
         import importlib.metadata
         import importlib.util
         import re
+
+        broken = cls.brokenPackages()
 
         def release(version: str) -> tuple:  # "2.13.0+cpu" -> (2, 13, 0)
             return tuple(int(part) for part in re.match(r"\d+(\.\d+)*", version).group().split("."))
 
         def unmet(importName: str, requirement: str) -> bool:
-            if importlib.util.find_spec(importName) is None:
+            if importlib.util.find_spec(importName) is None or requirement in broken:
                 return True
             name, _sep, floor = requirement.partition(">=")
             try:
@@ -559,8 +589,9 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
 
     def installDependencies(self) -> None:
         """Install the missing packages. Call only after the user agreed. torch comes from the PyTorch
-        extension (it picks the CUDA or CPU build); the others from PyPI. SimpleITK is never touched."""
-        missing = self.missingPackages()
+        extension (it picks the CUDA or CPU build); the others from PyPI, those that fail to import installed again.
+        SimpleITK is never touched."""
+        missing, broken = self.missingPackages(), self.brokenPackages()
         torch = REQUIRED_PACKAGES["torch"]
         if torch in missing:
             try:
@@ -572,6 +603,9 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
                                                          torchVersionRequirement=torch[len("torch"):])
             missing.remove(torch)
         if missing:
+            if broken:  # pip takes an installed package as it is: these again, alone (their dependencies, numpy
+                # among them, would be reinstalled too); the install below adds a dependency of theirs that is missing
+                slicer.util.pip_install(["--force-reinstall", "--no-deps", *broken])
             slicer.util.pip_install(missing)  # a list: each requirement one argument of pip, floor included
 
     # ------------------------------------------------------------------------------------------- models

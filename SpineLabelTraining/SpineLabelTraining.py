@@ -189,10 +189,12 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
         with errorsShown(_("Failed to start training.")):
             p = self._parameterNode
+            # also when the start is refused: nothing of the last run (its result, where Stop left it) stays
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = ""
             self._process, self._outCard = self.logic.startTraining(
                 p.datasetDirectory, p.baseModelPath or None, p.modelName, p.epochs, p.device,
                 extraArguments=("--validation-cases", p.validationCases))
-            self.ui.progressBar.value = 0
             self.ui.logTextEdit.clear()
             self.ui.statusLabel.text = _("Training...")
             self._timer.start()

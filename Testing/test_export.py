@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -279,6 +281,20 @@ def test_a_failed_dataset_json_write_leaves_the_dataset_as_it_was(tmp_path, spin
     with pytest.raises(KeyboardInterrupt):
         export.export_case(corrected, spine.image, tmp_path)
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("given, error", [("afile/dataset", errno.ENOTDIR), ("link", errno.ENOENT)])
+def test_a_dataset_folder_that_cannot_be_made_is_named_with_the_reason(tmp_path, spine, given, error):
+    """A folder below a file named the first of the case's subfolders made (labelsTr, provenance ...), never the
+    folder given; a link to nothing said only that it exists."""
+    (tmp_path / "afile").touch()
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OSError) as raised:
+        export.export_case(spine.result, spine.image, tmp_path / given)
+    assert raised.value.errno == error
+    assert str(tmp_path / given) in str(raised.value)
+    assert not re.search("imagesTr|labelsTr|centroids|provenance", str(raised.value))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "link"]
 
 
 def test_the_label_map_takes_the_image_grid_exactly(tmp_path, spine):

@@ -10,6 +10,7 @@ import re
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -1029,3 +1030,146 @@ def test_a_saved_labelling_whose_segments_were_not_read_is_left_as_saved(labeled
     assert save_and_load(mrml, labeled, tmp_path / "scene", bundle=False, lost=".seg.nrrd") == []
     assert mrml.scene.GetFirstNodeByClass("vtkMRMLSegmentationNode").GetAttribute(STATE_ATTRIBUTE) == saved
     assert mrml.scene.GetFirstNodeByClass("vtkMRMLMarkupsFiducialNode").GetNumberOfControlPoints() == points
+
+
+# ------------------------------------------------------------------------------------- the panels, Qt faked
+
+
+class _Anything:
+    """What qt gives beyond what a test reads (a table item, a brush, a flag): it takes any call."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Anything()
+
+    def __call__(self, *args, **kwargs):
+        return _Anything()
+
+    def __or__(self, other):
+        return self
+
+
+class _Widget(types.SimpleNamespace):
+    """A widget of the panel's .ui file: the properties the panel sets and a test reads; its methods do nothing."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
+class _Ui:
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        widget = _Widget(value=0, text="", enabled=True, visible=True)
+        setattr(self, name, widget)
+        return widget
+
+
+@pytest.fixture
+def modules(mrml, monkeypatch):
+    """SpineLabel.py and SpineLabelTraining.py loaded outside Slicer, over slicer-core: qt, the scripted-module base
+    classes, i18n and the parameter node wrapper stubbed; ``errors`` collects the messages the panels show."""
+    import importlib.util
+
+    import slicer.util
+
+    qt = types.ModuleType("qt")
+    qt.__getattr__ = _Anything().__getattr__  # a module's __file__ and the like stay absent (torch reads them)
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    base = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
+                 "ScriptedLoadableModuleWidget"):
+        setattr(base, name, type(name, (), {"__init__": lambda self, *args, **kwargs: None}))
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr, i18n.translate = (lambda text: text), (lambda context, text: text)
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper, wrapper.Choice, wrapper.WithinRange = (lambda cls: cls), _Anything, _Anything
+    for name, stub in (("ScriptedLoadableModule", base), ("i18n", i18n), ("parameterNodeWrapper", wrapper)):
+        monkeypatch.setitem(sys.modules, f"slicer.{name}", stub)
+        monkeypatch.setattr(slicer, name, stub, raising=False)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(
+        setOverrideCursor=lambda cursor: None, restoreOverrideCursor=lambda: None, testingEnabled=lambda: False),
+        raising=False)
+    errors = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: errors.append(text))
+    root = Path(__file__).resolve().parents[1]
+    loaded = {}
+    for name in ("SpineLabel", "SpineLabelTraining"):  # SpineLabelTraining imports from SpineLabel
+        spec = importlib.util.spec_from_file_location(name, root / name / f"{name}.py")
+        loaded[name] = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, loaded[name])
+        spec.loader.exec_module(loaded[name])
+    return types.SimpleNamespace(label=loaded["SpineLabel"], train=loaded["SpineLabelTraining"], errors=errors)
+
+
+def labelling_panel(modules, volume):
+    widget = modules.label.SpineLabelWidget()
+    widget.ui, widget.logic = _Ui(), modules.label.SpineLabelLogic()
+    widget.show3DButton, widget._timer = _Widget(), _Widget()
+    widget._parameterNode = types.SimpleNamespace(inputVolume=volume, modelPath="", device="cpu",
+                                                  checkOrientation=False, skipSpineGate=False, modality="auto")
+    return widget
+
+
+def test_a_required_package_that_fails_to_import_is_missing_and_installed_again(modules, tmp_path, monkeypatch):
+    """Its folder there, its import failing (a half-finished install, a dependency of its own missing): it counted as
+    installed, the panel then failed on the ImportError, and pip, asked for it, would have left it as it was."""
+    (tmp_path / "spinelabel_broken").mkdir()
+    (tmp_path / "spinelabel_broken" / "__init__.py").write_text("import spinelabel_absent_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(modules.label.REQUIRED_PACKAGES, "spinelabel_broken", "spinelabel-broken>=1")
+    logic = modules.label.SpineLabelLogic
+    assert logic.missingPackages() == ["spinelabel-broken>=1"]
+    assert logic.availableModels() == []  # rather than the ImportError
+    panel = labelling_panel(modules, None)
+    panel.updateDependencyStatus()
+    assert panel.ui.installButton.visible and "spinelabel_absent_dependency" in panel.ui.statusLabel.text  # why
+    calls = []
+    monkeypatch.setattr(slicer.util, "pip_install", calls.append)
+    logic().installDependencies()
+    # that package installed again, alone (with its dependencies pip would reinstall numpy and the rest), then
+    # installed as any other, which brings a dependency of its that is missing
+    assert calls == [["--force-reinstall", "--no-deps", "spinelabel-broken>=1"], ["spinelabel-broken>=1"]]
+
+
+def test_the_labelling_panel_s_progress_bar_is_emptied_for_an_unlabelled_volume(modules, labeled, mrml, spine):
+    panel = labelling_panel(modules, labeled.volumeNode)
+    panel._labelings[labeled.volumeNode.GetID()] = labeled
+    panel.ui.progressBar.value = 100  # as a finished labelling leaves it
+    panel._checkCanApply()
+    panel._parameterNode.inputVolume = addVolumeNodeFromImage(mrml.scene, spine.image, "unlabelled")
+    panel._checkCanApply()  # as the parameter node's change calls it
+    assert panel.ui.progressBar.value == 0
+
+
+def test_the_labelling_panel_s_progress_bar_is_emptied_by_a_failed_start(modules, labeled, monkeypatch):
+    panel = labelling_panel(modules, labeled.volumeNode)
+    panel._labelings[labeled.volumeNode.GetID()] = labeled
+    panel._checkCanApply()
+    panel.ui.progressBar.value = 100  # as a finished labelling leaves it
+
+    def full(*args, **kwargs):  # the volume is copied to a temporary file first
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(panel.logic, "startLabelling", full)
+    panel.onApplyButton()
+    assert panel._process is None and modules.errors  # not started, and the user is told
+    assert panel.ui.progressBar.value == 0
+
+
+def test_a_refused_training_start_leaves_nothing_of_the_last_run(modules, tmp_path):
+    panel = modules.train.SpineLabelTrainingWidget()
+    panel.ui, panel.logic, panel._timer = _Ui(), modules.train.SpineLabelTrainingLogic(), _Widget()
+    panel._parameterNode = types.SimpleNamespace(datasetDirectory=tmp_path / "no dataset", baseModelPath="",
+                                                 modelName="m", epochs=1, device="cpu", validationCases=1)
+    for status, progress in (("Stopped; no model was registered.", 40), ("Model registered: m.json", 100)):
+        panel.ui.statusLabel.text, panel.ui.progressBar.value = status, progress  # as Stop, or a finished run, left
+        panel.onTrainButton()
+        assert panel._process is None and modules.errors  # refused, and the user is told
+        assert panel.ui.statusLabel.text != status and panel.ui.progressBar.value == 0

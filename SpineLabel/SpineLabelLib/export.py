@@ -43,7 +43,8 @@ import SimpleITK as sitk
 
 from . import __version__, writers
 from .edits import check_image_grid
-from .io import CASE_SUFFIXES, InputError, atomic_path, case_key, no_empty_new_folders, write_image
+from .io import (CASE_SUFFIXES, InputError, atomic_path, case_key, make_writable_folder, no_empty_new_folders,
+                 write_image)
 from .result import Geometry, SpineLabeling
 from .vertebrae import COCCYX_LABEL, LEVELS, Level, level_index
 
@@ -338,6 +339,7 @@ def export_case(
         ValueError: invalid ``case_id``, image not on the labelling's grid, fewer than ``MIN_VERTEBRAE``
             vertebrae, a modality other than the dataset's, or a ``dataset.json`` an export would change the
             meaning of or that nnU-Net reads its cases from (a ``dataset`` list of files).
+        OSError: the dataset folder cannot be made or written to (the message names it), or a write failed.
     """
     dataset_dir = Path(dataset_dir)
     image = check_image_grid(result, image)
@@ -413,8 +415,12 @@ def export_case(
     })
     folders = {path.parent for path in paths.values()}
     with no_empty_new_folders(*folders):  # a failed export leaves no folder it made
-        for folder in folders:
-            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            make_writable_folder(dataset_dir)
+            for folder in folders:
+                folder.mkdir(exist_ok=True)
+        except OSError as err:  # named as the folder given, not as the first of its subfolders that failed
+            raise OSError(err.errno, f"cannot write to dataset folder {dataset_dir}: {err.strerror or err}") from err
         try:
             _write_case(result, image, paths, case_id, modality, corrections, model, digest, replaces)
             with atomic_path(dataset_dir / "dataset.json") as tmp:
