@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import DATA, build_spine
+from conftest import DATA, PITCH_MM, build_spine
 from SpineLabelLib import edits
 from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
 from SpineLabelLib.sequence import relabel
@@ -440,3 +440,40 @@ def test_a_click_in_a_disc_beside_a_vertebra_cut_by_the_view_is_refused():
     l2, l3 = (np.array(next(v for v in cut.vertebrae if v.name == n).centroid_lps_mm) for n in ("L2", "L3"))
     with pytest.raises(ValueError, match=r"between L2 and L3, \d+ mm apart, as close as the vertebrae beside them"):
         edits.add_vertebra(cut, case.image, tuple((l2 + l3) / 2))
+
+
+def test_a_vertebra_placed_back_below_one_cut_by_the_view_is_accepted():
+    """On the lumbar CT phantom the head end of the image cuts T10 (its centroid 19 mm above T11's) and, above it in
+    the chain, a 1.5 ml piece named T9 45 mm behind it: with T11 deleted, a point placed back at T11's centroid was
+    refused as 'level with T10', the spine's direction there taken from the piece behind the body."""
+    case = build_spine()  # T11 ... L4, 30 mm apart; the image cut at 170 mm, through T11 (163-187 mm)
+    top = int(170.0 / 1.5)
+    components = np.pad(np.array(case.result.components)[:top], ((0, 0), (0, 50), (0, 0)))  # 75 mm more behind
+    image = sitk.GetImageFromArray(np.pad(sitk.GetArrayFromImage(case.image)[:top], ((0, 0), (0, 50), (0, 0))))
+    image.SetSpacing(case.image.GetSpacing())
+    piece = np.zeros_like(components, dtype=bool)
+    piece[top - 7:, 56:64, 17:23] = True  # at the head plane, about 60 mm behind the bodies' centres
+    components[piece] = 99
+    zz, yy, xx = np.indices(components.shape)
+
+    def centroid(vid):
+        inside = components == vid
+        return tuple(float(np.mean(a[inside]) * 1.5) for a in (xx, yy, zz))
+
+    t11 = case.result.vertebrae[0]
+    vertebrae = ([Vertebra(99, "T10", centroid(99), float(piece.sum() * 1.5**3 / 1000.0), 0.0,
+                           np.array(case.result.vertebrae[0].level_log_scores)),
+                  replace(t11, centroid_lps_mm=centroid(t11.id))] + [replace(v) for v in case.result.vertebrae[1:]])
+    chain = np.array([v.centroid_lps_mm for v in vertebrae])
+    geometry = Geometry(image.GetSize(), (1.5,) * 3, (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    cut = relabel(case.result.copy(geometry=geometry, components=components, vertebrae=vertebrae,
+                                   gaps_mm=np.linalg.norm(np.diff(chain, axis=0), axis=1).tolist()), {})
+    assert edits._cut_by_view(cut) == {99, t11.id} and cut.gaps_mm[1] < 0.75 * PITCH_MM
+    t12 = next(v for v in cut.vertebrae if v.name == "T12")
+    out = edits.add_vertebra(edits.delete(cut, t12.id), image, t12.centroid_lps_mm)
+    assert names(out) == names(cut)
+    assert_consistent(out)
+    disc = tuple(np.array(t12.centroid_lps_mm) + [0.0, 0.0, 0.5 * PITCH_MM])  # between T11 and T12: still refused
+    assert not edits.component_at(cut, disc)
+    with pytest.raises(ValueError, match="level with T11"):  # 6.5 mm below the centroid of the part in view
+        edits.add_vertebra(cut, image, disc)

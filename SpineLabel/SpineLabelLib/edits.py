@@ -374,7 +374,10 @@ def _level_with(result: SpineLabeling, point_lps: tuple[float, float, float]) ->
     """The name of the vertebra nearest ``point_lps`` (LPS mm) when the point lies level with it: along the chain's
     local direction, closer to its centroid than a third of its shorter gap to a chain neighbour. A missed vertebra
     lies about one spacing from its neighbours (whose gap across it is two spacings); a point beside a vertebra
-    (outside its component, in soft tissue or air) does not. None for a chain of fewer than two vertebrae."""
+    (outside its component, in soft tissue or air) does not. A neighbour that the head or feet end of the image cuts
+    (``_cut_by_view``) is left out while the other remains: the centroid of the part in view, a piece behind the body,
+    can turn the direction so far that a vertebra placed back where it was deleted lies 'level with' its neighbour.
+    None for a chain of fewer than two vertebrae."""
     vertebrae = result.vertebrae
     if len(vertebrae) < 2:
         return None
@@ -382,6 +385,8 @@ def _level_with(result: SpineLabeling, point_lps: tuple[float, float, float]) ->
     point = np.asarray(point_lps, dtype=float)
     i = int(np.argmin(np.linalg.norm(centroids - point, axis=1)))
     neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(vertebrae)]
+    cut = _cut_by_view(result)
+    neighbours = [j for j in neighbours if vertebrae[j].id not in cut] or neighbours
     axis = centroids[neighbours[-1]] - centroids[neighbours[0] if len(neighbours) == 2 else i]
     gap = min(np.linalg.norm(centroids[j] - centroids[i]) for j in neighbours)
     along = abs(float(np.dot(point - centroids[i], axis / max(np.linalg.norm(axis), 1e-6))))
