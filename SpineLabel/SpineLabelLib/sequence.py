@@ -114,27 +114,29 @@ def confidence_text(p: float) -> str:
     ``UNCERTAIN_BELOW`` (0.9899 read 0.99 in Slicer beside an 'uncertain' warning)."""
     return f"{np.floor(float(p) * 100) / 100:.2f}"
 
-# Temperature of the level head's evidence in the confidences: forward-backward divides each vertebra's level
-# log-scores by it (the population priors, the gap likelihoods and the scale prior stay as they are), while the labels
-# come from the Viterbi path of the evidence as it is, so no name of an uncorrected chain depends on it. Once the user
-# forces a name that path does not give, the path too is taken on the tempered evidence: such a correction says the
-# level head misread this image, and at full weight its evidence made skipping a level at a normal spacing cheaper than
-# renumbering three or four neighbours (an L2 forced to L3 on a labelled lumbar phantom gave T12 L1 L3 L4, the
-# renumbered ones at confidence 0.00). A name forced as it was (a lock) keeps the path: the tempered one renamed other
-# vertebrae on 44 of 329 such locks on the procedural phantoms of ``benchmarks/selection.py``. Decoding every chain
-# on the tempered evidence lost 8 and 6 identified vertebrae on the two samples of ``benchmarks/selection.py`` (670 and
-# 688 of 860 and 863). The level head reads every vertebra of
-# a chain from one image and its errors go together: a short chain without the sacrum or C1/C2 is often shifted
-# whole, yet the chain counted its vertebrae as independent witnesses and was as sure of such a shift as of a whole
-# spine. Re-solving the chains of 1.7.0 offline: 2 is the warmest of 1, 1.5, 2, 2.5, 3 and 4 that leaves at most 8 of
-# the 206 vertebrae of the whole training scans (``real_data.py evaluate --selection``, all named right where they have
-# a reference) below 0.99 (1, 7, 7, 9, 12, 30). At 2, of the vertebrae named at 0.99 or more, 35 of 662 are wrong on
+# Temperature of the level head's evidence in the confidences: forward-backward divides each vertebra's level log-scores
+# by it (the population priors, the gap likelihoods and the scale prior stay as they are), while the labels come from
+# the Viterbi path of the evidence as it is, so no name of an uncorrected chain depends on it. Once the user forces a
+# name that path does not give, the path too is taken on the tempered evidence: such a correction says the level head
+# misread this image, and at full weight its evidence made skipping a level at a normal spacing cheaper than renumbering
+# three or four neighbours (an L2 forced to L3 on a labelled lumbar phantom gave T12 L1 L3 L4, the renumbered ones at
+# confidence 0.00). Tempered, it still did so for eight (L6 forced on the L5 of a real lumbar MRI read T9 ... S1 kept T9
+# ... L4 and left L5 missing at a 36 mm gap; 13 of 24 such renames of real lumbar MRI), so the evidence of such a chain
+# is also read shifted by the correction's count (``_shifted``). A name forced as it was (a lock) keeps the path: the
+# tempered one renamed other vertebrae on 44 of 329 such locks on the procedural phantoms of
+# ``benchmarks/selection.py``. Decoding every chain on the tempered evidence lost 8 and 6 identified vertebrae on the
+# two samples of ``benchmarks/selection.py`` (670 and 688 of 860 and 863). The level head reads every vertebra of a
+# chain from one image and its errors go together: a short chain without the sacrum or C1/C2 is often shifted whole, yet
+# the chain counted its vertebrae as independent witnesses and was as sure of such a shift as of a whole spine.
+# Re-solving the chains of 1.7.0 offline: 2 is the warmest of 1, 1.5, 2, 2.5, 3 and 4 that leaves at most 8 of the 206
+# vertebrae of the whole training scans (``real_data.py evaluate --selection``, all named right where they have a
+# reference) below 0.99 (1, 7, 7, 9, 12, 30). At 2, of the vertebrae named at 0.99 or more, 35 of 662 are wrong on
 # selection sample 1 (65 of 764 at 1) and 33 of 673 on sample 2 (57 of 744). Of the reference vertebrae whose closest
 # label has 0.99 or more, 5 of 48 are not identified on the real short copies of ``real_data.py evaluate --selection
 # --length-mm 70`` (38 of 119 at 1), and 4 of 71 on the held-out set of ``real_data.py evaluate`` (7 of 74): the disc
-# scan IVD_25, numbered one level off with the sacrum in view (at 3c2438d, which pads narrow stacks left and right, 0
-# of the 70 there). Dividing the whole chain's log-score instead (priors too) raised the population rates of L6 and
-# T13 with it, to about 0.2: 35 of the 206 fell below 0.99 at 2, most of them an S1 next to L6 or a T12 next to T13.
+# scan IVD_25, numbered one level off with the sacrum in view (at 3c2438d, which pads narrow stacks left and right, 0 of
+# the 70 there). Dividing the whole chain's log-score instead (priors too) raised the population rates of L6 and T13
+# with it, to about 0.2: 35 of the 206 fell below 0.99 at 2, most of them an S1 next to L6 or a T12 next to T13.
 TEMPERATURE = 2.0
 
 _TRANSITIONAL = np.array([level.transitional for level in LEVELS])
@@ -145,6 +147,9 @@ _VALID = np.arange(K)[None, :] > np.arange(K)[:, None]
 _IS_T13 = np.arange(K) == level_index("T13")
 _IS_L6 = np.arange(K) == level_index("L6")
 _S1 = level_index("S1")
+_REGULAR = np.flatnonzero(~_TRANSITIONAL)  # level indices of the regular levels, cranial to caudal
+# the regular levels told by counting rather than by their shape (C1, C2, the sacrum): ``_shifted``
+_COUNTED = ~_TRANSITIONAL & ~np.isin(np.arange(K), [level_index("C1"), level_index("C2"), _S1])
 # scales of the patient's size the model sums over, in units of scale_sigma (+-3 sigma)
 _SCALE_STEPS = np.linspace(-3.0, 3.0, 19)
 _LOG_GAP_RANGE = float(np.log(200.0 / 5.0))  # outliers: uniform in log gap over 5-200 mm
@@ -259,9 +264,9 @@ def solve(
         confidence_scores: float (n, K) evidence the confidences are read from, tempered (default ``log_scores``).
 
     Returns:
-        The Viterbi labelling (at the most probable patient scale; on the tempered evidence when a fixed label
-        differs from the labelling without fixed labels) with the posterior confidences of its names (over all scales,
-        on ``confidence_scores``) and warnings.
+        The Viterbi labelling (at the most probable patient scale; on the tempered evidence, read shifted by the
+        correction's count too (``_shifted``), when a fixed label differs from the labelling without fixed labels) with
+        the posterior confidences of its names (over all scales, on ``confidence_scores``) and warnings.
 
     Raises:
         ValueError: when the fixed labels contradict each other (a duplicate level, other than S1 when
@@ -285,14 +290,18 @@ def solve(
                                           or (evidence == np.inf).any() or (evidence == -np.inf).all(axis=1).any()):
         raise ValueError(f"confidence scores of shape {evidence.shape} for a chain of {n}: (n, {K}) without NaN, +inf "
                          "or a row ruling out every level")
-    free = emissions.copy()  # the evidence without the fixed labels
-    for position, name in (fixed or {}).items():
+    for position in fixed or {}:
         if not 0 <= position < n:
             raise ValueError(f"fixed position {position} is outside the chain of {n} vertebrae")
-        keep = level_index(name)
-        for e in (emissions, evidence):
-            e[position, :] = -np.inf
-            e[position, keep] = 0.0
+
+    def with_fixed(scores: np.ndarray) -> np.ndarray:
+        for position, name in (fixed or {}).items():
+            scores[position, :] = -np.inf
+            scores[position, level_index(name)] = 0.0
+        return scores
+
+    free, free_evidence = emissions.copy(), evidence.copy()  # the evidence without the fixed labels
+    emissions, evidence = with_fixed(emissions), with_fixed(evidence)
     scales = np.exp(_SCALE_STEPS * priors.scale_sigma)
     log_scale_prior = -0.5 * _SCALE_STEPS**2 - _logsumexp(-0.5 * _SCALE_STEPS**2, axis=0)
     # (n-1, scales, K, K): log-score of a -> b across each gap at each scale
@@ -301,15 +310,19 @@ def solve(
     temperature = TEMPERATURE if temperature is None else temperature
     tempered, tempered_evidence = emissions / temperature, evidence / temperature
     start = _start_priors(priors)
-    for e in (emissions, tempered, free, tempered_evidence):
+    for e in (emissions, tempered, tempered_evidence):
         e[0] += start
     overruled = False  # a fixed label the level head's own labelling does not give: the names follow the tempered path
     if fixed:
-        free_paths, free_scores = _viterbi(free, transitions)
+        free_paths, free_scores = _viterbi(np.concatenate([free[:1] + start, free[1:]]), transitions)
         own = free_paths[int(np.argmax(free_scores + log_scale_prior))]
         overruled = any(own[position] != level_index(name) for position, name in fixed.items())
     if overruled:
         transitions = level_priors + _gap_scores(gaps, scales, priors, corrected=True)
+        shifts = _correction_shifts(own, fixed)
+        tempered, tempered_evidence = (with_fixed(_shifted(e, shifts)) / temperature for e in (free, free_evidence))
+        for e in (tempered, tempered_evidence):
+            e[0] += start
     paths, scores = _viterbi(tempered if overruled else emissions, transitions)
     best = int(np.argmax(scores + log_scale_prior))
     if not np.isfinite(scores[best]):
@@ -326,6 +339,43 @@ def solve(
     n = vertebrae_in(levels)  # the warnings speak of the vertebrae, not of the sacral pieces below them
     return Solution(levels, confidence, marginals,
                     _warnings(levels[:n], confidence[:n], marginals[:n], gaps[: n - 1], anchored=bool(fixed)))
+
+
+def _regular_beside(level: int, side: int) -> int | None:
+    """Position in ``_REGULAR`` of the regular level next above (``side`` -1) or below (+1) level index ``level``;
+    None at either end."""
+    beside = _REGULAR[_REGULAR < level] if side < 0 else _REGULAR[_REGULAR > level]
+    return None if beside.size == 0 else int(np.searchsorted(_REGULAR, beside[-1] if side < 0 else beside[0]))
+
+
+def _correction_shifts(own: np.ndarray, fixed: dict[int, str]) -> set[int]:
+    """By how many regular levels the fixed names (chain position -> name) move the names beside them from the level
+    head's own labelling ``own`` (int (n,) level indices, chain order), on the side above each and the side below
+    (L6 forced on an L5 moves the vertebrae above one level down and leaves S1 below); 0 left out."""
+    shifts = set()
+    for position, name in fixed.items():
+        for side in (-1, 1):
+            forced, before = _regular_beside(level_index(name), side), _regular_beside(int(own[position]), side)
+            if forced is not None and before is not None:
+                shifts.add(forced - before)
+    return shifts - {0}
+
+
+def _shifted(scores: np.ndarray, shifts: set[int]) -> np.ndarray:
+    """Level evidence (float (n, K) log-scores, chain order) read as it is or, for each of ``shifts``, that many
+    counted levels further caudal, summed: a correction says the level head misread this image, and its readings of
+    one image go wrong together, so a vertebra next to a renamed one is as likely misread by the same count. Only
+    the counted levels C3 ... L5 take shifted evidence or give it: C1, C2 and the sacrum are known by their shape,
+    T13 and L6 by their own evidence."""
+    out = scores.copy()
+    for shift in shifts:
+        source = np.arange(len(_REGULAR)) - shift
+        takes = _COUNTED[_REGULAR] & (source >= 0) & (source < len(_REGULAR))
+        takes[takes] = _COUNTED[_REGULAR[source[takes]]]
+        moved = np.full_like(scores, -np.inf)
+        moved[:, _REGULAR[takes]] = scores[:, _REGULAR[source[takes]]]
+        out = np.logaddexp(out, moved)
+    return out
 
 
 def _conflict(fixed: dict[int, str], n: int, transitions: np.ndarray, start: np.ndarray,
