@@ -35,7 +35,21 @@ from slicer.util import VTKObservationMixin
 # picks the build for the GPU.
 REQUIRED_PACKAGES = {"scipy": "scipy>=1.10", "skimage": "scikit-image>=0.22", "nibabel": "nibabel>=5",
                      "tqdm": "tqdm>=4.60", "PIL": "pillow>=10.1", "torch": "torch>=2.2"}
+# the modules SpineLabel imports of packages that load them only when first used (a half-finished install of
+# scikit-image imports as a package and fails on its watershed)
+USED_MODULES = {"scipy": "scipy.ndimage", "skimage": "skimage.segmentation"}
 _POLL_INTERVAL_MS = 200
+
+
+def _installedRelease(requirement: str) -> str:
+    """``requirement`` ("scipy>=1.10") as the release installed ("scipy==1.11.4"); as it is without metadata."""
+    import importlib.metadata
+
+    name = requirement.partition(">=")[0]
+    try:
+        return f"{name}=={importlib.metadata.version(name)}"
+    except importlib.metadata.PackageNotFoundError:
+        return requirement
 
 
 @contextlib.contextmanager
@@ -558,7 +572,7 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
             if importName == "torch" or importlib.util.find_spec(importName) is None:
                 continue
             try:
-                importlib.import_module(importName)
+                importlib.import_module(USED_MODULES.get(importName, importName))
             except Exception as err:
                 broken[requirement] = f"{type(err).__name__}: {err}"
         return broken
@@ -604,8 +618,9 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
             missing.remove(torch)
         if missing:
             if broken:  # pip takes an installed package as it is: these again, alone (their dependencies, numpy
-                # among them, would be reinstalled too); the install below adds a dependency of theirs that is missing
-                slicer.util.pip_install(["--force-reinstall", "--no-deps", *broken])
+                # among them, would be reinstalled too) and at the release installed (the newest may need a newer
+                # numpy); the install below adds a dependency of theirs that is missing
+                slicer.util.pip_install(["--force-reinstall", "--no-deps", *map(_installedRelease, broken)])
             slicer.util.pip_install(missing)  # a list: each requirement one argument of pip, floor included
 
     # ------------------------------------------------------------------------------------------- models

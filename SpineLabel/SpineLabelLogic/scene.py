@@ -556,8 +556,8 @@ class LabelingScene(VTKObservationMixin):
     def exportCase(self, datasetDir, caseId: str | None = None):
         """Read back Segment Editor edits and append this labelling to an nnU-Net dataset
         (:func:`SpineLabelLib.export.export_case`); returns the label map path. Segments the user added that hold
-        voxels are not exported, and points that lie off their own segment (the segment edited away from the point)
-        are exported as their vertebra's centroid; ``lastNotice`` names both."""
+        voxels are not exported, and points that lie off their own segment after Segment Editor edits of it are
+        exported as their vertebra's centroid; ``lastNotice`` names both."""
         self._requireNodes()
         self.readBackSegmentation()
         path = export.export_case(self.result, self.image, datasetDir, caseId, self.corrections, self.result.model)
@@ -568,8 +568,12 @@ class LabelingScene(VTKObservationMixin):
             notices.append((f"segment {named}, added in the Segment Editor, is" if len(left) == 1 else
                             f"segments {named}, added in the Segment Editor, are")
                            + " not exported: place a point on a missed vertebra to add it, then refine its segment")
-        astray = [v.name for v in self.result.vertebrae if edits.component_at(self.result, v.centroid_lps_mm) != v.id]
-        if astray:  # a point is its vertebra's exported centroid
+        # a point is its vertebra's exported centroid; only edited vertebrae are named: the point of one the view cuts
+        # (the centroid of the part in view) can lie off its segment as labelled, with nothing to correct
+        edited = {i for c in self.corrections if c.get("action") == "segment_edit" for i in c.get("vertebra_ids", ())}
+        astray = [v.name for v in self.result.vertebrae
+                  if v.id in edited and edits.component_at(self.result, v.centroid_lps_mm) != v.id]
+        if astray:
             many = len(astray) > 1
             notices.append(f"{'points' if many else 'point'} {', '.join(astray)} {'lie' if many else 'lies'} off "
                            f"{'their segments' if many else 'its segment'} and {'are' if many else 'is'} exported as "
