@@ -439,9 +439,9 @@ def test_a_name_forced_on_an_end_vertebra_renumbers_the_chain_too(end, name, exp
 @pytest.mark.parametrize("sacrum_margin, renumbered", [(5.0, ["T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5"]),
                                                        (40.0, ["T10", "T11", "L1", "L2", "L3", "L4", "L5", "S1"])])
 def test_a_name_forced_on_the_top_of_a_chain_with_its_sacrum_can_leave_a_level_missing(sacrum_margin, renumbered):
-    """As the README says of corrections: T10 forced on the top vertebra of a chain read T11 ... S1 renumbers the
-    rest, the sacrum too, unless the network reads the sacrum surely: then T11 is left missing below it, with a
-    warning, and T11 forced on the next one as well moves the missing level down beside the forced names."""
+    """As the README says of corrections: T10 forced on the top vertebra of a chain read T11 ... S1 leaves T11 missing
+    below it, with a warning; T11 forced on the next one as well renumbers the rest, the sacrum too, unless the
+    network reads the sacrum surely: then the missing level moves down beside the forced names."""
     names = ["T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1"]
     scores = np.full((len(names), K), -5.0)
     scores[-1] = -sacrum_margin
@@ -449,13 +449,11 @@ def test_a_name_forced_on_the_top_of_a_chain_with_its_sacrum_can_leave_a_level_m
         scores[i, level_index(name)] = 0.0
     gaps = np.array([33.0, 35.0, 36.0, 37.0, 37.0, 36.0, 35.0])
     top = solve(scores, gaps, fixed={0: "T10"})
-    sure = renumbered[-1] == "S1"
-    assert [LEVELS[i].name for i in top.levels] == (["T10", "T12", "L1", "L2", "L3", "L4", "L5", "S1"] if sure
-                                                   else renumbered)
-    assert ("level T11 not found between T10 and T12 (gap 33 mm)" in top.warnings) == sure
+    assert [LEVELS[i].name for i in top.levels] == ["T10", "T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    assert "level T11 not found between T10 and T12 (gap 33 mm)" in top.warnings
     both = solve(scores, gaps, fixed={0: "T10", 1: "T11"})
     assert [LEVELS[i].name for i in both.levels] == renumbered
-    assert any("T12 not found" in w for w in both.warnings) == sure
+    assert any("T12 not found" in w for w in both.warnings) == (renumbered[-1] == "S1")
 
 
 @pytest.mark.parametrize("margin", [5.0, 10.0])
@@ -474,6 +472,21 @@ def test_l6_forced_on_the_l5_of_a_chain_read_surely_renumbers_the_vertebrae_abov
     missed = solve(scores, np.concatenate([gaps[:7], [70.0, 35.0]]), fixed={8: "L6"})  # room for a missed L5
     assert [LEVELS[i].name for i in missed.levels][-4:] == ["L3", "L4", "L6", "S1"]
     assert any("L5 not found" in w for w in missed.warnings)
+
+
+@pytest.mark.parametrize("forced", [{18: "T13"}, {23: "L6"}])
+def test_a_transitional_name_forced_on_a_whole_spine_leaves_c1_c2_and_the_sacrum_alone(forced):
+    """Both ends of a whole spine are told by their shape: reading the evidence shifted by the correction's count on
+    every vertebra (as once done) named C1 C2 as C2 C3 when T13 or L6 was forced on a whole-spine phantom."""
+    names = [level.name for level in LEVELS if not level.transitional]  # C1 ... L5, S1
+    scores = np.full((len(names), K), -5.0)
+    for i, name in enumerate(names):
+        scores[i, level_index(name)] = 0.0
+    gaps = np.array([expected_gaps_mm()[level_index(a), level_index(b)] for a, b in zip(names, names[1:])])
+    solution = solve(scores, gaps, fixed=forced)
+    named = [LEVELS[i].name for i in solution.levels]
+    assert named[:2] == ["C1", "C2"] and named[-1] == "S1"
+    assert any("not found" in w for w in solution.warnings)  # the count cannot hold without a level left out
 
 
 def test_fixed_labels_that_cannot_hold_are_named():

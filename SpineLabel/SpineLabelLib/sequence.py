@@ -122,16 +122,16 @@ def confidence_text(p: float) -> str:
 # three or four neighbours (an L2 forced to L3 on a labelled lumbar phantom gave T12 L1 L3 L4, the renumbered ones at
 # confidence 0.00). Tempered, it still did so for eight (L6 forced on the L5 of a real lumbar MRI read T9 ... S1 kept T9
 # ... L4 and left L5 missing at a 36 mm gap; 13 of 24 such renames of real lumbar MRI), so the evidence of such a chain
-# is also read shifted by the correction's count (``_shifted``). A name forced as it was (a lock) keeps the path: the
-# tempered one renamed other vertebrae on 44 of 329 such locks on the procedural phantoms of
-# ``benchmarks/selection.py``. Decoding every chain on the tempered evidence lost 8 and 6 identified vertebrae on the
-# two samples of ``benchmarks/selection.py`` (670 and 688 of 860 and 863). The level head reads every vertebra of a
-# chain from one image and its errors go together: a short chain without the sacrum or C1/C2 is often shifted whole, yet
-# the chain counted its vertebrae as independent witnesses and was as sure of such a shift as of a whole spine.
-# Re-solving the chains of 1.7.0 offline: 2 is the warmest of 1, 1.5, 2, 2.5, 3 and 4 that leaves at most 8 of the 206
-# vertebrae of the whole training scans (``real_data.py evaluate --selection``, all named right where they have a
-# reference) below 0.99 (1, 7, 7, 9, 12, 30). At 2, of the vertebrae named at 0.99 or more, 35 of 662 are wrong on
-# selection sample 1 (65 of 764 at 1) and 33 of 673 on sample 2 (57 of 744). Of the reference vertebrae whose closest
+# is also read shifted by the correction's count where it counts from no C1, C2 or sacrum (``_shifted``). A name forced
+# as it was (a lock) keeps the path: the tempered one renamed other vertebrae on 44 of 329 such locks on the procedural
+# phantoms of ``benchmarks/selection.py``. Decoding every chain on the tempered evidence lost 8 and 6 identified
+# vertebrae on the two samples of ``benchmarks/selection.py`` (670 and 688 of 860 and 863). The level head reads every
+# vertebra of a chain from one image and its errors go together: a short chain without the sacrum or C1/C2 is often
+# shifted whole, yet the chain counted its vertebrae as independent witnesses and was as sure of such a shift as of a
+# whole spine. Re-solving the chains of 1.7.0 offline: 2 is the warmest of 1, 1.5, 2, 2.5, 3 and 4 that leaves at most 8
+# of the 206 vertebrae of the whole training scans (``real_data.py evaluate --selection``, all named right where they
+# have a reference) below 0.99 (1, 7, 7, 9, 12, 30). At 2, of the vertebrae named at 0.99 or more, 35 of 662 are wrong
+# on selection sample 1 (65 of 764 at 1) and 33 of 673 on sample 2 (57 of 744). Of the reference vertebrae whose closest
 # label has 0.99 or more, 5 of 48 are not identified on the real short copies of ``real_data.py evaluate --selection
 # --length-mm 70`` (38 of 119 at 1), and 4 of 71 on the held-out set of ``real_data.py evaluate`` (7 of 74): the disc
 # scan IVD_25, numbered one level off with the sacrum in view (at 3c2438d, which pads narrow stacks left and right, 0 of
@@ -348,33 +348,39 @@ def _regular_beside(level: int, side: int) -> int | None:
     return None if beside.size == 0 else int(np.searchsorted(_REGULAR, beside[-1] if side < 0 else beside[0]))
 
 
-def _correction_shifts(own: np.ndarray, fixed: dict[int, str]) -> set[int]:
-    """By how many regular levels the fixed names (chain position -> name) move the names beside them from the level
-    head's own labelling ``own`` (int (n,) level indices, chain order), on the side above each and the side below
-    (L6 forced on an L5 moves the vertebrae above one level down and leaves S1 below); 0 left out."""
-    shifts = set()
+def _correction_shifts(own: np.ndarray, fixed: dict[int, str]) -> list[set[int]]:
+    """Per chain position, by how many regular levels the fixed names (chain position -> name) move its name from the
+    level head's own labelling ``own`` (int (n,) level indices, chain order): a fixed name moves the vertebrae on each
+    side of it by as many levels as it moves the regular level next to it on that side (L6 forced on an L5 moves those
+    above one level down and leaves S1 below), unless the own labelling names C1, C2 or the sacrum on that side: a run
+    that reaches one of them is numbered from it, not by counting. 0 left out."""
+    shifts: list[set[int]] = [set() for _ in own]
+    anchored = np.isin(own, [level_index("C1"), level_index("C2"), _S1])
     for position, name in fixed.items():
-        for side in (-1, 1):
+        for side, rows in ((-1, range(position)), (1, range(position + 1, len(own)))):
             forced, before = _regular_beside(level_index(name), side), _regular_beside(int(own[position]), side)
-            if forced is not None and before is not None:
-                shifts.add(forced - before)
-    return shifts - {0}
+            if forced is None or before is None or forced == before or anchored[rows].any():
+                continue
+            for row in rows:
+                shifts[row].add(forced - before)
+    return shifts
 
 
-def _shifted(scores: np.ndarray, shifts: set[int]) -> np.ndarray:
-    """Level evidence (float (n, K) log-scores, chain order) read as it is or, for each of ``shifts``, that many
-    counted levels further caudal, summed: a correction says the level head misread this image, and its readings of
-    one image go wrong together, so a vertebra next to a renamed one is as likely misread by the same count. Only
-    the counted levels C3 ... L5 take shifted evidence or give it: C1, C2 and the sacrum are known by their shape,
-    T13 and L6 by their own evidence."""
+def _shifted(scores: np.ndarray, shifts: list[set[int]]) -> np.ndarray:
+    """Level evidence (float (n, K) log-scores, chain order) of each vertebra read as it is or, for each of its
+    ``shifts`` (``_correction_shifts``), that many counted levels further caudal, summed: a correction says the level
+    head misread this image, and its readings of one image go wrong together, so a vertebra counted from a renamed one
+    is as likely misread by the same count. Only the counted levels C3 ... L5 take shifted evidence or give it: C1, C2
+    and the sacrum are known by their shape, T13 and L6 by their own evidence."""
     out = scores.copy()
-    for shift in shifts:
-        source = np.arange(len(_REGULAR)) - shift
-        takes = _COUNTED[_REGULAR] & (source >= 0) & (source < len(_REGULAR))
-        takes[takes] = _COUNTED[_REGULAR[source[takes]]]
-        moved = np.full_like(scores, -np.inf)
-        moved[:, _REGULAR[takes]] = scores[:, _REGULAR[source[takes]]]
-        out = np.logaddexp(out, moved)
+    for row, row_shifts in enumerate(shifts):
+        for shift in row_shifts:
+            source = np.arange(len(_REGULAR)) - shift
+            takes = _COUNTED[_REGULAR] & (source >= 0) & (source < len(_REGULAR))
+            takes[takes] = _COUNTED[_REGULAR[source[takes]]]
+            moved = np.full(K, -np.inf)
+            moved[_REGULAR[takes]] = scores[row, _REGULAR[source[takes]]]
+            out[row] = np.logaddexp(out[row], moved)
     return out
 
 
