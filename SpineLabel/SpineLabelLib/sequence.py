@@ -148,8 +148,8 @@ _IS_T13 = np.arange(K) == level_index("T13")
 _IS_L6 = np.arange(K) == level_index("L6")
 _S1 = level_index("S1")
 _REGULAR = np.flatnonzero(~_TRANSITIONAL)  # level indices of the regular levels, cranial to caudal
-# the regular levels told by counting rather than by their shape (C1, C2, the sacrum): ``_shifted``
-_COUNTED = ~_TRANSITIONAL & ~np.isin(np.arange(K), [level_index("C1"), level_index("C2"), _S1])
+_SHAPED = [level_index("C1"), level_index("C2"), _S1]  # levels told by their shape, not by counting: ``_shifted``
+_COUNTED = ~_TRANSITIONAL & ~np.isin(np.arange(K), _SHAPED)
 # scales of the patient's size the model sums over, in units of scale_sigma (+-3 sigma)
 _SCALE_STEPS = np.linspace(-3.0, 3.0, 19)
 _LOG_GAP_RANGE = float(np.log(200.0 / 5.0))  # outliers: uniform in log gap over 5-200 mm
@@ -266,7 +266,8 @@ def solve(
     Returns:
         The Viterbi labelling (at the most probable patient scale; on the tempered evidence, read shifted by the
         correction's count too (``_shifted``), when a fixed label differs from the labelling without fixed labels) with
-        the posterior confidences of its names (over all scales, on ``confidence_scores``) and warnings.
+        the posterior confidences of its names (over all scales, on ``confidence_scores``, read shifted alike) and
+        warnings.
 
     Raises:
         ValueError: when the fixed labels contradict each other (a duplicate level, other than S1 when
@@ -308,9 +309,9 @@ def solve(
     level_priors = _transition_priors(priors)
     transitions = level_priors + _gap_scores(gaps, scales, priors)
     temperature = TEMPERATURE if temperature is None else temperature
-    tempered, tempered_evidence = emissions / temperature, evidence / temperature
+    tempered_evidence = evidence / temperature
     start = _start_priors(priors)
-    for e in (emissions, tempered, tempered_evidence):
+    for e in (emissions, tempered_evidence):
         e[0] += start
     overruled = False  # a fixed label the level head's own labelling does not give: the names follow the tempered path
     if fixed:
@@ -355,7 +356,7 @@ def _correction_shifts(own: np.ndarray, fixed: dict[int, str]) -> list[set[int]]
     above one level down and leaves S1 below), unless the own labelling names C1, C2 or the sacrum on that side: a run
     that reaches one of them is numbered from it, not by counting. 0 left out."""
     shifts: list[set[int]] = [set() for _ in own]
-    anchored = np.isin(own, [level_index("C1"), level_index("C2"), _S1])
+    anchored = np.isin(own, _SHAPED)
     for position, name in fixed.items():
         for side, rows in ((-1, range(position)), (1, range(position + 1, len(own)))):
             forced, before = _regular_beside(level_index(name), side), _regular_beside(int(own[position]), side)
