@@ -309,6 +309,10 @@ _EXIT_STATUS = ("exit status: 0 done; 1 an input failed (a line each, naming the
                 "error; 2 refused before any labelling (a wrong option, no model, an output folder that is a file or "
                 "not writable, two inputs of one name, an output that would replace an input or a file no earlier run "
                 "wrote); 130 Ctrl-C; 128 + N on signal N (143 SIGTERM)")
+_EVALUATE_EXIT_STATUS = ("exit status: 0 done; 1 a folder, file or report path refused (one line naming it and the "
+                         "reason), an input --label could not label, or another error; 2 a wrong option, or with "
+                         "--label refused before any labelling as spinelabel label refuses; 130 Ctrl-C; 128 + N on "
+                         "signal N (143 SIGTERM)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -395,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score the predictions in PRED_DIR against the reference labels in GT_DIR. With "
                        "--label, first label into PRED_DIR the image of every reference case (the image file beside "
                        "its mask, or imagesTr/X_0000 for labelsTr/X); a case whose dataset.json records CT or MR is "
-                       "labelled as that unless --modality says otherwise.", epilog=_EXIT_STATUS)
+                       "labelled as that unless --modality says otherwise.", epilog=_EVALUATE_EXIT_STATUS)
     p.add_argument("pred_dir", type=_path, metavar="PRED_DIR", help="NAME_seg.nii.gz (+ NAME_ctd.json, "
                    "NAME_report.json) of each case, as spinelabel label writes them")
     p.add_argument("gt_dir", type=_path, metavar="GT_DIR", help="reference masks: VerSe (X_seg-vert_msk.nii.gz, "
