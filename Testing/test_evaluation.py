@@ -345,6 +345,21 @@ def test_labelled_cases_find_images_beside_their_masks(tmp_path):
         ev.labelled_cases(tmp_path / "other")
 
 
+def test_labelled_cases_look_inside_folders_that_are_links(tmp_path):
+    """An nnU-Net dataset whose imagesTr/ (or a VerSe folder) links to where the files lie: its images were not found
+    ("no labelled case has its image beside it"). A link back up the tree is followed once."""
+    mask = spine([L1, L2])
+    for path in ("store/images/case7_0000.nii.gz", "store/verse/sub-a_seg-vert_msk.nii.gz",
+                 "store/verse/sub-a_ct.nii.gz", "gt/Dataset001/labelsTr/case7.nii.gz"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        write_mask(mask, tmp_path / path)
+    (tmp_path / "gt/Dataset001/imagesTr").symlink_to(tmp_path / "store/images", target_is_directory=True)
+    (tmp_path / "gt/verse").symlink_to(tmp_path / "store/verse", target_is_directory=True)
+    (tmp_path / "gt/verse/up").symlink_to(tmp_path / "gt", target_is_directory=True)
+    assert [image for image, _ in ev.labelled_cases(tmp_path / "gt")] == [
+        tmp_path / "gt/Dataset001/imagesTr/case7_0000.nii.gz", tmp_path / "gt/verse/sub-a_ct.nii.gz"]
+
+
 def write_report(path: Path, confidences: dict[int, float], modality: str | None = None):
     document = {"vertebrae": [{"label": k, "confidence": c} for k, c in confidences.items()]}
     if modality is not None:

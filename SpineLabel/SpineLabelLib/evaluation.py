@@ -92,6 +92,7 @@ Metrics (all distances between centroids in LPS millimetres; labels are VerSe va
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -320,21 +321,39 @@ def _visible(paths: Iterable[Path]) -> list[Path]:
     return sorted(p for p in paths if not p.name.startswith("."))
 
 
+def _tree(folder: Path) -> list[Path]:
+    """Every file and folder under ``folder``, sorted, without hidden names (``_visible``), inside folders that are
+    links too (an nnU-Net dataset's ``imagesTr/`` often links to where the images lie), each real folder once."""
+    found, seen = [], set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            folders.clear()
+            continue
+        seen.add(real)
+        found.extend(Path(root) / name for name in (*folders, *files))
+    return _visible(found)
+
+
 def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
     found: dict[str, GtFiles] = {}
+    tree = _tree(gt_dir)
+
+    def named(pattern: str) -> list[Path]:
+        return [p for p in tree if fnmatch.fnmatch(p.name, pattern)]
 
     def add(key: str, files: GtFiles) -> None:
         if key in found:
             raise InputError(f"{files.mask}: GT masks {found[key].mask} and {files.mask} both define case {key}")
         found[key] = files
 
-    for mask in _visible(gt_dir.rglob("*_vert-verse.*")):
+    for mask in named("*_vert-verse.*"):
         base = _stem_ending(mask.name, "_vert-verse")
         if base is None:
             continue
         ctd = mask.parent / f"{base}_ctd.json"
         add(case_key(base), GtFiles(mask, _beside(ctd), "vert-verse", True))
-    for mask in _visible(gt_dir.rglob("*_seg-vert*_msk.*")):
+    for mask in named("*_seg-vert*_msk.*"):
         stem = _stem_ending(mask.name, "_msk")
         if stem is None or "_seg-vert" not in stem:
             continue
@@ -342,7 +361,7 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
         ctd = next((c for c in (mask.parent / f"{before}_seg-{kind}{after}_ctd.json" for kind in ("vb", "subreg"))
                     if _beside(c)), None)
         add(case_key(before + after), GtFiles(mask, ctd, "verse", False))
-    for labels_dir in sorted(p for p in gt_dir.rglob("labelsTr") if p.is_dir()):
+    for labels_dir in (p for p in named("labelsTr") if p.is_dir()):
         dataset = read_dataset_json(labels_dir.parent)
         bodies_only = dataset is not None and dataset.get("bodies_only") is True
         for mask in _visible(labels_dir.iterdir()):
@@ -396,7 +415,7 @@ def _images(gt_dir: Path, cases: dict[str, GtFiles]) -> tuple[dict[str, Path], l
     masks = {files.mask for files in cases.values()}
     found: dict[str, Path] = {}
     unmatched: list[Path] = []
-    for path in _visible(gt_dir.rglob("*")):
+    for path in _tree(gt_dir):
         if not path.name.lower().endswith(IMAGE_SUFFIXES) or path in masks or not path.is_file():
             continue
         key = case_key(case_name(path))
