@@ -68,7 +68,7 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
     from .io import InputError, case_name, make_writable_folder, read_image
     from .models import ModelError
     from .pipeline import get_model, label_spine, require_vertebrae
-    from .writers import OUTPUT_SUFFIXES, check_replaceable, output_paths, write_all
+    from .writers import check_replaceable, output_paths, report_path, write_all
 
     reuse_freed_memory()
     once: dict[Path, Path] = {}
@@ -136,12 +136,11 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
                 reason = str(err) or type(err).__name__
                 failure = reason if str(path) in reason else f"{path}: {reason}"
                 # os.path: False, not an error, for a name too long for the file system
-                outputs = output_paths(out, case_name(path))
-                earlier = [p for p in outputs if os.path.exists(p)]
+                earlier = [p for p in output_paths(out, case_name(path)) if os.path.exists(p)]
                 if earlier:  # not this run's: say so, and leave them as they are; without the report beside them
                     # they are no earlier run's outputs but someone else's files (check_replaceable)
-                    whose = (f"the outputs of an earlier run in {out}" if outputs[OUTPUT_SUFFIXES.index("_report.json")]
-                             in earlier else f"the files in {out} of its outputs' names, no earlier run's outputs,")
+                    whose = (f"the outputs of an earlier run in {out}" if report_path(out, case_name(path)) in earlier
+                             else f"the files in {out} of its outputs' names, no earlier run's outputs,")
                     failure += f"; {whose} were left as they were: " + ", ".join(p.name for p in earlier)
         if failure is not None:  # once its progress bar is gone: one line of its own
             failed.append(path)

@@ -42,6 +42,7 @@ __all__ = [
     "OUTPUT_SUFFIXES",
     "VERSE_DIRECTION",
     "output_paths",
+    "report_path",
     "check_replaceable",
     "write_label_map",
     "segmentation_header",
@@ -72,13 +73,17 @@ def output_paths(outdir: str | os.PathLike, name: str) -> list[Path]:
     return [Path(outdir) / f"{name}{suffix}" for suffix in OUTPUT_SUFFIXES]
 
 
+def report_path(outdir: str | os.PathLike, name: str) -> Path:
+    """The report of case ``name`` in ``outdir``: an earlier run's outputs come with it (``check_replaceable``)."""
+    return output_paths(outdir, name)[OUTPUT_SUFFIXES.index("_report.json")]
+
+
 def check_replaceable(outdir: str | os.PathLike, name: str) -> None:
     """Raise ``FileExistsError`` when an output of case ``name`` would replace a file in ``outdir`` that is no output
     of an earlier run: an earlier run's outputs come with its report, and a file of an output's name without one is
     someone else's (a reference mask named ``NAME_seg.nii.gz`` beside its scan)."""
-    outputs = output_paths(outdir, name)
-    report = outputs[OUTPUT_SUFFIXES.index("_report.json")]
-    theirs = [p for p in outputs if p.is_file()] if not report.exists() else []
+    report = report_path(outdir, name)
+    theirs = [p for p in output_paths(outdir, name) if p.is_file()] if not report.exists() else []
     if theirs:
         raise FileExistsError(f"{theirs[0]} would be replaced, and it is no output of an earlier run (no {report.name} "
                               "beside it)")
