@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import shutil
 import struct
 import tempfile
@@ -911,25 +910,20 @@ def write_image(image: sitk.Image, path: str | os.PathLike, final: str | os.Path
 
 def _new_file_beside(final: Path, suffix: str) -> Path:
     """Create an empty file ``.tmp{suffix}`` in a new hidden folder ``.spinelabel-XXXXXXXX.tmp`` of ``final``'s
-    folder, with the permissions the process's umask gives a new file at this moment (``tempfile.mkstemp`` would make
-    it private). In a folder of its own, the file of a process killed while writing it is none of the folder's files:
-    nnU-Net v2 counts the files of ``imagesTr/`` by their ending, hidden ones included, and took one for a case."""
-    for _ in range(100):
-        folder = final.parent / f".spinelabel-{secrets.token_hex(4)}.tmp"
+    folder (``tempfile.mkdtemp``), with the permissions the process's umask gives a new file at this moment
+    (``tempfile.mkstemp`` would make it private). In a folder of its own, the file of a process killed while writing
+    it is none of the folder's files: nnU-Net v2 counts the files of ``imagesTr/`` by their ending, hidden ones
+    included, and took one for a case."""
+    folder = None
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=".spinelabel-", suffix=".tmp", dir=final.parent))
         path = folder / f".tmp{suffix}"
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        except OSError as err:
-            raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from None
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except OSError as err:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as err:
+        if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
-            raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from None
-        return path
-    raise FileExistsError(errno.EEXIST, f"cannot write {final}: no free temporary name beside it")
+        raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from None
+    return path
 
 
 @contextlib.contextmanager
