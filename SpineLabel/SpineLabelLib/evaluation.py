@@ -335,9 +335,10 @@ def _tree(folder: Path) -> list[Path]:
     return _visible(found)
 
 
-def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
+def _ground_truth(gt_dir: Path, tree: list[Path] | None = None) -> dict[str, GtFiles]:
+    """The reference cases under ``gt_dir`` by matching key (``tree``: its ``_tree``, where the caller has it)."""
     found: dict[str, GtFiles] = {}
-    tree = _tree(gt_dir)
+    tree = _tree(gt_dir) if tree is None else tree
 
     def named(pattern: str) -> list[Path]:
         return [p for p in tree if fnmatch.fnmatch(p.name, pattern)]
@@ -372,11 +373,11 @@ def _ground_truth(gt_dir: Path) -> dict[str, GtFiles]:
     return found
 
 
-def _reference_cases(gt_dir: Path) -> dict[str, GtFiles]:
+def _reference_cases(gt_dir: Path, tree: list[Path] | None = None) -> dict[str, GtFiles]:
     """``_ground_truth`` of a folder that must exist and hold at least one case (``InputError`` otherwise)."""
     if not gt_dir.is_dir():
         raise InputError(f"{gt_dir}: " + ("a file, not a folder" if gt_dir.exists() else "folder does not exist"))
-    found = _ground_truth(gt_dir)
+    found = _ground_truth(gt_dir, tree)
     if not found:
         raise InputError(f"{gt_dir}: no ground-truth masks (*_vert-verse.nii.gz, *_seg-vert_msk.nii.gz or "
                          "labelsTr/*.nii.gz, or the same in another image format) found; other conventions "
@@ -409,13 +410,14 @@ def match_cases(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, fresh: C
     return [(key, preds.get(key), gts[key]) for key in sorted(gts)]
 
 
-def _images(gt_dir: Path, cases: dict[str, GtFiles]) -> tuple[dict[str, Path], list[Path]]:
-    """Matching key -> image of the reference ``cases`` found in ``gt_dir`` that have one (``labelled_cases``), and
-    the nnU-Net images (``imagesTr/X_0000``, channel 0) of no case in ``cases``: images without their label map."""
+def _images(tree: list[Path], cases: dict[str, GtFiles]) -> tuple[dict[str, Path], list[Path]]:
+    """Matching key -> image of the reference ``cases`` found in ``tree`` (a reference folder's ``_tree``) that have
+    one (``labelled_cases``), and the nnU-Net images (``imagesTr/X_0000``, channel 0) of no case in ``cases``: images
+    without their label map."""
     masks = {files.mask for files in cases.values()}
     found: dict[str, Path] = {}
     unmatched: list[Path] = []
-    for path in _tree(gt_dir):
+    for path in tree:
         if not path.name.lower().endswith(IMAGE_SUFFIXES) or path in masks or not path.is_file():
             continue
         key = case_key(case_name(path))
@@ -439,8 +441,9 @@ def labelled_cases(gt_dir: str | os.PathLike) -> list[tuple[Path, GtFiles]]:
     Raises:
         InputError: the folder is missing or holds no GT case, or two images match one case.
     """
-    cases = _reference_cases(Path(gt_dir))
-    images, unlabelled = _images(Path(gt_dir), cases)
+    tree = _tree(Path(gt_dir))  # walked once: the masks and the images are both found in it
+    cases = _reference_cases(Path(gt_dir), tree)
+    images, unlabelled = _images(tree, cases)
     without = sorted(str(cases[key].mask) for key in set(cases) - set(images))
     if without:
         log.warning("%s: %d reference masks have no image beside them, left out: %s", gt_dir, len(without),
@@ -1005,7 +1008,7 @@ def evaluate_folders(
         _make_folders([out.parent for out in outs])  # before the scoring, not after it
         unreported = {key: gt for key, pred, gt in pairs if groups is None and (pred is None or pred.report is None)}
         try:
-            images = _images(Path(gt_dir), unreported)[0] if unreported else {}
+            images = _images(_tree(Path(gt_dir)), unreported)[0] if unreported else {}
         except InputError as err:  # two images match one case
             log.warning("%s: the cases without a SpineLabel report are in no group", err)
             images = {}
