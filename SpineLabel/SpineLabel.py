@@ -154,6 +154,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shownLabeling = None  # the labelling the table and messages show
         self._timer = None
         self._dependencyStatus = ""  # the status line's text while packages are missing
+        self._reinstalled = set()  # requirements installed again in this session because their import failed
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -343,6 +344,10 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if missing:
             self._dependencyStatus = _("Missing Python packages: {packages}").format(
                 packages=self._packagesText(missing))
+            again = sorted(self._reinstalled & set(self.logic.brokenPackages()))
+            if again:  # this Slicer holds the parts of them its first import loaded
+                self._dependencyStatus += " " + _("Restart Slicer to load {packages}, installed again.").format(
+                    packages=", ".join(again))
             self.ui.statusLabel.text = self._dependencyStatus
         elif self.ui.statusLabel.text == self._dependencyStatus:  # another status stays
             self.ui.statusLabel.text = ""
@@ -358,6 +363,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             windowTitle=_("Install dependencies"),
         ):
             return
+        self._reinstalled |= set(self.logic.brokenPackages())
         with errorsShown(_("Failed to install dependencies.")):
             self.logic.installDependencies()
         self.updateDependencyStatus()  # what a failed install did install counts too

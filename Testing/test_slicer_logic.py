@@ -1162,6 +1162,22 @@ def test_a_required_package_that_fails_to_import_is_missing_and_installed_again(
     assert calls == [["--force-reinstall", "--no-deps", "spinelabel-broken==1.2"], ["spinelabel-broken>=1"]]
 
 
+def test_a_package_that_still_fails_to_import_after_its_reinstall_asks_for_a_restart(modules, tmp_path, monkeypatch):
+    """Reinstalled, a package whose failed import left parts of it loaded in Slicer's process can only be loaded in a
+    new one: the status line said only that it was missing, and the install button offered the same again."""
+    (tmp_path / "spinelabel_unloadable.py").write_text("import spinelabel_absent_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(modules.label.REQUIRED_PACKAGES, "spinelabel_unloadable", "spinelabel-unloadable>=1")
+    monkeypatch.setattr(slicer.util, "pip_install", lambda args: None)  # the import fails as before
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *args, **kwargs: True, raising=False)
+    panel = labelling_panel(modules, None)
+    panel.updateModelList = lambda: None  # the models are listed once the packages import
+    panel.updateDependencyStatus()
+    assert "restart" not in panel.ui.statusLabel.text.lower()  # not installed again yet
+    panel.onInstallButton()
+    assert "Restart Slicer to load spinelabel-unloadable>=1" in panel.ui.statusLabel.text
+
+
 def test_the_labelling_panel_s_progress_bar_is_emptied_for_an_unlabelled_volume(modules, labeled, mrml, spine):
     panel = labelling_panel(modules, labeled.volumeNode)
     panel._labelings[labeled.volumeNode.GetID()] = labeled
