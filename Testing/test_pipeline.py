@@ -372,6 +372,17 @@ def test_the_spine_gate_asks_least_of_a_column_spaced_like_vertebrae():
     assert not is_spine(low - 0.01, REGULAR_COLUMN, column=REGULAR_COLUMN)
 
 
+def test_a_view_of_one_vertebra_is_refused_as_too_few_to_number():
+    """A lumbar MR phantom cut to 40 mm about L3's centre: one vertebra-like component, read as a body with high
+    probability, which the gate refuses without saying that one is too few."""
+    phantom = make_phantom(modality="mr", fov="lumbar", seed=0)
+    centre = int(np.nonzero(sitk.GetArrayViewFromImage(phantom.labels) == BY_NAME["L3"].label)[0].mean())
+    half = round(20.0 / phantom.image.GetSpacing()[2])
+    refused = label_spine(phantom.image[:, :, centre - half : centre + half], device="cpu")
+    assert refused.vertebrae == [] and refused.warnings[0].startswith(
+        "no spine recognised: 1 vertebra-like component(s) only (a spine is numbered from two or more in view)")
+
+
 def test_the_spine_gate_can_be_switched_off(random_model, small_phantom):
     # the random model's many components do not look like a spine to the gate
     refused = label_spine(small_phantom.image, model=random_model, device="cpu")

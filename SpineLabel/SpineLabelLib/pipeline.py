@@ -406,7 +406,8 @@ def label_spine(
     ordered, gaps, detached = feat.drop_detached_ends(ordered, gaps)
     refused = median is not None and not is_spine(median, len(measured), regular_column(gaps))
     if spine_gate and refused:
-        warnings.append(f"{_NO_SPINE}: {len(measured)} vertebra-like component(s), median vertebral-body "
+        few = " only (a spine is numbered from two or more in view)" if len(measured) < 2 else ""
+        warnings.append(f"{_NO_SPINE}: {len(measured)} vertebra-like component(s){few}, median vertebral-body "
                         f"probability {median:.2f}; if this is a spine, check that its header orients it right (one "
                         "turned front to back can be taken for no spine), or label it with the spine gate off "
                         "(--no-spine-gate; in Slicer: 'Label even if no spine is recognised')")
