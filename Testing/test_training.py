@@ -338,6 +338,30 @@ def test_a_fine_tune_never_replaces_its_base_model_or_the_shipped_one(tmp_path, 
     assert {p: p.read_bytes() for p in before} == before and len(list(tmp_path.glob("*/*.ckpt"))) == 0
 
 
+def test_a_label_map_corrected_in_place_is_not_resumed_on_and_the_card_hashes_the_cases(tmp_path):
+    """A case corrected in place (the same file name) between a stop and --resume: the run went on with other labels
+    than its first epochs had, and its card listed the same cases for both."""
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    cfg = TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "m.json", epochs=2, iterations=1, batch=1,
+                      patch=(32, 32, 32), spacing_mm=4.0, device="cpu", validation_cases=0)
+    seen = []
+    with pytest.raises(Cancelled):  # stopped after the first epoch
+        train(cfg, progress=seen.append, cancel=lambda: len(seen) == 1)
+    label = tmp_path / "nn" / "labelsTr" / "c1.nii.gz"
+    before = sitk.ReadImage(str(label))
+    levels = sitk.GetArrayFromImage(before)
+    after = sitk.GetImageFromArray(np.where(levels > 0, levels + 1, 0).astype(levels.dtype))  # each a level lower
+    after.CopyInformation(before)
+    sitk.WriteImage(after, str(label))
+    with pytest.raises(ValueError, match="other contents of its cases"):
+        train(replace(cfg, resume=True))
+    source = load_model(train(cfg)).card["training_data"]["sources"][0]
+    image = tmp_path / "nn" / "imagesTr" / "c1_0000.nii.gz"
+    line = f"{hashlib.sha256(image.read_bytes()).hexdigest()} {hashlib.sha256(label.read_bytes()).hexdigest()}\n"
+    assert source["cases"] == ["imagesTr/c1_0000.nii.gz"]
+    assert source["cases_sha256"] == hashlib.sha256(line.encode()).hexdigest()
+
+
 def test_a_fine_tune_resumes_only_from_the_base_weights_it_started_from(tmp_path):
     """A base model replaced at its path since: the run would go on from the first base's weights, and the card name
     the second as its base."""

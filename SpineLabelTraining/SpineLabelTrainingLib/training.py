@@ -24,6 +24,7 @@ Arrays are (z, y, x) on the LPS-aligned model grid (``SpineLabelLib.io.canonical
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -44,7 +45,7 @@ from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_
 from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writable_folder, no_empty_new_folders,
                               read_image, read_label_map, resample_to_grid)
 from SpineLabelLib.models import (MODEL_SPACING_MM, ModelError, checkpoint_path, default_model_path, load_model,
-                                  model_card_path, read_card, save_model, user_models_dir)
+                                  model_card_path, read_card, save_model, sha256_of, user_models_dir)
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.pipeline import MIN_CONTEXT_VOXELS, with_context
 from SpineLabelLib.result import Geometry
@@ -209,6 +210,15 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     tissue = unknown_beyond_labelled_ends(tissue, verse)
     tissue[unannotated] = IGNORE
     return Case(volume, tissue, verse, image_path.name)
+
+
+def cases_sha256(folder: str | Path) -> str:
+    """sha256 of the contents of the labelled cases of ``folder`` (``find_cases``: each image's and label map's
+    bytes, in their order): a label map corrected in place keeps its name, not this."""
+    digest = hashlib.sha256()
+    for image, labels, _ in find_cases(folder):
+        digest.update(f"{sha256_of(image)} {sha256_of(labels)}\n".encode())
+    return digest.hexdigest()
 
 
 def _written_by_training(card: Path) -> bool:
@@ -747,7 +757,9 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     averaged: dict[str, torch.Tensor] = {}
     # what a resumed run must share with the run that wrote the checkpoint; paths resolved (./ds and ds are one)
     named = [spec if listed is None else str(Path(spec).resolve()) for spec, listed in zip(specs, cases)]
+    contents = [None if listed is None else cases_sha256(spec) for spec, listed in zip(specs, cases)]
     settings = {"data": [[name, float(w)] for name, (_, w) in zip(named, cfg.data)], "cases": list(cases),
+                "cases_sha256": contents,
                 "base_model": base_path, "base_sha256": None if base_card is None else base_card.get("sha256"),
                 "epochs": cfg.epochs, "iterations": cfg.iterations, "batch": cfg.batch, "patch": list(cfg.patch),
                 "lr": cfg.lr, "spacing_mm": spacing, "seed": cfg.seed, "average_last": cfg.average_last,
@@ -768,6 +780,11 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
         except Exception as err:  # torch.load raises many types on a file that is not its own
             raise ValueError(f"{ckpt}: not a SpineLabel training checkpoint ({type(err).__name__}: "
                              f"{str(err).strip()[:200]}); remove it to train from the start") from None
+        if "cases" in changed:  # other cases have other contents: named once
+            changed = [k for k in changed if k != "cases_sha256"]
+        if changed == ["cases_sha256"]:  # the same cases, by name
+            raise ValueError(f"{ckpt}: checkpoint of a run on other contents of its cases (an image or label map of "
+                             "its --data folders changed since); train from the start without --resume")
         if changed:
             raise ValueError(f"{ckpt}: checkpoint of a run with other settings ({', '.join(changed)}); resume it with "
                              "the same options")
@@ -838,8 +855,9 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
         "normalisation": f"CT: {CT_WINDOW_HU[0]:g} to {CT_WINDOW_HU[1]:g} HU mapped to 0/1; MR: percentiles 0.5/99.5 "
                          "of the volume mapped to 0/1; clipped",
         "ct_window_hu": list(CT_WINDOW_HU),
-        "training_data": {"sources": [{"source": s, "weight": round(float(w), 3), **({"cases": c} if c else {})}
-                                      for s, w, c in zip(named, weights, cases)],
+        "training_data": {"sources": [{"source": s, "weight": round(float(w), 3),
+                                       **({"cases": c, "cases_sha256": d} if c else {})}
+                                      for s, w, c, d in zip(named, weights, cases, contents)],
                           **({"shape_library": str(cfg.data_dir)} if "synthetic" in specs else {}),
                           "note": cfg.training_data_note},
         "training": training,
