@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from conftest import DATA
 from SpineLabelLib.inference import looks_like_label_map
-from SpineLabelLib.io import InputError
+from SpineLabelLib.io import InputError, canonical_grid
 from SpineLabelLib.models import ModelError, card_file, load_model, register_model, save_model, sha256_of
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.phantom import make_phantom
@@ -551,6 +551,28 @@ def test_on_ct_dense_bone_next_to_a_vertebra_joins_it_on_the_input_grid(spacing_
         assert (out[near[i] & (plain == 0) & (hu >= 200)] != 0).all()
     assert (out[near[3] & near[5] & (plain == 0) & (hu >= 200)] == 3).all()
     assert (added & (out == 5)).any()  # the vertebra at the edge of the view grows too
+
+
+def test_input_voxels_halfway_between_model_voxels_are_labelled_alike_whatever_the_header_rounding():
+    """A 1 mm input grid starts at the model grid's first voxel (``canonical_grid``), so every other input voxel lies
+    halfway between two model voxels. A header whose axes differ by 1e-9 (as the same scan read from a DICOM series
+    and from a NIfTI file) must give the same label map: on sub-verse014 read from a DICOM series of itself, 6 % of its
+    labelled voxels changed, those ties decided by the rounding (1157 of 13754 voxels here)."""
+    def labelled(direction: tuple[float, ...]) -> np.ndarray:
+        image = sitk.Image([40, 40, 40], sitk.sitkInt16)
+        image.SetDirection(direction)
+        grid = canonical_grid(image, 2.0)
+        components = np.zeros(sitk.GetArrayViewFromImage(grid).shape, np.int16)
+        components[4:16, 4:16, 4:16] = 3
+        components[10:16, 4:16, 4:16] = 5  # two vertebrae meeting at a plane
+        probability = (components > 0).astype(np.float32)  # 0.5 exactly halfway across their surface
+        return components_on_input_grid(components, probability, grid, image)[0]
+
+    tilt = sitk.VersorTransform((1.0, 1.0, 1.0), 1e-9)  # a rounding of the header's cosines
+    direction = tuple(np.array(tilt.GetMatrix()).reshape(3, 3).ravel())
+    plain, tilted = labelled((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)), labelled(direction)
+    assert plain.any() and (plain == 5).any()
+    assert (plain == tilted).all(), f"{int((plain != tilted).sum())} of {int((plain > 0).sum())} voxels differ"
 
 
 def test_an_image_in_memory_is_checked_as_a_file_is():
