@@ -646,3 +646,34 @@ def test_a_direction_matrix_with_a_scale_is_refused_as_such(tmp_path):
     sitk.WriteImage(oriented_image(sheared), str(tmp_path / "sheared.mha"))
     with pytest.raises(InputError, match="not perpendicular"):
         read_image(tmp_path / "sheared.mha")
+
+
+def test_a_nifti_whose_only_form_is_a_sheared_sform_is_refused_as_sheared(tmp_path):
+    """A tilted gantry's NIfTI-1 with its sheared sform alone (qform_code 0): ITK refuses it, and the message was
+    'unreadable image (ITK ERROR: ITK only supports orthonormal direction cosines...)', where the same grid from a NRRD
+    or with a qform beside it is said to be sheared, with the remedy."""
+    affine = np.diag([-1.0, -1.0, 2.0, 1.0])
+    sheared = affine.copy()
+    sheared[1, 2] = 2.0 * np.tan(np.radians(15.0))
+    nii = nibabel.Nifti1Image(np.zeros((20, 20, 40), np.int16), None)
+    nii.set_sform(sheared, code=1)
+    nii.set_qform(affine, code=0)
+    nibabel.save(nii, tmp_path / "tilted-sform-only.nii.gz")
+    with pytest.raises(InputError, match="not perpendicular") as raised:
+        read_image(tmp_path / "tilted-sform-only.nii.gz")
+    assert "resample it onto a grid with perpendicular axes" in str(raised.value)
+    assert "unreadable" not in str(raised.value)
+
+
+def test_a_nifti_of_1_bit_voxels_is_refused_saying_so(tmp_path, capfd):
+    """A NIfTI-1 of datatype DT_BINARY (1 bit per voxel; nibabel writes none, but the standard has it): ITK's NIfTI
+    library printed '** ERROR: nifti_convert_nhdr2nim: bad datatype' and the message was '... is not recognized as a
+    NIFTI file', which it is."""
+    nii = nibabel.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4))
+    header = bytearray(nii.header.binaryblock)
+    struct.pack_into("<2h", header, 70, 1, 1)  # datatype DT_BINARY, bitpix 1
+    struct.pack_into("<f", header, 108, 352.0)  # vox_offset
+    (tmp_path / "mask.nii").write_bytes(bytes(header) + bytes(4) + bytes(8 * 8 * 8 // 8))
+    with pytest.raises(InputError, match="1-bit voxels"):
+        read_image(tmp_path / "mask.nii")
+    assert "bad datatype" not in capfd.readouterr().err

@@ -372,6 +372,9 @@ def _check_nifti(path: Path, what: str) -> tuple[_NiftiLayout, bool]:
         raise InputError(f"{path}: corrupt NIfTI header: its first 4 bytes give a header size of neither 348 (NIfTI-1) "
                          "nor 540 (NIfTI-2)")
     endian, datatype, offset, voxel_bytes, spacing_known = layout[:5]
+    if datatype == 1:  # ITK's NIfTI library prints "bad datatype" and ITK says the file is not NIfTI
+        raise InputError(f"{path}: {what} of 1-bit voxels (NIfTI datatype DT_BINARY), which the image reader does not "
+                         "read; save it with 8-bit voxels (uint8)")
     if not spacing_known:
         raise InputError(f"{path}: the header gives no voxel size (pixdim 0)")
     if layout.version == 1 and layout.negative_spacing:  # ITK turns such an axis round, against either form
@@ -556,10 +559,29 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
             with itk_warnings(False):  # "unexpected scales in sform": said by the note or the error
                 image = sitk.ReadImage(str(path), imageIO="MetaImageIO" if metaimage else "")
         except RuntimeError as err:
+            if nifti and (reason := _unreadable_nifti1_form(path)):
+                raise InputError(f"{path}: {reason}") from None
             raise InputError(f"{path}: unreadable {what} ({_itk_reason(err)})") from None
     if nifti and notes is not None and image.GetDimension() == 3 and (note := _forms_note(path, image)):
         notes.append(note)
     return image
+
+
+def _unreadable_nifti1_form(path: Path) -> str | None:
+    """Why ITK could not read NIfTI-1 file ``path``, when its header's forms are the reason: its only form is an sform
+    whose axes are not perpendicular (a tilted gantry's, converted without resampling), which ITK refuses with "ITK only
+    supports orthonormal direction cosines" (with a qform beside it, ITK reads the qform: ``_unfollowed_sform_note``).
+    None otherwise."""
+    try:
+        header = _load_nifti(path).header
+        sform, sform_code = header.get_sform(coded=True)
+        qform_code = int(header["qform_code"])
+    except Exception:  # a header nibabel cannot read: ITK's own reason stands
+        return None
+    if qform_code > 0 or not sform_code or _perpendicular(np.asarray(sform, dtype=float)[:3, :3]):
+        return None
+    return ("its axes are not perpendicular (a sheared grid, as from a tilted gantry: its sform is sheared and it has "
+            "no qform); resample it onto a grid with perpendicular axes first")
 
 
 def _read_float64_nifti1(path: Path, layout: _NiftiLayout, gz: bool) -> sitk.Image:
