@@ -3,7 +3,7 @@ reduced-precision inference."""
 
 import contextlib
 import platform
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -202,6 +202,13 @@ def test_every_voxel_gets_the_blend_of_the_windows_over_it():
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is for glibc only")
 def test_reuse_freed_memory_is_accepted_by_glibc():
+    assert reuse_freed_memory()
+
+
+def test_reuse_freed_memory_finds_numpy_s_multiarray_beside_a_stub_core(monkeypatch):
+    """numpy 1.26.1-1.26.4 (those of Slicer 5.6 and 5.8) hold an empty package numpy._core, which torch imports: the
+    labelling process failed at its start with "module 'numpy._core' has no attribute 'multiarray'"."""
+    monkeypatch.setattr(np, "_core", ModuleType("numpy._core"), raising=False)
     assert reuse_freed_memory()
 
 

@@ -531,3 +531,12 @@ def test_skipped_levels_count_regular_levels_only():
     assert skipped_levels(chain).tolist() == [0, 1, 2, 0, 0, 0]  # T13 and L6 are no regular levels; S1 pieces none
     assert skipped_levels([level_index("T12"), level_index("T13"), level_index("L1")]).tolist() == [0, 0]
     assert skipped_levels([level_index("L1")]).size == 0
+
+
+def test_a_confidence_an_ulp_below_one_reads_1_00_and_one_below_the_warning_never_0_99():
+    """numpy 1.24/1.26 gave 0.9999999999999996 where numpy 2.4 gave 1.0 on the README's phantom: 0.99 against 1.00."""
+    from SpineLabelLib.sequence import UNCERTAIN_BELOW, confidence_text
+
+    assert confidence_text(1.0) == confidence_text(1.0 - 4e-16) == "1.00"
+    assert confidence_text(UNCERTAIN_BELOW) == "0.99"
+    assert confidence_text(np.nextafter(UNCERTAIN_BELOW, 0.0)) == "0.98"

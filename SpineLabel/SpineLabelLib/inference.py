@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import os
 import re
@@ -67,8 +68,13 @@ def reuse_freed_memory() -> bool:
     """
     if not sys.platform.startswith("linux"):
         return False
-    core = getattr(np, "_core", None) or np.core  # numpy 2 names it _core, numpy 1 core
-    hugepages = getattr(core.multiarray, "_set_madvise_hugepage", None)
+    # numpy 2 names it _core.multiarray, numpy 1 core.multiarray; numpy 1.26.1-1.26.4 (Slicer 5.6 and 5.8) also have
+    # a stub package numpy._core, which a module built against numpy 2 (torch) imports without its multiarray
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    hugepages = getattr(multiarray, "_set_madvise_hugepage", None)
     if hugepages is not None:
         hugepages(False)
     try:
