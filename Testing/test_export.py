@@ -321,3 +321,38 @@ def test_a_value_dataset_json_does_not_name_is_refused_below_its_highest_value(t
                                                        "labels": {"background": 0, "L1": 1, "L3": 3}}))
     with pytest.raises(ValueError, match=r"label values \[2\] are not in"):
         export.dataset_label_values(tmp_path / "labelsTr" / "a.nii.gz", np.array([0, 1, 2, 3], np.uint8))
+
+
+def test_a_full_disk_while_the_label_map_is_written_names_the_file(tmp_path, spine, monkeypatch):
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export.writers, "write_nifti", disk_full)  # the label map, after the image
+    with pytest.raises(OSError, match=r"cannot write .*labelsTr/spine_ct_0001\.nii\.gz: No space left on device"):
+        export.export_case(spine.result, spine.image, tmp_path)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_two_exports_at_once_into_one_dataset_keep_both_cases(tmp_path, spine, monkeypatch):
+    """Two exports of different scans at the same moment (two Slicer sessions): each gets its own case, as one after
+    the other would (they both took spine_ct_0001 and the second silently replaced the first's files)."""
+    second = build_spine(names=("L1", "L2", "L3", "L4"), seed=1)
+    first_writing = threading.Event()
+    write_case = export._write_case
+
+    def slow_write_case(*args, **kwargs):
+        first_writing.set()
+        threading.Event().wait(0.5)  # the other export starts meanwhile
+        return write_case(*args, **kwargs)
+
+    monkeypatch.setattr(export, "_write_case", slow_write_case)
+    results = {}
+    a = threading.Thread(target=lambda: results.update(a=export.export_case(spine.result, spine.image, tmp_path)))
+    b = threading.Thread(target=lambda: results.update(b=export.export_case(second.result, second.image, tmp_path)))
+    a.start()
+    assert first_writing.wait(10)
+    b.start()
+    a.join(), b.join()
+    assert sorted(p.name for p in results.values()) == ["spine_ct_0001.nii.gz", "spine_ct_0002.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "labelsTr").iterdir()) == ["spine_ct_0001.nii.gz", "spine_ct_0002.nii.gz"]
+    assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == 2

@@ -27,6 +27,7 @@ from vtk.util import numpy_support  # noqa: E402
 from conftest import build_spine  # noqa: E402
 from SpineLabelLib.export import provenance_of  # noqa: E402
 from SpineLabelLib.io import InputError  # noqa: E402
+from SpineLabelLib.sequence import confidence_text  # noqa: E402
 from SpineLabelLib.vertebrae import (  # noqa: E402
     BY_LABEL,
     BY_NAME,
@@ -87,7 +88,7 @@ def assert_nodes_match(labeling) -> None:
         assert segment.GetTag(segment.GetTerminologyEntryTagName(), tag) and str(tag) == terminology_entry(v.level)
         assert node.GetNthControlPointLabel(index) == v.name
         assert bool(node.GetNthControlPointLocked(index)) == v.fixed
-        assert node.GetNthControlPointDescription(index) == f"confidence {np.floor(v.confidence * 100) / 100:.2f}"
+        assert node.GetNthControlPointDescription(index) == f"confidence {confidence_text(v.confidence)}"
         np.testing.assert_allclose(node.GetNthControlPointPosition(index), LPS_TO_RAS * v.centroid_lps_mm, atol=1e-6)
     np.testing.assert_array_equal(layer_voxels(labeling), result.label_map())
 

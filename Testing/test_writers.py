@@ -551,3 +551,70 @@ def test_each_level_carries_its_own_snomed_code():
     regular = [level for level in LEVELS if not level.transitional and level.name != "S1"]
     assert [(level.name, level.snomed_code) for level in regular] == list(zip([level.name for level in regular], codes))
     assert all(level.snomed_meaning == f"{level.name} vertebra" for level in regular)
+
+
+def test_two_runs_writing_one_case_at_once_leave_the_six_of_one_run(tmp_path, monkeypatch):
+    """Two ``spinelabel label`` runs into one folder finishing together: each file was complete, but the folder held
+    the label maps of one run beside the report and centroids of the other (1 in 10 real races, sub-verse014)."""
+    import os
+    import threading
+
+    from conftest import build_spine
+    from SpineLabelLib import io
+    a, b = build_spine(), build_spine(names=("T10", "T11", "T12", "L1", "L2", "L3"))
+    replace = os.replace
+    renaming = threading.Event()
+
+    def slow_replace(src, dst):  # the first run stops halfway through its renames: the second runs its whole write
+        if threading.current_thread() is first and str(dst).endswith("_ctd.json"):
+            renaming.set()
+            threading.Event().wait(0.3)
+        replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", slow_replace)
+    first = threading.Thread(target=writers.write_all, args=(a.result, a.image, tmp_path, "case"))
+    second = threading.Thread(target=writers.write_all, args=(b.result, b.image, tmp_path, "case"))
+    first.start()
+    assert renaming.wait(10)
+    second.start()
+    first.join(), second.join()
+    report = json.loads((tmp_path / "case_report.json").read_text())
+    names = [v["name"] for v in report["vertebrae"]]
+    centroids = [c["name"] for c in json.loads((tmp_path / "case_ctd.json").read_text())[1:]]
+    labels = sorted(int(v) for v in np.unique(nibabel.load(tmp_path / "case_seg.nii.gz").get_fdata()) if v)
+    assert centroids == names
+    assert labels == sorted(BY_NAME[n].label for n in names)
+
+
+def test_a_run_finishing_while_another_renames_is_not_refused(tmp_path, monkeypatch):
+    """The second of two runs into one folder, checking while the first had renamed its snapshot but not yet its
+    report, was refused: 'case_snapshot.png would be replaced, and it is no output of an earlier run'."""
+    import os
+    import threading
+
+    from conftest import build_spine
+    from SpineLabelLib import io
+    a, b = build_spine(), build_spine(names=("T10", "T11", "T12", "L1", "L2", "L3"))
+    replace, halfway, errors = os.replace, threading.Event(), []
+
+    def slow_replace(src, dst):
+        replace(src, dst)
+        if threading.current_thread() is first and str(dst).endswith("_snapshot.png"):
+            halfway.set()
+            threading.Event().wait(0.3)
+
+    def run(spine):
+        try:
+            writers.write_all(spine.result, spine.image, tmp_path, "case")
+        except Exception as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    monkeypatch.setattr(io.os, "replace", slow_replace)
+    first, second = threading.Thread(target=run, args=(a,)), threading.Thread(target=run, args=(b,))
+    first.start()
+    assert halfway.wait(10)
+    second.start()
+    first.join(), second.join()
+    assert errors == []
+    report = json.loads((tmp_path / "case_report.json").read_text())
+    assert [v["name"] for v in report["vertebrae"]] == [v.name for v in b.result.vertebrae]  # the later run's
