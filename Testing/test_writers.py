@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 
 import nibabel
@@ -14,9 +16,10 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from conftest import DATA
-from SpineLabelLib import __version__, writers
+from conftest import DATA, build_spine
+from SpineLabelLib import __version__, io, writers
 from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra, nonzero_box
+from SpineLabelLib.sequence import confidence_text
 from SpineLabelLib.vertebrae import BY_NAME, LEVELS, TERMINOLOGY_CONTEXT
 
 
@@ -226,7 +229,7 @@ def test_markups_positions(case, tmp_path):
     assert [p["locked"] for p in points] == [v.fixed for v in result.vertebrae]
     for p, v in zip(points, result.vertebrae):
         np.testing.assert_allclose(p["position"], v.centroid_lps_mm)
-        assert p["description"] == f"confidence {np.floor(v.confidence * 100) / 100:.2f}"
+        assert p["description"] == f"confidence {confidence_text(v.confidence)}"
     result.vertebrae[0].confidence = 0.9899  # below the 'uncertain' cut: not shown as 0.99
     writers.write_markups(result, path)
     assert json.loads(path.read_text())["markups"][0]["controlPoints"][0]["description"] == "confidence 0.98"
@@ -556,11 +559,6 @@ def test_each_level_carries_its_own_snomed_code():
 def test_two_runs_writing_one_case_at_once_leave_the_six_of_one_run(tmp_path, monkeypatch):
     """Two ``spinelabel label`` runs into one folder finishing together: each file was complete, but the folder held
     the label maps of one run beside the report and centroids of the other (1 in 10 real races, sub-verse014)."""
-    import os
-    import threading
-
-    from conftest import build_spine
-    from SpineLabelLib import io
     a, b = build_spine(), build_spine(names=("T10", "T11", "T12", "L1", "L2", "L3"))
     replace = os.replace
     renaming = threading.Event()
@@ -589,11 +587,6 @@ def test_two_runs_writing_one_case_at_once_leave_the_six_of_one_run(tmp_path, mo
 def test_a_run_finishing_while_another_renames_is_not_refused(tmp_path, monkeypatch):
     """The second of two runs into one folder, checking while the first had renamed its snapshot but not yet its
     report, was refused: 'case_snapshot.png would be replaced, and it is no output of an earlier run'."""
-    import os
-    import threading
-
-    from conftest import build_spine
-    from SpineLabelLib import io
     a, b = build_spine(), build_spine(names=("T10", "T11", "T12", "L1", "L2", "L3"))
     replace, halfway, errors = os.replace, threading.Event(), []
 

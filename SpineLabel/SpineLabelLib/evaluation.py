@@ -107,7 +107,8 @@ import SimpleITK as sitk
 from .export import dataset_ignore_value, dataset_label_values, read_dataset_json
 from .inference import modality_of
 from .io import (IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, case_key, case_name, image_stem,
-                 make_writable_folder, no_empty_new_folders, read_image, read_label_map, resample_to_grid)
+                 make_writable_folder, no_empty_new_folders, read_image, read_label_map, resample_to_grid,
+                 write_errors_named)
 from .result import Geometry
 from .sequence import UNCERTAIN_BELOW
 from .vertebrae import BY_LABEL, BY_NAME, level_index
@@ -1030,8 +1031,9 @@ def evaluate_folders(
         documents = ([json.dumps(summary.to_dict(), indent=1, allow_nan=False)] if out_json is not None else []) + (
             [summary_markdown(summary)] if out_md is not None else [])
         with atomic_paths(outs) as temps:
-            for text, tmp in zip(documents, temps):
-                tmp.write_text(text, encoding="utf-8")
+            for text, tmp, final in zip(documents, temps, outs):
+                with write_errors_named(final):
+                    tmp.write_text(text, encoding="utf-8")
     return summary
 
 

@@ -43,8 +43,8 @@ import SimpleITK as sitk
 
 from . import __version__, writers
 from .edits import check_image_grid
-from .io import (CASE_SUFFIXES, InputError, atomic_path, case_key, make_writable_folder, no_empty_new_folders,
-                 write_image)
+from .io import (CASE_SUFFIXES, InputError, atomic_path, case_key, folder_lock, make_writable_folder,
+                 no_empty_new_folders, write_errors_named, write_image)
 from .result import Geometry, SpineLabeling
 from .vertebrae import COCCYX_LABEL, LEVELS, Level, level_index
 
@@ -288,9 +288,11 @@ def _write_case(result: SpineLabeling, image: sitk.Image, paths: dict[str, Path]
     result = result.copy(geometry=Geometry.of(image))
     with atomic_path(paths["image"]) as tmp:
         write_image(image, tmp, paths["image"])
-    writers.write_label_map(result, paths["label"])
-    writers.write_centroids(result, paths["centroids"])
-    with atomic_path(paths["provenance"]) as tmp:
+    with write_errors_named(paths["label"]):
+        writers.write_label_map(result, paths["label"])
+    with write_errors_named(paths["centroids"]):
+        writers.write_centroids(result, paths["centroids"])
+    with atomic_path(paths["provenance"]) as tmp, write_errors_named(paths["provenance"]):
         writers.write_json({
             "case_id": case_id,
             "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -342,6 +344,20 @@ def export_case(
         OSError: the dataset folder cannot be made or written to (the message names it), or a write failed.
     """
     dataset_dir = Path(dataset_dir)
+    with no_empty_new_folders(dataset_dir):  # a refused or failed export leaves no folder it made
+        try:
+            make_writable_folder(dataset_dir)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot write to dataset folder {dataset_dir}: {err.strerror or err}") from err
+        # two exports at once (two Slicer sessions, a script) take turns: the second sees the first's case, takes
+        # the next id or replaces it, instead of both writing the same id and one case silently lost or mixed
+        with folder_lock(dataset_dir):
+            return _export_case(result, image, dataset_dir, case_id, corrections, model)
+
+
+def _export_case(result: SpineLabeling, image: sitk.Image, dataset_dir: Path, case_id: str | None,
+                 corrections: list[dict] | None, model: dict | None) -> Path:
+    """``export_case`` once the dataset folder exists and is locked."""
     image = check_image_grid(result, image)
     if len(result.vertebrae) < MIN_VERTEBRAE:
         raise ValueError(f"{dataset_dir}: a case for training needs at least {MIN_VERTEBRAE} labelled vertebrae (what "
@@ -416,14 +432,13 @@ def export_case(
     folders = {path.parent for path in paths.values()}
     with no_empty_new_folders(*folders):  # a failed export leaves no folder it made
         try:
-            make_writable_folder(dataset_dir)
             for folder in folders:
                 folder.mkdir(exist_ok=True)
         except OSError as err:  # named as the folder given, not as the first of its subfolders that failed
             raise OSError(err.errno, f"cannot write to dataset folder {dataset_dir}: {err.strerror or err}") from err
         try:
             _write_case(result, image, paths, case_id, modality, corrections, model, digest, replaces)
-            with atomic_path(dataset_dir / "dataset.json") as tmp:
+            with atomic_path(dataset_dir / "dataset.json") as tmp, write_errors_named(dataset_dir / "dataset.json"):
                 writers.write_json(document, tmp)
         except BaseException:  # no half case: the dataset stays as it was
             for path in paths.values():

@@ -48,6 +48,8 @@ __all__ = [
     "resample_to_grid",
     "atomic_path",
     "atomic_paths",
+    "folder_lock",
+    "write_errors_named",
 ]
 
 log = logging.getLogger(__name__)
@@ -893,6 +895,44 @@ def no_empty_new_folders(*folders: str | os.PathLike) -> Iterator[None]:
         for path in created:
             if path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the existing ``folder`` itself (``flock``; no lock file is made) for the
+    block, so that two processes writing one set of files into it (two ``spinelabel label`` runs into one folder,
+    two exports into one dataset) take turns instead of interleaving their renames. No lock where there is no
+    ``flock`` (Windows) or the folder cannot be opened: the block runs as before."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def write_errors_named(final: str | os.PathLike) -> Iterator[None]:
+    """Around the write of ``final`` (under its temporary name): an ``OSError`` that does not name it (a full disk
+    gives "[Errno 28] No space left on device" alone), or a writer's ``RuntimeError`` (torch's "unexpected pos"),
+    is raised again as an ``OSError`` that does."""
+    try:
+        yield
+    except OSError as err:
+        if str(final) in str(err):
+            raise
+        raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from err
+    except RuntimeError as err:  # SimpleITK's and torch's failed writes, which say nothing of a full disk
+        try:
+            free = f" ({shutil.disk_usage(Path(final).parent).free / 1e6:.1f} MB free on its file system)"
+        except OSError:
+            free = ""
+        raise OSError(f"cannot write {final}: {err}{free}") from err
 
 
 def write_nifti(voxels: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> None:

@@ -33,7 +33,8 @@ from scipy import ndimage
 
 from . import __version__
 from .edits import check_image_grid
-from .io import atomic_path, atomic_paths, make_writable_folder, no_empty_new_folders, write_nifti
+from .io import (atomic_path, atomic_paths, folder_lock, make_writable_folder, no_empty_new_folders, write_errors_named,
+                 write_nifti)
 from .result import Geometry, SpineLabeling, nonzero_box
 from .sequence import NOTHING_FOUND, confidence_text
 from .vertebrae import terminology_entry
@@ -598,7 +599,6 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
     if name in ("", ".", "..") or any(sep in name for sep in ("/", "\\")):
         raise ValueError(f"case name {name!r}: the start of a file name is needed, without folders")
     outdir = Path(outdir)
-    check_replaceable(outdir, name)
     with no_empty_new_folders(outdir):  # a failed write leaves no folder it made
         try:
             make_writable_folder(outdir)
@@ -614,13 +614,13 @@ def write_all(result: SpineLabeling, image: sitk.Image, outdir: str | os.PathLik
             lambda tmp: write_json(_report_document(result, input_path), tmp),
             lambda tmp: _write_snapshot_to(result, image, tmp),
         )
-        with atomic_paths(paths) as temps:
-            for write, tmp, final in zip(writers, temps, paths):
-                try:
-                    write(tmp)
-                except OSError as err:
-                    raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from err
-                except RuntimeError as err:  # SimpleITK's failed writes
-                    raise OSError(f"cannot write {final}: {err}") from err
+        # one run's six at a time: two runs into this folder must not interleave their renames; checked under the
+        # lock, as another run's renames, half done, would look like someone else's files
+        with folder_lock(outdir):
+            check_replaceable(outdir, name)
+            with atomic_paths(paths) as temps:
+                for write, tmp, final in zip(writers, temps, paths):
+                    with write_errors_named(final):
+                        write(tmp)
     log.info("wrote %d outputs of %s to %s", len(paths), name, outdir)
     return paths

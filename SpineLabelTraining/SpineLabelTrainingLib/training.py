@@ -43,7 +43,7 @@ from SpineLabelLib.evaluation import labelled_cases, reference_labels
 from SpineLabelLib.export import dataset_ignore_value, provenance_of, read_dataset_json, recorded_modality
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
 from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writable_folder, no_empty_new_folders,
-                              read_image, read_label_map, resample_to_grid)
+                              read_image, read_label_map, resample_to_grid, write_errors_named)
 from SpineLabelLib.models import (MODEL_SPACING_MM, ModelError, checkpoint_path, default_model_path, load_model,
                                   model_card_path, read_card, save_model, sha256_of, user_models_dir)
 from SpineLabelLib.network import SpineUNet
@@ -829,7 +829,8 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                 previous = averaged.get(name, torch.zeros(value.shape))
                 averaged[name] = previous + (value.detach().float().cpu() - previous) / n
         log.info("%s", epoch_text(metrics))
-        with atomic_path(ckpt) as tmp:  # a stop while saving must not leave half a checkpoint
+        # a stop while saving must not leave half a checkpoint; a full disk is named (torch: "unexpected pos")
+        with atomic_path(ckpt) as tmp, write_errors_named(ckpt):
             torch.save({"network": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "epoch": epoch + 1, "history": history, "settings": settings, "averaged": averaged,
                         "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
