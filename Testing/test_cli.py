@@ -609,3 +609,34 @@ def test_a_training_source_is_read_with_its_weight_unless_a_folder_has_the_whole
     (tmp_path / "export_12:30").mkdir()
     assert _data_source("export_12:30") == ("export_12:30", 1.0)
     assert _data_source("export_12:30:2") == ("export_12:30", 2.0)
+
+
+def test_a_run_starting_while_another_renames_into_its_folder_is_not_refused(tmp_path, model, phantom_file, capsys,
+                                                                             monkeypatch):
+    """The check at a run's start, before labelling, saw the snapshot another run had renamed and not yet its report:
+    'NAME_snapshot.png would be replaced, and it is no output of an earlier run'."""
+    import threading
+
+    from SpineLabelLib import io, pipeline
+
+    out, name, renaming = tmp_path / "out", case_name(phantom_file), threading.Event()
+    out.mkdir()
+
+    def other_run():  # its snapshot renamed, its report not yet
+        with io.folder_lock(out):
+            (out / f"{name}_snapshot.png").write_bytes(b"")
+            renaming.set()
+            threading.Event().wait(0.5)
+            (out / f"{name}_report.json").write_text("{}")
+
+    def label_spine(image, **kwargs):
+        raise RuntimeError("not labelled here")
+
+    monkeypatch.setattr(pipeline, "label_spine", label_spine)
+    other = threading.Thread(target=other_run)
+    other.start()
+    assert renaming.wait(10)
+    main(["label", str(phantom_file), "-o", str(out), "--model", str(model), "--quiet"])
+    other.join()
+    err = capsys.readouterr().err
+    assert "would be replaced" not in err and "not labelled here" in err

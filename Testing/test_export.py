@@ -356,3 +356,32 @@ def test_two_exports_at_once_into_one_dataset_keep_both_cases(tmp_path, spine, m
     assert sorted(p.name for p in results.values()) == ["spine_ct_0001.nii.gz", "spine_ct_0002.nii.gz"]
     assert sorted(p.name for p in (tmp_path / "labelsTr").iterdir()) == ["spine_ct_0001.nii.gz", "spine_ct_0002.nii.gz"]
     assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == 2
+
+
+def test_an_export_waiting_while_a_refused_one_removes_the_new_dataset_folder_still_exports(tmp_path, monkeypatch):
+    """Two exports into a new dataset folder: the first, of one vertebra, is refused while the second waits for the
+    lock; the first removed the folder it had made after releasing the lock, and the second failed ('cannot write to
+    dataset folder ...: No such file or directory')."""
+    one, four = build_spine(names=("L1",)), build_spine(names=("L1", "L2", "L3", "L4"), seed=1)
+    dataset, export_inner, results = tmp_path / "new", export._export_case, {}
+
+    def slow_for_the_first(*args):
+        if threading.current_thread() is first:
+            threading.Event().wait(0.5)  # the second export starts meanwhile and waits for the lock
+        return export_inner(*args)
+
+    def run(tag, spine):
+        try:
+            results[tag] = export.export_case(spine.result, spine.image, dataset)
+        except Exception as err:  # noqa: BLE001 - collected for the assertion
+            results[tag] = err
+
+    monkeypatch.setattr(export, "_export_case", slow_for_the_first)
+    first = threading.Thread(target=run, args=("first", one))
+    second = threading.Thread(target=run, args=("second", four))
+    first.start()
+    threading.Event().wait(0.2)
+    second.start()
+    first.join(), second.join()
+    assert isinstance(results["first"], ValueError)
+    assert results["second"] == dataset / "labelsTr" / "spine_ct_0001.nii.gz" and results["second"].is_file()

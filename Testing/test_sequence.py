@@ -540,3 +540,14 @@ def test_a_confidence_an_ulp_below_one_reads_1_00_and_one_below_the_warning_neve
     assert confidence_text(1.0) == confidence_text(1.0 - 4e-16) == "1.00"
     assert confidence_text(UNCERTAIN_BELOW) == "0.99"
     assert confidence_text(np.nextafter(UNCERTAIN_BELOW, 0.0)) == "0.98"
+
+
+def test_a_confidence_an_ulp_below_any_hundredth_reads_that_hundredth_but_none_uncertain_reads_0_99():
+    """0.58 is 0.57999999999999996 and read 0.57 (so did 0.29 and 0.57): the ulp below a hundredth that 1.0 was given
+    only at or above the warning's threshold."""
+    from SpineLabelLib.sequence import UNCERTAIN_BELOW, confidence_text
+
+    assert [confidence_text(k / 100) for k in range(100)] == [f"{k / 100:.2f}" for k in range(100)]
+    assert confidence_text(0.58 - 1e-12) == "0.58" and confidence_text(0.5799) == "0.57"
+    below = [np.nextafter(UNCERTAIN_BELOW, 0.0), UNCERTAIN_BELOW - 1e-12, UNCERTAIN_BELOW - 1e-9, 0.9899]
+    assert [confidence_text(p) for p in below] == ["0.98"] * 4

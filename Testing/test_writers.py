@@ -611,3 +611,53 @@ def test_a_run_finishing_while_another_renames_is_not_refused(tmp_path, monkeypa
     assert errors == []
     report = json.loads((tmp_path / "case_report.json").read_text())
     assert [v["name"] for v in report["vertebrae"]] == [v.name for v in b.result.vertebrae]  # the later run's
+
+
+def test_a_run_waiting_while_the_first_fails_in_the_folder_it_made_still_writes(tmp_path, monkeypatch):
+    """Two runs into one new folder; the first fails (a full disk) while the second waits for the lock: the first's
+    cleanup removed the empty folder after releasing the lock, and the second, locked on the removed folder, failed
+    with 'No such file or directory'."""
+    a, b = build_spine(), build_spine(names=("T10", "T11", "T12", "L1", "L2", "L3"))
+    out, write_label_map, errors = tmp_path / "new", writers._write_label_map_to, {}
+
+    def full_disk_for_the_first(result, tmp, labels):
+        if threading.current_thread() is first:
+            threading.Event().wait(0.5)  # the second run starts meanwhile and waits for the lock
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_label_map(result, tmp, labels)
+
+    def run(tag, spine):
+        try:
+            writers.write_all(spine.result, spine.image, out, "case")
+        except Exception as err:  # noqa: BLE001 - collected for the assertion
+            errors[tag] = err
+
+    monkeypatch.setattr(writers, "_write_label_map_to", full_disk_for_the_first)
+    first, second = threading.Thread(target=run, args=("first", a)), threading.Thread(target=run, args=("second", b))
+    first.start()
+    threading.Event().wait(0.2)
+    second.start()
+    first.join(), second.join()
+    assert set(errors) == {"first"} and errors["first"].errno == errno.ENOSPC
+    report = json.loads((out / "case_report.json").read_text())
+    assert [v["name"] for v in report["vertebrae"]] == [v.name for v in b.result.vertebrae]
+
+
+def test_the_folder_lock_is_no_lock_where_the_file_system_refuses_flock(tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+
+    def refused(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    ran = []
+    with io.folder_lock(tmp_path):
+        ran.append(True)
+    assert ran == [True]
+
+
+def test_a_write_error_without_an_errno_is_named_without_errno_none():
+    """PIL's 'encoder error -2' has no errno: it read '[Errno None] cannot write ...'."""
+    with pytest.raises(OSError) as raised, io.write_errors_named("/x/case_snapshot.png"):
+        raise OSError("encoder error -2")
+    assert str(raised.value) == "cannot write /x/case_snapshot.png: encoder error -2"

@@ -111,10 +111,14 @@ NOTHING_FOUND = "no vertebrae found"  # the warning of a chain without vertebrae
 
 def confidence_text(p: float) -> str:
     """A confidence (0-1) as shown everywhere: two decimals, rounded down, so that one shown as 0.99 is never below
-    ``UNCERTAIN_BELOW`` (0.9899 read 0.99 in Slicer beside an 'uncertain' warning); at or above it, within 1e-8 of the
-    next hundredth as that one (a sure name's 1.0 comes out 0.9999999999999996 with numpy 1.24-1.26: not 0.99)."""
+    ``UNCERTAIN_BELOW`` (0.9899 read 0.99 in Slicer beside an 'uncertain' warning); within 1e-8 below a hundredth as
+    that one (a sure name's 1.0 comes out 0.9999999999999996 with numpy 1.24-1.26: not 0.99; 0.58 is
+    0.57999999999999996: not 0.57), except where that would show one below ``UNCERTAIN_BELOW`` at or above it."""
     p = float(p)
-    return f"{np.floor(p * 100 + (1e-6 if p >= UNCERTAIN_BELOW else 0.0)) / 100:.2f}"
+    shown = np.floor(p * 100 + 1e-6) / 100
+    if p < UNCERTAIN_BELOW <= shown:
+        shown = np.floor(UNCERTAIN_BELOW * 100 - 1e-6) / 100
+    return f"{shown:.2f}"
 
 # Temperature of the level head's evidence in the confidences: forward-backward divides each vertebra's level log-scores
 # by it (the population priors, the gap likelihoods and the scale prior stay as they are), while the labels come from
