@@ -65,7 +65,7 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
     all labelled, 1 some failed, 2 no output folder, no model, or an output that would replace an input) and the
     inputs that failed."""
     from .inference import reuse_freed_memory
-    from .io import InputError, case_name, make_writable_folder, read_image
+    from .io import InputError, case_name, folder_lock, make_writable_folder, read_image
     from .models import ModelError
     from .pipeline import get_model, label_spine, require_vertebrae
     from .writers import check_replaceable, output_paths, report_path, write_all
@@ -92,8 +92,9 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
                 print(f"spinelabel: error: {output} would replace the input {replaced}; choose another output folder",
                       file=sys.stderr)
                 return 2, []
-        try:  # found now, not after labelling
-            check_replaceable(out, case_name(path))
+        try:  # found now, not after labelling; under the lock, as another run's renames half done look foreign
+            with folder_lock(out):
+                check_replaceable(out, case_name(path))
         except FileExistsError as err:
             print(f"spinelabel: error: {err}; choose another output folder", file=sys.stderr)
             return 2, []

@@ -886,7 +886,8 @@ def make_writable_folder(folder: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def no_empty_new_folders(*folders: str | os.PathLike) -> Iterator[None]:
     """Around work that writes into ``folders``: the folders of their paths that do not exist now and are empty when
-    the block ends (it failed or was stopped before writing anything) are removed, innermost first."""
+    the block ends (it failed or was stopped before writing anything) are removed, innermost first; not one whose
+    ``folder_lock`` another process holds (it is about to write into it)."""
     created = sorted({p for folder in map(Path, folders) for p in (folder, *folder.parents) if not p.exists()},
                      key=lambda p: len(p.parts), reverse=True)
     try:
@@ -894,26 +895,78 @@ def no_empty_new_folders(*folders: str | os.PathLike) -> Iterator[None]:
     finally:
         for path in created:
             if path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
+                try:
+                    fd, held = _lock(path, wait=False)
+                except FileNotFoundError:
+                    continue
+                try:
+                    if held is not False and not any(path.iterdir()):
+                        path.rmdir()
+                finally:
+                    if fd is not None:
+                        os.close(fd)
+
+
+def _lock(folder: Path, wait: bool) -> tuple[int | None, bool | None]:
+    """An open descriptor of ``folder`` and whether its ``flock`` is held: False when another holds it and ``wait`` is
+    False; (None, None) where there is no lock to take (no ``flock``, the folder cannot be opened or its file system
+    refuses the lock). Closing the descriptor releases the lock.
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist, or was removed or replaced while its lock was awaited.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None, None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return None, None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                return fd, False
+            log.info("waiting for another process writing into %s", folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        locked, here = os.fstat(fd), os.stat(folder)
+        if (here.st_dev, here.st_ino) != (locked.st_dev, locked.st_ino):
+            raise FileNotFoundError(errno.ENOENT, "replaced while its lock was awaited", str(folder))
+        return fd, True
+    except FileNotFoundError:
+        os.close(fd)
+        raise
+    except OSError as err:  # a file system without flock
+        os.close(fd)
+        log.debug("no lock on %s: %s", folder, err)
+        return None, None
 
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive advisory lock on the existing ``folder`` itself (``flock``; no lock file is made) for the
     block, so that two processes writing one set of files into it (two ``spinelabel label`` runs into one folder,
-    two exports into one dataset) take turns instead of interleaving their renames. No lock where there is no
-    ``flock`` (Windows) or the folder cannot be opened: the block runs as before."""
+    two exports into one dataset) take turns instead of interleaving their renames. A folder removed while this
+    waited (the run before failed, and ``no_empty_new_folders`` removed the empty folder it had made) is made again.
+    No lock where there is no ``flock`` (Windows), the folder cannot be opened or its file system refuses the lock:
+    the block runs as before. On NFS the lock holds among the processes of one machine only. Not re-entrant: a
+    process taking it again for the same folder waits for itself."""
+    fd = None
+    for _ in range(3 if Path(folder).is_dir() else 0):  # a few tries: not forever where the folder keeps changing
+        try:
+            fd, _held = _lock(Path(folder), wait=True)
+            break
+        except FileNotFoundError:
+            Path(folder).mkdir(parents=True, exist_ok=True)
     try:
-        import fcntl
-        fd = os.open(folder, os.O_RDONLY)
-    except (ImportError, OSError):
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager
@@ -926,6 +979,8 @@ def write_errors_named(final: str | os.PathLike) -> Iterator[None]:
     except OSError as err:
         if str(final) in str(err):
             raise
+        if err.errno is None:  # PIL's "encoder error -2": not "[Errno None] cannot write ..."
+            raise OSError(f"cannot write {final}: {err}") from err
         raise OSError(err.errno, f"cannot write {final}: {err.strerror or err}") from err
     except RuntimeError as err:  # SimpleITK's and torch's failed writes, which say nothing of a full disk
         try:

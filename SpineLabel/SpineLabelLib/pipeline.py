@@ -783,8 +783,7 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
         prob_on_input = resample_to_grid(prob_image, reference, pixel_type=sitk.sitkUInt8)
         ids, prob = sitk.GetArrayViewFromImage(ids_on_input), sitk.GetArrayViewFromImage(prob_on_input)  # no copies
         target = out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]]
-        # boxes overlap, and a voxel equally near two model-grid voxels may take either id in either box's resampling:
-        # it goes to the first id that takes it, so that every voxel is counted once
+        # boxes overlap: a voxel goes to the first id that takes it, so that every voxel is counted once
         inside = (ids == vid) & (prob >= _PROBABILITY_STEPS // 2) & (target == 0)
         target[inside] = vid
         voxels[vid] = int(np.count_nonzero(inside))
