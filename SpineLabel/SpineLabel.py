@@ -331,9 +331,10 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -------------------------------------------------------------------------------------- dependencies
 
-    def _packagesText(self, missing) -> str:
-        """The requirements ``missing``, each that fails to import with its error."""
-        broken = self.logic.brokenPackages()
+    @staticmethod
+    def _packagesText(missing, broken) -> str:
+        """The requirements ``missing``, each that fails to import with its error (``broken``, as
+        ``SpineLabelLogic.brokenPackages`` gives them)."""
         return ", ".join(_("{requirement} (installed, but its import fails: {error})").format(
             requirement=requirement, error=broken[requirement]) if requirement in broken else requirement
             for requirement in missing)
@@ -342,9 +343,10 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = self.logic.missingPackages()
         self.ui.installButton.visible = bool(missing)
         if missing:
+            broken = self.logic.brokenPackages()
             self._dependencyStatus = _("Missing Python packages: {packages}").format(
-                packages=self._packagesText(missing))
-            again = sorted(self._reinstalled & set(self.logic.brokenPackages()))
+                packages=self._packagesText(missing, broken))
+            again = sorted(self._reinstalled & set(broken))
             if again:  # this Slicer holds the parts of them its first import loaded
                 self._dependencyStatus += " " + _("Restart Slicer to load {packages}, installed again.").format(
                     packages=", ".join(again))
@@ -357,13 +359,14 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not missing:
             self.updateDependencyStatus()
             return
+        broken = self.logic.brokenPackages()
         if not slicer.util.confirmOkCancelDisplay(
             _("SpineLabel needs these Python packages: {packages}. Download and install them now? "
-              "This can take several minutes.").format(packages=self._packagesText(missing)),
+              "This can take several minutes.").format(packages=self._packagesText(missing, broken)),
             windowTitle=_("Install dependencies"),
         ):
             return
-        self._reinstalled |= set(self.logic.brokenPackages())
+        self._reinstalled |= set(broken)
         with errorsShown(_("Failed to install dependencies.")):
             self.logic.installDependencies()
         self.updateDependencyStatus()  # what a failed install did install counts too
