@@ -832,6 +832,38 @@ def test_what_the_reader_noted_is_among_the_warnings(tmp_path, random_model):
     assert result.warnings[0].startswith("its qform and sform disagree (axes toward RAI and RAS), and it was read by "
                                          "the sform")
 
+def test_a_stray_beyond_the_end_is_left_out_once_a_component_off_the_line_no_longer_bridges_to_it(random_model,
+                                                                                                  monkeypatch):
+    """A component 52 mm in front of the spine below its last vertebra split the gap to a stray 112 mm below it
+    (61 mm, then 95: neither three spacings), so the stray was kept past the end; once the one off the line
+    was left out, the stray took a level. As a CT's metal streaks made them (a helper's probe: 'T11' at 0.995 in front
+    of T12). The network's output is made up here, on the 4 mm grid of the random model."""
+    from SpineLabelLib import pipeline
+    from SpineLabelLib.inference import Prediction
+    from SpineLabelLib.vertebrae import BODY, DISC
+
+    def made_up(loaded, volume, device, **kwargs):
+        z, y, x = volume.shape
+        tissue = np.zeros(volume.shape, np.uint8)
+        for k in range(5):  # 24 mm bodies under 8 mm discs, 32 mm apart, from the top down
+            top = z - 4 - 8 * k
+            tissue[top - 6 : top, 26:34, 5:15] = BODY
+            tissue[top - 8 : top - 6, 26:34, 5:15] = DISC
+        tissue[z - 50 : z - 44, 13:21, 5:15] = BODY  # 32 mm below the last body, 52 mm in front of it
+        tissue[z - 70 : z - 64, 28:32, 7:12] = BODY  # small, 112 mm below the last body
+        body = (tissue == BODY).astype(np.float16) * np.float16(0.95)
+        levels = np.zeros((len(LEVELS), *((n + 1) // 2 for n in volume.shape)), np.float16)  # no level evidence
+        return Prediction(tissue, body, body.copy(), levels)
+
+    monkeypatch.setattr(pipeline, "_predict_in_context", made_up)
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100.0, 5.0, (170, 80, 40)).astype(np.float32))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    result = label_spine(image, model=random_model, device="cpu", modality="mr")
+    assert len(result.vertebrae) == 5 and result.gaps_mm == pytest.approx([32.0] * 4)
+    assert result.warnings[:2] == ["ignored a vertebra-like component 52 mm off the line of the spine",
+                                   "ignored a vertebra-like component 112 mm beyond the end of the spine"]
+
+
 def test_a_component_beside_the_spine_takes_no_level(monkeypatch):
     """A body-like blob in front of the column (as a bowel loop might come out of the network) is sorted into the
     chain beside a vertebra; left in, it took a level (an L6 here, 10 vertebrae) and renamed the vertebrae below it."""

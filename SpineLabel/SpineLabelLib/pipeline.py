@@ -103,6 +103,12 @@ def regular_column(gaps_mm: np.ndarray) -> int:
     return longest + 1 if longest else 0
 
 
+def _beyond_the_end(gaps_mm: list[float]) -> list[str]:
+    """The warnings for components left out beyond an end of the chain (``features.drop_detached_ends``), each by
+    the gap in mm that cut it off."""
+    return [f"ignored a vertebra-like component {gap:.0f} mm beyond the end of the spine" for gap in gaps_mm]
+
+
 def is_spine(spine_probability: float, n_components: int, column: int = 0) -> bool:
     """The spine gate: whether ``n_components`` vertebra-like components of median vertebral-body probability
     ``spine_probability``, ``column`` of them in a regular column (``regular_column``), make a spine."""
@@ -416,7 +422,7 @@ def label_spine(
     if refused:  # and the gate off
         warnings.append(f"labelled with the spine gate off, which would have refused it as no spine: {len(measured)} "
                         f"vertebra-like component(s), median vertebral-body probability {median:.2f}")
-    warnings += [f"ignored a vertebra-like component {gap:.0f} mm beyond the end of the spine" for gap in detached]
+    warnings += _beyond_the_end(detached)
     most = len(LEVELS) + SACRAL_SEGMENTS_BELOW_S1  # the sacrum's lower segments may come out as bodies of their own
     if len(ordered) > most:
         ordered = sorted(ordered, key=lambda f: -f.volume_ml)[:most]
@@ -435,6 +441,9 @@ def label_spine(
         position, off_mm = astray
         warnings.append(f"ignored a vertebra-like component {off_mm:.0f} mm off the line of the spine")
         ordered, gaps = feat.chain_order(ordered[:position] + ordered[position + 1:])
+        # the gaps it split may have hidden a stray beyond an end (Rule D, benchmarks/RESULTS.md)
+        ordered, gaps, detached = feat.drop_detached_ends(ordered, gaps)
+        warnings += _beyond_the_end(detached)
         scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
         solution = solve(scores, gaps)
     # two neighbours far closer than their levels' spacing, together no bigger than one vertebra: one body split in
