@@ -380,7 +380,7 @@ def test_a_view_of_one_vertebra_is_refused_as_too_few_to_number():
     half = round(20.0 / phantom.image.GetSpacing()[2])
     refused = label_spine(phantom.image[:, :, centre - half : centre + half], device="cpu")
     assert refused.vertebrae == [] and refused.warnings[0].startswith(
-        "no spine recognised: 1 vertebra-like component(s) only (a spine is numbered from two or more in view)")
+        "no spine recognised: 1 vertebra-like component(s) only (a spine is numbered from 2 or more in view)")
 
 
 def test_the_spine_gate_can_be_switched_off(random_model, small_phantom):

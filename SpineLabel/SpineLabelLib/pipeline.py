@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # through; no real scan is stopped, and of the 155 real short copies of ``real_data.py evaluate --selection --length-mm
 # 70`` 7 were refused (8 before; 5 since the model grid's planes beyond the scan copy its last one). A crop holding a
 # single vertebra is not labelled.
+MIN_COMPONENTS = 2  # the "at least two" above
 MIN_SPINE_PROBABILITY = 0.84
 MIN_SPINE_PROBABILITY_LONG_COLUMN = 0.82
 LONG_COLUMN = 5
@@ -112,7 +113,7 @@ def _beyond_the_end(gaps_mm: list[float]) -> list[str]:
 def is_spine(spine_probability: float, n_components: int, column: int = 0) -> bool:
     """The spine gate: whether ``n_components`` vertebra-like components of median vertebral-body probability
     ``spine_probability``, ``column`` of them in a regular column (``regular_column``), make a spine."""
-    if n_components < 2:
+    if n_components < MIN_COMPONENTS:
         return False
     if column >= REGULAR_COLUMN and spine_probability >= MIN_SPINE_PROBABILITY_REGULAR_COLUMN:
         return True
@@ -412,7 +413,8 @@ def label_spine(
     ordered, gaps, detached = feat.drop_detached_ends(ordered, gaps)
     refused = median is not None and not is_spine(median, len(measured), regular_column(gaps))
     if spine_gate and refused:
-        few = " only (a spine is numbered from two or more in view)" if len(measured) < 2 else ""
+        few = (f" only (a spine is numbered from {MIN_COMPONENTS} or more in view)" if len(measured) < MIN_COMPONENTS
+               else "")
         warnings.append(f"{_NO_SPINE}: {len(measured)} vertebra-like component(s){few}, median vertebral-body "
                         f"probability {median:.2f}; if this is a spine, check that its header orients it right (one "
                         "turned front to back can be taken for no spine), or label it with the spine gate off "
