@@ -770,10 +770,10 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
     lo_all = np.min([lo for _, lo, _ in boxes], axis=0)
     crop = tuple(slice(a, b + 1) for a, b in zip(lo_all, np.max([hi for _, _, hi in boxes], axis=0)))
     # placed a hair (``_TIE_BREAK`` of a model voxel) back along each grid axis: input voxels whose centres lie halfway
-    # between two model voxels (every other 1 mm voxel, every 3 mm voxel: the model grid starts at the input's corner
-    # voxel) go to the upper one, as ITK rounds an exact tie, and are no ties, which a rounding of the header's axis
-    # directions by 4e-10 decided either way (sub-verse014 so rounded: 5 % of its labelled voxels changed, up to 3
-    # voxels deep with the dense bone grown from them)
+    # between two model voxels (every other 1 mm or 3 mm voxel: the model grid starts at the input's corner voxel) go
+    # to the upper one, as ITK rounds an exact tie, and are no ties, which a rounding of the header's axis directions
+    # by 4e-10 decided either way (sub-verse014 so rounded: 5 % of its labelled voxels changed, up to 3 voxels deep
+    # with the dense bone grown from them)
     crop_origin = grid_geometry.index_to_lps(lo_all[::-1].astype(float) - _TIE_BREAK)
     comp_image = _placed(sitk.GetImageFromArray(components[crop].astype(np.int16)), grid, crop_origin)
     prob_image = _placed(sitk.GetImageFromArray(np.rint(bone_probability[crop] * _PROBABILITY_STEPS).astype(np.uint8)),
