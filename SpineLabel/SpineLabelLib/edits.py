@@ -197,6 +197,11 @@ def rename(result: SpineLabeling, vertebra_id: int, name: str, lock: bool = True
 def set_locked(result: SpineLabeling, vertebra_id: int, locked: bool) -> SpineLabeling:
     """Fix a vertebra's current name (``locked=True``) or release it to the sequence model (``False``).
 
+    Args:
+        result: the labelling.
+        vertebra_id: id of the vertebra to lock or release.
+        locked: True to fix its current name, False to release it.
+
     Raises:
         KeyError: unknown vertebra id.
         ValueError: the fixed labels contradict each other.
@@ -216,6 +221,11 @@ def move_point(result: SpineLabeling, vertebra_id: int, new_lps: tuple[float, fl
       gaps with it. The vertebra's voxels do not move with it, so a drop that lies outside the image, that would
       change its place in the chain (past a neighbour; also on its own voxels, such as a spinous process reaching
       behind the vertebra above), or farther than ``MOVE_REACH_MM`` from the vertebra's voxels is refused.
+
+    Args:
+        result: the labelling.
+        vertebra_id: id of the vertebra whose marker was moved.
+        new_lps: where it was dropped, LPS mm.
 
     Raises:
         KeyError: unknown vertebra id.
@@ -266,6 +276,10 @@ def _near_component(result: SpineLabeling, vertebra_id: int, point_lps, reach_mm
 def delete(result: SpineLabeling, vertebra_id: int) -> SpineLabeling:
     """Remove a vertebra: its voxels become background, its record goes, the rest is re-solved.
 
+    Args:
+        result: the labelling (not changed; a labelling with a new component array is returned).
+        vertebra_id: id of the vertebra to remove.
+
     Raises:
         KeyError: unknown vertebra id.
     """
@@ -280,6 +294,10 @@ def restore(result: SpineLabeling, vertebrae: list[Vertebra]) -> SpineLabeling:
     """Put back vertebrae that an earlier correction removed, whose voxels ``result.components`` holds again (an
     undo in the Segment Editor): each record goes where it fits in the chain, released (its name not fixed), and the
     names are re-solved.
+
+    Args:
+        result: the labelling whose ``components`` hold the removed vertebrae's voxels again.
+        vertebrae: the removed ``Vertebra`` records, as the labelling before the removal held them.
 
     Raises:
         ValueError: an id the labelling still has, one whose voxels are not in ``result.components``, or names fixed

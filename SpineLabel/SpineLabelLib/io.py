@@ -720,6 +720,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
             voxel size, not 3D (2D; 4D of more than one time point), not scalar (RGB, vector), empty, holding NaN/inf,
             on a sheared grid or axis directions that are not unit vectors, or of a size no body has
             (``checked_image``).
+        TypeError: ``path`` is no ``str`` or ``os.PathLike`` (an image, a number).
     """
     p = _given_path(path)
     if not p.exists():
