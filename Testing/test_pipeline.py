@@ -584,31 +584,41 @@ def test_an_image_in_memory_is_checked_as_a_file_is():
         label_spine(sitk.GetImageFromArray(volume[0]))
 
 
-def test_a_component_far_beyond_the_end_of_the_spine_is_left_out_and_named(random_model, monkeypatch):
-    """A body-like component four spacings below the last vertebra (an artefact at the edge of the view, a femoral
-    head) is no vertebra a miss explains: it gets no level and no voxels in the label map, and the warnings say it
-    was left out, so that a user who sees a vertebra there knows to add it. The network's output is made up here:
-    five bodies 32 mm apart and the component 128 mm below them, on the 4 mm grid of the random model."""
+def _labelled_made_up(model, monkeypatch, column_y: slice, strays, image_y: int = 40):
+    """``label_spine`` on a made-up network output on the 4 mm grid of the random model: five 24 mm bodies under 8 mm
+    discs, 32 mm apart from the top down, at rows ``column_y``, and body-like ``strays`` ((z from the grid's end: the
+    slice ``z - a : z - b`` for (a, b), y slice, x slice) each), without level evidence; the image 170 x ``image_y`` x
+    40 voxels of 2 mm."""
     from SpineLabelLib import pipeline
     from SpineLabelLib.inference import Prediction
     from SpineLabelLib.vertebrae import BODY, DISC
 
     def made_up(loaded, volume, device, **kwargs):
-        z, y, x = volume.shape
+        z = volume.shape[0]
         tissue = np.zeros(volume.shape, np.uint8)
-        for k in range(5):  # 24 mm bodies under 8 mm discs, from the top down
+        for k in range(5):
             top = z - 4 - 8 * k
-            tissue[top - 6 : top, 6:14, 5:15] = BODY
-            tissue[top - 8 : top - 6, 6:14, 5:15] = DISC
-        tissue[z - 74 : z - 68, 6:14, 5:15] = BODY  # its centre 32 voxels below the last body's (z - 39.5)
+            tissue[top - 6 : top, column_y, 5:15] = BODY
+            tissue[top - 8 : top - 6, column_y, 5:15] = DISC
+        for (a, b), y, x in strays:
+            tissue[z - a : z - b, y, x] = BODY
         body = (tissue == BODY).astype(np.float16) * np.float16(0.95)
         levels = np.zeros((len(LEVELS), *((n + 1) // 2 for n in volume.shape)), np.float16)  # no level evidence
         return Prediction(tissue, body, body.copy(), levels)
 
     monkeypatch.setattr(pipeline, "_predict_in_context", made_up)
-    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100.0, 5.0, (170, 40, 40)).astype(np.float32))
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100.0, 5.0, (170, image_y, 40)).astype(np.float32))
     image.SetSpacing((2.0, 2.0, 2.0))
-    result = label_spine(image, model=random_model, device="cpu", modality="mr")
+    return label_spine(image, model=model, device="cpu", modality="mr")
+
+
+def test_a_component_far_beyond_the_end_of_the_spine_is_left_out_and_named(random_model, monkeypatch):
+    """A body-like component four spacings below the last vertebra (an artefact at the edge of the view, a femoral
+    head) is no vertebra a miss explains: it gets no level and no voxels in the label map, and the warnings say it
+    was left out, so that a user who sees a vertebra there knows to add it. The network's output is made up here:
+    five bodies 32 mm apart and the component 128 mm below them."""
+    # its centre 32 voxels below the last body's (z - 39.5)
+    result = _labelled_made_up(random_model, monkeypatch, slice(6, 14), [((74, 68), slice(6, 14), slice(5, 15))])
     assert len(result.vertebrae) == 5 and result.gaps_mm == pytest.approx([32.0] * 4)
     assert "ignored a vertebra-like component 128 mm beyond the end of the spine" in result.warnings
     assert set(np.unique(result.components)) == {0} | {v.id for v in result.vertebrae}
@@ -832,33 +842,17 @@ def test_what_the_reader_noted_is_among_the_warnings(tmp_path, random_model):
     assert result.warnings[0].startswith("its qform and sform disagree (axes toward RAI and RAS), and it was read by "
                                          "the sform")
 
+
 def test_a_stray_beyond_the_end_is_left_out_once_a_component_off_the_line_no_longer_bridges_to_it(random_model,
                                                                                                   monkeypatch):
     """A component 52 mm in front of the spine below its last vertebra split the gap to a stray 112 mm below it
     (61 mm, then 95: neither three spacings), so the stray was kept past the end; once the one off the line
     was left out, the stray took a level. As a CT's metal streaks made them (a helper's probe: 'T11' at 0.995 in front
-    of T12). The network's output is made up here, on the 4 mm grid of the random model."""
-    from SpineLabelLib import pipeline
-    from SpineLabelLib.inference import Prediction
-    from SpineLabelLib.vertebrae import BODY, DISC
-
-    def made_up(loaded, volume, device, **kwargs):
-        z, y, x = volume.shape
-        tissue = np.zeros(volume.shape, np.uint8)
-        for k in range(5):  # 24 mm bodies under 8 mm discs, 32 mm apart, from the top down
-            top = z - 4 - 8 * k
-            tissue[top - 6 : top, 26:34, 5:15] = BODY
-            tissue[top - 8 : top - 6, 26:34, 5:15] = DISC
-        tissue[z - 50 : z - 44, 13:21, 5:15] = BODY  # 32 mm below the last body, 52 mm in front of it
-        tissue[z - 70 : z - 64, 28:32, 7:12] = BODY  # small, 112 mm below the last body
-        body = (tissue == BODY).astype(np.float16) * np.float16(0.95)
-        levels = np.zeros((len(LEVELS), *((n + 1) // 2 for n in volume.shape)), np.float16)  # no level evidence
-        return Prediction(tissue, body, body.copy(), levels)
-
-    monkeypatch.setattr(pipeline, "_predict_in_context", made_up)
-    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100.0, 5.0, (170, 80, 40)).astype(np.float32))
-    image.SetSpacing((2.0, 2.0, 2.0))
-    result = label_spine(image, model=random_model, device="cpu", modality="mr")
+    of T12). The network's output is made up here."""
+    result = _labelled_made_up(random_model, monkeypatch, slice(26, 34), [
+        ((50, 44), slice(13, 21), slice(5, 15)),  # 32 mm below the last body, 52 mm in front of it
+        ((70, 64), slice(28, 32), slice(7, 12)),  # small, 112 mm below the last body
+    ], image_y=80)
     assert len(result.vertebrae) == 5 and result.gaps_mm == pytest.approx([32.0] * 4)
     assert result.warnings[:2] == ["ignored a vertebra-like component 52 mm off the line of the spine",
                                    "ignored a vertebra-like component 112 mm beyond the end of the spine"]
