@@ -1057,9 +1057,14 @@ def summary_markdown(summary: EvaluationSummary) -> str:
     lines = [
         f"# SpineLabel evaluation\n\nPredictions: `{summary.pred_dir}`; ground truth: `{summary.gt_dir}`. "
         f"Identified = closest predicted centroid has the GT label and lies within {ID_RADIUS_MM:g} mm. "
+        "Loc. error = distance from each GT centroid to the predicted centroid of its label (VerSe's localisation "
+        "distance: a vertebra named one level off counts the distance to the vertebra given its name), over the GT "
+        "vertebrae whose label is predicted. "
         "Dice for whole-vertebra GT (names aside: against the predicted vertebra overlapping each GT vertebra most, "
-        "whatever its label), body coverage for bodies-only GT. Shift = median predicted minus GT level "
-        "(positive: labels too caudal). Uncertain = the closest predicted label's confidence is below "
+        "whatever its label), body coverage for bodies-only GT. Shift = median predicted minus GT level over the "
+        f"predicted centroids paired with the closest GT centroid within {ID_RADIUS_MM:g} mm (positive: labels too "
+        "caudal); off by one = more than half of those pairs one level apart the same way. Uncertain = the closest "
+        "predicted label's confidence is below "
         f"{UNCERTAIN_BELOW:g}, where SpineLabel warns (from `NAME_report.json`); confident = at or above it.\n",
         "## Cases\n",
         "| case | group | GT vertebrae | identified | id rate | loc. error (mm) | vertebrae not predicted | Dice "
