@@ -1,7 +1,7 @@
 """``label_spine``: the whole SpineLabel pipeline as one call, used by the CLI and the Slicer logic.
 
-read -> model grid (LPS-aligned, model spacing) -> normalise -> network -> body components -> features -> chain ->
-sequence model -> components back on the input grid.
+read -> model grid (axes along L, P, S, an oblique input keeping its tilt; model spacing) -> normalise -> network ->
+body components -> features -> chain -> sequence model -> components back on the input grid.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ For an input ``NAME`` the outputs are ``NAME`` + each of ``OUTPUT_SUFFIXES``:
 - ``NAME_seg.nii.gz``: uint8 VerSe label map on the input grid.
 - ``NAME.seg.nrrd``: 3D Slicer segmentation (one labelmap layer, VerSe label values, one segment per level with its
   colour and SNOMED CT terminology), on the input grid.
-- ``NAME.mrk.json``: Slicer markups fiducial list, one control point per vertebra at its body centroid (LPS mm).
+- ``NAME.mrk.json``: Slicer markups fiducial list, one control point per vertebra at its body centroid (the arch's,
+  for a vertebra whose body lies above the view; ``result.Vertebra.centroid_lps_mm``), LPS mm.
 - ``NAME_ctd.json``: VerSe centroid list. ``X, Y, Z`` are continuous voxel coordinates of the body centroid in the
   image reoriented to the axis codes of ``direction`` (VerSe writes ``["P", "I", "R"]``: the first voxel axis points
   posterior, the second inferior, the third to the right), i.e. the voxel coordinates
