@@ -385,3 +385,17 @@ def test_an_export_waiting_while_a_refused_one_removes_the_new_dataset_folder_st
     first.join(), second.join()
     assert isinstance(results["first"], ValueError)
     assert results["second"] == dataset / "labelsTr" / "spine_ct_0001.nii.gz" and results["second"].is_file()
+
+
+@pytest.mark.parametrize("channel", ["ct", "Ct"])
+def test_a_dataset_whose_channel_says_ct_in_another_case_takes_a_ct_export(tmp_path, spine, channel):
+    """nnU-Net reads channel names case-insensitively ("ct" is its CT normalisation as "CT" is); the export refused
+    such a dataset with "dataset holds ct images, this one is CT", and its cases were read as of no recorded
+    modality."""
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": channel}, "labels": {"background": 0},
+                                                       "numTraining": 0, "file_ending": ".nii.gz"}))
+    label_path = export.export_case(spine.result, spine.image, tmp_path)
+    assert json.loads((tmp_path / "dataset.json").read_text())["channel_names"] == {"0": channel}  # its spelling
+    assert export.recorded_modality(label_path) == "CT"
+    with pytest.raises(ValueError, match=f"dataset holds {channel} images, this one is MR"):
+        export.export_case(spine.result.copy(modality="MR"), spine.image, tmp_path)

@@ -141,17 +141,24 @@ def dataset_channel(document: dict) -> str | None:
     return channels.get("0") if isinstance(channels, dict) else None
 
 
+def _channel_modality(channel) -> str | None:
+    """``"CT"`` or ``"MR"`` for a channel name that says it in any case (nnU-Net reads channel names case-insensitively:
+    ``ct`` is its CT normalisation as ``CT`` is), else None."""
+    name = channel.upper() if isinstance(channel, str) else None
+    return name if name in ("CT", "MR") else None
+
+
 def recorded_modality(label_path: str | os.PathLike) -> str | None:
     """``"CT"`` or ``"MR"``: the modality that the nnU-Net dataset of label map ``label_path`` records for its images
     (``export_case`` records the one the labelling took the image for, which may be the user's choice, not what
-    ``inference.modality_of`` detects); None when its ``dataset.json`` records neither, or for another label map.
+    ``inference.modality_of`` detects; ``ct`` or ``mr`` in another case count too); None when its ``dataset.json``
+    records neither, or for another label map.
 
     Raises:
         InputError: an unreadable ``dataset.json``.
     """
     document = _dataset_of(label_path)
-    channel = dataset_channel(document) if document is not None else None
-    return channel if channel in ("CT", "MR") else None
+    return _channel_modality(dataset_channel(document)) if document is not None else None
 
 
 def provenance_of(label_path: str | os.PathLike) -> dict | None:
@@ -375,7 +382,7 @@ def _export_case(result: SpineLabeling, image: sitk.Image, dataset_dir: Path, ca
         if held is None:
             raise ValueError(f"{dataset_dir}: its dataset.json names no channel '0' under 'channel_names' "
                              "(nnU-Net v2), so the modality of its images is unknown")
-        if held != modality:
+        if _channel_modality(held) != modality:  # "ct" is CT: nnU-Net reads channel names in any case
             raise ValueError(f"{dataset_dir}: dataset holds {held} images, this one is {modality}")
         channels = dataset.get("channel_names")
         if len(channels) > 1:  # an export writes one image per case: the dataset would lose its other channels
@@ -423,7 +430,7 @@ def _export_case(result: SpineLabeling, image: sitk.Image, dataset_dir: Path, ca
     document.update({
         "name": document.get("name", dataset_dir.name),
         "description": document.get("description", "Vertebrae labelled with SpineLabel and corrected by hand"),
-        "channel_names": {"0": modality},
+        "channel_names": {"0": dataset_channel(dataset) if dataset is not None else modality},  # its own spelling
         "bodies_only": False,
         "labels": dataset_labels(),
         "numTraining": num_training,
