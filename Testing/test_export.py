@@ -399,3 +399,20 @@ def test_a_dataset_whose_channel_says_ct_in_another_case_takes_a_ct_export(tmp_p
     assert export.recorded_modality(label_path) == "CT"
     with pytest.raises(ValueError, match=f"dataset holds {channel} images, this one is MR"):
         export.export_case(spine.result.copy(modality="MR"), spine.image, tmp_path)
+
+
+def test_no_file_of_a_case_is_in_the_dataset_before_all_its_files_are_written(tmp_path, spine, monkeypatch):
+    """nnU-Net counts the images of imagesTr/ as cases: an export killed after its image was renamed into place and
+    before its label map was written left an image without a label map, and nnU-Net refused the dataset from then on
+    (later exports count their cases from labelsTr/). The case's files are renamed together at the end now."""
+    seen = {}
+
+    def write_label_map(result, path):
+        seen["imagesTr"] = sorted(p.name for p in (tmp_path / "imagesTr").glob("*.nii.gz"))
+        writers_write_label_map(result, path)
+
+    writers_write_label_map = export.writers.write_label_map
+    monkeypatch.setattr(export.writers, "write_label_map", write_label_map)
+    label_path = export.export_case(spine.result, spine.image, tmp_path)
+    assert seen["imagesTr"] == []  # a kill here would have left nothing a reader counts
+    assert label_path.is_file() and (tmp_path / "imagesTr" / "spine_ct_0001_0000.nii.gz").is_file()

@@ -22,10 +22,11 @@ A case is never overwritten: an existing ``case_id`` raises, and automatic ids c
 image the dataset holds already (the same voxels on the same grid, by the ``image_sha256`` of its provenance record)
 replaces that case: the new case is written in full under its new id first, then the earlier one is removed, so a
 scan corrected and exported twice trains once, with its latest labels.
-Every file is written under a temporary name and renamed when complete (:func:`SpineLabelLib.io.atomic_path`);
-an export that fails removes the files of its case it had written, ``dataset.json`` is written after them, and an
-earlier case of the same image is removed only after that, so only a killed process can leave some files of a case
-that ``dataset.json`` does not count, or the earlier case of a replaced image.
+Every file is written under a temporary name; a case's four files are renamed together once all are complete
+(:func:`SpineLabelLib.io.atomic_paths`), ``dataset.json`` is written after them, and an earlier case of the same image
+is removed only after that. An export that fails removes the files of its case it had put in place, so only a process
+killed between those renames can leave some files of a case, or a case that ``dataset.json`` does not count, or the
+earlier case of a replaced image.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import SimpleITK as sitk
 
 from . import __version__, writers
 from .edits import check_image_grid
-from .io import (CASE_SUFFIXES, InputError, atomic_path, case_key, folder_lock, make_writable_folder,
+from .io import (CASE_SUFFIXES, InputError, atomic_path, atomic_paths, case_key, folder_lock, make_writable_folder,
                  no_empty_new_folders, write_errors_named, write_image)
 from .result import Geometry, SpineLabeling
 from .vertebrae import COCCYX_LABEL, LEVELS, Level, level_index
@@ -290,31 +291,34 @@ def _cases_of_image(dataset_dir: Path, digest: str) -> list[str]:
 
 def _write_case(result: SpineLabeling, image: sitk.Image, paths: dict[str, Path], case_id: str, modality: str,
                 corrections: list[dict] | None, model: dict | None, digest: str, replaces: list[str]) -> None:
-    """The four files of one exported case (``_paths``): image, label map, centroids, provenance. The label map and
-    the centroids take the image's grid exactly (the labelling's may differ within ``check_image_grid``'s tolerance)."""
+    """The four files of one exported case (``_paths``): image, label map, centroids, provenance, all or nothing
+    (``atomic_paths``: a process killed while writing them leaves none in the dataset's folders, where nnU-Net would
+    count an image without its label map as a case). The label map and the centroids take the image's grid exactly
+    (the labelling's may differ within ``check_image_grid``'s tolerance)."""
     result = result.copy(geometry=Geometry.of(image))
-    with atomic_path(paths["image"]) as tmp:
-        write_image(image, tmp, paths["image"])
-    with write_errors_named(paths["label"]):
-        writers.write_label_map(result, paths["label"])
-    with write_errors_named(paths["centroids"]):
-        writers.write_centroids(result, paths["centroids"])
-    with atomic_path(paths["provenance"]) as tmp, write_errors_named(paths["provenance"]):
-        writers.write_json({
-            "case_id": case_id,
-            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "spinelabel_version": __version__,
-            "model": dict(model if model is not None else result.model),
-            "source": result.source,
-            "image_sha256": digest,
-            "replaces": replaces,
-            "modality": modality,
-            "vertebrae": [{"id": v.id, "name": v.name, "label": v.label, "fixed": v.fixed,
-                           "confidence": round(float(v.confidence), 4)} for v in result.vertebrae],
-            "corrected": sorted(v.name for v in result.vertebrae if v.fixed),
-            "corrections": list(corrections or []),
-            "warnings": list(result.warnings),
-        }, tmp)
+    with atomic_paths([paths[k] for k in ("image", "label", "centroids", "provenance")]) as tmps:
+        image_tmp, label_tmp, centroids_tmp, provenance_tmp = tmps
+        write_image(image, image_tmp, paths["image"])
+        with write_errors_named(paths["label"]):
+            writers.write_label_map(result, label_tmp)
+        with write_errors_named(paths["centroids"]):
+            writers.write_centroids(result, centroids_tmp)
+        with write_errors_named(paths["provenance"]):
+            writers.write_json({
+                "case_id": case_id,
+                "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "spinelabel_version": __version__,
+                "model": dict(model if model is not None else result.model),
+                "source": result.source,
+                "image_sha256": digest,
+                "replaces": replaces,
+                "modality": modality,
+                "vertebrae": [{"id": v.id, "name": v.name, "label": v.label, "fixed": v.fixed,
+                               "confidence": round(float(v.confidence), 4)} for v in result.vertebrae],
+                "corrected": sorted(v.name for v in result.vertebrae if v.fixed),
+                "corrections": list(corrections or []),
+                "warnings": list(result.warnings),
+            }, provenance_tmp)
 
 
 def export_case(
