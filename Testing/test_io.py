@@ -586,6 +586,39 @@ def test_a_float64_nifti_is_read_as_float32_on_itk_s_grid(tmp_path, name, monkey
     assert Geometry.of(read).matches(Geometry.of(itk)) and read.GetSize() == itk.GetSize()
 
 
+# what ITK raises when the memory for an image's voxels cannot be allocated (SimpleITK 2.5, ITK 5.4)
+_ITK_NO_MEMORY = ("Exception thrown in SimpleITK {}: /tmp/SimpleITK-build/ITK-prefix/include/ITK-5.4/"
+                  "itkImportImageContainer.hxx:179:\nFailed to allocate memory for image.")
+
+
+@pytest.mark.parametrize("name", ["big.nrrd", "big.mha", "big.nii.gz"])
+def test_an_image_too_large_for_memory_is_said_so_not_unreadable(tmp_path, name, monkeypatch):
+    """An image whose voxels do not fit in memory (a 4096 x 4096 x 2000 header, 67 GB of int16, on a 24 GB machine) was
+    refused as "unreadable image (Failed to allocate memory for image.)": the file is fine, the memory is missing.
+    The message says so, with the header's size and how much memory its voxels need."""
+    sitk.WriteImage(sitk.Image([40, 30, 20], sitk.sitkInt16), str(tmp_path / name))
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError(_ITK_NO_MEMORY.format("ImageFileReader_execute"))
+
+    monkeypatch.setattr(sitk, "ReadImage", no_memory)
+    with pytest.raises(InputError, match=rf"{name}: not enough memory to read this image \(40 x 30 x 20 voxels of "
+                       r"16-bit signed integer: 4\.8e-05 GB\)$"):
+        read_image(tmp_path / name)
+
+
+def test_a_float64_image_too_large_to_convert_is_said_so(monkeypatch):
+    """A float64 image (a NRRD, MetaImage or one made in memory) is converted to float32 whole, beside its float64
+    voxels (12 bytes a voxel at once): where that memory is missing, ITK's message named a file of its build."""
+    def no_memory(*args, **kwargs):
+        raise RuntimeError(_ITK_NO_MEMORY.format("Cast"))
+
+    monkeypatch.setattr(sitk, "Cast", no_memory)
+    with pytest.raises(InputError, match=r"scan: not enough memory to convert its float64 voxels to float32 \(9\.6e-05 "
+                       r"GB more beside the 0\.000192 GB it holds\)"):
+        checked_image(sitk.Image([40, 30, 20], sitk.sitkFloat64), "scan")
+
+
 @pytest.mark.parametrize("qform_code, sform_code", [(0, 2), (1, 0), (1, 1)])
 def test_a_nifti1_with_a_negative_voxel_size_is_refused(tmp_path, qform_code, sform_code):
     """ITK turned the axes of a negative pixdim round, against both forms (nibabel reads the size as positive): a

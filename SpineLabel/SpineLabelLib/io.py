@@ -561,6 +561,9 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
             with itk_warnings(False):  # "unexpected scales in sform": said by the note or the error
                 image = sitk.ReadImage(str(path), imageIO="MetaImageIO" if metaimage else "")
         except RuntimeError as err:
+            if _out_of_memory(err):  # the file may be fine: the memory for its voxels is missing
+                raise InputError(f"{path}: not enough memory to read this {what}{_voxels_needed(path, metaimage)}"
+                                 ) from None
             if nifti and (reason := _unreadable_nifti1_form(path)):
                 raise InputError(f"{path}: {reason}") from None
             raise InputError(f"{path}: unreadable {what} ({_itk_reason(err)})") from None
@@ -641,6 +644,33 @@ def _check_data_file(path: Path) -> None:
                 if not (path.parent / value).exists():
                     raise InputError(f"{path}: its voxels are in {path.parent / value}, which is missing")
             return
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether an ITK exception says that the memory for an image could not be allocated (ITK's "Failed to allocate
+    memory for image.", or a C++ std::bad_alloc)."""
+    return "Failed to allocate memory" in str(err) or "bad_alloc" in str(err)
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.3g} GB"
+
+
+def _voxels_needed(path: Path, metaimage: bool) -> str:
+    """`` (X x Y x Z voxels of TYPE: N GB)`` from the header of image file ``path``; "" where it cannot be read."""
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        if metaimage:
+            reader.SetImageIO("MetaImageIO")
+        with itk_warnings(False):
+            reader.ReadImageInformation()
+        size = reader.GetSize()
+        pixel = sitk.Image([1] * len(size), reader.GetPixelID(), reader.GetNumberOfComponents())
+        nbytes = math.prod(size) * sitk.GetArrayViewFromImage(pixel).itemsize * reader.GetNumberOfComponents()
+    except Exception:  # the header cannot be read either: the reason stands without the figures
+        return ""
+    return f" ({' x '.join(map(str, size))} voxels of {pixel.GetPixelIDTypeAsString()}: {_gb(nbytes)})"
 
 
 def _itk_reason(err: RuntimeError) -> str:
@@ -790,7 +820,15 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
         raise InputError(f"{name}: its axes are not perpendicular (a sheared grid, as from a tilted gantry); "
                          "resample it onto a grid with perpendicular axes first")
     if image.GetPixelID() == sitk.sitkFloat64:
-        image = sitk.Cast(image, sitk.sitkFloat32)
+        try:
+            image = sitk.Cast(image, sitk.sitkFloat32)
+        except RuntimeError as err:  # ITK's message: a file and line of its build, then "Failed to allocate ..."
+            if not _out_of_memory(err):
+                raise
+            raise InputError(f"{name}: not enough memory to convert its float64 voxels to float32 "
+                             f"({_gb(4 * math.prod(image.GetSize()))} more beside the "
+                             f"{_gb(8 * math.prod(image.GetSize()))} it holds); save it as float32 (or as "
+                             "NIfTI, which is read a slab at a time) to need less") from None
     if image.GetPixelID() == sitk.sitkFloat32 and not _all_finite(sitk.GetArrayViewFromImage(image)):
         raise InputError(f"{name}: image holds NaN or infinite values (or float64 values beyond float32)")
     extent = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
