@@ -416,3 +416,28 @@ def test_no_file_of_a_case_is_in_the_dataset_before_all_its_files_are_written(tm
     label_path = export.export_case(spine.result, spine.image, tmp_path)
     assert seen["imagesTr"] == []  # a kill here would have left nothing a reader counts
     assert label_path.is_file() and (tmp_path / "imagesTr" / "spine_ct_0001_0000.nii.gz").is_file()
+
+
+def test_a_label_map_left_without_its_image_is_not_counted_in_num_training(tmp_path, spine):
+    """A process killed between the renames of a case (the image's comes last) leaves its label map, centroids and
+    provenance without its image. nnU-Net counts the cases of imagesTr/ and asserts numTraining is their number; the
+    next export counted labelsTr/ and wrote one more, and nnU-Net refused the dataset from then on."""
+    export.export_case(spine.result, spine.image, tmp_path)
+    for folder, name in (("labelsTr", "{}.nii.gz"), ("centroids", "{}_ctd.json"), ("provenance", "{}.json")):
+        first = tmp_path / folder / name.format("spine_ct_0001")
+        (tmp_path / folder / name.format("spine_ct_0002")).write_bytes(first.read_bytes().replace(
+            b"spine_ct_0001", b"spine_ct_0002").replace(b'"image_sha256": "', b'"image_sha256": "0'))
+    label_path = export.export_case(spine.result, spine.image + 1, tmp_path)
+    assert label_path.name == "spine_ct_0003.nii.gz"
+    images = list((tmp_path / "imagesTr").glob("*_0000.nii.gz"))
+    assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == len(images) == 2
+
+
+@pytest.mark.parametrize("channel", [0, ["CT"], ""])
+def test_a_channel_0_that_is_no_name_is_refused_as_no_channel(tmp_path, spine, channel):
+    """A hand-edited channel 0 that is no string was refused as "dataset holds ['CT'] images, this one is CT"."""
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": channel}, "labels": {"background": 0},
+                                                       "numTraining": 0, "file_ending": ".nii.gz"}))
+    with pytest.raises(ValueError, match=re.escape(f"names no channel '0' under 'channel_names' (nnU-Net v2): it holds "
+                                                   f"{channel!r}, so the modality")):
+        export.export_case(spine.result, spine.image, tmp_path)

@@ -607,6 +607,20 @@ def test_an_image_too_large_for_memory_is_said_so_not_unreadable(tmp_path, name,
         read_image(tmp_path / name)
 
 
+def test_a_dicom_series_too_large_for_memory_is_said_so_not_unreadable(tmp_path, monkeypatch):
+    """As for an image file: a DICOM series whose voxels do not fit in memory read "unreadable DICOM series (Failed to
+    allocate memory for image.)"."""
+    folder = write_dicom_series(tmp_path / "series")
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError(_ITK_NO_MEMORY.format("ImageSeriesReader_Execute"))
+
+    monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", no_memory)
+    with pytest.raises(InputError, match=r"series: not enough memory to read this DICOM series \(24 x 20 x 6 voxels of "
+                       r"16-bit signed integer: 5\.76e-06 GB\)$"):
+        read_image(folder)
+
+
 def test_a_float64_image_too_large_to_convert_is_said_so(monkeypatch):
     """A float64 image (a NRRD, MetaImage or one made in memory) is converted to float32 whole, beside its float64
     voxels (12 bytes a voxel at once): where that memory is missing, ITK's message named a file of its build."""

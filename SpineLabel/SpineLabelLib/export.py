@@ -25,8 +25,9 @@ scan corrected and exported twice trains once, with its latest labels.
 Every file is written under a temporary name; a case's four files are renamed together once all are complete
 (:func:`SpineLabelLib.io.atomic_paths`), ``dataset.json`` is written after them, and an earlier case of the same image
 is removed only after that. An export that fails removes the files of its case it had put in place, so only a process
-killed between those renames can leave some files of a case, or a case that ``dataset.json`` does not count, or the
-earlier case of a replaced image.
+killed between those renames can leave some files of a case (never an image without its label map: the image is
+renamed last; ``numTraining`` counts the cases with both, as nnU-Net does), or a case that ``dataset.json`` does not
+count, or the earlier case of a replaced image.
 """
 
 from __future__ import annotations
@@ -89,6 +90,14 @@ def _existing_cases(dataset_dir: Path) -> set[str]:
     cases |= {p.name[: -len("_0000" + _FILE_ENDING)] for p in _files(dataset_dir / "imagesTr", f"*_0000{_FILE_ENDING}")}
     cases |= {p.stem for p in _files(dataset_dir / "provenance", "*.json")}
     return cases
+
+
+def _complete_cases(dataset_dir: Path) -> set[str]:
+    """Ids of the cases with both a label map and an image: the cases nnU-Net finds (it lists ``imagesTr/`` and
+    asserts that ``numTraining`` counts them) and can train on. A process killed between the renames of ``_write_case``
+    (the image's comes last) leaves a label map without its image, which nnU-Net does not count."""
+    labels = (p.name[: -len(_FILE_ENDING)] for p in _files(dataset_dir / "labelsTr", f"*{_FILE_ENDING}"))
+    return {case for case in labels if _paths(dataset_dir, case)["image"].is_file()}
 
 
 def next_case_id(dataset_dir: str | os.PathLike, prefix: str = CASE_PREFIX) -> str:
@@ -296,6 +305,8 @@ def _write_case(result: SpineLabeling, image: sitk.Image, paths: dict[str, Path]
     count an image without its label map as a case). The label map and the centroids take the image's grid exactly
     (the labelling's may differ within ``check_image_grid``'s tolerance)."""
     result = result.copy(geometry=Geometry.of(image))
+    # renamed in the reverse order (an ExitStack's): the image last, so that a kill between the renames leaves no
+    # image without its label map, which nnU-Net would refuse (a label map without its image it does not count)
     with atomic_paths([paths[k] for k in ("image", "label", "centroids", "provenance")]) as tmps:
         image_tmp, label_tmp, centroids_tmp, provenance_tmp = tmps
         write_image(image, image_tmp, paths["image"])
@@ -383,9 +394,10 @@ def _export_case(result: SpineLabeling, image: sitk.Image, dataset_dir: Path, ca
                          "or export into another dataset")
     if dataset is not None:
         held = dataset_channel(dataset)
-        if held is None:
-            raise ValueError(f"{dataset_dir}: its dataset.json names no channel '0' under 'channel_names' "
-                             "(nnU-Net v2), so the modality of its images is unknown")
+        if not isinstance(held, str) or not held:  # nnU-Net reads a channel name as a string (0, a list: no name)
+            raise ValueError(f"{dataset_dir}: its dataset.json names no channel '0' under 'channel_names' (nnU-Net v2)"
+                             + (f": it holds {held!r}" if held is not None else "")
+                             + ", so the modality of its images is unknown")
         if _channel_modality(held) != modality:  # "ct" is CT: nnU-Net reads channel names in any case
             raise ValueError(f"{dataset_dir}: dataset holds {held} images, this one is {modality}")
         channels = dataset.get("channel_names")
@@ -428,8 +440,8 @@ def _export_case(result: SpineLabeling, image: sitk.Image, dataset_dir: Path, ca
     replaces = _cases_of_image(dataset_dir, digest)
     # the dataset's earlier cases are counted as they are, less the earlier cases of this image, which go once
     # dataset.json counts the new case in their place
-    num_training = (len(_files(dataset_dir / "labelsTr", f"*{_FILE_ENDING}")) + 1
-                    - sum(_paths(dataset_dir, old)["label"].exists() for old in replaces))
+    complete = _complete_cases(dataset_dir)
+    num_training = len(complete) + 1 - len(complete.intersection(replaces))
     document = dict(dataset or {})
     document.update({
         "name": document.get("name", dataset_dir.name),

@@ -158,6 +158,9 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
         with itk_warnings(False):  # uneven slices: said below, not printed by ITK
             image = reader.Execute()
     except RuntimeError as err:
+        if _out_of_memory(err):  # as for a file (``_read_file``): the series may be fine, the memory is missing
+            raise InputError(f"{folder}: not enough memory to read this DICOM series"
+                             f"{_voxels_needed(Path(files[0]), False, slices=len(files))}") from None
         detail = next((line for line in reversed(str(err).strip().splitlines()) if line.strip()), "")
         raise InputError(f"{folder}: unreadable DICOM series ({detail.strip()[:200]})") from None
     # ITK stacks the slices it could read and spaces them evenly, so a missing or unreadable slice would distort the
@@ -656,8 +659,9 @@ def _gb(nbytes: float) -> str:
     return f"{nbytes / 1e9:.3g} GB"
 
 
-def _voxels_needed(path: Path, metaimage: bool) -> str:
-    """`` (X x Y x Z voxels of TYPE: N GB)`` from the header of image file ``path``; "" where it cannot be read."""
+def _voxels_needed(path: Path, metaimage: bool, slices: int = 1) -> str:
+    """`` (X x Y x Z voxels of TYPE: N GB)`` from the header of image file ``path``, its last axis ``slices`` times as
+    long (a DICOM series of that many files, one slice each); "" where it cannot be read."""
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
@@ -666,6 +670,7 @@ def _voxels_needed(path: Path, metaimage: bool) -> str:
         with itk_warnings(False):
             reader.ReadImageInformation()
         size = reader.GetSize()
+        size = (*size[:-1], size[-1] * slices)
         pixel = sitk.Image([1] * len(size), reader.GetPixelID(), reader.GetNumberOfComponents())
         nbytes = math.prod(size) * sitk.GetArrayViewFromImage(pixel).itemsize * reader.GetNumberOfComponents()
     except Exception:  # the header cannot be read either: the reason stands without the figures
