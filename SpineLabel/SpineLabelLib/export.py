@@ -301,12 +301,11 @@ def _cases_of_image(dataset_dir: Path, digest: str) -> list[str]:
 def _write_case(result: SpineLabeling, image: sitk.Image, paths: dict[str, Path], case_id: str, modality: str,
                 corrections: list[dict] | None, model: dict | None, digest: str, replaces: list[str]) -> None:
     """The four files of one exported case (``_paths``): image, label map, centroids, provenance, all or nothing
-    (``atomic_paths``: a process killed while writing them leaves none in the dataset's folders, where nnU-Net would
-    count an image without its label map as a case). The label map and the centroids take the image's grid exactly
-    (the labelling's may differ within ``check_image_grid``'s tolerance)."""
+    (``atomic_paths``, which renames them in reverse order: a process killed while writing them leaves none in the
+    dataset's folders, and one killed between the renames no image without its label map, which nnU-Net would count
+    as a case). The label map and the centroids take the image's grid exactly (the labelling's may differ within
+    ``check_image_grid``'s tolerance)."""
     result = result.copy(geometry=Geometry.of(image))
-    # renamed in the reverse order (an ExitStack's): the image last, so that a kill between the renames leaves no
-    # image without its label map, which nnU-Net would refuse (a label map without its image it does not count)
     with atomic_paths([paths[k] for k in ("image", "label", "centroids", "provenance")]) as tmps:
         image_tmp, label_tmp, centroids_tmp, provenance_tmp = tmps
         write_image(image, image_tmp, paths["image"])

@@ -832,8 +832,8 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
                 raise
             raise InputError(f"{name}: not enough memory to convert its float64 voxels to float32 "
                              f"({_gb(4 * math.prod(image.GetSize()))} more beside the "
-                             f"{_gb(8 * math.prod(image.GetSize()))} it holds); save it as float32 (or as "
-                             "NIfTI, which is read a slab at a time) to need less") from None
+                             f"{_gb(8 * math.prod(image.GetSize()))} it holds); save it as float32 to need "
+                             "less") from None
     if image.GetPixelID() == sitk.sitkFloat32 and not _all_finite(sitk.GetArrayViewFromImage(image)):
         raise InputError(f"{name}: image holds NaN or infinite values (or float64 values beyond float32)")
     extent = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
