@@ -604,3 +604,23 @@ def test_a_gap_across_a_skipped_level_is_warned_of_once():
     sol = solve(scores, np.array([33.0, 35.0, 36.0, 37.0, 37.0, 36.0, 35.0]), fixed={0: "T10"})
     assert "level T11 not found between T10 and T12 (gap 33 mm)" in sol.warnings
     assert not any("apart" in w for w in sol.warnings)
+
+
+def test_gaps_of_0_mm_give_no_inf_or_nan_ratio():
+    """Points moved onto each other (move_point into the background between two bodies, which keeps the chain's
+    order) left half the gaps of a chain 0 mm: its median ratio 0, and a 60 mm gap read "inf times the spacing of the
+    rest of the chain", a 0 mm one "nan times" with "a vertebra may be missing between them". The scale is that of
+    the gaps longer than 0 mm."""
+    expected = expected_gaps_mm()
+    names = ["L1", "L2", "L3", "L4", "L5", "S1"]
+    pitch = np.array([expected[level_index(a), level_index(b)] for a, b in zip(names, names[1:])])
+    with np.errstate(divide="raise", invalid="raise"):
+        sol = solve(scores_for(names, strength=8.0), pitch * [0.0, 0.0, 1.0, 0.0, 1.0])
+        apart = [w for w in sol.warnings if "apart" in w]
+        assert not any("inf" in w or "nan" in w for w in apart)
+        assert [w.split(" mm apart")[0] for w in apart] == ["L2 and L3 0", "L4 and L5 0"]
+        assert all("0.00 times" in w and "a piece of a vertebra" in w for w in apart)
+        four = solve(scores_for(names[:4], strength=8.0), pitch[:3] * [0.0, 2.0, 0.0])
+        assert not any("apart" in w for w in four.warnings)  # its 0 mm gaps are end gaps; the other one sets the scale
+        none = solve(scores_for(names[:4], strength=8.0), np.zeros(3))
+        assert not any("apart" in w for w in none.warnings)

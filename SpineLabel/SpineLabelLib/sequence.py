@@ -494,11 +494,14 @@ ODD_GAP = 0.6
 def _odd_gaps(levels: np.ndarray, gaps_mm: np.ndarray, expected_mm: np.ndarray) -> list[tuple[int, float]]:
     """(i, ratio) for each odd inner gap (``ODD_GAP``), i between chain positions i and i + 1. ``levels`` int (n,)
     indices into ``LEVELS``, chain order; ``gaps_mm`` float64 (n-1,) centroid distances; ``expected_mm`` float64 (K, K)
-    as ``expected_gaps_mm`` gives it."""
+    as ``expected_gaps_mm`` gives it. The chain's scale is the median ratio of its gaps longer than 0 mm (points can be
+    moved onto each other); none such: no odd gap."""
     if len(levels) < 4:
         return []
     ratios = gaps_mm / expected_mm[levels[:-1], levels[1:]]
-    ratios = ratios / np.median(ratios)
+    if not (ratios > 0).any():
+        return []
+    ratios = ratios / np.median(ratios[ratios > 0])
     return [(i, float(r)) for i, r in enumerate(ratios) if 0 < i < len(ratios) - 1 and not ODD_GAP <= r <= 1 / ODD_GAP]
 
 
