@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 CASE_PREFIX = "spine"
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _FILE_ENDING = ".nii.gz"
+_IMAGE_ENDING = "_0000" + _FILE_ENDING  # channel 0 of a case
 # fewer, and training would take the rest of the spine for background (training.unknown_beyond_labelled_ends)
 MIN_VERTEBRAE = 2
 
@@ -72,7 +73,7 @@ def dataset_labels() -> dict[str, int]:
 
 def _paths(dataset_dir: Path, case_id: str) -> dict[str, Path]:
     return {
-        "image": dataset_dir / "imagesTr" / f"{case_id}_0000{_FILE_ENDING}",
+        "image": dataset_dir / "imagesTr" / f"{case_id}{_IMAGE_ENDING}",
         "label": dataset_dir / "labelsTr" / f"{case_id}{_FILE_ENDING}",
         "centroids": dataset_dir / "centroids" / f"{case_id}_ctd.json",
         "provenance": dataset_dir / "provenance" / f"{case_id}.json",
@@ -85,19 +86,21 @@ def _files(folder: Path, pattern: str) -> list[Path]:
     return [p for p in folder.glob(pattern) if not p.name.startswith(".")]
 
 
+def _cases_in(folder: Path, ending: str) -> set[str]:
+    """The case ids of the files of ``folder`` (``_files``) named ``{case_id}{ending}``."""
+    return {p.name[: -len(ending)] for p in _files(folder, f"*{ending}")}
+
+
 def _existing_cases(dataset_dir: Path) -> set[str]:
-    cases = {p.name[: -len(_FILE_ENDING)] for p in _files(dataset_dir / "labelsTr", f"*{_FILE_ENDING}")}
-    cases |= {p.name[: -len("_0000" + _FILE_ENDING)] for p in _files(dataset_dir / "imagesTr", f"*_0000{_FILE_ENDING}")}
-    cases |= {p.stem for p in _files(dataset_dir / "provenance", "*.json")}
-    return cases
+    return (_cases_in(dataset_dir / "labelsTr", _FILE_ENDING) | _cases_in(dataset_dir / "imagesTr", _IMAGE_ENDING)
+            | _cases_in(dataset_dir / "provenance", ".json"))
 
 
 def _complete_cases(dataset_dir: Path) -> set[str]:
     """Ids of the cases with both a label map and an image: the cases nnU-Net finds (it lists ``imagesTr/`` and
     asserts that ``numTraining`` counts them) and can train on. A process killed between the renames of ``_write_case``
     (the image's comes last) leaves a label map without its image, which nnU-Net does not count."""
-    labels = (p.name[: -len(_FILE_ENDING)] for p in _files(dataset_dir / "labelsTr", f"*{_FILE_ENDING}"))
-    return {case for case in labels if _paths(dataset_dir, case)["image"].is_file()}
+    return _cases_in(dataset_dir / "labelsTr", _FILE_ENDING) & _cases_in(dataset_dir / "imagesTr", _IMAGE_ENDING)
 
 
 def next_case_id(dataset_dir: str | os.PathLike, prefix: str = CASE_PREFIX) -> str:
