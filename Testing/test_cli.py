@@ -504,7 +504,7 @@ def test_a_run_under_nohup_outlives_the_terminal(tmp_path, model, phantom_file, 
         signal.signal(signal.SIGHUP, previous)
 
 
-def test_evaluate_refuses_a_report_path_that_would_overwrite_a_scored_file(tmp_path, model, phantom_file, capsys):
+def test_evaluate_refuses_a_report_path_that_would_overwrite_a_scored_file(tmp_path, phantom_file, capsys):
     gt = tmp_path / "gt"
     gt.mkdir()
     mask = gt / "spine_seg-vert_msk.nii.gz"

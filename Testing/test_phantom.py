@@ -6,7 +6,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from SpineLabelLib.phantom import FOVS, make_phantom
-from SpineLabelLib.vertebrae import BY_LABEL, BY_NAME, LEVELS, TISSUE_NAMES
+from SpineLabelLib.vertebrae import BODY, BY_LABEL, BY_NAME, DISC, LEVELS, POSTERIOR, TISSUE_NAMES
 
 SMALL = dict(size=(64, 64, 96), spacing=(2.5, 2.5, 2.5))
 STANDARD = [lv.name for lv in LEVELS if not lv.transitional]  # C1..L5, S1
@@ -51,7 +51,7 @@ def test_fov_levels_in_cranio_caudal_order(fov_phantoms, fov):
     # the expected levels, in anatomical order from high z to low z ...
     assert [n for n in names if n in expected] == expected
     # ... with their bodies inside the field of view (not touching the first or last slice) ...
-    bodies = np.where(tissue == 1, labels, 0)
+    bodies = np.where(tissue == BODY, labels, 0)
     edges = set(np.unique(bodies[0]).tolist()) | set(np.unique(bodies[-1]).tolist())
     assert not edges & {BY_NAME[n].label for n in expected}
     # ... and otherwise only parts of the one or two levels beyond each end
@@ -66,13 +66,13 @@ def test_labels_and_tissue_consistent(fov_phantoms):
     assert set(np.unique(labels).tolist()) <= {0} | set(BY_LABEL)
     assert set(np.unique(tissue).tolist()) == set(range(len(TISSUE_NAMES)))
     labelled = labels > 0
-    np.testing.assert_array_equal(labelled, (tissue == 1) | (tissue == 2))
-    assert not labelled[tissue == 3].any()  # discs are unlabelled
-    assert (tissue[labels == BY_NAME["C1"].label] == 1).all()
-    assert (tissue[labels == BY_NAME["S1"].label] == 1).all()
+    np.testing.assert_array_equal(labelled, (tissue == BODY) | (tissue == POSTERIOR))
+    assert not labelled[tissue == DISC].any()  # discs are unlabelled
+    assert (tissue[labels == BY_NAME["C1"].label] == BODY).all()
+    assert (tissue[labels == BY_NAME["S1"].label] == BODY).all()
     for name in ("C5", "T6", "L3"):
-        classes = np.bincount(tissue[labels == BY_NAME[name].label], minlength=3)
-        assert classes[1] > 0 and classes[2] > 0, name  # a body and posterior elements
+        classes = np.bincount(tissue[labels == BY_NAME[name].label], minlength=len(TISSUE_NAMES))
+        assert classes[BODY] > 0 and classes[POSTERIOR] > 0, name  # a body and posterior elements
 
 
 def test_vertebral_body_proportions():
@@ -81,7 +81,7 @@ def test_vertebral_body_proportions():
     expected_width = {"C5": (12, 24), "T6": (22, 35), "L3": (38, 56)}
     expected_height = {"C5": (9, 16), "T6": (15, 24), "L3": (22, 32)}
     for name in expected_width:
-        body = (labels == BY_NAME[name].label) & (tissue == 1)
+        body = (labels == BY_NAME[name].label) & (tissue == BODY)
         z, y, x = np.nonzero(body)
         middle = body[int(round(z.mean()))]
         width = np.ptp(np.nonzero(middle)[1]) + 1
@@ -89,7 +89,7 @@ def test_vertebral_body_proportions():
         assert expected_width[name][0] <= width <= expected_width[name][1], (name, width)
         assert expected_height[name][0] <= height <= expected_height[name][1] + 4, (name, height)
     # discs: thin in the neck, thick in the lumbar spine
-    discs, count = ndimage.label(tissue == 3)
+    discs, count = ndimage.label(tissue == DISC)
     assert count == 23  # C2/C3 .. L5/S1
     thickness = []  # along z through each disc's centre, mm; labels are numbered along z, caudal first
     for centre in ndimage.center_of_mass(discs > 0, discs, range(1, count + 1)):
@@ -119,9 +119,9 @@ def test_spine_posterior_and_centred(fov_phantoms):
 def test_ct_intensities(fov_phantoms):
     image, labels, tissue = arrays(fov_phantoms["whole"])
     assert image.min() >= -1024 and image.max() <= 3071
-    bone = np.median(image[tissue == 1])
+    bone = np.median(image[tissue == BODY])
     assert 150 < bone < 700
-    assert 40 < np.median(image[tissue == 3]) < 150
+    assert 40 < np.median(image[tissue == DISC]) < 150
     assert (image < -900).mean() > 0.05  # air outside the body (and in the lungs)
     assert np.median(image[labels > 0]) > 150 > np.median(image[labels == 0])
     fat = ((image > -140) & (image < -60)).mean()
@@ -140,8 +140,8 @@ def test_ct_intensities(fov_phantoms):
 def test_mr_contrast():
     image, labels, tissue = arrays(make_phantom("mr", "lumbar", seed=3))
     assert image.dtype == np.float32 and image.min() >= 0
-    marrow = np.median(image[tissue == 1])
-    disc = np.percentile(image[tissue == 3], 90)
+    marrow = np.median(image[tissue == BODY])
+    disc = np.percentile(image[tissue == DISC], 90)
     assert disc > 1.5 * marrow
     assert np.median(image[:, :, :2]) < 0.2 * marrow or np.median(image[:, -2:, :]) < 0.2 * marrow  # air
 

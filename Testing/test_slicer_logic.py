@@ -452,7 +452,7 @@ def test_progress_bars_leave_their_last_state_and_text_is_utf8():
     assert sorted(tail) == ["100%|##########", "model spine-\u03b2 written"], tail
 
 
-def test_a_progress_bar_refresh_arrives_while_the_process_runs(tmp_path):
+def test_a_progress_bar_refresh_arrives_while_the_process_runs():
     script = textwrap.dedent("""
         import sys, time
         sys.stderr.write("epoch 1/2:  50%|#####     | 5/10\\r")  # a bar's refresh: no newline

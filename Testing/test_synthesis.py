@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from conftest import DATA
 from SpineLabelLib.inference import Cancelled
-from SpineLabelLib.vertebrae import BODY, BY_LABEL, BY_NAME, LEVELS, POSTERIOR, level_index
+from SpineLabelLib.vertebrae import BODY, BY_LABEL, BY_NAME, DISC, LEVELS, POSTERIOR, level_index
 from SpineLabelTrainingLib import shapes, synthesis
 
 MAIN_LEVELS = [lv.label for lv in LEVELS if not lv.transitional]  # C1..L5, S1
@@ -161,11 +161,11 @@ def test_case_contract(tiny_library):
         for array, dtype in ((case.image, np.float32), (case.tissue, np.uint8), (case.levels, np.uint8)):
             assert array.shape == SMALL and array.dtype == dtype
         assert np.isfinite(case.image).all()
-        assert set(np.unique(case.tissue)) <= {0, 1, 2, 3, synthesis.IGNORE}
+        assert set(np.unique(case.tissue)) <= {0, BODY, POSTERIOR, DISC, synthesis.IGNORE}
         assert set(np.unique(case.levels).tolist()) <= valid_levels
-        bone = (case.tissue == 1) | (case.tissue == 2)
+        bone = (case.tissue == BODY) | (case.tissue == POSTERIOR)
         np.testing.assert_array_equal(case.levels > 0, bone)  # bodies and posterior elements carry a level
-        assert not case.levels[case.tissue == 3].any()  # discs carry none
+        assert not case.levels[case.tissue == DISC].any()  # discs carry none
 
 
 def test_same_seed_same_case(tiny_library):
@@ -183,7 +183,7 @@ def test_levels_cranio_caudal_along_z(tiny_library):
     seen = 0
     for seed in range(6):
         case = synthesis.synthesize_case(np.random.default_rng(100 + seed), tiny_library, modality="ct")
-        body = case.tissue == 1
+        body = case.tissue == BODY
         z_of = {}
         for label in np.unique(case.levels[body]):
             zs = np.nonzero(body & (case.levels == label))[0]

@@ -435,7 +435,7 @@ def off_axis_components(bodies: np.ndarray, spacing_mm: tuple[float, float, floa
         spacing_mm: voxel size (z, y, x) in mm.
 
     Returns:
-        int array of component ids.
+        int (k,) component ids (int64, as ``present_ids`` gives them; empty for fewer than three components).
     """
     ids = present_ids(bodies)
     if ids.size < 3:

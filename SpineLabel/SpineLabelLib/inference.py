@@ -110,7 +110,8 @@ _MODALITY_SAMPLE = 1_000_000
 
 
 def modality_of(volume: np.ndarray) -> str:
-    """``"CT"`` or ``"MR"``, from the intensities of a scan: ``read_modality``'s reading."""
+    """``"CT"`` or ``"MR"``, from the intensities of a scan: ``read_modality``'s reading. ``volume``: as there, the
+    scan's intensities, any shape, layout and real dtype (HU for CT)."""
     return read_modality(volume)[0]
 
 

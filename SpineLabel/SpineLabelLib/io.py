@@ -167,7 +167,7 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     # grid. It sets this key for any deviation, rounding errors of the slice positions included: measure it.
     if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation") and (problem := _uneven_slices(files)):
         raise InputError(f"{folder}: DICOM slices are not evenly spaced: {problem}")
-    return _unsheared(image, files, folder, notes)
+    return _unsheared(image, files, notes)
 
 
 def _dicom_tags(name: str) -> Callable[[str], str]:
@@ -207,7 +207,7 @@ def _slice_geometry(name: str) -> tuple[np.ndarray, np.ndarray] | None:
         return None
 
 
-def _unsheared(image: sitk.Image, files: tuple[str, ...], folder: Path, notes: list[str]) -> sitk.Image:
+def _unsheared(image: sitk.Image, files: tuple[str, ...], notes: list[str]) -> sitk.Image:
     """``image`` as ITK stacked the slices of ``files``: along their normal, each at its in-plane position. A
     tilted gantry moves the slices along the table instead, so ITK's grid puts the last slice of a 19 degree tilt
     66 mm from where its file says it is. When the slices drift sideways by more than a pixel over the stack, the

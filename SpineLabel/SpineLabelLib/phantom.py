@@ -198,7 +198,10 @@ class _Anatomy:
 
 
 def _interp_table(pos: float | np.ndarray, anchors, table: dict) -> dict:
-    """Every column of ``table`` linearly interpolated at profile position(s) ``pos`` (clamped at the ends)."""
+    """Every column of ``table`` linearly interpolated at profile position(s) ``pos`` (clamped at the ends).
+    ``pos``: a float or float (n,) array of positions along the standard column (``_profile_position``, no unit);
+    ``anchors``: the ascending positions of the columns' values. Returns column name -> float64, a scalar or (n,)
+    like ``pos``, in the column's units."""
     return {key: np.interp(pos, anchors, values) for key, values in table.items()}
 
 
@@ -814,12 +817,12 @@ def _intensities(material: np.ndarray, modality: str, grid: _Grid, rng: np.rando
         for a, strength in ((0, 0.15), (1, 0.35), (2, 0.25)):
             coord = np.linspace(-1.0, 1.0, grid.size[a], dtype=np.float32)
             if a == 1:
-                field = np.exp(strength * rng.uniform(0.6, 1.4) * coord)
+                bias = np.exp(strength * rng.uniform(0.6, 1.4) * coord)
             else:
-                field = np.exp(strength * rng.uniform(0.3, 1.0) * np.sin(np.pi * coord + rng.uniform(0, np.pi)))
+                bias = np.exp(strength * rng.uniform(0.3, 1.0) * np.sin(np.pi * coord + rng.uniform(0, np.pi)))
             shape = [1, 1, 1]
             shape[2 - a] = -1
-            image *= field.astype(np.float32).reshape(shape)
+            image *= bias.astype(np.float32).reshape(shape)
     sigma = 40.0  # before the blur, which lowers it to about 12
     step = max(1, (1 << 23) // (material.shape[1] * material.shape[2]))
     for k0 in range(0, nz, step):

@@ -151,6 +151,8 @@ def require_vertebrae(result: SpineLabeling, path: str | os.PathLike) -> SpineLa
 
 @lru_cache(maxsize=4)
 def _cached_model(card: Path, device: str, stamp: tuple) -> LoadedModel:
+    """``load_model(card, device)``, cached; ``stamp`` (the files' names, times and sizes, ``get_model``) is not
+    read: it is part of the cache key, so that a model written again is loaded again."""
     return load_model(card, device)
 
 

@@ -395,7 +395,9 @@ def _conflict(fixed: dict[int, str], n: int, transitions: np.ndarray, start: np.
               describe: Callable[[int], str]) -> str:
     """Why fixed labels (chain position -> level name) of a chain of ``n`` cannot all hold: the first one that
     cannot hold alone, else the first two next to each other among them that cannot hold together; ``transitions``
-    and ``start`` as ``solve`` chains them, ``describe`` names the vertebra at a position."""
+    and ``start`` as ``solve`` chains them (float64 log-scores: ``transitions`` (n-1, scales, K, K) of each
+    transition a -> b across each gap at each scale, ``start`` (K,) the first vertebra's level prior,
+    ``_start_priors``), ``describe`` names the vertebra at a position."""
 
     def possible(subset: dict[int, str]) -> bool:
         evidence = np.zeros((n, K))

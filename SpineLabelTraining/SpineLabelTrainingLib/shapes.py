@@ -428,7 +428,9 @@ def _aligned_parts(image: sitk.Image, values: list[int], source: str, upward: di
     """Bodies-only or disc label parts, each resampled into its own frame: z along its thinnest principal axis
     (pointing to world superior, or towards ``upward[value]`` when given), origin at its centroid. All voxels are
     stored as ``BODY``, with label ``value`` when ``labelled`` (else 0). Parts touching the image edge, and parts
-    whose thin axis is more than ``max_tilt_deg`` away from the direction to ``upward[value]``, are skipped."""
+    whose thin axis is more than ``max_tilt_deg`` away from the direction to ``upward[value]``, are skipped.
+    ``upward``: label value -> a point cranial of that part, float64 (3,) world (S, P, L) mm (``_index_to_world``'s
+    frame, as the parts' centroids)."""
     labels = sitk.GetArrayFromImage(image)
     a, b = _index_to_world(image)
     shapes = []
@@ -509,7 +511,7 @@ def _with_sacral_mass(s1: Shape, rng: np.random.Generator) -> Shape:
     visible = [rng.random() < 0.8] + [rng.random() < 0.5 for _ in _SACRAL_DISC_AT]
     disc_at = np.array([1.0 / length, *_SACRAL_DISC_AT])  # S1/S2 right under the S1 body
     half_disc = rng.uniform(0.8, 1.6) / length
-    for k, (tk, p, n) in enumerate(zip(t, path, normal)):
+    for tk, p, n in zip(t, path, normal):
         half_w, half_t = (w / 2) * (1.0 - 0.75 * tk), (0.55 * d) * (1.0 - 0.6 * tk)
         rc = canal * (1.0 - 0.6 * tk)
         parts = [(POSTERIOR, disk, half_w, half_t, 0.0)]
@@ -566,7 +568,7 @@ def _fill_missing(library: ShapeLibrary) -> None:
         log.info("shape library: %s filled from %s", BY_LABEL[target].name, ", ".join(BY_LABEL[lv].name for lv in nearest))
 
 
-def _default_disc(library: ShapeLibrary) -> Shape:
+def _default_disc() -> Shape:
     """A lens-shaped disc sized like an L4 body, for libraries built without disc masks."""
     l4 = TYPICAL_BODY_MM[BY_NAME["L4"].label]
     h, d, w = 10.0, l4[1], l4[2]
@@ -679,7 +681,7 @@ def _build(files: dict[str, list[Path]], cancel: Callable[[], bool] | None, bar:
         values = [int(v) for v in np.unique(sitk.GetArrayFromImage(image)) if v > 0]
         library.discs.extend(_aligned_parts(image, values, path.name))
     if not library.discs:
-        library.discs.append(_default_disc(library))
+        library.discs.append(_default_disc())
     return library
 
 

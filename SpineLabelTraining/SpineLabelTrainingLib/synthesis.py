@@ -459,15 +459,11 @@ def _draw_body(rng: np.random.Generator, canvas: _Canvas, subject: _Subject) -> 
     yy = canvas.axes[1][None, :, None] - yc[:, None, None]
     xx = canvas.axes[2][None, None, :] - xc[:, None, None]
 
-    def inside(shrink: float, cy: float | np.ndarray = 0.0, cx: float | np.ndarray = 0.0,
-               w: np.ndarray | None = None, d: np.ndarray | None = None) -> np.ndarray:
-        """bool (z, y, x) on the canvas: inside the body outline's ellipse in each z slice, shrunk by ``shrink`` mm
-        and its centre shifted by ``cy``, ``cx`` mm (scalars or arrays broadcasting to (z, y, x)); ``w``, ``d``:
-        float (z,) half-width and half-depth in mm per slice (default the outline's)."""
-        w = half_w if w is None else w
-        d = half_d if d is None else d
-        ww, dd = np.maximum(w - shrink, 1e-3)[:, None, None], np.maximum(d - shrink, 1e-3)[:, None, None]
-        return ((yy - cy) / dd) ** 2 + ((xx - cx) / ww) ** 2 <= 1.0
+    def inside(shrink: float) -> np.ndarray:
+        """bool (z, y, x) on the canvas: inside the body outline's ellipse in each z slice (half-width ``half_w``,
+        half-depth ``half_d``, float (z,) mm), shrunk by ``shrink`` mm."""
+        ww, dd = np.maximum(half_w - shrink, 1e-3)[:, None, None], np.maximum(half_d - shrink, 1e-3)[:, None, None]
+        return (yy / dd) ** 2 + (xx / ww) ** 2 <= 1.0
 
     cls = canvas.cls
     cls[inside(0.0)] = SKIN
@@ -562,7 +558,7 @@ def _draw_ribs(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) -> 
         canvas.tube(RIB, points, 6.0 * subject.scale)
 
 
-def _draw_spine(canvas: _Canvas, subject: _Subject, rng: np.random.Generator) -> None:
+def _draw_spine(canvas: _Canvas, subject: _Subject) -> None:
     """Canal (CSF and cord), discs with nuclei, then vertebrae with their tissue and level targets."""
     lv_s = {BY_LABEL[pl.label].name: pl.s for pl in subject.vertebrae}  # arc position by level name
     s = subject.s_grid
@@ -835,7 +831,7 @@ def synthesize_case(rng: np.random.Generator, library: ShapeLibrary, spacing_mm:
     canvas = _Canvas(shape, centre - (np.asarray(shape) - 1) / 2 * spacing_mm, float(spacing_mm))
     _draw_body(rng, canvas, subject)
     _draw_ribs(canvas, subject, rng)
-    _draw_spine(canvas, subject, rng)
+    _draw_spine(canvas, subject)
     if rng.random() < 0.8:
         _add_cortex(canvas.cls)
     image = _appearance(rng, canvas.cls, canvas.levels, modality, float(spacing_mm))
