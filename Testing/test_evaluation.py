@@ -556,6 +556,18 @@ def test_folders_that_cannot_be_scored_leave_no_report(tmp_path):
     assert not (tmp_path / "r").exists()  # no report folder left behind, nothing half-written
 
 
+def test_references_without_a_vertebra_label_are_refused_not_scored(tmp_path):
+    """Masks of values the VerSe table lacks (27, 120...) were scored as nothing: exit 0 and a report of dashes."""
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    for folder, name in ((gt_dir, "sub-a_seg-vert_msk.nii.gz"), (pred_dir, "sub-a_seg.nii.gz")):
+        write_mask(np.where(spine([L1, L2, L3]) > 0, 27, 0).astype(np.uint8), folder / name)
+    with pytest.raises(InputError, match=f"{gt_dir}: no reference case holds a vertebra label"):
+        ev.evaluate_folders(pred_dir, gt_dir, tmp_path / "r" / "s.json")
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_prediction_on_another_grid_is_resampled_onto_its_reference(tmp_path, caplog):
     """One slice shorter and shifted by half a voxel: scored on the reference's grid, with a warning, instead of
     stopping the whole run."""
@@ -600,6 +612,23 @@ def test_a_prediction_centroid_file_unlike_its_map_is_scored_with_a_warning(tmp_
     assert (f"sub-a_ctd.json does not name the vertebrae of its label map sub-a_seg.nii.gz: no centroid for labels "
             f"[{L3}] of the map (counted as not predicted); centroids of labels [{T12}] that the map has no voxel of"
             in caplog.text)
+
+
+def test_a_reference_centroid_of_a_label_its_mask_lacks_is_scored_with_a_warning(tmp_path, caplog):
+    """A reference centroid file naming T12 beside a mask of L1-L3 lowered the score (3 of 4) without a word."""
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    reference = write_mask(spine([L1, L2, L3]), gt_dir / "sub-a_seg-vert_msk.nii.gz")
+    truth = ev._mask_centroids_lps(spine([L1, L2, L3]), Geometry.of(reference))
+    write_ctd(gt_dir / "sub-a_seg-vb_ctd.json", {**truth, T12: truth[L1] + np.array([0.0, 0.0, 12.0])})
+    write_mask(spine([L1, L2, L3]), pred_dir / "sub-a_seg.nii.gz")
+    write_ctd(pred_dir / "sub-a_ctd.json", truth)
+    with caplog.at_level(logging.WARNING):
+        case = ev.evaluate_folders(pred_dir, gt_dir).cases[0]
+    assert case.n_gt == 4 and case.n_identified == 3  # scored as the file says
+    assert (f"sub-a: {gt_dir / 'sub-a_seg-vb_ctd.json'} has centroids of labels [{T12}] that "
+            f"{gt_dir / 'sub-a_seg-vert_msk.nii.gz'} has no voxel of" in caplog.text)
 
 
 def test_a_prediction_or_centroid_file_of_another_image_is_refused(tmp_path):

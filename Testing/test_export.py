@@ -323,6 +323,18 @@ def test_a_value_dataset_json_does_not_name_is_refused_below_its_highest_value(t
         export.dataset_label_values(tmp_path / "labelsTr" / "a.nii.gz", np.array([0, 1, 2, 3], np.uint8))
 
 
+@pytest.mark.parametrize("labels, reason", [
+    ({"background": 0, "L1": 1, "S1": 2, "T12": -1}, r"whole numbers, 0 or more, not 'T12': -1"),
+    ({"background": 0, "L1": 1, "L2": 1, "S1": 2}, r"label values \[1\] are given to more than one name")])
+def test_a_dataset_json_value_that_would_read_another_values_voxels_is_refused(tmp_path, labels, reason):
+    """A negative value indexed the lookup table from its end (S1's voxels were read as T12); a value named twice
+    took the last name written: both silently scored and trained the wrong level."""
+    (tmp_path / "labelsTr").mkdir()
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": labels}))
+    with pytest.raises(ValueError, match=reason):
+        export.dataset_label_values(tmp_path / "labelsTr" / "a.nii.gz", np.array([0, 1, 2], np.uint8))
+
+
 def test_a_full_disk_while_the_label_map_is_written_names_the_file(tmp_path, spine, monkeypatch):
     def disk_full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -862,6 +862,10 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
         if set(gt_ctd) - set(from_file):
             log.warning("%s: mask labels %s have no centroid in %s; taken from the mask", name,
                         sorted(set(gt_ctd) - set(from_file)), gt.ctd)
+        beyond = sorted(v for v in set(from_file) - set(gt_ctd) if v in BY_LABEL)
+        if beyond:
+            log.warning("%s: %s has centroids of labels %s that %s has no voxel of; they are scored as reference "
+                        "vertebrae", name, gt.ctd, beyond, gt.mask)
         gt_ctd.update(from_file)
     if pred is None:
         log.warning("%s: no prediction for GT %s; all its vertebrae count as missed", name, gt.mask)
@@ -1021,6 +1025,10 @@ def evaluate_folders(
             if not cases[-1].group and key in images:
                 cases[-1].group = _modality_of_image(images[key])
             report(len(cases) / len(pairs), f"scored {cases[-1].name}")
+        if not any(c.n_gt for c in cases):  # every reference empty, or of labels the VerSe table lacks: no score
+            raise InputError(f"{gt_dir}: no reference case holds a vertebra label of the VerSe table ("
+                             + ", ".join(str(c.gt_mask) for c in cases[:3]) + (", ..." if len(cases) > 3 else "")
+                             + "): nothing to score")
         matched = {key for key, _, _ in pairs}
         unmatched = sorted(str(p.seg) for k, p in _predictions(Path(pred_dir)).items() if k not in matched)
         group_names = sorted({c.group for c in cases if c.group})

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -220,10 +221,16 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
     names = document.get("labels", {})
     if not isinstance(names, dict):
         raise ValueError(f"{dataset}: 'labels' must map each name to its label value")
-    whole = {name: isinstance(value, int) and not isinstance(value, bool) for name, value in names.items()}
+    # a negative value would index the lookup table from its end: another value's voxels read as this level
+    whole = {name: isinstance(value, int) and not isinstance(value, bool) and value >= 0
+             for name, value in names.items()}
     unread = [f"{name!r}: {names[name]!r}" for name, ok in whole.items() if not ok and _level_named(name)]
-    if unread:  # "20" rather than 20, or an nnU-Net region's list of values
-        raise ValueError(f"{dataset}: label values must be whole numbers, not {', '.join(unread)}")
+    if unread:  # "20" rather than 20, -1, or an nnU-Net region's list of values
+        raise ValueError(f"{dataset}: label values must be whole numbers, 0 or more, not {', '.join(unread)}")
+    uses = Counter(value for name, value in names.items() if whole[name])
+    twice = sorted({value for name, value in names.items() if whole[name] and _level_named(name) and uses[value] > 1})
+    if twice:  # one value, two names: which one its voxels are would be the last one written
+        raise ValueError(f"{dataset}: label values {twice[:5]} are given to more than one name")
     value_names = {value: name for name, value in names.items() if whole[name]}
     named = {value: _level_named(name) for value, name in value_names.items()}
     if not any(named.values()):
