@@ -204,3 +204,22 @@ def test_save_writes_image_and_labels(tmp_path):
         np.testing.assert_allclose(read.GetDirection(), original.GetDirection(), atol=1e-6)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(original))
 
+
+@pytest.mark.parametrize("name", ["case.nii.gz", "case.nrrd"])
+def test_save_replaces_an_earlier_phantom_and_nothing_else(tmp_path, name):
+    """`spinelabel phantom` replaced any file of its names without a word: a scan, or a reference mask beside it."""
+    phantom = make_phantom("ct", "lumbar", seed=5, **SMALL)
+    image_path, label_path = phantom.save(tmp_path / name)
+    phantom.save(tmp_path / name)  # an earlier phantom is replaced
+    for path in (image_path, label_path):
+        sitk.WriteImage(phantom.labels, str(path))  # a phantom's voxels, but no phantom's file
+        kept = path.read_bytes()
+        with pytest.raises(FileExistsError, match=f"{path} would be replaced, and it is no phantom SpineLabel wrote"):
+            phantom.save(tmp_path / name)
+        assert path.read_bytes() == kept
+        path.unlink()
+        phantom.save(tmp_path / name)
+    with pytest.raises(ValueError, match="nothing before its extension"):
+        phantom.save(tmp_path / ".nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([image_path.name, label_path.name])
+

@@ -1034,10 +1034,11 @@ def write_errors_named(final: str | os.PathLike) -> Iterator[None]:
         raise OSError(f"cannot write {final}: {err}{free}") from err
 
 
-def write_nifti(voxels: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> None:
+def write_nifti(voxels: np.ndarray, geometry: Geometry, path: str | os.PathLike, description: str = "") -> None:
     """Write ``voxels`` (a (z, y, x) array of one value per voxel, any dtype NIfTI-1 holds) on ``geometry``'s grid
-    as NIfTI-1 at ``path`` (its voxel-to-RAS mm affine as qform and sform, units mm), by nibabel: ITK's NIfTI writer
-    reports a full disk on stderr only and returns as if it had written the file.
+    as NIfTI-1 at ``path`` (its voxel-to-RAS mm affine as qform and sform, units mm; ``description`` in the header,
+    at most 80 bytes, which ITK reads as ``ITK_FileNotes``), by nibabel: ITK's NIfTI writer reports a full disk on
+    stderr only and returns as if it had written the file.
 
     Raises:
         OSError: the write failed.
@@ -1048,19 +1049,22 @@ def write_nifti(voxels: np.ndarray, geometry: Geometry, path: str | os.PathLike)
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)  # scanner coordinates, in both the quaternion and the matrix form
     image.set_sform(affine, code=1)
+    image.header["descrip"] = description.encode()[:80]
     nibabel.save(image, path)
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, final: str | os.PathLike | None = None) -> None:
     """Write a 3D image of one value per voxel at ``path``: NIfTI (``.nii``, ``.nii.gz``) by ``write_nifti``, any
-    other format ITK writes (``.nrrd``, ``.mha`` ...) by ITK, compressed.
+    other format ITK writes (``.nrrd``, ``.mha`` ...) by ITK, compressed; the image's ``ITK_FileNotes`` go into the
+    header either way.
 
     Raises:
         OSError: the write failed; the message names ``final`` (the name ``path`` is to be renamed to) or ``path``.
     """
     try:
         if str(path).lower().endswith((".nii", ".nii.gz")):
-            write_nifti(sitk.GetArrayViewFromImage(image), Geometry.of(image), path)
+            notes = image.GetMetaData("ITK_FileNotes") if image.HasMetaDataKey("ITK_FileNotes") else ""
+            write_nifti(sitk.GetArrayViewFromImage(image), Geometry.of(image), path, notes)
         else:
             sitk.WriteImage(image, str(path), True)
     except OSError as err:
