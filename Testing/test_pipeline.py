@@ -252,6 +252,8 @@ def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
     assert sorted(p.name for p in (tmp_path / "registry").iterdir()) == ["mine.json", "mine.pt"]
     (tmp_path / "registry" / "broken.json").write_bytes(b'{"name": "\xe9"}')  # one unreadable card is skipped
     assert [c["name"] for c in list_models()][-1] == "mine"
+    (tmp_path / "registry" / "mine.pt").unlink()  # listed, it could be chosen and failed only when loaded
+    assert "mine" not in [c["name"] for c in list_models()]
 
 
 def test_two_registering_one_name_at_once_do_not_replace_each_other(tmp_path, monkeypatch, random_model):

@@ -185,11 +185,15 @@ def _is_number(value) -> bool:
 
 
 def list_models() -> list[dict]:
-    """Cards of the default model and of every registered model, each with its ``"path"``."""
+    """Cards of the default model and of every registered model, each with its ``"path"``; a card that cannot be read
+    or whose weights file is missing is left out with a warning."""
     cards = []
     for card_path in [default_model_path(), *sorted(user_models_dir().glob("*.json"))]:
         try:
-            cards.append({**read_card(card_path), "path": str(card_path)})
+            card = read_card(card_path)
+            if not (card_path.parent / card["weights"]).is_file():
+                raise ModelError(f"{card_path.parent / card['weights']}: model weights not found (card {card_path})")
+            cards.append({**card, "path": str(card_path)})
         except ModelError as err:
             log.warning("skipping model: %s", err)
     return cards
