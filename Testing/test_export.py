@@ -209,9 +209,13 @@ def test_a_ct_and_an_mr_dataset_under_one_folder_are_read_together(tmp_path, spi
     cases = labelled_cases(tmp_path)
     assert sorted(gt.mask.name for _, gt in cases) == ["spine_ct_0001.nii.gz", "spine_mr_0001.nii.gz"]
 
+
 def test_an_unreadable_dataset_json_is_named(tmp_path):
     (tmp_path / "dataset.json").write_text("{broken")
     with pytest.raises(InputError, match=r"dataset.json: unreadable dataset.json"):
+        export.read_dataset_json(tmp_path)
+    (tmp_path / "dataset.json").write_text('{"bodies_only": "yes"}')  # read as false: bodies scored as vertebrae
+    with pytest.raises(InputError, match=r"dataset.json: bodies_only must be true or false, not 'yes'"):
         export.read_dataset_json(tmp_path)
 
 

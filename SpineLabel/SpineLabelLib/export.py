@@ -136,9 +136,14 @@ def read_dataset_json(dataset_dir: str | os.PathLike) -> dict | None:
     """The dataset's ``dataset.json`` as a dict, or None when there is none yet.
 
     Raises:
-        InputError: a ``dataset.json`` that is not a readable JSON object.
+        InputError: a ``dataset.json`` that is not a readable JSON object, or whose ``bodies_only`` is not true or
+            false (a string "yes" was read as false, and the bodies scored as whole vertebrae).
     """
-    return _read_object(Path(dataset_dir) / "dataset.json", "dataset.json")
+    path = Path(dataset_dir) / "dataset.json"
+    document = _read_object(path, "dataset.json")
+    if document is not None and not isinstance(document.get("bodies_only", False), bool):
+        raise InputError(f"{path}: bodies_only must be true or false, not {document['bodies_only']!r}")
+    return document
 
 
 def _dataset_of(label_path: str | os.PathLike) -> dict | None:
