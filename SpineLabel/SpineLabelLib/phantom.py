@@ -43,7 +43,7 @@ FOVS = ("whole", "cervical", "thoracic", "lumbar")
 _SAVE_SUFFIXES = tuple(suffix for suffix in IMAGE_SUFFIXES if suffix not in (".nhdr", ".mhd"))
 # What the header of a file ``Phantom.save`` writes says: such a file may be replaced by another phantom, no other
 _NOTES_KEY = "ITK_FileNotes"
-PHANTOM_NOTE = "SpineLabel phantom"
+_PHANTOM_NOTE = "SpineLabel phantom"
 
 # Materials: what a voxel is made of; a modality maps each to an intensity.
 (_AIR, _SKIN, _FAT, _MUSCLE, _ORGAN, _LUNG, _CSF, _CORD, _ANNULUS, _NUCLEUS, _CANCELLOUS, _CORTICAL) = range(12)
@@ -120,27 +120,30 @@ class Phantom:
 
         Returns:
             The two paths written, image first.
+
+        Raises:
+            FileExistsError: a file of either name that is no earlier phantom (its header says whether it is).
         """
         image_path = Path(path)
         if not image_path.name.lower().endswith(_SAVE_SUFFIXES):
             raise ValueError(f"{image_path}: unsupported file type; expected one of {', '.join(_SAVE_SUFFIXES)}")
+        if not case_name(image_path):
+            raise ValueError(f"{image_path}: the file name has nothing before its extension to name the label map by")
         try:
             image_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # say which folder could not be made, and the file in its way
             blocker = next((p for p in (image_path.parent, *image_path.parent.parents) if p.is_file()), None)
             raise OSError(f"{image_path.parent}: cannot make this folder"
                           + (f": {blocker} is a file" if blocker else f" ({err.strerror or err})")) from None
-        if not case_name(image_path):
-            raise ValueError(f"{image_path}: the file name has nothing before its extension to name the label map by")
         label_path = image_path.with_name(f"{case_name(image_path)}_seg-vert_msk.nii.gz")
         for existing in (image_path, label_path):
-            if existing.exists() and _file_notes(existing) != PHANTOM_NOTE:
+            if existing.exists() and _file_notes(existing) != _PHANTOM_NOTE:
                 raise FileExistsError(f"{existing} would be replaced, and it is no phantom SpineLabel wrote; remove it "
                                       "or choose another name")
         with atomic_paths([image_path, label_path]) as temps:
             for image, tmp, final in zip((self.image, self.labels), temps, (image_path, label_path)):
                 image = sitk.Image(image)  # a copy: the note is the file's
-                image.SetMetaData(_NOTES_KEY, PHANTOM_NOTE)
+                image.SetMetaData(_NOTES_KEY, _PHANTOM_NOTE)
                 write_image(image, tmp, final)
         return [image_path, label_path]
 
