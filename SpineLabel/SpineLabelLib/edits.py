@@ -284,7 +284,8 @@ def delete(result: SpineLabeling, vertebra_id: int) -> SpineLabeling:
         KeyError: unknown vertebra id.
     """
     result.by_id(vertebra_id)
-    components = np.where(result.components == vertebra_id, 0, result.components).astype(result.components.dtype)
+    components = result.components.copy()  # one copy, not np.where's and astype's
+    components[components == vertebra_id] = 0
     out = result.copy()
     vertebrae = [v for v in out.vertebrae if v.id != vertebra_id]
     return _solve(_with_chain(out, vertebrae, components))
