@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+# SpineLabelLogic is the Slicer module's package, beside the core and not installed with it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineLabel"))
+
 TARGET_S = 3.0
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 
