@@ -76,7 +76,7 @@ def make_case(direction: np.ndarray, intensity: str = "noise", names=NAMES, ids=
     filled = sitk.GetImageFromArray(np.ascontiguousarray(values_ijk.transpose(2, 1, 0)).astype(np.int16))
     filled.CopyInformation(image)
     result = SpineLabeling(geometry, components, vertebrae, gaps_mm=[19.5] * (len(vertebrae) - 1),
-                           warnings=["sacrum not in view"], model={"name": "test", "version": "0"},
+                           warnings=["no sacrum found"], model={"name": "test", "version": "0"},
                            timings_s={"network": 1.5}, source="/data/case.nii.gz", modality="CT",
                            spine_probability=0.9)
     return result, filled
@@ -323,7 +323,7 @@ def test_report(case, tmp_path):
     assert doc["input"] == {"path": "/in/c.nii.gz", **result.geometry.as_dict(), "modality": "CT"}
     assert doc["model"] == {"name": "test", "version": "0"}
     assert doc["spinelabel_version"] == __version__
-    assert doc["warnings"] == ["sacrum not in view"] and doc["timings_s"] == {"network": 1.5}
+    assert doc["warnings"] == ["no sacrum found"] and doc["timings_s"] == {"network": 1.5}
     assert doc["spine_probability"] == 0.9 and doc["orientation_margin"] is None
     assert doc["gaps_mm"] == pytest.approx(result.gaps_mm)
     assert [v["name"] for v in doc["vertebrae"]] == list(NAMES)

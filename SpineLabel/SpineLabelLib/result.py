@@ -158,7 +158,7 @@ class SpineLabeling:
             labellings that ``relabel`` and the edits return share it (an edit of voxels makes a new array).
         vertebrae: the vertebrae, cranial to caudal (chain order).
         gaps_mm: centroid distance between each pair of consecutive vertebrae in chain order (len n-1).
-        warnings: every plain-language warning about this scan ("sacrum not in view: ...").
+        warnings: every plain-language warning about this scan ("no sacrum found: ...").
         sequence_warnings: the part of ``warnings`` that the sequence model wrote (replaced on each re-solve).
         model: ``{"name": ..., "version": ...}`` of the network that made it.
         timings_s: seconds per stage.

@@ -509,7 +509,7 @@ def _odd_gaps(levels: np.ndarray, gaps_mm: np.ndarray, expected_mm: np.ndarray) 
 
 def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray, gaps_mm: np.ndarray,
               expected_mm: np.ndarray, anchored: bool = False) -> list[str]:
-    """Plain-language warnings about a solved chain: sacrum or C1/C2 not in view (unless ``anchored``: a user's fixed
+    """Plain-language warnings about a solved chain: no sacrum or C1/C2 found (unless ``anchored``: a user's fixed
     name numbers the chain, not the vertebrae's appearance), T13/L6 ambiguous or named, skipped levels, odd gaps
     (``_odd_gaps``), uncertain labels.
     ``levels`` int (n,) indices into ``LEVELS`` and ``confidence`` float64 (n,) probabilities, chain order;
@@ -520,9 +520,9 @@ def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray,
     lowest = LEVELS[levels[-1]]
     has_anchor_top = any(n in ("C1", "C2") for n in names)
     if "S1" not in names and lowest.region == "lumbar" and not anchored:
-        out.append("sacrum not in view: lumbar numbering assumed from vertebra appearance")
+        out.append("no sacrum found: lumbar numbering assumed from vertebra appearance")
     if "S1" not in names and not has_anchor_top and not anchored:
-        out.append("neither C1/C2 nor the sacrum is in view: numbering inferred from vertebra appearance; check it")
+        out.append("no C1/C2 or sacrum found: numbering inferred from vertebra appearance; check it")
     for name, alt_a, alt_b in (("L6", "L5", "L6"), ("T13", "T12", "T13")):
         p = min(float(marginals[:, level_index(name)].sum()), 1.0)  # a labelling has at most one: the chain's chance
         if 0.2 <= p <= 0.8:
