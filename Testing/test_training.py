@@ -685,7 +685,7 @@ def test_nnunet_labels_are_read_by_their_names_in_dataset_json(tmp_path, caplog)
     # a level's value written as text, or as an nnU-Net region's list: said so, not "no level named"
     for value in ("300", [300], True, 300.0):
         (tmp_path / "nn" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "L3": value}}))
-        with pytest.raises(ValueError, match=re.escape(f"must be whole numbers, not 'L3': {value!r}")):
+        with pytest.raises(ValueError, match=re.escape(f"must be whole numbers, 0 or more, not 'L3': {value!r}")):
             load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
     # a name with a level inside that SpineLabel does not read: background, and said
     names = {"background": 0, **{f"x{v}": v for v in range(1, 300)}, "L3": 300, "vertebrae_L4": 301, "vertebra_L5": 302}
