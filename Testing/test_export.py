@@ -457,3 +457,23 @@ def test_a_channel_0_that_is_no_name_is_refused_as_no_channel(tmp_path, spine, c
     with pytest.raises(ValueError, match=re.escape(f"names no channel '0' under 'channel_names' (nnU-Net v2): it holds "
                                                    f"{channel!r}, so the modality")):
         export.export_case(spine.result, spine.image, tmp_path)
+
+
+def test_an_exported_phantom_is_no_phantom_file(tmp_path):
+    """An image read from a phantom's file carries its header note; written into the dataset with it, the export
+    said it was a phantom, and `spinelabel phantom` replaced the dataset's image without a word."""
+    from SpineLabelLib.io import read_image
+    from SpineLabelLib.phantom import make_phantom
+
+    spine = build_spine()
+    phantom = make_phantom("ct", "lumbar", seed=5, size=(64, 64, 96), spacing=(2.5, 2.5, 2.5))
+    phantom.image, phantom.labels = spine.image, spine.image  # any image: what matters is the phantom's file
+    image_path, _ = phantom.save(tmp_path / "ph.nii.gz")
+    image = read_image(image_path)
+    assert image.GetMetaData("ITK_FileNotes") == "SpineLabel phantom"
+    export.export_case(spine.result, image, tmp_path / "Dataset001_Spine", "case1")
+    exported = tmp_path / "Dataset001_Spine" / "imagesTr" / "case1_0000.nii.gz"
+    kept = exported.read_bytes()
+    with pytest.raises(FileExistsError, match="no phantom SpineLabel wrote"):
+        phantom.save(exported)
+    assert exported.read_bytes() == kept

@@ -1305,3 +1305,21 @@ def test_unedited_segments_are_not_read_back_for_an_export_or_an_added_vertebra(
     assert merges and labeled.corrections[-1]["action"] == "segment_edit"
     assert erased.any() and not exported[erased].any()
     assert_nodes_match(labeled)
+
+
+def test_a_segmentation_made_of_closed_surfaces_is_not_read_as_empty(labeled):
+    """A segmentation whose source representation was made closed surface (Segmentations module) has layers of
+    surfaces, no voxels: read from them, every vertebra was deleted at the next correction. Slicer's merge reads the
+    labelmaps converted from the surfaces, as before c14c911."""
+    from SpineLabelLogic import scene as scene_module
+
+    node = labeled.segmentationNode
+    segmentation = node.GetSegmentation()
+    names = [v.name for v in labeled.result.vertebrae]
+    assert node.CreateClosedSurfaceRepresentation()
+    segmentation.SetSourceRepresentationName(slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    assert node.CreateBinaryLabelmapRepresentation()
+    ids = list(segmentation.GetSegmentIDs())
+    assert scene_module._mergedOnGrid(segmentation, ids, labeled.result.geometry) is None
+    labeled.markupsNode.SetNthControlPointLocked(point_index(labeled, "L1"), True)
+    assert [v.name for v in labeled.result.vertebrae] == names and labeled.lastError == ""

@@ -1053,17 +1053,18 @@ def write_nifti(voxels: np.ndarray, geometry: Geometry, path: str | os.PathLike,
     nibabel.save(image, path)
 
 
-def write_image(image: sitk.Image, path: str | os.PathLike, final: str | os.PathLike | None = None) -> None:
-    """Write a 3D image of one value per voxel at ``path``: NIfTI (``.nii``, ``.nii.gz``) by ``write_nifti``, any
-    other format ITK writes (``.nrrd``, ``.mha`` ...) by ITK, compressed; the image's ``ITK_FileNotes`` go into the
-    header either way.
+def write_image(image: sitk.Image, path: str | os.PathLike, final: str | os.PathLike | None = None,
+                notes: str = "") -> None:
+    """Write a 3D image of one value per voxel at ``path``: NIfTI (``.nii``, ``.nii.gz``) by ``write_nifti``, with
+    ``notes`` as its description (not the image's own ``ITK_FileNotes``, which may be those of the file it was read
+    from: an export of a phantom read from its file would say it is a phantom), any other format ITK writes
+    (``.nrrd``, ``.mha`` ...) by ITK, compressed, with the image's metadata.
 
     Raises:
         OSError: the write failed; the message names ``final`` (the name ``path`` is to be renamed to) or ``path``.
     """
     try:
         if str(path).lower().endswith((".nii", ".nii.gz")):
-            notes = image.GetMetaData("ITK_FileNotes") if image.HasMetaDataKey("ITK_FileNotes") else ""
             write_nifti(sitk.GetArrayViewFromImage(image), Geometry.of(image), path, notes)
         else:
             sitk.WriteImage(image, str(path), True)

@@ -142,9 +142,9 @@ class Phantom:
                                       "or choose another name")
         with atomic_paths([image_path, label_path]) as temps:
             for image, tmp, final in zip((self.image, self.labels), temps, (image_path, label_path)):
-                image = sitk.Image(image)  # a copy: the note is the file's
+                image = sitk.Image(image)  # a copy: the note is the file's (NRRD and MetaImage take it from here)
                 image.SetMetaData(_NOTES_KEY, _PHANTOM_NOTE)
-                write_image(image, tmp, final)
+                write_image(image, tmp, final, notes=_PHANTOM_NOTE)
         return [image_path, label_path]
 
 

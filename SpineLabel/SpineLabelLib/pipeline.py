@@ -207,7 +207,9 @@ MIN_CONTEXT_VOXELS = (80, 80, 20)
 # sacrum of IVD_25 was one level off) and the clinical 33 mm stacks keep 146 of 146 (141). A small field of view all
 # round (extended along z or y) stays as it was: padded too, the cervical T1 MRI of cervical_sct went from C2-C5 to
 # T5-T8 (since the model grid's planes beyond the scan copy its last one, it is read T5-T8 unpadded as well: ``python
-# benchmarks/real_data.py cervical``).
+# benchmarks/real_data.py cervical``). A view narrow front to back only (a coronal stack) is padded with zeros front
+# and back rather than mirrored, and so counts as not extended: it is padded left and right too (since 2e429dd; the
+# PAM50 template, 70 mm front to back and left to right, is padded along both).
 LEFT_RIGHT_VOXELS = 80
 _CUT_FACE = 0.1  # a side is cut through the body when at least this fraction of its face is foreground
 

@@ -217,8 +217,14 @@ def _mergedOnGrid(segmentation, segmentIds: list[str], geometry: Geometry) -> np
     its non-zero voxels: Slicer's merge goes over the whole volume once per segment (15-20 s for 23 vertebrae of a
     512x512x800 CT, before every correction after a Segment Editor edit, each added vertebra and each export). None
     when a layer is not on ``geometry`` (its image-to-world matrix differs; any extent is taken), holds no integer
-    label values or values no table holds (negative, 2^16 or more): Slicer's merge resamples those."""
+    label values or values no table holds (negative, 2^16 or more): Slicer's merge resamples those. None also when the
+    segmentation's source representation is not a binary labelmap (closed surfaces, say): its layers then hold no
+    voxels, and reading them as empty would delete every vertebra."""
     if not segmentIds or len(segmentIds) > np.iinfo(np.uint16).max:
+        return None
+    source = (segmentation.GetSourceRepresentationName() if hasattr(segmentation, "GetSourceRepresentationName")
+              else segmentation.GetMasterRepresentationName())  # Slicer before 5.4
+    if source != slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName():
         return None
     layers: dict[int, list[tuple[int, int]]] = {}  # layer -> (label value, 1 + place in segmentIds), in order
     for place, segmentId in enumerate(segmentIds, start=1):
