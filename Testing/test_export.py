@@ -329,7 +329,8 @@ def test_a_value_dataset_json_does_not_name_is_refused_below_its_highest_value(t
 
 @pytest.mark.parametrize("labels, reason", [
     ({"background": 0, "L1": 1, "S1": 2, "T12": -1}, r"whole numbers, 0 or more, not 'T12': -1"),
-    ({"background": 0, "L1": 1, "L2": 1, "S1": 2}, r"label values \[1\] are given to more than one name")])
+    ({"background": 0, "L1": 1, "L2": 1, "S1": 2}, r"label values \[1\] are given to names of different levels"),
+    ({"background": 0, "vertebra": 1, "L1": 1, "S1": 2}, r"label values \[1\] are given to names of different levels")])
 def test_a_dataset_json_value_that_would_read_another_values_voxels_is_refused(tmp_path, labels, reason):
     """A negative value indexed the lookup table from its end (S1's voxels were read as T12); a value named twice
     took the last name written: both silently scored and trained the wrong level."""
@@ -337,6 +338,15 @@ def test_a_dataset_json_value_that_would_read_another_values_voxels_is_refused(t
     (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": labels}))
     with pytest.raises(ValueError, match=reason):
         export.dataset_label_values(tmp_path / "labelsTr" / "a.nii.gz", np.array([0, 1, 2], np.uint8))
+
+
+def test_two_names_of_one_level_may_share_a_value(tmp_path):
+    """"S1" and "sacrum" name one level: a value given to both reads as it, not as a conflict."""
+    (tmp_path / "labelsTr").mkdir()
+    labels = {"background": 0, "L1": 1, "S1": 2, "sacrum": 2}
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": labels}))
+    lookup = export.dataset_label_values(tmp_path / "labelsTr" / "a.nii.gz", np.array([0, 1, 2], np.uint8))
+    assert lookup[1] == BY_NAME["L1"].label and lookup[2] == BY_NAME["S1"].label
 
 
 def test_a_full_disk_while_the_label_map_is_written_names_the_file(tmp_path, spine, monkeypatch):

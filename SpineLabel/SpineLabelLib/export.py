@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import re
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -215,8 +214,9 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
         labels: its voxels, integers of 0 or more, any shape.
 
     Raises:
-        ValueError: a ``dataset.json`` that names no level or gives a level a value that is no whole number, or a
-            value it does not name.
+        ValueError: a ``dataset.json`` that names no level, gives a level a value that is no whole number of 0 or
+            more, gives one value to names of different levels (or of a level and of something else), or a value it
+            does not name.
     """
     document = _dataset_of(label_path)
     if document is None:
@@ -232,10 +232,13 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
     unread = [f"{name!r}: {names[name]!r}" for name, ok in whole.items() if not ok and _level_named(name)]
     if unread:  # "20" rather than 20, -1, or an nnU-Net region's list of values
         raise ValueError(f"{dataset}: label values must be whole numbers, 0 or more, not {', '.join(unread)}")
-    uses = Counter(value for name, value in names.items() if whole[name])
-    twice = sorted({value for name, value in names.items() if whole[name] and _level_named(name) and uses[value] > 1})
-    if twice:  # one value, two names: which one its voxels are would be the last one written
-        raise ValueError(f"{dataset}: label values {twice[:5]} are given to more than one name")
+    meanings: dict[int, set] = {}  # value -> the levels (None: no level) its names stand for
+    for name, value in names.items():
+        if whole[name]:
+            meanings.setdefault(value, set()).add(_level_named(name))
+    twice = sorted(value for value, levels in meanings.items() if len(levels) > 1 and levels != {None})
+    if twice:  # one value, two meanings: which one its voxels are would be the last name written
+        raise ValueError(f"{dataset}: label values {twice[:5]} are given to names of different levels")
     value_names = {value: name for name, value in names.items() if whole[name]}
     named = {value: _level_named(name) for value, name in value_names.items()}
     if not any(named.values()):
