@@ -832,6 +832,20 @@ def test_voxels_coarser_than_the_names_were_checked_on_are_said(random_model):
     assert not any("apart along one axis" in w for w in label_spine(image, model=random_model, device="cpu").warnings)
 
 
+def test_a_view_narrower_front_to_back_than_the_names_were_checked_on_is_said(random_model):
+    """Real lumbar MRI cut into coronal stacks of 40 and 60 mm were named one level off at 0.99 or more; a view under
+    80 mm front to back is labelled with a warning, whichever image axis runs front to back."""
+    voxels = np.random.default_rng(0).integers(0, 100, (20, 10, 40)).astype(np.int16)  # (k, j, i): not constant
+    image = sitk.GetImageFromArray(voxels)  # stored as a coronal stack: i along L, j along S, k along P
+    image.SetSpacing((2.0, 4.0, 3.0))
+    image.SetDirection((1, 0, 0, 0, 0, 1, 0, -1, 0))
+    narrow = label_spine(image, model=random_model, device="cpu")
+    assert ("the view is 60 mm front to back: the names were checked on views of 80 mm or more; check them"
+            in narrow.warnings)
+    image.SetSpacing((2.0, 4.0, 4.0))
+    assert not any("checked on views" in w for w in label_spine(image, model=random_model, device="cpu").warnings)
+
+
 def test_what_the_reader_noted_is_among_the_warnings(tmp_path, random_model):
     """How a file was read (here a NIfTI header whose qform and sform point the spine different ways) is said with
     the labelling's warnings, in the report as on the screen, not only in the log."""

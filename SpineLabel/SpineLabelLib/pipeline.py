@@ -84,6 +84,10 @@ ORIENTATION_MARGIN = 0.1
 # kept their names but for one vertebra. A reviewer's CT phantom with 8 mm axial slices got 8 of 22 names right at
 # confidence 0.998-1.0 (0.8 mm slices: 17 of 17); scans with coarser voxels are labelled with a warning.
 CHECKED_SPACING_MM = 6.0
+# The narrowest view front to back the names were checked on: 14 real lumbar MRI cut into coronal stacks of 80 mm had no
+# name at confidence 0.99 or more wrong; cut to 60 and 40 mm, such names one level off came on 2 and 6 of them
+# (benchmarks/RESULTS.md, Rule N). Narrower views are labelled with a warning.
+CHECKED_DEPTH_MM = 80.0
 
 
 def regular_column(gaps_mm: np.ndarray) -> int:
@@ -386,6 +390,11 @@ def label_spine(
         warnings.append(f"{_CONSTANT}: nothing to label")
         report(1.0, NOTHING_FOUND)
         return _empty(geometry, warnings, loaded, timings, source, modality, t0, None)
+    # the extent of the image's box along P (its bounding extent where the image is oblique)
+    depth_mm = float((np.abs(np.reshape(geometry.direction, (3, 3))) @ np.multiply(geometry.size, geometry.spacing))[1])
+    if depth_mm < CHECKED_DEPTH_MM:
+        warnings.append(f"the view is {depth_mm:.0f} mm front to back: the names were checked on views of "
+                        f"{CHECKED_DEPTH_MM:g} mm or more; check them")
     norm = normalise(volume, loaded.ct_window_hu if modality == "CT" else None)
     extend_to_grid_ends(norm, image, grid)
     del volume, resampled
