@@ -222,9 +222,9 @@ def _mergedOnGrid(segmentation, segmentIds: list[str], geometry: Geometry) -> np
     voxels, and reading them as empty would delete every vertebra."""
     if not segmentIds or len(segmentIds) > np.iinfo(np.uint16).max:
         return None
-    source = (segmentation.GetSourceRepresentationName() if hasattr(segmentation, "GetSourceRepresentationName")
-              else segmentation.GetMasterRepresentationName())  # Slicer before 5.4
-    if source != slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName():
+    representation = (segmentation.GetSourceRepresentationName() if hasattr(segmentation, "GetSourceRepresentationName")
+                      else segmentation.GetMasterRepresentationName())  # Slicer before 5.4
+    if representation != slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName():
         return None
     layers: dict[int, list[tuple[int, int]]] = {}  # layer -> (label value, 1 + place in segmentIds), in order
     for place, segmentId in enumerate(segmentIds, start=1):
