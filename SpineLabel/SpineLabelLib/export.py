@@ -236,7 +236,7 @@ def dataset_label_values(label_path: str | os.PathLike, labels: np.ndarray) -> n
     for name, value in names.items():
         if whole[name]:
             meanings.setdefault(value, set()).add(_level_named(name))
-    twice = sorted(value for value, levels in meanings.items() if len(levels) > 1 and levels != {None})
+    twice = sorted(value for value, levels in meanings.items() if len(levels) > 1)
     if twice:  # one value, two meanings: which one its voxels are would be the last name written
         raise ValueError(f"{dataset}: label values {twice[:5]} are given to names of different levels")
     value_names = {value: name for name, value in names.items() if whole[name]}
