@@ -2,8 +2,9 @@
 slicer-core, no application) on a large whole-spine phantom.
 
 The phantom (default 512x512x800 at 0.8x0.8x1.0 mm, as bench_label.py) is labelled once; the labelling is shown in a
-headless MRML scene and each kind of correction is timed ``--runs`` times (median): rename (through the markups
-node, as the user types), lock/unlock, a point moved along the spine and one dropped on its neighbour, delete,
+headless MRML scene and each kind of correction is timed ``--runs`` times (median; rename, lock/unlock and the
+move along the spine twice a run, there and back): rename (through the markups node, as the user types),
+lock/unlock, a point moved along the spine and one dropped on its neighbour, delete,
 a deleted vertebra brought back by a point at its place, voxels erased in the segmentation's layer (as the Segment
 Editor's eraser) followed by a rename (which reads them back), and an export to an nnU-Net dataset.
 
