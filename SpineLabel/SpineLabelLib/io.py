@@ -41,6 +41,7 @@ __all__ = [
     "itk_warnings",
     "as_3d",
     "read_notes",
+    "header_tags",
     "checked_image",
     "read_label_map",
     "canonical_grid",
@@ -170,11 +171,12 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     return _unsheared(image, files, notes)
 
 
-def _dicom_tags(name: str) -> Callable[[str], str]:
-    """The header tags of DICOM file ``name``: a function of a tag's key (``"0020|0011"``) that gives its value,
-    stripped, or "" when the file lacks it or its header cannot be read."""
+def header_tags(name: str | os.PathLike) -> Callable[[str], str]:
+    """The header tags of image file ``name`` (DICOM's, or any other format's metadata): a function of a tag's key
+    (``"0020|0011"``, ``"ITK_FileNotes"``) that gives its value, stripped, or "" when the file lacks it or its header
+    cannot be read."""
     header = sitk.ImageFileReader()
-    header.SetFileName(name)
+    header.SetFileName(str(name))
     try:
         header.ReadImageInformation()
     except RuntimeError:
@@ -184,14 +186,14 @@ def _dicom_tags(name: str) -> Callable[[str], str]:
 
 def _frames(name: str) -> int:
     """How many images a DICOM file holds: its NumberOfFrames (a multi-frame file can hold a whole volume), else 1."""
-    frames = _dicom_tags(name)("0028|0008")
+    frames = header_tags(name)("0028|0008")
     return int(frames) if frames.isdigit() else 1
 
 
 def _series_description(files: tuple[str, ...]) -> str:
     """``number 3 "T2 sag" MR, 15 files``: what a user knows a series by, from the first of its ``files``."""
     count = f"{len(files)} file{'' if len(files) == 1 else 's'}"
-    tag = _dicom_tags(files[0])
+    tag = header_tags(files[0])
     number, text, modality = tag("0020|0011"), tag("0008|103e"), tag("0008|0060")
     named = " ".join(part for part in (f"number {number}" if number else "", f'"{text}"' if text else "", modality)
                      if part)
@@ -200,7 +202,7 @@ def _series_description(files: tuple[str, ...]) -> str:
 
 def _slice_geometry(name: str) -> tuple[np.ndarray, np.ndarray] | None:
     """ImagePositionPatient (3,) and ImageOrientationPatient (6,), LPS mm, of DICOM file ``name``; None if absent."""
-    tag = _dicom_tags(name)
+    tag = header_tags(name)
     try:
         return tuple(np.array([float(v) for v in tag(key).split("\\")]) for key in ("0020|0032", "0020|0037"))
     except ValueError:  # absent ("") or not numbers

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .io import IMAGE_SUFFIXES, atomic_paths, case_name, write_image
+from .io import IMAGE_SUFFIXES, atomic_paths, case_name, header_tags, write_image
 from .vertebrae import BODY, BY_NAME, DISC, LEVELS, POSTERIOR, level_index
 
 __all__ = ["FOVS", "Phantom", "make_phantom"]
@@ -137,7 +137,7 @@ class Phantom:
                           + (f": {blocker} is a file" if blocker else f" ({err.strerror or err})")) from None
         label_path = image_path.with_name(f"{case_name(image_path)}_seg-vert_msk.nii.gz")
         for existing in (image_path, label_path):
-            if existing.exists() and _file_notes(existing) != _PHANTOM_NOTE:
+            if existing.exists() and header_tags(existing)(_NOTES_KEY) != _PHANTOM_NOTE:
                 raise FileExistsError(f"{existing} would be replaced, and it is no phantom SpineLabel wrote; remove it "
                                       "or choose another name")
         with atomic_paths([image_path, label_path]) as temps:
@@ -146,18 +146,6 @@ class Phantom:
                 image.SetMetaData(_NOTES_KEY, _PHANTOM_NOTE)
                 write_image(image, tmp, final, notes=_PHANTOM_NOTE)
         return [image_path, label_path]
-
-
-def _file_notes(path: Path) -> str | None:
-    """The notes in the header of image file ``path`` (NIfTI's description), None where it has none or is no image
-    ITK reads."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return None
-    return reader.GetMetaData(_NOTES_KEY) if reader.HasMetaDataKey(_NOTES_KEY) else None
 
 
 @dataclass

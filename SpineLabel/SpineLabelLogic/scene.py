@@ -125,10 +125,15 @@ def ijkToRasMatrix(geometry: Geometry) -> vtk.vtkMatrix4x4:
     return matrix
 
 
+def _arrayOf(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    """float64 (4, 4) of a VTK matrix."""
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
 def _geometryOfVolume(volumeNode) -> Geometry:
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
-    ijkToRas = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    ijkToRas = _arrayOf(matrix)
     spacing = np.asarray(volumeNode.GetSpacing(), dtype=float)
     direction = _LPS_TO_RAS[:, None] * ijkToRas[:3, :3] / spacing[None, :]
     return Geometry(tuple(int(d) for d in volumeNode.GetImageData().GetDimensions()), tuple(float(s) for s in spacing),
@@ -232,8 +237,7 @@ def _mergedOnGrid(segmentation, segmentIds: list[str], geometry: Geometry) -> np
         if layer < 0:
             return None
         layers.setdefault(layer, []).append((segmentation.GetSegment(segmentId).GetLabelValue(), place))
-    reference = ijkToRasMatrix(geometry)
-    reference = np.array([[reference.GetElement(r, c) for c in range(4)] for r in range(4)])
+    reference = geometry.ijk_to_ras()
     places = zeros_on_demand(geometry.size[::-1], np.uint8 if len(segmentIds) < 256 else np.uint16)
     for layer, entries in layers.items():
         image = segmentation.GetLayerDataObject(layer)
@@ -241,8 +245,8 @@ def _mergedOnGrid(segmentation, segmentIds: list[str], geometry: Geometry) -> np
             continue  # no voxels: none of its segments is in the merge
         matrix = vtk.vtkMatrix4x4()
         image.GetImageToWorldMatrix(matrix)
-        if image.GetNumberOfScalarComponents() != 1 or not np.allclose(
-                [[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], reference, rtol=0.0, atol=1e-4):
+        onGrid = np.allclose(_arrayOf(matrix), reference, rtol=0.0, atol=1e-4)
+        if image.GetNumberOfScalarComponents() != 1 or not onGrid:
             return None
         voxels = _voxelsOf(image)
         values = [value for value, _ in entries]
