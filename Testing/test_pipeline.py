@@ -906,6 +906,56 @@ def test_a_component_beside_the_spine_takes_no_level(monkeypatch):
                for w in result.warnings), result.warnings
 
 
+def test_a_join_or_cut_of_bodies_is_warned_of(monkeypatch):
+    """Joining two components into one vertebra (``_split_in_two``) or cutting one in two (``_merged_beside_skip``)
+    changes the count of the chain: the labelling says so. Real lumbar MRI with L3-L5 fused (the disc spaces filled
+    with the bodies' own intensity): two small pieces of the block, 20 mm apart, were joined, and the sacrum was then
+    named L5 at confidence 0.997 with no word of the join."""
+    from scipy import ndimage
+
+    from SpineLabelLib import pipeline
+    from SpineLabelLib.inference import Prediction
+    from SpineLabelLib.vertebrae import BODY
+
+    phantom = make_phantom(modality="ct", fov="lumbar", seed=123)
+    clean = label_spine(phantom.image, device="cpu")
+    assert not any(w.startswith(("joined two", "cut a body")) for w in clean.warnings), clean.warnings
+    predict = pipeline._predict_in_context
+
+    def split_body(loaded, volume, device, **kwargs):  # a middle body parted by a 4 mm slab of background
+        p = predict(loaded, volume, device, **kwargs)
+        if kwargs.get("levels_only"):
+            return p
+        bodies, n = ndimage.label(p.tissue == BODY)
+        large = [i for i, size in enumerate(ndimage.sum(bodies > 0, bodies, range(1, n + 1)), 1) if size >= 500]
+        z = int(round(sorted(ndimage.center_of_mass(bodies > 0, bodies, large))[len(large) // 2][0]))
+        tissue, body, bone = p.tissue.copy(), p.body_probability.copy(), p.bone_probability.copy()
+        gap = np.zeros(tissue.shape, bool)
+        gap[z - 1: z + 1] = True
+        gap &= tissue == BODY
+        tissue[gap], body[gap], bone[gap] = 0, 0, 0
+        return Prediction(tissue, body, bone, p.level_log_probs)
+
+    monkeypatch.setattr(pipeline, "_predict_in_context", split_body)
+    joined = label_spine(phantom.image, device="cpu")
+    assert [v.name for v in joined.vertebrae] == [v.name for v in clean.vertebrae]
+    assert any(re.fullmatch(r"joined two vertebra-like components \d+ mm apart into one vertebra, .*check the count", w)
+               for w in joined.warnings), joined.warnings
+
+    monkeypatch.setattr(pipeline, "_predict_in_context", predict)
+    merged = pipeline._merged_beside_skip
+    calls = []
+
+    def one_tall(levels, chain):  # the decision itself: test_s1_is_never_the_body_cut_for_a_skipped_level
+        calls.append(1)
+        return [chain[len(chain) // 2]] if len(calls) == 1 else merged(levels, chain)
+
+    monkeypatch.setattr(pipeline, "_merged_beside_skip", one_tall)
+    cut = label_spine(phantom.image, device="cpu")
+    assert any(re.fullmatch(r"cut a body \d+ mm tall in two beside a skipped level, .*check the count", w)
+               for w in cut.warnings), cut.warnings
+
+
 def test_a_body_split_in_two_is_joined():
     """Two neighbours far closer than their levels' spacing and together no bigger than one vertebra are one body
     split in two (an L5 of a clinical stack of 3 mm sagittal slices: 20 and 11 ml, 16 mm apart); not two whole
