@@ -309,7 +309,9 @@ def test_confidences_can_be_read_from_other_evidence_than_the_names():
     assert names_of(fixed) == names and fixed.confidence[0] == pytest.approx(1.0)
     ruled_out = scores_for(lower)
     ruled_out[1] = -np.inf
-    for bad in (scores_for(lower)[:2], ruled_out, np.full((3, K), np.nan)):
+    no_path = np.full((3, K), -np.inf)  # each row allows one level, but in an order no chain can take: no labelling
+    no_path[np.arange(3), [level_index("S1"), level_index("L1"), level_index("C1")]] = 0.0  # (the marginals were NaN)
+    for bad in (scores_for(lower)[:2], ruled_out, np.full((3, K), np.nan), no_path):
         with pytest.raises(ValueError, match="confidence scores"):
             solve(first, np.full(2, 35.0), confidence_scores=bad)
 

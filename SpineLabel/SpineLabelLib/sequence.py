@@ -280,7 +280,7 @@ def solve(
             ``priors.sacral_piece`` allows sacral pieces, or a caudal level above a cranial one), the chain is
             longer than the number of levels where no sacral piece is allowed, a fixed position is outside it, or
             the gaps (not n-1, or not finite), the scores (NaN or +inf) or the confidence scores (not (n, K), NaN,
-            +inf, or a row ruling out every level) are not usable.
+            +inf, a row ruling out every level, or -inf entries that leave no labelling) are not usable.
     """
     emissions = np.array(log_scores, dtype=float, copy=True).reshape(-1, K)
     n = emissions.shape[0]
@@ -340,6 +340,9 @@ def solve(
     levels = paths[best]
     log_z, per_scale = _forward_backward(tempered_evidence, transitions)
     log_weights = log_z + log_scale_prior
+    if not np.isfinite(log_weights).any():  # the best path holds, yet the confidence evidence rules out every path
+        raise ValueError("confidence scores that rule out every labelling of the chain: (n, K) whose -inf entries "
+                         "leave some path")
     weights = np.exp(log_weights - np.max(log_weights))
     marginals = np.tensordot(weights / weights.sum(), per_scale, axes=1)
     confidence = np.clip(marginals[np.arange(n), levels], 0.0, 1.0)
