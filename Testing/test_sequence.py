@@ -91,6 +91,19 @@ def test_fixing_a_name_the_chain_already_has_changes_no_name():
     assert tempered_differs  # the case that matters is among them
 
 
+def test_a_lock_after_a_rename_changes_no_name():
+    """A name locked as shown after another correction renames nothing. T10 T11 T12 L1 L2 with a missed vertebra's
+    gap between T12 and L1: renamed T13 there, the chain shows T10 T11 T12 T13 L1; locking that L1 (the level head's
+    L2) read the vertebrae above the T13 one level up too, and across the long gap they were renamed T9 T10 T11."""
+    names = ["T10", "T11", "T12", "L1", "L2"]
+    expected = expected_gaps_mm()
+    gaps = np.array([expected[level_index(a), level_index(b)] for a, b in zip(names, names[1:])])
+    gaps[2] *= 2
+    renamed = solve(scores_for(names), gaps, fixed={3: "T13"})
+    assert names_of(renamed) == ["T10", "T11", "T12", "T13", "L1"]
+    assert names_of(solve(scores_for(names), gaps, fixed={3: "T13", 4: "L1"})) == names_of(renamed)
+
+
 def test_unusable_gaps_scores_and_positions_are_named():
     scores = scores_for(["L1", "L2", "L3"])
     for gaps in ([35.0], [35.0, np.nan], [35.0, 35.0, 35.0]):

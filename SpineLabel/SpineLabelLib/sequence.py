@@ -363,11 +363,16 @@ def _correction_shifts(own: np.ndarray, fixed: dict[int, str]) -> list[set[int]]
     level head's own labelling ``own`` (int (n,) level indices, chain order): a fixed name moves the vertebrae on each
     side of it by as many levels as it moves the regular level next to it on that side (L6 forced on an L5 moves those
     above one level down and leaves S1 below), unless the own labelling names C1, C2 or the sacrum on that side: a run
-    that reaches one of them is numbered from it, not by counting. 0 left out."""
+    that reaches one of them is numbered from it, not by counting. A side ends at the next fixed name that differs from
+    ``own``, which numbers the vertebrae beyond it (a lock of the L1 shown below a rename to T13, the level head's L2,
+    moved the vertebrae above the T13 one level up too, and across a long gap they were renamed). 0 left out."""
     shifts: list[set[int]] = [set() for _ in own]
     anchored = np.isin(own, _SHAPED)
+    overruling = sorted(position for position, name in fixed.items() if own[position] != level_index(name))
     for position, name in fixed.items():
-        for side, rows in ((-1, range(position)), (1, range(position + 1, len(own)))):
+        above = max((p for p in overruling if p < position), default=-1)
+        below = min((p for p in overruling if p > position), default=len(own))
+        for side, rows in ((-1, range(above + 1, position)), (1, range(position + 1, below))):
             forced, before = _regular_beside(level_index(name), side), _regular_beside(int(own[position]), side)
             if forced is None or before is None or forced == before or anchored[rows].any():
                 continue
