@@ -405,6 +405,26 @@ def test_an_added_vertebra_never_takes_the_voxels_of_another():
     assert np.any(out.components == max(v.id for v in out.vertebrae))
 
 
+def test_an_added_vertebra_has_voxels_where_its_neighbours_shape_moved_onto_the_point_falls_outside_the_image():
+    """L1 erased in the Segment Editor but its left 5 mm, its centroid where it was: its shape moved onto a point on the
+    missed L2 near the image's side fell outside the image, and L2 was added with no voxel (an empty segment in
+    Slicer, deleted without a word by the next read-back of the segments)."""
+    case = build_spine(missing=("L2",))
+    l1 = next(v for v in case.result.vertebrae if v.name == "L1")
+    components = case.result.components.copy()
+    x_mm = np.arange(components.shape[2]) * 1.5
+    components[(components == l1.id) & (x_mm[None, None, :] >= 15.0)] = 0
+    result = case.result.copy(components=components)
+    centre = body_centre(case, "L2")
+    point = (12.0, centre[1], centre[2] + 5.0)
+    out = edits.add_vertebra(result, case.image, point)
+    (new,) = [v for v in out.vertebrae if v.id not in {u.id for u in result.vertebrae}]
+    assert new.name == "L2" and edits.component_at(out, point) == new.id
+    assert new.volume_ml > 0 and new.volume_ml == pytest.approx(np.sum(out.components == new.id) * 1.5**3 / 1000)
+    labelled = components != 0
+    np.testing.assert_array_equal(out.components[labelled], components[labelled])
+
+
 @pytest.mark.parametrize("image", ["array", "path"])
 def test_an_image_that_is_no_image_is_refused_as_such(spine, image, tmp_path):
     """A numpy array or a path for the image raised AttributeError ('numpy.ndarray' object has no attribute 'GetSize')

@@ -452,10 +452,11 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
     """Add a vertebra the network missed, from a point the user placed on its body.
 
     The new component takes the shape of the nearest labelled vertebra, moved onto the point
-    (``_shifted_neighbour``); in a labelling without vertebrae it is grown from the point over voxels of similar
-    intensity within a vertebra-sized box (``ADD_BOX_MM`` along L, P, S). It never takes voxels of existing
-    vertebrae. The new vertebra has the point as its centroid, uninformative level scores (zeros, the sequence model
-    places it from its neighbours), goes into the chain where it fits along the spine, and everything is re-solved.
+    (``_shifted_neighbour``); in a labelling without vertebrae, or where that shape moved onto the point has no free
+    voxel in the image, it is grown from the point over voxels of similar intensity within a vertebra-sized box
+    (``ADD_BOX_MM`` along L, P, S). It never takes voxels of existing vertebrae. The new vertebra has the point as
+    its centroid, uninformative level scores (zeros, the sequence model places it from its neighbours), goes into
+    the chain where it fits along the spine, and everything is re-solved.
 
     Args:
         result: the labelling.
@@ -490,9 +491,14 @@ def add_vertebra(result: SpineLabeling, image: sitk.Image, point_lps: tuple[floa
     if no_room is not None:
         raise ValueError("the point lies between {} and {}, {:.0f} mm apart, as close as the vertebrae beside them: no "
                          "vertebra is missed there (a click in the disc?)".format(*no_room))
+    region = None
     if result.vertebrae:
         box, region = _shifted_neighbour(result, point_lps)
-    else:
+    if region is None or not region.any():
+        # no vertebra to take a shape from, or its shape moved onto the point falls outside the image or on other
+        # vertebrae (a neighbour whose centroid lies off its voxels after Segment Editor edits): grown from the point,
+        # which is free, so the vertebra has voxels (it was added with none: an empty segment, deleted without a word
+        # by the next read-back)
         box = _box_slices(result.geometry, ijk)
         seed = tuple(int(ijk[a] - box[2 - a].start) for a in (2, 1, 0))
         intensities = sitk.GetArrayViewFromImage(image)[box].astype(np.float32)
