@@ -342,7 +342,7 @@ def solve(
     log_weights = log_z + log_scale_prior
     if not np.isfinite(log_weights).any():  # the best path holds, yet the confidence evidence rules out every path
         raise ValueError("confidence scores that rule out every labelling of the chain: (n, K) whose -inf entries "
-                         "leave some path")
+                         "must leave some path")
     weights = np.exp(log_weights - np.max(log_weights))
     marginals = np.tensordot(weights / weights.sum(), per_scale, axes=1)
     confidence = np.clip(marginals[np.arange(n), levels], 0.0, 1.0)
