@@ -27,6 +27,7 @@ from vtk.util import numpy_support  # noqa: E402
 from conftest import build_spine  # noqa: E402
 from SpineLabelLib.export import provenance_of  # noqa: E402
 from SpineLabelLib.io import InputError  # noqa: E402
+from SpineLabelLib.result import Geometry  # noqa: E402
 from SpineLabelLib.sequence import confidence_text  # noqa: E402
 from SpineLabelLib.vertebrae import (  # noqa: E402
     BY_LABEL,
@@ -1035,6 +1036,30 @@ def test_a_segment_removed_before_the_scene_was_saved_is_taken_in_once_loaded(la
     assert [v.name for v in loaded.result.vertebrae] == ["T11", "T12", "L1", "L2", "L3"]
     assert loaded.corrections == [{"action": "segment_edit", "vertebra_ids": [removed]}]
     assert_nodes_match(loaded)
+    loaded.cleanup()
+
+
+def test_a_labelling_of_a_left_handed_grid_is_followed_again_once_loaded(mrml, spine, tmp_path):
+    """A volume made in memory on a left-handed voxel grid (its k axis running head to feet, as in a real MRI's header) is
+    read back from the scene's file on the same voxel centres indexed the other way, and the labelling was refused as
+    off its grid: not followed again, its points and segments no longer correctable."""
+    g = spine.result.geometry
+    far = (g.size[2] - 1) * g.spacing[2]
+    flipped = Geometry(g.size, g.spacing, (0.0, 0.0, far), (1.0, 0, 0, 0, 1.0, 0, 0, 0, -1.0))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.flip(sitk.GetArrayFromImage(spine.image), 0)))
+    image.SetSpacing(g.spacing)
+    image.SetOrigin(flipped.origin)
+    image.SetDirection(flipped.direction)
+    result = spine.result.copy(geometry=flipped, components=np.ascontiguousarray(np.flip(spine.result.components, 0)))
+    labeling = LabelingScene(addVolumeNodeFromImage(mrml.scene, image, "spine"), result)
+    (loaded,) = save_and_load(mrml, labeling, tmp_path / "scene", bundle=False)
+    assert loaded.result.geometry.matches(g)  # as read back: the grid the spine was built on
+    np.testing.assert_array_equal(loaded.result.components, spine.result.components)
+    assert [v.name for v in loaded.result.vertebrae] == [v.name for v in spine.result.vertebrae]
+    assert_nodes_match(loaded)
+    loaded.markupsNode.SetNthControlPointLabel(point_index(loaded, "L1"), "L2")
+    assert [v.name for v in loaded.result.vertebrae] == ["T12", "L1", "L2", "L3", "L4", "L5"]
+    np.testing.assert_array_equal(layer_voxels(loaded) > 0, spine.result.components > 0)
     loaded.cleanup()
 
 

@@ -140,6 +140,22 @@ def _geometryOfVolume(volumeNode) -> Geometry:
                     tuple(float(o) for o in _LPS_TO_RAS * ijkToRas[:3, 3]), tuple(float(x) for x in direction.ravel()))
 
 
+def _reversedAxes(saved: Geometry, current: Geometry) -> tuple[int, ...]:
+    """The numpy axes (of a (z, y, x) array) along which ``current`` indexes the voxel centres of ``saved`` the other
+    way (a direction column negated, the origin at the far end of that axis); () when the grids match or differ
+    otherwise."""
+    if saved.matches(current) or saved.size != current.size or not np.allclose(saved.spacing, current.spacing,
+                                                                                 atol=1e-3):
+        return ()
+    a, b = (np.asarray(g.direction, dtype=float).reshape(3, 3) for g in (saved, current))
+    flipped = np.array([np.allclose(a[:, i], -b[:, i], atol=1e-3) for i in range(3)])
+    corner = np.where(flipped, np.asarray(saved.size) - 1, 0) * np.asarray(saved.spacing)
+    if not (flipped.any() and np.allclose(np.where(flipped, -b, b), a, atol=1e-3)
+            and np.allclose(np.asarray(saved.origin) + a @ corner, current.origin, atol=1e-2)):
+        return ()
+    return tuple(2 - i for i in np.flatnonzero(flipped))
+
+
 def imageFromVolumeNode(volumeNode) -> sitk.Image:
     """A scalar volume node as a ``SimpleITK.Image`` with the same voxels (copied) and LPS geometry.
 
@@ -389,13 +405,23 @@ class LabelingScene(VTKObservationMixin):
         components = (_mergedSegments(segmentationNode, segmentIds, geometry).astype(np.int16) if segmentIds
                       else np.zeros(geometry.size[::-1], dtype=np.int16))
         result = resultFromDocument(state["result"], components)
+        # a volume labelled on a left-handed voxel grid (made in memory) is read back from the scene's file on the
+        # same voxel centres indexed the other way along an axis: the labelling is turned with it
+        reindexed = _reversedAxes(geometry, _geometryOfVolume(volumeNode))
+        if reindexed:
+            result = result.copy(geometry=_geometryOfVolume(volumeNode),
+                                 components=np.ascontiguousarray(np.flip(components, reindexed)))
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         present = set(present_ids(components).tolist())  # no int64 copy of the volume, as np.bincount makes
         emptied = [v.id for v in result.vertebrae if v.id not in present]
         for vertebraId in emptied:
             result = edits.delete(result, vertebraId)
         corrections = state["corrections"] + ([{"action": "segment_edit", "vertebra_ids": emptied}] if emptied else [])
-        return cls(volumeNode, result, segmentationNode=segmentationNode,
-                   markupsNode=segmentationNode.GetNodeReference(_POINTS_ROLE), corrections=corrections)
+        labeling = cls(volumeNode, result, segmentationNode=segmentationNode,
+                       markupsNode=segmentationNode.GetNodeReference(_POINTS_ROLE), corrections=corrections)
+        if reindexed:
+            labeling._writeSegments(voxels=True)  # the segments too, on the volume's grid as read
+        return labeling
 
     # ------------------------------------------------------------------------------------------------ public
 
