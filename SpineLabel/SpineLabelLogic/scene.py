@@ -407,10 +407,10 @@ class LabelingScene(VTKObservationMixin):
         result = resultFromDocument(state["result"], components)
         # a volume labelled on a left-handed voxel grid (made in memory) is read back from the scene's file on the
         # same voxel centres indexed the other way along an axis: the labelling is turned with it
-        reindexed = _reversedAxes(geometry, _geometryOfVolume(volumeNode))
+        onVolume = _geometryOfVolume(volumeNode)
+        reindexed = _reversedAxes(geometry, onVolume)
         if reindexed:
-            result = result.copy(geometry=_geometryOfVolume(volumeNode),
-                                 components=np.ascontiguousarray(np.flip(components, reindexed)))
+            result = result.copy(geometry=onVolume, components=np.ascontiguousarray(np.flip(components, reindexed)))
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         present = set(present_ids(components).tolist())  # no int64 copy of the volume, as np.bincount makes
         emptied = [v.id for v in result.vertebrae if v.id not in present]
