@@ -1040,9 +1040,9 @@ def test_a_segment_removed_before_the_scene_was_saved_is_taken_in_once_loaded(la
 
 
 def test_a_labelling_of_a_left_handed_grid_is_followed_again_once_loaded(mrml, spine, tmp_path):
-    """A volume made in memory on a left-handed voxel grid (its k axis running head to feet, as in a real MRI's header) is
-    read back from the scene's file on the same voxel centres indexed the other way, and the labelling was refused as
-    off its grid: not followed again, its points and segments no longer correctable."""
+    """A volume made in memory on a left-handed voxel grid (its k axis running head to feet, as in a real MRI's
+    header) is read back from the scene's file on the same voxel centres indexed the other way, and the labelling was
+    refused as off its grid: not followed again, its points and segments no longer correctable."""
     g = spine.result.geometry
     far = (g.size[2] - 1) * g.spacing[2]
     flipped = Geometry(g.size, g.spacing, (0.0, 0.0, far), (1.0, 0, 0, 0, 1.0, 0, 0, 0, -1.0))
@@ -1060,6 +1060,26 @@ def test_a_labelling_of_a_left_handed_grid_is_followed_again_once_loaded(mrml, s
     loaded.markupsNode.SetNthControlPointLabel(point_index(loaded, "L1"), "L2")
     assert [v.name for v in loaded.result.vertebrae] == ["T12", "L1", "L2", "L3", "L4", "L5"]
     np.testing.assert_array_equal(layer_voxels(loaded) > 0, spine.result.components > 0)
+    loaded.cleanup()
+
+
+def test_a_labelling_under_a_rotation_comes_back_with_its_voxels_once_loaded(mrml, spine, tmp_path):
+    """The segments' grid for saving was taken before the segmentation went under the volume's transform: the volume's
+    grid turned by it, onto which the segments were resampled when saved (a real CT under a rotation of 12.5 degrees
+    came back with 1.8 % of its labelled voxels moved)."""
+    volume = addVolumeNodeFromImage(mrml.scene, spine.image, "spine")
+    turn = vtk.vtkTransform()
+    turn.RotateWXYZ(12.5, 0.3, 0.9, 0.3)
+    turn.Translate(10.0, -20.0, 5.0)
+    transform = mrml.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "turn")
+    transform.SetMatrixTransformToParent(turn.GetMatrix())
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    labeling = LabelingScene(volume, spine.result)
+    (loaded,) = save_and_load(mrml, labeling, tmp_path / "scene", bundle=False)
+    np.testing.assert_array_equal(loaded.result.components, spine.result.components)
+    np.testing.assert_array_equal(layer_voxels(loaded) > 0, spine.result.components > 0)
+    assert loaded.corrections == []
+    assert loaded.segmentationNode.GetTransformNodeID() == loaded.volumeNode.GetTransformNodeID()
     loaded.cleanup()
 
 
