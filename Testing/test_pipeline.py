@@ -23,7 +23,7 @@ from SpineLabelLib.pipeline import (DENSE_BONE_REACH_MM, LONG_COLUMN, MIN_SPINE_
                                     ORIENTATION_MARGIN, REGULAR_COLUMN, Cancelled, NoVertebrae,
                                     components_on_input_grid, is_spine, label_spine, regular_column, require_vertebrae)
 from SpineLabelLib.sequence import solve
-from SpineLabelLib.vertebrae import BY_NAME, LEVELS, level_index
+from SpineLabelLib.vertebrae import BODY, BY_NAME, LEVELS, level_index
 
 
 @pytest.fixture(scope="module")
@@ -874,14 +874,19 @@ def test_a_stray_beyond_the_end_is_left_out_once_a_component_off_the_line_no_lon
                                    "ignored a vertebra-like component 112 mm beyond the end of the spine"]
 
 
+def _middle_body(prediction) -> tuple[float, float, float]:
+    """Centroid (z, y, x, model voxels) of the middle one of a prediction's vertebral bodies (500 voxels or more, no
+    speck)."""
+    bodies, n = ndimage.label(prediction.tissue == BODY)
+    large = [i for i, size in enumerate(ndimage.sum(bodies > 0, bodies, range(1, n + 1)), 1) if size >= 500]
+    return sorted(ndimage.center_of_mass(bodies > 0, bodies, large))[len(large) // 2]
+
+
 def test_a_component_beside_the_spine_takes_no_level(monkeypatch):
     """A body-like blob in front of the column (as a bowel loop might come out of the network) is sorted into the
     chain beside a vertebra; left in, it took a level (an L6 here, 10 vertebrae) and renamed the vertebrae below it."""
-    from scipy import ndimage
-
     from SpineLabelLib import pipeline
     from SpineLabelLib.inference import Prediction
-    from SpineLabelLib.vertebrae import BODY
 
     phantom = make_phantom(modality="ct", fov="lumbar", seed=123)
     clean = label_spine(phantom.image, device="cpu")
@@ -889,9 +894,7 @@ def test_a_component_beside_the_spine_takes_no_level(monkeypatch):
 
     def with_blob(loaded, volume, device, **kwargs):
         p = predict(loaded, volume, device, **kwargs)
-        bodies, n = ndimage.label(p.tissue == BODY)
-        large = [i for i, size in enumerate(ndimage.sum(bodies > 0, bodies, range(1, n + 1)), 1) if size >= 500]
-        z, y, x = sorted(ndimage.center_of_mass(bodies > 0, bodies, large))[len(large) // 2]  # a middle body, no speck
+        z, y, x = _middle_body(p)
         zz, yy, xx = np.ogrid[tuple(slice(0, s) for s in p.tissue.shape)]  # 2 mm voxels: 28 mm in front of it
         blob = ((zz - z) / 6) ** 2 + ((yy - y + 14) / 4.5) ** 2 + ((xx - x) / 7) ** 2 <= 1
         tissue, body, bone = p.tissue.copy(), p.body_probability.copy(), p.bone_probability.copy()
@@ -911,11 +914,8 @@ def test_a_join_or_cut_of_bodies_is_warned_of(monkeypatch):
     changes the count of the chain: the labelling says so. Real lumbar MRI with L3-L5 fused (the disc spaces filled
     with the bodies' own intensity): two small pieces of the block, 20 mm apart, were joined, and the sacrum was then
     named L5 at confidence 0.997 with no word of the join."""
-    from scipy import ndimage
-
     from SpineLabelLib import pipeline
     from SpineLabelLib.inference import Prediction
-    from SpineLabelLib.vertebrae import BODY
 
     phantom = make_phantom(modality="ct", fov="lumbar", seed=123)
     clean = label_spine(phantom.image, device="cpu")
@@ -926,9 +926,7 @@ def test_a_join_or_cut_of_bodies_is_warned_of(monkeypatch):
         p = predict(loaded, volume, device, **kwargs)
         if kwargs.get("levels_only"):
             return p
-        bodies, n = ndimage.label(p.tissue == BODY)
-        large = [i for i, size in enumerate(ndimage.sum(bodies > 0, bodies, range(1, n + 1)), 1) if size >= 500]
-        z = int(round(sorted(ndimage.center_of_mass(bodies > 0, bodies, large))[len(large) // 2][0]))
+        z = int(round(_middle_body(p)[0]))
         tissue, body, bone = p.tissue.copy(), p.body_probability.copy(), p.bone_probability.copy()
         gap = np.zeros(tissue.shape, bool)
         gap[z - 1: z + 1] = True

@@ -144,14 +144,13 @@ def _reversedAxes(saved: Geometry, current: Geometry) -> tuple[int, ...]:
     """The numpy axes (of a (z, y, x) array) along which ``current`` indexes the voxel centres of ``saved`` the other
     way (a direction column negated, the origin at the far end of that axis); () when the grids match or differ
     otherwise."""
-    if saved.matches(current) or saved.size != current.size or not np.allclose(saved.spacing, current.spacing,
-                                                                                 atol=1e-3):
+    if saved.size != current.size or not np.allclose(saved.spacing, current.spacing, atol=1e-3):
         return ()
     a, b = (np.asarray(g.direction, dtype=float).reshape(3, 3) for g in (saved, current))
     flipped = np.array([np.allclose(a[:, i], -b[:, i], atol=1e-3) for i in range(3)])
-    corner = np.where(flipped, np.asarray(saved.size) - 1, 0) * np.asarray(saved.spacing)
     if not (flipped.any() and np.allclose(np.where(flipped, -b, b), a, atol=1e-3)
-            and np.allclose(np.asarray(saved.origin) + a @ corner, current.origin, atol=1e-2)):
+            and np.allclose(saved.index_to_lps(np.where(flipped, np.asarray(saved.size) - 1, 0)), current.origin,
+                            atol=1e-2)):
         return ()
     return tuple(2 - i for i in np.flatnonzero(flipped))
 
@@ -354,7 +353,6 @@ class LabelingScene(VTKObservationMixin):
         if newSegments:
             segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{base} vertebrae")
             segmentationNode.CreateDefaultDisplayNodes()
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         if markupsNode is None:
             markupsNode = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{base} vertebra centroids")
             markupsNode.CreateDefaultDisplayNodes()
