@@ -152,6 +152,9 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._labelledVolume = None  # the volume the running process labels
         self._labelings = {}  # volume node ID -> the LabelingScene of that volume, each followed until replaced
         self._shownLabeling = None  # the labelling the table and messages show
+        # volume node ID -> the nodes of its labelling, no longer followed since the user deleted its segmentation or
+        # its points: the one left is removed when the volume is labelled again, as a replaced labelling's nodes are
+        self._abandoned = {}
         self._timer = None
         self._dependencyStatus = ""  # the status line's text while packages are missing
         self._reinstalled = set()  # requirements installed again in this session because their import failed
@@ -229,9 +232,12 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Labelling stopped: its volume was removed.")
         volumeId = next((key for key, labeling in self._labelings.items()
                          if node in (labeling.segmentationNode, labeling.markupsNode)), node.GetID())
+        self._abandoned.pop(node.GetID(), None)  # a removed volume is labelled no more
         labeling = self._labelings.pop(volumeId, None)
         if labeling is not None:
             labeling.cleanup()
+            if node is not labeling.volumeNode:
+                self._abandoned[volumeId] = (labeling.segmentationNode, labeling.markupsNode)
             self._checkCanApply()
             if node is not labeling.volumeNode and labeling.volumeNode is (
                     self._parameterNode.inputVolume if self._parameterNode else None):
@@ -257,6 +263,7 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for labeling in self._labelings.values():
             labeling.cleanup()
         self._labelings.clear()
+        self._abandoned.clear()
         self._shownLabeling = None
 
     @property
@@ -448,6 +455,10 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             labeling = self.logic.finishLabelling(volume, outputDir)
             if replaced is not None:
                 replaced.removeNodes()  # the new labelling of this volume replaces the old one
+            from SpineLabelLogic.scene import removeNodes
+            # and what the user left of one whose other node they deleted: it would show beside the new one under
+            # the same name, its edits taken in nowhere
+            removeNodes(self._abandoned.pop(volume.GetID(), ()))
             self._labelings[volume.GetID()] = labeling
             labeling.changedCallbacks.append(self.onLabelingChanged)
             self.ui.progressBar.value = 100

@@ -1368,3 +1368,29 @@ def test_a_segmentation_made_of_closed_surfaces_is_not_read_as_empty(labeled):
     assert scene_module._mergedOnGrid(segmentation, ids, labeled.result.geometry) is None
     labeled.markupsNode.SetNthControlPointLocked(point_index(labeled, "L1"), True)
     assert [v.name for v in labeled.result.vertebrae] == names and labeled.lastError == ""
+
+
+@pytest.mark.parametrize("deleted", ["segmentationNode", "markupsNode"])
+def test_labelling_again_after_one_of_its_nodes_was_deleted_leaves_no_node_of_the_old_one(modules, labeled, mrml,
+                                                                                            spine, deleted):
+    """The user deleted the segmentation (or the points) of a labelling in the Data module: the panel stopped
+    following it and asked for a new labelling, which was made beside the node left of the old one, under the same
+    name and shown over it; a point of the old one renamed or moved, or its segments edited, were taken in nowhere."""
+    volume = labeled.volumeNode
+    panel = labelling_panel(modules, volume)
+    panel._labelings[volume.GetID()] = labeled
+    left = labeled.markupsNode if deleted == "segmentationNode" else labeled.segmentationNode
+    node = getattr(labeled, deleted)
+    mrml.scene.RemoveNode(node)
+    panel.onNodeRemoved(mrml.scene, mrml.scene.NodeRemovedEvent, node)
+    assert volume.GetID() not in panel._labelings and "Label it again" in panel.ui.statusLabel.text
+    panel.logic.finishLabelling = lambda volume, outputDir: LabelingScene(volume, spine.result.copy())
+    panel._process, panel._outputDir, panel._labelledVolume = types.SimpleNamespace(finish=lambda: 0), None, volume
+    panel._finishLabelling()
+    new = panel._labelings[volume.GetID()]
+    try:
+        assert left.GetScene() is None
+        assert mrml.scene.GetNumberOfNodesByClass(left.GetClassName()) == 1
+        assert_nodes_match(new)
+    finally:
+        new.cleanup()

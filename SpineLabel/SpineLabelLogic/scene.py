@@ -55,6 +55,7 @@ __all__ = [
     "imageFromVolumeNode",
     "addVolumeNodeFromImage",
     "volumeSource",
+    "removeNodes",
     "segmentIdOf",
     "vertebraIdOf",
 ]
@@ -195,6 +196,21 @@ def volumeSource(volumeNode) -> str:
     storageNode = volumeNode.GetStorageNode()
     fileName = storageNode.GetFileName() if storageNode is not None else None
     return fileName or volumeNode.GetName()
+
+
+def removeNodes(nodes) -> None:
+    """Remove ``nodes`` from their scene with their display and storage nodes (MRML leaves the nodes a removed node
+    refers to in the scene); a node already out of a scene is skipped."""
+    for node in nodes:
+        scene = node.GetScene()
+        if scene is None:
+            continue
+        helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+        helpers.append(node.GetStorageNode())
+        scene.RemoveNode(node)
+        for helper in helpers:
+            if helper is not None and helper.GetScene() is not None:
+                scene.RemoveNode(helper)
 
 
 def _orientedImage(geometry: Geometry, labels: np.ndarray | None) -> "slicer.vtkOrientedImageData":
@@ -437,16 +453,7 @@ class LabelingScene(VTKObservationMixin):
         """Stop observing and remove both nodes from the scene, with their display and storage nodes (a new
         labelling of the same volume replaces this one)."""
         self.cleanup()
-        for node in (self.segmentationNode, self.markupsNode):
-            scene = node.GetScene()
-            if scene is None:
-                continue
-            helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
-            helpers.append(node.GetStorageNode())
-            scene.RemoveNode(node)  # MRML leaves the nodes it refers to in the scene
-            for helper in helpers:
-                if helper is not None and helper.GetScene() is not None:
-                    scene.RemoveNode(helper)
+        removeNodes((self.segmentationNode, self.markupsNode))
 
     def _followVolumeTransform(self, caller=None, event=None) -> None:
         """Put the segmentation and the points under the volume's transform, also one set, changed or removed after
