@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import time
@@ -218,6 +219,18 @@ def cases_sha256(folder: str | Path) -> str:
     digest = hashlib.sha256()
     for image, labels, _ in find_cases(folder):
         digest.update(f"{sha256_of(image)} {sha256_of(labels)}\n".encode())
+    return digest.hexdigest()
+
+
+def cases_metadata_sha256(folder: str | Path) -> str:
+    """sha256 of what gives the labelled cases of ``folder`` (``find_cases``) their meaning beside their files' bytes
+    (``cases_sha256``): each case's nnU-Net ``dataset.json`` (the levels its label values name, ``bodies_only``, the
+    modality, the ignore label) and its export's provenance record (the vertebrae whose voxels were edited), as read.
+    A ``dataset.json`` corrected in place changes the targets of every case, not their files."""
+    digest = hashlib.sha256()
+    for _, labels, _ in find_cases(folder):
+        dataset = read_dataset_json(labels.parent.parent) if labels.parent.name == "labelsTr" else None
+        digest.update(json.dumps([dataset, provenance_of(labels)], sort_keys=True).encode() + b"\n")
     return digest.hexdigest()
 
 
@@ -758,8 +771,9 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     # what a resumed run must share with the run that wrote the checkpoint; paths resolved (./ds and ds are one)
     named = [spec if listed is None else str(Path(spec).resolve()) for spec, listed in zip(specs, cases)]
     contents = [None if listed is None else cases_sha256(spec) for spec, listed in zip(specs, cases)]
+    metadata = [None if listed is None else cases_metadata_sha256(spec) for spec, listed in zip(specs, cases)]
     settings = {"data": [[name, float(w)] for name, (_, w) in zip(named, cfg.data)], "cases": list(cases),
-                "cases_sha256": contents,
+                "cases_sha256": contents, "cases_metadata_sha256": metadata,
                 "base_model": base_path, "base_sha256": None if base_card is None else base_card.get("sha256"),
                 "epochs": cfg.epochs, "iterations": cfg.iterations, "batch": cfg.batch, "patch": list(cfg.patch),
                 "lr": cfg.lr, "spacing_mm": spacing, "seed": cfg.seed, "average_last": cfg.average_last,
@@ -781,10 +795,11 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
             raise ValueError(f"{ckpt}: not a SpineLabel training checkpoint ({type(err).__name__}: "
                              f"{str(err).strip()[:200]}); remove it to train from the start") from None
         if "cases" in changed:  # other cases have other contents: named once
-            changed = [k for k in changed if k != "cases_sha256"]
-        if changed == ["cases_sha256"]:  # the same cases, by name
+            changed = [k for k in changed if k not in ("cases_sha256", "cases_metadata_sha256")]
+        if changed and set(changed) <= {"cases_sha256", "cases_metadata_sha256"}:  # the same cases, by name
             raise ValueError(f"{ckpt}: checkpoint of a run on other contents of its cases (an image or label map of "
-                             "its --data folders changed since); train from the start without --resume")
+                             "its --data folders, or the dataset.json or provenance record that says what its labels "
+                             "mean, changed since); train from the start without --resume")
         if changed:
             raise ValueError(f"{ckpt}: checkpoint of a run with other settings ({', '.join(changed)}); resume it with "
                              "the same options")
@@ -857,8 +872,8 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                          "of the volume mapped to 0/1; clipped",
         "ct_window_hu": list(CT_WINDOW_HU),
         "training_data": {"sources": [{"source": s, "weight": round(float(w), 3),
-                                       **({"cases": c, "cases_sha256": d} if c else {})}
-                                      for s, w, c, d in zip(named, weights, cases, contents)],
+                                       **({"cases": c, "cases_sha256": d, "cases_metadata_sha256": m} if c else {})}
+                                      for s, w, c, d, m in zip(named, weights, cases, contents, metadata)],
                           **({"shape_library": str(cfg.data_dir)} if "synthetic" in specs else {}),
                           "note": cfg.training_data_note},
         "training": training,
