@@ -554,7 +554,10 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 path = self.logic.exportCase(labeling, self._parameterNode.datasetDirectory)
             finally:  # export takes in Segment Editor edits, which may re-solve, whether or not it then writes
                 self.onLabelingChanged(labeling)
-            self.ui.statusLabel.text = _("Exported {path}").format(path=str(path))
+            from SpineLabelLib.export import provenance_of
+            replaced = ", ".join(provenance_of(path)["replaces"])  # by the export of the same image: said, not silent
+            self.ui.statusLabel.text = (_("Exported {path} in place of {cases}, an earlier export of the same image")
+                                        if replaced else _("Exported {path}")).format(path=str(path), cases=replaced)
 
 
 #

@@ -1394,3 +1394,16 @@ def test_labelling_again_after_one_of_its_nodes_was_deleted_leaves_no_node_of_th
         assert_nodes_match(new)
     finally:
         new.cleanup()
+
+
+def test_the_panel_says_which_earlier_case_an_export_replaces(modules, labeled, tmp_path):
+    """Two labellings of one image (a volume and its clone) exported to one dataset: the second export removed the
+    case of the first, as an export of the same image does, and the panel said only 'Exported ...'."""
+    panel = labelling_panel(modules, labeled.volumeNode)
+    panel._labelings[labeled.volumeNode.GetID()] = labeled
+    panel._parameterNode.datasetDirectory = str(tmp_path / "Dataset001_Spine")
+    panel.onExportButton()
+    assert panel.ui.statusLabel.text.endswith("spine_ct_0001.nii.gz")
+    panel.onExportButton()
+    assert panel.ui.statusLabel.text.endswith("spine_ct_0002.nii.gz in place of spine_ct_0001, an earlier export of "
+                                              "the same image")
