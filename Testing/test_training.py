@@ -338,34 +338,11 @@ def test_a_fine_tune_never_replaces_its_base_model_or_the_shipped_one(tmp_path, 
     assert {p: p.read_bytes() for p in before} == before and len(list(tmp_path.glob("*/*.ckpt"))) == 0
 
 
-def test_a_label_map_corrected_in_place_is_not_resumed_on_and_the_card_hashes_the_cases(tmp_path):
-    """A case corrected in place (the same file name) between a stop and --resume: the run went on with other labels
-    than its first epochs had, and its card listed the same cases for both."""
-    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
-    cfg = TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "m.json", epochs=2, iterations=1, batch=1,
-                      patch=(32, 32, 32), spacing_mm=4.0, device="cpu", validation_cases=0)
-    seen = []
-    with pytest.raises(Cancelled):  # stopped after the first epoch
-        train(cfg, progress=seen.append, cancel=lambda: len(seen) == 1)
-    label = tmp_path / "nn" / "labelsTr" / "c1.nii.gz"
-    before = sitk.ReadImage(str(label))
-    levels = sitk.GetArrayFromImage(before)
-    after = sitk.GetImageFromArray(np.where(levels > 0, levels + 1, 0).astype(levels.dtype))  # each a level lower
-    after.CopyInformation(before)
-    sitk.WriteImage(after, str(label))
-    with pytest.raises(ValueError, match="other contents of its cases"):
-        train(replace(cfg, resume=True))
-    source = load_model(train(cfg)).card["training_data"]["sources"][0]
-    image = tmp_path / "nn" / "imagesTr" / "c1_0000.nii.gz"
-    line = f"{hashlib.sha256(image.read_bytes()).hexdigest()} {hashlib.sha256(label.read_bytes()).hexdigest()}\n"
-    assert source["cases"] == ["imagesTr/c1_0000.nii.gz"]
-    assert source["cases_sha256"] == hashlib.sha256(line.encode()).hexdigest()
-
-
-def test_a_dataset_json_corrected_in_place_is_not_resumed_on_and_the_card_hashes_it(tmp_path):
-    """The dataset.json of an nnU-Net folder corrected between a stop and --resume (its levels named one lower, bodies
-    only): the label maps' bytes are the same, their targets are not; the run went on with other targets than its
-    first epoch had, and the cards of the two readings gave the same hashes."""
+@pytest.mark.parametrize("corrected", ["label map", "dataset.json"])
+def test_a_case_corrected_in_place_is_not_resumed_on_and_the_card_hashes_it(tmp_path, corrected):
+    """A case corrected in place between a stop and --resume, its label map (the same file name) or its dataset.json
+    (its levels named one lower, bodies only: the label map's bytes the same, its targets not): the run went on with
+    other targets than its first epochs had, and the cards of the two readings gave the same hashes."""
     write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
     cfg = TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "m.json", epochs=2, iterations=1, batch=1,
                       patch=(32, 32, 32), spacing_mm=4.0, device="cpu", validation_cases=0)
@@ -373,14 +350,26 @@ def test_a_dataset_json_corrected_in_place_is_not_resumed_on_and_the_card_hashes
     with pytest.raises(Cancelled):  # stopped after the first epoch
         train(cfg, progress=seen.append, cancel=lambda: len(seen) == 1)
     first = load_model(train(replace(cfg, out=tmp_path / "first.json"))).card["training_data"]["sources"][0]
-    names = dataset_labels()
-    lower = {"background": 0, "L2": names["L3"], "L3": names["L4"], "L4": names["L5"]}
-    (tmp_path / "nn" / "dataset.json").write_text(json.dumps({"labels": lower, "bodies_only": True}))
+    label = tmp_path / "nn" / "labelsTr" / "c1.nii.gz"
+    if corrected == "label map":
+        before = sitk.ReadImage(str(label))
+        levels = sitk.GetArrayFromImage(before)
+        after = sitk.GetImageFromArray(np.where(levels > 0, levels + 1, 0).astype(levels.dtype))  # each a level lower
+        after.CopyInformation(before)
+        sitk.WriteImage(after, str(label))
+    else:
+        names = dataset_labels()
+        lower = {"background": 0, "L2": names["L3"], "L3": names["L4"], "L4": names["L5"]}
+        (tmp_path / "nn" / "dataset.json").write_text(json.dumps({"labels": lower, "bodies_only": True}))
     with pytest.raises(ValueError, match="other contents of its cases"):
         train(replace(cfg, resume=True))
     second = load_model(train(cfg)).card["training_data"]["sources"][0]
-    assert first["cases_sha256"] == second["cases_sha256"]  # the same files
-    assert first["cases_metadata_sha256"] != second["cases_metadata_sha256"]
+    assert (first["cases_sha256"] != second["cases_sha256"]) == (corrected == "label map")
+    assert (first["cases_metadata_sha256"] != second["cases_metadata_sha256"]) == (corrected == "dataset.json")
+    image = tmp_path / "nn" / "imagesTr" / "c1_0000.nii.gz"
+    line = f"{hashlib.sha256(image.read_bytes()).hexdigest()} {hashlib.sha256(label.read_bytes()).hexdigest()}\n"
+    assert second["cases"] == ["imagesTr/c1_0000.nii.gz"]
+    assert second["cases_sha256"] == hashlib.sha256(line.encode()).hexdigest()
 
 
 def test_a_fine_tune_resumes_only_from_the_base_weights_it_started_from(tmp_path):
