@@ -608,6 +608,29 @@ def test_odd_gaps_are_read_inside_chains_of_four_or_more_only():
     assert len(four) == 1 and four[0].startswith("L3 and L4 ") and "a vertebra may be missing" in four[0]
 
 
+def test_a_spine_far_from_adult_size_is_named_with_a_warning():
+    """Real lumbar MRI with their voxel spacing scaled by 0.7 (a child's or a small adult's spine) were named L1-S1
+    where they are T12-L5, their sacrum lost, at confidence 0.99 or more and without a warning: the gaps of a chain so
+    named fit a patient 0.73 times an adult's size, which the sequence model's size prior allows. A chain whose
+    spacing at the levels named lies outside CHECKED_SCALE is now named with a warning; at adult sizes none is given."""
+    names = ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    expected = np.array([expected_gaps_mm()[level_index(a), level_index(b)] for a, b in zip(names, names[1:])])
+
+    def size_warnings(factor):
+        sol = solve(scores_for(names, strength=8.0), expected * factor)
+        assert names_of(sol) == names and (sol.confidence[1:-1] >= UNCERTAIN_BELOW).all()  # confident: no other word
+        return [w for w in sol.warnings if "average adult" in w]
+
+    assert size_warnings(1.0) == [] and size_warnings(0.85) == [] and size_warnings(1.15) == []
+    small = size_warnings(0.7)
+    assert len(small) == 1 and small[0].startswith("vertebrae spaced 0.70 times as widely as an average adult's")
+    assert small[0].endswith("check them")
+    assert len(size_warnings(1.4)) == 1
+    # three vertebrae: the median of two gaps says too little of the patient's size
+    short = solve(scores_for(names[2:5], strength=8.0), expected[2:4] * 0.7)
+    assert not any("average adult" in w for w in short.warnings)
+
+
 def test_a_gap_across_a_skipped_level_is_warned_of_once():
     """T10 forced on the top vertebra of a chain read T11 ... S1 leaves T11 out across an ordinary 33 mm gap, which
     the skipped-level warning names with its gap; the odd-gap warning spoke of the same gap as a piece of a vertebra
