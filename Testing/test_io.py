@@ -4,6 +4,7 @@ import gzip
 import itertools
 import logging
 import os
+import re
 import struct
 
 import nibabel
@@ -460,6 +461,76 @@ def test_a_gantry_tilted_series_is_put_on_the_patients_axes(tmp_path):
                                           - 2.5 * tilted[:, 2]))
     assert read_notes(image) and np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.eye(3))
     assert np.allclose(image.GetSpacing(), (1, 1, 2.5 / np.cos(t)))
+
+
+def test_a_dicom_series_whose_slices_scale_their_values_differently_keeps_every_slice_s_values(tmp_path):
+    """ITK reads a series in the pixel type that fits its first file's values and casts the other slices to it: after
+    a first slice of integer values (slope 1), the half values of slices of slope 0.5 were cut to integers, and a
+    slice of negative values after an unsigned first one wrapped round to 65535 and below (per-slice slopes: some
+    MR and PET series)."""
+    folder = write_dicom_series(tmp_path / "series")
+    expected = sitk.GetArrayFromImage(read_image(folder)).astype(np.float64)
+    reader, writer = sitk.ImageFileReader(), sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(1, 6):  # the slices after the first: their values plus one half, stored at slope 0.5
+        reader.SetFileName(str(folder / f"{k:03d}.dcm"))
+        slice_ = reader.Execute()
+        halves = sitk.Cast(slice_, sitk.sitkFloat32) + 0.5 - 5000.0 * (k == 5)  # the last slice's values below 0
+        for key in reader.GetMetaDataKeys():
+            halves.SetMetaData(key, reader.GetMetaData(key))
+        halves.SetMetaData("0028|1053", "0.5")
+        halves.SetMetaData("0028|1052", "0")
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(halves)
+        expected[k] += 0.5 - 5000.0 * (k == 5)
+    image = read_image(folder)
+    assert np.array_equal(sitk.GetArrayFromImage(image).astype(np.float64), expected)
+
+
+def test_the_localisers_of_a_dicom_series_are_left_out(tmp_path):
+    """A localiser (scout) in the series of the slices, across them or beside them: ITK stacked it with the slices,
+    and the series was refused as unevenly spaced, "a slice missing", naming a slice and not the localiser."""
+    folder = write_dicom_series(tmp_path / "series")
+    expected = sitk.GetArrayFromImage(read_image(folder))
+    first = sitk.ReadImage(str(folder / "000.dcm"))
+    across, beside = first[:, :, 0], first[:, :, 0]
+    for scout, tags in ((across, {"0020|0037": "1\\0\\0\\0\\0\\-1"}),  # a coronal plane across axial slices
+                        (beside, {"0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER", "0020|0032": "0\\0\\-50"})):
+        for key in first.GetMetaDataKeys():
+            scout.SetMetaData(key, first.GetMetaData(key))
+        for key, value in {**tags, "0008|0018": f"1.2.826.0.1.3680043.2.1125.1.99.{len(tags)}"}.items():
+            scout.SetMetaData(key, value)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for name, scout in (("scout1.dcm", across), ("scout2.dcm", beside)):
+        writer.SetFileName(str(folder / name))
+        writer.Execute(scout)
+    image = read_image(folder)
+    assert np.array_equal(sitk.GetArrayFromImage(image), expected)
+    assert re.fullmatch(r"the series' localiser images scout[12].dcm, scout[12].dcm left out", *read_notes(image))
+
+
+def test_a_series_description_in_latin_1_is_named_as_written(tmp_path):
+    """A DICOM text in ISO 8859-1 ("R\\xfccken ax") came into the refusal of a folder of two series as a lone
+    surrogate, which a message cannot print as UTF-8."""
+    folder = write_dicom_series(tmp_path / "series", number=3)
+    other = write_dicom_series(tmp_path / "other", number=4)
+    reader, writer = sitk.ImageFileReader(), sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for path in other.iterdir():
+        reader.SetFileName(str(path))
+        slice_ = reader.Execute()
+        for key in reader.GetMetaDataKeys():
+            slice_.SetMetaData(key, reader.GetMetaData(key))
+        slice_.SetMetaData("0008|103e", "RXcken ax")
+        writer.SetFileName(str(folder / f"4-{path.name}"))
+        writer.Execute(slice_)
+        written = folder / f"4-{path.name}"
+        written.write_bytes(written.read_bytes().replace(b"RXcken", b"R\xfccken"))
+    with pytest.raises(InputError) as refused:
+        read_image(folder)
+    assert 'number 4 "R\u00fccken ax" CT, 6 files' in str(refused.value)
+    str(refused.value).encode()
 
 
 def write_dicom_series(folder, direction=np.eye(3), spacing=(1.0, 1.0, 2.5), drift=(0.0, 0.0, 0.0), number=1):

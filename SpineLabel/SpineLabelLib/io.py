@@ -154,7 +154,16 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
         raise InputError(f"{folder}: folder holds {len(series)} DICOM series ({described}); give a folder with "
                          "exactly one")
     files = files_of[volumes[0] if volumes else series[0]]
+    headers = [dict(zip(_SLICE_TAGS, map(header_tags(name), _SLICE_TAGS))) for name in files]
+    localisers = _localisers(headers)
+    if localisers and len(localisers) < len(files):  # ITK would stack them with the slices
+        notes.append(f"the series' localiser image{'s' * (len(localisers) > 1)} "
+                     f"{', '.join(Path(files[i]).name for i in localisers)} left out")
+        files = tuple(name for i, name in enumerate(files) if i not in localisers)
+        headers = [tags for i, tags in enumerate(headers) if i not in localisers]
     reader.SetFileNames(files)
+    if _mixed_value_storage(headers):  # ITK gives the whole series the pixel type of its first file's values
+        reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         with itk_warnings(False):  # uneven slices: said below, not printed by ITK
             image = reader.Execute()
@@ -171,6 +180,37 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     return _unsheared(image, files, notes)
 
 
+# the tags of each slice of a DICOM series that _localisers and _mixed_value_storage read: ImageType,
+# ImageOrientationPatient, RescaleSlope, RescaleIntercept, PixelRepresentation, BitsStored
+_SLICE_TAGS = ("0008|0008", "0020|0037", "0028|1053", "0028|1052", "0028|0103", "0028|0101")
+
+
+def _localisers(headers: list[dict[str, str]]) -> list[int]:
+    """Indices of the localiser (scout) images among the files of one series (``headers``: their ``_SLICE_TAGS``):
+    those whose ImageType says LOCALIZER, or whose ImageOrientationPatient differs from the median one by more than
+    0.01 (half a degree), as a localiser's plane across the slices does."""
+    orientations = {}
+    for i, tags in enumerate(headers):
+        try:
+            values = [float(v) for v in tags["0020|0037"].split("\\")]
+        except ValueError:  # absent or not numbers: left to the reader
+            continue
+        if len(values) == 6:
+            orientations[i] = values
+    common = np.median(list(orientations.values()), axis=0) if len(orientations) > 2 else None
+    return [i for i, tags in enumerate(headers) if "LOCALIZER" in tags["0008|0008"].upper().split("\\") or (
+        common is not None and i in orientations and np.abs(np.subtract(orientations[i], common)).max() > 0.01)]
+
+
+def _mixed_value_storage(headers: list[dict[str, str]]) -> bool:
+    """Whether the slices of one series (``headers``: their ``_SLICE_TAGS``) store or scale their values differently
+    (RescaleSlope, RescaleIntercept, PixelRepresentation, BitsStored differ among them, as per-slice slopes of some MR
+    and PET series do). ITK reads such a series in the pixel type that fits the first file's values and casts every
+    other slice to it: a slice of negative values after an unsigned first one wrapped to 65535, fractional values were
+    cut to integers."""
+    return len({tuple(tags[key] for key in _SLICE_TAGS[2:]) for tags in headers}) > 1
+
+
 def header_tags(name: str | os.PathLike) -> Callable[[str], str]:
     """The header tags of image file ``name`` (DICOM's, or any other format's metadata): a function of a tag's key
     (``"0020|0011"``, ``"ITK_FileNotes"``) that gives its value, stripped, or "" when the file lacks it or its header
@@ -181,7 +221,18 @@ def header_tags(name: str | os.PathLike) -> Callable[[str], str]:
         header.ReadImageInformation()
     except RuntimeError:
         return lambda key: ""
-    return lambda key: header.GetMetaData(key).strip() if header.HasMetaDataKey(key) else ""
+    return lambda key: _text(header.GetMetaData(key)).strip() if header.HasMetaDataKey(key) else ""
+
+
+def _text(value: str) -> str:
+    """A header's text as written: ITK hands over bytes that are not UTF-8 (a DICOM text in ISO 8859-1, the most used
+    of its other character sets, such as "R\\xfccken") as lone surrogates, which no message can print; they are read
+    as ISO 8859-1."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode(errors="surrogateescape").decode("latin-1")
+    return value
 
 
 def _frames(name: str) -> int:
