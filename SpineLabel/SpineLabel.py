@@ -232,7 +232,11 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Labelling stopped: its volume was removed.")
         volumeId = next((key for key, labeling in self._labelings.items()
                          if node in (labeling.segmentationNode, labeling.markupsNode)), node.GetID())
-        self._abandoned.pop(node.GetID(), None)  # a removed volume is labelled no more
+        abandoned = self._abandoned.pop(node.GetID(), None)  # a removed volume is labelled no more
+        if abandoned is not None and self.ui.statusLabel.text == self._nodesDeletedText(node):
+            # the Data module removes a volume's children first: the message that they were deleted would stay,
+            # asking to label a volume that is gone
+            self.ui.statusLabel.text = ""
         labeling = self._labelings.pop(volumeId, None)
         if labeling is not None:
             labeling.cleanup()
@@ -243,9 +247,12 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._parameterNode.inputVolume if self._parameterNode else None):
                 # the table emptied without a word: the user deleted the segmentation or the points (the panel's
                 # own replacement of a labelling shows the new one right after)
-                self.ui.statusLabel.text = _(
-                    "The vertebra segmentation or points of {volume} were deleted: its labels are no longer corrected "
-                    "or exported. Label it again.").format(volume=labeling.volumeNode.GetName())
+                self.ui.statusLabel.text = self._nodesDeletedText(labeling.volumeNode)
+
+    @staticmethod
+    def _nodesDeletedText(volume) -> str:
+        return _("The vertebra segmentation or points of {volume} were deleted: its labels are no longer corrected "
+                 "or exported. Label it again.").format(volume=volume.GetName())
 
     def onSceneEndImport(self, caller=None, event=None) -> None:
         """Follow again the labellings of a loaded scene (.mrb, .mrml) that are not followed yet, one per volume:

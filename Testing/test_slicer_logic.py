@@ -1407,3 +1407,20 @@ def test_the_panel_says_which_earlier_case_an_export_replaces(modules, labeled, 
     panel.onExportButton()
     assert panel.ui.statusLabel.text.endswith("spine_ct_0002.nii.gz in place of spine_ct_0001, an earlier export of "
                                               "the same image")
+
+
+def test_deleting_a_labelled_volume_with_its_children_asks_for_no_new_labelling(modules, labeled, mrml):
+    """The Data module deletes a volume's branch children first: the panel took the removal of the segmentation for
+    the user deleting it alone, said 'The vertebra segmentation or points of spine were deleted ... Label it again.',
+    and the message stayed once the volume itself was gone (a helper's probe of a long session of labellings)."""
+    volume = labeled.volumeNode
+    panel = labelling_panel(modules, volume)
+    panel._labelings[volume.GetID()] = labeled
+    panel.addObserver(mrml.scene, mrml.scene.NodeRemovedEvent, panel.onNodeRemoved)  # as setup() does
+    try:
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.scene)
+        sh.RemoveItem(sh.GetItemByDataNode(volume), True, True)
+        assert volume.GetScene() is None and not panel._labelings and not panel._abandoned
+        assert "Label it again" not in panel.ui.statusLabel.text
+    finally:
+        panel.removeObservers()
