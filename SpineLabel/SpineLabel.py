@@ -748,7 +748,7 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         result = label_spine(image, model=modelPath, device=device, progress=progress, cancel=cancel,
                              check_orientation=checkOrientation, spine_gate=spineGate, modality=modality)
         result.source = volumeSource(volumeNode)
-        return LabelingScene(volumeNode, require_vertebrae(result, volumeNode.GetName()), image=image)
+        return LabelingScene(volumeNode, require_vertebrae(result, volumeNode.GetName()))
 
     @staticmethod
     def savedLabelings(followed=()):
