@@ -514,15 +514,11 @@ def _odd_gaps(levels: np.ndarray, gaps_mm: np.ndarray, expected_mm: np.ndarray) 
 
 
 # The patient sizes the names were checked on: a chain of four or more vertebrae whose scale (``_chain_scale``: its
-# spacing over that of an average adult at the levels it is named) lies outside this range is labelled with a warning.
+# spacing over that of an average adult at the levels it is named) lies outside this range is named with a warning.
 # exp(-/+1.5 scale_sigma) of the sequence model's size prior; the real scans of ../shared/data as labelled lie at
-# 0.81-1.11 (41 scans of ``benchmarks/real_data.py evaluate`` and ``--selection``, model 1.7.0). The same scans with
-# their voxel spacing and references scaled by 0.8 and 0.7 (a small adult, a child) kept their names on 198 and 98 of
-# 233 vertebrae, with 4 and 47 wrong names at confidence 0.99 or more: the level head reads a small lumbar vertebra as a
-# thoracic one, or a lost sacrum turns L5 into S1, and the gaps of the chain so named fit it, so the confidences stay
-# high; of the 7 labellings with such names at 0.7 the other 4 (named T3-L2 where they are T9-S1) are warned that no
-# sacrum was found and their numbering is inferred. Scaled by 1.2, 5 of 39 labellings were warned, 1 of the 2 with
-# wrong names at confidence 0.99 or more among them (a helper's probe at e9f3cae).
+# 0.81-1.11. Scaled to 0.7 and 0.8 of their size (a child, a small adult) they got wrong names at confidence 0.99 or
+# more, the level head reading small lumbar vertebrae as thoracic ones or losing the sacrum, in chains whose gaps fit
+# the names so given (benchmarks/RESULTS.md, patient size).
 CHECKED_SCALE = (float(np.exp(-1.5 * PRIORS.scale_sigma)), float(np.exp(1.5 * PRIORS.scale_sigma)))
 
 
