@@ -68,12 +68,16 @@ def test_rename_takes_the_name_from_an_earlier_fix(spine):
 
 
 def test_contradicting_fixes_raise_naming_the_vertebrae(spine):
+    """By the names the user sees on the points (the labelling's before the correction, which is not applied) as well
+    as by id: in Slicer no point or segment shows a vertebra's id."""
     first, second = spine.result.vertebrae[:2]
     out = edits.rename(spine.result, first.id, "L1")
-    with pytest.raises(ValueError, match=f"vertebra {first.id} as L1 and vertebra {second.id} below it as T11 cannot "
-                                         "both hold"):
+    assert out.by_id(second.id).name == "L2"
+    with pytest.raises(ValueError, match=rf"vertebra {first.id} \(named L1\) as L1 and vertebra {second.id} \(named "
+                                         r"L2\) below it as T11 cannot both hold"):
         edits.rename(out, second.id, "T11")
-    with pytest.raises(ValueError, match=f"vertebra {second.id} cannot be C1: 1 vertebra lies above it"):
+    with pytest.raises(ValueError, match=rf"vertebra {second.id} \(named T12\) cannot be C1: 1 vertebra lies above "
+                                         "it"):
         edits.rename(spine.result, second.id, "C1")
 
 
@@ -252,8 +256,18 @@ def test_add_vertebra_with_name_fixes_it_and_refuses_occupied_points(monkeypatch
         edits.add_vertebra(case.result, case.image, tuple(above))
     shifted = sitk.Image(case.image)
     shifted.SetOrigin((0.0, 0.0, 3.0))
-    with pytest.raises(ValueError, match="grid"):
+    with pytest.raises(ValueError, match="grid") as refused:
         edits.add_vertebra(case.result, shifted, body_centre(case, "T10"))
+    # what differs, in words and mm (Slicer shows it after "Correction not applied:"), not two Python dicts
+    assert str(refused.value).endswith("again): origin 0.00 x 0.00 x 3.00 mm (LPS) against the labelling's 0.00 x "
+                                       "0.00 x 0.00 mm (LPS)")
+    resampled = sitk.Image([40, 40, 100], case.image.GetPixelID())
+    resampled.SetSpacing((1.5, 1.5, 2.0))
+    with pytest.raises(ValueError, match="grid") as refused:
+        edits.add_vertebra(case.result, resampled, body_centre(case, "T10"))
+    size = " x ".join(map(str, case.image.GetSize()))
+    assert str(refused.value).endswith(f"size 40 x 40 x 100 voxels against the labelling's {size} voxels; voxel size "
+                                       "1.5 x 1.5 x 2 mm against the labelling's 1.5 x 1.5 x 1.5 mm")
 
 
 def test_adding_a_vertebra_keeps_the_order_of_the_others(monkeypatch):

@@ -213,6 +213,17 @@ def test_weights_that_do_not_load_name_the_reason(tmp_path, random_model):
     (tmp_path / "m.json").write_text(json.dumps({**card, "weights": "m.pt", "sha256": sha256_of(tmp_path / "m.pt")}))
     with pytest.raises(ModelError, match=r"m.pt: weights do not load into the model \(EOFError\)"):
         load_model(tmp_path / "m.json")
+    # weights of another network: one line naming the first difference and the card's channels, not torch's line per
+    # parameter (the command line promises a line per failure)
+    channels = [2 * c for c in card["architecture"]["channels"]]
+    shutil.copy(Path(random_model).with_name(card["weights"]), tmp_path / "w.pt")
+    (tmp_path / "w.json").write_text(json.dumps({**card, "weights": "w.pt", "architecture": {
+        **card["architecture"], "channels": channels}}))
+    with pytest.raises(ModelError, match=r"w.pt: weights do not load into the model \(size mismatch for ") as refused:
+        load_model(tmp_path / "w.json")
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 500
+    assert str(refused.value).endswith("more such): the card's architecture is not that of the network these "
+                                       "weights were saved from")
 
 
 def test_weights_that_are_not_finite_are_refused(tmp_path, random_model):

@@ -438,8 +438,11 @@ def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "tissue_loss", lambda logits, target: exact(logits, target) * float("inf"))
     cfg = TrainConfig(data=[(str(tmp_path / "nn"), 1.0)], out=tmp_path / "a.json", epochs=1, iterations=2, batch=1,
                       patch=(32, 32, 32), device="cpu", validation_cases=1, seed=5)
-    with pytest.raises(ValueError, match="training diverged: every step of the last epoch"):  # no model of it
+    with pytest.raises(ValueError, match="training diverged: every step of the last epoch") as diverged:  # no model
         train(cfg)
+    # the way forward: a resume ends the same way (the checkpoint is of the last epoch, and another --lr is refused)
+    assert "train again from the start with a lower --lr" in str(diverged.value)
+    assert "--resume would end the same way" in str(diverged.value)
     assert not cfg.out.exists() and not cfg.out.with_suffix(".pt").exists()
     state = torch.load(cfg.out.with_suffix(".ckpt"), weights_only=False)
     assert state["history"][0]["skipped_steps"] == 2

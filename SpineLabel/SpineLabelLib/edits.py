@@ -153,8 +153,24 @@ def check_image_grid(result: SpineLabeling, image: sitk.Image | Geometry) -> sit
     g, h = image if isinstance(image, Geometry) else Geometry.of(image), result.geometry
     if not g.matches(h):
         raise ValueError("the image is not on the grid it was labelled on (moved, cropped or resampled since? label it "
-                         f"again): its grid {g.as_dict()} differs from the labelling's {h.as_dict()}")
+                         f"again): {_grid_difference(g, h)}")
     return image
+
+
+# how a grid's fields are named to a user: words, unit, number format
+_GRID_WORDS = {"size": ("size", " voxels", ".4g"), "spacing": ("voxel size", " mm", ".4g"),
+               "origin": ("origin", " mm (LPS)", ".2f"), "direction": ("axis directions", "", ".3f")}
+
+
+def _grid_difference(given: Geometry, labelled: Geometry) -> str:
+    """What differs between the grid of an image (``given``) and that of its labelling, in words and millimetres (a
+    user reads it: no Python repr of the two grids)."""
+    def numbers(grid: Geometry, field: str) -> str:
+        _, unit, spec = _GRID_WORDS[field]
+        return " x ".join(format(float(v) + 0.0, spec) for v in getattr(grid, field)) + unit
+
+    return "; ".join(f"{_GRID_WORDS[field][0]} {numbers(given, field)} against the labelling's "
+                     f"{numbers(labelled, field)}" for field in given.differences(labelled))
 
 
 def _release(result: SpineLabeling, name: str) -> None:

@@ -236,7 +236,13 @@ def load_model(path: str | os.PathLike | None = None, device: "str | torch.devic
         state = torch.load(weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
     except Exception as err:  # torch raises several types for bad files
-        raise ModelError(f"{weights}: weights do not load into the model ({str(err) or type(err).__name__})") from None
+        # one line: load_state_dict's error has a line per parameter (59 lines, 9 kB, for channels twice the weights')
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        reason, hint = lines[0][:200], ""
+        if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+            reason = lines[1].rstrip(".")[:200] + (f"; {len(lines) - 2} more such" if len(lines) > 2 else "")
+            hint = ": the card's architecture is not that of the network these weights were saved from"
+        raise ModelError(f"{weights}: weights do not load into the model ({reason}){hint}") from None
     if not all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point()):
         raise ModelError(f"{weights}: weights hold values that are not finite numbers (a diverged training run?)")
     network.to(device).eval()

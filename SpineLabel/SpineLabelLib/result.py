@@ -99,11 +99,17 @@ class Geometry:
             np.asarray(self.spacing)
 
     def matches(self, other: "Geometry") -> bool:
-        """Same grid: equal size; spacing, origin (mm) and direction equal to within rounding of file formats."""
-        return (self.size == other.size
-                and np.allclose(self.spacing, other.spacing, atol=1e-3)
-                and np.allclose(self.origin, other.origin, atol=1e-2)
-                and np.allclose(self.direction, other.direction, atol=1e-3))
+        """Same grid: no ``differences``."""
+        return not self.differences(other)
+
+    def differences(self, other: "Geometry") -> list[str]:
+        """The fields of this grid that differ from ``other``'s, of "size", "spacing", "origin" and "direction": sizes
+        unequal; spacing, origin (mm) and direction unequal beyond the rounding of file formats."""
+        return [name for name, same in (("size", tuple(self.size) == tuple(other.size)),
+                                        ("spacing", np.allclose(self.spacing, other.spacing, atol=1e-3)),
+                                        ("origin", np.allclose(self.origin, other.origin, atol=1e-2)),
+                                        ("direction", np.allclose(self.direction, other.direction, atol=1e-3)))
+                if not same]
 
     def as_dict(self) -> dict:
         return {"size": list(self.size), "spacing_mm": list(self.spacing), "origin_lps_mm": list(self.origin),

@@ -639,8 +639,10 @@ def relabel(result: SpineLabeling, fixed: dict[int, str] | None = None, priors: 
         for e in (scores, evidence) if evidence is not None else (scores,):
             e[: n - 1, _S1] = -np.inf
 
-    def describe(position: int) -> str:
-        return f"vertebra {out.vertebrae[position].id}"
+    shown = [v.name for v in result.vertebrae]  # the names before this correction: the ones the user sees
+
+    def describe(position: int) -> str:  # the id alone names no point or segment a Slicer user can find
+        return f"vertebra {out.vertebrae[position].id} (named {shown[position]})"
 
     solution = None
     if pieces:

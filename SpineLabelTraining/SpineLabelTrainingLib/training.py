@@ -853,7 +853,8 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
             progress(metrics)
     if history[-1]["skipped_steps"] == cfg.iterations:
         raise ValueError(f"training diverged: every step of the last epoch had a non-finite gradient (learning rate "
-                         f"{cfg.lr:g}); no model written (the checkpoint {ckpt} is kept)")
+                         f"{cfg.lr:g}); no model written: train again from the start with a lower --lr (the checkpoint "
+                         f"{ckpt} is kept, but --resume would end the same way)")
     training = {"epochs": cfg.epochs, "iterations_per_epoch": cfg.iterations, "batch": cfg.batch,
                 "patch_zyx": list(cfg.patch), "lr": cfg.lr, "seed": cfg.seed, "device": str(device),
                 "validation_crops": [c.name for c in val], "history": history}
