@@ -794,6 +794,21 @@ class SpineLabelTest(ScriptedLoadableModuleTest):
         self.assertGreaterEqual(len(vertebrae), 3)
         segmentation = labeling.segmentationNode.GetSegmentation()
         self.assertEqual(segmentation.GetNumberOfSegments(), len(vertebrae))
+        # the lumbar vertebrae are found and named as the phantom's label map names the voxel at each centroid (a
+        # count of segments alone passes with every name wrong)
+        import numpy as np
+        import SimpleITK as sitk
+
+        from SpineLabelLib.vertebrae import BY_LABEL
+
+        truth = sitk.GetArrayViewFromImage(phantom.labels)  # (z, y, x) VerSe labels
+        named = {}  # true level at each centroid -> the name given
+        for v in vertebrae:
+            i, j, k = np.rint(labeling.result.geometry.lps_to_index(np.asarray(v.centroid_lps_mm))).astype(int)
+            level = BY_LABEL.get(int(truth[k, j, i]))
+            named[level.name if level is not None else "-"] = v.name
+        lumbar = ["L1", "L2", "L3", "L4", "L5"]
+        self.assertEqual([named.get(name) for name in lumbar], lumbar)
 
         self.delayDisplay("Renaming the top vertebra through its point")
         top = vertebrae[0]
@@ -807,6 +822,8 @@ class SpineLabelTest(ScriptedLoadableModuleTest):
         with tempfile.TemporaryDirectory() as folder:
             labelPath = logic.exportCase(labeling, folder)
             self.assertTrue(os.path.exists(labelPath))
+            caseId = os.path.basename(labelPath)[: -len(".nii.gz")]
+            self.assertTrue(os.path.exists(os.path.join(folder, "imagesTr", f"{caseId}_0000.nii.gz")))
             self.assertTrue(os.path.exists(os.path.join(folder, "dataset.json")))
         labeling.cleanup()
         logging.info("SpineLabel test passed")

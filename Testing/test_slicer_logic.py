@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 import types
+import unittest
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,32 @@ def test_a_volume_without_voxels_or_of_several_components_is_refused_by_name(mrm
     rgb.SetAndObserveImageData(data)
     with pytest.raises(InputError, match="rgb: a volume of 3 components per voxel"):
         imageFromVolumeNode(rgb)
+
+
+def test_a_volume_of_image_data_without_a_voxel_array_is_refused_by_name(mrml):
+    """Image data without scalars (an empty vtkImageData, a diffusion tensor volume, whose voxels are tensors) failed
+    with numpy's "'NoneType' object has no attribute 'GetDataType'", naming neither the volume nor what is wrong."""
+    empty = mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "emptydata")
+    empty.SetAndObserveImageData(vtk.vtkImageData())
+    with pytest.raises(InputError, match="emptydata: the volume holds no voxels"):
+        imageFromVolumeNode(empty)
+    unallocated = mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "unallocated")
+    data = vtk.vtkImageData()
+    data.SetDimensions(4, 5, 6)
+    unallocated.SetAndObserveImageData(data)
+    with pytest.raises(InputError, match="unallocated: the volume holds no voxels"):
+        imageFromVolumeNode(unallocated)
+    dti = mrml.scene.AddNewNodeByClass("vtkMRMLDiffusionTensorVolumeNode", "dti")
+    data = vtk.vtkImageData()
+    data.SetDimensions(4, 5, 6)
+    tensors = vtk.vtkFloatArray()
+    tensors.SetNumberOfComponents(9)
+    tensors.SetNumberOfTuples(4 * 5 * 6)
+    tensors.Fill(0)
+    data.GetPointData().SetTensors(tensors)
+    dti.SetAndObserveImageData(data)
+    with pytest.raises(InputError, match="dti: a tensor volume"):
+        imageFromVolumeNode(dti)
 
 
 def test_labelling_of_another_grid_is_refused(mrml, spine):
@@ -1146,9 +1173,11 @@ def modules(mrml, monkeypatch):
     qt.__getattr__ = _Anything().__getattr__  # a module's __file__ and the like stay absent (torch reads them)
     monkeypatch.setitem(sys.modules, "qt", qt)
     base = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleWidget"):
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleWidget"):
         setattr(base, name, type(name, (), {"__init__": lambda self, *args, **kwargs: None}))
+    # as Slicer's: a unittest.TestCase that shows its steps (here: shows nothing)
+    base.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (unittest.TestCase,), {
+        "delayDisplay": lambda self, message, *args, **kwargs: None})
     i18n = types.ModuleType("slicer.i18n")
     i18n.tr, i18n.translate = (lambda text: text), (lambda context, text: text)
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
@@ -1432,3 +1461,27 @@ def test_a_followed_labelling_keeps_no_copy_of_its_volume(labeled, tmp_path):
     session of labellings)."""
     labeled.exportCase(tmp_path / "Dataset001_Spine")
     assert not [name for name, value in vars(labeled).items() if isinstance(value, sitk.Image)]
+
+
+def test_the_module_self_test_passes_and_checks_the_names(modules, monkeypatch):
+    """SpineLabelTest, which Slicer's CTest runs, as it runs it: it passed with every vertebra named four levels too
+    high (it counted segments and files; a helper's probe of the in-process labelling), and no test here ran it."""
+    from SpineLabelLib import pipeline
+
+    def run() -> unittest.TestResult:
+        result = unittest.TestResult()
+        modules.label.SpineLabelTest("test_SpineLabel_phantom").run(result)
+        assert not result.skipped and not result.errors
+        return result
+
+    assert run().wasSuccessful()
+    label_spine, regular = pipeline.label_spine, [level.name for level in LEVELS if not level.transitional]
+
+    def shifted(*args, **kwargs):  # every name four levels too high, segments and points as named
+        result = label_spine(*args, **kwargs)
+        for v in result.vertebrae:
+            v.name = regular[regular.index(v.name) - 4]
+        return result
+
+    monkeypatch.setattr(pipeline, "label_spine", shifted)
+    assert len(run().failures) == 1

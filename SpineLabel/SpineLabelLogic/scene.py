@@ -160,16 +160,19 @@ def imageFromVolumeNode(volumeNode) -> sitk.Image:
     """A scalar volume node as a ``SimpleITK.Image`` with the same voxels (copied) and LPS geometry.
 
     Raises:
-        InputError: a node without voxels, or with more than one component per voxel, naming the volume.
+        InputError: a node without voxels, of tensors, or with more than one component per voxel, naming the volume.
     """
     imageData, name = volumeNode.GetImageData(), volumeNode.GetName()
-    if imageData is None:
+    scalars = imageData.GetPointData().GetScalars() if imageData is not None else None
+    if scalars is None and imageData is not None and imageData.GetPointData().GetTensors() is not None:
+        raise InputError(f"{name}: a tensor volume (as of diffusion tensors); a scalar CT or MRI volume is needed")
+    if scalars is None:  # no image data, or image data without a voxel array (numpy_support failed on None)
         raise InputError(f"{name}: the volume holds no voxels (was its file not found?)")
     if imageData.GetNumberOfScalarComponents() != 1:
         raise InputError(f"{name}: a volume of {imageData.GetNumberOfScalarComponents()} components per voxel (RGB "
                          "or vector); a scalar CT or MRI volume is needed")
     dims = imageData.GetDimensions()
-    voxels = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+    voxels = numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1]).copy()
     image = sitk.GetImageFromArray(voxels)
     geometry = _geometryOfVolume(volumeNode)
     image.SetSpacing(geometry.spacing)
