@@ -8,6 +8,7 @@ model list.
 
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -212,8 +213,9 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             if event["event"] == "progress":  # within an epoch
                 continue
             metrics = "  ".join(f"{name} {value:.3f}" for name, value in event["metrics"].items())
-            line = _("epoch {epoch}/{epochs}  loss {loss:.4f}  {metrics}").format(
-                epoch=event["epoch"], epochs=event["epochs"], loss=event["loss"], metrics=metrics)
+            line = _("epoch {epoch}/{epochs}  loss {loss}  {metrics}").format(  # n/a, as spinelabel says, not nan
+                epoch=event["epoch"], epochs=event["epochs"], metrics=metrics,
+                loss="n/a" if math.isnan(event["loss"]) else f"{event['loss']:.4f}")
             self.ui.logTextEdit.appendPlainText(line)
             self.ui.statusLabel.text = line
         if not ended:
@@ -229,7 +231,8 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             reasons = [line for line in process.outputTail().splitlines() if line.startswith(_CLI_ERROR)]
             if reasons:  # what spinelabel said was wrong, rather than only its exit code
                 message += "\n" + reasons[-1][len(_CLI_ERROR):]
-            if kept:  # a run that failed late need not start again
+            if kept and not (reasons and "training diverged" in reasons[-1]):  # a run that failed late need not
+                # start again, unless it diverged: resumed, it would end the same way (its reason says what to do)
                 command = [*process.command, "--resume", "--register"]  # registered as a finished run would be
                 pythonPath = (process.env or {}).get("PYTHONPATH")
                 if pythonPath and os.name != "nt":  # SpineLabelLib lies in the module's folder, not in site-packages

@@ -1290,6 +1290,31 @@ def test_a_refused_training_start_leaves_nothing_of_the_last_run(modules, tmp_pa
         assert panel.ui.statusLabel.text != status and panel.ui.progressBar.value == 0
 
 
+def test_a_diverged_training_run_is_not_offered_a_resume_and_a_loss_of_n_a_is_shown_so(modules, tmp_path,
+                                                                                     monkeypatch):
+    """The panel showed Python's 'nan' for a loss spinelabel wrote 'n/a', and after a diverged run offered a command
+    that resumes it, which ends the same way (a helper's audit of the messages); one that failed otherwise is."""
+    panel = modules.train.SpineLabelTrainingWidget()
+    panel.ui, panel.logic, panel._timer = _Ui(), modules.train.SpineLabelTrainingLogic(), _Widget()
+    monkeypatch.setattr(panel.logic, "keptAfterFailure", lambda card: tmp_path / "m.ckpt")
+    shown = []
+    panel.ui.logTextEdit = types.SimpleNamespace(appendPlainText=shown.append)
+    for reason, resume in (("training diverged: every step of the last epoch had a non-finite gradient (learning "
+                            "rate 0.01); no model written: train again from the start with a lower --lr", False),
+                           ("out of memory", True)):
+        modules.errors.clear()
+        panel._outCard = tmp_path / "m.json"
+        panel._process = types.SimpleNamespace(
+            running=False, wait=lambda *args: 1, exitDescription=lambda: "exit status 1", env=None,
+            command=["spinelabel", "train"], outputTail=lambda: f"spinelabel: error: {reason}",
+            readEvents=lambda: [{"event": "epoch", "epoch": 1, "epochs": 2, "fraction": 0.5, "loss": float("nan"),
+                                 "metrics": {}}])
+        panel.onPollProcess()
+        assert shown.pop().startswith("epoch 1/2  loss n/a")
+        assert len(modules.errors) == 1 and reason in modules.errors[0]
+        assert ("--resume" in modules.errors[0]) == resume
+
+
 def test_segments_are_merged_from_their_layers_as_slicer_merges_them(labeled, mrml):
     """The read-back merges the segments from the layers' voxels (Slicer's merge took 15-20 s on a 512x512x800 CT);
     the map is the one GenerateMergedLabelmapForAllSegments gives: a segment painted over its neighbour in a layer of

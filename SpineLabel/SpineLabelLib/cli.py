@@ -148,8 +148,8 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
             print(f"spinelabel: failed: {failure}", file=sys.stderr)
             continue
         if not args.quiet:
-            names = " ".join(v.name for v in result.vertebrae) or "none"
-            print(f"{path}: {len(result.vertebrae)} vertebrae ({names}) in {result.timings_s['total']:.1f} s, as "
+            names, count = " ".join(v.name for v in result.vertebrae) or "none", len(result.vertebrae)
+            print(f"{path}: {count} vertebra{'e' * (count != 1)} ({names}) in {result.timings_s['total']:.1f} s, as "
                   f"{result.modality} -> {written[0].parent}")
             for warning in result.warnings:
                 print(f"  warning: {warning}")

@@ -46,7 +46,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     resolved = torch.device(device)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} was asked for but no CUDA GPU is available")
+            raise RuntimeError(f"device {device!r} was asked for but no CUDA GPU is available; use device auto or "
+                               "cpu")
         if resolved.index is None:
             resolved = torch.device("cuda", torch.cuda.current_device())
         elif resolved.index >= torch.cuda.device_count():  # found now, not at the first tensor put there

@@ -548,10 +548,12 @@ def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray,
     out: list[str] = []
     lowest = LEVELS[levels[-1]]
     has_anchor_top = any(n in ("C1", "C2") for n in names)
-    if "S1" not in names and lowest.region == "lumbar" and not anchored:
-        out.append("no sacrum found: lumbar numbering assumed from vertebra appearance")
-    if "S1" not in names and not has_anchor_top and not anchored:
-        out.append("no C1/C2 or sacrum found: numbering inferred from vertebra appearance; check it")
+    if "S1" not in names and not anchored:  # one warning of the two: a lumbar chain is numbered by its lumbar look
+        if lowest.region == "lumbar":
+            out.append("no sacrum found: lumbar numbering assumed from vertebra appearance"
+                       + ("" if has_anchor_top else "; check it"))
+        elif not has_anchor_top:
+            out.append("no C1/C2 or sacrum found: numbering inferred from vertebra appearance; check it")
     for name, alt_a, alt_b in (("L6", "L5", "L6"), ("T13", "T12", "T13")):
         p = min(float(marginals[:, level_index(name)].sum()), 1.0)  # a labelling has at most one: the chain's chance
         if 0.2 <= p <= 0.8:
