@@ -339,7 +339,8 @@ def test_labelled_cases_find_images_beside_their_masks(tmp_path):
     ]
     (tmp_path / "other").mkdir()
     write_mask(mask, tmp_path / "other" / "sub-a_img.nii.gz")
-    with pytest.raises(InputError, match="sub-a_img.nii.gz and .*sub-a_ct.nii.gz both match case sub-a"):
+    with pytest.raises(InputError, match="sub-a_img.nii.gz and .*sub-a_ct.nii.gz both match case sub-a; move one of "
+                                         "them out of the folder"):
         ev.labelled_cases(tmp_path)
     with pytest.raises(InputError, match="no ground-truth"):
         ev.labelled_cases(tmp_path / "other")

@@ -423,7 +423,8 @@ def test_a_dataset_whose_channel_says_ct_in_another_case_takes_a_ct_export(tmp_p
     label_path = export.export_case(spine.result, spine.image, tmp_path)
     assert json.loads((tmp_path / "dataset.json").read_text())["channel_names"] == {"0": channel}  # its spelling
     assert export.recorded_modality(label_path) == "CT"
-    with pytest.raises(ValueError, match=f"dataset holds {channel} images, this one is MR"):
+    with pytest.raises(ValueError, match=f"dataset holds {channel} images, this one is MR; export it into a dataset "
+                                         "of MR images"):
         export.export_case(spine.result.copy(modality="MR"), spine.image, tmp_path)
 
 

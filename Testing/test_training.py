@@ -728,3 +728,7 @@ def test_a_missing_data_folder_is_named_as_such(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(FileNotFoundError, match="afile: a file, not a folder$"):
         find_cases(tmp_path / "afile")
+    # a keyword mistyped (a helper's audit of the messages: "synthtic: folder does not exist")
+    with pytest.raises(FileNotFoundError, match="^synthtic: no such folder, nor one of the generated sources "
+                                                "synthetic, phantom, negative$"):
+        make_source("synthtic", 2.0, (32, 32, 32), None)

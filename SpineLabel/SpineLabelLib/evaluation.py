@@ -311,7 +311,8 @@ def _predictions(pred_dir: Path) -> dict[str, PredFiles]:
         ctd, report = pred_dir / f"{name}_ctd.json", pred_dir / f"{name}_report.json"
         key = case_key(name)
         if key in found:
-            raise InputError(f"{seg}: predictions {found[key].seg.name} and {seg.name} both match case {key}")
+            raise InputError(f"{seg}: predictions {found[key].seg.name} and {seg.name} both match case {key}; "
+                             "move one of them out of the folder")
         found[key] = PredFiles(name, seg, _beside(ctd), _beside(report))
     return found
 
@@ -427,7 +428,8 @@ def _images(tree: list[Path], cases: dict[str, GtFiles]) -> tuple[dict[str, Path
                 unmatched.append(path)
             continue
         if key in found:
-            raise InputError(f"{path}: images {found[key]} and {path} both match case {key}")
+            raise InputError(f"{path}: images {found[key]} and {path} both match case {key}; move one of them out "
+                             "of the folder")
         found[key] = path
     return dict(sorted(found.items())), sorted(unmatched)
 

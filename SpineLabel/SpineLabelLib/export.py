@@ -416,7 +416,8 @@ def _export_case(result: SpineLabeling, image: sitk.Image, dataset_dir: Path, ca
                              + (f": it holds {held!r}" if held is not None else "")
                              + ", so the modality of its images is unknown")
         if _channel_modality(held) != modality:  # "ct" is CT: nnU-Net reads channel names in any case
-            raise ValueError(f"{dataset_dir}: dataset holds {held} images, this one is {modality}")
+            raise ValueError(f"{dataset_dir}: dataset holds {held} images, this one is {modality}; export it into "
+                             f"a dataset of {modality} images")
         channels = dataset.get("channel_names")
         if len(channels) > 1:  # an export writes one image per case: the dataset would lose its other channels
             named = ", ".join(f"{k}: {v}" for k, v in channels.items())
@@ -452,7 +453,8 @@ def _export_case(result: SpineLabeling, image: sitk.Image, dataset_dir: Path, ca
                                 f" (they strip {', '.join(CASE_SUFFIXES)} from the end)") + "; choose another")
     paths = _paths(dataset_dir, case_id)
     if case_id in existing or any(p.exists() for p in paths.values()):
-        raise FileExistsError(f"{dataset_dir}: case {case_id!r} already exists; export never overwrites")
+        raise FileExistsError(f"{dataset_dir}: case {case_id!r} already exists; export never overwrites: give "
+                              "another case id")
     digest = _image_digest(image)
     replaces = _cases_of_image(dataset_dir, digest)
     # the dataset's earlier cases are counted as they are, less the earlier cases of this image, which go once

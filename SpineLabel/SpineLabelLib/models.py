@@ -225,7 +225,8 @@ def load_model(path: str | os.PathLike | None = None, device: "str | torch.devic
         raise ModelError(f"{weights}: model weights not found (card {card_path})")
     digest = sha256_of(weights)
     if digest != str(card["sha256"]).lower():
-        raise ModelError(f"{weights}: weights are corrupt or altered (sha256 {digest[:12]}... does not match the card)")
+        raise ModelError(f"{weights}: weights are corrupt or altered (sha256 {digest[:12]}... does not match the "
+                         "card); copy the weights again with the card written with them")
     try:
         network = SpineUNet(tuple(card["architecture"]["channels"]))
     except (RuntimeError, MemoryError) as err:  # channels too many for memory

@@ -476,6 +476,7 @@ def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_d
 
     Raises:
         ValueError: ``synthetic`` without ``data_dir``, the real labelled vertebrae its shapes come from.
+        FileNotFoundError: a spec that is neither a keyword nor an existing path, or a folder without cases.
         Cancelled: ``cancel`` returned True.
     """
     if spec == "synthetic":
@@ -486,6 +487,8 @@ def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_d
         return _phantom_source(spacing_mm, size), None
     if spec == "negative":
         return _negative_source(spacing_mm, size), None
+    if not Path(spec).exists():  # a keyword mistyped reads as a folder not found: say what else it could be
+        raise FileNotFoundError(f"{spec}: no such folder, nor one of the generated sources {', '.join(_GENERATED)}")
     return _folder_source(Path(spec), spacing_mm, size, progress_bars, cancel)
 
 
