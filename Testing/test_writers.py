@@ -196,7 +196,8 @@ def test_an_image_off_the_labellings_grid_or_a_misleading_extension_is_refused(t
     mirrored = sitk.Flip(image, [True, False, False], flipAboutOrigin=False)
     mirrored.CopyInformation(image)
     mirrored.SetDirection((-np.reshape(image.GetDirection(), (3, 3)) @ np.diag([1, -1, -1])).ravel().tolist())
-    with pytest.raises(ValueError, match="differs from the labelling"):
+    with pytest.raises(ValueError, match="not on the grid it was labelled on .*: axis directions .* against the "
+                                         "labelling's"):
         writers.write_all(result, mirrored, tmp_path, "case")
     with pytest.raises(ValueError, match="seg.nii.gz: a 3D Slicer segmentation is written as .seg.nrrd"):
         writers.write_segmentation(result, tmp_path / "x.seg.nii.gz")
