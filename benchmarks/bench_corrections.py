@@ -65,7 +65,7 @@ def main() -> int:
     slicer.modules = types.SimpleNamespace(**{name.lower(): types.SimpleNamespace(logic=(lambda lg=lg: lg))
                                               for name, lg in logics.items()})
     t = time.perf_counter()
-    labeling = LabelingScene(addVolumeNodeFromImage(scene, image, "phantom"), result, image=image)
+    labeling = LabelingScene(addVolumeNodeFromImage(scene, image, "phantom"), result)
     print(f"scene built in {time.perf_counter() - t:.2f} s")
 
     points = labeling.markupsNode

@@ -211,7 +211,7 @@ def render(output: Path, width: int = 1000, height: int = 700, seed: int = 1) ->
     volumeNode = addVolumeNodeFromImage(mrml.scene, phantom.image, "CT phantom")
     volumeNode.GetDisplayNode().SetAutoWindowLevel(False)
     volumeNode.GetDisplayNode().SetWindowLevel(*CT_WINDOW_LEVEL)
-    labeling = LabelingScene(volumeNode, result, phantom.image)
+    labeling = LabelingScene(volumeNode, result)
     # Control points lie on the body centroids, which leave a flat slice where the spine curves: show every point
     # projected onto the slice (Slicer's "Projection" option) so that all level names are visible.
     pointsDisplay = labeling.markupsNode.GetDisplayNode()
