@@ -152,8 +152,9 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._labelledVolume = None  # the volume the running process labels
         self._labelings = {}  # volume node ID -> the LabelingScene of that volume, each followed until replaced
         self._shownLabeling = None  # the labelling the table and messages show
-        # volume node ID -> the nodes of its labelling, no longer followed since the user deleted its segmentation or
-        # its points: the one left is removed when the volume is labelled again, as a replaced labelling's nodes are
+        # volume node ID -> the ID of the node left of its labelling, no longer followed since the user deleted its
+        # segmentation or its points: removed when the volume is labelled again, as a replaced labelling's nodes are
+        # (an ID, not the node: a reference would keep a node deleted since, with its voxels, alive)
         self._abandoned = {}
         self._timer = None
         self._dependencyStatus = ""  # the status line's text while packages are missing
@@ -241,7 +242,8 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if labeling is not None:
             labeling.cleanup()
             if node is not labeling.volumeNode:
-                self._abandoned[volumeId] = (labeling.segmentationNode, labeling.markupsNode)
+                left = labeling.markupsNode if node is labeling.segmentationNode else labeling.segmentationNode
+                self._abandoned[volumeId] = left.GetID()
             self._checkCanApply()
             if node is not labeling.volumeNode and labeling.volumeNode is (
                     self._parameterNode.inputVolume if self._parameterNode else None):
@@ -465,7 +467,8 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             from SpineLabelLogic.scene import removeNodes
             # and what the user left of one whose other node they deleted: it would show beside the new one under
             # the same name, its edits taken in nowhere
-            removeNodes(self._abandoned.pop(volume.GetID(), ()))
+            left = volume.GetScene().GetNodeByID(self._abandoned.pop(volume.GetID(), None) or "")
+            removeNodes([left] if left is not None else [])
             self._labelings[volume.GetID()] = labeling
             labeling.changedCallbacks.append(self.onLabelingChanged)
             self.ui.progressBar.value = 100
@@ -562,7 +565,9 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             finally:  # export takes in Segment Editor edits, which may re-solve, whether or not it then writes
                 self.onLabelingChanged(labeling)
             from SpineLabelLib.export import provenance_of
-            replaced = ", ".join(provenance_of(path)["replaces"])  # by the export of the same image: said, not silent
+            # by the export of the same image: said, not silent (a record gone by now, replaced by another session's
+            # export of the image, says nothing: this export was made)
+            replaced = ", ".join((provenance_of(path) or {}).get("replaces") or [])
             self.ui.statusLabel.text = (_("Exported {path} in place of {cases}, an earlier export of the same image")
                                         if replaced else _("Exported {path}")).format(path=str(path), cases=replaced)
 

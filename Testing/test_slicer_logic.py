@@ -1450,6 +1450,21 @@ def test_labelling_again_after_one_of_its_nodes_was_deleted_leaves_no_node_of_th
         new.cleanup()
 
 
+def test_the_panel_keeps_no_node_the_user_deleted(modules, labeled, mrml):
+    """The panel kept the nodes of a labelling whose segmentation the user deleted until the volume was labelled
+    again: the deleted segmentation node, out of the scene, stayed alive with its segments' voxels."""
+    volume, segmentation = labeled.volumeNode, labeled.segmentationNode
+    panel = labelling_panel(modules, volume)
+    panel._labelings[volume.GetID()] = labeled
+    deleted = vtk.vtkWeakReference()
+    deleted.Set(segmentation)
+    mrml.scene.RemoveNode(segmentation)
+    panel.onNodeRemoved(mrml.scene, mrml.scene.NodeRemovedEvent, segmentation)
+    del segmentation
+    labeled.segmentationNode = None  # the test's own labelling, which the panel no longer follows, lets go of it
+    assert deleted.Get() is None
+
+
 def test_the_panel_says_which_earlier_case_an_export_replaces(modules, labeled, tmp_path):
     """Two labellings of one image (a volume and its clone) exported to one dataset: the second export removed the
     case of the first, as an export of the same image does, and the panel said only 'Exported ...'."""
@@ -1461,6 +1476,27 @@ def test_the_panel_says_which_earlier_case_an_export_replaces(modules, labeled, 
     panel.onExportButton()
     assert panel.ui.statusLabel.text.endswith("spine_ct_0002.nii.gz in place of spine_ct_0001, an earlier export of "
                                               "the same image")
+
+
+def test_an_export_whose_record_is_gone_before_it_is_named_is_not_a_failure(modules, labeled, tmp_path,
+                                                                             monkeypatch):
+    """The panel reads back the provenance record to name the case an export replaced: one gone by then (another
+    session's export of the same image replaced the case in between) showed 'Failed to export the case.' with
+    "'NoneType' object is not subscriptable" for an export that was made."""
+    panel = labelling_panel(modules, labeled.volumeNode)
+    panel._labelings[labeled.volumeNode.GetID()] = labeled
+    panel._parameterNode.datasetDirectory = str(tmp_path / "Dataset001_Spine")
+    export = panel.logic.exportCase
+
+    def exportedThenReplaced(labeling, folder, caseId=None):
+        path = export(labeling, folder, caseId)
+        (Path(folder) / "provenance" / Path(path).name.replace(".nii.gz", ".json")).unlink()
+        return path
+
+    monkeypatch.setattr(panel.logic, "exportCase", exportedThenReplaced)
+    modules.errors.clear()
+    panel.onExportButton()
+    assert not modules.errors and panel.ui.statusLabel.text.endswith("spine_ct_0001.nii.gz")
 
 
 def test_deleting_a_labelled_volume_with_its_children_asks_for_no_new_labelling(modules, labeled, mrml):
