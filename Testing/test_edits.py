@@ -270,6 +270,19 @@ def test_add_vertebra_with_name_fixes_it_and_refuses_occupied_points(monkeypatch
                                        "1.5 x 1.5 x 2 mm against the labelling's 1.5 x 1.5 x 1.5 mm")
 
 
+def test_a_grid_refused_is_named_with_numbers_that_differ(spine):
+    """A voxel size of 10 mm or more off by more than the tolerance (0.001 mm), or a size of five digits, was named
+    with the same numbers for the image and its labelling ("1 x 1 x 10 mm against the labelling's 1 x 1 x 10 mm")."""
+    grid = spine.result.geometry
+    labelled = replace(grid, size=(*grid.size[:2], 12340), spacing=(*grid.spacing[:2], 10.0))
+    given = replace(labelled, size=(*grid.size[:2], 12341), spacing=(*grid.spacing[:2], 10.004))
+    with pytest.raises(ValueError) as refused:
+        edits.check_image_grid(spine.result.copy(geometry=labelled), given)
+    assert str(refused.value).endswith(
+        f"size {grid.size[0]} x {grid.size[1]} x 12341 voxels against the labelling's {grid.size[0]} x "
+        f"{grid.size[1]} x 12340 voxels; voxel size 1.5 x 1.5 x 10.004 mm against the labelling's 1.5 x 1.5 x 10 mm")
+
+
 def test_adding_a_vertebra_keeps_the_order_of_the_others(monkeypatch):
     """A point below a short, curved chain, nearer its top vertebra: the other vertebrae keep their order (the whole
     chain used to be turned round when the new one went in at an end that left it upside down). Such a point lies

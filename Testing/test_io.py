@@ -510,6 +510,28 @@ def test_the_localisers_of_a_dicom_series_are_left_out(tmp_path):
     assert re.fullmatch(r"the series' localiser images scout[12].dcm, scout[12].dcm left out", *read_notes(image))
 
 
+def test_slices_turned_a_little_are_no_localisers_and_a_slope_spelled_otherwise_is_the_same(tmp_path):
+    """Two slices turned 10 degrees (slabs angled to a disc, in one series) were left out as localisers, where they
+    had been read with the others; "1" and "1.0" counted as two slopes, and the series was read as float (a
+    helper's review)."""
+    folder = write_dicom_series(tmp_path / "series")
+    reader, writer = sitk.ImageFileReader(), sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    turn = np.radians(10.0)
+    turned = {"0020|0037": f"1\\0\\0\\0\\{np.cos(turn)}\\{np.sin(turn)}"}
+    for k, tags in ((4, turned), (5, turned), (1, {"0028|1053": "1.0"}), (2, {"0028|1053": "1"})):
+        reader.SetFileName(str(folder / f"{k:03d}.dcm"))
+        slice_ = reader.Execute()
+        for key in reader.GetMetaDataKeys():
+            slice_.SetMetaData(key, reader.GetMetaData(key))
+        for key, value in tags.items():
+            slice_.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(slice_)
+    image = read_image(folder)  # as before the localisers were looked for
+    assert image.GetSize() == (24, 20, 6) and image.GetPixelID() == sitk.sitkInt16 and not read_notes(image)
+
+
 def test_a_series_description_in_latin_1_is_named_as_written(tmp_path):
     """A DICOM text in ISO 8859-1 ("R\\xfccken ax") came into the refusal of a folder of two series as a lone
     surrogate, which a message cannot print as UTF-8."""

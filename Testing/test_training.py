@@ -24,9 +24,9 @@ from SpineLabelLib.vertebrae import BODY, BY_NAME, COCCYX_LABEL, DISC, LEVELS, P
 from SpineLabelTrainingLib import training
 from SpineLabelTrainingLib.negatives import KINDS, non_spine_image
 from SpineLabelTrainingLib.synthesis import IGNORE
-from SpineLabelTrainingLib.training import (NOT_BODY, NOT_VERTEBRA, UNSURE_MM, VERTEBRA, TrainConfig, find_cases,
-                                            level_loss, load_case, make_source, tissue_loss, train,
-                                            unknown_beyond_labelled_ends)
+from SpineLabelTrainingLib.training import (NOT_BODY, NOT_VERTEBRA, UNSURE_MM, VERTEBRA, TrainConfig,
+                                            cases_metadata_sha256, find_cases, level_loss, load_case, make_source,
+                                            tissue_loss, train, unknown_beyond_labelled_ends)
 
 L3, L4, L5 = (BY_NAME[name].label for name in ("L3", "L4", "L5"))  # VerSe labels of the levels write_pair draws
 
@@ -370,6 +370,18 @@ def test_a_case_corrected_in_place_is_not_resumed_on_and_the_card_hashes_it(tmp_
     line = f"{hashlib.sha256(image.read_bytes()).hexdigest()} {hashlib.sha256(label.read_bytes()).hexdigest()}\n"
     assert second["cases"] == ["imagesTr/c1_0000.nii.gz"]
     assert second["cases_sha256"] == hashlib.sha256(line.encode()).hexdigest()
+
+
+def test_the_metadata_hash_reads_what_gives_the_labels_their_meaning_only(tmp_path):
+    """A dataset.json's description edited since a stop made --resume refuse the run, saying that what its labels
+    mean had changed (a helper's review)."""
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    first = cases_metadata_sha256(tmp_path / "nn")
+    document = json.loads((tmp_path / "nn" / "dataset.json").read_text())
+    (tmp_path / "nn" / "dataset.json").write_text(json.dumps({**document, "description": "corrected cases"}))
+    assert cases_metadata_sha256(tmp_path / "nn") == first
+    (tmp_path / "nn" / "dataset.json").write_text(json.dumps({**document, "bodies_only": True}))
+    assert cases_metadata_sha256(tmp_path / "nn") != first
 
 
 def test_a_fine_tune_resumes_only_from_the_base_weights_it_started_from(tmp_path):

@@ -158,7 +158,7 @@ def check_image_grid(result: SpineLabeling, image: sitk.Image | Geometry) -> sit
 
 
 # how a grid's fields are named to a user: words, unit, number format
-_GRID_WORDS = {"size": ("size", " voxels", ".4g"), "spacing": ("voxel size", " mm", ".4g"),
+_GRID_WORDS = {"size": ("size", " voxels", ".0f"), "spacing": ("voxel size", " mm", ".6g"),
                "origin": ("origin", " mm (LPS)", ".2f"), "direction": ("axis directions", "", ".3f")}
 
 
@@ -167,7 +167,10 @@ def _grid_difference(given: Geometry, labelled: Geometry) -> str:
     user reads it: no Python repr of the two grids)."""
     def numbers(grid: Geometry, field: str) -> str:
         _, unit, spec = _GRID_WORDS[field]
-        return " x ".join(format(float(v) + 0.0, spec) for v in getattr(grid, field)) + unit
+        values = [format(float(v) + 0.0, spec) for v in getattr(grid, field)]
+        if field == "direction":  # row-major 3x3: its columns are the directions of the i, j and k axes (LPS)
+            return ", ".join(f"{axis} ({', '.join(values[c::3])})" for c, axis in enumerate("ijk"))
+        return " x ".join(values) + unit
 
     return "; ".join(f"{_GRID_WORDS[field][0]} {numbers(given, field)} against the labelling's "
                      f"{numbers(labelled, field)}" for field in given.differences(labelled))

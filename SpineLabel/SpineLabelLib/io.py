@@ -188,7 +188,8 @@ _SLICE_TAGS = ("0008|0008", "0020|0037", "0028|1053", "0028|1052", "0028|0103", 
 def _localisers(headers: list[dict[str, str]]) -> list[int]:
     """Indices of the localiser (scout) images among the files of one series (``headers``: their ``_SLICE_TAGS``):
     those whose ImageType says LOCALIZER, or whose ImageOrientationPatient differs from the median one by more than
-    0.01 (half a degree), as a localiser's plane across the slices does."""
+    0.5 (a plane turned 30 degrees or more), as a localiser's plane across the slices does. Slices turned less, such as
+    slabs angled to each disc in one series, are left to the reader (their spacing is found uneven)."""
     orientations = {}
     for i, tags in enumerate(headers):
         try:
@@ -199,7 +200,7 @@ def _localisers(headers: list[dict[str, str]]) -> list[int]:
             orientations[i] = values
     common = np.median(list(orientations.values()), axis=0) if len(orientations) > 2 else None
     return [i for i, tags in enumerate(headers) if "LOCALIZER" in tags["0008|0008"].upper().split("\\") or (
-        common is not None and i in orientations and np.abs(np.subtract(orientations[i], common)).max() > 0.01)]
+        common is not None and i in orientations and np.abs(np.subtract(orientations[i], common)).max() > 0.5)]
 
 
 def _mixed_value_storage(headers: list[dict[str, str]]) -> bool:
@@ -207,8 +208,14 @@ def _mixed_value_storage(headers: list[dict[str, str]]) -> bool:
     (RescaleSlope, RescaleIntercept, PixelRepresentation, BitsStored differ among them, as per-slice slopes of some MR
     and PET series do). ITK reads such a series in the pixel type that fits the first file's values and casts every
     other slice to it: a slice of negative values after an unsigned first one wrapped to 65535, fractional values were
-    cut to integers."""
-    return len({tuple(tags[key] for key in _SLICE_TAGS[2:]) for tags in headers}) > 1
+    cut to integers. Values are compared as numbers ("1" and "1.0" are one slope)."""
+    def value(text: str) -> float | str:
+        try:
+            return float(text)
+        except ValueError:  # absent ("") or not a number
+            return text
+
+    return len({tuple(value(tags[key]) for key in _SLICE_TAGS[2:]) for tags in headers}) > 1
 
 
 def header_tags(name: str | os.PathLike) -> Callable[[str], str]:

@@ -224,13 +224,15 @@ def cases_sha256(folder: str | Path) -> str:
 
 def cases_metadata_sha256(folder: str | Path) -> str:
     """sha256 of what gives the labelled cases of ``folder`` (``find_cases``) their meaning beside their files' bytes
-    (``cases_sha256``): each case's nnU-Net ``dataset.json`` (the levels its label values name, ``bodies_only``, the
-    modality, the ignore label) and its export's provenance record (the vertebrae whose voxels were edited), as read.
-    A ``dataset.json`` corrected in place changes the targets of every case, not their files."""
+    (``cases_sha256``): what training reads of each case's nnU-Net ``dataset.json`` (its ``labels``: the levels its
+    label values name and the ignore label; ``bodies_only``; ``channel_names``: the modality) and its export's
+    provenance record (the vertebrae whose voxels were edited). A ``dataset.json`` corrected in place changes the
+    targets of every case, not their files; its description does not."""
     digest = hashlib.sha256()
     for _, labels, _ in find_cases(folder):
         dataset = read_dataset_json(labels.parent.parent) if labels.parent.name == "labelsTr" else None
-        digest.update(json.dumps([dataset, provenance_of(labels)], sort_keys=True).encode() + b"\n")
+        meaning = {key: dataset.get(key) for key in ("labels", "bodies_only", "channel_names")} if dataset else None
+        digest.update(json.dumps([meaning, provenance_of(labels)], sort_keys=True).encode() + b"\n")
     return digest.hexdigest()
 
 
