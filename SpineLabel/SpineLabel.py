@@ -742,6 +742,7 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
             ``SpineLabelLogic.scene.LabelingScene``.
 
         Raises:
+            ValueError: no volume given, as ``startLabelling`` says it.
             SpineLabelLib.pipeline.NoVertebrae: no vertebra was labelled (nothing is added to the scene), as the
                 background worker reports it.
         """
@@ -749,6 +750,8 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         from SpineLabelLib.pipeline import label_spine, require_vertebrae
         from SpineLabelLogic.scene import LabelingScene, imageFromVolumeNode, volumeSource
 
+        if volumeNode is None:
+            raise ValueError(_("Select an input volume."))
         image = checked_image(imageFromVolumeNode(volumeNode), volumeNode.GetName())
         result = label_spine(image, model=modelPath, device=device, progress=progress, cancel=cancel,
                              check_orientation=checkOrientation, spine_gate=spineGate, modality=modality)

@@ -1546,3 +1546,12 @@ def test_the_module_self_test_passes_and_checks_the_names(modules, monkeypatch):
 
     monkeypatch.setattr(pipeline, "label_spine", shifted)
     assert len(run().failures) == 1
+
+
+def test_labelling_no_volume_in_the_process_is_refused_as_in_the_background(modules):
+    """logic.label(None) failed with "'NoneType' object has no attribute 'GetImageData'" where startLabelling says
+    to select a volume (a helper's probe of the in-process labelling)."""
+    logic = modules.label.SpineLabelLogic()
+    for start in (logic.label, logic.startLabelling):
+        with pytest.raises(ValueError, match="Select an input volume"):
+            start(None)
