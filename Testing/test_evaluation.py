@@ -632,6 +632,26 @@ def test_a_reference_centroid_of_a_label_its_mask_lacks_is_scored_with_a_warning
             f"{gt_dir / 'sub-a_seg-vert_msk.nii.gz'} has no voxel of" in caplog.text)
 
 
+def test_a_prediction_of_another_numbering_is_refused(tmp_path):
+    """A TotalSegmentator label map given as the prediction (its L1 31, L2 30, L3 29 and organs 1-24) was scored as
+    VerSe levels, its organs named cervical vertebrae, with only a log line that the values above 28 were ignored;
+    SPINEPS's discs (100+) beside VerSe vertebrae are still left out."""
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    write_mask(spine([L1, L2, L3]), gt_dir / "sub-a_seg-vert_msk.nii.gz")
+    totalsegmentator = spine([31, 30, 29])
+    totalsegmentator[0, :2, :2] = 5  # an organ
+    write_mask(totalsegmentator, pred_dir / "sub-a_seg.nii.gz")
+    with pytest.raises(InputError, match=r"sub-a_seg.nii.gz: label values \[29, 30, 31\] are no VerSe values .* "
+                                         "TotalSegmentator's"):
+        ev.evaluate_folders(pred_dir, gt_dir)
+    with_discs = spine([L1, L2, L3])
+    with_discs[9:11, 1:6, 2:10] = 101  # a disc between L1 and L2, as SPINEPS labels it
+    write_mask(with_discs, pred_dir / "sub-a_seg.nii.gz")
+    assert ev.evaluate_folders(pred_dir, gt_dir).cases[0].n_identified == 3
+
+
 def test_a_prediction_or_centroid_file_of_another_image_is_refused(tmp_path):
     """A prediction that lies wholly outside its reference's grid, or a centroid file whose centroids are far from
     its own mask's vertebrae, was scored as identified from the centroid files while covering nothing."""

@@ -585,6 +585,21 @@ def read_report(path: str | os.PathLike) -> tuple[dict[int, float], str]:
     return confidences, modality
 
 
+def _refuse_other_numbering(labels: np.ndarray, path: Path) -> None:
+    """Raise ``InputError`` when a prediction's label map (integer array, any shape) holds values from 29 to 99: no
+    VerSe vertebra (1-28) nor what SPINEPS writes beside them (discs 100+, endplates 200+, which are left out), but a
+    label map of another numbering, such as TotalSegmentator's, whose vertebrae 26-50 and organs below them would be
+    scored as VerSe levels."""
+    if labels.max(initial=0) < 29:
+        return
+    values = np.unique(labels)
+    foreign = [int(v) for v in values if 29 <= v <= 99]
+    if foreign:
+        raise InputError(f"{path}: label values {foreign[:8]}{' ...' * (len(foreign) > 8)} are no VerSe values (1-28 "
+                         "for the vertebrae): a label map of another numbering, such as TotalSegmentator's (26 S1, 27 "
+                         "L5 ... 50 C1, its organs below)? convert it to VerSe values first")
+
+
 def _known_labels(labels, what: str) -> list[int]:
     unknown = sorted(int(v) for v in labels if int(v) != 0 and int(v) not in BY_LABEL)
     if unknown:
@@ -875,6 +890,7 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
         pred_ctd: dict[int, np.ndarray] = {}
     else:
         pred_image = read_label_map(pred.seg)
+        _refuse_other_numbering(sitk.GetArrayViewFromImage(pred_image), pred.seg)
         if not Geometry.of(pred_image).matches(Geometry.of(gt_image)):
             log.warning("%s: prediction grid (size %s, spacing %s, origin %s) differs from ground truth %s (size %s, "
                         "spacing %s, origin %s): the prediction is resampled onto it (nearest neighbour)", pred.seg,
