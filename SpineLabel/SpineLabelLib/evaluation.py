@@ -41,7 +41,8 @@ So prediction ``sub-verse014_ct`` matches GT ``sub-verse014_seg-vert_msk``, ``VB
 ``VB1_02_AKa3_vert-verse`` and ``X_0000`` matches ``labelsTr/X``.
 
 Metrics (all distances between centroids in LPS millimetres; labels are VerSe values, levels ordered by
-``vertebrae.LEVELS``; labels outside that table are ignored with a warning)
+``vertebrae.LEVELS``; labels outside that table are ignored with a warning, but a prediction with values from 29 to
+99, another numbering's, is refused)
 ----------------------------------------------------------------------------------------------------------
 
 * **Identification** (the VerSe identification rate as the VerSe papers state it): a GT vertebra with centroid g and
