@@ -893,11 +893,21 @@ def _middle_body(prediction) -> tuple[float, float, float]:
     return sorted(ndimage.center_of_mass(bodies > 0, bodies, large))[len(large) // 2]
 
 
+def _painted(prediction, where, tissue: int, probability: float):
+    """``prediction`` (an ``inference.Prediction``) with the voxels ``where`` (bool, its (z, y, x) grid) given the
+    tissue code ``tissue`` and that body and bone probability."""
+    from SpineLabelLib.inference import Prediction
+
+    painted = [prediction.tissue.copy(), prediction.body_probability.copy(), prediction.bone_probability.copy()]
+    for array, value in zip(painted, (tissue, probability, probability)):
+        array[where] = value
+    return Prediction(*painted, prediction.level_log_probs)
+
+
 def test_a_component_beside_the_spine_takes_no_level(monkeypatch):
     """A body-like blob in front of the column (as a bowel loop might come out of the network) is sorted into the
     chain beside a vertebra; left in, it took a level (an L6 here, 10 vertebrae) and renamed the vertebrae below it."""
     from SpineLabelLib import pipeline
-    from SpineLabelLib.inference import Prediction
 
     phantom = make_phantom(modality="ct", fov="lumbar", seed=123)
     clean = label_spine(phantom.image, device="cpu")
@@ -908,9 +918,7 @@ def test_a_component_beside_the_spine_takes_no_level(monkeypatch):
         z, y, x = _middle_body(p)
         zz, yy, xx = np.ogrid[tuple(slice(0, s) for s in p.tissue.shape)]  # 2 mm voxels: 28 mm in front of it
         blob = ((zz - z) / 6) ** 2 + ((yy - y + 14) / 4.5) ** 2 + ((xx - x) / 7) ** 2 <= 1
-        tissue, body, bone = p.tissue.copy(), p.body_probability.copy(), p.bone_probability.copy()
-        tissue[blob], body[blob], bone[blob] = BODY, 0.95, 0.95
-        return Prediction(tissue, body, bone, p.level_log_probs)
+        return _painted(p, blob, BODY, 0.95)
 
     monkeypatch.setattr(pipeline, "_predict_in_context", with_blob)
     result = label_spine(phantom.image, device="cpu")
@@ -926,7 +934,6 @@ def test_a_join_or_cut_of_bodies_is_warned_of(monkeypatch):
     with the bodies' own intensity): two small pieces of the block, 20 mm apart, were joined, and the sacrum was then
     named L5 at confidence 0.997 with no word of the join."""
     from SpineLabelLib import pipeline
-    from SpineLabelLib.inference import Prediction
 
     phantom = make_phantom(modality="ct", fov="lumbar", seed=123)
     clean = label_spine(phantom.image, device="cpu")
@@ -938,12 +945,9 @@ def test_a_join_or_cut_of_bodies_is_warned_of(monkeypatch):
         if kwargs.get("levels_only"):
             return p
         z = int(round(_middle_body(p)[0]))
-        tissue, body, bone = p.tissue.copy(), p.body_probability.copy(), p.bone_probability.copy()
-        gap = np.zeros(tissue.shape, bool)
+        gap = np.zeros(p.tissue.shape, bool)
         gap[z - 1: z + 1] = True
-        gap &= tissue == BODY
-        tissue[gap], body[gap], bone[gap] = 0, 0, 0
-        return Prediction(tissue, body, bone, p.level_log_probs)
+        return _painted(p, gap & (p.tissue == BODY), 0, 0.0)
 
     monkeypatch.setattr(pipeline, "_predict_in_context", split_body)
     joined = label_spine(phantom.image, device="cpu")
