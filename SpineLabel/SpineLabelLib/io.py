@@ -175,14 +175,14 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
         raise InputError(f"{folder}: unreadable DICOM series ({detail.strip()[:200]})") from None
     # ITK stacks the slices it could read and spaces them evenly, so a missing or unreadable slice would distort the
     # grid. It sets this key for any deviation, rounding errors of the slice positions included: measure it.
-    if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation") and (problem := _uneven_slices(files)):
+    if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation") and (problem := _uneven_slices(files, headers)):
         raise InputError(f"{folder}: DICOM slices are not evenly spaced: {problem}")
-    return _unsheared(image, files, notes)
+    return _unsheared(image, files, headers, notes)
 
 
-# the tags of each slice of a DICOM series that _localisers and _mixed_value_storage read: ImageType,
-# ImageOrientationPatient, RescaleSlope, RescaleIntercept, PixelRepresentation, BitsStored
-_SLICE_TAGS = ("0008|0008", "0020|0037", "0028|1053", "0028|1052", "0028|0103", "0028|0101")
+# the tags of each slice of a DICOM series that the reader's checks read, each file's header read once: ImageType,
+# ImageOrientationPatient, RescaleSlope, RescaleIntercept, PixelRepresentation, BitsStored, ImagePositionPatient
+_SLICE_TAGS = ("0008|0008", "0020|0037", "0028|1053", "0028|1052", "0028|0103", "0028|0101", "0020|0032")
 
 
 def _localisers(headers: list[dict[str, str]]) -> list[int]:
@@ -215,7 +215,8 @@ def _mixed_value_storage(headers: list[dict[str, str]]) -> bool:
         except ValueError:  # absent ("") or not a number
             return text
 
-    return len({tuple(value(tags[key]) for key in _SLICE_TAGS[2:]) for tags in headers}) > 1
+    storage = ("0028|1053", "0028|1052", "0028|0103", "0028|0101")
+    return len({tuple(value(tags[key]) for key in storage) for tags in headers}) > 1
 
 
 def header_tags(name: str | os.PathLike) -> Callable[[str], str]:
@@ -258,24 +259,25 @@ def _series_description(files: tuple[str, ...]) -> str:
     return f"{named}, {count}" if named else count
 
 
-def _slice_geometry(name: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """ImagePositionPatient (3,) and ImageOrientationPatient (6,), LPS mm, of DICOM file ``name``; None if absent."""
-    tag = header_tags(name)
+def _slice_geometry(tags: dict[str, str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """ImagePositionPatient (3,) and ImageOrientationPatient (6,), LPS mm, of a DICOM slice (``tags``: its
+    ``_SLICE_TAGS``); None if absent."""
     try:
-        return tuple(np.array([float(v) for v in tag(key).split("\\")]) for key in ("0020|0032", "0020|0037"))
+        return tuple(np.array([float(v) for v in tags[key].split("\\")]) for key in ("0020|0032", "0020|0037"))
     except ValueError:  # absent ("") or not numbers
         return None
 
 
-def _unsheared(image: sitk.Image, files: tuple[str, ...], notes: list[str]) -> sitk.Image:
-    """``image`` as ITK stacked the slices of ``files``: along their normal, each at its in-plane position. A
+def _unsheared(image: sitk.Image, files: tuple[str, ...], headers: list[dict[str, str]], notes: list[str]
+               ) -> sitk.Image:
+    """``image`` as ITK stacked the slices of ``files`` (``headers``: their ``_SLICE_TAGS``): along their normal, each at its in-plane position. A
     tilted gantry moves the slices along the table instead, so ITK's grid puts the last slice of a 19 degree tilt
     66 mm from where its file says it is. When the slices drift sideways by more than a pixel over the stack, the
     image is resampled (linearly) onto a grid with perpendicular axes that puts every voxel where its file says:
     slices along the table at their true distance, columns perpendicular to the table and the rows, rows
     perpendicular to both (as read where the table is perpendicular to them: a tilt about the rows, as a gantry's),
     the in-plane spacing as read, widened to hold the drift; ``notes`` gets a line saying so."""
-    first, last = _slice_geometry(files[0]), _slice_geometry(files[-1])
+    first, last = _slice_geometry(headers[0]), _slice_geometry(headers[-1])
     if len(files) < 2 or first is None or last is None:
         return image
     axes = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)  # columns: row, column, slice normal (LPS)
@@ -312,13 +314,13 @@ def _unsheared(image: sitk.Image, files: tuple[str, ...], notes: list[str]) -> s
     return sitk.Resample(image, grid, transform, sitk.sitkLinear, minimum, image.GetPixelID())
 
 
-def _uneven_slices(files: tuple[str, ...], tolerance: float = 0.1) -> str | None:
-    """What keeps the slices of ``files`` (one series, in any order) from being evenly spaced along their normal
-    (by their ImagePositionPatient and ImageOrientationPatient), or None where every step is within ``tolerance`` of
-    the median step."""
+def _uneven_slices(files: tuple[str, ...], headers: list[dict[str, str]], tolerance: float = 0.1) -> str | None:
+    """What keeps the slices of ``files`` (one series, in any order; ``headers``: their ``_SLICE_TAGS``) from being
+    evenly spaced along their normal (by their ImagePositionPatient and ImageOrientationPatient), or None where every
+    step is within ``tolerance`` of the median step."""
     positions = []
-    for name in files:
-        geometry = _slice_geometry(name)
+    for name, tags in zip(files, headers):
+        geometry = _slice_geometry(tags)
         if geometry is None:
             return f"{Path(name).name} gives no slice position"
         position, orientation = geometry
