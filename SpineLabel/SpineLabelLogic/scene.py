@@ -145,7 +145,7 @@ def _reversedAxes(saved: Geometry, current: Geometry) -> tuple[int, ...]:
     """The numpy axes (of a (z, y, x) array) along which ``current`` indexes the voxel centres of ``saved`` the other
     way (a direction column negated, the origin at the far end of that axis); () when the grids match or differ
     otherwise."""
-    if saved.size != current.size or not np.allclose(saved.spacing, current.spacing, atol=1e-3):
+    if {"size", "spacing"} & set(saved.differences(current)):
         return ()
     a, b = (np.asarray(g.direction, dtype=float).reshape(3, 3) for g in (saved, current))
     flipped = np.array([np.allclose(a[:, i], -b[:, i], atol=1e-3) for i in range(3)])
