@@ -501,12 +501,12 @@ def _forward_backward(emissions: np.ndarray, transitions: np.ndarray) -> tuple[n
 ODD_GAP = 0.6
 
 
-def _odd_gaps(levels: np.ndarray, gaps_mm: np.ndarray, expected_mm: np.ndarray) -> list[tuple[int, float]]:
+def _odd_gaps(levels: np.ndarray, gaps_mm: np.ndarray, expected_mm: np.ndarray, scale: float | None
+              ) -> list[tuple[int, float]]:
     """(i, ratio) for each odd inner gap (``ODD_GAP``), i between chain positions i and i + 1. ``levels`` int (n,)
     indices into ``LEVELS``, chain order; ``gaps_mm`` float64 (n-1,) centroid distances; ``expected_mm`` float64 (K, K)
-    as ``expected_gaps_mm`` gives it. The chain's scale is the median ratio of its gaps longer than 0 mm (points can be
-    moved onto each other); none such: no odd gap."""
-    scale = _chain_scale(levels, gaps_mm, expected_mm)
+    as ``expected_gaps_mm`` gives it; ``scale`` the chain's (``_chain_scale``), the ratios measured against it; None:
+    no odd gap."""
     if scale is None:
         return []
     ratios = gaps_mm / expected_mm[levels[:-1], levels[1:]] / scale
@@ -568,14 +568,14 @@ def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray,
                 f"{'level' if skipped == 1 else 'levels'} {', '.join(missing)} not found between {names[i]} and "
                 f"{names[i + 1]} (gap {gaps_mm[i]:.0f} mm)"
             )
-    for i, ratio in _odd_gaps(levels, gaps_mm, expected_mm):
+    scale = _chain_scale(levels, gaps_mm, expected_mm)
+    for i, ratio in _odd_gaps(levels, gaps_mm, expected_mm, scale):
         if skips[i] > 0:  # said above, with its gap (a forced name can leave a level out across an ordinary gap)
             continue
         what = ("one may be a piece of a vertebra, or a vertebra split in two" if ratio < 1.0 else
                 "a vertebra may be missing between them, or two joined")
         out.append(f"{names[i]} and {names[i + 1]} {gaps_mm[i]:.0f} mm apart, {ratio:.2f} times the spacing of the "
                    f"rest of the chain: {what}; check them")
-    scale = _chain_scale(levels, gaps_mm, expected_mm)
     if scale is not None and not CHECKED_SCALE[0] <= scale <= CHECKED_SCALE[1]:
         out.append(f"vertebrae spaced {scale:.2f} times as widely as an average adult's at the levels named: the "
                    f"names were checked on spines {CHECKED_SCALE[0]:.2f}-{CHECKED_SCALE[1]:.2f} times that size (a "
