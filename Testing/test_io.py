@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import struct
+import threading
 
 import nibabel
 import numpy as np
@@ -14,7 +15,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from SpineLabelLib.io import (InputError, atomic_path, atomic_paths, canonical_grid, case_name, checked_image,
-                              read_image, read_label_map, read_notes, resample_to_grid)
+                              itk_warnings, read_image, read_label_map, read_notes, resample_to_grid)
 from SpineLabelLib.result import Geometry
 
 
@@ -817,3 +818,35 @@ def test_a_nifti_of_1_bit_voxels_is_refused_saying_so(tmp_path, capfd):
     with pytest.raises(InputError, match="1-bit voxels"):
         read_image(tmp_path / "mask.nii")
     assert "bad datatype" not in capfd.readouterr().err
+
+
+def test_itk_warnings_in_two_threads_at_once_leave_the_setting_as_it_was():
+    """Each block saved and restored ITK's process-wide setting for itself: of two threads reading images, the one that
+    entered second saved the first one's "off", restored it last, and ITK's warnings stayed off for the process."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    entered, first_left, seen = threading.Event(), threading.Event(), []
+
+    def second():
+        with itk_warnings(False):
+            entered.set()
+            first_left.wait(10)
+            seen.append(sitk.ProcessObject.GetGlobalWarningDisplay())  # still within its block
+        with itk_warnings(True):
+            seen.append(sitk.ProcessObject.GetGlobalWarningDisplay())
+
+    try:
+        sitk.ProcessObject.SetGlobalWarningDisplay(True)
+        thread = threading.Thread(target=second)
+        with itk_warnings(False):
+            thread.start()
+            assert entered.wait(10)
+        first_left.set()
+        thread.join(10)
+        assert seen == [False, True] and sitk.ProcessObject.GetGlobalWarningDisplay()
+        with itk_warnings(False):  # nested: the inner block's setting holds within it, the outer's after it
+            with itk_warnings(True):
+                assert sitk.ProcessObject.GetGlobalWarningDisplay()
+            assert not sitk.ProcessObject.GetGlobalWarningDisplay()
+        assert sitk.ProcessObject.GetGlobalWarningDisplay()
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)

@@ -17,6 +17,7 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
 import zlib
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
@@ -117,15 +118,31 @@ def case_key(name: str) -> str:
     return key
 
 
+# the blocks of ``itk_warnings`` open now in any thread, in the order they were opened, each with its setting (the
+# latest one's holds), and the setting before the first of them
+_itk_warning_blocks: dict[object, bool] = {}
+_itk_warnings_before = [True]
+_itk_warnings_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def itk_warnings(show: bool) -> Iterator[None]:
-    """Whether ITK prints its warnings (process-wide) within the block; the setting before it is restored after."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(show)
+    """Whether ITK prints its warnings (process-wide) within the block; the setting before it is restored after the
+    last block open in any thread ends. (Each block saving and restoring the setting for itself, two threads reading
+    images left ITK's warnings off for good: one saved the other's "off" and restored it last.)"""
+    token = object()
+    with _itk_warnings_lock:
+        if not _itk_warning_blocks:
+            _itk_warnings_before[0] = sitk.ProcessObject.GetGlobalWarningDisplay()
+        _itk_warning_blocks[token] = bool(show)
+        sitk.ProcessObject.SetGlobalWarningDisplay(bool(show))
     try:
         yield
     finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+        with _itk_warnings_lock:
+            del _itk_warning_blocks[token]
+            latest = next(reversed(_itk_warning_blocks.values()), _itk_warnings_before[0])
+            sitk.ProcessObject.SetGlobalWarningDisplay(latest)
 
 
 def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
