@@ -207,6 +207,16 @@ def test_a_model_written_again_is_loaded_again(tmp_path, random_model):
         get_model(first, "gpu")
 
 
+def test_loading_a_model_leaves_the_caller_s_random_numbers_alone(random_model):
+    """The network built to take the weights drew its random initial weights from the process's generator: a script
+    seeded for its own work drew other numbers after its first labelling than after its second."""
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    load_model(random_model)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_weights_that_do_not_load_name_the_reason(tmp_path, random_model):
     card = json.loads(Path(random_model).read_text())
     (tmp_path / "m.pt").write_bytes(b"")  # empty, with its hash in the card: torch's error has no message

@@ -239,6 +239,20 @@ def test_training_steps_run_in_float32_on_a_cpu(tmp_path, monkeypatch):
     assert autocast_on == [False, False]
 
 
+def test_training_leaves_the_caller_s_random_numbers_alone(tmp_path):
+    """A run seeded the process's generator with its own seed (torch.manual_seed), and drew from it, for good: the
+    caller's seed and the numbers it drew next were the run's. The same seed still trains the same weights."""
+    cfg = TrainConfig(data=[("phantom", 1.0)], out=tmp_path / "m.json", epochs=1, iterations=1, batch=1,
+                      patch=(32, 32, 32), spacing_mm=4.0, device="cpu", validation_cases=0, seed=3)
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    first = load_model(train(cfg)).network.state_dict()
+    assert torch.initial_seed() == 11 and torch.equal(torch.rand(4), expected)
+    second = load_model(train(replace(cfg, out=tmp_path / "again.json"))).network.state_dict()
+    assert all(torch.equal(value, second[name]) for name, value in first.items())
+
+
 def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")

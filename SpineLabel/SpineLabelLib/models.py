@@ -228,7 +228,10 @@ def load_model(path: str | os.PathLike | None = None, device: "str | torch.devic
         raise ModelError(f"{weights}: weights are corrupt or altered (sha256 {digest[:12]}... does not match the "
                          "card); copy the weights again with the card written with them")
     try:
-        network = SpineUNet(tuple(card["architecture"]["channels"]))
+        # its random initial weights, replaced by the file's, are drawn without taking numbers from the caller's
+        # (global) random generator: a script seeded for its own work drew other numbers after a first labelling
+        with torch.random.fork_rng(devices=[]):
+            network = SpineUNet(tuple(card["architecture"]["channels"]))
     except (RuntimeError, MemoryError) as err:  # channels too many for memory
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ModelError(f"{card_path}: architecture.channels {card['architecture']['channels']} cannot be built "

@@ -662,7 +662,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
     whole epoch (``cfg.resume`` continues it).
     Returns the card path.
     """
-    with no_empty_new_folders(Path(cfg.out).parent):
+    # the seed (``_train``) and the draws of the run leave the caller's random generators as they were
+    with no_empty_new_folders(Path(cfg.out).parent), torch.random.fork_rng(devices=[]):
         return _train(cfg, progress, cancel)
 
 
@@ -696,7 +697,9 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     if cfg.base_model is None and not MODEL_SPACING_MM[0] <= cfg.spacing_mm <= MODEL_SPACING_MM[1]:  # NaN too
         raise ValueError(f"spacing {cfg.spacing_mm}: a model grid spacing is from {MODEL_SPACING_MM[0]} to "
                          f"{MODEL_SPACING_MM[1]} mm")
-    torch.manual_seed(cfg.seed)
+    # the CPU's generator only: the initial weights are drawn on the CPU, and nothing of a run draws on a GPU (whose
+    # generators torch.manual_seed would seed for the whole process, past the fork of ``train``)
+    torch.random.default_generator.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = resolve_device(cfg.device)
     if cfg.lr is None:
