@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import re
 import sys
 import textwrap
 import time
@@ -747,15 +746,6 @@ def test_worker_reports_a_failed_import_as_an_error(tmp_path, random_model):
     runner.start()
     assert runner.wait(120) == 1, runner.outputTail()
     assert runner.readEvents()[-1] == {"event": "error", "message": "this torch is broken"}
-
-
-@pytest.mark.parametrize("module", ["SpineLabel", "SpineLabelTraining"])
-def test_cmake_lists_every_python_file_of_the_module(module):
-    """Slicer installs only the files in MODULE_PYTHON_SCRIPTS: one left out is an ImportError in Slicer alone."""
-    folder = Path(__file__).resolve().parents[1] / module
-    cmake = (folder / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", module)
-    listed = set(re.search(r"set\(MODULE_PYTHON_SCRIPTS(.*?)\)", cmake, re.S).group(1).split())
-    assert listed == {str(p.relative_to(folder)) for p in folder.rglob("*.py")}
 
 
 def test_the_slicer_module_asks_for_the_package_versions_pyproject_asks_for():
