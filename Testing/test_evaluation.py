@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -293,7 +294,7 @@ def test_folders_bodies_and_nnunet_layouts(tmp_path):
     r = ev.evaluate_folders(pred, nnunet.parent).cases[0]
     assert (r.n_gt, r.n_identified, r.mean_dice) == (1, 1, 1.0)
 
-    with pytest.raises(InputError, match="no ground-truth"):
+    with pytest.raises(InputError, match="no reference masks"):
         ev.evaluate_folders(pred, pred)
 
 
@@ -305,7 +306,7 @@ def test_a_folder_of_other_label_conventions_is_refused_with_the_way_to_score_it
     write_mask(spine([31, 30]), gt / "example_seg.nii.gz")
     write_mask(spine([5, 4]), gt / "IVD_11_instance.nii.gz")
     write_mask(spine([20, 21]), pred / "example_seg_seg.nii.gz")
-    with pytest.raises(InputError, match=r"no ground-truth masks .* found; other conventions \(TotalSegmentator's "
+    with pytest.raises(InputError, match=r"no reference masks .* found; other conventions \(TotalSegmentator's "
                                          r"class ids, disc or spinal-cord labels\) are not read.*dataset\.json naming"):
         ev.evaluate_folders(pred, gt)
 
@@ -342,7 +343,7 @@ def test_labelled_cases_find_images_beside_their_masks(tmp_path):
     with pytest.raises(InputError, match="sub-a_img.nii.gz and .*sub-a_ct.nii.gz both match case sub-a; move one of "
                                          "them out of the folder"):
         ev.labelled_cases(tmp_path)
-    with pytest.raises(InputError, match="no ground-truth"):
+    with pytest.raises(InputError, match="no reference masks"):
         ev.labelled_cases(tmp_path / "other")
 
 
@@ -534,10 +535,11 @@ def test_centroid_files_that_do_not_say_one_position_per_label_are_refused(tmp_p
 
 
 @pytest.mark.parametrize("entries, reason", [
-    ([{"direction": ["L", "P", "S"]}, {"label": L1, "X": 1, "Y": 2}], "KeyError: 'Z'"),
-    ([{"direction": ["L", "P", "S"]}, {"label": "L1", "X": 1, "Y": 2, "Z": 3}], "ValueError"),
-    ([{"direction": ["P", "I", "X"]}, {"label": L1, "X": 1, "Y": 2, "Z": 3}], "'PIX'"),
-    ([{"label": L1, "world_lps_mm": [1.0, 2.0]}], "ValueError"),
+    ([{"direction": ["L", "P", "S"]}, {"label": L1, "X": 1, "Y": 2}], r"\(no 'Z'\)$"),
+    ([{"direction": ["L", "P", "S"]}, {"label": "L1", "X": 1, "Y": 2, "Z": 3}],
+     r"\(label 'L1' is not a whole number\)$"),
+    ([{"direction": ["P", "I", "X"]}, {"label": L1, "X": 1, "Y": 2, "Z": 3}], r"\('PIX' is no direction code\)$"),
+    ([{"label": L1, "world_lps_mm": [1.0, 2.0]}], r"\('world_lps_mm' is not three numbers\)$"),
 ])
 def test_centroid_entries_that_are_not_centroids_name_file_and_entry(tmp_path, entries, reason):
     path = tmp_path / "x_ctd.json"
@@ -580,6 +582,8 @@ def test_a_prediction_on_another_grid_is_resampled_onto_its_reference(tmp_path, 
     write_mask(spine([L1, L2, L3])[:-1], pred_dir / "sub-a_seg.nii.gz", origin=shifted)
     case = ev.evaluate_folders(pred_dir, gt_dir).cases[0]
     assert "is resampled onto it" in caplog.text
+    assert re.search(r"sub-a_seg.nii.gz: prediction grid \(\d+ x \d+ x \d+ voxels of [0-9.]+ x [0-9.]+ x [0-9.]+ mm, "
+                     r"origin .* mm\) differs from reference .*sub-a_seg-vert_msk.nii.gz \(", caplog.text)
     assert case.n_identified == 3 and case.mean_dice > 0.9
     # centroid files in voxel coordinates are read on their own mask's grid, not on the reference's
     grown = np.concatenate([np.zeros((10, 12, 12), np.uint8), spine([L1, L2, L3])])
@@ -802,7 +806,26 @@ def test_a_report_label_that_is_no_whole_number_is_refused(tmp_path, label):
     write_report(path, {L1: 0.9})
     assert ev.read_report(path)[0] == {L1: 0.9}
     path.write_text(json.dumps({"vertebrae": [{"label": label, "confidence": 0.9}]}))
-    with pytest.raises(InputError, match="a_report.json"):
+    with pytest.raises(InputError, match=r"a_report.json: not a readable SpineLabel report: each of its 'vertebrae' "
+                                         r"needs a whole-number 'label' and a 'confidence' number \(label .* is not a "
+                                         r"whole number\)$"):
         ev.read_report(path)
     path.write_text(json.dumps({"vertebrae": [{"label": float(L1), "confidence": 0.9}]}))
     assert ev.read_report(path)[0] == {L1: 0.9}
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("", r"not JSON text \(Expecting value: line 1 column 1"),
+    (json.dumps({"input": {}}), "no 'vertebrae' list$"),
+    (json.dumps([{"label": L1}]), "no 'vertebrae' list$"),
+    (json.dumps({"vertebrae": [{"label": L1}]}), r"needs a whole-number 'label' and a 'confidence' number \(no "
+                                                 r"'confidence'\)$"),
+    (json.dumps({"vertebrae": [], "input": "CT"}), "its 'input' is no JSON object$"),
+])
+def test_a_file_that_is_no_report_is_refused_in_words(tmp_path, text, reason):
+    """It said which Python exception was raised ("KeyError: 'vertebrae'"), not what the file lacks."""
+    path = tmp_path / "a_report.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=f"a_report.json: not a readable SpineLabel report: .*{reason}") as err:
+        ev.read_report(path)
+    assert "Error" not in str(err.value)

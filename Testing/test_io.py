@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from SpineLabelLib import io
 from SpineLabelLib.io import (InputError, atomic_path, atomic_paths, canonical_grid, case_name, checked_image,
                               itk_warnings, read_image, read_label_map, read_notes, resample_to_grid)
 from SpineLabelLib.result import Geometry
@@ -209,7 +210,8 @@ def spaced(spacing_mm: float) -> sitk.Image:
         (lambda p: write(p, "flat.nii.gz", sitk.Image([16, 16], sitk.sitkInt16)), "2D image"),
         (lambda p: write(p, "four.nii.gz", sitk.Image([4, 4, 4, 3], sitk.sitkInt16)), "4D image"),
         (lambda p: write(p, "rgb.nii.gz", sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3)), "RGB"),
-        (lambda p: write(p, "slice.nii.gz", sitk.Image([8, 8, 1], sitk.sitkInt16)), "single slice"),
+        (lambda p: write(p, "slice.nii.gz", sitk.Image([8, 8, 1], sitk.sitkInt16)),
+         "of 8 x 8 x 1 voxels is a single slice"),
         (lambda p: write(p, "nan.mha", sitk.GetImageFromArray(np.full((4, 4, 4), np.nan, np.float32))), "NaN"),
         (lambda p: write(p, "nan.nii.gz", sitk.GetImageFromArray(np.full((4, 4, 4), np.nan, np.float32))), "NaN"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "no DICOM series"),
@@ -277,6 +279,11 @@ def test_a_nifti_whose_qform_and_sform_disagree_is_read_with_a_warning(tmp_path)
         assert read_notes(image) == [] if note is None else note in read_notes(image)[0], name
     assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.diag([-1.0, -1.0, 1.0]))  # the qform, in LPS
     assert read_notes(read_label_map(tmp_path / "flipped.nii.gz")) == []
+    # an image read along neither form (not seen from ITK or nibabel, which follow one): said in words
+    across = sitk.Image([20, 20, 20], sitk.sitkInt16)
+    across.SetDirection([1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0])
+    assert "disagree (axes toward RAI and RAS), and it was read by neither of them: if" in io._forms_note(
+        tmp_path / "flipped.nii.gz", across)
     turned = sitk.Image([20, 20, 20], sitk.sitkInt16)  # turned 45 degrees: equal forms whose nearest axes are a tie
     c = np.cos(np.radians(45.0))
     turned.SetDirection([c, -c, 0.0, c, c, 0.0, 0.0, 0.0, 1.0])

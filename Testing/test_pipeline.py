@@ -403,7 +403,8 @@ def test_a_view_of_one_vertebra_is_refused_as_too_few_to_number():
     half = round(20.0 / phantom.image.GetSpacing()[2])
     refused = label_spine(phantom.image[:, :, centre - half : centre + half], device="cpu")
     assert refused.vertebrae == [] and refused.warnings[0].startswith(
-        "no spine recognised: 1 vertebra-like component(s) only (a spine is numbered from 2 or more in view)")
+        "no spine recognised: 1 vertebra-like part only (a spine is numbered from 2 or more in view), with a median "
+        "probability of 0.")
 
 
 def test_the_spine_gate_can_be_switched_off(random_model, small_phantom):
@@ -414,6 +415,9 @@ def test_the_spine_gate_can_be_switched_off(random_model, small_phantom):
     panel = (Path(__file__).resolve().parents[1] / "SpineLabel" / "Resources" / "UI" / "SpineLabel.ui").read_text()
     switch = re.search(r'name="skipSpineGateCheckBox".*?<property name="text">\s*<string>(.*?)</string>', panel, re.S)
     assert any("--no-spine-gate" in w and f"'{switch.group(1)}'" in w for w in refused.warnings)
+    assert any(re.match(r"no spine recognised: \d+ vertebra-like parts, with a median probability of 0\.\d\d of being "
+                        "a vertebral body; if this is a spine, check that its header orients it right", w)
+               for w in refused.warnings)
     # a scan the detection takes for the wrong modality finds no spine: the refusal says how it was read
     with pytest.raises(NoVertebrae, match="no spine recognised.*; read as CT from its intensities; if it is MR, "
                                           r"label it as MR \(modality mr\)$"):  # no closing 'no vertebrae found'
@@ -434,7 +438,8 @@ def test_the_spine_gate_can_be_switched_off(random_model, small_phantom):
     assert labelled.vertebrae and labelled.spine_probability == refused.spine_probability
     assert not any(w.startswith("no spine recognised") for w in labelled.warnings)
     # ... but says that the gate would have refused it
-    assert any(w.startswith("labelled with the spine gate off, which would have refused it") for w in labelled.warnings)
+    assert any(re.fullmatch(r"labelled as asked although no spine is recognised: \d+ vertebra-like parts, with a "
+                            r"median probability of 0\.\d\d of being a vertebral body", w) for w in labelled.warnings)
 
 
 def test_a_label_map_given_as_the_image_is_named(random_model, small_phantom):
@@ -643,7 +648,7 @@ def test_a_component_far_beyond_the_end_of_the_spine_is_left_out_and_named(rando
     # its centre 32 voxels below the last body's (z - 39.5)
     result = _labelled_made_up(random_model, monkeypatch, slice(6, 14), [((74, 68), slice(6, 14), slice(5, 15))])
     assert len(result.vertebrae) == 5 and result.gaps_mm == pytest.approx([32.0] * 4)
-    assert "ignored a vertebra-like component 128 mm beyond the end of the spine" in result.warnings
+    assert "ignored a vertebra-like part 128 mm beyond the end of the spine" in result.warnings
     assert set(np.unique(result.components)) == {0} | {v.id for v in result.vertebrae}
 
 
@@ -891,8 +896,8 @@ def test_a_stray_beyond_the_end_is_left_out_once_a_component_off_the_line_no_lon
         ((70, 64), slice(28, 32), slice(7, 12)),  # small, 112 mm below the last body
     ], image_y=80)
     assert len(result.vertebrae) == 5 and result.gaps_mm == pytest.approx([32.0] * 4)
-    assert result.warnings[:2] == ["ignored a vertebra-like component 52 mm off the line of the spine",
-                                   "ignored a vertebra-like component 112 mm beyond the end of the spine"]
+    assert result.warnings[:2] == ["ignored a vertebra-like part 52 mm off the line of the spine",
+                                   "ignored a vertebra-like part 112 mm beyond the end of the spine"]
 
 
 def _middle_body(prediction) -> tuple[float, float, float]:
@@ -934,7 +939,7 @@ def test_a_component_beside_the_spine_takes_no_level(monkeypatch):
     result = label_spine(phantom.image, device="cpu")
     assert [v.name for v in result.vertebrae] == [v.name for v in clean.vertebrae]
     # placed 28 mm in front of a body's centroid, it lies about as far off the line through the centroids
-    assert any(re.fullmatch(r"ignored a vertebra-like component 2[5-9] mm off the line of the spine", w)
+    assert any(re.fullmatch(r"ignored a vertebra-like part 2[5-9] mm off the line of the spine", w)
                for w in result.warnings), result.warnings
 
 
@@ -962,7 +967,7 @@ def test_a_join_or_cut_of_bodies_is_warned_of(monkeypatch):
     monkeypatch.setattr(pipeline, "_predict_in_context", split_body)
     joined = label_spine(phantom.image, device="cpu")
     assert [v.name for v in joined.vertebrae] == [v.name for v in clean.vertebrae]
-    assert any(re.fullmatch(r"joined two vertebra-like components \d+ mm apart into one vertebra, .*check the count", w)
+    assert any(re.fullmatch(r"joined two vertebra-like parts \d+ mm apart into one vertebra, .*check the count", w)
                for w in joined.warnings), joined.warnings
 
     monkeypatch.setattr(pipeline, "_predict_in_context", predict)

@@ -201,7 +201,7 @@ def test_l6_is_allowed_with_its_prior():
     # an L6 the level head is not sure of (3 log-units for it, 1.5 for L5): named, and the doubt said
     doubtful = solve(scores_for(names, strength=3.0), np.full(6, 35.0))
     assert names_of(doubtful) == names
-    assert "L5/L6 ambiguous: probability of a L6 is 0.78" in doubtful.warnings  # 0.77 the L6 here, 0.01 elsewhere
+    assert "L5/L6 ambiguous: probability of an L6 is 0.78" in doubtful.warnings  # 0.77 the L6 here, 0.01 elsewhere
     # a short chain whose evidence hardly hints at an L6 (probability 0.04): no word of one
     unlikely = solve(scores_for(["L4", "L5", "L6", "S1"], strength=1.0), np.full(3, 35.0))
     assert not any("ambiguous" in w for w in unlikely.warnings)

@@ -173,7 +173,8 @@ def test_a_malformed_provenance_record_is_named(tmp_path, spine):
     record = next((tmp_path / "provenance").iterdir())
     record.write_text(json.dumps({"vertebrae": [{"id": 1}]}))  # no label
     image, labels, bodies_only = find_cases(tmp_path)[0]
-    with pytest.raises(InputError, match="provenance record of this exported case is malformed"):
+    with pytest.raises(InputError, match="provenance record of this exported case is malformed \\(a vertebra "
+                                         "without 'label': its 'vertebrae' must each have an 'id'"):
         load_case(image, labels, bodies_only, 2.0)
 
 
@@ -279,15 +280,15 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, monkeyp
     straight = load_model(train(replace(cfg, out=tmp_path / "straight.json", resume=False)))
     for name, value in straight.network.state_dict().items():
         assert torch.equal(value, model.network.state_dict()[name]), name
-    with pytest.raises(ValueError, match=r"other settings \(epochs, lr, validation_cases\)"):
+    with pytest.raises(ValueError, match=r"other settings \(--epochs, --lr, --validation-cases\)"):
         train(replace(cfg, epochs=3, lr=1e-3, validation_cases=2))  # one history, one validation set
     state = torch.load(cfg.out.with_suffix(".ckpt"), weights_only=False)
     del state["settings"]["tilt_deg"]  # as a checkpoint written before crops could be tilted: it had none
     torch.save(state, cfg.out.with_suffix(".ckpt"))
-    with pytest.raises(ValueError, match=r"other settings \(tilt_deg\)"):
+    with pytest.raises(ValueError, match=r"other settings \(--tilt-deg\)"):
         train(replace(cfg, tilt_deg=20.0))
     write_pair(tmp_path / "nn", "imagesTr/c2_0000.nii.gz", "labelsTr/c2.nii.gz")  # an export added a case
-    with pytest.raises(ValueError, match=r"other settings \(cases\)"):
+    with pytest.raises(ValueError, match=r"other settings \(the cases of its --data folders\)"):
         train(cfg)
     with pytest.raises(ValueError, match="'synthetic' needs --data-dir"):
         train(replace(cfg, data=[("synthetic", 1.0)], resume=False))
@@ -347,7 +348,7 @@ def test_a_fine_tune_never_replaces_its_base_model_or_the_shipped_one(tmp_path, 
     monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path / "base"))
     with pytest.raises(ValueError, match="lies in the folder of registered models"):
         train(replace(cfg, out=tmp_path / "base" / "other.json"))
-    with pytest.raises(ValueError, match="spacing 2.0: a fine-tune keeps the grid spacing of its base model"):
+    with pytest.raises(ValueError, match="--spacing 2.0: a fine-tune keeps the grid spacing of its base model"):
         train(replace(cfg, spacing_mm=2.0))
     assert {p: p.read_bytes() for p in before} == before and len(list(tmp_path.glob("*/*.ckpt"))) == 0
 
@@ -412,7 +413,7 @@ def test_a_fine_tune_resumes_only_from_the_base_weights_it_started_from(tmp_path
         train(cfg, progress=seen.append, cancel=lambda: len(seen) == 1)
     torch.manual_seed(1)
     save_model(SpineUNet(), card, base)
-    with pytest.raises(ValueError, match=r"other settings \(base_sha256\)"):
+    with pytest.raises(ValueError, match=r"other settings \(the --base-model's weights\)"):
         train(replace(cfg, resume=True))
 
 
@@ -501,21 +502,21 @@ def test_tilted_crops_turn_image_and_labels_together():
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
     cfg = TrainConfig(data=[("phantom", 0.0)], out=tmp_path / "run" / "m.json", patch=(32, 32, 32), device="cpu",
                       epochs=1, iterations=1)  # a check that slips fails in seconds, not after a whole run
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(ValueError, match="--data weights 0: each must be 0 or more, and one more than 0"):
         train(cfg)
     cfg = replace(cfg, data=[("phantom", 1.0)])
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match="--patch 33 x 32 x 32: each size must be a multiple of 16"):
         train(replace(cfg, patch=(33, 32, 32)))
     for change, message in ((dict(patch=(0, 32, 32)), "1 or more"), (dict(patch=(-16, 32, 32)), "1 or more"),
-                            (dict(epochs=0), "epochs 0"), (dict(iterations=0), "iterations 0"),
-                            (dict(batch=0), "batch 0"), (dict(validation_cases=-1), "validation cases -1"),
-                            (dict(average_last=-1), "average-last -1"), (dict(tilt_deg=-1), "tilt-deg -1"),
-                            (dict(tilt_deg=float("nan")), "tilt-deg nan"),
-                            (dict(tilt_deg=float("inf")), "tilt-deg inf: must be a finite number"),
-                            (dict(short_window=-0.1), "short-window -0.1"),
-                            (dict(short_window=1.5), "short-window 1.5: a share"),
-                            (dict(short_window=0.1), r"short-window with patch \(32, 32, 32\)"),
-                            *((dict(lr=lr), f"learning rate {lr}: must be")
+                            (dict(epochs=0), "--epochs 0"), (dict(iterations=0), "--iterations 0"),
+                            (dict(batch=0), "--batch 0"), (dict(validation_cases=-1), "--validation-cases -1"),
+                            (dict(average_last=-1), "--average-last -1"), (dict(tilt_deg=-1), "--tilt-deg -1"),
+                            (dict(tilt_deg=float("nan")), "--tilt-deg nan"),
+                            (dict(tilt_deg=float("inf")), "--tilt-deg inf: must be a finite number"),
+                            (dict(short_window=-0.1), "--short-window -0.1"),
+                            (dict(short_window=1.5), "--short-window 1.5: a share"),
+                            (dict(short_window=0.1), "--short-window with --patch 32 x 32 x 32"),
+                            *((dict(lr=lr), f"--lr {lr}: the learning rate must be")
                               for lr in (0.0, -1e-3, math.nan, math.inf))):
         with pytest.raises(ValueError, match=message):
             train(replace(cfg, **change))
@@ -541,7 +542,8 @@ def test_short_runs_and_a_bad_checkpoint(tmp_path):
         card = train(replace(cfg, iterations=iterations))
     assert load_model(card).card["training"]["averaged_last_epochs"]["epochs"] == 1  # of 1 epoch, not 5
     cfg.out.with_suffix(".ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="m.ckpt: not a SpineLabel training checkpoint"):
+    with pytest.raises(ValueError, match=r"m.ckpt: not a SpineLabel training checkpoint \(torch cannot read it\); "
+                                         "remove it"):
         train(replace(cfg, resume=True))
 
 

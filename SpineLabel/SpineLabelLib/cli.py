@@ -287,11 +287,11 @@ def _add_labelling_options(p: argparse.ArgumentParser, scope: str = "") -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help=scope + "where the network runs (default auto: a CUDA GPU when there is one)")
     p.add_argument("--check-orientation", action="store_true",
-                   help=scope + "run the network's level head a second time on each image turned head to feet and "
-                        "warn when it reads better that way (a wrong header); about half the network time again")
+                   help=scope + "read the vertebrae's levels a second time with each image turned head to feet and "
+                        "warn when they read better that way (a wrong header); about half the network time again")
     p.add_argument("--no-spine-gate", action="store_true",
-                   help=scope + "label the vertebra-like components even where the network does not take the image "
-                        "for a spine (a spine the gate refuses: a small or unusual field of view)")
+                   help=scope + "label the vertebra-like parts even where the network does not take the image for a "
+                        "spine (a spine it does not recognise: a small or unusual field of view)")
     p.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"],
                    help=scope + "CT (Hounsfield units) or MR; auto: CT when the image holds air, or fat and bone, in "
                         "Hounsfield units")
@@ -313,6 +313,11 @@ _EVALUATE_EXIT_STATUS = ("exit status: 0 done; 1 a folder, file or report path r
                          "reason), an input --label could not label, or another error; 2 a wrong option, or with "
                          "--label refused before any labelling as spinelabel label refuses; 130 Ctrl-C; 128 + N on "
                          "signal N (143 SIGTERM)")
+_TRAIN_EXIT_STATUS = ("exit status: 0 done; 1 refused or failed (one line naming the file or option and the reason: a "
+                      "--data folder or case, a setting, --out, a checkpoint --resume cannot continue, a run that "
+                      "diverged) or another error; 2 a wrong option, or a --name --register cannot register; 130 "
+                      "Ctrl-C; 128 + N on signal N (143 SIGTERM); a run stopped after an epoch names the checkpoint "
+                      "that --resume continues from")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("phantom", help="write a procedural spine phantom and its label map",
                        description="Write a procedural spine phantom to OUT.nii.gz and its VerSe label map to "
                        "OUT_seg-vert_msk.nii.gz beside it (the VerSe layout that evaluate and train read).")
-    p.add_argument("output", type=_path, metavar="OUT.nii.gz")
+    p.add_argument("output", type=_path, metavar="OUT.nii.gz", help="the phantom image to write (NIfTI, NRRD or "
+                   "MetaImage, by its suffix); its label map goes beside it")
     p.add_argument("--modality", default="ct", choices=["ct", "mr"], help="CT (Hounsfield units) or MR-like "
                    "intensities (default ct)")
     p.add_argument("--fov", default="whole", choices=["whole", "cervical", "thoracic", "lumbar"],
@@ -351,7 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "one per line: name, version, card. --model and --base-model take a model's name.")
     p.set_defaults(func=_models, quiet=False, verbose=False, debug=False)
 
-    p = sub.add_parser("train", help="train or fine-tune a model")
+    p = sub.add_parser("train", help="train or fine-tune a model",
+                       description="Train a new model, or fine-tune one (--base-model), on a mix of the --data "
+                       "sources. Writes the model card --out and its weights (.pt) beside it, and after every epoch a "
+                       "checkpoint (.ckpt) and a line of loss and validation scores; prints the card's path at the "
+                       "end (and with --register the registered card's).", epilog=_TRAIN_EXIT_STATUS)
     p.add_argument("--data", action="append", required=True, metavar="SOURCE[:WEIGHT]",
                    help="'synthetic', 'phantom', 'negative' (images without a spine), or a folder (nnU-Net "
                         "imagesTr/labelsTr, VerSe, *_img/*_vert-verse); repeat to mix")
@@ -395,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(p, "no progress bars or epoch lines")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="score predictions against ground truth (VerSe metrics)",
+    p = sub.add_parser("evaluate", help="score predictions against reference labels (VerSe metrics)",
                        description="Score the predictions in PRED_DIR against the reference labels in GT_DIR. With "
                        "--label, first label into PRED_DIR the image of every reference case (the image file beside "
                        "its mask, or imagesTr/X_0000 for labelsTr/X); a case whose dataset.json records CT or MR is "

@@ -96,6 +96,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -348,7 +349,8 @@ def _ground_truth(gt_dir: Path, tree: list[Path] | None = None) -> dict[str, GtF
 
     def add(key: str, files: GtFiles) -> None:
         if key in found:
-            raise InputError(f"{files.mask}: GT masks {found[key].mask} and {files.mask} both define case {key}")
+            raise InputError(f"{files.mask}: reference masks {found[key].mask} and {files.mask} both define case "
+                             f"{key}")
         found[key] = files
 
     for mask in named("*_vert-verse.*"):
@@ -382,7 +384,7 @@ def _reference_cases(gt_dir: Path, tree: list[Path] | None = None) -> dict[str, 
         raise InputError(f"{gt_dir}: " + ("a file, not a folder" if gt_dir.exists() else "folder does not exist"))
     found = _ground_truth(gt_dir, tree)
     if not found:
-        raise InputError(f"{gt_dir}: no ground-truth masks (*_vert-verse.nii.gz, *_seg-vert_msk.nii.gz or "
+        raise InputError(f"{gt_dir}: no reference masks (*_vert-verse.nii.gz, *_seg-vert_msk.nii.gz or "
                          "labelsTr/*.nii.gz, or the same in another image format) found; other conventions "
                          "(TotalSegmentator's class ids, disc or spinal-cord labels) are not read: give vertebrae as "
                          "VerSe values, or in labelsTr/ beside a dataset.json naming each value (such as "
@@ -409,7 +411,7 @@ def match_cases(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, fresh: C
     gts = _reference_cases(Path(gt_dir))
     preds = {key: pred for key, pred in _predictions(pred_dir).items() if fresh is None or key in fresh}
     for key in sorted(set(preds) - set(gts)):
-        log.warning("prediction %s has no ground truth in %s", preds[key].seg, gt_dir)
+        log.warning("prediction %s has no reference case in %s", preds[key].seg, gt_dir)
     return [(key, preds.get(key), gts[key]) for key in sorted(gts)]
 
 
@@ -493,9 +495,10 @@ def _whole_label(label) -> int:
     """A JSON ``label`` as an int.
 
     Raises:
-        ValueError: not a whole number (a string, a bool, 18.7, NaN), OverflowError: an infinity.
+        ValueError: not a whole number (a string, a bool, 18.7, NaN, an infinity).
     """
-    if isinstance(label, bool) or not isinstance(label, (int, float)) or label != round(label):
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or not math.isfinite(label) \
+            or label != round(label):
         raise ValueError(f"label {label!r} is not a whole number")
     return int(label)
 
@@ -537,17 +540,19 @@ def read_centroids(path: str | os.PathLike, reference: sitk.Image) -> dict[int, 
         try:
             label = _whole_label(entry["label"])
             if "world_lps_mm" in entry:
-                position = np.asarray(entry["world_lps_mm"], dtype=float).reshape(3)
+                position = np.asarray(entry["world_lps_mm"], dtype=float).ravel()
+                if position.size != 3:
+                    raise ValueError("'world_lps_mm' is not three numbers")
             else:
                 if oriented is None:
                     oriented = Geometry.of(sitk.DICOMOrient(reference, code))
                 position = oriented.index_to_lps(np.array([entry["X"], entry["Y"], entry["Z"]], dtype=float))
-        # RuntimeError: ITK on a bad direction code; OverflowError: an infinite label
-        except (KeyError, ValueError, TypeError, OverflowError, RuntimeError) as err:
-            detail = (str(err).strip().splitlines() or [""])[0][:120]
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:  # RuntimeError: ITK on a bad direction code
+            detail = (f"no {err.args[0]!r}" if isinstance(err, KeyError) else
+                      f"{code!r} is no direction code" if isinstance(err, RuntimeError) else
+                      (str(err).strip().splitlines() or ["not numbers"])[0][:120])
             raise InputError(f"{path}: entry {n} is not a centroid: it needs a whole-number 'label' and 'X', 'Y', 'Z' "
-                             f"along a valid 'direction' (here {code!r}) or three 'world_lps_mm' "
-                             f"({type(err).__name__}: {detail})") from None
+                             f"along a valid 'direction' (here {code!r}) or three 'world_lps_mm' ({detail})") from None
         if not (np.abs(position) < _FAR_MM).all():  # NaN and infinities too
             raise InputError(f"{path}: the centroid of label {label} is not a position ({position.tolist()})")
         if label in out:
@@ -576,10 +581,23 @@ def read_report(path: str | os.PathLike) -> tuple[dict[int, float], str]:
     """
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
-        confidences = {_whole_label(v["label"]): float(v["confidence"]) for v in document["vertebrae"]}
-        modality = str(document.get("input", {}).get("modality") or "")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as err:
-        raise InputError(f"{path}: not a readable SpineLabel report ({type(err).__name__}: {err})") from None
+    except OSError as err:
+        raise InputError(f"{path}: unreadable report ({err.strerror or err})") from None
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise InputError(f"{path}: not a readable SpineLabel report: not JSON text ({err})") from None
+    vertebrae = document.get("vertebrae") if isinstance(document, dict) else None
+    if not isinstance(vertebrae, list):
+        raise InputError(f"{path}: not a readable SpineLabel report: no 'vertebrae' list")
+    if not isinstance(document.get("input", {}), dict):
+        raise InputError(f"{path}: not a readable SpineLabel report: its 'input' is no JSON object")
+    try:
+        confidences = {_whole_label(v["label"]): float(v["confidence"]) for v in vertebrae}
+    except (ValueError, KeyError, TypeError) as err:
+        detail = (f" (no {err.args[0]!r})" if isinstance(err, KeyError) else
+                  f" ({err})" if isinstance(err, ValueError) else "")  # TypeError: an entry that is no JSON object
+        raise InputError(f"{path}: not a readable SpineLabel report: each of its 'vertebrae' needs a whole-number "
+                         f"'label' and a 'confidence' number{detail}") from None
+    modality = str(document.get("input", {}).get("modality") or "")
     wrong = sorted(label for label, p in confidences.items() if not 0.0 <= p <= 1.0)  # NaN included
     if wrong:
         raise InputError(f"{path}: confidences that are no probability (labels {wrong[:5]})")
@@ -681,7 +699,7 @@ def evaluate_case(
         gt_centroids = {v: c * spacing_xyz for v, c in mask_centroids(gt_labels).items()}
     inter, pred_count, gt_count, shared, best = _overlaps(pred_labels, gt_labels)
 
-    gt_set = _known_labels(gt_centroids, f"{name or 'case'} ground truth")
+    gt_set = _known_labels(gt_centroids, f"{name or 'case'} reference")
     gt_set.sort(key=level_index)
     pred_set = _known_labels(pred_centroids, f"{name or 'case'} prediction")
     pred_pos = np.array([pred_centroids[v] for v in pred_set], dtype=float).reshape(-1, 3)
@@ -886,17 +904,20 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
                         "vertebrae", name, gt.ctd, beyond, gt.mask)
         gt_ctd.update(from_file)
     if pred is None:
-        log.warning("%s: no prediction for GT %s; all its vertebrae count as missed", name, gt.mask)
+        log.warning("%s: no prediction for reference %s; all its vertebrae count as missed", name, gt.mask)
         pred_labels = np.zeros(gt_labels.shape, dtype=np.uint8)
         pred_ctd: dict[int, np.ndarray] = {}
     else:
         pred_image = read_label_map(pred.seg)
         _refuse_other_numbering(sitk.GetArrayViewFromImage(pred_image), pred.seg)
         if not Geometry.of(pred_image).matches(Geometry.of(gt_image)):
-            log.warning("%s: prediction grid (size %s, spacing %s, origin %s) differs from ground truth %s (size %s, "
-                        "spacing %s, origin %s): the prediction is resampled onto it (nearest neighbour)", pred.seg,
-                        pred_image.GetSize(), pred_image.GetSpacing(), pred_image.GetOrigin(), gt.mask,
-                        gt_image.GetSize(), gt_image.GetSpacing(), gt_image.GetOrigin())
+            def grid(image: sitk.Image) -> str:
+                return (f"{' x '.join(map(str, image.GetSize()))} voxels of "
+                        f"{' x '.join(f'{s:.6g}' for s in image.GetSpacing())} mm, origin "
+                        f"{' x '.join(f'{o:.2f}' for o in image.GetOrigin())} mm")
+
+            log.warning("%s: prediction grid (%s) differs from reference %s (%s): the prediction is resampled onto it "
+                        "(nearest neighbour)", pred.seg, grid(pred_image), gt.mask, grid(gt_image))
             pred_labels = sitk.GetArrayFromImage(resample_to_grid(pred_image, gt_image, label=True))
             if not pred_labels.any() and sitk.GetArrayViewFromImage(pred_image).any():
                 raise InputError(f"{pred.seg}: no labelled voxel of this prediction lies inside the grid of its "
@@ -907,7 +928,7 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
         if ignore is not None:  # nnU-Net's ignore label: voxels nobody annotated, where no prediction is wrong
             pred_labels = np.where(sitk.GetArrayViewFromImage(gt_image) == ignore, 0, pred_labels)
         if is_bodies and pred.ctd is None:
-            log.warning("%s: the ground truth marks vertebral bodies and the prediction %s has no centroid file: the "
+            log.warning("%s: the reference marks vertebral bodies and the prediction %s has no centroid file: the "
                         "centres of its whole vertebrae are compared with those of the bodies (about 2-15 mm apart); "
                         "a centroid file of body centres beside it (NAME_ctd.json) scores localisation fairly", name,
                         pred.seg)
@@ -928,7 +949,7 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
                               if bodies_to_file else "GT body masks, predicted whole-vertebra masks"
                               if is_bodies and pred is not None else "masks")
     if result.n_gt == 0:
-        log.warning("%s: GT %s holds no vertebra label; the case has nothing to score", name, gt.mask)
+        log.warning("%s: reference %s holds no vertebra label; the case has nothing to score", name, gt.mask)
     log.info("%s: %d of %d GT vertebrae identified", result.name, result.n_identified, result.n_gt)
     return result
 

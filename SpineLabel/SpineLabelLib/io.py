@@ -580,11 +580,11 @@ def _forms_note(path: Path, image: sitk.Image) -> str | None:
         return _unfollowed_sform_note(forms["sform"][0], image, "by its qform")
     read = np.asarray(Geometry.of(image).ijk_to_ras(), dtype=float)[:3, :3]
     read = read / np.linalg.norm(read, axis=0)
-    used = next((name for name, axes in units.items() if alike(axes, read)), "neither")
+    used = next((f"the {name}" for name, axes in units.items() if alike(axes, read)), "neither of them")
     codes = {name: "".join(nibabel.aff2axcodes(forms[name][0])) for name in units}
     towards = (f"axes toward {codes['qform']} and {codes['sform']}" if codes["qform"] != codes["sform"] else
                f"axes more than {_FORMS_AGREE_DEG:g} degrees apart")
-    return (f"its qform and sform disagree ({towards}), and it was read by the {used}: if the vertebrae come out in "
+    return (f"its qform and sform disagree ({towards}), and it was read by {used}: if the vertebrae come out in "
             "the wrong order, correct the header")
 
 
@@ -890,7 +890,8 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
     if image.GetDimension() != 3:
         raise InputError(f"{name}: {image.GetDimension()}D image; a 3D volume is needed")
     if min(image.GetSize()) < 2:
-        raise InputError(f"{name}: image of size {image.GetSize()} is a single slice, not a 3D volume")
+        raise InputError(f"{name}: image of {' x '.join(map(str, image.GetSize()))} voxels is a single slice, not a 3D "
+                         "volume")
     if not np.isfinite([*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection()]).all():
         raise InputError(f"{name}: its voxel size, origin or axis directions hold NaN or infinite values")
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)

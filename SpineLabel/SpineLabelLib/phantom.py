@@ -866,7 +866,8 @@ def _default_grid(fov: str, anat: _Anatomy, names: tuple[str, ...], size, spacin
     (nx_default, ny_default), spacing_default = _FOV_GRID[fov]
     spacing = np.asarray(spacing_default if spacing is None else spacing, dtype=float)
     if spacing.shape != (3,) or not np.all(np.isfinite(spacing) & (spacing > 0)):
-        raise ValueError(f"spacing must be three positive numbers (x, y, z mm), got {spacing.tolist()}")
+        raise ValueError(f"spacing must be three positive numbers (x, y, z mm), got "
+                         f"{' x '.join(f'{v:g}' for v in spacing.ravel()) or 'none'}")
     wanted = set(_fov_levels(fov, names))
     z_lo, z_hi = np.inf, -np.inf
     for el in anat.elements:
@@ -888,9 +889,9 @@ def _default_grid(fov: str, anat: _Anatomy, names: tuple[str, ...], size, spacin
         size = (nx, ny, int(math.ceil((z_hi - z_lo) / spacing[2])) + 1)
     size = tuple(int(n) for n in size)
     if len(size) != 3 or min(size) < 2:
-        raise ValueError(f"size must be three voxel counts >= 2 (x, y, z), got {size}" if given else
-                         f"spacing {spacing.tolist()} mm leaves fewer than 2 voxels along an axis of the {fov} field of "
-                         f"view (size {size}); give a finer spacing")
+        raise ValueError(f"size must be three voxel counts >= 2 (x, y, z), got {' x '.join(map(str, size))}" if given
+                         else f"spacing {' x '.join(f'{v:g}' for v in spacing)} mm leaves fewer than 2 voxels along an "
+                         f"axis of the {fov} field of view (size {' x '.join(map(str, size))}); give a finer spacing")
     extent = (np.array(size) - 1) * spacing
     z0 = (z_lo + z_hi) / 2 - extent[2] / 2
     centres = np.array([el.centre for el in anat.elements if el.name in wanted])
@@ -947,8 +948,9 @@ def make_phantom(modality: str = "ct", fov: str = "whole", size=None, spacing=No
     _paint_vertebrae(vol, anat)
     _paint_ribs(vol, anat)
     if not vol.label.any():
-        raise ValueError(f"a grid of {grid.size} voxels of {grid.spacing.tolist()} mm holds no vertebra of the {fov} "
-                         "field of view; give another size or spacing")
+        raise ValueError(f"a grid of {' x '.join(map(str, grid.size))} voxels of "
+                         f"{' x '.join(f'{v:g}' for v in grid.spacing)} mm holds no vertebra of the {fov} field of "
+                         "view; give another size or spacing")
     image = _intensities(vol.material, modality, grid, np.random.default_rng(noise_seed))
     del vol.material
     out = []

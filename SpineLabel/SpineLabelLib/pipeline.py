@@ -111,7 +111,7 @@ def regular_column(gaps_mm: np.ndarray) -> int:
 def _beyond_the_end(gaps_mm: list[float]) -> list[str]:
     """The warnings for components left out beyond an end of the chain (``features.drop_detached_ends``), each by
     the gap in mm that cut it off."""
-    return [f"ignored a vertebra-like component {gap:.0f} mm beyond the end of the spine" for gap in gaps_mm]
+    return [f"ignored a vertebra-like part {gap:.0f} mm beyond the end of the spine" for gap in gaps_mm]
 
 
 def is_spine(spine_probability: float, n_components: int, column: int = 0) -> bool:
@@ -436,24 +436,25 @@ def label_spine(
     ordered, gaps = feat.chain_order(measured)
     ordered, gaps, detached = feat.drop_detached_ends(ordered, gaps)
     refused = median is not None and not is_spine(median, len(measured), regular_column(gaps))
+    found = f"{len(measured)} vertebra-like part{'s' * (len(measured) != 1)}"
     if spine_gate and refused:
         few = (f" only (a spine is numbered from {MIN_COMPONENTS} or more in view)" if len(measured) < MIN_COMPONENTS
                else "")
-        warnings.append(f"{_NO_SPINE}: {len(measured)} vertebra-like component(s){few}, median vertebral-body "
-                        f"probability {median:.2f}; if this is a spine, check that its header orients it right (one "
-                        "turned front to back can be taken for no spine), or label it with the spine gate off "
-                        "(--no-spine-gate; in Slicer: 'Label even if no spine is recognised')")
+        warnings.append(f"{_NO_SPINE}: {found}{few}, with a median probability of {median:.2f} of being a vertebral "
+                        "body; if this is a spine, check that its header orients it right (one turned front to back "
+                        "can be taken for no spine), or label it even so (--no-spine-gate; in Slicer: 'Label even if "
+                        "no spine is recognised')")
         report(1.0, NOTHING_FOUND)
         return _empty(geometry, warnings + read_as, loaded, timings, source, modality, t0, median)
     if refused:  # and the gate off
-        warnings.append(f"labelled with the spine gate off, which would have refused it as no spine: {len(measured)} "
-                        f"vertebra-like component(s), median vertebral-body probability {median:.2f}")
+        warnings.append(f"labelled as asked although no spine is recognised: {found}, with a median probability of "
+                        f"{median:.2f} of being a vertebral body")
     warnings += _beyond_the_end(detached)
     most = len(LEVELS) + SACRAL_SEGMENTS_BELOW_S1  # the sacrum's lower segments may come out as bodies of their own
     if len(ordered) > most:
         ordered = sorted(ordered, key=lambda f: -f.volume_ml)[:most]
         ordered, gaps = feat.chain_order(ordered)
-        warnings.append(f"more components than vertebral levels and sacral segments; kept the {most} largest")
+        warnings.append(f"more vertebra-like parts than vertebral levels and sacral segments; kept the {most} largest")
     scores = feat.level_scores(bodies_box, prediction.level_log_probs, [f.id for f in ordered])
     t = stage("features", t)
     solution = solve(scores, gaps)
@@ -465,7 +466,7 @@ def label_spine(
         if astray is None:
             break
         position, off_mm = astray
-        warnings.append(f"ignored a vertebra-like component {off_mm:.0f} mm off the line of the spine")
+        warnings.append(f"ignored a vertebra-like part {off_mm:.0f} mm off the line of the spine")
         ordered, gaps = feat.chain_order(ordered[:position] + ordered[position + 1:])
         # the gaps it split may have hidden a stray beyond an end (Rule D, benchmarks/RESULTS.md)
         ordered, gaps, detached = feat.drop_detached_ends(ordered, gaps)
@@ -485,7 +486,7 @@ def label_spine(
             apart = float(np.linalg.norm(by_id[keep_id].body_centroid_lps_mm - by_id[drop_id].body_centroid_lps_mm))
             # the chain is counted with one vertebra fewer: never without a word (two vertebrae of a fused level the
             # network did not outline in full, pieces 20 mm apart, were joined and the sacrum named L5)
-            warnings.append(f"joined two vertebra-like components {apart:.0f} mm apart into one vertebra, as one body "
+            warnings.append(f"joined two vertebra-like parts {apart:.0f} mm apart into one vertebra, as one body "
                             "split in two (or parts of two vertebrae, as at a fused level): check the count")
         kept = {f.id for f in ordered} - {drop_id for _, drop_id in split}
         ordered, gaps = feat.chain_order([f for f in feat.measure(bodies, whole, body_probability, grid_geometry)

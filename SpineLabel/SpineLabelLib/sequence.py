@@ -554,10 +554,10 @@ def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray,
                        + ("" if has_anchor_top else "; check it"))
         elif not has_anchor_top:
             out.append("no C1/C2 or sacrum found: numbering inferred from vertebra appearance; check it")
-    for name, alt_a, alt_b in (("L6", "L5", "L6"), ("T13", "T12", "T13")):
+    for name, alt_a, alt_b, article in (("L6", "L5", "L6", "an"), ("T13", "T12", "T13", "a")):
         p = min(float(marginals[:, level_index(name)].sum()), 1.0)  # a labelling has at most one: the chain's chance
         if 0.2 <= p <= 0.8:
-            out.append(f"{alt_a}/{alt_b} ambiguous: probability of a {name} is {p:.2f}")
+            out.append(f"{alt_a}/{alt_b} ambiguous: probability of {article} {name} is {p:.2f}")
         elif name in names:  # a correction can make one as sure as any other name: never named without a word
             out.append(f"{name} named, a transitional vertebra (probability {p:.2f}): check the count")
     skips = skipped_levels(levels)

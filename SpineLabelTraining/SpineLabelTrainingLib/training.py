@@ -205,8 +205,10 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
         try:
             unedited = _unedited_labels(record)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise InputError(f"{label_path}: the provenance record of this exported case is malformed "
-                             f"({type(err).__name__}: {err})") from None
+            missing = f"a vertebra without {err.args[0]!r}: " if isinstance(err, KeyError) else ""
+            raise InputError(f"{label_path}: the provenance record of this exported case is malformed ({missing}its "
+                             "'vertebrae' must each have an 'id' and a whole-number 'label', and its 'corrections' "
+                             "be JSON objects)") from None
         tissue = unknown_near(tissue, verse, unedited, spacing_mm)
     tissue = unknown_beyond_labelled_ends(tissue, verse)
     tissue[unannotated] = IGNORE
@@ -566,6 +568,11 @@ class TrainConfig:
 
 # settings added to the checkpoint after the first checkpoints were written, with the value those runs had
 _ADDED_SETTINGS = {"tilt_deg": 0.0, "short_window": 0.0}
+# how a refused resume names the checkpoint's settings that differ: the spinelabel train option that sets each (the
+# others are "--" + the name, dashed), or words for what no option sets
+_SETTING_WORDS = {"spacing_mm": "--spacing", "cases": "the cases of its --data folders",
+                  "cases_sha256": "the contents of those cases", "cases_metadata_sha256": "the contents of those cases",
+                  "base_sha256": "the --base-model's weights"}
 
 
 def _batches(sources, weights, cfg: TrainConfig, spacing_mm: float, rng: np.random.Generator
@@ -671,31 +678,33 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     """``train``'s work."""
     weights = np.array([w for _, w in cfg.data], dtype=float)
     if not cfg.data or (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
-        raise ValueError(f"data weights {[w for _, w in cfg.data]}: each must be 0 or more, and one more than 0")
+        given = ", ".join(f"{float(w):g}" for _, w in cfg.data) or "none"
+        raise ValueError(f"--data weights {given}: each must be 0 or more, and one more than 0")
     left_out = [spec for spec, w in cfg.data if w == 0]
     if left_out:  # not read either: a source that is not trained on cannot stop the run
         log.info("left out, weight 0: %s", ", ".join(left_out))
         cfg = replace(cfg, data=[(spec, w) for spec, w in cfg.data if w > 0])
         weights = weights[weights > 0]
-    for name, value, least in (("epochs", cfg.epochs, 1), ("iterations", cfg.iterations, 1), ("batch", cfg.batch, 1),
-                               ("validation cases", cfg.validation_cases, 0), ("average-last", cfg.average_last, 0),
-                               ("tilt-deg", cfg.tilt_deg, 0), ("short-window", cfg.short_window, 0)):
+    for name, value, least in (("--epochs", cfg.epochs, 1), ("--iterations", cfg.iterations, 1),
+                               ("--batch", cfg.batch, 1), ("--validation-cases", cfg.validation_cases, 0),
+                               ("--average-last", cfg.average_last, 0), ("--tilt-deg", cfg.tilt_deg, 0),
+                               ("--short-window", cfg.short_window, 0)):
         if not value >= least or not math.isfinite(value):  # NaN compares false
             raise ValueError(f"{name} {value}: must be a finite number, {least} or more")
     if cfg.short_window > 1:
-        raise ValueError(f"short-window {cfg.short_window}: a share of the crops, from 0 to 1")
+        raise ValueError(f"--short-window {cfg.short_window}: a share of the crops, from 0 to 1")
     if cfg.short_window and (cfg.patch[0] < MIN_CONTEXT_VOXELS[0] or cfg.patch[1] < MIN_CONTEXT_VOXELS[1]):
-        raise ValueError(f"short-window with patch {tuple(cfg.patch)}: labelling extends a short scan to "
-                         f"{MIN_CONTEXT_VOXELS[0]} voxels along z and y, which the patch must hold")
+        raise ValueError(f"--short-window with --patch {' x '.join(map(str, cfg.patch))}: labelling extends a short "
+                         f"scan to {MIN_CONTEXT_VOXELS[0]} voxels along z and y, which the patch must hold")
     if min(cfg.patch) < 1:
-        raise ValueError(f"patch {tuple(cfg.patch)}: each size must be 1 or more")
+        raise ValueError(f"--patch {' x '.join(map(str, cfg.patch))}: each size must be 1 or more")
     if cfg.base_model is not None and cfg.spacing_mm is not None:
-        raise ValueError(f"spacing {cfg.spacing_mm}: a fine-tune keeps the grid spacing of its base model "
+        raise ValueError(f"--spacing {cfg.spacing_mm}: a fine-tune keeps the grid spacing of its base model "
                          f"{cfg.base_model}; a spacing is given to a new model only")
     if cfg.spacing_mm is None and cfg.base_model is None:
         cfg = replace(cfg, spacing_mm=NEW_MODEL_SPACING_MM)
     if cfg.base_model is None and not MODEL_SPACING_MM[0] <= cfg.spacing_mm <= MODEL_SPACING_MM[1]:  # NaN too
-        raise ValueError(f"spacing {cfg.spacing_mm}: a model grid spacing is from {MODEL_SPACING_MM[0]} to "
+        raise ValueError(f"--spacing {cfg.spacing_mm}: a model grid spacing is from {MODEL_SPACING_MM[0]} to "
                          f"{MODEL_SPACING_MM[1]} mm")
     # the CPU's generator only: the initial weights are drawn on the CPU, and nothing of a run draws on a GPU (whose
     # generators torch.manual_seed would seed for the whole process, past the fork of ``train``)
@@ -705,7 +714,7 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     if cfg.lr is None:
         cfg = replace(cfg, lr=NEW_MODEL_LR if cfg.base_model is None else FINE_TUNE_LR)
     if not 0 < cfg.lr < math.inf:  # NaN compares false
-        raise ValueError(f"learning rate {cfg.lr}: must be a finite number above 0")
+        raise ValueError(f"--lr {cfg.lr}: the learning rate must be a finite number above 0")
     out = model_card_path(cfg.out)
     ckpt = checkpoint_path(out)
     for path in (Path(cfg.out), out, ckpt, out.with_suffix(".pt")):  # found now, not after the epochs
@@ -749,8 +758,8 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
         raise ValueError(f"{clash}: exists and is no model card that training wrote there (with its weights "
                          f"{out.with_suffix('.pt').name}); training never replaces it: give --out another path")
     if any(size % net.divisor for size in cfg.patch):
-        raise ValueError(f"patch {tuple(cfg.patch)}: each size must be a multiple of {net.divisor} (the network's "
-                         "downsampling)")
+        raise ValueError(f"--patch {' x '.join(map(str, cfg.patch))}: each size must be a multiple of {net.divisor} "
+                         "(the network's downsampling)")
     try:  # found now, not when the first checkpoint is written
         make_writable_folder(out.parent)
     except OSError as err:
@@ -791,7 +800,7 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     if cfg.resume and not ckpt.exists():
         log.warning("no checkpoint at %s to resume from: training from the start", ckpt)
     if not cfg.resume and ckpt.exists():
-        log.warning("training from the start: the checkpoint of an earlier run at %s will be replaced (resume would "
+        log.warning("training from the start: the checkpoint of an earlier run at %s will be replaced (--resume would "
                     "continue it)", ckpt)
     if cfg.resume and ckpt.exists():
         try:
@@ -800,8 +809,11 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
             changed = sorted(k for k in settings
                              if state["settings"].get(k, _ADDED_SETTINGS.get(k, settings[k])) != settings[k])
         except Exception as err:  # torch.load raises many types on a file that is not its own
-            raise ValueError(f"{ckpt}: not a SpineLabel training checkpoint ({type(err).__name__}: "
-                             f"{str(err).strip()[:200]}); remove it to train from the start") from None
+            why = (err.strerror or str(err) if isinstance(err, OSError) else
+                   "it holds no training settings" if isinstance(err, (KeyError, TypeError, AttributeError)) else
+                   "torch cannot read it")
+            raise ValueError(f"{ckpt}: not a SpineLabel training checkpoint ({why}); remove it to train from the "
+                             "start") from None
         if "cases" in changed:  # other cases have other contents: named once
             changed = [k for k in changed if k not in ("cases_sha256", "cases_metadata_sha256")]
         if changed and set(changed) <= {"cases_sha256", "cases_metadata_sha256"}:  # the same cases, by name
@@ -809,7 +821,8 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                              "its --data folders, or the dataset.json or provenance record that says what its labels "
                              "mean, changed since); train from the start without --resume")
         if changed:
-            raise ValueError(f"{ckpt}: checkpoint of a run with other settings ({', '.join(changed)}); resume it with "
+            named = dict.fromkeys(_SETTING_WORDS.get(k, "--" + k.replace("_", "-")) for k in changed)
+            raise ValueError(f"{ckpt}: checkpoint of a run with other settings ({', '.join(named)}); resume it with "
                              "the same options")
         net.load_state_dict(state["network"])
         opt.load_state_dict(state["optimizer"])
