@@ -213,7 +213,7 @@ def test_terminology_entries_resolve_in_spinelabel_context(tmp_path):
         first = next(x for x in LEVELS if x.snomed_code == level.snomed_code)
         np.testing.assert_allclose(np.array(found.GetRecommendedDisplayRGBValue()) / 255, first.colour,
                                    atol=0.5 / 255, err_msg=level.name)
-        region = entry.GetAnatomicRegionObject()  # which tells T13 and L6 apart
+        region = entry.GetRegionObject()  # which tells T13 and L6 apart
         assert region.GetCodeValue() == {"T13": "122495006", "L6": "122496007"}.get(level.name), level.name
     assert len({terminology_entry(level) for level in LEVELS}) == len(LEVELS)
 

@@ -555,6 +555,10 @@ def test_each_level_carries_its_own_snomed_code():
     regular = [level for level in LEVELS if not level.transitional and level.name != "S1"]
     assert [(level.name, level.snomed_code) for level in regular] == list(zip([level.name for level in regular], codes))
     assert all(level.snomed_meaning == f"{level.name} vertebra" for level in regular)
+    # the whole sacrum and the two transitional levels: DICOM master list (CID 4031, 6114) codes, as TotalSegmentator's
+    # sacrum, vertebrae_thoracic and vertebrae_lumbar carry them
+    assert [(BY_NAME[n].snomed_code, BY_NAME[n].snomed_meaning) for n in ("S1", "T13", "L6")] == [
+        ("54735007", "Sacrum"), ("51282000", "Vertebra"), ("51282000", "Vertebra")]
 
 
 def test_two_runs_writing_one_case_at_once_leave_the_six_of_one_run(tmp_path, monkeypatch):
