@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -545,6 +546,22 @@ def test_short_runs_and_a_bad_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"m.ckpt: not a SpineLabel training checkpoint \(torch cannot read it\); "
                                          "remove it"):
         train(replace(cfg, resume=True))
+    # a file that runs code when unpickled (here: makes a file) is refused unrun: the checkpoint is read as data only
+    marker = tmp_path / "ran"
+    torch.save({"settings": _RunsOnLoad(marker)}, cfg.out.with_suffix(".ckpt"))
+    with pytest.raises(ValueError, match=r"m.ckpt: not a SpineLabel training checkpoint \(torch cannot read it\)"):
+        train(replace(cfg, resume=True))
+    assert not marker.exists()
+
+
+class _RunsOnLoad:
+    """Unpickled, calls ``Path.touch`` on its path, as a crafted file could call anything."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
 
 
 def test_a_label_map_on_another_grid_is_refused(tmp_path):

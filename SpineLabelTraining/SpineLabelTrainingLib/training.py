@@ -804,7 +804,7 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                     "continue it)", ckpt)
     if cfg.resume and ckpt.exists():
         try:
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
             # a setting the checkpoint lacks was added to this list after it was written, and had its default then
             changed = sorted(k for k in settings
                              if state["settings"].get(k, _ADDED_SETTINGS.get(k, settings[k])) != settings[k])
