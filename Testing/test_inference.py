@@ -108,6 +108,22 @@ def test_a_ct_stored_1024_above_hounsfield_units_is_recognised():
         assert not looks_like_offset_ct(np.round(mr * scale))
 
 
+def test_a_ct_stored_1024_above_hounsfield_units_signed_is_recognised():
+    """Stored signed (int16) without clipping, the noise of a CT's air reaches below 0 (sub-verse014 so stored: 1 % of
+    its voxels, down to -267): such a CT was read as MR without the warning, the 'nothing below 0' test failing it."""
+    rng = np.random.default_rng(0)
+    body = rng.normal(40, 20, (30, 40, 40))  # soft tissue, HU
+    body[:, :, :6] = -100  # fat
+    body[10:20, 15:25, 15:25] = 700  # bone
+    ct = np.concatenate([rng.normal(-1000, 40, (30, 40, 8)), body], axis=2)
+    stored = (np.round(ct) + 1024).astype(np.int16)
+    assert stored.min() < 0 and read_modality(stored)[0] == "MR"
+    assert looks_like_offset_ct(stored)
+    mr = np.concatenate([rng.normal(0, 5, (30, 40, 8)), rng.uniform(200, 1000, (30, 40, 40))], axis=2)
+    for scale in (0.25, 1.0, 1.7, 4.0):  # signed MR magnitudes with a noisy background of both signs: no CT
+        assert not looks_like_offset_ct(np.round(mr * scale))
+
+
 def test_ct_window_is_the_same_whatever_the_field_of_view():
     rng = np.random.default_rng(0)
     body = rng.normal(40, 20, (20, 30, 30))  # soft tissue, HU

@@ -153,18 +153,20 @@ def read_modality(volume: np.ndarray) -> tuple[str, bool]:
 def looks_like_offset_ct(volume: np.ndarray) -> bool:
     """Whether the intensities of a scan that ``read_modality`` reads as MR are those of a CT stored 1024 above
     Hounsfield units with no rescale intercept (unsigned, 0-4095, as some converters write NIfTI, NRRD or MetaImage):
-    nothing below 0, nothing above 4095 but metal (0.1 % of the voxels at most); minus 1024 they read as CT clearly
-    (``read_modality``); and the voxels above -500 HU that way, at least a fifth of them, are a body of soft tissue:
-    their median within 50 below and 100 above 0 HU, their interquartile range under 250. The real CT so stored
-    (sub-verse014, example_ct_sm) were read as MR without a word, their vertebrae 24 % and 5 % smaller; 8-bit and
-    12-bit MR (up to 4080, training MRI scaled) fail the test of the body.
+    nothing below -1024 (-2048 HU: stored signed, the noise of the air reaches below 0; sub-verse014 so stored has 1 %
+    of its voxels there, down to -267, and was read as MR without a word), nothing above 4095 but metal (0.1 % of the
+    voxels at most); minus 1024 they read as CT clearly (``read_modality``); and the voxels above -500 HU that way, at
+    least a fifth of them, are a body of soft tissue: their median within 50 below and 100 above 0 HU, their
+    interquartile range under 250. The real CT so stored (sub-verse014, example_ct_sm) were read as MR without a word,
+    their vertebrae 24 % and 5 % smaller; 8-bit and 12-bit MR (up to 4080, training MRI scaled) fail the test of the
+    body.
 
     Args:
         volume: the scan's intensities, any shape, layout and real dtype; not copied beyond a strided sample of
             ``_MODALITY_SAMPLE`` voxels.
     """
     sample = volume.flat[:: max(1, volume.size // _MODALITY_SAMPLE)].astype(np.float64)
-    if sample.size == 0 or sample.min() < 0 or np.mean(sample > 4095) > 0.001:  # beyond 12 bits: metal at most
+    if sample.size == 0 or sample.min() < -1024 or np.mean(sample > 4095) > 0.001:  # beyond 12 bits: metal at most
         return False
     body = sample[sample > 1024 - 500]
     if body.size < 0.2 * sample.size:
