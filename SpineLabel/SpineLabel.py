@@ -567,9 +567,16 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             from SpineLabelLib.export import provenance_of
             # by the export of the same image: said, not silent (a record gone by now, replaced by another session's
             # export of the image, says nothing: this export was made)
+            from SpineLabelLib.sequence import UNCERTAIN_BELOW
             replaced = ", ".join((provenance_of(path) or {}).get("replaces") or [])
-            self.ui.statusLabel.text = (_("Exported {path} in place of {cases}, an earlier export of the same image")
-                                        if replaced else _("Exported {path}")).format(path=str(path), cases=replaced)
+            text = (_("Exported {path} in place of {cases}, an earlier export of the same image")
+                    if replaced else _("Exported {path}")).format(path=str(path), cases=replaced)
+            # training takes every name as true: those still highlighted went in unchecked, unless the user looked
+            unchecked = [v.name for v in labeling.result.vertebrae if v.confidence < UNCERTAIN_BELOW and not v.fixed]
+            if unchecked:
+                text += "\n" + _("Exported as named, still uncertain and neither locked nor renamed by you: {names} "
+                                 "(training takes them as true).").format(names=", ".join(unchecked))
+            self.ui.statusLabel.text = text
 
 
 #

@@ -1462,10 +1462,29 @@ def test_the_panel_says_which_earlier_case_an_export_replaces(modules, labeled, 
     panel._labelings[labeled.volumeNode.GetID()] = labeled
     panel._parameterNode.datasetDirectory = str(tmp_path / "Dataset001_Spine")
     panel.onExportButton()
-    assert panel.ui.statusLabel.text.endswith("spine_ct_0001.nii.gz")
+    assert panel.ui.statusLabel.text.splitlines()[0].endswith("spine_ct_0001.nii.gz")
     panel.onExportButton()
-    assert panel.ui.statusLabel.text.endswith("spine_ct_0002.nii.gz in place of spine_ct_0001, an earlier export of "
-                                              "the same image")
+    assert panel.ui.statusLabel.text.splitlines()[0].endswith("spine_ct_0002.nii.gz in place of spine_ct_0001, an "
+                                                              "earlier export of the same image")
+
+
+def test_the_panel_names_the_uncertain_names_an_export_takes_unchecked(modules, labeled, tmp_path):
+    """A labelling exported with names still highlighted as uncertain (not locked nor renamed) said only 'Exported
+    ...': training takes every exported name as true."""
+    from SpineLabelLib.sequence import UNCERTAIN_BELOW
+    panel = labelling_panel(modules, labeled.volumeNode)
+    panel._labelings[labeled.volumeNode.GetID()] = labeled
+    panel._parameterNode.datasetDirectory = str(tmp_path / "Dataset001_Spine")
+    uncertain = [v for v in labeled.result.vertebrae if v.confidence < UNCERTAIN_BELOW]
+    assert uncertain  # the test spine's own
+    panel.onExportButton()
+    assert panel.ui.statusLabel.text.splitlines()[1] == (
+        f"Exported as named, still uncertain and neither locked nor renamed by you: "
+        f"{', '.join(v.name for v in uncertain)} (training takes them as true).")
+    for v in uncertain:
+        labeled.setLocked(v.id, True)
+    panel.onExportButton()
+    assert len(panel.ui.statusLabel.text.splitlines()) == 1
 
 
 def test_an_export_whose_record_is_gone_before_it_is_named_is_not_a_failure(modules, labeled, tmp_path,
@@ -1486,7 +1505,7 @@ def test_an_export_whose_record_is_gone_before_it_is_named_is_not_a_failure(modu
     monkeypatch.setattr(panel.logic, "exportCase", exportedThenReplaced)
     modules.errors.clear()
     panel.onExportButton()
-    assert not modules.errors and panel.ui.statusLabel.text.endswith("spine_ct_0001.nii.gz")
+    assert not modules.errors and panel.ui.statusLabel.text.splitlines()[0].endswith("spine_ct_0001.nii.gz")
 
 
 def test_deleting_a_labelled_volume_with_its_children_asks_for_no_new_labelling(modules, labeled, mrml):
