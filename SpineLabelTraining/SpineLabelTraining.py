@@ -10,8 +10,8 @@ import json
 import logging
 import math
 import os
-import shlex
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -233,13 +233,14 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 message += "\n" + reasons[-1][len(_CLI_ERROR):]
             if kept and not (reasons and "training diverged" in reasons[-1]):  # a run that failed late need not
                 # start again, unless it diverged: resumed, it would end the same way (its reason says what to do)
+                from SpineLabelLogic.process import terminalCommand
+
                 command = [*process.command, "--resume", "--register"]  # registered as a finished run would be
-                pythonPath = (process.env or {}).get("PYTHONPATH")
-                if pythonPath and os.name != "nt":  # SpineLabelLib lies in the module's folder, not in site-packages
-                    command = ["env", f"PYTHONPATH={pythonPath}", *command]
-                message += "\n" + _("The checkpoint of its last finished epoch is kept: {path}\nThis command, run in a "
-                                     "terminal, continues it and registers the model: {command}").format(
-                    path=str(kept), command=shlex.join(command))
+                terminal = _("a Command Prompt (cmd.exe)") if sys.platform == "win32" else _("a terminal")
+                message += "\n" + _("The checkpoint of its last finished epoch is kept: {path}\nThis command, run in "
+                                     "{terminal}, continues it and registers the model: {command}").format(
+                    path=str(kept), terminal=terminal,
+                    command=terminalCommand(command, (process.env or {}).get("PYTHONPATH")))
             slicer.util.errorDisplay(message, detailedText=process.outputTail())
             return
         try:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -175,6 +178,23 @@ def write_ctd(path: Path, lps: dict[int, np.ndarray]):
 def lps_centroids(image: sitk.Image) -> dict[int, np.ndarray]:
     geometry = Geometry.of(image)
     return {k: geometry.index_to_lps(v) for k, v in ev.mask_centroids(sitk.GetArrayFromImage(image)).items()}
+
+
+def test_a_centroid_file_is_read_as_utf_8_whatever_the_system_s_encoding(tmp_path):
+    """It was read in the system's encoding: cp1252 on Windows, which misreads UTF-8 beyond ASCII or refuses it
+    (bytes 0x81, 0x8d, 0x8f, 0x90 and 0x9d are none of its characters); here a C locale (ASCII) without Python's UTF-8
+    mode stands for it (a Windows and macOS audit)."""
+    path = tmp_path / "c.json"
+    entries = [{"direction": ["L", "P", "S"], "note": "Wirbelk\u00f6rper \u00c1"},
+               {"label": 20, "X": 1, "Y": 2, "Z": 3}]
+    path.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    script = ("import sys, SimpleITK as sitk; from SpineLabelLib.evaluation import read_centroids; "
+              "print(sorted(read_centroids(sys.argv[1], sitk.Image([4, 4, 4], sitk.sitkUInt8))))")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(Path(ev.__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-X", "utf8=0", "-c", script, str(path)], env=env, capture_output=True,
+                          text=True, encoding="utf-8", errors="replace", timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[20]", done.stderr[-2000:]
 
 
 def test_verse_voxel_centroids_follow_direction_code(tmp_path):

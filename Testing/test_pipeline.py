@@ -277,6 +277,19 @@ def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
     assert "mine" not in [c["name"] for c in list_models()]
 
 
+def test_a_model_name_windows_keeps_for_a_device_is_refused(tmp_path, monkeypatch):
+    """NUL.json, con.v2.json, COM1.json are the devices NUL, CON and COM1 on Windows, not files: a model registered
+    as one of them could not be written there (a Windows audit)."""
+    from SpineLabelLib.models import registration_path
+
+    monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path / "registry"))
+    for name in ("NUL", "con", "con.v2", "Com1", "lpt9", "aux .x"):
+        with pytest.raises(ModelError, match="Windows keeps .* for a device"):
+            registration_path(name)
+    for name in ("console", "nul-model", "com10", "con_v2", "spine.con"):  # only the whole name before a dot
+        assert registration_path(name) == tmp_path / "registry" / f"{name}.json"
+
+
 def test_two_registering_one_name_at_once_do_not_replace_each_other(tmp_path, monkeypatch, random_model):
     """Both pass the check for a registered model of that name; the one that comes second is refused, and the
     model the first registered is kept (a rename of the second's files replaced it, and both said registered)."""

@@ -4,8 +4,10 @@ through the markups node, Segment Editor edits read back, export."""
 from __future__ import annotations
 
 import ast
+import errno
 import json
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -527,6 +529,61 @@ def test_how_a_process_ended_and_what_it_left_running_end_with_it():
         runner = process.BackgroundProcess([sys.executable, "-c", f"raise SystemExit({code})"], process.parseWorkerLine)
         runner.start()
         assert runner.wait(30) == code and runner.exitDescription() == said
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_a_group_macos_will_not_signal_once_its_leader_has_ended_is_no_error(monkeypatch):
+    """macOS's killpg answers EPERM, not ESRCH, for a group whose leader has ended and that holds no live process
+    (XNU skips zombies; asv, cylc-flow and others met it): wait() raised PermissionError there, and so did cancel()
+    for a process that ended as Stop was pressed (a Windows and macOS audit). A refusal while it runs is raised."""
+    real_killpg = os.killpg
+
+    def refused(pid, sig):  # as macOS answers once the leader has ended
+        runner.process.wait()
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    runner = process.BackgroundProcess([sys.executable, "-c", "pass"], process.parseWorkerLine)
+    runner.start()
+    monkeypatch.setattr(process.os, "killpg", refused)
+    assert runner.wait(30) == 0
+    runner = process.BackgroundProcess([sys.executable, "-c", "import time; time.sleep(0.3)"], process.parseWorkerLine)
+    runner.start()
+    runner.cancel(timeout=2)  # ends as it is signalled
+    assert not runner.running and runner.cancelled
+
+    def denied(pid, sig):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    runner = process.BackgroundProcess([sys.executable, "-c", "import time; time.sleep(60)"], process.parseWorkerLine)
+    runner.start()
+    monkeypatch.setattr(process.os, "killpg", denied)
+    try:
+        with pytest.raises(PermissionError):
+            runner.cancel(timeout=2)
+    finally:
+        real_killpg(runner.process.pid, 9)
+        runner.process.wait()
+
+
+def test_the_command_that_resumes_a_training_runs_in_a_terminal_of_the_system():
+    """On Windows the command shown after a failed training was quoted for a POSIX shell (shlex put the path of
+    PythonSlicer.exe, which holds the space of "Slicer 5.8.1", in single quotes: neither cmd.exe nor PowerShell runs
+    that) and lacked the PYTHONPATH that finds SpineLabelLib (``env`` is POSIX only), so it could not start (a
+    Windows and macOS audit)."""
+    python = "C:\\Users\\Ana L\u00eda\\AppData\\Local\\slicer.org\\Slicer 5.8.1\\bin\\PythonSlicer.exe"
+    command = [python, "-m", "SpineLabelLib.cli", "train", "--data", "C:\\Users\\ana\\R&D\\dataset:0.6", "--data",
+               "phantom:0.3", "--out", "C:\\Temp\\run 1\\", "--name", "m", "--resume"]
+    line = process.terminalCommand(command, "C:\\Slicer 5.8.1\\modules;C:\\x", windows=True)
+    assert line == ('set "PYTHONPATH=C:\\Slicer 5.8.1\\modules;C:\\x" && '
+                    '"C:\\Users\\Ana L\u00eda\\AppData\\Local\\slicer.org\\Slicer 5.8.1\\bin\\PythonSlicer.exe" -m '
+                    'SpineLabelLib.cli train --data "C:\\Users\\ana\\R&D\\dataset:0.6" --data phantom:0.3 --out '
+                    '"C:\\Temp\\run 1\\\\" --name m --resume')  # a backslash before the closing quote doubled
+    assert process.terminalCommand(["a b", "c"], windows=True) == '"a b" c'
+    # on POSIX: env and shell quoting, which a shell reads back as the command and its PYTHONPATH
+    script = "import os, sys; print(os.environ['PYTHONPATH']); print(sys.argv[1:])"
+    line = process.terminalCommand([sys.executable, "-c", script, "it's", "a b"], "/opt/Slicer 5.8/x:/y", windows=False)
+    shown = subprocess.run(line, shell=True, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert shown == ["/opt/Slicer 5.8/x:/y", "[\"it's\", 'a b']"]
 
 
 def _alive(pid: int) -> bool:
@@ -1303,6 +1360,26 @@ def test_a_diverged_training_run_is_not_offered_a_resume_and_a_loss_of_n_a_is_sh
         assert shown.pop().startswith("epoch 1/2  loss n/a")
         assert len(modules.errors) == 1 and reason in modules.errors[0]
         assert ("--resume" in modules.errors[0]) == resume
+
+
+def test_a_failed_training_run_on_windows_is_offered_a_command_prompt_command(modules, tmp_path, monkeypatch):
+    """The command shown on Windows had no PYTHONPATH, without which PythonSlicer cannot import SpineLabelLib."""
+    panel = modules.train.SpineLabelTrainingWidget()
+    panel.ui, panel.logic, panel._timer = _Ui(), modules.train.SpineLabelTrainingLogic(), _Widget()
+    monkeypatch.setattr(panel.logic, "keptAfterFailure", lambda card: tmp_path / "m.ckpt")
+    panel.ui.logTextEdit = types.SimpleNamespace(appendPlainText=lambda line: None)
+    panel._outCard = tmp_path / "m.json"
+    panel._process = types.SimpleNamespace(
+        running=False, wait=lambda *args: 1, exitDescription=lambda: "exit code 1", outputTail=lambda: "",
+        env={"PYTHONPATH": "C:\\Slicer 5.8.1\\modules"}, readEvents=lambda: [],
+        command=["C:\\Slicer 5.8.1\\bin\\PythonSlicer.exe", "-m", "SpineLabelLib.cli", "train"])
+    with monkeypatch.context() as windows:
+        windows.setattr(sys, "platform", "win32")
+        panel.onPollProcess()
+    assert len(modules.errors) == 1
+    assert ('run in a Command Prompt (cmd.exe), continues it and registers the model: set "PYTHONPATH=C:\\Slicer '
+            '5.8.1\\modules" && "C:\\Slicer 5.8.1\\bin\\PythonSlicer.exe" -m SpineLabelLib.cli train --resume '
+            '--register') in modules.errors[0]
 
 
 def test_segments_are_merged_from_their_layers_as_slicer_merges_them(labeled, mrml):

@@ -523,7 +523,7 @@ def read_centroids(path: str | os.PathLike, reference: sitk.Image) -> dict[int, 
     """
     path = Path(path)
     try:
-        entries = json.loads(path.read_text())
+        entries = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise InputError(f"{path}: unreadable centroid file ({err})") from None
     if not isinstance(entries, list):

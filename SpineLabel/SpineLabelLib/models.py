@@ -275,6 +275,11 @@ def save_model(network: "SpineUNet", card: dict, card_path: str | os.PathLike) -
     return card_path
 
 
+# names Windows gives to devices, in any case and with any extension (learn.microsoft.com: Naming Files, Paths, and
+# Namespaces)
+_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"{port}{n}" for port in ("COM", "LPT") for n in range(1, 10))}
+
+
 def registration_path(name: str) -> Path:
     """The card path a model registered as ``name`` would take (``register_model``), checked before any training.
 
@@ -286,6 +291,9 @@ def registration_path(name: str) -> Path:
             or any(c in name for c in '<>:"/\\|?*') or name.rstrip(" .") != name):  # / and \: no folder
         raise ModelError(f"{name!r}: a model name is a file name (no folder, not hidden, none of <>:\"/\\|?*, not "
                          "ending in a space or dot, which Windows does not allow)")
+    if name.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICES:  # NUL.json is the device NUL there
+        raise ModelError(f"{name!r}: a model name is a file name, and Windows keeps {name.split('.')[0]!r} for a "
+                         "device")
     if name.lower() == DEFAULT_MODEL_NAME:  # any case: a file system may not tell the two apart
         raise ModelError(f"{name!r} is the name of the model shipped with SpineLabel")
     target = user_models_dir() / f"{name}.json"

@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,7 @@ __all__ = [
     "trainCommand",
     "moduleRoot",
     "pythonExecutable",
+    "terminalCommand",
 ]
 
 log = logging.getLogger(__name__)
@@ -310,6 +312,31 @@ class BackgroundProcess:
             os.killpg(self.process.pid, sig)  # the group id is the pid: the process leads its own session
         except ProcessLookupError:
             pass
+        except PermissionError:  # macOS: a group whose leader has exited, reaped or not, and holds no live process
+            if self.process.poll() is None:
+                raise
+
+
+def _windowsArgument(argument: str) -> str:
+    """``argument`` quoted for the Command Prompt (cmd.exe) and a program's C runtime: in double quotes when it holds
+    a space or a character cmd.exe would read (``&``, ``|``, ``(`` ...), backslashes before a quote or the end
+    doubled."""
+    if argument and not any(c in argument for c in ' \t"&|<>^(),;=%!'):
+        return argument
+    quoted = re.sub(r'(\\*)"', r'\1\1\\"', argument)
+    return '"' + re.sub(r"(\\+)$", r"\1\1", quoted) + '"'
+
+
+def terminalCommand(command: Sequence[str], pythonPath: str | None = None, windows: bool | None = None) -> str:
+    """``command`` as a line to paste into a terminal, run with ``pythonPath`` as its ``PYTHONPATH`` (SpineLabelLib
+    lies in the module's folder, not in site-packages): ``env PYTHONPATH=... program ...`` quoted for a POSIX shell,
+    or on Windows (``windows``; default: this machine) ``set "PYTHONPATH=..." && program ...`` quoted for the
+    Command Prompt, where neither ``env`` nor a POSIX shell's single quotes work."""
+    windows = sys.platform == "win32" if windows is None else windows
+    if not windows:
+        return shlex.join(["env", f"PYTHONPATH={pythonPath}", *command] if pythonPath else list(command))
+    line = " ".join(_windowsArgument(str(a)) for a in command)
+    return f'set "PYTHONPATH={pythonPath}" && {line}' if pythonPath else line
 
 
 def moduleRoot() -> Path:
