@@ -8,8 +8,8 @@ Usage: python benchmarks/bench_label.py [--size X Y Z] [--spacing X Y Z] [--runs
 The last line says whether the median run (by wall time; an even number of runs takes the slower of the middle two)
 met the targets; the exit status is 1 when it did not, or when a run labelled fewer than ``MIN_VERTEBRAE`` of the
 phantom's 25 vertebrae (a labelling that stops early is no benchmark). Memory is in GB of 10^9 bytes, the peak
-resident set of the labelling process (``ru_maxrss``, in kB of 1024 bytes); the script once printed GiB as GB, figures
-6.9 % below GB (benchmarks/RESULTS.md says which those are).
+resident set of the labelling process (``ru_maxrss``: kB of 1024 bytes, on macOS bytes); the script once printed GiB as
+GB, figures 6.9 % below GB (benchmarks/RESULTS.md says which those are).
 """
 
 from __future__ import annotations
@@ -34,15 +34,16 @@ def label_once(image: Path, out: Path, device: str) -> tuple[float, float, dict]
     """Wall seconds and peak RSS (GB) of one ``spinelabel label`` process, and the stage timings from its report."""
     code = ("import resource, sys; from SpineLabelLib.cli import main; "
             f"rc = main(['label', {str(image)!r}, '-o', {str(out)!r}, '--quiet', '--device', {device!r}]); "
-            "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024); "
+            "print('peak_bytes', peak, file=sys.stderr); sys.exit(rc)")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"spinelabel label failed (exit status {done.returncode}):\n{done.stderr}")
-    peak_kb = int(done.stderr.split("peak_kb")[-1].split()[0])
+    peak_bytes = int(done.stderr.split("peak_bytes")[-1].split()[0])
     report = json.loads(next(out.glob("*_report.json")).read_text())
-    return wall, peak_kb * 1024 / 1e9, report
+    return wall, peak_bytes / 1e9, report
 
 
 def relabel_time(runs: int = 200) -> float:
