@@ -3,6 +3,7 @@ reduced-precision inference."""
 
 import contextlib
 import platform
+import threading
 from types import ModuleType, SimpleNamespace
 
 import numpy as np
@@ -14,6 +15,7 @@ from SpineLabelLib import inference
 from SpineLabelLib.inference import (CT_WINDOW_HU, Cancelled, Prediction, autocast, looks_like_offset_ct,
                                      modality_of, native_bfloat16, normalise, predict, read_modality, resolve_device,
                                      reuse_freed_memory)
+from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import LEFT_RIGHT_VOXELS, MIN_CONTEXT_VOXELS, get_model, with_context
 from SpineLabelLib.vertebrae import BODY, POSTERIOR
@@ -334,6 +336,33 @@ def test_a_cancel_stops_the_network_between_its_windows():
         predict(SimpleNamespace(network=_RampNetwork()), volume, torch.device("cpu"), window=(48, 64, 64), overlap=16,
                 progress=lambda fraction, message: done.append(fraction), cancel=lambda: len(done) == 2)
     assert len(done) == 2 and done[-1] < 1.0
+
+
+def test_a_cancel_is_polled_and_progress_reported_within_a_window():
+    """A window of the default size takes 3 to 9 s on a 2-core CPU: ``cancel`` is polled before each layer of the
+    network, not only before each window (a cancel waited for the window's end), and progress comes within the
+    window too, rising (an image of one window showed none between the network's start and its end)."""
+    torch.manual_seed(0)
+    model = SimpleNamespace(network=SpineUNet().eval())
+    volume = np.random.default_rng(0).random((32, 48, 48), dtype=np.float32)  # one window
+    polls, done = [], []
+    predict(model, volume, torch.device("cpu"), progress=lambda fraction, message: done.append((fraction, message)),
+            cancel=lambda: polls.append(1) is not None)
+    fractions = [f for f, _ in done]
+    assert len(polls) > 10 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert len([f for f in fractions if 0 < f < 1]) >= 4 and {m for _, m in done} == {"network window 1/1"}
+    polls.clear()
+    with pytest.raises(Cancelled):  # True at the third poll: inside the window
+        predict(model, volume, torch.device("cpu"), cancel=lambda: polls.append(1) or len(polls) >= 3)
+    assert len(polls) == 3
+    assert all(not layer._forward_pre_hooks for layer in model.network.modules())  # hooks removed, also on a cancel
+    # the hooks of one labelling leave another thread's alone: both run the one cached network
+    other = []
+    with inference._layers_polled(model.network, lambda: True, lambda f, m: other.append(f), [0], 1):
+        thread = threading.Thread(target=lambda: other.append(predict(model, volume, torch.device("cpu"))))
+        thread.start()
+        thread.join(120)
+    assert len(other) == 1 and isinstance(other[0], Prediction)
 
 
 def test_a_window_is_rounded_up_to_the_network_and_the_overlap_checked():

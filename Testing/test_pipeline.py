@@ -355,6 +355,23 @@ def test_a_short_view_is_read_twice_for_its_confidences():
     assert all(v.confidence_log_scores is None for v in whole.vertebrae) and "short_view_reading" not in whole.timings_s
 
 
+def test_the_second_readings_of_a_short_view_and_the_orientation_check_report_progress():
+    """The short view's second reading reported nothing: the progress stood at 0.83 for a third of the run. Each
+    network pass now reports its windows, in its own share of the progress, rising to 1."""
+    image = make_phantom(modality="ct", fov="lumbar", seed=123).image
+    slices = int(round(70 / image.GetSpacing()[2]))
+    start = (image.GetSize()[2] - slices) // 2
+    seen = []
+    result = label_spine(image[:, :, start : start + slices], device="cpu", spine_gate=False, check_orientation=True,
+                         progress=lambda f, m: seen.append((f, m)))
+    assert result.vertebrae and "short_view_reading" in result.timings_s
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    for stage in ("short view: network window", "orientation check: network window"):
+        within = [f for f, m in seen if m.startswith(stage)]
+        assert within and max(within) - min(within) > 0.1, stage
+
+
 def test_orientation_check_warns_on_a_phantom_turned_head_to_feet():
     """With ``check_orientation``, the shipped model warns on a lumbar phantom whose voxels run head to feet under an
     unchanged header, and not on the phantom as made (margins -0.08 and +0.20 with 1.6.0, -0.06 and +0.16 with

@@ -407,10 +407,18 @@ def label_spine(
     box = _foreground_box(norm)
     t = stage("normalise", t)
     device_ = next(loaded.network.parameters()).device
-    prediction = _predict_in_context(loaded, norm[box], device_, progress=lambda f, m: report(0.1 + 0.7 * f, m),
-                                     cancel=cancel)
+    # the network passes share the progress from 0.1 to 0.89 by their time (a pass up to the level head, of a short
+    # view read again or of the orientation check, takes about half of a whole one), less 0.02 for the separation
+    # after the first: a second pass without progress of its own held the bar still for a third of a short scan's run
+    short_view = any(_context_widths(norm[box], MIN_CONTEXT_VOXELS)[0])  # read again below, when it has vertebrae
+    second_passes = int(short_view) + int(check_orientation)
+    first_end = 0.1 + 0.7 / (1 + 0.5 * second_passes)
+    second_span = (0.87 - first_end) / max(second_passes, 1)
+    prediction = _predict_in_context(loaded, norm[box], device_,
+                                     progress=lambda f, m: report(0.1 + (first_end - 0.1) * f, m), cancel=cancel)
     t = stage("network", t)
-    report(0.82, "separating vertebrae")
+    report(first_end + 0.02, "separating vertebrae")
+    second_start = first_end + 0.02
     spacing_zyx = tuple(float(s) for s in grid.GetSpacing()[::-1])
     tissue, bone_probability = prediction.tissue, prediction.bone_probability
     dense_bone = modality == "CT" and loaded.ct_window_hu is not None  # intensities in Hounsfield units
@@ -545,9 +553,11 @@ def label_spine(
     # its ends as much as by what it shows: its level head is read again with zeros there instead of the mirror image,
     # the names stay the first reading's, and the confidences are read from the mean of the two
     confidence_scores = None
-    if ordered and any(_context_widths(norm[box], MIN_CONTEXT_VOXELS)[0]):
-        report(0.83, "short view: reading its levels again with zeros beyond its ends")
-        second = _predict_in_context(loaded, norm[box], device_, zero_ends=True, levels_only=True, cancel=cancel)
+    if ordered and short_view:
+        report(second_start, "short view: reading its levels again with zeros beyond its ends")
+        second = _predict_in_context(loaded, norm[box], device_, zero_ends=True, levels_only=True, cancel=cancel,
+                                     progress=lambda f, m: report(second_start + second_span * f, f"short view: {m}"))
+        second_start += second_span
         other = feat.level_scores(bodies_box, second.level_log_probs, [f.id for f in ordered])
         confidence_scores = (scores + other) / 2
         solution = solve(scores, gaps, confidence_scores=confidence_scores)
@@ -562,7 +572,8 @@ def label_spine(
     if check_orientation and ordered:
         # reversed views, no copies: predict copies each window it cuts. The level head is all the check reads.
         turned = _predict_in_context(loaded, norm[box][::-1], device_, levels_only=True,
-                                     progress=lambda f, m: report(0.84 + 0.05 * f, f"orientation check: {m}"),
+                                     progress=lambda f, m: report(second_start + second_span * f,
+                                                                  f"orientation check: {m}"),
                                      cancel=cancel)
         turned_scores = feat.level_scores(bodies_box[::-1], turned.level_log_probs, [f.id for f in ordered])
         orientation_margin = feat.level_sharpness(turned_scores) - feat.level_sharpness(scores)
