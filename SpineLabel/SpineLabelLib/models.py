@@ -81,7 +81,10 @@ class LoadedModel:
 
     @property
     def info(self) -> dict:
-        return {"name": self.card["name"], "version": self.card["version"], "path": str(self.path)}
+        """What the report and an export's provenance record say of the model: name, version, card, and the device it
+        runs on."""
+        return {"name": self.card["name"], "version": self.card["version"], "path": str(self.path),
+                "device": str(next(self.network.parameters()).device)}
 
 
 def default_model_path() -> Path:
