@@ -69,6 +69,14 @@ def errorsShown(message: str) -> Iterator[None]:
 #
 
 
+def toCheck(vertebra) -> bool:
+    """Whether a vertebra's name is one to check, highlighted in the table: its confidence below
+    ``sequence.UNCERTAIN_BELOW`` and its name neither locked nor given by the user."""
+    from SpineLabelLib.sequence import UNCERTAIN_BELOW
+
+    return vertebra.confidence < UNCERTAIN_BELOW and not vertebra.fixed
+
+
 class SpineLabel(ScriptedLoadableModule):
     """Module metadata."""
 
@@ -528,14 +536,15 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateVertebraTable(self) -> None:
         """One row per vertebra: name, confidence, fixed. Rows whose name is uncertain (below
-        ``sequence.UNCERTAIN_BELOW`` and not fixed by the user) are highlighted: those are the names to check."""
-        from SpineLabelLib.sequence import UNCERTAIN_BELOW, confidence_text
+        ``sequence.UNCERTAIN_BELOW`` and not fixed by the user, ``toCheck``) are highlighted: those are the names
+        to check."""
+        from SpineLabelLib.sequence import confidence_text
 
         table = self.ui.vertebraTable
         vertebrae = self._labeling.result.vertebrae if self._labeling is not None else []
         table.setRowCount(len(vertebrae))
         for row, v in enumerate(vertebrae):
-            uncertain = v.confidence < UNCERTAIN_BELOW and not v.fixed
+            uncertain = toCheck(v)
             for column, text in enumerate((v.name, confidence_text(v.confidence), _("yes") if v.fixed else "")):
                 item = qt.QTableWidgetItem(text)
                 item.setFlags(qt.Qt.ItemIsSelectable | qt.Qt.ItemIsEnabled)
@@ -567,12 +576,11 @@ class SpineLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             from SpineLabelLib.export import provenance_of
             # by the export of the same image: said, not silent (a record gone by now, replaced by another session's
             # export of the image, says nothing: this export was made)
-            from SpineLabelLib.sequence import UNCERTAIN_BELOW
             replaced = ", ".join((provenance_of(path) or {}).get("replaces") or [])
             text = (_("Exported {path} in place of {cases}, an earlier export of the same image")
                     if replaced else _("Exported {path}")).format(path=str(path), cases=replaced)
             # training takes every name as true: those still highlighted went in unchecked, unless the user looked
-            unchecked = [v.name for v in labeling.result.vertebrae if v.confidence < UNCERTAIN_BELOW and not v.fixed]
+            unchecked = [v.name for v in labeling.result.vertebrae if toCheck(v)]
             if unchecked:
                 text += "\n" + _("Exported as named, still uncertain and neither locked nor renamed by you: {names} "
                                  "(training takes them as true).").format(names=", ".join(unchecked))

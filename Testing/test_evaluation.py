@@ -560,6 +560,7 @@ def test_centroid_files_that_do_not_say_one_position_per_label_are_refused(tmp_p
      r"\(label 'L1' is not a whole number\)$"),
     ([{"direction": ["P", "I", "X"]}, {"label": L1, "X": 1, "Y": 2, "Z": 3}], r"\('PIX' is no direction code\)$"),
     ([{"label": L1, "world_lps_mm": [1.0, 2.0]}], r"\('world_lps_mm' is not three numbers\)$"),
+    ([{"label": L1, "world_lps_mm": [10 ** 400, 2.0, 3.0]}], r"\(int too large to convert to float\)$"),
 ])
 def test_centroid_entries_that_are_not_centroids_name_file_and_entry(tmp_path, entries, reason):
     path = tmp_path / "x_ctd.json"
@@ -841,6 +842,7 @@ def test_a_report_label_that_is_no_whole_number_is_refused(tmp_path, label):
     (json.dumps({"vertebrae": [{"label": L1}]}), r"needs a whole-number 'label' and a 'confidence' number \(no "
                                                  r"'confidence'\)$"),
     (json.dumps({"vertebrae": [], "input": "CT"}), "its 'input' is no JSON object$"),
+    (json.dumps({"vertebrae": [{"label": L1, "confidence": 10 ** 400}]}), r"\(int too large to convert to float\)$"),
 ])
 def test_a_file_that_is_no_report_is_refused_in_words(tmp_path, text, reason):
     """It said which Python exception was raised ("KeyError: 'vertebrae'"), not what the file lacks."""

@@ -283,7 +283,7 @@ def test_a_model_name_windows_keeps_for_a_device_is_refused(tmp_path, monkeypatc
     from SpineLabelLib.models import registration_path
 
     monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path / "registry"))
-    for name in ("NUL", "con", "con.v2", "Com1", "lpt9", "aux .x"):
+    for name in ("NUL", "con", "con.v2", "Com1", "lpt9", "aux .x", "COM\u00b9", "lpt\u00b3.v1"):
         with pytest.raises(ModelError, match="Windows keeps .* for a device"):
             registration_path(name)
     for name in ("console", "nul-model", "com10", "con_v2", "spine.con"):  # only the whole name before a dot
@@ -507,6 +507,23 @@ def test_a_modality_given_against_clear_intensities_is_warned(small_phantom):
     assert not told(label_spine(small_phantom.image, device="cpu", spine_gate=False))
     mr = make_phantom(modality="mr", fov="lumbar", spacing=(2.0, 2.0, 2.5), seed=4).image
     assert not told(label_spine(mr, device="cpu", spine_gate=False, modality="mr"))
+
+
+def test_a_ct_stored_1024_above_hounsfield_units_in_signed_voxels_given_as_ct_is_told_so():
+    """Stored signed, the noise of its air reaches below -50 (sub-verse014 so stored: down to -267), so the warning
+    of no intensity below -50 stays silent, and its intensities read clearly as MR: labelled as CT as asked, it was
+    told to label it as MR, not to subtract 1024."""
+    rng = np.random.default_rng(0)
+    body = rng.normal(40, 20, (30, 40, 40))  # soft tissue, HU
+    body[:, :, :6] = -100  # fat
+    body[10:20, 15:25, 15:25] = 700  # bone
+    ct = np.concatenate([rng.normal(-1000, 40, (30, 40, 8)), body], axis=2)
+    stored = sitk.GetImageFromArray((np.round(ct) + 1024).astype(np.int16))
+    stored.SetSpacing((2.0, 2.0, 2.0))
+    result = label_spine(stored, device="cpu", spine_gate=False, modality="ct")
+    assert any(w.startswith("labelled as CT as asked, but its intensities look like a CT stored 1024 above "
+                            "Hounsfield units") for w in result.warnings), result.warnings
+    assert not any("label it as MR" in w for w in result.warnings)
 
 
 def test_a_modality_read_from_unclear_intensities_or_a_ct_without_hounsfield_units_is_warned(small_phantom):

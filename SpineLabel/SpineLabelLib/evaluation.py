@@ -497,8 +497,9 @@ def _whole_label(label) -> int:
     Raises:
         ValueError: not a whole number (a string, a bool, 18.7, NaN, an infinity).
     """
-    if isinstance(label, bool) or not isinstance(label, (int, float)) or not math.isfinite(label) \
-            or label != round(label):
+    # an int is finite (math.isfinite raises OverflowError on one too large for a float)
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or (
+            isinstance(label, float) and not math.isfinite(label)) or label != round(label):
         raise ValueError(f"label {label!r} is not a whole number")
     return int(label)
 
@@ -547,7 +548,8 @@ def read_centroids(path: str | os.PathLike, reference: sitk.Image) -> dict[int, 
                 if oriented is None:
                     oriented = Geometry.of(sitk.DICOMOrient(reference, code))
                 position = oriented.index_to_lps(np.array([entry["X"], entry["Y"], entry["Z"]], dtype=float))
-        except (KeyError, ValueError, TypeError, RuntimeError) as err:  # RuntimeError: ITK on a bad direction code
+        # RuntimeError: ITK on a bad direction code; OverflowError: a whole number too large for a float
+        except (KeyError, ValueError, TypeError, OverflowError, RuntimeError) as err:
             detail = (f"no {err.args[0]!r}" if isinstance(err, KeyError) else
                       f"{code!r} is no direction code" if isinstance(err, RuntimeError) else
                       (str(err).strip().splitlines() or ["not numbers"])[0][:120])
@@ -592,9 +594,9 @@ def read_report(path: str | os.PathLike) -> tuple[dict[int, float], str]:
         raise InputError(f"{path}: not a readable SpineLabel report: its 'input' is no JSON object")
     try:
         confidences = {_whole_label(v["label"]): float(v["confidence"]) for v in vertebrae}
-    except (ValueError, KeyError, TypeError) as err:
-        detail = (f" (no {err.args[0]!r})" if isinstance(err, KeyError) else
-                  f" ({err})" if isinstance(err, ValueError) else "")  # TypeError: an entry that is no JSON object
+    except (ValueError, KeyError, TypeError, OverflowError) as err:  # OverflowError: a number too large for a float
+        detail = (f" (no {err.args[0]!r})" if isinstance(err, KeyError) else f" ({err})" if isinstance(
+            err, (ValueError, OverflowError)) else "")  # TypeError: an entry that is no JSON object
         raise InputError(f"{path}: not a readable SpineLabel report: each of its 'vertebrae' needs a whole-number "
                          f"'label' and a 'confidence' number{detail}") from None
     modality = str(document.get("input", {}).get("modality") or "")

@@ -279,8 +279,9 @@ def save_model(network: "SpineUNet", card: dict, card_path: str | os.PathLike) -
 
 
 # names Windows gives to devices, in any case and with any extension (learn.microsoft.com: Naming Files, Paths, and
-# Namespaces)
-_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"{port}{n}" for port in ("COM", "LPT") for n in range(1, 10))}
+# Namespaces; the ports' digits include the superscripts 1 to 3)
+_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL",
+                    *(f"{port}{n}" for port in ("COM", "LPT") for n in "123456789\u00b9\u00b2\u00b3")}
 
 
 def registration_path(name: str) -> Path:

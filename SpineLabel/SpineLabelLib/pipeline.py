@@ -372,9 +372,14 @@ def label_spine(
     warnings = read_notes(image)  # how the file was read (a tilted gantry resampled, disagreeing NIfTI forms)
     if not clear:  # said now, not again when no spine is found
         warnings, read_as = warnings + read_as, []
+    offset_ct = ("its intensities look like a CT stored 1024 above Hounsfield units (air near 0, soft tissue near "
+                 "1024: a header without its rescale intercept of -1024); if it is CT, subtract 1024 or set the "
+                 "intercept, and label it again")
     if given == "CT" and not (pixels[:: max(1, pixels.shape[0] // 64)] < -50).any():
         warnings.append("no intensity below -50 for a CT: are they Hounsfield units? (a CT stored without its rescale "
                         "intercept reads 1024 too high)")
+    elif given == "CT" and looks_like_offset_ct(pixels):  # stored signed: its air's noise reaches below -50
+        warnings.append(f"labelled as CT as asked, but {offset_ct}")  # not "label it as MR", as read_modality says
     elif given != "AUTO" and read_modality(pixels) == (other, True):
         # a modality given against intensities that say the other clearly: a real CT labelled as MR kept its names
         # but lost Dice (0.82 to 0.75), without a word
@@ -382,9 +387,7 @@ def label_spine(
                         + ("air in Hounsfield units" if other == "CT" else "no air, nor fat and bone, in Hounsfield "
                            "units") + f"); if it is {other}, label it as {other} (modality {other.lower()})")
     if given == "AUTO" and modality == "MR" and looks_like_offset_ct(pixels):
-        warnings.append("read as MR, but its intensities look like a CT stored 1024 above Hounsfield units (air near "
-                        "0, soft tissue near 1024: a header without its rescale intercept of -1024); if it is CT, "
-                        "subtract 1024 or set the intercept, and label it again")
+        warnings.append(f"read as MR, but {offset_ct}")
     if looks_like_label_map(pixels):
         warnings.append(f"the image holds fewer than {LABEL_MAP_VALUES} distinct whole-number values: is it a label "
                         "map rather than a scan?")
