@@ -108,7 +108,7 @@ import SimpleITK as sitk
 
 from .export import dataset_ignore_value, dataset_label_values, read_dataset_json
 from .inference import modality_of
-from .io import (IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, case_key, case_name, image_stem,
+from .io import (IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, axes_text, case_key, case_name, image_stem,
                  make_writable_folder, no_empty_new_folders, read_image, read_label_map, resample_to_grid,
                  write_errors_named)
 from .result import Geometry
@@ -914,9 +914,8 @@ def _score_pair(key: str, pred: PredFiles | None, gt: GtFiles, groups: Mapping[s
         _refuse_other_numbering(sitk.GetArrayViewFromImage(pred_image), pred.seg)
         if not Geometry.of(pred_image).matches(Geometry.of(gt_image)):
             def grid(image: sitk.Image) -> str:
-                return (f"{' x '.join(map(str, image.GetSize()))} voxels of "
-                        f"{' x '.join(f'{s:.6g}' for s in image.GetSpacing())} mm, origin "
-                        f"{' x '.join(f'{o:.2f}' for o in image.GetOrigin())} mm")
+                return (f"{axes_text(image.GetSize())} voxels of {axes_text(image.GetSpacing(), '.6g')} mm, origin "
+                        f"{axes_text(image.GetOrigin(), '.2f')} mm")
 
             log.warning("%s: prediction grid (%s) differs from reference %s (%s): the prediction is resampled onto it "
                         "(nearest neighbour)", pred.seg, grid(pred_image), gt.mask, grid(gt_image))

@@ -738,6 +738,12 @@ def _gb(nbytes: float) -> str:
     return f"{nbytes / 1e9:.3g} GB"
 
 
+def axes_text(values, spec: str = "") -> str:
+    """Numbers along the axes as a message gives a size, spacing or extent: ``64 x 64 x 1``, each formatted by
+    ``spec`` (``".3g"``; "" as ``str``)."""
+    return " x ".join(format(v, spec) for v in values)
+
+
 def _voxels_needed(path: Path, metaimage: bool, slices: int = 1) -> str:
     """`` (X x Y x Z voxels of TYPE: N GB)`` from the header of image file ``path``, its last axis ``slices`` times as
     long (a DICOM series of that many files, one slice each); "" where it cannot be read."""
@@ -754,7 +760,7 @@ def _voxels_needed(path: Path, metaimage: bool, slices: int = 1) -> str:
         nbytes = math.prod(size) * sitk.GetArrayViewFromImage(pixel).itemsize * reader.GetNumberOfComponents()
     except Exception:  # the header cannot be read either: the reason stands without the figures
         return ""
-    return f" ({' x '.join(map(str, size))} voxels of {pixel.GetPixelIDTypeAsString()}: {_gb(nbytes)})"
+    return f" ({axes_text(size)} voxels of {pixel.GetPixelIDTypeAsString()}: {_gb(nbytes)})"
 
 
 def _itk_reason(err: RuntimeError) -> str:
@@ -890,7 +896,7 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
     if image.GetDimension() != 3:
         raise InputError(f"{name}: {image.GetDimension()}D image; a 3D volume is needed")
     if min(image.GetSize()) < 2:
-        raise InputError(f"{name}: image of {' x '.join(map(str, image.GetSize()))} voxels is a single slice, not a 3D "
+        raise InputError(f"{name}: image of {axes_text(image.GetSize())} voxels is a single slice, not a 3D "
                          "volume")
     if not np.isfinite([*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection()]).all():
         raise InputError(f"{name}: its voxel size, origin or axis directions hold NaN or infinite values")
@@ -918,8 +924,8 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
         raise InputError(f"{name}: image holds NaN or infinite values (or float64 values beyond float32)")
     extent = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
     if not MIN_EXTENT_MM <= extent.max() <= MAX_EXTENT_MM or np.sort(extent)[1] > MAX_SECOND_EXTENT_MM:
-        raise InputError(f"{name}: a field of view of {' x '.join(f'{e:.3g}' for e in extent)} mm (spacing "
-                         f"{' x '.join(f'{s:.3g}' for s in image.GetSpacing())} mm) cannot be a scan of a body; "
+        raise InputError(f"{name}: a field of view of {axes_text(extent, '.3g')} mm (spacing "
+                         f"{axes_text(image.GetSpacing(), '.3g')} mm) cannot be a scan of a body; "
                          "are the spacing's units in the header right?")
     return image
 

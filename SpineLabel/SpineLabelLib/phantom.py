@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .io import IMAGE_SUFFIXES, atomic_paths, case_name, header_tags, write_image
+from .io import IMAGE_SUFFIXES, atomic_paths, axes_text, case_name, header_tags, write_image
 from .vertebrae import BODY, BY_NAME, DISC, LEVELS, POSTERIOR, level_index
 
 __all__ = ["FOVS", "Phantom", "make_phantom"]
@@ -867,7 +867,7 @@ def _default_grid(fov: str, anat: _Anatomy, names: tuple[str, ...], size, spacin
     spacing = np.asarray(spacing_default if spacing is None else spacing, dtype=float)
     if spacing.shape != (3,) or not np.all(np.isfinite(spacing) & (spacing > 0)):
         raise ValueError(f"spacing must be three positive numbers (x, y, z mm), got "
-                         f"{' x '.join(f'{v:g}' for v in spacing.ravel()) or 'none'}")
+                         f"{axes_text(spacing.ravel(), 'g') or 'none'}")
     wanted = set(_fov_levels(fov, names))
     z_lo, z_hi = np.inf, -np.inf
     for el in anat.elements:
@@ -889,9 +889,9 @@ def _default_grid(fov: str, anat: _Anatomy, names: tuple[str, ...], size, spacin
         size = (nx, ny, int(math.ceil((z_hi - z_lo) / spacing[2])) + 1)
     size = tuple(int(n) for n in size)
     if len(size) != 3 or min(size) < 2:
-        raise ValueError(f"size must be three voxel counts >= 2 (x, y, z), got {' x '.join(map(str, size))}" if given
-                         else f"spacing {' x '.join(f'{v:g}' for v in spacing)} mm leaves fewer than 2 voxels along an "
-                         f"axis of the {fov} field of view (size {' x '.join(map(str, size))}); give a finer spacing")
+        raise ValueError(f"size must be three voxel counts >= 2 (x, y, z), got {axes_text(size)}" if given
+                         else f"spacing {axes_text(spacing, 'g')} mm leaves fewer than 2 voxels along an "
+                         f"axis of the {fov} field of view (size {axes_text(size)}); give a finer spacing")
     extent = (np.array(size) - 1) * spacing
     z0 = (z_lo + z_hi) / 2 - extent[2] / 2
     centres = np.array([el.centre for el in anat.elements if el.name in wanted])
@@ -948,8 +948,8 @@ def make_phantom(modality: str = "ct", fov: str = "whole", size=None, spacing=No
     _paint_vertebrae(vol, anat)
     _paint_ribs(vol, anat)
     if not vol.label.any():
-        raise ValueError(f"a grid of {' x '.join(map(str, grid.size))} voxels of "
-                         f"{' x '.join(f'{v:g}' for v in grid.spacing)} mm holds no vertebra of the {fov} field of "
+        raise ValueError(f"a grid of {axes_text(grid.size)} voxels of "
+                         f"{axes_text(grid.spacing, 'g')} mm holds no vertebra of the {fov} field of "
                          "view; give another size or spacing")
     image = _intensities(vol.material, modality, grid, np.random.default_rng(noise_seed))
     del vol.material

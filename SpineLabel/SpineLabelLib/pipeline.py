@@ -24,7 +24,7 @@ from . import components as comp
 from . import features as feat
 from .inference import (LABEL_MAP_VALUES, Cancelled, Prediction, looks_like_label_map, looks_like_offset_ct, normalise,
                         predict, read_modality, release_freed_memory, resolve_device)
-from .io import (InputError, canonical_grid, checked_image, extend_to_grid_ends, read_image, read_notes,
+from .io import (InputError, axes_text, canonical_grid, checked_image, extend_to_grid_ends, read_image, read_notes,
                  resample_to_grid)
 from .models import LoadedModel, card_file, default_model_path, load_model, read_card
 from .result import Geometry, SpineLabeling, Vertebra, nonzero_box, zeros_on_demand
@@ -147,7 +147,7 @@ def require_vertebrae(result: SpineLabeling, path: str | os.PathLike) -> SpineLa
         explained = any(w.startswith((_CONSTANT, _NO_SPINE)) for w in others)
         extent = np.asarray(result.geometry.size) * np.asarray(result.geometry.spacing)
         if extent.max() < SMALL_VIEW_MM and not any(w.startswith(_CONSTANT) for w in others):
-            others.append(f"the image spans only {' x '.join(f'{e:.3g}' for e in extent)} mm: is the voxel size in "
+            others.append(f"the image spans only {axes_text(extent, '.3g')} mm: is the voxel size in "
                           "its header in mm?")
         raise NoVertebrae(f"{path}: {'; '.join(others if explained else [NOTHING_FOUND, *others])}")
     return result

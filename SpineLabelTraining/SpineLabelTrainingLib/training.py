@@ -43,8 +43,8 @@ from tqdm import tqdm
 from SpineLabelLib.evaluation import labelled_cases, reference_labels
 from SpineLabelLib.export import dataset_ignore_value, provenance_of, read_dataset_json, recorded_modality
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
-from SpineLabelLib.io import (InputError, atomic_path, canonical_grid, make_writable_folder, no_empty_new_folders,
-                              read_image, read_label_map, resample_to_grid, write_errors_named)
+from SpineLabelLib.io import (InputError, atomic_path, axes_text, canonical_grid, make_writable_folder,
+                              no_empty_new_folders, read_image, read_label_map, resample_to_grid, write_errors_named)
 from SpineLabelLib.models import (MODEL_SPACING_MM, ModelError, checkpoint_path, default_model_path, load_model,
                                   model_card_path, read_card, save_model, sha256_of, user_models_dir)
 from SpineLabelLib.network import SpineUNet
@@ -694,10 +694,10 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     if cfg.short_window > 1:
         raise ValueError(f"--short-window {cfg.short_window}: a share of the crops, from 0 to 1")
     if cfg.short_window and (cfg.patch[0] < MIN_CONTEXT_VOXELS[0] or cfg.patch[1] < MIN_CONTEXT_VOXELS[1]):
-        raise ValueError(f"--short-window with --patch {' x '.join(map(str, cfg.patch))}: labelling extends a short "
+        raise ValueError(f"--short-window with --patch {axes_text(cfg.patch)}: labelling extends a short "
                          f"scan to {MIN_CONTEXT_VOXELS[0]} voxels along z and y, which the patch must hold")
     if min(cfg.patch) < 1:
-        raise ValueError(f"--patch {' x '.join(map(str, cfg.patch))}: each size must be 1 or more")
+        raise ValueError(f"--patch {axes_text(cfg.patch)}: each size must be 1 or more")
     if cfg.base_model is not None and cfg.spacing_mm is not None:
         raise ValueError(f"--spacing {cfg.spacing_mm}: a fine-tune keeps the grid spacing of its base model "
                          f"{cfg.base_model}; a spacing is given to a new model only")
@@ -758,7 +758,7 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
         raise ValueError(f"{clash}: exists and is no model card that training wrote there (with its weights "
                          f"{out.with_suffix('.pt').name}); training never replaces it: give --out another path")
     if any(size % net.divisor for size in cfg.patch):
-        raise ValueError(f"--patch {' x '.join(map(str, cfg.patch))}: each size must be a multiple of {net.divisor} "
+        raise ValueError(f"--patch {axes_text(cfg.patch)}: each size must be a multiple of {net.divisor} "
                          "(the network's downsampling)")
     try:  # found now, not when the first checkpoint is written
         make_writable_folder(out.parent)
