@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import errno
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -439,7 +440,9 @@ def test_training_and_worker_lines_are_parsed():
     assert process.parseWorkerLine('[lib] note {x}{"event": "done", "result": "r"}') == {"event": "done", "result": "r"}
 
 
-def test_background_process_reports_events_and_output():
+def test_background_process_reports_events_and_output(caplog):
+    """Its events are read; a line that is none goes into the tail for a failure's dialog and into the log (a run
+    that succeeded left nothing of its log lines in Slicer's)."""
     script = textwrap.dedent("""
         import json, sys
         for i in range(3):
@@ -448,10 +451,13 @@ def test_background_process_reports_events_and_output():
         sys.exit(3)
     """)
     runner = process.BackgroundProcess([sys.executable, "-c", script], process.parseWorkerLine)
-    runner.start()
-    assert runner.wait(30) == 3
+    with caplog.at_level(logging.INFO, logger=process.__name__):
+        runner.start()
+        assert runner.wait(30) == 3
     assert [e["fraction"] for e in runner.readEvents()] == [0.0, 0.5, 1.0]
     assert runner.readEvents() == [] and "a log line" in runner.outputTail()
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("process ")] == [
+        f"process {runner.process.pid}: a log line"]
 
 
 def test_a_line_of_many_megabytes_is_cut_in_the_tail():

@@ -153,7 +153,7 @@ class BackgroundProcess:
     Args:
         command: program and arguments.
         parseLine: turns one output line (stdout or stderr, without the newline) into an event, or None for
-            lines that are not events (those are kept in :meth:`outputTail`).
+            lines that are not events (those are kept in :meth:`outputTail` and logged).
         env: environment of the process (default: this one).
         cwd: working folder.
     """
@@ -202,12 +202,18 @@ class BackgroundProcess:
             for part, separator in zip(parts[::2], parts[1::2]):
                 kept = self._take(part, kept)
                 if separator == b"\n" and kept is not None:
-                    self._tail.append(kept)
+                    self._keep(kept)
                     kept = None
         kept = self._take(b"".join(pending), kept)
         if kept is not None:
-            self._tail.append(kept)
+            self._keep(kept)
         stream.close()
+
+    def _keep(self, line: str) -> None:
+        """A line that is no event: into the tail, and into this process's log (Slicer's, for the module), where a
+        run that succeeds leaves what it logged too."""
+        self._tail.append(line)
+        log.info("process %d: %s", self.process.pid, line)
 
     def _take(self, part: bytes, kept: str | None) -> str | None:
         """Queue the event of one output part; returns the part to keep for the tail (this one, unless it is an
