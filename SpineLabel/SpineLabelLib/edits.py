@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .io import as_3d
+from .io import as_3d, axes_text
 from .result import Geometry, SpineLabeling, Vertebra
 from .sequence import relabel
 from .vertebrae import LEVELS, level_index
@@ -170,7 +170,7 @@ def _grid_difference(given: Geometry, labelled: Geometry) -> str:
         values = [format(float(v) + 0.0, spec) for v in getattr(grid, field)]
         if field == "direction":  # row-major 3x3: its columns are the directions of the i, j and k axes (LPS)
             return ", ".join(f"{axis} ({', '.join(values[c::3])})" for c, axis in enumerate("ijk"))
-        return " x ".join(values) + unit
+        return axes_text(values) + unit
 
     return "; ".join(f"{_GRID_WORDS[field][0]} {numbers(given, field)} against the labelling's "
                      f"{numbers(labelled, field)}" for field in given.differences(labelled))

@@ -287,13 +287,13 @@ def _slice_geometry(tags: dict[str, str]) -> tuple[np.ndarray, np.ndarray] | Non
 
 def _unsheared(image: sitk.Image, files: tuple[str, ...], headers: list[dict[str, str]], notes: list[str]
                ) -> sitk.Image:
-    """``image`` as ITK stacked the slices of ``files`` (``headers``: their ``_SLICE_TAGS``): along their normal, each at its in-plane position. A
-    tilted gantry moves the slices along the table instead, so ITK's grid puts the last slice of a 19 degree tilt
-    66 mm from where its file says it is. When the slices drift sideways by more than a pixel over the stack, the
-    image is resampled (linearly) onto a grid with perpendicular axes that puts every voxel where its file says:
-    slices along the table at their true distance, columns perpendicular to the table and the rows, rows
-    perpendicular to both (as read where the table is perpendicular to them: a tilt about the rows, as a gantry's),
-    the in-plane spacing as read, widened to hold the drift; ``notes`` gets a line saying so."""
+    """``image`` as ITK stacked the slices of ``files`` (``headers``: their ``_SLICE_TAGS``): along their normal, each
+    at its in-plane position. A tilted gantry moves the slices along the table instead, so ITK's grid puts the last
+    slice of a 19 degree tilt 66 mm from where its file says it is. When the slices drift sideways by more than a pixel
+    over the stack, the image is resampled (linearly) onto a grid with perpendicular axes that puts every voxel where
+    its file says: slices along the table at their true distance, columns perpendicular to the table and the rows, rows
+    perpendicular to both (as read where the table is perpendicular to them: a tilt about the rows, as a gantry's), the
+    in-plane spacing as read, widened to hold the drift; ``notes`` gets a line saying so."""
     first, last = _slice_geometry(headers[0]), _slice_geometry(headers[-1])
     if len(files) < 2 or first is None or last is None:
         return image
