@@ -570,15 +570,17 @@ def test_a_label_map_on_another_grid_is_refused(tmp_path):
     moved = sitk.ReadImage(str(labels))
     moved.SetOrigin((0.0, 0.0, 500.0))
     sitk.WriteImage(moved, str(labels))
-    with pytest.raises(InputError, match="c1.nii.gz: label map grid .* differs from its image"):
+    with pytest.raises(InputError, match=r"c1.nii.gz: label map grid differs from its image .*: origin 0\.00 x 0\.00 x "
+                       r"500\.00 mm \(LPS\) against the image's 0\.00 x 0\.00 x 0\.00 mm \(LPS\)$"):
         load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
     moved.SetOrigin((0.0, 0.0, 0.0))
     moved.SetDirection((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # flipped left-right, all else the same
     sitk.WriteImage(moved, str(labels))
     with pytest.raises(InputError) as refused:  # the message showed size, spacing and origin, all equal
         load_case(*find_cases(tmp_path / "nn")[0][:2], False, 2.0)
-    assert re.search(r"label map grid \(.*direction \(-1\.0, 0\.0.*\) differs from its image .*direction "
-                     r"\(1\.0, 0\.0", str(refused.value)), str(refused.value)
+    assert str(refused.value).endswith(": axis directions i (-1.000, 0.000, 0.000), j (0.000, 1.000, 0.000), k (0.000, "
+                                       "0.000, 1.000) against the image's i (1.000, 0.000, 0.000), j (0.000, 1.000, "
+                                       "0.000), k (0.000, 0.000, 1.000)"), str(refused.value)
 
 
 def test_an_image_blank_once_normalised_is_refused(tmp_path):

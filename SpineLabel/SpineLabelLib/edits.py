@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .io import as_3d, axes_text
+from .io import as_3d, grid_difference
 from .result import Geometry, SpineLabeling, Vertebra
 from .sequence import relabel
 from .vertebrae import LEVELS, level_index
@@ -152,28 +152,10 @@ def check_image_grid(result: SpineLabeling, image: sitk.Image | Geometry) -> sit
                         "with io.read_image; an array has no grid)")
     g, h = image if isinstance(image, Geometry) else Geometry.of(image), result.geometry
     if not g.matches(h):
+        difference = grid_difference(g, h, "the labelling's")
         raise ValueError("the image is not on the grid it was labelled on (moved, cropped or resampled since? label it "
-                         f"again): {_grid_difference(g, h)}")
+                         f"again): {difference}")
     return image
-
-
-# how a grid's fields are named to a user: words, unit, number format
-_GRID_WORDS = {"size": ("size", " voxels", ".0f"), "spacing": ("voxel size", " mm", ".6g"),
-               "origin": ("origin", " mm (LPS)", ".2f"), "direction": ("axis directions", "", ".3f")}
-
-
-def _grid_difference(given: Geometry, labelled: Geometry) -> str:
-    """What differs between the grid of an image (``given``) and that of its labelling, in words and millimetres (a
-    user reads it: no Python repr of the two grids)."""
-    def numbers(grid: Geometry, field: str) -> str:
-        _, unit, spec = _GRID_WORDS[field]
-        values = [format(float(v) + 0.0, spec) for v in getattr(grid, field)]
-        if field == "direction":  # row-major 3x3: its columns are the directions of the i, j and k axes (LPS)
-            return ", ".join(f"{axis} ({', '.join(values[c::3])})" for c, axis in enumerate("ijk"))
-        return axes_text(values) + unit
-
-    return "; ".join(f"{_GRID_WORDS[field][0]} {numbers(given, field)} against the labelling's "
-                     f"{numbers(labelled, field)}" for field in given.differences(labelled))
 
 
 def _release(result: SpineLabeling, name: str) -> None:

@@ -744,6 +744,25 @@ def axes_text(values, spec: str = "") -> str:
     return " x ".join(format(v, spec) for v in values)
 
 
+# how a grid's fields are named to a user: words, unit, number format
+_GRID_WORDS = {"size": ("size", " voxels", ".0f"), "spacing": ("voxel size", " mm", ".6g"),
+               "origin": ("origin", " mm (LPS)", ".2f"), "direction": ("axis directions", "", ".3f")}
+
+
+def grid_difference(given: Geometry, other: Geometry, others: str) -> str:
+    """What differs between grid ``given`` and grid ``other``, in words and millimetres, ``others`` naming the second
+    (``"the labelling's"``): a user reads it, so no Python repr of the two grids."""
+    def numbers(grid: Geometry, field: str) -> str:
+        _, unit, spec = _GRID_WORDS[field]
+        values = [format(float(v) + 0.0, spec) for v in getattr(grid, field)]
+        if field == "direction":  # row-major 3x3: its columns are the directions of the i, j and k axes (LPS)
+            return ", ".join(f"{axis} ({', '.join(values[c::3])})" for c, axis in enumerate("ijk"))
+        return axes_text(values) + unit
+
+    return "; ".join(f"{_GRID_WORDS[field][0]} {numbers(given, field)} against {others} {numbers(other, field)}"
+                     for field in given.differences(other))
+
+
 def _voxels_needed(path: Path, metaimage: bool, slices: int = 1) -> str:
     """`` (X x Y x Z voxels of TYPE: N GB)`` from the header of image file ``path``, its last axis ``slices`` times as
     long (a DICOM series of that many files, one slice each); "" where it cannot be read."""

@@ -43,8 +43,9 @@ from tqdm import tqdm
 from SpineLabelLib.evaluation import labelled_cases, reference_labels
 from SpineLabelLib.export import dataset_ignore_value, provenance_of, read_dataset_json, recorded_modality
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
-from SpineLabelLib.io import (InputError, atomic_path, axes_text, canonical_grid, make_writable_folder,
-                              no_empty_new_folders, read_image, read_label_map, resample_to_grid, write_errors_named)
+from SpineLabelLib.io import (InputError, atomic_path, axes_text, canonical_grid, grid_difference,
+                              make_writable_folder, no_empty_new_folders, read_image, read_label_map, resample_to_grid,
+                              write_errors_named)
 from SpineLabelLib.models import (MODEL_SPACING_MM, ModelError, checkpoint_path, default_model_path, load_model,
                                   model_card_path, read_card, save_model, sha256_of, user_models_dir)
 from SpineLabelLib.network import SpineUNet
@@ -156,13 +157,8 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
         raise InputError(f"{image_path}: image is constant: training on it would teach its labels in a blank image")
     labels = read_label_map(label_path)
     if not Geometry.of(labels).matches(Geometry.of(image)):
-        def described(im: sitk.Image) -> str:  # rounded as Geometry.matches compares: the difference shows
-            return (f"size {im.GetSize()}, spacing {tuple(round(v, 3) for v in im.GetSpacing())}, origin "
-                    f"{tuple(round(v, 2) for v in im.GetOrigin())}, direction "
-                    f"{tuple(round(v, 3) + 0.0 for v in im.GetDirection())}")
-
-        raise InputError(f"{label_path}: label map grid ({described(labels)}) differs from its image {image_path} "
-                         f"({described(image)})")
+        difference = grid_difference(Geometry.of(labels), Geometry.of(image), "the image's")
+        raise InputError(f"{label_path}: label map grid differs from its image {image_path}: {difference}")
     if label_path.parent.name == "labelsTr" and read_dataset_json(label_path.parent.parent) is None:
         raise InputError(f"{label_path.parent}: an nnU-Net labelsTr folder without its dataset.json, so what its label "
                          "values mean is unknown: restore the dataset.json whose 'labels' name the levels")
