@@ -257,6 +257,7 @@ def test_folders_verse_layout(tmp_path):
     md = (tmp_path / "report" / "s.md").read_text()
     assert "| sub-b_ct | CT | 4 | 0 | 0.00 |" in md and "prediction missing" in md and "| all | 3 | 11 |" in md
     assert "| L3 | 2 | 1 | 0.0 | L4 x1 |" in md
+    assert "| case | group | reference vertebrae |" in md and "GT" not in md  # the README's and the CLI's word
     # without the prediction's centroid file, both sides' centroids come from the masks
     (pred_dir / "sub-a_ct_ctd.json").unlink()
     assert ev.evaluate_folders(pred_dir, gt_dir).cases[0].centroid_source == "masks"

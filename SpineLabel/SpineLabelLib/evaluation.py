@@ -1102,22 +1102,23 @@ def _of(part: int, whole: int) -> str:
 
 
 def summary_markdown(summary: EvaluationSummary) -> str:
-    """Markdown report: one row per case, then one row per group and the overall row, then one row per GT level."""
+    """Markdown report: one row per case, then one row per group and the overall row, then one row per reference
+    level."""
     lines = [
-        f"# SpineLabel evaluation\n\nPredictions: `{summary.pred_dir}`; ground truth: `{summary.gt_dir}`. "
-        f"Identified = closest predicted centroid has the GT label and lies within {ID_RADIUS_MM:g} mm. "
-        "Loc. error = distance from each GT centroid to the predicted centroid of its label (VerSe's localisation "
-        "distance: a vertebra named one level off counts the distance to the vertebra given its name), over the GT "
-        "vertebrae whose label is predicted. "
-        "Dice for whole-vertebra GT (names aside: against the predicted vertebra overlapping each GT vertebra most, "
-        "whatever its label), body coverage for bodies-only GT. Shift = median predicted minus GT level over the "
-        f"predicted centroids paired with the closest GT centroid within {ID_RADIUS_MM:g} mm (positive: labels too "
-        "caudal); off by one = more than half of those pairs one level apart the same way. Uncertain = the closest "
-        "predicted label's confidence is below "
+        f"# SpineLabel evaluation\n\nPredictions: `{summary.pred_dir}`; reference: `{summary.gt_dir}`. "
+        f"Identified = closest predicted centroid has the reference label and lies within {ID_RADIUS_MM:g} mm. "
+        "Loc. error = distance from each reference centroid to the predicted centroid of its label (VerSe's "
+        "localisation distance: a vertebra named one level off counts the distance to the vertebra given its name), "
+        "over the reference vertebrae whose label is predicted. "
+        "Dice for whole-vertebra references (names aside: against the predicted vertebra overlapping each reference "
+        "vertebra most, whatever its label), body coverage for bodies-only references. Shift = median predicted minus "
+        "reference level over the predicted centroids paired with the closest reference centroid within "
+        f"{ID_RADIUS_MM:g} mm (positive: labels too caudal); off by one = more than half of those pairs one level "
+        "apart the same way. Uncertain = the closest predicted label's confidence is below "
         f"{UNCERTAIN_BELOW:g}, where SpineLabel warns (from `NAME_report.json`); confident = at or above it.\n",
         "## Cases\n",
-        "| case | group | GT vertebrae | identified | id rate | loc. error (mm) | vertebrae not predicted | Dice "
-        "| Dice, names aside | body coverage | shift | off by one | sacrum in GT | note |",
+        "| case | group | reference vertebrae | identified | id rate | loc. error (mm) | vertebrae not predicted "
+        "| Dice | Dice, names aside | body coverage | shift | off by one | sacrum in reference | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in summary.cases:
@@ -1136,7 +1137,7 @@ def summary_markdown(summary: EvaluationSummary) -> str:
             f"| {_fmt(c.sacrum_in_gt)} | {'; '.join(notes)} |")
     lines += [
         "\n## Summary\n",
-        "| group | cases | GT vertebrae | id rate | loc. error (mm) | vertebrae not predicted | Dice "
+        "| group | cases | reference vertebrae | id rate | loc. error (mm) | vertebrae not predicted | Dice "
         "| Dice, names aside | body coverage | off-by-one scans | cases without prediction | identified, uncertain "
         "| identified, confident |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -1150,7 +1151,7 @@ def summary_markdown(summary: EvaluationSummary) -> str:
             f"| {_of(s.n_confident_identified, s.n_confident)} |")
     lines += [
         "\n## By level (all cases)\n",
-        "| level | GT vertebrae | identified | loc. error (mm) | not identified: called instead |",
+        "| level | reference vertebrae | identified | loc. error (mm) | not identified: called instead |",
         "|---|---|---|---|---|",
     ]
     for name, level in summary.levels.items():
@@ -1158,6 +1159,6 @@ def summary_markdown(summary: EvaluationSummary) -> str:
         lines.append(f"| {name} | {level.n_gt} | {level.n_identified} | {_fmt(level.mean_loc_error_mm, '.1f')} "
                      f"| {instead} |")
     if summary.unmatched_predictions:
-        lines.append("\nPredictions without ground truth: "
+        lines.append("\nPredictions without reference: "
                      + ", ".join(f"`{p}`" for p in summary.unmatched_predictions))
     return "\n".join(lines) + "\n"
