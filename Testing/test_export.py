@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import re
 import threading
@@ -61,6 +62,29 @@ def test_export_writes_nnunet_case_and_appends(tmp_path, spine):
     assert dataset["numTraining"] == 2
     assert sorted(p.name for p in (tmp_path / "imagesTr").iterdir()) == ["spine_ct_0001_0000.nii.gz", "spine_ct_0002_0000.nii.gz"]
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_an_export_names_neither_the_patient_nor_the_user(tmp_path, spine):
+    """The dataset is shared with other sites: the provenance record named the image's file by its absolute path (the
+    user's home, a folder named after the patient) and the model card's (under the user's home for a registered
+    model); the image's own metadata (here DICOM tags) must not reach the exported image either."""
+    home = tmp_path / "home" / "jdoe"
+    image = sitk.Image(spine.image)
+    for key, value in {"0010|0010": "DOE^JANE", "0010|0020": "MRN12345", "0008|0080": "SPRINGFIELD HOSPITAL"}.items():
+        image.SetMetaData(key, value)
+    result = spine.result.copy(source=str(home / "DOE_JANE_MRN12345" / "series"))
+    result.model = {"name": "site-model", "version": "0.1.0", "device": "cpu",
+                    "path": str(home / ".local" / "share" / "spinelabel" / "models" / "site-model.json")}
+    export.export_case(result, image, tmp_path / "share")
+    for path in (tmp_path / "share").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            data = gzip.decompress(data) if path.name.endswith(".gz") else data
+            for needle in (b"jdoe", b"DOE", b"MRN12345", b"SPRINGFIELD", str(tmp_path).encode()):
+                assert needle not in data, (path, needle)
+    record = json.loads((tmp_path / "share" / "provenance" / "spine_ct_0001.json").read_text())
+    assert record["model"] == {"name": "site-model", "version": "0.1.0", "device": "cpu"}  # still traced
+    assert len(record["image_sha256"]) == 64
 
 
 def test_export_never_overwrites_and_checks_inputs(tmp_path, spine):

@@ -8,7 +8,13 @@ Layout of ``dataset_dir`` (nnU-Net v2 "raw" format, directly usable by ``nnUNetv
     imagesTr/{CASE}_0000.nii.gz       the image, untouched (its own grid and pixel type)
     labelsTr/{CASE}.nii.gz            uint8 VerSe label map on the image grid
     centroids/{CASE}_ctd.json         VerSe centroid list (see :func:`SpineLabelLib.writers.write_centroids`)
-    provenance/{CASE}.json            model, corrections, fixed levels, source, timestamp, SpineLabel version
+    provenance/{CASE}.json            model (name, version, device), corrections, fixed levels, image hash,
+                                      timestamp, SpineLabel version
+
+The dataset is meant to be shared: nothing in it names the patient, the user or the machine. The image is written
+without its file's metadata (DICOM tags, a NIfTI description, NRRD fields); the provenance record names neither the
+image's file nor the model card's path (they hold the user's folders, often the patient's name) and knows the image by
+its ``image_sha256``.
 
 ``bodies_only`` (false: the label maps hold whole vertebrae) tells readers that the labels are not vertebral bodies
 only, whatever the folder is called (``evaluation``, ``spinelabel train``); another nnU-Net dataset of bodies only
@@ -336,8 +342,8 @@ def _write_case(result: SpineLabeling, image: sitk.Image, paths: dict[str, Path]
                 "case_id": case_id,
                 "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "spinelabel_version": __version__,
-                "model": dict(model if model is not None else result.model),
-                "source": result.source,
+                # no paths (the model card's, the image's file): they name the user's folders and often the patient
+                "model": {k: v for k, v in (model if model is not None else result.model).items() if k != "path"},
                 "image_sha256": digest,
                 "replaces": replaces,
                 "modality": modality,
