@@ -676,7 +676,7 @@ def test_training_process_reports_epochs_and_registers_model(tmp_path, monkeypat
     assert np.isfinite(events[0]["loss"]) and "level_accuracy" in events[0]["metrics"]
     # the export is mixed with data that keeps what the base model knew of other spines
     sources = json.loads(card.read_text())["training_data"]["sources"]
-    assert [(s["source"], s["weight"]) for s in sources] == [(str(dataset), 0.6), ("phantom", 0.3), ("negative", 0.1)]
+    assert [(s["source"], s["weight"]) for s in sources] == [(dataset.name, 0.6), ("phantom", 0.3), ("negative", 0.1)]
     monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path / "models"))
     registered = register_model(card, "tiny-registered")
     assert str(registered) in [c["path"] for c in list_models()]

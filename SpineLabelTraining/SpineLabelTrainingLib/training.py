@@ -889,10 +889,12 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
         "normalisation": f"CT: {CT_WINDOW_HU[0]:g} to {CT_WINDOW_HU[1]:g} HU mapped to 0/1; MR: percentiles 0.5/99.5 "
                          "of the volume mapped to 0/1; clipped",
         "ct_window_hu": list(CT_WINDOW_HU),
-        "training_data": {"sources": [{"source": s, "weight": round(float(w), 3),
+        # a folder by its name, not its path: the card is shared with the model, and a path names the user's folders
+        # (the Slicer module's dataset is ~/SpineLabelDataset) and often a patient; its cases and hashes say the rest
+        "training_data": {"sources": [{"source": s if c is None else Path(s).name, "weight": round(float(w), 3),
                                        **({"cases": c, "cases_sha256": d, "cases_metadata_sha256": m} if c else {})}
                                       for s, w, c, d, m in zip(named, weights, cases, contents, metadata)],
-                          **({"shape_library": str(cfg.data_dir)} if "synthetic" in specs else {}),
+                          **({"shape_library": Path(cfg.data_dir).resolve().name} if "synthetic" in specs else {}),
                           "note": cfg.training_data_note},
         "training": training,
         "base_model": None if base_card is None else {key: base_card.get(key) for key in ("name", "version",
