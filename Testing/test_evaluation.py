@@ -104,6 +104,10 @@ def test_transitional_levels_count_as_one_level():
     # L4, L5 labelled L5, L4: each one level off, but the other way round -> two swapped names, no shifted scan.
     r = ev.evaluate_case(spine([L5, L4]), spine([L4, L5]), SPACING_ZYX, None, None, bodies_only=False)
     assert not r.off_by_one and r.shift == 0.0 and r.n_shift_pairs == 2
+    # L4, L5 labelled L5, S1 in a spine without L6: L5 -> S1 is one level, as L5 -> L6 is, so the scan is off by one
+    # (the common lumbosacral miscount); counted as two, one pair of two would be one off and the scan not flagged.
+    r = ev.evaluate_case(spine([L5, S1]), spine([L4, L5]), SPACING_ZYX, None, None, bodies_only=False)
+    assert r.off_by_one and r.shift == 1.0 and r.n_shift_pairs == 2
 
 
 def test_missed_vertebra_and_extra_label():
@@ -118,6 +122,8 @@ def test_missed_vertebra_and_extra_label():
     assert l3.dice == 0.0 and l3.loc_error_mm is None and not l3.identified
     assert r.mean_dice == pytest.approx(0.8)
     assert r.mean_loc_error_mm == pytest.approx(0.0)
+    # the spurious S1 lies beyond 20 mm of every GT centroid: no level-shift pair, so no shift
+    assert r.n_shift_pairs == 4 and r.shift == 0.0 and not r.off_by_one
 
 
 def test_centroid_beyond_20_mm_is_not_identified():
@@ -129,6 +135,14 @@ def test_centroid_beyond_20_mm_is_not_identified():
     l2 = r.vertebrae[1]
     assert not l2.identified and l2.loc_error_mm == pytest.approx(20.5) and l2.nearest_pred_label == L2
     assert r.n_identified == 2 and r.mean_dice == 1.0
+    # beyond 20 mm the closest prediction names nothing: the by-level table says "none", and its confidence rates
+    # nothing
+    assert ev._by_level([r])["L2"].named_instead == {"none": 1}
+    rated = ev.evaluate_case(gt.copy(), gt, SPACING_ZYX, pred_ctd, gt_ctd, bodies_only=False,
+                             pred_confidences={L1: 0.9, L2: 0.9, L3: 0.9})
+    assert rated.vertebrae[1].nearest_pred_confidence is None and rated.vertebrae[0].nearest_pred_confidence == 0.9
+    pred_ctd[L2] = gt_ctd[L2] + np.array([0.0, 20.0, 0.0])  # within 20 mm: at 20 mm too
+    assert ev.evaluate_case(gt.copy(), gt, SPACING_ZYX, pred_ctd, gt_ctd, bodies_only=False).n_identified == 3
     pred_ctd[L2] = gt_ctd[L2] + np.array([0.0, 19.5, 0.0])
     assert ev.evaluate_case(gt.copy(), gt, SPACING_ZYX, pred_ctd, gt_ctd, bodies_only=False).n_identified == 3
     for given in ((pred_ctd, None), (None, gt_ctd)):  # centroids from a mask are in another frame than those given
@@ -245,6 +259,11 @@ def test_folders_verse_layout(tmp_path):
     o = summary.overall
     assert (o.n_cases, o.n_gt, o.n_identified) == (3, 11, 5)
     assert o.n_off_by_one == 1 and o.missing_predictions == ["sub-c"]
+    # pooled over the GT vertebrae of all cases, not averaged over cases (5 + 4 + 2 vertebrae): sub-a's 5 right,
+    # sub-b's 4 and sub-c's 2 wrong; sub-a's 5 at 0 mm and sub-b's L4, L5 one box (20 mm) away
+    assert o.id_rate == pytest.approx(5 / 11) and o.mean_dice == pytest.approx(5 / 11)
+    assert o.mean_loc_error_mm == pytest.approx(40 / 7)
+    assert o.n_not_predicted == 4  # sub-b's L3 and S1, and the two of sub-c, whose prediction is missing
     assert summary.groups["CT"].n_cases == 2 and summary.groups["MR"].n_gt == 2
     assert summary.unmatched_predictions == [str(pred_dir / "other_ct_seg.nii.gz")]
     # by level: sub-b's L3-L5 were called L4-L6 (its S1 lies within 20 mm of that L6); sub-c's T12 and L1, no label
@@ -381,6 +400,18 @@ def test_labelled_cases_look_inside_folders_that_are_links(tmp_path):
     (tmp_path / "gt/verse/up").symlink_to(tmp_path / "gt", target_is_directory=True)
     assert [image for image, _ in ev.labelled_cases(tmp_path / "gt")] == [
         tmp_path / "gt/Dataset001/imagesTr/case7_0000.nii.gz", tmp_path / "gt/verse/sub-a_ct.nii.gz"]
+
+
+@pytest.mark.parametrize("files, message", [
+    (("gt/labelsTr/a.nii.gz", "pred/a_seg.nii.gz", "pred/a_ct_seg.nii.gz"), "predictions .* both match case a"),
+    (("gt/labelsTr/a.nii.gz", "gt/a_vert-verse.nii.gz", "pred/a_seg.nii.gz"), "reference masks .* both define case a"),
+])
+def test_two_files_of_one_case_are_refused_not_one_of_them_scored(tmp_path, files, message):
+    for path in files:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        write_mask(spine([L1, L2]), tmp_path / path)
+    with pytest.raises(InputError, match=message):
+        ev.match_cases(tmp_path / "pred", tmp_path / "gt")
 
 
 def write_report(path: Path, confidences: dict[int, float], modality: str | None = None):

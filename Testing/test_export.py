@@ -54,6 +54,8 @@ def test_export_writes_nnunet_case_and_appends(tmp_path, spine):
     provenance = json.loads((tmp_path / "provenance" / "spine_ct_0001.json").read_text())
     assert provenance["model"] == {"name": "synthetic", "version": "0"}
     assert provenance["corrections"] == log and provenance["corrected"] == ["T12"]
+    fixed = [(v.name, v.fixed) for v in corrected.vertebrae]  # the renamed one fixed
+    assert [(v["name"], v["fixed"]) for v in provenance["vertebrae"]] == fixed and any(f for _, f in fixed)
     assert provenance["exported_at"].endswith("+00:00")
 
     second = build_spine(names=("L1", "L2", "L3", "L4"), seed=1)

@@ -605,12 +605,20 @@ def test_atomic_paths_are_all_or_nothing(tmp_path):
     (np.array([0, 1.5, 2], np.float32), "not whole numbers"),
     (np.array([0, np.nan, 2], np.float32), "NaN or infinite"),
     (np.array([0, -1, 2], np.int16), "negative"),
+    (np.array([0, 70000, 2], np.float32), "above 65535"),  # would wrap round in the cast to uint16
 ])
 def test_bad_label_maps_name_file_and_reason(tmp_path, name, values, reason):
     path = tmp_path / name
     sitk.WriteImage(sitk.GetImageFromArray(np.resize(values, (4, 4, 4))), str(path))
     with pytest.raises(InputError, match=f"{path}.*({reason})"):
         read_label_map(path)
+
+
+def test_an_empty_path_is_refused_as_no_file():
+    # Path("") is the current folder: read as a DICOM folder or a missing file, the message would not say what is wrong
+    for read in (read_image, read_label_map):
+        with pytest.raises(InputError, match="empty path"):
+            read("")
 
 
 def test_label_maps_are_checked_like_images(tmp_path):

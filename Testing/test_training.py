@@ -50,6 +50,10 @@ def test_partial_labels_accept_every_allowed_class():
     assert tissue_loss(logits_for([0, 0, BODY]), target) > 5
     ignored = torch.full((1, 3, 1, 1), IGNORE)
     assert float(tissue_loss(logits_for([0, 1, 2]), ignored)) == pytest.approx(0.0, abs=1e-6)  # nothing known, no loss
+    # ignored voxels neither add to the loss of the known ones nor dilute it (a mean over the known voxels only)
+    one = tissue_loss(logits_for([BODY]), torch.tensor([[NOT_BODY]]).view(1, 1, 1, 1))
+    mixed = tissue_loss(logits_for([BODY, 0, 0]), torch.tensor([[NOT_BODY, IGNORE, IGNORE]]).view(1, 3, 1, 1))
+    assert float(one) > 5 and float(mixed) == pytest.approx(float(one), rel=1e-4)
 
 
 def test_level_loss_only_on_vertebra_voxels():
@@ -59,6 +63,10 @@ def test_level_loss_only_on_vertebra_voxels():
     levels[0, 0, 0, 0] = BY_NAME["L1"].label  # L1 -> level index of L1
     loss = level_loss(logits, levels)
     assert float(loss.detach()) == pytest.approx(np.log(len(LEVELS)), rel=1e-4)
+    # the seven voxels off the spine cost nothing, whatever level the head gives them: logits sure of L1 everywhere
+    sure = torch.zeros(1, len(LEVELS), 2, 2, 2)
+    sure[0, int(training._level_target(levels)[0, 0, 0, 0])] = 20.0
+    assert float(level_loss(sure, levels)) < 1e-6
 
 
 def write_pair(folder, image_name, label_name, size=(40, 40, 60), background=0):
@@ -398,6 +406,9 @@ def test_the_metadata_hash_reads_what_gives_the_labels_their_meaning_only(tmp_pa
     (tmp_path / "nn" / "dataset.json").write_text(json.dumps({**document, "description": "corrected cases"}))
     assert cases_metadata_sha256(tmp_path / "nn") == first
     (tmp_path / "nn" / "dataset.json").write_text(json.dumps({**document, "bodies_only": True}))
+    assert cases_metadata_sha256(tmp_path / "nn") != first
+    # the modality its images are normalised for
+    (tmp_path / "nn" / "dataset.json").write_text(json.dumps({**document, "channel_names": {"0": "MR"}}))
     assert cases_metadata_sha256(tmp_path / "nn") != first
 
 
