@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from conftest import DATA
 from SpineLabelLib import evaluation as ev
+from SpineLabelLib.export import dataset_ignore_value
 from SpineLabelLib.io import InputError
 from SpineLabelLib.pipeline import Cancelled
 from SpineLabelLib.result import Geometry
@@ -333,6 +334,9 @@ def test_folders_bodies_and_nnunet_layouts(tmp_path):
     (pred / "case7_0000_ctd.json").unlink()
     r = ev.evaluate_folders(pred, nnunet.parent).cases[0]
     assert (r.n_gt, r.n_identified, r.mean_dice) == (1, 1, 1.0)
+    # an ignore label of true is no value (nnU-Net refuses it): read as 1, it would hide the reference L1
+    (nnunet.parent / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "L1": 1, "ignore": True}}))
+    assert dataset_ignore_value(nnunet / "case7.nii.gz") is None
 
     with pytest.raises(InputError, match="no reference masks"):
         ev.evaluate_folders(pred, pred)
