@@ -102,6 +102,17 @@ def test_move_near_its_vertebra_moves_centroid(spine):
     assert_consistent(out)
 
 
+def test_the_point_of_the_lowest_vertebra_moves_too(spine):
+    """The last vertebra of the chain has no neighbour below: a drop beside its body keeps it last and moves it."""
+    v = spine.result.vertebrae[-1]
+    target = np.array(v.centroid_lps_mm) + np.array([0.0, 6.0, -3.0])
+    out = edits.move_point(spine.result, v.id, tuple(target))
+    assert [u.id for u in out.vertebrae] == [u.id for u in spine.result.vertebrae]
+    np.testing.assert_allclose(out.by_id(v.id).centroid_lps_mm, target)
+    np.testing.assert_allclose(out.gaps_mm[-1], np.linalg.norm(target - np.array(out.vertebrae[-2].centroid_lps_mm)))
+    assert_consistent(out)
+
+
 def test_move_past_a_neighbour_or_out_of_the_image_is_refused(spine):
     # the voxels stay, so a centroid above the top vertebra would put this vertebra's labels out of order
     top, v = (np.array(u.centroid_lps_mm) for u in spine.result.vertebrae[:2])
@@ -156,6 +167,19 @@ def test_a_removed_vertebra_is_restored_where_it_fits(spine):
             edits.restore(result, [v])
 
 
+def test_a_restored_vertebra_comes_back_released(spine):
+    """An undo puts the record back released, as the docstring says: a name locked before the removal does not come
+    back fixed, so the chain around it is re-solved from the corrections made since."""
+    v = spine.result.vertebrae[2]
+    locked = edits.set_locked(spine.result, v.id, True)
+    assert locked.by_id(v.id).fixed
+    deleted = edits.delete(locked, v.id)
+    back = edits.restore(deleted.copy(components=spine.result.components), [locked.by_id(v.id)])
+    assert [u.id for u in back.vertebrae] == [u.id for u in spine.result.vertebrae]
+    assert not any(u.fixed for u in back.vertebrae)
+    assert_consistent(back)
+
+
 def test_delete_removes_voxels_and_record(spine):
     victim = spine.result.vertebrae[2]
     out = edits.delete(spine.result, victim.id)
@@ -179,6 +203,15 @@ def test_add_vertebra_grows_the_missed_body_and_names_it():
     dice = 2 * np.sum(grown & body) / (grown.sum() + body.sum())
     assert dice > 0.9
     assert new.volume_ml == pytest.approx(grown.sum() * 1.5**3 / 1000)
+    assert_consistent(out)
+
+
+def test_a_vertebra_added_below_the_last_one_goes_last():
+    """A missed vertebra below the chain's lowest one goes after it, not between the last two."""
+    case = build_spine(missing=("L4",))
+    out = edits.add_vertebra(case.result, case.image, body_centre(case, "L4"))
+    assert [v.id for v in out.vertebrae][:-1] == [v.id for v in case.result.vertebrae]
+    assert names(out) == ["T11", "T12", "L1", "L2", "L3", "L4"]
     assert_consistent(out)
 
 

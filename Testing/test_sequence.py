@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from SpineLabelLib.result import Geometry, SpineLabeling, Vertebra
-from SpineLabelLib.sequence import (K, PRIORS, TEMPERATURE, UNCERTAIN_BELOW, _warnings, expected_gaps_mm, relabel,
-                                    skipped_levels, solve)
+from SpineLabelLib.sequence import (K, PRIORS, TEMPERATURE, UNCERTAIN_BELOW, _shifted, _warnings, expected_gaps_mm,
+                                    relabel, skipped_levels, solve)
 from SpineLabelLib.vertebrae import LEVELS, level_index
 
 
@@ -221,6 +221,16 @@ def test_the_chance_of_a_transitional_level_is_the_chain_s_not_one_vertebra_s():
     assert "T12/T13 ambiguous: probability of a T13 is 0.30" in warnings
 
 
+def test_a_chain_with_a_quarter_chance_of_a_t13_is_warned_of():
+    """The ambiguous band starts at 0.2: a T13 at 0.25 (0.125 on each of the two vertebrae that may be it) is said."""
+    levels = np.array([level_index(n) for n in ("T11", "T12", "T13", "L1")])
+    marginals = np.zeros((4, len(LEVELS)))
+    marginals[np.arange(4), levels] = 1.0
+    marginals[2:, level_index("T13")] = 0.125
+    warnings = _warnings(levels, np.ones(4), marginals, np.full(3, 30.0), expected_gaps_mm())
+    assert "T12/T13 ambiguous: probability of a T13 is 0.25" in warnings
+
+
 @pytest.mark.parametrize("regular, transitional, below", [("L5", "L6", "S1"), ("T12", "T13", "L1")])
 def test_the_first_vertebra_pays_the_transitional_prior_too(regular, transitional, below):
     # the top vertebra looks as much like L5 as like L6 (T12 as T13): its population rate decides, as mid-chain
@@ -411,6 +421,28 @@ def test_relabel_fixes_one_and_renames_the_rest():
         relabel(result, {10: "X9"})
 
 
+def test_relabel_keeps_the_vertebrae_already_fixed_against_a_correction_elsewhere():
+    """relabel keeps the names of vertebrae already marked fixed, not only those it is given: L1 forced on the top of
+    a chain whose L4 is locked leaves a level out between them rather than renumbering the lock away (a correction
+    elsewhere that already implies the locked name, as L2 forced two above L4, cannot tell)."""
+    locked = relabel(make_result(["L1", "L2", "L3", "L4", "L5"]), {12: "L4"})
+    assert [v.name for v in locked.vertebrae] == ["L2", "L3", "L4", "L5", "S1"]
+    again = relabel(locked, {10: "L1"})
+    assert [v.name for v in again.vertebrae] == ["L1", "L3", "L4", "L5", "S1"]
+    assert again.by_id(12).fixed and again.by_id(10).fixed and not again.by_id(11).fixed
+    assert "level L2 not found between L1 and L3 (gap 35 mm)" in again.warnings
+
+
+def test_a_level_is_fixed_by_its_verse_label_value_as_by_its_name():
+    """A fixed label given as a VerSe value (22 for L3) names the level that value stands for, not the level at that
+    place in LEVELS: from L1 (20) on, the values and the places differ by T13 (28), which sits between T12 and L1."""
+    assert [level_index(level.label) for level in LEVELS] == list(range(K))
+    result = make_result(["L1", "L2", "L3", "L4", "L5"])
+    by_value = relabel(result, {12: LEVELS[level_index("L4")].label})
+    assert [v.name for v in by_value.vertebrae] == [v.name for v in relabel(result, {12: "L4"}).vertebrae]
+    assert by_value.by_id(12).name == "L4" and by_value.by_id(12).fixed
+
+
 def test_each_relabel_replaces_the_sequence_warnings_and_keeps_the_others():
     """Corrections come one after another: each re-solve's sequence warnings replace the last ones, so a warning
     the correction answered (no sacrum found, once S1 is named) goes and none is listed twice; the warnings
@@ -510,6 +542,19 @@ def test_a_transitional_name_forced_on_a_whole_spine_leaves_c1_c2_and_the_sacrum
     assert any("not found" in w for w in solution.warnings)  # the count cannot hold without a level left out
 
 
+@pytest.mark.parametrize("shift, shaped, counted", [(1, "S1", "L5"), (-1, "C2", "C3")])
+def test_shifted_evidence_never_names_c1_c2_or_the_sacrum(shift, shaped, counted):
+    """Evidence read shifted by a correction's count moves between counted levels only: an L5 read one level further
+    caudal gives no evidence of S1, a C3 read one level further cranial none of C2 (they are told by their shape)."""
+    scores = np.full((1, K), -10.0)
+    scores[0, level_index(counted)] = 0.0
+    out = _shifted(scores, [{shift}])
+    assert out[0, level_index(shaped)] == -10.0
+    beside = np.full((1, K), -10.0)  # the counted level on the other side gives its evidence to this one
+    beside[0, level_index(counted) - shift] = 0.0
+    assert _shifted(beside, [{shift}])[0, level_index(counted)] == pytest.approx(0.0, abs=1e-4)
+
+
 def test_fixed_labels_that_cannot_hold_are_named():
     scores, gaps = np.zeros((5, K)), [30.0] * 4
     with pytest.raises(ValueError, match="vertebra 2 from the top cannot be C1: 1 vertebra lies above it"):
@@ -519,6 +564,15 @@ def test_fixed_labels_that_cannot_hold_are_named():
         solve(scores, gaps, {0: "L2", 2: "L1"})
     with pytest.raises(ValueError, match="1 vertebra lies between them"):
         solve(scores, gaps, {0: "L2", 2: "L3"})
+
+
+def test_one_level_fixed_on_two_vertebrae_is_named_as_such():
+    """Two vertebrae fixed to the same level: the message says a level comes once, not that too many vertebrae lie
+    between them (one does, and L3 to L3 has room for none)."""
+    with pytest.raises(ValueError, match="vertebra 1 from the top as L3 and vertebra 3 from the top below it as L3 "
+                                         "cannot both hold: levels run cranial to caudal, each once, and L3 is not "
+                                         "below L3"):
+        solve(np.zeros((5, K)), [30.0] * 4, {0: "L3", 2: "L3"})
 
 
 def test_the_conflict_named_is_between_fixed_labels_next_to_each_other():
@@ -648,6 +702,16 @@ def test_a_gap_across_a_skipped_level_is_warned_of_once():
     sol = solve(scores, np.array([33.0, 35.0, 36.0, 37.0, 37.0, 36.0, 35.0]), fixed={0: "T10"})
     assert "level T11 not found between T10 and T12 (gap 33 mm)" in sol.warnings
     assert not any("apart" in w for w in sol.warnings)
+
+
+def test_a_skipped_level_inside_a_chain_is_warned_of_once():
+    """The gap across a skipped level inside a chain (where odd gaps are read, unlike the end gap of the test above)
+    is half the two pitches it spans: the skipped-level warning names it, and no odd-gap warning speaks of it again."""
+    levels = np.array([level_index(n) for n in ("L1", "L2", "L4", "L5", "S1")])
+    marginals = np.zeros((5, K))
+    marginals[np.arange(5), levels] = 1.0
+    warnings = _warnings(levels, np.ones(5), marginals, np.array([35.0, 37.0, 36.0, 35.0]), expected_gaps_mm())
+    assert warnings == ["level L3 not found between L2 and L4 (gap 37 mm)"]
 
 
 def test_gaps_of_0_mm_give_no_inf_or_nan_ratio():

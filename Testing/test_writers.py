@@ -112,6 +112,20 @@ def test_label_map_on_input_grid(case, tmp_path):
     assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 1)
 
 
+def test_the_label_map_is_filled_slab_by_slab(monkeypatch):
+    """label_map fills its box a few planes at a time (16 MB of labels on a scan); every plane is filled, the last
+    one of a box whose planes do not divide into whole slabs too."""
+    monkeypatch.setattr("SpineLabelLib.result._ON_DEMAND_BYTES", 8)  # 2 planes of the 2 x 2 box a slab: 3 slabs for 5
+    components = np.zeros((7, 4, 4), np.int16)
+    components[1:6, 1:3, 1:3] = 1
+    components[4:6, 1:3, 1:3] = 2
+    geometry = Geometry((4, 4, 7), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    result = SpineLabeling(geometry, components, [Vertebra(1, "L4", (1.5, 1.5, 2.0), 1.0, 1.0, np.zeros(len(LEVELS))),
+                                                 Vertebra(2, "L5", (1.5, 1.5, 4.5), 1.0, 1.0, np.zeros(len(LEVELS)))])
+    lut = np.array([0, BY_NAME["L4"].label, BY_NAME["L5"].label], np.uint8)
+    np.testing.assert_array_equal(result.label_map(), lut[components])
+
+
 def test_segmentation_read_by_slicerio(case, tmp_path):
     slicerio = pytest.importorskip("slicerio")
     result, _ = case
@@ -188,7 +202,6 @@ def test_grid_mismatch_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-
 def test_an_image_off_the_labellings_grid_or_a_misleading_extension_is_refused(tmp_path):
     """A snapshot of another grid (here the same voxels mirrored) would draw the labels on the wrong anatomy; a
     segmentation named .seg.nii.gz would hold NRRD that no NIfTI reader opens."""
@@ -215,6 +228,7 @@ def test_an_image_off_the_labellings_grid_or_a_misleading_extension_is_refused(t
     assert [p.name for p in tmp_path.iterdir()] == ["x_seg.Nii.Gz"]
     written = (tmp_path / "x_seg.Nii.Gz").rename(tmp_path / "x_seg.nii.gz")  # for ITK, which reads lower case only
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(written))), result.label_map())
+
 
 def test_markups_positions(case, tmp_path):
     result, _ = case
@@ -405,6 +419,8 @@ def test_write_all(tmp_path):
 
 @pytest.mark.parametrize("failing, output", [("_write_label_map_to", 0), ("_centroid_document", 3),
                                              ("_write_snapshot_to", 5)])
+
+
 def test_write_all_leaves_nothing_on_failure_and_names_the_output(failing, output, tmp_path, monkeypatch):
     result, image = make_case(PERMUTED)
 
