@@ -7,6 +7,7 @@ body components -> features -> chain -> sequence model -> components back on the
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import os
 import time
@@ -782,6 +783,7 @@ _TIE_BREAK = 1e-3  # of a model voxel: how far the components are moved off the 
 # at 2 mm the model grid leaves out about a voxel of each vertebra's surface. On the training CT sub-verse014 (VerSe,
 # 1 x 1 x 2 mm) 70-83 % of each reference vertebra was labelled, and 41-61 % of the rest lay within 1.4 mm of the label.
 DENSE_BONE_REACH_MM = 2.0
+AIR_HU = -500.0  # CT: below this density (air, the -1024 HU outside a scan's reconstructed field) no voxel is labelled
 
 
 def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarray, grid: sitk.Image,
@@ -796,9 +798,12 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
     voxels differ from float32 interpolation. Each component is resampled only in its own box: along the curved
     512x512x800 benchmark spine those boxes hold 0.42 times the voxels of the box around all of them.
 
-    On CT (``dense_bone_hu`` given), unlabelled voxels at least that dense within ``DENSE_BONE_REACH_MM`` of a vertebra
-    then join it (``_grow_into_dense_bone``): at the model's 2 mm the network leaves out about a voxel of each
-    vertebra's surface, which the input grid resolves.
+    A vertebra in one piece on the model grid stays in one on the input grid: where the interpolation cuts a thin
+    bridge, the voxels whose nearest model voxel holds it join again (``_bridges``). On CT (``dense_bone_hu`` given) no
+    voxel of air (below ``AIR_HU``) is labelled, and unlabelled voxels at least ``dense_bone_hu`` dense, connected to a
+    vertebra within ``DENSE_BONE_REACH_MM`` of it, then join it (``_grow_into_dense_bone``): at the model's 2 mm the
+    network leaves out about a voxel of each vertebra's surface, which the input grid resolves. Last, each vertebra
+    takes the small cavities it encloses (``_fill_enclosed``).
 
     Args:
         components: int16 (z, y, x) component ids on the model grid.
@@ -832,6 +837,7 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
     prob_image = _placed(sitk.GetImageFromArray(np.rint(bone_probability[crop] * _PROBABILITY_STEPS).astype(np.uint8)),
                          grid, crop_origin)
     size = np.array(image.GetSize())
+    hu = sitk.GetArrayViewFromImage(image) if dense_bone_hu is not None else None  # no copy
     placed = []
     for vid, lo_zyx, hi_zyx in boxes:
         if cancel is not None and cancel():
@@ -845,19 +851,86 @@ def components_on_input_grid(components: np.ndarray, bone_probability: np.ndarra
                             input_geometry.index_to_lps(lo.astype(float)))
         ids_on_input = resample_to_grid(comp_image, reference, label=True)
         prob_on_input = resample_to_grid(prob_image, reference, pixel_type=sitk.sitkUInt8)
+        nearest_prob = resample_to_grid(prob_image, reference, label=True)
         ids, prob = sitk.GetArrayViewFromImage(ids_on_input), sitk.GetArrayViewFromImage(prob_on_input)  # no copies
         target = out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]]
-        # boxes overlap: a voxel goes to the first id that takes it, so that every voxel is counted once
-        inside = (ids == vid) & (prob >= _PROBABILITY_STEPS // 2) & (target == 0)
+        # boxes overlap: a voxel goes to the first id that takes it, so that every voxel is counted once. On CT a voxel
+        # of air is no vertebra's (sub-verse014's S1 took 2.8 ml of the -1024 HU band at the edge of its scan)
+        free = target == 0
+        if hu is not None:
+            free &= hu[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]] >= AIR_HU
+        half = _PROBABILITY_STEPS // 2
+        inside = (ids == vid) & (prob >= half) & free
+        # the interpolation drops below 0.5 between the model voxels of a thin bridge (a pedicle one model voxel wide,
+        # running diagonally): a vertebra connected on the model grid fell in two on the input grid (on the lumbar MRI
+        # IVD_20 of ../shared/data, L3's arch, 19 ml, lay one voxel apart from its body). The voxels whose nearest
+        # model voxel is of the component at a probability of 0.5 or more join where they connect its pieces
+        inside |= _bridges(inside, (ids == vid) & (sitk.GetArrayViewFromImage(nearest_prob) >= half) & free & ~inside)
         target[inside] = vid
         voxels[vid] = int(np.count_nonzero(inside))
         placed.append((vid, lo[::-1], hi[::-1]))
+    reach = np.zeros(3, dtype=int)
     if dense_bone_hu is not None:
-        hu = sitk.GetArrayViewFromImage(image)  # no copy
         structure = comp.ball(DENSE_BONE_REACH_MM, image.GetSpacing()[::-1])
+        reach = np.array(structure.shape) // 2
         for vid, lo_zyx, hi_zyx in placed:
             voxels[vid] += _grow_into_dense_bone(out, vid, lo_zyx, hi_zyx, hu, structure, dense_bone_hu)
+    most = max(1, int(ENCLOSED_MAX_ML * 1000.0 / float(np.prod(image.GetSpacing()))))
+    for vid, lo_zyx, hi_zyx in placed:
+        voxels[vid] += _fill_enclosed(out, vid, lo_zyx - reach, hi_zyx + reach, most)
     return out, voxels
+
+
+# Unlabelled cavities a vertebra encloses on the input grid up to this size (each) are filled: voxels of vertebra
+# probability just under 0.5 inside the bone (on the CT sub-verse014 of ../shared/data 24-96 cavities of 1-10 voxels per
+# vertebra, pinholes in Slicer's slice views; its reference masks enclose 0-1). A vertebra encloses no space of its own;
+# the limit keeps a canal closed by the field of view or a sacrum's mass (ml) unfilled.
+ENCLOSED_MAX_ML = 0.1
+
+
+def _fill_enclosed(out: np.ndarray, vid: int, lo_zyx: np.ndarray, hi_zyx: np.ndarray, most: int) -> int:
+    """Give vertebra ``vid`` the unlabelled voxels it encloses (6-connected cavities, of at most ``most`` voxels
+    each) in its box ``lo_zyx``-``hi_zyx`` (input voxel indices, stop exclusive, clipped here); ``out`` (int16
+    (z, y, x) vertebra ids on the input grid) is modified in place. Returns the number of voxels added."""
+    box = tuple(slice(max(int(a), 0), max(int(b), 0)) for a, b in zip(lo_zyx, hi_zyx))
+    region = out[box]  # a view: writes go to ``out``
+    own = region == vid
+    if not own.any():
+        return 0
+    # enclosed: the parts (6-neighbourhood) of the rest of the box that reach none of its faces (what
+    # ndimage.binary_fill_holes finds, in one labelling where it dilates over and over: a second a scan)
+    rest, _ = ndimage.label(~own)
+    reaches = np.zeros(int(rest.max()) + 1, dtype=bool)
+    for axis in range(3):
+        reaches[np.take(rest, [0, -1], axis=axis)] = True
+    pieces, n = ndimage.label(~reaches[rest] & (region == 0))
+    if n == 0:
+        return 0
+    small = np.bincount(pieces.ravel()) <= most
+    small[0] = False
+    filled = small[pieces]
+    region[filled] = vid
+    return int(np.count_nonzero(filled))
+
+
+def _bridges(pieces_mask: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """bool (z, y, x): the connected regions (26-neighbourhood) of ``candidates`` (bool (z, y, x)) that touch two or
+    more connected pieces of ``pieces_mask`` (bool, same shape): the voxels that join those pieces again."""
+    structure = np.ones((3, 3, 3), dtype=bool)
+    pieces, n = ndimage.label(pieces_mask, structure=structure)
+    if n < 2 or not candidates.any():
+        return np.zeros(candidates.shape, dtype=bool)
+    regions, m = ndimage.label(candidates, structure=structure)
+    at = np.nonzero(candidates)
+    here = regions[at].astype(np.int64)
+    pairs = []
+    for step in itertools.product((-1, 0, 1), repeat=3):  # each (region, piece) pair of 26-neighbours
+        # a step off the box stays on its face: the voxel reached is still a neighbour, or the candidate itself
+        there = pieces[tuple(np.clip(i + k, 0, size - 1) for i, k, size in zip(at, step, pieces.shape))]
+        pairs.append(here[there > 0] * (n + 1) + there[there > 0])
+    pairs = np.unique(np.concatenate(pairs))
+    touched = np.bincount(pairs // (n + 1), minlength=m + 1)  # distinct pieces each region touches
+    return (touched >= 2)[regions] & (regions > 0)
 
 
 def _grow_into_dense_bone(out: np.ndarray, vid: int, lo_zyx: np.ndarray, hi_zyx: np.ndarray, hu: np.ndarray,
@@ -872,8 +945,17 @@ def _grow_into_dense_bone(out: np.ndarray, vid: int, lo_zyx: np.ndarray, hi_zyx:
     region = out[box]  # a view: writes go to ``out``
     free = region == 0
     free &= hu[box] >= min_hu
-    grown = ndimage.binary_dilation(region == vid, structure=structure, mask=free)  # the mask spares most of the work
+    own = region == vid
+    grown = ndimage.binary_dilation(own, structure=structure, mask=free)  # the mask spares most of the work
     grown &= free
+    # a dense voxel within reach across a voxel that is not (the ball reaches 2 mm) would be a speck apart from the
+    # vertebra: only those connected (26-neighbourhood) to it join. On sub-verse014 the specks made 9-36 pieces of
+    # each vertebra
+    pieces, _ = ndimage.label(own | grown, structure=np.ones((3, 3, 3), dtype=bool))
+    attached = np.zeros(int(pieces.max()) + 1, dtype=bool)
+    attached[pieces[own]] = True
+    attached[0] = False
+    grown &= attached[pieces]
     region[grown] = vid
     return int(np.count_nonzero(grown))
 
