@@ -1006,6 +1006,35 @@ def test_a_component_beside_the_spine_takes_no_level(monkeypatch):
                for w in result.warnings), result.warnings
 
 
+def test_a_body_like_blob_in_front_of_and_below_the_sacrum_is_not_joined_to_s1(monkeypatch):
+    """A body-like blob below S1 and in front of the sacrum (pelvic soft tissue, as the network found 55-105 mm below
+    S1 on sagittal lumbar MRI) is sorted into the chain below S1 as a sacral piece; joined to S1 wherever it lay, it
+    made S1 as large as a pelvis. It neither continues the sacrum (beyond reach of it) nor lies behind the S1 body:
+    it stays unlabelled, while the phantom's own sacral pieces still join S1, and the names do not change."""
+    from SpineLabelLib import pipeline
+
+    phantom = make_phantom(modality="ct", fov="lumbar", seed=123)
+    clean = label_spine(phantom.image, device="cpu")
+    predict = pipeline._predict_in_context
+
+    def with_blob(loaded, volume, device, **kwargs):
+        p = predict(loaded, volume, device, **kwargs)
+        bodies, n = ndimage.label(p.tissue == BODY)
+        large = [i for i, size in enumerate(ndimage.sum(bodies > 0, bodies, range(1, n + 1)), 1) if size >= 500]
+        z, y, x = sorted(ndimage.center_of_mass(bodies > 0, bodies, large))[0]  # the lowest body: the sacrum's
+        zz, yy, xx = np.ogrid[tuple(slice(0, s) for s in p.tissue.shape)]  # 2 mm voxels: 28 mm below, 40 mm in front
+        blob = ((zz - z + 14) / 5) ** 2 + ((yy - y + 20) / 5) ** 2 + ((xx - x) / 7) ** 2 <= 1
+        return _painted(p, blob, BODY, 0.95)
+
+    monkeypatch.setattr(pipeline, "_predict_in_context", with_blob)
+    result = label_spine(phantom.image, device="cpu")
+    assert [v.name for v in result.vertebrae] == [v.name for v in clean.vertebrae]
+    assert len(result.sacral_pieces) == len(clean.sacral_pieces) + 1  # the blob is one of the sacral pieces
+    s1, clean_s1 = result.vertebrae[-1], clean.vertebrae[-1]
+    assert s1.name == "S1" and s1.volume_ml == pytest.approx(clean_s1.volume_ml, rel=0.01)
+    assert np.array_equal(result.components == s1.id, clean.components == clean_s1.id)
+
+
 def test_a_join_or_cut_of_bodies_is_warned_of(monkeypatch):
     """Joining two components into one vertebra (``_split_in_two``) or cutting one in two (``_merged_beside_skip``)
     changes the count of the chain: the labelling says so. Real lumbar MRI with L3-L5 fused (the disc spaces filled

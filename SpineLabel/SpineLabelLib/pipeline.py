@@ -550,7 +550,8 @@ def label_spine(
     keep = np.zeros(int(whole.max(initial=0)) + 1, dtype=np.int16)
     for f in ordered[:n_chain]:
         keep[f.id] = f.id
-    for f in sacral_pieces:
+    # only the sacral pieces that continue the sacrum join S1 (``_continuing_sacrum``); the others stay unlabelled
+    for f in _continuing_sacrum(whole, ordered[n_chain - 1], sacral_pieces, spacing_zyx) if sacral_pieces else []:
         keep[f.id] = ordered[n_chain - 1].id
     t = stage("sequence", t)
     # a view extended along head-feet (a short scan cut through the body) is numbered by how it is filled out beyond
@@ -764,6 +765,48 @@ def _unused_id(*components: np.ndarray) -> int:
 def _regular_level_above(level: int) -> int | None:
     """The index into ``LEVELS`` of the regular level above ``level`` (T12 above L1, L5 above S1), None above C1."""
     return next((k for k in range(level - 1, -1, -1) if not LEVELS[k].transitional), None)
+
+
+# A piece the chain puts below S1 is more of the sacrum only where it continues it: at most this far from S1 or from a
+# piece already joined (the sacral segments are parted by discs a few mm thin, or not at all) ...
+SACRAL_PIECE_REACH_MM = 10.0
+# ... and not this far in front of the S1 body's centroid: the sacrum curves backwards from S1. On sagittal lumbar MRI
+# (VB1_03, VB1_06, VB1_07, VB1_08 of mri_lumbar_bodies) pieces 55-105 mm below S1, in the pelvis in front of the sacrum
+# or in slabs at the bottom of the view, were joined to S1 and made it as large as a pelvis. The pieces kept lay from
+# 6 mm in front of the S1 centroid (sub-verse014, CT) to 45 mm behind it.
+SACRAL_PIECE_ANTERIOR_MM = 10.0
+
+
+def _continuing_sacrum(whole: np.ndarray, s1: feat.ComponentFeatures, pieces: list[feat.ComponentFeatures],
+                       spacing_zyx: tuple[float, float, float]) -> list[feat.ComponentFeatures]:
+    """The sacral pieces (``pieces``, below the vertebra ``s1``) that continue the sacrum: each no more than
+    ``SACRAL_PIECE_ANTERIOR_MM`` in front of the S1 body centroid, and within ``SACRAL_PIECE_REACH_MM`` of the voxels
+    of S1 (``whole``, int (z, y, x) components on the model grid of ``spacing_zyx`` mm) or of a piece joined before."""
+    behind = [f for f in pieces
+              if f.body_centroid_lps_mm[1] >= s1.body_centroid_lps_mm[1] - SACRAL_PIECE_ANTERIOR_MM]  # LPS: P is +y
+    if not behind:
+        return []
+    boxes = ndimage.find_objects(whole, max_label=max(f.id for f in behind))
+    margin = [int(np.ceil(SACRAL_PIECE_REACH_MM / s)) + 1 for s in spacing_zyx]
+    joined = [s1.id]
+    found = True
+    while found:  # until no piece is within reach: a piece next to one joined later joins too
+        found = False
+        for f in [f for f in behind if f.id not in joined and boxes[f.id - 1] is not None]:
+            box = tuple(slice(max(b.start - m, 0), b.stop + m) for b, m in zip(boxes[f.id - 1], margin))
+            near = np.isin(whole[box], joined)
+            if not near.any():
+                continue
+            gap = float(ndimage.distance_transform_edt(~near, sampling=spacing_zyx)[whole[box] == f.id].min())
+            if gap <= SACRAL_PIECE_REACH_MM:
+                joined.append(f.id)
+                found = True
+    for f in pieces:
+        if f.id not in joined:
+            log.info("left out a sacral piece %.0f mm below and %+.0f mm behind the S1 body centroid: not continuing "
+                     "the sacrum", s1.body_centroid_lps_mm[2] - f.body_centroid_lps_mm[2],
+                     f.body_centroid_lps_mm[1] - s1.body_centroid_lps_mm[1])
+    return [f for f in pieces if f.id in joined]
 
 
 def _chain_end(solution) -> tuple[int, bool]:
