@@ -222,6 +222,21 @@ def test_posterior_elements_inside_their_band_stay_and_those_in_no_band_go():
     assert not confine_posterior(vertebrae, bodies, [1, 2, 3, 4], SPACING, last_is_s1=False)[102].any()
 
 
+def test_a_process_beyond_its_band_stays_where_its_new_vertebra_would_hold_it_apart():
+    """Two vertebrae 26 mm apart (z grows cranially); the lower one's process, beside the bodies, runs up past its band
+    into the band of the one above, apart from that one's body and arch. The band step gave its top to the vertebra
+    above, a patch of that one's label apart from it; it stays with the vertebra it is part of."""
+    bodies = np.zeros((100, 20, 20), np.int32)
+    bodies[78:87, 2:8, 2:8], bodies[65:74, 2:8, 2:8] = 1, 2  # centres z 82 and 69: band of 2 up to z 82
+    vertebrae = bodies.copy()
+    vertebrae[76:88, 10:18, 2:7] = 1  # the arch of 1
+    vertebrae[62:76, 10:18, 2:7] = 2  # the arch of 2
+    vertebrae[66:70, 2:8, 8:14] = 2  # a bridge from body 2 ...
+    vertebrae[66:90, 2:8, 14:17] = 2  # ... to the process, apart from 1 (x 2-7)
+    confined = confine_posterior(vertebrae, bodies, [1, 2], SPACING, last_is_s1=False)
+    assert np.array_equal(confined, vertebrae)
+
+
 def test_rib_pieces_beyond_the_widest_transverse_processes_leave_their_vertebra():
     """A thoracic vertebra whose rib runs on 120 mm to one side (joined to it by dense bone on the CT phantom) keeps
     what lies within 60 mm left and right of its body centroid; S1 keeps its alae."""
@@ -308,6 +323,18 @@ def test_arch_voxels_go_to_the_neighbour_whose_level_the_level_head_gives_them()
                               last_is_s1=False) is vertebrae
     assert posterior_by_level(vertebrae, bodies, [1, 2, 3], _level_head(truth), last_is_s1=False,
                               margin=10.0) is vertebrae
+
+
+def test_arch_voxels_the_level_head_moves_apart_from_their_new_vertebra_stay():
+    """L3 (id 2) with a process reaching up beside the arches to L2's level (z 40-43), apart from L2's body and arch:
+    the level head gives its top to L2, but those voxels would lie apart from L2, a patch of L2's label on L3; they
+    stay L3's. The top of L3's arch, which reaches over to L2's arch (z 40-45), still goes to L2."""
+    vertebrae, bodies, truth = _three_arches()
+    vertebrae[30:34, 15:25, 12:16] = 2  # a bridge from L3's arch (x 8-11) ...
+    vertebrae[30:44, 15:25, 16:19] = 2  # ... to the process, two voxels from L2's body (x 5-14, z 44-53)
+    out = posterior_by_level(vertebrae, bodies, [1, 2, 3], _level_head(truth), last_is_s1=False)
+    assert (out[30:44, 15:25, 16:19] == 2).all()
+    assert (out[40:46, 15:25, 8:12] == 1).all() and (out[20:40, 15:25, 8:12] == 2).all()
 
 
 def test_s1_neither_gives_nor_takes_arch_voxels_by_level():

@@ -35,6 +35,7 @@ __all__ = ["DENSE_BONE_HU", "present_ids", "cut_by_field_of_view", "body_compone
 log = logging.getLogger(__name__)
 
 _SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
+_TWENTY_SIX_CONNECTED = np.ones((3, 3, 3), dtype=bool)
 DENSE_BONE_HU = 200.0  # CT: the density from which a voxel next to the network's vertebrae is taken for bone
 S1_LEVEL = level_index("S1")  # channel of the level head
 
@@ -611,6 +612,33 @@ def _chain_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int]
     return position, tuple(v[owner >= 0] for v in voxels), owner[owner >= 0]
 
 
+def _undo_detached_moves(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Undo the moves from ``before`` to ``after`` (int32 (z, y, x) components) that leave a piece apart from its new
+    vertebra: each 26-connected group of voxels moved to the same vertebra goes back where it was unless it touches
+    (26-neighbours) a voxel that vertebra kept. The steps that move posterior-element voxels one at a time (by band,
+    by level) otherwise leave a patch of one vertebra's label on its neighbour's arch, apart from its own vertebra;
+    the moves that reach over at the facet joints touch the receiving arch and stay. Voxels moved to none (0) stay
+    so. ``after`` may be modified in place; returns it."""
+    moved = (after != before) & (after > 0)
+    if not moved.any():
+        return after
+    boxes = ndimage.find_objects(np.where(moved, after, 0))  # around the moved voxels of each vertebra
+    undone = 0
+    for vid in np.unique(after[moved]):
+        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in boxes[vid - 1])  # with all their neighbours
+        mine = after[box] == vid
+        went = mine & moved[box]
+        groups, _ = ndimage.label(went, structure=_TWENTY_SIX_CONNECTED)
+        touching = np.unique(groups[ndimage.binary_dilation(mine & ~went, structure=_TWENTY_SIX_CONNECTED) & went])
+        apart = went & ~np.isin(groups, touching)
+        if apart.any():
+            after[box][apart] = before[box][apart]
+            undone += int(apart.sum())
+    if undone:
+        log.info("%d moved posterior-element voxels given back: they lay apart from the vertebra they went to", undone)
+    return after
+
+
 CROSSED_SHARE = 0.05  # of a vertebra's posterior voxels, a further gap beyond its band: its flood crossed a level
 
 
@@ -702,8 +730,10 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
                                               np.asarray(chain)[np.argmin(distance, axis=1)], 0)
     out = vertebrae.copy()
     where = tuple(v[stray] for v in voxels)
-    moved = new != vertebrae[where]
     out[where] = new
+    out = _undo_detached_moves(vertebrae, out)  # a piece moved apart from its new vertebra stays where it was
+    new = out[where]
+    moved = new != vertebrae[where]
     log.info("%d posterior-element voxels moved to the vertebra whose band along the spine holds them (%d to none)",
              int(moved.sum()), int((moved & (new == 0)).sum()))
     owner = owner.copy()
@@ -834,8 +864,9 @@ def posterior_by_level(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[in
         return vertebrae
     out = vertebrae.copy()
     out[tuple(v[moved] for v in voxels)] = np.asarray(chain)[new[moved]]
+    out = _undo_detached_moves(vertebrae, out)  # a piece moved apart from its new vertebra stays where it was
     log.info("%d posterior-element voxels moved to the neighbouring vertebra whose level the level head gives them",
-             int(moved.sum()))
+             int(np.count_nonzero(out != vertebrae)))
     return out
 
 
