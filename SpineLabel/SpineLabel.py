@@ -732,14 +732,13 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         Returns:
             ``SpineLabelLogic.scene.LabelingScene``.
         """
-        from SpineLabelLogic.scene import LabelingScene, volumeSource
+        from SpineLabelLogic.scene import LabelingScene
         from SpineLabelLogic.worker import loadResult
 
         try:
             result = loadResult(outputDirectory)
         finally:
             self.discardLabelling(outputDirectory)
-        result.source = volumeSource(volumeNode)
         return LabelingScene(volumeNode, result)
 
     @staticmethod
@@ -763,14 +762,13 @@ class SpineLabelLogic(ScriptedLoadableModuleLogic):
         """
         from SpineLabelLib.io import checked_image
         from SpineLabelLib.pipeline import label_spine, require_vertebrae
-        from SpineLabelLogic.scene import LabelingScene, imageFromVolumeNode, volumeSource
+        from SpineLabelLogic.scene import LabelingScene, imageFromVolumeNode
 
         if volumeNode is None:
             raise ValueError(_("Select an input volume."))
         image = checked_image(imageFromVolumeNode(volumeNode), volumeNode.GetName())
         result = label_spine(image, model=modelPath, device=device, progress=progress, cancel=cancel,
                              check_orientation=checkOrientation, spine_gate=spineGate, modality=modality)
-        result.source = volumeSource(volumeNode)
         return LabelingScene(volumeNode, require_vertebrae(result, volumeNode.GetName()))
 
     @staticmethod

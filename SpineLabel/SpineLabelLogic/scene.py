@@ -54,7 +54,6 @@ __all__ = [
     "ijkToRasMatrix",
     "imageFromVolumeNode",
     "addVolumeNodeFromImage",
-    "volumeSource",
     "removeNodes",
     "segmentIdOf",
     "vertebraIdOf",
@@ -192,13 +191,6 @@ def addVolumeNodeFromImage(scene, image: sitk.Image, name: str):
     volumeNode.SetAndObserveImageData(imageData)
     volumeNode.CreateDefaultDisplayNodes()
     return volumeNode
-
-
-def volumeSource(volumeNode) -> str:
-    """Where a volume came from, for provenance: its file when it was loaded from one, else its node name."""
-    storageNode = volumeNode.GetStorageNode()
-    fileName = storageNode.GetFileName() if storageNode is not None else None
-    return fileName or volumeNode.GetName()
 
 
 def removeNodes(nodes) -> None:
