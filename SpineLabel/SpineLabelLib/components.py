@@ -27,15 +27,15 @@ from skimage.segmentation import watershed
 from .result import nonzero_box
 from .vertebrae import BODY, POSTERIOR, level_index
 
-__all__ = ["DENSE_BONE_HU", "present_ids", "cut_by_field_of_view", "body_components", "split_merged", "ball",
-           "dense_bone_as_posterior", "attach_posterior", "sacral_posterior", "confine_posterior",
-           "posterior_by_level", "arch_above_view", "atlas_beside_dens", "cut_across", "join_sacrum",
-           "vertebra_components"]
+__all__ = ["DENSE_BONE_HU", "TWENTY_SIX_CONNECTED", "present_ids", "cut_by_field_of_view", "body_components",
+           "split_merged", "ball", "dense_bone_as_posterior", "attach_posterior", "sacral_posterior",
+           "confine_posterior", "posterior_by_level", "arch_above_view", "atlas_beside_dens", "cut_across",
+           "join_sacrum", "vertebra_components"]
 
 log = logging.getLogger(__name__)
 
 _SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
-_TWENTY_SIX_CONNECTED = np.ones((3, 3, 3), dtype=bool)
+TWENTY_SIX_CONNECTED = np.ones((3, 3, 3), dtype=bool)
 DENSE_BONE_HU = 200.0  # CT: the density from which a voxel next to the network's vertebrae is taken for bone
 S1_LEVEL = level_index("S1")  # channel of the level head
 
@@ -628,8 +628,8 @@ def _undo_detached_moves(before: np.ndarray, after: np.ndarray) -> np.ndarray:
         box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in boxes[vid - 1])  # with all their neighbours
         mine = after[box] == vid
         went = mine & moved[box]
-        groups, _ = ndimage.label(went, structure=_TWENTY_SIX_CONNECTED)
-        touching = np.unique(groups[ndimage.binary_dilation(mine & ~went, structure=_TWENTY_SIX_CONNECTED) & went])
+        groups, _ = ndimage.label(went, structure=TWENTY_SIX_CONNECTED)
+        touching = np.unique(groups[ndimage.binary_dilation(mine & ~went, structure=TWENTY_SIX_CONNECTED) & went])
         apart = went & ~np.isin(groups, touching)
         if apart.any():
             after[box][apart] = before[box][apart]
@@ -909,7 +909,7 @@ def arch_above_view(vertebrae: np.ndarray, bodies: np.ndarray, top: int, level_l
     log_p = _level_cells(pair, zyx)
     theirs = np.zeros(vertebrae.shape, dtype=bool)
     theirs[tuple(v[log_p[0] - log_p[1] >= margin] for v in zyx)] = True
-    pieces, _ = ndimage.label(theirs, structure=np.ones((3, 3, 3), dtype=bool))
+    pieces, _ = ndimage.label(theirs, structure=TWENTY_SIX_CONNECTED)
     at_top = np.unique(pieces[-1])
     piece = np.isin(pieces, at_top[at_top > 0])
     if np.count_nonzero(piece) * float(np.prod(spacing_mm)) / 1000.0 < ARCH_ABOVE_MIN_ML:
@@ -955,7 +955,7 @@ def atlas_beside_dens(vertebrae: np.ndarray, bodies: np.ndarray, top: int, level
     box = tuple(slice(int(v.min()), int(v.max()) + 1) for v in zyx)
     inside = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
     inside[tuple(v[atlas] - s.start for v, s in zip(zyx, box))] = True
-    pieces, n = ndimage.label(inside, structure=np.ones((3, 3, 3), dtype=bool))
+    pieces, n = ndimage.label(inside, structure=TWENTY_SIX_CONNECTED)
     if n == 0:
         return None
     sizes = np.bincount(pieces.ravel())[1:]
