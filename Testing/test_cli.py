@@ -45,6 +45,7 @@ def test_label_writes_every_output(tmp_path, model, phantom_file, capsys):
     assert seg.GetSize() == ref.GetSize() and np.allclose(seg.GetOrigin(), ref.GetOrigin())
     report = json.loads((out / "spine_report.json").read_text())
     assert report["model"]["name"] == "random" and report["model"]["device"] == "cpu" and "total" in report["timings_s"]
+    assert report["model"]["sha256"] == json.loads(model.read_text())["sha256"]  # two models of one name told apart
     assert report["vertebrae"]  # the gate would refuse the random model's components
     assert report["input"]["modality"] == "MR"  # a CT phantom, labelled as MR because the user said so
     # the summary line names the vertebrae, and every warning of the report is shown, each on a line of its own

@@ -15,7 +15,8 @@ from scipy import ndimage
 from conftest import DATA
 from SpineLabelLib.inference import looks_like_label_map
 from SpineLabelLib.io import InputError, canonical_grid
-from SpineLabelLib.models import ModelError, card_file, load_model, register_model, save_model, sha256_of
+from SpineLabelLib.models import (CARD_FORMAT, ModelError, card_file, load_model, read_card, register_model, save_model,
+                                 sha256_of)
 from SpineLabelLib.network import SpineUNet
 from SpineLabelLib.phantom import make_phantom
 from SpineLabelLib.pipeline import (AIR_HU, DENSE_BONE_REACH_MM, ENCLOSED_MAX_ML, LONG_COLUMN, MIN_SPINE_PROBABILITY,
@@ -155,7 +156,11 @@ def test_model_card_hash_is_checked(tmp_path, random_model):
     with pytest.raises(ModelError, match="lacks"):
         load_model(bad)
     good = json.loads(card.read_text())
-    for change, reason in (({"level_classes": good["level_classes"][::-1]}, "level_classes"),
+    assert good["format"] == CARD_FORMAT
+    for change, reason in (({"format": CARD_FORMAT + 1}, f"format {CARD_FORMAT + 1} .*update SpineLabel"),
+                           ({"format": 0}, "format 0 is not one"), ({"format": "1"}, "format '1'"),
+                           ({"format": True}, "format True"), ({"format": 1.5}, "format 1.5"),
+                           ({"level_classes": good["level_classes"][::-1]}, "level_classes"),
                            ({"spacing_mm": 0}, "spacing_mm"), ({"spacing_mm": True}, "spacing_mm"),
                            ({"spacing_mm": 1e400}, "spacing_mm"), ({"spacing_mm": 1e-4}, "spacing_mm"),
                            ({"architecture": {}}, "channels"),
@@ -169,6 +174,8 @@ def test_model_card_hash_is_checked(tmp_path, random_model):
         bad.write_text(json.dumps({**good, **change}))
         with pytest.raises(ModelError, match=f"{re.escape(str(bad))}: .*{reason}"):
             load_model(bad)
+    bad.write_text(json.dumps({k: v for k, v in good.items() if k != "format"}))  # cards written before the format
+    assert read_card(bad)["name"] == "m"
     bad.write_bytes(json.dumps({**good, "notes": "vertebra é"}, ensure_ascii=False).encode("latin-1"))  # not UTF-8
     with pytest.raises(ModelError, match="unreadable model card"):
         load_model(bad)

@@ -8,8 +8,8 @@ Layout of ``dataset_dir`` (nnU-Net v2 "raw" format, directly usable by ``nnUNetv
     imagesTr/{CASE}_0000.nii.gz       the image, untouched (its own grid and pixel type)
     labelsTr/{CASE}.nii.gz            uint8 VerSe label map on the image grid
     centroids/{CASE}_ctd.json         VerSe centroid list (see :func:`SpineLabelLib.writers.write_centroids`)
-    provenance/{CASE}.json            model (name, version, device), corrections, fixed levels, image hash,
-                                      timestamp, SpineLabel version
+    provenance/{CASE}.json            model (name, version, weights' sha256, device), corrections, fixed levels,
+                                      image hash, timestamp, SpineLabel version
 
 The dataset is meant to be shared: nothing in it names the patient, the user or the machine. The image is written
 without its file's metadata (DICOM tags, a NIfTI description, NRRD fields); the provenance record names neither the

@@ -10,6 +10,9 @@ A model is two files side by side: ``NAME.pt`` (a torch ``state_dict``) and ``NA
 ``spinelabel train`` writes these; the default model's card adds ``evaluation`` (``benchmarks/real_data.py evaluate
 --write-card``), ``selection`` and ``limitations``.
 
+A card's ``"format"`` (``CARD_FORMAT``; a card without one is format 1) goes up when a key changes meaning or a new one
+changes how the model is run, so that an older SpineLabel refuses such a card instead of misreading it.
+
 The default model ships inside the package (``weights/``). Fine-tuned models are registered in the user model folder
 (``$SPINELABEL_MODELS_DIR``, else ``~/.local/share/spinelabel/models``); registering never replaces a model.
 """
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 
 _LEVEL_NAMES = [level.name for level in LEVELS]
 DEFAULT_MODEL_NAME = "spinelabel-default"
+CARD_FORMAT = 1  # the newest card format this SpineLabel reads and the one it writes (module docstring)
 
 
 class ModelError(RuntimeError):
@@ -81,10 +85,10 @@ class LoadedModel:
 
     @property
     def info(self) -> dict:
-        """What the report and an export's provenance record say of the model: name, version, card, and the device it
-        runs on."""
-        return {"name": self.card["name"], "version": self.card["version"], "path": str(self.path),
-                "device": str(next(self.network.parameters()).device)}
+        """What the report and an export's provenance record say of the model: name, version, the sha256 of its
+        weights (two models of one name and version told apart), card, and the device it runs on."""
+        return {"name": self.card["name"], "version": self.card["version"], "sha256": self.card["sha256"],
+                "path": str(self.path), "device": str(next(self.network.parameters()).device)}
 
 
 def default_model_path() -> Path:
@@ -153,8 +157,13 @@ def read_card(path: str | os.PathLike) -> dict:
     channels = card["architecture"].get("channels") if isinstance(card["architecture"], dict) else None
     kind = card["architecture"].get("type", "SpineUNet") if isinstance(card["architecture"], dict) else None
     window = card.get("ct_window_hu")
+    card_format = card.get("format", 1)
+    newer = _is_number(card_format) and isinstance(card_format, int) and card_format > CARD_FORMAT
     problems = [
         what for what, bad in (
+            (f"format {card_format!r} is not one this SpineLabel reads (1 to {CARD_FORMAT})"
+             + (": a newer SpineLabel's card; update SpineLabel" if newer else ""),
+             newer or not (_is_number(card_format) and isinstance(card_format, int) and card_format >= 1)),
             # another network (a later SpineLabel's) would be built as a SpineUNet, and run if its weights fitted
             (f"architecture.type {kind!r} is a network this SpineLabel does not know (it builds SpineUNet)",
              isinstance(card["architecture"], dict) and kind != "SpineUNet"),
@@ -270,6 +279,7 @@ def save_model(network: "SpineUNet", card: dict, card_path: str | os.PathLike) -
             "tissue_classes": list(TISSUE_NAMES),
             "level_classes": list(_LEVEL_NAMES),
             **card,
+            "format": CARD_FORMAT,
             "architecture": {"type": "SpineUNet", "channels": list(network.channels)},
             "weights": weights.name,
             "sha256": sha256_of(weights_tmp),
