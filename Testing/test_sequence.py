@@ -489,6 +489,20 @@ def test_a_name_forced_on_an_end_vertebra_renumbers_the_chain_too(end, name, exp
         assert any("T4 not found" in w for w in missed.warnings)
 
 
+def test_a_name_forced_on_the_top_of_a_chain_read_weakly_renumbers_it_down_to_its_sacrum():
+    """T7 forced on the top of a chain read T8 ... S1 at a margin of 3 and the gaps the model expects: every name
+    moves up one, the sacrum's too, where with the wide end spread of an uncorrected chain for a skip as well the top
+    gap took the skip (T7 T9 ... S1, T8 missing at a normal gap)."""
+    names = ["T8", "T9", "T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    scores = np.full((len(names), K), -3.0)
+    for i, name in enumerate(names):
+        scores[i, level_index(name)] = 0.0
+    expected = expected_gaps_mm(PRIORS)
+    gaps = np.array([expected[level_index(a), level_index(b)] for a, b in zip(names, names[1:])])
+    solution = solve(scores, gaps, fixed={0: "T7"})
+    assert [LEVELS[i].name for i in solution.levels] == ["T7", *names[:-1]]
+
+
 @pytest.mark.parametrize("sacrum_margin, renumbered", [(5.0, ["T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5"]),
                                                        (40.0, ["T10", "T11", "L1", "L2", "L3", "L4", "L5", "S1"])])
 def test_a_name_forced_on_the_top_of_a_chain_with_its_sacrum_can_leave_a_level_missing(sacrum_margin, renumbered):
