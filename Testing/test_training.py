@@ -141,6 +141,37 @@ def test_nnunet_s_ignore_label_costs_nothing_and_a_blank_image_is_refused(tmp_pa
         load_case(*find_cases(tmp_path / "nn")[0], 2.0)
 
 
+def test_a_dataset_of_more_than_one_channel_is_refused(tmp_path):
+    """A two-channel nnU-Net dataset (water-fat MRI: imagesTr/c1_0000 and c1_0001) was trained on channel 0 alone,
+    whichever contrast it held, without a word."""
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    dataset = {"channel_names": {"0": "fat", "1": "water"}, "labels": dataset_labels()}
+    (tmp_path / "nn" / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(InputError, match=r"dataset.json: names 2 channels \(0: fat, 1: water\)"):
+        load_case(*find_cases(tmp_path / "nn")[0], 2.0)
+    (tmp_path / "nn" / "dataset.json").write_text(json.dumps({**dataset, "channel_names": {"0": "MR"}}))
+    load_case(*find_cases(tmp_path / "nn")[0], 2.0)  # one channel: trained on
+    second = tmp_path / "nn" / "imagesTr" / "c1_0001.nii.gz"  # a second channel the dataset.json does not name
+    shutil.copy(tmp_path / "nn" / "imagesTr" / "c1_0000.nii.gz", second)
+    assert [image.name for image, _, _ in find_cases(tmp_path / "nn")] == ["c1_0000.nii.gz"]
+    with pytest.raises(InputError, match=f"{second}: a second channel of the case of c1_0000.nii.gz"):
+        load_case(*find_cases(tmp_path / "nn")[0], 2.0)
+
+
+def test_a_case_whose_image_is_a_link_to_nothing_is_refused(tmp_path):
+    """imagesTr/c1_0000.nii.gz linking to a drive not mounted: the case was left out with a warning that its label map
+    had no image beside it, and training went on with the other cases."""
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz")
+    write_pair(tmp_path / "nn", "imagesTr/c2_0000.nii.gz", "labelsTr/c2.nii.gz")
+    link = tmp_path / "nn" / "imagesTr" / "c2_0000.nii.gz"
+    link.unlink()
+    link.symlink_to(tmp_path / "unmounted" / "c2_0000.nii.gz")
+    with pytest.raises(FileNotFoundError, match=f"{link}: the image of case c2 is a link to a file that does not exist"):
+        find_cases(tmp_path / "nn")
+    link.unlink()
+    assert [image.name for image, _, _ in find_cases(tmp_path / "nn")] == ["c1_0000.nii.gz"]  # no image: left out
+
+
 def test_real_ct_goes_in_through_the_ct_window(tmp_path):
     write_pair(tmp_path, "s1_ct.nii.gz", "s1_seg-vert_msk.nii.gz", background=-1000)
     image = sitk.ReadImage(str(tmp_path / "s1_ct.nii.gz"))
@@ -161,6 +192,24 @@ def test_the_modality_an_export_recorded_is_the_one_trained(tmp_path):
     case = load_case(*find_cases(tmp_path / "nn")[0], 2.0)
     expected = (300 - CT_WINDOW_HU[0]) / (CT_WINDOW_HU[1] - CT_WINDOW_HU[0])
     assert np.median(case.image[case.levels > 0]) == pytest.approx(expected, abs=0.02)
+
+
+def test_an_image_recorded_as_ct_that_holds_no_hounsfield_units_is_refused(tmp_path):
+    """A CT rescaled to [0, 1] by another tool, in a dataset whose channel 0 is CT: the CT window read it as a nearly
+    blank image (every voxel within 0.45-0.46), and it was trained on."""
+    write_pair(tmp_path / "nn", "imagesTr/c1_0000.nii.gz", "labelsTr/c1.nii.gz", background=-1000)
+    dataset = {"channel_names": {"0": "CT"}, "labels": dataset_labels()}
+    (tmp_path / "nn" / "dataset.json").write_text(json.dumps(dataset))
+    image = tmp_path / "nn" / "imagesTr" / "c1_0000.nii.gz"
+    hounsfield = sitk.GetArrayFromImage(sitk.ReadImage(str(image))).astype(np.float32)
+    load_case(*find_cases(tmp_path / "nn")[0], 2.0)  # in Hounsfield units: trained on
+    rescaled = (hounsfield - hounsfield.min()) / (hounsfield.max() - hounsfield.min())
+    sitk.WriteImage(sitk.GetImageFromArray(rescaled), str(image))
+    with pytest.raises(InputError, match=f"{image}: its dataset.json records CT, but its values span only 0 to 1"):
+        load_case(*find_cases(tmp_path / "nn")[0], 2.0)
+    (tmp_path / "nn" / "dataset.json").write_text(json.dumps({**dataset, "channel_names": {"0": "MR"}}))
+    case = load_case(*find_cases(tmp_path / "nn")[0], 2.0)  # not recorded as CT: read by its percentiles
+    assert case.image.max() - case.image.min() > 0.5
 
 
 def test_voxels_near_exported_vertebrae_whose_voxels_were_not_edited_are_unknown(tmp_path, spine):

@@ -423,7 +423,13 @@ def _images(tree: list[Path], cases: dict[str, GtFiles]) -> tuple[dict[str, Path
     found: dict[str, Path] = {}
     unmatched: list[Path] = []
     for path in tree:
-        if not path.name.lower().endswith(IMAGE_SUFFIXES) or path in masks or not path.is_file():
+        if not path.name.lower().endswith(IMAGE_SUFFIXES) or path in masks:
+            continue
+        if not path.is_file():
+            if path.is_symlink() and not path.exists() and case_key(case_name(path)) in cases:
+                # taken for no image, its case was left out with a warning that it has none
+                raise InputError(f"{path}: the image of case {case_key(case_name(path))} is a link to a file that "
+                                 "does not exist; restore its target or remove the link")
             continue
         key = case_key(case_name(path))
         if key not in cases:
@@ -445,7 +451,8 @@ def labelled_cases(gt_dir: str | os.PathLike) -> list[tuple[Path, GtFiles]]:
     ``imagesTr/X_0000.nii.gz`` with ``labelsTr/X.nii.gz``.
 
     Raises:
-        InputError: the folder is missing or holds no GT case, or two images match one case.
+        InputError: the folder is missing or holds no GT case, two images match one case, or a case's image is a link
+            to nothing.
     """
     tree = _tree(Path(gt_dir))  # walked once: the masks and the images are both found in it
     cases = _reference_cases(Path(gt_dir), tree)

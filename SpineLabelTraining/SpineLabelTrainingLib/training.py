@@ -43,9 +43,9 @@ from tqdm import tqdm
 from SpineLabelLib.evaluation import labelled_cases, reference_labels
 from SpineLabelLib.export import dataset_ignore_value, provenance_of, read_dataset_json, recorded_modality
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
-from SpineLabelLib.io import (InputError, atomic_path, axes_text, canonical_grid, grid_difference,
-                              make_writable_folder, no_empty_new_folders, read_image, read_label_map, resample_to_grid,
-                              write_errors_named)
+from SpineLabelLib.io import (IMAGE_SUFFIXES, InputError, atomic_path, axes_text, canonical_grid, grid_difference,
+                              image_stem, make_writable_folder, no_empty_new_folders, read_image, read_label_map,
+                              resample_to_grid, write_errors_named)
 from SpineLabelLib.models import (MODEL_SPACING_MM, ModelError, checkpoint_path, default_model_path, load_model,
                                   model_card_path, read_card, save_model, sha256_of, user_models_dir)
 from SpineLabelLib.network import SpineUNet
@@ -81,6 +81,10 @@ UNSURE_MM = 6.0
 # 50 steps at 2e-3: 15 of 28 held-out real MRI vertebrae identified, 28 before; the shipped model was tuned at 3e-4)
 NEW_MODEL_LR, FINE_TUNE_LR = 2e-3, 3e-4
 NEW_MODEL_SPACING_MM = 2.0  # a new model's grid spacing
+# less than this between the lowest and highest value of an image its dataset.json records as CT, and its values are no
+# Hounsfield units (a CT with a vertebra holds bone hundreds of HU above soft tissue): a CT rescaled to [0, 1] or
+# z-scored by another tool went through the CT window into 0.45-0.46, a nearly blank image, and was trained on
+MIN_CT_SPREAD_HU = 100.0
 _ALLOWED = np.zeros((256, len(TISSUE_NAMES)), dtype=bool)
 for _c in range(len(TISSUE_NAMES)):
     _ALLOWED[_c, _c] = True
@@ -149,8 +153,11 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     export's labelling took it for), else for the one ``inference.modality_of`` detects. In a case
     with an export's provenance record (``export.provenance_of``), the unlabelled voxels near its vertebrae whose
     voxels the user did not edit are unknown (``unknown_near``); so are the voxels of nnU-Net's ignore label
-    (``export.dataset_ignore_value``).
+    (``export.dataset_ignore_value``). A case of an nnU-Net dataset of more than one channel is refused
+    (``_one_channel``).
     """
+    if label_path.parent.name == "labelsTr":
+        _one_channel(image_path, label_path)
     image = read_image(image_path)
     pixels = sitk.GetArrayViewFromImage(image)
     if pixels.min() == pixels.max():
@@ -181,8 +188,15 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
         verse[sitk.GetArrayViewFromImage(labels) == ignore] = IGNORE
     as_verse = sitk.GetImageFromArray(verse)
     as_verse.CopyInformation(labels)
+    modality = recorded_modality(label_path)
+    low, high = float(pixels.min()), float(pixels.max())
+    if modality == "CT" and high - low < MIN_CT_SPREAD_HU:
+        raise InputError(f"{image_path}: its dataset.json records CT, but its values span only {low:.4g} to "
+                         f"{high:.4g}, no Hounsfield units (rescaled or normalised by another tool?): the CT window of "
+                         f"{CT_WINDOW_HU[0]:g} to {CT_WINDOW_HU[1]:g} HU would read it as a nearly blank "
+                         "image; give the image in Hounsfield units")
     grid = canonical_grid(image, spacing_mm)
-    volume = _model_input(image, grid, recorded_modality(label_path))
+    volume = _model_input(image, grid, modality)
     if volume.min() == volume.max():  # constant but for a few voxels, or two-valued (a mask given as the image)
         raise InputError(f"{image_path}: image is blank as the network reads it (every voxel the same once "
                          "normalised): training on it would teach its labels in a blank image")
@@ -209,6 +223,33 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     tissue = unknown_beyond_labelled_ends(tissue, verse)
     tissue[unannotated] = IGNORE
     return Case(volume, tissue, verse, image_path.name)
+
+
+def _one_channel(image_path: Path, label_path: Path) -> None:
+    """Refuse a case of an nnU-Net dataset of more than one channel (``imagesTr/X_0000``, ``X_0001``, ...): the network
+    reads one image, and channel 0 alone would be trained on, whichever contrast it holds (the fat image of a water-fat
+    MRI), while the others were left unread.
+
+    Raises:
+        InputError: the dataset.json names more than one channel (``channel_names``, or nnU-Net v1's ``modality``), or
+            a second channel's file lies beside the image.
+    """
+    dataset = read_dataset_json(label_path.parent.parent) or {}
+    for key in ("channel_names", "modality"):
+        channels = dataset.get(key)
+        if isinstance(channels, dict) and len(channels) > 1:
+            names = ", ".join(f"{k}: {v}" for k, v in channels.items())
+            raise InputError(f"{label_path.parent.parent / 'dataset.json'}: names {len(channels)} channels ({names}); "
+                             "SpineLabel trains on one image per case and would read channel 0 alone: make a dataset "
+                             "of the one channel to train on")
+    stem = image_stem(image_path.name)
+    if stem is not None and stem.endswith("_0000"):
+        second = [image_path.parent / f"{stem[:-5]}_0001{suffix}" for suffix in IMAGE_SUFFIXES]
+        found = next((p for p in second if p.exists()), None)
+        if found is not None:
+            raise InputError(f"{found}: a second channel of the case of {image_path.name}; SpineLabel trains on one "
+                             "image per case and would read channel 0 alone: make a dataset of the one channel to "
+                             "train on")
 
 
 def cases_sha256(folder: str | Path) -> str:
