@@ -487,6 +487,23 @@ def test_a_label_map_given_as_the_image_is_named(random_model, small_phantom):
     assert not looks_like_label_map(np.array([0, 0.5, 1]))  # not whole numbers
     assert not looks_like_label_map(np.zeros(8, dtype=np.int16))  # constant: said so otherwise
     assert not looks_like_label_map(np.arange(-1000, 1000, dtype=np.int16))  # a scan
+    assert looks_like_label_map(np.arange(118, dtype=np.uint8))  # every class of TotalSegmentator's "total" task
+
+
+@pytest.mark.skipif(not (DATA / "ct_mr_totalsegmentator").is_dir(), reason="real data ../shared/data not present")
+def test_a_totalsegmentator_map_is_taken_for_a_label_map_and_no_real_scan_is():
+    """TotalSegmentator's 42-value map of its abdominal CT was labelled as a scan without a word."""
+    def pixels(path):
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+    for name in ("example_seg.nii.gz", "example_seg_mr.nii.gz"):
+        assert looks_like_label_map(pixels(DATA / "ct_mr_totalsegmentator" / name)), name
+    kinds = (("mri_lumbar_bodies", "*_img.nii.gz"), ("discs_mri", "*_img.nii.gz"), ("ct_verse", "*_ct.nii.gz"),
+             ("crops_tptbox", "*_ct.nii.gz"), ("crops_tptbox", "*_T2w.nii.gz"),
+             ("ct_mr_totalsegmentator", "example_*_sm.nii.gz"))
+    scans = [path for folder, pattern in kinds for path in sorted((DATA / folder).glob(pattern))]
+    assert len(scans) >= 42  # 32 lumbar MRI, 5 disc MRI, a VerSe CT, TPTBox's CT and MRI, TotalSegmentator's CT and MR
+    assert not [scan.name for scan in scans if looks_like_label_map(pixels(scan))]
 
 
 def test_the_modality_can_be_given(small_phantom):

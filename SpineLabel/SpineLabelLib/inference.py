@@ -178,8 +178,9 @@ def looks_like_offset_ct(volume: np.ndarray) -> bool:
 
 
 # Fewer distinct values than this, all whole numbers, make an image more likely a label map than a scan: a VerSe label
-# map holds 29 at most, an 8-bit MRI hundreds
-LABEL_MAP_VALUES = 32
+# map holds 29 at most, a TotalSegmentator one up to 118 (its 117 classes; 42 on its abdominal CT example, which 32
+# let through), while the sample of the sparsest real 8-bit MRI of ../shared/data holds 186
+LABEL_MAP_VALUES = 128
 
 
 def looks_like_label_map(volume: np.ndarray) -> bool:
