@@ -158,12 +158,12 @@ def read_card(path: str | os.PathLike) -> dict:
     kind = card["architecture"].get("type", "SpineUNet") if isinstance(card["architecture"], dict) else None
     window = card.get("ct_window_hu")
     card_format = card.get("format", 1)
-    newer = _is_number(card_format) and isinstance(card_format, int) and card_format > CARD_FORMAT
+    whole = isinstance(card_format, int) and not isinstance(card_format, bool)
     problems = [
         what for what, bad in (
             (f"format {card_format!r} is not one this SpineLabel reads (1 to {CARD_FORMAT})"
-             + (": a newer SpineLabel's card; update SpineLabel" if newer else ""),
-             newer or not (_is_number(card_format) and isinstance(card_format, int) and card_format >= 1)),
+             + (": a newer SpineLabel's card; update SpineLabel" if whole and card_format > CARD_FORMAT else ""),
+             not (whole and 1 <= card_format <= CARD_FORMAT)),
             # another network (a later SpineLabel's) would be built as a SpineUNet, and run if its weights fitted
             (f"architecture.type {kind!r} is a network this SpineLabel does not know (it builds SpineUNet)",
              isinstance(card["architecture"], dict) and kind != "SpineUNet"),
