@@ -1641,3 +1641,741 @@ def test_labelling_no_volume_in_the_process_is_refused_as_in_the_background(modu
     for start in (logic.label, logic.startLabelling):
         with pytest.raises(ValueError, match="Select an input volume"):
             start(None)
+
+
+# ------------------------------------------------------------------------------------------ the panels' own behaviour
+
+
+class _Timer:
+    def __init__(self):
+        self.active = False
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+
+class _FakeProcess:
+    """A background process as the panels poll it: ``events`` read at once, ``late`` only once its output was read to
+    the end (``wait``), as the last lines of a process that has just ended are."""
+
+    def __init__(self, events=(), running=True, code=0, late=(), tail=""):
+        self.events, self.late, self.running, self.code, self.tail = list(events), list(late), running, code, tail
+        self.calls, self.env, self.command = [], None, ["spinelabel", "train"]
+
+    def readEvents(self):
+        events, self.events = self.events, []
+        return events
+
+    def wait(self, *args):
+        self.calls.append("wait")
+        self.events += self.late
+        self.late = []
+        return self.code
+
+    def finish(self, *args):
+        self.calls.append("finish")
+        return self.code
+
+    def cancel(self, *args):
+        self.calls.append("cancel")
+        self.running = False
+
+    def outputTail(self):
+        return self.tail
+
+    def exitDescription(self):
+        return f"exit status {self.code}"
+
+
+def _runFolder(tmp_path) -> Path:
+    outputDir = tmp_path / "SpineLabel-run" / "result"
+    outputDir.mkdir(parents=True)
+    return outputDir
+
+
+def test_the_labelling_panel_passes_its_settings_shows_progress_and_cancels(modules, labeled, monkeypatch, tmp_path):
+    """What a user sees from Label spine to Cancel: the settings given to the process, buttons that cannot act on a
+    labelling while one runs, progress in percent with the worker's message, and Cancel ending it all."""
+    volume = labeled.volumeNode
+    panel = labelling_panel(modules, volume)
+    panel._labelings[volume.GetID()] = labeled
+    panel._timer = _Timer()
+    panel._parameterNode.device, panel._parameterNode.modality, panel._parameterNode.skipSpineGate = "cuda", "mr", True
+    panel._checkCanApply()
+    assert panel.ui.applyButton.text == "Label spine"
+    assert panel.ui.exportButton.enabled and panel.ui.addVertebraButton.enabled and panel.show3DButton.enabled
+    outputDir, started = _runFolder(tmp_path), []
+    fake = _FakeProcess([{"event": "progress", "fraction": 0.25, "message": "Finding the spine"}])
+    monkeypatch.setattr(panel.logic, "startLabelling", lambda *args: started.append(args) or (fake, outputDir))
+    panel.onApplyButton()
+    assert started == [(volume, None, "cuda", False, False, "mr")]  # the gate skipped: spineGate False
+    assert panel._timer.active and panel.ui.statusLabel.text == "Starting..." and panel._labelledVolume is volume
+    assert panel.ui.applyButton.text == "Cancel" and panel.ui.applyButton.enabled
+    assert not (panel.ui.inputVolumeSelector.enabled or panel.ui.exportButton.enabled
+                or panel.ui.addVertebraButton.enabled or panel.show3DButton.enabled)
+    assert panel.show3DButton.locked
+    panel.onPollProcess()
+    assert panel.ui.progressBar.value == 25 and panel.ui.statusLabel.text == "Finding the spine"
+    panel.onApplyButton()  # Cancel
+    assert fake.calls == ["cancel"] and not outputDir.parent.exists() and panel._process is None
+    assert panel.ui.statusLabel.text == "Cancelled." and not panel._timer.active
+    assert panel.ui.applyButton.text == "Label spine" and panel.ui.inputVolumeSelector.enabled
+    assert panel.ui.exportButton.enabled and not panel.show3DButton.locked
+
+
+def test_a_new_labelling_replaces_a_corrected_one_only_when_the_user_says_so(modules, labeled, spine, monkeypatch,
+                                                                              tmp_path):
+    volume = labeled.volumeNode
+    panel = labelling_panel(modules, volume)
+    panel._labelings[volume.GetID()] = labeled
+    panel._timer = _Timer()
+    labeled.markupsNode.SetNthControlPointLocked(0, True)  # one correction
+    asked, answers, new = [], [], []
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda text, **kwargs: asked.append(text) or answers.pop(0),
+                        raising=False)
+    monkeypatch.setattr(panel.logic, "finishLabelling",
+                        lambda v, o: new.append(LabelingScene(v, spine.result.copy())) or new[-1])
+
+    def finished(answer):
+        answers.append(answer)
+        outputDir = _runFolder(tmp_path)
+        panel._process, panel._outputDir, panel._labelledVolume = _FakeProcess([{"event": "done"}]), outputDir, volume
+        panel.onPollProcess()
+        return outputDir
+
+    def unreadable():
+        raise RuntimeError("the Segment Editor's edits cannot be read back")
+
+    with monkeypatch.context() as m:  # edits that cannot be read back: asked all the same
+        m.setattr(labeled, "correctionCount", unreadable)
+        outputDir = finished(False)
+    assert asked == ["Replace the labelling of spine, with the correction made to it, by the new one?"]
+    assert not new and not outputDir.parent.exists() and panel._labelings[volume.GetID()] is labeled
+    assert panel.ui.statusLabel.text == "New labelling discarded; the corrected one is kept."
+    assert panel.ui.progressBar.value == 0
+    labeled.markupsNode.SetNthControlPointLocked(1, True)
+    finished(True)
+    try:
+        assert asked[-1] == "Replace the labelling of spine, with the 2 corrections made to it, by the new one?"
+        assert panel._labelings[volume.GetID()] is new[0] and labeled.segmentationNode.GetScene() is None
+        assert labeled.markupsNode.GetScene() is None
+        assert panel.ui.progressBar.value == 100
+        assert panel.ui.statusLabel.text == f"{len(spine.result.vertebrae)} vertebrae labelled, read as CT."
+        panel.ui.statusLabel.text = ""
+        new[0].markupsNode.SetNthControlPointLocked(0, True)  # a correction of the new labelling reaches the panel
+        assert panel.ui.statusLabel.text.endswith("vertebrae labelled, read as CT.")
+    finally:
+        new[0].cleanup()
+
+
+def test_a_failed_or_crashed_labelling_is_reported_under_the_volume_s_name(modules, labeled, tmp_path):
+    volume = labeled.volumeNode
+    panel = labelling_panel(modules, volume)
+    panel._timer = _Timer()
+    outputDir = _runFolder(tmp_path)
+    temporary = str(panel.logic.inputPath(outputDir))
+    fake = _FakeProcess([{"event": "error", "message": f"{temporary}: no vertebra found"}])
+    panel._process, panel._outputDir, panel._labelledVolume = fake, outputDir, volume
+    panel._timer.start()
+    panel.ui.progressBar.value = 60
+    panel.onPollProcess()
+    assert modules.errors == ["Labelling failed: spine: no vertebra found"]
+    assert "finish" in fake.calls and not outputDir.parent.exists() and panel._process is None
+    assert not panel._timer.active and panel.ui.statusLabel.text == "Labelling failed."
+    assert panel.ui.progressBar.value == 0 and panel.ui.applyButton.text == "Label spine"
+    # its last line read only once its output is read to the end
+    outputDir = _runFolder(tmp_path)
+    fake = _FakeProcess(running=False, code=1, late=[{"event": "error", "message": "out of memory"}])
+    panel._process, panel._outputDir, panel._labelledVolume = fake, outputDir, volume
+    panel.onPollProcess()
+    assert modules.errors[-1] == "Labelling failed: out of memory"
+    # ended without a word (killed)
+    outputDir = _runFolder(tmp_path)
+    fake = _FakeProcess(running=False, code=-9)
+    panel._process, panel._outputDir, panel._labelledVolume = fake, outputDir, volume
+    panel.onPollProcess()
+    assert modules.errors[-1] == "The labelling process of spine stopped unexpectedly (exit status -9)."
+    assert not outputDir.parent.exists() and panel.ui.statusLabel.text == "Labelling failed."
+
+
+def test_the_vertebra_table_shows_names_confidences_locks_and_what_to_check(modules, labeled, monkeypatch):
+    from SpineLabelLib.sequence import UNCERTAIN_BELOW
+
+    class Item:
+        def __init__(self, text):
+            self.text, self.background = text, None
+
+        def setBackground(self, brush):
+            self.background = brush
+
+        def __getattr__(self, name):
+            return lambda *args: None
+
+    monkeypatch.setattr(modules.label.qt, "QTableWidgetItem", Item, raising=False)
+    rows, cells = [], {}
+    panel = labelling_panel(modules, labeled.volumeNode)
+    panel.ui.vertebraTable = types.SimpleNamespace(setRowCount=rows.append,
+                                                   setItem=lambda r, c, item: cells.__setitem__((r, c), item))
+    panel._labelings[labeled.volumeNode.GetID()] = labeled
+    labeled.changedCallbacks.append(panel.onLabelingChanged)
+
+    def table():
+        assert rows[-1] == len(labeled.result.vertebrae)
+        return [tuple(cells[r, c].text for c in range(3)) + (cells[r, 0].background is not None,)
+                for r in range(rows[-1])]
+
+    panel._checkCanApply()  # shows the selected volume's labelling
+    vertebrae = labeled.result.vertebrae
+    assert table() == [(v.name, confidence_text(v.confidence), "", v.confidence < UNCERTAIN_BELOW) for v in vertebrae]
+    uncertain = next(i for i, v in enumerate(vertebrae) if v.confidence < UNCERTAIN_BELOW)
+    labeled.markupsNode.SetNthControlPointLocked(labeled.pointIndexOf(vertebrae[uncertain].id), True)
+    assert table()[uncertain][2:] == ("yes", False)  # locked: checked, no longer highlighted
+    check = modules.label.toCheck
+    assert not check(types.SimpleNamespace(confidence=UNCERTAIN_BELOW, fixed=False))  # below, not at
+    assert check(types.SimpleNamespace(confidence=UNCERTAIN_BELOW - 0.01, fixed=False))
+    assert not check(types.SimpleNamespace(confidence=0.0, fixed=True))
+
+
+def test_a_click_on_a_row_jumps_to_its_point_and_add_places_one_point(modules, labeled, monkeypatch):
+    calls = []
+    markups = types.SimpleNamespace(
+        JumpSlicesToNthPointInMarkup=lambda nodeId, index, centred: calls.append(("jump", nodeId, index)),
+        SetActiveList=lambda node: calls.append(("active", node.GetID())),
+        StartPlaceMode=lambda persistent: calls.append(("place", persistent)))
+    monkeypatch.setattr(slicer.modules, "markups", types.SimpleNamespace(logic=lambda: markups), raising=False)
+    panel = labelling_panel(modules, labeled.volumeNode)
+    panel._labelings[labeled.volumeNode.GetID()] = labeled
+    node = labeled.markupsNode
+    node.SwapControlPoints(0, 1)  # the Markups module's Move down
+    panel.onVertebraClicked(0, 0)
+    panel.onVertebraClicked(1, 0)
+    panel.onAddVertebraButton()
+    assert calls == [("jump", node.GetID(), 1), ("jump", node.GetID(), 0), ("active", node.GetID()),
+                     ("place", False)]  # one point, not a place mode that stays on
+
+
+def test_the_panel_shows_a_labelling_s_errors_notices_warnings_and_modality(modules, labeled, mrml):
+    panel = labelling_panel(modules, labeled.volumeNode)
+    panel._labelings[labeled.volumeNode.GetID()] = labeled
+    panel._checkCanApply()
+    count = len(labeled.result.vertebrae)
+    assert panel.ui.statusLabel.text == f"{count} vertebrae labelled, read as CT."
+    assert panel.ui.warningsLabel.text == ("\n".join(labeled.result.warnings) or "No warnings.")
+    labeled.lastError, labeled.lastNotice = "L9 is no vertebra", "L1 was locked on another point"
+    panel.onLabelingChanged(labeled)
+    assert panel.ui.warningsLabel.text.splitlines()[:2] == ["Correction not applied: L9 is no vertebra",
+                                                           "L1 was locked on another point"]
+    other = build_spine(names=("L1", "L2", "L3"))  # another volume's labelling changed: this panel shows its own
+    otherLabeling = LabelingScene(addVolumeNodeFromImage(mrml.scene, other.image, "other"), other.result)
+    try:
+        panel.onLabelingChanged(otherLabeling)
+        assert panel.ui.statusLabel.text == f"{count} vertebrae labelled, read as CT."
+        assert panel._shownLabeling is labeled
+    finally:
+        otherLabeling.cleanup()
+    labeled.lastError = labeled.lastNotice = ""
+    labeled.result.warnings.clear()
+    panel.onLabelingChanged(labeled)
+    assert panel.ui.warningsLabel.text == "No warnings."
+
+
+def test_removing_the_volume_being_labelled_or_closing_the_scene_ends_it_all(modules, labeled, mrml, tmp_path):
+    volume = labeled.volumeNode
+    panel = labelling_panel(modules, volume)
+    panel._timer = _Timer()
+    outputDir, fake = _runFolder(tmp_path), _FakeProcess()
+    panel._process, panel._outputDir, panel._labelledVolume = fake, outputDir, volume
+    panel.onNodeRemoved(mrml.scene, mrml.scene.NodeRemovedEvent, volume)
+    assert fake.calls == ["cancel"] and not outputDir.parent.exists() and panel._process is None
+    assert panel.ui.statusLabel.text == "Labelling stopped: its volume was removed."
+    # closing the scene: nothing followed any longer, the panel's lines emptied, no button acts on a labelling
+    panel._labelings[volume.GetID()] = labeled
+    panel._abandoned["vtkMRMLScalarVolumeNode9"] = "vtkMRMLMarkupsFiducialNode9"
+    panel._parameterNode.disconnectGui = lambda tag: None
+    panel.removeObserver = lambda *args: None  # the parameter node's observer: a stub here
+    panel.ui.statusLabel.text = panel.ui.warningsLabel.text = "6 vertebrae labelled"
+    names = [v.name for v in labeled.result.vertebrae]
+    panel.onSceneStartClose(mrml.scene, mrml.scene.StartCloseEvent)
+    assert not panel._labelings and not panel._abandoned and panel._parameterNode is None
+    assert panel.ui.statusLabel.text == panel.ui.warningsLabel.text == ""
+    assert not (panel.ui.exportButton.enabled or panel.ui.addVertebraButton.enabled)
+    labeled.markupsNode.SetNthControlPointLabel(0, "C3")  # no longer observed
+    assert [v.name for v in labeled.result.vertebrae] == names
+
+
+def test_the_dependency_line_and_install_button(modules, monkeypatch):
+    panel = labelling_panel(modules, None)
+    missing = ["torch>=2.2"]
+    monkeypatch.setattr(panel.logic, "missingPackages", lambda: list(missing))
+    monkeypatch.setattr(panel.logic, "brokenPackages", lambda: {})
+    asked, installs, listed = [], [], []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: asked.append(text) or False,
+                        raising=False)
+    monkeypatch.setattr(panel.logic, "installDependencies", lambda: installs.append(1) or missing.clear())
+    panel.updateModelList = lambda: listed.append(1)
+    panel.updateDependencyStatus()
+    assert panel.ui.installButton.visible and panel.ui.statusLabel.text == "Missing Python packages: torch>=2.2"
+    panel.onInstallButton()
+    assert len(asked) == 1 and not installs  # not installed without the user's yes
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: True, raising=False)
+    panel.onInstallButton()
+    assert installs and listed  # the models can be listed now
+    assert not panel.ui.installButton.visible and panel.ui.statusLabel.text == ""
+    panel.ui.statusLabel.text = "Exported case"  # another status stays
+    panel.updateDependencyStatus()
+    assert panel.ui.statusLabel.text == "Exported case"
+
+
+def test_the_model_list_offers_the_default_and_drops_a_vanished_choice(modules, monkeypatch):
+    class Combo:
+        def __init__(self):
+            self.items, self.current = [], None
+
+        def clear(self):
+            self.items = []
+
+        def addItem(self, text, data):
+            self.items.append((text, data))
+
+        def findData(self, data):
+            return next((i for i, item in enumerate(self.items) if item[1] == data), -1)
+
+        def setCurrentIndex(self, index):
+            self.current = index
+
+        def itemData(self, index):
+            return self.items[index][1]
+
+        def blockSignals(self, block):
+            pass
+
+    panel = labelling_panel(modules, None)
+    panel.ui.modelComboBox = combo = Combo()
+    card = {"name": "tuned", "version": "2", "path": "/models/tuned.json"}
+    monkeypatch.setattr(panel.logic, "availableModels", lambda: [card])
+    monkeypatch.setattr(panel.logic, "missingPackages", lambda: [])
+    panel._parameterNode.modelPath = "/models/gone.json"
+    panel.updateModelList()
+    assert combo.items == [("Default model", ""), ("tuned 2", "/models/tuned.json")]
+    assert combo.current == 0 and panel._parameterNode.modelPath == ""
+    panel._parameterNode.modelPath = "/models/tuned.json"
+    panel.updateModelList()
+    assert combo.current == 1
+    panel.onModelChanged(0)
+    assert panel._parameterNode.modelPath == ""
+    panel.onModelChanged(1)
+    assert panel._parameterNode.modelPath == "/models/tuned.json"
+    monkeypatch.setattr(panel.logic, "availableModels", lambda: [])  # the dependencies missing: the choice is kept
+    monkeypatch.setattr(panel.logic, "missingPackages", lambda: ["torch>=2.2"])
+    panel.updateModelList()
+    assert combo.current == 0 and panel._parameterNode.modelPath == "/models/tuned.json"
+
+
+def training_panel(modules, tmp_path):
+    panel = modules.train.SpineLabelTrainingWidget()
+    panel.ui, panel.logic, panel._timer = _Ui(), modules.train.SpineLabelTrainingLogic(), _Timer()
+    panel._parameterNode = types.SimpleNamespace(datasetDirectory=tmp_path, baseModelPath="", modelName="m",
+                                                 epochs=3, device="cpu", validationCases=2)
+    return panel
+
+
+_TRAINING_SETTINGS = ("datasetDirectoryButton", "baseModelComboBox", "modelNameLineEdit", "epochsSpinBox",
+                      "validationCasesSpinBox", "deviceComboBox")
+
+
+def test_the_training_panel_runs_reports_epochs_and_registers(modules, tmp_path, monkeypatch):
+    panel = training_panel(modules, tmp_path)
+    log = ["the last run's line"]
+    panel.ui.logTextEdit = types.SimpleNamespace(appendPlainText=log.append, clear=log.clear)
+    fake, outCard, started, listed = _FakeProcess(), tmp_path / "run" / "m.json", [], []
+    monkeypatch.setattr(panel.logic, "startTraining", lambda *args, **kwargs: started.append((args, kwargs)) or (
+        fake, outCard))
+    monkeypatch.setattr(panel.logic, "finishTraining", lambda card: tmp_path / "models" / Path(card).name)
+    panel.updateModelList = lambda: listed.append(1)
+    panel.onTrainButton()
+    assert started == [((tmp_path, None, "m", 3, "cpu"), {"extraArguments": ("--validation-cases", 2)})]
+    assert panel.ui.trainButton.text == "Stop" and panel._timer.active and log == []
+    assert panel.ui.statusLabel.text == "Training..."
+    assert not any(getattr(panel.ui, name).enabled for name in _TRAINING_SETTINGS)
+    fake.events = [{"event": "progress", "fraction": 0.1}]
+    panel.onPollProcess()
+    assert panel.ui.progressBar.value == 10 and log == []
+    fake.events = [{"event": "epoch", "epoch": 1, "epochs": 3, "fraction": 1 / 3, "loss": 0.5,
+                    "metrics": {"dice": 0.75}}]
+    panel.onPollProcess()
+    assert log == ["epoch 1/3  loss 0.5000  dice 0.750"] and panel.ui.progressBar.value == 33
+    fake.running, fake.late = False, [{"event": "epoch", "epoch": 3, "epochs": 3, "fraction": 1.0, "loss": 0.25,
+                                       "metrics": {"dice": 0.8}}]
+    panel.onPollProcess()
+    assert log[-1] == "epoch 3/3  loss 0.2500  dice 0.800"  # read after the process ended
+    assert panel.ui.statusLabel.text == f"Model registered: {tmp_path / 'models' / 'm.json'}" and listed
+    assert panel.ui.progressBar.value == 100 and panel.ui.trainButton.text == "Start training"
+    assert all(getattr(panel.ui, name).enabled for name in _TRAINING_SETTINGS) and not panel._timer.active
+
+
+def test_stop_ends_a_training_run_but_keeps_one_that_has_just_finished(modules, tmp_path, monkeypatch):
+    panel = training_panel(modules, tmp_path)
+    outCard = tmp_path / "run" / "m.json"
+    outCard.parent.mkdir()
+    fake = _FakeProcess()
+    panel._process, panel._outCard = fake, outCard
+    panel._timer.start()
+    panel.onTrainButton()  # Stop
+    assert fake.calls == ["cancel"] and not outCard.parent.exists() and panel._process is None
+    assert panel.ui.statusLabel.text == "Stopped; no model was registered." and not panel._timer.active
+    assert panel.ui.trainButton.text == "Start training"
+    registered = []
+    monkeypatch.setattr(panel.logic, "finishTraining", lambda card: registered.append(card) or card)
+    panel.updateModelList = lambda: None
+    fake = _FakeProcess(running=False)
+    panel._process, panel._outCard = fake, outCard
+    panel.onTrainButton()  # Stop, pressed once it had ended
+    assert registered == [outCard] and "cancel" not in fake.calls
+
+
+def test_a_training_run_killed_by_a_signal_is_a_failure(modules, tmp_path, monkeypatch):
+    panel = training_panel(modules, tmp_path)
+    panel.ui.logTextEdit = types.SimpleNamespace(appendPlainText=lambda line: None)
+    monkeypatch.setattr(panel.logic, "finishTraining", lambda card: pytest.fail("a killed run was registered"))
+    panel._process, panel._outCard = _FakeProcess(running=False, code=-9), tmp_path / "run" / "m.json"
+    panel.onPollProcess()
+    assert modules.errors == ["Training failed (exit status -9)."] and panel.ui.statusLabel.text == "Training failed."
+
+
+def test_a_failed_training_run_keeps_its_folder_only_with_a_checkpoint(modules, tmp_path):
+    from SpineLabelLib.models import checkpoint_path
+
+    logic = modules.train.SpineLabelTrainingLogic()
+    outCard = tmp_path / "run" / "m.json"
+    outCard.parent.mkdir()
+    assert logic.keptAfterFailure(outCard) is None and not outCard.parent.exists()
+    outCard.parent.mkdir()
+    checkpoint_path(outCard).write_bytes(b"")
+    assert logic.keptAfterFailure(outCard) == checkpoint_path(outCard) and outCard.parent.exists()
+
+
+def test_the_dataset_summary_says_what_is_wrong_with_a_folder(modules, tmp_path):
+    summary = modules.train.SpineLabelTrainingLogic.datasetSummary
+    assert summary("") == summary(str(tmp_path / "absent")) == "Choose a dataset folder exported from SpineLabel."
+    assert summary(str(tmp_path)) == "No dataset.json in this folder."
+    (tmp_path / "dataset.json").write_text("{")
+    assert summary(str(tmp_path)).startswith("dataset.json unreadable: ")
+    for count, channels, text in ((1, {"0": "CT"}, "1 case, CT"), (2, {"0": "MR"}, "2 cases, MR"),
+                                  (3, ["CT"], "3 cases, ?")):
+        (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": channels, "numTraining": count}))
+        assert summary(str(tmp_path)) == text
+
+
+def test_a_training_start_is_refused_before_anything_runs(modules, tmp_path, monkeypatch):
+    """Refused at the start, not after the training: no folder, no dataset.json, missing packages, a name that
+    cannot be registered; a start that fails leaves no folder behind; an accepted one trains the shipped model
+    when none is chosen, in a process that imports this module's folder."""
+    from SpineLabelLib.models import ModelError, default_model_path
+    import tempfile
+
+    from SpineLabelLogic import process as process_module
+
+    started = []
+
+    class Process:
+        def __init__(self, command, parse, env=None, cwd=None):
+            self.command, self.env = command, env
+
+        def start(self):
+            started.append(self)
+            if self.fail:
+                raise OSError("no such executable")
+
+    Process.fail = False
+    monkeypatch.setattr(process_module, "BackgroundProcess", Process)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("PYTHONPATH", "")  # this module's folder comes from startTraining, not from the caller's path
+    logic = modules.train.SpineLabelTrainingLogic()
+    with pytest.raises(ValueError, match="is no folder"):
+        logic.startTraining(tmp_path / "absent")
+    dataset = tmp_path / "data"
+    dataset.mkdir()
+    with pytest.raises(ValueError, match="holds no dataset.json"):
+        logic.startTraining(dataset)
+    (dataset / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "numTraining": 1}))
+    with pytest.raises(ModelError):
+        logic.startTraining(dataset, modelName="../m")
+    with monkeypatch.context() as m:
+        m.setattr(logic, "missingPackages", lambda: ["torch>=2.2"])
+        with pytest.raises(RuntimeError, match="torch>=2.2"):
+            logic.startTraining(dataset)
+    assert not started
+    Process.fail = True
+    with pytest.raises(OSError):
+        logic.startTraining(dataset)
+    assert not list((tmp_path / "tmp").iterdir())
+    Process.fail = False
+    process, outCard = logic.startTraining(dataset, None, "m", 1, "cpu")
+    assert str(default_model_path()) in map(str, process.command)
+    assert str(Path(modules.train.__file__).resolve().parent) in process.env["PYTHONPATH"].split(os.pathsep)
+    logic.discardTraining(outCard)
+
+
+def test_closing_the_panel_stops_its_labelling(modules, labeled, tmp_path):
+    panel = labelling_panel(modules, labeled.volumeNode)
+    panel._timer = _Timer()
+    outputDir, fake = _runFolder(tmp_path), _FakeProcess()
+    panel._process, panel._outputDir, panel._labelledVolume = fake, outputDir, labeled.volumeNode
+    panel.cleanup()
+    assert fake.calls == ["cancel"] and not outputDir.parent.exists()
+
+
+def test_a_package_at_its_floor_or_without_metadata_is_not_missing(modules, tmp_path, monkeypatch):
+    (tmp_path / "spinelabel_floor").mkdir()
+    (tmp_path / "spinelabel_floor" / "__init__.py").write_text("")
+    (tmp_path / "spinelabel_floor-1.2.dist-info").mkdir()
+    (tmp_path / "spinelabel_floor-1.2.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: spinelabel-floor\nVersion: 1.2\n")
+    (tmp_path / "spinelabel_bare.py").write_text("")  # importable, no metadata (a copy of the folder): as it is
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(modules.label.REQUIRED_PACKAGES, "spinelabel_floor", "spinelabel-floor>=1.2")
+    monkeypatch.setitem(modules.label.REQUIRED_PACKAGES, "spinelabel_bare", "spinelabel-bare>=1")
+    assert modules.label.SpineLabelLogic.missingPackages() == []
+    monkeypatch.setitem(modules.label.REQUIRED_PACKAGES, "spinelabel_floor", "spinelabel-floor>=1.3")
+    assert modules.label.SpineLabelLogic.missingPackages() == ["spinelabel-floor>=1.3"]
+
+
+def test_torch_comes_from_the_pytorch_extension_and_the_rest_from_pip(modules, monkeypatch):
+    logic = modules.label.SpineLabelLogic()
+    torch, scipy = modules.label.REQUIRED_PACKAGES["torch"], modules.label.REQUIRED_PACKAGES["scipy"]
+    monkeypatch.setattr(logic, "missingPackages", lambda: [torch, scipy])
+    monkeypatch.setattr(logic, "brokenPackages", lambda: {})
+    installs = []
+    pytorch = types.SimpleNamespace(installTorch=lambda **kwargs: installs.append(
+        ("PyTorch", kwargs["torchVersionRequirement"])))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=lambda: pytorch))
+    monkeypatch.setattr(slicer.util, "pip_install", lambda args: installs.append(("pip", args)))
+    logic.installDependencies()
+    assert installs == [("PyTorch", ">=2.2"), ("pip", [scipy])]
+
+
+def test_the_model_lists_hold_the_shipped_model_once(modules, monkeypatch, tmp_path):
+    from SpineLabelLib.models import default_model_path
+
+    monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path / "models"))
+    default = str(default_model_path())
+    assert default not in [card["path"] for card in modules.label.SpineLabelLogic.availableModels()]  # its own entry
+    assert [card["path"] for card in modules.train.SpineLabelTrainingLogic.availableModels()] == [default]
+    monkeypatch.setattr(modules.label.SpineLabelLogic, "missingPackages", staticmethod(lambda: ["torch>=2.2"]))
+    assert modules.train.SpineLabelTrainingLogic.availableModels() == []
+
+
+def test_a_labelling_run_that_fails_leaves_no_temporary_folder(modules, labeled, monkeypatch, tmp_path):
+    import tempfile
+
+    from SpineLabelLogic import process as process_module
+
+    class Unstartable:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def start(self):
+            raise OSError("no such executable")
+
+    monkeypatch.setattr(process_module, "BackgroundProcess", Unstartable)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    logic = modules.label.SpineLabelLogic()
+    with pytest.raises(OSError):
+        logic.startLabelling(labeled.volumeNode)
+    assert not list((tmp_path / "tmp").iterdir())
+    outputDir = _runFolder(tmp_path)  # a worker that wrote nothing readable
+    with pytest.raises(Exception):
+        logic.finishLabelling(labeled.volumeNode, outputDir)
+    assert not outputDir.parent.exists()
+
+
+def test_labelling_in_the_process_passes_its_settings_and_refuses_no_vertebrae(modules, labeled, spine, monkeypatch):
+    from SpineLabelLib import pipeline
+
+    calls = []
+    found = [spine.result.copy(), spine.result.copy(vertebrae=[])]
+    monkeypatch.setattr(pipeline, "label_spine", lambda image, **kwargs: calls.append(kwargs) or found.pop(0))
+    logic = modules.label.SpineLabelLogic()
+    labeling = logic.label(labeled.volumeNode, device="cpu", checkOrientation=True, spineGate=False, modality="mr")
+    labeling.cleanup()
+    assert {k: calls[0][k] for k in ("device", "check_orientation", "spine_gate", "modality")} == {
+        "device": "cpu", "check_orientation": True, "spine_gate": False, "modality": "mr"}
+    with pytest.raises(pipeline.NoVertebrae):
+        logic.label(labeled.volumeNode)
+
+
+def test_the_training_panel_summarises_the_folder_just_chosen(modules, tmp_path):
+    panel = training_panel(modules, tmp_path / "elsewhere")
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "numTraining": 4}))
+    panel.updateDatasetSummary(str(tmp_path))  # the directory button's signal, before the parameter node follows
+    assert panel.ui.datasetSummaryLabel.text == "4 cases, CT"
+
+
+def test_the_panel_picks_the_first_scan_and_says_what_apply_needs(modules, mrml, spine):
+    labelmap = mrml.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")  # a scalar volume too
+    first = addVolumeNodeFromImage(mrml.scene, spine.image, "first")
+    second = addVolumeNodeFromImage(mrml.scene, spine.image, "second")
+    assert labelmap.GetID() and second.GetID()
+    panel = labelling_panel(modules, None)
+    panel.addObserver = panel.removeObserver = lambda *args: None  # the parameter node's observer: a stub here
+    panel.updateModelList = lambda: None
+    node = types.SimpleNamespace(inputVolume=None, connectGui=lambda ui: "tag", disconnectGui=lambda tag: None)
+    panel._parameterNode = None
+    panel.logic.getParameterNode = lambda: node
+    panel.ui.applyButton.enabled = True
+    panel.initializeParameterNode()
+    assert node.inputVolume is first  # the first scan: not the label map, not the last volume
+    node.inputVolume = None
+    panel.setParameterNode(node)
+    assert not panel.ui.applyButton.enabled and panel.ui.applyButton.toolTip == "Select an input volume"
+
+
+def test_a_deleted_segmentation_ends_the_panel_s_hold_on_its_points(modules, labeled, mrml):
+    """After the segmentation was deleted the panel no longer acts on its labelling: Export and Add are off, the
+    message names the volume, and the points left are the user's to rename (no correction reverts them)."""
+    volume = labeled.volumeNode
+    panel = labelling_panel(modules, volume)
+    panel._labelings[volume.GetID()] = labeled
+    panel._checkCanApply()
+    assert panel.ui.exportButton.enabled
+    segmentation = labeled.segmentationNode
+    mrml.scene.RemoveNode(segmentation)
+    panel.onNodeRemoved(mrml.scene, mrml.scene.NodeRemovedEvent, segmentation)
+    assert not (panel.ui.exportButton.enabled or panel.ui.addVertebraButton.enabled)
+    assert panel.ui.statusLabel.text == ("The vertebra segmentation or points of spine were deleted: its labels are no "
+                                         "longer corrected or exported. Label it again.")
+    labeled.markupsNode.SetNthControlPointLabel(0, "mine")
+    assert labeled.markupsNode.GetNthControlPointLabel(0) == "mine" and labeled.lastError == ""
+
+
+def test_a_loaded_scene_s_labellings_are_followed_once(modules, labeled, mrml):
+    other = build_spine(names=("L1", "L2", "L3"))
+    loaded = LabelingScene(addVolumeNodeFromImage(mrml.scene, other.image, "other"), other.result)
+    try:
+        panel = labelling_panel(modules, labeled.volumeNode)
+        panel._labelings[labeled.volumeNode.GetID()] = labeled
+        asked = []
+        panel.logic.savedLabelings = lambda followed: asked.append(list(followed)) or [loaded]
+        panel.onSceneEndImport()
+        assert asked == [[labeled.segmentationNode]]  # those followed already are not followed again
+        assert panel._labelings[loaded.volumeNode.GetID()] is loaded
+        assert panel.onLabelingChanged in loaded.changedCallbacks  # its corrections reach the panel
+    finally:
+        loaded.cleanup()
+
+
+def test_the_logic_exports_a_case_under_the_id_given(modules, labeled, tmp_path):
+    path = modules.label.SpineLabelLogic().exportCase(labeled, tmp_path / "Dataset001_Spine", "patient_0042")
+    assert Path(path).name == "patient_0042.nii.gz"
+
+
+def test_the_training_panel_lists_the_base_models_and_takes_the_first(modules, tmp_path, monkeypatch):
+    class Combo:
+        def __init__(self):
+            self.items, self.currentIndex = [], -1
+
+        def clear(self):
+            self.items, self.currentIndex = [], -1
+
+        def addItem(self, text, data):
+            self.items.append((text, data))
+
+        def findData(self, data):
+            return next((i for i, item in enumerate(self.items) if item[1] == data), -1)
+
+        def setCurrentIndex(self, index):
+            self.currentIndex = index
+
+        def itemData(self, index):
+            return self.items[index][1]
+
+        def blockSignals(self, block):
+            pass
+
+    panel = training_panel(modules, tmp_path)
+    panel.ui.baseModelComboBox = combo = Combo()
+    cards = [{"name": "spinelabel", "version": "1", "path": "/shipped.json"},
+             {"name": "tuned", "version": "2", "path": "/models/tuned.json"}]
+    monkeypatch.setattr(panel.logic, "availableModels", lambda: cards)
+    panel.updateModelList()
+    assert combo.items == [("spinelabel 1", "/shipped.json"), ("tuned 2", "/models/tuned.json")]
+    assert combo.currentIndex == 0 and panel._parameterNode.baseModelPath == "/shipped.json"
+    panel._parameterNode.baseModelPath = "/models/gone.json"
+    panel.updateModelList()
+    assert combo.currentIndex == 0 and panel._parameterNode.baseModelPath == "/shipped.json"
+
+
+def test_a_trained_model_is_registered_under_its_name_and_kept_when_that_fails(modules, tmp_path, monkeypatch):
+    from SpineLabelLib import models
+
+    def register(card, name):
+        assert Path(card).is_file()  # registered from the training folder, before that is removed
+        if name == "refused":
+            raise models.ModelError("a model named refused is registered already")
+        return tmp_path / "models" / f"{name}.json"
+
+    monkeypatch.setattr(models, "register_model", register)
+    logic = modules.train.SpineLabelTrainingLogic()
+    for name in ("tuned", "refused"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.json").write_text("{}")
+    assert logic.finishTraining(tmp_path / "tuned" / "tuned.json") == tmp_path / "models" / "tuned.json"
+    assert not (tmp_path / "tuned").exists()
+    panel = training_panel(modules, tmp_path)
+    panel._process, panel._outCard = _FakeProcess(running=False), tmp_path / "refused" / "refused.json"
+    panel.onPollProcess()
+    kept = f"Not registered: the trained model is kept in {tmp_path / 'refused'}"
+    assert panel.ui.statusLabel.text == kept and modules.errors[-1].endswith("\n" + kept)
+    assert (tmp_path / "refused" / "refused.json").is_file()
+
+
+def test_a_failed_training_run_says_the_last_reason_spinelabel_gave(modules, tmp_path, monkeypatch):
+    panel = training_panel(modules, tmp_path)
+    monkeypatch.setattr(panel.logic, "keptAfterFailure", lambda card: None)
+    panel._process, panel._outCard = _FakeProcess(running=False, code=2, tail=(
+        "spinelabel: error: first attempt failed\nretrying\nspinelabel: error: no case left to train on")), \
+        tmp_path / "m.json"
+    panel.onPollProcess()
+    assert modules.errors == ["Training failed (exit status 2).\nno case left to train on"]
+
+
+def test_the_panel_shows_what_an_export_left_out_among_its_warnings(modules, labeled, tmp_path):
+    """The export reads the Segment Editor's edits back, which may re-solve, and says what it left out: the panel
+    shows that labelling after the export, not the one before."""
+    panel = labelling_panel(modules, labeled.volumeNode)
+    panel._labelings[labeled.volumeNode.GetID()] = labeled
+    panel._parameterNode.datasetDirectory = str(tmp_path / "Dataset001_Spine")
+    panel._checkCanApply()
+    segmentation = labeled.segmentationNode.GetSegmentation()
+    added = segmentation.AddEmptySegment("T10", "T10")  # painted by hand in the Segment Editor
+    voxels = layer_voxels(labeled)
+    voxels[:2, :2, :2] = segmentation.GetSegment(added).GetLabelValue()
+    segmentation.GetLayerDataObject(0).Modified()
+    panel.onExportButton()
+    assert "'T10'" in panel.ui.warningsLabel.text.splitlines()[0]
+
+
+def test_a_new_labelling_that_cannot_be_shown_leaves_no_node_behind(modules, labeled, spine, monkeypatch):
+    volume = labeled.volumeNode
+    panel = labelling_panel(modules, volume)
+    panel._labelings[volume.GetID()] = labeled  # no correction: replaced without a question
+    panel._timer = _Timer()
+    new = []
+    monkeypatch.setattr(panel.logic, "finishLabelling",
+                        lambda v, o: new.append(LabelingScene(v, spine.result.copy())) or new[-1])
+
+    def unremovable():
+        raise RuntimeError("the old nodes could not be removed")
+
+    monkeypatch.setattr(labeled, "removeNodes", unremovable)
+    panel._process, panel._outputDir, panel._labelledVolume = _FakeProcess([{"event": "done"}]), None, volume
+    panel.onPollProcess()
+    assert modules.errors and panel.ui.statusLabel.text == "Labelling failed."
+    assert new and new[0].segmentationNode.GetScene() is None and new[0].markupsNode.GetScene() is None
+    assert panel._labelings[volume.GetID()] is labeled
