@@ -183,8 +183,16 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             if not self._process.running:  # it ended since the timer last looked: its result stands, not a Stop
                 self.onPollProcess()
                 return
-            self.stopTraining()
+            process, outCard = self._process, self._outCard
+            process.cancel()
+            self._process = self._outCard = None
+            self._timer.stop()
+            self._updateButtons()
             self.ui.statusLabel.text = _("Stopped; no model was registered.")
+            kept = self.logic.keptAfterFailure(outCard)  # a long run stopped to free the machine can go on later
+            if kept:
+                self.ui.statusLabel.text = _("Stopped; no model was registered. Its checkpoint is kept (see the log).")
+                self.ui.logTextEdit.appendPlainText(self._resumeText(process, kept))
             return
         from SpineLabel import errorsShown
 
@@ -233,14 +241,7 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 message += "\n" + reasons[-1][len(_CLI_ERROR):]
             if kept and not (reasons and "training diverged" in reasons[-1]):  # a run that failed late need not
                 # start again, unless it diverged: resumed, it would end the same way (its reason says what to do)
-                from SpineLabelLogic.process import terminalCommand
-
-                command = [*process.command, "--resume", "--register"]  # registered as a finished run would be
-                terminal = _("a Command Prompt (cmd.exe)") if sys.platform == "win32" else _("a terminal")
-                message += "\n" + _("The checkpoint of its last finished epoch is kept: {path}\nThis command, run in "
-                                     "{terminal}, continues it and registers the model: {command}").format(
-                    path=str(kept), terminal=terminal,
-                    command=terminalCommand(command, (process.env or {}).get("PYTHONPATH")))
+                message += "\n" + self._resumeText(process, kept)
             slicer.util.errorDisplay(message, detailedText=process.outputTail())
             return
         try:
@@ -254,7 +255,20 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.statusLabel.text = _("Model registered: {path}").format(path=str(registered))
         self.updateModelList()
 
+    @staticmethod
+    def _resumeText(process, checkpoint) -> str:
+        """Where the checkpoint of a run that ended early is, and the command that continues it."""
+        from SpineLabelLogic.process import terminalCommand
+
+        command = [*process.command, "--resume", "--register"]  # registered as a finished run would be
+        terminal = _("a Command Prompt (cmd.exe)") if sys.platform == "win32" else _("a terminal")
+        return _("The checkpoint of its last finished epoch is kept: {path}\nThis command, run in {terminal}, "
+                 "continues it and registers the model: {command}").format(
+            path=str(checkpoint), terminal=terminal,
+            command=terminalCommand(command, (process.env or {}).get("PYTHONPATH")))
+
     def stopTraining(self) -> None:
+        """On closing the module: a run still going is ended and its folder removed."""
         if self._process is not None:
             self._process.cancel()
             self.logic.discardTraining(self._outCard)
@@ -380,8 +394,8 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
         shutil.rmtree(Path(outCard).parent, ignore_errors=True)
 
     def keptAfterFailure(self, outCard):
-        """After a failed run: its checkpoint, kept with its folder so that the run can be resumed (its command with
-        ``--resume``), or None when it wrote none (the folder is then removed)."""
+        """After a run that failed or was stopped: its checkpoint, kept with its folder so that the run can be resumed
+        (its command with ``--resume``), or None when it wrote none (the folder is then removed)."""
         from SpineLabelLib.models import checkpoint_path
 
         checkpoint = checkpoint_path(outCard)

@@ -2027,6 +2027,19 @@ def test_stop_ends_a_training_run_but_keeps_one_that_has_just_finished(modules, 
     assert fake.calls == ["cancel"] and not outCard.parent.exists() and panel._process is None
     assert panel.ui.statusLabel.text == "Stopped; no model was registered." and not panel._timer.active
     assert panel.ui.trainButton.text == "Start training"
+    # stopped after an epoch: its checkpoint kept, with the command that continues it (a fine-tune takes hours)
+    from SpineLabelLib.models import checkpoint_path
+
+    log = []
+    panel.ui.logTextEdit = types.SimpleNamespace(appendPlainText=log.append)
+    outCard.parent.mkdir()
+    checkpoint_path(outCard).write_bytes(b"")
+    panel._process, panel._outCard = _FakeProcess(), outCard
+    panel.onTrainButton()  # Stop
+    assert checkpoint_path(outCard).is_file() and panel._process is None
+    assert panel.ui.statusLabel.text == "Stopped; no model was registered. Its checkpoint is kept (see the log)."
+    assert len(log) == 1 and str(checkpoint_path(outCard)) in log[0]
+    assert "spinelabel train --resume --register" in log[0]
     registered = []
     monkeypatch.setattr(panel.logic, "finishTraining", lambda card: registered.append(card) or card)
     panel.updateModelList = lambda: None
