@@ -658,3 +658,119 @@ def test_a_run_starting_while_another_renames_into_its_folder_is_not_refused(tmp
     other.join()
     err = capsys.readouterr().err
     assert "would be replaced" not in err and "not labelled here" in err
+
+
+def test_an_output_folder_that_is_a_file_or_holds_another_program_s_outputs_is_refused_with_status_2(
+        tmp_path, model, phantom_file, capsys):
+    """Both are refusals before any labelling (exit status 2, as the help says), each with its own line."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["label", str(phantom_file), "-o", str(afile), "--model", str(model), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"spinelabel: error: {afile}: is a file, not an output folder\n"
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = out / f"{case_name(phantom_file)}_seg.nii.gz"  # a reference mask, say, with no report beside it
+    theirs.write_bytes(b"theirs")
+    assert main(["label", str(phantom_file), "-o", str(out), "--model", str(model), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"spinelabel: error: {theirs} would be replaced") and err.endswith(
+        "; choose another output folder\n")
+    assert theirs.read_bytes() == b"theirs" and sorted(out.iterdir()) == [theirs]
+
+
+def test_two_inputs_that_fail_end_with_the_count_of_those_labelled(tmp_path, model, phantom_file, capsys,
+                                                                            monkeypatch):
+    from SpineLabelLib import pipeline
+
+    def label_spine(image, **kwargs):
+        raise RuntimeError("not labelled here")
+
+    monkeypatch.setattr(pipeline, "label_spine", label_spine)
+    other = tmp_path / "other.nii.gz"
+    other.write_bytes(phantom_file.read_bytes())
+    assert main(["label", str(phantom_file), str(other), "-o", str(tmp_path / "out"), "--model", str(model),
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"spinelabel: 0 of 2 inputs labelled; failed: {phantom_file}, {other}"
+
+
+def test_phantom_names_the_files_it_wrote_unless_quiet(tmp_path, capsys):
+    argv = ["phantom", str(tmp_path / "p.nii.gz"), "--fov", "lumbar", "--size", "24", "24", "40"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / "p.nii.gz"),
+                                                    str(tmp_path / "p_seg-vert_msk.nii.gz")]
+    assert main([*argv, "--quiet"]) == 0 and capsys.readouterr().out == ""
+
+
+def test_train_passes_its_settings_and_names_a_fine_tune_by_default(tmp_path, monkeypatch, capsys):
+    """--quiet wins over --progress-bars; without --name a fine-tune is spinelabel-finetuned, a new model
+    spinelabel-trained; --register refuses either name when it is taken, before training."""
+    from SpineLabelTrainingLib import training
+
+    seen = []
+
+    def train(cfg, progress=None, cancel=None):
+        seen.append(cfg)
+        return tmp_path / "card.json"
+
+    monkeypatch.setattr(training, "train", train)
+    argv = ["train", "--data", "phantom", "--out", str(tmp_path / "m.json")]
+    for extra, bars in (([], None), (["--progress-bars"], True), (["--quiet"], False),
+                        (["--quiet", "--progress-bars"], False)):
+        assert main([*argv, *extra]) == 0
+        assert seen[-1].progress_bars is bars, extra
+    assert seen[0].name == "spinelabel-trained"
+    assert main([*argv, "--base-model", "spinelabel-default"]) == 0 and seen[-1].name == "spinelabel-finetuned"
+    monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path / "registry"))
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "registry" / "spinelabel-finetuned.json").write_text("{}")
+    capsys.readouterr()
+    count = len(seen)
+    assert main([*argv, "--base-model", "spinelabel-default", "--register"]) == 2 and len(seen) == count
+    assert "a model named 'spinelabel-finetuned' is registered already" in capsys.readouterr().err
+
+
+def test_evaluate_label_that_labels_no_case_fails(tmp_path, model, phantom_file, monkeypatch, capsys):
+    from SpineLabelLib import pipeline
+
+    def label_spine(image, **kwargs):
+        raise RuntimeError("not labelled here")
+
+    monkeypatch.setattr(pipeline, "label_spine", label_spine)
+    argv = ["evaluate", str(tmp_path / "pred"), str(phantom_file.parent), "--label", "--model", str(model), "--quiet"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (f"spinelabel: error: no reference case of "
+                                                        f"{phantom_file.parent} could be labelled")
+
+
+def test_the_signal_handlers_are_put_back_after_a_run(capsys):
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))}
+    assert main(["models"]) == 0
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_each_labelling_option_without_label_is_refused(tmp_path, capsys):
+    for option in (["--check-orientation"], ["--no-spine-gate"], ["--modality", "mr"], ["--model", "m.json"],
+                   ["--device", "cuda"]):
+        assert main(["evaluate", str(tmp_path), str(tmp_path), *option]) == 2
+        assert f"{option[0]} only applies with --label" in capsys.readouterr().err
+
+
+def test_an_error_is_one_line_unless_debug_which_shows_its_traceback(tmp_path, capsys):
+    argv = ["evaluate", str(tmp_path / "pred"), str(tmp_path), "--label"]  # no reference case here
+    assert main([*argv, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"spinelabel: error: {tmp_path}: no reference") and err.count("\n") == 1
+    with pytest.raises(Exception, match="no reference"):
+        main([*argv, "--debug"])
+
+
+def test_verbose_and_debug_set_the_log_level(tmp_path, monkeypatch, capsys):
+    import logging
+
+    levels = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: levels.append(kwargs["level"]))
+    argv = ["evaluate", str(tmp_path), str(tmp_path), "--device", "cpu"]  # refused at once
+    for flags in ([], ["--verbose"], ["--debug"], ["--verbose", "--debug"]):
+        assert main([*argv, *flags]) == 2
+    assert levels == [logging.WARNING, logging.INFO, logging.DEBUG, logging.DEBUG]

@@ -10,7 +10,7 @@ from SpineLabelLib.components import (arch_above_view, atlas_beside_dens, attach
                                        join_sacrum,
                                        off_axis_components, posterior_by_level, present_ids, split_merged,
                                        vertebra_components)
-from SpineLabelLib.features import chain_order, drop_detached_ends, level_scores, measure, off_the_line
+from SpineLabelLib.features import chain_order, drop_detached_ends, level_scores, level_sharpness, measure, off_the_line
 from SpineLabelLib.vertebrae import BODY, DISC, LEVELS, POSTERIOR, level_index
 from SpineLabelLib.result import Geometry
 
@@ -639,3 +639,37 @@ def test_count_ids_is_bincount_slab_by_slab(monkeypatch):
             expected = np.bincount(array.ravel(), minlength=minlength)
             got = comp.count_ids(array, minlength=minlength)
             assert got.dtype == expected.dtype and np.array_equal(got, expected)
+
+
+def test_the_chain_rules_at_their_limits():
+    """A detour just above 1.3 is off the line, one just below is not; a gap beyond an end is judged against the
+    spacing of the rest of the chain only; a body the half-resolution grid misses is scored over the cells it lies in;
+    the sharpness of a chain is the mean over its vertebrae, not its least decisive one."""
+    def chain(*centroids):
+        return [SimpleNamespace(body_centroid_lps_mm=np.asarray(c, float)) for c in centroids]
+
+    for behind_mm, found in ((25.0, True), (24.0, False)):  # detours 1.302 and 1.280
+        points = chain((0, 0, 0), (0, 0, -30), (0, behind_mm, -60), (0, 0, -90), (0, 0, -120))
+        assert (off_the_line(points) == (2, pytest.approx(behind_mm))) if found else off_the_line(points) is None
+    # 100 mm is more than 3 times the median (30 mm) of the gaps before it, not of all three (40 mm)
+    kept, gaps, dropped = drop_detached_ends(list("abcd"), np.array([20.0, 40.0, 100.0]))
+    assert kept == list("abc") and dropped == [100.0] and gaps.tolist() == [20.0, 40.0]
+    bodies = np.zeros((6, 6, 6), np.int32)
+    bodies[3, 3, 3] = 1  # at odd indices only: in no voxel of bodies[::2, ::2, ::2]
+    lp = np.full((len(LEVELS), 3, 3, 3), -5.0, np.float16)
+    lp[:, 1, 1, 1] = np.log(np.full(len(LEVELS), 1 / len(LEVELS)))
+    assert np.allclose(level_scores(bodies, lp, [1]), np.log(1 / len(LEVELS)), atol=1e-2)
+    sure, unsure = np.log([0.9, 0.1]), np.log([0.5, 0.5])
+    assert level_sharpness(np.array([sure, unsure])) == pytest.approx((np.log(0.9) + np.log(0.5)) / 2)
+
+
+def test_measures_on_an_anisotropic_grid():
+    grid = Geometry((4, 4, 4), (1.0, 2.0, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))  # spacing x, y, z
+    bodies = np.zeros((4, 4, 4), np.int32)
+    bodies[0:2, 1:3, 2:4] = 1  # 2 x 2 x 2 voxels (z, y, x)
+    whole = bodies.copy()
+    whole[3, 0, 0] = 1  # one voxel of posterior elements
+    f = measure(bodies, whole, bodies.astype(np.float32), grid)[0]
+    assert f.volume_ml == pytest.approx(9 * 6.0 / 1000)  # 9 voxels of 6 mm^3
+    assert f.extent_mm.tolist() == [6.0, 4.0, 2.0]  # z, y, x
+    assert np.allclose(f.body_centroid_lps_mm, grid.index_to_lps(np.array([2.5, 1.5, 0.5])))  # index order x, y, z

@@ -423,3 +423,46 @@ def test_hot_voxels_are_left_out_beside_padding_or_a_few_brighter_voxels():
     brighter[0, 0, :3] = 60_000.0
     scan = ~spots & (brighter < 60_000)
     np.testing.assert_allclose(normalise(brighter)[scan], normalise(mr)[scan], atol=0.01)
+
+
+def test_the_modality_read_and_the_offset_ct_test_at_their_limits():
+    """Air is air at a median of -800 or below, not -750; more than 0.1 % of voxels beyond 12 bits is no CT stored
+    1024 above Hounsfield units (a few are metal)."""
+    rng = np.random.default_rng(0)
+    mr = rng.uniform(0, 150, 100_000)
+    mr[:2000] = rng.uniform(-780, -720, 2000)  # 2 % noisy 'air' at -750: not CT air, and MR not clearly
+    assert read_modality(mr) == ("MR", False)
+    mr[:2000] -= 100  # at -850 it is
+    assert read_modality(mr) == ("CT", True)
+    body = rng.normal(40, 20, (30, 40, 40))
+    body[:, :, :6] = -100
+    body[10:20, 15:25, 15:25] = 700
+    stored = np.clip(np.round(np.concatenate([rng.normal(-1000, 20, (30, 40, 8)), body], axis=2)) + 1024, 0, 4095)
+    assert looks_like_offset_ct(stored)
+    stored.flat[:: 50] = 13_000  # 2 % of the voxels beyond 12 bits
+    assert not looks_like_offset_ct(stored)
+    ct = rng.normal(40, 20, 100_000)  # air clipped to one value (-1000), and fat in 1.5 % of the voxels: clearly CT
+    ct[:10_000], ct[10_000:11_500] = -1000, rng.uniform(-150, -60, 1500)
+    assert read_modality(ct) == ("CT", True)
+
+
+def test_a_device_is_named_exactly():
+    for name in ("mps", "cuda:x", "cpu0", "", "cuda:"):
+        with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+            resolve_device(name)
+    assert resolve_device(" CPU ") == torch.device("cpu")
+
+
+def test_blended_logits_give_the_lowest_class_on_a_tie_and_vertebra_as_body_plus_posterior():
+    from SpineLabelLib.inference import _finish_tissue
+    from SpineLabelLib.vertebrae import TISSUE_NAMES
+
+    n = len(TISSUE_NAMES)
+    logits = torch.zeros((n, 1, 1, 2))
+    logits[:, 0, 0, 1] = torch.arange(n, dtype=torch.float32)  # voxel 0: every class tied
+    tissue, body, bone = _finish_tissue(2 * logits, torch.full((1, 1, 2), 2.0))  # sums of two windows' weights
+    assert tissue[0, 0].tolist() == [0, n - 1]  # as numpy's argmax
+    p = torch.softmax(torch.arange(n, dtype=torch.float32), 0)
+    assert float(body[0, 0, 1]) == pytest.approx(float(p[BODY]), abs=1e-3)
+    assert float(bone[0, 0, 1]) == pytest.approx(float(p[BODY] + p[POSTERIOR]), abs=1e-3)
+    assert float(bone[0, 0, 0]) == pytest.approx(2 / n, abs=1e-3)

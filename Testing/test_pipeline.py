@@ -13,7 +13,7 @@ import torch
 from scipy import ndimage
 
 from conftest import DATA
-from SpineLabelLib.inference import looks_like_label_map
+from SpineLabelLib.inference import looks_like_label_map, read_modality
 from SpineLabelLib.io import InputError, canonical_grid
 from SpineLabelLib.models import (CARD_FORMAT, ModelError, card_file, load_model, read_card, register_model, save_model,
                                  sha256_of)
@@ -1215,3 +1215,101 @@ def test_on_ct_no_voxel_of_air_is_labelled():
     assert not out[image_array < AIR_HU].any()
     assert (out[image_array >= AIR_HU] == plain[image_array >= AIR_HU]).all()
     assert voxels == {3: int((out == 3).sum())}
+
+
+def test_a_card_is_checked_field_by_field_and_each_refusal_names_its_field(tmp_path, random_model):
+    """Each field a card may get wrong is refused with its own reason, not found later as another error (a network
+    that cannot be built, weights 'not found' or 'corrupt')."""
+    good = json.loads(Path(random_model).read_text())
+    shutil.copy(Path(random_model).with_name(good["weights"]), tmp_path / good["weights"])
+    bad = tmp_path / "bad.json"
+    for change, reason in (({"architecture": {"channels": [8, 16]}}, "architecture.channels must be three or more"),
+                           ({"architecture": {"channels": [0, 8, 16]}}, "architecture.channels must be three or more"),
+                           ({"spacing_mm": 10.5}, "spacing_mm must be a number from 0.25 to 10.0"),
+                           ({"weights": ".."}, "weights must be the name of a file beside the card"),
+                           ({"sha256": 5}, "sha256 must be a string"),
+                           ({"tissue_classes": good["tissue_classes"][::-1]}, "tissue_classes must be"),
+                           ({"level_classes": good["level_classes"][:-1]}, "level_classes must be")):
+        bad.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ModelError, match=f"^{re.escape(str(bad))}: {re.escape(reason)}"):
+            load_model(bad)
+    bad.write_text(json.dumps({key: value for key, value in good.items() if key != "version"}))
+    with pytest.raises(ModelError, match=f"^{re.escape(str(bad))}: model card lacks version$"):
+        load_model(bad)
+    bad.write_text("[]")
+    with pytest.raises(ModelError, match="a model card is a JSON object"):
+        load_model(bad)
+    bad.write_text(json.dumps({**good, "sha256": good["sha256"].upper()}))  # a hash in capitals is the same hash
+    assert load_model(bad).card["sha256"] == good["sha256"].upper()
+
+
+def test_a_path_ending_in_a_model_s_name_is_a_path_not_that_model(tmp_path, monkeypatch):
+    from SpineLabelLib.models import DEFAULT_MODEL_NAME, user_models_dir
+
+    assert card_file(tmp_path / DEFAULT_MODEL_NAME) == tmp_path / DEFAULT_MODEL_NAME
+    with pytest.raises(ModelError, match=f"^{re.escape(str(tmp_path / DEFAULT_MODEL_NAME))}: model card not found$"):
+        load_model(tmp_path / DEFAULT_MODEL_NAME)
+    monkeypatch.setenv("SPINELABEL_MODELS_DIR", "")  # set but empty: the default folder, not the current one
+    assert user_models_dir() == Path.home() / ".local" / "share" / "spinelabel" / "models"
+
+
+def test_a_name_whose_weights_alone_are_in_the_registry_is_taken(tmp_path, monkeypatch, random_model):
+    """Weights without their card: a registration killed half way, or under way in another process."""
+    from SpineLabelLib import models
+    from SpineLabelLib.models import registration_path
+
+    monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path))
+    (tmp_path / "half.pt").write_bytes(b"")
+    with pytest.raises(ModelError, match="a model named 'half' is registered already"):
+        registration_path("half")
+
+    def copy_fails(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(models.shutil, "copyfile", copy_fails)
+    with pytest.raises(OSError, match="No space left"):
+        register_model(random_model, name="full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half.pt"]  # the claim on 'full' is given up
+
+
+def test_a_constant_image_too_small_for_a_vertebra_is_refused_as_constant_only():
+    """The hint on the voxel size is for an image with content; a constant one has nothing to label whatever its
+    size."""
+    from conftest import build_spine
+
+    spine = build_spine().result
+    tiny = replace(spine.geometry, spacing=tuple(0.1 * s for s in spine.geometry.spacing))
+    constant = spine.copy(vertebrae=[], geometry=tiny, warnings=["image is constant: nothing to label"])
+    with pytest.raises(NoVertebrae, match=r"^c.nii.gz: image is constant: nothing to label$"):
+        require_vertebrae(constant, "c.nii.gz")
+
+
+def test_a_modality_of_no_kind_is_refused_before_anything_is_read():
+    for modality in ("xray", None, 3, ""):
+        with pytest.raises(ValueError, match=r"^modality must be 'auto', 'ct' or 'mr', not "):
+            label_spine(sitk.Image(8, 8, 8, sitk.sitkFloat32), model="no-such-model", modality=modality)
+
+
+def test_a_view_just_under_80_mm_front_to_back_is_said(random_model):
+    voxels = np.random.default_rng(0).integers(0, 100, (20, 10, 40)).astype(np.int16)  # as in the test above
+    image = sitk.GetImageFromArray(voxels)
+    image.SetSpacing((2.0, 4.0, 3.9))  # 78 mm front to back
+    image.SetDirection((1, 0, 0, 0, 0, 1, 0, -1, 0))
+    assert ("the view is 78 mm front to back: the names were checked on views of 80 mm or more; check them"
+            in label_spine(image, model=random_model, device="cpu").warnings)
+
+
+def test_a_modality_given_is_questioned_only_where_the_intensities_say_the_other_clearly(random_model):
+    rng = np.random.default_rng(0)
+    voxels = rng.normal(40, 20, (20, 40, 40))
+    voxels.flat[::40], voxels.flat[1::40] = -100, 700  # fat and bone in HU, no air: CT, but not clearly
+    image = sitk.GetImageFromArray(voxels.astype(np.float32))
+    assert read_modality(voxels) == ("CT", False)
+    warnings = label_spine(image, model=random_model, device="cpu", modality="mr").warnings
+    assert not any("as asked" in w or "read as" in w for w in warnings), warnings
+    body = rng.normal(40, 20, (30, 40, 40))  # a CT stored 1024 above HU (test_inference), given as MR: as asked
+    body[:, :, :6], body[10:20, 15:25, 15:25] = -100, 700
+    stored = np.clip(np.round(np.concatenate([rng.normal(-1000, 20, (30, 40, 8)), body], axis=2)) + 1024, 0, 4095)
+    warnings = label_spine(sitk.GetImageFromArray(stored.astype(np.int16)), model=random_model, device="cpu",
+                           modality="mr").warnings
+    assert not any("1024 above Hounsfield units" in w for w in warnings), warnings
