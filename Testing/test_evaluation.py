@@ -384,8 +384,8 @@ def test_labelled_cases_find_images_beside_their_masks(tmp_path):
     ]
     (tmp_path / "other").mkdir()
     write_mask(mask, tmp_path / "other" / "sub-a_img.nii.gz")
-    with pytest.raises(InputError, match="sub-a_img.nii.gz and .*sub-a_ct.nii.gz both match case sub-a; move one of "
-                                         "them out of the folder"):
+    with pytest.raises(InputError, match=r"sub-a_img.nii.gz and .*sub-a_ct.nii.gz both match case sub-a \(case names "
+                                         r"are matched without the endings .*\); move one of them out of the folder"):
         ev.labelled_cases(tmp_path)
     with pytest.raises(InputError, match="no reference masks"):
         ev.labelled_cases(tmp_path / "other")
@@ -409,6 +409,9 @@ def test_labelled_cases_look_inside_folders_that_are_links(tmp_path):
 @pytest.mark.parametrize("files, message", [
     (("gt/labelsTr/a.nii.gz", "pred/a_seg.nii.gz", "pred/a_ct_seg.nii.gz"), "predictions .* both match case a"),
     (("gt/labelsTr/a.nii.gz", "gt/a_vert-verse.nii.gz", "pred/a_seg.nii.gz"), "reference masks .* both define case a"),
+    # an nnU-Net dataset of two contrasts per patient: why p1_T1w and p1_T2w are one case here
+    (("gt/labelsTr/p1_T1w.nii.gz", "gt/labelsTr/p1_T2w.nii.gz", "pred/p1_T1w_seg.nii.gz"),
+     r"both define case p1 \(case names are matched without the endings _img, _ct, _0000, _T1w, _T2w\); rename or "),
 ])
 def test_two_files_of_one_case_are_refused_not_one_of_them_scored(tmp_path, files, message):
     for path in files:

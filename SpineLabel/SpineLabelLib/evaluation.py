@@ -108,8 +108,8 @@ import SimpleITK as sitk
 
 from .export import dataset_ignore_value, dataset_label_values, read_dataset_json
 from .inference import modality_of
-from .io import (IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, axes_text, case_key, case_name, image_stem,
-                 make_writable_folder, no_empty_new_folders, read_image, read_label_map, resample_to_grid,
+from .io import (CASE_SUFFIXES, IMAGE_SUFFIXES, Cancelled, InputError, atomic_paths, axes_text, case_key, case_name,
+                 image_stem, make_writable_folder, no_empty_new_folders, read_image, read_label_map, resample_to_grid,
                  write_errors_named)
 from .result import Geometry
 from .sequence import UNCERTAIN_BELOW
@@ -285,6 +285,10 @@ class EvaluationSummary:
 # ----------------------------------------------------------------------------------------------- file matching
 
 
+# why two files of other names can be of one case, in each refusal of two
+_MATCHED_WITHOUT = f"(case names are matched without the endings {', '.join(CASE_SUFFIXES)})"
+
+
 def _stem_ending(name: str, ending: str) -> str | None:
     """The stem of image file ``name`` (``io.image_stem``) without ``ending``, when it ends so; else None (a 3D Slicer
     save ``X_seg-vert_msk.seg.nrrd`` beside the mask is no second case ``X_msk``)."""
@@ -313,8 +317,8 @@ def _predictions(pred_dir: Path) -> dict[str, PredFiles]:
         ctd, report = pred_dir / f"{name}_ctd.json", pred_dir / f"{name}_report.json"
         key = case_key(name)
         if key in found:
-            raise InputError(f"{seg}: predictions {found[key].seg.name} and {seg.name} both match case {key}; "
-                             "move one of them out of the folder")
+            raise InputError(f"{seg}: predictions {found[key].seg.name} and {seg.name} both match case {key} "
+                             f"{_MATCHED_WITHOUT}; move one of them out of the folder")
         found[key] = PredFiles(name, seg, _beside(ctd), _beside(report))
     return found
 
@@ -350,7 +354,7 @@ def _ground_truth(gt_dir: Path, tree: list[Path] | None = None) -> dict[str, GtF
     def add(key: str, files: GtFiles) -> None:
         if key in found:
             raise InputError(f"{files.mask}: reference masks {found[key].mask} and {files.mask} both define case "
-                             f"{key}")
+                             f"{key} {_MATCHED_WITHOUT}; rename or move one of them")
         found[key] = files
 
     for mask in named("*_vert-verse.*"):
@@ -437,8 +441,8 @@ def _images(tree: list[Path], cases: dict[str, GtFiles]) -> tuple[dict[str, Path
                 unmatched.append(path)
             continue
         if key in found:
-            raise InputError(f"{path}: images {found[key]} and {path} both match case {key}; move one of them out "
-                             "of the folder")
+            raise InputError(f"{path}: images {found[key]} and {path} both match case {key} {_MATCHED_WITHOUT}; "
+                             "move one of them out of the folder")
         found[key] = path
     return dict(sorted(found.items())), sorted(unmatched)
 
