@@ -123,7 +123,9 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def cleanup(self) -> None:
         self.removeObservers()
-        self.stopTraining()
+        _, outCard = self.stopTraining()
+        if outCard is not None:  # a run the module ends as it closes: nobody is left to be told of its checkpoint
+            self.logic.discardTraining(outCard)
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -183,15 +185,11 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             if not self._process.running:  # it ended since the timer last looked: its result stands, not a Stop
                 self.onPollProcess()
                 return
-            process, outCard = self._process, self._outCard
-            process.cancel()
-            self._process = self._outCard = None
-            self._timer.stop()
-            self._updateButtons()
-            self.ui.statusLabel.text = _("Stopped; no model was registered.")
+            process, outCard = self.stopTraining()
             kept = self.logic.keptAfterFailure(outCard)  # a long run stopped to free the machine can go on later
+            self.ui.statusLabel.text = (_("Stopped; no model was registered. Its checkpoint is kept (see the log).")
+                                        if kept else _("Stopped; no model was registered."))
             if kept:
-                self.ui.statusLabel.text = _("Stopped; no model was registered. Its checkpoint is kept (see the log).")
                 self.ui.logTextEdit.appendPlainText(self._resumeText(process, kept))
             return
         from SpineLabel import errorsShown
@@ -267,15 +265,17 @@ class SpineLabelTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             path=str(checkpoint), terminal=terminal,
             command=terminalCommand(command, (process.env or {}).get("PYTHONPATH")))
 
-    def stopTraining(self) -> None:
-        """On closing the module: a run still going is ended and its folder removed."""
-        if self._process is not None:
-            self._process.cancel()
-            self.logic.discardTraining(self._outCard)
+    def stopTraining(self) -> tuple:
+        """End the run still going, if any (Stop, or the module closing); returns its process and model card path,
+        or (None, None)."""
+        process, outCard = self._process, self._outCard
+        if process is not None:
+            process.cancel()
             self._process = self._outCard = None
         if self._timer is not None:
             self._timer.stop()
             self._updateButtons()
+        return process, outCard
 
 
 #

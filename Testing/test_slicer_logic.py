@@ -2049,6 +2049,23 @@ def test_stop_ends_a_training_run_but_keeps_one_that_has_just_finished(modules, 
     assert registered == [outCard] and "cancel" not in fake.calls
 
 
+def test_closing_the_training_panel_ends_its_run_and_removes_its_folder(modules, tmp_path):
+    """Unlike Stop, nobody is left to be told of the checkpoint: the run's folder goes with it."""
+    from SpineLabelLib.models import checkpoint_path
+
+    panel = training_panel(modules, tmp_path)
+    panel.removeObservers = lambda: None
+    outCard = tmp_path / "run" / "m.json"
+    outCard.parent.mkdir()
+    checkpoint_path(outCard).write_bytes(b"")
+    fake = _FakeProcess()
+    panel._process, panel._outCard = fake, outCard
+    panel._timer.start()
+    panel.cleanup()
+    assert fake.calls == ["cancel"] and not outCard.parent.exists() and panel._process is None
+    assert not panel._timer.active
+
+
 def test_a_training_run_killed_by_a_signal_is_a_failure(modules, tmp_path, monkeypatch):
     panel = training_panel(modules, tmp_path)
     panel.ui.logTextEdit = types.SimpleNamespace(appendPlainText=lambda line: None)
