@@ -223,3 +223,62 @@ def test_save_replaces_an_earlier_phantom_and_nothing_else(tmp_path, name):
         phantom.save(tmp_path / ".nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([image_path.name, label_path.name])
 
+
+def test_curves_lordosis_kyphosis_and_a_mild_scoliosis():
+    """Cervical and lumbar lordosis (the middle of the region anterior of its ends: y grows posteriorly), thoracic
+    kyphosis (posterior), and a lateral deviation of up to 5 mm."""
+    from SpineLabelLib import phantom
+
+    names = tuple(STANDARD)
+    lateral = []
+    for seed in range(6):
+        anat = phantom._build_anatomy(names, np.random.default_rng(seed))
+        y = {el.name: el.centre[1] for el in anat.elements}
+        for first, middle, last, sign in (("C2", "C5", "C7", -1), ("T1", "T7", "T12", 1), ("L1", "L3", "L5", -1)):
+            assert sign * (y[middle] - (y[first] + y[last]) / 2) > 2.0, (seed, middle)
+        lateral.append(np.ptp(anat.curve.x))
+    assert 0.5 < max(lateral) <= 10.0 and min(lateral) < 10.0, lateral
+
+
+def test_intensities_mr_bias_brighter_behind_and_blurred_noise():
+    """MR: a bias field brighter at the back (posterior coil); CT: noise of 40 HU lowered to about 12 by the
+    partial-volume blur."""
+    from SpineLabelLib import phantom
+
+    grid = phantom._Grid((24, 24, 24), np.array([2.0, 2.0, 2.0]), np.zeros(3))
+    material = np.full((24, 24, 24), phantom._MUSCLE, np.uint8)
+    for seed in range(4):
+        mr = sitk.GetArrayFromImage(phantom._intensities(material, "mr", grid, np.random.default_rng(seed)))
+        assert mr[:, -4:, :].mean() > 1.2 * mr[:, :4, :].mean()  # y grows posteriorly
+        ct = sitk.GetArrayFromImage(phantom._intensities(material, "ct", grid, np.random.default_rng(seed)))
+        assert 5 < ct[4:-4, 4:-4, 4:-4].std() < 25
+
+
+def test_canal_holds_csf_and_cord_behind_the_bodies_down_to_the_dural_sac_end():
+    """CSF and the cord lie behind the vertebral bodies; the dural sac (CSF) ends at S2, the cord above it."""
+    from SpineLabelLib import phantom
+
+    names = tuple(STANDARD)
+    anat = phantom._build_anatomy(names, np.random.default_rng(0))
+    grid = phantom._default_grid("lumbar", anat, names, (64, 64, 96), (2.5, 2.5, 2.5))
+    vol = phantom._Volumes(grid)
+    phantom._paint_soft_tissue(vol, anat)
+    phantom._paint_canal(vol, anat)
+    phantom._paint_vertebrae(vol, anat)
+    csf, cord, body = vol.material == phantom._CSF, vol.material == phantom._CORD, vol.tissue == BODY
+    assert csf.sum() > 200 and cord.sum() > 20
+    for part in (csf, cord):
+        assert np.argwhere(part)[:, 1].mean() > np.argwhere(body)[:, 1].mean() + 4  # y grows posteriorly
+    s2 = [el for el in anat.elements if el.kind == "sacral"][1]
+    lowest = grid.origin[2] + grid.spacing[2] * np.argwhere(csf)[:, 0].min()
+    assert lowest > s2.centre[2] - 5.0, (lowest, s2.centre[2])
+    assert np.argwhere(cord)[:, 0].min() > np.argwhere(csf)[:, 0].min()
+
+
+def test_mr_phantom_shows_bright_csf_behind_the_lumbar_bodies():
+    image, labels, tissue = arrays(make_phantom("mr", "lumbar", seed=3, **SMALL))
+    body = (labels == BY_NAME["L3"].label) & (tissue == BODY)
+    z, y, x = (int(round(c)) for c in np.argwhere(body).mean(axis=0))
+    back = int(np.argwhere(body[z])[:, 0].max())  # posterior edge of the body (y grows posteriorly)
+    canal = image[z - 2 : z + 3, back + 2 : back + 6, x - 2 : x + 3]
+    assert np.median(canal) > 1.5 * np.median(image[body])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from conftest import DATA
 from SpineLabelLib.inference import Cancelled
@@ -384,3 +385,285 @@ def test_a_face_the_field_of_view_cuts_gets_no_cortex():
     assert not shell[0, 3:5, 3:5].any()  # the cut face, inside its rim (the sides' shell runs on to the cut)
     assert shell[4, 2:6, 2:6].all() and shell[:4, 2, 2:6].all()  # the bone's own end and sides
     assert not shell[1:4, 3:5, 3:5].any()  # the inside
+
+
+def test_sacralised_l5_rate_and_fusion(tiny_library):
+    """About 3 % of subjects have L5 fused to the sacrum: no L5/S1 disc, or a sliver under 2 mm."""
+    l5 = BY_NAME["L5"].label
+    sacralised = [seed for seed in range(1500) if synthesis._level_sequence(np.random.default_rng(seed))[1]]
+    assert 0.01 < len(sacralised) / 1500 < 0.06
+    heights = []
+    for seed in sacralised[:12]:
+        subject = synthesis._Subject(np.random.default_rng(seed), tiny_library)
+        low, up = subject.by_label[shapes.S1_LABEL].s, subject.by_label[l5].s
+        between = [d for d, _ in subject.discs if low < d.s < up]
+        heights += [d.scale[0] * (d.shape.z_up - d.shape.z_low) - 2.0 for d in between] or [0.0]
+    assert max(heights) < 2.0 and min(heights) == 0.0, heights
+
+
+def test_picked_shapes_come_from_the_level_or_a_neighbour_of_its_region_rescaled(tiny_library):
+    """A level borrows a neighbour's shape (same region) a quarter of the time; T13 and L6 always take T12's and L5's;
+    the factors bring the donor to the level's typical size."""
+    t12, t13, l5, l6 = labels_of("T12", "T13", "L5", "L6")
+    rng = np.random.default_rng(0)
+    borrowed = 0
+    for label in labels_of("C4", "C7", "T1", "T6", "T12", "L1", "L4") + [t13, l6]:  # C7/T1: a region's edge
+        for _ in range(40):
+            shape, factors = synthesis._pick_shape(rng, tiny_library, label)
+            donor = shape.label
+            if label == t13 or label == l6:
+                assert donor == {t13: t12, l6: l5}[label]
+            else:
+                assert abs(level_index(donor) - level_index(label)) <= 1
+                assert BY_LABEL[donor].region == BY_LABEL[label].region
+                borrowed += donor != label
+            np.testing.assert_allclose(factors, shapes.size_ratio(label, donor))
+    assert 0.1 < borrowed / 280 < 0.4
+
+
+def test_another_scans_body_is_swapped_in_at_the_shapes_size(tiny_library):
+    """Half the levels with real bodies (L4, L5 in the tiny library) take one, scaled to the shape's own body."""
+    swapped = 0
+    for seed in range(20):
+        subject = synthesis._Subject(np.random.default_rng(seed), tiny_library)
+        for pl in subject.vertebrae:
+            if pl.body is None:
+                continue
+            swapped += 1
+            np.testing.assert_allclose(
+                [pl.body.z_up - pl.body.z_low, pl.body.depth_mm, pl.body.width_mm] * pl.body_scale,
+                [pl.shape.z_up - pl.shape.z_low, pl.shape.depth_mm, pl.shape.width_mm] * pl.scale, rtol=1e-6)
+    assert 8 <= swapped <= 32, swapped
+
+
+def test_sagittal_curves_and_scoliosis(tiny_library):
+    """Lordosis in the neck and the lumbar spine, kyphosis in the thorax (the tangent leans further back going up
+    through each), and a scoliosis (coronal swing over 18 degrees) in a minority of subjects; compression
+    fractures are rare."""
+    def sagittal(subject, name):
+        t = subject.tangents[np.searchsorted(subject.s_grid, subject.by_label[BY_NAME[name].label].s)]
+        return np.degrees(np.arctan2(t[1], t[0]))
+
+    turns = {"cervical": [], "thoracic": [], "lumbar": []}
+    scoliotic, fractured, bodies = 0, 0, 0
+    for seed in range(60):
+        subject = synthesis._Subject(np.random.default_rng(seed), tiny_library)
+        turns["cervical"].append(sagittal(subject, "C2") - sagittal(subject, "C7"))
+        turns["thoracic"].append(sagittal(subject, "T11") - sagittal(subject, "T3"))
+        turns["lumbar"].append(sagittal(subject, "L1") - sagittal(subject, "L5"))
+        coronal = np.degrees(np.arcsin(np.clip(subject.tangents[:, 2], -1, 1)))
+        scoliotic += np.ptp(coronal) > 18.0  # 8-25 degree waves in 15 % of subjects (16-50 degrees peak to peak)
+        for pl in subject.vertebrae:
+            if BY_NAME["T4"].label <= pl.label <= BY_NAME["L5"].label:  # height against depth and width, as picked
+                ratio = np.asarray(synthesis.size_ratio(pl.label, pl.shape.label))
+                bodies += 1
+                fractured += pl.scale[0] / pl.scale[1:].mean() < 0.85 * ratio[0] / ratio[1:].mean()
+    median = {region: np.median(values) for region, values in turns.items()}
+    assert median["cervical"] > 10 and median["thoracic"] > 10 and median["lumbar"] > 10, median
+    assert 2 <= scoliotic <= 20, scoliotic
+    assert fractured / bodies < 0.1, (fractured, bodies)
+
+
+def _thoracic_crop(tiny_library, monkeypatch, seed, name="T6"):
+    """A synthetic CT case with its crop centred on level ``name``, and the image-class map it was drawn from."""
+    drawn = {}
+
+    def centre(rng, subject, extent):
+        drawn["centre"] = subject.by_label[BY_NAME[name].label].centre
+        return drawn["centre"]
+
+    def appearance(rng, cls, levels, modality, spacing):
+        drawn["cls"] = cls.copy()
+        return np.zeros(cls.shape, np.float32)
+
+    monkeypatch.setattr(synthesis, "_crop_centre", centre)
+    monkeypatch.setattr(synthesis, "_appearance", appearance)
+    case = synthesis.synthesize_case(np.random.default_rng(seed), tiny_library, 2.0, (48, 64, 64), modality="ct")
+    return case, drawn["cls"]
+
+
+def test_a_thoracic_crop_holds_ribs_canal_cord_and_discs_behind_and_between_the_bodies(tiny_library, monkeypatch):
+    t6 = BY_NAME["T6"].label
+    for seed in range(3):
+        case, cls = _thoracic_crop(tiny_library, monkeypatch, seed)
+        if (case.tissue == synthesis.IGNORE).any():
+            continue
+        body, post = case.tissue == BODY, case.tissue == POSTERIOR
+        # the crop is centred on T6's body
+        centroid = np.argwhere(body & (case.levels == t6)).mean(axis=0)
+        assert np.abs(centroid - (np.array([48, 64, 64]) - 1) / 2).max() < 6, centroid
+        # posterior elements behind the body (y grows posteriorly), canal and cord behind the body too
+        b, p = body & (case.levels == t6), post & (case.levels == t6)
+        assert np.argwhere(p)[:, 1].mean() > np.argwhere(b)[:, 1].mean() + 5
+        for canal_class in (synthesis.CSF, synthesis.CORD):
+            assert (cls == canal_class).sum() > 100, canal_class
+            assert np.argwhere(cls == canal_class)[:, 1].mean() > np.argwhere(body)[:, 1].mean() + 3
+        assert (cls == synthesis.RIB).sum() > 100  # ribs on thoracic levels
+        # the image classes follow the targets: bodies are marrow (with its shell), posterior elements bone, discs
+        # annulus and nucleus
+        assert np.isin(cls[body], [synthesis.MARROW, synthesis.CORTEX]).mean() > 0.95
+        assert np.isin(cls[post], [synthesis.POST, synthesis.CORTEX]).mean() > 0.95
+        disc = case.tissue == DISC
+        assert disc.sum() > 100
+        assert np.isin(cls[disc], [synthesis.ANNULUS, synthesis.NUCLEUS, synthesis.NUCLEUS_DARK]).all()
+        return
+    pytest.fail("every crop was a limited field of view")
+
+
+def test_modality_field_of_view_and_cortex_are_drawn_at_their_rates(tiny_library, monkeypatch):
+    """No modality given: each preset is drawn (CT about 45 %); 15 % of crops keep only a slab, 80 % get a cortex."""
+    calls = {"fov": 0, "cortex": 0}
+    limit, cortex = synthesis._limit_field_of_view, synthesis._add_cortex
+    monkeypatch.setattr(synthesis, "_appearance", lambda rng, cls, *a: np.zeros(cls.shape, np.float32))
+    monkeypatch.setattr(synthesis, "_limit_field_of_view",
+                        lambda *a: calls.__setitem__("fov", calls["fov"] + 1) or limit(*a))
+    monkeypatch.setattr(synthesis, "_add_cortex",
+                        lambda *a: calls.__setitem__("cortex", calls["cortex"] + 1) or cortex(*a))
+    modalities = []
+    n = 120
+    for seed in range(n):
+        case = synthesis.synthesize_case(np.random.default_rng(seed), tiny_library, 8.0, (8, 8, 8))
+        modalities.append(case.modality)
+        assert ((case.tissue == synthesis.IGNORE).any()) <= (calls["fov"] > 0)
+    assert set(modalities) == set(synthesis.MODALITIES)
+    assert 0.3 < modalities.count("ct") / n < 0.6
+    assert 0.05 < calls["fov"] / n < 0.3 and 0.65 < calls["cortex"] / n < 0.92, calls
+
+
+def test_mr_presets_order_the_tissues_as_their_sequences_do():
+    """T1: fat bright, CSF dark; T2: CSF bright; STIR and Dixon water: fat suppressed; Dixon fat: fat bright."""
+    p = {name: table[:, 0] for name, table in synthesis._PRESETS.items()}
+    fat, muscle, csf, cord = synthesis.FAT, synthesis.MUSCLE, synthesis.CSF, synthesis.CORD
+    assert p["t1"][fat] > p["t1"][muscle] > p["t1"][csf]
+    assert p["t2"][csf] > p["t2"][cord] and p["t2"][csf] > p["t2"][muscle]
+    assert p["stir"][fat] < 0.5 * p["stir"][muscle] and p["water"][fat] < 0.5 * p["water"][muscle]
+    assert p["fat"][fat] > 2 * p["fat"][muscle]
+    assert p["ct"][synthesis.MARROW] > p["ct"][muscle] > p["ct"][fat] > p["ct"][synthesis.LUNG]
+    for name in ("t1", "t2", "stir", "water", "fat"):  # the case's means follow its own preset
+        means = np.array([synthesis._class_intensities(np.random.default_rng(s), name)[0] for s in range(20)])
+        assert np.corrcoef(np.median(means, axis=0), p[name])[0, 1] > 0.95, name
+
+
+def test_mr_images_carry_a_bias_field():
+    """A smooth multiplicative field: the means of a uniform tissue over the eight octants of the image differ by
+    15-110 % (1-5 % without it: texture and noise average out)."""
+    cls = np.full((40, 40, 40), synthesis.MUSCLE, np.uint8)
+    levels = np.zeros_like(cls)
+    spread = []
+    for seed in range(8):
+        image = synthesis._appearance(np.random.default_rng(seed), cls, levels, "t2", 2.0)
+        octants = [image[a : a + 20, b : b + 20, c : c + 20].mean() for a in (0, 20) for b in (0, 20) for c in (0, 20)]
+        spread.append(max(octants) / min(octants))
+    assert np.median(spread) > 1.1, spread
+
+
+def test_the_sacrums_rudimentary_discs_are_disc_targets(tiny_library, monkeypatch):
+    """The sacral shape's discs (S1/S2 .. S4/S5, each visible at random) are drawn as disc tissue without a level."""
+    s1 = shapes.S1_LABEL
+    where = {}
+
+    def centre(rng, subject, extent):  # on the sacral shape's discs
+        pl = subject.by_label[s1]
+        local = np.argwhere(pl.shape.mask == shapes.SACRAL_DISC).mean(axis=0) - pl.shape.centre
+        where["centre"] = pl.centre + pl.rot @ (local * pl.scale)
+        return where["centre"]
+
+    monkeypatch.setattr(synthesis, "_crop_centre", centre)
+    monkeypatch.setattr(synthesis, "_appearance", lambda rng, cls, *a: np.zeros(cls.shape, np.float32))
+    assert (tiny_library.shapes_for(s1)[0].mask == shapes.SACRAL_DISC).any()
+    for seed in range(6):
+        case = synthesis.synthesize_case(np.random.default_rng(seed), tiny_library, 2.0, (24, 48, 48), modality="ct")
+        if (case.tissue == synthesis.IGNORE).any():
+            continue
+        disc = case.tissue == DISC
+        assert disc[8:16, 16:32, 16:32].sum() > 10  # at the middle of the crop
+        assert not case.levels[disc].any()
+        return
+    pytest.fail("every crop was a limited field of view")
+
+
+def test_each_disc_fills_the_gap_between_its_two_bodies(tiny_library):
+    """One disc per neighbour pair (not C1-C2, not a fused L5-S1), centred in the gap between the two bodies'
+    endplates and as high as that gap; lumbar discs are thick, cervical ones thin."""
+    c1, l4, l5, c3 = labels_of("C1", "L4", "L5", "C3")
+    gaps = {l4: [], l5: [], c3: []}
+    for seed in range(30):
+        subject = synthesis._Subject(np.random.default_rng(seed), tiny_library)
+        for low, up in zip(subject.vertebrae, subject.vertebrae[1:]):  # caudal to cranial
+            if up.label == c1:
+                continue
+            top = low.s + low.shape.z_up * low.scale[0]
+            bottom = up.s + up.shape.z_low * up.scale[0]
+            inside = [d for d, _ in subject.discs if top < d.s < bottom]
+            if low.label == shapes.S1_LABEL and bottom - top < 2.0:  # sacralised: fused
+                assert len(inside) <= 1
+                continue
+            assert len(inside) == 1, (seed, BY_LABEL[up.label].name)
+            disc = inside[0]
+            assert disc.s == pytest.approx((top + bottom) / 2, abs=0.01)
+            assert disc.scale[0] * (disc.shape.z_up - disc.shape.z_low) - 2.0 == pytest.approx(bottom - top, abs=0.01)
+            if up.label in gaps:
+                gaps[up.label].append(bottom - top)
+    median = {BY_LABEL[label].name: np.median(values) for label, values in gaps.items()}
+    assert median["L4"] > 7 and median["L5"] > 7 and median["C3"] < 3, median
+
+
+def test_each_vertebra_gets_its_own_marrow_intensity():
+    """Marrow varies from vertebra to vertebra (tens of HU), beyond the texture, which averages out."""
+    cls = np.full((40, 24, 24), synthesis.MARROW, np.uint8)
+    levels = np.full(cls.shape, BY_NAME["L2"].label, np.uint8)
+    levels[20:] = BY_NAME["L1"].label
+    differences = []
+    for seed in range(8):
+        image = synthesis._appearance(np.random.default_rng(seed), cls, levels, "ct", 2.0)
+        differences.append(abs(image[2:18].mean() - image[22:38].mean()))
+    assert np.median(differences) > 15.0, differences
+
+
+def test_a_swapped_in_body_is_body_of_its_level(tiny_library, monkeypatch):
+    l4 = BY_NAME["L4"].label
+    seeds = [seed for seed in range(40)
+             if synthesis._Subject(np.random.default_rng(seed), tiny_library).by_label[l4].body is not None]
+    for seed in seeds[:4]:
+        case, _ = _thoracic_crop(tiny_library, monkeypatch, seed, "L4")
+        if (case.tissue == synthesis.IGNORE).any():
+            continue
+        body, post = (case.tissue == BODY) & (case.levels == l4), (case.tissue == POSTERIOR) & (case.levels == l4)
+        assert body.sum() > 500
+        assert np.abs(np.argwhere(body).mean(axis=0) - (np.array([48, 64, 64]) - 1) / 2).max() < 6
+        assert np.argwhere(post)[:, 1].mean() > np.argwhere(body)[:, 1].mean() + 5
+        return
+    pytest.fail("no crop on a swapped-in L4 body")
+
+
+def test_missing_levels_are_filled_from_the_nearest_level_at_their_own_size(tiny_library):
+    """T3 (absent from the tiny library) comes from T1, the nearest level present, rescaled by the typical T3/T1
+    body ratios, each axis with its own."""
+    t1, t3, l3, c5 = labels_of("T1", "T3", "L3", "C5")
+    typical = shapes.TYPICAL_BODY_MM
+    assert shapes.size_ratio(l3, c5) == pytest.approx([typical[l3][k] / typical[c5][k] for k in range(3)])
+    donor, filled = tiny_library.shapes_for(t1)[0], tiny_library.shapes_for(t3)[0]
+    assert filled.source.startswith(donor.source + ">")
+    ratio = [typical[t3][k] / typical[t1][k] for k in range(3)]
+    assert [filled.z_up - filled.z_low, filled.depth_mm, filled.width_mm] == pytest.approx(
+        [(donor.z_up - donor.z_low) * ratio[0], donor.depth_mm * ratio[1], donor.width_mm * ratio[2]])
+
+
+def test_canonical_frames_follow_a_tilted_spine():
+    """Each vertebra's superior axis runs along its neighbours' centroids: on a spine tilted 20 degrees towards
+    the back, 20 degrees from the scanner axis (not the scanner axis itself)."""
+    spacing, block = 1.5, (40, 80, 64)
+    labels = labels_of("T12", "L1", "L2")
+    volume = np.zeros((block[0] * len(labels), *block[1:]), np.uint8)
+    for i, label in enumerate(labels[::-1]):
+        whole, _ = _analytic_vertebra(block, label, spacing)
+        volume[i * block[0] : (i + 1) * block[0]][whole] = label
+    volume = np.pad(volume, ((10, 10), (40, 40), (4, 4)))
+    tilted = ndimage.rotate(volume, 20.0, axes=(0, 1), order=0, reshape=True)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(tilted))
+    image.SetSpacing((spacing,) * 3)
+    _, frames = shapes.canonical_vertebrae(image, "tilted")
+    assert BY_NAME["L1"].label in frames
+    for label, (_, rot) in frames.items():
+        angle = np.degrees(np.arccos(abs(rot[0, 0])))
+        assert 15.0 < angle < 25.0, (BY_LABEL[label].name, angle)

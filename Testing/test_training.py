@@ -261,6 +261,26 @@ def test_blob_images_have_blobs_at_any_voxel_size(kind, spacing_mm):
     assert 0.08 < bright.mean() < 0.3
 
 
+def test_each_kind_of_non_spine_image_is_what_its_name_says():
+    """CT kinds: bright parts near 300 HU on air; MR balls 1000 on 0; smoothed noise is correlated from voxel to
+    voxel, white noise is not; uniform noise lies in 0-255; a seed gives the same image for every kind."""
+    shape = (40, 40, 40)
+    images = {kind: non_spine_image(np.random.default_rng(2), kind, shape, 2.0) for kind in KINDS}
+    for kind, image in images.items():
+        np.testing.assert_array_equal(image, non_spine_image(np.random.default_rng(2), kind, shape, 2.0))
+
+    def neighbour_correlation(image):
+        return np.corrcoef(image[:-1].ravel(), image[1:].ravel())[0, 1]
+
+    assert neighbour_correlation(images["white noise"]) < 0.1 < 0.5 < neighbour_correlation(images["smoothed noise"])
+    assert 0.0 <= images["uniform noise"].min() and images["uniform noise"].max() <= 255.0
+    for kind, (low, high) in (("blobs (CT)", (-1000, 300)), ("balls (CT)", (-1000, 300)), ("balls (MR)", (0, 1000))):
+        image = images[kind]
+        bright = image > (low + high) / 2
+        assert 0.01 < bright.mean() < 0.4, kind
+        assert abs(np.median(image[bright]) - high) < 60 and abs(np.median(image[~bright]) - low) < 60, kind
+    assert np.median(images["blobs (MR)"]) > 0  # MR blobs lie on tissue, not on air
+
 def test_unlabelled_vertebrae_beyond_the_labelled_ones_are_not_taught_as_background():
     # L3, L4, L5 labelled along z; the image would show L2 above and the sacrum below, unlabelled
     verse = np.zeros((60, 8, 8), np.uint8)
