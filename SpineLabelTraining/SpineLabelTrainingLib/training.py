@@ -234,22 +234,21 @@ def _one_channel(image_path: Path, label_path: Path) -> None:
         InputError: the dataset.json names more than one channel (``channel_names``, or nnU-Net v1's ``modality``), or
             a second channel's file lies beside the image.
     """
+    one_image = ("SpineLabel trains on one image per case and would read channel 0 alone: make a dataset of the one "
+                 "channel to train on")
     dataset = read_dataset_json(label_path.parent.parent) or {}
     for key in ("channel_names", "modality"):
         channels = dataset.get(key)
         if isinstance(channels, dict) and len(channels) > 1:
             names = ", ".join(f"{k}: {v}" for k, v in channels.items())
             raise InputError(f"{label_path.parent.parent / 'dataset.json'}: names {len(channels)} channels ({names}); "
-                             "SpineLabel trains on one image per case and would read channel 0 alone: make a dataset "
-                             "of the one channel to train on")
+                             f"{one_image}")
     stem = image_stem(image_path.name)
     if stem is not None and stem.endswith("_0000"):
         second = [image_path.parent / f"{stem[:-5]}_0001{suffix}" for suffix in IMAGE_SUFFIXES]
         found = next((p for p in second if p.exists()), None)
         if found is not None:
-            raise InputError(f"{found}: a second channel of the case of {image_path.name}; SpineLabel trains on one "
-                             "image per case and would read channel 0 alone: make a dataset of the one channel to "
-                             "train on")
+            raise InputError(f"{found}: a second channel of the case of {image_path.name}; {one_image}")
 
 
 def cases_sha256(folder: str | Path) -> str:
