@@ -2667,7 +2667,7 @@ def test_the_labelling_command_passes_every_setting_and_only_those_set(tmp_path,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "card.json").write_text("{}")
     (tmp_path / "in.nrrd").write_text("")
-    (tmp_path / "run" / "out").mkdir(parents=True)  # paths are made absolute where they name a file or folder
+    # paths are made absolute (the worker runs in its run's folder), a model's card where it names a file
     assert process.labelCommand("py", "in.nrrd", "run/out", "card.json", "cpu", checkOrientation=True, spineGate=False,
                                 modality="MR") == [
         "py", "-m", "SpineLabelLogic.worker", str(tmp_path / "in.nrrd"), str(tmp_path / "run" / "out"), "--device",
@@ -2675,7 +2675,7 @@ def test_the_labelling_command_passes_every_setting_and_only_those_set(tmp_path,
     # a model named rather than a file is passed as named; the defaults add no option
     assert process.labelCommand("py", "in.nrrd", "out", "spine-ct")[5:] == ["--device", "auto", "--model", "spine-ct"]
     assert process.labelCommand("py", "in.nrrd", "out") == [
-        "py", "-m", "SpineLabelLogic.worker", str(tmp_path / "in.nrrd"), "out", "--device", "auto"]
+        "py", "-m", "SpineLabelLogic.worker", str(tmp_path / "in.nrrd"), str(tmp_path / "out"), "--device", "auto"]
 
 
 def test_the_training_command_passes_every_setting(tmp_path, monkeypatch):

@@ -98,8 +98,8 @@ def pythonPathEnvironment(paths: Sequence[str | os.PathLike], base: dict | None 
     return env
 
 
-def _absolute(path: str | os.PathLike) -> str:
-    """``path`` made absolute where it names a file or folder (a model may be named by its name instead)."""
+def _model(path: str | os.PathLike) -> str:
+    """A model's card made absolute where it names a file (a model may be named by its name instead)."""
     return os.path.abspath(path) if os.path.exists(path) else str(path)
 
 
@@ -107,9 +107,10 @@ def labelCommand(python: str, inputPath: str | os.PathLike, outputDir: str | os.
                  model: str | os.PathLike | None = None, device: str = "auto",
                  checkOrientation: bool = False, spineGate: bool = True, modality: str = "auto") -> list[str]:
     """Command line of the labelling worker, its paths absolute (it runs in its run's folder)."""
-    command = [python, "-m", "SpineLabelLogic.worker", _absolute(inputPath), _absolute(outputDir), "--device", device]
+    command = [python, "-m", "SpineLabelLogic.worker", os.path.abspath(inputPath), os.path.abspath(outputDir),
+               "--device", device]
     if model:
-        command += ["--model", _absolute(model)]
+        command += ["--model", _model(model)]
     if checkOrientation:
         command.append("--check-orientation")
     if not spineGate:
@@ -136,12 +137,12 @@ def trainCommand(python: str, data: str | os.PathLike, outCard: str | os.PathLik
     """Command line of ``spinelabel train``: fine-tune ``baseModel`` (or train a new model) on ``data`` (an
     exported dataset folder) mixed with ``REPLAY``, and write the model card ``outCard``; ``extra`` arguments are
     passed on. Its paths are absolute (it runs in its run's folder)."""
-    sources = [f"{_absolute(data)}:{EXPORT_SHARE}", *(f"{source}:{weight}" for source, weight in REPLAY)]
+    sources = [f"{os.path.abspath(data)}:{EXPORT_SHARE}", *(f"{source}:{weight}" for source, weight in REPLAY)]
     command = [python, "-m", "SpineLabelLib.cli", "train", *(a for s in sources for a in ("--data", s)),
-               "--out", _absolute(outCard), "--epochs", str(int(epochs)), "--device", device,
+               "--out", os.path.abspath(outCard), "--epochs", str(int(epochs)), "--device", device,
                "--progress-bars"]  # a pipe is no terminal: without it no bar within an epoch would be drawn
     if baseModel:
-        command += ["--base-model", _absolute(baseModel)]
+        command += ["--base-model", _model(baseModel)]
     if name:
         command += ["--name", name]
     return command + [str(a) for a in extra]
