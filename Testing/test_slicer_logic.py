@@ -1929,41 +1929,44 @@ def test_the_dependency_line_and_install_button(modules, monkeypatch):
     assert panel.ui.statusLabel.text == "Exported case"
 
 
+class _Combo:
+    """A model list as the panels fill it (a QComboBox's items, each text with its data, and the current index)."""
+
+    def __init__(self):
+        self.items, self.currentIndex = [], -1
+
+    def clear(self):
+        self.items, self.currentIndex = [], -1
+
+    def addItem(self, text, data):
+        self.items.append((text, data))
+
+    def findData(self, data):
+        return next((i for i, item in enumerate(self.items) if item[1] == data), -1)
+
+    def setCurrentIndex(self, index):
+        self.currentIndex = index
+
+    def itemData(self, index):
+        return self.items[index][1]
+
+    def blockSignals(self, block):
+        pass
+
+
 def test_the_model_list_offers_the_default_and_drops_a_vanished_choice(modules, monkeypatch):
-    class Combo:
-        def __init__(self):
-            self.items, self.current = [], None
-
-        def clear(self):
-            self.items = []
-
-        def addItem(self, text, data):
-            self.items.append((text, data))
-
-        def findData(self, data):
-            return next((i for i, item in enumerate(self.items) if item[1] == data), -1)
-
-        def setCurrentIndex(self, index):
-            self.current = index
-
-        def itemData(self, index):
-            return self.items[index][1]
-
-        def blockSignals(self, block):
-            pass
-
     panel = labelling_panel(modules, None)
-    panel.ui.modelComboBox = combo = Combo()
+    panel.ui.modelComboBox = combo = _Combo()
     card = {"name": "tuned", "version": "2", "path": "/models/tuned.json"}
     monkeypatch.setattr(panel.logic, "availableModels", lambda: [card])
     monkeypatch.setattr(panel.logic, "missingPackages", lambda: [])
     panel._parameterNode.modelPath = "/models/gone.json"
     panel.updateModelList()
     assert combo.items == [("Default model", ""), ("tuned 2", "/models/tuned.json")]
-    assert combo.current == 0 and panel._parameterNode.modelPath == ""
+    assert combo.currentIndex == 0 and panel._parameterNode.modelPath == ""
     panel._parameterNode.modelPath = "/models/tuned.json"
     panel.updateModelList()
-    assert combo.current == 1
+    assert combo.currentIndex == 1
     panel.onModelChanged(0)
     assert panel._parameterNode.modelPath == ""
     panel.onModelChanged(1)
@@ -1971,7 +1974,7 @@ def test_the_model_list_offers_the_default_and_drops_a_vanished_choice(modules, 
     monkeypatch.setattr(panel.logic, "availableModels", lambda: [])  # the dependencies missing: the choice is kept
     monkeypatch.setattr(panel.logic, "missingPackages", lambda: ["torch>=2.2"])
     panel.updateModelList()
-    assert combo.current == 0 and panel._parameterNode.modelPath == "/models/tuned.json"
+    assert combo.currentIndex == 0 and panel._parameterNode.modelPath == "/models/tuned.json"
 
 
 def training_panel(modules, tmp_path):
@@ -2306,30 +2309,8 @@ def test_the_logic_exports_a_case_under_the_id_given(modules, labeled, tmp_path)
 
 
 def test_the_training_panel_lists_the_base_models_and_takes_the_first(modules, tmp_path, monkeypatch):
-    class Combo:
-        def __init__(self):
-            self.items, self.currentIndex = [], -1
-
-        def clear(self):
-            self.items, self.currentIndex = [], -1
-
-        def addItem(self, text, data):
-            self.items.append((text, data))
-
-        def findData(self, data):
-            return next((i for i, item in enumerate(self.items) if item[1] == data), -1)
-
-        def setCurrentIndex(self, index):
-            self.currentIndex = index
-
-        def itemData(self, index):
-            return self.items[index][1]
-
-        def blockSignals(self, block):
-            pass
-
     panel = training_panel(modules, tmp_path)
-    panel.ui.baseModelComboBox = combo = Combo()
+    panel.ui.baseModelComboBox = combo = _Combo()
     cards = [{"name": "spinelabel", "version": "1", "path": "/shipped.json"},
              {"name": "tuned", "version": "2", "path": "/models/tuned.json"}]
     monkeypatch.setattr(panel.logic, "availableModels", lambda: cards)

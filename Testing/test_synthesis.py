@@ -43,26 +43,34 @@ def _analytic_vertebra(shape_zyx: tuple[int, int, int], label: int, spacing: flo
     return body | arch | spinous, body
 
 
+BLOCK = (40, 80, 64)  # voxels (z, y, x) of one analytic vertebra's slab
+
+
+def _stacked_vertebrae(labels, spacing: float) -> np.ndarray:
+    """uint8 (z, y, x) label map of analytic vertebrae ``labels`` (cranial first), one ``BLOCK`` each, stacked caudal
+    first: the z index grows towards the head."""
+    volume = np.zeros((BLOCK[0] * len(labels), *BLOCK[1:]), np.uint8)
+    for i, label in enumerate(labels[::-1]):
+        whole, _ = _analytic_vertebra(BLOCK, label, spacing)
+        volume[i * BLOCK[0] : (i + 1) * BLOCK[0]][whole] = label
+    return volume
+
+
 @pytest.fixture(scope="module")
 def tiny_library(tmp_path_factory) -> shapes.ShapeLibrary:
     """Library from one analytic 'scan' holding C1, C2, C5, T1, T8, L1 and L5 (the rest filled in by the library)."""
     root = tmp_path_factory.mktemp("data")
     spacing = 1.5
-    labels = labels_of("C1", "C2", "C5", "T1", "T8", "L1", "L5")
-    block = (40, 80, 64)
-    volume = np.zeros((block[0] * len(labels), *block[1:]), np.uint8)
-    for i, label in enumerate(labels[::-1]):  # caudal first: z index grows towards the head
-        whole, _ = _analytic_vertebra(block, label, spacing)
-        volume[i * block[0] : (i + 1) * block[0]][whole] = label
+    volume = _stacked_vertebrae(labels_of("C1", "C2", "C5", "T1", "T8", "L1", "L5"), spacing)
     image = sitk.GetImageFromArray(volume)
     image.SetSpacing((spacing,) * 3)
     (root / "masks_verse").mkdir()
     sitk.WriteImage(image, str(root / "masks_verse" / "sub-analytic_seg-vert_msk.nii.gz"))
     # Bodies-only scan (like mri_lumbar_bodies): L4, L5 and S1 bodies.
-    bodies = np.zeros((block[0] * 3, *block[1:]), np.uint8)
+    bodies = np.zeros((BLOCK[0] * 3, *BLOCK[1:]), np.uint8)
     for i, label in enumerate(labels_of("S1", "L5", "L4")):
-        _, body = _analytic_vertebra(block, label, spacing)
-        bodies[i * block[0] : (i + 1) * block[0]][body] = label
+        _, body = _analytic_vertebra(BLOCK, label, spacing)
+        bodies[i * BLOCK[0] : (i + 1) * BLOCK[0]][body] = label
     image = sitk.GetImageFromArray(bodies)
     image.SetSpacing((spacing,) * 3)
     (root / "mri_lumbar_bodies").mkdir()
@@ -116,12 +124,8 @@ def test_body_short_for_its_spine_is_no_shape():
 
 def test_vertebra_cut_by_the_field_of_view_is_skipped():
     """A vertebra reaching the image edge (sub-verse014's transverse processes, cut flat) is no shape."""
-    spacing, block = 1.5, (40, 80, 64)
-    labels = labels_of("T12", "L1", "L2")
-    volume = np.zeros((block[0] * len(labels), *block[1:]), np.uint8)
-    for i, label in enumerate(labels[::-1]):
-        whole, _ = _analytic_vertebra(block, label, spacing)
-        volume[i * block[0] : (i + 1) * block[0]][whole] = label
+    spacing = 1.5
+    volume = _stacked_vertebrae(labels_of("T12", "L1", "L2"), spacing)
     last = np.flatnonzero(volume.any(axis=(0, 2)))[-1]  # tip of the spinous processes (posterior)
     counts = []
     for cut in (volume, volume[:, : last - 5]):
@@ -652,12 +656,8 @@ def test_missing_levels_are_filled_from_the_nearest_level_at_their_own_size(tiny
 def test_canonical_frames_follow_a_tilted_spine():
     """Each vertebra's superior axis runs along its neighbours' centroids: on a spine tilted 20 degrees towards
     the back, 20 degrees from the scanner axis (not the scanner axis itself)."""
-    spacing, block = 1.5, (40, 80, 64)
-    labels = labels_of("T12", "L1", "L2")
-    volume = np.zeros((block[0] * len(labels), *block[1:]), np.uint8)
-    for i, label in enumerate(labels[::-1]):
-        whole, _ = _analytic_vertebra(block, label, spacing)
-        volume[i * block[0] : (i + 1) * block[0]][whole] = label
+    spacing = 1.5
+    volume = _stacked_vertebrae(labels_of("T12", "L1", "L2"), spacing)
     volume = np.pad(volume, ((10, 10), (40, 40), (4, 4)))
     tilted = ndimage.rotate(volume, 20.0, axes=(0, 1), order=0, reshape=True)
     image = sitk.GetImageFromArray(np.ascontiguousarray(tilted))
