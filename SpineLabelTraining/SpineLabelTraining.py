@@ -310,12 +310,16 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
 
     @classmethod
     def datasetSummary(cls, directory) -> str:
-        """One line describing the dataset folder (number of cases, modality) or what is wrong with it."""
+        """One line describing the dataset folder (the cases training will use, modality) or what is wrong with it.
+        The cases are counted as training finds them (``evaluation.labelled_cases``), not by ``numTraining``, which
+        a folder made by hand can get wrong."""
         missing = cls.missingPackages()
         if missing:
             return _("Install the dependencies in the SpineLabel module first ({packages}).").format(
                 packages=", ".join(missing))
+        from SpineLabelLib.evaluation import labelled_cases
         from SpineLabelLib.export import dataset_channel, read_dataset_json
+        from SpineLabelLib.io import InputError
 
         if not directory or not Path(directory).is_dir():
             return _("Choose a dataset folder exported from SpineLabel.")
@@ -325,7 +329,10 @@ class SpineLabelTrainingLogic(ScriptedLoadableModuleLogic):
             return _("dataset.json unreadable: {error}").format(error=str(err))
         if dataset is None:
             return _("No dataset.json in this folder.")
-        count = dataset.get("numTraining", 0)
+        try:
+            count = len(labelled_cases(directory))
+        except InputError:
+            return _("No labelled case in this folder: label maps in labelsTr/, their images in imagesTr/.")
         return (_("{count} case, {modality}") if count == 1 else _("{count} cases, {modality}")).format(
             count=count, modality=dataset_channel(dataset) or "?")
 
@@ -447,11 +454,12 @@ class SpineLabelTrainingTest(ScriptedLoadableModuleTest):
         export_case(label_spine(phantom.image, device="cpu"), phantom.image, dataset)
         logic = SpineLabelTrainingLogic()
         self.assertEqual(logic.datasetSummary(dataset), "1 case, CT")
-        handMade = os.path.join(folder, "handmade")  # channel_names as a list: no modality, no exception
-        os.makedirs(handMade)
+        # channel_names as a list: no modality, no exception; the cases counted as training finds them
+        handMade = os.path.join(folder, "handmade")
+        shutil.copytree(dataset, handMade)
         with open(os.path.join(handMade, "dataset.json"), "w") as f:
             json.dump({"channel_names": ["CT"], "numTraining": 2}, f)
-        self.assertEqual(logic.datasetSummary(handMade), "2 cases, ?")
+        self.assertEqual(logic.datasetSummary(handMade), "1 case, ?")
         self.delayDisplay("Fine-tuning for one short epoch")
         process, outCard = logic.startTraining(dataset, None, "selftest", 1, "cpu",
                                                ["--iterations", "2", "--patch", "64", "64", "64"])

@@ -2096,10 +2096,19 @@ def test_the_dataset_summary_says_what_is_wrong_with_a_folder(modules, tmp_path)
     assert summary(str(tmp_path)) == "No dataset.json in this folder."
     (tmp_path / "dataset.json").write_text("{")
     assert summary(str(tmp_path)).startswith("dataset.json unreadable: ")
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "numTraining": 1}))
+    assert summary(str(tmp_path)).startswith("No labelled case in this folder")
+    # the cases training finds, not numTraining (a hand-made folder's can be wrong): a label map and its image each
+    for name in ("imagesTr", "labelsTr"):
+        (tmp_path / name).mkdir()
     for count, channels, text in ((1, {"0": "CT"}, "1 case, CT"), (2, {"0": "MR"}, "2 cases, MR"),
                                   (3, ["CT"], "3 cases, ?")):
-        (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": channels, "numTraining": count}))
+        (tmp_path / "imagesTr" / f"c{count}_0000.nii.gz").touch()
+        (tmp_path / "labelsTr" / f"c{count}.nii.gz").touch()
+        (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": channels, "numTraining": 4 - count}))
         assert summary(str(tmp_path)) == text
+    (tmp_path / "imagesTr" / "c4_0000.nii.gz").touch()  # an image without its label map is no case
+    assert summary(str(tmp_path)) == "3 cases, ?"
 
 
 def test_a_training_start_is_refused_before_anything_runs(modules, tmp_path, monkeypatch):
@@ -2245,9 +2254,12 @@ def test_labelling_in_the_process_passes_its_settings_and_refuses_no_vertebrae(m
 
 def test_the_training_panel_summarises_the_folder_just_chosen(modules, tmp_path):
     panel = training_panel(modules, tmp_path / "elsewhere")
-    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "numTraining": 4}))
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "numTraining": 1}))
+    for name in ("imagesTr/a_0000.nii.gz", "labelsTr/a.nii.gz"):
+        (tmp_path / name).parent.mkdir()
+        (tmp_path / name).touch()
     panel.updateDatasetSummary(str(tmp_path))  # the directory button's signal, before the parameter node follows
-    assert panel.ui.datasetSummaryLabel.text == "4 cases, CT"
+    assert panel.ui.datasetSummaryLabel.text == "1 case, CT"
 
 
 def test_the_panel_picks_the_first_scan_and_says_what_apply_needs(modules, mrml, spine):
