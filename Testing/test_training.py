@@ -860,3 +860,20 @@ def test_a_missing_data_folder_is_named_as_such(tmp_path):
     with pytest.raises(FileNotFoundError, match="^synthtic: no such folder, nor one of the generated sources "
                                                 "synthetic, phantom, negative$"):
         make_source("synthtic", 2.0, (32, 32, 32), None)
+
+
+def test_a_case_found_twice_in_the_data_folders_is_named(tmp_path, caplog):
+    """One folder inside another given too: each case is drawn as two, which the run says, naming one."""
+    for case in ("c1", "c2"):
+        write_pair(tmp_path / "data" / "nn", f"imagesTr/{case}_0000.nii.gz", f"labelsTr/{case}.nii.gz")
+    nn, data = str(tmp_path / "data" / "nn"), str(tmp_path / "data")
+    cfg = TrainConfig(data=[(nn, 1.0), (data, 1.0)], out=tmp_path / "m.json", epochs=1, iterations=1, batch=1,
+                      patch=(32, 32, 32), spacing_mm=4.0, device="cpu", validation_cases=0)
+    with caplog.at_level(logging.WARNING):
+        train(cfg)
+    image = (tmp_path / "data" / "nn" / "imagesTr" / "c1_0000.nii.gz").resolve()
+    assert f"2 cases found twice in the --data folders ({image}, in {nn} and in {data})" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(replace(cfg, data=[(nn, 1.0), ("phantom", 1.0)]))
+    assert "found twice" not in caplog.text

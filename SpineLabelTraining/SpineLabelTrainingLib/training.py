@@ -808,6 +808,19 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     made = {i: make_source(specs[i], spacing, cfg.patch, cfg.data_dir, cfg.progress_bars, cancel)
             for i in sorted(range(len(specs)), key=lambda i: specs[i] == "synthetic")}
     sources, cases = zip(*(made[i] for i in range(len(specs))))
+    # a case found twice (one folder given twice, one inside another, a link to another case's image) is drawn as
+    # two: more often than its folder's weight says
+    seen: dict[Path, str] = {}
+    twice = []
+    for spec, listed in zip(specs, cases):
+        for case in listed or ():
+            image = (Path(spec) / case).resolve()
+            if image in seen:
+                twice.append((image, seen[image], spec))
+            seen.setdefault(image, spec)
+    if twice:
+        log.warning("%d case%s found twice in the --data folders (%s, in %s and in %s): drawn as two cases, more "
+                    "often than the weights say", len(twice), "" if len(twice) == 1 else "s", *twice[0])
     val_rng = np.random.default_rng(10_000 + cfg.seed)
     val = []
     for i in range(cfg.validation_cases):  # a synthetic crop takes seconds to make
