@@ -466,3 +466,80 @@ def test_blended_logits_give_the_lowest_class_on_a_tie_and_vertebra_as_body_plus
     assert float(body[0, 0, 1]) == pytest.approx(float(p[BODY]), abs=1e-3)
     assert float(bone[0, 0, 1]) == pytest.approx(float(p[BODY] + p[POSTERIOR]), abs=1e-3)
     assert float(bone[0, 0, 0]) == pytest.approx(2 / n, abs=1e-3)
+
+
+def test_a_cuda_index_equal_to_the_number_of_gpus_is_refused(monkeypatch):
+    """Two GPUs are cuda:0 and cuda:1: cuda:2 is refused when the device is resolved, by name and count, not at the
+    first tensor put there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(RuntimeError, match=r"'cuda:2' was asked for but there are 2 CUDA GPUs \(cuda:0 to cuda:1\)"):
+        resolve_device("cuda:2")
+
+
+def test_bfloat16_is_native_on_cuda_gpus_from_compute_capability_8(monkeypatch):
+    """Ampere (8.0) and later run bfloat16 natively; Volta and Turing (7.x) emulate it, so they run float32."""
+    for capability, native in (((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert native_bfloat16(torch.device("cuda", 0)) is native, capability
+
+
+def test_a_body_above_100_hu_is_no_ct_stored_1024_above_hounsfield_units():
+    """The body of a CT stored 1024 above Hounsfield units has its median within 50 below and 100 above 0 HU: a
+    median of about 86 HU passes, one of about 116 HU does not (as an MR whose soft tissue lies there)."""
+    rng = np.random.default_rng(0)
+    for median, offset_ct in ((90, True), (120, False)):
+        body = rng.normal(median, 20, (30, 40, 40))
+        body[:, :, :6] = -100
+        body[10:20, 15:25, 15:25] = 700
+        stored = np.clip(np.round(np.concatenate([rng.normal(-1000, 20, (30, 40, 8)), body], axis=2)) + 1024, 0, 4095)
+        assert looks_like_offset_ct(stored) is offset_ct, median
+
+
+class _WindowIndexNetwork(torch.nn.Module):
+    """Stands in for the network: the vertebral-body logit of every voxel of a window is the number of windows run
+    before it (the others 0), so a voxel's blended logit shows the weight each window over it was given."""
+
+    divisor = 16
+    tissue_head = torch.nn.Conv3d(1, 4, 1)
+    level_head = torch.nn.Conv3d(1, 6, 1)
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, levels_only=False):
+        tissue = torch.zeros((1, 4, *x.shape[2:]))
+        tissue[:, BODY] = float(self.calls)
+        self.calls += 1
+        return tissue, torch.zeros((1, 6, *(s // 2 for s in x.shape[2:])))
+
+
+def test_overlapping_windows_are_blended_with_weights_ramped_over_half_the_overlap_at_both_ends():
+    """Three windows of 32 slices along z, starting 16 apart (overlap 16): each window's weight rises linearly over
+    its first 8 slices, (k + 1) / 9, and falls the same over its last 8, so that a voxel near a window's edge, where
+    the network sees least context, takes its value mostly from the window it lies deeper in."""
+    volume = np.zeros((64, 20, 20), dtype=np.float32)
+    out = predict(SimpleNamespace(network=_WindowIndexNetwork()), volume, torch.device("cpu"), window=(32, 32, 32),
+                  overlap=16)
+    k = np.arange(32)
+    ramp = np.minimum(np.minimum(k + 1, 32 - k), 9) / 9.0
+    weight_sum, logit_sum = np.zeros(64), np.zeros(64)
+    for index, start in enumerate((0, 16, 32)):
+        weight_sum[start : start + 32] += ramp
+        logit_sum[start : start + 32] += ramp * index
+    logit = logit_sum / weight_sum
+    expected = np.exp(logit) / (np.exp(logit) + 3)  # three other classes at logit 0
+    body = out.body_probability.astype(np.float32)
+    np.testing.assert_allclose(body, np.broadcast_to(expected[:, None, None], body.shape), atol=2e-3)
+
+
+def test_a_volume_shorter_than_the_network_s_divisor_is_labelled():
+    """An axis shorter than the window is run in one window of at least two divisors: with one, the network's
+    bottleneck is a single voxel, which instance normalisation cannot normalise."""
+    model = get_model(None, "cpu")
+    volume = np.random.default_rng(0).random((10, 10, 10), dtype=np.float32)
+    out = predict(model, volume, torch.device("cpu"))
+    assert out.tissue.shape == volume.shape
+    assert out.level_log_probs.shape == (model.network.level_head.out_channels, 5, 5, 5)
