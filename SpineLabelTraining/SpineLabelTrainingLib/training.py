@@ -710,8 +710,12 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, canc
         return _train(cfg, progress, cancel)
 
 
-def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Callable[[], bool] | None) -> Path:
-    """``train``'s work."""
+def _checked(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its sources of weight 0 left out and the defaults of its spacing and learning rate filled in.
+
+    Raises:
+        ValueError: a setting out of its range, named by its ``spinelabel train`` option.
+    """
     weights = np.array([w for _, w in cfg.data], dtype=float)
     if not cfg.data or (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
         given = ", ".join(f"{float(w):g}" for _, w in cfg.data) or "none"
@@ -720,7 +724,6 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     if left_out:  # not read either: a source that is not trained on cannot stop the run
         log.info("left out, weight 0: %s", ", ".join(left_out))
         cfg = replace(cfg, data=[(spec, w) for spec, w in cfg.data if w > 0])
-        weights = weights[weights > 0]
     for name, value, least in (("--epochs", cfg.epochs, 1), ("--iterations", cfg.iterations, 1),
                                ("--batch", cfg.batch, 1), ("--validation-cases", cfg.validation_cases, 0),
                                ("--average-last", cfg.average_last, 0), ("--tilt-deg", cfg.tilt_deg, 0),
@@ -742,15 +745,22 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
     if cfg.base_model is None and not MODEL_SPACING_MM[0] <= cfg.spacing_mm <= MODEL_SPACING_MM[1]:  # NaN too
         raise ValueError(f"--spacing {cfg.spacing_mm}: a model grid spacing is from {MODEL_SPACING_MM[0]} to "
                          f"{MODEL_SPACING_MM[1]} mm")
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=NEW_MODEL_LR if cfg.base_model is None else FINE_TUNE_LR)
+    if not 0 < cfg.lr < math.inf:  # NaN compares false
+        raise ValueError(f"--lr {cfg.lr}: the learning rate must be a finite number above 0")
+    return cfg
+
+
+def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Callable[[], bool] | None) -> Path:
+    """``train``'s work."""
+    cfg = _checked(cfg)
+    weights = np.array([w for _, w in cfg.data], dtype=float)
     # the CPU's generator only: the initial weights are drawn on the CPU, and nothing of a run draws on a GPU (whose
     # generators torch.manual_seed would seed for the whole process, past the fork of ``train``)
     torch.random.default_generator.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = resolve_device(cfg.device)
-    if cfg.lr is None:
-        cfg = replace(cfg, lr=NEW_MODEL_LR if cfg.base_model is None else FINE_TUNE_LR)
-    if not 0 < cfg.lr < math.inf:  # NaN compares false
-        raise ValueError(f"--lr {cfg.lr}: the learning rate must be a finite number above 0")
     out = model_card_path(cfg.out)
     ckpt = checkpoint_path(out)
     for path in (Path(cfg.out), out, ckpt, out.with_suffix(".pt")):  # found now, not after the epochs
