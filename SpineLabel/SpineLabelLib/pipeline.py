@@ -283,6 +283,45 @@ def _predict_in_context(loaded: LoadedModel, volume: np.ndarray, device: torch.d
     return predict(loaded, extended, device, **kwargs).inside(inner)
 
 
+def _input_warnings(pixels: np.ndarray, spacing_mm: tuple[float, ...], given: str, modality: str) -> list[str]:
+    """What the labelling warns of an input's intensities and voxel spacing: a modality given against intensities that
+    say the other, a CT whose values are no Hounsfield units, an image that looks like a label map, slices further
+    apart than the names were checked on.
+
+    Args:
+        pixels: the input's intensities, (z, y, x) as SimpleITK gives them, any real dtype; strided samples of it
+            are read, not the whole.
+        spacing_mm: its voxel spacing, mm, in any axis order.
+        given: the modality asked for, ``"AUTO"``, ``"CT"`` or ``"MR"``.
+        modality: the modality it is labelled as, ``"CT"`` or ``"MR"``.
+    """
+    other = "MR" if modality == "CT" else "CT"
+    warnings = []
+    offset_ct = ("its intensities look like a CT stored 1024 above Hounsfield units (air near 0, soft tissue near "
+                 "1024: a header without its rescale intercept of -1024); if it is CT, subtract 1024 or set the "
+                 "intercept, and label it again")
+    if given == "CT" and not (pixels[:: max(1, pixels.shape[0] // 64)] < -50).any():
+        warnings.append("no intensity below -50 for a CT: are they Hounsfield units? (a CT stored without its rescale "
+                        "intercept reads 1024 too high)")
+    elif given == "CT" and looks_like_offset_ct(pixels):  # stored signed: its air's noise reaches below -50
+        warnings.append(f"labelled as CT as asked, but {offset_ct}")  # not "label it as MR", as read_modality says
+    elif given != "AUTO" and read_modality(pixels) == (other, True):
+        # a modality given against intensities that say the other clearly: a real CT labelled as MR kept its names
+        # but lost Dice (0.82 to 0.75), without a word
+        warnings.append(f"labelled as {modality} as asked, but its intensities read clearly as {other} ("
+                        + ("air in Hounsfield units" if other == "CT" else "no air, nor fat and bone, in Hounsfield "
+                           "units") + f"); if it is {other}, label it as {other} (modality {other.lower()})")
+    if given == "AUTO" and modality == "MR" and looks_like_offset_ct(pixels):
+        warnings.append(f"read as MR, but {offset_ct}")
+    if looks_like_label_map(pixels):
+        warnings.append(f"the image holds fewer than {LABEL_MAP_VALUES} distinct whole-number values: is it a label "
+                        "map rather than a scan?")
+    if max(spacing_mm) > CHECKED_SPACING_MM + 1e-3:  # spacings computed from positions carry rounding
+        warnings.append(f"voxels {max(spacing_mm):.3g} mm apart along one axis: the names were checked on "
+                        f"slices up to {CHECKED_SPACING_MM:g} mm; check them")
+    return warnings
+
+
 def label_spine(
     image: sitk.Image | str | os.PathLike,
     model: str | os.PathLike | LoadedModel | None = None,
@@ -373,28 +412,7 @@ def label_spine(
     warnings = read_notes(image)  # how the file was read (a tilted gantry resampled, disagreeing NIfTI forms)
     if not clear:  # said now, not again when no spine is found
         warnings, read_as = warnings + read_as, []
-    offset_ct = ("its intensities look like a CT stored 1024 above Hounsfield units (air near 0, soft tissue near "
-                 "1024: a header without its rescale intercept of -1024); if it is CT, subtract 1024 or set the "
-                 "intercept, and label it again")
-    if given == "CT" and not (pixels[:: max(1, pixels.shape[0] // 64)] < -50).any():
-        warnings.append("no intensity below -50 for a CT: are they Hounsfield units? (a CT stored without its rescale "
-                        "intercept reads 1024 too high)")
-    elif given == "CT" and looks_like_offset_ct(pixels):  # stored signed: its air's noise reaches below -50
-        warnings.append(f"labelled as CT as asked, but {offset_ct}")  # not "label it as MR", as read_modality says
-    elif given != "AUTO" and read_modality(pixels) == (other, True):
-        # a modality given against intensities that say the other clearly: a real CT labelled as MR kept its names
-        # but lost Dice (0.82 to 0.75), without a word
-        warnings.append(f"labelled as {modality} as asked, but its intensities read clearly as {other} ("
-                        + ("air in Hounsfield units" if other == "CT" else "no air, nor fat and bone, in Hounsfield "
-                           "units") + f"); if it is {other}, label it as {other} (modality {other.lower()})")
-    if given == "AUTO" and modality == "MR" and looks_like_offset_ct(pixels):
-        warnings.append(f"read as MR, but {offset_ct}")
-    if looks_like_label_map(pixels):
-        warnings.append(f"the image holds fewer than {LABEL_MAP_VALUES} distinct whole-number values: is it a label "
-                        "map rather than a scan?")
-    if max(geometry.spacing) > CHECKED_SPACING_MM + 1e-3:  # spacings computed from positions carry rounding
-        warnings.append(f"voxels {max(geometry.spacing):.3g} mm apart along one axis: the names were checked on "
-                        f"slices up to {CHECKED_SPACING_MM:g} mm; check them")
+    warnings += _input_warnings(pixels, geometry.spacing, given, modality)
     darkest, brightest = float(volume.min()), float(volume.max())
     if brightest - darkest <= 1e-6 * max(abs(darkest), abs(brightest)):  # constant but for rounding, in any units
         warnings.append(f"{_CONSTANT}: nothing to label")
