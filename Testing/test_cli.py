@@ -140,7 +140,7 @@ def bad_inputs(tmp):
         tmp / "four.nii.gz": "4D image",
         tmp / "rgb.nrrd": "RGB",
         tmp / "blank.nii.gz": "image is constant",
-        tmp / "loop": "no such file",
+        tmp / "loop": "a link that leads back to itself",
         tmp / ".nii.gz": "nothing before its extension",  # refused before labelling, not when its outputs are named
     }
     undecodable = tmp / os.fsdecode(b"bad\xffname.nii.gz")  # ITK's readers abort the process on such a name

@@ -865,3 +865,69 @@ def test_itk_warnings_in_two_threads_at_once_leave_the_setting_as_it_was():
         assert sitk.ProcessObject.GetGlobalWarningDisplay()
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def test_a_link_that_loops_or_leads_nowhere_is_named_as_such(tmp_path):
+    """Both were refused as "no such file or folder", though the link is there."""
+    (tmp_path / "self.nii.gz").symlink_to("self.nii.gz")
+    (tmp_path / "dangling.nii.gz").symlink_to("nowhere.nii.gz")
+    for reader in (read_image, read_label_map):
+        with pytest.raises(InputError, match=r"self\.nii\.gz: a link that leads back to itself \(a loop of links\)$"):
+            reader(tmp_path / "self.nii.gz")
+    with pytest.raises(InputError, match=r"dangling\.nii\.gz: a link to nowhere\.nii\.gz, which does not exist$"):
+        read_image(tmp_path / "dangling.nii.gz")
+    with pytest.raises(InputError, match="missing.nii.gz: no such file or folder$"):
+        read_image(tmp_path / "missing.nii.gz")
+
+
+@pytest.mark.parametrize("name", ["e.mha", "e.mhd", "e.nrrd", "e.nhdr", "e.nii", "e.nii.gz"])
+def test_an_empty_file_is_refused_as_empty_and_the_readers_print_nothing(tmp_path, name, capfd):
+    """MetaIO printed four lines of its own ("NDims required and not defined." ...) before the message, and ITK said
+    of an empty NRRD that it found no reader for it."""
+    (tmp_path / name).write_bytes(b"")
+    capfd.readouterr()
+    for reader in (read_image, read_label_map):
+        with pytest.raises(InputError, match=rf"{re.escape(str(tmp_path / name))}: empty file \(0 bytes\)$"):
+            reader(tmp_path / name)
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("name, header", [
+    ("huge.nrrd", b"NRRD0004\ntype: short\ndimension: 3\nsizes: 100000 100000 100000\nspacings: 1.5 1.5 1.5\n"
+                  b"encoding: gzip\nendian: little\n\n"),
+    ("huge.mha", b"ObjectType = Image\nNDims = 3\nDimSize = 100000 100000 100000\nElementSpacing = 1.5 1.5 1.5\n"
+                 b"ElementType = MET_SHORT\nElementDataFile = LOCAL\n"),
+])
+def test_a_header_whose_size_its_small_file_cannot_hold_is_said_so_beside_the_memory(tmp_path, name, header,
+                                                                                     monkeypatch):
+    """A 1 KB file whose header gives 100000^3 voxels was refused as "not enough memory" alone, as if the file were
+    fine; the same NIfTI is refused as truncated."""
+    (tmp_path / name).write_bytes(header + gzip.compress(b"\0" * 1000))
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError(_ITK_NO_MEMORY.format("ImageFileReader_execute"))
+
+    monkeypatch.setattr(sitk, "ReadImage", no_memory)
+    with pytest.raises(InputError, match=r"not enough memory to read this image \(100000 x 100000 x 100000 voxels of "
+                       r"16-bit signed integer: 2e\+06 GB\); but the file holds only \d+ bytes, too few for those "
+                       r"voxels compressed as gzip compresses: its header's size may be wrong, or the file truncated$"):
+        read_image(tmp_path / name)
+
+
+@pytest.mark.parametrize("suffix, key", [(".mhd", "ElementDataFile = "), (".nhdr", "data file: ")])
+def test_a_missing_data_file_whose_name_has_spaces_is_named(tmp_path, suffix, key):
+    """A header naming "../data dir/my data.raw" is read when the file is there; when it is missing, ITK said only that
+    the header could not be read (names with spaces were not checked)."""
+    write(tmp_path, "a" + suffix, sitk.Image([8, 8, 8], sitk.sitkInt16))
+    header = tmp_path / "sub" / ("a" + suffix)
+    header.parent.mkdir()
+    (tmp_path / "data dir").mkdir()
+    (tmp_path / "a.raw").rename(tmp_path / "data dir" / "my data.raw")
+    lines = [(key + "../data dir/my data.raw") if line.startswith(key) else line
+             for line in (tmp_path / ("a" + suffix)).read_text().splitlines()]
+    header.write_text("\n".join(lines) + "\n")
+    assert read_image(header).GetSize() == (8, 8, 8)
+    (tmp_path / "data dir" / "my data.raw").unlink()
+    data = re.escape(str(header.parent / "../data dir/my data.raw"))
+    with pytest.raises(InputError, match=f"its voxels are in {data}, which is missing"):
+        read_image(header)

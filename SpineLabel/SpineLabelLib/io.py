@@ -629,6 +629,9 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
     ``sitk.ReadImage`` with ITK's error turned into an ``InputError`` naming ``path`` and the reason. ``what`` names
     the file in the messages ("image", "label map"); ``notes``, when given, gets a line when a 3D NIfTI file's header
     gives no orientation, its qform and sform disagree, or ITK could not follow its sform (``_forms_note``)."""
+    with contextlib.suppress(OSError):  # the readers below say why a file cannot be opened
+        if path.stat().st_size == 0:  # MetaIO prints lines of its own; ITK says it finds no reader for an empty NRRD
+            raise InputError(f"{path}: empty file (0 bytes)")
     nifti = path.name.lower().endswith((".nii", ".nii.gz"))
     layout, gz = _check_nifti(path, what) if nifti else (None, False)
     if nifti and layout.version == 2:
@@ -644,8 +647,8 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
                 image = sitk.ReadImage(str(path), imageIO="MetaImageIO" if metaimage else "")
         except RuntimeError as err:
             if _out_of_memory(err):  # the file may be fine: the memory for its voxels is missing
-                raise InputError(f"{path}: not enough memory to read this {what}{_voxels_needed(path, metaimage)}"
-                                 ) from None
+                raise InputError(f"{path}: not enough memory to read this {what}"
+                                 f"{_voxels_needed(path, metaimage, file_holds=True)}") from None
             if nifti and (reason := _unreadable_nifti1_form(path)):
                 raise InputError(f"{path}: {reason}") from None
             raise InputError(f"{path}: unreadable {what} ({_itk_reason(err)})") from None
@@ -722,7 +725,7 @@ def _check_data_file(path: Path) -> None:
         name, sep, value = line.partition("=" if key == "ElementDataFile" else ":")
         value = value.strip()
         if sep and name.strip().lower() in (key.lower(), "datafile") and value:
-            if value.upper() not in ("LOCAL", "LIST") and "%" not in value and " " not in value:
+            if value.upper() not in ("LOCAL", "LIST") and "%" not in value:  # a name with spaces is one file
                 if not (path.parent / value).exists():
                     raise InputError(f"{path}: its voxels are in {path.parent / value}, which is missing")
             return
@@ -763,9 +766,16 @@ def grid_difference(given: Geometry, other: Geometry, others: str) -> str:
                      for field in given.differences(other))
 
 
-def _voxels_needed(path: Path, metaimage: bool, slices: int = 1) -> str:
+# the most that deflate (gzip, zlib) compresses: about 1032 bytes into 1
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _voxels_needed(path: Path, metaimage: bool, slices: int = 1, file_holds: bool = False) -> str:
     """`` (X x Y x Z voxels of TYPE: N GB)`` from the header of image file ``path``, its last axis ``slices`` times as
-    long (a DICOM series of that many files, one slice each); "" where it cannot be read."""
+    long (a DICOM series of that many files, one slice each); "" where it cannot be read. With ``file_holds``, and
+    ``path`` a file that holds its voxels (``.nrrd``, ``.mha``), what its size says when it is too small to hold them
+    even deflated (bzip2, which a NRRD may use, can compress more): a 1 KB file whose header gives 100000^3 voxels was
+    said to need memory only."""
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
@@ -779,7 +789,13 @@ def _voxels_needed(path: Path, metaimage: bool, slices: int = 1) -> str:
         nbytes = math.prod(size) * sitk.GetArrayViewFromImage(pixel).itemsize * reader.GetNumberOfComponents()
     except Exception:  # the header cannot be read either: the reason stands without the figures
         return ""
-    return f" ({axes_text(size)} voxels of {pixel.GetPixelIDTypeAsString()}: {_gb(nbytes)})"
+    small = ""
+    with contextlib.suppress(OSError):
+        held = path.stat().st_size
+        if file_holds and path.suffix.lower() in (".nrrd", ".mha") and held * _MAX_DEFLATE_RATIO < nbytes:
+            small = (f"; but the file holds only {held} bytes, too few for those voxels compressed as gzip compresses: "
+                     "its header's size may be wrong, or the file truncated")
+    return f" ({axes_text(size)} voxels of {pixel.GetPixelIDTypeAsString()}: {_gb(nbytes)}){small}"
 
 
 def _itk_reason(err: RuntimeError) -> str:
@@ -807,6 +823,22 @@ def _given_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def _missing_reason(path: Path) -> str:
+    """Why ``path``, which does not exist as a file or folder, cannot be read: a link that leads back to itself (a
+    loop of links), a link to a missing file, or nothing there."""
+    if not path.is_symlink():
+        return "no such file or folder"
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a link that leads back to itself (a loop of links)"
+    try:
+        return f"a link to {os.readlink(path)}, which does not exist"
+    except OSError:
+        return "a link to a file that does not exist"
+
+
 def read_label_map(path: str | os.PathLike) -> sitk.Image:
     """Read and check a label map (a reference or predicted vertebra mask).
 
@@ -820,7 +852,7 @@ def read_label_map(path: str | os.PathLike) -> sitk.Image:
     """
     p = _given_path(path)
     if not p.is_file():
-        raise InputError(f"{p}: no such file")
+        raise InputError(f"{p}: {'no such file' if p.exists() else _missing_reason(p)}")
     image = as_3d(_read_file(p, "label map"))
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{p}: not a 3D scalar label map")
@@ -863,7 +895,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     """
     p = _given_path(path)
     if not p.exists():
-        raise InputError(f"{p}: no such file or folder")
+        raise InputError(f"{p}: {_missing_reason(p)}")
     if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
         raise InputError(f"{p}: permission denied")
     notes: list[str] = []
