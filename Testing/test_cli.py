@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,6 +299,26 @@ def test_missing_model_is_a_clear_error(tmp_path, phantom_file, capsys):
     assert "model card not found" in capsys.readouterr().err
     assert main(["label", str(phantom_file), "-o", str(tmp_path), "--model", "nosuch-model"]) == 2
     assert "nosuch-model: no model card of that name here and no model registered under it" in capsys.readouterr().err
+
+
+def test_a_registry_that_cannot_be_searched_refuses_the_model_before_labelling(tmp_path, phantom_file, capsys,
+                                                                                monkeypatch):
+    """A folder of registered models without search permission made Path.is_file raise: exit 1 and a bare errno
+    line, where a model refused before labelling exits 2 with the path and the reason."""
+    registry = tmp_path / "models"
+    registry.mkdir()
+    monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(registry))
+    is_file = Path.is_file
+
+    def searched(self, *args, **kwargs):
+        if self.parent == registry:
+            raise PermissionError(13, "Permission denied", str(self))
+        return is_file(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "is_file", searched)
+    assert main(["label", str(phantom_file), "-o", str(tmp_path / "out"), "--model", "mine"]) == 2
+    assert f"{registry / 'mine.json'}: cannot be read (Permission denied)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_help_does_not_import_torch():

@@ -122,14 +122,26 @@ def checkpoint_path(out: str | os.PathLike) -> Path:
     return model_card_path(out).with_suffix(".ckpt")
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, with a folder that cannot be searched (``PermissionError``) a ``ModelError`` naming it."""
+    try:
+        return path.is_file()
+    except OSError as err:
+        raise ModelError(f"{path}: cannot be read ({err.strerror or err})") from None
+
+
 def card_file(path: str | os.PathLike) -> Path:
     """The card of a model given by its card (``.json``), its weights (``.pt``), or, where no file of that name
-    exists, the name of the shipped model or one it was registered under (``register_model``)."""
+    exists, the name of the shipped model or one it was registered under (``register_model``).
+
+    Raises:
+        ModelError: the card's folder, or that of the registered models, cannot be searched.
+    """
     p = Path(path)
-    if not p.is_file() and p.name == str(path):
+    if not _is_file(p) and p.name == str(path):
         if p.name == DEFAULT_MODEL_NAME:
             return default_model_path()
-        if (registered := user_models_dir() / f"{p.name}.json").is_file():
+        if _is_file(registered := user_models_dir() / f"{p.name}.json"):
             return registered
     return p.with_suffix(".json") if p.suffix == ".pt" else p
 
@@ -140,7 +152,7 @@ MODEL_SPACING_MM = (0.25, 10.0)  # the model grid spacings a card may give: fine
 def read_card(path: str | os.PathLike) -> dict:
     """Read a model card (``.json``; a ``.pt`` path means the card beside it)."""
     card_path = card_file(path)
-    if not card_path.is_file():
+    if not _is_file(card_path):
         if Path(path).name == str(path) and card_path.suffix != ".json":  # a bare name: a model's, mistyped
             raise ModelError(f"{path}: no model card of that name here and no model registered under it "
                              "(spinelabel models lists them)")
