@@ -1,6 +1,8 @@
 """label_spine end to end: geometry of the outputs in any orientation, progress, cancel, empty inputs, models."""
 
 import json
+import logging
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -282,6 +284,20 @@ def test_register_model_never_replaces(tmp_path, monkeypatch, random_model):
     assert [c["name"] for c in list_models()][-1] == "mine"
     (tmp_path / "registry" / "mine.pt").unlink()  # listed, it could be chosen and failed only when loaded
     assert "mine" not in [c["name"] for c in list_models()]
+
+
+def test_a_folder_of_registered_models_that_cannot_be_read_is_named(tmp_path, monkeypatch, caplog):
+    """Its models were left out of the list without a word (its glob came back empty)."""
+    from SpineLabelLib import models
+
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(registry))
+    access = os.access
+    monkeypatch.setattr(models.os, "access", lambda path, mode: Path(path) != registry and access(path, mode))
+    with caplog.at_level(logging.WARNING):
+        assert [c["name"] for c in models.list_models()] == [models.DEFAULT_MODEL_NAME]
+    assert f"skipping the registered models: {registry} cannot be read" in caplog.text
 
 
 def test_a_model_name_windows_keeps_for_a_device_is_refused(tmp_path, monkeypatch):

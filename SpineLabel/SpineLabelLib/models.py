@@ -210,9 +210,13 @@ def _is_number(value) -> bool:
 
 def list_models() -> list[dict]:
     """Cards of the default model and of every registered model, each with its ``"path"``; a card that cannot be read
-    or whose weights file is missing is left out with a warning."""
+    or whose weights file is missing is left out with a warning, and so are all registered models when their folder
+    cannot be read (its listing would come back empty without a word)."""
+    registry = user_models_dir()
+    if os.path.isdir(registry) and not os.access(registry, os.R_OK | os.X_OK):
+        log.warning("skipping the registered models: %s cannot be read", registry)
     cards = []
-    for card_path in [default_model_path(), *sorted(user_models_dir().glob("*.json"))]:
+    for card_path in [default_model_path(), *sorted(registry.glob("*.json"))]:
         try:
             card = read_card(card_path)
             if not (card_path.parent / card["weights"]).is_file():
