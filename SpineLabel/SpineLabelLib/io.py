@@ -790,11 +790,11 @@ def _voxels_needed(path: Path, metaimage: bool, slices: int = 1, file_holds: boo
     except Exception:  # the header cannot be read either: the reason stands without the figures
         return ""
     small = ""
-    with contextlib.suppress(OSError):
-        held = path.stat().st_size
-        if file_holds and path.suffix.lower() in (".nrrd", ".mha") and held * _MAX_DEFLATE_RATIO < nbytes:
-            small = (f"; but the file holds only {held} bytes, too few for those voxels compressed as gzip compresses: "
-                     "its header's size may be wrong, or the file truncated")
+    if file_holds and path.suffix.lower() in (".nrrd", ".mha"):
+        with contextlib.suppress(OSError):
+            if (held := path.stat().st_size) * _MAX_DEFLATE_RATIO < nbytes:
+                small = (f"; but the file holds only {held} bytes, too few for those voxels compressed as gzip "
+                         "compresses: its header's size may be wrong, or the file truncated")
     return f" ({axes_text(size)} voxels of {pixel.GetPixelIDTypeAsString()}: {_gb(nbytes)}){small}"
 
 

@@ -827,7 +827,8 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
             image = (Path(spec) / case).resolve()
             if image in seen:
                 twice.append((image, seen[image], spec))
-            seen.setdefault(image, spec)
+            else:
+                seen[image] = spec
     if twice:
         log.warning("%d case%s found twice in the --data folders (%s, in %s and in %s): drawn as two cases, more "
                     "often than the weights say", len(twice), "" if len(twice) == 1 else "s", *twice[0])
