@@ -481,6 +481,15 @@ def test_progress_bars_leave_their_last_state_and_text_is_utf8():
     assert sorted(tail) == ["100%|##########", "model spine-\u03b2 written"], tail
 
 
+def _first_events(runner, seconds: float = 30) -> list:
+    """The first events a started ``BackgroundProcess`` reports, waited for up to ``seconds``; [] if none came."""
+    deadline, events = time.monotonic() + seconds, []
+    while not events and time.monotonic() < deadline:
+        events = runner.readEvents()
+        time.sleep(0.05)
+    return events
+
+
 def test_a_progress_bar_refresh_arrives_while_the_process_runs():
     script = textwrap.dedent("""
         import sys, time
@@ -490,10 +499,7 @@ def test_a_progress_bar_refresh_arrives_while_the_process_runs():
     """)
     runner = process.BackgroundProcess([sys.executable, "-c", script], process.parseTrainingLine)
     runner.start()
-    deadline, events = time.monotonic() + 30, []
-    while not events and time.monotonic() < deadline:
-        events = runner.readEvents()
-        time.sleep(0.05)
+    events = _first_events(runner)
     assert runner.running and events == [{"event": "progress", "fraction": 0.25}]
     runner.cancel(timeout=2)
 
@@ -2496,6 +2502,15 @@ def test_a_point_moved_off_every_body_is_recorded_onto_no_vertebra(labeled):
     assert labeled.corrections[-1]["onto_vertebra_id"] is None
 
 
+def _l2_deleted(labeled):
+    """Delete L2's point: L2 as it was, its voxels then (bool (z, y, x)), where its point was, and L1."""
+    victim = next(v for v in labeled.result.vertebrae if v.name == "L2")
+    old = labeled.result.components == victim.id
+    position = labeled.markupsNode.GetNthControlPointPosition(point_index(labeled, "L2"))
+    labeled.markupsNode.RemoveNthControlPoint(point_index(labeled, "L2"))
+    return victim, old, position, next(v for v in labeled.result.vertebrae if v.name == "L1")
+
+
 def _paint_removed_into(labeled, removed_voxels, into) -> np.ndarray:
     """Paint the cranial half of a removed vertebra's old voxels into vertebra ``into`` (Segment Editor)."""
     voxels = layer_voxels(labeled)
@@ -2507,11 +2522,7 @@ def _paint_removed_into(labeled, removed_voxels, into) -> np.ndarray:
 
 
 def test_a_deleted_vertebra_brought_back_leaves_the_voxels_painted_since_into_another(labeled):
-    victim = next(v for v in labeled.result.vertebrae if v.name == "L2")
-    old = labeled.result.components == victim.id
-    position = labeled.markupsNode.GetNthControlPointPosition(point_index(labeled, "L2"))
-    labeled.markupsNode.RemoveNthControlPoint(point_index(labeled, "L2"))
-    l1 = next(v for v in labeled.result.vertebrae if v.name == "L1")
+    victim, old, position, l1 = _l2_deleted(labeled)
     painted = _paint_removed_into(labeled, old, l1)
     assert 0 < painted.sum() < old.sum() and not painted[tuple(np.rint(
         labeled.result.geometry.lps_to_index(np.asarray(victim.centroid_lps_mm))).astype(int)[::-1])]
@@ -2523,11 +2534,7 @@ def test_a_deleted_vertebra_brought_back_leaves_the_voxels_painted_since_into_an
 
 
 def test_a_point_placed_where_a_deleted_vertebra_was_but_on_another_s_voxels_brings_nothing_back(labeled):
-    victim = next(v for v in labeled.result.vertebrae if v.name == "L2")
-    old = labeled.result.components == victim.id
-    position = labeled.markupsNode.GetNthControlPointPosition(point_index(labeled, "L2"))
-    labeled.markupsNode.RemoveNthControlPoint(point_index(labeled, "L2"))
-    l1 = next(v for v in labeled.result.vertebrae if v.name == "L1")
+    victim, old, position, l1 = _l2_deleted(labeled)
     voxels = layer_voxels(labeled)
     voxels[old] = l1.label  # the whole of it painted into L1
     labeled.segmentationNode.GetSegmentation().GetLayerDataObject(0).Modified()
@@ -2705,10 +2712,7 @@ def test_cancel_kills_a_child_that_ignores_sigterm_and_leaves_an_ended_run_uncan
     """)
     runner = process.BackgroundProcess([sys.executable, "-c", script], process.parseWorkerLine)
     runner.start()
-    deadline, events = time.monotonic() + 30, []
-    while not events and time.monotonic() < deadline:
-        events = runner.readEvents()
-        time.sleep(0.05)
+    events = _first_events(runner)
     child = events[0]["pid"]
     try:
         time.sleep(0.3)  # the child has set its handler
