@@ -245,14 +245,30 @@ def test_a_plain_nifti_named_nii_gz_is_read(tmp_path):
     assert read_image(tmp_path / "plain.nii.gz").GetSize() == (8, 8, 8)
 
 
-@pytest.mark.parametrize("name", ["t.nii", "t.nii.gz", "t.nrrd", "t.mha"])
-def test_truncated_file(tmp_path, name):
+@pytest.mark.parametrize("name, compressed, reason", [
+    ("t.nii", False, r"truncated file \(\d+ of \d+ bytes\)"),
+    ("t.nii.gz", True, "truncated or corrupt compressed file"),
+    ("t.nrrd", False, r"truncated file \(\d+ of \d+ bytes\)"),
+    ("t.nrrd", True, "truncated or corrupt compressed file"),
+    ("t.mha", False, r"truncated file \(\d+ of \d+ bytes\)"),
+    ("t.mha", True, r"truncated file \(\d+ of \d+ bytes\)"),  # MetaImage's header gives its compressed size
+    ("t.mhd", False, r"its voxels file .*t\.raw is truncated \(\d+ of \d+ bytes\)"),
+    ("t.nhdr", False, r"its voxels file .*t\.raw is truncated \(\d+ of \d+ bytes\)"),
+])
+def test_a_truncated_file_is_named_truncated_and_the_readers_print_nothing(tmp_path, capfd, name, compressed, reason):
+    """NRRD and MetaImage files cut short were "unreadable image (ITK ERROR: MetaImageIO: File cannot be read ...)" or
+    "(... NrrdImageIO: Read: Error reading ...)", after MetaIO's own lines ("M_ReadElementsData: data not read
+    completely"), where a NIfTI was said to be truncated."""
     path = tmp_path / name
-    sitk.WriteImage(oriented_image(np.eye(3)), str(path), useCompression=name.endswith("gz"))
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError, match="truncated|unreadable"):
+    image = sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 1000, (30, 24, 20), dtype=np.int16))
+    sitk.WriteImage(image, str(path), useCompression=compressed)
+    voxels = tmp_path / "t.raw" if name.endswith(("mhd", "nhdr")) else path
+    data = voxels.read_bytes()
+    voxels.write_bytes(data[: len(data) // 2])
+    capfd.readouterr()
+    with pytest.raises(InputError, match=f"{re.escape(str(path))}: {reason}$"):
         read_image(path)
+    assert capfd.readouterr().err == ""
 
 
 def test_a_nifti_whose_qform_and_sform_disagree_is_read_with_a_warning(tmp_path):
@@ -896,7 +912,7 @@ def test_an_empty_file_is_refused_as_empty_and_the_readers_print_nothing(tmp_pat
     ("huge.nrrd", b"NRRD0004\ntype: short\ndimension: 3\nsizes: 100000 100000 100000\nspacings: 1.5 1.5 1.5\n"
                   b"encoding: gzip\nendian: little\n\n"),
     ("huge.mha", b"ObjectType = Image\nNDims = 3\nDimSize = 100000 100000 100000\nElementSpacing = 1.5 1.5 1.5\n"
-                 b"ElementType = MET_SHORT\nElementDataFile = LOCAL\n"),
+                 b"CompressedData = True\nElementType = MET_SHORT\nElementDataFile = LOCAL\n"),
 ])
 def test_a_header_whose_size_its_small_file_cannot_hold_is_said_so_beside_the_memory(tmp_path, name, header,
                                                                                      monkeypatch):

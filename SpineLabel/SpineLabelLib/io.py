@@ -639,9 +639,9 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
     elif nifti and layout.float64_3d_nifti1:
         image = _read_float64_nifti1(path, layout, gz)
     else:
-        _check_data_file(path)
         # ITK picks its reader by the suffix as written, and knows MetaImage's in lower case only
         metaimage = path.suffix.lower() in (".mha", ".mhd")
+        _check_data_file(path, metaimage)
         try:
             with itk_warnings(False):  # "unexpected scales in sform": said by the note or the error
                 image = sitk.ReadImage(str(path), imageIO="MetaImageIO" if metaimage else "")
@@ -651,6 +651,9 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
                                  f"{_voxels_needed(path, metaimage, file_holds=True)}") from None
             if nifti and (reason := _unreadable_nifti1_form(path)):
                 raise InputError(f"{path}: {reason}") from None
+            data = _data_file(path, metaimage)
+            if data and data.encoding == "gzip" and not _whole_gzip_stream(data.path, data.offset):
+                raise InputError(f"{path}: truncated or corrupt compressed file") from None
             raise InputError(f"{path}: unreadable {what} ({_itk_reason(err)})") from None
     if nifti and notes is not None and image.GetDimension() == 3 and (note := _forms_note(path, image)):
         notes.append(note)
@@ -706,29 +709,84 @@ def _read_float64_nifti1(path: Path, layout: _NiftiLayout, gz: bool) -> sitk.Ima
     return image
 
 
-def _check_data_file(path: Path) -> None:
-    """A MetaImage (``.mhd``) or NRRD (``.nhdr``) header names the file that holds its voxels; ITK says only that the
-    header cannot be read when that file is missing.
+class _DataFile(NamedTuple):
+    """Where a NRRD or MetaImage header keeps its voxels, as the header gives it."""
+
+    path: Path  # the header's own file (attached voxels) or the file it names
+    offset: int  # bytes before the voxels in ``path``
+    encoding: str  # "raw", "gzip" (NRRD), "compressed" (MetaImage) or another NRRD encoding
+    compressed_size: int  # MetaImage's CompressedDataSize; 0 when not given
+
+
+def _data_file(path: Path, metaimage: bool) -> _DataFile | None:
+    """The voxels' file of a NRRD or MetaImage header (MetaImage: "Key = value" lines up to ElementDataFile, the
+    last; NRRD: "key: value" lines up to an empty line); None for another file, one that cannot be read, a list or a
+    numbered series of data files, or a header that skips bytes or lines or gives a header size: not followed here."""
+    if path.suffix.lower() not in (".mha", ".mhd", ".nrrd", ".nhdr"):
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return None  # the reader says why
+    end = re.search(rb"^ElementDataFile *=[^\n]*\n" if metaimage else rb"\r?\n\r?\n", head, re.MULTILINE)
+    if end is None and (metaimage or len(head) == 65536):
+        return None
+    end = end.end() if end else len(head)  # a detached NRRD header may end without an empty line
+    fields = {}
+    for line in head[:end].decode("latin-1").splitlines():
+        name, sep, value = line.partition("=" if metaimage else ":")
+        if sep and not value.startswith("="):  # NRRD's "key:=value" pairs are no fields
+            fields[name.strip().lower().replace(" ", "")] = value.strip()
+    named = fields.get("elementdatafile" if metaimage else "datafile", "LOCAL")
+    if named.upper() == "LIST" or "%" in named or {"headersize", "byteskip", "lineskip"} & fields.keys():
+        return None
+    if metaimage:
+        encoding = "compressed" if fields.get("compresseddata", "").lower() == "true" else "raw"
+    else:
+        encoding = {"gz": "gzip"}.get(fields.get("encoding", "").lower(), fields.get("encoding", "").lower())
+    size = fields.get("compresseddatasize", "")
+    attached = named.upper() == "LOCAL" or not named
+    return _DataFile(path if attached else path.parent / named,  # a name with spaces is one file
+                     end if attached else 0, encoding, int(size) if size.isdigit() else 0)
+
+
+def _check_data_file(path: Path, metaimage: bool) -> None:
+    """NRRD and MetaImage: where the file that holds the voxels (the header's own, or the one it names, as ``.mhd``
+    and ``.nhdr`` headers do) is missing or cut short, ITK says only that the file cannot be read, and MetaIO prints
+    lines of its own first. Checked here from the header (``_data_file``): a data file that is missing, and one that
+    holds fewer bytes than its voxels take uncompressed (MetaImage compressed: than the compressed size its header
+    gives).
 
     Raises:
-        InputError: the data file a header names is missing (one file; lists and numbered series are not checked).
+        InputError: naming ``path`` and what is wrong.
     """
-    key = {".mhd": "ElementDataFile", ".nhdr": "data file"}.get(path.suffix.lower())
-    if key is None:
+    data = _data_file(path, metaimage)
+    if data is None:
         return
+    if not data.path.exists():
+        raise InputError(f"{path}: its voxels are in {data.path}, which is missing")
+    voxels = _header_voxels(path, metaimage)
+    needed = {"compressed": data.compressed_size, "raw": voxels[2] if voxels else 0}.get(data.encoding, 0)
+    held = data.path.stat().st_size - data.offset
+    if needed and held < needed:
+        what = "truncated file" if data.path == path else f"its voxels file {data.path} is truncated"
+        raise InputError(f"{path}: {what} ({held + data.offset} of {needed + data.offset} bytes)")
+
+
+def _whole_gzip_stream(path: Path, offset: int) -> bool:
+    """Whether the gzip stream from byte ``offset`` of ``path`` on decompresses to its end."""
+    stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
-        with open(path, "rb") as header:
-            lines = header.read(65536).decode("latin-1").splitlines()
-    except OSError:
-        return  # the reader says why
-    for line in lines:
-        name, sep, value = line.partition("=" if key == "ElementDataFile" else ":")
-        value = value.strip()
-        if sep and name.strip().lower() in (key.lower(), "datafile") and value:
-            if value.upper() not in ("LOCAL", "LIST") and "%" not in value:  # a name with spaces is one file
-                if not (path.parent / value).exists():
-                    raise InputError(f"{path}: its voxels are in {path.parent / value}, which is missing")
-            return
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while (chunk := f.read(1 << 24)) and not stream.eof:
+                stream.decompress(chunk, 1 << 24)
+                while stream.unconsumed_tail and not stream.eof:
+                    stream.decompress(stream.unconsumed_tail, 1 << 24)
+    except (OSError, zlib.error):
+        return False
+    return stream.eof
 
 
 def _out_of_memory(err: RuntimeError) -> bool:
@@ -770,12 +828,9 @@ def grid_difference(given: Geometry, other: Geometry, others: str) -> str:
 _MAX_DEFLATE_RATIO = 1032
 
 
-def _voxels_needed(path: Path, metaimage: bool, slices: int = 1, file_holds: bool = False) -> str:
-    """`` (X x Y x Z voxels of TYPE: N GB)`` from the header of image file ``path``, its last axis ``slices`` times as
-    long (a DICOM series of that many files, one slice each); "" where it cannot be read. With ``file_holds``, and
-    ``path`` a file that holds its voxels (``.nrrd``, ``.mha``), what its size says when it is too small to hold them
-    even deflated (bzip2, which a NRRD may use, can compress more): a 1 KB file whose header gives 100000^3 voxels was
-    said to need memory only."""
+def _header_voxels(path: Path, metaimage: bool) -> tuple[tuple[int, ...], str, int] | None:
+    """The voxels the header of image file ``path`` gives: size (x, y, z ...), pixel type (as ITK names it) and
+    bytes; None where the header cannot be read."""
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
@@ -783,19 +838,32 @@ def _voxels_needed(path: Path, metaimage: bool, slices: int = 1, file_holds: boo
             reader.SetImageIO("MetaImageIO")
         with itk_warnings(False):
             reader.ReadImageInformation()
-        size = reader.GetSize()
-        size = (*size[:-1], size[-1] * slices)
-        pixel = sitk.Image([1] * len(size), reader.GetPixelID(), reader.GetNumberOfComponents())
-        nbytes = math.prod(size) * sitk.GetArrayViewFromImage(pixel).itemsize * reader.GetNumberOfComponents()
-    except Exception:  # the header cannot be read either: the reason stands without the figures
+        pixel = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+    except Exception:
+        return None
+    size = reader.GetSize()
+    itemsize = sitk.GetArrayViewFromImage(pixel).itemsize * reader.GetNumberOfComponents()
+    return size, pixel.GetPixelIDTypeAsString(), math.prod(size) * itemsize
+
+
+def _voxels_needed(path: Path, metaimage: bool, slices: int = 1, file_holds: bool = False) -> str:
+    """`` (X x Y x Z voxels of TYPE: N GB)`` from the header of image file ``path``, its last axis ``slices`` times as
+    long (a DICOM series of that many files, one slice each); "" where it cannot be read. With ``file_holds``, and
+    ``path`` a file that holds its voxels (``.nrrd``, ``.mha``), what its size says when it is too small to hold them
+    even deflated (bzip2, which a NRRD may use, can compress more): a 1 KB file whose header gives 100000^3 voxels was
+    said to need memory only."""
+    voxels = _header_voxels(path, metaimage)
+    if voxels is None:  # the header cannot be read either: the reason stands without the figures
         return ""
+    size, pixel_type, nbytes = voxels
+    size, nbytes = (*size[:-1], size[-1] * slices), nbytes * slices
     small = ""
     if file_holds and path.suffix.lower() in (".nrrd", ".mha"):
         with contextlib.suppress(OSError):
             if (held := path.stat().st_size) * _MAX_DEFLATE_RATIO < nbytes:
                 small = (f"; but the file holds only {held} bytes, too few for those voxels compressed as gzip "
                          "compresses: its header's size may be wrong, or the file truncated")
-    return f" ({axes_text(size)} voxels of {pixel.GetPixelIDTypeAsString()}: {_gb(nbytes)}){small}"
+    return f" ({axes_text(size)} voxels of {pixel_type}: {_gb(nbytes)}){small}"
 
 
 def _itk_reason(err: RuntimeError) -> str:
