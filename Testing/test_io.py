@@ -184,6 +184,23 @@ def test_float_nifti_with_bytes_after_its_voxels_is_read(tmp_path):
     assert sitk.GetArrayViewFromImage(read_image(path)).max() == 1.0
 
 
+@pytest.mark.parametrize("voxels, slope, scaling", [
+    (np.int16, 1e38, "; its header scales the stored values by 1e+38 (scl_slope) and adds 0 (scl_inter)"),
+    (np.float64, None, ""),  # a value beyond float32 as stored
+])
+def test_values_beyond_float32_after_a_nifti_s_scaling_name_the_scaling(tmp_path, voxels, slope, scaling):
+    """ITK applies the header's scaling as it reads: int16 voxels scaled by 1e38 came back infinite, and the message
+    named NaN or float64 values alone, which the file does not hold."""
+    values = np.full((20, 20, 20), 100, voxels)
+    values[0, 0, 0] = 30000 if slope else 1e300
+    nii = nibabel.Nifti1Image(values, np.eye(4))
+    nii.header.set_slope_inter(slope, None if slope is None else 0.0)
+    nibabel.save(nii, tmp_path / "scaled.nii")
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'scaled.nii'}: image holds NaN or infinite values "
+                                                   f"(or float64 values beyond float32){scaling}") + "$"):
+        read_image(tmp_path / "scaled.nii")
+
+
 def sheared() -> sitk.Image:
     """An image whose second axis leans 20 degrees towards its first (a tilted-gantry grid)."""
     image = sitk.Image([8, 8, 8], sitk.sitkInt16)

@@ -1029,6 +1029,8 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
                              "too few decimals; write the sizes into the spacing and unit directions")
         raise InputError(f"{name}: its axes are not perpendicular (a sheared grid, as from a tilted gantry); "
                          "resample it onto a grid with perpendicular axes first")
+    # a NIfTI's scaling, which the reader applies (slope 0: none); a cast to float32 keeps no metadata
+    scaling = [image.GetMetaData(k) if image.HasMetaDataKey(k) else "" for k in ("scl_slope", "scl_inter")]
     if image.GetPixelID() == sitk.sitkFloat64:
         try:
             image = sitk.Cast(image, sitk.sitkFloat32)
@@ -1040,7 +1042,9 @@ def checked_image(image: sitk.Image, name: str = "image") -> sitk.Image:
                              f"{_gb(8 * math.prod(image.GetSize()))} it holds); save it as float32 to need "
                              "less") from None
     if image.GetPixelID() == sitk.sitkFloat32 and not _all_finite(sitk.GetArrayViewFromImage(image)):
-        raise InputError(f"{name}: image holds NaN or infinite values (or float64 values beyond float32)")
+        scaled = (f"; its header scales the stored values by {scaling[0]} (scl_slope) and adds {scaling[1]} "
+                  "(scl_inter)" if scaling[0] not in ("", "0", "1") or scaling[1] not in ("", "0") else "")
+        raise InputError(f"{name}: image holds NaN or infinite values (or float64 values beyond float32){scaled}")
     extent = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
     if not MIN_EXTENT_MM <= extent.max() <= MAX_EXTENT_MM or np.sort(extent)[1] > MAX_SECOND_EXTENT_MM:
         raise InputError(f"{name}: a field of view of {axes_text(extent, '.3g')} mm (spacing "
