@@ -472,6 +472,35 @@ def test_a_dicom_series_with_a_slice_missing_is_refused(tmp_path, capfd):
     assert "WARNING" not in capfd.readouterr().err  # ITK's warning of non-uniform sampling: said in the message
 
 
+@pytest.mark.parametrize("cut", ["002.dcm", "005.dcm"])  # in the stack, at its end
+def test_a_dicom_slice_cut_short_is_named(tmp_path, cut):
+    """GDCM leaves out a file it cannot parse without a word: cut short in the stack, the refusal guessed "a slice
+    missing or unreadable?"; at an end of it, the series was read one slice short with no warning."""
+    folder = write_dicom_series(tmp_path / "series")
+    data = (folder / cut).read_bytes()
+    (folder / cut).write_bytes(data[: len(data) // 2])
+    (folder / "notes.txt").write_text("a file beside the series that is no DICOM file")
+    unread = f"1 DICOM file of the folder could not be read (cut short or damaged: {cut})"
+    if cut == "002.dcm":
+        with pytest.raises(InputError, match=re.escape(f"the first off before 003.dcm (a slice missing or "
+                                                       f"unreadable?); {unread}") + "$"):
+            read_image(folder)
+    else:
+        image = read_image(folder)
+        assert image.GetSize() == (24, 20, 5)
+        assert read_notes(image) == [f"{unread} and was left out: the series may lack a slice at one end"]
+    (folder / "001.dcm").write_bytes(data[:300])
+    with pytest.raises(InputError, match="2 DICOM files of the folder could not be read \\(cut short or damaged: "
+                                         f"001.dcm, {cut}\\)"):
+        read_image(folder)
+    for path in folder.glob("*.dcm"):
+        path.write_bytes(data[:300])
+    with pytest.raises(InputError, match=re.escape(f"{folder}: folder holds no DICOM series; 6 DICOM files of the "
+                                                   "folder could not be read (cut short or damaged: 000.dcm, 001.dcm, "
+                                                   "002.dcm ...)") + "$"):
+        read_image(folder)
+
+
 def test_a_gantry_tilted_series_is_put_where_its_slices_are(tmp_path):
     """Slices that step along the table, not along their normal (here 0.7 mm sideways per 2.5 mm slice, 15.6
     degrees): ITK stacks them along the normal, 3.5 mm off by the last slice. Read, every voxel sits where its file

@@ -154,7 +154,9 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
         names = sorted(p.name for p in folder.iterdir())
         images = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
         pictures = [n for n in names if n.lower().endswith(_PICTURE_SUFFIXES)]
+        unread = _unparsed_dicom_files(folder, set())
         raise InputError(f"{folder}: folder holds no DICOM series" + (
+            f"; {_unparsed_text(unread)}" if unread else "") + (
             f"; it holds {len(pictures)} picture file{'s' * (len(pictures) > 1)} (as {pictures[0]}): pictures have "
             "no voxel size or position; export the series as DICOM or as one NIfTI/NRRD volume"
             if pictures and not images else "") + (
@@ -171,6 +173,7 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
         raise InputError(f"{folder}: folder holds {len(series)} DICOM series ({described}); give a folder with "
                          "exactly one")
     files = files_of[volumes[0] if volumes else series[0]]
+    unread = _unparsed_dicom_files(folder, {Path(name).name for names in files_of.values() for name in names})
     headers = [dict(zip(_SLICE_TAGS, map(header_tags(name), _SLICE_TAGS))) for name in files]
     localisers = _localisers(headers)
     if localisers and len(localisers) < len(files):  # ITK would stack them with the slices
@@ -193,8 +196,31 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     # ITK stacks the slices it could read and spaces them evenly, so a missing or unreadable slice would distort the
     # grid. It sets this key for any deviation, rounding errors of the slice positions included: measure it.
     if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation") and (problem := _uneven_slices(files, headers)):
-        raise InputError(f"{folder}: DICOM slices are not evenly spaced: {problem}")
+        raise InputError(f"{folder}: DICOM slices are not evenly spaced: {problem}" + (
+            f"; {_unparsed_text(unread)}" if unread else ""))
+    if unread:  # at an end of the stack: the series is read without it
+        notes.append(f"{_unparsed_text(unread)} and {'were' if len(unread) > 1 else 'was'} left out: the series may "
+                     "lack a slice at one end")
     return _unsheared(image, files, headers, notes)
+
+
+def _unparsed_dicom_files(folder: Path, listed: set[str]) -> list[str]:
+    """The names of the files in ``folder`` that begin as a DICOM file does (its preamble's "DICM") but that are not
+    among the ``listed`` names of its series' files: GDCM leaves out, without a word, a file it cannot parse (one cut
+    short or damaged). A DICOMDIR is not looked at."""
+    names = []
+    for path in sorted(folder.iterdir()):
+        if path.name in listed or path.name.upper() == "DICOMDIR" or not path.is_file():  # a pipe would block
+            continue
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            if f.read(132)[128:] == b"DICM":
+                names.append(path.name)
+    return names
+
+
+def _unparsed_text(names: list[str]) -> str:
+    return (f"{len(names)} DICOM file{'s' * (len(names) > 1)} of the folder could not be read (cut short or "
+            f"damaged: {', '.join(names[:3])}{' ...' * (len(names) > 3)})")
 
 
 # the tags of each slice of a DICOM series that the reader's checks read, each file's header read once: ImageType,
