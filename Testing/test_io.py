@@ -6,6 +6,8 @@ import logging
 import os
 import re
 import struct
+import subprocess
+import sys
 import threading
 
 import nibabel
@@ -974,6 +976,22 @@ def test_a_header_whose_size_its_small_file_cannot_hold_is_said_so_beside_the_me
                        r"16-bit signed integer: 2e\+06 GB\); but the file holds only \d+ bytes, too few for those "
                        r"voxels compressed as gzip compresses: its header's size may be wrong, or the file truncated$"):
         read_image(tmp_path / name)
+
+
+@pytest.mark.parametrize("name", ["LOC%sAL", "LOC%nAL", "scan%20s.raw", "slice%03d.raw"])
+def test_a_metaimage_data_file_name_with_a_percent_is_refused_not_crashed_on(tmp_path, name):
+    """MetaIO takes an ElementDataFile with a "%" for the pattern of numbered files: a header whose LOCAL was damaged
+    into "LOC%sAL" killed the process (segmentation fault); a numbered pattern without its numbers was "unreadable
+    image (ITK ERROR: MetaImageIO: File cannot be read ...)" after MetaIO's "cannot construct file". Run in a child
+    process, which the crash would kill."""
+    path = tmp_path / "a.mha"
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkInt16), str(path))
+    path.write_bytes(path.read_bytes().replace(b"ElementDataFile = LOCAL", b"ElementDataFile = " + name.encode()))
+    child = ("import sys\nfrom SpineLabelLib.io import read_image, InputError\n"
+             "try:\n    read_image(sys.argv[1])\nexcept InputError as err:\n    print(err)\n")
+    run = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stderr == ""
+    assert run.stdout.startswith(f"{path}: its ElementDataFile '{name}' holds a '%'")
 
 
 @pytest.mark.parametrize("suffix, key", [(".mhd", "ElementDataFile = "), (".nhdr", "data file: ")])

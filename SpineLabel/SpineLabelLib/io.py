@@ -747,7 +747,11 @@ class _DataFile(NamedTuple):
 def _data_file(path: Path, metaimage: bool) -> _DataFile | None:
     """The voxels' file of a NRRD or MetaImage header (MetaImage: "Key = value" lines up to ElementDataFile, the
     last; NRRD: "key: value" lines up to an empty line); None for another file, one that cannot be read, a list or a
-    numbered series of data files, or a header that skips bytes or lines or gives a header size: not followed here."""
+    numbered series of data files, or a header that skips bytes or lines or gives a header size: not followed here.
+
+    Raises:
+        InputError: a MetaImage data file name with a "%" that is no pattern of numbered files (which MetaIO crashes
+            on)."""
     if path.suffix.lower() not in (".mha", ".mhd", ".nrrd", ".nhdr"):
         return None
     try:
@@ -765,6 +769,12 @@ def _data_file(path: Path, metaimage: bool) -> _DataFile | None:
         if sep and not value.startswith("="):  # NRRD's "key:=value" pairs are no fields
             fields[name.strip().lower().replace(" ", "")] = value.strip()
     named = fields.get("elementdatafile" if metaimage else "datafile", "LOCAL")
+    # MetaIO takes a name with a "%" for the printf pattern of numbered files, followed by the first, last and step
+    # numbers: given another (a byte of LOCAL damaged into "%s", a file named "scan%20s.raw"), it crashed the process
+    if metaimage and "%" in named and not re.fullmatch(r"[^%\s]*%0?\d*d[^%\s]*( +-?\d+){2,3}", named):
+        raise InputError(f"{path}: its ElementDataFile {named[:80]!r} holds a '%', which MetaImage takes for the "
+                         "pattern of numbered voxel files (as 'slice%03d.raw 1 40 1'), and it is none: the header is "
+                         "damaged, or its voxels file needs a name without '%'")
     if named.upper() == "LIST" or "%" in named or {"headersize", "byteskip", "lineskip"} & fields.keys():
         return None
     if metaimage:
