@@ -290,6 +290,45 @@ def test_a_truncated_file_is_named_truncated_and_the_readers_print_nothing(tmp_p
     assert capfd.readouterr().err == ""
 
 
+@pytest.mark.parametrize("offset, value, reason", [
+    (345, b"x", r"corrupt NIfTI header: it lacks NIfTI's mark \('n\+1' at byte 344, found b'nx1\\x00'\)"),
+    (70, struct.pack("<h", 999), "corrupt NIfTI header: datatype 999 is none of NIfTI's"),
+    (108, struct.pack("<f", 348.0),
+     r"corrupt NIfTI header: its voxel offset \(vox_offset 348\) lies within the header"),
+])
+def test_a_damaged_nifti_header_is_refused_with_its_reason(tmp_path, capfd, offset, value, reason):
+    """ITK read a NIfTI-1 file whose mark ("n+1") had one byte damaged as Analyze 7.5: at the origin, along the voxel
+    array's axes, without a word; a datatype code NIfTI has not was "unreadable image (ITK ERROR: ... is not
+    recognized as a NIFTI file)" after the NIfTI library's "bad datatype" on stderr; a voxel offset inside the header
+    was read from there, its voxels shifted, after "vox offset 348 too low" on stderr."""
+    path = tmp_path / "a.nii"
+    image = sitk.GetImageFromArray(np.arange(8 * 8 * 8, dtype=np.int16).reshape(8, 8, 8))
+    image.SetOrigin((-30.0, 20.0, -100.0))
+    image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(image, str(path))
+    data = bytearray(path.read_bytes())
+    data[offset : offset + len(value)] = value
+    path.write_bytes(data)
+    capfd.readouterr()
+    with pytest.raises(InputError, match=f"{re.escape(str(path))}: {reason}"):
+        read_image(path)
+    assert capfd.readouterr().err == ""
+
+
+def test_a_nifti_whose_sform_is_degenerate_is_read_by_its_qform(tmp_path):
+    """An sform with one axis along another (a damaged srow) beside a qform: the check of the two forms raised
+    "TypeError: sequence item 1: expected str instance, NoneType found" (nibabel names no axis code for it)."""
+    path = tmp_path / "a.nii"
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    sform = affine.copy()
+    sform[:3, 1] = [1.0, 0.0, 0.0]
+    nii = nibabel.Nifti1Image(np.zeros((8, 8, 8), np.int16), affine)
+    nii.set_qform(affine, code=1)
+    nii.set_sform(sform, code=1)
+    nibabel.save(nii, path)
+    assert read_image(path).GetDirection() == (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+
+
 def test_a_nifti_whose_qform_and_sform_disagree_is_read_with_a_warning(tmp_path):
     """A header whose two forms point the spine different ways numbers it from the wrong end; the reader says so and
     names the form it followed (ITK takes the sform, unless the sform is not orthonormal), and the note reaches the

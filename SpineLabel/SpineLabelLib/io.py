@@ -393,6 +393,8 @@ def _all_finite(values: np.ndarray) -> bool:
 
 
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64 voxels
+# every NIfTI datatype code: ITK's NIfTI library prints "bad datatype" for another and ITK says the file is not NIfTI
+_NIFTI_DATATYPES = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304}
 
 
 class _NiftiLayout(NamedTuple):
@@ -407,6 +409,8 @@ class _NiftiLayout(NamedTuple):
     negative_spacing: bool  # a spatial pixdim below 0
     sizes: tuple[int, ...]  # voxels along each of its dimensions, x first
     scaling: tuple[float, float]  # scl_slope, scl_inter as stored
+    magic: bytes  # NIfTI-1: b"n+1\0" (one file), b"ni1\0" (a header of its own); NIfTI-2: its first 4 bytes
+    stored_offset: float  # vox_offset as stored
 
     @property
     def float64_3d_nifti1(self) -> bool:
@@ -430,7 +434,9 @@ def _nifti_layout(header: bytes) -> _NiftiLayout | None:
             datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             dims = struct.unpack(endian + "8h", header[40:56])
             pixdim = struct.unpack(endian + "8f", header[76:108])
-            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            offset = struct.unpack(endian + "f", header[108:112])[0]
+            if not math.isfinite(offset):
+                raise ValueError("corrupt NIfTI header: its voxel offset (vox_offset) is not a number")
             scaling = struct.unpack(endian + "2f", header[112:120])
             qform_code, sform_code = struct.unpack(endian + "2h", header[252:256])
             qform, sform = struct.unpack(endian + "6f", header[256:280]), struct.unpack(endian + "12f", header[280:328])
@@ -453,8 +459,9 @@ def _nifti_layout(header: bytes) -> _NiftiLayout | None:
     sizes = tuple(max(int(d), 1) for d in dims[1 : 1 + n_dims])
     spatial = np.asarray(pixdim[1 : 1 + min(n_dims, 3)], dtype=float)
     spacing_known = bool(np.all(np.isfinite(spatial) & (spatial != 0))) or (size == 540 and sform_code > 0)
-    return _NiftiLayout(endian, datatype, max(offset, 352), math.prod(sizes) * bitpix // 8, spacing_known,
-                        1 if size == 348 else 2, bool(np.any(spatial < 0)), sizes, scaling)
+    return _NiftiLayout(endian, datatype, max(int(offset), 352), math.prod(sizes) * bitpix // 8, spacing_known,
+                        1 if size == 348 else 2, bool(np.any(spatial < 0)), sizes, scaling,
+                        header[344:348] if size == 348 else header[4:8], offset)
 
 
 def _check_nifti(path: Path, what: str) -> tuple[_NiftiLayout, bool]:
@@ -482,6 +489,17 @@ def _check_nifti(path: Path, what: str) -> tuple[_NiftiLayout, bool]:
         raise InputError(f"{path}: corrupt NIfTI header: its first 4 bytes give a header size of neither 348 (NIfTI-1) "
                          "nor 540 (NIfTI-2)")
     endian, datatype, offset, voxel_bytes, spacing_known = layout[:5]
+    # ITK reads a NIfTI-1 header without NIfTI's mark as Analyze 7.5: without its qform and sform, at the origin along
+    # the voxel array's axes (one byte of the mark damaged, or bytes inserted before it, and the spine was turned)
+    if layout.version == 1 and layout.magic not in (b"n+1\0", b"ni1\0"):
+        raise InputError(f"{path}: corrupt NIfTI header: it lacks NIfTI's mark ('n+1' at byte 344, found "
+                         f"{layout.magic!r}), and read as the Analyze 7.5 header it then is, it would lose its "
+                         "orientation")
+    if datatype not in _NIFTI_DATATYPES:
+        raise InputError(f"{path}: corrupt NIfTI header: datatype {datatype} is none of NIfTI's")
+    if layout.version == 1 and layout.magic == b"n+1\0" and layout.stored_offset < 352:
+        raise InputError(f"{path}: corrupt NIfTI header: its voxel offset (vox_offset {layout.stored_offset:g}) lies "
+                         "within the header, which ends at byte 352")
     if datatype == 1:  # ITK's NIfTI library prints "bad datatype" and ITK says the file is not NIfTI
         raise InputError(f"{path}: {what} of 1-bit voxels (NIfTI datatype DT_BINARY), which the image reader does not "
                          "read; save it with 8-bit voxels (uint8)")
@@ -592,7 +610,8 @@ def _forms_note(path: Path, image: sitk.Image) -> str | None:
         if code > 0:
             axes = np.asarray(affine, dtype=float)[:3, :3]
             norms = np.linalg.norm(axes, axis=0)
-            if np.isfinite(axes).all() and (norms > 0).all():  # a degenerate form points nowhere
+            # a degenerate form points nowhere: axes of no length, or one along another (a damaged srow)
+            if np.isfinite(axes).all() and (norms > 0).all() and abs(np.linalg.det(axes / norms)) > 1e-3:
                 units[name] = axes / norms
     if len(units) < 2:  # an sform alone whose axes are not the voxel size: ITK takes its axes at pixdim's size
         return _unfollowed_sform_note(forms["sform"][0], image, "along its axes at the voxel size of pixdim") if (
