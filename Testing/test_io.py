@@ -1033,6 +1033,23 @@ def test_a_metaimage_data_file_name_with_a_percent_is_refused_not_crashed_on(tmp
     assert run.stdout.startswith(f"{path}: its ElementDataFile '{name}' holds a '%'")
 
 
+@pytest.mark.parametrize("old, new, reason", [
+    (b"type: short", b"type: shrot", 'couldn\'t parse type "shrot"'),
+    (b"endian: little", b"endian: littel", 'couldn\'t parse endian "littel"'),
+    (b"space origin: (", b"space origin: (a", 'couldn\'t parse origin "(a'),
+])
+def test_a_damaged_nrrd_header_is_refused_with_teems_reason(tmp_path, old, new, reason):
+    """ITK's message for a NRRD header it cannot parse says only "NrrdImageIO: ReadImageInformation: Error reading
+    FILE"; the reason (which field, which value) is in teem's lines below it."""
+    path = tmp_path / "a.nrrd"
+    image = sitk.Image([8, 8, 8], sitk.sitkInt16)
+    image.SetOrigin((-30.0, 20.0, -100.0))
+    sitk.WriteImage(image, str(path))
+    path.write_bytes(path.read_bytes().replace(old, new, 1))
+    with pytest.raises(InputError, match=rf"{re.escape(str(path))}: unreadable image \(NRRD: .*{re.escape(reason)}"):
+        read_image(path)
+
+
 @pytest.mark.parametrize("suffix, key", [(".mhd", "ElementDataFile = "), (".nhdr", "data file: ")])
 def test_a_missing_data_file_whose_name_has_spaces_is_named(tmp_path, suffix, key):
     """A header naming "../data dir/my data.raw" is read when the file is there; when it is missing, ITK said only that

@@ -924,6 +924,12 @@ def _voxels_needed(path: Path, metaimage: bool, slices: int = 1, file_holds: boo
 def _itk_reason(err: RuntimeError) -> str:
     """The line of an ITK exception's many that says what went wrong, without the addresses of ITK's objects."""
     lines = str(err).strip().splitlines()
+    # NRRD: ITK's line says only "Error reading FILE"; teem's lines below it give its reasons, the innermost last
+    # ('[nrrd] _nrrdReadNrrdParse_type: couldn't parse type "shrot"'), after lines of "trouble reading ..."
+    teem = [reason for line in lines if line.startswith("[nrrd] ") and
+            (reason := re.sub(r"^\[nrrd\] \w+:", "", line).strip()) and not reason.startswith("trouble")]
+    if teem:
+        return f"NRRD: {'; '.join(teem[-2:])}"[:200]
     line = next((line for line in lines if "rror" in line or "annot" in line), lines[-1] if lines else "")
     return re.sub(r"\(0x[0-9a-fA-F]+\)", "", line).strip().rstrip(":")[:200]
 
