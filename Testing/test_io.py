@@ -1058,6 +1058,37 @@ def test_a_header_whose_size_its_small_file_cannot_hold_is_said_so_beside_the_me
         read_image(tmp_path / "huge.nrrd")
 
 
+@pytest.mark.parametrize("old, new, reason", [
+    (rb"Offset = (\S+)", rb"Offset = z\1", r"its Offset 'z-30 20 -100' is not 3 numbers \(NDims 3\)"),
+    (rb"Offset = (\S+ \S+) \S+", rb"Offset = \1", r"its Offset '-30 20' is not 3 numbers \(NDims 3\)"),
+    (rb"TransformMatrix = ", rb"TransformMatrix = q", r"its TransformMatrix 'q1 0 0 0 1 0 0 0 1' is not 9 numbers"),
+    (rb"ElementSpacing = ", rb"ElementSpacing = x", r"its ElementSpacing 'x1 1.5 2' is not 3 numbers"),
+    (rb"NDims = 3", rb"NDims = 4", r"its DimSize '20 24 30' is not 4 numbers \(NDims 4\)"),
+    (rb"DimSize =", rb"DimSiez =", "it gives no DimSize"),
+])
+def test_a_metaimage_header_whose_grid_fields_are_damaged_is_refused(tmp_path, capfd, old, new, reason):
+    """MetaIO read an Offset garbled or a number short as zeros: the scan put at the origin (or its third coordinate at
+    0) without a word; a damaged TransformMatrix or ElementSpacing was "unreadable image (0 0 0)" or "(Refusing to
+    change spacing ...)", a missing DimSize MetaIO's lines on stderr and "File cannot be read"."""
+    path = tmp_path / "a.mha"
+    image = oriented_image(np.eye(3))
+    image.SetOrigin((-30.0, 20.0, -100.0))
+    sitk.WriteImage(image, str(path))
+    path.write_bytes(re.sub(old, new, path.read_bytes(), count=1))
+    capfd.readouterr()
+    with pytest.raises(InputError, match=f"{re.escape(str(path))}: corrupt MetaImage header: {reason}"):
+        read_image(path)
+    assert capfd.readouterr().err == ""
+
+
+def test_a_metaimage_header_that_names_its_grid_otherwise_is_read(tmp_path):
+    """Position and Orientation, the other names of Offset and TransformMatrix, pass the check of the grid fields."""
+    path = write(tmp_path, "a.mha", oriented_image(np.eye(3)))
+    path.write_bytes(path.read_bytes().replace(b"Offset =", b"Position =").replace(b"TransformMatrix =",
+                                                                                    b"Orientation ="))
+    assert read_image(path).GetSize() == (20, 24, 30)
+
+
 @pytest.mark.parametrize("name", ["LOC%sAL", "LOC%nAL", "scan%20s.raw", "slice%03d.raw"])
 def test_a_metaimage_data_file_name_with_a_percent_is_refused_not_crashed_on(tmp_path, name):
     """MetaIO takes an ElementDataFile with a "%" for the pattern of numbered files: a header whose LOCAL was damaged

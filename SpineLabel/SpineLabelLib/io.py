@@ -775,14 +775,10 @@ class _DataFile(NamedTuple):
     compressed_size: int  # MetaImage's CompressedDataSize; 0 when not given
 
 
-def _data_file(path: Path, metaimage: bool) -> _DataFile | None:
-    """The voxels' file of a NRRD or MetaImage header (MetaImage: "Key = value" lines up to ElementDataFile, the
-    last; NRRD: "key: value" lines up to an empty line); None for another file, one that cannot be read, a list or a
-    numbered series of data files, or a header that skips bytes or lines or gives a header size: not followed here.
-
-    Raises:
-        InputError: a MetaImage data file name with a "%" that is no pattern of numbered files (which MetaIO crashes
-            on)."""
+def _header_fields(path: Path, metaimage: bool) -> tuple[dict[str, str], int] | None:
+    """The fields of a NRRD or MetaImage header (MetaImage: "Key = value" lines up to ElementDataFile, the last; NRRD:
+    "key: value" lines up to an empty line), their keys in lower case without spaces, and the header's bytes; None for
+    another file or one that cannot be read."""
     if path.suffix.lower() not in (".mha", ".mhd", ".nrrd", ".nhdr"):
         return None
     try:
@@ -799,6 +795,21 @@ def _data_file(path: Path, metaimage: bool) -> _DataFile | None:
         name, sep, value = line.partition("=" if metaimage else ":")
         if sep and not value.startswith("="):  # NRRD's "key:=value" pairs are no fields
             fields[name.strip().lower().replace(" ", "")] = value.strip()
+    return fields, end
+
+
+def _data_file(path: Path, metaimage: bool) -> _DataFile | None:
+    """The voxels' file of a NRRD or MetaImage header (``_header_fields``); None for another file, one that cannot be
+    read, a list or a numbered series of data files, or a header that skips bytes or lines or gives a header size: not
+    followed here.
+
+    Raises:
+        InputError: a MetaImage data file name with a "%" that is no pattern of numbered files (which MetaIO crashes
+            on)."""
+    header = _header_fields(path, metaimage)
+    if header is None:
+        return None
+    fields, end = header
     named = fields.get("elementdatafile" if metaimage else "datafile", "LOCAL")
     # MetaIO takes a name with a "%" for the printf pattern of numbered files, followed by the first, last and step
     # numbers: given another (a byte of LOCAL damaged into "%s", a file named "scan%20s.raw"), it crashed the process
@@ -818,16 +829,52 @@ def _data_file(path: Path, metaimage: bool) -> _DataFile | None:
                      end if attached else 0, encoding, int(size) if size.isdigit() else 0)
 
 
+# the MetaImage fields of its grid: name, and the power of NDims that is their count of numbers. MetaIO reads a field
+# garbled or a number short as zeros (an Offset "z-30 20 -100" put the scan at the origin without a word), or ITK
+# refuses it with a bare number ("unreadable image (0 0 0)")
+_METAIMAGE_GRID = {"dimsize": ("DimSize", 1), "offset": ("Offset", 1), "position": ("Position", 1),
+                   "origin": ("Origin", 1), "elementspacing": ("ElementSpacing", 1), "elementsize": ("ElementSize", 1),
+                   "transformmatrix": ("TransformMatrix", 2), "rotation": ("Rotation", 2),
+                   "orientation": ("Orientation", 2)}
+
+
+def _numbers(text: str, count: int) -> bool:
+    """Whether ``text`` holds ``count`` numbers, apart by white space."""
+    values = text.split()
+    try:
+        return len(values) == count and all(math.isfinite(float(v)) for v in values)
+    except ValueError:
+        return False
+
+
+def _metaimage_grid_fault(path: Path) -> str | None:
+    """What is wrong with the grid fields of MetaImage header ``path`` (``_METAIMAGE_GRID``); None where nothing is,
+    or where the header cannot be parsed here (the reader says why)."""
+    header = _header_fields(path, True)
+    if header is None:
+        return None
+    fields = header[0]
+    ndims = fields.get("ndims", "")
+    if not ndims.isdigit() or "dimsize" not in fields:
+        return f"its NDims {ndims[:40]!r} is no whole number" if "dimsize" in fields else "it gives no DimSize"
+    for key, (name, power) in _METAIMAGE_GRID.items():
+        if key in fields and not _numbers(fields[key], int(ndims) ** power):
+            return f"its {name} {fields[key][:60]!r} is not {int(ndims) ** power} numbers (NDims {ndims})"
+    return None
+
+
 def _check_data_file(path: Path, metaimage: bool) -> None:
     """NRRD and MetaImage: where the file that holds the voxels (the header's own, or the one it names, as ``.mhd``
     and ``.nhdr`` headers do) is missing or cut short, ITK says only that the file cannot be read, and MetaIO prints
-    lines of its own first. Checked here from the header (``_data_file``): a data file that is missing, and one that
-    holds fewer bytes than its voxels take uncompressed (MetaImage compressed: than the compressed size its header
-    gives).
+    lines of its own first. Checked here from the header: a MetaImage's grid fields (``_metaimage_grid_fault``); a data
+    file (``_data_file``) that is missing, or holds fewer bytes than its voxels take uncompressed (MetaImage
+    compressed: than the compressed size its header gives).
 
     Raises:
         InputError: naming ``path`` and what is wrong.
     """
+    if metaimage and (fault := _metaimage_grid_fault(path)):
+        raise InputError(f"{path}: corrupt MetaImage header: {fault}")
     data = _data_file(path, metaimage)
     if data is None:
         return
