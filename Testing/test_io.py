@@ -558,13 +558,14 @@ def test_a_dicom_series_with_a_slice_missing_is_refused(tmp_path, capfd):
     assert "WARNING" not in capfd.readouterr().err  # ITK's warning of non-uniform sampling: said in the message
 
 
-@pytest.mark.parametrize("cut", ["002.dcm", "005.dcm"])  # in the stack, at its end
-def test_a_dicom_slice_cut_short_is_named(tmp_path, cut):
-    """GDCM leaves out a file it cannot parse without a word: cut short in the stack, the refusal guessed "a slice
-    missing or unreadable?"; at an end of it, the series was read one slice short with no warning."""
+@pytest.mark.parametrize("cut, zeroed", [("002.dcm", False), ("005.dcm", False), ("005.dcm", True)])
+def test_a_dicom_slice_cut_short_is_named(tmp_path, cut, zeroed):
+    """GDCM leaves out a file it cannot parse without a word: cut short (or overwritten with zeros) in the stack, the
+    refusal guessed "a slice missing or unreadable?"; at an end of it, the series was read one slice short with no
+    warning."""
     folder = write_dicom_series(tmp_path / "series")
     data = (folder / cut).read_bytes()
-    (folder / cut).write_bytes(data[: len(data) // 2])
+    (folder / cut).write_bytes(bytes(len(data)) if zeroed else data[: len(data) // 2])
     (folder / "notes.txt").write_text("a file beside the series that is no DICOM file")
     unread = f"1 DICOM file of the folder could not be read (cut short or damaged: {cut})"
     if cut == "002.dcm":

@@ -206,15 +206,16 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
 
 
 def _unparsed_dicom_files(folder: Path, listed: set[str]) -> list[str]:
-    """The names of the files in ``folder`` that begin as a DICOM file does (its preamble's "DICM") but that are not
-    among the ``listed`` names of its series' files: GDCM leaves out, without a word, a file it cannot parse (one cut
-    short or damaged). A DICOMDIR is not looked at."""
+    """The names of the files in ``folder`` that begin as a DICOM file does (its preamble's "DICM", or 132 zero bytes
+    where a damaged file lost it: a slice overwritten with zeros) but that are not among the ``listed`` names of its
+    series' files: GDCM leaves out, without a word, a file it cannot parse (one cut short or damaged). A DICOMDIR is
+    not looked at."""
     names = []
     for path in sorted(folder.iterdir()):
         if path.name in listed or path.name.upper() == "DICOMDIR" or not path.is_file():  # a pipe would block
             continue
         with contextlib.suppress(OSError), open(path, "rb") as f:
-            if f.read(132)[128:] == b"DICM":
+            if (start := f.read(132))[128:] == b"DICM" or start == bytes(132):
                 names.append(path.name)
     return names
 
