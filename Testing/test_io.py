@@ -265,6 +265,28 @@ def test_a_plain_nifti_named_nii_gz_is_read(tmp_path):
     assert read_image(tmp_path / "plain.nii.gz").GetSize() == (8, 8, 8)
 
 
+_NRRD_SPACE = rb"space: [^\n]*\n(.*)space directions: [^\n]*\n(.*)space origin: [^\n]*\n"
+
+
+@pytest.mark.parametrize("name, old, new, reason", [
+    ("a.nrrd", _NRRD_SPACE, rb"\1spacings: 1 1.5 2\n\2", "no space directions"),  # spacings alone, as in older files
+    ("a.nhdr", _NRRD_SPACE, rb"\1spacings: 1 1.5 2\n\2", "no space directions"),
+    ("a.mha", rb"TransformMatrix = [^\n]*\n", b"", "no TransformMatrix"),
+])
+def test_a_nrrd_or_metaimage_whose_header_gives_no_orientation_is_read_with_a_warning(tmp_path, name, old, new,
+                                                                                      reason):
+    """ITK reads such a header along the axes of its voxel array without a word, where a NIfTI without a qform or an
+    sform has the warning; a label map has no notes."""
+    path = write(tmp_path, name, oriented_image(np.eye(3)))
+    path.write_bytes(re.sub(old, new, path.read_bytes(), count=1, flags=re.DOTALL))
+    assert read_notes(read_image(path)) == [f"its header gives no orientation ({reason}), so it was read with the "
+                                            "axes of its voxel array: if the vertebrae come out in the wrong order, "
+                                            "or none, correct the header"]
+    assert read_notes(read_label_map(path)) == []
+    write(tmp_path, "oriented" + path.suffix, oriented_image(np.eye(3)))
+    assert read_notes(read_image(tmp_path / ("oriented" + path.suffix))) == []
+
+
 @pytest.mark.parametrize("name, compressed, reason", [
     ("t.nii", False, r"truncated file \(\d+ of \d+ bytes\)"),
     ("t.nii.gz", True, "truncated or corrupt compressed file"),

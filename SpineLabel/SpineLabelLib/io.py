@@ -586,6 +586,26 @@ def _read_nifti2(path: Path, what: str) -> sitk.Image:
 _FORMS_AGREE_DEG = 30.0
 
 
+# what a file whose header gives no orientation was read as, and what to do
+_READ_UNORIENTED = ("so it was read with the axes of its voxel array: if the vertebrae come out in the wrong order, "
+                    "or none, correct the header")
+
+
+def _unoriented_note(path: Path, metaimage: bool) -> str | None:
+    """A line for the notes when NRRD or MetaImage header ``path`` gives no orientation (no space directions; no
+    TransformMatrix or its other names), which ITK reads as the axes of the voxel array, as ``_forms_note`` says of
+    a NIfTI's; None otherwise."""
+    header = _header_fields(path, metaimage)
+    if header is None:
+        return None
+    fields = header[0]
+    if metaimage and not {"transformmatrix", "rotation", "orientation"} & fields.keys():
+        return f"its header gives no orientation (no TransformMatrix), {_READ_UNORIENTED}"
+    if not metaimage and "spacedirections" not in fields:
+        return f"its header gives no orientation (no space directions), {_READ_UNORIENTED}"
+    return None
+
+
 def _forms_note(path: Path, image: sitk.Image) -> str | None:
     """A line for the user when NIfTI file ``path``'s header does not settle which way its axes point (a header
     turned the wrong way numbers a spine from the wrong end, at full confidence): when it gives neither a qform nor an
@@ -599,8 +619,7 @@ def _forms_note(path: Path, image: sitk.Image) -> str | None:
     except Exception:  # a header nibabel cannot read has no forms to compare: the reader judges the file
         return None
     if all(code == 0 for _, code in forms.values()):
-        return ("its header gives no orientation (neither a qform nor an sform), so it was read with the axes of its "
-                "voxel array: if the vertebrae come out in the wrong order, or none, correct the header")
+        return f"its header gives no orientation (neither a qform nor an sform), {_READ_UNORIENTED}"
     units = {}  # each form's voxel axes as unit vectors (RAS), columns
     for name, (affine, code) in forms.items():
         if code > 0:
@@ -668,8 +687,9 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
     """One image file: its header checked first (``_check_nifti``, ``_check_data_file``), then read (``_read_voxels``)
     while the compressed stream of its voxels, if it has one, is inflated in full beside the reader
     (``_inflated_size``), every error an ``InputError`` naming ``path`` and the reason. ``what`` names the file in
-    the messages ("image", "label map"); ``notes``, when given, gets a line when a 3D NIfTI file's header gives no
-    orientation, its qform and sform disagree, or ITK could not follow its sform (``_forms_note``)."""
+    the messages ("image", "label map"); ``notes``, when given, gets a line when a 3D file's header gives no
+    orientation (``_unoriented_note``), or a NIfTI's qform and sform disagree or ITK could not follow its sform
+    (``_forms_note``)."""
     with contextlib.suppress(OSError):  # the readers below say why a file cannot be opened
         if path.stat().st_size == 0:  # MetaIO prints lines of its own; ITK says it finds no reader for an empty NRRD
             raise InputError(f"{path}: empty file (0 bytes)")
@@ -693,7 +713,8 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
             raise
     if stream and (fault := _inflated_size_fault(path, stream, inflating.result())):
         raise InputError(fault)
-    if nifti and notes is not None and image.GetDimension() == 3 and (note := _forms_note(path, image)):
+    if notes is not None and image.GetDimension() == 3 and (
+            note := _forms_note(path, image) if nifti else _unoriented_note(path, metaimage)):
         notes.append(note)
     return image
 
