@@ -1125,7 +1125,53 @@ def test_a_metaimage_data_file_name_with_a_percent_is_refused_not_crashed_on(tmp
              "try:\n    read_image(sys.argv[1])\nexcept InputError as err:\n    print(err)\n")
     run = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stderr == ""
-    assert run.stdout.startswith(f"{path}: its ElementDataFile '{name}' holds a '%'")
+    if name == "slice%03d.raw":  # a numbered pattern, each of its numbers optional, whose files are missing
+        assert run.stdout.startswith(f"{path}: its voxels are in numbered files ('{name}'), the first of which, "
+                                     f"{tmp_path / 'slice001.raw'}, is missing")
+    else:
+        assert run.stdout.startswith(f"{path}: its ElementDataFile '{name}' holds a '%'")
+
+
+@pytest.mark.parametrize("suffix, named", [(".mhd", "slice%03d.raw 1 8 1"), (".mhd", "slice%03d.raw 1"),
+                                           (".mhd", "slice%03d.raw"), (".mhd", "my dir/slice%03d.raw 1 8 1"),
+                                           (".mhd", "LIST"), (".mhd", "LIST 2D"), (".nhdr", "LIST"),
+                                           (".nhdr", "LIST 2")])
+def test_numbered_and_listed_data_files_in_each_form_are_read(tmp_path, suffix, named):
+    """MetaIO reads a numbered pattern with its first, last and step numbers each left out, and a folder with a space
+    in its name; MetaImage's "LIST 2D" and NRRD's "LIST 2" give the dimension of each listed file: such headers were
+    refused (no pattern: "holds a '%' ... it is none"; a list: "its voxels are in .../LIST 2D, which is missing")."""
+    image = sitk.GetImageFromArray(np.arange(8 * 7 * 6, dtype=np.int16).reshape(8, 7, 6))
+    image.CopyInformation(oriented_image(np.eye(3), size=(6, 7, 8)))
+    write(tmp_path, "a" + suffix, image)
+    folder = tmp_path / "my dir" if named.startswith("my dir") else tmp_path
+    folder.mkdir(exist_ok=True)
+    voxels = (tmp_path / "a.raw").read_bytes()
+    for k in range(8):
+        (folder / f"slice{k + 1:03d}.raw").write_bytes(voxels[k * 84 : (k + 1) * 84])
+    key = "ElementDataFile = " if suffix == ".mhd" else "data file: "
+    header = (tmp_path / ("a" + suffix)).read_text().splitlines()
+    lines = [key + named if line.startswith(key) else line for line in header]
+    if named.startswith("LIST"):
+        lines += [f"slice{k + 1:03d}.raw" for k in range(8)]
+    (tmp_path / ("a" + suffix)).write_text("\n".join(lines) + "\n")
+    (tmp_path / "a.raw").unlink()
+    read = read_image(tmp_path / ("a" + suffix))
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image))
+
+
+def test_a_compressed_mha_without_its_compressed_size_is_refused(tmp_path, capfd):
+    """MetaIO cannot inflate the voxels of a compressed .mha whose header gives no CompressedDataSize: it printed
+    "Uncompress failed" and ITK gave other voxels (memory it had not filled), read without a word."""
+    path = write(tmp_path, "a.mha", sitk.Cast(oriented_image(np.eye(3)), sitk.sitkInt16))
+    sitk.WriteImage(sitk.ReadImage(str(path)), str(path), True)
+    header = path.read_bytes()
+    path.write_bytes(re.sub(rb"CompressedDataSize = (\d+)\n", b"", header, count=1))
+    size = int(re.search(rb"CompressedDataSize = (\d+)", header)[1])
+    capfd.readouterr()
+    with pytest.raises(InputError, match=re.escape(f"{path}: compressed MetaImage whose header gives no "
+                                                   f"CompressedDataSize") + f".*'CompressedDataSize = {size}'"):
+        read_image(path)
+    assert capfd.readouterr().err == ""
 
 
 @pytest.mark.parametrize("old, new, reason", [

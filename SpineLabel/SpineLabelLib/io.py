@@ -828,19 +828,26 @@ def _data_file(path: Path, metaimage: bool) -> _DataFile | None:
 
     Raises:
         InputError: a MetaImage data file name with a "%" that is no pattern of numbered files (which MetaIO crashes
-            on)."""
+            on), or a pattern whose first file is missing."""
     header = _header_fields(path, metaimage)
     if header is None:
         return None
     fields, end = header
     named = fields.get("elementdatafile" if metaimage else "datafile", "LOCAL")
     # MetaIO takes a name with a "%" for the printf pattern of numbered files, followed by the first, last and step
-    # numbers: given another (a byte of LOCAL damaged into "%s", a file named "scan%20s.raw"), it crashed the process
-    if metaimage and "%" in named and not re.fullmatch(r"[^%\s]*%0?\d*d[^%\s]*( +-?\d+){2,3}", named):
+    # numbers, each optional (the first 1, the last the first plus the slices): given another (a byte of LOCAL damaged
+    # into "%s", a file named "scan%20s.raw"), it crashed the process
+    numbered = re.fullmatch(r"([^%]*%0?\d*[di][^%\s]*)((?: +-?\d+){0,3})", named) if metaimage else None
+    if metaimage and "%" in named and not numbered:
         raise InputError(f"{path}: its ElementDataFile {named[:80]!r} holds a '%', which MetaImage takes for the "
                          "pattern of numbered voxel files (as 'slice%03d.raw 1 40 1'), and it is none: the header is "
                          "damaged, or its voxels file needs a name without '%'")
-    if named.upper() == "LIST" or "%" in named or {"headersize", "byteskip", "lineskip"} & fields.keys():
+    if numbered and not (first := path.parent / (numbered[1] % int((numbered[2].split() or ["1"])[0]))).exists():
+        raise InputError(f"{path}: its voxels are in numbered files ({named[:80]!r}), the first of which, {first}, is "
+                         "missing")
+    # "LIST", and NRRD's "LIST 2" and MetaImage's "LIST 2D" (the dimension of each file of the list)
+    if re.fullmatch(r"LIST( +\w+)?", named, re.IGNORECASE) or "%" in named or {
+            "headersize", "byteskip", "lineskip"} & fields.keys():
         return None
     if metaimage:
         encoding = "compressed" if fields.get("compresseddata", "").lower() == "true" else "raw"
@@ -918,6 +925,13 @@ def _check_data_file(path: Path, metaimage: bool) -> _Stream | None:
         return None
     if not data.path.exists():
         raise InputError(f"{path}: its voxels are in {data.path}, which is missing")
+    # MetaIO inflates the voxels of a compressed .mha whose header gives no CompressedDataSize into memory it has not
+    # filled: it prints "Uncompress failed" and ITK hands back other voxels, without an error
+    if data.encoding == "compressed" and not data.compressed_size and data.path == path:
+        raise InputError(f"{path}: compressed MetaImage whose header gives no CompressedDataSize, which ITK's "
+                         "MetaImage reader cannot inflate (it reads other voxels); add 'CompressedDataSize = "
+                         f"{path.stat().st_size - data.offset}' (the bytes after the header) above ElementDataFile, or "
+                         "save it again (SimpleITK writes it)")
     voxels = _header_voxels(path, metaimage)
     needed = {"compressed": data.compressed_size, "raw": voxels[2] if voxels else 0}.get(data.encoding, 0)
     held = data.path.stat().st_size - data.offset
