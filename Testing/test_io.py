@@ -610,6 +610,35 @@ def test_a_dicom_slice_cut_short_is_named(tmp_path, cut, zeroed):
         read_image(folder)
 
 
+def dicom_file_of_no_image(path, sop_class, series):
+    """A DICOM file that GDCM parses and that holds no image (as a CT's dose report, a structured report, does)."""
+    def element(group, number, vr, value):
+        value += (b"\0" if vr == "UI" else b" ") * (len(value) % 2)
+        if vr == "OB":
+            return struct.pack("<HH2sHI", group, number, b"OB", 0, len(value)) + value
+        return struct.pack("<HH2sH", group, number, vr.encode(), len(value)) + value
+    meta = (element(2, 1, "OB", b"\0\1") + element(2, 2, "UI", sop_class) + element(2, 3, "UI", b"1.2.3.4.5.6")
+            + element(2, 0x10, "UI", b"1.2.840.10008.1.2.1"))
+    data = (element(8, 0x16, "UI", sop_class) + element(8, 0x18, "UI", b"1.2.3.4.5.6") + element(8, 0x60, "CS", b"SR")
+            + element(0x20, 0xE, "UI", series))
+    path.write_bytes(bytes(128) + b"DICM" + element(2, 0, "UL", struct.pack("<I", len(meta))) + meta + data)
+
+
+@pytest.mark.parametrize("series", [b"1.2.3.4.99", b"1.2.826.0.1.3680043.2.1125.1.4242.1"])
+def test_a_dicom_file_of_no_image_or_a_small_file_of_zeros_beside_a_series_is_not_called_damaged(tmp_path, series):
+    """A dose report (a structured report: no image) exported beside the CT's slices, of its own series or of the
+    slices', and a small file of zero bytes: GDCM leaves them out of the series, and the reader's note called them "cut
+    short or damaged" and warned that the series might lack a slice."""
+    folder = write_dicom_series(tmp_path / "series")
+    dicom_file_of_no_image(folder / "SR000001.dcm", b"1.2.840.10008.5.1.4.1.1.88.67", series)
+    (folder / "zeros.bin").write_bytes(bytes(200))
+    image = read_image(folder)
+    assert image.GetSize() == (24, 20, 6) and read_notes(image) == []
+    (folder / "005.dcm").write_bytes((folder / "005.dcm").read_bytes()[:300])  # a slice cut short is still named
+    assert read_notes(read_image(folder)) == ["1 DICOM file of the folder could not be read (cut short or damaged: "
+                                              "005.dcm) and was left out: the series may lack a slice at one end"]
+
+
 def test_a_gantry_tilted_series_is_put_where_its_slices_are(tmp_path):
     """Slices that step along the table, not along their normal (here 0.7 mm sideways per 2.5 mm slice, 15.6
     degrees): ITK stacks them along the normal, 3.5 mm off by the last slice. Read, every voxel sits where its file

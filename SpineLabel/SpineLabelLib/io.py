@@ -174,7 +174,8 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
         raise InputError(f"{folder}: folder holds {len(series)} DICOM series ({described}); give a folder with "
                          "exactly one")
     files = files_of[volumes[0] if volumes else series[0]]
-    unread = _unparsed_dicom_files(folder, {Path(name).name for names in files_of.values() for name in names})
+    unread = _unparsed_dicom_files(folder, {Path(name).name for names in files_of.values() for name in names},
+                                   header_tags(files[0])("0008|0016"), min(os.path.getsize(name) for name in files))
     headers = [dict(zip(_SLICE_TAGS, map(header_tags(name), _SLICE_TAGS))) for name in files]
     localisers = _localisers(headers)
     if localisers and len(localisers) < len(files):  # ITK would stack them with the slices
@@ -205,19 +206,33 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     return _unsheared(image, files, headers, notes)
 
 
-def _unparsed_dicom_files(folder: Path, listed: set[str]) -> list[str]:
-    """The names of the files in ``folder`` that begin as a DICOM file does (its preamble's "DICM", or 132 zero bytes
-    where a damaged file lost it: a slice overwritten with zeros) but that are not among the ``listed`` names of its
-    series' files: GDCM leaves out, without a word, a file it cannot parse (one cut short or damaged). A DICOMDIR is
-    not looked at."""
+def _unparsed_dicom_files(folder: Path, listed: set[str], kind: str = "", least: int = 0) -> list[str]:
+    """The names of the files in ``folder`` that are none of the ``listed`` names of its series' files and that look
+    like slices GDCM could not parse (cut short or damaged), which it leaves out without a word: a DICOM file (its
+    preamble's "DICM") of the storage class ``kind`` of the series' slices, or of a class that cannot be read (any
+    class where ``kind`` is "": a dose report beside CT slices is no slice of theirs), and a file of ``least`` bytes
+    or more that begins with 132 zero bytes, as a slice overwritten with zeros does (none where ``least`` is 0). A
+    DICOMDIR is not looked at."""
     names = []
     for path in sorted(folder.iterdir()):
         if path.name in listed or path.name.upper() == "DICOMDIR" or not path.is_file():  # a pipe would block
             continue
         with contextlib.suppress(OSError), open(path, "rb") as f:
-            if (start := f.read(132))[128:] == b"DICM" or start == bytes(132):
+            start = f.read(1024)
+            if start[128:132] == b"DICM" and (not kind or _storage_class(start) in ("", kind)):
+                names.append(path.name)
+            elif least and start[:132] == bytes(132) and path.stat().st_size >= least:
                 names.append(path.name)
     return names
+
+
+def _storage_class(start: bytes) -> str:
+    """The storage class (Media Storage SOP Class UID, in the file meta information) of a DICOM file whose first bytes
+    are ``start``; "" where it is not found."""
+    found = re.search(rb"\x02\x00\x02\x00UI(..)", start, re.DOTALL)
+    if found is None:
+        return ""
+    return start[found.end() : found.end() + int.from_bytes(found[1], "little")].rstrip(b"\0 ").decode("latin-1")
 
 
 def _unparsed_text(names: list[str]) -> str:
