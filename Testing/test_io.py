@@ -605,8 +605,9 @@ def test_a_dicom_slice_cut_short_is_named(tmp_path, cut, zeroed):
     for path in folder.glob("*.dcm"):
         path.write_bytes(data[:300])
     with pytest.raises(InputError, match=re.escape(f"{folder}: folder holds no DICOM series; 6 DICOM files of the "
-                                                   "folder could not be read (cut short or damaged: 000.dcm, 001.dcm, "
-                                                   "002.dcm ...)") + "$"):
+                                                   "folder could not be read as images (cut short or damaged, or "
+                                                   "holding no image, as a report does: 000.dcm, 001.dcm, 002.dcm ...)")
+                       + "$"):
         read_image(folder)
 
 
@@ -1237,3 +1238,86 @@ def test_a_missing_data_file_whose_name_has_spaces_is_named(tmp_path, suffix, ke
     data = re.escape(str(header.parent / "../data dir/my data.raw"))
     with pytest.raises(InputError, match=f"its voxels are in {data}, which is missing"):
         read_image(header)
+
+
+def test_a_folder_of_a_report_alone_is_not_said_to_hold_damaged_files(tmp_path):
+    """A folder holding a valid structured report and no image (the wrong folder given): the refusal called the report
+    'cut short or damaged'."""
+    (tmp_path / "sr").mkdir()
+    dicom_file_of_no_image(tmp_path / "sr" / "SR000001.dcm", b"1.2.840.10008.5.1.4.1.1.88.67", b"1.2.3.4.99")
+    with pytest.raises(InputError, match="folder holds no DICOM series") as raised:
+        read_image(tmp_path / "sr")
+    assert "holding no image, as a report does: SR000001.dcm" in str(raised.value)
+
+
+@pytest.mark.parametrize("damage", ["cut", "flipped"])
+def test_a_damaged_float64_nifti_gz_is_refused_as_such(tmp_path, damage):
+    """A 3D float64 NIfTI-1 is read by ``_read_float64_nifti1``: cut short, gzip's EOFError (a byte flipped: its
+    zlib.error or BadGzipFile) escaped it, where the gzip size field was checked before."""
+    values = np.random.default_rng(0).normal(size=(40, 40, 40)) * 100
+    nibabel.save(nibabel.Nifti1Image(values, np.eye(4)), tmp_path / "f64.nii.gz")
+    data = bytearray((tmp_path / "f64.nii.gz").read_bytes())
+    if damage == "cut":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 3] ^= 0xFF
+    (tmp_path / "f64.nii.gz").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="f64.nii.gz: truncated or corrupt compressed file"):
+        read_image(tmp_path / "f64.nii.gz")
+
+
+@pytest.mark.parametrize("name", ["v.nhdr", "v.mhd"])
+def test_a_damaged_compressed_voxels_file_of_a_detached_header_is_named(tmp_path, name):
+    """A byte flipped in the .raw.gz of a .nhdr (the .zraw of a .mhd): the message named the header alone, where a
+    voxels file cut short is named ('its voxels file F is truncated')."""
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(30 * 24 * 20, dtype=np.int16).reshape(30, 24, 20)),
+                    str(tmp_path / name), useCompression=True)
+    data = next(p for p in tmp_path.iterdir() if p.name != name)
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    data.write_bytes(bytes(damaged))
+    with pytest.raises(InputError, match=re.escape(f"{name}: its voxels file {data} is truncated or corrupt")):
+        read_image(tmp_path / name)
+
+
+def test_a_metaimage_header_without_a_last_newline_is_checked(tmp_path):
+    """A .mhd whose last line (ElementDataFile) ends without a newline, as a header written by hand may: its missing
+    voxels file was named before this stop's _header_fields, then ITK's 'File cannot be read' alone; and its lack
+    of a TransformMatrix went without the note."""
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((30, 24, 20), np.int16)), str(tmp_path / "a.mhd"))
+    text = "".join(line for line in (tmp_path / "a.mhd").read_text().splitlines(True)
+                   if not line.startswith("TransformMatrix")).rstrip("\n")
+    (tmp_path / "a.mhd").write_text(text)
+    assert read_notes(read_image(tmp_path / "a.mhd"))[0].startswith("its header gives no orientation")
+    (tmp_path / "a.raw").unlink()
+    with pytest.raises(InputError, match=re.escape(f"a.mhd: its voxels are in {tmp_path / 'a.raw'}, which is missing")):
+        read_image(tmp_path / "a.mhd")
+
+
+@pytest.mark.parametrize("named, error", [("slice%0300d.raw", "is missing"), ("x" * 300 + ".raw", "which is missing"),
+                                          ("slice%999999999999d.raw", "holds a '%'")])
+def test_a_metaimage_data_file_name_too_long_is_refused(tmp_path, named, error):
+    """A damaged or odd ElementDataFile whose name (or first numbered file's) is longer than a file name may be: the
+    OSError of ENAMETOOLONG escaped (a width of 10^12: a MemoryError)."""
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((30, 24, 20), np.int16)), str(tmp_path / "c.mhd"))
+    header = (tmp_path / "c.mhd").read_text()
+    (tmp_path / "c.mhd").write_text(header.replace("ElementDataFile = c.raw", f"ElementDataFile = {named}"))
+    with pytest.raises(InputError, match=re.escape(error)):
+        read_image(tmp_path / "c.mhd")
+
+
+def test_a_dicom_storage_class_is_read_from_the_file_meta_not_the_preamble():
+    """The preamble's 128 bytes are free (a TIFF header in a file that is both): the search began there."""
+    preamble = bytearray(128)
+    preamble[10:22] = b"\x02\x00\x02\x00UI\x04\x009.9\0"
+    meta = b"\x02\x00\x02\x00UI\x06\x001.2.3\0"
+    assert io._storage_class(bytes(preamble) + b"DICM" + meta) == "1.2.3"
+
+
+def test_a_compressed_metaimage_is_inflated_to_its_compressed_size_alone(tmp_path):
+    """MetaIO reads CompressedDataSize bytes; two bytes after them that begin as a gzip member did were taken for one,
+    and the valid file refused as corrupt."""
+    values = np.arange(30 * 24 * 20, dtype=np.int16).reshape(30, 24, 20)
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(tmp_path / "c.mha"), useCompression=True)
+    (tmp_path / "c.mha").write_bytes((tmp_path / "c.mha").read_bytes() + b"\x1f\x8b and more")
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "c.mha")), values)

@@ -157,7 +157,7 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
         pictures = [n for n in names if n.lower().endswith(_PICTURE_SUFFIXES)]
         unread = _unparsed_dicom_files(folder, set())
         raise InputError(f"{folder}: folder holds no DICOM series" + (
-            f"; {_unparsed_text(unread)}" if unread else "") + (
+            f"; {_unparsed_text(unread, no_series=True)}" if unread else "") + (
             f"; it holds {len(pictures)} picture file{'s' * (len(pictures) > 1)} (as {pictures[0]}): pictures have "
             "no voxel size or position; export the series as DICOM or as one NIfTI/NRRD volume"
             if pictures and not images else "") + (
@@ -229,15 +229,20 @@ def _unparsed_dicom_files(folder: Path, listed: set[str], kind: str = "", least:
 def _storage_class(start: bytes) -> str:
     """The storage class (Media Storage SOP Class UID, in the file meta information) of a DICOM file whose first bytes
     are ``start``; "" where it is not found."""
-    found = re.search(rb"\x02\x00\x02\x00UI(..)", start, re.DOTALL)
+    meta = start[132:]  # after the preamble (128 bytes of any content) and "DICM"
+    found = re.search(rb"\x02\x00\x02\x00UI(..)", meta, re.DOTALL)
     if found is None:
         return ""
-    return start[found.end() : found.end() + int.from_bytes(found[1], "little")].rstrip(b"\0 ").decode("latin-1")
+    return meta[found.end() : found.end() + int.from_bytes(found[1], "little")].rstrip(b"\0 ").decode("latin-1")
 
 
-def _unparsed_text(names: list[str]) -> str:
-    return (f"{len(names)} DICOM file{'s' * (len(names) > 1)} of the folder could not be read (cut short or "
-            f"damaged: {', '.join(names[:3])}{' ...' * (len(names) > 3)})")
+def _unparsed_text(names: list[str], no_series: bool = False) -> str:
+    """``names`` (``_unparsed_dicom_files``) for a message. With ``no_series`` (no series whose storage class tells
+    slices from other files), a file of them may be a valid DICOM file that holds no image (a report)."""
+    what, why = (("could not be read as images", "cut short or damaged, or holding no image, as a report does")
+                 if no_series else ("could not be read", "cut short or damaged"))
+    return (f"{len(names)} DICOM file{'s' * (len(names) > 1)} of the folder {what} ({why}: "
+            f"{', '.join(names[:3])}{' ...' * (len(names) > 3)})")
 
 
 # the tags of each slice of a DICOM series that the reader's checks read, each file's header read once: ImageType,
@@ -482,12 +487,13 @@ def _nifti_layout(header: bytes) -> _NiftiLayout | None:
 
 
 def _check_nifti(path: Path, what: str) -> tuple[_NiftiLayout, bool]:
-    """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0), turns NaN and infinite
-    voxels into 0, and takes 1 mm for a voxel size of 0: check the header and the size, and stream float voxels
-    through a finiteness test (but a 3D float64 NIfTI-1, read as float32 and checked so: ``_read_float64_nifti1``);
-    it reads a header of the wrong size, or with NaN in its qform or sform, as well, and turns round the axes of a
-    NIfTI-1 header's negative voxel size: such a header is refused. ``what`` names the file in the messages ("image",
-    "label map"). Returns the header's layout and whether the file is gzip-compressed."""
+    """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0), turns NaN and infinite voxels
+    into 0, and takes 1 mm for a voxel size of 0: check the header and the size of an uncompressed file (a gzip stream
+    is checked as it is read: ``_inflated_size``), and stream float voxels through a finiteness test (but a 3D float64
+    NIfTI-1, read as float32 and checked so: ``_read_float64_nifti1``); it reads a header of the wrong size, or with NaN
+    in its qform or sform, as well, and turns round the axes of a NIfTI-1 header's negative voxel size: such a header is
+    refused. ``what`` names the file in the messages ("image", "label map"). Returns the header's layout and whether the
+    file is gzip-compressed."""
     try:  # compressed or not by its first bytes: ITK reads a plain NIfTI named .nii.gz as well
         with open(path, "rb") as f:
             gz = f.read(2) == b"\x1f\x8b"
@@ -544,10 +550,9 @@ def _check_nifti(path: Path, what: str) -> tuple[_NiftiLayout, bool]:
             # (an extension some writers append) are not voxels
             while chunk := f.read(min(1 << 24, expected - total)):
                 total += len(chunk)
-                if float_type is not None:
-                    voxels = np.frombuffer(chunk, dtype=endian + float_type, count=len(chunk) // int(float_type[1]))
-                    if not _all_finite(voxels):
-                        raise InputError(f"{path}: {what} holds NaN or infinite values")
+                voxels = np.frombuffer(chunk, dtype=endian + float_type, count=len(chunk) // int(float_type[1]))
+                if not _all_finite(voxels):
+                    raise InputError(f"{path}: {what} holds NaN or infinite values")
     except (OSError, EOFError, zlib.error):
         total = -1
     if total < expected:
@@ -721,13 +726,14 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         inflating = pool.submit(_inflated_size, stream) if stream else None
         try:
-            image = _read_voxels(path, what, layout, gz, metaimage)
-        except InputError:
-            if stream and (fault := _inflated_size_fault(path, stream, inflating.result())):
-                raise InputError(fault) from None
-            raise
+            image, failed = _read_voxels(path, what, layout, gz, metaimage), None
+        except InputError as err:
+            image, failed = None, err
+    # a stream's fault is the truer reason of a failed read too (ITK: "unreadable image", or memory for a wrong size)
     if stream and (fault := _inflated_size_fault(path, stream, inflating.result())):
-        raise InputError(fault)
+        raise InputError(fault) from None
+    if failed:
+        raise failed
     if notes is not None and image.GetDimension() == 3 and (
             note := _forms_note(path, image) if nifti else _unoriented_note(path, metaimage)):
         notes.append(note)
@@ -784,15 +790,18 @@ def _read_float64_nifti1(path: Path, layout: _NiftiLayout, gz: bool) -> sitk.Ima
     slope, intercept = layout.scaling
     if not np.isfinite(slope) or slope == 0:  # NIfTI: no scaling
         slope, intercept = 1.0, 0.0
-    with (gzip.open if gz else open)(path, "rb") as f:
-        f.read(layout.offset)
-        voxels = np.empty(math.prod(layout.sizes), dtype=np.float32)  # x fastest: (z, y, x) in C order
-        step = 1 << 21  # voxels (16 MB of float64) at a time
-        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, which the reader's check refuses
-            for start in range(0, voxels.size, step):
-                count = min(step, voxels.size - start)
-                chunk = np.frombuffer(f.read(8 * count), dtype=endian + "f8")
-                voxels[start : start + count] = chunk * slope + intercept
+    try:  # a gzip stream cut short or damaged (its size is no longer checked before: ``_inflated_size``)
+        with (gzip.open if gz else open)(path, "rb") as f:
+            f.read(layout.offset)
+            voxels = np.empty(math.prod(layout.sizes), dtype=np.float32)  # x fastest: (z, y, x) in C order
+            step = 1 << 21  # voxels (16 MB of float64) at a time
+            with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, which the reader's check refuses
+                for start in range(0, voxels.size, step):
+                    count = min(step, voxels.size - start)
+                    chunk = np.frombuffer(f.read(8 * count), dtype=endian + "f8")
+                    voxels[start : start + count] = chunk * slope + intercept
+    except (OSError, EOFError, zlib.error, ValueError):  # ValueError: fewer bytes than voxels
+        raise InputError(f"{path}: truncated or corrupt compressed file" if gz else f"{path}: truncated file") from None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     with itk_warnings(False):
@@ -824,7 +833,9 @@ def _header_fields(path: Path, metaimage: bool) -> tuple[dict[str, str], int] | 
             head = f.read(65536)
     except OSError:
         return None  # the reader says why
-    end = re.search(rb"^ElementDataFile *=[^\n]*\n" if metaimage else rb"\r?\n\r?\n", head, re.MULTILINE)
+    # a detached MetaImage header read whole may end without a newline after ElementDataFile
+    end = re.search(rb"^ElementDataFile *=[^\n]*(?:\n|\Z)" if metaimage and len(head) < 65536 else
+                    rb"^ElementDataFile *=[^\n]*\n" if metaimage else rb"\r?\n\r?\n", head, re.MULTILINE)
     if end is None and (metaimage or len(head) == 65536):
         return None
     end = end.end() if end else len(head)  # a detached NRRD header may end without an empty line
@@ -852,12 +863,13 @@ def _data_file(path: Path, metaimage: bool) -> _DataFile | None:
     # MetaIO takes a name with a "%" for the printf pattern of numbered files, followed by the first, last and step
     # numbers, each optional (the first 1, the last the first plus the slices): given another (a byte of LOCAL damaged
     # into "%s", a file named "scan%20s.raw"), it crashed the process
-    numbered = re.fullmatch(r"([^%]*%0?\d*[di][^%\s]*)((?: +-?\d+){0,3})", named) if metaimage else None
+    numbered = re.fullmatch(r"([^%]*%0?\d{0,3}[di][^%\s]*)((?: +-?\d+){0,3})", named) if metaimage else None
     if metaimage and "%" in named and not numbered:
         raise InputError(f"{path}: its ElementDataFile {named[:80]!r} holds a '%', which MetaImage takes for the "
                          "pattern of numbered voxel files (as 'slice%03d.raw 1 40 1'), and it is none: the header is "
                          "damaged, or its voxels file needs a name without '%'")
-    if numbered and not (first := path.parent / (numbered[1] % int((numbered[2].split() or ["1"])[0]))).exists():
+    # os.path.exists: a name too long for the file system is no OSError here
+    if numbered and not os.path.exists(first := path.parent / (numbered[1] % int((numbered[2].split() or ["1"])[0]))):
         raise InputError(f"{path}: its voxels are in numbered files ({named[:80]!r}), the first of which, {first}, is "
                          "missing")
     # "LIST", and NRRD's "LIST 2" and MetaImage's "LIST 2D" (the dimension of each file of the list)
@@ -938,7 +950,7 @@ def _check_data_file(path: Path, metaimage: bool) -> _Stream | None:
     data = _data_file(path, metaimage)
     if data is None:
         return None
-    if not data.path.exists():
+    if not os.path.exists(data.path):
         raise InputError(f"{path}: its voxels are in {data.path}, which is missing")
     # MetaIO inflates the voxels of a compressed .mha whose header gives no CompressedDataSize into memory it has not
     # filled: it prints "Uncompress failed" and ITK hands back other voxels, without an error
@@ -976,7 +988,9 @@ def _inflated_size(stream: _Stream) -> int | None:
                 size += len(inflater.decompress(data, 1 << 24))
                 data = inflater.unconsumed_tail
                 if inflater.eof:
-                    data = inflater.unused_data + f.read(2)
+                    more = f.read(int(min(2, left)))  # not past its length
+                    left -= len(more)
+                    data = inflater.unused_data + more
                     if not data.startswith(b"\x1f\x8b"):  # no gzip member follows
                         return size
                     inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)
@@ -987,7 +1001,8 @@ def _inflated_size(stream: _Stream) -> int | None:
 def _inflated_size_fault(path: Path, stream: _Stream, size: int | None) -> str | None:
     """What is wrong with ``stream`` of image file ``path``, inflated to ``size`` bytes (``_inflated_size``)."""
     if size is None or (size < stream.needed and not stream.voxels_alone):
-        return f"{path}: truncated or corrupt compressed file"
+        return (f"{path}: truncated or corrupt compressed file" if stream.path == path else
+                f"{path}: its voxels file {stream.path} is truncated or corrupt (compressed)")
     if stream.voxels_alone and size != stream.needed:
         return (f"{path}: its header gives voxels of {stream.needed} bytes, and its compressed voxels inflate to "
                 f"{size} bytes: the header's size or pixel type is wrong")
