@@ -174,9 +174,9 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
         raise InputError(f"{folder}: folder holds {len(series)} DICOM series ({described}); give a folder with "
                          "exactly one")
     files = files_of[volumes[0] if volumes else series[0]]
-    unread = _unparsed_dicom_files(folder, {Path(name).name for names in files_of.values() for name in names},
-                                   header_tags(files[0])("0008|0016"), min(os.path.getsize(name) for name in files))
     headers = [dict(zip(_SLICE_TAGS, map(header_tags(name), _SLICE_TAGS))) for name in files]
+    unread = _unparsed_dicom_files(folder, {Path(name).name for names in files_of.values() for name in names},
+                                   headers[0]["0008|0016"], min(os.path.getsize(name) for name in files))
     localisers = _localisers(headers)
     if localisers and len(localisers) < len(files):  # ITK would stack them with the slices
         notes.append(f"the series' localiser image{'s' * (len(localisers) > 1)} "
@@ -246,8 +246,10 @@ def _unparsed_text(names: list[str], no_series: bool = False) -> str:
 
 
 # the tags of each slice of a DICOM series that the reader's checks read, each file's header read once: ImageType,
-# ImageOrientationPatient, RescaleSlope, RescaleIntercept, PixelRepresentation, BitsStored, ImagePositionPatient
-_SLICE_TAGS = ("0008|0008", "0020|0037", "0028|1053", "0028|1052", "0028|0103", "0028|0101", "0020|0032")
+# ImageOrientationPatient, RescaleSlope, RescaleIntercept, PixelRepresentation, BitsStored, ImagePositionPatient,
+# SOPClassUID
+_SLICE_TAGS = ("0008|0008", "0020|0037", "0028|1053", "0028|1052", "0028|0103", "0028|0101", "0020|0032",
+               "0008|0016")
 
 
 def _localisers(headers: list[dict[str, str]]) -> list[int]:
@@ -611,11 +613,10 @@ _READ_UNORIENTED = ("so it was read with the axes of its voxel array: if the ver
                     "or none, correct the header")
 
 
-def _unoriented_note(path: Path, metaimage: bool) -> str | None:
-    """A line for the notes when NRRD or MetaImage header ``path`` gives no orientation (no space directions; no
-    TransformMatrix or its other names), which ITK reads as the axes of the voxel array, as ``_forms_note`` says of
-    a NIfTI's; None otherwise."""
-    header = _header_fields(path, metaimage)
+def _unoriented_note(header: tuple[dict[str, str], int] | None, metaimage: bool) -> str | None:
+    """A line for the notes when a NRRD or MetaImage ``header`` (``_header_fields``) gives no orientation (no space
+    directions; no TransformMatrix or its other names), which ITK reads as the axes of the voxel array, as
+    ``_forms_note`` says of a NIfTI's; None otherwise."""
     if header is None:
         return None
     fields = header[0]
@@ -719,10 +720,11 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
     # of another size than its header gives without a word: the stream is inflated beside the reader, its checksums
     # checked, on another core (for 157 MB of voxels about 0.3 s more on two cores, 0.9 s one after the other)
     metaimage = path.suffix.lower() in (".mha", ".mhd")
+    header = None if nifti else _header_fields(path, metaimage)
     if nifti:
         stream = _Stream(path, 0, 0, layout.offset + layout.voxel_bytes, False) if gz else None
     else:
-        stream = _check_data_file(path, metaimage)
+        stream = _check_data_file(path, metaimage, header)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         inflating = pool.submit(_inflated_size, stream) if stream else None
         try:
@@ -735,7 +737,7 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
     if failed:
         raise failed
     if notes is not None and image.GetDimension() == 3 and (
-            note := _forms_note(path, image) if nifti else _unoriented_note(path, metaimage)):
+            note := _forms_note(path, image) if nifti else _unoriented_note(header, metaimage)):
         notes.append(note)
     return image
 
@@ -847,17 +849,13 @@ def _header_fields(path: Path, metaimage: bool) -> tuple[dict[str, str], int] | 
     return fields, end
 
 
-def _data_file(path: Path, metaimage: bool) -> _DataFile | None:
-    """The voxels' file of a NRRD or MetaImage header (``_header_fields``); None for another file, one that cannot be
-    read, a list or a numbered series of data files, or a header that skips bytes or lines or gives a header size: not
-    followed here.
+def _data_file(path: Path, metaimage: bool, header: tuple[dict[str, str], int]) -> _DataFile | None:
+    """The voxels' file of NRRD or MetaImage file ``path``, by its ``header`` (``_header_fields``); None for a list or
+    a numbered series of data files, or a header that skips bytes or lines or gives a header size: not followed here.
 
     Raises:
         InputError: a MetaImage data file name with a "%" that is no pattern of numbered files (which MetaIO crashes
             on), or a pattern whose first file is missing."""
-    header = _header_fields(path, metaimage)
-    if header is None:
-        return None
     fields, end = header
     named = fields.get("elementdatafile" if metaimage else "datafile", "LOCAL")
     # MetaIO takes a name with a "%" for the printf pattern of numbered files, followed by the first, last and step
@@ -904,13 +902,9 @@ def _numbers(text: str, count: int) -> bool:
         return False
 
 
-def _metaimage_grid_fault(path: Path) -> str | None:
-    """What is wrong with the grid fields of MetaImage header ``path`` (``_METAIMAGE_GRID``); None where nothing is,
-    or where the header cannot be parsed here (the reader says why)."""
-    header = _header_fields(path, True)
-    if header is None:
-        return None
-    fields = header[0]
+def _metaimage_grid_fault(fields: dict[str, str]) -> str | None:
+    """What is wrong with the grid fields of a MetaImage header's ``fields`` (``_header_fields``,
+    ``_METAIMAGE_GRID``); None where nothing is."""
     ndims = fields.get("ndims", "")
     if not ndims.isdigit() or "dimsize" not in fields:
         return f"its NDims {ndims[:40]!r} is no whole number" if "dimsize" in fields else "it gives no DimSize"
@@ -931,12 +925,13 @@ class _Stream(NamedTuple):
     # and may hold bytes after its voxels)
 
 
-def _check_data_file(path: Path, metaimage: bool) -> _Stream | None:
+def _check_data_file(path: Path, metaimage: bool, header: tuple[dict[str, str], int] | None) -> _Stream | None:
     """NRRD and MetaImage: where the file that holds the voxels (the header's own, or the one it names, as ``.mhd``
     and ``.nhdr`` headers do) is missing or cut short, ITK says only that the file cannot be read, and MetaIO prints
-    lines of its own first. Checked here from the header: a MetaImage's grid fields (``_metaimage_grid_fault``); a data
-    file (``_data_file``) that is missing, or holds fewer bytes than its voxels take uncompressed (MetaImage
-    compressed: than the compressed size its header gives).
+    lines of its own first. Checked here from its ``header`` (``_header_fields``; None: not parsed here, the reader
+    says why): a MetaImage's grid fields (``_metaimage_grid_fault``); a data file (``_data_file``) that is missing, or
+    holds fewer bytes than its voxels take uncompressed (MetaImage compressed: than the compressed size its header
+    gives).
 
     Returns:
         The compressed stream of its voxels (a gzip NRRD's, a compressed MetaImage's), to be inflated beside the
@@ -945,9 +940,11 @@ def _check_data_file(path: Path, metaimage: bool) -> _Stream | None:
     Raises:
         InputError: naming ``path`` and what is wrong.
     """
-    if metaimage and (fault := _metaimage_grid_fault(path)):
+    if header is None:
+        return None
+    if metaimage and (fault := _metaimage_grid_fault(header[0])):
         raise InputError(f"{path}: corrupt MetaImage header: {fault}")
-    data = _data_file(path, metaimage)
+    data = _data_file(path, metaimage, header)
     if data is None:
         return None
     if not os.path.exists(data.path):
