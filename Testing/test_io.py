@@ -187,6 +187,26 @@ def test_float_nifti_with_bytes_after_its_voxels_is_read(tmp_path):
     assert sitk.GetArrayViewFromImage(read_image(path)).max() == 1.0
 
 
+@pytest.mark.parametrize("dtype, version", [("<f4", 1), (">f8", 2)])
+def test_nan_in_a_compressed_float_nifti_is_found_as_its_stream_is_inflated(tmp_path, monkeypatch, dtype, version):
+    """The voxels of a .nii.gz are checked for NaN and infinities as its stream is inflated beside the reader, in
+    pieces that end within a voxel (here pieces of 1000 bytes at most, and fewer where the compressed bytes read run
+    out): a value split between two pieces is found, and the bytes after the voxels are none."""
+    monkeypatch.setattr(io, "_PIECE", 1000)
+    kind = nibabel.Nifti1Image if version == 1 else nibabel.Nifti2Image
+    values = np.random.default_rng(0).normal(size=(9, 10, 11)).astype(dtype)
+    path = tmp_path / "float.nii.gz"
+    nibabel.save(kind(values, np.eye(4)), path)
+    path.write_bytes(path.read_bytes() + gzip.compress(b"\xff" * 16))  # a second member, after the voxels: no NaN
+    assert read_image(path).GetSize() == (9, 10, 11)
+    for index, value in ((0, np.nan), (values.size // 2, np.inf), (values.size - 1, -np.inf), (257, np.nan)):
+        bad = values.copy()
+        bad.flat[index] = value
+        nibabel.save(kind(bad, np.eye(4)), path)
+        with pytest.raises(InputError, match=f"{path}: image holds NaN or infinite values"):
+            read_image(path)
+
+
 @pytest.mark.parametrize("voxels, slope, scaling", [
     (np.int16, 1e38, "; its header scales the stored values by 1e+38 (scl_slope) and adds 0 (scl_inter)"),
     (np.float64, None, ""),  # a value beyond float32 as stored

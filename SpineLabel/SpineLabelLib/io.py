@@ -416,6 +416,7 @@ def _all_finite(values: np.ndarray) -> bool:
     return values.size == 0 or bool(np.isfinite(values.min()) and np.isfinite(values.max()))
 
 
+_PIECE = 1 << 24  # bytes of a file read, or of a stream inflated, at a time: whole voxels of 8 bytes or fewer
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64 voxels
 # every NIfTI datatype code: ITK's NIfTI library prints "bad datatype" for another and ITK says the file is not NIfTI
 _NIFTI_DATATYPES = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304}
@@ -490,12 +491,12 @@ def _nifti_layout(header: bytes) -> _NiftiLayout | None:
 
 def _check_nifti(path: Path, what: str) -> tuple[_NiftiLayout, bool]:
     """ITK reads a truncated NIfTI without complaint (the missing voxels come back as 0), turns NaN and infinite voxels
-    into 0, and takes 1 mm for a voxel size of 0: check the header and the size of an uncompressed file (a gzip stream
-    is checked as it is read: ``_inflated_size``), and stream float voxels through a finiteness test (but a 3D float64
-    NIfTI-1, read as float32 and checked so: ``_read_float64_nifti1``); it reads a header of the wrong size, or with NaN
-    in its qform or sform, as well, and turns round the axes of a NIfTI-1 header's negative voxel size: such a header is
-    refused. ``what`` names the file in the messages ("image", "label map"). Returns the header's layout and whether the
-    file is gzip-compressed."""
+    into 0, and takes 1 mm for a voxel size of 0: check the header and the size of an uncompressed file, and stream its
+    float voxels through a finiteness test (a gzip stream is checked so as it is inflated beside the reader:
+    ``_inflated_size``; a 3D float64 NIfTI-1 is read as float32 and checked so: ``_read_float64_nifti1``); it reads a
+    header of the wrong size, or with NaN in its qform or sform, as well, and turns round the axes of a NIfTI-1 header's
+    negative voxel size: such a header is refused. ``what`` names the file in the messages ("image", "label map").
+    Returns the header's layout and whether the file is gzip-compressed."""
     try:  # compressed or not by its first bytes: ITK reads a plain NIfTI named .nii.gz as well
         with open(path, "rb") as f:
             gz = f.read(2) == b"\x1f\x8b"
@@ -513,7 +514,7 @@ def _check_nifti(path: Path, what: str) -> tuple[_NiftiLayout, bool]:
     if layout is None:  # ITK reads such a file all the same, unchecked
         raise InputError(f"{path}: corrupt NIfTI header: its first 4 bytes give a header size of neither 348 (NIfTI-1) "
                          "nor 540 (NIfTI-2)")
-    endian, datatype, offset, voxel_bytes, spacing_known = layout[:5]
+    datatype, offset, voxel_bytes, spacing_known = layout[1:5]
     # ITK reads a NIfTI-1 header without NIfTI's mark as Analyze 7.5: without its qform and sform, at the origin along
     # the voxel array's axes (one byte of the mark damaged, or bytes inserted before it, and the spine was turned)
     if layout.version == 1 and layout.magic not in (b"n+1\0", b"ni1\0"):
@@ -536,30 +537,30 @@ def _check_nifti(path: Path, what: str) -> tuple[_NiftiLayout, bool]:
                          "positive), so which way the spine points is not settled; write the header with positive "
                          "voxel sizes (the qform's handedness goes in pixdim[0], the sform holds its own)")
     expected = offset + voxel_bytes
-    float_type = _NIFTI_FLOAT_TYPES.get(datatype)
     if not gz and path.stat().st_size < expected:  # a gzip stream is inflated in full beside the reader
         raise InputError(f"{path}: truncated file ({path.stat().st_size} of {expected} bytes)")
-    # a 3D float64 NIfTI-1 is read a slab at a time into float32 (``_read_float64_nifti1``), whose NaN and infinities
-    # (float64 values beyond float32 among them) the reader's check of float32 voxels finds: not streamed twice
-    if float_type is None or layout.float64_3d_nifti1:
+    dtype = _float_voxels(layout)
+    if dtype is None or gz:
         return layout, gz
-    # read the voxels to test float voxels
-    total = 0
     try:
-        with opener(path, "rb") as f:
-            total = len(f.read(offset))
+        with open(path, "rb") as f:
+            f.seek(offset)
             # a multiple of 8 bytes (whole float voxels) at a time, up to the end of the voxels: bytes after them
             # (an extension some writers append) are not voxels
-            while chunk := f.read(min(1 << 24, expected - total)):
-                total += len(chunk)
-                voxels = np.frombuffer(chunk, dtype=endian + float_type, count=len(chunk) // int(float_type[1]))
-                if not _all_finite(voxels):
+            while chunk := f.read(min(_PIECE, expected - f.tell())):
+                if not _all_finite(np.frombuffer(chunk, dtype, count=len(chunk) // dtype.itemsize)):
                     raise InputError(f"{path}: {what} holds NaN or infinite values")
-    except (OSError, EOFError, zlib.error):
-        total = -1
-    if total < expected:
-        raise InputError(f"{path}: truncated or corrupt compressed file")
+    except OSError as err:
+        raise InputError(f"{path}: unreadable {what} ({err.strerror or err})") from None
     return layout, gz
+
+
+def _float_voxels(layout: _NiftiLayout) -> np.dtype | None:
+    """The type of a NIfTI's float voxels, whose NaN and infinities ITK reads as 0, to be checked in the file; None for
+    other voxels, and for a 3D float64 NIfTI-1, read a slab at a time into float32 (``_read_float64_nifti1``), whose
+    NaN and infinities (float64 values beyond float32 among them) the readers' check of float32 voxels finds."""
+    float_type = _NIFTI_FLOAT_TYPES.get(layout.datatype)
+    return None if float_type is None or layout.float64_3d_nifti1 else np.dtype(layout.endian + float_type)
 
 
 def _load_nifti(path: Path) -> nibabel.Nifti1Image | nibabel.Nifti2Image:
@@ -722,7 +723,8 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
     metaimage = path.suffix.lower() in (".mha", ".mhd")
     header = None if nifti else _header_fields(path, metaimage)
     if nifti:
-        stream = _Stream(path, 0, 0, layout.offset + layout.voxel_bytes, False) if gz else None
+        stream = _Stream(path, 0, 0, layout.offset + layout.voxel_bytes, False, layout.offset,
+                         _float_voxels(layout)) if gz else None
     else:
         stream = _check_data_file(path, metaimage, header)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -732,7 +734,7 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
         except InputError as err:
             image, failed = None, err
     # a stream's fault is the truer reason of a failed read too (ITK: "unreadable image", or memory for a wrong size)
-    if stream and (fault := _inflated_size_fault(path, stream, inflating.result())):
+    if stream and (fault := _inflated_size_fault(path, what, stream, *inflating.result())):
         raise InputError(fault) from None
     if failed:
         raise failed
@@ -923,6 +925,8 @@ class _Stream(NamedTuple):
     needed: int  # the bytes it must inflate to, by its header
     voxels_alone: bool  # it holds the voxels alone: it must inflate to ``needed`` exactly (a NIfTI holds its header,
     # and may hold bytes after its voxels)
+    voxels_at: int = 0  # the inflated bytes before its voxels (a NIfTI's header)
+    floats: np.dtype | None = None  # the type of its voxels where they are floats to be checked for NaN and infinities
 
 
 def _check_data_file(path: Path, metaimage: bool, header: tuple[dict[str, str], int] | None) -> _Stream | None:
@@ -967,43 +971,52 @@ def _check_data_file(path: Path, metaimage: bool, header: tuple[dict[str, str], 
     return _Stream(data.path, data.offset, data.compressed_size, voxels[2], True)
 
 
-def _inflated_size(stream: _Stream) -> int | None:
+def _inflated_size(stream: _Stream) -> tuple[int | None, bool]:
     """The bytes ``stream`` inflates to: a zlib stream (MetaImage's), or gzip members one after another (bytes after
     the last that begin none are no part of it); None where it cannot be inflated to its end, its checksums included
-    (corrupt or cut short)."""
+    (corrupt or cut short). With it, whether its float voxels (``stream.floats``; True without) are all finite."""
     left = stream.length or math.inf
     inflater, size = zlib.decompressobj(32 + zlib.MAX_WBITS), 0  # gzip or zlib, by its first bytes
+    finite, cut = True, b""  # ``cut``: the first bytes of a voxel that the last piece inflated ended within
     try:
         with open(stream.path, "rb") as f:
             f.seek(stream.offset)
             data = b""
             while True:
-                if not data and left > 0 and (data := f.read(int(min(1 << 24, left)))):
+                if not data and left > 0 and (data := f.read(int(min(_PIECE, left)))):
                     left -= len(data)
                 if not data:
-                    return None  # the stream ends before its end
-                size += len(inflater.decompress(data, 1 << 24))
+                    return None, finite  # the stream ends before its end
+                piece = inflater.decompress(data, _PIECE)
+                if stream.floats is not None and finite:
+                    within = slice(max(stream.voxels_at - size, 0), max(stream.needed - size, 0))
+                    voxels = cut + piece[within] if cut else memoryview(piece)[within]
+                    whole = len(voxels) // stream.floats.itemsize
+                    finite = _all_finite(np.frombuffer(voxels, stream.floats, count=whole))
+                    cut = bytes(voxels[whole * stream.floats.itemsize :])
+                size += len(piece)
                 data = inflater.unconsumed_tail
                 if inflater.eof:
                     more = f.read(int(min(2, left)))  # not past its length
                     left -= len(more)
                     data = inflater.unused_data + more
                     if not data.startswith(b"\x1f\x8b"):  # no gzip member follows
-                        return size
+                        return size, finite
                     inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)
     except (OSError, zlib.error):
-        return None
+        return None, finite
 
 
-def _inflated_size_fault(path: Path, stream: _Stream, size: int | None) -> str | None:
-    """What is wrong with ``stream`` of image file ``path``, inflated to ``size`` bytes (``_inflated_size``)."""
+def _inflated_size_fault(path: Path, what: str, stream: _Stream, size: int | None, finite: bool) -> str | None:
+    """What is wrong with ``stream`` of ``what`` file ``path`` ("image", "label map"), inflated to ``size`` bytes with
+    its float voxels ``finite`` or not (``_inflated_size``)."""
     if size is None or (size < stream.needed and not stream.voxels_alone):
         return (f"{path}: truncated or corrupt compressed file" if stream.path == path else
                 f"{path}: its voxels file {stream.path} is truncated or corrupt (compressed)")
     if stream.voxels_alone and size != stream.needed:
         return (f"{path}: its header gives voxels of {stream.needed} bytes, and its compressed voxels inflate to "
                 f"{size} bytes: the header's size or pixel type is wrong")
-    return None
+    return None if finite else f"{path}: {what} holds NaN or infinite values"
 
 
 def _out_of_memory(err: RuntimeError) -> bool:
