@@ -292,12 +292,17 @@ _NRRD_SPACE = rb"space: [^\n]*\n(.*)space directions: [^\n]*\n(.*)space origin: 
     ("a.nrrd", _NRRD_SPACE, rb"\1spacings: 1 1.5 2\n\2", "no space directions"),  # spacings alone, as in older files
     ("a.nhdr", _NRRD_SPACE, rb"\1spacings: 1 1.5 2\n\2", "no space directions"),
     ("a.mha", rb"TransformMatrix = [^\n]*\n", b"", "no TransformMatrix"),
+    ("four.nrrd", rb"space directions: [^\n]*\n", b"", "no space directions"),  # a volume as a 4D file's time point
+    ("four.mha", rb"TransformMatrix = [^\n]*\n", b"", "no TransformMatrix"),
 ])
 def test_a_nrrd_or_metaimage_whose_header_gives_no_orientation_is_read_with_a_warning(tmp_path, name, old, new,
                                                                                       reason):
     """ITK reads such a header along the axes of its voxel array without a word, where a NIfTI without a qform or an
     sform has the warning; a label map has no notes."""
-    path = write(tmp_path, name, oriented_image(np.eye(3)))
+    image = oriented_image(np.eye(3))
+    if name.startswith("four"):
+        image = sitk.JoinSeries([image])
+    path = write(tmp_path, name, image)
     path.write_bytes(re.sub(old, new, path.read_bytes(), count=1, flags=re.DOTALL))
     assert read_notes(read_image(path)) == [f"its header gives no orientation ({reason}), so it was read with the "
                                             "axes of its voxel array: if the vertebrae come out in the wrong order, "
@@ -305,6 +310,26 @@ def test_a_nrrd_or_metaimage_whose_header_gives_no_orientation_is_read_with_a_wa
     assert read_notes(read_label_map(path)) == []
     write(tmp_path, "oriented" + path.suffix, oriented_image(np.eye(3)))
     assert read_notes(read_image(tmp_path / ("oriented" + path.suffix))) == []
+
+
+@pytest.mark.parametrize("name, edit, surplus, needed", [
+    ("a.mhd", lambda path: path.with_suffix(".raw").open("ab").write(b"\0" * 20 * 24 * 2), 960, 28800),  # a slice more
+    ("a.nrrd", lambda path: path.open("ab").write(b"\0" * 20 * 24 * 2), 960, 28800),
+    ("a.mha", lambda path: path.write_bytes(path.read_bytes().replace(b"MET_SHORT", b"MET_UCHAR")), 14400, 14400),
+    ("a.nhdr", lambda path: path.write_bytes(path.read_bytes().replace(b"sizes: 20 24 30", b"sizes: 20 24 29")), 960,
+     27840),
+    ("b.mha", lambda path: path.open("ab").write(b"\0" * 959), None, None),  # less than a slice: appended, no note
+])
+def test_a_file_holding_a_slice_or_more_beyond_its_voxels_is_read_with_a_warning(tmp_path, name, edit, surplus, needed):
+    """ITK read the voxels its header gives and left the rest without a word: a header whose slice count is short, or
+    that gives int16 voxels as uint8, read another image."""
+    path = write(tmp_path, name, sitk.Cast(oriented_image(np.eye(3)), sitk.sitkInt16))
+    edit(path)
+    holds = "the file holds" if name.endswith(("nrrd", "mha")) else f"its voxels file {path.with_suffix('.raw')} holds"
+    assert read_notes(read_image(path)) == ([] if surplus is None else [
+        f"{holds} {surplus} bytes beyond the {needed} of the voxels its header gives (a slice or more, left unread): "
+        "if the header's size or voxel type is wrong, the image was read wrong"])
+    assert read_notes(read_label_map(path)) == []
 
 
 @pytest.mark.parametrize("name, compressed, reason", [
@@ -450,8 +475,9 @@ def test_a_nifti_whose_qform_and_sform_disagree_is_read_with_a_warning(tmp_path)
     turned.SetDirection([c, -c, 0.0, c, c, 0.0, 0.0, 0.0, 1.0])
     sitk.WriteImage(turned, str(tmp_path / "turned.nii.gz"))
     assert read_notes(read_image(tmp_path / "turned.nii.gz")) == []
-    nibabel.save(nibabel.Nifti1Image(np.zeros((20, 20, 20), np.int16), None), tmp_path / "none.nii.gz")  # codes 0
-    assert "its header gives no orientation" in read_notes(read_image(tmp_path / "none.nii.gz"))[0]
+    for shape in ((20, 20, 20), (20, 20, 20, 1)):  # codes 0; a volume as a 4D file's one time point too
+        nibabel.save(nibabel.Nifti1Image(np.zeros(shape, np.int16), None), tmp_path / "none.nii.gz")
+        assert "its header gives no orientation" in read_notes(read_image(tmp_path / "none.nii.gz"))[0]
     sitk.WriteImage(read_image(tmp_path / "flipped.nii.gz"), str(tmp_path / "copy.nrrd"))  # NRRD keeps the key
     assert read_notes(read_image(tmp_path / "copy.nrrd")) == []  # but a note speaks of the file it was made for
 

@@ -708,10 +708,11 @@ def as_3d(image: sitk.Image) -> sitk.Image:
 def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Image:
     """One image file: its header checked first (``_check_nifti``, ``_check_data_file``), then read (``_read_voxels``)
     while the compressed stream of its voxels, if it has one, is inflated in full beside the reader
-    (``_inflated_size``), every error an ``InputError`` naming ``path`` and the reason. ``what`` names the file in
-    the messages ("image", "label map"); ``notes``, when given, gets a line when a 3D file's header gives no
-    orientation (``_unoriented_note``), or a NIfTI's qform and sform disagree or ITK could not follow its sform
-    (``_forms_note``)."""
+    (``_inflated_size``), every error an ``InputError`` naming ``path`` and the reason; a 4D file of one time point
+    comes back as the 3D volume it holds (``as_3d``). ``what`` names the file in the messages ("image", "label map");
+    ``notes``, when given, gets a line when a 3D file's header gives no orientation (``_unoriented_note``), or a
+    NIfTI's qform and sform disagree or ITK could not follow its sform (``_forms_note``), or a NRRD or MetaImage file
+    holds a slice or more beyond its voxels (``_check_data_file``)."""
     with contextlib.suppress(OSError):  # the readers below say why a file cannot be opened
         if path.stat().st_size == 0:  # MetaIO prints lines of its own; ITK says it finds no reader for an empty NRRD
             raise InputError(f"{path}: empty file (0 bytes)")
@@ -726,7 +727,7 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
         stream = _Stream(path, 0, 0, layout.offset + layout.voxel_bytes, False, layout.offset,
                          _float_voxels(layout)) if gz else None
     else:
-        stream = _check_data_file(path, metaimage, header)
+        stream = _check_data_file(path, metaimage, header, notes)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         inflating = pool.submit(_inflated_size, stream) if stream else None
         try:
@@ -738,6 +739,7 @@ def _read_file(path: Path, what: str, notes: list[str] | None = None) -> sitk.Im
         raise InputError(fault) from None
     if failed:
         raise failed
+    image = as_3d(image)  # a volume stored as the one time point of a 4D file has the same header to note
     if notes is not None and image.GetDimension() == 3 and (
             note := _forms_note(path, image) if nifti else _unoriented_note(header, metaimage)):
         notes.append(note)
@@ -929,13 +931,14 @@ class _Stream(NamedTuple):
     floats: np.dtype | None = None  # the type of its voxels where they are floats to be checked for NaN and infinities
 
 
-def _check_data_file(path: Path, metaimage: bool, header: tuple[dict[str, str], int] | None) -> _Stream | None:
+def _check_data_file(path: Path, metaimage: bool, header: tuple[dict[str, str], int] | None,
+                     notes: list[str] | None = None) -> _Stream | None:
     """NRRD and MetaImage: where the file that holds the voxels (the header's own, or the one it names, as ``.mhd``
     and ``.nhdr`` headers do) is missing or cut short, ITK says only that the file cannot be read, and MetaIO prints
     lines of its own first. Checked here from its ``header`` (``_header_fields``; None: not parsed here, the reader
     says why): a MetaImage's grid fields (``_metaimage_grid_fault``); a data file (``_data_file``) that is missing, or
     holds fewer bytes than its voxels take uncompressed (MetaImage compressed: than the compressed size its header
-    gives).
+    gives). ``notes``, when given, gets a line when it holds a slice or more beyond its voxels uncompressed.
 
     Returns:
         The compressed stream of its voxels (a gzip NRRD's, a compressed MetaImage's), to be inflated beside the
@@ -966,6 +969,13 @@ def _check_data_file(path: Path, metaimage: bool, header: tuple[dict[str, str], 
     if needed and held < needed:
         what = "truncated file" if data.path == path else f"its voxels file {data.path} is truncated"
         raise InputError(f"{path}: {what} ({held + data.offset} of {needed + data.offset} bytes)")
+    # ITK reads the voxels the header gives and leaves the rest: a slice or more left over is a slice count or a voxel
+    # type the header gives wrong more often than something appended (a slice short, or int16 voxels as uint8)
+    slice_bytes = needed // voxels[0][2] if voxels and len(voxels[0]) > 2 else needed
+    if notes is not None and data.encoding == "raw" and needed and held - needed >= slice_bytes:
+        holds = "the file holds" if data.path == path else f"its voxels file {data.path} holds"
+        notes.append(f"{holds} {held - needed} bytes beyond the {needed} of the voxels its header gives (a slice or "
+                     "more, left unread): if the header's size or voxel type is wrong, the image was read wrong")
     if data.encoding not in ("gzip", "compressed") or voxels is None:
         return None
     return _Stream(data.path, data.offset, data.compressed_size, voxels[2], True)
@@ -1157,7 +1167,7 @@ def read_label_map(path: str | os.PathLike) -> sitk.Image:
     p = _given_path(path)
     if not p.is_file():
         raise InputError(f"{p}: {'no such file' if p.exists() else _missing_reason(p)}")
-    image = as_3d(_read_file(p, "label map"))
+    image = _read_file(p, "label map")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{p}: not a 3D scalar label map")
     values = sitk.GetArrayViewFromImage(image)
