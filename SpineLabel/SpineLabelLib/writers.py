@@ -451,6 +451,34 @@ def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fi
     draw.text((x, y), text, fill=fill, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
 
 
+def _spread_names(draw: ImageDraw.ImageDraw, names: list, font, size: tuple[int, int], title: tuple[float, float]
+                  ) -> list:
+    """``names`` ((x, y) pixels, name, colour) with their heights moved apart so that no two names, nor a name and
+    the panel's title (its right and bottom edges ``title``), are drawn over one another where the panel's height
+    allows: vertebrae whose centroids lie close in the view (one cut by the top of the view) had their names overlap."""
+    if not names:
+        return names
+    def height(name: str) -> float:
+        left, top, right, bottom = draw.textbbox((0, 0), name, font=font, stroke_width=1)
+        return float(bottom - top)
+    order = sorted(range(len(names)), key=lambda i: names[i][0][1])
+    ys = {i: float(names[i][0][1]) for i in order}
+    half = {i: height(names[i][1]) / 2 + 1 for i in order}
+    previous = None
+    for i in order:  # downwards: each name below the title (where they meet) and below the one above it
+        low = half[i] + (title[1] if names[i][0][0] < title[0] else 0.0)
+        if previous is not None:
+            low = max(low, ys[previous] + half[previous] + half[i])
+        ys[i], previous = max(ys[i], low), i
+    following = None
+    for i in reversed(order):  # upwards from the bottom edge, where the names ran off it
+        high = size[1] - half[i]
+        if following is not None:
+            high = min(high, ys[following] - half[following] - half[i])
+        ys[i], following = min(ys[i], high), i
+    return [((names[i][0][0], ys[i]), names[i][1], names[i][2]) for i in range(len(names))]
+
+
 def _snapshot_panel(result: SpineLabeling, image_zyx: np.ndarray, axes, index: int, window: tuple[float, float],
                     colours: np.ndarray, title: str) -> Image.Image:
     """One view: the plane at voxel ``index`` along ``axes[0]`` of ``image_zyx`` (the input intensities, any
@@ -491,7 +519,8 @@ def _snapshot_panel(result: SpineLabeling, image_zyx: np.ndarray, axes, index: i
     panel.paste(Image.fromarray((rgb * 255).round().astype(np.uint8), mode="RGB"), (0, 0))
     draw = ImageDraw.Draw(panel)
     draw.text((4, 2), title, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
-    for xy, name, colour in names:
+    title_right, title_bottom = draw.textbbox((4, 2), title, font=font, stroke_width=1)[2:]
+    for xy, name, colour in _spread_names(draw, names, font, panel.size, (title_right, title_bottom)):
         _draw_text(draw, xy, name, colour, font, panel.size)
     if not result.vertebrae:
         _draw_text(draw, (width / 2 - 60, height / 2), NOTHING_FOUND, (255, 255, 0), font, panel.size)
