@@ -274,7 +274,9 @@ def _markups_document(result: SpineLabeling) -> dict:
         "glyphScale": 2.0,
         "glyphSize": 5.0,
         "useGlyphScale": True,
-        "sliceProjection": False,
+        # every level name shows in a slice view, as the module sets its points (not only those within half a slice)
+        "sliceProjection": True,
+        "sliceProjectionUseFiducialColor": True,
         "handlesInteractive": False,
         "snapMode": "toVisibleSurface",
     }
