@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -845,6 +846,33 @@ def test_atomic_paths_are_all_or_nothing(tmp_path):
         a.write_text("new")
         b.write_text("new")
     assert old.read_text() == "new" and (tmp_path / "b.md").read_text() == "new"
+
+
+@pytest.mark.parametrize("earlier", [True, False])
+def test_atomic_paths_a_ctrl_c_between_the_renames_leaves_no_mix(tmp_path, monkeypatch, earlier):
+    # a real SIGINT right after the first rename: the files are either all of the earlier run or all of this one,
+    # and where there was no earlier run, none
+    finals = [tmp_path / name for name in ("a.json", "b.md", "c.png")]
+    if earlier:
+        for path in finals:
+            path.write_text("old")
+    replace, renamed = os.replace, []
+
+    def replace_then_interrupt(src, dst):
+        replace(src, dst)
+        renamed.append(dst)
+        if len(renamed) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_paths(finals) as temps:
+            for tmp in temps:
+                tmp.write_text("new")
+    monkeypatch.undo()
+    contents = {path.read_text() for path in finals if path.exists()}
+    assert len(contents) == 1 if earlier else contents == set(), contents
+    assert sorted(p.name for p in tmp_path.iterdir()) == (sorted(p.name for p in finals) if earlier else [])
 
 
 @pytest.mark.parametrize("name", ["bad_seg.nii.gz", "bad_seg.nrrd"])

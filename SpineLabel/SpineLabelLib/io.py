@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import struct
 import tempfile
 import threading
@@ -1580,18 +1581,50 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+_DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold back the Python handlers of Ctrl-C, SIGTERM and SIGHUP (``KeyboardInterrupt``, the command line's
+    ``_Terminated``) for the block, and run the first one that arrived once it ends. Only in the main thread, where
+    Python runs its signal handlers; a signal left to the system (default or ignored) is not touched."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, object]] = []
+    previous = {}
+    for sig in _DEFERRED_SIGNALS:
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            signum, frame = caught[0]
+            previous[signum](signum, frame)
+
+
 @contextlib.contextmanager
 def atomic_paths(finals: list[str | os.PathLike]) -> Iterator[list[Path]]:
     """``atomic_path`` for several files, all or nothing: yield a temporary path beside each of ``finals``; when the
     block succeeds all are renamed to their final names. If anything fails, the temporaries are removed and so is any
     final file this call had already put in place, and the error is raised. The one gap: when earlier files are being
     replaced and a rename fails (a rename within one folder fails only if the folder goes away), the files renamed by
-    then stay new and the others old."""
+    then stay new and the others old. Ctrl-C, SIGTERM or SIGHUP arriving during the renames takes effect once they
+    are all done (in the main thread, where Python runs signal handlers), so it cannot leave that mix either."""
     finals = [Path(p) for p in finals]
     existed = {p for p in finals if p.exists()}
+    deferred = contextlib.ExitStack()
     try:
-        with contextlib.ExitStack() as stack:
-            yield [stack.enter_context(atomic_path(p)) for p in finals]
+        with deferred:
+            with contextlib.ExitStack() as stack:
+                temps = [stack.enter_context(atomic_path(p)) for p in finals]
+                yield temps
+                deferred.enter_context(_signals_deferred())  # the renames, as the stack unwinds, are not split
     except BaseException:
         for p in finals:
             if p not in existed:
