@@ -1329,3 +1329,18 @@ def test_a_modality_given_is_questioned_only_where_the_intensities_say_the_other
     warnings = label_spine(sitk.GetImageFromArray(stored.astype(np.int16)), model=random_model, device="cpu",
                            modality="mr").warnings
     assert not any("1024 above Hounsfield units" in w for w in warnings), warnings
+
+
+def test_save_model_names_the_file_a_full_disk_stopped(tmp_path):
+    # torch says only "unexpected pos" where the disk is full; a file-size limit fails the write as a full disk does
+    resource = pytest.importorskip("resource")  # POSIX
+
+    card = tmp_path / "m.json"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # Python ignores SIGXFSZ: the write fails, EFBIG
+    try:
+        with pytest.raises(OSError, match=re.escape(str(card.with_suffix(".pt")))):
+            save_model(SpineUNet(), {"name": "m", "version": "1", "spacing_mm": 4.0}, card)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert list(tmp_path.iterdir()) == []

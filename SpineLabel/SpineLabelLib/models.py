@@ -30,7 +30,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from .io import atomic_paths
+from .io import atomic_paths, write_errors_named
 from .vertebrae import LEVELS, TISSUE_NAMES
 
 if TYPE_CHECKING:  # torch is imported only to load or save weights, so model lists work without it
@@ -289,7 +289,9 @@ def save_model(network: "SpineUNet", card: dict, card_path: str | os.PathLike) -
     card_path.parent.mkdir(parents=True, exist_ok=True)
     weights = card_path.with_suffix(".pt")
     with atomic_paths([weights, card_path]) as (weights_tmp, card_tmp):
-        with open(weights_tmp, "wb") as file:  # a path would name the archive's records after the random temporary
+        # a full disk is named with the file (torch says only "unexpected pos"); a file, not a path, is saved to:
+        # torch would name the archive's records after the random temporary
+        with write_errors_named(weights), open(weights_tmp, "wb") as file:
             torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, file)
         full = {
             "tissue_classes": list(TISSUE_NAMES),
@@ -300,7 +302,8 @@ def save_model(network: "SpineUNet", card: dict, card_path: str | os.PathLike) -
             "weights": weights.name,
             "sha256": sha256_of(weights_tmp),
         }
-        card_tmp.write_text(json.dumps(full, indent=2, allow_nan=False) + "\n")
+        with write_errors_named(card_path):
+            card_tmp.write_text(json.dumps(full, indent=2, allow_nan=False) + "\n")
     return card_path
 
 
@@ -353,8 +356,10 @@ def register_model(card_path: str | os.PathLike, name: str | None = None) -> Pat
                          ) from None
     try:
         with atomic_paths([weights, target]) as (weights_tmp, card_tmp):
-            shutil.copyfile(loaded.path.parent / loaded.card["weights"], weights_tmp)
-            card_tmp.write_text(json.dumps(card, indent=2) + "\n")
+            with write_errors_named(weights):
+                shutil.copyfile(loaded.path.parent / loaded.card["weights"], weights_tmp)
+            with write_errors_named(target):
+                card_tmp.write_text(json.dumps(card, indent=2) + "\n")
     except BaseException:
         weights.unlink(missing_ok=True)  # the claim (or these weights, without their card)
         raise
