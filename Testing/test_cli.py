@@ -638,6 +638,22 @@ def test_an_interrupted_training_points_to_its_own_checkpoint_only(tmp_path, mon
     assert "--resume continues from" in capsys.readouterr().err
 
 
+def test_a_training_stopped_by_a_full_disk_points_to_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """A write that fails after an epoch (the next checkpoint, the model on a full disk) keeps the last checkpoint,
+    and the message says that --resume continues from it, as it does for a stopped run."""
+    from SpineLabelTrainingLib import training
+
+    out, ckpt = tmp_path / "m.json", tmp_path / "m.ckpt"
+
+    def full_disk(cfg, progress=None, cancel=None):
+        ckpt.write_bytes(b"epoch 1")
+        raise OSError(28, f"cannot write {out.with_suffix('.pt')}: No space left on device")
+
+    monkeypatch.setattr(training, "train", full_disk)
+    assert main(["train", "--data", "phantom", "--out", str(out), "--quiet"]) == 1
+    assert f"(the same command with --resume continues from {ckpt})" in capsys.readouterr().err
+
+
 def test_a_training_source_is_read_with_its_weight_unless_a_folder_has_the_whole_name(tmp_path, monkeypatch):
     """``--data SOURCE[:WEIGHT]``: a folder named ``export_12:30`` was taken for ``export_12`` at weight 30."""
     from SpineLabelLib.cli import _data_source

@@ -484,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one line per failure unless --debug
         if args.debug:
             raise
-        print(f"spinelabel: error: {err}", file=sys.stderr)
+        # a write that failed (a full disk) keeps the checkpoint of the last finished epoch, as a stop does; a refused
+        # setting or checkpoint (ValueError) would not be continued by --resume
+        print(f"spinelabel: error: {err}" + (resumable() if isinstance(err, OSError) else ""), file=sys.stderr)
         return 1
     finally:
         for sig, handler in previous.items():  # None: a handler not set from Python
