@@ -612,6 +612,20 @@ def test_phantom_into_a_path_through_a_file_names_the_folder(tmp_path, capsys):
     assert f"{tmp_path / 'afile'}: cannot make this folder: {tmp_path / 'afile'} is a file" in capsys.readouterr().err
 
 
+def test_a_phantom_that_cannot_be_written_leaves_no_folder_it_made(tmp_path, capsys):
+    # a full disk: a file-size limit fails the write as one does (Python ignores SIGXFSZ: EFBIG)
+    resource = pytest.importorskip("resource")  # POSIX
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        assert main(["phantom", str(tmp_path / "new" / "sub" / "x.nii.gz"), "--fov", "lumbar", "--quiet"]) == 1
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert "x.nii.gz" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_interrupted_training_points_to_its_own_checkpoint_only(tmp_path, monkeypatch, capsys):
     """The hint to resume names the checkpoint of this run's --out as training names it (model.v2 ->
     model.v2.ckpt), and only one this run wrote or resumed from: one left by another run may hold other settings."""

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .io import IMAGE_SUFFIXES, atomic_paths, axes_text, case_name, header_tags, write_image
+from .io import IMAGE_SUFFIXES, atomic_paths, axes_text, case_name, header_tags, no_empty_new_folders, write_image
 from .vertebrae import BODY, BY_NAME, DISC, LEVELS, POSTERIOR, level_index
 
 __all__ = ["FOVS", "Phantom", "make_phantom"]
@@ -129,22 +129,23 @@ class Phantom:
             raise ValueError(f"{image_path}: unsupported file type; expected one of {', '.join(_SAVE_SUFFIXES)}")
         if not case_name(image_path):
             raise ValueError(f"{image_path}: the file name has nothing before its extension to name the label map by")
-        try:
-            image_path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:  # say which folder could not be made, and the file in its way
-            blocker = next((p for p in (image_path.parent, *image_path.parent.parents) if p.is_file()), None)
-            raise OSError(f"{image_path.parent}: cannot make this folder"
-                          + (f": {blocker} is a file" if blocker else f" ({err.strerror or err})")) from None
         label_path = image_path.with_name(f"{case_name(image_path)}_seg-vert_msk.nii.gz")
-        for existing in (image_path, label_path):
-            if existing.exists() and header_tags(existing)(_NOTES_KEY) != _PHANTOM_NOTE:
-                raise FileExistsError(f"{existing} would be replaced, and it is no phantom SpineLabel wrote; remove it "
-                                      "or choose another name")
-        with atomic_paths([image_path, label_path]) as temps:
-            for image, tmp, final in zip((self.image, self.labels), temps, (image_path, label_path)):
-                image = sitk.Image(image)  # a copy: the note is the file's (NRRD and MetaImage take it from here)
-                image.SetMetaData(_NOTES_KEY, _PHANTOM_NOTE)
-                write_image(image, tmp, final, notes=_PHANTOM_NOTE)
+        with no_empty_new_folders(image_path.parent):  # a failed write leaves no folder it made
+            try:
+                image_path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:  # say which folder could not be made, and the file in its way
+                blocker = next((p for p in (image_path.parent, *image_path.parent.parents) if p.is_file()), None)
+                raise OSError(f"{image_path.parent}: cannot make this folder"
+                              + (f": {blocker} is a file" if blocker else f" ({err.strerror or err})")) from None
+            for existing in (image_path, label_path):
+                if existing.exists() and header_tags(existing)(_NOTES_KEY) != _PHANTOM_NOTE:
+                    raise FileExistsError(f"{existing} would be replaced, and it is no phantom SpineLabel wrote; "
+                                          "remove it or choose another name")
+            with atomic_paths([image_path, label_path]) as temps:
+                for image, tmp, final in zip((self.image, self.labels), temps, (image_path, label_path)):
+                    image = sitk.Image(image)  # a copy: the note is the file's (NRRD and MetaImage take it from here)
+                    image.SetMetaData(_NOTES_KEY, _PHANTOM_NOTE)
+                    write_image(image, tmp, final, notes=_PHANTOM_NOTE)
         return [image_path, label_path]
 
 
