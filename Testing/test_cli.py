@@ -626,6 +626,13 @@ def test_a_phantom_that_cannot_be_written_leaves_no_folder_it_made(tmp_path, cap
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_output_folder_name_too_long_is_refused_before_labelling(tmp_path, capsys):
+    (tmp_path / "x.nii.gz").write_bytes(b"")
+    out = tmp_path / ("b" * 300)
+    assert main(["label", str(tmp_path / "x.nii.gz"), "-o", str(out), "--quiet"]) == 2
+    assert f"{out}: output folder not writable (File name too long)" in capsys.readouterr().err
+
+
 def test_an_interrupted_training_points_to_its_own_checkpoint_only(tmp_path, monkeypatch, capsys):
     """The hint to resume names the checkpoint of this run's --out as training names it (model.v2 ->
     model.v2.ckpt), and only one this run wrote or resumed from: one left by another run may hold other settings."""

@@ -98,6 +98,9 @@ def _label_files(inputs: list[Path], out: Path, args: argparse.Namespace, modali
         except FileExistsError as err:
             print(f"spinelabel: error: {err}; choose another output folder", file=sys.stderr)
             return 2, []
+        except OSError as err:  # a name too long for the file system, a folder that cannot be read
+            print(f"spinelabel: error: {out}: output folder not writable ({err.strerror or err})", file=sys.stderr)
+            return 2, []
     if out.exists() and not out.is_dir():
         print(f"spinelabel: error: {out}: is a file, not an output folder", file=sys.stderr)
         return 2, []

@@ -1388,13 +1388,14 @@ def no_empty_new_folders(*folders: str | os.PathLike) -> Iterator[None]:
     """Around work that writes into ``folders``: the folders of their paths that do not exist now and are empty when
     the block ends (it failed or was stopped before writing anything) are removed, innermost first; not one whose
     ``folder_lock`` another process holds (it is about to write into it)."""
-    created = sorted({p for folder in map(Path, folders) for p in (folder, *folder.parents) if not p.exists()},
+    # os.path: False, not an error, for a name too long for the file system (refused with its reason by the work)
+    created = sorted({p for folder in map(Path, folders) for p in (folder, *folder.parents) if not os.path.exists(p)},
                      key=lambda p: len(p.parts), reverse=True)
     try:
         yield
     finally:
         for path in created:
-            if path.is_dir() and not any(path.iterdir()):
+            if os.path.isdir(path) and not any(path.iterdir()):
                 try:
                     fd, held = _lock(path, wait=False)
                 except FileNotFoundError:
