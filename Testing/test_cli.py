@@ -633,6 +633,15 @@ def test_an_output_folder_name_too_long_is_refused_before_labelling(tmp_path, ca
     assert f"{out}: output folder not writable (File name too long)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("suffix", ["_report.json", "_seg.nii.gz"])
+def test_a_folder_of_an_outputs_name_is_refused_before_labelling(tmp_path, capsys, suffix):
+    (tmp_path / "x.nii.gz").write_bytes(b"")  # never read: the refusal comes first
+    (tmp_path / "out" / f"x{suffix}").mkdir(parents=True)
+    assert main(["label", str(tmp_path / "x.nii.gz"), "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"x{suffix} is a folder" in err and "earlier run" not in err
+
+
 def test_an_interrupted_training_points_to_its_own_checkpoint_only(tmp_path, monkeypatch, capsys):
     """The hint to resume names the checkpoint of this run's --out as training names it (model.v2 ->
     model.v2.ckpt), and only one this run wrote or resumed from: one left by another run may hold other settings."""

@@ -85,6 +85,10 @@ def check_replaceable(outdir: str | os.PathLike, name: str) -> None:
     of an earlier run: an earlier run's outputs come with its report, and a file of an output's name without one is
     someone else's (a reference mask named ``NAME_seg.nii.gz`` beside its scan)."""
     report = report_path(outdir, name)
+    # a folder of an output's name (p_report.json/) is no earlier run's report: refused now, not after the labelling
+    odd = next((p for p in output_paths(outdir, name) if p.exists() and not p.is_file()), None)
+    if odd is not None:
+        raise FileExistsError(f"{odd} is a folder (or another non-file) where an output file would go; remove it")
     theirs = [p for p in output_paths(outdir, name) if p.is_file()] if not report.exists() else []
     if theirs:
         raise FileExistsError(f"{theirs[0]} would be replaced, and it is no output of an earlier run (no {report.name} "
