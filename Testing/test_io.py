@@ -833,6 +833,22 @@ def write_dicom_series(folder, direction=np.eye(3), spacing=(1.0, 1.0, 2.5), dri
     return folder
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_an_itk_write_that_fails_says_how_much_space_is_free(tmp_path, suffix):
+    # ITK's writers say "failed to write to file" alone where the disk is full; a file-size limit fails the write as
+    # a full disk does (Python ignores SIGXFSZ: EFBIG)
+    resource = pytest.importorskip("resource")  # POSIX
+    arr = np.random.default_rng(0).integers(-1000, 1000, (64, 64, 64)).astype(np.int16)
+    image = sitk.GetImageFromArray(arr)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError, match=r"cannot write .*x" + re.escape(suffix) + r": .* MB free on its file system"):
+            io.write_image(image, tmp_path / f"x{suffix}")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
 def test_atomic_paths_are_all_or_nothing(tmp_path):
     old = tmp_path / "a.json"
     old.write_text("old")

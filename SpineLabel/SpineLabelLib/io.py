@@ -1527,8 +1527,12 @@ def write_image(image: sitk.Image, path: str | os.PathLike, final: str | os.Path
             sitk.WriteImage(image, str(path), True)
     except OSError as err:
         raise OSError(err.errno, f"cannot write {final or path}: {err.strerror or err}") from None
-    except RuntimeError as err:  # ITK's
-        raise OSError(f"cannot write {final or path}: {_itk_reason(err).replace(str(path), 'it')}") from None
+    except RuntimeError as err:  # ITK's, which say nothing of a full disk: the free space says it
+        try:
+            free = f" ({shutil.disk_usage(Path(path).parent).free / 1e6:.1f} MB free on its file system)"
+        except OSError:
+            free = ""
+        raise OSError(f"cannot write {final or path}: {_itk_reason(err).replace(str(path), 'it')}{free}") from None
 
 
 def _new_file_beside(final: Path, suffix: str) -> Path:
