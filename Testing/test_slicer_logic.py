@@ -1089,6 +1089,38 @@ def test_a_labelling_saved_with_the_scene_is_corrected_again_once_loaded(labeled
         loaded.cleanup()
 
 
+def exported_values(mrml, segmentationNode) -> list[int]:
+    """The voxel values of all segments exported to a labelmap as the Segmentations module exports them, with the
+    segmentation's labelmap conversion colour table (the module's default choice)."""
+    labelmap = mrml.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    ids = vtk.vtkStringArray()
+    for segmentId in segmentationNode.GetSegmentation().GetSegmentIDs():
+        ids.InsertNextValue(segmentId)
+    assert mrml.segmentations.ExportSegmentsToLabelmapNode(
+        segmentationNode, ids, labelmap, None, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
+        segmentationNode.GetLabelmapConversionColorTableNode())
+    return np.unique(numpy_support.vtk_to_numpy(labelmap.GetImageData().GetPointData().GetScalars())).tolist()
+
+
+@pytest.mark.parametrize("bundle", [False, True], ids=["mrml", "mrb"])
+def test_slicer_s_export_to_a_labelmap_keeps_the_verse_values(labeled, mrml, tmp_path, bundle):
+    """Without a colour table, Slicer's export numbered the segments 1, 2, ... in their order (T12-L5 as 1-6); the
+    scene's one table of the levels, shared by its labellings, gives each its VerSe value, after a rename and once the
+    scene is saved and loaded back."""
+    labeled.markupsNode.SetNthControlPointLabel(point_index(labeled, "L1"), "L2")
+    wanted = [0] + [v.label for v in labeled.result.vertebrae]
+    assert exported_values(mrml, labeled.segmentationNode) == wanted
+    other = LabelingScene(addVolumeNodeFromImage(mrml.scene, labeled.image, "other"), labeled.result.copy())
+    assert other.segmentationNode.GetLabelmapConversionColorTableNodeID() == (
+        labeled.segmentationNode.GetLabelmapConversionColorTableNodeID())
+    other.removeNodes()
+    (loaded,) = save_and_load(mrml, labeled, tmp_path / "scene", bundle)
+    try:
+        assert exported_values(mrml, loaded.segmentationNode) == wanted
+    finally:
+        loaded.cleanup()
+
+
 def test_a_volume_labelled_again_after_its_points_were_deleted_is_followed_with_the_new_labelling(labeled, mrml,
                                                                                                     tmp_path):
     """The points deleted in the Data module leave the segmentation, labelling state and all; the volume labelled

@@ -6,7 +6,10 @@
   colour, VerSe label value, SNOMED CT terminology), all in one shared labelmap layer whose voxel values are the
   VerSe label values (what ``.seg.nrrd`` readers such as slicerio see);
 * a ``vtkMRMLMarkupsFiducialNode`` with one control point per vertebra at its body centroid: label = level name,
-  description = confidence, locked when the name is fixed.
+  description = confidence, locked when the name is fixed;
+
+and makes the segmentation export its segments at their VerSe values through the scene's colour table of the levels
+(``levelColorTable``).
 
 It observes the markups node and turns each user action into one :mod:`SpineLabelLib.edits` call: typing a new
 label renames (and fixes) a vertebra, locking/unlocking a point fixes/releases its name, dragging a point moves
@@ -44,11 +47,12 @@ from SpineLabelLib.components import present_ids
 from SpineLabelLib.io import InputError
 from SpineLabelLib.result import Geometry, SpineLabeling, nonzero_box, zeros_on_demand
 from SpineLabelLib.sequence import confidence_text
-from SpineLabelLib.vertebrae import level_index, terminology_entry
+from SpineLabelLib.vertebrae import LEVELS, level_index, terminology_entry
 from SpineLabelLogic.worker import geometryOfDocument, resultDocument, resultFromDocument
 
 __all__ = [
     "headlessScene",
+    "levelColorTable",
     "LabelingScene",
     "savedLabelings",
     "ijkToRasMatrix",
@@ -67,6 +71,8 @@ _SEGMENT_PREFIX = "vertebra_"
 # reference to the points
 STATE_ATTRIBUTE = "SpineLabel.Labeling"
 _POINTS_ROLE = "spineLabelPoints"
+# the attribute that marks the scene's colour table of the vertebra levels (``levelColorTable``)
+_LEVEL_COLORS_ATTRIBUTE = "SpineLabel.LevelColors"
 _MOVE_TOLERANCE_MM = 0.01
 # a point placed this close (mm) to where a removed vertebra had its point brings that vertebra back
 _RESTORE_REACH_MM = 10.0
@@ -101,6 +107,27 @@ def headlessScene():
         appLogic.SetModuleLogic(name, logic)
         logics[name] = logic
     return scene, appLogic, logics
+
+
+def levelColorTable(scene):
+    """The scene's colour table of the vertebra levels at their VerSe label values (the names and colours of
+    ``vertebrae.LEVELS``; the other values unnamed), made the first time it is asked for and filled each time (a scene
+    saved as .mrml without the table's file brings it back empty). As a segmentation's labelmap conversion colour
+    table, which the Segmentations module's export to a labelmap or to files chooses by default, it has each segment
+    named after a level exported at that level's VerSe value, not at its place in the list."""
+    nodes = (scene.GetNthNodeByClass(index, "vtkMRMLColorTableNode")
+             for index in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")))
+    node = next((node for node in nodes if node.GetAttribute(_LEVEL_COLORS_ATTRIBUTE)), None)
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "SpineLabel vertebra levels")
+        node.SetAttribute(_LEVEL_COLORS_ATTRIBUTE, "1")
+    node.SetTypeToUser()
+    node.SetNumberOfColors(max(level.label for level in LEVELS) + 1)
+    for value in range(node.GetNumberOfColors()):
+        node.SetColor(value, "background" if value == 0 else "", 0.0, 0.0, 0.0, 0.0)
+    for level in LEVELS:
+        node.SetColor(level.label, level.name, *level.colour, 1.0)
+    return node
 
 
 def segmentIdOf(vertebraId: int) -> str:
@@ -367,6 +394,7 @@ class LabelingScene(VTKObservationMixin):
             markupsNode.CreateDefaultDisplayNodes()
         self.segmentationNode, self.markupsNode = segmentationNode, markupsNode
         segmentationNode.SetNodeReferenceID(_POINTS_ROLE, markupsNode.GetID())
+        segmentationNode.SetLabelmapConversionColorTableNodeID(levelColorTable(scene).GetID())
         # every name shows in a slice view, not only those of the points within half a slice of it (a sagittal view
         # showed 2 of 9 on a lumbar MRI)
         self.markupsNode.GetDisplayNode().SetSliceProjection(True)
