@@ -266,6 +266,8 @@ def _split_tall_pieces_at_levels(pieces: np.ndarray, probability: np.ndarray, le
     levels_in_box = None
 
     def split(mask: np.ndarray, zs: np.ndarray) -> np.ndarray | None:
+        """``_split_at_levels`` of the piece ``mask`` (bool (z, y, x) of the box) whose z indices in the box are
+        ``zs`` (sorted), None when it is no taller than ``limit_mm``."""
         nonlocal levels_in_box
         if (zs[-1] - zs[0] + 1) * spacing_z_mm <= limit_mm:
             return None
@@ -285,6 +287,8 @@ def _split_at_edge_valleys(pieces: np.ndarray, probability: np.ndarray, cut: tup
     last = pieces.shape[0] - 1
 
     def split(mask: np.ndarray, zs: np.ndarray) -> np.ndarray | None:
+        """``_split_at_valleys`` of the piece ``mask`` (bool (z, y, x) of the box) whose z indices in the box are
+        ``zs`` (sorted), None when it reaches no ``cut`` end."""
         ends = (cut[0] and zs[0] == 0, cut[1] and zs[-1] == last)
         if not any(ends):
             return None
@@ -710,6 +714,7 @@ def confine_posterior(vertebrae: np.ndarray, bodies: np.ndarray, chain: list[int
         return np.maximum(-above * up[of] - along, along - below * down[of])
 
     def inside(at: np.ndarray, of: np.ndarray) -> np.ndarray:
+        """bool: whether each point ``at`` (float64 (..., 3) z, y, x mm) lies in the band of vertebra ``of``."""
         return beyond(at, of) <= 0
 
     outside = beyond(points, owner)

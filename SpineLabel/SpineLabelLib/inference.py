@@ -398,6 +398,9 @@ def predict(
         levels_only: run the network up to its level head only (``SpineUNet.forward``): the prediction holds the
             level log-probabilities alone, for about half the network time.
 
+    Returns:
+        The :class:`Prediction` on the grid of ``volume`` (its attributes give their types and axes).
+
     Peak memory is about 12 bytes per voxel of ``volume`` for the outputs, 34 bytes per voxel of one row of windows
     for the blending, and one window's activations.
     """

@@ -63,10 +63,12 @@ class SpineUNet(nn.Module):
 
     @property
     def divisor(self) -> int:
+        """What each of the input's Z, Y, X must be a multiple of (2 to the number of downsamplings)."""
         return 2 ** (len(self.channels) - 1)
 
     def forward(self, x: torch.Tensor, levels_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """x: float32 (B, 1, Z, Y, X), normalised intensities.
+        """x: float32 (B, 1, Z, Y, X), normalised intensities; Z, Y, X multiples of ``divisor`` (else the skip
+        connections do not match and torch raises).
 
         Args:
             levels_only: stop at the level head: no full-resolution decoder, no tissue logits (about half

@@ -302,6 +302,8 @@ def solve(
             raise ValueError(f"fixed position {position} is outside the chain of {n} vertebrae")
 
     def with_fixed(scores: np.ndarray) -> np.ndarray:
+        """``scores`` (float64 (n, K) log scores, position x level), modified in place and returned: each fixed
+        position 0 for its level and -inf for the others."""
         for position, name in (fixed or {}).items():
             scores[position, :] = -np.inf
             scores[position, level_index(name)] = 0.0

@@ -376,12 +376,16 @@ class _Subject:
         self.posterior = ey / np.linalg.norm(ey, axis=1, keepdims=True)
 
         def frame_at(s: float, roll: float, tilt: tuple[float, float]) -> np.ndarray:
+            """float64 (3, 3) rotation of a vertebra at arc position ``s`` (mm), rolled by ``roll`` and tilted by
+            ``tilt`` (radians): its columns the local axes in world coordinates, as ``shapes.frame`` gives them."""
             i = int(np.clip(np.searchsorted(self.s_grid, s), 0, len(self.s_grid) - 1))
             rot = pose @ frame(tangents[i])
             rot = rot @ _rotation([1, 0, 0], roll)  # axial rotation about the local superior axis
             return _rotation(rot[:, 2], tilt[0]) @ _rotation(rot[:, 1], tilt[1]) @ rot
 
         def point_at(s: float) -> np.ndarray:
+            """float64 (3,) point of the curve (world mm, the axes of ``shapes.frame``) at arc position ``s`` (mm),
+            interpolated linearly."""
             return np.stack([np.interp(s, self.s_grid, self.points[:, k]) for k in range(3)])
 
         self.vertebrae: list[_Placed] = []
