@@ -9,6 +9,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -103,6 +104,18 @@ def test_dataset_layouts(tmp_path):
     assert set(np.unique(whole.tissue)) == {VERTEBRA, NOT_VERTEBRA, IGNORE}
     with pytest.raises(FileNotFoundError):
         find_cases(tmp_path / "nn" / "imagesTr")
+
+
+def test_how_a_training_image_was_read_is_said_as_a_warning(tmp_path, caplog):
+    """What read_image notes of a file (a header without orientation) a labelling lists among its warnings; training
+    logged it at INFO, which the command line does not show."""
+    write_pair(tmp_path / "verse", "s1_ct.nii.gz", "s1_seg-vert_msk.nii.gz")
+    for name in ("s1_ct.nii.gz", "s1_seg-vert_msk.nii.gz"):  # neither a qform nor an sform
+        nii = nibabel.load(tmp_path / "verse" / name)
+        nibabel.save(nibabel.Nifti1Image(np.asanyarray(nii.dataobj), None), tmp_path / "verse" / name)
+    with caplog.at_level(logging.WARNING):
+        load_case(*find_cases(tmp_path / "verse")[0][:2], False, 2.0)
+    assert any("s1_ct.nii.gz: its header gives no orientation" in r.getMessage() for r in caplog.records)
 
 
 def test_cases_are_found_at_any_depth_as_evaluation_finds_them(tmp_path):

@@ -45,7 +45,7 @@ from SpineLabelLib.export import dataset_ignore_value, provenance_of, read_datas
 from SpineLabelLib.inference import CT_WINDOW_HU, Cancelled, autocast, modality_of, normalise, resolve_device
 from SpineLabelLib.io import (IMAGE_SUFFIXES, InputError, atomic_path, axes_text, canonical_grid, grid_difference,
                               image_stem, make_writable_folder, no_empty_new_folders, read_image, read_label_map,
-                              resample_to_grid, write_errors_named)
+                              read_notes, resample_to_grid, write_errors_named)
 from SpineLabelLib.models import (MODEL_SPACING_MM, ModelError, checkpoint_path, default_model_path, load_model,
                                   model_card_path, read_card, save_model, sha256_of, user_models_dir)
 from SpineLabelLib.network import SpineUNet
@@ -159,6 +159,8 @@ def load_case(image_path: Path, label_path: Path, bodies_only: bool, spacing_mm:
     if label_path.parent.name == "labelsTr":
         _one_channel(image_path, label_path)
     image = read_image(image_path)
+    for note in read_notes(image):  # a labelling lists them among its warnings; training has no such list
+        log.warning("%s: %s", image_path, note)
     pixels = sitk.GetArrayViewFromImage(image)
     if pixels.min() == pixels.max():
         raise InputError(f"{image_path}: image is constant: training on it would teach its labels in a blank image")
@@ -512,7 +514,8 @@ def make_source(spec: str, spacing_mm: float, size: tuple[int, int, int], data_d
                 ) -> tuple[Callable[[np.random.Generator], Case], list[str] | None]:
     """A sampler for one ``--data`` spec: ``synthetic``, ``phantom``, ``negative`` or a folder path; and, for a
     folder, its cases (image paths relative to it), else None. ``cancel`` is polled before each case of a folder is
-    loaded, and before each file of a shape library built for ``synthetic``.
+    loaded, and before each file of a shape library built for ``synthetic``. Each draw is a :class:`Case` of ``size``
+    (z, y, x) voxels of ``spacing_mm`` mm.
 
     Raises:
         ValueError: ``synthetic`` without ``data_dir``, the real labelled vertebrae its shapes come from.
