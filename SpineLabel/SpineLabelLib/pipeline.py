@@ -960,8 +960,8 @@ def _fill_enclosed(out: np.ndarray, vid: int, lo_zyx: np.ndarray, hi_zyx: np.nda
         return 0
     # enclosed: the parts (6-neighbourhood) of the rest of the box that reach none of its faces (what
     # ndimage.binary_fill_holes finds, in one labelling where it dilates over and over: a second a scan)
-    rest, _ = ndimage.label(~own)
-    reaches = np.zeros(int(rest.max()) + 1, dtype=bool)
+    rest, n_rest = ndimage.label(~own)
+    reaches = np.zeros(n_rest + 1, dtype=bool)
     for axis in range(3):
         reaches[np.take(rest, [0, -1], axis=axis)] = True
     pieces, n = ndimage.label(~reaches[rest] & (region == 0))
@@ -977,8 +977,10 @@ def _fill_enclosed(out: np.ndarray, vid: int, lo_zyx: np.ndarray, hi_zyx: np.nda
 def _bridges(pieces_mask: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """bool (z, y, x): the connected regions (26-neighbourhood) of ``candidates`` (bool (z, y, x)) that touch two or
     more connected pieces of ``pieces_mask`` (bool, same shape): the voxels that join those pieces again."""
+    if not candidates.any():  # checked first: it spares the labelling of the pieces
+        return np.zeros(candidates.shape, dtype=bool)
     pieces, n = ndimage.label(pieces_mask, structure=comp.TWENTY_SIX_CONNECTED)
-    if n < 2 or not candidates.any():
+    if n < 2:
         return np.zeros(candidates.shape, dtype=bool)
     regions, m = ndimage.label(candidates, structure=comp.TWENTY_SIX_CONNECTED)
     at = np.nonzero(candidates)
