@@ -462,14 +462,10 @@ def _spread_names(draw: ImageDraw.ImageDraw, names: list, font, size: tuple[int,
     """``names`` ((x, y) pixels, name, colour) with their heights moved apart so that no two names, nor a name and
     the panel's title (its right and bottom edges ``title``), are drawn over one another where the panel's height
     allows: vertebrae whose centroids lie close in the view (one cut by the top of the view) had their names overlap."""
-    if not names:
-        return names
-    def height(name: str) -> float:
-        left, top, right, bottom = draw.textbbox((0, 0), name, font=font, stroke_width=1)
-        return float(bottom - top)
     order = sorted(range(len(names)), key=lambda i: names[i][0][1])
     ys = {i: float(names[i][0][1]) for i in order}
-    half = {i: height(names[i][1]) / 2 + 1 for i in order}
+    boxes = {i: draw.textbbox((0, 0), names[i][1], font=font, stroke_width=1) for i in order}
+    half = {i: (boxes[i][3] - boxes[i][1]) / 2 + 1 for i in order}  # half a name's height, and a pixel
     previous = None
     for i in order:  # downwards: each name below the title (where they meet) and below the one above it
         low = half[i] + (title[1] if names[i][0][0] < title[0] else 0.0)
