@@ -933,7 +933,7 @@ class _Stream(NamedTuple):
 
 
 def _check_data_file(path: Path, metaimage: bool, header: tuple[dict[str, str], int] | None,
-                     notes: list[str] | None = None) -> _Stream | None:
+                     notes: list[str] | None) -> _Stream | None:
     """NRRD and MetaImage: where the file that holds the voxels (the header's own, or the one it names, as ``.mhd``
     and ``.nhdr`` headers do) is missing or cut short, ITK says only that the file cannot be read, and MetaIO prints
     lines of its own first. Checked here from its ``header`` (``_header_fields``; None: not parsed here, the reader
