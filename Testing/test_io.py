@@ -881,10 +881,15 @@ def test_atomic_paths_a_ctrl_c_between_the_renames_leaves_no_mix(tmp_path, monke
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(os, "replace", replace_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_paths(finals) as temps:
-            for tmp in temps:
-                tmp.write_text("new")
+    # Python's Ctrl-C handler, which it does not install where it starts with Ctrl-C ignored (a shell's background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_paths(finals) as temps:
+                for tmp in temps:
+                    tmp.write_text("new")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     contents = {path.read_text() for path in finals if path.exists()}
     assert len(contents) == 1 if earlier else contents == set(), contents
