@@ -1411,7 +1411,7 @@ def no_empty_new_folders(*folders: str | os.PathLike) -> Iterator[None]:
 def _lock(folder: Path, wait: bool) -> tuple[int | None, bool | None]:
     """An open descriptor of ``folder`` and whether its ``flock`` is held: False when another holds it and ``wait`` is
     False; (None, None) where there is no lock to take (no ``flock``, the folder cannot be opened or its file system
-    refuses the lock). Closing the descriptor releases the lock.
+    refuses the lock; the last two a warning where ``wait``). Closing the descriptor releases the lock.
 
     Raises:
         FileNotFoundError: ``folder`` does not exist, or was removed or replaced while its lock was awaited.
@@ -1424,7 +1424,8 @@ def _lock(folder: Path, wait: bool) -> tuple[int | None, bool | None]:
         fd = os.open(folder, os.O_RDONLY)
     except FileNotFoundError:
         raise
-    except OSError:
+    except OSError as err:
+        _no_lock(folder, err, wait)
         return None, None
     try:
         try:
@@ -1443,8 +1444,20 @@ def _lock(folder: Path, wait: bool) -> tuple[int | None, bool | None]:
         raise
     except OSError as err:  # a file system without flock
         os.close(fd)
-        log.debug("no lock on %s: %s", folder, err)
+        _no_lock(folder, err, wait)
         return None, None
+
+
+_NO_LOCK_SAID: set[Path] = set()  # the folders warned of, once per process: a run takes a folder's lock many times
+
+
+def _no_lock(folder: Path, err: OSError, wait: bool) -> None:
+    first = wait and folder not in _NO_LOCK_SAID
+    if first:
+        _NO_LOCK_SAID.add(folder)
+    (log.warning if first else log.debug)(
+        "no lock on %s (%s): another process writing into it at the same time is not kept apart", folder,
+        err.strerror or err)
 
 
 @contextlib.contextmanager
