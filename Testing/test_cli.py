@@ -11,21 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from SpineLabelLib.cli import main
 from SpineLabelLib.io import case_name
-from SpineLabelLib.models import save_model
-from SpineLabelLib.network import SpineUNet
+from SpineLabelLib.models import DEFAULT_MODEL_NAME, default_model_path
 from SpineLabelLib.vertebrae import BY_NAME
 from SpineLabelLib.writers import OUTPUT_SUFFIXES
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    torch.manual_seed(1)
-    return save_model(SpineUNet(), {"name": "random", "version": "0", "spacing_mm": 4.0},
-                      tmp_path_factory.mktemp("model") / "random.json")
+def model():
+    """The shipped model's card: it finds the phantom's vertebrae, as the runs that write outputs need, on any CPU. A
+    model of random weights found none with some seeds, and what it found, and the words of its warnings, changed
+    with the CPU's vector instructions."""
+    return default_model_path()
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +45,16 @@ def test_label_writes_every_output(tmp_path, model, phantom_file, capsys):
     ref = sitk.ReadImage(str(phantom_file))
     assert seg.GetSize() == ref.GetSize() and np.allclose(seg.GetOrigin(), ref.GetOrigin())
     report = json.loads((out / "spine_report.json").read_text())
-    assert report["model"]["name"] == "random" and report["model"]["device"] == "cpu" and "total" in report["timings_s"]
+    assert report["model"]["name"] == DEFAULT_MODEL_NAME and report["model"]["device"] == "cpu"
+    assert "total" in report["timings_s"]
     assert report["model"]["sha256"] == json.loads(model.read_text())["sha256"]  # two models of one name told apart
-    assert report["vertebrae"]  # the gate would refuse the random model's components
+    assert report["vertebrae"]
     assert report["input"]["modality"] == "MR"  # a CT phantom, labelled as MR because the user said so
     # the summary line names the vertebrae, and every warning of the report is shown, each on a line of its own
     lines = capsys.readouterr().out.splitlines()
     names = " ".join(v["name"] for v in report["vertebrae"])
     assert lines[0].startswith(f"{phantom_file}: {len(report['vertebrae'])} vertebrae ({names}) in ")
-    assert report["warnings"]  # the random model's chain is read from appearance alone, at least
+    assert report["warnings"]  # the CT phantom labelled as MR is warned of, at least
     assert lines[1:] == [f"  warning: {w}" for w in report["warnings"]]
 
 
@@ -82,8 +82,7 @@ def test_evaluate_labels_the_reference_images_first(tmp_path, model, phantom_fil
     (gt / "imagesTr" / "spine_0000.nii.gz").write_bytes(phantom_file.read_bytes())
     (gt / "labelsTr" / "spine.nii.gz").write_bytes((phantom_file.parent / "spine_seg-vert_msk.nii.gz").read_bytes())
     pred, summary = tmp_path / "pred", tmp_path / "summary.json"
-    argv = ["evaluate", str(pred), str(gt), "--label", "--model", str(model), "--json", str(summary), "--quiet",
-            "--no-spine-gate"]  # the gate would refuse the random model's components
+    argv = ["evaluate", str(pred), str(gt), "--label", "--model", str(model), "--json", str(summary), "--quiet"]
     assert main(argv) == 0
     assert (pred / "spine_0000_seg.nii.gz").exists() and (pred / "spine_0000_report.json").exists()
     case = json.loads(summary.read_text())["cases"][0]
@@ -427,7 +426,7 @@ def test_labelling_options_without_label_are_refused(tmp_path, capsys):
 
 
 def test_models_lists_the_shipped_and_the_registered_models(tmp_path, monkeypatch, capsys, model):
-    from SpineLabelLib.models import DEFAULT_MODEL_NAME, card_file, default_model_path, register_model
+    from SpineLabelLib.models import card_file, register_model
 
     monkeypatch.setenv("SPINELABEL_MODELS_DIR", str(tmp_path))
     registered = register_model(model, name="mine")

@@ -400,6 +400,7 @@ def test_float32_can_be_forced_where_bfloat16_is_native(monkeypatch):
     from SpineLabelLib import inference
 
     monkeypatch.setattr(inference, "native_bfloat16", lambda device: True)
+    monkeypatch.delenv(inference.FLOAT32_VARIABLE, raising=False)  # a run with it set failed here
     with autocast(torch.device("cpu")):
         assert torch.is_autocast_enabled("cpu")
     monkeypatch.setenv(inference.FLOAT32_VARIABLE, "1")

@@ -708,23 +708,21 @@ def _worker(image_path, out, model, check_orientation=False, spine_gate=True, mo
     return runner
 
 
-@pytest.mark.parametrize("model_kind", ["random", "default"])
-def test_phantom_labelled_in_background_into_the_scene(mrml, tmp_path, random_model, model_kind):
+@pytest.mark.parametrize("asked", [False, True])
+def test_phantom_labelled_in_background_into_the_scene(mrml, tmp_path, asked):
+    """The shipped model, with the module's settings as they start, or as a user can change them: the gate skipped
+    and the CT phantom taken for MR, as the module's Modality box can. (A model of random weights, used for the
+    second before, found no vertebra with some seeds, and what it finds changes with the CPU's vector instructions.)"""
     from SpineLabelLib.models import default_model_path
     from SpineLabelLib.phantom import make_phantom
 
-    model = random_model if model_kind == "random" else default_model_path()
-    if not Path(model).exists():
-        pytest.skip(f"no default model at {model}")
-
+    model = default_model_path()
     phantom = make_phantom(modality="ct", fov="lumbar", spacing=(2.0, 2.0, 2.5), seed=4)
     volume = addVolumeNodeFromImage(mrml.scene, phantom.image, "phantom")
     image_path = tmp_path / "input.nrrd"
     sitk.WriteImage(imageFromVolumeNode(volume), str(image_path))  # what SpineLabelLogic.startLabelling does
-    # the gate would refuse the random model's components, which do not look like a spine: the worker skips it
-    # and the random model's run is told to take the CT phantom for MR, as the module's Modality box can
-    runner = _worker(image_path, tmp_path / "result", model, check_orientation=model_kind == "default",
-                     spine_gate=model_kind == "default", modality="auto" if model_kind == "default" else "mr")
+    runner = _worker(image_path, tmp_path / "result", model, check_orientation=not asked, spine_gate=not asked,
+                     modality="mr" if asked else "auto")
     assert runner.wait(300) == 0, runner.outputTail()
     events = runner.readEvents()
     fractions = [e["fraction"] for e in events if e["event"] == "progress"]
@@ -733,10 +731,10 @@ def test_phantom_labelled_in_background_into_the_scene(mrml, tmp_path, random_mo
 
     labeling = LabelingScene(volume, loadResult(events[-1]["result"]))
     assert labeling.result.model["name"] == json.loads(Path(model).read_text())["name"]
-    assert labeling.result.modality == ("CT" if model_kind == "default" else "MR")
+    assert labeling.result.modality == ("MR" if asked else "CT")
     assert len(labeling.result.vertebrae) == events[-1]["vertebrae"] > 0
     assert_nodes_match(labeling)
-    if model_kind == "default":  # the shipped model finds and names the lumbar vertebrae of a lumbar phantom
+    if not asked:  # the shipped model finds and names the lumbar vertebrae of a lumbar phantom
         truth = sitk.GetArrayFromImage(phantom.labels)  # (z, y, x) VerSe labels
         under = {}  # true label at each found centroid -> label given
         for v in labeling.result.vertebrae:
