@@ -788,6 +788,37 @@ def test_slices_turned_a_little_are_no_localisers_and_a_slope_spelled_otherwise_
     assert image.GetSize() == (24, 20, 6) and image.GetPixelID() == sitk.sitkInt16 and not read_notes(image)
 
 
+@pytest.mark.parametrize("orientation, said", [
+    (None, "absent"),  # the element gone
+    ("0\\1\\0\\0\\0", "'0\\1\\0\\0\\0'"),  # a number lost
+    ("0\\1\\0\\0\\0.002\\-1", "'0\\1\\0\\0\\0.002\\-1'"),  # askew beyond GDCM's 1e-3
+    ("0\\1\\0\\0\\0\\-1\\0", None),  # one number too many: GDCM reads the first six
+])
+def test_a_dicom_series_whose_slices_give_no_usable_orientation_is_read_with_a_warning(tmp_path, orientation, said):
+    """GDCM reads such a series with the axes of its voxel array (a sagittal series as axial) without a word, where a
+    NIfTI, NRRD or MetaImage without orientation was warned of."""
+    sagittal = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)  # columns: rows, columns, slices (LPS)
+    folder = write_dicom_series(tmp_path / "series", direction=sagittal)
+    for path in folder.iterdir():  # the element (0020,0037) in the files' implicit-VR little-endian data set
+        data = bytearray(path.read_bytes())
+        at = data.index(b"\x20\x00\x37\x00")
+        length = struct.unpack("<I", data[at + 4 : at + 8])[0]
+        if orientation is None:
+            data[at + 2] = 0x36  # an element no reader knows
+        else:
+            value = orientation.encode() + b" " * (len(orientation) % 2)
+            data[at + 4 : at + 8 + length] = struct.pack("<I", len(value)) + value
+        path.write_bytes(bytes(data))
+    image = read_image(folder)
+    if said is None:
+        assert np.allclose(image.GetDirection(), sagittal.ravel()) and not read_notes(image)
+    else:
+        assert np.allclose(image.GetDirection(), np.eye(3).ravel())
+        assert read_notes(image) == [f"its slices give no orientation (ImageOrientationPatient {said}), so it was read "
+                                     "with the axes of its voxel array: if the vertebrae come out in the wrong order, "
+                                     "or none, correct the header"]
+
+
 def test_a_series_description_in_latin_1_is_named_as_written(tmp_path):
     """A DICOM text in ISO 8859-1 ("R\\xfccken ax") came into the refusal of a folder of two series as a lone
     surrogate, which a message cannot print as UTF-8."""

@@ -204,6 +204,8 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     if unread:  # at an end of the stack: the series is read without it
         notes.append(f"{_unparsed_text(unread)} and {'were' if len(unread) > 1 else 'was'} left out: the series may "
                      "lack a slice at one end")
+    if note := _unoriented_dicom_note(headers[0]["0020|0037"]):
+        notes.append(note)
     return _unsheared(image, files, headers, notes)
 
 
@@ -627,6 +629,24 @@ def _unoriented_note(header: tuple[dict[str, str], int] | None, metaimage: bool)
     if not metaimage and "spacedirections" not in fields:
         return f"its header gives no orientation (no space directions), {_READ_UNORIENTED}"
     return None
+
+
+def _unoriented_dicom_note(orientation: str) -> str | None:
+    """A line for the notes when a DICOM slice's ImageOrientationPatient (``orientation``, its text) gives no
+    orientation GDCM accepts: absent, fewer than six numbers (GDCM reads the first six), or two directions not
+    perpendicular once each is made unit length (within GDCM's 1e-3 of their dot product). GDCM then reads the series
+    with the axes of its voxel array, as ITK reads a NIfTI without orientation; None otherwise."""
+    try:
+        values = np.array([float(v) for v in orientation.split("\\")])
+    except ValueError:  # absent ("") or not numbers
+        values = np.array([])
+    if values.size >= 6 and np.isfinite(values[:6]).all():
+        row, column = values[:3], values[3:6]
+        lengths = np.linalg.norm(row) * np.linalg.norm(column)
+        if lengths > 0 and abs(row @ column) / lengths < 1e-3:
+            return None
+    given = f"'{orientation}'" if orientation else "absent"
+    return f"its slices give no orientation (ImageOrientationPatient {given}), {_READ_UNORIENTED}"
 
 
 def _forms_note(path: Path, image: sitk.Image) -> str | None:
