@@ -1260,6 +1260,28 @@ def test_a_metaimage_header_whose_grid_fields_are_damaged_is_refused(tmp_path, c
     assert capfd.readouterr().err == ""
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".nhdr"])
+@pytest.mark.parametrize("old, new, reason", [
+    (rb"space origin: \(-30,20,-100\)", b"space origin: (-30,2y0,-100)",
+     r"its space origin '\(-30,2y0,-100\)' is not a vector of numbers as long as its space directions' \(3\)"),
+    (rb"space origin: \(-30,20,-100\)", b"space origin: (-30,20,-1e)", r"its space origin '\(-30,20,-1e\)'"),
+    (rb"space directions: \(1,", b"space directions: (1x,",
+     r"its space directions '\(1x,0,0\) \(0,1.5,0\) \(0,0,2\)' are not 3 vectors of numbers or none"),
+    (rb"sizes: 20 24 30", b"sizes: 20 24 30q", r"its sizes '20 24 30q' are not 3 whole numbers \(dimension 3\)"),
+    (rb"space directions: \S+ \S+ \S+", b"spacings: 1 1.5 2.0.1", r"its spacings '1 1.5 2.0.1' are not 3 numbers"),
+])
+def test_a_nrrd_header_whose_grid_fields_are_damaged_is_refused(tmp_path, suffix, old, new, reason):
+    """NRRD's reader takes a number by its first characters: a space origin of "(-30,2y0,-100)" put the scan 18 mm off
+    without a word, "1x" was read as 1."""
+    path = tmp_path / f"a{suffix}"
+    image = oriented_image(np.eye(3))
+    image.SetOrigin((-30.0, 20.0, -100.0))
+    sitk.WriteImage(image, str(path))
+    path.write_bytes(re.sub(old, new, path.read_bytes(), count=1))
+    with pytest.raises(InputError, match=f"{re.escape(str(path))}: corrupt NRRD header: {reason}"):
+        read_image(path)
+
+
 def test_a_metaimage_header_that_names_its_grid_otherwise_is_read(tmp_path):
     """Position and Orientation, the other names of Offset and TransformMatrix, pass the check of the grid fields."""
     path = write(tmp_path, "a.mha", oriented_image(np.eye(3)))
@@ -1333,7 +1355,7 @@ def test_a_compressed_mha_without_its_compressed_size_is_refused(tmp_path, capfd
 @pytest.mark.parametrize("old, new, reason", [
     (b"type: short", b"type: shrot", 'couldn\'t parse type "shrot"'),
     (b"endian: little", b"endian: littel", 'couldn\'t parse endian "littel"'),
-    (b"space origin: (", b"space origin: (a", 'couldn\'t parse origin "(a'),
+    (b"kinds: domain", b"kinds: domian", 'couldn\'t parse "domian" kind 1 of 3'),  # grid fields are refused before
 ])
 def test_a_damaged_nrrd_header_is_refused_with_teems_reason(tmp_path, old, new, reason):
     """ITK's message for a NRRD header it cannot parse says only "NrrdImageIO: ReadImageInformation: Error reading
