@@ -819,6 +819,19 @@ def test_a_dicom_series_whose_slices_give_no_usable_orientation_is_read_with_a_w
                                      "or none, correct the header"]
 
 
+def test_a_multi_frame_dicom_file_is_read_by_its_own_orientation_without_a_warning(tmp_path):
+    """It keeps its orientation in its frames' groups, not in the ImageOrientationPatient of its data set: read so,
+    it was warned of as a series without one."""
+    sagittal = [0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0]
+    volume = sitk.Image([24, 20, 40], sitk.sitkInt16)
+    volume.SetDirection(sagittal)
+    volume.SetMetaData("0008|0060", "CT")
+    (tmp_path / "series").mkdir()
+    sitk.WriteImage(volume, str(tmp_path / "series" / "volume.dcm"))
+    image = read_image(tmp_path / "series")
+    assert np.allclose(image.GetDirection(), sagittal) and not read_notes(image)
+
+
 def test_a_series_description_in_latin_1_is_named_as_written(tmp_path):
     """A DICOM text in ISO 8859-1 ("R\\xfccken ax") came into the refusal of a folder of two series as a lone
     surrogate, which a message cannot print as UTF-8."""

@@ -204,7 +204,9 @@ def _read_dicom_folder(folder: Path, notes: list[str]) -> sitk.Image:
     if unread:  # at an end of the stack: the series is read without it
         notes.append(f"{_unparsed_text(unread)} and {'were' if len(unread) > 1 else 'was'} left out: the series may "
                      "lack a slice at one end")
-    if note := _unoriented_dicom_note(headers[0]["0020|0037"]):
+    # a file per slice: a multi-frame file keeps its orientation in its frames' groups, which GDCM reads and these
+    # header tags do not hold
+    if len(files) > 1 and (note := _unoriented_dicom_note(headers[0]["0020|0037"])):
         notes.append(note)
     return _unsheared(image, files, headers, notes)
 
