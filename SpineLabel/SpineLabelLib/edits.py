@@ -66,7 +66,8 @@ def _fixed_names(result: SpineLabeling) -> dict[int, str]:
     return {v.id: v.name for v in result.vertebrae if v.fixed}
 
 
-def _with_chain(result: SpineLabeling, vertebrae: list[Vertebra], components: np.ndarray | None = None) -> SpineLabeling:
+def _with_chain(result: SpineLabeling, vertebrae: list[Vertebra],
+                components: np.ndarray | None = None) -> SpineLabeling:
     """Copy of ``result`` with the given vertebrae (in chain order), fresh gaps (mm, between consecutive
     ``centroid_lps_mm``), the ids of the vertebrae left out counted in ``removed_up_to``, and optionally new
     components (same dtype as ``result.components``: int16 (z, y, x) on the input grid)."""
@@ -327,7 +328,8 @@ def _box_slices(geometry: Geometry, centre_ijk: np.ndarray,
     return tuple(slice(int(lo[a]), int(hi[a])) for a in (2, 1, 0))  # type: ignore[return-value]
 
 
-def _grow(image_zyx: np.ndarray, free: np.ndarray, seed_zyx: tuple[int, int, int], spacing_xyz: tuple[float, ...]) -> np.ndarray:
+def _grow(image_zyx: np.ndarray, free: np.ndarray, seed_zyx: tuple[int, int, int],
+          spacing_xyz: tuple[float, ...]) -> np.ndarray:
     """Region grown from a seed over voxels of similar intensity.
 
     Args:

@@ -434,7 +434,8 @@ def _export_case(result: SpineLabeling, image: sitk.Image, dataset_dir: Path, ca
                              "labels whole vertebrae: export into another dataset")
         if dataset.get("file_ending", _FILE_ENDING) != _FILE_ENDING:
             raise ValueError(f"{dataset_dir}: its dataset.json gives its files the ending "
-                             f"{dataset['file_ending']!r}; an export writes {_FILE_ENDING}: export into another dataset")
+                             f"{dataset['file_ending']!r}; an export writes {_FILE_ENDING}: export into another "
+                             "dataset")
         if "dataset" in dataset:  # nnU-Net v2 then trains on the files listed there, not on imagesTr/ and labelsTr/
             raise ValueError(f"{dataset_dir}: its dataset.json lists its cases under 'dataset', which nnU-Net reads "
                              "instead of imagesTr/ and labelsTr/: an exported case would not be listed there (nor "

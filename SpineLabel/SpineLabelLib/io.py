@@ -1272,7 +1272,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
             with open(p, "rb") as file:
                 if file.read(132)[128:] == b"DICM":  # the DICOM preamble's mark
                     raise InputError(f"{p}: a DICOM file; give the folder of its series ({p.parent})")
-            raise InputError(f"{p}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder")
+            raise InputError(f"{p}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM "
+                             "folder")
         image = _read_file(p, "image", notes)
     image = checked_image(image, str(p))
     for note in notes:  # the user reads them among the labelling's warnings

@@ -590,7 +590,8 @@ def _warnings(levels: np.ndarray, confidence: np.ndarray, marginals: np.ndarray,
     return out
 
 
-def relabel(result: SpineLabeling, fixed: dict[int, str] | None = None, priors: SequencePriors = PRIORS) -> SpineLabeling:
+def relabel(result: SpineLabeling, fixed: dict[int, str] | None = None,
+            priors: SequencePriors = PRIORS) -> SpineLabeling:
     """Re-solve the labels of a result with some of them fixed by the user.
 
     Args:

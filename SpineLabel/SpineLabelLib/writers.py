@@ -321,7 +321,8 @@ def write_markups(result: SpineLabeling, path: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------------------- VerSe centroids
 
 
-def verse_voxel_coordinates(geometry: Geometry, lps_mm: np.ndarray, direction: tuple[str, str, str] = VERSE_DIRECTION) -> np.ndarray:
+def verse_voxel_coordinates(geometry: Geometry, lps_mm: np.ndarray,
+                            direction: tuple[str, str, str] = VERSE_DIRECTION) -> np.ndarray:
     """Continuous voxel coordinates of LPS points in the image reoriented to ``direction``.
 
     ``direction`` names where each voxel axis of the reoriented image points (VerSe: ``("P", "I", "R")``). The
@@ -576,9 +577,9 @@ def _write_snapshot_to(result: SpineLabeling, image: sitk.Image, path: Path) -> 
 def write_snapshot(result: SpineLabeling, image: sitk.Image, path: str | os.PathLike) -> None:
     """Write ``NAME_snapshot.png``: mid-sagittal (anterior left) and mid-coronal (patient right on the left)
     planes through the median vertebra centroid, side by side, superior at the top, at isotropic display spacing
-    (the finer in-plane spacing, but the longer side of a view kept within 256-1024 px), windowed to the 1st-99th intensity
-    percentile of the two planes, labels overlaid in their level colours (alpha 0.4) with each level's name beside
-    it. With no vertebra the planes pass through the image centre and read "no vertebrae found".
+    (the finer in-plane spacing, but the longer side of a view kept within 256-1024 px), windowed to the 1st-99th
+    intensity percentile of the two planes, labels overlaid in their level colours (alpha 0.4) with each level's name
+    beside it. With no vertebra the planes pass through the image centre and read "no vertebrae found".
 
     Args:
         result: the labelling; ``result.components`` is (z, y, x) on ``image``'s grid.

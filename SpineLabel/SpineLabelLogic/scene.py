@@ -406,7 +406,8 @@ class LabelingScene(VTKObservationMixin):
         self._storeState()
         for event in _MARKUPS_EVENTS:
             self.addObserver(self.markupsNode, event, self._onPointsChanged)
-        self.addObserver(self.markupsNode, slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent, self._onInteractionStart)
+        self.addObserver(self.markupsNode, slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent,
+                         self._onInteractionStart)
         self.addObserver(self.markupsNode, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self._onInteractionEnd)
         self.addObserver(volumeNode, slicer.vtkMRMLTransformableNode.TransformModifiedEvent,
                          self._followVolumeTransform)

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--check-orientation", action="store_true", help="see spinelabel label --check-orientation")
     parser.add_argument("--no-spine-gate", action="store_true", help="see spinelabel label --no-spine-gate")
-    parser.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"], help="see spinelabel label --modality")
+    parser.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"],
+                        help="see spinelabel label --modality")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("labelling failed")
         _emit({"event": "error", "message": str(err) or type(err).__name__})
         return 1
-    _emit({"event": "done", "result": str(args.outdir), "vertebrae": len(result.vertebrae), "warnings": result.warnings})
+    _emit({"event": "done", "result": str(args.outdir), "vertebrae": len(result.vertebrae),
+           "warnings": result.warnings})
     return 0
 
 

@@ -306,7 +306,8 @@ def _resample_canonical(volume: np.ndarray, a: np.ndarray, b: np.ndarray, centre
     """
     nz = np.argwhere(volume > 0)
     lo, hi = nz.min(axis=0) - 1.0, nz.max(axis=0) + 1.0
-    corners = np.array([[(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[k][2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    corners = np.array([[(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[k][2]]
+                        for i in (0, 1) for j in (0, 1) for k in (0, 1)])
     local = (corners @ a.T + b - centre_w) @ rot  # rows: local coordinates (rot is orthonormal)
     qmin, qmax = np.floor(local.min(axis=0)) - margin, np.ceil(local.max(axis=0)) + margin
     shape = tuple(int(v) for v in qmax - qmin + 1)
@@ -330,7 +331,8 @@ def _crop_to_nonzero(mask: np.ndarray, margin: int = 1) -> tuple[np.ndarray, np.
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def canonical_vertebrae(image: sitk.Image, source: str = "") -> tuple[list[Shape], dict[int, tuple[np.ndarray, np.ndarray]]]:
+def canonical_vertebrae(image: sitk.Image, source: str = ""
+                        ) -> tuple[list[Shape], dict[int, tuple[np.ndarray, np.ndarray]]]:
     """Every complete vertebra of a whole-vertebra label map, in its canonical frame.
 
     Args:
@@ -450,7 +452,8 @@ def _aligned_parts(image: sitk.Image, values: list[int], source: str, upward: di
         reference = upward[value] - centre_w if upward and value in upward else np.array([1.0, 0.0, 0.0])
         if axis @ reference < 0:
             axis = -axis
-        if np.degrees(np.arccos(np.clip(axis @ reference / max(np.linalg.norm(reference), 1e-9), -1, 1))) > max_tilt_deg:
+        cosine = axis @ reference / max(np.linalg.norm(reference), 1e-9)
+        if np.degrees(np.arccos(np.clip(cosine, -1, 1))) > max_tilt_deg:
             log.info("%s: part %d thin axis does not follow the spine; skipped", source, value)
             continue
         rot = frame(axis)
@@ -565,7 +568,8 @@ def _fill_missing(library: ShapeLibrary) -> None:
             _rescaled(s, size_ratio(target, lv), target, f"{BY_LABEL[target].name}") for lv in nearest
             for s in library.vertebrae[lv]
         ]
-        log.info("shape library: %s filled from %s", BY_LABEL[target].name, ", ".join(BY_LABEL[lv].name for lv in nearest))
+        log.info("shape library: %s filled from %s", BY_LABEL[target].name,
+                 ", ".join(BY_LABEL[lv].name for lv in nearest))
 
 
 def _default_disc() -> Shape:
@@ -619,7 +623,8 @@ def _plausible(shape: Shape, spine_ratio: float | None = None) -> bool:
 
 def _source_files(data_dir: Path) -> dict[str, list[Path]]:
     return {
-        "whole": sorted(data_dir.glob("masks_verse/*_seg-vert_msk.nii.gz")) + sorted(data_dir.glob("ct_verse/*_seg-vert_msk.nii.gz"))
+        "whole": sorted(data_dir.glob("masks_verse/*_seg-vert_msk.nii.gz"))
+        + sorted(data_dir.glob("ct_verse/*_seg-vert_msk.nii.gz"))
         + sorted(data_dir.glob("crops_tptbox/*_seg-vert_*msk.nii.gz")),
         "bodies": sorted(data_dir.glob("mri_lumbar_bodies/*_vert-verse.nii.gz")),
         "discs": sorted(data_dir.glob("discs_mri/*_instance.nii.gz")),

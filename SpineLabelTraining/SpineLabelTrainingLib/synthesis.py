@@ -209,7 +209,8 @@ class _Canvas:
         if box is None:
             return None
         lo, hi = box
-        inv = placed.rot.T / scale[:, None]  # world offset -> local index offset (rot may hold a mirror: still orthogonal)
+        # world offset -> local index offset (rot may hold a mirror: still orthogonal)
+        inv = placed.rot.T / scale[:, None]
         offset = centre_idx + inv @ (self.origin + lo * self.spacing - placed.centre)
         sub = ndimage.affine_transform(mask, inv * self.spacing, offset, output_shape=tuple(hi - lo), order=0)
         return tuple(slice(a, b) for a, b in zip(lo, hi)), sub
@@ -224,7 +225,8 @@ class _Canvas:
             return
         lo, hi = box
         zz, yy, xx = (self.axes[i][lo[i] : hi[i]] - centre[i] for i in range(3))
-        r2 = (zz[:, None, None] / radii[0]) ** 2 + (yy[None, :, None] / radii[1]) ** 2 + (xx[None, None, :] / radii[2]) ** 2
+        r2 = ((zz[:, None, None] / radii[0]) ** 2 + (yy[None, :, None] / radii[1]) ** 2
+              + (xx[None, None, :] / radii[2]) ** 2)
         m = (r2 <= 1.0) & (r2 >= inner**2)
         if keep is not None:
             m &= keep(zz[:, None, None], yy[None, :, None], xx[None, None, :])
@@ -360,7 +362,8 @@ class _Subject:
             else:  # the thin cervical discs (1.5 mm at C3) made thinner still were left out: the bodies touched
                 height = max(height, 1.0)
             discs.append((upper, height, dark))
-            s_pos.append(s_pos[-1] + picks[i - 1][0].z_up * scales[i - 1][0] + height - picks[i][0].z_low * scales[i][0])
+            s_pos.append(s_pos[-1] + picks[i - 1][0].z_up * scales[i - 1][0] + height
+                         - picks[i][0].z_low * scales[i][0])
         s_levels = np.asarray(s_pos)
         self.s_grid = np.arange(-170.0, s_levels[-1] + 60.0, 1.0)
         tangents, coronal = _spine_curve(rng, s_levels, labels, self.s_grid)
@@ -412,7 +415,8 @@ class _Subject:
                 body = bodies[int(rng.integers(len(bodies)))]
                 placed.body = body
                 placed.body_scale = scales[i] * np.array([(shape.z_up - shape.z_low) / (body.z_up - body.z_low),
-                                                          shape.depth_mm / body.depth_mm, shape.width_mm / body.width_mm])
+                                                          shape.depth_mm / body.depth_mm,
+                                                          shape.width_mm / body.width_mm])
             self.vertebrae.append(placed)
             by_label[lv] = placed
         self.by_label = by_label
@@ -517,7 +521,8 @@ def _draw_body(rng: np.random.Generator, canvas: _Canvas, subject: _Subject) -> 
     canvas.ellipsoid(OTHER_BONE, head, head_radii, inner=0.88, keep=lambda zz, yy_, xx_: zz > -35 * g)
     foramen = np.array([-45.0 * g, 15.0 * g + 16.0])  # foramen magnum above the canal, relative to the head centre
     canvas.ellipsoid(OTHER_BONE, head, head_radii,
-                     keep=lambda zz, yy_, xx_: (zz > -35 * g) & (zz < -27 * g) & ((yy_ - foramen[1]) ** 2 + xx_**2 > 256))
+                     keep=lambda zz, yy_, xx_: ((zz > -35 * g) & (zz < -27 * g)
+                                                & ((yy_ - foramen[1]) ** 2 + xx_**2 > 256)))
     for side in (-1, 1):  # iliac wings: lateral halves of thick ellipsoidal shells beside the sacrum
         centre = at("S1", -5, side * 70 * g, 15)
         canvas.ellipsoid(OTHER_BONE, centre, np.array([75, 60, 40]) * g, inner=0.85,
@@ -841,5 +846,6 @@ def synthesize_case(rng: np.random.Generator, library: ShapeLibrary, spacing_mm:
     image = _appearance(rng, canvas.cls, canvas.levels, modality, float(spacing_mm))
     if rng.random() < 0.15:
         _limit_field_of_view(rng, image, canvas.tissue, canvas.levels)
-    log.debug("synthetic %s crop, levels %s", modality, ", ".join(BY_LABEL[int(v)].name for v in np.unique(canvas.levels) if v))
+    log.debug("synthetic %s crop, levels %s", modality,
+              ", ".join(BY_LABEL[int(v)].name for v in np.unique(canvas.levels) if v))
     return TrainingCase(image, canvas.tissue, canvas.levels, float(spacing_mm), modality)

@@ -432,7 +432,8 @@ def _augment(case: Case, rng: np.random.Generator, tilt_deg: float = 0.0) -> Cas
     tissue, levels = case.tissue, case.levels
     if rng.random() < 0.5:
         img, tissue, levels = img[..., ::-1], tissue[..., ::-1], levels[..., ::-1]
-    return Case(np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(tissue), np.ascontiguousarray(levels), case.name)
+    return Case(np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(tissue),
+                np.ascontiguousarray(levels), case.name)
 
 
 def _tilted(case: Case, sagittal_deg: float, coronal_deg: float) -> Case:
@@ -456,7 +457,8 @@ def _synthetic_source(spacing_mm: float, size: tuple[int, int, int], data_dir: P
 
     def draw(rng: np.random.Generator) -> Case:
         c = synthesis.synthesize_case(rng, library, spacing_mm=spacing_mm, size_zyx=size)
-        return Case(_normalised(c.image, "CT" if c.modality == "ct" else "MR"), c.tissue, c.levels, f"synthetic-{c.modality}")
+        return Case(_normalised(c.image, "CT" if c.modality == "ct" else "MR"), c.tissue, c.levels,
+                    f"synthetic-{c.modality}")
 
     return draw
 
@@ -690,7 +692,8 @@ def epoch_text(metrics: dict) -> str:
             f"body_dice {number('body_dice', '.3f')} level_accuracy {number('level_accuracy', '.3f')}")
 
 
-def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None) -> Path:
+def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
+          cancel: Callable[[], bool] | None = None) -> Path:
     """Train (or fine-tune from ``cfg.base_model``) and write the model card + weights to ``cfg.out``.
 
     A checkpoint (``<out>.ckpt``) is written after every epoch; ``cfg.resume`` continues from it.
@@ -918,7 +921,8 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         if skipped:
-            log.warning("epoch %d: %d of %d steps skipped for a non-finite gradient", epoch + 1, skipped, cfg.iterations)
+            log.warning("epoch %d: %d of %d steps skipped for a non-finite gradient", epoch + 1, skipped,
+                        cfg.iterations)
         metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": _finite_mean(losses), "skipped_steps": skipped,
                    **_validate(net, val, device), "elapsed_s": round(time.time() - t0, 1)}
         history.append(metrics)
