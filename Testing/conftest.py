@@ -1,7 +1,9 @@
-"""Shared fixtures: a synthetic labelled spine (no network needed) and a slicer-core MRML scene with its logics."""
+"""Shared fixtures: a synthetic labelled spine (no network needed), a slicer-core MRML scene with its logics, and
+the process's locale put back after each test."""
 
 from __future__ import annotations
 
+import locale
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +80,16 @@ def build_spine(names=("T11", "T12", "L1", "L2", "L3", "L4"), missing=(), seed: 
     result = SpineLabeling(geometry, components, vertebrae, gaps_mm=gaps, model={"name": "synthetic", "version": "0"},
                            source="synthetic", modality="CT")
     return SyntheticSpine(relabel(result, {}), image, bodies)
+
+
+@pytest.fixture(autouse=True)
+def _locale_put_back():
+    """Writing a DICOM file with SimpleITK (ITK's GDCM image IO) sets the whole process to the C locale, and Python's
+    default text encoding (that of ``subprocess.run(..., text=True)``) follows it: under a UTF-8 locale (not Python's
+    UTF-8 mode), a later test that read a child's output naming a non-ASCII path failed ('ascii' codec can't decode)."""
+    before = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, before)
 
 
 @pytest.fixture

@@ -240,7 +240,8 @@ def test_weights_that_do_not_load_name_the_reason(tmp_path, random_model):
         **card["architecture"], "channels": channels}}))
     with pytest.raises(ModelError, match=r"w.pt: weights do not load into the model \(size mismatch for ") as refused:
         load_model(tmp_path / "w.json")
-    assert "\n" not in str(refused.value) and len(str(refused.value)) < 500
+    # the length without the path, which a long TMPDIR makes as long as it likes
+    assert "\n" not in str(refused.value) and len(str(refused.value).replace(str(tmp_path), "")) < 500
     assert str(refused.value).endswith("more such): the card's architecture is not that of the network these "
                                        "weights were saved from")
 
