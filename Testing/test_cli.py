@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from SpineLabelLib.cli import main
 from SpineLabelLib.io import case_name
-from SpineLabelLib.models import DEFAULT_MODEL_NAME, default_model_path
+from SpineLabelLib.models import DEFAULT_MODEL_NAME, ModelError, default_model_path
 from SpineLabelLib.vertebrae import BY_NAME
 from SpineLabelLib.writers import OUTPUT_SUFFIXES
 
@@ -427,6 +427,25 @@ def test_labelling_options_without_label_are_refused(tmp_path, capsys):
     assert "--model, --modality only apply with --label" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path), str(tmp_path), "--device", "cpu"]) == 2
     assert "--device only applies with --label" in capsys.readouterr().err
+
+
+def test_without_a_home_directory_the_registered_models_are_skipped(tmp_path, monkeypatch, capsys, caplog):
+    """No HOME and a user id the system does not know (a container's bare user id): Path.home() raises, and
+    `spinelabel models`, a model named on the command line and a training's check of its --out stopped with "Could
+    not determine home directory"."""
+    from SpineLabelLib.models import card_file, registration_path
+
+    def no_home(cls):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("SPINELABEL_MODELS_DIR", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(no_home))
+    assert main(["models"]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == [DEFAULT_MODEL_NAME]
+    assert "skipping the registered models: no home directory to find them in" in caplog.text
+    assert card_file("mine") == Path("mine")  # a name no model has: read_card says so
+    with pytest.raises(ModelError, match="no folder for registered models: there is no home directory; set "):
+        registration_path("mine")
 
 
 def test_models_lists_the_shipped_and_the_registered_models(tmp_path, monkeypatch, capsys, model):

@@ -96,10 +96,17 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent / "weights" / f"{DEFAULT_MODEL_NAME}.json"
 
 
-def user_models_dir() -> Path:
-    """Folder where fine-tuned models are registered."""
+def user_models_dir() -> Path | None:
+    """Folder where fine-tuned models are registered: ``SPINELABEL_MODELS_DIR``, else ``~/.local/share/spinelabel/
+    models``; None where the variable is not set and there is no home directory (no HOME, and a user id the system
+    does not know, as a container may run under)."""
     env = os.environ.get("SPINELABEL_MODELS_DIR")
-    return Path(env) if env else Path.home() / ".local" / "share" / "spinelabel" / "models"
+    if env:
+        return Path(env)
+    try:
+        return Path.home() / ".local" / "share" / "spinelabel" / "models"
+    except RuntimeError:  # "Could not determine home directory."
+        return None
 
 
 def sha256_of(path: Path) -> str:
@@ -141,7 +148,7 @@ def card_file(path: str | os.PathLike) -> Path:
     if not _is_file(p) and p.name == str(path):
         if p.name == DEFAULT_MODEL_NAME:
             return default_model_path()
-        if _is_file(registered := user_models_dir() / f"{p.name}.json"):
+        if (registry := user_models_dir()) and _is_file(registered := registry / f"{p.name}.json"):
             return registered
     return p.with_suffix(".json") if p.suffix == ".pt" else p
 
@@ -213,10 +220,12 @@ def list_models() -> list[dict]:
     or whose weights file is missing is left out with a warning, and so are all registered models when their folder
     cannot be read (its listing would come back empty without a word)."""
     registry = user_models_dir()
-    if os.path.isdir(registry) and not os.access(registry, os.R_OK | os.X_OK):
+    if registry is None:
+        log.warning("skipping the registered models: no home directory to find them in (set SPINELABEL_MODELS_DIR)")
+    elif os.path.isdir(registry) and not os.access(registry, os.R_OK | os.X_OK):
         log.warning("skipping the registered models: %s cannot be read", registry)
     cards = []
-    for card_path in [default_model_path(), *sorted(registry.glob("*.json"))]:
+    for card_path in [default_model_path(), *(sorted(registry.glob("*.json")) if registry else [])]:
         try:
             card = read_card(card_path)
             if not (card_path.parent / card["weights"]).is_file():
@@ -329,7 +338,9 @@ def registration_path(name: str) -> Path:
                          "device")
     if name.lower() == DEFAULT_MODEL_NAME:  # any case: a file system may not tell the two apart
         raise ModelError(f"{name!r} is the name of the model shipped with SpineLabel")
-    target = user_models_dir() / f"{name}.json"
+    if (registry := user_models_dir()) is None:
+        raise ModelError("no folder for registered models: there is no home directory; set SPINELABEL_MODELS_DIR")
+    target = registry / f"{name}.json"
     if target.exists() or target.with_suffix(".pt").exists():
         raise ModelError(f"{target}: a model named {name!r} is registered already")
     return target

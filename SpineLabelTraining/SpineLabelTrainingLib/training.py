@@ -794,8 +794,8 @@ def _train(cfg: TrainConfig, progress: Callable[[dict], None] | None, cancel: Ca
                         "negative:0.1 (see README)")
     else:
         net, spacing, base_card, base_path = SpineUNet(), cfg.spacing_mm, None, None
-    registry = user_models_dir().resolve()
-    if registry in out.resolve().parents:
+    registry = user_models_dir()
+    if registry is not None and registry.resolve() in out.resolve().parents:
         raise ValueError(f"{out}: lies in the folder of registered models ({registry}), where it could replace one "
                          "(and that folder lists it under another name): give --out another path, and --register "
                          "to register it")
