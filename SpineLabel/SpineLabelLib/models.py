@@ -97,9 +97,9 @@ def default_model_path() -> Path:
 
 
 def user_models_dir() -> Path | None:
-    """Folder where fine-tuned models are registered: ``SPINELABEL_MODELS_DIR``, else ``~/.local/share/spinelabel/
-    models``; None where the variable is not set and there is no home directory (no HOME, and a user id the system
-    does not know, as a container may run under)."""
+    """Folder where fine-tuned models are registered: ``SPINELABEL_MODELS_DIR``, else
+    ``~/.local/share/spinelabel/models``; None where the variable is not set and there is no home directory (no HOME,
+    and a user id the system does not know, as a container may run under)."""
     env = os.environ.get("SPINELABEL_MODELS_DIR")
     if env:
         return Path(env)
