@@ -542,7 +542,8 @@ def _rescaled(shape: Shape, factors: tuple[float, float, float], label: int, not
     """``shape`` scaled by (z, y, x) ``factors`` about its centre (nearest neighbour), relabelled."""
     f = np.asarray(factors, float)
     out_shape = tuple(int(np.ceil(n * k)) + 1 for n, k in zip(shape.mask.shape, f))
-    mask = ndimage.affine_transform(shape.mask, 1.0 / f, 0.0, output_shape=out_shape, order=0)
+    # the scales as a matrix: SciPy before 1.17 warns of a vector (same voxels: 200 random masks, SciPy 1.15 and 1.17)
+    mask = ndimage.affine_transform(shape.mask, np.diag(1.0 / f), 0.0, output_shape=out_shape, order=0)
     return Shape(label, mask, shape.centre * f, shape.z_low * f[0], shape.z_up * f[0], shape.depth_mm * f[1],
                  shape.width_mm * f[2], f"{shape.source}>{note}")
 
