@@ -264,11 +264,8 @@ def _localisers(headers: list[dict[str, str]]) -> list[int]:
     slabs angled to each disc in one series, are left to the reader (their spacing is found uneven)."""
     orientations = {}
     for i, tags in enumerate(headers):
-        try:
-            values = [float(v) for v in tags["0020|0037"].split("\\")]
-        except ValueError:  # absent or not numbers: left to the reader
-            continue
-        if len(values) == 6:
+        values = _dicom_numbers(tags["0020|0037"])  # absent or not numbers: left to the reader
+        if values is not None and values.size == 6:
             orientations[i] = values
     common = np.median(list(orientations.values()), axis=0) if len(orientations) > 2 else None
     return [i for i, tags in enumerate(headers) if "LOCALIZER" in tags["0008|0008"].upper().split("\\") or (
@@ -331,13 +328,20 @@ def _series_description(files: tuple[str, ...]) -> str:
     return f"{named}, {count}" if named else count
 
 
+def _dicom_numbers(text: str) -> np.ndarray | None:
+    """float64 array of the numbers of a DICOM header value of several (``1\\0\\0``); None where it is absent ("") or
+    holds something else."""
+    try:
+        return np.array([float(v) for v in text.split("\\")])
+    except ValueError:
+        return None
+
+
 def _slice_geometry(tags: dict[str, str]) -> tuple[np.ndarray, np.ndarray] | None:
     """ImagePositionPatient (3,) and ImageOrientationPatient (6,), LPS mm, of a DICOM slice (``tags``: its
     ``_SLICE_TAGS``); None if absent."""
-    try:
-        return tuple(np.array([float(v) for v in tags[key].split("\\")]) for key in ("0020|0032", "0020|0037"))
-    except ValueError:  # absent ("") or not numbers
-        return None
+    position, orientation = (_dicom_numbers(tags[key]) for key in ("0020|0032", "0020|0037"))
+    return None if position is None or orientation is None else (position, orientation)
 
 
 def _unsheared(image: sitk.Image, files: tuple[str, ...], headers: list[dict[str, str]], notes: list[str]
@@ -638,11 +642,8 @@ def _unoriented_dicom_note(orientation: str) -> str | None:
     orientation GDCM accepts: absent, fewer than six numbers (GDCM reads the first six), or two directions not
     perpendicular once each is made unit length (within GDCM's 1e-3 of their dot product). GDCM then reads the series
     with the axes of its voxel array, as ITK reads a NIfTI without orientation; None otherwise."""
-    try:
-        values = np.array([float(v) for v in orientation.split("\\")])
-    except ValueError:  # absent ("") or not numbers
-        values = np.array([])
-    if values.size >= 6 and np.isfinite(values[:6]).all():
+    values = _dicom_numbers(orientation)
+    if values is not None and values.size >= 6 and np.isfinite(values[:6]).all():
         row, column = values[:3], values[3:6]
         lengths = np.linalg.norm(row) * np.linalg.norm(column)
         if lengths > 0 and abs(row @ column) / lengths < 1e-3:
