@@ -215,9 +215,9 @@ def _unparsed_dicom_files(folder: Path, listed: set[str], kind: str = "", least:
     """The names of the files in ``folder`` that are none of the ``listed`` names of its series' files and that look
     like slices GDCM could not parse (cut short or damaged), which it leaves out without a word: a DICOM file (its
     preamble's "DICM") of the storage class ``kind`` of the series' slices, or of a class that cannot be read (any
-    class where ``kind`` is "": a dose report beside CT slices is no slice of theirs), and a file of ``least`` bytes
-    or more that begins with 132 zero bytes, as a slice overwritten with zeros does (none where ``least`` is 0). A
-    DICOMDIR is not looked at."""
+    class where ``kind`` is "": a dose report beside CT slices is no slice of theirs), and a file of half ``least``
+    bytes or more that begins with 132 zero bytes, as a slice overwritten with zeros does (none where ``least`` is 0;
+    half: slices differ in size by their headers, UIDs and positions of other lengths). A DICOMDIR is not looked at."""
     names = []
     for path in sorted(folder.iterdir()):
         if path.name in listed or path.name.upper() == "DICOMDIR" or not path.is_file():  # a pipe would block
@@ -226,7 +226,7 @@ def _unparsed_dicom_files(folder: Path, listed: set[str], kind: str = "", least:
             start = f.read(1024)
             if start[128:132] == b"DICM" and (not kind or _storage_class(start) in ("", kind)):
                 names.append(path.name)
-            elif least and start[:132] == bytes(132) and path.stat().st_size >= least:
+            elif least and start[:132] == bytes(132) and path.stat().st_size >= least / 2:
                 names.append(path.name)
     return names
 
